@@ -1,0 +1,195 @@
+//! Length-prefixed postcard frames (DESIGN section 4): a 4-byte big-endian length, at most
+//! [`MAX_FRAME_LEN`], then the postcard encoding of one message. Oversized, truncated or
+//! undecodable frames are errors; nothing here panics or allocates more than the limit.
+
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest frame body accepted or sent: 64 KiB.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME_LEN}-byte limit")]
+    TooLarge(usize),
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("connection closed")]
+    Closed,
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] postcard::Error),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes `msg` as one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let buf = postcard::to_extend(msg, vec![0u8; 4])?;
+    finish(buf)
+}
+
+fn finish(mut buf: Vec<u8>) -> Result<Vec<u8>, FrameError> {
+    // `buf` holds 4 placeholder bytes followed by the body.
+    let body_len = buf.len().saturating_sub(4);
+    if body_len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(body_len));
+    }
+    let len = (body_len as u32).to_be_bytes();
+    buf[..4].copy_from_slice(&len);
+    Ok(buf)
+}
+
+/// Decodes one frame body (without the length prefix). Trailing bytes are an error so that
+/// two different byte strings never decode to the same message.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let (msg, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
+    }
+    Ok(msg)
+}
+
+/// Splits one complete frame off the front of `buf`: `Ok(None)` when more bytes are needed.
+pub fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    Ok(Some((&buf[4..4 + len], 4 + len)))
+}
+
+/// Reads one frame. A clean end of stream before the first byte is [`FrameError::Closed`].
+pub async fn read_frame<T, R>(r: &mut R) -> Result<T, FrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len[got..]).await?;
+        if n == 0 {
+            return Err(if got == 0 {
+                FrameError::Closed
+            } else {
+                FrameError::Truncated
+            });
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    decode(&body)
+}
+
+/// Writes one frame and flushes it.
+pub async fn write_frame<T, W>(w: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    let buf = encode(msg)?;
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Msg {
+        A { x: u32, s: String },
+        B(Vec<u8>),
+    }
+
+    #[test]
+    fn roundtrip() {
+        let m = Msg::A {
+            x: 7,
+            s: "hi".into(),
+        };
+        let buf = encode(&m).unwrap();
+        let (body, used) = split_frame(&buf).unwrap().unwrap();
+        assert_eq!(used, buf.len());
+        assert_eq!(decode::<Msg>(body).unwrap(), m);
+    }
+
+    #[test]
+    fn oversized_is_refused_both_ways() {
+        let m = Msg::B(vec![0; MAX_FRAME_LEN + 1]);
+        assert!(matches!(encode(&m), Err(FrameError::TooLarge(_))));
+        let mut hdr = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
+        hdr.extend_from_slice(&[0; 8]);
+        assert!(matches!(split_frame(&hdr), Err(FrameError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn truncated_and_unknown_variant() {
+        let buf = encode(&Msg::A {
+            x: 1,
+            s: "abc".into(),
+        })
+        .unwrap();
+        let mut short = &buf[..buf.len() - 1];
+        assert!(matches!(
+            read_frame::<Msg, _>(&mut short).await,
+            Err(FrameError::Truncated)
+        ));
+        let mut empty: &[u8] = &[];
+        assert!(matches!(
+            read_frame::<Msg, _>(&mut empty).await,
+            Err(FrameError::Closed)
+        ));
+        // Variant index 9 does not exist.
+        let mut bad: &[u8] = &[0, 0, 0, 1, 9];
+        assert!(matches!(
+            read_frame::<Msg, _>(&mut bad).await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = split_frame(&data);
+            let _ = decode::<Msg>(&data);
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut r = &data[..];
+            let _ = rt.block_on(read_frame::<Msg, _>(&mut r));
+        }
+
+        #[test]
+        fn encode_decode_roundtrip(x in any::<u32>(), s in ".{0,64}", b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            for m in [Msg::A { x, s: s.clone() }, Msg::B(b.clone())] {
+                let buf = encode(&m).unwrap();
+                let (body, _) = split_frame(&buf).unwrap().unwrap();
+                prop_assert_eq!(decode::<Msg>(body).unwrap(), m);
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! The authority's RPC (ALPN `edgeport-rpc/1`, mutual TLS): tctl and gateways send one
+//! [`Request`] frame and read one [`Response`] frame, as many times as they like on one
+//! connection. Who may send what is decided from the caller's certificate, never from a
+//! field in the request.
+#![allow(clippy::large_enum_variant)] // messages live briefly; boxing buys nothing here
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::CaBundle;
+
+/// Requests to the authority.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Anyone: liveness and cluster name.
+    Ping,
+    /// Anyone: the CA public material.
+    ExportCas,
+    /// Admin: sign a user's public key (`tctl auth sign`).
+    SignUser(SignUserRequest),
+    /// Admin: users.
+    UserAdd(UserSpec),
+    UserList,
+    UserRemove {
+        name: String,
+    },
+    /// Admin: join tokens.
+    TokenAdd(TokenSpec),
+    TokenList,
+    /// Removes a token by its id (or the token itself).
+    TokenRemove {
+        id: String,
+    },
+    /// Admin or gateway: the device inventory.
+    DeviceList,
+    /// Admin: revoke a device.
+    DeviceRemove {
+        id: String,
+    },
+    /// No identity needed: a gateway joins with a gateway token.
+    JoinGateway(JoinGatewayRequest),
+    /// Gateway: relays a device's join.
+    JoinDevice(JoinDeviceRequest),
+    /// Gateway: renews certificates of a device it holds a tunnel for.
+    RenewDevice(RenewDeviceRequest),
+    /// Gateway: renews its own certificate.
+    RenewGateway(RenewGatewayRequest),
+    /// Gateway: presence of the devices it holds (a lease, renewed periodically).
+    Presence(PresenceReport),
+    /// Gateway: a user logs in through tsh (password or invite code).
+    Login(LoginRequest),
+    /// Gateway: may `user` open a session on `device`?
+    AuthorizeDial {
+        user: String,
+        device: String,
+    },
+    /// Admin: locks and unlocks.
+    LockAdd(LockSpec),
+    LockRemove {
+        target: LockTarget,
+    },
+    LockList,
+}
+
+/// Responses from the authority.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    Error(RpcError),
+    Pong {
+        cluster: String,
+        version: String,
+    },
+    Cas(CaBundle),
+    UserCerts(UserCerts),
+    UserAdded {
+        invite: Option<String>,
+        invite_expires: Option<u64>,
+    },
+    Users(Vec<UserInfo>),
+    Token(TokenInfo),
+    Tokens(Vec<TokenInfo>),
+    Devices(Vec<DeviceInfo>),
+    GatewayCerts(GatewayCerts),
+    DeviceCerts(DeviceCerts),
+    PresenceAck(PresenceAck),
+    DialAllowed(DialGrant),
+    Locks(Vec<LockSpec>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The caller may not do this.
+    Denied,
+    /// Bad credentials (password, token).
+    BadCredentials,
+    NotFound,
+    AlreadyExists,
+    Invalid,
+    Expired,
+    Locked,
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct RpcError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignUserRequest {
+    pub user: String,
+    /// OpenSSH public key line (Ed25519); the same key gets the x509 certificate.
+    pub ssh_public_key: String,
+    pub ttl_secs: u64,
+    /// Restrict the certificate to these logins (must be a subset of the user's logins,
+    /// unless the user does not exist and the caller is an administrator signing for a bot).
+    pub logins: Option<Vec<String>>,
+}
+
+/// What a user gets: SSH certificate, x509 client certificate and the trust material.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserCerts {
+    pub user: String,
+    pub ssh_cert: String,
+    pub x509_cert_pem: String,
+    pub cas: CaBundle,
+    pub logins: Vec<String>,
+    pub kube_groups: Vec<String>,
+    pub kube_users: Vec<String>,
+    pub valid_before: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UserSpec {
+    pub name: String,
+    pub logins: Vec<String>,
+    pub roles: Vec<String>,
+    pub kube_groups: Vec<String>,
+    pub kube_users: Vec<String>,
+    /// Set the password now; without it an invite code is returned.
+    pub password: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub name: String,
+    pub logins: Vec<String>,
+    pub roles: Vec<String>,
+    pub kube_groups: Vec<String>,
+    pub kube_users: Vec<String>,
+    pub has_password: bool,
+    pub created: u64,
+    pub locked: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenKind {
+    Device,
+    Gateway,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Device => "device",
+            TokenKind::Gateway => "gateway",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenSpec {
+    pub kind: TokenKind,
+    pub labels: BTreeMap<String, String>,
+    pub ttl_secs: u64,
+    pub reusable: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The secret itself: only in the answer to `TokenAdd`, never stored in clear.
+    pub token: Option<String>,
+    /// A short, non-secret id (prefix of the token's hash) to list and remove it by.
+    pub id: String,
+    pub kind: TokenKind,
+    pub labels: BTreeMap<String, String>,
+    pub expires: u64,
+    pub reusable: bool,
+    pub uses: u32,
+    pub ca_pin: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinGatewayRequest {
+    pub token: String,
+    pub gateway_id: Option<String>,
+    /// The gateway's public key (SubjectPublicKeyInfo DER), made on the gateway.
+    pub public_key_spki_der: Vec<u8>,
+    /// Names and addresses its server certificate must carry (public address, listen IP).
+    pub dns_names: Vec<String>,
+    pub ip_addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenewGatewayRequest {
+    pub public_key_spki_der: Vec<u8>,
+    pub dns_names: Vec<String>,
+    pub ip_addrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GatewayCerts {
+    pub gateway_id: String,
+    pub x509_cert_pem: String,
+    pub cas: CaBundle,
+    pub valid_before: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinDeviceRequest {
+    pub token: String,
+    pub requested_id: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// The device's Ed25519 public key (host key, tunnel key and audit signing key).
+    pub ssh_public_key: String,
+    pub version: String,
+    pub arch: String,
+    /// Filled in by the gateway from the connection, not by the device.
+    pub remote_addr: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenewDeviceRequest {
+    /// Taken by the gateway from the device's tunnel certificate.
+    pub device_id: String,
+    pub ssh_public_key: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceCerts {
+    pub device_id: String,
+    pub labels: BTreeMap<String, String>,
+    /// SSH host certificate line.
+    pub host_cert: String,
+    /// x509 tunnel certificate, PEM.
+    pub x509_cert_pem: String,
+    pub cas: CaBundle,
+    pub valid_before: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transport {
+    Quic,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DevicePresence {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub arch: String,
+    pub transport: Transport,
+    pub address: String,
+    pub rtt_ms: u32,
+    pub connected_at: u64,
+    pub kube_cluster: Option<String>,
+}
+
+/// A gateway's view of its tunnels. `online` replaces everything the gateway said before
+/// (a full snapshot, so a lost report cannot leave a device stuck online); the lease says how
+/// long the authority may believe it without hearing from the gateway again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PresenceReport {
+    pub lease_secs: u64,
+    pub online: Vec<DevicePresence>,
+    /// Devices whose tunnel ended since the last report, with the reason.
+    pub disconnected: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PresenceAck {
+    /// Devices that were removed: close their tunnels and refuse them.
+    pub revoked_devices: Vec<String>,
+    pub locks: Vec<LockSpec>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub online: bool,
+    pub transport: Option<Transport>,
+    pub address: String,
+    pub version: String,
+    pub arch: String,
+    pub rtt_ms: Option<u32>,
+    pub last_seen: u64,
+    pub last_disconnect_reason: Option<String>,
+    pub gateway: Option<String>,
+    pub joined_at: u64,
+    pub kube_cluster: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub user: String,
+    /// Password, or a one-time invite code (which then sets `new_password`).
+    pub secret: String,
+    pub new_password: Option<String>,
+    pub ssh_public_key: String,
+    pub ttl_secs: u64,
+    pub client_addr: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DialGrant {
+    pub device: DeviceInfo,
+    pub logins: Vec<String>,
+    pub kube_groups: Vec<String>,
+    pub kube_users: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockTarget {
+    User(String),
+    Device(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LockSpec {
+    pub target: LockTarget,
+    pub message: String,
+    /// Unix seconds; 0 = until removed.
+    pub expires: u64,
+}

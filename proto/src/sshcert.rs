@@ -1,0 +1,276 @@
+//! SSH certificate rules shared by the authority (which signs) and the agent and tsh (which
+//! check). russh and ssh-key verify signatures only; every other rule lives here, so that the
+//! CA, the validity window, the principals, the critical options and the extensions are
+//! checked the same way everywhere.
+
+use std::collections::BTreeMap;
+
+use russh::keys::ssh_key::{certificate::CertType, Certificate, PublicKey};
+use serde::{Deserialize, Serialize};
+
+pub const EXT_PERMIT_PTY: &str = "permit-pty";
+pub const EXT_PERMIT_PORT_FORWARDING: &str = "permit-port-forwarding";
+pub const EXT_PERMIT_AGENT_FORWARDING: &str = "permit-agent-forwarding";
+pub const EXT_PERMIT_X11_FORWARDING: &str = "permit-X11-forwarding";
+pub const EXT_PERMIT_USER_RC: &str = "permit-user-rc";
+/// The user's roles and device-label rules, JSON of [`RolesExtension`].
+pub const EXT_ROLES: &str = "roles@edgeport";
+
+/// What a device needs to decide access offline, carried inside the user certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolesExtension {
+    pub roles: Vec<String>,
+    /// Label key -> allowed values (`*` matches anything). Empty map: every device.
+    #[serde(default)]
+    pub allow_labels: BTreeMap<String, Vec<String>>,
+    /// Label key -> denied values. Deny wins over allow.
+    #[serde(default)]
+    pub deny_labels: BTreeMap<String, Vec<String>>,
+}
+
+impl RolesExtension {
+    /// Whether a device with `labels` may be reached under these rules.
+    pub fn allows_device(&self, labels: &BTreeMap<String, String>) -> bool {
+        let matches = |rules: &BTreeMap<String, Vec<String>>| {
+            rules.iter().all(|(k, vals)| {
+                labels
+                    .get(k)
+                    .is_some_and(|v| vals.iter().any(|a| a == "*" || a == v))
+            })
+        };
+        let denied = !self.deny_labels.is_empty()
+            && self.deny_labels.iter().any(|(k, vals)| {
+                labels
+                    .get(k)
+                    .is_some_and(|v| vals.iter().any(|a| a == "*" || a == v))
+            });
+        !denied && matches(&self.allow_labels)
+    }
+}
+
+/// Why a certificate was refused. The messages are what agents log and clients print.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertRefusal {
+    #[error("certificate is a {got} certificate, expected a {want} certificate")]
+    WrongType {
+        got: &'static str,
+        want: &'static str,
+    },
+    #[error("certificate is not signed by this cluster's {0} CA")]
+    UnknownCa(&'static str),
+    #[error("certificate signature does not verify")]
+    BadSignature,
+    #[error("certificate expired at {0}")]
+    Expired(String),
+    #[error("certificate is not valid before {0}")]
+    NotYetValid(String),
+    #[error("certificate does not allow login {0:?} (principals: {1})")]
+    Principal(String, String),
+    #[error("certificate carries unsupported critical option {0:?}")]
+    CriticalOption(String),
+    #[error("certificate roles do not allow this device")]
+    LabelsDenied,
+}
+
+/// The facts a valid user certificate grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserGrant {
+    pub user: String,
+    pub login: String,
+    pub principals: Vec<String>,
+    pub permit_pty: bool,
+    pub permit_port_forwarding: bool,
+    pub permit_agent_forwarding: bool,
+    pub roles: RolesExtension,
+    pub valid_before: u64,
+    pub serial: u64,
+}
+
+fn check_common(
+    cert: &Certificate,
+    ca: &PublicKey,
+    want: CertType,
+    now: u64,
+) -> Result<(), CertRefusal> {
+    let name = |t: CertType| if t.is_user() { "user" } else { "host" };
+    if cert.cert_type() != want {
+        return Err(CertRefusal::WrongType {
+            got: name(cert.cert_type()),
+            want: name(want),
+        });
+    }
+    if cert.signature_key() != ca.key_data() {
+        return Err(CertRefusal::UnknownCa(name(want)));
+    }
+    cert.verify_signature()
+        .map_err(|_| CertRefusal::BadSignature)?;
+    if now < cert.valid_after() {
+        return Err(CertRefusal::NotYetValid(crate::util::format_time(
+            cert.valid_after(),
+        )));
+    }
+    if now >= cert.valid_before() {
+        return Err(CertRefusal::Expired(crate::util::format_time(
+            cert.valid_before(),
+        )));
+    }
+    if let Some((opt, _)) = cert.critical_options().iter().next() {
+        return Err(CertRefusal::CriticalOption(opt.clone()));
+    }
+    Ok(())
+}
+
+/// Checks a user certificate for `login` at time `now` (Unix seconds): signed by `user_ca`,
+/// a user certificate, inside its validity window, `login` among its principals (an empty
+/// principal list is refused, unlike OpenSSH's "any"), and no critical option we do not honour.
+pub fn check_user_cert(
+    cert: &Certificate,
+    user_ca: &PublicKey,
+    login: &str,
+    now: u64,
+) -> Result<UserGrant, CertRefusal> {
+    check_common(cert, user_ca, CertType::User, now)?;
+    let principals = cert.valid_principals().to_vec();
+    if !principals.iter().any(|p| p == login) {
+        return Err(CertRefusal::Principal(
+            login.to_string(),
+            principals.join(","),
+        ));
+    }
+    let ext = cert.extensions();
+    let roles = ext
+        .get(EXT_ROLES)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default();
+    Ok(UserGrant {
+        user: cert.key_id().to_string(),
+        login: login.to_string(),
+        principals,
+        permit_pty: ext.contains_key(EXT_PERMIT_PTY),
+        permit_port_forwarding: ext.contains_key(EXT_PERMIT_PORT_FORWARDING),
+        permit_agent_forwarding: ext.contains_key(EXT_PERMIT_AGENT_FORWARDING),
+        roles,
+        valid_before: cert.valid_before(),
+        serial: cert.serial(),
+    })
+}
+
+/// Checks a device's host certificate: signed by `host_ca`, a host certificate, valid now,
+/// and naming `device_id` among its principals.
+pub fn check_host_cert(
+    cert: &Certificate,
+    host_ca: &PublicKey,
+    device_id: &str,
+    now: u64,
+) -> Result<(), CertRefusal> {
+    check_common(cert, host_ca, CertType::Host, now)?;
+    if !cert.valid_principals().iter().any(|p| p == device_id) {
+        return Err(CertRefusal::Principal(
+            device_id.to_string(),
+            cert.valid_principals().join(","),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyPair;
+    use russh::keys::ssh_key::certificate::Builder;
+
+    fn sign(
+        ca: &KeyPair,
+        subject: &KeyPair,
+        t: CertType,
+        principals: &[&str],
+        after: u64,
+        before: u64,
+        pty: bool,
+    ) -> Certificate {
+        let mut b = Builder::new(
+            vec![7u8; 32],
+            subject.ssh_public().key_data().clone(),
+            after,
+            before,
+        )
+        .unwrap();
+        b.cert_type(t).unwrap().key_id("alice").unwrap();
+        if principals.is_empty() {
+            b.all_principals_valid().unwrap();
+        }
+        for p in principals {
+            b.valid_principal(*p).unwrap();
+        }
+        if pty {
+            b.extension(EXT_PERMIT_PTY, "").unwrap();
+        }
+        b.sign(ca.ssh_private()).unwrap()
+    }
+
+    #[test]
+    fn user_cert_rules() {
+        let ca = KeyPair::generate().unwrap();
+        let other = KeyPair::generate().unwrap();
+        let user = KeyPair::generate().unwrap();
+        let c = sign(&ca, &user, CertType::User, &["root"], 100, 200, true);
+        let g = check_user_cert(&c, ca.ssh_public(), "root", 150).unwrap();
+        assert!(g.permit_pty && !g.permit_port_forwarding);
+        assert_eq!(g.user, "alice");
+        assert!(matches!(
+            check_user_cert(&c, ca.ssh_public(), "pi", 150),
+            Err(CertRefusal::Principal(..))
+        ));
+        assert!(matches!(
+            check_user_cert(&c, ca.ssh_public(), "root", 200),
+            Err(CertRefusal::Expired(_))
+        ));
+        assert!(matches!(
+            check_user_cert(&c, ca.ssh_public(), "root", 99),
+            Err(CertRefusal::NotYetValid(_))
+        ));
+        assert!(matches!(
+            check_user_cert(&c, other.ssh_public(), "root", 150),
+            Err(CertRefusal::UnknownCa(_))
+        ));
+        let h = sign(&ca, &user, CertType::Host, &["root"], 100, 200, false);
+        assert!(matches!(
+            check_user_cert(&h, ca.ssh_public(), "root", 150),
+            Err(CertRefusal::WrongType { .. })
+        ));
+        let none = sign(&ca, &user, CertType::User, &[], 100, 200, false);
+        assert!(check_user_cert(&none, ca.ssh_public(), "root", 150).is_err());
+    }
+
+    #[test]
+    fn host_cert_rules() {
+        let ca = KeyPair::generate().unwrap();
+        let dev = KeyPair::generate().unwrap();
+        let c = sign(
+            &ca,
+            &dev,
+            CertType::Host,
+            &["dev1", "dev1.edge"],
+            100,
+            200,
+            false,
+        );
+        check_host_cert(&c, ca.ssh_public(), "dev1", 150).unwrap();
+        assert!(check_host_cert(&c, ca.ssh_public(), "dev2", 150).is_err());
+    }
+
+    #[test]
+    fn label_rules() {
+        let mut r = RolesExtension::default();
+        let labels: BTreeMap<String, String> = [
+            ("fleet".to_string(), "vans".to_string()),
+            ("env".into(), "prod".into()),
+        ]
+        .into();
+        assert!(r.allows_device(&labels));
+        r.allow_labels.insert("fleet".into(), vec!["vans".into()]);
+        assert!(r.allows_device(&labels));
+        r.deny_labels.insert("env".into(), vec!["prod".into()]);
+        assert!(!r.allows_device(&labels));
+    }
+}

@@ -1,0 +1,258 @@
+//! rustls configuration shared by every component: the ring provider, TLS 1.3 only,
+//! certificates checked against the cluster's x509 CA, a pinned-CA verifier for first
+//! contact (joins), and reading the SPIFFE identity out of a peer certificate.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::identity::{IdentityError, Principal};
+use crate::keys::ca_pin;
+
+/// The name every authority certificate carries and every client checks.
+pub const AUTHORITY_SERVER_NAME: &str = "authority.edgeport";
+/// The name every gateway certificate carries and every agent and tsh checks.
+pub const GATEWAY_SERVER_NAME: &str = "gateway.edgeport";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid certificate: {0}")]
+    BadCert(String),
+    #[error("client verifier: {0}")]
+    Verifier(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// The ring crypto provider. Call [`install_crypto_provider`] once at start as well, so that
+/// libraries building their own configs use ring too.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process-wide default provider (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn roots(ca_der: &[u8]) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    store.add(CertificateDer::from(ca_der.to_vec()))?;
+    Ok(store)
+}
+
+/// A certificate chain and its Ed25519 or ECDSA key (PKCS#8 DER).
+pub struct CertKey {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_pkcs8: Vec<u8>,
+}
+
+impl CertKey {
+    /// Leaf certificate PEM plus the CA certificate PEM appended to the chain.
+    pub fn from_pem(
+        cert_pem: &str,
+        ca_pem: Option<&str>,
+        key_pkcs8: Vec<u8>,
+    ) -> Result<Self, TlsError> {
+        let mut chain = vec![CertificateDer::from(
+            crate::keys::first_cert_der(cert_pem).map_err(|e| TlsError::BadCert(e.to_string()))?,
+        )];
+        if let Some(ca) = ca_pem {
+            chain.push(CertificateDer::from(
+                crate::keys::first_cert_der(ca).map_err(|e| TlsError::BadCert(e.to_string()))?,
+            ));
+        }
+        Ok(Self { chain, key_pkcs8 })
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
+    }
+}
+
+/// How a server treats client certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client must present a certificate from the CA.
+    Required,
+    /// A client may present one; without one it is anonymous (joins, logins).
+    Optional,
+}
+
+/// A TLS 1.3 server config presenting `me`, verifying client certificates against `ca_der`.
+pub fn server_config(
+    me: &CertKey,
+    ca_der: &[u8],
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, TlsError> {
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider());
+    let verifier = match client_auth {
+        ClientAuth::Required => builder.build(),
+        ClientAuth::Optional => builder.allow_unauthenticated().build(),
+    }
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(me.chain.clone(), me.key())?;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// A TLS 1.3 client config that trusts only `ca_der` and presents `me` if given.
+pub fn client_config(
+    ca_der: &[u8],
+    me: Option<&CertKey>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_der)?);
+    finish_client(builder, me, alpn)
+}
+
+fn finish_client(
+    builder: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+    me: Option<&CertKey>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsError> {
+    let mut cfg = match me {
+        Some(me) => builder.with_client_auth_cert(me.chain.clone(), me.key())?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// A TLS 1.3 client config for first contact: the server must send a CA certificate in its
+/// chain whose public key hashes to `pin`, and its leaf must chain to that CA.
+pub fn pinned_client_config(
+    pin: &str,
+    me: Option<&CertKey>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsError> {
+    let verifier = Arc::new(PinnedCaVerifier {
+        pin: pin.to_string(),
+        provider: provider(),
+    });
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    finish_client(builder, me, alpn)
+}
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| ca_pin(c.as_ref()).ok().as_deref() == Some(self.pin.as_str()))
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the server's CA does not match the CA pin {} (wrong --ca-pin, or not an Edgeport cluster)",
+                    self.pin
+                ))
+            })?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(ca.as_ref()).map_err(|e| rustls::Error::General(e.to_string()))?),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The SPIFFE identity in a (verified) peer certificate, checked against `cluster`.
+pub fn peer_principal(cert_der: &[u8], cluster: &str) -> Result<Principal, TlsError> {
+    let (got, p) = spiffe_of(cert_der)?;
+    if got != cluster {
+        return Err(IdentityError::WrongCluster {
+            got,
+            want: cluster.to_string(),
+        }
+        .into());
+    }
+    Ok(p)
+}
+
+/// The (cluster, principal) named by a certificate's URI SAN.
+pub fn spiffe_of(cert_der: &[u8]) -> Result<(String, Principal), TlsError> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| TlsError::BadCert(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::BadCert(e.to_string()))?
+        .ok_or(IdentityError::NoSpiffe)?;
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name {
+            if uri.starts_with("spiffe://") {
+                return Ok(Principal::parse_spiffe(uri)?);
+            }
+        }
+    }
+    Err(IdentityError::NoSpiffe.into())
+}
+
+/// The certificate's notAfter, Unix seconds.
+pub fn not_after(cert_der: &[u8]) -> Result<u64, TlsError> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| TlsError::BadCert(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp().max(0) as u64)
+}

@@ -1,0 +1,109 @@
+#![allow(clippy::large_enum_variant)] // messages live briefly; boxing buys nothing here
+//! Messages on the gateway's ports: device joins (`edgeport-join/1`), device tunnels
+//! (`edgeport-tunnel/1`) and user streams from tsh (`edgeport-dial/1`).
+//!
+//! Tunnel streams: the agent opens the first stream (control) and sends [`AgentControl`]
+//! frames; the gateway answers with [`GatewayControl`]. Every other stream is opened by the
+//! gateway and starts with one [`StreamHeader`] frame; after it the stream carries raw bytes
+//! for the service (SSH, HTTP) or further frames (echo in tests).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rpc::{
+    DeviceCerts, DeviceInfo, JoinDeviceRequest, LoginRequest, RpcError, Transport, UserCerts,
+};
+
+/// First frame on the join connection (no client certificate; the CA is pinned).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum JoinMessage {
+    Join(JoinDeviceRequest),
+}
+
+/// The gateway's answer to a join.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum JoinReply {
+    Joined(DeviceCerts),
+    Refused(RpcError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal the id in the device certificate; the gateway only ever trusts the latter.
+    pub device_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub arch: String,
+    pub kube_cluster: Option<String>,
+}
+
+/// Agent -> gateway on the control stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AgentControl {
+    Hello(Hello),
+    /// Ask for fresh certificates for the same key.
+    Renew {
+        ssh_public_key: String,
+    },
+}
+
+/// Gateway -> agent on the control stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum GatewayControl {
+    Welcome {
+        gateway_id: String,
+        transport: Transport,
+    },
+    Renewed(DeviceCerts),
+    /// A lock or revocation the agent must honour at once (end matching sessions).
+    Locked {
+        users: Vec<String>,
+    },
+    Refused(RpcError),
+}
+
+/// The services an agent offers on gateway-opened streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Service {
+    /// Test-only echo service (agents serve it only when started with `--test-echo`).
+    Echo,
+    Ssh,
+    Kube,
+}
+
+/// First frame of every gateway-opened stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StreamHeader {
+    pub service: Service,
+    /// The authenticated user, from the user's certificate (absent for tests).
+    pub user: Option<String>,
+    pub session_id: String,
+    pub client_addr: String,
+    /// Kubernetes identity the agent must impersonate (service `kube`).
+    pub kube_groups: Vec<String>,
+    pub kube_users: Vec<String>,
+}
+
+/// tsh -> gateway: the first frame of every dial stream.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// No certificate needed.
+    Login(LoginRequest),
+    /// Needs the user's certificate.
+    ListDevices,
+    /// Needs the user's certificate; after an `Ok` reply the stream is raw bytes.
+    Dial { target: String, service: Service },
+}
+
+/// gateway -> tsh: the answer to a [`ClientRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientReply {
+    LoggedIn(UserCerts),
+    Devices(Vec<DeviceInfo>),
+    DialOk {
+        session_id: String,
+        device_id: String,
+    },
+    Refused(RpcError),
+}

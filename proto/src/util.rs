@@ -1,0 +1,184 @@
+//! Small helpers every component needs: time, private files, names, label parsing and a
+//! boxed duplex stream type that hides whether a tunnel runs over QUIC or yamux.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Writes `data` to `path` with mode 0600, atomically (temporary file, fsync, rename).
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_with_mode(path, data, 0o600)
+}
+
+/// Writes `data` to `path` with the given mode, atomically.
+pub fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Makes `dir` (and parents) with mode 0700.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// A name of a user, device, gateway, login or cluster: 1 to 63 characters, ASCII letters,
+/// digits, `.`, `_` and `-`, starting with a letter or digit.
+pub fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid label {0:?}: expected key=value with names of letters, digits, '.', '_' or '-'")]
+pub struct LabelError(pub String);
+
+/// Parses `k=v,k2=v2` (empty input gives no labels).
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, LabelError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| LabelError(part.to_string()))?;
+        if !valid_name(k) || !(v.is_empty() || valid_name(v)) {
+            return Err(LabelError(part.to_string()));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Formats labels as `k=v,k2=v2`.
+pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses durations such as `90s`, `30m`, `12h`, `7d` or a bare number of seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        Some((i, 'd')) => (&s[..i], 86400),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (examples: 90s, 30m, 12h, 7d)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+/// Formats a number of seconds as `1h2m3s`.
+pub fn format_duration(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m"),
+    }
+}
+
+/// Formats Unix seconds as an RFC 3339 UTC timestamp.
+pub fn format_time(unix: u64) -> String {
+    let days = unix / 86400;
+    let rem = unix % 86400;
+    let (y, mo, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Anything that reads and writes bytes: a QUIC stream pair, a yamux stream, a TLS socket.
+pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
+/// A stream whose transport is hidden from the code above it.
+pub type BoxedStream = Box<dyn Duplex>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels() {
+        assert!(valid_name("van-42"));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(""));
+        let l = parse_labels("fleet=vans, region=eu").unwrap();
+        assert_eq!(format_labels(&l), "fleet=vans,region=eu");
+        assert!(parse_labels("novalue").is_err());
+    }
+
+    #[test]
+    fn durations_and_times() {
+        assert_eq!(parse_duration_secs("30m").unwrap(), 1800);
+        assert_eq!(parse_duration_secs("12h").unwrap(), 43200);
+        assert_eq!(parse_duration_secs("45").unwrap(), 45);
+        assert!(parse_duration_secs("x").is_err());
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}

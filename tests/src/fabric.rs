@@ -1,0 +1,1 @@
+//! Harness for gateway and agent processes (owned by the tunnel work).

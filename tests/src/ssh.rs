@@ -1,0 +1,1 @@
+//! Harness for tsh sessions (owned by the SSH work).

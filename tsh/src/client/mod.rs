@@ -1,0 +1,1 @@
+//! tsh: the user client (login, ssh, ls, status, logout, proxy ssh, config).

@@ -1,0 +1,5 @@
+//! Edgeport's client side: `tctl` (administrators, talks to the authority) and `tsh`
+//! (users, talks to the gateway). The binaries in `src/bin/` are thin edges over these modules.
+
+pub mod client;
+pub mod tctl;

@@ -1,0 +1,1 @@
+//! tctl: the administrator tool (auth export/sign, users, tokens, devices, locks).
