@@ -9,6 +9,7 @@ pub mod alpn;
 pub mod frame;
 pub mod identity;
 pub mod keys;
+pub mod mux;
 pub mod rpc;
 pub mod rpc_client;
 pub mod sshcert;

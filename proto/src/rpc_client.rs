@@ -90,6 +90,13 @@ impl RpcClient {
     pub async fn call(&mut self, req: Request) -> Result<Response, RpcClientError> {
         self.call_raw(&req).await
     }
+
+    /// Ends the connection cleanly (TLS close_notify), so the authority sees an orderly close
+    /// rather than an unexpected end of stream. Dropping the client without it is also safe.
+    pub async fn close(mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.shutdown()).await;
+    }
 }
 
 /// Turns an unexpected response into an error naming it.

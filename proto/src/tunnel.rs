@@ -46,6 +46,13 @@ pub enum AgentControl {
     Renew {
         ssh_public_key: String,
     },
+    /// Keep-alive on TCP tunnels (QUIC has its own): keeps NAT bindings open, proves the
+    /// tunnel is alive to both sides, and carries the agent's last measured round-trip time
+    /// (the gateway reports it as the device's RTT).
+    Ping {
+        seq: u64,
+        rtt_ms: Option<u32>,
+    },
 }
 
 /// Gateway -> agent on the control stream.
@@ -61,6 +68,10 @@ pub enum GatewayControl {
         users: Vec<String>,
     },
     Refused(RpcError),
+    /// The answer to [`AgentControl::Ping`].
+    Pong {
+        seq: u64,
+    },
 }
 
 /// The services an agent offers on gateway-opened streams.

@@ -1,0 +1,438 @@
+//! The device inventory and presence.
+//!
+//! Inventory: what joined (id, key, labels, when), and which ids were removed (revoked ids
+//! stay refused). Presence: each gateway reports a full snapshot of the tunnels it holds with
+//! a lease; a device is online while the lease of the last report that included it has not
+//! expired. So a gateway that dies takes its devices offline when its lease runs out, with no
+//! cleanup, and a device that moves to another gateway simply shows up in that one's report.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use edgeport_proto::rpc::{DeviceInfo, DevicePresence, PresenceReport, RpcError, Transport};
+use russh::keys::ssh_key::PublicKey;
+use serde::{Deserialize, Serialize};
+
+use crate::errors::{exists, not_found};
+use crate::store::{self, Store, Table};
+
+/// Removed devices are announced to gateways for this long (longer than any device
+/// certificate lives), and refused for ever.
+pub const REVOCATION_ANNOUNCE_SECS: u64 = 31 * 86400;
+/// The longest lease a gateway may ask for.
+pub const MAX_LEASE_SECS: u64 = 3600;
+/// Text fields reported by gateways are cut to this length.
+const MAX_FIELD_LEN: usize = 256;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: String,
+    /// OpenSSH public key line (Ed25519): host key, tunnel key and audit key.
+    pub ssh_public_key: String,
+    pub labels: BTreeMap<String, String>,
+    pub joined_at: u64,
+    pub renewed_at: u64,
+    pub version: String,
+    pub arch: String,
+    pub token_id: String,
+    /// The gateway that relayed the join, and the address the device joined from.
+    pub joined_via: String,
+    pub join_addr: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RevokedRecord {
+    pub id: String,
+    pub revoked_at: u64,
+    pub ssh_public_key: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    pub gateway: String,
+    /// Online while `now < lease_expires`.
+    pub lease_expires: u64,
+    pub transport: Transport,
+    pub address: String,
+    pub rtt_ms: u32,
+    pub version: String,
+    pub arch: String,
+    pub labels: BTreeMap<String, String>,
+    pub kube_cluster: Option<String>,
+    pub connected_at: u64,
+    pub last_seen: u64,
+    pub last_disconnect_reason: Option<String>,
+}
+
+/// What a gateway said last, to tell which devices it dropped since.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GatewayReport {
+    pub devices: Vec<String>,
+    pub reported_at: u64,
+    pub lease_expires: u64,
+}
+
+/// Whether two OpenSSH public key lines hold the same key (comments aside).
+pub fn same_key(a: &str, b: &str) -> bool {
+    match (
+        PublicKey::from_openssh(a.trim()),
+        PublicKey::from_openssh(b.trim()),
+    ) {
+        (Ok(a), Ok(b)) => a.key_data() == b.key_data(),
+        _ => false,
+    }
+}
+
+pub fn get(store: &dyn Store, id: &str) -> Result<Option<DeviceRecord>, RpcError> {
+    Ok(store::get(store, Table::Devices, id)?)
+}
+
+pub fn revoked(store: &dyn Store, id: &str) -> Result<Option<RevokedRecord>, RpcError> {
+    Ok(store::get(store, Table::Revoked, id)?)
+}
+
+/// The refusal for a removed device id.
+pub fn revoked_error(id: &str) -> RpcError {
+    edgeport_proto::rpc::RpcError::new(
+        edgeport_proto::rpc::ErrorKind::Denied,
+        format!("device {id} was removed; it cannot join or renew under this id again"),
+    )
+}
+
+/// Records a join: a new id, or the same device (same key) joining again. Another key under
+/// a taken id is refused, atomically, so two devices racing for one id cannot both win.
+pub fn register(store: &dyn Store, rec: DeviceRecord) -> Result<DeviceRecord, RpcError> {
+    if revoked(store, &rec.id)?.is_some() {
+        return Err(revoked_error(&rec.id));
+    }
+    let stored = store::update::<DeviceRecord, RpcError, _>(
+        store,
+        Table::Devices,
+        &rec.id,
+        |cur| match cur {
+            Some(old) if !same_key(&old.ssh_public_key, &rec.ssh_public_key) => Err(exists(
+                format!("device id {} is already taken by another device", rec.id),
+            )),
+            Some(old) => Ok(Some(DeviceRecord {
+                joined_at: old.joined_at,
+                ..rec.clone()
+            })),
+            None => Ok(Some(rec.clone())),
+        },
+    )?;
+    stored.ok_or_else(|| not_found(format!("device {} not found", rec.id)))
+}
+
+/// Notes a renewal.
+pub fn record_renewal(store: &dyn Store, id: &str, now: u64) -> Result<(), RpcError> {
+    store::update::<DeviceRecord, RpcError, _>(store, Table::Devices, id, |cur| {
+        Ok(cur.map(|mut d| {
+            d.renewed_at = now;
+            d
+        }))
+    })?;
+    Ok(())
+}
+
+/// Removes a device: it leaves the inventory and its id is refused from now on.
+pub fn revoke(store: &dyn Store, id: &str, now: u64) -> Result<(), RpcError> {
+    let dev = get(store, id)?.ok_or_else(|| not_found(format!("device {id} not found")))?;
+    store::put(
+        store,
+        Table::Revoked,
+        id,
+        &RevokedRecord {
+            id: id.to_string(),
+            revoked_at: now,
+            ssh_public_key: dev.ssh_public_key,
+        },
+    )?;
+    store.delete(Table::Devices, id)?;
+    store.delete(Table::Presence, id)?;
+    Ok(())
+}
+
+/// Ids removed recently enough that some gateway may still hold their tunnels.
+pub fn recently_revoked(store: &dyn Store, now: u64) -> Result<Vec<String>, RpcError> {
+    Ok(store::list::<RevokedRecord>(store, Table::Revoked, "")?
+        .into_iter()
+        .filter(|(_, r)| r.revoked_at.saturating_add(REVOCATION_ANNOUNCE_SECS) > now)
+        .map(|(id, _)| id)
+        .collect())
+}
+
+fn clip(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_FIELD_LEN)
+        .collect();
+    out.truncate(MAX_FIELD_LEN * 4);
+    out
+}
+
+/// Applies one gateway's snapshot. The caller serialises reports (one at a time), since a
+/// report reads and writes several records.
+pub fn apply_report(
+    store: &dyn Store,
+    gateway: &str,
+    report: &PresenceReport,
+    now: u64,
+) -> Result<(), RpcError> {
+    let lease = report.lease_secs.clamp(1, MAX_LEASE_SECS);
+    let lease_expires = now + lease;
+    let prev: GatewayReport =
+        store::get(store, Table::GatewayReports, gateway)?.unwrap_or_default();
+    let mut reported = BTreeSet::new();
+    for p in &report.online {
+        // Only devices in the inventory have presence; a removed one gets its revocation in
+        // the acknowledgement instead.
+        if get(store, &p.id)?.is_none() {
+            continue;
+        }
+        reported.insert(p.id.clone());
+        let old: Option<PresenceRecord> = store::get(store, Table::Presence, &p.id)?;
+        let rec = online_record(gateway, p, lease_expires, now, old);
+        store::put(store, Table::Presence, &p.id, &rec)?;
+    }
+    let dropped = prev.devices.iter().filter(|d| !reported.contains(*d));
+    let reasons: BTreeMap<&str, &str> = report
+        .disconnected
+        .iter()
+        .map(|(id, why)| (id.as_str(), why.as_str()))
+        .collect();
+    let mut ended: BTreeSet<&str> = dropped.map(String::as_str).collect();
+    ended.extend(reasons.keys().copied());
+    for id in ended {
+        let Some(mut rec) = store::get::<PresenceRecord>(store, Table::Presence, id)? else {
+            continue;
+        };
+        // A device that moved to another gateway is no longer this one's to take offline.
+        if rec.gateway != gateway {
+            continue;
+        }
+        if !reported.contains(id) {
+            rec.lease_expires = rec.lease_expires.min(now);
+        }
+        if let Some(why) = reasons.get(id) {
+            rec.last_disconnect_reason = Some(clip(why));
+        }
+        store::put(store, Table::Presence, id, &rec)?;
+    }
+    store::put(
+        store,
+        Table::GatewayReports,
+        gateway,
+        &GatewayReport {
+            devices: reported.into_iter().collect(),
+            reported_at: now,
+            lease_expires,
+        },
+    )?;
+    Ok(())
+}
+
+fn online_record(
+    gateway: &str,
+    p: &DevicePresence,
+    lease_expires: u64,
+    now: u64,
+    old: Option<PresenceRecord>,
+) -> PresenceRecord {
+    PresenceRecord {
+        gateway: gateway.to_string(),
+        lease_expires,
+        transport: p.transport,
+        address: clip(&p.address),
+        rtt_ms: p.rtt_ms,
+        version: clip(&p.version),
+        arch: clip(&p.arch),
+        labels: p.labels.clone(),
+        kube_cluster: p.kube_cluster.as_deref().map(clip),
+        connected_at: p.connected_at,
+        last_seen: now,
+        last_disconnect_reason: old.and_then(|o| o.last_disconnect_reason),
+    }
+}
+
+/// What tctl, tsh and gateways see of a device at `now`.
+pub fn info(dev: &DeviceRecord, presence: Option<&PresenceRecord>, now: u64) -> DeviceInfo {
+    let online = presence.is_some_and(|p| now < p.lease_expires);
+    let live = presence.filter(|_| online);
+    DeviceInfo {
+        id: dev.id.clone(),
+        // The labels the authority gave at join are the ones access is decided on.
+        labels: dev.labels.clone(),
+        online,
+        transport: live.map(|p| p.transport),
+        address: presence
+            .map(|p| p.address.clone())
+            .unwrap_or_else(|| dev.join_addr.clone()),
+        version: presence
+            .map(|p| p.version.clone())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| dev.version.clone()),
+        arch: presence
+            .map(|p| p.arch.clone())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| dev.arch.clone()),
+        rtt_ms: live.map(|p| p.rtt_ms),
+        last_seen: presence.map_or(dev.joined_at, |p| p.last_seen.max(dev.joined_at)),
+        last_disconnect_reason: presence.and_then(|p| p.last_disconnect_reason.clone()),
+        gateway: live.map(|p| p.gateway.clone()),
+        joined_at: dev.joined_at,
+        kube_cluster: presence.and_then(|p| p.kube_cluster.clone()),
+    }
+}
+
+/// One device as seen now.
+pub fn lookup(store: &dyn Store, id: &str, now: u64) -> Result<Option<DeviceInfo>, RpcError> {
+    let Some(dev) = get(store, id)? else {
+        return Ok(None);
+    };
+    let presence: Option<PresenceRecord> = store::get(store, Table::Presence, id)?;
+    Ok(Some(info(&dev, presence.as_ref(), now)))
+}
+
+/// The inventory as seen now, by id.
+pub fn list(store: &dyn Store, now: u64) -> Result<Vec<DeviceInfo>, RpcError> {
+    let presence: BTreeMap<String, PresenceRecord> = store::list(store, Table::Presence, "")?
+        .into_iter()
+        .collect();
+    Ok(store::list::<DeviceRecord>(store, Table::Devices, "")?
+        .into_iter()
+        .map(|(id, d)| info(&d, presence.get(&id), now))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeport_proto::keys::KeyPair;
+    use edgeport_proto::rpc::ErrorKind;
+
+    fn store() -> (tempfile::TempDir, crate::store::SledStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = crate::store::SledStore::open(&d.path().join("s")).unwrap();
+        (d, s)
+    }
+
+    fn device(id: &str, key: &KeyPair) -> DeviceRecord {
+        DeviceRecord {
+            id: id.into(),
+            ssh_public_key: key.public_openssh(),
+            labels: [("fleet".to_string(), "vans".to_string())].into(),
+            joined_at: 100,
+            renewed_at: 100,
+            version: "1.0".into(),
+            arch: "x86_64".into(),
+            token_id: "t".into(),
+            joined_via: "gw-a".into(),
+            join_addr: "192.0.2.1:1".into(),
+        }
+    }
+
+    fn seen(id: &str) -> DevicePresence {
+        DevicePresence {
+            id: id.into(),
+            labels: BTreeMap::new(),
+            version: "1.1".into(),
+            arch: "aarch64".into(),
+            transport: Transport::Quic,
+            address: "198.51.100.1:2".into(),
+            rtt_ms: 12,
+            connected_at: 100,
+            kube_cluster: None,
+        }
+    }
+
+    fn report(lease: u64, online: &[&str], gone: &[(&str, &str)]) -> PresenceReport {
+        PresenceReport {
+            lease_secs: lease,
+            online: online.iter().map(|id| seen(id)).collect(),
+            disconnected: gone
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        }
+    }
+
+    fn online(s: &dyn Store, id: &str, now: u64) -> bool {
+        lookup(s, id, now).unwrap().unwrap().online
+    }
+
+    #[test]
+    fn ids_belong_to_one_key_and_revoked_ids_stay_refused() {
+        let (_d, s) = store();
+        let (k1, k2) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        register(&s, device("van-1", &k1)).unwrap();
+        let mut again = device("van-1", &k1);
+        again.joined_at = 500;
+        assert_eq!(register(&s, again).unwrap().joined_at, 100);
+        let e = register(&s, device("van-1", &k2)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::AlreadyExists);
+        revoke(&s, "van-1", 200).unwrap();
+        assert!(list(&s, 200).unwrap().is_empty());
+        assert_eq!(recently_revoked(&s, 200).unwrap(), ["van-1"]);
+        assert!(recently_revoked(&s, 200 + REVOCATION_ANNOUNCE_SECS)
+            .unwrap()
+            .is_empty());
+        let e = register(&s, device("van-1", &k1)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Denied);
+        assert!(revoke(&s, "van-1", 300).is_err());
+    }
+
+    #[test]
+    fn presence_leases_snapshots_and_moves() {
+        let (_d, s) = store();
+        let k = KeyPair::generate().unwrap();
+        for id in ["a", "b", "c"] {
+            register(&s, device(id, &k)).unwrap();
+        }
+        // Never reported: offline, last seen at the join.
+        let a = lookup(&s, "a", 1000).unwrap().unwrap();
+        assert!(!a.online && a.last_seen == 100 && a.transport.is_none());
+
+        apply_report(&s, "gw-1", &report(30, &["a", "b", "ghost"], &[]), 1000).unwrap();
+        let a = lookup(&s, "a", 1010).unwrap().unwrap();
+        assert!(a.online);
+        assert_eq!(a.gateway.as_deref(), Some("gw-1"));
+        assert_eq!(a.transport, Some(Transport::Quic));
+        assert_eq!((a.version.as_str(), a.arch.as_str()), ("1.1", "aarch64"));
+        assert_eq!(a.labels["fleet"], "vans");
+        assert_eq!(a.last_seen, 1000);
+        assert!(lookup(&s, "ghost", 1010).unwrap().is_none());
+
+        // The lease expires: the gateway died, its devices read offline.
+        assert!(!online(&s, "a", 1030));
+        assert!(!online(&s, "b", 1031));
+
+        // A fresh snapshot that omits b takes it offline at once; a reason is kept.
+        apply_report(&s, "gw-1", &report(30, &["a", "b"], &[]), 1040).unwrap();
+        apply_report(
+            &s,
+            "gw-1",
+            &report(30, &["a"], &[("b", "idle timeout")]),
+            1050,
+        )
+        .unwrap();
+        assert!(online(&s, "a", 1051));
+        let b = lookup(&s, "b", 1051).unwrap().unwrap();
+        assert!(!b.online);
+        assert_eq!(b.last_disconnect_reason.as_deref(), Some("idle timeout"));
+        assert_eq!(b.last_seen, 1040);
+
+        // a moves to gw-2; gw-1's later snapshot without it does not take it offline.
+        apply_report(&s, "gw-2", &report(30, &["a"], &[]), 1060).unwrap();
+        apply_report(&s, "gw-1", &report(30, &[], &[("a", "moved")]), 1061).unwrap();
+        let a = lookup(&s, "a", 1062).unwrap().unwrap();
+        assert!(a.online);
+        assert_eq!(a.gateway.as_deref(), Some("gw-2"));
+        assert_eq!(a.last_disconnect_reason, None);
+
+        // Leases are capped.
+        apply_report(&s, "gw-3", &report(u64::MAX, &["c"], &[]), 2000).unwrap();
+        assert!(online(&s, "c", 2000 + MAX_LEASE_SECS - 1));
+        assert!(!online(&s, "c", 2000 + MAX_LEASE_SECS));
+        assert_eq!(list(&s, 2000).unwrap().len(), 3);
+    }
+}

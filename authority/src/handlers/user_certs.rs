@@ -1,0 +1,194 @@
+//! User certificates: `tctl auth sign` (SignUser, administrators) and tsh logins relayed by
+//! gateways (Login). Both end in [`issue`], which signs an SSH user certificate and an x509
+//! client certificate for the same Ed25519 key with the same validity (DESIGN §2).
+
+use edgeport_proto::keys::parse_ed25519_public;
+use edgeport_proto::rpc::{
+    LockTarget, LoginRequest, Response, RpcError, SignUserRequest, UserCerts,
+};
+
+use crate::ca::{SshUserCert, BACKDATE_SECS};
+use crate::errors::{denied, internal, invalid, locked, not_found};
+use crate::service::Service;
+use crate::users::{self, check_name, Subject};
+use crate::{locks, roles};
+
+/// The principal of a certificate for a user without logins: no Edgeport login can have this
+/// name (names start with a letter or digit), so it opens nothing, yet the certificate stays
+/// well-formed (an empty principal list would mean "any login" to OpenSSH).
+pub const NO_LOGIN_PRINCIPAL: &str = "-";
+
+/// Refuses locked users.
+pub fn check_not_locked(svc: &Service, user: &str, now: u64) -> Result<(), RpcError> {
+    match locks::find(svc.store(), &LockTarget::User(user.to_string()), now)? {
+        Some(l) => Err(locked(locks::locked_message(&l))),
+        None => Ok(()),
+    }
+}
+
+/// Signs both certificates for `subject` and `ssh_public_key`.
+pub fn issue(
+    svc: &Service,
+    subject: &Subject,
+    ssh_public_key: &str,
+    ttl_secs: u64,
+    now: u64,
+) -> Result<UserCerts, RpcError> {
+    let (key, spki) = parse_ed25519_public(ssh_public_key)
+        .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+    let grants = roles::grants(&subject.roles).map_err(invalid)?;
+    let cap = svc
+        .limits
+        .max_session_ttl
+        .min(grants.max_session_ttl)
+        .max(1);
+    let ttl = if ttl_secs == 0 {
+        cap
+    } else {
+        ttl_secs.min(cap)
+    };
+    let valid_after = now.saturating_sub(BACKDATE_SECS);
+    let valid_before = now + ttl;
+    let principals = if subject.logins.is_empty() {
+        vec![NO_LOGIN_PRINCIPAL.to_string()]
+    } else {
+        subject.logins.clone()
+    };
+    let ssh_cert = svc
+        .ca
+        .sign_ssh_user(&SshUserCert {
+            user: &subject.name,
+            public_key: &key,
+            principals: &principals,
+            valid_after,
+            valid_before,
+            permit_pty: grants.permit_pty,
+            permit_port_forwarding: grants.permit_port_forwarding,
+            permit_agent_forwarding: grants.permit_agent_forwarding,
+            roles: &grants.extension,
+        })
+        .map_err(|e| internal("SSH user certificate", e))?;
+    let x509_cert_pem = svc
+        .ca
+        .sign_x509_user(
+            &subject.name,
+            &subject.kube_groups,
+            &spki,
+            valid_after,
+            valid_before,
+        )
+        .map_err(|e| match e {
+            crate::ca::CaError::X509(crate::x509::X509Error::BadField(f)) => invalid(f),
+            other => internal("x509 user certificate", other),
+        })?;
+    Ok(UserCerts {
+        user: subject.name.clone(),
+        ssh_cert,
+        x509_cert_pem,
+        cas: svc.ca.bundle().clone(),
+        logins: subject.logins.clone(),
+        kube_groups: subject.kube_groups.clone(),
+        kube_users: subject.kube_users.clone(),
+        valid_before,
+    })
+}
+
+/// SignUser: certificates for an existing user (optionally restricted to some of its
+/// logins), or for a bot identity given explicit logins.
+pub fn sign_user(svc: &Service, req: SignUserRequest, now: u64) -> Result<Response, RpcError> {
+    check_name("user name", &req.user)?;
+    if let Some(logins) = &req.logins {
+        for l in logins {
+            check_name("login", l)?;
+        }
+    }
+    check_not_locked(svc, &req.user, now)?;
+    let subject = match users::get(svc.store(), &req.user)? {
+        Some(u) => {
+            let mut s = Subject::from(&u);
+            if let Some(want) = &req.logins {
+                if let Some(l) = want.iter().find(|l| !u.logins.contains(l)) {
+                    return Err(denied(format!(
+                        "login {l} is not allowed for user {} (logins: {})",
+                        u.name,
+                        u.logins.join(",")
+                    )));
+                }
+                s.logins = want.clone();
+            }
+            s
+        }
+        None => {
+            let Some(logins) = req.logins.clone().filter(|l| !l.is_empty()) else {
+                return Err(not_found(format!(
+                    "user {} not found (to sign for a bot identity, name its logins)",
+                    req.user
+                )));
+            };
+            // Refuse a malformed key before remembering the bot.
+            parse_ed25519_public(&req.ssh_public_key)
+                .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+            users::record_bot(svc.store(), &req.user, &logins, now)?;
+            let mut s = users::get_bot(svc.store(), &req.user)?
+                .map(|b| Subject::from(&b))
+                .ok_or_else(|| not_found(format!("user {} not found", req.user)))?;
+            s.logins = logins;
+            s
+        }
+    };
+    let certs = issue(svc, &subject, &req.ssh_public_key, req.ttl_secs, now)?;
+    tracing::info!(
+        user = %subject.name,
+        logins = %subject.logins.join(","),
+        valid_before = certs.valid_before,
+        "user certificates signed"
+    );
+    Ok(Response::UserCerts(certs))
+}
+
+/// Login: a password (or an invite code with a new password) for certificates.
+pub fn login(
+    svc: &Service,
+    gateway: &str,
+    req: LoginRequest,
+    now: u64,
+) -> Result<Response, RpcError> {
+    // Refuse a malformed key before spending an argon2 verification on it.
+    parse_ed25519_public(&req.ssh_public_key)
+        .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+    let user = match users::authenticate(
+        svc.store(),
+        &req.user,
+        &req.secret,
+        req.new_password.as_deref(),
+        now,
+    ) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::info!(
+                user = %req.user,
+                client = %req.client_addr,
+                gateway,
+                "login refused: {}",
+                e.message
+            );
+            return Err(e);
+        }
+    };
+    check_not_locked(svc, &user.name, now)?;
+    let certs = issue(
+        svc,
+        &Subject::from(&user),
+        &req.ssh_public_key,
+        req.ttl_secs,
+        now,
+    )?;
+    tracing::info!(
+        user = %user.name,
+        client = %req.client_addr,
+        gateway,
+        valid_before = certs.valid_before,
+        "login"
+    );
+    Ok(Response::UserCerts(certs))
+}

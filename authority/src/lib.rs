@@ -1,0 +1,204 @@
+//! The Edgeport authority: the cluster's certificate authorities and its system of record.
+//!
+//! [`Server::start`] opens (or at the first start, creates) the data directory, the three
+//! CAs and the store, writes the administrator identity, and serves the mutual-TLS RPC until
+//! [`Server::shutdown`].
+
+pub mod admin_identity;
+pub mod ca;
+pub mod data_dir;
+pub mod devices;
+pub mod errors;
+pub mod gateways;
+pub mod handlers;
+pub mod locks;
+pub mod roles;
+pub mod rpc_server;
+pub mod service;
+pub mod store;
+pub mod tokens;
+pub mod users;
+pub mod x509;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::alpn;
+use edgeport_proto::tls::{server_config, ClientAuth};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::CertAuthority;
+use crate::data_dir::DataDir;
+use crate::service::{Limits, Service};
+use crate::store::{SledStore, Store};
+
+/// The default cluster name.
+pub const DEFAULT_CLUSTER: &str = "edgeport";
+/// The default RPC address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3025";
+/// How often the administrator identity is checked for renewal while running.
+const ADMIN_IDENTITY_CHECK: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub cluster: String,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    DataDir(#[from] data_dir::DataDirError),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] ca::CaError),
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("administrator identity: {0}")]
+    AdminIdentity(#[from] admin_identity::AdminIdentityError),
+    #[error("TLS: {0}")]
+    Tls(#[from] edgeport_proto::tls::TlsError),
+    #[error("cannot listen on {addr}: {err}")]
+    Listen { addr: String, err: String },
+}
+
+/// A running authority.
+pub struct Server {
+    addr: SocketAddr,
+    admin_identity: PathBuf,
+    store: Arc<SledStore>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The address written into the administrator identity: the listen address, with a
+/// wildcard IP replaced by loopback (a wildcard cannot be dialled).
+fn dialable(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    a
+}
+
+impl Server {
+    /// Opens everything and starts serving. Logs "authority listening on ADDR" once ready.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        edgeport_proto::tls::install_crypto_provider();
+        let dir = DataDir::new(&config.data_dir);
+        let first_start = dir.prepare(&config.cluster)?;
+        let ca_dir = dir.ca_dir();
+        if !first_start && !ca::CaKeys::exist_in(&ca_dir) {
+            return Err(ca::CaError::Incomplete(ca_dir.display().to_string()).into());
+        }
+        let (ca, created) = CertAuthority::load_or_create(&ca_dir, &config.cluster)?;
+        if created {
+            tracing::info!(cluster = %config.cluster, ca_pin = %ca.bundle().ca_pin, "created the cluster's certificate authorities");
+        }
+        let store_dir = dir.store_dir();
+        edgeport_proto::util::create_private_dir(&store_dir).map_err(|e| {
+            data_dir::DataDirError::Io {
+                path: store_dir.display().to_string(),
+                err: e.to_string(),
+            }
+        })?;
+        let store = Arc::new(SledStore::open(&store_dir)?);
+        if first_start {
+            dir.record_cluster(&config.cluster)?;
+        }
+        let ca = Arc::new(ca);
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| StartError::Listen {
+                addr: config.listen.to_string(),
+                err: e.to_string(),
+            })?;
+        let addr = listener.local_addr().map_err(|e| StartError::Listen {
+            addr: config.listen.to_string(),
+            err: e.to_string(),
+        })?;
+        let cert = ca.server_cert(Some(addr.ip()))?;
+        let tls = server_config(&cert, ca.x509_ca_der(), ClientAuth::Optional, &[alpn::RPC])?;
+        let admin_identity = dir.admin_identity();
+        let auth_addr = dialable(addr).to_string();
+        let outcome = admin_identity::ensure(&ca, &admin_identity, &auth_addr)?;
+        tracing::info!(path = %admin_identity.display(), ?outcome, "administrator identity");
+
+        let service = Arc::new(Service::new(
+            store.clone() as Arc<dyn Store>,
+            ca.clone(),
+            config.limits.clone(),
+        ));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(refresh_admin_identity(
+            ca.clone(),
+            admin_identity.clone(),
+            auth_addr,
+            shutdown.clone(),
+        ));
+        let task = tokio::spawn(rpc_server::serve(
+            listener,
+            Arc::new(tls),
+            service,
+            shutdown.clone(),
+        ));
+        tracing::info!(cluster = %config.cluster, "authority listening on {addr}");
+        Ok(Self {
+            addr,
+            admin_identity,
+            store,
+            shutdown,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn admin_identity(&self) -> &Path {
+        &self.admin_identity
+    }
+
+    /// Stops accepting, lets requests in flight finish (briefly) and flushes the store.
+    pub async fn shutdown(self) -> Result<(), StartError> {
+        self.shutdown.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!("RPC server task failed: {e}");
+        }
+        self.store.flush()?;
+        Ok(())
+    }
+}
+
+async fn refresh_admin_identity(
+    ca: Arc<CertAuthority>,
+    path: PathBuf,
+    auth_addr: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ADMIN_IDENTITY_CHECK) => {}
+        }
+        match admin_identity::ensure(&ca, &path, &auth_addr) {
+            Ok(admin_identity::Outcome::Kept) => {}
+            Ok(o) => {
+                tracing::info!(path = %path.display(), outcome = ?o, "administrator identity refreshed")
+            }
+            Err(e) => tracing::warn!("cannot refresh the administrator identity: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! The RPC service: who may send which request, and one handler per [`Request`] variant.
+//! The caller's identity comes only from its verified client certificate (see
+//! [`crate::rpc_server`]), never from a request field.
+//!
+//! Handlers are synchronous (the store is embedded and argon2 is CPU work); the server runs
+//! each request on the blocking pool.
+
+use std::sync::{Arc, Mutex};
+
+use edgeport_proto::identity::Principal;
+use edgeport_proto::rpc::{Request, Response, RpcError};
+use edgeport_proto::util::now_secs;
+
+use crate::ca::CertAuthority;
+use crate::errors::denied;
+use crate::handlers;
+use crate::store::Store;
+use crate::{devices, locks, tokens, users};
+
+/// Who sent a request, from the client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// No client certificate.
+    Anonymous,
+    Admin(String),
+    Gateway(String),
+    /// A user or device certificate: nothing beyond what anonymous callers may do.
+    Other(Principal),
+}
+
+impl Caller {
+    pub fn from_principal(p: Principal) -> Self {
+        match p {
+            Principal::Admin(n) => Caller::Admin(n),
+            Principal::Gateway(n) => Caller::Gateway(n),
+            other => Caller::Other(other),
+        }
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Anonymous => write!(f, "anonymous"),
+            Caller::Admin(n) => write!(f, "admin {n}"),
+            Caller::Gateway(n) => write!(f, "gateway {n}"),
+            Caller::Other(p) => write!(f, "{p}"),
+        }
+    }
+}
+
+/// Who may send a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Anyone,
+    Admin,
+    Gateway,
+    /// Read-only requests both administrators and gateways make.
+    AdminOrGateway,
+}
+
+fn access(req: &Request) -> Access {
+    match req {
+        Request::Ping | Request::ExportCas | Request::JoinGateway(_) => Access::Anyone,
+        Request::SignUser(_)
+        | Request::UserAdd(_)
+        | Request::UserList
+        | Request::UserRemove { .. }
+        | Request::TokenAdd(_)
+        | Request::TokenList
+        | Request::TokenRemove { .. }
+        | Request::DeviceRemove { .. }
+        | Request::LockAdd(_)
+        | Request::LockRemove { .. }
+        | Request::LockList => Access::Admin,
+        Request::JoinDevice(_)
+        | Request::RenewDevice(_)
+        | Request::RenewGateway(_)
+        | Request::Presence(_)
+        | Request::Login(_) => Access::Gateway,
+        Request::DeviceList | Request::AuthorizeDial { .. } => Access::AdminOrGateway,
+    }
+}
+
+/// A short name of the request for logs and refusals (never its secrets).
+pub fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::Ping => "ping",
+        Request::ExportCas => "export CAs",
+        Request::SignUser(_) => "signing user certificates",
+        Request::UserAdd(_) => "adding users",
+        Request::UserList => "listing users",
+        Request::UserRemove { .. } => "removing users",
+        Request::TokenAdd(_) => "adding join tokens",
+        Request::TokenList => "listing join tokens",
+        Request::TokenRemove { .. } => "removing join tokens",
+        Request::DeviceList => "listing devices",
+        Request::DeviceRemove { .. } => "removing devices",
+        Request::JoinGateway(_) => "gateway join",
+        Request::JoinDevice(_) => "relaying device joins",
+        Request::RenewDevice(_) => "renewing device certificates",
+        Request::RenewGateway(_) => "renewing gateway certificates",
+        Request::Presence(_) => "presence reports",
+        Request::Login(_) => "relaying logins",
+        Request::AuthorizeDial { .. } => "authorizing dials",
+        Request::LockAdd(_) => "adding locks",
+        Request::LockRemove { .. } => "removing locks",
+        Request::LockList => "listing locks",
+    }
+}
+
+fn check_access(caller: &Caller, req: &Request) -> Result<(), RpcError> {
+    let ok = matches!(
+        (access(req), caller),
+        (Access::Anyone, _)
+            | (Access::Admin, Caller::Admin(_))
+            | (Access::Gateway, Caller::Gateway(_))
+            | (
+                Access::AdminOrGateway,
+                Caller::Admin(_) | Caller::Gateway(_)
+            )
+    );
+    if ok {
+        return Ok(());
+    }
+    let needs = match access(req) {
+        Access::Gateway => "a gateway identity",
+        _ => "an administrator identity",
+    };
+    Err(denied(format!(
+        "{} requires {needs} (this connection is {caller})",
+        request_name(req)
+    )))
+}
+
+/// Tunables of the service.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Cap on user certificate lifetimes (also capped by the user's roles).
+    pub max_session_ttl: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_session_ttl: crate::roles::MAX_SESSION_TTL_SECS,
+        }
+    }
+}
+
+pub struct Service {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) ca: Arc<CertAuthority>,
+    pub(crate) limits: Limits,
+    /// Presence reports touch several records each; one at a time keeps them consistent.
+    pub(crate) presence: Mutex<()>,
+}
+
+impl Service {
+    pub fn new(store: Arc<dyn Store>, ca: Arc<CertAuthority>, limits: Limits) -> Self {
+        Self {
+            store,
+            ca,
+            limits,
+            presence: Mutex::new(()),
+        }
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    pub fn ca(&self) -> &CertAuthority {
+        &self.ca
+    }
+
+    pub fn cluster(&self) -> &str {
+        self.ca.cluster()
+    }
+
+    /// Answers one request from `caller` at the current time.
+    pub fn handle(&self, caller: &Caller, req: Request) -> Response {
+        self.handle_at(caller, req, now_secs())
+    }
+
+    /// Answers one request as if the time were `now` (Unix seconds).
+    pub fn handle_at(&self, caller: &Caller, req: Request, now: u64) -> Response {
+        let name = request_name(&req);
+        let result = check_access(caller, &req).and_then(|()| self.dispatch(caller, req, now));
+        match result {
+            Ok(resp) => {
+                tracing::debug!(%caller, request = name, "ok");
+                resp
+            }
+            Err(e) => {
+                tracing::info!(%caller, request = name, kind = ?e.kind, "refused: {}", e.message);
+                Response::Error(e)
+            }
+        }
+    }
+
+    fn dispatch(&self, caller: &Caller, req: Request, now: u64) -> Result<Response, RpcError> {
+        let store = self.store();
+        let pin = &self.ca.bundle().ca_pin;
+        let caller_name = match caller {
+            Caller::Admin(n) | Caller::Gateway(n) => n.as_str(),
+            _ => "",
+        };
+        match req {
+            Request::Ping => Ok(Response::Pong {
+                cluster: self.cluster().to_string(),
+                version: edgeport_proto::VERSION.to_string(),
+            }),
+            Request::ExportCas => Ok(Response::Cas(self.ca.bundle().clone())),
+            Request::SignUser(r) => handlers::user_certs::sign_user(self, r, now),
+            Request::UserAdd(spec) => {
+                let (invite, invite_expires) = users::add(store, &spec, now)?;
+                tracing::info!(
+                    user = %spec.name,
+                    logins = %spec.logins.join(","),
+                    invite = invite.is_some(),
+                    "user added"
+                );
+                Ok(Response::UserAdded {
+                    invite,
+                    invite_expires,
+                })
+            }
+            Request::UserList => {
+                let locked = locks::active(store, now)?;
+                let is_locked = |n: &str| {
+                    locked.iter().any(
+                        |l| matches!(&l.target, edgeport_proto::rpc::LockTarget::User(u) if u == n),
+                    )
+                };
+                Ok(Response::Users(users::list(store, &is_locked)?))
+            }
+            Request::UserRemove { name } => {
+                users::remove(store, &name)?;
+                tracing::info!(user = %name, "user removed");
+                Ok(Response::Ok)
+            }
+            Request::TokenAdd(spec) => {
+                let info = tokens::add(store, &spec, pin, now)?;
+                tracing::info!(id = %info.id, kind = spec.kind.as_str(), "join token added");
+                Ok(Response::Token(info))
+            }
+            Request::TokenList => Ok(Response::Tokens(tokens::list(store, pin, now)?)),
+            Request::TokenRemove { id } => {
+                tokens::remove(store, &id)?;
+                Ok(Response::Ok)
+            }
+            Request::DeviceList => Ok(Response::Devices(devices::list(store, now)?)),
+            Request::DeviceRemove { id } => {
+                devices::revoke(store, &id, now)?;
+                tracing::info!(device = %id, "device removed");
+                Ok(Response::Ok)
+            }
+            Request::JoinGateway(r) => handlers::join::join_gateway(self, r, now),
+            Request::JoinDevice(r) => handlers::join::join_device(self, caller_name, r, now),
+            Request::RenewDevice(r) => handlers::join::renew_device(self, caller_name, r, now),
+            Request::RenewGateway(r) => handlers::join::renew_gateway(self, caller_name, r, now),
+            Request::Presence(r) => handlers::presence::presence(self, caller_name, &r, now),
+            Request::Login(r) => handlers::user_certs::login(self, caller_name, r, now),
+            Request::AuthorizeDial { user, device } => {
+                handlers::dial::authorize_dial(self, &user, &device, now)
+            }
+            Request::LockAdd(spec) => {
+                locks::add(store, &spec, now)?;
+                tracing::info!(target = %locks::describe(&spec.target), "lock added");
+                Ok(Response::Ok)
+            }
+            Request::LockRemove { target } => {
+                locks::remove(store, &target)?;
+                tracing::info!(target = %locks::describe(&target), "lock removed");
+                Ok(Response::Ok)
+            }
+            Request::LockList => Ok(Response::Locks(locks::active(store, now)?)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeport_proto::rpc::ErrorKind;
+
+    #[test]
+    fn access_rules() {
+        let admin = Caller::Admin("admin".into());
+        let gw = Caller::Gateway("gw-1".into());
+        let user = Caller::Other(Principal::User("alice".into()));
+        assert!(check_access(&Caller::Anonymous, &Request::Ping).is_ok());
+        assert!(check_access(&user, &Request::ExportCas).is_ok());
+        let e = check_access(&gw, &Request::UserList).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Denied);
+        assert!(
+            e.message.contains("requires an administrator identity"),
+            "{e}"
+        );
+        assert!(check_access(&user, &Request::UserList).is_err());
+        assert!(check_access(&admin, &Request::UserList).is_ok());
+        assert!(check_access(&gw, &Request::DeviceList).is_ok());
+        assert!(check_access(&admin, &Request::DeviceList).is_ok());
+        assert!(check_access(&Caller::Anonymous, &Request::DeviceList).is_err());
+        let e = check_access(
+            &admin,
+            &Request::RenewDevice(edgeport_proto::rpc::RenewDeviceRequest {
+                device_id: "x".into(),
+                ssh_public_key: String::new(),
+            }),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("requires a gateway identity"), "{e}");
+    }
+}

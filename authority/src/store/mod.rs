@@ -1,0 +1,297 @@
+//! The authority's system of record behind one narrow trait, so that the embedded sled store
+//! can be joined later by a PostgreSQL one (several authorities sharing state) without touching
+//! the handlers. The trait deals in bytes on named tables; typed records (JSON) and the atomic
+//! read-modify-write loop live in the helpers below it and work for every implementation.
+
+pub mod sled;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+pub use self::sled::SledStore;
+
+/// The tables of the store. Each maps a string key to one serialized record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Local users (`users::UserRecord`), by name.
+    Users,
+    /// Identities an administrator signed without a user record (`tctl auth sign` for bots).
+    Bots,
+    /// Join tokens (`tokens::TokenRecord`), by the hex SHA-256 of the secret.
+    Tokens,
+    /// The device inventory (`devices::DeviceRecord`), by device id.
+    Devices,
+    /// Removed devices (`devices::RevokedRecord`), by device id; their ids stay refused.
+    Revoked,
+    /// Where and how each device was last seen (`devices::PresenceRecord`), by device id.
+    Presence,
+    /// The last presence snapshot of each gateway (`devices::GatewayReport`), by gateway id.
+    GatewayReports,
+    /// Joined gateways (`gateways::GatewayRecord`), by gateway id.
+    Gateways,
+    /// Locks (`proto::rpc::LockSpec`), by `user/NAME` or `device/ID`.
+    Locks,
+}
+
+impl Table {
+    pub const ALL: [Table; 9] = [
+        Table::Users,
+        Table::Bots,
+        Table::Tokens,
+        Table::Devices,
+        Table::Revoked,
+        Table::Presence,
+        Table::GatewayReports,
+        Table::Gateways,
+        Table::Locks,
+    ];
+
+    /// The table's name in the backing store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Users => "users",
+            Table::Bots => "bots",
+            Table::Tokens => "tokens",
+            Table::Devices => "devices",
+            Table::Revoked => "revoked",
+            Table::Presence => "presence",
+            Table::GatewayReports => "gateway_reports",
+            Table::Gateways => "gateways",
+            Table::Locks => "locks",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store backend: {0}")]
+    Backend(String),
+    #[error("stored record {table}/{key} is corrupt: {err}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        err: String,
+    },
+    #[error("cannot encode record: {0}")]
+    Encode(String),
+    #[error("too much contention updating {table}/{key}")]
+    Contention { table: &'static str, key: String },
+}
+
+/// Byte-level storage: enough for the authority and easy to implement on SQL
+/// (`(table, key) -> value` with a conditional update).
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    /// Removes a key; returns the value it held.
+    fn delete(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// All entries whose key starts with `prefix` (`""` lists the table), in key order.
+    fn scan_prefix(&self, table: Table, prefix: &str)
+        -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Atomically replaces the value of `key` with `new` (`None` deletes) if it currently is
+    /// `expected` (`None` = absent). Returns whether the swap happened.
+    fn compare_and_swap(
+        &self,
+        table: Table,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError>;
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        table: table.name(),
+        key: key.to_string(),
+        err: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+/// Reads a typed record.
+pub fn get<T: DeserializeOwned>(
+    store: &dyn Store,
+    table: Table,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    store
+        .get(table, key)?
+        .map(|b| decode(table, key, &b))
+        .transpose()
+}
+
+/// Writes a typed record (last writer wins; use [`update`] where that matters).
+pub fn put<T: Serialize>(
+    store: &dyn Store,
+    table: Table,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    store.put(table, key, encode(value)?)
+}
+
+/// Every typed record of a table whose key starts with `prefix`. A corrupt record is an error
+/// rather than silently skipped, so that data loss is noticed.
+pub fn list<T: DeserializeOwned>(
+    store: &dyn Store,
+    table: Table,
+    prefix: &str,
+) -> Result<Vec<(String, T)>, StoreError> {
+    store
+        .scan_prefix(table, prefix)?
+        .into_iter()
+        .map(|(k, v)| {
+            let t = decode(table, &k, &v)?;
+            Ok((k, t))
+        })
+        .collect()
+}
+
+/// How many times [`update`] retries when other writers keep changing the record.
+const MAX_CAS_ATTEMPTS: usize = 64;
+
+/// Atomic read-modify-write of one record: `f` sees the current value and returns the new
+/// one (`None` deletes) or an error that aborts without writing. If another writer changed
+/// the record in between, `f` runs again on the fresh value, so the decision it makes (token
+/// still unused, device id still free) is always taken on what is actually stored.
+pub fn update<T, E, F>(store: &dyn Store, table: Table, key: &str, mut f: F) -> Result<Option<T>, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<StoreError>,
+    F: FnMut(Option<T>) -> Result<Option<T>, E>,
+{
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let old = store.get(table, key)?;
+        let current = old
+            .as_deref()
+            .map(|b| decode::<T>(table, key, b))
+            .transpose()?;
+        let new = f(current)?;
+        let new_bytes = new.as_ref().map(encode).transpose()?;
+        if store.compare_and_swap(table, key, old.as_deref(), new_bytes)? {
+            return Ok(new);
+        }
+    }
+    Err(StoreError::Contention {
+        table: table.name(),
+        key: key.to_string(),
+    }
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn open() -> (tempfile::TempDir, Arc<SledStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        (dir, store)
+    }
+
+    #[test]
+    fn basic_operations() {
+        let (_d, s) = open();
+        assert_eq!(s.get(Table::Users, "a").unwrap(), None);
+        s.put(Table::Users, "a", b"1".to_vec()).unwrap();
+        s.put(Table::Users, "ab", b"2".to_vec()).unwrap();
+        s.put(Table::Users, "b", b"3".to_vec()).unwrap();
+        // Tables are separate namespaces.
+        s.put(Table::Devices, "a", b"x".to_vec()).unwrap();
+        assert_eq!(
+            s.get(Table::Users, "a").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        let keys: Vec<String> = s
+            .scan_prefix(Table::Users, "a")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["a", "ab"]);
+        assert_eq!(s.scan_prefix(Table::Users, "").unwrap().len(), 3);
+        assert_eq!(
+            s.delete(Table::Users, "a").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        assert_eq!(s.delete(Table::Users, "a").unwrap(), None);
+        assert!(!s
+            .compare_and_swap(Table::Users, "b", Some(b"nope"), None)
+            .unwrap());
+        assert!(s
+            .compare_and_swap(Table::Users, "b", Some(b"3"), Some(b"4".to_vec()))
+            .unwrap());
+        assert!(s
+            .compare_and_swap(Table::Users, "new", None, Some(b"5".to_vec()))
+            .unwrap());
+        assert!(!s
+            .compare_and_swap(Table::Users, "new", None, Some(b"6".to_vec()))
+            .unwrap());
+        s.flush().unwrap();
+    }
+
+    #[test]
+    fn cas_race_has_exactly_one_winner() {
+        let (_d, s) = open();
+        s.put(Table::Tokens, "t", b"unused".to_vec()).unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    s.compare_and_swap(
+                        Table::Tokens,
+                        "t",
+                        Some(b"unused"),
+                        Some(format!("used by {i}").into_bytes()),
+                    )
+                    .unwrap()
+                })
+            })
+            .collect();
+        let wins = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|w| *w)
+            .count();
+        assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn update_counts_every_increment_under_contention() {
+        let (_d, s) = open();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        update::<u64, StoreError, _>(&*s, Table::Users, "n", |n| {
+                            Ok(Some(n.unwrap_or(0) + 1))
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(get::<u64>(&*s, Table::Users, "n").unwrap(), Some(200));
+    }
+
+    #[test]
+    fn corrupt_records_are_reported() {
+        let (_d, s) = open();
+        s.put(Table::Users, "x", b"{not json".to_vec()).unwrap();
+        assert!(matches!(
+            get::<u64>(&*s, Table::Users, "x"),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,93 @@
+//! The embedded store: one sled database in `DATA/store`, one sled tree per [`Table`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::{Store, StoreError, Table};
+
+pub struct SledStore {
+    db: sled::Db,
+    trees: HashMap<Table, sled::Tree>,
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        let trees = Table::ALL
+            .iter()
+            .map(|t| Ok((*t, db.open_tree(t.name()).map_err(backend)?)))
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Self { db, trees })
+    }
+
+    fn tree(&self, table: Table) -> Result<&sled::Tree, StoreError> {
+        self.trees
+            .get(&table)
+            .ok_or_else(|| StoreError::Backend(format!("table {} is not open", table.name())))
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tree(table)?
+            .get(key.as_bytes())
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.tree(table)?
+            .insert(key.as_bytes(), value)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn delete(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tree(table)?
+            .remove(key.as_bytes())
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.tree(table)?
+            .scan_prefix(prefix.as_bytes())
+            .map(|r| {
+                let (k, v) = r.map_err(backend)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn compare_and_swap(
+        &self,
+        table: Table,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .tree(table)?
+            .compare_and_swap(key.as_bytes(), expected, new)
+            .map_err(backend)?
+            .is_ok())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,586 @@
+//! The authority over its real RPC: a server on a loopback port, clients with the
+//! administrator identity, a joined gateway's certificate, or none.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use edgeport_proto::identity::{IdentityFile, Principal};
+use edgeport_proto::keys::{first_cert_der, KeyPair};
+use edgeport_proto::rpc::*;
+use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
+use edgeport_proto::sshcert::check_user_cert;
+use edgeport_proto::tls::{client_config, pinned_client_config, CertKey};
+use edgeport_proto::{alpn, frame};
+use russh::keys::ssh_key::{Certificate, PublicKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::service::{Caller, Limits, Service};
+use crate::{Config, Server};
+
+async fn start(dir: &std::path::Path, cluster: &str) -> Result<Server, crate::StartError> {
+    Server::start(Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cluster: cluster.into(),
+        limits: Limits::default(),
+    })
+    .await
+}
+
+fn mtls(cert_pem: &str, key: &KeyPair, ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    let me = CertKey::from_pem(cert_pem, None, key.pkcs8_der()).unwrap();
+    let ca = first_cert_der(ca_pem).unwrap();
+    Arc::new(client_config(&ca, Some(&me), &[alpn::RPC]).unwrap())
+}
+
+async fn admin(server: &Server) -> (RpcClient, IdentityFile) {
+    let ident = IdentityFile::load(server.admin_identity()).unwrap();
+    let key = KeyPair::from_openssh(&ident.ssh_private_key).unwrap();
+    let cfg = mtls(&ident.x509_cert_pem, &key, &ident.cas.x509_ca_pem);
+    let c = RpcClient::connect(&server.addr().to_string(), cfg)
+        .await
+        .unwrap();
+    (c, ident)
+}
+
+fn err_of<T: std::fmt::Debug>(r: Result<T, RpcClientError>) -> RpcError {
+    match r {
+        Err(RpcClientError::Remote(e)) => e,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+async fn token(c: &mut RpcClient, kind: TokenKind, labels: &[(&str, &str)]) -> String {
+    let spec = TokenSpec {
+        kind,
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ttl_secs: 600,
+        reusable: false,
+    };
+    match c.call(Request::TokenAdd(spec)).await.unwrap() {
+        Response::Token(t) => t.token.unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_flow_over_rpc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = start(&dir, "edge").await.unwrap();
+    let addr = server.addr().to_string();
+    let (mut a, ident) = admin(&server).await;
+    assert_eq!(ident.principal, Principal::Admin("admin".into()));
+    assert_eq!(ident.auth_addr.as_deref(), Some(addr.as_str()));
+    match a.call(Request::Ping).await.unwrap() {
+        Response::Pong { cluster, .. } => assert_eq!(cluster, "edge"),
+        other => panic!("{other:?}"),
+    }
+
+    // Users: alice with a password, bob with an invite.
+    let alice = UserSpec {
+        name: "alice".into(),
+        logins: vec!["root".into(), "pi".into()],
+        kube_groups: vec!["devs".into()],
+        password: Some("s3cret".into()),
+        ..Default::default()
+    };
+    a.call(Request::UserAdd(alice)).await.unwrap();
+    let invite = match a
+        .call(Request::UserAdd(UserSpec {
+            name: "bob".into(),
+            logins: vec!["pi".into()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+    {
+        Response::UserAdded {
+            invite: Some(code), ..
+        } => code,
+        other => panic!("{other:?}"),
+    };
+
+    // Anonymous callers get Ping/ExportCas/JoinGateway only.
+    let pin = ident.cas.ca_pin.clone();
+    let anon_cfg = Arc::new(pinned_client_config(&pin, None, &[alpn::RPC]).unwrap());
+    let mut anon = RpcClient::connect(&addr, anon_cfg.clone()).await.unwrap();
+    match anon.call(Request::ExportCas).await.unwrap() {
+        Response::Cas(b) => assert_eq!(b, ident.cas),
+        other => panic!("{other:?}"),
+    }
+    let e = err_of(anon.call(Request::UserList).await);
+    assert_eq!(e.kind, ErrorKind::Denied);
+    assert!(
+        e.message.contains("requires an administrator identity"),
+        "{e}"
+    );
+
+    // A gateway joins with its token and gets a server + client certificate.
+    let gw_token = token(&mut a, TokenKind::Gateway, &[]).await;
+    let dev_token_for_gw = token(&mut a, TokenKind::Device, &[]).await;
+    let gw_key = KeyPair::generate().unwrap();
+    let join = JoinGatewayRequest {
+        token: dev_token_for_gw.clone(),
+        gateway_id: Some("gw-1".into()),
+        public_key_spki_der: gw_key.spki_der(),
+        dns_names: vec!["localhost".into()],
+        ip_addrs: vec!["127.0.0.1".into()],
+    };
+    let e = err_of(anon.call(Request::JoinGateway(join.clone())).await);
+    assert_eq!(e.message, "token is for devices, not gateways");
+    let gw = match anon
+        .call(Request::JoinGateway(JoinGatewayRequest {
+            token: gw_token,
+            ..join
+        }))
+        .await
+        .unwrap()
+    {
+        Response::GatewayCerts(g) => g,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(gw.gateway_id, "gw-1");
+    let gw_der = first_cert_der(&gw.x509_cert_pem).unwrap();
+    assert_eq!(
+        edgeport_proto::tls::peer_principal(&gw_der, "edge").unwrap(),
+        Principal::Gateway("gw-1".into())
+    );
+    let mut g = RpcClient::connect(&addr, mtls(&gw.x509_cert_pem, &gw_key, &gw.cas.x509_ca_pem))
+        .await
+        .unwrap();
+    assert_eq!(
+        err_of(g.call(Request::UserList).await).kind,
+        ErrorKind::Denied
+    );
+    assert_eq!(
+        err_of(g.call(Request::TokenList).await).kind,
+        ErrorKind::Denied
+    );
+
+    // The gateway relays a device join; labels: the token's win over the device's.
+    let dev_token = token(&mut a, TokenKind::Device, &[("fleet", "vans")]).await;
+    let dev_key = KeyPair::generate().unwrap();
+    let join = JoinDeviceRequest {
+        token: dev_token.clone(),
+        requested_id: Some("van-1".into()),
+        labels: [
+            ("fleet".to_string(), "cars".to_string()),
+            ("hw".into(), "pi4".into()),
+        ]
+        .into(),
+        ssh_public_key: dev_key.public_openssh(),
+        version: "0.1.0".into(),
+        arch: "aarch64".into(),
+        remote_addr: "192.0.2.1:5000".into(),
+    };
+    let certs = match g.call(Request::JoinDevice(join.clone())).await.unwrap() {
+        Response::DeviceCerts(d) => d,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(certs.device_id, "van-1");
+    assert_eq!(certs.labels["fleet"], "vans");
+    assert_eq!(certs.labels["hw"], "pi4");
+    let host = Certificate::from_openssh(&certs.host_cert).unwrap();
+    let host_ca = PublicKey::from_openssh(&certs.cas.host_ca).unwrap();
+    edgeport_proto::sshcert::check_host_cert(
+        &host,
+        &host_ca,
+        "van-1.edge",
+        edgeport_proto::util::now_secs(),
+    )
+    .unwrap();
+    let e = err_of(g.call(Request::JoinDevice(join.clone())).await);
+    assert_eq!(e.message, "join token already used");
+    // Another key cannot take the id, even with a fresh token.
+    let other_key = KeyPair::generate().unwrap();
+    let e = err_of(
+        g.call(Request::JoinDevice(JoinDeviceRequest {
+            token: token(&mut a, TokenKind::Device, &[]).await,
+            ssh_public_key: other_key.public_openssh(),
+            ..join.clone()
+        }))
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    // Renewal: same key only.
+    let renew = RenewDeviceRequest {
+        device_id: "van-1".into(),
+        ssh_public_key: dev_key.public_openssh(),
+    };
+    assert!(matches!(
+        g.call(Request::RenewDevice(renew.clone())).await.unwrap(),
+        Response::DeviceCerts(_)
+    ));
+    let e = err_of(
+        g.call(Request::RenewDevice(RenewDeviceRequest {
+            ssh_public_key: other_key.public_openssh(),
+            ..renew.clone()
+        }))
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::Denied);
+    assert!(matches!(
+        g.call(Request::RenewGateway(RenewGatewayRequest {
+            public_key_spki_der: gw_key.spki_der(),
+            dns_names: vec![],
+            ip_addrs: vec![],
+        }))
+        .await
+        .unwrap(),
+        Response::GatewayCerts(_)
+    ));
+
+    // Offline until reported; then dials are authorised.
+    let e = err_of(
+        g.call(Request::AuthorizeDial {
+            user: "alice".into(),
+            device: "van-1".into(),
+        })
+        .await,
+    );
+    assert_eq!(e.message, "device van-1 is offline");
+    let report = PresenceReport {
+        lease_secs: 60,
+        online: vec![DevicePresence {
+            id: "van-1".into(),
+            labels: BTreeMap::new(),
+            version: "0.1.0".into(),
+            arch: "aarch64".into(),
+            transport: Transport::Quic,
+            address: "192.0.2.1:5000".into(),
+            rtt_ms: 7,
+            connected_at: 1,
+            kube_cluster: None,
+        }],
+        disconnected: vec![],
+    };
+    match g.call(Request::Presence(report)).await.unwrap() {
+        Response::PresenceAck(ack) => assert!(ack.revoked_devices.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    match g
+        .call(Request::AuthorizeDial {
+            user: "alice".into(),
+            device: "van-1".into(),
+        })
+        .await
+        .unwrap()
+    {
+        Response::DialAllowed(grant) => {
+            assert!(grant.device.online);
+            assert_eq!(grant.logins, ["root", "pi"]);
+            assert_eq!(grant.kube_groups, ["devs"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    match a.call(Request::DeviceList).await.unwrap() {
+        Response::Devices(d) => {
+            assert_eq!(d.len(), 1);
+            assert!(d[0].online);
+            assert_eq!(d[0].gateway.as_deref(), Some("gw-1"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Logins through the gateway: password, then bob's invite with a new password.
+    let user_key = KeyPair::generate().unwrap();
+    let login = LoginRequest {
+        user: "alice".into(),
+        secret: "wrong".into(),
+        new_password: None,
+        ssh_public_key: user_key.public_openssh(),
+        ttl_secs: 7 * 86400,
+        client_addr: "203.0.113.9:1".into(),
+    };
+    let e = err_of(g.call(Request::Login(login.clone())).await);
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (ErrorKind::BadCredentials, "invalid user or password")
+    );
+    let certs = match g
+        .call(Request::Login(LoginRequest {
+            secret: "s3cret".into(),
+            ..login.clone()
+        }))
+        .await
+        .unwrap()
+    {
+        Response::UserCerts(c) => c,
+        other => panic!("{other:?}"),
+    };
+    let now = edgeport_proto::util::now_secs();
+    assert!(certs.valid_before <= now + 12 * 3600 + 5, "ttl not capped");
+    let cert = Certificate::from_openssh(&certs.ssh_cert).unwrap();
+    let user_ca = PublicKey::from_openssh(&certs.cas.user_ca).unwrap();
+    let grant = check_user_cert(&cert, &user_ca, "root", now).unwrap();
+    assert!(grant.permit_pty && grant.permit_port_forwarding);
+    assert_eq!(grant.roles.roles, ["access"]);
+    let x = first_cert_der(&certs.x509_cert_pem).unwrap();
+    assert_eq!(
+        edgeport_proto::tls::spiffe_of(&x).unwrap(),
+        ("edge".to_string(), Principal::User("alice".into()))
+    );
+    assert_eq!(
+        edgeport_proto::tls::not_after(&x).unwrap(),
+        certs.valid_before
+    );
+    let bob_login = LoginRequest {
+        user: "bob".into(),
+        secret: invite.clone(),
+        new_password: Some("bobs-pw".into()),
+        ..login.clone()
+    };
+    assert!(matches!(
+        g.call(Request::Login(bob_login.clone())).await.unwrap(),
+        Response::UserCerts(_)
+    ));
+    assert_eq!(
+        err_of(g.call(Request::Login(bob_login)).await).kind,
+        ErrorKind::BadCredentials
+    );
+
+    // Locks take effect at once and reach the gateway in the presence acknowledgement.
+    a.call(Request::LockAdd(LockSpec {
+        target: LockTarget::User("alice".into()),
+        message: "incident 42".into(),
+        expires: 0,
+    }))
+    .await
+    .unwrap();
+    let e = err_of(
+        g.call(Request::AuthorizeDial {
+            user: "alice".into(),
+            device: "van-1".into(),
+        })
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::Locked);
+    assert_eq!(e.message, "user alice is locked: incident 42");
+    let e = err_of(
+        g.call(Request::Login(LoginRequest {
+            secret: "s3cret".into(),
+            ..login.clone()
+        }))
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::Locked);
+    match a.call(Request::UserList).await.unwrap() {
+        Response::Users(u) => assert!(u.iter().any(|u| u.name == "alice" && u.locked)),
+        other => panic!("{other:?}"),
+    }
+    a.call(Request::LockRemove {
+        target: LockTarget::User("alice".into()),
+    })
+    .await
+    .unwrap();
+
+    // Bots: an administrator signs for a name with no user record, given logins.
+    let bot_key = KeyPair::generate().unwrap();
+    let sign = SignUserRequest {
+        user: "jenkins".into(),
+        ssh_public_key: bot_key.public_openssh(),
+        ttl_secs: 600,
+        logins: None,
+    };
+    assert_eq!(
+        err_of(a.call(Request::SignUser(sign.clone())).await).kind,
+        ErrorKind::NotFound
+    );
+    match a
+        .call(Request::SignUser(SignUserRequest {
+            logins: Some(vec!["ci".into()]),
+            ..sign
+        }))
+        .await
+        .unwrap()
+    {
+        Response::UserCerts(c) => assert_eq!(c.logins, ["ci"]),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        g.call(Request::AuthorizeDial {
+            user: "jenkins".into(),
+            device: "van-1".into(),
+        })
+        .await
+        .unwrap(),
+        Response::DialAllowed(_)
+    ));
+    // Admins may not ask for logins the user lacks.
+    let e = err_of(
+        a.call(Request::SignUser(SignUserRequest {
+            user: "alice".into(),
+            ssh_public_key: bot_key.public_openssh(),
+            ttl_secs: 600,
+            logins: Some(vec!["admin".into()]),
+        }))
+        .await,
+    );
+    assert_eq!(e.kind, ErrorKind::Denied);
+
+    // Removing a device revokes it.
+    a.call(Request::DeviceRemove { id: "van-1".into() })
+        .await
+        .unwrap();
+    match g
+        .call(Request::Presence(PresenceReport {
+            lease_secs: 60,
+            online: vec![],
+            disconnected: vec![],
+        }))
+        .await
+        .unwrap()
+    {
+        Response::PresenceAck(ack) => assert_eq!(ack.revoked_devices, ["van-1"]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        err_of(g.call(Request::RenewDevice(renew)).await).kind,
+        ErrorKind::Denied
+    );
+    match a.call(Request::DeviceList).await.unwrap() {
+        Response::Devices(d) => assert!(d.is_empty()),
+        other => panic!("{other:?}"),
+    }
+
+    // Restart: same CAs, same admin identity, state kept; another cluster name is refused.
+    drop((a, g, anon));
+    server.shutdown().await.unwrap();
+    let server = start(&dir, "edge").await.unwrap();
+    let (mut a, ident2) = admin(&server).await;
+    assert_eq!(ident2.cas, ident.cas);
+    assert_eq!(ident2.x509_cert_pem, ident.x509_cert_pem);
+    match a.call(Request::UserList).await.unwrap() {
+        Response::Users(u) => assert_eq!(u.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    drop(a);
+    server.shutdown().await.unwrap();
+    let e = start(&dir, "other").await.err().unwrap().to_string();
+    assert!(e.contains("belongs to cluster \"edge\""), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_their_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(&tmp.path().join("data"), "edge").await.unwrap();
+    let (mut a, ident) = admin(&server).await;
+    let key = KeyPair::from_openssh(&ident.ssh_private_key).unwrap();
+    let cfg = mtls(&ident.x509_cert_pem, &key, &ident.cas.x509_ca_pem);
+    let mut oversized = ((frame::MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
+    oversized.extend_from_slice(&[0; 8]);
+    // (bytes, half-close after sending: a truncated frame is only known as such at EOF)
+    for (bad, half_close) in [
+        (oversized, false),
+        (vec![0, 0, 0, 1, 0x7f], false),
+        (vec![0, 0, 0, 9, 1, 2], true),
+        (vec![0xff; 300], false),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("authority.edgeport").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        s.write_all(&bad).await.unwrap();
+        s.flush().await.unwrap();
+        if half_close {
+            s.shutdown().await.unwrap();
+        }
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(15), s.read_to_end(&mut buf))
+            .await
+            .expect("the authority did not close the connection");
+        if let Ok(Some((body, _))) = frame::split_frame(&buf) {
+            assert!(matches!(
+                frame::decode::<Response>(body).unwrap(),
+                Response::Error(_)
+            ));
+        }
+        // The other connection is undisturbed.
+        assert!(matches!(
+            a.call(Request::Ping).await.unwrap(),
+            Response::Pong { .. }
+        ));
+    }
+    drop(a);
+    server.shutdown().await.unwrap();
+}
+
+/// Presence leases against the service directly, with a controlled clock.
+#[test]
+fn presence_lease_expiry_through_the_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
+    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+        .unwrap();
+    let svc = Service::new(store, Arc::new(ca), Limits::default());
+    let admin = Caller::Admin("admin".into());
+    let gw = Caller::Gateway("gw-1".into());
+    let t0 = 1_000_000;
+    let tok = match svc.handle_at(
+        &admin,
+        Request::TokenAdd(TokenSpec {
+            kind: TokenKind::Device,
+            labels: BTreeMap::new(),
+            ttl_secs: 60,
+            reusable: true,
+        }),
+        t0,
+    ) {
+        Response::Token(t) => t.token.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let key = KeyPair::generate().unwrap();
+    let join = JoinDeviceRequest {
+        token: tok,
+        requested_id: Some("d1".into()),
+        labels: BTreeMap::new(),
+        ssh_public_key: key.public_openssh(),
+        version: "1".into(),
+        arch: "x86_64".into(),
+        remote_addr: "192.0.2.1:1".into(),
+    };
+    assert!(matches!(
+        svc.handle_at(&gw, Request::JoinDevice(join.clone()), t0),
+        Response::DeviceCerts(_)
+    ));
+    // A reusable token lets the same key rejoin.
+    assert!(matches!(
+        svc.handle_at(&gw, Request::JoinDevice(join.clone()), t0 + 1),
+        Response::DeviceCerts(_)
+    ));
+    match svc.handle_at(&gw, Request::JoinDevice(join), t0 + 60) {
+        Response::Error(e) => assert_eq!(e.message, "join token expired"),
+        other => panic!("{other:?}"),
+    }
+    let report = PresenceReport {
+        lease_secs: 30,
+        online: vec![DevicePresence {
+            id: "d1".into(),
+            labels: BTreeMap::new(),
+            version: "1".into(),
+            arch: "x86_64".into(),
+            transport: Transport::Tcp,
+            address: "192.0.2.1:1".into(),
+            rtt_ms: 1,
+            connected_at: t0,
+            kube_cluster: Some("k1".into()),
+        }],
+        disconnected: vec![],
+    };
+    assert!(matches!(
+        svc.handle_at(&gw, Request::Presence(report), t0 + 100),
+        Response::PresenceAck(_)
+    ));
+    let online_at = |t| match svc.handle_at(&admin, Request::DeviceList, t) {
+        Response::Devices(d) => d[0].online,
+        other => panic!("{other:?}"),
+    };
+    assert!(online_at(t0 + 129));
+    assert!(!online_at(t0 + 130), "the gateway's lease expired");
+}

@@ -1,0 +1,251 @@
+//! yamux over one TLS byte stream (the TCP fallback of a tunnel), shaped like a QUIC
+//! connection: `open` a stream, `accept` the peer's streams, `close`, wait until `closed`.
+//!
+//! yamux 0.13 has no separate control handle: the `Connection` must be polled for inbound
+//! streams to make any progress at all, outbound streams included. One task owns it and
+//! serves open requests from a channel, so callers on both sides (gateway and agent) get
+//! cloneable handles and [`BoxedStream`]s and never see yamux types.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::util::BoxedStream;
+
+pub use yamux::Mode;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MuxError {
+    #[error("the tunnel is closed: {0}")]
+    Closed(String),
+}
+
+type OpenReply = oneshot::Sender<Result<BoxedStream, MuxError>>;
+
+/// Limits of one multiplexed connection.
+#[derive(Clone, Debug)]
+pub struct MuxConfig {
+    /// Streams open at once (each way).
+    pub max_streams: usize,
+    /// Upper bound of all streams' receive windows together, bytes.
+    pub max_receive_window: usize,
+    /// Peer-opened streams queued until someone accepts them; more are reset.
+    pub accept_backlog: usize,
+}
+
+impl Default for MuxConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 512,
+            // yamux requires at least 256 KiB per stream.
+            max_receive_window: 512 * 256 * 1024,
+            accept_backlog: 256,
+        }
+    }
+}
+
+/// A cloneable handle to open streams on, and close, a multiplexed connection.
+#[derive(Clone)]
+pub struct MuxHandle {
+    open_tx: mpsc::Sender<OpenReply>,
+    close: CancellationToken,
+    done: watch::Receiver<Option<String>>,
+}
+
+/// The peer-opened streams of a multiplexed connection.
+pub struct MuxIncoming {
+    rx: mpsc::Receiver<BoxedStream>,
+}
+
+impl MuxIncoming {
+    /// The next stream the peer opened; `None` once the connection has ended.
+    pub async fn accept(&mut self) -> Option<BoxedStream> {
+        self.rx.recv().await
+    }
+}
+
+impl MuxHandle {
+    /// Opens a stream to the peer.
+    pub async fn open(&self) -> Result<BoxedStream, MuxError> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx
+            .send(tx)
+            .await
+            .map_err(|_| MuxError::Closed(self.reason()))?;
+        rx.await.map_err(|_| MuxError::Closed(self.reason()))?
+    }
+
+    /// Asks the connection to close (open streams are reset).
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.done.borrow().is_some()
+    }
+
+    /// Resolves when the connection has ended, with the reason.
+    pub fn closed(&self) -> impl Future<Output = String> + Send + 'static {
+        let mut done = self.done.clone();
+        async move {
+            loop {
+                if let Some(r) = done.borrow_and_update().clone() {
+                    return r;
+                }
+                if done.changed().await.is_err() {
+                    return "connection task ended".into();
+                }
+            }
+        }
+    }
+
+    fn reason(&self) -> String {
+        self.done
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "connection ended".into())
+    }
+}
+
+/// Starts yamux over `io` on a new task.
+pub fn spawn<T>(io: T, mode: Mode, cfg: &MuxConfig) -> (MuxHandle, MuxIncoming)
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut ycfg = yamux::Config::default();
+    let streams = cfg.max_streams.max(1);
+    // Keep the window consistent with yamux's own invariant (>= 256 KiB per stream).
+    let window = cfg.max_receive_window.max(streams * 256 * 1024);
+    ycfg.set_max_connection_receive_window(Some(window));
+    ycfg.set_max_num_streams(streams);
+    let conn = yamux::Connection::new(io.compat(), ycfg, mode);
+    let (open_tx, open_rx) = mpsc::channel(64);
+    let (in_tx, in_rx) = mpsc::channel(cfg.accept_backlog.max(1));
+    let (done_tx, done_rx) = watch::channel(None);
+    let close = CancellationToken::new();
+    tokio::spawn(drive(conn, open_rx, in_tx, close.clone(), done_tx));
+    (
+        MuxHandle {
+            open_tx,
+            close,
+            done: done_rx,
+        },
+        MuxIncoming { rx: in_rx },
+    )
+}
+
+async fn drive<T>(
+    mut conn: yamux::Connection<T>,
+    mut open_rx: mpsc::Receiver<OpenReply>,
+    in_tx: mpsc::Sender<BoxedStream>,
+    close: CancellationToken,
+    done_tx: watch::Sender<Option<String>>,
+) where
+    T: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+{
+    let mut pending: Option<OpenReply> = None;
+    let mut handles_gone = false;
+    let mut cancelled = pin!(close.cancelled());
+    let outcome: Result<String, String> = std::future::poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok("closed locally".to_string()));
+        }
+        loop {
+            if pending.is_none() && !handles_gone {
+                match open_rx.poll_recv(cx) {
+                    Poll::Ready(Some(tx)) => pending = Some(tx),
+                    Poll::Ready(None) => handles_gone = true,
+                    Poll::Pending => {}
+                }
+            }
+            if let Some(tx) = pending.take() {
+                match conn.poll_new_outbound(cx) {
+                    Poll::Ready(Ok(s)) => {
+                        let _ = tx.send(Ok(Box::new(s.compat())));
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        let _ = tx.send(Err(MuxError::Closed(e.to_string())));
+                        return Poll::Ready(Err(e.to_string()));
+                    }
+                    Poll::Pending => pending = Some(tx),
+                }
+            }
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(s))) => {
+                    // A full backlog or nobody accepting: the stream is dropped (reset).
+                    let _ = in_tx.try_send(Box::new(s.compat()));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
+                Poll::Ready(None) => return Poll::Ready(Err("closed by the peer".to_string())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    let reason = match outcome {
+        Ok(local) => {
+            // Say goodbye (GoAway) but do not wait long for a dead peer.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                std::future::poll_fn(|cx| conn.poll_close(cx)),
+            )
+            .await;
+            local
+        }
+        Err(e) => e,
+    };
+    drop(pending);
+    let _ = done_tx.send(Some(reason));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn open_accept_echo_and_close() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (client, _cin) = spawn(a, Mode::Client, &MuxConfig::default());
+        let (server, mut sin) = spawn(b, Mode::Server, &MuxConfig::default());
+        let echo = tokio::spawn(async move {
+            while let Some(mut s) = sin.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    s.read_to_end(&mut buf).await.unwrap();
+                    s.write_all(&buf).await.unwrap();
+                    s.shutdown().await.unwrap();
+                });
+            }
+        });
+        let mut tasks = Vec::new();
+        for i in 0..20u8 {
+            let c = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = c.open().await.unwrap();
+                let data = vec![i; 100_000];
+                s.write_all(&data).await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await.unwrap();
+                assert_eq!(back, data);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        client.close();
+        let _ = client.closed().await;
+        let reason = server.closed().await;
+        assert!(!reason.is_empty());
+        assert!(client.open().await.is_err());
+        echo.await.unwrap();
+    }
+}
