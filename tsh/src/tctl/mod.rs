@@ -1,1 +1,82 @@
 //! tctl: the administrator tool (auth export/sign, users, tokens, devices, locks).
+//!
+//! Every command opens one mutual-TLS connection to the authority's RPC port with the
+//! administrator identity (`DATA_DIR/admin.identity` written by the authority), sends one or
+//! two requests and prints the answer as an aligned table or as JSON. Errors are one line,
+//! `error: ...`, and exit status 1.
+
+mod auth;
+mod cli;
+mod connect;
+mod devices;
+mod locks;
+mod output;
+mod tokens;
+mod users;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+pub use cli::Cli;
+use cli::{AuthCmd, Command, DevicesCmd, LocksCmd, TokensCmd, UsersCmd};
+use connect::Session;
+
+/// The whole program: parses the command line, runs it, prints errors as one line.
+pub fn main() -> ExitCode {
+    edgeport_proto::tls::install_crypto_provider();
+    init_logging();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` joins the context chain on one line: "what failed: why".
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr and are off unless RUST_LOG asks for them: tctl's output is for people
+/// and scripts, not a log.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs one parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut s = Session::open(&cli.auth, cli.identity.as_deref()).await?;
+    let result = match cli.command {
+        Command::Status => auth::status(&mut s).await,
+        Command::Auth(AuthCmd::Export(a)) => auth::export(&mut s, a).await,
+        Command::Auth(AuthCmd::Sign(a)) => auth::sign(&mut s, a).await,
+        Command::Users(UsersCmd::Add(a)) => users::add(&mut s, a).await,
+        Command::Users(UsersCmd::Ls(a)) => users::list(&mut s, a).await,
+        Command::Users(UsersCmd::Rm { name }) => users::remove(&mut s, name).await,
+        Command::Tokens(TokensCmd::Add(a)) => tokens::add(&mut s, a).await,
+        Command::Tokens(TokensCmd::Ls(a)) => tokens::list(&mut s, a).await,
+        Command::Tokens(TokensCmd::Rm { id }) => tokens::remove(&mut s, id).await,
+        Command::Devices(DevicesCmd::Ls(a)) => devices::list(&mut s, a).await,
+        Command::Devices(DevicesCmd::Rm { id }) => devices::remove(&mut s, id).await,
+        Command::Lock(a) => locks::lock(&mut s, a).await,
+        Command::Unlock(a) => locks::unlock(&mut s, a).await,
+        Command::Locks(LocksCmd::Ls(a)) => locks::list(&mut s, a).await,
+    };
+    s.close().await;
+    result
+}

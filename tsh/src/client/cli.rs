@@ -1,0 +1,147 @@
+//! tsh's command line: Teleport's verbs and flags where they make sense.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tsh",
+    version = edgeport_proto::VERSION,
+    about = "Edgeport client: log in, list devices and open SSH sessions through a gateway"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command understands.
+#[derive(Debug, Args, Clone)]
+pub struct Global {
+    /// Gateway address HOST:PORT (default: the current profile's).
+    #[arg(long, global = true, env = "TSH_PROXY")]
+    pub proxy: Option<String>,
+    /// Use this identity file (`tctl auth sign --format file`) instead of a login.
+    #[arg(short = 'i', long = "identity", global = true, env = "TSH_IDENTITY")]
+    pub identity: Option<std::path::PathBuf>,
+    /// How to reach the gateway: TCP+TLS (default) or QUIC.
+    #[arg(long, global = true, value_enum, env = "TSH_TRANSPORT", default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+    /// Print debug logs on stderr.
+    #[arg(long, global = true)]
+    pub debug: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Tcp,
+    Quic,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Log in to a cluster through its gateway and store short-lived certificates.
+    Login(LoginArgs),
+    /// Run a command or a shell on a device.
+    Ssh(SshArgs),
+    /// List devices (optionally only those matching k=v labels).
+    Ls(LsArgs),
+    /// Show the current login: proxy, user, logins and how long the certificates last.
+    Status,
+    /// Delete the stored keys and certificates (and their ssh-agent entries).
+    Logout,
+    /// Bridge stdin/stdout to a device's SSH server (for OpenSSH's ProxyCommand).
+    Proxy {
+        #[command(subcommand)]
+        what: ProxyCmd,
+    },
+    /// Print an ssh_config block that makes OpenSSH ssh/scp/sftp/rsync reach devices.
+    Config,
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// User name (default: the profile's, else the local user name).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Read the password from stdin (one line) instead of prompting.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// A one-time invite code from `tctl users add`; the password given becomes the new one.
+    #[arg(long)]
+    pub invite: Option<String>,
+    /// Certificate lifetime (capped by the roles' max_session_ttl).
+    #[arg(long, default_value = "8h")]
+    pub ttl: String,
+    /// sha256:HEX of the cluster's CA public key; needed on the first login to a gateway.
+    #[arg(long)]
+    pub ca_pin: Option<String>,
+    /// Do not verify the gateway at all. For local experiments only.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// Remote login (default: the login in `login@device`, else the certificate's first).
+    #[arg(short = 'l', long = "login")]
+    pub login: Option<String>,
+    /// Force a terminal even when a command is given.
+    #[arg(short = 't', action = clap::ArgAction::Count)]
+    pub force_tty: u8,
+    /// Never request a terminal.
+    #[arg(short = 'T')]
+    pub no_tty: bool,
+    /// Local port forward: [BIND:]LPORT:HOST:RPORT.
+    #[arg(short = 'L')]
+    pub forward: Vec<String>,
+    /// Do not run a command (with -L: only forward).
+    #[arg(short = 'N')]
+    pub no_command: bool,
+    /// Do not read stdin (the remote command gets an immediate EOF), for use in loops.
+    #[arg(short = 'n')]
+    pub no_stdin: bool,
+    /// Accepted for OpenSSH compatibility and ignored (devices are reached by id).
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// Test only: skip the gateway and connect straight to an agent's SSH server on this
+    /// TCP address (host verification is unchanged).
+    #[arg(long, hide = true)]
+    pub direct: Option<String>,
+    /// Test only: ask the gateway for this device while verifying the host as DEVICE, as a
+    /// gateway that misroutes (or a device that impersonates another) would make happen.
+    #[arg(long, hide = true)]
+    pub test_route_to: Option<String>,
+    /// [login@]DEVICE
+    pub target: String,
+    /// The command to run (a shell if empty).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Label filters, k=v (all must match).
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxyCmd {
+    /// `tsh proxy ssh %r@%h:%p`: the device is the host part (a `.CLUSTER` suffix is dropped).
+    Ssh {
+        /// Test only: bridge to an agent's SSH server on this TCP address instead of the
+        /// gateway (to measure and test the bridge alone).
+        #[arg(long, hide = true)]
+        direct: Option<String>,
+        /// USER@HOST[:PORT] as OpenSSH passes it.
+        target: String,
+    },
+}

@@ -1,0 +1,346 @@
+//! Talking to the gateway on `edgeport-dial/1`: one stream per request, over TCP+TLS (the
+//! default: cheaper on the user's leg) or QUIC. Every stream starts with one
+//! [`ClientRequest`] frame and gets one [`ClientReply`] frame; after `DialOk` it carries the
+//! raw SSH session.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::alpn;
+use edgeport_proto::frame::{read_frame, write_frame, FrameError};
+use edgeport_proto::tls::{CertKey, GATEWAY_SERVER_NAME};
+use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service};
+use edgeport_proto::util::BoxedStream;
+use rustls::pki_types::ServerName;
+
+use super::cli::Transport;
+use super::profile::Creds;
+use super::CliError;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to verify the gateway before we have the cluster's CA certificate.
+pub enum Trust {
+    /// The CA certificate itself (after a login).
+    Ca(Vec<u8>),
+    /// First contact: the server's chain must hold a CA with this pin.
+    Pin(String),
+    /// No verification (`--insecure`).
+    Insecure,
+}
+
+/// A TLS client config for the dial ALPN.
+pub fn tls_config(
+    trust: &Trust,
+    me: Option<&CertKey>,
+) -> Result<Arc<rustls::ClientConfig>, CliError> {
+    let alpn = [alpn::DIAL];
+    let cfg = match trust {
+        Trust::Ca(der) => edgeport_proto::tls::client_config(der, me, &alpn),
+        Trust::Pin(pin) => edgeport_proto::tls::pinned_client_config(pin, me, &alpn),
+        Trust::Insecure => return insecure_config(me),
+    }
+    .map_err(|e| CliError::msg(format!("TLS setup: {e}")))?;
+    Ok(Arc::new(cfg))
+}
+
+/// The gateway connection settings of a logged-in user.
+pub fn creds_config(creds: &Creds) -> Result<Arc<rustls::ClientConfig>, CliError> {
+    let ca_der = edgeport_proto::keys::first_cert_der(&creds.cas.x509_ca_pem)
+        .map_err(|e| CliError::msg(format!("the stored cluster CA is unreadable: {e}")))?;
+    let me = CertKey::from_pem(&creds.x509_pem, None, creds.key.pkcs8_der())
+        .map_err(|e| CliError::msg(format!("the stored x509 certificate is unreadable: {e}")))?;
+    tls_config(&Trust::Ca(ca_der), Some(&me))
+}
+
+/// Opens one stream to the gateway at `proxy`.
+pub async fn open(
+    proxy: &str,
+    tls: Arc<rustls::ClientConfig>,
+    transport: Transport,
+) -> Result<BoxedStream, CliError> {
+    let name =
+        ServerName::try_from(GATEWAY_SERVER_NAME).map_err(|e| CliError::msg(e.to_string()))?;
+    match transport {
+        Transport::Tcp => {
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(proxy))
+                .await
+                .map_err(|_| {
+                    CliError::msg(format!("cannot reach the gateway at {proxy}: timed out"))
+                })?
+                .map_err(|e| CliError::msg(format!("cannot reach the gateway at {proxy}: {e}")))?;
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio_rustls::TlsConnector::from(tls).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| {
+                CliError::msg(format!(
+                    "TLS handshake with the gateway at {proxy} timed out"
+                ))
+            })?
+            .map_err(|e| CliError::msg(format!("cannot verify the gateway at {proxy}: {e}")))?;
+            Ok(Box::new(tls))
+        }
+        Transport::Quic => quic::open(proxy, tls).await,
+    }
+}
+
+/// Sends `req` on a fresh stream and reads the reply; the stream is returned for dials.
+pub async fn request(
+    proxy: &str,
+    tls: Arc<rustls::ClientConfig>,
+    transport: Transport,
+    req: &ClientRequest,
+) -> Result<(ClientReply, BoxedStream), CliError> {
+    let mut stream = open(proxy, tls, transport).await?;
+    let exchange = async {
+        write_frame(&mut stream, req).await?;
+        read_frame::<ClientReply, _>(&mut stream).await
+    };
+    let reply = tokio::time::timeout(REPLY_TIMEOUT, exchange)
+        .await
+        .map_err(|_| CliError::msg(format!("the gateway at {proxy} did not answer within {REPLY_TIMEOUT:?}")))?
+        .map_err(|e| match e {
+            // TLS 1.3 reports a refused client certificate only on the first read.
+            FrameError::Closed | FrameError::Io(_) | FrameError::Truncated => CliError::msg(format!(
+                "the gateway at {proxy} closed the connection ({e}); are the credentials from this cluster and still valid? try tsh login"
+            )),
+            other => CliError::msg(format!("bad answer from the gateway at {proxy}: {other}")),
+        })?;
+    if let ClientReply::Refused(e) = &reply {
+        return Err(CliError::msg(format!("the gateway refused: {}", e.message)));
+    }
+    Ok((reply, stream))
+}
+
+/// Dials `target`'s SSH service: returns the raw stream and the session id.
+pub async fn dial_ssh(
+    creds: &Creds,
+    transport: Transport,
+    target: &str,
+) -> Result<(BoxedStream, String), CliError> {
+    let tls = creds_config(creds)?;
+    let req = ClientRequest::Dial {
+        target: target.to_string(),
+        service: Service::Ssh,
+    };
+    match user_request(creds, tls, transport, &req).await? {
+        (ClientReply::DialOk { session_id, .. }, stream) => Ok((stream, session_id)),
+        (other, _) => Err(unexpected(&other)),
+    }
+}
+
+/// [`request`] with the user's credentials: a gateway that does not chain to the
+/// credentials' cluster CA gets a hint that the credentials are another cluster's.
+pub async fn user_request(
+    creds: &Creds,
+    tls: Arc<rustls::ClientConfig>,
+    transport: Transport,
+    req: &ClientRequest,
+) -> Result<(ClientReply, BoxedStream), CliError> {
+    request(&creds.proxy, tls, transport, req)
+        .await
+        .map_err(|e| {
+            if e.message.starts_with("cannot verify the gateway") {
+                CliError::msg(format!(
+                    "{e}: the credentials are for cluster {:?}, and this gateway is not part of it",
+                    creds.cas.cluster
+                ))
+            } else {
+                e
+            }
+        })
+}
+
+pub fn unexpected(reply: &ClientReply) -> CliError {
+    let name = format!("{reply:?}");
+    let name = name
+        .split(['(', ' ', '{'])
+        .next()
+        .unwrap_or("?")
+        .to_string();
+    CliError::msg(format!(
+        "the gateway answered {name}, which tsh did not expect"
+    ))
+}
+
+fn insecure_config(me: Option<&CertKey>) -> Result<Arc<rustls::ClientConfig>, CliError> {
+    let provider = edgeport_proto::tls::provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CliError::msg(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(insecure::AcceptAnything(provider)));
+    let mut cfg = match me {
+        Some(me) => builder
+            .with_client_auth_cert(
+                me.chain.clone(),
+                rustls::pki_types::PrivateKeyDer::Pkcs8(me.key_pkcs8.clone().into()),
+            )
+            .map_err(|e| CliError::msg(e.to_string()))?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![alpn::DIAL.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+mod insecure {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    /// Accepts any server certificate (signatures are still checked, so the handshake is
+    /// sound; only the identity is not). `--insecure` only.
+    #[derive(Debug)]
+    pub struct AcceptAnything(pub Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AcceptAnything {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+}
+
+mod quic {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use edgeport_proto::tls::GATEWAY_SERVER_NAME;
+    use edgeport_proto::util::BoxedStream;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    use super::{CliError, CONNECT_TIMEOUT};
+
+    /// A QUIC bidirectional stream that keeps its connection and endpoint alive.
+    struct QuicStream {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        _conn: quinn::Connection,
+        _endpoint: quinn::Endpoint,
+    }
+
+    impl AsyncRead for QuicStream {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.recv).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for QuicStream {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.send)
+                .poll_write(cx, buf)
+                .map_err(std::io::Error::other)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.send).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.send).poll_shutdown(cx)
+        }
+    }
+
+    pub async fn open(
+        proxy: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<BoxedStream, CliError> {
+        let addr = tokio::net::lookup_host(proxy)
+            .await
+            .map_err(|e| CliError::msg(format!("cannot resolve {proxy}: {e}")))?
+            .next()
+            .ok_or_else(|| CliError::msg(format!("cannot resolve {proxy}")))?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| CliError::msg(format!("QUIC setup: {e}")))?;
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .stream_receive_window((16u32 << 20).into())
+            .receive_window((64u32 << 20).into())
+            .send_window(64 << 20)
+            .keep_alive_interval(Some(std::time::Duration::from_secs(15)));
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(Arc::new(transport));
+        let bind: std::net::SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse()
+        } else {
+            "0.0.0.0:0".parse()
+        }
+        .map_err(|e: std::net::AddrParseError| CliError::msg(e.to_string()))?;
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| CliError::msg(format!("cannot open a UDP socket: {e}")))?;
+        endpoint.set_default_client_config(cfg);
+        let connecting = endpoint
+            .connect(addr, GATEWAY_SERVER_NAME)
+            .map_err(|e| CliError::msg(format!("QUIC connect to {proxy}: {e}")))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| {
+                CliError::msg(format!(
+                    "QUIC handshake with {proxy} timed out (is UDP blocked? try --transport tcp)"
+                ))
+            })?
+            .map_err(|e| CliError::msg(format!("QUIC handshake with {proxy}: {e}")))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| CliError::msg(format!("QUIC stream to {proxy}: {e}")))?;
+        Ok(Box::new(QuicStream {
+            send,
+            recv,
+            _conn: conn,
+            _endpoint: endpoint,
+        }))
+    }
+}

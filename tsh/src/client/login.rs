@@ -1,0 +1,240 @@
+//! `tsh login`: verify the gateway, make a key pair here, authenticate, store the
+//! certificates, and load them into the ssh-agent if one runs.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use edgeport_proto::identity::CaBundle;
+use edgeport_proto::keys::{ca_pin, first_cert_der, normalize_pin, KeyPair};
+use edgeport_proto::rpc::{LoginRequest, UserCerts};
+use edgeport_proto::tunnel::{ClientReply, ClientRequest};
+use edgeport_proto::util::{format_duration, format_time, now_secs, parse_duration_secs};
+use russh::keys::ssh_key::Certificate;
+
+use super::cli::{Global, LoginArgs};
+use super::gateway::{self, Trust};
+use super::profile::{tsh_home, KeyFiles, Profile, ProxyProfile};
+use super::{agent, term, CliError};
+
+/// Local user name, the default for `--user`.
+fn local_user() -> Option<String> {
+    ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+}
+
+fn read_stdin_line() -> Result<String, CliError> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| CliError::msg(format!("cannot read the password from stdin: {e}")))?;
+    let line = line.trim_end_matches(['\n', '\r']).to_string();
+    if line.is_empty() {
+        return Err(CliError::msg("no password on stdin"));
+    }
+    Ok(line)
+}
+
+fn read_password(args: &LoginArgs, prompt: &str, confirm: bool) -> Result<String, CliError> {
+    if args.password_stdin {
+        return read_stdin_line();
+    }
+    let p = term::read_secret(prompt).map_err(|e| CliError::msg(e.to_string()))?;
+    if confirm {
+        let again = term::read_secret("Repeat the new password: ")
+            .map_err(|e| CliError::msg(e.to_string()))?;
+        if again != p {
+            return Err(CliError::msg("the passwords do not match"));
+        }
+    }
+    Ok(p)
+}
+
+pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
+    let home = tsh_home()?;
+    let mut profile = Profile::load(&home)?;
+    let proxy = global
+        .proxy
+        .clone()
+        .or_else(|| profile.current.clone())
+        .ok_or_else(|| CliError::msg("tsh login needs --proxy HOST:PORT (the gateway)"))?;
+    let entry = profile.get(&proxy).cloned();
+    let user = args
+        .user
+        .clone()
+        .or_else(|| entry.as_ref().map(|e| e.user.clone()))
+        .or_else(local_user)
+        .ok_or_else(|| CliError::msg("tsh login needs --user NAME"))?;
+    let ttl_secs = parse_duration_secs(&args.ttl).map_err(CliError::msg)?;
+
+    // Verify the gateway before sending it anything.
+    let stored_cas = read_cas(&KeyFiles::new(&home, &proxy, &user).cas).or_else(|| {
+        entry
+            .as_ref()
+            .and_then(|e| read_cas(&KeyFiles::new(&home, &proxy, &e.user).cas))
+    });
+    let trust = if args.insecure {
+        eprintln!(
+            "WARNING: --insecure: the gateway at {proxy} is NOT verified. Anyone on the network path can \
+             impersonate it and take your password. Use this only for local experiments."
+        );
+        Trust::Insecure
+    } else if let Some(pin) = &args.ca_pin {
+        Trust::Pin(normalize_pin(pin).ok_or_else(|| {
+            CliError::msg(format!("--ca-pin {pin:?} is not sha256:<64 hex digits>"))
+        })?)
+    } else if let Some(pin) = entry.as_ref().and_then(|e| e.ca_pin.clone()) {
+        Trust::Pin(pin)
+    } else if let Some(cas) = &stored_cas {
+        Trust::Ca(first_cert_der(&cas.x509_ca_pem).map_err(|e| CliError::msg(e.to_string()))?)
+    } else {
+        return Err(CliError::msg(format!(
+            "first login to {proxy}: pass --ca-pin sha256:... (the cluster's CA pin, from your administrator) so tsh can verify the gateway"
+        )));
+    };
+    let pin = match &trust {
+        Trust::Pin(p) => Some(p.clone()),
+        _ => None,
+    };
+
+    let (secret, new_password) = match &args.invite {
+        Some(code) => (
+            code.clone(),
+            Some(read_password(args, "Choose a password: ", true)?),
+        ),
+        None => (
+            read_password(args, &format!("Password for {user}@{proxy}: "), false)?,
+            None,
+        ),
+    };
+
+    let key = KeyPair::generate().map_err(|e| CliError::msg(e.to_string()))?;
+    let req = ClientRequest::Login(LoginRequest {
+        user: user.clone(),
+        secret,
+        new_password,
+        ssh_public_key: key.public_openssh(),
+        ttl_secs,
+        client_addr: String::new(),
+    });
+    let tls = gateway::tls_config(&trust, None)?;
+    let certs = match gateway::request(&proxy, tls, global.transport, &req).await {
+        Ok((ClientReply::LoggedIn(c), _)) => c,
+        Ok((other, _)) => return Err(gateway::unexpected(&other)),
+        Err(e) => return Err(CliError::msg(format!("login failed: {e}"))),
+    };
+    let cert = check_certs(&certs, &key, pin.as_deref())?;
+
+    let files = KeyFiles::new(&home, &proxy, &user);
+    save(&files, &key, &certs)?;
+    profile.upsert(ProxyProfile {
+        proxy: proxy.clone(),
+        user: user.clone(),
+        cluster: certs.cas.cluster.clone(),
+        ca_pin: if args.insecure {
+            None
+        } else {
+            Some(certs.cas.ca_pin.clone())
+        },
+        insecure: args.insecure,
+    });
+    profile.save(&home)?;
+
+    let valid_before = cert.valid_before();
+    let left = valid_before.saturating_sub(now_secs());
+    if let Some(sock) = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty()) {
+        let comment = format!("edgeport:{proxy}:{user}");
+        if let Err(e) = agent::add(
+            Path::new(&sock),
+            &key,
+            &cert,
+            left.min(u32::MAX as u64) as u32,
+            &comment,
+        )
+        .await
+        {
+            eprintln!("tsh: could not add the key to the ssh-agent: {e}");
+        }
+    }
+    println!(
+        "Logged in as {user} to cluster {} via {proxy}\n  Logins:      {}\n  Valid until: {} ({} left)",
+        certs.cas.cluster,
+        certs.logins.join(", "),
+        format_time(valid_before),
+        format_duration(left)
+    );
+    Ok(0)
+}
+
+fn read_cas(path: &Path) -> Option<CaBundle> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Checks what the gateway returned: certificates for our key, and (when the gateway was
+/// verified by pin) CAs that match that pin.
+fn check_certs(
+    certs: &UserCerts,
+    key: &KeyPair,
+    pin: Option<&str>,
+) -> Result<Certificate, CliError> {
+    let cert = Certificate::from_openssh(certs.ssh_cert.trim()).map_err(|e| {
+        CliError::msg(format!(
+            "the gateway returned an unreadable SSH certificate: {e}"
+        ))
+    })?;
+    if cert.public_key() != key.ssh_public().key_data() {
+        return Err(CliError::msg(
+            "the gateway returned a certificate for another key",
+        ));
+    }
+    let ca_der = first_cert_der(&certs.cas.x509_ca_pem)
+        .map_err(|e| CliError::msg(format!("the gateway returned an unreadable CA: {e}")))?;
+    let bundle_pin = ca_pin(&ca_der).map_err(|e| CliError::msg(e.to_string()))?;
+    if let Some(pin) = pin {
+        if bundle_pin != pin {
+            return Err(CliError::msg(format!(
+                "the cluster CA returned by the gateway ({bundle_pin}) does not match the pin {pin}"
+            )));
+        }
+    }
+    first_cert_der(&certs.x509_cert_pem).map_err(|e| {
+        CliError::msg(format!(
+            "the gateway returned an unreadable x509 certificate: {e}"
+        ))
+    })?;
+    Ok(cert)
+}
+
+fn save(files: &KeyFiles, key: &KeyPair, certs: &UserCerts) -> Result<(), CliError> {
+    let io = |what: &Path, e: std::io::Error| {
+        CliError::msg(format!("cannot write {}: {e}", what.display()))
+    };
+    if let Some(keys) = files.dir.parent() {
+        edgeport_proto::util::create_private_dir(keys).map_err(|e| io(keys, e))?;
+    }
+    edgeport_proto::util::create_private_dir(&files.dir).map_err(|e| io(&files.dir, e))?;
+    let pem = key.to_openssh().map_err(|e| CliError::msg(e.to_string()))?;
+    let private =
+        |p: &Path, d: &[u8]| edgeport_proto::util::write_private(p, d).map_err(|e| io(p, e));
+    let public = |p: &Path, d: &[u8]| {
+        edgeport_proto::util::write_with_mode(p, d, 0o644).map_err(|e| io(p, e))
+    };
+    private(&files.key, pem.as_bytes())?;
+    public(
+        &files.public,
+        format!("{}\n", key.public_openssh()).as_bytes(),
+    )?;
+    public(
+        &files.cert,
+        format!("{}\n", certs.ssh_cert.trim()).as_bytes(),
+    )?;
+    public(&files.x509, certs.x509_cert_pem.as_bytes())?;
+    let cas = serde_json::to_vec_pretty(&certs.cas).map_err(|e| CliError::msg(e.to_string()))?;
+    public(&files.cas, &cas)?;
+    public(
+        &files.known_hosts,
+        format!("{}\n", certs.cas.known_hosts_line("*")).as_bytes(),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! tsh's own SSH client (russh), spoken straight onto the gateway's dial stream: no
+//! ProxyCommand hop, AES-GCM first, large windows. The device is trusted only through the
+//! host CA: it must present a host certificate signed by that CA naming the device that
+//! was asked for, or tsh refuses it.
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgeport_proto::sshcert::{check_host_cert, CertRefusal};
+use edgeport_proto::util::{now_secs, BoxedStream};
+use russh::client::{self, DisconnectReason, Handle};
+use russh::keys::ssh_key::{Algorithm, PublicKey};
+use russh::keys::PublicKeyOrCertificate;
+use russh::{cipher, ChannelMsg, Preferred, Sig};
+use tokio::io::AsyncWriteExt;
+
+use super::profile::Creds;
+use super::term;
+use super::CliError;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const IO_BUF: usize = 256 * 1024;
+
+/// What the client learned about why a connection failed, for one clear error line.
+#[derive(Default)]
+struct Notes {
+    host_problem: Option<String>,
+    disconnect: Option<String>,
+}
+
+pub struct Verifier {
+    host_ca: PublicKey,
+    device: String,
+    notes: Arc<Mutex<Notes>>,
+}
+
+impl client::Handler for Verifier {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let problem = match key.certificate() {
+            None => Some(format!(
+                "{} presented a bare host key instead of an Edgeport host certificate; refusing to connect",
+                self.device
+            )),
+            Some(cert) => match check_host_cert(cert, &self.host_ca, &self.device, now_secs()) {
+                Ok(()) => None,
+                Err(CertRefusal::Principal(_, names)) => Some(format!(
+                    "the device that answered for {} holds a host certificate for {names:?}, not {}: refusing to connect (possible impersonation)",
+                    self.device, self.device
+                )),
+                Err(e) => Some(format!(
+                    "the host certificate presented for {} was refused: {e} (key id {:?}); refusing to connect",
+                    self.device,
+                    cert.key_id()
+                )),
+            },
+        };
+        let ok = problem.is_none();
+        if let (Some(p), Ok(mut n)) = (problem, self.notes.lock()) {
+            n.host_problem = Some(p);
+        }
+        Ok(ok)
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        match reason {
+            DisconnectReason::ReceivedDisconnect(info) => {
+                if let Ok(mut n) = self.notes.lock() {
+                    n.disconnect = Some(info.message);
+                }
+                Ok(())
+            }
+            DisconnectReason::Error(e) => Err(e),
+        }
+    }
+}
+
+/// russh client settings: AES-GCM first (DESIGN section 7), host certificates only.
+fn config() -> client::Config {
+    client::Config {
+        preferred: Preferred {
+            cipher: Cow::Borrowed(&[
+                cipher::AES_128_GCM,
+                cipher::AES_256_GCM,
+                cipher::CHACHA20_POLY1305,
+            ]),
+            host_key_certificates: Cow::Borrowed(&[Algorithm::Ed25519]),
+            key: Cow::Borrowed(&[Algorithm::Ed25519]),
+            ..Preferred::default()
+        },
+        // OpenSSH's own 2 MiB: measured no slower than 16 MiB on loopback, and kinder to
+        // memory (see the agent's window for why bigger hurts).
+        window_size: 2 * 1024 * 1024,
+        maximum_packet_size: 65535,
+        channel_buffer_size: 256,
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 4,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// An authenticated SSH connection to a device.
+pub struct Connection {
+    pub handle: Handle<Verifier>,
+    pub device: String,
+    notes: Arc<Mutex<Notes>>,
+}
+
+/// Runs the SSH handshake on `stream`, verifies the device and logs in as `login`.
+pub async fn connect(
+    stream: BoxedStream,
+    creds: &Creds,
+    device: &str,
+    login: &str,
+) -> Result<Connection, CliError> {
+    let host_ca = PublicKey::from_openssh(creds.cas.host_ca.trim())
+        .map_err(|e| CliError::msg(format!("the stored host CA is unreadable: {e}")))?;
+    let notes = Arc::new(Mutex::new(Notes::default()));
+    let verifier = Verifier {
+        host_ca,
+        device: device.to_string(),
+        notes: notes.clone(),
+    };
+    let note = |f: fn(&Notes) -> Option<String>| notes.lock().ok().and_then(|n| f(&n));
+    let connected = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        client::connect_stream(Arc::new(config()), stream, verifier),
+    )
+    .await
+    .map_err(|_| CliError::msg(format!("the SSH handshake with {device} timed out")))?;
+    let mut handle = match connected {
+        Ok(h) => h,
+        Err(e) => {
+            if let Some(p) = note(|n| n.host_problem.clone()) {
+                return Err(CliError::msg(p));
+            }
+            return Err(CliError::msg(format!(
+                "SSH connection to {device} failed: {e}"
+            )));
+        }
+    };
+    let key = Arc::new(creds.key.ssh_private().clone());
+    let auth = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handle.authenticate_openssh_cert(login, key, creds.ssh_cert.clone()),
+    )
+    .await
+    .map_err(|_| CliError::msg(format!("SSH authentication with {device} timed out")))?;
+    let refused = match auth {
+        Ok(r) if r.success() => None,
+        Ok(_) => Some(String::new()),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(detail) = refused {
+        // The agent says why in a disconnect message right after the failure.
+        for _ in 0..50 {
+            if note(|n| n.disconnect.clone()).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let why = note(|n| n.disconnect.clone())
+            .map(|m| m.trim_start_matches("edgeport: ").to_string())
+            .unwrap_or(if detail.is_empty() {
+                "the certificate was not accepted".to_string()
+            } else {
+                detail
+            });
+        return Err(CliError::msg(format!(
+            "access to {device} as {login:?} denied: {why}"
+        )));
+    }
+    Ok(Connection {
+        handle,
+        device: device.to_string(),
+        notes,
+    })
+}
+
+/// What to run in the session.
+pub struct SessionSpec {
+    /// None: a login shell.
+    pub command: Option<String>,
+    pub tty: bool,
+    /// Send EOF at once instead of reading stdin (`-n`).
+    pub no_stdin: bool,
+}
+
+/// Runs one session channel with the local stdin/stdout/stderr attached and returns the
+/// remote exit status (255 when the program died of a signal or no status came back).
+pub async fn run_session(conn: &Connection, spec: SessionSpec) -> Result<i32, CliError> {
+    let channel = conn
+        .handle
+        .channel_open_session()
+        .await
+        .map_err(|e| CliError::msg(format!("cannot open a session on {}: {e}", conn.device)))?;
+    let fail = |e: russh::Error| CliError::msg(format!("session on {}: {e}", conn.device));
+    // Replies to want-reply requests come back in order; remember what they were for.
+    let mut pending: std::collections::VecDeque<&'static str> = Default::default();
+    if spec.tty {
+        let (cols, rows, px, py) = term::size(0)
+            .or_else(|| term::size(1))
+            .unwrap_or((80, 24, 0, 0));
+        let term_name = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
+        channel
+            .request_pty(true, &term_name, cols, rows, px, py, &[])
+            .await
+            .map_err(fail)?;
+        pending.push_back("pty");
+    }
+    for (k, v) in std::env::vars() {
+        if k == "LANG" || k.starts_with("LC_") {
+            let _ = channel.set_env(false, k, v).await;
+        }
+    }
+    match &spec.command {
+        Some(c) => channel.exec(true, c.as_bytes()).await.map_err(fail)?,
+        None => channel.request_shell(true).await.map_err(fail)?,
+    }
+    pending.push_back("exec");
+
+    let raw = if spec.tty && term::is_tty(0) {
+        term::RawMode::enter(0).ok()
+    } else {
+        None
+    };
+    let (mut read, write) = channel.split();
+    let write = Arc::new(write);
+
+    // stdin: a plain thread (blocking reads of fd 0 never hold up the runtime, and process
+    // exit ends it), feeding the channel through a small queue.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let no_stdin = spec.no_stdin;
+    std::thread::spawn(move || {
+        if no_stdin {
+            return;
+        }
+        let mut buf = vec![0u8; IO_BUF];
+        loop {
+            match term::read_fd(0, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut writer = write.make_writer();
+    let input_write = write.clone();
+    let input = async move {
+        while let Some(chunk) = rx.recv().await {
+            if writer.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = input_write.eof().await;
+        std::future::pending::<()>().await;
+    };
+
+    let mut winch = if spec.tty {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
+    } else {
+        None
+    };
+    let mut status: Option<i32> = None;
+    let mut signal: Option<String> = None;
+    let mut exec_failed = false;
+    tokio::pin!(input);
+    loop {
+        tokio::select! {
+            _ = &mut input => {}
+            Some(()) = async {
+                match winch.as_mut() {
+                    Some(w) => w.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((c, r, px, py)) = term::size(0).or_else(|| term::size(1)) {
+                    let _ = write.window_change(c, r, px, py).await;
+                }
+            }
+            msg = read.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    if term::write_fd(1, &data).is_err() {
+                        break;
+                    }
+                }
+                Some(ChannelMsg::ExtendedData { data, .. }) => {
+                    let _ = term::write_fd(2, &data);
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status as i32),
+                Some(ChannelMsg::ExitSignal { signal_name, error_message, .. }) => {
+                    signal = Some(format!("{}{}", sig_name(&signal_name),
+                        if error_message.is_empty() { String::new() } else { format!(" ({error_message})") }));
+                }
+                Some(ChannelMsg::Success) => { pending.pop_front(); }
+                Some(ChannelMsg::Failure) => match pending.pop_front() {
+                    Some("pty") => {
+                        let _ = term::write_fd(2, b"tsh: the device refused a terminal (the certificate may not permit one)\r\n");
+                    }
+                    _ => { exec_failed = true; break; }
+                },
+                Some(ChannelMsg::Close) | None => break,
+                Some(_) => {}
+            }
+        }
+    }
+    drop(raw);
+    if exec_failed {
+        return Err(CliError::msg(format!(
+            "{} refused to start the {}",
+            conn.device,
+            if spec.command.is_some() {
+                "command"
+            } else {
+                "shell"
+            }
+        )));
+    }
+    if let Some(sig) = signal {
+        eprintln!("tsh: remote command killed by signal {sig}");
+        return Ok(255);
+    }
+    match status {
+        Some(code) => Ok(code),
+        None => {
+            // No exit status: the connection ended under the session. The agent says why
+            // when it ends it on purpose (a lock, for instance).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let why = conn.notes.lock().ok().and_then(|n| n.disconnect.clone());
+            Err(CliError::msg(match why {
+                Some(m) => format!(
+                    "{} closed the session: {}",
+                    conn.device,
+                    m.trim_start_matches("edgeport: ")
+                ),
+                None => format!("the connection to {} was lost", conn.device),
+            }))
+        }
+    }
+}
+
+fn sig_name(s: &Sig) -> String {
+    match s {
+        Sig::Custom(c) => c.clone(),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,143 @@
+//! `tctl status`, `tctl auth export` and `tctl auth sign`.
+//!
+//! `auth sign` makes the key pair here and sends only its public key: the private key never
+//! leaves this machine, as for every other Edgeport party.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use edgeport_proto::identity::{IdentityFile, Principal};
+use edgeport_proto::keys::KeyPair;
+use edgeport_proto::rpc::{Request, Response, SignUserRequest, UserCerts};
+use edgeport_proto::rpc_client::unexpected;
+use edgeport_proto::util::{valid_name, write_private, write_with_mode};
+
+use super::cli::{CaType, ExportArgs, SignArgs, SignFormat};
+use super::connect::Session;
+use super::output::{csv, expiry_text};
+
+pub async fn status(s: &mut Session) -> anyhow::Result<()> {
+    match s.call(Request::Ping).await? {
+        Response::Pong { cluster, version } => {
+            println!("cluster:   {cluster}");
+            println!("authority: {} (version {version})", s.auth_addr);
+            println!("CA pin:    {}", s.cas.ca_pin);
+            Ok(())
+        }
+        other => Err(unexpected(other).into()),
+    }
+}
+
+pub async fn export(s: &mut Session, a: ExportArgs) -> anyhow::Result<()> {
+    let cas = match s.call(Request::ExportCas).await? {
+        Response::Cas(cas) => cas,
+        other => return Err(unexpected(other).into()),
+    };
+    match a.ca_type {
+        CaType::User => println!("{}", cas.user_ca.trim()),
+        CaType::Host => println!("{}", cas.known_hosts_line("*")),
+        CaType::Tls => print!("{}", with_newline(&cas.x509_ca_pem)),
+    }
+    Ok(())
+}
+
+pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
+    if !valid_name(&a.user) {
+        bail!("invalid user name {:?}", a.user);
+    }
+    if a.ttl == 0 {
+        bail!("--ttl must be more than 0");
+    }
+    let key = KeyPair::generate()?;
+    let req = SignUserRequest {
+        user: a.user.clone(),
+        ssh_public_key: key.public_openssh(),
+        ttl_secs: a.ttl,
+        logins: a.logins.clone(),
+    };
+    let certs = match s.call(Request::SignUser(req)).await? {
+        Response::UserCerts(c) => c,
+        other => return Err(unexpected(other).into()),
+    };
+    let written = match a.format {
+        SignFormat::Openssh => write_openssh(&a.out, &key, &certs)?,
+        SignFormat::Tls => write_tls(&a.out, &key, &certs)?,
+        SignFormat::File => write_identity(&a.out, &key, &certs, &s.auth_addr)?,
+    };
+    for p in &written {
+        println!("wrote {}", p.display());
+    }
+    println!(
+        "user {}, logins {}, valid until {}",
+        certs.user,
+        csv(&certs.logins),
+        expiry_text(certs.valid_before)
+    );
+    Ok(())
+}
+
+fn with_newline(s: &str) -> String {
+    if s.ends_with('\n') {
+        s.to_string()
+    } else {
+        format!("{s}\n")
+    }
+}
+
+/// `PATH` (private key, 0600) and `PATH-cert.pub`, the names `ssh -i PATH` looks for.
+fn write_openssh(out: &Path, key: &KeyPair, certs: &UserCerts) -> anyhow::Result<Vec<PathBuf>> {
+    let cert_path = suffixed(out, "-cert.pub");
+    write_private(out, key.to_openssh()?.as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    write_public(&cert_path, &certs.ssh_cert)?;
+    Ok(vec![out.to_path_buf(), cert_path])
+}
+
+/// `PATH.key` (PKCS#8, 0600), `PATH.crt` and `PATH.cas`.
+fn write_tls(out: &Path, key: &KeyPair, certs: &UserCerts) -> anyhow::Result<Vec<PathBuf>> {
+    let (k, c, ca) = (
+        suffixed(out, ".key"),
+        suffixed(out, ".crt"),
+        suffixed(out, ".cas"),
+    );
+    write_private(&k, key.pkcs8_pem().as_bytes())
+        .with_context(|| format!("cannot write {}", k.display()))?;
+    write_public(&c, &certs.x509_cert_pem)?;
+    write_public(&ca, &certs.cas.x509_ca_pem)?;
+    Ok(vec![k, c, ca])
+}
+
+/// One identity file (0600) for `tsh -i PATH`.
+fn write_identity(
+    out: &Path,
+    key: &KeyPair,
+    certs: &UserCerts,
+    auth_addr: &str,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let ident = IdentityFile {
+        version: IdentityFile::VERSION,
+        principal: Principal::User(certs.user.clone()),
+        ssh_private_key: key.to_openssh()?,
+        ssh_cert: Some(certs.ssh_cert.trim().to_string()),
+        x509_cert_pem: certs.x509_cert_pem.clone(),
+        cas: certs.cas.clone(),
+        auth_addr: Some(auth_addr.to_string()),
+        proxy_addr: None,
+    };
+    ident
+        .save(out)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(vec![out.to_path_buf()])
+}
+
+fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_with_mode(path, with_newline(text.trim_end()).as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `dir/name` + suffix (`jenkins` -> `jenkins-cert.pub`).
+fn suffixed(p: &Path, suffix: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}

@@ -1,0 +1,272 @@
+//! tctl's command line (clap derive). Durations take `90s`, `30m`, `12h`, `7d`; lists are
+//! comma separated; labels are `k=v,k2=v2`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tctl",
+    version = edgeport_proto::VERSION,
+    about = "Edgeport administration: certificate authorities, users, join tokens, devices, locks"
+)]
+pub struct Cli {
+    /// The authority's RPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPORT_AUTH",
+        default_value = "127.0.0.1:3025"
+    )]
+    pub auth: String,
+    /// Administrator identity file (the authority writes DATA_DIR/admin.identity).
+    #[arg(long, global = true, env = "EDGEPORT_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Checks the connection: prints the cluster name and the authority's version.
+    Status,
+    /// Certificate authorities: export the public CAs, sign certificates.
+    #[command(subcommand)]
+    Auth(AuthCmd),
+    /// Local users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Join tokens for devices and gateways.
+    #[command(subcommand)]
+    Tokens(TokensCmd),
+    /// The device inventory.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+    /// Locks a user or a device out at once (new sessions refused, live ones ended).
+    Lock(LockArgs),
+    /// Removes a lock.
+    Unlock(UnlockArgs),
+    /// Lists locks.
+    #[command(subcommand)]
+    Locks(LocksCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCmd {
+    /// Prints a CA's public material.
+    Export(ExportArgs),
+    /// Makes a key pair here and has the authority certify it (for bots and CI jobs).
+    Sign(SignArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CaType {
+    /// The user SSH CA as one OpenSSH public key line (sshd's TrustedUserCAKeys).
+    User,
+    /// The host SSH CA as a known_hosts `@cert-authority` line.
+    Host,
+    /// The x509 CA certificate (PEM).
+    Tls,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long = "type", value_enum, default_value = "user")]
+    pub ca_type: CaType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SignFormat {
+    /// One identity file (JSON) usable with `tsh -i PATH`.
+    File,
+    /// PATH (OpenSSH private key) and PATH-cert.pub, for `ssh -i PATH`.
+    Openssh,
+    /// PATH.key, PATH.crt and PATH.cas (PEM), for TLS clients.
+    Tls,
+}
+
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// The user the certificate is for (its key id and x509 common name).
+    #[arg(long)]
+    pub user: String,
+    /// Where to write (see --format for the file names).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "file")]
+    pub format: SignFormat,
+    /// Validity (capped by the user's roles).
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    pub ttl: u64,
+    /// Restrict the certificate to these logins (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub logins: Option<Vec<String>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArgs {
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCmd {
+    /// Adds a user (prints a one-time invite code unless --password-stdin is given).
+    Add(UserAddArgs),
+    /// Lists users.
+    Ls(FormatArgs),
+    /// Removes a user.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct UserAddArgs {
+    pub name: String,
+    /// Logins (OS users on devices) the user may use, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub logins: Vec<String>,
+    /// Roles, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub roles: Vec<String>,
+    /// Kubernetes groups, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub kube_groups: Vec<String>,
+    /// Kubernetes users, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub kube_users: Vec<String>,
+    /// Read the user's password from standard input (one line).
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TokenType {
+    Device,
+    Gateway,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCmd {
+    /// Makes a join token and prints it with the CA pin and an example command line.
+    Add(TokenAddArgs),
+    /// Lists live tokens (never the secrets themselves).
+    Ls(FormatArgs),
+    /// Removes a token by id (or by the token itself).
+    Rm { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct TokenAddArgs {
+    #[arg(long = "type", value_enum, default_value = "device")]
+    pub kind: TokenType,
+    /// Labels every device joining with this token gets (`k=v,k2=v2`).
+    #[arg(long, default_value = "", value_parser = parse_labels)]
+    pub labels: BTreeMap<String, String>,
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub ttl: u64,
+    /// Allow any number of joins until it expires (default: one).
+    #[arg(long)]
+    pub reusable: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCmd {
+    /// Lists devices with their presence.
+    Ls(FormatArgs),
+    /// Removes (revokes) a device: its tunnel is closed and it must join again.
+    Rm { id: String },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Target {
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Shown to whoever is refused.
+    #[arg(long, default_value = "")]
+    pub message: String,
+    /// Lift the lock by itself after this long (default: until `tctl unlock`).
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LocksCmd {
+    /// Lists locks in force.
+    Ls(FormatArgs),
+}
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    edgeport_proto::util::parse_duration_secs(s)
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    edgeport_proto::util::parse_labels(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_lists_durations_and_labels() {
+        let cli = Cli::try_parse_from([
+            "tctl",
+            "tokens",
+            "add",
+            "--type",
+            "gateway",
+            "--labels",
+            "fleet=vans,region=eu",
+            "--ttl",
+            "2h",
+        ])
+        .unwrap();
+        let Command::Tokens(TokensCmd::Add(a)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(a.kind, TokenType::Gateway);
+        assert_eq!(a.ttl, 7200);
+        assert_eq!(a.labels.len(), 2);
+        let cli =
+            Cli::try_parse_from(["tctl", "users", "add", "bob", "--logins", "root,pi"]).unwrap();
+        let Command::Users(UsersCmd::Add(a)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(a.logins, ["root", "pi"]);
+        assert!(Cli::try_parse_from(["tctl", "lock", "--user", "a", "--device", "b"]).is_err());
+        assert!(Cli::try_parse_from(["tctl", "lock"]).is_err());
+        assert!(Cli::try_parse_from(["tctl", "tokens", "add", "--labels", "nokey"]).is_err());
+    }
+}

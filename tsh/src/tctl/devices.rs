@@ -1,0 +1,86 @@
+//! `tctl devices ls | rm`: the inventory as the authority knows it from joins and from the
+//! gateways' presence reports.
+
+use edgeport_proto::rpc::{DeviceInfo, Request, Response};
+use edgeport_proto::rpc_client::unexpected;
+use edgeport_proto::util::format_labels;
+use serde_json::json;
+
+use super::cli::{Format, FormatArgs};
+use super::connect::Session;
+use super::output::{ago_text, json_list, print_json, time_json, Table};
+
+pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
+    let devices = match s.call(Request::DeviceList).await? {
+        Response::Devices(d) => d,
+        other => return Err(unexpected(other).into()),
+    };
+    match a.format {
+        Format::Json => print_json(&json_list(&devices, device_json)),
+        Format::Text => {
+            let mut t = Table::new(&[
+                "ID",
+                "STATUS",
+                "TRANSPORT",
+                "ADDRESS",
+                "VERSION",
+                "ARCH",
+                "RTT",
+                "LAST SEEN",
+                "LABELS",
+            ]);
+            for d in &devices {
+                let labels = format_labels(&d.labels);
+                t.row(vec![
+                    d.id.clone(),
+                    if d.online { "online" } else { "offline" }.into(),
+                    d.transport.map(|t| t.as_str()).unwrap_or("-").into(),
+                    dash(&d.address),
+                    dash(&d.version),
+                    dash(&d.arch),
+                    d.rtt_ms.map(|r| format!("{r}ms")).unwrap_or("-".into()),
+                    ago_text(d.last_seen),
+                    dash(&labels),
+                ]);
+            }
+            t.print();
+            Ok(())
+        }
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+fn device_json(d: &DeviceInfo) -> serde_json::Value {
+    json!({
+        "id": d.id,
+        "labels": d.labels,
+        "online": d.online,
+        "transport": d.transport.map(|t| t.as_str()),
+        "address": d.address,
+        "version": d.version,
+        "arch": d.arch,
+        "rtt_ms": d.rtt_ms,
+        "last_seen": time_json(d.last_seen),
+        "last_disconnect_reason": d.last_disconnect_reason,
+        "gateway": d.gateway,
+        "joined_at": time_json(d.joined_at),
+        "kube_cluster": d.kube_cluster,
+    })
+}
+
+pub async fn remove(s: &mut Session, id: String) -> anyhow::Result<()> {
+    match s.call(Request::DeviceRemove { id: id.clone() }).await? {
+        Response::Ok => {
+            println!("device {id} removed; it must join again with a new token");
+            Ok(())
+        }
+        other => Err(unexpected(other).into()),
+    }
+}

@@ -1,0 +1,132 @@
+//! `tctl users add | ls | rm`.
+
+use std::io::Read;
+
+use anyhow::{bail, Context};
+use edgeport_proto::rpc::{Request, Response, UserInfo, UserSpec};
+use edgeport_proto::rpc_client::unexpected;
+use edgeport_proto::util::{format_time, valid_name};
+use serde_json::json;
+
+use super::cli::{Format, FormatArgs, UserAddArgs};
+use super::connect::Session;
+use super::output::{csv, expiry_text, json_list, print_json, time_json, Table};
+
+pub async fn add(s: &mut Session, a: UserAddArgs) -> anyhow::Result<()> {
+    for n in std::iter::once(&a.name).chain(&a.logins) {
+        if !valid_name(n) {
+            bail!("invalid name {n:?}: use letters, digits, '.', '_' or '-'");
+        }
+    }
+    let password = if a.password_stdin {
+        Some(read_password()?)
+    } else {
+        None
+    };
+    let spec = UserSpec {
+        name: a.name.clone(),
+        logins: a.logins,
+        roles: a.roles,
+        kube_groups: a.kube_groups,
+        kube_users: a.kube_users,
+        password,
+    };
+    match s.call(Request::UserAdd(spec)).await? {
+        Response::UserAdded {
+            invite: Some(code),
+            invite_expires,
+        } => {
+            println!("user {} added", a.name);
+            println!();
+            println!("One-time invite code: {code}");
+            if let Some(exp) = invite_expires {
+                println!("It expires {}.", expiry_text(exp));
+            }
+            println!("The user sets a password and logs in with:");
+            println!(
+                "  tsh login --proxy GATEWAY:3080 --user {} --invite {code}",
+                a.name
+            );
+        }
+        Response::UserAdded { invite: None, .. } | Response::Ok => {
+            println!("user {} added", a.name);
+        }
+        other => return Err(unexpected(other).into()),
+    }
+    Ok(())
+}
+
+/// One line from stdin, without its line ending.
+fn read_password() -> anyhow::Result<String> {
+    let mut buf = String::new();
+    std::io::stdin()
+        .take(64 * 1024)
+        .read_to_string(&mut buf)
+        .context("cannot read the password from standard input")?;
+    let pw = buf.lines().next().unwrap_or("").to_string();
+    if pw.is_empty() {
+        bail!("--password-stdin: standard input holds no password");
+    }
+    Ok(pw)
+}
+
+async fn list_users(s: &mut Session) -> anyhow::Result<Vec<UserInfo>> {
+    match s.call(Request::UserList).await? {
+        Response::Users(u) => Ok(u),
+        other => Err(unexpected(other).into()),
+    }
+}
+
+pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
+    let users = list_users(s).await?;
+    match a.format {
+        Format::Json => print_json(&json_list(&users, user_json)),
+        Format::Text => {
+            let mut t = Table::new(&[
+                "NAME",
+                "LOGINS",
+                "ROLES",
+                "KUBE GROUPS",
+                "PASSWORD",
+                "LOCKED",
+                "CREATED",
+            ]);
+            for u in &users {
+                t.row(vec![
+                    u.name.clone(),
+                    csv(&u.logins),
+                    csv(&u.roles),
+                    csv(&u.kube_groups),
+                    if u.has_password { "set" } else { "invite" }.into(),
+                    if u.locked { "yes" } else { "no" }.into(),
+                    format_time(u.created),
+                ]);
+            }
+            t.print();
+            Ok(())
+        }
+    }
+}
+
+fn user_json(u: &UserInfo) -> serde_json::Value {
+    json!({
+        "name": u.name,
+        "logins": u.logins,
+        "roles": u.roles,
+        "kube_groups": u.kube_groups,
+        "kube_users": u.kube_users,
+        "has_password": u.has_password,
+        "locked": u.locked,
+        "created": time_json(u.created),
+    })
+}
+
+pub async fn remove(s: &mut Session, name: String) -> anyhow::Result<()> {
+    match s.call(Request::UserRemove { name: name.clone() }).await? {
+        Response::Ok => {
+            println!("user {name} removed");
+            Ok(())
+        }
+        other => Err(unexpected(other).into()),
+    }
+}
