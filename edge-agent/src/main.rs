@@ -1,1 +1,144 @@
-fn main() {}
+//! `edge-agent start ...`: see `edge_agent` for what it does.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use edge_agent::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edge-agent",
+    version = edgeport_proto::VERSION,
+    about = "Edgeport edge agent: keeps a reverse tunnel to the gateway and serves SSH"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Joins (first start) and keeps the tunnel up until SIGINT/SIGTERM.
+    Start(StartArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StartArgs {
+    /// Where the device keeps its key and certificates.
+    #[arg(long, env = "EDGEPORT_DATA_DIR", default_value = "/var/lib/edgeport")]
+    data_dir: PathBuf,
+    /// The gateway, HOST:PORT (the same port on UDP and TCP).
+    #[arg(long, env = "EDGEPORT_GATEWAY")]
+    gateway: String,
+    /// Join token (first start only; from `tctl tokens add --type device`).
+    #[arg(long, env = "EDGEPORT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The cluster's CA pin (first start only), `sha256:HEX`.
+    #[arg(long, env = "EDGEPORT_CA_PIN")]
+    ca_pin: Option<String>,
+    /// Requested device id (first start only).
+    #[arg(long, env = "EDGEPORT_DEVICE_ID")]
+    id: Option<String>,
+    /// Requested labels, `k=v,k2=v2` (first start only).
+    #[arg(long, env = "EDGEPORT_LABELS", default_value = "", value_parser = parse_labels)]
+    labels: BTreeMap<String, String>,
+    /// Use TCP+TLS when no QUIC handshake completes within this time.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    quic_timeout: Duration,
+    /// Keep-alive interval (keeps carrier NAT bindings open).
+    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    keepalive: Duration,
+    /// Declare the tunnel dead after this long without hearing from the gateway.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// While on TCP, try QUIC again after this long (backing off up to ten times as long).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    quic_probe_interval: Duration,
+    /// Serve the test-only echo service.
+    #[arg(long, hide = true)]
+    test_echo: bool,
+    /// Renew the certificates once right after the first tunnel is up (tests).
+    #[arg(long, hide = true)]
+    test_renew: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    // Sub-second values help tests; the public syntax is the shared one (90s, 30m, ...).
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|e| format!("invalid duration {s:?}: {e}"));
+    }
+    edgeport_proto::util::parse_duration_secs(s).map(Duration::from_secs)
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    edgeport_proto::util::parse_labels(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    edgeport_proto::tls::install_crypto_provider();
+    let Command::Start(a) = cli.command;
+    let mut cfg = AgentConfig::new(a.data_dir, a.gateway);
+    cfg.token = a.token.filter(|t| !t.is_empty());
+    cfg.ca_pin = a.ca_pin.filter(|p| !p.is_empty() && p != "sha256:");
+    cfg.requested_id = a.id.filter(|i| !i.is_empty());
+    cfg.labels = a.labels;
+    cfg.quic_timeout = a.quic_timeout.max(Duration::from_millis(100));
+    cfg.keepalive = a.keepalive.max(Duration::from_secs(1));
+    cfg.idle_timeout = a.idle_timeout.max(cfg.keepalive * 2);
+    cfg.quic_probe_interval = a.quic_probe_interval.max(Duration::from_secs(1));
+    cfg.test_echo = a.test_echo;
+    cfg.test_renew = a.test_renew;
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(wait_for_signal(shutdown.clone()));
+        edge_agent::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let ctrl_c = tokio::signal::ctrl_c();
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = ctrl_c => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    tracing::info!("signal received");
+    shutdown.cancel();
+}

@@ -1,1 +1,125 @@
-fn main() {}
+//! `gateway start ...`: see `edgeport_gateway` for what it does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgeport_gateway::GatewayConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gateway",
+    version = edgeport_proto::VERSION,
+    about = "Edgeport gateway: holds device tunnels, relays joins, logins and user streams"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Joins the cluster (first start) and serves tunnels until SIGINT/SIGTERM.
+    Start(StartArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StartArgs {
+    /// Where the gateway keeps its key and certificates.
+    #[arg(long, env = "EDGEPORT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The authority's RPC address.
+    #[arg(long, env = "EDGEPORT_AUTH")]
+    auth: String,
+    /// Gateway join token (first start only; from `tctl tokens add --type gateway`).
+    #[arg(long, env = "EDGEPORT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The cluster's CA pin (first start only), `sha256:HEX`.
+    #[arg(long, env = "EDGEPORT_CA_PIN")]
+    ca_pin: Option<String>,
+    /// Requested gateway id.
+    #[arg(long)]
+    id: Option<String>,
+    /// TCP and UDP address to listen on (same port for both).
+    #[arg(long, default_value = "127.0.0.1:3080")]
+    listen: SocketAddr,
+    /// HOST:PORT that devices and users dial (put into the server certificate).
+    #[arg(long)]
+    public_addr: Option<String>,
+    /// Full presence snapshot interval.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    presence_interval: u64,
+    /// How long the authority may believe a presence snapshot.
+    #[arg(long, default_value = "45s", value_parser = parse_duration)]
+    presence_lease: u64,
+    /// Drop a tunnel that sends no keep-alive for this long (must exceed agents' --keepalive).
+    #[arg(long, default_value = "180s", value_parser = parse_duration)]
+    tunnel_idle_timeout: u64,
+}
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    edgeport_proto::util::parse_duration_secs(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    edgeport_proto::tls::install_crypto_provider();
+    let Command::Start(args) = cli.command;
+    let mut cfg = GatewayConfig::new(args.data_dir, args.auth, args.listen);
+    cfg.token = args.token;
+    cfg.ca_pin = args.ca_pin;
+    cfg.gateway_id = args.id;
+    cfg.public_addr = args.public_addr;
+    cfg.splice_dump = edgeport_gateway::splice_dump::from_env();
+    cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
+    cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
+    cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(wait_for_signal(shutdown.clone()));
+        edgeport_gateway::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let ctrl_c = tokio::signal::ctrl_c();
+    match term {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = ctrl_c => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    tracing::info!("signal received");
+    shutdown.cancel();
+}

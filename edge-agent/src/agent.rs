@@ -1,0 +1,182 @@
+//! The agent's life: join once, then keep a tunnel up for as long as the process runs,
+//! reconnecting with exponential backoff and full jitter.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use edgeport_proto::rpc::DeviceCerts;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::identity::{self, DeviceIdentity, IdentityError};
+use crate::join::{self, JoinError};
+use crate::services::Services;
+use crate::session::{self, Ended, SessionError};
+use crate::transport::QuicClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// State shared by the agent's tasks.
+pub struct Agent {
+    pub cfg: AgentConfig,
+    identity: RwLock<Arc<DeviceIdentity>>,
+    pub services: Arc<Services>,
+    pub shutdown: CancellationToken,
+    /// A renewal asked for regardless of the certificates' age (tests).
+    forced_renew: AtomicBool,
+}
+
+impl Agent {
+    pub fn identity(&self) -> Arc<DeviceIdentity> {
+        match self.identity.read() {
+            Ok(i) => i.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Whether a renewal was forced (once).
+    pub fn take_forced_renew(&self) -> bool {
+        self.forced_renew.swap(false, Ordering::Relaxed)
+    }
+
+    /// Stores renewed certificates and switches to them.
+    pub fn renewed(&self, certs: &DeviceCerts) {
+        let current = self.identity();
+        if certs.device_id != current.device_id {
+            tracing::error!(
+                got = %certs.device_id, "renewed certificates name another device; ignored"
+            );
+            return;
+        }
+        let fresh = identity::store(&self.cfg.data_dir, certs)
+            .and_then(|()| identity::load(&self.cfg.data_dir));
+        match fresh {
+            Ok(fresh) => {
+                tracing::info!(valid_before = fresh.valid_before, "certificates renewed");
+                self.services.identity_changed(&fresh);
+                match self.identity.write() {
+                    Ok(mut i) => *i = Arc::new(fresh),
+                    Err(p) => *p.into_inner() = Arc::new(fresh),
+                }
+            }
+            Err(e) => tracing::error!("cannot store renewed certificates: {e}"),
+        }
+    }
+}
+
+/// Joins if this data dir has no identity yet. Unreachable gateways are retried (a device
+/// may boot before its network is up); refusals end the agent with the reason.
+pub async fn ensure_joined(
+    cfg: &AgentConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<DeviceIdentity>, AgentError> {
+    if identity::exists(&cfg.data_dir) {
+        let ident = identity::load(&cfg.data_dir)?;
+        if let Some(req) = &cfg.requested_id {
+            if req != &ident.device_id {
+                tracing::warn!(
+                    requested = %req, device = %ident.device_id,
+                    "--id is ignored: this data dir already belongs to another device id"
+                );
+            }
+        }
+        return Ok(Some(ident));
+    }
+    let key = identity::load_or_make_key(&cfg.data_dir)?;
+    let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap);
+    loop {
+        match join::join(cfg, &key).await {
+            Ok(certs) => {
+                identity::store(&cfg.data_dir, &certs)?;
+                tracing::info!(
+                    device = %certs.device_id, cluster = %certs.cas.cluster, "joined the cluster"
+                );
+                return Ok(Some(identity::load(&cfg.data_dir)?));
+            }
+            Err(e) if e.retryable() => {
+                let wait = backoff.next_delay();
+                tracing::warn!("join: {e}; retrying in {:.1}s", wait.as_secs_f32());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let Some(ident) = ensure_joined(&cfg, &shutdown).await? else {
+        return Ok(());
+    };
+    tracing::info!(
+        device = %ident.device_id, cluster = %ident.cas.cluster, gateway = %cfg.gateway,
+        "edge agent starting"
+    );
+    let services = Arc::new(Services::new(cfg.test_echo, &ident));
+    let agent = Agent {
+        forced_renew: AtomicBool::new(cfg.test_renew),
+        cfg,
+        identity: RwLock::new(Arc::new(ident)),
+        services,
+        shutdown,
+    };
+    let mut quic = QuicClient::default();
+    let mut backoff = Backoff::new(agent.cfg.backoff_base, agent.cfg.backoff_cap);
+    let mut next: Option<session::Session> = None;
+    while !agent.shutdown.is_cancelled() {
+        let s = match next.take() {
+            Some(s) => Ok(s),
+            None => tokio::select! {
+                r = session::connect(&agent, &mut quic) => r,
+                _ = agent.shutdown.cancelled() => break,
+            },
+        };
+        match s {
+            Ok(s) => {
+                tracing::info!(
+                    transport = s.conn.transport().as_str(), gateway = %s.gateway_id,
+                    "tunnel up"
+                );
+                let started = Instant::now();
+                match session::serve(&agent, s, &mut quic).await {
+                    Ended::Upgrade(s) => {
+                        tracing::info!("UDP works again: moved the tunnel back to QUIC");
+                        next = Some(s);
+                        continue;
+                    }
+                    Ended::Shutdown => break,
+                    Ended::Lost(reason) => {
+                        tracing::warn!("tunnel lost: {reason}");
+                        if started.elapsed() >= agent.cfg.healthy_after {
+                            backoff.reset();
+                        }
+                    }
+                }
+            }
+            Err(SessionError::Refused(e)) => tracing::error!("the gateway refused the tunnel: {e}"),
+            Err(e) => tracing::warn!("cannot connect to the gateway: {e}"),
+        }
+        let wait = backoff.next_delay();
+        tracing::info!("reconnecting in {:.1}s", wait.as_secs_f32());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = agent.shutdown.cancelled() => break,
+        }
+    }
+    // Let the gateway hear about the close instead of waiting for an idle timeout.
+    quic.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tracing::info!("edge agent stopped");
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! Agent settings (from the command line or the environment of the install bundle).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    /// `HOST:PORT` of the gateway (same port for UDP and TCP).
+    pub gateway: String,
+    /// Join token and CA pin: needed on the first start only.
+    pub token: Option<String>,
+    pub ca_pin: Option<String>,
+    /// Requested device id (first start).
+    pub requested_id: Option<String>,
+    /// Requested labels (first start).
+    pub labels: BTreeMap<String, String>,
+    /// Give up on QUIC and use TCP+TLS+yamux when no QUIC handshake completes this fast.
+    pub quic_timeout: Duration,
+    /// Keep-alive interval: short enough to keep carrier NAT bindings open.
+    pub keepalive: Duration,
+    /// The tunnel is declared dead after this long without hearing from the gateway.
+    pub idle_timeout: Duration,
+    /// While on TCP, try QUIC again after this long (doubling up to ten times as long).
+    pub quic_probe_interval: Duration,
+    /// Reconnect backoff: base and cap (full jitter), reset after a healthy period.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub healthy_after: Duration,
+    /// Serve the test-only echo service.
+    pub test_echo: bool,
+    /// Tests: renew the certificates once as soon as the first tunnel is up.
+    pub test_renew: bool,
+    /// The Kubernetes cluster this agent fronts, if any (reported in Hello).
+    pub kube_cluster: Option<String>,
+}
+
+impl AgentConfig {
+    pub fn new(data_dir: PathBuf, gateway: String) -> Self {
+        Self {
+            data_dir,
+            gateway,
+            token: None,
+            ca_pin: None,
+            requested_id: None,
+            labels: BTreeMap::new(),
+            quic_timeout: Duration::from_secs(3),
+            keepalive: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(90),
+            quic_probe_interval: Duration::from_secs(30),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(60),
+            test_echo: false,
+            test_renew: false,
+            kube_cluster: None,
+        }
+    }
+}

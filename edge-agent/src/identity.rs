@@ -1,0 +1,167 @@
+//! The device's identity in its data dir (all files 0600, the dir 0700): one Ed25519 key
+//! (SSH host key and x509 tunnel key), the SSH host certificate, the x509 tunnel certificate
+//! and the cluster's CA bundle. Made at the first start (join), renewed over the tunnel.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use edgeport_proto::identity::CaBundle;
+use edgeport_proto::keys::{first_cert_der, KeyPair};
+use edgeport_proto::rpc::DeviceCerts;
+use edgeport_proto::tls::{self, CertKey};
+use edgeport_proto::util::{now_secs, write_private};
+use serde::{Deserialize, Serialize};
+
+pub const KEY_FILE: &str = "device.key";
+pub const HOST_CERT_FILE: &str = "device-cert.pub";
+pub const X509_FILE: &str = "device.crt";
+pub const CAS_FILE: &str = "cas.json";
+pub const META_FILE: &str = "device.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{path}: {err}")]
+    Io { path: String, err: String },
+    #[error("invalid identity in {dir}: {err}")]
+    Invalid { dir: String, err: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Meta {
+    device_id: String,
+    labels: BTreeMap<String, String>,
+    valid_before: u64,
+    issued_at: u64,
+}
+
+/// Everything the agent knows about itself.
+#[derive(Clone)]
+pub struct DeviceIdentity {
+    pub device_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub key: KeyPair,
+    /// SSH host certificate line.
+    pub host_cert: String,
+    /// x509 tunnel certificate, PEM.
+    pub x509_cert_pem: String,
+    pub cas: CaBundle,
+    pub valid_before: u64,
+    pub issued_at: u64,
+}
+
+impl std::fmt::Debug for DeviceIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceIdentity")
+            .field("device_id", &self.device_id)
+            .field("cluster", &self.cas.cluster)
+            .field("valid_before", &self.valid_before)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceIdentity {
+    /// The tunnel client certificate (leaf only: the gateway has the CA).
+    pub fn cert_key(&self) -> Result<CertKey, tls::TlsError> {
+        CertKey::from_pem(&self.x509_cert_pem, None, self.key.pkcs8_der())
+    }
+
+    pub fn ca_der(&self) -> Result<Vec<u8>, IdentityError> {
+        first_cert_der(&self.cas.x509_ca_pem).map_err(|e| IdentityError::Invalid {
+            dir: CAS_FILE.into(),
+            err: e.to_string(),
+        })
+    }
+
+    /// Less than a third of the certificates' validity is left.
+    pub fn needs_renewal(&self, now: u64) -> bool {
+        let total = self.valid_before.saturating_sub(self.issued_at);
+        now + total / 3 >= self.valid_before
+    }
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> IdentityError {
+    IdentityError::Io {
+        path: path.display().to_string(),
+        err: e.to_string(),
+    }
+}
+
+fn file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// Whether the device has joined (its identity files exist).
+pub fn exists(dir: &Path) -> bool {
+    file(dir, META_FILE).exists()
+}
+
+/// Loads the device key, making (and storing) one if there is none yet.
+pub fn load_or_make_key(dir: &Path) -> Result<KeyPair, IdentityError> {
+    edgeport_proto::util::create_private_dir(dir).map_err(|e| io_err(dir, e))?;
+    let p = file(dir, KEY_FILE);
+    if p.exists() {
+        let pem = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
+        return KeyPair::from_openssh(&pem).map_err(|e| io_err(&p, e));
+    }
+    let key = KeyPair::generate().map_err(|e| io_err(&p, e))?;
+    let pem = key.to_openssh().map_err(|e| io_err(&p, e))?;
+    write_private(&p, pem.as_bytes()).map_err(|e| io_err(&p, e))?;
+    Ok(key)
+}
+
+/// Stores fresh certificates (join or renewal).
+pub fn store(dir: &Path, certs: &DeviceCerts) -> Result<(), IdentityError> {
+    let write = |name: &str, data: &[u8]| {
+        let p = file(dir, name);
+        write_private(&p, data).map_err(|e| io_err(&p, e))
+    };
+    write(
+        HOST_CERT_FILE,
+        format!("{}\n", certs.host_cert.trim()).as_bytes(),
+    )?;
+    write(X509_FILE, certs.x509_cert_pem.as_bytes())?;
+    let cas = serde_json::to_vec_pretty(&certs.cas).map_err(|e| io_err(dir, e))?;
+    write(CAS_FILE, &cas)?;
+    let meta = Meta {
+        device_id: certs.device_id.clone(),
+        labels: certs.labels.clone(),
+        valid_before: certs.valid_before,
+        issued_at: now_secs(),
+    };
+    let meta = serde_json::to_vec_pretty(&meta).map_err(|e| io_err(dir, e))?;
+    // Written last: its presence means the identity is complete.
+    write(META_FILE, &meta)
+}
+
+/// Reads the identity and checks that the certificate names this device of this cluster.
+pub fn load(dir: &Path) -> Result<DeviceIdentity, IdentityError> {
+    let read = |name: &str| {
+        let p = file(dir, name);
+        std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))
+    };
+    let invalid = |err: String| IdentityError::Invalid {
+        dir: dir.display().to_string(),
+        err,
+    };
+    let meta: Meta = serde_json::from_str(&read(META_FILE)?).map_err(|e| invalid(e.to_string()))?;
+    let cas: CaBundle =
+        serde_json::from_str(&read(CAS_FILE)?).map_err(|e| invalid(e.to_string()))?;
+    let key = load_or_make_key(dir)?;
+    let x509_cert_pem = read(X509_FILE)?;
+    let der = first_cert_der(&x509_cert_pem).map_err(|e| invalid(e.to_string()))?;
+    match tls::peer_principal(&der, &cas.cluster) {
+        Ok(edgeport_proto::identity::Principal::Device(id)) if id == meta.device_id => {}
+        Ok(p) => return Err(invalid(format!("the certificate names {p}"))),
+        Err(e) => return Err(invalid(e.to_string())),
+    }
+    Ok(DeviceIdentity {
+        device_id: meta.device_id,
+        labels: meta.labels,
+        key,
+        host_cert: read(HOST_CERT_FILE)?.trim().to_string(),
+        x509_cert_pem,
+        cas,
+        valid_before: meta.valid_before,
+        issued_at: meta.issued_at,
+    })
+}

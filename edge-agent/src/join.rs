@@ -1,0 +1,122 @@
+//! The first start: join the cluster through the gateway with a token, over TCP+TLS with the
+//! cluster's CA pinned (the agent has no certificate yet). Only the public key travels.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::keys::{normalize_pin, KeyPair};
+use edgeport_proto::rpc::{DeviceCerts, JoinDeviceRequest, RpcError};
+use edgeport_proto::tls::{pinned_client_config, GATEWAY_SERVER_NAME};
+use edgeport_proto::tunnel::{JoinMessage, JoinReply};
+use edgeport_proto::{alpn, read_frame, write_frame, FrameError};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::AgentConfig;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(
+        "this device has not joined a cluster yet: start it once with --token and --ca-pin \
+         (from `tctl tokens add --type device`)"
+    )]
+    NotJoined,
+    #[error("--ca-pin {0:?} is not a valid CA pin (expected sha256:HEX, from `tctl tokens add`)")]
+    BadPin(String),
+    /// Worth retrying: the network or the gateway is not there (yet).
+    #[error("cannot reach the gateway at {addr}: {err}")]
+    Unreachable { addr: String, err: String },
+    #[error(
+        "the gateway at {addr} failed the CA pin check: {err}\n\
+         (check --ca-pin: it must be the pin printed by `tctl tokens add` for this cluster)"
+    )]
+    Pin { addr: String, err: String },
+    #[error("the join was refused: {0}")]
+    Refused(RpcError),
+    #[error("join failed: {0}")]
+    Protocol(String),
+}
+
+impl JoinError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            JoinError::Unreachable { .. } => true,
+            // The gateway could not reach the authority.
+            JoinError::Refused(e) => e.kind == edgeport_proto::rpc::ErrorKind::Internal,
+            _ => false,
+        }
+    }
+}
+
+/// Resolves `HOST:PORT` with tokio's resolver (first address).
+pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
+}
+
+/// Sends the join and returns the certificates.
+pub async fn join(cfg: &AgentConfig, key: &KeyPair) -> Result<DeviceCerts, JoinError> {
+    let (Some(token), Some(pin)) = (&cfg.token, &cfg.ca_pin) else {
+        return Err(JoinError::NotJoined);
+    };
+    let pin = normalize_pin(pin).ok_or_else(|| JoinError::BadPin(pin.clone()))?;
+    let unreachable = |err: String| JoinError::Unreachable {
+        addr: cfg.gateway.clone(),
+        err,
+    };
+    let addr = resolve(&cfg.gateway).await.map_err(unreachable)?;
+    let tls_cfg = pinned_client_config(&pin, None, &[alpn::JOIN])
+        .map_err(|e| JoinError::Protocol(e.to_string()))?;
+    let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let name = rustls::pki_types::ServerName::try_from(GATEWAY_SERVER_NAME)
+        .map_err(|e| JoinError::Protocol(e.to_string()))?;
+    let mut tls = tokio::time::timeout(
+        TIMEOUT,
+        TlsConnector::from(Arc::new(tls_cfg)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| unreachable("TLS handshake timed out".into()))?
+    .map_err(|e| {
+        let err = e.to_string();
+        if err.contains("pin") || err.contains("certificate") {
+            JoinError::Pin {
+                addr: cfg.gateway.clone(),
+                err,
+            }
+        } else {
+            unreachable(format!("TLS handshake failed: {err}"))
+        }
+    })?;
+    let req = JoinDeviceRequest {
+        token: token.clone(),
+        requested_id: cfg.requested_id.clone(),
+        labels: cfg.labels.clone(),
+        ssh_public_key: key.public_openssh(),
+        version: edgeport_proto::VERSION.to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        remote_addr: String::new(),
+    };
+    let exchange = async {
+        write_frame(&mut tls, &JoinMessage::Join(req)).await?;
+        read_frame::<JoinReply, _>(&mut tls).await
+    };
+    match tokio::time::timeout(TIMEOUT, exchange).await {
+        Err(_) => Err(unreachable("no answer to the join".into())),
+        Ok(Ok(JoinReply::Joined(certs))) => Ok(certs),
+        Ok(Ok(JoinReply::Refused(e))) => Err(JoinError::Refused(e)),
+        Ok(Err(FrameError::Closed | FrameError::Truncated)) => Err(JoinError::Protocol(
+            "the gateway closed the connection without an answer".into(),
+        )),
+        Ok(Err(e)) => Err(JoinError::Protocol(e.to_string())),
+    }
+}

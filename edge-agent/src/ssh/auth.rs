@@ -1,0 +1,132 @@
+//! Deciding who may log in. The agent decides offline, from what it holds: the user CA, its
+//! own labels, the locks the gateway told it about, and the local accounts. russh only
+//! checks that the client owns the certificate's key; every other rule is applied here.
+
+use std::collections::{BTreeMap, HashSet};
+
+use edgeport_proto::sshcert::{check_user_cert, CertRefusal, UserGrant};
+use russh::keys::ssh_key::{Certificate, PublicKey};
+
+use super::passwd::{AccountError, AccountFiles, LocalUser};
+use super::process;
+
+/// A login that passed every check.
+#[derive(Clone, Debug)]
+pub struct Authorized {
+    pub grant: UserGrant,
+    pub account: LocalUser,
+    /// Whether processes must switch to the account (the agent runs as root).
+    pub switch_user: bool,
+}
+
+/// Why a login was refused. The text goes to the agent's log and to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Cert(#[from] CertRefusal),
+    #[error("user {0:?} is locked")]
+    Locked(String),
+    #[error("the certificate belongs to {cert:?} but the gateway authenticated {stream:?}")]
+    WrongUser { cert: String, stream: String },
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    #[error("this agent does not run as root and can only serve its own user {own:?}, not {requested:?}")]
+    NotRoot { own: String, requested: String },
+    #[error("only Edgeport certificates are accepted here, not plain public keys")]
+    PlainKey,
+}
+
+impl Refusal {
+    /// Whether the refusal ends the connection (with the reason sent to the client). A
+    /// certificate of this cluster that does not allow this login will not start allowing
+    /// it on a retry; a plain key or another cluster's certificate may just be the first of
+    /// several identities the client holds.
+    pub fn ends_connection(&self) -> bool {
+        !matches!(
+            self,
+            Refusal::PlainKey
+                | Refusal::Cert(CertRefusal::UnknownCa(_))
+                | Refusal::Cert(CertRefusal::BadSignature)
+                | Refusal::Cert(CertRefusal::WrongType { .. })
+        )
+    }
+}
+
+/// The inputs of the decision.
+pub struct Policy<'a> {
+    pub user_ca: &'a PublicKey,
+    pub labels: &'a BTreeMap<String, String>,
+    pub locked: &'a HashSet<String>,
+    pub accounts: &'a AccountFiles,
+    /// The user the gateway authenticated for this stream (from its x509 certificate).
+    pub stream_user: Option<&'a str>,
+}
+
+/// Checks a certificate offered for `login` at time `now`.
+pub fn authorize(
+    policy: &Policy<'_>,
+    login: &str,
+    cert: &Certificate,
+    now: u64,
+) -> Result<Authorized, Refusal> {
+    let grant = check_user_cert(cert, policy.user_ca, login, now)?;
+    if policy.locked.contains(&grant.user) {
+        return Err(Refusal::Locked(grant.user));
+    }
+    if let Some(stream_user) = policy.stream_user {
+        if stream_user != grant.user {
+            return Err(Refusal::WrongUser {
+                cert: grant.user,
+                stream: stream_user.to_string(),
+            });
+        }
+    }
+    if !grant.roles.allows_device(policy.labels) {
+        return Err(CertRefusal::LabelsDenied.into());
+    }
+    let switch_user = process::running_as_root();
+    let account = if switch_user {
+        policy.accounts.lookup(login)?
+    } else {
+        let own = policy
+            .accounts
+            .lookup_uid(process::own_uid())
+            .ok_or_else(|| AccountError::NoSuchUser(format!("uid {}", process::own_uid())))?;
+        if own.name != login {
+            return Err(Refusal::NotRoot {
+                own: own.name,
+                requested: login.to_string(),
+            });
+        }
+        own
+    };
+    Ok(Authorized {
+        grant,
+        account,
+        switch_user,
+    })
+}
+
+/// Environment variables a client may set (`env` requests), as OpenSSH's usual
+/// `AcceptEnv LANG LC_*` plus a few harmless ones. Anything that changes how programs load
+/// or run (PATH, LD_*, BASH_ENV, ...) is refused.
+pub fn env_allowed(name: &str) -> bool {
+    matches!(
+        name,
+        "LANG" | "TZ" | "COLORTERM" | "NO_COLOR" | "TERM_PROGRAM"
+    ) || name.starts_with("LC_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_filter() {
+        assert!(env_allowed("LANG"));
+        assert!(env_allowed("LC_ALL"));
+        assert!(!env_allowed("LD_PRELOAD"));
+        assert!(!env_allowed("PATH"));
+        assert!(!env_allowed("BASH_ENV"));
+    }
+}

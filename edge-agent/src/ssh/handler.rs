@@ -1,0 +1,586 @@
+//! The russh handler of one SSH connection: authentication by certificate only, then
+//! session channels (exec, shell, sftp) and, where the certificate allows, `direct-tcpip`.
+//!
+//! Channel requests are answered inside the callbacks (russh remembers only the latest
+//! want-reply flag of a channel, so a late answer could go to the wrong request); the
+//! process I/O runs in a task per channel (see `session.rs`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use russh::keys::ssh_key::Certificate;
+use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Session, VerifiedPublicKey};
+use russh::{
+    Channel, ChannelId, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf, Disconnect, Pty, Sig,
+};
+
+use super::auth::{self, Authorized, Policy, Refusal};
+use super::process::{self, Program, Spawn};
+use super::pty::{self, PtyMaster, PtyRequest};
+use super::session::{self, LogCtx, ProcessIo};
+use super::{forward, Inner};
+
+/// Most channels one connection may hold open at once (OpenSSH's multiplexing rarely needs
+/// more than a handful).
+const MAX_CHANNELS: usize = 64;
+/// Most `env` requests honoured per channel.
+const MAX_ENV: usize = 64;
+
+/// A session channel before and after its program starts.
+struct SessionChannel {
+    io: Option<(ChannelReadHalf, ChannelWriteHalf<Msg>)>,
+    pty: Option<PtyRequest>,
+    env: Vec<(String, String)>,
+    running: Option<Running>,
+}
+
+struct Running {
+    pgid: i32,
+    master: Option<Arc<PtyMaster>>,
+}
+
+pub struct ConnHandler {
+    pub(super) inner: Arc<Inner>,
+    pub(super) conn_id: u64,
+    pub(super) stream_user: Option<String>,
+    pub(super) session_id: String,
+    pub(super) client_addr: String,
+    pub(super) handle: Arc<OnceLock<Handle>>,
+    pub(super) auth: Option<Authorized>,
+    pub(super) authenticated: Arc<AtomicBool>,
+    channels: HashMap<ChannelId, SessionChannel>,
+    open_channels: Arc<AtomicUsize>,
+}
+
+impl ConnHandler {
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        conn_id: u64,
+        stream_user: Option<String>,
+        session_id: String,
+        client_addr: String,
+        handle: Arc<OnceLock<Handle>>,
+        authenticated: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            inner,
+            conn_id,
+            stream_user,
+            session_id,
+            client_addr,
+            handle,
+            auth: None,
+            authenticated,
+            channels: HashMap::new(),
+            open_channels: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Refuses a login: one warning in the log with who, which key and why. When the
+    /// certificate is this cluster's, the reason also goes to the client in a disconnect
+    /// message (SSH has no other way to say why). OpenSSH usually stops at the failure
+    /// before reading it; tsh waits for it.
+    fn refuse(&self, login: &str, key_id: &str, serial: Option<u64>, why: &Refusal) {
+        tracing::warn!(
+            device = %self.inner.device_id,
+            login = %login,
+            key_id = %key_id,
+            serial = ?serial,
+            client = %self.client_addr,
+            session = %self.session_id,
+            reason = %why,
+            "refused SSH login"
+        );
+        if !why.ends_connection() {
+            // Not one of ours (a plain key, another cluster's certificate): the client may
+            // hold others, so let it try the next one.
+            return;
+        }
+        let msg = format!(
+            "edgeport: device {} refused the certificate of {key_id:?} for login {login:?}: {why}",
+            self.inner.device_id
+        );
+        if let Some(h) = self.handle.get().cloned() {
+            tokio::spawn(async move {
+                let _ = h
+                    .disconnect(Disconnect::NoMoreAuthMethodsAvailable, msg, String::new())
+                    .await;
+            });
+        }
+    }
+
+    fn authorized(&self) -> Option<&Authorized> {
+        self.auth.as_ref()
+    }
+
+    fn log_ctx(&self, kind: &'static str) -> LogCtx {
+        let (user, login) = self
+            .auth
+            .as_ref()
+            .map(|a| (a.grant.user.clone(), a.grant.login.clone()))
+            .unwrap_or_default();
+        LogCtx {
+            user,
+            login,
+            session_id: self.session_id.clone(),
+            kind,
+        }
+    }
+
+    /// Starts `program` on `channel` and answers the request.
+    fn start(&mut self, channel: ChannelId, program: Program, session: &mut Session) {
+        let ok = self.try_start(channel, program, session);
+        let _ = if ok {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        };
+    }
+
+    fn try_start(&mut self, channel: ChannelId, program: Program, session: &mut Session) -> bool {
+        let Some(auth) = self.auth.clone() else {
+            return false;
+        };
+        let kind = match &program {
+            Program::LoginShell => "shell",
+            Program::Command(_) => "exec",
+            Program::Binary(_) => "subsystem",
+        };
+        let ctx = self.log_ctx(kind);
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        if ch.running.is_some() {
+            return false;
+        }
+        let Some((read, write)) = ch.io.take() else {
+            return false;
+        };
+        let mut env = ch.env.clone();
+        env.push(("EDGEPORT_USER".into(), auth.grant.user.clone()));
+        env.push(("EDGEPORT_SESSION_ID".into(), self.session_id.clone()));
+        env.push(("EDGEPORT_DEVICE".into(), self.inner.device_id.clone()));
+        let (master, slave) = match &ch.pty {
+            Some(req) => {
+                env.push(("TERM".into(), req.term.clone()));
+                match pty::open(req).and_then(|(m, s)| Ok((PtyMaster::new(m)?, s))) {
+                    Ok((m, s)) => (Some(Arc::new(m)), Some(s)),
+                    Err(e) => {
+                        tracing::warn!(session = %self.session_id, "cannot open a pty: {e}");
+                        ch.io = Some((read, write));
+                        return false;
+                    }
+                }
+            }
+            None => (None, None),
+        };
+        if let Program::Command(c) = &program {
+            tracing::debug!(session = %self.session_id, command = %c, "exec");
+        }
+        let started = match process::spawn(Spawn {
+            user: &auth.account,
+            switch_user: auth.switch_user,
+            program,
+            env,
+            pty_slave: slave,
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(session = %self.session_id, login = %auth.grant.login,
+                    "cannot start the session's program: {e}");
+                ch.io = Some((read, write));
+                return false;
+            }
+        };
+        tracing::info!(
+            device = %self.inner.device_id,
+            user = %auth.grant.user,
+            login = %auth.grant.login,
+            session = %self.session_id,
+            kind,
+            pty = master.is_some(),
+            "session started"
+        );
+        ch.running = Some(Running {
+            pgid: started.pgid,
+            master: master.clone(),
+        });
+        let mut started = started;
+        let io = match master {
+            Some(m) => ProcessIo::Pty(m),
+            None => ProcessIo::Pipes {
+                stdin: started.stdin.take(),
+                stdout: started.stdout.take(),
+                stderr: started.stderr.take(),
+            },
+        };
+        let handle = session.handle();
+        tokio::spawn(session::run(started, io, read, write, handle, channel, ctx));
+        true
+    }
+}
+
+impl russh::server::Handler for ConnHandler {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(publickey_only())
+    }
+
+    async fn auth_password(&mut self, _user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        Ok(publickey_only())
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        login: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let fp = key
+            .public_key
+            .fingerprint(russh::keys::HashAlg::Sha256)
+            .to_string();
+        self.refuse(login, &fp, None, &Refusal::PlainKey);
+        Ok(publickey_only())
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        login: &str,
+        cert: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let locked = self.inner.locked_snapshot();
+        let policy = Policy {
+            user_ca: &self.inner.user_ca,
+            labels: &self.inner.labels,
+            locked: &locked,
+            accounts: &self.inner.accounts,
+            stream_user: self.stream_user.as_deref(),
+        };
+        let now = edgeport_proto::util::now_secs();
+        match auth::authorize(&policy, login, cert, now) {
+            Ok(a) => {
+                tracing::info!(
+                    device = %self.inner.device_id,
+                    user = %a.grant.user,
+                    login = %login,
+                    serial = a.grant.serial,
+                    client = %self.client_addr,
+                    session = %self.session_id,
+                    "accepted SSH login"
+                );
+                self.inner
+                    .register(self.conn_id, &a.grant.user, self.handle.clone());
+                self.auth = Some(a);
+                Ok(Auth::Accept)
+            }
+            Err(why) => {
+                self.refuse(login, cert.key_id(), Some(cert.serial()), &why);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.authenticated.store(true, Ordering::SeqCst);
+        // A lock may have arrived between the check and now.
+        if let Some(a) = &self.auth {
+            if self.inner.is_locked(&a.grant.user) {
+                return Err(russh::Error::Disconnect);
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.authorized().is_none() || self.channels.len() >= MAX_CHANNELS {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        let id = channel.id();
+        self.channels.insert(
+            id,
+            SessionChannel {
+                io: Some(channel.split()),
+                pty: None,
+                env: Vec::new(),
+                running: None,
+            },
+        );
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(auth) = self.authorized() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        if !auth.grant.permit_port_forwarding {
+            tracing::warn!(
+                user = %auth.grant.user,
+                session = %self.session_id,
+                "refused port forward to {host_to_connect}:{port_to_connect}: the certificate does not permit port forwarding"
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let count = self.open_channels.clone();
+        if count.load(Ordering::Relaxed) >= MAX_CHANNELS * 4 {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        tracing::info!(
+            user = %auth.grant.user,
+            session = %self.session_id,
+            "port forward to {host_to_connect}:{port_to_connect}"
+        );
+        let (host, sid) = (host_to_connect.to_string(), self.session_id.clone());
+        count.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            forward::direct_tcpip(channel, reply, host, port_to_connect, sid).await;
+            count.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The channel's task sees the close on its own and hangs the program up.
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let permit = self.authorized().is_some_and(|a| a.grant.permit_pty);
+        let ok = match self.channels.get_mut(&channel) {
+            Some(ch) if permit && ch.running.is_none() && process::exec_safe(term) => {
+                ch.pty = Some(PtyRequest {
+                    term: term.to_string(),
+                    cols: col_width,
+                    rows: row_height,
+                    px_width: pix_width,
+                    px_height: pix_height,
+                    modes: modes.to_vec(),
+                });
+                true
+            }
+            _ => false,
+        };
+        if !permit {
+            if let Some(a) = self.authorized() {
+                tracing::warn!(user = %a.grant.user, session = %self.session_id,
+                    "refused a pty: the certificate does not permit it");
+            }
+        }
+        if ok {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = auth::env_allowed(variable_name)
+            && process::exec_safe(variable_value)
+            && match self.channels.get_mut(&channel) {
+                Some(ch) if ch.running.is_none() && ch.env.len() < MAX_ENV => {
+                    ch.env
+                        .push((variable_name.to_string(), variable_value.to_string()));
+                    true
+                }
+                _ => false,
+            };
+        if ok {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(channel, Program::LoginShell, session);
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match std::str::from_utf8(data) {
+            Ok(cmd) if process::exec_safe(cmd) => {
+                self.start(channel, Program::Command(cmd.to_string()), session)
+            }
+            _ => session.channel_failure(channel)?,
+        }
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match (name, &self.inner.sftp_server) {
+            ("sftp", Some(path)) => self.start(channel, Program::Binary(path.clone()), session),
+            ("sftp", None) => {
+                tracing::warn!(session = %self.session_id,
+                    "refused sftp: no sftp-server binary on this device (install OpenSSH's sftp-server)");
+                session.channel_failure(channel)?;
+            }
+            _ => session.channel_failure(channel)?,
+        }
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = match self.channels.get_mut(&channel) {
+            Some(ch) => match ch.running.as_ref().and_then(|r| r.master.as_ref()) {
+                Some(m) => m
+                    .resize(col_width, row_height, pix_width, pix_height)
+                    .is_ok(),
+                None => match ch.pty.as_mut() {
+                    // Before the program starts: remember the size for the pty.
+                    Some(p) => {
+                        (p.cols, p.rows, p.px_width, p.px_height) =
+                            (col_width, row_height, pix_width, pix_height);
+                        true
+                    }
+                    None => false,
+                },
+            },
+            None => false,
+        };
+        if ok {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let name = sig_name(&signal);
+        let Some(num) = process::signal_number(&name) else {
+            return Ok(());
+        };
+        if let Some(r) = self.channels.get(&channel).and_then(|c| c.running.as_ref()) {
+            // With a terminal, the signal goes to its foreground job, like a key press would.
+            let group = r
+                .master
+                .as_ref()
+                .and_then(|m| m.foreground_group())
+                .unwrap_or(r.pgid);
+            process::signal_group(group, num);
+        }
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        _address: &str,
+        _port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+}
+
+fn publickey_only() -> Auth {
+    Auth::Reject {
+        proceed_with_methods: Some(russh::MethodSet::from(&[russh::MethodKind::PublicKey][..])),
+        partial_success: false,
+    }
+}
+
+fn sig_name(s: &Sig) -> String {
+    match s {
+        Sig::ABRT => "ABRT".into(),
+        Sig::ALRM => "ALRM".into(),
+        Sig::FPE => "FPE".into(),
+        Sig::HUP => "HUP".into(),
+        Sig::ILL => "ILL".into(),
+        Sig::INT => "INT".into(),
+        Sig::KILL => "KILL".into(),
+        Sig::PIPE => "PIPE".into(),
+        Sig::QUIT => "QUIT".into(),
+        Sig::SEGV => "SEGV".into(),
+        Sig::TERM => "TERM".into(),
+        Sig::USR1 => "USR1".into(),
+        Sig::Custom(c) => c.clone(),
+    }
+}
+
+impl Drop for ConnHandler {
+    fn drop(&mut self) {
+        self.inner.unregister(self.conn_id);
+    }
+}

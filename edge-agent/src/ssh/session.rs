@@ -1,0 +1,236 @@
+//! Moving bytes between a session channel and its process, and ending the channel the way
+//! OpenSSH clients expect: all output, then `exit-status` (or `exit-signal`), EOF, close.
+
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::server::{Handle, Msg};
+use russh::{ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::{ChildStderr, ChildStdin, ChildStdout};
+
+use super::process::{self, Started};
+use super::pty::PtyMaster;
+
+/// How long a closed channel's processes get between SIGHUP and SIGKILL.
+const HANGUP_GRACE: Duration = Duration::from_secs(2);
+/// Copy buffer: large enough that bulk transfers are not syscall-bound.
+const BUF: usize = 256 * 1024;
+
+/// The process side of a running session.
+pub enum ProcessIo {
+    Pipes {
+        stdin: Option<ChildStdin>,
+        stdout: Option<ChildStdout>,
+        stderr: Option<ChildStderr>,
+    },
+    Pty(Arc<PtyMaster>),
+}
+
+/// Who and what, for the log lines.
+#[derive(Clone, Debug)]
+pub struct LogCtx {
+    pub user: String,
+    pub login: String,
+    pub session_id: String,
+    pub kind: &'static str,
+}
+
+/// Runs a started session to its end. Returns when the channel is closed.
+pub async fn run(
+    mut started: Started,
+    io: ProcessIo,
+    read: ChannelReadHalf,
+    write: ChannelWriteHalf<Msg>,
+    handle: Handle,
+    channel: ChannelId,
+    ctx: LogCtx,
+) {
+    let pgid = started.pgid;
+    match io {
+        ProcessIo::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            let input = tokio::spawn(pipe_input(read, stdin, pgid));
+            let out = copy_out(stdout, write.make_writer());
+            let err = copy_out(stderr, write.make_writer_ext(Some(1)));
+            let (status, _, _) = tokio::join!(started.child.wait(), out, err);
+            finish(&handle, channel, status, &ctx).await;
+            let _ = input.await;
+        }
+        ProcessIo::Pty(master) => {
+            let input = tokio::spawn(pty_input(read, master.clone(), pgid));
+            let mut out = write.make_writer();
+            let mut buf = vec![0u8; BUF];
+            let mut exited = None;
+            // Copy until the child exits, then drain what the terminal still holds.
+            loop {
+                tokio::select! {
+                    n = master.read(&mut buf) => match n {
+                        Ok(n) if n > 0 => {
+                            if out.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    },
+                    st = started.child.wait(), if exited.is_none() => {
+                        exited = Some(st);
+                        break;
+                    }
+                }
+            }
+            if exited.is_some() {
+                drain_pty(&master, &mut out, &mut buf).await;
+            }
+            let status = match exited {
+                Some(st) => st,
+                None => started.child.wait().await,
+            };
+            finish(&handle, channel, status, &ctx).await;
+            let _ = input.await;
+        }
+    }
+    // Whatever the program left behind goes with its channel.
+    process::terminate_group(pgid, HANGUP_GRACE).await;
+}
+
+/// Reads what is left on the terminal after its session leader exited: until every slave
+/// descriptor is closed, or the terminal stays quiet for a moment (a background job may
+/// hold it open forever; it is hung up right after).
+async fn drain_pty<W: AsyncWrite + Unpin>(master: &PtyMaster, out: &mut W, buf: &mut [u8]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let quiet = Duration::from_millis(200);
+        match tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + quiet),
+            master.read(buf),
+        )
+        .await
+        {
+            Ok(Ok(n)) if n > 0 => {
+                if out.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Sends the exit status (or signal), EOF and close, in that order.
+async fn finish(
+    handle: &Handle,
+    channel: ChannelId,
+    status: std::io::Result<std::process::ExitStatus>,
+    ctx: &LogCtx,
+) {
+    match status {
+        Ok(st) => {
+            if let Some(code) = st.code() {
+                tracing::info!(user = %ctx.user, login = %ctx.login, session = %ctx.session_id,
+                    kind = ctx.kind, exit_status = code, "session ended");
+                let _ = handle.exit_status_request(channel, code as u32).await;
+            } else if let Some(sig) = st.signal() {
+                tracing::info!(user = %ctx.user, login = %ctx.login, session = %ctx.session_id,
+                    kind = ctx.kind, signal = sig, "session ended by signal");
+                let _ = handle
+                    .exit_signal_request(
+                        channel,
+                        to_sig(sig),
+                        st.core_dumped(),
+                        String::new(),
+                        String::new(),
+                    )
+                    .await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(session = %ctx.session_id, "cannot wait for the session's process: {e}");
+            let _ = handle.exit_status_request(channel, 255).await;
+        }
+    }
+    let _ = handle.eof(channel).await;
+    let _ = handle.close(channel).await;
+}
+
+fn to_sig(sig: i32) -> Sig {
+    match sig {
+        libc::SIGABRT => Sig::ABRT,
+        libc::SIGALRM => Sig::ALRM,
+        libc::SIGFPE => Sig::FPE,
+        libc::SIGHUP => Sig::HUP,
+        libc::SIGILL => Sig::ILL,
+        libc::SIGINT => Sig::INT,
+        libc::SIGKILL => Sig::KILL,
+        libc::SIGPIPE => Sig::PIPE,
+        libc::SIGQUIT => Sig::QUIT,
+        libc::SIGSEGV => Sig::SEGV,
+        libc::SIGTERM => Sig::TERM,
+        libc::SIGUSR1 => Sig::USR1,
+        other => Sig::Custom(process::signal_name(other)),
+    }
+}
+
+/// Copies one output stream of the process to the channel until EOF.
+async fn copy_out<R, W>(src: Option<R>, mut dst: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(mut src) = src else { return };
+    let mut buf = vec![0u8; BUF];
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if dst.write_all(&buf[..n]).await.is_err() {
+                    // The client is gone; keep draining so the process is not blocked
+                    // before it is hung up.
+                    while matches!(src.read(&mut buf).await, Ok(n) if n > 0) {}
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Client -> process stdin. EOF from the client closes stdin; the channel closing (or the
+/// connection ending) hangs the process group up.
+async fn pipe_input(mut read: ChannelReadHalf, mut stdin: Option<ChildStdin>, pgid: i32) {
+    loop {
+        match read.wait().await {
+            Some(ChannelMsg::Data { data }) => {
+                if let Some(w) = stdin.as_mut() {
+                    if w.write_all(&data).await.is_err() {
+                        stdin = None;
+                    }
+                }
+            }
+            Some(ChannelMsg::Eof) => stdin = None,
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => {}
+        }
+    }
+    drop(stdin);
+    process::terminate_group(pgid, HANGUP_GRACE).await;
+}
+
+/// Client -> terminal. A pty cannot be half-closed, so EOF is ignored (as sshd does).
+async fn pty_input(mut read: ChannelReadHalf, master: Arc<PtyMaster>, pgid: i32) {
+    loop {
+        match read.wait().await {
+            Some(ChannelMsg::Data { data }) => {
+                if master.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => {}
+        }
+    }
+    process::terminate_group(pgid, HANGUP_GRACE).await;
+}

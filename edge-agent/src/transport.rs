@@ -1,0 +1,224 @@
+//! The two ways a tunnel can run, behind one interface: QUIC (preferred: NAT friendly,
+//! migrates across networks, no head-of-line blocking) and TCP+TLS with yamux on top (when
+//! UDP is blocked). Both use mutual TLS with the device certificate and trust only the
+//! cluster's CA.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::mux::{self, Mode, MuxConfig, MuxHandle, MuxIncoming};
+use edgeport_proto::rpc::Transport;
+use edgeport_proto::tls::{client_config, GATEWAY_SERVER_NAME};
+use edgeport_proto::util::BoxedStream;
+use quinn::crypto::rustls::QuicClientConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::AgentConfig;
+use crate::identity::DeviceIdentity;
+
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connection under a tunnel.
+#[derive(Clone)]
+pub enum AgentConn {
+    Quic(quinn::Connection),
+    Mux(MuxHandle),
+}
+
+impl AgentConn {
+    pub fn transport(&self) -> Transport {
+        match self {
+            AgentConn::Quic(_) => Transport::Quic,
+            AgentConn::Mux(_) => Transport::Tcp,
+        }
+    }
+
+    pub async fn open(&self) -> Result<BoxedStream, String> {
+        match self {
+            AgentConn::Quic(c) => {
+                let (send, recv) = c.open_bi().await.map_err(|e| e.to_string())?;
+                Ok(Box::new(tokio::io::join(recv, send)))
+            }
+            AgentConn::Mux(m) => m.open().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn close(&self, reason: &str) {
+        match self {
+            AgentConn::Quic(c) => c.close(quinn::VarInt::from_u32(0), reason.as_bytes()),
+            AgentConn::Mux(m) => m.close(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match self {
+            AgentConn::Quic(c) => c.close_reason().is_some(),
+            AgentConn::Mux(m) => m.is_closed(),
+        }
+    }
+
+    /// Resolves when the connection ends, with the reason in words.
+    pub async fn closed(&self) -> String {
+        match self {
+            AgentConn::Quic(c) => {
+                use quinn::ConnectionError as E;
+                match c.closed().await {
+                    E::ApplicationClosed(a) => {
+                        let r = String::from_utf8_lossy(&a.reason).into_owned();
+                        format!("the gateway closed the tunnel: {r}")
+                    }
+                    E::TimedOut => "idle timeout: nothing heard from the gateway".into(),
+                    E::LocallyClosed => "closed by the agent".into(),
+                    E::Reset => "the gateway no longer knows this connection (restarted?)".into(),
+                    other => other.to_string(),
+                }
+            }
+            AgentConn::Mux(m) => match m.closed().await.as_str() {
+                "closed by the peer" => "the gateway closed the tunnel".into(),
+                other => other.to_string(),
+            },
+        }
+    }
+}
+
+/// Where the gateway's streams arrive.
+pub enum Acceptor {
+    Quic(quinn::Connection),
+    Mux(MuxIncoming),
+}
+
+impl Acceptor {
+    pub async fn accept(&mut self) -> Option<BoxedStream> {
+        match self {
+            Acceptor::Quic(c) => {
+                let (send, recv) = c.accept_bi().await.ok()?;
+                Some(Box::new(tokio::io::join(recv, send)))
+            }
+            Acceptor::Mux(m) => m.accept().await,
+        }
+    }
+}
+
+fn tls_config(ident: &DeviceIdentity) -> Result<rustls::ClientConfig, String> {
+    let ca = ident.ca_der().map_err(|e| e.to_string())?;
+    let me = ident.cert_key().map_err(|e| e.to_string())?;
+    client_config(&ca, Some(&me), &[edgeport_proto::alpn::TUNNEL]).map_err(|e| e.to_string())
+}
+
+/// quinn transport settings: large windows for bulk transfers, keep-alive and idle timeout
+/// from the configuration, room for many gateway-opened streams, none the other way.
+fn transport_config(cfg: &AgentConfig) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20))
+        .receive_window(quinn::VarInt::from_u32(64 << 20))
+        .send_window(64 << 20)
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .keep_alive_interval(Some(cfg.keepalive))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
+    t
+}
+
+/// One UDP socket for all QUIC attempts of this process (rebuilt if the address family of
+/// the gateway changes).
+#[derive(Default)]
+pub struct QuicClient {
+    endpoint: Option<quinn::Endpoint>,
+}
+
+impl QuicClient {
+    fn endpoint(&mut self, peer: SocketAddr) -> Result<quinn::Endpoint, String> {
+        if let Some(e) = &self.endpoint {
+            let same_family = e
+                .local_addr()
+                .map(|a| a.is_ipv4() == peer.is_ipv4())
+                .unwrap_or(false);
+            if same_family {
+                return Ok(e.clone());
+            }
+        }
+        let bind: SocketAddr = if peer.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let e = quinn::Endpoint::client(bind).map_err(|e| format!("UDP socket: {e}"))?;
+        self.endpoint = Some(e.clone());
+        Ok(e)
+    }
+
+    /// Closes the endpoint politely (sends pending CONNECTION_CLOSE frames).
+    pub async fn shutdown(&mut self) {
+        if let Some(e) = self.endpoint.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), e.wait_idle()).await;
+        }
+    }
+
+    /// A QUIC connection to the gateway; the handshake must finish within `quic_timeout`.
+    pub async fn connect(
+        &mut self,
+        cfg: &AgentConfig,
+        ident: &DeviceIdentity,
+        peer: SocketAddr,
+    ) -> Result<(AgentConn, Acceptor), String> {
+        let endpoint = self.endpoint(peer)?;
+        let crypto = QuicClientConfig::try_from(tls_config(ident)?).map_err(|e| e.to_string())?;
+        let mut qcfg = quinn::ClientConfig::new(Arc::new(crypto));
+        qcfg.transport_config(Arc::new(transport_config(cfg)));
+        let connecting = endpoint
+            .connect_with(qcfg, peer, GATEWAY_SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(cfg.quic_timeout, connecting)
+            .await
+            .map_err(|_| {
+                format!(
+                    "no QUIC handshake within {}s (UDP blocked?)",
+                    cfg.quic_timeout.as_secs_f32()
+                )
+            })?
+            .map_err(|e| explain(e.to_string()))?;
+        Ok((AgentConn::Quic(conn.clone()), Acceptor::Quic(conn)))
+    }
+}
+
+/// A TCP+TLS connection to the gateway with yamux on top.
+pub async fn connect_tcp(
+    ident: &DeviceIdentity,
+    peer: SocketAddr,
+) -> Result<(AgentConn, Acceptor), String> {
+    let tcp = tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(peer))
+        .await
+        .map_err(|_| "TCP connect timed out".to_string())?
+        .map_err(|e| format!("TCP connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let name =
+        rustls::pki_types::ServerName::try_from(GATEWAY_SERVER_NAME).map_err(|e| e.to_string())?;
+    let tls = tokio::time::timeout(
+        TCP_TIMEOUT,
+        TlsConnector::from(Arc::new(tls_config(ident)?)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| explain(format!("TLS handshake: {e}")))?;
+    let (handle, incoming) = mux::spawn(tls, Mode::Client, &MuxConfig::default());
+    Ok((AgentConn::Mux(handle), Acceptor::Mux(incoming)))
+}
+
+/// Adds a hint to certificate errors, the ones an operator can act on.
+pub fn explain(err: String) -> String {
+    let lower = err.to_ascii_lowercase();
+    if lower.contains("unknownissuer") || lower.contains("unknown issuer") {
+        format!(
+            "{err} (the gateway's certificate is not from this device's cluster: is --gateway \
+             right, or was this data dir joined to another cluster?)"
+        )
+    } else if lower.contains("expired") {
+        format!("{err} (a certificate has expired: check the clock, or join again)")
+    } else if lower.contains("certificate") || lower.contains("alert") {
+        format!("{err} (the gateway refused this device's certificate: is it from this cluster?)")
+    } else {
+        err
+    }
+}

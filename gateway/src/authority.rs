@@ -1,0 +1,100 @@
+//! The gateway's connection to the authority: a few pooled mTLS RPC connections, made on
+//! demand and dropped when they fail, so an authority restart heals by itself and concurrent
+//! callers (joins, dials, presence) do not queue behind each other.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use edgeport_proto::rpc::{Request, Response};
+use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
+use edgeport_proto::FrameError;
+
+/// Connections at once (and idle ones kept for reuse): bursts of dials queue here instead
+/// of opening a connection each.
+const POOL: usize = 8;
+
+pub struct AuthorityClient {
+    addr: String,
+    config: RwLock<Arc<rustls::ClientConfig>>,
+    idle: Mutex<Vec<RpcClient>>,
+    slots: tokio::sync::Semaphore,
+}
+
+impl AuthorityClient {
+    pub fn new(addr: String, config: rustls::ClientConfig) -> Self {
+        Self {
+            addr,
+            config: RwLock::new(Arc::new(config)),
+            idle: Mutex::new(Vec::new()),
+            slots: tokio::sync::Semaphore::new(POOL),
+        }
+    }
+
+    /// Uses a new client certificate for connections made from now on.
+    pub fn set_config(&self, config: rustls::ClientConfig) {
+        if let Ok(mut c) = self.config.write() {
+            *c = Arc::new(config);
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    fn take_idle(&self) -> Option<RpcClient> {
+        self.idle.lock().ok().and_then(|mut v| v.pop())
+    }
+
+    fn put_idle(&self, c: RpcClient) {
+        if let Ok(mut v) = self.idle.lock() {
+            if v.len() < POOL {
+                v.push(c);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<RpcClient, RpcClientError> {
+        let cfg = self
+            .config
+            .read()
+            .map(|c| c.clone())
+            .map_err(|_| RpcClientError::Unexpected("poisoned lock".into()))?;
+        RpcClient::connect(&self.addr, cfg).await
+    }
+
+    /// One request/response. A pooled connection that turns out to be dead (the authority
+    /// restarted) is replaced once; the request had not been processed in that case.
+    pub async fn call(&self, req: Request) -> Result<Response, RpcClientError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| RpcClientError::Unexpected("authority client closed".into()))?;
+        if let Some(mut c) = self.take_idle() {
+            match c.call(req.clone()).await {
+                Ok(resp) => {
+                    self.put_idle(c);
+                    return Ok(resp);
+                }
+                Err(RpcClientError::Remote(e)) => {
+                    self.put_idle(c);
+                    return Err(RpcClientError::Remote(e));
+                }
+                Err(RpcClientError::Frame(FrameError::Closed | FrameError::Io(_))) => {
+                    tracing::debug!("pooled authority connection was closed; reconnecting");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut c = self.connect().await?;
+        match c.call(req).await {
+            Ok(resp) => {
+                self.put_idle(c);
+                Ok(resp)
+            }
+            Err(RpcClientError::Remote(e)) => {
+                self.put_idle(c);
+                Err(RpcClientError::Remote(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

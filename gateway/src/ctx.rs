@@ -1,0 +1,94 @@
+//! State shared by every task of one gateway process.
+
+use std::sync::{Arc, RwLock};
+
+use edgeport_proto::rpc::LockSpec;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::authority::AuthorityClient;
+use crate::config::GatewayConfig;
+use crate::identity::GatewayIdentity;
+use crate::tunnels::Tunnels;
+
+pub struct Ctx {
+    pub cfg: GatewayConfig,
+    identity: RwLock<Arc<GatewayIdentity>>,
+    pub auth: AuthorityClient,
+    pub tunnels: Tunnels,
+    /// Cancelled on SIGINT/SIGTERM.
+    pub shutdown: CancellationToken,
+    /// Handshakes in progress, per port (a flood on one does not starve the other).
+    pub tcp_handshakes: Arc<Semaphore>,
+    pub quic_handshakes: Arc<Semaphore>,
+    /// Established TCP connections.
+    pub tcp_conns: Arc<Semaphore>,
+    /// The TLS config of the TCP port (swapped when the certificate is renewed).
+    pub tcp_tls: RwLock<Arc<rustls::ServerConfig>>,
+    /// Locks from the latest presence acknowledgement.
+    pub locks: RwLock<Vec<LockSpec>>,
+    /// Locked user names, as last sent to agents (they end those users' sessions).
+    pub locked_users: RwLock<Vec<String>>,
+}
+
+impl Ctx {
+    pub fn new(
+        cfg: GatewayConfig,
+        identity: GatewayIdentity,
+        auth: AuthorityClient,
+        tcp_tls: rustls::ServerConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let tcp_handshakes = Arc::new(Semaphore::new(cfg.max_handshakes));
+        let quic_handshakes = Arc::new(Semaphore::new(cfg.max_handshakes));
+        let tcp_conns = Arc::new(Semaphore::new(cfg.max_connections));
+        Self {
+            cfg,
+            identity: RwLock::new(Arc::new(identity)),
+            auth,
+            tunnels: Tunnels::new(),
+            shutdown,
+            tcp_handshakes,
+            quic_handshakes,
+            tcp_conns,
+            tcp_tls: RwLock::new(Arc::new(tcp_tls)),
+            locks: RwLock::new(Vec::new()),
+            locked_users: RwLock::new(Vec::new()),
+        }
+    }
+
+    pub fn identity(&self) -> Arc<GatewayIdentity> {
+        match self.identity.read() {
+            Ok(i) => i.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_identity(&self, id: GatewayIdentity) {
+        match self.identity.write() {
+            Ok(mut i) => *i = Arc::new(id),
+            Err(p) => *p.into_inner() = Arc::new(id),
+        }
+    }
+
+    pub fn locked_users(&self) -> Vec<String> {
+        self.locked_users
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn tcp_tls(&self) -> Arc<rustls::ServerConfig> {
+        match self.tcp_tls.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_tcp_tls(&self, cfg: rustls::ServerConfig) {
+        match self.tcp_tls.write() {
+            Ok(mut c) => *c = Arc::new(cfg),
+            Err(p) => *p.into_inner() = Arc::new(cfg),
+        }
+    }
+}

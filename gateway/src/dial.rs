@@ -1,0 +1,235 @@
+//! User streams (`edgeport-dial/1`), from tsh over QUIC (many streams per connection) or
+//! TCP+TLS (one stream per connection). Each stream starts with a [`ClientRequest`]:
+//! `Login` is anonymous and relayed to the authority; `ListDevices` and `Dial` need a user
+//! certificate. An allowed dial opens a stream to the device and splices the two; after the
+//! `DialOk` reply the bytes are the client's and the device's business (SSH end to end).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::identity::Principal;
+use edgeport_proto::keys::random_bytes;
+use edgeport_proto::rpc::{ErrorKind, LockTarget, Request, Response, RpcError};
+use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
+use edgeport_proto::util::{now_secs, BoxedStream};
+use edgeport_proto::{read_frame, write_frame};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::ctx::Ctx;
+use crate::splice_dump::Tapped;
+use crate::tunnels::TunnelError;
+
+/// Splice buffer per direction: large, so bulk transfers move in few syscalls.
+const SPLICE_BUF: usize = 256 * 1024;
+
+/// The user named by a verified client certificate of this cluster, if any.
+pub fn principal_of(ctx: &Ctx, certs: Option<&[CertificateDer<'_>]>) -> Option<Principal> {
+    let leaf = certs?.first()?;
+    edgeport_proto::tls::peer_principal(leaf.as_ref(), ctx.identity().cluster()).ok()
+}
+
+/// Serves every stream tsh opens on one QUIC connection.
+pub async fn serve_quic(
+    ctx: Arc<Ctx>,
+    conn: quinn::Connection,
+    principal: Option<Principal>,
+    addr: SocketAddr,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            _ = ctx.shutdown.cancelled() => {
+                conn.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+                return;
+            }
+        };
+        let Ok((send, recv)) = accepted else { return };
+        let ctx = ctx.clone();
+        let principal = principal.clone();
+        tokio::spawn(async move {
+            serve_stream(ctx, Box::new(tokio::io::join(recv, send)), principal, addr).await;
+        });
+    }
+}
+
+fn refused(kind: ErrorKind, msg: impl Into<String>) -> ClientReply {
+    ClientReply::Refused(RpcError::new(kind, msg))
+}
+
+async fn reply(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), write_frame(stream, msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Serves one dial stream: request, answer, and for `Dial` the splice.
+pub async fn serve_stream(
+    ctx: Arc<Ctx>,
+    mut stream: BoxedStream,
+    principal: Option<Principal>,
+    addr: SocketAddr,
+) {
+    let req = match tokio::time::timeout(
+        ctx.cfg.handshake_timeout,
+        read_frame::<ClientRequest, _>(&mut stream),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, "dial stream dropped: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "dial stream dropped: no request in time");
+            return;
+        }
+    };
+    let user = match &principal {
+        Some(Principal::User(u)) => Some(u.clone()),
+        _ => None,
+    };
+    let answer = match (req, user) {
+        (ClientRequest::Login(mut login), _) => {
+            login.client_addr = addr.to_string();
+            match ctx.auth.call(Request::Login(login)).await {
+                Ok(Response::UserCerts(c)) => ClientReply::LoggedIn(c),
+                Ok(other) => refused(
+                    ErrorKind::Internal,
+                    edgeport_proto::rpc_client::unexpected(other).to_string(),
+                ),
+                Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
+            }
+        }
+        (ClientRequest::ListDevices, Some(_)) => match ctx.auth.call(Request::DeviceList).await {
+            Ok(Response::Devices(d)) => ClientReply::Devices(d),
+            Ok(other) => refused(
+                ErrorKind::Internal,
+                edgeport_proto::rpc_client::unexpected(other).to_string(),
+            ),
+            Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
+        },
+        (ClientRequest::Dial { target, service }, Some(user)) => {
+            match dial(&ctx, &user, &target, service, addr).await {
+                Ok((device_stream, session_id, device_id)) => {
+                    let ok = ClientReply::DialOk {
+                        session_id: session_id.clone(),
+                        device_id: device_id.clone(),
+                    };
+                    if reply(&mut stream, &ok).await {
+                        match &ctx.cfg.splice_dump {
+                            Some(dir) => {
+                                let client = Tapped::new(stream, dir, &format!("{session_id}.c2s"));
+                                let device =
+                                    Tapped::new(device_stream, dir, &format!("{session_id}.s2c"));
+                                splice(client, device, &user, &device_id, &session_id).await;
+                            }
+                            None => {
+                                splice(stream, device_stream, &user, &device_id, &session_id).await
+                            }
+                        }
+                    }
+                    return;
+                }
+                Err(e) => ClientReply::Refused(e),
+            }
+        }
+        (_, None) => refused(
+            ErrorKind::Denied,
+            "this request needs a user certificate (run `tsh login`)",
+        ),
+    };
+    if reply(&mut stream, &answer).await {
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
+    }
+}
+
+fn locked(ctx: &Ctx, target: &LockTarget) -> Option<String> {
+    let now = now_secs();
+    ctx.locks.read().ok().and_then(|locks| {
+        locks
+            .iter()
+            .find(|l| &l.target == target && (l.expires == 0 || l.expires > now))
+            .map(|l| l.message.clone())
+    })
+}
+
+async fn dial(
+    ctx: &Ctx,
+    user: &str,
+    target: &str,
+    service: Service,
+    addr: SocketAddr,
+) -> Result<(BoxedStream, String, String), RpcError> {
+    if let Some(msg) = locked(ctx, &LockTarget::User(user.to_string())) {
+        return Err(RpcError::new(
+            ErrorKind::Locked,
+            format!("user {user} is locked: {msg}"),
+        ));
+    }
+    let grant = match ctx
+        .auth
+        .call(Request::AuthorizeDial {
+            user: user.to_string(),
+            device: target.to_string(),
+        })
+        .await
+    {
+        Ok(Response::DialAllowed(g)) => g,
+        Ok(other) => {
+            return Err(RpcError::new(
+                ErrorKind::Internal,
+                edgeport_proto::rpc_client::unexpected(other).to_string(),
+            ))
+        }
+        Err(e) => return Err(crate::identity::unavailable(&e)),
+    };
+    let device_id = grant.device.id.clone();
+    if let Some(msg) = locked(ctx, &LockTarget::Device(device_id.clone())) {
+        return Err(RpcError::new(
+            ErrorKind::Locked,
+            format!("device {device_id} is locked: {msg}"),
+        ));
+    }
+    let session_id = random_bytes(16)
+        .map(hex::encode)
+        .map_err(|e| RpcError::new(ErrorKind::Internal, e.to_string()))?;
+    let header = StreamHeader {
+        service,
+        user: Some(user.to_string()),
+        session_id: session_id.clone(),
+        client_addr: addr.to_string(),
+        kube_groups: grant.kube_groups,
+        kube_users: grant.kube_users,
+    };
+    let stream = ctx
+        .tunnels
+        .open_stream(&device_id, &header)
+        .await
+        .map_err(|e| match e {
+            TunnelError::NotConnected(_) => RpcError::new(ErrorKind::NotFound, e.to_string()),
+            other => RpcError::new(ErrorKind::Internal, other.to_string()),
+        })?;
+    Ok((stream, session_id, device_id))
+}
+
+async fn splice<C, D>(mut client: C, mut device: D, user: &str, device_id: &str, session_id: &str)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    tracing::debug!(%user, device = %device_id, session = %session_id, "stream spliced");
+    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, SPLICE_BUF, SPLICE_BUF)
+        .await
+    {
+        Ok((up, down)) => tracing::debug!(
+            %user, device = %device_id, session = %session_id, up, down, "stream ended"
+        ),
+        Err(e) => tracing::debug!(
+            %user, device = %device_id, session = %session_id, "stream ended: {e}"
+        ),
+    }
+}

@@ -1,0 +1,55 @@
+//! Device joins (`edgeport-join/1`, TCP+TLS, no client certificate: the agent pins the CA).
+//! The gateway only relays: it reads one Join, adds the address it saw, asks the authority
+//! and passes the answer back. The token is never logged.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::rpc::{ErrorKind, Request, Response, RpcError};
+use edgeport_proto::tunnel::{JoinMessage, JoinReply};
+use edgeport_proto::util::BoxedStream;
+use edgeport_proto::{read_frame, write_frame};
+use tokio::io::AsyncWriteExt;
+
+use crate::ctx::Ctx;
+
+pub async fn serve(ctx: Arc<Ctx>, mut stream: BoxedStream, addr: SocketAddr) {
+    let first = tokio::time::timeout(
+        ctx.cfg.handshake_timeout,
+        read_frame::<JoinMessage, _>(&mut stream),
+    )
+    .await;
+    let mut req = match first {
+        Ok(Ok(JoinMessage::Join(r))) => r,
+        Ok(Err(e)) => {
+            tracing::info!(%addr, "join dropped: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%addr, "join dropped: no request in time");
+            return;
+        }
+    };
+    req.remote_addr = addr.to_string();
+    let requested = req.requested_id.clone().unwrap_or_default();
+    let reply = match ctx.auth.call(Request::JoinDevice(req)).await {
+        Ok(Response::DeviceCerts(certs)) => {
+            tracing::info!(%addr, device = %certs.device_id, "device joined");
+            JoinReply::Joined(certs)
+        }
+        Ok(other) => JoinReply::Refused(RpcError::new(
+            ErrorKind::Internal,
+            edgeport_proto::rpc_client::unexpected(other).to_string(),
+        )),
+        Err(e) => {
+            tracing::info!(%addr, requested = %requested, "join refused: {e}");
+            JoinReply::Refused(crate::identity::unavailable(&e))
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = write_frame(&mut stream, &reply).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

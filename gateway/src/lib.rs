@@ -1,0 +1,27 @@
+//! The Edgeport gateway: holds devices' reverse tunnels (QUIC, or TCP+TLS+yamux), relays
+//! joins and logins to the authority, authorises user dials and splices them onto device
+//! streams. It never dials a device and keeps no durable state beyond its own identity.
+//!
+//! Module map: [`identity`] (key, join, renewal), [`authority`] (RPC connection pool),
+//! [`tcp`] and [`quic`] (the two listeners, told apart by ALPN), [`tunnel`] (one device's
+//! tunnel: Hello, control stream), [`tunnels`] (the device id -> tunnel registry and the
+//! stream API), [`presence`] (lease reports), [`join`] and [`dial`] (the other ALPNs),
+//! [`server`] (wiring and shutdown).
+
+pub mod authority;
+pub mod config;
+pub mod ctx;
+pub mod dial;
+pub mod identity;
+pub mod join;
+pub mod presence;
+pub mod quic;
+pub mod server;
+pub mod splice_dump;
+pub mod tcp;
+pub mod tunnel;
+pub mod tunnels;
+
+pub use config::GatewayConfig;
+pub use server::run;
+pub use tunnels::{TunnelError, Tunnels};

@@ -1,0 +1,137 @@
+//! Presence: the gateway tells the authority which devices it holds, as a full snapshot with
+//! a lease, every few seconds and soon after any change. If the gateway dies the lease runs
+//! out and its devices read offline, so `online` in the inventory can be trusted. The
+//! acknowledgement carries revocations (close and refuse those tunnels) and locks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::rpc::{LockTarget, PresenceAck, PresenceReport, Request, Response};
+use edgeport_proto::tunnel::GatewayControl;
+
+use crate::ctx::Ctx;
+
+/// Changes are batched for this long before a report goes out.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+pub async fn run(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(ctx.cfg.presence_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut healthy = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.tunnels.changed.notified() => {
+                tokio::select! {
+                    _ = tokio::time::sleep(DEBOUNCE) => {}
+                    _ = ctx.shutdown.cancelled() => return,
+                }
+            }
+            _ = ctx.shutdown.cancelled() => return,
+        }
+        match report(&ctx).await {
+            Ok(()) if !healthy => {
+                tracing::info!("presence reports reach the authority again");
+                healthy = true;
+            }
+            Ok(()) => {}
+            Err(e) if healthy => {
+                tracing::warn!("presence report failed (tunnels stay up; retrying): {e}");
+                healthy = false;
+            }
+            Err(e) => tracing::debug!("presence report failed again: {e}"),
+        }
+    }
+}
+
+async fn send(ctx: &Ctx, report: PresenceReport) -> Result<PresenceAck, String> {
+    match ctx.auth.call(Request::Presence(report)).await {
+        Ok(Response::PresenceAck(ack)) => Ok(ack),
+        Ok(other) => Err(edgeport_proto::rpc_client::unexpected(other).to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Sends one snapshot and applies the acknowledgement.
+pub async fn report(ctx: &Ctx) -> Result<(), String> {
+    let disconnected = ctx.tunnels.take_disconnected();
+    let report = PresenceReport {
+        lease_secs: ctx.cfg.presence_lease.as_secs(),
+        online: ctx.tunnels.snapshot(),
+        disconnected: disconnected.clone(),
+    };
+    match send(ctx, report).await {
+        Ok(ack) => {
+            apply(ctx, ack);
+            Ok(())
+        }
+        Err(e) => {
+            ctx.tunnels.restore_disconnected(disconnected);
+            Err(e)
+        }
+    }
+}
+
+fn apply(ctx: &Ctx, ack: PresenceAck) {
+    for id in &ack.revoked_devices {
+        if ctx.tunnels.get(id).is_some() {
+            tracing::info!(device = %id, "device was removed from the cluster; closing its tunnel");
+            ctx.tunnels.revoke(
+                id,
+                &format!("device {id} was removed from the cluster; join again with a new token"),
+            );
+        }
+    }
+    let now = edgeport_proto::util::now_secs();
+    let mut users: Vec<String> = ack
+        .locks
+        .iter()
+        .filter(|l| l.expires == 0 || l.expires > now)
+        .filter_map(|l| match &l.target {
+            LockTarget::User(u) => Some(u.clone()),
+            LockTarget::Device(_) => None,
+        })
+        .collect();
+    users.sort();
+    users.dedup();
+    if let Ok(mut locks) = ctx.locks.write() {
+        *locks = ack.locks;
+    }
+    let changed = match ctx.locked_users.write() {
+        Ok(mut cur) if *cur != users => {
+            *cur = users.clone();
+            true
+        }
+        _ => false,
+    };
+    if changed {
+        // Agents end the sessions of locked users at once (DESIGN section 6).
+        for t in ctx.tunnels.all() {
+            let _ = t.control.try_send(GatewayControl::Locked {
+                users: users.clone(),
+            });
+        }
+    }
+}
+
+/// On shutdown: every device this gateway held is offline now (best effort, short).
+pub async fn final_report(ctx: &Ctx, reason: &str) {
+    let mut disconnected = ctx.tunnels.take_disconnected();
+    disconnected.extend(
+        ctx.tunnels
+            .all()
+            .iter()
+            .map(|t| (t.device_id.clone(), reason.to_string())),
+    );
+    let report = PresenceReport {
+        lease_secs: ctx.cfg.presence_lease.as_secs(),
+        online: Vec::new(),
+        disconnected,
+    };
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(3), send(ctx, report))
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+    {
+        tracing::warn!("final presence report failed: {e}");
+    }
+}

@@ -1,0 +1,114 @@
+//! Wiring: identity, listeners, presence, certificate renewal, and graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::authority::AuthorityClient;
+use crate::config::GatewayConfig;
+use crate::ctx::Ctx;
+use crate::identity::{self, IdentityError};
+use crate::{presence, quic, tcp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("cannot listen on {addr}: {err}")]
+    Listen { addr: String, err: std::io::Error },
+}
+
+/// Runs the gateway until `shutdown` is cancelled.
+pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let ident = identity::load_or_join(&cfg).await?;
+    let auth = AuthorityClient::new(cfg.auth_addr.clone(), ident.rpc_client_config()?);
+    let tcp_tls = ident.server_config(tcp::ALPNS)?;
+    let quic_cfg = quic::server_config(&ident, cfg.tunnel_idle_timeout)?;
+    let listen_err = |err| ServerError::Listen {
+        addr: cfg.listen.to_string(),
+        err,
+    };
+    let listener = TcpListener::bind(cfg.listen).await.map_err(listen_err)?;
+    let local = listener.local_addr().map_err(listen_err)?;
+    // Same port number on UDP. The stateless-reset key survives restarts, so after a crash
+    // agents learn at their next keep-alive that their old connection is gone (instead of
+    // waiting for their idle timeout) and reconnect at once.
+    let reset_key = identity::load_or_make_reset_key(&cfg.data_dir)?;
+    let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &reset_key,
+    )));
+    endpoint_cfg.cid_generator(|| Box::new(quic::RandomCids));
+    let socket = std::net::UdpSocket::bind(local).map_err(listen_err)?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_cfg,
+        Some(quic_cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(listen_err)?;
+    tracing::info!(
+        gateway = %ident.gateway_id, cluster = %ident.cluster(),
+        "gateway listening on {local} (TCP and UDP)"
+    );
+    let ctx = Arc::new(Ctx::new(cfg, ident, auth, tcp_tls, shutdown.clone()));
+    let tasks = [
+        tokio::spawn(tcp::accept_loop(ctx.clone(), listener)),
+        tokio::spawn(quic::accept_loop(ctx.clone(), endpoint.clone())),
+        tokio::spawn(presence::run(ctx.clone())),
+        tokio::spawn(renew_loop(ctx.clone(), endpoint.clone())),
+    ];
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: closing {} tunnels", ctx.tunnels.len());
+    presence::final_report(&ctx, "gateway shutting down").await;
+    ctx.tunnels.close_all("gateway shutting down");
+    endpoint.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// Renews the gateway's certificate when less than a third of its validity is left.
+async fn renew_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
+    loop {
+        let ident = ctx.identity();
+        let now = edgeport_proto::util::now_secs();
+        if ident.needs_renewal(now) {
+            match renew(&ctx, &endpoint).await {
+                Ok(()) => continue,
+                Err(e) => tracing::warn!("certificate renewal failed (will retry): {e}"),
+            }
+            if ident.valid_before <= now {
+                tracing::error!(
+                    "this gateway's certificate has expired; join it again with a new token"
+                );
+            }
+        }
+        // Check again after a tenth of the remaining time, between 1 minute and 1 hour.
+        let wait = ident.valid_before.saturating_sub(now) / 10;
+        let wait = Duration::from_secs(wait.clamp(60, 3600));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn renew(ctx: &Ctx, endpoint: &quinn::Endpoint) -> Result<(), IdentityError> {
+    let fresh = identity::renew(&ctx.cfg, &ctx.auth).await?;
+    let tcp_tls = fresh.server_config(tcp::ALPNS)?;
+    let quic_cfg = quic::server_config(&fresh, ctx.cfg.tunnel_idle_timeout)?;
+    ctx.auth.set_config(fresh.rpc_client_config()?);
+    ctx.set_tcp_tls(tcp_tls);
+    endpoint.set_server_config(Some(quic_cfg));
+    tracing::info!(
+        valid_before = fresh.valid_before,
+        "renewed the gateway certificate"
+    );
+    ctx.set_identity(fresh);
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! The TCP port: TLS 1.3, protocols told apart by ALPN. Tunnels (yamux on top), joins and
+//! user dials (one stream per connection). Handshakes are bounded in number and time so
+//! garbage and slow-loris connections cost little and never disturb established tunnels.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use edgeport_proto::alpn;
+use edgeport_proto::mux::{self, Mode, MuxConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::ctx::Ctx;
+use crate::tunnel::{self, Acceptor};
+use crate::tunnels::TunnelConn;
+
+/// The ALPN ids served on TCP.
+pub const ALPNS: &[&[u8]] = &[alpn::TUNNEL, alpn::JOIN, alpn::DIAL];
+
+/// At most one overload warning a second: a flood must not flood the log too.
+fn warn_now() -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = edgeport_proto::util::now_secs();
+    LAST.swap(now, Ordering::Relaxed) != now
+}
+
+pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(conn_slot) = ctx.tcp_conns.clone().try_acquire_owned() else {
+            if warn_now() {
+                tracing::warn!(%addr, "too many TCP connections; dropping new ones");
+            }
+            continue;
+        };
+        let Ok(hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
+            if warn_now() {
+                tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
+            }
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _conn_slot = conn_slot;
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(ctx.tcp_tls());
+            let tls =
+                match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%addr, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%addr, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            drop(hs_slot);
+            serve(ctx, tls, addr).await;
+        });
+    }
+}
+
+async fn serve(ctx: Arc<Ctx>, tls: tokio_rustls::server::TlsStream<TcpStream>, addr: SocketAddr) {
+    let (_, session) = tls.get_ref();
+    let alpn = session.alpn_protocol().map(|a| a.to_vec());
+    match alpn.as_deref() {
+        Some(a) if a == alpn::TUNNEL => {
+            let (device_id, fingerprint) =
+                match tunnel::device_from_certs(&ctx, session.peer_certificates()) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::info!(%addr, "tunnel refused: {e}");
+                        return;
+                    }
+                };
+            let (handle, incoming) = mux::spawn(tls, Mode::Server, &MuxConfig::default());
+            tunnel::serve(
+                ctx,
+                TunnelConn::Mux(handle),
+                Acceptor::Mux(incoming),
+                device_id,
+                fingerprint,
+                addr,
+            )
+            .await;
+        }
+        Some(a) if a == alpn::JOIN => crate::join::serve(ctx, Box::new(tls), addr).await,
+        Some(a) if a == alpn::DIAL => {
+            let principal = crate::dial::principal_of(&ctx, session.peer_certificates());
+            crate::dial::serve_stream(ctx, Box::new(tls), principal, addr).await;
+        }
+        _ => tracing::debug!(%addr, "no known ALPN; dropped"),
+    }
+}

@@ -1,0 +1,285 @@
+//! The device id -> tunnel registry and the stream API the rest of the gateway uses:
+//! [`Tunnels::open_stream`] opens a stream to a device with a [`StreamHeader`] and hands back
+//! a [`BoxedStream`], whatever the tunnel runs on (QUIC or yamux over TCP+TLS).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgeport_proto::mux::MuxHandle;
+use edgeport_proto::rpc::{DevicePresence, Transport};
+use edgeport_proto::tunnel::{GatewayControl, Hello, StreamHeader};
+use edgeport_proto::util::BoxedStream;
+use edgeport_proto::write_frame;
+use tokio::sync::{mpsc, Notify};
+
+/// How long opening a stream and sending its header may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("device {0} is not connected to this gateway")]
+    NotConnected(String),
+    #[error("cannot open a stream to device {device}: {err}")]
+    Open { device: String, err: String },
+    #[error("device {0} did not accept a stream in time")]
+    Timeout(String),
+}
+
+/// The transport under one tunnel.
+#[derive(Clone)]
+pub enum TunnelConn {
+    Quic(quinn::Connection),
+    Mux(MuxHandle),
+}
+
+impl TunnelConn {
+    pub async fn open(&self) -> Result<BoxedStream, String> {
+        match self {
+            TunnelConn::Quic(c) => {
+                let (send, recv) = c.open_bi().await.map_err(|e| e.to_string())?;
+                Ok(Box::new(tokio::io::join(recv, send)))
+            }
+            TunnelConn::Mux(m) => m.open().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn close(&self, reason: &str) {
+        match self {
+            TunnelConn::Quic(c) => c.close(quinn::VarInt::from_u32(1), reason.as_bytes()),
+            TunnelConn::Mux(m) => m.close(),
+        }
+    }
+
+    pub fn transport(&self) -> Transport {
+        match self {
+            TunnelConn::Quic(_) => Transport::Quic,
+            TunnelConn::Mux(_) => Transport::Tcp,
+        }
+    }
+}
+
+/// One device's live tunnel.
+pub struct Tunnel {
+    pub device_id: String,
+    /// Distinguishes this tunnel from an older or newer one of the same device.
+    pub generation: u64,
+    pub conn: TunnelConn,
+    pub hello: Hello,
+    pub remote_addr: SocketAddr,
+    pub connected_at: u64,
+    /// SHA-256 of the device certificate: revocation refuses exactly this certificate, so
+    /// a device that joins again (new certificate) is welcome.
+    pub cert_fingerprint: String,
+    /// Frames for the agent's control stream (renewals, locks, refusals).
+    pub control: mpsc::Sender<GatewayControl>,
+    /// Agent-reported RTT for TCP tunnels (QUIC measures its own).
+    pub tcp_rtt_ms: AtomicU32,
+    /// Why the gateway closed it (when it did).
+    pub close_reason: Mutex<Option<String>>,
+}
+
+impl Tunnel {
+    /// Smoothed round-trip time in milliseconds.
+    pub fn rtt_ms(&self) -> u32 {
+        match &self.conn {
+            TunnelConn::Quic(c) => c.rtt().as_millis().min(u32::MAX as u128) as u32,
+            TunnelConn::Mux(_) => self.tcp_rtt_ms.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes the tunnel, remembering why (reported as the disconnect reason).
+    pub fn close(&self, reason: &str) {
+        if let Ok(mut r) = self.close_reason.lock() {
+            r.get_or_insert_with(|| reason.to_string());
+        }
+        self.conn.close(reason);
+    }
+
+    pub fn presence(&self) -> DevicePresence {
+        DevicePresence {
+            id: self.device_id.clone(),
+            labels: self.hello.labels.clone(),
+            version: self.hello.version.clone(),
+            arch: self.hello.arch.clone(),
+            transport: self.conn.transport(),
+            address: self.remote_addr.to_string(),
+            rtt_ms: self.rtt_ms(),
+            connected_at: self.connected_at,
+            kube_cluster: self.hello.kube_cluster.clone(),
+        }
+    }
+
+    /// Opens a stream to the device and sends `header` on it.
+    pub async fn open_stream(&self, header: &StreamHeader) -> Result<BoxedStream, TunnelError> {
+        let fut = async {
+            let mut s = self.conn.open().await.map_err(|err| TunnelError::Open {
+                device: self.device_id.clone(),
+                err,
+            })?;
+            write_frame(&mut s, header)
+                .await
+                .map_err(|e| TunnelError::Open {
+                    device: self.device_id.clone(),
+                    err: e.to_string(),
+                })?;
+            Ok(s)
+        };
+        tokio::time::timeout(OPEN_TIMEOUT, fut)
+            .await
+            .map_err(|_| TunnelError::Timeout(self.device_id.clone()))?
+    }
+}
+
+/// All tunnels of this gateway, plus what presence reports need.
+#[derive(Default)]
+pub struct Tunnels {
+    map: Mutex<HashMap<String, Arc<Tunnel>>>,
+    next_generation: AtomicU64,
+    revoked_certs: Mutex<HashSet<String>>,
+    disconnected: Mutex<Vec<(String, String)>>,
+    /// Woken when the set of tunnels changes (presence reports soon after).
+    pub changed: Notify,
+}
+
+impl Tunnels {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers a tunnel; an older tunnel of the same device is closed and returned.
+    pub fn register(&self, t: Arc<Tunnel>) -> Option<Arc<Tunnel>> {
+        let old = self
+            .map
+            .lock()
+            .ok()
+            .and_then(|mut m| m.insert(t.device_id.clone(), t));
+        if let Some(old) = &old {
+            old.close("replaced by a newer tunnel from the same device");
+        }
+        self.changed.notify_one();
+        old
+    }
+
+    /// Removes the tunnel if it is still the registered one for its device.
+    pub fn unregister(&self, device_id: &str, generation: u64, reason: String) {
+        let removed = match self.map.lock() {
+            Ok(mut m) => match m.get(device_id) {
+                Some(t) if t.generation == generation => m.remove(device_id).is_some(),
+                _ => false,
+            },
+            Err(_) => false,
+        };
+        if removed {
+            if let Ok(mut d) = self.disconnected.lock() {
+                d.push((device_id.to_string(), reason));
+            }
+            self.changed.notify_one();
+        }
+    }
+
+    pub fn get(&self, device_id: &str) -> Option<Arc<Tunnel>> {
+        self.map.lock().ok().and_then(|m| m.get(device_id).cloned())
+    }
+
+    pub fn all(&self) -> Vec<Arc<Tunnel>> {
+        self.map
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The stream API: opens a stream to `device_id` and sends `header` first.
+    pub async fn open_stream(
+        &self,
+        device_id: &str,
+        header: &StreamHeader,
+    ) -> Result<BoxedStream, TunnelError> {
+        let t = self
+            .get(device_id)
+            .ok_or_else(|| TunnelError::NotConnected(device_id.to_string()))?;
+        t.open_stream(header).await
+    }
+
+    /// Closes the device's tunnel and refuses its current certificate from now on.
+    pub fn revoke(&self, device_id: &str, reason: &str) {
+        if let Some(t) = self.get(device_id) {
+            if let Ok(mut r) = self.revoked_certs.lock() {
+                r.insert(t.cert_fingerprint.clone());
+            }
+            let _ =
+                t.control
+                    .try_send(GatewayControl::Refused(edgeport_proto::rpc::RpcError::new(
+                        edgeport_proto::rpc::ErrorKind::Denied,
+                        reason.to_string(),
+                    )));
+            // Give the refusal a moment to reach the agent before the connection goes.
+            let t2 = t.clone();
+            let reason = reason.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                t2.close(&reason);
+            });
+        }
+    }
+
+    pub fn is_revoked(&self, cert_fingerprint: &str) -> bool {
+        self.revoked_certs
+            .lock()
+            .map(|r| r.contains(cert_fingerprint))
+            .unwrap_or(false)
+    }
+
+    /// Presence snapshot of every live tunnel.
+    pub fn snapshot(&self) -> Vec<DevicePresence> {
+        self.all().iter().map(|t| t.presence()).collect()
+    }
+
+    /// Disconnects since the last successful report (minus devices that are back online).
+    pub fn take_disconnected(&self) -> Vec<(String, String)> {
+        let list = self
+            .disconnected
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
+        let online = self
+            .map
+            .lock()
+            .map(|m| m.keys().cloned().collect::<HashSet<_>>())
+            .unwrap_or_default();
+        list.into_iter()
+            .filter(|(id, _)| !online.contains(id))
+            .collect()
+    }
+
+    /// Puts disconnects back after a failed report.
+    pub fn restore_disconnected(&self, mut list: Vec<(String, String)>) {
+        if let Ok(mut d) = self.disconnected.lock() {
+            list.append(&mut d);
+            // Bound memory when the authority is away for long.
+            list.truncate(10_000);
+            *d = list;
+        }
+    }
+
+    /// Closes every tunnel (shutdown).
+    pub fn close_all(&self, reason: &str) {
+        for t in self.all() {
+            t.close(reason);
+        }
+    }
+}
