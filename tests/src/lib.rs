@@ -120,7 +120,9 @@ impl Proc {
         let log = log_dir.join(format!("{name}-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
         let f = std::fs::File::create(&log).expect("log file");
         let f2 = f.try_clone().expect("log file");
-        cmd.stdout(Stdio::from(f)).stderr(Stdio::from(f2)).stdin(Stdio::null());
+        cmd.stdout(Stdio::from(f))
+            .stderr(Stdio::from(f2))
+            .stdin(Stdio::null());
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -233,7 +235,11 @@ impl Run {
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.out.stdout).unwrap_or_else(|e| {
-            panic!("not JSON ({e}):\n{}\nstderr:\n{}", self.stdout(), self.stderr())
+            panic!(
+                "not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            )
         })
     }
 }
@@ -293,9 +299,12 @@ impl Authority {
 
     pub fn start_at(data_dir: &Path, cluster: &str, addr: &str) -> Self {
         let mut cmd = Command::new(bin("authority"));
-        cmd.args(["start", "--data-dir"])
-            .arg(data_dir)
-            .args(["--listen", addr, "--cluster", cluster]);
+        cmd.args(["start", "--data-dir"]).arg(data_dir).args([
+            "--listen",
+            addr,
+            "--cluster",
+            cluster,
+        ]);
         let log_dir = data_dir.parent().unwrap_or(data_dir);
         let mut proc = Proc::spawn("authority", cmd, log_dir);
         let ident = data_dir.join("admin.identity");
@@ -336,7 +345,8 @@ impl Authority {
 
     /// Runs tctl and asserts success.
     pub fn tctl_ok(&self, args: &[&str]) -> Run {
-        self.tctl(args).expect_ok(&format!("tctl {}", args.join(" ")))
+        self.tctl(args)
+            .expect_ok(&format!("tctl {}", args.join(" ")))
     }
 }
 

@@ -1,6 +1,9 @@
 //! The device install bundle (cross/bundle): the install script is idempotent, keeps the
 //! configuration private, and the systemd unit passes `systemd-analyze verify`.
 
+// Test code, helpers included: failing loudly is its job.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -76,7 +79,11 @@ fn install_is_idempotent_and_private() {
     assert!(env.contains("EDGEPORT_DEVICE_ID=van-42"), "{env}");
 
     let mode = |p: &str| {
-        std::fs::metadata(root.join(p)).unwrap().permissions().mode() & 0o777
+        std::fs::metadata(root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
     };
     assert_eq!(mode("etc/edgeport/agent.env"), 0o600);
     assert_eq!(mode("etc/edgeport"), 0o700);
@@ -114,7 +121,9 @@ fn systemd_unit_verifies() {
     install(&root, &[]);
     let unit = root.join("etc/systemd/system/edgeport-agent.service");
     let mut c = Command::new("systemd-analyze");
-    c.arg("verify").arg(format!("--root={}", root.display())).arg(&unit);
+    c.arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .arg(&unit);
     let r = run(c, None, Duration::from_secs(60)).expect_ok("systemd-analyze verify");
     assert!(
         r.stderr().trim().is_empty() && r.stdout().trim().is_empty(),

@@ -1,0 +1,580 @@
+//! SSH to devices through their tunnels, end to end: real authority, gateway and agents on
+//! loopback, tsh, and the stock OpenSSH client (ssh, scp, sftp) through `tsh config`.
+
+// Test code, helpers included: failing loudly is its job.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use edgeport_e2e::ssh::{random_file, same_file, ssh, Cluster, SshAgent, Tmux, Tsh};
+use edgeport_e2e::{bin, run, wait_until, Authority, Run};
+
+const PW: &str = "correct horse battery";
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// One `error: ...` line containing `expect`, the given exit code, no panic.
+fn assert_error(r: &Run, code: i32, expect: &str) {
+    let err = r.stderr();
+    assert_eq!(
+        r.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{err}",
+        r.stdout()
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(expect), "expected {expect:?} in:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A TCP echo server on loopback (for port forwarding); returns its port.
+fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    port
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `cmd` (which forwards `lport`) in the background, then sends "ping" through
+/// `lport` and returns what came back (empty if nothing) and the command's stderr.
+fn through_forward(mut cmd: Command, lport: u16) -> (Vec<u8>, String) {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut got = Vec::new();
+    let up = wait_until(Duration::from_secs(30), || {
+        TcpStream::connect(("127.0.0.1", lport)).is_ok()
+    });
+    if up {
+        // The listener is up; the forward itself is opened per connection.
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", lport)) {
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            let _ = s.write_all(b"ping");
+            let mut buf = [0u8; 4];
+            let mut n = 0;
+            while n < 4 {
+                match s.read(&mut buf[n..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+            }
+            got = buf[..n].to_vec();
+        }
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (got, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A minimal ssh_config for dev hosts: the gateway hop and the host CA, but no identity
+/// (the caller brings one: `-i`, or an ssh-agent).
+fn bare_config(tsh: &Tsh, path: &Path) {
+    let text = format!(
+        "Host dev1 dev2 dev3\n    UserKnownHostsFile \"{}\"\n    StrictHostKeyChecking yes\n    \
+         ProxyCommand env TSH_HOME=\"{}\" \"{}\" --proxy {} proxy ssh %r@%h:%p\n",
+        tsh.key_dir().join("known_hosts").display(),
+        tsh.home.display(),
+        bin("tsh").display(),
+        tsh.proxy
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn login_ssh_terminal_files_and_openssh() {
+    let c = Cluster::start("edge", &[("dev1", "fleet=vans"), ("dev2", "fleet=trucks")]);
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+
+    let r = tsh
+        .login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    assert!(r.stdout().contains("Logged in as alice"), "{}", r.stdout());
+    let kd = tsh.key_dir();
+    for f in [
+        "alice",
+        "alice.pub",
+        "alice-cert.pub",
+        "alice-x509.pem",
+        "cas.json",
+        "known_hosts",
+    ] {
+        assert!(kd.join(f).exists(), "{f} missing");
+    }
+    assert_eq!(mode(&kd.join("alice")), 0o600);
+    assert!(tsh.home.join("profile").exists());
+    assert!(std::fs::read_to_string(kd.join("known_hosts"))
+        .unwrap()
+        .starts_with("@cert-authority * ssh-ed25519 "));
+
+    // Commands, exit status, stdin, stderr.
+    let r = tsh.run(&["ssh", "root@dev1", "echo", "hi"], None);
+    assert_eq!(r.stdout(), "hi\n", "{}", r.stderr());
+    assert_eq!(r.code(), Some(0));
+    assert_eq!(tsh.run(&["ssh", "dev1", "exit 7"], None).code(), Some(7));
+    let r = tsh.run(&["ssh", "dev1", "cat; echo done"], Some(b"abc\n"));
+    assert_eq!(r.stdout(), "abc\ndone\n");
+    let r = tsh.run(&["ssh", "dev1", "echo out; echo err >&2"], None);
+    assert_eq!(
+        (r.stdout().as_str(), r.stderr().as_str()),
+        ("out\n", "err\n")
+    );
+
+    // The same over QUIC (the default user leg is TCP+TLS).
+    let r = tsh.run(
+        &["--transport", "quic", "ssh", "dev1", "echo", "quic"],
+        None,
+    );
+    assert_eq!(r.stdout(), "quic\n", "{}", r.stderr());
+
+    // Inventory and status.
+    let r = tsh
+        .run(&["ls", "--format", "json"], None)
+        .expect_ok("tsh ls");
+    let list = r.json();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["dev1", "dev2"]);
+    assert!(list.as_array().unwrap().iter().all(|d| d["online"] == true));
+    assert_eq!(list[0]["labels"]["fleet"], "vans");
+    let r = tsh
+        .run(&["ls", "fleet=trucks"], None)
+        .expect_ok("tsh ls filter");
+    assert!(
+        r.stdout().contains("dev2") && !r.stdout().contains("dev1"),
+        "{}",
+        r.stdout()
+    );
+    let r = tsh.run(&["status"], None).expect_ok("tsh status");
+    assert!(
+        r.stdout().contains("alice") && r.stdout().contains("root"),
+        "{}",
+        r.stdout()
+    );
+
+    // A terminal session driven by tmux: size, resize, exit status.
+    let tmux = Tmux::start(
+        "tsh-pty",
+        100,
+        30,
+        &format!(
+            "env TSH_HOME='{}' '{}' ssh dev1; echo TSH-EXIT=$?; sleep 60",
+            tsh.home.display(),
+            bin("tsh").display()
+        ),
+    );
+    tmux.send(&["stty size", "Enter"]);
+    let (ok, screen) = tmux.wait_for("30 100", Duration::from_secs(30));
+    assert!(ok, "no terminal size in:\n{screen}");
+    tmux.resize(120, 40);
+    tmux.send(&["stty size", "Enter"]);
+    let (ok, screen) = tmux.wait_for("40 120", Duration::from_secs(30));
+    assert!(ok, "the resize did not reach the device:\n{screen}");
+    tmux.send(&["exit 3", "Enter"]);
+    let (ok, screen) = tmux.wait_for("TSH-EXIT=3", Duration::from_secs(30));
+    assert!(ok, "exit status not propagated:\n{screen}");
+    drop(tmux);
+
+    // Stock OpenSSH through `tsh config`: ssh, scp and sftp with a 100 MiB file.
+    let cfg = tsh.config();
+    let out = run(
+        ssh(&cfg, &["root@dev1", "echo", "openssh-ok"]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.stdout(), "openssh-ok\n", "{}", out.stderr());
+    let src = c.dir.join("big.bin");
+    random_file(&src, 100 << 20);
+    let (up, back) = (c.dir.join("scp-up.bin"), c.dir.join("scp-back.bin"));
+    let scp = |from: String, to: String| {
+        let mut cmd = Command::new("scp");
+        cmd.arg("-F")
+            .arg(&cfg)
+            .args(["-o", "BatchMode=yes", &from, &to]);
+        run(cmd, None, Duration::from_secs(300)).expect_ok("scp");
+    };
+    scp(
+        src.display().to_string(),
+        format!("root@dev1:{}", up.display()),
+    );
+    scp(
+        format!("root@dev1:{}", up.display()),
+        back.display().to_string(),
+    );
+    assert!(same_file(&src, &back), "scp round trip changed the file");
+    let (up, back) = (c.dir.join("sftp-up.bin"), c.dir.join("sftp-back.bin"));
+    let batch = c.dir.join("sftp.batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {}\nget {} {}\n",
+            src.display(),
+            up.display(),
+            up.display(),
+            back.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("sftp");
+    cmd.arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "-b"])
+        .arg(&batch)
+        .arg("root@dev1");
+    run(cmd, None, Duration::from_secs(300)).expect_ok("sftp");
+    assert!(same_file(&src, &back), "sftp round trip changed the file");
+
+    // Local port forwarding, with tsh and with OpenSSH.
+    let echo = echo_server();
+    let lport = free_tcp_port();
+    let cmd = tsh.cmd(&[
+        "ssh",
+        "-L",
+        &format!("{lport}:127.0.0.1:{echo}"),
+        "dev1",
+        "sleep 30",
+    ]);
+    let (got, err) = through_forward(cmd, lport);
+    assert_eq!(got, b"ping", "tsh -L: {err}");
+    let lport = free_tcp_port();
+    let cmd = ssh(
+        &cfg,
+        &[
+            "-L",
+            &format!("{lport}:127.0.0.1:{echo}"),
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "root@dev1",
+            "sleep 30",
+        ],
+    );
+    let (got, err) = through_forward(cmd, lport);
+    assert_eq!(got, b"ping", "ssh -L: {err}");
+}
+
+#[test]
+fn refusals_are_clear() {
+    let c = Cluster::start("edge", &[("dev1", ""), ("dev2", ""), ("dev3", "")]);
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+
+    // A login the certificate does not carry: the agent refuses and says why.
+    let r = tsh.run(&["ssh", "pi@dev1", "true"], None);
+    assert_error(&r, 255, "does not allow login \"pi\" (principals: root)");
+
+    // A device that answers for another (here: the gateway asked for dev2 while tsh expects
+    // dev1) is refused by its host certificate, by tsh and by OpenSSH.
+    let r = tsh.run(&["ssh", "--test-route-to", "dev2", "dev1", "true"], None);
+    assert_error(&r, 255, "not dev1");
+    assert!(r.stderr().contains("impersonation"), "{}", r.stderr());
+    let cfg = tsh.config();
+    let out = run(
+        ssh(
+            &cfg,
+            &[
+                "-o",
+                "HostKeyAlias=dev1",
+                "-o",
+                &format!(
+                    "ProxyCommand env TSH_HOME='{}' '{}' --proxy {} proxy ssh %r@dev2:%p",
+                    tsh.home.display(),
+                    bin("tsh").display(),
+                    tsh.proxy
+                ),
+                "root@dev1",
+                "true",
+            ],
+        ),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(255));
+    assert!(
+        out.stderr().contains("Host key verification failed"),
+        "{}",
+        out.stderr()
+    );
+
+    // Expired credentials: one line, "run tsh login".
+    let short = Tsh::new(c.dir.join("tsh-short"), c.proxy());
+    short
+        .login("alice", PW, &c.gw.ca_pin, &["--ttl", "2s"])
+        .expect_ok("tsh login --ttl 2s");
+    assert!(wait_until(Duration::from_secs(20), || {
+        short.run(&["status"], None).code() == Some(1)
+    }));
+    let r = short.run(&["ssh", "dev1", "true"], None);
+    assert_error(
+        &r,
+        1,
+        &format!("no valid credentials for {}: run tsh login", c.proxy()),
+    );
+
+    // Another cluster's certificates: the gateway refuses the x509 one, the agent the SSH
+    // one (offered through a valid gateway hop).
+    let other = Authority::start(&c.dir.join("other"), "other");
+    let foreign = c.dir.join("foreign.identity");
+    other.tctl_ok(&[
+        "auth",
+        "sign",
+        "--user",
+        "alice",
+        "--logins",
+        "root",
+        "--format",
+        "file",
+        "--out",
+        foreign.to_str().unwrap(),
+    ]);
+    let r = tsh.run(
+        &[
+            "-i",
+            foreign.to_str().unwrap(),
+            "--proxy",
+            c.proxy(),
+            "ssh",
+            "dev1",
+            "true",
+        ],
+        None,
+    );
+    assert_error(&r, 255, "the credentials are for cluster \"other\"");
+    let key = c.dir.join("foreign-key");
+    other.tctl_ok(&[
+        "auth",
+        "sign",
+        "--user",
+        "alice",
+        "--logins",
+        "root",
+        "--format",
+        "openssh",
+        "--out",
+        key.to_str().unwrap(),
+    ]);
+    let bare = c.dir.join("bare_config");
+    bare_config(&tsh, &bare);
+    let out = run(
+        ssh(
+            &bare,
+            &[
+                "-i",
+                key.to_str().unwrap(),
+                "-o",
+                "IdentitiesOnly=yes",
+                "root@dev1",
+                "true",
+            ],
+        ),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), Some(255), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("Permission denied"),
+        "{}",
+        out.stderr()
+    );
+    let agent_log = c.agent("dev1").proc.log_text();
+    assert!(
+        agent_log.contains("not signed by this cluster's user CA"),
+        "the agent did not log why:\n{agent_log}"
+    );
+
+    // A revoked device is unreachable.
+    c.tctl.ok(&["devices", "rm", "dev3"]);
+    let mut last = None;
+    let refused = wait_until(Duration::from_secs(30), || {
+        let r = tsh.run(&["ssh", "dev3", "true"], None);
+        let done = r.code() != Some(0);
+        last = Some(r);
+        done
+    });
+    let r = last.unwrap();
+    assert!(refused, "revoked dev3 still reachable");
+    assert_error(&r, 255, "dev3");
+}
+
+#[test]
+fn ssh_agent_and_logout() {
+    let c = Cluster::start("edge", &[("dev1", "")]);
+    c.add_user("alice", "root", PW);
+    let agent = SshAgent::start(c.dir.path());
+    let mut tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.agent_sock = Some(agent.sock.clone());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    let listed = agent.list().stdout();
+    assert!(
+        listed.contains("ED25519-CERT") && listed.contains("edgeport:"),
+        "{listed}"
+    );
+
+    // Stock ssh with nothing but the agent: no identity file anywhere.
+    let bare = c.dir.join("bare_config");
+    bare_config(&tsh, &bare);
+    let empty_home = c.dir.join("empty-home");
+    std::fs::create_dir_all(&empty_home).unwrap();
+    let mut cmd = ssh(&bare, &["root@dev1", "echo", "agent-ok"]);
+    cmd.env("SSH_AUTH_SOCK", &agent.sock)
+        .env("HOME", &empty_home);
+    let out = run(cmd, None, Duration::from_secs(60));
+    assert_eq!(out.stdout(), "agent-ok\n", "{}", out.stderr());
+
+    // Logout: every file and the agent's entry go; tsh then asks for a login.
+    tsh.run(&["logout"], None).expect_ok("tsh logout");
+    assert!(!tsh.key_dir().exists());
+    assert!(!tsh.home.join("profile").exists());
+    let listed = agent.list();
+    assert!(
+        !listed.stdout().contains("edgeport:"),
+        "agent still holds: {}",
+        listed.stdout()
+    );
+    let r = tsh.run(&["ssh", "dev1", "true"], None);
+    assert_error(&r, 1, "run tsh login");
+
+    // An invited user sets a password with the invite code, then logs in with it.
+    let out = c
+        .tctl
+        .ok(&["users", "add", "carol", "--logins", "root"])
+        .stdout();
+    let code = out
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no invite code in:\n{out}"))
+        .to_string();
+    let carol = Tsh::new(c.dir.join("tsh-carol"), c.proxy());
+    carol
+        .login(
+            "carol",
+            "carol's new password",
+            &c.gw.ca_pin,
+            &["--invite", &code],
+        )
+        .expect_ok("tsh login --invite");
+    std::fs::remove_dir_all(&carol.home).unwrap();
+    carol
+        .login("carol", "carol's new password", &c.gw.ca_pin, &[])
+        .expect_ok("tsh login with the new password");
+    let r = carol.run(&["ssh", "dev1", "echo", "carol"], None);
+    assert_eq!(r.stdout(), "carol\n", "{}", r.stderr());
+}
+
+#[test]
+fn gateway_cannot_read_the_session() {
+    let c = Cluster::start_with_splice_dump("edge", &[("dev1", "")]);
+    let dump_dir = c.splice_dump.clone().unwrap();
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    // The gateway only splices: the bytes it relayed hold the SSH banner but never the
+    // command or its output.
+    let r = tsh.run(&["ssh", "dev1", "echo SECRET-$((6*7))-MARKER"], None);
+    assert_eq!(r.stdout(), "SECRET-42-MARKER\n", "{}", r.stderr());
+    let dumps: Vec<PathBuf> = std::fs::read_dir(&dump_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        !dumps.is_empty(),
+        "the gateway wrote no splice dump (EDGEPORT_SPLICE_DUMP={} not implemented?)",
+        dump_dir.display()
+    );
+    let mut banner = false;
+    for p in &dumps {
+        let bytes = std::fs::read(p).unwrap();
+        let hay = String::from_utf8_lossy(&bytes);
+        banner |= hay.contains("SSH-2.0-");
+        assert!(
+            !hay.contains("SECRET-42-MARKER"),
+            "plaintext output in {}",
+            p.display()
+        );
+        assert!(
+            !hay.contains("SECRET-$((6*7))"),
+            "plaintext command in {}",
+            p.display()
+        );
+    }
+    assert!(banner, "no SSH banner in the splice dumps: {dumps:?}");
+}
+
+#[test]
+fn locks_end_sessions() {
+    let c = Cluster::start("edge", &[("dev1", "")]);
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    // A lock ends the live session and refuses new ones.
+    let mut long = tsh.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
+    long.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = long.spawn().unwrap();
+    let agent_proc = &c.agent("dev1").proc;
+    assert!(wait_until(Duration::from_secs(30), || {
+        agent_proc.log_text().matches("session started").count() >= 1
+    }));
+    c.tctl
+        .ok(&["lock", "--user", "alice", "--message", "incident 42"]);
+    let ended = wait_until(Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        ended,
+        "the locked user's session is still running (did the gateway push the lock to the agent?)"
+    );
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dev1 closed the session") && err.contains("locked"),
+        "{err}"
+    );
+    let r = tsh.run(&["ssh", "dev1", "true"], None);
+    assert_ne!(r.code(), Some(0));
+    assert!(r.stderr().contains("lock"), "{}", r.stderr());
+    c.tctl.ok(&["unlock", "--user", "alice"]);
+    assert!(wait_until(Duration::from_secs(30), || {
+        tsh.run(&["ssh", "dev1", "true"], None).ok()
+    }));
+}
