@@ -33,7 +33,8 @@ fn main() -> Result<(), BoxError> {
     let ca = CertAuthority::new("bench", CaKeys::generate("bench")?)?;
     let user = KeyPair::generate()?;
     let spki = user.spki_der();
-    let grants = roles::grants(&[]).map_err(BoxError::from)?;
+    let role = roles::builtin(roles::DEFAULT_ROLE).ok_or("no default role")?;
+    let grants = roles::combine(&[role]);
     let logins = vec!["root".to_string(), "pi".to_string()];
     let groups = vec!["devs".to_string(), "system:masters".to_string()];
     let now = now_secs();

@@ -1,10 +1,17 @@
-//! Roles: what a user's certificates allow. For now the roles are built in (DESIGN §6 names
-//! the shape; role management arrives with its own RPC): `access` reaches every device with
-//! the user's own logins, a PTY and port forwarding, for sessions of up to 12 hours.
+//! Roles: what a user's certificates allow (DESIGN §6). `access` is built in (every device, the
+//! user's own logins, a PTY and port forwarding, sessions of up to 12 hours) and is what a user
+//! gets when no role is named. Administrators add their own with `tctl roles add`; they live in
+//! the store's `roles` table. Deny wins over allow.
 
 use std::collections::BTreeMap;
 
+use edgeport_proto::rpc::{RoleInfo, RoleSpec, RpcError};
 use edgeport_proto::sshcert::RolesExtension;
+use edgeport_proto::util::valid_name;
+
+use crate::errors::{exists, invalid, not_found};
+use crate::store::{self, Store, Table};
+use crate::users::UserRecord;
 
 /// The role a user gets when none is named.
 pub const DEFAULT_ROLE: &str = "access";
@@ -12,23 +19,14 @@ pub const DEFAULT_ROLE: &str = "access";
 /// The longest session any role may grant (also the cap of `tctl auth sign --ttl`).
 pub const MAX_SESSION_TTL_SECS: u64 = 12 * 3600;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Role {
-    pub name: &'static str,
-    /// Label key -> allowed values (`*` = any); empty = every device.
-    pub allow_labels: BTreeMap<String, Vec<String>>,
-    pub deny_labels: BTreeMap<String, Vec<String>>,
-    pub max_session_ttl: u64,
-    pub permit_pty: bool,
-    pub permit_port_forwarding: bool,
-    pub permit_agent_forwarding: bool,
-}
+/// Most labels one role may name (allow and deny together): roles travel in certificates.
+const MAX_ROLE_LABELS: usize = 32;
 
 /// The built-in roles.
-pub fn builtin(name: &str) -> Option<Role> {
+pub fn builtin(name: &str) -> Option<RoleSpec> {
     match name {
-        "access" => Some(Role {
-            name: "access",
+        DEFAULT_ROLE => Some(RoleSpec {
+            name: DEFAULT_ROLE.to_string(),
             allow_labels: BTreeMap::new(),
             deny_labels: BTreeMap::new(),
             max_session_ttl: MAX_SESSION_TTL_SECS,
@@ -40,9 +38,12 @@ pub fn builtin(name: &str) -> Option<Role> {
     }
 }
 
-/// Names of the built-in roles, for error messages.
-pub fn builtin_names() -> &'static [&'static str] {
-    &["access"]
+/// A role by name: built-in first, then the store.
+pub fn lookup(store: &dyn Store, name: &str) -> Result<Option<RoleSpec>, RpcError> {
+    if let Some(r) = builtin(name) {
+        return Ok(Some(r));
+    }
+    Ok(store::get::<RoleSpec>(store, Table::Roles, name)?)
 }
 
 /// What a set of roles grants together.
@@ -62,16 +63,32 @@ impl Grants {
     }
 }
 
-/// Combines `names` (an empty list means the default role). Permissions are the union of the
-/// roles', the session cap the smallest, denials all apply; a role allowing every device makes
-/// the allow rules empty, otherwise allowed values are merged per label.
-pub fn grants(names: &[String]) -> Result<Grants, String> {
+/// Combines the roles `names` as found in `store` (an empty list means the default role).
+pub fn grants(store: &dyn Store, names: &[String]) -> Result<Grants, RpcError> {
+    let mut roles = Vec::new();
     let default = [DEFAULT_ROLE.to_string()];
     let names = if names.is_empty() {
         &default[..]
     } else {
         names
     };
+    for name in names {
+        match lookup(store, name)? {
+            Some(r) => roles.push(r),
+            None => {
+                return Err(invalid(format!(
+                    "unknown role {name:?} (see `tctl roles ls`)"
+                )))
+            }
+        }
+    }
+    Ok(combine(&roles))
+}
+
+/// Permissions are the union of the roles', the session cap the smallest, denials all apply;
+/// a role allowing every device makes the allow rules empty, otherwise allowed values are
+/// merged per label.
+pub fn combine(roles: &[RoleSpec]) -> Grants {
     let mut g = Grants {
         max_session_ttl: MAX_SESSION_TTL_SECS,
         permit_pty: false,
@@ -80,13 +97,7 @@ pub fn grants(names: &[String]) -> Result<Grants, String> {
         extension: RolesExtension::default(),
     };
     let mut allow_all = false;
-    for name in names {
-        let role = builtin(name).ok_or_else(|| {
-            format!(
-                "unknown role {name:?} (roles: {})",
-                builtin_names().join(", ")
-            )
-        })?;
+    for role in roles {
         g.max_session_ttl = g.max_session_ttl.min(role.max_session_ttl);
         g.permit_pty |= role.permit_pty;
         g.permit_port_forwarding |= role.permit_port_forwarding;
@@ -94,14 +105,14 @@ pub fn grants(names: &[String]) -> Result<Grants, String> {
         allow_all |= role.allow_labels.is_empty();
         merge(&mut g.extension.allow_labels, &role.allow_labels);
         merge(&mut g.extension.deny_labels, &role.deny_labels);
-        if !g.extension.roles.contains(name) {
-            g.extension.roles.push(name.clone());
+        if !g.extension.roles.contains(&role.name) {
+            g.extension.roles.push(role.name.clone());
         }
     }
     if allow_all {
         g.extension.allow_labels.clear();
     }
-    Ok(g)
+    g
 }
 
 fn merge(into: &mut BTreeMap<String, Vec<String>>, from: &BTreeMap<String, Vec<String>>) {
@@ -115,18 +126,175 @@ fn merge(into: &mut BTreeMap<String, Vec<String>>, from: &BTreeMap<String, Vec<S
     }
 }
 
+fn check_labels(what: &str, labels: &BTreeMap<String, Vec<String>>) -> Result<(), RpcError> {
+    for (k, vals) in labels {
+        if !valid_name(k) {
+            return Err(invalid(format!(
+                "{what} label key {k:?} is not a valid name"
+            )));
+        }
+        if vals.is_empty() {
+            return Err(invalid(format!("{what} label {k} has no values")));
+        }
+        for v in vals {
+            if v != "*" && !valid_name(v) {
+                return Err(invalid(format!(
+                    "{what} label {k}={v:?}: values are names or `*`"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates or replaces a role. Built-in roles cannot be changed.
+pub fn upsert(store: &dyn Store, spec: &RoleSpec) -> Result<(), RpcError> {
+    if !valid_name(&spec.name) {
+        return Err(invalid(format!("role name {:?} is not valid", spec.name)));
+    }
+    if builtin(&spec.name).is_some() {
+        return Err(exists(format!(
+            "role {} is built in and cannot be changed; add a role of another name",
+            spec.name
+        )));
+    }
+    check_labels("allow", &spec.allow_labels)?;
+    check_labels("deny", &spec.deny_labels)?;
+    if spec.allow_labels.len() + spec.deny_labels.len() > MAX_ROLE_LABELS {
+        return Err(invalid(format!(
+            "a role may name at most {MAX_ROLE_LABELS} labels"
+        )));
+    }
+    if spec.max_session_ttl == 0 || spec.max_session_ttl > MAX_SESSION_TTL_SECS {
+        return Err(invalid(format!(
+            "the session cap must be between 1s and {}h",
+            MAX_SESSION_TTL_SECS / 3600
+        )));
+    }
+    store::put(store, Table::Roles, &spec.name, spec)?;
+    Ok(())
+}
+
+fn holders(store: &dyn Store, name: &str) -> Result<Vec<String>, RpcError> {
+    Ok(store::list::<UserRecord>(store, Table::Users, "")?
+        .into_iter()
+        .filter(|(_, u)| {
+            u.roles.iter().any(|r| r == name) || (u.roles.is_empty() && name == DEFAULT_ROLE)
+        })
+        .map(|(_, u)| u.name)
+        .collect())
+}
+
+/// Removes a role no user holds any more.
+pub fn remove(store: &dyn Store, name: &str) -> Result<(), RpcError> {
+    if builtin(name).is_some() {
+        return Err(invalid(format!("role {name} is built in")));
+    }
+    let users = holders(store, name)?;
+    if !users.is_empty() {
+        return Err(invalid(format!(
+            "role {name} is held by {}; change or remove those users first",
+            users.join(", ")
+        )));
+    }
+    match store.delete(Table::Roles, name)? {
+        Some(_) => Ok(()),
+        None => Err(not_found(format!("role {name} not found"))),
+    }
+}
+
+/// Every role, built-in ones first, with the users holding it.
+pub fn list(store: &dyn Store) -> Result<Vec<RoleInfo>, RpcError> {
+    let mut out = Vec::new();
+    if let Some(spec) = builtin(DEFAULT_ROLE) {
+        out.push(RoleInfo {
+            users: holders(store, DEFAULT_ROLE)?,
+            spec,
+            builtin: true,
+        });
+    }
+    for (_, spec) in store::list::<RoleSpec>(store, Table::Roles, "")? {
+        out.push(RoleInfo {
+            users: holders(store, &spec.name)?,
+            spec,
+            builtin: false,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SledStore;
+
+    fn role(name: &str) -> RoleSpec {
+        RoleSpec {
+            name: name.into(),
+            allow_labels: BTreeMap::from([("fleet".into(), vec!["vans".into()])]),
+            deny_labels: BTreeMap::from([("env".into(), vec!["prod".into()])]),
+            max_session_ttl: 3600,
+            permit_pty: true,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+        }
+    }
 
     #[test]
     fn default_role_allows_everything_it_should() {
-        let g = grants(&[]).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&d.path().join("s")).unwrap();
+        let g = grants(&store, &[]).unwrap();
         assert!(g.permit_pty && g.permit_port_forwarding && !g.permit_agent_forwarding);
         assert_eq!(g.extension.roles, ["access"]);
         assert!(g.allows_device(&BTreeMap::new()));
-        assert!(grants(&["nope".into()])
+        assert!(grants(&store, &["nope".into()])
             .unwrap_err()
+            .message
             .contains("unknown role"));
+    }
+
+    #[test]
+    fn stored_roles_restrict_and_combine() {
+        let d = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&d.path().join("s")).unwrap();
+        upsert(&store, &role("vans")).unwrap();
+        let g = grants(&store, &["vans".into()]).unwrap();
+        assert!(!g.permit_port_forwarding && g.permit_pty);
+        assert_eq!(g.max_session_ttl, 3600);
+        let dev = |f: &str, e: &str| {
+            BTreeMap::from([
+                ("fleet".to_string(), f.to_string()),
+                ("env".into(), e.into()),
+            ])
+        };
+        assert!(g.allows_device(&dev("vans", "dev")));
+        assert!(!g.allows_device(&dev("vans", "prod")), "deny wins");
+        assert!(!g.allows_device(&dev("robots", "dev")));
+        // With `access` too, every device is allowed again, but the denial still holds.
+        let both = grants(&store, &["vans".into(), "access".into()]).unwrap();
+        assert!(both.allows_device(&dev("robots", "dev")));
+        assert!(!both.allows_device(&dev("vans", "prod")));
+        assert!(both.permit_port_forwarding);
+        assert_eq!(both.max_session_ttl, 3600, "the smallest cap applies");
+    }
+
+    #[test]
+    fn bad_roles_are_refused_and_builtin_is_fixed() {
+        let d = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&d.path().join("s")).unwrap();
+        assert!(upsert(&store, &role("access")).is_err());
+        let mut r = role("x");
+        r.max_session_ttl = 0;
+        assert!(upsert(&store, &r).is_err());
+        let mut r = role("x");
+        r.allow_labels.insert("bad key".into(), vec!["v".into()]);
+        assert!(upsert(&store, &r).is_err());
+        assert!(remove(&store, "access").is_err());
+        assert!(remove(&store, "missing").is_err());
+        upsert(&store, &role("x")).unwrap();
+        assert_eq!(list(&store).unwrap().len(), 2);
+        remove(&store, "x").unwrap();
+        assert_eq!(list(&store).unwrap().len(), 1);
     }
 }

@@ -15,7 +15,7 @@ use crate::ca::CertAuthority;
 use crate::errors::denied;
 use crate::handlers;
 use crate::store::Store;
-use crate::{devices, locks, tokens, users};
+use crate::{devices, locks, roles, tokens, users};
 
 /// Who sent a request, from the client certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,7 +72,10 @@ fn access(req: &Request) -> Access {
         | Request::DeviceRemove { .. }
         | Request::LockAdd(_)
         | Request::LockRemove { .. }
-        | Request::LockList => Access::Admin,
+        | Request::LockList
+        | Request::RoleUpsert(_)
+        | Request::RoleList
+        | Request::RoleRemove { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -106,6 +109,9 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::LockAdd(_) => "adding locks",
         Request::LockRemove { .. } => "removing locks",
         Request::LockList => "listing locks",
+        Request::RoleUpsert(_) => "changing roles",
+        Request::RoleList => "listing roles",
+        Request::RoleRemove { .. } => "removing roles",
     }
 }
 
@@ -276,6 +282,17 @@ impl Service {
                 Ok(Response::Ok)
             }
             Request::LockList => Ok(Response::Locks(locks::active(store, now)?)),
+            Request::RoleUpsert(spec) => {
+                roles::upsert(store, &spec)?;
+                tracing::info!(role = %spec.name, "role saved");
+                Ok(Response::Ok)
+            }
+            Request::RoleList => Ok(Response::Roles(roles::list(store)?)),
+            Request::RoleRemove { name } => {
+                roles::remove(store, &name)?;
+                tracing::info!(role = %name, "role removed");
+                Ok(Response::Ok)
+            }
         }
     }
 }

@@ -172,7 +172,7 @@ pub fn add(
     } else {
         dedup(&spec.roles)
     };
-    roles::grants(&roles).map_err(invalid)?;
+    roles::grants(store, &roles)?;
     let password_hash = match &spec.password {
         Some(pw) => {
             check_password(pw)?;

@@ -61,6 +61,12 @@ pub enum Request {
         target: LockTarget,
     },
     LockList,
+    /// Admin: roles (what a user's certificates allow). `RoleUpsert` creates or replaces.
+    RoleUpsert(RoleSpec),
+    RoleList,
+    RoleRemove {
+        name: String,
+    },
 }
 
 /// Responses from the authority.
@@ -87,6 +93,7 @@ pub enum Response {
     PresenceAck(PresenceAck),
     DialAllowed(DialGrant),
     Locks(Vec<LockSpec>),
+    Roles(Vec<RoleInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +159,32 @@ pub struct UserSpec {
     pub kube_users: Vec<String>,
     /// Set the password now; without it an invite code is returned.
     pub password: Option<String>,
+}
+
+/// A role (DESIGN section 6): which devices its users reach and what their sessions may do.
+/// Deny wins over allow; a user with several roles gets the union of their permissions and the
+/// smallest session cap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleSpec {
+    pub name: String,
+    /// Label key -> allowed values (`*` = any value); empty = every device.
+    pub allow_labels: BTreeMap<String, Vec<String>>,
+    /// Label key -> denied values (`*` = any value).
+    pub deny_labels: BTreeMap<String, Vec<String>>,
+    /// Longest certificate this role grants, in seconds.
+    pub max_session_ttl: u64,
+    pub permit_pty: bool,
+    pub permit_port_forwarding: bool,
+    pub permit_agent_forwarding: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoleInfo {
+    pub spec: RoleSpec,
+    /// Built into the authority (cannot be changed or removed).
+    pub builtin: bool,
+    /// Users that hold the role.
+    pub users: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -578,3 +578,158 @@ fn locks_end_sessions() {
         tsh.run(&["ssh", "dev1", "true"], None).ok()
     }));
 }
+
+#[test]
+fn roles_limit_devices_ptys_and_forwarding() {
+    let c = Cluster::start(
+        "edge",
+        &[
+            ("dev1", "fleet=vans"),
+            ("dev2", "fleet=vans,env=prod"),
+            ("dev3", "fleet=robots"),
+        ],
+    );
+    c.auth
+        .tctl(&[
+            "roles",
+            "add",
+            "vans-exec",
+            "--allow",
+            "fleet=vans",
+            "--deny",
+            "env=prod",
+            "--no-port-forwarding",
+            "--no-pty",
+            "--max-session-ttl",
+            "1h",
+        ])
+        .expect_ok("tctl roles add");
+    let mut add = c.auth.tctl_cmd();
+    add.args([
+        "users",
+        "add",
+        "bob",
+        "--logins",
+        "root",
+        "--roles",
+        "vans-exec",
+        "--password-stdin",
+    ]);
+    run(
+        add,
+        Some(format!("{PW}\n").as_bytes()),
+        Duration::from_secs(30),
+    )
+    .expect_ok("tctl users add --roles");
+    let roles = c
+        .auth
+        .tctl(&["roles", "ls", "--format", "json"])
+        .expect_ok("roles ls")
+        .json();
+    let ours = roles
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "vans-exec")
+        .unwrap()
+        .clone();
+    assert_eq!(ours["users"][0], "bob", "{roles}");
+    assert_eq!(ours["permit_port_forwarding"], false);
+    // A role in use cannot be removed; an unknown role cannot be given to a user.
+    let r = c.auth.tctl(&["roles", "rm", "vans-exec"]);
+    assert!(
+        r.code() != Some(0) && r.stderr().contains("held by bob"),
+        "{}",
+        r.stderr()
+    );
+    let mut bad = c.auth.tctl_cmd();
+    bad.args([
+        "users",
+        "add",
+        "eve",
+        "--logins",
+        "root",
+        "--roles",
+        "nope",
+        "--password-stdin",
+    ]);
+    let r = run(
+        bad,
+        Some(format!("{PW}\n").as_bytes()),
+        Duration::from_secs(30),
+    );
+    assert!(
+        r.code() != Some(0) && r.stderr().contains("unknown role"),
+        "{}",
+        r.stderr()
+    );
+
+    let tsh = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
+    tsh.login("bob", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    // The certificate carries the role's cap and lacks the extensions the role withholds.
+    let cert = std::fs::read_to_string(tsh.key_dir().join("bob-cert.pub")).unwrap();
+    let cert_path = c.dir.join("bob-cert.pub");
+    std::fs::write(&cert_path, cert).unwrap();
+    let mut kg = Command::new("ssh-keygen");
+    kg.arg("-L").arg("-f").arg(&cert_path);
+    let shown = run(kg, None, Duration::from_secs(10))
+        .expect_ok("ssh-keygen -L")
+        .stdout();
+    assert!(!shown.contains("permit-pty"), "{shown}");
+    assert!(!shown.contains("permit-port-forwarding"), "{shown}");
+
+    // Devices: allowed by label, denied by label (deny wins), not allowed at all.
+    let r = tsh.run(&["ssh", "dev1", "echo", "allowed"], None);
+    assert_eq!(r.stdout(), "allowed\n", "{}", r.stderr());
+    for dev in ["dev2", "dev3"] {
+        let r = tsh.run(&["ssh", dev, "echo", "nope"], None);
+        assert!(r.code() != Some(0), "{dev} should be refused");
+        assert!(
+            r.stderr().contains("do not allow device"),
+            "{dev}: {}",
+            r.stderr()
+        );
+        assert!(!r.stdout().contains("nope"));
+    }
+
+    // Port forwarding is refused by the device, with tsh and with stock OpenSSH.
+    let echo = echo_server();
+    let lport = free_tcp_port();
+    let cmd = tsh.cmd(&[
+        "ssh",
+        "-L",
+        &format!("{lport}:127.0.0.1:{echo}"),
+        "dev1",
+        "sleep 20",
+    ]);
+    let (got, err) = through_forward(cmd, lport);
+    assert!(got.is_empty(), "tsh -L forwarded without permission: {err}");
+    let cfg = tsh.config();
+    let lport = free_tcp_port();
+    let cmd = ssh(
+        &cfg,
+        &[
+            "-L",
+            &format!("{lport}:127.0.0.1:{echo}"),
+            "root@dev1",
+            "sleep 20",
+        ],
+    );
+    let (got, err) = through_forward(cmd, lport);
+    assert!(got.is_empty(), "ssh -L forwarded without permission: {err}");
+    assert!(err.contains("open failed"), "{err}");
+
+    // No PTY: an exec still works, a terminal is refused.
+    let r = run(
+        ssh(&cfg, &["-tt", "root@dev1", "tty"]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(
+        r.stdout().contains("not a tty") || r.stderr().contains("PTY allocation request failed"),
+        "a PTY was allocated without permit-pty: {} / {}",
+        r.stdout(),
+        r.stderr()
+    );
+}

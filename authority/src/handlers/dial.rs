@@ -28,7 +28,7 @@ pub fn authorize_dial(
     if !info.online {
         return Err(not_found(format!("device {device} is offline")));
     }
-    let grants = roles::grants(&subject.roles).map_err(denied)?;
+    let grants = roles::grants(store, &subject.roles)?;
     if !grants.allows_device(&info.labels) {
         return Err(denied(format!(
             "the roles of user {user} ({}) do not allow device {device}",

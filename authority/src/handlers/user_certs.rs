@@ -36,7 +36,7 @@ pub fn issue(
 ) -> Result<UserCerts, RpcError> {
     let (key, spki) = parse_ed25519_public(ssh_public_key)
         .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
-    let grants = roles::grants(&subject.roles).map_err(invalid)?;
+    let grants = roles::grants(svc.store(), &subject.roles)?;
     let cap = svc
         .limits
         .max_session_ttl

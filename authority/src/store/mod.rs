@@ -30,10 +30,12 @@ pub enum Table {
     Gateways,
     /// Locks (`proto::rpc::LockSpec`), by `user/NAME` or `device/ID`.
     Locks,
+    /// Administrator-defined roles (`proto::rpc::RoleSpec`), by name.
+    Roles,
 }
 
 impl Table {
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -43,6 +45,7 @@ impl Table {
         Table::GatewayReports,
         Table::Gateways,
         Table::Locks,
+        Table::Roles,
     ];
 
     /// The table's name in the backing store.
@@ -57,6 +60,7 @@ impl Table {
             Table::GatewayReports => "gateway_reports",
             Table::Gateways => "gateways",
             Table::Locks => "locks",
+            Table::Roles => "roles",
         }
     }
 }

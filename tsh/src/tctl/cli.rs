@@ -51,6 +51,9 @@ pub enum Command {
     /// Lists locks.
     #[command(subcommand)]
     Locks(LocksCmd),
+    /// Roles: which devices users reach and what their sessions may do.
+    #[command(subcommand)]
+    Roles(RolesCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +222,41 @@ pub struct UnlockArgs {
 pub enum LocksCmd {
     /// Lists locks in force.
     Ls(FormatArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolesCmd {
+    /// Adds a role, or replaces the one of that name.
+    Add(RoleAddArgs),
+    /// Lists roles and who holds them.
+    Ls(FormatArgs),
+    /// Removes a role no user holds.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct RoleAddArgs {
+    pub name: String,
+    /// Devices the role reaches, by label: `fleet=vans,fleet=trucks,region=*` (a key repeated
+    /// allows several values; `*` any value). Default: every device.
+    #[arg(long, default_value = "", value_parser = parse_label_rules)]
+    pub allow: BTreeMap<String, Vec<String>>,
+    /// Devices the role never reaches, by label (deny wins over allow).
+    #[arg(long, default_value = "", value_parser = parse_label_rules)]
+    pub deny: BTreeMap<String, Vec<String>>,
+    /// No interactive terminals (exec only).
+    #[arg(long)]
+    pub no_pty: bool,
+    /// No port forwarding (`ssh -L`).
+    #[arg(long)]
+    pub no_port_forwarding: bool,
+    /// Longest certificate the role grants.
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    pub max_session_ttl: u64,
+}
+
+fn parse_label_rules(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
+    super::roles::parse_label_rules(s)
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {

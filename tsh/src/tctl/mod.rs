@@ -11,6 +11,7 @@ mod connect;
 mod devices;
 mod locks;
 mod output;
+mod roles;
 mod tokens;
 mod users;
 
@@ -19,7 +20,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 pub use cli::Cli;
-use cli::{AuthCmd, Command, DevicesCmd, LocksCmd, TokensCmd, UsersCmd};
+use cli::{AuthCmd, Command, DevicesCmd, LocksCmd, RolesCmd, TokensCmd, UsersCmd};
 use connect::Session;
 
 /// The whole program: parses the command line, runs it, prints errors as one line.
@@ -76,6 +77,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lock(a) => locks::lock(&mut s, a).await,
         Command::Unlock(a) => locks::unlock(&mut s, a).await,
         Command::Locks(LocksCmd::Ls(a)) => locks::list(&mut s, a).await,
+        Command::Roles(RolesCmd::Add(a)) => roles::add(&mut s, a).await,
+        Command::Roles(RolesCmd::Ls(a)) => roles::list(&mut s, a).await,
+        Command::Roles(RolesCmd::Rm { name }) => roles::remove(&mut s, name).await,
     };
     s.close().await;
     result
