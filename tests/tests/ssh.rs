@@ -733,3 +733,50 @@ fn roles_limit_devices_ptys_and_forwarding() {
         r.stderr()
     );
 }
+
+#[test]
+fn label_selector_runs_on_every_matching_device() {
+    let c = Cluster::start(
+        "edge",
+        &[
+            ("dev1", "fleet=vans"),
+            ("dev2", "fleet=vans"),
+            ("dev3", "fleet=robots"),
+        ],
+    );
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+
+    let r = tsh.run(&["ssh", "fleet=vans", "echo", "hi"], None);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let stdout = r.stdout();
+    let mut lines: Vec<&str> = stdout.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["[dev1] hi", "[dev2] hi"], "{stdout}");
+    assert!(
+        r.stderr().contains("2 devices: all 2 succeeded"),
+        "{}",
+        r.stderr()
+    );
+
+    // One device cannot be reached (locked): the others still run, the summary names it
+    // and the exit status says something failed.
+    c.auth
+        .tctl(&["lock", "--device", "dev2", "--message", "maintenance"])
+        .expect_ok("tctl lock");
+    let r = tsh.run(&["ssh", "fleet=vans", "echo", "again"], None);
+    assert_eq!(r.code(), Some(1), "{}", r.stderr());
+    assert_eq!(r.stdout(), "[dev1] again\n");
+    assert!(r.stderr().contains("dev2 (not run)"), "{}", r.stderr());
+
+    // A selector that matches nothing is a clear error, not silence.
+    let r = tsh.run(&["ssh", "fleet=boats", "true"], None);
+    assert!(r.code() != Some(0));
+    assert!(
+        r.stderr().contains("no online device matches fleet=boats"),
+        "{}",
+        r.stderr()
+    );
+}

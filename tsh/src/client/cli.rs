@@ -112,7 +112,8 @@ pub struct SshArgs {
     /// gateway that misroutes (or a device that impersonates another) would make happen.
     #[arg(long, hide = true)]
     pub test_route_to: Option<String>,
-    /// [login@]DEVICE
+    /// [login@]DEVICE, or [login@]k=v[,k2=v2] to run the command on every online device
+    /// with those labels.
     pub target: String,
     /// The command to run (a shell if empty).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -11,7 +11,7 @@ use edgeport_proto::util::{format_duration, format_time, now_secs, parse_labels}
 use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs};
 use super::profile::{self, load_creds, tsh_home, Creds, KeyFiles, Profile};
 use super::ssh::{self, SessionSpec};
-use super::{agent, bridge, config, gateway, login, term, CliError};
+use super::{agent, bridge, config, gateway, login, multi, term, CliError};
 
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let g = &cli.global;
@@ -82,6 +82,23 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
         .or(target_login.map(str::to_string))
         .or_else(|| creds.logins().first().cloned())
         .ok_or_else(|| CliError::msg("your certificate allows no logins: ask an administrator"))?;
+    if multi::is_selector(device) && args.direct.is_none() {
+        if !args.forward.is_empty() || args.force_tty > 0 {
+            return Err(CliError::msg(
+                "-L and -t work with one device, not with a label selector",
+            ));
+        }
+        let command = args.command.join(" ");
+        return multi::run(
+            &creds,
+            g.transport,
+            &login,
+            device,
+            &command,
+            multi::DEFAULT_PARALLEL,
+        )
+        .await;
+    }
     let forwards = args
         .forward
         .iter()

@@ -12,6 +12,7 @@ mod commands;
 mod config;
 mod gateway;
 mod login;
+mod multi;
 mod profile;
 mod ssh;
 mod term;
