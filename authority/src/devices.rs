@@ -170,33 +170,86 @@ fn clip(s: &str) -> String {
     out
 }
 
-/// Applies one gateway's snapshot. The caller serialises reports (one at a time), since a
-/// report reads and writes several records.
+/// Applies a one-part snapshot (see [`apply_part`]).
 pub fn apply_report(
     store: &dyn Store,
     gateway: &str,
     report: &PresenceReport,
     now: u64,
 ) -> Result<(), RpcError> {
+    let mut seen = Snapshot::default();
+    apply_part(store, gateway, report, &mut seen, now)
+}
+
+/// Bounds what one snapshot in parts may accumulate (a gateway holds at most this many
+/// tunnels anyway).
+const MAX_DISCONNECTED_PER_SNAPSHOT: usize = 100_000;
+
+/// What the parts of one gateway snapshot have said so far.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Devices reported online by earlier parts.
+    pub seen: BTreeSet<String>,
+    /// The part expected next.
+    pub next_part: u32,
+    /// A part went missing (say, the authority restarted mid-snapshot): do not take devices
+    /// offline for their absence, since they may have been in the lost part. Their leases
+    /// still run out.
+    pub broken: bool,
+    /// Devices whose tunnels ended, with the reason, from every part so far.
+    pub disconnected: Vec<(String, String)>,
+}
+
+/// Applies one part of a gateway's snapshot; the last part (`more == false`) completes it
+/// and takes the devices the gateway no longer holds offline. The caller serialises reports
+/// (one at a time), since a report reads and writes several records.
+pub fn apply_part(
+    store: &dyn Store,
+    gateway: &str,
+    report: &PresenceReport,
+    snap: &mut Snapshot,
+    now: u64,
+) -> Result<(), RpcError> {
+    if report.part == 0 {
+        *snap = Snapshot::default();
+    } else if report.part != snap.next_part {
+        snap.broken = true;
+    }
+    snap.next_part = report.part.saturating_add(1);
     let lease = report.lease_secs.clamp(1, MAX_LEASE_SECS);
     let lease_expires = now + lease;
-    let prev: GatewayReport =
-        store::get(store, Table::GatewayReports, gateway)?.unwrap_or_default();
-    let mut reported = BTreeSet::new();
     for p in &report.online {
         // Only devices in the inventory have presence; a removed one gets its revocation in
         // the acknowledgement instead.
         if get(store, &p.id)?.is_none() {
             continue;
         }
-        reported.insert(p.id.clone());
+        snap.seen.insert(p.id.clone());
         let old: Option<PresenceRecord> = store::get(store, Table::Presence, &p.id)?;
         let rec = online_record(gateway, p, lease_expires, now, old);
         store::put(store, Table::Presence, &p.id, &rec)?;
     }
-    let dropped = prev.devices.iter().filter(|d| !reported.contains(*d));
-    let reasons: BTreeMap<&str, &str> = report
-        .disconnected
+    snap.disconnected.extend(
+        report
+            .disconnected
+            .iter()
+            .take(MAX_DISCONNECTED_PER_SNAPSHOT)
+            .cloned(),
+    );
+    snap.disconnected.truncate(MAX_DISCONNECTED_PER_SNAPSHOT);
+    if report.more {
+        return Ok(());
+    }
+    let gone = std::mem::take(&mut snap.disconnected);
+    let prev: GatewayReport =
+        store::get(store, Table::GatewayReports, gateway)?.unwrap_or_default();
+    let reported = std::mem::take(&mut snap.seen);
+    let trust_absence = !snap.broken;
+    let dropped = prev
+        .devices
+        .iter()
+        .filter(|d| trust_absence && !reported.contains(*d));
+    let reasons: BTreeMap<&str, &str> = gone
         .iter()
         .map(|(id, why)| (id.as_str(), why.as_str()))
         .collect();
@@ -210,7 +263,7 @@ pub fn apply_report(
         if rec.gateway != gateway {
             continue;
         }
-        if !reported.contains(id) {
+        if !reported.contains(id) && (trust_absence || reasons.contains_key(id)) {
             rec.lease_expires = rec.lease_expires.min(now);
         }
         if let Some(why) = reasons.get(id) {
@@ -304,6 +357,17 @@ pub fn list(store: &dyn Store, now: u64) -> Result<Vec<DeviceInfo>, RpcError> {
         .collect())
 }
 
+/// One page of the inventory: the devices with ids after `after`, as many as fit in a frame.
+pub fn page(store: &dyn Store, after: &str, now: u64) -> Result<(Vec<DeviceInfo>, bool), RpcError> {
+    let rest: Vec<DeviceInfo> = list(store, now)?
+        .into_iter()
+        .filter(|d| after.is_empty() || d.id.as_str() > after)
+        .collect();
+    let mut chunks = edgeport_proto::frame::chunk_by_size(rest).into_iter();
+    let first = chunks.next().unwrap_or_default();
+    Ok((first, chunks.next().is_some()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +417,7 @@ mod tests {
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -379,6 +444,75 @@ mod tests {
         let e = register(&s, device("van-1", &k1)).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Denied);
         assert!(revoke(&s, "van-1", 300).is_err());
+    }
+
+    #[test]
+    fn snapshots_in_parts_count_as_one() {
+        let (_d, s) = store();
+        let k = KeyPair::generate().unwrap();
+        for id in ["a", "b", "c"] {
+            register(&s, device(id, &k)).unwrap();
+        }
+        let part = |online: &[&str], gone: &[(&str, &str)], n: u32, more: bool| {
+            let mut r = report(30, online, gone);
+            r.part = n;
+            r.more = more;
+            r
+        };
+        let mut snap = Snapshot::default();
+        apply_part(
+            &s,
+            "gw",
+            &report(30, &["a", "b", "c"], &[]),
+            &mut snap,
+            1000,
+        )
+        .unwrap();
+        // Two parts: devices of the first part are not taken offline by the second.
+        apply_part(&s, "gw", &part(&["a"], &[], 0, true), &mut snap, 1010).unwrap();
+        apply_part(
+            &s,
+            "gw",
+            &part(&["b"], &[("c", "gone")], 1, false),
+            &mut snap,
+            1010,
+        )
+        .unwrap();
+        assert!(online(&s, "a", 1011) && online(&s, "b", 1011));
+        let c = lookup(&s, "c", 1011).unwrap().unwrap();
+        assert!(!c.online);
+        assert_eq!(c.last_disconnect_reason.as_deref(), Some("gone"));
+        // A snapshot whose first part was lost (the authority restarted) takes nobody offline
+        // for being absent; the leases still run out.
+        let mut fresh = Snapshot::default();
+        apply_part(&s, "gw", &part(&["b"], &[], 1, false), &mut fresh, 1020).unwrap();
+        assert!(online(&s, "a", 1021), "a may have been in the lost part");
+        assert!(!online(&s, "a", 1041), "but its lease still expires");
+    }
+
+    #[test]
+    fn inventory_pages_cover_every_device_once() {
+        let (_d, s) = store();
+        let k = KeyPair::generate().unwrap();
+        for i in 0..2000 {
+            let mut d = device(&format!("dev-{i:04}"), &k);
+            d.labels.insert("note".into(), "x".repeat(40));
+            register(&s, d).unwrap();
+        }
+        let (mut all, mut after, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let (devs, more) = page(&s, &after, 1000).unwrap();
+            pages += 1;
+            after = devs.last().unwrap().id.clone();
+            all.extend(devs.into_iter().map(|d| d.id));
+            if !more {
+                break;
+            }
+        }
+        assert!(pages > 1);
+        assert_eq!(all.len(), 2000);
+        all.dedup();
+        assert_eq!(all.len(), 2000);
     }
 
     #[test]

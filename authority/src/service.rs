@@ -5,6 +5,7 @@
 //! Handlers are synchronous (the store is embedded and argon2 is CPU work); the server runs
 //! each request on the blocking pool.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use edgeport_proto::identity::Principal;
@@ -81,7 +82,9 @@ fn access(req: &Request) -> Access {
         | Request::RenewGateway(_)
         | Request::Presence(_)
         | Request::Login(_) => Access::Gateway,
-        Request::DeviceList | Request::AuthorizeDial { .. } => Access::AdminOrGateway,
+        Request::DeviceList | Request::DevicePage { .. } | Request::AuthorizeDial { .. } => {
+            Access::AdminOrGateway
+        }
     }
 }
 
@@ -97,7 +100,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::TokenAdd(_) => "adding join tokens",
         Request::TokenList => "listing join tokens",
         Request::TokenRemove { .. } => "removing join tokens",
-        Request::DeviceList => "listing devices",
+        Request::DeviceList | Request::DevicePage { .. } => "listing devices",
         Request::DeviceRemove { .. } => "removing devices",
         Request::JoinGateway(_) => "gateway join",
         Request::JoinDevice(_) => "relaying device joins",
@@ -159,7 +162,8 @@ pub struct Service {
     pub(crate) ca: Arc<CertAuthority>,
     pub(crate) limits: Limits,
     /// Presence reports touch several records each; one at a time keeps them consistent.
-    pub(crate) presence: Mutex<()>,
+    /// The map holds each gateway's snapshot in progress (large ones come in parts).
+    pub(crate) presence: Mutex<HashMap<String, devices::Snapshot>>,
 }
 
 impl Service {
@@ -168,7 +172,7 @@ impl Service {
             store,
             ca,
             limits,
-            presence: Mutex::new(()),
+            presence: Mutex::new(HashMap::new()),
         }
     }
 
@@ -257,6 +261,10 @@ impl Service {
                 Ok(Response::Ok)
             }
             Request::DeviceList => Ok(Response::Devices(devices::list(store, now)?)),
+            Request::DevicePage { after } => {
+                let (devices, more) = devices::page(store, &after, now)?;
+                Ok(Response::DevicePage { devices, more })
+            }
             Request::DeviceRemove { id } => {
                 devices::revoke(store, &id, now)?;
                 tracing::info!(device = %id, "device removed");

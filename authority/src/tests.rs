@@ -257,6 +257,7 @@ async fn full_flow_over_rpc() {
             kube_cluster: None,
         }],
         disconnected: vec![],
+        ..Default::default()
     };
     match g.call(Request::Presence(report)).await.unwrap() {
         Response::PresenceAck(ack) => assert!(ack.revoked_devices.is_empty()),
@@ -431,6 +432,7 @@ async fn full_flow_over_rpc() {
             lease_secs: 60,
             online: vec![],
             disconnected: vec![],
+            ..Default::default()
         }))
         .await
         .unwrap()
@@ -572,6 +574,7 @@ fn presence_lease_expiry_through_the_service() {
             kube_cluster: Some("k1".into()),
         }],
         disconnected: vec![],
+        ..Default::default()
     };
     assert!(matches!(
         svc.handle_at(&gw, Request::Presence(report), t0 + 100),

@@ -65,6 +65,18 @@ async fn reply(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
     )
 }
 
+/// The whole inventory from the authority, page by page.
+async fn all_devices(
+    ctx: &Ctx,
+) -> Result<Vec<edgeport_proto::rpc::DeviceInfo>, edgeport_proto::rpc_client::RpcClientError> {
+    use edgeport_proto::rpc_client::{add_device_page, first_device_page};
+    let (mut devices, mut next) = (Vec::new(), Some(first_device_page()));
+    while let Some(req) = next {
+        next = add_device_page(&mut devices, ctx.auth.call(req).await?)?;
+    }
+    Ok(devices)
+}
+
 /// Serves one dial stream: request, answer, and for `Dial` the splice.
 pub async fn serve_stream(
     ctx: Arc<Ctx>,
@@ -104,12 +116,18 @@ pub async fn serve_stream(
                 Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
             }
         }
-        (ClientRequest::ListDevices, Some(_)) => match ctx.auth.call(Request::DeviceList).await {
-            Ok(Response::Devices(d)) => ClientReply::Devices(d),
-            Ok(other) => refused(
-                ErrorKind::Internal,
-                edgeport_proto::rpc_client::unexpected(other).to_string(),
-            ),
+        (ClientRequest::ListDevices, Some(_)) => match all_devices(&ctx).await {
+            Ok(devices) => {
+                // Large fleets go in parts, each one frame; the last part is `Devices`.
+                let mut parts = edgeport_proto::frame::chunk_by_size(devices);
+                let last = parts.pop().unwrap_or_default();
+                for part in parts {
+                    if !reply(&mut stream, &ClientReply::DevicesPart(part)).await {
+                        return;
+                    }
+                }
+                ClientReply::Devices(last)
+            }
             Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
         },
         (ClientRequest::Dial { target, service }, Some(user)) => {

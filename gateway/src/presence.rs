@@ -6,7 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgeport_proto::rpc::{LockTarget, PresenceAck, PresenceReport, Request, Response};
+use edgeport_proto::frame::chunk_by_size;
+use edgeport_proto::rpc::{
+    DevicePresence, LockTarget, PresenceAck, PresenceReport, Request, Response,
+};
 use edgeport_proto::tunnel::GatewayControl;
 
 use crate::ctx::Ctx;
@@ -52,15 +55,59 @@ async fn send(ctx: &Ctx, report: PresenceReport) -> Result<PresenceAck, String> 
     }
 }
 
+/// Splits a snapshot into reports that each fit in one frame: the online devices first, then
+/// the disconnected ones; every part but the last says `more`.
+fn parts(
+    lease_secs: u64,
+    online: Vec<DevicePresence>,
+    disconnected: Vec<(String, String)>,
+) -> Vec<PresenceReport> {
+    let mut out: Vec<PresenceReport> = Vec::new();
+    for chunk in chunk_by_size(online) {
+        if !chunk.is_empty() || out.is_empty() {
+            out.push(PresenceReport {
+                lease_secs,
+                online: chunk,
+                ..Default::default()
+            });
+        }
+    }
+    for chunk in chunk_by_size(disconnected) {
+        if chunk.is_empty() {
+            continue;
+        }
+        out.push(PresenceReport {
+            lease_secs,
+            disconnected: chunk,
+            ..Default::default()
+        });
+    }
+    let n = out.len();
+    for (i, p) in out.iter_mut().enumerate() {
+        p.part = i as u32;
+        p.more = i + 1 < n;
+    }
+    out
+}
+
+/// Sends every part of a snapshot; returns the acknowledgement of the last.
+async fn send_all(ctx: &Ctx, reports: Vec<PresenceReport>) -> Result<PresenceAck, String> {
+    let mut last = PresenceAck::default();
+    for r in reports {
+        last = send(ctx, r).await?;
+    }
+    Ok(last)
+}
+
 /// Sends one snapshot and applies the acknowledgement.
 pub async fn report(ctx: &Ctx) -> Result<(), String> {
     let disconnected = ctx.tunnels.take_disconnected();
-    let report = PresenceReport {
-        lease_secs: ctx.cfg.presence_lease.as_secs(),
-        online: ctx.tunnels.snapshot(),
-        disconnected: disconnected.clone(),
-    };
-    match send(ctx, report).await {
+    let reports = parts(
+        ctx.cfg.presence_lease.as_secs(),
+        ctx.tunnels.snapshot(),
+        disconnected.clone(),
+    );
+    match send_all(ctx, reports).await {
         Ok(ack) => {
             apply(ctx, ack);
             Ok(())
@@ -123,15 +170,54 @@ pub async fn final_report(ctx: &Ctx, reason: &str) {
             .iter()
             .map(|t| (t.device_id.clone(), reason.to_string())),
     );
-    let report = PresenceReport {
-        lease_secs: ctx.cfg.presence_lease.as_secs(),
-        online: Vec::new(),
-        disconnected,
-    };
-    if let Err(e) = tokio::time::timeout(Duration::from_secs(3), send(ctx, report))
+    let reports = parts(ctx.cfg.presence_lease.as_secs(), Vec::new(), disconnected);
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(3), send_all(ctx, reports))
         .await
         .unwrap_or_else(|_| Err("timed out".into()))
     {
         tracing::warn!("final presence report failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeport_proto::rpc::Transport;
+
+    fn presence(i: usize) -> DevicePresence {
+        DevicePresence {
+            id: format!("device-{i:05}"),
+            labels: [("fleet".to_string(), "vans".to_string())].into(),
+            version: "0.1.0".into(),
+            arch: "aarch64".into(),
+            transport: Transport::Quic,
+            address: "203.0.113.7:40000".into(),
+            rtt_ms: 40,
+            connected_at: 1,
+            kube_cluster: None,
+        }
+    }
+
+    #[test]
+    fn large_snapshots_go_in_parts_that_fit_a_frame() {
+        let online: Vec<_> = (0..10_000).map(presence).collect();
+        let gone: Vec<_> = (0..3_000)
+            .map(|i| (format!("old-{i}"), "connection lost".to_string()))
+            .collect();
+        let reports = parts(45, online, gone);
+        assert!(reports.len() > 2);
+        let mut ids = 0;
+        for (i, r) in reports.iter().enumerate() {
+            assert!(edgeport_proto::frame::encode(&Request::Presence(r.clone())).is_ok());
+            assert_eq!(r.part as usize, i);
+            assert_eq!(r.more, i + 1 < reports.len());
+            ids += r.online.len();
+        }
+        assert_eq!(ids, 10_000);
+        let small = parts(45, vec![presence(1)], vec![]);
+        assert_eq!(small.len(), 1);
+        assert!(!small[0].more);
+        let empty = parts(45, vec![], vec![]);
+        assert_eq!(empty.len(), 1, "an empty snapshot still renews the lease");
     }
 }

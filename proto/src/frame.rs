@@ -115,6 +115,34 @@ where
     Ok(())
 }
 
+/// Room left in a frame for the items of a list: the rest of the message (enum tags, other
+/// fields, length prefixes) gets the difference.
+pub const LIST_BUDGET: usize = MAX_FRAME_LEN - 8 * 1024;
+
+/// Splits `items` into runs whose postcard encodings total at most [`LIST_BUDGET`] bytes, so
+/// that each run fits in one frame. Every run holds at least one item; an item that cannot be
+/// encoded counts as too large and travels alone (sending it reports the error).
+pub fn chunk_by_size<T: Serialize>(items: Vec<T>) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 0usize;
+    for item in items {
+        let n = postcard::to_allocvec(&item)
+            .map(|v| v.len())
+            .unwrap_or(LIST_BUDGET);
+        if !cur.is_empty() && size + n > LIST_BUDGET {
+            out.push(std::mem::take(&mut cur));
+            size = 0;
+        }
+        size += n;
+        cur.push(item);
+    }
+    if !cur.is_empty() || out.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +219,26 @@ mod tests {
                 prop_assert_eq!(decode::<Msg>(body).unwrap(), m);
             }
         }
+    }
+
+    #[test]
+    fn chunks_fit_in_frames() {
+        let items: Vec<String> = (0..5000)
+            .map(|i| format!("device-{i:05}-{}", "x".repeat(40)))
+            .collect();
+        let chunks = chunk_by_size(items.clone());
+        assert!(chunks.len() > 1);
+        for c in &chunks {
+            assert!(
+                encode(c).is_ok(),
+                "a chunk of {} items does not fit",
+                c.len()
+            );
+        }
+        assert_eq!(chunks.concat(), items);
+        assert_eq!(
+            chunk_by_size(Vec::<String>::new()),
+            vec![Vec::<String>::new()]
+        );
     }
 }

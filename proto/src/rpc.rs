@@ -67,6 +67,11 @@ pub enum Request {
     RoleRemove {
         name: String,
     },
+    /// Admin or gateway: one page of the inventory, devices with ids after `after` in id
+    /// order (`""` for the first page). Large fleets do not fit in one 64 KiB frame.
+    DevicePage {
+        after: String,
+    },
 }
 
 /// Responses from the authority.
@@ -94,6 +99,11 @@ pub enum Response {
     DialAllowed(DialGrant),
     Locks(Vec<LockSpec>),
     Roles(Vec<RoleInfo>),
+    /// One page of the inventory; `more` says another page follows (ask after the last id).
+    DevicePage {
+        devices: Vec<DeviceInfo>,
+        more: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,12 +335,17 @@ pub struct DevicePresence {
 /// A gateway's view of its tunnels. `online` replaces everything the gateway said before
 /// (a full snapshot, so a lost report cannot leave a device stuck online); the lease says how
 /// long the authority may believe it without hearing from the gateway again.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+///
+/// A snapshot too large for one frame goes in parts: `part` counts from 0 and `more` is set
+/// on every part but the last; the authority treats the parts together as one snapshot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PresenceReport {
     pub lease_secs: u64,
     pub online: Vec<DevicePresence>,
     /// Devices whose tunnel ended since the last report, with the reason.
     pub disconnected: Vec<(String, String)>,
+    pub part: u32,
+    pub more: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

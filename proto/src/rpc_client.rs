@@ -9,7 +9,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::frame::{read_frame, write_frame, FrameError};
-use crate::rpc::{Request, Response, RpcError};
+use crate::rpc::{DeviceInfo, Request, Response, RpcError};
 use crate::tls::AUTHORITY_SERVER_NAME;
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +96,39 @@ impl RpcClient {
     pub async fn close(mut self) {
         use tokio::io::AsyncWriteExt;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.shutdown()).await;
+    }
+}
+
+/// Paging through the inventory (large fleets do not fit in one frame): start with
+/// `Some(Request::DevicePage { after: String::new() })`, send each request this returns, and
+/// feed the response back until it returns `None`.
+///
+/// ```ignore
+/// let (mut devices, mut next) = (Vec::new(), Some(first_device_page()));
+/// while let Some(req) = next {
+///     next = add_device_page(&mut devices, client.call(req).await?)?;
+/// }
+/// ```
+pub fn first_device_page() -> Request {
+    Request::DevicePage {
+        after: String::new(),
+    }
+}
+
+/// Adds one `DevicePage` response to `out` and returns the request for the next page, if any.
+pub fn add_device_page(
+    out: &mut Vec<DeviceInfo>,
+    resp: Response,
+) -> Result<Option<Request>, RpcClientError> {
+    match resp {
+        Response::DevicePage { devices, more } => {
+            let progressed = !devices.is_empty();
+            out.extend(devices);
+            Ok((more && progressed).then(|| Request::DevicePage {
+                after: out.last().map(|d| d.id.clone()).unwrap_or_default(),
+            }))
+        }
+        other => Err(unexpected(other)),
     }
 }
 

@@ -117,4 +117,6 @@ pub enum ClientReply {
         device_id: String,
     },
     Refused(RpcError),
+    /// A part of the device list; more parts follow, and the last comes as `Devices`.
+    DevicesPart(Vec<DeviceInfo>),
 }

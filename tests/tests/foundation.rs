@@ -773,6 +773,7 @@ fn join_tokens_expire_are_single_use_and_pinned() {
                 kube_cluster: None,
             }],
             disconnected: vec![],
+            ..Default::default()
         };
         match g.call(Request::Presence(presence)).await.unwrap() {
             Response::PresenceAck(_) => {}

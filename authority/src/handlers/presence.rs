@@ -22,13 +22,16 @@ pub fn presence(
     {
         // A poisoned lock only means another report panicked half-way; the store is still
         // consistent record by record, so carry on.
-        let _one_at_a_time = svc.presence.lock().unwrap_or_else(|p| p.into_inner());
-        devices::apply_report(svc.store(), gateway, report, now)?;
+        let mut snapshots = svc.presence.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = snapshots.entry(gateway.to_string()).or_default();
+        devices::apply_part(svc.store(), gateway, report, snap, now)?;
     }
     tracing::debug!(
         gateway,
         online = report.online.len(),
         disconnected = report.disconnected.len(),
+        part = report.part,
+        more = report.more,
         "presence"
     );
     Ok(Response::PresenceAck(PresenceAck {

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use edgeport_proto::sshcert::{RolesExtension, EXT_ROLES};
-use edgeport_proto::tunnel::{ClientReply, ClientRequest};
 use edgeport_proto::util::{format_duration, format_time, now_secs, parse_labels};
 
 use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs};
@@ -188,12 +187,7 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
     for l in &args.labels {
         want.extend(parse_labels(l).map_err(|e| CliError::msg(e.to_string()))?);
     }
-    let tls = gateway::creds_config(&creds)?;
-    let mut devices =
-        match gateway::user_request(&creds, tls, g.transport, &ClientRequest::ListDevices).await? {
-            (ClientReply::Devices(d), _) => d,
-            (other, _) => return Err(gateway::unexpected(&other)),
-        };
+    let mut devices = gateway::list_devices(&creds, g.transport).await?;
     devices.retain(|d| want.iter().all(|(k, v)| d.labels.get(k) == Some(v)));
     devices.sort_by(|a, b| a.id.cmp(&b.id));
     match args.format {

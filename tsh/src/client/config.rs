@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use edgeport_proto::tunnel::{ClientReply, ClientRequest};
-
 use super::cli::Global;
 use super::profile::{load_creds, tsh_home, KeyFiles, Source};
 use super::{gateway, CliError};
@@ -26,13 +24,8 @@ pub async fn run(g: &Global) -> Result<i32, CliError> {
 
     // Name the devices known now, so `ssh dev1` works; `ssh dev1.CLUSTER` always does.
     let mut hosts = vec![format!("*.{cluster}")];
-    let list = async {
-        let tls = gateway::creds_config(&creds)?;
-        gateway::user_request(&creds, tls, g.transport, &ClientRequest::ListDevices).await
-    };
-    if let Ok(Ok((ClientReply::Devices(devs), _))) =
-        tokio::time::timeout(Duration::from_secs(10), list).await
-    {
+    let list = gateway::list_devices(&creds, g.transport);
+    if let Ok(Ok(devs)) = tokio::time::timeout(Duration::from_secs(10), list).await {
         let mut ids: Vec<String> = devs.into_iter().map(|d| d.id).collect();
         ids.sort();
         hosts.extend(ids);

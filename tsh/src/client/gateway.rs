@@ -155,6 +155,35 @@ pub async fn user_request(
         })
 }
 
+/// The device list (every device the gateway's authority knows), read in parts when the fleet
+/// is too large for one frame.
+pub async fn list_devices(
+    creds: &Creds,
+    transport: Transport,
+) -> Result<Vec<edgeport_proto::rpc::DeviceInfo>, CliError> {
+    let tls = creds_config(creds)?;
+    let (mut reply, mut stream) =
+        user_request(creds, tls, transport, &ClientRequest::ListDevices).await?;
+    let mut devices = Vec::new();
+    loop {
+        match reply {
+            ClientReply::DevicesPart(part) => devices.extend(part),
+            ClientReply::Devices(last) => {
+                devices.extend(last);
+                return Ok(devices);
+            }
+            other => return Err(unexpected(&other)),
+        }
+        reply = tokio::time::timeout(
+            Duration::from_secs(30),
+            edgeport_proto::read_frame::<ClientReply, _>(&mut stream),
+        )
+        .await
+        .map_err(|_| CliError::msg("the gateway stopped sending the device list"))?
+        .map_err(|e| CliError::msg(format!("reading the device list: {e}")))?;
+    }
+}
+
 pub fn unexpected(reply: &ClientReply) -> CliError {
     let name = format!("{reply:?}");
     let name = name

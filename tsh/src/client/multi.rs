@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgeport_proto::rpc::DeviceInfo;
-use edgeport_proto::tunnel::{ClientReply, ClientRequest};
 use futures::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use russh::ChannelMsg;
@@ -63,12 +62,7 @@ pub async fn run(
             "a label selector needs a command: tsh ssh fleet=vans uptime",
         ));
     }
-    let tls = gateway::creds_config(creds)?;
-    let devices =
-        match gateway::user_request(creds, tls, transport, &ClientRequest::ListDevices).await? {
-            (ClientReply::Devices(d), _) => d,
-            (other, _) => return Err(gateway::unexpected(&other)),
-        };
+    let devices = gateway::list_devices(creds, transport).await?;
     let ids = matching(devices, &want);
     if ids.is_empty() {
         return Err(CliError::msg(format!(

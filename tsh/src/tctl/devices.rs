@@ -2,7 +2,7 @@
 //! gateways' presence reports.
 
 use edgeport_proto::rpc::{DeviceInfo, Request, Response};
-use edgeport_proto::rpc_client::unexpected;
+use edgeport_proto::rpc_client::{add_device_page, first_device_page, unexpected};
 use edgeport_proto::util::format_labels;
 use serde_json::json;
 
@@ -11,10 +11,10 @@ use super::connect::Session;
 use super::output::{ago_text, json_list, print_json, time_json, Table};
 
 pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
-    let devices = match s.call(Request::DeviceList).await? {
-        Response::Devices(d) => d,
-        other => return Err(unexpected(other).into()),
-    };
+    let (mut devices, mut next) = (Vec::new(), Some(first_device_page()));
+    while let Some(req) = next {
+        next = add_device_page(&mut devices, s.call(req).await?)?;
+    }
     match a.format {
         Format::Json => print_json(&json_list(&devices, device_json)),
         Format::Text => {
