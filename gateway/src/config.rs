@@ -31,6 +31,9 @@ pub struct GatewayConfig {
     pub max_handshakes: usize,
     /// Established connections at once (TCP and QUIC each).
     pub max_connections: usize,
+    /// A public certificate chain and key (PEM) for users' first contact by name.
+    pub public_cert: Option<PathBuf>,
+    pub public_key: Option<PathBuf>,
     /// Test hook: copy spliced bytes here (see [`crate::splice_dump`]).
     pub splice_dump: Option<PathBuf>,
 }
@@ -51,6 +54,8 @@ impl GatewayConfig {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
             max_connections: 10_000,
+            public_cert: None,
+            public_key: None,
             splice_dump: None,
         }
     }

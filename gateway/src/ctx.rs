@@ -29,6 +29,8 @@ pub struct Ctx {
     pub locks: RwLock<Vec<LockSpec>>,
     /// Locked user names, as last sent to agents (they end those users' sessions).
     pub locked_users: RwLock<Vec<String>>,
+    /// The public certificate last loaded (`--cert/--key`), kept if a reload fails.
+    public_cert: RwLock<Option<Arc<rustls::sign::CertifiedKey>>>,
 }
 
 impl Ctx {
@@ -54,6 +56,7 @@ impl Ctx {
             tcp_tls: RwLock::new(Arc::new(tcp_tls)),
             locks: RwLock::new(Vec::new()),
             locked_users: RwLock::new(Vec::new()),
+            public_cert: RwLock::new(None),
         }
     }
 
@@ -89,6 +92,20 @@ impl Ctx {
         match self.tcp_tls.write() {
             Ok(mut c) => *c = Arc::new(cfg),
             Err(p) => *p.into_inner() = Arc::new(cfg),
+        }
+    }
+
+    pub fn public_cert(&self) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        match self.public_cert.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_public_cert(&self, cert: Option<Arc<rustls::sign::CertifiedKey>>) {
+        match self.public_cert.write() {
+            Ok(mut c) => *c = cert,
+            Err(p) => *p.into_inner() = cert,
         }
     }
 }

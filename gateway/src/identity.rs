@@ -102,10 +102,28 @@ impl GatewayIdentity {
         )?)
     }
 
-    /// TLS server config for one of the gateway's ports.
-    pub fn server_config(&self, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, IdentityError> {
-        Ok(tls::server_config(
-            &self.cert_key()?,
+    /// TLS server config for one of the gateway's ports; with a public certificate, clients
+    /// that ask for another name than the cluster's get that one.
+    pub fn server_config(
+        &self,
+        alpns: &[&[u8]],
+        public: Option<&Arc<rustls::sign::CertifiedKey>>,
+    ) -> Result<rustls::ServerConfig, IdentityError> {
+        let me = self.cert_key()?;
+        let Some(public) = public else {
+            return Ok(tls::server_config(
+                &me,
+                &self.ca_der()?,
+                ClientAuth::Optional,
+                alpns,
+            )?);
+        };
+        let resolver = crate::public_cert::SniResolver {
+            cluster: tls::certified_key(me.chain.clone(), me.key())?,
+            public: public.clone(),
+        };
+        Ok(tls::server_config_resolved(
+            Arc::new(resolver),
             &self.ca_der()?,
             ClientAuth::Optional,
             alpns,

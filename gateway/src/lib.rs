@@ -15,6 +15,7 @@ pub mod dial;
 pub mod identity;
 pub mod join;
 pub mod presence;
+pub mod public_cert;
 pub mod quic;
 pub mod server;
 pub mod splice_dump;

@@ -48,6 +48,14 @@ struct StartArgs {
     /// HOST:PORT that devices and users dial (put into the server certificate).
     #[arg(long)]
     public_addr: Option<String>,
+    /// A public certificate chain (PEM, e.g. Let's Encrypt's fullchain.pem) for the name in
+    /// --public-addr: users may then `tsh login` without --ca-pin, verified by system roots.
+    /// Devices never use it.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The key of --cert (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// Full presence snapshot interval.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     presence_interval: u64,
@@ -80,6 +88,8 @@ fn main() -> ExitCode {
     cfg.ca_pin = args.ca_pin;
     cfg.gateway_id = args.id;
     cfg.public_addr = args.public_addr;
+    cfg.public_cert = args.cert;
+    cfg.public_key = args.key;
     cfg.splice_dump = edgeport_gateway::splice_dump::from_env();
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));

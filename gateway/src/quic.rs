@@ -22,8 +22,9 @@ pub const ALPNS: &[&[u8]] = &[alpn::TUNNEL, alpn::DIAL];
 pub fn server_config(
     identity: &GatewayIdentity,
     idle_timeout: Duration,
+    public: Option<&Arc<rustls::sign::CertifiedKey>>,
 ) -> Result<quinn::ServerConfig, IdentityError> {
-    let tls = identity.server_config(ALPNS)?;
+    let tls = identity.server_config(ALPNS, public)?;
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|e| IdentityError::Io(format!("QUIC TLS config: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));

@@ -10,7 +10,7 @@ use crate::authority::AuthorityClient;
 use crate::config::GatewayConfig;
 use crate::ctx::Ctx;
 use crate::identity::{self, IdentityError};
-use crate::{presence, quic, tcp};
+use crate::{presence, public_cert, quic, tcp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -24,8 +24,9 @@ pub enum ServerError {
 pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
     let ident = identity::load_or_join(&cfg).await?;
     let auth = AuthorityClient::new(cfg.auth_addr.clone(), ident.rpc_client_config()?);
-    let tcp_tls = ident.server_config(tcp::ALPNS)?;
-    let quic_cfg = quic::server_config(&ident, cfg.tunnel_idle_timeout)?;
+    let public = public_cert::load(&cfg)?;
+    let tcp_tls = ident.server_config(tcp::ALPNS, public.as_ref())?;
+    let quic_cfg = quic::server_config(&ident, cfg.tunnel_idle_timeout, public.as_ref())?;
     let listen_err = |err| ServerError::Listen {
         addr: cfg.listen.to_string(),
         err,
@@ -54,6 +55,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         "gateway listening on {local} (TCP and UDP)"
     );
     let ctx = Arc::new(Ctx::new(cfg, ident, auth, tcp_tls, shutdown.clone()));
+    ctx.set_public_cert(public);
     let tasks = [
         tokio::spawn(tcp::accept_loop(ctx.clone(), listener)),
         tokio::spawn(quic::accept_loop(ctx.clone(), endpoint.clone())),
@@ -100,8 +102,18 @@ async fn renew_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
 
 async fn renew(ctx: &Ctx, endpoint: &quinn::Endpoint) -> Result<(), IdentityError> {
     let fresh = identity::renew(&ctx.cfg, &ctx.auth).await?;
-    let tcp_tls = fresh.server_config(tcp::ALPNS)?;
-    let quic_cfg = quic::server_config(&fresh, ctx.cfg.tunnel_idle_timeout)?;
+    let public = match public_cert::load(&ctx.cfg) {
+        Ok(p) => {
+            ctx.set_public_cert(p.clone());
+            p
+        }
+        Err(e) => {
+            tracing::warn!("public certificate not reloaded, serving the previous one: {e}");
+            ctx.public_cert()
+        }
+    };
+    let tcp_tls = fresh.server_config(tcp::ALPNS, public.as_ref())?;
+    let quic_cfg = quic::server_config(&fresh, ctx.cfg.tunnel_idle_timeout, public.as_ref())?;
     ctx.auth.set_config(fresh.rpc_client_config()?);
     ctx.set_tcp_tls(tcp_tls);
     endpoint.set_server_config(Some(quic_cfg));

@@ -71,7 +71,7 @@ impl CertKey {
         Ok(Self { chain, key_pkcs8 })
     }
 
-    fn key(&self) -> PrivateKeyDer<'static> {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
     }
 }
@@ -92,18 +92,51 @@ pub fn server_config(
     client_auth: ClientAuth,
     alpn: &[&[u8]],
 ) -> Result<ServerConfig, TlsError> {
+    let mut cfg =
+        server_builder(ca_der, client_auth)?.with_single_cert(me.chain.clone(), me.key())?;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// As [`server_config`], with the certificate chosen per connection by `resolver` (the
+/// gateway serves a public certificate to browsers and first logins that ask for its public
+/// name, and the cluster certificate to everyone else).
+pub fn server_config_resolved(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    ca_der: &[u8],
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, TlsError> {
+    let mut cfg = server_builder(ca_der, client_auth)?.with_cert_resolver(resolver);
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(cfg)
+}
+
+fn server_builder(
+    ca_der: &[u8],
+    client_auth: ClientAuth,
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>, TlsError> {
     let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider());
     let verifier = match client_auth {
         ClientAuth::Required => builder.build(),
         ClientAuth::Optional => builder.allow_unauthenticated().build(),
     }
     .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider())
+    Ok(ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(me.chain.clone(), me.key())?;
-    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    Ok(cfg)
+        .with_client_cert_verifier(verifier))
+}
+
+/// A chain and key ready to be served by a certificate resolver.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    Ok(Arc::new(rustls::sign::CertifiedKey::from_der(
+        chain,
+        key,
+        &provider(),
+    )?))
 }
 
 /// A TLS 1.3 client config that trusts only `ca_der` and presents `me` if given.

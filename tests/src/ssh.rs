@@ -32,17 +32,31 @@ impl Cluster {
     /// Starts authority `cluster`, one gateway and one agent per `(id, labels)`, and waits
     /// until every device is online.
     pub fn start(cluster: &str, devices: &[(&str, &str)]) -> Self {
-        Self::start_inner(cluster, devices, false)
+        Self::start_inner(cluster, devices, false, &[])
+    }
+
+    /// As [`Cluster::start`], with extra `gateway start` arguments.
+    pub fn start_with_gateway_args(
+        cluster: &str,
+        devices: &[(&str, &str)],
+        gateway_args: &[&str],
+    ) -> Self {
+        Self::start_inner(cluster, devices, false, gateway_args)
     }
 
     /// As [`Cluster::start`], with the gateway's test hook `EDGEPORT_SPLICE_DUMP=DIR` set:
     /// the gateway appends every byte it splices for a session to `DIR/SESSION.c2s` and
     /// `DIR/SESSION.s2c`.
     pub fn start_with_splice_dump(cluster: &str, devices: &[(&str, &str)]) -> Self {
-        Self::start_inner(cluster, devices, true)
+        Self::start_inner(cluster, devices, true, &[])
     }
 
-    fn start_inner(cluster: &str, devices: &[(&str, &str)], dump: bool) -> Self {
+    fn start_inner(
+        cluster: &str,
+        devices: &[(&str, &str)],
+        dump: bool,
+        gateway_args: &[&str],
+    ) -> Self {
         let dir = TempDir::new();
         let auth = Authority::start(&dir.join("authority"), cluster);
         let splice_dump = dump.then(|| dir.join("splice-dump"));
@@ -52,7 +66,7 @@ impl Cluster {
                 std::fs::create_dir_all(d).expect("splice dump dir");
                 std::env::set_var("EDGEPORT_SPLICE_DUMP", d);
             }
-            let gw = Gateway::start(&dir.join("gateway"), &auth);
+            let gw = Gateway::start_with(&dir.join("gateway"), &auth, gateway_args);
             std::env::remove_var("EDGEPORT_SPLICE_DUMP");
             gw
         };

@@ -26,8 +26,39 @@ pub enum Trust {
     Ca(Vec<u8>),
     /// First contact: the server's chain must hold a CA with this pin.
     Pin(String),
+    /// First contact with a gateway that has a public certificate (`gateway --cert`): the
+    /// system's roots, for this host name.
+    System(String),
     /// No verification (`--insecure`).
     Insecure,
+}
+
+impl Trust {
+    /// The TLS server name to ask for: the cluster's gateway name, or the public host name.
+    pub fn server_name(&self) -> &str {
+        match self {
+            Trust::System(host) => host,
+            _ => GATEWAY_SERVER_NAME,
+        }
+    }
+}
+
+/// The system's trusted roots (the OS store; `SSL_CERT_FILE` and `SSL_CERT_DIR` override).
+fn system_roots() -> Result<rustls::RootCertStore, CliError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(CliError::msg(format!(
+            "no trusted root certificates found on this system{why}; pass --ca-pin instead"
+        )));
+    }
+    Ok(roots)
 }
 
 /// A TLS client config for the dial ALPN.
@@ -39,6 +70,21 @@ pub fn tls_config(
     let cfg = match trust {
         Trust::Ca(der) => edgeport_proto::tls::client_config(der, me, &alpn),
         Trust::Pin(pin) => edgeport_proto::tls::pinned_client_config(pin, me, &alpn),
+        Trust::System(_) => {
+            let builder =
+                rustls::ClientConfig::builder_with_provider(edgeport_proto::tls::provider())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .map_err(|e| CliError::msg(e.to_string()))?
+                    .with_root_certificates(system_roots()?);
+            let mut cfg = match me {
+                Some(me) => builder
+                    .with_client_auth_cert(me.chain.clone(), me.key())
+                    .map_err(|e| CliError::msg(e.to_string()))?,
+                None => builder.with_no_client_auth(),
+            };
+            cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+            return Ok(Arc::new(cfg));
+        }
         Trust::Insecure => return insecure_config(me),
     }
     .map_err(|e| CliError::msg(format!("TLS setup: {e}")))?;
@@ -57,11 +103,12 @@ pub fn creds_config(creds: &Creds) -> Result<Arc<rustls::ClientConfig>, CliError
 /// Opens one stream to the gateway at `proxy`.
 pub async fn open(
     proxy: &str,
+    server_name: &str,
     tls: Arc<rustls::ClientConfig>,
     transport: Transport,
 ) -> Result<BoxedStream, CliError> {
-    let name =
-        ServerName::try_from(GATEWAY_SERVER_NAME).map_err(|e| CliError::msg(e.to_string()))?;
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| CliError::msg(format!("{server_name:?}: {e}")))?;
     match transport {
         Transport::Tcp => {
             let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(proxy))
@@ -84,18 +131,19 @@ pub async fn open(
             .map_err(|e| CliError::msg(format!("cannot verify the gateway at {proxy}: {e}")))?;
             Ok(Box::new(tls))
         }
-        Transport::Quic => quic::open(proxy, tls).await,
+        Transport::Quic => quic::open(proxy, server_name, tls).await,
     }
 }
 
 /// Sends `req` on a fresh stream and reads the reply; the stream is returned for dials.
 pub async fn request(
     proxy: &str,
+    server_name: &str,
     tls: Arc<rustls::ClientConfig>,
     transport: Transport,
     req: &ClientRequest,
 ) -> Result<(ClientReply, BoxedStream), CliError> {
-    let mut stream = open(proxy, tls, transport).await?;
+    let mut stream = open(proxy, server_name, tls, transport).await?;
     let exchange = async {
         write_frame(&mut stream, req).await?;
         read_frame::<ClientReply, _>(&mut stream).await
@@ -141,7 +189,7 @@ pub async fn user_request(
     transport: Transport,
     req: &ClientRequest,
 ) -> Result<(ClientReply, BoxedStream), CliError> {
-    request(&creds.proxy, tls, transport, req)
+    request(&creds.proxy, GATEWAY_SERVER_NAME, tls, transport, req)
         .await
         .map_err(|e| {
             if e.message.starts_with("cannot verify the gateway") {
@@ -277,7 +325,6 @@ mod quic {
     use std::sync::Arc;
     use std::task::{Context, Poll};
 
-    use edgeport_proto::tls::GATEWAY_SERVER_NAME;
     use edgeport_proto::util::BoxedStream;
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -324,6 +371,7 @@ mod quic {
 
     pub async fn open(
         proxy: &str,
+        server_name: &str,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<BoxedStream, CliError> {
         let addr = tokio::net::lookup_host(proxy)
@@ -351,7 +399,7 @@ mod quic {
             .map_err(|e| CliError::msg(format!("cannot open a UDP socket: {e}")))?;
         endpoint.set_default_client_config(cfg);
         let connecting = endpoint
-            .connect(addr, GATEWAY_SERVER_NAME)
+            .connect(addr, server_name)
             .map_err(|e| CliError::msg(format!("QUIC connect to {proxy}: {e}")))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await

@@ -89,9 +89,15 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
     } else if let Some(cas) = &stored_cas {
         Trust::Ca(first_cert_der(&cas.x509_ca_pem).map_err(|e| CliError::msg(e.to_string()))?)
     } else {
-        return Err(CliError::msg(format!(
-            "first login to {proxy}: pass --ca-pin sha256:... (the cluster's CA pin, from your administrator) so tsh can verify the gateway"
-        )));
+        // No pin: only a gateway with a public certificate for its name can be verified.
+        let host = proxy_host(&proxy);
+        if host.parse::<std::net::IpAddr>().is_ok() || (!host.contains('.') && host != "localhost")
+        {
+            return Err(CliError::msg(format!(
+                "first login to {proxy}: pass --ca-pin sha256:... (the cluster's CA pin, from your administrator) so tsh can verify the gateway"
+            )));
+        }
+        Trust::System(host.to_string())
     };
     let pin = match &trust {
         Trust::Pin(p) => Some(p.clone()),
@@ -119,9 +125,17 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         client_addr: String::new(),
     });
     let tls = gateway::tls_config(&trust, None)?;
-    let certs = match gateway::request(&proxy, tls, global.transport, &req).await {
+    let certs = match gateway::request(&proxy, trust.server_name(), tls, global.transport, &req)
+        .await
+    {
         Ok((ClientReply::LoggedIn(c), _)) => c,
         Ok((other, _)) => return Err(gateway::unexpected(&other)),
+        Err(e) if matches!(trust, Trust::System(_)) => {
+            return Err(CliError::msg(format!(
+                "login failed: {e}\n(without --ca-pin the gateway must present a certificate for {} from a CA this system trusts; ask your administrator for the cluster's CA pin)",
+                trust.server_name()
+            )))
+        }
         Err(e) => return Err(CliError::msg(format!("login failed: {e}"))),
     };
     let cert = check_certs(&certs, &key, pin.as_deref())?;
@@ -173,6 +187,14 @@ fn read_cas(path: &Path) -> Option<CaBundle> {
 
 /// Checks what the gateway returned: certificates for our key, and (when the gateway was
 /// verified by pin) CAs that match that pin.
+/// `host:port` or `[v6]:port` -> host.
+fn proxy_host(proxy: &str) -> &str {
+    if let Some(rest) = proxy.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    proxy.rsplit_once(':').map_or(proxy, |(h, _)| h)
+}
+
 fn check_certs(
     certs: &UserCerts,
     key: &KeyPair,
