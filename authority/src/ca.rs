@@ -492,10 +492,7 @@ mod tests {
     fn ssh_user_cert_passes_the_shared_checks() {
         let ca = ca();
         let user = KeyPair::generate().unwrap();
-        let roles = RolesExtension {
-            roles: vec!["access".into()],
-            ..Default::default()
-        };
+        let roles = RolesExtension::every_device(vec!["access".into()]);
         let now = now_secs();
         let line = ca
             .sign_ssh_user(&SshUserCert {

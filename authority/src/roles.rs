@@ -86,8 +86,8 @@ pub fn grants(store: &dyn Store, names: &[String]) -> Result<Grants, RpcError> {
 }
 
 /// Permissions are the union of the roles', the session cap the smallest, denials all apply;
-/// a role allowing every device makes the allow rules empty, otherwise allowed values are
-/// merged per label.
+/// each role's allowed labels stay a set of their own (a device must match one role's set
+/// entirely: merging them would allow combinations no role allows).
 pub fn combine(roles: &[RoleSpec]) -> Grants {
     let mut g = Grants {
         max_session_ttl: MAX_SESSION_TTL_SECS,
@@ -96,21 +96,22 @@ pub fn combine(roles: &[RoleSpec]) -> Grants {
         permit_agent_forwarding: false,
         extension: RolesExtension::default(),
     };
-    let mut allow_all = false;
     for role in roles {
         g.max_session_ttl = g.max_session_ttl.min(role.max_session_ttl);
         g.permit_pty |= role.permit_pty;
         g.permit_port_forwarding |= role.permit_port_forwarding;
         g.permit_agent_forwarding |= role.permit_agent_forwarding;
-        allow_all |= role.allow_labels.is_empty();
-        merge(&mut g.extension.allow_labels, &role.allow_labels);
+        if !g.extension.allow.contains(&role.allow_labels) {
+            g.extension.allow.push(role.allow_labels.clone());
+        }
         merge(&mut g.extension.deny_labels, &role.deny_labels);
         if !g.extension.roles.contains(&role.name) {
             g.extension.roles.push(role.name.clone());
         }
     }
-    if allow_all {
-        g.extension.allow_labels.clear();
+    // A role that reaches every device makes the other sets redundant.
+    if g.extension.allow.iter().any(BTreeMap::is_empty) {
+        g.extension.allow = vec![BTreeMap::new()];
     }
     g
 }
@@ -277,6 +278,23 @@ mod tests {
         assert!(!both.allows_device(&dev("vans", "prod")));
         assert!(both.permit_port_forwarding);
         assert_eq!(both.max_session_ttl, 3600, "the smallest cap applies");
+        // Two restricted roles are alternatives, not a cross product.
+        let mut trucks = role("trucks");
+        trucks.allow_labels = BTreeMap::from([
+            ("fleet".into(), vec!["trucks".into()]),
+            ("region".into(), vec!["eu".into()]),
+        ]);
+        upsert(&store, &trucks).unwrap();
+        let g = grants(&store, &["vans".into(), "trucks".into()]).unwrap();
+        let dev3 = |f: &str, r: &str| {
+            BTreeMap::from([
+                ("fleet".to_string(), f.to_string()),
+                ("region".into(), r.into()),
+            ])
+        };
+        assert!(g.allows_device(&dev3("vans", "us")));
+        assert!(g.allows_device(&dev3("trucks", "eu")));
+        assert!(!g.allows_device(&dev3("trucks", "us")));
     }
 
     #[test]

@@ -20,15 +20,27 @@ pub const EXT_ROLES: &str = "roles@edgeport";
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolesExtension {
     pub roles: Vec<String>,
-    /// Label key -> allowed values (`*` matches anything). Empty map: every device.
+    /// One rule set per role, label key -> allowed values (`*` matches anything). A device is
+    /// allowed when any one set matches all of its keys (an empty set matches every device).
+    /// Sets are never merged across roles: `{fleet: vans, env: dev}` and `{fleet: trucks, env:
+    /// prod}` do not add up to vans in prod. No set at all allows nothing (fail closed).
     #[serde(default)]
-    pub allow_labels: BTreeMap<String, Vec<String>>,
+    pub allow: Vec<BTreeMap<String, Vec<String>>>,
     /// Label key -> denied values. Deny wins over allow.
     #[serde(default)]
     pub deny_labels: BTreeMap<String, Vec<String>>,
 }
 
 impl RolesExtension {
+    /// Rules that reach every device (no label restriction), for `roles`.
+    pub fn every_device(roles: Vec<String>) -> Self {
+        Self {
+            roles,
+            allow: vec![BTreeMap::new()],
+            deny_labels: BTreeMap::new(),
+        }
+    }
+
     /// Whether a device with `labels` may be reached under these rules.
     pub fn allows_device(&self, labels: &BTreeMap<String, String>) -> bool {
         let matches = |rules: &BTreeMap<String, Vec<String>>| {
@@ -44,7 +56,7 @@ impl RolesExtension {
                     .get(k)
                     .is_some_and(|v| vals.iter().any(|a| a == "*" || a == v))
             });
-        !denied && matches(&self.allow_labels)
+        !denied && self.allow.iter().any(matches)
     }
 }
 
@@ -261,16 +273,42 @@ mod tests {
 
     #[test]
     fn label_rules() {
-        let mut r = RolesExtension::default();
         let labels: BTreeMap<String, String> = [
             ("fleet".to_string(), "vans".to_string()),
             ("env".into(), "prod".into()),
         ]
         .into();
+        assert!(
+            !RolesExtension::default().allows_device(&labels),
+            "no rules: fail closed"
+        );
+        let mut r = RolesExtension::every_device(vec![]);
         assert!(r.allows_device(&labels));
-        r.allow_labels.insert("fleet".into(), vec!["vans".into()]);
+        r.allow = vec![[("fleet".to_string(), vec!["vans".to_string()])].into()];
         assert!(r.allows_device(&labels));
         r.deny_labels.insert("env".into(), vec!["prod".into()]);
         assert!(!r.allows_device(&labels));
+        // Two roles' sets are alternatives, never merged into a cross product.
+        let set = |f: &str, e: &str| -> BTreeMap<String, Vec<String>> {
+            [
+                ("fleet".to_string(), vec![f.to_string()]),
+                ("env".into(), vec![e.into()]),
+            ]
+            .into()
+        };
+        let two = RolesExtension {
+            roles: vec![],
+            allow: vec![set("vans", "dev"), set("trucks", "prod")],
+            deny_labels: BTreeMap::new(),
+        };
+        assert!(
+            !two.allows_device(&labels),
+            "vans in prod is in neither role"
+        );
+        let vans_dev = [
+            ("fleet".to_string(), "vans".to_string()),
+            ("env".into(), "dev".into()),
+        ];
+        assert!(two.allows_device(&vans_dev.into()));
     }
 }

@@ -46,7 +46,7 @@ impl Default for UserCert<'_> {
             forwarding: true,
             after: now - 60,
             before: now + 3600,
-            roles: RolesExtension::default(),
+            roles: RolesExtension::every_device(vec![]),
         }
     }
 }
@@ -436,8 +436,8 @@ async fn refusals_are_explained() {
 
     let mut roles = RolesExtension::default();
     roles
-        .allow_labels
-        .insert("fleet".into(), vec!["trucks".into()]);
+        .allow
+        .push([("fleet".to_string(), vec!["trucks".to_string()])].into());
     let key = f.user(
         "labels",
         UserCert {
