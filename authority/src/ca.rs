@@ -239,13 +239,16 @@ impl CertAuthority {
         let x509_ca_der = keys::first_cert_der(&keys.x509_cert_pem)
             .map_err(|e| CaError::X509(X509Error::BadCa(e.to_string())))?;
         let x509 = X509Issuer::new(&x509_ca_der, &keys.x509_key_pkcs8)?;
-        let bundle = CaBundle {
+        let mut bundle = CaBundle {
             cluster: cluster.to_string(),
             user_ca: keys.user.public_openssh(),
             host_ca: keys.host.public_openssh(),
             x509_ca_pem: keys::cert_pem(&x509_ca_der),
             ca_pin: keys::ca_pin(&x509_ca_der)?,
+            signature: String::new(),
         };
+        // Clients that trust the x509 CA (by its pin) trust the SSH CAs through this.
+        bundle.signature = hex::encode(x509.sign_bytes(&bundle.signed_bytes())?);
         Ok(Self {
             cluster: cluster.to_string(),
             user_ca: keys.user,
@@ -637,6 +640,40 @@ mod tests {
                 rustls_pki_types::UnixTime::now(),
             )
             .unwrap();
+    }
+
+    #[test]
+    fn the_bundle_is_signed_by_the_x509_ca() {
+        use edgeport_proto::ca_bundle::BundleError;
+        let ca = ca();
+        let b = ca.bundle().clone();
+        b.verify().unwrap();
+        b.verify_pinned(&b.ca_pin).unwrap();
+        b.check_same_cas(&b).unwrap();
+        // A gateway that swaps in its own SSH CA is caught.
+        let mut forged = b.clone();
+        forged.user_ca = KeyPair::generate().unwrap().public_openssh();
+        assert_eq!(forged.verify(), Err(BundleError::BadSignature));
+        assert!(b.check_same_cas(&forged).is_err());
+        // ... and so is one that re-signs with its own x509 CA, by the pin.
+        let other = ca_named("edge");
+        let theirs = other.bundle().clone();
+        theirs.verify().unwrap();
+        assert!(matches!(
+            theirs.verify_pinned(&b.ca_pin),
+            Err(BundleError::PinMismatch { .. })
+        ));
+        assert_eq!(
+            b.check_same_cas(&theirs),
+            Err(BundleError::Changed("x509 CA"))
+        );
+        let mut unsigned = b.clone();
+        unsigned.signature.clear();
+        assert_eq!(unsigned.verify(), Err(BundleError::Unsigned));
+    }
+
+    fn ca_named(cluster: &str) -> CertAuthority {
+        CertAuthority::new(cluster, CaKeys::generate(cluster).unwrap()).unwrap()
     }
 
     #[test]

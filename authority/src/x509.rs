@@ -104,6 +104,14 @@ impl X509Issuer {
         })
     }
 
+    /// Signs arbitrary bytes with the CA key (ECDSA P-256, ASN.1 signature): the CA bundle.
+    pub fn sign_bytes(&self, msg: &[u8]) -> Result<Vec<u8>, X509Error> {
+        self.key
+            .sign(&self.rng, msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| X509Error::Random)
+    }
+
     /// Signs a leaf certificate; returns its DER.
     pub fn sign(&self, spec: &LeafSpec<'_>) -> Result<Vec<u8>, X509Error> {
         check(spec)?;

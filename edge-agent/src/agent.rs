@@ -56,6 +56,17 @@ impl Agent {
             );
             return;
         }
+        // Certificates come through the gateway: the CAs must be the ones we joined with (a
+        // gateway must not be able to slip in its own user CA), and the host certificate must
+        // be for our key, from our host CA.
+        if let Err(e) = current.cas.check_same_cas(&certs.cas) {
+            tracing::error!("renewed certificates refused: {e}");
+            return;
+        }
+        if let Err(e) = identity::check_host_certificate(&current, &certs.host_cert) {
+            tracing::error!("renewed certificates refused: {e}");
+            return;
+        }
         let fresh = identity::store(&self.cfg.data_dir, certs)
             .and_then(|()| identity::load(&self.cfg.data_dir));
         match fresh {

@@ -91,6 +91,23 @@ fn file(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Whether the device has joined (its identity files exist).
+/// Checks a host certificate offered by a renewal: from our host CA, for our device id, for
+/// our own key, and valid now.
+pub fn check_host_certificate(current: &DeviceIdentity, line: &str) -> Result<(), String> {
+    use edgeport_proto::sshcert::check_host_cert;
+    use russh::keys::ssh_key::{Certificate, PublicKey};
+    let cert = Certificate::from_openssh(line.trim())
+        .map_err(|e| format!("unreadable host certificate: {e}"))?;
+    let ca = PublicKey::from_openssh(current.cas.host_ca.trim())
+        .map_err(|e| format!("unreadable host CA: {e}"))?;
+    check_host_cert(&cert, &ca, &current.device_id, now_secs())
+        .map_err(|e| format!("host certificate: {e}"))?;
+    if cert.public_key() != current.key.ssh_public().key_data() {
+        return Err("the host certificate is for another key".into());
+    }
+    Ok(())
+}
+
 pub fn exists(dir: &Path) -> bool {
     file(dir, META_FILE).exists()
 }

@@ -112,7 +112,14 @@ pub async fn join(cfg: &AgentConfig, key: &KeyPair) -> Result<DeviceCerts, JoinE
     };
     match tokio::time::timeout(TIMEOUT, exchange).await {
         Err(_) => Err(unreachable("no answer to the join".into())),
-        Ok(Ok(JoinReply::Joined(certs))) => Ok(certs),
+        Ok(Ok(JoinReply::Joined(certs))) => {
+            // The gateway relays the authority's answer: trust the SSH CAs only through the
+            // x509 CA we pinned, which signed them.
+            certs.cas.verify_pinned(&pin).map_err(|e| {
+                JoinError::Protocol(format!("the join answer is not from this cluster: {e}"))
+            })?;
+            Ok(certs)
+        }
         Ok(Ok(JoinReply::Refused(e))) => Err(JoinError::Refused(e)),
         Ok(Err(FrameError::Closed | FrameError::Truncated)) => Err(JoinError::Protocol(
             "the gateway closed the connection without an answer".into(),

@@ -213,9 +213,12 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                             }
                         }
                     }
-                    Ok(GatewayControl::Renewed(certs)) => {
+                    Ok(GatewayControl::Renewed(certs)) if renew_pending => {
                         renew_pending = false;
                         agent.renewed(&certs);
+                    }
+                    Ok(GatewayControl::Renewed(_)) => {
+                        tracing::warn!("the gateway sent certificates nobody asked for; ignored");
                     }
                     Ok(GatewayControl::Refused(e)) if renew_pending => {
                         renew_pending = false;

@@ -98,6 +98,10 @@ pub struct CaBundle {
     pub x509_ca_pem: String,
     /// `sha256:HEX` of the x509 CA's SubjectPublicKeyInfo.
     pub ca_pin: String,
+    /// Hex ECDSA signature by the x509 CA key over [`CaBundle::signed_bytes`]: whoever trusts
+    /// the x509 CA can trust the SSH CAs (see `ca_bundle`).
+    #[serde(default)]
+    pub signature: String,
 }
 
 impl CaBundle {

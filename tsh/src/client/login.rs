@@ -99,9 +99,11 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         }
         Trust::System(host.to_string())
     };
+    // The x509 CA the answer must come from; the SSH CAs are trusted through its signature.
     let pin = match &trust {
         Trust::Pin(p) => Some(p.clone()),
-        _ => None,
+        Trust::Ca(der) => Some(ca_pin(der).map_err(|e| CliError::msg(e.to_string()))?),
+        Trust::System(_) | Trust::Insecure => None,
     };
 
     let (secret, new_password) = match &args.invite {
@@ -149,6 +151,7 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         ca_pin: if args.insecure {
             None
         } else {
+            // Verified by check_certs: the bundle's own CA has this pin.
             Some(certs.cas.ca_pin.clone())
         },
         insecure: args.insecure,
@@ -220,6 +223,12 @@ fn check_certs(
             )));
         }
     }
+    // The SSH CAs (host CA for known_hosts, user CA) are only as good as the x509 CA's
+    // signature over them: a gateway must not be able to substitute its own host CA.
+    certs
+        .cas
+        .verify()
+        .map_err(|e| CliError::msg(format!("the gateway returned CAs that do not verify: {e}")))?;
     first_cert_der(&certs.x509_cert_pem).map_err(|e| {
         CliError::msg(format!(
             "the gateway returned an unreadable x509 certificate: {e}"
