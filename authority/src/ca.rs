@@ -410,11 +410,21 @@ impl CertAuthority {
         not_before: u64,
         not_after: u64,
     ) -> Result<String, CaError> {
+        // Names under `.edgeport` are the cluster's own (the authority is
+        // `authority.edgeport`): a gateway asking for one could pose as the authority.
+        if let Some(bad) = dns_names.iter().find(|d| {
+            let d = d.to_ascii_lowercase();
+            d != GATEWAY_SERVER_NAME && (d == "edgeport" || d.ends_with(".edgeport"))
+        }) {
+            return Err(CaError::X509(X509Error::BadField(format!(
+                "{bad:?} is reserved for the cluster's own names"
+            ))));
+        }
         let mut names = vec![GATEWAY_SERVER_NAME.to_string()];
         names.extend(
             dns_names
                 .iter()
-                .filter(|d| *d != GATEWAY_SERVER_NAME)
+                .filter(|d| !d.eq_ignore_ascii_case(GATEWAY_SERVER_NAME))
                 .cloned(),
         );
         let uri = [Principal::Gateway(gateway_id.to_string()).spiffe(&self.cluster)];
@@ -670,6 +680,23 @@ mod tests {
         let mut unsigned = b.clone();
         unsigned.signature.clear();
         assert_eq!(unsigned.verify(), Err(BundleError::Unsigned));
+    }
+
+    #[test]
+    fn gateways_cannot_take_the_authoritys_name() {
+        let ca = ca();
+        let k = KeyPair::generate().unwrap();
+        for name in [
+            "authority.edgeport",
+            "*.edgeport",
+            "AUTHORITY.EDGEPORT",
+            "x.y.edgeport",
+        ] {
+            let r = ca.sign_x509_gateway("gw", &k.spki_der(), &[name.into()], &[], 0, 100);
+            assert!(r.is_err(), "{name} was accepted");
+        }
+        ca.sign_x509_gateway("gw", &k.spki_der(), &["gw.example.com".into()], &[], 0, 100)
+            .unwrap();
     }
 
     fn ca_named(cluster: &str) -> CertAuthority {

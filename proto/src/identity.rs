@@ -124,7 +124,7 @@ impl CaBundle {
 
 /// One file holding everything a client needs: the private key (Ed25519, used for both the
 /// SSH and the x509 certificate), the certificates and the cluster's CAs. Written 0600.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct IdentityFile {
     pub version: u32,
     pub principal: Principal,
@@ -176,3 +176,5 @@ mod tests {
         assert!(Principal::parse_spiffe("https://edge/user/a").is_err());
     }
 }
+
+crate::debug_redacted!(IdentityFile { version, principal, ssh_cert, x509_cert_pem, cas, auth_addr, proxy_addr } secret { ssh_private_key });

@@ -160,7 +160,7 @@ pub struct UserCerts {
     pub valid_before: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct UserSpec {
     pub name: String,
     pub logins: Vec<String>,
@@ -232,7 +232,7 @@ pub struct TokenSpec {
     pub reusable: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct TokenInfo {
     /// The secret itself: only in the answer to `TokenAdd`, never stored in clear.
     pub token: Option<String>,
@@ -246,7 +246,7 @@ pub struct TokenInfo {
     pub ca_pin: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JoinGatewayRequest {
     pub token: String,
     pub gateway_id: Option<String>,
@@ -272,7 +272,7 @@ pub struct GatewayCerts {
     pub valid_before: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JoinDeviceRequest {
     pub token: String,
     pub requested_id: Option<String>,
@@ -372,7 +372,7 @@ pub struct DeviceInfo {
     pub kube_cluster: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct LoginRequest {
     pub user: String,
     /// Password, or a one-time invite code (which then sets `new_password`).
@@ -404,3 +404,9 @@ pub struct LockSpec {
     /// Unix seconds; 0 = until removed.
     pub expires: u64,
 }
+
+crate::debug_redacted!(LoginRequest { user, ssh_public_key, ttl_secs, client_addr } secret { secret, new_password });
+crate::debug_redacted!(JoinDeviceRequest { requested_id, labels, ssh_public_key, version, arch, remote_addr } secret { token });
+crate::debug_redacted!(JoinGatewayRequest { gateway_id, dns_names, ip_addrs } secret { token, public_key_spki_der });
+crate::debug_redacted!(UserSpec { name, logins, roles, kube_groups, kube_users } secret { password });
+crate::debug_redacted!(TokenInfo { id, kind, labels, expires, reusable, uses, ca_pin } secret { token });

@@ -16,6 +16,22 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Implements `Debug` for a struct that holds secrets: the listed plain fields are shown, the
+/// secret ones print as `<redacted>`, so a `{:?}` in a log line can never leak them.
+#[macro_export]
+macro_rules! debug_redacted {
+    ($ty:ident { $($field:ident),* $(,)? } secret { $($secret:ident),* $(,)? }) => {
+        impl std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    $(.field(stringify!($field), &self.$field))*
+                    $(.field(stringify!($secret), &"<redacted>"))*
+                    .finish()
+            }
+        }
+    };
+}
+
 /// Writes `data` to `path` with mode 0600, atomically (temporary file, fsync, rename).
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     write_with_mode(path, data, 0o600)
@@ -34,12 +50,21 @@ pub fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
+    // A leftover temporary (a crash) or a planted one (a symlink, a file with a looser mode)
+    // must not be reused: remove it and create the file afresh, refusing to follow links.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)?;
+    // The umask may have narrowed the mode; make it exactly `mode`.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     f.write_all(data)?;
     f.sync_all()?;
     drop(f);
