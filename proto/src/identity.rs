@@ -87,7 +87,7 @@ impl std::fmt::Display for Principal {
 
 /// The trust material of a cluster: what `tctl auth export` prints and what every client
 /// and agent keeps beside its own certificates.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaBundle {
     pub cluster: String,
     /// User SSH CA, one OpenSSH public key line (for sshd's `TrustedUserCAKeys`).
@@ -103,6 +103,20 @@ pub struct CaBundle {
     #[serde(default)]
     pub signature: String,
 }
+
+/// Two bundles are equal when they name the same cluster and CAs. The signature is left out:
+/// ECDSA signatures are randomised, so each authority start signs the same bundle differently.
+impl PartialEq for CaBundle {
+    fn eq(&self, other: &Self) -> bool {
+        self.cluster == other.cluster
+            && self.user_ca == other.user_ca
+            && self.host_ca == other.host_ca
+            && self.x509_ca_pem == other.x509_ca_pem
+            && self.ca_pin == other.ca_pin
+    }
+}
+
+impl Eq for CaBundle {}
 
 impl CaBundle {
     /// The known_hosts line that makes OpenSSH trust every device host certificate.
