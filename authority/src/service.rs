@@ -72,13 +72,20 @@ fn access(req: &Request) -> Access {
         | Request::DeviceRemove { .. }
         | Request::LockAdd(_)
         | Request::LockRemove { .. }
-        | Request::LockList => Access::Admin,
+        | Request::LockList
+        | Request::AuditSearch(_)
+        | Request::AuditVerify { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
         | Request::Presence(_)
-        | Request::Login(_) => Access::Gateway,
-        Request::DeviceList | Request::AuthorizeDial { .. } => Access::AdminOrGateway,
+        | Request::Login(_)
+        | Request::AuditUpload { .. }
+        | Request::AuditRecord(_) => Access::Gateway,
+        Request::DeviceList
+        | Request::AuthorizeDial { .. }
+        | Request::RecordingList { .. }
+        | Request::RecordingGet { .. } => Access::AdminOrGateway,
     }
 }
 
@@ -106,6 +113,12 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::LockAdd(_) => "adding locks",
         Request::LockRemove { .. } => "removing locks",
         Request::LockList => "listing locks",
+        Request::AuditUpload { .. } => "relaying audit batches",
+        Request::AuditRecord(_) => "recording gateway events",
+        Request::AuditSearch(_) => "searching the audit log",
+        Request::AuditVerify { .. } => "verifying audit chains",
+        Request::RecordingList { .. } => "listing recordings",
+        Request::RecordingGet { .. } => "reading recordings",
     }
 }
 
@@ -154,6 +167,8 @@ pub struct Service {
     pub(crate) limits: Limits,
     /// Presence reports touch several records each; one at a time keeps them consistent.
     pub(crate) presence: Mutex<()>,
+    /// Audit chains are extended one batch at a time.
+    pub(crate) audit: Mutex<()>,
 }
 
 impl Service {
@@ -163,6 +178,7 @@ impl Service {
             ca,
             limits,
             presence: Mutex::new(()),
+            audit: Mutex::new(()),
         }
     }
 
@@ -186,7 +202,11 @@ impl Service {
     /// Answers one request as if the time were `now` (Unix seconds).
     pub fn handle_at(&self, caller: &Caller, req: Request, now: u64) -> Response {
         let name = request_name(&req);
+        let pending = crate::audit::describe(caller, &req);
         let result = check_access(caller, &req).and_then(|()| self.dispatch(caller, req, now));
+        if let Some(p) = pending {
+            crate::audit::finish(self, p, &result);
+        }
         match result {
             Ok(resp) => {
                 tracing::debug!(%caller, request = name, "ok");
@@ -276,6 +296,18 @@ impl Service {
                 Ok(Response::Ok)
             }
             Request::LockList => Ok(Response::Locks(locks::active(store, now)?)),
+            Request::AuditUpload { device_id, batch } => {
+                crate::audit::upload(self, caller_name, &device_id, batch)
+            }
+            Request::AuditRecord(events) => crate::audit::record_gateway(self, caller_name, events),
+            Request::AuditSearch(q) => crate::audit::search(self, &q),
+            Request::AuditVerify { device } => crate::audit::verify(self, device.as_deref()),
+            Request::RecordingList { user } => crate::audit::recordings(self, user.as_deref()),
+            Request::RecordingGet {
+                session_id,
+                user,
+                offset,
+            } => crate::audit::recording(self, &session_id, user.as_deref(), offset),
         }
     }
 }

@@ -30,10 +30,20 @@ pub enum Table {
     Gateways,
     /// Locks (`proto::rpc::LockSpec`), by `user/NAME` or `device/ID`.
     Locks,
+    /// Audit events (`proto::audit::StoredEvent`): `d/DEVICE/SEQ`, `a/SEQ`, `g/GATEWAY/...`.
+    AuditEvents,
+    /// Where each chain ends (`audit::ChainState`), by device id (`@authority` for its own).
+    AuditState,
+    /// Integrity alerts (`proto::audit::IntegrityAlert`), by `DEVICE/TIME-N`.
+    AuditAlerts,
+    /// Session recording pieces (asciicast v2 bytes), by `SESSION/SEQ`.
+    Recordings,
+    /// One `proto::audit::RecordingInfo` per recorded session.
+    RecordingIndex,
 }
 
 impl Table {
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 14] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -43,6 +53,11 @@ impl Table {
         Table::GatewayReports,
         Table::Gateways,
         Table::Locks,
+        Table::AuditEvents,
+        Table::AuditState,
+        Table::AuditAlerts,
+        Table::Recordings,
+        Table::RecordingIndex,
     ];
 
     /// The table's name in the backing store.
@@ -57,6 +72,11 @@ impl Table {
             Table::GatewayReports => "gateway_reports",
             Table::Gateways => "gateways",
             Table::Locks => "locks",
+            Table::AuditEvents => "audit_events",
+            Table::AuditState => "audit_state",
+            Table::AuditAlerts => "audit_alerts",
+            Table::Recordings => "recordings",
+            Table::RecordingIndex => "recording_index",
         }
     }
 }

@@ -12,6 +12,7 @@ mod commands;
 mod config;
 mod gateway;
 mod login;
+mod play;
 mod profile;
 mod ssh;
 mod term;
