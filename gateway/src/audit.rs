@@ -144,3 +144,40 @@ pub async fn stream_recording(ctx: &Ctx, stream: &mut BoxedStream, user: &str, s
         return;
     }
 }
+
+/// Dial grants the authority gave recently, by (user, target): while the authority is
+/// unreachable, a user who was allowed on a device in the last [`GRANT_CACHE_TTL`] may
+/// still reach it (locks the gateway knows of still apply), so sessions on devices keep
+/// working and keep being audited on the device.
+pub const GRANT_CACHE_TTL: Duration = Duration::from_secs(600);
+
+type GrantCache = std::sync::Mutex<
+    std::collections::HashMap<
+        (String, String),
+        (std::time::Instant, edgeport_proto::rpc::DialGrant),
+    >,
+>;
+
+fn grants() -> &'static GrantCache {
+    static CACHE: std::sync::OnceLock<GrantCache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+pub fn remember_grant(user: &str, target: &str, g: &edgeport_proto::rpc::DialGrant) {
+    if let Ok(mut c) = grants().lock() {
+        c.retain(|_, (at, _)| at.elapsed() < GRANT_CACHE_TTL);
+        if c.len() < 100_000 {
+            c.insert(
+                (user.to_string(), target.to_string()),
+                (std::time::Instant::now(), g.clone()),
+            );
+        }
+    }
+}
+
+pub fn cached_grant(user: &str, target: &str) -> Option<edgeport_proto::rpc::DialGrant> {
+    let c = grants().lock().ok()?;
+    c.get(&(user.to_string(), target.to_string()))
+        .filter(|(at, _)| at.elapsed() < GRANT_CACHE_TTL)
+        .map(|(_, g)| g.clone())
+}
