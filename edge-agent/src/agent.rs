@@ -153,6 +153,18 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         .field("version", edgeport_proto::VERSION)
         .field("device", &ident.device_id)
         .emit();
+    if cfg.test_audit_flood > 0 {
+        let n = cfg.test_audit_flood;
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            crate::audit::flood(n);
+            tracing::info!(
+                events = n,
+                secs = t.elapsed().as_secs_f64(),
+                "audit flood spooled"
+            );
+        });
+    }
     let services = Arc::new(Services::new(cfg.test_echo, &ident));
     let agent = Agent {
         audit,

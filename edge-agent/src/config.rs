@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub test_audit_sign_key: Option<PathBuf>,
     /// Tests: send the first acknowledged audit batch a second time.
     pub test_audit_replay: bool,
+    /// Benchmarks: synthetic audit events emitted at start.
+    pub test_audit_flood: u64,
 }
 
 impl AgentConfig {
@@ -64,6 +66,7 @@ impl AgentConfig {
             audit_max_bytes: 64 * 1024 * 1024,
             test_audit_sign_key: None,
             test_audit_replay: false,
+            test_audit_flood: 0,
         }
     }
 }

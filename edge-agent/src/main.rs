@@ -74,6 +74,9 @@ struct StartArgs {
     /// Tests: send the first acknowledged audit batch again.
     #[arg(long, hide = true)]
     test_audit_replay: bool,
+    /// Benchmarks: emit this many synthetic audit events at start.
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_audit_flood: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
     cfg.audit_max_bytes = a.audit_spool_max.max(4096);
     cfg.test_audit_sign_key = a.test_audit_sign_key;
     cfg.test_audit_replay = a.test_audit_replay;
+    cfg.test_audit_flood = a.test_audit_flood;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -221,6 +221,23 @@ fn exec_and_interactive_sessions_are_audited_and_recorded() {
         assert_eq!(ev[1], "o");
         assert!(ev[2].is_string());
     }
+    // Stock asciinema reads it too (where installed).
+    if Command::new("asciinema")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let f = c.dir.join("session.cast");
+        std::fs::write(&f, &cast).unwrap();
+        let mut a = Command::new("asciinema");
+        a.arg("cat").arg(&f);
+        let r = run(a, None, Duration::from_secs(30));
+        assert!(
+            r.ok() && r.stdout().contains("marker-123"),
+            "{}",
+            r.stderr()
+        );
+    }
     // Replay with timing (fast) ends and prints the same.
     let played = tsh
         .run(&["play", &sid, "--speed", "50"], None)
@@ -576,6 +593,136 @@ fn full_disk_under_the_spool() {
     );
     assert_eq!(exec_session(&tsh, "echo after"), 0);
     wait_event(&c, "exec after", |e| e["command"] == "echo after");
+    let (ok, out) = verify(&c);
+    assert!(ok, "{out}");
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Numbers for docs/benchmarks.md: `cargo test -p edgeport-e2e --test audit bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_audit() {
+    let mut c = Cluster::start("audit-bench", &[("dev1", "")]);
+    let tsh = login(&c);
+    let agent_dir = c.agents[0].data_dir.clone();
+    assert_eq!(exec_session(&tsh, "true"), 0);
+    wait_spool_empty(&c, &agent_dir);
+
+    // Spool bytes per exec session (authority down so nothing drains).
+    let (dir, cluster, addr) = (
+        c.auth.data_dir.clone(),
+        c.auth.cluster.clone(),
+        c.auth.addr.clone(),
+    );
+    c.auth.proc.stop();
+    let sessions = 20;
+    for _ in 0..sessions {
+        assert_eq!(exec_session(&tsh, "uptime"), 0);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = spool_lines(&agent_dir).len();
+    let bytes = dir_bytes(&spool_dir(&agent_dir));
+    println!(
+        "BENCH spool per exec session: {} bytes, {:.1} events ({} sessions)",
+        bytes / sessions,
+        lines as f64 / sessions as f64,
+        sessions
+    );
+    c.auth = Authority::start_at(&dir, &cluster, &addr);
+    wait_spool_empty(&c, &agent_dir);
+
+    // Recording bytes per minute of a busy terminal.
+    let secs = 20;
+    let tmux = Tmux::start(
+        "audit-bench-pty",
+        120,
+        40,
+        &format!(
+            "env TSH_HOME='{}' '{}' ssh root@dev1; sleep 600",
+            tsh.home.display(),
+            bin("tsh").display()
+        ),
+    );
+    tmux.send(&[
+        &format!(
+            "timeout {secs} sh -c 'while :; do ls -l /usr/bin | head -40; sleep 0.2; done'; exit"
+        ),
+        "Enter",
+    ]);
+    let events = wait_event(&c, "busy session.end", |e| {
+        e["type"] == "session.end" && e["kind"] == "shell"
+    });
+    drop(tmux);
+    let end = events
+        .iter()
+        .find(|e| e["type"] == "session.end" && e["kind"] == "shell")
+        .unwrap();
+    let sid = end["session_id"].as_str().unwrap();
+    let recs = tsh
+        .run(&["recordings", "ls", "--format", "json"], None)
+        .json();
+    let rec = recs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["session_id"] == sid)
+        .unwrap()
+        .clone();
+    let dur: f64 = end["duration_ms"].as_str().unwrap().parse::<f64>().unwrap() / 1000.0;
+    let out: f64 = end["bytes_out"].as_str().unwrap().parse().unwrap();
+    let rb = rec["bytes"].as_f64().unwrap();
+    println!(
+        "BENCH busy terminal: {:.0} s, {:.0} terminal bytes/min, {:.0} recording bytes/min ({:.2}x)",
+        dur,
+        out / dur * 60.0,
+        rb / dur * 60.0,
+        rb / out
+    );
+
+    // Sustained events/s, agent spool to authority store.
+    let n = 50_000u64;
+    let t = std::time::Instant::now();
+    let a = Agent::start(
+        &c.dir.join("agent-flood"),
+        &c.gw,
+        "flood",
+        "",
+        &["--test-audit-flood", &n.to_string()],
+    );
+    c.agents.push(a);
+    let mut stored = 0;
+    // Poll rarely: a verify re-reads the whole chain, which would compete for the CPU.
+    let ok = wait_until(Duration::from_secs(600), || {
+        std::thread::sleep(Duration::from_secs(2));
+        let j = c
+            .tctl
+            .run(&["audit", "verify", "--device", "flood", "--format", "json"])
+            .json();
+        stored = j[0]["events"].as_u64().unwrap_or(0);
+        stored >= n
+    });
+    let el = t.elapsed().as_secs_f64();
+    assert!(ok, "only {stored} of {n} stored");
+    let log = c.agents.last().unwrap().proc.log_text();
+    let spooled = log
+        .lines()
+        .find(|l| l.contains("audit flood spooled"))
+        .unwrap_or("")
+        .to_string();
+    println!(
+        "BENCH end to end: {stored} events in {el:.1} s (incl. agent start and join) = {:.0} events/s; {spooled}",
+        stored as f64 / el
+    );
     let (ok, out) = verify(&c);
     assert!(ok, "{out}");
 }

@@ -137,6 +137,23 @@ fn writer(shared: Arc<Shared>, rx: Receiver<Msg>) {
     }
 }
 
+/// Benchmarks: `n` synthetic events shaped like an exec event, paced so that none is dropped
+/// from the queue (it waits for the writer every 1000).
+pub fn flood(n: u64) {
+    for i in 0..n {
+        event("bench.event")
+            .session("00112233445566778899aabbccddeeff")
+            .user("bench")
+            .login("root")
+            .field("command", format!("echo bench-{i}"))
+            .emit();
+        if i % 1000 == 999 {
+            flush(Duration::from_secs(30));
+        }
+    }
+    flush(Duration::from_secs(30));
+}
+
 /// Hands one event to the spool writer; never blocks.
 pub fn emit(ev: AuditEvent) {
     let Some(sink) = SINK.get() else { return };
