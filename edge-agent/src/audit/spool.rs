@@ -50,6 +50,9 @@ pub struct Spool {
     dropped_bytes: u64,
     drop_reason: String,
     failing: bool,
+    /// Where the last `read_batch` stopped: (segment, byte offset, seq of the last event
+    /// read), so the next batch does not re-parse the segment from its start.
+    cursor: Option<(u64, u64, u64)>,
 }
 
 fn segment_name(first: u64) -> String {
@@ -107,6 +110,7 @@ impl Spool {
             dropped_bytes: 0,
             drop_reason: String::new(),
             failing: false,
+            cursor: None,
         };
         let mut names: Vec<(u64, PathBuf)> = fs::read_dir(&seg_dir)
             .map_err(|e| io("cannot read", &seg_dir, e))?
@@ -359,33 +363,48 @@ impl Spool {
     }
 
     /// Events after `after`, in order, up to about `max_bytes` encoded (at least one).
-    pub fn read_batch(&self, after: u64, max_bytes: usize) -> Vec<AuditEvent> {
+    pub fn read_batch(&mut self, after: u64, max_bytes: usize) -> Vec<AuditEvent> {
         let mut out = Vec::new();
         let mut size = 0usize;
-        for seg in self.segments.values() {
+        let mut cursor = None;
+        for (key, seg) in &self.segments {
             if seg.last_seq <= after {
                 continue;
             }
+            let start = match self.cursor {
+                Some((k, off, s)) if k == *key && s == after && off <= seg.size => off,
+                _ => 0,
+            };
             let mut content = Vec::new();
-            if File::open(&seg.path)
-                .and_then(|mut f| f.read_to_end(&mut content))
-                .is_err()
-            {
+            let read = File::open(&seg.path).and_then(|mut f| {
+                use std::io::{Seek, SeekFrom};
+                f.seek(SeekFrom::Start(start))?;
+                f.take(seg.size - start).read_to_end(&mut content)
+            });
+            if read.is_err() {
                 continue;
             }
-            content.truncate(seg.size as usize);
-            for ev in parse(&content).0 {
+            let mut pos = 0usize;
+            while let Some(nl) = content[pos..].iter().position(|b| *b == b'\n') {
+                let line = &content[pos..pos + nl];
+                pos += nl + 1;
+                let Ok(ev) = serde_json::from_slice::<AuditEvent>(line) else {
+                    continue;
+                };
                 if ev.seq <= after {
                     continue;
                 }
                 let len = postcard::to_stdvec(&ev).map(|v| v.len()).unwrap_or(0) + 8;
                 if !out.is_empty() && size + len > max_bytes {
+                    self.cursor = cursor;
                     return out;
                 }
                 size += len;
+                cursor = Some((*key, start + pos as u64, ev.seq));
                 out.push(ev);
             }
         }
+        self.cursor = cursor;
         out
     }
 
