@@ -577,10 +577,19 @@ fn full_disk_under_the_spool() {
         serde_json::from_str::<Value>(&l)
             .unwrap_or_else(|e| panic!("corrupt spool line {l:?}: {e}"));
     }
-    // Space comes back; the authority too: the drop is reported with counts.
-    std::fs::remove_file(&filler).unwrap();
+    // The authority comes back while the disk is still full: the spool gave back its
+    // reserve, so the drop is still reported, with counts.
+    let released = wait_until(Duration::from_secs(10), || {
+        c.agents[0]
+            .proc
+            .log_text()
+            .contains("released the audit spool")
+    });
+    assert!(released, "{}", c.agents[0].proc.log_text());
     c.auth = Authority::start_at(&dir, &cluster, &addr);
     let events = wait_event(&c, "audit.dropped", |e| e["type"] == "audit.dropped");
+    assert!(filler.exists());
+    std::fs::remove_file(&filler).unwrap();
     let d = events
         .iter()
         .find(|e| e["type"] == "audit.dropped")

@@ -16,6 +16,13 @@ use std::path::{Path, PathBuf};
 
 use edgeport_proto::audit::{AuditEvent, GENESIS_HASH, RECORDING_CHUNK};
 
+/// Width the hash in `acked` is padded to (the record keeps one size: 20 + 1 + 80 + 1).
+const ACKED_PAD: usize = 80;
+
+/// Space set aside in `DATA/audit/reserve` and given back when the disk is full, so that the
+/// `audit.dropped` report can still be written.
+const RESERVE_BYTES: usize = 64 * 1024;
+
 /// Segments are rotated at this size.
 const SEGMENT_BYTES: u64 = 1024 * 1024;
 
@@ -112,6 +119,7 @@ impl Spool {
             failing: false,
             cursor: None,
         };
+        me.ensure_reserve();
         let mut names: Vec<(u64, PathBuf)> = fs::read_dir(&seg_dir)
             .map_err(|e| io("cannot read", &seg_dir, e))?
             .filter_map(|e| e.ok())
@@ -169,6 +177,26 @@ impl Spool {
             );
         }
         Ok(me)
+    }
+
+    /// (Re)creates the reserve file if it is missing; a failure only means no reserve.
+    fn ensure_reserve(&self) {
+        let path = self.dir.join("reserve");
+        if fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE_BYTES as u64) {
+            return;
+        }
+        let made = File::create(&path).and_then(|mut f| {
+            f.write_all(&[0u8; RESERVE_BYTES])?;
+            f.sync_all()
+        });
+        if made.is_err() {
+            let _ = fs::remove_file(&path);
+        }
+    }
+
+    /// Gives the reserve back to the filesystem; true if there was one.
+    fn release_reserve(&self) -> bool {
+        fs::remove_file(self.dir.join("reserve")).is_ok()
     }
 
     pub fn dir(&self) -> &Path {
@@ -305,6 +333,13 @@ impl Spool {
                     lost + dropped_now.1,
                     &format!("disk: {e}"),
                 );
+                if self.release_reserve() {
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        "released the audit spool's {} KiB reserve so the drop report can be written",
+                        RESERVE_BYTES / 1024
+                    );
+                }
                 false
             }
         }
@@ -426,13 +461,31 @@ impl Spool {
         }
         let path = self.dir.join("acked");
         let tmp = self.dir.join("acked.tmp");
-        let write = || -> std::io::Result<()> {
+        // A fixed-size record overwritten in place needs no new blocks, so acknowledgements
+        // (and with them the deletions that free space) still work on a full disk. The first
+        // one is written to a temporary file and renamed.
+        let record = format!(
+            "{seq:020} {hash}{:width$}\n",
+            "",
+            width = ACKED_PAD.saturating_sub(hash.len())
+        );
+        let in_place = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).open(&path)?;
+            if f.metadata()?.len() != record.len() as u64 {
+                return Err(std::io::Error::other("not a fixed-size record"));
+            }
+            f.write_all(record.as_bytes())?;
+            f.sync_data()
+        };
+        let replace = || -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
-            f.write_all(format!("{seq} {hash}\n").as_bytes())?;
+            f.write_all(record.as_bytes())?;
             f.sync_all()?;
             fs::rename(&tmp, &path)
         };
-        write().map_err(|e| io("cannot record the acknowledgement in", &path, e))?;
+        in_place()
+            .or_else(|_| replace())
+            .map_err(|e| io("cannot record the acknowledgement in", &path, e))?;
         self.acked = seq;
         let done: Vec<u64> = self
             .segments
@@ -440,6 +493,7 @@ impl Spool {
             .filter(|(_, s)| s.last_seq <= seq)
             .map(|(k, _)| *k)
             .collect();
+        let freed = !done.is_empty();
         for k in done {
             if self.cur.as_ref().is_some_and(|(c, _)| *c == k) {
                 self.cur = None;
@@ -449,6 +503,9 @@ impl Spool {
                     tracing::warn!(path = %s.path.display(), "cannot delete an acknowledged spool segment: {e}");
                 }
             }
+        }
+        if freed && !self.failing {
+            self.ensure_reserve();
         }
         Ok(())
     }
