@@ -238,6 +238,20 @@ fn exec_and_interactive_sessions_are_audited_and_recorded() {
             r.stderr()
         );
     }
+    // Another user sees neither the recording nor can play it.
+    c.add_user("bob", "root", PW);
+    let bob = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
+    bob.login("bob", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login bob");
+    let theirs = bob
+        .run(&["recordings", "ls", "--format", "json"], None)
+        .expect_ok("bob: tsh recordings ls")
+        .json();
+    assert_eq!(theirs.as_array().unwrap().len(), 0, "{theirs:#}");
+    let r = bob.run(&["play", &sid, "--format", "text"], None);
+    assert_eq!(r.code(), Some(1));
+    assert!(r.stderr().contains("no recording"), "{}", r.stderr());
+    assert!(!r.stdout().contains("marker-123"));
     // Replay with timing (fast) ends and prints the same.
     let played = tsh
         .run(&["play", &sid, "--speed", "50"], None)
