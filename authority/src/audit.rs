@@ -58,8 +58,20 @@ fn device_key(device: &str, seq: u64) -> String {
     format!("d/{device}/{seq:020}")
 }
 
+/// Refused batches are retried by the agent every few seconds; one alert of a kind per
+/// device per this long is enough to see it (the log has every one).
+const REFUSAL_ALERT_EVERY_MS: u64 = 60_000;
+
 fn alert(store: &dyn Store, a: IntegrityAlert) -> Result<(), RpcError> {
     tracing::warn!(device = %a.device, kind = %a.kind, seq = a.seq, "audit integrity alert: {}", a.detail);
+    if a.kind == "bad_signature" || a.kind == "unknown_device" {
+        let key = format!("@alerted/{}/{}", a.device, a.kind);
+        let last: Option<u64> = store::get(store, Table::AuditState, &key)?;
+        if last.is_some_and(|t| a.time_ms.saturating_sub(t) < REFUSAL_ALERT_EVERY_MS) {
+            return Ok(());
+        }
+        store::put(store, Table::AuditState, &key, &a.time_ms)?;
+    }
     let n = edgeport_proto::keys::random_bytes(4)
         .map(hex::encode)
         .unwrap_or_default();
@@ -356,6 +368,12 @@ pub fn verify(svc: &Service, device: Option<&str>) -> Result<Response, RpcError>
     };
     for (_, e) in store::list::<StoredEvent>(store, Table::AuditEvents, &prefix)? {
         chains.entry(e.device.clone()).or_default().push(e);
+    }
+    // The authority's own chain, listed as `@authority`.
+    if device.is_none_or(|d| d == "@authority") {
+        for (_, e) in store::list::<StoredEvent>(store, Table::AuditEvents, "a/")? {
+            chains.entry("@authority".into()).or_default().push(e);
+        }
     }
     let mut alerts: BTreeMap<String, Vec<IntegrityAlert>> = BTreeMap::new();
     let aprefix = device.map(|d| format!("{d}/")).unwrap_or_default();
@@ -676,7 +694,8 @@ mod tests {
         let next = chain(4, &a.last_hash, 2);
         assert!(up(&svc, "d1", signed(&other, "d1", next.clone())).is_err());
         assert!(up(&svc, "d1", signed(&key, "d2", next.clone())).is_err());
-        assert_eq!(alerts(&svc, "d1"), ["bad_signature", "bad_signature"]);
+        // One alert per kind and device per minute: the agent retries refused batches.
+        assert_eq!(alerts(&svc, "d1"), ["bad_signature"]);
 
         // Replay of a stored batch: flagged, chain unchanged.
         let a2 = up(&svc, "d1", signed(&key, "d1", first)).unwrap();
