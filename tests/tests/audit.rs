@@ -159,6 +159,51 @@ fn exec_and_interactive_sessions_are_audited_and_recorded() {
         e["type"] == "auth.refused" && e["login"] == "nobody"
     });
 
+    // File transfers with the stock sftp client: each file, with its size, and the removal.
+    let cfg = tsh.config();
+    let local = c.dir.join("up.bin");
+    std::fs::write(&local, vec![42u8; 300_000]).unwrap();
+    let remote = format!("/tmp/edgeport-audit-{}.bin", std::process::id());
+    let batch = c.dir.join("sftp.batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {remote}\nget {remote} {}\nrm {remote}\n",
+            local.display(),
+            c.dir.join("down.bin").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("sftp");
+    cmd.arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "-b"])
+        .arg(&batch)
+        .arg("root@dev1");
+    run(cmd, None, Duration::from_secs(120)).expect_ok("sftp");
+    let events = wait_event(&c, "sftp.remove", |e| {
+        e["type"] == "sftp.remove" && e["path"] == remote.as_str()
+    });
+    let files: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "sftp.file" && e["path"] == remote.as_str())
+        .collect();
+    assert!(
+        files
+            .iter()
+            .any(|e| e["mode"] == "write" && e["bytes_written"] == "300000"),
+        "{files:#?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|e| e["mode"] == "read" && e["bytes_read"] == "300000"),
+        "{files:#?}"
+    );
+    assert!(files
+        .iter()
+        .all(|e| e["user"] == "alice" && e["device"] == "dev1"));
+
     // An interactive session, recorded.
     let tmux = Tmux::start(
         "audit-pty",

@@ -5,6 +5,7 @@
 //! `audit.dropped` event.
 
 pub mod record;
+pub mod sftp;
 pub mod ship;
 pub mod spool;
 

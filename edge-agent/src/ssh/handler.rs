@@ -138,6 +138,7 @@ impl ConnHandler {
             bytes_in: Default::default(),
             bytes_out: Default::default(),
             recorder: None,
+            sftp: None,
         }
     }
 
@@ -242,12 +243,21 @@ impl ConnHandler {
                 .login(&auth.grant.login)
                 .field("command", &audit_detail)
                 .emit(),
-            "subsystem" => crate::audit::event("sftp.start")
-                .session(&self.session_id)
-                .user(&auth.grant.user)
-                .login(&auth.grant.login)
-                .field("server", &audit_detail)
-                .emit(),
+            "subsystem" => {
+                crate::audit::event("sftp.start")
+                    .session(&self.session_id)
+                    .user(&auth.grant.user)
+                    .login(&auth.grant.login)
+                    .field("server", &audit_detail)
+                    .emit();
+                ctx.sftp = Some(Arc::new(std::sync::Mutex::new(
+                    crate::audit::sftp::SftpTracker::new(
+                        &self.session_id,
+                        &auth.grant.user,
+                        &auth.grant.login,
+                    ),
+                )));
+            }
             _ => {}
         }
         if let (Some((cols, rows, term)), true) = (audit_pty, master.is_some()) {

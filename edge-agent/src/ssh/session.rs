@@ -41,6 +41,18 @@ pub struct LogCtx {
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
     pub recorder: Option<Arc<std::sync::Mutex<crate::audit::record::Recorder>>>,
+    /// SFTP file operations (subsystem sessions).
+    pub sftp: Option<Sftp>,
+}
+
+pub type Sftp = Arc<std::sync::Mutex<crate::audit::sftp::SftpTracker>>;
+
+fn tap(t: &Option<Sftp>, f: impl FnOnce(&mut crate::audit::sftp::SftpTracker)) {
+    if let Some(t) = t {
+        if let Ok(mut t) = t.lock() {
+            f(&mut t);
+        }
+    }
 }
 
 impl LogCtx {
@@ -72,12 +84,24 @@ pub async fn run(
             stdout,
             stderr,
         } => {
-            let input = tokio::spawn(pipe_input(read, stdin, pgid, ctx.bytes_in.clone()));
-            let out = copy_out(stdout, write.make_writer(), ctx.bytes_out.clone());
+            let input = tokio::spawn(pipe_input(
+                read,
+                stdin,
+                pgid,
+                ctx.bytes_in.clone(),
+                ctx.sftp.clone(),
+            ));
+            let out = copy_out(
+                stdout,
+                write.make_writer(),
+                ctx.bytes_out.clone(),
+                ctx.sftp.clone(),
+            );
             let err = copy_out(
                 stderr,
                 write.make_writer_ext(Some(1)),
                 ctx.bytes_out.clone(),
+                None,
             );
             let (status, _, _) = tokio::join!(started.child.wait(), out, err);
             finish(&handle, channel, status, &ctx).await;
@@ -166,6 +190,7 @@ async fn finish(
             r.finish();
         }
     }
+    tap(&ctx.sftp, |t| t.finish());
     let mut ev = crate::audit::event("session.end")
         .session(&ctx.session_id)
         .user(&ctx.user)
@@ -229,7 +254,7 @@ fn to_sig(sig: i32) -> Sig {
 }
 
 /// Copies one output stream of the process to the channel until EOF.
-async fn copy_out<R, W>(src: Option<R>, mut dst: W, count: Arc<AtomicU64>)
+async fn copy_out<R, W>(src: Option<R>, mut dst: W, count: Arc<AtomicU64>, sftp: Option<Sftp>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -241,6 +266,7 @@ where
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 count.fetch_add(n as u64, Ordering::Relaxed);
+                tap(&sftp, |t| t.server(&buf[..n]));
                 if dst.write_all(&buf[..n]).await.is_err() {
                     // The client is gone; keep draining so the process is not blocked
                     // before it is hung up.
@@ -259,11 +285,13 @@ async fn pipe_input(
     mut stdin: Option<ChildStdin>,
     pgid: i32,
     count: Arc<AtomicU64>,
+    sftp: Option<Sftp>,
 ) {
     loop {
         match read.wait().await {
             Some(ChannelMsg::Data { data }) => {
                 count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                tap(&sftp, |t| t.client(&data));
                 if let Some(w) = stdin.as_mut() {
                     if w.write_all(&data).await.is_err() {
                         stdin = None;
