@@ -164,7 +164,7 @@ pub fn upload(
             )?;
             continue;
         }
-        if ev.seq != state.last_seq + 1 {
+        if ev.seq != state.last_seq.saturating_add(1) {
             alert(
                 store,
                 IntegrityAlert {
@@ -174,8 +174,8 @@ pub fn upload(
                     seq: ev.seq,
                     detail: format!(
                         "events {}..{} are missing (got {} after {})",
-                        state.last_seq + 1,
-                        ev.seq - 1,
+                        state.last_seq.saturating_add(1),
+                        ev.seq.saturating_sub(1),
                         ev.seq,
                         state.last_seq
                     ),
@@ -258,7 +258,7 @@ pub fn record_own(svc: &Service, mut ev: AuditEvent, device: &str) {
     let res = (|| -> Result<(), RpcError> {
         let mut state: ChainState =
             store::get(store, Table::AuditState, "@authority")?.unwrap_or_default();
-        ev.seq = state.last_seq + 1;
+        ev.seq = state.last_seq.saturating_add(1);
         ev.prev_hash = state.last_hash.clone();
         state.last_seq = ev.seq;
         state.last_hash = ev.hash();
@@ -394,15 +394,18 @@ pub fn verify(svc: &Service, device: Option<&str>) -> Result<Response, RpcError>
         let mut prev: Option<(u64, String)> = None;
         for e in &events {
             match &prev {
-                None if e.event.seq != 1 => {
-                    problems.push(format!("events 1..{} are missing", e.event.seq - 1))
-                }
+                None if e.event.seq != 1 => problems.push(format!(
+                    "events 1..{} are missing",
+                    e.event.seq.saturating_sub(1)
+                )),
                 None if e.event.prev_hash != GENESIS_HASH => {
                     problems.push("event 1 does not start the chain (prev_hash)".into())
                 }
-                Some((s, _)) if e.event.seq != s + 1 => {
-                    problems.push(format!("events {}..{} are missing", s + 1, e.event.seq - 1))
-                }
+                Some((s, _)) if e.event.seq != s.saturating_add(1) => problems.push(format!(
+                    "events {}..{} are missing",
+                    s.saturating_add(1),
+                    e.event.seq.saturating_sub(1)
+                )),
                 Some((s, h)) if &e.event.prev_hash != h => problems.push(format!(
                     "event {} does not link to event {s} (altered or replaced)",
                     e.event.seq

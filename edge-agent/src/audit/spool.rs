@@ -227,7 +227,7 @@ impl Spool {
     }
 
     fn chain(&mut self, mut ev: AuditEvent) -> (AuditEvent, Vec<u8>) {
-        ev.seq = self.seq + 1;
+        ev.seq = self.seq.saturating_add(1);
         ev.prev_hash = self.last_hash.clone();
         let mut line = serde_json::to_vec(&ev).unwrap_or_default();
         line.push(b'\n');
@@ -319,7 +319,9 @@ impl Spool {
                 self.last_hash = hash0;
                 // Everything in this write is lost, except the drop report, which is redone.
                 let lost = buf.len() as u64;
-                let n = last_seq - seq0 - u64::from(reported.0 > 0);
+                let n = last_seq
+                    .saturating_sub(seq0)
+                    .saturating_sub(u64::from(reported.0 > 0));
                 if !self.failing {
                     tracing::error!(
                         dir = %self.dir.display(),
