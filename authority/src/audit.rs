@@ -219,10 +219,16 @@ pub fn upload(
     }
     store::put(store, Table::AuditState, device_id, &state)?;
     store.flush()?;
+    let signature = svc.ca().sign_audit_ack(&edgeport_proto::audit::ack_payload(
+        device_id,
+        state.last_seq,
+        &state.last_hash,
+    ));
     Ok(Response::AuditAck(AuditAck {
         acked_seq: state.last_seq,
         last_hash: state.last_hash,
         error: None,
+        signature,
     }))
 }
 
@@ -687,6 +693,9 @@ mod tests {
         // Sync, then a good batch.
         let a = up(&svc, "d1", signed(&key, "d1", vec![])).unwrap();
         assert_eq!(a.acked_seq, 0);
+        let host_ca = edgeport_proto::audit::raw_ed25519(&svc.ca().bundle().host_ca).unwrap();
+        assert!(edgeport_proto::audit::verify_ack("d1", &a, &host_ca));
+        assert!(!edgeport_proto::audit::verify_ack("d2", &a, &host_ca));
         let first = chain(1, GENESIS_HASH, 3);
         let a = up(&svc, "d1", signed(&key, "d1", first.clone())).unwrap();
         assert_eq!(a.acked_seq, 3);

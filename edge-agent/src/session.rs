@@ -179,6 +179,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
             shared,
             ident.device_id.clone(),
             ident.key.clone(),
+            edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca),
             agent.audit_tamper(),
             audit_tx,
             audit_acks,

@@ -39,6 +39,7 @@ pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> Gat
             acked_seq: 0,
             last_hash: String::new(),
             error: Some(edgeport_proto::rpc_client::unexpected(other).to_string()),
+            signature: Vec::new(),
         },
         Err(e) => {
             tracing::info!(device = %device_id, "audit batch not stored: {e}");
@@ -46,6 +47,7 @@ pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> Gat
                 acked_seq: 0,
                 last_hash: String::new(),
                 error: Some(e.to_string()),
+                signature: Vec::new(),
             }
         }
     };

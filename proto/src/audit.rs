@@ -85,13 +85,41 @@ pub fn verify_batch(device_id: &str, batch: &AuditBatch, public_raw: &[u8]) -> b
 }
 
 /// The authority's answer to a batch: where its copy of the chain ends now. The agent may
-/// delete everything up to `acked_seq`.
+/// delete everything up to `acked_seq`, once `signature` verifies with the cluster's host CA
+/// key (the gateway in between cannot make a device delete unshipped events).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AuditAck {
     pub acked_seq: u64,
     pub last_hash: String,
     /// Why the batch was not (fully) taken; the agent retries later.
     pub error: Option<String>,
+    /// Ed25519 signature of the host CA over [`ack_payload`] (empty on errors).
+    pub signature: Vec<u8>,
+}
+
+/// The bytes an ack signature covers.
+pub fn ack_payload(device_id: &str, acked_seq: u64, last_hash: &str) -> Vec<u8> {
+    let mut out = b"edgeport-audit-ack/1\0".to_vec();
+    out.extend_from_slice(
+        &postcard::to_stdvec(&(device_id, acked_seq, last_hash)).unwrap_or_default(),
+    );
+    out
+}
+
+/// Verifies an ack against the raw host CA public key.
+pub fn verify_ack(device_id: &str, ack: &AuditAck, host_ca_raw: &[u8]) -> bool {
+    let key = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, host_ca_raw);
+    key.verify(
+        &ack_payload(device_id, ack.acked_seq, &ack.last_hash),
+        &ack.signature,
+    )
+    .is_ok()
+}
+
+/// The raw Ed25519 key of an OpenSSH public key line (the host CA in a `CaBundle`).
+pub fn raw_ed25519(line: &str) -> Option<Vec<u8>> {
+    let (_, spki) = crate::keys::parse_ed25519_public(line).ok()?;
+    Some(spki[spki.len().checked_sub(32)?..].to_vec())
 }
 
 /// An event as the authority keeps it.

@@ -31,10 +31,12 @@ pub struct Tamper {
 }
 
 /// Ships until the tunnel ends (the channels close).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     shared: Arc<Shared>,
     device_id: String,
     key: KeyPair,
+    host_ca: Option<Vec<u8>>,
     tamper: Tamper,
     out: mpsc::Sender<AgentControl>,
     mut acks: mpsc::Receiver<AuditAck>,
@@ -80,7 +82,16 @@ pub async fn run(
                 return;
             }
         };
-        if let Some(e) = ack.error {
+        let error = match (&ack.error, &host_ca) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(ca)) if !edgeport_proto::audit::verify_ack(&device_id, &ack, ca) => Some(
+                "the acknowledgement is not signed by the cluster's authority; nothing deleted"
+                    .to_string(),
+            ),
+            (None, None) => Some("no host CA key to check acknowledgements with".to_string()),
+            _ => None,
+        };
+        if let Some(e) = error {
             tracing::warn!(
                 events = n,
                 "audit batch not taken: {e}; retrying in {:.1}s",
