@@ -235,6 +235,12 @@ impl std::fmt::Debug for CertAuthority {
 }
 
 impl CertAuthority {
+    /// Signs an audit acknowledgement with the host CA key (the key devices already trust
+    /// for the cluster; the payload's domain tag keeps it apart from SSH certificates).
+    pub fn sign_audit_ack(&self, payload: &[u8]) -> Vec<u8> {
+        self.host_ca.sign(payload)
+    }
+
     pub fn new(cluster: &str, keys: CaKeys) -> Result<Self, CaError> {
         let x509_ca_der = keys::first_cert_der(&keys.x509_cert_pem)
             .map_err(|e| CaError::X509(X509Error::BadCa(e.to_string())))?;

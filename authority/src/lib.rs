@@ -5,6 +5,7 @@
 //! [`Server::shutdown`].
 
 pub mod admin_identity;
+pub mod audit;
 pub mod ca;
 pub mod data_dir;
 pub mod devices;

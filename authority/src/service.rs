@@ -76,15 +76,21 @@ fn access(req: &Request) -> Access {
         | Request::LockList
         | Request::RoleUpsert(_)
         | Request::RoleList
-        | Request::RoleRemove { .. } => Access::Admin,
+        | Request::RoleRemove { .. }
+        | Request::AuditSearch(_)
+        | Request::AuditVerify { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
         | Request::Presence(_)
-        | Request::Login(_) => Access::Gateway,
-        Request::DeviceList | Request::DevicePage { .. } | Request::AuthorizeDial { .. } => {
-            Access::AdminOrGateway
-        }
+        | Request::Login(_)
+        | Request::AuditUpload { .. }
+        | Request::AuditRecord(_) => Access::Gateway,
+        Request::DeviceList
+        | Request::DevicePage { .. }
+        | Request::AuthorizeDial { .. }
+        | Request::RecordingList { .. }
+        | Request::RecordingGet { .. } => Access::AdminOrGateway,
     }
 }
 
@@ -115,6 +121,12 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::RoleUpsert(_) => "changing roles",
         Request::RoleList => "listing roles",
         Request::RoleRemove { .. } => "removing roles",
+        Request::AuditUpload { .. } => "relaying audit batches",
+        Request::AuditRecord(_) => "recording gateway events",
+        Request::AuditSearch(_) => "searching the audit log",
+        Request::AuditVerify { .. } => "verifying audit chains",
+        Request::RecordingList { .. } => "listing recordings",
+        Request::RecordingGet { .. } => "reading recordings",
     }
 }
 
@@ -164,6 +176,8 @@ pub struct Service {
     /// Presence reports touch several records each; one at a time keeps them consistent.
     /// The map holds each gateway's snapshot in progress (large ones come in parts).
     pub(crate) presence: Mutex<HashMap<String, devices::Snapshot>>,
+    /// Audit chains are extended one batch at a time.
+    pub(crate) audit: Mutex<()>,
 }
 
 impl Service {
@@ -173,6 +187,7 @@ impl Service {
             ca,
             limits,
             presence: Mutex::new(HashMap::new()),
+            audit: Mutex::new(()),
         }
     }
 
@@ -196,7 +211,11 @@ impl Service {
     /// Answers one request as if the time were `now` (Unix seconds).
     pub fn handle_at(&self, caller: &Caller, req: Request, now: u64) -> Response {
         let name = request_name(&req);
+        let pending = crate::audit::describe(caller, &req);
         let result = check_access(caller, &req).and_then(|()| self.dispatch(caller, req, now));
+        if let Some(p) = pending {
+            crate::audit::finish(self, p, &result);
+        }
         match result {
             Ok(resp) => {
                 tracing::debug!(%caller, request = name, "ok");
@@ -301,6 +320,18 @@ impl Service {
                 tracing::info!(role = %name, "role removed");
                 Ok(Response::Ok)
             }
+            Request::AuditUpload { device_id, batch } => {
+                crate::audit::upload(self, caller_name, &device_id, batch)
+            }
+            Request::AuditRecord(events) => crate::audit::record_gateway(self, caller_name, events),
+            Request::AuditSearch(q) => crate::audit::search(self, &q),
+            Request::AuditVerify { device } => crate::audit::verify(self, device.as_deref()),
+            Request::RecordingList { user } => crate::audit::recordings(self, user.as_deref()),
+            Request::RecordingGet {
+                session_id,
+                user,
+                offset,
+            } => crate::audit::recording(self, &session_id, user.as_deref(), offset),
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct Agent {
     pub shutdown: CancellationToken,
     /// A renewal asked for regardless of the certificates' age (tests).
     forced_renew: AtomicBool,
+    /// The audit spool (`None` if it could not be opened: the agent runs without audit).
+    pub audit: Option<Arc<crate::audit::Shared>>,
 }
 
 impl Agent {
@@ -39,6 +41,23 @@ impl Agent {
         match self.identity.read() {
             Ok(i) => i.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Test hooks for audit shipping (hidden flags).
+    pub fn audit_tamper(&self) -> crate::audit::ship::Tamper {
+        let sign_key = self.cfg.test_audit_sign_key.as_ref().and_then(|p| {
+            let k = std::fs::read_to_string(p)
+                .ok()
+                .and_then(|pem| edgeport_proto::keys::KeyPair::from_openssh(&pem).ok());
+            if k.is_none() {
+                tracing::error!(path = %p.display(), "test audit key unreadable");
+            }
+            k
+        });
+        crate::audit::ship::Tamper {
+            sign_key,
+            replay: self.cfg.test_audit_replay,
         }
     }
 
@@ -134,8 +153,32 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         device = %ident.device_id, cluster = %ident.cas.cluster, gateway = %cfg.gateway,
         "edge agent starting"
     );
+    let audit = match crate::audit::start(&cfg.data_dir, cfg.audit_max_bytes) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::error!("{e}; sessions are served WITHOUT an audit trail");
+            None
+        }
+    };
+    crate::audit::event("agent.start")
+        .field("version", edgeport_proto::VERSION)
+        .field("device", &ident.device_id)
+        .emit();
+    if cfg.test_audit_flood > 0 {
+        let n = cfg.test_audit_flood;
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            crate::audit::flood(n);
+            tracing::info!(
+                events = n,
+                secs = t.elapsed().as_secs_f64(),
+                "audit flood spooled"
+            );
+        });
+    }
     let services = Arc::new(Services::new(cfg.test_echo, &ident));
     let agent = Agent {
+        audit,
         forced_renew: AtomicBool::new(cfg.test_renew),
         cfg,
         identity: RwLock::new(Arc::new(ident)),
@@ -160,7 +203,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                     "tunnel up"
                 );
                 let started = Instant::now();
-                match session::serve(&agent, s, &mut quic).await {
+                crate::audit::event("tunnel.up")
+                    .field("transport", s.conn.transport().as_str())
+                    .field("gateway", &s.gateway_id)
+                    .emit();
+                let ended = session::serve(&agent, s, &mut quic).await;
+                let why = match &ended {
+                    Ended::Upgrade(_) => "moving to QUIC".to_string(),
+                    Ended::Shutdown => "agent stopping".to_string(),
+                    Ended::Lost(r) => r.clone(),
+                };
+                crate::audit::event("tunnel.down")
+                    .field("reason", why)
+                    .emit();
+                match ended {
                     Ended::Upgrade(s) => {
                         tracing::info!("UDP works again: moved the tunnel back to QUIC");
                         next = Some(s);
@@ -187,6 +243,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     }
     // Let the gateway hear about the close instead of waiting for an idle timeout.
     quic.shutdown().await;
+    crate::audit::event("agent.stop").emit();
+    let _ = tokio::task::spawn_blocking(|| crate::audit::flush(Duration::from_secs(2))).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     tracing::info!("edge agent stopped");
     Ok(())

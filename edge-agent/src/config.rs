@@ -34,6 +34,14 @@ pub struct AgentConfig {
     pub test_renew: bool,
     /// The Kubernetes cluster this agent fronts, if any (reported in Hello).
     pub kube_cluster: Option<String>,
+    /// Upper bound of the audit spool on disk, bytes.
+    pub audit_max_bytes: u64,
+    /// Tests: sign audit batches with this key instead of the device key.
+    pub test_audit_sign_key: Option<PathBuf>,
+    /// Tests: send the first acknowledged audit batch a second time.
+    pub test_audit_replay: bool,
+    /// Benchmarks: synthetic audit events emitted at start.
+    pub test_audit_flood: u64,
 }
 
 impl AgentConfig {
@@ -55,6 +63,10 @@ impl AgentConfig {
             test_echo: false,
             test_renew: false,
             kube_cluster: None,
+            audit_max_bytes: 64 * 1024 * 1024,
+            test_audit_sign_key: None,
+            test_audit_replay: false,
+            test_audit_flood: 0,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! [`services`] (stream dispatch), [`ssh`] (the SSH server).
 
 pub mod agent;
+pub mod audit;
 pub mod backoff;
 pub mod config;
 pub mod identity;

@@ -64,6 +64,31 @@ struct StartArgs {
     /// Renew the certificates once right after the first tunnel is up (tests).
     #[arg(long, hide = true)]
     test_renew: bool,
+    /// Most bytes the audit spool may take on disk (DATA/audit); beyond, new events are
+    /// dropped and counted in an audit.dropped event.
+    #[arg(long, env = "EDGEPORT_AUDIT_SPOOL_MAX", default_value = "64M", value_parser = parse_size)]
+    audit_spool_max: u64,
+    /// Tests: sign audit batches with this OpenSSH private key instead of the device key.
+    #[arg(long, hide = true)]
+    test_audit_sign_key: Option<PathBuf>,
+    /// Tests: send the first acknowledged audit batch again.
+    #[arg(long, hide = true)]
+    test_audit_replay: bool,
+    /// Benchmarks: emit this many synthetic audit events at start.
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_audit_flood: u64,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1024),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1024 * 1024),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1024 * 1024 * 1024),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n.saturating_mul(mul))
+        .map_err(|e| format!("invalid size {s:?}: {e}"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -104,6 +129,10 @@ fn main() -> ExitCode {
     cfg.quic_probe_interval = a.quic_probe_interval.max(Duration::from_secs(1));
     cfg.test_echo = a.test_echo;
     cfg.test_renew = a.test_renew;
+    cfg.audit_max_bytes = a.audit_spool_max.max(4096);
+    cfg.test_audit_sign_key = a.test_audit_sign_key;
+    cfg.test_audit_replay = a.test_audit_replay;
+    cfg.test_audit_flood = a.test_audit_flood;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

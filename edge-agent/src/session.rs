@@ -170,6 +170,21 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
         ..
     } = session;
     let accept_task = tokio::spawn(accept_loop(acceptor, agent.services.clone()));
+    // Audit: the shipper sends batches through `audit_out`; acks come back on `audit_ack`.
+    let (audit_tx, mut audit_out) = tokio::sync::mpsc::channel::<AgentControl>(2);
+    let (audit_ack, audit_acks) = tokio::sync::mpsc::channel(2);
+    let ship_task = agent.audit.clone().map(|shared| {
+        let ident = agent.identity();
+        tokio::spawn(crate::audit::ship::run(
+            shared,
+            ident.device_id.clone(),
+            ident.key.clone(),
+            edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca),
+            agent.audit_tamper(),
+            audit_tx,
+            audit_acks,
+        ))
+    });
     // Frames are read on their own task: `read_frame` is not cancel-safe, and the loop
     // below selects over timers too.
     let (frames_tx, mut frames) = tokio::sync::mpsc::channel(8);
@@ -229,6 +244,9 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                     }
                     Ok(GatewayControl::Locked { users }) => agent.services.set_locked_users(users),
                     Ok(GatewayControl::Welcome { .. }) => {}
+                    Ok(GatewayControl::AuditAck(a)) => {
+                        let _ = audit_ack.try_send(a);
+                    }
                     Err(FrameError::Closed) => break Ended::Lost("the gateway closed the control stream".into()),
                     Err(e) => break Ended::Lost(format!("control stream: {e}")),
                 }
@@ -258,6 +276,11 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                     renew_pending = true;
                 }
             }
+            Some(msg) = audit_out.recv() => {
+                if let Err(e) = send(&mut writer, &msg).await {
+                    break Ended::Lost(e);
+                }
+            }
             reason = conn.closed() => break Ended::Lost(reason),
             s = &mut probe => break Ended::Upgrade(s),
             _ = agent.shutdown.cancelled() => break Ended::Shutdown,
@@ -281,6 +304,9 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     };
     accept_task.abort();
     read_task.abort();
+    if let Some(t) = ship_task {
+        t.abort();
+    }
     match &ended {
         Ended::Upgrade(_) => conn.close("moving to QUIC"),
         Ended::Shutdown => conn.close("agent shutting down"),

@@ -130,8 +130,38 @@ pub async fn serve_stream(
             }
             Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
         },
+        (ClientRequest::Recordings, Some(user)) => crate::audit::list(&ctx, &user).await,
+        (ClientRequest::Recording { session_id }, Some(user)) => {
+            crate::audit::stream_recording(&ctx, &mut stream, &user, session_id).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
+            return;
+        }
         (ClientRequest::Dial { target, service }, Some(user)) => {
-            match dial(&ctx, &user, &target, service, addr).await {
+            let result = dial(&ctx, &user, &target, service, addr).await;
+            let svc = format!("{service:?}").to_lowercase();
+            match &result {
+                Ok((_, sid, dev)) => crate::audit::dial_event(
+                    &ctx,
+                    &user,
+                    &target,
+                    dev,
+                    sid,
+                    &addr.to_string(),
+                    &svc,
+                    None,
+                ),
+                Err(e) => crate::audit::dial_event(
+                    &ctx,
+                    &user,
+                    &target,
+                    "",
+                    "",
+                    &addr.to_string(),
+                    &svc,
+                    Some(&e.message),
+                ),
+            }
+            match result {
                 Ok((device_stream, session_id, device_id)) => {
                     let ok = ClientReply::DialOk {
                         session_id: session_id.clone(),
@@ -196,14 +226,24 @@ async fn dial(
         })
         .await
     {
-        Ok(Response::DialAllowed(g)) => g,
+        Ok(Response::DialAllowed(g)) => {
+            crate::audit::remember_grant(user, target, &g);
+            g
+        }
         Ok(other) => {
             return Err(RpcError::new(
                 ErrorKind::Internal,
                 edgeport_proto::rpc_client::unexpected(other).to_string(),
             ))
         }
-        Err(e) => return Err(crate::identity::unavailable(&e)),
+        Err(edgeport_proto::rpc_client::RpcClientError::Remote(e)) => return Err(e),
+        Err(e) => match crate::audit::cached_grant(user, target) {
+            Some(g) => {
+                tracing::warn!(%user, %target, "authority unreachable ({e}); using a recent grant");
+                g
+            }
+            None => return Err(crate::identity::unavailable(&e)),
+        },
     };
     let device_id = grant.device.id.clone();
     if let Some(msg) = locked(ctx, &LockTarget::Device(device_id.clone())) {

@@ -8,6 +8,7 @@
 //! stream API), [`presence`] (lease reports), [`join`] and [`dial`] (the other ALPNs),
 //! [`server`] (wiring and shutdown).
 
+pub mod audit;
 pub mod authority;
 pub mod config;
 pub mod ctx;

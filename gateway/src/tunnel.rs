@@ -272,6 +272,16 @@ async fn control_loop(
             AgentControl::Hello(_) => {
                 tracing::debug!(device = %tunnel.device_id, "ignored a second Hello");
             }
+            AgentControl::Audit(batch) => {
+                // The agent waits for the ack before it sends the next batch.
+                let ctx = ctx.clone();
+                let tx = tx.clone();
+                let device_id = tunnel.device_id.clone();
+                tokio::spawn(async move {
+                    let reply = crate::audit::relay_batch(&ctx, device_id, batch).await;
+                    let _ = tx.send(reply).await;
+                });
+            }
         }
     }
 }

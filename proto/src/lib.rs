@@ -6,6 +6,7 @@
 //! See `docs/architecture.md` for who sends which message to whom.
 
 pub mod alpn;
+pub mod audit;
 pub mod ca_bundle;
 pub mod frame;
 pub mod identity;

@@ -72,6 +72,30 @@ pub enum Request {
     DevicePage {
         after: String,
     },
+    /// Gateway: a device's signed audit batch (the device id comes from its tunnel
+    /// certificate).
+    AuditUpload {
+        device_id: String,
+        batch: crate::audit::AuditBatch,
+    },
+    /// Gateway: its own events (dials).
+    AuditRecord(Vec<crate::audit::AuditEvent>),
+    /// Admin: `tctl audit search`.
+    AuditSearch(crate::audit::AuditQuery),
+    /// Admin: `tctl audit verify`.
+    AuditVerify {
+        device: Option<String>,
+    },
+    /// Admin or gateway (for `tsh`, with the user whose sessions may be listed).
+    RecordingList {
+        user: Option<String>,
+    },
+    /// Admin or gateway: a piece of a recording (asciicast v2) from `offset`.
+    RecordingGet {
+        session_id: String,
+        user: Option<String>,
+        offset: u64,
+    },
 }
 
 /// Responses from the authority.
@@ -103,6 +127,14 @@ pub enum Response {
     DevicePage {
         devices: Vec<DeviceInfo>,
         more: bool,
+    },
+    AuditAck(crate::audit::AuditAck),
+    AuditPage(crate::audit::AuditPage),
+    AuditReport(Vec<crate::audit::ChainReport>),
+    Recordings(Vec<crate::audit::RecordingInfo>),
+    RecordingData {
+        data: Vec<u8>,
+        total: u64,
     },
 }
 

@@ -53,6 +53,9 @@ pub enum AgentControl {
         seq: u64,
         rtt_ms: Option<u32>,
     },
+    /// A signed batch of audit events (the gateway relays it to the authority and answers
+    /// with [`GatewayControl::AuditAck`]); one batch in flight at a time.
+    Audit(crate::audit::AuditBatch),
 }
 
 /// Gateway -> agent on the control stream.
@@ -72,6 +75,8 @@ pub enum GatewayControl {
     Pong {
         seq: u64,
     },
+    /// The authority's answer to [`AgentControl::Audit`].
+    AuditAck(crate::audit::AuditAck),
 }
 
 /// The services an agent offers on gateway-opened streams.
@@ -105,6 +110,10 @@ pub enum ClientRequest {
     ListDevices,
     /// Needs the user's certificate; after an `Ok` reply the stream is raw bytes.
     Dial { target: String, service: Service },
+    /// Needs the user's certificate: the user's recorded sessions.
+    Recordings,
+    /// Needs the user's certificate: one recording, sent as `RecordingData` frames.
+    Recording { session_id: String },
 }
 
 /// gateway -> tsh: the answer to a [`ClientRequest`].
@@ -119,4 +128,10 @@ pub enum ClientReply {
     Refused(RpcError),
     /// A part of the device list; more parts follow, and the last comes as `Devices`.
     DevicesPart(Vec<DeviceInfo>),
+    Recordings(Vec<crate::audit::RecordingInfo>),
+    /// A piece of a recording; the last one has `more: false`.
+    RecordingData {
+        data: Vec<u8>,
+        more: bool,
+    },
 }

@@ -32,10 +32,20 @@ pub enum Table {
     Locks,
     /// Administrator-defined roles (`proto::rpc::RoleSpec`), by name.
     Roles,
+    /// Audit events (`proto::audit::StoredEvent`): `d/DEVICE/SEQ`, `a/SEQ`, `g/GATEWAY/...`.
+    AuditEvents,
+    /// Where each chain ends (`audit::ChainState`), by device id (`@authority` for its own).
+    AuditState,
+    /// Integrity alerts (`proto::audit::IntegrityAlert`), by `DEVICE/TIME-N`.
+    AuditAlerts,
+    /// Session recording pieces (asciicast v2 bytes), by `SESSION/SEQ`.
+    Recordings,
+    /// One `proto::audit::RecordingInfo` per recorded session.
+    RecordingIndex,
 }
 
 impl Table {
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 15] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -46,6 +56,11 @@ impl Table {
         Table::Gateways,
         Table::Locks,
         Table::Roles,
+        Table::AuditEvents,
+        Table::AuditState,
+        Table::AuditAlerts,
+        Table::Recordings,
+        Table::RecordingIndex,
     ];
 
     /// The table's name in the backing store.
@@ -61,6 +76,11 @@ impl Table {
             Table::Gateways => "gateways",
             Table::Locks => "locks",
             Table::Roles => "roles",
+            Table::AuditEvents => "audit_events",
+            Table::AuditState => "audit_state",
+            Table::AuditAlerts => "audit_alerts",
+            Table::Recordings => "recordings",
+            Table::RecordingIndex => "recording_index",
         }
     }
 }

@@ -92,6 +92,15 @@ impl ConnHandler {
             reason = %why,
             "refused SSH login"
         );
+        crate::audit::event("auth.refused")
+            .session(&self.session_id)
+            .user(self.stream_user.as_deref().unwrap_or(""))
+            .login(login)
+            .field("identity", key_id)
+            .field("serial", serial.map(|s| s.to_string()).unwrap_or_default())
+            .field("reason", why)
+            .field("client_addr", &self.client_addr)
+            .emit();
         if !why.ends_connection() {
             // Not one of ours (a plain key, another cluster's certificate): the client may
             // hold others, so let it try the next one.
@@ -125,6 +134,11 @@ impl ConnHandler {
             login,
             session_id: self.session_id.clone(),
             kind,
+            started: std::time::Instant::now(),
+            bytes_in: Default::default(),
+            bytes_out: Default::default(),
+            recorder: None,
+            sftp: None,
         }
     }
 
@@ -147,7 +161,7 @@ impl ConnHandler {
             Program::Command(_) => "exec",
             Program::Binary(_) => "subsystem",
         };
-        let ctx = self.log_ctx(kind);
+        let mut ctx = self.log_ctx(kind);
         let Some(ch) = self.channels.get_mut(&channel) else {
             return false;
         };
@@ -178,6 +192,12 @@ impl ConnHandler {
         if let Program::Command(c) = &program {
             tracing::debug!(session = %self.session_id, command = %c, "exec");
         }
+        let audit_detail = match &program {
+            Program::Command(c) => c.clone(),
+            Program::Binary(b) => b.display().to_string(),
+            Program::LoginShell => String::new(),
+        };
+        let audit_pty = ch.pty.as_ref().map(|p| (p.cols, p.rows, p.term.clone()));
         let started = match process::spawn(Spawn {
             user: &auth.account,
             switch_user: auth.switch_user,
@@ -206,6 +226,53 @@ impl ConnHandler {
             pgid: started.pgid,
             master: master.clone(),
         });
+        let dev = &self.inner.device_id;
+        crate::audit::event("session.start")
+            .session(&self.session_id)
+            .user(&auth.grant.user)
+            .login(&auth.grant.login)
+            .field("kind", kind)
+            .field("pty", master.is_some())
+            .field("device", dev)
+            .field("client_addr", &self.client_addr)
+            .emit();
+        match kind {
+            "exec" => crate::audit::event("exec")
+                .session(&self.session_id)
+                .user(&auth.grant.user)
+                .login(&auth.grant.login)
+                .field("command", &audit_detail)
+                .emit(),
+            "subsystem" => {
+                crate::audit::event("sftp.start")
+                    .session(&self.session_id)
+                    .user(&auth.grant.user)
+                    .login(&auth.grant.login)
+                    .field("server", &audit_detail)
+                    .emit();
+                ctx.sftp = Some(Arc::new(std::sync::Mutex::new(
+                    crate::audit::sftp::SftpTracker::new(
+                        &self.session_id,
+                        &auth.grant.user,
+                        &auth.grant.login,
+                    ),
+                )));
+            }
+            _ => {}
+        }
+        if let (Some((cols, rows, term)), true) = (audit_pty, master.is_some()) {
+            ctx.recorder = Some(Arc::new(std::sync::Mutex::new(
+                crate::audit::record::Recorder::new(
+                    &self.session_id,
+                    &auth.grant.user,
+                    &auth.grant.login,
+                    dev,
+                    cols,
+                    rows,
+                    &term,
+                ),
+            )));
+        }
         let mut started = started;
         let io = match master {
             Some(m) => ProcessIo::Pty(m),
@@ -354,6 +421,13 @@ impl russh::server::Handler for ConnHandler {
             session = %self.session_id,
             "port forward to {host_to_connect}:{port_to_connect}"
         );
+        crate::audit::event("port_forward")
+            .session(&self.session_id)
+            .user(&auth.grant.user)
+            .login(&auth.grant.login)
+            .field("host", host_to_connect)
+            .field("port", port_to_connect)
+            .emit();
         let (host, sid) = (host_to_connect.to_string(), self.session_id.clone());
         count.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! OpenSSH clients expect: all output, then `exit-status` (or `exit-signal`), EOF, close.
 
 use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,13 +29,42 @@ pub enum ProcessIo {
     Pty(Arc<PtyMaster>),
 }
 
-/// Who and what, for the log lines.
+/// Who and what, for the log lines and the audit events.
 #[derive(Clone, Debug)]
 pub struct LogCtx {
     pub user: String,
     pub login: String,
     pub session_id: String,
     pub kind: &'static str,
+    /// Audit: when the program started, bytes each way, and the recording (PTY sessions).
+    pub started: std::time::Instant,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: Arc<AtomicU64>,
+    pub recorder: Option<Arc<std::sync::Mutex<crate::audit::record::Recorder>>>,
+    /// SFTP file operations (subsystem sessions).
+    pub sftp: Option<Sftp>,
+}
+
+pub type Sftp = Arc<std::sync::Mutex<crate::audit::sftp::SftpTracker>>;
+
+fn tap(t: &Option<Sftp>, f: impl FnOnce(&mut crate::audit::sftp::SftpTracker)) {
+    if let Some(t) = t {
+        if let Ok(mut t) = t.lock() {
+            f(&mut t);
+        }
+    }
+}
+
+impl LogCtx {
+    fn record(&self, data: &[u8]) {
+        self.bytes_out
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(r) = &self.recorder {
+            if let Ok(mut r) = r.lock() {
+                r.output(data);
+            }
+        }
+    }
 }
 
 /// Runs a started session to its end. Returns when the channel is closed.
@@ -54,15 +84,31 @@ pub async fn run(
             stdout,
             stderr,
         } => {
-            let input = tokio::spawn(pipe_input(read, stdin, pgid));
-            let out = copy_out(stdout, write.make_writer());
-            let err = copy_out(stderr, write.make_writer_ext(Some(1)));
+            let input = tokio::spawn(pipe_input(
+                read,
+                stdin,
+                pgid,
+                ctx.bytes_in.clone(),
+                ctx.sftp.clone(),
+            ));
+            let out = copy_out(
+                stdout,
+                write.make_writer(),
+                ctx.bytes_out.clone(),
+                ctx.sftp.clone(),
+            );
+            let err = copy_out(
+                stderr,
+                write.make_writer_ext(Some(1)),
+                ctx.bytes_out.clone(),
+                None,
+            );
             let (status, _, _) = tokio::join!(started.child.wait(), out, err);
             finish(&handle, channel, status, &ctx).await;
             let _ = input.await;
         }
         ProcessIo::Pty(master) => {
-            let input = tokio::spawn(pty_input(read, master.clone(), pgid));
+            let input = tokio::spawn(pty_input(read, master.clone(), pgid, ctx.bytes_in.clone()));
             let mut out = write.make_writer();
             let mut buf = vec![0u8; BUF];
             let mut exited = None;
@@ -71,6 +117,7 @@ pub async fn run(
                 tokio::select! {
                     n = master.read(&mut buf) => match n {
                         Ok(n) if n > 0 => {
+                            ctx.record(&buf[..n]);
                             if out.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -84,7 +131,7 @@ pub async fn run(
                 }
             }
             if exited.is_some() {
-                drain_pty(&master, &mut out, &mut buf).await;
+                drain_pty(&master, &mut out, &mut buf, &ctx).await;
             }
             let status = match exited {
                 Some(st) => st,
@@ -101,7 +148,12 @@ pub async fn run(
 /// Reads what is left on the terminal after its session leader exited: until every slave
 /// descriptor is closed, or the terminal stays quiet for a moment (a background job may
 /// hold it open forever; it is hung up right after).
-async fn drain_pty<W: AsyncWrite + Unpin>(master: &PtyMaster, out: &mut W, buf: &mut [u8]) {
+async fn drain_pty<W: AsyncWrite + Unpin>(
+    master: &PtyMaster,
+    out: &mut W,
+    buf: &mut [u8],
+    ctx: &LogCtx,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         let quiet = Duration::from_millis(200);
@@ -112,6 +164,7 @@ async fn drain_pty<W: AsyncWrite + Unpin>(master: &PtyMaster, out: &mut W, buf: 
         .await
         {
             Ok(Ok(n)) if n > 0 => {
+                ctx.record(&buf[..n]);
                 if out.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
@@ -128,6 +181,31 @@ async fn finish(
     status: std::io::Result<std::process::ExitStatus>,
     ctx: &LogCtx,
 ) {
+    let (code, signal) = match &status {
+        Ok(st) => (st.code(), st.signal()),
+        Err(_) => (Some(255), None),
+    };
+    if let Some(r) = &ctx.recorder {
+        if let Ok(mut r) = r.lock() {
+            r.finish();
+        }
+    }
+    tap(&ctx.sftp, |t| t.finish());
+    let mut ev = crate::audit::event("session.end")
+        .session(&ctx.session_id)
+        .user(&ctx.user)
+        .login(&ctx.login)
+        .field("kind", ctx.kind)
+        .field("bytes_in", ctx.bytes_in.load(Ordering::Relaxed))
+        .field("bytes_out", ctx.bytes_out.load(Ordering::Relaxed))
+        .field("duration_ms", ctx.started.elapsed().as_millis());
+    if let Some(c) = code {
+        ev = ev.field("exit_code", c);
+    }
+    if let Some(s) = signal {
+        ev = ev.field("signal", process::signal_name(s));
+    }
+    ev.emit();
     match status {
         Ok(st) => {
             if let Some(code) = st.code() {
@@ -176,7 +254,7 @@ fn to_sig(sig: i32) -> Sig {
 }
 
 /// Copies one output stream of the process to the channel until EOF.
-async fn copy_out<R, W>(src: Option<R>, mut dst: W)
+async fn copy_out<R, W>(src: Option<R>, mut dst: W, count: Arc<AtomicU64>, sftp: Option<Sftp>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -187,6 +265,8 @@ where
         match src.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
+                count.fetch_add(n as u64, Ordering::Relaxed);
+                tap(&sftp, |t| t.server(&buf[..n]));
                 if dst.write_all(&buf[..n]).await.is_err() {
                     // The client is gone; keep draining so the process is not blocked
                     // before it is hung up.
@@ -200,10 +280,18 @@ where
 
 /// Client -> process stdin. EOF from the client closes stdin; the channel closing (or the
 /// connection ending) hangs the process group up.
-async fn pipe_input(mut read: ChannelReadHalf, mut stdin: Option<ChildStdin>, pgid: i32) {
+async fn pipe_input(
+    mut read: ChannelReadHalf,
+    mut stdin: Option<ChildStdin>,
+    pgid: i32,
+    count: Arc<AtomicU64>,
+    sftp: Option<Sftp>,
+) {
     loop {
         match read.wait().await {
             Some(ChannelMsg::Data { data }) => {
+                count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                tap(&sftp, |t| t.client(&data));
                 if let Some(w) = stdin.as_mut() {
                     if w.write_all(&data).await.is_err() {
                         stdin = None;
@@ -220,10 +308,16 @@ async fn pipe_input(mut read: ChannelReadHalf, mut stdin: Option<ChildStdin>, pg
 }
 
 /// Client -> terminal. A pty cannot be half-closed, so EOF is ignored (as sshd does).
-async fn pty_input(mut read: ChannelReadHalf, master: Arc<PtyMaster>, pgid: i32) {
+async fn pty_input(
+    mut read: ChannelReadHalf,
+    master: Arc<PtyMaster>,
+    pgid: i32,
+    count: Arc<AtomicU64>,
+) {
     loop {
         match read.wait().await {
             Some(ChannelMsg::Data { data }) => {
+                count.fetch_add(data.len() as u64, Ordering::Relaxed);
                 if master.write_all(&data).await.is_err() {
                     break;
                 }

@@ -57,6 +57,43 @@ pub enum Command {
     },
     /// Print an ssh_config block that makes OpenSSH ssh/scp/sftp/rsync reach devices.
     Config,
+    /// Recorded interactive sessions (yours).
+    #[command(subcommand)]
+    Recordings(RecordingsCmd),
+    /// Replay a recorded session with its original timing.
+    Play(PlayArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecordingsCmd {
+    /// List recordings.
+    Ls(RecordingsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RecordingsArgs {
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlayFormat {
+    /// Replay on this terminal with the original timing.
+    Play,
+    /// Dump the output text at once.
+    Text,
+    /// Print the asciicast v2 file (for `asciinema play`).
+    Cast,
+}
+
+#[derive(Debug, Args)]
+pub struct PlayArgs {
+    pub session_id: String,
+    /// Playback speed factor (2 = twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    #[arg(long, value_enum, default_value_t = PlayFormat::Play)]
+    pub format: PlayFormat,
 }
 
 #[derive(Debug, Args)]

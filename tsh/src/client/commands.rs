@@ -24,6 +24,8 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             what: ProxyCmd::Ssh { target, direct },
         } => proxy_ssh(g, target, direct.as_deref()).await,
         Command::Config => config::run(g).await,
+        Command::Recordings(super::cli::RecordingsCmd::Ls(a)) => super::play::list(g, a).await,
+        Command::Play(a) => super::play::play(g, a).await,
     }
 }
 

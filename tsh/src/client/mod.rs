@@ -13,6 +13,7 @@ mod config;
 mod gateway;
 mod login;
 mod multi;
+mod play;
 mod profile;
 mod ssh;
 mod term;

@@ -54,6 +54,44 @@ pub enum Command {
     /// Roles: which devices users reach and what their sessions may do.
     #[command(subcommand)]
     Roles(RolesCmd),
+    /// The audit log: search events, verify the devices' hash chains.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Lists events, oldest first.
+    Search(AuditSearchArgs),
+    /// Re-checks every device's hash chain and lists integrity alerts (exit status 1 if any).
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditSearchArgs {
+    /// Only events from the last DURATION (90s, 30m, 1h, 7d).
+    #[arg(long, value_parser = parse_duration)]
+    pub since: Option<u64>,
+    /// Only events of this type (session.start, exec, session.end, user.login, ...).
+    #[arg(long = "type")]
+    pub kind: Option<String>,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only events of this session.
+    #[arg(long)]
+    pub session: Option<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
 }
 
 #[derive(Debug, Subcommand)]

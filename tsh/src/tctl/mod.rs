@@ -5,6 +5,7 @@
 //! two requests and prints the answer as an aligned table or as JSON. Errors are one line,
 //! `error: ...`, and exit status 1.
 
+mod audit;
 mod auth;
 mod cli;
 mod connect;
@@ -20,7 +21,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 pub use cli::Cli;
-use cli::{AuthCmd, Command, DevicesCmd, LocksCmd, RolesCmd, TokensCmd, UsersCmd};
+use cli::{AuditCmd, AuthCmd, Command, DevicesCmd, LocksCmd, RolesCmd, TokensCmd, UsersCmd};
 use connect::Session;
 
 /// The whole program: parses the command line, runs it, prints errors as one line.
@@ -80,6 +81,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Roles(RolesCmd::Add(a)) => roles::add(&mut s, a).await,
         Command::Roles(RolesCmd::Ls(a)) => roles::list(&mut s, a).await,
         Command::Roles(RolesCmd::Rm { name }) => roles::remove(&mut s, name).await,
+        Command::Audit(AuditCmd::Search(a)) => audit::search(&mut s, a).await,
+        Command::Audit(AuditCmd::Verify(a)) => audit::verify(&mut s, a).await,
     };
     s.close().await;
     result

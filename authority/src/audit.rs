@@ -1,0 +1,742 @@
+//! The authority's side of audit: it takes devices' signed batches (relayed by gateways),
+//! checks signature, sequence and chain, stores the events and answers with how far the
+//! stored chain goes; it records its own events and gateways' events; it answers searches,
+//! re-verifies chains and serves recordings.
+//!
+//! Nothing that fails a check is silently accepted: a batch with a bad signature is refused
+//! and an alert recorded; a gap, a broken link or a resent sequence number is recorded as an
+//! alert, and (except resends) the event is still stored, because a flagged record of what a
+//! device said beats no record.
+
+use std::collections::BTreeMap;
+
+use edgeport_proto::audit::{
+    verify_batch, AuditAck, AuditBatch, AuditEvent, AuditPage, AuditQuery, ChainReport,
+    IntegrityAlert, RecordingInfo, StoredEvent, GENESIS_HASH, RECORDING_CHUNK,
+};
+use edgeport_proto::rpc::{Request, Response, RpcError};
+use serde::{Deserialize, Serialize};
+
+use crate::devices;
+use crate::errors::{denied, not_found};
+use crate::service::{Caller, Service};
+use crate::store::{self, Store, Table};
+
+/// Largest page of search results (encoded), below the frame limit.
+const PAGE_BYTES: usize = 40 * 1024;
+/// Largest piece of a recording per answer.
+const RECORDING_PIECE: usize = 32 * 1024;
+/// Most alerts one verify report lists per device.
+const MAX_ALERTS: usize = 200;
+
+/// Where a device's chain ends in the store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChainState {
+    pub last_seq: u64,
+    pub last_hash: String,
+    pub events: u64,
+}
+
+impl Default for ChainState {
+    fn default() -> Self {
+        Self {
+            last_seq: 0,
+            last_hash: GENESIS_HASH.to_string(),
+            events: 0,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn device_key(device: &str, seq: u64) -> String {
+    format!("d/{device}/{seq:020}")
+}
+
+/// Refused batches are retried by the agent every few seconds; one alert of a kind per
+/// device per this long is enough to see it (the log has every one).
+const REFUSAL_ALERT_EVERY_MS: u64 = 60_000;
+
+fn alert(store: &dyn Store, a: IntegrityAlert) -> Result<(), RpcError> {
+    tracing::warn!(device = %a.device, kind = %a.kind, seq = a.seq, "audit integrity alert: {}", a.detail);
+    if a.kind == "bad_signature" || a.kind == "unknown_device" {
+        let key = format!("@alerted/{}/{}", a.device, a.kind);
+        let last: Option<u64> = store::get(store, Table::AuditState, &key)?;
+        if last.is_some_and(|t| a.time_ms.saturating_sub(t) < REFUSAL_ALERT_EVERY_MS) {
+            return Ok(());
+        }
+        store::put(store, Table::AuditState, &key, &a.time_ms)?;
+    }
+    let n = edgeport_proto::keys::random_bytes(4)
+        .map(hex::encode)
+        .unwrap_or_default();
+    let key = format!("{}/{:020}-{n}", a.device, a.time_ms);
+    store::put(store, Table::AuditAlerts, &key, &a)?;
+    Ok(())
+}
+
+/// A device's batch, relayed by `gateway`.
+pub fn upload(
+    svc: &Service,
+    gateway: &str,
+    device_id: &str,
+    batch: AuditBatch,
+) -> Result<Response, RpcError> {
+    let store = svc.store();
+    let _one = svc
+        .audit
+        .lock()
+        .map_err(|_| denied("audit ingest is unavailable"))?;
+    let now = now_ms();
+    let Some(dev) = devices::get(store, device_id)? else {
+        alert(
+            store,
+            IntegrityAlert {
+                device: device_id.into(),
+                time_ms: now,
+                kind: "unknown_device".into(),
+                seq: batch.events.first().map(|e| e.seq).unwrap_or(0),
+                detail: format!("batch from an unknown or removed device via gateway {gateway}"),
+            },
+        )?;
+        return Err(not_found(format!("device {device_id} is not registered")));
+    };
+    let raw = edgeport_proto::keys::parse_ed25519_public(&dev.ssh_public_key)
+        .map(|(_, spki)| spki[spki.len().saturating_sub(32)..].to_vec())
+        .map_err(|e| crate::errors::internal("device key", e))?;
+    if !verify_batch(device_id, &batch, &raw) {
+        let (a, b) = (
+            batch.events.first().map(|e| e.seq).unwrap_or(0),
+            batch.events.last().map(|e| e.seq).unwrap_or(0),
+        );
+        alert(
+            store,
+            IntegrityAlert {
+                device: device_id.into(),
+                time_ms: now,
+                kind: "bad_signature".into(),
+                seq: a,
+                detail: format!(
+                    "batch of {} event(s), seq {a}..{b}, via gateway {gateway}: the signature does \
+                     not verify with the device's registered key; refused",
+                    batch.events.len()
+                ),
+            },
+        )?;
+        return Err(denied(
+            "audit batch refused: the signature does not verify with this device's registered key",
+        ));
+    }
+    let mut state: ChainState =
+        store::get(store, Table::AuditState, device_id)?.unwrap_or_default();
+    for ev in batch.events {
+        let hash = ev.hash();
+        if ev.seq <= state.last_seq {
+            let old: Option<StoredEvent> =
+                store::get(store, Table::AuditEvents, &device_key(device_id, ev.seq))?;
+            let (kind, detail) = match old {
+                Some(o) if o.event.hash() == hash => (
+                    "replay",
+                    format!("event seq {} was already stored; a batch resent it (replay)", ev.seq),
+                ),
+                _ => (
+                    "conflict",
+                    format!(
+                        "event seq {} arrived again with different content (stored chain ends at {})",
+                        ev.seq, state.last_seq
+                    ),
+                ),
+            };
+            alert(
+                store,
+                IntegrityAlert {
+                    device: device_id.into(),
+                    time_ms: now,
+                    kind: kind.into(),
+                    seq: ev.seq,
+                    detail,
+                },
+            )?;
+            continue;
+        }
+        if ev.seq != state.last_seq.saturating_add(1) {
+            alert(
+                store,
+                IntegrityAlert {
+                    device: device_id.into(),
+                    time_ms: now,
+                    kind: "gap".into(),
+                    seq: ev.seq,
+                    detail: format!(
+                        "events {}..{} are missing (got {} after {})",
+                        state.last_seq.saturating_add(1),
+                        ev.seq.saturating_sub(1),
+                        ev.seq,
+                        state.last_seq
+                    ),
+                },
+            )?;
+        } else if ev.prev_hash != state.last_hash {
+            alert(
+                store,
+                IntegrityAlert {
+                    device: device_id.into(),
+                    time_ms: now,
+                    kind: "chain".into(),
+                    seq: ev.seq,
+                    detail: format!(
+                        "event seq {} does not link to event {}: its prev_hash differs from the \
+                         stored event's hash (an event was altered or replaced)",
+                        ev.seq, state.last_seq
+                    ),
+                },
+            )?;
+        }
+        state.last_seq = ev.seq;
+        state.last_hash = hash;
+        state.events += 1;
+        if ev.kind == RECORDING_CHUNK {
+            store_chunk(store, device_id, &ev)?;
+        }
+        let rec = StoredEvent {
+            source: "device".into(),
+            device: device_id.into(),
+            gateway: gateway.into(),
+            received_ms: now,
+            event: ev,
+        };
+        store::put(
+            store,
+            Table::AuditEvents,
+            &device_key(device_id, rec.event.seq),
+            &rec,
+        )?;
+    }
+    store::put(store, Table::AuditState, device_id, &state)?;
+    store.flush()?;
+    let signature = svc.ca().sign_audit_ack(&edgeport_proto::audit::ack_payload(
+        device_id,
+        state.last_seq,
+        &state.last_hash,
+    ));
+    Ok(Response::AuditAck(AuditAck {
+        acked_seq: state.last_seq,
+        last_hash: state.last_hash,
+        error: None,
+        signature,
+    }))
+}
+
+fn store_chunk(store: &dyn Store, device: &str, ev: &AuditEvent) -> Result<(), RpcError> {
+    let sid = &ev.session_id;
+    if sid.is_empty() {
+        return Ok(());
+    }
+    let data = ev.field("data");
+    store.put(
+        Table::Recordings,
+        &format!("{sid}/{:020}", ev.seq),
+        data.as_bytes().to_vec(),
+    )?;
+    let mut info: RecordingInfo =
+        store::get(store, Table::RecordingIndex, sid)?.unwrap_or(RecordingInfo {
+            session_id: sid.clone(),
+            device: device.into(),
+            user: ev.user.clone(),
+            login: ev.login.clone(),
+            started_ms: ev.time_ms,
+            bytes: 0,
+        });
+    info.bytes += data.len() as u64;
+    store::put(store, Table::RecordingIndex, sid, &info)?;
+    Ok(())
+}
+
+/// Records one of the authority's own events (its own chain, `source = authority`).
+pub fn record_own(svc: &Service, mut ev: AuditEvent, device: &str) {
+    let store = svc.store();
+    let Ok(_one) = svc.audit.lock() else { return };
+    let res = (|| -> Result<(), RpcError> {
+        let mut state: ChainState =
+            store::get(store, Table::AuditState, "@authority")?.unwrap_or_default();
+        ev.seq = state.last_seq.saturating_add(1);
+        ev.prev_hash = state.last_hash.clone();
+        state.last_seq = ev.seq;
+        state.last_hash = ev.hash();
+        state.events += 1;
+        let rec = StoredEvent {
+            source: "authority".into(),
+            device: device.into(),
+            gateway: String::new(),
+            received_ms: ev.time_ms,
+            event: ev,
+        };
+        store::put(
+            store,
+            Table::AuditEvents,
+            &format!("a/{:020}", rec.event.seq),
+            &rec,
+        )?;
+        store::put(store, Table::AuditState, "@authority", &state)?;
+        Ok(())
+    })();
+    if let Err(e) = res {
+        tracing::error!("cannot record an audit event: {e}");
+    }
+}
+
+/// Events a gateway reports (dials): stored as they come, tagged with the gateway.
+pub fn record_gateway(
+    svc: &Service,
+    gateway: &str,
+    events: Vec<AuditEvent>,
+) -> Result<Response, RpcError> {
+    let store = svc.store();
+    let now = now_ms();
+    for (i, ev) in events.into_iter().take(256).enumerate() {
+        let device = ev.field("device").to_string();
+        let key = format!("g/{gateway}/{:020}-{i:04}-{}", ev.time_ms, now);
+        let rec = StoredEvent {
+            source: "gateway".into(),
+            device,
+            gateway: gateway.into(),
+            received_ms: now,
+            event: ev,
+        };
+        store::put(store, Table::AuditEvents, &key, &rec)?;
+    }
+    Ok(Response::Ok)
+}
+
+fn matches(q: &AuditQuery, e: &StoredEvent) -> bool {
+    if e.event.time_ms < q.since_ms {
+        return false;
+    }
+    match &q.kind {
+        Some(k) if k != &e.event.kind => return false,
+        None if e.event.kind == RECORDING_CHUNK => return false,
+        _ => {}
+    }
+    if q.device.as_ref().is_some_and(|d| d != &e.device) {
+        return false;
+    }
+    if q.user.as_ref().is_some_and(|u| u != &e.event.user) {
+        return false;
+    }
+    if q.session_id
+        .as_ref()
+        .is_some_and(|s| s != &e.event.session_id)
+    {
+        return false;
+    }
+    true
+}
+
+/// `tctl audit search`: matches in time order, a page at a time.
+pub fn search(svc: &Service, q: &AuditQuery) -> Result<Response, RpcError> {
+    let mut all: Vec<StoredEvent> =
+        store::list::<StoredEvent>(svc.store(), Table::AuditEvents, "")?
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| matches(q, e))
+            .collect();
+    // Device events in chain order; everything by time otherwise.
+    all.sort_by(|a, b| {
+        (a.event.time_ms, &a.device, a.event.seq).cmp(&(b.event.time_ms, &b.device, b.event.seq))
+    });
+    let mut events = Vec::new();
+    let mut size = 0usize;
+    let mut next = None;
+    for (i, e) in all.into_iter().enumerate().skip(q.offset as usize) {
+        let len = postcard::to_stdvec(&e).map(|v| v.len()).unwrap_or(0);
+        if !events.is_empty() && size + len > PAGE_BYTES {
+            next = Some(i as u64);
+            break;
+        }
+        size += len;
+        events.push(e);
+    }
+    Ok(Response::AuditPage(AuditPage { events, next }))
+}
+
+/// `tctl audit verify`: re-checks every stored device chain and lists recorded alerts.
+pub fn verify(svc: &Service, device: Option<&str>) -> Result<Response, RpcError> {
+    let store = svc.store();
+    let mut chains: BTreeMap<String, Vec<StoredEvent>> = BTreeMap::new();
+    let prefix = match device {
+        Some(d) => format!("d/{d}/"),
+        None => "d/".to_string(),
+    };
+    for (_, e) in store::list::<StoredEvent>(store, Table::AuditEvents, &prefix)? {
+        chains.entry(e.device.clone()).or_default().push(e);
+    }
+    // The authority's own chain, listed as `@authority`.
+    if device.is_none_or(|d| d == "@authority") {
+        for (_, e) in store::list::<StoredEvent>(store, Table::AuditEvents, "a/")? {
+            chains.entry("@authority".into()).or_default().push(e);
+        }
+    }
+    let mut alerts: BTreeMap<String, Vec<IntegrityAlert>> = BTreeMap::new();
+    let aprefix = device.map(|d| format!("{d}/")).unwrap_or_default();
+    for (_, a) in store::list::<IntegrityAlert>(store, Table::AuditAlerts, &aprefix)? {
+        if device.is_none_or(|d| d == a.device) {
+            alerts.entry(a.device.clone()).or_default().push(a);
+        }
+    }
+    for d in alerts.keys() {
+        chains.entry(d.clone()).or_default();
+    }
+    if let Some(d) = device {
+        chains.entry(d.to_string()).or_default();
+    }
+    let mut out = Vec::new();
+    for (dev, events) in chains {
+        let mut problems = Vec::new();
+        let mut prev: Option<(u64, String)> = None;
+        for e in &events {
+            match &prev {
+                None if e.event.seq != 1 => problems.push(format!(
+                    "events 1..{} are missing",
+                    e.event.seq.saturating_sub(1)
+                )),
+                None if e.event.prev_hash != GENESIS_HASH => {
+                    problems.push("event 1 does not start the chain (prev_hash)".into())
+                }
+                Some((s, _)) if e.event.seq != s.saturating_add(1) => problems.push(format!(
+                    "events {}..{} are missing",
+                    s.saturating_add(1),
+                    e.event.seq.saturating_sub(1)
+                )),
+                Some((s, h)) if &e.event.prev_hash != h => problems.push(format!(
+                    "event {} does not link to event {s} (altered or replaced)",
+                    e.event.seq
+                )),
+                _ => {}
+            }
+            prev = Some((e.event.seq, e.event.hash()));
+        }
+        let mut al = alerts.remove(&dev).unwrap_or_default();
+        al.truncate(MAX_ALERTS);
+        out.push(ChainReport {
+            first_seq: events.first().map(|e| e.event.seq).unwrap_or(0),
+            last_seq: events.last().map(|e| e.event.seq).unwrap_or(0),
+            events: events.len() as u64,
+            device: dev,
+            problems,
+            alerts: al,
+        });
+    }
+    Ok(Response::AuditReport(out))
+}
+
+fn may_see(info: &RecordingInfo, user: Option<&str>) -> bool {
+    user.is_none_or(|u| u == info.user)
+}
+
+pub fn recordings(svc: &Service, user: Option<&str>) -> Result<Response, RpcError> {
+    let mut list: Vec<RecordingInfo> =
+        store::list::<RecordingInfo>(svc.store(), Table::RecordingIndex, "")?
+            .into_iter()
+            .map(|(_, r)| r)
+            .filter(|r| may_see(r, user))
+            .collect();
+    list.sort_by_key(|r| r.started_ms);
+    // Keep the answer inside one frame: the newest first if there are very many.
+    let keep = 300;
+    if list.len() > keep {
+        list.drain(..list.len() - keep);
+    }
+    Ok(Response::Recordings(list))
+}
+
+pub fn recording(
+    svc: &Service,
+    session_id: &str,
+    user: Option<&str>,
+    offset: u64,
+) -> Result<Response, RpcError> {
+    let store = svc.store();
+    let info: Option<RecordingInfo> = store::get(store, Table::RecordingIndex, session_id)?;
+    let Some(info) = info.filter(|i| may_see(i, user)) else {
+        return Err(not_found(format!("no recording of session {session_id}")));
+    };
+    let mut data = Vec::new();
+    let mut pos = 0u64;
+    for (_, chunk) in store.scan_prefix(Table::Recordings, &format!("{session_id}/"))? {
+        let len = chunk.len() as u64;
+        if pos + len <= offset {
+            pos += len;
+            continue;
+        }
+        let start = offset.saturating_sub(pos) as usize;
+        data.extend_from_slice(&chunk[start.min(chunk.len())..]);
+        pos += len;
+        if data.len() >= RECORDING_PIECE {
+            break;
+        }
+    }
+    data.truncate(RECORDING_PIECE);
+    Ok(Response::RecordingData {
+        data,
+        total: info.bytes,
+    })
+}
+
+/// What an administrative request means for the audit log, decided before it runs.
+pub struct Pending {
+    kind: &'static str,
+    user: String,
+    device: String,
+    fields: BTreeMap<String, String>,
+}
+
+pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
+    let mut p = Pending {
+        kind: "",
+        user: String::new(),
+        device: String::new(),
+        fields: BTreeMap::new(),
+    };
+    p.fields.insert("caller".into(), caller.to_string());
+    match req {
+        Request::Login(r) => {
+            p.kind = "user.login";
+            p.user = r.user.clone();
+            p.fields.insert("client_addr".into(), r.client_addr.clone());
+        }
+        Request::SignUser(r) => {
+            p.kind = "cert.issued";
+            p.user = r.user.clone();
+        }
+        Request::UserAdd(s) => {
+            p.kind = "user.created";
+            p.user = s.name.clone();
+            p.fields.insert("logins".into(), s.logins.join(","));
+            p.fields.insert("roles".into(), s.roles.join(","));
+        }
+        Request::UserRemove { name } => {
+            p.kind = "user.removed";
+            p.user = name.clone();
+        }
+        Request::TokenAdd(s) => {
+            p.kind = "token.created";
+            p.fields.insert("token_kind".into(), s.kind.as_str().into());
+        }
+        Request::TokenRemove { .. } => p.kind = "token.removed",
+        Request::JoinDevice(r) => {
+            p.kind = "device.join";
+            p.device = r.requested_id.clone().unwrap_or_default();
+            p.fields.insert("remote_addr".into(), r.remote_addr.clone());
+        }
+        Request::JoinGateway(_) => p.kind = "gateway.join",
+        Request::DeviceRemove { id } => {
+            p.kind = "device.removed";
+            p.device = id.clone();
+        }
+        Request::LockAdd(s) => {
+            p.kind = "lock.created";
+            p.fields
+                .insert("target".into(), crate::locks::describe(&s.target));
+        }
+        Request::LockRemove { target } => {
+            p.kind = "lock.removed";
+            p.fields
+                .insert("target".into(), crate::locks::describe(target));
+        }
+        _ => return None,
+    }
+    Some(p)
+}
+
+/// Records what an administrative request did (or why it failed).
+pub fn finish(svc: &Service, p: Pending, result: &Result<Response, RpcError>) {
+    let mut ev = AuditEvent::new(p.kind, now_ms());
+    ev.user = p.user;
+    ev.fields = p.fields;
+    let mut device = p.device;
+    match result {
+        Ok(resp) => {
+            ev.fields.insert("success".into(), "true".into());
+            match resp {
+                Response::Token(t) => {
+                    ev.fields.insert("token_id".into(), t.id.clone());
+                }
+                Response::DeviceCerts(c) => {
+                    device = c.device_id.clone();
+                }
+                _ => {}
+            }
+        }
+        Err(e) => {
+            ev.fields.insert("success".into(), "false".into());
+            ev.fields.insert("error".into(), e.message.clone());
+        }
+    }
+    if !device.is_empty() {
+        ev.fields.insert("device".into(), device.clone());
+    }
+    let success = result.is_ok();
+    let kind = ev.kind.clone();
+    let user = ev.user.clone();
+    record_own(svc, ev.clone(), &device);
+    // A successful login or join also issued certificates / used a token.
+    if success && kind == "user.login" {
+        let mut c = AuditEvent::new("cert.issued", ev.time_ms);
+        c.user = user;
+        c.fields.insert("via".into(), "login".into());
+        record_own(svc, c, "");
+    }
+    if success && kind == "device.join" {
+        let mut t = AuditEvent::new("token.used", ev.time_ms);
+        t.fields.insert("device".into(), device.clone());
+        record_own(svc, t, &device);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use std::sync::Arc;
+
+    use edgeport_proto::audit::batch_payload;
+    use edgeport_proto::keys::KeyPair;
+    use edgeport_proto::rpc::{JoinDeviceRequest, TokenKind, TokenSpec};
+
+    use super::*;
+    use crate::service::Limits;
+
+    fn chain(from: u64, prev: &str, n: u64) -> Vec<AuditEvent> {
+        let mut prev = prev.to_string();
+        (from..from + n)
+            .map(|seq| {
+                let mut e = AuditEvent::new("exec", seq);
+                e.seq = seq;
+                e.prev_hash = prev.clone();
+                e.fields.insert("command".into(), format!("cmd {seq}"));
+                prev = e.hash();
+                e
+            })
+            .collect()
+    }
+
+    fn signed(key: &KeyPair, dev: &str, events: Vec<AuditEvent>) -> AuditBatch {
+        AuditBatch {
+            signature: key.sign(&batch_payload(dev, &events)),
+            events,
+        }
+    }
+
+    fn up(svc: &Service, dev: &str, b: AuditBatch) -> Result<AuditAck, String> {
+        let gw = Caller::Gateway("gw-1".into());
+        match svc.handle(
+            &gw,
+            Request::AuditUpload {
+                device_id: dev.into(),
+                batch: b,
+            },
+        ) {
+            Response::AuditAck(a) => Ok(a),
+            Response::Error(e) => Err(e.message),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn alerts(svc: &Service, dev: &str) -> Vec<String> {
+        match verify(svc, Some(dev)).unwrap() {
+            Response::AuditReport(r) => r[0].alerts.iter().map(|a| a.kind.clone()).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ingest_checks_signature_sequence_and_chain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
+        let ca =
+            crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+                .unwrap();
+        let svc = Service::new(store, Arc::new(ca), Limits::default());
+        let admin = Caller::Admin("admin".into());
+        let tok = match svc.handle(
+            &admin,
+            Request::TokenAdd(TokenSpec {
+                kind: TokenKind::Device,
+                labels: BTreeMap::new(),
+                ttl_secs: 60,
+                reusable: false,
+            }),
+        ) {
+            Response::Token(t) => t.token.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let key = KeyPair::generate().unwrap();
+        let join = JoinDeviceRequest {
+            token: tok,
+            requested_id: Some("d1".into()),
+            labels: BTreeMap::new(),
+            ssh_public_key: key.public_openssh(),
+            version: "1".into(),
+            arch: "x86_64".into(),
+            remote_addr: "192.0.2.1:1".into(),
+        };
+        let gw = Caller::Gateway("gw-1".into());
+        assert!(matches!(
+            svc.handle(&gw, Request::JoinDevice(join)),
+            Response::DeviceCerts(_)
+        ));
+
+        // Sync, then a good batch.
+        let a = up(&svc, "d1", signed(&key, "d1", vec![])).unwrap();
+        assert_eq!(a.acked_seq, 0);
+        let host_ca = edgeport_proto::audit::raw_ed25519(&svc.ca().bundle().host_ca).unwrap();
+        assert!(edgeport_proto::audit::verify_ack("d1", &a, &host_ca));
+        assert!(!edgeport_proto::audit::verify_ack("d2", &a, &host_ca));
+        let first = chain(1, GENESIS_HASH, 3);
+        let a = up(&svc, "d1", signed(&key, "d1", first.clone())).unwrap();
+        assert_eq!(a.acked_seq, 3);
+        assert!(alerts(&svc, "d1").is_empty());
+
+        // Another key, or another device's name on the batch: refused, nothing stored.
+        let other = KeyPair::generate().unwrap();
+        let next = chain(4, &a.last_hash, 2);
+        assert!(up(&svc, "d1", signed(&other, "d1", next.clone())).is_err());
+        assert!(up(&svc, "d1", signed(&key, "d2", next.clone())).is_err());
+        // One alert per kind and device per minute: the agent retries refused batches.
+        assert_eq!(alerts(&svc, "d1"), ["bad_signature"]);
+
+        // Replay of a stored batch: flagged, chain unchanged.
+        let a2 = up(&svc, "d1", signed(&key, "d1", first)).unwrap();
+        assert_eq!(a2.acked_seq, 3);
+        assert!(alerts(&svc, "d1").iter().filter(|k| *k == "replay").count() == 3);
+
+        // An altered event breaks the next link; a gap is flagged.
+        let mut altered = next.clone();
+        altered[0]
+            .fields
+            .insert("command".into(), "innocent".into());
+        up(&svc, "d1", signed(&key, "d1", altered)).unwrap();
+        let gap = chain(9, "whatever", 1);
+        let a3 = up(&svc, "d1", signed(&key, "d1", gap)).unwrap();
+        assert_eq!(a3.acked_seq, 9);
+        let kinds = alerts(&svc, "d1");
+        assert!(kinds.contains(&"chain".to_string()), "{kinds:?}");
+        assert!(kinds.contains(&"gap".to_string()), "{kinds:?}");
+        match verify(&svc, Some("d1")).unwrap() {
+            Response::AuditReport(r) => assert!(!r[0].problems.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        // The authority's own events are there too.
+        match search(&svc, &AuditQuery::default()).unwrap() {
+            Response::AuditPage(p) => {
+                assert!(p.events.iter().any(|e| e.event.kind == "device.join"));
+                assert!(p.events.iter().any(|e| e.event.kind == "token.used"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Device-side audit: structured events and session recordings go to an append-only spool
+//! in the data dir first ([`spool`]), then ship to the authority over the tunnel's control
+//! stream ([`ship`]). Sessions never wait for audit: events are handed to a writer thread
+//! through a bounded queue, and whatever cannot be kept is counted and reported in an
+//! `audit.dropped` event.
+
+pub mod record;
+pub mod sftp;
+pub mod ship;
+pub mod spool;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use edgeport_proto::audit::AuditEvent;
+
+pub use spool::{Spool, SpoolError};
+
+/// Events queued for the writer at most (beyond: counted as dropped).
+const QUEUE: usize = 16 * 1024;
+/// Longest value of one field (commands, paths); longer ones are cut.
+const MAX_FIELD: usize = 4096;
+
+enum Msg {
+    Event(AuditEvent),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+struct Sink {
+    tx: SyncSender<Msg>,
+    dropped: AtomicU64,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// What the writer thread and the shipper share.
+pub struct Shared {
+    spool: Mutex<Spool>,
+    /// Woken after every write (the shipper waits on it).
+    pub written: tokio::sync::Notify,
+}
+
+impl Shared {
+    pub fn spool(&self) -> MutexGuard<'_, Spool> {
+        match self.spool.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens the spool under `data_dir/audit` and starts the writer thread. Events emitted
+/// before this (or in a process that never calls it, like unit tests) are ignored.
+pub fn start(data_dir: &Path, max_bytes: u64) -> Result<Arc<Shared>, SpoolError> {
+    let spool = Spool::open(&data_dir.join("audit"), max_bytes)?;
+    let shared = Arc::new(Shared {
+        spool: Mutex::new(spool),
+        written: tokio::sync::Notify::new(),
+    });
+    let (tx, rx) = sync_channel(QUEUE);
+    if SINK
+        .set(Sink {
+            tx,
+            dropped: AtomicU64::new(0),
+        })
+        .is_err()
+    {
+        return Err(SpoolError::Io("the audit spool is already running".into()));
+    }
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("audit-spool".into())
+        .spawn(move || writer(s, rx))
+        .map_err(|e| SpoolError::Io(format!("cannot start the spool writer: {e}")))?;
+    Ok(shared)
+}
+
+/// Waits (up to `timeout`) until everything emitted so far is on disk.
+pub fn flush(timeout: Duration) {
+    let Some(sink) = SINK.get() else { return };
+    let (tx, rx) = std::sync::mpsc::channel();
+    if sink.tx.send(Msg::Flush(tx)).is_ok() {
+        let _ = rx.recv_timeout(timeout);
+    }
+}
+
+fn writer(shared: Arc<Shared>, rx: Receiver<Msg>) {
+    loop {
+        let first = match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut events = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = first;
+        // Group commit: everything queued so far goes in one write and one fsync.
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Event(e) => events.push(e),
+                Msg::Flush(f) => flushes.push(f),
+            }
+            if events.len() < 4096 {
+                next = rx.try_recv().ok();
+            }
+        }
+        let queue_dropped = SINK
+            .get()
+            .map(|s| s.dropped.swap(0, Ordering::Relaxed))
+            .unwrap_or(0);
+        let wrote = {
+            let mut sp = shared.spool();
+            if queue_dropped > 0 {
+                sp.count_dropped(queue_dropped, 0, "the audit queue was full");
+            }
+            if events.is_empty() && !sp.has_dropped() {
+                false
+            } else {
+                sp.append(events)
+            }
+        };
+        if wrote {
+            shared.written.notify_one();
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+}
+
+/// Benchmarks: `n` synthetic events shaped like an exec event, paced so that none is dropped
+/// from the queue (it waits for the writer every 1000).
+pub fn flood(n: u64) {
+    for i in 0..n {
+        event("bench.event")
+            .session("00112233445566778899aabbccddeeff")
+            .user("bench")
+            .login("root")
+            .field("command", format!("echo bench-{i}"))
+            .emit();
+        if i % 1000 == 999 {
+            flush(Duration::from_secs(30));
+        }
+    }
+    flush(Duration::from_secs(30));
+}
+
+/// Hands one event to the spool writer; never blocks.
+pub fn emit(ev: AuditEvent) {
+    let Some(sink) = SINK.get() else { return };
+    match sink.tx.try_send(Msg::Event(ev)) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            sink.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Builder for one event: `audit::event("exec").session(id).user(u).field("command", c).emit()`.
+pub struct Event(AuditEvent);
+
+pub fn event(kind: &str) -> Event {
+    Event(AuditEvent::new(kind, now_ms()))
+}
+
+fn cut(s: &str) -> String {
+    if s.len() <= MAX_FIELD {
+        return s.to_string();
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+impl Event {
+    pub fn session(mut self, id: &str) -> Self {
+        self.0.session_id = id.to_string();
+        self
+    }
+    pub fn user(mut self, u: &str) -> Self {
+        self.0.user = u.to_string();
+        self
+    }
+    pub fn login(mut self, l: &str) -> Self {
+        self.0.login = l.to_string();
+        self
+    }
+    pub fn field(mut self, k: &str, v: impl ToString) -> Self {
+        self.0.fields.insert(k.to_string(), cut(&v.to_string()));
+        self
+    }
+    /// A field kept whole (recording data).
+    pub fn raw_field(mut self, k: &str, v: String) -> Self {
+        self.0.fields.insert(k.to_string(), v);
+        self
+    }
+    pub fn emit(self) {
+        emit(self.0)
+    }
+}

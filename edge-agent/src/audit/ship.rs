@@ -1,0 +1,129 @@
+//! Shipping the spool over the tunnel. Stop and wait: the agent sends one signed batch on
+//! the control stream (`AgentControl::Audit`), the gateway relays it to the authority, and
+//! the authority's ack (`GatewayControl::AuditAck`) says how far its copy of the chain goes;
+//! only then is the spool trimmed and the next batch sent. The first batch after every
+//! (re)connect is empty: it asks where the authority's chain ends, so events the authority
+//! stored but whose ack was lost are deleted, not resent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::audit::{batch_payload, AuditAck, AuditBatch, MAX_BATCH_BYTES};
+use edgeport_proto::keys::KeyPair;
+use edgeport_proto::tunnel::AgentControl;
+use tokio::sync::mpsc;
+
+use super::Shared;
+
+/// How long an ack may take before the tunnel is considered unhealthy for audit.
+const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// Retry delays while the authority cannot take batches.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Test hooks (hidden agent flags) to exercise the authority's checks.
+#[derive(Clone, Debug, Default)]
+pub struct Tamper {
+    /// Sign batches with this key instead of the device key.
+    pub sign_key: Option<KeyPair>,
+    /// After the first acknowledged batch, send it once more.
+    pub replay: bool,
+}
+
+/// Ships until the tunnel ends (the channels close).
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    shared: Arc<Shared>,
+    device_id: String,
+    key: KeyPair,
+    host_ca: Option<Vec<u8>>,
+    tamper: Tamper,
+    out: mpsc::Sender<AgentControl>,
+    mut acks: mpsc::Receiver<AuditAck>,
+) {
+    let signer = tamper.sign_key.clone().unwrap_or(key);
+    let mut synced = false;
+    let mut retry = RETRY_MIN;
+    let mut replay = tamper.replay;
+    loop {
+        let events = if synced {
+            let s = shared.clone();
+            let after = s.spool().acked();
+            match tokio::task::spawn_blocking(move || s.spool().read_batch(after, MAX_BATCH_BYTES))
+                .await
+            {
+                Ok(e) => e,
+                Err(_) => return,
+            }
+        } else {
+            Vec::new()
+        };
+        if synced && events.is_empty() {
+            tokio::select! {
+                _ = shared.written.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            continue;
+        }
+        let n = events.len();
+        let batch = AuditBatch {
+            signature: signer.sign(&batch_payload(&device_id, &events)),
+            events,
+        };
+        let resend = (replay && n > 0).then(|| batch.clone());
+        if out.send(AgentControl::Audit(batch)).await.is_err() {
+            return;
+        }
+        let ack = match tokio::time::timeout(ACK_TIMEOUT, acks.recv()).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::warn!("no acknowledgement for an audit batch in {ACK_TIMEOUT:?}; will retry on the next tunnel");
+                return;
+            }
+        };
+        let error = match (&ack.error, &host_ca) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(ca)) if !edgeport_proto::audit::verify_ack(&device_id, &ack, ca) => Some(
+                "the acknowledgement is not signed by the cluster's authority; nothing deleted"
+                    .to_string(),
+            ),
+            (None, None) => Some("no host CA key to check acknowledgements with".to_string()),
+            _ => None,
+        };
+        if let Some(e) = error {
+            tracing::warn!(
+                events = n,
+                "audit batch not taken: {e}; retrying in {:.1}s",
+                retry.as_secs_f32()
+            );
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_MAX);
+            continue;
+        }
+        retry = RETRY_MIN;
+        synced = true;
+        let s = shared.clone();
+        let res =
+            tokio::task::spawn_blocking(move || s.spool().ack(ack.acked_seq, &ack.last_hash)).await;
+        match res {
+            Ok(Ok(())) => tracing::debug!(
+                events = n,
+                acked = ack.acked_seq,
+                "audit batch acknowledged"
+            ),
+            Ok(Err(e)) => tracing::error!("{e}"),
+            Err(_) => return,
+        }
+        if let Some(b) = resend {
+            replay = false;
+            tracing::warn!("test hook: replaying an acknowledged audit batch");
+            if out.send(AgentControl::Audit(b)).await.is_err() {
+                return;
+            }
+            if acks.recv().await.is_none() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The gateway's part in audit: it relays devices' signed batches from their control streams
+//! to the authority (one at a time per device; the authority's answer goes back as the ack),
+//! reports its own dial events, and serves recordings to tsh (the user's own sessions).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::audit::{AuditAck, AuditBatch, AuditEvent};
+use edgeport_proto::rpc::{Request, Response};
+use edgeport_proto::tunnel::{ClientReply, GatewayControl};
+use edgeport_proto::util::BoxedStream;
+use edgeport_proto::write_frame;
+
+use crate::ctx::Ctx;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Relays one batch of `device_id` (from its tunnel certificate) and returns the ack.
+pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> GatewayControl {
+    let n = batch.events.len();
+    let ack = match ctx
+        .auth
+        .call(Request::AuditUpload {
+            device_id: device_id.clone(),
+            batch,
+        })
+        .await
+    {
+        Ok(Response::AuditAck(a)) => {
+            tracing::debug!(device = %device_id, events = n, acked = a.acked_seq, "audit batch stored");
+            a
+        }
+        Ok(other) => AuditAck {
+            acked_seq: 0,
+            last_hash: String::new(),
+            error: Some(edgeport_proto::rpc_client::unexpected(other).to_string()),
+            signature: Vec::new(),
+        },
+        Err(e) => {
+            tracing::info!(device = %device_id, "audit batch not stored: {e}");
+            AuditAck {
+                acked_seq: 0,
+                last_hash: String::new(),
+                error: Some(e.to_string()),
+                signature: Vec::new(),
+            }
+        }
+    };
+    GatewayControl::AuditAck(ack)
+}
+
+/// Reports a dial (allowed or refused) to the authority, in the background. If the authority
+/// is unreachable the event is only logged (the device's own events still arrive later).
+#[allow(clippy::too_many_arguments)]
+pub fn dial_event(
+    ctx: &Arc<Ctx>,
+    user: &str,
+    target: &str,
+    device_id: &str,
+    session_id: &str,
+    client_addr: &str,
+    service: &str,
+    error: Option<&str>,
+) {
+    let mut ev = AuditEvent::new("gateway.dial", now_ms());
+    ev.user = user.to_string();
+    ev.session_id = session_id.to_string();
+    ev.fields.insert("device".into(), device_id.to_string());
+    ev.fields.insert("target".into(), target.to_string());
+    ev.fields
+        .insert("client_addr".into(), client_addr.to_string());
+    ev.fields.insert("service".into(), service.to_string());
+    ev.fields
+        .insert("success".into(), error.is_none().to_string());
+    if let Some(e) = error {
+        ev.fields.insert("error".into(), e.to_string());
+    }
+    tracing::info!(%user, %target, device = %device_id, session = %session_id, client = %client_addr,
+        allowed = error.is_none(), "dial");
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        match ctx.auth.call(Request::AuditRecord(vec![ev])).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot report a dial event to the authority: {e}"),
+        }
+    });
+}
+
+async fn send(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(30), write_frame(stream, msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// `tsh recordings ls`.
+pub async fn list(ctx: &Ctx, user: &str) -> ClientReply {
+    match ctx
+        .auth
+        .call(Request::RecordingList {
+            user: Some(user.to_string()),
+        })
+        .await
+    {
+        Ok(Response::Recordings(r)) => ClientReply::Recordings(r),
+        Ok(other) => ClientReply::Refused(edgeport_proto::rpc::RpcError::new(
+            edgeport_proto::rpc::ErrorKind::Internal,
+            edgeport_proto::rpc_client::unexpected(other).to_string(),
+        )),
+        Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
+    }
+}
+
+/// `tsh play`: the recording in pieces, then `more: false`.
+pub async fn stream_recording(ctx: &Ctx, stream: &mut BoxedStream, user: &str, session_id: String) {
+    let mut offset = 0u64;
+    loop {
+        let req = Request::RecordingGet {
+            session_id: session_id.clone(),
+            user: Some(user.to_string()),
+            offset,
+        };
+        let reply = match ctx.auth.call(req).await {
+            Ok(Response::RecordingData { data, total }) => {
+                offset += data.len() as u64;
+                let more = !data.is_empty() && offset < total;
+                let done = !more;
+                if !send(stream, &ClientReply::RecordingData { data, more }).await || done {
+                    return;
+                }
+                continue;
+            }
+            Ok(other) => ClientReply::Refused(edgeport_proto::rpc::RpcError::new(
+                edgeport_proto::rpc::ErrorKind::Internal,
+                edgeport_proto::rpc_client::unexpected(other).to_string(),
+            )),
+            Err(edgeport_proto::rpc_client::RpcClientError::Remote(e)) => ClientReply::Refused(e),
+            Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
+        };
+        let _ = send(stream, &reply).await;
+        return;
+    }
+}
+
+/// Dial grants the authority gave recently, by (user, target): while the authority is
+/// unreachable, a user who was allowed on a device in the last [`GRANT_CACHE_TTL`] may
+/// still reach it (locks the gateway knows of still apply), so sessions on devices keep
+/// working and keep being audited on the device.
+pub const GRANT_CACHE_TTL: Duration = Duration::from_secs(600);
+
+type GrantCache = std::sync::Mutex<
+    std::collections::HashMap<
+        (String, String),
+        (std::time::Instant, edgeport_proto::rpc::DialGrant),
+    >,
+>;
+
+fn grants() -> &'static GrantCache {
+    static CACHE: std::sync::OnceLock<GrantCache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+pub fn remember_grant(user: &str, target: &str, g: &edgeport_proto::rpc::DialGrant) {
+    if let Ok(mut c) = grants().lock() {
+        c.retain(|_, (at, _)| at.elapsed() < GRANT_CACHE_TTL);
+        if c.len() < 100_000 {
+            c.insert(
+                (user.to_string(), target.to_string()),
+                (std::time::Instant::now(), g.clone()),
+            );
+        }
+    }
+}
+
+pub fn cached_grant(user: &str, target: &str) -> Option<edgeport_proto::rpc::DialGrant> {
+    let c = grants().lock().ok()?;
+    c.get(&(user.to_string(), target.to_string()))
+        .filter(|(at, _)| at.elapsed() < GRANT_CACHE_TTL)
+        .map(|(_, g)| g.clone())
+}
