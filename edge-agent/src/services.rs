@@ -47,6 +47,9 @@ pub struct Services {
     ssh: RwLock<Option<Arc<dyn StreamService>>>,
     kube: Option<Arc<dyn StreamService>>,
     locked: RwLock<Vec<String>>,
+    /// SSH servers replaced by a renewal. Their live connections keep them alive; a lock must
+    /// still reach those sessions.
+    retired: std::sync::Mutex<Vec<std::sync::Weak<dyn StreamService>>>,
 }
 
 impl Services {
@@ -56,6 +59,7 @@ impl Services {
             ssh: RwLock::new(None),
             kube: None,
             locked: RwLock::new(Vec::new()),
+            retired: std::sync::Mutex::new(Vec::new()),
         };
         me.identity_changed(ident);
         me
@@ -73,14 +77,25 @@ impl Services {
                 None
             }
         };
-        if let Ok(mut slot) = self.ssh.write() {
-            *slot = ssh;
+        let old = match self.ssh.write() {
+            Ok(mut slot) => std::mem::replace(&mut *slot, ssh),
+            Err(_) => None,
+        };
+        if let (Some(old), Ok(mut retired)) = (old, self.retired.lock()) {
+            retired.retain(|w| w.strong_count() > 0);
+            retired.push(Arc::downgrade(&old));
         }
     }
 
     pub fn set_locked_users(&self, users: Vec<String>) {
         if let Ok(mut l) = self.locked.write() {
             *l = users.clone();
+        }
+        if let Ok(mut retired) = self.retired.lock() {
+            retired.retain(|w| w.strong_count() > 0);
+            for old in retired.iter().filter_map(|w| w.upgrade()) {
+                old.set_locked_users(users.clone());
+            }
         }
         if let Some(s) = self.ssh() {
             s.set_locked_users(users);

@@ -36,7 +36,7 @@ struct SessionChannel {
 }
 
 struct Running {
-    pgid: i32,
+    group: Arc<process::Group>,
     master: Option<Arc<PtyMaster>>,
 }
 
@@ -223,7 +223,7 @@ impl ConnHandler {
             "session started"
         );
         ch.running = Some(Running {
-            pgid: started.pgid,
+            group: started.group.clone(),
             master: master.clone(),
         });
         let dev = &self.inner.device_id;
@@ -599,13 +599,19 @@ impl russh::server::Handler for ConnHandler {
             return Ok(());
         };
         if let Some(r) = self.channels.get(&channel).and_then(|c| c.running.as_ref()) {
+            // Nothing goes to a group that has ended: its id may belong to someone else now.
+            if r.group.is_gone() {
+                return Ok(());
+            }
             // With a terminal, the signal goes to its foreground job, like a key press would.
-            let group = r
-                .master
-                .as_ref()
-                .and_then(|m| m.foreground_group())
-                .unwrap_or(r.pgid);
-            process::signal_group(group, num);
+            match r.master.as_ref().and_then(|m| m.foreground_group()) {
+                Some(fg) => {
+                    process::signal_group(fg, num);
+                }
+                None => {
+                    r.group.signal(num);
+                }
+            }
         }
         Ok(())
     }

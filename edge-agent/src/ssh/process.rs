@@ -38,8 +38,9 @@ pub struct Spawn<'a> {
 /// A started process and the ends of its standard streams (pipes, when there is no pty).
 pub struct Started {
     pub child: Child,
-    /// The process group (= the pid, as the child calls setsid).
-    pub pgid: i32,
+    /// The process group (its id is the pid, as the child calls setsid), for signals and
+    /// clean-up.
+    pub group: std::sync::Arc<Group>,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildStdout>,
     pub stderr: Option<ChildStderr>,
@@ -144,7 +145,7 @@ pub fn spawn(spec: Spawn<'_>) -> std::io::Result<Started> {
     let mut child = cmd.spawn()?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     Ok(Started {
-        pgid,
+        group: Group::new(pgid),
         stdin: child.stdin.take(),
         stdout: child.stdout.take(),
         stderr: child.stderr.take(),
@@ -161,21 +162,62 @@ pub fn signal_group(pgid: i32, sig: i32) -> bool {
     unsafe { libc::kill(-pgid, sig) == 0 }
 }
 
-/// Hangs the group up (SIGHUP, then SIGCONT so stopped jobs see it), and SIGKILLs whatever
-/// is left after `grace`. Used when a channel closes under a running program.
-pub async fn terminate_group(pgid: i32, grace: Duration) {
-    if !signal_group(pgid, libc::SIGHUP) {
-        return; // the group is already gone
+/// A session's process group. Once the group is gone its id can be reused by anyone's
+/// processes (quickly, with a small `pid_max`), so from then on nothing is sent to it: a
+/// client that holds its channel open must not get to signal a stranger's processes.
+pub struct Group {
+    pgid: i32,
+    gone: std::sync::atomic::AtomicBool,
+}
+
+impl Group {
+    pub fn new(pgid: i32) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            pgid,
+            gone: std::sync::atomic::AtomicBool::new(pgid <= 1),
+        })
     }
-    signal_group(pgid, libc::SIGCONT);
-    let deadline = tokio::time::Instant::now() + grace;
-    while tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if !signal_group(pgid, 0) {
+
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn mark_gone(&self) {
+        self.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sends `sig` to the group while it exists; notices when it no longer does.
+    pub fn signal(&self, sig: i32) -> bool {
+        if self.is_gone() {
+            return false;
+        }
+        let ok = signal_group(self.pgid, sig);
+        if !ok && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            self.mark_gone();
+        }
+        ok
+    }
+
+    /// Hangs the group up (SIGHUP, then SIGCONT so stopped jobs see it), SIGKILLs whatever is
+    /// left after `grace`, and retires the group id. Used when the session's program exits or
+    /// its channel closes; a second call does nothing.
+    pub async fn terminate(&self, grace: Duration) {
+        if !self.signal(libc::SIGHUP) {
+            self.mark_gone();
             return;
         }
+        self.signal(libc::SIGCONT);
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !self.signal(0) {
+                self.mark_gone();
+                return;
+            }
+        }
+        self.signal(libc::SIGKILL);
+        self.mark_gone();
     }
-    signal_group(pgid, libc::SIGKILL);
 }
 
 /// The signal number for an SSH signal name (RFC 4254 6.10, without the "SIG").

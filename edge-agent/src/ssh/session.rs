@@ -77,7 +77,7 @@ pub async fn run(
     channel: ChannelId,
     ctx: LogCtx,
 ) {
-    let pgid = started.pgid;
+    let group = started.group.clone();
     match io {
         ProcessIo::Pipes {
             stdin,
@@ -87,7 +87,7 @@ pub async fn run(
             let input = tokio::spawn(pipe_input(
                 read,
                 stdin,
-                pgid,
+                group.clone(),
                 ctx.bytes_in.clone(),
                 ctx.sftp.clone(),
             ));
@@ -105,10 +105,18 @@ pub async fn run(
             );
             let (status, _, _) = tokio::join!(started.child.wait(), out, err);
             finish(&handle, channel, status, &ctx).await;
+            // Reap what the program left behind now, not when the client gets round to
+            // closing the channel (the group id must not outlive the group).
+            group.terminate(HANGUP_GRACE).await;
             let _ = input.await;
         }
         ProcessIo::Pty(master) => {
-            let input = tokio::spawn(pty_input(read, master.clone(), pgid, ctx.bytes_in.clone()));
+            let input = tokio::spawn(pty_input(
+                read,
+                master.clone(),
+                group.clone(),
+                ctx.bytes_in.clone(),
+            ));
             let mut out = write.make_writer();
             let mut buf = vec![0u8; BUF];
             let mut exited = None;
@@ -138,11 +146,12 @@ pub async fn run(
                 None => started.child.wait().await,
             };
             finish(&handle, channel, status, &ctx).await;
+            group.terminate(HANGUP_GRACE).await;
             let _ = input.await;
         }
     }
     // Whatever the program left behind goes with its channel.
-    process::terminate_group(pgid, HANGUP_GRACE).await;
+    group.terminate(HANGUP_GRACE).await;
 }
 
 /// Reads what is left on the terminal after its session leader exited: until every slave
@@ -283,7 +292,7 @@ where
 async fn pipe_input(
     mut read: ChannelReadHalf,
     mut stdin: Option<ChildStdin>,
-    pgid: i32,
+    group: Arc<process::Group>,
     count: Arc<AtomicU64>,
     sftp: Option<Sftp>,
 ) {
@@ -304,14 +313,14 @@ async fn pipe_input(
         }
     }
     drop(stdin);
-    process::terminate_group(pgid, HANGUP_GRACE).await;
+    group.terminate(HANGUP_GRACE).await;
 }
 
 /// Client -> terminal. A pty cannot be half-closed, so EOF is ignored (as sshd does).
 async fn pty_input(
     mut read: ChannelReadHalf,
     master: Arc<PtyMaster>,
-    pgid: i32,
+    group: Arc<process::Group>,
     count: Arc<AtomicU64>,
 ) {
     loop {
@@ -326,5 +335,5 @@ async fn pty_input(
             Some(_) => {}
         }
     }
-    process::terminate_group(pgid, HANGUP_GRACE).await;
+    group.terminate(HANGUP_GRACE).await;
 }
