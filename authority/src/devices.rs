@@ -359,9 +359,19 @@ pub fn list(store: &dyn Store, now: u64) -> Result<Vec<DeviceInfo>, RpcError> {
 
 /// One page of the inventory: the devices with ids after `after`, as many as fit in a frame.
 pub fn page(store: &dyn Store, after: &str, now: u64) -> Result<(Vec<DeviceInfo>, bool), RpcError> {
+    page_where(store, after, now, |_| true)
+}
+
+/// [`page`] of the devices `keep` accepts.
+pub fn page_where(
+    store: &dyn Store,
+    after: &str,
+    now: u64,
+    keep: impl Fn(&DeviceInfo) -> bool,
+) -> Result<(Vec<DeviceInfo>, bool), RpcError> {
     let rest: Vec<DeviceInfo> = list(store, now)?
         .into_iter()
-        .filter(|d| after.is_empty() || d.id.as_str() > after)
+        .filter(|d| (after.is_empty() || d.id.as_str() > after) && keep(d))
         .collect();
     let mut chunks = edgeport_proto::frame::chunk_by_size(rest).into_iter();
     let first = chunks.next().unwrap_or_default();

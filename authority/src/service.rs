@@ -85,7 +85,8 @@ fn access(req: &Request) -> Access {
         | Request::Presence(_)
         | Request::Login(_)
         | Request::AuditUpload { .. }
-        | Request::AuditRecord(_) => Access::Gateway,
+        | Request::AuditRecord(_)
+        | Request::UserDevicePage { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -106,7 +107,9 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::TokenAdd(_) => "adding join tokens",
         Request::TokenList => "listing join tokens",
         Request::TokenRemove { .. } => "removing join tokens",
-        Request::DeviceList | Request::DevicePage { .. } => "listing devices",
+        Request::DeviceList | Request::DevicePage { .. } | Request::UserDevicePage { .. } => {
+            "listing devices"
+        }
         Request::DeviceRemove { .. } => "removing devices",
         Request::JoinGateway(_) => "gateway join",
         Request::JoinDevice(_) => "relaying device joins",
@@ -282,6 +285,15 @@ impl Service {
             Request::DeviceList => Ok(Response::Devices(devices::list(store, now)?)),
             Request::DevicePage { after } => {
                 let (devices, more) = devices::page(store, &after, now)?;
+                Ok(Response::DevicePage { devices, more })
+            }
+            Request::UserDevicePage { user, after } => {
+                // A user sees the devices their roles reach, nothing more.
+                let subject = users::subject(store, &user)?
+                    .ok_or_else(|| crate::errors::not_found(format!("user {user} not found")))?;
+                let grants = roles::grants(store, &subject.roles)?;
+                let (devices, more) =
+                    devices::page_where(store, &after, now, |d| grants.allows_device(&d.labels))?;
                 Ok(Response::DevicePage { devices, more })
             }
             Request::DeviceRemove { id } => {

@@ -65,13 +65,18 @@ async fn reply(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
     )
 }
 
-/// The whole inventory from the authority, page by page.
-async fn all_devices(
+/// The devices `user`'s roles reach, from the authority, page by page.
+async fn user_devices(
     ctx: &Ctx,
+    user: &str,
 ) -> Result<Vec<edgeport_proto::rpc::DeviceInfo>, edgeport_proto::rpc_client::RpcClientError> {
-    use edgeport_proto::rpc_client::{add_device_page, first_device_page};
-    let (mut devices, mut next) = (Vec::new(), Some(first_device_page()));
-    while let Some(req) = next {
+    use edgeport_proto::rpc_client::add_device_page;
+    let (mut devices, mut next) = (Vec::new(), Some(String::new()));
+    while let Some(after) = next {
+        let req = Request::UserDevicePage {
+            user: user.to_string(),
+            after,
+        };
         next = add_device_page(&mut devices, ctx.auth.call(req).await?)?;
     }
     Ok(devices)
@@ -116,7 +121,7 @@ pub async fn serve_stream(
                 Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
             }
         }
-        (ClientRequest::ListDevices, Some(_)) => match all_devices(&ctx).await {
+        (ClientRequest::ListDevices, Some(user)) => match user_devices(&ctx, &user).await {
             Ok(devices) => {
                 // Large fleets go in parts, each one frame; the last part is `Devices`.
                 let mut parts = edgeport_proto::frame::chunk_by_size(devices);

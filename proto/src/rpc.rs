@@ -96,6 +96,12 @@ pub enum Request {
         user: Option<String>,
         offset: u64,
     },
+    /// Gateway: a page of the devices `user`'s roles reach (what `tsh ls` shows); as
+    /// `DevicePage` otherwise.
+    UserDevicePage {
+        user: String,
+        after: String,
+    },
 }
 
 /// Responses from the authority.

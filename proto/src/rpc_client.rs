@@ -99,34 +99,25 @@ impl RpcClient {
     }
 }
 
-/// Paging through the inventory (large fleets do not fit in one frame): start with
-/// `Some(Request::DevicePage { after: String::new() })`, send each request this returns, and
-/// feed the response back until it returns `None`.
+/// Paging through the inventory (large fleets do not fit in one frame): ask for the page
+/// after `""`, feed each `DevicePage` response here, and ask again after the id this returns
+/// until it returns `None`.
 ///
 /// ```ignore
-/// let (mut devices, mut next) = (Vec::new(), Some(first_device_page()));
-/// while let Some(req) = next {
-///     next = add_device_page(&mut devices, client.call(req).await?)?;
+/// let (mut devices, mut next) = (Vec::new(), Some(String::new()));
+/// while let Some(after) = next {
+///     next = add_device_page(&mut devices, client.call(Request::DevicePage { after }).await?)?;
 /// }
 /// ```
-pub fn first_device_page() -> Request {
-    Request::DevicePage {
-        after: String::new(),
-    }
-}
-
-/// Adds one `DevicePage` response to `out` and returns the request for the next page, if any.
 pub fn add_device_page(
     out: &mut Vec<DeviceInfo>,
     resp: Response,
-) -> Result<Option<Request>, RpcClientError> {
+) -> Result<Option<String>, RpcClientError> {
     match resp {
         Response::DevicePage { devices, more } => {
             let progressed = !devices.is_empty();
             out.extend(devices);
-            Ok((more && progressed).then(|| Request::DevicePage {
-                after: out.last().map(|d| d.id.clone()).unwrap_or_default(),
-            }))
+            Ok((more && progressed).then(|| out.last().map(|d| d.id.clone()).unwrap_or_default()))
         }
         other => Err(unexpected(other)),
     }

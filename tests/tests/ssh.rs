@@ -679,6 +679,19 @@ fn roles_limit_devices_ptys_and_forwarding() {
     assert!(!shown.contains("permit-pty"), "{shown}");
     assert!(!shown.contains("permit-port-forwarding"), "{shown}");
 
+    // tsh ls shows only what the roles reach.
+    let listed = tsh
+        .run(&["ls", "--format", "json"], None)
+        .expect_ok("tsh ls")
+        .json();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["dev1"], "{listed}");
+
     // Devices: allowed by label, denied by label (deny wins), not allowed at all.
     let r = tsh.run(&["ssh", "dev1", "echo", "allowed"], None);
     assert_eq!(r.stdout(), "allowed\n", "{}", r.stderr());

@@ -2,7 +2,7 @@
 //! gateways' presence reports.
 
 use edgeport_proto::rpc::{DeviceInfo, Request, Response};
-use edgeport_proto::rpc_client::{add_device_page, first_device_page, unexpected};
+use edgeport_proto::rpc_client::{add_device_page, unexpected};
 use edgeport_proto::util::format_labels;
 use serde_json::json;
 
@@ -11,9 +11,9 @@ use super::connect::Session;
 use super::output::{ago_text, json_list, print_json, time_json, Table};
 
 pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
-    let (mut devices, mut next) = (Vec::new(), Some(first_device_page()));
-    while let Some(req) = next {
-        next = add_device_page(&mut devices, s.call(req).await?)?;
+    let (mut devices, mut next) = (Vec::new(), Some(String::new()));
+    while let Some(after) = next {
+        next = add_device_page(&mut devices, s.call(Request::DevicePage { after }).await?)?;
     }
     match a.format {
         Format::Json => print_json(&json_list(&devices, device_json)),
