@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub test_renew: bool,
     /// The Kubernetes cluster this agent fronts, if any (reported in Hello).
     pub kube_cluster: Option<String>,
+    /// The agent's own credentials for that cluster's API server (None: in-cluster
+    /// service account).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -55,6 +58,7 @@ impl AgentConfig {
             test_echo: false,
             test_renew: false,
             kube_cluster: None,
+            kubeconfig: None,
         }
     }
 }

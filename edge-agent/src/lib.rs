@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod config;
 pub mod identity;
 pub mod join;
+pub mod kube;
 pub mod services;
 pub mod session;
 pub mod ssh;

@@ -64,6 +64,12 @@ struct StartArgs {
     /// Renew the certificates once right after the first tunnel is up (tests).
     #[arg(long, hide = true)]
     test_renew: bool,
+    /// Serve this Kubernetes cluster (kubectl reaches it through the gateway).
+    #[arg(long, env = "EDGEPORT_KUBE_CLUSTER")]
+    kube_cluster: Option<String>,
+    /// The agent's kubeconfig for that cluster (default: the pod's service account).
+    #[arg(long, env = "EDGEPORT_KUBECONFIG", requires = "kube_cluster")]
+    kubeconfig: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -104,6 +110,8 @@ fn main() -> ExitCode {
     cfg.quic_probe_interval = a.quic_probe_interval.max(Duration::from_secs(1));
     cfg.test_echo = a.test_echo;
     cfg.test_renew = a.test_renew;
+    cfg.kube_cluster = a.kube_cluster.filter(|c| !c.is_empty());
+    cfg.kubeconfig = a.kubeconfig;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1,6 +1,6 @@
 //! What the agent serves on streams the gateway opens: each starts with a [`StreamHeader`]
 //! naming the service. SSH goes to the in-process server ([`crate::ssh`]), Echo (tests
-//! only, `--test-echo`) sends bytes back, Kubernetes comes later.
+//! only, `--test-echo`) sends bytes back, Kube goes to [`crate::kube`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -50,11 +50,15 @@ pub struct Services {
 }
 
 impl Services {
-    pub fn new(test_echo: bool, ident: &DeviceIdentity) -> Self {
+    pub fn new(
+        test_echo: bool,
+        ident: &DeviceIdentity,
+        kube: Option<Arc<dyn StreamService>>,
+    ) -> Self {
         let me = Self {
             echo: test_echo,
             ssh: RwLock::new(None),
-            kube: None,
+            kube,
             locked: RwLock::new(Vec::new()),
         };
         me.identity_changed(ident);
