@@ -29,6 +29,8 @@ pub struct Ctx {
     pub locks: RwLock<Vec<LockSpec>>,
     /// Locked user names, as last sent to agents (they end those users' sessions).
     pub locked_users: RwLock<Vec<String>>,
+    /// The Kubernetes front door's TLS and grant cache.
+    pub kube: crate::kube::KubeState,
 }
 
 impl Ctx {
@@ -54,6 +56,7 @@ impl Ctx {
             tcp_tls: RwLock::new(Arc::new(tcp_tls)),
             locks: RwLock::new(Vec::new()),
             locked_users: RwLock::new(Vec::new()),
+            kube: Default::default(),
         }
     }
 

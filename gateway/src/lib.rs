@@ -14,6 +14,7 @@ pub mod ctx;
 pub mod dial;
 pub mod identity;
 pub mod join;
+pub mod kube;
 pub mod presence;
 pub mod quic;
 pub mod server;

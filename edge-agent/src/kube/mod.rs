@@ -167,7 +167,10 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 async fn forward(
@@ -184,7 +187,10 @@ async fn forward(
         strip_client_identity(h);
         strip_hop_by_hop(h, upgrade);
         let Ok(user) = HeaderValue::from_str(&ident.user) else {
-            return full(StatusCode::BAD_REQUEST, "user name is not a valid header value");
+            return full(
+                StatusCode::BAD_REQUEST,
+                "user name is not a valid header value",
+            );
         };
         h.insert("impersonate-user", user);
         for g in &ident.groups {
@@ -237,8 +243,7 @@ async fn forward(
             )
         }
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
-    {
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
         Ok(x) => x,
         Err(e) => return full(StatusCode::BAD_GATEWAY, &format!("API server: {e}")),
     };
@@ -288,7 +293,10 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer x"));
         h.insert("impersonate-user", HeaderValue::from_static("admin"));
-        h.append("Impersonate-Group", HeaderValue::from_static("system:masters"));
+        h.append(
+            "Impersonate-Group",
+            HeaderValue::from_static("system:masters"),
+        );
         h.insert("impersonate-extra-scopes", HeaderValue::from_static("x"));
         h.insert("accept", HeaderValue::from_static("application/json"));
         strip_client_identity(&mut h);

@@ -104,8 +104,9 @@ impl Upstream {
         let cluster = named("clusters", cluster_name, "cluster")
             .ok_or_else(|| cfg_err(format!("cluster {cluster_name:?} not found")))?;
         let user = match ctx.get("user").and_then(Value::as_str) {
-            Some(u) => named("users", u, "user")
-                .ok_or_else(|| cfg_err(format!("user {u:?} not found")))?,
+            Some(u) => {
+                named("users", u, "user").ok_or_else(|| cfg_err(format!("user {u:?} not found")))?
+            }
             None => Value::Null,
         };
         let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);

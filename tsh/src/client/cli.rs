@@ -57,6 +57,22 @@ pub enum Command {
     },
     /// Print an ssh_config block that makes OpenSSH ssh/scp/sftp/rsync reach devices.
     Config,
+    /// Kubernetes clusters served by devices: list them, write kubectl contexts.
+    Kube {
+        #[command(subcommand)]
+        what: KubeCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KubeCmd {
+    /// List the Kubernetes clusters devices serve.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Add and select the kubectl context `edgeport-CLUSTER` ($KUBECONFIG or ~/.kube/config).
+    Login { cluster: String },
 }
 
 #[derive(Debug, Args)]

@@ -25,6 +25,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
             what: ProxyCmd::Ssh { target, direct },
         } => proxy_ssh(g, target, direct.as_deref()).await,
         Command::Config => config::run(g).await,
+        Command::Kube { what } => super::kube::run(g, what).await,
     }
 }
 
@@ -295,6 +296,7 @@ async fn logout(g: &Global) -> Result<i32, CliError> {
                 }
             }
         }
+        super::kube::forget(&home, &proxy)?;
         let dir = profile::key_dir(&home, &proxy);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)

@@ -1,0 +1,122 @@
+//! Audit of Kubernetes requests through the front door.
+//!
+//! The audit pipeline (signed, shipped to the authority) is being built separately; until it
+//! lands, [`audit_kube_event`] is the one hook every Kubernetes event goes through, and it
+//! logs the event at info level. Wire the pipeline in there.
+
+/// One event: a request (with its response status) or the start/end of an upgraded
+/// session (exec, attach, port-forward).
+#[derive(Clone, Debug)]
+pub struct KubeAuditEvent {
+    pub kind: KubeEventKind,
+    pub user: String,
+    /// The Kubernetes identity the device impersonates.
+    pub kube_user: String,
+    pub groups: Vec<String>,
+    pub cluster: String,
+    pub device: String,
+    pub verb: String,
+    /// Path inside the cluster (without `/k8s/CLUSTER`), no query string.
+    pub path: String,
+    /// HTTP status (0 when the request never got an answer).
+    pub status: u16,
+    pub client_addr: String,
+    pub session_id: String,
+    /// Bytes in each direction (session end only).
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeEventKind {
+    Request,
+    SessionStart,
+    SessionEnd,
+}
+
+impl KubeEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KubeEventKind::Request => "kube.request",
+            KubeEventKind::SessionStart => "kube.session.start",
+            KubeEventKind::SessionEnd => "kube.session.end",
+        }
+    }
+}
+
+/// THE audit hook for Kubernetes events. Today: a structured info log line.
+pub fn audit_kube_event(ev: &KubeAuditEvent) {
+    tracing::info!(
+        event = ev.kind.as_str(),
+        user = %ev.user,
+        kube_user = %ev.kube_user,
+        groups = %ev.groups.join(","),
+        cluster = %ev.cluster,
+        device = %ev.device,
+        verb = %ev.verb,
+        path = %ev.path,
+        status = ev.status,
+        client = %ev.client_addr,
+        session = %ev.session_id,
+        bytes_up = ev.bytes_up,
+        bytes_down = ev.bytes_down,
+        "kubernetes"
+    );
+}
+
+/// The Kubernetes verb of a request, as the API server's audit log names it.
+pub fn verb(method: &http::Method, path: &str, query: Option<&str>) -> String {
+    let watch = query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1" || kv == "watch")
+    }) || path.contains("/watch/");
+    // /api/v1/namespaces/NS/pods -> collection; .../pods/NAME -> one object.
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let after_version = match segs.first() {
+        Some(&"api") => 2,
+        Some(&"apis") => 3,
+        _ => usize::MAX,
+    };
+    let rest = segs.len().saturating_sub(after_version);
+    let rest = if segs.get(after_version) == Some(&"namespaces") && rest > 2 {
+        rest - 2
+    } else {
+        rest
+    };
+    let collection = after_version != usize::MAX && rest % 2 == 1;
+    match *method {
+        http::Method::GET | http::Method::HEAD if watch => "watch".into(),
+        http::Method::GET | http::Method::HEAD if collection => "list".into(),
+        http::Method::GET | http::Method::HEAD => "get".into(),
+        http::Method::POST => "create".into(),
+        http::Method::PUT => "update".into(),
+        http::Method::PATCH => "patch".into(),
+        http::Method::DELETE if collection => "deletecollection".into(),
+        http::Method::DELETE => "delete".into(),
+        ref m => m.as_str().to_ascii_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verbs() {
+        let g = http::Method::GET;
+        assert_eq!(verb(&g, "/api/v1/namespaces/default/pods", None), "list");
+        assert_eq!(verb(&g, "/api/v1/namespaces/default/pods/p1", None), "get");
+        assert_eq!(
+            verb(&g, "/api/v1/namespaces/default/pods", Some("watch=true")),
+            "watch"
+        );
+        assert_eq!(verb(&g, "/api/v1/namespaces", None), "list");
+        assert_eq!(verb(&g, "/api/v1/namespaces/default", None), "get");
+        assert_eq!(verb(&g, "/apis/apps/v1/deployments", None), "list");
+        assert_eq!(
+            verb(&http::Method::POST, "/api/v1/namespaces/default/pods", None),
+            "create"
+        );
+        assert_eq!(verb(&g, "/version", None), "get");
+    }
+}
