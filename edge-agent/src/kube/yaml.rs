@@ -85,6 +85,11 @@ fn block(lines: &[Line<'_>], pos: &mut usize, indent: usize) -> Result<Value, Ya
         let mut items = Vec::new();
         while *pos < lines.len() && lines[*pos].indent == indent {
             let l = &lines[*pos];
+            if !(l.text == "-" || l.text.starts_with("- ")) {
+                // The end of a sequence nested at its parent key's indentation
+                // (`key:\n- a\nnext: b`); the caller decides whether that is valid.
+                break;
+            }
             let Some(rest) = l.text.strip_prefix('-') else {
                 return Err(err(l.no, "expected a sequence item"));
             };

@@ -83,7 +83,8 @@ pub fn verb(method: &http::Method, path: &str, query: Option<&str>) -> String {
     } else {
         rest
     };
-    let collection = after_version != usize::MAX && rest % 2 == 1;
+    // Deeper paths (pods/NAME/log, pods/NAME/exec) are subresources of one object.
+    let collection = after_version != usize::MAX && rest == 1;
     match *method {
         http::Method::GET | http::Method::HEAD if watch => "watch".into(),
         http::Method::GET | http::Method::HEAD if collection => "list".into(),
@@ -118,5 +119,13 @@ mod tests {
             "create"
         );
         assert_eq!(verb(&g, "/version", None), "get");
+        assert_eq!(
+            verb(
+                &g,
+                "/api/v1/namespaces/default/pods/p/exec",
+                Some("command=sh")
+            ),
+            "get"
+        );
     }
 }
