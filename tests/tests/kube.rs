@@ -572,6 +572,7 @@ fn front_door(
         .unwrap();
     let tcp = std::net::TcpStream::connect(("127.0.0.1", gw_port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    tcp.set_nodelay(true).unwrap();
     rustls::StreamOwned::new(conn, tcp)
 }
 
@@ -707,7 +708,9 @@ fn get_once(s: &mut Tls, path: &str, auth: Option<&str>) -> String {
     let auth = auth
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").unwrap();
+    // One write: one TLS record, one segment (no Nagle/delayed-ACK stalls in the client).
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n");
+    s.write_all(req.as_bytes()).unwrap();
     s.flush().unwrap();
     let head = read_head(s);
     let len: usize = head

@@ -72,15 +72,86 @@ impl KubeIdentity {
     }
 }
 
+/// Idle keep-alive connections to the API server kept for reuse (a TLS handshake per
+/// request would cost more than the request).
+const POOL_MAX: usize = 8;
+
+type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+
+/// The API server and a small pool of keep-alive HTTP/1.1 connections to it.
+pub struct ApiServer {
+    up: Upstream,
+    pool: std::sync::Mutex<Vec<Sender>>,
+}
+
+impl ApiServer {
+    /// A pooled connection that is ready for a request, if any.
+    fn take(&self) -> Option<Sender> {
+        let mut pool = self.pool.lock().ok()?;
+        pool.retain(|s| !s.is_closed());
+        let i = pool.iter().position(|s| s.is_ready())?;
+        Some(pool.swap_remove(i))
+    }
+
+    /// Back to the pool (it becomes ready again once its response body is done).
+    fn put(&self, s: Sender) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.retain(|s| !s.is_closed());
+            if pool.len() < POOL_MAX {
+                pool.push(s);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, Response<Body>> {
+        let up = &self.up;
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect(&up.addr).await?;
+            let _ = tcp.set_nodelay(true);
+            TlsConnector::from(up.tls.clone())
+                .connect(up.server_name.clone(), tcp)
+                .await
+        };
+        let tls = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::warn!(api = %up.addr, "cannot reach the Kubernetes API server: {e}");
+                return Err(full(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the device cannot reach its Kubernetes API server: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err(full(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the device's Kubernetes API server did not answer in time",
+                ))
+            }
+        };
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| full(StatusCode::BAD_GATEWAY, &format!("API server: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("API server connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+}
+
 /// The `kube` stream service.
 pub struct KubeService {
-    upstream: Arc<Upstream>,
+    upstream: Arc<ApiServer>,
 }
 
 impl KubeService {
     pub fn new(upstream: Upstream) -> Self {
         Self {
-            upstream: Arc::new(upstream),
+            upstream: Arc::new(ApiServer {
+                up: upstream,
+                pool: std::sync::Mutex::new(Vec::new()),
+            }),
         }
     }
 }
@@ -92,7 +163,7 @@ impl StreamService for KubeService {
     }
 }
 
-async fn serve(upstream: Arc<Upstream>, stream: BoxedStream, header: StreamHeader) {
+async fn serve(upstream: Arc<ApiServer>, stream: BoxedStream, header: StreamHeader) {
     let ident = KubeIdentity::from_header(&header);
     let session = header.session_id.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -174,13 +245,14 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 async fn forward(
-    up: &Upstream,
+    pool: &ApiServer,
     ident: Option<KubeIdentity>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let Some(ident) = ident else {
         return full(StatusCode::FORBIDDEN, "no user identity on this stream");
     };
+    let up = &pool.up;
     let upgrade = is_upgrade(&req);
     {
         let h = req.headers_mut();
@@ -220,42 +292,34 @@ async fn forward(
     *req.version_mut() = http::Version::HTTP_11;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let connect = async {
-        let tcp = tokio::net::TcpStream::connect(&up.addr).await?;
-        let _ = tcp.set_nodelay(true);
-        TlsConnector::from(up.tls.clone())
-            .connect(up.server_name.clone(), tcp)
-            .await
-    };
-    let tls = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            tracing::warn!(api = %up.addr, "cannot reach the Kubernetes API server: {e}");
-            return full(
-                StatusCode::BAD_GATEWAY,
-                &format!("the device cannot reach its Kubernetes API server: {e}"),
-            );
+    // A pooled connection first; a request it could not even send (the server closed it
+    // meanwhile) is retried once on a fresh one. Upgrades always get their own connection.
+    let mut req = req;
+    let mut pooled = if upgrade { None } else { pool.take() };
+    let (mut resp, sender) = loop {
+        let (mut sender, fresh) = match pooled.take() {
+            Some(s) => (s, false),
+            None => match pool.connect().await {
+                Ok(s) => (s, true),
+                Err(r) => return r,
+            },
+        };
+        match sender.try_send_request(req).await {
+            Ok(r) => break (r, sender),
+            Err(mut e) => match e.take_message() {
+                Some(back) if !fresh => req = back,
+                _ => {
+                    return full(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("API server: {}", e.error()),
+                    )
+                }
+            },
         }
-        Err(_) => {
-            return full(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the device's Kubernetes API server did not answer in time",
-            )
-        }
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
-        Ok(x) => x,
-        Err(e) => return full(StatusCode::BAD_GATEWAY, &format!("API server: {e}")),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!("API server connection ended: {e}");
-        }
-    });
-    let mut resp = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(e) => return full(StatusCode::BAD_GATEWAY, &format!("API server: {e}")),
-    };
+    if !upgrade {
+        pool.put(sender);
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let server_upgrade = hyper::upgrade::on(&mut resp);
