@@ -396,6 +396,55 @@ fn kubectl_through_gateway_and_tunnel() {
     let (code, body) = curl(gw_port, "/k8s/edge1/api", &tls, &[]);
     assert_eq!(code, "401", "{body}");
     assert!(body.contains("no client certificate"), "{body}");
+    // An expired certificate.
+    let short = c.dir.join("alice-short");
+    c.tctl.ok(&[
+        "auth",
+        "sign",
+        "--user",
+        "alice",
+        "--format",
+        "tls",
+        "--ttl",
+        "2s",
+        "--out",
+        short.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    let sa = tls_args(&short);
+    let sa: Vec<&str> = sa.iter().map(String::as_str).collect();
+    let (code, body) = curl(gw_port, "/k8s/edge1/api", &short, &sa);
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("expired"), "{body}");
+    // A user who no longer exists (certificate still valid).
+    add_kube_user(&c, "dave", "devs");
+    let dave = c.dir.join("dave-tls");
+    c.tctl.ok(&[
+        "auth",
+        "sign",
+        "--user",
+        "dave",
+        "--format",
+        "tls",
+        "--out",
+        dave.to_str().unwrap(),
+    ]);
+    c.tctl.ok(&["users", "rm", "dave"]);
+    let da = tls_args(&dave);
+    let da: Vec<&str> = da.iter().map(String::as_str).collect();
+    let (code, body) = curl(gw_port, "/k8s/edge1/api", &dave, &da);
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("not found"), "{body}");
+    // A locked user is refused (within the grant cache and presence intervals).
+    c.tctl
+        .ok(&["lock", "--user", "bob", "--message", "investigation"]);
+    let mut last = String::new();
+    let refused = edgeport_e2e::wait_until(Duration::from_secs(30), || {
+        let r = kubectl(&k8s, &bob_kc, &["get", "configmaps", "-n", "default"]);
+        last = r.stderr();
+        !r.ok() && last.contains("locked")
+    });
+    assert!(refused, "bob was not refused after the lock: {last}");
     // Other users are untouched: alice's watch is still running and her requests work.
     assert!(watch.try_wait().unwrap().is_none(), "the watch ended");
     kubectl(&k8s, &alice_kc, &["get", "pods", "-n", "default"]).expect_ok("alice after bad input");

@@ -157,7 +157,11 @@ fn rpc_status(e: &RpcError) -> (StatusCode, &'static str) {
         ErrorKind::BadCredentials | ErrorKind::Expired => {
             (StatusCode::UNAUTHORIZED, "Unauthorized")
         }
-        ErrorKind::NotFound => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+        // "device X is offline" is a passing state; "user X not found" is not.
+        ErrorKind::NotFound if e.message.contains("offline") => {
+            (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+        }
+        ErrorKind::NotFound => (StatusCode::FORBIDDEN, "Forbidden"),
         ErrorKind::Invalid => (StatusCode::BAD_REQUEST, "BadRequest"),
         ErrorKind::AlreadyExists | ErrorKind::Internal => {
             (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
