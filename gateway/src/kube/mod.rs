@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use edgeport_proto::identity::Principal;
 use edgeport_proto::keys::random_bytes;
-use edgeport_proto::rpc::{DialGrant, ErrorKind, LockTarget, Request, Response, RpcError};
+use edgeport_proto::rpc::{
+    DeviceInfo, DialGrant, ErrorKind, LockTarget, Request, Response, RpcError,
+};
 use edgeport_proto::tunnel::{Service, StreamHeader};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request as HttpRequest, Response as HttpResponse, StatusCode};
@@ -47,6 +49,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct KubeState {
     pub tls: tls::TlsCache,
     grants: Mutex<HashMap<(String, String), (Instant, DialGrant)>>,
+    /// The inventory, to tell an offline cluster from an unknown one (refreshed at most
+    /// every [`GRANT_TTL`], so requests for unknown clusters cannot flood the authority).
+    devices: Mutex<Option<(Instant, Vec<DeviceInfo>)>>,
 }
 
 /// Who is on the other end of one TLS connection.
@@ -191,7 +196,24 @@ fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
 
 /// Why no tunnel serves `cluster`: a known device that is offline, or no such cluster.
 async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
-    if let Ok(Response::Devices(devs)) = ctx.auth.call(Request::DeviceList).await {
+    let cached = ctx.kube.devices.lock().ok().and_then(|d| {
+        d.as_ref()
+            .filter(|(at, _)| at.elapsed() < GRANT_TTL)
+            .map(|(_, v)| v.clone())
+    });
+    let devs = match cached {
+        Some(d) => Some(d),
+        None => match ctx.auth.call(Request::DeviceList).await {
+            Ok(Response::Devices(d)) => {
+                if let Ok(mut c) = ctx.kube.devices.lock() {
+                    *c = Some((Instant::now(), d.clone()));
+                }
+                Some(d)
+            }
+            _ => None,
+        },
+    };
+    if let Some(devs) = devs {
         if let Some(d) = devs
             .iter()
             .find(|d| d.kube_cluster.as_deref() == Some(cluster))
