@@ -86,6 +86,9 @@ impl Services {
         if let Ok(mut l) = self.locked.write() {
             *l = users.clone();
         }
+        if let Some(k) = &self.kube {
+            k.set_locked_users(users.clone());
+        }
         if let Some(s) = self.ssh() {
             s.set_locked_users(users);
         }

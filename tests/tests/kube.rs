@@ -123,7 +123,7 @@ fn kubectl_through_gateway_and_tunnel() {
     let rbac = c.dir.join("deployers.yaml");
     std::fs::write(
         &rbac,
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: deployers, namespace: default}\nrules:\n- apiGroups: [\"\"]\n  resources: [configmaps]\n  verbs: [get, list, create, patch, update]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: deployers, namespace: default}\nsubjects:\n- {kind: Group, name: deployers, apiGroup: rbac.authorization.k8s.io}\nroleRef: {kind: Role, name: deployers, apiGroup: rbac.authorization.k8s.io}\n",
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: deployers, namespace: default}\nrules:\n- apiGroups: [\"\"]\n  resources: [configmaps]\n  verbs: [get, list, watch, create, patch, update]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: deployers, namespace: default}\nsubjects:\n- {kind: Group, name: deployers, apiGroup: rbac.authorization.k8s.io}\nroleRef: {kind: Role, name: deployers, apiGroup: rbac.authorization.k8s.io}\n",
     )
     .unwrap();
     admin(&k8s, &["apply", "-f", rbac.to_str().unwrap()]).expect_ok("rbac");
@@ -435,7 +435,21 @@ fn kubectl_through_gateway_and_tunnel() {
     let (code, body) = curl(gw_port, "/k8s/edge1/api", &dave, &da);
     assert_eq!(code, "403", "{body}");
     assert!(body.contains("not found"), "{body}");
-    // A locked user is refused (within the grant cache and presence intervals).
+    // A locked user is refused (within the grant cache and presence intervals), and a
+    // watch bob has open is ended by the device.
+    let mut bob_watch = Command::new(k8s.get("KUBECTL"))
+        .env("KUBECONFIG", &bob_kc)
+        .env("HOME", &bob_dir)
+        .args(["get", "configmaps", "-n", "default", "-w", "-o", "name"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(bob_watch.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("from-bob"), "{first}");
     c.tctl
         .ok(&["lock", "--user", "bob", "--message", "investigation"]);
     let mut last = String::new();
@@ -445,6 +459,19 @@ fn kubectl_through_gateway_and_tunnel() {
         !r.ok() && last.contains("locked")
     });
     assert!(refused, "bob was not refused after the lock: {last}");
+    let ended = edgeport_e2e::wait_until(Duration::from_secs(40), || {
+        bob_watch.try_wait().unwrap().is_some()
+    });
+    let _ = bob_watch.kill();
+    let _ = bob_watch.wait();
+    assert!(ended, "bob's watch survived the lock");
+    assert!(
+        c.agents[0]
+            .proc
+            .log_text()
+            .contains("ending a Kubernetes stream: user is locked"),
+        "the device did not end bob's stream"
+    );
     // Other users are untouched: alice's watch is still running and her requests work.
     assert!(watch.try_wait().unwrap().is_none(), "the watch ended");
     kubectl(&k8s, &alice_kc, &["get", "pods", "-n", "default"]).expect_ok("alice after bad input");

@@ -23,6 +23,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
 
 use crate::services::{ServiceFuture, StreamService};
 pub use upstream::{Upstream, UpstreamError};
@@ -140,9 +141,18 @@ impl ApiServer {
     }
 }
 
+/// Live streams (watches, logs, upgraded sessions) by Edgeport user, to end them on a lock.
+#[derive(Default)]
+struct Live {
+    next: u64,
+    by_id: std::collections::HashMap<u64, (String, CancellationToken)>,
+    locked: Vec<String>,
+}
+
 /// The `kube` stream service.
 pub struct KubeService {
     upstream: Arc<ApiServer>,
+    live: Arc<std::sync::Mutex<Live>>,
 }
 
 impl KubeService {
@@ -152,6 +162,21 @@ impl KubeService {
                 up: upstream,
                 pool: std::sync::Mutex::new(Vec::new()),
             }),
+            live: Arc::default(),
+        }
+    }
+}
+
+/// Unregisters a live stream when it ends.
+struct LiveGuard {
+    live: Arc<std::sync::Mutex<Live>>,
+    id: u64,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.live.lock() {
+            l.by_id.remove(&self.id);
         }
     }
 }
@@ -159,24 +184,66 @@ impl KubeService {
 impl StreamService for KubeService {
     fn serve(&self, stream: BoxedStream, header: StreamHeader) -> ServiceFuture {
         let upstream = self.upstream.clone();
-        Box::pin(serve(upstream, stream, header))
+        let live = self.live.clone();
+        Box::pin(async move {
+            let user = header.user.clone().unwrap_or_default();
+            let cancel = CancellationToken::new();
+            let id = {
+                let Ok(mut l) = live.lock() else { return };
+                if l.locked.contains(&user) {
+                    tracing::info!(%user, "kube stream refused: user is locked");
+                    return;
+                }
+                l.next += 1;
+                let id = l.next;
+                l.by_id.insert(id, (user, cancel.clone()));
+                id
+            };
+            // Held by upgraded sessions too, which outlive this stream's HTTP exchange.
+            let guard = Arc::new(LiveGuard { live, id });
+            serve(upstream, stream, header, cancel, guard).await
+        })
+    }
+
+    /// Ends the live streams of users who are locked now (watches, logs -f, exec).
+    fn set_locked_users(&self, users: Vec<String>) {
+        if let Ok(mut l) = self.live.lock() {
+            for (user, cancel) in l.by_id.values() {
+                if users.contains(user) {
+                    tracing::info!(%user, "ending a Kubernetes stream: user is locked");
+                    cancel.cancel();
+                }
+            }
+            l.locked = users;
+        }
     }
 }
 
-async fn serve(upstream: Arc<ApiServer>, stream: BoxedStream, header: StreamHeader) {
+async fn serve(
+    upstream: Arc<ApiServer>,
+    stream: BoxedStream,
+    header: StreamHeader,
+    cancel: CancellationToken,
+    guard: Arc<LiveGuard>,
+) {
     let ident = KubeIdentity::from_header(&header);
     let session = header.session_id.clone();
+    let cancel2 = cancel.clone();
     let svc = hyper::service::service_fn(move |req| {
         let upstream = upstream.clone();
         let ident = ident.clone();
-        async move { Ok::<_, std::convert::Infallible>(forward(&upstream, ident, req).await) }
+        let live = (cancel2.clone(), guard.clone());
+        async move { Ok::<_, std::convert::Infallible>(forward(&upstream, ident, req, live).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .max_buf_size(MAX_HEAD)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
-    if let Err(e) = conn.await {
-        tracing::debug!(%session, "kube stream ended: {e}");
+    tokio::select! {
+        r = conn => if let Err(e) = r {
+            tracing::debug!(%session, "kube stream ended: {e}");
+        },
+        _ = cancel.cancelled() => tracing::debug!(%session, "kube stream ended: user locked"),
     }
 }
 
@@ -248,6 +315,7 @@ async fn forward(
     pool: &ApiServer,
     ident: Option<KubeIdentity>,
     mut req: Request<Incoming>,
+    (cancel, guard): (CancellationToken, Arc<LiveGuard>),
 ) -> Response<Body> {
     let Some(ident) = ident else {
         return full(StatusCode::FORBIDDEN, "no user identity on this stream");
@@ -325,6 +393,7 @@ async fn forward(
             let server_upgrade = hyper::upgrade::on(&mut resp);
             let user = ident.user.clone();
             tokio::spawn(async move {
+                let _guard = guard;
                 let (c, s) = match tokio::try_join!(client_upgrade, server_upgrade) {
                     Ok(x) => x,
                     Err(e) => {
@@ -333,11 +402,16 @@ async fn forward(
                     }
                 };
                 let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
-                match tokio::io::copy_bidirectional(&mut c, &mut s).await {
-                    Ok((up, down)) => {
-                        tracing::debug!(%user, up, down, "upgraded kube stream ended")
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut c, &mut s) => match r {
+                        Ok((up, down)) => {
+                            tracing::debug!(%user, up, down, "upgraded kube stream ended")
+                        }
+                        Err(e) => tracing::debug!(%user, "upgraded kube stream ended: {e}"),
+                    },
+                    _ = cancel.cancelled() => {
+                        tracing::info!(%user, "upgraded kube stream ended: user locked")
                     }
-                    Err(e) => tracing::debug!(%user, "upgraded kube stream ended: {e}"),
                 }
             });
         }
