@@ -407,6 +407,19 @@ current-context: agent
     }
 
     #[test]
+    fn every_truncation_parses_or_errors() {
+        let src = "apiVersion: v1\nclusters:\n- name: 'a''b'\n  cluster: {server: \"https://h:1\", x: [1, {y: z}]}\nusers:\n  - name: u # c\n    user:\n      token: t\n";
+        for i in 0..=src.len() {
+            let _ = parse(&src[..i]);
+            let _ = parse(&src[i..]);
+        }
+        let v = parse(src).unwrap();
+        assert_eq!(v["clusters"][0]["name"], "a'b");
+        assert_eq!(v["clusters"][0]["cluster"]["x"][1]["y"], "z");
+        assert_eq!(v["users"][0]["user"]["token"], "t");
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         for bad in ["a: {b: c", "a: \"x", "a: |\n  x", "- a\nb: c", "\tk: v"] {
             assert!(parse(bad).is_err(), "{bad:?}");
