@@ -36,8 +36,12 @@ use audit::{audit_kube_event, KubeAuditEvent, KubeEventKind};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Largest request head (HTTP/1.1 buffer, HTTP/2 header list). Bigger gets 431.
+/// Largest request head: bigger gets 431. HTTP/1.1 enforces it while reading the head;
+/// on HTTP/2 the handler does (HTTP/2 accounting: name + value + 32 per field), because h2
+/// answers a header list over its own limit with a connection error rather than a status.
 pub const MAX_HEAD: usize = 64 * 1024;
+/// HTTP/2 header lists above this end the connection (memory bound, well above MAX_HEAD).
+const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
 /// How long an `AuthorizeDial` answer is reused for the same user and device. Locks seen in
 /// presence acknowledgements apply at once regardless.
 const GRANT_TTL: Duration = Duration::from_secs(5);
@@ -135,7 +139,7 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder
         .http2()
-        .max_header_list_size(MAX_HEAD as u32)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
     if let Err(e) = builder
@@ -317,6 +321,19 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         Ok(u) => u.clone(),
         Err(why) => return status_body(StatusCode::UNAUTHORIZED, "Unauthorized", why),
     };
+    let head: usize = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum::<usize>();
+    if head > MAX_HEAD {
+        return status_body(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "RequestHeaderFieldsTooLarge",
+            &format!("request header block too large ({head} bytes; at most {MAX_HEAD})"),
+        );
+    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let Some((cluster, inner)) = split_path(&path) else {
