@@ -22,6 +22,31 @@ pub enum AgentError {
     Join(#[from] JoinError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("Kubernetes cluster {cluster}: {err}")]
+    Kube {
+        cluster: String,
+        err: crate::kube::UpstreamError,
+    },
+}
+
+/// The Kubernetes forwarder when `--kube-cluster` is set: a bad kubeconfig stops the agent
+/// at start rather than failing every request later.
+fn kube_service(
+    cfg: &AgentConfig,
+) -> Result<Option<Arc<dyn crate::services::StreamService>>, AgentError> {
+    let Some(cluster) = &cfg.kube_cluster else {
+        return Ok(None);
+    };
+    let upstream = match &cfg.kubeconfig {
+        Some(p) => crate::kube::Upstream::from_kubeconfig(p),
+        None => crate::kube::Upstream::in_cluster(),
+    }
+    .map_err(|err| AgentError::Kube {
+        cluster: cluster.clone(),
+        err,
+    })?;
+    tracing::info!(%cluster, api = %upstream.addr, "serving Kubernetes cluster");
+    Ok(Some(Arc::new(crate::kube::KubeService::new(upstream))))
 }
 
 /// State shared by the agent's tasks.
@@ -146,6 +171,7 @@ pub async fn ensure_joined(
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let kube = kube_service(&cfg)?;
     let Some(ident) = ensure_joined(&cfg, &shutdown).await? else {
         return Ok(());
     };
@@ -176,7 +202,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             );
         });
     }
-    let services = Arc::new(Services::new(cfg.test_echo, &ident));
+    let services = Arc::new(Services::new(cfg.test_echo, &ident, kube));
     let agent = Agent {
         audit,
         forced_renew: AtomicBool::new(cfg.test_renew),

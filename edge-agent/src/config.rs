@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub test_audit_replay: bool,
     /// Benchmarks: synthetic audit events emitted at start.
     pub test_audit_flood: u64,
+    /// The agent's own credentials for that cluster's API server (None: in-cluster
+    /// service account).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -67,6 +70,7 @@ impl AgentConfig {
             test_audit_sign_key: None,
             test_audit_replay: false,
             test_audit_flood: 0,
+            kubeconfig: None,
         }
     }
 }

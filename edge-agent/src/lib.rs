@@ -1,10 +1,11 @@
 //! The edge agent: joins once, keeps a reverse tunnel to the gateway, and serves the
-//! services the gateway opens streams for (SSH, and the test-only echo).
+//! services the gateway opens streams for (SSH, Kubernetes, and the test-only echo).
 //!
 //! Module map: [`config`], [`identity`] (key and certificates on disk), [`join`] (first
 //! start), [`transport`] (QUIC or TCP+TLS+yamux), [`session`] (Hello, control stream,
 //! keep-alive, renewal, QUIC re-probing), [`agent`] (reconnect loop with backoff),
-//! [`services`] (stream dispatch), [`ssh`] (the SSH server).
+//! [`services`] (stream dispatch), [`ssh`] (the SSH server), [`kube`] (the Kubernetes
+//! forwarder).
 
 pub mod agent;
 pub mod audit;
@@ -12,6 +13,7 @@ pub mod backoff;
 pub mod config;
 pub mod identity;
 pub mod join;
+pub mod kube;
 pub mod services;
 pub mod session;
 pub mod ssh;

@@ -77,6 +77,12 @@ struct StartArgs {
     /// Benchmarks: emit this many synthetic audit events at start.
     #[arg(long, hide = true, default_value_t = 0)]
     test_audit_flood: u64,
+    /// Serve this Kubernetes cluster (kubectl reaches it through the gateway).
+    #[arg(long, env = "EDGEPORT_KUBE_CLUSTER")]
+    kube_cluster: Option<String>,
+    /// The agent's kubeconfig for that cluster (default: the pod's service account).
+    #[arg(long, env = "EDGEPORT_KUBECONFIG", requires = "kube_cluster")]
+    kubeconfig: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -133,6 +139,8 @@ fn main() -> ExitCode {
     cfg.test_audit_sign_key = a.test_audit_sign_key;
     cfg.test_audit_replay = a.test_audit_replay;
     cfg.test_audit_flood = a.test_audit_flood;
+    cfg.kube_cluster = a.kube_cluster.filter(|c| !c.is_empty());
+    cfg.kubeconfig = a.kubeconfig;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

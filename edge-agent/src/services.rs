@@ -1,6 +1,6 @@
 //! What the agent serves on streams the gateway opens: each starts with a [`StreamHeader`]
 //! naming the service. SSH goes to the in-process server ([`crate::ssh`]), Echo (tests
-//! only, `--test-echo`) sends bytes back, Kubernetes comes later.
+//! only, `--test-echo`) sends bytes back, Kube goes to [`crate::kube`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -53,11 +53,15 @@ pub struct Services {
 }
 
 impl Services {
-    pub fn new(test_echo: bool, ident: &DeviceIdentity) -> Self {
+    pub fn new(
+        test_echo: bool,
+        ident: &DeviceIdentity,
+        kube: Option<Arc<dyn StreamService>>,
+    ) -> Self {
         let me = Self {
             echo: test_echo,
             ssh: RwLock::new(None),
-            kube: None,
+            kube,
             locked: RwLock::new(Vec::new()),
             retired: std::sync::Mutex::new(Vec::new()),
         };
@@ -96,6 +100,9 @@ impl Services {
             for old in retired.iter().filter_map(|w| w.upgrade()) {
                 old.set_locked_users(users.clone());
             }
+        }
+        if let Some(k) = &self.kube {
+            k.set_locked_users(users.clone());
         }
         if let Some(s) = self.ssh() {
             s.set_locked_users(users);

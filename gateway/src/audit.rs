@@ -54,11 +54,61 @@ pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> Gat
     GatewayControl::AuditAck(ack)
 }
 
-/// Reports a dial (allowed or refused) to the authority, in the background. If the authority
-/// is unreachable the event is only logged (the device's own events still arrive later).
+/// Events waiting for the sink, at most (a flood of requests must not grow memory).
+const SINK_QUEUE: usize = 10_000;
+/// Events sent to the authority in one request, at most (well inside a 64 KiB frame).
+const SINK_BATCH: usize = 100;
+
+static SINK: std::sync::OnceLock<tokio::sync::mpsc::Sender<AuditEvent>> =
+    std::sync::OnceLock::new();
+
+/// Queues one of the gateway's own events (dials, Kubernetes requests) for the authority.
+/// Never blocks: with the queue full (the authority unreachable for long) the event is only
+/// logged, which the caller already did.
+pub fn emit(ev: AuditEvent) {
+    if let Some(tx) = SINK.get() {
+        if tx.try_send(ev).is_err() {
+            tracing::warn!("audit queue full: a gateway event was not sent to the authority");
+        }
+    }
+}
+
+/// Sends queued events to the authority in batches until shutdown. Started once per process.
+pub async fn run_sink(ctx: Arc<Ctx>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(SINK_QUEUE);
+    if SINK.set(tx).is_err() {
+        return;
+    }
+    let mut batch = Vec::with_capacity(SINK_BATCH);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, SINK_BATCH) => if n == 0 { return },
+            _ = ctx.shutdown.cancelled() => return,
+        }
+        let events = std::mem::take(&mut batch);
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match ctx.auth.call(Request::AuditRecord(events.clone())).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot report {} gateway events to the authority: {e}",
+                        events.len()
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = ctx.shutdown.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}
+
+/// Reports a dial (allowed or refused) to the authority, in the background (see [`emit`]).
 #[allow(clippy::too_many_arguments)]
 pub fn dial_event(
-    ctx: &Arc<Ctx>,
     user: &str,
     target: &str,
     device_id: &str,
@@ -82,13 +132,7 @@ pub fn dial_event(
     }
     tracing::info!(%user, %target, device = %device_id, session = %session_id, client = %client_addr,
         allowed = error.is_none(), "dial");
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
-        match ctx.auth.call(Request::AuditRecord(vec![ev])).await {
-            Ok(_) => {}
-            Err(e) => tracing::warn!("cannot report a dial event to the authority: {e}"),
-        }
-    });
+    emit(ev);
 }
 
 async fn send(stream: &mut BoxedStream, msg: &ClientReply) -> bool {

@@ -60,6 +60,18 @@ impl AuthorityClient {
         RpcClient::connect(&self.addr, cfg).await
     }
 
+    /// The whole inventory, page by page (large fleets do not fit in one frame).
+    pub async fn all_devices(
+        &self,
+    ) -> Result<Vec<edgeport_proto::rpc::DeviceInfo>, RpcClientError> {
+        let (mut devices, mut next) = (Vec::new(), Some(String::new()));
+        while let Some(after) = next {
+            let resp = self.call(Request::DevicePage { after }).await?;
+            next = edgeport_proto::rpc_client::add_device_page(&mut devices, resp)?;
+        }
+        Ok(devices)
+    }
+
     /// One request/response. A pooled connection that turns out to be dead (the authority
     /// restarted) is replaced once; the request had not been processed in that case.
     pub async fn call(&self, req: Request) -> Result<Response, RpcClientError> {

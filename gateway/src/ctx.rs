@@ -31,6 +31,8 @@ pub struct Ctx {
     pub locked_users: RwLock<Vec<String>>,
     /// The public certificate last loaded (`--cert/--key`), kept if a reload fails.
     public_cert: RwLock<Option<Arc<rustls::sign::CertifiedKey>>>,
+    /// The Kubernetes front door's TLS and grant cache.
+    pub kube: crate::kube::KubeState,
 }
 
 impl Ctx {
@@ -57,6 +59,7 @@ impl Ctx {
             locks: RwLock::new(Vec::new()),
             locked_users: RwLock::new(Vec::new()),
             public_cert: RwLock::new(None),
+            kube: Default::default(),
         }
     }
 

@@ -146,7 +146,6 @@ pub async fn serve_stream(
             let svc = format!("{service:?}").to_lowercase();
             match &result {
                 Ok((_, sid, dev)) => crate::audit::dial_event(
-                    &ctx,
                     &user,
                     &target,
                     dev,
@@ -156,7 +155,6 @@ pub async fn serve_stream(
                     None,
                 ),
                 Err(e) => crate::audit::dial_event(
-                    &ctx,
                     &user,
                     &target,
                     "",

@@ -6,6 +6,7 @@
 //! [`tcp`] and [`quic`] (the two listeners, told apart by ALPN), [`tunnel`] (one device's
 //! tunnel: Hello, control stream), [`tunnels`] (the device id -> tunnel registry and the
 //! stream API), [`presence`] (lease reports), [`join`] and [`dial`] (the other ALPNs),
+//! [`kube`] (the Kubernetes front door on `h2`/`http/1.1`),
 //! [`server`] (wiring and shutdown).
 
 pub mod audit;
@@ -15,6 +16,7 @@ pub mod ctx;
 pub mod dial;
 pub mod identity;
 pub mod join;
+pub mod kube;
 pub mod presence;
 pub mod public_cert;
 pub mod quic;

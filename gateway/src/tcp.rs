@@ -9,7 +9,7 @@ use std::sync::Arc;
 use edgeport_proto::alpn;
 use edgeport_proto::mux::{self, Mode, MuxConfig};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::ctx::Ctx;
 use crate::tunnel::{self, Acceptor};
@@ -56,9 +56,8 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
         tokio::spawn(async move {
             let _conn_slot = conn_slot;
             let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(ctx.tcp_tls());
             let tls =
-                match tokio::time::timeout(ctx.cfg.handshake_timeout, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(ctx.cfg.handshake_timeout, handshake(&ctx, tcp)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         tracing::debug!(%addr, "TLS handshake failed: {e}");
@@ -73,6 +72,30 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
             serve(ctx, tls, addr).await;
         });
     }
+}
+
+/// TLS handshake; a ClientHello asking only for HTTP (`h2`/`http/1.1`) gets the
+/// Kubernetes front door's config ([`crate::kube::tls`]), everything else the tunnel/dial one.
+async fn handshake(
+    ctx: &Ctx,
+    tcp: TcpStream,
+) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    let http = start
+        .client_hello()
+        .alpn()
+        .map(|a| crate::kube::tls::wants_http(&a.collect::<Vec<_>>()))
+        .unwrap_or(false);
+    let cfg = if http {
+        ctx.kube
+            .tls
+            .get(ctx)
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .server
+    } else {
+        ctx.tcp_tls()
+    };
+    start.into_stream(cfg).await
 }
 
 async fn serve(ctx: Arc<Ctx>, tls: tokio_rustls::server::TlsStream<TcpStream>, addr: SocketAddr) {
@@ -104,6 +127,7 @@ async fn serve(ctx: Arc<Ctx>, tls: tokio_rustls::server::TlsStream<TcpStream>, a
             let principal = crate::dial::principal_of(&ctx, session.peer_certificates());
             crate::dial::serve_stream(ctx, Box::new(tls), principal, addr).await;
         }
+        Some(a) if crate::kube::tls::ALPNS.contains(&a) => crate::kube::serve(ctx, tls, addr).await,
         _ => tracing::debug!(%addr, "no known ALPN; dropped"),
     }
 }

@@ -62,6 +62,22 @@ pub enum Command {
     Recordings(RecordingsCmd),
     /// Replay a recorded session with its original timing.
     Play(PlayArgs),
+    /// Kubernetes clusters served by devices: list them, write kubectl contexts.
+    Kube {
+        #[command(subcommand)]
+        what: KubeCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KubeCmd {
+    /// List the Kubernetes clusters devices serve.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Add and select the kubectl context `edgeport-CLUSTER` ($KUBECONFIG or ~/.kube/config).
+    Login { cluster: String },
 }
 
 #[derive(Debug, Subcommand)]

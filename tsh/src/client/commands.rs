@@ -26,6 +26,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Config => config::run(g).await,
         Command::Recordings(super::cli::RecordingsCmd::Ls(a)) => super::play::list(g, a).await,
         Command::Play(a) => super::play::play(g, a).await,
+        Command::Kube { what } => super::kube::run(g, what).await,
     }
 }
 
@@ -308,6 +309,7 @@ async fn logout(g: &Global) -> Result<i32, CliError> {
                 }
             }
         }
+        super::kube::forget(&home, &proxy)?;
         let dir = profile::key_dir(&home, &proxy);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)

@@ -11,6 +11,7 @@ mod cli;
 mod commands;
 mod config;
 mod gateway;
+pub mod kube;
 mod login;
 mod multi;
 mod play;

@@ -45,6 +45,13 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
     if !valid_name(&a.user) {
         bail!("invalid user name {:?}", a.user);
     }
+    let kube = match (a.format, &a.kube_cluster, &a.proxy) {
+        (SignFormat::Kubernetes, Some(c), Some(p)) => Some((c.clone(), p.clone())),
+        (SignFormat::Kubernetes, _, _) => {
+            bail!("--format kubernetes needs --kube-cluster CLUSTER and --proxy GATEWAY:PORT")
+        }
+        _ => None,
+    };
     if a.ttl == 0 {
         bail!("--ttl must be more than 0");
     }
@@ -63,6 +70,19 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
         SignFormat::Openssh => write_openssh(&a.out, &key, &certs)?,
         SignFormat::Tls => write_tls(&a.out, &key, &certs)?,
         SignFormat::File => write_identity(&a.out, &key, &certs, &s.auth_addr)?,
+        SignFormat::Kubernetes => {
+            let (cluster, proxy) = kube.unwrap_or_default();
+            let creds = crate::client::kube::KubeCreds {
+                proxy: &proxy,
+                cluster: &cluster,
+                ca_pem: &certs.cas.x509_ca_pem,
+                cert_pem: &certs.x509_cert_pem,
+                key_pem: &key.pkcs8_pem(),
+            };
+            crate::client::kube::write_kubeconfig_file(&a.out, &creds)
+                .with_context(|| format!("cannot write {}", a.out.display()))?;
+            vec![a.out.clone()]
+        }
     };
     for p in &written {
         println!("wrote {}", p.display());

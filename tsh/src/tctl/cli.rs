@@ -126,6 +126,8 @@ pub enum SignFormat {
     Openssh,
     /// PATH.key, PATH.crt and PATH.cas (PEM), for TLS clients.
     Tls,
+    /// A kubeconfig at PATH for kubectl (needs --kube-cluster and --proxy).
+    Kubernetes,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +146,12 @@ pub struct SignArgs {
     /// Restrict the certificate to these logins (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub logins: Option<Vec<String>>,
+    /// The Kubernetes cluster of `--format kubernetes`.
+    #[arg(long)]
+    pub kube_cluster: Option<String>,
+    /// The gateway HOST:PORT kubectl talks to (`--format kubernetes`).
+    #[arg(long)]
+    pub proxy: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

@@ -28,6 +28,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                 "RTT",
                 "LAST SEEN",
                 "LABELS",
+                "KUBE CLUSTER",
             ]);
             for d in &devices {
                 let labels = format_labels(&d.labels);
@@ -41,6 +42,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     d.rtt_ms.map(|r| format!("{r}ms")).unwrap_or("-".into()),
                     ago_text(d.last_seen),
                     dash(&labels),
+                    dash(d.kube_cluster.as_deref().unwrap_or("")),
                 ]);
             }
             t.print();

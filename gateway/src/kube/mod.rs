@@ -1,0 +1,548 @@
+//! The Kubernetes front door: `https://GATEWAY:PORT/k8s/CLUSTER/...` on the TCP port (ALPN
+//! `h2` or `http/1.1`).
+//!
+//! The gateway terminates TLS here (the one place it must, to apply roles): it checks the
+//! user's x509 certificate against the cluster CA, refuses unknown, expired and locked users
+//! (the authority's `AuthorizeDial`, cached for a few seconds), finds the device whose agent
+//! serves CLUSTER, opens a `kube` stream to it with the user's Kubernetes identity in the
+//! [`StreamHeader`], and speaks HTTP/1.1 to the agent on that stream: one stream per request.
+//! Bodies stream both ways without buffering; a 101 answer is spliced byte for byte.
+
+pub mod audit;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use edgeport_proto::identity::Principal;
+use edgeport_proto::keys::random_bytes;
+use edgeport_proto::rpc::{
+    DeviceInfo, DialGrant, ErrorKind, LockTarget, Request, Response, RpcError,
+};
+use edgeport_proto::tunnel::{Service, StreamHeader};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request as HttpRequest, Response as HttpResponse, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::{CertificateDer, UnixTime};
+
+use crate::ctx::Ctx;
+use audit::{audit_kube_event, KubeAuditEvent, KubeEventKind};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request head: bigger gets 431. HTTP/1.1 enforces it while reading the head;
+/// on HTTP/2 the handler does (HTTP/2 accounting: name + value + 32 per field), because h2
+/// answers a header list over its own limit with a connection error rather than a status.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// HTTP/2 header lists above this end the connection (memory bound, well above MAX_HEAD).
+const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
+/// How long an `AuthorizeDial` answer is reused for the same user and device. Locks seen in
+/// presence acknowledgements apply at once regardless.
+const GRANT_TTL: Duration = Duration::from_secs(5);
+/// Idle HTTP/1.1 keep-alive connections are closed after this long without a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Front-door state kept in [`Ctx`].
+#[derive(Default)]
+pub struct KubeState {
+    pub tls: tls::TlsCache,
+    grants: Mutex<HashMap<(String, String), (Instant, DialGrant)>>,
+    /// The inventory, to tell an offline cluster from an unknown one (refreshed at most
+    /// every [`GRANT_TTL`], so requests for unknown clusters cannot flood the authority).
+    devices: Mutex<Option<(Instant, Vec<DeviceInfo>)>>,
+}
+
+/// Who is on the other end of one TLS connection.
+struct Conn {
+    addr: SocketAddr,
+    /// The user, or why the certificate was refused (answered to every request).
+    user: Result<String, String>,
+}
+
+fn status_body(status: StatusCode, reason: &str, msg: &str) -> HttpResponse<Body> {
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": msg, "reason": reason, "code": status.as_u16(),
+    })
+    .to_string();
+    let mut r = HttpResponse::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Checks the client certificate: this cluster's CA, valid now, names a user.
+fn check_cert(
+    ctx: &Ctx,
+    verifier: &dyn rustls::server::danger::ClientCertVerifier,
+    certs: Option<&[CertificateDer<'_>]>,
+) -> Result<String, String> {
+    let Some((leaf, rest)) = certs.and_then(|c| c.split_first()) else {
+        return Err("no client certificate: run `tsh login` and `tsh kube login CLUSTER`".into());
+    };
+    verifier
+        .verify_client_cert(leaf, rest, UnixTime::now())
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)
+            | rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
+                ..
+            }) => "client certificate expired: run `tsh login` again".to_string(),
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+                "client certificate was not issued by this Edgeport cluster's CA".to_string()
+            }
+            other => format!("client certificate refused: {other}"),
+        })?;
+    match edgeport_proto::tls::peer_principal(leaf.as_ref(), ctx.identity().cluster()) {
+        Ok(Principal::User(u)) => Ok(u),
+        Ok(_) => Err("client certificate does not name a user".into()),
+        Err(e) => Err(format!("client certificate refused: {e}")),
+    }
+}
+
+/// Serves one TLS connection of the front door (HTTP/1.1 or HTTP/2).
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    addr: SocketAddr,
+) {
+    let user = match ctx.kube.tls.get(&ctx) {
+        Ok(t) => check_cert(
+            &ctx,
+            t.verifier.as_ref(),
+            tls.get_ref().1.peer_certificates(),
+        ),
+        Err(e) => Err(format!("gateway TLS unavailable: {e}")),
+    };
+    if let Err(why) = &user {
+        tracing::info!(%addr, "kubernetes client refused: {why}");
+    }
+    let conn = Arc::new(Conn { addr, user });
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(ctx, conn, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(MAX_HEAD)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+        .await
+    {
+        tracing::debug!(%addr, "kubernetes connection ended: {e}");
+    }
+}
+
+/// `/k8s/CLUSTER/rest` -> (CLUSTER, /rest).
+fn split_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/k8s/")?;
+    let (cluster, tail) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    (!cluster.is_empty()).then_some((cluster, tail))
+}
+
+fn rpc_status(e: &RpcError) -> (StatusCode, &'static str) {
+    match e.kind {
+        ErrorKind::Denied | ErrorKind::Locked => (StatusCode::FORBIDDEN, "Forbidden"),
+        ErrorKind::BadCredentials | ErrorKind::Expired => {
+            (StatusCode::UNAUTHORIZED, "Unauthorized")
+        }
+        // "device X is offline" is a passing state; "user X not found" is not.
+        ErrorKind::NotFound if e.message.contains("offline") => {
+            (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+        }
+        ErrorKind::NotFound => (StatusCode::FORBIDDEN, "Forbidden"),
+        ErrorKind::Invalid => (StatusCode::BAD_REQUEST, "BadRequest"),
+        ErrorKind::AlreadyExists | ErrorKind::Internal => {
+            (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+        }
+    }
+}
+
+fn is_locked(ctx: &Ctx, target: &LockTarget) -> Option<String> {
+    let now = edgeport_proto::util::now_secs();
+    ctx.locks.read().ok().and_then(|locks| {
+        locks
+            .iter()
+            .find(|l| &l.target == target && (l.expires == 0 || l.expires > now))
+            .map(|l| l.message.clone())
+    })
+}
+
+/// The device serving `cluster` on this gateway (the newest tunnel if several).
+fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
+    ctx.tunnels
+        .all()
+        .into_iter()
+        .filter(|t| t.hello.kube_cluster.as_deref() == Some(cluster))
+        .max_by_key(|t| t.connected_at)
+        .map(|t| t.device_id.clone())
+}
+
+/// Why no tunnel serves `cluster`: a known device that is offline, or no such cluster.
+async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
+    let cached = ctx.kube.devices.lock().ok().and_then(|d| {
+        d.as_ref()
+            .filter(|(at, _)| at.elapsed() < GRANT_TTL)
+            .map(|(_, v)| v.clone())
+    });
+    let devs = match cached {
+        Some(d) => Some(d),
+        None => match ctx.auth.all_devices().await {
+            Ok(d) => {
+                if let Ok(mut c) = ctx.kube.devices.lock() {
+                    *c = Some((Instant::now(), d.clone()));
+                }
+                Some(d)
+            }
+            _ => None,
+        },
+    };
+    if let Some(devs) = devs {
+        if let Some(d) = devs
+            .iter()
+            .find(|d| d.kube_cluster.as_deref() == Some(cluster))
+        {
+            return status_body(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &format!(
+                    "Kubernetes cluster {cluster:?}: device {} is offline (not connected to this gateway)",
+                    d.id
+                ),
+            );
+        }
+    }
+    status_body(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("unknown Kubernetes cluster {cluster:?} (see `tsh kube ls`)"),
+    )
+}
+
+async fn grant(ctx: &Ctx, user: &str, device: &str) -> Result<DialGrant, RpcError> {
+    let key = (user.to_string(), device.to_string());
+    if let Ok(g) = ctx.kube.grants.lock() {
+        if let Some((at, grant)) = g.get(&key) {
+            if at.elapsed() < GRANT_TTL {
+                return Ok(grant.clone());
+            }
+        }
+    }
+    let g = match ctx
+        .auth
+        .call(Request::AuthorizeDial {
+            user: user.to_string(),
+            device: device.to_string(),
+        })
+        .await
+    {
+        Ok(Response::DialAllowed(g)) => g,
+        Ok(Response::Error(e)) => return Err(e),
+        Ok(other) => {
+            return Err(RpcError::new(
+                ErrorKind::Internal,
+                edgeport_proto::rpc_client::unexpected(other).to_string(),
+            ))
+        }
+        Err(e) => return Err(crate::identity::unavailable(&e)),
+    };
+    if let Ok(mut m) = ctx.kube.grants.lock() {
+        m.retain(|_, (at, _)| at.elapsed() < GRANT_TTL);
+        m.insert(key, (Instant::now(), g.clone()));
+    }
+    Ok(g)
+}
+
+fn is_upgrade<B>(req: &HttpRequest<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), minus `Connection`/`Upgrade` when upgrading.
+fn strip_hop_by_hop(h: &mut http::HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        h.remove(n);
+    }
+    if !upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> HttpResponse<Body> {
+    let user = match &conn.user {
+        Ok(u) => u.clone(),
+        Err(why) => return status_body(StatusCode::UNAUTHORIZED, "Unauthorized", why),
+    };
+    let head: usize = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum::<usize>();
+    if head > MAX_HEAD {
+        return status_body(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "RequestHeaderFieldsTooLarge",
+            &format!("request header block too large ({head} bytes; at most {MAX_HEAD})"),
+        );
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let Some((cluster, inner)) = split_path(&path) else {
+        return status_body(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "Kubernetes requests go to /k8s/CLUSTER/... (use `tsh kube login CLUSTER`)",
+        );
+    };
+    let (cluster, inner) = (cluster.to_string(), inner.to_string());
+    if let Some(msg) = is_locked(&ctx, &LockTarget::User(user.clone())) {
+        return status_body(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("user {user} is locked: {msg}"),
+        );
+    }
+    let Some(device) = device_for(&ctx, &cluster) else {
+        return missing_cluster(&ctx, &cluster).await;
+    };
+    if let Some(msg) = is_locked(&ctx, &LockTarget::Device(device.clone())) {
+        return status_body(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("device {device} is locked: {msg}"),
+        );
+    }
+    let grant = match grant(&ctx, &user, &device).await {
+        Ok(g) => g,
+        Err(e) => {
+            let (status, reason) = rpc_status(&e);
+            return status_body(
+                status,
+                reason,
+                &format!("Kubernetes cluster {cluster:?}: {e}"),
+            );
+        }
+    };
+    let session_id = random_bytes(8).map(hex::encode).unwrap_or_default();
+    let mut ev = KubeAuditEvent {
+        kind: KubeEventKind::Request,
+        user: user.clone(),
+        kube_user: grant
+            .kube_users
+            .first()
+            .cloned()
+            .unwrap_or_else(|| user.clone()),
+        groups: grant.kube_groups.clone(),
+        cluster: cluster.clone(),
+        device: device.clone(),
+        verb: audit::verb(req.method(), &inner, query.as_deref()),
+        path: inner.clone(),
+        status: 0,
+        client_addr: conn.addr.to_string(),
+        session_id: session_id.clone(),
+        bytes_up: 0,
+        bytes_down: 0,
+    };
+    let header = StreamHeader {
+        service: Service::Kube,
+        user: Some(user.clone()),
+        session_id: session_id.clone(),
+        client_addr: conn.addr.to_string(),
+        kube_groups: grant.kube_groups,
+        kube_users: grant.kube_users,
+    };
+    let resp = forward(
+        &ctx,
+        &device,
+        &header,
+        &inner,
+        query.as_deref(),
+        req,
+        &mut ev,
+    )
+    .await;
+    ev.status = resp.status().as_u16();
+    audit_kube_event(&ev);
+    resp
+}
+
+async fn forward(
+    ctx: &Ctx,
+    device: &str,
+    header: &StreamHeader,
+    inner: &str,
+    query: Option<&str>,
+    mut req: HttpRequest<Incoming>,
+    ev: &mut KubeAuditEvent,
+) -> HttpResponse<Body> {
+    let upgrade = is_upgrade(&req) && req.version() == http::Version::HTTP_11;
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let pq = match query {
+        Some(q) => format!("{inner}?{q}"),
+        None => inner.to_string(),
+    };
+    let Ok(uri) = pq.parse::<http::Uri>() else {
+        return status_body(StatusCode::BAD_REQUEST, "BadRequest", "bad request path");
+    };
+    let (parts, body) = req.into_parts();
+    let mut out = HttpRequest::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.headers_mut() = parts.headers;
+    {
+        let h = out.headers_mut();
+        strip_hop_by_hop(h, upgrade);
+        // The agent strips these too; removing them here keeps them off the tunnel.
+        let imp: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("impersonate-"))
+            .cloned()
+            .collect();
+        for k in imp {
+            h.remove(k);
+        }
+        h.remove(header::AUTHORIZATION);
+        h.insert(header::HOST, HeaderValue::from_static("kubernetes"));
+    }
+
+    let stream = match ctx.tunnels.open_stream(device, header).await {
+        Ok(s) => s,
+        Err(e) => {
+            return status_body(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                &format!("Kubernetes cluster {:?}: {e}", ev.cluster),
+            )
+        }
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            return status_body(
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                &format!("device {device}: {e}"),
+            )
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("kube stream to device ended: {e}");
+        }
+    });
+    let mut resp = match sender.send_request(out).await {
+        Ok(r) => r,
+        Err(e) => {
+            return status_body(
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                &format!("device {device} did not answer: {e}"),
+            )
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        match client_upgrade {
+            Some(client_upgrade) => {
+                let device_upgrade = hyper::upgrade::on(&mut resp);
+                let mut ev = ev.clone();
+                ev.kind = KubeEventKind::SessionStart;
+                ev.status = 101;
+                audit_kube_event(&ev);
+                tokio::spawn(async move {
+                    let (c, d) = match tokio::try_join!(client_upgrade, device_upgrade) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::debug!(session = %ev.session_id, "upgrade failed: {e}");
+                            (ev.kind, ev.status) = (KubeEventKind::SessionEnd, 0);
+                            audit_kube_event(&ev);
+                            return;
+                        }
+                    };
+                    let (mut c, mut d) = (TokioIo::new(c), TokioIo::new(d));
+                    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut c, &mut d).await {
+                        (ev.bytes_up, ev.bytes_down) = (up, down);
+                    }
+                    ev.kind = KubeEventKind::SessionEnd;
+                    audit_kube_event(&ev);
+                });
+            }
+            None => {
+                return status_body(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    "the device switched protocols on a request that did not ask to",
+                )
+            }
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    resp.map(|b| b.boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            split_path("/k8s/edge1/api/v1/pods"),
+            Some(("edge1", "/api/v1/pods"))
+        );
+        assert_eq!(split_path("/k8s/edge1"), Some(("edge1", "/")));
+        assert_eq!(split_path("/k8s//api"), None);
+        assert_eq!(split_path("/api/v1"), None);
+    }
+}

@@ -1,0 +1,148 @@
+//! TLS for the Kubernetes front door (ALPN `h2`/`http/1.1` on the TCP port).
+//!
+//! The handshake asks for a client certificate but accepts any (it still checks the
+//! handshake signature, so the client holds the key); the chain is checked afterwards against
+//! the cluster CA by the same webpki verifier the other ALPNs use in the handshake. That way
+//! a certificate from another CA, an expired one or none at all gets an HTTP 401 with a
+//! reason kubectl prints, instead of a bare TLS alert.
+
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::ctx::Ctx;
+use crate::identity::IdentityError;
+
+/// ALPN ids of the front door.
+pub const ALPNS: &[&[u8]] = &[edgeport_proto::alpn::H2, edgeport_proto::alpn::HTTP11];
+
+/// Does this ClientHello ask for HTTP (and nothing of Edgeport's own)?
+pub fn wants_http(alpns: &[&[u8]]) -> bool {
+    alpns.iter().any(|a| ALPNS.contains(a)) && !alpns.iter().any(|a| crate::tcp::ALPNS.contains(a))
+}
+
+#[derive(Debug)]
+struct AnyClientCert {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: Go clients (kubectl) then send their certificate whatever its issuer,
+        // so a wrong one is reported over HTTP.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The front door's server config and the strict verifier, for one gateway certificate.
+#[derive(Clone)]
+pub struct FrontTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// Built once per gateway certificate (renewals make a new one).
+#[derive(Default)]
+pub struct TlsCache(Mutex<Option<(u64, FrontTls)>>);
+
+impl TlsCache {
+    pub fn get(&self, ctx: &Ctx) -> Result<FrontTls, IdentityError> {
+        let ident = ctx.identity();
+        let key = ident.issued_at ^ ident.valid_before.rotate_left(32);
+        if let Ok(c) = self.0.lock() {
+            if let Some((k, t)) = c.as_ref() {
+                if *k == key {
+                    return Ok(t.clone());
+                }
+            }
+        }
+        let provider = edgeport_proto::tls::provider();
+        let me = ident.cert_key()?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ident.ca_der()?))
+            .map_err(tls_err)?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| IdentityError::Io(format!("client verifier: {e}")))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
+            .with_single_cert(
+                me.chain.clone(),
+                rustls::pki_types::PrivateKeyDer::Pkcs8(me.key_pkcs8.clone().into()),
+            )
+            .map_err(tls_err)?;
+        server.alpn_protocols = ALPNS.iter().map(|a| a.to_vec()).collect();
+        let t = FrontTls {
+            server: Arc::new(server),
+            verifier,
+        };
+        if let Ok(mut c) = self.0.lock() {
+            *c = Some((key, t.clone()));
+        }
+        Ok(t)
+    }
+}
+
+fn tls_err(e: rustls::Error) -> IdentityError {
+    IdentityError::Io(format!("TLS: {e}"))
+}
