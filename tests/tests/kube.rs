@@ -178,6 +178,49 @@ fn kubectl_through_gateway_and_tunnel() {
     )
     .expect_ok("alice get pods");
     assert!(pods.stdout().contains("pod/early-pod"), "{}", pods.stdout());
+    // Each request is an event in the audit log, with who, which groups, where and the status.
+    let ok = edgeport_e2e::wait_until(Duration::from_secs(20), || {
+        let r = c.tctl.run(&[
+            "audit",
+            "search",
+            "--type",
+            "kube.request",
+            "--user",
+            "alice",
+            "--format",
+            "json",
+        ]);
+        r.code() == Some(0)
+            && r.json().as_array().is_some_and(|evs| {
+                evs.iter().any(|e| {
+                    let f = |k: &str| {
+                        e[k].as_str()
+                            .or_else(|| e["fields"][k].as_str())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    f("cluster") == "edge1"
+                        && f("verb") == "list"
+                        && f("status") == "200"
+                        && f("groups").contains("devs")
+                        && f("path").ends_with("/pods")
+                })
+            })
+    });
+    assert!(
+        ok,
+        "no kube.request event for alice's get pods: {}",
+        c.tctl
+            .run(&[
+                "audit",
+                "search",
+                "--type",
+                "kube.request",
+                "--format",
+                "json"
+            ])
+            .stdout()
+    );
     // RBAC applies to alice's groups.
     for args in [
         &["get", "secrets", "-n", "default"][..],
