@@ -17,6 +17,7 @@ pub mod roles;
 pub mod rpc_server;
 pub mod service;
 pub mod store;
+pub mod throttle;
 pub mod tokens;
 pub mod users;
 pub mod x509;

@@ -181,6 +181,8 @@ pub struct Service {
     pub(crate) presence: Mutex<HashMap<String, devices::Snapshot>>,
     /// Audit chains are extended one batch at a time.
     pub(crate) audit: Mutex<()>,
+    /// Failed logins per user and client address.
+    pub(crate) logins: crate::throttle::LoginThrottle,
 }
 
 impl Service {
@@ -191,6 +193,7 @@ impl Service {
             limits,
             presence: Mutex::new(HashMap::new()),
             audit: Mutex::new(()),
+            logins: Default::default(),
         }
     }
 

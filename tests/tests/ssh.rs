@@ -793,3 +793,33 @@ fn label_selector_runs_on_every_matching_device() {
         r.stderr()
     );
 }
+
+#[test]
+fn password_guessing_is_slowed_down() {
+    let c = Cluster::start("edge", &[]);
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    for _ in 0..5 {
+        let r = tsh.login("alice", "wrong password", &c.gw.ca_pin, &[]);
+        assert_ne!(r.code(), Some(0));
+        assert!(
+            r.stderr().contains("invalid user or password"),
+            "{}",
+            r.stderr()
+        );
+    }
+    // Now even the right password waits, and says so (no argon2 work is spent on it).
+    let r = tsh.login("alice", PW, &c.gw.ca_pin, &[]);
+    assert_ne!(r.code(), Some(0));
+    assert!(
+        r.stderr().contains("too many failed logins; try again in"),
+        "{}",
+        r.stderr()
+    );
+    // Other users are not held up: 5 failures are below the per-address limit.
+    c.add_user("bob", "root", PW);
+    let tsh_bob = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
+    tsh_bob
+        .login("bob", PW, &c.gw.ca_pin, &[])
+        .expect_ok("bob's login");
+}

@@ -156,6 +156,13 @@ pub fn login(
     // Refuse a malformed key before spending an argon2 verification on it.
     parse_ed25519_public(&req.ssh_public_key)
         .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+    if let Err(wait) = svc.logins.check(&req.user, &req.client_addr, now) {
+        tracing::info!(user = %req.user, client = %req.client_addr, gateway, wait,
+            "login refused: too many failed attempts");
+        return Err(crate::errors::denied(format!(
+            "too many failed logins; try again in {wait}s"
+        )));
+    }
     let user = match users::authenticate(
         svc.store(),
         &req.user,
@@ -165,6 +172,9 @@ pub fn login(
     ) {
         Ok(u) => u,
         Err(e) => {
+            if e.kind == edgeport_proto::rpc::ErrorKind::BadCredentials {
+                svc.logins.failed(&req.user, &req.client_addr, now);
+            }
             tracing::info!(
                 user = %req.user,
                 client = %req.client_addr,
@@ -175,6 +185,7 @@ pub fn login(
             return Err(e);
         }
     };
+    svc.logins.succeeded(&user.name);
     check_not_locked(svc, &user.name, now)?;
     let certs = issue(
         svc,
