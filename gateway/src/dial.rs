@@ -21,6 +21,11 @@ use crate::ctx::Ctx;
 use crate::splice_dump::Tapped;
 use crate::tunnels::TunnelError;
 
+/// How long a QUIC connection without a client certificate may stay, and how many streams
+/// (logins) it may open.
+const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(60);
+const ANONYMOUS_STREAMS: usize = 4;
+
 /// Splice buffer per direction: large, so bulk transfers move in few syscalls.
 const SPLICE_BUF: usize = 256 * 1024;
 
@@ -37,15 +42,30 @@ pub async fn serve_quic(
     principal: Option<Principal>,
     addr: SocketAddr,
 ) {
+    // Without a certificate a client can only log in: a few streams and a short life, so
+    // idle anonymous connections cannot pile up against the connection limit that device
+    // tunnels share.
+    let anonymous = principal.is_none();
+    let deadline = tokio::time::Instant::now() + ANONYMOUS_LIFETIME;
+    let mut streams = 0usize;
     loop {
+        if anonymous && streams >= ANONYMOUS_STREAMS {
+            conn.close(quinn::VarInt::from_u32(0), b"log in first");
+            return;
+        }
         let accepted = tokio::select! {
             a = conn.accept_bi() => a,
+            _ = tokio::time::sleep_until(deadline), if anonymous => {
+                conn.close(quinn::VarInt::from_u32(0), b"log in first");
+                return;
+            }
             _ = ctx.shutdown.cancelled() => {
                 conn.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
                 return;
             }
         };
         let Ok((send, recv)) = accepted else { return };
+        streams += 1;
         let ctx = ctx.clone();
         let principal = principal.clone();
         tokio::spawn(async move {
