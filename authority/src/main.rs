@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgeport_authority::service::Limits;
 use edgeport_authority::{Config, Server, DEFAULT_CLUSTER, DEFAULT_LISTEN};
@@ -38,33 +37,15 @@ enum Cmd {
     },
 }
 
-fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    edgeport_proto::daemon::init_logging();
     let Cmd::Start {
         data_dir,
         listen,
         cluster,
         max_session_ttl,
-    } = cli.cmd;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async {
+    } = Cli::parse().cmd;
+    edgeport_proto::daemon::run(|shutdown| async move {
         let server = Server::start(Config {
             data_dir,
             listen,
@@ -74,20 +55,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         })
         .await?;
-        let signal = wait_for_signal().await?;
-        tracing::info!("{signal}: shutting down");
+        shutdown.cancelled().await;
         server.shutdown().await?;
         tracing::info!("stopped");
         anyhow::Ok(())
-    })
-}
-
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
     })
 }

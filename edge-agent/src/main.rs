@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use edge_agent::AgentConfig;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -114,15 +113,7 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    edgeport_proto::tls::install_crypto_provider();
+    edgeport_proto::daemon::init_logging();
     let Command::Start(a) = cli.command;
     let mut cfg = AgentConfig::new(a.data_dir, a.gateway);
     cfg.token = a.token.filter(|t| !t.is_empty());
@@ -141,41 +132,5 @@ fn main() -> ExitCode {
     cfg.test_audit_flood = a.test_audit_flood;
     cfg.kube_cluster = a.kube_cluster.filter(|c| !c.is_empty());
     cfg.kubeconfig = a.kubeconfig;
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(wait_for_signal(shutdown.clone()));
-        edge_agent::run(cfg, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let ctrl_c = tokio::signal::ctrl_c();
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = ctrl_c => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
-    tracing::info!("signal received");
-    shutdown.cancel();
+    edgeport_proto::daemon::run(|shutdown| edge_agent::run(cfg, shutdown))
 }

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use edgeport_gateway::GatewayConfig;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,15 +72,7 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    edgeport_proto::tls::install_crypto_provider();
+    edgeport_proto::daemon::init_logging();
     let Command::Start(args) = cli.command;
     let mut cfg = GatewayConfig::new(args.data_dir, args.auth, args.listen);
     cfg.token = args.token;
@@ -94,42 +85,5 @@ fn main() -> ExitCode {
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
     cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(wait_for_signal(shutdown.clone()));
-        edgeport_gateway::run(cfg, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let ctrl_c = tokio::signal::ctrl_c();
-    match term {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = ctrl_c => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
-    tracing::info!("signal received");
-    shutdown.cancel();
+    edgeport_proto::daemon::run(|shutdown| edgeport_gateway::run(cfg, shutdown))
 }

@@ -8,6 +8,7 @@
 pub mod alpn;
 pub mod audit;
 pub mod ca_bundle;
+pub mod daemon;
 pub mod frame;
 pub mod identity;
 pub mod keys;
