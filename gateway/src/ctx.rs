@@ -27,6 +27,8 @@ pub struct Ctx {
     pub tcp_tls: RwLock<Arc<rustls::ServerConfig>>,
     /// Locks from the latest presence acknowledgement.
     pub locks: RwLock<Vec<LockSpec>>,
+    /// User sessions being spliced (locks cut them).
+    pub sessions: crate::sessions::Sessions,
     /// Locked user names, as last sent to agents (they end those users' sessions).
     pub locked_users: RwLock<Vec<String>>,
     /// The public certificate last loaded (`--cert/--key`), kept if a reload fails.
@@ -58,6 +60,7 @@ impl Ctx {
             tcp_tls: RwLock::new(Arc::new(tcp_tls)),
             locks: RwLock::new(Vec::new()),
             locked_users: RwLock::new(Vec::new()),
+            sessions: Default::default(),
             public_cert: RwLock::new(None),
             kube: Default::default(),
         }

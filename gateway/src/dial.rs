@@ -196,10 +196,11 @@ pub async fn serve_stream(
                                 let client = Tapped::new(stream, dir, &format!("{session_id}.c2s"));
                                 let device =
                                     Tapped::new(device_stream, dir, &format!("{session_id}.s2c"));
-                                splice(client, device, &user, &device_id, &session_id).await;
+                                splice(&ctx, client, device, &user, &device_id, &session_id).await;
                             }
                             None => {
-                                splice(stream, device_stream, &user, &device_id, &session_id).await
+                                splice(&ctx, stream, device_stream, &user, &device_id, &session_id)
+                                    .await
                             }
                         }
                     }
@@ -297,15 +298,29 @@ async fn dial(
     Ok((stream, session_id, device_id))
 }
 
-async fn splice<C, D>(mut client: C, mut device: D, user: &str, device_id: &str, session_id: &str)
-where
+async fn splice<C, D>(
+    ctx: &Ctx,
+    mut client: C,
+    mut device: D,
+    user: &str,
+    device_id: &str,
+    session_id: &str,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
     D: AsyncRead + AsyncWrite + Unpin,
 {
     tracing::debug!(%user, device = %device_id, session = %session_id, "stream spliced");
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, SPLICE_BUF, SPLICE_BUF)
-        .await
-    {
+    let reg = ctx.sessions.register(device_id, user);
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, SPLICE_BUF, SPLICE_BUF);
+    let result = tokio::select! {
+        r = copy => r,
+        _ = reg.cancel.cancelled() => {
+            tracing::info!(%user, device = %device_id, session = %session_id, "session cut: locked");
+            return;
+        }
+    };
+    match result {
         Ok((up, down)) => tracing::debug!(
             %user, device = %device_id, session = %session_id, up, down, "stream ended"
         ),

@@ -21,6 +21,7 @@ pub mod presence;
 pub mod public_cert;
 pub mod quic;
 pub mod server;
+pub mod sessions;
 pub mod splice_dump;
 pub mod tcp;
 pub mod tunnel;

@@ -14,6 +14,9 @@ use edgeport_proto::tunnel::GatewayControl;
 
 use crate::ctx::Ctx;
 
+/// How long agents get to end a locked user's sessions before the gateway cuts them.
+const USER_LOCK_GRACE: Duration = Duration::from_secs(5);
+
 /// Changes are batched for this long before a report goes out.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
@@ -100,7 +103,7 @@ async fn send_all(ctx: &Ctx, reports: Vec<PresenceReport>) -> Result<PresenceAck
 }
 
 /// Sends one snapshot and applies the acknowledgement.
-pub async fn report(ctx: &Ctx) -> Result<(), String> {
+pub async fn report(ctx: &Arc<Ctx>) -> Result<(), String> {
     let disconnected = ctx.tunnels.take_disconnected();
     let reports = parts(
         ctx.cfg.presence_lease.as_secs(),
@@ -119,7 +122,7 @@ pub async fn report(ctx: &Ctx) -> Result<(), String> {
     }
 }
 
-fn apply(ctx: &Ctx, ack: PresenceAck) {
+fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
     for id in &ack.revoked_devices {
         if ctx.tunnels.get(id).is_some() {
             tracing::info!(device = %id, "device was removed from the cluster; closing its tunnel");
@@ -141,6 +144,33 @@ fn apply(ctx: &Ctx, ack: PresenceAck) {
         .collect();
     users.sort();
     users.dedup();
+    let devices: Vec<String> = ack
+        .locks
+        .iter()
+        .filter(|l| l.expires == 0 || l.expires > now)
+        .filter_map(|l| match &l.target {
+            LockTarget::Device(d) => Some(d.clone()),
+            LockTarget::User(_) => None,
+        })
+        .collect();
+    // Locks take effect at once. A locked device cannot be trusted to end its own sessions:
+    // the gateway cuts them now. A locked user's sessions are ended by the agents, which tell
+    // the client why; whatever is still spliced a few seconds later is cut here as well.
+    let cut = ctx.sessions.cut(&devices, &[]);
+    if cut > 0 {
+        tracing::info!(sessions = cut, "ended sessions to locked devices");
+    }
+    if !users.is_empty() && ctx.sessions.count() > 0 {
+        let ctx = ctx.clone();
+        let users = users.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(USER_LOCK_GRACE).await;
+            let cut = ctx.sessions.cut(&[], &users);
+            if cut > 0 {
+                tracing::info!(sessions = cut, "ended sessions of locked users");
+            }
+        });
+    }
     if let Ok(mut locks) = ctx.locks.write() {
         *locks = ack.locks;
     }

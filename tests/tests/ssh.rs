@@ -577,6 +577,35 @@ fn locks_end_sessions() {
     assert!(wait_until(Duration::from_secs(30), || {
         tsh.run(&["ssh", "dev1", "true"], None).ok()
     }));
+
+    // A device lock: the gateway itself cuts the live session (the device is not trusted to).
+    let mut long = tsh.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
+    long.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = long.spawn().unwrap();
+    let before = agent_proc.log_text().matches("session started").count();
+    assert!(wait_until(Duration::from_secs(30), || {
+        agent_proc.log_text().matches("session started").count() > before
+            || matches!(child.try_wait(), Ok(Some(_)))
+    }));
+    c.tctl
+        .ok(&["lock", "--device", "dev1", "--message", "stolen van"]);
+    let ended = wait_until(Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = child.kill();
+    }
+    let _ = child.wait_with_output();
+    assert!(ended, "the session to the locked device is still running");
+    assert!(
+        c.gw.proc.log_text().contains("session cut: locked"),
+        "the gateway did not cut it"
+    );
+    let r = tsh.run(&["ssh", "dev1", "true"], None);
+    assert_ne!(r.code(), Some(0));
+    assert!(r.stderr().contains("lock"), "{}", r.stderr());
 }
 
 #[test]
