@@ -22,13 +22,22 @@ impl Figure {
         s
     }
     pub fn median(&self) -> f64 {
-        percentile(&self.sorted(), 50.0)
+        median(&self.sorted())
     }
     pub fn min(&self) -> f64 {
         self.sorted().first().copied().unwrap_or(f64::NAN)
     }
     pub fn max(&self) -> f64 {
         self.sorted().last().copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// The median of sorted samples (the mean of the middle two for an even count).
+pub fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }
 
@@ -55,7 +64,7 @@ impl Results {
             {
                 let mut s = samples.clone();
                 s.sort_by(|a, b| a.total_cmp(b));
-                percentile(&s, 50.0)
+                median(&s)
             },
             samples.len()
         );

@@ -112,7 +112,11 @@ pub fn run_all(o: &Opts) -> Result<()> {
         rewrite_region(&root.join("docs/benchmarks.md"), &region)?;
         println!("rewrote the generated region of docs/benchmarks.md");
     }
-    let _ = std::fs::remove_dir_all(&work);
+    if std::env::var_os("BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        println!("kept {}", work.display());
+    }
     Ok(())
 }
 
@@ -147,7 +151,7 @@ run; for times lower is better, for throughput higher is better):
   a cold `ssh -c aes128-gcm@openssh.com root@127.0.0.1 true` against stock sshd on loopback.
   Target at most 0.25.
 - `ssh_throughput_ratio`: bytes/s of `tsh ssh dev 'cat > /dev/null'` fed from a pipe divided by
-  the same through direct OpenSSH, both AES-128-GCM (1 GiB in `all`, 256 MiB in `quick`; each
+  the same through direct OpenSSH, both AES-128-GCM (1 GiB in `all`, 128 MiB in `quick`; each
   path's median cold-`true` time is subtracted so that handshakes do not count). `_chacha20`: both ChaCha20-Poly1305
   (tsh with `EDGEPORT_SSH_CIPHER=chacha20-poly1305@openssh.com`). Target at least 0.8.
 - `openssh_proxy_throughput_ratio`: stock `ssh -c aes128-gcm@openssh.com` through
@@ -548,7 +552,7 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
     timed(tsh("true", None)?)?;
     timed(proxied(AES, "true"))?;
 
-    let size: u64 = o.pick3(32 << 20, 256 << 20, 1 << 30);
+    let size: u64 = o.pick3(32 << 20, 128 << 20, 1 << 30);
     let mib = size as f64 / MIB;
     let runs = o.pick3(3, 5, 11);
     let (mut ratio, mut t_ssh, mut t_tsh, mut t_proxy) =
@@ -588,7 +592,7 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         ("proxy_aes", vec![]),
     ];
     let sink = "cat > /dev/null";
-    let runs = o.pick3(1, 2, 3);
+    let runs = o.pick3(1, 3, 5);
     for _ in 0..runs {
         rows[0]
             .1
