@@ -754,7 +754,7 @@ fn tunnels(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()> {
     .arg(work.join("loadgen"))
     .env("RUST_LOG", "info");
     let mut lg = Proc::spawn("loadgen", c, &fab.dir)?;
-    let timeout = Duration::from_secs(o.pick(150, 600) as u64);
+    let timeout = Duration::from_secs(o.pick(150, 300) as u64);
     let start = Instant::now();
     let up = wait_until(timeout, || count_up(&lg.log) >= n || !lg.alive());
     let reached = count_up(&lg.log);
@@ -792,7 +792,7 @@ fn tunnels(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()> {
     gw.kill9();
     let mut gw = fab.spawn_gateway("gateway-many-2", &data, &addr, None)?;
     let start = Instant::now();
-    let timeout = Duration::from_secs(o.pick(120, 300) as u64);
+    let timeout = Duration::from_secs(o.pick(120, 240) as u64);
     let back = wait_until(timeout, || count_up(&lg.log) >= before + reached);
     let secs = start.elapsed().as_secs_f64();
     let again = count_up(&lg.log) - before;
