@@ -86,6 +86,17 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// utime + stime of a process in seconds (100 ticks per second on Linux).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
 fn start_agent(
     qemu: &Path,
     agent: &Path,
@@ -182,8 +193,14 @@ fn device_agents_under_qemu() {
     }
 
     // Idle footprint under qemu (emulator included): reported, never asserted.
-    std::thread::sleep(Duration::from_secs(5));
-    for (a, (_, _, id, _)) in agents.iter().zip(&built) {
-        eprintln!("{id}: idle RSS under qemu {} KiB", vm_rss_kib(a.pid()));
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu0: Vec<f64> = agents.iter().map(|a| cpu_secs(a.pid())).collect();
+    std::thread::sleep(Duration::from_secs(20));
+    for ((a, c0), (_, _, id, _)) in agents.iter().zip(cpu0).zip(&built) {
+        eprintln!(
+            "{id}: idle under qemu: RSS {} KiB, CPU {:.2} s in 20 s",
+            vm_rss_kib(a.pid()),
+            cpu_secs(a.pid()) - c0
+        );
     }
 }
