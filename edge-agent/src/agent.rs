@@ -171,6 +171,17 @@ pub async fn ensure_joined(
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    run_with(cfg, shutdown, QuicClient::default()).await
+}
+
+/// [`run`] over a given QUIC client: the benchmark's load generator runs thousands of agents
+/// in one process and lets them share a few UDP sockets (a process may hold only so many
+/// files).
+pub async fn run_with(
+    cfg: AgentConfig,
+    shutdown: CancellationToken,
+    mut quic: QuicClient,
+) -> Result<(), AgentError> {
     let kube = kube_service(&cfg)?;
     let Some(ident) = ensure_joined(&cfg, &shutdown).await? else {
         return Ok(());
@@ -211,7 +222,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         services,
         shutdown,
     };
-    let mut quic = QuicClient::default();
     let mut backoff = Backoff::new(agent.cfg.backoff_base, agent.cfg.backoff_cap);
     let mut next: Option<session::Session> = None;
     while !agent.shutdown.is_cancelled() {

@@ -51,14 +51,50 @@ impl JoinError {
     }
 }
 
-/// Resolves `HOST:PORT` with tokio's resolver (first address).
+/// Resolves `HOST:PORT`: an address literal as is, then `/etc/hosts` (read here, so a static
+/// glibc build needs no NSS module for it; IPv4 first), then the system resolver (musl's own,
+/// or glibc's built-in DNS).
 pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Some(a) = std::fs::read_to_string("/etc/hosts")
+        .ok()
+        .and_then(|hosts| from_hosts(&hosts, addr))
+    {
+        return Ok(a);
+    }
     let mut addrs = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("cannot resolve {addr}: {e}"))?;
     addrs
         .next()
         .ok_or_else(|| format!("{addr} resolves to no address"))
+}
+
+/// `HOST:PORT` looked up in the text of an `/etc/hosts` file: the first IPv4 address naming
+/// HOST, else the first IPv6 one.
+pub fn from_hosts(hosts: &str, addr: &str) -> Option<SocketAddr> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let mut v6 = None;
+    for line in hosts.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut fields = line.split_whitespace();
+        let Some(ip) = fields
+            .next()
+            .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+        else {
+            continue;
+        };
+        if fields.any(|name| name.eq_ignore_ascii_case(host)) {
+            if ip.is_ipv4() {
+                return Some(SocketAddr::new(ip, port));
+            }
+            v6.get_or_insert(SocketAddr::new(ip, port));
+        }
+    }
+    v6
 }
 
 /// Sends the join and returns the certificates.
@@ -125,5 +161,20 @@ pub async fn join(cfg: &AgentConfig, key: &KeyPair) -> Result<DeviceCerts, JoinE
             "the gateway closed the connection without an answer".into(),
         )),
         Ok(Err(e)) => Err(JoinError::Protocol(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_from_hosts_file() {
+        let hosts = "# comment\n::1 localhost ip6-localhost\n127.0.0.1 localhost\n\
+                     10.1.2.3 gw.example gw # the gateway\nbad line\n";
+        let got = |a: &str| super::from_hosts(hosts, a).map(|s| s.to_string());
+        assert_eq!(got("localhost:3080").as_deref(), Some("127.0.0.1:3080"));
+        assert_eq!(got("GW:1").as_deref(), Some("10.1.2.3:1"));
+        assert_eq!(got("ip6-localhost:22").as_deref(), Some("[::1]:22"));
+        assert_eq!(got("nowhere:22"), None);
+        assert_eq!(got("gw"), None);
     }
 }

@@ -129,6 +129,13 @@ pub struct QuicClient {
 }
 
 impl QuicClient {
+    /// A client on an existing endpoint (shared by many agents in one process).
+    pub fn with_endpoint(endpoint: quinn::Endpoint) -> Self {
+        Self {
+            endpoint: Some(endpoint),
+        }
+    }
+
     fn endpoint(&mut self, peer: SocketAddr) -> Result<quinn::Endpoint, String> {
         if let Some(e) = &self.endpoint {
             let same_family = e

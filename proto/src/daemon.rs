@@ -8,15 +8,28 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), coloured only on a terminal.
+/// `RUST_LOG` takes `LEVEL` and `target=LEVEL` directives separated by commas
+/// (`info,edge_agent::ssh=debug`): tracing-subscriber's `Targets`, which needs no regex engine
+/// (the device agent's size budget cannot carry one).
 pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let default = || Targets::new().with_default(tracing::Level::INFO);
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.trim().is_empty() => s.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("warning: RUST_LOG={s:?} is not understood ({e}); logging at info");
+            default()
+        }),
+        _ => default(),
+    };
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(filter)
+        .try_init();
 }
 
 /// Runs `service` on a fresh runtime until it returns; SIGINT or SIGTERM cancel the token it

@@ -82,10 +82,7 @@ fn sign(
 impl Fixture {
     async fn start(name: &str, device: &str, cert_names: &[&str]) -> Self {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-            )
+            .with_max_level(tracing::Level::INFO)
             .with_test_writer()
             .try_init();
         let dir = std::env::temp_dir().join(format!("edgeport-ssh-{name}-{}", std::process::id()));

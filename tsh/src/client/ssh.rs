@@ -83,15 +83,30 @@ impl client::Handler for Verifier {
     }
 }
 
+/// Cipher preference. `EDGEPORT_SSH_CIPHER=chacha20-poly1305@openssh.com` puts ChaCha20
+/// first (ARM boards without AES instructions; the benchmark's second column).
+fn ciphers() -> &'static [cipher::Name] {
+    const AES_FIRST: &[cipher::Name] = &[
+        cipher::AES_128_GCM,
+        cipher::AES_256_GCM,
+        cipher::CHACHA20_POLY1305,
+    ];
+    const CHACHA_FIRST: &[cipher::Name] = &[
+        cipher::CHACHA20_POLY1305,
+        cipher::AES_128_GCM,
+        cipher::AES_256_GCM,
+    ];
+    match std::env::var("EDGEPORT_SSH_CIPHER") {
+        Ok(c) if c == cipher::CHACHA20_POLY1305.as_ref() => CHACHA_FIRST,
+        _ => AES_FIRST,
+    }
+}
+
 /// russh client settings: AES-GCM first (DESIGN section 7), host certificates only.
 fn config() -> client::Config {
     client::Config {
         preferred: Preferred {
-            cipher: Cow::Borrowed(&[
-                cipher::AES_128_GCM,
-                cipher::AES_256_GCM,
-                cipher::CHACHA20_POLY1305,
-            ]),
+            cipher: Cow::Borrowed(ciphers()),
             host_key_certificates: Cow::Borrowed(&[Algorithm::Ed25519]),
             key: Cow::Borrowed(&[Algorithm::Ed25519]),
             ..Preferred::default()

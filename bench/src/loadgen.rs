@@ -1,0 +1,119 @@
+//! `bench loadgen`: many agents in one process, each running the real agent code
+//! (`edge_agent::agent::run_with`: join, QUIC tunnel, Hello, keep-alive, reconnect with
+//! backoff), sharing a few UDP sockets so that thousands of tunnels fit under the process's
+//! open-file limit. It logs `tunnel up` once per tunnel, which the bench counts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use edge_agent::agent::{ensure_joined, run_with};
+use edge_agent::transport::QuicClient;
+use edge_agent::AgentConfig;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+struct Args {
+    gateway: String,
+    token: String,
+    ca_pin: String,
+    n: usize,
+    dir: PathBuf,
+    per_socket: usize,
+}
+
+fn parse(args: &[String]) -> Result<Args> {
+    let mut a = Args {
+        gateway: String::new(),
+        token: String::new(),
+        ca_pin: String::new(),
+        n: 0,
+        dir: PathBuf::new(),
+        per_socket: 1000,
+    };
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or_else(|| anyhow!("{k} needs a value"))?;
+        match k.as_str() {
+            "--gateway" => a.gateway = v.clone(),
+            "--token" => a.token = v.clone(),
+            "--ca-pin" => a.ca_pin = v.clone(),
+            "--n" => a.n = v.parse()?,
+            "--dir" => a.dir = PathBuf::from(v),
+            "--per-socket" => a.per_socket = v.parse::<usize>()?.max(1),
+            other => bail!("loadgen: unknown argument {other}"),
+        }
+    }
+    if a.gateway.is_empty() || a.n == 0 {
+        bail!("loadgen needs --gateway and --n");
+    }
+    Ok(a)
+}
+
+pub fn main(args: &[String]) -> Result<()> {
+    let a = parse(args)?;
+    edgeport_proto::tls::install_crypto_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run(a))
+}
+
+fn config(a: &Args, i: usize) -> AgentConfig {
+    let mut cfg = AgentConfig::new(a.dir.join(format!("d{i}")), a.gateway.clone());
+    cfg.token = Some(a.token.clone());
+    cfg.ca_pin = Some(a.ca_pin.clone());
+    cfg.requested_id = Some(format!("lg-{i}"));
+    // Thousands of handshakes land on the gateway at once: give QUIC time instead of falling
+    // back to TCP (which would cost one file per tunnel).
+    cfg.quic_timeout = Duration::from_secs(20);
+    cfg
+}
+
+async fn run(a: Args) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    // Join everyone first, a few at a time (one TLS connection and one signature each).
+    let joined: Vec<Result<(), String>> = futures::stream::iter(0..a.n)
+        .map(|i| {
+            let cfg = config(&a, i);
+            let sd = shutdown.clone();
+            async move {
+                ensure_joined(&cfg, &sd)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let failed: Vec<&String> = joined.iter().filter_map(|r| r.as_ref().err()).collect();
+    if let Some(first) = failed.first() {
+        bail!("{} of {} joins failed; first: {first}", failed.len(), a.n);
+    }
+    eprintln!("loadgen: joined {}", a.n);
+    let sockets = a.n.div_ceil(a.per_socket);
+    let mut endpoints = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        let ep = quinn::Endpoint::client("0.0.0.0:0".parse().context("bind address")?)
+            .context("UDP socket")?;
+        endpoints.push(ep);
+    }
+    eprintln!("loadgen: {} tunnels over {sockets} UDP sockets", a.n);
+    for i in 0..a.n {
+        let quic = QuicClient::with_endpoint(endpoints[i / a.per_socket].clone());
+        tokio::spawn(run_with(config(&a, i), shutdown.clone(), quic));
+        if i % 200 == 199 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("loadgen: all started");
+    std::future::pending::<()>().await;
+    Ok(())
+}
