@@ -107,6 +107,9 @@ pub async fn establish(
     }
 }
 
+/// How quinn reports a server that refused a new connection (`ConnectionError::ConnectionRefused`).
+const QUIC_REFUSED: &str = "refused to accept a new connection";
+
 /// Connects: QUIC first, TCP+TLS+yamux if QUIC does not come up in time.
 pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, SessionError> {
     let cfg = &agent.cfg;
@@ -120,6 +123,15 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
             Err(SessionError::Refused(e)) => return Err(SessionError::Refused(e)),
             Err(e) => tracing::info!("QUIC tunnel failed ({e}); trying TCP+TLS"),
         },
+        // A refusal is an answer over UDP: QUIC works, the gateway is busy (a mass reconnect
+        // after its restart fills its handshake slots). Falling back to TCP would put this
+        // device on the fallback until its next probe; retrying QUIC after the backoff is
+        // what a reconnect storm needs.
+        Err(e) if e.contains(QUIC_REFUSED) => {
+            return Err(SessionError::Failed(format!(
+                "QUIC: {e}; the gateway is busy, retrying QUIC"
+            )))
+        }
         Err(e) => tracing::info!("QUIC: {e}; trying TCP+TLS"),
     }
     let (conn, acc) = crate::transport::connect_tcp(&ident, peer)
