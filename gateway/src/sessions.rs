@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
@@ -14,29 +14,32 @@ struct Live {
     cancel: CancellationToken,
 }
 
+type LiveMap = Arc<Mutex<HashMap<u64, Live>>>;
+
 #[derive(Default)]
 pub struct Sessions {
     next: AtomicU64,
-    live: Mutex<HashMap<u64, Live>>,
+    live: LiveMap,
 }
 
-/// Removes its session from the registry when dropped.
-pub struct Registered<'a> {
-    sessions: &'a Sessions,
+/// Removes its session from the registry when dropped. Owned, so it can travel into the task
+/// that serves the session.
+pub struct Registered {
+    live: LiveMap,
     id: u64,
     pub cancel: CancellationToken,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
-        if let Ok(mut live) = self.sessions.live.lock() {
+        if let Ok(mut live) = self.live.lock() {
             live.remove(&self.id);
         }
     }
 }
 
 impl Sessions {
-    pub fn register(&self, device: &str, user: &str) -> Registered<'_> {
+    pub fn register(&self, device: &str, user: &str) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         if let Ok(mut live) = self.live.lock() {
@@ -50,7 +53,7 @@ impl Sessions {
             );
         }
         Registered {
-            sessions: self,
+            live: self.live.clone(),
             id,
             cancel,
         }

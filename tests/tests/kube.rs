@@ -526,8 +526,21 @@ fn kubectl_through_gateway_and_tunnel() {
     // Other users are untouched: alice's watch is still running and her requests work.
     assert!(watch.try_wait().unwrap().is_none(), "the watch ended");
     kubectl(&k8s, &alice_kc, &["get", "pods", "-n", "default"]).expect_ok("alice after bad input");
+    // A device lock: the gateway cuts streams to that device at once (the device itself is
+    // not trusted to), alice's watch included.
+    c.tctl
+        .ok(&["lock", "--device", "van-42", "--message", "stolen van"]);
+    let cut = edgeport_e2e::wait_until(Duration::from_secs(40), || {
+        watch.try_wait().unwrap().is_some()
+    });
     let _ = watch.kill();
     let _ = watch.wait();
+    assert!(cut, "alice's watch to the locked device survived");
+    assert!(
+        c.gw.proc.log_text().contains("kube stream cut: locked"),
+        "the gateway did not cut it"
+    );
+    c.tctl.ok(&["unlock", "--device", "van-42"]);
 
     // The gateway logged each request (the audit hook) without secrets.
     let log = c.gw.proc.log_text();

@@ -475,9 +475,19 @@ async fn forward(
             )
         }
     };
+    // Registered like SSH splices, so a device lock cuts watches, logs -f and exec sessions
+    // to the device: dropping the connection ends the response body.
+    let reg = ctx
+        .sessions
+        .register(device, &header.user.clone().unwrap_or_default());
+    let cut = reg.cancel.clone();
     tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!("kube stream to device ended: {e}");
+        let _reg = reg;
+        tokio::select! {
+            r = conn.with_upgrades() => if let Err(e) = r {
+                tracing::debug!("kube stream to device ended: {e}");
+            },
+            _ = cut.cancelled() => tracing::info!("kube stream cut: locked"),
         }
     });
     let mut resp = match sender.send_request(out).await {
@@ -498,6 +508,7 @@ async fn forward(
                 ev.kind = KubeEventKind::SessionStart;
                 ev.status = 101;
                 audit_kube_event(&ev);
+                let reg = ctx.sessions.register(device, &ev.user);
                 tokio::spawn(async move {
                     let (c, d) = match tokio::try_join!(client_upgrade, device_upgrade) {
                         Ok(x) => x,
@@ -509,8 +520,15 @@ async fn forward(
                         }
                     };
                     let (mut c, mut d) = (TokioIo::new(c), TokioIo::new(d));
-                    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut c, &mut d).await {
-                        (ev.bytes_up, ev.bytes_down) = (up, down);
+                    tokio::select! {
+                        r = tokio::io::copy_bidirectional(&mut c, &mut d) => {
+                            if let Ok((up, down)) = r {
+                                (ev.bytes_up, ev.bytes_down) = (up, down);
+                            }
+                        }
+                        _ = reg.cancel.cancelled() => {
+                            tracing::info!(session = %ev.session_id, "kube session cut: locked");
+                        }
                     }
                     ev.kind = KubeEventKind::SessionEnd;
                     audit_kube_event(&ev);
