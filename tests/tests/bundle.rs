@@ -132,3 +132,50 @@ fn systemd_unit_verifies() {
         r.stderr()
     );
 }
+
+/// `tctl tokens add --agent-env` prints a device's agent.env; an agent started with exactly
+/// those variables (the systemd unit's EnvironmentFile) joins and shows up with its labels.
+#[test]
+fn agent_env_from_tctl_joins_a_device() {
+    use edgeport_e2e::fabric::{wait_online, Gateway, Tctl};
+    use edgeport_e2e::{Authority, Proc};
+    let tmp = TempDir::new();
+    let auth = Authority::start(&tmp.join("auth"), "edge");
+    let gw = Gateway::start(&tmp.join("gw"), &auth);
+    let r = auth.tctl(&[
+        "tokens",
+        "add",
+        "--type",
+        "device",
+        "--labels",
+        "fleet=vans",
+        "--agent-env",
+        "--gateway",
+        &gw.addr,
+        "--device-id",
+        "van-env",
+    ]);
+    let text = r.expect_ok("tctl tokens add --agent-env").stdout();
+    let vars: BTreeMap<String, String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap();
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    assert_eq!(vars["EDGEPORT_GATEWAY"], gw.addr, "{text}");
+    assert_eq!(vars["EDGEPORT_LABELS"], "fleet=vans", "{text}");
+    assert_eq!(vars["EDGEPORT_CA_PIN"], gw.ca_pin, "{text}");
+    let mut cmd = Command::new(bin("edge-agent"));
+    cmd.arg("start").env_clear().env("PATH", "/usr/bin:/bin");
+    for (k, v) in &vars {
+        cmd.env(k, v);
+    }
+    // The data dir of the file is the device's; this test keeps its own.
+    cmd.env("EDGEPORT_DATA_DIR", tmp.join("agent"));
+    let agent = Proc::spawn("agent-env", cmd, tmp.path());
+    let d = wait_online(&Tctl::of(&auth), "van-env", None, Duration::from_secs(60));
+    assert_eq!(d["labels"]["fleet"], "vans");
+    drop(agent);
+}

@@ -227,6 +227,16 @@ pub struct TokenAddArgs {
     pub reusable: bool,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+    /// Print the device's /etc/edgeport/agent.env instead (gateway, token, CA pin, labels),
+    /// ready for cross/bundle/install.sh or an image overlay. Device tokens only.
+    #[arg(long, conflicts_with = "format")]
+    pub agent_env: bool,
+    /// The gateway address devices dial, for --agent-env.
+    #[arg(long, requires = "agent_env")]
+    pub gateway: Option<String>,
+    /// The device id, for --agent-env (default: the authority picks one at the join).
+    #[arg(long, requires = "agent_env")]
+    pub device_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,6 +14,9 @@ pub async fn add(s: &mut Session, a: TokenAddArgs) -> anyhow::Result<()> {
     if a.ttl == 0 {
         anyhow::bail!("--ttl must be more than 0");
     }
+    if a.agent_env && a.kind != TokenType::Device {
+        anyhow::bail!("--agent-env is for device tokens");
+    }
     let spec = TokenSpec {
         kind: match a.kind {
             TokenType::Device => TokenKind::Device,
@@ -33,6 +36,13 @@ pub async fn add(s: &mut Session, a: TokenAddArgs) -> anyhow::Result<()> {
             "the authority made token {} but did not return its secret",
             t.id
         );
+    }
+    if a.agent_env {
+        print!(
+            "{}",
+            agent_env(&t, &secret, a.gateway.as_deref(), a.device_id.as_deref())
+        );
+        return Ok(());
     }
     match a.format {
         Format::Json => print_json(&token_json(&t)),
@@ -54,6 +64,30 @@ pub async fn add(s: &mut Session, a: TokenAddArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A device's `/etc/edgeport/agent.env` (the variables `edge-agent start` reads), for the
+/// install bundle. It holds the token: keep it 0600 until the first start has used it.
+fn agent_env(t: &TokenInfo, secret: &str, gateway: Option<&str>, id: Option<&str>) -> String {
+    let mut out = String::from(
+        "# Edgeport agent configuration: install as /etc/edgeport/agent.env, mode 0600.\n",
+    );
+    out += &format!("# Token {} expires {}.\n", t.id, expiry_text(t.expires));
+    out += &format!(
+        "EDGEPORT_GATEWAY={}\n",
+        gateway.unwrap_or("gateway.example.com:3080")
+    );
+    out += &format!("EDGEPORT_TOKEN={secret}\n");
+    out += &format!("EDGEPORT_CA_PIN={}\n", t.ca_pin);
+    out += "EDGEPORT_DATA_DIR=/var/lib/edgeport\n";
+    match id {
+        Some(id) => out += &format!("EDGEPORT_DEVICE_ID={id}\n"),
+        None => out += "# EDGEPORT_DEVICE_ID=van-42   (default: the authority picks dev-...)\n",
+    }
+    if !t.labels.is_empty() {
+        out += &format!("EDGEPORT_LABELS={}\n", format_labels(&t.labels));
+    }
+    out
 }
 
 /// The command line that uses the token.
