@@ -175,7 +175,7 @@ fn agent_env_from_tctl_joins_a_device() {
     // The data dir of the file is the device's; this test keeps its own.
     cmd.env("EDGEPORT_DATA_DIR", tmp.join("agent"));
     let agent = Proc::spawn("agent-env", cmd, tmp.path());
-    let d = wait_online(&Tctl::of(&auth), "van-env", None, Duration::from_secs(60));
+    let d = wait_online(Tctl::of(&auth), "van-env", None, Duration::from_secs(60));
     assert_eq!(d["labels"]["fleet"], "vans");
     drop(agent);
 }
