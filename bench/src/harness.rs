@@ -336,6 +336,11 @@ impl Fabric {
             .args(["--gateway", gateway, "--token", &token, "--ca-pin", &pin])
             .args(["--id", id])
             .args(extra);
+        // BENCH_AGENT_ARGS adds agent flags to every agent, for experiments such as
+        // `--quic-timeout 1ms` (the device leg on the TCP fallback).
+        if let Ok(more) = std::env::var("BENCH_AGENT_ARGS") {
+            cmd.args(more.split_whitespace());
+        }
         Proc::spawn(&format!("agent-{id}"), cmd, &self.dir)
     }
 
