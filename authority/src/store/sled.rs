@@ -16,10 +16,28 @@ fn backend(e: sled::Error) -> StoreError {
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        // sled releases its file lock from a background thread after the last handle is
+        // dropped, so a store closed a moment ago (a restart in the same process) may still
+        // be locked: wait briefly. Another process holding it stays an error.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if (e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock"))
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(StoreError::Backend(format!(
+                        "cannot open {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        };
         let trees = Table::ALL
             .iter()
             .map(|t| Ok((*t, db.open_tree(t.name()).map_err(backend)?)))
