@@ -2,6 +2,7 @@
 //! to the authority (one at a time per device; the authority's answer goes back as the ack),
 //! reports its own dial events, and serves recordings to tsh (the user's own sessions).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,11 +68,16 @@ static SINK: std::sync::OnceLock<tokio::sync::mpsc::Sender<AuditEvent>> =
 /// logged, which the caller already did.
 pub fn emit(ev: AuditEvent) {
     if let Some(tx) = SINK.get() {
-        if tx.try_send(ev).is_err() {
-            tracing::warn!("audit queue full: a gateway event was not sent to the authority");
+        // One warning per outage, not one per event: a flood of requests while the authority
+        // is away must not turn into a flood of log lines.
+        if tx.try_send(ev).is_err() && DROPPED.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!("audit queue full: gateway events are not reaching the authority");
         }
     }
 }
+
+/// Events dropped since the queue last had room (reported when it drains).
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Sends queued events to the authority in batches until shutdown. Started once per process.
 pub async fn run_sink(ctx: Arc<Ctx>) {
@@ -86,6 +92,13 @@ pub async fn run_sink(ctx: Arc<Ctx>) {
             _ = ctx.shutdown.cancelled() => return,
         }
         let events = std::mem::take(&mut batch);
+        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "gateway audit events were dropped while the queue was full"
+            );
+        }
         let mut delay = Duration::from_millis(500);
         loop {
             match ctx.auth.call(Request::AuditRecord(events.clone())).await {
