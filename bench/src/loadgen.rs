@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use edge_agent::agent::{ensure_joined, run_with};
 use edge_agent::transport::QuicClient;
 use edge_agent::AgentConfig;
@@ -101,8 +101,8 @@ async fn run(a: Args) -> Result<()> {
     let sockets = a.n.div_ceil(a.per_socket);
     let mut endpoints = Vec::with_capacity(sockets);
     for _ in 0..sockets {
-        let ep = quinn::Endpoint::client("0.0.0.0:0".parse().context("bind address")?)
-            .context("UDP socket")?;
+        let ep = edge_agent::transport::client_endpoint("0.0.0.0:0".parse()?)
+            .map_err(anyhow::Error::msg)?;
         endpoints.push(ep);
     }
     eprintln!("loadgen: {} tunnels over {sockets} UDP sockets", a.n);

@@ -57,6 +57,12 @@ struct StartArgs {
     /// While on TCP, try QUIC again after this long (backing off up to ten times as long).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     quic_probe_interval: Duration,
+    /// Threads that run the agent's tasks. One (the default) keeps every hop of a session
+    /// (tunnel stream, SSH, the command's pipes) on one thread, which costs the least CPU per
+    /// byte and memory; more only help a device serving many busy sessions at once. 0: one
+    /// per core.
+    #[arg(long, env = "EDGEPORT_THREADS", default_value_t = 1)]
+    threads: usize,
     /// Serve the test-only echo service.
     #[arg(long, hide = true)]
     test_echo: bool,
@@ -132,5 +138,8 @@ fn main() -> ExitCode {
     cfg.test_audit_flood = a.test_audit_flood;
     cfg.kube_cluster = a.kube_cluster.filter(|c| !c.is_empty());
     cfg.kubeconfig = a.kubeconfig;
-    edgeport_proto::daemon::run(|shutdown| edge_agent::run(cfg, shutdown))
+    let threads = edgeport_proto::daemon::Threads::from_count(a.threads);
+    // Devices have little memory to spare: keep a little, enough for a session's buffers.
+    edgeport_proto::daemon::keep_freed_memory(8 << 20);
+    edgeport_proto::daemon::run_on(threads, |shutdown| edge_agent::run(cfg, shutdown))
 }

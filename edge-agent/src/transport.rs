@@ -118,7 +118,21 @@ fn transport_config(cfg: &AgentConfig) -> quinn::TransportConfig {
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .keep_alive_interval(Some(cfg.keepalive))
         .max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
+    t.ack_frequency_config(Some(ack_frequency()));
     t
+}
+
+/// A client-only QUIC endpoint on a fresh UDP socket with large kernel buffers (see
+/// `edgeport_proto::udp`).
+pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, String> {
+    let socket = edgeport_proto::udp::bind(bind).map_err(|e| format!("UDP socket: {e}"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| format!("UDP socket: {e}"))
 }
 
 /// One UDP socket for all QUIC attempts of this process (rebuilt if the address family of
@@ -151,7 +165,7 @@ impl QuicClient {
         } else {
             SocketAddr::from(([0u16; 8], 0))
         };
-        let e = quinn::Endpoint::client(bind).map_err(|e| format!("UDP socket: {e}"))?;
+        let e = client_endpoint(bind)?;
         self.endpoint = Some(e.clone());
         Ok(e)
     }
@@ -229,3 +243,15 @@ pub fn explain(err: String) -> String {
         err
     }
 }
+
+/// Ask the peer for an ACK every 10 ack-eliciting packets (the ACK-frequency extension; the
+/// QUIC default is every second packet). A bulk transfer then sends a fifth of the ACK
+/// packets: less uplink on metered links and much less per-packet work at both ends
+/// (docs/benchmarks.md). Loss is still detected by ack delay and reordering as before.
+fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut a = quinn::AckFrequencyConfig::default();
+    a.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    a
+}
+
+const ACK_ELICITING_THRESHOLD: u32 = 10;

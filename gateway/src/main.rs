@@ -64,6 +64,11 @@ struct StartArgs {
     /// Drop a tunnel that sends no keep-alive for this long (must exceed agents' --keepalive).
     #[arg(long, default_value = "180s", value_parser = parse_duration)]
     tunnel_idle_timeout: u64,
+    /// Threads that run the gateway's tasks; 0 (the default) is one per core. On a gateway
+    /// that shares its cores with other busy processes, 1 saves the cross-thread wake-ups of
+    /// every relayed chunk (see docs/benchmarks.md).
+    #[arg(long, env = "EDGEPORT_THREADS", default_value_t = 0)]
+    threads: usize,
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -85,5 +90,7 @@ fn main() -> ExitCode {
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
     cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));
-    edgeport_proto::daemon::run(|shutdown| edgeport_gateway::run(cfg, shutdown))
+    let threads = edgeport_proto::daemon::Threads::from_count(args.threads);
+    edgeport_proto::daemon::keep_freed_memory(64 << 20);
+    edgeport_proto::daemon::run_on(threads, |shutdown| edgeport_gateway::run(cfg, shutdown))
 }

@@ -40,6 +40,7 @@ fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
+    t.ack_frequency_config(Some(ack_frequency()));
     t
 }
 
@@ -149,3 +150,15 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, addr: SocketAddr) {
         _ => conn.close(quinn::VarInt::from_u32(3), b"unknown protocol"),
     }
 }
+
+/// Ask the peer for an ACK every 10 ack-eliciting packets (the ACK-frequency extension; the
+/// QUIC default is every second packet). A bulk transfer then sends a fifth of the ACK
+/// packets: less uplink on metered links and much less per-packet work at both ends
+/// (docs/benchmarks.md). Loss is still detected by ack delay and reordering as before.
+fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut a = quinn::AckFrequencyConfig::default();
+    a.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    a
+}
+
+const ACK_ELICITING_THRESHOLD: u32 = 10;

@@ -42,7 +42,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         &reset_key,
     )));
     endpoint_cfg.cid_generator(|| Box::new(quic::RandomCids));
-    let socket = std::net::UdpSocket::bind(local).map_err(listen_err)?;
+    let socket = edgeport_proto::udp::bind(local).map_err(listen_err)?;
     let endpoint = quinn::Endpoint::new(
         endpoint_cfg,
         Some(quic_cfg),

@@ -40,8 +40,56 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
+    run_on(Threads::PerCore, service)
+}
+
+/// How many threads a daemon's runtime runs tasks on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One worker per core (tokio's multi-threaded scheduler).
+    PerCore,
+    /// Exactly this many. `1` is tokio's current-thread scheduler: every task on the main
+    /// thread, so handing a buffer from one task to the next never wakes another thread.
+    /// On loopback relays that is worth a fifth of the CPU per byte (docs/benchmarks.md).
+    Exactly(usize),
+}
+
+impl Threads {
+    /// `0` means one per core.
+    pub fn from_count(n: usize) -> Self {
+        if n == 0 {
+            Threads::PerCore
+        } else {
+            Threads::Exactly(n)
+        }
+    }
+
+    /// A runtime with this many workers, I/O and timers enabled.
+    pub fn runtime(self) -> std::io::Result<tokio::runtime::Runtime> {
+        match self {
+            Threads::Exactly(1) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            Threads::Exactly(n) => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .enable_all()
+                .build(),
+            Threads::PerCore => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build(),
+        }
+    }
+}
+
+/// [`run`] on a runtime with the given number of threads.
+pub fn run_on<F, Fut, E>(threads: Threads, service: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     crate::tls::install_crypto_provider();
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match threads.runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -79,4 +127,28 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     };
     tracing::info!("{name}: shutting down");
     shutdown.cancel();
+}
+
+/// Lets glibc keep up to `bytes` of freed heap instead of returning it to the kernel.
+///
+/// A bulk transfer allocates and frees buffers at the top of the heap all the time (quinn's
+/// send queue, stdin chunks, TLS records). glibc's default gives any free top-of-heap above
+/// 128 KiB back at once, so every next allocation faults its pages in again: 100,000 page
+/// faults per GiB in tsh and up to 80,000 in the gateway, about a fifth of their CPU
+/// (docs/benchmarks.md). With a larger threshold the memory is reused; it is still
+/// returned once more than `bytes` is free. Other C libraries (musl on devices) are left
+/// alone.
+pub fn keep_freed_memory(bytes: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        #[allow(unsafe_code)]
+        // SAFETY: mallopt only changes allocator parameters; called before other threads
+        // allocate concurrently (at the start of main), and any value is accepted.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, v);
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = bytes;
 }

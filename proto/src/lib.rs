@@ -18,6 +18,7 @@ pub mod rpc_client;
 pub mod sshcert;
 pub mod tls;
 pub mod tunnel;
+pub mod udp;
 pub mod util;
 
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};

@@ -395,8 +395,15 @@ mod quic {
             "0.0.0.0:0".parse()
         }
         .map_err(|e: std::net::AddrParseError| CliError::msg(e.to_string()))?;
-        let mut endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| CliError::msg(format!("cannot open a UDP socket: {e}")))?;
+        let udp_err = |e: std::io::Error| CliError::msg(format!("cannot open a UDP socket: {e}"));
+        let socket = edgeport_proto::udp::bind(bind).map_err(udp_err)?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(udp_err)?;
         endpoint.set_default_client_config(cfg);
         let connecting = endpoint
             .connect(addr, server_name)

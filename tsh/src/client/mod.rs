@@ -76,17 +76,12 @@ pub fn main() -> ! {
         cli::Command::Ssh(_) | cli::Command::Proxy { .. } => 255,
         _ => 1,
     };
-    // The ProxyCommand bridge is one copy loop each way: one thread, no cross-thread
-    // wake-ups per packet.
-    let rt = match &cli.command {
-        cli::Command::Proxy { .. } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build(),
-    };
+    // One thread for every command: a session is a chain of hand-offs (stdin, SSH, TLS,
+    // socket), and keeping them on one thread saves a cross-thread wake-up per chunk (a fifth
+    // of the CPU per byte on a 2-core machine; docs/benchmarks.md). Blocking stdin reads run
+    // on their own plain thread.
+    edgeport_proto::daemon::keep_freed_memory(64 << 20);
+    let rt = edgeport_proto::daemon::Threads::Exactly(1).runtime();
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
