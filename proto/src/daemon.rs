@@ -136,17 +136,21 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
 /// 128 KiB back at once, so every next allocation faults its pages in again: 100,000 page
 /// faults per GiB in tsh and up to 80,000 in the gateway, about a fifth of their CPU
 /// (docs/benchmarks.md). With a larger threshold the memory is reused; it is still
-/// returned once more than `bytes` is free. Other C libraries (musl on devices) are left
-/// alone.
+/// returned once more than `bytes` is free. Setting it switches off glibc's sliding mmap
+/// threshold, so blocks up to 4 MiB are explicitly kept on the heap too (otherwise each
+/// block over 128 KiB is a fresh mmap, faulted in page by page). Other C libraries (musl
+/// on devices) are left alone.
 pub fn keep_freed_memory(bytes: usize) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        const MMAP_THRESHOLD: libc::c_int = 4 << 20;
         let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
         #[allow(unsafe_code)]
-        // SAFETY: mallopt only changes allocator parameters; called before other threads
-        // allocate concurrently (at the start of main), and any value is accepted.
+        // SAFETY: mallopt only changes allocator parameters; it is called at the start of
+        // main, and glibc accepts any value for these two.
         unsafe {
             libc::mallopt(libc::M_TRIM_THRESHOLD, v);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
