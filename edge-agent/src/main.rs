@@ -139,7 +139,5 @@ fn main() -> ExitCode {
     cfg.kube_cluster = a.kube_cluster.filter(|c| !c.is_empty());
     cfg.kubeconfig = a.kubeconfig;
     let threads = edgeport_proto::daemon::Threads::from_count(a.threads);
-    // Devices have little memory to spare: keep a little, enough for a session's buffers.
-    edgeport_proto::daemon::keep_freed_memory(8 << 20);
     edgeport_proto::daemon::run_on(threads, |shutdown| edge_agent::run(cfg, shutdown))
 }

@@ -134,7 +134,7 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
 /// A bulk transfer allocates and frees buffers at the top of the heap all the time (quinn's
 /// send queue, stdin chunks, TLS records). glibc's default gives any free top-of-heap above
 /// 128 KiB back at once, so every next allocation faults its pages in again: 100,000 page
-/// faults per GiB in tsh and up to 80,000 in the gateway, about a fifth of their CPU
+/// faults per GiB in tsh and up to 100,000 in the gateway, about a fifth of their CPU
 /// (docs/benchmarks.md). With a larger threshold the memory is reused; it is still
 /// returned once more than `bytes` is free. Setting it switches off glibc's sliding mmap
 /// threshold, so blocks up to 4 MiB are explicitly kept on the heap too (otherwise each
