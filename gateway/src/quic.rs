@@ -44,33 +44,34 @@ fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
     t
 }
 
-/// Random 8-byte connection ids that any gateway process accepts as plausible. quinn's
-/// default generator signs its ids with a per-process key and silently drops packets for
-/// ids it did not sign, so after a restart it would never answer an agent's old connection
-/// with a stateless reset; the agent would wait for its idle timeout instead.
-pub struct RandomCids;
-
-impl quinn::ConnectionIdGenerator for RandomCids {
-    fn generate_cid(&mut self) -> quinn::ConnectionId {
-        let bytes = edgeport_proto::keys::random_bytes(8).unwrap_or_else(|_| {
-            // The OS RNG does not fail on Linux; a time-based id still works as an id.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-            t.to_le_bytes().to_vec()
-        });
-        quinn::ConnectionId::new(&bytes)
-    }
-
-    fn cid_len(&self) -> usize {
-        8
-    }
-
-    fn cid_lifetime(&self) -> Option<Duration> {
-        None
-    }
+/// Connection ids that this gateway recognises across restarts: quinn's keyed-hash ids, with
+/// the hash key derived from the stateless-reset key kept in the data dir.
+///
+/// After a crash, an agent's next keep-alive carries an id the new process never issued. A
+/// gateway that recognises it as one of its own answers with a stateless reset, and the agent
+/// reconnects at once instead of waiting for its idle timeout (quinn's default generator keys
+/// its ids per process, so a restarted gateway would drop those packets silently). Ids that
+/// do not validate (scanners, garbage) get no reset at all, which is what makes a short
+/// [`RESET_INTERVAL`] safe.
+pub fn cid_generator(
+    reset_key: &[u8],
+) -> impl Fn() -> Box<dyn quinn::ConnectionIdGenerator> + Send + Sync + 'static {
+    let mac = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key),
+        b"edgeport connection id key",
+    );
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&mac.as_ref()[..8]);
+    let key = u64::from_le_bytes(k);
+    move || Box::new(quinn::HashedConnectionIdGenerator::from_key(key))
 }
+
+/// Shortest time between two stateless resets (quinn's default is 20 ms). After a gateway
+/// restart, every agent's keep-alive needs one: 10,000 agents send about 400 keep-alives a
+/// second, and with one reset per 20 ms most of them were ignored again and again until
+/// their 90 s idle timeout (the reconnect tail in docs/benchmarks.md). A reset is always
+/// smaller than the packet that caused it and only answers ids this gateway issued.
+pub const RESET_INTERVAL: Duration = Duration::from_micros(100);
 
 pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
     loop {
@@ -162,3 +163,30 @@ fn ack_frequency() -> quinn::AckFrequencyConfig {
 }
 
 const ACK_ELICITING_THRESHOLD: u32 = 10;
+
+#[cfg(test)]
+mod cid_tests {
+    use super::*;
+
+    #[test]
+    fn ids_survive_a_restart_and_foreign_ids_do_not_validate() {
+        let key = [7u8; 32];
+        let mut before = cid_generator(&key)();
+        let after = cid_generator(&key)();
+        let other = cid_generator(&[8u8; 32])();
+        for _ in 0..100 {
+            let id = before.generate_cid();
+            assert_eq!(id.len(), 8);
+            assert!(
+                after.validate(&id).is_ok(),
+                "restarted gateway rejects its own id"
+            );
+            assert!(
+                other.validate(&id).is_err(),
+                "another gateway accepts the id"
+            );
+        }
+        let garbage = quinn::ConnectionId::new(&[0u8; 8]);
+        assert!(after.validate(&garbage).is_err());
+    }
+}

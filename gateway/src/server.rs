@@ -41,7 +41,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         ring::hmac::HMAC_SHA256,
         &reset_key,
     )));
-    endpoint_cfg.cid_generator(|| Box::new(quic::RandomCids));
+    endpoint_cfg
+        .cid_generator(quic::cid_generator(&reset_key))
+        .min_reset_interval(quic::RESET_INTERVAL);
     let socket = edgeport_proto::udp::bind(local).map_err(listen_err)?;
     let endpoint = quinn::Endpoint::new(
         endpoint_cfg,
