@@ -63,7 +63,7 @@ pub fn cid_generator(
     let mut k = [0u8; 8];
     k.copy_from_slice(&mac.as_ref()[..8]);
     let key = u64::from_le_bytes(k);
-    move || Box::new(quinn::HashedConnectionIdGenerator::from_key(key))
+    move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(key))
 }
 
 /// Shortest time between two stateless resets (quinn's default is 20 ms). After a gateway
