@@ -32,12 +32,18 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// Streams a peer may have open at once on one connection: an agent opens only its control
+/// stream, tsh one per dial (`tsh ssh` over a label selector runs 16 at a time by default);
+/// more wait for credit rather than fail. quinn sets up state for every permitted stream when
+/// a connection starts: 256 cost about 13 KiB more per idle tunnel than 64.
+const MAX_PEER_STREAMS: u32 = 64;
+
 fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20))
         .receive_window(quinn::VarInt::from_u32(64 << 20))
         .send_window(64 << 20)
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_PEER_STREAMS))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
     t.ack_frequency_config(Some(ack_frequency()));
@@ -245,10 +251,13 @@ mod cid_tests {
         }
         let garbage = quinn::ConnectionId::new(&[0u8; 8]);
         assert!(after.validate(&garbage).is_err());
-        assert!(after.validate(&quinn::ConnectionId::new(&[1u8; 4])).is_err());
+        assert!(after
+            .validate(&quinn::ConnectionId::new(&[1u8; 4]))
+            .is_err());
         // 40 random bits: 20,000 ids (a busy gateway's worth) do not repeat.
-        let ids: std::collections::HashSet<Vec<u8>> =
-            (0..20_000).map(|_| before.generate_cid().to_vec()).collect();
+        let ids: std::collections::HashSet<Vec<u8>> = (0..20_000)
+            .map(|_| before.generate_cid().to_vec())
+            .collect();
         assert_eq!(ids.len(), 20_000);
     }
 }
