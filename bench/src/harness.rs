@@ -179,12 +179,23 @@ pub fn parse_env(text: &str) -> HashMap<String, String> {
 
 /// VmRSS of a process in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// Anonymous resident memory (heap, stacks) of a process in KiB: RSS without the pages of
+/// its binary and libraries, which the kernel maps in from the page cache in 64 KiB runs
+/// around every page touched and can drop at any time.
+pub fn rss_anon_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "RssAnon:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
+        .ok_or_else(|| anyhow!("no {field} for {pid}"))
 }
 
 /// utime + stime of a process, in seconds.
