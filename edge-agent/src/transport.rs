@@ -110,32 +110,14 @@ fn tls_config(ident: &DeviceIdentity) -> Result<rustls::ClientConfig, String> {
 /// quinn transport settings: large windows for bulk transfers, keep-alive and idle timeout
 /// from the configuration, room for many gateway-opened streams, none the other way.
 fn transport_config(cfg: &AgentConfig) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20))
-        .receive_window(quinn::VarInt::from_u32(64 << 20))
-        .send_window(64 << 20)
-        // Sessions (SSH channels' streams, Kubernetes requests) the gateway may have open on
-        // this device at once; more wait for credit. quinn keeps state for each permitted
-        // stream from the start: 1024 cost the device about 50 KB more than 256.
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+    let mut t = edgeport_proto::quic::bulk_transport();
+    // Sessions (SSH channels' streams, Kubernetes requests) the gateway may have open on
+    // this device at once; more wait for credit. quinn keeps state for each permitted
+    // stream from the start: 1024 cost the device about 50 KB more than 256.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
         .keep_alive_interval(Some(cfg.keepalive))
         .max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
-    t.ack_frequency_config(Some(ack_frequency()));
     t
-}
-
-/// A client-only QUIC endpoint on a fresh UDP socket with large kernel buffers (see
-/// `edgeport_proto::udp`).
-pub fn client_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, String> {
-    let socket = edgeport_proto::udp::bind(bind).map_err(|e| format!("UDP socket: {e}"))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        std::sync::Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| format!("UDP socket: {e}"))
 }
 
 /// One UDP socket for all QUIC attempts of this process (rebuilt if the address family of
@@ -168,7 +150,8 @@ impl QuicClient {
         } else {
             SocketAddr::from(([0u16; 8], 0))
         };
-        let e = client_endpoint(bind)?;
+        let e =
+            edgeport_proto::quic::client_endpoint(bind).map_err(|e| format!("UDP socket: {e}"))?;
         self.endpoint = Some(e.clone());
         Ok(e)
     }
@@ -246,15 +229,3 @@ pub fn explain(err: String) -> String {
         err
     }
 }
-
-/// Ask the peer for an ACK every 10 ack-eliciting packets (the ACK-frequency extension; the
-/// QUIC default is every second packet). A bulk transfer then sends a fifth of the ACK
-/// packets: less uplink on metered links and much less per-packet work at both ends
-/// (docs/benchmarks.md). Loss is still detected by ack delay and reordering as before.
-fn ack_frequency() -> quinn::AckFrequencyConfig {
-    let mut a = quinn::AckFrequencyConfig::default();
-    a.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
-    a
-}
-
-const ACK_ELICITING_THRESHOLD: u32 = 10;

@@ -13,6 +13,7 @@ pub mod frame;
 pub mod identity;
 pub mod keys;
 pub mod mux;
+pub mod quic;
 pub mod rpc;
 pub mod rpc_client;
 pub mod sshcert;

@@ -381,12 +381,8 @@ mod quic {
             .ok_or_else(|| CliError::msg(format!("cannot resolve {proxy}")))?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| CliError::msg(format!("QUIC setup: {e}")))?;
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .stream_receive_window((16u32 << 20).into())
-            .receive_window((64u32 << 20).into())
-            .send_window(64 << 20)
-            .keep_alive_interval(Some(std::time::Duration::from_secs(15)));
+        let mut transport = edgeport_proto::quic::bulk_transport();
+        transport.keep_alive_interval(Some(std::time::Duration::from_secs(15)));
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(Arc::new(transport));
         let bind: std::net::SocketAddr = if addr.is_ipv6() {
@@ -396,14 +392,7 @@ mod quic {
         }
         .map_err(|e: std::net::AddrParseError| CliError::msg(e.to_string()))?;
         let udp_err = |e: std::io::Error| CliError::msg(format!("cannot open a UDP socket: {e}"));
-        let socket = edgeport_proto::udp::bind(bind).map_err(udp_err)?;
-        let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(udp_err)?;
+        let mut endpoint = edgeport_proto::quic::client_endpoint(bind).map_err(udp_err)?;
         endpoint.set_default_client_config(cfg);
         let connecting = endpoint
             .connect(addr, server_name)
