@@ -159,8 +159,10 @@ run; for times lower is better, for throughput higher is better):
   `ProxyCommand tsh proxy ssh` (the `tsh config` block) divided by direct OpenSSH. Target 0.8.
 - `stream_open_us` / `stream_open_p99_us`: p50 / p99 over many opens of a dial over an
   existing QUIC connection to the gateway until the first echoed byte comes back from the
-  device (gateway authorises, opens a stream in the device's tunnel, agent answers). Target
-  p50 under 500.
+  device (gateway authorises, opens a stream in the device's tunnel, agent answers). One
+  user dials one device again and again, so after the first the gateway reuses the
+  authority's answer (5 s); a first dial adds one authority round trip, about 200 µs here.
+  Target p50 under 500.
 - `tunnels_rss_kib_per_tunnel`: growth of a dedicated gateway's RSS with N idle QUIC tunnels
   from the load generator (`bench loadgen`: the real agent code, many agents per process,
   sharing UDP sockets), divided by N. `tunnels_reconnect_s`: after `kill -9` of that gateway
@@ -679,7 +681,10 @@ fn stream_open(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let n = o.pick3(100, 300, 2000);
     let gw: std::net::SocketAddr = fab.gw_addr.parse()?;
-    let rt = tokio::runtime::Runtime::new()?;
+    // One thread, as tsh runs.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let samples = rt.block_on(async move {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));

@@ -33,8 +33,10 @@ pub struct Ctx {
     pub locked_users: RwLock<Vec<String>>,
     /// The public certificate last loaded (`--cert/--key`), kept if a reload fails.
     public_cert: RwLock<Option<Arc<rustls::sign::CertifiedKey>>>,
-    /// The Kubernetes front door's TLS and grant cache.
+    /// The Kubernetes front door's TLS and inventory cache.
     pub kube: crate::kube::KubeState,
+    /// Recent answers of the authority to `AuthorizeDial`.
+    pub grants: crate::grants::Grants,
 }
 
 impl Ctx {
@@ -63,6 +65,7 @@ impl Ctx {
             sessions: Default::default(),
             public_cert: RwLock::new(None),
             kube: Default::default(),
+            grants: Default::default(),
         }
     }
 

@@ -242,33 +242,7 @@ async fn dial(
             format!("user {user} is locked: {msg}"),
         ));
     }
-    let grant = match ctx
-        .auth
-        .call(Request::AuthorizeDial {
-            user: user.to_string(),
-            device: target.to_string(),
-        })
-        .await
-    {
-        Ok(Response::DialAllowed(g)) => {
-            crate::audit::remember_grant(user, target, &g);
-            g
-        }
-        Ok(other) => {
-            return Err(RpcError::new(
-                ErrorKind::Internal,
-                edgeport_proto::rpc_client::unexpected(other).to_string(),
-            ))
-        }
-        Err(edgeport_proto::rpc_client::RpcClientError::Remote(e)) => return Err(e),
-        Err(e) => match crate::audit::cached_grant(user, target) {
-            Some(g) => {
-                tracing::warn!(%user, %target, "authority unreachable ({e}); using a recent grant");
-                g
-            }
-            None => return Err(crate::identity::unavailable(&e)),
-        },
-    };
+    let grant = ctx.grants.authorize(&ctx.auth, user, target).await?;
     let device_id = grant.device.id.clone();
     if let Some(msg) = locked(ctx, &LockTarget::Device(device_id.clone())) {
         return Err(RpcError::new(

@@ -6,6 +6,7 @@
 //! [`tcp`] and [`quic`] (the two listeners, told apart by ALPN), [`tunnel`] (one device's
 //! tunnel: Hello, control stream), [`tunnels`] (the device id -> tunnel registry and the
 //! stream API), [`presence`] (lease reports), [`join`] and [`dial`] (the other ALPNs),
+//! [`grants`] (the authority's dial decisions, reused briefly),
 //! [`kube`] (the Kubernetes front door on `h2`/`http/1.1`),
 //! [`server`] (wiring and shutdown).
 
@@ -14,6 +15,7 @@ pub mod authority;
 pub mod config;
 pub mod ctx;
 pub mod dial;
+pub mod grants;
 pub mod identity;
 pub mod join;
 pub mod kube;

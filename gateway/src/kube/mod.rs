@@ -11,7 +11,6 @@
 pub mod audit;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,9 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use edgeport_proto::identity::Principal;
 use edgeport_proto::keys::random_bytes;
-use edgeport_proto::rpc::{
-    DeviceInfo, DialGrant, ErrorKind, LockTarget, Request, Response, RpcError,
-};
+use edgeport_proto::rpc::{DeviceInfo, ErrorKind, LockTarget, RpcError};
 use edgeport_proto::tunnel::{Service, StreamHeader};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request as HttpRequest, Response as HttpResponse, StatusCode};
@@ -42,9 +39,8 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// HTTP/2 header lists above this end the connection (memory bound, well above MAX_HEAD).
 const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
-/// How long an `AuthorizeDial` answer is reused for the same user and device. Locks seen in
-/// presence acknowledgements apply at once regardless.
-const GRANT_TTL: Duration = Duration::from_secs(5);
+/// How long the inventory is reused to tell an offline cluster from an unknown one.
+const INVENTORY_TTL: Duration = crate::grants::REUSE;
 /// Idle HTTP/1.1 keep-alive connections are closed after this long without a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -52,9 +48,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub struct KubeState {
     pub tls: tls::TlsCache,
-    grants: Mutex<HashMap<(String, String), (Instant, DialGrant)>>,
     /// The inventory, to tell an offline cluster from an unknown one (refreshed at most
-    /// every [`GRANT_TTL`], so requests for unknown clusters cannot flood the authority).
+    /// every [`INVENTORY_TTL`], so requests for unknown clusters cannot flood the authority).
     devices: Mutex<Option<(Instant, Vec<DeviceInfo>)>>,
 }
 
@@ -202,7 +197,7 @@ fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
 async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
     let cached = ctx.kube.devices.lock().ok().and_then(|d| {
         d.as_ref()
-            .filter(|(at, _)| at.elapsed() < GRANT_TTL)
+            .filter(|(at, _)| at.elapsed() < INVENTORY_TTL)
             .map(|(_, v)| v.clone())
     });
     let devs = match cached {
@@ -237,40 +232,6 @@ async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
         "NotFound",
         &format!("unknown Kubernetes cluster {cluster:?} (see `tsh kube ls`)"),
     )
-}
-
-async fn grant(ctx: &Ctx, user: &str, device: &str) -> Result<DialGrant, RpcError> {
-    let key = (user.to_string(), device.to_string());
-    if let Ok(g) = ctx.kube.grants.lock() {
-        if let Some((at, grant)) = g.get(&key) {
-            if at.elapsed() < GRANT_TTL {
-                return Ok(grant.clone());
-            }
-        }
-    }
-    let g = match ctx
-        .auth
-        .call(Request::AuthorizeDial {
-            user: user.to_string(),
-            device: device.to_string(),
-        })
-        .await
-    {
-        Ok(Response::DialAllowed(g)) => g,
-        Ok(Response::Error(e)) => return Err(e),
-        Ok(other) => {
-            return Err(RpcError::new(
-                ErrorKind::Internal,
-                edgeport_proto::rpc_client::unexpected(other).to_string(),
-            ))
-        }
-        Err(e) => return Err(crate::identity::unavailable(&e)),
-    };
-    if let Ok(mut m) = ctx.kube.grants.lock() {
-        m.retain(|_, (at, _)| at.elapsed() < GRANT_TTL);
-        m.insert(key, (Instant::now(), g.clone()));
-    }
-    Ok(g)
 }
 
 fn is_upgrade<B>(req: &HttpRequest<B>) -> bool {
@@ -361,7 +322,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
             &format!("device {device} is locked: {msg}"),
         );
     }
-    let grant = match grant(&ctx, &user, &device).await {
+    let grant = match ctx.grants.authorize(&ctx.auth, &user, &device).await {
         Ok(g) => g,
         Err(e) => {
             let (status, reason) = rpc_status(&e);
