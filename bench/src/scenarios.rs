@@ -159,9 +159,8 @@ run; for times lower is better, for throughput higher is better):
   `ProxyCommand tsh proxy ssh` (the `tsh config` block) divided by direct OpenSSH. Target 0.8.
 - `stream_open_us` / `stream_open_p99_us`: p50 / p99 over many opens of a dial over an
   existing QUIC connection to the gateway until the first echoed byte comes back from the
-  device (gateway authorises, opens a stream in the device's tunnel, agent answers). One
-  user dials one device again and again, so after the first the gateway reuses the
-  authority's answer (5 s); a first dial adds one authority round trip, about 200 µs here.
+  device (gateway authorises with one authority round trip, about 200 µs here, opens a
+  stream in the device's tunnel, agent answers); the client runs on one thread, as tsh does.
   Target p50 under 500.
 - `tunnels_rss_kib_per_tunnel`: growth of a dedicated gateway's RSS with N idle QUIC tunnels
   from the load generator (`bench loadgen`: the real agent code, many agents per process,

@@ -242,7 +242,10 @@ async fn dial(
             format!("user {user} is locked: {msg}"),
         ));
     }
-    let grant = ctx.grants.authorize(&ctx.auth, user, target).await?;
+    let grant = ctx
+        .grants
+        .authorize(&ctx.auth, user, target, Duration::ZERO)
+        .await?;
     let device_id = grant.device.id.clone();
     if let Some(msg) = locked(ctx, &LockTarget::Device(device_id.clone())) {
         return Err(RpcError::new(

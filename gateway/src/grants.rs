@@ -1,12 +1,12 @@
 //! Dial grants: the authority's `AuthorizeDial` answers, kept per (user, target).
 //!
-//! A grant is reused for [`REUSE`]: kubectl sends many requests per command and scripts run
-//! `tsh ssh` against one device in a loop, and each authority round trip is about 200 µs of
-//! a dial's latency. Role or user changes at the authority therefore reach new dials within
-//! [`REUSE`]; locks apply at once regardless, because callers check the lock list the
-//! gateway holds before and after asking here. While the authority is unreachable, a grant
-//! from the last [`OUTAGE`] still admits its user, so sessions on devices keep working and
-//! keep being audited on the device. A refusal drops the remembered grant.
+//! The Kubernetes front door reuses a grant for [`KUBE_REUSE`]: kubectl sends many requests
+//! per command, each would otherwise cost an authority round trip, and a lock made at the
+//! authority reaches it within that time or at the next presence acknowledgement. SSH dials
+//! ask the authority every time (reuse zero), so that `tctl lock` stops new sessions at once.
+//! While the authority is unreachable, a grant from the last [`OUTAGE`] still admits its
+//! user on either path (locks the gateway knows still apply), so sessions on devices keep
+//! working and keep being audited on the device. A refusal drops the remembered grant.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,8 +17,8 @@ use edgeport_proto::rpc_client::RpcClientError;
 
 use crate::authority::AuthorityClient;
 
-/// How long a grant is reused without asking the authority again.
-pub const REUSE: Duration = Duration::from_secs(5);
+/// How long the Kubernetes front door reuses a grant without asking the authority again.
+pub const KUBE_REUSE: Duration = Duration::from_secs(5);
 /// How long a grant still admits its user while the authority cannot be reached.
 pub const OUTAGE: Duration = Duration::from_secs(600);
 /// Grants kept at most (one per user and device dialled in the last [`OUTAGE`]).
@@ -32,16 +32,17 @@ pub struct Grants {
 }
 
 impl Grants {
-    /// May `user` reach `target`? The answer of the authority, or a recent one (see the
-    /// module documentation).
+    /// May `user` reach `target`? A grant younger than `reuse`, else the authority's answer,
+    /// else (authority unreachable) one younger than [`OUTAGE`].
     pub async fn authorize(
         &self,
         auth: &AuthorityClient,
         user: &str,
         target: &str,
+        reuse: Duration,
     ) -> Result<DialGrant, RpcError> {
         let key = (user.to_string(), target.to_string());
-        if let Some(g) = self.recent(&key, REUSE) {
+        if let Some(g) = self.recent(&key, reuse) {
             return Ok(g);
         }
         let req = Request::AuthorizeDial {

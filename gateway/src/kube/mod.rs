@@ -40,7 +40,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// HTTP/2 header lists above this end the connection (memory bound, well above MAX_HEAD).
 const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
 /// How long the inventory is reused to tell an offline cluster from an unknown one.
-const INVENTORY_TTL: Duration = crate::grants::REUSE;
+const INVENTORY_TTL: Duration = crate::grants::KUBE_REUSE;
 /// Idle HTTP/1.1 keep-alive connections are closed after this long without a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -322,7 +322,11 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
             &format!("device {device} is locked: {msg}"),
         );
     }
-    let grant = match ctx.grants.authorize(&ctx.auth, &user, &device).await {
+    let grant = match ctx
+        .grants
+        .authorize(&ctx.auth, &user, &device, crate::grants::KUBE_REUSE)
+        .await
+    {
         Ok(g) => g,
         Err(e) => {
             let (status, reason) = rpc_status(&e);
