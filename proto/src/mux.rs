@@ -113,6 +113,11 @@ impl MuxHandle {
     }
 }
 
+/// The most plaintext one TLS record carries.
+const TLS_RECORD: usize = 16 * 1024;
+/// yamux's frame header.
+const FRAME_HEADER: usize = 12;
+
 /// Starts yamux over `io` on a new task.
 pub fn spawn<T>(io: T, mode: Mode, cfg: &MuxConfig) -> (MuxHandle, MuxIncoming)
 where
@@ -124,6 +129,12 @@ where
     let window = cfg.max_receive_window.max(streams * 256 * 1024);
     ycfg.set_max_connection_receive_window(Some(window));
     ycfg.set_max_num_streams(streams);
+    ycfg.set_split_send_size(TLS_RECORD - FRAME_HEADER);
+    // yamux writes each frame's 12-byte header and its body with separate writes, and TLS
+    // makes every write a record (with TCP_NODELAY, a segment): a keep-alive exchange was
+    // 14 segments, bulk data two records per frame. Buffered, a frame leaves as one record;
+    // yamux flushes whenever it has nothing more to send.
+    let io = tokio::io::BufWriter::with_capacity(TLS_RECORD, io);
     let conn = yamux::Connection::new(io.compat(), ycfg, mode);
     let (open_tx, open_rx) = mpsc::channel(64);
     let (in_tx, in_rx) = mpsc::channel(cfg.accept_backlog.max(1));
