@@ -256,6 +256,9 @@ pub async fn run_session(conn: &Connection, spec: SessionSpec) -> Result<i32, Cl
     // exit ends it), feeding the channel through a small queue.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let no_stdin = spec.no_stdin;
+    if !no_stdin {
+        term::grow_pipe(0);
+    }
     std::thread::spawn(move || {
         if no_stdin {
             return;
