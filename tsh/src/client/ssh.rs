@@ -259,11 +259,19 @@ pub async fn run_session(conn: &Connection, spec: SessionSpec) -> Result<i32, Cl
     if !no_stdin {
         term::grow_pipe(0);
     }
+    // Reads in whole SSH packets: russh cuts data at the device's maximum packet size, and a
+    // 256 KiB read would leave a 4-byte packet behind every four full ones.
+    let packet = write.writable_packet_size().await;
+    let read_size = if packet == 0 || packet > IO_BUF {
+        IO_BUF
+    } else {
+        IO_BUF / packet * packet
+    };
     std::thread::spawn(move || {
         if no_stdin {
             return;
         }
-        let mut buf = vec![0u8; IO_BUF];
+        let mut buf = vec![0u8; read_size];
         loop {
             match term::read_fd(0, &mut buf) {
                 Ok(0) | Err(_) => break,
