@@ -54,9 +54,10 @@ fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
 /// reconnects at once instead of waiting for its idle timeout (quinn's default generator keys
 /// its ids per process, so a restarted gateway would drop those packets silently). Ids that
 /// do not validate (scanners, garbage) get no reset at all, which is what makes answering
-/// every valid one safe ([`RESET_INTERVAL`]). Five random bytes, not quinn's three: with 10,000 tunnels of a
-/// few ids each, three bytes let ~30 new connections take an id that a not-yet-reset agent
-/// still used, and that agent's packets then went to the wrong connection and got no reset.
+/// every valid one safe ([`RESET_INTERVAL`]). Five random bytes, not quinn's three: with
+/// 10,000 tunnels of a few ids each, three bytes let ~30 new connections take an id that a
+/// not-yet-reset agent still used, and that agent's packets then went to the wrong
+/// connection and got no reset.
 pub fn cid_generator(
     reset_key: &[u8],
 ) -> impl Fn() -> Box<dyn quinn::ConnectionIdGenerator> + Send + Sync + 'static {
