@@ -681,9 +681,7 @@ fn stream_open(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
     let n = o.pick3(100, 300, 2000);
     let gw: std::net::SocketAddr = fab.gw_addr.parse()?;
     // One thread, as tsh runs.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = edgeport_proto::daemon::Threads::Exactly(1).runtime()?;
     let samples = rt.block_on(async move {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
