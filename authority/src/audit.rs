@@ -14,7 +14,7 @@ use edgeport_proto::audit::{
     verify_batch, AuditAck, AuditBatch, AuditEvent, AuditPage, AuditQuery, ChainReport,
     IntegrityAlert, RecordingInfo, StoredEvent, GENESIS_HASH, RECORDING_CHUNK,
 };
-use edgeport_proto::rpc::{Request, Response, RpcError};
+use edgeport_proto::rpc::{ErrorKind, Request, Response, RpcError};
 use serde::{Deserialize, Serialize};
 
 use crate::devices;
@@ -258,36 +258,65 @@ fn store_chunk(store: &dyn Store, device: &str, ev: &AuditEvent) -> Result<(), R
 }
 
 /// Records one of the authority's own events (its own chain, `source = authority`).
-pub fn record_own(svc: &Service, mut ev: AuditEvent, device: &str) {
-    let store = svc.store();
+///
+/// Several authorities may share one store (PostgreSQL), so the next link is claimed, not
+/// assumed: the event is created at `a/SEQ` only if that slot is free; if another authority
+/// took it first, its event becomes the new tail and the next slot is tried. The chain state
+/// only moves forward, so it may lag the log briefly but never forks it.
+pub fn record_own(svc: &Service, ev: AuditEvent, device: &str) {
     let Ok(_one) = svc.audit.lock() else { return };
-    let res = (|| -> Result<(), RpcError> {
-        let mut state: ChainState =
-            store::get(store, Table::AuditState, "@authority")?.unwrap_or_default();
-        ev.seq = state.last_seq.saturating_add(1);
-        ev.prev_hash = state.last_hash.clone();
-        state.last_seq = ev.seq;
-        state.last_hash = ev.hash();
-        state.events += 1;
+    if let Err(e) = append_own(svc.store(), ev, device) {
+        tracing::error!("cannot record an audit event: {e}");
+    }
+}
+
+/// Claims attempts before giving up (each lost one means another authority appended).
+const MAX_CLAIMS: usize = 64;
+
+fn append_own(store: &dyn Store, mut ev: AuditEvent, device: &str) -> Result<(), RpcError> {
+    let mut tail: ChainState =
+        store::get(store, Table::AuditState, "@authority")?.unwrap_or_default();
+    for _ in 0..MAX_CLAIMS {
+        ev.seq = tail.last_seq.saturating_add(1);
+        ev.prev_hash = tail.last_hash.clone();
+        let key = format!("a/{:020}", ev.seq);
         let rec = StoredEvent {
             source: "authority".into(),
             device: device.into(),
             gateway: String::new(),
             received_ms: ev.time_ms,
-            event: ev,
+            event: ev.clone(),
         };
-        store::put(
-            store,
-            Table::AuditEvents,
-            &format!("a/{:020}", rec.event.seq),
-            &rec,
-        )?;
-        store::put(store, Table::AuditState, "@authority", &state)?;
-        Ok(())
-    })();
-    if let Err(e) = res {
-        tracing::error!("cannot record an audit event: {e}");
+        let bytes = serde_json::to_vec(&rec)
+            .map_err(|e| RpcError::new(ErrorKind::Internal, e.to_string()))?;
+        if store.compare_and_swap(Table::AuditEvents, &key, None, Some(bytes))? {
+            let (seq, hash) = (ev.seq, ev.hash());
+            store::update::<ChainState, RpcError, _>(
+                store,
+                Table::AuditState,
+                "@authority",
+                |cur| {
+                    let mut st = cur.unwrap_or_default();
+                    if st.last_seq < seq {
+                        st.last_seq = seq;
+                        st.last_hash = hash.clone();
+                    }
+                    st.events += 1;
+                    Ok(Some(st))
+                },
+            )?;
+            return Ok(());
+        }
+        // Another authority holds this slot: follow the chain through its event.
+        let taken: Option<StoredEvent> = store::get(store, Table::AuditEvents, &key)?;
+        let Some(taken) = taken else { continue };
+        tail.last_seq = taken.event.seq;
+        tail.last_hash = taken.event.hash();
     }
+    Err(RpcError::new(
+        ErrorKind::Internal,
+        "too much contention appending to the authority's audit chain",
+    ))
 }
 
 /// Events a gateway reports (dials): stored as they come, tagged with the gateway.

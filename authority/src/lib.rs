@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ca::CertAuthority;
 use crate::data_dir::DataDir;
 use crate::service::{Limits, Service};
-use crate::store::{SledStore, Store};
+use crate::store::{PostgresStore, SledStore, Store};
 
 /// The default cluster name.
 pub const DEFAULT_CLUSTER: &str = "edgeport";
@@ -50,19 +50,56 @@ pub struct Config {
     pub listen: SocketAddr,
     pub cluster: String,
     pub limits: Limits,
+    pub store: StoreChoice,
+    /// Roots (PEM) for the PostgreSQL server's certificate; the system's if `None`.
+    pub store_ca: Option<PathBuf>,
+}
+
+/// Where the system of record lives.
+#[derive(Clone, Debug, Default)]
+pub enum StoreChoice {
+    /// The embedded sled store in `DATA/store` (one authority).
+    #[default]
+    Embedded,
+    /// A PostgreSQL database that several authorities of the cluster share (a
+    /// `postgres://` URL or a `key=value` connection string).
+    Postgres(String),
+}
+
+impl StoreChoice {
+    /// `sled` (or empty) for the embedded store, otherwise a PostgreSQL connection string.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() || s == "sled" || s == "embedded" {
+            Ok(StoreChoice::Embedded)
+        } else if s.starts_with("postgres://")
+            || s.starts_with("postgresql://")
+            || s.contains("host=")
+            || s.contains("dbname=")
+        {
+            Ok(StoreChoice::Postgres(s.to_string()))
+        } else {
+            Err(
+                "expected `sled` or a PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DB)"
+                    .into(),
+            )
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     DataDir(#[from] data_dir::DataDirError),
-    #[error("certificate authority: {0}")]
+    // The cause is the error's source: `{:#}` (as the binary prints) shows the whole chain
+    // once; naming it in the message too printed it twice.
+    #[error("certificate authority")]
     Ca(#[from] ca::CaError),
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("administrator identity: {0}")]
+    #[error("administrator identity")]
     AdminIdentity(#[from] admin_identity::AdminIdentityError),
-    #[error("TLS: {0}")]
+    #[error("TLS")]
     Tls(#[from] edgeport_proto::tls::TlsError),
     #[error("cannot listen on {addr}: {err}")]
     Listen { addr: String, err: String },
@@ -72,7 +109,7 @@ pub enum StartError {
 pub struct Server {
     addr: SocketAddr,
     admin_identity: PathBuf,
-    store: Arc<SledStore>,
+    store: Arc<dyn Store>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -104,14 +141,7 @@ impl Server {
         if created {
             tracing::info!(cluster = %config.cluster, ca_pin = %ca.bundle().ca_pin, "created the cluster's certificate authorities");
         }
-        let store_dir = dir.store_dir();
-        edgeport_proto::util::create_private_dir(&store_dir).map_err(|e| {
-            data_dir::DataDirError::Io {
-                path: store_dir.display().to_string(),
-                err: e.to_string(),
-            }
-        })?;
-        let store = Arc::new(SledStore::open(&store_dir)?);
+        let store = open_store(&config, &dir, &ca).await?;
         if first_start {
             dir.record_cluster(&config.cluster)?;
         }
@@ -135,7 +165,7 @@ impl Server {
         tracing::info!(path = %admin_identity.display(), ?outcome, "administrator identity");
 
         let service = Arc::new(Service::new(
-            store.clone() as Arc<dyn Store>,
+            store.clone(),
             ca.clone(),
             config.limits.clone(),
         ));
@@ -178,6 +208,36 @@ impl Server {
         }
         self.store.flush()?;
         Ok(())
+    }
+}
+
+/// Opens the configured store (connecting to PostgreSQL blocks, so it runs off the runtime).
+async fn open_store(
+    config: &Config,
+    dir: &DataDir,
+    ca: &CertAuthority,
+) -> Result<Arc<dyn Store>, StartError> {
+    match &config.store {
+        StoreChoice::Embedded => {
+            let store_dir = dir.store_dir();
+            edgeport_proto::util::create_private_dir(&store_dir).map_err(|e| {
+                data_dir::DataDirError::Io {
+                    path: store_dir.display().to_string(),
+                    err: e.to_string(),
+                }
+            })?;
+            Ok(Arc::new(SledStore::open(&store_dir)?))
+        }
+        StoreChoice::Postgres(url) => {
+            let (url, cluster) = (url.clone(), config.cluster.clone());
+            let (pin, tls_ca) = (ca.bundle().ca_pin.clone(), config.store_ca.clone());
+            let opened = tokio::task::spawn_blocking(move || {
+                PostgresStore::open(&url, tls_ca.as_deref(), &cluster, &pin)
+            })
+            .await
+            .map_err(|e| store::StoreError::Backend(e.to_string()))??;
+            Ok(Arc::new(opened))
+        }
     }
 }
 

@@ -1,11 +1,11 @@
-//! `authority start --data-dir DIR [--listen ADDR] [--cluster NAME]`
+//! `authority start --data-dir DIR [--listen ADDR] [--cluster NAME] [--store sled|postgres://...]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use edgeport_authority::service::Limits;
-use edgeport_authority::{Config, Server, DEFAULT_CLUSTER, DEFAULT_LISTEN};
+use edgeport_authority::{Config, Server, StoreChoice, DEFAULT_CLUSTER, DEFAULT_LISTEN};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +34,15 @@ enum Cmd {
         /// Longest user certificate lifetime, e.g. 12h or 30m.
         #[arg(long, default_value = "12h", value_parser = edgeport_proto::util::parse_duration_secs)]
         max_session_ttl: u64,
+        /// The system of record: `sled` (embedded, in the data dir; one authority) or a
+        /// PostgreSQL URL `postgres://USER:PASSWORD@HOST:PORT/DB` that several authorities of
+        /// the cluster share (each with a copy of the first one's DATA/ca).
+        #[arg(long, env = "EDGEPORT_STORE", default_value = "sled", value_parser = StoreChoice::parse, hide_env_values = true)]
+        store: StoreChoice,
+        /// Root certificates (PEM) that the PostgreSQL server's certificate must chain to
+        /// (default: the system's). Add `?sslmode=require` to the URL to refuse plain text.
+        #[arg(long, env = "EDGEPORT_STORE_CA")]
+        store_ca: Option<PathBuf>,
     },
 }
 
@@ -44,6 +53,8 @@ fn main() -> std::process::ExitCode {
         listen,
         cluster,
         max_session_ttl,
+        store,
+        store_ca,
     } = Cli::parse().cmd;
     edgeport_proto::daemon::run(|shutdown| async move {
         let server = Server::start(Config {
@@ -53,6 +64,8 @@ fn main() -> std::process::ExitCode {
             limits: Limits {
                 max_session_ttl: max_session_ttl.max(1),
             },
+            store,
+            store_ca,
         })
         .await?;
         shutdown.cancelled().await;

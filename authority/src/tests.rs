@@ -23,6 +23,8 @@ async fn start(dir: &std::path::Path, cluster: &str) -> Result<Server, crate::St
         listen: "127.0.0.1:0".parse().unwrap(),
         cluster: cluster.into(),
         limits: Limits::default(),
+        store: Default::default(),
+        store_ca: None,
     })
     .await
 }

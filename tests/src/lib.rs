@@ -298,7 +298,13 @@ impl Authority {
     }
 
     pub fn start_at(data_dir: &Path, cluster: &str, addr: &str) -> Self {
+        Self::start_env(data_dir, cluster, addr, &[])
+    }
+
+    /// As [`Authority::start_at`], with extra environment (e.g. `EDGEPORT_STORE`).
+    pub fn start_env(data_dir: &Path, cluster: &str, addr: &str, envs: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(bin("authority"));
+        cmd.envs(envs.iter().copied());
         cmd.args(["start", "--data-dir"]).arg(data_dir).args([
             "--listen",
             addr,

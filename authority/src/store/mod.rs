@@ -1,12 +1,16 @@
-//! The authority's system of record behind one narrow trait, so that the embedded sled store
-//! can be joined later by a PostgreSQL one (several authorities sharing state) without touching
-//! the handlers. The trait deals in bytes on named tables; typed records (JSON) and the atomic
+//! The authority's system of record behind one narrow trait: the embedded sled store (one
+//! authority, the default) or PostgreSQL (several authorities sharing state), chosen at start
+//! without touching the handlers. The trait deals in bytes on named tables; typed records (JSON) and the atomic
 //! read-modify-write loop live in the helpers below it and work for every implementation.
 
+pub mod conformance;
+pub mod postgres;
+mod postgres_tls;
 pub mod sled;
 
 use serde::{de::DeserializeOwned, Serialize};
 
+pub use self::postgres::PostgresStore;
 pub use self::sled::SledStore;
 
 /// The tables of the store. Each maps a string key to one serialized record.
@@ -212,110 +216,10 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn open() -> (tempfile::TempDir, Arc<SledStore>) {
+    #[test]
+    fn sled_passes_the_store_conformance_checks() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
-        (dir, store)
-    }
-
-    #[test]
-    fn basic_operations() {
-        let (_d, s) = open();
-        assert_eq!(s.get(Table::Users, "a").unwrap(), None);
-        s.put(Table::Users, "a", b"1".to_vec()).unwrap();
-        s.put(Table::Users, "ab", b"2".to_vec()).unwrap();
-        s.put(Table::Users, "b", b"3".to_vec()).unwrap();
-        // Tables are separate namespaces.
-        s.put(Table::Devices, "a", b"x".to_vec()).unwrap();
-        assert_eq!(
-            s.get(Table::Users, "a").unwrap().as_deref(),
-            Some(&b"1"[..])
-        );
-        let keys: Vec<String> = s
-            .scan_prefix(Table::Users, "a")
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(keys, ["a", "ab"]);
-        assert_eq!(s.scan_prefix(Table::Users, "").unwrap().len(), 3);
-        assert_eq!(
-            s.delete(Table::Users, "a").unwrap().as_deref(),
-            Some(&b"1"[..])
-        );
-        assert_eq!(s.delete(Table::Users, "a").unwrap(), None);
-        assert!(!s
-            .compare_and_swap(Table::Users, "b", Some(b"nope"), None)
-            .unwrap());
-        assert!(s
-            .compare_and_swap(Table::Users, "b", Some(b"3"), Some(b"4".to_vec()))
-            .unwrap());
-        assert!(s
-            .compare_and_swap(Table::Users, "new", None, Some(b"5".to_vec()))
-            .unwrap());
-        assert!(!s
-            .compare_and_swap(Table::Users, "new", None, Some(b"6".to_vec()))
-            .unwrap());
-        s.flush().unwrap();
-    }
-
-    #[test]
-    fn cas_race_has_exactly_one_winner() {
-        let (_d, s) = open();
-        s.put(Table::Tokens, "t", b"unused".to_vec()).unwrap();
-        let barrier = Arc::new(std::sync::Barrier::new(8));
-        let handles: Vec<_> = (0..8)
-            .map(|i| {
-                let (s, barrier) = (s.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    s.compare_and_swap(
-                        Table::Tokens,
-                        "t",
-                        Some(b"unused"),
-                        Some(format!("used by {i}").into_bytes()),
-                    )
-                    .unwrap()
-                })
-            })
-            .collect();
-        let wins = handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .filter(|w| *w)
-            .count();
-        assert_eq!(wins, 1);
-    }
-
-    #[test]
-    fn update_counts_every_increment_under_contention() {
-        let (_d, s) = open();
-        let handles: Vec<_> = (0..4)
-            .map(|_| {
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..50 {
-                        update::<u64, StoreError, _>(&*s, Table::Users, "n", |n| {
-                            Ok(Some(n.unwrap_or(0) + 1))
-                        })
-                        .unwrap();
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-        assert_eq!(get::<u64>(&*s, Table::Users, "n").unwrap(), Some(200));
-    }
-
-    #[test]
-    fn corrupt_records_are_reported() {
-        let (_d, s) = open();
-        s.put(Table::Users, "x", b"{not json".to_vec()).unwrap();
-        assert!(matches!(
-            get::<u64>(&*s, Table::Users, "x"),
-            Err(StoreError::Corrupt { .. })
-        ));
+        conformance::run_all(store).unwrap();
     }
 }

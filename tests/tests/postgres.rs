@@ -1,0 +1,351 @@
+//! The shared store: the authority on a real PostgreSQL server (Debian's, started by
+//! `tests/peers/postgres.sh`). The store passes the same conformance checks as sled; two
+//! authorities of one cluster share users, locks, tokens, devices and one unbroken audit
+//! chain; an authority of another CA, a wrong password or a dead server is refused with a
+//! clear message that never shows the password.
+
+// Test code, helpers included: failing loudly is its job.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_authority::store::{conformance, PostgresStore, Store};
+use edgeport_e2e::fabric::{wait_online, Agent, Gateway};
+use edgeport_e2e::peers::Peer;
+use edgeport_e2e::{bin, free_port, run, Authority, Proc, TempDir};
+
+fn postgres() -> Peer {
+    Peer::start("postgres.sh", &[], &[])
+}
+
+/// A fresh database on `pg` (owned by the test role), as a URL.
+fn database(pg: &Peer, name: &str) -> String {
+    let psql = Path::new(pg.get("PG_BIN")).join("psql");
+    let mut c = Command::new(psql);
+    c.args([
+        pg.get("PG_SUPERUSER_URL"),
+        "-qAt",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+    ])
+    .arg(format!("CREATE DATABASE {name} OWNER {}", pg.get("PGUSER")));
+    run(c, None, Duration::from_secs(30)).expect_ok("create database");
+    let url = pg.get("DATABASE_URL");
+    let base = url.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+fn start(dir: &Path, url: &str) -> Authority {
+    let addr = format!("127.0.0.1:{}", free_port());
+    Authority::start_env(dir, "pgc", &addr, &[("EDGEPORT_STORE", url)])
+}
+
+/// `authority start` that is expected to fail: its exit status and log.
+fn start_fails(dir: &Path, url: &str) -> (Option<i32>, String) {
+    let mut cmd = Command::new(bin("authority"));
+    cmd.args(["start", "--data-dir"]).arg(dir).args([
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--cluster",
+        "pgc",
+    ]);
+    cmd.env("EDGEPORT_STORE", url);
+    let mut p = Proc::spawn("authority-refused", cmd, dir.parent().unwrap());
+    let ended = edgeport_e2e::wait_until(Duration::from_secs(60), || !p.alive());
+    assert!(ended, "the authority kept running:\n{}", p.log_text());
+    let status = p.stop();
+    (status.and_then(|s| s.code()), p.log_text())
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn names(r: &edgeport_e2e::Run) -> Vec<String> {
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn postgres_store_passes_the_conformance_checks() {
+    let pg = postgres();
+    let url = database(&pg, "conformance");
+    let store: Arc<dyn Store> =
+        Arc::new(PostgresStore::open(&url, None, "c1", "sha256:aa").unwrap());
+    conformance::run_all(store.clone()).unwrap();
+    // A second handle (another authority) sees the same records.
+    let other = PostgresStore::open(&url, None, "c1", "sha256:aa").unwrap();
+    let ks = other
+        .scan_prefix(edgeport_authority::store::Table::Users, "")
+        .unwrap();
+    assert!(ks.iter().any(|(k, _)| k == "n"), "{ks:?}");
+    // Another cluster, or the same name with other CA keys, is refused.
+    for (cluster, pin) in [("c2", "sha256:aa"), ("c1", "sha256:bb")] {
+        let Err(e) = PostgresStore::open(&url, None, cluster, pin) else {
+            panic!("{cluster} {pin} opened a database of c1");
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("belongs to another cluster or CA"), "{msg}");
+        assert!(!msg.contains(pg.get("PGPASSWORD")), "{msg}");
+    }
+}
+
+#[test]
+fn two_authorities_share_one_database() {
+    let pg = postgres();
+    let url = database(&pg, "shared");
+    let tmp = TempDir::new();
+    let a = start(&tmp.join("a"), &url);
+    // The second authority of the cluster holds a copy of the first one's CA keys.
+    copy_dir(&tmp.join("a/ca"), &tmp.join("b/ca"));
+    let b = start(&tmp.join("b"), &url);
+    assert!(
+        !tmp.join("a/store").exists(),
+        "an embedded store was made beside PostgreSQL"
+    );
+
+    // What one writes, the other reads.
+    a.tctl_ok(&["users", "add", "alice", "--logins", "root"]);
+    b.tctl_ok(&["users", "add", "bob", "--logins", "root"]);
+    let seen = names(&b.tctl_ok(&["users", "ls", "--format", "json"]));
+    assert!(
+        seen.contains(&"alice".into()) && seen.contains(&"bob".into()),
+        "{seen:?}"
+    );
+    b.tctl_ok(&["lock", "--user", "alice", "--message", "on leave"]);
+    let locks = a.tctl_ok(&["locks", "ls", "--format", "json"]).stdout();
+    assert!(
+        locks.contains("alice") && locks.contains("on leave"),
+        "{locks}"
+    );
+
+    // Authorities answer concurrently; their own audit chain stays one unbroken chain.
+    let mut workers = Vec::new();
+    for i in 0..12 {
+        let auth = if i % 2 == 0 { &a } else { &b };
+        let mut c = auth.tctl_cmd();
+        c.args(["users", "add", &format!("u{i}"), "--logins", "root"]);
+        workers.push(std::thread::spawn(move || {
+            run(c, None, Duration::from_secs(60)).expect_ok("users add")
+        }));
+    }
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert_eq!(
+        names(&a.tctl_ok(&["users", "ls", "--format", "json"])).len(),
+        14
+    );
+    let r = a.tctl(&[
+        "audit",
+        "verify",
+        "--device",
+        "@authority",
+        "--format",
+        "json",
+    ]);
+    let j = r.json();
+    assert!(r.ok(), "{j:#}");
+    assert_eq!(j[0]["ok"], true, "{j:#}");
+    assert!(j[0]["events"].as_u64().unwrap() >= 15, "{j:#}");
+
+    // A gateway on one authority, a device joined with a token made on the other.
+    let gw = Gateway::start(&tmp.join("gw"), &a);
+    let t = b
+        .tctl_ok(&["tokens", "add", "--type", "device", "--format", "json"])
+        .json();
+    let (token, pin) = (t["token"].as_str().unwrap(), t["ca_pin"].as_str().unwrap());
+    let join = ["--token", token, "--ca-pin", pin, "--id", "dev1"];
+    let _agent = Agent::start_joined(&tmp.join("dev1"), &gw.addr, "dev1", &join);
+    wait_online(&b, "dev1", None, Duration::from_secs(30));
+
+    // The database drops every connection (a failover, an administrator): the next request
+    // gets a new one.
+    let psql = Path::new(pg.get("PG_BIN")).join("psql");
+    let mut c = Command::new(psql);
+    c.args([pg.get("PG_SUPERUSER_URL"), "-qAt", "-c"])
+        .arg(format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = '{}'",
+            pg.get("PGUSER")
+        ));
+    let killed = run(c, None, Duration::from_secs(30)).expect_ok("terminate");
+    assert_ne!(killed.stdout().trim(), "0", "no connection was open");
+    assert_eq!(
+        names(&b.tctl_ok(&["users", "ls", "--format", "json"])).len(),
+        14
+    );
+
+    // State lives in the database: a restarted authority (no store of its own) has it all.
+    drop(a);
+    let a = Authority::start_env(
+        &tmp.join("a"),
+        "pgc",
+        &format!("127.0.0.1:{}", free_port()),
+        &[("EDGEPORT_STORE", &url)],
+    );
+    assert_eq!(
+        names(&a.tctl_ok(&["users", "ls", "--format", "json"])).len(),
+        14
+    );
+    assert!(a.tctl_ok(&["devices", "ls"]).stdout().contains("dev1"));
+}
+
+#[test]
+fn wrong_database_settings_are_refused_clearly() {
+    let pg = postgres();
+    let url = database(&pg, "owned");
+    let tmp = TempDir::new();
+    let first = start(&tmp.join("first"), &url);
+    drop(first);
+    let password = pg.get("PGPASSWORD").to_string();
+
+    // Another cluster's CA (a fresh data dir) on the same database.
+    let (code, log) = start_fails(&tmp.join("stranger"), &url);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("belongs to another cluster or CA"), "{log}");
+    assert!(log.contains("copy DATA/ca"), "{log}");
+
+    // A wrong password, and a server that is not there.
+    let wrong = url.replace(&password, "not-the-password");
+    let port = pg.get("PGPORT").to_string();
+    let dead = url.replace(&format!(":{port}/"), &format!(":{}/", free_port()));
+    for (case, u) in [("wrong password", wrong), ("no server", dead)] {
+        let (code, log) = start_fails(&tmp.join(&case.replace(" ", "-")), &u);
+        assert_eq!(code, Some(1), "{case}: {log}");
+        assert!(log.contains("postgresql"), "{case}: {log}");
+        assert!(!log.contains("panicked"), "{case}: {log}");
+        assert!(
+            !log.contains(&password),
+            "{case}: the password was logged: {log}"
+        );
+        assert!(
+            !log.contains("not-the-password"),
+            "{case}: the password was logged: {log}"
+        );
+    }
+}
+
+/// Runs SQL as the server's superuser; returns its output.
+fn superuser_sql(pg: &Peer, sql: &str) -> String {
+    let psql = Path::new(pg.get("PG_BIN")).join("psql");
+    let mut c = Command::new(psql);
+    c.args([
+        pg.get("PG_SUPERUSER_URL"),
+        "-qAt",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        sql,
+    ]);
+    run(c, None, Duration::from_secs(30))
+        .expect_ok("psql")
+        .stdout()
+}
+
+#[test]
+fn tls_to_postgres_is_verified() {
+    let pg = postgres();
+    let url = database(&pg, "tls");
+    let tmp = TempDir::new();
+    // A CA of the database's own and a server certificate for 127.0.0.1.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let ca_file = tmp.join("db-ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let data = Path::new(pg.get("PGDATA"));
+    let (crt, keyf) = (data.join("server.crt"), data.join("server.key"));
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&keyf, key.serialize_pem()).unwrap();
+    let owner = std::fs::metadata(data).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for f in [&crt, &keyf] {
+        std::os::unix::fs::chown(f, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    superuser_sql(
+        &pg,
+        &format!("ALTER SYSTEM SET ssl_cert_file = '{}'", crt.display()),
+    );
+    superuser_sql(
+        &pg,
+        &format!("ALTER SYSTEM SET ssl_key_file = '{}'", keyf.display()),
+    );
+    superuser_sql(&pg, "ALTER SYSTEM SET ssl = on");
+    superuser_sql(&pg, "SELECT pg_reload_conf()");
+    assert!(edgeport_e2e::wait_until(Duration::from_secs(10), || {
+        superuser_sql(&pg, "SHOW ssl").trim() == "on"
+    }));
+
+    // Verified against the database's CA, with plain text refused.
+    let required = format!("{url}?sslmode=require");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let ca = ca_file.to_str().unwrap();
+    let auth = Authority::start_env(
+        &tmp.join("a"),
+        "pgc",
+        &addr,
+        &[("EDGEPORT_STORE", &required), ("EDGEPORT_STORE_CA", ca)],
+    );
+    auth.tctl_ok(&["users", "add", "carol", "--logins", "root"]);
+    let encrypted = superuser_sql(
+        &pg,
+        &format!(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = '{}' AND s.ssl",
+            pg.get("PGUSER")
+        ),
+    );
+    assert_ne!(
+        encrypted.trim(),
+        "0",
+        "no encrypted connection from the authority"
+    );
+    let plain = superuser_sql(
+        &pg,
+        &format!(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = '{}' AND NOT s.ssl",
+            pg.get("PGUSER")
+        ),
+    );
+    assert_eq!(
+        plain.trim(),
+        "0",
+        "the authority has a plain-text connection"
+    );
+    drop(auth);
+
+    // A certificate that does not chain to the given roots (here: the system's) is refused.
+    let mut cmd = Command::new(bin("authority"));
+    cmd.args(["start", "--data-dir"]).arg(tmp.join("a")).args([
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--cluster",
+        "pgc",
+    ]);
+    cmd.env("EDGEPORT_STORE", &required);
+    let r = run(cmd, None, Duration::from_secs(60));
+    assert_eq!(r.code(), Some(1), "{}", r.stderr());
+    assert!(r.stderr().contains("certificate"), "{}", r.stderr());
+    assert!(!r.stderr().contains(pg.get("PGPASSWORD")), "{}", r.stderr());
+}
