@@ -538,6 +538,25 @@ pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
             p.user = r.user.clone();
             p.fields.insert("client_addr".into(), r.client_addr.clone());
         }
+        Request::SsoLogin(r) => {
+            p.kind = "user.login";
+            p.user = r.user.clone();
+            p.fields.insert("client_addr".into(), r.client_addr.clone());
+            p.fields.insert("connector".into(), r.connector.clone());
+            p.fields
+                .insert("subject".into(), format!("{} {}", r.issuer, r.subject));
+            p.fields.insert("groups".into(), r.groups.join(","));
+        }
+        Request::SsoMapSet(m) => {
+            p.kind = "sso.mapped";
+            p.fields.insert("group".into(), m.group.clone());
+            p.fields.insert("roles".into(), m.roles.join(","));
+            p.fields.insert("logins".into(), m.logins.join(","));
+        }
+        Request::SsoMapRemove { group } => {
+            p.kind = "sso.unmapped";
+            p.fields.insert("group".into(), group.clone());
+        }
         Request::SignUser(r) => {
             p.kind = "cert.issued";
             p.user = r.user.clone();

@@ -78,12 +78,16 @@ fn access(req: &Request) -> Access {
         | Request::RoleList
         | Request::RoleRemove { .. }
         | Request::AuditSearch(_)
-        | Request::AuditVerify { .. } => Access::Admin,
+        | Request::AuditVerify { .. }
+        | Request::SsoMapSet(_)
+        | Request::SsoMapList
+        | Request::SsoMapRemove { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
         | Request::Presence(_)
         | Request::Login(_)
+        | Request::SsoLogin(_)
         | Request::AuditUpload { .. }
         | Request::AuditRecord(_)
         | Request::UserDevicePage { .. } => Access::Gateway,
@@ -130,6 +134,9 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::AuditVerify { .. } => "verifying audit chains",
         Request::RecordingList { .. } => "listing recordings",
         Request::RecordingGet { .. } => "reading recordings",
+        Request::SsoLogin(_) => "relaying single sign-on logins",
+        Request::SsoMapSet(_) | Request::SsoMapRemove { .. } => "changing single sign-on mappings",
+        Request::SsoMapList => "listing single sign-on mappings",
     }
 }
 
@@ -347,6 +354,10 @@ impl Service {
                 user,
                 offset,
             } => crate::audit::recording(self, &session_id, user.as_deref(), offset),
+            Request::SsoLogin(r) => handlers::sso::login(self, caller_name, r, now),
+            Request::SsoMapSet(m) => handlers::sso::map_set(store, m),
+            Request::SsoMapList => handlers::sso::map_list(store),
+            Request::SsoMapRemove { group } => handlers::sso::map_remove(store, &group),
         }
     }
 }

@@ -39,6 +39,10 @@ pub struct UserRecord {
     pub password_hash: Option<String>,
     pub invite: Option<Invite>,
     pub created: u64,
+    /// For a user made by single sign-on: `ISSUER SUBJECT` of the identity it belongs to
+    /// (refreshed at each login from the mapping of their groups). `None` for local users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sso: Option<String>,
 }
 
 /// An identity signed by an administrator without a user record (a CI bot): remembered so
@@ -97,7 +101,7 @@ pub fn check_name(what: &str, name: &str) -> Result<(), RpcError> {
 }
 
 /// Kubernetes group and user names end up in certificate subjects and HTTP headers.
-fn check_kube_name(what: &str, name: &str) -> Result<(), RpcError> {
+pub fn check_kube_name(what: &str, name: &str) -> Result<(), RpcError> {
     if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
         return Err(invalid(format!(
             "invalid Kubernetes {what} {name:?}: 1 to 64 printable characters"
@@ -118,7 +122,7 @@ fn check_password(pw: &str) -> Result<(), RpcError> {
     Ok(())
 }
 
-fn dedup(v: &[String]) -> Vec<String> {
+pub fn dedup(v: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(v.len());
     for s in v {
         if !out.contains(s) {
@@ -199,6 +203,7 @@ pub fn add(
         password_hash,
         invite: invite.clone(),
         created: now,
+        sso: None,
     };
     store::update::<UserRecord, RpcError, _>(store, Table::Users, &spec.name, |cur| match cur {
         Some(_) => Err(exists(format!("user {} already exists", spec.name))),

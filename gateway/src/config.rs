@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     pub public_key: Option<PathBuf>,
     /// Test hook: copy spliced bytes here (see [`crate::splice_dump`]).
     pub splice_dump: Option<PathBuf>,
+    /// Single sign-on through an OpenID Connect provider (`tsh login --auth oidc`).
+    pub oidc: Option<crate::sso::OidcConfig>,
 }
 
 impl GatewayConfig {
@@ -57,6 +59,7 @@ impl GatewayConfig {
             public_cert: None,
             public_key: None,
             splice_dump: None,
+            oidc: None,
         }
     }
 }

@@ -69,6 +69,26 @@ struct StartArgs {
     /// every relayed chunk (see docs/benchmarks.md).
     #[arg(long, env = "EDGEPORT_THREADS", default_value_t = 0)]
     threads: usize,
+    /// Single sign-on: the OpenID Connect provider's issuer URL (`tsh login --auth oidc`).
+    /// Register the client with the redirect URI http://127.0.0.1/v1/webapi/oidc/callback
+    /// (any port: tsh listens on a loopback port of its own).
+    #[arg(long, requires_all = ["oidc_client_id", "oidc_client_secret_file"])]
+    oidc_issuer: Option<String>,
+    /// The client id registered at the provider.
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_client_id: Option<String>,
+    /// A file holding the client secret (kept out of the command line and the logs).
+    #[arg(long, requires = "oidc_issuer")]
+    oidc_client_secret_file: Option<PathBuf>,
+    /// The ID token claim that names the Edgeport user: preferred_username, email or sub.
+    #[arg(long, default_value = "preferred_username")]
+    oidc_username_claim: String,
+    /// The ID token claim that lists the user's groups (mapped with `tctl sso map`).
+    #[arg(long, default_value = "groups")]
+    oidc_groups_claim: String,
+    /// Root certificates (PEM) for an https issuer (default: the system's).
+    #[arg(long)]
+    oidc_ca: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -87,6 +107,20 @@ fn main() -> ExitCode {
     cfg.public_cert = args.cert;
     cfg.public_key = args.key;
     cfg.splice_dump = edgeport_gateway::splice_dump::from_env();
+    if let (Some(issuer), Some(client_id), Some(secret)) = (
+        args.oidc_issuer,
+        args.oidc_client_id,
+        args.oidc_client_secret_file,
+    ) {
+        cfg.oidc = Some(edgeport_gateway::sso::OidcConfig {
+            issuer,
+            client_id,
+            client_secret_file: secret,
+            username_claim: args.oidc_username_claim,
+            groups_claim: args.oidc_groups_claim,
+            ca_file: args.oidc_ca,
+        });
+    }
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
     cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));

@@ -18,10 +18,17 @@ pub enum ServerError {
     Identity(#[from] IdentityError),
     #[error("cannot listen on {addr}: {err}")]
     Listen { addr: String, err: std::io::Error },
+    #[error("single sign-on: {0}")]
+    Sso(String),
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    // Settings errors first, before joining spends a token.
+    let sso = match &cfg.oidc {
+        Some(o) => Some(crate::sso::Oidc::new(o.clone()).map_err(ServerError::Sso)?),
+        None => None,
+    };
     let ident = identity::load_or_join(&cfg).await?;
     let auth = AuthorityClient::new(cfg.auth_addr.clone(), ident.rpc_client_config()?);
     let public = public_cert::load(&cfg)?;
@@ -56,7 +63,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         gateway = %ident.gateway_id, cluster = %ident.cluster(),
         "gateway listening on {local} (TCP and UDP)"
     );
-    let ctx = Arc::new(Ctx::new(cfg, ident, auth, tcp_tls, shutdown.clone()));
+    let mut ctx = Ctx::new(cfg, ident, auth, tcp_tls, shutdown.clone());
+    ctx.sso = sso;
+    let ctx = Arc::new(ctx);
     ctx.set_public_cert(public);
     let tasks = [
         tokio::spawn(tcp::accept_loop(ctx.clone(), listener)),

@@ -102,6 +102,15 @@ pub enum Request {
         user: String,
         after: String,
     },
+    /// Gateway: a user the gateway's single sign-on connector vouches for (the identity
+    /// provider's verified ID token named them and their groups).
+    SsoLogin(SsoLoginRequest),
+    /// Admin: which roles, logins and Kubernetes groups an identity provider group grants.
+    SsoMapSet(SsoMapping),
+    SsoMapList,
+    SsoMapRemove {
+        group: String,
+    },
 }
 
 /// Responses from the authority.
@@ -142,6 +151,7 @@ pub enum Response {
         data: Vec<u8>,
         total: u64,
     },
+    SsoMaps(Vec<SsoMapping>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,6 +418,33 @@ pub struct DeviceInfo {
     pub gateway: Option<String>,
     pub joined_at: u64,
     pub kube_cluster: Option<String>,
+}
+
+/// A single sign-on login, as the gateway's connector verified it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SsoLoginRequest {
+    /// The connector's name (`oidc`), recorded with the user and in the audit log.
+    pub connector: String,
+    /// The identity provider's issuer and subject (`sub`): who this is, for the audit log.
+    pub issuer: String,
+    pub subject: String,
+    /// The Edgeport user name taken from the token (see the gateway's `--oidc-username-claim`).
+    pub user: String,
+    /// The token's groups claim.
+    pub groups: Vec<String>,
+    pub ssh_public_key: String,
+    pub ttl_secs: u64,
+    pub client_addr: String,
+}
+
+/// What members of an identity provider group get (the union over all their groups).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SsoMapping {
+    pub group: String,
+    pub roles: Vec<String>,
+    pub logins: Vec<String>,
+    pub kube_groups: Vec<String>,
+    pub kube_users: Vec<String>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]

@@ -114,7 +114,24 @@ pub enum ClientRequest {
     Recordings,
     /// Needs the user's certificate: one recording, sent as `RecordingData` frames.
     Recording { session_id: String },
+    /// No certificate needed: where to send the browser for single sign-on. The identity
+    /// provider will redirect it to `redirect_uri` (tsh's loopback listener).
+    SsoStart { redirect_uri: String },
+    /// No certificate needed: the provider's answer that reached tsh's listener; the gateway
+    /// redeems the code (with the client secret and the PKCE verifier that only it holds),
+    /// verifies the ID token and answers `LoggedIn`.
+    SsoFinish(SsoFinish),
 }
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SsoFinish {
+    pub state: String,
+    pub code: String,
+    pub ssh_public_key: String,
+    pub ttl_secs: u64,
+}
+
+crate::debug_redacted!(SsoFinish { state, ssh_public_key, ttl_secs } secret { code });
 
 /// gateway -> tsh: the answer to a [`ClientRequest`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,5 +150,9 @@ pub enum ClientReply {
     RecordingData {
         data: Vec<u8>,
         more: bool,
+    },
+    /// The identity provider's login page for this attempt.
+    SsoRedirect {
+        auth_url: String,
     },
 }

@@ -5,4 +5,5 @@
 pub mod dial;
 pub mod join;
 pub mod presence;
+pub mod sso;
 pub mod user_certs;

@@ -46,10 +46,12 @@ pub enum Table {
     Recordings,
     /// One `proto::audit::RecordingInfo` per recorded session.
     RecordingIndex,
+    /// What identity provider groups grant (`proto::rpc::SsoMapping`), by group.
+    SsoMaps,
 }
 
 impl Table {
-    pub const ALL: [Table; 15] = [
+    pub const ALL: [Table; 16] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -65,6 +67,7 @@ impl Table {
         Table::AuditAlerts,
         Table::Recordings,
         Table::RecordingIndex,
+        Table::SsoMaps,
     ];
 
     /// The table's name in the backing store.
@@ -85,6 +88,7 @@ impl Table {
             Table::AuditAlerts => "audit_alerts",
             Table::Recordings => "recordings",
             Table::RecordingIndex => "recording_index",
+            Table::SsoMaps => "sso_maps",
         }
     }
 }

@@ -132,6 +132,13 @@ pub struct LoginArgs {
     /// Do not verify the gateway at all. For local experiments only.
     #[arg(long)]
     pub insecure: bool,
+    /// How to authenticate: `local` (password or invite code) or `oidc` (single sign-on in
+    /// the browser, through the gateway's OpenID Connect provider; --user is not needed).
+    #[arg(long, default_value = "local", value_parser = ["local", "oidc"])]
+    pub auth: String,
+    /// Single sign-on: `none` prints the URL instead of opening a browser.
+    #[arg(long, default_value = "default")]
+    pub browser: String,
 }
 
 #[derive(Debug, Args)]

@@ -60,11 +60,14 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         .or_else(|| profile.current.clone())
         .ok_or_else(|| CliError::msg("tsh login needs --proxy HOST:PORT (the gateway)"))?;
     let entry = profile.get(&proxy).cloned();
+    // With single sign-on the identity provider names the user; --user only picks the
+    // stored CAs to verify the gateway with.
     let user = args
         .user
         .clone()
         .or_else(|| entry.as_ref().map(|e| e.user.clone()))
         .or_else(local_user)
+        .or_else(|| (args.auth == "oidc").then(String::new))
         .ok_or_else(|| CliError::msg("tsh login needs --user NAME"))?;
     let ttl_secs = parse_duration_secs(&args.ttl).map_err(CliError::msg)?;
 
@@ -106,40 +109,24 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         Trust::System(_) | Trust::Insecure => None,
     };
 
-    let (secret, new_password) = match &args.invite {
-        Some(code) => (
-            code.clone(),
-            Some(read_password(args, "Choose a password: ", true)?),
-        ),
-        None => (
-            read_password(args, &format!("Password for {user}@{proxy}: "), false)?,
-            None,
-        ),
-    };
-
     let key = KeyPair::generate().map_err(|e| CliError::msg(e.to_string()))?;
-    let req = ClientRequest::Login(LoginRequest {
-        user: user.clone(),
-        secret,
-        new_password,
-        ssh_public_key: key.public_openssh(),
-        ttl_secs,
-        client_addr: String::new(),
-    });
     let tls = gateway::tls_config(&trust, None)?;
-    let certs = match gateway::request(&proxy, trust.server_name(), tls, global.transport, &req)
-        .await
-    {
-        Ok((ClientReply::LoggedIn(c), _)) => c,
-        Ok((other, _)) => return Err(gateway::unexpected(&other)),
-        Err(e) if matches!(trust, Trust::System(_)) => {
-            return Err(CliError::msg(format!(
-                "login failed: {e}\n(without --ca-pin the gateway must present a certificate for {} from a CA this system trusts; ask your administrator for the cluster's CA pin)",
-                trust.server_name()
-            )))
-        }
-        Err(e) => return Err(CliError::msg(format!("login failed: {e}"))),
+    let certs = if args.auth == "oidc" {
+        // The identity provider names the user; --user does not apply.
+        super::sso::login(
+            &proxy,
+            trust.server_name(),
+            tls,
+            global.transport,
+            key.public_openssh(),
+            ttl_secs,
+            &args.browser,
+        )
+        .await?
+    } else {
+        password_login(global, args, &proxy, &user, &trust, tls, &key, ttl_secs).await?
     };
+    let user = certs.user.clone();
     let cert = check_certs(&certs, &key, pin.as_deref())?;
 
     let files = KeyFiles::new(&home, &proxy, &user);
@@ -182,6 +169,47 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         format_duration(left)
     );
     Ok(0)
+}
+
+/// Password (or invite code) login: the secret goes to the verified gateway.
+#[allow(clippy::too_many_arguments)]
+async fn password_login(
+    global: &Global,
+    args: &LoginArgs,
+    proxy: &str,
+    user: &str,
+    trust: &Trust,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    key: &KeyPair,
+    ttl_secs: u64,
+) -> Result<UserCerts, CliError> {
+    let (secret, new_password) = match &args.invite {
+        Some(code) => (
+            code.clone(),
+            Some(read_password(args, "Choose a password: ", true)?),
+        ),
+        None => (
+            read_password(args, &format!("Password for {user}@{proxy}: "), false)?,
+            None,
+        ),
+    };
+    let req = ClientRequest::Login(LoginRequest {
+        user: user.to_string(),
+        secret,
+        new_password,
+        ssh_public_key: key.public_openssh(),
+        ttl_secs,
+        client_addr: String::new(),
+    });
+    match gateway::request(proxy, trust.server_name(), tls, global.transport, &req).await {
+        Ok((ClientReply::LoggedIn(c), _)) => Ok(c),
+        Ok((other, _)) => Err(gateway::unexpected(&other)),
+        Err(e) if matches!(trust, Trust::System(_)) => Err(CliError::msg(format!(
+            "login failed: {e}\n(without --ca-pin the gateway must present a certificate for {} from a CA this system trusts; ask your administrator for the cluster's CA pin)",
+            trust.server_name()
+        ))),
+        Err(e) => Err(CliError::msg(format!("login failed: {e}"))),
+    }
 }
 
 fn read_cas(path: &Path) -> Option<CaBundle> {

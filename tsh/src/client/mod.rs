@@ -17,6 +17,7 @@ mod multi;
 mod play;
 mod profile;
 mod ssh;
+mod sso;
 mod term;
 
 use clap::Parser;

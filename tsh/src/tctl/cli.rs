@@ -57,6 +57,38 @@ pub enum Command {
     /// The audit log: search events, verify the devices' hash chains.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Single sign-on: what identity provider groups grant (`tsh login --auth oidc`).
+    #[command(subcommand)]
+    Sso(SsoCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SsoCmd {
+    /// Maps a group of the identity provider's groups claim to logins, roles and
+    /// Kubernetes groups (replaces an earlier mapping of the group).
+    Map(SsoMapArgs),
+    /// Lists the mappings.
+    Ls(FormatArgs),
+    /// Removes the mapping of a group (its members can no longer log in through it).
+    Unmap { group: String },
+}
+
+#[derive(Debug, Args)]
+pub struct SsoMapArgs {
+    /// The group as the identity provider names it.
+    pub group: String,
+    /// Logins (OS users on devices), comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub logins: Vec<String>,
+    /// Roles, comma separated (default: the built-in role).
+    #[arg(long, value_delimiter = ',')]
+    pub roles: Vec<String>,
+    /// Kubernetes groups, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub kube_groups: Vec<String>,
+    /// Kubernetes users, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub kube_users: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

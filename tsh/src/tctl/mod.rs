@@ -13,6 +13,7 @@ mod devices;
 mod locks;
 mod output;
 mod roles;
+mod sso;
 mod tokens;
 mod users;
 
@@ -21,7 +22,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 pub use cli::Cli;
-use cli::{AuditCmd, AuthCmd, Command, DevicesCmd, LocksCmd, RolesCmd, TokensCmd, UsersCmd};
+use cli::{
+    AuditCmd, AuthCmd, Command, DevicesCmd, LocksCmd, RolesCmd, SsoCmd, TokensCmd, UsersCmd,
+};
 use connect::Session;
 
 /// The whole program: parses the command line, runs it, prints errors as one line.
@@ -83,6 +86,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Roles(RolesCmd::Rm { name }) => roles::remove(&mut s, name).await,
         Command::Audit(AuditCmd::Search(a)) => audit::search(&mut s, a).await,
         Command::Audit(AuditCmd::Verify(a)) => audit::verify(&mut s, a).await,
+        Command::Sso(SsoCmd::Map(a)) => sso::map(&mut s, a).await,
+        Command::Sso(SsoCmd::Ls(a)) => sso::list(&mut s, a).await,
+        Command::Sso(SsoCmd::Unmap { group }) => sso::unmap(&mut s, group).await,
     };
     s.close().await;
     result

@@ -1,0 +1,193 @@
+//! Single sign-on: the mapping from identity provider groups to what Edgeport grants
+//! (`tctl sso map`), and the login a gateway's connector vouches for.
+//!
+//! The gateway has verified the provider's ID token; the authority decides what it is worth.
+//! A user gets the union of the mappings of their groups, and nothing without one. The user
+//! record it keeps (so that dials, `tsh ls`, locks and `tctl users ls` know the user) is
+//! refreshed at every login and bound to the provider's issuer and subject: a name that
+//! belongs to a local user, or to another identity at the provider, is refused.
+
+use edgeport_proto::keys::parse_ed25519_public;
+use edgeport_proto::rpc::{Response, RpcError, SsoLoginRequest, SsoMapping};
+
+use super::user_certs::{check_not_locked, issue};
+use crate::errors::{denied, invalid, not_found};
+use crate::roles;
+use crate::service::Service;
+use crate::store::{self, Store, Table};
+use crate::users::{check_kube_name, check_name, dedup, Subject, UserRecord};
+
+/// Saves (or replaces) the mapping of one group.
+pub fn map_set(store: &dyn Store, m: SsoMapping) -> Result<Response, RpcError> {
+    let group = m.group.trim();
+    if group.is_empty() || group.len() > 256 || group.chars().any(char::is_control) {
+        return Err(invalid(format!("invalid group name {:?}", m.group)));
+    }
+    for l in &m.logins {
+        check_name("login", l)?;
+    }
+    for g in &m.kube_groups {
+        check_kube_name("group", g)?;
+    }
+    for u in &m.kube_users {
+        check_kube_name("user", u)?;
+    }
+    let roles = if m.roles.is_empty() {
+        vec![roles::DEFAULT_ROLE.to_string()]
+    } else {
+        dedup(&m.roles)
+    };
+    roles::grants(store, &roles)?;
+    let m = SsoMapping {
+        group: group.to_string(),
+        roles,
+        logins: dedup(&m.logins),
+        kube_groups: dedup(&m.kube_groups),
+        kube_users: dedup(&m.kube_users),
+    };
+    store::put(store, Table::SsoMaps, &m.group, &m)?;
+    Ok(Response::Ok)
+}
+
+pub fn map_list(store: &dyn Store) -> Result<Response, RpcError> {
+    let maps = store::list::<SsoMapping>(store, Table::SsoMaps, "")?
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    Ok(Response::SsoMaps(maps))
+}
+
+pub fn map_remove(store: &dyn Store, group: &str) -> Result<Response, RpcError> {
+    match store.delete(Table::SsoMaps, group)? {
+        Some(_) => Ok(Response::Ok),
+        None => Err(not_found(format!("no mapping for group {group:?}"))),
+    }
+}
+
+/// What `groups` grant together: roles, logins and Kubernetes names of every mapped group.
+fn granted(store: &dyn Store, groups: &[String]) -> Result<Option<SsoMapping>, RpcError> {
+    let mut all = SsoMapping::default();
+    let mut any = false;
+    for g in groups {
+        if let Some(m) = store::get::<SsoMapping>(store, Table::SsoMaps, g)? {
+            any = true;
+            all.roles.extend(m.roles);
+            all.logins.extend(m.logins);
+            all.kube_groups.extend(m.kube_groups);
+            all.kube_users.extend(m.kube_users);
+        }
+    }
+    Ok(any.then(|| SsoMapping {
+        group: String::new(),
+        roles: dedup(&all.roles),
+        logins: dedup(&all.logins),
+        kube_groups: dedup(&all.kube_groups),
+        kube_users: dedup(&all.kube_users),
+    }))
+}
+
+pub fn login(
+    svc: &Service,
+    gateway: &str,
+    req: SsoLoginRequest,
+    now: u64,
+) -> Result<Response, RpcError> {
+    parse_ed25519_public(&req.ssh_public_key)
+        .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+    check_name("user name from the identity provider", &req.user)?;
+    let store = svc.store();
+    let Some(grant) = granted(store, &req.groups)? else {
+        tracing::info!(user = %req.user, groups = ?req.groups, gateway, "single sign-on refused: no mapped group");
+        return Err(denied(format!(
+            "{} signed in, but none of their groups ({}) is mapped to Edgeport; an \
+             administrator can run: tctl sso map GROUP --logins ... [--roles ...]",
+            req.user,
+            if req.groups.is_empty() {
+                "none".to_string()
+            } else {
+                req.groups.join(", ")
+            }
+        )));
+    };
+    let identity = format!("{} {}", req.issuer, req.subject);
+    let user = store::update::<UserRecord, RpcError, _>(store, Table::Users, &req.user, |cur| {
+        let created = match &cur {
+            Some(u) if u.sso.is_none() => {
+                return Err(denied(format!(
+                    "a local user named {} exists; single sign-on cannot log in as them",
+                    req.user
+                )))
+            }
+            Some(u) if u.sso.as_deref() != Some(identity.as_str()) => {
+                return Err(denied(format!(
+                    "the user name {} belongs to another identity at the provider",
+                    req.user
+                )))
+            }
+            Some(u) => u.created,
+            None => now,
+        };
+        Ok(Some(UserRecord {
+            name: req.user.clone(),
+            logins: grant.logins.clone(),
+            roles: grant.roles.clone(),
+            kube_groups: grant.kube_groups.clone(),
+            kube_users: grant.kube_users.clone(),
+            password_hash: None,
+            invite: None,
+            created,
+            sso: Some(identity.clone()),
+        }))
+    })?
+    .ok_or_else(|| denied("the user record could not be written"))?;
+    check_not_locked(svc, &user.name, now)?;
+    let certs = issue(
+        svc,
+        &Subject::from(&user),
+        &req.ssh_public_key,
+        req.ttl_secs,
+        now,
+    )?;
+    tracing::info!(user = %user.name, connector = %req.connector, subject = %req.subject,
+        client = %req.client_addr, gateway, "single sign-on login");
+    Ok(Response::UserCerts(certs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, crate::store::SledStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = crate::store::SledStore::open(&d.path().join("s")).unwrap();
+        (d, s)
+    }
+
+    #[test]
+    fn groups_grant_the_union_of_their_mappings() {
+        let (_d, s) = store();
+        let m = |g: &str, logins: &[&str]| SsoMapping {
+            group: g.into(),
+            logins: logins.iter().map(|l| l.to_string()).collect(),
+            ..Default::default()
+        };
+        map_set(&s, m("devs", &["root", "pi"])).unwrap();
+        map_set(&s, m("ops", &["pi", "admin"])).unwrap();
+        let g = granted(&s, &["devs".into(), "ops".into(), "nobody".into()])
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.logins, ["root", "pi", "admin"]);
+        assert_eq!(g.roles, [roles::DEFAULT_ROLE]);
+        assert!(granted(&s, &["nobody".into()]).unwrap().is_none());
+        assert!(map_set(&s, m("x", &["bad login!"])).is_err());
+        assert!(map_set(&s, m("", &["root"])).is_err());
+        let unknown_role = SsoMapping {
+            group: "y".into(),
+            roles: vec!["no-such-role".into()],
+            ..Default::default()
+        };
+        assert!(map_set(&s, unknown_role).is_err());
+        map_remove(&s, "ops").unwrap();
+        assert!(map_remove(&s, "ops").is_err());
+    }
+}

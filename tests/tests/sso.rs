@@ -1,0 +1,214 @@
+//! Single sign-on through a real OpenID Connect provider (npm `oidc-provider`, started by
+//! `tests/peers/oidc.sh`), driven by headless Chromium exactly as a user's browser would be:
+//! `tsh login --auth oidc` prints the provider's URL, the browser logs in and lands on tsh's
+//! loopback listener, tsh hands the code to the gateway, and the authority maps the ID
+//! token's groups to logins. Refusals: an unmapped group, a name that belongs to a local
+//! user, a locked user.
+
+// Test code, helpers included: failing loudly is its job.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use edgeport_e2e::peers::{peers_dir, Peer};
+use edgeport_e2e::ssh::{Cluster, Tsh};
+use edgeport_e2e::{run, Run};
+
+fn idp() -> Peer {
+    Peer::start(
+        "oidc.sh",
+        &[],
+        &[("OIDC_USERS", "alice:devs,staff;bob:ops;carol:devs")],
+    )
+}
+
+/// `tsh login --auth oidc`, with a headless browser logging in as `who` at the provider.
+/// Returns tsh's result and what the browser saw last.
+fn sso_login(tsh: &Tsh, pin: &str, who: &str) -> (Run, String) {
+    let mut cmd = tsh.cmd(&[
+        "login",
+        "--proxy",
+        &tsh.proxy,
+        "--ca-pin",
+        pin,
+        "--auth",
+        "oidc",
+        "--browser",
+        "none",
+    ]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn tsh login");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.trim_start().starts_with("http") {
+                let _ = tx.send(line.trim().to_string());
+                sent = true;
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let Ok(url) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let _ = child.kill();
+        panic!(
+            "tsh printed no login URL: {}",
+            reader.join().unwrap_or_default()
+        )
+    };
+    assert!(url.contains("code_challenge="), "no PKCE in {url}");
+    assert!(url.contains("nonce="), "no nonce in {url}");
+    let mut browser = Command::new("bash");
+    browser
+        .arg(peers_dir().join("oidc.sh"))
+        .args(["login", &url, who]);
+    let seen = run(browser, None, Duration::from_secs(120));
+    let out = child.wait_with_output().expect("tsh login");
+    let stderr = reader.join().unwrap_or_default();
+    let mut out = out;
+    out.stderr = stderr.into_bytes();
+    (Run { out }, format!("{}{}", seen.stdout(), seen.stderr()))
+}
+
+#[test]
+fn oidc_login_maps_groups_and_refuses_what_it_must() {
+    let idp = idp();
+    let secret_dir = edgeport_e2e::TempDir::new();
+    let secret = secret_dir.join("client-secret");
+    std::fs::write(&secret, idp.get("CLIENT_SECRET")).unwrap();
+    let c = Cluster::start_with_gateway_args(
+        "sso",
+        &[("dev1", "env=lab")],
+        &[
+            "--oidc-issuer",
+            idp.get("ISSUER"),
+            "--oidc-client-id",
+            idp.get("CLIENT_ID"),
+            "--oidc-client-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    );
+    let pin = c.gw.ca_pin.clone();
+    c.tctl.ok(&["sso", "map", "devs", "--logins", "root"]);
+    c.tctl.ok(&["sso", "map", "staff", "--logins", "pi"]);
+    let maps = c.tctl.ok(&["sso", "ls", "--format", "json"]).json();
+    assert_eq!(maps.as_array().unwrap().len(), 2, "{maps:#}");
+
+    // alice (devs, staff): logged in with the union of both mappings, then ssh works.
+    let alice = Tsh::new(c.dir.join("tsh-alice"), c.proxy());
+    let (r, browser) = sso_login(&alice, &pin, "alice");
+    assert!(
+        r.ok(),
+        "tsh: {}\n{}\nbrowser: {browser}",
+        r.stdout(),
+        r.stderr()
+    );
+    assert!(r.stdout().contains("Logged in as alice"), "{}", r.stdout());
+    assert!(browser.contains("FINAL_STATUS=200"), "{browser}");
+    let status = alice
+        .run(&["status"], None)
+        .expect_ok("tsh status")
+        .stdout();
+    assert!(status.contains("root") && status.contains("pi"), "{status}");
+    assert!(
+        !r.stderr().contains(idp.get("CLIENT_SECRET")),
+        "{}",
+        r.stderr()
+    );
+    let hi = alice.run(&["ssh", "root@dev1", "echo", "hi"], None);
+    assert_eq!(hi.stdout().trim(), "hi", "{}", hi.stderr());
+    let users = c.tctl.ok(&["users", "ls", "--format", "json"]).json();
+    assert!(
+        users
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["name"] == "alice"),
+        "{users:#}"
+    );
+    let events = c
+        .tctl
+        .ok(&[
+            "audit",
+            "search",
+            "--type",
+            "user.login",
+            "--format",
+            "json",
+        ])
+        .json();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["user"] == "alice" && e["connector"] == "oidc" && e["success"] == "true"),
+        "{events:#}"
+    );
+
+    // bob (ops): signed in at the provider, but ops grants nothing here.
+    let bob = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
+    let (r, _) = sso_login(&bob, &pin, "bob");
+    assert!(!r.ok(), "{}", r.stdout());
+    assert!(
+        r.stderr().contains("none of their groups (ops) is mapped"),
+        "{}",
+        r.stderr()
+    );
+    assert!(!r.stderr().contains("panicked"), "{}", r.stderr());
+
+    // carol (devs) is also a local user's name: single sign-on cannot take that account.
+    c.add_user("carol", "root", "correct horse battery staple");
+    let carol = Tsh::new(c.dir.join("tsh-carol"), c.proxy());
+    let (r, _) = sso_login(&carol, &pin, "carol");
+    assert!(!r.ok(), "{}", r.stdout());
+    assert!(
+        r.stderr().contains("a local user named carol exists"),
+        "{}",
+        r.stderr()
+    );
+
+    // A locked user gets no new certificates.
+    c.tctl
+        .ok(&["lock", "--user", "alice", "--message", "on leave"]);
+    let again = Tsh::new(c.dir.join("tsh-alice-2"), c.proxy());
+    let (r, _) = sso_login(&again, &pin, "alice");
+    assert!(!r.ok(), "{}", r.stdout());
+    assert!(
+        r.stderr().contains("on leave") || r.stderr().contains("locked"),
+        "{}",
+        r.stderr()
+    );
+}
+
+#[test]
+fn a_gateway_without_sso_says_so() {
+    let c = Cluster::start("nosso", &[]);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    let r = tsh.run(
+        &[
+            "login",
+            "--proxy",
+            c.proxy(),
+            "--ca-pin",
+            &c.gw.ca_pin,
+            "--auth",
+            "oidc",
+            "--browser",
+            "none",
+        ],
+        None,
+    );
+    assert_eq!(r.code(), Some(1), "{}", r.stderr());
+    assert!(
+        r.stderr().contains("no single sign-on connector"),
+        "{}",
+        r.stderr()
+    );
+}

@@ -1,0 +1,220 @@
+//! `tsh login --auth oidc`: single sign-on in the browser.
+//!
+//! tsh listens on a loopback port, asks the gateway for the identity provider's login URL
+//! (returning to that port), opens the browser there (or prints the URL), and waits for the
+//! provider to send the browser back with a code. It hands the code to the gateway with the
+//! public key it made; the gateway redeems it (only it holds the client secret and the
+//! PKCE verifier), verifies the ID token, and returns certificates signed by the authority.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_proto::rpc::UserCerts;
+use edgeport_proto::tunnel::{ClientReply, ClientRequest, SsoFinish};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::cli::Transport;
+use super::gateway;
+use super::CliError;
+
+/// How long tsh waits for the browser to come back.
+const WAIT: Duration = Duration::from_secs(300);
+/// The path tsh's listener answers (the provider's redirect URI, any port).
+pub const CALLBACK_PATH: &str = "/v1/webapi/oidc/callback";
+
+/// What the provider sent back to the loopback listener.
+enum Callback {
+    Code { code: String, state: String },
+    Error(String),
+}
+
+pub async fn login(
+    proxy: &str,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    transport: Transport,
+    ssh_public_key: String,
+    ttl_secs: u64,
+    browser: &str,
+) -> Result<UserCerts, CliError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CliError::msg(format!("cannot listen on a loopback port: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| CliError::msg(e.to_string()))?
+        .port();
+    let redirect_uri = format!("http://127.0.0.1:{port}{CALLBACK_PATH}");
+    let start = ClientRequest::SsoStart { redirect_uri };
+    let auth_url = match gateway::request(proxy, server_name, tls.clone(), transport, &start).await
+    {
+        Ok((ClientReply::SsoRedirect { auth_url }, _)) => auth_url,
+        Ok((ClientReply::Refused(e), _)) => {
+            return Err(CliError::msg(format!("single sign-on: {}", e.message)))
+        }
+        Ok((other, _)) => return Err(gateway::unexpected(&other)),
+        Err(e) => return Err(CliError::msg(format!("login failed: {e}"))),
+    };
+    eprintln!("To log in, open this address in a browser:\n\n  {auth_url}\n");
+    if browser != "none" {
+        open_browser(&auth_url);
+    }
+    let (code, state) = match tokio::time::timeout(WAIT, wait_for_callback(&listener)).await {
+        Err(_) => {
+            return Err(CliError::msg(format!(
+                "no answer from the browser within {} minutes; run tsh login again",
+                WAIT.as_secs() / 60
+            )))
+        }
+        Ok(Err(e)) => return Err(CliError::msg(format!("single sign-on: {e}"))),
+        Ok(Ok(Callback::Error(e))) => {
+            return Err(CliError::msg(format!("the identity provider refused: {e}")))
+        }
+        Ok(Ok(Callback::Code { code, state })) => (code, state),
+    };
+    let finish = ClientRequest::SsoFinish(SsoFinish {
+        state,
+        code,
+        ssh_public_key,
+        ttl_secs,
+    });
+    match gateway::request(proxy, server_name, tls, transport, &finish).await {
+        Ok((ClientReply::LoggedIn(c), _)) => Ok(c),
+        Ok((other, _)) => Err(gateway::unexpected(&other)),
+        Err(e) => Err(CliError::msg(format!("login failed: {e}"))),
+    }
+}
+
+/// Best effort: the URL is printed either way.
+fn open_browser(url: &str) {
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
+    let spawned = std::process::Command::new(opener)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if spawned.is_err() {
+        eprintln!("(could not start {opener}; open the address yourself)");
+    }
+}
+
+/// Serves the loopback port until a request for the callback path arrives; other requests
+/// (a browser's favicon) get a 404.
+async fn wait_for_callback(listener: &TcpListener) -> Result<Callback, String> {
+    loop {
+        let (sock, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        match answer(sock).await {
+            Ok(Some(cb)) => return Ok(cb),
+            Ok(None) => continue,
+            Err(e) => tracing::debug!("callback connection: {e}"),
+        }
+    }
+}
+
+async fn answer(sock: TcpStream) -> std::io::Result<Option<Callback>> {
+    let mut reader = BufReader::new(sock);
+    let mut line = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        reader.read_line(&mut line).await?;
+        // Skip the headers: nothing in them matters.
+        let mut h = String::new();
+        loop {
+            h.clear();
+            if reader.read_line(&mut h).await? == 0 || h == "\r\n" || h == "\n" {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    if read.await.is_err() {
+        return Ok(None);
+    }
+    let target = line.split_whitespace().nth(1).unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut sock = reader.into_inner();
+    if path != CALLBACK_PATH {
+        respond(&mut sock, "404 Not Found", "Not found.").await?;
+        return Ok(None);
+    }
+    let param = |k: &str| {
+        query.split('&').find_map(|kv| {
+            let (key, v) = kv.split_once('=')?;
+            (key == k).then(|| percent_decode(v))
+        })
+    };
+    let cb = match (param("code"), param("state"), param("error")) {
+        (_, _, Some(err)) => {
+            let desc = param("error_description").unwrap_or_default();
+            Callback::Error(if desc.is_empty() {
+                err
+            } else {
+                format!("{err}: {desc}")
+            })
+        }
+        (Some(code), Some(state), None) => Callback::Code { code, state },
+        _ => Callback::Error("the callback carried no code".into()),
+    };
+    let page = match &cb {
+        Callback::Code { .. } => "Signed in. You can close this window and return to the terminal.",
+        Callback::Error(_) => "Sign-in failed; the terminal says why.",
+    };
+    respond(&mut sock, "200 OK", page).await?;
+    Ok(Some(cb))
+}
+
+async fn respond(sock: &mut TcpStream, status: &str, text: &str) -> std::io::Result<()> {
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Edgeport</title></head>\
+         <body><p>{text}</p></body></html>"
+    );
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\n\
+         cache-control: no-store\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+/// `application/x-www-form-urlencoded` value -> text (`+` is a space, `%XX` a byte).
+fn percent_decode(s: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("http%3A%2F%2Fx"), "http://x");
+        assert_eq!(percent_decode("50%"), "50%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}
