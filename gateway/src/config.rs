@@ -38,6 +38,8 @@ pub struct GatewayConfig {
     pub splice_dump: Option<PathBuf>,
     /// Single sign-on through an OpenID Connect provider (`tsh login --auth oidc`).
     pub oidc: Option<crate::sso::OidcConfig>,
+    /// Single sign-on with GitHub (`tsh login --auth github`).
+    pub github: Option<crate::sso::GitHubConfig>,
 }
 
 impl GatewayConfig {
@@ -60,6 +62,7 @@ impl GatewayConfig {
             public_key: None,
             splice_dump: None,
             oidc: None,
+            github: None,
         }
     }
 }

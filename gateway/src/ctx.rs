@@ -37,8 +37,8 @@ pub struct Ctx {
     pub kube: crate::kube::KubeState,
     /// Recent answers of the authority to `AuthorizeDial`.
     pub grants: crate::grants::Grants,
-    /// The single sign-on connector, if configured.
-    pub sso: Option<crate::sso::Oidc>,
+    /// The single sign-on connectors (none, one or both).
+    pub sso: crate::sso::Sso,
 }
 
 impl Ctx {
@@ -68,7 +68,7 @@ impl Ctx {
             public_cert: RwLock::new(None),
             kube: Default::default(),
             grants: Default::default(),
-            sso: None,
+            sso: Default::default(),
         }
     }
 

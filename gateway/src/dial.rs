@@ -141,22 +141,18 @@ pub async fn serve_stream(
                 Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
             }
         }
-        (ClientRequest::SsoStart { redirect_uri }, _) => match &ctx.sso {
-            None => refused(
-                ErrorKind::Invalid,
-                "this gateway has no single sign-on connector; log in with a password",
-            ),
-            Some(sso) => match sso.start(&redirect_uri).await {
-                Ok(auth_url) => ClientReply::SsoRedirect { auth_url },
-                Err(e) => ClientReply::Refused(e),
+        (
+            ClientRequest::SsoStart {
+                connector,
+                redirect_uri,
             },
+            _,
+        ) => match ctx.sso.start(&connector, &redirect_uri).await {
+            Ok(auth_url) => ClientReply::SsoRedirect { auth_url },
+            Err(e) => ClientReply::Refused(e),
         },
-        (ClientRequest::SsoFinish(finish), _) => match &ctx.sso {
-            None => refused(
-                ErrorKind::Invalid,
-                "this gateway has no single sign-on connector",
-            ),
-            Some(sso) => match sso.finish(finish, &addr.to_string()).await {
+        (ClientRequest::SsoFinish(finish), _) => {
+            match ctx.sso.finish(finish, &addr.to_string()).await {
                 Err(e) => ClientReply::Refused(e),
                 Ok(login) => match ctx.auth.call(Request::SsoLogin(login)).await {
                     Ok(Response::UserCerts(c)) => ClientReply::LoggedIn(c),
@@ -166,8 +162,8 @@ pub async fn serve_stream(
                     ),
                     Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
                 },
-            },
-        },
+            }
+        }
         (ClientRequest::ListDevices, Some(user)) => match user_devices(&ctx, &user).await {
             Ok(devices) => {
                 // Large fleets go in parts, each one frame; the last part is `Devices`.

@@ -89,6 +89,23 @@ struct StartArgs {
     /// Root certificates (PEM) for an https issuer (default: the system's).
     #[arg(long)]
     oidc_ca: Option<PathBuf>,
+    /// Single sign-on with GitHub: the OAuth app's client id (`tsh login --auth github`).
+    /// Register the callback URL http://127.0.0.1/v1/webapi/github/callback (GitHub accepts
+    /// any port of a loopback callback). Teams become groups named ORG/TEAM.
+    #[arg(long, requires = "github_client_secret_file")]
+    github_client_id: Option<String>,
+    /// A file holding the OAuth app's client secret.
+    #[arg(long, requires = "github_client_id")]
+    github_client_secret_file: Option<PathBuf>,
+    /// GitHub's address (a GitHub Enterprise Server's for one).
+    #[arg(long, default_value = "https://github.com")]
+    github_url: String,
+    /// GitHub's API address (`https://HOST/api/v3` for GitHub Enterprise Server).
+    #[arg(long, default_value = "https://api.github.com")]
+    github_api_url: String,
+    /// Root certificates (PEM) for GitHub Enterprise Server (default: the system's).
+    #[arg(long)]
+    github_ca: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -119,6 +136,16 @@ fn main() -> ExitCode {
             username_claim: args.oidc_username_claim,
             groups_claim: args.oidc_groups_claim,
             ca_file: args.oidc_ca,
+        });
+    }
+    if let (Some(client_id), Some(secret)) = (args.github_client_id, args.github_client_secret_file)
+    {
+        cfg.github = Some(edgeport_gateway::sso::GitHubConfig {
+            client_id,
+            client_secret_file: secret,
+            url: args.github_url,
+            api_url: args.github_api_url,
+            ca_file: args.github_ca,
         });
     }
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));

@@ -25,9 +25,15 @@ pub enum ServerError {
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
     // Settings errors first, before joining spends a token.
-    let sso = match &cfg.oidc {
-        Some(o) => Some(crate::sso::Oidc::new(o.clone()).map_err(ServerError::Sso)?),
-        None => None,
+    let sso = crate::sso::Sso {
+        oidc: match &cfg.oidc {
+            Some(o) => Some(crate::sso::Oidc::new(o.clone()).map_err(ServerError::Sso)?),
+            None => None,
+        },
+        github: match &cfg.github {
+            Some(g) => Some(crate::sso::GitHub::new(g.clone()).map_err(ServerError::Sso)?),
+            None => None,
+        },
     };
     let ident = identity::load_or_join(&cfg).await?;
     let auth = AuthorityClient::new(cfg.auth_addr.clone(), ident.rpc_client_config()?);

@@ -114,9 +114,13 @@ pub enum ClientRequest {
     Recordings,
     /// Needs the user's certificate: one recording, sent as `RecordingData` frames.
     Recording { session_id: String },
-    /// No certificate needed: where to send the browser for single sign-on. The identity
-    /// provider will redirect it to `redirect_uri` (tsh's loopback listener).
-    SsoStart { redirect_uri: String },
+    /// No certificate needed: where to send the browser for single sign-on with
+    /// `connector` (`oidc` or `github`). The provider will redirect it to `redirect_uri`
+    /// (tsh's loopback listener).
+    SsoStart {
+        connector: String,
+        redirect_uri: String,
+    },
     /// No certificate needed: the provider's answer that reached tsh's listener; the gateway
     /// redeems the code (with the client secret and the PKCE verifier that only it holds),
     /// verifies the ID token and answers `LoggedIn`.

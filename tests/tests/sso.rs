@@ -2,8 +2,9 @@
 //! `tests/peers/oidc.sh`), driven by headless Chromium exactly as a user's browser would be:
 //! `tsh login --auth oidc` prints the provider's URL, the browser logs in and lands on tsh's
 //! loopback listener, tsh hands the code to the gateway, and the authority maps the ID
-//! token's groups to logins. Refusals: an unmapped group, a name that belongs to a local
-//! user, a locked user.
+//! token's groups to logins. The same with GitHub (a real OAuth2 stand-in, `github.sh`):
+//! teams become `ORG/TEAM` groups. Refusals: an unmapped group, a name that belongs to a
+//! local user or to another identity, a locked user.
 
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -27,6 +28,11 @@ fn idp() -> Peer {
 /// `tsh login --auth oidc`, with a headless browser logging in as `who` at the provider.
 /// Returns tsh's result and what the browser saw last.
 fn sso_login(tsh: &Tsh, pin: &str, who: &str) -> (Run, String) {
+    sso_login_with(tsh, pin, who, "oidc")
+}
+
+/// `tsh login --auth CONNECTOR` with the browser logging in as `who`.
+fn sso_login_with(tsh: &Tsh, pin: &str, who: &str, connector: &str) -> (Run, String) {
     let mut cmd = tsh.cmd(&[
         "login",
         "--proxy",
@@ -34,7 +40,7 @@ fn sso_login(tsh: &Tsh, pin: &str, who: &str) -> (Run, String) {
         "--ca-pin",
         pin,
         "--auth",
-        "oidc",
+        connector,
         "--browser",
         "none",
     ]);
@@ -62,8 +68,11 @@ fn sso_login(tsh: &Tsh, pin: &str, who: &str) -> (Run, String) {
             reader.join().unwrap_or_default()
         )
     };
-    assert!(url.contains("code_challenge="), "no PKCE in {url}");
-    assert!(url.contains("nonce="), "no nonce in {url}");
+    assert!(url.contains("state="), "no state in {url}");
+    if connector == "oidc" {
+        assert!(url.contains("code_challenge="), "no PKCE in {url}");
+        assert!(url.contains("nonce="), "no nonce in {url}");
+    }
     let mut browser = Command::new("bash");
     browser
         .arg(peers_dir().join("oidc.sh"))
@@ -208,6 +217,84 @@ fn a_gateway_without_sso_says_so() {
     assert_eq!(r.code(), Some(1), "{}", r.stderr());
     assert!(
         r.stderr().contains("no single sign-on connector"),
+        "{}",
+        r.stderr()
+    );
+}
+
+#[test]
+fn github_login_maps_teams_and_keeps_identities_apart() {
+    let idp = idp();
+    let gh = Peer::start(
+        "github.sh",
+        &[],
+        &[(
+            "GITHUB_TEAMS",
+            "alice:octo-org/devs;dave:octo-org/devs;erin:octo-org/ops",
+        )],
+    );
+    let secrets = edgeport_e2e::TempDir::new();
+    let (oidc_secret, gh_secret) = (secrets.join("oidc"), secrets.join("github"));
+    std::fs::write(&oidc_secret, idp.get("CLIENT_SECRET")).unwrap();
+    std::fs::write(&gh_secret, gh.get("GITHUB_CLIENT_SECRET")).unwrap();
+    let c = Cluster::start_with_gateway_args(
+        "gh",
+        &[("dev1", "")],
+        &[
+            "--oidc-issuer",
+            idp.get("ISSUER"),
+            "--oidc-client-id",
+            idp.get("CLIENT_ID"),
+            "--oidc-client-secret-file",
+            oidc_secret.to_str().unwrap(),
+            "--github-client-id",
+            gh.get("GITHUB_CLIENT_ID"),
+            "--github-client-secret-file",
+            gh_secret.to_str().unwrap(),
+            "--github-url",
+            gh.get("GITHUB_URL"),
+            "--github-api-url",
+            gh.get("GITHUB_API_URL"),
+        ],
+    );
+    let pin = c.gw.ca_pin.clone();
+    c.tctl.ok(&["sso", "map", "devs", "--logins", "root"]);
+    c.tctl
+        .ok(&["sso", "map", "octo-org/devs", "--logins", "root"]);
+
+    // dave is in octo-org/devs on GitHub: in, and his session works.
+    let dave = Tsh::new(c.dir.join("tsh-dave"), c.proxy());
+    let (r, browser) = sso_login_with(&dave, &pin, "dave", "github");
+    assert!(
+        r.ok(),
+        "tsh: {}\n{}\nbrowser: {browser}",
+        r.stdout(),
+        r.stderr()
+    );
+    assert!(r.stdout().contains("Logged in as dave"), "{}", r.stdout());
+    let hi = dave.run(&["ssh", "root@dev1", "echo", "hi"], None);
+    assert_eq!(hi.stdout().trim(), "hi", "{}", hi.stderr());
+
+    // erin's team (octo-org/ops) is not mapped.
+    let erin = Tsh::new(c.dir.join("tsh-erin"), c.proxy());
+    let (r, _) = sso_login_with(&erin, &pin, "erin", "github");
+    assert!(!r.ok(), "{}", r.stdout());
+    assert!(
+        r.stderr().contains("(octo-org/ops) is mapped"),
+        "{}",
+        r.stderr()
+    );
+
+    // "alice" first logs in through the OpenID Connect provider; GitHub's alice is another
+    // identity and cannot take her account.
+    let alice = Tsh::new(c.dir.join("tsh-alice"), c.proxy());
+    let (r, _) = sso_login_with(&alice, &pin, "alice", "oidc");
+    assert!(r.ok(), "{}", r.stderr());
+    let other = Tsh::new(c.dir.join("tsh-gh-alice"), c.proxy());
+    let (r, _) = sso_login_with(&other, &pin, "alice", "github");
+    assert!(!r.ok(), "{}", r.stdout());
+    assert!(
+        r.stderr().contains("belongs to another identity"),
         "{}",
         r.stderr()
     );

@@ -132,9 +132,10 @@ pub struct LoginArgs {
     /// Do not verify the gateway at all. For local experiments only.
     #[arg(long)]
     pub insecure: bool,
-    /// How to authenticate: `local` (password or invite code) or `oidc` (single sign-on in
-    /// the browser, through the gateway's OpenID Connect provider; --user is not needed).
-    #[arg(long, default_value = "local", value_parser = ["local", "oidc"])]
+    /// How to authenticate: `local` (password or invite code), or single sign-on in the
+    /// browser through the gateway's `oidc` (OpenID Connect) or `github` connector (the
+    /// provider names the user: --user is not needed).
+    #[arg(long, default_value = "local", value_parser = ["local", "oidc", "github"])]
     pub auth: String,
     /// Single sign-on: `none` prints the URL instead of opening a browser.
     #[arg(long, default_value = "default")]

@@ -67,7 +67,7 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         .clone()
         .or_else(|| entry.as_ref().map(|e| e.user.clone()))
         .or_else(local_user)
-        .or_else(|| (args.auth == "oidc").then(String::new))
+        .or_else(|| (args.auth != "local").then(String::new))
         .ok_or_else(|| CliError::msg("tsh login needs --user NAME"))?;
     let ttl_secs = parse_duration_secs(&args.ttl).map_err(CliError::msg)?;
 
@@ -111,9 +111,10 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
 
     let key = KeyPair::generate().map_err(|e| CliError::msg(e.to_string()))?;
     let tls = gateway::tls_config(&trust, None)?;
-    let certs = if args.auth == "oidc" {
+    let certs = if args.auth != "local" {
         // The identity provider names the user; --user does not apply.
         super::sso::login(
+            &args.auth,
             &proxy,
             trust.server_name(),
             tls,

@@ -1,4 +1,4 @@
-//! `tsh login --auth oidc`: single sign-on in the browser.
+//! `tsh login --auth oidc|github`: single sign-on in the browser.
 //!
 //! tsh listens on a loopback port, asks the gateway for the identity provider's login URL
 //! (returning to that port), opens the browser there (or prints the URL), and waits for the
@@ -20,8 +20,11 @@ use super::CliError;
 
 /// How long tsh waits for the browser to come back.
 const WAIT: Duration = Duration::from_secs(300);
-/// The path tsh's listener answers (the provider's redirect URI, any port).
-pub const CALLBACK_PATH: &str = "/v1/webapi/oidc/callback";
+/// The path tsh's listener answers: `/v1/webapi/CONNECTOR/callback` (the redirect URI
+/// registered at the provider, any port).
+fn callback_path(connector: &str) -> String {
+    format!("/v1/webapi/{connector}/callback")
+}
 
 /// What the provider sent back to the loopback listener.
 enum Callback {
@@ -30,6 +33,7 @@ enum Callback {
 }
 
 pub async fn login(
+    connector: &str,
     proxy: &str,
     server_name: &str,
     tls: Arc<rustls::ClientConfig>,
@@ -45,8 +49,12 @@ pub async fn login(
         .local_addr()
         .map_err(|e| CliError::msg(e.to_string()))?
         .port();
-    let redirect_uri = format!("http://127.0.0.1:{port}{CALLBACK_PATH}");
-    let start = ClientRequest::SsoStart { redirect_uri };
+    let path = callback_path(connector);
+    let redirect_uri = format!("http://127.0.0.1:{port}{path}");
+    let start = ClientRequest::SsoStart {
+        connector: connector.to_string(),
+        redirect_uri,
+    };
     let auth_url = match gateway::request(proxy, server_name, tls.clone(), transport, &start).await
     {
         Ok((ClientReply::SsoRedirect { auth_url }, _)) => auth_url,
@@ -60,7 +68,8 @@ pub async fn login(
     if browser != "none" {
         open_browser(&auth_url);
     }
-    let (code, state) = match tokio::time::timeout(WAIT, wait_for_callback(&listener)).await {
+    let (code, state) = match tokio::time::timeout(WAIT, wait_for_callback(&listener, &path)).await
+    {
         Err(_) => {
             return Err(CliError::msg(format!(
                 "no answer from the browser within {} minutes; run tsh login again",
@@ -106,10 +115,10 @@ fn open_browser(url: &str) {
 
 /// Serves the loopback port until a request for the callback path arrives; other requests
 /// (a browser's favicon) get a 404.
-async fn wait_for_callback(listener: &TcpListener) -> Result<Callback, String> {
+async fn wait_for_callback(listener: &TcpListener, path: &str) -> Result<Callback, String> {
     loop {
         let (sock, _) = listener.accept().await.map_err(|e| e.to_string())?;
-        match answer(sock).await {
+        match answer(sock, path).await {
             Ok(Some(cb)) => return Ok(cb),
             Ok(None) => continue,
             Err(e) => tracing::debug!("callback connection: {e}"),
@@ -117,7 +126,7 @@ async fn wait_for_callback(listener: &TcpListener) -> Result<Callback, String> {
     }
 }
 
-async fn answer(sock: TcpStream) -> std::io::Result<Option<Callback>> {
+async fn answer(sock: TcpStream, callback: &str) -> std::io::Result<Option<Callback>> {
     let mut reader = BufReader::new(sock);
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(10), async {
@@ -138,7 +147,7 @@ async fn answer(sock: TcpStream) -> std::io::Result<Option<Callback>> {
     let target = line.split_whitespace().nth(1).unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut sock = reader.into_inner();
-    if path != CALLBACK_PATH {
+    if path != callback {
         respond(&mut sock, "404 Not Found", "Not found.").await?;
         return Ok(None);
     }

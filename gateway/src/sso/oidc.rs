@@ -1,0 +1,247 @@
+//! The OpenID Connect connector: discovery, an authorization URL with state, nonce and a
+//! PKCE challenge, code redemption and ID token verification (the openidconnect crate).
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use edgeport_proto::rpc::{RpcError, SsoLoginRequest};
+use edgeport_proto::tunnel::SsoFinish;
+use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+use openidconnect::{
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+};
+
+use super::http::HttpClient;
+use super::{
+    chain, denied, loopback_redirect, read_secret, roots_config, unavailable, PendingLogins,
+};
+
+/// The provider's discovery document and keys are fetched again after this long.
+const METADATA_TTL: Duration = Duration::from_secs(3600);
+
+/// The connector's settings (gateway flags).
+#[derive(Clone, Debug)]
+pub struct OidcConfig {
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret_file: PathBuf,
+    /// Which ID token claim names the Edgeport user: `preferred_username`, `email` or `sub`.
+    pub username_claim: String,
+    /// Which claim lists the user's groups.
+    pub groups_claim: String,
+    /// Roots (PEM) for an `https` issuer; the system's if absent.
+    pub ca_file: Option<PathBuf>,
+}
+
+struct Pending {
+    verifier: PkceCodeVerifier,
+    nonce: Nonce,
+    redirect: RedirectUrl,
+}
+
+pub struct Oidc {
+    cfg: OidcConfig,
+    secret: ClientSecret,
+    http: HttpClient,
+    metadata: tokio::sync::Mutex<Option<(Instant, CoreProviderMetadata)>>,
+    pending: PendingLogins<Pending>,
+}
+
+impl Oidc {
+    /// Reads the client secret and prepares the HTTP client; the provider is contacted on
+    /// the first login (a provider that is down must not keep the gateway from starting).
+    pub fn new(cfg: OidcConfig) -> Result<Self, String> {
+        let secret = read_secret(&cfg.client_secret_file)?;
+        IssuerUrl::new(cfg.issuer.clone()).map_err(|e| format!("--oidc-issuer: {e}"))?;
+        if !matches!(
+            cfg.username_claim.as_str(),
+            "preferred_username" | "email" | "sub"
+        ) {
+            return Err(format!(
+                "--oidc-username-claim {:?}: expected preferred_username, email or sub",
+                cfg.username_claim
+            ));
+        }
+        let tls = roots_config(cfg.ca_file.as_deref())?;
+        Ok(Self {
+            cfg,
+            secret: ClientSecret::new(secret),
+            http: HttpClient::new(tls),
+            metadata: tokio::sync::Mutex::new(None),
+            pending: PendingLogins::default(),
+        })
+    }
+
+    async fn provider(&self) -> Result<CoreProviderMetadata, RpcError> {
+        let mut cached = self.metadata.lock().await;
+        if let Some((at, m)) = cached.as_ref() {
+            if at.elapsed() < METADATA_TTL {
+                return Ok(m.clone());
+            }
+        }
+        let issuer = IssuerUrl::new(self.cfg.issuer.clone())
+            .map_err(|e| unavailable(format!("issuer URL: {e}")))?;
+        let http = self.http.clone();
+        let client = move |req| {
+            let http = http.clone();
+            async move { http.send(req).await }
+        };
+        let m = CoreProviderMetadata::discover_async(issuer, &client)
+            .await
+            .map_err(|e| {
+                tracing::warn!(issuer = %self.cfg.issuer, "OpenID Connect discovery failed: {}", chain(&e));
+                unavailable(format!(
+                    "the identity provider {} cannot be reached; try again later",
+                    self.cfg.issuer
+                ))
+            })?;
+        *cached = Some((Instant::now(), m.clone()));
+        Ok(m)
+    }
+
+    pub fn owns(&self, state: &str) -> bool {
+        self.pending.contains(state)
+    }
+
+    /// The provider's login URL for a new attempt that returns to `redirect_uri`.
+    pub async fn start(&self, redirect_uri: &str) -> Result<String, RpcError> {
+        let redirect = loopback_redirect(redirect_uri)?;
+        let meta = self.provider().await?;
+        let client = CoreClient::from_provider_metadata(
+            meta,
+            ClientId::new(self.cfg.client_id.clone()),
+            Some(self.secret.clone()),
+        );
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let (url, state, nonce) = client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .add_scope(Scope::new("email".into()))
+            .add_scope(Scope::new("profile".into()))
+            .add_scope(Scope::new(self.cfg.groups_claim.clone()))
+            .set_pkce_challenge(challenge)
+            .set_redirect_uri(Cow::Owned(redirect.clone()))
+            .url();
+        self.pending.insert(
+            state.secret().clone(),
+            Pending {
+                verifier,
+                nonce,
+                redirect,
+            },
+        );
+        Ok(url.to_string())
+    }
+
+    /// Redeems the code of a login started here and verifies its ID token: who it is, for
+    /// the authority to sign.
+    pub async fn finish(
+        &self,
+        req: SsoFinish,
+        client_addr: &str,
+    ) -> Result<SsoLoginRequest, RpcError> {
+        let p = self.pending.take(&req.state).ok_or_else(|| {
+            denied("this single sign-on attempt is unknown or expired (state); run tsh login again")
+        })?;
+        let meta = self.provider().await?;
+        let client = CoreClient::from_provider_metadata(
+            meta,
+            ClientId::new(self.cfg.client_id.clone()),
+            Some(self.secret.clone()),
+        );
+        let http = self.http.clone();
+        let call = move |r| {
+            let http = http.clone();
+            async move { http.send(r).await }
+        };
+        let token = client
+            .exchange_code(AuthorizationCode::new(req.code))
+            .map_err(|e| unavailable(format!("the identity provider has no token endpoint: {e}")))?
+            .set_pkce_verifier(p.verifier)
+            .set_redirect_uri(Cow::Owned(p.redirect))
+            .request_async(&call)
+            .await
+            .map_err(|e| {
+                tracing::info!(
+                    client = client_addr,
+                    "single sign-on code refused: {}",
+                    chain(&e)
+                );
+                denied("the identity provider refused the login code; run tsh login again")
+            })?;
+        let id_token = token
+            .id_token()
+            .ok_or_else(|| denied("the identity provider returned no ID token"))?;
+        let verifier = client.id_token_verifier();
+        let claims = id_token.claims(&verifier, &p.nonce).map_err(|e| {
+            tracing::warn!(client = client_addr, "ID token refused: {}", chain(&e));
+            denied(format!("the ID token does not verify: {e}"))
+        })?;
+        let subject = claims.subject().as_str().to_string();
+        let user = match self.cfg.username_claim.as_str() {
+            "email" => claims.email().map(|e| e.as_str().to_string()),
+            "sub" => Some(subject.clone()),
+            _ => claims.preferred_username().map(|u| u.as_str().to_string()),
+        }
+        .ok_or_else(|| {
+            denied(format!(
+                "the ID token has no {} claim (see the gateway's --oidc-username-claim)",
+                self.cfg.username_claim
+            ))
+        })?;
+        // The signature was verified above; its payload also carries the groups claim,
+        // which the typed claims do not model.
+        let groups = groups_of(&id_token.to_string(), &self.cfg.groups_claim);
+        Ok(SsoLoginRequest {
+            connector: "oidc".into(),
+            issuer: self.cfg.issuer.clone(),
+            subject,
+            user,
+            groups,
+            ssh_public_key: req.ssh_public_key,
+            ttl_secs: req.ttl_secs,
+            client_addr: client_addr.to_string(),
+        })
+    }
+}
+
+/// The `claim` array (or single string) of a JWT's payload.
+fn groups_of(jwt: &str, claim: &str) -> Vec<String> {
+    let payload = jwt.split('.').nth(1).unwrap_or("");
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Vec::new();
+    };
+    match &v[claim] {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|g| g.as_str().map(str::to_string))
+            .collect(),
+        serde_json::Value::String(s) => vec![s.clone()],
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_come_from_the_payload() {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"sub":"a","groups":["devs","ops"],"team":"x"}"#);
+        let jwt = format!("h.{payload}.s");
+        assert_eq!(groups_of(&jwt, "groups"), ["devs", "ops"]);
+        assert_eq!(groups_of(&jwt, "team"), ["x"]);
+        assert!(groups_of(&jwt, "missing").is_empty());
+        assert!(groups_of("garbage", "groups").is_empty());
+    }
+}
