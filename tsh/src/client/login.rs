@@ -113,12 +113,15 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
     let tls = gateway::tls_config(&trust, None)?;
     let certs = if args.auth != "local" {
         // The identity provider names the user; --user does not apply.
-        super::sso::login(
-            &args.auth,
-            &proxy,
-            trust.server_name(),
+        let gw = super::sso::Gateway {
+            proxy: &proxy,
+            server_name: trust.server_name(),
             tls,
-            global.transport,
+            transport: global.transport,
+        };
+        super::sso::login(
+            gw,
+            &args.auth,
             key.public_openssh(),
             ttl_secs,
             &args.browser,

@@ -32,16 +32,27 @@ enum Callback {
     Error(String),
 }
 
+/// The gateway to log in through, verified as `server_name` with `tls`.
+pub struct Gateway<'a> {
+    pub proxy: &'a str,
+    pub server_name: &'a str,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub transport: Transport,
+}
+
 pub async fn login(
+    gw: Gateway<'_>,
     connector: &str,
-    proxy: &str,
-    server_name: &str,
-    tls: Arc<rustls::ClientConfig>,
-    transport: Transport,
     ssh_public_key: String,
     ttl_secs: u64,
     browser: &str,
 ) -> Result<UserCerts, CliError> {
+    let Gateway {
+        proxy,
+        server_name,
+        tls,
+        transport,
+    } = gw;
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| CliError::msg(format!("cannot listen on a loopback port: {e}")))?;
