@@ -178,6 +178,37 @@ fn kubectl_through_gateway_and_tunnel() {
     )
     .expect_ok("alice get pods");
     assert!(pods.stdout().contains("pod/early-pod"), "{}", pods.stdout());
+    // A new `tsh login` renews the certificate inside the kubectl context too.
+    let cert_of = |text: &str| {
+        text.lines()
+            .find(|l| l.contains("client-certificate-data"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let before = cert_of(&kc_text);
+    let relogin = alice
+        .login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login again");
+    assert!(
+        relogin
+            .stdout()
+            .contains("Updated kubectl context edgeport-edge1"),
+        "{}",
+        relogin.stdout()
+    );
+    let renewed = std::fs::read_to_string(&alice_kc).unwrap();
+    assert_ne!(
+        cert_of(&renewed),
+        before,
+        "the kubectl context kept the old certificate"
+    );
+    assert!(renewed.contains("keep-me"), "{renewed}");
+    kubectl(
+        &k8s,
+        &alice_kc,
+        &["get", "pods", "-n", "default", "-o", "name"],
+    )
+    .expect_ok("alice get pods after a new login");
     // Each request is an event in the audit log, with who, which groups, where and the status.
     let ok = edgeport_e2e::wait_until(Duration::from_secs(20), || {
         let r = c.tctl.run(&[

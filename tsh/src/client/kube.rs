@@ -215,6 +215,40 @@ fn save_written(home: &Path, w: &Written) -> Result<(), CliError> {
         .map_err(|e| CliError::msg(format!("cannot write {}: {e}", path.display())))
 }
 
+/// `tsh login` to a proxy that tsh wrote kubectl contexts for: puts the new certificate, key
+/// and CA into each of them (where they are, selected or not), so kubectl goes on working
+/// without another `tsh kube login`.
+pub fn refresh(home: &Path, proxy: &str, c: &KubeCreds<'_>) -> Result<(), CliError> {
+    let w = load_written(home);
+    let Some(list) = w.entries.get(proxy) else {
+        return Ok(());
+    };
+    for (path, name) in list {
+        let Some(cluster) = name.strip_prefix("edgeport-") else {
+            continue;
+        };
+        let mut doc = match load(path) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("tsh: cannot update {}: {e}", path.display());
+                continue;
+            }
+        };
+        add_entries(
+            &mut doc,
+            &KubeCreds {
+                proxy,
+                cluster,
+                ..*c
+            },
+            false,
+        );
+        save(path, &doc).map_err(|e| CliError::msg(e.to_string()))?;
+        println!("Updated kubectl context {name} in {}.", path.display());
+    }
+    Ok(())
+}
+
 /// `tsh logout` for one proxy: removes the contexts, clusters and users tsh wrote for it.
 pub fn forget(home: &Path, proxy: &str) -> Result<(), CliError> {
     let mut w = load_written(home);

@@ -148,6 +148,19 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         insecure: args.insecure,
     });
     profile.save(&home)?;
+    // kubectl contexts written by `tsh kube login` carry the certificate itself: renew it.
+    let key_pem = key.pkcs8_pem();
+    super::kube::refresh(
+        &home,
+        &proxy,
+        &super::kube::KubeCreds {
+            proxy: &proxy,
+            cluster: "",
+            ca_pem: &certs.cas.x509_ca_pem,
+            cert_pem: &certs.x509_cert_pem,
+            key_pem: &key_pem,
+        },
+    )?;
 
     let valid_before = cert.valid_before();
     let left = valid_before.saturating_sub(now_secs());
