@@ -298,6 +298,7 @@ async fn full_flow_over_rpc() {
         ssh_public_key: user_key.public_openssh(),
         ttl_secs: 7 * 86400,
         client_addr: "203.0.113.9:1".into(),
+        ..Default::default()
     };
     let e = err_of(g.call(Request::Login(login.clone())).await);
     assert_eq!(

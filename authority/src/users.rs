@@ -43,6 +43,20 @@ pub struct UserRecord {
     /// (refreshed at each login from the mapping of their groups). `None` for local users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sso: Option<String>,
+    /// The user must enroll a one-time password app (`tctl users add --require-totp`).
+    #[serde(default)]
+    pub require_totp: bool,
+    /// The enrolled app's secret and the step of the last code accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totp: Option<TotpState>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TotpState {
+    /// Base32, as the app holds it.
+    pub secret: String,
+    /// Codes of this step and earlier are spent.
+    pub last_step: u64,
 }
 
 /// An identity signed by an administrator without a user record (a CI bot): remembered so
@@ -204,6 +218,8 @@ pub fn add(
         invite: invite.clone(),
         created: now,
         sso: None,
+        require_totp: spec.require_totp,
+        totp: None,
     };
     store::update::<UserRecord, RpcError, _>(store, Table::Users, &spec.name, |cur| match cur {
         Some(_) => Err(exists(format!("user {} already exists", spec.name))),
@@ -266,6 +282,11 @@ pub fn list(store: &dyn Store, locked: &dyn Fn(&str) -> bool) -> Result<Vec<User
             kube_users: u.kube_users,
             has_password: u.password_hash.is_some(),
             created: u.created,
+            second_factor: match (&u.totp, u.require_totp) {
+                (Some(_), _) => "enrolled".into(),
+                (None, true) => "required".into(),
+                (None, false) => String::new(),
+            },
         })
         .collect())
 }

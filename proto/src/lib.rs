@@ -18,6 +18,7 @@ pub mod rpc;
 pub mod rpc_client;
 pub mod sshcert;
 pub mod tls;
+pub mod totp;
 pub mod tunnel;
 pub mod udp;
 pub mod util;

@@ -166,6 +166,11 @@ pub enum ErrorKind {
     Expired,
     Locked,
     Internal,
+    /// The password was right; a one-time code from the user's app is needed too.
+    SecondFactorRequired,
+    /// The password was right; this account must first enroll a one-time password app
+    /// (send `totp_enroll` with a code from it).
+    SecondFactorEnroll,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -217,6 +222,9 @@ pub struct UserSpec {
     pub kube_users: Vec<String>,
     /// Set the password now; without it an invite code is returned.
     pub password: Option<String>,
+    /// The user must enroll a one-time password app at the first login, and give its code
+    /// at every login after.
+    pub require_totp: bool,
 }
 
 /// A role (DESIGN section 6): which devices its users reach and what their sessions may do.
@@ -255,6 +263,8 @@ pub struct UserInfo {
     pub has_password: bool,
     pub created: u64,
     pub locked: bool,
+    /// `enrolled`, `required` (not yet enrolled) or empty.
+    pub second_factor: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,7 +457,7 @@ pub struct SsoMapping {
     pub kube_users: Vec<String>,
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct LoginRequest {
     pub user: String,
     /// Password, or a one-time invite code (which then sets `new_password`).
@@ -456,6 +466,10 @@ pub struct LoginRequest {
     pub ssh_public_key: String,
     pub ttl_secs: u64,
     pub client_addr: String,
+    /// The current code of the user's one-time password app (RFC 6238), when enrolled.
+    pub otp: Option<String>,
+    /// Enrollment: the app's new secret (base32), proven by `otp` computed from it.
+    pub totp_enroll: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -480,8 +494,8 @@ pub struct LockSpec {
     pub expires: u64,
 }
 
-crate::debug_redacted!(LoginRequest { user, ssh_public_key, ttl_secs, client_addr } secret { secret, new_password });
+crate::debug_redacted!(LoginRequest { user, ssh_public_key, ttl_secs, client_addr } secret { secret, new_password, otp, totp_enroll });
 crate::debug_redacted!(JoinDeviceRequest { requested_id, labels, ssh_public_key, version, arch, remote_addr } secret { token });
 crate::debug_redacted!(JoinGatewayRequest { gateway_id, dns_names, ip_addrs } secret { token, public_key_spki_der });
-crate::debug_redacted!(UserSpec { name, logins, roles, kube_groups, kube_users } secret { password });
+crate::debug_redacted!(UserSpec { name, logins, roles, kube_groups, kube_users, require_totp } secret { password });
 crate::debug_redacted!(TokenInfo { id, kind, labels, expires, reusable, uses, ca_pin } secret { token });

@@ -137,6 +137,8 @@ pub fn login(
             invite: None,
             created,
             sso: Some(identity.clone()),
+            require_totp: false,
+            totp: None,
         }))
     })?
     .ok_or_else(|| denied("the user record could not be written"))?;

@@ -147,6 +147,79 @@ pub fn sign_user(svc: &Service, req: SignUserRequest, now: u64) -> Result<Respon
 }
 
 /// Login: a password (or an invite code with a new password) for certificates.
+/// The one-time code of an enrolled user (each code works once), or the enrollment of a user
+/// who must have an app: its secret, proven by a code computed from it.
+fn second_factor(
+    svc: &Service,
+    user: &users::UserRecord,
+    req: &LoginRequest,
+    now: u64,
+) -> Result<(), RpcError> {
+    use edgeport_proto::rpc::ErrorKind;
+    use edgeport_proto::totp;
+    let code = req.otp.as_deref().unwrap_or("");
+    let (secret_b32, after) = match (&user.totp, &req.totp_enroll) {
+        (Some(t), _) => {
+            if code.is_empty() {
+                return Err(RpcError::new(
+                    ErrorKind::SecondFactorRequired,
+                    "a one-time code from your authenticator app is required",
+                ));
+            }
+            (t.secret.clone(), t.last_step)
+        }
+        (None, None) if !user.require_totp => return Ok(()),
+        (None, None) => {
+            return Err(RpcError::new(
+                ErrorKind::SecondFactorEnroll,
+                "this account needs a one-time password app: enroll one now",
+            ))
+        }
+        (None, Some(new)) => {
+            let bytes = totp::from_base32(new)
+                .filter(|b| b.len() >= 16)
+                .ok_or_else(|| {
+                    invalid("the new one-time password secret is not base32 of 16 or more bytes")
+                })?;
+            (totp::base32(&bytes), 0)
+        }
+    };
+    let secret = totp::from_base32(&secret_b32)
+        .ok_or_else(|| internal("one-time password secret", "not base32"))?;
+    let bad = || {
+        RpcError::new(
+            ErrorKind::BadCredentials,
+            "wrong or already used one-time code",
+        )
+    };
+    let step = totp::verify(&secret, code, now, after).ok_or_else(bad)?;
+    // Spend the code: a concurrent login with the same code finds the step taken.
+    crate::store::update::<users::UserRecord, RpcError, _>(
+        svc.store(),
+        crate::store::Table::Users,
+        &user.name,
+        |cur| {
+            let mut u = cur.ok_or_else(bad)?;
+            let last = u.totp.as_ref().map_or(0, |t| t.last_step);
+            if u.totp.is_some() && u.totp.as_ref().map(|t| &t.secret) != Some(&secret_b32) {
+                return Err(bad());
+            }
+            if step <= last {
+                return Err(bad());
+            }
+            u.totp = Some(users::TotpState {
+                secret: secret_b32.clone(),
+                last_step: step,
+            });
+            Ok(Some(u))
+        },
+    )?;
+    if user.totp.is_none() {
+        tracing::info!(user = %user.name, "one-time password app enrolled");
+    }
+    Ok(())
+}
+
 pub fn login(
     svc: &Service,
     gateway: &str,
@@ -185,6 +258,14 @@ pub fn login(
             return Err(e);
         }
     };
+    if let Err(e) = second_factor(svc, &user, &req, now) {
+        if e.kind == edgeport_proto::rpc::ErrorKind::BadCredentials {
+            svc.logins.failed(&req.user, &req.client_addr, now);
+        }
+        tracing::info!(user = %req.user, client = %req.client_addr, gateway,
+            "login refused: {}", e.message);
+        return Err(e);
+    }
     svc.logins.succeeded(&user.name);
     check_not_locked(svc, &user.name, now)?;
     let certs = issue(

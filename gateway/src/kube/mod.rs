@@ -158,9 +158,10 @@ fn split_path(path: &str) -> Option<(&str, &str)> {
 fn rpc_status(e: &RpcError) -> (StatusCode, &'static str) {
     match e.kind {
         ErrorKind::Denied | ErrorKind::Locked => (StatusCode::FORBIDDEN, "Forbidden"),
-        ErrorKind::BadCredentials | ErrorKind::Expired => {
-            (StatusCode::UNAUTHORIZED, "Unauthorized")
-        }
+        ErrorKind::BadCredentials
+        | ErrorKind::Expired
+        | ErrorKind::SecondFactorRequired
+        | ErrorKind::SecondFactorEnroll => (StatusCode::UNAUTHORIZED, "Unauthorized"),
         // "device X is offline" is a passing state; "user X not found" is not.
         ErrorKind::NotFound if e.message.contains("offline") => {
             (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")

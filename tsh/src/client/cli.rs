@@ -137,6 +137,10 @@ pub struct LoginArgs {
     /// provider names the user: --user is not needed).
     #[arg(long, default_value = "local", value_parser = ["local", "oidc", "github"])]
     pub auth: String,
+    /// The current one-time code, for an account with an authenticator app (asked for when
+    /// needed otherwise; with --password-stdin it is the next line of stdin).
+    #[arg(long)]
+    pub otp: Option<String>,
     /// Single sign-on: `none` prints the URL instead of opening a browser.
     #[arg(long, default_value = "default")]
     pub browser: String,

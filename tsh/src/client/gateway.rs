@@ -143,6 +143,21 @@ pub async fn request(
     transport: Transport,
     req: &ClientRequest,
 ) -> Result<(ClientReply, BoxedStream), CliError> {
+    let (reply, stream) = request_reply(proxy, server_name, tls, transport, req).await?;
+    if let ClientReply::Refused(e) = &reply {
+        return Err(CliError::msg(format!("the gateway refused: {}", e.message)));
+    }
+    Ok((reply, stream))
+}
+
+/// As [`request`], with a refusal returned as the reply (its kind tells what to do next).
+pub async fn request_reply(
+    proxy: &str,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    transport: Transport,
+    req: &ClientRequest,
+) -> Result<(ClientReply, BoxedStream), CliError> {
     let mut stream = open(proxy, server_name, tls, transport).await?;
     let exchange = async {
         write_frame(&mut stream, req).await?;
@@ -158,9 +173,6 @@ pub async fn request(
             )),
             other => CliError::msg(format!("bad answer from the gateway at {proxy}: {other}")),
         })?;
-    if let ClientReply::Refused(e) = &reply {
-        return Err(CliError::msg(format!("the gateway refused: {}", e.message)));
-    }
     Ok((reply, stream))
 }
 

@@ -5,8 +5,10 @@ use std::io::BufRead;
 use std::path::Path;
 
 use edgeport_proto::identity::CaBundle;
+use edgeport_proto::keys::random_bytes;
 use edgeport_proto::keys::{ca_pin, first_cert_der, normalize_pin, KeyPair};
-use edgeport_proto::rpc::{LoginRequest, UserCerts};
+use edgeport_proto::rpc::{ErrorKind, LoginRequest, UserCerts};
+use edgeport_proto::totp;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest};
 use edgeport_proto::util::{format_duration, format_time, now_secs, parse_duration_secs};
 use russh::keys::ssh_key::Certificate;
@@ -23,22 +25,23 @@ fn local_user() -> Option<String> {
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
 }
 
-fn read_stdin_line() -> Result<String, CliError> {
+/// One line of stdin: `what` names it in errors (the password, a one-time code).
+fn read_stdin_line(what: &str) -> Result<String, CliError> {
     let mut line = String::new();
     std::io::stdin()
         .lock()
         .read_line(&mut line)
-        .map_err(|e| CliError::msg(format!("cannot read the password from stdin: {e}")))?;
+        .map_err(|e| CliError::msg(format!("cannot read {what} from stdin: {e}")))?;
     let line = line.trim_end_matches(['\n', '\r']).to_string();
     if line.is_empty() {
-        return Err(CliError::msg("no password on stdin"));
+        return Err(CliError::msg(format!("no {what} on stdin")));
     }
     Ok(line)
 }
 
 fn read_password(args: &LoginArgs, prompt: &str, confirm: bool) -> Result<String, CliError> {
     if args.password_stdin {
-        return read_stdin_line();
+        return read_stdin_line("the password");
     }
     let p = term::read_secret(prompt).map_err(|e| CliError::msg(e.to_string()))?;
     if confirm {
@@ -210,23 +213,82 @@ async fn password_login(
             None,
         ),
     };
-    let req = ClientRequest::Login(LoginRequest {
+    let mut req = LoginRequest {
         user: user.to_string(),
         secret,
         new_password,
         ssh_public_key: key.public_openssh(),
         ttl_secs,
         client_addr: String::new(),
-    });
-    match gateway::request(proxy, trust.server_name(), tls, global.transport, &req).await {
-        Ok((ClientReply::LoggedIn(c), _)) => Ok(c),
-        Ok((other, _)) => Err(gateway::unexpected(&other)),
-        Err(e) if matches!(trust, Trust::System(_)) => Err(CliError::msg(format!(
-            "login failed: {e}\n(without --ca-pin the gateway must present a certificate for {} from a CA this system trusts; ask your administrator for the cluster's CA pin)",
-            trust.server_name()
-        ))),
-        Err(e) => Err(CliError::msg(format!("login failed: {e}"))),
+        otp: args.otp.clone(),
+        ..Default::default()
+    };
+    let fail = |e: String| {
+        if matches!(trust, Trust::System(_)) {
+            CliError::msg(format!(
+                "login failed: {e}\n(without --ca-pin the gateway must present a certificate for {} from a CA this system trusts; ask your administrator for the cluster's CA pin)",
+                trust.server_name()
+            ))
+        } else {
+            CliError::msg(format!("login failed: {e}"))
+        }
+    };
+    // At most: the password, then a one-time code or an enrollment.
+    for _ in 0..3 {
+        let msg = ClientRequest::Login(req.clone());
+        let reply = gateway::request_reply(
+            proxy,
+            trust.server_name(),
+            tls.clone(),
+            global.transport,
+            &msg,
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        match reply.0 {
+            ClientReply::LoggedIn(c) => return Ok(c),
+            ClientReply::Refused(e)
+                if e.kind == ErrorKind::SecondFactorRequired && req.otp.is_none() =>
+            {
+                req.otp = Some(read_code(
+                    args,
+                    "One-time code from your authenticator app: ",
+                )?);
+            }
+            ClientReply::Refused(e)
+                if e.kind == ErrorKind::SecondFactorEnroll && req.totp_enroll.is_none() =>
+            {
+                // An invite was accepted by the first attempt: its new password is the one now.
+                if let Some(pw) = req.new_password.take() {
+                    req.secret = pw;
+                }
+                let secret = totp::base32(
+                    &random_bytes(totp::SECRET_LEN).map_err(|e| CliError::msg(e.to_string()))?,
+                );
+                eprintln!(
+                    "This account needs a one-time password app (Google Authenticator, Aegis, 1Password, ...).\n\
+                     Add this key to it:\n\n  {secret}\n\n\
+                     or scan a QR code of: otpauth://totp/Edgeport:{user}?secret={secret}&issuer=Edgeport\n"
+                );
+                req.totp_enroll = Some(secret);
+                req.otp = Some(read_code(args, "The app's current code: ")?);
+            }
+            ClientReply::Refused(e) => return Err(fail(e.message)),
+            other => return Err(gateway::unexpected(&other)),
+        }
     }
+    Err(fail("too many attempts".into()))
+}
+
+/// A one-time code: the next stdin line with --password-stdin, else asked on the terminal.
+fn read_code(args: &LoginArgs, prompt: &str) -> Result<String, CliError> {
+    let code = if args.password_stdin {
+        eprintln!("{prompt}(reading it from stdin)");
+        read_stdin_line("one-time code")?
+    } else {
+        term::read_secret(prompt).map_err(|e| CliError::msg(e.to_string()))?
+    };
+    Ok(code.trim().to_string())
 }
 
 fn read_cas(path: &Path) -> Option<CaBundle> {

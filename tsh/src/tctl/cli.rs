@@ -227,6 +227,10 @@ pub struct UserAddArgs {
     /// Read the user's password from standard input (one line).
     #[arg(long)]
     pub password_stdin: bool,
+    /// Require a one-time password app (TOTP): enrolled at the first login, asked at every
+    /// login after.
+    #[arg(long)]
+    pub require_totp: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

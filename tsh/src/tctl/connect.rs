@@ -99,6 +99,9 @@ fn explain_call(e: RpcClientError) -> anyhow::Error {
                 ErrorKind::Expired => "expired",
                 ErrorKind::Locked => "locked",
                 ErrorKind::Internal => "authority error",
+                ErrorKind::SecondFactorRequired | ErrorKind::SecondFactorEnroll => {
+                    "second factor needed"
+                }
             };
             anyhow!("{what}: {}", r.message)
         }

@@ -30,6 +30,7 @@ pub async fn add(s: &mut Session, a: UserAddArgs) -> anyhow::Result<()> {
         kube_groups: a.kube_groups,
         kube_users: a.kube_users,
         password,
+        require_totp: a.require_totp,
     };
     match s.call(Request::UserAdd(spec)).await? {
         Response::UserAdded {
@@ -88,6 +89,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                 "ROLES",
                 "KUBE GROUPS",
                 "PASSWORD",
+                "2FA",
                 "LOCKED",
                 "CREATED",
             ]);
@@ -98,6 +100,11 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     csv(&u.roles),
                     csv(&u.kube_groups),
                     if u.has_password { "set" } else { "invite" }.into(),
+                    if u.second_factor.is_empty() {
+                        "-".into()
+                    } else {
+                        u.second_factor.clone()
+                    },
                     if u.locked { "yes" } else { "no" }.into(),
                     format_time(u.created),
                 ]);
@@ -116,6 +123,7 @@ fn user_json(u: &UserInfo) -> serde_json::Value {
         "kube_groups": u.kube_groups,
         "kube_users": u.kube_users,
         "has_password": u.has_password,
+        "second_factor": u.second_factor,
         "locked": u.locked,
         "created": time_json(u.created),
     })
