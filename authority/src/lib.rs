@@ -13,6 +13,7 @@ pub mod errors;
 pub mod gateways;
 pub mod handlers;
 pub mod locks;
+pub mod policy;
 pub mod roles;
 pub mod rpc_server;
 pub mod service;

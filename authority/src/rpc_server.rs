@@ -76,6 +76,7 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let conn = Connection {
+            id: NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             peer,
             acceptor: acceptor.clone(),
             service: service.clone(),
@@ -115,8 +116,12 @@ fn caller_of(tls: &TlsStream<TcpStream>, cluster: &str, peer: SocketAddr) -> Cal
     }
 }
 
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// One client connection and what it shares with the others.
 struct Connection {
+    /// Names this connection to the policy watch (see [`crate::policy`]).
+    id: u64,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     service: Arc<Service>,
@@ -166,7 +171,21 @@ impl Connection {
                 Ok(Ok(req)) => req,
             };
             let name = request_name(&req);
-            let resp = self.answer(&caller, req).await;
+            let resp = match req {
+                Request::WatchPolicy { seen } if matches!(caller, Caller::Gateway(_)) => {
+                    let policy = &self.service.policy;
+                    policy.seen(self.id, seen);
+                    let epoch = tokio::select! {
+                        e = policy.wait_change(seen, crate::policy::WATCH_MAX) => e,
+                        _ = self.shutdown.cancelled() => policy.epoch(),
+                    };
+                    Response::Policy {
+                        epoch,
+                        exclusive: policy.exclusive,
+                    }
+                }
+                req => self.answer(&caller, req).await,
+            };
             match tokio::time::timeout(WRITE_TIMEOUT, send(&mut tls, &resp)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -179,6 +198,7 @@ impl Connection {
                 }
             }
         }
+        self.service.policy.gone(self.id);
         let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
     }
 

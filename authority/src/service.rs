@@ -90,6 +90,7 @@ fn access(req: &Request) -> Access {
         | Request::SsoLogin(_)
         | Request::AuditUpload { .. }
         | Request::AuditRecord(_)
+        | Request::WatchPolicy { .. }
         | Request::UserDevicePage { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
@@ -137,7 +138,23 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::SsoLogin(_) => "relaying single sign-on logins",
         Request::SsoMapSet(_) | Request::SsoMapRemove { .. } => "changing single sign-on mappings",
         Request::SsoMapList => "listing single sign-on mappings",
+        Request::WatchPolicy { .. } => "watching policy changes",
     }
+}
+
+/// Requests whose success can turn an allowed dial into a refused one: gateways must stop
+/// reusing the authority's earlier answers.
+fn tightens_policy(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::LockAdd(_)
+            | Request::UserRemove { .. }
+            | Request::DeviceRemove { .. }
+            | Request::RoleUpsert(_)
+            | Request::RoleRemove { .. }
+            | Request::SsoLogin(_)
+            | Request::JoinDevice(_)
+    )
 }
 
 fn check_access(caller: &Caller, req: &Request) -> Result<(), RpcError> {
@@ -190,10 +207,13 @@ pub struct Service {
     pub(crate) audit: Mutex<()>,
     /// Failed logins per user and client address.
     pub(crate) logins: crate::throttle::LoginThrottle,
+    /// The policy epoch that gateways watch (see [`crate::policy`]).
+    pub policy: crate::policy::Policy,
 }
 
 impl Service {
     pub fn new(store: Arc<dyn Store>, ca: Arc<CertAuthority>, limits: Limits) -> Self {
+        let exclusive = !store.shared();
         Self {
             store,
             ca,
@@ -201,6 +221,7 @@ impl Service {
             presence: Mutex::new(HashMap::new()),
             audit: Mutex::new(()),
             logins: Default::default(),
+            policy: crate::policy::Policy::new(exclusive),
         }
     }
 
@@ -225,7 +246,11 @@ impl Service {
     pub fn handle_at(&self, caller: &Caller, req: Request, now: u64) -> Response {
         let name = request_name(&req);
         let pending = crate::audit::describe(caller, &req);
+        let tightens = tightens_policy(&req);
         let result = check_access(caller, &req).and_then(|()| self.dispatch(caller, req, now));
+        if tightens && result.is_ok() {
+            self.policy.changed();
+        }
         if let Some(p) = pending {
             crate::audit::finish(self, p, &result);
         }
@@ -358,6 +383,11 @@ impl Service {
             Request::SsoMapSet(m) => handlers::sso::map_set(store, m),
             Request::SsoMapList => handlers::sso::map_list(store),
             Request::SsoMapRemove { group } => handlers::sso::map_remove(store, &group),
+            // Answered by the RPC server, which can wait; here only the current epoch.
+            Request::WatchPolicy { .. } => Ok(Response::Policy {
+                epoch: self.policy.epoch(),
+                exclusive: self.policy.exclusive,
+            }),
         }
     }
 }

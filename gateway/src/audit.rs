@@ -59,6 +59,9 @@ pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> Gat
 const SINK_QUEUE: usize = 10_000;
 /// Events sent to the authority in one request, at most (well inside a 64 KiB frame).
 const SINK_BATCH: usize = 100;
+/// After the first event, wait this long for more, so that a burst (a script dialling in a
+/// loop, the many requests of one kubectl command) goes in one request instead of one each.
+const LINGER: Duration = Duration::from_millis(100);
 
 static SINK: std::sync::OnceLock<tokio::sync::mpsc::Sender<AuditEvent>> =
     std::sync::OnceLock::new();
@@ -90,6 +93,15 @@ pub async fn run_sink(ctx: Arc<Ctx>) {
         tokio::select! {
             n = rx.recv_many(&mut batch, SINK_BATCH) => if n == 0 { return },
             _ = ctx.shutdown.cancelled() => return,
+        }
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        while batch.len() < SINK_BATCH {
+            let room = SINK_BATCH - batch.len();
+            tokio::select! {
+                _ = &mut linger => break,
+                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+            }
         }
         let events = std::mem::take(&mut batch);
         let dropped = DROPPED.swap(0, Ordering::Relaxed);

@@ -51,6 +51,11 @@ impl AuthorityClient {
         }
     }
 
+    /// A connection of its own, outside the pool (for the long-polling policy watch).
+    pub async fn dedicated(&self) -> Result<RpcClient, RpcClientError> {
+        self.connect().await
+    }
+
     async fn connect(&self) -> Result<RpcClient, RpcClientError> {
         let cfg = self
             .config

@@ -77,6 +77,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         tokio::spawn(tcp::accept_loop(ctx.clone(), listener)),
         tokio::spawn(quic::accept_loop(ctx.clone(), endpoint.clone())),
         tokio::spawn(presence::run(ctx.clone())),
+        tokio::spawn(crate::policy::run(ctx.clone())),
         tokio::spawn(crate::audit::run_sink(ctx.clone())),
         tokio::spawn(renew_loop(ctx.clone(), endpoint.clone())),
     ];

@@ -111,6 +111,12 @@ pub enum Request {
     SsoMapRemove {
         group: String,
     },
+    /// Gateway: answered when the authority's policy epoch differs from `seen` (a lock, a
+    /// role or user change, a removed device), or after a while unchanged. Sending the next
+    /// one with the new epoch acknowledges it: the gateway has dropped its reusable grants.
+    WatchPolicy {
+        seen: u64,
+    },
 }
 
 /// Responses from the authority.
@@ -152,6 +158,12 @@ pub enum Response {
         total: u64,
     },
     SsoMaps(Vec<SsoMapping>),
+    /// The policy epoch. `exclusive`: this authority sees every change (its own embedded
+    /// store), so a gateway may reuse grants until the epoch moves.
+    Policy {
+        epoch: u64,
+        exclusive: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

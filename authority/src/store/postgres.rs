@@ -460,6 +460,10 @@ impl Store for PostgresStore {
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn shared(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
