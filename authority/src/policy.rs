@@ -1,6 +1,6 @@
 //! The policy epoch: a counter that moves whenever a change can turn an allowed dial into a
 //! refused one (a lock, a removed user or device, a role change, a user's roles refreshed by
-//! single sign-on, a device that joins again with other labels).
+//! single sign-on).
 //!
 //! Gateways watch it (`WatchPolicy`, a long poll on a connection of its own) and reuse the
 //! authority's dial decisions only until it moves. A change waits, briefly, until every

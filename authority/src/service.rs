@@ -143,7 +143,8 @@ pub fn request_name(req: &Request) -> &'static str {
 }
 
 /// Requests whose success can turn an allowed dial into a refused one: gateways must stop
-/// reusing the authority's earlier answers.
+/// reusing the authority's earlier answers. (A device that joins again with other labels is
+/// not among them: the agent checks roles against its own labels at every session.)
 fn tightens_policy(req: &Request) -> bool {
     matches!(
         req,
@@ -153,7 +154,6 @@ fn tightens_policy(req: &Request) -> bool {
             | Request::RoleUpsert(_)
             | Request::RoleRemove { .. }
             | Request::SsoLogin(_)
-            | Request::JoinDevice(_)
     )
 }
 

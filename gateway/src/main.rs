@@ -86,6 +86,10 @@ struct StartArgs {
     /// The ID token claim that lists the user's groups (mapped with `tctl sso map`).
     #[arg(long, default_value = "groups")]
     oidc_groups_claim: String,
+    /// Scopes to ask for besides openid, comma separated (some providers put groups in the
+    /// token only when a scope asks for them; others refuse scopes they do not know).
+    #[arg(long, value_delimiter = ',', default_value = "email,profile,groups")]
+    oidc_scopes: Vec<String>,
     /// Root certificates (PEM) for an https issuer (default: the system's).
     #[arg(long)]
     oidc_ca: Option<PathBuf>,
@@ -135,6 +139,7 @@ fn main() -> ExitCode {
             client_secret_file: secret,
             username_claim: args.oidc_username_claim,
             groups_claim: args.oidc_groups_claim,
+            scopes: args.oidc_scopes,
             ca_file: args.oidc_ca,
         });
     }

@@ -100,6 +100,10 @@ fn exec_and_interactive_sessions_are_audited_and_recorded() {
         .unwrap();
     let sid = end["session_id"].as_str().unwrap().to_string();
     assert_eq!(sid.len(), 32, "{end}");
+    // The gateway reports its own events separately (batched): wait for its view too.
+    let events = wait_event(&c, "gateway.dial", |e| {
+        e["type"] == "gateway.dial" && e["session_id"] == sid.as_str()
+    });
     let of = |t: &str| {
         events
             .iter()

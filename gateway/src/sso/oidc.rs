@@ -32,6 +32,8 @@ pub struct OidcConfig {
     pub username_claim: String,
     /// Which claim lists the user's groups.
     pub groups_claim: String,
+    /// Scopes asked for besides `openid` (providers differ in which carry groups).
+    pub scopes: Vec<String>,
     /// Roots (PEM) for an `https` issuer; the system's if absent.
     pub ca_file: Option<PathBuf>,
 }
@@ -122,9 +124,7 @@ impl Oidc {
                 CsrfToken::new_random,
                 Nonce::new_random,
             )
-            .add_scope(Scope::new("email".into()))
-            .add_scope(Scope::new("profile".into()))
-            .add_scope(Scope::new(self.cfg.groups_claim.clone()))
+            .add_scopes(self.cfg.scopes.iter().cloned().map(Scope::new))
             .set_pkce_challenge(challenge)
             .set_redirect_uri(Cow::Owned(redirect.clone()))
             .url();
