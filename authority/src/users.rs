@@ -115,7 +115,7 @@ pub fn check_name(what: &str, name: &str) -> Result<(), RpcError> {
 }
 
 /// Kubernetes group and user names end up in certificate subjects and HTTP headers.
-pub fn check_kube_name(what: &str, name: &str) -> Result<(), RpcError> {
+fn check_kube_name(what: &str, name: &str) -> Result<(), RpcError> {
     if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
         return Err(invalid(format!(
             "invalid Kubernetes {what} {name:?}: 1 to 64 printable characters"
@@ -169,6 +169,46 @@ fn decoy_hash() -> &'static str {
     DECOY.get_or_init(|| hash_password("edgeport-decoy").unwrap_or_default())
 }
 
+/// What a user (or an identity provider group) is given: checked and normalised.
+pub struct Grant {
+    pub logins: Vec<String>,
+    pub roles: Vec<String>,
+    pub kube_groups: Vec<String>,
+    pub kube_users: Vec<String>,
+}
+
+/// Checks names (logins, Kubernetes groups and users) and that the roles exist (the built-in
+/// one when none is given), and drops duplicates.
+pub fn check_grant(
+    store: &dyn Store,
+    logins: &[String],
+    roles: &[String],
+    kube_groups: &[String],
+    kube_users: &[String],
+) -> Result<Grant, RpcError> {
+    for l in logins {
+        check_name("login", l)?;
+    }
+    for g in kube_groups {
+        check_kube_name("group", g)?;
+    }
+    for u in kube_users {
+        check_kube_name("user", u)?;
+    }
+    let roles = if roles.is_empty() {
+        vec![roles::DEFAULT_ROLE.to_string()]
+    } else {
+        dedup(roles)
+    };
+    roles::grants(store, &roles)?;
+    Ok(Grant {
+        logins: dedup(logins),
+        roles,
+        kube_groups: dedup(kube_groups),
+        kube_users: dedup(kube_users),
+    })
+}
+
 /// Adds a user. Without a password the answer carries a one-time invite code and its expiry.
 pub fn add(
     store: &dyn Store,
@@ -176,21 +216,13 @@ pub fn add(
     now: u64,
 ) -> Result<(Option<String>, Option<u64>), RpcError> {
     check_name("user name", &spec.name)?;
-    for l in &spec.logins {
-        check_name("login", l)?;
-    }
-    for g in &spec.kube_groups {
-        check_kube_name("group", g)?;
-    }
-    for u in &spec.kube_users {
-        check_kube_name("user", u)?;
-    }
-    let roles = if spec.roles.is_empty() {
-        vec![roles::DEFAULT_ROLE.to_string()]
-    } else {
-        dedup(&spec.roles)
-    };
-    roles::grants(store, &roles)?;
+    let grant = check_grant(
+        store,
+        &spec.logins,
+        &spec.roles,
+        &spec.kube_groups,
+        &spec.kube_users,
+    )?;
     let password_hash = match &spec.password {
         Some(pw) => {
             check_password(pw)?;
@@ -210,10 +242,10 @@ pub fn add(
     };
     let record = UserRecord {
         name: spec.name.clone(),
-        logins: dedup(&spec.logins),
-        roles,
-        kube_groups: dedup(&spec.kube_groups),
-        kube_users: dedup(&spec.kube_users),
+        logins: grant.logins,
+        roles: grant.roles,
+        kube_groups: grant.kube_groups,
+        kube_users: grant.kube_users,
         password_hash,
         invite: invite.clone(),
         created: now,

@@ -23,17 +23,10 @@ fn postgres() -> Peer {
 
 /// A fresh database on `pg` (owned by the test role), as a URL.
 fn database(pg: &Peer, name: &str) -> String {
-    let psql = Path::new(pg.get("PG_BIN")).join("psql");
-    let mut c = Command::new(psql);
-    c.args([
-        pg.get("PG_SUPERUSER_URL"),
-        "-qAt",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-c",
-    ])
-    .arg(format!("CREATE DATABASE {name} OWNER {}", pg.get("PGUSER")));
-    run(c, None, Duration::from_secs(30)).expect_ok("create database");
+    superuser_sql(
+        pg,
+        &format!("CREATE DATABASE {name} OWNER {}", pg.get("PGUSER")),
+    );
     let url = pg.get("DATABASE_URL");
     let base = url.rsplit_once('/').unwrap().0;
     format!("{base}/{name}")
@@ -173,15 +166,14 @@ fn two_authorities_share_one_database() {
 
     // The database drops every connection (a failover, an administrator): the next request
     // gets a new one.
-    let psql = Path::new(pg.get("PG_BIN")).join("psql");
-    let mut c = Command::new(psql);
-    c.args([pg.get("PG_SUPERUSER_URL"), "-qAt", "-c"])
-        .arg(format!(
+    let killed = superuser_sql(
+        &pg,
+        &format!(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = '{}'",
             pg.get("PGUSER")
-        ));
-    let killed = run(c, None, Duration::from_secs(30)).expect_ok("terminate");
-    assert_ne!(killed.stdout().trim(), "0", "no connection was open");
+        ),
+    );
+    assert_ne!(killed.trim(), "0", "no connection was open");
     assert_eq!(
         names(&b.tctl_ok(&["users", "ls", "--format", "json"])).len(),
         14

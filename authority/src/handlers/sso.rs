@@ -12,10 +12,9 @@ use edgeport_proto::rpc::{Response, RpcError, SsoLoginRequest, SsoMapping};
 
 use super::user_certs::{check_not_locked, issue};
 use crate::errors::{denied, invalid, not_found};
-use crate::roles;
 use crate::service::Service;
 use crate::store::{self, Store, Table};
-use crate::users::{check_kube_name, check_name, dedup, Subject, UserRecord};
+use crate::users::{check_grant, check_name, dedup, Subject, UserRecord};
 
 /// Saves (or replaces) the mapping of one group.
 pub fn map_set(store: &dyn Store, m: SsoMapping) -> Result<Response, RpcError> {
@@ -23,27 +22,13 @@ pub fn map_set(store: &dyn Store, m: SsoMapping) -> Result<Response, RpcError> {
     if group.is_empty() || group.len() > 256 || group.chars().any(char::is_control) {
         return Err(invalid(format!("invalid group name {:?}", m.group)));
     }
-    for l in &m.logins {
-        check_name("login", l)?;
-    }
-    for g in &m.kube_groups {
-        check_kube_name("group", g)?;
-    }
-    for u in &m.kube_users {
-        check_kube_name("user", u)?;
-    }
-    let roles = if m.roles.is_empty() {
-        vec![roles::DEFAULT_ROLE.to_string()]
-    } else {
-        dedup(&m.roles)
-    };
-    roles::grants(store, &roles)?;
+    let g = check_grant(store, &m.logins, &m.roles, &m.kube_groups, &m.kube_users)?;
     let m = SsoMapping {
         group: group.to_string(),
-        roles,
-        logins: dedup(&m.logins),
-        kube_groups: dedup(&m.kube_groups),
-        kube_users: dedup(&m.kube_users),
+        roles: g.roles,
+        logins: g.logins,
+        kube_groups: g.kube_groups,
+        kube_users: g.kube_users,
     };
     store::put(store, Table::SsoMaps, &m.group, &m)?;
     Ok(Response::Ok)
@@ -179,7 +164,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(g.logins, ["root", "pi", "admin"]);
-        assert_eq!(g.roles, [roles::DEFAULT_ROLE]);
+        assert_eq!(g.roles, [crate::roles::DEFAULT_ROLE]);
         assert!(granted(&s, &["nobody".into()]).unwrap().is_none());
         assert!(map_set(&s, m("x", &["bad login!"])).is_err());
         assert!(map_set(&s, m("", &["root"])).is_err());

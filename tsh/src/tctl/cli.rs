@@ -77,6 +77,13 @@ pub enum SsoCmd {
 pub struct SsoMapArgs {
     /// The group as the identity provider names it.
     pub group: String,
+    #[command(flatten)]
+    pub grant: GrantArgs,
+}
+
+/// What a user or an identity provider group is given.
+#[derive(Debug, Args)]
+pub struct GrantArgs {
     /// Logins (OS users on devices), comma separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub logins: Vec<String>,
@@ -212,18 +219,8 @@ pub enum UsersCmd {
 #[derive(Debug, Args)]
 pub struct UserAddArgs {
     pub name: String,
-    /// Logins (OS users on devices) the user may use, comma separated.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub logins: Vec<String>,
-    /// Roles, comma separated.
-    #[arg(long, value_delimiter = ',')]
-    pub roles: Vec<String>,
-    /// Kubernetes groups, comma separated.
-    #[arg(long, value_delimiter = ',')]
-    pub kube_groups: Vec<String>,
-    /// Kubernetes users, comma separated.
-    #[arg(long, value_delimiter = ',')]
-    pub kube_users: Vec<String>,
+    #[command(flatten)]
+    pub grant: GrantArgs,
     /// Read the user's password from standard input (one line).
     #[arg(long)]
     pub password_stdin: bool,
@@ -394,7 +391,7 @@ mod tests {
         let Command::Users(UsersCmd::Add(a)) = cli.command else {
             panic!("wrong command");
         };
-        assert_eq!(a.logins, ["root", "pi"]);
+        assert_eq!(a.grant.logins, ["root", "pi"]);
         assert!(Cli::try_parse_from(["tctl", "lock", "--user", "a", "--device", "b"]).is_err());
         assert!(Cli::try_parse_from(["tctl", "lock"]).is_err());
         assert!(Cli::try_parse_from(["tctl", "tokens", "add", "--labels", "nokey"]).is_err());

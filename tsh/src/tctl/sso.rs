@@ -12,10 +12,10 @@ use super::output::{csv, json_list, print_json, Table};
 pub async fn map(s: &mut Session, a: SsoMapArgs) -> anyhow::Result<()> {
     let m = SsoMapping {
         group: a.group.clone(),
-        roles: a.roles,
-        logins: a.logins,
-        kube_groups: a.kube_groups,
-        kube_users: a.kube_users,
+        roles: a.grant.roles,
+        logins: a.grant.logins,
+        kube_groups: a.grant.kube_groups,
+        kube_users: a.grant.kube_users,
     };
     match s.call(Request::SsoMapSet(m)).await? {
         Response::Ok => {

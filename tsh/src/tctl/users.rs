@@ -13,7 +13,7 @@ use super::connect::Session;
 use super::output::{csv, expiry_text, json_list, print_json, time_json, Table};
 
 pub async fn add(s: &mut Session, a: UserAddArgs) -> anyhow::Result<()> {
-    for n in std::iter::once(&a.name).chain(&a.logins) {
+    for n in std::iter::once(&a.name).chain(&a.grant.logins) {
         if !valid_name(n) {
             bail!("invalid name {n:?}: use letters, digits, '.', '_' or '-'");
         }
@@ -25,10 +25,10 @@ pub async fn add(s: &mut Session, a: UserAddArgs) -> anyhow::Result<()> {
     };
     let spec = UserSpec {
         name: a.name.clone(),
-        logins: a.logins,
-        roles: a.roles,
-        kube_groups: a.kube_groups,
-        kube_users: a.kube_users,
+        logins: a.grant.logins,
+        roles: a.grant.roles,
+        kube_groups: a.grant.kube_groups,
+        kube_users: a.grant.kube_users,
         password,
         require_totp: a.require_totp,
     };
