@@ -15,6 +15,7 @@ use std::time::Duration;
 use edgeport_authority::store::{conformance, PostgresStore, Store};
 use edgeport_e2e::fabric::{wait_online, Agent, Gateway};
 use edgeport_e2e::peers::Peer;
+use edgeport_e2e::ssh::Tsh;
 use edgeport_e2e::{bin, free_port, run, Authority, Proc, TempDir};
 
 fn postgres() -> Peer {
@@ -164,6 +165,34 @@ fn two_authorities_share_one_database() {
     let _agent = Agent::start_joined(&tmp.join("dev1"), &gw.addr, "dev1", &join);
     wait_online(&b, "dev1", None, Duration::from_secs(30));
 
+    // A user added through one authority logs in through the gateway of the other and runs a
+    // command; a lock made through the second authority stops the next dial at once (on a
+    // shared store the gateway does not reuse dial decisions).
+    let mut add = b.tctl_cmd();
+    add.args([
+        "users",
+        "add",
+        "dora",
+        "--logins",
+        "root",
+        "--password-stdin",
+    ]);
+    run(
+        add,
+        Some(b"a long enough password\n"),
+        Duration::from_secs(30),
+    )
+    .expect_ok("users add");
+    let tsh = Tsh::new(tmp.join("tsh"), &gw.addr);
+    tsh.login("dora", "a long enough password", &gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    let hi = tsh.run(&["ssh", "root@dev1", "echo", "hi"], None);
+    assert_eq!(hi.stdout().trim(), "hi", "{}", hi.stderr());
+    b.tctl_ok(&["lock", "--user", "dora", "--message", "shared store"]);
+    let r = tsh.run(&["ssh", "root@dev1", "true"], None);
+    assert!(!r.ok(), "a dial right after the lock went through");
+    assert!(r.stderr().contains("lock"), "{}", r.stderr());
+
     // The database drops every connection (a failover, an administrator): the next request
     // gets a new one.
     let killed = superuser_sql(
@@ -176,7 +205,7 @@ fn two_authorities_share_one_database() {
     assert_ne!(killed.trim(), "0", "no connection was open");
     assert_eq!(
         names(&b.tctl_ok(&["users", "ls", "--format", "json"])).len(),
-        14
+        15
     );
 
     // State lives in the database: a restarted authority (no store of its own) has it all.
@@ -189,7 +218,7 @@ fn two_authorities_share_one_database() {
     );
     assert_eq!(
         names(&a.tctl_ok(&["users", "ls", "--format", "json"])).len(),
-        14
+        15
     );
     assert!(a.tctl_ok(&["devices", "ls"]).stdout().contains("dev1"));
 }
