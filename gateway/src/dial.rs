@@ -147,7 +147,7 @@ pub async fn serve_stream(
                 redirect_uri,
             },
             _,
-        ) => match ctx.sso.start(&connector, &redirect_uri).await {
+        ) => match ctx.sso.start(&connector, &redirect_uri, addr.ip()).await {
             Ok(auth_url) => ClientReply::SsoRedirect { auth_url },
             Err(e) => ClientReply::Refused(e),
         },

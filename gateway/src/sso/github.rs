@@ -85,7 +85,7 @@ impl GitHub {
         self.pending.contains(state)
     }
 
-    pub fn start(&self, redirect_uri: &str) -> Result<String, RpcError> {
+    pub fn start(&self, redirect_uri: &str, client: std::net::IpAddr) -> Result<String, RpcError> {
         let redirect = loopback_redirect(redirect_uri)?;
         let state = CsrfToken::new_random().secret().clone();
         let mut url = Url::parse(&format!("{}/login/oauth/authorize", self.cfg.url))
@@ -96,7 +96,8 @@ impl GitHub {
             .append_pair("state", &state)
             .append_pair("scope", "read:org")
             .append_pair("allow_signup", "false");
-        self.pending.insert(state, redirect.as_str().to_string());
+        self.pending
+            .insert(state, client, redirect.as_str().to_string())?;
         Ok(url.to_string())
     }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod oidc;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -30,6 +31,9 @@ pub use self::oidc::{Oidc, OidcConfig};
 const PENDING_TTL: Duration = Duration::from_secs(600);
 /// Logins in progress at once per connector (the oldest is dropped first).
 const MAX_PENDING: usize = 10_000;
+/// Logins in progress at once from one client address: starting logins needs no
+/// credentials, so one address must not be able to push everyone else's out.
+const MAX_PENDING_PER_CLIENT: usize = 16;
 
 /// The configured connectors.
 #[derive(Default)]
@@ -44,14 +48,19 @@ impl Sso {
     }
 
     /// The provider's login URL for `connector` (`oidc` or `github`).
-    pub async fn start(&self, connector: &str, redirect_uri: &str) -> Result<String, RpcError> {
+    pub async fn start(
+        &self,
+        connector: &str,
+        redirect_uri: &str,
+        client: IpAddr,
+    ) -> Result<String, RpcError> {
         match connector {
             "oidc" => match &self.oidc {
-                Some(o) => o.start(redirect_uri).await,
+                Some(o) => o.start(redirect_uri, client).await,
                 None => Err(not_configured(connector, self)),
             },
             "github" => match &self.github {
-                Some(g) => g.start(redirect_uri),
+                Some(g) => g.start(redirect_uri, client),
                 None => Err(not_configured(connector, self)),
             },
             other => Err(RpcError::new(
@@ -101,9 +110,9 @@ fn not_configured(connector: &str, sso: &Sso) -> RpcError {
     )
 }
 
-/// Logins in progress, by `state`: single use, expiring, bounded.
+/// Logins in progress, by `state`: single use, expiring, bounded (in all and per client).
 pub(crate) struct PendingLogins<T> {
-    map: Mutex<HashMap<String, (Instant, T)>>,
+    map: Mutex<HashMap<String, (Instant, IpAddr, T)>>,
 }
 
 impl<T> Default for PendingLogins<T> {
@@ -115,19 +124,26 @@ impl<T> Default for PendingLogins<T> {
 }
 
 impl<T> PendingLogins<T> {
-    pub(crate) fn insert(&self, state: String, value: T) {
-        let Ok(mut m) = self.map.lock() else { return };
-        m.retain(|_, (at, _)| at.elapsed() < PENDING_TTL);
+    pub(crate) fn insert(&self, state: String, client: IpAddr, value: T) -> Result<(), RpcError> {
+        let mut m = self.map.lock().map_err(|_| unavailable("internal error"))?;
+        m.retain(|_, (at, _, _)| at.elapsed() < PENDING_TTL);
+        if m.values().filter(|(_, c, _)| *c == client).count() >= MAX_PENDING_PER_CLIENT {
+            return Err(RpcError::new(
+                ErrorKind::Denied,
+                format!("too many single sign-on logins in progress from {client}; finish one or wait a few minutes"),
+            ));
+        }
         if m.len() >= MAX_PENDING {
             if let Some(oldest) = m
                 .iter()
-                .min_by_key(|(_, (at, _))| *at)
+                .min_by_key(|(_, (at, _, _))| *at)
                 .map(|(k, _)| k.clone())
             {
                 m.remove(&oldest);
             }
         }
-        m.insert(state, (Instant::now(), value));
+        m.insert(state, (Instant::now(), client, value));
+        Ok(())
     }
 
     pub(crate) fn contains(&self, state: &str) -> bool {
@@ -140,8 +156,8 @@ impl<T> PendingLogins<T> {
             .lock()
             .ok()?
             .remove(state)
-            .filter(|(at, _)| at.elapsed() < PENDING_TTL)
-            .map(|(_, v)| v)
+            .filter(|(at, _, _)| at.elapsed() < PENDING_TTL)
+            .map(|(_, _, v)| v)
     }
 }
 
@@ -232,6 +248,21 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_client_cannot_crowd_out_the_others() {
+        let p = PendingLogins::<()>::default();
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        for i in 0..MAX_PENDING_PER_CLIENT {
+            p.insert(format!("a{i}"), a, ()).unwrap();
+        }
+        let e = p.insert("a-more".into(), a, ()).unwrap_err();
+        assert!(e.message.contains("too many"), "{}", e.message);
+        p.insert("b0".into(), b, ()).unwrap();
+        assert!(p.take("a0").is_some());
+        assert!(p.take("a0").is_none(), "a state works once");
+        p.insert("a-again".into(), a, ()).unwrap();
+    }
 
     #[test]
     fn only_loopback_redirects() {

@@ -109,7 +109,11 @@ impl Oidc {
     }
 
     /// The provider's login URL for a new attempt that returns to `redirect_uri`.
-    pub async fn start(&self, redirect_uri: &str) -> Result<String, RpcError> {
+    pub async fn start(
+        &self,
+        redirect_uri: &str,
+        from: std::net::IpAddr,
+    ) -> Result<String, RpcError> {
         let redirect = loopback_redirect(redirect_uri)?;
         let meta = self.provider().await?;
         let client = CoreClient::from_provider_metadata(
@@ -130,12 +134,13 @@ impl Oidc {
             .url();
         self.pending.insert(
             state.secret().clone(),
+            from,
             Pending {
                 verifier,
                 nonce,
                 redirect,
             },
-        );
+        )?;
         Ok(url.to_string())
     }
 
