@@ -178,6 +178,13 @@ impl Connection {
                     let epoch = tokio::select! {
                         e = policy.wait_change(seen, crate::policy::WATCH_MAX) => e,
                         _ = self.shutdown.cancelled() => policy.epoch(),
+                        r = read_frame::<Request, _>(&mut tls) => {
+                            // A watching gateway sends nothing until it has the answer: this
+                            // is its connection closing (or a client breaking the protocol).
+                            // Stop counting on its acknowledgements now, not at the next write.
+                            tracing::debug!(%peer, %caller, "policy watcher left ({:?})", r.err());
+                            break;
+                        }
                     };
                     Response::Policy {
                         epoch,

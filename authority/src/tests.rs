@@ -452,6 +452,59 @@ async fn full_flow_over_rpc() {
         other => panic!("{other:?}"),
     }
 
+    // The policy watch: gateways only; a lock moves the epoch and returns after the watching
+    // gateway asked for the next one; a watcher that disconnects is not waited for.
+    assert_eq!(
+        err_of(a.call(Request::WatchPolicy { seen: 0 }).await).kind,
+        ErrorKind::Denied
+    );
+    let gw_tls = mtls(&gw.x509_cert_pem, &gw_key, &gw.cas.x509_ca_pem);
+    let mut w = RpcClient::connect(&addr, gw_tls.clone()).await.unwrap();
+    let Response::Policy { epoch, exclusive } =
+        w.call(Request::WatchPolicy { seen: 0 }).await.unwrap()
+    else {
+        panic!("no policy answer")
+    };
+    assert!(exclusive, "an embedded store sees every change");
+    let watcher = tokio::spawn(async move {
+        let Response::Policy { epoch: next, .. } =
+            w.call(Request::WatchPolicy { seen: epoch }).await.unwrap()
+        else {
+            panic!("no policy answer")
+        };
+        // Acknowledge by asking for the change after it (answered later or at the limit).
+        let ack = tokio::spawn(async move { w.call(Request::WatchPolicy { seen: next }).await });
+        (next, ack)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let lock = LockSpec {
+        target: LockTarget::User("nobody".into()),
+        message: "policy test".into(),
+        expires: 0,
+    };
+    assert!(matches!(
+        a.call(Request::LockAdd(lock.clone())).await.unwrap(),
+        Response::Ok
+    ));
+    let (next, ack) = watcher.await.unwrap();
+    assert_eq!(next, epoch + 1);
+    ack.abort();
+    // The watcher's connection is gone: the next change does not hang on it.
+    let mut w2 = RpcClient::connect(&addr, gw_tls).await.unwrap();
+    let waiting = tokio::spawn(async move { w2.call(Request::WatchPolicy { seen: next }).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    waiting.abort();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    a.call(Request::LockRemove {
+        target: lock.target.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        a.call(Request::LockAdd(lock)).await.unwrap(),
+        Response::Ok
+    ));
+
     // Restart: same CAs, same admin identity, state kept; another cluster name is refused.
     drop((a, g, anon));
     server.shutdown().await.unwrap();
