@@ -333,16 +333,14 @@ pub fn remove(store: &dyn Store, name: &str) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// Checks a login secret: the password, or the invite code (which then needs
-/// `new_password`, sets it and is consumed). A correct password with `new_password` changes
-/// the password. Returns the user as stored afterwards.
-pub fn authenticate(
+/// Checks a login secret (the password, or an unexpired invite code) without changing
+/// anything: the user, and whether the secret was the invite.
+pub fn check_secret(
     store: &dyn Store,
     name: &str,
     secret: &str,
-    new_password: Option<&str>,
     now: u64,
-) -> Result<UserRecord, RpcError> {
+) -> Result<(UserRecord, bool), RpcError> {
     let Some(user) = (if valid_name(name) {
         get(store, name)?
     } else {
@@ -364,17 +362,30 @@ pub fn authenticate(
         }
         return Err(bad_credentials(BAD_LOGIN));
     }
-    if by_invite {
-        if user.invite.as_ref().is_some_and(|i| i.expires <= now) {
-            return Err(expired(
-                "the invite code expired; ask an administrator for a new one",
-            ));
-        }
-        if new_password.is_none() {
-            return Err(invalid(
-                "this is an invite code: choose a password (new_password) to accept it",
-            ));
-        }
+    if by_invite && user.invite.as_ref().is_some_and(|i| i.expires <= now) {
+        return Err(expired(
+            "the invite code expired; ask an administrator for a new one",
+        ));
+    }
+    Ok((user, by_invite))
+}
+
+/// Checks a login secret: the password, or the invite code (which then needs
+/// `new_password`, sets it and is consumed). A correct password with `new_password` changes
+/// the password. Returns the user as stored afterwards.
+pub fn authenticate(
+    store: &dyn Store,
+    name: &str,
+    secret: &str,
+    new_password: Option<&str>,
+    now: u64,
+) -> Result<UserRecord, RpcError> {
+    let (user, by_invite) = check_secret(store, name, secret, now)?;
+    let invite_hash = sha256_hex(secret.as_bytes());
+    if by_invite && new_password.is_none() {
+        return Err(invalid(
+            "this is an invite code: choose a password (new_password) to accept it",
+        ));
     }
     let Some(new_pw) = new_password else {
         return Ok(user);

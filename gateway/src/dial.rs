@@ -145,9 +145,21 @@ pub async fn serve_stream(
             ClientRequest::SsoStart {
                 connector,
                 redirect_uri,
+                proof_hash,
             },
             _,
-        ) => match ctx.sso.start(&connector, &redirect_uri, addr.ip()).await {
+        ) => match ctx
+            .sso
+            .start(
+                &connector,
+                &redirect_uri,
+                crate::sso::Starter {
+                    addr: addr.ip(),
+                    proof_hash,
+                },
+            )
+            .await
+        {
             Ok(auth_url) => ClientReply::SsoRedirect { auth_url },
             Err(e) => ClientReply::Refused(e),
         },

@@ -120,6 +120,9 @@ pub enum ClientRequest {
     SsoStart {
         connector: String,
         redirect_uri: String,
+        /// Hex SHA-256 of a secret only this tsh holds: `SsoFinish` must bring the secret,
+        /// so a login can be finished only by the tsh that started it.
+        proof_hash: String,
     },
     /// No certificate needed: the provider's answer that reached tsh's listener; the gateway
     /// redeems the code (with the client secret and the PKCE verifier that only it holds),
@@ -133,9 +136,11 @@ pub struct SsoFinish {
     pub code: String,
     pub ssh_public_key: String,
     pub ttl_secs: u64,
+    /// The secret whose hash `SsoStart` carried.
+    pub proof: String,
 }
 
-crate::debug_redacted!(SsoFinish { state, ssh_public_key, ttl_secs } secret { code });
+crate::debug_redacted!(SsoFinish { state, ssh_public_key, ttl_secs } secret { code, proof });
 
 /// gateway -> tsh: the answer to a [`ClientRequest`].
 #[derive(Clone, Debug, Serialize, Deserialize)]

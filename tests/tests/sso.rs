@@ -9,7 +9,7 @@
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -73,6 +73,28 @@ fn sso_login_with(tsh: &Tsh, pin: &str, who: &str, connector: &str) -> (Run, Str
         assert!(url.contains("code_challenge="), "no PKCE in {url}");
         assert!(url.contains("nonce="), "no nonce in {url}");
     }
+    // Someone else's login delivered to this tsh's port (a forged or stolen callback) is
+    // turned away, and the real one still completes.
+    let redirect = url
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("redirect_uri="))
+        .unwrap();
+    let port: u16 = redirect
+        .split("127.0.0.1%3A")
+        .nth(1)
+        .and_then(|r| r.split('%').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut forged = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        forged,
+        "GET /v1/webapi/{connector}/callback?code=stolen&state=not-yours HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    forged.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let mut browser = Command::new("bash");
     browser
         .arg(peers_dir().join("oidc.sh"))

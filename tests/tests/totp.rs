@@ -50,7 +50,13 @@ fn login_args<'a>(tsh: &'a Tsh, user: &'a str, pin: &'a str) -> Vec<&'a str> {
 /// First login of a user who must enroll: tsh shows the new key, the "app" (oathtool)
 /// computes the code, tsh sends it. Returns tsh's result, the key and the time of the code.
 fn enroll(tsh: &Tsh, user: &str, pin: &str) -> (Run, String, u64) {
-    let mut cmd = tsh.cmd(&login_args(tsh, user, pin));
+    enroll_with(tsh, user, pin, &[])
+}
+
+fn enroll_with(tsh: &Tsh, user: &str, pin: &str, extra: &[&str]) -> (Run, String, u64) {
+    let mut args = login_args(tsh, user, pin);
+    args.extend_from_slice(extra);
+    let mut cmd = tsh.cmd(&args);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -160,6 +166,37 @@ fn one_time_passwords_enroll_once_and_work_once() {
     let next = oathtool(&key, at + 30);
     let r = login_with_code(&tsh, "dana", &pin, &next);
     assert!(r.ok(), "{}", r.stderr());
+
+    // An invited user who must enroll: the refused first attempt changes nothing (the invite
+    // stays unspent until the code checks out), then invite, new password and enrollment go
+    // together, and the new password works with the next code.
+    let mut add = c.auth.tctl_cmd();
+    add.args([
+        "users",
+        "add",
+        "frank",
+        "--logins",
+        "root",
+        "--require-totp",
+    ]);
+    let out = run(add, None, Duration::from_secs(30))
+        .expect_ok("users add frank")
+        .stdout();
+    let code = out
+        .lines()
+        .find_map(|l| l.strip_prefix("One-time invite code: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let frank = Tsh::new(c.dir.join("tsh-frank"), c.proxy());
+    let (r, fkey, fat) = enroll_with(&frank, "frank", &pin, &["--invite", &code]);
+    assert!(r.ok(), "{}\n{}", r.stdout(), r.stderr());
+    let r = login_with_code(&frank, "frank", &pin, &oathtool(&fkey, fat + 30));
+    assert!(
+        r.ok(),
+        "the password chosen with the invite does not work: {}",
+        r.stderr()
+    );
 
     // Another user without the requirement is not asked anything.
     c.add_user("eve", "root", PW);

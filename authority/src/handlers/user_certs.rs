@@ -236,13 +236,22 @@ pub fn login(
             "too many failed logins; try again in {wait}s"
         )));
     }
-    let user = match users::authenticate(
-        svc.store(),
-        &req.user,
-        &req.secret,
-        req.new_password.as_deref(),
-        now,
-    ) {
+    // The secret first, then the second factor, and only then any change (a new password, an
+    // invite spent): a stolen password alone must not be able to change the password.
+    let checked =
+        users::check_secret(svc.store(), &req.user, &req.secret, now).and_then(|(u, invite)| {
+            if invite && req.new_password.is_none() {
+                return Err(invalid(
+                    "this is an invite code: choose a password (new_password) to accept it",
+                ));
+            }
+            second_factor(svc, &u, &req, now)?;
+            match req.new_password.as_deref() {
+                None => Ok(u),
+                new => users::authenticate(svc.store(), &req.user, &req.secret, new, now),
+            }
+        });
+    let user = match checked {
         Ok(u) => u,
         Err(e) => {
             if e.kind == edgeport_proto::rpc::ErrorKind::BadCredentials {
@@ -258,14 +267,6 @@ pub fn login(
             return Err(e);
         }
     };
-    if let Err(e) = second_factor(svc, &user, &req, now) {
-        if e.kind == edgeport_proto::rpc::ErrorKind::BadCredentials {
-            svc.logins.failed(&req.user, &req.client_addr, now);
-        }
-        tracing::info!(user = %req.user, client = %req.client_addr, gateway,
-            "login refused: {}", e.message);
-        return Err(e);
-    }
     svc.logins.succeeded(&user.name);
     check_not_locked(svc, &user.name, now)?;
     let certs = issue(

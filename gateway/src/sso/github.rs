@@ -14,7 +14,9 @@ use openidconnect::CsrfToken;
 use serde::Deserialize;
 
 use super::http::HttpClient;
-use super::{denied, loopback_redirect, read_secret, roots_config, unavailable, PendingLogins};
+use super::{
+    denied, loopback_redirect, read_secret, roots_config, unavailable, PendingLogins, Starter,
+};
 
 /// Pages of teams read at most (100 each).
 const MAX_TEAM_PAGES: usize = 10;
@@ -85,7 +87,7 @@ impl GitHub {
         self.pending.contains(state)
     }
 
-    pub fn start(&self, redirect_uri: &str, client: std::net::IpAddr) -> Result<String, RpcError> {
+    pub fn start(&self, redirect_uri: &str, starter: Starter) -> Result<String, RpcError> {
         let redirect = loopback_redirect(redirect_uri)?;
         let state = CsrfToken::new_random().secret().clone();
         let mut url = Url::parse(&format!("{}/login/oauth/authorize", self.cfg.url))
@@ -97,7 +99,7 @@ impl GitHub {
             .append_pair("scope", "read:org")
             .append_pair("allow_signup", "false");
         self.pending
-            .insert(state, client, redirect.as_str().to_string())?;
+            .insert(state, starter, redirect.as_str().to_string())?;
         Ok(url.to_string())
     }
 
@@ -106,9 +108,7 @@ impl GitHub {
         req: SsoFinish,
         client_addr: &str,
     ) -> Result<SsoLoginRequest, RpcError> {
-        let redirect = self.pending.take(&req.state).ok_or_else(|| {
-            denied("this single sign-on attempt is unknown or expired (state); run tsh login again")
-        })?;
+        let redirect = self.pending.take(&req.state, &req.proof)?;
         let form = form_urlencoded::Serializer::new(String::new())
             .append_pair("client_id", &self.cfg.client_id)
             .append_pair("client_secret", &self.secret)

@@ -52,15 +52,15 @@ impl Sso {
         &self,
         connector: &str,
         redirect_uri: &str,
-        client: IpAddr,
+        starter: Starter,
     ) -> Result<String, RpcError> {
         match connector {
             "oidc" => match &self.oidc {
-                Some(o) => o.start(redirect_uri, client).await,
+                Some(o) => o.start(redirect_uri, starter).await,
                 None => Err(not_configured(connector, self)),
             },
             "github" => match &self.github {
-                Some(g) => g.start(redirect_uri, client),
+                Some(g) => g.start(redirect_uri, starter),
                 None => Err(not_configured(connector, self)),
             },
             other => Err(RpcError::new(
@@ -110,9 +110,36 @@ fn not_configured(connector: &str, sso: &Sso) -> RpcError {
     )
 }
 
-/// Logins in progress, by `state`: single use, expiring, bounded (in all and per client).
+/// Who starts a login: the client's address (for the per-client bound) and the hash of the
+/// secret it must show to finish.
+pub struct Starter {
+    pub addr: IpAddr,
+    pub proof_hash: String,
+}
+
+/// Counted together: one IPv4 address, or one IPv6 /64 (what one subscriber usually has).
+fn client_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+    }
+}
+
+struct PendingLogin<T> {
+    started: Instant,
+    client: IpAddr,
+    proof_hash: String,
+    value: T,
+}
+
+/// Logins in progress, by `state`: single use, expiring, bounded (in all and per client),
+/// finished only by whoever shows the starter's secret.
 pub(crate) struct PendingLogins<T> {
-    map: Mutex<HashMap<String, (Instant, IpAddr, T)>>,
+    map: Mutex<HashMap<String, PendingLogin<T>>>,
 }
 
 impl<T> Default for PendingLogins<T> {
@@ -124,25 +151,39 @@ impl<T> Default for PendingLogins<T> {
 }
 
 impl<T> PendingLogins<T> {
-    pub(crate) fn insert(&self, state: String, client: IpAddr, value: T) -> Result<(), RpcError> {
-        let mut m = self.map.lock().map_err(|_| unavailable("internal error"))?;
-        m.retain(|_, (at, _, _)| at.elapsed() < PENDING_TTL);
-        if m.values().filter(|(_, c, _)| *c == client).count() >= MAX_PENDING_PER_CLIENT {
+    pub(crate) fn insert(&self, state: String, starter: Starter, value: T) -> Result<(), RpcError> {
+        if starter.proof_hash.len() != 64
+            || !starter.proof_hash.bytes().all(|b| b.is_ascii_hexdigit())
+        {
             return Err(RpcError::new(
-                ErrorKind::Denied,
-                format!("too many single sign-on logins in progress from {client}; finish one or wait a few minutes"),
+                ErrorKind::Invalid,
+                "single sign-on needs the hash of tsh's secret (proof_hash: 64 hex digits)",
             ));
         }
-        if m.len() >= MAX_PENDING {
-            if let Some(oldest) = m
-                .iter()
-                .min_by_key(|(_, (at, _, _))| *at)
-                .map(|(k, _)| k.clone())
-            {
-                m.remove(&oldest);
-            }
+        let client = client_key(starter.addr);
+        let mut m = self.map.lock().map_err(|_| unavailable("internal error"))?;
+        m.retain(|_, p| p.started.elapsed() < PENDING_TTL);
+        if m.values().filter(|p| p.client == client).count() >= MAX_PENDING_PER_CLIENT {
+            return Err(RpcError::new(
+                ErrorKind::Denied,
+                format!("too many single sign-on logins in progress from {}; finish one or wait a few minutes", starter.addr),
+            ));
         }
-        m.insert(state, (Instant::now(), client, value));
+        // Full: refuse the newcomer rather than drop someone's login in progress.
+        if m.len() >= MAX_PENDING {
+            return Err(unavailable(
+                "too many single sign-on logins in progress; try again in a few minutes",
+            ));
+        }
+        m.insert(
+            state,
+            PendingLogin {
+                started: Instant::now(),
+                client,
+                proof_hash: starter.proof_hash.to_ascii_lowercase(),
+                value,
+            },
+        );
         Ok(())
     }
 
@@ -150,14 +191,32 @@ impl<T> PendingLogins<T> {
         self.map.lock().is_ok_and(|m| m.contains_key(state))
     }
 
-    /// The login started with `state`, once, if it has not expired.
-    pub(crate) fn take(&self, state: &str) -> Option<T> {
-        self.map
+    /// The login started with `state`, once, if it has not expired and `proof` is the
+    /// starter's secret.
+    pub(crate) fn take(&self, state: &str, proof: &str) -> Result<T, RpcError> {
+        let unknown = || {
+            denied("this single sign-on attempt is unknown or expired (state); run tsh login again")
+        };
+        let p = self
+            .map
             .lock()
-            .ok()?
+            .map_err(|_| unavailable("internal error"))?
             .remove(state)
-            .filter(|(at, _, _)| at.elapsed() < PENDING_TTL)
-            .map(|(_, _, v)| v)
+            .filter(|p| p.started.elapsed() < PENDING_TTL)
+            .ok_or_else(unknown)?;
+        let shown = edgeport_proto::keys::sha256_hex(proof.as_bytes());
+        let same = shown.len() == p.proof_hash.len()
+            && shown
+                .bytes()
+                .zip(p.proof_hash.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Err(denied(
+                "this single sign-on login was started by another client; run tsh login again",
+            ));
+        }
+        Ok(p.value)
     }
 }
 
@@ -249,19 +308,58 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    fn starter(addr: &str) -> Starter {
+        Starter {
+            addr: addr.parse().unwrap(),
+            proof_hash: edgeport_proto::keys::sha256_hex(b"secret"),
+        }
+    }
+
     #[test]
     fn one_client_cannot_crowd_out_the_others() {
         let p = PendingLogins::<()>::default();
-        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         for i in 0..MAX_PENDING_PER_CLIENT {
-            p.insert(format!("a{i}"), a, ()).unwrap();
+            p.insert(format!("a{i}"), starter("192.0.2.1"), ()).unwrap();
         }
-        let e = p.insert("a-more".into(), a, ()).unwrap_err();
+        let e = p
+            .insert("a-more".into(), starter("192.0.2.1"), ())
+            .unwrap_err();
         assert!(e.message.contains("too many"), "{}", e.message);
-        p.insert("b0".into(), b, ()).unwrap();
-        assert!(p.take("a0").is_some());
-        assert!(p.take("a0").is_none(), "a state works once");
-        p.insert("a-again".into(), a, ()).unwrap();
+        p.insert("b0".into(), starter("192.0.2.2"), ()).unwrap();
+        assert!(p.take("a0", "secret").is_ok());
+        assert!(p.take("a0", "secret").is_err(), "a state works once");
+        p.insert("a-again".into(), starter("192.0.2.1"), ())
+            .unwrap();
+        // One IPv6 /64 counts as one client.
+        for i in 0..MAX_PENDING_PER_CLIENT {
+            let addr = format!("2001:db8::{:x}", i + 1);
+            p.insert(format!("v6-{i}"), starter(&addr), ()).unwrap();
+        }
+        assert!(p
+            .insert("v6-more".into(), starter("2001:db8::ffff"), ())
+            .is_err());
+        assert!(p
+            .insert("v6-other".into(), starter("2001:db8:0:1::1"), ())
+            .is_ok());
+    }
+
+    #[test]
+    fn only_the_starter_finishes() {
+        let p = PendingLogins::<u8>::default();
+        p.insert("s".into(), starter("192.0.2.1"), 7).unwrap();
+        let e = p.take("s", "not the secret").unwrap_err();
+        assert!(e.message.contains("another client"), "{}", e.message);
+        assert!(
+            p.take("s", "secret").is_err(),
+            "a refused attempt still spends the state"
+        );
+        p.insert("t".into(), starter("192.0.2.1"), 8).unwrap();
+        assert_eq!(p.take("t", "secret").unwrap(), 8);
+        let bad = Starter {
+            addr: "192.0.2.1".parse().unwrap(),
+            proof_hash: "short".into(),
+        };
+        assert!(p.insert("u".into(), bad, 9).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use openidconnect::{
 use super::http::HttpClient;
 use super::{
     chain, denied, loopback_redirect, read_secret, roots_config, unavailable, PendingLogins,
+    Starter,
 };
 
 /// The provider's discovery document and keys are fetched again after this long.
@@ -109,11 +110,7 @@ impl Oidc {
     }
 
     /// The provider's login URL for a new attempt that returns to `redirect_uri`.
-    pub async fn start(
-        &self,
-        redirect_uri: &str,
-        from: std::net::IpAddr,
-    ) -> Result<String, RpcError> {
+    pub async fn start(&self, redirect_uri: &str, starter: Starter) -> Result<String, RpcError> {
         let redirect = loopback_redirect(redirect_uri)?;
         let meta = self.provider().await?;
         let client = CoreClient::from_provider_metadata(
@@ -134,7 +131,7 @@ impl Oidc {
             .url();
         self.pending.insert(
             state.secret().clone(),
-            from,
+            starter,
             Pending {
                 verifier,
                 nonce,
@@ -151,9 +148,7 @@ impl Oidc {
         req: SsoFinish,
         client_addr: &str,
     ) -> Result<SsoLoginRequest, RpcError> {
-        let p = self.pending.take(&req.state).ok_or_else(|| {
-            denied("this single sign-on attempt is unknown or expired (state); run tsh login again")
-        })?;
+        let p = self.pending.take(&req.state, &req.proof)?;
         let meta = self.provider().await?;
         let client = CoreClient::from_provider_metadata(
             meta,

@@ -258,10 +258,8 @@ async fn password_login(
             ClientReply::Refused(e)
                 if e.kind == ErrorKind::SecondFactorEnroll && req.totp_enroll.is_none() =>
             {
-                // An invite was accepted by the first attempt: its new password is the one now.
-                if let Some(pw) = req.new_password.take() {
-                    req.secret = pw;
-                }
+                // Nothing was changed by the refused attempt (an invite is still unspent): the
+                // same secret goes again, with the enrollment.
                 let secret = totp::base32(
                     &random_bytes(totp::SECRET_LEN).map_err(|e| CliError::msg(e.to_string()))?,
                 );

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_proto::keys::{random_secret, sha256_hex};
 use edgeport_proto::rpc::UserCerts;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, SsoFinish};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -62,9 +63,12 @@ pub async fn login(
         .port();
     let path = callback_path(connector);
     let redirect_uri = format!("http://127.0.0.1:{port}{path}");
+    // Only this tsh knows the secret; the gateway finishes the login only for whoever shows it.
+    let proof = random_secret().map_err(|e| CliError::msg(e.to_string()))?;
     let start = ClientRequest::SsoStart {
         connector: connector.to_string(),
         redirect_uri,
+        proof_hash: sha256_hex(proof.as_bytes()),
     };
     let auth_url = match gateway::request(proxy, server_name, tls.clone(), transport, &start).await
     {
@@ -79,25 +83,30 @@ pub async fn login(
     if browser != "none" {
         open_browser(&auth_url);
     }
-    let (code, state) = match tokio::time::timeout(WAIT, wait_for_callback(&listener, &path)).await
-    {
-        Err(_) => {
-            return Err(CliError::msg(format!(
-                "no answer from the browser within {} minutes; run tsh login again",
-                WAIT.as_secs() / 60
-            )))
-        }
-        Ok(Err(e)) => return Err(CliError::msg(format!("single sign-on: {e}"))),
-        Ok(Ok(Callback::Error(e))) => {
-            return Err(CliError::msg(format!("the identity provider refused: {e}")))
-        }
-        Ok(Ok(Callback::Code { code, state })) => (code, state),
-    };
+    // The browser must come back with the state of this login: a callback with another one (a
+    // login someone else started, delivered to this port) is turned away.
+    let expected = state_of(&auth_url)
+        .ok_or_else(|| CliError::msg("the gateway's login address carries no state"))?;
+    let (code, state) =
+        match tokio::time::timeout(WAIT, wait_for_callback(&listener, &path, &expected)).await {
+            Err(_) => {
+                return Err(CliError::msg(format!(
+                    "no answer from the browser within {} minutes; run tsh login again",
+                    WAIT.as_secs() / 60
+                )))
+            }
+            Ok(Err(e)) => return Err(CliError::msg(format!("single sign-on: {e}"))),
+            Ok(Ok(Callback::Error(e))) => {
+                return Err(CliError::msg(format!("the identity provider refused: {e}")))
+            }
+            Ok(Ok(Callback::Code { code, state })) => (code, state),
+        };
     let finish = ClientRequest::SsoFinish(SsoFinish {
         state,
         code,
         ssh_public_key,
         ttl_secs,
+        proof,
     });
     match gateway::request(proxy, server_name, tls, transport, &finish).await {
         Ok((ClientReply::LoggedIn(c), _)) => Ok(c),
@@ -126,10 +135,14 @@ fn open_browser(url: &str) {
 
 /// Serves the loopback port until a request for the callback path arrives; other requests
 /// (a browser's favicon) get a 404.
-async fn wait_for_callback(listener: &TcpListener, path: &str) -> Result<Callback, String> {
+async fn wait_for_callback(
+    listener: &TcpListener,
+    path: &str,
+    state: &str,
+) -> Result<Callback, String> {
     loop {
         let (sock, _) = listener.accept().await.map_err(|e| e.to_string())?;
-        match answer(sock, path).await {
+        match answer(sock, path, state).await {
             Ok(Some(cb)) => return Ok(cb),
             Ok(None) => continue,
             Err(e) => tracing::debug!("callback connection: {e}"),
@@ -137,7 +150,11 @@ async fn wait_for_callback(listener: &TcpListener, path: &str) -> Result<Callbac
     }
 }
 
-async fn answer(sock: TcpStream, callback: &str) -> std::io::Result<Option<Callback>> {
+async fn answer(
+    sock: TcpStream,
+    callback: &str,
+    expected_state: &str,
+) -> std::io::Result<Option<Callback>> {
     let mut reader = BufReader::new(sock);
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(10), async {
@@ -168,6 +185,18 @@ async fn answer(sock: TcpStream, callback: &str) -> std::io::Result<Option<Callb
             (key == k).then(|| percent_decode(v))
         })
     };
+    if !same(
+        param("state").unwrap_or_default().as_bytes(),
+        expected_state.as_bytes(),
+    ) {
+        respond(
+            &mut sock,
+            "400 Bad Request",
+            "This sign-in belongs to another login attempt; it was ignored.",
+        )
+        .await?;
+        return Ok(None);
+    }
     let cb = match (param("code"), param("state"), param("error")) {
         (_, _, Some(err)) => {
             let desc = param("error_description").unwrap_or_default();
@@ -203,6 +232,20 @@ async fn respond(sock: &mut TcpStream, status: &str, text: &str) -> std::io::Res
     sock.shutdown().await
 }
 
+/// The `state` parameter of the provider's authorization URL.
+fn state_of(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "state").then(|| percent_decode(v))
+    })
+}
+
+/// Equal without telling where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// `application/x-www-form-urlencoded` value -> text (`+` is a space, `%XX` a byte).
 fn percent_decode(s: &str) -> String {
     let hex = |c: u8| (c as char).to_digit(16);
@@ -229,6 +272,16 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_state_and_compares_it() {
+        let url = "https://idp.example/auth?client_id=x&state=ab%2Bc&nonce=n";
+        assert_eq!(state_of(url).as_deref(), Some("ab+c"));
+        assert_eq!(state_of("https://idp.example/auth?x=1"), None);
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"abcd"));
+    }
 
     #[test]
     fn decodes_query_values() {
