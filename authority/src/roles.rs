@@ -198,6 +198,18 @@ pub fn remove(store: &dyn Store, name: &str) -> Result<(), RpcError> {
             users.join(", ")
         )));
     }
+    let groups: Vec<String> =
+        store::list::<edgeport_proto::rpc::SsoMapping>(store, Table::SsoMaps, "")?
+            .into_iter()
+            .filter(|(_, m)| m.roles.iter().any(|r| r == name))
+            .map(|(_, m)| m.group)
+            .collect();
+    if !groups.is_empty() {
+        return Err(invalid(format!(
+            "role {name} is granted to single sign-on group(s) {}; change those mappings first",
+            groups.join(", ")
+        )));
+    }
     match store.delete(Table::Roles, name)? {
         Some(_) => Ok(()),
         None => Err(not_found(format!("role {name} not found"))),

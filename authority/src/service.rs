@@ -153,7 +153,6 @@ fn tightens_policy(req: &Request) -> bool {
             | Request::DeviceRemove { .. }
             | Request::RoleUpsert(_)
             | Request::RoleRemove { .. }
-            | Request::SsoLogin(_)
     )
 }
 

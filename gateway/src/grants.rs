@@ -74,7 +74,7 @@ impl Grants {
         } else {
             unwatched_reuse
         };
-        if let Some(g) = self.recent(&key, reuse, Some(epoch)) {
+        if let Some(g) = self.recent(&key, reuse, true) {
             return Ok(g);
         }
         let req = Request::AuthorizeDial {
@@ -94,7 +94,7 @@ impl Grants {
                 ErrorKind::Internal,
                 edgeport_proto::rpc_client::unexpected(other).to_string(),
             )),
-            Err(e) => match self.recent(&key, OUTAGE, None) {
+            Err(e) => match self.recent(&key, OUTAGE, false) {
                 Some(g) => {
                     tracing::warn!(%user, %target, "authority unreachable ({e}); using a recent grant");
                     Ok(g)
@@ -104,11 +104,13 @@ impl Grants {
         }
     }
 
-    /// A grant younger than `within` (and of `epoch`, if given).
-    fn recent(&self, key: &Key, within: Duration, epoch: Option<u64>) -> Option<DialGrant> {
+    /// A grant younger than `within` (and, with `current`, of the policy epoch as it is now:
+    /// read here, not when the dial started, so a change acknowledged in between counts).
+    fn recent(&self, key: &Key, within: Duration, current: bool) -> Option<DialGrant> {
         let m = self.map.lock().ok()?;
+        let now = self.epoch.load(Ordering::SeqCst);
         m.get(key)
-            .filter(|(at, e, _)| at.elapsed() < within && epoch.is_none_or(|x| x == *e))
+            .filter(|(at, e, _)| at.elapsed() < within && (!current || *e == now))
             .map(|(_, _, g)| g.clone())
     }
 

@@ -30,7 +30,8 @@ fn database(pg: &Peer, name: &str) -> String {
     );
     let url = pg.get("DATABASE_URL");
     let base = url.rsplit_once('/').unwrap().0;
-    format!("{base}/{name}")
+    // The test server has no TLS: say so (the authority requires TLS over TCP otherwise).
+    format!("{base}/{name}?sslmode=disable")
 }
 
 fn start(dir: &Path, url: &str) -> Authority {
@@ -318,7 +319,9 @@ fn tls_to_postgres_is_verified() {
     }));
 
     // Verified against the database's CA, with plain text refused.
-    let required = format!("{url}?sslmode=require");
+    let required = url.replace("sslmode=disable", "sslmode=require");
+    // Without a word about TLS in the URL, TLS is what the authority asks for.
+    let defaulted = url.replace("?sslmode=disable", "");
     let addr = format!("127.0.0.1:{}", free_port());
     let ca = ca_file.to_str().unwrap();
     let auth = Authority::start_env(
@@ -369,4 +372,12 @@ fn tls_to_postgres_is_verified() {
     assert_eq!(r.code(), Some(1), "{}", r.stderr());
     assert!(r.stderr().contains("certificate"), "{}", r.stderr());
     assert!(!r.stderr().contains(pg.get("PGPASSWORD")), "{}", r.stderr());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let auth = Authority::start_env(
+        &tmp.join("a"),
+        "pgc",
+        &addr,
+        &[("EDGEPORT_STORE", &defaulted), ("EDGEPORT_STORE_CA", ca)],
+    );
+    auth.tctl_ok(&["users", "ls"]);
 }

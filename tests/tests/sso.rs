@@ -282,7 +282,7 @@ fn github_login_maps_teams_and_keeps_identities_apart() {
     let pin = c.gw.ca_pin.clone();
     c.tctl.ok(&["sso", "map", "devs", "--logins", "root"]);
     c.tctl
-        .ok(&["sso", "map", "octo-org/devs", "--logins", "root"]);
+        .ok(&["sso", "map", "github:octo-org/devs", "--logins", "root"]);
 
     // dave is in octo-org/devs on GitHub: in, and his session works.
     let dave = Tsh::new(c.dir.join("tsh-dave"), c.proxy());
@@ -302,7 +302,7 @@ fn github_login_maps_teams_and_keeps_identities_apart() {
     let (r, _) = sso_login_with(&erin, &pin, "erin", "github");
     assert!(!r.ok(), "{}", r.stdout());
     assert!(
-        r.stderr().contains("(octo-org/ops) is mapped"),
+        r.stderr().contains("(github:octo-org/ops) is mapped"),
         "{}",
         r.stderr()
     );

@@ -95,7 +95,21 @@ pub fn login(
         )));
     };
     let identity = format!("{} {}", req.issuer, req.subject);
+    if store::get::<crate::users::BotRecord>(store, Table::Bots, &req.user)?.is_some() {
+        return Err(denied(format!(
+            "the user name {} belongs to an automation identity (tctl auth sign)",
+            req.user
+        )));
+    }
+    let mut narrowed = false;
     let user = store::update::<UserRecord, RpcError, _>(store, Table::Users, &req.user, |cur| {
+        narrowed = cur.as_ref().is_some_and(|u| {
+            let lost = |old: &[String], new: &[String]| old.iter().any(|x| !new.contains(x));
+            lost(&u.roles, &grant.roles)
+                || lost(&u.logins, &grant.logins)
+                || lost(&u.kube_groups, &grant.kube_groups)
+                || lost(&u.kube_users, &grant.kube_users)
+        });
         let created = match &cur {
             Some(u) if u.sso.is_none() => {
                 return Err(denied(format!(
@@ -127,6 +141,10 @@ pub fn login(
         }))
     })?
     .ok_or_else(|| denied("the user record could not be written"))?;
+    if narrowed {
+        // Gateways may hold grants given under the wider mapping.
+        svc.policy.changed();
+    }
     check_not_locked(svc, &user.name, now)?;
     let certs = issue(
         svc,

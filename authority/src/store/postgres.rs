@@ -144,9 +144,19 @@ impl PostgresStore {
     ) -> Result<Self, StoreError> {
         let shown = redact(url);
         let tls = Rustls::new(tls_ca)?;
-        let config: Config = url
+        let mut config: Config = url
             .parse()
             .map_err(|e| StoreError::Backend(format!("bad PostgreSQL URL {shown}: {e}")))?;
+        // libpq's default (`prefer`) lets anyone in the path answer "no TLS" and read the
+        // password and every record: over the network TLS is required unless the URL says
+        // otherwise (`sslmode=disable` for a private test database).
+        let unix = config
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        if !unix && !url.contains("sslmode=") {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         let (jobs, rx) = mpsc::unbounded_channel();
         let pool = Arc::new(Pool {
             config,

@@ -1,7 +1,7 @@
 //! TLS to PostgreSQL with rustls (tokio-postgres's own TLS adapters use OpenSSL or
 //! native-tls, which the static builds keep out). The server's certificate is always
-//! verified, against `--store-ca` if given, else the system's roots; a server that does not
-//! offer TLS is used in plain text only under `sslmode=prefer` (the default) or `disable`.
+//! verified, against `--store-ca` if given, else the system's roots. Over TCP, TLS is
+//! required unless the URL sets `sslmode` itself (`disable` for a private test database).
 
 use std::future::Future;
 use std::io;

@@ -3,7 +3,9 @@
 //! GitHub is not an OpenID Connect provider: there is no ID token. The gateway redeems the
 //! code for an access token with the client secret, asks GitHub's API who the token belongs
 //! to (`/user`: login and numeric id) and which teams they are in (`/user/teams`, scope
-//! `read:org`), and passes `ORG/TEAM` names as the groups that `tctl sso map` maps.
+//! `read:org`), and passes `github:ORG/TEAM` names as the groups that `tctl sso map` maps
+//! (the prefix keeps them apart from an OpenID Connect provider's group names: anyone can
+//! create a GitHub organisation called, say, `platform`).
 
 use std::time::Duration;
 
@@ -159,7 +161,7 @@ impl GitHub {
             groups.extend(
                 teams
                     .into_iter()
-                    .map(|t| format!("{}/{}", t.organization.login, t.slug)),
+                    .map(|t| format!("github:{}/{}", t.organization.login, t.slug)),
             );
             if !full {
                 break;
