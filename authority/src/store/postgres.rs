@@ -241,7 +241,8 @@ fn serve(pool: Arc<Pool>, mut rx: mpsc::UnboundedReceiver<Job>) {
 /// the caller's read-modify-write loop is the right place to find out.
 async fn run(pool: &Pool, op: Op) -> Result<Answer, StoreError> {
     let _slot = pool.slots.acquire().await.map_err(backend)?;
-    let retry = (!matches!(op, Op::Cas(..))).then(|| op.clone());
+    // A delete that may have happened would report "absent" the second time.
+    let retry = (!matches!(op, Op::Cas(..) | Op::Delete(..))).then(|| op.clone());
     match run_once(pool, op).await {
         Err(Failure::Closed(_)) if retry.is_some() => match retry {
             Some(op) => run_once(pool, op).await.map_err(Failure::into_store),

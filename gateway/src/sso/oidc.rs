@@ -185,7 +185,12 @@ impl Oidc {
         })?;
         let subject = claims.subject().as_str().to_string();
         let user = match self.cfg.username_claim.as_str() {
-            "email" => claims.email().map(|e| e.as_str().to_string()),
+            // Edgeport user names have no `@` (they become logins' key ids and file names):
+            // the address's local part; the record stays bound to issuer and subject, so
+            // alice@one and alice@two cannot share an account.
+            "email" => claims
+                .email()
+                .map(|e| e.as_str().split('@').next().unwrap_or_default().to_string()),
             "sub" => Some(subject.clone()),
             _ => claims.preferred_username().map(|u| u.as_str().to_string()),
         }
