@@ -93,8 +93,9 @@ pub fn basic_operations(st: &dyn Store) -> Checked {
     s(st.flush())
 }
 
-/// Keys compare bytewise, as the audit log's zero-padded sequence numbers need, and a
-/// prefix never matches a longer id (`d/van-1/` is not `d/van-10/`).
+/// Keys compare bytewise, as the audit log's zero-padded sequence numbers need, any byte
+/// (NUL too) may be in a key, and a prefix never matches a longer id (`d/van-1/` is not
+/// `d/van-10/`).
 pub fn prefix_scans_are_ordered_and_exact(st: &dyn Store) -> Checked {
     for k in [
         "d/van-10/00000000000000000001",
@@ -104,6 +105,7 @@ pub fn prefix_scans_are_ordered_and_exact(st: &dyn Store) -> Checked {
         "d/Van-1/00000000000000000001",
         "d/van-1/\u{e9}",
         "d/van-1_/1",
+        "d/van-1/\u{0}nul",
         "e",
     ] {
         s(st.put(Table::AuditEvents, k, k.as_bytes().to_vec()))?;
@@ -111,6 +113,7 @@ pub fn prefix_scans_are_ordered_and_exact(st: &dyn Store) -> Checked {
     let ks = keys(s(st.scan_prefix(Table::AuditEvents, "d/van-1/"))?);
     ensure!(
         ks == [
+            "d/van-1/\u{0}nul",
             "d/van-1/00000000000000000001",
             "d/van-1/00000000000000000002",
             "d/van-1/00000000000000000010",
@@ -122,7 +125,7 @@ pub fn prefix_scans_are_ordered_and_exact(st: &dyn Store) -> Checked {
     let mut sorted = all.clone();
     sorted.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     ensure!(all == sorted, "a full scan is not in byte order: {all:?}");
-    ensure!(all.len() == 8, "a full scan lists {} of 8", all.len());
+    ensure!(all.len() == 9, "a full scan lists {} of 9", all.len());
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The shared store: PostgreSQL, for several authorities serving one cluster.
 //!
-//! Every [`Table`] lives in one SQL table `edgeport_kv (tbl, key, value)`; keys compare
-//! bytewise (`COLLATE "C"`), as sled's do, so prefix scans come back in the same order.
+//! Every [`Table`] lives in one SQL table `edgeport_kv (tbl, key, value)`; keys are BYTEA
+//! and compare bytewise, as sled's do (any byte, NUL included, in any database encoding), so
+//! prefix scans come back in the same order.
 //! `compare_and_swap` is a conditional `INSERT`/`UPDATE`/`DELETE` whose row count says
 //! whether it happened, which is all the handlers' read-modify-write loops need.
 //!
@@ -30,7 +31,7 @@ const SCHEMA_LOCK: i64 = 0x6564_6765_706f_7274; // "edgeport"
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS edgeport_kv (
     tbl   TEXT  NOT NULL,
-    key   TEXT  COLLATE \"C\" NOT NULL,
+    key   BYTEA NOT NULL,
     value BYTEA NOT NULL,
     PRIMARY KEY (tbl, key)
 )";
@@ -304,7 +305,7 @@ async fn connect(pool: &Pool) -> Result<Conn, StoreError> {
         delete: prep("DELETE FROM edgeport_kv WHERE tbl = $1 AND key = $2 RETURNING value").await?,
         scan: prep(
             "SELECT key, value FROM edgeport_kv
-             WHERE tbl = $1 AND key >= $2 AND key < $3 AND starts_with(key, $2) ORDER BY key",
+             WHERE tbl = $1 AND key >= $2 AND key < $3 ORDER BY key",
         )
         .await?,
         scan_all: prep("SELECT key, value FROM edgeport_kv WHERE tbl = $1 ORDER BY key").await?,
@@ -350,27 +351,31 @@ async fn ensure_schema(pool: &Pool) -> Result<(), StoreError> {
     res
 }
 
-/// The smallest string above every key that starts with `prefix` (keys are UTF-8 and compare
-/// bytewise): the prefix followed by the highest code point.
-fn upper_bound(prefix: &str) -> String {
-    format!("{prefix}\u{10FFFF}")
+/// Above every key that starts with `prefix`: keys are UTF-8, which never holds the byte
+/// 0xFF, so the prefix followed by it bounds them all (BYTEA compares bytewise, as sled).
+fn upper_bound(prefix: &str) -> Vec<u8> {
+    let mut b = prefix.as_bytes().to_vec();
+    b.push(0xFF);
+    b
 }
 
 async fn execute(c: &Conn, op: Op) -> Result<Answer, StoreError> {
     let cl = &c.client;
     Ok(match op {
         Op::Get(t, k) => Answer::Value(
-            cl.query_opt(&c.get, &[&t.name(), &k])
+            cl.query_opt(&c.get, &[&t.name(), &k.as_bytes()])
                 .await
                 .map_err(pg)?
                 .map(|r| r.get::<_, Vec<u8>>(0)),
         ),
         Op::Put(t, k, v) => {
-            cl.execute(&c.put, &[&t.name(), &k, &v]).await.map_err(pg)?;
+            cl.execute(&c.put, &[&t.name(), &k.as_bytes(), &v])
+                .await
+                .map_err(pg)?;
             Answer::Done
         }
         Op::Delete(t, k) => Answer::Value(
-            cl.query_opt(&c.delete, &[&t.name(), &k])
+            cl.query_opt(&c.delete, &[&t.name(), &k.as_bytes()])
                 .await
                 .map_err(pg)?
                 .map(|r| r.get::<_, Vec<u8>>(0)),
@@ -379,23 +384,34 @@ async fn execute(c: &Conn, op: Op) -> Result<Answer, StoreError> {
             let rows = if p.is_empty() {
                 cl.query(&c.scan_all, &[&t.name()]).await
             } else {
-                cl.query(&c.scan, &[&t.name(), &p, &upper_bound(&p)]).await
+                cl.query(&c.scan, &[&t.name(), &p.as_bytes(), &upper_bound(&p)])
+                    .await
             }
             .map_err(pg)?;
             Answer::Rows(
                 rows.iter()
-                    .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
+                    .map(|r| {
+                        let k: Vec<u8> = r.get(0);
+                        (
+                            String::from_utf8_lossy(&k).into_owned(),
+                            r.get::<_, Vec<u8>>(1),
+                        )
+                    })
                     .collect(),
             )
         }
         Op::Cas(t, k, expected, new) => {
             let n = t.name();
             let changed = match (expected, new) {
-                (None, Some(v)) => cl.execute(&c.insert_new, &[&n, &k, &v]).await,
-                (Some(e), Some(v)) => cl.execute(&c.update_if, &[&n, &k, &e, &v]).await,
-                (Some(e), None) => cl.execute(&c.delete_if, &[&n, &k, &e]).await,
+                (None, Some(v)) => cl.execute(&c.insert_new, &[&n, &k.as_bytes(), &v]).await,
+                (Some(e), Some(v)) => cl.execute(&c.update_if, &[&n, &k.as_bytes(), &e, &v]).await,
+                (Some(e), None) => cl.execute(&c.delete_if, &[&n, &k.as_bytes(), &e]).await,
                 (None, None) => {
-                    let absent = cl.query_opt(&c.get, &[&n, &k]).await.map_err(pg)?.is_none();
+                    let absent = cl
+                        .query_opt(&c.get, &[&n, &k.as_bytes()])
+                        .await
+                        .map_err(pg)?
+                        .is_none();
                     return Ok(Answer::Swapped(absent));
                 }
             }
@@ -404,11 +420,11 @@ async fn execute(c: &Conn, op: Op) -> Result<Answer, StoreError> {
         }
         Op::Claim { cluster, ca_pin } => {
             let ours = owner_record(&cluster, &ca_pin).into_bytes();
-            cl.execute(&c.insert_new, &[&META, &"owner", &ours])
+            cl.execute(&c.insert_new, &[&META, &b"owner".as_slice(), &ours])
                 .await
                 .map_err(pg)?;
             let owner = cl
-                .query_opt(&c.get, &[&META, &"owner"])
+                .query_opt(&c.get, &[&META, &b"owner".as_slice()])
                 .await
                 .map_err(pg)?
                 .map(|r| r.get::<_, Vec<u8>>(0))
@@ -500,12 +516,12 @@ mod tests {
         for k in [
             "d/van-1/",
             "d/van-1/00000000000000000001",
-            "d/van-1/zzz\u{FFFF}",
+            "d/van-1/zzz\u{10FFFF}",
         ] {
-            assert!(k.as_bytes() < ub.as_bytes(), "{k}");
+            assert!(k.as_bytes() < ub.as_slice(), "{k}");
         }
         // A longer id sorts after the whole range ('0' > '/').
-        assert!("d/van-10".as_bytes() > ub.as_bytes());
+        assert!("d/van-10".as_bytes() > ub.as_slice());
     }
 
     #[test]
