@@ -59,6 +59,41 @@ fn ring_aes128_first() -> CryptoProvider {
     p
 }
 
+/// A client configuration (no client certificate) for a service that is not Edgeport's (a
+/// PostgreSQL server, an identity provider): it trusts the certificates of the PEM file
+/// `ca_file`, or without one the roots `system` returns (the OS store: the caller loads it,
+/// so the device agent, which never needs it, does not carry the code).
+pub fn external_client_config(
+    ca_file: Option<&std::path::Path>,
+    system: impl FnOnce() -> Vec<CertificateDer<'static>>,
+) -> Result<ClientConfig, TlsError> {
+    let mut store = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let bad =
+                |e: &dyn std::fmt::Display| TlsError::BadCert(format!("{}: {e}", path.display()));
+            let text = std::fs::read(path).map_err(|e| bad(&e))?;
+            for c in pem::parse_many(&text).map_err(|e| bad(&e))? {
+                if c.tag() == "CERTIFICATE" {
+                    store
+                        .add(CertificateDer::from(c.contents().to_vec()))
+                        .map_err(|e| bad(&e))?;
+                }
+            }
+            if store.is_empty() {
+                return Err(bad(&"holds no certificate"));
+            }
+        }
+        None => {
+            store.add_parsable_certificates(system());
+        }
+    }
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(store)
+        .with_no_client_auth())
+}
+
 fn roots(ca_der: &[u8]) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
     store.add(CertificateDer::from(ca_der.to_vec()))?;
@@ -311,6 +346,36 @@ pub fn not_after(cert_der: &[u8]) -> Result<u64, TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn external_roots_come_from_the_pem_file_or_the_system() {
+        let dir = std::env::temp_dir().join(format!("edgeport-roots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["db.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let good = dir.join("ca.pem");
+        std::fs::write(&good, cert.pem()).unwrap();
+        let mut asked = false;
+        assert!(external_client_config(Some(&good), || {
+            asked = true;
+            Vec::new()
+        })
+        .is_ok());
+        assert!(
+            !asked,
+            "the system's roots were loaded although a file was given"
+        );
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = external_client_config(Some(&empty), Vec::new).unwrap_err();
+        assert!(e.to_string().contains("holds no certificate"), "{e}");
+        assert!(external_client_config(Some(&dir.join("missing.pem")), Vec::new).is_err());
+        assert!(external_client_config(None, || vec![cert.der().clone()]).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn aes128_gcm_is_offered_first_and_nothing_is_dropped() {

@@ -24,36 +24,10 @@ pub struct Rustls(Arc<rustls::ClientConfig>);
 impl Rustls {
     /// Roots from `ca_file` (PEM) if given, else the system's.
     pub fn new(ca_file: Option<&Path>) -> Result<Self, StoreError> {
-        let mut roots = rustls::RootCertStore::empty();
-        match ca_file {
-            Some(path) => {
-                let text = std::fs::read(path).map_err(|e| {
-                    StoreError::Backend(format!("cannot read {}: {e}", path.display()))
-                })?;
-                let certs = pem::parse_many(&text).map_err(|e| {
-                    StoreError::Backend(format!("{} is not PEM: {e}", path.display()))
-                })?;
-                for c in certs.iter().filter(|c| c.tag() == "CERTIFICATE") {
-                    roots
-                        .add(c.contents().to_vec().into())
-                        .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
-                }
-                if roots.is_empty() {
-                    return Err(StoreError::Backend(format!(
-                        "{} holds no certificate",
-                        path.display()
-                    )));
-                }
-            }
-            None => {
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            }
-        }
-        let config = rustls::ClientConfig::builder_with_provider(edgeport_proto::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| StoreError::Backend(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = edgeport_proto::tls::external_client_config(ca_file, || {
+            rustls_native_certs::load_native_certs().certs
+        })
+        .map_err(|e| StoreError::Backend(format!("TLS to PostgreSQL: {e}")))?;
         Ok(Self(Arc::new(config)))
     }
 }

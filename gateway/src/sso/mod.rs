@@ -205,13 +205,7 @@ impl<T> PendingLogins<T> {
             .filter(|p| p.started.elapsed() < PENDING_TTL)
             .ok_or_else(unknown)?;
         let shown = edgeport_proto::keys::sha256_hex(proof.as_bytes());
-        let same = shown.len() == p.proof_hash.len()
-            && shown
-                .bytes()
-                .zip(p.proof_hash.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        if !edgeport_proto::util::ct_eq(shown.as_bytes(), p.proof_hash.as_bytes()) {
             return Err(denied(
                 "this single sign-on login was started by another client; run tsh login again",
             ));
@@ -265,32 +259,14 @@ pub(crate) fn loopback_redirect(uri: &str) -> Result<RedirectUrl, RpcError> {
     RedirectUrl::new(uri.to_string()).map_err(|_| bad())
 }
 
+/// Trusts `ca_file` (PEM), else the system's roots.
 pub(crate) fn roots_config(
     ca_file: Option<&std::path::Path>,
 ) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for c in pem::parse_many(&text).map_err(|e| format!("{}: {e}", path.display()))? {
-                if c.tag() == "CERTIFICATE" {
-                    roots
-                        .add(c.contents().to_vec().into())
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                }
-            }
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    Ok(
-        rustls::ClientConfig::builder_with_provider(edgeport_proto::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    edgeport_proto::tls::external_client_config(ca_file, || {
+        rustls_native_certs::load_native_certs().certs
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// An error with its causes, for logs.

@@ -12,13 +12,16 @@ use std::time::Duration;
 use edgeport_proto::keys::{random_secret, sha256_hex};
 use edgeport_proto::rpc::UserCerts;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, SsoFinish};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use edgeport_proto::util::ct_eq;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::cli::Transport;
 use super::gateway;
 use super::CliError;
 
+/// The most tsh reads of one request to its loopback listener.
+const MAX_REQUEST: u64 = 16 * 1024;
 /// How long tsh waits for the browser to come back.
 const WAIT: Duration = Duration::from_secs(300);
 /// The path tsh's listener answers: `/v1/webapi/CONNECTOR/callback` (the redirect URI
@@ -158,12 +161,14 @@ async fn answer(
     let mut reader = BufReader::new(sock);
     let mut line = String::new();
     let read = tokio::time::timeout(Duration::from_secs(10), async {
-        reader.read_line(&mut line).await?;
+        // A browser's request is a few KiB; whatever connects to this port gets no more.
+        let mut limited = (&mut reader).take(MAX_REQUEST);
+        limited.read_line(&mut line).await?;
         // Skip the headers: nothing in them matters.
         let mut h = String::new();
         loop {
             h.clear();
-            if reader.read_line(&mut h).await? == 0 || h == "\r\n" || h == "\n" {
+            if limited.read_line(&mut h).await? == 0 || h == "\r\n" || h == "\n" {
                 break;
             }
         }
@@ -185,7 +190,7 @@ async fn answer(
             (key == k).then(|| percent_decode(v))
         })
     };
-    if !same(
+    if !ct_eq(
         param("state").unwrap_or_default().as_bytes(),
         expected_state.as_bytes(),
     ) {
@@ -241,11 +246,6 @@ fn state_of(url: &str) -> Option<String> {
     })
 }
 
-/// Equal without telling where they differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// `application/x-www-form-urlencoded` value -> text (`+` is a space, `%XX` a byte).
 fn percent_decode(s: &str) -> String {
     let hex = |c: u8| (c as char).to_digit(16);
@@ -274,13 +274,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_state_and_compares_it() {
+    fn finds_the_state() {
         let url = "https://idp.example/auth?client_id=x&state=ab%2Bc&nonce=n";
         assert_eq!(state_of(url).as_deref(), Some("ab+c"));
         assert_eq!(state_of("https://idp.example/auth?x=1"), None);
-        assert!(same(b"abc", b"abc"));
-        assert!(!same(b"abc", b"abd"));
-        assert!(!same(b"abc", b"abcd"));
     }
 
     #[test]
