@@ -32,7 +32,10 @@ type OpenReply = oneshot::Sender<Result<BoxedStream, MuxError>>;
 pub struct MuxConfig {
     /// Streams open at once (each way).
     pub max_streams: usize,
-    /// Upper bound of all streams' receive windows together, bytes.
+    /// Upper bound of all streams' receive windows together, bytes. yamux guarantees each
+    /// stream 256 KiB and lets a busy stream's window grow (doubling, while the sender
+    /// uses half of it within two round trips) only into what is left above
+    /// `max_streams` x 256 KiB.
     pub max_receive_window: usize,
     /// Peer-opened streams queued until someone accepts them; more are reset.
     pub accept_backlog: usize,
@@ -42,12 +45,18 @@ impl Default for MuxConfig {
     fn default() -> Self {
         Self {
             max_streams: 512,
-            // yamux requires at least 256 KiB per stream.
-            max_receive_window: 512 * 256 * 1024,
+            // 256 KiB per stream, which yamux requires, plus 32 MiB that fast streams grow
+            // into. With no room above the guarantee (as before) every stream stayed at
+            // 256 KiB: on loopback a 1 GiB upload over the TCP fallback spent a third of
+            // its time with both cores idle, waiting for window updates (docs/benchmarks.md).
+            max_receive_window: 512 * 256 * 1024 + GROWTH_WINDOW,
             accept_backlog: 256,
         }
     }
 }
+
+/// Receive window above the per-stream guarantee that busy streams share.
+pub const GROWTH_WINDOW: usize = 32 * 1024 * 1024;
 
 /// A cloneable handle to open streams on, and close, a multiplexed connection.
 #[derive(Clone)]
