@@ -111,9 +111,16 @@ fn config() -> client::Config {
             key: Cow::Borrowed(&[Algorithm::Ed25519]),
             ..Preferred::default()
         },
-        // OpenSSH's own 2 MiB: measured no slower than 16 MiB on loopback, and kinder to
-        // memory (see the agent's window for why bigger hurts).
-        window_size: 2 * 1024 * 1024,
+        // The agent knows tsh by this and gives its channels a 16 MiB window for uploads
+        // (edge-agent/src/ssh/handler.rs, `adjust_window`).
+        client_id: russh::SshId::Standard(Cow::Owned(format!(
+            "SSH-2.0-Edgeport_tsh_{}",
+            edgeport_proto::VERSION
+        ))),
+        // Downloads: the window tsh gives the agent. 16 MiB, as the agent gives tsh: on a
+        // path of three hops 2 MiB in flight is too little to keep them all busy (the agent
+        // is russh too, so none of OpenSSH's buffering troubles with big windows).
+        window_size: 16 * 1024 * 1024,
         maximum_packet_size: 65535,
         channel_buffer_size: 256,
         inactivity_timeout: None,
