@@ -25,6 +25,7 @@ pub const KEYS: &[&str] = &[
     "ssh_true_ratio",
     "ssh_throughput_ratio",
     "ssh_throughput_ratio_chacha20",
+    "ssh_throughput_ratio_tcp_leg",
     "openssh_proxy_throughput_ratio",
     "stream_open_us",
     "stream_open_p99_us",
@@ -154,7 +155,9 @@ run; for times lower is better, for throughput higher is better):
 - `ssh_throughput_ratio`: bytes/s of `tsh ssh dev 'cat > /dev/null'` fed from a pipe divided by
   the same through direct OpenSSH, both AES-128-GCM (1 GiB in `all`, 128 MiB in `quick`; each
   path's median cold-`true` time is subtracted so that handshakes do not count). `_chacha20`: both ChaCha20-Poly1305
-  (tsh with `EDGEPORT_SSH_CIPHER=chacha20-poly1305@openssh.com`). Target at least 0.8.
+  (tsh with `EDGEPORT_SSH_CIPHER=chacha20-poly1305@openssh.com`). `_tcp_leg`: the same
+  AES-128-GCM transfer to a second agent held on the TCP+TLS+yamux fallback
+  (`edge-agent --transport tcp`). Target at least 0.8 (the QUIC figure).
 - `openssh_proxy_throughput_ratio`: stock `ssh -c aes128-gcm@openssh.com` through
   `ProxyCommand tsh proxy ssh` (the `tsh config` block) divided by direct OpenSSH. Target 0.8.
 - `stream_open_us` / `stream_open_p99_us`: p50 / p99 over many opens of a dial over an
@@ -519,6 +522,14 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         "the same agent's anonymous memory (RSS without its binary's page-cache pages)",
     );
     let home = fab.tsh_login("bench", &fab.gw_addr)?;
+    // The same path with the device leg on the TCP+TLS+yamux fallback.
+    let agent_tcp = if o.wants("ssh") {
+        let a = fab.agent("devtcp", &fab.gw_addr, None, &["--transport", "tcp"])?;
+        fab.wait_online("devtcp", Duration::from_secs(60))?;
+        Some(a)
+    } else {
+        None
+    };
     if o.wants("stream") {
         stream_open(o, fab, r)?;
     }
@@ -531,14 +542,15 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         c.args(sshd.ssh_args("127.0.0.1", cipher)).arg(remote);
         c
     };
-    let tsh = |remote: &str, cipher: Option<&str>| -> Result<Command> {
+    let tsh_to = |device: &str, remote: &str, cipher: Option<&str>| -> Result<Command> {
         let mut c = fab.tsh(&home)?;
-        c.args(["ssh", "root@dev", remote]);
+        c.args(["ssh", &format!("root@{device}"), remote]);
         if let Some(ci) = cipher {
             c.env("EDGEPORT_SSH_CIPHER", ci);
         }
         Ok(c)
     };
+    let tsh = |remote: &str, cipher: Option<&str>| tsh_to("dev", remote, cipher);
     // ssh_config from `tsh config` for stock ssh through `tsh proxy ssh`.
     let cfg_text = run_ok(
         {
@@ -602,6 +614,7 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         ("openssh_chacha", vec![]),
         ("tsh_chacha", vec![]),
         ("proxy_aes", vec![]),
+        ("tsh_tcp_aes", vec![]),
     ];
     let sink = "cat > /dev/null";
     let runs = o.pick3(1, 3, 5);
@@ -621,6 +634,9 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         rows[4]
             .1
             .push(rate(pump(proxied(AES, sink), size)?, setup_proxy));
+        rows[5]
+            .1
+            .push(rate(pump(tsh_to("devtcp", sink, None)?, size)?, setup_tsh));
     }
     let ratio = |a: usize, b: usize| -> Vec<f64> {
         rows[a]
@@ -630,7 +646,7 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
             .map(|(x, y)| x / y)
             .collect()
     };
-    let (r_aes, r_cha, r_proxy) = (ratio(1, 0), ratio(3, 2), ratio(4, 0));
+    let (r_aes, r_cha, r_proxy, r_tcp) = (ratio(1, 0), ratio(3, 2), ratio(4, 0), ratio(5, 0));
     let note = format!("{mib:.0} MiB per run");
     r.add(
         "ssh_throughput_ratio",
@@ -643,6 +659,12 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         "ratio",
         r_cha,
         &format!("chacha20-poly1305, {note}"),
+    );
+    r.add(
+        "ssh_throughput_ratio_tcp_leg",
+        "ratio",
+        r_tcp,
+        &format!("aes128-gcm, device leg on the TCP+TLS fallback, {note}"),
     );
     r.add(
         "openssh_proxy_throughput_ratio",
@@ -659,6 +681,7 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         );
     }
     drop(agent);
+    drop(agent_tcp);
     Ok(())
 }
 

@@ -4,6 +4,33 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The tunnel transports an agent may use (`--transport`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// QUIC, with TCP+TLS+yamux when no QUIC handshake completes, and back to QUIC once UDP
+    /// works again. The default.
+    Auto,
+    /// QUIC only: no fallback (a network where UDP is known to work and TCP is not wanted).
+    Quic,
+    /// TCP+TLS+yamux only: no QUIC attempts and no probes (UDP known to be blocked, or a
+    /// fixed line where TCP costs less CPU per byte: docs/benchmarks.md).
+    Tcp,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "quic" => Ok(Self::Quic),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(format!(
+                "unknown transport {other:?}: expected auto, quic or tcp"
+            )),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub data_dir: PathBuf,
@@ -16,6 +43,8 @@ pub struct AgentConfig {
     pub requested_id: Option<String>,
     /// Requested labels (first start).
     pub labels: BTreeMap<String, String>,
+    /// Which tunnel transports to use.
+    pub transport: TransportChoice,
     /// Give up on QUIC and use TCP+TLS+yamux when no QUIC handshake completes this fast.
     pub quic_timeout: Duration,
     /// Keep-alive interval: short enough to keep carrier NAT bindings open.
@@ -56,6 +85,7 @@ impl AgentConfig {
             ca_pin: None,
             requested_id: None,
             labels: BTreeMap::new(),
+            transport: TransportChoice::Auto,
             quic_timeout: Duration::from_secs(3),
             keepalive: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(90),

@@ -20,4 +20,4 @@ pub mod ssh;
 pub mod transport;
 
 pub use agent::run;
-pub use config::AgentConfig;
+pub use config::{AgentConfig, TransportChoice};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use edge_agent::AgentConfig;
+use edge_agent::{AgentConfig, TransportChoice};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +45,10 @@ struct StartArgs {
     /// Requested labels, `k=v,k2=v2` (first start only).
     #[arg(long, env = "EDGEPORT_LABELS", default_value = "", value_parser = parse_labels)]
     labels: BTreeMap<String, String>,
+    /// Tunnel transport: `auto` (QUIC, falling back to TCP+TLS when UDP is blocked, and back
+    /// again), `quic` (never TCP) or `tcp` (never QUIC).
+    #[arg(long, env = "EDGEPORT_TRANSPORT", default_value = "auto", value_parser = parse_transport)]
+    transport: TransportChoice,
     /// Use TCP+TLS when no QUIC handshake completes within this time.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     quic_timeout: Duration,
@@ -113,6 +117,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     edgeport_proto::util::parse_duration_secs(s).map(Duration::from_secs)
 }
 
+fn parse_transport(s: &str) -> Result<TransportChoice, String> {
+    s.parse()
+}
+
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     edgeport_proto::util::parse_labels(s).map_err(|e| e.to_string())
 }
@@ -126,6 +134,7 @@ fn main() -> ExitCode {
     cfg.ca_pin = a.ca_pin.filter(|p| !p.is_empty() && p != "sha256:");
     cfg.requested_id = a.id.filter(|i| !i.is_empty());
     cfg.labels = a.labels;
+    cfg.transport = a.transport;
     cfg.quic_timeout = a.quic_timeout.max(Duration::from_millis(100));
     cfg.keepalive = a.keepalive.max(Duration::from_secs(1));
     cfg.idle_timeout = a.idle_timeout.max(cfg.keepalive * 2);

@@ -14,6 +14,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 
 use crate::agent::Agent;
 use crate::backoff::unit_random;
+use crate::config::TransportChoice;
 use crate::identity::DeviceIdentity;
 use crate::transport::{explain, Acceptor, AgentConn, QuicClient};
 
@@ -110,29 +111,43 @@ pub async fn establish(
 /// How quinn reports a server that refused a new connection (`ConnectionError::ConnectionRefused`).
 const QUIC_REFUSED: &str = "refused to accept a new connection";
 
-/// Connects: QUIC first, TCP+TLS+yamux if QUIC does not come up in time.
+/// Connects: QUIC first, TCP+TLS+yamux if QUIC does not come up in time (or only one of
+/// them, as `--transport` says).
 pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, SessionError> {
     let cfg = &agent.cfg;
     let ident = agent.identity();
     let peer = crate::join::resolve(&cfg.gateway)
         .await
         .map_err(SessionError::Failed)?;
-    match quic.connect(cfg, &ident, peer).await {
-        Ok((conn, acc)) => match establish(conn, acc, &ident, cfg.kube_cluster.clone()).await {
-            Ok(s) => return Ok(s),
-            Err(SessionError::Refused(e)) => return Err(SessionError::Refused(e)),
-            Err(e) => tracing::info!("QUIC tunnel failed ({e}); trying TCP+TLS"),
-        },
-        // A refusal is an answer over UDP: QUIC works, the gateway is busy (a mass reconnect
-        // after its restart fills its handshake slots). Falling back to TCP would put this
-        // device on the fallback until its next probe; retrying QUIC after the backoff is
-        // what a reconnect storm needs.
-        Err(e) if e.contains(QUIC_REFUSED) => {
-            return Err(SessionError::Failed(format!(
-                "QUIC: {e}; the gateway is busy, retrying QUIC"
-            )))
+    if cfg.transport != TransportChoice::Tcp {
+        let quic_only = cfg.transport == TransportChoice::Quic;
+        match quic.connect(cfg, &ident, peer).await {
+            Ok((conn, acc)) => match establish(conn, acc, &ident, cfg.kube_cluster.clone()).await {
+                Ok(s) => return Ok(s),
+                Err(SessionError::Refused(e)) => return Err(SessionError::Refused(e)),
+                Err(e) if quic_only => {
+                    return Err(SessionError::Failed(format!(
+                        "QUIC tunnel failed ({e}); not trying TCP (--transport quic)"
+                    )))
+                }
+                Err(e) => tracing::info!("QUIC tunnel failed ({e}); trying TCP+TLS"),
+            },
+            // A refusal is an answer over UDP: QUIC works, the gateway is busy (a mass
+            // reconnect after its restart fills its handshake slots). Falling back to TCP
+            // would put this device on the fallback until its next probe; retrying QUIC
+            // after the backoff is what a reconnect storm needs.
+            Err(e) if e.contains(QUIC_REFUSED) => {
+                return Err(SessionError::Failed(format!(
+                    "QUIC: {e}; the gateway is busy, retrying QUIC"
+                )))
+            }
+            Err(e) if quic_only => {
+                return Err(SessionError::Failed(format!(
+                    "QUIC: {e}; not trying TCP (--transport quic)"
+                )))
+            }
+            Err(e) => tracing::info!("QUIC: {e}; trying TCP+TLS"),
         }
-        Err(e) => tracing::info!("QUIC: {e}; trying TCP+TLS"),
     }
     let (conn, acc) = crate::transport::connect_tcp(&ident, peer)
         .await
@@ -220,7 +235,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     let mut last_heard = Instant::now();
     let mut renew_pending = false;
     let mut probe = std::pin::pin!(async {
-        if on_tcp {
+        if on_tcp && agent.cfg.transport == TransportChoice::Auto {
             probe_quic(agent, quic).await
         } else {
             std::future::pending().await

@@ -553,6 +553,89 @@ fn tcp_fallback_and_back_to_quic() {
     agent.proc.stop();
 }
 
+/// `--transport tcp` never tries QUIC, even with UDP open; `--transport quic` never falls
+/// back to TCP, even with UDP blocked, and comes up once UDP works.
+#[test]
+fn transport_choice_tcp_only_and_quic_only() {
+    let tmp = TempDir::new();
+    let auth = Authority::start(&tmp.join("auth"), "c1");
+    let gw = Gateway::start(&tmp.join("gw"), &auth);
+    let mut tcp_agent = Agent::start(
+        &tmp.join("van-tcp"),
+        &gw,
+        "van-tcp",
+        "",
+        &[
+            "--test-echo",
+            "--transport",
+            "tcp",
+            "--quic-probe-interval",
+            "1s",
+        ],
+    );
+    wait_online(&gw.tctl, "van-tcp", Some("tcp"), Duration::from_secs(30));
+    let user = user_tls(&auth, tmp.path(), "alice");
+    let rt = rt();
+    rt.block_on(async {
+        let dialer = Arc::new(Dialer::quic(user.clone(), &gw.addr).await);
+        echo_small(&dialer, "van-tcp").await;
+    });
+    // Several probe intervals later it is still on TCP, in its first tunnel.
+    std::thread::sleep(Duration::from_secs(4));
+    let d = wait_online(&gw.tctl, "van-tcp", Some("tcp"), Duration::from_secs(5));
+    assert_eq!(d["transport"], "tcp");
+    assert_eq!(
+        tcp_agent.tunnels_up(),
+        1,
+        "the TCP-only agent changed tunnels"
+    );
+    assert!(
+        !tcp_agent.proc.log_text().contains("QUIC"),
+        "the TCP-only agent tried QUIC"
+    );
+
+    let block = UdpBlock::new(gw.port);
+    let mut quic_agent = Agent::start(
+        &tmp.join("van-quic"),
+        &gw,
+        "van-quic",
+        "",
+        &[
+            "--test-echo",
+            "--transport",
+            "quic",
+            "--quic-timeout",
+            "300ms",
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || quic_agent
+            .proc
+            .log_text()
+            .contains("not trying TCP (--transport quic)")),
+        "the QUIC-only agent did not say why it stays offline: {}",
+        quic_agent.proc.log_text()
+    );
+    assert!(
+        !gw.tctl
+            .device("van-quic")
+            .is_some_and(|d| d["online"] == true),
+        "the QUIC-only agent came online with UDP blocked: {:?}",
+        gw.tctl.device("van-quic")
+    );
+    drop(block);
+    wait_online(&gw.tctl, "van-quic", Some("quic"), Duration::from_secs(60));
+    rt.block_on(async {
+        let dialer = Arc::new(Dialer::Tcp {
+            cfg: user.clone(),
+            addr: gw.addr.clone(),
+        });
+        echo_small(&dialer, "van-quic").await;
+    });
+    tcp_agent.proc.stop();
+    quic_agent.proc.stop();
+}
+
 #[test]
 fn gateway_and_agent_restarts() {
     let tmp = TempDir::new();
