@@ -278,8 +278,12 @@ fn exec_and_interactive_sessions_are_audited_and_recorded() {
     {
         let f = c.dir.join("session.cast");
         std::fs::write(&f, &cast).unwrap();
-        let mut a = Command::new("asciinema");
-        a.arg("cat").arg(&f);
+        // `asciinema cat` opens /dev/tty, which a test run without a controlling terminal
+        // (a CI job, a detached shell) does not have: util-linux's `script` gives it one.
+        let mut a = Command::new("script");
+        a.args(["-q", "-e", "-c"])
+            .arg(format!("asciinema cat '{}'", f.display()))
+            .arg("/dev/null");
         let r = run(a, None, Duration::from_secs(30));
         assert!(
             r.ok() && r.stdout().contains("marker-123"),
