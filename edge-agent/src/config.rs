@@ -10,7 +10,8 @@ pub enum TransportChoice {
     /// QUIC, with TCP+TLS+yamux when no QUIC handshake completes, and back to QUIC once UDP
     /// works again. The default.
     Auto,
-    /// QUIC only: no fallback (a network where UDP is known to work and TCP is not wanted).
+    /// QUIC only: no fallback (a network where UDP is known to work and a TCP tunnel is not
+    /// wanted). The first start's join still goes over TCP+TLS.
     Quic,
     /// TCP+TLS+yamux only: no QUIC attempts and no probes (UDP known to be blocked, or a
     /// fixed line where TCP costs less CPU per byte: docs/benchmarks.md).

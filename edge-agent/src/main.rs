@@ -46,7 +46,7 @@ struct StartArgs {
     #[arg(long, env = "EDGEPORT_LABELS", default_value = "", value_parser = parse_labels)]
     labels: BTreeMap<String, String>,
     /// Tunnel transport: `auto` (QUIC, falling back to TCP+TLS when UDP is blocked, and back
-    /// again), `quic` (never TCP) or `tcp` (never QUIC).
+    /// again), `quic` (never a TCP tunnel) or `tcp` (never QUIC). Joining always uses TCP.
     #[arg(long, env = "EDGEPORT_TRANSPORT", default_value = "auto", value_parser = parse_transport)]
     transport: TransportChoice,
     /// Use TCP+TLS when no QUIC handshake completes within this time.

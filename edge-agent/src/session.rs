@@ -321,7 +321,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
         other => other,
     };
     let ended = match ended {
-        Ended::Lost(reason) if on_tcp => {
+        Ended::Lost(reason) if on_tcp && agent.cfg.transport == TransportChoice::Auto => {
             match tokio::time::timeout(UPGRADE_GRACE, &mut probe).await {
                 Ok(s) => Ended::Upgrade(s),
                 Err(_) => Ended::Lost(reason),

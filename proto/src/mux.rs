@@ -136,8 +136,11 @@ where
     let streams = cfg.max_streams.max(1);
     // Keep the window consistent with yamux's own invariant (>= 256 KiB per stream).
     let window = cfg.max_receive_window.max(streams * 256 * 1024);
-    ycfg.set_max_connection_receive_window(Some(window));
+    // yamux checks each setter against the other's current value (its default is 512
+    // streams), so lift the window limit first, set the streams, then the real window.
+    ycfg.set_max_connection_receive_window(None);
     ycfg.set_max_num_streams(streams);
+    ycfg.set_max_connection_receive_window(Some(window));
     ycfg.set_split_send_size(TLS_RECORD - FRAME_HEADER);
     // yamux writes each frame's 12-byte header and its body with separate writes, and TLS
     // makes every write a record (with TCP_NODELAY, a segment): a keep-alive exchange was

@@ -358,9 +358,7 @@ impl russh::server::Handler for ConnHandler {
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.authenticated.store(true, Ordering::SeqCst);
-        if session.remote_sshid().starts_with(TSH_SSH_ID_PREFIX) {
-            self.window = Some(TSH_WINDOW);
-        }
+        self.window = window_for(session.remote_sshid());
         // A lock may have arrived between the check and now.
         if let Some(a) = &self.auth {
             if self.inner.is_locked(&a.grant.user) {
@@ -375,9 +373,11 @@ impl russh::server::Handler for ConnHandler {
     /// ProxyCommand, at a high CPU cost: see `russh_config`). tsh's russh client has no such
     /// buffer, and on a path of three hops (tsh, gateway, agent) 2 MiB in flight is too
     /// little to keep all of them busy: with 16 MiB a 1 GiB upload idled the CPUs a third
-    /// less and took about 10% less time (docs/benchmarks.md). Memory is not at stake: russh
-    /// acknowledges data as it decodes it, so what the agent buffers per channel is bounded
-    /// by its channel buffer (`channel_buffer_size` packets), whatever the window.
+    /// less and took about 10% less time (docs/benchmarks.md). The cost: russh acknowledges
+    /// data as it decodes it (its channel buffer of `channel_buffer_size` packets then
+    /// blocks its loop), so behind a slow consumer up to the window more can wait in the
+    /// tunnel's receive buffers (QUIC stream window, yamux), 16 MiB instead of 2 per upload.
+    /// russh keeps one target per connection, and raises it only after its first top-up.
     fn adjust_window(&mut self, _channel: ChannelId, current: u32) -> u32 {
         self.window.map_or(current, |w| w.max(current))
     }
@@ -656,6 +656,12 @@ impl russh::server::Handler for ConnHandler {
     }
 }
 
+/// The channel window for a client by its SSH version line: [`TSH_WINDOW`] for tsh, the
+/// configured one (None) for everyone else.
+fn window_for(ssh_id: &[u8]) -> Option<u32> {
+    ssh_id.starts_with(TSH_SSH_ID_PREFIX).then_some(TSH_WINDOW)
+}
+
 fn publickey_only() -> Auth {
     Auth::Reject {
         proceed_with_methods: Some(russh::MethodSet::from(&[russh::MethodKind::PublicKey][..])),
@@ -684,5 +690,20 @@ fn sig_name(s: &Sig) -> String {
 impl Drop for ConnHandler {
     fn drop(&mut self) {
         self.inner.unregister(self.conn_id);
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn only_tsh_gets_the_big_window() {
+        let tsh = format!("SSH-2.0-Edgeport_tsh_{}", edgeport_proto::VERSION);
+        assert_eq!(window_for(tsh.as_bytes()), Some(TSH_WINDOW));
+        assert_eq!(window_for(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10"), None);
+        assert_eq!(window_for(b"SSH-2.0-russh_0.65.1"), None);
+        assert_eq!(window_for(b"SSH-2.0-Edgeport_0.1.0"), None);
+        assert_eq!(window_for(b""), None);
     }
 }

@@ -106,29 +106,6 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
         .iter()
         .map(|s| parse_forward(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let stream: edgeport_proto::util::BoxedStream = match &args.direct {
-        Some(addr) => Box::new(
-            tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| CliError::msg(format!("cannot connect to {addr}: {e}")))?,
-        ),
-        None => {
-            let route = args.test_route_to.as_deref().unwrap_or(device);
-            gateway::dial_ssh(&creds, g.transport, route).await?.0
-        }
-    };
-    let conn = Arc::new(ssh::connect(stream, &creds, device, &login).await?);
-    for f in forwards {
-        let listener = tokio::net::TcpListener::bind(&f.bind)
-            .await
-            .map_err(|e| CliError::msg(format!("cannot listen on {} for -L: {e}", f.bind)))?;
-        tokio::spawn(forward_loop(listener, conn.clone(), f));
-    }
-    if args.no_command {
-        // Forward until interrupted.
-        let _ = tokio::signal::ctrl_c().await;
-        return Ok(0);
-    }
     let command = (!args.command.is_empty()).then(|| args.command.join(" "));
     let stdin_tty = term::is_tty(0);
     let tty = if args.no_tty {
@@ -141,6 +118,29 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
     } else {
         command.is_none() && stdin_tty
     };
+    let stream: edgeport_proto::util::BoxedStream = match &args.direct {
+        Some(addr) => Box::new(
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| CliError::msg(format!("cannot connect to {addr}: {e}")))?,
+        ),
+        None => {
+            let route = args.test_route_to.as_deref().unwrap_or(device);
+            gateway::dial_ssh(&creds, g.transport, route).await?.0
+        }
+    };
+    let conn = Arc::new(ssh::connect(stream, &creds, device, &login, tty).await?);
+    for f in forwards {
+        let listener = tokio::net::TcpListener::bind(&f.bind)
+            .await
+            .map_err(|e| CliError::msg(format!("cannot listen on {} for -L: {e}", f.bind)))?;
+        tokio::spawn(forward_loop(listener, conn.clone(), f));
+    }
+    if args.no_command {
+        // Forward until interrupted.
+        let _ = tokio::signal::ctrl_c().await;
+        return Ok(0);
+    }
     ssh::run_session(
         &conn,
         SessionSpec {

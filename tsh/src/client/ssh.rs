@@ -102,8 +102,9 @@ fn ciphers() -> &'static [cipher::Name] {
     }
 }
 
-/// russh client settings: AES-GCM first (DESIGN section 7), host certificates only.
-fn config() -> client::Config {
+/// russh client settings: AES-GCM first (DESIGN section 7), host certificates only. `pty`:
+/// an interactive session, which gets a small download window (see below).
+fn config(pty: bool) -> client::Config {
     client::Config {
         preferred: Preferred {
             cipher: Cow::Borrowed(ciphers()),
@@ -117,10 +118,16 @@ fn config() -> client::Config {
             "SSH-2.0-Edgeport_tsh_{}",
             edgeport_proto::VERSION
         ))),
-        // Downloads: the window tsh gives the agent. 16 MiB, as the agent gives tsh: on a
-        // path of three hops 2 MiB in flight is too little to keep them all busy (the agent
-        // is russh too, so none of OpenSSH's buffering troubles with big windows).
-        window_size: 16 * 1024 * 1024,
+        // Downloads: the window tsh gives the agent. 16 MiB for commands, as the agent gives
+        // tsh: on a path of three hops 2 MiB in flight is too little to keep them all busy.
+        // An interactive session keeps OpenSSH's 2 MiB: the window is how much output can
+        // queue between the device and the terminal, and on a slow cellular uplink 16 MiB
+        // of it would make Ctrl-C take minutes to show.
+        window_size: if pty {
+            2 * 1024 * 1024
+        } else {
+            16 * 1024 * 1024
+        },
         maximum_packet_size: 65535,
         channel_buffer_size: 256,
         inactivity_timeout: None,
@@ -144,6 +151,7 @@ pub async fn connect(
     creds: &Creds,
     device: &str,
     login: &str,
+    pty: bool,
 ) -> Result<Connection, CliError> {
     let host_ca = PublicKey::from_openssh(creds.cas.host_ca.trim())
         .map_err(|e| CliError::msg(format!("the stored host CA is unreadable: {e}")))?;
@@ -156,7 +164,7 @@ pub async fn connect(
     let note = |f: fn(&Notes) -> Option<String>| notes.lock().ok().and_then(|n| f(&n));
     let connected = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        client::connect_stream(Arc::new(config()), stream, verifier),
+        client::connect_stream(Arc::new(config(pty)), stream, verifier),
     )
     .await
     .map_err(|_| CliError::msg(format!("the SSH handshake with {device} timed out")))?;
