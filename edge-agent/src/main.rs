@@ -47,7 +47,7 @@ struct StartArgs {
     labels: BTreeMap<String, String>,
     /// Tunnel transport: `auto` (QUIC, falling back to TCP+TLS when UDP is blocked, and back
     /// again), `quic` (never a TCP tunnel) or `tcp` (never QUIC). Joining always uses TCP.
-    #[arg(long, env = "EDGEPORT_TRANSPORT", default_value = "auto", value_parser = parse_transport)]
+    #[arg(long, env = "EDGEPORT_TRANSPORT", default_value = "auto")]
     transport: TransportChoice,
     /// Use TCP+TLS when no QUIC handshake completes within this time.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
@@ -115,10 +115,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             .map_err(|e| format!("invalid duration {s:?}: {e}"));
     }
     edgeport_proto::util::parse_duration_secs(s).map(Duration::from_secs)
-}
-
-fn parse_transport(s: &str) -> Result<TransportChoice, String> {
-    s.parse()
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {

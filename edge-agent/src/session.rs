@@ -225,6 +225,8 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
         }
     });
     let on_tcp = conn.transport() == Transport::Tcp;
+    // Only `--transport auto` moves a TCP tunnel back to QUIC.
+    let may_upgrade = on_tcp && agent.cfg.transport == TransportChoice::Auto;
     let mut ping = tokio::time::interval(agent.cfg.keepalive);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renew_check = tokio::time::interval(RENEW_CHECK);
@@ -235,7 +237,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     let mut last_heard = Instant::now();
     let mut renew_pending = false;
     let mut probe = std::pin::pin!(async {
-        if on_tcp && agent.cfg.transport == TransportChoice::Auto {
+        if may_upgrade {
             probe_quic(agent, quic).await
         } else {
             std::future::pending().await
@@ -321,7 +323,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
         other => other,
     };
     let ended = match ended {
-        Ended::Lost(reason) if on_tcp && agent.cfg.transport == TransportChoice::Auto => {
+        Ended::Lost(reason) if may_upgrade => {
             match tokio::time::timeout(UPGRADE_GRACE, &mut probe).await {
                 Ok(s) => Ended::Upgrade(s),
                 Err(_) => Ended::Lost(reason),

@@ -27,3 +27,7 @@ pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// The version every Edgeport binary reports (agents send it in their Hello).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How tsh's SSH client names itself (`SSH-2.0-Edgeport_tsh_VERSION`): the agent gives it a
+/// bigger channel window than OpenSSH clients get (edge-agent/src/ssh/handler.rs).
+pub const TSH_SSH_ID_PREFIX: &str = "SSH-2.0-Edgeport_tsh";

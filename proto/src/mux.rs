@@ -56,7 +56,7 @@ impl Default for MuxConfig {
 }
 
 /// Receive window above the per-stream guarantee that busy streams share.
-pub const GROWTH_WINDOW: usize = 32 * 1024 * 1024;
+const GROWTH_WINDOW: usize = 32 * 1024 * 1024;
 
 /// A cloneable handle to open streams on, and close, a multiplexed connection.
 #[derive(Clone)]

@@ -27,9 +27,7 @@ const MAX_CHANNELS: usize = 64;
 /// Most `env` requests honoured per channel.
 const MAX_ENV: usize = 64;
 /// The channel window for tsh's own SSH client (see [`ConnHandler::adjust_window`]).
-pub(super) const TSH_WINDOW: u32 = 16 * 1024 * 1024;
-/// How tsh names itself in its SSH version line (`tsh/src/client/ssh.rs` sends it).
-pub(super) const TSH_SSH_ID_PREFIX: &[u8] = b"SSH-2.0-Edgeport_tsh";
+const TSH_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// A session channel before and after its program starts.
 struct SessionChannel {
@@ -659,7 +657,9 @@ impl russh::server::Handler for ConnHandler {
 /// The channel window for a client by its SSH version line: [`TSH_WINDOW`] for tsh, the
 /// configured one (None) for everyone else.
 fn window_for(ssh_id: &[u8]) -> Option<u32> {
-    ssh_id.starts_with(TSH_SSH_ID_PREFIX).then_some(TSH_WINDOW)
+    ssh_id
+        .starts_with(edgeport_proto::TSH_SSH_ID_PREFIX.as_bytes())
+        .then_some(TSH_WINDOW)
 }
 
 fn publickey_only() -> Auth {
@@ -699,7 +699,11 @@ mod window_tests {
 
     #[test]
     fn only_tsh_gets_the_big_window() {
-        let tsh = format!("SSH-2.0-Edgeport_tsh_{}", edgeport_proto::VERSION);
+        let tsh = format!(
+            "{}_{}",
+            edgeport_proto::TSH_SSH_ID_PREFIX,
+            edgeport_proto::VERSION
+        );
         assert_eq!(window_for(tsh.as_bytes()), Some(TSH_WINDOW));
         assert_eq!(window_for(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10"), None);
         assert_eq!(window_for(b"SSH-2.0-russh_0.65.1"), None);

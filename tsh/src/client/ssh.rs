@@ -115,7 +115,8 @@ fn config(pty: bool) -> client::Config {
         // The agent knows tsh by this and gives its channels a 16 MiB window for uploads
         // (edge-agent/src/ssh/handler.rs, `adjust_window`).
         client_id: russh::SshId::Standard(Cow::Owned(format!(
-            "SSH-2.0-Edgeport_tsh_{}",
+            "{}_{}",
+            edgeport_proto::TSH_SSH_ID_PREFIX,
             edgeport_proto::VERSION
         ))),
         // Downloads: the window tsh gives the agent. 16 MiB for commands, as the agent gives
