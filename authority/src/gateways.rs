@@ -18,6 +18,9 @@ pub struct GatewayRecord {
     /// Set by an administrator to refuse its renewals.
     #[serde(default)]
     pub revoked: bool,
+    /// Where other gateways reach it to forward dials (from its presence reports).
+    #[serde(default)]
+    pub peer_addr: Option<String>,
 }
 
 pub fn get(store: &dyn Store, id: &str) -> Result<Option<GatewayRecord>, RpcError> {
@@ -47,4 +50,29 @@ pub fn record_renewal(
         }))
     })?;
     Ok(())
+}
+
+/// Records the peer address a gateway reported; writes only when it changed (presence
+/// reports come every few seconds and usually repeat it).
+pub fn record_peer_addr(
+    store: &dyn Store,
+    id: &str,
+    peer_addr: Option<&str>,
+) -> Result<(), RpcError> {
+    let same = get(store, id)?.is_none_or(|g| g.peer_addr.as_deref() == peer_addr);
+    if same {
+        return Ok(());
+    }
+    store::update::<GatewayRecord, RpcError, _>(store, Table::Gateways, id, |cur| {
+        Ok(cur.map(|mut g| {
+            g.peer_addr = peer_addr.map(str::to_string);
+            g
+        }))
+    })?;
+    Ok(())
+}
+
+/// The peer address of gateway `id`, if it is known and has given one.
+pub fn peer_addr(store: &dyn Store, id: &str) -> Result<Option<String>, RpcError> {
+    Ok(get(store, id)?.and_then(|g| g.peer_addr))
 }

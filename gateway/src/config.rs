@@ -18,6 +18,8 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// `HOST:PORT` that devices and users dial, put into the server certificate.
     pub public_addr: Option<String>,
+    /// `HOST:PORT` (UDP) where other gateways forward dials for this one's devices.
+    pub peer_addr: Option<String>,
     /// Full presence snapshot interval.
     pub presence_interval: Duration,
     /// How long the authority may believe a snapshot.
@@ -52,6 +54,7 @@ impl GatewayConfig {
             gateway_id: None,
             listen,
             public_addr: None,
+            peer_addr: None,
             presence_interval: Duration::from_secs(10),
             presence_lease: Duration::from_secs(45),
             tunnel_idle_timeout: Duration::from_secs(180),

@@ -39,6 +39,8 @@ pub struct Ctx {
     pub grants: crate::grants::Grants,
     /// The single sign-on connectors (none, one or both).
     pub sso: crate::sso::Sso,
+    /// Links to other gateways, for dials to the devices they hold.
+    pub peers: crate::peers::Peers,
 }
 
 impl Ctx {
@@ -69,6 +71,7 @@ impl Ctx {
             kube: Default::default(),
             grants: Default::default(),
             sso: Default::default(),
+            peers: Default::default(),
         }
     }
 

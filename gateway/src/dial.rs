@@ -46,6 +46,10 @@ pub async fn serve_quic(
     // idle anonymous connections cannot pile up against the connection limit that device
     // tunnels share.
     let anonymous = principal.is_none();
+    if matches!(principal, Some(Principal::Gateway(_))) {
+        // A peer gateway's link carries every dial it forwards here.
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(crate::peers::LINK_STREAMS));
+    }
     let deadline = tokio::time::Instant::now() + ANONYMOUS_LIFETIME;
     let mut streams = 0usize;
     loop {
@@ -244,6 +248,16 @@ pub async fn serve_stream(
                 Err(e) => ClientReply::Refused(e),
             }
         }
+        (ClientRequest::Forward { device_id, header }, _) => match &principal {
+            Some(Principal::Gateway(from)) if *from != ctx.identity().gateway_id => {
+                serve_forward(&ctx, stream, from, device_id, header).await;
+                return;
+            }
+            _ => refused(
+                ErrorKind::Denied,
+                "forwarding needs the certificate of another gateway of this cluster",
+            ),
+        },
         (_, None) => refused(
             ErrorKind::Denied,
             "this request needs a user certificate (run `tsh login`)",
@@ -296,18 +310,63 @@ async fn dial(
         user: Some(user.to_string()),
         session_id: session_id.clone(),
         client_addr: addr.to_string(),
-        kube_groups: grant.kube_groups,
-        kube_users: grant.kube_users,
+        kube_groups: grant.kube_groups.clone(),
+        kube_users: grant.kube_users.clone(),
     };
-    let stream = ctx
-        .tunnels
-        .open_stream(&device_id, &header)
+    let stream = crate::peers::open_device_stream(ctx, &grant, &header)
         .await
-        .map_err(|e| match e {
-            TunnelError::NotConnected(_) => RpcError::new(ErrorKind::NotFound, e.to_string()),
-            other => RpcError::new(ErrorKind::Internal, other.to_string()),
-        })?;
+        .map_err(tunnel_error)?;
     Ok((stream, session_id, device_id))
+}
+
+fn tunnel_error(e: TunnelError) -> RpcError {
+    match e {
+        TunnelError::NotConnected(_) => RpcError::new(ErrorKind::NotFound, e.to_string()),
+        other => RpcError::new(ErrorKind::Internal, other.to_string()),
+    }
+}
+
+/// A dial that peer gateway `from` authorised and forwarded for a device whose tunnel is
+/// here: open the device stream (this gateway's own tunnels only, never forwarding again),
+/// answer `DialOk` and splice.
+async fn serve_forward(
+    ctx: &Ctx,
+    mut stream: BoxedStream,
+    from: &str,
+    device_id: String,
+    header: StreamHeader,
+) {
+    let user = header.user.clone().unwrap_or_default();
+    let session_id = header.session_id.clone();
+    let lock = match locked(ctx, &LockTarget::User(user.clone())) {
+        Some(m) => Some(format!("user {user} is locked: {m}")),
+        None => locked(ctx, &LockTarget::Device(device_id.clone()))
+            .map(|m| format!("device {device_id} is locked: {m}")),
+    };
+    let opened = match lock {
+        Some(msg) => Err(RpcError::new(ErrorKind::Locked, msg)),
+        None => ctx
+            .tunnels
+            .open_stream(&device_id, &header)
+            .await
+            .map_err(tunnel_error),
+    };
+    let device_stream = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(peer = %from, %user, device = %device_id, "forwarded dial refused: {}", e.message);
+            reply(&mut stream, &ClientReply::Refused(e)).await;
+            return;
+        }
+    };
+    let ok = ClientReply::DialOk {
+        session_id: session_id.clone(),
+        device_id: device_id.clone(),
+    };
+    if reply(&mut stream, &ok).await {
+        tracing::info!(peer = %from, %user, device = %device_id, session = %session_id, "forwarded dial");
+        splice(ctx, stream, device_stream, &user, &device_id, &session_id).await;
+    }
 }
 
 async fn splice<C, D>(

@@ -20,6 +20,7 @@ pub mod grants;
 pub mod identity;
 pub mod join;
 pub mod kube;
+pub mod peers;
 pub mod policy;
 pub mod presence;
 pub mod public_cert;

@@ -47,6 +47,11 @@ struct StartArgs {
     /// HOST:PORT that devices and users dial (put into the server certificate).
     #[arg(long)]
     public_addr: Option<String>,
+    /// HOST:PORT (UDP) where other gateways of the cluster reach this one to forward dials
+    /// for the devices it holds. Default: --listen, unless that is a wildcard address (then
+    /// no dials are forwarded here). Behind a load balancer, give each gateway its own.
+    #[arg(long, env = "EDGEPORT_PEER_ADDR")]
+    peer_addr: Option<String>,
     /// A public certificate chain (PEM, e.g. Let's Encrypt's fullchain.pem) for the name in
     /// --public-addr: users may then `tsh login` without --ca-pin, verified by system roots.
     /// Devices never use it.
@@ -125,6 +130,9 @@ fn main() -> ExitCode {
     cfg.ca_pin = args.ca_pin;
     cfg.gateway_id = args.id;
     cfg.public_addr = args.public_addr;
+    cfg.peer_addr = args
+        .peer_addr
+        .or_else(|| (!args.listen.ip().is_unspecified()).then(|| args.listen.to_string()));
     cfg.public_cert = args.cert;
     cfg.public_key = args.key;
     cfg.splice_dump = edgeport_gateway::splice_dump::from_env();

@@ -62,6 +62,7 @@ async fn send(ctx: &Ctx, report: PresenceReport) -> Result<PresenceAck, String> 
 /// the disconnected ones; every part but the last says `more`.
 fn parts(
     lease_secs: u64,
+    peer_addr: Option<String>,
     online: Vec<DevicePresence>,
     disconnected: Vec<(String, String)>,
 ) -> Vec<PresenceReport> {
@@ -89,6 +90,7 @@ fn parts(
     for (i, p) in out.iter_mut().enumerate() {
         p.part = i as u32;
         p.more = i + 1 < n;
+        p.peer_addr = peer_addr.clone();
     }
     out
 }
@@ -107,6 +109,7 @@ pub async fn report(ctx: &Arc<Ctx>) -> Result<(), String> {
     let disconnected = ctx.tunnels.take_disconnected();
     let reports = parts(
         ctx.cfg.presence_lease.as_secs(),
+        ctx.cfg.peer_addr.clone(),
         ctx.tunnels.snapshot(),
         disconnected.clone(),
     );
@@ -200,7 +203,12 @@ pub async fn final_report(ctx: &Ctx, reason: &str) {
             .iter()
             .map(|t| (t.device_id.clone(), reason.to_string())),
     );
-    let reports = parts(ctx.cfg.presence_lease.as_secs(), Vec::new(), disconnected);
+    let reports = parts(
+        ctx.cfg.presence_lease.as_secs(),
+        ctx.cfg.peer_addr.clone(),
+        Vec::new(),
+        disconnected,
+    );
     if let Err(e) = tokio::time::timeout(Duration::from_secs(3), send_all(ctx, reports))
         .await
         .unwrap_or_else(|_| Err("timed out".into()))
@@ -234,7 +242,7 @@ mod tests {
         let gone: Vec<_> = (0..3_000)
             .map(|i| (format!("old-{i}"), "connection lost".to_string()))
             .collect();
-        let reports = parts(45, online, gone);
+        let reports = parts(45, None, online, gone);
         assert!(reports.len() > 2);
         let mut ids = 0;
         for (i, r) in reports.iter().enumerate() {
@@ -244,10 +252,10 @@ mod tests {
             ids += r.online.len();
         }
         assert_eq!(ids, 10_000);
-        let small = parts(45, vec![presence(1)], vec![]);
+        let small = parts(45, None, vec![presence(1)], vec![]);
         assert_eq!(small.len(), 1);
         assert!(!small[0].more);
-        let empty = parts(45, vec![], vec![]);
+        let empty = parts(45, None, vec![], vec![]);
         assert_eq!(empty.len(), 1, "an empty snapshot still renews the lease");
     }
 }

@@ -73,6 +73,11 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     ctx.sso = sso;
     let ctx = Arc::new(ctx);
     ctx.set_public_cert(public);
+    ctx.peers.set_endpoint(endpoint.clone());
+    match &ctx.cfg.peer_addr {
+        Some(a) => tracing::info!("other gateways forward dials for this one's devices to {a}"),
+        None => tracing::info!("no --peer-addr: other gateways cannot forward dials here"),
+    }
     let tasks = [
         tokio::spawn(tcp::accept_loop(ctx.clone(), listener)),
         tokio::spawn(quic::accept_loop(ctx.clone(), endpoint.clone())),

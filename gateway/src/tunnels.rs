@@ -26,6 +26,9 @@ pub enum TunnelError {
     Open { device: String, err: String },
     #[error("device {0} did not accept a stream in time")]
     Timeout(String),
+    /// Forwarding to the gateway that holds the device failed.
+    #[error("{0}")]
+    Peer(String),
 }
 
 /// The transport under one tunnel.

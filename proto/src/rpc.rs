@@ -416,6 +416,9 @@ pub struct PresenceReport {
     pub disconnected: Vec<(String, String)>,
     pub part: u32,
     pub more: bool,
+    /// Where other gateways reach this one (`HOST:PORT`, UDP) to forward dials for the
+    /// devices it holds; `None`: it takes no forwarded dials.
+    pub peer_addr: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -490,6 +493,9 @@ pub struct DialGrant {
     pub logins: Vec<String>,
     pub kube_groups: Vec<String>,
     pub kube_users: Vec<String>,
+    /// The peer address of the gateway that holds the device's tunnel (`device.gateway`),
+    /// when it has given one: a dial that reaches another gateway is forwarded there.
+    pub gateway_addr: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -128,6 +128,14 @@ pub enum ClientRequest {
     /// redeems the code (with the client secret and the PKCE verifier that only it holds),
     /// verifies the ID token and answers `LoggedIn`.
     SsoFinish(SsoFinish),
+    /// Gateway -> gateway (needs a gateway certificate of this cluster): the sending gateway
+    /// has authorised a dial for `device_id`, which holds its tunnel to the receiving
+    /// gateway. The receiver opens a stream on that tunnel with `header` (never forwarding
+    /// again), answers `DialOk` and splices, as for a dial of its own.
+    Forward {
+        device_id: String,
+        header: StreamHeader,
+    },
 }
 
 #[derive(Clone, Serialize, Deserialize)]

@@ -25,9 +25,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edgeport_e2e::dial::{cluster_ca_der, user_tls};
 use edgeport_e2e::fabric::{agent_once, wait_offline, wait_online, Agent, Gateway, Tctl};
 use edgeport_e2e::{run, wait_until, Authority, TempDir};
-use edgeport_proto::keys::{first_cert_der, KeyPair};
+use edgeport_proto::keys::KeyPair;
 use edgeport_proto::mux::{self, Mode, MuxConfig};
 use edgeport_proto::tls::{client_config, CertKey, GATEWAY_SERVER_NAME};
 use edgeport_proto::tunnel::{
@@ -46,26 +47,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn cluster_ca_der(tctl: &Tctl) -> Vec<u8> {
-    let pem = tctl.ok(&["auth", "export", "--type", "tls"]).stdout();
-    first_cert_der(&pem).unwrap()
-}
-
-/// A user with the default role and a TLS client certificate for `edgeport-dial/1`.
-fn user_tls(auth: &Authority, dir: &Path, name: &str) -> Arc<rustls::ClientConfig> {
-    auth.tctl_ok(&["users", "add", name, "--logins", "root"]);
-    let out = dir.join(name);
-    let out_s = out.display().to_string();
-    auth.tctl_ok(&[
-        "auth", "sign", "--user", name, "--out", &out_s, "--format", "tls", "--ttl", "1h",
-    ]);
-    let read = |ext: &str| std::fs::read_to_string(format!("{out_s}{ext}")).unwrap();
-    let key = pem::parse(read(".key")).unwrap().into_contents();
-    let me = CertKey::from_pem(&read(".crt"), None, key).unwrap();
-    let ca = first_cert_der(&read(".cas")).unwrap();
-    Arc::new(client_config(&ca, Some(&me), &[alpn::DIAL]).unwrap())
 }
 
 async fn tls_connect(

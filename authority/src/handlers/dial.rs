@@ -5,7 +5,7 @@ use edgeport_proto::rpc::{DialGrant, LockTarget, Response, RpcError};
 use crate::errors::{denied, locked, not_found};
 use crate::handlers::user_certs::check_not_locked;
 use crate::service::Service;
-use crate::{devices, locks, roles, users};
+use crate::{devices, gateways, locks, roles, users};
 
 pub fn authorize_dial(
     svc: &Service,
@@ -35,7 +35,12 @@ pub fn authorize_dial(
             grants.extension.roles.join(",")
         )));
     }
+    let gateway_addr = match &info.gateway {
+        Some(g) => gateways::peer_addr(store, g)?,
+        None => None,
+    };
     Ok(Response::DialAllowed(DialGrant {
+        gateway_addr,
         device: info,
         logins: subject.logins,
         kube_groups: subject.kube_groups,

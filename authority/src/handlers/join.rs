@@ -123,6 +123,7 @@ pub fn join_gateway(
             dns_names: req.dns_names.clone(),
             ip_addrs: req.ip_addrs.clone(),
             revoked: false,
+            peer_addr: None,
         },
     )?;
     tracing::info!(gateway = %id, token = %token.id, "gateway joined");

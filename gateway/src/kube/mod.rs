@@ -363,12 +363,12 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         user: Some(user.clone()),
         session_id: session_id.clone(),
         client_addr: conn.addr.to_string(),
-        kube_groups: grant.kube_groups,
-        kube_users: grant.kube_users,
+        kube_groups: grant.kube_groups.clone(),
+        kube_users: grant.kube_users.clone(),
     };
     let resp = forward(
         &ctx,
-        &device,
+        &grant,
         &header,
         &inner,
         query.as_deref(),
@@ -383,7 +383,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
 
 async fn forward(
     ctx: &Ctx,
-    device: &str,
+    grant: &edgeport_proto::rpc::DialGrant,
     header: &StreamHeader,
     inner: &str,
     query: Option<&str>,
@@ -420,7 +420,8 @@ async fn forward(
         h.insert(header::HOST, HeaderValue::from_static("kubernetes"));
     }
 
-    let stream = match ctx.tunnels.open_stream(device, header).await {
+    let device = &grant.device.id;
+    let stream = match crate::peers::open_device_stream(ctx, grant, header).await {
         Ok(s) => s,
         Err(e) => {
             return status_body(

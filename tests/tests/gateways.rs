@@ -1,0 +1,167 @@
+//! Several gateways in one cluster (DESIGN section 5): a user logged in at gateway A reaches
+//! a device whose tunnel is held by gateway B. A authorises the dial, asks the authority who
+//! holds the device, and forwards the stream to B over a QUIC link that both gateways
+//! authenticate with their cluster certificates. SSH stays end to end.
+//!
+//! - `tsh ls`, `tsh ssh` (output, exit status, a few MiB byte for byte both ways) through A;
+//! - each gateway logs its side (A opens the link, B accepts the forwarded dial);
+//! - a user certificate cannot ask a gateway to forward (only a peer gateway can);
+//! - with B gone, a dial through A fails with one clear line, without hanging.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeport_e2e::dial::user_tls;
+use edgeport_e2e::fabric::Gateway;
+use edgeport_e2e::ssh::{Cluster, Tsh};
+use edgeport_proto::tls::GATEWAY_SERVER_NAME;
+use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
+use edgeport_proto::{read_frame, write_frame};
+
+const PW: &str = "correct horse battery";
+
+fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `ClientRequest::Forward` sent by a user (not a gateway) over TCP+TLS; returns the reply.
+fn forward_as_user(cfg: Arc<rustls::ClientConfig>, addr: &str) -> ClientReply {
+    edgeport_proto::tls::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(GATEWAY_SERVER_NAME).unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let req = ClientRequest::Forward {
+            device_id: "dev1".into(),
+            header: StreamHeader {
+                service: Service::Ssh,
+                user: Some("root-impersonated".into()),
+                session_id: "forged".into(),
+                client_addr: "127.0.0.1:1".into(),
+                kube_groups: vec![],
+                kube_users: vec![],
+            },
+        };
+        write_frame(&mut s, &req).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            read_frame::<ClientReply, _>(&mut s),
+        )
+        .await
+        .expect("the gateway answers")
+        .unwrap()
+    })
+}
+
+#[test]
+fn a_dial_at_one_gateway_reaches_a_device_held_by_another() {
+    // Gateway B (the cluster's first) holds dev1's tunnel; gateway A holds none.
+    let mut c = Cluster::start("multi", &[("dev1", "fleet=vans")]);
+    let gw_a = Gateway::start(&c.dir.join("gateway-a"), &c.auth);
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), &gw_a.addr);
+    tsh.login("alice", PW, &gw_a.ca_pin, &[])
+        .expect_ok("tsh login at gateway A");
+
+    let ls = tsh
+        .run(&["ls", "--format", "json"], None)
+        .expect_ok("tsh ls");
+    let devices = ls.json();
+    let dev1 = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "dev1")
+        .unwrap_or_else(|| panic!("dev1 missing from tsh ls: {devices}"));
+    assert_eq!(dev1["online"], true, "{dev1}");
+
+    let hi = tsh
+        .run(&["ssh", "root@dev1", "echo", "hi"], None)
+        .expect_ok("tsh ssh through gateway A");
+    assert_eq!(hi.stdout(), "hi\n");
+    let seven = tsh.run(&["ssh", "root@dev1", "exit 7"], None);
+    assert_eq!(seven.code(), Some(7), "stderr:\n{}", seven.stderr());
+
+    // Upload: the device hashes what it received.
+    let data = edgeport_proto::keys::random_bytes(6 << 20).unwrap();
+    let up = tsh
+        .run(&["ssh", "root@dev1", "sha256sum"], Some(&data))
+        .expect_ok("upload through two gateways");
+    assert_eq!(
+        up.stdout().split_whitespace().next(),
+        Some(sha256_hex(&data).as_str()),
+        "the device received other bytes than were sent"
+    );
+    // Download: the device sends a file back (the agent runs on this machine).
+    let file = c.dir.join("download.bin");
+    std::fs::write(&file, &data).unwrap();
+    let down = tsh
+        .run(
+            &["ssh", "root@dev1", "cat", &file.display().to_string()],
+            None,
+        )
+        .expect_ok("download through two gateways");
+    assert!(
+        down.out.stdout == data,
+        "downloaded {} bytes, not the {} of the file (or other bytes)",
+        down.out.stdout.len(),
+        data.len()
+    );
+
+    assert!(
+        gw_a.proc.log_text().contains("link to peer gateway up"),
+        "gateway A never opened a link to B:\n{}",
+        gw_a.proc.log_text()
+    );
+    let b_log = c.gw.proc.log_text();
+    assert!(
+        b_log.contains("forwarded dial") && b_log.contains("alice"),
+        "gateway B did not log the forwarded dial for alice:\n{b_log}"
+    );
+
+    // Only another gateway of the cluster may ask for a forward: a user certificate that
+    // sends one (with a made-up user in the header) is refused and reaches no device.
+    let user = user_tls(&c.auth, c.dir.path(), "mallory");
+    match forward_as_user(user, &c.gw.addr) {
+        ClientReply::Refused(e) => assert!(
+            e.message
+                .contains("forwarding needs the certificate of another gateway"),
+            "{e:?}"
+        ),
+        other => panic!("a user's Forward was not refused: {other:?}"),
+    }
+    assert!(!c.gw.proc.log_text().contains("root-impersonated"));
+
+    // B goes away: A cannot reach the device and says so, in one line and in bounded time.
+    c.gw.proc.stop();
+    let t = Instant::now();
+    let gone = tsh.run(&["ssh", "root@dev1", "true"], None);
+    let err = gone.stderr();
+    assert_ne!(gone.code(), Some(0), "ssh succeeded with B stopped");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
+    assert!(
+        lines[0].starts_with("error: ")
+            && (lines[0].contains("dev1") || lines[0].contains("gateway")),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    eprintln!(
+        "dial with the holder gone failed after {:?}: {}",
+        t.elapsed(),
+        lines[0]
+    );
+}
