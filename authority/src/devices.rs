@@ -67,6 +67,10 @@ pub struct PresenceRecord {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct GatewayReport {
     pub devices: Vec<String>,
+    /// When each tunnel came up, by the gateway's clock: the same value in the next report
+    /// means the same tunnel, still claimed (see [`apply_part`]).
+    #[serde(default)]
+    pub connected: BTreeMap<String, u64>,
     pub reported_at: u64,
     pub lease_expires: u64,
 }
@@ -176,7 +180,7 @@ pub fn apply_report(
     gateway: &str,
     report: &PresenceReport,
     now: u64,
-) -> Result<(), RpcError> {
+) -> Result<Vec<(String, u64)>, RpcError> {
     let mut seen = Snapshot::default();
     apply_part(store, gateway, report, &mut seen, now)
 }
@@ -188,8 +192,8 @@ const MAX_DISCONNECTED_PER_SNAPSHOT: usize = 100_000;
 /// What the parts of one gateway snapshot have said so far.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Devices reported online by earlier parts.
-    pub seen: BTreeSet<String>,
+    /// Devices reported online by earlier parts, with their tunnels' `connected_at`.
+    pub seen: BTreeMap<String, u64>,
     /// The part expected next.
     pub next_part: u32,
     /// A part went missing (say, the authority restarted mid-snapshot): do not take devices
@@ -209,7 +213,7 @@ pub fn apply_part(
     report: &PresenceReport,
     snap: &mut Snapshot,
     now: u64,
-) -> Result<(), RpcError> {
+) -> Result<Vec<(String, u64)>, RpcError> {
     if report.part == 0 {
         *snap = Snapshot::default();
     } else if report.part != snap.next_part {
@@ -218,14 +222,33 @@ pub fn apply_part(
     snap.next_part = report.part.saturating_add(1);
     let lease = report.lease_secs.clamp(1, MAX_LEASE_SECS);
     let lease_expires = now + lease;
+    let prev: GatewayReport =
+        store::get(store, Table::GatewayReports, gateway)?.unwrap_or_default();
+    let mut superseded = Vec::new();
     for p in &report.online {
         // Only devices in the inventory have presence; a removed one gets its revocation in
         // the acknowledgement instead.
         if get(store, &p.id)?.is_none() {
             continue;
         }
-        snap.seen.insert(p.id.clone());
+        snap.seen.insert(p.id.clone(), p.connected_at);
         let old: Option<PresenceRecord> = store::get(store, Table::Presence, &p.id)?;
+        // The device is held by another gateway now, and this gateway still reports the
+        // tunnel it reported before: that tunnel is an old one (the device reconnected
+        // elsewhere while this gateway has not yet noticed the old connection die). The
+        // newer tunnel keeps the record and this gateway is told to close its own, so the
+        // holder does not flap back with every report. A tunnel this gateway did not report
+        // before is a new connection and takes the record, as it always did. Only this
+        // gateway's own clock is compared with itself.
+        let taken_over = old.as_ref().is_some_and(|o| {
+            o.gateway != gateway
+                && now < o.lease_expires
+                && prev.connected.get(&p.id) == Some(&p.connected_at)
+        });
+        if taken_over {
+            superseded.push((p.id.clone(), p.connected_at));
+            continue;
+        }
         let rec = online_record(gateway, p, lease_expires, now, old);
         store::put(store, Table::Presence, &p.id, &rec)?;
     }
@@ -238,7 +261,7 @@ pub fn apply_part(
     );
     snap.disconnected.truncate(MAX_DISCONNECTED_PER_SNAPSHOT);
     if report.more {
-        return Ok(());
+        return Ok(superseded);
     }
     let gone = std::mem::take(&mut snap.disconnected);
     let prev: GatewayReport =
@@ -248,7 +271,7 @@ pub fn apply_part(
     let dropped = prev
         .devices
         .iter()
-        .filter(|d| trust_absence && !reported.contains(*d));
+        .filter(|d| trust_absence && !reported.contains_key(*d));
     let reasons: BTreeMap<&str, &str> = gone
         .iter()
         .map(|(id, why)| (id.as_str(), why.as_str()))
@@ -263,7 +286,7 @@ pub fn apply_part(
         if rec.gateway != gateway {
             continue;
         }
-        if !reported.contains(id) && (trust_absence || reasons.contains_key(id)) {
+        if !reported.contains_key(id) && (trust_absence || reasons.contains_key(id)) {
             rec.lease_expires = rec.lease_expires.min(now);
         }
         if let Some(why) = reasons.get(id) {
@@ -276,12 +299,13 @@ pub fn apply_part(
         Table::GatewayReports,
         gateway,
         &GatewayReport {
-            devices: reported.into_iter().collect(),
+            devices: reported.keys().cloned().collect(),
+            connected: reported,
             reported_at: now,
             lease_expires,
         },
     )?;
-    Ok(())
+    Ok(superseded)
 }
 
 fn online_record(
@@ -578,5 +602,44 @@ mod tests {
         assert!(online(&s, "c", 2000 + MAX_LEASE_SECS - 1));
         assert!(!online(&s, "c", 2000 + MAX_LEASE_SECS));
         assert_eq!(list(&s, 2000).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn an_old_tunnel_at_another_gateway_does_not_take_the_device_back() {
+        let (_d, s) = store();
+        let k = KeyPair::generate().unwrap();
+        register(&s, device("a", &k)).unwrap();
+        let at = |connected_at: u64| {
+            let mut r = report(30, &["a"], &[]);
+            r.online[0].connected_at = connected_at;
+            r
+        };
+        let holder = |now| lookup(&s, "a", now).unwrap().unwrap().gateway;
+        assert!(apply_report(&s, "gw-1", &at(100), 1000).unwrap().is_empty());
+        // The device reconnects at gw-2; gw-1 has not noticed its tunnel die and keeps
+        // reporting it: gw-2 keeps the device and gw-1 is told to close that tunnel.
+        assert!(apply_report(&s, "gw-2", &at(1005), 1005)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            apply_report(&s, "gw-1", &at(100), 1010).unwrap(),
+            [("a".to_string(), 100)]
+        );
+        assert_eq!(holder(1011).as_deref(), Some("gw-2"));
+        assert!(lookup(&s, "a", 1011).unwrap().unwrap().online);
+        // A new tunnel at gw-1 (the device came back there) takes it, as any move does.
+        assert!(apply_report(&s, "gw-1", &at(1020), 1020)
+            .unwrap()
+            .is_empty());
+        assert_eq!(holder(1021).as_deref(), Some("gw-1"));
+        // Now gw-2's tunnel is the old one, and gw-1's continuing claim is its own.
+        assert_eq!(
+            apply_report(&s, "gw-2", &at(1005), 1025).unwrap(),
+            [("a".to_string(), 1005)]
+        );
+        assert!(apply_report(&s, "gw-1", &at(1020), 1030)
+            .unwrap()
+            .is_empty());
+        assert_eq!(holder(1031).as_deref(), Some("gw-1"));
     }
 }

@@ -322,6 +322,7 @@ async fn dial(
 fn tunnel_error(e: TunnelError) -> RpcError {
     match e {
         TunnelError::NotConnected(_) => RpcError::new(ErrorKind::NotFound, e.to_string()),
+        TunnelError::Refused(e) => e,
         other => RpcError::new(ErrorKind::Internal, other.to_string()),
     }
 }
@@ -334,22 +335,33 @@ async fn serve_forward(
     mut stream: BoxedStream,
     from: &str,
     device_id: String,
-    header: StreamHeader,
+    mut header: StreamHeader,
 ) {
     let user = header.user.clone().unwrap_or_default();
     let session_id = header.session_id.clone();
-    let lock = match locked(ctx, &LockTarget::User(user.clone())) {
-        Some(m) => Some(format!("user {user} is locked: {m}")),
-        None => locked(ctx, &LockTarget::Device(device_id.clone()))
-            .map(|m| format!("device {device_id} is locked: {m}")),
-    };
-    let opened = match lock {
-        Some(msg) => Err(RpcError::new(ErrorKind::Locked, msg)),
-        None => ctx
-            .tunnels
-            .open_stream(&device_id, &header)
-            .await
-            .map_err(tunnel_error),
+    let checked = tokio::time::timeout(
+        crate::peers::HOLDER_GRANT_TIMEOUT,
+        forward_grant(ctx, &user, &device_id, header.service),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(RpcError::new(
+            ErrorKind::Internal,
+            "the gateway holding the device cannot reach the authority in time",
+        ))
+    });
+    let opened = match checked {
+        Ok(grant) => {
+            // Who the device sees in Kubernetes comes from this gateway's own grant, not
+            // from the forwarder's header.
+            header.kube_groups = grant.kube_groups;
+            header.kube_users = grant.kube_users;
+            ctx.tunnels
+                .open_stream(&device_id, &header)
+                .await
+                .map_err(tunnel_error)
+        }
+        Err(e) => Err(e),
     };
     let device_stream = match opened {
         Ok(s) => s,
@@ -367,6 +379,49 @@ async fn serve_forward(
         tracing::info!(peer = %from, %user, device = %device_id, session = %session_id, "forwarded dial");
         splice(ctx, stream, device_stream, &user, &device_id, &session_id).await;
     }
+}
+
+/// The holder's own check of a forwarded dial: a named user, neither user nor device locked
+/// here, and the authority's grant (reused as for the service's own dials) for this device.
+async fn forward_grant(
+    ctx: &Ctx,
+    user: &str,
+    device_id: &str,
+    service: Service,
+) -> Result<edgeport_proto::rpc::DialGrant, RpcError> {
+    if user.is_empty() {
+        return Err(RpcError::new(
+            ErrorKind::Invalid,
+            "a forwarded dial must name its user",
+        ));
+    }
+    if let Some(m) = locked(ctx, &LockTarget::User(user.to_string())) {
+        return Err(RpcError::new(
+            ErrorKind::Locked,
+            format!("user {user} is locked: {m}"),
+        ));
+    }
+    if let Some(m) = locked(ctx, &LockTarget::Device(device_id.to_string())) {
+        return Err(RpcError::new(
+            ErrorKind::Locked,
+            format!("device {device_id} is locked: {m}"),
+        ));
+    }
+    let reuse = match service {
+        Service::Kube => crate::grants::KUBE_REUSE,
+        Service::Ssh | Service::Echo => Duration::ZERO,
+    };
+    let grant = ctx
+        .grants
+        .authorize(&ctx.auth, user, device_id, reuse)
+        .await?;
+    if grant.device.id != device_id {
+        return Err(RpcError::new(
+            ErrorKind::Denied,
+            format!("{device_id} is not a device id"),
+        ));
+    }
+    Ok(grant)
 }
 
 async fn splice<C, D>(

@@ -77,9 +77,32 @@ impl Grants {
         if let Some(g) = self.recent(&key, reuse, true) {
             return Ok(g);
         }
+        self.ask(auth, key, epoch).await
+    }
+
+    /// The authority's answer now, never a reused grant (else, authority unreachable, one
+    /// younger than [`OUTAGE`]): for a dial whose reused grant put the device where it is not.
+    pub async fn refresh(
+        &self,
+        auth: &AuthorityClient,
+        user: &str,
+        target: &str,
+    ) -> Result<DialGrant, RpcError> {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        self.ask(auth, (user.to_string(), target.to_string()), epoch)
+            .await
+    }
+
+    async fn ask(
+        &self,
+        auth: &AuthorityClient,
+        key: Key,
+        epoch: u64,
+    ) -> Result<DialGrant, RpcError> {
+        let (user, target) = (key.0.clone(), key.1.clone());
         let req = Request::AuthorizeDial {
-            user: user.to_string(),
-            device: target.to_string(),
+            user: user.clone(),
+            device: target.clone(),
         };
         match auth.call(req).await {
             Ok(Response::DialAllowed(g)) => {

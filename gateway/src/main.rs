@@ -50,7 +50,7 @@ struct StartArgs {
     /// HOST:PORT (UDP) where other gateways of the cluster reach this one to forward dials
     /// for the devices it holds. Default: --listen, unless that is a wildcard address (then
     /// no dials are forwarded here). Behind a load balancer, give each gateway its own.
-    #[arg(long, env = "EDGEPORT_PEER_ADDR")]
+    #[arg(long, env = "EDGEPORT_PEER_ADDR", value_parser = parse_peer_addr)]
     peer_addr: Option<String>,
     /// A public certificate chain (PEM, e.g. Let's Encrypt's fullchain.pem) for the name in
     /// --public-addr: users may then `tsh login` without --ca-pin, verified by system roots.
@@ -115,6 +115,10 @@ struct StartArgs {
     /// Root certificates (PEM) for GitHub Enterprise Server (default: the system's).
     #[arg(long)]
     github_ca: Option<PathBuf>,
+}
+
+fn parse_peer_addr(s: &str) -> Result<String, String> {
+    edgeport_proto::util::check_peer_addr(s).map(|()| s.to_string())
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {

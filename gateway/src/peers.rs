@@ -11,11 +11,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use edgeport_proto::identity::Principal;
-use edgeport_proto::rpc::DialGrant;
+use edgeport_proto::rpc::{DialGrant, ErrorKind, RpcError};
 use edgeport_proto::tls::{self, GATEWAY_SERVER_NAME};
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, StreamHeader};
 use edgeport_proto::util::BoxedStream;
@@ -24,29 +24,68 @@ use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::CertificateDer;
 
 use crate::ctx::Ctx;
-use crate::tunnels::TunnelError;
+use crate::tunnels::{TunnelError, OPEN_TIMEOUT};
 
-/// Connecting to a peer gateway (resolve, QUIC handshake).
+/// Connecting to a peer gateway (resolve, QUIC handshake), and getting a stream on a link.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Opening a stream on the link and hearing the peer's answer to `Forward`.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed connect, forwards to that peer fail at once for this long instead of each
+/// waiting [`CONNECT_TIMEOUT`] again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long the holder may take for its own grant of a forwarded dial (an authority round
+/// trip when it has none to reuse).
+pub const HOLDER_GRANT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Hearing the peer's answer to `Forward`: longer than the holder's own waits (for its grant
+/// and for the device, [`OPEN_TIMEOUT`]), so that a slow device or authority is reported as
+/// such and a missing answer means the peer itself is gone (the link is then dropped).
+const ANSWER_TIMEOUT: Duration = OPEN_TIMEOUT
+    .saturating_add(HOLDER_GRANT_TIMEOUT)
+    .saturating_add(Duration::from_secs(5));
 /// Links stay up while idle, so that quiet SSH sessions on them are not cut.
 const LINK_KEEP_ALIVE: Duration = Duration::from_secs(15);
 const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Forwarded streams one link may carry at once (the receiver raises its limit for peers).
 pub const LINK_STREAMS: u32 = 10_000;
 
-/// The links this gateway has opened to its peers, by peer gateway id.
+/// The links this gateway has opened to its peers, one slot per peer gateway id (bounded by
+/// the number of gateways the authority names).
 #[derive(Default)]
 pub struct Peers {
     endpoint: OnceLock<quinn::Endpoint>,
-    links: tokio::sync::Mutex<HashMap<String, (String, quinn::Connection)>>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+/// One peer: its link, or why the last connect failed. Connecting holds only this peer's
+/// lock, so a peer that does not answer never holds up forwards to the others.
+#[derive(Default)]
+struct Slot {
+    state: tokio::sync::Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The address it was reached at, and the link.
+    link: Option<(String, quinn::Connection)>,
+    /// When a connect to which address last failed, and why.
+    failed: Option<(Instant, String, String)>,
+}
+
+/// Why a forward failed.
+enum ForwardError {
+    /// The holder refused (the device went away, a lock it knows of...).
+    Refused(RpcError),
+    /// No usable link or no answer: the details are for the gateway's log.
+    Link(String),
 }
 
 impl Peers {
     /// The gateway's quinn endpoint (its UDP port), used as the client of peer links.
     pub fn set_endpoint(&self, endpoint: quinn::Endpoint) {
         let _ = self.endpoint.set(endpoint);
+    }
+
+    fn slot(&self, peer: &str) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(peer.to_string()).or_default().clone()
     }
 
     /// A stream to `device_id` through gateway `peer` at `addr`, accepted by that gateway.
@@ -57,19 +96,23 @@ impl Peers {
         addr: &str,
         device_id: &str,
         header: &StreamHeader,
-    ) -> Result<BoxedStream, String> {
+    ) -> Result<BoxedStream, ForwardError> {
+        let link_err =
+            |what: String| ForwardError::Link(format!("gateway {peer} at {addr}: {what}"));
         // A cached link may have died since it was last used: one fresh try.
         for attempt in 0..2 {
-            let link = self.link(ctx, peer, addr, attempt > 0).await?;
-            let opened = tokio::time::timeout(ANSWER_TIMEOUT, link.open_bi()).await;
-            let (send, recv) = match opened {
+            let link = self
+                .link(ctx, peer, addr, attempt > 0)
+                .await
+                .map_err(ForwardError::Link)?;
+            let (send, recv) = match tokio::time::timeout(CONNECT_TIMEOUT, link.open_bi()).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) if attempt == 0 => {
                     tracing::debug!(%peer, "link to peer gateway lost ({e}); reconnecting");
                     continue;
                 }
-                Ok(Err(e)) => return Err(format!("link to gateway {peer} at {addr}: {e}")),
-                Err(_) => return Err(format!("gateway {peer} at {addr} gave no stream in time")),
+                Ok(Err(e)) => return Err(link_err(e.to_string())),
+                Err(_) => return Err(link_err("no stream free on the link".into())),
             };
             let mut stream: BoxedStream = Box::new(tokio::io::join(recv, send));
             let req = ClientRequest::Forward {
@@ -83,13 +126,25 @@ impl Peers {
             .await;
             return match answer {
                 Ok(Ok(ClientReply::DialOk { .. })) => Ok(stream),
-                Ok(Ok(ClientReply::Refused(e))) => Err(format!("gateway {peer}: {}", e.message)),
-                Ok(Ok(other)) => Err(format!("gateway {peer} answered {other:?}")),
-                Ok(Err(e)) => Err(format!("gateway {peer} at {addr}: {e}")),
-                Err(_) => Err(format!("gateway {peer} at {addr} did not answer in time")),
+                Ok(Ok(ClientReply::Refused(e))) => Err(ForwardError::Refused(e)),
+                Ok(Ok(_)) => Err(link_err("answered out of turn".into())),
+                Ok(Err(e)) if attempt == 0 && link.close_reason().is_some() => {
+                    tracing::debug!(%peer, "link to peer gateway lost ({e}); reconnecting");
+                    continue;
+                }
+                Ok(Err(e)) => Err(link_err(e.to_string())),
+                Err(_) => {
+                    // A live holder answers within OPEN_TIMEOUT: this one is gone, and so
+                    // are the sessions on the link. The next forward connects afresh.
+                    link.close(quinn::VarInt::from_u32(3), b"no answer");
+                    Err(link_err(format!(
+                        "no answer within {} s",
+                        ANSWER_TIMEOUT.as_secs()
+                    )))
+                }
             };
         }
-        Err(format!("no link to gateway {peer} at {addr}"))
+        Err(link_err("the link went down twice".into()))
     }
 
     /// The link to `peer`, connecting if there is none (or `fresh` is asked for).
@@ -100,21 +155,34 @@ impl Peers {
         addr: &str,
         fresh: bool,
     ) -> Result<quinn::Connection, String> {
-        let mut links = self.links.lock().await;
-        if let Some((at, c)) = links.get(peer) {
+        let slot = self.slot(peer);
+        let mut st = slot.state.lock().await;
+        if let Some((at, c)) = &st.link {
             if !fresh && c.close_reason().is_none() && at == addr {
                 return Ok(c.clone());
             }
         }
-        // Connecting under the lock keeps one link per peer; a peer that does not answer
-        // holds up other forwards for at most CONNECT_TIMEOUT.
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(ctx, peer, addr))
+        if let Some((when, at, why)) = &st.failed {
+            if at == addr && when.elapsed() < RETRY_AFTER {
+                return Err(why.clone());
+            }
+        }
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(ctx, peer, addr))
             .await
-            .map_err(|_| format!("gateway {peer} at {addr} did not answer in time"))??;
-        links.retain(|_, (_, c)| c.close_reason().is_none());
-        links.insert(peer.to_string(), (addr.to_string(), conn.clone()));
-        tracing::info!(%peer, %addr, "link to peer gateway up");
-        Ok(conn)
+            .unwrap_or_else(|_| Err(format!("gateway {peer} at {addr} did not answer in time")));
+        match connected {
+            Ok(conn) => {
+                st.link = Some((addr.to_string(), conn.clone()));
+                st.failed = None;
+                tracing::info!(%peer, %addr, "link to peer gateway up");
+                Ok(conn)
+            }
+            Err(e) => {
+                st.link = None;
+                st.failed = Some((Instant::now(), addr.to_string(), e.clone()));
+                Err(e)
+            }
+        }
     }
 
     async fn connect(
@@ -143,7 +211,8 @@ impl Peers {
             .keep_alive_interval(Some(LINK_KEEP_ALIVE))
             .max_idle_timeout(quinn::IdleTimeout::try_from(LINK_IDLE_TIMEOUT).ok());
         cfg.transport_config(Arc::new(transport));
-        let sockaddr = resolve(addr).await?;
+        let local = endpoint.local_addr().map_err(|e| err(&e))?;
+        let sockaddr = resolve(addr, local).await?;
         let conn = endpoint
             .connect_with(cfg, sockaddr, GATEWAY_SERVER_NAME)
             .map_err(|e| err(&e))?
@@ -168,17 +237,53 @@ impl Peers {
     }
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+/// The first address of `addr` the endpoint's socket can send to (an IPv4 socket only IPv4;
+/// an IPv6 one, dual-stack, either).
+async fn resolve(addr: &str, local: SocketAddr) -> Result<SocketAddr, String> {
     tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("peer address {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("peer address {addr} resolves to nothing"))
+        .find(|a| local.is_ipv6() || a.is_ipv4())
+        .ok_or_else(|| format!("peer address {addr} has no address this gateway can reach"))
 }
 
 /// A stream to the device of `grant` with `header` sent: over its tunnel here, or forwarded
-/// to the gateway that holds it.
+/// to the gateway that holds it. The grant may be one the gateway reused, so when the device
+/// is not where it says (it moved to another gateway, or just came online), the authority is
+/// asked once more.
 pub async fn open_device_stream(
+    ctx: &Ctx,
+    grant: &DialGrant,
+    header: &StreamHeader,
+) -> Result<BoxedStream, TunnelError> {
+    let first = open_at(ctx, grant, header).await;
+    let misplaced = match &first {
+        Err(TunnelError::NotConnected(_) | TunnelError::Peer(_)) => true,
+        Err(TunnelError::Refused(e)) => e.kind == ErrorKind::NotFound,
+        _ => false,
+    };
+    let Some(user) = header.user.as_deref().filter(|_| misplaced) else {
+        return first;
+    };
+    match ctx.grants.refresh(&ctx.auth, user, &grant.device.id).await {
+        Ok(fresh) if placement(&fresh) != placement(grant) => {
+            tracing::debug!(device = %grant.device.id, "device moved; dialling where the authority says now");
+            open_at(ctx, &fresh, header).await
+        }
+        _ => first,
+    }
+}
+
+/// Whether the device is online, which gateway holds it and where peers reach that gateway.
+fn placement(g: &DialGrant) -> (bool, Option<&str>, Option<&str>) {
+    (
+        g.device.online,
+        g.device.gateway.as_deref(),
+        g.gateway_addr.as_deref(),
+    )
+}
+
+async fn open_at(
     ctx: &Ctx,
     grant: &DialGrant,
     header: &StreamHeader,
@@ -199,10 +304,21 @@ pub async fn open_device_stream(
              dials (start it with --peer-addr)"
         )));
     };
-    ctx.peers
+    match ctx
+        .peers
         .forward(ctx, holder, addr, device_id, header)
         .await
-        .map_err(|e| {
-            TunnelError::Peer(format!("device {device_id} is behind another gateway: {e}"))
-        })
+    {
+        Ok(s) => Ok(s),
+        Err(ForwardError::Refused(e)) => Err(TunnelError::Refused(RpcError::new(
+            e.kind,
+            format!("gateway {holder}: {}", e.message),
+        ))),
+        Err(ForwardError::Link(why)) => {
+            tracing::warn!(device = %device_id, "cannot forward a dial: {why}");
+            Err(TunnelError::Peer(format!(
+                "device {device_id} is behind gateway {holder}, which cannot be reached now"
+            )))
+        }
+    }
 }

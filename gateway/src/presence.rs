@@ -126,6 +126,17 @@ pub async fn report(ctx: &Arc<Ctx>) -> Result<(), String> {
 }
 
 fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
+    for (id, connected_at) in &ack.superseded {
+        // Only the very tunnel that was reported: the device may have come back since.
+        if let Some(t) = ctx
+            .tunnels
+            .get(id)
+            .filter(|t| t.connected_at == *connected_at)
+        {
+            tracing::info!(device = %id, "the device has a newer tunnel at another gateway; closing this one");
+            t.close("replaced by a newer tunnel at another gateway");
+        }
+    }
     for id in &ack.revoked_devices {
         if ctx.tunnels.get(id).is_some() {
             tracing::info!(device = %id, "device was removed from the cluster; closing its tunnel");

@@ -16,7 +16,7 @@ use edgeport_proto::write_frame;
 use tokio::sync::{mpsc, Notify};
 
 /// How long opening a stream and sending its header may take.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -26,9 +26,12 @@ pub enum TunnelError {
     Open { device: String, err: String },
     #[error("device {0} did not accept a stream in time")]
     Timeout(String),
-    /// Forwarding to the gateway that holds the device failed.
+    /// No link to the gateway that holds the device (details in the gateway's log).
     #[error("{0}")]
     Peer(String),
+    /// The gateway that holds the device refused the forwarded dial.
+    #[error("{0}")]
+    Refused(edgeport_proto::rpc::RpcError),
 }
 
 /// The transport under one tunnel.

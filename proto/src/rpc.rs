@@ -426,6 +426,9 @@ pub struct PresenceAck {
     /// Devices that were removed: close their tunnels and refuse them.
     pub revoked_devices: Vec<String>,
     pub locks: Vec<LockSpec>,
+    /// Tunnels of this report that a newer tunnel of the same device at another gateway
+    /// replaced (device id, the `connected_at` reported): close them.
+    pub superseded: Vec<(String, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -187,6 +187,36 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
 /// A stream whose transport is hidden from the code above it.
 pub type BoxedStream = Box<dyn Duplex>;
 
+/// Checks a gateway's peer address (`HOST:PORT` or `[V6]:PORT`, where other gateways of the
+/// cluster reach it): a sane length, a port that parses and is not 0, a host of name or
+/// address characters that is not a wildcard address (which no peer could dial).
+pub fn check_peer_addr(addr: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("peer address {addr:?}: {why}"));
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("not HOST:PORT");
+    };
+    if addr.len() > 261 {
+        return bad("too long");
+    }
+    if host.is_empty() || !port.parse::<u16>().is_ok_and(|p| p != 0) {
+        return bad("not HOST:PORT");
+    }
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-.[]:_".contains(c))
+    {
+        return bad("the host has characters no name or address has");
+    }
+    let ip = host.trim_start_matches('[').trim_end_matches(']');
+    if ip
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return bad("a wildcard address; give the address other gateways dial");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +248,25 @@ mod tests {
         assert!(parse_duration_secs("x").is_err());
         assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_time(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn peer_addresses() {
+        for ok in ["10.0.0.7:4080", "gw-b.example.com:443", "[::1]:4080"] {
+            assert!(check_peer_addr(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "gw-b",
+            ":4080",
+            "gw:0",
+            "gw:99999",
+            "gw b:1",
+            "gw:x",
+            "0.0.0.0:4080",
+            "[::]:4080",
+        ] {
+            assert!(check_peer_addr(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -6,6 +6,8 @@
 //! - `tsh ls`, `tsh ssh` (output, exit status, a few MiB byte for byte both ways) through A;
 //! - each gateway logs its side (A opens the link, B accepts the forwarded dial);
 //! - a user certificate cannot ask a gateway to forward (only a peer gateway can);
+//! - the device moves to A and back while A reuses its grant: A asks the authority again;
+//! - a wildcard `--peer-addr` is refused at start;
 //! - with B gone, a dial through A fails with one clear line, without hanging.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -14,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgeport_e2e::dial::user_tls;
-use edgeport_e2e::fabric::Gateway;
+use edgeport_e2e::fabric::{Agent, Gateway};
 use edgeport_e2e::ssh::{Cluster, Tsh};
+use edgeport_e2e::{bin, run};
 use edgeport_proto::tls::GATEWAY_SERVER_NAME;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
 use edgeport_proto::{read_frame, write_frame};
@@ -70,7 +73,22 @@ fn forward_as_user(cfg: Arc<rustls::ClientConfig>, addr: &str) -> ClientReply {
 fn a_dial_at_one_gateway_reaches_a_device_held_by_another() {
     // Gateway B (the cluster's first) holds dev1's tunnel; gateway A holds none.
     let mut c = Cluster::start("multi", &[("dev1", "fleet=vans")]);
-    let gw_a = Gateway::start(&c.dir.join("gateway-a"), &c.auth);
+    // A peer address no other gateway could dial is refused before the gateway starts.
+    let mut bad = std::process::Command::new(bin("gateway"));
+    bad.args(["start", "--data-dir"])
+        .arg(c.dir.join("gateway-bad"))
+        .args(["--auth", &c.tctl.addr, "--peer-addr", "0.0.0.0:4080"]);
+    let bad = run(bad, None, Duration::from_secs(30));
+    assert!(
+        !bad.ok() && bad.stderr().contains("wildcard"),
+        "a wildcard --peer-addr was taken: {}",
+        bad.stderr()
+    );
+    let gw_a = Gateway::start_with(
+        &c.dir.join("gateway-a"),
+        &c.auth,
+        &["--presence-interval", "2s"],
+    );
     c.add_user("alice", "root", PW);
     let tsh = Tsh::new(c.dir.join("tsh"), &gw_a.addr);
     tsh.login("alice", PW, &gw_a.ca_pin, &[])
@@ -144,6 +162,59 @@ fn a_dial_at_one_gateway_reaches_a_device_held_by_another() {
         other => panic!("a user's Forward was not refused: {other:?}"),
     }
     assert!(!c.gw.proc.log_text().contains("root-impersonated"));
+
+    // The device moves: killed (A and B do not notice at once) and back at A, then again
+    // and back at B. Each time the authority keeps the newer tunnel as the holder, and the
+    // gateway left with the old one is told to close it with its next presence report
+    // (every 2 s at A). Dials through A reach the device wherever it is.
+    let holder = |c: &Cluster| {
+        c.tctl
+            .device("dev1")
+            .filter(|d| d["online"] == true)
+            .and_then(|d| d["gateway"].as_str().map(str::to_string))
+    };
+    let gw_b_id = holder(&c).expect("dev1 online at B");
+    let dev1_dir = c.agents[0].data_dir.clone();
+    let move_to = |c: &mut Cluster, addr: &str, at_b: bool| {
+        c.agents[0].proc.kill9();
+        c.agents[0] = Agent::start_joined(&dev1_dir, addr, "dev1", &[]);
+        let moved = edgeport_e2e::wait_until(Duration::from_secs(30), || {
+            holder(c).is_some_and(|g| (g == gw_b_id) == at_b)
+        });
+        assert!(moved, "dev1 did not come online at the other gateway");
+    };
+    move_to(&mut c, &gw_a.addr, false);
+    // A lock (of another user) moves the policy epoch: A's next dial asks the authority
+    // afresh, so A's grant for alice and dev1 names A as the holder.
+    c.tctl
+        .ok(&["lock", "--user", "mallory", "--message", "epoch"]);
+    let here = tsh
+        .run(&["ssh", "root@dev1", "echo", "at-a"], None)
+        .expect_ok("tsh ssh with dev1 on gateway A");
+    assert_eq!(here.stdout(), "at-a\n");
+    let b_addr = c.gw.addr.clone();
+    move_to(&mut c, &b_addr, true);
+    let closed = edgeport_e2e::wait_until(Duration::from_secs(20), || {
+        gw_a.proc
+            .log_text()
+            .contains("newer tunnel at another gateway; closing this one")
+    });
+    assert!(
+        closed,
+        "A kept its old tunnel of dev1:\n{}",
+        gw_a.proc.log_text()
+    );
+    // A's grant (reused) still says dev1 is at A; A finds it gone, asks again, forwards.
+    let back = tsh
+        .run(&["ssh", "root@dev1", "echo", "back-at-b"], None)
+        .expect_ok("tsh ssh right after dev1 moved back to gateway B");
+    assert_eq!(back.stdout(), "back-at-b\n");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        holder(&c).as_deref(),
+        Some(gw_b_id.as_str()),
+        "the holder flapped back to A"
+    );
 
     // B goes away: A cannot reach the device and says so, in one line and in bounded time.
     c.gw.proc.stop();

@@ -252,6 +252,53 @@ fn kubectl_through_gateway_and_tunnel() {
             ])
             .stdout()
     );
+    // Through a second gateway that holds no tunnel: it forwards the request to the gateway
+    // that holds van-42 (DESIGN section 5), and the API server still sees alice and her groups.
+    let gw_b = edgeport_e2e::fabric::Gateway::start(&c.dir.join("gateway-b"), &c.auth);
+    let alice_b_dir = c.dir.join("alice-b");
+    std::fs::create_dir_all(&alice_b_dir).unwrap();
+    let alice_b_kc = alice_b_dir.join("config");
+    let alice_b = Tsh::new(alice_b_dir.join("tsh"), &gw_b.addr);
+    alice_b
+        .login("alice", PW, &gw_b.ca_pin, &[])
+        .expect_ok("tsh login at the second gateway");
+    tsh_kube(&alice_b, &alice_b_kc, &["kube", "login", "edge1"])
+        .expect_ok("tsh kube login at the second gateway");
+    assert!(
+        std::fs::read_to_string(&alice_b_kc)
+            .unwrap()
+            .contains(&format!(":{}", gw_b.port)),
+        "the kubectl context does not point at the second gateway"
+    );
+    let pods_b = kubectl(
+        &k8s,
+        &alice_b_kc,
+        &["get", "pods", "-n", "default", "-o", "name"],
+    )
+    .expect_ok("alice get pods through the second gateway");
+    assert!(
+        pods_b.stdout().contains("pod/early-pod"),
+        "{}",
+        pods_b.stdout()
+    );
+    let refused_b = kubectl(&k8s, &alice_b_kc, &["get", "secrets", "-n", "default"]);
+    assert!(
+        !refused_b.ok() && refused_b.stderr().contains("User \"alice\""),
+        "forwarded request not made as alice: {}",
+        refused_b.stderr()
+    );
+    assert!(
+        gw_b.proc.log_text().contains("link to peer gateway up"),
+        "{}",
+        gw_b.proc.log_text()
+    );
+    assert!(
+        c.gw.proc.log_text().contains("forwarded dial"),
+        "{}",
+        c.gw.proc.log_text()
+    );
+    drop(gw_b);
+
     // RBAC applies to alice's groups.
     for args in [
         &["get", "secrets", "-n", "default"][..],

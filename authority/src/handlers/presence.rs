@@ -19,20 +19,22 @@ pub fn presence(
     if report.online.len() + report.disconnected.len() > MAX_REPORTED {
         return Err(invalid("presence report too large"));
     }
-    {
+    // A bad peer address costs only forwarding to this gateway, never the report: the
+    // acknowledgement carries the locks the gateway must enforce.
+    let peer_addr = report.peer_addr.as_deref().filter(|addr| {
+        edgeport_proto::util::check_peer_addr(addr)
+            .map_err(|e| tracing::warn!(gateway, "ignoring the gateway's {e}"))
+            .is_ok()
+    });
+    let superseded = {
         // A poisoned lock only means another report panicked half-way; the store is still
         // consistent record by record, so carry on.
         let mut snapshots = svc.presence.lock().unwrap_or_else(|p| p.into_inner());
         let snap = snapshots.entry(gateway.to_string()).or_default();
-        devices::apply_part(svc.store(), gateway, report, snap, now)?;
-    }
+        devices::apply_part(svc.store(), gateway, report, snap, now)?
+    };
     if report.part == 0 {
-        if let Some(addr) = &report.peer_addr {
-            if !valid_peer_addr(addr) {
-                return Err(invalid(format!("peer address {addr:?} is not HOST:PORT")));
-            }
-        }
-        gateways::record_peer_addr(svc.store(), gateway, report.peer_addr.as_deref())?;
+        gateways::record_peer_addr(svc.store(), gateway, peer_addr)?;
     }
     tracing::debug!(
         gateway,
@@ -45,31 +47,6 @@ pub fn presence(
     Ok(Response::PresenceAck(PresenceAck {
         revoked_devices: devices::recently_revoked(svc.store(), now)?,
         locks: locks::active(svc.store(), now)?,
+        superseded,
     }))
-}
-
-/// `HOST:PORT` (or `[V6]:PORT`) of a sane length, with a port that parses.
-fn valid_peer_addr(addr: &str) -> bool {
-    let Some((host, port)) = addr.rsplit_once(':') else {
-        return false;
-    };
-    addr.len() <= 261
-        && !host.is_empty()
-        && port.parse::<u16>().is_ok_and(|p| p != 0)
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-.[]:_".contains(c))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn peer_addresses() {
-        for ok in ["10.0.0.7:4080", "gw-b.example.com:443", "[::1]:4080"] {
-            assert!(super::valid_peer_addr(ok), "{ok}");
-        }
-        for bad in ["", "gw-b", ":4080", "gw:0", "gw:99999", "gw b:1", "gw:x"] {
-            assert!(!super::valid_peer_addr(bad), "{bad}");
-        }
-    }
 }

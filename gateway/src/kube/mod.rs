@@ -184,35 +184,48 @@ fn is_locked(ctx: &Ctx, target: &LockTarget) -> Option<String> {
     })
 }
 
-/// The device serving `cluster` on this gateway (the newest tunnel if several).
-fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
-    ctx.tunnels
+/// The device serving `cluster`: the newest tunnel here, else an online device of the
+/// inventory (held by another gateway, which the request is then forwarded to).
+async fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
+    let here = ctx
+        .tunnels
         .all()
         .into_iter()
         .filter(|t| t.hello.kube_cluster.as_deref() == Some(cluster))
         .max_by_key(|t| t.connected_at)
-        .map(|t| t.device_id.clone())
+        .map(|t| t.device_id.clone());
+    if here.is_some() {
+        return here;
+    }
+    inventory(ctx)
+        .await?
+        .into_iter()
+        .filter(|d| d.online && d.kube_cluster.as_deref() == Some(cluster))
+        .max_by_key(|d| d.last_seen)
+        .map(|d| d.id)
 }
 
-/// Why no tunnel serves `cluster`: a known device that is offline, or no such cluster.
-async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
+/// The authority's inventory, reused for [`INVENTORY_TTL`] (requests for clusters not
+/// served here cannot flood the authority).
+async fn inventory(ctx: &Ctx) -> Option<Vec<DeviceInfo>> {
     let cached = ctx.kube.devices.lock().ok().and_then(|d| {
         d.as_ref()
             .filter(|(at, _)| at.elapsed() < INVENTORY_TTL)
             .map(|(_, v)| v.clone())
     });
-    let devs = match cached {
-        Some(d) => Some(d),
-        None => match ctx.auth.all_devices().await {
-            Ok(d) => {
-                if let Ok(mut c) = ctx.kube.devices.lock() {
-                    *c = Some((Instant::now(), d.clone()));
-                }
-                Some(d)
-            }
-            _ => None,
-        },
-    };
+    if cached.is_some() {
+        return cached;
+    }
+    let devs = ctx.auth.all_devices().await.ok()?;
+    if let Ok(mut c) = ctx.kube.devices.lock() {
+        *c = Some((Instant::now(), devs.clone()));
+    }
+    Some(devs)
+}
+
+/// Why no device serves `cluster`: a known device that is offline, or no such cluster.
+async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
+    let devs = inventory(ctx).await;
     if let Some(devs) = devs {
         if let Some(d) = devs
             .iter()
@@ -221,10 +234,7 @@ async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
             return status_body(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
-                &format!(
-                    "Kubernetes cluster {cluster:?}: device {} is offline (not connected to this gateway)",
-                    d.id
-                ),
+                &format!("Kubernetes cluster {cluster:?}: device {} is offline", d.id),
             );
         }
     }
@@ -313,7 +323,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
             &format!("user {user} is locked: {msg}"),
         );
     }
-    let Some(device) = device_for(&ctx, &cluster) else {
+    let Some(device) = device_for(&ctx, &cluster).await else {
         return missing_cluster(&ctx, &cluster).await;
     };
     if let Some(msg) = is_locked(&ctx, &LockTarget::Device(device.clone())) {
@@ -424,11 +434,15 @@ async fn forward(
     let stream = match crate::peers::open_device_stream(ctx, grant, header).await {
         Ok(s) => s,
         Err(e) => {
+            let (status, reason) = match &e {
+                crate::tunnels::TunnelError::Refused(r) => rpc_status(r),
+                _ => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            };
             return status_body(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
+                status,
+                reason,
                 &format!("Kubernetes cluster {:?}: {e}", ev.cluster),
-            )
+            );
         }
     };
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
