@@ -264,8 +264,6 @@ pub fn apply_part(
         return Ok(superseded);
     }
     let gone = std::mem::take(&mut snap.disconnected);
-    let prev: GatewayReport =
-        store::get(store, Table::GatewayReports, gateway)?.unwrap_or_default();
     let reported = std::mem::take(&mut snap.seen);
     let trust_absence = !snap.broken;
     let dropped = prev

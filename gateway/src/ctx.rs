@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use edgeport_proto::rpc::LockSpec;
+use edgeport_proto::rpc::{ErrorKind, LockSpec, LockTarget, RpcError};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +87,27 @@ impl Ctx {
             Ok(mut i) => *i = Arc::new(id),
             Err(p) => *p.into_inner() = Arc::new(id),
         }
+    }
+
+    /// Refuses `target` while a lock this gateway knows of is active on it ("user U is
+    /// locked: MESSAGE", "device D is locked: MESSAGE").
+    pub fn check_unlocked(&self, target: &LockTarget) -> Result<(), RpcError> {
+        let now = edgeport_proto::util::now_secs();
+        let message = self.locks.read().ok().and_then(|locks| {
+            locks
+                .iter()
+                .find(|l| &l.target == target && (l.expires == 0 || l.expires > now))
+                .map(|l| l.message.clone())
+        });
+        let Some(m) = message else { return Ok(()) };
+        let what = match target {
+            LockTarget::User(u) => format!("user {u}"),
+            LockTarget::Device(d) => format!("device {d}"),
+        };
+        Err(RpcError::new(
+            ErrorKind::Locked,
+            format!("{what} is locked: {m}"),
+        ))
     }
 
     pub fn locked_users(&self) -> Vec<String> {

@@ -12,7 +12,7 @@ use edgeport_proto::identity::Principal;
 use edgeport_proto::keys::random_bytes;
 use edgeport_proto::rpc::{ErrorKind, LockTarget, Request, Response, RpcError};
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
-use edgeport_proto::util::{now_secs, BoxedStream};
+use edgeport_proto::util::BoxedStream;
 use edgeport_proto::{read_frame, write_frame};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -268,16 +268,6 @@ pub async fn serve_stream(
     }
 }
 
-fn locked(ctx: &Ctx, target: &LockTarget) -> Option<String> {
-    let now = now_secs();
-    ctx.locks.read().ok().and_then(|locks| {
-        locks
-            .iter()
-            .find(|l| &l.target == target && (l.expires == 0 || l.expires > now))
-            .map(|l| l.message.clone())
-    })
-}
-
 async fn dial(
     ctx: &Ctx,
     user: &str,
@@ -285,23 +275,13 @@ async fn dial(
     service: Service,
     addr: SocketAddr,
 ) -> Result<(BoxedStream, String, String), RpcError> {
-    if let Some(msg) = locked(ctx, &LockTarget::User(user.to_string())) {
-        return Err(RpcError::new(
-            ErrorKind::Locked,
-            format!("user {user} is locked: {msg}"),
-        ));
-    }
+    ctx.check_unlocked(&LockTarget::User(user.to_string()))?;
     let grant = ctx
         .grants
         .authorize(&ctx.auth, user, target, Duration::ZERO)
         .await?;
     let device_id = grant.device.id.clone();
-    if let Some(msg) = locked(ctx, &LockTarget::Device(device_id.clone())) {
-        return Err(RpcError::new(
-            ErrorKind::Locked,
-            format!("device {device_id} is locked: {msg}"),
-        ));
-    }
+    ctx.check_unlocked(&LockTarget::Device(device_id.clone()))?;
     let session_id = random_bytes(16)
         .map(hex::encode)
         .map_err(|e| RpcError::new(ErrorKind::Internal, e.to_string()))?;
@@ -395,18 +375,8 @@ async fn forward_grant(
             "a forwarded dial must name its user",
         ));
     }
-    if let Some(m) = locked(ctx, &LockTarget::User(user.to_string())) {
-        return Err(RpcError::new(
-            ErrorKind::Locked,
-            format!("user {user} is locked: {m}"),
-        ));
-    }
-    if let Some(m) = locked(ctx, &LockTarget::Device(device_id.to_string())) {
-        return Err(RpcError::new(
-            ErrorKind::Locked,
-            format!("device {device_id} is locked: {m}"),
-        ));
-    }
+    ctx.check_unlocked(&LockTarget::User(user.to_string()))?;
+    ctx.check_unlocked(&LockTarget::Device(device_id.to_string()))?;
     let reuse = match service {
         Service::Kube => crate::grants::KUBE_REUSE,
         Service::Ssh | Service::Echo => Duration::ZERO,

@@ -99,10 +99,9 @@ impl Grants {
         key: Key,
         epoch: u64,
     ) -> Result<DialGrant, RpcError> {
-        let (user, target) = (key.0.clone(), key.1.clone());
         let req = Request::AuthorizeDial {
-            user: user.clone(),
-            device: target.clone(),
+            user: key.0.clone(),
+            device: key.1.clone(),
         };
         match auth.call(req).await {
             Ok(Response::DialAllowed(g)) => {
@@ -119,6 +118,7 @@ impl Grants {
             )),
             Err(e) => match self.recent(&key, OUTAGE, false) {
                 Some(g) => {
+                    let (user, target) = (&key.0, &key.1);
                     tracing::warn!(%user, %target, "authority unreachable ({e}); using a recent grant");
                     Ok(g)
                 }

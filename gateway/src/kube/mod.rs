@@ -174,16 +174,6 @@ fn rpc_status(e: &RpcError) -> (StatusCode, &'static str) {
     }
 }
 
-fn is_locked(ctx: &Ctx, target: &LockTarget) -> Option<String> {
-    let now = edgeport_proto::util::now_secs();
-    ctx.locks.read().ok().and_then(|locks| {
-        locks
-            .iter()
-            .find(|l| &l.target == target && (l.expires == 0 || l.expires > now))
-            .map(|l| l.message.clone())
-    })
-}
-
 /// The device serving `cluster`: the newest tunnel here, else an online device of the
 /// inventory (held by another gateway, which the request is then forwarded to).
 async fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
@@ -316,22 +306,14 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         );
     };
     let (cluster, inner) = (cluster.to_string(), inner.to_string());
-    if let Some(msg) = is_locked(&ctx, &LockTarget::User(user.clone())) {
-        return status_body(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            &format!("user {user} is locked: {msg}"),
-        );
+    if let Err(e) = ctx.check_unlocked(&LockTarget::User(user.clone())) {
+        return status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
     }
     let Some(device) = device_for(&ctx, &cluster).await else {
         return missing_cluster(&ctx, &cluster).await;
     };
-    if let Some(msg) = is_locked(&ctx, &LockTarget::Device(device.clone())) {
-        return status_body(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            &format!("device {device} is locked: {msg}"),
-        );
+    if let Err(e) = ctx.check_unlocked(&LockTarget::Device(device.clone())) {
+        return status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
     }
     let grant = match ctx
         .grants
