@@ -241,6 +241,12 @@ impl CertAuthority {
         self.host_ca.sign(payload)
     }
 
+    /// Signs a dial ticket with the host CA key (gateways and devices trust it already; the
+    /// ticket's context string keeps it apart from certificates and acknowledgements).
+    pub fn sign_dial_ticket(&self, payload: &[u8]) -> Vec<u8> {
+        self.host_ca.sign(payload)
+    }
+
     pub fn new(cluster: &str, keys: CaKeys) -> Result<Self, CaError> {
         let x509_ca_der = keys::first_cert_der(&keys.x509_cert_pem)
             .map_err(|e| CaError::X509(X509Error::BadCa(e.to_string())))?;

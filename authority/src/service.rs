@@ -341,9 +341,18 @@ impl Service {
             Request::RenewGateway(r) => handlers::join::renew_gateway(self, caller_name, r, now),
             Request::Presence(r) => handlers::presence::presence(self, caller_name, &r, now),
             Request::Login(r) => handlers::user_certs::login(self, caller_name, r, now),
-            Request::AuthorizeDial { user, device } => {
-                handlers::dial::authorize_dial(self, &user, &device, now)
-            }
+            Request::AuthorizeDial {
+                user_cert_der,
+                device,
+                service,
+            } => handlers::dial::authorize_dial(
+                self,
+                caller_name,
+                &user_cert_der,
+                &device,
+                service,
+                now,
+            ),
             Request::LockAdd(spec) => {
                 locks::add(store, &spec, now)?;
                 tracing::info!(target = %locks::describe(&spec.target), "lock added");

@@ -45,6 +45,28 @@ async fn admin(server: &Server) -> (RpcClient, IdentityFile) {
     (c, ident)
 }
 
+/// The x509 certificate the authority signs for `user` (with `logins`), DER.
+async fn user_cert_der(
+    a: &mut RpcClient,
+    user: &str,
+    key: &KeyPair,
+    logins: Option<Vec<String>>,
+) -> Vec<u8> {
+    match a
+        .call(Request::SignUser(SignUserRequest {
+            user: user.into(),
+            ssh_public_key: key.public_openssh(),
+            ttl_secs: 600,
+            logins,
+        }))
+        .await
+        .unwrap()
+    {
+        Response::UserCerts(c) => first_cert_der(&c.x509_cert_pem).unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
 fn err_of<T: std::fmt::Debug>(r: Result<T, RpcClientError>) -> RpcError {
     match r {
         Err(RpcClientError::Remote(e)) => e,
@@ -91,6 +113,9 @@ async fn full_flow_over_rpc() {
         ..Default::default()
     };
     a.call(Request::UserAdd(alice)).await.unwrap();
+    // alice's x509 certificate, as a gateway sees it when she dials.
+    let alice_key = KeyPair::generate().unwrap();
+    let alice_der = user_cert_der(&mut a, "alice", &alice_key, None).await;
     let invite = match a
         .call(Request::UserAdd(UserSpec {
             name: "bob".into(),
@@ -239,8 +264,9 @@ async fn full_flow_over_rpc() {
     // Offline until reported; then dials are authorised.
     let e = err_of(
         g.call(Request::AuthorizeDial {
-            user: "alice".into(),
+            user_cert_der: alice_der.clone(),
             device: "van-1".into(),
+            service: edgeport_proto::tunnel::Service::Ssh,
         })
         .await,
     );
@@ -267,8 +293,9 @@ async fn full_flow_over_rpc() {
     }
     match g
         .call(Request::AuthorizeDial {
-            user: "alice".into(),
+            user_cert_der: alice_der.clone(),
             device: "van-1".into(),
+            service: edgeport_proto::tunnel::Service::Ssh,
         })
         .await
         .unwrap()
@@ -357,8 +384,9 @@ async fn full_flow_over_rpc() {
     .unwrap();
     let e = err_of(
         g.call(Request::AuthorizeDial {
-            user: "alice".into(),
+            user_cert_der: alice_der.clone(),
             device: "van-1".into(),
+            service: edgeport_proto::tunnel::Service::Ssh,
         })
         .await,
     );
@@ -394,7 +422,7 @@ async fn full_flow_over_rpc() {
         err_of(a.call(Request::SignUser(sign.clone())).await).kind,
         ErrorKind::NotFound
     );
-    match a
+    let jenkins_der = match a
         .call(Request::SignUser(SignUserRequest {
             logins: Some(vec!["ci".into()]),
             ..sign
@@ -402,13 +430,17 @@ async fn full_flow_over_rpc() {
         .await
         .unwrap()
     {
-        Response::UserCerts(c) => assert_eq!(c.logins, ["ci"]),
+        Response::UserCerts(c) => {
+            assert_eq!(c.logins, ["ci"]);
+            first_cert_der(&c.x509_cert_pem).unwrap()
+        }
         other => panic!("{other:?}"),
-    }
+    };
     assert!(matches!(
         g.call(Request::AuthorizeDial {
-            user: "jenkins".into(),
+            user_cert_der: jenkins_der,
             device: "van-1".into(),
+            service: edgeport_proto::tunnel::Service::Ssh,
         })
         .await
         .unwrap(),
@@ -642,4 +674,193 @@ fn presence_lease_expiry_through_the_service() {
     };
     assert!(online_at(t0 + 129));
     assert!(!online_at(t0 + 130), "the gateway's lease expired");
+}
+
+/// Dial grants against the service: the user comes from a certificate the authority checks
+/// (its CA, validity, principal, a user record no younger than it), and the answer carries a
+/// ticket signed by the host CA for that user, device, service and gateway.
+#[test]
+fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
+    use edgeport_proto::ticket::Expected;
+    use edgeport_proto::tunnel::Service as Svc;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
+    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+        .unwrap();
+    let host_ca = edgeport_proto::audit::raw_ed25519(&ca.bundle().host_ca).unwrap();
+    let svc = Service::new(store, Arc::new(ca), Limits::default());
+    let admin = Caller::Admin("admin".into());
+    let gw = Caller::Gateway("gw-1".into());
+    let t0 = edgeport_proto::util::now_secs();
+    let ok = |r: Response| match r {
+        Response::Error(e) => panic!("{e}"),
+        other => other,
+    };
+    let user = |name: &str| UserSpec {
+        name: name.into(),
+        logins: vec!["root".into()],
+        kube_groups: vec!["devs".into()],
+        password: Some("s3cret-pass".into()),
+        ..Default::default()
+    };
+    ok(svc.handle_at(&admin, Request::UserAdd(user("alice")), t0));
+    let tok = match svc.handle_at(
+        &admin,
+        Request::TokenAdd(TokenSpec {
+            kind: TokenKind::Device,
+            labels: BTreeMap::new(),
+            ttl_secs: 60,
+            reusable: false,
+        }),
+        t0,
+    ) {
+        Response::Token(t) => t.token.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let dev_key = KeyPair::generate().unwrap();
+    let dev = match svc.handle_at(
+        &gw,
+        Request::JoinDevice(JoinDeviceRequest {
+            token: tok,
+            requested_id: Some("d1".into()),
+            labels: BTreeMap::new(),
+            ssh_public_key: dev_key.public_openssh(),
+            version: "1".into(),
+            arch: "x86_64".into(),
+            remote_addr: "192.0.2.1:1".into(),
+        }),
+        t0,
+    ) {
+        Response::DeviceCerts(d) => d,
+        other => panic!("{other:?}"),
+    };
+    ok(svc.handle_at(
+        &gw,
+        Request::Presence(PresenceReport {
+            lease_secs: 3600,
+            online: vec![DevicePresence {
+                id: "d1".into(),
+                labels: BTreeMap::new(),
+                version: "1".into(),
+                arch: "x86_64".into(),
+                transport: Transport::Quic,
+                address: "192.0.2.1:1".into(),
+                rtt_ms: 1,
+                connected_at: t0,
+                kube_cluster: None,
+            }],
+            ..Default::default()
+        }),
+        t0,
+    ));
+    let sign = |name: &str, at: u64| {
+        let key = KeyPair::generate().unwrap();
+        match svc.handle_at(
+            &admin,
+            Request::SignUser(SignUserRequest {
+                user: name.into(),
+                ssh_public_key: key.public_openssh(),
+                ttl_secs: 3600,
+                logins: None,
+            }),
+            at,
+        ) {
+            Response::UserCerts(c) => first_cert_der(&c.x509_cert_pem).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let dial = |der: &[u8], device: &str, at: u64| {
+        svc.handle_at(
+            &gw,
+            Request::AuthorizeDial {
+                user_cert_der: der.to_vec(),
+                device: device.into(),
+                service: Svc::Kube,
+            },
+            at,
+        )
+    };
+    let refused = |r: Response| match r {
+        Response::Error(e) => e.message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    let alice = sign("alice", t0);
+    let grant = match dial(&alice, "d1", t0) {
+        Response::DialAllowed(g) => g,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(grant.user, "alice");
+    let claims = grant.ticket.as_ref().unwrap().verify(&host_ca).unwrap();
+    assert_eq!(
+        (claims.user.as_str(), claims.device.as_str(), claims.service),
+        ("alice", "d1", Svc::Kube)
+    );
+    assert_eq!(claims.requester, "gw-1");
+    assert_eq!(claims.holder.as_deref(), Some("gw-1"));
+    assert_eq!(claims.kube_groups, ["devs"]);
+    assert!(claims.expires_at - claims.issued_at <= edgeport_proto::ticket::TICKET_TTL_SECS);
+    let want = Expected {
+        cluster: "edge",
+        device: "d1",
+        service: Svc::Kube,
+        requester: Some("gw-1"),
+        holder: Some("gw-1"),
+    };
+    claims.check(&want, t0).unwrap();
+    // A grant for one device or service is useless for another.
+    assert!(claims
+        .check(
+            &Expected {
+                device: "d2",
+                ..want.clone()
+            },
+            t0
+        )
+        .is_err());
+    assert!(claims
+        .check(
+            &Expected {
+                service: Svc::Ssh,
+                ..want.clone()
+            },
+            t0
+        )
+        .is_err());
+
+    // Whatever the gateway hands over must be a user certificate of this cluster, valid now.
+    let foreign =
+        crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+            .unwrap();
+    let k = KeyPair::generate().unwrap();
+    let forged = first_cert_der(
+        &foreign
+            .sign_x509_user("alice", &[], &k.spki_der(), t0 - 60, t0 + 3600)
+            .unwrap(),
+    )
+    .unwrap();
+    let m = refused(dial(&forged, "d1", t0));
+    assert!(m.contains("not signed by this cluster's CA"), "{m}");
+    let device_cert = first_cert_der(&dev.x509_cert_pem).unwrap();
+    let m = refused(dial(&device_cert, "d1", t0));
+    assert!(m.contains("not a user"), "{m}");
+    let m = refused(dial(&alice, "d1", t0 + 7200));
+    assert!(m.contains("expired"), "{m}");
+    assert!(refused(dial(b"garbage", "d1", t0)).contains("does not count"));
+
+    // A removed user's certificate does not pass for a later user of the same name.
+    ok(svc.handle_at(
+        &admin,
+        Request::UserRemove {
+            name: "alice".into(),
+        },
+        t0 + 1,
+    ));
+    ok(svc.handle_at(&admin, Request::UserAdd(user("alice")), t0 + 600));
+    let m = refused(dial(&alice, "d1", t0 + 601));
+    assert!(m.contains("issued before this user alice was created"), "{m}");
+    assert!(matches!(
+        dial(&sign("alice", t0 + 601), "d1", t0 + 602),
+        Response::DialAllowed(_)
+    ));
 }

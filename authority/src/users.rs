@@ -77,6 +77,9 @@ pub struct Subject {
     pub roles: Vec<String>,
     pub kube_groups: Vec<String>,
     pub kube_users: Vec<String>,
+    /// When the record was made: a certificate older than this was issued to an earlier
+    /// holder of the name and no longer counts.
+    pub created: u64,
 }
 
 impl From<&UserRecord> for Subject {
@@ -87,6 +90,7 @@ impl From<&UserRecord> for Subject {
             roles: u.roles.clone(),
             kube_groups: u.kube_groups.clone(),
             kube_users: u.kube_users.clone(),
+            created: u.created,
         }
     }
 }
@@ -99,6 +103,7 @@ impl From<&BotRecord> for Subject {
             roles: vec![roles::DEFAULT_ROLE.to_string()],
             kube_groups: Vec::new(),
             kube_users: Vec::new(),
+            created: b.created,
         }
     }
 }

@@ -29,11 +29,9 @@ pub enum AgentError {
     },
 }
 
-/// The Kubernetes forwarder when `--kube-cluster` is set: a bad kubeconfig stops the agent
+/// The Kubernetes API server when `--kube-cluster` is set: a bad kubeconfig stops the agent
 /// at start rather than failing every request later.
-fn kube_service(
-    cfg: &AgentConfig,
-) -> Result<Option<Arc<dyn crate::services::StreamService>>, AgentError> {
+fn kube_upstream(cfg: &AgentConfig) -> Result<Option<crate::kube::Upstream>, AgentError> {
     let Some(cluster) = &cfg.kube_cluster else {
         return Ok(None);
     };
@@ -46,7 +44,7 @@ fn kube_service(
         err,
     })?;
     tracing::info!(%cluster, api = %upstream.addr, "serving Kubernetes cluster");
-    Ok(Some(Arc::new(crate::kube::KubeService::new(upstream))))
+    Ok(Some(upstream))
 }
 
 /// State shared by the agent's tasks.
@@ -182,7 +180,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
     mut quic: QuicClient,
 ) -> Result<(), AgentError> {
-    let kube = kube_service(&cfg)?;
+    let kube = kube_upstream(&cfg)?;
     let Some(ident) = ensure_joined(&cfg, &shutdown).await? else {
         return Ok(());
     };
@@ -213,6 +211,11 @@ pub async fn run_with(
             );
         });
     }
+    let kube = kube.map(|up| {
+        let tickets = crate::kube::TicketCheck::new(&ident);
+        Arc::new(crate::kube::KubeService::new(up, tickets))
+            as Arc<dyn crate::services::StreamService>
+    });
     let services = Arc::new(Services::new(cfg.test_echo, &ident, kube));
     let agent = Agent {
         audit,

@@ -131,32 +131,39 @@ pub async fn run_sink(ctx: Arc<Ctx>) {
     }
 }
 
+/// One dial, allowed or refused, as the gateway reports it.
+pub struct Dial<'a> {
+    pub user: &'a str,
+    pub target: &'a str,
+    pub device: &'a str,
+    pub session_id: &'a str,
+    pub client: &'a str,
+    pub service: &'a str,
+    /// The other gateway of a forwarded dial: the holder at the gateway the user reached,
+    /// the forwarder at the holder.
+    pub via: Option<&'a str>,
+    pub error: Option<&'a str>,
+}
+
 /// Reports a dial (allowed or refused) to the authority, in the background (see [`emit`]).
-#[allow(clippy::too_many_arguments)]
-pub fn dial_event(
-    user: &str,
-    target: &str,
-    device_id: &str,
-    session_id: &str,
-    client_addr: &str,
-    service: &str,
-    error: Option<&str>,
-) {
+pub fn dial_event(d: Dial<'_>) {
     let mut ev = AuditEvent::new("gateway.dial", now_ms());
-    ev.user = user.to_string();
-    ev.session_id = session_id.to_string();
-    ev.fields.insert("device".into(), device_id.to_string());
-    ev.fields.insert("target".into(), target.to_string());
+    ev.user = d.user.to_string();
+    ev.session_id = d.session_id.to_string();
+    ev.fields.insert("device".into(), d.device.to_string());
+    ev.fields.insert("target".into(), d.target.to_string());
+    ev.fields.insert("client_addr".into(), d.client.to_string());
+    ev.fields.insert("service".into(), d.service.to_string());
     ev.fields
-        .insert("client_addr".into(), client_addr.to_string());
-    ev.fields.insert("service".into(), service.to_string());
-    ev.fields
-        .insert("success".into(), error.is_none().to_string());
-    if let Some(e) = error {
+        .insert("success".into(), d.error.is_none().to_string());
+    if let Some(v) = d.via {
+        ev.fields.insert("via".into(), v.to_string());
+    }
+    if let Some(e) = d.error {
         ev.fields.insert("error".into(), e.to_string());
     }
-    tracing::info!(%user, %target, device = %device_id, session = %session_id, client = %client_addr,
-        allowed = error.is_none(), "dial");
+    tracing::info!(user = %d.user, target = %d.target, device = %d.device, session = %d.session_id,
+        client = %d.client, via = d.via.unwrap_or(""), allowed = d.error.is_none(), "dial");
     emit(ev);
 }
 

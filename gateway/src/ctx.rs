@@ -41,6 +41,8 @@ pub struct Ctx {
     pub sso: crate::sso::Sso,
     /// Links to other gateways, for dials to the devices they hold.
     pub peers: crate::peers::Peers,
+    /// Dial tickets of forwarded dials taken here (each is taken once).
+    pub tickets: edgeport_proto::ticket::ReplayGuard,
 }
 
 impl Ctx {
@@ -72,6 +74,7 @@ impl Ctx {
             grants: Default::default(),
             sso: Default::default(),
             peers: Default::default(),
+            tickets: Default::default(),
         }
     }
 

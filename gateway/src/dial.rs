@@ -18,6 +18,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::ctx::Ctx;
+use crate::grants::UserCert;
 use crate::splice_dump::Tapped;
 use crate::tunnels::TunnelError;
 
@@ -29,24 +30,38 @@ const ANONYMOUS_STREAMS: usize = 4;
 /// Splice buffer per direction: large, so bulk transfers move in few syscalls.
 const SPLICE_BUF: usize = 256 * 1024;
 
-/// The user named by a verified client certificate of this cluster, if any.
-pub fn principal_of(ctx: &Ctx, certs: Option<&[CertificateDer<'_>]>) -> Option<Principal> {
+/// Who is on the other end of a connection, from its verified client certificate.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub principal: Principal,
+    /// For users: the certificate itself, which the authority checks at every grant.
+    pub user: Option<UserCert>,
+}
+
+/// The party named by a verified client certificate of this cluster, if any.
+pub fn peer_of(ctx: &Ctx, certs: Option<&[CertificateDer<'_>]>) -> Option<Peer> {
     let leaf = certs?.first()?;
-    edgeport_proto::tls::peer_principal(leaf.as_ref(), ctx.identity().cluster()).ok()
+    let principal =
+        edgeport_proto::tls::peer_principal(leaf.as_ref(), ctx.identity().cluster()).ok()?;
+    let user = match &principal {
+        Principal::User(name) => Some(UserCert::new(name.clone(), leaf.as_ref().to_vec())),
+        _ => None,
+    };
+    Some(Peer { principal, user })
 }
 
 /// Serves every stream tsh opens on one QUIC connection.
 pub async fn serve_quic(
     ctx: Arc<Ctx>,
     conn: quinn::Connection,
-    principal: Option<Principal>,
+    peer: Option<Peer>,
     addr: SocketAddr,
 ) {
     // Without a certificate a client can only log in: a few streams and a short life, so
     // idle anonymous connections cannot pile up against the connection limit that device
     // tunnels share.
-    let anonymous = principal.is_none();
-    if matches!(principal, Some(Principal::Gateway(_))) {
+    let anonymous = peer.is_none();
+    if matches!(peer.as_ref().map(|p| &p.principal), Some(Principal::Gateway(_))) {
         // A peer gateway's link carries every dial it forwards here.
         conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(crate::peers::LINK_STREAMS));
     }
@@ -71,9 +86,9 @@ pub async fn serve_quic(
         let Ok((send, recv)) = accepted else { return };
         streams += 1;
         let ctx = ctx.clone();
-        let principal = principal.clone();
+        let peer = peer.clone();
         tokio::spawn(async move {
-            serve_stream(ctx, Box::new(tokio::io::join(recv, send)), principal, addr).await;
+            serve_stream(ctx, Box::new(tokio::io::join(recv, send)), peer, addr).await;
         });
     }
 }
@@ -110,7 +125,7 @@ async fn user_devices(
 pub async fn serve_stream(
     ctx: Arc<Ctx>,
     mut stream: BoxedStream,
-    principal: Option<Principal>,
+    peer: Option<Peer>,
     addr: SocketAddr,
 ) {
     let req = match tokio::time::timeout(
@@ -129,10 +144,8 @@ pub async fn serve_stream(
             return;
         }
     };
-    let user = match &principal {
-        Some(Principal::User(u)) => Some(u.clone()),
-        _ => None,
-    };
+    let who = peer.as_ref().and_then(|p| p.user.clone());
+    let user = who.as_ref().map(|w| w.name.clone());
     let answer = match (req, user) {
         (ClientRequest::Login(mut login), _) => {
             login.client_addr = addr.to_string();
@@ -201,30 +214,39 @@ pub async fn serve_stream(
             return;
         }
         (ClientRequest::Dial { target, service }, Some(user)) => {
-            let result = dial(&ctx, &user, &target, service, addr).await;
+            let Some(who) = who else { return };
+            let result = dial(&ctx, &who, &target, service, addr).await;
             let svc = format!("{service:?}").to_lowercase();
+            let client = addr.to_string();
             match &result {
-                Ok((_, sid, dev)) => crate::audit::dial_event(
-                    &user,
-                    &target,
-                    dev,
-                    sid,
-                    &addr.to_string(),
-                    &svc,
-                    None,
-                ),
-                Err(e) => crate::audit::dial_event(
-                    &user,
-                    &target,
-                    "",
-                    "",
-                    &addr.to_string(),
-                    &svc,
-                    Some(&e.message),
-                ),
+                Ok(d) => crate::audit::dial_event(crate::audit::Dial {
+                    user: &user,
+                    target: &target,
+                    device: &d.device_id,
+                    session_id: &d.session_id,
+                    client: &client,
+                    service: &svc,
+                    via: d.holder.as_deref(),
+                    error: None,
+                }),
+                Err(e) => crate::audit::dial_event(crate::audit::Dial {
+                    user: &user,
+                    target: &target,
+                    device: "",
+                    session_id: "",
+                    client: &client,
+                    service: &svc,
+                    via: None,
+                    error: Some(&e.message),
+                }),
             }
             match result {
-                Ok((device_stream, session_id, device_id)) => {
+                Ok(Dialled {
+                    stream: device_stream,
+                    session_id,
+                    device_id,
+                    ..
+                }) => {
                     let ok = ClientReply::DialOk {
                         session_id: session_id.clone(),
                         device_id: device_id.clone(),
@@ -248,9 +270,9 @@ pub async fn serve_stream(
                 Err(e) => ClientReply::Refused(e),
             }
         }
-        (ClientRequest::Forward { device_id, header }, _) => match &principal {
-            Some(Principal::Gateway(from)) if *from != ctx.identity().gateway_id => {
-                serve_forward(&ctx, stream, from, device_id, header).await;
+        (ClientRequest::Forward { device_id, header }, _) => match peer.map(|p| p.principal) {
+            Some(Principal::Gateway(from)) if from != ctx.identity().gateway_id => {
+                serve_forward(&ctx, stream, &from, device_id, header, addr).await;
                 return;
             }
             _ => refused(
@@ -268,17 +290,26 @@ pub async fn serve_stream(
     }
 }
 
+/// An authorised dial: the device's stream and who holds the tunnel when it is not here.
+struct Dialled {
+    stream: BoxedStream,
+    session_id: String,
+    device_id: String,
+    /// The gateway the dial was forwarded to, if any.
+    holder: Option<String>,
+}
+
 async fn dial(
     ctx: &Ctx,
-    user: &str,
+    who: &UserCert,
     target: &str,
     service: Service,
     addr: SocketAddr,
-) -> Result<(BoxedStream, String, String), RpcError> {
-    ctx.check_unlocked(&LockTarget::User(user.to_string()))?;
+) -> Result<Dialled, RpcError> {
+    ctx.check_unlocked(&LockTarget::User(who.name.clone()))?;
     let grant = ctx
         .grants
-        .authorize(&ctx.auth, user, target, Duration::ZERO)
+        .authorize(&ctx.auth, who, target, service, Duration::ZERO)
         .await?;
     let device_id = grant.device.id.clone();
     ctx.check_unlocked(&LockTarget::Device(device_id.clone()))?;
@@ -287,16 +318,23 @@ async fn dial(
         .map_err(|e| RpcError::new(ErrorKind::Internal, e.to_string()))?;
     let header = StreamHeader {
         service,
-        user: Some(user.to_string()),
+        user: Some(grant.user.clone()),
         session_id: session_id.clone(),
         client_addr: addr.to_string(),
         kube_groups: grant.kube_groups.clone(),
         kube_users: grant.kube_users.clone(),
+        ticket: grant.ticket.clone(),
+        via: None,
     };
-    let stream = crate::peers::open_device_stream(ctx, &grant, &header)
+    let (stream, holder) = crate::peers::open_device_stream(ctx, who, &grant, header)
         .await
         .map_err(tunnel_error)?;
-    Ok((stream, session_id, device_id))
+    Ok(Dialled {
+        stream,
+        session_id,
+        device_id,
+        holder,
+    })
 }
 
 fn tunnel_error(e: TunnelError) -> RpcError {
@@ -307,91 +345,103 @@ fn tunnel_error(e: TunnelError) -> RpcError {
     }
 }
 
-/// A dial that peer gateway `from` authorised and forwarded for a device whose tunnel is
-/// here: open the device stream (this gateway's own tunnels only, never forwarding again),
-/// answer `DialOk` and splice.
+/// A dial that peer gateway `from` forwarded for a device whose tunnel is here. The forwarder
+/// names nobody: the user, the service and what the user may be on the device come from the
+/// authority's ticket, which must be for this device, asked for by `from`, naming this gateway
+/// as the holder, fresh and not used before. Then: open the device stream (this gateway's own
+/// tunnels only, never forwarding again), answer `DialOk` and splice.
 async fn serve_forward(
     ctx: &Ctx,
     mut stream: BoxedStream,
     from: &str,
     device_id: String,
     mut header: StreamHeader,
+    addr: SocketAddr,
 ) {
-    let user = header.user.clone().unwrap_or_default();
     let session_id = header.session_id.clone();
-    let checked = tokio::time::timeout(
-        crate::peers::HOLDER_GRANT_TIMEOUT,
-        forward_grant(ctx, &user, &device_id, header.service),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(RpcError::new(
-            ErrorKind::Internal,
-            "the gateway holding the device cannot reach the authority in time",
-        ))
-    });
+    let checked = forward_ticket(ctx, from, &device_id, &header);
     let opened = match checked {
-        Ok(grant) => {
-            // Who the device sees in Kubernetes comes from this gateway's own grant, not
-            // from the forwarder's header.
-            header.kube_groups = grant.kube_groups;
-            header.kube_users = grant.kube_users;
+        Ok(claims) => {
+            header.user = Some(claims.user.clone());
+            header.kube_groups = claims.kube_groups;
+            header.kube_users = claims.kube_users;
+            header.via = Some(from.to_string());
             ctx.tunnels
                 .open_stream(&device_id, &header)
                 .await
+                .map(|s| (s, claims.user))
                 .map_err(tunnel_error)
         }
         Err(e) => Err(e),
     };
-    let device_stream = match opened {
+    let svc = format!("{:?}", header.service).to_lowercase();
+    let (device_stream, user) = match opened {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(peer = %from, %user, device = %device_id, "forwarded dial refused: {}", e.message);
+            tracing::warn!(peer = %from, device = %device_id, "forwarded dial refused: {}", e.message);
+            crate::audit::dial_event(crate::audit::Dial {
+                user: header.user.as_deref().unwrap_or(""),
+                target: &device_id,
+                device: "",
+                session_id: "",
+                client: &header.client_addr,
+                service: &svc,
+                via: Some(from),
+                error: Some(&e.message),
+            });
             reply(&mut stream, &ClientReply::Refused(e)).await;
             return;
         }
     };
+    crate::audit::dial_event(crate::audit::Dial {
+        user: &user,
+        target: &device_id,
+        device: &device_id,
+        session_id: &session_id,
+        client: &header.client_addr,
+        service: &svc,
+        via: Some(from),
+        error: None,
+    });
     let ok = ClientReply::DialOk {
         session_id: session_id.clone(),
         device_id: device_id.clone(),
     };
     if reply(&mut stream, &ok).await {
-        tracing::info!(peer = %from, %user, device = %device_id, session = %session_id, "forwarded dial");
+        tracing::info!(peer = %from, %addr, %user, device = %device_id, session = %session_id, "forwarded dial");
         splice(ctx, stream, device_stream, &user, &device_id, &session_id).await;
     }
 }
 
-/// The holder's own check of a forwarded dial: a named user, neither user nor device locked
-/// here, and the authority's grant (reused as for the service's own dials) for this device.
-async fn forward_grant(
+/// The holder's check of a forwarded dial: the authority's ticket (see [`serve_forward`]),
+/// and neither its user nor the device locked here.
+fn forward_ticket(
     ctx: &Ctx,
-    user: &str,
+    from: &str,
     device_id: &str,
-    service: Service,
-) -> Result<edgeport_proto::rpc::DialGrant, RpcError> {
-    if user.is_empty() {
-        return Err(RpcError::new(
-            ErrorKind::Invalid,
-            "a forwarded dial must name its user",
-        ));
-    }
-    ctx.check_unlocked(&LockTarget::User(user.to_string()))?;
-    ctx.check_unlocked(&LockTarget::Device(device_id.to_string()))?;
-    let reuse = match service {
-        Service::Kube => crate::grants::KUBE_REUSE,
-        Service::Ssh | Service::Echo => Duration::ZERO,
+    header: &StreamHeader,
+) -> Result<edgeport_proto::ticket::TicketClaims, RpcError> {
+    let ident = ctx.identity();
+    let host_ca = edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default();
+    let want = edgeport_proto::ticket::Expected {
+        cluster: ident.cluster(),
+        device: device_id,
+        service: header.service,
+        requester: Some(from),
+        holder: Some(&ident.gateway_id),
     };
-    let grant = ctx
-        .grants
-        .authorize(&ctx.auth, user, device_id, reuse)
-        .await?;
-    if grant.device.id != device_id {
-        return Err(RpcError::new(
-            ErrorKind::Denied,
-            format!("{device_id} is not a device id"),
-        ));
-    }
-    Ok(grant)
+    let claims = ctx
+        .tickets
+        .admit(
+            header.ticket.as_ref(),
+            &host_ca,
+            &want,
+            edgeport_proto::util::now_secs(),
+        )
+        .map_err(|e| RpcError::new(ErrorKind::Denied, format!("forwarded dial refused: {e}")))?;
+    ctx.check_unlocked(&LockTarget::User(claims.user.clone()))?;
+    ctx.check_unlocked(&LockTarget::Device(device_id.to_string()))?;
+    Ok(claims)
 }
 
 async fn splice<C, D>(

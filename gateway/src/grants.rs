@@ -1,36 +1,62 @@
-//! Dial grants: the authority's `AuthorizeDial` answers, kept per (user, target).
+//! Dial grants: the authority's `AuthorizeDial` answers, kept per (user certificate, target).
+//!
+//! Every answer carries the authority's signed ticket for one dial (`edgeport_proto::ticket`);
+//! kept grants never do. A dial that needs a ticket asks the authority each time
+//! ([`Grants::ticketed`]): Kubernetes requests (the agent impersonates only whom a ticket
+//! names) and forwarded dials (the holding gateway takes none without one). SSH dials to a
+//! device held here need none: the device checks the user's own SSH certificate.
 //!
 //! While the gateway watches the authority's policy epoch ([`crate::policy`]) and that
-//! authority sees every change (its own store), a grant is reused for [`REUSE`] on every path
-//! until the epoch moves: a lock, a role change or a removed device makes the authority move
-//! it, and `tctl lock` returns only after this gateway has dropped its grants. Without such a
-//! watch (it broke, or the authorities share PostgreSQL) SSH dials ask the authority every
-//! time and the Kubernetes front door reuses a grant for [`KUBE_REUSE`] (kubectl sends many
-//! requests per command), as locks reach it within that time or at the next presence
-//! acknowledgement. While the authority is unreachable, a grant from the last [`OUTAGE`]
-//! still admits its user on either path (locks the gateway knows still apply), so sessions
-//! on devices keep working and keep being audited on the device. A refusal drops the
-//! remembered grant.
+//! authority sees every change (its own store), a grant is reused for [`REUSE`] until the
+//! epoch moves: a lock, a role change or a removed device makes the authority move it, and
+//! `tctl lock` returns only after this gateway has dropped its grants. Without such a watch (it
+//! broke, or the authorities share PostgreSQL) SSH dials ask the authority every time. While
+//! the authority is unreachable, a grant from the last [`OUTAGE`] still admits its user to
+//! devices held here (locks the gateway knows still apply), so SSH sessions keep working and
+//! keep being audited on the device. A refusal drops the remembered grant.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeport_proto::rpc::{DialGrant, ErrorKind, Request, Response, RpcError};
 use edgeport_proto::rpc_client::RpcClientError;
+use edgeport_proto::tunnel::Service;
 
 use crate::authority::AuthorityClient;
 
 /// How long a grant is reused while the policy watch is live (and the epoch unchanged).
 pub const REUSE: Duration = Duration::from_secs(30);
-/// How long the Kubernetes front door reuses a grant without a live policy watch.
-pub const KUBE_REUSE: Duration = Duration::from_secs(5);
 /// How long a grant still admits its user while the authority cannot be reached.
 pub const OUTAGE: Duration = Duration::from_secs(600);
 /// Grants kept at most (one per user and device dialled in the last [`OUTAGE`]).
 const MAX_ENTRIES: usize = 100_000;
 
+/// The user behind a dial, as the authority must see them: the certificate they presented
+/// (the authority checks it and names the user from it; the gateway's word counts for nothing).
+#[derive(Clone, Debug)]
+pub struct UserCert {
+    /// The user the certificate names (verified by this gateway's TLS handshake).
+    pub name: String,
+    /// The certificate, DER.
+    pub der: Arc<Vec<u8>>,
+    /// Hex SHA-256 of `der`: grants are kept per certificate.
+    pub digest: String,
+}
+
+impl UserCert {
+    pub fn new(name: String, der: Vec<u8>) -> Self {
+        let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, &der));
+        Self {
+            name,
+            der: Arc::new(der),
+            digest,
+        }
+    }
+}
+
+/// (certificate digest, target)
 type Key = (String, String);
 
 /// When a grant was given, under which policy epoch, and the grant.
@@ -57,17 +83,19 @@ impl Grants {
         self.watched.store(on, Ordering::SeqCst);
     }
 
-    /// May `user` reach `target`? A grant younger than [`REUSE`] (with a live policy watch,
+    /// May `who` reach `target`? A grant younger than [`REUSE`] (with a live policy watch,
     /// else `unwatched_reuse`) from the current policy epoch, else the authority's answer,
-    /// else (authority unreachable) one younger than [`OUTAGE`].
+    /// else (authority unreachable) one younger than [`OUTAGE`]. A reused grant carries no
+    /// ticket.
     pub async fn authorize(
         &self,
         auth: &AuthorityClient,
-        user: &str,
+        who: &UserCert,
         target: &str,
+        service: Service,
         unwatched_reuse: Duration,
     ) -> Result<DialGrant, RpcError> {
-        let key = (user.to_string(), target.to_string());
+        let key = (who.digest.clone(), target.to_string());
         let epoch = self.epoch.load(Ordering::SeqCst);
         let reuse = if self.watched.load(Ordering::SeqCst) {
             REUSE
@@ -77,7 +105,21 @@ impl Grants {
         if let Some(g) = self.recent(&key, reuse, true) {
             return Ok(g);
         }
-        self.ask(auth, key, epoch).await
+        self.ask(auth, who, target, service, epoch, true).await
+    }
+
+    /// The authority's answer now, with a fresh ticket for one dial of `service`: never a
+    /// reused grant, and no outage fallback (a holding gateway or an agent would refuse a
+    /// dial without a ticket anyway).
+    pub async fn ticketed(
+        &self,
+        auth: &AuthorityClient,
+        who: &UserCert,
+        target: &str,
+        service: Service,
+    ) -> Result<DialGrant, RpcError> {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        self.ask(auth, who, target, service, epoch, false).await
     }
 
     /// The authority's answer now, never a reused grant (else, authority unreachable, one
@@ -85,23 +127,28 @@ impl Grants {
     pub async fn refresh(
         &self,
         auth: &AuthorityClient,
-        user: &str,
+        who: &UserCert,
         target: &str,
+        service: Service,
     ) -> Result<DialGrant, RpcError> {
         let epoch = self.epoch.load(Ordering::SeqCst);
-        self.ask(auth, (user.to_string(), target.to_string()), epoch)
-            .await
+        self.ask(auth, who, target, service, epoch, true).await
     }
 
     async fn ask(
         &self,
         auth: &AuthorityClient,
-        key: Key,
+        who: &UserCert,
+        target: &str,
+        service: Service,
         epoch: u64,
+        outage_fallback: bool,
     ) -> Result<DialGrant, RpcError> {
+        let key = (who.digest.clone(), target.to_string());
         let req = Request::AuthorizeDial {
-            user: key.0.clone(),
-            device: key.1.clone(),
+            user_cert_der: who.der.as_ref().clone(),
+            device: target.to_string(),
+            service,
         };
         match auth.call(req).await {
             Ok(Response::DialAllowed(g)) => {
@@ -116,9 +163,9 @@ impl Grants {
                 ErrorKind::Internal,
                 edgeport_proto::rpc_client::unexpected(other).to_string(),
             )),
-            Err(e) => match self.recent(&key, OUTAGE, false) {
+            Err(e) => match self.recent(&key, OUTAGE, false).filter(|_| outage_fallback) {
                 Some(g) => {
-                    let (user, target) = (&key.0, &key.1);
+                    let user = &who.name;
                     tracing::warn!(%user, %target, "authority unreachable ({e}); using a recent grant");
                     Ok(g)
                 }
@@ -143,7 +190,12 @@ impl Grants {
                 m.retain(|_, (at, _, _)| at.elapsed() < OUTAGE);
             }
             if m.len() < MAX_ENTRIES {
-                m.insert(key, (Instant::now(), epoch, g.clone()));
+                // A ticket is for one dial: kept grants never carry one.
+                let kept = DialGrant {
+                    ticket: None,
+                    ..g.clone()
+                };
+                m.insert(key, (Instant::now(), epoch, kept));
             }
         }
     }

@@ -24,6 +24,7 @@ use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::CertificateDer;
 
 use crate::ctx::Ctx;
+use crate::grants::UserCert;
 use crate::tunnels::{TunnelError, OPEN_TIMEOUT};
 
 /// Connecting to a peer gateway (resolve, QUIC handshake), and getting a stream on a link.
@@ -31,8 +32,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed connect, forwards to that peer fail at once for this long instead of each
 /// waiting [`CONNECT_TIMEOUT`] again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
-/// How long the holder may take for its own grant of a forwarded dial (an authority round
-/// trip when it has none to reuse).
+/// How long the holder may take to check a forwarded dial (it checks the ticket itself; kept
+/// as a margin for a loaded holder).
 pub const HOLDER_GRANT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Hearing the peer's answer to `Forward`: longer than the holder's own waits (for its grant
 /// and for the device, [`OPEN_TIMEOUT`]), so that a slow device or authority is reported as
@@ -248,27 +249,38 @@ async fn resolve(addr: &str, local: SocketAddr) -> Result<SocketAddr, String> {
 }
 
 /// A stream to the device of `grant` with `header` sent: over its tunnel here, or forwarded
-/// to the gateway that holds it. The grant may be one the gateway reused, so when the device
-/// is not where it says (it moved to another gateway, or just came online), the authority is
-/// asked once more.
+/// to the gateway that holds it (with a fresh ticket from the authority, which the holder
+/// requires), and which gateway that was. The grant may be one the gateway reused, so when
+/// the device is not where it says (it moved to another gateway, or just came online), the
+/// authority is asked once more.
 pub async fn open_device_stream(
     ctx: &Ctx,
+    who: &UserCert,
     grant: &DialGrant,
-    header: &StreamHeader,
-) -> Result<BoxedStream, TunnelError> {
-    let first = open_at(ctx, grant, header).await;
+    header: StreamHeader,
+) -> Result<(BoxedStream, Option<String>), TunnelError> {
+    let first = open_at(ctx, who, grant, header.clone()).await;
     let misplaced = match &first {
         Err(TunnelError::NotConnected(_) | TunnelError::Peer(_)) => true,
         Err(TunnelError::Refused(e)) => e.kind == ErrorKind::NotFound,
         _ => false,
     };
-    let Some(user) = header.user.as_deref().filter(|_| misplaced) else {
+    if !misplaced {
         return first;
-    };
-    match ctx.grants.refresh(&ctx.auth, user, &grant.device.id).await {
+    }
+    let service = header.service;
+    match ctx
+        .grants
+        .refresh(&ctx.auth, who, &grant.device.id, service)
+        .await
+    {
         Ok(fresh) if placement(&fresh) != placement(grant) => {
             tracing::debug!(device = %grant.device.id, "device moved; dialling where the authority says now");
-            open_at(ctx, &fresh, header).await
+            let header = StreamHeader {
+                ticket: fresh.ticket.clone(),
+                ..header
+            };
+            open_at(ctx, who, &fresh, header).await
         }
         _ => first,
     }
@@ -285,15 +297,28 @@ fn placement(g: &DialGrant) -> (bool, Option<&str>, Option<&str>) {
 
 async fn open_at(
     ctx: &Ctx,
+    who: &UserCert,
     grant: &DialGrant,
-    header: &StreamHeader,
-) -> Result<BoxedStream, TunnelError> {
+    mut header: StreamHeader,
+) -> Result<(BoxedStream, Option<String>), TunnelError> {
     let device_id = &grant.device.id;
-    match ctx.tunnels.open_stream(device_id, header).await {
+    match ctx.tunnels.open_stream(device_id, &header).await {
         Err(TunnelError::NotConnected(_)) => {}
-        other => return other,
+        other => return other.map(|s| (s, None)),
     }
     let me = ctx.identity().gateway_id.clone();
+    let mut fresh = None;
+    if header.ticket.is_none() {
+        // A reused grant: the holder takes a forwarded dial only with a ticket of its own.
+        let g = ctx
+            .grants
+            .ticketed(&ctx.auth, who, device_id, header.service)
+            .await
+            .map_err(TunnelError::Refused)?;
+        header.ticket = g.ticket.clone();
+        fresh = Some(g);
+    }
+    let grant = fresh.as_ref().unwrap_or(grant);
     let holder = match &grant.device.gateway {
         Some(g) if *g != me && grant.device.online => g,
         _ => return Err(TunnelError::NotConnected(device_id.clone())),
@@ -306,10 +331,10 @@ async fn open_at(
     };
     match ctx
         .peers
-        .forward(ctx, holder, addr, device_id, header)
+        .forward(ctx, holder, addr, device_id, &header)
         .await
     {
-        Ok(s) => Ok(s),
+        Ok(s) => Ok((s, Some(holder.clone()))),
         Err(ForwardError::Refused(e)) => Err(TunnelError::Refused(RpcError::new(
             e.kind,
             format!("gateway {holder}: {}", e.message),

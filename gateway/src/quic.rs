@@ -207,8 +207,8 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, addr: SocketAddr) {
             .await;
         }
         Some(a) if a == alpn::DIAL => {
-            let principal = crate::dial::principal_of(&ctx, certs);
-            crate::dial::serve_quic(ctx, conn, principal, addr).await;
+            let peer = crate::dial::peer_of(&ctx, certs);
+            crate::dial::serve_quic(ctx, conn, peer, addr).await;
         }
         _ => conn.close(quinn::VarInt::from_u32(3), b"unknown protocol"),
     }

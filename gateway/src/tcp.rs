@@ -124,8 +124,8 @@ async fn serve(ctx: Arc<Ctx>, tls: tokio_rustls::server::TlsStream<TcpStream>, a
         }
         Some(a) if a == alpn::JOIN => crate::join::serve(ctx, Box::new(tls), addr).await,
         Some(a) if a == alpn::DIAL => {
-            let principal = crate::dial::principal_of(&ctx, session.peer_certificates());
-            crate::dial::serve_stream(ctx, Box::new(tls), principal, addr).await;
+            let peer = crate::dial::peer_of(&ctx, session.peer_certificates());
+            crate::dial::serve_stream(ctx, Box::new(tls), peer, addr).await;
         }
         Some(a) if crate::kube::tls::ALPNS.contains(&a) => crate::kube::serve(ctx, tls, addr).await,
         _ => tracing::debug!(%addr, "no known ALPN; dropped"),

@@ -17,6 +17,7 @@ pub mod quic;
 pub mod rpc;
 pub mod rpc_client;
 pub mod sshcert;
+pub mod ticket;
 pub mod tls;
 pub mod totp;
 pub mod tunnel;

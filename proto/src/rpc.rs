@@ -50,10 +50,13 @@ pub enum Request {
     Presence(PresenceReport),
     /// Gateway: a user logs in through tsh (password or invite code).
     Login(LoginRequest),
-    /// Gateway: may `user` open a session on `device`?
+    /// Gateway: may the user of `user_cert_der` (the x509 certificate they presented, which
+    /// the authority checks itself) open `service` on `device` (an id or a name)? The answer
+    /// carries a signed [`crate::ticket::DialTicket`] for that one dial.
     AuthorizeDial {
-        user: String,
+        user_cert_der: Vec<u8>,
         device: String,
+        service: crate::tunnel::Service,
     },
     /// Admin: locks and unlocks.
     LockAdd(LockSpec),
@@ -499,6 +502,11 @@ pub struct DialGrant {
     /// The peer address of the gateway that holds the device's tunnel (`device.gateway`),
     /// when it has given one: a dial that reaches another gateway is forwarded there.
     pub gateway_addr: Option<String>,
+    /// The authority's signed proof of this grant, for one dial within a minute (absent
+    /// from grants a gateway reuses).
+    pub ticket: Option<crate::ticket::DialTicket>,
+    /// The user, as the certificate behind the request names them.
+    pub user: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

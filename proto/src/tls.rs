@@ -335,6 +335,51 @@ pub fn spiffe_of(cert_der: &[u8]) -> Result<(String, Principal), TlsError> {
     Err(IdentityError::NoSpiffe.into())
 }
 
+/// Checks a client certificate as the authority sees it when a gateway hands one over: signed
+/// by the cluster's x509 CA (`ca_der`), valid for client authentication at `now` (Unix
+/// seconds), naming a principal of `cluster`. Returns the principal and the certificate's
+/// notBefore.
+pub fn verify_client_cert(
+    cert_der: &[u8],
+    ca_der: &[u8],
+    cluster: &str,
+    now: u64,
+) -> Result<(Principal, u64), TlsError> {
+    use x509_parser::prelude::*;
+    let ca = CertificateDer::from(ca_der);
+    let anchor = webpki::anchor_from_trusted_cert(&ca)
+        .map_err(|e| TlsError::BadCert(format!("the cluster's CA: {e:?}")))?;
+    let leaf = CertificateDer::from(cert_der);
+    let ee = webpki::EndEntityCert::try_from(&leaf)
+        .map_err(|e| TlsError::BadCert(format!("{e:?}")))?;
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now));
+    ee.verify_for_usage(
+        provider().signature_verification_algorithms.all,
+        &[anchor],
+        &[],
+        time,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| match e {
+        webpki::Error::CertExpired { .. } => TlsError::BadCert("the certificate expired".into()),
+        webpki::Error::CertNotValidYet { .. } => {
+            TlsError::BadCert("the certificate is not valid yet".into())
+        }
+        webpki::Error::UnknownIssuer
+        | webpki::Error::InvalidSignatureForPublicKey
+        | webpki::Error::UnsupportedSignatureAlgorithmForPublicKey => {
+            TlsError::BadCert("the certificate is not signed by this cluster's CA".into())
+        }
+        other => TlsError::BadCert(format!("{other:?}")),
+    })?;
+    let principal = peer_principal(cert_der, cluster)?;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| TlsError::BadCert(e.to_string()))?;
+    Ok((principal, cert.validity().not_before.timestamp().max(0) as u64))
+}
+
 /// The certificate's notAfter, Unix seconds.
 pub fn not_after(cert_der: &[u8]) -> Result<u64, TlsError> {
     use x509_parser::prelude::*;

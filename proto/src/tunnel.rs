@@ -80,7 +80,7 @@ pub enum GatewayControl {
 }
 
 /// The services an agent offers on gateway-opened streams.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Service {
     /// Test-only echo service (agents serve it only when started with `--test-echo`).
     Echo,
@@ -99,6 +99,11 @@ pub struct StreamHeader {
     /// Kubernetes identity the agent must impersonate (service `kube`).
     pub kube_groups: Vec<String>,
     pub kube_users: Vec<String>,
+    /// The authority's ticket for this dial: a holding gateway takes a forwarded dial only
+    /// with one, and the agent impersonates in Kubernetes only whom one names.
+    pub ticket: Option<crate::ticket::DialTicket>,
+    /// The gateway that carried the dial to the holder (forwarded dials; for the audit log).
+    pub via: Option<String>,
 }
 
 /// tsh -> gateway: the first frame of every dial stream.

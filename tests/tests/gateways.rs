@@ -56,6 +56,8 @@ fn forward_as_user(cfg: Arc<rustls::ClientConfig>, addr: &str) -> ClientReply {
                 client_addr: "127.0.0.1:1".into(),
                 kube_groups: vec![],
                 kube_users: vec![],
+                ticket: None,
+                via: None,
             },
         };
         write_frame(&mut s, &req).await.unwrap();

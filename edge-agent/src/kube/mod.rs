@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use edgeport_proto::ticket::{Expected, ReplayGuard, TicketClaims, TicketError};
 use edgeport_proto::tunnel::StreamHeader;
 use edgeport_proto::util::BoxedStream;
 use http::header::{self, HeaderName, HeaderValue};
@@ -57,19 +58,57 @@ pub struct KubeIdentity {
 }
 
 impl KubeIdentity {
-    /// From the gateway's header: the Edgeport user name, or the first of the user's
-    /// `kube_users` when the record names any; the groups are the user's `kube_groups`.
-    pub fn from_header(h: &StreamHeader) -> Option<Self> {
-        let user = h
+    /// From the authority's ticket (never from the gateway's header): the Edgeport user name,
+    /// or the first of the user's `kube_users` when the record names any; the groups are the
+    /// user's `kube_groups`.
+    pub fn from_ticket(t: &TicketClaims) -> Option<Self> {
+        let user = t
             .kube_users
             .first()
             .cloned()
-            .or_else(|| h.user.clone())
+            .or_else(|| Some(t.user.clone()))
             .filter(|u| !u.is_empty())?;
         Some(Self {
             user,
-            groups: h.kube_groups.clone(),
+            groups: t.kube_groups.clone(),
         })
+    }
+}
+
+/// What a Kubernetes stream's ticket must say, and the tickets already taken.
+pub struct TicketCheck {
+    cluster: String,
+    device: String,
+    host_ca: Vec<u8>,
+    seen: ReplayGuard,
+}
+
+impl TicketCheck {
+    pub fn new(ident: &crate::identity::DeviceIdentity) -> Self {
+        Self {
+            cluster: ident.cas.cluster.clone(),
+            device: ident.device_id.clone(),
+            host_ca: edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default(),
+            seen: ReplayGuard::default(),
+        }
+    }
+
+    /// The ticket's claims, if it is the authority's, for a Kubernetes dial to this device,
+    /// fresh and not used before.
+    pub fn admit(&self, header: &StreamHeader) -> Result<TicketClaims, TicketError> {
+        let want = Expected {
+            cluster: &self.cluster,
+            device: &self.device,
+            service: edgeport_proto::tunnel::Service::Kube,
+            requester: None,
+            holder: None,
+        };
+        self.seen.admit(
+            header.ticket.as_ref(),
+            &self.host_ca,
+            &want,
+            edgeport_proto::util::now_secs(),
+        )
     }
 }
 
@@ -153,11 +192,13 @@ struct Live {
 pub struct KubeService {
     upstream: Arc<ApiServer>,
     live: Arc<std::sync::Mutex<Live>>,
+    tickets: Arc<TicketCheck>,
 }
 
 impl KubeService {
-    pub fn new(upstream: Upstream) -> Self {
+    pub fn new(upstream: Upstream, tickets: TicketCheck) -> Self {
         Self {
+            tickets: Arc::new(tickets),
             upstream: Arc::new(ApiServer {
                 up: upstream,
                 pool: std::sync::Mutex::new(Vec::new()),
@@ -185,8 +226,18 @@ impl StreamService for KubeService {
     fn serve(&self, stream: BoxedStream, header: StreamHeader) -> ServiceFuture {
         let upstream = self.upstream.clone();
         let live = self.live.clone();
+        let tickets = self.tickets.clone();
         Box::pin(async move {
-            let user = header.user.clone().unwrap_or_default();
+            let claims = match tickets.admit(&header) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(session = %header.session_id, client = %header.client_addr,
+                        "kube stream refused: {e}");
+                    refuse(stream, &format!("refused by the device: {e}")).await;
+                    return;
+                }
+            };
+            let user = claims.user.clone();
             let cancel = CancellationToken::new();
             let id = {
                 let Ok(mut l) = live.lock() else { return };
@@ -201,7 +252,7 @@ impl StreamService for KubeService {
             };
             // Held by upgraded sessions too, which outlive this stream's HTTP exchange.
             let guard = Arc::new(LiveGuard { live, id });
-            serve(upstream, stream, header, cancel, guard).await
+            serve(upstream, stream, header, claims, cancel, guard).await
         })
     }
 
@@ -223,10 +274,11 @@ async fn serve(
     upstream: Arc<ApiServer>,
     stream: BoxedStream,
     header: StreamHeader,
+    claims: TicketClaims,
     cancel: CancellationToken,
     guard: Arc<LiveGuard>,
 ) {
-    let ident = KubeIdentity::from_header(&header);
+    let ident = KubeIdentity::from_ticket(&claims);
     let session = header.session_id.clone();
     let cancel2 = cancel.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -245,6 +297,20 @@ async fn serve(
         },
         _ = cancel.cancelled() => tracing::debug!(%session, "kube stream ended: user locked"),
     }
+}
+
+/// Answers the one request of a refused stream with 403 and `msg`, then closes it.
+async fn refuse(stream: BoxedStream, msg: &str) {
+    let msg = msg.to_string();
+    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+        let r = full(StatusCode::FORBIDDEN, &msg);
+        async move { Ok::<_, std::convert::Infallible>(r) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
 }
 
 fn full(status: StatusCode, msg: &str) -> Response<Body> {
@@ -458,20 +524,27 @@ mod tests {
     }
 
     #[test]
-    fn identity_from_header() {
-        let mut h = StreamHeader {
+    fn identity_from_ticket() {
+        let mut t = TicketClaims {
+            id: "t".into(),
+            cluster: "c".into(),
+            user: "alice".into(),
+            device: "d".into(),
             service: edgeport_proto::tunnel::Service::Kube,
-            user: Some("alice".into()),
-            session_id: "s".into(),
-            client_addr: "a".into(),
+            logins: vec![],
             kube_groups: vec!["devs".into()],
             kube_users: vec![],
+            requester: "gw".into(),
+            holder: None,
+            issued_at: 0,
+            expires_at: 60,
         };
-        assert_eq!(KubeIdentity::from_header(&h).unwrap().user, "alice");
-        h.kube_users = vec!["alice@corp".into()];
-        assert_eq!(KubeIdentity::from_header(&h).unwrap().user, "alice@corp");
-        h.user = None;
-        h.kube_users.clear();
-        assert!(KubeIdentity::from_header(&h).is_none());
+        assert_eq!(KubeIdentity::from_ticket(&t).unwrap().user, "alice");
+        assert_eq!(KubeIdentity::from_ticket(&t).unwrap().groups, ["devs"]);
+        t.kube_users = vec!["alice@corp".into()];
+        assert_eq!(KubeIdentity::from_ticket(&t).unwrap().user, "alice@corp");
+        t.user = String::new();
+        t.kube_users.clear();
+        assert!(KubeIdentity::from_ticket(&t).is_none());
     }
 }

@@ -155,6 +155,8 @@ impl Fixture {
                     client_addr: addr.to_string(),
                     kube_groups: vec![],
                     kube_users: vec![],
+                    ticket: None,
+                    via: None,
                 };
                 tokio::spawn(async move { srv.serve(Box::new(tcp), header).await });
             }

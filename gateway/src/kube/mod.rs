@@ -29,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::ctx::Ctx;
+use crate::grants::UserCert;
 use audit::{audit_kube_event, KubeAuditEvent, KubeEventKind};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -40,7 +41,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// HTTP/2 header lists above this end the connection (memory bound, well above MAX_HEAD).
 const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
 /// How long the inventory is reused to tell an offline cluster from an unknown one.
-const INVENTORY_TTL: Duration = crate::grants::KUBE_REUSE;
+const INVENTORY_TTL: Duration = Duration::from_secs(5);
 /// Idle HTTP/1.1 keep-alive connections are closed after this long without a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -57,7 +58,7 @@ pub struct KubeState {
 struct Conn {
     addr: SocketAddr,
     /// The user, or why the certificate was refused (answered to every request).
-    user: Result<String, String>,
+    user: Result<UserCert, String>,
 }
 
 fn status_body(status: StatusCode, reason: &str, msg: &str) -> HttpResponse<Body> {
@@ -80,7 +81,7 @@ fn check_cert(
     ctx: &Ctx,
     verifier: &dyn rustls::server::danger::ClientCertVerifier,
     certs: Option<&[CertificateDer<'_>]>,
-) -> Result<String, String> {
+) -> Result<UserCert, String> {
     let Some((leaf, rest)) = certs.and_then(|c| c.split_first()) else {
         return Err("no client certificate: run `tsh login` and `tsh kube login CLUSTER`".into());
     };
@@ -97,7 +98,7 @@ fn check_cert(
             other => format!("client certificate refused: {other}"),
         })?;
     match edgeport_proto::tls::peer_principal(leaf.as_ref(), ctx.identity().cluster()) {
-        Ok(Principal::User(u)) => Ok(u),
+        Ok(Principal::User(u)) => Ok(UserCert::new(u, leaf.as_ref().to_vec())),
         Ok(_) => Err("client certificate does not name a user".into()),
         Err(e) => Err(format!("client certificate refused: {e}")),
     }
@@ -279,10 +280,11 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap, upgrade: bool) {
 }
 
 async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> HttpResponse<Body> {
-    let user = match &conn.user {
+    let who = match &conn.user {
         Ok(u) => u.clone(),
         Err(why) => return status_body(StatusCode::UNAUTHORIZED, "Unauthorized", why),
     };
+    let user = who.name.clone();
     let head: usize = req.uri().to_string().len()
         + req
             .headers()
@@ -315,9 +317,11 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
     if let Err(e) = ctx.check_unlocked(&LockTarget::Device(device.clone())) {
         return status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
     }
+    // A fresh ticket per request: the agent impersonates only whom the authority's ticket
+    // names, and takes each ticket once.
     let grant = match ctx
         .grants
-        .authorize(&ctx.auth, &user, &device, crate::grants::KUBE_REUSE)
+        .ticketed(&ctx.auth, &who, &device, Service::Kube)
         .await
     {
         Ok(g) => g,
@@ -357,9 +361,12 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         client_addr: conn.addr.to_string(),
         kube_groups: grant.kube_groups.clone(),
         kube_users: grant.kube_users.clone(),
+        ticket: grant.ticket.clone(),
+        via: None,
     };
     let resp = forward(
         &ctx,
+        &who,
         &grant,
         &header,
         &inner,
@@ -375,6 +382,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
 
 async fn forward(
     ctx: &Ctx,
+    who: &UserCert,
     grant: &edgeport_proto::rpc::DialGrant,
     header: &StreamHeader,
     inner: &str,
@@ -413,8 +421,8 @@ async fn forward(
     }
 
     let device = &grant.device.id;
-    let stream = match crate::peers::open_device_stream(ctx, grant, header).await {
-        Ok(s) => s,
+    let stream = match crate::peers::open_device_stream(ctx, who, grant, header.clone()).await {
+        Ok((s, _)) => s,
         Err(e) => {
             let (status, reason) = match &e {
                 crate::tunnels::TunnelError::Refused(r) => rpc_status(r),
