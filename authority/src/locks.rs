@@ -15,6 +15,7 @@ fn key(target: &LockTarget) -> String {
     match target {
         LockTarget::User(n) => format!("user/{n}"),
         LockTarget::Device(n) => format!("device/{n}"),
+        LockTarget::Gateway(n) => format!("gateway/{n}"),
     }
 }
 
@@ -23,6 +24,7 @@ pub fn describe(target: &LockTarget) -> String {
     match target {
         LockTarget::User(n) => format!("user {n}"),
         LockTarget::Device(n) => format!("device {n}"),
+        LockTarget::Gateway(n) => format!("gateway {n}"),
     }
 }
 
@@ -34,6 +36,7 @@ pub fn add(store: &dyn Store, spec: &LockSpec, now: u64) -> Result<(), RpcError>
     match &spec.target {
         LockTarget::User(n) => check_name("user name", n)?,
         LockTarget::Device(n) => check_name("device id", n)?,
+        LockTarget::Gateway(n) => check_name("gateway id", n)?,
     }
     if spec.expires != 0 && spec.expires <= now {
         return Err(invalid("the lock would already have expired"));

@@ -172,6 +172,12 @@ impl Connection {
             };
             let name = request_name(&req);
             let resp = match req {
+                Request::WatchPolicy { .. } if self.barred(&caller).await => {
+                    Response::Error(RpcError::new(
+                        ErrorKind::GatewayRevoked,
+                        format!("{caller} was revoked or is locked by an administrator"),
+                    ))
+                }
                 Request::WatchPolicy { seen } if matches!(caller, Caller::Gateway(_)) => {
                     let policy = &self.service.policy;
                     policy.seen(self.id, seen);
@@ -204,9 +210,27 @@ impl Connection {
                     break;
                 }
             }
+            // A revoked or locked gateway keeps no connection: its next request would be
+            // refused anyway, and an idle one (a policy watch) must not linger.
+            if self.barred(&caller).await {
+                tracing::warn!(%peer, %caller, "closing the connection of a revoked or locked gateway");
+                break;
+            }
         }
         self.service.policy.gone(self.id);
         let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+    }
+
+    /// Whether the caller is a revoked or locked gateway (a store read at most every few
+    /// seconds, on the blocking pool).
+    async fn barred(&self, caller: &Caller) -> bool {
+        if !matches!(caller, Caller::Gateway(_)) {
+            return false;
+        }
+        let (svc, who) = (self.service.clone(), caller.clone());
+        tokio::task::spawn_blocking(move || svc.is_barred(&who))
+            .await
+            .unwrap_or(false)
     }
 
     /// Runs the handler on the blocking pool (argon2 and store calls block).

@@ -81,7 +81,9 @@ fn access(req: &Request) -> Access {
         | Request::AuditVerify { .. }
         | Request::SsoMapSet(_)
         | Request::SsoMapList
-        | Request::SsoMapRemove { .. } => Access::Admin,
+        | Request::SsoMapRemove { .. }
+        | Request::GatewayList
+        | Request::GatewayRemove { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -91,6 +93,7 @@ fn access(req: &Request) -> Access {
         | Request::AuditUpload { .. }
         | Request::AuditRecord(_)
         | Request::WatchPolicy { .. }
+        | Request::PresenceAckPart { .. }
         | Request::UserDevicePage { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
@@ -139,6 +142,9 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::SsoMapSet(_) | Request::SsoMapRemove { .. } => "changing single sign-on mappings",
         Request::SsoMapList => "listing single sign-on mappings",
         Request::WatchPolicy { .. } => "watching policy changes",
+        Request::PresenceAckPart { .. } => "presence reports",
+        Request::GatewayList => "listing gateways",
+        Request::GatewayRemove { .. } => "removing gateways",
     }
 }
 
@@ -153,6 +159,7 @@ fn tightens_policy(req: &Request) -> bool {
             | Request::DeviceRemove { .. }
             | Request::RoleUpsert(_)
             | Request::RoleRemove { .. }
+            | Request::GatewayRemove { .. }
     )
 }
 
@@ -208,6 +215,10 @@ pub struct Service {
     pub(crate) logins: crate::throttle::LoginThrottle,
     /// The policy epoch that gateways watch (see [`crate::policy`]).
     pub policy: crate::policy::Policy,
+    /// Which gateways are revoked or locked (every gateway request is checked).
+    pub standing: crate::gateways::Standing,
+    /// When each gateway last reported presence here (Unix seconds).
+    pub gateway_reports: Mutex<HashMap<String, u64>>,
 }
 
 impl Service {
@@ -221,6 +232,8 @@ impl Service {
             audit: Mutex::new(()),
             logins: Default::default(),
             policy: crate::policy::Policy::new(exclusive),
+            standing: Default::default(),
+            gateway_reports: Default::default(),
         }
     }
 
@@ -246,8 +259,11 @@ impl Service {
         let name = request_name(&req);
         let pending = crate::audit::describe(caller, &req);
         let tightens = tightens_policy(&req);
-        let result = check_access(caller, &req).and_then(|()| self.dispatch(caller, req, now));
+        let result = check_access(caller, &req)
+            .and_then(|()| self.check_standing(caller, now))
+            .and_then(|()| self.dispatch(caller, req, now));
         if tightens && result.is_ok() {
+            self.standing.changed();
             self.policy.changed();
         }
         if let Some(p) = pending {
@@ -263,6 +279,25 @@ impl Service {
                 Response::Error(e)
             }
         }
+    }
+
+    /// Whether `caller` is a gateway that is revoked or locked now (its connections close).
+    pub fn is_barred(&self, caller: &Caller) -> bool {
+        self.check_standing(caller, now_secs()).is_err()
+    }
+
+    /// A revoked or locked gateway's certificate buys nothing, whatever it asks.
+    fn check_standing(&self, caller: &Caller, now: u64) -> Result<(), RpcError> {
+        let Caller::Gateway(id) = caller else {
+            return Ok(());
+        };
+        if self.standing.barred(self.store(), now)?.contains(id) {
+            return Err(RpcError::new(
+                edgeport_proto::rpc::ErrorKind::GatewayRevoked,
+                format!("gateway {id} was revoked or is locked by an administrator"),
+            ));
+        }
+        Ok(())
     }
 
     fn dispatch(&self, caller: &Caller, req: Request, now: u64) -> Result<Response, RpcError> {
@@ -360,6 +395,7 @@ impl Service {
             }
             Request::LockRemove { target } => {
                 locks::remove(store, &target)?;
+                self.standing.changed();
                 tracing::info!(target = %locks::describe(&target), "lock removed");
                 Ok(Response::Ok)
             }
@@ -391,6 +427,13 @@ impl Service {
             Request::SsoMapSet(m) => handlers::sso::map_set(store, m),
             Request::SsoMapList => handlers::sso::map_list(store),
             Request::SsoMapRemove { group } => handlers::sso::map_remove(store, &group),
+            Request::PresenceAckPart { part } => handlers::presence::ack_part(self, part, now),
+            Request::GatewayList => crate::gateways::list_info(self, now),
+            Request::GatewayRemove { id } => {
+                crate::gateways::revoke(store, &id, now)?;
+                tracing::info!(gateway = %id, "gateway revoked");
+                Ok(Response::Ok)
+            }
             // Answered by the RPC server, which can wait; here only the current epoch.
             Request::WatchPolicy { .. } => Ok(Response::Policy {
                 epoch: self.policy.epoch(),

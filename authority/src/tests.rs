@@ -858,9 +858,138 @@ fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
     ));
     ok(svc.handle_at(&admin, Request::UserAdd(user("alice")), t0 + 600));
     let m = refused(dial(&alice, "d1", t0 + 601));
-    assert!(m.contains("issued before this user alice was created"), "{m}");
+    assert!(
+        m.contains("issued before this user alice was created"),
+        "{m}"
+    );
     assert!(matches!(
         dial(&sign("alice", t0 + 601), "d1", t0 + 602),
         Response::DialAllowed(_)
     ));
+}
+
+/// A revoked or locked gateway's certificate buys nothing: every request is refused, a
+/// re-join under its name too, and the other gateways learn it with their acknowledgements.
+#[test]
+fn revoked_and_locked_gateways_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
+    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+        .unwrap();
+    let svc = Service::new(store, Arc::new(ca), Limits::default());
+    let admin = Caller::Admin("admin".into());
+    let now = edgeport_proto::util::now_secs();
+    for id in ["gw-1", "gw-2"] {
+        crate::gateways::record_join(
+            svc.store(),
+            &crate::gateways::GatewayRecord {
+                id: id.into(),
+                joined_at: now,
+                renewed_at: now,
+                token_id: "t".into(),
+                dns_names: vec![],
+                ip_addrs: vec![],
+                revoked: false,
+                peer_addr: None,
+                revoked_at: 0,
+                version: String::new(),
+            },
+        )
+        .unwrap();
+    }
+    let (g1, g2) = (
+        Caller::Gateway("gw-1".into()),
+        Caller::Gateway("gw-2".into()),
+    );
+    let report = || {
+        Request::Presence(PresenceReport {
+            lease_secs: 30,
+            version: "9.9.9".into(),
+            ..Default::default()
+        })
+    };
+    let ack = |r: Response| match r {
+        Response::PresenceAck(a) => a,
+        other => panic!("{other:?}"),
+    };
+    let revoked = |r: Response| match r {
+        Response::Error(e) => assert_eq!(e.kind, ErrorKind::GatewayRevoked, "{e}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(ack(svc.handle_at(&g1, report(), now))
+        .revoked_gateways
+        .is_empty());
+    assert!(matches!(
+        svc.handle_at(&admin, Request::GatewayRemove { id: "gw-1".into() }, now),
+        Response::Ok
+    ));
+    revoked(svc.handle_at(&g1, report(), now));
+    revoked(svc.handle_at(&g1, Request::DeviceList, now));
+    assert_eq!(
+        ack(svc.handle_at(&g2, report(), now)).revoked_gateways,
+        ["gw-1"]
+    );
+    match svc.handle_at(&admin, Request::GatewayList, now) {
+        Response::Gateways(g) => {
+            assert!(g[0].revoked && g[0].id == "gw-1");
+            assert!(!g[1].revoked && !g[1].locked);
+            assert_eq!(g[1].version, "9.9.9");
+            assert_eq!(g[1].last_report, now);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A join token does not bring the name back.
+    let token = match svc.handle_at(
+        &admin,
+        Request::TokenAdd(TokenSpec {
+            kind: TokenKind::Gateway,
+            labels: BTreeMap::new(),
+            ttl_secs: 600,
+            reusable: false,
+        }),
+        now,
+    ) {
+        Response::Token(t) => t.token.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let key = KeyPair::generate().unwrap();
+    match svc.handle_at(
+        &Caller::Anonymous,
+        Request::JoinGateway(JoinGatewayRequest {
+            token,
+            gateway_id: Some("gw-1".into()),
+            public_key_spki_der: key.spki_der(),
+            dns_names: vec![],
+            ip_addrs: vec![],
+        }),
+        now,
+    ) {
+        Response::Error(e) => assert!(e.message.contains("gw-1 was revoked"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // A lock bars a gateway while it lasts.
+    let lock = LockSpec {
+        target: LockTarget::Gateway("gw-2".into()),
+        message: "investigating".into(),
+        expires: 0,
+    };
+    assert!(matches!(
+        svc.handle_at(&admin, Request::LockAdd(lock), now),
+        Response::Ok
+    ));
+    revoked(svc.handle_at(&g2, report(), now));
+    assert!(matches!(
+        svc.handle_at(
+            &admin,
+            Request::LockRemove {
+                target: LockTarget::Gateway("gw-2".into())
+            },
+            now
+        ),
+        Response::Ok
+    ));
+    assert_eq!(
+        ack(svc.handle_at(&g2, report(), now)).revoked_gateways,
+        ["gw-1"]
+    );
 }

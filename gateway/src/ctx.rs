@@ -18,6 +18,8 @@ pub struct Ctx {
     pub tunnels: Tunnels,
     /// Cancelled on SIGINT/SIGTERM.
     pub shutdown: CancellationToken,
+    /// Cancelled (before `shutdown`) when the authority refuses this gateway as revoked.
+    pub revoked: CancellationToken,
     /// Handshakes in progress, per port (a flood on one does not starve the other).
     pub tcp_handshakes: Arc<Semaphore>,
     pub quic_handshakes: Arc<Semaphore>,
@@ -43,6 +45,9 @@ pub struct Ctx {
     pub peers: crate::peers::Peers,
     /// Dial tickets of forwarded dials taken here (each is taken once).
     pub tickets: edgeport_proto::ticket::ReplayGuard,
+    /// Gateways the authority revoked or locked, from the latest presence acknowledgement:
+    /// their forwarded dials are refused and their links closed.
+    pub barred_gateways: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 impl Ctx {
@@ -62,6 +67,7 @@ impl Ctx {
             auth,
             tunnels: Tunnels::new(),
             shutdown,
+            revoked: CancellationToken::new(),
             tcp_handshakes,
             quic_handshakes,
             tcp_conns,
@@ -75,6 +81,7 @@ impl Ctx {
             sso: Default::default(),
             peers: Default::default(),
             tickets: Default::default(),
+            barred_gateways: tokio::sync::watch::Sender::new(Vec::new()),
         }
     }
 
@@ -106,11 +113,17 @@ impl Ctx {
         let what = match target {
             LockTarget::User(u) => format!("user {u}"),
             LockTarget::Device(d) => format!("device {d}"),
+            LockTarget::Gateway(g) => format!("gateway {g}"),
         };
         Err(RpcError::new(
             ErrorKind::Locked,
             format!("{what} is locked: {m}"),
         ))
+    }
+
+    /// Whether gateway `id` was revoked or locked, as of the latest acknowledgement.
+    pub fn gateway_barred(&self, id: &str) -> bool {
+        self.barred_gateways.borrow().iter().any(|g| g == id)
     }
 
     pub fn locked_users(&self) -> Vec<String> {

@@ -61,13 +61,30 @@ pub async fn serve_quic(
     // idle anonymous connections cannot pile up against the connection limit that device
     // tunnels share.
     let anonymous = peer.is_none();
-    if matches!(peer.as_ref().map(|p| &p.principal), Some(Principal::Gateway(_))) {
+    if matches!(
+        peer.as_ref().map(|p| &p.principal),
+        Some(Principal::Gateway(_))
+    ) {
         // A peer gateway's link carries every dial it forwards here.
         conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(crate::peers::LINK_STREAMS));
     }
     let deadline = tokio::time::Instant::now() + ANONYMOUS_LIFETIME;
     let mut streams = 0usize;
+    // A peer gateway's link closes (with every dial it carries) once the authority says it
+    // was revoked or locked.
+    let peer_gateway = match peer.as_ref().map(|p| &p.principal) {
+        Some(Principal::Gateway(g)) => Some(g.clone()),
+        _ => None,
+    };
+    let mut barred = ctx.barred_gateways.subscribe();
     loop {
+        if let Some(g) = &peer_gateway {
+            if barred.borrow_and_update().contains(g) {
+                tracing::warn!(gateway = %g, "closing the link of a revoked gateway");
+                conn.close(quinn::VarInt::from_u32(3), b"gateway revoked");
+                return;
+            }
+        }
         if anonymous && streams >= ANONYMOUS_STREAMS {
             conn.close(quinn::VarInt::from_u32(0), b"log in first");
             return;
@@ -81,6 +98,12 @@ pub async fn serve_quic(
             _ = ctx.shutdown.cancelled() => {
                 conn.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
                 return;
+            }
+            r = barred.changed(), if peer_gateway.is_some() => {
+                if r.is_err() {
+                    return;
+                }
+                continue;
             }
         };
         let Ok((send, recv)) = accepted else { return };
@@ -359,7 +382,14 @@ async fn serve_forward(
     addr: SocketAddr,
 ) {
     let session_id = header.session_id.clone();
-    let checked = forward_ticket(ctx, from, &device_id, &header);
+    let checked = if ctx.gateway_barred(from) {
+        Err(RpcError::new(
+            ErrorKind::Denied,
+            format!("gateway {from} was revoked or is locked by the cluster's administrator"),
+        ))
+    } else {
+        forward_ticket(ctx, from, &device_id, &header)
+    };
     let opened = match checked {
         Ok(claims) => {
             header.user = Some(claims.user.clone());

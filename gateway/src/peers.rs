@@ -323,6 +323,12 @@ async fn open_at(
         Some(g) if *g != me && grant.device.online => g,
         _ => return Err(TunnelError::NotConnected(device_id.clone())),
     };
+    if ctx.gateway_barred(holder) {
+        return Err(TunnelError::Peer(format!(
+            "device {device_id} is connected to gateway {holder}, which was revoked; it \
+             reconnects to another gateway soon"
+        )));
+    }
     let Some(addr) = &grant.gateway_addr else {
         return Err(TunnelError::Peer(format!(
             "device {device_id} is connected to gateway {holder}, which takes no forwarded \

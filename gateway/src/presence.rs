@@ -36,6 +36,14 @@ pub async fn run(ctx: Arc<Ctx>) {
             _ = ctx.shutdown.cancelled() => return,
         }
         match report(&ctx).await {
+            Err(ReportError::Revoked(why)) => {
+                // Its certificate buys nothing any more: close every tunnel so the agents
+                // look for another gateway, and stop.
+                tracing::error!("the authority refuses this gateway ({why}); stopping");
+                ctx.revoked.cancel();
+                ctx.shutdown.cancel();
+                return;
+            }
             Ok(()) if !healthy => {
                 tracing::info!("presence reports reach the authority again");
                 healthy = true;
@@ -50,12 +58,47 @@ pub async fn run(ctx: Arc<Ctx>) {
     }
 }
 
-async fn send(ctx: &Ctx, report: PresenceReport) -> Result<PresenceAck, String> {
-    match ctx.auth.call(Request::Presence(report)).await {
+/// Why a report failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The authority revoked or locked this gateway: it must stop serving.
+    #[error("{0}")]
+    Revoked(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+async fn call(ctx: &Ctx, req: Request) -> Result<PresenceAck, ReportError> {
+    use edgeport_proto::rpc::ErrorKind;
+    use edgeport_proto::rpc_client::RpcClientError;
+    match ctx.auth.call(req).await {
         Ok(Response::PresenceAck(ack)) => Ok(ack),
-        Ok(other) => Err(edgeport_proto::rpc_client::unexpected(other).to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(Response::Error(e)) | Err(RpcClientError::Remote(e))
+            if e.kind == ErrorKind::GatewayRevoked =>
+        {
+            Err(ReportError::Revoked(e.message))
+        }
+        Ok(other) => Err(ReportError::Failed(
+            edgeport_proto::rpc_client::unexpected(other).to_string(),
+        )),
+        Err(e) => Err(ReportError::Failed(e.to_string())),
     }
+}
+
+/// Sends one report part; for an acknowledgement with `more`, gathers every further part of
+/// the lists into it (a gateway never acts on half a list of locks).
+async fn send(ctx: &Ctx, report: PresenceReport) -> Result<PresenceAck, ReportError> {
+    let mut ack = call(ctx, Request::Presence(report)).await?;
+    let mut part = 1;
+    while ack.more {
+        let next = call(ctx, Request::PresenceAckPart { part }).await?;
+        ack.locks.extend(next.locks);
+        ack.revoked_devices.extend(next.revoked_devices);
+        ack.revoked_gateways.extend(next.revoked_gateways);
+        ack.more = next.more;
+        part += 1;
+    }
+    Ok(ack)
 }
 
 /// Splits a snapshot into reports that each fit in one frame: the online devices first, then
@@ -96,7 +139,7 @@ fn parts(
 }
 
 /// Sends every part of a snapshot; returns the acknowledgement of the last.
-async fn send_all(ctx: &Ctx, reports: Vec<PresenceReport>) -> Result<PresenceAck, String> {
+async fn send_all(ctx: &Ctx, reports: Vec<PresenceReport>) -> Result<PresenceAck, ReportError> {
     let mut last = PresenceAck::default();
     for r in reports {
         last = send(ctx, r).await?;
@@ -105,14 +148,17 @@ async fn send_all(ctx: &Ctx, reports: Vec<PresenceReport>) -> Result<PresenceAck
 }
 
 /// Sends one snapshot and applies the acknowledgement.
-pub async fn report(ctx: &Arc<Ctx>) -> Result<(), String> {
+pub async fn report(ctx: &Arc<Ctx>) -> Result<(), ReportError> {
     let disconnected = ctx.tunnels.take_disconnected();
-    let reports = parts(
+    let mut reports = parts(
         ctx.cfg.presence_lease.as_secs(),
         ctx.cfg.peer_addr.clone(),
         ctx.tunnels.snapshot(),
         disconnected.clone(),
     );
+    for r in &mut reports {
+        r.version = edgeport_proto::VERSION.to_string();
+    }
     match send_all(ctx, reports).await {
         Ok(ack) => {
             apply(ctx, ack);
@@ -153,7 +199,7 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
         .filter(|l| l.expires == 0 || l.expires > now)
         .filter_map(|l| match &l.target {
             LockTarget::User(u) => Some(u.clone()),
-            LockTarget::Device(_) => None,
+            LockTarget::Device(_) | LockTarget::Gateway(_) => None,
         })
         .collect();
     users.sort();
@@ -164,7 +210,7 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
         .filter(|l| l.expires == 0 || l.expires > now)
         .filter_map(|l| match &l.target {
             LockTarget::Device(d) => Some(d.clone()),
-            LockTarget::User(_) => None,
+            LockTarget::User(_) | LockTarget::Gateway(_) => None,
         })
         .collect();
     // Locks take effect at once. A locked device cannot be trusted to end its own sessions:
@@ -188,6 +234,19 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
     if let Ok(mut locks) = ctx.locks.write() {
         *locks = ack.locks;
     }
+    let mut barred = ack.revoked_gateways;
+    barred.sort();
+    barred.dedup();
+    ctx.barred_gateways.send_if_modified(|cur| {
+        if *cur == barred {
+            return false;
+        }
+        for g in barred.iter().filter(|g| !cur.contains(g)) {
+            tracing::warn!(gateway = %g, "gateway revoked or locked by the authority: refusing its forwarded dials");
+        }
+        *cur = barred;
+        true
+    });
     let changed = match ctx.locked_users.write() {
         Ok(mut cur) if *cur != users => {
             *cur = users.clone();
@@ -222,7 +281,7 @@ pub async fn final_report(ctx: &Ctx, reason: &str) {
     );
     if let Err(e) = tokio::time::timeout(Duration::from_secs(3), send_all(ctx, reports))
         .await
-        .unwrap_or_else(|_| Err("timed out".into()))
+        .unwrap_or_else(|_| Err(ReportError::Failed("timed out".into())))
     {
         tracing::warn!("final presence report failed: {e}");
     }

@@ -20,6 +20,8 @@ pub enum ServerError {
     Listen { addr: String, err: std::io::Error },
     #[error("single sign-on: {0}")]
     Sso(String),
+    #[error("this gateway was revoked or locked by an administrator (tctl gateways rm / tctl lock --gateway); its tunnels were closed")]
+    Revoked,
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
@@ -87,13 +89,24 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         tokio::spawn(renew_loop(ctx.clone(), endpoint.clone())),
     ];
     shutdown.cancelled().await;
+    let revoked = ctx.revoked.is_cancelled();
+    let reason = if revoked {
+        "gateway revoked by the cluster's administrator"
+    } else {
+        "gateway shutting down"
+    };
     tracing::info!("shutting down: closing {} tunnels", ctx.tunnels.len());
-    presence::final_report(&ctx, "gateway shutting down").await;
-    ctx.tunnels.close_all("gateway shutting down");
-    endpoint.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+    if !revoked {
+        presence::final_report(&ctx, reason).await;
+    }
+    ctx.tunnels.close_all(reason);
+    endpoint.close(quinn::VarInt::from_u32(0), reason.as_bytes());
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     for t in tasks {
         t.abort();
+    }
+    if revoked {
+        return Err(ServerError::Revoked);
     }
     Ok(())
 }

@@ -123,14 +123,20 @@ pub const LIST_BUDGET: usize = MAX_FRAME_LEN - 8 * 1024;
 /// that each run fits in one frame. Every run holds at least one item; an item that cannot be
 /// encoded counts as too large and travels alone (sending it reports the error).
 pub fn chunk_by_size<T: Serialize>(items: Vec<T>) -> Vec<Vec<T>> {
+    chunk_within(items, LIST_BUDGET)
+}
+
+/// [`chunk_by_size`] with runs of at most `budget` encoded bytes (for a frame that carries
+/// something else besides the list).
+pub fn chunk_within<T: Serialize>(items: Vec<T>, budget: usize) -> Vec<Vec<T>> {
     let mut out: Vec<Vec<T>> = Vec::new();
     let mut cur = Vec::new();
     let mut size = 0usize;
     for item in items {
         let n = postcard::to_allocvec(&item)
             .map(|v| v.len())
-            .unwrap_or(LIST_BUDGET);
-        if !cur.is_empty() && size + n > LIST_BUDGET {
+            .unwrap_or(budget);
+        if !cur.is_empty() && size + n > budget {
             out.push(std::mem::take(&mut cur));
             size = 0;
         }

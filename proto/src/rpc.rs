@@ -120,6 +120,18 @@ pub enum Request {
     WatchPolicy {
         seen: u64,
     },
+    /// Gateway: part `part` (from 1) of the lists that a presence acknowledgement with `more`
+    /// began (locks, removed devices, revoked gateways), as acknowledgements themselves.
+    PresenceAckPart {
+        part: u32,
+    },
+    /// Admin: the gateways that joined, with what the authority knows of them.
+    GatewayList,
+    /// Admin: revoke a gateway at once: its requests, renewals and re-joins under the same
+    /// name are refused, other gateways refuse its forwarded dials.
+    GatewayRemove {
+        id: String,
+    },
 }
 
 /// Responses from the authority.
@@ -167,6 +179,7 @@ pub enum Response {
         epoch: u64,
         exclusive: bool,
     },
+    Gateways(Vec<GatewayInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +199,8 @@ pub enum ErrorKind {
     /// The password was right; this account must first enroll a one-time password app
     /// (send `totp_enroll` with a code from it).
     SecondFactorEnroll,
+    /// The calling gateway was revoked or is locked: it must stop serving.
+    GatewayRevoked,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -422,6 +437,8 @@ pub struct PresenceReport {
     /// Where other gateways reach this one (`HOST:PORT`, UDP) to forward dials for the
     /// devices it holds; `None`: it takes no forwarded dials.
     pub peer_addr: Option<String>,
+    /// The gateway's version (`tctl gateways ls`).
+    pub version: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -432,6 +449,29 @@ pub struct PresenceAck {
     /// Tunnels of this report that a newer tunnel of the same device at another gateway
     /// replaced (device id, the `connected_at` reported): close them.
     pub superseded: Vec<(String, u64)>,
+    /// Gateways revoked or locked: refuse their forwarded dials, drop links to them.
+    pub revoked_gateways: Vec<String>,
+    /// The lists above did not fit in one frame: ask for the next part
+    /// ([`Request::PresenceAckPart`]) until one comes without `more`.
+    pub more: bool,
+}
+
+/// A gateway, as `tctl gateways ls` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GatewayInfo {
+    pub id: String,
+    pub peer_addr: Option<String>,
+    pub dns_names: Vec<String>,
+    pub ip_addrs: Vec<String>,
+    pub version: String,
+    /// Devices whose tunnel it holds now, by the inventory.
+    pub tunnels: u32,
+    pub joined_at: u64,
+    pub renewed_at: u64,
+    /// Its last presence report to this authority (0: none since this authority started).
+    pub last_report: u64,
+    pub revoked: bool,
+    pub locked: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -513,6 +553,8 @@ pub struct DialGrant {
 pub enum LockTarget {
     User(String),
     Device(String),
+    /// A gateway: refused like a revoked one while the lock lasts.
+    Gateway(String),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

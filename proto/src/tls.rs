@@ -350,8 +350,8 @@ pub fn verify_client_cert(
     let anchor = webpki::anchor_from_trusted_cert(&ca)
         .map_err(|e| TlsError::BadCert(format!("the cluster's CA: {e:?}")))?;
     let leaf = CertificateDer::from(cert_der);
-    let ee = webpki::EndEntityCert::try_from(&leaf)
-        .map_err(|e| TlsError::BadCert(format!("{e:?}")))?;
+    let ee =
+        webpki::EndEntityCert::try_from(&leaf).map_err(|e| TlsError::BadCert(format!("{e:?}")))?;
     let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now));
     ee.verify_for_usage(
         provider().signature_verification_algorithms.all,
@@ -369,7 +369,7 @@ pub fn verify_client_cert(
         }
         webpki::Error::UnknownIssuer
         | webpki::Error::InvalidSignatureForPublicKey
-        | webpki::Error::UnsupportedSignatureAlgorithmForPublicKey => {
+        | webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
             TlsError::BadCert("the certificate is not signed by this cluster's CA".into())
         }
         other => TlsError::BadCert(format!("{other:?}")),
@@ -377,7 +377,10 @@ pub fn verify_client_cert(
     let principal = peer_principal(cert_der, cluster)?;
     let (_, cert) =
         X509Certificate::from_der(cert_der).map_err(|e| TlsError::BadCert(e.to_string()))?;
-    Ok((principal, cert.validity().not_before.timestamp().max(0) as u64))
+    Ok((
+        principal,
+        cert.validity().not_before.timestamp().max(0) as u64,
+    ))
 }
 
 /// The certificate's notAfter, Unix seconds.

@@ -102,6 +102,12 @@ pub fn join_gateway(
         }
         None => random_id("gw")?,
     };
+    // A revoked gateway's name stays revoked: a stolen token cannot bring it back.
+    if gateways::get(store, &id)?.is_some_and(|g| g.revoked) {
+        return Err(denied(format!(
+            "gateway {id} was revoked; join a new gateway under another name"
+        )));
+    }
     check_spki(&req.public_key_spki_der).map_err(|e| invalid(e.to_string()))?;
     let ips = check_gateway_names(&req.dns_names, &req.ip_addrs)?;
     let token = tokens::redeem(store, &req.token, TokenKind::Gateway, now)?;
@@ -124,6 +130,8 @@ pub fn join_gateway(
             ip_addrs: req.ip_addrs.clone(),
             revoked: false,
             peer_addr: None,
+            revoked_at: 0,
+            version: String::new(),
         },
     )?;
     tracing::info!(gateway = %id, token = %token.id, "gateway joined");

@@ -169,7 +169,7 @@ fn rpc_status(e: &RpcError) -> (StatusCode, &'static str) {
         }
         ErrorKind::NotFound => (StatusCode::FORBIDDEN, "Forbidden"),
         ErrorKind::Invalid => (StatusCode::BAD_REQUEST, "BadRequest"),
-        ErrorKind::AlreadyExists | ErrorKind::Internal => {
+        ErrorKind::AlreadyExists | ErrorKind::Internal | ErrorKind::GatewayRevoked => {
             (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
         }
     }

@@ -44,7 +44,10 @@ pub enum Command {
     /// The device inventory.
     #[command(subcommand)]
     Devices(DevicesCmd),
-    /// Locks a user or a device out at once (new sessions refused, live ones ended).
+    /// Gateways: list them, revoke one.
+    #[command(subcommand)]
+    Gateways(GatewaysCmd),
+    /// Locks a user, a device or a gateway out at once (new sessions refused, live ones ended).
     Lock(LockArgs),
     /// Removes a lock.
     Unlock(UnlockArgs),
@@ -280,6 +283,16 @@ pub enum DevicesCmd {
     Rm { id: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum GatewaysCmd {
+    /// Lists gateways: address, version, tunnels, last renewal and report, standing.
+    Ls(FormatArgs),
+    /// Revokes a gateway at once: the authority refuses its requests, renewals and a re-join
+    /// under its name; other gateways refuse its forwarded dials; it stops and its agents
+    /// reconnect elsewhere.
+    Rm { id: String },
+}
+
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct Target {
@@ -287,6 +300,8 @@ pub struct Target {
     pub user: Option<String>,
     #[arg(long)]
     pub device: Option<String>,
+    #[arg(long)]
+    pub gateway: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -98,6 +98,7 @@ fn explain_call(e: RpcClientError) -> anyhow::Error {
                 ErrorKind::Invalid => "invalid request",
                 ErrorKind::Expired => "expired",
                 ErrorKind::Locked => "locked",
+                ErrorKind::GatewayRevoked => "gateway revoked",
                 ErrorKind::Internal => "authority error",
                 ErrorKind::SecondFactorRequired | ErrorKind::SecondFactorEnroll => {
                     "second factor needed"

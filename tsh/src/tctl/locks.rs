@@ -11,13 +11,14 @@ use super::connect::Session;
 use super::output::{expiry_text, json_list, print_json, time_json, Table};
 
 fn target(t: Target) -> anyhow::Result<LockTarget> {
-    let target = match (t.user, t.device) {
-        (Some(u), None) => LockTarget::User(u),
-        (None, Some(d)) => LockTarget::Device(d),
-        _ => bail!("give exactly one of --user and --device"),
+    let target = match (t.user, t.device, t.gateway) {
+        (Some(u), None, None) => LockTarget::User(u),
+        (None, Some(d), None) => LockTarget::Device(d),
+        (None, None, Some(g)) => LockTarget::Gateway(g),
+        _ => bail!("give exactly one of --user, --device and --gateway"),
     };
     let name = match &target {
-        LockTarget::User(n) | LockTarget::Device(n) => n,
+        LockTarget::User(n) | LockTarget::Device(n) | LockTarget::Gateway(n) => n,
     };
     if !valid_name(name) {
         bail!("invalid name {name:?}");
@@ -29,6 +30,7 @@ fn describe(t: &LockTarget) -> String {
     match t {
         LockTarget::User(n) => format!("user {n}"),
         LockTarget::Device(n) => format!("device {n}"),
+        LockTarget::Gateway(n) => format!("gateway {n}"),
     }
 }
 
@@ -78,6 +80,7 @@ fn lock_json(l: &LockSpec) -> serde_json::Value {
     let (kind, name) = match &l.target {
         LockTarget::User(n) => ("user", n),
         LockTarget::Device(n) => ("device", n),
+        LockTarget::Gateway(n) => ("gateway", n),
     };
     json!({
         "kind": kind,

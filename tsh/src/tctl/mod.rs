@@ -10,6 +10,7 @@ mod auth;
 mod cli;
 mod connect;
 mod devices;
+mod gateways;
 mod locks;
 mod output;
 mod roles;
@@ -23,7 +24,8 @@ use clap::Parser;
 
 pub use cli::Cli;
 use cli::{
-    AuditCmd, AuthCmd, Command, DevicesCmd, LocksCmd, RolesCmd, SsoCmd, TokensCmd, UsersCmd,
+    AuditCmd, AuthCmd, Command, DevicesCmd, GatewaysCmd, LocksCmd, RolesCmd, SsoCmd, TokensCmd,
+    UsersCmd,
 };
 use connect::Session;
 
@@ -78,6 +80,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokens(TokensCmd::Rm { id }) => tokens::remove(&mut s, id).await,
         Command::Devices(DevicesCmd::Ls(a)) => devices::list(&mut s, a).await,
         Command::Devices(DevicesCmd::Rm { id }) => devices::remove(&mut s, id).await,
+        Command::Gateways(GatewaysCmd::Ls(a)) => gateways::list(&mut s, a).await,
+        Command::Gateways(GatewaysCmd::Rm { id }) => gateways::remove(&mut s, id).await,
         Command::Lock(a) => locks::lock(&mut s, a).await,
         Command::Unlock(a) => locks::unlock(&mut s, a).await,
         Command::Locks(LocksCmd::Ls(a)) => locks::list(&mut s, a).await,
