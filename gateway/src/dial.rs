@@ -408,9 +408,12 @@ async fn serve_forward(
     let (device_stream, user) = match opened {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(peer = %from, device = %device_id, "forwarded dial refused: {}", e.message);
+            // The user the forwarder named is not known to be anyone: logged as a claim.
+            let claimed = header.user.as_deref().unwrap_or("");
+            tracing::warn!(peer = %from, device = %device_id, claimed_user = %claimed,
+                "forwarded dial refused: {}", e.message);
             crate::audit::dial_event(crate::audit::Dial {
-                user: header.user.as_deref().unwrap_or(""),
+                user: "",
                 target: &device_id,
                 device: "",
                 session_id: "",
@@ -468,7 +471,7 @@ fn forward_ticket(
             &want,
             edgeport_proto::util::now_secs(),
         )
-        .map_err(|e| RpcError::new(ErrorKind::Denied, format!("forwarded dial refused: {e}")))?;
+        .map_err(|e| RpcError::new(ErrorKind::Denied, e.to_string()))?;
     ctx.check_unlocked(&LockTarget::User(claims.user.clone()))?;
     ctx.check_unlocked(&LockTarget::Device(device_id.to_string()))?;
     Ok(claims)

@@ -369,8 +369,10 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         &who,
         &grant,
         &header,
-        &inner,
-        query.as_deref(),
+        &match &query {
+            Some(q) => format!("{inner}?{q}"),
+            None => inner.clone(),
+        },
         req,
         &mut ev,
     )
@@ -385,18 +387,13 @@ async fn forward(
     who: &UserCert,
     grant: &edgeport_proto::rpc::DialGrant,
     header: &StreamHeader,
-    inner: &str,
-    query: Option<&str>,
+    path_and_query: &str,
     mut req: HttpRequest<Incoming>,
     ev: &mut KubeAuditEvent,
 ) -> HttpResponse<Body> {
     let upgrade = is_upgrade(&req) && req.version() == http::Version::HTTP_11;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let pq = match query {
-        Some(q) => format!("{inner}?{q}"),
-        None => inner.to_string(),
-    };
-    let Ok(uri) = pq.parse::<http::Uri>() else {
+    let Ok(uri) = path_and_query.parse::<http::Uri>() else {
         return status_body(StatusCode::BAD_REQUEST, "BadRequest", "bad request path");
     };
     let (parts, body) = req.into_parts();

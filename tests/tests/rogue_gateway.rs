@@ -1,0 +1,326 @@
+//! A compromised gateway (issue 20): the test holds a valid gateway identity of the cluster
+//! (gateway A's key and certificate, read from its data dir) and tries what an attacker who
+//! took that machine would try against the holding gateway B and the authority:
+//!
+//! - a forwarded dial with no ticket and a forged user;
+//! - a user certificate the attacker made, to get a ticket;
+//! - a real ticket replayed, or used for another device or service;
+//! - a forged user and Kubernetes groups in the header of a valid forward (the holder takes
+//!   them from the ticket instead);
+//! - anything at all after `tctl gateways rm A`: the authority refuses A, B refuses and closes
+//!   A's link, and A (honest here) stops.
+//!
+//! Every attempt is refused, and the refusal is logged with its reason. Forwarded dials are
+//! audited at both gateways, each event naming the other (`via`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgeport_e2e::dial::user_tls;
+use edgeport_e2e::fabric::Gateway;
+use edgeport_e2e::ssh::{Cluster, Tsh};
+use edgeport_e2e::wait_until;
+use edgeport_proto::keys::first_cert_der;
+use edgeport_proto::rpc::{ErrorKind, Request, Response};
+use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
+use edgeport_proto::ticket::DialTicket;
+use edgeport_proto::tls::{client_config, CertKey, GATEWAY_SERVER_NAME};
+use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
+use edgeport_proto::{alpn, read_frame, write_frame};
+
+const PW: &str = "correct horse battery";
+
+/// TLS client configs with gateway A's own identity: to other gateways and to the authority.
+struct Stolen {
+    to_gateway: Arc<rustls::ClientConfig>,
+    to_authority: Arc<rustls::ClientConfig>,
+}
+
+fn steal(dir: &Path) -> Stolen {
+    edgeport_proto::tls::install_crypto_provider();
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("gateway identity file");
+    let key = pem::parse(read("gateway.key"))
+        .expect("key PEM")
+        .into_contents();
+    let cas: serde_json::Value = serde_json::from_str(&read("cas.json")).unwrap();
+    let ca = first_cert_der(cas["x509_ca_pem"].as_str().unwrap()).unwrap();
+    let me = CertKey::from_pem(&read("gateway.crt"), None, key).expect("gateway certificate");
+    Stolen {
+        to_gateway: Arc::new(client_config(&ca, Some(&me), &[alpn::DIAL]).unwrap()),
+        to_authority: Arc::new(client_config(&ca, Some(&me), &[alpn::RPC]).unwrap()),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Sends `ClientRequest::Forward` to the gateway at `addr` over TCP+TLS; returns the reply.
+fn forward(
+    cfg: &Arc<rustls::ClientConfig>,
+    addr: &str,
+    device: &str,
+    header: StreamHeader,
+) -> ClientReply {
+    runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(GATEWAY_SERVER_NAME).unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let req = ClientRequest::Forward {
+            device_id: device.into(),
+            header,
+        };
+        write_frame(&mut s, &req).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            read_frame::<ClientReply, _>(&mut s),
+        )
+        .await
+        .expect("the holder answers")
+        .unwrap()
+    })
+}
+
+/// One request to the authority with the stolen identity.
+fn ask(
+    cfg: &Arc<rustls::ClientConfig>,
+    auth: &str,
+    req: Request,
+) -> Result<Response, RpcClientError> {
+    runtime().block_on(async {
+        let mut c = RpcClient::connect(auth, cfg.clone()).await?;
+        c.call(req).await
+    })
+}
+
+fn header(service: Service, user: &str, ticket: Option<DialTicket>) -> StreamHeader {
+    StreamHeader {
+        service,
+        user: Some(user.into()),
+        session_id: "feedfacefeedfacefeedfacefeedface".into(),
+        client_addr: "198.51.100.7:4242".into(),
+        kube_groups: vec!["system:masters".into()],
+        kube_users: vec!["cluster-admin".into()],
+        ticket,
+        via: None,
+    }
+}
+
+fn refused(reply: ClientReply) -> String {
+    match reply {
+        ClientReply::Refused(e) => e.message,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
+    // B (the cluster's first gateway) holds dev1 and dev2; A holds nothing.
+    let c = Cluster::start_with_gateway_args(
+        "rogue",
+        &[("dev1", "fleet=vans"), ("dev2", "fleet=vans")],
+        &["--presence-interval", "2s"],
+    );
+    let mut gw_a = Gateway::start_with(
+        &c.dir.join("gateway-a"),
+        &c.auth,
+        &["--presence-interval", "2s"],
+    );
+    let stolen = steal(&gw_a.data_dir);
+    let b = c.gw.addr.clone();
+
+    // No ticket: the header's user counts for nothing.
+    let why = refused(forward(
+        &stolen.to_gateway,
+        &b,
+        "dev1",
+        header(Service::Ssh, "root-impersonated", None),
+    ));
+    assert!(why.contains("no dial ticket from the authority"), "{why}");
+
+    // A user certificate the attacker made for itself buys no ticket.
+    let foreign_ca = {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let k = rcgen::KeyPair::generate().unwrap();
+        let _ = p.self_signed(&k).unwrap();
+        rcgen::Issuer::new(p, k)
+    };
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://rogue/user/alice".try_into().unwrap(),
+    )];
+    let forged = p
+        .signed_by(&rcgen::KeyPair::generate().unwrap(), &foreign_ca)
+        .unwrap();
+    let ask_dial = |der: Vec<u8>, device: &str, service: Service| {
+        ask(
+            &stolen.to_authority,
+            &c.tctl.addr,
+            Request::AuthorizeDial {
+                user_cert_der: der,
+                device: device.into(),
+                service,
+            },
+        )
+    };
+    match ask_dial(forged.der().to_vec(), "dev1", Service::Kube) {
+        Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::Denied, "{e}");
+            assert!(e.message.contains("not signed by this cluster's CA"), "{e}");
+        }
+        other => panic!("a forged user certificate was taken: {other:?}"),
+    }
+
+    // alice's real certificate (the kind a rogue gateway sees when she connects through it)
+    // gets a ticket for one device, one service, one use.
+    let _alice_tls = user_tls(&c.auth, c.dir.path(), "alice");
+    let alice_pem = std::fs::read_to_string(c.dir.path().join("alice.crt")).unwrap();
+    let alice = first_cert_der(&alice_pem).unwrap();
+    let ticket = match ask_dial(alice.clone(), "dev1", Service::Kube) {
+        Ok(Response::DialAllowed(g)) => g.ticket.expect("a ticket"),
+        other => panic!("{other:?}"),
+    };
+    let why = refused(forward(
+        &stolen.to_gateway,
+        &b,
+        "dev2",
+        header(Service::Kube, "alice", Some(ticket.clone())),
+    ));
+    assert!(
+        why.contains("the dial ticket is for device \"dev1\""),
+        "{why}"
+    );
+    let why = refused(forward(
+        &stolen.to_gateway,
+        &b,
+        "dev1",
+        header(Service::Ssh, "alice", Some(ticket.clone())),
+    ));
+    assert!(why.contains("the dial ticket is for service"), "{why}");
+    // The real use: the holder names the user and the Kubernetes identity from the ticket, not
+    // from the header the forwarder wrote.
+    match forward(
+        &stolen.to_gateway,
+        &b,
+        "dev1",
+        header(Service::Kube, "root-impersonated", Some(ticket.clone())),
+    ) {
+        ClientReply::DialOk { device_id, .. } => assert_eq!(device_id, "dev1"),
+        other => panic!("a valid ticket was refused: {other:?}"),
+    }
+    // ...once.
+    let why = refused(forward(
+        &stolen.to_gateway,
+        &b,
+        "dev1",
+        header(Service::Kube, "alice", Some(ticket)),
+    ));
+    assert!(why.contains("already used"), "{why}");
+    let b_log = c.gw.proc.log_text();
+    assert!(
+        b_log.contains("forwarded dial refused") && b_log.contains("no dial ticket"),
+        "B did not log its refusals with their reasons:\n{b_log}"
+    );
+    // The forger's name appears only as a refused claim, never as the user of a dial.
+    assert!(
+        b_log
+            .lines()
+            .filter(|l| l.contains("root-impersonated"))
+            .all(|l| l.contains("claimed_user=root-impersonated") && l.contains("refused")),
+        "B took the forwarder's user:\n{b_log}"
+    );
+    assert!(
+        b_log.contains("forwarded dial") && b_log.contains("user=alice"),
+        "B did not name alice from the ticket:\n{b_log}"
+    );
+
+    // An honest forwarded SSH dial is audited at both gateways, each naming the other.
+    c.add_user("bob", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), &gw_a.addr);
+    tsh.login("bob", PW, &gw_a.ca_pin, &[])
+        .expect_ok("tsh login at gateway A");
+    let hi = tsh
+        .run(&["ssh", "root@dev1", "echo", "hi"], None)
+        .expect_ok("tsh ssh through A to dev1 at B");
+    assert_eq!(hi.stdout(), "hi\n");
+    let gateways = c.tctl.ok(&["gateways", "ls", "--format", "json"]).json();
+    let ids: Vec<String> = gateways
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{gateways}");
+    let holder = gateways
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["tunnels"] == 2)
+        .unwrap_or_else(|| panic!("no gateway holds both devices: {gateways}"));
+    let b_id = holder["id"].as_str().unwrap().to_string();
+    let a_id = ids.iter().find(|i| **i != b_id).unwrap().clone();
+    let mut dials = Vec::new();
+    let audited = wait_until(Duration::from_secs(60), || {
+        let events = c
+            .tctl
+            .ok(&["audit", "search", "--since", "1h", "--format", "json"])
+            .json();
+        dials = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "gateway.dial" && e["user"] == "bob")
+            .cloned()
+            .collect();
+        dials.iter().any(|e| e["via"] == b_id.as_str())
+            && dials.iter().any(|e| e["via"] == a_id.as_str())
+    });
+    assert!(
+        audited,
+        "forwarded dial not audited at both gateways: {dials:#?}"
+    );
+
+    // Revoked: the authority refuses A from now on, B refuses A and closes its link, and A
+    // (honest here) closes its tunnels and stops.
+    c.tctl.ok(&["gateways", "rm", &a_id]);
+    match ask(&stolen.to_authority, &c.tctl.addr, Request::DeviceList) {
+        Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::GatewayRevoked, "{e}")
+        }
+        other => panic!("a revoked gateway was answered: {other:?}"),
+    }
+    let b_knows = wait_until(Duration::from_secs(20), || {
+        let why = refused(forward(
+            &stolen.to_gateway,
+            &b,
+            "dev1",
+            header(Service::Ssh, "alice", None),
+        ));
+        why.contains("revoked")
+    });
+    assert!(b_knows, "B still takes forwards from the revoked gateway");
+    let stopped = wait_until(Duration::from_secs(20), || !gw_a.proc.alive());
+    assert!(stopped, "the revoked gateway kept running");
+    assert!(
+        gw_a.proc.log_text().contains("refuses this gateway"),
+        "{}",
+        gw_a.proc.log_text()
+    );
+    let listed = c.tctl.ok(&["gateways", "ls"]).stdout();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(a_id.as_str()) && l.contains("revoked")),
+        "{listed}"
+    );
+}
