@@ -81,13 +81,17 @@ fn access(req: &Request) -> Access {
         | Request::AuditVerify { .. }
         | Request::SsoMapSet(_)
         | Request::SsoMapList
-        | Request::SsoMapRemove { .. } => Access::Admin,
+        | Request::SsoMapRemove { .. }
+        | Request::SsoConnectorAdd(_)
+        | Request::SsoConnectorList
+        | Request::SsoConnectorRemove { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
         | Request::Presence(_)
         | Request::Login(_)
-        | Request::SsoLogin(_)
+        | Request::SsoStart(_)
+        | Request::SsoFinish(_)
         | Request::AuditUpload { .. }
         | Request::AuditRecord(_)
         | Request::WatchPolicy { .. }
@@ -135,10 +139,14 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::AuditVerify { .. } => "verifying audit chains",
         Request::RecordingList { .. } => "listing recordings",
         Request::RecordingGet { .. } => "reading recordings",
-        Request::SsoLogin(_) => "relaying single sign-on logins",
         Request::SsoMapSet(_) | Request::SsoMapRemove { .. } => "changing single sign-on mappings",
         Request::SsoMapList => "listing single sign-on mappings",
         Request::WatchPolicy { .. } => "watching policy changes",
+        Request::SsoStart(_) | Request::SsoFinish(_) => "relaying single sign-on logins",
+        Request::SsoConnectorAdd(_) | Request::SsoConnectorRemove { .. } => {
+            "changing single sign-on connectors"
+        }
+        Request::SsoConnectorList => "listing single sign-on connectors",
     }
 }
 
@@ -208,6 +216,8 @@ pub struct Service {
     pub(crate) logins: crate::throttle::LoginThrottle,
     /// The policy epoch that gateways watch (see [`crate::policy`]).
     pub policy: crate::policy::Policy,
+    /// Single sign-on connectors built from the store's records.
+    pub(crate) sso: crate::sso::Connectors,
 }
 
 impl Service {
@@ -221,6 +231,7 @@ impl Service {
             audit: Mutex::new(()),
             logins: Default::default(),
             policy: crate::policy::Policy::new(exclusive),
+            sso: Default::default(),
         }
     }
 
@@ -378,7 +389,6 @@ impl Service {
                 user,
                 offset,
             } => crate::audit::recording(self, &session_id, user.as_deref(), offset),
-            Request::SsoLogin(r) => handlers::sso::login(self, caller_name, r, now),
             Request::SsoMapSet(m) => handlers::sso::map_set(store, m),
             Request::SsoMapList => handlers::sso::map_list(store),
             Request::SsoMapRemove { group } => handlers::sso::map_remove(store, &group),
@@ -387,6 +397,13 @@ impl Service {
                 epoch: self.policy.epoch(),
                 exclusive: self.policy.exclusive,
             }),
+            // These two ask the identity provider over HTTP: the handler waits for it on
+            // the blocking pool it runs on.
+            Request::SsoStart(r) => crate::sso::start(self, caller_name, r, now),
+            Request::SsoFinish(r) => crate::sso::finish(self, caller, caller_name, r, now),
+            Request::SsoConnectorAdd(spec) => crate::sso::connector_add(store, spec),
+            Request::SsoConnectorList => crate::sso::connector_list(store),
+            Request::SsoConnectorRemove { name } => crate::sso::connector_remove(store, &name),
         }
     }
 }
