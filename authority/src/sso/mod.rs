@@ -136,7 +136,8 @@ pub fn connector_remove(store: &dyn Store, name: &str) -> Result<Response, RpcEr
 
 /// A configured connector, ready to talk to its provider.
 pub enum Connector {
-    Oidc(Oidc),
+    /// Boxed: the cached discovery document is large.
+    Oidc(Box<Oidc>),
     GitHub(GitHub),
 }
 
@@ -153,7 +154,7 @@ impl Connector {
                 username_claim,
                 groups_claim,
                 scopes,
-            } => Connector::Oidc(Oidc::new(
+            } => Connector::Oidc(Box::new(Oidc::new(
                 oidc::OidcSettings {
                     name: spec.name.clone(),
                     issuer: issuer.clone(),
@@ -164,7 +165,7 @@ impl Connector {
                 },
                 spec.client_secret.clone(),
                 tls,
-            )?),
+            )?)),
             SsoConnectorKind::GitHub { url, api_url } => Connector::GitHub(GitHub::new(
                 spec.name.clone(),
                 spec.client_id.clone(),
