@@ -538,15 +538,6 @@ pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
             p.user = r.user.clone();
             p.fields.insert("client_addr".into(), r.client_addr.clone());
         }
-        Request::SsoLogin(r) => {
-            p.kind = "user.login";
-            p.user = r.user.clone();
-            p.fields.insert("client_addr".into(), r.client_addr.clone());
-            p.fields.insert("connector".into(), r.connector.clone());
-            p.fields
-                .insert("subject".into(), format!("{} {}", r.issuer, r.subject));
-            p.fields.insert("groups".into(), r.groups.join(","));
-        }
         Request::SsoMapSet(m) => {
             p.kind = "sso.mapped";
             p.fields.insert("group".into(), m.group.clone());
@@ -556,6 +547,15 @@ pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
         Request::SsoMapRemove { group } => {
             p.kind = "sso.unmapped";
             p.fields.insert("group".into(), group.clone());
+        }
+        Request::SsoConnectorAdd(c) => {
+            p.kind = "sso.connector_saved";
+            p.fields.insert("connector".into(), c.name.clone());
+            p.fields.insert("client_id".into(), c.client_id.clone());
+        }
+        Request::SsoConnectorRemove { name } => {
+            p.kind = "sso.connector_removed";
+            p.fields.insert("connector".into(), name.clone());
         }
         Request::SignUser(r) => {
             p.kind = "cert.issued";
@@ -599,6 +599,34 @@ pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
         _ => return None,
     }
     Some(p)
+}
+
+/// Records a single sign-on login (`SsoFinish`): who the provider said it was, once the
+/// authority verified that, and whether certificates were issued (or why not).
+pub fn sso_login(
+    svc: &Service,
+    caller: &Caller,
+    client_addr: &str,
+    who: Option<&crate::sso::Verified>,
+    result: &Result<Response, RpcError>,
+) {
+    let mut p = Pending {
+        kind: "user.login",
+        user: String::new(),
+        device: String::new(),
+        fields: BTreeMap::new(),
+    };
+    p.fields.insert("caller".into(), caller.to_string());
+    p.fields
+        .insert("client_addr".into(), client_addr.to_string());
+    if let Some(w) = who {
+        p.user = w.user.clone();
+        p.fields.insert("connector".into(), w.connector.clone());
+        p.fields
+            .insert("subject".into(), format!("{} {}", w.issuer, w.subject));
+        p.fields.insert("groups".into(), w.groups.join(","));
+    }
+    finish(svc, p, result);
 }
 
 /// Records what an administrative request did (or why it failed).

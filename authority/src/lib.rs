@@ -17,6 +17,7 @@ pub mod policy;
 pub mod roles;
 pub mod rpc_server;
 pub mod service;
+pub mod sso;
 pub mod store;
 pub mod throttle;
 pub mod tokens;

@@ -83,13 +83,17 @@ fn access(req: &Request) -> Access {
         | Request::SsoMapList
         | Request::SsoMapRemove { .. }
         | Request::GatewayList
-        | Request::GatewayRemove { .. } => Access::Admin,
+        | Request::GatewayRemove { .. }
+        | Request::SsoConnectorAdd(_)
+        | Request::SsoConnectorList
+        | Request::SsoConnectorRemove { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
         | Request::Presence(_)
         | Request::Login(_)
-        | Request::SsoLogin(_)
+        | Request::SsoStart(_)
+        | Request::SsoFinish(_)
         | Request::AuditUpload { .. }
         | Request::AuditRecord(_)
         | Request::WatchPolicy { .. }
@@ -138,13 +142,17 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::AuditVerify { .. } => "verifying audit chains",
         Request::RecordingList { .. } => "listing recordings",
         Request::RecordingGet { .. } => "reading recordings",
-        Request::SsoLogin(_) => "relaying single sign-on logins",
         Request::SsoMapSet(_) | Request::SsoMapRemove { .. } => "changing single sign-on mappings",
         Request::SsoMapList => "listing single sign-on mappings",
         Request::WatchPolicy { .. } => "watching policy changes",
         Request::PresenceAckPart { .. } => "presence reports",
         Request::GatewayList => "listing gateways",
         Request::GatewayRemove { .. } => "removing gateways",
+        Request::SsoStart(_) | Request::SsoFinish(_) => "relaying single sign-on logins",
+        Request::SsoConnectorAdd(_) | Request::SsoConnectorRemove { .. } => {
+            "changing single sign-on connectors"
+        }
+        Request::SsoConnectorList => "listing single sign-on connectors",
     }
 }
 
@@ -219,6 +227,8 @@ pub struct Service {
     pub standing: crate::gateways::Standing,
     /// When each gateway last reported presence here (Unix seconds).
     pub gateway_reports: Mutex<HashMap<String, u64>>,
+    /// Single sign-on connectors built from the store's records.
+    pub(crate) sso: crate::sso::Connectors,
 }
 
 impl Service {
@@ -234,6 +244,7 @@ impl Service {
             policy: crate::policy::Policy::new(exclusive),
             standing: Default::default(),
             gateway_reports: Default::default(),
+            sso: Default::default(),
         }
     }
 
@@ -423,7 +434,6 @@ impl Service {
                 user,
                 offset,
             } => crate::audit::recording(self, &session_id, user.as_deref(), offset),
-            Request::SsoLogin(r) => handlers::sso::login(self, caller_name, r, now),
             Request::SsoMapSet(m) => handlers::sso::map_set(store, m),
             Request::SsoMapList => handlers::sso::map_list(store),
             Request::SsoMapRemove { group } => handlers::sso::map_remove(store, &group),
@@ -439,6 +449,13 @@ impl Service {
                 epoch: self.policy.epoch(),
                 exclusive: self.policy.exclusive,
             }),
+            // These two ask the identity provider over HTTP: the handler waits for it on
+            // the blocking pool it runs on.
+            Request::SsoStart(r) => crate::sso::start(self, caller_name, r, now),
+            Request::SsoFinish(r) => crate::sso::finish(self, caller, caller_name, r, now),
+            Request::SsoConnectorAdd(spec) => crate::sso::connector_add(store, spec),
+            Request::SsoConnectorList => crate::sso::connector_list(store),
+            Request::SsoConnectorRemove { name } => crate::sso::connector_remove(store, &name),
         }
     }
 }

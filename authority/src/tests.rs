@@ -993,3 +993,79 @@ fn revoked_and_locked_gateways_are_refused() {
         ["gw-1"]
     );
 }
+
+/// Single sign-on through the service: a gateway can relay a finish but not name a user,
+/// administrators configure connectors, and neither can do the other's part.
+#[test]
+fn single_sign_on_needs_the_authoritys_own_verification() {
+    use edgeport_proto::rpc::{SsoConnectorKind, SsoConnectorSpec, SsoFinishRequest};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
+    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+        .unwrap();
+    let svc = Service::new(store, Arc::new(ca), Limits::default());
+    let admin = Caller::Admin("admin".into());
+    let gw = Caller::Gateway("gw-1".into());
+    let spec = SsoConnectorSpec {
+        name: "github".into(),
+        client_id: "id".into(),
+        client_secret: "very-secret".into(),
+        ca_pem: None,
+        kind: SsoConnectorKind::GitHub {
+            url: "https://github.example".into(),
+            api_url: "https://github.example/api/v3".into(),
+        },
+    };
+    let refused = |r: Response| match r {
+        Response::Error(e) => e,
+        other => panic!("not refused: {other:?}"),
+    };
+    let e = refused(svc.handle(&gw, Request::SsoConnectorAdd(spec.clone())));
+    assert!(e.message.contains("administrator"), "{e}");
+    assert!(matches!(
+        svc.handle(&admin, Request::SsoConnectorAdd(spec)),
+        Response::Ok
+    ));
+    let finish = SsoFinishRequest {
+        state: "made-up".into(),
+        code: "made-up".into(),
+        proof: "x".into(),
+        ssh_public_key: KeyPair::generate().unwrap().public_openssh(),
+        ttl_secs: 60,
+        client_addr: "192.0.2.1:1".into(),
+    };
+    let e = refused(svc.handle(&admin, Request::SsoFinish(finish.clone())));
+    assert!(e.message.contains("requires a gateway identity"), "{e}");
+    let e = refused(svc.handle(&gw, Request::SsoFinish(finish)));
+    assert_eq!(e.kind, ErrorKind::Denied);
+    assert!(e.message.contains("unknown or expired"), "{e}");
+    match svc.handle(&admin, Request::SsoConnectorList) {
+        Response::SsoConnectors(l) => {
+            assert_eq!(l.len(), 1);
+            assert!(!format!("{l:?}").contains("very-secret"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The refused finish is in the audit log, with the gateway that sent it.
+    match svc.handle(
+        &admin,
+        Request::AuditSearch(edgeport_proto::audit::AuditQuery {
+            kind: Some("user.login".into()),
+            ..Default::default()
+        }),
+    ) {
+        Response::AuditPage(p) => {
+            let e = p
+                .events
+                .iter()
+                .map(|s| &s.event)
+                .find(|e| e.fields.get("success").map(String::as_str) == Some("false"))
+                .expect("a refused login event");
+            assert_eq!(
+                e.fields.get("caller").map(String::as_str),
+                Some("gateway gw-1")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -38,10 +38,6 @@ pub struct GatewayConfig {
     pub public_key: Option<PathBuf>,
     /// Test hook: copy spliced bytes here (see [`crate::splice_dump`]).
     pub splice_dump: Option<PathBuf>,
-    /// Single sign-on through an OpenID Connect provider (`tsh login --auth oidc`).
-    pub oidc: Option<crate::sso::OidcConfig>,
-    /// Single sign-on with GitHub (`tsh login --auth github`).
-    pub github: Option<crate::sso::GitHubConfig>,
 }
 
 impl GatewayConfig {
@@ -64,8 +60,6 @@ impl GatewayConfig {
             public_cert: None,
             public_key: None,
             splice_dump: None,
-            oidc: None,
-            github: None,
         }
     }
 }

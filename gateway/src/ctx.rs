@@ -39,8 +39,6 @@ pub struct Ctx {
     pub kube: crate::kube::KubeState,
     /// Recent answers of the authority to `AuthorizeDial`.
     pub grants: crate::grants::Grants,
-    /// The single sign-on connectors (none, one or both).
-    pub sso: crate::sso::Sso,
     /// Links to other gateways, for dials to the devices they hold.
     pub peers: crate::peers::Peers,
     /// Dial tickets of forwarded dials taken here (each is taken once).
@@ -78,7 +76,6 @@ impl Ctx {
             public_cert: RwLock::new(None),
             kube: Default::default(),
             grants: Default::default(),
-            sso: Default::default(),
             peers: Default::default(),
             tickets: Default::default(),
             barred_gateways: tokio::sync::watch::Sender::new(Vec::new()),

@@ -181,6 +181,8 @@ pub async fn serve_stream(
                 Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
             }
         }
+        // Single sign-on is the authority's: it holds the connectors' secrets, redeems the
+        // code and verifies who it is. The gateway only relays, with the client's address.
         (
             ClientRequest::SsoStart {
                 connector,
@@ -188,32 +190,38 @@ pub async fn serve_stream(
                 proof_hash,
             },
             _,
-        ) => match ctx
-            .sso
-            .start(
-                &connector,
-                &redirect_uri,
-                crate::sso::Starter {
-                    addr: addr.ip(),
-                    proof_hash,
-                },
-            )
-            .await
-        {
-            Ok(auth_url) => ClientReply::SsoRedirect { auth_url },
-            Err(e) => ClientReply::Refused(e),
-        },
-        (ClientRequest::SsoFinish(finish), _) => {
-            match ctx.sso.finish(finish, &addr.to_string()).await {
-                Err(e) => ClientReply::Refused(e),
-                Ok(login) => match ctx.auth.call(Request::SsoLogin(login)).await {
-                    Ok(Response::UserCerts(c)) => ClientReply::LoggedIn(c),
-                    Ok(other) => refused(
-                        ErrorKind::Internal,
-                        edgeport_proto::rpc_client::unexpected(other).to_string(),
-                    ),
-                    Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
-                },
+        ) => {
+            let start = edgeport_proto::rpc::SsoStartRequest {
+                connector,
+                redirect_uri,
+                proof_hash,
+                client_addr: addr.to_string(),
+            };
+            match ctx.auth.call(Request::SsoStart(start)).await {
+                Ok(Response::SsoRedirect { auth_url }) => ClientReply::SsoRedirect { auth_url },
+                Ok(other) => refused(
+                    ErrorKind::Internal,
+                    edgeport_proto::rpc_client::unexpected(other).to_string(),
+                ),
+                Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
+            }
+        }
+        (ClientRequest::SsoFinish(f), _) => {
+            let finish = edgeport_proto::rpc::SsoFinishRequest {
+                state: f.state,
+                code: f.code,
+                proof: f.proof,
+                ssh_public_key: f.ssh_public_key,
+                ttl_secs: f.ttl_secs,
+                client_addr: addr.to_string(),
+            };
+            match ctx.auth.call(Request::SsoFinish(finish)).await {
+                Ok(Response::UserCerts(c)) => ClientReply::LoggedIn(c),
+                Ok(other) => refused(
+                    ErrorKind::Internal,
+                    edgeport_proto::rpc_client::unexpected(other).to_string(),
+                ),
+                Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
             }
         }
         (ClientRequest::ListDevices, Some(user)) => match user_devices(&ctx, &user).await {

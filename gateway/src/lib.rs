@@ -6,8 +6,7 @@
 //! [`tcp`] and [`quic`] (the two listeners, told apart by ALPN), [`tunnel`] (one device's
 //! tunnel: Hello, control stream), [`tunnels`] (the device id -> tunnel registry and the
 //! stream API), [`presence`] (lease reports), [`join`] and [`dial`] (the other ALPNs),
-//! [`grants`] (the authority's dial decisions, reused briefly), [`sso`] (OpenID Connect
-//! single sign-on for tsh),
+//! [`grants`] (the authority's dial decisions, reused briefly),
 //! [`kube`] (the Kubernetes front door on `h2`/`http/1.1`),
 //! [`server`] (wiring and shutdown).
 
@@ -28,7 +27,6 @@ pub mod quic;
 pub mod server;
 pub mod sessions;
 pub mod splice_dump;
-pub mod sso;
 pub mod tcp;
 pub mod tunnel;
 pub mod tunnels;

@@ -74,47 +74,106 @@ struct StartArgs {
     /// every relayed chunk (see docs/benchmarks.md).
     #[arg(long, env = "EDGEPORT_THREADS", default_value_t = 0)]
     threads: usize,
-    /// Single sign-on: the OpenID Connect provider's issuer URL (`tsh login --auth oidc`).
-    /// Register the client with the redirect URI http://127.0.0.1/v1/webapi/oidc/callback
-    /// (any port: tsh listens on a loopback port of its own).
-    #[arg(long, requires_all = ["oidc_client_id", "oidc_client_secret_file"])]
+    /// Single sign-on moved to the authority (`tctl sso connectors add`): the gateway holds
+    /// no client secret. These old flags are still accepted so that a gateway started with
+    /// them fails at once and says where they went, instead of starting without them.
+    #[command(flatten)]
+    moved: MovedSsoFlags,
+}
+
+/// The gateway's former single sign-on flags (hidden; see [`MovedSsoFlags::check`]).
+#[derive(Debug, clap::Args)]
+struct MovedSsoFlags {
+    #[arg(long, hide = true)]
     oidc_issuer: Option<String>,
-    /// The client id registered at the provider.
-    #[arg(long, requires = "oidc_issuer")]
+    #[arg(long, hide = true)]
     oidc_client_id: Option<String>,
-    /// A file holding the client secret (kept out of the command line and the logs).
-    #[arg(long, requires = "oidc_issuer")]
+    #[arg(long, hide = true)]
     oidc_client_secret_file: Option<PathBuf>,
-    /// The ID token claim that names the Edgeport user: preferred_username, email or sub.
-    #[arg(long, default_value = "preferred_username")]
-    oidc_username_claim: String,
-    /// The ID token claim that lists the user's groups (mapped with `tctl sso map`).
-    #[arg(long, default_value = "groups")]
-    oidc_groups_claim: String,
-    /// Scopes to ask for besides openid, comma separated (some providers put groups in the
-    /// token only when a scope asks for them; others refuse scopes they do not know).
-    #[arg(long, value_delimiter = ',', default_value = "email,profile,groups")]
-    oidc_scopes: Vec<String>,
-    /// Root certificates (PEM) for an https issuer (default: the system's).
-    #[arg(long)]
+    #[arg(long, hide = true)]
+    oidc_username_claim: Option<String>,
+    #[arg(long, hide = true)]
+    oidc_groups_claim: Option<String>,
+    #[arg(long, hide = true)]
+    oidc_scopes: Option<String>,
+    #[arg(long, hide = true)]
     oidc_ca: Option<PathBuf>,
-    /// Single sign-on with GitHub: the OAuth app's client id (`tsh login --auth github`).
-    /// Register the callback URL http://127.0.0.1/v1/webapi/github/callback (GitHub accepts
-    /// any port of a loopback callback). Teams become groups named ORG/TEAM.
-    #[arg(long, requires = "github_client_secret_file")]
+    #[arg(long, hide = true)]
     github_client_id: Option<String>,
-    /// A file holding the OAuth app's client secret.
-    #[arg(long, requires = "github_client_id")]
+    #[arg(long, hide = true)]
     github_client_secret_file: Option<PathBuf>,
-    /// GitHub's address (a GitHub Enterprise Server's for one).
-    #[arg(long, default_value = "https://github.com")]
-    github_url: String,
-    /// GitHub's API address (`https://HOST/api/v3` for GitHub Enterprise Server).
-    #[arg(long, default_value = "https://api.github.com")]
-    github_api_url: String,
-    /// Root certificates (PEM) for GitHub Enterprise Server (default: the system's).
-    #[arg(long)]
+    #[arg(long, hide = true)]
+    github_url: Option<String>,
+    #[arg(long, hide = true)]
+    github_api_url: Option<String>,
+    #[arg(long, hide = true)]
     github_ca: Option<PathBuf>,
+}
+
+impl MovedSsoFlags {
+    /// One line naming the first old flag given and the command that replaces it.
+    fn check(&self) -> Result<(), String> {
+        let oidc = [
+            ("--oidc-issuer", self.oidc_issuer.is_some(), "--issuer URL"),
+            (
+                "--oidc-client-id",
+                self.oidc_client_id.is_some(),
+                "--client-id ID",
+            ),
+            (
+                "--oidc-client-secret-file",
+                self.oidc_client_secret_file.is_some(),
+                "--client-secret-file FILE",
+            ),
+            (
+                "--oidc-username-claim",
+                self.oidc_username_claim.is_some(),
+                "--username-claim CLAIM",
+            ),
+            (
+                "--oidc-groups-claim",
+                self.oidc_groups_claim.is_some(),
+                "--groups-claim CLAIM",
+            ),
+            ("--oidc-scopes", self.oidc_scopes.is_some(), "--scopes LIST"),
+            ("--oidc-ca", self.oidc_ca.is_some(), "--ca-file PEM"),
+        ];
+        let github = [
+            (
+                "--github-client-id",
+                self.github_client_id.is_some(),
+                "--client-id ID",
+            ),
+            (
+                "--github-client-secret-file",
+                self.github_client_secret_file.is_some(),
+                "--client-secret-file FILE",
+            ),
+            (
+                "--github-url",
+                self.github_url.is_some(),
+                "--github-url URL",
+            ),
+            (
+                "--github-api-url",
+                self.github_api_url.is_some(),
+                "--api-url URL",
+            ),
+            ("--github-ca", self.github_ca.is_some(), "--ca-file PEM"),
+        ];
+        let found = oidc
+            .iter()
+            .map(|f| ("oidc", f))
+            .chain(github.iter().map(|f| ("github", f)))
+            .find(|(_, (_, given, _))| *given);
+        match found {
+            None => Ok(()),
+            Some((kind, (flag, _, new))) => Err(format!(
+                "{flag} moved to the authority: run tctl sso connectors add {kind} {new} ... \
+                 (the gateway no longer holds single sign-on secrets; see docs/deploy.md)"
+            )),
+        }
+    }
 }
 
 fn parse_peer_addr(s: &str) -> Result<String, String> {
@@ -129,6 +188,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     edgeport_proto::daemon::init_logging();
     let Command::Start(args) = cli.command;
+    if let Err(e) = args.moved.check() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let mut cfg = GatewayConfig::new(args.data_dir, args.auth, args.listen);
     cfg.token = args.token;
     cfg.ca_pin = args.ca_pin;
@@ -140,31 +203,6 @@ fn main() -> ExitCode {
     cfg.public_cert = args.cert;
     cfg.public_key = args.key;
     cfg.splice_dump = edgeport_gateway::splice_dump::from_env();
-    if let (Some(issuer), Some(client_id), Some(secret)) = (
-        args.oidc_issuer,
-        args.oidc_client_id,
-        args.oidc_client_secret_file,
-    ) {
-        cfg.oidc = Some(edgeport_gateway::sso::OidcConfig {
-            issuer,
-            client_id,
-            client_secret_file: secret,
-            username_claim: args.oidc_username_claim,
-            groups_claim: args.oidc_groups_claim,
-            scopes: args.oidc_scopes,
-            ca_file: args.oidc_ca,
-        });
-    }
-    if let (Some(client_id), Some(secret)) = (args.github_client_id, args.github_client_secret_file)
-    {
-        cfg.github = Some(edgeport_gateway::sso::GitHubConfig {
-            client_id,
-            client_secret_file: secret,
-            url: args.github_url,
-            api_url: args.github_api_url,
-            ca_file: args.github_ca,
-        });
-    }
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
     cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));

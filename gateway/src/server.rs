@@ -18,25 +18,12 @@ pub enum ServerError {
     Identity(#[from] IdentityError),
     #[error("cannot listen on {addr}: {err}")]
     Listen { addr: String, err: std::io::Error },
-    #[error("single sign-on: {0}")]
-    Sso(String),
     #[error("this gateway was revoked or locked by an administrator (tctl gateways rm / tctl lock --gateway); its tunnels were closed")]
     Revoked,
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
 pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
-    // Settings errors first, before joining spends a token.
-    let sso = crate::sso::Sso {
-        oidc: match &cfg.oidc {
-            Some(o) => Some(crate::sso::Oidc::new(o.clone()).map_err(ServerError::Sso)?),
-            None => None,
-        },
-        github: match &cfg.github {
-            Some(g) => Some(crate::sso::GitHub::new(g.clone()).map_err(ServerError::Sso)?),
-            None => None,
-        },
-    };
     let ident = identity::load_or_join(&cfg).await?;
     let auth = AuthorityClient::new(cfg.auth_addr.clone(), ident.rpc_client_config()?);
     let public = public_cert::load(&cfg)?;
@@ -71,9 +58,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         gateway = %ident.gateway_id, cluster = %ident.cluster(),
         "gateway listening on {local} (TCP and UDP)"
     );
-    let mut ctx = Ctx::new(cfg, ident, auth, tcp_tls, shutdown.clone());
-    ctx.sso = sso;
-    let ctx = Arc::new(ctx);
+    let ctx = Arc::new(Ctx::new(cfg, ident, auth, tcp_tls, shutdown.clone()));
     ctx.set_public_cert(public);
     ctx.peers.set_endpoint(endpoint.clone());
     match &ctx.cfg.peer_addr {

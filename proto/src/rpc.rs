@@ -105,9 +105,6 @@ pub enum Request {
         user: String,
         after: String,
     },
-    /// Gateway: a user the gateway's single sign-on connector vouches for (the identity
-    /// provider's verified ID token named them and their groups).
-    SsoLogin(SsoLoginRequest),
     /// Admin: which roles, logins and Kubernetes groups an identity provider group grants.
     SsoMapSet(SsoMapping),
     SsoMapList,
@@ -131,6 +128,19 @@ pub enum Request {
     /// name are refused, other gateways refuse its forwarded dials.
     GatewayRemove {
         id: String,
+    },
+    /// Gateway: relays tsh's `SsoStart`. The authority makes the state, nonce and PKCE
+    /// verifier, keeps the login in progress and answers `SsoRedirect`.
+    SsoStart(SsoStartRequest),
+    /// Gateway: relays tsh's `SsoFinish`. The authority redeems the code itself, verifies
+    /// who the provider says this is and answers `UserCerts`: a gateway never names the user.
+    SsoFinish(SsoFinishRequest),
+    /// Admin: single sign-on connectors (`tctl sso connectors`); `SsoConnectorAdd` replaces
+    /// a connector of the same name.
+    SsoConnectorAdd(SsoConnectorSpec),
+    SsoConnectorList,
+    SsoConnectorRemove {
+        name: String,
     },
 }
 
@@ -180,6 +190,12 @@ pub enum Response {
         exclusive: bool,
     },
     Gateways(Vec<GatewayInfo>),
+    /// Where tsh sends the browser to log in (the provider's authorization URL).
+    SsoRedirect {
+        auth_url: String,
+    },
+    /// The connectors, without their secrets.
+    SsoConnectors(Vec<SsoConnectorInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,21 +507,70 @@ pub struct DeviceInfo {
     pub kube_cluster: Option<String>,
 }
 
-/// A single sign-on login, as the gateway's connector verified it.
+/// Gateway -> authority: tsh asks where to log in.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SsoLoginRequest {
-    /// The connector's name (`oidc`), recorded with the user and in the audit log.
+pub struct SsoStartRequest {
+    /// The connector's name (`oidc`, `github`).
     pub connector: String,
-    /// The identity provider's issuer and subject (`sub`): who this is, for the audit log.
-    pub issuer: String,
-    pub subject: String,
-    /// The Edgeport user name taken from the token (see the gateway's `--oidc-username-claim`).
-    pub user: String,
-    /// The token's groups claim.
-    pub groups: Vec<String>,
+    /// tsh's loopback listener, where the provider sends the browser back.
+    pub redirect_uri: String,
+    /// Hex SHA-256 of a secret only the starting tsh holds (`SsoFinishRequest::proof`).
+    pub proof_hash: String,
+    /// The client's address as the gateway sees it (pending logins are bounded per client).
+    pub client_addr: String,
+}
+
+/// Gateway -> authority: the provider's answer that reached tsh's listener.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SsoFinishRequest {
+    pub state: String,
+    pub code: String,
+    /// The secret whose hash the start carried.
+    pub proof: String,
     pub ssh_public_key: String,
     pub ttl_secs: u64,
     pub client_addr: String,
+}
+
+/// A single sign-on connector as an administrator configures it at the authority.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SsoConnectorSpec {
+    /// `oidc` or `github` (what `tsh login --auth NAME` asks for).
+    pub name: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// Root certificates (PEM) for the provider's `https` addresses; the system's if absent.
+    pub ca_pem: Option<String>,
+    pub kind: SsoConnectorKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SsoConnectorKind {
+    Oidc {
+        issuer: String,
+        /// Which ID token claim names the Edgeport user: `preferred_username`, `email`, `sub`.
+        username_claim: String,
+        /// Which claim lists the user's groups.
+        groups_claim: String,
+        /// Scopes asked for besides `openid`.
+        scopes: Vec<String>,
+    },
+    GitHub {
+        /// `https://github.com`, or a GitHub Enterprise Server's address.
+        url: String,
+        /// `https://api.github.com`, or `https://HOST/api/v3`.
+        api_url: String,
+    },
+}
+
+/// A connector as `tctl sso connectors ls` shows it: never its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SsoConnectorInfo {
+    pub name: String,
+    pub client_id: String,
+    /// Whether the connector trusts its own roots (PEM) instead of the system's.
+    pub custom_ca: bool,
+    pub kind: SsoConnectorKind,
 }
 
 /// What members of an identity provider group get (the union over all their groups).
@@ -570,3 +635,5 @@ crate::debug_redacted!(JoinDeviceRequest { requested_id, labels, ssh_public_key,
 crate::debug_redacted!(JoinGatewayRequest { gateway_id, dns_names, ip_addrs } secret { token, public_key_spki_der });
 crate::debug_redacted!(UserSpec { name, logins, roles, kube_groups, kube_users, require_totp } secret { password });
 crate::debug_redacted!(TokenInfo { id, kind, labels, expires, reusable, uses, ca_pin } secret { token });
+crate::debug_redacted!(SsoFinishRequest { state, ssh_public_key, ttl_secs, client_addr } secret { code, proof });
+crate::debug_redacted!(SsoConnectorSpec { name, client_id, kind } secret { client_secret, ca_pem });

@@ -67,13 +67,29 @@ pub fn external_client_config(
     ca_file: Option<&std::path::Path>,
     system: impl FnOnce() -> Vec<CertificateDer<'static>>,
 ) -> Result<ClientConfig, TlsError> {
-    let mut store = RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let bad =
-                |e: &dyn std::fmt::Display| TlsError::BadCert(format!("{}: {e}", path.display()));
-            let text = std::fs::read(path).map_err(|e| bad(&e))?;
-            for c in pem::parse_many(&text).map_err(|e| bad(&e))? {
+            let text = std::fs::read(path)
+                .map_err(|e| TlsError::BadCert(format!("{}: {e}", path.display())))?;
+            external_client_config_pem(Some(&text), system).map_err(|e| match e {
+                TlsError::BadCert(e) => TlsError::BadCert(format!("{}: {e}", path.display())),
+                other => other,
+            })
+        }
+        None => external_client_config_pem(None, system),
+    }
+}
+
+/// As [`external_client_config`], with the roots given as PEM text instead of a file.
+pub fn external_client_config_pem(
+    ca_pem: Option<&[u8]>,
+    system: impl FnOnce() -> Vec<CertificateDer<'static>>,
+) -> Result<ClientConfig, TlsError> {
+    let mut store = RootCertStore::empty();
+    match ca_pem {
+        Some(text) => {
+            let bad = |e: &dyn std::fmt::Display| TlsError::BadCert(e.to_string());
+            for c in pem::parse_many(text).map_err(|e| bad(&e))? {
                 if c.tag() == "CERTIFICATE" {
                     store
                         .add(CertificateDer::from(c.contents().to_vec()))

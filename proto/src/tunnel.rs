@@ -120,7 +120,8 @@ pub enum ClientRequest {
     /// Needs the user's certificate: one recording, sent as `RecordingData` frames.
     Recording { session_id: String },
     /// No certificate needed: where to send the browser for single sign-on with
-    /// `connector` (`oidc` or `github`). The provider will redirect it to `redirect_uri`
+    /// `connector` (`oidc` or `github`, configured at the authority; the gateway relays
+    /// this as `Request::SsoStart`). The provider will redirect it to `redirect_uri`
     /// (tsh's loopback listener).
     SsoStart {
         connector: String,
@@ -129,9 +130,10 @@ pub enum ClientRequest {
         /// so a login can be finished only by the tsh that started it.
         proof_hash: String,
     },
-    /// No certificate needed: the provider's answer that reached tsh's listener; the gateway
-    /// redeems the code (with the client secret and the PKCE verifier that only it holds),
-    /// verifies the ID token and answers `LoggedIn`.
+    /// No certificate needed: the provider's answer that reached tsh's listener. The
+    /// gateway relays it to the authority (`Request::SsoFinish`), which redeems the code
+    /// (with the client secret and the PKCE verifier that only it holds), verifies the ID
+    /// token and signs; the gateway answers `LoggedIn`.
     SsoFinish(SsoFinish),
     /// Gateway -> gateway (needs a gateway certificate of this cluster): the sending gateway
     /// has authorised a dial for `device_id`, which holds its tunnel to the receiving

@@ -381,3 +381,101 @@ fn tls_to_postgres_is_verified() {
     );
     auth.tctl_ok(&["users", "ls"]);
 }
+
+/// Single sign-on with two authorities sharing the database: the connector saved through
+/// one is used by the other, and a login started at one (its state, nonce and PKCE
+/// verifier kept in the store) is finished at the other, with a real provider and browser.
+#[test]
+fn single_sign_on_starts_at_one_authority_and_finishes_at_the_other() {
+    use edgeport_e2e::peers::peers_dir;
+    use edgeport_proto::keys::{sha256_hex, KeyPair};
+    use edgeport_proto::rpc::{Request, Response, SsoFinishRequest, SsoStartRequest};
+    use edgeport_proto::rpc_client::RpcClient;
+
+    let pg = postgres();
+    let idp = Peer::start("oidc.sh", &[], &[("OIDC_USERS", "alice:devs")]);
+    let url = database(&pg, "ssoshared");
+    let tmp = TempDir::new();
+    let a = start(&tmp.join("a"), &url);
+    copy_dir(&tmp.join("a/ca"), &tmp.join("b/ca"));
+    let b = start(&tmp.join("b"), &url);
+    let secret = tmp.join("oidc-secret");
+    std::fs::write(&secret, idp.get("CLIENT_SECRET")).unwrap();
+    a.tctl_ok(&[
+        "sso",
+        "connectors",
+        "add",
+        "oidc",
+        "--issuer",
+        idp.get("ISSUER"),
+        "--client-id",
+        idp.get("CLIENT_ID"),
+        "--client-secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    b.tctl_ok(&["sso", "map", "devs", "--logins", "root"]);
+    let listed = b.tctl_ok(&["sso", "connectors", "ls", "--format", "json"]);
+    assert!(listed.stdout().contains("\"oidc\""), "{}", listed.stdout());
+    assert!(!listed.stdout().contains(idp.get("CLIENT_SECRET")));
+
+    // Relaying as a gateway does (its identity), start at A and finish at B.
+    let gw = Gateway::start(&tmp.join("gw"), &a);
+    let ident = edgeport_gateway::identity::load(&gw.data_dir).expect("gateway identity");
+    let tls = Arc::new(ident.rpc_client_config().unwrap());
+    let redirect = format!("http://127.0.0.1:{}/v1/webapi/oidc/callback", free_port());
+    let proof = "tsh's secret";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    edgeport_proto::tls::install_crypto_provider();
+    let auth_url = rt.block_on(async {
+        let mut rpc = RpcClient::connect(&a.addr, tls.clone()).await.unwrap();
+        let start = Request::SsoStart(SsoStartRequest {
+            connector: "oidc".into(),
+            redirect_uri: redirect.clone(),
+            proof_hash: sha256_hex(proof.as_bytes()),
+            client_addr: "127.0.0.1:5000".into(),
+        });
+        match rpc.call(start).await {
+            Ok(Response::SsoRedirect { auth_url }) => auth_url,
+            other => panic!("SsoStart at A: {other:?}"),
+        }
+    });
+    // The browser logs in at the provider; stop where it would reach tsh's listener.
+    let mut browser = Command::new("bash");
+    browser
+        .arg(peers_dir().join("oidc.sh"))
+        .args(["login", &auth_url, "alice", &redirect]);
+    let seen = run(browser, None, Duration::from_secs(120));
+    let back = seen
+        .stdout()
+        .lines()
+        .find_map(|l| l.strip_prefix("FINAL_URL=").map(str::to_string))
+        .unwrap_or_else(|| panic!("no final URL: {}{}", seen.stdout(), seen.stderr()));
+    let param = |name: &str| {
+        back.split(['?', '&'])
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {back}"))
+            .to_string()
+    };
+    let (code, state) = (param("code"), param("state"));
+    let certs = rt.block_on(async {
+        let mut rpc = RpcClient::connect(&b.addr, tls).await.unwrap();
+        let finish = Request::SsoFinish(SsoFinishRequest {
+            state,
+            code,
+            proof: proof.into(),
+            ssh_public_key: KeyPair::generate().unwrap().public_openssh(),
+            ttl_secs: 600,
+            client_addr: "127.0.0.1:5000".into(),
+        });
+        rpc.call(finish).await
+    });
+    match certs {
+        Ok(Response::UserCerts(c)) => assert_eq!(c.user, "alice"),
+        other => panic!("SsoFinish at B: {other:?}"),
+    }
+    let users = names(&a.tctl_ok(&["users", "ls", "--format", "json"]));
+    assert!(users.contains(&"alice".into()), "{users:?}");
+}

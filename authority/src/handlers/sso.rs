@@ -1,18 +1,19 @@
 //! Single sign-on: the mapping from identity provider groups to what Edgeport grants
-//! (`tctl sso map`), and the login a gateway's connector vouches for.
+//! (`tctl sso map`), and the certificates for a login the authority verified itself
+//! ([`crate::sso`]: no request lets a gateway name a single sign-on user).
 //!
-//! The gateway has verified the provider's ID token; the authority decides what it is worth.
 //! A user gets the union of the mappings of their groups, and nothing without one. The user
 //! record it keeps (so that dials, `tsh ls`, locks and `tctl users ls` know the user) is
 //! refreshed at every login and bound to the provider's issuer and subject: a name that
 //! belongs to a local user, or to another identity at the provider, is refused.
 
 use edgeport_proto::keys::parse_ed25519_public;
-use edgeport_proto::rpc::{Response, RpcError, SsoLoginRequest, SsoMapping};
+use edgeport_proto::rpc::{Response, RpcError, SsoMapping};
 
 use super::user_certs::{check_not_locked, issue};
 use crate::errors::{denied, invalid, not_found};
 use crate::service::Service;
+use crate::sso::Verified;
 use crate::store::{self, Store, Table};
 use crate::users::{check_grant, check_name, dedup, Subject, UserRecord};
 
@@ -71,14 +72,18 @@ fn granted(store: &dyn Store, groups: &[String]) -> Result<Option<SsoMapping>, R
     }))
 }
 
-pub fn login(
+/// Signs `ssh_public_key` for the user `req` names, which [`crate::sso`] established from
+/// the provider's own answer.
+pub(crate) fn login(
     svc: &Service,
     gateway: &str,
-    req: SsoLoginRequest,
+    req: &Verified,
+    ssh_public_key: &str,
+    ttl_secs: u64,
+    client_addr: &str,
     now: u64,
 ) -> Result<Response, RpcError> {
-    parse_ed25519_public(&req.ssh_public_key)
-        .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+    parse_ed25519_public(ssh_public_key).map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
     check_name("user name from the identity provider", &req.user)?;
     let store = svc.store();
     let Some(grant) = granted(store, &req.groups)? else {
@@ -146,15 +151,9 @@ pub fn login(
         svc.policy.changed();
     }
     check_not_locked(svc, &user.name, now)?;
-    let certs = issue(
-        svc,
-        &Subject::from(&user),
-        &req.ssh_public_key,
-        req.ttl_secs,
-        now,
-    )?;
+    let certs = issue(svc, &Subject::from(&user), ssh_public_key, ttl_secs, now)?;
     tracing::info!(user = %user.name, connector = %req.connector, subject = %req.subject,
-        client = %req.client_addr, gateway, "single sign-on login");
+        client = %client_addr, gateway, "single sign-on login");
     Ok(Response::UserCerts(certs))
 }
 

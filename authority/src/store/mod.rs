@@ -48,10 +48,15 @@ pub enum Table {
     RecordingIndex,
     /// What identity provider groups grant (`proto::rpc::SsoMapping`), by group.
     SsoMaps,
+    /// Single sign-on connectors with their client secrets (`proto::rpc::SsoConnectorSpec`),
+    /// by name.
+    SsoConnectors,
+    /// Single sign-on logins in progress (`sso::PendingLogin`), by state; single use.
+    SsoPending,
 }
 
 impl Table {
-    pub const ALL: [Table; 16] = [
+    pub const ALL: [Table; 18] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -68,6 +73,8 @@ impl Table {
         Table::Recordings,
         Table::RecordingIndex,
         Table::SsoMaps,
+        Table::SsoConnectors,
+        Table::SsoPending,
     ];
 
     /// The table's name in the backing store.
@@ -89,6 +96,8 @@ impl Table {
             Table::Recordings => "recordings",
             Table::RecordingIndex => "recording_index",
             Table::SsoMaps => "sso_maps",
+            Table::SsoConnectors => "sso_connectors",
+            Table::SsoPending => "sso_pending",
         }
     }
 }

@@ -60,7 +60,8 @@ pub enum Command {
     /// The audit log: search events, verify the devices' hash chains.
     #[command(subcommand)]
     Audit(AuditCmd),
-    /// Single sign-on: what identity provider groups grant (`tsh login --auth oidc`).
+    /// Single sign-on: connectors, and what identity provider groups grant (`tsh login
+    /// --auth oidc|github`).
     #[command(subcommand)]
     Sso(SsoCmd),
 }
@@ -74,6 +75,81 @@ pub enum SsoCmd {
     Ls(FormatArgs),
     /// Removes the mapping of a group (its members can no longer log in through it).
     Unmap { group: String },
+    /// The identity providers the authority accepts (it holds their client secrets and
+    /// verifies every login itself).
+    #[command(subcommand)]
+    Connectors(ConnectorsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorsCmd {
+    /// Adds (or replaces) a connector: `oidc` or `github`.
+    #[command(subcommand)]
+    Add(ConnectorAddCmd),
+    /// Lists the connectors (never their secrets).
+    Ls(FormatArgs),
+    /// Removes a connector (`oidc` or `github`): its users can no longer log in.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorAddCmd {
+    /// An OpenID Connect provider (`tsh login --auth oidc`). Register the client with the
+    /// redirect URI http://127.0.0.1/v1/webapi/oidc/callback (any port: tsh listens on a
+    /// loopback port of its own).
+    Oidc(OidcConnectorArgs),
+    /// A GitHub OAuth app (`tsh login --auth github`). Register the callback URL
+    /// http://127.0.0.1/v1/webapi/github/callback (GitHub accepts any port of a loopback
+    /// callback). Teams become groups named github:ORG/TEAM.
+    Github(GitHubConnectorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OidcConnectorArgs {
+    /// The provider's issuer URL.
+    #[arg(long)]
+    pub issuer: String,
+    /// The client id registered at the provider.
+    #[arg(long)]
+    pub client_id: String,
+    /// A file holding the client secret (kept out of the command line; sent to the
+    /// authority, which stores it and never shows it again).
+    #[arg(long)]
+    pub client_secret_file: PathBuf,
+    /// The ID token claim that names the Edgeport user: preferred_username, email or sub
+    /// (email needs email_verified true in the token).
+    #[arg(long, default_value = "preferred_username")]
+    pub username_claim: String,
+    /// The ID token claim that lists the user's groups (mapped with `tctl sso map`).
+    #[arg(long, default_value = "groups")]
+    pub groups_claim: String,
+    /// Scopes to ask for besides openid, comma separated (some providers put groups in the
+    /// token only when a scope asks for them; others refuse scopes they do not know).
+    #[arg(long, value_delimiter = ',', default_value = "email,profile,groups")]
+    pub scopes: Vec<String>,
+    /// Root certificates (PEM) for an https issuer (default: the authority's system roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GitHubConnectorArgs {
+    /// The OAuth app's client id.
+    #[arg(long)]
+    pub client_id: String,
+    /// A file holding the OAuth app's client secret.
+    #[arg(long)]
+    pub client_secret_file: PathBuf,
+    /// GitHub's address (a GitHub Enterprise Server's for one).
+    #[arg(long, default_value = "https://github.com")]
+    pub github_url: String,
+    /// GitHub's API address (`https://HOST/api/v3` for GitHub Enterprise Server).
+    #[arg(long, default_value = "https://api.github.com")]
+    pub api_url: String,
+    /// Root certificates (PEM) for GitHub Enterprise Server (default: the authority's
+    /// system roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -93,6 +93,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sso(SsoCmd::Map(a)) => sso::map(&mut s, a).await,
         Command::Sso(SsoCmd::Ls(a)) => sso::list(&mut s, a).await,
         Command::Sso(SsoCmd::Unmap { group }) => sso::unmap(&mut s, group).await,
+        Command::Sso(SsoCmd::Connectors(c)) => sso::connectors(&mut s, c).await,
     };
     s.close().await;
     result

@@ -1,11 +1,17 @@
 //! `tctl sso map | ls | unmap`: what members of an identity provider group get when they
-//! log in with `tsh login --auth oidc`.
+//! log in with `tsh login --auth oidc`; `tctl sso connectors add | ls | rm`: the identity
+//! providers the authority accepts.
 
-use edgeport_proto::rpc::{Request, Response, SsoMapping};
+use std::path::Path;
+
+use anyhow::Context;
+use edgeport_proto::rpc::{
+    Request, Response, SsoConnectorInfo, SsoConnectorKind, SsoConnectorSpec, SsoMapping,
+};
 use edgeport_proto::rpc_client::unexpected;
 use serde_json::json;
 
-use super::cli::{Format, FormatArgs, SsoMapArgs};
+use super::cli::{ConnectorAddCmd, ConnectorsCmd, Format, FormatArgs, SsoMapArgs};
 use super::connect::Session;
 use super::output::{csv, json_list, print_json, Table};
 
@@ -73,4 +79,142 @@ pub async fn unmap(s: &mut Session, group: String) -> anyhow::Result<()> {
         }
         other => Err(unexpected(other).into()),
     }
+}
+
+pub async fn connectors(s: &mut Session, c: ConnectorsCmd) -> anyhow::Result<()> {
+    match c {
+        ConnectorsCmd::Add(a) => connector_add(s, a).await,
+        ConnectorsCmd::Ls(a) => connector_list(s, a).await,
+        ConnectorsCmd::Rm { name } => {
+            match s
+                .call(Request::SsoConnectorRemove { name: name.clone() })
+                .await?
+            {
+                Response::Ok => {
+                    println!("single sign-on connector {name} removed");
+                    Ok(())
+                }
+                other => Err(unexpected(other).into()),
+            }
+        }
+    }
+}
+
+/// A client secret from its file (trimmed; an empty file is an error).
+fn read_secret(path: &Path) -> anyhow::Result<String> {
+    let secret = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the client secret {}", path.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!secret.is_empty(), "{} is empty", path.display());
+    Ok(secret)
+}
+
+fn read_ca(path: Option<&Path>) -> anyhow::Result<Option<String>> {
+    path.map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()
+}
+
+async fn connector_add(s: &mut Session, a: ConnectorAddCmd) -> anyhow::Result<()> {
+    let spec = match a {
+        ConnectorAddCmd::Oidc(o) => SsoConnectorSpec {
+            name: "oidc".into(),
+            client_id: o.client_id,
+            client_secret: read_secret(&o.client_secret_file)?,
+            ca_pem: read_ca(o.ca_file.as_deref())?,
+            kind: SsoConnectorKind::Oidc {
+                issuer: o.issuer,
+                username_claim: o.username_claim,
+                groups_claim: o.groups_claim,
+                scopes: o.scopes,
+            },
+        },
+        ConnectorAddCmd::Github(g) => SsoConnectorSpec {
+            name: "github".into(),
+            client_id: g.client_id,
+            client_secret: read_secret(&g.client_secret_file)?,
+            ca_pem: read_ca(g.ca_file.as_deref())?,
+            kind: SsoConnectorKind::GitHub {
+                url: g.github_url,
+                api_url: g.api_url,
+            },
+        },
+    };
+    let name = spec.name.clone();
+    match s.call(Request::SsoConnectorAdd(spec)).await? {
+        Response::Ok => {
+            println!("single sign-on connector {name} saved (tsh login --auth {name})");
+            Ok(())
+        }
+        other => Err(unexpected(other).into()),
+    }
+}
+
+async fn connector_list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
+    let list = match s.call(Request::SsoConnectorList).await? {
+        Response::SsoConnectors(l) => l,
+        other => return Err(unexpected(other).into()),
+    };
+    match a.format {
+        Format::Json => print_json(&json_list(&list, connector_json)),
+        Format::Text => {
+            let mut t = Table::new(&["NAME", "CLIENT ID", "PROVIDER", "SETTINGS"]);
+            for c in &list {
+                let (provider, settings) = match &c.kind {
+                    SsoConnectorKind::Oidc {
+                        issuer,
+                        username_claim,
+                        groups_claim,
+                        scopes,
+                    } => (
+                        issuer.clone(),
+                        format!(
+                            "user={username_claim} groups={groups_claim} scopes={}",
+                            csv(scopes)
+                        ),
+                    ),
+                    SsoConnectorKind::GitHub { url, api_url } => {
+                        (url.clone(), format!("api={api_url}"))
+                    }
+                };
+                let ca = if c.custom_ca { " ca=custom" } else { "" };
+                t.row(vec![
+                    c.name.clone(),
+                    c.client_id.clone(),
+                    provider,
+                    format!("{settings}{ca}"),
+                ]);
+            }
+            t.print();
+            Ok(())
+        }
+    }
+}
+
+fn connector_json(c: &SsoConnectorInfo) -> serde_json::Value {
+    let mut v = json!({
+        "name": c.name,
+        "client_id": c.client_id,
+        "custom_ca": c.custom_ca,
+    });
+    match &c.kind {
+        SsoConnectorKind::Oidc {
+            issuer,
+            username_claim,
+            groups_claim,
+            scopes,
+        } => {
+            v["kind"] = json!("oidc");
+            v["issuer"] = json!(issuer);
+            v["username_claim"] = json!(username_claim);
+            v["groups_claim"] = json!(groups_claim);
+            v["scopes"] = json!(scopes);
+        }
+        SsoConnectorKind::GitHub { url, api_url } => {
+            v["kind"] = json!("github");
+            v["github_url"] = json!(url);
+            v["api_url"] = json!(api_url);
+        }
+    }
+    v
 }

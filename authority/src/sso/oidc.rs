@@ -1,13 +1,12 @@
 //! The OpenID Connect connector: discovery, an authorization URL with state, nonce and a
-//! PKCE challenge, code redemption and ID token verification (the openidconnect crate).
+//! PKCE challenge, code redemption and ID token verification (the openidconnect crate), all
+//! at the authority: the client secret and the verifier never leave it.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use edgeport_proto::rpc::{RpcError, SsoLoginRequest};
-use edgeport_proto::tunnel::SsoFinish;
+use edgeport_proto::rpc::RpcError;
 use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
 use openidconnect::{
     AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge,
@@ -15,66 +14,67 @@ use openidconnect::{
 };
 
 use super::http::HttpClient;
-use super::{
-    chain, denied, loopback_redirect, read_secret, roots_config, unavailable, PendingLogins,
-    Starter,
-};
+use super::{chain, unavailable, PendingLogin, Verified};
+use crate::errors::denied;
 
 /// The provider's discovery document and keys are fetched again after this long.
 const METADATA_TTL: Duration = Duration::from_secs(3600);
 
-/// The connector's settings (gateway flags).
+/// The connector's settings (`tctl sso connectors add oidc`), without the secret.
 #[derive(Clone, Debug)]
-pub struct OidcConfig {
+pub struct OidcSettings {
+    pub name: String,
     pub issuer: String,
     pub client_id: String,
-    pub client_secret_file: PathBuf,
     /// Which ID token claim names the Edgeport user: `preferred_username`, `email` or `sub`.
     pub username_claim: String,
     /// Which claim lists the user's groups.
     pub groups_claim: String,
     /// Scopes asked for besides `openid` (providers differ in which carry groups).
     pub scopes: Vec<String>,
-    /// Roots (PEM) for an `https` issuer; the system's if absent.
-    pub ca_file: Option<PathBuf>,
 }
 
-struct Pending {
-    verifier: PkceCodeVerifier,
-    nonce: Nonce,
-    redirect: RedirectUrl,
+/// A new login's authorization URL and what its finish needs.
+pub struct Started {
+    pub url: String,
+    pub state: String,
+    pub pkce_verifier: String,
+    pub nonce: String,
 }
 
 pub struct Oidc {
-    cfg: OidcConfig,
+    cfg: OidcSettings,
     secret: ClientSecret,
     http: HttpClient,
     metadata: tokio::sync::Mutex<Option<(Instant, CoreProviderMetadata)>>,
-    pending: PendingLogins<Pending>,
 }
 
 impl Oidc {
-    /// Reads the client secret and prepares the HTTP client; the provider is contacted on
-    /// the first login (a provider that is down must not keep the gateway from starting).
-    pub fn new(cfg: OidcConfig) -> Result<Self, String> {
-        let secret = read_secret(&cfg.client_secret_file)?;
-        IssuerUrl::new(cfg.issuer.clone()).map_err(|e| format!("--oidc-issuer: {e}"))?;
+    /// Checks the settings and prepares the HTTP client; the provider is contacted on the
+    /// first login (a provider that is down must not keep the connector from being saved).
+    pub fn new(
+        cfg: OidcSettings,
+        secret: String,
+        tls: rustls::ClientConfig,
+    ) -> Result<Self, String> {
+        IssuerUrl::new(cfg.issuer.clone()).map_err(|e| format!("--issuer: {e}"))?;
         if !matches!(
             cfg.username_claim.as_str(),
             "preferred_username" | "email" | "sub"
         ) {
             return Err(format!(
-                "--oidc-username-claim {:?}: expected preferred_username, email or sub",
+                "--username-claim {:?}: expected preferred_username, email or sub",
                 cfg.username_claim
             ));
         }
-        let tls = roots_config(cfg.ca_file.as_deref())?;
+        if cfg.groups_claim.trim().is_empty() {
+            return Err("--groups-claim must name a claim".into());
+        }
         Ok(Self {
             cfg,
             secret: ClientSecret::new(secret),
             http: HttpClient::new(tls),
             metadata: tokio::sync::Mutex::new(None),
-            pending: PendingLogins::default(),
         })
     }
 
@@ -105,13 +105,13 @@ impl Oidc {
         Ok(m)
     }
 
-    pub fn owns(&self, state: &str) -> bool {
-        self.pending.contains(state)
+    pub fn issuer(&self) -> &str {
+        &self.cfg.issuer
     }
 
-    /// The provider's login URL for a new attempt that returns to `redirect_uri`.
-    pub async fn start(&self, redirect_uri: &str, starter: Starter) -> Result<String, RpcError> {
-        let redirect = loopback_redirect(redirect_uri)?;
+    /// The provider's login URL for a new attempt that returns to `redirect`, with a fresh
+    /// state, nonce and PKCE challenge.
+    pub async fn start(&self, redirect: &RedirectUrl) -> Result<Started, RpcError> {
         let meta = self.provider().await?;
         let client = CoreClient::from_provider_metadata(
             meta,
@@ -127,28 +127,30 @@ impl Oidc {
             )
             .add_scopes(self.cfg.scopes.iter().cloned().map(Scope::new))
             .set_pkce_challenge(challenge)
-            .set_redirect_uri(Cow::Owned(redirect.clone()))
+            .set_redirect_uri(Cow::Borrowed(redirect))
             .url();
-        self.pending.insert(
-            state.secret().clone(),
-            starter,
-            Pending {
-                verifier,
-                nonce,
-                redirect,
-            },
-        )?;
-        Ok(url.to_string())
+        Ok(Started {
+            url: url.to_string(),
+            state: state.secret().clone(),
+            pkce_verifier: verifier.secret().clone(),
+            nonce: nonce.secret().clone(),
+        })
     }
 
-    /// Redeems the code of a login started here and verifies its ID token: who it is, for
-    /// the authority to sign.
+    /// Redeems the code of a login started here and verifies its ID token: who it is.
     pub async fn finish(
         &self,
-        req: SsoFinish,
+        code: String,
+        pending: &PendingLogin,
         client_addr: &str,
-    ) -> Result<SsoLoginRequest, RpcError> {
-        let p = self.pending.take(&req.state, &req.proof)?;
+    ) -> Result<Verified, RpcError> {
+        let (Some(verifier), Some(nonce)) = (&pending.pkce_verifier, &pending.nonce) else {
+            return Err(denied(
+                "this single sign-on attempt was not started for an OpenID Connect provider; run tsh login again",
+            ));
+        };
+        let redirect = RedirectUrl::new(pending.redirect.clone())
+            .map_err(|e| unavailable(format!("stored redirect: {e}")))?;
         let meta = self.provider().await?;
         let client = CoreClient::from_provider_metadata(
             meta,
@@ -161,10 +163,10 @@ impl Oidc {
             async move { http.send(r).await }
         };
         let token = client
-            .exchange_code(AuthorizationCode::new(req.code))
+            .exchange_code(AuthorizationCode::new(code))
             .map_err(|e| unavailable(format!("the identity provider has no token endpoint: {e}")))?
-            .set_pkce_verifier(p.verifier)
-            .set_redirect_uri(Cow::Owned(p.redirect))
+            .set_pkce_verifier(PkceCodeVerifier::new(verifier.clone()))
+            .set_redirect_uri(Cow::Owned(redirect))
             .request_async(&call)
             .await
             .map_err(|e| {
@@ -179,39 +181,45 @@ impl Oidc {
             .id_token()
             .ok_or_else(|| denied("the identity provider returned no ID token"))?;
         let verifier = client.id_token_verifier();
-        let claims = id_token.claims(&verifier, &p.nonce).map_err(|e| {
-            tracing::warn!(client = client_addr, "ID token refused: {}", chain(&e));
-            denied(format!("the ID token does not verify: {e}"))
-        })?;
+        let claims = id_token
+            .claims(&verifier, &Nonce::new(nonce.clone()))
+            .map_err(|e| {
+                tracing::warn!(client = client_addr, "ID token refused: {}", chain(&e));
+                denied(format!("the ID token does not verify: {e}"))
+            })?;
         let subject = claims.subject().as_str().to_string();
         let user = match self.cfg.username_claim.as_str() {
             // Edgeport user names have no `@` (they become logins' key ids and file names):
             // the address's local part; the record stays bound to issuer and subject, so
-            // alice@one and alice@two cannot share an account.
-            "email" => claims
-                .email()
-                .map(|e| e.as_str().split('@').next().unwrap_or_default().to_string()),
+            // alice@one and alice@two cannot share an account. An address the provider has
+            // not verified may belong to anyone.
+            "email" => match claims.email() {
+                Some(_) if claims.email_verified() != Some(true) => {
+                    return Err(denied(
+                        "the identity provider has not verified this account's email address (email_verified is not true); verify it at the provider, or log in another way",
+                    ));
+                }
+                Some(e) => Some(e.as_str().split('@').next().unwrap_or_default().to_string()),
+                None => None,
+            },
             "sub" => Some(subject.clone()),
             _ => claims.preferred_username().map(|u| u.as_str().to_string()),
         }
         .ok_or_else(|| {
             denied(format!(
-                "the ID token has no {} claim (see the gateway's --oidc-username-claim)",
+                "the ID token has no {} claim (see the connector's --username-claim)",
                 self.cfg.username_claim
             ))
         })?;
         // The signature was verified above; its payload also carries the groups claim,
         // which the typed claims do not model.
         let groups = groups_of(&id_token.to_string(), &self.cfg.groups_claim);
-        Ok(SsoLoginRequest {
-            connector: "oidc".into(),
+        Ok(Verified {
+            connector: self.cfg.name.clone(),
             issuer: self.cfg.issuer.clone(),
             subject,
             user,
             groups,
-            ssh_public_key: req.ssh_public_key,
-            ttl_secs: req.ttl_secs,
-            client_addr: client_addr.to_string(),
         })
     }
 }

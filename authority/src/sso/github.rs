@@ -1,7 +1,7 @@
 //! Single sign-on with GitHub (OAuth2 apps; github.com or GitHub Enterprise Server).
 //!
-//! GitHub is not an OpenID Connect provider: there is no ID token. The gateway redeems the
-//! code for an access token with the client secret, asks GitHub's API who the token belongs
+//! GitHub is not an OpenID Connect provider: there is no ID token. The authority redeems
+//! the code for an access token with the client secret, asks GitHub's API who the token belongs
 //! to (`/user`: login and numeric id) and which teams they are in (`/user/teams`, scope
 //! `read:org`), and passes `github:ORG/TEAM` names as the groups that `tctl sso map` maps
 //! (the prefix keeps them apart from an OpenID Connect provider's group names: anyone can
@@ -9,36 +9,27 @@
 
 use std::time::Duration;
 
-use edgeport_proto::rpc::{RpcError, SsoLoginRequest};
-use edgeport_proto::tunnel::SsoFinish;
+use edgeport_proto::rpc::RpcError;
 use openidconnect::url::{form_urlencoded, Url};
-use openidconnect::CsrfToken;
+use openidconnect::{CsrfToken, RedirectUrl};
 use serde::Deserialize;
 
 use super::http::HttpClient;
-use super::{
-    denied, loopback_redirect, read_secret, roots_config, unavailable, PendingLogins, Starter,
-};
+use super::{unavailable, PendingLogin, Verified};
+use crate::errors::denied;
 
 /// Pages of teams read at most (100 each).
 const MAX_TEAM_PAGES: usize = 10;
 
-#[derive(Clone, Debug)]
-pub struct GitHubConfig {
-    pub client_id: String,
-    pub client_secret_file: std::path::PathBuf,
-    /// `https://github.com`, or a GitHub Enterprise Server's address.
-    pub url: String,
-    /// `https://api.github.com`, or `https://HOST/api/v3` for GitHub Enterprise Server.
-    pub api_url: String,
-    pub ca_file: Option<std::path::PathBuf>,
-}
-
 pub struct GitHub {
-    cfg: GitHubConfig,
+    name: String,
+    client_id: String,
     secret: String,
+    /// `https://github.com`, or a GitHub Enterprise Server's address.
+    url: String,
+    /// `https://api.github.com`, or `https://HOST/api/v3` for GitHub Enterprise Server.
+    api_url: String,
     http: HttpClient,
-    pending: PendingLogins<String>,
 }
 
 #[derive(Deserialize)]
@@ -66,61 +57,58 @@ struct Org {
 }
 
 impl GitHub {
-    pub fn new(mut cfg: GitHubConfig) -> Result<Self, String> {
-        let secret = read_secret(&cfg.client_secret_file)?;
-        for (flag, u) in [
-            ("--github-url", &cfg.url),
-            ("--github-api-url", &cfg.api_url),
-        ] {
+    pub fn new(
+        name: String,
+        client_id: String,
+        secret: String,
+        url: String,
+        api_url: String,
+        tls: rustls::ClientConfig,
+    ) -> Result<Self, String> {
+        for (flag, u) in [("--github-url", &url), ("--api-url", &api_url)] {
             Url::parse(u).map_err(|e| format!("{flag} {u:?}: {e}"))?;
         }
-        cfg.url = cfg.url.trim_end_matches('/').to_string();
-        cfg.api_url = cfg.api_url.trim_end_matches('/').to_string();
-        let tls = roots_config(cfg.ca_file.as_deref())?;
         Ok(Self {
-            cfg,
+            name,
+            client_id,
             secret,
+            url: url.trim_end_matches('/').to_string(),
+            api_url: api_url.trim_end_matches('/').to_string(),
             http: HttpClient::new(tls),
-            pending: PendingLogins::default(),
         })
     }
 
-    pub fn owns(&self, state: &str) -> bool {
-        self.pending.contains(state)
-    }
-
-    pub fn start(&self, redirect_uri: &str, starter: Starter) -> Result<String, RpcError> {
-        let redirect = loopback_redirect(redirect_uri)?;
+    /// GitHub's login URL for a new attempt that returns to `redirect`, and its state.
+    pub fn start(&self, redirect: &RedirectUrl) -> Result<(String, String), RpcError> {
         let state = CsrfToken::new_random().secret().clone();
-        let mut url = Url::parse(&format!("{}/login/oauth/authorize", self.cfg.url))
+        let mut url = Url::parse(&format!("{}/login/oauth/authorize", self.url))
             .map_err(|e| unavailable(format!("GitHub URL: {e}")))?;
         url.query_pairs_mut()
-            .append_pair("client_id", &self.cfg.client_id)
+            .append_pair("client_id", &self.client_id)
             .append_pair("redirect_uri", redirect.as_str())
             .append_pair("state", &state)
             .append_pair("scope", "read:org")
             .append_pair("allow_signup", "false");
-        self.pending
-            .insert(state, starter, redirect.as_str().to_string())?;
-        Ok(url.to_string())
+        Ok((url.to_string(), state))
     }
 
+    /// Redeems the code of a login started here and asks GitHub who it is and their teams.
     pub async fn finish(
         &self,
-        req: SsoFinish,
+        code: String,
+        pending: &PendingLogin,
         client_addr: &str,
-    ) -> Result<SsoLoginRequest, RpcError> {
-        let redirect = self.pending.take(&req.state, &req.proof)?;
+    ) -> Result<Verified, RpcError> {
         let form = form_urlencoded::Serializer::new(String::new())
-            .append_pair("client_id", &self.cfg.client_id)
+            .append_pair("client_id", &self.client_id)
             .append_pair("client_secret", &self.secret)
-            .append_pair("code", &req.code)
-            .append_pair("redirect_uri", &redirect)
+            .append_pair("code", &code)
+            .append_pair("redirect_uri", &pending.redirect)
             .finish();
         let answer: TokenAnswer = self
             .call(
                 http::Method::POST,
-                &format!("{}/login/oauth/access_token", self.cfg.url),
+                &format!("{}/login/oauth/access_token", self.url),
                 None,
                 form.into_bytes(),
             )
@@ -142,7 +130,7 @@ impl GitHub {
         let user: User = self
             .call(
                 http::Method::GET,
-                &format!("{}/user", self.cfg.api_url),
+                &format!("{}/user", self.api_url),
                 Some(&token),
                 Vec::new(),
             )
@@ -152,7 +140,7 @@ impl GitHub {
             let teams: Vec<Team> = self
                 .call(
                     http::Method::GET,
-                    &format!("{}/user/teams?per_page=100&page={page}", self.cfg.api_url),
+                    &format!("{}/user/teams?per_page=100&page={page}", self.api_url),
                     Some(&token),
                     Vec::new(),
                 )
@@ -167,15 +155,12 @@ impl GitHub {
                 break;
             }
         }
-        Ok(SsoLoginRequest {
-            connector: "github".into(),
-            issuer: self.cfg.url.clone(),
+        Ok(Verified {
+            connector: self.name.clone(),
+            issuer: self.url.clone(),
             subject: user.id.to_string(),
             user: user.login,
             groups,
-            ssh_public_key: req.ssh_public_key,
-            ttl_secs: req.ttl_secs,
-            client_addr: client_addr.to_string(),
         })
     }
 
@@ -192,7 +177,7 @@ impl GitHub {
             .method(method)
             .uri(url)
             .header(http::header::ACCEPT, "application/json")
-            .header(http::header::USER_AGENT, "edgeport-gateway");
+            .header(http::header::USER_AGENT, "edgeport-authority");
         if !body.is_empty() {
             b = b.header(
                 http::header::CONTENT_TYPE,
