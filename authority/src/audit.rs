@@ -200,8 +200,11 @@ pub fn upload(
         state.last_seq = ev.seq;
         state.last_hash = hash;
         state.events += 1;
+        if ev.kind == SESSION_START {
+            bind_session(store, device_id, &ev, now)?;
+        }
         if ev.kind == RECORDING_CHUNK {
-            store_chunk(store, device_id, &ev)?;
+            store_chunk(store, device_id, &ev, now)?;
         }
         let rec = StoredEvent {
             source: "device".into(),
@@ -232,10 +235,80 @@ pub fn upload(
     }))
 }
 
-fn store_chunk(store: &dyn Store, device: &str, ev: &AuditEvent) -> Result<(), RpcError> {
+/// The event that opens a session on a device.
+const SESSION_START: &str = "session.start";
+
+/// Which device opened a session (its `session.start`), and as whom.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SessionOwner {
+    pub device: String,
+    pub user: String,
+}
+
+/// Binds a session id to the device whose `session.start` came first; a second device
+/// claiming the same id is an integrity alert, and its recording pieces are not taken.
+fn bind_session(
+    store: &dyn Store,
+    device: &str,
+    ev: &AuditEvent,
+    now: u64,
+) -> Result<(), RpcError> {
     let sid = &ev.session_id;
     if sid.is_empty() {
         return Ok(());
+    }
+    match store::get::<SessionOwner>(store, Table::Sessions, sid)? {
+        Some(o) if o.device != device => alert(
+            store,
+            IntegrityAlert {
+                device: device.into(),
+                time_ms: now,
+                kind: "session".into(),
+                seq: ev.seq,
+                detail: format!(
+                    "session.start for session {sid}, which device {} opened before",
+                    o.device
+                ),
+            },
+        ),
+        Some(_) => Ok(()),
+        None => store::put(
+            store,
+            Table::Sessions,
+            sid,
+            &SessionOwner {
+                device: device.into(),
+                user: ev.user.clone(),
+            },
+        )
+        .map_err(Into::into),
+    }
+}
+
+fn store_chunk(store: &dyn Store, device: &str, ev: &AuditEvent, now: u64) -> Result<(), RpcError> {
+    let sid = &ev.session_id;
+    if sid.is_empty() {
+        return Ok(());
+    }
+    // Only the device that opened the session records it.
+    let owner = store::get::<SessionOwner>(store, Table::Sessions, sid)?;
+    if owner.as_ref().is_none_or(|o| o.device != device) {
+        return alert(
+            store,
+            IntegrityAlert {
+                device: device.into(),
+                time_ms: now,
+                kind: "recording".into(),
+                seq: ev.seq,
+                detail: format!(
+                    "a recording piece for session {sid}, which {}; not stored",
+                    match owner {
+                        Some(o) => format!("device {} opened", o.device),
+                        None => "this device never opened".to_string(),
+                    }
+                ),
+            },
+        );
     }
     let data = ev.field("data");
     store.put(
@@ -463,11 +536,25 @@ pub fn verify(svc: &Service, device: Option<&str>) -> Result<Response, RpcError>
     Ok(Response::AuditReport(out))
 }
 
-fn may_see(info: &RecordingInfo, user: Option<&str>) -> bool {
-    user.is_none_or(|u| u == info.user)
+/// Whose recordings a request may see (see `Service::viewer`).
+#[derive(Clone, Debug)]
+pub struct Viewer {
+    pub name: String,
+    /// Only sessions that started after this (Unix ms; the user's record was made then).
+    pub since_ms: u64,
 }
 
-pub fn recordings(svc: &Service, user: Option<&str>) -> Result<Response, RpcError> {
+/// Device clocks may run behind the authority's.
+const CLOCK_SKEW_MS: u64 = 120_000;
+
+fn may_see(info: &RecordingInfo, viewer: Option<&Viewer>) -> bool {
+    viewer.is_none_or(|v| {
+        v.name == info.user && info.started_ms.saturating_add(CLOCK_SKEW_MS) >= v.since_ms
+    })
+}
+
+pub fn recordings(svc: &Service, viewer: Option<&Viewer>) -> Result<Response, RpcError> {
+    let user = viewer;
     let mut list: Vec<RecordingInfo> =
         store::list::<RecordingInfo>(svc.store(), Table::RecordingIndex, "")?
             .into_iter()
@@ -486,7 +573,7 @@ pub fn recordings(svc: &Service, user: Option<&str>) -> Result<Response, RpcErro
 pub fn recording(
     svc: &Service,
     session_id: &str,
-    user: Option<&str>,
+    user: Option<&Viewer>,
     offset: u64,
 ) -> Result<Response, RpcError> {
     let store = svc.store();
@@ -814,5 +901,113 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A recording belongs to the device whose `session.start` opened the session: another
+    /// device can neither plant pieces in it nor claim it; and a user sees only recordings
+    /// made since their record was (a later holder of a removed user's name sees none of the
+    /// earlier one's).
+    #[test]
+    fn recordings_are_bound_to_the_opening_device_and_the_current_user() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
+        let ca =
+            crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+                .unwrap();
+        let svc = Service::new(store, Arc::new(ca), Limits::default());
+        let (admin, gw) = (
+            Caller::Admin("admin".into()),
+            Caller::Gateway("gw-1".into()),
+        );
+        let join = |id: &str| {
+            let tok = match svc.handle(
+                &admin,
+                Request::TokenAdd(TokenSpec {
+                    kind: TokenKind::Device,
+                    labels: BTreeMap::new(),
+                    ttl_secs: 60,
+                    reusable: false,
+                }),
+            ) {
+                Response::Token(t) => t.token.unwrap(),
+                other => panic!("{other:?}"),
+            };
+            let key = KeyPair::generate().unwrap();
+            let req = JoinDeviceRequest {
+                token: tok,
+                requested_id: Some(id.into()),
+                labels: BTreeMap::new(),
+                ssh_public_key: key.public_openssh(),
+                version: "1".into(),
+                arch: "x86_64".into(),
+                remote_addr: "192.0.2.1:1".into(),
+            };
+            assert!(matches!(
+                svc.handle(&gw, Request::JoinDevice(req)),
+                Response::DeviceCerts(_)
+            ));
+            key
+        };
+        let events = |kinds: &[(&str, &str)], t: u64| {
+            let mut prev = GENESIS_HASH.to_string();
+            kinds
+                .iter()
+                .enumerate()
+                .map(|(i, (kind, data))| {
+                    let mut e = AuditEvent::new(kind, t);
+                    e.seq = i as u64 + 1;
+                    e.prev_hash = prev.clone();
+                    e.session_id = "s1".into();
+                    e.user = "alice".into();
+                    e.fields.insert("data".into(), data.to_string());
+                    prev = e.hash();
+                    e
+                })
+                .collect::<Vec<_>>()
+        };
+        let (k1, k2) = (join("d1"), join("d2"));
+        let t = now_ms();
+        up(
+            &svc,
+            "d1",
+            signed(
+                &k1,
+                "d1",
+                events(&[(SESSION_START, ""), (RECORDING_CHUNK, "hello ")], t),
+            ),
+        )
+        .unwrap();
+        // d2 claims the same session and adds a piece: flagged, not stored.
+        up(
+            &svc,
+            "d2",
+            signed(
+                &k2,
+                "d2",
+                events(&[(SESSION_START, ""), (RECORDING_CHUNK, "planted")], t),
+            ),
+        )
+        .unwrap();
+        let mut kinds = alerts(&svc, "d2");
+        kinds.sort();
+        assert_eq!(kinds, ["recording", "session"]);
+        let alice = |since_ms| Viewer {
+            name: "alice".into(),
+            since_ms,
+        };
+        match recording(&svc, "s1", Some(&alice(0)), 0).unwrap() {
+            Response::RecordingData { data, .. } => assert_eq!(data, b"hello "),
+            other => panic!("{other:?}"),
+        }
+        let listed = |v: Option<&Viewer>| match recordings(&svc, v).unwrap() {
+            Response::Recordings(r) => r.len(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(listed(Some(&alice(0))), 1);
+        assert_eq!(listed(None), 1, "auditors see every recording");
+        // A user named alice made an hour later sees nothing of the earlier alice's.
+        let later = alice(t + 3_600_000);
+        assert_eq!(listed(Some(&later)), 0);
+        assert!(recording(&svc, "s1", Some(&later), 0).is_err());
     }
 }

@@ -297,6 +297,34 @@ impl Service {
         self.check_standing(caller, now_secs()).is_err()
     }
 
+    /// Whose recordings a request may see. An administrator: everyone's, or `user`'s (a
+    /// removed user's included: auditors keep them). A gateway: only those of the user whose
+    /// certificate it hands over, checked here, and none made before that user's record (a
+    /// later user of a removed user's name never sees the earlier one's sessions).
+    fn viewer(
+        &self,
+        caller: &Caller,
+        user: Option<String>,
+        cert: Option<Vec<u8>>,
+        now: u64,
+    ) -> Result<Option<crate::audit::Viewer>, RpcError> {
+        match caller {
+            Caller::Gateway(_) => {
+                let Some(der) = cert else {
+                    return Err(denied(
+                        "a gateway must hand over the certificate of the user whose recordings it asks for",
+                    ));
+                };
+                let subject = handlers::dial::certified_user(self, &der, now)?;
+                Ok(Some(crate::audit::Viewer {
+                    name: subject.name,
+                    since_ms: subject.created.saturating_mul(1000),
+                }))
+            }
+            _ => Ok(user.map(|name| crate::audit::Viewer { name, since_ms: 0 })),
+        }
+    }
+
     /// A revoked or locked gateway's certificate buys nothing, whatever it asks.
     fn check_standing(&self, caller: &Caller, now: u64) -> Result<(), RpcError> {
         let Caller::Gateway(id) = caller else {
@@ -428,12 +456,22 @@ impl Service {
             Request::AuditRecord(events) => crate::audit::record_gateway(self, caller_name, events),
             Request::AuditSearch(q) => crate::audit::search(self, &q),
             Request::AuditVerify { device } => crate::audit::verify(self, device.as_deref()),
-            Request::RecordingList { user } => crate::audit::recordings(self, user.as_deref()),
+            Request::RecordingList {
+                user,
+                user_cert_der,
+            } => {
+                let viewer = self.viewer(caller, user, user_cert_der, now)?;
+                crate::audit::recordings(self, viewer.as_ref())
+            }
             Request::RecordingGet {
                 session_id,
                 user,
                 offset,
-            } => crate::audit::recording(self, &session_id, user.as_deref(), offset),
+                user_cert_der,
+            } => {
+                let viewer = self.viewer(caller, user, user_cert_der, now)?;
+                crate::audit::recording(self, &session_id, viewer.as_ref(), offset)
+            }
             Request::SsoMapSet(m) => handlers::sso::map_set(store, m),
             Request::SsoMapList => handlers::sso::map_list(store),
             Request::SsoMapRemove { group } => handlers::sso::map_remove(store, &group),

@@ -175,11 +175,12 @@ async fn send(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
 }
 
 /// `tsh recordings ls`.
-pub async fn list(ctx: &Ctx, user: &str) -> ClientReply {
+pub async fn list(ctx: &Ctx, who: &crate::grants::UserCert) -> ClientReply {
     match ctx
         .auth
         .call(Request::RecordingList {
-            user: Some(user.to_string()),
+            user: None,
+            user_cert_der: Some(who.der.as_ref().clone()),
         })
         .await
     {
@@ -193,13 +194,19 @@ pub async fn list(ctx: &Ctx, user: &str) -> ClientReply {
 }
 
 /// `tsh play`: the recording in pieces, then `more: false`.
-pub async fn stream_recording(ctx: &Ctx, stream: &mut BoxedStream, user: &str, session_id: String) {
+pub async fn stream_recording(
+    ctx: &Ctx,
+    stream: &mut BoxedStream,
+    who: &crate::grants::UserCert,
+    session_id: String,
+) {
     let mut offset = 0u64;
     loop {
         let req = Request::RecordingGet {
             session_id: session_id.clone(),
-            user: Some(user.to_string()),
+            user: None,
             offset,
+            user_cert_der: Some(who.der.as_ref().clone()),
         };
         let reply = match ctx.auth.call(req).await {
             Ok(Response::RecordingData { data, total }) => {

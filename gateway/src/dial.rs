@@ -238,9 +238,13 @@ pub async fn serve_stream(
             }
             Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
         },
-        (ClientRequest::Recordings, Some(user)) => crate::audit::list(&ctx, &user).await,
-        (ClientRequest::Recording { session_id }, Some(user)) => {
-            crate::audit::stream_recording(&ctx, &mut stream, &user, session_id).await;
+        (ClientRequest::Recordings, Some(_)) => match &who {
+            Some(who) => crate::audit::list(&ctx, who).await,
+            None => return,
+        },
+        (ClientRequest::Recording { session_id }, Some(_)) => {
+            let Some(who) = &who else { return };
+            crate::audit::stream_recording(&ctx, &mut stream, who, session_id).await;
             let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
             return;
         }

@@ -89,15 +89,19 @@ pub enum Request {
     AuditVerify {
         device: Option<String>,
     },
-    /// Admin or gateway (for `tsh`, with the user whose sessions may be listed).
+    /// Admin (every recording, or `user`'s) or gateway (for `tsh`: the certificate the user
+    /// presented, which the authority checks; only that user's recordings).
     RecordingList {
         user: Option<String>,
+        user_cert_der: Option<Vec<u8>>,
     },
-    /// Admin or gateway: a piece of a recording (asciicast v2) from `offset`.
+    /// Admin or gateway (as for `RecordingList`): a piece of a recording (asciicast v2) from
+    /// `offset`.
     RecordingGet {
         session_id: String,
         user: Option<String>,
         offset: u64,
+        user_cert_der: Option<Vec<u8>>,
     },
     /// Gateway: a page of the devices `user`'s roles reach (what `tsh ls` shows); as
     /// `DevicePage` otherwise.

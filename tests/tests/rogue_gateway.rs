@@ -181,6 +181,21 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
         other => panic!("a forged user certificate was taken: {other:?}"),
     }
 
+    // Recordings: a gateway's word about whose they are counts for nothing either.
+    match ask(
+        &stolen.to_authority,
+        &c.tctl.addr,
+        Request::RecordingList {
+            user: Some("alice".into()),
+            user_cert_der: None,
+        },
+    ) {
+        Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => {
+            assert!(e.message.contains("must hand over the certificate"), "{e}")
+        }
+        other => panic!("a gateway listed recordings on its own word: {other:?}"),
+    }
+
     // alice's real certificate (the kind a rogue gateway sees when she connects through it)
     // gets a ticket for one device, one service, one use.
     let _alice_tls = user_tls(&c.auth, c.dir.path(), "alice");

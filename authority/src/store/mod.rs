@@ -53,10 +53,13 @@ pub enum Table {
     SsoConnectors,
     /// Single sign-on logins in progress (`sso::PendingLogin`), by state; single use.
     SsoPending,
+    /// Which device opened each session (`audit::SessionOwner`), by session id: recording
+    /// pieces are taken only from that device.
+    Sessions,
 }
 
 impl Table {
-    pub const ALL: [Table; 18] = [
+    pub const ALL: [Table; 19] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -75,6 +78,7 @@ impl Table {
         Table::SsoMaps,
         Table::SsoConnectors,
         Table::SsoPending,
+        Table::Sessions,
     ];
 
     /// The table's name in the backing store.
@@ -98,6 +102,7 @@ impl Table {
             Table::SsoMaps => "sso_maps",
             Table::SsoConnectors => "sso_connectors",
             Table::SsoPending => "sso_pending",
+            Table::Sessions => "sessions",
         }
     }
 }
