@@ -243,6 +243,9 @@ const SESSION_START: &str = "session.start";
 pub struct SessionOwner {
     pub device: String,
     pub user: String,
+    /// The id of the user record, from the certificate the device checked.
+    #[serde(default)]
+    pub user_id: String,
 }
 
 /// Binds a session id to the device whose `session.start` came first; a second device
@@ -279,6 +282,7 @@ fn bind_session(
             &SessionOwner {
                 device: device.into(),
                 user: ev.user.clone(),
+                user_id: ev.field("user_id").to_string(),
             },
         )
         .map_err(Into::into),
@@ -292,6 +296,10 @@ fn store_chunk(store: &dyn Store, device: &str, ev: &AuditEvent, now: u64) -> Re
     }
     // Only the device that opened the session records it.
     let owner = store::get::<SessionOwner>(store, Table::Sessions, sid)?;
+    let user_id = owner
+        .as_ref()
+        .map(|o| o.user_id.clone())
+        .unwrap_or_default();
     if owner.as_ref().is_none_or(|o| o.device != device) {
         return alert(
             store,
@@ -324,6 +332,7 @@ fn store_chunk(store: &dyn Store, device: &str, ev: &AuditEvent, now: u64) -> Re
             login: ev.login.clone(),
             started_ms: ev.time_ms,
             bytes: 0,
+            user_id,
         });
     info.bytes += data.len() as u64;
     store::put(store, Table::RecordingIndex, sid, &info)?;
@@ -540,6 +549,8 @@ pub fn verify(svc: &Service, device: Option<&str>) -> Result<Response, RpcError>
 #[derive(Clone, Debug)]
 pub struct Viewer {
     pub name: String,
+    /// The user record's id: recordings that carry one must carry this one.
+    pub id: String,
     /// Only sessions that started after this (Unix ms; the user's record was made then).
     pub since_ms: u64,
 }
@@ -547,8 +558,14 @@ pub struct Viewer {
 /// Device clocks may run behind the authority's.
 const CLOCK_SKEW_MS: u64 = 120_000;
 
+/// A recording is the viewer's when it carries their user id; otherwise (a recording or a
+/// user record from before ids existed, or an administrator's filter by name) when it
+/// carries their name and started after their record was made.
 fn may_see(info: &RecordingInfo, viewer: Option<&Viewer>) -> bool {
     viewer.is_none_or(|v| {
+        if !v.id.is_empty() && !info.user_id.is_empty() {
+            return info.user_id == v.id;
+        }
         v.name == info.user && info.started_ms.saturating_add(CLOCK_SKEW_MS) >= v.since_ms
     })
 }
@@ -960,6 +977,7 @@ mod tests {
                     e.session_id = "s1".into();
                     e.user = "alice".into();
                     e.fields.insert("data".into(), data.to_string());
+                    e.fields.insert("user_id".into(), "id-of-alice-1".into());
                     prev = e.hash();
                     e
                 })
@@ -993,6 +1011,7 @@ mod tests {
         assert_eq!(kinds, ["recording", "session"]);
         let alice = |since_ms| Viewer {
             name: "alice".into(),
+            id: "id-of-alice-1".into(),
             since_ms,
         };
         match recording(&svc, "s1", Some(&alice(0)), 0).unwrap() {
@@ -1005,9 +1024,24 @@ mod tests {
         };
         assert_eq!(listed(Some(&alice(0))), 1);
         assert_eq!(listed(None), 1, "auditors see every recording");
-        // A user named alice made an hour later sees nothing of the earlier alice's.
-        let later = alice(t + 3_600_000);
-        assert_eq!(listed(Some(&later)), 0);
-        assert!(recording(&svc, "s1", Some(&later), 0).is_err());
+        // Another user record named alice (another id) sees nothing of the first alice's,
+        // whenever it was made; an administrator's filter by name sees it.
+        let other = Viewer {
+            id: "id-of-alice-2".into(),
+            ..alice(0)
+        };
+        assert_eq!(listed(Some(&other)), 0);
+        assert!(recording(&svc, "s1", Some(&other), 0).is_err());
+        let by_name = Viewer {
+            id: String::new(),
+            ..alice(0)
+        };
+        assert_eq!(listed(Some(&by_name)), 1);
+        // Without ids (records from before them), the record's age decides.
+        let legacy_later = Viewer {
+            id: String::new(),
+            ..alice(t + 3_600_000)
+        };
+        assert_eq!(listed(Some(&legacy_later)), 0);
     }
 }

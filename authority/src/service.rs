@@ -317,11 +317,18 @@ impl Service {
                 };
                 let subject = handlers::dial::certified_user(self, &der, now)?;
                 Ok(Some(crate::audit::Viewer {
+                    id: subject.id,
                     name: subject.name,
                     since_ms: subject.created.saturating_mul(1000),
                 }))
             }
-            _ => Ok(user.map(|name| crate::audit::Viewer { name, since_ms: 0 })),
+            // An administrator's filter is by name: every recording of that name, whoever
+            // held it.
+            _ => Ok(user.map(|name| crate::audit::Viewer {
+                name,
+                id: String::new(),
+                since_ms: 0,
+            })),
         }
     }
 

@@ -49,6 +49,18 @@ pub struct UserRecord {
     /// The enrolled app's secret and the step of the last code accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totp: Option<TotpState>,
+    /// Random and never reused: certificates carry it, and sessions and recordings belong to
+    /// it (a user made later under a removed user's name gets another). Empty for records
+    /// made before ids existed.
+    #[serde(default)]
+    pub id: String,
+}
+
+/// A fresh user id.
+pub fn new_id() -> Result<String, RpcError> {
+    edgeport_proto::keys::random_bytes(12)
+        .map(hex::encode)
+        .map_err(|e| crate::errors::internal("a user id", e))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,6 +92,8 @@ pub struct Subject {
     /// When the record was made: a certificate older than this was issued to an earlier
     /// holder of the name and no longer counts.
     pub created: u64,
+    /// The user record's id (empty for bots and for records older than ids).
+    pub id: String,
 }
 
 impl From<&UserRecord> for Subject {
@@ -91,6 +105,7 @@ impl From<&UserRecord> for Subject {
             kube_groups: u.kube_groups.clone(),
             kube_users: u.kube_users.clone(),
             created: u.created,
+            id: u.id.clone(),
         }
     }
 }
@@ -104,6 +119,7 @@ impl From<&BotRecord> for Subject {
             kube_groups: Vec::new(),
             kube_users: Vec::new(),
             created: b.created,
+            id: String::new(),
         }
     }
 }
@@ -257,6 +273,7 @@ pub fn add(
         sso: None,
         require_totp: spec.require_totp,
         totp: None,
+        id: new_id()?,
     };
     store::update::<UserRecord, RpcError, _>(store, Table::Users, &spec.name, |cur| match cur {
         Some(_) => Err(exists(format!("user {} already exists", spec.name))),

@@ -188,6 +188,10 @@ pub struct RecordingInfo {
     pub login: String,
     pub started_ms: u64,
     pub bytes: u64,
+    /// The id of the user record whose certificate opened the session (empty for sessions
+    /// recorded before ids existed).
+    #[serde(default)]
+    pub user_id: String,
 }
 
 #[cfg(test)]

@@ -29,6 +29,10 @@ pub struct RolesExtension {
     /// Label key -> denied values. Deny wins over allow.
     #[serde(default)]
     pub deny_labels: BTreeMap<String, Vec<String>>,
+    /// The id of the user record the certificate was issued for (random, never reused):
+    /// sessions and recordings belong to it, not to the name, which a later user may take.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user_id: String,
 }
 
 impl RolesExtension {
@@ -38,6 +42,7 @@ impl RolesExtension {
             roles,
             allow: vec![BTreeMap::new()],
             deny_labels: BTreeMap::new(),
+            user_id: String::new(),
         }
     }
 
@@ -300,6 +305,7 @@ mod tests {
             roles: vec![],
             allow: vec![set("vans", "dev"), set("trucks", "prod")],
             deny_labels: BTreeMap::new(),
+            user_id: String::new(),
         };
         assert!(
             !two.allows_device(&labels),

@@ -32,3 +32,32 @@ pub fn user_tls(auth: &Authority, dir: &Path, name: &str) -> Arc<rustls::ClientC
     let ca = first_cert_der(&read(".cas")).expect("CA certificate");
     Arc::new(client_config(&ca, Some(&me), &[alpn::DIAL]).expect("TLS client config"))
 }
+
+/// A TLS stream to a gateway's TCP port, blocking.
+pub type GatewayStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// Opens `edgeport-dial/1` to the gateway at `addr` with `cfg`, sends one request frame and
+/// reads one reply frame (blocking). The stream is returned for what follows a `DialOk`.
+pub fn request(
+    cfg: &Arc<rustls::ClientConfig>,
+    addr: &str,
+    req: &edgeport_proto::tunnel::ClientRequest,
+) -> (edgeport_proto::tunnel::ClientReply, GatewayStream) {
+    use std::io::{Read, Write};
+    edgeport_proto::tls::install_crypto_provider();
+    let name =
+        rustls::pki_types::ServerName::try_from(edgeport_proto::tls::GATEWAY_SERVER_NAME).unwrap();
+    let conn = rustls::ClientConnection::new(cfg.clone(), name).expect("TLS client");
+    let tcp = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.write_all(&edgeport_proto::frame::encode(req).unwrap())
+        .unwrap();
+    s.flush().unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("the gateway answers");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).expect("the whole answer");
+    (edgeport_proto::frame::decode(&body).unwrap(), s)
+}

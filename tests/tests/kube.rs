@@ -805,10 +805,11 @@ fn read_head(s: &mut impl Read) -> String {
     String::from_utf8_lossy(&head).to_string()
 }
 
-#[test]
-fn upgrade_is_spliced_byte_for_byte() {
+/// A cluster whose agent `ws-dev` serves Kubernetes cluster `ws1` from the echo server (which
+/// records every request head it gets).
+fn echo_cluster(name: &str) -> (EchoServer, Cluster) {
     let echo = start_echo_server();
-    let mut c = Cluster::start("kube-ws", &[]);
+    let mut c = Cluster::start(name, &[]);
     let kc = c.dir.join("ws.kubeconfig");
     let ca = c.dir.join("ws-ca.pem");
     std::fs::write(&ca, &echo.ca_pem).unwrap();
@@ -834,6 +835,12 @@ fn upgrade_is_spliced_byte_for_byte() {
         ],
     ));
     wait_online(&c.tctl, "ws-dev", None, Duration::from_secs(60));
+    (echo, c)
+}
+
+#[test]
+fn upgrade_is_spliced_byte_for_byte() {
+    let (echo, c) = echo_cluster("kube-ws");
     add_kube_user(&c, "carol", "ops,viewers");
     let tls = c.dir.join("carol-tls");
     c.tctl.ok(&[
@@ -1070,4 +1077,96 @@ fn kube_bench() {
         });
         println!("BENCH GET /version direct, {conns} connection(s): {r:.0} req/s");
     }
+}
+
+/// A compromised gateway forwards a Kubernetes request with a valid ticket for carol but
+/// writes `system:masters` and another user into the header: the holding gateway and the
+/// device take the identity from the ticket, so the API server sees carol and her groups.
+#[test]
+fn a_rogue_gateway_cannot_choose_whom_the_device_impersonates() {
+    use edgeport_proto::rpc::{Request, Response};
+    use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
+    let (echo, c) = echo_cluster("kube-rogue");
+    add_kube_user(&c, "carol", "ops,viewers");
+    let tls = c.dir.join("carol-tls");
+    c.tctl.ok(&[
+        "auth",
+        "sign",
+        "--user",
+        "carol",
+        "--format",
+        "tls",
+        "--out",
+        tls.to_str().unwrap(),
+    ]);
+    let carol_pem = std::fs::read_to_string(format!("{}.crt", tls.display())).unwrap();
+    let carol = edgeport_proto::keys::first_cert_der(&carol_pem).unwrap();
+    // Gateway A joins; the attacker holds its identity.
+    let gw_a = edgeport_e2e::fabric::Gateway::start(&c.dir.join("gateway-a"), &c.auth);
+    edgeport_proto::tls::install_crypto_provider();
+    let ident = edgeport_gateway::identity::load(&gw_a.data_dir).unwrap();
+    let to_auth = Arc::new(ident.rpc_client_config().unwrap());
+    let to_gw = Arc::new(
+        edgeport_proto::tls::client_config(
+            &ident.ca_der().unwrap(),
+            Some(&ident.cert_key().unwrap()),
+            &[edgeport_proto::alpn::DIAL],
+        )
+        .unwrap(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let grant = rt.block_on(async {
+        let mut a = edgeport_proto::rpc_client::RpcClient::connect(&c.tctl.addr, to_auth)
+            .await
+            .unwrap();
+        a.call(Request::AuthorizeDial {
+            user_cert_der: carol,
+            device: "ws-dev".into(),
+            service: Service::Kube,
+        })
+        .await
+        .unwrap()
+    });
+    let Response::DialAllowed(grant) = grant else {
+        panic!("{grant:?}")
+    };
+    let req = ClientRequest::Forward {
+        device_id: "ws-dev".into(),
+        header: StreamHeader {
+            service: Service::Kube,
+            user: Some("admin".into()),
+            session_id: "0123456789abcdef".into(),
+            client_addr: "198.51.100.7:4242".into(),
+            kube_groups: vec!["system:masters".into()],
+            kube_users: vec!["admin".into()],
+            ticket: grant.ticket,
+            via: None,
+        },
+    };
+    let (reply, mut s) = edgeport_e2e::dial::request(&to_gw, &c.gw.addr, &req);
+    assert!(matches!(reply, ClientReply::DialOk { .. }), "{reply:?}");
+    s.write_all(
+        b"GET /api/v1/namespaces/kube-system/secrets HTTP/1.1\r\nHost: kubernetes\r\n\
+          Impersonate-User: admin\r\nImpersonate-Group: system:masters\r\n\r\n",
+    )
+    .unwrap();
+    s.flush().unwrap();
+    // The device answers (or closes) only after the API server has seen the request.
+    let mut answer = [0u8; 512];
+    let _ = s.read(&mut answer);
+    let heads = echo.heads.lock().unwrap().clone();
+    let head = heads
+        .iter()
+        .find(|h| h.contains("/kube-system/secrets"))
+        .unwrap_or_else(|| panic!("the request never reached the API server: {heads:?}"))
+        .to_ascii_lowercase();
+    assert!(head.contains("impersonate-user: carol"), "{head}");
+    assert!(head.contains("impersonate-group: ops"), "{head}");
+    assert!(
+        !head.contains("system:masters") && !head.contains("impersonate-user: admin"),
+        "{head}"
+    );
 }

@@ -19,17 +19,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgeport_e2e::dial::user_tls;
+use edgeport_e2e::dial::{request, user_tls};
 use edgeport_e2e::fabric::Gateway;
 use edgeport_e2e::ssh::{Cluster, Tsh};
 use edgeport_e2e::wait_until;
+use edgeport_proto::alpn;
 use edgeport_proto::keys::first_cert_der;
 use edgeport_proto::rpc::{ErrorKind, Request, Response};
 use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::ticket::DialTicket;
-use edgeport_proto::tls::{client_config, CertKey, GATEWAY_SERVER_NAME};
+use edgeport_proto::tls::client_config;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
-use edgeport_proto::{alpn, read_frame, write_frame};
 
 const PW: &str = "correct horse battery";
 
@@ -41,53 +41,27 @@ struct Stolen {
 
 fn steal(dir: &Path) -> Stolen {
     edgeport_proto::tls::install_crypto_provider();
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("gateway identity file");
-    let key = pem::parse(read("gateway.key"))
-        .expect("key PEM")
-        .into_contents();
-    let cas: serde_json::Value = serde_json::from_str(&read("cas.json")).unwrap();
-    let ca = first_cert_der(cas["x509_ca_pem"].as_str().unwrap()).unwrap();
-    let me = CertKey::from_pem(&read("gateway.crt"), None, key).expect("gateway certificate");
+    let ident = edgeport_gateway::identity::load(dir).expect("gateway identity");
+    let me = ident.cert_key().unwrap();
+    let ca = ident.ca_der().unwrap();
     Stolen {
         to_gateway: Arc::new(client_config(&ca, Some(&me), &[alpn::DIAL]).unwrap()),
-        to_authority: Arc::new(client_config(&ca, Some(&me), &[alpn::RPC]).unwrap()),
+        to_authority: Arc::new(ident.rpc_client_config().unwrap()),
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Sends `ClientRequest::Forward` to the gateway at `addr` over TCP+TLS; returns the reply.
+/// Sends `ClientRequest::Forward` to the gateway at `addr`; returns the reply.
 fn forward(
     cfg: &Arc<rustls::ClientConfig>,
     addr: &str,
     device: &str,
     header: StreamHeader,
 ) -> ClientReply {
-    runtime().block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from(GATEWAY_SERVER_NAME).unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(cfg.clone())
-            .connect(name, tcp)
-            .await
-            .unwrap();
-        let req = ClientRequest::Forward {
-            device_id: device.into(),
-            header,
-        };
-        write_frame(&mut s, &req).await.unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            read_frame::<ClientReply, _>(&mut s),
-        )
-        .await
-        .expect("the holder answers")
-        .unwrap()
-    })
+    let req = ClientRequest::Forward {
+        device_id: device.into(),
+        header,
+    };
+    request(cfg, addr, &req).0
 }
 
 /// One request to the authority with the stolen identity.
@@ -96,7 +70,11 @@ fn ask(
     auth: &str,
     req: Request,
 ) -> Result<Response, RpcClientError> {
-    runtime().block_on(async {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
         let mut c = RpcClient::connect(auth, cfg.clone()).await?;
         c.call(req).await
     })
@@ -195,6 +173,44 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
         }
         other => panic!("a gateway listed recordings on its own word: {other:?}"),
     }
+
+    // A recording piece planted in a device's audit stream: the gateway holds no device key,
+    // so the batch is refused and nothing is stored.
+    let mut chunk =
+        edgeport_proto::audit::AuditEvent::new(edgeport_proto::audit::RECORDING_CHUNK, 1);
+    chunk.seq = 1;
+    chunk.prev_hash = edgeport_proto::audit::GENESIS_HASH.into();
+    chunk.session_id = "feedfacefeedfacefeedfacefeedface".into();
+    chunk.user = "alice".into();
+    chunk.fields.insert("data".into(), "planted".into());
+    let forger = edgeport_proto::keys::KeyPair::generate().unwrap();
+    let events = vec![chunk];
+    let batch = edgeport_proto::audit::AuditBatch {
+        signature: forger.sign(&edgeport_proto::audit::batch_payload("dev1", &events)),
+        events,
+    };
+    match ask(
+        &stolen.to_authority,
+        &c.tctl.addr,
+        Request::AuditUpload {
+            device_id: "dev1".into(),
+            batch,
+        },
+    ) {
+        Ok(Response::AuditAck(a)) => assert!(a.error.is_some() && a.acked_seq == 0, "{a:?}"),
+        Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => {
+            assert!(e.message.contains("signature"), "{e}")
+        }
+        other => panic!("a planted recording piece was taken: {other:?}"),
+    }
+    // (verify exits non-zero: it found the alert.)
+    let verify = c.tctl.run(&["audit", "verify", "--format", "json"]);
+    assert!(!verify.ok(), "{}", verify.stdout());
+    assert!(
+        verify.stdout().contains("bad_signature"),
+        "no integrity alert: {}",
+        verify.stdout()
+    );
 
     // alice's real certificate (the kind a rogue gateway sees when she connects through it)
     // gets a ticket for one device, one service, one use.

@@ -128,9 +128,10 @@ pub(crate) fn login(
                     req.user
                 )))
             }
-            Some(u) => u.created,
-            None => now,
+            Some(u) => (u.created, u.id.clone()),
+            None => (now, crate::users::new_id()?),
         };
+        let (created, id) = created;
         Ok(Some(UserRecord {
             name: req.user.clone(),
             logins: grant.logins.clone(),
@@ -143,6 +144,7 @@ pub(crate) fn login(
             sso: Some(identity.clone()),
             require_totp: false,
             totp: None,
+            id,
         }))
     })?
     .ok_or_else(|| denied("the user record could not be written"))?;

@@ -12,6 +12,7 @@ use crate::errors::{denied, internal, invalid, locked, not_found};
 use crate::service::Service;
 use crate::users::{self, check_name, Subject};
 use crate::{locks, roles};
+use edgeport_proto::sshcert::RolesExtension;
 
 /// The principal of a certificate for a user without logins: no Edgeport login can have this
 /// name (names start with a letter or digit), so it opens nothing, yet the certificate stays
@@ -65,7 +66,10 @@ pub fn issue(
             permit_pty: grants.permit_pty,
             permit_port_forwarding: grants.permit_port_forwarding,
             permit_agent_forwarding: grants.permit_agent_forwarding,
-            roles: &grants.extension,
+            roles: &RolesExtension {
+                user_id: subject.id.clone(),
+                ..grants.extension.clone()
+            },
         })
         .map_err(|e| internal("SSH user certificate", e))?;
     let x509_cert_pem = svc

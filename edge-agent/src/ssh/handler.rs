@@ -236,6 +236,7 @@ impl ConnHandler {
             .session(&self.session_id)
             .user(&auth.grant.user)
             .login(&auth.grant.login)
+            .field("user_id", &auth.grant.roles.user_id)
             .field("kind", kind)
             .field("pty", master.is_some())
             .field("device", dev)
