@@ -700,6 +700,10 @@ pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
             p.fields
                 .insert("target".into(), crate::locks::describe(target));
         }
+        Request::GatewayRemove { id } => {
+            p.kind = "gateway.revoked";
+            p.fields.insert("gateway".into(), id.clone());
+        }
         _ => return None,
     }
     Some(p)

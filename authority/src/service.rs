@@ -156,13 +156,17 @@ pub fn request_name(req: &Request) -> &'static str {
     }
 }
 
-/// Requests whose success can turn an allowed dial into a refused one: gateways must stop
-/// reusing the authority's earlier answers. (A device that joins again with other labels is
-/// not among them: the agent checks roles against its own labels at every session.)
-fn tightens_policy(req: &Request) -> bool {
+/// Requests whose success changes what gateways must enforce: anything that can turn an
+/// allowed dial into a refused one (gateways must stop reusing the authority's earlier
+/// answers), and a removed lock (gateways fetch the lock list again). Each waits, briefly,
+/// until the watching gateways have done so, so it is in force when tctl returns. (A device
+/// that joins again with other labels is not among them: the agent checks roles against its
+/// own labels at every session.)
+fn moves_policy(req: &Request) -> bool {
     matches!(
         req,
         Request::LockAdd(_)
+            | Request::LockRemove { .. }
             | Request::UserRemove { .. }
             | Request::DeviceRemove { .. }
             | Request::RoleUpsert(_)
@@ -269,11 +273,11 @@ impl Service {
     pub fn handle_at(&self, caller: &Caller, req: Request, now: u64) -> Response {
         let name = request_name(&req);
         let pending = crate::audit::describe(caller, &req);
-        let tightens = tightens_policy(&req);
+        let moves = moves_policy(&req);
         let result = check_access(caller, &req)
             .and_then(|()| self.check_standing(caller, now))
             .and_then(|()| self.dispatch(caller, req, now));
-        if tightens && result.is_ok() {
+        if moves && result.is_ok() {
             self.standing.changed();
             self.policy.changed();
         }
@@ -482,7 +486,9 @@ impl Service {
             Request::SsoMapSet(m) => handlers::sso::map_set(store, m),
             Request::SsoMapList => handlers::sso::map_list(store),
             Request::SsoMapRemove { group } => handlers::sso::map_remove(store, &group),
-            Request::PresenceAckPart { part } => handlers::presence::ack_part(self, part, now),
+            Request::PresenceAckPart { part, digest } => {
+                handlers::presence::ack_part(self, part, &digest, now)
+            }
             Request::GatewayList => crate::gateways::list_info(self, now),
             Request::GatewayRemove { id } => {
                 crate::gateways::revoke(store, &id, now)?;

@@ -953,18 +953,29 @@ fn revoked_and_locked_gateways_are_refused() {
         other => panic!("{other:?}"),
     };
     let key = KeyPair::generate().unwrap();
-    match svc.handle_at(
-        &Caller::Anonymous,
-        Request::JoinGateway(JoinGatewayRequest {
-            token,
-            gateway_id: Some("gw-1".into()),
-            public_key_spki_der: key.spki_der(),
-            dns_names: vec![],
-            ip_addrs: vec![],
-        }),
-        now,
-    ) {
+    let join_as = |id: &str| {
+        svc.handle_at(
+            &Caller::Anonymous,
+            Request::JoinGateway(JoinGatewayRequest {
+                token: token.clone(),
+                gateway_id: Some(id.into()),
+                public_key_spki_der: key.spki_der(),
+                dns_names: vec![],
+                ip_addrs: vec![],
+            }),
+            now,
+        )
+    };
+    match join_as("gw-1") {
         Response::Error(e) => assert!(e.message.contains("gw-1 was revoked"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // Nor does it take over a live gateway's name.
+    match join_as("gw-2") {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::AlreadyExists, "{e}");
+            assert!(e.message.contains("already joined"), "{e}");
+        }
         other => panic!("{other:?}"),
     }
     // A lock bars a gateway while it lasts.

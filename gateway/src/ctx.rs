@@ -43,6 +43,9 @@ pub struct Ctx {
     pub peers: crate::peers::Peers,
     /// Dial tickets of forwarded dials taken here (each is taken once).
     pub tickets: edgeport_proto::ticket::ReplayGuard,
+    /// Held while a presence report is in flight (the presence loop and the policy watch
+    /// both send them).
+    pub reporting: tokio::sync::Mutex<()>,
     /// Gateways the authority revoked or locked, from the latest presence acknowledgement:
     /// their forwarded dials are refused and their links closed.
     pub barred_gateways: tokio::sync::watch::Sender<Vec<String>>,
@@ -79,6 +82,7 @@ impl Ctx {
             peers: Default::default(),
             tickets: Default::default(),
             barred_gateways: tokio::sync::watch::Sender::new(Vec::new()),
+            reporting: tokio::sync::Mutex::new(()),
         }
     }
 

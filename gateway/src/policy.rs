@@ -1,8 +1,8 @@
 //! The gateway's watch on the authority's policy epoch (see the authority's `policy`
 //! module): a long poll on a connection of its own. When the epoch moves, reusable grants
-//! are dropped before the next poll acknowledges it, and locks are fetched again with a
-//! presence report. While the watch is down, grants are not reused (beyond the unwatched
-//! limits in [`crate::grants`]).
+//! are dropped and the lock list is fetched again (a presence report) before the next poll
+//! acknowledges it, so a lock or an unlock is in force here when `tctl` returns. While the
+//! watch is down, grants are not reused (beyond the unwatched limits in [`crate::grants`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,9 @@ use crate::ctx::Ctx;
 
 /// Wait before reconnecting a broken watch.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long fetching the lock list may hold up the acknowledgement (the authority waits
+/// about as long for it).
+const LOCKS_WAIT: Duration = Duration::from_millis(1500);
 
 pub async fn run(ctx: Arc<Ctx>) {
     let mut healthy = true;
@@ -36,7 +39,7 @@ pub async fn run(ctx: Arc<Ctx>) {
 }
 
 /// One connection's worth of watching; returns when it fails (or at shutdown, Ok).
-async fn watch(ctx: &Ctx) -> Result<(), String> {
+async fn watch(ctx: &Arc<Ctx>) -> Result<(), String> {
     let mut client = ctx.auth.dedicated().await.map_err(|e| e.to_string())?;
     // An epoch the authority never has: the first answer comes at once.
     let mut seen = 0;
@@ -53,8 +56,13 @@ async fn watch(ctx: &Ctx) -> Result<(), String> {
             ctx.grants.invalidate();
             if seen != 0 {
                 tracing::debug!(epoch, "policy changed at the authority; grants dropped");
-                // Fetch the lock list now rather than at the next presence tick.
-                ctx.tunnels.changed.notify_one();
+                // The lock list now, before acknowledging (the authority waits at most a
+                // couple of seconds for that; a failed report is retried by the presence loop).
+                let fetched = tokio::time::timeout(LOCKS_WAIT, crate::presence::report(ctx)).await;
+                if !matches!(fetched, Ok(Ok(()))) {
+                    tracing::debug!("lock list not fetched at once; the presence loop retries");
+                    ctx.tunnels.changed.notify_one();
+                }
             }
         }
         ctx.grants.set_watched(exclusive);

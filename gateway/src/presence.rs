@@ -91,7 +91,14 @@ async fn send(ctx: &Ctx, report: PresenceReport) -> Result<PresenceAck, ReportEr
     let mut ack = call(ctx, Request::Presence(report)).await?;
     let mut part = 1;
     while ack.more {
-        let next = call(ctx, Request::PresenceAckPart { part }).await?;
+        let next = call(
+            ctx,
+            Request::PresenceAckPart {
+                part,
+                digest: ack.digest.clone(),
+            },
+        )
+        .await?;
         ack.locks.extend(next.locks);
         ack.revoked_devices.extend(next.revoked_devices);
         ack.revoked_gateways.extend(next.revoked_gateways);
@@ -147,8 +154,10 @@ async fn send_all(ctx: &Ctx, reports: Vec<PresenceReport>) -> Result<PresenceAck
     Ok(last)
 }
 
-/// Sends one snapshot and applies the acknowledgement.
+/// Sends one snapshot and applies the acknowledgement. One report at a time: the parts of two
+/// snapshots must not interleave at the authority.
 pub async fn report(ctx: &Arc<Ctx>) -> Result<(), ReportError> {
+    let _one = ctx.reporting.lock().await;
     let disconnected = ctx.tunnels.take_disconnected();
     let mut reports = parts(
         ctx.cfg.presence_lease.as_secs(),
@@ -266,6 +275,7 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
 
 /// On shutdown: every device this gateway held is offline now (best effort, short).
 pub async fn final_report(ctx: &Ctx, reason: &str) {
+    let _one = tokio::time::timeout(Duration::from_secs(1), ctx.reporting.lock()).await;
     let mut disconnected = ctx.tunnels.take_disconnected();
     disconnected.extend(
         ctx.tunnels

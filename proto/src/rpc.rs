@@ -125,6 +125,8 @@ pub enum Request {
     /// began (locks, removed devices, revoked gateways), as acknowledgements themselves.
     PresenceAckPart {
         part: u32,
+        /// The first part's `digest`: the lists must not have changed in between.
+        digest: String,
     },
     /// Admin: the gateways that joined, with what the authority knows of them.
     GatewayList,
@@ -474,6 +476,9 @@ pub struct PresenceAck {
     /// The lists above did not fit in one frame: ask for the next part
     /// ([`Request::PresenceAckPart`]) until one comes without `more`.
     pub more: bool,
+    /// Hex SHA-256 of the whole lists, in every part: parts are taken together only when
+    /// they are of the same lists.
+    pub digest: String,
 }
 
 /// A gateway, as `tctl gateways ls` shows it.

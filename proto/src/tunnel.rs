@@ -96,7 +96,8 @@ pub struct StreamHeader {
     pub user: Option<String>,
     pub session_id: String,
     pub client_addr: String,
-    /// Kubernetes identity the agent must impersonate (service `kube`).
+    /// The user's Kubernetes groups and users, for the gateway's own records. The agent
+    /// impersonates only whom the `ticket` names, never these.
     pub kube_groups: Vec<String>,
     pub kube_users: Vec<String>,
     /// The authority's ticket for this dial: a holding gateway takes a forwarded dial only

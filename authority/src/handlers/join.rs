@@ -13,7 +13,7 @@ use edgeport_proto::util::valid_name;
 
 use crate::ca::{CaError, BACKDATE_SECS, MACHINE_CERT_TTL_SECS};
 use crate::devices::{self, DeviceRecord};
-use crate::errors::{denied, internal, invalid, not_found};
+use crate::errors::{denied, exists, internal, invalid, not_found};
 use crate::gateways::{self, GatewayRecord};
 use crate::service::Service;
 use crate::tokens::{self, check_labels};
@@ -102,11 +102,21 @@ pub fn join_gateway(
         }
         None => random_id("gw")?,
     };
-    // A revoked gateway's name stays revoked: a stolen token cannot bring it back.
-    if gateways::get(store, &id)?.is_some_and(|g| g.revoked) {
-        return Err(denied(format!(
-            "gateway {id} was revoked; join a new gateway under another name"
-        )));
+    // A name belongs to the gateway that joined under it: a token cannot take over a live
+    // gateway's identity, and a revoked name stays revoked.
+    match gateways::get(store, &id)? {
+        Some(g) if g.revoked => {
+            return Err(denied(format!(
+                "gateway {id} was revoked; join a new gateway under another name"
+            )))
+        }
+        Some(_) => {
+            return Err(exists(format!(
+                "a gateway named {id} already joined; join under another name (or let the \
+                 authority pick one), or revoke it first with tctl gateways rm {id}"
+            )))
+        }
+        None => {}
     }
     check_spki(&req.public_key_spki_der).map_err(|e| invalid(e.to_string()))?;
     let ips = check_gateway_names(&req.dns_names, &req.ip_addrs)?;

@@ -61,9 +61,16 @@ pub fn presence(
     Ok(Response::PresenceAck(ack))
 }
 
-/// Part `part` of what gateways must enforce (`PresenceAckPart`).
-pub fn ack_part(svc: &Service, part: u32, now: u64) -> Result<Response, RpcError> {
-    Ok(Response::PresenceAck(enforcement_part(svc, part, now)?))
+/// Part `part` of what gateways must enforce (`PresenceAckPart`), of the same lists as the
+/// first part (`digest`): if they changed in between, the gateway must start again.
+pub fn ack_part(svc: &Service, part: u32, digest: &str, now: u64) -> Result<Response, RpcError> {
+    let ack = enforcement_part(svc, part, now)?;
+    if ack.digest != digest {
+        return Err(invalid(
+            "the locks or revocations changed while they were being fetched; report again",
+        ));
+    }
+    Ok(Response::PresenceAck(ack))
 }
 
 fn clip(version: &str) -> &str {
@@ -115,6 +122,10 @@ fn enforcement_part(svc: &Service, part: u32, now: u64) -> Result<PresenceAck, R
             .into_iter()
             .map(Enforce::RevokedDevice),
     );
+    let digest = hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        &postcard::to_stdvec(&all).unwrap_or_default(),
+    ));
     let mut parts = chunk_within(all, LIST_BUDGET - SUPERSEDED_BUDGET);
     let n = parts.len() as u32;
     let Some(chosen) = parts.get_mut(part as usize) else {
@@ -124,6 +135,7 @@ fn enforcement_part(svc: &Service, part: u32, now: u64) -> Result<PresenceAck, R
     };
     let mut ack = PresenceAck {
         more: part + 1 < n,
+        digest,
         ..Default::default()
     };
     for e in std::mem::take(chosen) {
@@ -191,7 +203,14 @@ mod tests {
         let (mut locks, mut removed) = (first.locks.len(), first.revoked_devices.len());
         let mut part = 1;
         loop {
-            let resp = svc.handle_at(&gw, Request::PresenceAckPart { part }, now);
+            let resp = svc.handle_at(
+                &gw,
+                Request::PresenceAckPart {
+                    part,
+                    digest: first.digest.clone(),
+                },
+                now,
+            );
             assert!(edgeport_proto::frame::encode(&resp).is_ok(), "part {part}");
             let Response::PresenceAck(a) = resp else {
                 panic!("{resp:?}")
@@ -206,8 +225,24 @@ mod tests {
         assert_eq!((locks, removed), (1000, 10_000));
         assert!(part > 5, "{part} parts");
         // A part that does not exist is a clear error, not an empty list.
-        match svc.handle_at(&gw, Request::PresenceAckPart { part: 10_000 }, now) {
+        let part = |part, digest: &str| {
+            svc.handle_at(
+                &gw,
+                Request::PresenceAckPart {
+                    part,
+                    digest: digest.into(),
+                },
+                now,
+            )
+        };
+        match part(10_000, &first.digest) {
             Response::Error(e) => assert!(e.message.contains("no part 10000"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // Lists that changed between two parts are never taken together.
+        locks::remove(svc.store(), &LockTarget::User("user-0000".into())).unwrap();
+        match part(1, &first.digest) {
+            Response::Error(e) => assert!(e.message.contains("changed"), "{e}"),
             other => panic!("{other:?}"),
         }
     }

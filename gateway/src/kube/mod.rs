@@ -2,10 +2,12 @@
 //! `h2` or `http/1.1`).
 //!
 //! The gateway terminates TLS here (the one place it must, to apply roles): it checks the
-//! user's x509 certificate against the cluster CA, refuses unknown, expired and locked users
-//! (the authority's `AuthorizeDial`, cached for a few seconds), finds the device whose agent
-//! serves CLUSTER, opens a `kube` stream to it with the user's Kubernetes identity in the
-//! [`StreamHeader`], and speaks HTTP/1.1 to the agent on that stream: one stream per request.
+//! user's x509 certificate against the cluster CA, finds the device whose agent serves
+//! CLUSTER, and asks the authority for each request (`AuthorizeDial` with the user's
+//! certificate: unknown, expired and locked users are refused there). The answer's ticket goes
+//! in the [`StreamHeader`] of a `kube` stream to the device, which impersonates only whom the
+//! ticket names; the gateway speaks HTTP/1.1 to the agent on that stream, one stream per
+//! request.
 //! Bodies stream both ways without buffering; a 101 answer is spliced byte for byte.
 
 pub mod audit;
