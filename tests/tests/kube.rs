@@ -770,22 +770,37 @@ fn front_door(
     gw_port: u16,
     tls: &Path,
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    front_door_as(gw_port, tls, true)
+}
+
+/// A TLS connection to the front door (HTTP/1.1), with the client certificate of `tls` or,
+/// without `client_cert`, none (the CA still comes from `tls`).
+fn front_door_as(
+    gw_port: u16,
+    tls: &Path,
+    client_cert: bool,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
     let ca = pem::parse(std::fs::read(tls.with_extension("cas")).unwrap()).unwrap();
-    let cert = pem::parse(std::fs::read(tls.with_extension("crt")).unwrap()).unwrap();
-    let key = pem::parse(std::fs::read(tls.with_extension("key")).unwrap()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.contents().to_vec().into()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![cert.contents().to_vec().into()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.contents().to_vec().into()),
-    )
-    .unwrap();
+    .with_root_certificates(roots);
+    let mut cfg = if client_cert {
+        let cert = pem::parse(std::fs::read(tls.with_extension("crt")).unwrap()).unwrap();
+        let key = pem::parse(std::fs::read(tls.with_extension("key")).unwrap()).unwrap();
+        builder
+            .with_client_auth_cert(
+                vec![cert.contents().to_vec().into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.contents().to_vec().into()),
+            )
+            .unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let conn = rustls::ClientConnection::new(Arc::new(cfg), "gateway.edgeport".try_into().unwrap())
         .unwrap();
@@ -1168,5 +1183,97 @@ fn a_rogue_gateway_cannot_choose_whom_the_device_impersonates() {
     assert!(
         !head.contains("system:masters") && !head.contains("impersonate-user: admin"),
         "{head}"
+    );
+}
+
+type FrontDoor = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A request for a cluster nobody serves (the gateway answers it itself).
+fn get_missing(s: &mut FrontDoor) {
+    s.write_all(b"GET /k8s/no-such-cluster/api HTTP/1.1\r\nHost: gateway.edgeport\r\n\r\n")
+        .unwrap();
+    s.flush().unwrap();
+}
+
+/// Everything until the connection ends (end of stream or a reset), and how long that took.
+fn read_to_close(s: &mut FrontDoor) -> (Duration, String) {
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    let mut all = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return (t.elapsed(), String::from_utf8_lossy(&all).to_string()),
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The front door answers a refused client once and closes the connection, and checks a
+/// certificate's expiry at every request of a kept-alive connection.
+#[test]
+fn refused_and_expired_clients_are_disconnected() {
+    let (_echo, c) = echo_cluster("kube-refuse");
+    add_kube_user(&c, "erin", "ops");
+    let short = c.dir.join("erin-short");
+    c.tctl.ok(&[
+        "auth",
+        "sign",
+        "--user",
+        "erin",
+        "--format",
+        "tls",
+        "--ttl",
+        "8s",
+        "--out",
+        short.to_str().unwrap(),
+    ]);
+    // No client certificate: 401, then the connection closes (it used to stay open).
+    let mut anon = front_door_as(c.gw.port, &short, false);
+    get_missing(&mut anon);
+    let (took, answer) = read_to_close(&mut anon);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("no client certificate"), "{answer}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the refused connection stayed open {took:?}"
+    );
+    // A certificate that expires while its connection is kept alive: the first request is
+    // served (404: no such cluster), the one after expiry is refused and the connection closes.
+    let mut s = front_door(c.gw.port, &short);
+    get_missing(&mut s);
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    // The rest of the answer: a sized body by its length, a chunked one to the empty chunk.
+    let lower = head.to_ascii_lowercase();
+    match lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+    {
+        Some(n) => {
+            let mut body = vec![0u8; n.trim().parse().unwrap()];
+            s.read_exact(&mut body).unwrap();
+        }
+        None => {
+            let mut rest = Vec::new();
+            let mut b = [0u8; 1];
+            while !rest.ends_with(b"0\r\n\r\n") {
+                assert_eq!(s.read(&mut b).unwrap(), 1, "eof in the body after {head}");
+                rest.push(b[0]);
+            }
+        }
+    }
+    // (8 s of validity, checked against the gateway's clock.) The connection ends with its
+    // certificate: closed by then, or a request that races the close is refused as expired.
+    std::thread::sleep(Duration::from_secs(9));
+    let _ = s.write_all(b"GET /k8s/no-such-cluster/api HTTP/1.1\r\nHost: gateway.edgeport\r\n\r\n");
+    let _ = s.flush();
+    let (took, answer) = read_to_close(&mut s);
+    assert!(
+        answer.is_empty() || (answer.starts_with("HTTP/1.1 401") && answer.contains("expired")),
+        "a request after the certificate expired was answered: {answer}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "the expired connection stayed open {took:?}"
     );
 }

@@ -46,6 +46,17 @@ const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
 const INVENTORY_TTL: Duration = Duration::from_secs(5);
 /// Idle HTTP/1.1 keep-alive connections are closed after this long without a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection (HTTP/1.1 or HTTP/2) with no request in flight for this long is closed.
+/// kubectl opens a new one when it needs it; watches and exec streams are requests in flight.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// No connection lives longer than this (nor past its certificate): then it is asked to
+/// close (HTTP/2 GOAWAY), and requests still in flight get [`DRAIN`] to finish.
+const MAX_AGE: Duration = Duration::from_secs(3600);
+/// How long a closing connection's requests in flight may still run.
+const DRAIN: Duration = Duration::from_secs(30);
+/// A connection whose certificate was refused gets its one answer, then this long to read
+/// it before it is closed.
+const REFUSED_LINGER: Duration = Duration::from_secs(5);
 
 /// Front-door state kept in [`Ctx`].
 #[derive(Default)]
@@ -59,8 +70,37 @@ pub struct KubeState {
 /// Who is on the other end of one TLS connection.
 struct Conn {
     addr: SocketAddr,
-    /// The user, or why the certificate was refused (answered to every request).
+    /// The user, or why the certificate was refused (answered to the first request, then
+    /// the connection closes).
     user: Result<UserCert, String>,
+    /// The certificate's notAfter (Unix seconds): checked at every request.
+    not_after: u64,
+    /// Requests in flight, and when the last one ended (for the idle limit).
+    busy: std::sync::atomic::AtomicUsize,
+    last_done: Mutex<Instant>,
+    /// Set when the connection must close (refused or expired certificate).
+    close: tokio::sync::Notify,
+}
+
+/// Counts a request in flight on its connection until dropped.
+struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    fn new(conn: &Arc<Conn>) -> Self {
+        conn.busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(conn.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.0.last_done.lock() {
+            *t = Instant::now();
+        }
+        self.0
+            .busy
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn status_body(status: StatusCode, reason: &str, msg: &str) -> HttpResponse<Body> {
@@ -123,11 +163,35 @@ pub async fn serve(
     if let Err(why) = &user {
         tracing::info!(%addr, "kubernetes client refused: {why}");
     }
-    let conn = Arc::new(Conn { addr, user });
+    let not_after = user
+        .as_ref()
+        .ok()
+        .and_then(|u| edgeport_proto::tls::not_after(&u.der).ok())
+        .unwrap_or(0);
+    let conn = Arc::new(Conn {
+        addr,
+        user,
+        not_after,
+        busy: Default::default(),
+        last_done: Mutex::new(Instant::now()),
+        close: tokio::sync::Notify::new(),
+    });
+    let state = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let conn = conn.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(ctx, conn, req).await) }
+        async move {
+            // In flight until the response body is done (watches, logs -f).
+            let guard = InFlight::new(&conn);
+            let resp = handle(ctx, conn, req).await;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                body.map_frame(move |f| {
+                    let _held = &guard;
+                    f
+                })
+                .boxed()
+            }))
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -140,11 +204,42 @@ pub async fn serve(
         .max_header_list_size(H2_MAX_HEADER_LIST)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-        .await
-    {
-        tracing::debug!(%addr, "kubernetes connection ended: {e}");
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+    tokio::pin!(served);
+    // A refused certificate gets no second request; an expiring one none past its end; and no
+    // connection stays idle or open forever (HTTP/2 has no idle limit of its own).
+    let left = state
+        .not_after
+        .saturating_sub(edgeport_proto::util::now_secs());
+    let max_age = tokio::time::Instant::now() + MAX_AGE.min(Duration::from_secs(left));
+    let mut closing: Option<tokio::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        let why = tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%addr, "kubernetes connection ended: {e}");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(closing.unwrap_or(max_age)), if closing.is_some() => {
+                tracing::debug!(%addr, "kubernetes connection closed: draining took too long");
+                return;
+            }
+            _ = state.close.notified(), if closing.is_none() => ("certificate refused", REFUSED_LINGER),
+            _ = tokio::time::sleep_until(max_age), if closing.is_none() => ("maximum age", DRAIN),
+            _ = tick.tick(), if closing.is_none() => {
+                let idle = state.busy.load(std::sync::atomic::Ordering::SeqCst) == 0
+                    && state.last_done.lock().map(|t| t.elapsed() >= IDLE_TIMEOUT).unwrap_or(true);
+                if !idle {
+                    continue;
+                }
+                ("idle", DRAIN)
+            }
+        };
+        tracing::debug!(%addr, reason = why.0, "closing the kubernetes connection");
+        served.as_mut().graceful_shutdown();
+        closing = Some(tokio::time::Instant::now() + why.1);
     }
 }
 
@@ -283,8 +378,19 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap, upgrade: bool) {
 
 async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> HttpResponse<Body> {
     let who = match &conn.user {
-        Ok(u) => u.clone(),
-        Err(why) => return status_body(StatusCode::UNAUTHORIZED, "Unauthorized", why),
+        Ok(u) if edgeport_proto::util::now_secs() < conn.not_after => u.clone(),
+        Ok(_) => {
+            conn.close.notify_one();
+            return status_body(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "client certificate expired: run `tsh login` and `tsh kube login CLUSTER` again",
+            );
+        }
+        Err(why) => {
+            conn.close.notify_one();
+            return status_body(StatusCode::UNAUTHORIZED, "Unauthorized", why);
+        }
     };
     let user = who.name.clone();
     let head: usize = req.uri().to_string().len()
