@@ -1,6 +1,11 @@
 //! The gateway's connection to the authority: a few pooled mTLS RPC connections, made on
 //! demand and dropped when they fail, so an authority restart heals by itself and concurrent
 //! callers (joins, dials, presence) do not queue behind each other.
+//!
+//! Requests go in two lanes with their own budgets ([`Lane`]): what keeps the cluster safe
+//! and usable (presence and the lock lists it brings, dial grants, device lists) never waits
+//! behind bulk work that anyone can cause in numbers (logins, audit uploads, renewals,
+//! joins, recordings).
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -8,15 +13,46 @@ use edgeport_proto::rpc::{Request, Response};
 use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::FrameError;
 
-/// Connections at once (and idle ones kept for reuse): bursts of dials queue here instead
-/// of opening a connection each.
+/// Requests at once in the control lane (and idle connections kept for reuse): bursts of
+/// dials queue here instead of opening a connection each.
 const POOL: usize = 8;
+/// Requests at once in the bulk lane.
+const BULK: usize = 4;
+
+/// Which budget a request is counted against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Presence and lock lists, dial grants, device lists, policy.
+    Control,
+    /// Logins, single sign-on, audit uploads and records, renewals, joins, recordings.
+    Bulk,
+}
+
+impl Lane {
+    pub fn of(req: &Request) -> Self {
+        match req {
+            Request::Login(_)
+            | Request::SsoStart(_)
+            | Request::SsoFinish(_)
+            | Request::AuditUpload { .. }
+            | Request::AuditRecord(_)
+            | Request::RenewDevice(_)
+            | Request::RenewGateway(_)
+            | Request::JoinDevice(_)
+            | Request::JoinGateway(_)
+            | Request::RecordingList { .. }
+            | Request::RecordingGet { .. } => Lane::Bulk,
+            _ => Lane::Control,
+        }
+    }
+}
 
 pub struct AuthorityClient {
     addr: String,
     config: RwLock<Arc<rustls::ClientConfig>>,
     idle: Mutex<Vec<RpcClient>>,
     slots: tokio::sync::Semaphore,
+    bulk: tokio::sync::Semaphore,
 }
 
 impl AuthorityClient {
@@ -26,6 +62,7 @@ impl AuthorityClient {
             config: RwLock::new(Arc::new(config)),
             idle: Mutex::new(Vec::new()),
             slots: tokio::sync::Semaphore::new(POOL),
+            bulk: tokio::sync::Semaphore::new(BULK),
         }
     }
 
@@ -45,7 +82,7 @@ impl AuthorityClient {
 
     fn put_idle(&self, c: RpcClient) {
         if let Ok(mut v) = self.idle.lock() {
-            if v.len() < POOL {
+            if v.len() < POOL + BULK {
                 v.push(c);
             }
         }
@@ -80,8 +117,11 @@ impl AuthorityClient {
     /// One request/response. A pooled connection that turns out to be dead (the authority
     /// restarted) is replaced once; the request had not been processed in that case.
     pub async fn call(&self, req: Request) -> Result<Response, RpcClientError> {
-        let _slot = self
-            .slots
+        let lane = match Lane::of(&req) {
+            Lane::Control => &self.slots,
+            Lane::Bulk => &self.bulk,
+        };
+        let _slot = lane
             .acquire()
             .await
             .map_err(|_| RpcClientError::Unexpected("authority client closed".into()))?;
@@ -113,5 +153,46 @@ impl AuthorityClient {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeport_proto::rpc::PresenceReport;
+
+    /// Logins and audit floods have their own budget: they never hold up presence (and the
+    /// locks it brings) or dial grants.
+    #[test]
+    fn bulk_work_never_takes_the_control_lane() {
+        assert_eq!(
+            Lane::of(&Request::Presence(PresenceReport::default())),
+            Lane::Control
+        );
+        assert_eq!(
+            Lane::of(&Request::PresenceAckPart {
+                part: 1,
+                digest: String::new()
+            }),
+            Lane::Control
+        );
+        assert_eq!(
+            Lane::of(&Request::AuthorizeDial {
+                user_cert_der: vec![],
+                device: "d".into(),
+                service: edgeport_proto::tunnel::Service::Ssh,
+            }),
+            Lane::Control
+        );
+        assert_eq!(Lane::of(&Request::WatchPolicy { seen: 1 }), Lane::Control);
+        assert_eq!(Lane::of(&Request::Login(Default::default())), Lane::Bulk);
+        assert_eq!(Lane::of(&Request::AuditRecord(Vec::new())), Lane::Bulk);
+        assert_eq!(
+            Lane::of(&Request::RecordingList {
+                user: None,
+                user_cert_der: None
+            }),
+            Lane::Bulk
+        );
     }
 }

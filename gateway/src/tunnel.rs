@@ -229,6 +229,9 @@ async fn conn_closed(conn: &TunnelConn) -> String {
     }
 }
 
+/// Renewals and audit batches one tunnel may have relayed to the authority at once.
+const RELAYS_PER_TUNNEL: usize = 2;
+
 async fn control_loop(
     ctx: &Arc<Ctx>,
     tunnel: &Arc<Tunnel>,
@@ -240,6 +243,9 @@ async fn control_loop(
         TunnelConn::Quic(_) => Duration::from_secs(365 * 86400),
         TunnelConn::Mux(_) => ctx.cfg.tunnel_idle_timeout,
     };
+    // Renewals and audit batches relayed at once for this tunnel: a device that sends more
+    // waits (its frames are not read meanwhile) instead of piling up tasks here.
+    let relays = Arc::new(tokio::sync::Semaphore::new(RELAYS_PER_TUNNEL));
     loop {
         let frame =
             match tokio::time::timeout(idle, read_frame::<AgentControl, _>(&mut reader)).await {
@@ -261,11 +267,15 @@ async fn control_loop(
                 let _ = tx.try_send(GatewayControl::Pong { seq });
             }
             AgentControl::Renew { ssh_public_key } => {
+                let Ok(permit) = relays.clone().acquire_owned().await else {
+                    return "closing".into();
+                };
                 let ctx = ctx.clone();
                 let tx = tx.clone();
                 let device_id = tunnel.device_id.clone();
                 tokio::spawn(async move {
                     let reply = renew_device(&ctx, device_id, ssh_public_key).await;
+                    drop(permit);
                     let _ = tx.send(reply).await;
                 });
             }
@@ -274,11 +284,15 @@ async fn control_loop(
             }
             AgentControl::Audit(batch) => {
                 // The agent waits for the ack before it sends the next batch.
+                let Ok(permit) = relays.clone().acquire_owned().await else {
+                    return "closing".into();
+                };
                 let ctx = ctx.clone();
                 let tx = tx.clone();
                 let device_id = tunnel.device_id.clone();
                 tokio::spawn(async move {
                     let reply = crate::audit::relay_batch(&ctx, device_id, batch).await;
+                    drop(permit);
                     let _ = tx.send(reply).await;
                 });
             }
