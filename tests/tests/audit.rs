@@ -472,6 +472,22 @@ fn offline_authority_then_drain_and_agent_crash() {
     let (ok, out) = verify(&c);
     assert!(ok, "{out}");
     assert!(out.contains("chain OK"), "{out}");
+    // The session the kill cut is closed in the log by the restarted agent: its start has an
+    // end, with the reason and the last time the agent knew of it.
+    let starts = search(&c, &["--type", "session.start"]);
+    let ends = search(&c, &["--type", "session.end"]);
+    for start in &starts {
+        let sid = &start["session_id"];
+        assert!(
+            ends.iter().any(|e| e["session_id"] == *sid),
+            "session {sid} has no session.end: {ends:#?}"
+        );
+    }
+    let restarted = ends
+        .iter()
+        .find(|e| e["reason"] == "agent restarted")
+        .unwrap_or_else(|| panic!("no session.end for the session the kill cut: {ends:#?}"));
+    assert!(restarted["last_known_ms"].is_string(), "{restarted}");
     // Sessions still work after all this.
     assert_eq!(exec_session(&tsh, "true"), 0);
 }

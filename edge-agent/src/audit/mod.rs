@@ -4,6 +4,7 @@
 //! through a bounded queue, and whatever cannot be kept is counted and reported in an
 //! `audit.dropped` event.
 
+pub mod open_sessions;
 pub mod record;
 pub mod sftp;
 pub mod ship;
@@ -62,7 +63,21 @@ pub fn now_ms() -> u64 {
 /// Opens the spool under `data_dir/audit` and starts the writer thread. Events emitted
 /// before this (or in a process that never calls it, like unit tests) are ignored.
 pub fn start(data_dir: &Path, max_bytes: u64) -> Result<Arc<Shared>, SpoolError> {
-    let spool = Spool::open(&data_dir.join("audit"), max_bytes)?;
+    let mut spool = Spool::open(&data_dir.join("audit"), max_bytes)?;
+    // Sessions a previous run left open (it was killed) end now, in the log.
+    let (mut open, left) = open_sessions::OpenSessions::load(spool.dir());
+    if !left.is_empty() {
+        for (sid, o) in &left {
+            tracing::info!(session = %sid, user = %o.user, "closing a session the previous run left open");
+        }
+        spool.append(
+            left.iter()
+                .map(|(sid, o)| open_sessions::closing_event(sid, o))
+                .collect(),
+        );
+    }
+    // Now closed: a second crash must not close them again.
+    open.save();
     let shared = Arc::new(Shared {
         spool: Mutex::new(spool),
         written: tokio::sync::Notify::new(),
@@ -80,7 +95,7 @@ pub fn start(data_dir: &Path, max_bytes: u64) -> Result<Arc<Shared>, SpoolError>
     let s = shared.clone();
     std::thread::Builder::new()
         .name("audit-spool".into())
-        .spawn(move || writer(s, rx))
+        .spawn(move || writer(s, rx, open))
         .map_err(|e| SpoolError::Io(format!("cannot start the spool writer: {e}")))?;
     Ok(shared)
 }
@@ -94,7 +109,7 @@ pub fn flush(timeout: Duration) {
     }
 }
 
-fn writer(shared: Arc<Shared>, rx: Receiver<Msg>) {
+fn writer(shared: Arc<Shared>, rx: Receiver<Msg>, mut open: open_sessions::OpenSessions) {
     loop {
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(m) => Some(m),
@@ -118,6 +133,9 @@ fn writer(shared: Arc<Shared>, rx: Receiver<Msg>) {
             .get()
             .map(|s| s.dropped.swap(0, Ordering::Relaxed))
             .unwrap_or(0);
+        for e in &events {
+            open.observe(e);
+        }
         let wrote = {
             let mut sp = shared.spool();
             if queue_dropped > 0 {
@@ -129,6 +147,7 @@ fn writer(shared: Arc<Shared>, rx: Receiver<Msg>) {
                 sp.append(events)
             }
         };
+        open.save();
         if wrote {
             shared.written.notify_one();
         }
