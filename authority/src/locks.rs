@@ -11,6 +11,45 @@ use crate::users::check_name;
 /// Longest lock message kept (it is shown to users and logged by agents).
 const MAX_MESSAGE_LEN: usize = 512;
 
+/// The message of the lock a user's removal leaves (see [`lock_removed_user`]).
+pub const USER_REMOVED: &str = "the user was removed";
+
+/// A removed user's live sessions end as under a lock: one that lasts as long as any
+/// certificate the user may still hold (`max_ttl`), unless a lock is already in force.
+pub fn lock_removed_user(
+    store: &dyn Store,
+    name: &str,
+    max_ttl: u64,
+    now: u64,
+) -> Result<(), RpcError> {
+    let target = LockTarget::User(name.to_string());
+    if find(store, &target, now)?.is_some() {
+        return Ok(());
+    }
+    add(
+        store,
+        &LockSpec {
+            target,
+            message: USER_REMOVED.to_string(),
+            expires: now + max_ttl.max(1),
+        },
+        now,
+    )
+}
+
+/// A new user of a removed user's name starts without the removal's lock (an
+/// administrator's own lock on the name stays). Returns whether there was one: gateways must
+/// then fetch the lock list again.
+pub fn clear_removed_user(store: &dyn Store, name: &str) -> Result<bool, RpcError> {
+    let key = key(&LockTarget::User(name.to_string()));
+    if store::get::<LockSpec>(store, Table::Locks, &key)?.is_some_and(|l| l.message == USER_REMOVED)
+    {
+        store.delete(Table::Locks, &key)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 fn key(target: &LockTarget) -> String {
     match target {
         LockTarget::User(n) => format!("user/{n}"),

@@ -366,6 +366,11 @@ impl Service {
             Request::SignUser(r) => handlers::user_certs::sign_user(self, r, now),
             Request::UserAdd(spec) => {
                 let (invite, invite_expires) = users::add(store, &spec, now)?;
+                if locks::clear_removed_user(store, &spec.name)? {
+                    // A removed user's lock on the name: gateways fetch the locks again.
+                    self.standing.changed();
+                    self.policy.changed();
+                }
                 tracing::info!(
                     user = %spec.name,
                     logins = %spec.logins.join(","),
@@ -388,6 +393,9 @@ impl Service {
             }
             Request::UserRemove { name } => {
                 users::remove(store, &name)?;
+                // Their live sessions end as under a lock (gateways and agents act on it).
+                locks::lock_removed_user(store, &name, self.limits.max_session_ttl, now)?;
+                self.standing.changed();
                 tracing::info!(user = %name, "user removed");
                 Ok(Response::Ok)
             }

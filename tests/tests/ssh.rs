@@ -606,6 +606,39 @@ fn locks_end_sessions() {
     let r = tsh.run(&["ssh", "dev1", "true"], None);
     assert_ne!(r.code(), Some(0));
     assert!(r.stderr().contains("lock"), "{}", r.stderr());
+
+    // Removing a user ends their live sessions as a lock does.
+    c.tctl.ok(&["unlock", "--device", "dev1"]);
+    c.add_user("bob", "root", PW);
+    let bob = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
+    bob.login("bob", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login as bob");
+    let mut long = bob.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
+    long.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = long.spawn().unwrap();
+    let before = agent_proc.log_text().matches("session started").count();
+    assert!(wait_until(Duration::from_secs(30), || {
+        agent_proc.log_text().matches("session started").count() > before
+    }));
+    c.tctl.ok(&["users", "rm", "bob"]);
+    let ended = wait_until(Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(ended, "the removed user's session is still running");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bob\" is locked"), "{err}");
+    // A new user of the name is not held by the removal.
+    c.add_user("bob", "root", PW);
+    bob.login("bob", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login as the new bob");
+    bob.run(&["ssh", "dev1", "true"], None)
+        .expect_ok("the new bob's first dial");
 }
 
 #[test]

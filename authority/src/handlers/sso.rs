@@ -107,7 +107,9 @@ pub(crate) fn login(
         )));
     }
     let mut narrowed = false;
+    let mut fresh = false;
     let user = store::update::<UserRecord, RpcError, _>(store, Table::Users, &req.user, |cur| {
+        fresh = cur.is_none();
         narrowed = cur.as_ref().is_some_and(|u| {
             let lost = |old: &[String], new: &[String]| old.iter().any(|x| !new.contains(x));
             lost(&u.roles, &grant.roles)
@@ -150,6 +152,10 @@ pub(crate) fn login(
     .ok_or_else(|| denied("the user record could not be written"))?;
     if narrowed {
         // Gateways may hold grants given under the wider mapping.
+        svc.policy.changed();
+    }
+    if fresh && crate::locks::clear_removed_user(store, &user.name)? {
+        svc.standing.changed();
         svc.policy.changed();
     }
     check_not_locked(svc, &user.name, now)?;

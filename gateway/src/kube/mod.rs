@@ -208,10 +208,16 @@ pub async fn serve(
     tokio::pin!(served);
     // A refused certificate gets no second request; an expiring one none past its end; and no
     // connection stays idle or open forever (HTTP/2 has no idle limit of its own).
-    let left = state
-        .not_after
-        .saturating_sub(edgeport_proto::util::now_secs());
-    let max_age = tokio::time::Instant::now() + MAX_AGE.min(Duration::from_secs(left));
+    // A refused client gets a few seconds for its one request (to learn why).
+    let life = match &state.user {
+        Ok(_) => MAX_AGE.min(Duration::from_secs(
+            state
+                .not_after
+                .saturating_sub(edgeport_proto::util::now_secs()),
+        )),
+        Err(_) => REFUSED_LINGER * 2,
+    };
+    let max_age = tokio::time::Instant::now() + life;
     let mut closing: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -377,19 +383,31 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap, upgrade: bool) {
 }
 
 async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> HttpResponse<Body> {
-    let who = match &conn.user {
-        Ok(u) if edgeport_proto::util::now_secs() < conn.not_after => u.clone(),
-        Ok(_) => {
-            conn.close.notify_one();
-            return status_body(
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                "client certificate expired: run `tsh login` and `tsh kube login CLUSTER` again",
-            );
-        }
+    let refusal = match &conn.user {
+        Ok(u) if edgeport_proto::util::now_secs() < conn.not_after => Ok(u.clone()),
+        Ok(_) => Err(
+            "client certificate expired: run `tsh login` and `tsh kube login CLUSTER` again"
+                .to_string(),
+        ),
+        Err(why) => Err(why.clone()),
+    };
+    let who = match refusal {
+        Ok(who) => who,
         Err(why) => {
-            conn.close.notify_one();
-            return status_body(StatusCode::UNAUTHORIZED, "Unauthorized", why);
+            // The one answer, then the connection closes: HTTP/1.1 by `Connection: close`
+            // (hyper closes after writing it), HTTP/2 by GOAWAY once the answer is out.
+            let mut resp = status_body(StatusCode::UNAUTHORIZED, "Unauthorized", &why);
+            if req.version() == http::Version::HTTP_2 {
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    conn.close.notify_one();
+                });
+            } else {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return resp;
         }
     };
     let user = who.name.clone();
