@@ -23,6 +23,9 @@ pub struct Ctx {
     /// Handshakes in progress, per port (a flood on one does not starve the other).
     pub tcp_handshakes: Arc<Semaphore>,
     pub quic_handshakes: Arc<Semaphore>,
+    /// Handshakes in progress per source address (IPv4, or IPv6 /64), per port.
+    pub tcp_sources: crate::budget::SourceBudget,
+    pub quic_sources: crate::budget::SourceBudget,
     /// Established TCP connections.
     pub tcp_conns: Arc<Semaphore>,
     /// The TLS config of the TCP port (swapped when the certificate is renewed).
@@ -71,6 +74,8 @@ impl Ctx {
             revoked: CancellationToken::new(),
             tcp_handshakes,
             quic_handshakes,
+            tcp_sources: Default::default(),
+            quic_sources: Default::default(),
             tcp_conns,
             tcp_tls: RwLock::new(Arc::new(tcp_tls)),
             locks: RwLock::new(Vec::new()),

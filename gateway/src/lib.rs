@@ -3,7 +3,8 @@
 //! streams. It never dials a device and keeps no durable state beyond its own identity.
 //!
 //! Module map: [`identity`] (key, join, renewal), [`authority`] (RPC connection pool),
-//! [`tcp`] and [`quic`] (the two listeners, told apart by ALPN), [`tunnel`] (one device's
+//! [`tcp`] and [`quic`] (the two listeners, told apart by ALPN; [`budget`]: handshakes per
+//! source), [`tunnel`] (one device's
 //! tunnel: Hello, control stream), [`tunnels`] (the device id -> tunnel registry and the
 //! stream API), [`presence`] (lease reports), [`join`] and [`dial`] (the other ALPNs),
 //! [`grants`] (the authority's dial decisions, reused briefly),
@@ -12,6 +13,7 @@
 
 pub mod audit;
 pub mod authority;
+pub mod budget;
 pub mod config;
 pub mod ctx;
 pub mod dial;

@@ -146,6 +146,10 @@ pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
             incoming.refuse();
             continue;
         }
+        let Some(source_slot) = ctx.quic_sources.try_take(incoming.remote_address().ip()) else {
+            incoming.refuse();
+            continue;
+        };
         let Ok(hs_slot) = ctx.quic_handshakes.clone().try_acquire_owned() else {
             incoming.refuse();
             continue;
@@ -172,6 +176,7 @@ pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
                 }
             };
             drop(hs_slot);
+            drop(source_slot);
             serve(ctx, conn, addr).await;
         });
     }

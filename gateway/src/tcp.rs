@@ -46,6 +46,10 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
             }
             continue;
         };
+        let Some(source_slot) = ctx.tcp_sources.try_take(addr.ip()) else {
+            tracing::debug!(%addr, "this source has too many TLS handshakes in progress; dropped");
+            continue;
+        };
         let Ok(hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
             if warn_now() {
                 tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
@@ -69,6 +73,7 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
                     }
                 };
             drop(hs_slot);
+            drop(source_slot);
             serve(ctx, tls, addr).await;
         });
     }
