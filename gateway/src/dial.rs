@@ -26,6 +26,8 @@ use crate::tunnels::TunnelError;
 /// (logins) it may open.
 const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(60);
 const ANONYMOUS_STREAMS: usize = 4;
+/// The connection receive window of a QUIC connection without a client certificate.
+const ANONYMOUS_WINDOW: u32 = 256 * 1024;
 
 /// Splice buffer per direction: large, so bulk transfers move in few syscalls.
 const SPLICE_BUF: usize = 256 * 1024;
@@ -61,6 +63,10 @@ pub async fn serve_quic(
     // idle anonymous connections cannot pile up against the connection limit that device
     // tunnels share.
     let anonymous = peer.is_none();
+    if anonymous {
+        // A login needs a few KiB: no 64 MiB of buffer for whoever connects.
+        conn.set_receive_window(quinn::VarInt::from_u32(ANONYMOUS_WINDOW));
+    }
     if matches!(
         peer.as_ref().map(|p| &p.principal),
         Some(Principal::Gateway(_))

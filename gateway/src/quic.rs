@@ -135,6 +135,16 @@ impl quinn::ConnectionIdGenerator for KeyedCids {
 /// gateway's tag (see [`cid_generator`]) get one, so garbage and scans are not answered.
 pub const RESET_INTERVAL: Duration = Duration::ZERO;
 
+/// Past this share of the handshake slots in use, a client must first prove its address
+/// (a QUIC Retry, one extra round trip): spoofed Initials never come back, so they cannot
+/// fill the slots, and the per-source budget counts real sources.
+const RETRY_ABOVE_PERCENT: usize = 50;
+
+/// Whether to answer an Initial with a Retry.
+fn should_retry(validated: bool, may_retry: bool, in_flight: usize, max: usize) -> bool {
+    !validated && may_retry && in_flight * 100 >= max * RETRY_ABOVE_PERCENT
+}
+
 pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
     loop {
         let incoming = tokio::select! {
@@ -146,17 +156,35 @@ pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
             incoming.refuse();
             continue;
         }
-        let Some(source_slot) = ctx.quic_sources.try_take(incoming.remote_address().ip()) else {
-            incoming.refuse();
+        let in_flight = ctx
+            .cfg
+            .max_handshakes
+            .saturating_sub(ctx.quic_handshakes.available_permits());
+        if should_retry(
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+            in_flight,
+            ctx.cfg.max_handshakes,
+        ) {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
             continue;
-        };
-        let Ok(hs_slot) = ctx.quic_handshakes.clone().try_acquire_owned() else {
-            incoming.refuse();
-            continue;
-        };
+        }
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let addr = incoming.remote_address();
+            // The source's own slot first (the client retransmits while it waits), then one
+            // of the port's.
+            let wait = ctx.cfg.handshake_timeout;
+            let Some(source_slot) = ctx.quic_sources.take(addr.ip(), wait).await else {
+                incoming.refuse();
+                return;
+            };
+            let Ok(hs_slot) = ctx.quic_handshakes.clone().try_acquire_owned() else {
+                incoming.refuse();
+                return;
+            };
             let connecting = match incoming.accept() {
                 Ok(c) => c,
                 Err(e) => {
@@ -222,6 +250,20 @@ async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, addr: SocketAddr) {
 #[cfg(test)]
 mod cid_tests {
     use super::*;
+
+    #[test]
+    fn retry_only_unvalidated_clients_under_load() {
+        assert!(
+            !should_retry(false, true, 10, 256),
+            "no load: no extra round trip"
+        );
+        assert!(should_retry(false, true, 128, 256));
+        assert!(
+            !should_retry(true, true, 255, 256),
+            "already validated by a Retry"
+        );
+        assert!(!should_retry(false, false, 255, 256), "cannot retry twice");
+    }
 
     #[test]
     fn ids_survive_a_restart_and_foreign_ids_do_not_validate() {

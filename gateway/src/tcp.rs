@@ -46,19 +46,21 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
             }
             continue;
         };
-        let Some(source_slot) = ctx.tcp_sources.try_take(addr.ip()) else {
-            tracing::debug!(%addr, "this source has too many TLS handshakes in progress; dropped");
-            continue;
-        };
-        let Ok(hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
-            if warn_now() {
-                tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
-            }
-            continue;
-        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _conn_slot = conn_slot;
+            // The source's own slot first (waiting is cheap), then one of the port's.
+            let wait = ctx.cfg.handshake_timeout;
+            let Some(source_slot) = ctx.tcp_sources.take(addr.ip(), wait).await else {
+                tracing::debug!(%addr, "this source kept too many TLS handshakes in progress; dropped");
+                return;
+            };
+            let Ok(hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
+                if warn_now() {
+                    tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
+                }
+                return;
+            };
             let _ = tcp.set_nodelay(true);
             let tls =
                 match tokio::time::timeout(ctx.cfg.handshake_timeout, handshake(&ctx, tcp)).await {
