@@ -67,6 +67,13 @@ pub enum Command {
         #[command(subcommand)]
         what: KubeCmd,
     },
+    /// Print tsh's version.
+    Version {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Print a shell completion script: `source <(tsh completion bash)`.
+    Completion(crate::shared::CompletionArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,4 +217,36 @@ pub enum ProxyCmd {
         /// USER@HOST[:PORT] as OpenSSH passes it.
         target: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn version_completion_and_suggestions() {
+        let cli = Cli::try_parse_from(["tsh", "version", "--format", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Version {
+                format: Format::Json
+            }
+        ));
+        let cli = Cli::try_parse_from(["tsh", "completion", "zsh"]).unwrap();
+        let Command::Completion(a) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(a.shell, crate::shared::Shell::Zsh);
+        assert!(Cli::try_parse_from(["tsh", "completion", "tcsh"]).is_err());
+        let e = Cli::try_parse_from(["tsh", "lgin"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("similar subcommand exists: 'login'"), "{e}");
+    }
 }

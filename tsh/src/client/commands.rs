@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use edgeport_proto::sshcert::{RolesExtension, EXT_ROLES};
-use edgeport_proto::util::{format_duration, format_time, now_secs, parse_labels};
+use edgeport_proto::util::{format_time, now_secs, parse_labels};
 
 use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs};
 use super::profile::{self, load_creds, tsh_home, Creds, KeyFiles, Profile};
@@ -27,6 +27,14 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Recordings(super::cli::RecordingsCmd::Ls(a)) => super::play::list(g, a).await,
         Command::Play(a) => super::play::play(g, a).await,
         Command::Kube { what } => super::kube::run(g, what).await,
+        Command::Version { format } => {
+            crate::shared::print_version("tsh", *format == Format::Json);
+            Ok(0)
+        }
+        Command::Completion(a) => {
+            crate::shared::print_completion::<Cli>("tsh", a.shell);
+            Ok(0)
+        }
     }
 }
 
@@ -197,58 +205,29 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
         Format::Json => {
             let out =
                 serde_json::to_string_pretty(&devices).map_err(|e| CliError::msg(e.to_string()))?;
-            println!("{out}");
+            crate::outln!("{out}");
         }
         Format::Text => {
-            let rows: Vec<[String; 4]> = devices
-                .iter()
-                .map(|d| {
-                    [
-                        d.id.clone(),
-                        if d.online {
-                            "online".into()
-                        } else {
-                            "offline".into()
-                        },
-                        edgeport_proto::util::format_labels(&d.labels),
-                        if d.online || d.last_seen == 0 {
-                            String::new()
-                        } else {
-                            format!(
-                                "{} ago",
-                                format_duration(now_secs().saturating_sub(d.last_seen))
-                            )
-                        },
-                    ]
-                })
-                .collect();
-            print_table(&["Device", "Status", "Labels", "Last seen"], &rows);
+            let mut t = crate::text::Table::new(&["DEVICE", "STATUS", "LABELS", "LAST SEEN"]);
+            for d in &devices {
+                t.row(vec![
+                    d.id.clone(),
+                    if d.online { "online" } else { "offline" }.into(),
+                    edgeport_proto::util::format_labels(&d.labels),
+                    if d.online || d.last_seen == 0 {
+                        String::new()
+                    } else {
+                        format!(
+                            "{} ago",
+                            crate::text::duration(now_secs().saturating_sub(d.last_seen))
+                        )
+                    },
+                ]);
+            }
+            t.print();
         }
     }
     Ok(0)
-}
-
-fn print_table(head: &[&str; 4], rows: &[[String; 4]]) {
-    let mut w = head.map(str::len);
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let line = |cells: [&str; 4]| {
-        let s = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
-            .collect::<Vec<_>>()
-            .join("  ");
-        println!("{}", s.trim_end());
-    };
-    line(*head);
-    line(w.map(|n| "-".repeat(n)).each_ref().map(|s| s.as_str()));
-    for r in rows {
-        line(r.each_ref().map(|s| s.as_str()));
-    }
 }
 
 fn status(g: &Global) -> Result<i32, CliError> {
@@ -268,19 +247,19 @@ fn status(g: &Global) -> Result<i32, CliError> {
         .filter(|k| *k != EXT_ROLES)
         .collect();
     exts.sort();
-    println!("> Proxy:       {}", creds.proxy);
-    println!("  Cluster:     {}", creds.cas.cluster);
-    println!("  User:        {}", creds.user);
-    println!("  Logins:      {}", creds.logins().join(", "));
-    println!("  Roles:       {}", roles.roles.join(", "));
-    println!("  Extensions:  {}", exts.join(", "));
-    println!(
+    crate::outln!("> Proxy:       {}", creds.proxy);
+    crate::outln!("  Cluster:     {}", creds.cas.cluster);
+    crate::outln!("  User:        {}", creds.user);
+    crate::outln!("  Logins:      {}", creds.logins().join(", "));
+    crate::outln!("  Roles:       {}", roles.roles.join(", "));
+    crate::outln!("  Extensions:  {}", exts.join(", "));
+    crate::outln!(
         "  Valid until: {} [valid for {}]",
         format_time(until),
-        format_duration(until.saturating_sub(now_secs()))
+        crate::text::duration(until.saturating_sub(now_secs()))
     );
     if let profile::Source::IdentityFile(p) = &creds.source {
-        println!("  Identity:    {}", p.display());
+        crate::outln!("  Identity:    {}", p.display());
     }
     Ok(0)
 }
@@ -293,7 +272,7 @@ async fn logout(g: &Global) -> Result<i32, CliError> {
         None => profile.proxies.iter().map(|p| p.proxy.clone()).collect(),
     };
     if targets.is_empty() {
-        println!("Not logged in.");
+        crate::outln!("Not logged in.");
         return Ok(0);
     }
     let sock = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty());
@@ -317,8 +296,8 @@ async fn logout(g: &Global) -> Result<i32, CliError> {
         }
         profile.remove(&proxy);
         match user {
-            Some(u) => println!("Logged out {u} from {proxy}."),
-            None => println!("Logged out from {proxy}."),
+            Some(u) => crate::outln!("Logged out {u} from {proxy}."),
+            None => crate::outln!("Logged out from {proxy}."),
         }
     }
     if profile.proxies.is_empty() {

@@ -244,7 +244,7 @@ pub fn refresh(home: &Path, proxy: &str, c: &KubeCreds<'_>) -> Result<(), CliErr
             false,
         );
         save(path, &doc).map_err(|e| CliError::msg(e.to_string()))?;
-        println!("Updated kubectl context {name} in {}.", path.display());
+        crate::outln!("Updated kubectl context {name} in {}.", path.display());
     }
     Ok(())
 }
@@ -270,7 +270,7 @@ pub fn forget(home: &Path, proxy: &str) -> Result<(), CliError> {
             doc.insert(s("current-context"), s(""));
         }
         save(path, &doc).map_err(|e| CliError::msg(e.to_string()))?;
-        println!("Removed kubectl context {name} from {}.", path.display());
+        crate::outln!("Removed kubectl context {name} from {}.", path.display());
     }
     save_written(home, &w)
 }
@@ -306,14 +306,15 @@ pub async fn run(g: &Global, cmd: &KubeCmd) -> Result<i32, CliError> {
                         .collect();
                     let out = serde_json::to_string_pretty(&list)
                         .map_err(|e| CliError::msg(e.to_string()))?;
-                    println!("{out}");
+                    crate::outln!("{out}");
                 }
                 Format::Text => {
-                    println!("{:<24} {:<24} STATUS", "CLUSTER", "DEVICE");
+                    let mut t = crate::text::Table::new(&["CLUSTER", "DEVICE", "STATUS"]);
                     for (c, (d, on)) in &clusters {
                         let st = if *on { "online" } else { "offline" };
-                        println!("{c:<24} {d:<24} {st}");
+                        t.row(vec![c.clone(), d.clone(), st.into()]);
                     }
+                    t.print();
                 }
             }
             Ok(0)
@@ -348,7 +349,7 @@ pub async fn run(g: &Global, cmd: &KubeCmd) -> Result<i32, CliError> {
                 list.push((path.clone(), name.clone()));
             }
             save_written(&home, &w)?;
-            println!(
+            crate::outln!(
                 "Logged into Kubernetes cluster {cluster}; kubectl context {name} selected in {}.",
                 path.display()
             );

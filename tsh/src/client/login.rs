@@ -10,7 +10,7 @@ use edgeport_proto::keys::{ca_pin, first_cert_der, normalize_pin, KeyPair};
 use edgeport_proto::rpc::{ErrorKind, LoginRequest, UserCerts};
 use edgeport_proto::totp;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest};
-use edgeport_proto::util::{format_duration, format_time, now_secs, parse_duration_secs};
+use edgeport_proto::util::{format_time, now_secs, parse_duration_secs};
 use russh::keys::ssh_key::Certificate;
 
 use super::cli::{Global, LoginArgs};
@@ -181,15 +181,20 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
             eprintln!("tsh: could not add the key to the ssh-agent: {e}");
         }
     }
-    println!(
+    crate::outln!(
         "Logged in as {user} to cluster {} via {proxy}\n  Logins:      {}\n  Valid until: {} ({} left)",
         certs.cas.cluster,
         certs.logins.join(", "),
         format_time(valid_before),
-        format_duration(left)
+        crate::text::duration(left)
     );
     Ok(0)
 }
+
+/// Added to a refused invite login: invite codes work once, for 24 hours.
+const INVITE_HINT: &str = " (an invite code works once and expires after 24 hours: if it was \
+     used already, log in with the password chosen then, without --invite; otherwise ask \
+     for a new invite)";
 
 /// Password (or invite code) login: the secret goes to the verified gateway.
 #[allow(clippy::too_many_arguments)]
@@ -270,6 +275,13 @@ async fn password_login(
                 );
                 req.totp_enroll = Some(secret);
                 req.otp = Some(read_code(args, "The app's current code: ")?);
+            }
+            ClientReply::Refused(e)
+                if e.kind == ErrorKind::BadCredentials && args.invite.is_some() =>
+            {
+                // The authority does not say why (a spent invite and a wrong one look the
+                // same to a guesser); the likeliest reason is the user's to read.
+                return Err(fail(format!("{}{INVITE_HINT}", e.message)));
             }
             ClientReply::Refused(e) => return Err(fail(e.message)),
             other => return Err(gateway::unexpected(&other)),

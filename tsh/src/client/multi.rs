@@ -171,12 +171,15 @@ fn summarize(outcomes: &[Outcome]) -> i32 {
         .collect();
     let ok = outcomes.len() - failed.len();
     if failed.is_empty() {
-        eprintln!("tsh: {} devices: all {ok} succeeded", outcomes.len());
+        eprintln!(
+            "tsh: {}: all {ok} succeeded",
+            crate::text::count(outcomes.len(), "device")
+        );
         0
     } else {
         eprintln!(
-            "tsh: {} devices: {ok} succeeded, {} failed: {}",
-            outcomes.len(),
+            "tsh: {}: {ok} succeeded, {} failed: {}",
+            crate::text::count(outcomes.len(), "device"),
             failed.len(),
             failed.join(", ")
         );

@@ -2,7 +2,6 @@
 //! as the device recorded them), fetched from the authority through the gateway. A user sees
 //! the recordings of their own sessions.
 
-use std::io::Write;
 use std::time::Duration;
 
 use edgeport_proto::read_frame;
@@ -29,24 +28,23 @@ pub async fn list(g: &Global, args: &RecordingsArgs) -> Result<i32, CliError> {
         Format::Json => {
             let out =
                 serde_json::to_string_pretty(&recs).map_err(|e| CliError::msg(e.to_string()))?;
-            println!("{out}");
+            crate::outln!("{out}");
         }
         Format::Text => {
-            println!(
-                "{:<34} {:<14} {:<10} {:<10} {:<21} BYTES",
-                "SESSION", "DEVICE", "USER", "LOGIN", "STARTED"
-            );
+            let mut t = crate::text::Table::new(&[
+                "SESSION", "DEVICE", "USER", "LOGIN", "STARTED", "BYTES",
+            ]);
             for r in &recs {
-                println!(
-                    "{:<34} {:<14} {:<10} {:<10} {:<21} {}",
-                    r.session_id,
-                    r.device,
-                    r.user,
-                    r.login,
+                t.row(vec![
+                    r.session_id.clone(),
+                    r.device.clone(),
+                    r.user.clone(),
+                    r.login.clone(),
                     format_time(r.started_ms / 1000),
-                    r.bytes
-                );
+                    r.bytes.to_string(),
+                ]);
             }
+            t.print();
         }
     }
     Ok(0)
@@ -109,13 +107,8 @@ pub fn output_events(cast: &str) -> Result<Vec<(f64, String)>, CliError> {
 
 pub async fn play(g: &Global, args: &PlayArgs) -> Result<i32, CliError> {
     let data = fetch(g, &args.session_id).await?;
-    let mut stdout = std::io::stdout();
     match args.format {
-        PlayFormat::Cast => {
-            stdout
-                .write_all(&data)
-                .map_err(|e| CliError::msg(e.to_string()))?;
-        }
+        PlayFormat::Cast => crate::out::write_stdout_bytes(&data),
         PlayFormat::Text | PlayFormat::Play => {
             let cast = String::from_utf8_lossy(&data);
             let events = output_events(&cast)?;
@@ -126,10 +119,7 @@ pub async fn play(g: &Global, args: &PlayArgs) -> Result<i32, CliError> {
                     let at = start + Duration::from_secs_f64((t / speed).clamp(0.0, 86400.0));
                     tokio::time::sleep_until(at).await;
                 }
-                stdout
-                    .write_all(text.as_bytes())
-                    .and_then(|()| stdout.flush())
-                    .map_err(|e| CliError::msg(e.to_string()))?;
+                crate::out::write_stdout_bytes(text.as_bytes());
             }
         }
     }

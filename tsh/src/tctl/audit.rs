@@ -143,20 +143,20 @@ pub async fn verify(s: &mut Session, a: AuditVerifyArgs) -> anyhow::Result<()> {
         Format::Text => {
             for r in &reports {
                 let ok = r.problems.is_empty() && r.alerts.is_empty();
-                println!(
-                    "{}: {} event(s), seq {}..{}: {}",
+                crate::outln!(
+                    "{}: {}, seq {}..{}: {}",
                     r.device,
-                    r.events,
+                    crate::text::count(r.events as usize, "event"),
                     r.first_seq,
                     r.last_seq,
                     if ok { "chain OK" } else { "INTEGRITY PROBLEMS" }
                 );
                 for p in &r.problems {
-                    println!("  chain: {p}");
+                    crate::outln!("  chain: {p}");
                 }
                 for al in &r.alerts {
                     let time = time_json(al.time_ms / 1000);
-                    println!(
+                    crate::outln!(
                         "  alert {} at {} (seq {}): {}",
                         al.kind,
                         time.as_str().unwrap_or("-"),
@@ -166,12 +166,15 @@ pub async fn verify(s: &mut Session, a: AuditVerifyArgs) -> anyhow::Result<()> {
                 }
             }
             if reports.is_empty() {
-                println!("no device has sent audit events yet");
+                crate::outln!("no device has sent audit events yet");
             }
         }
     }
     if bad > 0 {
-        anyhow::bail!("integrity problems on {bad} device(s)");
+        anyhow::bail!(
+            "integrity problems on {}",
+            crate::text::count(bad, "device")
+        );
     }
     Ok(())
 }

@@ -19,9 +19,9 @@ use super::output::{csv, expiry_text};
 pub async fn status(s: &mut Session) -> anyhow::Result<()> {
     match s.call(Request::Ping).await? {
         Response::Pong { cluster, version } => {
-            println!("cluster:   {cluster}");
-            println!("authority: {} (version {version})", s.auth_addr);
-            println!("CA pin:    {}", s.cas.ca_pin);
+            crate::outln!("cluster:   {cluster}");
+            crate::outln!("authority: {} (version {version})", s.auth_addr);
+            crate::outln!("CA pin:    {}", s.cas.ca_pin);
             Ok(())
         }
         other => Err(unexpected(other).into()),
@@ -34,9 +34,9 @@ pub async fn export(s: &mut Session, a: ExportArgs) -> anyhow::Result<()> {
         other => return Err(unexpected(other).into()),
     };
     match a.ca_type {
-        CaType::User => println!("{}", cas.user_ca.trim()),
-        CaType::Host => println!("{}", cas.known_hosts_line("*")),
-        CaType::Tls => print!("{}", with_newline(&cas.x509_ca_pem)),
+        CaType::User => crate::outln!("{}", cas.user_ca.trim()),
+        CaType::Host => crate::outln!("{}", cas.known_hosts_line("*")),
+        CaType::Tls => crate::out!("{}", with_newline(&cas.x509_ca_pem)),
     }
     Ok(())
 }
@@ -85,9 +85,9 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
         }
     };
     for p in &written {
-        println!("wrote {}", p.display());
+        crate::outln!("wrote {}", p.display());
     }
-    println!(
+    crate::outln!(
         "user {}, logins {}, valid until {}",
         certs.user,
         csv(&certs.logins),

@@ -41,15 +41,16 @@ pub enum Command {
     /// Join tokens for devices and gateways.
     #[command(subcommand)]
     Tokens(TokensCmd),
-    /// The device inventory.
-    #[command(subcommand)]
+    /// The device inventory (`tctl nodes` is the same, Teleport's name).
+    #[command(subcommand, visible_alias = "nodes")]
     Devices(DevicesCmd),
     /// Gateways: list them, revoke one.
     #[command(subcommand)]
     Gateways(GatewaysCmd),
     /// Locks a user, a device or a gateway out at once (new sessions refused, live ones ended).
     Lock(LockArgs),
-    /// Removes a lock.
+    /// Removes a lock: `tctl unlock NAME` when one lock in force has that name, else
+    /// `--user`, `--device` or `--gateway` (also `tctl locks rm`).
     Unlock(UnlockArgs),
     /// Lists locks.
     #[command(subcommand)]
@@ -64,6 +65,10 @@ pub enum Command {
     /// --auth oidc|github`).
     #[command(subcommand)]
     Sso(SsoCmd),
+    /// Prints tctl's version (no connection to the authority; `tctl status` shows its).
+    Version(FormatArgs),
+    /// Prints a shell completion script: `source <(tctl completion bash)`.
+    Completion(crate::shared::CompletionArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -393,21 +398,32 @@ pub struct LockArgs {
 }
 
 #[derive(Debug, Args)]
+#[group(id = "unlock_target", required = true, multiple = false)]
 pub struct UnlockArgs {
-    #[command(flatten)]
-    pub target: Target,
+    /// The locked user, device or gateway, when exactly one lock in force has this name.
+    pub name: Option<String>,
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub gateway: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum LocksCmd {
     /// Lists locks in force.
     Ls(FormatArgs),
+    /// Removes a lock (the same as `tctl unlock`).
+    Rm(UnlockArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum RolesCmd {
-    /// Adds a role, or replaces the one of that name.
+    /// Adds a role (refused if one of that name exists: see `tctl roles update`).
     Add(RoleAddArgs),
+    /// Changes the given fields of a role and keeps every other one.
+    Update(RoleUpdateArgs),
     /// Lists roles and who holds them.
     Ls(FormatArgs),
     /// Removes a role no user holds.
@@ -433,6 +449,33 @@ pub struct RoleAddArgs {
     /// Longest certificate the role grants.
     #[arg(long, default_value = "12h", value_parser = parse_duration)]
     pub max_session_ttl: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RoleUpdateArgs {
+    pub name: String,
+    /// Replaces the devices the role reaches (`fleet=vans,region=*`; an empty value: every
+    /// device).
+    #[arg(long, value_parser = parse_label_rules)]
+    pub allow: Option<BTreeMap<String, Vec<String>>>,
+    /// Replaces the devices the role never reaches (an empty value: none).
+    #[arg(long, value_parser = parse_label_rules)]
+    pub deny: Option<BTreeMap<String, Vec<String>>>,
+    /// No interactive terminals (exec only).
+    #[arg(long, conflicts_with = "pty")]
+    pub no_pty: bool,
+    /// Interactive terminals allowed again.
+    #[arg(long)]
+    pub pty: bool,
+    /// No port forwarding (`ssh -L`).
+    #[arg(long, conflicts_with = "port_forwarding")]
+    pub no_port_forwarding: bool,
+    /// Port forwarding allowed again.
+    #[arg(long)]
+    pub port_forwarding: bool,
+    /// Longest certificate the role grants.
+    #[arg(long, value_parser = parse_duration)]
+    pub max_session_ttl: Option<u64>,
 }
 
 fn parse_label_rules(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
@@ -486,5 +529,58 @@ mod tests {
         assert!(Cli::try_parse_from(["tctl", "lock", "--user", "a", "--device", "b"]).is_err());
         assert!(Cli::try_parse_from(["tctl", "lock"]).is_err());
         assert!(Cli::try_parse_from(["tctl", "tokens", "add", "--labels", "nokey"]).is_err());
+    }
+
+    #[test]
+    fn teleport_names_are_aliases() {
+        let cli = Cli::try_parse_from(["tctl", "nodes", "ls"]).unwrap();
+        assert!(matches!(cli.command, Command::Devices(DevicesCmd::Ls(_))));
+        let cli = Cli::try_parse_from(["tctl", "locks", "rm", "alice"]).unwrap();
+        let Command::Locks(LocksCmd::Rm(a)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(a.name.as_deref(), Some("alice"));
+        let cli = Cli::try_parse_from(["tctl", "unlock", "--device", "van-1"]).unwrap();
+        let Command::Unlock(a) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!((a.name, a.device), (None, Some("van-1".into())));
+        assert!(Cli::try_parse_from(["tctl", "unlock"]).is_err());
+        assert!(Cli::try_parse_from(["tctl", "unlock", "alice", "--user", "bob"]).is_err());
+        let cli = Cli::try_parse_from(["tctl", "version", "--format", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Version(FormatArgs {
+                format: Format::Json
+            })
+        ));
+        // `nodes` shows in the help beside `devices`.
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("nodes"), "{help}");
+    }
+
+    #[test]
+    fn a_mistyped_command_gets_a_suggestion() {
+        let e = Cli::try_parse_from(["tctl", "devcies", "ls"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("similar subcommand exists: 'devices'"), "{e}");
+        let e = Cli::try_parse_from(["tctl", "roles", "updte", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'update'"), "{e}");
+    }
+
+    #[test]
+    fn roles_update_takes_only_what_it_changes() {
+        let cli = Cli::try_parse_from(["tctl", "roles", "update", "field", "--no-pty"]).unwrap();
+        let Command::Roles(RolesCmd::Update(a)) = cli.command else {
+            panic!("wrong command");
+        };
+        assert!(a.no_pty && !a.pty && a.allow.is_none() && a.deny.is_none());
+        assert!(a.max_session_ttl.is_none());
+        assert!(
+            Cli::try_parse_from(["tctl", "roles", "update", "field", "--pty", "--no-pty"]).is_err()
+        );
     }
 }

@@ -80,7 +80,7 @@ fn device_json(d: &DeviceInfo) -> serde_json::Value {
 pub async fn remove(s: &mut Session, id: String) -> anyhow::Result<()> {
     match s.call(Request::DeviceRemove { id: id.clone() }).await? {
         Response::Ok => {
-            println!("device {id} removed; it must join again with a new token");
+            crate::outln!("device {id} removed; it must join again with a new token");
             Ok(())
         }
         other => Err(unexpected(other).into()),

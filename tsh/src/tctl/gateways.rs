@@ -78,7 +78,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
 pub async fn remove(s: &mut Session, id: String) -> anyhow::Result<()> {
     match s.call(Request::GatewayRemove { id: id.clone() }).await? {
         Response::Ok => {
-            println!(
+            crate::outln!(
                 "gateway {id} revoked: the authority refuses it from now on, other gateways \
                  refuse its forwarded dials, and it stops at its next presence report"
             );

@@ -53,7 +53,7 @@ pub async fn lock(s: &mut Session, a: LockArgs) -> anyhow::Result<()> {
             } else {
                 expiry_text(expires)
             };
-            println!("{} locked until {until}", describe(&target));
+            crate::outln!("{} locked until {until}", describe(&target));
             Ok(())
         }
         other => Err(unexpected(other).into()),
@@ -61,7 +61,17 @@ pub async fn lock(s: &mut Session, a: LockArgs) -> anyhow::Result<()> {
 }
 
 pub async fn unlock(s: &mut Session, a: UnlockArgs) -> anyhow::Result<()> {
-    let target = target(a.target)?;
+    let target = match a.name {
+        Some(name) => {
+            let locks = list_locks(s).await?;
+            lock_named(&locks, &name, now_secs())?
+        }
+        None => target(Target {
+            user: a.user,
+            device: a.device,
+            gateway: a.gateway,
+        })?,
+    };
     match s
         .call(Request::LockRemove {
             target: target.clone(),
@@ -69,9 +79,45 @@ pub async fn unlock(s: &mut Session, a: UnlockArgs) -> anyhow::Result<()> {
         .await?
     {
         Response::Ok | Response::Locks(_) => {
-            println!("{} unlocked", describe(&target));
+            crate::outln!("{} unlocked", describe(&target));
             Ok(())
         }
+        other => Err(unexpected(other).into()),
+    }
+}
+
+/// The target of the one lock in force whose name is `name` (`tctl unlock NAME`).
+fn lock_named(locks: &[LockSpec], name: &str, now: u64) -> anyhow::Result<LockTarget> {
+    let matching: Vec<&LockTarget> = locks
+        .iter()
+        .filter(|l| l.expires == 0 || l.expires > now)
+        .map(|l| &l.target)
+        .filter(|t| target_name(t) == name)
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!("no lock in force names {name:?} (`tctl locks ls` lists them)"),
+        several => bail!(
+            "{name:?} names {} locks ({}): say which with --user, --device or --gateway",
+            several.len(),
+            several
+                .iter()
+                .map(|t| describe(t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn target_name(t: &LockTarget) -> &str {
+    match t {
+        LockTarget::User(n) | LockTarget::Device(n) | LockTarget::Gateway(n) => n,
+    }
+}
+
+async fn list_locks(s: &mut Session) -> anyhow::Result<Vec<LockSpec>> {
+    match s.call(Request::LockList).await? {
+        Response::Locks(l) => Ok(l),
         other => Err(unexpected(other).into()),
     }
 }
@@ -91,10 +137,7 @@ fn lock_json(l: &LockSpec) -> serde_json::Value {
 }
 
 pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
-    let locks = match s.call(Request::LockList).await? {
-        Response::Locks(l) => l,
-        other => return Err(unexpected(other).into()),
-    };
+    let locks = list_locks(s).await?;
     match a.format {
         Format::Json => print_json(&json_list(&locks, lock_json)),
         Format::Text => {
@@ -109,5 +152,45 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
             t.print();
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock(target: LockTarget, expires: u64) -> LockSpec {
+        LockSpec {
+            target,
+            message: String::new(),
+            expires,
+        }
+    }
+
+    #[test]
+    fn unlock_by_name_needs_exactly_one_lock_in_force() {
+        let locks = [
+            lock(LockTarget::User("alice".into()), 0),
+            lock(LockTarget::Device("van-1".into()), 0),
+            lock(LockTarget::User("van-1".into()), 2000),
+            lock(LockTarget::Device("old".into()), 500),
+        ];
+        assert_eq!(
+            lock_named(&locks, "alice", 1000).unwrap(),
+            LockTarget::User("alice".into())
+        );
+        let e = lock_named(&locks, "van-1", 1000).unwrap_err().to_string();
+        assert!(
+            e.contains("names 2 locks (device van-1, user van-1)"),
+            "{e}"
+        );
+        assert!(e.contains("--user, --device or --gateway"), "{e}");
+        // Expired locks are not in force.
+        assert_eq!(
+            lock_named(&locks, "van-1", 3000).unwrap(),
+            LockTarget::Device("van-1".into())
+        );
+        let e = lock_named(&locks, "old", 1000).unwrap_err().to_string();
+        assert!(e.contains("no lock in force"), "{e}");
     }
 }

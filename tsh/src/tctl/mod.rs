@@ -67,6 +67,18 @@ fn init_logging() {
 
 /// Runs one parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // The commands that need no authority.
+    match &cli.command {
+        Command::Version(a) => {
+            crate::shared::print_version("tctl", a.format == cli::Format::Json);
+            return Ok(());
+        }
+        Command::Completion(a) => {
+            crate::shared::print_completion::<Cli>("tctl", a.shell);
+            return Ok(());
+        }
+        _ => {}
+    }
     let mut s = Session::open(&cli.auth, cli.identity.as_deref()).await?;
     let result = match cli.command {
         Command::Status => auth::status(&mut s).await,
@@ -83,9 +95,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateways(GatewaysCmd::Ls(a)) => gateways::list(&mut s, a).await,
         Command::Gateways(GatewaysCmd::Rm { id }) => gateways::remove(&mut s, id).await,
         Command::Lock(a) => locks::lock(&mut s, a).await,
-        Command::Unlock(a) => locks::unlock(&mut s, a).await,
+        Command::Unlock(a) | Command::Locks(LocksCmd::Rm(a)) => locks::unlock(&mut s, a).await,
         Command::Locks(LocksCmd::Ls(a)) => locks::list(&mut s, a).await,
         Command::Roles(RolesCmd::Add(a)) => roles::add(&mut s, a).await,
+        Command::Roles(RolesCmd::Update(a)) => roles::update(&mut s, a).await,
         Command::Roles(RolesCmd::Ls(a)) => roles::list(&mut s, a).await,
         Command::Roles(RolesCmd::Rm { name }) => roles::remove(&mut s, name).await,
         Command::Audit(AuditCmd::Search(a)) => audit::search(&mut s, a).await,
@@ -94,6 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sso(SsoCmd::Ls(a)) => sso::list(&mut s, a).await,
         Command::Sso(SsoCmd::Unmap { group }) => sso::unmap(&mut s, group).await,
         Command::Sso(SsoCmd::Connectors(c)) => sso::connectors(&mut s, c).await,
+        Command::Version(_) | Command::Completion(_) => Ok(()),
     };
     s.close().await;
     result

@@ -1,64 +1,12 @@
 //! Printing: aligned text tables for people, JSON for scripts.
 
-use edgeport_proto::util::{format_duration, format_time, now_secs};
+use edgeport_proto::util::{format_time, now_secs};
 
-/// A text table whose columns are padded to their widest cell.
-pub struct Table {
-    header: Vec<String>,
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    pub fn new(header: &[&str]) -> Self {
-        Self {
-            header: header.iter().map(|h| h.to_string()).collect(),
-            rows: Vec::new(),
-        }
-    }
-
-    pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
-    }
-
-    /// The table as text, one line per row, no trailing spaces.
-    pub fn render(&self) -> String {
-        let cols = self.header.len();
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
-        for r in &self.rows {
-            for (i, c) in r.iter().enumerate().take(cols) {
-                widths[i] = widths[i].max(c.chars().count());
-            }
-        }
-        let mut out = String::new();
-        let mut line = |cells: &[String]| {
-            let mut l = String::new();
-            for (i, c) in cells.iter().enumerate().take(cols) {
-                l.push_str(c);
-                if i + 1 < cols {
-                    let pad = widths[i] - c.chars().count() + 2;
-                    l.extend(std::iter::repeat_n(' ', pad));
-                }
-            }
-            out.push_str(l.trim_end());
-            out.push('\n');
-        };
-        line(&self.header);
-        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-        line(&rule);
-        for r in &self.rows {
-            line(r);
-        }
-        out
-    }
-
-    pub fn print(&self) {
-        print!("{}", self.render());
-    }
-}
+pub use crate::text::Table;
 
 /// Prints a JSON value, pretty.
 pub fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    crate::outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -85,17 +33,26 @@ pub fn time_json(unix: u64) -> serde_json::Value {
     }
 }
 
-/// `2024-01-01T00:00:00Z (in 1h0m0s)` style expiry for text output.
+/// `2024-01-01T00:00:00Z (in 1h30m)` style expiry for text output.
 pub fn expiry_text(unix: u64) -> String {
     if unix == 0 {
         return "never".into();
     }
     let now = now_secs();
     if unix > now {
-        format!("{} (in {})", format_time(unix), format_duration(unix - now))
+        format!(
+            "{} (in {})",
+            format_time(unix),
+            crate::text::duration(unix - now)
+        )
     } else {
         format!("{} (expired)", format_time(unix))
     }
+}
+
+/// A duration in the style of every table (`8h`, `12h30m`, `5m30s`).
+pub fn duration_text(secs: u64) -> String {
+    crate::text::duration(secs)
 }
 
 /// `5m30s ago` style for text output.
@@ -103,7 +60,10 @@ pub fn ago_text(unix: u64) -> String {
     if unix == 0 {
         return "never".into();
     }
-    format!("{} ago", format_duration(now_secs().saturating_sub(unix)))
+    format!(
+        "{} ago",
+        crate::text::duration(now_secs().saturating_sub(unix))
+    )
 }
 
 #[cfg(test)]
@@ -111,13 +71,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn table_aligns_columns() {
-        let mut t = Table::new(&["NAME", "LOGINS"]);
-        t.row(vec!["alice".into(), "root,pi".into()]);
-        t.row(vec!["b".into(), "-".into()]);
-        assert_eq!(
-            t.render(),
-            "NAME   LOGINS\n-----  -------\nalice  root,pi\nb      -\n"
-        );
+    fn times_use_the_one_duration_style() {
+        // A second passing during the test does not show: hours drop the seconds.
+        assert_eq!(ago_text(now_secs() - 8 * 3600), "8h ago");
+        assert!(expiry_text(now_secs() + 12 * 3600 + 1).ends_with("(in 12h)"));
+        assert_eq!(ago_text(0), "never");
+        assert_eq!(duration_text(12 * 3600 + 30 * 60), "12h30m");
     }
 }

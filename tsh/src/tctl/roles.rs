@@ -1,14 +1,19 @@
-//! `tctl roles add | ls | rm`: what users' certificates allow (DESIGN section 6).
+//! `tctl roles add | update | ls | rm`: what users' certificates allow (DESIGN section 6).
+//!
+//! `add` never replaces a role (a replacement would silently drop the fields not given, deny
+//! rules included); `update` reads the role, changes only the fields given and writes it back.
 
 use std::collections::BTreeMap;
+
+use anyhow::bail;
 
 use edgeport_proto::rpc::{Request, Response, RoleInfo, RoleSpec};
 use edgeport_proto::rpc_client::unexpected;
 use serde_json::json;
 
-use super::cli::{Format, FormatArgs, RoleAddArgs};
+use super::cli::{Format, FormatArgs, RoleAddArgs, RoleUpdateArgs};
 use super::connect::Session;
-use super::output::{csv, json_list, print_json, Table};
+use super::output::{csv, duration_text, json_list, print_json, Table};
 
 /// `k=v,k=v2,k2=*` -> {k: [v, v2], k2: [*]}: repeating a key allows several values.
 pub fn parse_label_rules(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
@@ -38,7 +43,23 @@ fn rules_text(rules: &BTreeMap<String, Vec<String>>) -> String {
         .join(",")
 }
 
+async fn list_roles(s: &mut Session) -> anyhow::Result<Vec<RoleInfo>> {
+    match s.call(Request::RoleList).await? {
+        Response::Roles(r) => Ok(r),
+        other => Err(unexpected(other).into()),
+    }
+}
+
 pub async fn add(s: &mut Session, a: RoleAddArgs) -> anyhow::Result<()> {
+    // Checked here, not by the authority (which upserts): two administrators adding the same
+    // name at the same moment can still both succeed, the later one winning.
+    if list_roles(s).await?.iter().any(|r| r.spec.name == a.name) {
+        bail!(
+            "role {} exists: change it with `tctl roles update {}` (or `tctl roles rm` it first)",
+            a.name,
+            a.name
+        );
+    }
     let spec = RoleSpec {
         name: a.name.clone(),
         allow_labels: a.allow,
@@ -50,7 +71,58 @@ pub async fn add(s: &mut Session, a: RoleAddArgs) -> anyhow::Result<()> {
     };
     match s.call(Request::RoleUpsert(spec)).await? {
         Response::Ok => {
-            println!("role {} saved", a.name);
+            crate::outln!("role {} saved", a.name);
+            Ok(())
+        }
+        other => Err(unexpected(other).into()),
+    }
+}
+
+/// `spec` with the fields `a` gives changed; `None` when it gives none.
+fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
+    let asked = a.allow.is_some()
+        || a.deny.is_some()
+        || a.no_pty
+        || a.pty
+        || a.no_port_forwarding
+        || a.port_forwarding
+        || a.max_session_ttl.is_some();
+    if let Some(allow) = a.allow {
+        spec.allow_labels = allow;
+    }
+    if let Some(deny) = a.deny {
+        spec.deny_labels = deny;
+    }
+    if a.no_pty || a.pty {
+        spec.permit_pty = a.pty;
+    }
+    if a.no_port_forwarding || a.port_forwarding {
+        spec.permit_port_forwarding = a.port_forwarding;
+    }
+    if let Some(ttl) = a.max_session_ttl {
+        spec.max_session_ttl = ttl;
+    }
+    asked.then_some(spec)
+}
+
+pub async fn update(s: &mut Session, a: RoleUpdateArgs) -> anyhow::Result<()> {
+    let name = a.name.clone();
+    let roles = list_roles(s).await?;
+    let Some(role) = roles.into_iter().find(|r| r.spec.name == name) else {
+        bail!("no role {name}: add it with `tctl roles add {name}`");
+    };
+    if role.builtin {
+        bail!("role {name} is built in and cannot be changed");
+    }
+    let Some(spec) = updated(role.spec, a) else {
+        bail!(
+            "nothing to change: give --allow, --deny, --[no-]pty, --[no-]port-forwarding or \
+             --max-session-ttl"
+        );
+    };
+    match s.call(Request::RoleUpsert(spec)).await? {
+        Response::Ok => {
+            crate::outln!("role {name} updated");
             Ok(())
         }
         other => Err(unexpected(other).into()),
@@ -58,10 +130,7 @@ pub async fn add(s: &mut Session, a: RoleAddArgs) -> anyhow::Result<()> {
 }
 
 pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
-    let roles = match s.call(Request::RoleList).await? {
-        Response::Roles(r) => r,
-        other => return Err(unexpected(other).into()),
-    };
+    let roles = list_roles(s).await?;
     match a.format {
         Format::Json => print_json(&json_list(&roles, role_json)),
         Format::Text => {
@@ -84,11 +153,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     rules_text(&sp.deny_labels),
                     yes_no(sp.permit_pty),
                     yes_no(sp.permit_port_forwarding),
-                    format!(
-                        "{}h{:02}m",
-                        sp.max_session_ttl / 3600,
-                        sp.max_session_ttl % 3600 / 60
-                    ),
+                    duration_text(sp.max_session_ttl),
                     csv(&r.users),
                 ]);
             }
@@ -118,7 +183,7 @@ fn role_json(r: &RoleInfo) -> serde_json::Value {
 pub async fn remove(s: &mut Session, name: String) -> anyhow::Result<()> {
     match s.call(Request::RoleRemove { name: name.clone() }).await? {
         Response::Ok => {
-            println!("role {name} removed");
+            crate::outln!("role {name} removed");
             Ok(())
         }
         other => Err(unexpected(other).into()),
@@ -137,5 +202,60 @@ mod tests {
         assert!(parse_label_rules("fleet").is_err());
         assert!(parse_label_rules("a b=c").is_err());
         assert!(parse_label_rules("").unwrap().is_empty());
+    }
+
+    fn args(name: &str) -> RoleUpdateArgs {
+        RoleUpdateArgs {
+            name: name.into(),
+            allow: None,
+            deny: None,
+            no_pty: false,
+            pty: false,
+            no_port_forwarding: false,
+            port_forwarding: false,
+            max_session_ttl: None,
+        }
+    }
+
+    #[test]
+    fn update_changes_only_the_fields_given() {
+        let spec = RoleSpec {
+            name: "field".into(),
+            allow_labels: parse_label_rules("fleet=vans").unwrap(),
+            deny_labels: parse_label_rules("env=prod").unwrap(),
+            max_session_ttl: 8 * 3600,
+            permit_pty: true,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+        };
+        assert!(updated(spec.clone(), args("field")).is_none());
+        let got = updated(
+            spec.clone(),
+            RoleUpdateArgs {
+                max_session_ttl: Some(3600),
+                no_pty: true,
+                ..args("field")
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            RoleSpec {
+                max_session_ttl: 3600,
+                permit_pty: false,
+                ..spec.clone()
+            }
+        );
+        let got = updated(
+            spec.clone(),
+            RoleUpdateArgs {
+                deny: Some(BTreeMap::new()),
+                port_forwarding: true,
+                ..args("field")
+            },
+        )
+        .unwrap();
+        assert!(got.deny_labels.is_empty() && got.permit_port_forwarding);
+        assert_eq!(got.allow_labels, spec.allow_labels);
     }
 }

@@ -25,7 +25,7 @@ pub async fn map(s: &mut Session, a: SsoMapArgs) -> anyhow::Result<()> {
     };
     match s.call(Request::SsoMapSet(m)).await? {
         Response::Ok => {
-            println!("members of group {} are mapped", a.group);
+            crate::outln!("members of group {} are mapped", a.group);
             Ok(())
         }
         other => Err(unexpected(other).into()),
@@ -74,7 +74,7 @@ pub async fn unmap(s: &mut Session, group: String) -> anyhow::Result<()> {
         .await?
     {
         Response::Ok => {
-            println!("group {group} is no longer mapped");
+            crate::outln!("group {group} is no longer mapped");
             Ok(())
         }
         other => Err(unexpected(other).into()),
@@ -91,7 +91,7 @@ pub async fn connectors(s: &mut Session, c: ConnectorsCmd) -> anyhow::Result<()>
                 .await?
             {
                 Response::Ok => {
-                    println!("single sign-on connector {name} removed");
+                    crate::outln!("single sign-on connector {name} removed");
                     Ok(())
                 }
                 other => Err(unexpected(other).into()),
@@ -143,7 +143,7 @@ async fn connector_add(s: &mut Session, a: ConnectorAddCmd) -> anyhow::Result<()
     let name = spec.name.clone();
     match s.call(Request::SsoConnectorAdd(spec)).await? {
         Response::Ok => {
-            println!("single sign-on connector {name} saved (tsh login --auth {name})");
+            crate::outln!("single sign-on connector {name} saved (tsh login --auth {name})");
             Ok(())
         }
         other => Err(unexpected(other).into()),

@@ -38,7 +38,7 @@ pub async fn add(s: &mut Session, a: TokenAddArgs) -> anyhow::Result<()> {
         );
     }
     if a.agent_env {
-        print!(
+        crate::out!(
             "{}",
             agent_env(&t, &secret, a.gateway.as_deref(), a.device_id.as_deref())
         );
@@ -47,20 +47,20 @@ pub async fn add(s: &mut Session, a: TokenAddArgs) -> anyhow::Result<()> {
     match a.format {
         Format::Json => print_json(&token_json(&t)),
         Format::Text => {
-            println!("token:    {secret}");
-            println!("id:       {}", t.id);
-            println!("type:     {}", t.kind.as_str());
+            crate::outln!("token:    {secret}");
+            crate::outln!("id:       {}", t.id);
+            crate::outln!("type:     {}", t.kind.as_str());
             if !t.labels.is_empty() {
-                println!("labels:   {}", format_labels(&t.labels));
+                crate::outln!("labels:   {}", format_labels(&t.labels));
             }
-            println!("expires:  {}", expiry_text(t.expires));
-            println!(
+            crate::outln!("expires:  {}", expiry_text(t.expires));
+            crate::outln!(
                 "uses:     {}",
                 if t.reusable { "any number" } else { "one" }
             );
-            println!("CA pin:   {}", t.ca_pin);
-            println!();
-            println!("{}", example(&t, &secret, &s.auth_addr));
+            crate::outln!("CA pin:   {}", t.ca_pin);
+            crate::outln!();
+            crate::outln!("{}", example(&t, &secret, &s.auth_addr));
             Ok(())
         }
     }
@@ -152,7 +152,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
 pub async fn remove(s: &mut Session, id: String) -> anyhow::Result<()> {
     match s.call(Request::TokenRemove { id: id.clone() }).await? {
         Response::Ok => {
-            println!("token {id} removed");
+            crate::outln!("token {id} removed");
             Ok(())
         }
         other => Err(unexpected(other).into()),

@@ -37,24 +37,35 @@ pub async fn add(s: &mut Session, a: UserAddArgs) -> anyhow::Result<()> {
             invite: Some(code),
             invite_expires,
         } => {
-            println!("user {} added", a.name);
-            println!();
-            println!("One-time invite code: {code}");
+            // A first login needs the CA pin to verify the gateway: print it in the line. The
+            // user exists already, so a failure here must not lose the code: the identity
+            // file's copy of the pin is the fallback.
+            let pin = match s.call(Request::ExportCas).await {
+                Ok(Response::Cas(cas)) => cas.ca_pin,
+                _ => s.cas.ca_pin.clone(),
+            };
+            crate::outln!("user {} added", a.name);
+            crate::outln!();
+            crate::outln!("One-time invite code: {code}");
             if let Some(exp) = invite_expires {
-                println!("It expires {}.", expiry_text(exp));
+                crate::outln!("It expires {}.", expiry_text(exp));
             }
-            println!("The user sets a password and logs in with:");
-            println!(
-                "  tsh login --proxy GATEWAY:3080 --user {} --invite {code}",
-                a.name
+            crate::outln!(
+                "The user chooses a password and logs in with (GATEWAY:3080: the gateway's address):"
             );
+            crate::outln!("  {}", invite_line(&a.name, &code, &pin));
         }
         Response::UserAdded { invite: None, .. } | Response::Ok => {
-            println!("user {} added", a.name);
+            crate::outln!("user {} added", a.name);
         }
         other => return Err(unexpected(other).into()),
     }
     Ok(())
+}
+
+/// The first login of an invited user, as printed by `tctl users add`.
+fn invite_line(user: &str, code: &str, pin: &str) -> String {
+    format!("tsh login --proxy GATEWAY:3080 --user {user} --invite {code} --ca-pin {pin}")
 }
 
 /// One line from stdin, without its line ending.
@@ -132,7 +143,7 @@ fn user_json(u: &UserInfo) -> serde_json::Value {
 pub async fn remove(s: &mut Session, name: String) -> anyhow::Result<()> {
     match s.call(Request::UserRemove { name: name.clone() }).await? {
         Response::Ok => {
-            println!("user {name} removed");
+            crate::outln!("user {name} removed");
             Ok(())
         }
         other => Err(unexpected(other).into()),
