@@ -785,14 +785,11 @@ pub fn finish(svc: &Service, p: Pending, result: &Result<Response, RpcError>) {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
-    use std::sync::Arc;
 
     use edgeport_proto::audit::batch_payload;
     use edgeport_proto::keys::KeyPair;
-    use edgeport_proto::rpc::{JoinDeviceRequest, TokenKind, TokenSpec};
 
     use super::*;
-    use crate::service::Limits;
 
     fn chain(from: u64, prev: &str, n: u64) -> Vec<AuditEvent> {
         let mut prev = prev.to_string();
@@ -839,40 +836,8 @@ mod tests {
 
     #[test]
     fn ingest_checks_signature_sequence_and_chain() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
-        let ca =
-            crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
-                .unwrap();
-        let svc = Service::new(store, Arc::new(ca), Limits::default());
-        let admin = Caller::Admin("admin".into());
-        let tok = match svc.handle(
-            &admin,
-            Request::TokenAdd(TokenSpec {
-                kind: TokenKind::Device,
-                labels: BTreeMap::new(),
-                ttl_secs: 60,
-                reusable: false,
-            }),
-        ) {
-            Response::Token(t) => t.token.unwrap(),
-            other => panic!("{other:?}"),
-        };
-        let key = KeyPair::generate().unwrap();
-        let join = JoinDeviceRequest {
-            token: tok,
-            requested_id: Some("d1".into()),
-            labels: BTreeMap::new(),
-            ssh_public_key: key.public_openssh(),
-            version: "1".into(),
-            arch: "x86_64".into(),
-            remote_addr: "192.0.2.1:1".into(),
-        };
-        let gw = Caller::Gateway("gw-1".into());
-        assert!(matches!(
-            svc.handle(&gw, Request::JoinDevice(join)),
-            Response::DeviceCerts(_)
-        ));
+        let (_tmp, svc) = crate::tests::service();
+        let (key, _) = crate::tests::join_device(&svc, "d1", edgeport_proto::util::now_secs());
 
         // Sync, then a good batch.
         let a = up(&svc, "d1", signed(&key, "d1", vec![])).unwrap();
@@ -930,45 +895,7 @@ mod tests {
     /// earlier one's).
     #[test]
     fn recordings_are_bound_to_the_opening_device_and_the_current_user() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
-        let ca =
-            crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
-                .unwrap();
-        let svc = Service::new(store, Arc::new(ca), Limits::default());
-        let (admin, gw) = (
-            Caller::Admin("admin".into()),
-            Caller::Gateway("gw-1".into()),
-        );
-        let join = |id: &str| {
-            let tok = match svc.handle(
-                &admin,
-                Request::TokenAdd(TokenSpec {
-                    kind: TokenKind::Device,
-                    labels: BTreeMap::new(),
-                    ttl_secs: 60,
-                    reusable: false,
-                }),
-            ) {
-                Response::Token(t) => t.token.unwrap(),
-                other => panic!("{other:?}"),
-            };
-            let key = KeyPair::generate().unwrap();
-            let req = JoinDeviceRequest {
-                token: tok,
-                requested_id: Some(id.into()),
-                labels: BTreeMap::new(),
-                ssh_public_key: key.public_openssh(),
-                version: "1".into(),
-                arch: "x86_64".into(),
-                remote_addr: "192.0.2.1:1".into(),
-            };
-            assert!(matches!(
-                svc.handle(&gw, Request::JoinDevice(req)),
-                Response::DeviceCerts(_)
-            ));
-            key
-        };
+        let (_tmp, svc) = crate::tests::service();
         let events = |kinds: &[(&str, &str)], t: u64| {
             let mut prev = GENESIS_HASH.to_string();
             kinds
@@ -987,8 +914,9 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        let (k1, k2) = (join("d1"), join("d2"));
         let t = now_ms();
+        let (k1, _) = crate::tests::join_device(&svc, "d1", t / 1000);
+        let (k2, _) = crate::tests::join_device(&svc, "d2", t / 1000);
         up(
             &svc,
             "d1",

@@ -67,6 +67,51 @@ async fn user_cert_der(
     }
 }
 
+/// A service on a fresh sled store, for cluster `edge`.
+pub(crate) fn service() -> (tempfile::TempDir, Service) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
+    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+        .unwrap();
+    (tmp, Service::new(store, Arc::new(ca), Limits::default()))
+}
+
+/// Device `id` joins through gateway `gw-1` at `now` with a fresh single-use token: its key
+/// and certificates.
+pub(crate) fn join_device(svc: &Service, id: &str, now: u64) -> (KeyPair, DeviceCerts) {
+    let token = match svc.handle_at(
+        &Caller::Admin("admin".into()),
+        Request::TokenAdd(TokenSpec {
+            kind: TokenKind::Device,
+            labels: BTreeMap::new(),
+            ttl_secs: 60,
+            reusable: false,
+        }),
+        now,
+    ) {
+        Response::Token(t) => t.token.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let key = KeyPair::generate().unwrap();
+    let req = JoinDeviceRequest {
+        token,
+        requested_id: Some(id.into()),
+        labels: BTreeMap::new(),
+        ssh_public_key: key.public_openssh(),
+        version: "1".into(),
+        arch: "x86_64".into(),
+        remote_addr: "192.0.2.1:1".into(),
+    };
+    match svc.handle_at(
+        &Caller::Gateway("gw-1".into()),
+        Request::JoinDevice(req),
+        now,
+    ) {
+        Response::DeviceCerts(d) => (key, d),
+        other => panic!("{other:?}"),
+    }
+}
+
 fn err_of<T: std::fmt::Debug>(r: Result<T, RpcClientError>) -> RpcError {
     match r {
         Err(RpcClientError::Remote(e)) => e,
@@ -604,11 +649,7 @@ async fn bad_frames_close_only_their_connection() {
 /// Presence leases against the service directly, with a controlled clock.
 #[test]
 fn presence_lease_expiry_through_the_service() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
-    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
-        .unwrap();
-    let svc = Service::new(store, Arc::new(ca), Limits::default());
+    let (_tmp, svc) = service();
     let admin = Caller::Admin("admin".into());
     let gw = Caller::Gateway("gw-1".into());
     let t0 = 1_000_000;
@@ -683,12 +724,8 @@ fn presence_lease_expiry_through_the_service() {
 fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
     use edgeport_proto::ticket::Expected;
     use edgeport_proto::tunnel::Service as Svc;
-    let tmp = tempfile::tempdir().unwrap();
-    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
-    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
-        .unwrap();
-    let host_ca = edgeport_proto::audit::raw_ed25519(&ca.bundle().host_ca).unwrap();
-    let svc = Service::new(store, Arc::new(ca), Limits::default());
+    let (_tmp, svc) = service();
+    let host_ca = edgeport_proto::audit::raw_ed25519(&svc.ca().bundle().host_ca).unwrap();
     let admin = Caller::Admin("admin".into());
     let gw = Caller::Gateway("gw-1".into());
     let t0 = edgeport_proto::util::now_secs();
@@ -704,36 +741,7 @@ fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
         ..Default::default()
     };
     ok(svc.handle_at(&admin, Request::UserAdd(user("alice")), t0));
-    let tok = match svc.handle_at(
-        &admin,
-        Request::TokenAdd(TokenSpec {
-            kind: TokenKind::Device,
-            labels: BTreeMap::new(),
-            ttl_secs: 60,
-            reusable: false,
-        }),
-        t0,
-    ) {
-        Response::Token(t) => t.token.unwrap(),
-        other => panic!("{other:?}"),
-    };
-    let dev_key = KeyPair::generate().unwrap();
-    let dev = match svc.handle_at(
-        &gw,
-        Request::JoinDevice(JoinDeviceRequest {
-            token: tok,
-            requested_id: Some("d1".into()),
-            labels: BTreeMap::new(),
-            ssh_public_key: dev_key.public_openssh(),
-            version: "1".into(),
-            arch: "x86_64".into(),
-            remote_addr: "192.0.2.1:1".into(),
-        }),
-        t0,
-    ) {
-        Response::DeviceCerts(d) => d,
-        other => panic!("{other:?}"),
-    };
+    let (_, dev) = join_device(&svc, "d1", t0);
     ok(svc.handle_at(
         &gw,
         Request::Presence(PresenceReport {
@@ -872,11 +880,7 @@ fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
 /// re-join under its name too, and the other gateways learn it with their acknowledgements.
 #[test]
 fn revoked_and_locked_gateways_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
-    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
-        .unwrap();
-    let svc = Service::new(store, Arc::new(ca), Limits::default());
+    let (_tmp, svc) = service();
     let admin = Caller::Admin("admin".into());
     let now = edgeport_proto::util::now_secs();
     for id in ["gw-1", "gw-2"] {
@@ -1010,11 +1014,7 @@ fn revoked_and_locked_gateways_are_refused() {
 #[test]
 fn single_sign_on_needs_the_authoritys_own_verification() {
     use edgeport_proto::rpc::{SsoConnectorKind, SsoConnectorSpec, SsoFinishRequest};
-    let tmp = tempfile::tempdir().unwrap();
-    let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
-    let ca = crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
-        .unwrap();
-    let svc = Service::new(store, Arc::new(ca), Limits::default());
+    let (_tmp, svc) = service();
     let admin = Caller::Admin("admin".into());
     let gw = Caller::Gateway("gw-1".into());
     let spec = SsoConnectorSpec {

@@ -110,7 +110,8 @@ impl Grants {
 
     /// The authority's answer now, with a fresh ticket for one dial of `service`: never a
     /// reused grant, and no outage fallback (a holding gateway or an agent would refuse a
-    /// dial without a ticket anyway).
+    /// dial without a ticket anyway; and a dial whose reused grant put the device where it
+    /// is not learns nothing from an old one).
     pub async fn ticketed(
         &self,
         auth: &AuthorityClient,
@@ -120,19 +121,6 @@ impl Grants {
     ) -> Result<DialGrant, RpcError> {
         let epoch = self.epoch.load(Ordering::SeqCst);
         self.ask(auth, who, target, service, epoch, false).await
-    }
-
-    /// The authority's answer now, never a reused grant (else, authority unreachable, one
-    /// younger than [`OUTAGE`]): for a dial whose reused grant put the device where it is not.
-    pub async fn refresh(
-        &self,
-        auth: &AuthorityClient,
-        who: &UserCert,
-        target: &str,
-        service: Service,
-    ) -> Result<DialGrant, RpcError> {
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        self.ask(auth, who, target, service, epoch, true).await
     }
 
     async fn ask(

@@ -271,7 +271,7 @@ pub async fn open_device_stream(
     let service = header.service;
     match ctx
         .grants
-        .refresh(&ctx.auth, who, &grant.device.id, service)
+        .ticketed(&ctx.auth, who, &grant.device.id, service)
         .await
     {
         Ok(fresh) if placement(&fresh) != placement(grant) => {
