@@ -885,3 +885,42 @@ fn password_guessing_is_slowed_down() {
         .login("bob", PW, &c.gw.ca_pin, &[])
         .expect_ok("bob's login");
 }
+
+/// An agent killed in the middle of a session (power cut, kill -9) closes nothing: tsh's
+/// keep-alives notice, and it exits with one clear line instead of waiting for minutes.
+#[test]
+fn a_session_to_a_killed_agent_ends_with_a_clear_line() {
+    let mut c = Cluster::start("edge", &[("dev1", "")]);
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    let mut long = tsh.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
+    long.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = long.spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || {
+        c.agent("dev1").proc.log_text().contains("session started")
+    }));
+    c.agents[0].proc.kill9();
+    let t = std::time::Instant::now();
+    let ended = wait_until(Duration::from_secs(90), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(ended, "tsh was still waiting 90 s after the agent died");
+    eprintln!("tsh noticed the dead agent after {:?}", t.elapsed());
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, got: {err}");
+    assert!(
+        lines[0].contains("dev1") && lines[0].contains("lost"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -20,6 +20,10 @@ use super::term;
 use super::CliError;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// SSH keep-alives to the device: a device (or agent) that died without closing anything
+/// is noticed after [`KEEPALIVE_MAX`] of them go unanswered, not at the tunnel's idle timeout.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+const KEEPALIVE_MAX: usize = 2;
 const IO_BUF: usize = 256 * 1024;
 
 /// What the client learned about why a connection failed, for one clear error line.
@@ -27,6 +31,8 @@ const IO_BUF: usize = 256 * 1024;
 struct Notes {
     host_problem: Option<String>,
     disconnect: Option<String>,
+    /// The device stopped answering keep-alives.
+    silent: bool,
 }
 
 pub struct Verifier {
@@ -78,7 +84,14 @@ impl client::Handler for Verifier {
                 }
                 Ok(())
             }
-            DisconnectReason::Error(e) => Err(e),
+            DisconnectReason::Error(e) => {
+                if matches!(e, russh::Error::KeepaliveTimeout) {
+                    if let Ok(mut n) = self.notes.lock() {
+                        n.silent = true;
+                    }
+                }
+                Err(e)
+            }
         }
     }
 }
@@ -132,8 +145,8 @@ fn config(pty: bool) -> client::Config {
         maximum_packet_size: 65535,
         channel_buffer_size: 256,
         inactivity_timeout: None,
-        keepalive_interval: Some(Duration::from_secs(30)),
-        keepalive_max: 4,
+        keepalive_interval: Some(KEEPALIVE),
+        keepalive_max: KEEPALIVE_MAX,
         nodelay: true,
         ..Default::default()
     }
@@ -381,14 +394,24 @@ pub async fn run_session(conn: &Connection, spec: SessionSpec) -> Result<i32, Cl
             // No exit status: the connection ended under the session. The agent says why
             // when it ends it on purpose (a lock, for instance).
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let why = conn.notes.lock().ok().and_then(|n| n.disconnect.clone());
-            Err(CliError::msg(match why {
-                Some(m) => format!(
+            let (why, silent) = conn
+                .notes
+                .lock()
+                .map(|n| (n.disconnect.clone(), n.silent))
+                .unwrap_or_default();
+            Err(CliError::msg(match (why, silent) {
+                (Some(m), _) => format!(
                     "{} closed the session: {}",
                     conn.device,
                     m.trim_start_matches("edgeport: ")
                 ),
-                None => format!("the connection to {} was lost", conn.device),
+                (None, true) => format!(
+                    "the connection to {} was lost: it did not answer for {} s (the device \
+                     or its agent may be down, or its network gone)",
+                    conn.device,
+                    KEEPALIVE.as_secs() * (KEEPALIVE_MAX as u64 + 1)
+                ),
+                (None, false) => format!("the connection to {} was lost", conn.device),
             }))
         }
     }
