@@ -143,6 +143,14 @@ impl Standing {
         }
     }
 
+    /// Whether gateway `id` is barred, if the cached list is fresh (no store read).
+    pub fn cached(&self, id: &str) -> Option<bool> {
+        let c = self.cache.lock().ok()?;
+        c.as_ref()
+            .filter(|(at, _)| at.elapsed() < STANDING_TTL)
+            .map(|(_, list)| list.iter().any(|g| g == id))
+    }
+
     /// The gateways revoked or locked now.
     pub fn barred(&self, store: &dyn Store, now: u64) -> Result<Vec<String>, RpcError> {
         if let Ok(c) = self.cache.lock() {

@@ -224,8 +224,12 @@ impl Connection {
     /// Whether the caller is a revoked or locked gateway (a store read at most every few
     /// seconds, on the blocking pool).
     async fn barred(&self, caller: &Caller) -> bool {
-        if !matches!(caller, Caller::Gateway(_)) {
+        let Caller::Gateway(id) = caller else {
             return false;
+        };
+        // Usually the cached list answers: no trip to the blocking pool per request.
+        if let Some(b) = self.service.standing.cached(id) {
+            return b;
         }
         let (svc, who) = (self.service.clone(), caller.clone());
         tokio::task::spawn_blocking(move || svc.is_barred(&who))

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub mod dial;
 pub mod fabric;
 pub mod peers;
+pub mod rogue;
 pub mod ssh;
 
 /// Path of a workspace binary next to the running test (target/<profile>/NAME).

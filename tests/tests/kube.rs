@@ -439,17 +439,7 @@ fn kubectl_through_gateway_and_tunnel() {
 
     // Bad input: each gets a clear HTTP error, and alice's watch and requests go on.
     let gw_port = c.gw.port;
-    let tls = c.dir.join("alice-tls");
-    c.tctl.ok(&[
-        "auth",
-        "sign",
-        "--user",
-        "alice",
-        "--format",
-        "tls",
-        "--out",
-        tls.to_str().unwrap(),
-    ]);
+    let tls = sign_tls(&c, "alice", "alice-tls");
     let mine = tls_args(&tls);
     let mine: Vec<&str> = mine.iter().map(String::as_str).collect();
     // Unknown cluster.
@@ -547,17 +537,7 @@ fn kubectl_through_gateway_and_tunnel() {
     assert!(body.contains("expired"), "{body}");
     // A user who no longer exists (certificate still valid).
     add_kube_user(&c, "dave", "devs");
-    let dave = c.dir.join("dave-tls");
-    c.tctl.ok(&[
-        "auth",
-        "sign",
-        "--user",
-        "dave",
-        "--format",
-        "tls",
-        "--out",
-        dave.to_str().unwrap(),
-    ]);
+    let dave = sign_tls(&c, "dave", "dave-tls");
     c.tctl.ok(&["users", "rm", "dave"]);
     let da = tls_args(&dave);
     let da: Vec<&str> = da.iter().map(String::as_str).collect();
@@ -769,6 +749,23 @@ fn start_echo_server() -> EchoServer {
 }
 
 /// A TLS client to the gateway's front door with a `tctl auth sign --format tls` identity.
+/// A one-hour TLS identity for `user` (`tctl auth sign --format tls`), as
+/// `DIR/NAME.{crt,key,cas}`; returns `DIR/NAME`.
+fn sign_tls(c: &Cluster, user: &str, name: &str) -> PathBuf {
+    let out = c.dir.join(name);
+    c.tctl.ok(&[
+        "auth",
+        "sign",
+        "--user",
+        user,
+        "--format",
+        "tls",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    out
+}
+
 fn front_door(
     gw_port: u16,
     tls: &Path,
@@ -860,17 +857,7 @@ fn echo_cluster(name: &str) -> (EchoServer, Cluster) {
 fn upgrade_is_spliced_byte_for_byte() {
     let (echo, c) = echo_cluster("kube-ws");
     add_kube_user(&c, "carol", "ops,viewers");
-    let tls = c.dir.join("carol-tls");
-    c.tctl.ok(&[
-        "auth",
-        "sign",
-        "--user",
-        "carol",
-        "--format",
-        "tls",
-        "--out",
-        tls.to_str().unwrap(),
-    ]);
+    let tls = sign_tls(&c, "carol", "carol-tls");
 
     let mut s = front_door(c.gw.port, &tls);
     let req = "GET /k8s/ws1/api/v1/namespaces/default/pods/p/exec?command=sh HTTP/1.1\r\n\
@@ -1064,17 +1051,7 @@ fn kube_bench() {
     );
 
     // Small GET (/version) requests per second through one device tunnel.
-    let tls = c.dir.join("alice-tls");
-    c.tctl.ok(&[
-        "auth",
-        "sign",
-        "--user",
-        "alice",
-        "--format",
-        "tls",
-        "--out",
-        tls.to_str().unwrap(),
-    ]);
+    let tls = sign_tls(&c, "alice", "alice-tls");
     let port = c.gw.port;
     for conns in [1, 8] {
         let r = rps(conns, 5, || {
@@ -1103,57 +1080,32 @@ fn kube_bench() {
 #[test]
 fn a_rogue_gateway_cannot_choose_whom_the_device_impersonates() {
     use edgeport_proto::rpc::{Request, Response};
-    use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
+    use edgeport_proto::tunnel::{ClientReply, Service, StreamHeader};
     let (echo, c) = echo_cluster("kube-rogue");
     add_kube_user(&c, "carol", "ops,viewers");
-    let tls = c.dir.join("carol-tls");
-    c.tctl.ok(&[
-        "auth",
-        "sign",
-        "--user",
-        "carol",
-        "--format",
-        "tls",
-        "--out",
-        tls.to_str().unwrap(),
-    ]);
+    let tls = sign_tls(&c, "carol", "carol-tls");
     let carol_pem = std::fs::read_to_string(format!("{}.crt", tls.display())).unwrap();
     let carol = edgeport_proto::keys::first_cert_der(&carol_pem).unwrap();
     // Gateway A joins; the attacker holds its identity.
     let gw_a = edgeport_e2e::fabric::Gateway::start(&c.dir.join("gateway-a"), &c.auth);
-    edgeport_proto::tls::install_crypto_provider();
-    let ident = edgeport_gateway::identity::load(&gw_a.data_dir).unwrap();
-    let to_auth = Arc::new(ident.rpc_client_config().unwrap());
-    let to_gw = Arc::new(
-        edgeport_proto::tls::client_config(
-            &ident.ca_der().unwrap(),
-            Some(&ident.cert_key().unwrap()),
-            &[edgeport_proto::alpn::DIAL],
+    let stolen = edgeport_e2e::rogue::StolenGateway::from_data_dir(&gw_a.data_dir);
+    let grant = stolen
+        .ask(
+            &c.tctl.addr,
+            Request::AuthorizeDial {
+                user_cert_der: carol,
+                device: "ws-dev".into(),
+                service: Service::Kube,
+            },
         )
-        .unwrap(),
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
         .unwrap();
-    let grant = rt.block_on(async {
-        let mut a = edgeport_proto::rpc_client::RpcClient::connect(&c.tctl.addr, to_auth)
-            .await
-            .unwrap();
-        a.call(Request::AuthorizeDial {
-            user_cert_der: carol,
-            device: "ws-dev".into(),
-            service: Service::Kube,
-        })
-        .await
-        .unwrap()
-    });
     let Response::DialAllowed(grant) = grant else {
         panic!("{grant:?}")
     };
-    let req = ClientRequest::Forward {
-        device_id: "ws-dev".into(),
-        header: StreamHeader {
+    let (reply, mut s) = stolen.forward(
+        &c.gw.addr,
+        "ws-dev",
+        StreamHeader {
             service: Service::Kube,
             user: Some("admin".into()),
             session_id: "0123456789abcdef".into(),
@@ -1163,8 +1115,7 @@ fn a_rogue_gateway_cannot_choose_whom_the_device_impersonates() {
             ticket: grant.ticket,
             via: None,
         },
-    };
-    let (reply, mut s) = edgeport_e2e::dial::request(&to_gw, &c.gw.addr, &req);
+    );
     assert!(matches!(reply, ClientReply::DialOk { .. }), "{reply:?}");
     s.write_all(
         b"GET /api/v1/namespaces/kube-system/secrets HTTP/1.1\r\nHost: kubernetes\r\n\

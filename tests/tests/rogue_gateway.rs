@@ -15,70 +15,20 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use edgeport_e2e::dial::{request, user_tls};
+use edgeport_e2e::dial::user_tls;
 use edgeport_e2e::fabric::Gateway;
+use edgeport_e2e::rogue::StolenGateway;
 use edgeport_e2e::ssh::{Cluster, Tsh};
 use edgeport_e2e::wait_until;
-use edgeport_proto::alpn;
 use edgeport_proto::keys::first_cert_der;
 use edgeport_proto::rpc::{ErrorKind, Request, Response};
-use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
+use edgeport_proto::rpc_client::RpcClientError;
 use edgeport_proto::ticket::DialTicket;
-use edgeport_proto::tls::client_config;
-use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
+use edgeport_proto::tunnel::{ClientReply, Service, StreamHeader};
 
 const PW: &str = "correct horse battery";
-
-/// TLS client configs with gateway A's own identity: to other gateways and to the authority.
-struct Stolen {
-    to_gateway: Arc<rustls::ClientConfig>,
-    to_authority: Arc<rustls::ClientConfig>,
-}
-
-fn steal(dir: &Path) -> Stolen {
-    edgeport_proto::tls::install_crypto_provider();
-    let ident = edgeport_gateway::identity::load(dir).expect("gateway identity");
-    let me = ident.cert_key().unwrap();
-    let ca = ident.ca_der().unwrap();
-    Stolen {
-        to_gateway: Arc::new(client_config(&ca, Some(&me), &[alpn::DIAL]).unwrap()),
-        to_authority: Arc::new(ident.rpc_client_config().unwrap()),
-    }
-}
-
-/// Sends `ClientRequest::Forward` to the gateway at `addr`; returns the reply.
-fn forward(
-    cfg: &Arc<rustls::ClientConfig>,
-    addr: &str,
-    device: &str,
-    header: StreamHeader,
-) -> ClientReply {
-    let req = ClientRequest::Forward {
-        device_id: device.into(),
-        header,
-    };
-    request(cfg, addr, &req).0
-}
-
-/// One request to the authority with the stolen identity.
-fn ask(
-    cfg: &Arc<rustls::ClientConfig>,
-    auth: &str,
-    req: Request,
-) -> Result<Response, RpcClientError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut c = RpcClient::connect(auth, cfg.clone()).await?;
-        c.call(req).await
-    })
-}
 
 fn header(service: Service, user: &str, ticket: Option<DialTicket>) -> StreamHeader {
     StreamHeader {
@@ -113,16 +63,15 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
         &c.auth,
         &["--presence-interval", "2s"],
     );
-    let stolen = steal(&gw_a.data_dir);
+    let stolen = StolenGateway::from_data_dir(&gw_a.data_dir);
     let b = c.gw.addr.clone();
 
     // No ticket: the header's user counts for nothing.
-    let why = refused(forward(
-        &stolen.to_gateway,
-        &b,
-        "dev1",
-        header(Service::Ssh, "root-impersonated", None),
-    ));
+    let why = refused(
+        stolen
+            .forward(&b, "dev1", header(Service::Ssh, "root-impersonated", None))
+            .0,
+    );
     assert!(why.contains("no dial ticket from the authority"), "{why}");
 
     // A user certificate the attacker made for itself buys no ticket.
@@ -141,8 +90,7 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
         .signed_by(&rcgen::KeyPair::generate().unwrap(), &foreign_ca)
         .unwrap();
     let ask_dial = |der: Vec<u8>, device: &str, service: Service| {
-        ask(
-            &stolen.to_authority,
+        stolen.ask(
             &c.tctl.addr,
             Request::AuthorizeDial {
                 user_cert_der: der,
@@ -160,8 +108,7 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
     }
 
     // Recordings: a gateway's word about whose they are counts for nothing either.
-    match ask(
-        &stolen.to_authority,
+    match stolen.ask(
         &c.tctl.addr,
         Request::RecordingList {
             user: Some("alice".into()),
@@ -189,8 +136,7 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
         signature: forger.sign(&edgeport_proto::audit::batch_payload("dev1", &events)),
         events,
     };
-    match ask(
-        &stolen.to_authority,
+    match stolen.ask(
         &c.tctl.addr,
         Request::AuditUpload {
             device_id: "dev1".into(),
@@ -221,41 +167,48 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
         Ok(Response::DialAllowed(g)) => g.ticket.expect("a ticket"),
         other => panic!("{other:?}"),
     };
-    let why = refused(forward(
-        &stolen.to_gateway,
-        &b,
-        "dev2",
-        header(Service::Kube, "alice", Some(ticket.clone())),
-    ));
+    let why = refused(
+        stolen
+            .forward(
+                &b,
+                "dev2",
+                header(Service::Kube, "alice", Some(ticket.clone())),
+            )
+            .0,
+    );
     assert!(
         why.contains("the dial ticket is for device \"dev1\""),
         "{why}"
     );
-    let why = refused(forward(
-        &stolen.to_gateway,
-        &b,
-        "dev1",
-        header(Service::Ssh, "alice", Some(ticket.clone())),
-    ));
+    let why = refused(
+        stolen
+            .forward(
+                &b,
+                "dev1",
+                header(Service::Ssh, "alice", Some(ticket.clone())),
+            )
+            .0,
+    );
     assert!(why.contains("the dial ticket is for service"), "{why}");
     // The real use: the holder names the user and the Kubernetes identity from the ticket, not
     // from the header the forwarder wrote.
-    match forward(
-        &stolen.to_gateway,
-        &b,
-        "dev1",
-        header(Service::Kube, "root-impersonated", Some(ticket.clone())),
-    ) {
+    match stolen
+        .forward(
+            &b,
+            "dev1",
+            header(Service::Kube, "root-impersonated", Some(ticket.clone())),
+        )
+        .0
+    {
         ClientReply::DialOk { device_id, .. } => assert_eq!(device_id, "dev1"),
         other => panic!("a valid ticket was refused: {other:?}"),
     }
     // ...once.
-    let why = refused(forward(
-        &stolen.to_gateway,
-        &b,
-        "dev1",
-        header(Service::Kube, "alice", Some(ticket)),
-    ));
+    let why = refused(
+        stolen
+            .forward(&b, "dev1", header(Service::Kube, "alice", Some(ticket)))
+            .0,
+    );
     assert!(why.contains("already used"), "{why}");
     let b_log = c.gw.proc.log_text();
     assert!(
@@ -324,19 +277,18 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
     // Revoked: the authority refuses A from now on, B refuses A and closes its link, and A
     // (honest here) closes its tunnels and stops.
     c.tctl.ok(&["gateways", "rm", &a_id]);
-    match ask(&stolen.to_authority, &c.tctl.addr, Request::DeviceList) {
+    match stolen.ask(&c.tctl.addr, Request::DeviceList) {
         Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => {
             assert_eq!(e.kind, ErrorKind::GatewayRevoked, "{e}")
         }
         other => panic!("a revoked gateway was answered: {other:?}"),
     }
     let b_knows = wait_until(Duration::from_secs(20), || {
-        let why = refused(forward(
-            &stolen.to_gateway,
-            &b,
-            "dev1",
-            header(Service::Ssh, "alice", None),
-        ));
+        let why = refused(
+            stolen
+                .forward(&b, "dev1", header(Service::Ssh, "alice", None))
+                .0,
+        );
         why.contains("revoked")
     });
     assert!(b_knows, "B still takes forwards from the revoked gateway");

@@ -534,6 +534,32 @@ fn gateway_cannot_read_the_session() {
     assert!(banner, "no SSH banner in the splice dumps: {dumps:?}");
 }
 
+/// `tsh ssh dev1 'echo started; sleep 300'` in the background, returned once the agent has
+/// started one more session (or tsh already ended).
+fn long_session(tsh: &Tsh, agent: &edgeport_e2e::Proc) -> std::process::Child {
+    let before = agent.log_text().matches("session started").count();
+    let mut long = tsh.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
+    long.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = long.spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || {
+        agent.log_text().matches("session started").count() > before
+            || matches!(child.try_wait(), Ok(Some(_)))
+    }));
+    child
+}
+
+/// Waits up to `limit` for `child` to end (killing it if it does not): whether it ended by
+/// itself, and its output.
+fn ended_within(mut child: std::process::Child, limit: Duration) -> (bool, std::process::Output) {
+    let ended = wait_until(limit, || matches!(child.try_wait(), Ok(Some(_))));
+    if !ended {
+        let _ = child.kill();
+    }
+    (ended, child.wait_with_output().unwrap())
+}
+
 #[test]
 fn locks_end_sessions() {
     let c = Cluster::start("edge", &[("dev1", "")]);
@@ -542,24 +568,11 @@ fn locks_end_sessions() {
     tsh.login("alice", PW, &c.gw.ca_pin, &[])
         .expect_ok("tsh login");
     // A lock ends the live session and refuses new ones.
-    let mut long = tsh.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
-    long.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = long.spawn().unwrap();
     let agent_proc = &c.agent("dev1").proc;
-    assert!(wait_until(Duration::from_secs(30), || {
-        agent_proc.log_text().matches("session started").count() >= 1
-    }));
+    let child = long_session(&tsh, agent_proc);
     c.tctl
         .ok(&["lock", "--user", "alice", "--message", "incident 42"]);
-    let ended = wait_until(Duration::from_secs(30), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    if !ended {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
+    let (ended, out) = ended_within(child, Duration::from_secs(30));
     assert!(
         ended,
         "the locked user's session is still running (did the gateway push the lock to the agent?)"
@@ -579,25 +592,10 @@ fn locks_end_sessions() {
         .expect_ok("the first dial right after tctl unlock");
 
     // A device lock: the gateway itself cuts the live session (the device is not trusted to).
-    let mut long = tsh.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
-    long.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = long.spawn().unwrap();
-    let before = agent_proc.log_text().matches("session started").count();
-    assert!(wait_until(Duration::from_secs(30), || {
-        agent_proc.log_text().matches("session started").count() > before
-            || matches!(child.try_wait(), Ok(Some(_)))
-    }));
+    let child = long_session(&tsh, agent_proc);
     c.tctl
         .ok(&["lock", "--device", "dev1", "--message", "stolen van"]);
-    let ended = wait_until(Duration::from_secs(30), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    if !ended {
-        let _ = child.kill();
-    }
-    let _ = child.wait_with_output();
+    let (ended, _) = ended_within(child, Duration::from_secs(30));
     assert!(ended, "the session to the locked device is still running");
     assert!(
         c.gw.proc.log_text().contains("session cut: locked"),
@@ -613,23 +611,9 @@ fn locks_end_sessions() {
     let bob = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
     bob.login("bob", PW, &c.gw.ca_pin, &[])
         .expect_ok("tsh login as bob");
-    let mut long = bob.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
-    long.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = long.spawn().unwrap();
-    let before = agent_proc.log_text().matches("session started").count();
-    assert!(wait_until(Duration::from_secs(30), || {
-        agent_proc.log_text().matches("session started").count() > before
-    }));
+    let child = long_session(&bob, agent_proc);
     c.tctl.ok(&["users", "rm", "bob"]);
-    let ended = wait_until(Duration::from_secs(30), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    if !ended {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
+    let (ended, out) = ended_within(child, Duration::from_secs(30));
     assert!(ended, "the removed user's session is still running");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bob\" is locked"), "{err}");
@@ -895,23 +879,10 @@ fn a_session_to_a_killed_agent_ends_with_a_clear_line() {
     let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
     tsh.login("alice", PW, &c.gw.ca_pin, &[])
         .expect_ok("tsh login");
-    let mut long = tsh.cmd(&["ssh", "dev1", "echo started; sleep 300"]);
-    long.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = long.spawn().unwrap();
-    assert!(wait_until(Duration::from_secs(30), || {
-        c.agent("dev1").proc.log_text().contains("session started")
-    }));
+    let child = long_session(&tsh, &c.agent("dev1").proc);
     c.agents[0].proc.kill9();
     let t = std::time::Instant::now();
-    let ended = wait_until(Duration::from_secs(90), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    if !ended {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
+    let (ended, out) = ended_within(child, Duration::from_secs(90));
     assert!(ended, "tsh was still waiting 90 s after the agent died");
     eprintln!("tsh noticed the dead agent after {:?}", t.elapsed());
     assert_ne!(out.status.code(), Some(0));
