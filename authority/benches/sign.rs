@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use edgeport_authority::ca::{CaKeys, CertAuthority, SshUserCert};
 use edgeport_authority::roles;
+use edgeport_net::clock::now_secs;
 use edgeport_proto::keys::KeyPair;
-use edgeport_proto::util::now_secs;
 
 const RUN_FOR: Duration = Duration::from_secs(2);
 

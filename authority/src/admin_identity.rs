@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
+use edgeport_net::clock::now_secs;
 use edgeport_proto::identity::{IdentityFile, Principal};
 use edgeport_proto::keys::{first_cert_der, KeyPair};
 use edgeport_proto::tls::not_after;
-use edgeport_proto::util::now_secs;
 
 use crate::ca::{CaError, CertAuthority, BACKDATE_SECS};
 

@@ -837,7 +837,7 @@ mod tests {
     #[test]
     fn ingest_checks_signature_sequence_and_chain() {
         let (_tmp, svc) = crate::tests::service();
-        let (key, _) = crate::tests::join_device(&svc, "d1", edgeport_proto::util::now_secs());
+        let (key, _) = crate::tests::join_device(&svc, "d1", edgeport_net::clock::now_secs());
 
         // Sync, then a good batch.
         let a = up(&svc, "d1", signed(&key, "d1", vec![])).unwrap();

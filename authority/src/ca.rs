@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use edgeport_net::clock::now_secs;
 use edgeport_proto::identity::{CaBundle, Principal};
 use edgeport_proto::keys::{self, KeyError, KeyPair};
 use edgeport_proto::sshcert::{
@@ -15,7 +16,7 @@ use edgeport_proto::sshcert::{
     EXT_ROLES,
 };
 use edgeport_proto::tls::{CertKey, AUTHORITY_SERVER_NAME, GATEWAY_SERVER_NAME};
-use edgeport_proto::util::{format_time, now_secs, write_private, write_with_mode};
+use edgeport_proto::util::{format_time, write_private, write_with_mode};
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::PublicKey;
 

@@ -47,7 +47,7 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    edgeport_proto::daemon::init_logging();
+    edgeport_net::daemon::init_logging();
     let Cmd::Start {
         data_dir,
         listen,
@@ -56,7 +56,7 @@ fn main() -> std::process::ExitCode {
         store,
         store_ca,
     } = Cli::parse().cmd;
-    edgeport_proto::daemon::run(|shutdown| async move {
+    edgeport_net::daemon::run(|shutdown| async move {
         let server = Server::start(Config {
             data_dir,
             listen,

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgeport_proto::frame::{self, read_frame, FrameError};
+use edgeport_net::read_frame;
+use edgeport_proto::frame::{self, FrameError};
 use edgeport_proto::rpc::{ErrorKind, Request, Response, RpcError};
 use edgeport_proto::tls::peer_principal;
 use tokio::io::AsyncWriteExt;

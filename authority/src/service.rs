@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use edgeport_net::clock::now_secs;
 use edgeport_proto::identity::Principal;
 use edgeport_proto::rpc::{Request, Response, RpcError};
-use edgeport_proto::util::now_secs;
 
 use crate::ca::CertAuthority;
 use crate::errors::denied;

@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use edgeport_net::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::identity::{IdentityFile, Principal};
 use edgeport_proto::keys::{first_cert_der, KeyPair};
 use edgeport_proto::rpc::*;
-use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::sshcert::check_user_cert;
 use edgeport_proto::tls::{client_config, pinned_client_config, CertKey};
 use edgeport_proto::{alpn, frame};
@@ -262,7 +262,7 @@ async fn full_flow_over_rpc() {
         &host,
         &host_ca,
         "van-1.edge",
-        edgeport_proto::util::now_secs(),
+        edgeport_net::clock::now_secs(),
     )
     .unwrap();
     let e = err_of(g.call(Request::JoinDevice(join.clone())).await);
@@ -388,7 +388,7 @@ async fn full_flow_over_rpc() {
         Response::UserCerts(c) => c,
         other => panic!("{other:?}"),
     };
-    let now = edgeport_proto::util::now_secs();
+    let now = edgeport_net::clock::now_secs();
     assert!(certs.valid_before <= now + 12 * 3600 + 5, "ttl not capped");
     let cert = Certificate::from_openssh(&certs.ssh_cert).unwrap();
     let user_ca = PublicKey::from_openssh(&certs.cas.user_ca).unwrap();
@@ -728,7 +728,7 @@ fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
     let host_ca = edgeport_proto::audit::raw_ed25519(&svc.ca().bundle().host_ca).unwrap();
     let admin = Caller::Admin("admin".into());
     let gw = Caller::Gateway("gw-1".into());
-    let t0 = edgeport_proto::util::now_secs();
+    let t0 = edgeport_net::clock::now_secs();
     let ok = |r: Response| match r {
         Response::Error(e) => panic!("{e}"),
         other => other,
@@ -882,7 +882,7 @@ fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
 fn revoked_and_locked_gateways_are_refused() {
     let (_tmp, svc) = service();
     let admin = Caller::Admin("admin".into());
-    let now = edgeport_proto::util::now_secs();
+    let now = edgeport_net::clock::now_secs();
     for id in ["gw-1", "gw-2"] {
         crate::gateways::record_join(
             svc.store(),

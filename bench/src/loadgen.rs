@@ -101,7 +101,7 @@ async fn run(a: Args) -> Result<()> {
     let sockets = a.n.div_ceil(a.per_socket);
     let mut endpoints = Vec::with_capacity(sockets);
     for _ in 0..sockets {
-        let ep = edgeport_proto::quic::client_endpoint("0.0.0.0:0".parse()?)?;
+        let ep = edgeport_net::quic::client_endpoint("0.0.0.0:0".parse()?)?;
         endpoints.push(ep);
     }
     eprintln!("loadgen: {} tunnels over {sockets} UDP sockets", a.n);

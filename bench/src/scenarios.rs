@@ -260,7 +260,7 @@ fn sign(o: &Opts, r: &mut Results) -> Result<()> {
     let grants = edgeport_authority::roles::combine(&[role]);
     let logins = vec!["root".to_string(), "pi".to_string()];
     let groups = vec!["devs".to_string()];
-    let now = edgeport_proto::util::now_secs();
+    let now = edgeport_net::clock::now_secs();
     let per_run = Duration::from_millis(o.pick(700, 2000));
     let runs = o.pick(3, 5);
     let measure = |f: &mut dyn FnMut() -> Result<()>| -> Result<Vec<f64>> {
@@ -686,8 +686,9 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
 }
 
 fn stream_open(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
+    use edgeport_net::{read_frame, write_frame};
+    use edgeport_proto::alpn;
     use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service};
-    use edgeport_proto::{alpn, read_frame, write_frame};
 
     edgeport_proto::tls::install_crypto_provider();
     let out = fab.dir.join("stream-user");
@@ -704,7 +705,7 @@ fn stream_open(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
     let n = o.pick3(100, 300, 2000);
     let gw: std::net::SocketAddr = fab.gw_addr.parse()?;
     // One thread, as tsh runs.
-    let rt = edgeport_proto::daemon::Threads::Exactly(1).runtime()?;
+    let rt = edgeport_net::daemon::Threads::Exactly(1).runtime()?;
     let samples = rt.block_on(async move {
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
         ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));

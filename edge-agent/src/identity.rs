@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use edgeport_net::clock::now_secs;
 use edgeport_proto::identity::CaBundle;
 use edgeport_proto::keys::{first_cert_der, KeyPair};
 use edgeport_proto::rpc::DeviceCerts;
 use edgeport_proto::tls::{self, CertKey};
-use edgeport_proto::util::{now_secs, write_private};
+use edgeport_proto::util::write_private;
 use serde::{Deserialize, Serialize};
 
 pub const KEY_FILE: &str = "device.key";

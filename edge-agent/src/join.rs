@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::keys::{normalize_pin, KeyPair};
 use edgeport_proto::rpc::{DeviceCerts, JoinDeviceRequest, RpcError};
 use edgeport_proto::tls::{pinned_client_config, GATEWAY_SERVER_NAME};
 use edgeport_proto::tunnel::{JoinMessage, JoinReply};
-use edgeport_proto::{alpn, read_frame, write_frame, FrameError};
+use edgeport_proto::{alpn, FrameError};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 

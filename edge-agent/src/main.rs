@@ -123,7 +123,7 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    edgeport_proto::daemon::init_logging();
+    edgeport_net::daemon::init_logging();
     let Command::Start(a) = cli.command;
     let mut cfg = AgentConfig::new(a.data_dir, a.gateway);
     cfg.token = a.token.filter(|t| !t.is_empty());
@@ -143,6 +143,6 @@ fn main() -> ExitCode {
     cfg.test_audit_flood = a.test_audit_flood;
     cfg.kube_cluster = a.kube_cluster.filter(|c| !c.is_empty());
     cfg.kubeconfig = a.kubeconfig;
-    let threads = edgeport_proto::daemon::Threads::from_count(a.threads);
-    edgeport_proto::daemon::run_on(threads, |shutdown| edge_agent::run(cfg, shutdown))
+    let threads = edgeport_net::daemon::Threads::from_count(a.threads);
+    edgeport_net::daemon::run_on(threads, |shutdown| edge_agent::run(cfg, shutdown))
 }

@@ -7,9 +7,9 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use edgeport_proto::read_frame;
+use edgeport_net::read_frame;
+use edgeport_net::BoxedStream;
 use edgeport_proto::tunnel::{Service, StreamHeader};
-use edgeport_proto::util::BoxedStream;
 use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::identity::DeviceIdentity;

@@ -6,10 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edgeport_net::clock::now_secs;
+use edgeport_net::BoxedStream;
+use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::rpc::{RpcError, Transport};
 use edgeport_proto::tunnel::{AgentControl, GatewayControl, Hello};
-use edgeport_proto::util::{now_secs, BoxedStream};
-use edgeport_proto::{read_frame, write_frame, FrameError};
+use edgeport_proto::FrameError;
 use tokio::io::{ReadHalf, WriteHalf};
 
 use crate::agent::Agent;

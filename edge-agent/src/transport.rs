@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgeport_proto::mux::{self, Mode, MuxConfig, MuxHandle, MuxIncoming};
+use edgeport_net::mux::{self, Mode, MuxConfig, MuxHandle, MuxIncoming};
+use edgeport_net::BoxedStream;
 use edgeport_proto::rpc::Transport;
 use edgeport_proto::tls::{client_config, GATEWAY_SERVER_NAME};
-use edgeport_proto::util::BoxedStream;
 use quinn::crypto::rustls::QuicClientConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -110,7 +110,7 @@ fn tls_config(ident: &DeviceIdentity) -> Result<rustls::ClientConfig, String> {
 /// quinn transport settings: large windows for bulk transfers, keep-alive and idle timeout
 /// from the configuration, room for many gateway-opened streams, none the other way.
 fn transport_config(cfg: &AgentConfig) -> quinn::TransportConfig {
-    let mut t = edgeport_proto::quic::bulk_transport();
+    let mut t = edgeport_net::quic::bulk_transport();
     // Sessions (SSH channels' streams, Kubernetes requests) the gateway may have open on
     // this device at once; more wait for credit. quinn keeps state for each permitted
     // stream from the start: 1024 cost the device about 50 KB more than 256.
@@ -151,7 +151,7 @@ impl QuicClient {
             SocketAddr::from(([0u16; 8], 0))
         };
         let e =
-            edgeport_proto::quic::client_endpoint(bind).map_err(|e| format!("UDP socket: {e}"))?;
+            edgeport_net::quic::client_endpoint(bind).map_err(|e| format!("UDP socket: {e}"))?;
         self.endpoint = Some(e.clone());
         Ok(e)
     }

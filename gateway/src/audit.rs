@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_net::write_frame;
+use edgeport_net::BoxedStream;
 use edgeport_proto::audit::{AuditAck, AuditBatch, AuditEvent};
 use edgeport_proto::rpc::{Request, Response};
 use edgeport_proto::tunnel::{ClientReply, GatewayControl};
-use edgeport_proto::util::BoxedStream;
-use edgeport_proto::write_frame;
 
 use crate::ctx::Ctx;
 
@@ -39,7 +39,7 @@ pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> Gat
         Ok(other) => AuditAck {
             acked_seq: 0,
             last_hash: String::new(),
-            error: Some(edgeport_proto::rpc_client::unexpected(other).to_string()),
+            error: Some(edgeport_net::rpc_client::unexpected(other).to_string()),
             signature: Vec::new(),
         },
         Err(e) => {
@@ -187,7 +187,7 @@ pub async fn list(ctx: &Ctx, who: &crate::grants::UserCert) -> ClientReply {
         Ok(Response::Recordings(r)) => ClientReply::Recordings(r),
         Ok(other) => ClientReply::Refused(edgeport_proto::rpc::RpcError::new(
             edgeport_proto::rpc::ErrorKind::Internal,
-            edgeport_proto::rpc_client::unexpected(other).to_string(),
+            edgeport_net::rpc_client::unexpected(other).to_string(),
         )),
         Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
     }
@@ -220,9 +220,9 @@ pub async fn stream_recording(
             }
             Ok(other) => ClientReply::Refused(edgeport_proto::rpc::RpcError::new(
                 edgeport_proto::rpc::ErrorKind::Internal,
-                edgeport_proto::rpc_client::unexpected(other).to_string(),
+                edgeport_net::rpc_client::unexpected(other).to_string(),
             )),
-            Err(edgeport_proto::rpc_client::RpcClientError::Remote(e)) => ClientReply::Refused(e),
+            Err(edgeport_net::rpc_client::RpcClientError::Remote(e)) => ClientReply::Refused(e),
             Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
         };
         let _ = send(stream, &reply).await;

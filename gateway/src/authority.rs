@@ -9,8 +9,8 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
+use edgeport_net::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::rpc::{Request, Response};
-use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::FrameError;
 
 /// Requests at once in the control lane (and idle connections kept for reuse): bursts of
@@ -109,7 +109,7 @@ impl AuthorityClient {
         let (mut devices, mut next) = (Vec::new(), Some(String::new()));
         while let Some(after) = next {
             let resp = self.call(Request::DevicePage { after }).await?;
-            next = edgeport_proto::rpc_client::add_device_page(&mut devices, resp)?;
+            next = edgeport_net::rpc_client::add_device_page(&mut devices, resp)?;
         }
         Ok(devices)
     }

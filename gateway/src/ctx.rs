@@ -108,7 +108,7 @@ impl Ctx {
     /// Refuses `target` while a lock this gateway knows of is active on it ("user U is
     /// locked: MESSAGE", "device D is locked: MESSAGE").
     pub fn check_unlocked(&self, target: &LockTarget) -> Result<(), RpcError> {
-        let now = edgeport_proto::util::now_secs();
+        let now = edgeport_net::clock::now_secs();
         let message = self.locks.read().ok().and_then(|locks| {
             locks
                 .iter()

@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_net::BoxedStream;
+use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::identity::Principal;
 use edgeport_proto::keys::random_bytes;
 use edgeport_proto::rpc::{ErrorKind, LockTarget, Request, Response, RpcError};
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
-use edgeport_proto::util::BoxedStream;
-use edgeport_proto::{read_frame, write_frame};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -137,8 +137,8 @@ async fn reply(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
 async fn user_devices(
     ctx: &Ctx,
     user: &str,
-) -> Result<Vec<edgeport_proto::rpc::DeviceInfo>, edgeport_proto::rpc_client::RpcClientError> {
-    use edgeport_proto::rpc_client::add_device_page;
+) -> Result<Vec<edgeport_proto::rpc::DeviceInfo>, edgeport_net::rpc_client::RpcClientError> {
+    use edgeport_net::rpc_client::add_device_page;
     let (mut devices, mut next) = (Vec::new(), Some(String::new()));
     while let Some(after) = next {
         let req = Request::UserDevicePage {
@@ -182,7 +182,7 @@ pub async fn serve_stream(
                 Ok(Response::UserCerts(c)) => ClientReply::LoggedIn(c),
                 Ok(other) => refused(
                     ErrorKind::Internal,
-                    edgeport_proto::rpc_client::unexpected(other).to_string(),
+                    edgeport_net::rpc_client::unexpected(other).to_string(),
                 ),
                 Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
             }
@@ -207,7 +207,7 @@ pub async fn serve_stream(
                 Ok(Response::SsoRedirect { auth_url }) => ClientReply::SsoRedirect { auth_url },
                 Ok(other) => refused(
                     ErrorKind::Internal,
-                    edgeport_proto::rpc_client::unexpected(other).to_string(),
+                    edgeport_net::rpc_client::unexpected(other).to_string(),
                 ),
                 Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
             }
@@ -225,7 +225,7 @@ pub async fn serve_stream(
                 Ok(Response::UserCerts(c)) => ClientReply::LoggedIn(c),
                 Ok(other) => refused(
                     ErrorKind::Internal,
-                    edgeport_proto::rpc_client::unexpected(other).to_string(),
+                    edgeport_net::rpc_client::unexpected(other).to_string(),
                 ),
                 Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
             }
@@ -487,7 +487,7 @@ fn forward_ticket(
             header.ticket.as_ref(),
             &host_ca,
             &want,
-            edgeport_proto::util::now_secs(),
+            edgeport_net::clock::now_secs(),
         )
         .map_err(|e| RpcError::new(ErrorKind::Denied, e.to_string()))?;
     ctx.check_unlocked(&LockTarget::User(claims.user.clone()))?;

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgeport_net::rpc_client::RpcClientError;
 use edgeport_proto::rpc::{DialGrant, ErrorKind, Request, Response, RpcError};
-use edgeport_proto::rpc_client::RpcClientError;
 use edgeport_proto::tunnel::Service;
 
 use crate::authority::AuthorityClient;
@@ -149,7 +149,7 @@ impl Grants {
             }
             Ok(other) => Err(RpcError::new(
                 ErrorKind::Internal,
-                edgeport_proto::rpc_client::unexpected(other).to_string(),
+                edgeport_net::rpc_client::unexpected(other).to_string(),
             )),
             Err(e) => match self.recent(&key, OUTAGE, false).filter(|_| outage_fallback) {
                 Some(g) => {

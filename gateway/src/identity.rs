@@ -9,14 +9,15 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use edgeport_net::clock::now_secs;
+use edgeport_net::rpc_client::{unexpected, RpcClient, RpcClientError};
 use edgeport_proto::identity::{CaBundle, Principal};
 use edgeport_proto::keys::{first_cert_der, normalize_pin};
 use edgeport_proto::rpc::{
     GatewayCerts, JoinGatewayRequest, RenewGatewayRequest, Request, Response,
 };
-use edgeport_proto::rpc_client::{unexpected, RpcClient, RpcClientError};
 use edgeport_proto::tls::{self, CertKey, ClientAuth, GATEWAY_SERVER_NAME};
-use edgeport_proto::util::{now_secs, write_private};
+use edgeport_proto::util::write_private;
 use edgeport_proto::{alpn, rpc::RpcError};
 use rcgen::PublicKeyData;
 use serde::{Deserialize, Serialize};

@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_net::BoxedStream;
+use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::rpc::{ErrorKind, Request, Response, RpcError};
 use edgeport_proto::tunnel::{JoinMessage, JoinReply};
-use edgeport_proto::util::BoxedStream;
-use edgeport_proto::{read_frame, write_frame};
 use tokio::io::AsyncWriteExt;
 
 use crate::ctx::Ctx;
@@ -40,7 +40,7 @@ pub async fn serve(ctx: Arc<Ctx>, mut stream: BoxedStream, addr: SocketAddr) {
         }
         Ok(other) => JoinReply::Refused(RpcError::new(
             ErrorKind::Internal,
-            edgeport_proto::rpc_client::unexpected(other).to_string(),
+            edgeport_net::rpc_client::unexpected(other).to_string(),
         )),
         Err(e) => {
             tracing::info!(%addr, requested = %requested, "join refused: {e}");

@@ -186,7 +186,7 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    edgeport_proto::daemon::init_logging();
+    edgeport_net::daemon::init_logging();
     let Command::Start(args) = cli.command;
     if let Err(e) = args.moved.check() {
         eprintln!("error: {e}");
@@ -206,9 +206,9 @@ fn main() -> ExitCode {
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
     cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));
-    let threads = edgeport_proto::daemon::Threads::from_count(args.threads);
+    let threads = edgeport_net::daemon::Threads::from_count(args.threads);
     // Enough for the relay's buffers (under 1,500 page faults per GiB relayed), little
     // enough not to show in the memory per idle tunnel.
-    edgeport_proto::daemon::keep_freed_memory(16 << 20);
-    edgeport_proto::daemon::run_on(threads, |shutdown| edgeport_gateway::run(cfg, shutdown))
+    edgeport_net::daemon::keep_freed_memory(16 << 20);
+    edgeport_net::daemon::run_on(threads, |shutdown| edgeport_gateway::run(cfg, shutdown))
 }

@@ -14,12 +14,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use edgeport_net::BoxedStream;
+use edgeport_net::{read_frame, write_frame};
+use edgeport_proto::alpn;
 use edgeport_proto::identity::Principal;
 use edgeport_proto::rpc::{DialGrant, ErrorKind, RpcError};
 use edgeport_proto::tls::{self, GATEWAY_SERVER_NAME};
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, StreamHeader};
-use edgeport_proto::util::BoxedStream;
-use edgeport_proto::{alpn, read_frame, write_frame};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::CertificateDer;
 
@@ -206,7 +207,7 @@ impl Peers {
         .map_err(|e| err(&e))?;
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| err(&e))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = edgeport_proto::quic::bulk_transport();
+        let mut transport = edgeport_net::quic::bulk_transport();
         transport
             .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
             .keep_alive_interval(Some(LINK_KEEP_ALIVE))

@@ -50,7 +50,7 @@ async fn watch(ctx: &Arc<Ctx>) -> Result<(), String> {
             r = call => r.map_err(|e| e.to_string())?,
         };
         let Response::Policy { epoch, exclusive } = resp else {
-            return Err(edgeport_proto::rpc_client::unexpected(resp).to_string());
+            return Err(edgeport_net::rpc_client::unexpected(resp).to_string());
         };
         if epoch != seen {
             ctx.grants.invalidate();

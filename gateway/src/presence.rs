@@ -69,8 +69,8 @@ pub enum ReportError {
 }
 
 async fn call(ctx: &Ctx, req: Request) -> Result<PresenceAck, ReportError> {
+    use edgeport_net::rpc_client::RpcClientError;
     use edgeport_proto::rpc::ErrorKind;
-    use edgeport_proto::rpc_client::RpcClientError;
     match ctx.auth.call(req).await {
         Ok(Response::PresenceAck(ack)) => Ok(ack),
         Ok(Response::Error(e)) | Err(RpcClientError::Remote(e))
@@ -79,7 +79,7 @@ async fn call(ctx: &Ctx, req: Request) -> Result<PresenceAck, ReportError> {
             Err(ReportError::Revoked(e.message))
         }
         Ok(other) => Err(ReportError::Failed(
-            edgeport_proto::rpc_client::unexpected(other).to_string(),
+            edgeport_net::rpc_client::unexpected(other).to_string(),
         )),
         Err(e) => Err(ReportError::Failed(e.to_string())),
     }
@@ -201,7 +201,7 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
             );
         }
     }
-    let now = edgeport_proto::util::now_secs();
+    let now = edgeport_net::clock::now_secs();
     let mut users: Vec<String> = ack
         .locks
         .iter()

@@ -39,7 +39,7 @@ pub fn server_config(
 const MAX_PEER_STREAMS: u32 = 64;
 
 fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
-    let mut t = edgeport_proto::quic::bulk_transport();
+    let mut t = edgeport_net::quic::bulk_transport();
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_PEER_STREAMS))
         .max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
     t

@@ -46,7 +46,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     endpoint_cfg
         .cid_generator(quic::cid_generator(&reset_key))
         .min_reset_interval(quic::RESET_INTERVAL);
-    let socket = edgeport_proto::udp::bind(local).map_err(listen_err)?;
+    let socket = edgeport_net::udp::bind(local).map_err(listen_err)?;
     let endpoint = quinn::Endpoint::new(
         endpoint_cfg,
         Some(quic_cfg),
@@ -100,7 +100,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
 async fn renew_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
     loop {
         let ident = ctx.identity();
-        let now = edgeport_proto::util::now_secs();
+        let now = edgeport_net::clock::now_secs();
         if ident.needs_renewal(now) {
             match renew(&ctx, &endpoint).await {
                 Ok(()) => continue,

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use edgeport_net::mux::{self, Mode, MuxConfig};
 use edgeport_proto::alpn;
-use edgeport_proto::mux::{self, Mode, MuxConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -21,7 +21,7 @@ pub const ALPNS: &[&[u8]] = &[alpn::TUNNEL, alpn::JOIN, alpn::DIAL];
 /// At most one overload warning a second: a flood must not flood the log too.
 fn warn_now() -> bool {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = edgeport_proto::util::now_secs();
+    let now = edgeport_net::clock::now_secs();
     LAST.swap(now, Ordering::Relaxed) != now
 }
 

@@ -7,13 +7,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use edgeport_net::clock::now_secs;
+use edgeport_net::mux::MuxIncoming;
+use edgeport_net::BoxedStream;
+use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::identity::Principal;
 use edgeport_proto::keys::sha256_hex;
-use edgeport_proto::mux::MuxIncoming;
 use edgeport_proto::rpc::{ErrorKind, RenewDeviceRequest, Request, Response, RpcError};
 use edgeport_proto::tunnel::{AgentControl, GatewayControl};
-use edgeport_proto::util::{now_secs, BoxedStream};
-use edgeport_proto::{read_frame, write_frame, FrameError};
+use edgeport_proto::FrameError;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncWriteExt, ReadHalf};
 use tokio::sync::mpsc;

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgeport_proto::mux::MuxHandle;
+use edgeport_net::mux::MuxHandle;
+use edgeport_net::write_frame;
+use edgeport_net::BoxedStream;
 use edgeport_proto::rpc::{DevicePresence, Transport};
 use edgeport_proto::tunnel::{GatewayControl, Hello, StreamHeader};
-use edgeport_proto::util::BoxedStream;
-use edgeport_proto::write_frame;
 use tokio::sync::{mpsc, Notify};
 
 /// How long opening a stream and sending its header may take.

@@ -3,7 +3,6 @@
 //! undecodable frames are errors; nothing here panics or allocates more than the limit.
 
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest frame body accepted or sent: 64 KiB.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
@@ -67,52 +66,6 @@ pub fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
         return Ok(None);
     }
     Ok(Some((&buf[4..4 + len], 4 + len)))
-}
-
-/// Reads one frame. A clean end of stream before the first byte is [`FrameError::Closed`].
-pub async fn read_frame<T, R>(r: &mut R) -> Result<T, FrameError>
-where
-    T: DeserializeOwned,
-    R: AsyncRead + Unpin,
-{
-    let mut len = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = r.read(&mut len[got..]).await?;
-        if n == 0 {
-            return Err(if got == 0 {
-                FrameError::Closed
-            } else {
-                FrameError::Truncated
-            });
-        }
-        got += n;
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
-        }
-    })?;
-    decode(&body)
-}
-
-/// Writes one frame and flushes it.
-pub async fn write_frame<T, W>(w: &mut W, msg: &T) -> Result<(), FrameError>
-where
-    T: Serialize,
-    W: AsyncWrite + Unpin,
-{
-    let buf = encode(msg)?;
-    w.write_all(&buf).await?;
-    w.flush().await?;
-    Ok(())
 }
 
 /// Room left in a frame for the items of a list: the rest of the message (enum tags, other
@@ -182,39 +135,11 @@ mod tests {
         assert!(matches!(split_frame(&hdr), Err(FrameError::TooLarge(_))));
     }
 
-    #[tokio::test]
-    async fn truncated_and_unknown_variant() {
-        let buf = encode(&Msg::A {
-            x: 1,
-            s: "abc".into(),
-        })
-        .unwrap();
-        let mut short = &buf[..buf.len() - 1];
-        assert!(matches!(
-            read_frame::<Msg, _>(&mut short).await,
-            Err(FrameError::Truncated)
-        ));
-        let mut empty: &[u8] = &[];
-        assert!(matches!(
-            read_frame::<Msg, _>(&mut empty).await,
-            Err(FrameError::Closed)
-        ));
-        // Variant index 9 does not exist.
-        let mut bad: &[u8] = &[0, 0, 0, 1, 9];
-        assert!(matches!(
-            read_frame::<Msg, _>(&mut bad).await,
-            Err(FrameError::Malformed(_))
-        ));
-    }
-
     proptest! {
         #[test]
         fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = split_frame(&data);
             let _ = decode::<Msg>(&data);
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let mut r = &data[..];
-            let _ = rt.block_on(read_frame::<Msg, _>(&mut r));
         }
 
         #[test]

@@ -1,30 +1,28 @@
-//! Edgeport's shared crate: the wire protocol (length-prefixed postcard frames and the
-//! messages that travel in them), identity types (SPIFFE names, keys, CA pins, identity
-//! files), TLS configuration helpers and the SSH certificate checks that every component
-//! applies the same way.
+//! Edgeport's protocol crate, with no IO: the messages that travel between the components
+//! (length-prefixed postcard frames, a `tokio_util` codec over them), identity types (SPIFFE
+//! names, keys, CA pins, identity files), TLS configuration helpers and the SSH certificate
+//! checks that every component applies the same way. Nothing here opens a socket, spawns a
+//! task or reads the clock: callers pass the time in. Sockets, QUIC, yamux, the RPC client and
+//! the daemon runtime are in `edgeport-net`.
 //!
 //! See `docs/architecture.md` for who sends which message to whom.
 
 pub mod alpn;
 pub mod audit;
 pub mod ca_bundle;
-pub mod daemon;
+pub mod codec;
 pub mod frame;
 pub mod identity;
 pub mod keys;
-pub mod mux;
-pub mod quic;
 pub mod rpc;
-pub mod rpc_client;
 pub mod sshcert;
 pub mod ticket;
 pub mod tls;
 pub mod totp;
 pub mod tunnel;
-pub mod udp;
 pub mod util;
 
-pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
+pub use frame::{FrameError, MAX_FRAME_LEN};
 
 /// The version every Edgeport binary reports (agents send it in their Hello).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

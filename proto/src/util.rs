@@ -1,24 +1,13 @@
-//! Small helpers every component needs: time, private files, names, label parsing and a
-//! boxed duplex stream type that hides whether a tunnel runs over QUIC or yamux.
+//! Small helpers every component needs: private files, names, label parsing, durations and
+//! times (formatting only: the clock is `edgeport_net::clock`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncRead, AsyncWrite};
-
-/// Seconds since the Unix epoch.
 /// Equal, in a time that does not depend on where they differ (secrets, codes, hashes).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Implements `Debug` for a struct that holds secrets: the listed plain fields are shown, the
@@ -179,13 +168,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
-
-/// Anything that reads and writes bytes: a QUIC stream pair, a yamux stream, a TLS socket.
-pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
-
-/// A stream whose transport is hidden from the code above it.
-pub type BoxedStream = Box<dyn Duplex>;
 
 /// Checks a gateway's peer address (`HOST:PORT` or `[V6]:PORT`, where other gateways of the
 /// cluster reach it): a sane length, a port that parses and is not 0, a host of name or

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use edgeport_net::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::rpc::{Request, Response};
-use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, StreamHeader};
 
 use crate::dial::{request, GatewayStream};

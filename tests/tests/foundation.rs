@@ -14,13 +14,13 @@ use std::time::Duration;
 
 use edgeport_e2e::peers::Peer;
 use edgeport_e2e::{run, Authority, Run, TempDir};
+use edgeport_net::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::identity::{IdentityFile, Principal};
 use edgeport_proto::keys::{first_cert_der, random_bytes, KeyPair};
 use edgeport_proto::rpc::{
     DevicePresence, ErrorKind, GatewayCerts, JoinDeviceRequest, JoinGatewayRequest, PresenceReport,
     Request, Response, Transport,
 };
-use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::tls::{client_config, pinned_client_config, CertKey};
 use edgeport_proto::{alpn, frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -769,7 +769,7 @@ fn join_tokens_expire_are_single_use_and_pinned() {
                 transport: Transport::Tcp,
                 address: "192.0.2.7:40000".into(),
                 rtt_ms: 42,
-                connected_at: edgeport_proto::util::now_secs(),
+                connected_at: edgeport_net::clock::now_secs(),
                 kube_cluster: None,
             }],
             disconnected: vec![],
@@ -894,8 +894,10 @@ fn bad_input_closes_one_connection_and_the_authority_keeps_serving() {
                 .await
                 .unwrap();
             // The connection works before the bad bytes.
-            frame::write_frame(&mut s, &Request::Ping).await.unwrap();
-            let pong: Response = frame::read_frame(&mut s).await.unwrap();
+            edgeport_net::write_frame(&mut s, &Request::Ping)
+                .await
+                .unwrap();
+            let pong: Response = edgeport_net::read_frame(&mut s).await.unwrap();
             assert!(matches!(pong, Response::Pong { .. }), "{pong:?}");
             s.write_all(&bytes).await.unwrap();
             s.flush().await.unwrap();

@@ -19,9 +19,9 @@ use edgeport_e2e::dial::user_tls;
 use edgeport_e2e::fabric::{Agent, Gateway};
 use edgeport_e2e::ssh::{Cluster, Tsh};
 use edgeport_e2e::{bin, run};
+use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::tls::GATEWAY_SERVER_NAME;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
-use edgeport_proto::{read_frame, write_frame};
 
 const PW: &str = "correct horse battery";
 

@@ -388,9 +388,9 @@ fn tls_to_postgres_is_verified() {
 #[test]
 fn single_sign_on_starts_at_one_authority_and_finishes_at_the_other() {
     use edgeport_e2e::peers::peers_dir;
+    use edgeport_net::rpc_client::RpcClient;
     use edgeport_proto::keys::{sha256_hex, KeyPair};
     use edgeport_proto::rpc::{Request, Response, SsoFinishRequest, SsoStartRequest};
-    use edgeport_proto::rpc_client::RpcClient;
 
     let pg = postgres();
     let idp = Peer::start("oidc.sh", &[], &[("OIDC_USERS", "alice:devs")]);

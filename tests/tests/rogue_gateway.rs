@@ -22,9 +22,9 @@ use edgeport_e2e::fabric::Gateway;
 use edgeport_e2e::rogue::StolenGateway;
 use edgeport_e2e::ssh::{Cluster, Tsh};
 use edgeport_e2e::wait_until;
+use edgeport_net::rpc_client::RpcClientError;
 use edgeport_proto::keys::first_cert_der;
 use edgeport_proto::rpc::{ErrorKind, Request, Response};
-use edgeport_proto::rpc_client::RpcClientError;
 use edgeport_proto::ticket::DialTicket;
 use edgeport_proto::tunnel::{ClientReply, Service, StreamHeader};
 

@@ -381,9 +381,9 @@ fn oidc_email_logins_need_a_verified_address() {
 /// authority's RPC: it holds no client secret, and no request lets it name a user.
 #[test]
 fn a_gateway_identity_cannot_mint_a_single_sign_on_user() {
+    use edgeport_net::rpc_client::{RpcClient, RpcClientError};
     use edgeport_proto::keys::{sha256_hex, KeyPair};
     use edgeport_proto::rpc::{ErrorKind, Request, Response, SsoFinishRequest, SsoStartRequest};
-    use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
 
     let idp = idp();
     let c = Cluster::start("ssogw", &[]);

@@ -28,14 +28,15 @@ use std::time::{Duration, Instant};
 use edgeport_e2e::dial::{cluster_ca_der, user_tls};
 use edgeport_e2e::fabric::{agent_once, wait_offline, wait_online, Agent, Gateway, Tctl};
 use edgeport_e2e::{run, wait_until, Authority, TempDir};
+use edgeport_net::mux::{self, Mode, MuxConfig};
+use edgeport_net::BoxedStream;
+use edgeport_net::{read_frame, write_frame};
+use edgeport_proto::alpn;
 use edgeport_proto::keys::KeyPair;
-use edgeport_proto::mux::{self, Mode, MuxConfig};
 use edgeport_proto::tls::{client_config, CertKey, GATEWAY_SERVER_NAME};
 use edgeport_proto::tunnel::{
     AgentControl, ClientReply, ClientRequest, GatewayControl, Hello, JoinMessage, Service,
 };
-use edgeport_proto::util::BoxedStream;
-use edgeport_proto::{alpn, read_frame, write_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const STREAMS: usize = 100;

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use edgeport_net::BoxedStream;
 use edgeport_proto::ticket::{Expected, ReplayGuard, TicketClaims, TicketError};
 use edgeport_proto::tunnel::StreamHeader;
-use edgeport_proto::util::BoxedStream;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -107,7 +107,7 @@ impl TicketCheck {
             header.ticket.as_ref(),
             &self.host_ca,
             &want,
-            edgeport_proto::util::now_secs(),
+            edgeport_net::clock::now_secs(),
         )
     }
 }

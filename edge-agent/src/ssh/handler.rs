@@ -331,7 +331,7 @@ impl russh::server::Handler for ConnHandler {
             accounts: &self.inner.accounts,
             stream_user: self.stream_user.as_deref(),
         };
-        let now = edgeport_proto::util::now_secs();
+        let now = edgeport_net::clock::now_secs();
         match auth::authorize(&policy, login, cert, now) {
             Ok(a) => {
                 tracing::info!(

@@ -29,9 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use edgeport_net::BoxedStream;
 use edgeport_proto::keys::KeyPair;
 use edgeport_proto::tunnel::StreamHeader;
-use edgeport_proto::util::BoxedStream;
 use russh::keys::ssh_key::{Certificate, PublicKey};
 use russh::server::Handle;
 use russh::{cipher, Disconnect, MethodKind, MethodSet, Preferred};

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use edgeport_net::clock::now_secs;
 use edgeport_proto::keys::KeyPair;
 use edgeport_proto::sshcert::{
     RolesExtension, EXT_PERMIT_PORT_FORWARDING, EXT_PERMIT_PTY, EXT_ROLES,
 };
 use edgeport_proto::tunnel::{Service, StreamHeader};
-use edgeport_proto::util::now_secs;
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::Certificate;
 use tokio::net::TcpListener;

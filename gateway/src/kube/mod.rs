@@ -213,7 +213,7 @@ pub async fn serve(
         Ok(_) => MAX_AGE.min(Duration::from_secs(
             state
                 .not_after
-                .saturating_sub(edgeport_proto::util::now_secs()),
+                .saturating_sub(edgeport_net::clock::now_secs()),
         )),
         Err(_) => REFUSED_LINGER * 2,
     };
@@ -384,7 +384,7 @@ fn strip_hop_by_hop(h: &mut http::HeaderMap, upgrade: bool) {
 
 async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> HttpResponse<Body> {
     let refusal = match &conn.user {
-        Ok(u) if edgeport_proto::util::now_secs() < conn.not_after => Ok(u.clone()),
+        Ok(u) if edgeport_net::clock::now_secs() < conn.not_after => Ok(u.clone()),
         Ok(_) => Err(
             "client certificate expired: run `tsh login` and `tsh kube login CLUSTER` again"
                 .to_string(),

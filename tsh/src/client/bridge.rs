@@ -9,7 +9,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use edgeport_proto::util::BoxedStream;
+use edgeport_net::BoxedStream;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

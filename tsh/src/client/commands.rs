@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use edgeport_net::clock::now_secs;
 use edgeport_proto::sshcert::{RolesExtension, EXT_ROLES};
-use edgeport_proto::util::{format_time, now_secs, parse_labels};
+use edgeport_proto::util::{format_time, parse_labels};
 
 use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs};
 use super::profile::{self, load_creds, tsh_home, Creds, KeyFiles, Profile};
@@ -126,7 +127,7 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
     } else {
         command.is_none() && stdin_tty
     };
-    let stream: edgeport_proto::util::BoxedStream = match &args.direct {
+    let stream: edgeport_net::BoxedStream = match &args.direct {
         Some(addr) => Box::new(
             tokio::net::TcpStream::connect(addr)
                 .await

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_net::BoxedStream;
+use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::alpn;
-use edgeport_proto::frame::{read_frame, write_frame, FrameError};
+use edgeport_proto::frame::FrameError;
 use edgeport_proto::tls::{CertKey, GATEWAY_SERVER_NAME};
 use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service};
-use edgeport_proto::util::BoxedStream;
 use rustls::pki_types::ServerName;
 
 use super::cli::Transport;
@@ -236,7 +237,7 @@ pub async fn list_devices(
         }
         reply = tokio::time::timeout(
             Duration::from_secs(30),
-            edgeport_proto::read_frame::<ClientReply, _>(&mut stream),
+            edgeport_net::read_frame::<ClientReply, _>(&mut stream),
         )
         .await
         .map_err(|_| CliError::msg("the gateway stopped sending the device list"))?
@@ -337,7 +338,7 @@ mod quic {
     use std::sync::Arc;
     use std::task::{Context, Poll};
 
-    use edgeport_proto::util::BoxedStream;
+    use edgeport_net::BoxedStream;
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
     use super::{CliError, CONNECT_TIMEOUT};
@@ -393,7 +394,7 @@ mod quic {
             .ok_or_else(|| CliError::msg(format!("cannot resolve {proxy}")))?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| CliError::msg(format!("QUIC setup: {e}")))?;
-        let mut transport = edgeport_proto::quic::bulk_transport();
+        let mut transport = edgeport_net::quic::bulk_transport();
         transport.keep_alive_interval(Some(std::time::Duration::from_secs(15)));
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(Arc::new(transport));
@@ -404,7 +405,7 @@ mod quic {
         }
         .map_err(|e: std::net::AddrParseError| CliError::msg(e.to_string()))?;
         let udp_err = |e: std::io::Error| CliError::msg(format!("cannot open a UDP socket: {e}"));
-        let mut endpoint = edgeport_proto::quic::client_endpoint(bind).map_err(udp_err)?;
+        let mut endpoint = edgeport_net::quic::client_endpoint(bind).map_err(udp_err)?;
         endpoint.set_default_client_config(cfg);
         let connecting = endpoint
             .connect(addr, server_name)

@@ -4,13 +4,14 @@
 use std::io::BufRead;
 use std::path::Path;
 
+use edgeport_net::clock::now_secs;
 use edgeport_proto::identity::CaBundle;
 use edgeport_proto::keys::random_bytes;
 use edgeport_proto::keys::{ca_pin, first_cert_der, normalize_pin, KeyPair};
 use edgeport_proto::rpc::{ErrorKind, LoginRequest, UserCerts};
 use edgeport_proto::totp;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest};
-use edgeport_proto::util::{format_time, now_secs, parse_duration_secs};
+use edgeport_proto::util::{format_time, parse_duration_secs};
 use russh::keys::ssh_key::Certificate;
 
 use super::cli::{Global, LoginArgs};

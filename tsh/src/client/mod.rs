@@ -81,8 +81,8 @@ pub fn main() -> ! {
     // socket), and keeping them on one thread saves a cross-thread wake-up per chunk (a fifth
     // of the CPU per byte on a 2-core machine; docs/benchmarks.md). Blocking stdin reads run
     // on their own plain thread.
-    edgeport_proto::daemon::keep_freed_memory(64 << 20);
-    let rt = edgeport_proto::daemon::Threads::Exactly(1).runtime();
+    edgeport_net::daemon::keep_freed_memory(64 << 20);
+    let rt = edgeport_net::daemon::Threads::Exactly(1).runtime();
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use edgeport_proto::read_frame;
+use edgeport_net::read_frame;
 use edgeport_proto::tunnel::{ClientReply, ClientRequest};
 use edgeport_proto::util::format_time;
 

@@ -13,9 +13,9 @@
 
 use std::path::{Path, PathBuf};
 
+use edgeport_net::clock::now_secs;
 use edgeport_proto::identity::{CaBundle, IdentityFile, Principal};
 use edgeport_proto::keys::KeyPair;
-use edgeport_proto::util::now_secs;
 use russh::keys::ssh_key::Certificate;
 use serde::{Deserialize, Serialize};
 

@@ -7,8 +7,9 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use edgeport_net::clock::now_secs;
+use edgeport_net::BoxedStream;
 use edgeport_proto::sshcert::{check_host_cert, CertRefusal};
-use edgeport_proto::util::{now_secs, BoxedStream};
 use russh::client::{self, DisconnectReason, Handle};
 use russh::keys::ssh_key::{Algorithm, PublicKey};
 use russh::keys::PublicKeyOrCertificate;

@@ -1,10 +1,10 @@
 //! `tctl audit search | verify`: the audit log the authority keeps (device events, its own,
 //! the gateways' dials) and the integrity of the devices' hash chains.
 
+use edgeport_net::clock::now_secs;
+use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::audit::{AuditQuery, ChainReport, StoredEvent};
 use edgeport_proto::rpc::{Request, Response};
-use edgeport_proto::rpc_client::unexpected;
-use edgeport_proto::util::now_secs;
 use serde_json::json;
 
 use super::cli::{AuditSearchArgs, AuditVerifyArgs, Format};

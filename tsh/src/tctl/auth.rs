@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::identity::{IdentityFile, Principal};
 use edgeport_proto::keys::KeyPair;
 use edgeport_proto::rpc::{Request, Response, SignUserRequest, UserCerts};
-use edgeport_proto::rpc_client::unexpected;
 use edgeport_proto::util::{valid_name, write_private, write_with_mode};
 
 use super::cli::{CaType, ExportArgs, SignArgs, SignFormat};

@@ -5,10 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
+use edgeport_net::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::identity::IdentityFile;
 use edgeport_proto::keys::{first_cert_der, KeyPair};
 use edgeport_proto::rpc::{ErrorKind, Request, Response};
-use edgeport_proto::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::tls::{client_config, CertKey};
 use edgeport_proto::{alpn, identity::CaBundle};
 

@@ -1,8 +1,8 @@
 //! `tctl devices ls | rm`: the inventory as the authority knows it from joins and from the
 //! gateways' presence reports.
 
+use edgeport_net::rpc_client::{add_device_page, unexpected};
 use edgeport_proto::rpc::{DeviceInfo, Request, Response};
-use edgeport_proto::rpc_client::{add_device_page, unexpected};
 use edgeport_proto::util::format_labels;
 use serde_json::json;
 

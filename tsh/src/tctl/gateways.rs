@@ -1,7 +1,7 @@
 //! `tctl gateways ls | rm`: the gateways that joined, and revoking one.
 
+use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::rpc::{GatewayInfo, Request, Response};
-use edgeport_proto::rpc_client::unexpected;
 use serde_json::json;
 
 use super::cli::{Format, FormatArgs};

@@ -1,9 +1,10 @@
 //! `tctl lock`, `tctl unlock`, `tctl locks ls`.
 
 use anyhow::bail;
+use edgeport_net::clock::now_secs;
+use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::rpc::{LockSpec, LockTarget, Request, Response};
-use edgeport_proto::rpc_client::unexpected;
-use edgeport_proto::util::{now_secs, valid_name};
+use edgeport_proto::util::valid_name;
 use serde_json::json;
 
 use super::cli::{Format, FormatArgs, LockArgs, Target, UnlockArgs};

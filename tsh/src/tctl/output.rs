@@ -1,6 +1,8 @@
 //! Printing: aligned text tables for people, JSON for scripts.
 
-use edgeport_proto::util::{format_time, now_secs};
+use edgeport_proto::util::format_time;
+
+use edgeport_net::clock::now_secs;
 
 pub use crate::text::Table;
 

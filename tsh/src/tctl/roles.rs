@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use anyhow::bail;
 
+use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::rpc::{Request, Response, RoleInfo, RoleSpec};
-use edgeport_proto::rpc_client::unexpected;
 use serde_json::json;
 
 use super::cli::{Format, FormatArgs, RoleAddArgs, RoleUpdateArgs};

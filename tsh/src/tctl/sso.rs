@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use anyhow::Context;
+use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::rpc::{
     Request, Response, SsoConnectorInfo, SsoConnectorKind, SsoConnectorSpec, SsoMapping,
 };
-use edgeport_proto::rpc_client::unexpected;
 use serde_json::json;
 
 use super::cli::{ConnectorAddCmd, ConnectorsCmd, Format, FormatArgs, SsoMapArgs};

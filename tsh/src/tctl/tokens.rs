@@ -1,8 +1,8 @@
 //! `tctl tokens add | ls | rm`. The token secret is shown once, in the answer to `add`; the
 //! authority keeps only its hash and lists tokens by a short id.
 
+use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::rpc::{Request, Response, TokenInfo, TokenKind, TokenSpec};
-use edgeport_proto::rpc_client::unexpected;
 use edgeport_proto::util::format_labels;
 use serde_json::json;
 

@@ -3,8 +3,8 @@
 use std::io::Read;
 
 use anyhow::{bail, Context};
+use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::rpc::{Request, Response, UserInfo, UserSpec};
-use edgeport_proto::rpc_client::unexpected;
 use edgeport_proto::util::{format_time, valid_name};
 use serde_json::json;
 

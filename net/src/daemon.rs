@@ -88,7 +88,7 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    crate::tls::install_crypto_provider();
+    edgeport_proto::tls::install_crypto_provider();
     let rt = match threads.runtime() {
         Ok(rt) => rt,
         Err(e) => {

@@ -8,9 +8,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::frame::{read_frame, write_frame, FrameError};
-use crate::rpc::{DeviceInfo, Request, Response, RpcError};
-use crate::tls::AUTHORITY_SERVER_NAME;
+use crate::frame_io::{read_frame, write_frame};
+use edgeport_proto::frame::FrameError;
+use edgeport_proto::rpc::{DeviceInfo, Request, Response, RpcError};
+use edgeport_proto::tls::AUTHORITY_SERVER_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcClientError {
@@ -34,7 +35,7 @@ pub struct RpcClient {
 }
 
 impl RpcClient {
-    /// Connects to `addr` with a TLS config from [`crate::tls`] (ALPN must include RPC).
+    /// Connects to `addr` with a TLS config from [`edgeport_proto::tls`] (ALPN must include RPC).
     pub async fn connect(
         addr: &str,
         config: Arc<rustls::ClientConfig>,

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::util::BoxedStream;
+use crate::stream::BoxedStream;
 
 pub use yamux::Mode;
 

@@ -1,0 +1,15 @@
+//! Edgeport's IO crate: everything between the protocol (`edgeport-proto`) and the sockets.
+//! QUIC settings and UDP sockets, the yamux driver, frames on async streams, the RPC client
+//! for the authority, the wall clock, and the runtime every daemon runs in.
+
+pub mod clock;
+pub mod daemon;
+pub mod frame_io;
+pub mod mux;
+pub mod quic;
+pub mod rpc_client;
+pub mod stream;
+pub mod udp;
+
+pub use frame_io::{read_frame, write_frame};
+pub use stream::{BoxedStream, Duplex};
