@@ -20,6 +20,9 @@ const MAX_PASSWORD_LEN: usize = 1024;
 /// The one message for every failed password check, so it does not tell whether the user
 /// exists.
 pub const BAD_LOGIN: &str = "invalid user or password";
+/// A second login with an invite code that was already accepted.
+pub const INVITE_USED: &str =
+    "this invite code was already used: log in with the password chosen then, or ask an administrator for a new invite";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Invite {
@@ -54,6 +57,10 @@ pub struct UserRecord {
     /// made before ids existed.
     #[serde(default)]
     pub id: String,
+    /// Hex SHA-256 of the invite code this user accepted, so that following the invite a
+    /// second time says it was used instead of "invalid user or password".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_invite: Option<String>,
 }
 
 /// A fresh user id.
@@ -274,6 +281,7 @@ pub fn add(
         require_totp: spec.require_totp,
         totp: None,
         id: new_id()?,
+        used_invite: None,
     };
     store::update::<UserRecord, RpcError, _>(store, Table::Users, &spec.name, |cur| match cur {
         Some(_) => Err(exists(format!("user {} already exists", spec.name))),
@@ -382,6 +390,11 @@ pub fn check_secret(
             // Keep the timing of a real check.
             verify_password(secret, decoy_hash());
         }
+        if user.used_invite.as_deref() == Some(invite_hash.as_str()) {
+            // Only the holder of the 256-bit code can get here, so this tells nobody else
+            // anything.
+            return Err(bad_credentials(INVITE_USED));
+        }
         return Err(bad_credentials(BAD_LOGIN));
     }
     if by_invite && user.invite.as_ref().is_some_and(|i| i.expires <= now) {
@@ -422,6 +435,7 @@ pub fn authenticate(
                 return Err(bad_credentials(BAD_LOGIN));
             }
             u.invite = None;
+            u.used_invite = Some(invite_hash.clone());
         } else if u.password_hash != user.password_hash {
             // The password changed meanwhile; the one we checked is no longer current.
             return Err(bad_credentials(BAD_LOGIN));
@@ -492,12 +506,11 @@ mod tests {
             ErrorKind::Expired
         );
         authenticate(&s, "bob", &code, Some("new"), now).unwrap();
-        // The invite is consumed; the new password works.
+        // The invite is consumed, and says so; the new password works.
+        let e = authenticate(&s, "bob", &code, Some("other"), now).unwrap_err();
         assert_eq!(
-            authenticate(&s, "bob", &code, Some("other"), now)
-                .unwrap_err()
-                .kind,
-            ErrorKind::BadCredentials
+            (e.kind, e.message.as_str()),
+            (ErrorKind::BadCredentials, INVITE_USED)
         );
         authenticate(&s, "bob", "new", None, now).unwrap();
         let listed = list(&s, &|n| n == "bob").unwrap();

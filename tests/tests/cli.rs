@@ -213,9 +213,9 @@ fn the_invite_line_works_as_printed() {
     args.push("--password-stdin");
     let again = Tsh::new(c.dir.join("tsh-bob-again"), c.proxy());
     let r = again.run(&args, Some(format!("{PW}\n").as_bytes()));
-    assert_one_error(&r, "invalid user or password");
+    assert_one_error(&r, "this invite code was already used");
     assert!(
-        r.stderr().contains("an invite code works once"),
+        r.stderr().contains("log in with the password chosen then"),
         "{}",
         r.stderr()
     );

@@ -147,6 +147,7 @@ pub(crate) fn login(
             require_totp: false,
             totp: None,
             id,
+            used_invite: None,
         }))
     })?
     .ok_or_else(|| denied("the user record could not be written"))?;

@@ -278,10 +278,12 @@ async fn password_login(
                 req.otp = Some(read_code(args, "The app's current code: ")?);
             }
             ClientReply::Refused(e)
-                if e.kind == ErrorKind::BadCredentials && args.invite.is_some() =>
+                if e.kind == ErrorKind::BadCredentials
+                    && args.invite.is_some()
+                    && !e.message.contains("already used") =>
             {
-                // The authority does not say why (a spent invite and a wrong one look the
-                // same to a guesser); the likeliest reason is the user's to read.
+                // A wrong or expired code, or an authority from before it said when an
+                // invite was spent: the likeliest reasons are the user's to read.
                 return Err(fail(format!("{}{INVITE_HINT}", e.message)));
             }
             ClientReply::Refused(e) => return Err(fail(e.message)),
