@@ -711,8 +711,15 @@ fn roles_limit_devices_ptys_and_forwarding() {
     );
 
     let tsh = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
-    tsh.login("bob", PW, &c.gw.ca_pin, &[])
-        .expect_ok("tsh login");
+    let login = tsh
+        .login("bob", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login")
+        .stdout();
+    // tsh asked for its default 8h; the role's 1h cap is said, not silently applied.
+    assert!(
+        login.contains("capped by the roles (asked for 8h)"),
+        "{login}"
+    );
     // The certificate carries the role's cap and lacks the extensions the role withholds.
     let cert = std::fs::read_to_string(tsh.key_dir().join("bob-cert.pub")).unwrap();
     let cert_path = c.dir.join("bob-cert.pub");

@@ -29,6 +29,15 @@ pub fn duration(secs: u64) -> String {
     }
 }
 
+/// Said beside a certificate's expiry when it ends well before the lifetime asked for
+/// (a role's `max_session_ttl` capped it): `capped by your roles (asked for 24h)`. `None`
+/// when the certificate got what was asked, give or take two minutes of clock and rounding.
+pub fn capped_note(asked_secs: u64, valid_before: u64, now: u64) -> Option<String> {
+    let wanted = now.saturating_add(asked_secs);
+    (valid_before.saturating_add(120) < wanted)
+        .then(|| format!("capped by the roles (asked for {})", duration(asked_secs)))
+}
+
 /// `1 device`, `2 devices`, `0 devices` (nouns that take an `s`).
 pub fn count(n: usize, noun: &str) -> String {
     if n == 1 {
@@ -95,6 +104,19 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_capped_lifetime_is_noticed_and_a_granted_one_is_not() {
+        let now = 1_000_000;
+        assert_eq!(
+            capped_note(24 * 3600, now + 8 * 3600, now).as_deref(),
+            Some("capped by the roles (asked for 1d)")
+        );
+        assert_eq!(capped_note(8 * 3600, now + 8 * 3600, now), None);
+        // Granted a few seconds short (the request took time): not capped.
+        assert_eq!(capped_note(3600, now + 3600 - 5, now), None);
+        assert!(capped_note(u64::MAX, now + 60, now).is_some());
+    }
 
     #[test]
     fn table_aligns_columns() {

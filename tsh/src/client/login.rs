@@ -182,8 +182,11 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
             eprintln!("tsh: could not add the key to the ssh-agent: {e}");
         }
     }
+    let capped = crate::text::capped_note(ttl_secs, valid_before, now_secs())
+        .map(|note| format!(", {note}"))
+        .unwrap_or_default();
     crate::outln!(
-        "Logged in as {user} to cluster {} via {proxy}\n  Logins:      {}\n  Valid until: {} ({} left)",
+        "Logged in as {user} to cluster {} via {proxy}\n  Logins:      {}\n  Valid until: {} ({} left{capped})",
         certs.cas.cluster,
         certs.logins.join(", "),
         format_time(valid_before),

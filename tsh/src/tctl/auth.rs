@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use edgeport_net::clock::now_secs;
 use edgeport_net::rpc_client::unexpected;
 use edgeport_proto::identity::{IdentityFile, Principal};
 use edgeport_proto::keys::KeyPair;
@@ -87,8 +88,11 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
     for p in &written {
         crate::outln!("wrote {}", p.display());
     }
+    let capped = crate::text::capped_note(a.ttl, certs.valid_before, now_secs())
+        .map(|note| format!(", {note}"))
+        .unwrap_or_default();
     crate::outln!(
-        "user {}, logins {}, valid until {}",
+        "user {}, logins {}, valid until {}{capped}",
         certs.user,
         csv(&certs.logins),
         expiry_text(certs.valid_before)
