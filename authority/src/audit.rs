@@ -675,6 +675,25 @@ pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
             p.kind = "user.removed";
             p.user = name.clone();
         }
+        Request::UserUpdate(u) => {
+            p.kind = "user.updated";
+            p.user = u.name.clone();
+            let mut set = |key: &str, v: &Option<Vec<String>>| {
+                if let Some(v) = v {
+                    p.fields.insert(key.into(), v.join(","));
+                }
+            };
+            set("logins", &u.logins);
+            set("roles", &u.roles);
+            set("kube_groups", &u.kube_groups);
+            set("kube_users", &u.kube_users);
+            if let Some(r) = u.require_totp {
+                p.fields.insert("require_totp".into(), r.to_string());
+            }
+            if u.reset_totp {
+                p.fields.insert("reset_totp".into(), "true".into());
+            }
+        }
         Request::TokenAdd(s) => {
             p.kind = "token.created";
             p.fields.insert("token_kind".into(), s.kind.as_str().into());

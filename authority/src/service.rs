@@ -67,6 +67,7 @@ fn access(req: &Request) -> Access {
         | Request::UserAdd(_)
         | Request::UserList
         | Request::UserRemove { .. }
+        | Request::UserUpdate(_)
         | Request::TokenAdd(_)
         | Request::TokenList
         | Request::TokenRemove { .. }
@@ -116,6 +117,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::UserAdd(_) => "adding users",
         Request::UserList => "listing users",
         Request::UserRemove { .. } => "removing users",
+        Request::UserUpdate(_) => "changing users",
         Request::TokenAdd(_) => "adding join tokens",
         Request::TokenList => "listing join tokens",
         Request::TokenRemove { .. } => "removing join tokens",
@@ -168,6 +170,7 @@ fn moves_policy(req: &Request) -> bool {
         Request::LockAdd(_)
             | Request::LockRemove { .. }
             | Request::UserRemove { .. }
+            | Request::UserUpdate(_)
             | Request::DeviceRemove { .. }
             | Request::RoleUpsert(_)
             | Request::RoleRemove { .. }
@@ -397,6 +400,11 @@ impl Service {
                 locks::lock_removed_user(store, &name, self.limits.max_session_ttl, now)?;
                 self.standing.changed();
                 tracing::info!(user = %name, "user removed");
+                Ok(Response::Ok)
+            }
+            Request::UserUpdate(change) => {
+                users::update(store, &change)?;
+                tracing::info!(user = %change.name, "user updated");
                 Ok(Response::Ok)
             }
             Request::TokenAdd(spec) => {

@@ -148,6 +148,9 @@ pub enum Request {
     SsoConnectorRemove {
         name: String,
     },
+    /// Admin: change a local user's grants in place (`tctl users update`); what is not
+    /// given stays as it is.
+    UserUpdate(UserUpdate),
 }
 
 /// Responses from the authority.
@@ -277,6 +280,20 @@ pub struct UserSpec {
     /// The user must enroll a one-time password app at the first login, and give its code
     /// at every login after.
     pub require_totp: bool,
+}
+
+/// `tctl users update`: each `Some` replaces that field of the user; `reset_totp` drops the
+/// enrolled one-time password app (the user enrolls again at the next login when
+/// `require_totp` holds).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserUpdate {
+    pub name: String,
+    pub logins: Option<Vec<String>>,
+    pub roles: Option<Vec<String>>,
+    pub kube_groups: Option<Vec<String>>,
+    pub kube_users: Option<Vec<String>>,
+    pub require_totp: Option<bool>,
+    pub reset_totp: bool,
 }
 
 /// A role (DESIGN section 6): which devices its users reach and what their sessions may do.

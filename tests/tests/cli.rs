@@ -226,6 +226,58 @@ fn the_invite_line_works_as_printed() {
 }
 
 #[test]
+fn users_update_changes_grants_in_place() {
+    let c = Cluster::start("cli-users-update", &[("dev1", "fleet=vans")]);
+    c.add_user("alice", "root", PW);
+    c.tctl
+        .ok(&["roles", "add", "trucks", "--allow", "fleet=trucks"]);
+    let tsh = Tsh::new(c.dir.join("tsh-alice"), c.proxy());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    let r = tsh.run(&["ssh", "root@dev1", "echo", "before"], None);
+    assert_eq!(r.stdout(), "before\n", "{}", r.stderr());
+
+    // A role change applies to the next dial, with the certificate alice already holds.
+    let r = c
+        .tctl
+        .ok(&["users", "update", "alice", "--set-roles", "trucks"]);
+    assert!(r.stdout().contains("user alice updated"), "{}", r.stdout());
+    let r = tsh.run(&["ssh", "root@dev1", "echo", "after"], None);
+    assert!(r.code() != Some(0) && !r.stdout().contains("after"));
+    assert!(r.stderr().contains("do not allow device"), "{}", r.stderr());
+    let users = c.tctl.ok(&["users", "ls", "--format", "json"]).json();
+    let alice = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "alice")
+        .cloned()
+        .expect("alice listed");
+    assert_eq!(alice["roles"][0], "trucks", "{alice}");
+    assert_eq!(alice["logins"][0], "root", "the logins stay: {alice}");
+
+    // Back to the built-in role: the password and the certificate still work.
+    c.tctl.ok(&["users", "update", "alice", "--set-roles", ""]);
+    let r = tsh.run(&["ssh", "root@dev1", "echo", "again"], None);
+    assert_eq!(r.stdout(), "again\n", "{}", r.stderr());
+
+    assert_one_error(
+        &c.tctl
+            .run(&["users", "update", "nobody", "--set-logins", "root"]),
+        "user nobody not found",
+    );
+    assert_one_error(
+        &c.tctl.run(&["users", "update", "alice"]),
+        "nothing to change",
+    );
+    assert_one_error(
+        &c.tctl
+            .run(&["users", "update", "alice", "--set-roles", "nope"]),
+        "nope",
+    );
+}
+
+#[test]
 fn roles_add_refuses_an_existing_role_and_update_keeps_the_rest() {
     let dir = TempDir::new();
     let auth = Authority::start(&dir.join("authority"), "cli-roles");

@@ -298,6 +298,36 @@ pub enum UsersCmd {
     Ls(FormatArgs),
     /// Removes a user.
     Rm { name: String },
+    /// Changes a user's logins, roles, Kubernetes groups or second factor in place (what is
+    /// not given stays).
+    Update(UserUpdateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UserUpdateArgs {
+    pub name: String,
+    /// Replace the logins (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub set_logins: Option<Vec<String>>,
+    /// Replace the roles (comma separated; "" for the built-in role).
+    #[arg(long, value_delimiter = ',')]
+    pub set_roles: Option<Vec<String>>,
+    /// Replace the Kubernetes groups (comma separated; "" for none).
+    #[arg(long, value_delimiter = ',')]
+    pub set_kube_groups: Option<Vec<String>>,
+    /// Replace the Kubernetes users (comma separated; "" for none).
+    #[arg(long, value_delimiter = ',')]
+    pub set_kube_users: Option<Vec<String>>,
+    /// Require a one-time password app from the next login on.
+    #[arg(long, conflicts_with = "no_require_totp")]
+    pub require_totp: bool,
+    /// No longer require one (an enrolled app is still asked for until --reset-totp).
+    #[arg(long)]
+    pub no_require_totp: bool,
+    /// Forget the enrolled app (a lost phone): the user enrolls again at the next login if
+    /// one is required.
+    #[arg(long)]
+    pub reset_totp: bool,
 }
 
 #[derive(Debug, Args)]
@@ -522,6 +552,32 @@ mod tests {
         assert_eq!(a.labels.len(), 2);
         let cli =
             Cli::try_parse_from(["tctl", "users", "add", "bob", "--logins", "root,pi"]).unwrap();
+        let update = Cli::try_parse_from([
+            "tctl",
+            "users",
+            "update",
+            "bob",
+            "--set-logins",
+            "ubuntu,pi",
+            "--set-kube-groups",
+            "",
+        ])
+        .unwrap();
+        let Command::Users(UsersCmd::Update(u)) = update.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(u.set_logins.unwrap(), ["ubuntu", "pi"]);
+        assert_eq!(u.set_kube_groups.unwrap(), [""]);
+        assert!(u.set_roles.is_none() && !u.reset_totp);
+        assert!(Cli::try_parse_from([
+            "tctl",
+            "users",
+            "update",
+            "bob",
+            "--require-totp",
+            "--no-require-totp"
+        ])
+        .is_err());
         let Command::Users(UsersCmd::Add(a)) = cli.command else {
             panic!("wrong command");
         };

@@ -87,6 +87,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Users(UsersCmd::Add(a)) => users::add(&mut s, a).await,
         Command::Users(UsersCmd::Ls(a)) => users::list(&mut s, a).await,
         Command::Users(UsersCmd::Rm { name }) => users::remove(&mut s, name).await,
+        Command::Users(UsersCmd::Update(a)) => users::update(&mut s, a).await,
         Command::Tokens(TokensCmd::Add(a)) => tokens::add(&mut s, a).await,
         Command::Tokens(TokensCmd::Ls(a)) => tokens::list(&mut s, a).await,
         Command::Tokens(TokensCmd::Rm { id }) => tokens::remove(&mut s, id).await,

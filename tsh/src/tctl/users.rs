@@ -1,14 +1,14 @@
-//! `tctl users add | ls | rm`.
+//! `tctl users add | ls | rm | update`.
 
 use std::io::Read;
 
 use anyhow::{bail, Context};
 use edgeport_net::rpc_client::unexpected;
-use edgeport_proto::rpc::{Request, Response, UserInfo, UserSpec};
+use edgeport_proto::rpc::{Request, Response, UserInfo, UserSpec, UserUpdate};
 use edgeport_proto::util::{format_time, valid_name};
 use serde_json::json;
 
-use super::cli::{Format, FormatArgs, UserAddArgs};
+use super::cli::{Format, FormatArgs, UserAddArgs, UserUpdateArgs};
 use super::connect::Session;
 use super::output::{csv, expiry_text, json_list, print_json, time_json, Table};
 
@@ -144,6 +144,34 @@ pub async fn remove(s: &mut Session, name: String) -> anyhow::Result<()> {
     match s.call(Request::UserRemove { name: name.clone() }).await? {
         Response::Ok => {
             crate::outln!("user {name} removed");
+            Ok(())
+        }
+        other => Err(unexpected(other).into()),
+    }
+}
+
+/// `--set-kube-groups ""` clears the list: empty items are dropped.
+fn list_arg(v: Option<Vec<String>>) -> Option<Vec<String>> {
+    v.map(|items| items.into_iter().filter(|i| !i.is_empty()).collect())
+}
+
+pub async fn update(s: &mut Session, a: UserUpdateArgs) -> anyhow::Result<()> {
+    let change = UserUpdate {
+        name: a.name.clone(),
+        logins: list_arg(a.set_logins),
+        roles: list_arg(a.set_roles),
+        kube_groups: list_arg(a.set_kube_groups),
+        kube_users: list_arg(a.set_kube_users),
+        require_totp: match (a.require_totp, a.no_require_totp) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        reset_totp: a.reset_totp,
+    };
+    match s.call(Request::UserUpdate(change)).await? {
+        Response::Ok => {
+            crate::outln!("user {} updated", a.name);
             Ok(())
         }
         other => Err(unexpected(other).into()),
