@@ -275,6 +275,36 @@ fn users_update_changes_grants_in_place() {
             .run(&["users", "update", "alice", "--set-roles", "nope"]),
         "nope",
     );
+
+    // An identity file signed with --proxy remembers its gateway: no --proxy, no profile.
+    let file = c.dir.join("alice.identity");
+    c.tctl.ok(&[
+        "auth",
+        "sign",
+        "--user",
+        "alice",
+        "--logins",
+        "root",
+        "--format",
+        "file",
+        "--proxy",
+        c.proxy(),
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    let bare = Tsh::new(c.dir.join("tsh-fresh"), c.proxy());
+    let r = bare.run(
+        &[
+            "-i",
+            file.to_str().unwrap(),
+            "ssh",
+            "root@dev1",
+            "echo",
+            "file",
+        ],
+        None,
+    );
+    assert_eq!(r.stdout(), "file\n", "{}", r.stderr());
 }
 
 #[test]

@@ -70,7 +70,7 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
     let written = match a.format {
         SignFormat::Openssh => write_openssh(&a.out, &key, &certs)?,
         SignFormat::Tls => write_tls(&a.out, &key, &certs)?,
-        SignFormat::File => write_identity(&a.out, &key, &certs, &s.auth_addr)?,
+        SignFormat::File => write_identity(&a.out, &key, &certs, &s.auth_addr, a.proxy.as_deref())?,
         SignFormat::Kubernetes => {
             let (cluster, proxy) = kube.unwrap_or_default();
             let creds = crate::client::kube::KubeCreds {
@@ -137,6 +137,7 @@ fn write_identity(
     key: &KeyPair,
     certs: &UserCerts,
     auth_addr: &str,
+    proxy: Option<&str>,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let ident = IdentityFile {
         version: IdentityFile::VERSION,
@@ -146,7 +147,8 @@ fn write_identity(
         x509_cert_pem: certs.x509_cert_pem.clone(),
         cas: certs.cas.clone(),
         auth_addr: Some(auth_addr.to_string()),
-        proxy_addr: None,
+        // `tsh -i FILE` then needs no --proxy.
+        proxy_addr: proxy.map(str::to_string),
     };
     ident
         .save(out)

@@ -272,7 +272,8 @@ pub struct SignArgs {
     /// The Kubernetes cluster of `--format kubernetes`.
     #[arg(long)]
     pub kube_cluster: Option<String>,
-    /// The gateway HOST:PORT kubectl talks to (`--format kubernetes`).
+    /// The gateway HOST:PORT: kubectl talks to it (`--format kubernetes`), and an identity
+    /// file (`--format file`) remembers it so `tsh -i FILE` needs no --proxy.
     #[arg(long)]
     pub proxy: Option<String>,
 }
