@@ -120,8 +120,8 @@ fn exec_and_interactive_sessions_are_audited_and_recorded() {
     }
     assert_eq!(of("exec")["command"], "echo hi; exit 3");
     let end = of("session.end");
-    assert_eq!(end["bytes_out"], "3", "{end}");
-    assert!(end["duration_ms"].is_string(), "{end}");
+    assert_eq!(end["bytes_out"], 3, "{end}");
+    assert!(end["duration_secs"].is_number(), "{end}");
     // The gateway's view of the same session, and the authority's own events.
     let dial = of("gateway.dial");
     assert_eq!(dial["user"], "alice");
@@ -195,13 +195,13 @@ fn exec_and_interactive_sessions_are_audited_and_recorded() {
     assert!(
         files
             .iter()
-            .any(|e| e["mode"] == "write" && e["bytes_written"] == "300000"),
+            .any(|e| e["mode"] == "write" && e["bytes_written"] == 300000),
         "{files:#?}"
     );
     assert!(
         files
             .iter()
-            .any(|e| e["mode"] == "read" && e["bytes_read"] == "300000"),
+            .any(|e| e["mode"] == "read" && e["bytes_read"] == 300000),
         "{files:#?}"
     );
     assert!(files
@@ -487,7 +487,12 @@ fn offline_authority_then_drain_and_agent_crash() {
         .iter()
         .find(|e| e["reason"] == "agent restarted")
         .unwrap_or_else(|| panic!("no session.end for the session the kill cut: {ends:#?}"));
-    assert!(restarted["last_known_ms"].is_string(), "{restarted}");
+    assert!(
+        restarted["last_known"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{restarted}"
+    );
     // Sessions still work after all this.
     assert_eq!(exec_session(&tsh, "true"), 0);
 }
@@ -592,7 +597,7 @@ fn tampering_is_flagged() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|a| a["kind"] == "chain"),
+            .any(|a| a["type"] == "chain"),
         "{j:#}"
     );
 }
@@ -770,8 +775,8 @@ fn bench_audit() {
         .find(|r| r["session_id"] == sid)
         .unwrap()
         .clone();
-    let dur: f64 = end["duration_ms"].as_str().unwrap().parse::<f64>().unwrap() / 1000.0;
-    let out: f64 = end["bytes_out"].as_str().unwrap().parse().unwrap();
+    let dur = end["duration_secs"].as_f64().unwrap();
+    let out = end["bytes_out"].as_f64().unwrap();
     let rb = rec["bytes"].as_f64().unwrap();
     println!(
         "BENCH busy terminal: {:.0} s, {:.0} terminal bytes/min, {:.0} recording bytes/min ({:.2}x)",

@@ -649,7 +649,7 @@ fn join_tokens_expire_are_single_use_and_pinned() {
         &["--type", "device", "--labels", "fleet=vans,region=eu"],
     );
     let wrong_kind = token_add(&alpha, &["--type", "device"]);
-    assert_eq!(device["kind"], "device");
+    assert_eq!(device["type"], "device");
     assert_eq!(device["labels"]["fleet"], "vans");
     let pin = once["ca_pin"].as_str().unwrap().to_string();
     assert!(pin.starts_with("sha256:") && pin.len() == 71, "{pin}");

@@ -232,7 +232,7 @@ fn kubectl_through_gateway_and_tunnel() {
                     };
                     f("cluster") == "edge1"
                         && f("verb") == "list"
-                        && f("status") == "200"
+                        && e["status"] == 200
                         && f("groups").contains("devs")
                         && f("path").ends_with("/pods")
                 })

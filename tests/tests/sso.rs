@@ -207,7 +207,7 @@ fn oidc_login_maps_groups_and_refuses_what_it_must() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|e| e["user"] == "alice" && e["connector"] == "oidc" && e["success"] == "true"),
+            .any(|e| e["user"] == "alice" && e["connector"] == "oidc" && e["success"] == true),
         "{events:#}"
     );
 
@@ -502,7 +502,7 @@ fn a_gateway_identity_cannot_mint_a_single_sign_on_user() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["success"] == "false")
+        .filter(|e| e["success"] == false)
         .count();
     assert!(failed >= 3, "{events:#}");
 }

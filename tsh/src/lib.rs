@@ -2,6 +2,7 @@
 //! (users, talks to the gateway). The binaries in `src/bin/` are thin edges over these modules.
 
 pub mod out;
+pub mod schema;
 pub mod shared;
 pub mod text;
 

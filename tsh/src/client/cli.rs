@@ -47,7 +47,10 @@ pub enum Command {
     /// List devices (optionally only those matching k=v labels).
     Ls(LsArgs),
     /// Show the current login: proxy, user, logins and how long the certificates last.
-    Status,
+    Status {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Delete the stored keys and certificates (and their ssh-agent entries).
     Logout,
     /// Bridge stdin/stdout to a device's SSH server (for OpenSSH's ProxyCommand).
@@ -204,6 +207,14 @@ pub struct LsArgs {
 pub enum Format {
     Text,
     Json,
+    Yaml,
+}
+
+impl Format {
+    /// Prints `v` as JSON or YAML (`Text` is each command's own table, never passed here).
+    pub fn print(self, v: &serde_json::Value) {
+        crate::out!("{}", crate::schema::render(v, self == Format::Yaml));
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,7 +19,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Login(args) => login::run(g, args).await,
         Command::Ssh(args) => ssh_cmd(g, args).await,
         Command::Ls(args) => ls(g, args).await,
-        Command::Status => status(g),
+        Command::Status { format } => status(g, *format),
         Command::Logout => logout(g).await,
         Command::Proxy {
             what: ProxyCmd::Ssh { target, direct },
@@ -203,11 +203,9 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
     devices.retain(|d| want.iter().all(|(k, v)| d.labels.get(k) == Some(v)));
     devices.sort_by(|a, b| a.id.cmp(&b.id));
     match args.format {
-        Format::Json => {
-            let out =
-                serde_json::to_string_pretty(&devices).map_err(|e| CliError::msg(e.to_string()))?;
-            crate::outln!("{out}");
-        }
+        Format::Json | Format::Yaml => args.format.print(&serde_json::Value::Array(
+            devices.iter().map(crate::schema::device).collect(),
+        )),
         Format::Text => {
             let mut t = crate::text::Table::new(&["DEVICE", "STATUS", "LABELS", "LAST SEEN"]);
             for d in &devices {
@@ -231,7 +229,7 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
     Ok(0)
 }
 
-fn status(g: &Global) -> Result<i32, CliError> {
+fn status(g: &Global, format: Format) -> Result<i32, CliError> {
     let creds = creds(g)?;
     let roles: RolesExtension = creds
         .ssh_cert
@@ -248,6 +246,24 @@ fn status(g: &Global) -> Result<i32, CliError> {
         .filter(|k| *k != EXT_ROLES)
         .collect();
     exts.sort();
+    if format != Format::Text {
+        let identity = match &creds.source {
+            profile::Source::IdentityFile(p) => Some(p.display().to_string()),
+            _ => None,
+        };
+        format.print(&serde_json::json!({
+            "proxy": creds.proxy,
+            "cluster": creds.cas.cluster,
+            "user": creds.user,
+            "logins": creds.logins(),
+            "roles": roles.roles,
+            "extensions": exts,
+            "valid_until": crate::schema::time(until),
+            "valid_for_secs": until.saturating_sub(now_secs()),
+            "identity_file": identity,
+        }));
+        return Ok(0);
+    }
     crate::outln!("> Proxy:       {}", creds.proxy);
     crate::outln!("  Cluster:     {}", creds.cas.cluster);
     crate::outln!("  User:        {}", creds.user);

@@ -297,16 +297,14 @@ pub async fn run(g: &Global, cmd: &KubeCmd) -> Result<i32, CliError> {
     match cmd {
         KubeCmd::Ls { format } => {
             match format {
-                Format::Json => {
+                Format::Json | Format::Yaml => {
                     let list: Vec<_> = clusters
                         .iter()
                         .map(|(c, (d, on))| {
                             serde_json::json!({"cluster": c, "device": d, "online": on})
                         })
                         .collect();
-                    let out = serde_json::to_string_pretty(&list)
-                        .map_err(|e| CliError::msg(e.to_string()))?;
-                    crate::outln!("{out}");
+                    format.print(&serde_json::Value::Array(list));
                 }
                 Format::Text => {
                     let mut t = crate::text::Table::new(&["CLUSTER", "DEVICE", "STATUS"]);

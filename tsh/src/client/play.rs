@@ -25,11 +25,9 @@ pub async fn list(g: &Global, args: &RecordingsArgs) -> Result<i32, CliError> {
             (other, _) => return Err(gateway::unexpected(&other)),
         };
     match args.format {
-        Format::Json => {
-            let out =
-                serde_json::to_string_pretty(&recs).map_err(|e| CliError::msg(e.to_string()))?;
-            crate::outln!("{out}");
-        }
+        Format::Json | Format::Yaml => args.format.print(&serde_json::Value::Array(
+            recs.iter().map(crate::schema::recording).collect(),
+        )),
         Format::Text => {
             let mut t = crate::text::Table::new(&[
                 "SESSION", "DEVICE", "USER", "LOGIN", "STARTED", "BYTES",

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::cli::{AuditSearchArgs, AuditVerifyArgs, Format};
 use super::connect::Session;
-use super::output::{print_json, time_json, Table};
+use super::output::{print_as, time_json, Table};
 
 /// One event as JSON: the common keys first-class, the event's own fields too.
 pub fn event_json(e: &StoredEvent) -> serde_json::Value {
@@ -17,11 +17,13 @@ pub fn event_json(e: &StoredEvent) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for (k, v) in &ev.fields {
         if k != "data" {
-            m.insert(k.clone(), json!(v));
+            let (k, v) = crate::schema::event_field(k, v);
+            m.insert(k, v);
         }
     }
     m.insert("type".into(), json!(ev.kind));
     m.insert("time".into(), time_json(ev.time_ms / 1000));
+    // Events of one second stay in order by this (the one millisecond figure kept).
     m.insert("time_ms".into(), json!(ev.time_ms));
     m.insert("source".into(), json!(e.source));
     m.insert("device".into(), json!(e.device));
@@ -31,12 +33,6 @@ pub fn event_json(e: &StoredEvent) -> serde_json::Value {
     m.insert("seq".into(), json!(ev.seq));
     if !e.gateway.is_empty() {
         m.insert("gateway".into(), json!(e.gateway));
-    }
-    if let Some(code) = ev.fields.get("exit_code") {
-        m.insert(
-            "exit_code".into(),
-            code.parse::<i64>().map(|c| json!(c)).unwrap_or(json!(code)),
-        );
     }
     serde_json::Value::Object(m)
 }
@@ -85,9 +81,10 @@ pub async fn search(s: &mut Session, a: AuditSearchArgs) -> anyhow::Result<()> {
         }
     }
     match a.format {
-        Format::Json => print_json(&serde_json::Value::Array(
-            all.iter().map(event_json).collect(),
-        )),
+        Format::Json | Format::Yaml => print_as(
+            a.format,
+            &serde_json::Value::Array(all.iter().map(event_json).collect()),
+        ),
         Format::Text => {
             let mut t = Table::new(&[
                 "TIME", "TYPE", "DEVICE", "USER", "LOGIN", "SESSION", "DETAILS",
@@ -119,7 +116,7 @@ fn report_json(r: &ChainReport) -> serde_json::Value {
         "ok": r.problems.is_empty() && r.alerts.is_empty(),
         "problems": r.problems,
         "alerts": r.alerts.iter().map(|a| json!({
-            "kind": a.kind,
+            "type": a.kind,
             "seq": a.seq,
             "time": time_json(a.time_ms / 1000),
             "detail": a.detail,
@@ -137,9 +134,10 @@ pub async fn verify(s: &mut Session, a: AuditVerifyArgs) -> anyhow::Result<()> {
         .filter(|r| !r.problems.is_empty() || !r.alerts.is_empty())
         .count();
     match a.format {
-        Format::Json => print_json(&serde_json::Value::Array(
-            reports.iter().map(report_json).collect(),
-        ))?,
+        Format::Json | Format::Yaml => print_as(
+            a.format,
+            &serde_json::Value::Array(reports.iter().map(report_json).collect()),
+        )?,
         Format::Text => {
             for r in &reports {
                 let ok = r.problems.is_empty() && r.alerts.is_empty();

@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Checks the connection: prints the cluster name and the authority's version.
-    Status,
+    Status(FormatArgs),
     /// Certificate authorities: export the public CAs, sign certificates.
     #[command(subcommand)]
     Auth(AuthCmd),
@@ -283,6 +283,7 @@ pub enum Format {
     #[default]
     Text,
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Args)]

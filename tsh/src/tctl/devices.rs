@@ -2,13 +2,12 @@
 //! gateways' presence reports.
 
 use edgeport_net::rpc_client::{add_device_page, unexpected};
-use edgeport_proto::rpc::{DeviceInfo, Request, Response};
+use edgeport_proto::rpc::{Request, Response};
 use edgeport_proto::util::format_labels;
-use serde_json::json;
 
 use super::cli::{Format, FormatArgs};
 use super::connect::Session;
-use super::output::{ago_text, json_list, print_json, time_json, Table};
+use super::output::{ago_text, json_list, print_as, Table};
 
 pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     let (mut devices, mut next) = (Vec::new(), Some(String::new()));
@@ -16,7 +15,9 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
         next = add_device_page(&mut devices, s.call(Request::DevicePage { after }).await?)?;
     }
     match a.format {
-        Format::Json => print_json(&json_list(&devices, device_json)),
+        Format::Json | Format::Yaml => {
+            print_as(a.format, &json_list(&devices, crate::schema::device))
+        }
         Format::Text => {
             let mut t = Table::new(&[
                 "ID",
@@ -57,24 +58,6 @@ fn dash(s: &str) -> String {
     } else {
         s.to_string()
     }
-}
-
-fn device_json(d: &DeviceInfo) -> serde_json::Value {
-    json!({
-        "id": d.id,
-        "labels": d.labels,
-        "online": d.online,
-        "transport": d.transport.map(|t| t.as_str()),
-        "address": d.address,
-        "version": d.version,
-        "arch": d.arch,
-        "rtt_ms": d.rtt_ms,
-        "last_seen": time_json(d.last_seen),
-        "last_disconnect_reason": d.last_disconnect_reason,
-        "gateway": d.gateway,
-        "joined_at": time_json(d.joined_at),
-        "kube_cluster": d.kube_cluster,
-    })
 }
 
 pub async fn remove(s: &mut Session, id: String) -> anyhow::Result<()> {

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::cli::{Format, FormatArgs};
 use super::connect::Session;
-use super::output::{ago_text, json_list, print_json, time_json, Table};
+use super::output::{ago_text, json_list, print_as, time_json, Table};
 
 fn standing(g: &GatewayInfo) -> &'static str {
     if g.revoked {
@@ -39,7 +39,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
         other => return Err(unexpected(other).into()),
     };
     match a.format {
-        Format::Json => print_json(&json_list(&gateways, gateway_json)),
+        Format::Json | Format::Yaml => print_as(a.format, &json_list(&gateways, gateway_json)),
         Format::Text => {
             let mut t = Table::new(&[
                 "ID",

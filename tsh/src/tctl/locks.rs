@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::cli::{Format, FormatArgs, LockArgs, Target, UnlockArgs};
 use super::connect::Session;
-use super::output::{expiry_text, json_list, print_json, time_json, Table};
+use super::output::{expiry_text, json_list, print_as, time_json, Table};
 
 fn target(t: Target) -> anyhow::Result<LockTarget> {
     let target = match (t.user, t.device, t.gateway) {
@@ -130,7 +130,7 @@ fn lock_json(l: &LockSpec) -> serde_json::Value {
         LockTarget::Gateway(n) => ("gateway", n),
     };
     json!({
-        "kind": kind,
+        "type": kind,
         "target": name,
         "message": l.message,
         "expires": time_json(l.expires),
@@ -140,7 +140,7 @@ fn lock_json(l: &LockSpec) -> serde_json::Value {
 pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     let locks = list_locks(s).await?;
     match a.format {
-        Format::Json => print_json(&json_list(&locks, lock_json)),
+        Format::Json | Format::Yaml => print_as(a.format, &json_list(&locks, lock_json)),
         Format::Text => {
             let mut t = Table::new(&["TARGET", "EXPIRES", "MESSAGE"]);
             for l in &locks {

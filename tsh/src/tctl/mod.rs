@@ -81,7 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let mut s = Session::open(&cli.auth, cli.identity.as_deref()).await?;
     let result = match cli.command {
-        Command::Status => auth::status(&mut s).await,
+        Command::Status(a) => auth::status(&mut s, a).await,
         Command::Auth(AuthCmd::Export(a)) => auth::export(&mut s, a).await,
         Command::Auth(AuthCmd::Sign(a)) => auth::sign(&mut s, a).await,
         Command::Users(UsersCmd::Add(a)) => users::add(&mut s, a).await,

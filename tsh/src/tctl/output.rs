@@ -6,9 +6,11 @@ use edgeport_net::clock::now_secs;
 
 pub use crate::text::Table;
 
-/// Prints a JSON value, pretty.
-pub fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    crate::outln!("{}", serde_json::to_string_pretty(v)?);
+/// Prints a value as `--format json` or `--format yaml` asked (text output is the
+/// caller's own table).
+pub fn print_as(format: super::cli::Format, v: &serde_json::Value) -> anyhow::Result<()> {
+    let yaml = format == super::cli::Format::Yaml;
+    crate::out!("{}", crate::schema::render(v, yaml));
     Ok(())
 }
 
@@ -26,14 +28,7 @@ pub fn csv(items: &[String]) -> String {
     }
 }
 
-/// RFC 3339, or `null` for 0 (never).
-pub fn time_json(unix: u64) -> serde_json::Value {
-    if unix == 0 {
-        serde_json::Value::Null
-    } else {
-        format_time(unix).into()
-    }
-}
+pub use crate::schema::time as time_json;
 
 /// `2024-01-01T00:00:00Z (in 1h30m)` style expiry for text output.
 pub fn expiry_text(unix: u64) -> String {

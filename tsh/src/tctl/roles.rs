@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::cli::{Format, FormatArgs, RoleAddArgs, RoleUpdateArgs};
 use super::connect::Session;
-use super::output::{csv, duration_text, json_list, print_json, Table};
+use super::output::{csv, duration_text, json_list, print_as, Table};
 
 /// `k=v,k=v2,k2=*` -> {k: [v, v2], k2: [*]}: repeating a key allows several values.
 pub fn parse_label_rules(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
@@ -132,7 +132,7 @@ pub async fn update(s: &mut Session, a: RoleUpdateArgs) -> anyhow::Result<()> {
 pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     let roles = list_roles(s).await?;
     match a.format {
-        Format::Json => print_json(&json_list(&roles, role_json)),
+        Format::Json | Format::Yaml => print_as(a.format, &json_list(&roles, role_json)),
         Format::Text => {
             let mut t = Table::new(&[
                 "NAME", "DEVICES", "DENY", "PTY", "FORWARD", "MAX TTL", "USERS",

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::cli::{ConnectorAddCmd, ConnectorsCmd, Format, FormatArgs, SsoMapArgs};
 use super::connect::Session;
-use super::output::{csv, json_list, print_json, Table};
+use super::output::{csv, json_list, print_as, Table};
 
 pub async fn map(s: &mut Session, a: SsoMapArgs) -> anyhow::Result<()> {
     let m = SsoMapping {
@@ -38,7 +38,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
         other => return Err(unexpected(other).into()),
     };
     match a.format {
-        Format::Json => print_json(&json_list(&maps, mapping_json)),
+        Format::Json | Format::Yaml => print_as(a.format, &json_list(&maps, mapping_json)),
         Format::Text => {
             let mut t = Table::new(&["GROUP", "ROLES", "LOGINS", "KUBE GROUPS", "KUBE USERS"]);
             for m in &maps {
@@ -156,7 +156,7 @@ async fn connector_list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
         other => return Err(unexpected(other).into()),
     };
     match a.format {
-        Format::Json => print_json(&json_list(&list, connector_json)),
+        Format::Json | Format::Yaml => print_as(a.format, &json_list(&list, connector_json)),
         Format::Text => {
             let mut t = Table::new(&["NAME", "CLIENT ID", "PROVIDER", "SETTINGS"]);
             for c in &list {
@@ -204,14 +204,14 @@ fn connector_json(c: &SsoConnectorInfo) -> serde_json::Value {
             groups_claim,
             scopes,
         } => {
-            v["kind"] = json!("oidc");
+            v["type"] = json!("oidc");
             v["issuer"] = json!(issuer);
             v["username_claim"] = json!(username_claim);
             v["groups_claim"] = json!(groups_claim);
             v["scopes"] = json!(scopes);
         }
         SsoConnectorKind::GitHub { url, api_url } => {
-            v["kind"] = json!("github");
+            v["type"] = json!("github");
             v["github_url"] = json!(url);
             v["api_url"] = json!(api_url);
         }

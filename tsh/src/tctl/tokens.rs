@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::cli::{Format, FormatArgs, TokenAddArgs, TokenType};
 use super::connect::Session;
-use super::output::{expiry_text, json_list, print_json, time_json, Table};
+use super::output::{expiry_text, json_list, print_as, time_json, Table};
 
 pub async fn add(s: &mut Session, a: TokenAddArgs) -> anyhow::Result<()> {
     if a.ttl == 0 {
@@ -45,7 +45,7 @@ pub async fn add(s: &mut Session, a: TokenAddArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     match a.format {
-        Format::Json => print_json(&token_json(&t)),
+        Format::Json | Format::Yaml => print_as(a.format, &token_json(&t)),
         Format::Text => {
             crate::outln!("token:    {secret}");
             crate::outln!("id:       {}", t.id);
@@ -110,7 +110,7 @@ fn token_json(t: &TokenInfo) -> serde_json::Value {
     json!({
         "token": t.token,
         "id": t.id,
-        "kind": t.kind.as_str(),
+        "type": t.kind.as_str(),
         "labels": t.labels,
         "expires": time_json(t.expires),
         "reusable": t.reusable,
@@ -125,7 +125,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
         other => return Err(unexpected(other).into()),
     };
     match a.format {
-        Format::Json => print_json(&json_list(&tokens, token_json)),
+        Format::Json | Format::Yaml => print_as(a.format, &json_list(&tokens, token_json)),
         Format::Text => {
             let mut table = Table::new(&["ID", "TYPE", "LABELS", "EXPIRES", "REUSABLE", "USES"]);
             for t in &tokens {

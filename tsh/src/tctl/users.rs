@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::cli::{Format, FormatArgs, UserAddArgs, UserUpdateArgs};
 use super::connect::Session;
-use super::output::{csv, expiry_text, json_list, print_json, time_json, Table};
+use super::output::{csv, expiry_text, json_list, print_as, time_json, Table};
 
 pub async fn add(s: &mut Session, a: UserAddArgs) -> anyhow::Result<()> {
     for n in std::iter::once(&a.name).chain(&a.grant.logins) {
@@ -92,7 +92,7 @@ async fn list_users(s: &mut Session) -> anyhow::Result<Vec<UserInfo>> {
 pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     let users = list_users(s).await?;
     match a.format {
-        Format::Json => print_json(&json_list(&users, user_json)),
+        Format::Json | Format::Yaml => print_as(a.format, &json_list(&users, user_json)),
         Format::Text => {
             let mut t = Table::new(&[
                 "NAME",
