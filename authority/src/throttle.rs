@@ -1,109 +1,196 @@
-//! Slows down password guessing: after a few failed logins for one user name, or from one
-//! client address, further attempts are refused for a while, before any argon2 work is done
-//! (which also keeps a flood of guesses from eating the authority's CPU). The wait doubles
-//! with each failure past the limit, up to a cap; a successful login clears the user's count.
-//! State is in memory: an authority restart forgives, which is fine for a rate limit.
+//! Slows down password guessing, before any argon2 work is done (which also keeps a flood of
+//! guesses from eating the authority's CPU). Three counts, each of failures within
+//! [`WINDOW_SECS`]:
+//!
+//! - per (user name, source): past [`PAIR_LIMIT`] failures that source waits for that user,
+//!   30 s doubling to 15 min. This is what stops a guesser, and it cannot lock out the
+//!   real user, who logs in from another source;
+//! - per source, across user names (spraying one password over many users): past
+//!   [`SOURCE_LIMIT`], the same doubling wait for everything from that source;
+//! - per user name, from anywhere (a botnet, one guess per address): past [`USER_LIMIT`],
+//!   a slowdown, not a lock: one attempt per [`USER_SLOWDOWN_SECS`] for that user, which
+//!   caps a distributed guesser at 720 guesses an hour while the real user waits seconds.
+//!
+//! A source is an IPv4 address or an IPv6 /64 (one subscriber's whole prefix: rotating
+//! through it gains nothing). The counts live in the store (`Table::LoginThrottle`), so
+//! several authorities behind one gateway pool share them, and a restart does not forgive.
+//! A successful login clears its (user, source) count only.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Failures allowed per user name within [`WINDOW_SECS`] before waits begin.
-const USER_LIMIT: u32 = 5;
-/// Failures allowed per client address (many users from one address: spraying).
-const ADDR_LIMIT: u32 = 20;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{self, Store, StoreError, Table};
+
+/// Failures one source may have for one user name before waits begin.
+pub const PAIR_LIMIT: u32 = 5;
+/// Failures one source may have across user names.
+pub const SOURCE_LIMIT: u32 = 20;
+/// Failures one user name may have from anywhere before its attempts are spaced out.
+pub const USER_LIMIT: u32 = 20;
 /// Failures older than this are forgotten.
-const WINDOW_SECS: u64 = 600;
-/// The first wait, and the longest.
-const FIRST_WAIT_SECS: u64 = 30;
-const MAX_WAIT_SECS: u64 = 900;
-/// Entries kept at most; beyond, stale ones are pruned (and if none are stale, the oldest).
-const MAX_ENTRIES: usize = 100_000;
+pub const WINDOW_SECS: u64 = 600;
+/// The first wait of a (user, source) or a source, and the longest.
+pub const FIRST_WAIT_SECS: u64 = 30;
+pub const MAX_WAIT_SECS: u64 = 900;
+/// The spacing of a user's attempts past [`USER_LIMIT`].
+pub const USER_SLOWDOWN_SECS: u64 = 5;
+/// Every this many failures, records past their window are swept from the store, so a
+/// guesser making up user names cannot grow it without bound.
+const SWEEP_EVERY: u64 = 1000;
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Failures {
     count: u32,
     last: u64,
     blocked_until: u64,
 }
 
-#[derive(Default)]
-pub struct LoginThrottle {
-    entries: Mutex<HashMap<String, Failures>>,
+impl Failures {
+    fn stale(&self, now: u64) -> bool {
+        now.saturating_sub(self.last) >= WINDOW_SECS && self.blocked_until <= now
+    }
+}
+
+/// What a count does past its limit.
+#[derive(Clone, Copy)]
+enum Past {
+    /// Wait [`FIRST_WAIT_SECS`], doubling with each failure, up to [`MAX_WAIT_SECS`].
+    Doubling,
+    /// Wait [`USER_SLOWDOWN_SECS`] after each failure.
+    Spaced,
+}
+
+/// The source of `client_addr` (`1.2.3.4:5678` -> `1.2.3.4`, `[2001:db8::7]:80` ->
+/// `2001:db8::/64`); `None` when there is none (an administrator's own login).
+pub fn source(client_addr: &str) -> Option<String> {
+    if client_addr.is_empty() {
+        return None;
+    }
+    let ip = match client_addr.parse::<std::net::SocketAddr>() {
+        Ok(sa) => sa.ip(),
+        Err(_) => match client_addr.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            // Not an address: count it as given (bounded by the frame size).
+            Err(_) => return Some(client_addr.to_string()),
+        },
+    };
+    Some(match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    })
 }
 
 fn user_key(user: &str) -> String {
     format!("u/{}", user.to_ascii_lowercase())
 }
 
-/// The address without its port (`1.2.3.4:5678` -> `1.2.3.4`, `[::1]:80` -> `::1`).
-fn addr_key(client_addr: &str) -> Option<String> {
-    if client_addr.is_empty() {
-        return None;
+fn pair_key(user: &str, source: &str) -> String {
+    format!("p/{}/{source}", user.to_ascii_lowercase())
+}
+
+fn source_key(source: &str) -> String {
+    format!("s/{source}")
+}
+
+/// The keys an attempt by `user` from `client_addr` counts against, with their limits.
+fn keys(user: &str, client_addr: &str) -> Vec<(String, u32, Past)> {
+    let mut keys = vec![(user_key(user), USER_LIMIT, Past::Spaced)];
+    if let Some(src) = source(client_addr) {
+        keys.push((pair_key(user, &src), PAIR_LIMIT, Past::Doubling));
+        keys.push((source_key(&src), SOURCE_LIMIT, Past::Doubling));
+    } else {
+        // No source known: the per-user count is the only one, so it must stop guessing.
+        keys[0] = (pair_key(user, "-"), PAIR_LIMIT, Past::Doubling);
     }
-    let host = match client_addr.parse::<std::net::SocketAddr>() {
-        Ok(sa) => sa.ip().to_string(),
-        Err(_) => client_addr.to_string(),
-    };
-    Some(format!("a/{host}"))
+    keys
+}
+
+#[derive(Default)]
+pub struct LoginThrottle {
+    failures_seen: AtomicU64,
 }
 
 impl LoginThrottle {
-    /// `Err(seconds)` while `user` or `client_addr` must wait.
-    pub fn check(&self, user: &str, client_addr: &str, now: u64) -> Result<(), u64> {
-        let Ok(map) = self.entries.lock() else {
-            return Ok(());
-        };
-        let keys = std::iter::once(user_key(user)).chain(addr_key(client_addr));
-        let wait = keys
-            .filter_map(|k| map.get(&k).map(|f| f.blocked_until.saturating_sub(now)))
-            .max()
-            .unwrap_or(0);
-        if wait > 0 {
-            Err(wait)
-        } else {
-            Ok(())
+    /// `Ok(Err(seconds))` while `user` from `client_addr` must wait.
+    pub fn check(
+        &self,
+        store: &dyn Store,
+        user: &str,
+        client_addr: &str,
+        now: u64,
+    ) -> Result<Result<(), u64>, StoreError> {
+        let mut wait = 0;
+        for (key, _, _) in keys(user, client_addr) {
+            if let Some(f) = store::get::<Failures>(store, Table::LoginThrottle, &key)? {
+                wait = wait.max(f.blocked_until.saturating_sub(now));
+            }
         }
+        Ok(if wait > 0 { Err(wait) } else { Ok(()) })
     }
 
     /// Records a failed attempt.
-    pub fn failed(&self, user: &str, client_addr: &str, now: u64) {
-        let Ok(mut map) = self.entries.lock() else {
-            return;
-        };
-        if map.len() >= MAX_ENTRIES {
-            map.retain(|_, f| now.saturating_sub(f.last) < WINDOW_SECS || f.blocked_until > now);
-            if map.len() >= MAX_ENTRIES {
-                if let Some(oldest) = map
-                    .iter()
-                    .min_by_key(|(_, f)| f.last)
-                    .map(|(k, _)| k.clone())
-                {
-                    map.remove(&oldest);
+    pub fn failed(
+        &self,
+        store: &dyn Store,
+        user: &str,
+        client_addr: &str,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        for (key, limit, past) in keys(user, client_addr) {
+            store::update::<Failures, StoreError, _>(store, Table::LoginThrottle, &key, |cur| {
+                let mut f = cur.filter(|f| !f.stale(now)).unwrap_or_default();
+                f.count = f.count.saturating_add(1);
+                f.last = now;
+                if f.count >= limit {
+                    let wait = match past {
+                        Past::Doubling => {
+                            let doublings = (f.count - limit).min(10);
+                            (FIRST_WAIT_SECS << doublings).min(MAX_WAIT_SECS)
+                        }
+                        Past::Spaced => USER_SLOWDOWN_SECS,
+                    };
+                    f.blocked_until = f.blocked_until.max(now + wait);
                 }
-            }
+                Ok(Some(f))
+            })?;
         }
-        let keys = std::iter::once((user_key(user), USER_LIMIT))
-            .chain(addr_key(client_addr).map(|k| (k, ADDR_LIMIT)));
-        for (key, limit) in keys {
-            let f = map.entry(key).or_default();
-            if now.saturating_sub(f.last) >= WINDOW_SECS && f.blocked_until <= now {
-                f.count = 0;
-            }
-            f.count = f.count.saturating_add(1);
-            f.last = now;
-            if f.count >= limit {
-                let doublings = (f.count - limit).min(10);
-                let wait = (FIRST_WAIT_SECS << doublings).min(MAX_WAIT_SECS);
-                f.blocked_until = now + wait;
-            }
+        if self.failures_seen.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep(store, now)?;
         }
+        Ok(())
     }
 
-    /// A successful login clears the user's failures (not the address's).
-    pub fn succeeded(&self, user: &str) {
-        if let Ok(mut map) = self.entries.lock() {
-            map.remove(&user_key(user));
+    /// A successful login clears the count of its (user, source), nothing else: a guesser
+    /// elsewhere keeps their waits.
+    pub fn succeeded(
+        &self,
+        store: &dyn Store,
+        user: &str,
+        client_addr: &str,
+    ) -> Result<(), StoreError> {
+        let src = source(client_addr).unwrap_or_else(|| "-".into());
+        store.delete(Table::LoginThrottle, &pair_key(user, &src))?;
+        Ok(())
+    }
+
+    /// Removes records past their window.
+    pub fn sweep(&self, store: &dyn Store, now: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for (key, bytes) in store.scan_prefix(Table::LoginThrottle, "")? {
+            let stale = serde_json::from_slice::<Failures>(&bytes).map_or(true, |f| f.stale(now));
+            if stale && store.compare_and_swap(Table::LoginThrottle, &key, Some(&bytes), None)? {
+                removed += 1;
+            }
         }
+        Ok(removed)
     }
 }
 
@@ -111,46 +198,144 @@ impl LoginThrottle {
 mod tests {
     use super::*;
 
+    fn store() -> (tempfile::TempDir, crate::store::SledStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = crate::store::SledStore::open(d.path()).unwrap();
+        (d, s)
+    }
+
     #[test]
-    fn waits_begin_after_the_limit_double_and_clear() {
-        let t = LoginThrottle::default();
-        for _ in 0..USER_LIMIT - 1 {
-            t.failed("alice", "10.0.0.1:1000", 100);
-            assert!(t.check("alice", "10.0.0.1:1001", 100).is_ok());
-        }
-        t.failed("alice", "10.0.0.1:1000", 100);
-        assert_eq!(t.check("Alice", "10.0.0.2:1", 100), Err(FIRST_WAIT_SECS));
-        assert!(
-            t.check("bob", "10.0.0.1:5", 100).is_ok(),
-            "the address is not blocked yet"
-        );
-        assert!(t.check("alice", "", 100 + FIRST_WAIT_SECS).is_ok());
-        t.failed("alice", "", 100 + FIRST_WAIT_SECS);
+    fn sources_are_addresses_and_ipv6_prefixes() {
+        assert_eq!(source("10.0.0.1:1000").as_deref(), Some("10.0.0.1"));
         assert_eq!(
-            t.check("alice", "", 100 + FIRST_WAIT_SECS),
+            source("[2001:db8:1:2:aaaa::1]:4000").as_deref(),
+            Some("2001:db8:1:2::/64")
+        );
+        assert_eq!(
+            source("[2001:db8:1:2:ffff:1:2:3]:9").as_deref(),
+            Some("2001:db8:1:2::/64")
+        );
+        assert_eq!(source("[::ffff:10.1.2.3]:9").as_deref(), Some("10.1.2.3"));
+        assert_eq!(source(""), None);
+    }
+
+    #[test]
+    fn a_guessing_source_waits_and_the_real_user_does_not() {
+        let (_d, s) = store();
+        let t = LoginThrottle::default();
+        let check = |user: &str, addr: &str, now| t.check(&s, user, addr, now).unwrap();
+        for _ in 0..PAIR_LIMIT - 1 {
+            t.failed(&s, "alice", "10.0.0.66:1000", 100).unwrap();
+            assert!(check("alice", "10.0.0.66:1001", 100).is_ok());
+        }
+        t.failed(&s, "alice", "10.0.0.66:1000", 100).unwrap();
+        assert_eq!(check("Alice", "10.0.0.66:2", 100), Err(FIRST_WAIT_SECS));
+        // Alice herself, from home: not locked out.
+        assert!(check("alice", "192.0.2.7:5000", 100).is_ok());
+        // The guesser's next failure doubles its wait.
+        t.failed(&s, "alice", "10.0.0.66:1000", 100 + FIRST_WAIT_SECS)
+            .unwrap();
+        assert_eq!(
+            check("alice", "10.0.0.66:1", 100 + FIRST_WAIT_SECS),
             Err(2 * FIRST_WAIT_SECS)
         );
-        t.succeeded("alice");
-        assert!(t.check("alice", "", 100 + FIRST_WAIT_SECS).is_ok());
+        // Alice's success clears her own source only.
+        t.succeeded(&s, "alice", "192.0.2.7:5000").unwrap();
+        assert!(check("alice", "10.0.0.66:1", 100 + FIRST_WAIT_SECS).is_err());
     }
 
     #[test]
-    fn one_address_spraying_many_users_is_slowed() {
+    fn an_ipv6_guesser_cannot_rotate_through_its_prefix() {
+        let (_d, s) = store();
         let t = LoginThrottle::default();
-        for i in 0..ADDR_LIMIT {
-            t.failed(&format!("user{i}"), "[2001:db8::1]:4000", 50);
+        for i in 0..PAIR_LIMIT {
+            t.failed(&s, "bob", &format!("[2001:db8:0:7::{i:x}]:4000"), 50)
+                .unwrap();
         }
-        assert!(t.check("someone-else", "[2001:db8::1]:4001", 50).is_err());
-        assert!(t.check("someone-else", "[2001:db8::2]:4001", 50).is_ok());
+        assert!(t
+            .check(&s, "bob", "[2001:db8:0:7::ffff]:1", 50)
+            .unwrap()
+            .is_err());
+        assert!(t
+            .check(&s, "bob", "[2001:db8:0:8::1]:1", 50)
+            .unwrap()
+            .is_ok());
     }
 
     #[test]
-    fn old_failures_are_forgotten() {
+    fn one_source_spraying_many_users_is_slowed() {
+        let (_d, s) = store();
         let t = LoginThrottle::default();
-        for _ in 0..USER_LIMIT - 1 {
-            t.failed("carol", "", 0);
+        for i in 0..SOURCE_LIMIT {
+            t.failed(&s, &format!("user{i}"), "198.51.100.9:4000", 50)
+                .unwrap();
         }
-        t.failed("carol", "", WINDOW_SECS + 1);
-        assert!(t.check("carol", "", WINDOW_SECS + 1).is_ok());
+        assert!(t
+            .check(&s, "someone-else", "198.51.100.9:1", 50)
+            .unwrap()
+            .is_err());
+        assert!(t
+            .check(&s, "someone-else", "198.51.100.10:1", 50)
+            .unwrap()
+            .is_ok());
+    }
+
+    #[test]
+    fn a_distributed_guesser_slows_the_user_down_without_locking_them_out() {
+        let (_d, s) = store();
+        let t = LoginThrottle::default();
+        // One failure from each of many addresses: no source reaches its own limit.
+        for i in 0..USER_LIMIT {
+            t.failed(&s, "carol", &format!("203.0.113.{i}:4000"), 1000)
+                .unwrap();
+        }
+        // Carol, from a new address, waits seconds, not minutes.
+        assert_eq!(
+            t.check(&s, "carol", "192.0.2.1:1", 1000).unwrap(),
+            Err(USER_SLOWDOWN_SECS)
+        );
+        assert!(t
+            .check(&s, "carol", "192.0.2.1:1", 1000 + USER_SLOWDOWN_SECS)
+            .unwrap()
+            .is_ok());
+        // Each further failure spaces attempts out again, by the same few seconds.
+        t.failed(&s, "carol", "203.0.113.200:4000", 1010).unwrap();
+        assert_eq!(
+            t.check(&s, "carol", "192.0.2.1:1", 1010).unwrap(),
+            Err(USER_SLOWDOWN_SECS)
+        );
+    }
+
+    #[test]
+    fn old_failures_are_forgotten_and_swept() {
+        let (_d, s) = store();
+        let t = LoginThrottle::default();
+        for _ in 0..PAIR_LIMIT - 1 {
+            t.failed(&s, "dave", "10.1.1.1:1", 0).unwrap();
+        }
+        t.failed(&s, "dave", "10.1.1.1:1", WINDOW_SECS + 1).unwrap();
+        assert!(t
+            .check(&s, "dave", "10.1.1.1:1", WINDOW_SECS + 1)
+            .unwrap()
+            .is_ok());
+        assert_eq!(
+            t.sweep(&s, WINDOW_SECS + 2).unwrap(),
+            0,
+            "fresh records stay"
+        );
+        assert_eq!(t.sweep(&s, 3 * WINDOW_SECS).unwrap(), 3);
+        assert!(s.scan_prefix(Table::LoginThrottle, "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn two_authorities_on_one_store_share_the_counts() {
+        let (_d, s) = store();
+        let (a, b) = (LoginThrottle::default(), LoginThrottle::default());
+        for i in 0..PAIR_LIMIT {
+            let t = if i % 2 == 0 { &a } else { &b };
+            t.failed(&s, "erin", "10.9.9.9:1", 10).unwrap();
+        }
+        assert!(a.check(&s, "erin", "10.9.9.9:1", 10).unwrap().is_err());
+        assert!(b.check(&s, "erin", "10.9.9.9:1", 10).unwrap().is_err());
     }
 }

@@ -233,7 +233,10 @@ pub fn login(
     // Refuse a malformed key before spending an argon2 verification on it.
     parse_ed25519_public(&req.ssh_public_key)
         .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
-    if let Err(wait) = svc.logins.check(&req.user, &req.client_addr, now) {
+    if let Err(wait) = svc
+        .logins
+        .check(svc.store(), &req.user, &req.client_addr, now)?
+    {
         tracing::info!(user = %req.user, client = %req.client_addr, gateway, wait,
             "login refused: too many failed attempts");
         return Err(crate::errors::denied(format!(
@@ -259,7 +262,12 @@ pub fn login(
         Ok(u) => u,
         Err(e) => {
             if e.kind == edgeport_proto::rpc::ErrorKind::BadCredentials {
-                svc.logins.failed(&req.user, &req.client_addr, now);
+                if let Err(err) = svc
+                    .logins
+                    .failed(svc.store(), &req.user, &req.client_addr, now)
+                {
+                    tracing::warn!(user = %req.user, %err, "cannot record a failed login");
+                }
             }
             tracing::info!(
                 user = %req.user,
@@ -271,7 +279,12 @@ pub fn login(
             return Err(e);
         }
     };
-    svc.logins.succeeded(&user.name);
+    if let Err(err) = svc
+        .logins
+        .succeeded(svc.store(), &user.name, &req.client_addr)
+    {
+        tracing::warn!(user = %user.name, %err, "cannot clear failed logins");
+    }
     check_not_locked(svc, &user.name, now)?;
     let certs = issue(
         svc,

@@ -56,10 +56,13 @@ pub enum Table {
     /// Which device opened each session (`audit::SessionOwner`), by session id: recording
     /// pieces are taken only from that device.
     Sessions,
+    /// Failed login counts (`throttle`), by `p/USER/SOURCE`, `s/SOURCE` and `u/USER`: in
+    /// the store so that several authorities share them.
+    LoginThrottle,
 }
 
 impl Table {
-    pub const ALL: [Table; 19] = [
+    pub const ALL: [Table; 20] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -79,6 +82,7 @@ impl Table {
         Table::SsoConnectors,
         Table::SsoPending,
         Table::Sessions,
+        Table::LoginThrottle,
     ];
 
     /// The table's name in the backing store.
@@ -103,6 +107,7 @@ impl Table {
             Table::SsoConnectors => "sso_connectors",
             Table::SsoPending => "sso_pending",
             Table::Sessions => "sessions",
+            Table::LoginThrottle => "login_throttle",
         }
     }
 }
