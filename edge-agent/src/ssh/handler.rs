@@ -1,5 +1,6 @@
 //! The russh handler of one SSH connection: authentication by certificate only, then
-//! session channels (exec, shell, sftp) and, where the certificate allows, `direct-tcpip`.
+//! session channels (exec, shell, sftp) and, where the certificate allows, port forwarding
+//! both ways (`direct-tcpip`, `tcpip-forward`) and agent forwarding.
 //!
 //! Channel requests are answered inside the callbacks (russh remembers only the latest
 //! want-reply flag of a channel, so a late answer could go to the wrong request); the
@@ -15,9 +16,11 @@ use russh::{
     Channel, ChannelId, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf, Disconnect, Pty, Sig,
 };
 
+use super::agent_forward::AgentSocket;
 use super::auth::{self, Authorized, Policy, Refusal};
 use super::process::{self, Program, Spawn};
 use super::pty::{self, PtyMaster, PtyRequest};
+use super::remote_forward::RemoteForwards;
 use super::session::{self, LogCtx, ProcessIo};
 use super::{forward, Inner};
 
@@ -55,6 +58,10 @@ pub struct ConnHandler {
     open_channels: Arc<AtomicUsize>,
     /// The channel window to grow to: the configured one, or [`TSH_WINDOW`] for tsh.
     window: Option<u32>,
+    /// `ssh -R` listeners, closed with the connection.
+    remote_forwards: RemoteForwards,
+    /// The `ssh -A` socket, made on the first agent request, removed with the connection.
+    agent_socket: Option<AgentSocket>,
 }
 
 impl ConnHandler {
@@ -79,7 +86,28 @@ impl ConnHandler {
             channels: HashMap::new(),
             open_channels: Arc::new(AtomicUsize::new(0)),
             window: None,
+            remote_forwards: RemoteForwards::default(),
+            agent_socket: None,
         }
+    }
+
+    /// One audit event for a forward the client asked for, allowed or refused.
+    fn audit_forward(&self, kind: &'static str, fields: &[(&str, String)], refused: Option<&str>) {
+        let Some(auth) = self.authorized() else {
+            return;
+        };
+        let mut ev = crate::audit::event(kind)
+            .session(&self.session_id)
+            .user(&auth.grant.user)
+            .login(&auth.grant.login);
+        for (k, v) in fields {
+            ev = ev.field(k, v);
+        }
+        ev = ev.field("success", refused.is_none());
+        if let Some(why) = refused {
+            ev = ev.field("reason", why);
+        }
+        ev.emit();
     }
 
     /// Refuses a login: one warning in the log with who, which key and why. When the
@@ -421,12 +449,18 @@ impl russh::server::Handler for ConnHandler {
                 .await;
             return Ok(());
         };
+        let fields = [
+            ("direction", "local".to_string()),
+            ("host", host_to_connect.to_string()),
+            ("port", port_to_connect.to_string()),
+        ];
         if !auth.grant.permit_port_forwarding {
             tracing::warn!(
                 user = %auth.grant.user,
                 session = %self.session_id,
                 "refused port forward to {host_to_connect}:{port_to_connect}: the certificate does not permit port forwarding"
             );
+            self.audit_forward("port_forward", &fields, Some(NO_PORT_FORWARDING));
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -442,13 +476,7 @@ impl russh::server::Handler for ConnHandler {
             session = %self.session_id,
             "port forward to {host_to_connect}:{port_to_connect}"
         );
-        crate::audit::event("port_forward")
-            .session(&self.session_id)
-            .user(&auth.grant.user)
-            .login(&auth.grant.login)
-            .field("host", host_to_connect)
-            .field("port", port_to_connect)
-            .emit();
+        self.audit_forward("port_forward", &fields, None);
         let (host, sid) = (host_to_connect.to_string(), self.session_id.clone());
         count.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
@@ -639,21 +667,99 @@ impl russh::server::Handler for ConnHandler {
 
     async fn agent_request(
         &mut self,
-        _channel: ChannelId,
-        _session: &mut Session,
+        channel: ChannelId,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        Ok(false)
+        let Some(auth) = self.auth.clone() else {
+            return Ok(false);
+        };
+        if !auth.grant.permit_agent_forwarding {
+            tracing::warn!(user = %auth.grant.user, session = %self.session_id,
+                "refused agent forwarding: the certificate does not permit it");
+            self.audit_forward("agent_forward", &[], Some(NO_AGENT_FORWARDING));
+            return Ok(false);
+        }
+        if self.agent_socket.is_none() {
+            match AgentSocket::create(
+                session.handle(),
+                &auth.account,
+                auth.switch_user,
+                &self.session_id,
+            ) {
+                Ok(s) => self.agent_socket = Some(s),
+                Err(e) => {
+                    tracing::warn!(session = %self.session_id, "agent forwarding failed: {e}");
+                    self.audit_forward("agent_forward", &[], Some(&e.to_string()));
+                    return Ok(false);
+                }
+            }
+        }
+        let (Some(sock), Some(ch)) = (&self.agent_socket, self.channels.get_mut(&channel)) else {
+            return Ok(false);
+        };
+        ch.env
+            .push(("SSH_AUTH_SOCK".into(), sock.path().display().to_string()));
+        tracing::info!(user = %auth.grant.user, session = %self.session_id, "agent forwarding");
+        self.audit_forward("agent_forward", &[], None);
+        Ok(true)
     }
 
     async fn tcpip_forward(
         &mut self,
-        _address: &str,
-        _port: &mut u32,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(auth) = self.auth.clone() else {
+            return Ok(false);
+        };
+        let asked = *port;
+        let mut fields = vec![
+            ("direction", "remote".to_string()),
+            ("host", address.to_string()),
+            ("port", asked.to_string()),
+        ];
+        if !auth.grant.permit_port_forwarding {
+            tracing::warn!(user = %auth.grant.user, session = %self.session_id,
+                "refused remote port forward of {address}:{asked}: the certificate does not permit port forwarding");
+            self.audit_forward("port_forward", &fields, Some(NO_PORT_FORWARDING));
+            return Ok(false);
+        }
+        let root = auth.account.uid == 0;
+        match self
+            .remote_forwards
+            .start(session.handle(), address, port, root, &self.session_id)
+            .await
+        {
+            Ok(bound) => {
+                tracing::info!(user = %auth.grant.user, session = %self.session_id,
+                    "remote port forward: listening on {bound}");
+                fields[2].1 = port.to_string();
+                self.audit_forward("port_forward", &fields, None);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(user = %auth.grant.user, session = %self.session_id,
+                    "refused remote port forward of {address}:{asked}: {e}");
+                self.audit_forward("port_forward", &fields, Some(&e.to_string()));
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        Ok(false)
+        Ok(self.remote_forwards.cancel(address, port))
     }
 }
+
+/// The audit reason for a forward the certificate does not allow.
+const NO_PORT_FORWARDING: &str = "the certificate does not permit port forwarding";
+const NO_AGENT_FORWARDING: &str = "the certificate does not permit agent forwarding";
 
 /// The channel window for a client by its SSH version line: [`TSH_WINDOW`] for tsh, the
 /// configured one (None) for everyone else.

@@ -8,16 +8,19 @@
 //!
 //! Sessions: exec (exit status and signal), shell with pty (window changes, env, TERM),
 //! signals, stdin EOF, the `sftp` subsystem (the system's own `sftp-server` run over the
-//! channel) and `scp` (an exec like any other), and `direct-tcpip` forwarding when the
-//! certificate permits it. Each session's processes run as the login's local user, in their
-//! own session and process group, and are hung up when the channel closes.
+//! channel) and `scp` (an exec like any other), and, when the certificate permits them,
+//! local and remote port forwarding (`-L`, `-R`) and agent forwarding (`-A`). Each
+//! session's processes run as the login's local user, in their own session and process
+//! group, and are hung up when the channel closes.
 
+mod agent_forward;
 mod auth;
 mod forward;
 mod handler;
 mod passwd;
 mod process;
 mod pty;
+mod remote_forward;
 mod session;
 #[cfg(test)]
 mod tests;

@@ -167,10 +167,21 @@ pub struct SshArgs {
     /// Never request a terminal.
     #[arg(short = 'T')]
     pub no_tty: bool,
-    /// Local port forward: [BIND:]LPORT:HOST:RPORT.
+    /// Local port forward: [BIND:]LPORT:HOST:RPORT (the device connects to HOST:RPORT).
     #[arg(short = 'L')]
     pub forward: Vec<String>,
-    /// Do not run a command (with -L: only forward).
+    /// Remote port forward: [BIND:]RPORT:HOST:LPORT. The device listens on its loopback
+    /// port RPORT (0: any free one) and tsh connects each connection to HOST:LPORT here.
+    #[arg(short = 'R')]
+    pub remote_forward: Vec<String>,
+    /// Dynamic port forward: a SOCKS5 proxy on [BIND:]PORT here whose connections leave
+    /// from the device.
+    #[arg(short = 'D')]
+    pub dynamic_forward: Vec<String>,
+    /// Forward your ssh-agent (SSH_AUTH_SOCK) to the session, if a role allows it.
+    #[arg(short = 'A')]
+    pub forward_agent: bool,
+    /// Do not run a command (with -L, -R or -D: only forward).
     #[arg(short = 'N')]
     pub no_command: bool,
     /// Do not read stdin (the remote command gets an immediate EOF), for use in loops.

@@ -9,6 +9,7 @@ use edgeport_proto::sshcert::{RolesExtension, EXT_ROLES};
 use edgeport_proto::util::{format_time, parse_labels};
 
 use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs};
+use super::forwarding::{self, Inbound, PortForward};
 use super::profile::{self, load_creds, tsh_home, Creds, KeyFiles, Profile};
 use super::ssh::{self, SessionSpec};
 use super::{agent, bridge, config, gateway, login, multi, term, CliError};
@@ -51,39 +52,6 @@ fn split_target(t: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// One `-L [bind:]lport:host:rport`.
-struct Forward {
-    bind: String,
-    host: String,
-    port: u32,
-}
-
-fn parse_forward(spec: &str) -> Result<Forward, CliError> {
-    let bad = || {
-        CliError::msg(format!(
-            "bad -L {spec:?}: expected [BIND:]PORT:HOST:HOSTPORT"
-        ))
-    };
-    let parts: Vec<&str> = spec.split(':').collect();
-    let (bind_addr, lport, host, rport) = match parts.as_slice() {
-        [l, h, r] => ("127.0.0.1", *l, *h, *r),
-        [b, l, h, r] => (*b, *l, *h, *r),
-        _ => return Err(bad()),
-    };
-    let lport: u16 = lport.parse().map_err(|_| bad())?;
-    let port: u16 = rport.parse().map_err(|_| bad())?;
-    let bind_addr = if bind_addr.is_empty() || bind_addr == "localhost" {
-        "127.0.0.1"
-    } else {
-        bind_addr
-    };
-    Ok(Forward {
-        bind: format!("{bind_addr}:{lport}"),
-        host: host.to_string(),
-        port: port as u32,
-    })
-}
-
 async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
     let creds = creds(g)?;
     let (target_login, device) = split_target(&args.target);
@@ -94,9 +62,14 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
         .or_else(|| creds.logins().first().cloned())
         .ok_or_else(|| CliError::msg("your certificate allows no logins: ask an administrator"))?;
     if multi::is_selector(device) && args.direct.is_none() {
-        if !args.forward.is_empty() || args.force_tty > 0 {
+        if !args.forward.is_empty()
+            || !args.remote_forward.is_empty()
+            || !args.dynamic_forward.is_empty()
+            || args.forward_agent
+            || args.force_tty > 0
+        {
             return Err(CliError::msg(
-                "-L and -t work with one device, not with a label selector",
+                "-L, -R, -D, -A and -t work with one device, not with a label selector",
             ));
         }
         let command = args.command.join(" ");
@@ -110,11 +83,24 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
         )
         .await;
     }
-    let forwards = args
-        .forward
+    let parse = |flag: &str, specs: &[String]| {
+        specs
+            .iter()
+            .map(|s| PortForward::parse(flag, s))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let local = parse("-L", &args.forward)?;
+    let remote = parse("-R", &args.remote_forward)?;
+    let dynamic = args
+        .dynamic_forward
         .iter()
-        .map(|s| parse_forward(s))
+        .map(|s| forwarding::parse_dynamic(s))
         .collect::<Result<Vec<_>, _>>()?;
+    let agent = if args.forward_agent {
+        Some(forwarding::local_agent()?)
+    } else {
+        None
+    };
     let command = (!args.command.is_empty()).then(|| args.command.join(" "));
     let stdin_tty = term::is_tty(0);
     let tty = if args.no_tty {
@@ -138,13 +124,11 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
             gateway::dial_ssh(&creds, g.transport, route).await?.0
         }
     };
-    let conn = Arc::new(ssh::connect(stream, &creds, device, &login, tty).await?);
-    for f in forwards {
-        let listener = tokio::net::TcpListener::bind(&f.bind)
-            .await
-            .map_err(|e| CliError::msg(format!("cannot listen on {} for -L: {e}", f.bind)))?;
-        tokio::spawn(forward_loop(listener, conn.clone(), f));
-    }
+    let inbound = Arc::new(Inbound::new(agent));
+    let conn = Arc::new(ssh::connect(stream, &creds, device, &login, tty, inbound.clone()).await?);
+    forwarding::start_local(&conn, &local).await?;
+    forwarding::start_dynamic(&conn, &dynamic).await?;
+    forwarding::start_remote(&conn, &inbound, &remote).await?;
     if args.no_command {
         // Forward until interrupted.
         let _ = tokio::signal::ctrl_c().await;
@@ -156,41 +140,10 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
             command,
             tty,
             no_stdin: args.no_stdin,
+            forward_agent: args.forward_agent,
         },
     )
     .await
-}
-
-async fn forward_loop(listener: tokio::net::TcpListener, conn: Arc<ssh::Connection>, f: Forward) {
-    while let Ok((mut tcp, peer)) = listener.accept().await {
-        let conn = conn.clone();
-        let (host, port) = (f.host.clone(), f.port);
-        tokio::spawn(async move {
-            let channel = match conn
-                .handle
-                .channel_open_direct_tcpip(
-                    host.clone(),
-                    port,
-                    peer.ip().to_string(),
-                    peer.port() as u32,
-                )
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    let why = match e {
-                        russh::Error::ChannelOpenFailure(r) => r.description().to_lowercase(),
-                        other => other.to_string(),
-                    };
-                    eprintln!("tsh: port forward to {host}:{port} failed: {why}\r");
-                    return;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let mut stream = channel.into_stream();
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
-        });
-    }
 }
 
 async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
@@ -354,20 +307,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_and_forwards() {
+    fn targets() {
         assert_eq!(split_target("root@dev1"), (Some("root"), "dev1"));
         assert_eq!(split_target("dev1"), (None, "dev1"));
-        let f = parse_forward("8080:127.0.0.1:80").unwrap();
-        assert_eq!(
-            (f.bind.as_str(), f.host.as_str(), f.port),
-            ("127.0.0.1:8080", "127.0.0.1", 80)
-        );
-        let f = parse_forward("0.0.0.0:8080:db:5432").unwrap();
-        assert_eq!(
-            (f.bind.as_str(), f.host.as_str(), f.port),
-            ("0.0.0.0:8080", "db", 5432)
-        );
-        assert!(parse_forward("8080").is_err());
-        assert!(parse_forward("x:h:1").is_err());
     }
 }

@@ -10,6 +10,7 @@ mod bridge;
 mod cli;
 mod commands;
 mod config;
+mod forwarding;
 mod gateway;
 pub mod kube;
 mod login;

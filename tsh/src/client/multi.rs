@@ -106,7 +106,7 @@ async fn run_one(
     };
     o.result = async {
         let (stream, _) = gateway::dial_ssh(creds, transport, &device).await?;
-        let conn = ssh::connect(stream, creds, &device, login, false).await?;
+        let conn = ssh::connect(stream, creds, &device, login, false, Default::default()).await?;
         let mut channel = conn
             .handle
             .channel_open_session()

@@ -10,12 +10,14 @@ use std::time::Duration;
 use edgeport_net::clock::now_secs;
 use edgeport_net::BoxedStream;
 use edgeport_proto::sshcert::{check_host_cert, CertRefusal};
+use russh::client::ChannelOpenHandle;
 use russh::client::{self, DisconnectReason, Handle};
 use russh::keys::ssh_key::{Algorithm, PublicKey};
 use russh::keys::PublicKeyOrCertificate;
-use russh::{cipher, ChannelMsg, Preferred, Sig};
+use russh::{cipher, Channel, ChannelMsg, ChannelOpenFailure, Preferred, Sig};
 use tokio::io::AsyncWriteExt;
 
+use super::forwarding::Inbound;
 use super::profile::Creds;
 use super::term;
 use super::CliError;
@@ -40,6 +42,8 @@ pub struct Verifier {
     host_ca: PublicKey,
     device: String,
     notes: Arc<Mutex<Notes>>,
+    /// Where channels the device opens (`-R`, `-A`) go.
+    inbound: Arc<Inbound>,
 }
 
 impl client::Handler for Verifier {
@@ -72,6 +76,49 @@ impl client::Handler for Verifier {
             n.host_problem = Some(p);
         }
         Ok(ok)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<client::Msg>,
+        _connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        if !self.inbound.has_remote(connected_port) {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        reply.accept().await;
+        self.inbound.remote_channel(
+            channel,
+            connected_port,
+            format!("{originator_address}:{originator_port}"),
+        );
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: Channel<client::Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // Only when asked for with -A: a device cannot reach the agent on its own.
+        if self.inbound.agent.is_none() {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        reply.accept().await;
+        self.inbound.agent_channel(channel);
+        Ok(())
     }
 
     async fn disconnected(
@@ -161,12 +208,14 @@ pub struct Connection {
 }
 
 /// Runs the SSH handshake on `stream`, verifies the device and logs in as `login`.
+/// `inbound` says where channels the device opens go (none without `-R` or `-A`).
 pub async fn connect(
     stream: BoxedStream,
     creds: &Creds,
     device: &str,
     login: &str,
     pty: bool,
+    inbound: Arc<Inbound>,
 ) -> Result<Connection, CliError> {
     let host_ca = PublicKey::from_openssh(creds.cas.host_ca.trim())
         .map_err(|e| CliError::msg(format!("the stored host CA is unreadable: {e}")))?;
@@ -175,6 +224,7 @@ pub async fn connect(
         host_ca,
         device: device.to_string(),
         notes: notes.clone(),
+        inbound,
     };
     let note = |f: fn(&Notes) -> Option<String>| notes.lock().ok().and_then(|n| f(&n));
     let connected = tokio::time::timeout(
@@ -239,6 +289,8 @@ pub struct SessionSpec {
     pub tty: bool,
     /// Send EOF at once instead of reading stdin (`-n`).
     pub no_stdin: bool,
+    /// Ask for agent forwarding (`-A`).
+    pub forward_agent: bool,
 }
 
 /// Runs one session channel with the local stdin/stdout/stderr attached and returns the
@@ -262,6 +314,10 @@ pub async fn run_session(conn: &Connection, spec: SessionSpec) -> Result<i32, Cl
             .await
             .map_err(fail)?;
         pending.push_back("pty");
+    }
+    if spec.forward_agent {
+        channel.agent_forward(true).await.map_err(fail)?;
+        pending.push_back("agent");
     }
     for (k, v) in std::env::vars() {
         if k == "LANG" || k.starts_with("LC_") {
@@ -365,6 +421,9 @@ pub async fn run_session(conn: &Connection, spec: SessionSpec) -> Result<i32, Cl
                 Some(ChannelMsg::Failure) => match pending.pop_front() {
                     Some("pty") => {
                         let _ = term::write_fd(2, b"tsh: the device refused a terminal (the certificate may not permit one)\r\n");
+                    }
+                    Some("agent") => {
+                        let _ = term::write_fd(2, format!("tsh: {} refused agent forwarding (the certificate does not permit it: ask for a role with --agent-forwarding)\r\n", conn.device).as_bytes());
                     }
                     _ => { exec_failed = true; break; }
                 },

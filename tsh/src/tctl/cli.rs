@@ -475,9 +475,12 @@ pub struct RoleAddArgs {
     /// No interactive terminals (exec only).
     #[arg(long)]
     pub no_pty: bool,
-    /// No port forwarding (`ssh -L`).
+    /// No port forwarding (`ssh -L`, `-R`, `-D`).
     #[arg(long)]
     pub no_port_forwarding: bool,
+    /// Allow SSH agent forwarding (`tsh ssh -A`, `ssh -A`); off unless given.
+    #[arg(long)]
+    pub agent_forwarding: bool,
     /// Longest certificate the role grants.
     #[arg(long, default_value = "12h", value_parser = parse_duration)]
     pub max_session_ttl: u64,
@@ -499,12 +502,18 @@ pub struct RoleUpdateArgs {
     /// Interactive terminals allowed again.
     #[arg(long)]
     pub pty: bool,
-    /// No port forwarding (`ssh -L`).
+    /// No port forwarding (`ssh -L`, `-R`, `-D`).
     #[arg(long, conflicts_with = "port_forwarding")]
     pub no_port_forwarding: bool,
     /// Port forwarding allowed again.
     #[arg(long)]
     pub port_forwarding: bool,
+    /// Allow SSH agent forwarding (`-A`).
+    #[arg(long, conflicts_with = "no_agent_forwarding")]
+    pub agent_forwarding: bool,
+    /// No SSH agent forwarding.
+    #[arg(long)]
+    pub no_agent_forwarding: bool,
     /// Longest certificate the role grants.
     #[arg(long, value_parser = parse_duration)]
     pub max_session_ttl: Option<u64>,

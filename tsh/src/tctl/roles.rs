@@ -67,7 +67,7 @@ pub async fn add(s: &mut Session, a: RoleAddArgs) -> anyhow::Result<()> {
         max_session_ttl: a.max_session_ttl,
         permit_pty: !a.no_pty,
         permit_port_forwarding: !a.no_port_forwarding,
-        permit_agent_forwarding: false,
+        permit_agent_forwarding: a.agent_forwarding,
     };
     match s.call(Request::RoleUpsert(spec)).await? {
         Response::Ok => {
@@ -86,6 +86,8 @@ fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
         || a.pty
         || a.no_port_forwarding
         || a.port_forwarding
+        || a.agent_forwarding
+        || a.no_agent_forwarding
         || a.max_session_ttl.is_some();
     if let Some(allow) = a.allow {
         spec.allow_labels = allow;
@@ -98,6 +100,9 @@ fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
     }
     if a.no_port_forwarding || a.port_forwarding {
         spec.permit_port_forwarding = a.port_forwarding;
+    }
+    if a.agent_forwarding || a.no_agent_forwarding {
+        spec.permit_agent_forwarding = a.agent_forwarding;
     }
     if let Some(ttl) = a.max_session_ttl {
         spec.max_session_ttl = ttl;
@@ -116,8 +121,8 @@ pub async fn update(s: &mut Session, a: RoleUpdateArgs) -> anyhow::Result<()> {
     }
     let Some(spec) = updated(role.spec, a) else {
         bail!(
-            "nothing to change: give --allow, --deny, --[no-]pty, --[no-]port-forwarding or \
-             --max-session-ttl"
+            "nothing to change: give --allow, --deny, --[no-]pty, --[no-]port-forwarding, \
+             --[no-]agent-forwarding or --max-session-ttl"
         );
     };
     match s.call(Request::RoleUpsert(spec)).await? {
@@ -135,7 +140,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
         Format::Json | Format::Yaml => print_as(a.format, &json_list(&roles, role_json)),
         Format::Text => {
             let mut t = Table::new(&[
-                "NAME", "DEVICES", "DENY", "PTY", "FORWARD", "MAX TTL", "USERS",
+                "NAME", "DEVICES", "DENY", "PTY", "FORWARD", "AGENT", "MAX TTL", "USERS",
             ]);
             for r in &roles {
                 let sp = &r.spec;
@@ -153,6 +158,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     rules_text(&sp.deny_labels),
                     yes_no(sp.permit_pty),
                     yes_no(sp.permit_port_forwarding),
+                    yes_no(sp.permit_agent_forwarding),
                     duration_text(sp.max_session_ttl),
                     csv(&r.users),
                 ]);
@@ -176,6 +182,7 @@ fn role_json(r: &RoleInfo) -> serde_json::Value {
         "max_session_ttl_secs": r.spec.max_session_ttl,
         "permit_pty": r.spec.permit_pty,
         "permit_port_forwarding": r.spec.permit_port_forwarding,
+        "permit_agent_forwarding": r.spec.permit_agent_forwarding,
         "users": r.users,
     })
 }
@@ -213,6 +220,8 @@ mod tests {
             pty: false,
             no_port_forwarding: false,
             port_forwarding: false,
+            agent_forwarding: false,
+            no_agent_forwarding: false,
             max_session_ttl: None,
         }
     }
