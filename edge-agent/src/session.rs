@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgeport_net::clock::now_secs;
-use edgeport_net::BoxedStream;
 use edgeport_net::{read_frame, write_frame};
+use edgeport_net::{BoxedStream, Tunnel};
 use edgeport_proto::rpc::{RpcError, Transport};
 use edgeport_proto::tunnel::{AgentControl, GatewayControl, Hello};
 use edgeport_proto::FrameError;
@@ -18,7 +18,7 @@ use crate::agent::Agent;
 use crate::backoff::unit_random;
 use crate::config::TransportChoice;
 use crate::identity::DeviceIdentity;
-use crate::transport::{explain, Acceptor, AgentConn, QuicClient};
+use crate::transport::{describe, explain, QuicClient};
 
 /// Deadline for the Hello/Welcome exchange and for control writes.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,8 +37,7 @@ pub enum SessionError {
 
 /// An established tunnel (Welcome received).
 pub struct Session {
-    pub conn: AgentConn,
-    acceptor: Acceptor,
+    pub conn: Arc<dyn Tunnel>,
     reader: ReadHalf<BoxedStream>,
     writer: WriteHalf<BoxedStream>,
     pub gateway_id: String,
@@ -55,8 +54,7 @@ pub enum Ended {
 
 /// Opens the control stream, says Hello and waits for Welcome.
 pub async fn establish(
-    conn: AgentConn,
-    acceptor: Acceptor,
+    conn: Arc<dyn Tunnel>,
     ident: &DeviceIdentity,
     kube_cluster: Option<String>,
 ) -> Result<Session, SessionError> {
@@ -78,7 +76,6 @@ pub async fn establish(
         match read_frame::<GatewayControl, _>(&mut reader).await {
             Ok(GatewayControl::Welcome { gateway_id, .. }) => Ok(Session {
                 conn: conn.clone(),
-                acceptor,
                 reader,
                 writer,
                 gateway_id,
@@ -124,7 +121,7 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
     if cfg.transport != TransportChoice::Tcp {
         let quic_only = cfg.transport == TransportChoice::Quic;
         match quic.connect(cfg, &ident, peer).await {
-            Ok((conn, acc)) => match establish(conn, acc, &ident, cfg.kube_cluster.clone()).await {
+            Ok(conn) => match establish(conn, &ident, cfg.kube_cluster.clone()).await {
                 Ok(s) => return Ok(s),
                 Err(SessionError::Refused(e)) => return Err(SessionError::Refused(e)),
                 Err(e) if quic_only => {
@@ -151,10 +148,10 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
             Err(e) => tracing::info!("QUIC: {e}; trying TCP+TLS"),
         }
     }
-    let (conn, acc) = crate::transport::connect_tcp(&ident, peer)
+    let conn = crate::transport::connect_tcp(&ident, peer)
         .await
         .map_err(SessionError::Failed)?;
-    establish(conn, acc, &ident, cfg.kube_cluster.clone()).await
+    establish(conn, &ident, cfg.kube_cluster.clone()).await
 }
 
 /// Tries QUIC now and then while the tunnel runs on TCP; returns the new session once a
@@ -168,8 +165,8 @@ async fn probe_quic(agent: &Agent, quic: &mut QuicClient) -> Session {
         let ident = agent.identity();
         let attempt = async {
             let peer = crate::join::resolve(&agent.cfg.gateway).await?;
-            let (conn, acc) = quic.connect(&agent.cfg, &ident, peer).await?;
-            establish(conn, acc, &ident, agent.cfg.kube_cluster.clone())
+            let conn = quic.connect(&agent.cfg, &ident, peer).await?;
+            establish(conn, &ident, agent.cfg.kube_cluster.clone())
                 .await
                 .map_err(|e| e.to_string())
         };
@@ -193,12 +190,11 @@ async fn send(w: &mut WriteHalf<BoxedStream>, msg: &AgentControl) -> Result<(), 
 pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> Ended {
     let Session {
         conn,
-        acceptor,
         mut reader,
         mut writer,
         ..
     } = session;
-    let accept_task = tokio::spawn(accept_loop(acceptor, agent.services.clone()));
+    let accept_task = tokio::spawn(accept_loop(conn.clone(), agent.services.clone()));
     // Audit: the shipper sends batches through `audit_out`; acks come back on `audit_ack`.
     let (audit_tx, mut audit_out) = tokio::sync::mpsc::channel::<AgentControl>(2);
     let (audit_ack, audit_acks) = tokio::sync::mpsc::channel(2);
@@ -226,9 +222,11 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
             }
         }
     });
-    let on_tcp = conn.transport() == Transport::Tcp;
+    // A transport that does not keep itself alive (TCP) needs pings on the control stream.
+    let needs_pings = !conn.keeps_alive();
     // Only `--transport auto` moves a TCP tunnel back to QUIC.
-    let may_upgrade = on_tcp && agent.cfg.transport == TransportChoice::Auto;
+    let may_upgrade =
+        conn.transport() == Transport::Tcp && agent.cfg.transport == TransportChoice::Auto;
     let mut ping = tokio::time::interval(agent.cfg.keepalive);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renew_check = tokio::time::interval(RENEW_CHECK);
@@ -282,7 +280,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                     Err(e) => break Ended::Lost(format!("control stream: {e}")),
                 }
             }
-            _ = ping.tick(), if on_tcp => {
+            _ = ping.tick(), if needs_pings => {
                 if last_heard.elapsed() > agent.cfg.idle_timeout {
                     break Ended::Lost(format!(
                         "nothing heard from the gateway for {}s", agent.cfg.idle_timeout.as_secs()
@@ -312,7 +310,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                     break Ended::Lost(e);
                 }
             }
-            reason = conn.closed() => break Ended::Lost(reason),
+            reason = conn.closed() => break Ended::Lost(describe(reason)),
             s = &mut probe => break Ended::Upgrade(s),
             _ = agent.shutdown.cancelled() => break Ended::Shutdown,
         }
@@ -321,7 +319,9 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     // against the probe's Welcome: give an attempt in flight a moment to finish.
     // A closed connection also fails the control stream; its own reason says more.
     let ended = match ended {
-        Ended::Lost(_) if conn.is_closed() => Ended::Lost(conn.closed().await),
+        Ended::Lost(_) if conn.close_reason().is_some() => {
+            Ended::Lost(describe(conn.closed().await))
+        }
         other => other,
     };
     let ended = match ended {
@@ -346,8 +346,8 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     ended
 }
 
-async fn accept_loop(mut acceptor: Acceptor, services: Arc<crate::services::Services>) {
-    while let Some(stream) = acceptor.accept().await {
+async fn accept_loop(conn: Arc<dyn Tunnel>, services: Arc<crate::services::Services>) {
+    while let Some(stream) = conn.accept().await {
         tokio::spawn(crate::services::handle(services.clone(), stream));
     }
 }

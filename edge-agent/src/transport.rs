@@ -1,4 +1,4 @@
-//! The two ways a tunnel can run, behind one interface: QUIC (preferred: NAT friendly,
+//! The two ways a tunnel can run, behind one interface ([`Tunnel`]): QUIC (preferred: NAT friendly,
 //! migrates across networks, no head-of-line blocking) and TCP+TLS with yamux on top (when
 //! UDP is blocked). Both use mutual TLS with the device certificate and trust only the
 //! cluster's CA.
@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgeport_net::mux::{self, Mode, MuxConfig, MuxHandle, MuxIncoming};
-use edgeport_net::BoxedStream;
-use edgeport_proto::rpc::Transport;
+use edgeport_net::mux::{Mode, MuxConfig};
+use edgeport_net::{tunnel, CloseReason, Tunnel};
 use edgeport_proto::tls::{client_config, GATEWAY_SERVER_NAME};
 use quinn::crypto::rustls::QuicClientConfig;
 use tokio::net::TcpStream;
@@ -20,84 +19,15 @@ use crate::identity::DeviceIdentity;
 
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The connection under a tunnel.
-#[derive(Clone)]
-pub enum AgentConn {
-    Quic(quinn::Connection),
-    Mux(MuxHandle),
-}
-
-impl AgentConn {
-    pub fn transport(&self) -> Transport {
-        match self {
-            AgentConn::Quic(_) => Transport::Quic,
-            AgentConn::Mux(_) => Transport::Tcp,
-        }
-    }
-
-    pub async fn open(&self) -> Result<BoxedStream, String> {
-        match self {
-            AgentConn::Quic(c) => {
-                let (send, recv) = c.open_bi().await.map_err(|e| e.to_string())?;
-                Ok(Box::new(tokio::io::join(recv, send)))
-            }
-            AgentConn::Mux(m) => m.open().await.map_err(|e| e.to_string()),
-        }
-    }
-
-    pub fn close(&self, reason: &str) {
-        match self {
-            AgentConn::Quic(c) => c.close(quinn::VarInt::from_u32(0), reason.as_bytes()),
-            AgentConn::Mux(m) => m.close(),
-        }
-    }
-
-    pub fn is_closed(&self) -> bool {
-        match self {
-            AgentConn::Quic(c) => c.close_reason().is_some(),
-            AgentConn::Mux(m) => m.is_closed(),
-        }
-    }
-
-    /// Resolves when the connection ends, with the reason in words.
-    pub async fn closed(&self) -> String {
-        match self {
-            AgentConn::Quic(c) => {
-                use quinn::ConnectionError as E;
-                match c.closed().await {
-                    E::ApplicationClosed(a) => {
-                        let r = String::from_utf8_lossy(&a.reason).into_owned();
-                        format!("the gateway closed the tunnel: {r}")
-                    }
-                    E::TimedOut => "idle timeout: nothing heard from the gateway".into(),
-                    E::LocallyClosed => "closed by the agent".into(),
-                    E::Reset => "the gateway no longer knows this connection (restarted?)".into(),
-                    other => other.to_string(),
-                }
-            }
-            AgentConn::Mux(m) => match m.closed().await.as_str() {
-                "closed by the peer" => "the gateway closed the tunnel".into(),
-                other => other.to_string(),
-            },
-        }
-    }
-}
-
-/// Where the gateway's streams arrive.
-pub enum Acceptor {
-    Quic(quinn::Connection),
-    Mux(MuxIncoming),
-}
-
-impl Acceptor {
-    pub async fn accept(&mut self) -> Option<BoxedStream> {
-        match self {
-            Acceptor::Quic(c) => {
-                let (send, recv) = c.accept_bi().await.ok()?;
-                Some(Box::new(tokio::io::join(recv, send)))
-            }
-            Acceptor::Mux(m) => m.accept().await,
-        }
+/// Why the tunnel ended, in words for the agent's log and status.
+pub fn describe(reason: CloseReason) -> String {
+    match reason {
+        CloseReason::ClosedByPeer(r) if r.is_empty() => "the gateway closed the tunnel".into(),
+        CloseReason::ClosedByPeer(r) => format!("the gateway closed the tunnel: {r}"),
+        CloseReason::TimedOut => "idle timeout: nothing heard from the gateway".into(),
+        CloseReason::LocallyClosed => "closed by the agent".into(),
+        CloseReason::Reset => "the gateway no longer knows this connection (restarted?)".into(),
+        CloseReason::Other(r) => r,
     }
 }
 
@@ -169,7 +99,7 @@ impl QuicClient {
         cfg: &AgentConfig,
         ident: &DeviceIdentity,
         peer: SocketAddr,
-    ) -> Result<(AgentConn, Acceptor), String> {
+    ) -> Result<Arc<dyn Tunnel>, String> {
         let endpoint = self.endpoint(peer)?;
         let crypto = QuicClientConfig::try_from(tls_config(ident)?).map_err(|e| e.to_string())?;
         let mut qcfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -186,7 +116,7 @@ impl QuicClient {
                 )
             })?
             .map_err(|e| explain(e.to_string()))?;
-        Ok((AgentConn::Quic(conn.clone()), Acceptor::Quic(conn)))
+        Ok(tunnel::quic(conn))
     }
 }
 
@@ -194,7 +124,7 @@ impl QuicClient {
 pub async fn connect_tcp(
     ident: &DeviceIdentity,
     peer: SocketAddr,
-) -> Result<(AgentConn, Acceptor), String> {
+) -> Result<Arc<dyn Tunnel>, String> {
     let tcp = tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(peer))
         .await
         .map_err(|_| "TCP connect timed out".to_string())?
@@ -209,8 +139,7 @@ pub async fn connect_tcp(
     .await
     .map_err(|_| "TLS handshake timed out".to_string())?
     .map_err(|e| explain(format!("TLS handshake: {e}")))?;
-    let (handle, incoming) = mux::spawn(tls, Mode::Client, &MuxConfig::default());
-    Ok((AgentConn::Mux(handle), Acceptor::Mux(incoming)))
+    Ok(tunnel::yamux(tls, Mode::Client, &MuxConfig::default()))
 }
 
 /// Adds a hint to certificate errors, the ones an operator can act on.

@@ -11,6 +11,7 @@
 //! [`kube`] (the Kubernetes front door on `h2`/`http/1.1`),
 //! [`server`] (wiring and shutdown).
 
+pub mod accept;
 pub mod audit;
 pub mod authority;
 pub mod budget;

@@ -1,18 +1,15 @@
-//! The UDP port: one quinn endpoint for device tunnels and tsh dials, told apart by ALPN.
+//! The UDP port: one quinn endpoint for device tunnels and tsh dials, told apart by ALPN
+//! ([`crate::accept`]).
 //! Every QUIC tunnel shares this one socket, so they cost no file descriptors.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use edgeport_proto::alpn;
-use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
-use rustls::pki_types::CertificateDer;
+use quinn::crypto::rustls::QuicServerConfig;
 
 use crate::ctx::Ctx;
 use crate::identity::{GatewayIdentity, IdentityError};
-use crate::tunnel::{self, Acceptor};
-use crate::tunnels::TunnelConn;
 
 /// The ALPN ids served over QUIC (joins are TCP only).
 pub const ALPNS: &[&[u8]] = &[alpn::TUNNEL, alpn::DIAL];
@@ -205,45 +202,8 @@ pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
             };
             drop(hs_slot);
             drop(source_slot);
-            serve(ctx, conn, addr).await;
+            crate::accept::serve(ctx, crate::accept::Handshaken::Quic(conn), addr).await;
         });
-    }
-}
-
-async fn serve(ctx: Arc<Ctx>, conn: quinn::Connection, addr: SocketAddr) {
-    let alpn = conn
-        .handshake_data()
-        .and_then(|h| h.downcast::<HandshakeData>().ok())
-        .and_then(|h| h.protocol);
-    let certs = conn
-        .peer_identity()
-        .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok());
-    let certs = certs.as_deref().map(|c| c.as_slice());
-    match alpn.as_deref() {
-        Some(a) if a == alpn::TUNNEL => {
-            let (device_id, fingerprint) = match tunnel::device_from_certs(&ctx, certs) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::info!(%addr, "tunnel refused: {e}");
-                    conn.close(quinn::VarInt::from_u32(2), e.as_bytes());
-                    return;
-                }
-            };
-            tunnel::serve(
-                ctx,
-                TunnelConn::Quic(conn.clone()),
-                Acceptor::Quic(conn),
-                device_id,
-                fingerprint,
-                addr,
-            )
-            .await;
-        }
-        Some(a) if a == alpn::DIAL => {
-            let peer = crate::dial::peer_of(&ctx, certs);
-            crate::dial::serve_quic(ctx, conn, peer, addr).await;
-        }
-        _ => conn.close(quinn::VarInt::from_u32(3), b"unknown protocol"),
     }
 }
 

@@ -1,19 +1,15 @@
-//! The TCP port: TLS 1.3, protocols told apart by ALPN. Tunnels (yamux on top), joins and
+//! The TCP port: TLS 1.3, protocols told apart by ALPN ([`crate::accept`]). Tunnels (yamux on top), joins and
 //! user dials (one stream per connection). Handshakes are bounded in number and time so
 //! garbage and slow-loris connections cost little and never disturb established tunnels.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use edgeport_net::mux::{self, Mode, MuxConfig};
 use edgeport_proto::alpn;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::ctx::Ctx;
-use crate::tunnel::{self, Acceptor};
-use crate::tunnels::TunnelConn;
 
 /// The ALPN ids served on TCP.
 pub const ALPNS: &[&[u8]] = &[alpn::TUNNEL, alpn::JOIN, alpn::DIAL];
@@ -76,7 +72,7 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
                 };
             drop(hs_slot);
             drop(source_slot);
-            serve(ctx, tls, addr).await;
+            crate::accept::serve(ctx, crate::accept::Handshaken::Tls(Box::new(tls)), addr).await;
         });
     }
 }
@@ -103,38 +99,4 @@ async fn handshake(
         ctx.tcp_tls()
     };
     start.into_stream(cfg).await
-}
-
-async fn serve(ctx: Arc<Ctx>, tls: tokio_rustls::server::TlsStream<TcpStream>, addr: SocketAddr) {
-    let (_, session) = tls.get_ref();
-    let alpn = session.alpn_protocol().map(|a| a.to_vec());
-    match alpn.as_deref() {
-        Some(a) if a == alpn::TUNNEL => {
-            let (device_id, fingerprint) =
-                match tunnel::device_from_certs(&ctx, session.peer_certificates()) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tracing::info!(%addr, "tunnel refused: {e}");
-                        return;
-                    }
-                };
-            let (handle, incoming) = mux::spawn(tls, Mode::Server, &MuxConfig::default());
-            tunnel::serve(
-                ctx,
-                TunnelConn::Mux(handle),
-                Acceptor::Mux(incoming),
-                device_id,
-                fingerprint,
-                addr,
-            )
-            .await;
-        }
-        Some(a) if a == alpn::JOIN => crate::join::serve(ctx, Box::new(tls), addr).await,
-        Some(a) if a == alpn::DIAL => {
-            let peer = crate::dial::peer_of(&ctx, session.peer_certificates());
-            crate::dial::serve_stream(ctx, Box::new(tls), peer, addr).await;
-        }
-        Some(a) if crate::kube::tls::ALPNS.contains(&a) => crate::kube::serve(ctx, tls, addr).await,
-        _ => tracing::debug!(%addr, "no known ALPN; dropped"),
-    }
 }

@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgeport_net::clock::now_secs;
-use edgeport_net::mux::MuxIncoming;
-use edgeport_net::BoxedStream;
 use edgeport_net::{read_frame, write_frame};
+use edgeport_net::{BoxedStream, CloseReason};
 use edgeport_proto::identity::Principal;
 use edgeport_proto::keys::sha256_hex;
 use edgeport_proto::rpc::{ErrorKind, RenewDeviceRequest, Request, Response, RpcError};
@@ -21,25 +20,7 @@ use tokio::io::{AsyncWriteExt, ReadHalf};
 use tokio::sync::mpsc;
 
 use crate::ctx::Ctx;
-use crate::tunnels::{Tunnel, TunnelConn};
-
-/// Where the agent's streams to the gateway come from.
-pub enum Acceptor {
-    Quic(quinn::Connection),
-    Mux(MuxIncoming),
-}
-
-impl Acceptor {
-    async fn accept(&mut self) -> Option<BoxedStream> {
-        match self {
-            Acceptor::Quic(c) => {
-                let (send, recv) = c.accept_bi().await.ok()?;
-                Some(Box::new(tokio::io::join(recv, send)))
-            }
-            Acceptor::Mux(m) => m.accept().await,
-        }
-    }
-}
+use crate::tunnels::Tunnel;
 
 /// The device named by a verified client certificate chain: (device id, cert fingerprint).
 /// The chain was already verified against the cluster CA by rustls; this checks the SPIFFE
@@ -68,25 +49,22 @@ async fn refuse(stream: &mut BoxedStream, kind: ErrorKind, message: String) {
     .await;
 }
 
-/// Serves a tunnel until it ends. `conn` and `acceptor` are the two faces of one connection.
+/// Serves a tunnel until it ends.
 pub async fn serve(
     ctx: Arc<Ctx>,
-    conn: TunnelConn,
-    mut acceptor: Acceptor,
+    conn: Arc<dyn edgeport_net::Tunnel>,
     device_id: String,
     fingerprint: String,
     remote_addr: SocketAddr,
 ) {
     let timeout = ctx.cfg.handshake_timeout;
-    let Ok(Some(mut stream)) = tokio::time::timeout(timeout, acceptor.accept()).await else {
+    let Ok(Some(mut stream)) = tokio::time::timeout(timeout, conn.accept()).await else {
         tracing::info!(device = %device_id, %remote_addr, "tunnel dropped: no control stream in time");
         conn.close("no control stream");
         return;
     };
-    if let Acceptor::Quic(c) = &acceptor {
-        // Agents open exactly one stream (control); refuse credit for more.
-        c.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(0));
-    }
+    // Agents open exactly one stream (control); refuse more.
+    conn.stop_accepting();
     let hello = match tokio::time::timeout(timeout, read_frame::<AgentControl, _>(&mut stream))
         .await
     {
@@ -140,7 +118,6 @@ pub async fn serve(
         conn.close("device id mismatch");
         return;
     }
-    drop(acceptor);
 
     let (reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<GatewayControl>(16);
@@ -183,14 +160,13 @@ pub async fn serve(
 
     let observed = tokio::select! {
         r = control_loop(&ctx, &tunnel, reader, tx) => r,
-        r = conn_closed(&conn) => r,
+        r = conn.closed() => describe(r),
         _ = ctx.shutdown.cancelled() => "gateway shutting down".to_string(),
     };
     // A closed connection also fails the control stream; its own reason says more.
-    let observed = match &conn {
-        TunnelConn::Quic(c) if c.close_reason().is_some() => conn_closed(&conn).await,
-        TunnelConn::Mux(m) if m.is_closed() => conn_closed(&conn).await,
-        _ => observed,
+    let observed = match conn.close_reason() {
+        Some(r) => describe(r),
+        None => observed,
     };
     tunnel.close(&observed);
     writer_task.abort();
@@ -205,29 +181,14 @@ pub async fn serve(
 }
 
 /// Why the connection ended, in words for `tctl devices ls`.
-async fn conn_closed(conn: &TunnelConn) -> String {
-    match conn {
-        TunnelConn::Quic(c) => {
-            use quinn::ConnectionError as E;
-            match c.closed().await {
-                E::ApplicationClosed(a) => {
-                    let r = String::from_utf8_lossy(&a.reason).into_owned();
-                    if r.is_empty() {
-                        "closed by the device".into()
-                    } else {
-                        format!("closed by the device: {r}")
-                    }
-                }
-                E::TimedOut => "idle timeout (no keep-alive from the device)".into(),
-                E::LocallyClosed => "closed by the gateway".into(),
-                E::Reset => "connection reset".into(),
-                other => other.to_string(),
-            }
-        }
-        TunnelConn::Mux(m) => match m.closed().await.as_str() {
-            "closed by the peer" => "closed by the device".into(),
-            other => other.to_string(),
-        },
+fn describe(reason: CloseReason) -> String {
+    match reason {
+        CloseReason::ClosedByPeer(r) if r.is_empty() => "closed by the device".into(),
+        CloseReason::ClosedByPeer(r) => format!("closed by the device: {r}"),
+        CloseReason::TimedOut => "idle timeout (no keep-alive from the device)".into(),
+        CloseReason::LocallyClosed => "closed by the gateway".into(),
+        CloseReason::Reset => "connection reset".into(),
+        CloseReason::Other(r) => r,
     }
 }
 
@@ -240,10 +201,11 @@ async fn control_loop(
     mut reader: ReadHalf<BoxedStream>,
     tx: mpsc::Sender<GatewayControl>,
 ) -> String {
-    let idle = match tunnel.conn {
-        // QUIC negotiates its own idle timeout with the agent.
-        TunnelConn::Quic(_) => Duration::from_secs(365 * 86400),
-        TunnelConn::Mux(_) => ctx.cfg.tunnel_idle_timeout,
+    let idle = if tunnel.conn.keeps_alive() {
+        // The transport (QUIC) negotiates its own idle timeout with the agent.
+        Duration::from_secs(365 * 86400)
+    } else {
+        ctx.cfg.tunnel_idle_timeout
     };
     // Renewals and audit batches relayed at once for this tunnel: a device that sends more
     // waits (its frames are not read meanwhile) instead of piling up tasks here.

@@ -8,10 +8,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgeport_net::mux::MuxHandle;
 use edgeport_net::write_frame;
 use edgeport_net::BoxedStream;
-use edgeport_proto::rpc::{DevicePresence, Transport};
+use edgeport_proto::rpc::DevicePresence;
 use edgeport_proto::tunnel::{GatewayControl, Hello, StreamHeader};
 use tokio::sync::{mpsc, Notify};
 
@@ -34,45 +33,12 @@ pub enum TunnelError {
     Refused(edgeport_proto::rpc::RpcError),
 }
 
-/// The transport under one tunnel.
-#[derive(Clone)]
-pub enum TunnelConn {
-    Quic(quinn::Connection),
-    Mux(MuxHandle),
-}
-
-impl TunnelConn {
-    pub async fn open(&self) -> Result<BoxedStream, String> {
-        match self {
-            TunnelConn::Quic(c) => {
-                let (send, recv) = c.open_bi().await.map_err(|e| e.to_string())?;
-                Ok(Box::new(tokio::io::join(recv, send)))
-            }
-            TunnelConn::Mux(m) => m.open().await.map_err(|e| e.to_string()),
-        }
-    }
-
-    pub fn close(&self, reason: &str) {
-        match self {
-            TunnelConn::Quic(c) => c.close(quinn::VarInt::from_u32(1), reason.as_bytes()),
-            TunnelConn::Mux(m) => m.close(),
-        }
-    }
-
-    pub fn transport(&self) -> Transport {
-        match self {
-            TunnelConn::Quic(_) => Transport::Quic,
-            TunnelConn::Mux(_) => Transport::Tcp,
-        }
-    }
-}
-
 /// One device's live tunnel.
 pub struct Tunnel {
     pub device_id: String,
     /// Distinguishes this tunnel from an older or newer one of the same device.
     pub generation: u64,
-    pub conn: TunnelConn,
+    pub conn: Arc<dyn edgeport_net::Tunnel>,
     pub hello: Hello,
     pub remote_addr: SocketAddr,
     pub connected_at: u64,
@@ -81,7 +47,7 @@ pub struct Tunnel {
     pub cert_fingerprint: String,
     /// Frames for the agent's control stream (renewals, locks, refusals).
     pub control: mpsc::Sender<GatewayControl>,
-    /// Agent-reported RTT for TCP tunnels (QUIC measures its own).
+    /// Agent-reported RTT, for transports that do not measure their own (TCP).
     pub tcp_rtt_ms: AtomicU32,
     /// Why the gateway closed it (when it did).
     pub close_reason: Mutex<Option<String>>,
@@ -90,9 +56,9 @@ pub struct Tunnel {
 impl Tunnel {
     /// Smoothed round-trip time in milliseconds.
     pub fn rtt_ms(&self) -> u32 {
-        match &self.conn {
-            TunnelConn::Quic(c) => c.rtt().as_millis().min(u32::MAX as u128) as u32,
-            TunnelConn::Mux(_) => self.tcp_rtt_ms.load(Ordering::Relaxed),
+        match self.conn.rtt() {
+            Some(rtt) => rtt.as_millis().min(u32::MAX as u128) as u32,
+            None => self.tcp_rtt_ms.load(Ordering::Relaxed),
         }
     }
 
@@ -123,7 +89,7 @@ impl Tunnel {
         let fut = async {
             let mut s = self.conn.open().await.map_err(|err| TunnelError::Open {
                 device: self.device_id.clone(),
-                err,
+                err: err.to_string(),
             })?;
             write_frame(&mut s, header)
                 .await

@@ -1,6 +1,7 @@
 //! Edgeport's IO crate: everything between the protocol (`edgeport-proto`) and the sockets.
-//! QUIC settings and UDP sockets, the yamux driver, frames on async streams, the RPC client
-//! for the authority, the wall clock, and the runtime every daemon runs in.
+//! QUIC settings and UDP sockets, the yamux driver, the [`Tunnel`] trait over both, frames on
+//! async streams, the RPC client for the authority, the wall clock, and the runtime every
+//! daemon runs in.
 
 pub mod clock;
 pub mod daemon;
@@ -9,7 +10,9 @@ pub mod mux;
 pub mod quic;
 pub mod rpc_client;
 pub mod stream;
+pub mod tunnel;
 pub mod udp;
 
 pub use frame_io::{read_frame, write_frame};
 pub use stream::{BoxedStream, Duplex};
+pub use tunnel::{CloseReason, Tunnel, TunnelStream};

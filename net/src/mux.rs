@@ -3,11 +3,13 @@
 //!
 //! yamux 0.13 has no separate control handle: the `Connection` must be polled for inbound
 //! streams to make any progress at all, outbound streams included. One task owns it and
-//! serves open requests from a channel, so callers on both sides (gateway and agent) get
-//! cloneable handles and [`BoxedStream`]s and never see yamux types.
+//! serves open requests from a channel. [`crate::tunnel::yamux`] wraps the handles as a
+//! [`crate::tunnel::Tunnel`]; nothing else needs them.
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -16,13 +18,14 @@ use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::stream::BoxedStream;
+use crate::tunnel::CloseReason;
 
 pub use yamux::Mode;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MuxError {
     #[error("the tunnel is closed: {0}")]
-    Closed(String),
+    Closed(CloseReason),
 }
 
 type OpenReply = oneshot::Sender<Result<BoxedStream, MuxError>>;
@@ -63,7 +66,8 @@ const GROWTH_WINDOW: usize = 32 * 1024 * 1024;
 pub struct MuxHandle {
     open_tx: mpsc::Sender<OpenReply>,
     close: CancellationToken,
-    done: watch::Receiver<Option<String>>,
+    done: watch::Receiver<Option<CloseReason>>,
+    accepting: Arc<AtomicBool>,
 }
 
 /// The peer-opened streams of a multiplexed connection.
@@ -94,13 +98,18 @@ impl MuxHandle {
         self.close.cancel();
     }
 
-    /// Whether the connection has ended.
-    pub fn is_closed(&self) -> bool {
-        self.done.borrow().is_some()
+    /// Resets the peer's streams from now on instead of queueing them for [`MuxIncoming`].
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Relaxed);
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.done.borrow().clone()
     }
 
     /// Resolves when the connection has ended, with the reason.
-    pub fn closed(&self) -> impl Future<Output = String> + Send + 'static {
+    pub fn closed(&self) -> impl Future<Output = CloseReason> + Send + 'static {
         let mut done = self.done.clone();
         async move {
             loop {
@@ -108,17 +117,15 @@ impl MuxHandle {
                     return r;
                 }
                 if done.changed().await.is_err() {
-                    return "connection task ended".into();
+                    return CloseReason::Other("connection task ended".into());
                 }
             }
         }
     }
 
-    fn reason(&self) -> String {
-        self.done
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| "connection ended".into())
+    fn reason(&self) -> CloseReason {
+        self.close_reason()
+            .unwrap_or_else(|| CloseReason::Other("connection ended".into()))
     }
 }
 
@@ -152,12 +159,21 @@ where
     let (in_tx, in_rx) = mpsc::channel(cfg.accept_backlog.max(1));
     let (done_tx, done_rx) = watch::channel(None);
     let close = CancellationToken::new();
-    tokio::spawn(drive(conn, open_rx, in_tx, close.clone(), done_tx));
+    let accepting = Arc::new(AtomicBool::new(true));
+    tokio::spawn(drive(
+        conn,
+        open_rx,
+        in_tx,
+        accepting.clone(),
+        close.clone(),
+        done_tx,
+    ));
     (
         MuxHandle {
             open_tx,
             close,
             done: done_rx,
+            accepting,
         },
         MuxIncoming { rx: in_rx },
     )
@@ -167,17 +183,19 @@ async fn drive<T>(
     mut conn: yamux::Connection<T>,
     mut open_rx: mpsc::Receiver<OpenReply>,
     in_tx: mpsc::Sender<BoxedStream>,
+    accepting: Arc<AtomicBool>,
     close: CancellationToken,
-    done_tx: watch::Sender<Option<String>>,
+    done_tx: watch::Sender<Option<CloseReason>>,
 ) where
     T: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
 {
     let mut pending: Option<OpenReply> = None;
     let mut handles_gone = false;
     let mut cancelled = pin!(close.cancelled());
-    let outcome: Result<String, String> = std::future::poll_fn(|cx| {
+    // Ok: closed here (say goodbye first); Err: the connection ended by itself.
+    let outcome: Result<(), CloseReason> = std::future::poll_fn(|cx| {
         if cancelled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Ok("closed locally".to_string()));
+            return Poll::Ready(Ok(()));
         }
         loop {
             if pending.is_none() && !handles_gone {
@@ -194,8 +212,9 @@ async fn drive<T>(
                         continue;
                     }
                     Poll::Ready(Err(e)) => {
-                        let _ = tx.send(Err(MuxError::Closed(e.to_string())));
-                        return Poll::Ready(Err(e.to_string()));
+                        let reason = CloseReason::Other(e.to_string());
+                        let _ = tx.send(Err(MuxError::Closed(reason.clone())));
+                        return Poll::Ready(Err(reason));
                     }
                     Poll::Pending => pending = Some(tx),
                 }
@@ -203,24 +222,31 @@ async fn drive<T>(
             match conn.poll_next_inbound(cx) {
                 Poll::Ready(Some(Ok(s))) => {
                     // A full backlog or nobody accepting: the stream is dropped (reset).
-                    let _ = in_tx.try_send(Box::new(s.compat()));
+                    if accepting.load(Ordering::Relaxed) {
+                        let _ = in_tx.try_send(Box::new(s.compat()));
+                    }
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
-                Poll::Ready(None) => return Poll::Ready(Err("closed by the peer".to_string())),
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(CloseReason::Other(e.to_string())))
+                }
+                // yamux has no reason field in its GoAway: the peer's words stay there.
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(CloseReason::ClosedByPeer(String::new())))
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
     })
     .await;
     let reason = match outcome {
-        Ok(local) => {
+        Ok(()) => {
             // Say goodbye (GoAway) but do not wait long for a dead peer.
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(2),
                 std::future::poll_fn(|cx| conn.poll_close(cx)),
             )
             .await;
-            local
+            CloseReason::LocallyClosed
         }
         Err(e) => e,
     };
@@ -266,8 +292,9 @@ mod tests {
         }
         client.close();
         let _ = client.closed().await;
+        assert_eq!(client.close_reason(), Some(CloseReason::LocallyClosed));
         let reason = server.closed().await;
-        assert!(!reason.is_empty());
+        assert_eq!(reason, CloseReason::ClosedByPeer(String::new()));
         assert!(client.open().await.is_err());
         echo.await.unwrap();
     }

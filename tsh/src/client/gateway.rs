@@ -334,54 +334,15 @@ mod insecure {
 }
 
 mod quic {
-    use std::pin::Pin;
     use std::sync::Arc;
-    use std::task::{Context, Poll};
 
     use edgeport_net::BoxedStream;
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
     use super::{CliError, CONNECT_TIMEOUT};
 
-    /// A QUIC bidirectional stream that keeps its connection and endpoint alive.
-    struct QuicStream {
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-        _conn: quinn::Connection,
-        _endpoint: quinn::Endpoint,
-    }
-
-    impl AsyncRead for QuicStream {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.recv).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for QuicStream {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            Pin::new(&mut self.send)
-                .poll_write(cx, buf)
-                .map_err(std::io::Error::other)
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.send).poll_flush(cx)
-        }
-        fn poll_shutdown(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.send).poll_shutdown(cx)
-        }
-    }
-
+    /// One stream on a fresh QUIC connection, through the same [`edgeport_net::Tunnel`] the
+    /// agent and the gateway use. The stream keeps the connection alive (quinn streams hold
+    /// it, and the endpoint runs while it has connections); dropping the stream closes it.
     pub async fn open(
         proxy: &str,
         server_name: &str,
@@ -418,15 +379,9 @@ mod quic {
                 ))
             })?
             .map_err(|e| CliError::msg(format!("QUIC handshake with {proxy}: {e}")))?;
-        let (send, recv) = conn
-            .open_bi()
+        edgeport_net::tunnel::quic(conn)
+            .open()
             .await
-            .map_err(|e| CliError::msg(format!("QUIC stream to {proxy}: {e}")))?;
-        Ok(Box::new(QuicStream {
-            send,
-            recv,
-            _conn: conn,
-            _endpoint: endpoint,
-        }))
+            .map_err(|e| CliError::msg(format!("QUIC stream to {proxy}: {e}")))
     }
 }

@@ -1,0 +1,93 @@
+//! One path from a finished handshake to the service its ALPN names, for both ports: the
+//! QUIC endpoint ([`crate::quic`]) and the TCP listener ([`crate::tcp`]). A device tunnel
+//! becomes an [`edgeport_net::Tunnel`] here, and [`crate::tunnel::serve`] takes it from
+//! there without knowing which port it came in on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use edgeport_net::mux::{Mode, MuxConfig};
+use edgeport_net::Tunnel;
+use edgeport_proto::alpn;
+use quinn::crypto::rustls::HandshakeData;
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::ctx::Ctx;
+
+/// A client whose handshake has finished, on either port.
+pub enum Handshaken {
+    Quic(quinn::Connection),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Handshaken {
+    /// The protocol the client and the gateway agreed on.
+    fn alpn(&self) -> Option<Vec<u8>> {
+        match self {
+            Handshaken::Quic(c) => c
+                .handshake_data()
+                .and_then(|h| h.downcast::<HandshakeData>().ok())
+                .and_then(|h| h.protocol),
+            Handshaken::Tls(t) => t.get_ref().1.alpn_protocol().map(|a| a.to_vec()),
+        }
+    }
+
+    /// The client's verified certificate chain, if it sent one.
+    fn peer_certs(&self) -> Option<Vec<CertificateDer<'static>>> {
+        match self {
+            Handshaken::Quic(c) => c
+                .peer_identity()
+                .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .map(|c| *c),
+            Handshaken::Tls(t) => t.get_ref().1.peer_certificates().map(|c| c.to_vec()),
+        }
+    }
+
+    /// The connection as a device tunnel: QUIC as it is, TLS with yamux on top.
+    fn into_tunnel(self) -> Arc<dyn Tunnel> {
+        match self {
+            Handshaken::Quic(c) => edgeport_net::tunnel::quic(c),
+            Handshaken::Tls(t) => {
+                edgeport_net::tunnel::yamux(*t, Mode::Server, &MuxConfig::default())
+            }
+        }
+    }
+}
+
+/// Serves the connection as its ALPN says.
+pub async fn serve(ctx: Arc<Ctx>, conn: Handshaken, addr: SocketAddr) {
+    let alpn = conn.alpn();
+    let certs = conn.peer_certs();
+    let certs = certs.as_deref();
+    match (alpn.as_deref(), conn) {
+        (Some(a), conn) if a == alpn::TUNNEL => {
+            let (device_id, fingerprint) = match crate::tunnel::device_from_certs(&ctx, certs) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::info!(%addr, "tunnel refused: {e}");
+                    if let Handshaken::Quic(c) = conn {
+                        c.close(quinn::VarInt::from_u32(2), e.as_bytes());
+                    }
+                    return;
+                }
+            };
+            crate::tunnel::serve(ctx, conn.into_tunnel(), device_id, fingerprint, addr).await;
+        }
+        (Some(a), Handshaken::Quic(c)) if a == alpn::DIAL => {
+            let peer = crate::dial::peer_of(&ctx, certs);
+            crate::dial::serve_quic(ctx, c, peer, addr).await;
+        }
+        (Some(a), Handshaken::Tls(t)) if a == alpn::DIAL => {
+            let peer = crate::dial::peer_of(&ctx, certs);
+            crate::dial::serve_stream(ctx, t, peer, addr).await;
+        }
+        (Some(a), Handshaken::Tls(t)) if a == alpn::JOIN => crate::join::serve(ctx, t, addr).await,
+        (Some(a), Handshaken::Tls(t)) if crate::kube::tls::ALPNS.contains(&a) => {
+            crate::kube::serve(ctx, *t, addr).await
+        }
+        (_, Handshaken::Quic(c)) => c.close(quinn::VarInt::from_u32(3), b"unknown protocol"),
+        (_, Handshaken::Tls(_)) => tracing::debug!(%addr, "no known ALPN; dropped"),
+    }
+}
