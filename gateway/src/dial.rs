@@ -114,9 +114,10 @@ pub async fn serve_quic(
         };
         let Ok((send, recv)) = accepted else { return };
         streams += 1;
-        let ctx = ctx.clone();
+        let task_ctx = ctx.clone();
         let peer = peer.clone();
-        tokio::spawn(async move {
+        ctx.tasks.spawn(async move {
+            let ctx = task_ctx;
             serve_stream(ctx, Box::new(tokio::io::join(recv, send)), peer, addr).await;
         });
     }

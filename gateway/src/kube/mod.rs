@@ -399,7 +399,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
             let mut resp = status_body(StatusCode::UNAUTHORIZED, "Unauthorized", &why);
             if req.version() == http::Version::HTTP_2 {
                 let conn = conn.clone();
-                tokio::spawn(async move {
+                ctx.tasks.spawn(async move {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     conn.close.notify_one();
                 });
@@ -575,7 +575,7 @@ async fn forward(
         .sessions
         .register(device, &header.user.clone().unwrap_or_default());
     let cut = reg.cancel.clone();
-    tokio::spawn(async move {
+    ctx.tasks.spawn(async move {
         let _reg = reg;
         tokio::select! {
             r = conn.with_upgrades() => if let Err(e) = r {
@@ -603,7 +603,7 @@ async fn forward(
                 ev.status = 101;
                 audit_kube_event(&ev);
                 let reg = ctx.sessions.register(device, &ev.user);
-                tokio::spawn(async move {
+                ctx.tasks.spawn(async move {
                     let (c, d) = match tokio::try_join!(client_upgrade, device_upgrade) {
                         Ok(x) => x,
                         Err(e) => {
