@@ -67,7 +67,7 @@ impl DeviceIdentity {
     }
 
     pub fn ca_der(&self) -> Result<Vec<u8>, IdentityError> {
-        first_cert_der(&self.cas.x509_ca_pem).map_err(|e| IdentityError::Invalid {
+        self.cas.x509_ca_der().map_err(|e| IdentityError::Invalid {
             dir: CAS_FILE.into(),
             err: e.to_string(),
         })
@@ -75,8 +75,7 @@ impl DeviceIdentity {
 
     /// Less than a third of the certificates' validity is left.
     pub fn needs_renewal(&self, now: u64) -> bool {
-        let total = self.valid_before.saturating_sub(self.issued_at);
-        now + total / 3 >= self.valid_before
+        edgeport_proto::identity::renewal_due(self.issued_at, self.valid_before, now)
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 use edgeport_proto::rpc::{ErrorKind, LockSpec, LockTarget, RpcError};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::authority::AuthorityClient;
 use crate::config::GatewayConfig;
@@ -20,6 +21,9 @@ pub struct Ctx {
     pub shutdown: CancellationToken,
     /// Cancelled (before `shutdown`) when the authority refuses this gateway as revoked.
     pub revoked: CancellationToken,
+    /// Tasks serving one connection or stream: spawned here, not detached, so shutdown
+    /// waits (a bounded time) for them to finish instead of dropping them mid-way.
+    pub tasks: TaskTracker,
     /// Handshakes in progress, per port (a flood on one does not starve the other).
     pub tcp_handshakes: Arc<Semaphore>,
     pub quic_handshakes: Arc<Semaphore>,
@@ -72,6 +76,7 @@ impl Ctx {
             tunnels: Tunnels::new(),
             shutdown,
             revoked: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             tcp_handshakes,
             quic_handshakes,
             tcp_sources: Default::default(),

@@ -114,9 +114,10 @@ pub async fn serve_quic(
         };
         let Ok((send, recv)) = accepted else { return };
         streams += 1;
-        let ctx = ctx.clone();
+        let task_ctx = ctx.clone();
         let peer = peer.clone();
-        tokio::spawn(async move {
+        ctx.tasks.spawn(async move {
+            let ctx = task_ctx;
             serve_stream(ctx, Box::new(tokio::io::join(recv, send)), peer, addr).await;
         });
     }
@@ -150,45 +151,23 @@ async fn user_devices(
     Ok(devices)
 }
 
-/// Serves one dial stream: request, answer, and for `Dial` the splice.
+/// Serves one dial stream: reads the request and hands it to the function for its kind.
+/// Logins, single sign-on and forwarded dials need no user certificate; the rest do.
 pub async fn serve_stream(
     ctx: Arc<Ctx>,
     mut stream: BoxedStream,
     peer: Option<Peer>,
     addr: SocketAddr,
 ) {
-    let req = match tokio::time::timeout(
-        ctx.cfg.handshake_timeout,
-        read_frame::<ClientRequest, _>(&mut stream),
-    )
-    .await
-    {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::debug!(%addr, "dial stream dropped: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%addr, "dial stream dropped: no request in time");
-            return;
-        }
+    let Some(req) = read_request(&ctx, &mut stream, addr).await else {
+        return;
     };
     let who = peer.as_ref().and_then(|p| p.user.clone());
-    let user = who.as_ref().map(|w| w.name.clone());
-    let answer = match (req, user) {
-        (ClientRequest::Login(mut login), _) => {
-            login.client_addr = addr.to_string();
-            match ctx.auth.call(Request::Login(login)).await {
-                Ok(Response::UserCerts(c)) => ClientReply::LoggedIn(c),
-                Ok(other) => refused(
-                    ErrorKind::Internal,
-                    edgeport_net::rpc_client::unexpected(other).to_string(),
-                ),
-                Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
-            }
+    match (req, who) {
+        (ClientRequest::Login(login), _) => {
+            let answer = relay_login(&ctx, login, addr).await;
+            answer_and_close(stream, &answer).await;
         }
-        // Single sign-on is the authority's: it holds the connectors' secrets, redeems the
-        // code and verifies who it is. The gateway only relays, with the client's address.
         (
             ClientRequest::SsoStart {
                 connector,
@@ -203,131 +182,256 @@ pub async fn serve_stream(
                 proof_hash,
                 client_addr: addr.to_string(),
             };
-            match ctx.auth.call(Request::SsoStart(start)).await {
-                Ok(Response::SsoRedirect { auth_url }) => ClientReply::SsoRedirect { auth_url },
-                Ok(other) => refused(
-                    ErrorKind::Internal,
-                    edgeport_net::rpc_client::unexpected(other).to_string(),
-                ),
-                Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
-            }
+            let answer = relay_sso_start(&ctx, start).await;
+            answer_and_close(stream, &answer).await;
         }
         (ClientRequest::SsoFinish(f), _) => {
-            let finish = edgeport_proto::rpc::SsoFinishRequest {
-                state: f.state,
-                code: f.code,
-                proof: f.proof,
-                ssh_public_key: f.ssh_public_key,
-                ttl_secs: f.ttl_secs,
-                client_addr: addr.to_string(),
-            };
-            match ctx.auth.call(Request::SsoFinish(finish)).await {
-                Ok(Response::UserCerts(c)) => ClientReply::LoggedIn(c),
-                Ok(other) => refused(
-                    ErrorKind::Internal,
-                    edgeport_net::rpc_client::unexpected(other).to_string(),
-                ),
-                Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
-            }
+            let answer = relay_sso_finish(&ctx, f, addr).await;
+            answer_and_close(stream, &answer).await;
         }
-        (ClientRequest::ListDevices, Some(user)) => match user_devices(&ctx, &user).await {
-            Ok(devices) => {
-                // Large fleets go in parts, each one frame; the last part is `Devices`.
-                let mut parts = edgeport_proto::frame::chunk_by_size(devices);
-                let last = parts.pop().unwrap_or_default();
-                for part in parts {
-                    if !reply(&mut stream, &ClientReply::DevicesPart(part)).await {
-                        return;
-                    }
-                }
-                ClientReply::Devices(last)
-            }
-            Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
-        },
-        (ClientRequest::Recordings, Some(_)) => match &who {
-            Some(who) => crate::audit::list(&ctx, who).await,
-            None => return,
-        },
-        (ClientRequest::Recording { session_id }, Some(_)) => {
-            let Some(who) = &who else { return };
-            crate::audit::stream_recording(&ctx, &mut stream, who, session_id).await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
-            return;
+        (ClientRequest::Forward { device_id, header }, _) => {
+            serve_forward_request(&ctx, stream, peer, device_id, header, addr).await;
         }
-        (ClientRequest::Dial { target, service }, Some(user)) => {
-            let Some(who) = who else { return };
-            let result = dial(&ctx, &who, &target, service, addr).await;
-            let svc = format!("{service:?}").to_lowercase();
-            let client = addr.to_string();
-            match &result {
-                Ok(d) => crate::audit::dial_event(crate::audit::Dial {
-                    user: &user,
-                    target: &target,
-                    device: &d.device_id,
-                    session_id: &d.session_id,
-                    client: &client,
-                    service: &svc,
-                    via: d.holder.as_deref(),
-                    error: None,
-                }),
-                Err(e) => crate::audit::dial_event(crate::audit::Dial {
-                    user: &user,
-                    target: &target,
-                    device: "",
-                    session_id: "",
-                    client: &client,
-                    service: &svc,
-                    via: None,
-                    error: Some(&e.message),
-                }),
-            }
-            match result {
-                Ok(Dialled {
-                    stream: device_stream,
-                    session_id,
-                    device_id,
-                    ..
-                }) => {
-                    let ok = ClientReply::DialOk {
-                        session_id: session_id.clone(),
-                        device_id: device_id.clone(),
-                    };
-                    if reply(&mut stream, &ok).await {
-                        match &ctx.cfg.splice_dump {
-                            Some(dir) => {
-                                let client = Tapped::new(stream, dir, &format!("{session_id}.c2s"));
-                                let device =
-                                    Tapped::new(device_stream, dir, &format!("{session_id}.s2c"));
-                                splice(&ctx, client, device, &user, &device_id, &session_id).await;
-                            }
-                            None => {
-                                splice(&ctx, stream, device_stream, &user, &device_id, &session_id)
-                                    .await
-                            }
-                        }
-                    }
+        (ClientRequest::ListDevices, Some(who)) => list_devices(&ctx, stream, &who).await,
+        (ClientRequest::Recordings, Some(who)) => {
+            let answer = crate::audit::list(&ctx, &who).await;
+            answer_and_close(stream, &answer).await;
+        }
+        (ClientRequest::Recording { session_id }, Some(who)) => {
+            send_recording(&ctx, stream, &who, session_id).await;
+        }
+        (ClientRequest::Dial { target, service }, Some(who)) => {
+            serve_dial(&ctx, stream, &who, &target, service, addr).await;
+        }
+        (_, None) => {
+            let answer = refused(
+                ErrorKind::Denied,
+                "this request needs a user certificate (run `tsh login`)",
+            );
+            answer_and_close(stream, &answer).await;
+        }
+    }
+}
+
+/// The stream's one request, if it comes in time.
+async fn read_request(
+    ctx: &Ctx,
+    stream: &mut BoxedStream,
+    addr: SocketAddr,
+) -> Option<ClientRequest> {
+    match tokio::time::timeout(
+        ctx.cfg.handshake_timeout,
+        read_frame::<ClientRequest, _>(stream),
+    )
+    .await
+    {
+        Ok(Ok(r)) => Some(r),
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, "dial stream dropped: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "dial stream dropped: no request in time");
+            None
+        }
+    }
+}
+
+/// Sends the last reply of a stream and closes the stream's sending side.
+async fn answer_and_close(mut stream: BoxedStream, answer: &ClientReply) {
+    if reply(&mut stream, answer).await {
+        close(&mut stream).await;
+    }
+}
+
+async fn close(stream: &mut BoxedStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
+}
+
+/// Asks the authority and turns its answer into the client's reply with `answer`.
+async fn relay(
+    ctx: &Ctx,
+    req: Request,
+    answer: impl FnOnce(Response) -> ClientReply,
+) -> ClientReply {
+    match ctx.auth.call(req).await {
+        Ok(resp) => answer(resp),
+        Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
+    }
+}
+
+/// The reply to a response the authority should not have given.
+fn unexpected(other: Response) -> ClientReply {
+    refused(
+        ErrorKind::Internal,
+        edgeport_net::rpc_client::unexpected(other).to_string(),
+    )
+}
+
+fn logged_in(resp: Response) -> ClientReply {
+    match resp {
+        Response::UserCerts(c) => ClientReply::LoggedIn(c),
+        other => unexpected(other),
+    }
+}
+
+/// A password login, relayed to the authority with the client's address.
+async fn relay_login(
+    ctx: &Ctx,
+    mut login: edgeport_proto::rpc::LoginRequest,
+    addr: SocketAddr,
+) -> ClientReply {
+    login.client_addr = addr.to_string();
+    relay(ctx, Request::Login(login), logged_in).await
+}
+
+// Single sign-on is the authority's: it holds the connectors' secrets, redeems the code and
+// verifies who it is. The gateway only relays, with the client's address.
+
+/// The first step of single sign-on: the authority's redirect to the identity provider.
+async fn relay_sso_start(ctx: &Ctx, start: edgeport_proto::rpc::SsoStartRequest) -> ClientReply {
+    relay(ctx, Request::SsoStart(start), |resp| match resp {
+        Response::SsoRedirect { auth_url } => ClientReply::SsoRedirect { auth_url },
+        other => unexpected(other),
+    })
+    .await
+}
+
+/// The last step of single sign-on: the code for the user's certificates.
+async fn relay_sso_finish(
+    ctx: &Ctx,
+    f: edgeport_proto::tunnel::SsoFinish,
+    addr: SocketAddr,
+) -> ClientReply {
+    let finish = edgeport_proto::rpc::SsoFinishRequest {
+        state: f.state,
+        code: f.code,
+        proof: f.proof,
+        ssh_public_key: f.ssh_public_key,
+        ttl_secs: f.ttl_secs,
+        client_addr: addr.to_string(),
+    };
+    relay(ctx, Request::SsoFinish(finish), logged_in).await
+}
+
+/// The devices the user may reach; large fleets go in parts, each one frame, the last part
+/// is `Devices`.
+async fn list_devices(ctx: &Ctx, mut stream: BoxedStream, who: &UserCert) {
+    let answer = match user_devices(ctx, &who.name).await {
+        Ok(devices) => {
+            let mut parts = edgeport_proto::frame::chunk_by_size(devices);
+            let last = parts.pop().unwrap_or_default();
+            for part in parts {
+                if !reply(&mut stream, &ClientReply::DevicesPart(part)).await {
                     return;
                 }
-                Err(e) => ClientReply::Refused(e),
             }
+            ClientReply::Devices(last)
         }
-        (ClientRequest::Forward { device_id, header }, _) => match peer.map(|p| p.principal) {
-            Some(Principal::Gateway(from)) if from != ctx.identity().gateway_id => {
-                serve_forward(&ctx, stream, &from, device_id, header, addr).await;
-                return;
-            }
-            _ => refused(
+        Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
+    };
+    answer_and_close(stream, &answer).await;
+}
+
+/// One session recording, streamed from the authority.
+async fn send_recording(ctx: &Ctx, mut stream: BoxedStream, who: &UserCert, session_id: String) {
+    crate::audit::stream_recording(ctx, &mut stream, who, session_id).await;
+    close(&mut stream).await;
+}
+
+/// A user's dial: authorise, audit, answer, and splice the device's stream on success.
+async fn serve_dial(
+    ctx: &Ctx,
+    mut stream: BoxedStream,
+    who: &UserCert,
+    target: &str,
+    service: Service,
+    addr: SocketAddr,
+) {
+    let result = dial(ctx, who, target, service, addr).await;
+    audit_dial(who, target, service, addr, &result);
+    let Dialled {
+        stream: device_stream,
+        session_id,
+        device_id,
+        ..
+    } = match result {
+        Ok(d) => d,
+        Err(e) => return answer_and_close(stream, &ClientReply::Refused(e)).await,
+    };
+    let ok = ClientReply::DialOk {
+        session_id: session_id.clone(),
+        device_id: device_id.clone(),
+    };
+    if !reply(&mut stream, &ok).await {
+        return;
+    }
+    let user = &who.name;
+    match &ctx.cfg.splice_dump {
+        Some(dir) => {
+            let client = Tapped::new(stream, dir, &format!("{session_id}.c2s"));
+            let device = Tapped::new(device_stream, dir, &format!("{session_id}.s2c"));
+            splice(ctx, client, device, user, &device_id, &session_id).await;
+        }
+        None => splice(ctx, stream, device_stream, user, &device_id, &session_id).await,
+    }
+}
+
+/// The audit event of a user's dial, allowed or not.
+fn audit_dial(
+    who: &UserCert,
+    target: &str,
+    service: Service,
+    addr: SocketAddr,
+    result: &Result<Dialled, RpcError>,
+) {
+    let svc = format!("{service:?}").to_lowercase();
+    let client = addr.to_string();
+    let event = match result {
+        Ok(d) => crate::audit::Dial {
+            user: &who.name,
+            target,
+            device: &d.device_id,
+            session_id: &d.session_id,
+            client: &client,
+            service: &svc,
+            via: d.holder.as_deref(),
+            error: None,
+        },
+        Err(e) => crate::audit::Dial {
+            user: &who.name,
+            target,
+            device: "",
+            session_id: "",
+            client: &client,
+            service: &svc,
+            via: None,
+            error: Some(&e.message),
+        },
+    };
+    crate::audit::dial_event(event);
+}
+
+/// A dial forwarded by a peer gateway: only another gateway of this cluster may forward.
+async fn serve_forward_request(
+    ctx: &Ctx,
+    stream: BoxedStream,
+    peer: Option<Peer>,
+    device_id: String,
+    header: StreamHeader,
+    addr: SocketAddr,
+) {
+    match peer.map(|p| p.principal) {
+        Some(Principal::Gateway(from)) if from != ctx.identity().gateway_id => {
+            serve_forward(ctx, stream, &from, device_id, header, addr).await;
+        }
+        _ => {
+            let answer = refused(
                 ErrorKind::Denied,
                 "forwarding needs the certificate of another gateway of this cluster",
-            ),
-        },
-        (_, None) => refused(
-            ErrorKind::Denied,
-            "this request needs a user certificate (run `tsh login`)",
-        ),
-    };
-    if reply(&mut stream, &answer).await {
-        let _ = tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await;
+            );
+            answer_and_close(stream, &answer).await;
+        }
     }
 }
 

@@ -88,7 +88,7 @@ impl GatewayIdentity {
 
     /// DER of the cluster's x509 CA certificate.
     pub fn ca_der(&self) -> Result<Vec<u8>, IdentityError> {
-        first_cert_der(&self.cas.x509_ca_pem).map_err(|e| IdentityError::Invalid {
+        self.cas.x509_ca_der().map_err(|e| IdentityError::Invalid {
             dir: "cas.json".into(),
             err: e.to_string(),
         })
@@ -142,8 +142,7 @@ impl GatewayIdentity {
 
     /// Less than a third of the certificate's validity is left.
     pub fn needs_renewal(&self, now: u64) -> bool {
-        let total = self.valid_before.saturating_sub(self.issued_at);
-        now + total / 3 >= self.valid_before
+        edgeport_proto::identity::renewal_due(self.issued_at, self.valid_before, now)
     }
 }
 

@@ -68,7 +68,29 @@ struct SlotState {
     /// The address it was reached at, and the link.
     link: Option<(String, quinn::Connection)>,
     /// When a connect to which address last failed, and why.
-    failed: Option<(Instant, String, String)>,
+    failed: Option<(Instant, String, LinkError)>,
+}
+
+/// Why no link to a peer gateway could be had (kept, and returned again, for
+/// [`RETRY_AFTER`] after a failed connect).
+#[derive(Clone, Debug, thiserror::Error)]
+enum LinkError {
+    #[error("the gateway's QUIC endpoint is not up yet")]
+    NoEndpoint,
+    #[error("gateway {peer} at {addr} did not answer in time")]
+    Timeout { peer: String, addr: String },
+    #[error("link to gateway {peer}: {reason}")]
+    Setup { peer: String, reason: String },
+    #[error("peer address {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("peer address {addr} has no address this gateway can reach")]
+    Unreachable { addr: String },
+    #[error("{addr} is not gateway {peer} (its certificate names {named})")]
+    WrongGateway {
+        addr: String,
+        peer: String,
+        named: String,
+    },
 }
 
 /// Why a forward failed.
@@ -106,7 +128,7 @@ impl Peers {
             let link = self
                 .link(ctx, peer, addr, attempt > 0)
                 .await
-                .map_err(ForwardError::Link)?;
+                .map_err(|e| ForwardError::Link(e.to_string()))?;
             let (send, recv) = match tokio::time::timeout(CONNECT_TIMEOUT, link.open_bi()).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) if attempt == 0 => {
@@ -156,7 +178,7 @@ impl Peers {
         peer: &str,
         addr: &str,
         fresh: bool,
-    ) -> Result<quinn::Connection, String> {
+    ) -> Result<quinn::Connection, LinkError> {
         let slot = self.slot(peer);
         let mut st = slot.state.lock().await;
         if let Some((at, c)) = &st.link {
@@ -171,7 +193,12 @@ impl Peers {
         }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(ctx, peer, addr))
             .await
-            .unwrap_or_else(|_| Err(format!("gateway {peer} at {addr} did not answer in time")));
+            .unwrap_or_else(|_| {
+                Err(LinkError::Timeout {
+                    peer: peer.to_string(),
+                    addr: addr.to_string(),
+                })
+            });
         match connected {
             Ok(conn) => {
                 st.link = Some((addr.to_string(), conn.clone()));
@@ -192,13 +219,13 @@ impl Peers {
         ctx: &Ctx,
         peer: &str,
         addr: &str,
-    ) -> Result<quinn::Connection, String> {
-        let endpoint = self
-            .endpoint
-            .get()
-            .ok_or_else(|| "the gateway's QUIC endpoint is not up yet".to_string())?;
+    ) -> Result<quinn::Connection, LinkError> {
+        let endpoint = self.endpoint.get().ok_or(LinkError::NoEndpoint)?;
         let ident = ctx.identity();
-        let err = |e: &dyn std::fmt::Display| format!("link to gateway {peer}: {e}");
+        let err = |e: &dyn std::fmt::Display| LinkError::Setup {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        };
         let tls = tls::client_config(
             &ident.ca_der().map_err(|e| err(&e))?,
             Some(&ident.cert_key().map_err(|e| err(&e))?),
@@ -231,9 +258,11 @@ impl Peers {
             .and_then(|leaf| tls::peer_principal(leaf.as_ref(), ident.cluster()).ok());
         if who != Some(Principal::Gateway(peer.to_string())) {
             conn.close(quinn::VarInt::from_u32(2), b"not the expected gateway");
-            return Err(format!(
-                "{addr} is not gateway {peer} (its certificate names {who:?})"
-            ));
+            return Err(LinkError::WrongGateway {
+                addr: addr.to_string(),
+                peer: peer.to_string(),
+                named: format!("{who:?}"),
+            });
         }
         Ok(conn)
     }
@@ -241,12 +270,17 @@ impl Peers {
 
 /// The first address of `addr` the endpoint's socket can send to (an IPv4 socket only IPv4;
 /// an IPv6 one, dual-stack, either).
-async fn resolve(addr: &str, local: SocketAddr) -> Result<SocketAddr, String> {
+async fn resolve(addr: &str, local: SocketAddr) -> Result<SocketAddr, LinkError> {
     tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| format!("peer address {addr}: {e}"))?
+        .map_err(|e| LinkError::Resolve {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?
         .find(|a| local.is_ipv6() || a.is_ipv4())
-        .ok_or_else(|| format!("peer address {addr} has no address this gateway can reach"))
+        .ok_or_else(|| LinkError::Unreachable {
+            addr: addr.to_string(),
+        })
 }
 
 /// A stream to the device of `grant` with `header` sent: over its tunnel here, or forwarded

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_net::rpc_client::RpcClientError;
 use edgeport_proto::rpc::{Request, Response};
 
 use crate::ctx::Ctx;
@@ -39,18 +40,18 @@ pub async fn run(ctx: Arc<Ctx>) {
 }
 
 /// One connection's worth of watching; returns when it fails (or at shutdown, Ok).
-async fn watch(ctx: &Arc<Ctx>) -> Result<(), String> {
-    let mut client = ctx.auth.dedicated().await.map_err(|e| e.to_string())?;
+async fn watch(ctx: &Arc<Ctx>) -> Result<(), RpcClientError> {
+    let mut client = ctx.auth.dedicated().await?;
     // An epoch the authority never has: the first answer comes at once.
     let mut seen = 0;
     loop {
         let call = client.call(Request::WatchPolicy { seen });
         let resp = tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
-            r = call => r.map_err(|e| e.to_string())?,
+            r = call => r?,
         };
         let Response::Policy { epoch, exclusive } = resp else {
-            return Err(edgeport_net::rpc_client::unexpected(resp).to_string());
+            return Err(edgeport_net::rpc_client::unexpected(resp));
         };
         if epoch != seen {
             ctx.grants.invalidate();

@@ -12,6 +12,10 @@ use crate::ctx::Ctx;
 use crate::identity::{self, IdentityError};
 use crate::{presence, public_cert, quic, tcp};
 
+/// On shutdown, connection and stream tasks get this long to finish once their tunnels and
+/// QUIC connections are closed; whatever is still running then is dropped.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
@@ -87,6 +91,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     ctx.tunnels.close_all(reason);
     endpoint.close(quinn::VarInt::from_u32(0), reason.as_bytes());
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    drain(&ctx).await;
     for t in tasks {
         t.abort();
     }
@@ -94,6 +99,20 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         return Err(ServerError::Revoked);
     }
     Ok(())
+}
+
+/// Waits (up to [`DRAIN_TIMEOUT`]) for the connection and stream tasks to finish their
+/// replies, audit events and session bookkeeping.
+async fn drain(ctx: &Ctx) {
+    ctx.tasks.close();
+    match tokio::time::timeout(DRAIN_TIMEOUT, ctx.tasks.wait()).await {
+        Ok(()) => tracing::debug!("all connection tasks finished"),
+        Err(_) => tracing::warn!(
+            "{} connection task(s) still busy after {:?}; dropping them",
+            ctx.tasks.len(),
+            DRAIN_TIMEOUT
+        ),
+    }
 }
 
 /// Renews the gateway's certificate when less than a third of its validity is left.

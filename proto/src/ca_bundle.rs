@@ -36,6 +36,11 @@ fn key_part(line: &str) -> String {
 }
 
 impl CaBundle {
+    /// DER of the cluster's x509 CA certificate (the first one in `x509_ca_pem`).
+    pub fn x509_ca_der(&self) -> Result<Vec<u8>, crate::keys::KeyError> {
+        first_cert_der(&self.x509_ca_pem)
+    }
+
     /// The bytes the x509 CA signs: context, cluster, both SSH CAs.
     pub fn signed_bytes(&self) -> Vec<u8> {
         format!(

@@ -7,6 +7,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::util::valid_name;
 
+/// Whether certificates issued at `issued_at` and valid before `valid_before` (Unix seconds)
+/// are due for renewal at `now`: less than a third of their validity is left. The rule of
+/// every daemon that renews its own certificates (gateways, device agents).
+pub fn renewal_due(issued_at: u64, valid_before: u64, now: u64) -> bool {
+    let total = valid_before.saturating_sub(issued_at);
+    now + total / 3 >= valid_before
+}
+
 /// The kind of party an x509 certificate names.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Principal {
@@ -178,6 +186,15 @@ impl IdentityFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_is_due_in_the_last_third() {
+        assert!(!renewal_due(0, 300, 199));
+        assert!(renewal_due(0, 300, 200));
+        assert!(renewal_due(0, 300, 400));
+        assert!(!renewal_due(500, 300, 299));
+        assert!(renewal_due(500, 300, 300));
+    }
 
     #[test]
     fn spiffe_roundtrip() {

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod frame;
 pub mod identity;
 pub mod keys;
+pub mod proxy_headers;
 pub mod rpc;
 pub mod sshcert;
 pub mod ticket;

@@ -1,5 +1,6 @@
 //! rustls configuration shared by every component: the ring provider, TLS 1.3 only,
-//! certificates checked against the cluster's x509 CA, a pinned-CA verifier for first
+//! certificates checked against the cluster's x509 CA (and a deferred client verifier for
+//! servers that check the chain after the handshake), a pinned-CA verifier for first
 //! contact (joins), and reading the SPIFFE identity out of a peer certificate.
 
 use std::sync::Arc;
@@ -7,8 +8,12 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 
 use crate::identity::{IdentityError, Principal};
 use crate::keys::ca_pin;
@@ -185,15 +190,97 @@ fn server_builder(
     ca_der: &[u8],
     client_auth: ClientAuth,
 ) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>, TlsError> {
+    Ok(ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_cert_verifier(ca_der, client_auth)?))
+}
+
+/// The verifier of client certificates issued by the cluster's x509 CA (`ca_der`): in the
+/// handshake of every Edgeport ALPN, and after it for the gateway's Kubernetes front door.
+pub fn client_cert_verifier(
+    ca_der: &[u8],
+    client_auth: ClientAuth,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider());
-    let verifier = match client_auth {
+    match client_auth {
         ClientAuth::Required => builder.build(),
         ClientAuth::Optional => builder.allow_unauthenticated().build(),
     }
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    Ok(ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier))
+    .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
+/// A verifier that asks for a client certificate but accepts any (or none), checking only
+/// the handshake signature, so the client holds the key. For servers that check the chain
+/// after the handshake with [`client_cert_verifier`], to answer a bad certificate with a
+/// reason instead of a bare TLS alert (the gateway's Kubernetes front door).
+pub fn deferred_client_cert_verifier() -> Arc<dyn ClientCertVerifier> {
+    Arc::new(DeferredClientCert {
+        provider: provider(),
+    })
+}
+
+#[derive(Debug)]
+struct DeferredClientCert {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for DeferredClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: Go clients (kubectl) then send their certificate whatever its issuer,
+        // so a wrong one is reported after the handshake.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// A chain and key ready to be served by a certificate resolver.

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgeport_net::BoxedStream;
+use edgeport_proto::proxy_headers::{is_upgrade, strip_hop_by_hop};
 use edgeport_proto::ticket::{Expected, ReplayGuard, TicketClaims, TicketError};
 use edgeport_proto::tunnel::StreamHeader;
 use http::header::{self, HeaderName, HeaderValue};
@@ -35,20 +36,6 @@ type Body = BoxBody<Bytes, hyper::Error>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head the agent accepts from the gateway.
 const MAX_HEAD: usize = 64 * 1024;
-
-/// Hop-by-hop headers (RFC 9110 7.6.1): never forwarded, except `Connection`/`Upgrade` on
-/// an upgrade request.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// The Kubernetes identity the API server must see for one stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -328,28 +315,6 @@ fn full(status: StatusCode, msg: &str) -> Response<Body> {
     r
 }
 
-/// Removes hop-by-hop headers (and the ones `Connection` names); keeps `Connection` and
-/// `Upgrade` when `upgrade` is set.
-pub fn strip_hop_by_hop(h: &mut http::HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        if upgrade && (*n == "connection" || *n == "upgrade") {
-            continue;
-        }
-        h.remove(*n);
-    }
-}
-
 /// Removes every credential and impersonation header the client sent.
 pub fn strip_client_identity(h: &mut http::HeaderMap) {
     let imp: Vec<HeaderName> = h
@@ -364,19 +329,6 @@ pub fn strip_client_identity(h: &mut http::HeaderMap) {
     h.remove(header::PROXY_AUTHORIZATION);
 }
 
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
 async fn forward(
     pool: &ApiServer,
     ident: Option<KubeIdentity>,
@@ -387,7 +339,7 @@ async fn forward(
         return full(StatusCode::FORBIDDEN, "no user identity on this stream");
     };
     let up = &pool.up;
-    let upgrade = is_upgrade(&req);
+    let upgrade = is_upgrade(req.headers());
     {
         let h = req.headers_mut();
         strip_client_identity(h);
@@ -506,21 +458,6 @@ mod tests {
         strip_client_identity(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("accept"));
-    }
-
-    #[test]
-    fn hop_by_hop_kept_only_for_upgrades() {
-        let mut h = http::HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("Upgrade, X-Foo"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        h.insert("x-foo", HeaderValue::from_static("1"));
-        h.insert("te", HeaderValue::from_static("trailers"));
-        let mut h2 = h.clone();
-        strip_hop_by_hop(&mut h, true);
-        assert!(h.contains_key("upgrade") && h.contains_key("connection"));
-        assert!(!h.contains_key("x-foo") && !h.contains_key("te"));
-        strip_hop_by_hop(&mut h2, false);
-        assert!(h2.is_empty());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use edgeport_proto::identity::Principal;
 use edgeport_proto::keys::random_bytes;
+use edgeport_proto::proxy_headers::{is_upgrade, strip_hop_by_hop};
 use edgeport_proto::rpc::{DeviceInfo, ErrorKind, LockTarget, RpcError};
 use edgeport_proto::tunnel::{Service, StreamHeader};
 use http::header::{self, HeaderName, HeaderValue};
@@ -339,49 +340,6 @@ async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
     )
 }
 
-fn is_upgrade<B>(req: &HttpRequest<B>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
-/// Hop-by-hop headers (RFC 9110 7.6.1), minus `Connection`/`Upgrade` when upgrading.
-fn strip_hop_by_hop(h: &mut http::HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-    ] {
-        h.remove(n);
-    }
-    if !upgrade {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
-}
-
 async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> HttpResponse<Body> {
     let refusal = match &conn.user {
         Ok(u) if edgeport_net::clock::now_secs() < conn.not_after => Ok(u.clone()),
@@ -399,7 +357,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
             let mut resp = status_body(StatusCode::UNAUTHORIZED, "Unauthorized", &why);
             if req.version() == http::Version::HTTP_2 {
                 let conn = conn.clone();
-                tokio::spawn(async move {
+                ctx.tasks.spawn(async move {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     conn.close.notify_one();
                 });
@@ -517,7 +475,7 @@ async fn forward(
     mut req: HttpRequest<Incoming>,
     ev: &mut KubeAuditEvent,
 ) -> HttpResponse<Body> {
-    let upgrade = is_upgrade(&req) && req.version() == http::Version::HTTP_11;
+    let upgrade = is_upgrade(req.headers()) && req.version() == http::Version::HTTP_11;
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let Ok(uri) = path_and_query.parse::<http::Uri>() else {
         return status_body(StatusCode::BAD_REQUEST, "BadRequest", "bad request path");
@@ -575,7 +533,7 @@ async fn forward(
         .sessions
         .register(device, &header.user.clone().unwrap_or_default());
     let cut = reg.cancel.clone();
-    tokio::spawn(async move {
+    ctx.tasks.spawn(async move {
         let _reg = reg;
         tokio::select! {
             r = conn.with_upgrades() => if let Err(e) = r {
@@ -603,7 +561,7 @@ async fn forward(
                 ev.status = 101;
                 audit_kube_event(&ev);
                 let reg = ctx.sessions.register(device, &ev.user);
-                tokio::spawn(async move {
+                ctx.tasks.spawn(async move {
                     let (c, d) = match tokio::try_join!(client_upgrade, device_upgrade) {
                         Ok(x) => x,
                         Err(e) => {

@@ -8,12 +8,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use edgeport_proto::tls;
+use rustls::server::danger::ClientCertVerifier;
 
 use crate::ctx::Ctx;
 use crate::identity::IdentityError;
@@ -24,70 +20,6 @@ pub const ALPNS: &[&[u8]] = &[edgeport_proto::alpn::H2, edgeport_proto::alpn::HT
 /// Does this ClientHello ask for HTTP (and nothing of Edgeport's own)?
 pub fn wants_http(alpns: &[&[u8]]) -> bool {
     alpns.iter().any(|a| ALPNS.contains(a)) && !alpns.iter().any(|a| crate::tcp::ALPNS.contains(a))
-}
-
-#[derive(Debug)]
-struct AnyClientCert {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ClientCertVerifier for AnyClientCert {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        // No hints: Go clients (kubectl) then send their certificate whatever its issuer,
-        // so a wrong one is reported over HTTP.
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// The front door's server config and the strict verifier, for one gateway certificate.
@@ -112,20 +44,13 @@ impl TlsCache {
                 }
             }
         }
-        let provider = edgeport_proto::tls::provider();
         let me = ident.cert_key()?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(ident.ca_der()?))
-            .map_err(tls_err)?;
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| IdentityError::Io(format!("client verifier: {e}")))?;
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        // The strict check, after the handshake (see the module's documentation).
+        let verifier = tls::client_cert_verifier(&ident.ca_der()?, tls::ClientAuth::Required)?;
+        let mut server = rustls::ServerConfig::builder_with_provider(tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(tls_err)?
-            .with_client_cert_verifier(Arc::new(AnyClientCert { provider }))
+            .with_client_cert_verifier(tls::deferred_client_cert_verifier())
             .with_single_cert(
                 me.chain.clone(),
                 rustls::pki_types::PrivateKeyDer::Pkcs8(me.key_pkcs8.clone().into()),
