@@ -234,3 +234,31 @@ async fn echo(stream: BoxedStream) {
     }
     let _ = w.shutdown().await;
 }
+
+#[cfg(all(test, not(feature = "kube")))]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Built without `kube`: a kube stream's request is answered with one 501 and the
+    /// stream closed (kubectl prints the message), not left hanging.
+    #[tokio::test]
+    async fn kube_stream_refused_without_the_feature() {
+        let (agent, mut gateway) = tokio::io::duplex(64 * 1024);
+        let refused = tokio::spawn(super::refuse_kube(Box::new(agent)));
+        gateway
+            .write_all(b"GET /api/v1/pods HTTP/1.1\r\nhost: k8s\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        gateway.read_to_string(&mut answer).await.unwrap();
+        refused.await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 501 Not Implemented\r\n"),
+            "{answer}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let status: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(status["message"], super::NO_KUBE);
+        assert_eq!(status["code"], 501);
+    }
+}
