@@ -22,15 +22,20 @@ pub enum AgentError {
     Join(#[from] JoinError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[cfg(feature = "kube")]
     #[error("Kubernetes cluster {cluster}: {err}")]
     Kube {
         cluster: String,
         err: crate::kube::UpstreamError,
     },
+    /// A Kubernetes cluster configured on an agent built without the `kube` feature.
+    #[error("{}", crate::services::NO_KUBE)]
+    NoKube,
 }
 
 /// The Kubernetes API server when `--kube-cluster` is set: a bad kubeconfig stops the agent
 /// at start rather than failing every request later.
+#[cfg(feature = "kube")]
 fn kube_upstream(cfg: &AgentConfig) -> Result<Option<crate::kube::Upstream>, AgentError> {
     let Some(cluster) = &cfg.kube_cluster else {
         return Ok(None);
@@ -67,7 +72,14 @@ impl Agent {
         }
     }
 
+    /// Test hooks for audit shipping (hidden flags; none without the `test-hooks` feature).
+    #[cfg(not(feature = "test-hooks"))]
+    pub fn audit_tamper(&self) -> crate::audit::ship::Tamper {
+        crate::audit::ship::Tamper::default()
+    }
+
     /// Test hooks for audit shipping (hidden flags).
+    #[cfg(feature = "test-hooks")]
     pub fn audit_tamper(&self) -> crate::audit::ship::Tamper {
         let sign_key = self.cfg.test_audit_sign_key.as_ref().and_then(|p| {
             let k = std::fs::read_to_string(p)
@@ -180,7 +192,12 @@ pub async fn run_with(
     shutdown: CancellationToken,
     mut quic: QuicClient,
 ) -> Result<(), AgentError> {
+    #[cfg(feature = "kube")]
     let kube = kube_upstream(&cfg)?;
+    #[cfg(not(feature = "kube"))]
+    if cfg.kube_cluster.is_some() {
+        return Err(AgentError::NoKube);
+    }
     let Some(ident) = ensure_joined(&cfg, &shutdown).await? else {
         return Ok(());
     };
@@ -199,6 +216,7 @@ pub async fn run_with(
         .field("version", edgeport_proto::VERSION)
         .field("device", &ident.device_id)
         .emit();
+    #[cfg(feature = "test-hooks")]
     if cfg.test_audit_flood > 0 {
         let n = cfg.test_audit_flood;
         tokio::task::spawn_blocking(move || {
@@ -211,15 +229,26 @@ pub async fn run_with(
             );
         });
     }
+    #[cfg(feature = "kube")]
     let kube = kube.map(|up| {
         let tickets = crate::kube::TicketCheck::new(&ident);
         Arc::new(crate::kube::KubeService::new(up, tickets))
             as Arc<dyn crate::services::StreamService>
     });
-    let services = Arc::new(Services::new(cfg.test_echo, &ident, kube));
+    let services = Arc::new(Services::new(
+        #[cfg(feature = "test-hooks")]
+        cfg.test_echo,
+        &ident,
+        #[cfg(feature = "kube")]
+        kube,
+    ));
+    #[cfg(feature = "test-hooks")]
+    let test_renew = cfg.test_renew;
+    #[cfg(not(feature = "test-hooks"))]
+    let test_renew = false;
     let agent = Agent {
         audit,
-        forced_renew: AtomicBool::new(cfg.test_renew),
+        forced_renew: AtomicBool::new(test_renew),
         cfg,
         identity: RwLock::new(Arc::new(ident)),
         services,

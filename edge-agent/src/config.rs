@@ -59,21 +59,28 @@ pub struct AgentConfig {
     pub backoff_cap: Duration,
     pub healthy_after: Duration,
     /// Serve the test-only echo service.
+    #[cfg(feature = "test-hooks")]
     pub test_echo: bool,
     /// Tests: renew the certificates once as soon as the first tunnel is up.
+    #[cfg(feature = "test-hooks")]
     pub test_renew: bool,
-    /// The Kubernetes cluster this agent fronts, if any (reported in Hello).
+    /// The Kubernetes cluster this agent fronts, if any (reported in Hello). Without the
+    /// `kube` feature the agent refuses to start when it is set.
     pub kube_cluster: Option<String>,
     /// Upper bound of the audit spool on disk, bytes.
     pub audit_max_bytes: u64,
     /// Tests: sign audit batches with this key instead of the device key.
+    #[cfg(feature = "test-hooks")]
     pub test_audit_sign_key: Option<PathBuf>,
     /// Tests: send the first acknowledged audit batch a second time.
+    #[cfg(feature = "test-hooks")]
     pub test_audit_replay: bool,
     /// Benchmarks: synthetic audit events emitted at start.
+    #[cfg(feature = "test-hooks")]
     pub test_audit_flood: u64,
     /// The agent's own credentials for that cluster's API server (None: in-cluster
     /// service account).
+    #[cfg(feature = "kube")]
     pub kubeconfig: Option<PathBuf>,
 }
 
@@ -94,13 +101,19 @@ impl AgentConfig {
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
             healthy_after: Duration::from_secs(60),
+            #[cfg(feature = "test-hooks")]
             test_echo: false,
+            #[cfg(feature = "test-hooks")]
             test_renew: false,
             kube_cluster: None,
             audit_max_bytes: 64 * 1024 * 1024,
+            #[cfg(feature = "test-hooks")]
             test_audit_sign_key: None,
+            #[cfg(feature = "test-hooks")]
             test_audit_replay: false,
+            #[cfg(feature = "test-hooks")]
             test_audit_flood: 0,
+            #[cfg(feature = "kube")]
             kubeconfig: None,
         }
     }

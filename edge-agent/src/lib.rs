@@ -5,7 +5,10 @@
 //! start), [`transport`] (QUIC or TCP+TLS+yamux), [`session`] (Hello, control stream,
 //! keep-alive, renewal, QUIC re-probing), [`agent`] (reconnect loop with backoff),
 //! [`services`] (stream dispatch), [`ssh`] (the SSH server), [`kube`] (the Kubernetes
-//! forwarder).
+//! forwarder, cargo feature `kube`).
+//!
+//! Cargo features: `kube` (default) builds the Kubernetes forwarder; `test-hooks` (off)
+//! builds the hidden `--test-*` flags the end-to-end tests and benchmarks use.
 
 pub mod agent;
 pub mod audit;
@@ -13,6 +16,7 @@ pub mod backoff;
 pub mod config;
 pub mod identity;
 pub mod join;
+#[cfg(feature = "kube")]
 pub mod kube;
 pub mod services;
 pub mod session;

@@ -67,16 +67,42 @@ struct StartArgs {
     /// per core.
     #[arg(long, env = "EDGEPORT_THREADS", default_value_t = 1)]
     threads: usize,
+    /// Most bytes the audit spool may take on disk (DATA/audit); beyond, new events are
+    /// dropped and counted in an audit.dropped event.
+    #[arg(long, env = "EDGEPORT_AUDIT_SPOOL_MAX", default_value = "64M", value_parser = parse_size)]
+    audit_spool_max: u64,
+    /// Serve this Kubernetes cluster (kubectl reaches it through the gateway).
+    #[cfg(feature = "kube")]
+    #[arg(long, env = "EDGEPORT_KUBE_CLUSTER")]
+    kube_cluster: Option<String>,
+    /// The agent's kubeconfig for that cluster (default: the pod's service account).
+    #[cfg(feature = "kube")]
+    #[arg(long, env = "EDGEPORT_KUBECONFIG", requires = "kube_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Built without the `kube` feature: still read (hidden) so that a Kubernetes setting,
+    /// on the command line or in the environment, stops the agent with a clear error
+    /// instead of being ignored.
+    #[cfg(not(feature = "kube"))]
+    #[arg(long, hide = true, env = "EDGEPORT_KUBE_CLUSTER")]
+    kube_cluster: Option<String>,
+    #[cfg(not(feature = "kube"))]
+    #[arg(long, hide = true, env = "EDGEPORT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[cfg(feature = "test-hooks")]
+    #[command(flatten)]
+    test: TestHooks,
+}
+
+/// Hidden flags for the end-to-end tests and benchmarks (cargo feature `test-hooks`).
+#[cfg(feature = "test-hooks")]
+#[derive(Debug, clap::Args)]
+struct TestHooks {
     /// Serve the test-only echo service.
     #[arg(long, hide = true)]
     test_echo: bool,
     /// Renew the certificates once right after the first tunnel is up (tests).
     #[arg(long, hide = true)]
     test_renew: bool,
-    /// Most bytes the audit spool may take on disk (DATA/audit); beyond, new events are
-    /// dropped and counted in an audit.dropped event.
-    #[arg(long, env = "EDGEPORT_AUDIT_SPOOL_MAX", default_value = "64M", value_parser = parse_size)]
-    audit_spool_max: u64,
     /// Tests: sign audit batches with this OpenSSH private key instead of the device key.
     #[arg(long, hide = true)]
     test_audit_sign_key: Option<PathBuf>,
@@ -86,12 +112,6 @@ struct StartArgs {
     /// Benchmarks: emit this many synthetic audit events at start.
     #[arg(long, hide = true, default_value_t = 0)]
     test_audit_flood: u64,
-    /// Serve this Kubernetes cluster (kubectl reaches it through the gateway).
-    #[arg(long, env = "EDGEPORT_KUBE_CLUSTER")]
-    kube_cluster: Option<String>,
-    /// The agent's kubeconfig for that cluster (default: the pod's service account).
-    #[arg(long, env = "EDGEPORT_KUBECONFIG", requires = "kube_cluster")]
-    kubeconfig: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -135,14 +155,28 @@ fn main() -> ExitCode {
     cfg.keepalive = a.keepalive.max(Duration::from_secs(1));
     cfg.idle_timeout = a.idle_timeout.max(cfg.keepalive * 2);
     cfg.quic_probe_interval = a.quic_probe_interval.max(Duration::from_secs(1));
-    cfg.test_echo = a.test_echo;
-    cfg.test_renew = a.test_renew;
     cfg.audit_max_bytes = a.audit_spool_max.max(4096);
-    cfg.test_audit_sign_key = a.test_audit_sign_key;
-    cfg.test_audit_replay = a.test_audit_replay;
-    cfg.test_audit_flood = a.test_audit_flood;
+    #[cfg(feature = "test-hooks")]
+    {
+        cfg.test_echo = a.test.test_echo;
+        cfg.test_renew = a.test.test_renew;
+        cfg.test_audit_sign_key = a.test.test_audit_sign_key;
+        cfg.test_audit_replay = a.test.test_audit_replay;
+        cfg.test_audit_flood = a.test.test_audit_flood;
+    }
     cfg.kube_cluster = a.kube_cluster.filter(|c| !c.is_empty());
-    cfg.kubeconfig = a.kubeconfig;
+    #[cfg(feature = "kube")]
+    {
+        cfg.kubeconfig = a.kubeconfig;
+    }
+    #[cfg(not(feature = "kube"))]
+    if cfg.kube_cluster.is_some() || a.kubeconfig.is_some_and(|p| !p.as_os_str().is_empty()) {
+        eprintln!(
+            "error: --kube-cluster/--kubeconfig: {}",
+            edge_agent::agent::AgentError::NoKube
+        );
+        return ExitCode::FAILURE;
+    }
     let threads = edgeport_net::daemon::Threads::from_count(a.threads);
     edgeport_net::daemon::run_on(threads, |shutdown| edge_agent::run(cfg, shutdown))
 }

@@ -1,6 +1,7 @@
 //! What the agent serves on streams the gateway opens: each starts with a [`StreamHeader`]
 //! naming the service. SSH goes to the in-process server ([`crate::ssh`]), Echo (tests
-//! only, `--test-echo`) sends bytes back, Kube goes to [`crate::kube`].
+//! only, `--test-echo`, feature `test-hooks`) sends bytes back, Kube goes to `crate::kube`
+//! (feature `kube`; without it a kube stream gets a one-line HTTP refusal).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,7 +11,6 @@ use std::time::Duration;
 use edgeport_net::read_frame;
 use edgeport_net::BoxedStream;
 use edgeport_proto::tunnel::{Service, StreamHeader};
-use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::identity::DeviceIdentity;
 use crate::ssh::{SshConfig, SshServer};
@@ -18,7 +18,10 @@ use crate::ssh::{SshConfig, SshServer};
 /// How long the gateway has to send the header of a stream it opened.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Echo copy buffer.
+#[cfg(feature = "test-hooks")]
 const ECHO_BUF: usize = 256 * 1024;
+/// What a kube stream (and a Kubernetes setting) gets from an agent built without `kube`.
+pub const NO_KUBE: &str = "this agent was built without Kubernetes support";
 
 pub type ServiceFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -43,8 +46,10 @@ impl StreamService for SshServer {
 /// The services of this agent. The SSH server is rebuilt when the host certificate is
 /// renewed; live sessions keep the server they started on.
 pub struct Services {
+    #[cfg(feature = "test-hooks")]
     echo: bool,
     ssh: RwLock<Option<Arc<dyn StreamService>>>,
+    #[cfg(feature = "kube")]
     kube: Option<Arc<dyn StreamService>>,
     locked: RwLock<Vec<String>>,
     /// SSH servers replaced by a renewal. Their live connections keep them alive; a lock must
@@ -54,13 +59,15 @@ pub struct Services {
 
 impl Services {
     pub fn new(
-        test_echo: bool,
+        #[cfg(feature = "test-hooks")] test_echo: bool,
         ident: &DeviceIdentity,
-        kube: Option<Arc<dyn StreamService>>,
+        #[cfg(feature = "kube")] kube: Option<Arc<dyn StreamService>>,
     ) -> Self {
         let me = Self {
+            #[cfg(feature = "test-hooks")]
             echo: test_echo,
             ssh: RwLock::new(None),
+            #[cfg(feature = "kube")]
             kube,
             locked: RwLock::new(Vec::new()),
             retired: std::sync::Mutex::new(Vec::new()),
@@ -101,6 +108,7 @@ impl Services {
                 old.set_locked_users(users.clone());
             }
         }
+        #[cfg(feature = "kube")]
         if let Some(k) = &self.kube {
             k.set_locked_users(users.clone());
         }
@@ -152,6 +160,7 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
         }
     };
     match header.service {
+        #[cfg(feature = "test-hooks")]
         Service::Echo if services.echo => echo(stream).await,
         Service::Echo => {
             tracing::info!(session = %header.session_id, "echo refused: not started with --test-echo");
@@ -160,20 +169,96 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
             Some(ssh) => ssh.serve(stream, header).await,
             None => tracing::warn!(session = %header.session_id, "ssh service not available"),
         },
+        #[cfg(feature = "kube")]
         Service::Kube => match &services.kube {
             Some(kube) => kube.serve(stream, header).await,
             None => tracing::info!(session = %header.session_id, "kube service not available"),
         },
+        #[cfg(not(feature = "kube"))]
+        Service::Kube => {
+            tracing::info!(session = %header.session_id, "kube stream refused: {NO_KUBE}");
+            refuse_kube(stream).await;
+        }
     }
 }
 
+/// Most bytes of a request head read before answering a refused kube stream.
+#[cfg(not(feature = "kube"))]
+const REFUSE_HEAD_MAX: usize = 64 * 1024;
+
+/// Answers the HTTP/1.1 request on a kube stream with `501 Not Implemented` and a
+/// Kubernetes `Status` saying [`NO_KUBE`] (kubectl prints its message), without an HTTP
+/// library: the request head is read first (the gateway expects its request taken), then the
+/// answer is written and the stream closed.
+#[cfg(not(feature = "kube"))]
+async fn refuse_kube(mut stream: BoxedStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read_head = async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 4096];
+        while head.len() < REFUSE_HEAD_MAX && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(HEADER_TIMEOUT, read_head).await;
+    let _ = stream.write_all(no_kube_response().as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// The whole HTTP/1.1 answer to a kube stream on an agent built without `kube`.
+#[cfg(not(feature = "kube"))]
+fn no_kube_response() -> String {
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "reason": "NotImplemented", "message": NO_KUBE, "code": 501,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 501 Not Implemented\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// Echo: every byte back until EOF, then EOF.
+#[cfg(feature = "test-hooks")]
 async fn echo(stream: BoxedStream) {
+    use tokio::io::AsyncWriteExt;
     let (r, mut w) = tokio::io::split(stream);
-    let mut r = BufReader::with_capacity(ECHO_BUF, r);
+    let mut r = tokio::io::BufReader::with_capacity(ECHO_BUF, r);
     if let Err(e) = tokio::io::copy_buf(&mut r, &mut w).await {
         tracing::debug!("echo stream ended: {e}");
         return;
     }
     let _ = w.shutdown().await;
+}
+
+#[cfg(all(test, not(feature = "kube")))]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Built without `kube`: a kube stream's request is answered with one 501 and the
+    /// stream closed (kubectl prints the message), not left hanging.
+    #[tokio::test]
+    async fn kube_stream_refused_without_the_feature() {
+        let (agent, mut gateway) = tokio::io::duplex(64 * 1024);
+        let refused = tokio::spawn(super::refuse_kube(Box::new(agent)));
+        gateway
+            .write_all(b"GET /api/v1/pods HTTP/1.1\r\nhost: k8s\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        gateway.read_to_string(&mut answer).await.unwrap();
+        refused.await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 501 Not Implemented\r\n"),
+            "{answer}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let status: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(status["message"], super::NO_KUBE);
+        assert_eq!(status["code"], 501);
+    }
 }

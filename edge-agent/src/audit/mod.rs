@@ -159,6 +159,7 @@ fn writer(shared: Arc<Shared>, rx: Receiver<Msg>, mut open: open_sessions::OpenS
 
 /// Benchmarks: `n` synthetic events shaped like an exec event, paced so that none is dropped
 /// from the queue (it waits for the writer every 1000).
+#[cfg(feature = "test-hooks")]
 pub fn flood(n: u64) {
     for i in 0..n {
         event("bench.event")

@@ -21,13 +21,29 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Test hooks (hidden agent flags) to exercise the authority's checks.
+/// Test hooks (hidden agent flags) to exercise the authority's checks. Empty without the
+/// `test-hooks` feature.
 #[derive(Clone, Debug, Default)]
 pub struct Tamper {
     /// Sign batches with this key instead of the device key.
+    #[cfg(feature = "test-hooks")]
     pub sign_key: Option<KeyPair>,
     /// After the first acknowledged batch, send it once more.
+    #[cfg(feature = "test-hooks")]
     pub replay: bool,
+}
+
+impl Tamper {
+    /// The key batches are signed with, and whether to replay the first acknowledged batch.
+    #[cfg(feature = "test-hooks")]
+    fn apply(self, key: KeyPair) -> (KeyPair, bool) {
+        (self.sign_key.unwrap_or(key), self.replay)
+    }
+
+    #[cfg(not(feature = "test-hooks"))]
+    fn apply(self, key: KeyPair) -> (KeyPair, bool) {
+        (key, false)
+    }
 }
 
 /// Ships until the tunnel ends (the channels close).
@@ -41,10 +57,9 @@ pub async fn run(
     out: mpsc::Sender<AgentControl>,
     mut acks: mpsc::Receiver<AuditAck>,
 ) {
-    let signer = tamper.sign_key.clone().unwrap_or(key);
+    let (signer, mut replay) = tamper.apply(key);
     let mut synced = false;
     let mut retry = RETRY_MIN;
-    let mut replay = tamper.replay;
     loop {
         let events = if synced {
             let s = shared.clone();
