@@ -11,6 +11,7 @@ pub mod alpn;
 pub mod audit;
 pub mod ca_bundle;
 pub mod codec;
+pub mod control;
 pub mod frame;
 pub mod identity;
 pub mod keys;
