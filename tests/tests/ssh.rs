@@ -902,3 +902,132 @@ fn a_session_to_a_killed_agent_ends_with_a_clear_line() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Sends a SOCKS5 CONNECT for 127.0.0.1:`port` through the proxy at `proxy`, then "ping";
+/// returns the reply code and what came back.
+fn through_socks(proxy: u16, port: u16) -> (u8, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut hello = [0u8; 2];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(hello, [5, 0]);
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    if reply[1] != 0 {
+        return (reply[1], Vec::new());
+    }
+    s.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    let _ = s.read_exact(&mut got);
+    (reply[1], got.to_vec())
+}
+
+#[test]
+fn remote_dynamic_and_agent_forwarding() {
+    let c = Cluster::start("fwd", &[("dev1", "")]);
+    c.add_user("alice", "root", PW);
+    let agent = SshAgent::start(c.dir.path());
+    let mut tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.agent_sock = Some(agent.sock.clone());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    let echo = echo_server();
+
+    // -R: the device listens (on its loopback; here the same machine) and each connection
+    // comes back to the echo server on tsh's side.
+    let rport = free_tcp_port();
+    let cmd = tsh.cmd(&[
+        "ssh",
+        "-R",
+        &format!("{rport}:127.0.0.1:{echo}"),
+        "dev1",
+        "sleep 30",
+    ]);
+    let (got, err) = through_forward(cmd, rport);
+    assert_eq!(got, b"ping", "tsh -R: {err}");
+
+    // -D: a SOCKS5 proxy whose connections leave from the device.
+    let dport = free_tcp_port();
+    let mut cmd = tsh.cmd(&["ssh", "-N", "-D", &dport.to_string(), "dev1"]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || TcpStream::connect((
+            "127.0.0.1",
+            dport
+        ))
+        .is_ok()),
+        "tsh -D did not listen"
+    );
+    let (code, got) = through_socks(dport, echo);
+    // A port nobody listens on: the device's connect fails, SOCKS says "refused".
+    let (closed, _) = through_socks(dport, free_tcp_port());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!((code, got.as_slice()), (0, &b"ping"[..]));
+    assert_eq!(closed, 5, "a failed connect is reported as refused");
+
+    // -A: the built-in role does not allow agent forwarding; the session still runs.
+    let r = tsh.run(
+        &["ssh", "-A", "dev1", "echo sock=${SSH_AUTH_SOCK:-none}"],
+        None,
+    );
+    assert_eq!(r.stdout(), "sock=none\n", "{}", r.stderr());
+    assert!(
+        r.stderr().contains("refused agent forwarding"),
+        "{}",
+        r.stderr()
+    );
+
+    // A role that allows it: tsh -A and OpenSSH -A both reach the user's agent, whose key
+    // (loaded by tsh login) is listed on the device.
+    c.tctl.ok(&["roles", "add", "fwd", "--agent-forwarding"]);
+    c.tctl
+        .ok(&["users", "update", "alice", "--set-roles", "fwd"]);
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login again");
+    let r = tsh.run(&["ssh", "-A", "dev1", "ssh-add -l"], None);
+    assert!(
+        r.stdout().contains("ED25519-CERT"),
+        "stdout: {}\nstderr: {}",
+        r.stdout(),
+        r.stderr()
+    );
+    let cfg = tsh.config();
+    let mut cmd = ssh(&cfg, &["-A", "root@dev1", "ssh-add -l"]);
+    cmd.env("SSH_AUTH_SOCK", &agent.sock);
+    let out = run(cmd, None, Duration::from_secs(60));
+    assert!(
+        out.stdout().contains("ED25519-CERT"),
+        "ssh -A: {}",
+        out.stderr()
+    );
+    // Without -A the session has no agent, even with the role.
+    let r = tsh.run(&["ssh", "dev1", "echo sock=${SSH_AUTH_SOCK:-none}"], None);
+    assert_eq!(r.stdout(), "sock=none\n", "{}", r.stderr());
+
+    // The audit log has the forwards, the refused one included.
+    let mut events = Vec::new();
+    let seen = wait_until(Duration::from_secs(60), || {
+        events = c
+            .tctl
+            .ok(&["audit", "search", "--format", "json"])
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let has = |t: &str, ok: bool| events.iter().any(|e| e["type"] == t && e["success"] == ok);
+        has("agent_forward", false)
+            && has("agent_forward", true)
+            && events.iter().any(|e| {
+                e["type"] == "port_forward" && e["direction"] == "remote" && e["port"] == rport
+            })
+    });
+    assert!(seen, "forward events missing: {events:?}");
+}
