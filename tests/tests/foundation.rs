@@ -222,7 +222,7 @@ fn token_add(auth: &Authority, args: &[&str]) -> serde_json::Value {
     let mut a = vec!["tokens", "add", "--format", "json"];
     a.extend_from_slice(args);
     let v = auth.tctl_ok(&a).json();
-    for k in ["token", "ca_pin", "expires", "kind", "labels", "id"] {
+    for k in ["token", "ca_pin", "expires", "type", "labels", "id"] {
         assert!(v.get(k).is_some(), "tokens add json lacks {k}: {v}");
     }
     v
