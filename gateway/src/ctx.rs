@@ -121,15 +121,7 @@ impl Ctx {
                 .map(|l| l.message.clone())
         });
         let Some(m) = message else { return Ok(()) };
-        let what = match target {
-            LockTarget::User(u) => format!("user {u}"),
-            LockTarget::Device(d) => format!("device {d}"),
-            LockTarget::Gateway(g) => format!("gateway {g}"),
-        };
-        Err(RpcError::new(
-            ErrorKind::Locked,
-            format!("{what} is locked: {m}"),
-        ))
+        Err(RpcError::new(ErrorKind::Locked, lock_reason(target, &m)))
     }
 
     /// Whether gateway `id` was revoked or locked, as of the latest acknowledgement.
@@ -170,5 +162,20 @@ impl Ctx {
             Ok(mut c) => *c = cert,
             Err(p) => *p.into_inner() = cert,
         }
+    }
+}
+
+/// What a lock on `target` tells the user: "device D is locked: MESSAGE", or without the
+/// colon when the administrator gave no message.
+pub fn lock_reason(target: &LockTarget, message: &str) -> String {
+    let what = match target {
+        LockTarget::User(u) => format!("user {u}"),
+        LockTarget::Device(d) => format!("device {d}"),
+        LockTarget::Gateway(g) => format!("gateway {g}"),
+    };
+    if message.is_empty() {
+        format!("{what} is locked")
+    } else {
+        format!("{what} is locked: {message}")
     }
 }

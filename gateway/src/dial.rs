@@ -203,6 +203,10 @@ pub async fn serve_stream(
         (ClientRequest::Dial { target, service }, Some(who)) => {
             serve_dial(&ctx, stream, &who, &target, service, addr).await;
         }
+        (ClientRequest::SessionEnd { session_id }, Some(who)) => {
+            let reason = ctx.sessions.why_ended(&who.name, &session_id);
+            answer_and_close(stream, &ClientReply::SessionEnd { reason }).await;
+        }
         (_, None) => {
             let answer = refused(
                 ErrorKind::Denied,
@@ -611,7 +615,7 @@ async fn splice<C, D>(
     D: AsyncRead + AsyncWrite + Unpin,
 {
     tracing::debug!(%user, device = %device_id, session = %session_id, "stream spliced");
-    let reg = ctx.sessions.register(device_id, user);
+    let reg = ctx.sessions.register(device_id, user, session_id);
     let copy =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, SPLICE_BUF, SPLICE_BUF);
     let result = tokio::select! {

@@ -202,39 +202,38 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
         }
     }
     let now = edgeport_net::clock::now_secs();
-    let mut users: Vec<String> = ack
+    // Each locked user and device once, with what the user is told.
+    let mut users: Vec<(String, String)> = Vec::new();
+    let mut devices: Vec<(String, String)> = Vec::new();
+    for l in ack
         .locks
         .iter()
         .filter(|l| l.expires == 0 || l.expires > now)
-        .filter_map(|l| match &l.target {
-            LockTarget::User(u) => Some(u.clone()),
-            LockTarget::Device(_) | LockTarget::Gateway(_) => None,
-        })
-        .collect();
-    users.sort();
-    users.dedup();
-    let devices: Vec<String> = ack
-        .locks
-        .iter()
-        .filter(|l| l.expires == 0 || l.expires > now)
-        .filter_map(|l| match &l.target {
-            LockTarget::Device(d) => Some(d.clone()),
-            LockTarget::User(_) | LockTarget::Gateway(_) => None,
-        })
-        .collect();
+    {
+        let reason = crate::ctx::lock_reason(&l.target, &l.message);
+        match &l.target {
+            LockTarget::User(u) if !users.iter().any(|(n, _)| n == u) => {
+                users.push((u.clone(), reason))
+            }
+            LockTarget::Device(d) if !devices.iter().any(|(n, _)| n == d) => {
+                devices.push((d.clone(), reason))
+            }
+            _ => {}
+        }
+    }
     // Locks take effect at once. A locked device cannot be trusted to end its own sessions:
     // the gateway cuts them now. A locked user's sessions are ended by the agents, which tell
     // the client why; whatever is still spliced a few seconds later is cut here as well.
-    let cut = ctx.sessions.cut(&devices, &[]);
+    let cut = ctx.sessions.cut(&cut_targets(&devices), &[]);
     if cut > 0 {
         tracing::info!(sessions = cut, "ended sessions to locked devices");
     }
     if !users.is_empty() && ctx.sessions.count() > 0 {
         let ctx = ctx.clone();
         let users = users.clone();
-        tokio::spawn(async move {
+        ctx.tasks.clone().spawn(async move {
             tokio::time::sleep(USER_LOCK_GRACE).await;
-            let cut = ctx.sessions.cut(&[], &users);
+            let cut = ctx.sessions.cut(&[], &cut_targets(&users));
             if cut > 0 {
                 tracing::info!(sessions = cut, "ended sessions of locked users");
             }
@@ -256,6 +255,8 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
         *cur = barred;
         true
     });
+    let mut users: Vec<String> = users.into_iter().map(|(name, _)| name).collect();
+    users.sort();
     let changed = match ctx.locked_users.write() {
         Ok(mut cur) if *cur != users => {
             *cur = users.clone();
@@ -295,6 +296,13 @@ pub async fn final_report(ctx: &Ctx, reason: &str) {
     {
         tracing::warn!("final presence report failed: {e}");
     }
+}
+
+fn cut_targets(named: &[(String, String)]) -> Vec<crate::sessions::CutTarget<'_>> {
+    named
+        .iter()
+        .map(|(name, reason)| crate::sessions::CutTarget { name, reason })
+        .collect()
 }
 
 #[cfg(test)]

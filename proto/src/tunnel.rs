@@ -144,6 +144,11 @@ pub enum ClientRequest {
         device_id: String,
         header: StreamHeader,
     },
+    /// Needs the user's certificate: why the gateway ended the user's session `session_id`
+    /// (the id of its `DialOk`), if it did. A lock cuts a spliced session without a word on
+    /// the (end-to-end encrypted) stream, so tsh asks afterwards to say "device D is
+    /// locked: MESSAGE" instead of "connection lost".
+    SessionEnd { session_id: String },
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -179,5 +184,10 @@ pub enum ClientReply {
     /// The identity provider's login page for this attempt.
     SsoRedirect {
         auth_url: String,
+    },
+    /// The answer to `SessionEnd`: the reason the gateway cut the session, or `None` when
+    /// it did not (or no longer remembers).
+    SessionEnd {
+        reason: Option<String>,
     },
 }

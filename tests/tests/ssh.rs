@@ -595,12 +595,19 @@ fn locks_end_sessions() {
     let child = long_session(&tsh, agent_proc);
     c.tctl
         .ok(&["lock", "--device", "dev1", "--message", "stolen van"]);
-    let (ended, _) = ended_within(child, Duration::from_secs(30));
+    let (ended, out) = ended_within(child, Duration::from_secs(30));
     assert!(ended, "the session to the locked device is still running");
     assert!(
         c.gw.proc.log_text().contains("session cut: locked"),
         "the gateway did not cut it"
     );
+    // The user reads it as a lock, with the administrator's message, not "connection lost".
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("device dev1 is locked: stolen van") && !err.contains("was lost"),
+        "{err}"
+    );
+    assert_eq!(out.status.code(), Some(255));
     let r = tsh.run(&["ssh", "dev1", "true"], None);
     assert_ne!(r.code(), Some(0));
     assert!(r.stderr().contains("lock"), "{}", r.stderr());

@@ -529,9 +529,11 @@ async fn forward(
     };
     // Registered like SSH splices, so a device lock cuts watches, logs -f and exec sessions
     // to the device: dropping the connection ends the response body.
-    let reg = ctx
-        .sessions
-        .register(device, &header.user.clone().unwrap_or_default());
+    let reg = ctx.sessions.register(
+        device,
+        &header.user.clone().unwrap_or_default(),
+        &header.session_id,
+    );
     let cut = reg.cancel.clone();
     ctx.tasks.spawn(async move {
         let _reg = reg;
@@ -560,7 +562,7 @@ async fn forward(
                 ev.kind = KubeEventKind::SessionStart;
                 ev.status = 101;
                 audit_kube_event(&ev);
-                let reg = ctx.sessions.register(device, &ev.user);
+                let reg = ctx.sessions.register(device, &ev.user, &ev.session_id);
                 ctx.tasks.spawn(async move {
                     let (c, d) = match tokio::try_join!(client_upgrade, device_upgrade) {
                         Ok(x) => x,

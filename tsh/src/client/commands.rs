@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use edgeport_net::clock::now_secs;
 use edgeport_proto::sshcert::{RolesExtension, EXT_ROLES};
+use edgeport_proto::tunnel::{ClientReply, ClientRequest};
 use edgeport_proto::util::{format_time, parse_labels};
 
-use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs};
+use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs, Transport};
 use super::forwarding::{self, Inbound, PortForward};
 use super::profile::{self, load_creds, tsh_home, Creds, KeyFiles, Profile};
 use super::ssh::{self, SessionSpec};
@@ -113,15 +114,19 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
     } else {
         command.is_none() && stdin_tty
     };
-    let stream: edgeport_net::BoxedStream = match &args.direct {
-        Some(addr) => Box::new(
-            tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| CliError::msg(format!("cannot connect to {addr}: {e}")))?,
+    let (stream, session_id): (edgeport_net::BoxedStream, Option<String>) = match &args.direct {
+        Some(addr) => (
+            Box::new(
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| CliError::msg(format!("cannot connect to {addr}: {e}")))?,
+            ),
+            None,
         ),
         None => {
             let route = args.test_route_to.as_deref().unwrap_or(device);
-            gateway::dial_ssh(&creds, g.transport, route).await?.0
+            let (stream, id) = gateway::dial_ssh(&creds, g.transport, route).await?;
+            (stream, Some(id))
         }
     };
     let inbound = Arc::new(Inbound::new(agent));
@@ -134,7 +139,7 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
         let _ = tokio::signal::ctrl_c().await;
         return Ok(0);
     }
-    ssh::run_session(
+    let ended = ssh::run_session(
         &conn,
         SessionSpec {
             command,
@@ -143,7 +148,29 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
             forward_agent: args.forward_agent,
         },
     )
-    .await
+    .await;
+    match (ended, session_id) {
+        (Err(lost), Some(id)) if conn.was_lost() => {
+            Err(match why_session_ended(&creds, g.transport, &id).await {
+                Some(reason) => CliError::msg(reason),
+                None => lost,
+            })
+        }
+        (ended, _) => ended,
+    }
+}
+
+/// Asks the gateway why it ended session `id` (a lock cuts the encrypted stream without a
+/// word): "device van-1 is locked: MESSAGE". `None` when it did not say, in time or at all.
+async fn why_session_ended(creds: &Creds, transport: Transport, id: &str) -> Option<String> {
+    let tls = gateway::creds_config(creds).ok()?;
+    let req = ClientRequest::SessionEnd {
+        session_id: id.to_string(),
+    };
+    match gateway::user_request(creds, tls, transport, &req).await {
+        Ok((ClientReply::SessionEnd { reason }, _)) => reason,
+        _ => None,
+    }
 }
 
 async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {

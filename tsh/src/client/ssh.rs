@@ -36,6 +36,8 @@ struct Notes {
     disconnect: Option<String>,
     /// The device stopped answering keep-alives.
     silent: bool,
+    /// The session ended with neither an exit status nor a word from the device.
+    lost: bool,
 }
 
 pub struct Verifier {
@@ -205,6 +207,14 @@ pub struct Connection {
     pub handle: Handle<Verifier>,
     pub device: String,
     notes: Arc<Mutex<Notes>>,
+}
+
+impl Connection {
+    /// Whether the session ended under the user without an exit status or a word from the
+    /// device: the gateway may know why (a device lock cuts the stream silently).
+    pub fn was_lost(&self) -> bool {
+        self.notes.lock().map(|n| n.lost).unwrap_or(false)
+    }
 }
 
 /// Runs the SSH handshake on `stream`, verifies the device and logs in as `login`.
@@ -457,7 +467,10 @@ pub async fn run_session(conn: &Connection, spec: SessionSpec) -> Result<i32, Cl
             let (why, silent) = conn
                 .notes
                 .lock()
-                .map(|n| (n.disconnect.clone(), n.silent))
+                .map(|mut n| {
+                    n.lost = n.disconnect.is_none();
+                    (n.disconnect.clone(), n.silent)
+                })
                 .unwrap_or_default();
             Err(CliError::msg(match (why, silent) {
                 (Some(m), _) => format!(
