@@ -179,3 +179,43 @@ fn agent_env_from_tctl_joins_a_device() {
     assert_eq!(d["labels"]["fleet"], "vans");
     drop(agent);
 }
+
+/// The clients' installer puts tsh and tctl in PREFIX/bin with bash completions that load
+/// (bash is on every machine that runs these tests), and running it again changes nothing.
+#[test]
+fn client_install_brings_completions() {
+    let tmp = TempDir::new();
+    let root = tmp.join("rootfs");
+    std::fs::create_dir_all(&root).unwrap();
+    let install = || {
+        let mut c = Command::new("sh");
+        c.arg(bundle_dir().join("install-clients.sh"))
+            .arg(bin("tsh"))
+            .arg(bin("tctl"))
+            .env("ROOT", &root)
+            .env("PREFIX", "/usr/local");
+        run(c, None, Duration::from_secs(60)).expect_ok("install-clients.sh");
+    };
+    install();
+    let first = snapshot(&root);
+    for prog in ["tsh", "tctl"] {
+        let (mode, _) = &first[&format!("usr/local/bin/{prog}")];
+        assert_eq!(mode & 0o777, 0o755, "{prog}");
+        let completion = root.join(format!(
+            "usr/local/share/bash-completion/completions/{prog}"
+        ));
+        let mut c = Command::new("bash");
+        c.arg("-c").arg(format!(
+            "source {} && complete -p {prog}",
+            completion.display()
+        ));
+        let r = run(c, None, Duration::from_secs(10)).expect_ok("load the completion");
+        assert!(
+            r.stdout().contains(&format!("-F _{prog} {prog}")),
+            "{}",
+            r.stdout()
+        );
+    }
+    install();
+    assert_eq!(snapshot(&root), first, "a second install changed something");
+}
