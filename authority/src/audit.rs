@@ -203,6 +203,7 @@ pub fn upload(
         if ev.kind == SESSION_START {
             bind_session(store, device_id, &ev, now)?;
         }
+        crate::open_sessions::observe(store, device_id, &ev)?;
         if ev.kind == RECORDING_CHUNK {
             store_chunk(store, device_id, &ev, now)?;
         }

@@ -13,6 +13,7 @@ pub mod errors;
 pub mod gateways;
 pub mod handlers;
 pub mod locks;
+pub mod open_sessions;
 pub mod policy;
 pub mod roles;
 pub mod rpc_server;
@@ -178,6 +179,7 @@ impl Server {
             auth_addr,
             shutdown.clone(),
         ));
+        tokio::spawn(open_sessions::run(service.clone(), shutdown.clone()));
         let task = tokio::spawn(rpc_server::serve(
             listener,
             Arc::new(tls),

@@ -59,10 +59,13 @@ pub enum Table {
     /// Failed login counts (`throttle`), by `p/USER/SOURCE`, `s/SOURCE` and `u/USER`: in
     /// the store so that several authorities share them.
     LoginThrottle,
+    /// Sessions a device reported started and not yet ended (`open_sessions::OpenSession`),
+    /// by session id: the authority flags those still open past their certificate's expiry.
+    OpenSessions,
 }
 
 impl Table {
-    pub const ALL: [Table; 20] = [
+    pub const ALL: [Table; 21] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -83,6 +86,7 @@ impl Table {
         Table::SsoPending,
         Table::Sessions,
         Table::LoginThrottle,
+        Table::OpenSessions,
     ];
 
     /// The table's name in the backing store.
@@ -108,6 +112,7 @@ impl Table {
             Table::SsoPending => "sso_pending",
             Table::Sessions => "sessions",
             Table::LoginThrottle => "login_throttle",
+            Table::OpenSessions => "open_sessions",
         }
     }
 }
