@@ -15,7 +15,6 @@
 //! connection, and its state goes with it: listeners closed, the agent socket removed.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -603,7 +602,7 @@ impl SessionChannel {
     ) -> Option<(Started, Option<Arc<PtyMaster>>)> {
         let env = self.program_env(conn);
         let (master, slave) = match &self.pty {
-            Some(req) => match start_pty(req) {
+            Some(req) => match pty::open_shared(req) {
                 Ok((m, s)) => (Some(m), Some(s)),
                 Err(e) => {
                     tracing::warn!(session = %conn.session_id, "cannot open a pty: {e}");
@@ -643,12 +642,6 @@ impl SessionChannel {
         }
         env
     }
-}
-
-/// Opens a terminal as asked: its shareable master and the slave for the program.
-fn start_pty(req: &PtyRequest) -> std::io::Result<(Arc<PtyMaster>, OwnedFd)> {
-    let (m, s) = pty::open(req)?;
-    Ok((Arc::new(PtyMaster::new(m)?), s))
 }
 
 /// The log and audit context of a started program: the sftp tracker for the sftp
