@@ -119,6 +119,15 @@ fn exec_and_interactive_sessions_are_audited_and_recorded() {
         assert!(e["time"].is_string(), "{e}");
     }
     assert_eq!(of("exec")["command"], "echo hi; exit 3");
+    // The start names the certificate's expiry (RFC 3339), so the authority can flag a
+    // session still open past it.
+    let expires = of("session.start")["cert_expires"].clone();
+    assert!(
+        expires
+            .as_str()
+            .is_some_and(|t| t.starts_with("20") && t.ends_with('Z')),
+        "{expires}"
+    );
     let end = of("session.end");
     assert_eq!(end["bytes_out"], 3, "{end}");
     assert!(end["duration_secs"].is_number(), "{end}");

@@ -68,6 +68,15 @@ pub fn event_field(key: &str, value: &str) -> (String, Value) {
             Ok(ms) => ("last_known".into(), time(ms / 1000)),
             Err(_) => (key.into(), json!(value)),
         },
+        "started_ms" => match value.parse::<u64>() {
+            Ok(ms) => ("started".into(), time(ms / 1000)),
+            Err(_) => (key.into(), json!(value)),
+        },
+        // Unix seconds on the wire; 0 when unknown.
+        "cert_expires" => match value.parse::<u64>() {
+            Ok(secs) if secs > 0 => (key.into(), time(secs)),
+            _ => (key.into(), json!(value)),
+        },
         _ if value == "true" || value == "false" => (key.into(), json!(value == "true")),
         "exit_code" | "status" | "port" | "bytes" => {
             (key.into(), number(value).unwrap_or_else(|_| json!(value)))

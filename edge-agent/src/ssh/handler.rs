@@ -1,49 +1,24 @@
-//! The russh handler of one SSH connection: authentication by certificate only, then
-//! session channels (exec, shell, sftp) and, where the certificate allows, port forwarding
-//! both ways (`direct-tcpip`, `tcpip-forward`) and agent forwarding.
-//!
-//! Channel requests are answered inside the callbacks (russh remembers only the latest
-//! want-reply flag of a channel, so a late answer could go to the wrong request); the
-//! process I/O runs in a task per channel (see `session.rs`).
+//! The russh handler of one SSH connection: authentication by certificate only, and the
+//! lock check, here; everything after (session channels, forwards, agent forwarding) is a
+//! [`Request`] to the connection's session actor (`actor.rs`), started once the login is
+//! accepted. Callbacks that answer the client (channel requests, global requests) await the
+//! actor's verdict and answer inside the callback: russh remembers only the latest
+//! want-reply flag of a channel, so a late answer could go to the wrong request.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use russh::keys::ssh_key::Certificate;
 use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Session, VerifiedPublicKey};
-use russh::{
-    Channel, ChannelId, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf, Disconnect, Pty, Sig,
-};
+use russh::{Channel, ChannelId, ChannelOpenFailure, Disconnect, Pty, Sig};
 
-use super::agent_forward::AgentSocket;
+use super::actor::{ActorHandle, Conn, Request, WindowSize};
 use super::auth::{self, Authorized, Policy, Refusal};
-use super::process::{self, Program, Spawn};
-use super::pty::{self, PtyMaster, PtyRequest};
-use super::remote_forward::RemoteForwards;
-use super::session::{self, LogCtx, ProcessIo};
-use super::{forward, Inner};
+use super::pty::PtyRequest;
+use super::Inner;
 
-/// Most channels one connection may hold open at once (OpenSSH's multiplexing rarely needs
-/// more than a handful).
-const MAX_CHANNELS: usize = 64;
-/// Most `env` requests honoured per channel.
-const MAX_ENV: usize = 64;
 /// The channel window for tsh's own SSH client (see [`ConnHandler::adjust_window`]).
 const TSH_WINDOW: u32 = 16 * 1024 * 1024;
-
-/// A session channel before and after its program starts.
-struct SessionChannel {
-    io: Option<(ChannelReadHalf, ChannelWriteHalf<Msg>)>,
-    pty: Option<PtyRequest>,
-    env: Vec<(String, String)>,
-    running: Option<Running>,
-}
-
-struct Running {
-    group: Arc<process::Group>,
-    master: Option<Arc<PtyMaster>>,
-}
 
 pub struct ConnHandler {
     pub(super) inner: Arc<Inner>,
@@ -52,16 +27,13 @@ pub struct ConnHandler {
     pub(super) session_id: String,
     pub(super) client_addr: String,
     pub(super) handle: Arc<OnceLock<Handle>>,
+    /// The accepted login, until the actor takes it over in `auth_succeeded`.
     pub(super) auth: Option<Authorized>,
     pub(super) authenticated: Arc<AtomicBool>,
-    channels: HashMap<ChannelId, SessionChannel>,
-    open_channels: Arc<AtomicUsize>,
+    /// The session actor, once the login is accepted.
+    actor: Option<ActorHandle>,
     /// The channel window to grow to: the configured one, or [`TSH_WINDOW`] for tsh.
     window: Option<u32>,
-    /// `ssh -R` listeners, closed with the connection.
-    remote_forwards: RemoteForwards,
-    /// The `ssh -A` socket, made on the first agent request, removed with the connection.
-    agent_socket: Option<AgentSocket>,
 }
 
 impl ConnHandler {
@@ -83,31 +55,9 @@ impl ConnHandler {
             handle,
             auth: None,
             authenticated,
-            channels: HashMap::new(),
-            open_channels: Arc::new(AtomicUsize::new(0)),
+            actor: None,
             window: None,
-            remote_forwards: RemoteForwards::default(),
-            agent_socket: None,
         }
-    }
-
-    /// One audit event for a forward the client asked for, allowed or refused.
-    fn audit_forward(&self, kind: &'static str, fields: &[(&str, String)], refused: Option<&str>) {
-        let Some(auth) = self.authorized() else {
-            return;
-        };
-        let mut ev = crate::audit::event(kind)
-            .session(&self.session_id)
-            .user(&auth.grant.user)
-            .login(&auth.grant.login);
-        for (k, v) in fields {
-            ev = ev.field(k, v);
-        }
-        ev = ev.field("success", refused.is_none());
-        if let Some(why) = refused {
-            ev = ev.field("reason", why);
-        }
-        ev.emit();
     }
 
     /// Refuses a login: one warning in the log with who, which key and why. When the
@@ -152,173 +102,30 @@ impl ConnHandler {
         }
     }
 
-    fn authorized(&self) -> Option<&Authorized> {
-        self.auth.as_ref()
-    }
-
-    fn log_ctx(&self, kind: &'static str) -> LogCtx {
-        let (user, login) = self
-            .auth
-            .as_ref()
-            .map(|a| (a.grant.user.clone(), a.grant.login.clone()))
-            .unwrap_or_default();
-        LogCtx {
-            user,
-            login,
-            session_id: self.session_id.clone(),
-            kind,
-            started: std::time::Instant::now(),
-            bytes_in: Default::default(),
-            bytes_out: Default::default(),
-            recorder: None,
-            sftp: None,
+    /// Asks the actor and waits for its answer; `default` before authentication.
+    async fn ask<T>(
+        &self,
+        default: T,
+        req: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Request,
+    ) -> T {
+        match &self.actor {
+            Some(a) => a.ask(default, req).await,
+            None => default,
         }
     }
 
-    /// Starts `program` on `channel` and answers the request.
-    fn start(&mut self, channel: ChannelId, program: Program, session: &mut Session) {
-        let ok = self.try_start(channel, program, session);
-        let _ = if ok {
+    /// Asks the actor about a channel request and answers the client.
+    async fn answer(
+        &self,
+        channel: ChannelId,
+        session: &mut Session,
+        req: impl FnOnce(tokio::sync::oneshot::Sender<bool>) -> Request,
+    ) -> Result<(), russh::Error> {
+        if self.ask(false, req).await {
             session.channel_success(channel)
         } else {
             session.channel_failure(channel)
-        };
-    }
-
-    fn try_start(&mut self, channel: ChannelId, program: Program, session: &mut Session) -> bool {
-        let Some(auth) = self.auth.clone() else {
-            return false;
-        };
-        let kind = match &program {
-            Program::LoginShell => "shell",
-            Program::Command(_) => "exec",
-            Program::Binary(_) => "subsystem",
-        };
-        let mut ctx = self.log_ctx(kind);
-        let Some(ch) = self.channels.get_mut(&channel) else {
-            return false;
-        };
-        if ch.running.is_some() {
-            return false;
         }
-        let Some((read, write)) = ch.io.take() else {
-            return false;
-        };
-        let mut env = ch.env.clone();
-        env.push(("EDGEPORT_USER".into(), auth.grant.user.clone()));
-        env.push(("EDGEPORT_SESSION_ID".into(), self.session_id.clone()));
-        env.push(("EDGEPORT_DEVICE".into(), self.inner.device_id.clone()));
-        let (master, slave) = match &ch.pty {
-            Some(req) => {
-                env.push(("TERM".into(), req.term.clone()));
-                match pty::open(req).and_then(|(m, s)| Ok((PtyMaster::new(m)?, s))) {
-                    Ok((m, s)) => (Some(Arc::new(m)), Some(s)),
-                    Err(e) => {
-                        tracing::warn!(session = %self.session_id, "cannot open a pty: {e}");
-                        ch.io = Some((read, write));
-                        return false;
-                    }
-                }
-            }
-            None => (None, None),
-        };
-        if let Program::Command(c) = &program {
-            tracing::debug!(session = %self.session_id, command = %c, "exec");
-        }
-        let audit_detail = match &program {
-            Program::Command(c) => c.clone(),
-            Program::Binary(b) => b.display().to_string(),
-            Program::LoginShell => String::new(),
-        };
-        let audit_pty = ch.pty.as_ref().map(|p| (p.cols, p.rows, p.term.clone()));
-        let started = match process::spawn(Spawn {
-            user: &auth.account,
-            switch_user: auth.switch_user,
-            program,
-            env,
-            pty_slave: slave,
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(session = %self.session_id, login = %auth.grant.login,
-                    "cannot start the session's program: {e}");
-                ch.io = Some((read, write));
-                return false;
-            }
-        };
-        tracing::info!(
-            device = %self.inner.device_id,
-            user = %auth.grant.user,
-            login = %auth.grant.login,
-            session = %self.session_id,
-            kind,
-            pty = master.is_some(),
-            "session started"
-        );
-        ch.running = Some(Running {
-            group: started.group.clone(),
-            master: master.clone(),
-        });
-        let dev = &self.inner.device_id;
-        crate::audit::event("session.start")
-            .session(&self.session_id)
-            .user(&auth.grant.user)
-            .login(&auth.grant.login)
-            .field("user_id", &auth.grant.roles.user_id)
-            .field("kind", kind)
-            .field("pty", master.is_some())
-            .field("device", dev)
-            .field("client_addr", &self.client_addr)
-            .emit();
-        match kind {
-            "exec" => crate::audit::event("exec")
-                .session(&self.session_id)
-                .user(&auth.grant.user)
-                .login(&auth.grant.login)
-                .field("command", &audit_detail)
-                .emit(),
-            "subsystem" => {
-                crate::audit::event("sftp.start")
-                    .session(&self.session_id)
-                    .user(&auth.grant.user)
-                    .login(&auth.grant.login)
-                    .field("server", &audit_detail)
-                    .emit();
-                ctx.sftp = Some(Arc::new(std::sync::Mutex::new(
-                    crate::audit::sftp::SftpTracker::new(
-                        &self.session_id,
-                        &auth.grant.user,
-                        &auth.grant.login,
-                    ),
-                )));
-            }
-            _ => {}
-        }
-        if let (Some((cols, rows, term)), true) = (audit_pty, master.is_some()) {
-            ctx.recorder = Some(Arc::new(std::sync::Mutex::new(
-                crate::audit::record::Recorder::new(
-                    &self.session_id,
-                    &auth.grant.user,
-                    &auth.grant.login,
-                    dev,
-                    cols,
-                    rows,
-                    &term,
-                ),
-            )));
-        }
-        let mut started = started;
-        let io = match master {
-            Some(m) => ProcessIo::Pty(m),
-            None => ProcessIo::Pipes {
-                stdin: started.stdin.take(),
-                stdout: started.stdout.take(),
-                stderr: started.stderr.take(),
-            },
-        };
-        let handle = session.handle();
-        tokio::spawn(session::run(started, io, read, write, handle, channel, ctx));
-        true
     }
 }
 
@@ -386,11 +193,18 @@ impl russh::server::Handler for ConnHandler {
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.authenticated.store(true, Ordering::SeqCst);
         self.window = window_for(session.remote_sshid());
-        // A lock may have arrived between the check and now.
-        if let Some(a) = &self.auth {
-            if self.inner.is_locked(&a.grant.user) {
+        if let Some(auth) = self.auth.take() {
+            // A lock may have arrived between the check and now.
+            if self.inner.is_locked(&auth.grant.user) {
                 return Err(russh::Error::Disconnect);
             }
+            self.actor = Some(ActorHandle::spawn(Conn {
+                inner: self.inner.clone(),
+                auth,
+                session_id: self.session_id.clone(),
+                client_addr: self.client_addr.clone(),
+                handle: session.handle(),
+            }));
         }
         Ok(())
     }
@@ -415,21 +229,10 @@ impl russh::server::Handler for ConnHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.authorized().is_none() || self.channels.len() >= MAX_CHANNELS {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return Ok(());
+        match &self.actor {
+            Some(a) => a.tell(Request::OpenSession { channel, reply }).await,
+            None => reply.reject(ChannelOpenFailure::ResourceShortage).await,
         }
-        let id = channel.id();
-        self.channels.insert(
-            id,
-            SessionChannel {
-                io: Some(channel.split()),
-                pty: None,
-                env: Vec::new(),
-                running: None,
-            },
-        );
-        reply.accept().await;
         Ok(())
     }
 
@@ -443,46 +246,22 @@ impl russh::server::Handler for ConnHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(auth) = self.authorized() else {
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        };
-        let fields = [
-            ("direction", "local".to_string()),
-            ("host", host_to_connect.to_string()),
-            ("port", port_to_connect.to_string()),
-        ];
-        if !auth.grant.permit_port_forwarding {
-            tracing::warn!(
-                user = %auth.grant.user,
-                session = %self.session_id,
-                "refused port forward to {host_to_connect}:{port_to_connect}: the certificate does not permit port forwarding"
-            );
-            self.audit_forward("port_forward", &fields, Some(NO_PORT_FORWARDING));
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
+        match &self.actor {
+            Some(a) => {
+                a.tell(Request::OpenDirectTcpip {
+                    channel,
+                    host: host_to_connect.to_string(),
+                    port: port_to_connect,
+                    reply,
+                })
+                .await
+            }
+            None => {
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
         }
-        let count = self.open_channels.clone();
-        if count.load(Ordering::Relaxed) >= MAX_CHANNELS * 4 {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return Ok(());
-        }
-        tracing::info!(
-            user = %auth.grant.user,
-            session = %self.session_id,
-            "port forward to {host_to_connect}:{port_to_connect}"
-        );
-        self.audit_forward("port_forward", &fields, None);
-        let (host, sid) = (host_to_connect.to_string(), self.session_id.clone());
-        count.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            forward::direct_tcpip(channel, reply, host, port_to_connect, sid).await;
-            count.fetch_sub(1, Ordering::Relaxed);
-        });
         Ok(())
     }
 
@@ -491,8 +270,9 @@ impl russh::server::Handler for ConnHandler {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // The channel's task sees the close on its own and hangs the program up.
-        self.channels.remove(&channel);
+        if let Some(a) = &self.actor {
+            a.tell(Request::Close { channel }).await;
+        }
         Ok(())
     }
 
@@ -507,33 +287,20 @@ impl russh::server::Handler for ConnHandler {
         modes: &[(Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let permit = self.authorized().is_some_and(|a| a.grant.permit_pty);
-        let ok = match self.channels.get_mut(&channel) {
-            Some(ch) if permit && ch.running.is_none() && process::exec_safe(term) => {
-                ch.pty = Some(PtyRequest {
-                    term: term.to_string(),
-                    cols: col_width,
-                    rows: row_height,
-                    px_width: pix_width,
-                    px_height: pix_height,
-                    modes: modes.to_vec(),
-                });
-                true
-            }
-            _ => false,
+        let request = PtyRequest {
+            term: term.to_string(),
+            cols: col_width,
+            rows: row_height,
+            px_width: pix_width,
+            px_height: pix_height,
+            modes: modes.to_vec(),
         };
-        if !permit {
-            if let Some(a) = self.authorized() {
-                tracing::warn!(user = %a.grant.user, session = %self.session_id,
-                    "refused a pty: the certificate does not permit it");
-            }
-        }
-        if ok {
-            session.channel_success(channel)?;
-        } else {
-            session.channel_failure(channel)?;
-        }
-        Ok(())
+        self.answer(channel, session, |done| Request::Pty {
+            channel,
+            request,
+            done,
+        })
+        .await
     }
 
     async fn env_request(
@@ -543,22 +310,14 @@ impl russh::server::Handler for ConnHandler {
         variable_value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = auth::env_allowed(variable_name)
-            && process::exec_safe(variable_value)
-            && match self.channels.get_mut(&channel) {
-                Some(ch) if ch.running.is_none() && ch.env.len() < MAX_ENV => {
-                    ch.env
-                        .push((variable_name.to_string(), variable_value.to_string()));
-                    true
-                }
-                _ => false,
-            };
-        if ok {
-            session.channel_success(channel)?;
-        } else {
-            session.channel_failure(channel)?;
-        }
-        Ok(())
+        let (name, value) = (variable_name.to_string(), variable_value.to_string());
+        self.answer(channel, session, |done| Request::Env {
+            channel,
+            name,
+            value,
+            done,
+        })
+        .await
     }
 
     async fn shell_request(
@@ -566,8 +325,8 @@ impl russh::server::Handler for ConnHandler {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.start(channel, Program::LoginShell, session);
-        Ok(())
+        self.answer(channel, session, |done| Request::Shell { channel, done })
+            .await
     }
 
     async fn exec_request(
@@ -576,13 +335,13 @@ impl russh::server::Handler for ConnHandler {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        match std::str::from_utf8(data) {
-            Ok(cmd) if process::exec_safe(cmd) => {
-                self.start(channel, Program::Command(cmd.to_string()), session)
-            }
-            _ => session.channel_failure(channel)?,
-        }
-        Ok(())
+        let command = data.to_vec();
+        self.answer(channel, session, |done| Request::Exec {
+            channel,
+            command,
+            done,
+        })
+        .await
     }
 
     async fn subsystem_request(
@@ -591,16 +350,13 @@ impl russh::server::Handler for ConnHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        match (name, &self.inner.sftp_server) {
-            ("sftp", Some(path)) => self.start(channel, Program::Binary(path.clone()), session),
-            ("sftp", None) => {
-                tracing::warn!(session = %self.session_id,
-                    "refused sftp: no sftp-server binary on this device (install OpenSSH's sftp-server)");
-                session.channel_failure(channel)?;
-            }
-            _ => session.channel_failure(channel)?,
-        }
-        Ok(())
+        let name = name.to_string();
+        self.answer(channel, session, |done| Request::Subsystem {
+            channel,
+            name,
+            done,
+        })
+        .await
     }
 
     async fn window_change_request(
@@ -612,29 +368,18 @@ impl russh::server::Handler for ConnHandler {
         pix_height: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = match self.channels.get_mut(&channel) {
-            Some(ch) => match ch.running.as_ref().and_then(|r| r.master.as_ref()) {
-                Some(m) => m
-                    .resize(col_width, row_height, pix_width, pix_height)
-                    .is_ok(),
-                None => match ch.pty.as_mut() {
-                    // Before the program starts: remember the size for the pty.
-                    Some(p) => {
-                        (p.cols, p.rows, p.px_width, p.px_height) =
-                            (col_width, row_height, pix_width, pix_height);
-                        true
-                    }
-                    None => false,
-                },
-            },
-            None => false,
+        let size = WindowSize {
+            cols: col_width,
+            rows: row_height,
+            px_width: pix_width,
+            px_height: pix_height,
         };
-        if ok {
-            session.channel_success(channel)?;
-        } else {
-            session.channel_failure(channel)?;
-        }
-        Ok(())
+        self.answer(channel, session, |done| Request::WindowChange {
+            channel,
+            size,
+            done,
+        })
+        .await
     }
 
     async fn signal(
@@ -643,24 +388,8 @@ impl russh::server::Handler for ConnHandler {
         signal: Sig,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let name = sig_name(&signal);
-        let Some(num) = process::signal_number(&name) else {
-            return Ok(());
-        };
-        if let Some(r) = self.channels.get(&channel).and_then(|c| c.running.as_ref()) {
-            // Nothing goes to a group that has ended: its id may belong to someone else now.
-            if r.group.is_gone() {
-                return Ok(());
-            }
-            // With a terminal, the signal goes to its foreground job, like a key press would.
-            match r.master.as_ref().and_then(|m| m.foreground_group()) {
-                Some(fg) => {
-                    process::signal_group(fg, num);
-                }
-                None => {
-                    r.group.signal(num);
-                }
-            }
+        if let Some(a) = &self.actor {
+            a.tell(Request::Signal { channel, signal }).await;
         }
         Ok(())
     }
@@ -668,83 +397,31 @@ impl russh::server::Handler for ConnHandler {
     async fn agent_request(
         &mut self,
         channel: ChannelId,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(auth) = self.auth.clone() else {
-            return Ok(false);
-        };
-        if !auth.grant.permit_agent_forwarding {
-            tracing::warn!(user = %auth.grant.user, session = %self.session_id,
-                "refused agent forwarding: the certificate does not permit it");
-            self.audit_forward("agent_forward", &[], Some(NO_AGENT_FORWARDING));
-            return Ok(false);
-        }
-        if self.agent_socket.is_none() {
-            match AgentSocket::create(
-                session.handle(),
-                &auth.account,
-                auth.switch_user,
-                &self.session_id,
-            ) {
-                Ok(s) => self.agent_socket = Some(s),
-                Err(e) => {
-                    tracing::warn!(session = %self.session_id, "agent forwarding failed: {e}");
-                    self.audit_forward("agent_forward", &[], Some(&e.to_string()));
-                    return Ok(false);
-                }
-            }
-        }
-        let (Some(sock), Some(ch)) = (&self.agent_socket, self.channels.get_mut(&channel)) else {
-            return Ok(false);
-        };
-        ch.env
-            .push(("SSH_AUTH_SOCK".into(), sock.path().display().to_string()));
-        tracing::info!(user = %auth.grant.user, session = %self.session_id, "agent forwarding");
-        self.audit_forward("agent_forward", &[], None);
-        Ok(true)
+        Ok(self
+            .ask(false, |done| Request::Agent { channel, done })
+            .await)
     }
 
     async fn tcpip_forward(
         &mut self,
         address: &str,
         port: &mut u32,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(auth) = self.auth.clone() else {
-            return Ok(false);
-        };
-        let asked = *port;
-        let mut fields = vec![
-            ("direction", "remote".to_string()),
-            ("host", address.to_string()),
-            ("port", asked.to_string()),
-        ];
-        if !auth.grant.permit_port_forwarding {
-            tracing::warn!(user = %auth.grant.user, session = %self.session_id,
-                "refused remote port forward of {address}:{asked}: the certificate does not permit port forwarding");
-            self.audit_forward("port_forward", &fields, Some(NO_PORT_FORWARDING));
-            return Ok(false);
+        let (address, asked) = (address.to_string(), *port);
+        let bound = self
+            .ask(None, |done| Request::TcpipForward {
+                address,
+                port: asked,
+                done,
+            })
+            .await;
+        if let Some(p) = bound {
+            *port = p;
         }
-        let root = auth.account.uid == 0;
-        match self
-            .remote_forwards
-            .start(session.handle(), address, port, root, &self.session_id)
-            .await
-        {
-            Ok(bound) => {
-                tracing::info!(user = %auth.grant.user, session = %self.session_id,
-                    "remote port forward: listening on {bound}");
-                fields[2].1 = port.to_string();
-                self.audit_forward("port_forward", &fields, None);
-                Ok(true)
-            }
-            Err(e) => {
-                tracing::info!(user = %auth.grant.user, session = %self.session_id,
-                    "refused remote port forward of {address}:{asked}: {e}");
-                self.audit_forward("port_forward", &fields, Some(&e.to_string()));
-                Ok(false)
-            }
-        }
+        Ok(bound.is_some())
     }
 
     async fn cancel_tcpip_forward(
@@ -753,13 +430,16 @@ impl russh::server::Handler for ConnHandler {
         port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        Ok(self.remote_forwards.cancel(address, port))
+        let address = address.to_string();
+        Ok(self
+            .ask(false, |done| Request::CancelTcpipForward {
+                address,
+                port,
+                done,
+            })
+            .await)
     }
 }
-
-/// The audit reason for a forward the certificate does not allow.
-const NO_PORT_FORWARDING: &str = "the certificate does not permit port forwarding";
-const NO_AGENT_FORWARDING: &str = "the certificate does not permit agent forwarding";
 
 /// The channel window for a client by its SSH version line: [`TSH_WINDOW`] for tsh, the
 /// configured one (None) for everyone else.
@@ -773,24 +453,6 @@ fn publickey_only() -> Auth {
     Auth::Reject {
         proceed_with_methods: Some(russh::MethodSet::from(&[russh::MethodKind::PublicKey][..])),
         partial_success: false,
-    }
-}
-
-fn sig_name(s: &Sig) -> String {
-    match s {
-        Sig::ABRT => "ABRT".into(),
-        Sig::ALRM => "ALRM".into(),
-        Sig::FPE => "FPE".into(),
-        Sig::HUP => "HUP".into(),
-        Sig::ILL => "ILL".into(),
-        Sig::INT => "INT".into(),
-        Sig::KILL => "KILL".into(),
-        Sig::PIPE => "PIPE".into(),
-        Sig::QUIT => "QUIT".into(),
-        Sig::SEGV => "SEGV".into(),
-        Sig::TERM => "TERM".into(),
-        Sig::USR1 => "USR1".into(),
-        Sig::Custom(c) => c.clone(),
     }
 }
 

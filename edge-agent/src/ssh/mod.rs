@@ -13,6 +13,7 @@
 //! session's processes run as the login's local user, in their own session and process
 //! group, and are hung up when the channel closes.
 
+mod actor;
 mod agent_forward;
 mod auth;
 mod forward;

@@ -23,6 +23,17 @@ pub enum Program {
     Binary(PathBuf),
 }
 
+impl Program {
+    /// The session kind in logs and audit events: `shell`, `exec` or `subsystem`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Program::LoginShell => "shell",
+            Program::Command(_) => "exec",
+            Program::Binary(_) => "subsystem",
+        }
+    }
+}
+
 /// Everything needed to start a session's process.
 pub struct Spawn<'a> {
     pub user: &'a LocalUser,

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use russh::Pty;
 use tokio::io::unix::AsyncFd;
@@ -64,6 +65,13 @@ pub fn open(req: &PtyRequest) -> io::Result<(OwnedFd, OwnedFd)> {
     set_cloexec(slave.as_raw_fd())?;
     apply_modes(slave.as_raw_fd(), &req.modes);
     Ok((master, slave))
+}
+
+/// Opens a terminal as asked, for a session: its master side, shareable between the
+/// session's tasks, and the slave for the program.
+pub fn open_shared(req: &PtyRequest) -> io::Result<(Arc<PtyMaster>, OwnedFd)> {
+    let (master, slave) = open(req)?;
+    Ok((Arc::new(PtyMaster::new(master)?), slave))
 }
 
 /// Applies the RFC 4254 terminal modes we understand; unknown ones are ignored, as sshd does.

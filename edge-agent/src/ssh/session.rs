@@ -6,13 +6,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_proto::sshcert::UserGrant;
 use russh::server::{Handle, Msg};
 use russh::{ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::process::{ChildStderr, ChildStdin, ChildStdout};
 
-use super::process::{self, Started};
-use super::pty::PtyMaster;
+use super::actor::Conn;
+use super::process::{self, Program, Started};
+use super::pty::{PtyMaster, PtyRequest};
 
 /// How long a closed channel's processes get between SIGHUP and SIGKILL.
 const HANGUP_GRACE: Duration = Duration::from_secs(2);
@@ -27,6 +29,20 @@ pub enum ProcessIo {
         stderr: Option<ChildStderr>,
     },
     Pty(Arc<PtyMaster>),
+}
+
+impl ProcessIo {
+    /// The process side of `started`: the terminal when it has one, else its pipes.
+    pub fn take(started: &mut Started, master: Option<Arc<PtyMaster>>) -> Self {
+        match master {
+            Some(m) => ProcessIo::Pty(m),
+            None => ProcessIo::Pipes {
+                stdin: started.stdin.take(),
+                stdout: started.stdout.take(),
+                stderr: started.stderr.take(),
+            },
+        }
+    }
 }
 
 /// Who and what, for the log lines and the audit events.
@@ -56,6 +72,45 @@ fn tap(t: &Option<Sftp>, f: impl FnOnce(&mut crate::audit::sftp::SftpTracker)) {
 }
 
 impl LogCtx {
+    /// The context of a program of `kind` starting now, without recording or sftp tracking.
+    pub fn new(grant: &UserGrant, session_id: &str, kind: &'static str) -> Self {
+        Self {
+            user: grant.user.clone(),
+            login: grant.login.clone(),
+            session_id: session_id.to_string(),
+            kind,
+            started: std::time::Instant::now(),
+            bytes_in: Default::default(),
+            bytes_out: Default::default(),
+            recorder: None,
+            sftp: None,
+        }
+    }
+
+    /// Tracks the SFTP file operations of the session (the sftp subsystem).
+    pub fn with_sftp(mut self) -> Self {
+        self.sftp = Some(Arc::new(std::sync::Mutex::new(
+            crate::audit::sftp::SftpTracker::new(&self.session_id, &self.user, &self.login),
+        )));
+        self
+    }
+
+    /// Records the session's terminal output, from the size and type `pty` asked for.
+    pub fn with_recorder(mut self, device: &str, pty: &PtyRequest) -> Self {
+        self.recorder = Some(Arc::new(std::sync::Mutex::new(
+            crate::audit::record::Recorder::new(
+                &self.session_id,
+                &self.user,
+                &self.login,
+                device,
+                pty.cols,
+                pty.rows,
+                &pty.term,
+            ),
+        )));
+        self
+    }
+
     fn record(&self, data: &[u8]) {
         self.bytes_out
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -183,6 +238,39 @@ async fn drain_pty<W: AsyncWrite + Unpin>(
     }
 }
 
+/// The audit events of a program that started: `session.start`, then `exec` (the
+/// command) or `sftp.start` (the server binary). Their end is in [`finish`].
+pub fn audit_start(conn: &Conn, program: &Program, pty: bool) {
+    let (sid, grant) = (&conn.session_id, &conn.auth.grant);
+    crate::audit::event("session.start")
+        .session(sid)
+        .user(&grant.user)
+        .login(&grant.login)
+        .field("user_id", &grant.roles.user_id)
+        .field("kind", program.kind())
+        .field("pty", pty)
+        .field("device", &conn.inner.device_id)
+        .field("client_addr", &conn.client_addr)
+        // The authority flags a session still open past this (authority/src/open_sessions.rs).
+        .field("cert_expires", grant.valid_before)
+        .emit();
+    match program {
+        Program::Command(c) => crate::audit::event("exec")
+            .session(sid)
+            .user(&grant.user)
+            .login(&grant.login)
+            .field("command", c)
+            .emit(),
+        Program::Binary(b) => crate::audit::event("sftp.start")
+            .session(sid)
+            .user(&grant.user)
+            .login(&grant.login)
+            .field("server", b.display().to_string())
+            .emit(),
+        Program::LoginShell => {}
+    }
+}
+
 /// Sends the exit status (or signal), EOF and close, in that order.
 async fn finish(
     handle: &Handle,
@@ -242,6 +330,25 @@ async fn finish(
     }
     let _ = handle.eof(channel).await;
     let _ = handle.close(channel).await;
+}
+
+/// The SSH name of a signal the client sent (RFC 4254 6.10, without the "SIG").
+pub fn sig_name(s: &Sig) -> String {
+    match s {
+        Sig::ABRT => "ABRT".into(),
+        Sig::ALRM => "ALRM".into(),
+        Sig::FPE => "FPE".into(),
+        Sig::HUP => "HUP".into(),
+        Sig::ILL => "ILL".into(),
+        Sig::INT => "INT".into(),
+        Sig::KILL => "KILL".into(),
+        Sig::PIPE => "PIPE".into(),
+        Sig::QUIT => "QUIT".into(),
+        Sig::SEGV => "SEGV".into(),
+        Sig::TERM => "TERM".into(),
+        Sig::USR1 => "USR1".into(),
+        Sig::Custom(c) => c.clone(),
+    }
 }
 
 fn to_sig(sig: i32) -> Sig {
