@@ -134,7 +134,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             .map(Duration::from_millis)
             .map_err(|e| format!("invalid duration {s:?}: {e}"));
     }
-    edgeport_proto::util::parse_duration_secs(s).map(Duration::from_secs)
+    edgeport_proto::util::parse_duration_secs(s)
+        .map(Duration::from_secs)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {

@@ -176,11 +176,11 @@ impl MovedSsoFlags {
     }
 }
 
-fn parse_peer_addr(s: &str) -> Result<String, String> {
+fn parse_peer_addr(s: &str) -> Result<String, edgeport_proto::util::PeerAddrError> {
     edgeport_proto::util::check_peer_addr(s).map(|()| s.to_string())
 }
 
-fn parse_duration(s: &str) -> Result<u64, String> {
+fn parse_duration(s: &str) -> Result<u64, edgeport_proto::util::DurationError> {
     edgeport_proto::util::parse_duration_secs(s)
 }
 

@@ -115,8 +115,16 @@ pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("invalid duration {0:?} (examples: 90s, 30m, 12h, 7d)")]
+    Invalid(String),
+    #[error("duration {0:?} is too large")]
+    TooLarge(String),
+}
+
 /// Parses durations such as `90s`, `30m`, `12h`, `7d` or a bare number of seconds.
-pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+pub fn parse_duration_secs(s: &str) -> Result<u64, DurationError> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, 's')) => (&s[..i], 1),
@@ -127,9 +135,9 @@ pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("invalid duration {s:?} (examples: 90s, 30m, 12h, 7d)"))?;
+        .map_err(|_| DurationError::Invalid(s.to_string()))?;
     n.checked_mul(mult)
-        .ok_or_else(|| format!("duration {s:?} is too large"))
+        .ok_or_else(|| DurationError::TooLarge(s.to_string()))
 }
 
 /// Formats a number of seconds as `1h2m3s`.
@@ -169,11 +177,24 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Why a gateway's peer address is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("peer address {addr:?}: {why}")]
+pub struct PeerAddrError {
+    pub addr: String,
+    pub why: &'static str,
+}
+
 /// Checks a gateway's peer address (`HOST:PORT` or `[V6]:PORT`, where other gateways of the
 /// cluster reach it): a sane length, a port that parses and is not 0, a host of name or
 /// address characters that is not a wildcard address (which no peer could dial).
-pub fn check_peer_addr(addr: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("peer address {addr:?}: {why}"));
+pub fn check_peer_addr(addr: &str) -> Result<(), PeerAddrError> {
+    let bad = |why: &'static str| {
+        Err(PeerAddrError {
+            addr: addr.to_string(),
+            why,
+        })
+    };
     let Some((host, port)) = addr.rsplit_once(':') else {
         return bad("not HOST:PORT");
     };

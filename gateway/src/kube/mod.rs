@@ -73,7 +73,7 @@ struct Conn {
     addr: SocketAddr,
     /// The user, or why the certificate was refused (answered to the first request, then
     /// the connection closes).
-    user: Result<UserCert, String>,
+    user: Result<UserCert, CertRefused>,
     /// The certificate's notAfter (Unix seconds): checked at every request.
     not_after: u64,
     /// Requests in flight, and when the last one ended (for the idle limit).
@@ -119,14 +119,34 @@ fn status_body(status: StatusCode, reason: &str, msg: &str) -> HttpResponse<Body
     r
 }
 
+/// Why the front door refuses a client's certificate: the text is the one answer the client
+/// gets (kubectl prints it).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum CertRefused {
+    #[error("no client certificate: run `tsh login` and `tsh kube login CLUSTER`")]
+    Missing,
+    #[error("client certificate expired: run `tsh login` again")]
+    Expired,
+    #[error("client certificate expired: run `tsh login` and `tsh kube login CLUSTER` again")]
+    ExpiredSinceConnect,
+    #[error("client certificate was not issued by this Edgeport cluster's CA")]
+    UnknownIssuer,
+    #[error("client certificate does not name a user")]
+    NotAUser,
+    #[error("client certificate refused: {0}")]
+    Other(String),
+    #[error("gateway TLS unavailable: {0}")]
+    GatewayTls(String),
+}
+
 /// Checks the client certificate: this cluster's CA, valid now, names a user.
 fn check_cert(
     ctx: &Ctx,
     verifier: &dyn rustls::server::danger::ClientCertVerifier,
     certs: Option<&[CertificateDer<'_>]>,
-) -> Result<UserCert, String> {
+) -> Result<UserCert, CertRefused> {
     let Some((leaf, rest)) = certs.and_then(|c| c.split_first()) else {
-        return Err("no client certificate: run `tsh login` and `tsh kube login CLUSTER`".into());
+        return Err(CertRefused::Missing);
     };
     verifier
         .verify_client_cert(leaf, rest, UnixTime::now())
@@ -134,16 +154,16 @@ fn check_cert(
             rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)
             | rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
                 ..
-            }) => "client certificate expired: run `tsh login` again".to_string(),
+            }) => CertRefused::Expired,
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
-                "client certificate was not issued by this Edgeport cluster's CA".to_string()
+                CertRefused::UnknownIssuer
             }
-            other => format!("client certificate refused: {other}"),
+            other => CertRefused::Other(other.to_string()),
         })?;
     match edgeport_proto::tls::peer_principal(leaf.as_ref(), ctx.identity().cluster()) {
         Ok(Principal::User(u)) => Ok(UserCert::new(u, leaf.as_ref().to_vec())),
-        Ok(_) => Err("client certificate does not name a user".into()),
-        Err(e) => Err(format!("client certificate refused: {e}")),
+        Ok(_) => Err(CertRefused::NotAUser),
+        Err(e) => Err(CertRefused::Other(e.to_string())),
     }
 }
 
@@ -159,7 +179,7 @@ pub async fn serve(
             t.verifier.as_ref(),
             tls.get_ref().1.peer_certificates(),
         ),
-        Err(e) => Err(format!("gateway TLS unavailable: {e}")),
+        Err(e) => Err(CertRefused::GatewayTls(e.to_string())),
     };
     if let Err(why) = &user {
         tracing::info!(%addr, "kubernetes client refused: {why}");
@@ -343,10 +363,7 @@ async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
 async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> HttpResponse<Body> {
     let refusal = match &conn.user {
         Ok(u) if edgeport_net::clock::now_secs() < conn.not_after => Ok(u.clone()),
-        Ok(_) => Err(
-            "client certificate expired: run `tsh login` and `tsh kube login CLUSTER` again"
-                .to_string(),
-        ),
+        Ok(_) => Err(CertRefused::ExpiredSinceConnect),
         Err(why) => Err(why.clone()),
     };
     let who = match refusal {
@@ -354,7 +371,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         Err(why) => {
             // The one answer, then the connection closes: HTTP/1.1 by `Connection: close`
             // (hyper closes after writing it), HTTP/2 by GOAWAY once the answer is out.
-            let mut resp = status_body(StatusCode::UNAUTHORIZED, "Unauthorized", &why);
+            let mut resp = status_body(StatusCode::UNAUTHORIZED, "Unauthorized", &why.to_string());
             if req.version() == http::Version::HTTP_2 {
                 let conn = conn.clone();
                 ctx.tasks.spawn(async move {

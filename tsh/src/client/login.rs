@@ -73,7 +73,7 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         .or_else(local_user)
         .or_else(|| (args.auth != "local").then(String::new))
         .ok_or_else(|| CliError::msg("tsh login needs --user NAME"))?;
-    let ttl_secs = parse_duration_secs(&args.ttl).map_err(CliError::msg)?;
+    let ttl_secs = parse_duration_secs(&args.ttl).map_err(|e| CliError::msg(e.to_string()))?;
 
     // Verify the gateway before sending it anything.
     let stored_cas = read_cas(&KeyFiles::new(&home, &proxy, &user).cas).or_else(|| {

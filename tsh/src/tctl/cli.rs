@@ -523,12 +523,12 @@ fn parse_label_rules(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
     super::roles::parse_label_rules(s)
 }
 
-fn parse_duration(s: &str) -> Result<u64, String> {
+fn parse_duration(s: &str) -> Result<u64, edgeport_proto::util::DurationError> {
     edgeport_proto::util::parse_duration_secs(s)
 }
 
-fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
-    edgeport_proto::util::parse_labels(s).map_err(|e| e.to_string())
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, edgeport_proto::util::LabelError> {
+    edgeport_proto::util::parse_labels(s)
 }
 
 #[cfg(test)]
