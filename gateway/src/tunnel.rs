@@ -131,10 +131,20 @@ pub async fn serve(
     // sends more is not read meanwhile), so none of them waits here.
     let (done_tx, mut done) = mpsc::channel::<Done>(RELAYS_PER_TUNNEL);
     let mut read = std::pin::pin!(read_next(reader));
-    let mut hello: Option<Hello> = None;
-    let mut tunnel: Option<Arc<Tunnel>> = None;
+    let mut io = Io {
+        ctx: ctx.clone(),
+        device_id: device_id.clone(),
+        conn: conn.clone(),
+        fingerprint,
+        remote_addr,
+        writer: wtx,
+        outside: outside_tx,
+        done: done_tx,
+        hello: None,
+        tunnel: None,
+    };
     loop {
-        let established = tunnel.is_some();
+        let established = io.tunnel.is_some();
         tokio::select! {
             (reader, frame) = &mut read, if ctl.wants_read() => {
                 let now = Instant::now();
@@ -167,78 +177,20 @@ pub async fn serve(
             }
         }
         // Events first: the tunnel is registered before its Welcome is written.
-        loop {
-            if let Some(ev) = ctl.poll_event() {
-                match ev {
-                    GatewayEvent::Hello(h) => {
-                        let admission = if ctx.tunnels.is_revoked(&fingerprint) {
-                            Admission::Revoked {
-                                message: format!(
-                                    "device {device_id} was removed from the cluster; join again \
-                                     with a new token"
-                                ),
-                            }
-                        } else {
-                            Admission::Accept {
-                                gateway_id: ctx.identity().gateway_id.clone(),
-                                transport,
-                                locked_users: ctx.locked_users(),
-                            }
-                        };
-                        hello = Some(h);
-                        let _ = ctl.admit(Instant::now(), admission);
-                    }
-                    GatewayEvent::Established => {
-                        if let Some(hello) = hello.take() {
-                            tunnel = Some(register(
-                                &ctx,
-                                &conn,
-                                hello,
-                                &fingerprint,
-                                remote_addr,
-                                outside_tx.clone(),
-                            ));
-                        }
-                    }
-                    GatewayEvent::Rtt(rtt) => {
-                        if let Some(t) = &tunnel {
-                            t.tcp_rtt_ms.store(rtt, Ordering::Relaxed);
-                        }
-                    }
-                    GatewayEvent::Renew { id, ssh_public_key } => {
-                        let (ctx2, done_tx) = (ctx.clone(), done_tx.clone());
-                        let device_id = device_id.clone();
-                        ctx.tasks.spawn(async move {
-                            let r = renew_device(&ctx2, device_id, ssh_public_key).await;
-                            let _ = done_tx.send(Done::Renew(id, r)).await;
-                        });
-                    }
-                    GatewayEvent::Audit { id, batch } => {
-                        let (ctx2, done_tx) = (ctx.clone(), done_tx.clone());
-                        let device_id = device_id.clone();
-                        ctx.tasks.spawn(async move {
-                            let ack = crate::audit::relay_batch(&ctx2, device_id, batch).await;
-                            let _ = done_tx.send(Done::Audit(id, ack)).await;
-                        });
-                    }
-                    GatewayEvent::Ignored(why) => {
-                        tracing::debug!(device = %device_id, "{why}");
-                    }
-                    GatewayEvent::Closed => {}
-                }
-                continue;
-            }
-            if let Some(msg) = ctl.poll_transmit() {
-                let _ = wtx.try_send(msg);
-                continue;
-            }
-            break;
+        while let Some(ev) = ctl.poll_event() {
+            io.on_event(&mut ctl, ev);
+        }
+        while let Some(msg) = ctl.poll_transmit() {
+            let _ = io.writer.try_send(msg);
         }
         if ctl.is_closed() {
             break;
         }
     }
-    drop(wtx);
+    let tunnel = io.tunnel.take();
+    // Ends the writer task once it has written what is queued (before the Welcome: the
+    // refusal).
+    drop(io);
     let Some(tunnel) = tunnel else {
         // Closed before the Welcome: never registered.
         if let Some(reason) = ctl.close_reason() {
@@ -286,6 +238,91 @@ pub async fn serve(
     tracing::info!(device = %device_id, transport = transport.as_str(), %reason, "device offline");
     ctx.tunnels
         .unregister(&device_id, tunnel.generation, reason);
+}
+
+/// What one tunnel's task holds besides the machine: the handles its events act on.
+struct Io {
+    ctx: Arc<Ctx>,
+    /// From the verified certificate: the only device id trusted.
+    device_id: String,
+    conn: Arc<dyn edgeport_net::Tunnel>,
+    fingerprint: String,
+    remote_addr: SocketAddr,
+    /// To the writer task.
+    writer: mpsc::Sender<GwMsg>,
+    /// Handed to the registered [`Tunnel`].
+    outside: mpsc::Sender<Outside>,
+    /// Relay results, back to the machine.
+    done: mpsc::Sender<Done>,
+    /// The Hello, between [`GatewayEvent::Hello`] and [`GatewayEvent::Established`].
+    hello: Option<Hello>,
+    /// Once established.
+    tunnel: Option<Arc<Tunnel>>,
+}
+
+impl Io {
+    fn on_event(&mut self, ctl: &mut GatewayControl, ev: GatewayEvent) {
+        let ctx = &self.ctx;
+        match ev {
+            GatewayEvent::Hello(h) => {
+                let admission = if ctx.tunnels.is_revoked(&self.fingerprint) {
+                    Admission::Revoked {
+                        message: format!(
+                            "device {} was removed from the cluster; join again with a new token",
+                            self.device_id
+                        ),
+                    }
+                } else {
+                    Admission::Accept {
+                        gateway_id: ctx.identity().gateway_id.clone(),
+                        transport: self.conn.transport(),
+                        locked_users: ctx.locked_users(),
+                    }
+                };
+                self.hello = Some(h);
+                let _ = ctl.admit(Instant::now(), admission);
+            }
+            GatewayEvent::Established => {
+                if let Some(hello) = self.hello.take() {
+                    self.tunnel = Some(register(
+                        ctx,
+                        &self.conn,
+                        hello,
+                        &self.fingerprint,
+                        self.remote_addr,
+                        self.outside.clone(),
+                    ));
+                }
+            }
+            GatewayEvent::Rtt(rtt) => {
+                if let Some(t) = &self.tunnel {
+                    t.tcp_rtt_ms.store(rtt, Ordering::Relaxed);
+                }
+            }
+            // Relays run on the gateway's tasks (drained on shutdown); the machine bounds how
+            // many run at once.
+            GatewayEvent::Renew { id, ssh_public_key } => {
+                let (ctx, done) = (ctx.clone(), self.done.clone());
+                let device_id = self.device_id.clone();
+                self.ctx.tasks.spawn(async move {
+                    let r = renew_device(&ctx, device_id, ssh_public_key).await;
+                    let _ = done.send(Done::Renew(id, r)).await;
+                });
+            }
+            GatewayEvent::Audit { id, batch } => {
+                let (ctx, done) = (ctx.clone(), self.done.clone());
+                let device_id = self.device_id.clone();
+                self.ctx.tasks.spawn(async move {
+                    let ack = crate::audit::relay_batch(&ctx, device_id, batch).await;
+                    let _ = done.send(Done::Audit(id, ack)).await;
+                });
+            }
+            GatewayEvent::Ignored(why) => {
+                tracing::debug!(device = %self.device_id, "{why}");
+            }
+            GatewayEvent::Closed => {}
+        }
+    }
 }
 
 /// Registers the tunnel of a welcomed device.
