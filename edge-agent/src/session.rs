@@ -1,7 +1,9 @@
 //! One tunnel session: Hello/Welcome on the control stream, then serve the gateway's
 //! streams, keep the tunnel alive (pings on TCP; QUIC keeps itself alive), renew the
 //! certificates when due, and, while on TCP, probe QUIC in the background and move over as
-//! soon as UDP works again.
+//! soon as UDP works again. The control protocol itself is the sans-IO machine
+//! [`edgeport_proto::control::AgentControl`]: [`establish`] and [`serve`] only read and write
+//! its frames, run its timer and act on its events.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,10 +11,15 @@ use std::time::{Duration, Instant};
 use edgeport_net::clock::now_secs;
 use edgeport_net::{read_frame, write_frame};
 use edgeport_net::{BoxedStream, Tunnel};
+use edgeport_proto::audit::{AuditAck, AuditBatch};
+use edgeport_proto::control::{
+    AgentCloseReason, AgentConfig, AgentControl as Machine, AgentEvent, AgentIgnored, Keepalive,
+};
 use edgeport_proto::rpc::{RpcError, Transport};
 use edgeport_proto::tunnel::{AgentControl, GatewayControl, Hello};
 use edgeport_proto::FrameError;
 use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
 
 use crate::agent::Agent;
 use crate::backoff::unit_random;
@@ -24,8 +31,6 @@ use crate::transport::{describe, explain, QuicClient};
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a QUIC probe in flight may take to finish after the TCP tunnel ended.
 const UPGRADE_GRACE: Duration = Duration::from_secs(2);
-/// How often the certificates' age is checked.
-const RENEW_CHECK: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -40,6 +45,8 @@ pub struct Session {
     pub conn: Arc<dyn Tunnel>,
     reader: ReadHalf<BoxedStream>,
     writer: WriteHalf<BoxedStream>,
+    /// The control machine, established (boxed: it is large, and sessions move around).
+    ctl: Box<Machine>,
     pub gateway_id: String,
 }
 
@@ -52,57 +59,97 @@ pub enum Ended {
     Shutdown,
 }
 
-/// Opens the control stream, says Hello and waits for Welcome.
+/// The control machine's settings for a tunnel on `conn`: pings only where the transport
+/// does not keep itself alive (TCP).
+fn control_config(conn: &dyn Tunnel, cfg: &crate::config::AgentConfig) -> AgentConfig {
+    AgentConfig {
+        handshake_timeout: CONTROL_TIMEOUT,
+        keepalive: (!conn.keeps_alive()).then_some(Keepalive {
+            interval: cfg.keepalive,
+            idle_timeout: cfg.idle_timeout,
+        }),
+        renew_check: edgeport_proto::control::RENEW_CHECK,
+    }
+}
+
+/// Opens the control stream, says Hello and waits for Welcome (all within
+/// [`CONTROL_TIMEOUT`], the machine's handshake deadline).
 pub async fn establish(
     conn: Arc<dyn Tunnel>,
     ident: &DeviceIdentity,
-    kube_cluster: Option<String>,
+    cfg: &crate::config::AgentConfig,
 ) -> Result<Session, SessionError> {
+    let hello = Hello {
+        device_id: ident.device_id.clone(),
+        labels: ident.labels.clone(),
+        version: edgeport_proto::VERSION.to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+        kube_cluster: cfg.kube_cluster.clone(),
+    };
+    let started = Instant::now();
+    let mut ctl = Machine::new(started, control_config(conn.as_ref(), cfg), hello);
+    let deadline = ctl.poll_timeout().unwrap_or(started + CONTROL_TIMEOUT);
     let fut = async {
         let stream = conn.open().await.map_err(|e| {
             SessionError::Failed(explain(format!("opening the control stream: {e}")))
         })?;
         let (mut reader, mut writer) = tokio::io::split(stream);
-        let hello = AgentControl::Hello(Hello {
-            device_id: ident.device_id.clone(),
-            labels: ident.labels.clone(),
-            version: edgeport_proto::VERSION.to_string(),
-            arch: std::env::consts::ARCH.to_string(),
-            kube_cluster,
-        });
-        write_frame(&mut writer, &hello)
-            .await
-            .map_err(|e| SessionError::Failed(explain(format!("sending Hello: {e}"))))?;
-        match read_frame::<GatewayControl, _>(&mut reader).await {
-            Ok(GatewayControl::Welcome { gateway_id, .. }) => Ok(Session {
-                conn: conn.clone(),
-                reader,
-                writer,
-                gateway_id,
-            }),
-            Ok(GatewayControl::Refused(e)) => Err(SessionError::Refused(e)),
-            Ok(_) => Err(SessionError::Failed("unexpected answer to Hello".into())),
-            Err(FrameError::Closed | FrameError::Truncated) => Err(SessionError::Failed(
-                "the gateway closed the tunnel during Hello (is this device's certificate from \
-                 this cluster and still valid?)"
-                    .into(),
-            )),
-            Err(e) => Err(SessionError::Failed(explain(format!(
-                "waiting for Welcome: {e}"
-            )))),
+        while !ctl.is_established() && !ctl.is_closed() {
+            while let Some(msg) = ctl.poll_transmit() {
+                write_frame(&mut writer, &msg)
+                    .await
+                    .map_err(|e| SessionError::Failed(explain(format!("sending Hello: {e}"))))?;
+            }
+            let frame = read_frame::<GatewayControl, _>(&mut reader).await;
+            let now = Instant::now();
+            // Errors are the caller's (a closed machine); it cannot be closed here.
+            let _ = match frame {
+                Ok(msg) => ctl.handle_message(now, msg),
+                Err(e) => ctl.handle_read_error(now, e),
+            };
         }
+        Ok((reader, writer))
     };
-    match tokio::time::timeout(CONTROL_TIMEOUT, fut).await {
-        Ok(Ok(s)) => Ok(s),
+    let halves = match tokio::time::timeout_at(deadline.into(), fut).await {
+        Ok(Ok(halves)) => Some(halves),
         Ok(Err(e)) => {
             conn.close("hello failed");
-            Err(e)
+            return Err(e);
         }
         Err(_) => {
-            conn.close("hello timed out");
-            Err(SessionError::Failed(
-                "no Welcome from the gateway in time".into(),
-            ))
+            // tokio's timer rounds to the millisecond: the deadline has passed.
+            ctl.handle_timeout(Instant::now().max(deadline));
+            None
+        }
+    };
+    let mut gateway_id = None;
+    while let Some(ev) = ctl.poll_event() {
+        if let AgentEvent::Established { gateway_id: id, .. } = ev {
+            gateway_id = Some(id);
+        }
+    }
+    match (halves, gateway_id) {
+        (Some((reader, writer)), Some(gateway_id)) if ctl.is_established() => Ok(Session {
+            conn,
+            reader,
+            writer,
+            ctl: Box::new(ctl),
+            gateway_id,
+        }),
+        _ => {
+            let err = match ctl.close_reason() {
+                Some(AgentCloseReason::HelloRefused(e)) => SessionError::Refused(e.clone()),
+                Some(r @ AgentCloseReason::HelloStream(_)) => {
+                    SessionError::Failed(explain(r.to_string()))
+                }
+                Some(r) => SessionError::Failed(r.to_string()),
+                None => SessionError::Failed("no Welcome from the gateway".into()),
+            };
+            match ctl.close_reason() {
+                Some(AgentCloseReason::HandshakeTimeout) => conn.close("hello timed out"),
+                _ => conn.close("hello failed"),
+            }
+            Err(err)
         }
     }
 }
@@ -121,7 +168,7 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
     if cfg.transport != TransportChoice::Tcp {
         let quic_only = cfg.transport == TransportChoice::Quic;
         match quic.connect(cfg, &ident, peer).await {
-            Ok(conn) => match establish(conn, &ident, cfg.kube_cluster.clone()).await {
+            Ok(conn) => match establish(conn, &ident, cfg).await {
                 Ok(s) => return Ok(s),
                 Err(SessionError::Refused(e)) => return Err(SessionError::Refused(e)),
                 Err(e) if quic_only => {
@@ -151,7 +198,7 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
     let conn = crate::transport::connect_tcp(&ident, peer)
         .await
         .map_err(SessionError::Failed)?;
-    establish(conn, &ident, cfg.kube_cluster.clone()).await
+    establish(conn, &ident, cfg).await
 }
 
 /// Tries QUIC now and then while the tunnel runs on TCP; returns the new session once a
@@ -166,7 +213,7 @@ async fn probe_quic(agent: &Agent, quic: &mut QuicClient) -> Session {
         let attempt = async {
             let peer = crate::join::resolve(&agent.cfg.gateway).await?;
             let conn = quic.connect(&agent.cfg, &ident, peer).await?;
-            establish(conn, &ident, agent.cfg.kube_cluster.clone())
+            establish(conn, &ident, &agent.cfg)
                 .await
                 .map_err(|e| e.to_string())
         };
@@ -186,18 +233,77 @@ async fn send(w: &mut WriteHalf<BoxedStream>, msg: &AgentControl) -> Result<(), 
     }
 }
 
+/// Sleeps until `at`; forever when there is no deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Does what the machine asks after an input: writes its frames and acts on its events
+/// (renewal checks, renewed certificates, locks, audit acks). Returns the close reason once
+/// the machine has closed.
+async fn drive(
+    agent: &Agent,
+    ctl: &mut Machine,
+    writer: &mut WriteHalf<BoxedStream>,
+    audit_ack: &mpsc::Sender<AuditAck>,
+) -> Option<String> {
+    loop {
+        if let Some(msg) = ctl.poll_transmit() {
+            // Nothing more is written once the machine closed (the tunnel goes).
+            if !ctl.is_closed() {
+                if let Err(e) = send(writer, &msg).await {
+                    ctl.close(Instant::now(), e);
+                }
+            }
+            continue;
+        }
+        let Some(ev) = ctl.poll_event() else {
+            break;
+        };
+        match ev {
+            AgentEvent::RenewDue => {
+                let ident = agent.identity();
+                if ident.needs_renewal(now_secs()) || agent.take_forced_renew() {
+                    tracing::info!("certificates are due for renewal; asking the gateway");
+                    if let Err(e) = ctl.request_renew(ident.key.public_openssh()) {
+                        tracing::debug!("renewal not asked for: {e}");
+                    }
+                }
+            }
+            AgentEvent::Renewed(certs) => agent.renewed(&certs),
+            AgentEvent::RenewRefused(e) => tracing::warn!("certificate renewal refused: {e}"),
+            AgentEvent::Locked(users) => agent.services.set_locked_users(users),
+            AgentEvent::AuditAcked { ack, .. } => {
+                let _ = audit_ack.try_send(ack);
+            }
+            AgentEvent::Ignored(why @ AgentIgnored::UnsolicitedRenewed) => {
+                tracing::warn!("{why}")
+            }
+            AgentEvent::Ignored(why) => tracing::debug!("{why}"),
+            // The shipper resends from its spool on the next tunnel.
+            AgentEvent::AuditFailed { .. } | AgentEvent::Established { .. } => {}
+            AgentEvent::Closed => {}
+        }
+    }
+    ctl.close_reason().map(|r| r.to_string())
+}
+
 /// Serves the session until the tunnel ends, moves to QUIC, or the agent shuts down.
 pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> Ended {
     let Session {
         conn,
         mut reader,
         mut writer,
+        mut ctl,
         ..
     } = session;
     let accept_task = tokio::spawn(accept_loop(conn.clone(), agent.services.clone()));
     // Audit: the shipper sends batches through `audit_out`; acks come back on `audit_ack`.
-    let (audit_tx, mut audit_out) = tokio::sync::mpsc::channel::<AgentControl>(2);
-    let (audit_ack, audit_acks) = tokio::sync::mpsc::channel(2);
+    let (audit_tx, mut audit_out) = mpsc::channel::<AuditBatch>(2);
+    let (audit_ack, audit_acks) = mpsc::channel(2);
     let ship_task = agent.audit.clone().map(|shared| {
         let ident = agent.identity();
         tokio::spawn(crate::audit::ship::run(
@@ -212,7 +318,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     });
     // Frames are read on their own task: `read_frame` is not cancel-safe, and the loop
     // below selects over timers too.
-    let (frames_tx, mut frames) = tokio::sync::mpsc::channel(8);
+    let (frames_tx, mut frames) = mpsc::channel(8);
     let read_task = tokio::spawn(async move {
         loop {
             let f = read_frame::<GatewayControl, _>(&mut reader).await;
@@ -222,20 +328,9 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
             }
         }
     });
-    // A transport that does not keep itself alive (TCP) needs pings on the control stream.
-    let needs_pings = !conn.keeps_alive();
     // Only `--transport auto` moves a TCP tunnel back to QUIC.
     let may_upgrade =
         conn.transport() == Transport::Tcp && agent.cfg.transport == TransportChoice::Auto;
-    let mut ping = tokio::time::interval(agent.cfg.keepalive);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut renew_check = tokio::time::interval(RENEW_CHECK);
-    renew_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq = 0u64;
-    let mut ping_sent: Option<(u64, Instant)> = None;
-    let mut rtt_ms: Option<u32> = None;
-    let mut last_heard = Instant::now();
-    let mut renew_pending = false;
     let mut probe = std::pin::pin!(async {
         if may_upgrade {
             probe_quic(agent, quic).await
@@ -243,76 +338,35 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
             std::future::pending().await
         }
     });
+    // How the session ends when this side closes the machine (else: lost, for its reason).
+    let mut ending: Option<Ended> = None;
     let ended = loop {
         tokio::select! {
             frame = frames.recv() => {
-                last_heard = Instant::now();
-                let frame = frame.unwrap_or(Err(FrameError::Closed));
-                match frame {
-                    Ok(GatewayControl::Pong { seq: s }) => {
-                        if let Some((sent_seq, at)) = ping_sent {
-                            if s == sent_seq {
-                                rtt_ms = Some(at.elapsed().as_millis().min(u32::MAX as u128) as u32);
-                                ping_sent = None;
-                            }
-                        }
-                    }
-                    Ok(GatewayControl::Renewed(certs)) if renew_pending => {
-                        renew_pending = false;
-                        agent.renewed(&certs);
-                    }
-                    Ok(GatewayControl::Renewed(_)) => {
-                        tracing::warn!("the gateway sent certificates nobody asked for; ignored");
-                    }
-                    Ok(GatewayControl::Refused(e)) if renew_pending => {
-                        renew_pending = false;
-                        tracing::warn!("certificate renewal refused: {e}");
-                    }
-                    Ok(GatewayControl::Refused(e)) => {
-                        break Ended::Lost(format!("the gateway refused the tunnel: {e}"));
-                    }
-                    Ok(GatewayControl::Locked { users }) => agent.services.set_locked_users(users),
-                    Ok(GatewayControl::Welcome { .. }) => {}
-                    Ok(GatewayControl::AuditAck(a)) => {
-                        let _ = audit_ack.try_send(a);
-                    }
-                    Err(FrameError::Closed) => break Ended::Lost("the gateway closed the control stream".into()),
-                    Err(e) => break Ended::Lost(format!("control stream: {e}")),
+                let now = Instant::now();
+                let _ = match frame.unwrap_or(Err(FrameError::Closed)) {
+                    Ok(msg) => ctl.handle_message(now, msg),
+                    Err(e) => ctl.handle_read_error(now, e),
+                };
+            }
+            _ = sleep_until(ctl.poll_timeout()) => ctl.handle_timeout(Instant::now()),
+            Some(batch) = audit_out.recv() => {
+                if let Err(e) = ctl.send_audit(batch) {
+                    tracing::warn!("audit batch not sent: {e}");
                 }
             }
-            _ = ping.tick(), if needs_pings => {
-                if last_heard.elapsed() > agent.cfg.idle_timeout {
-                    break Ended::Lost(format!(
-                        "nothing heard from the gateway for {}s", agent.cfg.idle_timeout.as_secs()
-                    ));
-                }
-                seq += 1;
-                if ping_sent.is_none() {
-                    ping_sent = Some((seq, Instant::now()));
-                }
-                if let Err(e) = send(&mut writer, &AgentControl::Ping { seq, rtt_ms }).await {
-                    break Ended::Lost(e);
-                }
+            reason = conn.closed() => ctl.close(Instant::now(), describe(reason)),
+            s = &mut probe => {
+                ending = Some(Ended::Upgrade(s));
+                ctl.close(Instant::now(), "moving to QUIC");
             }
-            _ = renew_check.tick() => {
-                let ident = agent.identity();
-                if !renew_pending && (ident.needs_renewal(now_secs()) || agent.take_forced_renew()) {
-                    tracing::info!("certificates are due for renewal; asking the gateway");
-                    let msg = AgentControl::Renew { ssh_public_key: ident.key.public_openssh() };
-                    if let Err(e) = send(&mut writer, &msg).await {
-                        break Ended::Lost(e);
-                    }
-                    renew_pending = true;
-                }
+            _ = agent.shutdown.cancelled() => {
+                ending = Some(Ended::Shutdown);
+                ctl.close(Instant::now(), "agent shutting down");
             }
-            Some(msg) = audit_out.recv() => {
-                if let Err(e) = send(&mut writer, &msg).await {
-                    break Ended::Lost(e);
-                }
-            }
-            reason = conn.closed() => break Ended::Lost(describe(reason)),
-            s = &mut probe => break Ended::Upgrade(s),
-            _ = agent.shutdown.cancelled() => break Ended::Shutdown,
+        }
+        if let Some(reason) = drive(agent, &mut ctl, &mut writer, &audit_ack).await {
+            break ending.take().unwrap_or(Ended::Lost(reason));
         }
     };
     // Moving to QUIC closes the TCP tunnel from the gateway's side, which can win the race

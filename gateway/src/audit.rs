@@ -10,7 +10,7 @@ use edgeport_net::write_frame;
 use edgeport_net::BoxedStream;
 use edgeport_proto::audit::{AuditAck, AuditBatch, AuditEvent};
 use edgeport_proto::rpc::{Request, Response};
-use edgeport_proto::tunnel::{ClientReply, GatewayControl};
+use edgeport_proto::tunnel::ClientReply;
 
 use crate::ctx::Ctx;
 
@@ -22,9 +22,9 @@ fn now_ms() -> u64 {
 }
 
 /// Relays one batch of `device_id` (from its tunnel certificate) and returns the ack.
-pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> GatewayControl {
+pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> AuditAck {
     let n = batch.events.len();
-    let ack = match ctx
+    match ctx
         .auth
         .call(Request::AuditUpload {
             device_id: device_id.clone(),
@@ -51,8 +51,7 @@ pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> Gat
                 signature: Vec::new(),
             }
         }
-    };
-    GatewayControl::AuditAck(ack)
+    }
 }
 
 /// Events waiting for the sink, at most (a flood of requests must not grow memory).

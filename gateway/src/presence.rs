@@ -10,7 +10,6 @@ use edgeport_proto::frame::chunk_by_size;
 use edgeport_proto::rpc::{
     DevicePresence, LockTarget, PresenceAck, PresenceReport, Request, Response,
 };
-use edgeport_proto::tunnel::GatewayControl;
 
 use crate::ctx::Ctx;
 
@@ -198,6 +197,7 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
             ctx.tunnels.revoke(
                 id,
                 &format!("device {id} was removed from the cluster; join again with a new token"),
+                &ctx.tasks,
             );
         }
     }
@@ -267,9 +267,9 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
     if changed {
         // Agents end the sessions of locked users at once (DESIGN section 6).
         for t in ctx.tunnels.all() {
-            let _ = t.control.try_send(GatewayControl::Locked {
-                users: users.clone(),
-            });
+            let _ = t
+                .control
+                .try_send(crate::tunnel::Outside::Locked(users.clone()));
         }
     }
 }

@@ -1,19 +1,27 @@
 //! One device's tunnel, from the moment its TLS (or QUIC) handshake completed: identify the
 //! device from its certificate, take the control stream, check Hello, register the tunnel,
-//! then serve control frames (keep-alive, renewal) until the connection ends.
+//! then serve control frames (keep-alive, renewal, audit) until the connection ends. The
+//! protocol is the sans-IO machine [`GatewayControl`]; [`serve`] is its IO.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use edgeport_net::clock::now_secs;
 use edgeport_net::{read_frame, write_frame};
 use edgeport_net::{BoxedStream, CloseReason};
+use edgeport_proto::audit::AuditAck;
+use edgeport_proto::control::{
+    Admission, GatewayCloseReason, GatewayConfig, GatewayControl, GatewayEvent, RelayId,
+    RELAYS_PER_TUNNEL,
+};
 use edgeport_proto::identity::Principal;
 use edgeport_proto::keys::sha256_hex;
-use edgeport_proto::rpc::{ErrorKind, RenewDeviceRequest, Request, Response, RpcError};
-use edgeport_proto::tunnel::{AgentControl, GatewayControl};
+use edgeport_proto::rpc::{
+    DeviceCerts, ErrorKind, RenewDeviceRequest, Request, Response, RpcError,
+};
+use edgeport_proto::tunnel::{AgentControl, GatewayControl as GwMsg, Hello};
 use edgeport_proto::FrameError;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncWriteExt, ReadHalf};
@@ -40,16 +48,41 @@ pub fn device_from_certs(
     }
 }
 
-async fn refuse(stream: &mut BoxedStream, kind: ErrorKind, message: String) {
-    let reply = GatewayControl::Refused(RpcError::new(kind, message));
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = write_frame(stream, &reply).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+/// What the rest of the gateway tells a tunnel's control stream.
+#[derive(Debug)]
+pub enum Outside {
+    /// The locked users changed: the agent ends their sessions.
+    Locked(Vec<String>),
+    /// The device was removed: refuse the tunnel (the caller closes it a moment later).
+    Refused(RpcError),
 }
 
-/// Serves a tunnel until it ends.
+/// A relay to the authority that finished, for the control machine.
+enum Done {
+    Renew(RelayId, Result<DeviceCerts, RpcError>),
+    Audit(RelayId, AuditAck),
+}
+
+/// Reads the next control frame. The future is kept across `select!` rounds (never dropped
+/// half-way: `read_frame` is not cancel-safe) and only polled while the machine wants to read.
+async fn read_next(
+    mut reader: ReadHalf<BoxedStream>,
+) -> (ReadHalf<BoxedStream>, Result<AgentControl, FrameError>) {
+    let frame = read_frame::<AgentControl, _>(&mut reader).await;
+    (reader, frame)
+}
+
+/// Sleeps until `at`; forever when there is no deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves a tunnel until it ends. The control protocol is the sans-IO machine
+/// [`GatewayControl`]: this task owns it, feeds it frames, timers, relay results and
+/// [`Outside`] commands, and does what its events and transmits say.
 pub async fn serve(
     ctx: Arc<Ctx>,
     conn: Arc<dyn edgeport_net::Tunnel>,
@@ -58,115 +91,141 @@ pub async fn serve(
     remote_addr: SocketAddr,
 ) {
     let timeout = ctx.cfg.handshake_timeout;
-    let Ok(Some(mut stream)) = tokio::time::timeout(timeout, conn.accept()).await else {
+    let Ok(Some(stream)) = tokio::time::timeout(timeout, conn.accept()).await else {
         tracing::info!(device = %device_id, %remote_addr, "tunnel dropped: no control stream in time");
         conn.close("no control stream");
         return;
     };
     // Agents open exactly one stream (control); refuse more.
     conn.stop_accepting();
-    let hello = match tokio::time::timeout(timeout, read_frame::<AgentControl, _>(&mut stream))
-        .await
-    {
-        Ok(Ok(AgentControl::Hello(h))) => h,
-        Ok(Ok(_)) => {
-            refuse(
-                &mut stream,
-                ErrorKind::Invalid,
-                "expected Hello first".into(),
-            )
-            .await;
-            conn.close("protocol error");
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::info!(device = %device_id, %remote_addr, "tunnel dropped: bad Hello: {e}");
-            conn.close("bad hello");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(device = %device_id, %remote_addr, "tunnel dropped: no Hello in time");
-            conn.close("no hello");
-            return;
-        }
-    };
-    if ctx.tunnels.is_revoked(&fingerprint) {
-        tracing::info!(device = %device_id, %remote_addr, "refused a revoked device certificate");
-        refuse(
-            &mut stream,
-            ErrorKind::Denied,
-            format!("device {device_id} was removed from the cluster; join again with a new token"),
-        )
-        .await;
-        conn.close("device revoked");
-        return;
-    }
-    if hello.device_id != device_id {
-        tracing::warn!(
-            device = %device_id, claimed = %hello.device_id, %remote_addr,
-            "refused a Hello that names another device"
-        );
-        refuse(
-            &mut stream,
-            ErrorKind::Denied,
-            format!(
-                "Hello names device {:?} but the certificate is for {device_id:?}",
-                hello.device_id
-            ),
-        )
-        .await;
-        conn.close("device id mismatch");
-        return;
-    }
-
-    let (reader, mut writer) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<GatewayControl>(16);
     let transport = conn.transport();
-    let generation = ctx.tunnels.next_generation();
-    let tunnel = Arc::new(Tunnel {
-        device_id: device_id.clone(),
-        generation,
-        conn: conn.clone(),
-        hello,
-        remote_addr,
-        connected_at: now_secs(),
-        cert_fingerprint: fingerprint,
-        control: tx.clone(),
-        tcp_rtt_ms: Default::default(),
-        close_reason: Mutex::new(None),
-    });
-    ctx.tunnels.register(tunnel.clone());
-    tracing::info!(
-        device = %device_id, transport = transport.as_str(), %remote_addr,
-        version = %tunnel.hello.version, "device online"
+    let idle = if conn.keeps_alive() {
+        // The transport (QUIC) negotiates its own idle timeout with the agent.
+        Duration::from_secs(365 * 86400)
+    } else {
+        ctx.cfg.tunnel_idle_timeout
+    };
+    let mut ctl = GatewayControl::new(
+        Instant::now(),
+        GatewayConfig {
+            handshake_timeout: timeout,
+            ..GatewayConfig::new(device_id.clone(), idle)
+        },
     );
-    let _ = tx.try_send(GatewayControl::Welcome {
-        gateway_id: ctx.identity().gateway_id.clone(),
-        transport,
-    });
-    let locked = ctx.locked_users();
-    if !locked.is_empty() {
-        let _ = tx.try_send(GatewayControl::Locked { users: locked });
-    }
-    // One writer: control frames from anywhere in the gateway go through the channel.
-    let writer_task = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
+    let (reader, mut writer) = tokio::io::split(stream);
+    // One writer: the machine's frames go through this channel, so a slow device does not
+    // stop the reading.
+    let (wtx, mut wrx) = mpsc::channel::<GwMsg>(16);
+    let writer_task = ctx.tasks.spawn(async move {
+        while let Some(msg) = wrx.recv().await {
             let w = tokio::time::timeout(Duration::from_secs(30), write_frame(&mut writer, &msg));
             if !matches!(w.await, Ok(Ok(()))) {
-                break;
+                return;
             }
         }
+        // The machine closed before the Welcome: a refusal was queued; end the stream.
+        let _ = writer.shutdown().await;
     });
-
-    let observed = tokio::select! {
-        r = control_loop(&ctx, &tunnel, reader, tx) => r,
-        r = conn.closed() => describe(r),
-        _ = ctx.shutdown.cancelled() => "gateway shutting down".to_string(),
+    let (outside_tx, mut outside) = mpsc::channel::<Outside>(16);
+    // Relay results: the machine has at most `RELAYS_PER_TUNNEL` in flight (a device that
+    // sends more is not read meanwhile), so none of them waits here.
+    let (done_tx, mut done) = mpsc::channel::<Done>(RELAYS_PER_TUNNEL);
+    let mut read = std::pin::pin!(read_next(reader));
+    let mut io = Io {
+        ctx: ctx.clone(),
+        device_id: device_id.clone(),
+        conn: conn.clone(),
+        fingerprint,
+        remote_addr,
+        writer: wtx,
+        outside: outside_tx,
+        done: done_tx,
+        hello: None,
+        tunnel: None,
+    };
+    loop {
+        let established = io.tunnel.is_some();
+        tokio::select! {
+            (reader, frame) = &mut read, if ctl.wants_read() => {
+                let now = Instant::now();
+                let _ = match frame {
+                    Ok(msg) => ctl.handle_message(now, msg),
+                    Err(e) => ctl.handle_read_error(now, e),
+                };
+                read.set(read_next(reader));
+            }
+            _ = sleep_until(ctl.poll_timeout()) => ctl.handle_timeout(Instant::now()),
+            Some(cmd) = outside.recv() => {
+                let _ = match cmd {
+                    Outside::Locked(users) => ctl.send_locked(users),
+                    Outside::Refused(e) => ctl.send_refused(e),
+                };
+            }
+            Some(d) = done.recv() => {
+                let now = Instant::now();
+                let r = match d {
+                    Done::Renew(id, result) => ctl.renew_done(now, id, result),
+                    Done::Audit(id, ack) => ctl.audit_done(now, id, ack),
+                };
+                if let Err(e) = r {
+                    tracing::debug!(device = %device_id, "relay result dropped: {e}");
+                }
+            }
+            r = conn.closed(), if established => ctl.close(Instant::now(), describe(r)),
+            _ = ctx.shutdown.cancelled(), if established => {
+                ctl.close(Instant::now(), "gateway shutting down");
+            }
+        }
+        // Events first: the tunnel is registered before its Welcome is written.
+        while let Some(ev) = ctl.poll_event() {
+            io.on_event(&mut ctl, ev);
+        }
+        while let Some(msg) = ctl.poll_transmit() {
+            let _ = io.writer.try_send(msg);
+        }
+        if ctl.is_closed() {
+            break;
+        }
+    }
+    let tunnel = io.tunnel.take();
+    // Ends the writer task once it has written what is queued (before the Welcome: the
+    // refusal).
+    drop(io);
+    let Some(tunnel) = tunnel else {
+        // Closed before the Welcome: never registered.
+        if let Some(reason) = ctl.close_reason() {
+            match reason {
+                GatewayCloseReason::Revoked { .. } => tracing::info!(
+                    device = %device_id, %remote_addr, "refused a revoked device certificate"
+                ),
+                GatewayCloseReason::DeviceIdMismatch { claimed, .. } => tracing::warn!(
+                    device = %device_id, %claimed, %remote_addr,
+                    "refused a Hello that names another device"
+                ),
+                GatewayCloseReason::ExpectedHello { got } => {
+                    tracing::debug!(device = %device_id, %remote_addr, "refused: expected Hello first, got {got}")
+                }
+                other => {
+                    tracing::info!(device = %device_id, %remote_addr, "tunnel dropped: {other}")
+                }
+            }
+        }
+        // A queued refusal gets a moment to reach the agent.
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+        conn.close(
+            &ctl.close_reason()
+                .map(|r| r.conn_reason())
+                .unwrap_or_else(|| "closing".into()),
+        );
+        return;
     };
     // A closed connection also fails the control stream; its own reason says more.
     let observed = match conn.close_reason() {
         Some(r) => describe(r),
-        None => observed,
+        None => ctl
+            .close_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "closing".into()),
     };
     tunnel.close(&observed);
     writer_task.abort();
@@ -177,7 +236,123 @@ pub async fn serve(
         .and_then(|r| r.clone())
         .unwrap_or(observed);
     tracing::info!(device = %device_id, transport = transport.as_str(), %reason, "device offline");
-    ctx.tunnels.unregister(&device_id, generation, reason);
+    ctx.tunnels
+        .unregister(&device_id, tunnel.generation, reason);
+}
+
+/// What one tunnel's task holds besides the machine: the handles its events act on.
+struct Io {
+    ctx: Arc<Ctx>,
+    /// From the verified certificate: the only device id trusted.
+    device_id: String,
+    conn: Arc<dyn edgeport_net::Tunnel>,
+    fingerprint: String,
+    remote_addr: SocketAddr,
+    /// To the writer task.
+    writer: mpsc::Sender<GwMsg>,
+    /// Handed to the registered [`Tunnel`].
+    outside: mpsc::Sender<Outside>,
+    /// Relay results, back to the machine.
+    done: mpsc::Sender<Done>,
+    /// The Hello, between [`GatewayEvent::Hello`] and [`GatewayEvent::Established`].
+    hello: Option<Hello>,
+    /// Once established.
+    tunnel: Option<Arc<Tunnel>>,
+}
+
+impl Io {
+    fn on_event(&mut self, ctl: &mut GatewayControl, ev: GatewayEvent) {
+        let ctx = &self.ctx;
+        match ev {
+            GatewayEvent::Hello(h) => {
+                let admission = if ctx.tunnels.is_revoked(&self.fingerprint) {
+                    Admission::Revoked {
+                        message: format!(
+                            "device {} was removed from the cluster; join again with a new token",
+                            self.device_id
+                        ),
+                    }
+                } else {
+                    Admission::Accept {
+                        gateway_id: ctx.identity().gateway_id.clone(),
+                        transport: self.conn.transport(),
+                        locked_users: ctx.locked_users(),
+                    }
+                };
+                self.hello = Some(h);
+                let _ = ctl.admit(Instant::now(), admission);
+            }
+            GatewayEvent::Established => {
+                if let Some(hello) = self.hello.take() {
+                    self.tunnel = Some(register(
+                        ctx,
+                        &self.conn,
+                        hello,
+                        &self.fingerprint,
+                        self.remote_addr,
+                        self.outside.clone(),
+                    ));
+                }
+            }
+            GatewayEvent::Rtt(rtt) => {
+                if let Some(t) = &self.tunnel {
+                    t.tcp_rtt_ms.store(rtt, Ordering::Relaxed);
+                }
+            }
+            // Relays run on the gateway's tasks (drained on shutdown); the machine bounds how
+            // many run at once.
+            GatewayEvent::Renew { id, ssh_public_key } => {
+                let (ctx, done) = (ctx.clone(), self.done.clone());
+                let device_id = self.device_id.clone();
+                self.ctx.tasks.spawn(async move {
+                    let r = renew_device(&ctx, device_id, ssh_public_key).await;
+                    let _ = done.send(Done::Renew(id, r)).await;
+                });
+            }
+            GatewayEvent::Audit { id, batch } => {
+                let (ctx, done) = (ctx.clone(), self.done.clone());
+                let device_id = self.device_id.clone();
+                self.ctx.tasks.spawn(async move {
+                    let ack = crate::audit::relay_batch(&ctx, device_id, batch).await;
+                    let _ = done.send(Done::Audit(id, ack)).await;
+                });
+            }
+            GatewayEvent::Ignored(why) => {
+                tracing::debug!(device = %self.device_id, "{why}");
+            }
+            GatewayEvent::Closed => {}
+        }
+    }
+}
+
+/// Registers the tunnel of a welcomed device.
+fn register(
+    ctx: &Ctx,
+    conn: &Arc<dyn edgeport_net::Tunnel>,
+    hello: Hello,
+    fingerprint: &str,
+    remote_addr: SocketAddr,
+    control: mpsc::Sender<Outside>,
+) -> Arc<Tunnel> {
+    let transport = conn.transport();
+    let tunnel = Arc::new(Tunnel {
+        device_id: hello.device_id.clone(),
+        generation: ctx.tunnels.next_generation(),
+        conn: conn.clone(),
+        hello,
+        remote_addr,
+        connected_at: now_secs(),
+        cert_fingerprint: fingerprint.to_string(),
+        control,
+        tcp_rtt_ms: Default::default(),
+        close_reason: Mutex::new(None),
+    });
+    ctx.tunnels.register(tunnel.clone());
+    tracing::info!(
+        device = %tunnel.device_id, transport = transport.as_str(), %remote_addr,
+        version = %tunnel.hello.version, "device online"
+    );
+    tunnel
 }
 
 /// Why the connection ended, in words for `tctl devices ls`.
@@ -192,79 +367,11 @@ fn describe(reason: CloseReason) -> String {
     }
 }
 
-/// Renewals and audit batches one tunnel may have relayed to the authority at once.
-const RELAYS_PER_TUNNEL: usize = 2;
-
-async fn control_loop(
-    ctx: &Arc<Ctx>,
-    tunnel: &Arc<Tunnel>,
-    mut reader: ReadHalf<BoxedStream>,
-    tx: mpsc::Sender<GatewayControl>,
-) -> String {
-    let idle = if tunnel.conn.keeps_alive() {
-        // The transport (QUIC) negotiates its own idle timeout with the agent.
-        Duration::from_secs(365 * 86400)
-    } else {
-        ctx.cfg.tunnel_idle_timeout
-    };
-    // Renewals and audit batches relayed at once for this tunnel: a device that sends more
-    // waits (its frames are not read meanwhile) instead of piling up tasks here.
-    let relays = Arc::new(tokio::sync::Semaphore::new(RELAYS_PER_TUNNEL));
-    loop {
-        let frame =
-            match tokio::time::timeout(idle, read_frame::<AgentControl, _>(&mut reader)).await {
-                Err(_) => {
-                    return format!(
-                        "idle timeout (no keep-alive from the device for {}s)",
-                        idle.as_secs()
-                    )
-                }
-                Ok(Err(FrameError::Closed)) => return "closed by the device".into(),
-                Ok(Err(e)) => return format!("control stream: {e}"),
-                Ok(Ok(f)) => f,
-            };
-        match frame {
-            AgentControl::Ping { seq, rtt_ms } => {
-                if let Some(rtt) = rtt_ms {
-                    tunnel.tcp_rtt_ms.store(rtt, Ordering::Relaxed);
-                }
-                let _ = tx.try_send(GatewayControl::Pong { seq });
-            }
-            AgentControl::Renew { ssh_public_key } => {
-                let Ok(permit) = relays.clone().acquire_owned().await else {
-                    return "closing".into();
-                };
-                let ctx = ctx.clone();
-                let tx = tx.clone();
-                let device_id = tunnel.device_id.clone();
-                tokio::spawn(async move {
-                    let reply = renew_device(&ctx, device_id, ssh_public_key).await;
-                    drop(permit);
-                    let _ = tx.send(reply).await;
-                });
-            }
-            AgentControl::Hello(_) => {
-                tracing::debug!(device = %tunnel.device_id, "ignored a second Hello");
-            }
-            AgentControl::Audit(batch) => {
-                // The agent waits for the ack before it sends the next batch.
-                let Ok(permit) = relays.clone().acquire_owned().await else {
-                    return "closing".into();
-                };
-                let ctx = ctx.clone();
-                let tx = tx.clone();
-                let device_id = tunnel.device_id.clone();
-                tokio::spawn(async move {
-                    let reply = crate::audit::relay_batch(&ctx, device_id, batch).await;
-                    drop(permit);
-                    let _ = tx.send(reply).await;
-                });
-            }
-        }
-    }
-}
-
-async fn renew_device(ctx: &Ctx, device_id: String, ssh_public_key: String) -> GatewayControl {
+async fn renew_device(
+    ctx: &Ctx,
+    device_id: String,
+    ssh_public_key: String,
+) -> Result<DeviceCerts, RpcError> {
     let req = Request::RenewDevice(RenewDeviceRequest {
         device_id: device_id.clone(),
         ssh_public_key,
@@ -272,15 +379,15 @@ async fn renew_device(ctx: &Ctx, device_id: String, ssh_public_key: String) -> G
     match ctx.auth.call(req).await {
         Ok(Response::DeviceCerts(c)) => {
             tracing::info!(device = %device_id, "renewed device certificates");
-            GatewayControl::Renewed(c)
+            Ok(c)
         }
-        Ok(other) => GatewayControl::Refused(RpcError::new(
+        Ok(other) => Err(RpcError::new(
             ErrorKind::Internal,
             format!("unexpected answer from the authority: {other:?}"),
         )),
         Err(e) => {
             tracing::warn!(device = %device_id, "renewal failed: {e}");
-            GatewayControl::Refused(crate::identity::unavailable(&e))
+            Err(crate::identity::unavailable(&e))
         }
     }
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 use edgeport_net::write_frame;
 use edgeport_net::BoxedStream;
 use edgeport_proto::rpc::DevicePresence;
-use edgeport_proto::tunnel::{GatewayControl, Hello, StreamHeader};
+use edgeport_proto::tunnel::{Hello, StreamHeader};
 use tokio::sync::{mpsc, Notify};
+use tokio_util::task::TaskTracker;
 
 /// How long opening a stream and sending its header may take.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,8 +46,8 @@ pub struct Tunnel {
     /// SHA-256 of the device certificate: revocation refuses exactly this certificate, so
     /// a device that joins again (new certificate) is welcome.
     pub cert_fingerprint: String,
-    /// Frames for the agent's control stream (renewals, locks, refusals).
-    pub control: mpsc::Sender<GatewayControl>,
+    /// Commands for the tunnel's control machine (locks, refusals), to the task that owns it.
+    pub control: mpsc::Sender<crate::tunnel::Outside>,
     /// Agent-reported RTT, for transports that do not measure their own (TCP).
     pub tcp_rtt_ms: AtomicU32,
     /// Why the gateway closed it (when it did).
@@ -187,22 +188,23 @@ impl Tunnels {
         t.open_stream(header).await
     }
 
-    /// Closes the device's tunnel and refuses its current certificate from now on.
-    pub fn revoke(&self, device_id: &str, reason: &str) {
+    /// Closes the device's tunnel and refuses its current certificate from now on. The
+    /// delayed close runs on `tasks` (the gateway's, drained on shutdown).
+    pub fn revoke(&self, device_id: &str, reason: &str, tasks: &TaskTracker) {
         if let Some(t) = self.get(device_id) {
             if let Ok(mut r) = self.revoked_certs.lock() {
                 r.insert(t.cert_fingerprint.clone());
             }
-            let _ =
-                t.control
-                    .try_send(GatewayControl::Refused(edgeport_proto::rpc::RpcError::new(
-                        edgeport_proto::rpc::ErrorKind::Denied,
-                        reason.to_string(),
-                    )));
+            let _ = t.control.try_send(crate::tunnel::Outside::Refused(
+                edgeport_proto::rpc::RpcError::new(
+                    edgeport_proto::rpc::ErrorKind::Denied,
+                    reason.to_string(),
+                ),
+            ));
             // Give the refusal a moment to reach the agent before the connection goes.
             let t2 = t.clone();
             let reason = reason.to_string();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 t2.close(&reason);
             });

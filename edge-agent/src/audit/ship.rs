@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use edgeport_proto::audit::{batch_payload, AuditAck, AuditBatch, MAX_BATCH_BYTES};
 use edgeport_proto::keys::KeyPair;
-use edgeport_proto::tunnel::AgentControl;
 use tokio::sync::mpsc;
 
 use super::Shared;
@@ -46,7 +45,8 @@ impl Tamper {
     }
 }
 
-/// Ships until the tunnel ends (the channels close).
+/// Ships until the tunnel ends (the channels close). `out` goes to the control machine
+/// (`AgentControl::send_audit`), `acks` comes from its `AuditAcked` events.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     shared: Arc<Shared>,
@@ -54,7 +54,7 @@ pub async fn run(
     key: KeyPair,
     host_ca: Option<Vec<u8>>,
     tamper: Tamper,
-    out: mpsc::Sender<AgentControl>,
+    out: mpsc::Sender<AuditBatch>,
     mut acks: mpsc::Receiver<AuditAck>,
 ) {
     let (signer, mut replay) = tamper.apply(key);
@@ -86,7 +86,7 @@ pub async fn run(
             events,
         };
         let resend = (replay && n > 0).then(|| batch.clone());
-        if out.send(AgentControl::Audit(batch)).await.is_err() {
+        if out.send(batch).await.is_err() {
             return;
         }
         let ack = match tokio::time::timeout(ACK_TIMEOUT, acks.recv()).await {
@@ -133,7 +133,7 @@ pub async fn run(
         if let Some(b) = resend {
             replay = false;
             tracing::warn!("test hook: replaying an acknowledged audit batch");
-            if out.send(AgentControl::Audit(b)).await.is_err() {
+            if out.send(b).await.is_err() {
                 return;
             }
             if acks.recv().await.is_none() {

@@ -2,7 +2,8 @@
 //! (the device) and [`GatewayControl`] (the gateway). They own the protocol (Hello/Welcome,
 //! Ping/Pong and the idle timeouts, Renew/Renewed, Audit/AuditAck, Locked, Refused) and
 //! nothing else: no sockets, no tasks, no clock. The caller passes the time in (`now`, a
-//! [`std::time::Instant`] it read itself) and does the IO.
+//! [`std::time::Instant`] it read itself) and does the IO: the agent's `session::establish`
+//! and `session::serve`, the gateway's `tunnel::serve`.
 //!
 //! # Driving a machine (poll style, like quinn-proto)
 //!
