@@ -196,6 +196,15 @@ run; for times lower is better, for throughput higher is better):
 - `lossy_throughput_ratio`: `tsh ssh` throughput (device leg over QUIC) divided by direct
   OpenSSH over TCP to the device, across a veth link between two network namespaces with
   2% random loss each way (nftables numgen) and a tbf rate limit of 20 mbit/s.
+- `flood_*`: the same gateway while anonymous clients hold its port: 1,000 idle TCP
+  connections from 127.0.0.2 and 4 from each of 50 addresses in 127.0.1.0/24 (each one
+  reconnects as soon as the gateway drops it at its handshake deadline, as a slow-loris
+  does), plus junk QUIC Initials from 127.0.0.3. `flood_join_s`: a new agent from its token
+  to online in the inventory. `flood_dial_p50_ms_*` / `flood_dial_p99_ms_*`: cold
+  `tsh ssh dev true` over TCP+TLS and over QUIC (30 runs each in `all`, spread over 20 s of
+  flood); `flood_base_dial_p99_ms_*` the same dials just before the flood, and
+  `flood_dial_p99_ratio_*` the quotient. `flood_dial_failures`: dials that failed under the
+  flood (target 0).
 ";
 
 fn commit(root: &Path) -> String {
@@ -1132,14 +1141,17 @@ fn raise_nofile() -> u64 {
 }
 
 /// `runs` cold `tsh ssh root@DEVICE true` over each transport: (tcp ms, quic ms, failures).
+/// Runs are `pause` apart, so that they spread over the gateway's handshake deadlines.
 fn dial_times(
     fab: &Fabric,
     home: &Path,
     device: &str,
     runs: usize,
+    pause: Duration,
 ) -> Result<(Vec<f64>, Vec<f64>, Vec<String>)> {
     let (mut tcp, mut quic, mut failed) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
+        std::thread::sleep(pause);
         for (transport, out) in [("tcp", &mut tcp), ("quic", &mut quic)] {
             let mut c = fab.tsh(home)?;
             c.args([
@@ -1171,12 +1183,17 @@ fn flood(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
         ));
     }
     let runs = o.pick3(5, 10, 30);
+    // The gateway drops a silent connection at its handshake deadline (10 s) and the flood
+    // reconnects at once: the join starts after one such cycle and the dials spread over
+    // the next ones.
+    let settle = Duration::from_secs(o.pick3(2, 6, 12));
+    let pause = Duration::from_millis(o.pick3(0, 200, 500));
     let _agent = fab.agent("flood", &fab.gw_addr, None, &[])?;
     fab.wait_online("flood", Duration::from_secs(60))?;
     let home = fab.tsh_login("flooder", &fab.gw_addr)?;
     // Warm-up, then the same dials without the flood, for the ratio.
-    let _ = dial_times(fab, &home, "flood", 1)?;
-    let (base_tcp, base_quic, base_failed) = dial_times(fab, &home, "flood", runs)?;
+    let _ = dial_times(fab, &home, "flood", 1, Duration::ZERO)?;
+    let (base_tcp, base_quic, base_failed) = dial_times(fab, &home, "flood", runs, pause)?;
     if !base_failed.is_empty() {
         r.note(format!(
             "flood: {} dials failed without the flood: {}",
@@ -1194,7 +1211,7 @@ fn flood(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
     // Let the connections pile up (the gateway drops each at its handshake deadline, and
     // each comes back at once).
     wait_until(Duration::from_secs(20), || flood.held() >= total * 9 / 10);
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(settle);
     let held_before = flood.held();
 
     let start = Instant::now();
@@ -1227,7 +1244,7 @@ fn flood(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
             None
         }
     };
-    let (tcp, quic, failed) = dial_times(fab, &home, "flood", runs)?;
+    let (tcp, quic, failed) = dial_times(fab, &home, "flood", runs, pause)?;
     let held_after = flood.held();
     let dropped = flood.dropped();
     drop(flood);
