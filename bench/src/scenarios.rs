@@ -38,6 +38,9 @@ pub const KEYS: &[&str] = &[
     "agent_idle_rss_kib",
     "agent_idle_rss_anon_kib",
     "lossy_throughput_ratio",
+    "flood_join_s",
+    "flood_dial_p99_ms_tcp",
+    "flood_dial_p99_ms_quic",
 ];
 
 pub fn run_all(o: &Opts) -> Result<()> {
@@ -55,7 +58,7 @@ pub fn run_all(o: &Opts) -> Result<()> {
     if o.wants("size") {
         size(o, &root, &mut r)?;
     }
-    let needs_fabric = ["ssh", "stream", "idle", "tunnels"]
+    let needs_fabric = ["ssh", "stream", "idle", "tunnels", "flood"]
         .iter()
         .any(|s| o.wants(s));
     if needs_fabric {
@@ -74,6 +77,13 @@ pub fn run_all(o: &Opts) -> Result<()> {
         }
         if let Some(idle) = idle {
             idle.finish(&mut r)?;
+        }
+        // Last on this fabric: its gateway sheds the anonymous connections, nothing else
+        // measured here should share the port with them.
+        if o.wants("flood") {
+            if let Err(e) = flood(o, &fab, &mut r) {
+                r.note(format!("flood scenario failed: {e:#}"));
+            }
         }
     }
     if o.wants("lossy") {
@@ -186,6 +196,15 @@ run; for times lower is better, for throughput higher is better):
 - `lossy_throughput_ratio`: `tsh ssh` throughput (device leg over QUIC) divided by direct
   OpenSSH over TCP to the device, across a veth link between two network namespaces with
   2% random loss each way (nftables numgen) and a tbf rate limit of 20 mbit/s.
+- `flood_*`: the same gateway while anonymous clients hold its port: 1,000 idle TCP
+  connections from 127.0.0.2 and 4 from each of 50 addresses in 127.0.1.0/24 (each one
+  reconnects as soon as the gateway drops it at its handshake deadline, as a slow-loris
+  does), plus junk QUIC Initials from 127.0.0.3. `flood_join_s`: a new agent from its token
+  to online in the inventory. `flood_dial_p50_ms_*` / `flood_dial_p99_ms_*`: cold
+  `tsh ssh dev true` over TCP+TLS and over QUIC (30 runs each in `all`, spread over 20 s of
+  flood); `flood_base_dial_p99_ms_*` the same dials just before the flood, and
+  `flood_dial_p99_ratio_*` the quotient. `flood_dial_failures`: dials that failed under the
+  flood (target 0).
 ";
 
 fn commit(root: &Path) -> String {
@@ -982,4 +1001,323 @@ impl Drop for LinkDown {
         c.args(["down", &self.1]);
         let _ = run(c, None, Duration::from_secs(60));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Flood: dials and joins while anonymous clients hold the gateway's port
+
+/// Anonymous load on the gateway's port from several loopback sources (all of 127/8 is
+/// local): idle TCP connections that never speak (a slow-loris; each one reconnects when
+/// the gateway drops it, as an attacker would) and junk QUIC-looking UDP datagrams.
+struct Flood {
+    stop: tokio_util::sync::CancellationToken,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    dropped: Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    /// `(source, connections)` pairs against `gw`; `udp` junk senders at 20 datagrams/s each.
+    fn start(
+        gw: std::net::SocketAddr,
+        sources: Vec<(std::net::Ipv4Addr, usize)>,
+        udp: usize,
+    ) -> Result<Self> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let stop = tokio_util::sync::CancellationToken::new();
+        let held = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (s, h, d) = (stop.clone(), held.clone(), dropped.clone());
+        let thread = std::thread::spawn(move || {
+            rt.block_on(async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                for (ip, n) in sources {
+                    for _ in 0..n {
+                        let (s, h, d) = (s.clone(), h.clone(), d.clone());
+                        tasks.spawn(async move {
+                            while !s.is_cancelled() {
+                                let conn = async {
+                                    let sock = tokio::net::TcpSocket::new_v4()?;
+                                    sock.bind((ip, 0).into())?;
+                                    sock.connect(gw).await
+                                };
+                                let mut c = match conn.await {
+                                    Ok(c) => c,
+                                    Err(_) => {
+                                        tokio::select! {
+                                            _ = s.cancelled() => return,
+                                            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                                        }
+                                    }
+                                };
+                                h.fetch_add(1, Ordering::Relaxed);
+                                let mut buf = [0u8; 256];
+                                let gone = tokio::select! {
+                                    _ = s.cancelled() => false,
+                                    _ = tokio::io::AsyncReadExt::read(&mut c, &mut buf) => true,
+                                };
+                                h.fetch_sub(1, Ordering::Relaxed);
+                                if gone {
+                                    d.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        });
+                    }
+                }
+                for i in 0..udp {
+                    let s = s.clone();
+                    tasks.spawn(async move {
+                        let Ok(sock) = tokio::net::UdpSocket::bind(("127.0.0.3", 0)).await else {
+                            return;
+                        };
+                        let mut pkt = vec![0u8; 1200];
+                        let mut n = i as u64;
+                        while !s.is_cancelled() {
+                            // A long-header Initial (version 1) with a random-ish body.
+                            for b in pkt.iter_mut() {
+                                n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                                *b = (n >> 33) as u8;
+                            }
+                            pkt[0] = 0xc3;
+                            pkt[1..5].copy_from_slice(&1u32.to_be_bytes());
+                            pkt[5] = 8;
+                            let _ = sock.send_to(&pkt, gw).await;
+                            tokio::select! {
+                                _ = s.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                            }
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+        });
+        Ok(Self {
+            stop,
+            held,
+            dropped,
+            thread: Some(thread),
+        })
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn dropped(&self) -> usize {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (the flood holds over a thousand
+/// sockets, and the gateway started from here inherits the limit).
+#[allow(unsafe_code)]
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+/// `runs` cold `tsh ssh root@DEVICE true` over each transport: (tcp ms, quic ms, failures).
+/// Runs are `pause` apart, so that they spread over the gateway's handshake deadlines.
+fn dial_times(
+    fab: &Fabric,
+    home: &Path,
+    device: &str,
+    runs: usize,
+    pause: Duration,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<String>)> {
+    let (mut tcp, mut quic, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        std::thread::sleep(pause);
+        for (transport, out) in [("tcp", &mut tcp), ("quic", &mut quic)] {
+            let mut c = fab.tsh(home)?;
+            c.args([
+                "--transport",
+                transport,
+                "ssh",
+                &format!("root@{device}"),
+                "true",
+            ]);
+            match timed(c) {
+                Ok(s) => out.push(s * 1000.0),
+                Err(e) => failed.push(format!(
+                    "{transport}: {}",
+                    format!("{e:#}").lines().last().unwrap_or("")
+                )),
+            }
+        }
+    }
+    Ok((tcp, quic, failed))
+}
+
+fn flood(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
+    let nofile = raise_nofile();
+    let per_one: usize = o.pick3(100, 300, 1000);
+    let (n_sources, per_source) = o.pick3((10, 4), (25, 4), (50, 4));
+    if nofile < (per_one + n_sources * per_source + 1000) as u64 {
+        r.note(format!(
+            "flood: open-file limit {nofile} is low for the flood"
+        ));
+    }
+    let runs = o.pick3(5, 10, 30);
+    // The gateway drops a silent connection at its handshake deadline (10 s) and the flood
+    // reconnects at once: the join starts after one such cycle and the dials spread over
+    // the next ones.
+    let settle = Duration::from_secs(o.pick3(2, 6, 12));
+    let pause = Duration::from_millis(o.pick3(0, 200, 500));
+    let _agent = fab.agent("flood", &fab.gw_addr, None, &[])?;
+    fab.wait_online("flood", Duration::from_secs(60))?;
+    let home = fab.tsh_login("flooder", &fab.gw_addr)?;
+    // Warm-up, then the same dials without the flood, for the ratio.
+    let _ = dial_times(fab, &home, "flood", 1, Duration::ZERO)?;
+    let (base_tcp, base_quic, base_failed) = dial_times(fab, &home, "flood", runs, pause)?;
+    if !base_failed.is_empty() {
+        r.note(format!(
+            "flood: {} dials failed without the flood: {}",
+            base_failed.len(),
+            base_failed[0]
+        ));
+    }
+
+    let gw: std::net::SocketAddr = fab.gw_addr.parse()?;
+    let mut sources = vec![(std::net::Ipv4Addr::new(127, 0, 0, 2), per_one)];
+    sources
+        .extend((1..=n_sources as u8).map(|i| (std::net::Ipv4Addr::new(127, 0, 1, i), per_source)));
+    let total = per_one + n_sources * per_source;
+    let flood = Flood::start(gw, sources, o.pick3(4, 8, 16))?;
+    // Let the connections pile up (the gateway drops each at its handshake deadline, and
+    // each comes back at once).
+    wait_until(Duration::from_secs(20), || flood.held() >= total * 9 / 10);
+    std::thread::sleep(settle);
+    let held_before = flood.held();
+
+    let start = Instant::now();
+    let joined = fab
+        .agent("flood-join", &fab.gw_addr, None, &[])
+        .and_then(|a| {
+            fab.wait_online("flood-join", Duration::from_secs(120))
+                .map(|()| a)
+        });
+    let join_s = start.elapsed().as_secs_f64();
+    let _joined = match joined {
+        Ok(a) => {
+            r.add(
+                "flood_join_s",
+                "s",
+                vec![join_s],
+                &format!(
+                    "new agent: token, join, tunnel, online; {total} idle TCP connections held"
+                ),
+            );
+            Some(a)
+        }
+        Err(e) => {
+            r.add(
+                "flood_join_s",
+                "s",
+                vec![f64::NAN],
+                &format!("did not join: {e:#}"),
+            );
+            None
+        }
+    };
+    let (tcp, quic, failed) = dial_times(fab, &home, "flood", runs, pause)?;
+    let held_after = flood.held();
+    let dropped = flood.dropped();
+    drop(flood);
+
+    let p = |v: &[f64], q: f64| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        percentile(&s, q)
+    };
+    let note = format!("cold `tsh ssh dev true`, {runs} runs");
+    r.add(
+        "flood_dial_p50_ms_tcp",
+        "ms",
+        vec![p(&tcp, 50.0)],
+        &format!("{note}, TCP+TLS, under the flood"),
+    );
+    r.add(
+        "flood_dial_p99_ms_tcp",
+        "ms",
+        vec![p(&tcp, 99.0)],
+        &format!("{note}, TCP+TLS, under the flood"),
+    );
+    r.add(
+        "flood_dial_p50_ms_quic",
+        "ms",
+        vec![p(&quic, 50.0)],
+        &format!("{note}, QUIC, under the flood"),
+    );
+    r.add(
+        "flood_dial_p99_ms_quic",
+        "ms",
+        vec![p(&quic, 99.0)],
+        &format!("{note}, QUIC, under the flood"),
+    );
+    r.add(
+        "flood_base_dial_p99_ms_tcp",
+        "ms",
+        vec![p(&base_tcp, 99.0)],
+        &format!("{note}, TCP+TLS, no flood"),
+    );
+    r.add(
+        "flood_base_dial_p99_ms_quic",
+        "ms",
+        vec![p(&base_quic, 99.0)],
+        &format!("{note}, QUIC, no flood"),
+    );
+    r.add(
+        "flood_dial_p99_ratio_tcp",
+        "ratio",
+        vec![p(&tcp, 99.0) / p(&base_tcp, 99.0)],
+        "p99 under the flood / p99 without",
+    );
+    r.add(
+        "flood_dial_p99_ratio_quic",
+        "ratio",
+        vec![p(&quic, 99.0) / p(&base_quic, 99.0)],
+        "p99 under the flood / p99 without",
+    );
+    r.add(
+        "flood_dial_failures",
+        "dials",
+        vec![failed.len() as f64],
+        &format!("of {} under the flood", 2 * runs),
+    );
+    r.note(format!(
+        "flood: {per_one} idle TCP connections from 127.0.0.2 and {per_source} from each of \
+         {n_sources} sources in 127.0.1.0/24 (each reconnects when dropped) plus junk QUIC \
+         Initials; {held_before} held when the join started, {held_after} at the end, \
+         {dropped} dropped by the gateway in all{}",
+        failed
+            .first()
+            .map(|f| format!("; first failed dial: {f}"))
+            .unwrap_or_default()
+    ));
+    Ok(())
 }

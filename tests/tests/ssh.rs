@@ -293,13 +293,50 @@ fn refusals_are_clear() {
     // A login the certificate does not carry: the agent refuses and says why.
     let r = tsh.run(&["ssh", "pi@dev1", "true"], None);
     assert_error(&r, 255, "does not allow login \"pi\" (principals: root)");
+    // The same through stock OpenSSH and `tsh proxy ssh`: OpenSSH prints the agent's words,
+    // never "Broken pipe" (tsh proxy ssh used to exit before OpenSSH had read them, and its
+    // next write failed). A refused dial reads as a closed connection, after tsh's reason.
+    let cfg = tsh.config();
+    let proxy_to = |device: &str| {
+        format!(
+            "ProxyCommand env TSH_HOME='{}' '{}' --proxy {} proxy ssh %r@{device}:%p",
+            tsh.home.display(),
+            bin("tsh").display(),
+            tsh.proxy
+        )
+    };
+    for _ in 0..5 {
+        let out = run(
+            ssh(&cfg, &["pi@dev1", "true"]),
+            None,
+            Duration::from_secs(60),
+        );
+        assert_eq!(out.code(), Some(255), "{}", out.stderr());
+        assert!(
+            out.stderr().contains("does not allow login \"pi\"")
+                && !out.stderr().contains("Broken pipe"),
+            "{}",
+            out.stderr()
+        );
+        let nodev = proxy_to("nodev");
+        let out = run(
+            ssh(&cfg, &["-o", &nodev, "root@dev1", "true"]),
+            None,
+            Duration::from_secs(60),
+        );
+        assert_eq!(out.code(), Some(255), "{}", out.stderr());
+        assert!(
+            out.stderr().contains("nodev") && !out.stderr().contains("Broken pipe"),
+            "{}",
+            out.stderr()
+        );
+    }
 
     // A device that answers for another (here: the gateway asked for dev2 while tsh expects
     // dev1) is refused by its host certificate, by tsh and by OpenSSH.
     let r = tsh.run(&["ssh", "--test-route-to", "dev2", "dev1", "true"], None);
     assert_error(&r, 255, "not dev1");
     assert!(r.stderr().contains("impersonation"), "{}", r.stderr());
-    let cfg = tsh.config();
     let out = run(
         ssh(
             &cfg,
@@ -307,12 +344,7 @@ fn refusals_are_clear() {
                 "-o",
                 "HostKeyAlias=dev1",
                 "-o",
-                &format!(
-                    "ProxyCommand env TSH_HOME='{}' '{}' --proxy {} proxy ssh %r@dev2:%p",
-                    tsh.home.display(),
-                    bin("tsh").display(),
-                    tsh.proxy
-                ),
+                &proxy_to("dev2"),
                 "root@dev1",
                 "true",
             ],

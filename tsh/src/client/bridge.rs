@@ -154,8 +154,56 @@ pub async fn stdio(stream: BoxedStream) {
             }
         }
     };
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
+    let device_ended = {
+        tokio::pin!(up);
+        tokio::select! {
+            _ = &mut up => false,
+            _ = down => true,
+        }
+    };
+    if device_ended {
+        drop(stdout);
+        linger(stdin.as_ref()).await;
+    }
+}
+
+/// How long `tsh proxy ssh` waits for OpenSSH to go once the other end is gone.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The end of a ProxyCommand whose other end is gone (the device closed the session, or the
+/// gateway refused the dial): closes our end of OpenSSH's stdout pipe, so that it reads
+/// what it was sent (a refusal, a disconnect message) and then end of file, and keeps
+/// reading its writes until it closes stdin (at most [`LINGER`]). Exiting at once would
+/// make OpenSSH's next write fail with "Broken pipe" before it reads the server's last
+/// words.
+async fn linger(stdin: Option<&AsyncFd<Fd>>) {
+    release_stdout();
+    let Some(fd) = stdin else { return };
+    let drain = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = read_async(fd, &mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// [`linger`] before `tsh proxy ssh` exits on an error of its own (a refused dial).
+pub async fn linger_on_error() {
+    let stdin = async_fd(0);
+    linger(stdin.as_ref()).await;
+}
+
+/// Points fd 1 at /dev/null: the pipe to OpenSSH loses its last writer.
+fn release_stdout() {
+    // SAFETY: open/dup2/close on descriptors this process owns; fd 1 stays valid.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::close(null);
+        }
     }
 }

@@ -324,7 +324,15 @@ async fn proxy_ssh(g: &Global, target: &str, direct: Option<&str>) -> Result<i32
     };
     let suffix = format!(".{}", creds.cas.cluster);
     let device = host.strip_suffix(&suffix).unwrap_or(host);
-    let (stream, _) = gateway::dial_ssh(&creds, g.transport, device).await?;
+    let (stream, _) = match gateway::dial_ssh(&creds, g.transport, device).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Said on stderr now; OpenSSH then reads end of file, not a broken pipe.
+            eprintln!("error: {e}");
+            bridge::linger_on_error().await;
+            return Ok(e.code.unwrap_or(255));
+        }
+    };
     bridge::stdio(stream).await;
     Ok(0)
 }

@@ -129,10 +129,45 @@ pub async fn open(
                     "TLS handshake with the gateway at {proxy} timed out"
                 ))
             })?
-            .map_err(|e| CliError::msg(format!("cannot verify the gateway at {proxy}: {e}")))?;
+            .map_err(|e| tls_handshake_error(proxy, &e))?;
             Ok(Box::new(tls))
         }
         Transport::Quic => quic::open(proxy, server_name, tls).await,
+    }
+}
+
+/// What a failed TLS handshake with the gateway means, told as it happened: only a
+/// certificate that does not verify says "cannot verify the gateway" (which
+/// [`user_request`] turns into the other-cluster hint); a connection the gateway dropped or
+/// reset mid-handshake (its pre-auth budget, an overloaded listener) says so.
+pub(crate) fn tls_handshake_error(proxy: &str, e: &std::io::Error) -> CliError {
+    use std::io::ErrorKind;
+    // tokio-rustls reports TLS errors as InvalidData with the rustls error inside.
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return match tls {
+            // Our verifier refused the gateway's certificate (unknown issuer, bad pin, ...).
+            rustls::Error::InvalidCertificate(_) | rustls::Error::General(_) => {
+                CliError::msg(format!("cannot verify the gateway at {proxy}: {e}"))
+            }
+            rustls::Error::AlertReceived(alert) => CliError::msg(format!(
+                "the gateway at {proxy} ended the TLS handshake with alert {alert:?}"
+            )),
+            other => CliError::msg(format!(
+                "TLS handshake with the gateway at {proxy} failed: {other}"
+            )),
+        };
+    }
+    match e.kind() {
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe => CliError::msg(format!(
+            "the gateway at {proxy} closed the connection during the TLS handshake ({e}); \
+             it may be overloaded: try again"
+        )),
+        _ => CliError::msg(format!(
+            "TLS handshake with the gateway at {proxy} failed: {e}"
+        )),
     }
 }
 
@@ -378,10 +413,106 @@ mod quic {
                     "QUIC handshake with {proxy} timed out (is UDP blocked? try --transport tcp)"
                 ))
             })?
-            .map_err(|e| CliError::msg(format!("QUIC handshake with {proxy}: {e}")))?;
+            .map_err(|e| handshake_error(proxy, &e))?;
         edgeport_net::tunnel::quic(conn)
             .open()
             .await
             .map_err(|e| CliError::msg(format!("QUIC stream to {proxy}: {e}")))
+    }
+
+    /// A failed QUIC handshake, told as it happened (see [`super::tls_handshake_error`]).
+    pub(super) fn handshake_error(proxy: &str, e: &quinn::ConnectionError) -> CliError {
+        use quinn::{ConnectionError as E, TransportErrorCode as Code};
+        let is_crypto = |c: Code| (0x100..0x200).contains(&u64::from(c));
+        match e {
+            // Our own TLS stack refused the gateway's certificate.
+            E::TransportError(t) if is_crypto(t.code) => CliError::msg(format!(
+                "cannot verify the gateway at {proxy}: {}",
+                t.reason
+            )),
+            E::ConnectionClosed(c) if c.error_code == Code::CONNECTION_REFUSED => {
+                CliError::msg(format!(
+                    "the gateway at {proxy} refused the connection during the QUIC handshake; \
+                     it may be overloaded: try again"
+                ))
+            }
+            E::ConnectionClosed(c) if is_crypto(c.error_code) => CliError::msg(format!(
+                "the gateway at {proxy} ended the QUIC handshake with a TLS alert ({e})"
+            )),
+            E::ConnectionClosed(_) | E::ApplicationClosed(_) | E::Reset => CliError::msg(format!(
+                "the gateway at {proxy} closed the connection during the QUIC handshake \
+                     ({e}); it may be overloaded: try again"
+            )),
+            _ => CliError::msg(format!("QUIC handshake with {proxy}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that accepts one connection, reads the ClientHello, then closes it (or
+    /// resets it with `SO_LINGER` 0), as an overloaded gateway shedding handshakes does.
+    async fn dropping_gateway(reset: bool) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            if reset {
+                s.set_zero_linger().unwrap();
+            }
+            drop(s);
+        });
+        addr
+    }
+
+    async fn open_err(addr: &str) -> String {
+        edgeport_proto::tls::install_crypto_provider();
+        let tls = tls_config(&Trust::Insecure, None).unwrap();
+        match open(addr, GATEWAY_SERVER_NAME, tls, Transport::Tcp).await {
+            Ok(_) => panic!("the handshake succeeded"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn closed_handshake_says_overloaded() {
+        let addr = dropping_gateway(false).await;
+        let m = open_err(&addr).await;
+        assert!(
+            m.contains("closed the connection during the TLS handshake")
+                && m.contains("overloaded"),
+            "{m}"
+        );
+        assert!(!m.contains("cannot verify"), "{m}");
+    }
+
+    #[tokio::test]
+    async fn reset_handshake_says_overloaded() {
+        let addr = dropping_gateway(true).await;
+        let m = open_err(&addr).await;
+        assert!(
+            m.contains("closed the connection during the TLS handshake"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn certificate_errors_still_say_cannot_verify() {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let m = tls_handshake_error("gw:3080", &e).to_string();
+        assert!(m.starts_with("cannot verify the gateway at gw:3080"), "{m}");
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure),
+        );
+        let m = tls_handshake_error("gw:3080", &e).to_string();
+        assert!(!m.starts_with("cannot verify"), "{m}");
     }
 }
