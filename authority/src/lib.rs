@@ -10,6 +10,8 @@ pub mod ca;
 pub mod data_dir;
 pub mod devices;
 pub mod errors;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod gateways;
 pub mod handlers;
 pub mod locks;

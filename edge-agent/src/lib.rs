@@ -14,6 +14,8 @@ pub mod agent;
 pub mod audit;
 pub mod backoff;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod identity;
 pub mod join;
 #[cfg(feature = "kube")]

@@ -18,6 +18,8 @@ pub mod budget;
 pub mod config;
 pub mod ctx;
 pub mod dial;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod grants;
 pub mod identity;
 pub mod join;

@@ -13,6 +13,8 @@ pub mod ca_bundle;
 pub mod codec;
 pub mod control;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod identity;
 pub mod keys;
 pub mod proxy_headers;

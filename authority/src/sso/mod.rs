@@ -249,7 +249,7 @@ pub struct PendingLogin {
 }
 
 /// Counted together: one IPv4 address, or one IPv6 /64 (what one subscriber usually has).
-fn client_key(addr: IpAddr) -> IpAddr {
+pub(crate) fn client_key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => {
@@ -264,7 +264,7 @@ fn client_key(addr: IpAddr) -> IpAddr {
 }
 
 /// `IP:PORT`, `[V6]:PORT` or a bare address.
-fn client_ip(addr: &str) -> Result<IpAddr, RpcError> {
+pub(crate) fn client_ip(addr: &str) -> Result<IpAddr, RpcError> {
     addr.parse::<std::net::SocketAddr>()
         .map(|a| a.ip())
         .or_else(|_| addr.parse::<IpAddr>())

@@ -225,7 +225,7 @@ impl Oidc {
 }
 
 /// The `claim` array (or single string) of a JWT's payload.
-fn groups_of(jwt: &str, claim: &str) -> Vec<String> {
+pub(crate) fn groups_of(jwt: &str, claim: &str) -> Vec<String> {
     let payload = jwt.split('.').nth(1).unwrap_or("");
     let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
         return Vec::new();

@@ -270,8 +270,36 @@ pub async fn serve(
     }
 }
 
+/// The size of a request head as [`MAX_HEAD`] counts it (the target, and each header with
+/// 32 bytes of overhead, as HTTP/2 counts header lists).
+pub(crate) fn head_size(uri: &http::Uri, headers: &http::HeaderMap) -> usize {
+    uri.to_string().len()
+        + headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum::<usize>()
+}
+
+/// What of a client's headers goes on to the device: no hop-by-hop headers (but the upgrade
+/// pair when `upgrade`), no impersonation and no credentials (the agent impersonates whom
+/// the ticket names), and the apiserver's own host name.
+pub(crate) fn scrub_headers(h: &mut http::HeaderMap, upgrade: bool) {
+    strip_hop_by_hop(h, upgrade);
+    // The agent strips these too; removing them here keeps them off the tunnel.
+    let imp: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for k in imp {
+        h.remove(k);
+    }
+    h.remove(header::AUTHORIZATION);
+    h.insert(header::HOST, HeaderValue::from_static("kubernetes"));
+}
+
 /// `/k8s/CLUSTER/rest` -> (CLUSTER, /rest).
-fn split_path(path: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix("/k8s/")?;
     let (cluster, tail) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -386,12 +414,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         }
     };
     let user = who.name.clone();
-    let head: usize = req.uri().to_string().len()
-        + req
-            .headers()
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 32)
-            .sum::<usize>();
+    let head = head_size(req.uri(), req.headers());
     if head > MAX_HEAD {
         return status_body(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -502,21 +525,7 @@ async fn forward(
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
     *out.headers_mut() = parts.headers;
-    {
-        let h = out.headers_mut();
-        strip_hop_by_hop(h, upgrade);
-        // The agent strips these too; removing them here keeps them off the tunnel.
-        let imp: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| k.as_str().starts_with("impersonate-"))
-            .cloned()
-            .collect();
-        for k in imp {
-            h.remove(k);
-        }
-        h.remove(header::AUTHORIZATION);
-        h.insert(header::HOST, HeaderValue::from_static("kubernetes"));
-    }
+    scrub_headers(out.headers_mut(), upgrade);
 
     let device = &grant.device.id;
     let stream = match crate::peers::open_device_stream(ctx, who, grant, header.clone()).await {

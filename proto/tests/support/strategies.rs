@@ -1,0 +1,882 @@
+//! Hand-written proptest strategies for every message of the wire protocol: the tunnel, join
+//! and dial enums (`tunnel`), the RPC enums (`rpc`) and what they carry. Used by the
+//! round-trip properties (`tests/roundtrip.rs`) and to make the fuzzers' seed corpus
+//! (`tests/fuzz_entries.rs`).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use edgeport_proto::audit::*;
+use edgeport_proto::identity::CaBundle;
+use edgeport_proto::rpc::*;
+use edgeport_proto::ticket::DialTicket;
+use edgeport_proto::tunnel::*;
+use proptest::collection::{btree_map, vec};
+use proptest::option::of;
+use proptest::prelude::*;
+
+pub fn s() -> impl Strategy<Value = String> + Clone {
+    prop_oneof![3 => "[a-z0-9._/-]{0,12}", 1 => ".{0,8}"]
+}
+pub fn vs() -> impl Strategy<Value = Vec<String>> + Clone {
+    vec(s(), 0..3)
+}
+pub fn os() -> impl Strategy<Value = Option<String>> + Clone {
+    of(s())
+}
+pub fn ovs() -> impl Strategy<Value = Option<Vec<String>>> + Clone {
+    of(vs())
+}
+pub fn labels() -> impl Strategy<Value = BTreeMap<String, String>> + Clone {
+    btree_map(s(), s(), 0..3)
+}
+pub fn rules() -> impl Strategy<Value = BTreeMap<String, Vec<String>>> + Clone {
+    btree_map(s(), vs(), 0..3)
+}
+pub fn bytes() -> impl Strategy<Value = Vec<u8>> + Clone {
+    vec(any::<u8>(), 0..40)
+}
+pub fn ob() -> impl Strategy<Value = Option<Vec<u8>>> + Clone {
+    of(bytes())
+}
+
+pub fn error_kind() -> impl Strategy<Value = ErrorKind> + Clone {
+    prop::sample::select(vec![
+        ErrorKind::Denied,
+        ErrorKind::BadCredentials,
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::Invalid,
+        ErrorKind::Expired,
+        ErrorKind::Locked,
+        ErrorKind::Internal,
+        ErrorKind::SecondFactorRequired,
+        ErrorKind::SecondFactorEnroll,
+        ErrorKind::GatewayRevoked,
+    ])
+}
+pub fn rpc_error() -> impl Strategy<Value = RpcError> + Clone {
+    (error_kind(), s()).prop_map(|(kind, message)| RpcError { kind, message })
+}
+pub fn transport() -> impl Strategy<Value = Transport> + Clone {
+    prop_oneof![Just(Transport::Quic), Just(Transport::Tcp)]
+}
+pub fn service() -> impl Strategy<Value = Service> + Clone {
+    prop_oneof![Just(Service::Echo), Just(Service::Ssh), Just(Service::Kube)]
+}
+pub fn token_kind() -> impl Strategy<Value = TokenKind> + Clone {
+    prop_oneof![Just(TokenKind::Device), Just(TokenKind::Gateway)]
+}
+pub fn cas() -> impl Strategy<Value = CaBundle> + Clone {
+    (s(), s(), s(), s(), s(), s()).prop_map(
+        |(cluster, user_ca, host_ca, x509_ca_pem, ca_pin, signature)| CaBundle {
+            cluster,
+            user_ca,
+            host_ca,
+            x509_ca_pem,
+            ca_pin,
+            signature,
+        },
+    )
+}
+pub fn ticket() -> impl Strategy<Value = DialTicket> + Clone {
+    (bytes(), bytes()).prop_map(|(claims, signature)| DialTicket { claims, signature })
+}
+pub fn user_certs() -> impl Strategy<Value = UserCerts> + Clone {
+    (s(), s(), s(), cas(), vs(), vs(), vs(), any::<u64>()).prop_map(
+        |(user, ssh_cert, x509_cert_pem, cas, logins, kube_groups, kube_users, valid_before)| {
+            UserCerts {
+                user,
+                ssh_cert,
+                x509_cert_pem,
+                cas,
+                logins,
+                kube_groups,
+                kube_users,
+                valid_before,
+            }
+        },
+    )
+}
+pub fn device_certs() -> impl Strategy<Value = DeviceCerts> + Clone {
+    (s(), labels(), s(), s(), cas(), any::<u64>()).prop_map(
+        |(device_id, labels, host_cert, x509_cert_pem, cas, valid_before)| DeviceCerts {
+            device_id,
+            labels,
+            host_cert,
+            x509_cert_pem,
+            cas,
+            valid_before,
+        },
+    )
+}
+pub fn gateway_certs() -> impl Strategy<Value = GatewayCerts> + Clone {
+    (s(), s(), cas(), any::<u64>()).prop_map(|(gateway_id, x509_cert_pem, cas, valid_before)| {
+        GatewayCerts {
+            gateway_id,
+            x509_cert_pem,
+            cas,
+            valid_before,
+        }
+    })
+}
+pub fn device_info() -> impl Strategy<Value = DeviceInfo> + Clone {
+    (
+        (s(), labels(), any::<bool>(), of(transport()), s(), s(), s()),
+        (
+            of(any::<u32>()),
+            any::<u64>(),
+            os(),
+            os(),
+            any::<u64>(),
+            os(),
+        ),
+    )
+        .prop_map(
+            |(
+                (id, labels, online, transport, address, version, arch),
+                (rtt_ms, last_seen, last_disconnect_reason, gateway, joined_at, kube_cluster),
+            )| DeviceInfo {
+                id,
+                labels,
+                online,
+                transport,
+                address,
+                version,
+                arch,
+                rtt_ms,
+                last_seen,
+                last_disconnect_reason,
+                gateway,
+                joined_at,
+                kube_cluster,
+            },
+        )
+}
+pub fn devices() -> impl Strategy<Value = Vec<DeviceInfo>> + Clone {
+    vec(device_info(), 0..3)
+}
+pub fn login_request() -> impl Strategy<Value = LoginRequest> + Clone {
+    (s(), s(), os(), s(), any::<u64>(), s(), os(), os()).prop_map(
+        |(user, secret, new_password, ssh_public_key, ttl_secs, client_addr, otp, totp_enroll)| {
+            LoginRequest {
+                user,
+                secret,
+                new_password,
+                ssh_public_key,
+                ttl_secs,
+                client_addr,
+                otp,
+                totp_enroll,
+            }
+        },
+    )
+}
+pub fn join_device_request() -> impl Strategy<Value = JoinDeviceRequest> + Clone {
+    (s(), os(), labels(), s(), s(), s(), s()).prop_map(
+        |(token, requested_id, labels, ssh_public_key, version, arch, remote_addr)| {
+            JoinDeviceRequest {
+                token,
+                requested_id,
+                labels,
+                ssh_public_key,
+                version,
+                arch,
+                remote_addr,
+            }
+        },
+    )
+}
+pub fn audit_event() -> impl Strategy<Value = AuditEvent> + Clone {
+    (
+        any::<u64>(),
+        s(),
+        any::<u64>(),
+        s(),
+        s(),
+        s(),
+        s(),
+        labels(),
+    )
+        .prop_map(
+            |(seq, prev_hash, time_ms, kind, session_id, user, login, fields)| AuditEvent {
+                seq,
+                prev_hash,
+                time_ms,
+                kind,
+                session_id,
+                user,
+                login,
+                fields,
+            },
+        )
+}
+pub fn audit_batch() -> impl Strategy<Value = AuditBatch> + Clone {
+    (vec(audit_event(), 0..3), bytes())
+        .prop_map(|(events, signature)| AuditBatch { events, signature })
+}
+pub fn audit_ack() -> impl Strategy<Value = AuditAck> + Clone {
+    (any::<u64>(), s(), os(), bytes()).prop_map(|(acked_seq, last_hash, error, signature)| {
+        AuditAck {
+            acked_seq,
+            last_hash,
+            error,
+            signature,
+        }
+    })
+}
+pub fn recording_info() -> impl Strategy<Value = RecordingInfo> + Clone {
+    (s(), s(), s(), s(), any::<u64>(), any::<u64>(), s()).prop_map(
+        |(session_id, device, user, login, started_ms, bytes, user_id)| RecordingInfo {
+            session_id,
+            device,
+            user,
+            login,
+            started_ms,
+            bytes,
+            user_id,
+        },
+    )
+}
+pub fn stream_header() -> impl Strategy<Value = StreamHeader> + Clone {
+    (service(), os(), s(), s(), vs(), vs(), of(ticket()), os()).prop_map(
+        |(service, user, session_id, client_addr, kube_groups, kube_users, ticket, via)| {
+            StreamHeader {
+                service,
+                user,
+                session_id,
+                client_addr,
+                kube_groups,
+                kube_users,
+                ticket,
+                via,
+            }
+        },
+    )
+}
+pub fn hello() -> impl Strategy<Value = Hello> + Clone {
+    (s(), labels(), s(), s(), os()).prop_map(|(device_id, labels, version, arch, kube_cluster)| {
+        Hello {
+            device_id,
+            labels,
+            version,
+            arch,
+            kube_cluster,
+        }
+    })
+}
+pub fn lock_target() -> impl Strategy<Value = LockTarget> + Clone {
+    prop_oneof![
+        s().prop_map(LockTarget::User),
+        s().prop_map(LockTarget::Device),
+        s().prop_map(LockTarget::Gateway),
+    ]
+}
+pub fn lock_spec() -> impl Strategy<Value = LockSpec> + Clone {
+    (lock_target(), s(), any::<u64>()).prop_map(|(target, message, expires)| LockSpec {
+        target,
+        message,
+        expires,
+    })
+}
+pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
+    (
+        s(),
+        rules(),
+        rules(),
+        any::<u64>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                name,
+                allow_labels,
+                deny_labels,
+                max_session_ttl,
+                permit_pty,
+                permit_port_forwarding,
+                permit_agent_forwarding,
+            )| {
+                RoleSpec {
+                    name,
+                    allow_labels,
+                    deny_labels,
+                    max_session_ttl,
+                    permit_pty,
+                    permit_port_forwarding,
+                    permit_agent_forwarding,
+                }
+            },
+        )
+}
+pub fn sso_kind() -> impl Strategy<Value = SsoConnectorKind> + Clone {
+    prop_oneof![
+        (s(), s(), s(), vs()).prop_map(|(issuer, username_claim, groups_claim, scopes)| {
+            SsoConnectorKind::Oidc {
+                issuer,
+                username_claim,
+                groups_claim,
+                scopes,
+            }
+        }),
+        (s(), s()).prop_map(|(url, api_url)| SsoConnectorKind::GitHub { url, api_url }),
+    ]
+}
+pub fn sso_mapping() -> impl Strategy<Value = SsoMapping> + Clone {
+    (s(), vs(), vs(), vs(), vs()).prop_map(|(group, roles, logins, kube_groups, kube_users)| {
+        SsoMapping {
+            group,
+            roles,
+            logins,
+            kube_groups,
+            kube_users,
+        }
+    })
+}
+pub fn token_info() -> impl Strategy<Value = TokenInfo> + Clone {
+    (
+        os(),
+        s(),
+        token_kind(),
+        labels(),
+        any::<u64>(),
+        any::<bool>(),
+        any::<u32>(),
+        s(),
+    )
+        .prop_map(
+            |(token, id, kind, labels, expires, reusable, uses, ca_pin)| TokenInfo {
+                token,
+                id,
+                kind,
+                labels,
+                expires,
+                reusable,
+                uses,
+                ca_pin,
+            },
+        )
+}
+pub fn device_presence() -> impl Strategy<Value = DevicePresence> + Clone {
+    (
+        s(),
+        labels(),
+        s(),
+        s(),
+        transport(),
+        s(),
+        any::<u32>(),
+        any::<u64>(),
+        os(),
+    )
+        .prop_map(
+            |(
+                id,
+                labels,
+                version,
+                arch,
+                transport,
+                address,
+                rtt_ms,
+                connected_at,
+                kube_cluster,
+            )| DevicePresence {
+                id,
+                labels,
+                version,
+                arch,
+                transport,
+                address,
+                rtt_ms,
+                connected_at,
+                kube_cluster,
+            },
+        )
+}
+pub fn pairs() -> impl Strategy<Value = Vec<(String, String)>> + Clone {
+    vec((s(), s()), 0..3)
+}
+pub fn stored_event() -> impl Strategy<Value = StoredEvent> + Clone {
+    (s(), s(), s(), any::<u64>(), audit_event()).prop_map(
+        |(source, device, gateway, received_ms, event)| StoredEvent {
+            source,
+            device,
+            gateway,
+            received_ms,
+            event,
+        },
+    )
+}
+pub fn chain_report() -> impl Strategy<Value = ChainReport> + Clone {
+    let alert = (s(), any::<u64>(), s(), any::<u64>(), s()).prop_map(
+        |(device, time_ms, kind, seq, detail)| IntegrityAlert {
+            device,
+            time_ms,
+            kind,
+            seq,
+            detail,
+        },
+    );
+    (
+        s(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        vs(),
+        vec(alert, 0..2),
+    )
+        .prop_map(
+            |(device, events, first_seq, last_seq, problems, alerts)| ChainReport {
+                device,
+                events,
+                first_seq,
+                last_seq,
+                problems,
+                alerts,
+            },
+        )
+}
+
+pub fn request() -> impl Strategy<Value = Request> {
+    let sign =
+        (s(), s(), any::<u64>(), ovs()).prop_map(|(user, ssh_public_key, ttl_secs, logins)| {
+            Request::SignUser(SignUserRequest {
+                user,
+                ssh_public_key,
+                ttl_secs,
+                logins,
+            })
+        });
+    let user_add = (s(), vs(), vs(), vs(), vs(), os(), any::<bool>()).prop_map(
+        |(name, logins, roles, kube_groups, kube_users, password, require_totp)| {
+            Request::UserAdd(UserSpec {
+                name,
+                logins,
+                roles,
+                kube_groups,
+                kube_users,
+                password,
+                require_totp,
+            })
+        },
+    );
+    let token_add = (token_kind(), labels(), any::<u64>(), any::<bool>()).prop_map(
+        |(kind, labels, ttl_secs, reusable)| {
+            Request::TokenAdd(TokenSpec {
+                kind,
+                labels,
+                ttl_secs,
+                reusable,
+            })
+        },
+    );
+    let join_gw = (s(), os(), bytes(), vs(), vs()).prop_map(
+        |(token, gateway_id, public_key_spki_der, dns_names, ip_addrs)| {
+            Request::JoinGateway(JoinGatewayRequest {
+                token,
+                gateway_id,
+                public_key_spki_der,
+                dns_names,
+                ip_addrs,
+            })
+        },
+    );
+    let renew_gw = (bytes(), vs(), vs()).prop_map(|(public_key_spki_der, dns_names, ip_addrs)| {
+        Request::RenewGateway(RenewGatewayRequest {
+            public_key_spki_der,
+            dns_names,
+            ip_addrs,
+        })
+    });
+    let presence = (
+        any::<u64>(),
+        vec(device_presence(), 0..2),
+        pairs(),
+        any::<u32>(),
+        any::<bool>(),
+        os(),
+        s(),
+    )
+        .prop_map(
+            |(lease_secs, online, disconnected, part, more, peer_addr, version)| {
+                Request::Presence(PresenceReport {
+                    lease_secs,
+                    online,
+                    disconnected,
+                    part,
+                    more,
+                    peer_addr,
+                    version,
+                })
+            },
+        );
+    let query = (any::<u64>(), os(), os(), os(), os(), any::<u64>()).prop_map(
+        |(since_ms, kind, device, user, session_id, offset)| {
+            Request::AuditSearch(AuditQuery {
+                since_ms,
+                kind,
+                device,
+                user,
+                session_id,
+                offset,
+            })
+        },
+    );
+    let sso_start =
+        (s(), s(), s(), s()).prop_map(|(connector, redirect_uri, proof_hash, client_addr)| {
+            Request::SsoStart(SsoStartRequest {
+                connector,
+                redirect_uri,
+                proof_hash,
+                client_addr,
+            })
+        });
+    let sso_finish = (s(), s(), s(), s(), any::<u64>(), s()).prop_map(
+        |(state, code, proof, ssh_public_key, ttl_secs, client_addr)| {
+            Request::SsoFinish(SsoFinishRequest {
+                state,
+                code,
+                proof,
+                ssh_public_key,
+                ttl_secs,
+                client_addr,
+            })
+        },
+    );
+    let connector = (s(), s(), s(), os(), sso_kind()).prop_map(
+        |(name, client_id, client_secret, ca_pem, kind)| {
+            Request::SsoConnectorAdd(SsoConnectorSpec {
+                name,
+                client_id,
+                client_secret,
+                ca_pem,
+                kind,
+            })
+        },
+    );
+    let user_update = (
+        s(),
+        ovs(),
+        ovs(),
+        ovs(),
+        ovs(),
+        of(any::<bool>()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(name, logins, roles, kube_groups, kube_users, require_totp, reset_totp)| {
+                Request::UserUpdate(UserUpdate {
+                    name,
+                    logins,
+                    roles,
+                    kube_groups,
+                    kube_users,
+                    require_totp,
+                    reset_totp,
+                })
+            },
+        );
+    prop_oneof![
+        Just(Request::Ping),
+        Just(Request::ExportCas),
+        sign,
+        user_add,
+        Just(Request::UserList),
+        s().prop_map(|name| Request::UserRemove { name }),
+        token_add,
+        Just(Request::TokenList),
+        s().prop_map(|id| Request::TokenRemove { id }),
+        Just(Request::DeviceList),
+        s().prop_map(|id| Request::DeviceRemove { id }),
+        join_gw,
+        join_device_request().prop_map(Request::JoinDevice),
+        (s(), s()).prop_map(|(device_id, ssh_public_key)| Request::RenewDevice(
+            RenewDeviceRequest {
+                device_id,
+                ssh_public_key
+            }
+        )),
+        renew_gw,
+        presence,
+        login_request().prop_map(Request::Login),
+        (bytes(), s(), service()).prop_map(|(user_cert_der, device, service)| {
+            Request::AuthorizeDial {
+                user_cert_der,
+                device,
+                service,
+            }
+        }),
+        lock_spec().prop_map(Request::LockAdd),
+        lock_target().prop_map(|target| Request::LockRemove { target }),
+        Just(Request::LockList),
+        role_spec().prop_map(Request::RoleUpsert),
+        Just(Request::RoleList),
+        s().prop_map(|name| Request::RoleRemove { name }),
+        s().prop_map(|after| Request::DevicePage { after }),
+        (s(), audit_batch())
+            .prop_map(|(device_id, batch)| Request::AuditUpload { device_id, batch }),
+        vec(audit_event(), 0..3).prop_map(Request::AuditRecord),
+        query,
+        os().prop_map(|device| Request::AuditVerify { device }),
+        (os(), ob()).prop_map(|(user, user_cert_der)| Request::RecordingList {
+            user,
+            user_cert_der
+        }),
+        (s(), os(), any::<u64>(), ob()).prop_map(|(session_id, user, offset, user_cert_der)| {
+            Request::RecordingGet {
+                session_id,
+                user,
+                offset,
+                user_cert_der,
+            }
+        }),
+        (s(), s()).prop_map(|(user, after)| Request::UserDevicePage { user, after }),
+        sso_mapping().prop_map(Request::SsoMapSet),
+        Just(Request::SsoMapList),
+        s().prop_map(|group| Request::SsoMapRemove { group }),
+        any::<u64>().prop_map(|seen| Request::WatchPolicy { seen }),
+        (any::<u32>(), s()).prop_map(|(part, digest)| Request::PresenceAckPart { part, digest }),
+        Just(Request::GatewayList),
+        s().prop_map(|id| Request::GatewayRemove { id }),
+        sso_start,
+        sso_finish,
+        connector,
+        Just(Request::SsoConnectorList),
+        s().prop_map(|name| Request::SsoConnectorRemove { name }),
+        user_update,
+    ]
+}
+
+pub fn response() -> impl Strategy<Value = Response> {
+    let user_info = (
+        s(),
+        vs(),
+        vs(),
+        vs(),
+        vs(),
+        any::<bool>(),
+        any::<u64>(),
+        any::<bool>(),
+        s(),
+    )
+        .prop_map(
+            |(
+                name,
+                logins,
+                roles,
+                kube_groups,
+                kube_users,
+                has_password,
+                created,
+                locked,
+                second_factor,
+            )| UserInfo {
+                name,
+                logins,
+                roles,
+                kube_groups,
+                kube_users,
+                has_password,
+                created,
+                locked,
+                second_factor,
+            },
+        );
+    let ack = (
+        vs(),
+        vec(lock_spec(), 0..2),
+        vec((s(), any::<u64>()), 0..2),
+        vs(),
+        any::<bool>(),
+        s(),
+    )
+        .prop_map(
+            |(revoked_devices, locks, superseded, revoked_gateways, more, digest)| {
+                Response::PresenceAck(PresenceAck {
+                    revoked_devices,
+                    locks,
+                    superseded,
+                    revoked_gateways,
+                    more,
+                    digest,
+                })
+            },
+        );
+    let grant = (device_info(), vs(), vs(), vs(), os(), of(ticket()), s()).prop_map(
+        |(device, logins, kube_groups, kube_users, gateway_addr, ticket, user)| {
+            Response::DialAllowed(DialGrant {
+                device,
+                logins,
+                kube_groups,
+                kube_users,
+                gateway_addr,
+                ticket,
+                user,
+            })
+        },
+    );
+    let role_info =
+        (role_spec(), any::<bool>(), vs()).prop_map(|(spec, builtin, users)| RoleInfo {
+            spec,
+            builtin,
+            users,
+        });
+    let gw_info = (
+        (s(), os(), vs(), vs(), s(), any::<u32>()),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (id, peer_addr, dns_names, ip_addrs, version, tunnels),
+                (joined_at, renewed_at, last_report, revoked, locked),
+            )| {
+                GatewayInfo {
+                    id,
+                    peer_addr,
+                    dns_names,
+                    ip_addrs,
+                    version,
+                    tunnels,
+                    joined_at,
+                    renewed_at,
+                    last_report,
+                    revoked,
+                    locked,
+                }
+            },
+        );
+    let conn_info =
+        (s(), s(), any::<bool>(), sso_kind()).prop_map(|(name, client_id, custom_ca, kind)| {
+            SsoConnectorInfo {
+                name,
+                client_id,
+                custom_ca,
+                kind,
+            }
+        });
+    prop_oneof![
+        Just(Response::Ok),
+        rpc_error().prop_map(Response::Error),
+        (s(), s()).prop_map(|(cluster, version)| Response::Pong { cluster, version }),
+        cas().prop_map(Response::Cas),
+        user_certs().prop_map(Response::UserCerts),
+        (os(), of(any::<u64>())).prop_map(|(invite, invite_expires)| Response::UserAdded {
+            invite,
+            invite_expires
+        }),
+        vec(user_info, 0..2).prop_map(Response::Users),
+        token_info().prop_map(Response::Token),
+        vec(token_info(), 0..2).prop_map(Response::Tokens),
+        devices().prop_map(Response::Devices),
+        gateway_certs().prop_map(Response::GatewayCerts),
+        device_certs().prop_map(Response::DeviceCerts),
+        ack,
+        grant,
+        vec(lock_spec(), 0..2).prop_map(Response::Locks),
+        vec(role_info, 0..2).prop_map(Response::Roles),
+        (devices(), any::<bool>())
+            .prop_map(|(devices, more)| Response::DevicePage { devices, more }),
+        audit_ack().prop_map(Response::AuditAck),
+        (vec(stored_event(), 0..2), of(any::<u64>()))
+            .prop_map(|(events, next)| Response::AuditPage(AuditPage { events, next })),
+        vec(chain_report(), 0..2).prop_map(Response::AuditReport),
+        vec(recording_info(), 0..2).prop_map(Response::Recordings),
+        (bytes(), any::<u64>()).prop_map(|(data, total)| Response::RecordingData { data, total }),
+        vec(sso_mapping(), 0..2).prop_map(Response::SsoMaps),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(epoch, exclusive)| Response::Policy { epoch, exclusive }),
+        vec(gw_info, 0..2).prop_map(Response::Gateways),
+        s().prop_map(|auth_url| Response::SsoRedirect { auth_url }),
+        vec(conn_info, 0..2).prop_map(Response::SsoConnectors),
+    ]
+}
+
+pub fn agent_control() -> impl Strategy<Value = AgentControl> {
+    prop_oneof![
+        hello().prop_map(AgentControl::Hello),
+        s().prop_map(|ssh_public_key| AgentControl::Renew { ssh_public_key }),
+        (any::<u64>(), of(any::<u32>()))
+            .prop_map(|(seq, rtt_ms)| AgentControl::Ping { seq, rtt_ms }),
+        audit_batch().prop_map(AgentControl::Audit),
+    ]
+}
+
+pub fn gateway_control() -> impl Strategy<Value = GatewayControl> {
+    prop_oneof![
+        (s(), transport()).prop_map(|(gateway_id, transport)| GatewayControl::Welcome {
+            gateway_id,
+            transport
+        }),
+        device_certs().prop_map(GatewayControl::Renewed),
+        vs().prop_map(|users| GatewayControl::Locked { users }),
+        rpc_error().prop_map(GatewayControl::Refused),
+        any::<u64>().prop_map(|seq| GatewayControl::Pong { seq }),
+        audit_ack().prop_map(GatewayControl::AuditAck),
+    ]
+}
+
+pub fn join_message() -> impl Strategy<Value = JoinMessage> {
+    join_device_request().prop_map(JoinMessage::Join)
+}
+
+pub fn join_reply() -> impl Strategy<Value = JoinReply> {
+    prop_oneof![
+        device_certs().prop_map(JoinReply::Joined),
+        rpc_error().prop_map(JoinReply::Refused)
+    ]
+}
+
+pub fn client_request() -> impl Strategy<Value = ClientRequest> {
+    prop_oneof![
+        login_request().prop_map(ClientRequest::Login),
+        Just(ClientRequest::ListDevices),
+        (s(), service()).prop_map(|(target, service)| ClientRequest::Dial { target, service }),
+        Just(ClientRequest::Recordings),
+        s().prop_map(|session_id| ClientRequest::Recording { session_id }),
+        (s(), s(), s()).prop_map(
+            |(connector, redirect_uri, proof_hash)| ClientRequest::SsoStart {
+                connector,
+                redirect_uri,
+                proof_hash
+            }
+        ),
+        (s(), s(), s(), any::<u64>(), s()).prop_map(
+            |(state, code, ssh_public_key, ttl_secs, proof)| {
+                ClientRequest::SsoFinish(SsoFinish {
+                    state,
+                    code,
+                    ssh_public_key,
+                    ttl_secs,
+                    proof,
+                })
+            }
+        ),
+        (s(), stream_header())
+            .prop_map(|(device_id, header)| ClientRequest::Forward { device_id, header }),
+    ]
+}
+
+pub fn client_reply() -> impl Strategy<Value = ClientReply> {
+    prop_oneof![
+        user_certs().prop_map(ClientReply::LoggedIn),
+        devices().prop_map(ClientReply::Devices),
+        (s(), s()).prop_map(|(session_id, device_id)| ClientReply::DialOk {
+            session_id,
+            device_id
+        }),
+        rpc_error().prop_map(ClientReply::Refused),
+        devices().prop_map(ClientReply::DevicesPart),
+        vec(recording_info(), 0..2).prop_map(ClientReply::Recordings),
+        (bytes(), any::<bool>()).prop_map(|(data, more)| ClientReply::RecordingData { data, more }),
+        s().prop_map(|auth_url| ClientReply::SsoRedirect { auth_url }),
+    ]
+}
