@@ -45,9 +45,7 @@ pub fn kube_request_head(data: &[u8]) {
     let upgrade = edgeport_proto::proxy_headers::is_upgrade(&map);
     scrub_headers(&mut map, upgrade);
     assert!(!map.contains_key(http::header::AUTHORIZATION));
-    assert!(!map
-        .keys()
-        .any(|k| k.as_str().starts_with("impersonate-")));
+    assert!(!map.keys().any(|k| k.as_str().starts_with("impersonate-")));
     assert_eq!(
         map.get(http::header::HOST).map(|v| v.as_bytes()),
         Some(&b"kubernetes"[..])
@@ -55,5 +53,4 @@ pub fn kube_request_head(data: &[u8]) {
 }
 
 /// The fuzz targets of this crate, by name (as in `fuzz/fuzz_targets/`).
-pub const TARGETS: &[edgeport_proto::fuzz_entry::Target] =
-    &[("kube_head", kube_request_head)];
+pub const TARGETS: &[edgeport_proto::fuzz_entry::Target] = &[("kube_head", kube_request_head)];
