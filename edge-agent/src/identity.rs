@@ -93,19 +93,30 @@ fn file(dir: &Path, name: &str) -> PathBuf {
 /// Whether the device has joined (its identity files exist).
 /// Checks a host certificate offered by a renewal: from our host CA, for our device id, for
 /// our own key, and valid now.
-pub fn check_host_certificate(current: &DeviceIdentity, line: &str) -> Result<(), String> {
+pub fn check_host_certificate(current: &DeviceIdentity, line: &str) -> Result<(), HostCertRefused> {
     use edgeport_proto::sshcert::check_host_cert;
     use russh::keys::ssh_key::{Certificate, PublicKey};
-    let cert = Certificate::from_openssh(line.trim())
-        .map_err(|e| format!("unreadable host certificate: {e}"))?;
-    let ca = PublicKey::from_openssh(current.cas.host_ca.trim())
-        .map_err(|e| format!("unreadable host CA: {e}"))?;
+    let cert = Certificate::from_openssh(line.trim()).map_err(HostCertRefused::Unreadable)?;
+    let ca = PublicKey::from_openssh(current.cas.host_ca.trim()).map_err(HostCertRefused::BadCa)?;
     check_host_cert(&cert, &ca, &current.device_id, now_secs())
-        .map_err(|e| format!("host certificate: {e}"))?;
+        .map_err(|e| HostCertRefused::Invalid(e.to_string()))?;
     if cert.public_key() != current.key.ssh_public().key_data() {
-        return Err("the host certificate is for another key".into());
+        return Err(HostCertRefused::OtherKey);
     }
     Ok(())
+}
+
+/// Why a renewed host certificate was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum HostCertRefused {
+    #[error("unreadable host certificate: {0}")]
+    Unreadable(russh::keys::ssh_key::Error),
+    #[error("unreadable host CA: {0}")]
+    BadCa(russh::keys::ssh_key::Error),
+    #[error("host certificate: {0}")]
+    Invalid(String),
+    #[error("the host certificate is for another key")]
+    OtherKey,
 }
 
 pub fn exists(dir: &Path) -> bool {

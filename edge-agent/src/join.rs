@@ -55,7 +55,7 @@ impl JoinError {
 /// Resolves `HOST:PORT`: an address literal as is, then `/etc/hosts` (read here, so a static
 /// glibc build needs no NSS module for it; IPv4 first), then the system resolver (musl's own,
 /// or glibc's built-in DNS).
-pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+pub async fn resolve(addr: &str) -> Result<SocketAddr, ResolveError> {
     if let Ok(a) = addr.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -67,10 +67,19 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
     }
     let mut addrs = tokio::net::lookup_host(addr)
         .await
-        .map_err(|e| format!("cannot resolve {addr}: {e}"))?;
+        .map_err(|e| ResolveError::Lookup(addr.to_string(), e))?;
     addrs
         .next()
-        .ok_or_else(|| format!("{addr} resolves to no address"))
+        .ok_or_else(|| ResolveError::NoAddress(addr.to_string()))
+}
+
+/// Why the gateway's address could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("cannot resolve {0}: {1}")]
+    Lookup(String, std::io::Error),
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
 }
 
 /// `HOST:PORT` looked up in the text of an `/etc/hosts` file: the first IPv4 address naming
@@ -108,7 +117,9 @@ pub async fn join(cfg: &AgentConfig, key: &KeyPair) -> Result<DeviceCerts, JoinE
         addr: cfg.gateway.clone(),
         err,
     };
-    let addr = resolve(&cfg.gateway).await.map_err(unreachable)?;
+    let addr = resolve(&cfg.gateway)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let tls_cfg = pinned_client_config(&pin, None, &[alpn::JOIN])
         .map_err(|e| JoinError::Protocol(e.to_string()))?;
     let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))

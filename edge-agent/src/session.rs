@@ -154,9 +154,6 @@ pub async fn establish(
     }
 }
 
-/// How quinn reports a server that refused a new connection (`ConnectionError::ConnectionRefused`).
-const QUIC_REFUSED: &str = "refused to accept a new connection";
-
 /// Connects: QUIC first, TCP+TLS+yamux if QUIC does not come up in time (or only one of
 /// them, as `--transport` says).
 pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, SessionError> {
@@ -164,7 +161,7 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
     let ident = agent.identity();
     let peer = crate::join::resolve(&cfg.gateway)
         .await
-        .map_err(SessionError::Failed)?;
+        .map_err(|e| SessionError::Failed(e.to_string()))?;
     if cfg.transport != TransportChoice::Tcp {
         let quic_only = cfg.transport == TransportChoice::Quic;
         match quic.connect(cfg, &ident, peer).await {
@@ -182,7 +179,7 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
             // reconnect after its restart fills its handshake slots). Falling back to TCP
             // would put this device on the fallback until its next probe; retrying QUIC
             // after the backoff is what a reconnect storm needs.
-            Err(e) if e.contains(QUIC_REFUSED) => {
+            Err(e) if e.busy() => {
                 return Err(SessionError::Failed(format!(
                     "QUIC: {e}; the gateway is busy, retrying QUIC"
                 )))
@@ -197,7 +194,7 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
     }
     let conn = crate::transport::connect_tcp(&ident, peer)
         .await
-        .map_err(SessionError::Failed)?;
+        .map_err(|e| SessionError::Failed(e.to_string()))?;
     establish(conn, &ident, cfg).await
 }
 
@@ -211,8 +208,13 @@ async fn probe_quic(agent: &Agent, quic: &mut QuicClient) -> Session {
         tokio::time::sleep(delay.mul_f64(0.5 + unit_random() / 2.0)).await;
         let ident = agent.identity();
         let attempt = async {
-            let peer = crate::join::resolve(&agent.cfg.gateway).await?;
-            let conn = quic.connect(&agent.cfg, &ident, peer).await?;
+            let peer = crate::join::resolve(&agent.cfg.gateway)
+                .await
+                .map_err(|e| e.to_string())?;
+            let conn = quic
+                .connect(&agent.cfg, &ident, peer)
+                .await
+                .map_err(|e| e.to_string())?;
             establish(conn, &ident, &agent.cfg)
                 .await
                 .map_err(|e| e.to_string())

@@ -19,6 +19,47 @@ use crate::identity::DeviceIdentity;
 
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a tunnel connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("device identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("device certificate: {0}")]
+    Tls(#[from] edgeport_proto::tls::TlsError),
+    #[error("QUIC configuration: {0}")]
+    QuicConfig(String),
+    #[error("UDP socket: {0}")]
+    Udp(std::io::Error),
+    #[error("QUIC: {0}")]
+    QuicStart(#[from] quinn::ConnectError),
+    #[error("no QUIC handshake within {0:.1}s (UDP blocked?)")]
+    QuicTimeout(f32),
+    #[error("{}", explain(.0.to_string()))]
+    QuicHandshake(#[from] quinn::ConnectionError),
+    #[error("TCP connect timed out")]
+    TcpTimeout,
+    #[error("TCP connect: {0}")]
+    Tcp(std::io::Error),
+    #[error("TLS handshake timed out")]
+    TlsTimeout,
+    #[error("gateway server name: {0}")]
+    ServerName(#[from] rustls::pki_types::InvalidDnsNameError),
+    #[error("{}", explain(format!("TLS handshake: {}", .0)))]
+    TlsHandshake(std::io::Error),
+}
+
+impl ConnectError {
+    /// The gateway answered over UDP but took no new connection (its handshake slots are
+    /// full): QUIC works, the gateway is busy.
+    pub fn busy(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::QuicHandshake(quinn::ConnectionError::ConnectionClosed(c))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        )
+    }
+}
+
 /// Why the tunnel ended, in words for the agent's log and status.
 pub fn describe(reason: CloseReason) -> String {
     match reason {
@@ -31,10 +72,14 @@ pub fn describe(reason: CloseReason) -> String {
     }
 }
 
-fn tls_config(ident: &DeviceIdentity) -> Result<rustls::ClientConfig, String> {
-    let ca = ident.ca_der().map_err(|e| e.to_string())?;
-    let me = ident.cert_key().map_err(|e| e.to_string())?;
-    client_config(&ca, Some(&me), &[edgeport_proto::alpn::TUNNEL]).map_err(|e| e.to_string())
+fn tls_config(ident: &DeviceIdentity) -> Result<rustls::ClientConfig, ConnectError> {
+    let ca = ident.ca_der()?;
+    let me = ident.cert_key()?;
+    Ok(client_config(
+        &ca,
+        Some(&me),
+        &[edgeport_proto::alpn::TUNNEL],
+    )?)
 }
 
 /// quinn transport settings: large windows for bulk transfers, keep-alive and idle timeout
@@ -65,7 +110,7 @@ impl QuicClient {
         }
     }
 
-    fn endpoint(&mut self, peer: SocketAddr) -> Result<quinn::Endpoint, String> {
+    fn endpoint(&mut self, peer: SocketAddr) -> Result<quinn::Endpoint, ConnectError> {
         if let Some(e) = &self.endpoint {
             let same_family = e
                 .local_addr()
@@ -80,8 +125,7 @@ impl QuicClient {
         } else {
             SocketAddr::from(([0u16; 8], 0))
         };
-        let e =
-            edgeport_net::quic::client_endpoint(bind).map_err(|e| format!("UDP socket: {e}"))?;
+        let e = edgeport_net::quic::client_endpoint(bind).map_err(ConnectError::Udp)?;
         self.endpoint = Some(e.clone());
         Ok(e)
     }
@@ -99,23 +143,16 @@ impl QuicClient {
         cfg: &AgentConfig,
         ident: &DeviceIdentity,
         peer: SocketAddr,
-    ) -> Result<Arc<dyn Tunnel>, String> {
+    ) -> Result<Arc<dyn Tunnel>, ConnectError> {
         let endpoint = self.endpoint(peer)?;
-        let crypto = QuicClientConfig::try_from(tls_config(ident)?).map_err(|e| e.to_string())?;
+        let crypto = QuicClientConfig::try_from(tls_config(ident)?)
+            .map_err(|e| ConnectError::QuicConfig(e.to_string()))?;
         let mut qcfg = quinn::ClientConfig::new(Arc::new(crypto));
         qcfg.transport_config(Arc::new(transport_config(cfg)));
-        let connecting = endpoint
-            .connect_with(qcfg, peer, GATEWAY_SERVER_NAME)
-            .map_err(|e| e.to_string())?;
+        let connecting = endpoint.connect_with(qcfg, peer, GATEWAY_SERVER_NAME)?;
         let conn = tokio::time::timeout(cfg.quic_timeout, connecting)
             .await
-            .map_err(|_| {
-                format!(
-                    "no QUIC handshake within {}s (UDP blocked?)",
-                    cfg.quic_timeout.as_secs_f32()
-                )
-            })?
-            .map_err(|e| explain(e.to_string()))?;
+            .map_err(|_| ConnectError::QuicTimeout(cfg.quic_timeout.as_secs_f32()))??;
         Ok(tunnel::quic(conn))
     }
 }
@@ -124,21 +161,20 @@ impl QuicClient {
 pub async fn connect_tcp(
     ident: &DeviceIdentity,
     peer: SocketAddr,
-) -> Result<Arc<dyn Tunnel>, String> {
+) -> Result<Arc<dyn Tunnel>, ConnectError> {
     let tcp = tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(peer))
         .await
-        .map_err(|_| "TCP connect timed out".to_string())?
-        .map_err(|e| format!("TCP connect: {e}"))?;
+        .map_err(|_| ConnectError::TcpTimeout)?
+        .map_err(ConnectError::Tcp)?;
     let _ = tcp.set_nodelay(true);
-    let name =
-        rustls::pki_types::ServerName::try_from(GATEWAY_SERVER_NAME).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(GATEWAY_SERVER_NAME)?;
     let tls = tokio::time::timeout(
         TCP_TIMEOUT,
         TlsConnector::from(Arc::new(tls_config(ident)?)).connect(name, tcp),
     )
     .await
-    .map_err(|_| "TLS handshake timed out".to_string())?
-    .map_err(|e| explain(format!("TLS handshake: {e}")))?;
+    .map_err(|_| ConnectError::TlsTimeout)?
+    .map_err(ConnectError::TlsHandshake)?;
     Ok(tunnel::yamux(tls, Mode::Client, &MuxConfig::default()))
 }
 

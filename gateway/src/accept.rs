@@ -68,7 +68,7 @@ pub async fn serve(ctx: Arc<Ctx>, conn: Handshaken, addr: SocketAddr) {
                 Err(e) => {
                     tracing::info!(%addr, "tunnel refused: {e}");
                     if let Handshaken::Quic(c) = conn {
-                        c.close(quinn::VarInt::from_u32(2), e.as_bytes());
+                        c.close(quinn::VarInt::from_u32(2), e.to_string().as_bytes());
                     }
                     return;
                 }

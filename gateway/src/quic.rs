@@ -169,41 +169,50 @@ pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
             continue;
         }
         let ctx = ctx.clone();
-        tokio::spawn(async move {
+        // Tracked, so that shutdown drains served connections; a handshake still in
+        // progress when shutdown starts is abandoned at once.
+        ctx.tasks.clone().spawn(async move {
             let addr = incoming.remote_address();
-            // The source's own slot first (the client retransmits while it waits), then one
-            // of the port's.
-            let wait = ctx.cfg.handshake_timeout;
-            let Some(source_slot) = ctx.quic_sources.take(addr.ip(), wait).await else {
-                incoming.refuse();
+            let shutdown = ctx.shutdown.clone();
+            let Some(Some(conn)) = shutdown.run_until_cancelled(admit(&ctx, incoming)).await else {
                 return;
             };
-            let Ok(hs_slot) = ctx.quic_handshakes.clone().try_acquire_owned() else {
-                incoming.refuse();
-                return;
-            };
-            let connecting = match incoming.accept() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(%addr, "QUIC accept failed: {e}");
-                    return;
-                }
-            };
-            let conn = match tokio::time::timeout(ctx.cfg.handshake_timeout, connecting).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, "QUIC handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%addr, "QUIC handshake timed out");
-                    return;
-                }
-            };
-            drop(hs_slot);
-            drop(source_slot);
             crate::accept::serve(ctx, crate::accept::Handshaken::Quic(conn), addr).await;
         });
+    }
+}
+
+/// The unauthenticated part of a connection: the source's own slot first (the client
+/// retransmits while it waits), then one of the port's, then the handshake within its
+/// deadline.
+async fn admit(ctx: &Ctx, incoming: quinn::Incoming) -> Option<quinn::Connection> {
+    let addr = incoming.remote_address();
+    let wait = ctx.cfg.handshake_timeout;
+    let Some(_source_slot) = ctx.quic_sources.take(addr.ip(), wait).await else {
+        incoming.refuse();
+        return None;
+    };
+    let Ok(_hs_slot) = ctx.quic_handshakes.clone().try_acquire_owned() else {
+        incoming.refuse();
+        return None;
+    };
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%addr, "QUIC accept failed: {e}");
+            return None;
+        }
+    };
+    match tokio::time::timeout(ctx.cfg.handshake_timeout, connecting).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, "QUIC handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "QUIC handshake timed out");
+            None
+        }
     }
 }
 

@@ -43,37 +43,48 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
             continue;
         };
         let ctx = ctx.clone();
-        tokio::spawn(async move {
+        // Tracked, so that shutdown drains served connections; a handshake still in
+        // progress when shutdown starts is abandoned at once.
+        ctx.tasks.clone().spawn(async move {
             let _conn_slot = conn_slot;
-            // The source's own slot first (waiting is cheap), then one of the port's.
-            let wait = ctx.cfg.handshake_timeout;
-            let Some(source_slot) = ctx.tcp_sources.take(addr.ip(), wait).await else {
-                tracing::debug!(%addr, "this source kept too many TLS handshakes in progress; dropped");
+            let shutdown = ctx.shutdown.clone();
+            let Some(Some(tls)) = shutdown.run_until_cancelled(admit(&ctx, tcp, addr)).await else {
                 return;
             };
-            let Ok(hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
-                if warn_now() {
-                    tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
-                }
-                return;
-            };
-            let _ = tcp.set_nodelay(true);
-            let tls =
-                match tokio::time::timeout(ctx.cfg.handshake_timeout, handshake(&ctx, tcp)).await {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%addr, "TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%addr, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            drop(hs_slot);
-            drop(source_slot);
             crate::accept::serve(ctx, crate::accept::Handshaken::Tls(Box::new(tls)), addr).await;
         });
+    }
+}
+
+/// The unauthenticated part of a connection: the source's own slot first (waiting is
+/// cheap), then one of the port's, then the TLS handshake within its deadline.
+async fn admit(
+    ctx: &Ctx,
+    tcp: TcpStream,
+    addr: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let wait = ctx.cfg.handshake_timeout;
+    let Some(_source_slot) = ctx.tcp_sources.take(addr.ip(), wait).await else {
+        tracing::debug!(%addr, "this source kept too many TLS handshakes in progress; dropped");
+        return None;
+    };
+    let Ok(_hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
+        if warn_now() {
+            tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
+        }
+        return None;
+    };
+    let _ = tcp.set_nodelay(true);
+    match tokio::time::timeout(ctx.cfg.handshake_timeout, handshake(ctx, tcp)).await {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "TLS handshake timed out");
+            None
+        }
     }
 }
 

@@ -36,16 +36,27 @@ use crate::tunnels::Tunnel;
 pub fn device_from_certs(
     ctx: &Ctx,
     certs: Option<&[CertificateDer<'_>]>,
-) -> Result<(String, String), String> {
+) -> Result<(String, String), TunnelRefused> {
     let leaf = certs
         .and_then(|c| c.first())
-        .ok_or("no client certificate (a device certificate is required for tunnels)")?;
+        .ok_or(TunnelRefused::NoCertificate)?;
     let cluster = ctx.identity().cluster().to_string();
     match edgeport_proto::tls::peer_principal(leaf.as_ref(), &cluster) {
         Ok(Principal::Device(id)) => Ok((id, sha256_hex(leaf.as_ref()))),
-        Ok(p) => Err(format!("{p} may not open a device tunnel")),
-        Err(e) => Err(format!("bad device certificate: {e}")),
+        Ok(p) => Err(TunnelRefused::NotADevice(p.to_string())),
+        Err(e) => Err(TunnelRefused::BadCertificate(e)),
     }
+}
+
+/// Why a connection on the tunnel ALPN may not hold a device's tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelRefused {
+    #[error("no client certificate (a device certificate is required for tunnels)")]
+    NoCertificate,
+    #[error("{0} may not open a device tunnel")]
+    NotADevice(String),
+    #[error("bad device certificate: {0}")]
+    BadCertificate(edgeport_proto::tls::TlsError),
 }
 
 /// What the rest of the gateway tells a tunnel's control stream.
