@@ -23,6 +23,11 @@ struct Cli {
 enum Command {
     /// Joins (first start) and keeps the tunnel up until SIGINT/SIGTERM.
     Start(StartArgs),
+    /// Serves SFTP on stdin/stdout (the agent runs this itself for the `sftp` subsystem when
+    /// the device has no sftp-server).
+    #[cfg(feature = "sftp")]
+    #[command(hide = true)]
+    SftpServer,
 }
 
 #[derive(Debug, clap::Args)]
@@ -145,8 +150,12 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let a = match cli.command {
+        Command::Start(a) => a,
+        #[cfg(feature = "sftp")]
+        Command::SftpServer => return ExitCode::from(edge_agent::sftp_server::run() as u8),
+    };
     edgeport_net::daemon::init_logging();
-    let Command::Start(a) = cli.command;
     let mut cfg = AgentConfig::new(a.data_dir, a.gateway);
     cfg.token = a.token.filter(|t| !t.is_empty());
     cfg.ca_pin = a.ca_pin.filter(|p| !p.is_empty() && p != "sha256:");
