@@ -93,6 +93,11 @@ struct StartArgs {
     #[cfg(not(feature = "kube"))]
     #[arg(long, hide = true, env = "EDGEPORT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// The SFTP server for the `sftp` subsystem (sftp, scp, tsh scp): `auto` (the system's
+    /// sftp-server when there is one, else the built-in one), `builtin`, `none` (refuse
+    /// SFTP), or the path of an sftp-server binary.
+    #[arg(long, env = "EDGEPORT_SFTP_SERVER", default_value = "auto")]
+    sftp_server: String,
     #[cfg(feature = "test-hooks")]
     #[command(flatten)]
     test: TestHooks,
@@ -156,6 +161,9 @@ fn main() -> ExitCode {
         Command::SftpServer => return ExitCode::from(edge_agent::sftp_server::run() as u8),
     };
     edgeport_net::daemon::init_logging();
+    // Read where the SSH server is built (ssh::process::choose_sftp_server), possibly again
+    // after each renewal; set here, before any other thread exists.
+    std::env::set_var("EDGEPORT_SFTP_SERVER", &a.sftp_server);
     let mut cfg = AgentConfig::new(a.data_dir, a.gateway);
     cfg.token = a.token.filter(|t| !t.is_empty());
     cfg.ca_pin = a.ca_pin.filter(|p| !p.is_empty() && p != "sha256:");

@@ -124,11 +124,7 @@ fn human(n: u64) -> String {
     indicatif::BinaryBytes(n).to_string()
 }
 
-pub async fn run(
-    creds: &Creds,
-    transport: Transport,
-    args: &ScpArgs,
-) -> Result<i32, CliError> {
+pub async fn run(creds: &Creds, transport: Transport, args: &ScpArgs) -> Result<i32, CliError> {
     let Some((dest, srcs)) = args.paths.split_last() else {
         return Err(CliError::msg("usage: tsh scp [-r] SRC... DEST"));
     };
@@ -142,24 +138,21 @@ pub async fn run(
     };
     let progress = !args.quiet && term::is_tty(2);
     let srcs: Vec<Loc> = srcs.iter().map(|s| parse_loc(s)).collect();
-    let default_login = || {
-        creds
-            .logins()
-            .first()
-            .cloned()
-            .ok_or_else(|| CliError::msg("your certificate allows no logins: ask an administrator"))
-    };
+    let default_login =
+        || {
+            creds.logins().first().cloned().ok_or_else(|| {
+                CliError::msg("your certificate allows no logins: ask an administrator")
+            })
+        };
     match parse_loc(dest) {
         Loc::Remote { login, host, path } => {
             let mut local = Vec::new();
             for s in srcs {
                 match s {
                     Loc::Local(p) => local.push(p),
-                    Loc::Remote { .. } => {
-                        return Err(CliError::msg(
-                            "copying between two devices is not supported: copy through this machine",
-                        ))
-                    }
+                    Loc::Remote { .. } => return Err(CliError::msg(
+                        "copying between two devices is not supported: copy through this machine",
+                    )),
                 }
             }
             let login = match login.or_else(|| args.login.clone()) {
@@ -196,9 +189,7 @@ pub async fn run(
                 }
                 match &device {
                     Some((l, h)) if *h != host || *l != login => {
-                        return Err(CliError::msg(
-                            "downloads come from one device at a time",
-                        ))
+                        return Err(CliError::msg("downloads come from one device at a time"))
                     }
                     _ => device = Some((login, host)),
                 }
@@ -293,9 +284,9 @@ fn remote_err(device: &str, path: &str, e: SftpError) -> CliError {
             _ if !s.error_message.is_empty() => format!("{device}:{path}: {}", s.error_message),
             code => format!("{device}:{path}: {code}"),
         },
-        SftpError::Timeout => format!(
-            "{device}: the SFTP server did not answer within {REQUEST_TIMEOUT_SECS} s"
-        ),
+        SftpError::Timeout => {
+            format!("{device}: the SFTP server did not answer within {REQUEST_TIMEOUT_SECS} s")
+        }
         e => format!("{device}:{path}: {e}"),
     })
 }
@@ -553,10 +544,7 @@ async fn upload_file(
             .await
             .map_err(|e| s.err(target, e))?;
     }
-    s.sftp
-        .close(handle)
-        .await
-        .map_err(|e| s.err(target, e))?;
+    s.sftp.close(handle).await.map_err(|e| s.err(target, e))?;
     stats.files += 1;
     stats.bytes += sent;
     Ok(())
@@ -634,12 +622,7 @@ async fn download_dir(
             }
         }
     }
-    let handle = s
-        .sftp
-        .opendir(src)
-        .await
-        .map_err(|e| s.err(src, e))?
-        .handle;
+    let handle = s.sftp.opendir(src).await.map_err(|e| s.err(src, e))?.handle;
     let mut entries = Vec::new();
     loop {
         match s.sftp.readdir(handle.clone()).await {
@@ -782,10 +765,8 @@ async fn download_file(
     if opts.preserve {
         if let Some(mode) = attrs.permissions {
             use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(
-                target,
-                std::fs::Permissions::from_mode(mode & 0o7777),
-            );
+            let _ =
+                std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode & 0o7777));
         }
         if let (Some(at), Some(mt)) = (attrs.atime, attrs.mtime) {
             let t = |s: u32| std::time::UNIX_EPOCH + Duration::from_secs(s as u64);
