@@ -20,6 +20,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Command {
     /// Joins (first start) and keeps the tunnel up until SIGINT/SIGTERM.
     Start(StartArgs),
