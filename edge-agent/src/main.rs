@@ -156,6 +156,7 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[allow(clippy::infallible_destructuring_match)] // without the `sftp` feature
     let a = match cli.command {
         Command::Start(a) => a,
         #[cfg(feature = "sftp")]
