@@ -8,7 +8,8 @@
 //! forwarder, cargo feature `kube`).
 //!
 //! Cargo features: `kube` (default) builds the Kubernetes forwarder; `test-hooks` (off)
-//! builds the hidden `--test-*` flags the end-to-end tests and benchmarks use.
+//! builds the hidden `--test-*` flags the end-to-end tests and benchmarks use; `sftp`
+//! (default) builds [`sftp_server`], the SFTP server for devices that have none.
 
 pub mod agent;
 pub mod audit;
@@ -22,6 +23,8 @@ pub mod join;
 pub mod kube;
 pub mod services;
 pub mod session;
+#[cfg(feature = "sftp")]
+pub mod sftp_server;
 pub mod ssh;
 pub mod transport;
 

@@ -20,9 +20,15 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Command {
     /// Joins (first start) and keeps the tunnel up until SIGINT/SIGTERM.
     Start(StartArgs),
+    /// Serves SFTP on stdin/stdout (the agent runs this itself for the `sftp` subsystem when
+    /// the device has no sftp-server).
+    #[cfg(feature = "sftp")]
+    #[command(hide = true)]
+    SftpServer,
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +94,11 @@ struct StartArgs {
     #[cfg(not(feature = "kube"))]
     #[arg(long, hide = true, env = "EDGEPORT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// The SFTP server for the `sftp` subsystem (sftp, scp, tsh scp): `auto` (the system's
+    /// sftp-server when there is one, else the built-in one), `builtin`, `none` (refuse
+    /// SFTP), or the path of an sftp-server binary.
+    #[arg(long, env = "EDGEPORT_SFTP_SERVER", default_value = "auto")]
+    sftp_server: String,
     #[cfg(feature = "test-hooks")]
     #[command(flatten)]
     test: TestHooks,
@@ -145,8 +156,16 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[allow(clippy::infallible_destructuring_match)] // without the `sftp` feature
+    let a = match cli.command {
+        Command::Start(a) => a,
+        #[cfg(feature = "sftp")]
+        Command::SftpServer => return ExitCode::from(edge_agent::sftp_server::run() as u8),
+    };
     edgeport_net::daemon::init_logging();
-    let Command::Start(a) = cli.command;
+    // Read where the SSH server is built (ssh::process::choose_sftp_server), possibly again
+    // after each renewal; set here, before any other thread exists.
+    std::env::set_var("EDGEPORT_SFTP_SERVER", &a.sftp_server);
     let mut cfg = AgentConfig::new(a.data_dir, a.gateway);
     cfg.token = a.token.filter(|t| !t.is_empty());
     cfg.ca_pin = a.ca_pin.filter(|p| !p.is_empty() && p != "sha256:");

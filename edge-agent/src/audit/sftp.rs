@@ -1,5 +1,6 @@
 //! SFTP file operations for the audit log, read off the bytes between the client and
-//! `sftp-server` (the agent does not serve SFTP itself). Client packets name the files
+//! the SFTP server process (the system's `sftp-server`, or the agent's built-in one run as
+//! `edge-agent sftp-server`). Client packets name the files
 //! (open, remove, rename, mkdir, rmdir) and carry written data; server `DATA` replies carry
 //! read data. Each opened file gives one `sftp.file` event when its handle is closed (path,
 //! mode, bytes read and written); the other operations give one event each.

@@ -367,13 +367,13 @@ impl SessionActor {
 
     fn subsystem(&mut self, channel: ChannelId, name: &str) -> bool {
         match (name, &self.conn.inner.sftp_server) {
-            ("sftp", Some(path)) => {
-                let path = path.clone();
-                self.start(channel, Program::Binary(path))
+            ("sftp", Some(server)) => {
+                let server = server.clone();
+                self.start(channel, Program::Sftp(server))
             }
             ("sftp", None) => {
                 tracing::warn!(session = %self.conn.session_id,
-                    "refused sftp: no sftp-server binary on this device (install OpenSSH's sftp-server)");
+                    "refused sftp: no sftp-server on this device and none built in (EDGEPORT_SFTP_SERVER)");
                 false
             }
             _ => false,
@@ -648,7 +648,7 @@ impl SessionChannel {
 /// subsystem, the recorder for a session with a terminal (`pty`).
 fn build_log_ctx(ctx: LogCtx, conn: &Conn, program: &Program, pty: Option<&PtyRequest>) -> LogCtx {
     let ctx = match program {
-        Program::Binary(_) => ctx.with_sftp(),
+        Program::Sftp(_) => ctx.with_sftp(),
         _ => ctx,
     };
     match pty {

@@ -8,7 +8,7 @@
 //!
 //! Sessions: exec (exit status and signal), shell with pty (window changes, env, TERM),
 //! signals, stdin EOF, the `sftp` subsystem (the system's own `sftp-server` run over the
-//! channel) and `scp` (an exec like any other), and, when the certificate permits them,
+//! channel, else the agent's built-in one, `crate::sftp_server`) and `scp` (an exec like any other), and, when the certificate permits them,
 //! local and remote port forwarding (`-L`, `-R`) and agent forwarding (`-A`). Each
 //! session's processes run as the login's local user, in their own session and process
 //! group, and are hung up when the channel closes.
@@ -28,7 +28,6 @@ mod tests;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -81,7 +80,7 @@ pub(crate) struct Inner {
     device_id: String,
     labels: BTreeMap<String, String>,
     accounts: AccountFiles,
-    sftp_server: Option<PathBuf>,
+    sftp_server: Option<process::SftpServer>,
     next_conn: AtomicU64,
     locked: Mutex<HashSet<String>>,
     /// Authenticated connections: id -> (user, handle), so that a lock can end them.
@@ -173,9 +172,12 @@ impl SshServer {
         if !cfg.host_cert.cert_type().is_host() {
             return Err(SshError::NotHostCert);
         }
-        let sftp_server = process::find_sftp_server();
-        if sftp_server.is_none() {
-            tracing::info!("no sftp-server found on this system: sftp (and scp's default mode) will be refused");
+        let setting = std::env::var("EDGEPORT_SFTP_SERVER").ok();
+        let sftp_server = process::choose_sftp_server(setting.as_deref());
+        match &sftp_server {
+            None => tracing::info!("no sftp-server found on this system and none built in: sftp (and scp's default mode) will be refused"),
+            Some(process::SftpServer::Builtin(_)) => tracing::info!("sftp: serving with the built-in SFTP server"),
+            Some(process::SftpServer::System(p)) => tracing::debug!("sftp: serving with {}", p.display()),
         }
         if !process::running_as_root() {
             let own = accounts

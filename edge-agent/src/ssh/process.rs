@@ -19,8 +19,28 @@ pub enum Program {
     LoginShell,
     /// `SHELL -c COMMAND`, as sshd does for `exec`.
     Command(String),
-    /// A binary run directly (the sftp server).
-    Binary(PathBuf),
+    /// The SFTP server (the `sftp` subsystem).
+    Sftp(SftpServer),
+}
+
+/// Which SFTP server the `sftp` subsystem runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SftpServer {
+    /// The system's own `sftp-server` at this path.
+    System(PathBuf),
+    /// The agent's built-in server (cargo feature `sftp`): this binary run again as
+    /// `edge-agent sftp-server`, like any session program (as the login's user).
+    Builtin(PathBuf),
+}
+
+impl SftpServer {
+    /// What the audit's `sftp.start` event names as the server.
+    pub fn describe(&self) -> String {
+        match self {
+            SftpServer::System(p) => p.display().to_string(),
+            SftpServer::Builtin(_) => "builtin".into(),
+        }
+    }
 }
 
 impl Program {
@@ -29,7 +49,7 @@ impl Program {
         match self {
             Program::LoginShell => "shell",
             Program::Command(_) => "exec",
-            Program::Binary(_) => "subsystem",
+            Program::Sftp(_) => "subsystem",
         }
     }
 }
@@ -89,9 +109,14 @@ pub fn spawn(spec: Spawn<'_>) -> std::io::Result<Started> {
             c.arg("-c").arg(command);
             c
         }
-        Program::Binary(path) => {
+        Program::Sftp(SftpServer::System(path)) => {
             let mut c = Command::new(path);
             c.arg0(base_name(path));
+            c
+        }
+        Program::Sftp(SftpServer::Builtin(exe)) => {
+            let mut c = Command::new(exe);
+            c.arg0("edge-agent").arg("sftp-server");
             c
         }
     };
@@ -279,9 +304,28 @@ pub fn signal_name(sig: i32) -> String {
     .to_string()
 }
 
-/// The first sftp-server found on this system, if any. The agent runs the system's own
-/// server over the channel: it is the reference implementation, maintained by the
-/// distribution, and costs the agent binary nothing.
+/// The SFTP server to use, from `EDGEPORT_SFTP_SERVER`: unset, empty or `auto` for the
+/// system's own when there is one ([`find_sftp_server`]) and else the built-in one (cargo
+/// feature `sftp`); `builtin` for the built-in one; `none` to refuse SFTP; or the path of a
+/// server binary. `None` when SFTP cannot be served.
+pub fn choose_sftp_server(setting: Option<&str>) -> Option<SftpServer> {
+    let builtin = || {
+        if !cfg!(feature = "sftp") {
+            return None;
+        }
+        // Resolved now, as root and before any upgrade replaces the file.
+        std::env::current_exe().ok().map(SftpServer::Builtin)
+    };
+    match setting.map(str::trim).unwrap_or("") {
+        "" | "auto" => find_sftp_server().map(SftpServer::System).or_else(builtin),
+        "builtin" => builtin(),
+        "none" => None,
+        path => Some(SftpServer::System(PathBuf::from(path))),
+    }
+}
+
+/// The first sftp-server found on this system, if any. The agent prefers the system's own
+/// server: it is the reference implementation, maintained by the distribution.
 pub fn find_sftp_server() -> Option<PathBuf> {
     [
         "/usr/lib/openssh/sftp-server",

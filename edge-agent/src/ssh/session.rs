@@ -261,11 +261,11 @@ pub fn audit_start(conn: &Conn, program: &Program, pty: bool) {
             .login(&grant.login)
             .field("command", c)
             .emit(),
-        Program::Binary(b) => crate::audit::event("sftp.start")
+        Program::Sftp(server) => crate::audit::event("sftp.start")
             .session(sid)
             .user(&grant.user)
             .login(&grant.login)
-            .field("server", b.display().to_string())
+            .field("server", server.describe())
             .emit(),
         Program::LoginShell => {}
     }

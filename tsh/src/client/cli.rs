@@ -44,6 +44,8 @@ pub enum Command {
     Login(LoginArgs),
     /// Run a command or a shell on a device.
     Ssh(SshArgs),
+    /// Copy files to or from devices over SFTP (to every device with given labels too).
+    Scp(ScpArgs),
     /// List devices (optionally only those matching k=v labels).
     Ls(LsArgs),
     /// Show the current login: proxy, user, logins and how long the certificates last.
@@ -204,6 +206,33 @@ pub struct SshArgs {
     /// The command to run (a shell if empty).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScpArgs {
+    /// Copy directories recursively.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+    /// Keep modification times and modes.
+    #[arg(short = 'p')]
+    pub preserve: bool,
+    /// Continue partial copies: a destination file shorter than its source gets only the
+    /// rest, one of the same size is skipped (sizes alone are compared).
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bar.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Remote login when the device side has no `login@`.
+    #[arg(short = 'l', long = "login")]
+    pub login: Option<String>,
+    /// Accepted for OpenSSH compatibility and ignored (devices are reached by id).
+    #[arg(short = 'P', long = "port")]
+    pub port: Option<u16>,
+    /// SRC... DEST, where one side is [login@]DEVICE:PATH, or for an upload
+    /// [login@]k=v[,k2=v2]:PATH (every online device with those labels).
+    #[arg(required = true, num_args = 2.., value_name = "PATH")]
+    pub paths: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
     match &cli.command {
         Command::Login(args) => login::run(g, args).await,
         Command::Ssh(args) => ssh_cmd(g, args).await,
+        Command::Scp(args) => super::scp::run(&creds(g)?, g.transport, args).await,
         Command::Ls(args) => ls(g, args).await,
         Command::Status { format } => status(g, *format),
         Command::Logout => logout(g).await,

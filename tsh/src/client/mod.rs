@@ -1,4 +1,4 @@
-//! tsh: the user client (login, ssh, ls, status, logout, proxy ssh, config).
+//! tsh: the user client (login, ssh, scp, ls, status, logout, proxy ssh, config).
 //!
 //! Every failure ends as one line on stderr, `error: ...`, never a backtrace. `tsh ssh`
 //! exits with the remote command's status (255 when tsh itself fails, as OpenSSH's ssh
@@ -17,6 +17,7 @@ mod login;
 mod multi;
 mod play;
 mod profile;
+mod scp;
 mod ssh;
 mod sso;
 mod term;

@@ -35,7 +35,7 @@ struct Outcome {
 }
 
 /// The online devices among `devices` whose labels include all of `want`, sorted by id.
-fn matching(devices: Vec<DeviceInfo>, want: &BTreeMap<String, String>) -> Vec<String> {
+pub fn matching(devices: Vec<DeviceInfo>, want: &BTreeMap<String, String>) -> Vec<String> {
     let mut ids: Vec<String> = devices
         .into_iter()
         .filter(|d| d.online && want.iter().all(|(k, v)| d.labels.get(k) == Some(v)))
