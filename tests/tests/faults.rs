@@ -166,7 +166,9 @@ impl Wave {
         let fifo = c.dir.join(&format!("hold-{name}"));
         let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
         assert!(st.success(), "mkfifo");
-        let hold = format!("cat '{}' >/dev/null; ", fifo.display());
+        // `timeout`: the shells of a killed agent live on, orphaned, and must end by
+        // themselves even if nothing opens the FIFO again.
+        let hold = format!("timeout 150 cat '{}' >/dev/null; ", fifo.display());
         let mut clients = Vec::new();
         let mut device = BTreeMap::new();
         for i in 0..SESSIONS {
@@ -259,6 +261,34 @@ impl Wave {
             eprintln!("  {kind:?}: {m:?}");
         }
         out
+    }
+}
+
+/// Cleans up after the test, passed or failed: opens each FIFO a few more times (so the
+/// orphaned shells of the killed agent end now) and removes the files that sftp sessions cut
+/// before their `rm` left on the device.
+struct Cleanup {
+    fifos: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        for _ in 0..10 {
+            for f in &self.fifos {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(f);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let prefix = format!("edgeport-fault-{}-", std::process::id());
+        for e in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 }
 
@@ -388,6 +418,12 @@ fn sessions_survive_or_end_clearly_through_kill9_of_every_daemon() {
     tsh.login("alice", PW, &c.gw.ca_pin, &[])
         .expect_ok("tsh login");
     let cfg = tsh.config();
+    let _cleanup = Cleanup {
+        fifos: ["gw", "auth", "agent"]
+            .iter()
+            .map(|w| c.dir.join(&format!("hold-{w}")))
+            .collect(),
+    };
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut waves: Vec<(String, BTreeMap<String, String>)> = Vec::new();
 
