@@ -47,6 +47,12 @@ impl Lane {
     }
 }
 
+/// Whether a request may be sent again when its connection died before the answer: all but
+/// an audit upload with events (an empty one only asks where the device's chain ends).
+fn resendable(req: &Request) -> bool {
+    !matches!(req, Request::AuditUpload { batch, .. } if !batch.events.is_empty())
+}
+
 pub struct AuthorityClient {
     addr: String,
     config: RwLock<Arc<rustls::ClientConfig>>,
@@ -115,7 +121,10 @@ impl AuthorityClient {
     }
 
     /// One request/response. A pooled connection that turns out to be dead (the authority
-    /// restarted) is replaced once; the request had not been processed in that case.
+    /// restarted) is replaced once, and the other idle ones are dropped with it. The request
+    /// is sent again on the new connection unless it is an audit upload with events: an
+    /// authority killed after storing it and before answering would see it twice and flag a
+    /// replay, so its error goes back to the agent, which asks where the chain ends first.
     pub async fn call(&self, req: Request) -> Result<Response, RpcClientError> {
         let lane = match Lane::of(&req) {
             Lane::Control => &self.slots,
@@ -135,8 +144,14 @@ impl AuthorityClient {
                     self.put_idle(c);
                     return Err(RpcClientError::Remote(e));
                 }
-                Err(RpcClientError::Frame(FrameError::Closed | FrameError::Io(_))) => {
+                Err(RpcClientError::Frame(e @ (FrameError::Closed | FrameError::Io(_)))) => {
                     tracing::debug!("pooled authority connection was closed; reconnecting");
+                    if let Ok(mut idle) = self.idle.lock() {
+                        idle.clear();
+                    }
+                    if !resendable(&req) {
+                        return Err(RpcClientError::Frame(e));
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -160,6 +175,23 @@ impl AuthorityClient {
 mod tests {
     use super::*;
     use edgeport_proto::rpc::PresenceReport;
+
+    /// An audit upload with events is never sent twice (the authority would flag the second
+    /// copy as a replay); the empty one that asks where the chain ends may be.
+    #[test]
+    fn audit_uploads_with_events_are_not_resent() {
+        use edgeport_proto::audit::{AuditBatch, AuditEvent};
+        let upload = |events: Vec<AuditEvent>| Request::AuditUpload {
+            device_id: "dev1".into(),
+            batch: AuditBatch {
+                signature: Vec::new(),
+                events,
+            },
+        };
+        assert!(resendable(&upload(Vec::new())));
+        assert!(!resendable(&upload(vec![AuditEvent::new("exec", 1)])));
+        assert!(resendable(&Request::Presence(PresenceReport::default())));
+    }
 
     /// Logins and audit floods have their own budget: they never hold up presence (and the
     /// locks it brings) or dial grants.

@@ -65,7 +65,16 @@ pub fn now_ms() -> u64 {
 pub fn start(data_dir: &Path, max_bytes: u64) -> Result<Arc<Shared>, SpoolError> {
     let mut spool = Spool::open(&data_dir.join("audit"), max_bytes)?;
     // Sessions a previous run left open (it was killed) end now, in the log.
-    let (mut open, left) = open_sessions::OpenSessions::load(spool.dir());
+    let (mut open, mut left, through) = open_sessions::OpenSessions::load(spool.dir());
+    // What was spooled after the file was last saved (a kill between the two writes).
+    if let Some(mut after) = through {
+        loop {
+            let events = spool.read_batch(after, 1 << 20);
+            let Some(last) = events.last() else { break };
+            after = last.seq;
+            open_sessions::OpenSessions::replay(&mut left, &events);
+        }
+    }
     if !left.is_empty() {
         for (sid, o) in &left {
             tracing::info!(session = %sid, user = %o.user, "closing a session the previous run left open");
@@ -77,6 +86,7 @@ pub fn start(data_dir: &Path, max_bytes: u64) -> Result<Arc<Shared>, SpoolError>
         );
     }
     // Now closed: a second crash must not close them again.
+    open.set_through(spool.last_seq());
     open.save();
     let shared = Arc::new(Shared {
         spool: Mutex::new(spool),
@@ -141,13 +151,17 @@ fn writer(shared: Arc<Shared>, rx: Receiver<Msg>, mut open: open_sessions::OpenS
             if queue_dropped > 0 {
                 sp.count_dropped(queue_dropped, 0, "the audit queue was full");
             }
-            if events.is_empty() && !sp.has_dropped() {
+            let wrote = if events.is_empty() && !sp.has_dropped() {
                 false
             } else {
                 sp.append(events)
-            }
+            };
+            // Saved before the spool is let go: the shipper cannot ship and delete these
+            // events before the file accounts for them (see open_sessions).
+            open.set_through(sp.last_seq());
+            open.save();
+            wrote
         };
-        open.save();
         if wrote {
             shared.written.notify_one();
         }

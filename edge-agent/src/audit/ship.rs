@@ -2,8 +2,10 @@
 //! the control stream (`AgentControl::Audit`), the gateway relays it to the authority, and
 //! the authority's ack (`GatewayControl::AuditAck`) says how far its copy of the chain goes;
 //! only then is the spool trimmed and the next batch sent. The first batch after every
-//! (re)connect is empty: it asks where the authority's chain ends, so events the authority
-//! stored but whose ack was lost are deleted, not resent.
+//! (re)connect, and after every batch that came back with an error instead of an ack, is
+//! empty: it asks where the authority's chain ends, so events the authority stored but whose
+//! ack was lost (an authority killed between its store and its answer) are deleted, not
+//! resent and flagged as a replay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,6 +116,11 @@ pub async fn run(
             );
             tokio::time::sleep(retry).await;
             retry = (retry * 2).min(RETRY_MAX);
+            // The authority may have stored the batch all the same: ask again where its chain
+            // ends before sending anything.
+            if n > 0 {
+                synced = false;
+            }
             continue;
         }
         retry = RETRY_MIN;
@@ -140,5 +147,73 @@ pub async fn run(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use edgeport_proto::audit::{ack_payload, AuditEvent};
+
+    fn ack(ca: &KeyPair, seq: u64, hash: &str) -> AuditAck {
+        AuditAck {
+            acked_seq: seq,
+            last_hash: hash.into(),
+            error: None,
+            signature: ca.sign(&ack_payload("dev1", seq, hash)),
+        }
+    }
+
+    /// A batch that comes back with an error may have been stored all the same (the
+    /// authority was killed before it answered): the next batch asks where the chain ends
+    /// instead of sending the events again.
+    #[tokio::test]
+    async fn after_an_error_the_shipper_asks_before_resending() {
+        let d = std::env::temp_dir().join(format!("ship-resync-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let mut spool = crate::audit::Spool::open(&d, 1 << 20).unwrap();
+        spool.append(vec![AuditEvent::new("exec", 1), AuditEvent::new("exec", 2)]);
+        let shared = Arc::new(Shared {
+            spool: std::sync::Mutex::new(spool),
+            written: tokio::sync::Notify::new(),
+        });
+        let (ca, key) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let (out_tx, mut out) = mpsc::channel(4);
+        let (acks, acks_rx) = mpsc::channel(4);
+        let ship = tokio::spawn(run(
+            shared.clone(),
+            "dev1".into(),
+            key,
+            Some(ca.public_raw().to_vec()),
+            Tamper::default(),
+            out_tx,
+            acks_rx,
+        ));
+        // The sync after connecting, then the events.
+        assert!(out.recv().await.unwrap().events.is_empty());
+        acks.send(ack(&ca, 0, "")).await.unwrap();
+        let batch = out.recv().await.unwrap();
+        assert_eq!(batch.events.len(), 2);
+        let stored_hash = batch.events[1].hash();
+        // The authority stored them, but the answer is an error.
+        acks.send(AuditAck {
+            acked_seq: 0,
+            last_hash: String::new(),
+            error: Some("connection closed".into()),
+            signature: Vec::new(),
+        })
+        .await
+        .unwrap();
+        let next = out.recv().await.unwrap();
+        assert!(next.events.is_empty(), "the events were resent: {next:?}");
+        acks.send(ack(&ca, 2, &stored_hash)).await.unwrap();
+        // Nothing left to send: the spool was trimmed to the authority's chain.
+        assert!(tokio::time::timeout(Duration::from_secs(1), out.recv())
+            .await
+            .is_err());
+        assert_eq!(shared.spool().acked(), 2);
+        ship.abort();
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
