@@ -362,12 +362,12 @@ pub fn migrate(st: &dyn Store, now_ms: u64) -> Result<usize, StoreError> {
     if !st.compare_and_swap(Table::AuditState, LAYOUT_KEY, old.as_deref(), Some(claim))? {
         return Ok(0);
     }
-    let mut n = 0;
+    let mut n = 0usize;
     for (sid, rec) in store::list::<IndexRecord>(st, Table::RecordingIndex, "")? {
         if rec.layout < LAYOUT {
             migrate_one(st, rec)?;
             n += 1;
-            if n % 1000 == 0 {
+            if n.is_multiple_of(1000) {
                 tracing::info!(sid = %sid, "recordings: {n} rewritten for paging");
             }
         }
@@ -485,7 +485,7 @@ mod tests {
         // Started in a shuffled order (i * 7919 mod n), two users, some at the same ms.
         for i in 0..n {
             let k = (i * 7919) % n;
-            let user = if k % 3 == 0 { "bob" } else { "alice" };
+            let user = if k.is_multiple_of(3) { "bob" } else { "alice" };
             let rec = info(&format!("s{k:05}"), user, t0 + (k / 2) * 1000);
             append(&*st, rec, t0, b"x").unwrap();
         }
@@ -537,7 +537,10 @@ mod tests {
                 None => break,
             }
         }
-        assert_eq!(seen as u64, (0..n).filter(|k| k % 3 == 0).count() as u64);
+        assert_eq!(
+            seen as u64,
+            (0..n).filter(|k| k.is_multiple_of(3)).count() as u64
+        );
         // A cursor that is not one is a clear error.
         let e = page(&*st, None, &everyone, Some("../x"), 10).unwrap_err();
         assert!(e.message.contains("bad recordings cursor"), "{e}");
