@@ -24,8 +24,6 @@ use crate::store::{self, Store, Table};
 
 /// Largest page of search results (encoded), below the frame limit.
 const PAGE_BYTES: usize = 40 * 1024;
-/// Largest piece of a recording per answer.
-const RECORDING_PIECE: usize = 32 * 1024;
 /// Most alerts one verify report lists per device.
 const MAX_ALERTS: usize = 200;
 
@@ -319,24 +317,30 @@ fn store_chunk(store: &dyn Store, device: &str, ev: &AuditEvent, now: u64) -> Re
             },
         );
     }
-    let data = ev.field("data");
-    store.put(
-        Table::Recordings,
-        &format!("{sid}/{:020}", ev.seq),
-        data.as_bytes().to_vec(),
-    )?;
-    let mut info: RecordingInfo =
-        store::get(store, Table::RecordingIndex, sid)?.unwrap_or(RecordingInfo {
-            session_id: sid.clone(),
-            device: device.into(),
-            user: ev.user.clone(),
-            login: ev.login.clone(),
-            started_ms: ev.time_ms,
-            bytes: 0,
-            user_id,
-        });
-    info.bytes += data.len() as u64;
-    store::put(store, Table::RecordingIndex, sid, &info)?;
+    if !crate::recordings::acceptable_session_id(sid) {
+        return alert(
+            store,
+            IntegrityAlert {
+                device: device.into(),
+                time_ms: now,
+                kind: "recording".into(),
+                seq: ev.seq,
+                detail: format!(
+                    "a recording piece for session {sid:?}, not a usable id; not stored"
+                ),
+            },
+        );
+    }
+    let fresh = RecordingInfo {
+        session_id: sid.clone(),
+        device: device.into(),
+        user: ev.user.clone(),
+        login: ev.login.clone(),
+        started_ms: ev.time_ms,
+        bytes: 0,
+        user_id,
+    };
+    crate::recordings::append(store, fresh, ev.time_ms, ev.field("data").as_bytes())?;
     Ok(())
 }
 
@@ -571,54 +575,61 @@ fn may_see(info: &RecordingInfo, viewer: Option<&Viewer>) -> bool {
     })
 }
 
+/// The newest recordings the viewer may see (at most 300, oldest first): the answer to the
+/// `RecordingList` of gateways from before paging.
 pub fn recordings(svc: &Service, viewer: Option<&Viewer>) -> Result<Response, RpcError> {
-    let user = viewer;
-    let mut list: Vec<RecordingInfo> =
-        store::list::<RecordingInfo>(svc.store(), Table::RecordingIndex, "")?
-            .into_iter()
-            .map(|(_, r)| r)
-            .filter(|r| may_see(r, user))
-            .collect();
-    list.sort_by_key(|r| r.started_ms);
-    // Keep the answer inside one frame: the newest first if there are very many.
-    let keep = 300;
-    if list.len() > keep {
-        list.drain(..list.len() - keep);
+    let mut list = Vec::new();
+    let mut cursor: Option<String> = None;
+    while list.len() < 300 {
+        let (page, next) = page_of(svc, viewer, cursor.as_deref(), 100)?;
+        list.extend(page);
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
     }
+    list.truncate(300);
+    list.reverse();
     Ok(Response::Recordings(list))
 }
 
+fn page_of(
+    svc: &Service,
+    viewer: Option<&Viewer>,
+    cursor: Option<&str>,
+    limit: u32,
+) -> Result<(Vec<RecordingInfo>, Option<String>), RpcError> {
+    let visible = |r: &RecordingInfo| may_see(r, viewer);
+    crate::recordings::page(
+        svc.store(),
+        viewer.map(|v| v.name.as_str()),
+        &visible,
+        cursor,
+        limit,
+    )
+}
+
+/// One page of recordings, newest first, and the cursor of the next (`RecordingPage`).
+pub fn recording_page(
+    svc: &Service,
+    viewer: Option<&Viewer>,
+    cursor: Option<&str>,
+    limit: u32,
+) -> Result<Response, RpcError> {
+    let (recordings, next) = page_of(svc, viewer, cursor, limit)?;
+    Ok(Response::RecordingPage { recordings, next })
+}
+
+/// A piece of a recording from `offset` (`RecordingGet`): bounded work wherever it is.
 pub fn recording(
     svc: &Service,
     session_id: &str,
     user: Option<&Viewer>,
     offset: u64,
 ) -> Result<Response, RpcError> {
-    let store = svc.store();
-    let info: Option<RecordingInfo> = store::get(store, Table::RecordingIndex, session_id)?;
-    let Some(info) = info.filter(|i| may_see(i, user)) else {
-        return Err(not_found(format!("no recording of session {session_id}")));
-    };
-    let mut data = Vec::new();
-    let mut pos = 0u64;
-    for (_, chunk) in store.scan_prefix(Table::Recordings, &format!("{session_id}/"))? {
-        let len = chunk.len() as u64;
-        if pos + len <= offset {
-            pos += len;
-            continue;
-        }
-        let start = offset.saturating_sub(pos) as usize;
-        data.extend_from_slice(&chunk[start.min(chunk.len())..]);
-        pos += len;
-        if data.len() >= RECORDING_PIECE {
-            break;
-        }
-    }
-    data.truncate(RECORDING_PIECE);
-    Ok(Response::RecordingData {
-        data,
-        total: info.bytes,
-    })
+    let visible = |r: &RecordingInfo| may_see(r, user);
+    let (data, total) = crate::recordings::read(svc.store(), session_id, &visible, offset)?;
+    Ok(Response::RecordingData { data, total })
 }
 
 /// What an administrative request means for the audit log, decided before it runs.

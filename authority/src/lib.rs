@@ -17,6 +17,7 @@ pub mod handlers;
 pub mod locks;
 pub mod open_sessions;
 pub mod policy;
+pub mod recordings;
 pub mod roles;
 pub mod rpc_server;
 pub mod service;
@@ -147,6 +148,14 @@ impl Server {
             tracing::info!(cluster = %config.cluster, ca_pin = %ca.bundle().ca_pin, "created the cluster's certificate authorities");
         }
         let store = open_store(&config, &dir, &ca).await?;
+        // Recordings from before paging are rewritten once, before the first request (#28).
+        let migrating = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let now_ms = edgeport_net::clock::now_secs().saturating_mul(1000);
+            recordings::migrate(&*migrating, now_ms)
+        })
+        .await
+        .map_err(|e| store::StoreError::Backend(e.to_string()))??;
         if first_start {
             dir.record_cluster(&config.cluster)?;
         }

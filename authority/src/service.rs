@@ -104,6 +104,7 @@ fn access(req: &Request) -> Access {
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
         | Request::RecordingList { .. }
+        | Request::RecordingPage { .. }
         | Request::RecordingGet { .. } => Access::AdminOrGateway,
     }
 }
@@ -142,7 +143,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::AuditRecord(_) => "recording gateway events",
         Request::AuditSearch(_) => "searching the audit log",
         Request::AuditVerify { .. } => "verifying audit chains",
-        Request::RecordingList { .. } => "listing recordings",
+        Request::RecordingList { .. } | Request::RecordingPage { .. } => "listing recordings",
         Request::RecordingGet { .. } => "reading recordings",
         Request::SsoMapSet(_) | Request::SsoMapRemove { .. } => "changing single sign-on mappings",
         Request::SsoMapList => "listing single sign-on mappings",
@@ -489,6 +490,15 @@ impl Service {
             } => {
                 let viewer = self.viewer(caller, user, user_cert_der, now)?;
                 crate::audit::recordings(self, viewer.as_ref())
+            }
+            Request::RecordingPage {
+                user,
+                user_cert_der,
+                cursor,
+                limit,
+            } => {
+                let viewer = self.viewer(caller, user, user_cert_der, now)?;
+                crate::audit::recording_page(self, viewer.as_ref(), cursor.as_deref(), limit)
             }
             Request::RecordingGet {
                 session_id,

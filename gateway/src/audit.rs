@@ -192,14 +192,45 @@ pub async fn list(ctx: &Ctx, who: &crate::grants::UserCert) -> ClientReply {
     }
 }
 
-/// `tsh play`: the recording in pieces, then `more: false`.
+/// `tsh recordings ls`: one page, newest first, and the cursor of the next.
+pub async fn page(
+    ctx: &Ctx,
+    who: &crate::grants::UserCert,
+    cursor: Option<String>,
+    limit: u32,
+) -> ClientReply {
+    match ctx
+        .auth
+        .call(Request::RecordingPage {
+            user: None,
+            user_cert_der: Some(who.der.as_ref().clone()),
+            cursor,
+            limit,
+        })
+        .await
+    {
+        Ok(Response::RecordingPage { recordings, next }) => {
+            ClientReply::RecordingPage { recordings, next }
+        }
+        Ok(other) => ClientReply::Refused(edgeport_proto::rpc::RpcError::new(
+            edgeport_proto::rpc::ErrorKind::Internal,
+            edgeport_net::rpc_client::unexpected(other).to_string(),
+        )),
+        Err(edgeport_net::rpc_client::RpcClientError::Remote(e)) => ClientReply::Refused(e),
+        Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
+    }
+}
+
+/// `tsh play`: the recording from `offset` in pieces, then `more: false`. Each piece is one
+/// request to the authority, which reads only the bytes it returns.
 pub async fn stream_recording(
     ctx: &Ctx,
     stream: &mut BoxedStream,
     who: &crate::grants::UserCert,
     session_id: String,
+    offset: u64,
 ) {
-    let mut offset = 0u64;
+    let mut offset = offset;
     loop {
         let req = Request::RecordingGet {
             session_id: session_id.clone(),

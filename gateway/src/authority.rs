@@ -41,6 +41,7 @@ impl Lane {
             | Request::JoinDevice(_)
             | Request::JoinGateway(_)
             | Request::RecordingList { .. }
+            | Request::RecordingPage { .. }
             | Request::RecordingGet { .. } => Lane::Bulk,
             _ => Lane::Control,
         }
@@ -223,6 +224,15 @@ mod tests {
             Lane::of(&Request::RecordingList {
                 user: None,
                 user_cert_der: None
+            }),
+            Lane::Bulk
+        );
+        assert_eq!(
+            Lane::of(&Request::RecordingPage {
+                user: None,
+                user_cert_der: None,
+                cursor: None,
+                limit: 0,
             }),
             Lane::Bulk
         );

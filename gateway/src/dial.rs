@@ -198,7 +198,14 @@ pub async fn serve_stream(
             answer_and_close(stream, &answer).await;
         }
         (ClientRequest::Recording { session_id }, Some(who)) => {
-            send_recording(&ctx, stream, &who, session_id).await;
+            send_recording(&ctx, stream, &who, session_id, 0).await;
+        }
+        (ClientRequest::RecordingFrom { session_id, offset }, Some(who)) => {
+            send_recording(&ctx, stream, &who, session_id, offset).await;
+        }
+        (ClientRequest::RecordingPage { cursor, limit }, Some(who)) => {
+            let answer = crate::audit::page(&ctx, &who, cursor, limit).await;
+            answer_and_close(stream, &answer).await;
         }
         (ClientRequest::Dial { target, service }, Some(who)) => {
             serve_dial(&ctx, stream, &who, &target, service, addr).await;
@@ -338,8 +345,14 @@ async fn list_devices(ctx: &Ctx, mut stream: BoxedStream, who: &UserCert) {
 }
 
 /// One session recording, streamed from the authority.
-async fn send_recording(ctx: &Ctx, mut stream: BoxedStream, who: &UserCert, session_id: String) {
-    crate::audit::stream_recording(ctx, &mut stream, who, session_id).await;
+async fn send_recording(
+    ctx: &Ctx,
+    mut stream: BoxedStream,
+    who: &UserCert,
+    session_id: String,
+    offset: u64,
+) {
+    crate::audit::stream_recording(ctx, &mut stream, who, session_id, offset).await;
     close(&mut stream).await;
 }
 

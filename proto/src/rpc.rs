@@ -151,6 +151,14 @@ pub enum Request {
     /// Admin: change a local user's grants in place (`tctl users update`); what is not
     /// given stays as it is.
     UserUpdate(UserUpdate),
+    /// Admin or gateway (as for `RecordingList`): one page of recordings, newest first,
+    /// from `cursor` (`None`: the newest), at most `limit` (0: the authority's default).
+    RecordingPage {
+        user: Option<String>,
+        user_cert_der: Option<Vec<u8>>,
+        cursor: Option<String>,
+        limit: u32,
+    },
 }
 
 /// Responses from the authority.
@@ -205,6 +213,12 @@ pub enum Response {
     },
     /// The connectors, without their secrets.
     SsoConnectors(Vec<SsoConnectorInfo>),
+    /// One page of recordings, newest first; `next` is the cursor of the following page
+    /// (`None`: this was the last).
+    RecordingPage {
+        recordings: Vec<crate::audit::RecordingInfo>,
+        next: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

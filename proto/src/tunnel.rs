@@ -149,6 +149,12 @@ pub enum ClientRequest {
     /// the (end-to-end encrypted) stream, so tsh asks afterwards to say "device D is
     /// locked: MESSAGE" instead of "connection lost".
     SessionEnd { session_id: String },
+    /// Needs the user's certificate: one page of the user's recordings, newest first, from
+    /// `cursor` (`None`: the newest), at most `limit` (0: the authority's default).
+    RecordingPage { cursor: Option<String>, limit: u32 },
+    /// Needs the user's certificate: one recording from byte `offset` (to resume a
+    /// transfer), sent as `RecordingData` frames as for `Recording`.
+    RecordingFrom { session_id: String, offset: u64 },
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -189,5 +195,10 @@ pub enum ClientReply {
     /// it did not (or no longer remembers).
     SessionEnd {
         reason: Option<String>,
+    },
+    /// The answer to `RecordingPage`: `next` is the cursor of the following page.
+    RecordingPage {
+        recordings: Vec<crate::audit::RecordingInfo>,
+        next: Option<String>,
     },
 }

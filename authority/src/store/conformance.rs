@@ -28,6 +28,7 @@ fn keys(rows: Vec<(String, Vec<u8>)>) -> Vec<String> {
 pub fn run_all(store: Arc<dyn Store>) -> Checked {
     basic_operations(&*store)?;
     prefix_scans_are_ordered_and_exact(&*store)?;
+    range_pages_are_bounded_and_exact(&*store)?;
     cas_race_has_exactly_one_winner(store.clone())?;
     update_counts_every_increment_under_contention(store.clone())?;
     corrupt_records_are_reported(&*store)
@@ -126,6 +127,60 @@ pub fn prefix_scans_are_ordered_and_exact(st: &dyn Store) -> Checked {
     sorted.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     ensure!(all == sorted, "a full scan is not in byte order: {all:?}");
     ensure!(all.len() == 9, "a full scan lists {} of 9", all.len());
+    Ok(())
+}
+
+/// `scan_from` pages through a prefix in key order: at most `limit` rows, starting at
+/// `from` (or the prefix), never past the prefix, and paging on from the last key + `\0`
+/// visits every key once.
+pub fn range_pages_are_bounded_and_exact(st: &dyn Store) -> Checked {
+    for i in 0..25u32 {
+        let k = format!("s1/e{i:020}");
+        s(st.put(Table::Recordings, &k, k.as_bytes().to_vec()))?;
+    }
+    for k in ["s1", "s10/e00000000000000000001", "s0/e1", "s1/"] {
+        s(st.put(Table::Recordings, k, Vec::new()))?;
+    }
+    let first = keys(s(st.scan_from(Table::Recordings, "s1/e", "", 3))?);
+    ensure!(
+        first
+            == [
+                "s1/e00000000000000000000",
+                "s1/e00000000000000000001",
+                "s1/e00000000000000000002"
+            ],
+        "the first page lists {first:?}"
+    );
+    let mid = keys(s(st.scan_from(
+        Table::Recordings,
+        "s1/e",
+        "s1/e00000000000000000023",
+        10,
+    ))?);
+    ensure!(
+        mid == ["s1/e00000000000000000023", "s1/e00000000000000000024"],
+        "a page from key 23 lists {mid:?} (it must stop at the prefix's end)"
+    );
+    let mut seen = Vec::new();
+    let mut from = String::new();
+    loop {
+        let page = keys(s(st.scan_from(Table::Recordings, "s1/e", &from, 4))?);
+        ensure!(page.len() <= 4, "a page of 4 has {} rows", page.len());
+        let Some(last) = page.last() else { break };
+        from = format!("{last}\u{0}");
+        seen.extend(page);
+    }
+    let want: Vec<String> = (0..25u32).map(|i| format!("s1/e{i:020}")).collect();
+    ensure!(seen == want, "paging visited {seen:?}");
+    ensure!(
+        s(st.scan_from(Table::Recordings, "s1/e", "s1/e", 0))?.is_empty(),
+        "a page of 0 has rows"
+    );
+    let whole = s(st.scan_from(Table::Recordings, "", "s1/", 2))?;
+    ensure!(
+        keys(whole) == ["s1/", "s1/e00000000000000000000"],
+        "an empty prefix pages the whole table from `from`"
+    );
     Ok(())
 }
 

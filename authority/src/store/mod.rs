@@ -42,9 +42,13 @@ pub enum Table {
     AuditState,
     /// Integrity alerts (`proto::audit::IntegrityAlert`), by `DEVICE/TIME-N`.
     AuditAlerts,
-    /// Session recording pieces (asciicast v2 bytes), by `SESSION/SEQ`.
+    /// Session recording pieces (asciicast v2 bytes), by `SESSION/eEND` where END is the byte
+    /// offset (20 digits) just past the piece, so a read from any offset is one range scan
+    /// (`recordings`). Stores from before paging held `SESSION/SEQ`, rewritten when the
+    /// authority opens them.
     Recordings,
-    /// One `proto::audit::RecordingInfo` per recorded session.
+    /// One `recordings::IndexRecord` per recorded session (size, device, user, start, end),
+    /// by session id.
     RecordingIndex,
     /// What identity provider groups grant (`proto::rpc::SsoMapping`), by group.
     SsoMaps,
@@ -62,10 +66,14 @@ pub enum Table {
     /// Sessions a device reported started and not yet ended (`open_sessions::OpenSession`),
     /// by session id: the authority flags those still open past their certificate's expiry.
     OpenSessions,
+    /// The recordings newest first: `a/INV/SESSION` for everyone's and `u/USER/INV/SESSION`
+    /// for one user's, where INV is `u64::MAX - started_ms` (20 digits), so listing is a
+    /// page of a range scan (`recordings`).
+    RecordingTimeline,
 }
 
 impl Table {
-    pub const ALL: [Table; 21] = [
+    pub const ALL: [Table; 22] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -87,6 +95,7 @@ impl Table {
         Table::Sessions,
         Table::LoginThrottle,
         Table::OpenSessions,
+        Table::RecordingTimeline,
     ];
 
     /// The table's name in the backing store.
@@ -113,6 +122,7 @@ impl Table {
             Table::Sessions => "sessions",
             Table::LoginThrottle => "login_throttle",
             Table::OpenSessions => "open_sessions",
+            Table::RecordingTimeline => "recording_timeline",
         }
     }
 }
@@ -143,6 +153,17 @@ pub trait Store: Send + Sync + 'static {
     /// All entries whose key starts with `prefix` (`""` lists the table), in key order.
     fn scan_prefix(&self, table: Table, prefix: &str)
         -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// One page of a range scan: at most `limit` entries whose key starts with `prefix` and
+    /// is at least `from` (a `from` below the prefix starts at the prefix), in key order. The
+    /// work is bounded by `limit`, however large the table: paging goes on from the last key
+    /// returned followed by `\0`.
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Atomically replaces the value of `key` with `new` (`None` deletes) if it currently is
     /// `expected` (`None` = absent). Returns whether the swap happened.
     fn compare_and_swap(

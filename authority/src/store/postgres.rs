@@ -57,8 +57,13 @@ enum Op {
     Put(Table, String, Vec<u8>),
     Delete(Table, String),
     Scan(Table, String),
+    /// Prefix, first key, most rows.
+    ScanFrom(Table, String, String, usize),
     Cas(Table, String, Option<Vec<u8>>, Option<Vec<u8>>),
-    Claim { cluster: String, ca_pin: String },
+    Claim {
+        cluster: String,
+        ca_pin: String,
+    },
 }
 
 enum Answer {
@@ -77,6 +82,7 @@ struct Conn {
     delete: Statement,
     scan: Statement,
     scan_all: Statement,
+    scan_from: Statement,
     insert_new: Statement,
     update_if: Statement,
     delete_if: Statement,
@@ -309,6 +315,11 @@ async fn connect(pool: &Pool) -> Result<Conn, StoreError> {
         )
         .await?,
         scan_all: prep("SELECT key, value FROM edgeport_kv WHERE tbl = $1 ORDER BY key").await?,
+        scan_from: prep(
+            "SELECT key, value FROM edgeport_kv
+             WHERE tbl = $1 AND key >= $2 AND key < $3 ORDER BY key LIMIT $4",
+        )
+        .await?,
         insert_new: prep(
             "INSERT INTO edgeport_kv (tbl, key, value) VALUES ($1, $2, $3)
              ON CONFLICT (tbl, key) DO NOTHING",
@@ -359,6 +370,18 @@ fn upper_bound(prefix: &str) -> Vec<u8> {
     b
 }
 
+fn rows_of(rows: &[tokio_postgres::Row]) -> Vec<(String, Vec<u8>)> {
+    rows.iter()
+        .map(|r| {
+            let k: Vec<u8> = r.get(0);
+            (
+                String::from_utf8_lossy(&k).into_owned(),
+                r.get::<_, Vec<u8>>(1),
+            )
+        })
+        .collect()
+}
+
 async fn execute(c: &Conn, op: Op) -> Result<Answer, StoreError> {
     let cl = &c.client;
     Ok(match op {
@@ -388,17 +411,19 @@ async fn execute(c: &Conn, op: Op) -> Result<Answer, StoreError> {
                     .await
             }
             .map_err(pg)?;
-            Answer::Rows(
-                rows.iter()
-                    .map(|r| {
-                        let k: Vec<u8> = r.get(0);
-                        (
-                            String::from_utf8_lossy(&k).into_owned(),
-                            r.get::<_, Vec<u8>>(1),
-                        )
-                    })
-                    .collect(),
-            )
+            Answer::Rows(rows_of(&rows))
+        }
+        Op::ScanFrom(t, p, from, limit) => {
+            let start = if from > p { from } else { p.clone() };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = cl
+                .query(
+                    &c.scan_from,
+                    &[&t.name(), &start.as_bytes(), &upper_bound(&p), &limit],
+                )
+                .await
+                .map_err(pg)?;
+            Answer::Rows(rows_of(&rows))
         }
         Op::Cas(t, k, expected, new) => {
             let n = t.name();
@@ -460,6 +485,27 @@ impl Store for PostgresStore {
         prefix: &str,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match self.call(Op::Scan(table, prefix.to_string()))? {
+            Answer::Rows(r) => Ok(r),
+            _ => Err(backend("unexpected answer")),
+        }
+    }
+
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        match self.call(Op::ScanFrom(
+            table,
+            prefix.to_string(),
+            from.to_string(),
+            limit,
+        ))? {
             Answer::Rows(r) => Ok(r),
             _ => Err(backend("unexpected answer")),
         }

@@ -90,6 +90,28 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &str,
+        from: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let start = if from > prefix { from } else { prefix };
+        let mut out = Vec::new();
+        for r in self.tree(table)?.range(start.as_bytes()..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = r.map_err(backend)?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn compare_and_swap(
         &self,
         table: Table,

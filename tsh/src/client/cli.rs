@@ -102,6 +102,12 @@ pub enum RecordingsCmd {
 pub struct RecordingsArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// How many of the newest recordings to show.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
+    /// Every recording, newest first, fetched a page at a time (ignores --limit).
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
