@@ -382,6 +382,11 @@ fn teleport_names_versions_and_completions() {
         auth.tctl_ok(&["nodes", "ls", "--format", "json"]).json(),
         auth.tctl_ok(&["devices", "ls", "--format", "json"]).json()
     );
+    // `tctl get` prints YAML by default: the records of `roles ls --format yaml`.
+    assert_eq!(
+        auth.tctl_ok(&["get", "roles"]).stdout(),
+        auth.tctl_ok(&["roles", "ls", "--format", "yaml"]).stdout()
+    );
 
     // version needs no authority.
     let mut c = Command::new(bin("tctl"));

@@ -276,6 +276,11 @@ fn every_json_output_matches_its_schema() {
         (&["tokens", "ls"], "token", 1),
         (&["devices", "ls"], "device", 1),
         (&["nodes", "ls"], "device", 1),
+        // Teleport's `tctl get KIND`: the same records (YAML unless --format says).
+        (&["get", "users"], "user", 1),
+        (&["get", "roles"], "role", 2),
+        (&["get", "nodes"], "device", 1),
+        (&["get", "locks"], "lock", 1),
         (&["gateways", "ls"], "gateway", 1),
         (&["locks", "ls"], "lock", 1),
         (&["sso", "ls"], "sso_mapping", 1),

@@ -65,6 +65,9 @@ pub enum Command {
     /// --auth oidc|github`).
     #[command(subcommand)]
     Sso(SsoCmd),
+    /// Prints resources as Teleport's `tctl get` does: `tctl get users|roles|nodes|tokens|
+    /// gateways|locks` (YAML unless `--format` says otherwise; the same records as `ls`).
+    Get(GetArgs),
     /// Prints tctl's version (no connection to the authority; `tctl status` shows its).
     Version(FormatArgs),
     /// Prints a shell completion script: `source <(tctl completion bash)`.
@@ -284,6 +287,27 @@ pub enum Format {
     Text,
     Json,
     Yaml,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// What to print.
+    #[arg(value_enum)]
+    pub kind: GetKind,
+    #[arg(long, value_enum, default_value = "yaml")]
+    pub format: Format,
+}
+
+/// The resources `tctl get` prints (Teleport's names, and Edgeport's where they differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GetKind {
+    Users,
+    Roles,
+    #[value(alias = "devices")]
+    Nodes,
+    Tokens,
+    Gateways,
+    Locks,
 }
 
 #[derive(Debug, Args)]

@@ -24,8 +24,8 @@ use clap::Parser;
 
 pub use cli::Cli;
 use cli::{
-    AuditCmd, AuthCmd, Command, DevicesCmd, GatewaysCmd, LocksCmd, RolesCmd, SsoCmd, TokensCmd,
-    UsersCmd,
+    AuditCmd, AuthCmd, Command, DevicesCmd, FormatArgs, GatewaysCmd, GetKind, LocksCmd, RolesCmd,
+    SsoCmd, TokensCmd, UsersCmd,
 };
 use connect::Session;
 
@@ -108,6 +108,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sso(SsoCmd::Ls(a)) => sso::list(&mut s, a).await,
         Command::Sso(SsoCmd::Unmap { group }) => sso::unmap(&mut s, group).await,
         Command::Sso(SsoCmd::Connectors(c)) => sso::connectors(&mut s, c).await,
+        Command::Get(g) => {
+            let a = FormatArgs { format: g.format };
+            match g.kind {
+                GetKind::Users => users::list(&mut s, a).await,
+                GetKind::Roles => roles::list(&mut s, a).await,
+                GetKind::Nodes => devices::list(&mut s, a).await,
+                GetKind::Tokens => tokens::list(&mut s, a).await,
+                GetKind::Gateways => gateways::list(&mut s, a).await,
+                GetKind::Locks => locks::list(&mut s, a).await,
+            }
+        }
         Command::Version(_) | Command::Completion(_) => Ok(()),
     };
     s.close().await;
