@@ -117,6 +117,7 @@ impl AuthorityClient {
     /// One request/response. A pooled connection that turns out to be dead (the authority
     /// restarted) is replaced once; the request had not been processed in that case.
     pub async fn call(&self, req: Request) -> Result<Response, RpcClientError> {
+        let _timer = crate::metrics::RpcTimer::start(&req);
         let lane = match Lane::of(&req) {
             Lane::Control => &self.slots,
             Lane::Bulk => &self.bulk,

@@ -353,6 +353,7 @@ async fn serve_dial(
     addr: SocketAddr,
 ) {
     let result = dial(ctx, who, target, service, addr).await;
+    crate::metrics::dial(&result);
     audit_dial(who, target, service, addr, &result);
     let Dialled {
         stream: device_stream,
@@ -626,9 +627,12 @@ async fn splice<C, D>(
         }
     };
     match result {
-        Ok((up, down)) => tracing::debug!(
+        Ok((up, down)) => {
+            crate::metrics::relayed(up, down);
+            tracing::debug!(
             %user, device = %device_id, session = %session_id, up, down, "stream ended"
-        ),
+            )
+        }
         Err(e) => tracing::debug!(
             %user, device = %device_id, session = %session_id, "stream ended: {e}"
         ),

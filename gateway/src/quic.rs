@@ -175,10 +175,12 @@ pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
             // of the port's.
             let wait = ctx.cfg.handshake_timeout;
             let Some(source_slot) = ctx.quic_sources.take(addr.ip(), wait).await else {
+                crate::metrics::handshake_failed("busy");
                 incoming.refuse();
                 return;
             };
             let Ok(hs_slot) = ctx.quic_handshakes.clone().try_acquire_owned() else {
+                crate::metrics::handshake_failed("busy");
                 incoming.refuse();
                 return;
             };
@@ -192,10 +194,12 @@ pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
             let conn = match tokio::time::timeout(ctx.cfg.handshake_timeout, connecting).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
+                    crate::metrics::handshake_failed("tls");
                     tracing::debug!(%addr, "QUIC handshake failed: {e}");
                     return;
                 }
                 Err(_) => {
+                    crate::metrics::handshake_failed("timeout");
                     tracing::debug!(%addr, "QUIC handshake timed out");
                     return;
                 }

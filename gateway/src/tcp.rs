@@ -48,10 +48,12 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
             // The source's own slot first (waiting is cheap), then one of the port's.
             let wait = ctx.cfg.handshake_timeout;
             let Some(source_slot) = ctx.tcp_sources.take(addr.ip(), wait).await else {
+                crate::metrics::handshake_failed("busy");
                 tracing::debug!(%addr, "this source kept too many TLS handshakes in progress; dropped");
                 return;
             };
             let Ok(hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
+                crate::metrics::handshake_failed("busy");
                 if warn_now() {
                     tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
                 }
@@ -62,10 +64,12 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
                 match tokio::time::timeout(ctx.cfg.handshake_timeout, handshake(&ctx, tcp)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
+                        crate::metrics::handshake_failed("tls");
                         tracing::debug!(%addr, "TLS handshake failed: {e}");
                         return;
                     }
                     Err(_) => {
+                        crate::metrics::handshake_failed("timeout");
                         tracing::debug!(%addr, "TLS handshake timed out");
                         return;
                     }
