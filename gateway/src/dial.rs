@@ -606,7 +606,7 @@ fn forward_ticket(
 
 async fn splice<C, D>(
     ctx: &Ctx,
-    mut client: C,
+    client: C,
     mut device: D,
     user: &str,
     device_id: &str,
@@ -617,6 +617,7 @@ async fn splice<C, D>(
 {
     tracing::debug!(%user, device = %device_id, session = %session_id, "stream spliced");
     let reg = ctx.sessions.register(device_id, user, session_id);
+    let mut client = crate::metrics::Relayed::new(client);
     let copy =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, SPLICE_BUF, SPLICE_BUF);
     let result = tokio::select! {
@@ -627,12 +628,9 @@ async fn splice<C, D>(
         }
     };
     match result {
-        Ok((up, down)) => {
-            crate::metrics::relayed(up, down);
-            tracing::debug!(
+        Ok((up, down)) => tracing::debug!(
             %user, device = %device_id, session = %session_id, up, down, "stream ended"
-            )
-        }
+        ),
         Err(e) => tracing::debug!(
             %user, device = %device_id, session = %session_id, "stream ended: {e}"
         ),

@@ -1,8 +1,12 @@
 //! The gateway's metrics (`--metrics-addr`, docs/deploy.md "Metrics"). They are counted
 //! always (a few atomic adds where things already happen) and served only when asked for.
 
+use std::pin::Pin;
 use std::sync::LazyLock;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use edgeport_net::metrics::{
     latency, latency_by, Counter, CounterBy, Family, Gauge, GaugeBy, Histogram, HistogramBy, Registry,
@@ -117,11 +121,67 @@ pub fn dial<T>(result: &Result<T, RpcError>) {
     METRICS.dials.get_or_create(&[("result", label)]).inc();
 }
 
-/// Bytes of one ended splice.
-pub fn relayed(up: u64, down: u64) {
-    let m = &METRICS.relayed;
-    m.get_or_create(&[("direction", "up")]).inc_by(up);
-    m.get_or_create(&[("direction", "down")]).inc_by(down);
+/// The user's side of a splice, counting the bytes it reads (up, to the device) and writes
+/// (down); they are added to `edgeport_gateway_relayed_bytes` when it is dropped, however
+/// the splice ended (an SSH session usually ends with one side's reset or EOF error, when
+/// the splice returns no counts).
+pub struct Relayed<S> {
+    inner: S,
+    up: u64,
+    down: u64,
+}
+
+impl<S> Relayed<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            up: 0,
+            down: 0,
+        }
+    }
+}
+
+impl<S> Drop for Relayed<S> {
+    fn drop(&mut self) {
+        let m = &METRICS.relayed;
+        m.get_or_create(&[("direction", "up")]).inc_by(self.up);
+        m.get_or_create(&[("direction", "down")]).inc_by(self.down);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Relayed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.up += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Relayed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.down += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A connection dropped before it was served.
