@@ -167,7 +167,10 @@ pub fn upload(
             continue;
         }
         if ev.seq != state.last_seq.saturating_add(1) {
-            crate::metrics::audit_events("lost", ev.seq.saturating_sub(state.last_seq).saturating_sub(1));
+            crate::metrics::audit_events(
+                "lost",
+                ev.seq.saturating_sub(state.last_seq).saturating_sub(1),
+            );
             alert(
                 store,
                 IntegrityAlert {

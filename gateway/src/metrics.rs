@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use edgeport_net::metrics::{
-    latency, latency_by, Counter, CounterBy, Family, Gauge, GaugeBy, Histogram, HistogramBy, Registry,
+    latency, latency_by, Counter, CounterBy, Family, Gauge, GaugeBy, Histogram, HistogramBy,
+    Registry,
 };
 use edgeport_proto::rpc::{ErrorKind, RpcError, Transport};
 

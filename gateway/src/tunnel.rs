@@ -315,7 +315,11 @@ impl Io {
                 self.ctx.tasks.spawn(async move {
                     let n = batch.events.len() as u64;
                     let ack = crate::audit::relay_batch(&ctx, device_id, batch).await;
-                    let outcome = if ack.error.is_none() { "accepted" } else { "refused" };
+                    let outcome = if ack.error.is_none() {
+                        "accepted"
+                    } else {
+                        "refused"
+                    };
                     crate::metrics::audit_events(outcome, n);
                     let _ = done.send(Done::Audit(id, ack)).await;
                 });

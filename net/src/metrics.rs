@@ -149,9 +149,17 @@ async fn accept_loop(listener: TcpListener, registry: Arc<Registry>, shutdown: C
 
 fn answer(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
     let (status, content_type, body) = if req.uri().path() != "/metrics" {
-        (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics\n".to_string())
+        (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics\n".to_string(),
+        )
     } else if req.method() != Method::GET && req.method() != Method::HEAD {
-        (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".to_string())
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".to_string(),
+        )
     } else {
         (
             StatusCode::OK,
@@ -196,8 +204,14 @@ mod tests {
             .unwrap();
         let ok = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
-        assert!(ok.contains("edgeport_test_dials_total{result=\"ok\"} 1"), "{ok}");
-        assert!(ok.contains("edgeport_build_info{component=\"test\""), "{ok}");
+        assert!(
+            ok.contains("edgeport_test_dials_total{result=\"ok\"} 1"),
+            "{ok}"
+        );
+        assert!(
+            ok.contains("edgeport_build_info{component=\"test\""),
+            "{ok}"
+        );
         let other = get(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
         let post = get(addr, "POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -208,9 +222,13 @@ mod tests {
     #[tokio::test]
     async fn silent_clients_are_capped_and_cut() {
         let shutdown = CancellationToken::new();
-        let addr = serve("127.0.0.1:0".parse().unwrap(), registry("test"), shutdown.clone())
-            .await
-            .unwrap();
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            registry("test"),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
         let mut silent = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

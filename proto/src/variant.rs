@@ -149,7 +149,10 @@ mod tests {
     #[test]
     fn names_every_kind_of_variant() {
         assert_eq!(variant_name(&Request::Ping), "Ping");
-        assert_eq!(variant_name(&Request::UserRemove { name: "a".into() }), "UserRemove");
+        assert_eq!(
+            variant_name(&Request::UserRemove { name: "a".into() }),
+            "UserRemove"
+        );
         assert_eq!(
             variant_name(&Request::AuditRecord(Vec::new())),
             "AuditRecord"

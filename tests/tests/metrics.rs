@@ -29,11 +29,18 @@ const PW: &str = "correct horse battery";
 fn http_get(addr: &str, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read the answer");
     let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }
 
 fn scrape(addr: &str) -> Scrape {
@@ -99,7 +106,11 @@ fn metrics_are_scraped_and_status_shows_the_cluster() {
         &[("EDGEPORT_METRICS_ADDR", auth_metrics.as_str())],
     );
     let tctl = Tctl::of(&auth);
-    let gw = Gateway::start_with(&dir.join("gateway"), &auth, &["--metrics-addr", &gw_metrics]);
+    let gw = Gateway::start_with(
+        &dir.join("gateway"),
+        &auth,
+        &["--metrics-addr", &gw_metrics],
+    );
     let mut agent = Agent::start(&dir.join("agent-dev1"), &gw, "dev1", "fleet=vans", &[]);
     let dev = wait_online(&tctl, "dev1", None, Duration::from_secs(60));
     let transport = dev["transport"].as_str().expect("transport").to_string();
@@ -116,11 +127,23 @@ fn metrics_are_scraped_and_status_shows_the_cluster() {
 
     // A user's `tsh ssh` through the gateway.
     let mut c = auth.tctl_cmd();
-    c.args(["users", "add", "alice", "--logins", "root", "--password-stdin"]);
-    run(c, Some(format!("{PW}\n").as_bytes()), Duration::from_secs(30))
-        .expect_ok("tctl users add");
+    c.args([
+        "users",
+        "add",
+        "alice",
+        "--logins",
+        "root",
+        "--password-stdin",
+    ]);
+    run(
+        c,
+        Some(format!("{PW}\n").as_bytes()),
+        Duration::from_secs(30),
+    )
+    .expect_ok("tctl users add");
     let tsh = Tsh::new(dir.join("tsh"), &gw.addr);
-    tsh.login("alice", PW, &gw.ca_pin, &[]).expect_ok("tsh login");
+    tsh.login("alice", PW, &gw.ca_pin, &[])
+        .expect_ok("tsh login");
     let r = tsh.run(&["ssh", "root@dev1", "echo", "metered"], None);
     assert_eq!(r.stdout(), "metered\n", "{}", r.stderr());
 
@@ -128,8 +151,12 @@ fn metrics_are_scraped_and_status_shows_the_cluster() {
     let mut g = scrape(&gw_metrics);
     let relayed = wait_until(Duration::from_secs(30), || {
         g = scrape(&gw_metrics);
-        value(&g, "edgeport_gateway_relayed_bytes_total", &[("direction", "down")])
-            .is_some_and(|v| v > 0.0)
+        value(
+            &g,
+            "edgeport_gateway_relayed_bytes_total",
+            &[("direction", "down")],
+        )
+        .is_some_and(|v| v > 0.0)
     });
     assert!(relayed, "no relayed bytes: {:?}", g.samples);
     assert!(
@@ -159,8 +186,12 @@ fn metrics_are_scraped_and_status_shows_the_cluster() {
     let moved = wait_until(Duration::from_secs(60), || {
         a = scrape(&auth_metrics);
         value(&a, "edgeport_authority_devices", &[("state", "online")]) == Some(1.0)
-            && value(&a, "edgeport_authority_audit_events_total", &[("outcome", "accepted")])
-                .is_some_and(|v| v > 0.0)
+            && value(
+                &a,
+                "edgeport_authority_audit_events_total",
+                &[("outcome", "accepted")],
+            )
+            .is_some_and(|v| v > 0.0)
     });
     assert!(moved, "authority gauges did not move: {:?}", a.samples);
     assert!(
@@ -174,7 +205,11 @@ fn metrics_are_scraped_and_status_shows_the_cluster() {
         a.samples
     );
     assert_eq!(
-        value(&a, "edgeport_authority_audit_events_total", &[("outcome", "lost")]),
+        value(
+            &a,
+            "edgeport_authority_audit_events_total",
+            &[("outcome", "lost")]
+        ),
         Some(0.0)
     );
     assert_eq!(value(&a, "edgeport_authority_gateways", &[]), Some(1.0));

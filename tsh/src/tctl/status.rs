@@ -151,7 +151,8 @@ mod tests {
     #[test]
     fn fingerprints_as_ssh_keygen_prints_them() {
         // A key made by ssh-keygen, and what `ssh-keygen -lf` printed for it.
-        let line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINjO2vPC8il1fMsUBoMA8s2vB/jLc1gtYo7sGMyRNbaj x";
+        let line =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINjO2vPC8il1fMsUBoMA8s2vB/jLc1gtYo7sGMyRNbaj x";
         assert_eq!(
             ssh_fingerprint(line),
             "SHA256:QuLjNYzaLXmKQoe8ZPQVkTIEWJ/pXvlebbTLqMS3jWc"
