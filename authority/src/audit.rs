@@ -126,12 +126,14 @@ pub fn upload(
                 ),
             },
         )?;
+        crate::metrics::audit_events("refused", batch.events.len() as u64);
         return Err(denied(
             "audit batch refused: the signature does not verify with this device's registered key",
         ));
     }
     let mut state: ChainState =
         store::get(store, Table::AuditState, device_id)?.unwrap_or_default();
+    let accepted_before = state.events;
     for ev in batch.events {
         let hash = ev.hash();
         if ev.seq <= state.last_seq {
@@ -163,6 +165,10 @@ pub fn upload(
             continue;
         }
         if ev.seq != state.last_seq.saturating_add(1) {
+            crate::metrics::audit_events(
+                "lost",
+                ev.seq.saturating_sub(state.last_seq).saturating_sub(1),
+            );
             alert(
                 store,
                 IntegrityAlert {
@@ -221,6 +227,7 @@ pub fn upload(
     }
     store::put(store, Table::AuditState, device_id, &state)?;
     store.flush()?;
+    crate::metrics::audit_events("accepted", state.events - accepted_before);
     let signature = svc.ca().sign_audit_ack(&edgeport_proto::audit::ack_payload(
         device_id,
         state.last_seq,

@@ -15,6 +15,7 @@ pub mod fuzz_entry;
 pub mod gateways;
 pub mod handlers;
 pub mod locks;
+pub mod metrics;
 pub mod open_sessions;
 pub mod policy;
 pub mod recordings;
@@ -213,6 +214,15 @@ impl Server {
 
     pub fn admin_identity(&self) -> &Path {
         &self.admin_identity
+    }
+
+    /// Serves the metrics (`GET /metrics`, Prometheus text) on `addr` until shutdown, and
+    /// keeps the store gauges fresh. Returns the bound address.
+    pub async fn serve_metrics(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let bound =
+            edgeport_net::metrics::serve(addr, metrics::registry(), self.shutdown.clone()).await?;
+        tokio::spawn(metrics::refresh(self.store.clone(), self.shutdown.clone()));
+        Ok(bound)
     }
 
     /// Stops accepting, lets requests in flight finish (briefly) and flushes the store.

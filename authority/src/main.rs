@@ -43,6 +43,10 @@ enum Cmd {
         /// (default: the system's). Add `?sslmode=require` to the URL to refuse plain text.
         #[arg(long, env = "EDGEPORT_STORE_CA")]
         store_ca: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://HOST:PORT/metrics (off by default; no
+        /// authentication: bind it to an address only your monitoring reaches).
+        #[arg(long, env = "EDGEPORT_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
     },
 }
 
@@ -55,6 +59,7 @@ fn main() -> std::process::ExitCode {
         max_session_ttl,
         store,
         store_ca,
+        metrics_addr,
     } = Cli::parse().cmd;
     edgeport_net::daemon::run(|shutdown| async move {
         let server = Server::start(Config {
@@ -68,6 +73,13 @@ fn main() -> std::process::ExitCode {
             store_ca,
         })
         .await?;
+        if let Some(addr) = metrics_addr {
+            let bound = server
+                .serve_metrics(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+            tracing::info!("metrics on http://{bound}/metrics");
+        }
         shutdown.cancelled().await;
         server.shutdown().await?;
         tracing::info!("stopped");

@@ -13,6 +13,7 @@ use edgeport_net::read_frame;
 use edgeport_proto::frame::{self, FrameError};
 use edgeport_proto::rpc::{ErrorKind, Request, Response, RpcError};
 use edgeport_proto::tls::peer_principal;
+use edgeport_proto::variant::variant_name;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -137,10 +138,12 @@ impl Connection {
         let mut tls = match handshake.await {
             Err(_) => {
                 tracing::info!(%peer, "TLS handshake timed out");
+                crate::metrics::handshake_failed("timeout");
                 return;
             }
             Ok(Err(e)) => {
                 tracing::info!(%peer, "TLS handshake failed: {e}");
+                crate::metrics::handshake_failed("tls");
                 return;
             }
             Ok(Ok(s)) => s,
@@ -246,14 +249,17 @@ impl Connection {
             None
         };
         let name = request_name(&req);
+        let (method, start) = (variant_name(&req), std::time::Instant::now());
         let (svc, who) = (self.service.clone(), caller.clone());
-        match tokio::task::spawn_blocking(move || svc.handle(&who, req)).await {
+        let resp = match tokio::task::spawn_blocking(move || svc.handle(&who, req)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(peer = %self.peer, %caller, request = name, "handler failed: {e}");
                 Response::Error(RpcError::new(ErrorKind::Internal, "internal error"))
             }
-        }
+        };
+        crate::metrics::rpc(method, start.elapsed(), &resp);
+        resp
     }
 }
 

@@ -275,7 +275,10 @@ pub async fn run_with(
                     .field("transport", s.conn.transport().as_str())
                     .field("gateway", &s.gateway_id)
                     .emit();
+                let transport = s.conn.transport().as_str();
+                crate::metrics::tunnel(transport, true);
                 let ended = session::serve(&agent, s, &mut quic).await;
+                crate::metrics::tunnel(transport, false);
                 let why = match &ended {
                     Ended::Upgrade(_) => "moving to QUIC".to_string(),
                     Ended::Shutdown => "agent stopping".to_string(),

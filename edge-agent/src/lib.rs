@@ -21,6 +21,7 @@ pub mod identity;
 pub mod join;
 #[cfg(feature = "kube")]
 pub mod kube;
+pub mod metrics;
 pub mod services;
 pub mod session;
 #[cfg(feature = "sftp")]

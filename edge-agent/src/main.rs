@@ -99,6 +99,11 @@ struct StartArgs {
     /// SFTP), or the path of an sftp-server binary.
     #[arg(long, env = "EDGEPORT_SFTP_SERVER", default_value = "auto")]
     sftp_server: String,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off by default; no
+    /// authentication: bind it to loopback or a management network).
+    #[cfg(feature = "metrics")]
+    #[arg(long, env = "EDGEPORT_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     #[cfg(feature = "test-hooks")]
     #[command(flatten)]
     test: TestHooks,
@@ -199,5 +204,19 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let threads = edgeport_net::daemon::Threads::from_count(a.threads);
-    edgeport_net::daemon::run_on(threads, |shutdown| edge_agent::run(cfg, shutdown))
+    #[cfg(feature = "metrics")]
+    let metrics_addr = a.metrics_addr;
+    edgeport_net::daemon::run_on(threads, |shutdown| async move {
+        #[cfg(feature = "metrics")]
+        if let Some(addr) = metrics_addr {
+            let registry = edge_agent::metrics::registry();
+            let bound = edgeport_net::metrics::serve(addr, registry, shutdown.clone())
+                .await
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+            tracing::info!("metrics on http://{bound}/metrics");
+        }
+        edge_agent::run(cfg, shutdown)
+            .await
+            .map_err(|e| e.to_string())
+    })
 }

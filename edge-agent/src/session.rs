@@ -275,8 +275,14 @@ async fn drive(
                     }
                 }
             }
-            AgentEvent::Renewed(certs) => agent.renewed(&certs),
-            AgentEvent::RenewRefused(e) => tracing::warn!("certificate renewal refused: {e}"),
+            AgentEvent::Renewed(certs) => {
+                crate::metrics::renewal(true);
+                agent.renewed(&certs)
+            }
+            AgentEvent::RenewRefused(e) => {
+                crate::metrics::renewal(false);
+                tracing::warn!("certificate renewal refused: {e}")
+            }
             AgentEvent::Locked(users) => agent.services.set_locked_users(users),
             AgentEvent::AuditAcked { ack, .. } => {
                 let _ = audit_ack.try_send(ack);

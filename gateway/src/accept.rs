@@ -66,6 +66,7 @@ pub async fn serve(ctx: Arc<Ctx>, conn: Handshaken, addr: SocketAddr) {
             let (device_id, fingerprint) = match crate::tunnel::device_from_certs(&ctx, certs) {
                 Ok(d) => d,
                 Err(e) => {
+                    crate::metrics::handshake_failed("certificate");
                     tracing::info!(%addr, "tunnel refused: {e}");
                     if let Handshaken::Quic(c) = conn {
                         c.close(quinn::VarInt::from_u32(2), e.to_string().as_bytes());
@@ -87,7 +88,12 @@ pub async fn serve(ctx: Arc<Ctx>, conn: Handshaken, addr: SocketAddr) {
         (Some(a), Handshaken::Tls(t)) if crate::kube::tls::ALPNS.contains(&a) => {
             crate::kube::serve(ctx, *t, addr).await
         }
-        (_, Handshaken::Quic(c)) => c.close(quinn::VarInt::from_u32(3), b"unknown protocol"),
-        (_, Handshaken::Tls(_)) => tracing::debug!(%addr, "no known ALPN; dropped"),
+        (_, conn) => {
+            crate::metrics::handshake_failed("alpn");
+            match conn {
+                Handshaken::Quic(c) => c.close(quinn::VarInt::from_u32(3), b"unknown protocol"),
+                Handshaken::Tls(_) => tracing::debug!(%addr, "no known ALPN; dropped"),
+            }
+        }
     }
 }

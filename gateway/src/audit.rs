@@ -72,7 +72,9 @@ pub fn emit(ev: AuditEvent) {
     if let Some(tx) = SINK.get() {
         // One warning per outage, not one per event: a flood of requests while the authority
         // is away must not turn into a flood of log lines.
-        if tx.try_send(ev).is_err() && DROPPED.fetch_add(1, Ordering::Relaxed) == 0 {
+        let sent = tx.try_send(ev).is_ok();
+        crate::metrics::audit_events(if sent { "own_sent" } else { "own_lost" }, 1);
+        if !sent && DROPPED.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!("audit queue full: gateway events are not reaching the authority");
         }
     }

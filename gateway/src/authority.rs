@@ -127,6 +127,7 @@ impl AuthorityClient {
     /// authority killed after storing it and before answering would see it twice and flag a
     /// replay, so its error goes back to the agent, which asks where the chain ends first.
     pub async fn call(&self, req: Request) -> Result<Response, RpcClientError> {
+        let _timer = crate::metrics::RpcTimer::start(&req);
         let lane = match Lane::of(&req) {
             Lane::Control => &self.slots,
             Lane::Bulk => &self.bulk,

@@ -38,6 +38,8 @@ pub struct GatewayConfig {
     pub public_key: Option<PathBuf>,
     /// Test hook: copy spliced bytes here (see [`crate::splice_dump`]).
     pub splice_dump: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); none by default.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl GatewayConfig {
@@ -60,6 +62,7 @@ impl GatewayConfig {
             public_cert: None,
             public_key: None,
             splice_dump: None,
+            metrics_addr: None,
         }
     }
 }

@@ -366,6 +366,7 @@ async fn serve_dial(
     addr: SocketAddr,
 ) {
     let result = dial(ctx, who, target, service, addr).await;
+    crate::metrics::dial(&result);
     audit_dial(who, target, service, addr, &result);
     let Dialled {
         stream: device_stream,
@@ -618,7 +619,7 @@ fn forward_ticket(
 
 async fn splice<C, D>(
     ctx: &Ctx,
-    mut client: C,
+    client: C,
     mut device: D,
     user: &str,
     device_id: &str,
@@ -629,6 +630,7 @@ async fn splice<C, D>(
 {
     tracing::debug!(%user, device = %device_id, session = %session_id, "stream spliced");
     let reg = ctx.sessions.register(device_id, user, session_id);
+    let mut client = crate::metrics::Relayed::new(client);
     let copy =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, SPLICE_BUF, SPLICE_BUF);
     let result = tokio::select! {

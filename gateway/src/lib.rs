@@ -24,6 +24,7 @@ pub mod grants;
 pub mod identity;
 pub mod join;
 pub mod kube;
+pub mod metrics;
 pub mod peers;
 pub mod policy;
 pub mod presence;

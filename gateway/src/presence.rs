@@ -240,6 +240,7 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
         });
     }
     if let Ok(mut locks) = ctx.locks.write() {
+        crate::metrics::METRICS.locks.set(ack.locks.len() as i64);
         *locks = ack.locks;
     }
     let mut barred = ack.revoked_gateways;

@@ -189,10 +189,12 @@ async fn admit(ctx: &Ctx, incoming: quinn::Incoming) -> Option<quinn::Connection
     let addr = incoming.remote_address();
     let wait = ctx.cfg.handshake_timeout;
     let Some(_source_slot) = ctx.quic_sources.take(addr.ip(), wait).await else {
+        crate::metrics::handshake_failed("busy");
         incoming.refuse();
         return None;
     };
     let Ok(_hs_slot) = ctx.quic_handshakes.clone().try_acquire_owned() else {
+        crate::metrics::handshake_failed("busy");
         incoming.refuse();
         return None;
     };
@@ -206,10 +208,12 @@ async fn admit(ctx: &Ctx, incoming: quinn::Incoming) -> Option<quinn::Connection
     match tokio::time::timeout(ctx.cfg.handshake_timeout, connecting).await {
         Ok(Ok(c)) => Some(c),
         Ok(Err(e)) => {
+            crate::metrics::handshake_failed("tls");
             tracing::debug!(%addr, "QUIC handshake failed: {e}");
             None
         }
         Err(_) => {
+            crate::metrics::handshake_failed("timeout");
             tracing::debug!(%addr, "QUIC handshake timed out");
             None
         }

@@ -62,6 +62,16 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         gateway = %ident.gateway_id, cluster = %ident.cluster(),
         "gateway listening on {local} (TCP and UDP)"
     );
+    if let Some(addr) = cfg.metrics_addr {
+        let registry = crate::metrics::registry();
+        let bound = edgeport_net::metrics::serve(addr, registry, shutdown.clone())
+            .await
+            .map_err(|err| ServerError::Listen {
+                addr: addr.to_string(),
+                err,
+            })?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     let ctx = Arc::new(Ctx::new(cfg, ident, auth, tcp_tls, shutdown.clone()));
     ctx.set_public_cert(public);
     ctx.peers.set_endpoint(endpoint.clone());
@@ -121,7 +131,9 @@ async fn renew_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
         let ident = ctx.identity();
         let now = edgeport_net::clock::now_secs();
         if ident.needs_renewal(now) {
-            match renew(&ctx, &endpoint).await {
+            let renewed = renew(&ctx, &endpoint).await;
+            crate::metrics::renewal("gateway", &renewed);
+            match renewed {
                 Ok(()) => continue,
                 Err(e) => tracing::warn!("certificate renewal failed (will retry): {e}"),
             }

@@ -48,6 +48,7 @@ pub struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
+        crate::metrics::METRICS.sessions.dec();
         if let Ok(mut live) = self.live.lock() {
             live.remove(&self.id);
         }
@@ -64,6 +65,7 @@ impl Sessions {
     pub fn register(&self, device: &str, user: &str, session_id: &str) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
+        crate::metrics::METRICS.sessions.inc();
         if let Ok(mut live) = self.live.lock() {
             live.insert(
                 id,

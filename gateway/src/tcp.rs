@@ -65,10 +65,12 @@ async fn admit(
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let wait = ctx.cfg.handshake_timeout;
     let Some(_source_slot) = ctx.tcp_sources.take(addr.ip(), wait).await else {
+        crate::metrics::handshake_failed("busy");
         tracing::debug!(%addr, "this source kept too many TLS handshakes in progress; dropped");
         return None;
     };
     let Ok(_hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
+        crate::metrics::handshake_failed("busy");
         if warn_now() {
             tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
         }
@@ -78,10 +80,12 @@ async fn admit(
     match tokio::time::timeout(ctx.cfg.handshake_timeout, handshake(ctx, tcp)).await {
         Ok(Ok(t)) => Some(t),
         Ok(Err(e)) => {
+            crate::metrics::handshake_failed("tls");
             tracing::debug!(%addr, "TLS handshake failed: {e}");
             None
         }
         Err(_) => {
+            crate::metrics::handshake_failed("timeout");
             tracing::debug!(%addr, "TLS handshake timed out");
             None
         }

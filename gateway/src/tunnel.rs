@@ -324,7 +324,14 @@ impl Io {
                 let (ctx, done) = (ctx.clone(), self.done.clone());
                 let device_id = self.device_id.clone();
                 self.ctx.tasks.spawn(async move {
+                    let n = batch.events.len() as u64;
                     let ack = crate::audit::relay_batch(&ctx, device_id, batch).await;
+                    let outcome = if ack.error.is_none() {
+                        "accepted"
+                    } else {
+                        "refused"
+                    };
+                    crate::metrics::audit_events(outcome, n);
                     let _ = done.send(Done::Audit(id, ack)).await;
                 });
             }
@@ -387,7 +394,9 @@ async fn renew_device(
         device_id: device_id.clone(),
         ssh_public_key,
     });
-    match ctx.auth.call(req).await {
+    let answer = ctx.auth.call(req).await;
+    crate::metrics::renewal("device", &answer);
+    match answer {
         Ok(Response::DeviceCerts(c)) => {
             tracing::info!(device = %device_id, "renewed device certificates");
             Ok(c)

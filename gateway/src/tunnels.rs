@@ -100,9 +100,16 @@ impl Tunnel {
                 })?;
             Ok(s)
         };
-        tokio::time::timeout(OPEN_TIMEOUT, fut)
+        let start = std::time::Instant::now();
+        let opened = tokio::time::timeout(OPEN_TIMEOUT, fut)
             .await
-            .map_err(|_| TunnelError::Timeout(self.device_id.clone()))?
+            .map_err(|_| TunnelError::Timeout(self.device_id.clone()))?;
+        if opened.is_ok() {
+            crate::metrics::METRICS
+                .stream_open
+                .observe(start.elapsed().as_secs_f64());
+        }
+        opened
     }
 }
 
@@ -128,12 +135,14 @@ impl Tunnels {
 
     /// Registers a tunnel; an older tunnel of the same device is closed and returned.
     pub fn register(&self, t: Arc<Tunnel>) -> Option<Arc<Tunnel>> {
+        crate::metrics::tunnel(t.conn.transport(), 1);
         let old = self
             .map
             .lock()
             .ok()
             .and_then(|mut m| m.insert(t.device_id.clone(), t));
         if let Some(old) = &old {
+            crate::metrics::tunnel(old.conn.transport(), -1);
             old.close("replaced by a newer tunnel from the same device");
         }
         self.changed.notify_one();
@@ -144,7 +153,10 @@ impl Tunnels {
     pub fn unregister(&self, device_id: &str, generation: u64, reason: String) {
         let removed = match self.map.lock() {
             Ok(mut m) => match m.get(device_id) {
-                Some(t) if t.generation == generation => m.remove(device_id).is_some(),
+                Some(t) if t.generation == generation => m
+                    .remove(device_id)
+                    .inspect(|t| crate::metrics::tunnel(t.conn.transport(), -1))
+                    .is_some(),
                 _ => false,
             },
             Err(_) => false,

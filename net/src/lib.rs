@@ -6,6 +6,8 @@
 pub mod clock;
 pub mod daemon;
 pub mod frame_io;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod mux;
 pub mod quic;
 pub mod rpc_client;

@@ -25,6 +25,7 @@ pub mod tls;
 pub mod totp;
 pub mod tunnel;
 pub mod util;
+pub mod variant;
 
 pub use frame::{FrameError, MAX_FRAME_LEN};
 

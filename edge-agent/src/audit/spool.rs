@@ -288,6 +288,7 @@ impl Spool {
             self.failing = true;
         }
         if buf.is_empty() {
+            crate::metrics::spooled(0, dropped_now.0);
             self.count_dropped(
                 dropped_now.0,
                 dropped_now.1,
@@ -297,6 +298,7 @@ impl Spool {
         }
         match self.write(seq0 + 1, &buf) {
             Ok(()) => {
+                crate::metrics::spooled(last_seq.saturating_sub(seq0), dropped_now.0);
                 if let Some(seg) = self.segments.values_mut().next_back() {
                     seg.last_seq = last_seq;
                 }
@@ -322,6 +324,7 @@ impl Spool {
                 let n = last_seq
                     .saturating_sub(seq0)
                     .saturating_sub(u64::from(reported.0 > 0));
+                crate::metrics::spooled(0, n + dropped_now.0);
                 if !self.failing {
                     tracing::error!(
                         dir = %self.dir.display(),

@@ -1,4 +1,4 @@
-//! `tctl status`, `tctl auth export` and `tctl auth sign`.
+//! `tctl auth export` and `tctl auth sign`.
 //!
 //! `auth sign` makes the key pair here and sends only its public key: the private key never
 //! leaves this machine, as for every other Edgeport party.
@@ -13,33 +13,9 @@ use edgeport_proto::keys::KeyPair;
 use edgeport_proto::rpc::{Request, Response, SignUserRequest, UserCerts};
 use edgeport_proto::util::{valid_name, write_private, write_with_mode};
 
-use super::cli::{CaType, ExportArgs, Format, FormatArgs, SignArgs, SignFormat};
+use super::cli::{CaType, ExportArgs, SignArgs, SignFormat};
 use super::connect::Session;
-use super::output::{csv, expiry_text, print_as};
-
-pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
-    let (cluster, version) = match s.call(Request::Ping).await? {
-        Response::Pong { cluster, version } => (cluster, version),
-        other => return Err(unexpected(other).into()),
-    };
-    match a.format {
-        Format::Text => {
-            crate::outln!("cluster:   {cluster}");
-            crate::outln!("authority: {} (version {version})", s.auth_addr);
-            crate::outln!("CA pin:    {}", s.cas.ca_pin);
-            Ok(())
-        }
-        Format::Json | Format::Yaml => print_as(
-            a.format,
-            &serde_json::json!({
-                "cluster": cluster,
-                "authority": s.auth_addr,
-                "version": version,
-                "ca_pin": s.cas.ca_pin,
-            }),
-        ),
-    }
-}
+use super::output::{csv, expiry_text};
 
 pub async fn export(s: &mut Session, a: ExportArgs) -> anyhow::Result<()> {
     let cas = match s.call(Request::ExportCas).await? {

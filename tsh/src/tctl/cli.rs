@@ -30,7 +30,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Checks the connection: prints the cluster name and the authority's version.
+    /// The cluster at a glance: CAs, the authority, gateways, devices online and offline.
     Status(FormatArgs),
     /// Certificate authorities: export the public CAs, sign certificates.
     #[command(subcommand)]

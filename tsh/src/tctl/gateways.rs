@@ -8,7 +8,7 @@ use super::cli::{Format, FormatArgs};
 use super::connect::Session;
 use super::output::{ago_text, json_list, print_as, time_json, Table};
 
-fn standing(g: &GatewayInfo) -> &'static str {
+pub(super) fn standing(g: &GatewayInfo) -> &'static str {
     if g.revoked {
         "revoked"
     } else if g.locked {

@@ -15,6 +15,7 @@ mod locks;
 mod output;
 mod roles;
 mod sso;
+mod status;
 mod tokens;
 mod users;
 
@@ -81,7 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let mut s = Session::open(&cli.auth, cli.identity.as_deref()).await?;
     let result = match cli.command {
-        Command::Status(a) => auth::status(&mut s, a).await,
+        Command::Status(a) => status::status(&mut s, a).await,
         Command::Auth(AuthCmd::Export(a)) => auth::export(&mut s, a).await,
         Command::Auth(AuthCmd::Sign(a)) => auth::sign(&mut s, a).await,
         Command::Users(UsersCmd::Add(a)) => users::add(&mut s, a).await,
