@@ -25,7 +25,7 @@ pub fn init_logging() {
     };
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(cfg!(feature = "ansi") && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(filter)
