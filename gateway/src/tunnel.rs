@@ -367,7 +367,9 @@ fn register(
         // follow a device to a new network; QUIC ones migrate and are not replaced). Their
         // users are told why; sessions over this new tunnel are not registered yet.
         let reason = format!(
-            "device {} reconnected to the gateway (its network changed or its connection              failed), which ended the sessions of its previous connection; it is online              again: connect again",
+            "device {} reconnected to the gateway (its network changed, or its connection \
+             failed), which ended the sessions over its previous connection; it is online \
+             again: connect again",
             tunnel.device_id
         );
         let target = crate::sessions::CutTarget {

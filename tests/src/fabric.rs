@@ -163,12 +163,9 @@ fn spawn_gateway(
     extra: &[String],
 ) -> Proc {
     let mut cmd = Command::new(bin("gateway"));
-    cmd.args(["start", "--data-dir"]).arg(data_dir).args([
-        "--auth",
-        auth_addr,
-        "--listen",
-        listen,
-    ]);
+    cmd.args(["start", "--data-dir"])
+        .arg(data_dir)
+        .args(["--auth", auth_addr, "--listen", listen]);
     if let Some((token, pin)) = join {
         cmd.args(["--token", token, "--ca-pin", pin]);
     }
