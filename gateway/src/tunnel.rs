@@ -243,7 +243,9 @@ pub async fn serve(
     {
         // Still the device's tunnel (no newer one took over): the sessions of the device ran
         // on it, and their users are told why they ended.
-        let why = format!("device {device_id}'s connection to the gateway ended: {reason}");
+        let why = format!(
+            "the connection to device {device_id} was lost: its tunnel to the gateway ended ({reason})"
+        );
         let target = crate::sessions::CutTarget {
             name: &device_id,
             reason: &why,
