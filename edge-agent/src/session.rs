@@ -5,6 +5,7 @@
 //! [`edgeport_proto::control::AgentControl`]: [`establish`] and [`serve`] only read and write
 //! its frames, run its timer and act on its events.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,10 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a QUIC probe in flight may take to finish after the TCP tunnel ended.
 const UPGRADE_GRACE: Duration = Duration::from_secs(2);
 
+/// How often a TCP tunnel checks that its local address still exists (see
+/// [`crate::transport::address_present`]).
+const PATH_CHECK: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("the gateway refused the tunnel: {0}")]
@@ -48,6 +53,8 @@ pub struct Session {
     /// The control machine, established (boxed: it is large, and sessions move around).
     ctl: Box<Machine>,
     pub gateway_id: String,
+    /// A TCP tunnel's local address: watched, the connection is dead once it is gone.
+    pub local_ip: Option<IpAddr>,
 }
 
 /// How a session ended.
@@ -135,6 +142,7 @@ pub async fn establish(
             writer,
             ctl: Box::new(ctl),
             gateway_id,
+            local_ip: None,
         }),
         _ => {
             let err = match ctl.close_reason() {
@@ -192,10 +200,12 @@ pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, Se
             Err(e) => tracing::info!("QUIC: {e}; trying TCP+TLS"),
         }
     }
-    let conn = crate::transport::connect_tcp(&ident, peer)
+    let (conn, local_ip) = crate::transport::connect_tcp(&ident, peer)
         .await
         .map_err(|e| SessionError::Failed(e.to_string()))?;
-    establish(conn, &ident, cfg).await
+    let mut s = establish(conn, &ident, cfg).await?;
+    s.local_ip = local_ip;
+    Ok(s)
 }
 
 /// Tries QUIC now and then while the tunnel runs on TCP; returns the new session once a
@@ -306,8 +316,11 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
         mut reader,
         mut writer,
         mut ctl,
+        local_ip,
         ..
     } = session;
+    let mut path_check = tokio::time::interval(PATH_CHECK);
+    path_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let accept_task = tokio::spawn(accept_loop(conn.clone(), agent.services.clone()));
     // Audit: the shipper sends batches through `audit_out`; acks come back on `audit_ack`.
     let (audit_tx, mut audit_out) = mpsc::channel::<AuditBatch>(2);
@@ -364,6 +377,14 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                 }
             }
             reason = conn.closed() => ctl.close(Instant::now(), describe(reason)),
+            _ = path_check.tick(), if local_ip.is_some() => {
+                if let Some(ip) = local_ip.filter(|ip| !crate::transport::address_present(*ip)) {
+                    ctl.close(
+                        Instant::now(),
+                        format!("the network changed: the address {ip} the tunnel ran from is gone"),
+                    );
+                }
+            }
             s = &mut probe => {
                 ending = Some(Ended::Upgrade(s));
                 ctl.close(Instant::now(), "moving to QUIC");

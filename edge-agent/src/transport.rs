@@ -3,7 +3,7 @@
 //! UDP is blocked). Both use mutual TLS with the device certificate and trust only the
 //! cluster's CA.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,16 +157,18 @@ impl QuicClient {
     }
 }
 
-/// A TCP+TLS connection to the gateway with yamux on top.
+/// A TCP+TLS connection to the gateway with yamux on top, and the local address it runs
+/// from.
 pub async fn connect_tcp(
     ident: &DeviceIdentity,
     peer: SocketAddr,
-) -> Result<Arc<dyn Tunnel>, ConnectError> {
+) -> Result<(Arc<dyn Tunnel>, Option<IpAddr>), ConnectError> {
     let tcp = tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(peer))
         .await
         .map_err(|_| ConnectError::TcpTimeout)?
         .map_err(ConnectError::Tcp)?;
     let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().ok().map(|a| a.ip());
     let name = rustls::pki_types::ServerName::try_from(GATEWAY_SERVER_NAME)?;
     let tls = tokio::time::timeout(
         TCP_TIMEOUT,
@@ -175,7 +177,21 @@ pub async fn connect_tcp(
     .await
     .map_err(|_| ConnectError::TlsTimeout)?
     .map_err(ConnectError::TlsHandshake)?;
-    Ok(tunnel::yamux(tls, Mode::Client, &MuxConfig::default()))
+    Ok((
+        tunnel::yamux(tls, Mode::Client, &MuxConfig::default()),
+        local,
+    ))
+}
+
+/// Whether `ip` is still an address of this device. When the device changes networks (a
+/// modem moves to another cell, Wi-Fi gives way to LTE) its old address goes away, and a
+/// TCP connection from it is dead, although the kernel would retransmit into the void for
+/// many minutes. A QUIC connection instead follows the device to its new address.
+pub fn address_present(ip: IpAddr) -> bool {
+    match std::net::UdpSocket::bind((ip, 0)) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::AddrNotAvailable,
+    }
 }
 
 /// Adds a hint to certificate errors, the ones an operator can act on.

@@ -19,13 +19,24 @@ const USER_LOCK_GRACE: Duration = Duration::from_secs(5);
 /// Changes are batched for this long before a report goes out.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
+/// How often the tunnels' addresses are compared with the last seen: a device whose QUIC
+/// connection migrated (it changed networks) is logged and reported at once.
+const PATH_CHECK: Duration = Duration::from_secs(1);
+
 pub async fn run(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(ctx.cfg.presence_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paths = tokio::time::interval(PATH_CHECK);
+    paths.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut healthy = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = paths.tick() => {
+                if !paths_changed(&ctx) {
+                    continue;
+                }
+            }
             _ = ctx.tunnels.changed.notified() => {
                 tokio::select! {
                     _ = tokio::time::sleep(DEBOUNCE) => {}
@@ -55,6 +66,19 @@ pub async fn run(ctx: Arc<Ctx>) {
             Err(e) => tracing::debug!("presence report failed again: {e}"),
         }
     }
+}
+
+/// Logs every tunnel whose device address changed since the last look (a QUIC connection
+/// migration: the device moved to another network and its session went on); whether any did.
+fn paths_changed(ctx: &Ctx) -> bool {
+    let mut any = false;
+    for t in ctx.tunnels.all() {
+        if let Some((from, to)) = t.path_changed() {
+            tracing::info!(device = %t.device_id, %from, %to, "device path changed (connection migrated)");
+            any = true;
+        }
+    }
+    any
 }
 
 /// Why a report failed.

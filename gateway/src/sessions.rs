@@ -90,7 +90,9 @@ impl Sessions {
         let mut ended = Vec::new();
         let mut cancels = Vec::new();
         if let Ok(live) = self.live.lock() {
-            for s in live.values() {
+            // A session already cut keeps its first reason (a lock, say, not the tunnel's
+            // end that may follow).
+            for s in live.values().filter(|s| !s.cancel.is_cancelled()) {
                 let hit = devices
                     .iter()
                     .find(|d| d.name == s.device)

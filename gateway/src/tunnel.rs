@@ -247,6 +247,22 @@ pub async fn serve(
         .and_then(|r| r.clone())
         .unwrap_or(observed);
     tracing::info!(device = %device_id, transport = transport.as_str(), %reason, "device offline");
+    if ctx
+        .tunnels
+        .get(&device_id)
+        .is_some_and(|t| t.generation == tunnel.generation)
+    {
+        // Still the device's tunnel (no newer one took over): the sessions of the device ran
+        // on it, and their users are told why they ended.
+        let why = format!(
+            "the connection to device {device_id} was lost: its tunnel to the gateway ended ({reason})"
+        );
+        let target = crate::sessions::CutTarget {
+            name: &device_id,
+            reason: &why,
+        };
+        ctx.sessions.cut(&[target], &[]);
+    }
     ctx.tunnels
         .unregister(&device_id, tunnel.generation, reason);
 }
@@ -359,12 +375,32 @@ fn register(
         conn: conn.clone(),
         hello,
         remote_addr,
+        last_addr: Mutex::new(remote_addr),
         connected_at: now_secs(),
         cert_fingerprint: fingerprint.to_string(),
         control,
         tcp_rtt_ms: Default::default(),
         close_reason: Mutex::new(None),
     });
+    if ctx.tunnels.get(&tunnel.device_id).is_some() {
+        // The older tunnel goes now, and the sessions on it with it (a TCP connection cannot
+        // follow a device to a new network; QUIC ones migrate and are not replaced). Their
+        // users are told why; sessions over this new tunnel are not registered yet.
+        let reason = format!(
+            "device {} reconnected to the gateway (its network changed, or its connection \
+             failed), which ended the sessions over its previous connection; it is online \
+             again: connect again",
+            tunnel.device_id
+        );
+        let target = crate::sessions::CutTarget {
+            name: &tunnel.device_id,
+            reason: &reason,
+        };
+        let cut = ctx.sessions.cut(&[target], &[]);
+        if cut > 0 {
+            tracing::info!(device = %tunnel.device_id, sessions = cut, "ended the sessions of the replaced tunnel");
+        }
+    }
     ctx.tunnels.register(tunnel.clone());
     tracing::info!(
         device = %tunnel.device_id, transport = transport.as_str(), %remote_addr,

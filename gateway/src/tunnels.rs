@@ -41,7 +41,11 @@ pub struct Tunnel {
     pub generation: u64,
     pub conn: Arc<dyn edgeport_net::Tunnel>,
     pub hello: Hello,
+    /// The address the tunnel came from.
     pub remote_addr: SocketAddr,
+    /// The address last seen (QUIC follows a device that changes networks): see
+    /// [`Tunnel::path_changed`].
+    pub last_addr: Mutex<SocketAddr>,
     pub connected_at: u64,
     /// SHA-256 of the device certificate: revocation refuses exactly this certificate, so
     /// a device that joins again (new certificate) is welcome.
@@ -63,6 +67,19 @@ impl Tunnel {
         }
     }
 
+    /// The device's address now: after a QUIC connection migration (the device changed
+    /// networks), no longer the one the tunnel came from.
+    pub fn address(&self) -> SocketAddr {
+        self.conn.remote_addr().unwrap_or(self.remote_addr)
+    }
+
+    /// `(old, new)` when the device's address changed since the last call.
+    pub fn path_changed(&self) -> Option<(SocketAddr, SocketAddr)> {
+        let now = self.address();
+        let mut last = self.last_addr.lock().ok()?;
+        (*last != now).then(|| (std::mem::replace(&mut *last, now), now))
+    }
+
     /// Closes the tunnel, remembering why (reported as the disconnect reason).
     pub fn close(&self, reason: &str) {
         if let Ok(mut r) = self.close_reason.lock() {
@@ -78,7 +95,7 @@ impl Tunnel {
             version: self.hello.version.clone(),
             arch: self.hello.arch.clone(),
             transport: self.conn.transport(),
-            address: self.remote_addr.to_string(),
+            address: self.address().to_string(),
             rtt_ms: self.rtt_ms(),
             connected_at: self.connected_at,
             kube_cluster: self.hello.kube_cluster.clone(),

@@ -5,6 +5,7 @@
 //! for reports, not something to branch on.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +99,13 @@ pub trait Tunnel: Send + Sync {
     /// Whether the transport itself keeps the tunnel alive and notices a dead peer (QUIC's
     /// keep-alives and idle timeout). When it does not, the control stream must ping.
     fn keeps_alive(&self) -> bool;
+
+    /// The peer's address as the transport sees it now. QUIC follows a peer that changed
+    /// networks (connection migration), so this can differ from the address the tunnel
+    /// started from; a TCP connection cannot move (`None`: the accepted address holds).
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 /// A tunnel over a QUIC connection.
@@ -161,6 +169,10 @@ impl Tunnel for QuicTunnel {
 
     fn keeps_alive(&self) -> bool {
         true
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.0.remote_address())
     }
 }
 

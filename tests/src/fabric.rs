@@ -84,7 +84,7 @@ pub struct Gateway {
     pub proc: Proc,
     pub data_dir: PathBuf,
     pub port: u16,
-    /// `127.0.0.1:PORT` (TCP and UDP).
+    /// `127.0.0.1:PORT` (TCP and UDP), or the host given to [`Gateway::start_on`].
     pub addr: String,
     pub ca_pin: String,
     pub tctl: Tctl,
@@ -99,16 +99,23 @@ impl Gateway {
     }
 
     pub fn start_with(data_dir: &Path, auth: &Authority, extra: &[&str]) -> Self {
+        Self::start_on(data_dir, auth, "127.0.0.1", extra)
+    }
+
+    /// As [`Gateway::start_with`], listening on `host` (an address of this machine, e.g. one
+    /// that devices in a network namespace reach) instead of 127.0.0.1.
+    pub fn start_on(data_dir: &Path, auth: &Authority, host: &str, extra: &[&str]) -> Self {
         let tctl = Tctl::of(auth);
         let (token, ca_pin) = tctl.token("gateway", "", "10m");
         let port = free_port();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let proc = spawn_gateway(data_dir, &tctl.addr, port, Some((&token, &ca_pin)), &extra);
+        let addr = format!("{host}:{port}");
+        let proc = spawn_gateway(data_dir, &tctl.addr, &addr, Some((&token, &ca_pin)), &extra);
         let mut gw = Self {
             proc,
             data_dir: data_dir.to_path_buf(),
             port,
-            addr: format!("127.0.0.1:{port}"),
+            addr,
             ca_pin,
             tctl,
             extra,
@@ -135,7 +142,7 @@ impl Gateway {
         self.proc = spawn_gateway(
             &self.data_dir,
             &self.tctl.addr,
-            self.port,
+            &self.addr,
             None,
             &self.extra,
         );
@@ -151,17 +158,14 @@ impl Gateway {
 fn spawn_gateway(
     data_dir: &Path,
     auth_addr: &str,
-    port: u16,
+    listen: &str,
     join: Option<(&str, &str)>,
     extra: &[String],
 ) -> Proc {
     let mut cmd = Command::new(bin("gateway"));
-    cmd.args(["start", "--data-dir"]).arg(data_dir).args([
-        "--auth",
-        auth_addr,
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ]);
+    cmd.args(["start", "--data-dir"])
+        .arg(data_dir)
+        .args(["--auth", auth_addr, "--listen", listen]);
     if let Some((token, pin)) = join {
         cmd.args(["--token", token, "--ca-pin", pin]);
     }
