@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Reads one frame. A clean end of stream before the first byte is [`FrameError::Closed`].
 pub async fn read_frame<T, R>(r: &mut R) -> Result<T, FrameError>
 where
-    T: DeserializeOwned,
+    T: Serialize + DeserializeOwned,
     R: AsyncRead + Unpin,
 {
     let mut len = [0u8; 4];

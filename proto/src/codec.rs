@@ -31,7 +31,7 @@ impl<In, Out> Default for FrameCodec<In, Out> {
     }
 }
 
-impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
+impl<In: Serialize + DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
     type Item = In;
     type Error = FrameError;
 

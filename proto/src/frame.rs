@@ -38,17 +38,24 @@ fn finish(mut buf: Vec<u8>) -> Result<Vec<u8>, FrameError> {
     Ok(buf)
 }
 
-/// Decodes one frame body (without the length prefix). Trailing bytes are an error so that
-/// two different byte strings never decode to the same message.
-pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+/// Decodes one frame body (without the length prefix). Only the canonical encoding of a
+/// message is taken, so that two different byte strings never decode to the same message:
+/// trailing bytes are an error, and so is any other non-canonical form postcard would accept
+/// (an integer's varint padded with `0x80` continuation bytes, found by fuzzing), checked by
+/// encoding the message again. Frames carry control messages, headers and RPCs, never bulk
+/// data, so the second encoding costs little.
+pub fn decode<T: Serialize + DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     if body.len() > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(body.len()));
     }
     let (msg, rest) = postcard::take_from_bytes(body)?;
+    let bad = || FrameError::Malformed(postcard::Error::DeserializeBadEncoding);
     if !rest.is_empty() {
-        return Err(FrameError::Malformed(
-            postcard::Error::DeserializeBadEncoding,
-        ));
+        return Err(bad());
+    }
+    let again = postcard::to_allocvec(&msg).map_err(|_| bad())?;
+    if again != body {
+        return Err(bad());
     }
     Ok(msg)
 }

@@ -69,7 +69,7 @@ fn frames(data: &[u8]) -> Vec<&[u8]> {
 }
 
 /// The same bytes through the `tokio_util` codec: it must yield the same frames.
-fn codec_agrees<T: DeserializeOwned>(data: &[u8], bodies: &[&[u8]]) {
+fn codec_agrees<T: Serialize + DeserializeOwned>(data: &[u8], bodies: &[&[u8]]) {
     use tokio_util::codec::Decoder;
     let mut codec = crate::codec::FrameCodec::<T, ()>::new();
     let mut buf = bytes::BytesMut::from(data);
