@@ -344,6 +344,18 @@ impl Authority {
         c
     }
 
+    /// Adds a local user with a password (`tctl users add --password-stdin`).
+    pub fn add_user(&self, name: &str, logins: &str, password: &str) {
+        let mut c = self.tctl_cmd();
+        c.args(["users", "add", name, "--logins", logins, "--password-stdin"]);
+        run(
+            c,
+            Some(format!("{password}\n").as_bytes()),
+            Duration::from_secs(30),
+        )
+        .expect_ok("tctl users add");
+    }
+
     /// Runs tctl with `args` (30 s timeout).
     pub fn tctl(&self, args: &[&str]) -> Run {
         let mut c = self.tctl_cmd();

@@ -92,14 +92,7 @@ impl Cluster {
 
     /// Adds a local user with a password.
     pub fn add_user(&self, name: &str, logins: &str, password: &str) {
-        let mut c = self.auth.tctl_cmd();
-        c.args(["users", "add", name, "--logins", logins, "--password-stdin"]);
-        run(
-            c,
-            Some(format!("{password}\n").as_bytes()),
-            Duration::from_secs(30),
-        )
-        .expect_ok("tctl users add");
+        self.auth.add_user(name, logins, password);
     }
 
     pub fn agent(&self, id: &str) -> &Agent {

@@ -220,21 +220,7 @@ impl Cell {
             .args(["--id", id])
             .args(agent_args);
         let agent = Proc::spawn("edge-agent", cmd, dir.path());
-        let mut c = auth.tctl_cmd();
-        c.args([
-            "users",
-            "add",
-            "alice",
-            "--logins",
-            "root",
-            "--password-stdin",
-        ]);
-        run(
-            c,
-            Some(format!("{PW}\n").as_bytes()),
-            Duration::from_secs(30),
-        )
-        .expect_ok("tctl users add");
+        auth.add_user("alice", "root", PW);
         let tsh = Tsh::new(dir.join("tsh"), &gw.addr);
         tsh.login("alice", PW, &gw.ca_pin, &[])
             .expect_ok("tsh login");

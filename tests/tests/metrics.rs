@@ -126,21 +126,7 @@ fn metrics_are_scraped_and_status_shows_the_cluster() {
     assert_eq!(value(&g, "edgeport_gateway_tunnels", &[]), Some(1.0));
 
     // A user's `tsh ssh` through the gateway.
-    let mut c = auth.tctl_cmd();
-    c.args([
-        "users",
-        "add",
-        "alice",
-        "--logins",
-        "root",
-        "--password-stdin",
-    ]);
-    run(
-        c,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("tctl users add");
+    auth.add_user("alice", "root", PW);
     let tsh = Tsh::new(dir.join("tsh"), &gw.addr);
     tsh.login("alice", PW, &gw.ca_pin, &[])
         .expect_ok("tsh login");

@@ -11,14 +11,14 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use edgeport_authority::recordings;
 use edgeport_authority::store::{self, SledStore, Store, Table};
 use edgeport_authority::users::UserRecord;
 use edgeport_e2e::fabric::Gateway;
 use edgeport_e2e::ssh::Tsh;
-use edgeport_e2e::{run, Authority, TempDir};
+use edgeport_e2e::{Authority, TempDir};
 use edgeport_proto::audit::RecordingInfo;
 use serde_json::Value;
 
@@ -45,21 +45,7 @@ fn recordings_page_newest_first_and_play_streams_100_mb() {
     let auth_dir = tmp.join("authority");
     let mut auth = Authority::start(&auth_dir, "rec");
     let gw = Gateway::start(&tmp.join("gateway"), &auth);
-    let mut c = auth.tctl_cmd();
-    c.args([
-        "users",
-        "add",
-        "alice",
-        "--logins",
-        "root",
-        "--password-stdin",
-    ]);
-    run(
-        c,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("tctl users add alice");
+    auth.add_user("alice", "root", PW);
     let tsh = Tsh::new(tmp.join("tsh-home"), &gw.addr);
     tsh.login("alice", PW, &gw.ca_pin, &[])
         .expect_ok("tsh login");
