@@ -1,5 +1,5 @@
 //! One path from a finished handshake to the service its ALPN names, for both ports: the
-//! QUIC endpoint ([`crate::quic`]) and the TCP listener ([`crate::tcp`]). A device tunnel
+//! QUIC endpoint (the `quic` module) and the TCP listener (`tcp`). A device tunnel
 //! becomes an [`edgeport_net::Tunnel`] here, and [`crate::tunnel::serve`] takes it from
 //! there without knowing which port it came in on.
 
@@ -14,7 +14,19 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use crate::ctx::Ctx;
+use crate::authority::AuthorityClient;
+use crate::dial::Dialer;
+use crate::kube::Front;
+use crate::tunnel::TunnelHost;
+
+/// The services behind the two ports, by ALPN.
+pub struct Routes {
+    pub tunnel: Arc<TunnelHost>,
+    pub dial: Arc<Dialer>,
+    pub kube: Arc<Front>,
+    /// Joins are relayed to the authority as they are.
+    pub auth: Arc<AuthorityClient>,
+}
 
 /// A client whose handshake has finished, on either port.
 pub enum Handshaken {
@@ -57,13 +69,14 @@ impl Handshaken {
 }
 
 /// Serves the connection as its ALPN says.
-pub async fn serve(ctx: Arc<Ctx>, conn: Handshaken, addr: SocketAddr) {
+pub async fn serve(routes: &Routes, conn: Handshaken, addr: SocketAddr) {
     let alpn = conn.alpn();
+    let cluster = routes.tunnel.identity.get().cluster().to_string();
     let certs = conn.peer_certs();
     let certs = certs.as_deref();
     match (alpn.as_deref(), conn) {
         (Some(a), conn) if a == alpn::TUNNEL => {
-            let (device_id, fingerprint) = match crate::tunnel::device_from_certs(&ctx, certs) {
+            let (device_id, fingerprint) = match crate::tunnel::device_from_certs(&cluster, certs) {
                 Ok(d) => d,
                 Err(e) => {
                     crate::metrics::handshake_failed("certificate");
@@ -74,19 +87,29 @@ pub async fn serve(ctx: Arc<Ctx>, conn: Handshaken, addr: SocketAddr) {
                     return;
                 }
             };
-            crate::tunnel::serve(ctx, conn.into_tunnel(), device_id, fingerprint, addr).await;
+            crate::tunnel::serve(
+                routes.tunnel.clone(),
+                conn.into_tunnel(),
+                device_id,
+                fingerprint,
+                addr,
+            )
+            .await;
         }
         (Some(a), Handshaken::Quic(c)) if a == alpn::DIAL => {
-            let peer = crate::dial::peer_of(&ctx, certs);
-            crate::dial::serve_quic(ctx, c, peer, addr).await;
+            let peer = crate::dial::peer_of(&cluster, certs);
+            crate::dial::serve_quic(routes.dial.clone(), c, peer, addr).await;
         }
         (Some(a), Handshaken::Tls(t)) if a == alpn::DIAL => {
-            let peer = crate::dial::peer_of(&ctx, certs);
-            crate::dial::serve_stream(ctx, t, peer, addr).await;
+            let peer = crate::dial::peer_of(&cluster, certs);
+            crate::dial::serve_stream(routes.dial.clone(), t, peer, addr).await;
         }
-        (Some(a), Handshaken::Tls(t)) if a == alpn::JOIN => crate::join::serve(ctx, t, addr).await,
+        (Some(a), Handshaken::Tls(t)) if a == alpn::JOIN => {
+            let timeout = routes.dial.request_timeout;
+            crate::join::serve(&routes.auth, timeout, t, addr).await
+        }
         (Some(a), Handshaken::Tls(t)) if crate::kube::tls::ALPNS.contains(&a) => {
-            crate::kube::serve(ctx, *t, addr).await
+            crate::kube::serve(routes.kube.clone(), *t, addr).await
         }
         (_, conn) => {
             crate::metrics::handshake_failed("alpn");

@@ -11,8 +11,9 @@ use edgeport_net::BoxedStream;
 use edgeport_proto::audit::{AuditAck, AuditBatch, AuditEvent};
 use edgeport_proto::rpc::{Request, Response};
 use edgeport_proto::tunnel::ClientReply;
+use tokio_util::sync::CancellationToken;
 
-use crate::ctx::Ctx;
+use crate::authority::AuthorityClient;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -22,10 +23,9 @@ fn now_ms() -> u64 {
 }
 
 /// Relays one batch of `device_id` (from its tunnel certificate) and returns the ack.
-pub async fn relay_batch(ctx: &Ctx, device_id: String, batch: AuditBatch) -> AuditAck {
+pub async fn relay_batch(auth: &AuthorityClient, device_id: String, batch: AuditBatch) -> AuditAck {
     let n = batch.events.len();
-    match ctx
-        .auth
+    match auth
         .call(Request::AuditUpload {
             device_id: device_id.clone(),
             batch,
@@ -84,7 +84,7 @@ pub fn emit(ev: AuditEvent) {
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Sends queued events to the authority in batches until shutdown. Started once per process.
-pub async fn run_sink(ctx: Arc<Ctx>) {
+pub async fn run_sink(auth: Arc<AuthorityClient>, shutdown: CancellationToken) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(SINK_QUEUE);
     if SINK.set(tx).is_err() {
         return;
@@ -93,7 +93,7 @@ pub async fn run_sink(ctx: Arc<Ctx>) {
     loop {
         tokio::select! {
             n = rx.recv_many(&mut batch, SINK_BATCH) => if n == 0 { return },
-            _ = ctx.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
         }
         let linger = tokio::time::sleep(LINGER);
         tokio::pin!(linger);
@@ -114,7 +114,7 @@ pub async fn run_sink(ctx: Arc<Ctx>) {
         }
         let mut delay = Duration::from_millis(500);
         loop {
-            match ctx.auth.call(Request::AuditRecord(events.clone())).await {
+            match auth.call(Request::AuditRecord(events.clone())).await {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(
@@ -123,7 +123,7 @@ pub async fn run_sink(ctx: Arc<Ctx>) {
                     );
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = ctx.shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
@@ -176,9 +176,8 @@ async fn send(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
 }
 
 /// `tsh recordings ls`.
-pub async fn list(ctx: &Ctx, who: &crate::grants::UserCert) -> ClientReply {
-    match ctx
-        .auth
+pub async fn list(auth: &AuthorityClient, who: &crate::grants::UserCert) -> ClientReply {
+    match auth
         .call(Request::RecordingList {
             user: None,
             user_cert_der: Some(who.der.as_ref().clone()),
@@ -196,13 +195,12 @@ pub async fn list(ctx: &Ctx, who: &crate::grants::UserCert) -> ClientReply {
 
 /// `tsh recordings ls`: one page, newest first, and the cursor of the next.
 pub async fn page(
-    ctx: &Ctx,
+    auth: &AuthorityClient,
     who: &crate::grants::UserCert,
     cursor: Option<String>,
     limit: u32,
 ) -> ClientReply {
-    match ctx
-        .auth
+    match auth
         .call(Request::RecordingPage {
             user: None,
             user_cert_der: Some(who.der.as_ref().clone()),
@@ -226,7 +224,7 @@ pub async fn page(
 /// `tsh play`: the recording from `offset` in pieces, then `more: false`. Each piece is one
 /// request to the authority, which reads only the bytes it returns.
 pub async fn stream_recording(
-    ctx: &Ctx,
+    auth: &AuthorityClient,
     stream: &mut BoxedStream,
     who: &crate::grants::UserCert,
     session_id: String,
@@ -240,7 +238,7 @@ pub async fn stream_recording(
             offset,
             user_cert_der: Some(who.der.as_ref().clone()),
         };
-        let reply = match ctx.auth.call(req).await {
+        let reply = match auth.call(req).await {
             Ok(Response::RecordingData { data, total }) => {
                 offset += data.len() as u64;
                 let more = !data.is_empty() && offset < total;

@@ -29,6 +29,32 @@ pub fn source_of(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The unauthenticated budget of one port: handshakes in progress (all sources, and per
+/// source), each with a deadline.
+pub struct Admission {
+    pub handshakes: Arc<Semaphore>,
+    pub max_handshakes: usize,
+    pub sources: SourceBudget,
+    pub timeout: Duration,
+}
+
+impl Admission {
+    pub fn new(max_handshakes: usize, timeout: Duration) -> Self {
+        Self {
+            handshakes: Arc::new(Semaphore::new(max_handshakes)),
+            max_handshakes,
+            sources: SourceBudget::default(),
+            timeout,
+        }
+    }
+
+    /// Handshakes in progress on the port.
+    pub fn in_flight(&self) -> usize {
+        self.max_handshakes
+            .saturating_sub(self.handshakes.available_permits())
+    }
+}
+
 type Sources = Arc<Mutex<HashMap<IpAddr, Arc<Semaphore>>>>;
 
 /// Slots per source.

@@ -5,6 +5,7 @@
 //! `DialOk` reply the bytes are the client's and the device's business (SSH end to end).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,10 @@ use edgeport_proto::tunnel::{ClientReply, ClientRequest, Service, StreamHeader};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::ctx::Ctx;
 use crate::grants::UserCert;
+use crate::lifecycle::Lifecycle;
+use crate::peers::Reach;
+use crate::sessions::Sessions;
 use crate::splice_dump::Tapped;
 use crate::tunnels::TunnelError;
 
@@ -32,6 +35,21 @@ const ANONYMOUS_WINDOW: u32 = 256 * 1024;
 /// Splice buffer per direction: large, so bulk transfers move in few syscalls.
 const SPLICE_BUF: usize = 256 * 1024;
 
+/// What serving user streams needs: the way to devices, the spliced sessions (locks cut
+/// them), the forwarded-dial tickets already taken, and the gateway's lifetime.
+#[derive(Clone)]
+pub struct Dialer {
+    pub reach: Reach,
+    pub sessions: Arc<Sessions>,
+    /// Dial tickets of forwarded dials taken here (each is taken once).
+    pub tickets: Arc<edgeport_proto::ticket::ReplayGuard>,
+    pub life: Lifecycle,
+    /// How long a stream may take to send its request.
+    pub request_timeout: Duration,
+    /// `--splice-dump`: a test hook that copies spliced bytes to files.
+    pub splice_dump: Option<PathBuf>,
+}
+
 /// Who is on the other end of a connection, from its verified client certificate.
 #[derive(Clone, Debug)]
 pub struct Peer {
@@ -41,10 +59,9 @@ pub struct Peer {
 }
 
 /// The party named by a verified client certificate of this cluster, if any.
-pub fn peer_of(ctx: &Ctx, certs: Option<&[CertificateDer<'_>]>) -> Option<Peer> {
+pub fn peer_of(cluster: &str, certs: Option<&[CertificateDer<'_>]>) -> Option<Peer> {
     let leaf = certs?.first()?;
-    let principal =
-        edgeport_proto::tls::peer_principal(leaf.as_ref(), ctx.identity().cluster()).ok()?;
+    let principal = edgeport_proto::tls::peer_principal(leaf.as_ref(), cluster).ok()?;
     let user = match &principal {
         Principal::User(name) => Some(UserCert::new(name.clone(), leaf.as_ref().to_vec())),
         _ => None,
@@ -54,7 +71,7 @@ pub fn peer_of(ctx: &Ctx, certs: Option<&[CertificateDer<'_>]>) -> Option<Peer> 
 
 /// Serves every stream tsh opens on one QUIC connection.
 pub async fn serve_quic(
-    ctx: Arc<Ctx>,
+    dialer: Arc<Dialer>,
     conn: quinn::Connection,
     peer: Option<Peer>,
     addr: SocketAddr,
@@ -82,7 +99,7 @@ pub async fn serve_quic(
         Some(Principal::Gateway(g)) => Some(g.clone()),
         _ => None,
     };
-    let mut barred = ctx.barred_gateways.subscribe();
+    let mut barred = dialer.reach.locks.watch_barred();
     loop {
         if let Some(g) = &peer_gateway {
             if barred.borrow_and_update().contains(g) {
@@ -101,7 +118,7 @@ pub async fn serve_quic(
                 conn.close(quinn::VarInt::from_u32(0), b"log in first");
                 return;
             }
-            _ = ctx.shutdown.cancelled() => {
+            _ = dialer.life.shutdown.cancelled() => {
                 conn.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
                 return;
             }
@@ -114,11 +131,16 @@ pub async fn serve_quic(
         };
         let Ok((send, recv)) = accepted else { return };
         streams += 1;
-        let task_ctx = ctx.clone();
+        let task_dialer = dialer.clone();
         let peer = peer.clone();
-        ctx.tasks.spawn(async move {
-            let ctx = task_ctx;
-            serve_stream(ctx, Box::new(tokio::io::join(recv, send)), peer, addr).await;
+        dialer.life.tasks.spawn(async move {
+            serve_stream(
+                task_dialer,
+                Box::new(tokio::io::join(recv, send)),
+                peer,
+                addr,
+            )
+            .await;
         });
     }
 }
@@ -136,7 +158,7 @@ async fn reply(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
 
 /// The devices `user`'s roles reach, from the authority, page by page.
 async fn user_devices(
-    ctx: &Ctx,
+    dialer: &Dialer,
     user: &str,
 ) -> Result<Vec<edgeport_proto::rpc::DeviceInfo>, edgeport_net::rpc_client::RpcClientError> {
     use edgeport_net::rpc_client::add_device_page;
@@ -146,7 +168,7 @@ async fn user_devices(
             user: user.to_string(),
             after,
         };
-        next = add_device_page(&mut devices, ctx.auth.call(req).await?)?;
+        next = add_device_page(&mut devices, dialer.reach.auth.call(req).await?)?;
     }
     Ok(devices)
 }
@@ -154,18 +176,18 @@ async fn user_devices(
 /// Serves one dial stream: reads the request and hands it to the function for its kind.
 /// Logins, single sign-on and forwarded dials need no user certificate; the rest do.
 pub async fn serve_stream(
-    ctx: Arc<Ctx>,
+    dialer: Arc<Dialer>,
     mut stream: BoxedStream,
     peer: Option<Peer>,
     addr: SocketAddr,
 ) {
-    let Some(req) = read_request(&ctx, &mut stream, addr).await else {
+    let Some(req) = read_request(&dialer, &mut stream, addr).await else {
         return;
     };
     let who = peer.as_ref().and_then(|p| p.user.clone());
     match (req, who) {
         (ClientRequest::Login(login), _) => {
-            let answer = relay_login(&ctx, login, addr).await;
+            let answer = relay_login(&dialer, login, addr).await;
             answer_and_close(stream, &answer).await;
         }
         (
@@ -182,36 +204,36 @@ pub async fn serve_stream(
                 proof_hash,
                 client_addr: addr.to_string(),
             };
-            let answer = relay_sso_start(&ctx, start).await;
+            let answer = relay_sso_start(&dialer, start).await;
             answer_and_close(stream, &answer).await;
         }
         (ClientRequest::SsoFinish(f), _) => {
-            let answer = relay_sso_finish(&ctx, f, addr).await;
+            let answer = relay_sso_finish(&dialer, f, addr).await;
             answer_and_close(stream, &answer).await;
         }
         (ClientRequest::Forward { device_id, header }, _) => {
-            serve_forward_request(&ctx, stream, peer, device_id, header, addr).await;
+            serve_forward_request(&dialer, stream, peer, device_id, header, addr).await;
         }
-        (ClientRequest::ListDevices, Some(who)) => list_devices(&ctx, stream, &who).await,
+        (ClientRequest::ListDevices, Some(who)) => list_devices(&dialer, stream, &who).await,
         (ClientRequest::Recordings, Some(who)) => {
-            let answer = crate::audit::list(&ctx, &who).await;
+            let answer = crate::audit::list(&dialer.reach.auth, &who).await;
             answer_and_close(stream, &answer).await;
         }
         (ClientRequest::Recording { session_id }, Some(who)) => {
-            send_recording(&ctx, stream, &who, session_id, 0).await;
+            send_recording(&dialer, stream, &who, session_id, 0).await;
         }
         (ClientRequest::RecordingFrom { session_id, offset }, Some(who)) => {
-            send_recording(&ctx, stream, &who, session_id, offset).await;
+            send_recording(&dialer, stream, &who, session_id, offset).await;
         }
         (ClientRequest::RecordingPage { cursor, limit }, Some(who)) => {
-            let answer = crate::audit::page(&ctx, &who, cursor, limit).await;
+            let answer = crate::audit::page(&dialer.reach.auth, &who, cursor, limit).await;
             answer_and_close(stream, &answer).await;
         }
         (ClientRequest::Dial { target, service }, Some(who)) => {
-            serve_dial(&ctx, stream, &who, &target, service, addr).await;
+            serve_dial(&dialer, stream, &who, &target, service, addr).await;
         }
         (ClientRequest::SessionEnd { session_id }, Some(who)) => {
-            let reason = ctx.sessions.why_ended(&who.name, &session_id);
+            let reason = dialer.sessions.why_ended(&who.name, &session_id);
             answer_and_close(stream, &ClientReply::SessionEnd { reason }).await;
         }
         (_, None) => {
@@ -226,12 +248,12 @@ pub async fn serve_stream(
 
 /// The stream's one request, if it comes in time.
 async fn read_request(
-    ctx: &Ctx,
+    dialer: &Dialer,
     stream: &mut BoxedStream,
     addr: SocketAddr,
 ) -> Option<ClientRequest> {
     match tokio::time::timeout(
-        ctx.cfg.handshake_timeout,
+        dialer.request_timeout,
         read_frame::<ClientRequest, _>(stream),
     )
     .await
@@ -261,11 +283,11 @@ async fn close(stream: &mut BoxedStream) {
 
 /// Asks the authority and turns its answer into the client's reply with `answer`.
 async fn relay(
-    ctx: &Ctx,
+    dialer: &Dialer,
     req: Request,
     answer: impl FnOnce(Response) -> ClientReply,
 ) -> ClientReply {
-    match ctx.auth.call(req).await {
+    match dialer.reach.auth.call(req).await {
         Ok(resp) => answer(resp),
         Err(e) => ClientReply::Refused(crate::identity::unavailable(&e)),
     }
@@ -288,20 +310,23 @@ fn logged_in(resp: Response) -> ClientReply {
 
 /// A password login, relayed to the authority with the client's address.
 async fn relay_login(
-    ctx: &Ctx,
+    dialer: &Dialer,
     mut login: edgeport_proto::rpc::LoginRequest,
     addr: SocketAddr,
 ) -> ClientReply {
     login.client_addr = addr.to_string();
-    relay(ctx, Request::Login(login), logged_in).await
+    relay(dialer, Request::Login(login), logged_in).await
 }
 
 // Single sign-on is the authority's: it holds the connectors' secrets, redeems the code and
 // verifies who it is. The gateway only relays, with the client's address.
 
 /// The first step of single sign-on: the authority's redirect to the identity provider.
-async fn relay_sso_start(ctx: &Ctx, start: edgeport_proto::rpc::SsoStartRequest) -> ClientReply {
-    relay(ctx, Request::SsoStart(start), |resp| match resp {
+async fn relay_sso_start(
+    dialer: &Dialer,
+    start: edgeport_proto::rpc::SsoStartRequest,
+) -> ClientReply {
+    relay(dialer, Request::SsoStart(start), |resp| match resp {
         Response::SsoRedirect { auth_url } => ClientReply::SsoRedirect { auth_url },
         other => unexpected(other),
     })
@@ -310,7 +335,7 @@ async fn relay_sso_start(ctx: &Ctx, start: edgeport_proto::rpc::SsoStartRequest)
 
 /// The last step of single sign-on: the code for the user's certificates.
 async fn relay_sso_finish(
-    ctx: &Ctx,
+    dialer: &Dialer,
     f: edgeport_proto::tunnel::SsoFinish,
     addr: SocketAddr,
 ) -> ClientReply {
@@ -322,13 +347,13 @@ async fn relay_sso_finish(
         ttl_secs: f.ttl_secs,
         client_addr: addr.to_string(),
     };
-    relay(ctx, Request::SsoFinish(finish), logged_in).await
+    relay(dialer, Request::SsoFinish(finish), logged_in).await
 }
 
 /// The devices the user may reach; large fleets go in parts, each one frame, the last part
 /// is `Devices`.
-async fn list_devices(ctx: &Ctx, mut stream: BoxedStream, who: &UserCert) {
-    let answer = match user_devices(ctx, &who.name).await {
+async fn list_devices(dialer: &Dialer, mut stream: BoxedStream, who: &UserCert) {
+    let answer = match user_devices(dialer, &who.name).await {
         Ok(devices) => {
             let mut parts = edgeport_proto::frame::chunk_by_size(devices);
             let last = parts.pop().unwrap_or_default();
@@ -346,26 +371,26 @@ async fn list_devices(ctx: &Ctx, mut stream: BoxedStream, who: &UserCert) {
 
 /// One session recording, streamed from the authority.
 async fn send_recording(
-    ctx: &Ctx,
+    dialer: &Dialer,
     mut stream: BoxedStream,
     who: &UserCert,
     session_id: String,
     offset: u64,
 ) {
-    crate::audit::stream_recording(ctx, &mut stream, who, session_id, offset).await;
+    crate::audit::stream_recording(&dialer.reach.auth, &mut stream, who, session_id, offset).await;
     close(&mut stream).await;
 }
 
 /// A user's dial: authorise, audit, answer, and splice the device's stream on success.
 async fn serve_dial(
-    ctx: &Ctx,
+    dialer: &Dialer,
     mut stream: BoxedStream,
     who: &UserCert,
     target: &str,
     service: Service,
     addr: SocketAddr,
 ) {
-    let result = dial(ctx, who, target, service, addr).await;
+    let result = dial(dialer, who, target, service, addr).await;
     crate::metrics::dial(&result);
     audit_dial(who, target, service, addr, &result);
     let Dialled {
@@ -385,13 +410,13 @@ async fn serve_dial(
         return;
     }
     let user = &who.name;
-    match &ctx.cfg.splice_dump {
+    match &dialer.splice_dump {
         Some(dir) => {
             let client = Tapped::new(stream, dir, &format!("{session_id}.c2s"));
             let device = Tapped::new(device_stream, dir, &format!("{session_id}.s2c"));
-            splice(ctx, client, device, user, &device_id, &session_id).await;
+            splice(dialer, client, device, user, &device_id, &session_id).await;
         }
-        None => splice(ctx, stream, device_stream, user, &device_id, &session_id).await,
+        None => splice(dialer, stream, device_stream, user, &device_id, &session_id).await,
     }
 }
 
@@ -432,7 +457,7 @@ fn audit_dial(
 
 /// A dial forwarded by a peer gateway: only another gateway of this cluster may forward.
 async fn serve_forward_request(
-    ctx: &Ctx,
+    dialer: &Dialer,
     stream: BoxedStream,
     peer: Option<Peer>,
     device_id: String,
@@ -440,8 +465,8 @@ async fn serve_forward_request(
     addr: SocketAddr,
 ) {
     match peer.map(|p| p.principal) {
-        Some(Principal::Gateway(from)) if from != ctx.identity().gateway_id => {
-            serve_forward(ctx, stream, &from, device_id, header, addr).await;
+        Some(Principal::Gateway(from)) if from != dialer.reach.identity.get().gateway_id => {
+            serve_forward(dialer, stream, &from, device_id, header, addr).await;
         }
         _ => {
             let answer = refused(
@@ -463,19 +488,26 @@ struct Dialled {
 }
 
 async fn dial(
-    ctx: &Ctx,
+    dialer: &Dialer,
     who: &UserCert,
     target: &str,
     service: Service,
     addr: SocketAddr,
 ) -> Result<Dialled, RpcError> {
-    ctx.check_unlocked(&LockTarget::User(who.name.clone()))?;
-    let grant = ctx
+    dialer
+        .reach
+        .locks
+        .check_unlocked(&LockTarget::User(who.name.clone()))?;
+    let grant = dialer
+        .reach
         .grants
-        .authorize(&ctx.auth, who, target, service, Duration::ZERO)
+        .authorize(&dialer.reach.auth, who, target, service, Duration::ZERO)
         .await?;
     let device_id = grant.device.id.clone();
-    ctx.check_unlocked(&LockTarget::Device(device_id.clone()))?;
+    dialer
+        .reach
+        .locks
+        .check_unlocked(&LockTarget::Device(device_id.clone()))?;
     let session_id = random_bytes(16)
         .map(hex::encode)
         .map_err(|e| RpcError::new(ErrorKind::Internal, e.to_string()))?;
@@ -489,7 +521,9 @@ async fn dial(
         ticket: grant.ticket.clone(),
         via: None,
     };
-    let (stream, holder) = crate::peers::open_device_stream(ctx, who, &grant, header)
+    let (stream, holder) = dialer
+        .reach
+        .open_device_stream(who, &grant, header)
         .await
         .map_err(tunnel_error)?;
     Ok(Dialled {
@@ -514,7 +548,7 @@ fn tunnel_error(e: TunnelError) -> RpcError {
 /// as the holder, fresh and not used before. Then: open the device stream (this gateway's own
 /// tunnels only, never forwarding again), answer `DialOk` and splice.
 async fn serve_forward(
-    ctx: &Ctx,
+    dialer: &Dialer,
     mut stream: BoxedStream,
     from: &str,
     device_id: String,
@@ -522,13 +556,13 @@ async fn serve_forward(
     addr: SocketAddr,
 ) {
     let session_id = header.session_id.clone();
-    let checked = if ctx.gateway_barred(from) {
+    let checked = if dialer.reach.locks.gateway_barred(from) {
         Err(RpcError::new(
             ErrorKind::Denied,
             format!("gateway {from} was revoked or is locked by the cluster's administrator"),
         ))
     } else {
-        forward_ticket(ctx, from, &device_id, &header)
+        forward_ticket(dialer, from, &device_id, &header)
     };
     let opened = match checked {
         Ok(claims) => {
@@ -536,7 +570,9 @@ async fn serve_forward(
             header.kube_groups = claims.kube_groups;
             header.kube_users = claims.kube_users;
             header.via = Some(from.to_string());
-            ctx.tunnels
+            dialer
+                .reach
+                .tunnels
                 .open_stream(&device_id, &header)
                 .await
                 .map(|s| (s, claims.user))
@@ -582,19 +618,27 @@ async fn serve_forward(
     };
     if reply(&mut stream, &ok).await {
         tracing::info!(peer = %from, %addr, %user, device = %device_id, session = %session_id, "forwarded dial");
-        splice(ctx, stream, device_stream, &user, &device_id, &session_id).await;
+        splice(
+            dialer,
+            stream,
+            device_stream,
+            &user,
+            &device_id,
+            &session_id,
+        )
+        .await;
     }
 }
 
 /// The holder's check of a forwarded dial: the authority's ticket (see [`serve_forward`]),
 /// and neither its user nor the device locked here.
 fn forward_ticket(
-    ctx: &Ctx,
+    dialer: &Dialer,
     from: &str,
     device_id: &str,
     header: &StreamHeader,
 ) -> Result<edgeport_proto::ticket::TicketClaims, RpcError> {
-    let ident = ctx.identity();
+    let ident = dialer.reach.identity.get();
     let host_ca = edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default();
     let want = edgeport_proto::ticket::Expected {
         cluster: ident.cluster(),
@@ -603,7 +647,7 @@ fn forward_ticket(
         requester: Some(from),
         holder: Some(&ident.gateway_id),
     };
-    let claims = ctx
+    let claims = dialer
         .tickets
         .admit(
             header.ticket.as_ref(),
@@ -612,13 +656,19 @@ fn forward_ticket(
             edgeport_net::clock::now_secs(),
         )
         .map_err(|e| RpcError::new(ErrorKind::Denied, e.to_string()))?;
-    ctx.check_unlocked(&LockTarget::User(claims.user.clone()))?;
-    ctx.check_unlocked(&LockTarget::Device(device_id.to_string()))?;
+    dialer
+        .reach
+        .locks
+        .check_unlocked(&LockTarget::User(claims.user.clone()))?;
+    dialer
+        .reach
+        .locks
+        .check_unlocked(&LockTarget::Device(device_id.to_string()))?;
     Ok(claims)
 }
 
 async fn splice<C, D>(
-    ctx: &Ctx,
+    dialer: &Dialer,
     client: C,
     mut device: D,
     user: &str,
@@ -629,7 +679,7 @@ async fn splice<C, D>(
     D: AsyncRead + AsyncWrite + Unpin,
 {
     tracing::debug!(%user, device = %device_id, session = %session_id, "stream spliced");
-    let reg = ctx.sessions.register(device_id, user, session_id);
+    let reg = dialer.sessions.register(device_id, user, session_id);
     let mut client = crate::metrics::Relayed::new(client);
     let copy =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, SPLICE_BUF, SPLICE_BUF);

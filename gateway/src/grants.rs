@@ -6,7 +6,7 @@
 //! names) and forwarded dials (the holding gateway takes none without one). SSH dials to a
 //! device held here need none: the device checks the user's own SSH certificate.
 //!
-//! While the gateway watches the authority's policy epoch ([`crate::policy`]) and that
+//! While the gateway watches the authority's policy epoch (the `policy` module) and that
 //! authority sees every change (its own store), a grant is reused for [`REUSE`] until the
 //! epoch moves: a lock, a role change or a removed device makes the authority move it, and
 //! `tctl lock` returns only after this gateway has dropped its grants. Without such a watch (it

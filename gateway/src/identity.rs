@@ -51,6 +51,31 @@ pub enum IdentityError {
     Tls(#[from] tls::TlsError),
 }
 
+/// The identity in use, shared by every part of the gateway that needs it; a renewal swaps it
+/// for all of them at once.
+#[derive(Clone)]
+pub struct IdentityCell(Arc<std::sync::RwLock<Arc<GatewayIdentity>>>);
+
+impl IdentityCell {
+    pub fn new(id: GatewayIdentity) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(id))))
+    }
+
+    pub fn get(&self) -> Arc<GatewayIdentity> {
+        match self.0.read() {
+            Ok(i) => i.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set(&self, id: GatewayIdentity) {
+        match self.0.write() {
+            Ok(mut i) => *i = Arc::new(id),
+            Err(p) => *p.into_inner() = Arc::new(id),
+        }
+    }
+}
+
 /// What is stored beside the certificate.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Meta {

@@ -3,7 +3,6 @@
 //! and passes the answer back. The token is never logged.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use edgeport_net::BoxedStream;
@@ -12,14 +11,16 @@ use edgeport_proto::rpc::{ErrorKind, Request, Response, RpcError};
 use edgeport_proto::tunnel::{JoinMessage, JoinReply};
 use tokio::io::AsyncWriteExt;
 
-use crate::ctx::Ctx;
+use crate::authority::AuthorityClient;
 
-pub async fn serve(ctx: Arc<Ctx>, mut stream: BoxedStream, addr: SocketAddr) {
-    let first = tokio::time::timeout(
-        ctx.cfg.handshake_timeout,
-        read_frame::<JoinMessage, _>(&mut stream),
-    )
-    .await;
+pub async fn serve(
+    auth: &AuthorityClient,
+    request_timeout: Duration,
+    mut stream: BoxedStream,
+    addr: SocketAddr,
+) {
+    let first =
+        tokio::time::timeout(request_timeout, read_frame::<JoinMessage, _>(&mut stream)).await;
     let mut req = match first {
         Ok(Ok(JoinMessage::Join(r))) => r,
         Ok(Err(e)) => {
@@ -33,7 +34,7 @@ pub async fn serve(ctx: Arc<Ctx>, mut stream: BoxedStream, addr: SocketAddr) {
     };
     req.remote_addr = addr.to_string();
     let requested = req.requested_id.clone().unwrap_or_default();
-    let reply = match ctx.auth.call(Request::JoinDevice(req)).await {
+    let reply = match auth.call(Request::JoinDevice(req)).await {
         Ok(Response::DeviceCerts(certs)) => {
             tracing::info!(%addr, device = %certs.device_id, "device joined");
             JoinReply::Joined(certs)

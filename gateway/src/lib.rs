@@ -16,7 +16,6 @@ pub mod audit;
 pub mod authority;
 pub mod budget;
 pub mod config;
-pub mod ctx;
 pub mod dial;
 #[doc(hidden)]
 pub mod fuzz_entry;
@@ -24,6 +23,8 @@ pub mod grants;
 pub mod identity;
 pub mod join;
 pub mod kube;
+pub mod lifecycle;
+pub mod locks;
 pub mod metrics;
 pub mod peers;
 pub mod policy;

@@ -24,9 +24,11 @@ use edgeport_proto::tunnel::{ClientReply, ClientRequest, StreamHeader};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::CertificateDer;
 
-use crate::ctx::Ctx;
-use crate::grants::UserCert;
-use crate::tunnels::{TunnelError, OPEN_TIMEOUT};
+use crate::authority::AuthorityClient;
+use crate::grants::{Grants, UserCert};
+use crate::identity::{GatewayIdentity, IdentityCell};
+use crate::locks::Locks;
+use crate::tunnels::{TunnelError, Tunnels, OPEN_TIMEOUT};
 
 /// Connecting to a peer gateway (resolve, QUIC handshake), and getting a stream on a link.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -115,7 +117,7 @@ impl Peers {
     /// A stream to `device_id` through gateway `peer` at `addr`, accepted by that gateway.
     async fn forward(
         &self,
-        ctx: &Ctx,
+        ident: &GatewayIdentity,
         peer: &str,
         addr: &str,
         device_id: &str,
@@ -126,7 +128,7 @@ impl Peers {
         // A cached link may have died since it was last used: one fresh try.
         for attempt in 0..2 {
             let link = self
-                .link(ctx, peer, addr, attempt > 0)
+                .link(ident, peer, addr, attempt > 0)
                 .await
                 .map_err(|e| ForwardError::Link(e.to_string()))?;
             let (send, recv) = match tokio::time::timeout(CONNECT_TIMEOUT, link.open_bi()).await {
@@ -174,7 +176,7 @@ impl Peers {
     /// The link to `peer`, connecting if there is none (or `fresh` is asked for).
     async fn link(
         &self,
-        ctx: &Ctx,
+        ident: &GatewayIdentity,
         peer: &str,
         addr: &str,
         fresh: bool,
@@ -191,7 +193,7 @@ impl Peers {
                 return Err(why.clone());
             }
         }
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(ctx, peer, addr))
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(ident, peer, addr))
             .await
             .unwrap_or_else(|_| {
                 Err(LinkError::Timeout {
@@ -216,12 +218,11 @@ impl Peers {
 
     async fn connect(
         &self,
-        ctx: &Ctx,
+        ident: &GatewayIdentity,
         peer: &str,
         addr: &str,
     ) -> Result<quinn::Connection, LinkError> {
         let endpoint = self.endpoint.get().ok_or(LinkError::NoEndpoint)?;
-        let ident = ctx.identity();
         let err = |e: &dyn std::fmt::Display| LinkError::Setup {
             peer: peer.to_string(),
             reason: e.to_string(),
@@ -283,41 +284,115 @@ async fn resolve(addr: &str, local: SocketAddr) -> Result<SocketAddr, LinkError>
         })
 }
 
-/// A stream to the device of `grant` with `header` sent: over its tunnel here, or forwarded
-/// to the gateway that holds it (with a fresh ticket from the authority, which the holder
-/// requires), and which gateway that was. The grant may be one the gateway reused, so when
-/// the device is not where it says (it moved to another gateway, or just came online), the
-/// authority is asked once more.
-pub async fn open_device_stream(
-    ctx: &Ctx,
-    who: &UserCert,
-    grant: &DialGrant,
-    header: StreamHeader,
-) -> Result<(BoxedStream, Option<String>), TunnelError> {
-    let first = open_at(ctx, who, grant, header.clone()).await;
-    let misplaced = match &first {
-        Err(TunnelError::NotConnected(_) | TunnelError::Peer(_)) => true,
-        Err(TunnelError::Refused(e)) => e.kind == ErrorKind::NotFound,
-        _ => false,
-    };
-    if !misplaced {
-        return first;
-    }
-    let service = header.service;
-    match ctx
-        .grants
-        .ticketed(&ctx.auth, who, &grant.device.id, service)
-        .await
-    {
-        Ok(fresh) if placement(&fresh) != placement(grant) => {
-            tracing::debug!(device = %grant.device.id, "device moved; dialling where the authority says now");
-            let header = StreamHeader {
-                ticket: fresh.ticket.clone(),
-                ..header
-            };
-            open_at(ctx, who, &fresh, header).await
+/// The way to a device's stream wherever its tunnel is: here, or at the peer gateway the
+/// authority names. User dials and the Kubernetes front door each hold one.
+#[derive(Clone)]
+pub struct Reach {
+    pub auth: Arc<AuthorityClient>,
+    pub identity: IdentityCell,
+    pub tunnels: Arc<Tunnels>,
+    pub grants: Arc<Grants>,
+    pub locks: Arc<Locks>,
+    pub peers: Arc<Peers>,
+}
+
+impl Reach {
+    /// A stream to the device of `grant` with `header` sent: over its tunnel here, or forwarded
+    /// to the gateway that holds it (with a fresh ticket from the authority, which the holder
+    /// requires), and which gateway that was. The grant may be one the gateway reused, so when
+    /// the device is not where it says (it moved to another gateway, or just came online), the
+    /// authority is asked once more.
+    pub async fn open_device_stream(
+        &self,
+        who: &UserCert,
+        grant: &DialGrant,
+        header: StreamHeader,
+    ) -> Result<(BoxedStream, Option<String>), TunnelError> {
+        let first = self.open_at(who, grant, header.clone()).await;
+        let misplaced = match &first {
+            Err(TunnelError::NotConnected(_) | TunnelError::Peer(_)) => true,
+            Err(TunnelError::Refused(e)) => e.kind == ErrorKind::NotFound,
+            _ => false,
+        };
+        if !misplaced {
+            return first;
         }
-        _ => first,
+        let service = header.service;
+        match self
+            .grants
+            .ticketed(&self.auth, who, &grant.device.id, service)
+            .await
+        {
+            Ok(fresh) if placement(&fresh) != placement(grant) => {
+                tracing::debug!(device = %grant.device.id, "device moved; dialling where the authority says now");
+                let header = StreamHeader {
+                    ticket: fresh.ticket.clone(),
+                    ..header
+                };
+                self.open_at(who, &fresh, header).await
+            }
+            _ => first,
+        }
+    }
+
+    async fn open_at(
+        &self,
+        who: &UserCert,
+        grant: &DialGrant,
+        mut header: StreamHeader,
+    ) -> Result<(BoxedStream, Option<String>), TunnelError> {
+        let device_id = &grant.device.id;
+        match self.tunnels.open_stream(device_id, &header).await {
+            Err(TunnelError::NotConnected(_)) => {}
+            other => return other.map(|s| (s, None)),
+        }
+        let ident = self.identity.get();
+        let me = ident.gateway_id.clone();
+        let mut fresh = None;
+        if header.ticket.is_none() {
+            // A reused grant: the holder takes a forwarded dial only with a ticket of its own.
+            let g = self
+                .grants
+                .ticketed(&self.auth, who, device_id, header.service)
+                .await
+                .map_err(TunnelError::Refused)?;
+            header.ticket = g.ticket.clone();
+            fresh = Some(g);
+        }
+        let grant = fresh.as_ref().unwrap_or(grant);
+        let holder = match &grant.device.gateway {
+            Some(g) if *g != me && grant.device.online => g,
+            _ => return Err(TunnelError::NotConnected(device_id.clone())),
+        };
+        if self.locks.gateway_barred(holder) {
+            return Err(TunnelError::Peer(format!(
+                "device {device_id} is connected to gateway {holder}, which was revoked; it \
+                 reconnects to another gateway soon"
+            )));
+        }
+        let Some(addr) = &grant.gateway_addr else {
+            return Err(TunnelError::Peer(format!(
+                "device {device_id} is connected to gateway {holder}, which takes no forwarded \
+                 dials (start it with --peer-addr)"
+            )));
+        };
+        match self
+            .peers
+            .forward(&ident, holder, addr, device_id, &header)
+            .await
+        {
+            Ok(s) => Ok((s, Some(holder.clone()))),
+            Err(ForwardError::Refused(e)) => Err(TunnelError::Refused(RpcError::new(
+                e.kind,
+                format!("gateway {holder}: {}", e.message),
+            ))),
+            Err(ForwardError::Link(why)) => {
+                tracing::warn!(device = %device_id, "cannot forward a dial: {why}");
+                Err(TunnelError::Peer(format!(
+                    "device {device_id} is behind gateway {holder}, which cannot be reached now"
+                )))
+            }
+        }
     }
 }
 
@@ -328,63 +403,4 @@ fn placement(g: &DialGrant) -> (bool, Option<&str>, Option<&str>) {
         g.device.gateway.as_deref(),
         g.gateway_addr.as_deref(),
     )
-}
-
-async fn open_at(
-    ctx: &Ctx,
-    who: &UserCert,
-    grant: &DialGrant,
-    mut header: StreamHeader,
-) -> Result<(BoxedStream, Option<String>), TunnelError> {
-    let device_id = &grant.device.id;
-    match ctx.tunnels.open_stream(device_id, &header).await {
-        Err(TunnelError::NotConnected(_)) => {}
-        other => return other.map(|s| (s, None)),
-    }
-    let me = ctx.identity().gateway_id.clone();
-    let mut fresh = None;
-    if header.ticket.is_none() {
-        // A reused grant: the holder takes a forwarded dial only with a ticket of its own.
-        let g = ctx
-            .grants
-            .ticketed(&ctx.auth, who, device_id, header.service)
-            .await
-            .map_err(TunnelError::Refused)?;
-        header.ticket = g.ticket.clone();
-        fresh = Some(g);
-    }
-    let grant = fresh.as_ref().unwrap_or(grant);
-    let holder = match &grant.device.gateway {
-        Some(g) if *g != me && grant.device.online => g,
-        _ => return Err(TunnelError::NotConnected(device_id.clone())),
-    };
-    if ctx.gateway_barred(holder) {
-        return Err(TunnelError::Peer(format!(
-            "device {device_id} is connected to gateway {holder}, which was revoked; it \
-             reconnects to another gateway soon"
-        )));
-    }
-    let Some(addr) = &grant.gateway_addr else {
-        return Err(TunnelError::Peer(format!(
-            "device {device_id} is connected to gateway {holder}, which takes no forwarded \
-             dials (start it with --peer-addr)"
-        )));
-    };
-    match ctx
-        .peers
-        .forward(ctx, holder, addr, device_id, &header)
-        .await
-    {
-        Ok(s) => Ok((s, Some(holder.clone()))),
-        Err(ForwardError::Refused(e)) => Err(TunnelError::Refused(RpcError::new(
-            e.kind,
-            format!("gateway {holder}: {}", e.message),
-        ))),
-        Err(ForwardError::Link(why)) => {
-            tracing::warn!(device = %device_id, "cannot forward a dial: {why}");
-            Err(TunnelError::Peer(format!(
-                "device {device_id} is behind gateway {holder}, which cannot be reached now"
-            )))
-        }
-    }
 }

@@ -10,7 +10,17 @@ use std::time::Duration;
 use edgeport_net::rpc_client::RpcClientError;
 use edgeport_proto::rpc::{Request, Response};
 
-use crate::ctx::Ctx;
+use crate::authority::AuthorityClient;
+use crate::grants::Grants;
+use crate::presence::Reporter;
+
+/// What the watch needs: the authority, the grants it drops, and the presence reporter that
+/// fetches the lock list.
+pub struct PolicyWatch {
+    pub auth: Arc<AuthorityClient>,
+    pub grants: Arc<Grants>,
+    pub reporter: Arc<Reporter>,
+}
 
 /// Wait before reconnecting a broken watch.
 const RETRY: Duration = Duration::from_secs(2);
@@ -18,19 +28,19 @@ const RETRY: Duration = Duration::from_secs(2);
 /// about as long for it).
 const LOCKS_WAIT: Duration = Duration::from_millis(1500);
 
-pub async fn run(ctx: Arc<Ctx>) {
+pub async fn run(w: Arc<PolicyWatch>) {
     let mut healthy = true;
     loop {
-        if let Err(e) = watch(&ctx).await {
-            ctx.grants.set_watched(false);
-            ctx.grants.invalidate();
+        if let Err(e) = watch(&w).await {
+            w.grants.set_watched(false);
+            w.grants.invalidate();
             if healthy {
                 tracing::warn!("policy watch on the authority broke ({e}); asking it for every dial until it is back");
                 healthy = false;
             }
         }
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = w.reporter.life.shutdown.cancelled() => return,
             _ = tokio::time::sleep(RETRY) => {}
         }
         if !healthy {
@@ -40,33 +50,34 @@ pub async fn run(ctx: Arc<Ctx>) {
 }
 
 /// One connection's worth of watching; returns when it fails (or at shutdown, Ok).
-async fn watch(ctx: &Arc<Ctx>) -> Result<(), RpcClientError> {
-    let mut client = ctx.auth.dedicated().await?;
+async fn watch(w: &PolicyWatch) -> Result<(), RpcClientError> {
+    let mut client = w.auth.dedicated().await?;
     // An epoch the authority never has: the first answer comes at once.
     let mut seen = 0;
     loop {
         let call = client.call(Request::WatchPolicy { seen });
         let resp = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(()),
+            _ = w.reporter.life.shutdown.cancelled() => return Ok(()),
             r = call => r?,
         };
         let Response::Policy { epoch, exclusive } = resp else {
             return Err(edgeport_net::rpc_client::unexpected(resp));
         };
         if epoch != seen {
-            ctx.grants.invalidate();
+            w.grants.invalidate();
             if seen != 0 {
                 tracing::debug!(epoch, "policy changed at the authority; grants dropped");
                 // The lock list now, before acknowledging (the authority waits at most a
                 // couple of seconds for that; a failed report is retried by the presence loop).
-                let fetched = tokio::time::timeout(LOCKS_WAIT, crate::presence::report(ctx)).await;
+                let fetched =
+                    tokio::time::timeout(LOCKS_WAIT, crate::presence::report(&w.reporter)).await;
                 if !matches!(fetched, Ok(Ok(()))) {
                     tracing::debug!("lock list not fetched at once; the presence loop retries");
-                    ctx.tunnels.changed.notify_one();
+                    w.reporter.tunnels.changed.notify_one();
                 }
             }
         }
-        ctx.grants.set_watched(exclusive);
+        w.grants.set_watched(exclusive);
         seen = epoch;
     }
 }

@@ -11,7 +11,56 @@ use edgeport_proto::rpc::{
     DevicePresence, LockTarget, PresenceAck, PresenceReport, Request, Response,
 };
 
-use crate::ctx::Ctx;
+use crate::authority::AuthorityClient;
+use crate::lifecycle::Lifecycle;
+use crate::locks::Locks;
+use crate::sessions::Sessions;
+use crate::tunnels::Tunnels;
+
+/// What presence reports need: the authority, the tunnels reported, and what the
+/// acknowledgement acts on (sessions cut by locks, the lock list, the gateway's lifetime,
+/// which a revocation ends).
+pub struct Reporter {
+    pub auth: Arc<AuthorityClient>,
+    pub tunnels: Arc<Tunnels>,
+    pub sessions: Arc<Sessions>,
+    pub locks: Arc<Locks>,
+    pub life: Lifecycle,
+    /// How often a full snapshot goes out, and how long the authority trusts it.
+    pub interval: Duration,
+    pub lease: Duration,
+    /// Where peer gateways reach this one, reported with each snapshot.
+    pub peer_addr: Option<String>,
+    /// Held while a report is in flight (the presence loop and the policy watch both send
+    /// them).
+    reporting: tokio::sync::Mutex<()>,
+}
+
+impl Reporter {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        auth: Arc<AuthorityClient>,
+        tunnels: Arc<Tunnels>,
+        sessions: Arc<Sessions>,
+        locks: Arc<Locks>,
+        life: Lifecycle,
+        interval: Duration,
+        lease: Duration,
+        peer_addr: Option<String>,
+    ) -> Self {
+        Self {
+            auth,
+            tunnels,
+            sessions,
+            locks,
+            life,
+            interval,
+            lease,
+            peer_addr,
+            reporting: tokio::sync::Mutex::new(()),
+        }
+    }
+}
 
 /// How long agents get to end a locked user's sessions before the gateway cuts them.
 const USER_LOCK_GRACE: Duration = Duration::from_secs(5);
@@ -23,8 +72,8 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 /// connection migrated (it changed networks) is logged and reported at once.
 const PATH_CHECK: Duration = Duration::from_secs(1);
 
-pub async fn run(ctx: Arc<Ctx>) {
-    let mut tick = tokio::time::interval(ctx.cfg.presence_interval);
+pub async fn run(rep: Arc<Reporter>) {
+    let mut tick = tokio::time::interval(rep.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut paths = tokio::time::interval(PATH_CHECK);
     paths.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -33,25 +82,24 @@ pub async fn run(ctx: Arc<Ctx>) {
         tokio::select! {
             _ = tick.tick() => {}
             _ = paths.tick() => {
-                if !paths_changed(&ctx) {
+                if !paths_changed(&rep) {
                     continue;
                 }
             }
-            _ = ctx.tunnels.changed.notified() => {
+            _ = rep.tunnels.changed.notified() => {
                 tokio::select! {
                     _ = tokio::time::sleep(DEBOUNCE) => {}
-                    _ = ctx.shutdown.cancelled() => return,
+                    _ = rep.life.shutdown.cancelled() => return,
                 }
             }
-            _ = ctx.shutdown.cancelled() => return,
+            _ = rep.life.shutdown.cancelled() => return,
         }
-        match report(&ctx).await {
+        match report(&rep).await {
             Err(ReportError::Revoked(why)) => {
                 // Its certificate buys nothing any more: close every tunnel so the agents
                 // look for another gateway, and stop.
                 tracing::error!("the authority refuses this gateway ({why}); stopping");
-                ctx.revoked.cancel();
-                ctx.shutdown.cancel();
+                rep.life.revoke();
                 return;
             }
             Ok(()) if !healthy => {
@@ -70,9 +118,9 @@ pub async fn run(ctx: Arc<Ctx>) {
 
 /// Logs every tunnel whose device address changed since the last look (a QUIC connection
 /// migration: the device moved to another network and its session went on); whether any did.
-fn paths_changed(ctx: &Ctx) -> bool {
+fn paths_changed(rep: &Reporter) -> bool {
     let mut any = false;
-    for t in ctx.tunnels.all() {
+    for t in rep.tunnels.all() {
         if let Some((from, to)) = t.path_changed() {
             tracing::info!(device = %t.device_id, %from, %to, "device path changed (connection migrated)");
             any = true;
@@ -91,10 +139,10 @@ pub enum ReportError {
     Failed(String),
 }
 
-async fn call(ctx: &Ctx, req: Request) -> Result<PresenceAck, ReportError> {
+async fn call(rep: &Reporter, req: Request) -> Result<PresenceAck, ReportError> {
     use edgeport_net::rpc_client::RpcClientError;
     use edgeport_proto::rpc::ErrorKind;
-    match ctx.auth.call(req).await {
+    match rep.auth.call(req).await {
         Ok(Response::PresenceAck(ack)) => Ok(ack),
         Ok(Response::Error(e)) | Err(RpcClientError::Remote(e))
             if e.kind == ErrorKind::GatewayRevoked =>
@@ -110,12 +158,12 @@ async fn call(ctx: &Ctx, req: Request) -> Result<PresenceAck, ReportError> {
 
 /// Sends one report part; for an acknowledgement with `more`, gathers every further part of
 /// the lists into it (a gateway never acts on half a list of locks).
-async fn send(ctx: &Ctx, report: PresenceReport) -> Result<PresenceAck, ReportError> {
-    let mut ack = call(ctx, Request::Presence(report)).await?;
+async fn send(rep: &Reporter, report: PresenceReport) -> Result<PresenceAck, ReportError> {
+    let mut ack = call(rep, Request::Presence(report)).await?;
     let mut part = 1;
     while ack.more {
         let next = call(
-            ctx,
+            rep,
             Request::PresenceAckPart {
                 part,
                 digest: ack.digest.clone(),
@@ -169,44 +217,47 @@ fn parts(
 }
 
 /// Sends every part of a snapshot; returns the acknowledgement of the last.
-async fn send_all(ctx: &Ctx, reports: Vec<PresenceReport>) -> Result<PresenceAck, ReportError> {
+async fn send_all(
+    rep: &Reporter,
+    reports: Vec<PresenceReport>,
+) -> Result<PresenceAck, ReportError> {
     let mut last = PresenceAck::default();
     for r in reports {
-        last = send(ctx, r).await?;
+        last = send(rep, r).await?;
     }
     Ok(last)
 }
 
 /// Sends one snapshot and applies the acknowledgement. One report at a time: the parts of two
 /// snapshots must not interleave at the authority.
-pub async fn report(ctx: &Arc<Ctx>) -> Result<(), ReportError> {
-    let _one = ctx.reporting.lock().await;
-    let disconnected = ctx.tunnels.take_disconnected();
+pub async fn report(rep: &Reporter) -> Result<(), ReportError> {
+    let _one = rep.reporting.lock().await;
+    let disconnected = rep.tunnels.take_disconnected();
     let mut reports = parts(
-        ctx.cfg.presence_lease.as_secs(),
-        ctx.cfg.peer_addr.clone(),
-        ctx.tunnels.snapshot(),
+        rep.lease.as_secs(),
+        rep.peer_addr.clone(),
+        rep.tunnels.snapshot(),
         disconnected.clone(),
     );
     for r in &mut reports {
         r.version = edgeport_proto::VERSION.to_string();
     }
-    match send_all(ctx, reports).await {
+    match send_all(rep, reports).await {
         Ok(ack) => {
-            apply(ctx, ack);
+            apply(rep, ack);
             Ok(())
         }
         Err(e) => {
-            ctx.tunnels.restore_disconnected(disconnected);
+            rep.tunnels.restore_disconnected(disconnected);
             Err(e)
         }
     }
 }
 
-fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
+fn apply(rep: &Reporter, ack: PresenceAck) {
     for (id, connected_at) in &ack.superseded {
         // Only the very tunnel that was reported: the device may have come back since.
-        if let Some(t) = ctx
+        if let Some(t) = rep
             .tunnels
             .get(id)
             .filter(|t| t.connected_at == *connected_at)
@@ -216,12 +267,12 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
         }
     }
     for id in &ack.revoked_devices {
-        if ctx.tunnels.get(id).is_some() {
+        if rep.tunnels.get(id).is_some() {
             tracing::info!(device = %id, "device was removed from the cluster; closing its tunnel");
-            ctx.tunnels.revoke(
+            rep.tunnels.revoke(
                 id,
                 &format!("device {id} was removed from the cluster; join again with a new token"),
-                &ctx.tasks,
+                &rep.life.tasks,
             );
         }
     }
@@ -234,7 +285,7 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
         .iter()
         .filter(|l| l.expires == 0 || l.expires > now)
     {
-        let reason = crate::ctx::lock_reason(&l.target, &l.message);
+        let reason = crate::locks::lock_reason(&l.target, &l.message);
         match &l.target {
             LockTarget::User(u) if !users.iter().any(|(n, _)| n == u) => {
                 users.push((u.clone(), reason))
@@ -248,74 +299,53 @@ fn apply(ctx: &Arc<Ctx>, ack: PresenceAck) {
     // Locks take effect at once. A locked device cannot be trusted to end its own sessions:
     // the gateway cuts them now. A locked user's sessions are ended by the agents, which tell
     // the client why; whatever is still spliced a few seconds later is cut here as well.
-    let cut = ctx.sessions.cut(&cut_targets(&devices), &[]);
+    let cut = rep.sessions.cut(&cut_targets(&devices), &[]);
     if cut > 0 {
         tracing::info!(sessions = cut, "ended sessions to locked devices");
     }
-    if !users.is_empty() && ctx.sessions.count() > 0 {
-        let ctx = ctx.clone();
+    if !users.is_empty() && rep.sessions.count() > 0 {
+        let sessions = rep.sessions.clone();
         let users = users.clone();
-        ctx.tasks.clone().spawn(async move {
+        rep.life.tasks.spawn(async move {
             tokio::time::sleep(USER_LOCK_GRACE).await;
-            let cut = ctx.sessions.cut(&[], &cut_targets(&users));
+            let cut = sessions.cut(&[], &cut_targets(&users));
             if cut > 0 {
                 tracing::info!(sessions = cut, "ended sessions of locked users");
             }
         });
     }
-    if let Ok(mut locks) = ctx.locks.write() {
-        crate::metrics::METRICS.locks.set(ack.locks.len() as i64);
-        *locks = ack.locks;
-    }
-    let mut barred = ack.revoked_gateways;
-    barred.sort();
-    barred.dedup();
-    ctx.barred_gateways.send_if_modified(|cur| {
-        if *cur == barred {
-            return false;
-        }
-        for g in barred.iter().filter(|g| !cur.contains(g)) {
-            tracing::warn!(gateway = %g, "gateway revoked or locked by the authority: refusing its forwarded dials");
-        }
-        *cur = barred;
-        true
-    });
+    rep.locks.set_specs(ack.locks);
+    rep.locks.set_barred(ack.revoked_gateways);
     let mut users: Vec<String> = users.into_iter().map(|(name, _)| name).collect();
     users.sort();
-    let changed = match ctx.locked_users.write() {
-        Ok(mut cur) if *cur != users => {
-            *cur = users.clone();
-            true
-        }
-        _ => false,
-    };
+    let changed = rep.locks.set_locked_users(&users);
     if changed {
         // Agents end the sessions of locked users at once (DESIGN section 6).
-        for t in ctx.tunnels.all() {
+        for t in rep.tunnels.all() {
             let _ = t
                 .control
-                .try_send(crate::tunnel::Outside::Locked(users.clone()));
+                .try_send(crate::tunnels::Outside::Locked(users.clone()));
         }
     }
 }
 
 /// On shutdown: every device this gateway held is offline now (best effort, short).
-pub async fn final_report(ctx: &Ctx, reason: &str) {
-    let _one = tokio::time::timeout(Duration::from_secs(1), ctx.reporting.lock()).await;
-    let mut disconnected = ctx.tunnels.take_disconnected();
+pub async fn final_report(rep: &Reporter, reason: &str) {
+    let _one = tokio::time::timeout(Duration::from_secs(1), rep.reporting.lock()).await;
+    let mut disconnected = rep.tunnels.take_disconnected();
     disconnected.extend(
-        ctx.tunnels
+        rep.tunnels
             .all()
             .iter()
             .map(|t| (t.device_id.clone(), reason.to_string())),
     );
     let reports = parts(
-        ctx.cfg.presence_lease.as_secs(),
-        ctx.cfg.peer_addr.clone(),
+        rep.lease.as_secs(),
+        rep.peer_addr.clone(),
         Vec::new(),
         disconnected,
     );
-    if let Err(e) = tokio::time::timeout(Duration::from_secs(3), send_all(ctx, reports))
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(3), send_all(rep, reports))
         .await
         .unwrap_or_else(|_| Err(ReportError::Failed("timed out".into())))
     {

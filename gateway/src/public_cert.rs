@@ -17,22 +17,28 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::config::GatewayConfig;
-use crate::identity::IdentityError;
+/// Why the public certificate could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PublicCertError {
+    #[error("--cert and --key go together (the public certificate chain and its key)")]
+    Unpaired,
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+}
 
-fn bad(path: &Path, err: impl std::fmt::Display) -> IdentityError {
-    IdentityError::Io(format!("{}: {err}", path.display()))
+fn bad(path: &Path, err: impl std::fmt::Display) -> PublicCertError {
+    PublicCertError::File {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    }
 }
 
 /// Reads the public certificate chain and key named in the configuration, if any.
-pub fn load(cfg: &GatewayConfig) -> Result<Option<Arc<CertifiedKey>>, IdentityError> {
+pub fn load(cfg: &GatewayConfig) -> Result<Option<Arc<CertifiedKey>>, PublicCertError> {
     let (cert_path, key_path) = match (&cfg.public_cert, &cfg.public_key) {
         (Some(c), Some(k)) => (c, k),
         (None, None) => return Ok(None),
-        _ => {
-            return Err(IdentityError::Io(
-                "--cert and --key go together (the public certificate chain and its key)".into(),
-            ))
-        }
+        _ => return Err(PublicCertError::Unpaired),
     };
     let cert_text = std::fs::read_to_string(cert_path).map_err(|e| bad(cert_path, e))?;
     let key_text = std::fs::read_to_string(key_path).map_err(|e| bad(key_path, e))?;

@@ -8,8 +8,10 @@ use std::time::Duration;
 use edgeport_proto::alpn;
 use quinn::crypto::rustls::QuicServerConfig;
 
-use crate::ctx::Ctx;
+use crate::accept::Routes;
+use crate::budget::Admission;
 use crate::identity::{GatewayIdentity, IdentityError};
+use crate::lifecycle::Lifecycle;
 
 /// The ALPN ids served over QUIC (joins are TCP only).
 pub const ALPNS: &[&[u8]] = &[alpn::TUNNEL, alpn::DIAL];
@@ -142,42 +144,51 @@ fn should_retry(validated: bool, may_retry: bool, in_flight: usize, max: usize) 
     !validated && may_retry && in_flight * 100 >= max * RETRY_ABOVE_PERCENT
 }
 
-pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
+/// The UDP port's accept side: where connections go, their unauthenticated budget, and the
+/// cap on connections.
+pub struct QuicPort {
+    pub routes: Arc<Routes>,
+    pub admission: Admission,
+    pub life: Lifecycle,
+    pub max_connections: usize,
+}
+
+pub async fn accept_loop(port: Arc<QuicPort>, endpoint: quinn::Endpoint) {
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
-            _ = ctx.shutdown.cancelled() => return,
+            _ = port.life.shutdown.cancelled() => return,
         };
         let Some(incoming) = incoming else { return };
-        if endpoint.open_connections() >= ctx.cfg.max_connections {
+        if endpoint.open_connections() >= port.max_connections {
             incoming.refuse();
             continue;
         }
-        let in_flight = ctx
-            .cfg
-            .max_handshakes
-            .saturating_sub(ctx.quic_handshakes.available_permits());
+        let in_flight = port.admission.in_flight();
         if should_retry(
             incoming.remote_address_validated(),
             incoming.may_retry(),
             in_flight,
-            ctx.cfg.max_handshakes,
+            port.admission.max_handshakes,
         ) {
             if let Err(e) = incoming.retry() {
                 e.into_incoming().refuse();
             }
             continue;
         }
-        let ctx = ctx.clone();
+        let port = port.clone();
         // Tracked, so that shutdown drains served connections; a handshake still in
         // progress when shutdown starts is abandoned at once.
-        ctx.tasks.clone().spawn(async move {
+        port.life.tasks.clone().spawn(async move {
             let addr = incoming.remote_address();
-            let shutdown = ctx.shutdown.clone();
-            let Some(Some(conn)) = shutdown.run_until_cancelled(admit(&ctx, incoming)).await else {
+            let shutdown = port.life.shutdown.clone();
+            let Some(Some(conn)) = shutdown
+                .run_until_cancelled(admit(&port.admission, incoming))
+                .await
+            else {
                 return;
             };
-            crate::accept::serve(ctx, crate::accept::Handshaken::Quic(conn), addr).await;
+            crate::accept::serve(&port.routes, crate::accept::Handshaken::Quic(conn), addr).await;
         });
     }
 }
@@ -185,15 +196,15 @@ pub async fn accept_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
 /// The unauthenticated part of a connection: the source's own slot first (the client
 /// retransmits while it waits), then one of the port's, then the handshake within its
 /// deadline.
-async fn admit(ctx: &Ctx, incoming: quinn::Incoming) -> Option<quinn::Connection> {
+async fn admit(admission: &Admission, incoming: quinn::Incoming) -> Option<quinn::Connection> {
     let addr = incoming.remote_address();
-    let wait = ctx.cfg.handshake_timeout;
-    let Some(_source_slot) = ctx.quic_sources.take(addr.ip(), wait).await else {
+    let wait = admission.timeout;
+    let Some(_source_slot) = admission.sources.take(addr.ip(), wait).await else {
         crate::metrics::handshake_failed("busy");
         incoming.refuse();
         return None;
     };
-    let Ok(_hs_slot) = ctx.quic_handshakes.clone().try_acquire_owned() else {
+    let Ok(_hs_slot) = admission.handshakes.clone().try_acquire_owned() else {
         crate::metrics::handshake_failed("busy");
         incoming.refuse();
         return None;
@@ -205,7 +216,7 @@ async fn admit(ctx: &Ctx, incoming: quinn::Incoming) -> Option<quinn::Connection
             return None;
         }
     };
-    match tokio::time::timeout(ctx.cfg.handshake_timeout, connecting).await {
+    match tokio::time::timeout(admission.timeout, connecting).await {
         Ok(Ok(c)) => Some(c),
         Ok(Err(e)) => {
             crate::metrics::handshake_failed("tls");

@@ -6,20 +6,34 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::Routes;
 use crate::authority::AuthorityClient;
+use crate::budget::Admission;
 use crate::config::GatewayConfig;
-use crate::ctx::Ctx;
-use crate::identity::{self, IdentityError};
+use crate::dial::Dialer;
+use crate::grants::Grants;
+use crate::identity::{self, IdentityCell, IdentityError};
+use crate::kube::{tls::TlsCache, Front};
+use crate::lifecycle::Lifecycle;
+use crate::locks::Locks;
+use crate::peers::{Peers, Reach};
+use crate::policy::PolicyWatch;
+use crate::presence::Reporter;
+use crate::quic::QuicPort;
+use crate::sessions::Sessions;
+use crate::tcp::TcpPort;
+use crate::tunnel::TunnelHost;
+use crate::tunnels::Tunnels;
 use crate::{presence, public_cert, quic, tcp};
 
-/// On shutdown, connection and stream tasks get this long to finish once their tunnels and
-/// QUIC connections are closed; whatever is still running then is dropped.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::lifecycle::DRAIN_TIMEOUT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("public certificate: {0}")]
+    PublicCert(#[from] public_cert::PublicCertError),
     #[error("cannot listen on {addr}: {err}")]
     Listen { addr: String, err: std::io::Error },
     #[error("this gateway was revoked or locked by an administrator (tctl gateways rm / tctl lock --gateway); its tunnels were closed")]
@@ -72,36 +86,117 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
             })?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
-    let ctx = Arc::new(Ctx::new(cfg, ident, auth, tcp_tls, shutdown.clone()));
-    ctx.set_public_cert(public);
-    ctx.peers.set_endpoint(endpoint.clone());
-    match &ctx.cfg.peer_addr {
+    // The composition root: each handle is made once here and given only to the parts that
+    // use it.
+    let life = Lifecycle::new(shutdown.clone());
+    let identity = IdentityCell::new(ident);
+    let auth = Arc::new(auth);
+    let tunnels = Arc::new(Tunnels::new());
+    let sessions = Arc::new(Sessions::default());
+    let locks = Arc::new(Locks::default());
+    let grants = Arc::new(Grants::default());
+    let peers = Arc::new(Peers::default());
+    peers.set_endpoint(endpoint.clone());
+    match &cfg.peer_addr {
         Some(a) => tracing::info!("other gateways forward dials for this one's devices to {a}"),
         None => tracing::info!("no --peer-addr: other gateways cannot forward dials here"),
     }
+    let reach = Reach {
+        auth: auth.clone(),
+        identity: identity.clone(),
+        tunnels: tunnels.clone(),
+        grants: grants.clone(),
+        locks: locks.clone(),
+        peers,
+    };
+    let kube_tls = Arc::new(TlsCache::new(identity.clone()));
+    let routes = Arc::new(Routes {
+        tunnel: Arc::new(TunnelHost {
+            auth: auth.clone(),
+            identity: identity.clone(),
+            tunnels: tunnels.clone(),
+            sessions: sessions.clone(),
+            locks: locks.clone(),
+            life: life.clone(),
+            handshake_timeout: cfg.handshake_timeout,
+            idle_timeout: cfg.tunnel_idle_timeout,
+        }),
+        dial: Arc::new(Dialer {
+            reach: reach.clone(),
+            sessions: sessions.clone(),
+            tickets: Arc::default(),
+            life: life.clone(),
+            request_timeout: cfg.handshake_timeout,
+            splice_dump: cfg.splice_dump.clone(),
+        }),
+        kube: Arc::new(Front::new(
+            reach,
+            sessions.clone(),
+            life.tasks.clone(),
+            kube_tls.clone(),
+        )),
+        auth: auth.clone(),
+    });
+    let tcp_port = Arc::new(TcpPort::new(
+        routes.clone(),
+        Admission::new(cfg.max_handshakes, cfg.handshake_timeout),
+        life.clone(),
+        cfg.max_connections,
+        tcp_tls,
+        kube_tls,
+    ));
+    let quic_port = Arc::new(QuicPort {
+        routes,
+        admission: Admission::new(cfg.max_handshakes, cfg.handshake_timeout),
+        life: life.clone(),
+        max_connections: cfg.max_connections,
+    });
+    let reporter = Arc::new(Reporter::new(
+        auth.clone(),
+        tunnels.clone(),
+        sessions,
+        locks,
+        life.clone(),
+        cfg.presence_interval,
+        cfg.presence_lease,
+        cfg.peer_addr.clone(),
+    ));
+    let policy = Arc::new(PolicyWatch {
+        auth: auth.clone(),
+        grants,
+        reporter: reporter.clone(),
+    });
+    let renewal = Renewal {
+        cfg,
+        auth: auth.clone(),
+        identity,
+        tcp: tcp_port.clone(),
+        endpoint: endpoint.clone(),
+        public: std::sync::Mutex::new(public),
+    };
     let tasks = [
-        tokio::spawn(tcp::accept_loop(ctx.clone(), listener)),
-        tokio::spawn(quic::accept_loop(ctx.clone(), endpoint.clone())),
-        tokio::spawn(presence::run(ctx.clone())),
-        tokio::spawn(crate::policy::run(ctx.clone())),
-        tokio::spawn(crate::audit::run_sink(ctx.clone())),
-        tokio::spawn(renew_loop(ctx.clone(), endpoint.clone())),
+        tokio::spawn(tcp::accept_loop(tcp_port, listener)),
+        tokio::spawn(quic::accept_loop(quic_port, endpoint.clone())),
+        tokio::spawn(presence::run(reporter.clone())),
+        tokio::spawn(crate::policy::run(policy)),
+        tokio::spawn(crate::audit::run_sink(auth, shutdown.clone())),
+        tokio::spawn(renewal.run(shutdown.clone())),
     ];
     shutdown.cancelled().await;
-    let revoked = ctx.revoked.is_cancelled();
+    let revoked = life.revoked.is_cancelled();
     let reason = if revoked {
         "gateway revoked by the cluster's administrator"
     } else {
         "gateway shutting down"
     };
-    tracing::info!("shutting down: closing {} tunnels", ctx.tunnels.len());
+    tracing::info!("shutting down: closing {} tunnels", tunnels.len());
     if !revoked {
-        presence::final_report(&ctx, reason).await;
+        presence::final_report(&reporter, reason).await;
     }
-    ctx.tunnels.close_all(reason);
+    tunnels.close_all(reason);
     endpoint.close(quinn::VarInt::from_u32(0), reason.as_bytes());
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    drain(&ctx).await;
+    life.drain().await;
     for t in tasks {
         t.abort();
     }
@@ -111,69 +206,71 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
-/// Waits (up to [`DRAIN_TIMEOUT`]) for the connection and stream tasks to finish their
-/// replies, audit events and session bookkeeping.
-async fn drain(ctx: &Ctx) {
-    ctx.tasks.close();
-    match tokio::time::timeout(DRAIN_TIMEOUT, ctx.tasks.wait()).await {
-        Ok(()) => tracing::debug!("all connection tasks finished"),
-        Err(_) => tracing::warn!(
-            "{} connection task(s) still busy after {:?}; dropping them",
-            ctx.tasks.len(),
-            DRAIN_TIMEOUT
-        ),
-    }
+/// What renewing the gateway's certificate touches: the authority, the identity every part
+/// reads, and the TLS configs of both ports.
+struct Renewal {
+    cfg: GatewayConfig,
+    auth: Arc<AuthorityClient>,
+    identity: IdentityCell,
+    tcp: Arc<TcpPort>,
+    endpoint: quinn::Endpoint,
+    /// The public certificate last loaded (`--cert/--key`), kept if a reload fails.
+    public: std::sync::Mutex<Option<Arc<rustls::sign::CertifiedKey>>>,
 }
 
 /// Renews the gateway's certificate when less than a third of its validity is left.
-async fn renew_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
-    loop {
-        let ident = ctx.identity();
-        let now = edgeport_net::clock::now_secs();
-        if ident.needs_renewal(now) {
-            let renewed = renew(&ctx, &endpoint).await;
-            crate::metrics::renewal("gateway", &renewed);
-            match renewed {
-                Ok(()) => continue,
-                Err(e) => tracing::warn!("certificate renewal failed (will retry): {e}"),
+impl Renewal {
+    async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let ident = self.identity.get();
+            let now = edgeport_net::clock::now_secs();
+            if ident.needs_renewal(now) {
+                let renewed = self.renew().await;
+                crate::metrics::renewal("gateway", &renewed);
+                match renewed {
+                    Ok(()) => continue,
+                    Err(e) => tracing::warn!("certificate renewal failed (will retry): {e}"),
+                }
+                if ident.valid_before <= now {
+                    tracing::error!(
+                        "this gateway's certificate has expired; join it again with a new token"
+                    );
+                }
             }
-            if ident.valid_before <= now {
-                tracing::error!(
-                    "this gateway's certificate has expired; join it again with a new token"
-                );
+            // Check again after a tenth of the remaining time, between 1 minute and 1 hour.
+            let wait = ident.valid_before.saturating_sub(now) / 10;
+            let wait = Duration::from_secs(wait.clamp(60, 3600));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
             }
-        }
-        // Check again after a tenth of the remaining time, between 1 minute and 1 hour.
-        let wait = ident.valid_before.saturating_sub(now) / 10;
-        let wait = Duration::from_secs(wait.clamp(60, 3600));
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = ctx.shutdown.cancelled() => return,
         }
     }
-}
 
-async fn renew(ctx: &Ctx, endpoint: &quinn::Endpoint) -> Result<(), IdentityError> {
-    let fresh = identity::renew(&ctx.cfg, &ctx.auth).await?;
-    let public = match public_cert::load(&ctx.cfg) {
-        Ok(p) => {
-            ctx.set_public_cert(p.clone());
-            p
-        }
-        Err(e) => {
-            tracing::warn!("public certificate not reloaded, serving the previous one: {e}");
-            ctx.public_cert()
-        }
-    };
-    let tcp_tls = fresh.server_config(tcp::ALPNS, public.as_ref())?;
-    let quic_cfg = quic::server_config(&fresh, ctx.cfg.tunnel_idle_timeout, public.as_ref())?;
-    ctx.auth.set_config(fresh.rpc_client_config()?);
-    ctx.set_tcp_tls(tcp_tls);
-    endpoint.set_server_config(Some(quic_cfg));
-    tracing::info!(
-        valid_before = fresh.valid_before,
-        "renewed the gateway certificate"
-    );
-    ctx.set_identity(fresh);
-    Ok(())
+    async fn renew(&self) -> Result<(), IdentityError> {
+        let fresh = identity::renew(&self.cfg, &self.auth).await?;
+        let public = match public_cert::load(&self.cfg) {
+            Ok(p) => {
+                if let Ok(mut cur) = self.public.lock() {
+                    *cur = p.clone();
+                }
+                p
+            }
+            Err(e) => {
+                tracing::warn!("public certificate not reloaded, serving the previous one: {e}");
+                self.public.lock().ok().and_then(|p| p.clone())
+            }
+        };
+        let tcp_tls = fresh.server_config(tcp::ALPNS, public.as_ref())?;
+        let quic_cfg = quic::server_config(&fresh, self.cfg.tunnel_idle_timeout, public.as_ref())?;
+        self.auth.set_config(fresh.rpc_client_config()?);
+        self.tcp.set_tls(tcp_tls);
+        self.endpoint.set_server_config(Some(quic_cfg));
+        tracing::info!(
+            valid_before = fresh.valid_before,
+            "renewed the gateway certificate"
+        );
+        self.identity.set(fresh);
+        Ok(())
+    }
 }

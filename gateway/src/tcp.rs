@@ -3,16 +3,26 @@
 //! garbage and slow-loris connections cost little and never disturb established tunnels.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use edgeport_proto::alpn;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::ctx::Ctx;
+use crate::accept::Routes;
+use crate::budget::Admission;
+use crate::kube::tls::TlsCache;
+use crate::lifecycle::Lifecycle;
 
 /// The ALPN ids served on TCP.
 pub const ALPNS: &[&[u8]] = &[alpn::TUNNEL, alpn::JOIN, alpn::DIAL];
+
+/// Does this ClientHello ask for HTTP (the Kubernetes front door) and nothing of Edgeport's
+/// own?
+fn wants_http(alpns: &[&[u8]]) -> bool {
+    alpns.iter().any(|a| crate::kube::tls::ALPNS.contains(a))
+        && !alpns.iter().any(|a| ALPNS.contains(a))
+}
 
 /// At most one overload warning a second: a flood must not flood the log too.
 fn warn_now() -> bool {
@@ -21,11 +31,58 @@ fn warn_now() -> bool {
     LAST.swap(now, Ordering::Relaxed) != now
 }
 
-pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
+/// The TCP port's accept side: where connections go, their unauthenticated budget, the cap
+/// on established connections, and the two TLS configs (Edgeport's ALPNs, and the
+/// Kubernetes front door's).
+pub struct TcpPort {
+    pub routes: Arc<Routes>,
+    pub admission: Admission,
+    pub life: Lifecycle,
+    pub conns: Arc<tokio::sync::Semaphore>,
+    /// Swapped when the certificate is renewed.
+    tls: RwLock<Arc<rustls::ServerConfig>>,
+    pub kube_tls: Arc<TlsCache>,
+}
+
+impl TcpPort {
+    pub fn new(
+        routes: Arc<Routes>,
+        admission: Admission,
+        life: Lifecycle,
+        max_connections: usize,
+        tls: rustls::ServerConfig,
+        kube_tls: Arc<TlsCache>,
+    ) -> Self {
+        Self {
+            routes,
+            admission,
+            life,
+            conns: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            tls: RwLock::new(Arc::new(tls)),
+            kube_tls,
+        }
+    }
+
+    pub fn tls(&self) -> Arc<rustls::ServerConfig> {
+        match self.tls.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_tls(&self, cfg: rustls::ServerConfig) {
+        match self.tls.write() {
+            Ok(mut c) => *c = Arc::new(cfg),
+            Err(p) => *p.into_inner() = Arc::new(cfg),
+        }
+    }
+}
+
+pub async fn accept_loop(port: Arc<TcpPort>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = ctx.shutdown.cancelled() => return,
+            _ = port.life.shutdown.cancelled() => return,
         };
         let (tcp, addr) = match accepted {
             Ok(a) => a,
@@ -36,22 +93,28 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
                 continue;
             }
         };
-        let Ok(conn_slot) = ctx.tcp_conns.clone().try_acquire_owned() else {
+        let Ok(conn_slot) = port.conns.clone().try_acquire_owned() else {
             if warn_now() {
                 tracing::warn!(%addr, "too many TCP connections; dropping new ones");
             }
             continue;
         };
-        let ctx = ctx.clone();
+        let port = port.clone();
         // Tracked, so that shutdown drains served connections; a handshake still in
         // progress when shutdown starts is abandoned at once.
-        ctx.tasks.clone().spawn(async move {
+        port.life.tasks.clone().spawn(async move {
             let _conn_slot = conn_slot;
-            let shutdown = ctx.shutdown.clone();
-            let Some(Some(tls)) = shutdown.run_until_cancelled(admit(&ctx, tcp, addr)).await else {
+            let shutdown = port.life.shutdown.clone();
+            let Some(Some(tls)) = shutdown.run_until_cancelled(admit(&port, tcp, addr)).await
+            else {
                 return;
             };
-            crate::accept::serve(ctx, crate::accept::Handshaken::Tls(Box::new(tls)), addr).await;
+            crate::accept::serve(
+                &port.routes,
+                crate::accept::Handshaken::Tls(Box::new(tls)),
+                addr,
+            )
+            .await;
         });
     }
 }
@@ -59,17 +122,17 @@ pub async fn accept_loop(ctx: Arc<Ctx>, listener: TcpListener) {
 /// The unauthenticated part of a connection: the source's own slot first (waiting is
 /// cheap), then one of the port's, then the TLS handshake within its deadline.
 async fn admit(
-    ctx: &Ctx,
+    port: &TcpPort,
     tcp: TcpStream,
     addr: std::net::SocketAddr,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let wait = ctx.cfg.handshake_timeout;
-    let Some(_source_slot) = ctx.tcp_sources.take(addr.ip(), wait).await else {
+    let wait = port.admission.timeout;
+    let Some(_source_slot) = port.admission.sources.take(addr.ip(), wait).await else {
         crate::metrics::handshake_failed("busy");
         tracing::debug!(%addr, "this source kept too many TLS handshakes in progress; dropped");
         return None;
     };
-    let Ok(_hs_slot) = ctx.tcp_handshakes.clone().try_acquire_owned() else {
+    let Ok(_hs_slot) = port.admission.handshakes.clone().try_acquire_owned() else {
         crate::metrics::handshake_failed("busy");
         if warn_now() {
             tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
@@ -77,7 +140,7 @@ async fn admit(
         return None;
     };
     let _ = tcp.set_nodelay(true);
-    match tokio::time::timeout(ctx.cfg.handshake_timeout, handshake(ctx, tcp)).await {
+    match tokio::time::timeout(port.admission.timeout, handshake(port, tcp)).await {
         Ok(Ok(t)) => Some(t),
         Ok(Err(e)) => {
             crate::metrics::handshake_failed("tls");
@@ -95,23 +158,22 @@ async fn admit(
 /// TLS handshake; a ClientHello asking only for HTTP (`h2`/`http/1.1`) gets the
 /// Kubernetes front door's config ([`crate::kube::tls`]), everything else the tunnel/dial one.
 async fn handshake(
-    ctx: &Ctx,
+    port: &TcpPort,
     tcp: TcpStream,
 ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     let http = start
         .client_hello()
         .alpn()
-        .map(|a| crate::kube::tls::wants_http(&a.collect::<Vec<_>>()))
+        .map(|a| wants_http(&a.collect::<Vec<_>>()))
         .unwrap_or(false);
     let cfg = if http {
-        ctx.kube
-            .tls
-            .get(ctx)
+        port.kube_tls
+            .get()
             .map_err(|e| std::io::Error::other(e.to_string()))?
             .server
     } else {
-        ctx.tcp_tls()
+        port.tls()
     };
     start.into_stream(cfg).await
 }

@@ -27,21 +27,41 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncWriteExt, ReadHalf};
 use tokio::sync::mpsc;
 
-use crate::ctx::Ctx;
-use crate::tunnels::Tunnel;
+use crate::authority::AuthorityClient;
+use crate::identity::IdentityCell;
+use crate::lifecycle::Lifecycle;
+use crate::locks::Locks;
+use crate::sessions::Sessions;
+use crate::tunnels::{Outside, Tunnel, Tunnels};
+
+/// What holding device tunnels needs: the authority (renewals and audit batches are relayed
+/// to it), the registry of tunnels, the spliced sessions (cut when their tunnel goes), the
+/// locked users (sent to agents) and the gateway's lifetime.
+#[derive(Clone)]
+pub struct TunnelHost {
+    pub auth: Arc<AuthorityClient>,
+    pub identity: IdentityCell,
+    pub tunnels: Arc<Tunnels>,
+    pub sessions: Arc<Sessions>,
+    pub locks: Arc<Locks>,
+    pub life: Lifecycle,
+    /// How long a new tunnel may take to open its control stream and say Hello.
+    pub handshake_timeout: Duration,
+    /// Idle timeout of tunnels whose transport does not keep itself alive (TCP).
+    pub idle_timeout: Duration,
+}
 
 /// The device named by a verified client certificate chain: (device id, cert fingerprint).
 /// The chain was already verified against the cluster CA by rustls; this checks the SPIFFE
 /// name (cluster and kind). The device id comes from here and nowhere else.
 pub fn device_from_certs(
-    ctx: &Ctx,
+    cluster: &str,
     certs: Option<&[CertificateDer<'_>]>,
 ) -> Result<(String, String), TunnelRefused> {
     let leaf = certs
         .and_then(|c| c.first())
         .ok_or(TunnelRefused::NoCertificate)?;
-    let cluster = ctx.identity().cluster().to_string();
-    match edgeport_proto::tls::peer_principal(leaf.as_ref(), &cluster) {
+    match edgeport_proto::tls::peer_principal(leaf.as_ref(), cluster) {
         Ok(Principal::Device(id)) => Ok((id, sha256_hex(leaf.as_ref()))),
         Ok(p) => Err(TunnelRefused::NotADevice(p.to_string())),
         Err(e) => Err(TunnelRefused::BadCertificate(e)),
@@ -57,15 +77,6 @@ pub enum TunnelRefused {
     NotADevice(String),
     #[error("bad device certificate: {0}")]
     BadCertificate(edgeport_proto::tls::TlsError),
-}
-
-/// What the rest of the gateway tells a tunnel's control stream.
-#[derive(Debug)]
-pub enum Outside {
-    /// The locked users changed: the agent ends their sessions.
-    Locked(Vec<String>),
-    /// The device was removed: refuse the tunnel (the caller closes it a moment later).
-    Refused(RpcError),
 }
 
 /// A relay to the authority that finished, for the control machine.
@@ -95,13 +106,13 @@ async fn sleep_until(at: Option<Instant>) {
 /// [`GatewayControl`]: this task owns it, feeds it frames, timers, relay results and
 /// [`Outside`] commands, and does what its events and transmits say.
 pub async fn serve(
-    ctx: Arc<Ctx>,
+    host: Arc<TunnelHost>,
     conn: Arc<dyn edgeport_net::Tunnel>,
     device_id: String,
     fingerprint: String,
     remote_addr: SocketAddr,
 ) {
-    let timeout = ctx.cfg.handshake_timeout;
+    let timeout = host.handshake_timeout;
     let Ok(Some(stream)) = tokio::time::timeout(timeout, conn.accept()).await else {
         tracing::info!(device = %device_id, %remote_addr, "tunnel dropped: no control stream in time");
         conn.close("no control stream");
@@ -114,7 +125,7 @@ pub async fn serve(
         // The transport (QUIC) negotiates its own idle timeout with the agent.
         Duration::from_secs(365 * 86400)
     } else {
-        ctx.cfg.tunnel_idle_timeout
+        host.idle_timeout
     };
     let mut ctl = GatewayControl::new(
         Instant::now(),
@@ -127,7 +138,7 @@ pub async fn serve(
     // One writer: the machine's frames go through this channel, so a slow device does not
     // stop the reading.
     let (wtx, mut wrx) = mpsc::channel::<GwMsg>(16);
-    let writer_task = ctx.tasks.spawn(async move {
+    let writer_task = host.life.tasks.spawn(async move {
         while let Some(msg) = wrx.recv().await {
             let w = tokio::time::timeout(Duration::from_secs(30), write_frame(&mut writer, &msg));
             if !matches!(w.await, Ok(Ok(()))) {
@@ -143,7 +154,7 @@ pub async fn serve(
     let (done_tx, mut done) = mpsc::channel::<Done>(RELAYS_PER_TUNNEL);
     let mut read = std::pin::pin!(read_next(reader));
     let mut io = Io {
-        ctx: ctx.clone(),
+        host: host.clone(),
         device_id: device_id.clone(),
         conn: conn.clone(),
         fingerprint,
@@ -183,7 +194,7 @@ pub async fn serve(
                 }
             }
             r = conn.closed(), if established => ctl.close(Instant::now(), describe(r)),
-            _ = ctx.shutdown.cancelled(), if established => {
+            _ = host.life.shutdown.cancelled(), if established => {
                 ctl.close(Instant::now(), "gateway shutting down");
             }
         }
@@ -247,7 +258,7 @@ pub async fn serve(
         .and_then(|r| r.clone())
         .unwrap_or(observed);
     tracing::info!(device = %device_id, transport = transport.as_str(), %reason, "device offline");
-    if ctx
+    if host
         .tunnels
         .get(&device_id)
         .is_some_and(|t| t.generation == tunnel.generation)
@@ -261,15 +272,15 @@ pub async fn serve(
             name: &device_id,
             reason: &why,
         };
-        ctx.sessions.cut(&[target], &[]);
+        host.sessions.cut(&[target], &[]);
     }
-    ctx.tunnels
+    host.tunnels
         .unregister(&device_id, tunnel.generation, reason);
 }
 
 /// What one tunnel's task holds besides the machine: the handles its events act on.
 struct Io {
-    ctx: Arc<Ctx>,
+    host: Arc<TunnelHost>,
     /// From the verified certificate: the only device id trusted.
     device_id: String,
     conn: Arc<dyn edgeport_net::Tunnel>,
@@ -289,10 +300,10 @@ struct Io {
 
 impl Io {
     fn on_event(&mut self, ctl: &mut GatewayControl, ev: GatewayEvent) {
-        let ctx = &self.ctx;
+        let host = &self.host;
         match ev {
             GatewayEvent::Hello(h) => {
-                let admission = if ctx.tunnels.is_revoked(&self.fingerprint) {
+                let admission = if host.tunnels.is_revoked(&self.fingerprint) {
                     Admission::Revoked {
                         message: format!(
                             "device {} was removed from the cluster; join again with a new token",
@@ -301,9 +312,9 @@ impl Io {
                     }
                 } else {
                     Admission::Accept {
-                        gateway_id: ctx.identity().gateway_id.clone(),
+                        gateway_id: host.identity.get().gateway_id.clone(),
                         transport: self.conn.transport(),
-                        locked_users: ctx.locked_users(),
+                        locked_users: host.locks.locked_users(),
                     }
                 };
                 self.hello = Some(h);
@@ -312,7 +323,7 @@ impl Io {
             GatewayEvent::Established => {
                 if let Some(hello) = self.hello.take() {
                     self.tunnel = Some(register(
-                        ctx,
+                        host,
                         &self.conn,
                         hello,
                         &self.fingerprint,
@@ -329,19 +340,19 @@ impl Io {
             // Relays run on the gateway's tasks (drained on shutdown); the machine bounds how
             // many run at once.
             GatewayEvent::Renew { id, ssh_public_key } => {
-                let (ctx, done) = (ctx.clone(), self.done.clone());
+                let (host, done) = (host.clone(), self.done.clone());
                 let device_id = self.device_id.clone();
-                self.ctx.tasks.spawn(async move {
-                    let r = renew_device(&ctx, device_id, ssh_public_key).await;
+                self.host.life.tasks.spawn(async move {
+                    let r = renew_device(&host, device_id, ssh_public_key).await;
                     let _ = done.send(Done::Renew(id, r)).await;
                 });
             }
             GatewayEvent::Audit { id, batch } => {
-                let (ctx, done) = (ctx.clone(), self.done.clone());
+                let (host, done) = (host.clone(), self.done.clone());
                 let device_id = self.device_id.clone();
-                self.ctx.tasks.spawn(async move {
+                self.host.life.tasks.spawn(async move {
                     let n = batch.events.len() as u64;
-                    let ack = crate::audit::relay_batch(&ctx, device_id, batch).await;
+                    let ack = crate::audit::relay_batch(&host.auth, device_id, batch).await;
                     let outcome = if ack.error.is_none() {
                         "accepted"
                     } else {
@@ -361,7 +372,7 @@ impl Io {
 
 /// Registers the tunnel of a welcomed device.
 fn register(
-    ctx: &Ctx,
+    host: &TunnelHost,
     conn: &Arc<dyn edgeport_net::Tunnel>,
     hello: Hello,
     fingerprint: &str,
@@ -371,7 +382,7 @@ fn register(
     let transport = conn.transport();
     let tunnel = Arc::new(Tunnel {
         device_id: hello.device_id.clone(),
-        generation: ctx.tunnels.next_generation(),
+        generation: host.tunnels.next_generation(),
         conn: conn.clone(),
         hello,
         remote_addr,
@@ -382,7 +393,7 @@ fn register(
         tcp_rtt_ms: Default::default(),
         close_reason: Mutex::new(None),
     });
-    if ctx.tunnels.get(&tunnel.device_id).is_some() {
+    if host.tunnels.get(&tunnel.device_id).is_some() {
         // The older tunnel goes now, and the sessions on it with it (a TCP connection cannot
         // follow a device to a new network; QUIC ones migrate and are not replaced). Their
         // users are told why; sessions over this new tunnel are not registered yet.
@@ -396,12 +407,12 @@ fn register(
             name: &tunnel.device_id,
             reason: &reason,
         };
-        let cut = ctx.sessions.cut(&[target], &[]);
+        let cut = host.sessions.cut(&[target], &[]);
         if cut > 0 {
             tracing::info!(device = %tunnel.device_id, sessions = cut, "ended the sessions of the replaced tunnel");
         }
     }
-    ctx.tunnels.register(tunnel.clone());
+    host.tunnels.register(tunnel.clone());
     tracing::info!(
         device = %tunnel.device_id, transport = transport.as_str(), %remote_addr,
         version = %tunnel.hello.version, "device online"
@@ -422,7 +433,7 @@ fn describe(reason: CloseReason) -> String {
 }
 
 async fn renew_device(
-    ctx: &Ctx,
+    host: &TunnelHost,
     device_id: String,
     ssh_public_key: String,
 ) -> Result<DeviceCerts, RpcError> {
@@ -430,7 +441,7 @@ async fn renew_device(
         device_id: device_id.clone(),
         ssh_public_key,
     });
-    let answer = ctx.auth.call(req).await;
+    let answer = host.auth.call(req).await;
     crate::metrics::renewal("device", &answer);
     match answer {
         Ok(Response::DeviceCerts(c)) => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use edgeport_net::write_frame;
 use edgeport_net::BoxedStream;
-use edgeport_proto::rpc::DevicePresence;
+use edgeport_proto::rpc::{DevicePresence, RpcError};
 use edgeport_proto::tunnel::{Hello, StreamHeader};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::task::TaskTracker;
@@ -51,7 +51,7 @@ pub struct Tunnel {
     /// a device that joins again (new certificate) is welcome.
     pub cert_fingerprint: String,
     /// Commands for the tunnel's control machine (locks, refusals), to the task that owns it.
-    pub control: mpsc::Sender<crate::tunnel::Outside>,
+    pub control: mpsc::Sender<Outside>,
     /// Agent-reported RTT, for transports that do not measure their own (TCP).
     pub tcp_rtt_ms: AtomicU32,
     /// Why the gateway closed it (when it did).
@@ -128,6 +128,15 @@ impl Tunnel {
         }
         opened
     }
+}
+
+/// What the rest of the gateway tells a tunnel's control stream.
+#[derive(Debug)]
+pub enum Outside {
+    /// The locked users changed: the agent ends their sessions.
+    Locked(Vec<String>),
+    /// The device was removed: refuse the tunnel (the caller closes it a moment later).
+    Refused(RpcError),
 }
 
 /// All tunnels of this gateway, plus what presence reports need.
@@ -224,12 +233,12 @@ impl Tunnels {
             if let Ok(mut r) = self.revoked_certs.lock() {
                 r.insert(t.cert_fingerprint.clone());
             }
-            let _ = t.control.try_send(crate::tunnel::Outside::Refused(
-                edgeport_proto::rpc::RpcError::new(
+            let _ = t
+                .control
+                .try_send(Outside::Refused(edgeport_proto::rpc::RpcError::new(
                     edgeport_proto::rpc::ErrorKind::Denied,
                     reason.to_string(),
-                ),
-            ));
+                )));
             // Give the refusal a moment to reach the agent before the connection goes.
             let t2 = t.clone();
             let reason = reason.to_string();

@@ -31,8 +31,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
-use crate::ctx::Ctx;
 use crate::grants::UserCert;
+use crate::peers::Reach;
+use crate::sessions::Sessions;
 use audit::{audit_kube_event, KubeAuditEvent, KubeEventKind};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -59,13 +60,33 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// it before it is closed.
 const REFUSED_LINGER: Duration = Duration::from_secs(5);
 
-/// Front-door state kept in [`Ctx`].
-#[derive(Default)]
-pub struct KubeState {
-    pub tls: tls::TlsCache,
+/// The front door: the way to devices, the spliced sessions (locks cut them), its TLS and
+/// an inventory cache.
+pub struct Front {
+    pub reach: Reach,
+    pub sessions: Arc<Sessions>,
+    pub tasks: tokio_util::task::TaskTracker,
+    pub tls: Arc<tls::TlsCache>,
     /// The inventory, to tell an offline cluster from an unknown one (refreshed at most
     /// every [`INVENTORY_TTL`], so requests for unknown clusters cannot flood the authority).
     devices: Mutex<Option<(Instant, Vec<DeviceInfo>)>>,
+}
+
+impl Front {
+    pub fn new(
+        reach: Reach,
+        sessions: Arc<Sessions>,
+        tasks: tokio_util::task::TaskTracker,
+        tls: Arc<tls::TlsCache>,
+    ) -> Self {
+        Self {
+            reach,
+            sessions,
+            tasks,
+            tls,
+            devices: Mutex::new(None),
+        }
+    }
 }
 
 /// Who is on the other end of one TLS connection.
@@ -141,7 +162,7 @@ pub enum CertRefused {
 
 /// Checks the client certificate: this cluster's CA, valid now, names a user.
 fn check_cert(
-    ctx: &Ctx,
+    front: &Front,
     verifier: &dyn rustls::server::danger::ClientCertVerifier,
     certs: Option<&[CertificateDer<'_>]>,
 ) -> Result<UserCert, CertRefused> {
@@ -160,7 +181,7 @@ fn check_cert(
             }
             other => CertRefused::Other(other.to_string()),
         })?;
-    match edgeport_proto::tls::peer_principal(leaf.as_ref(), ctx.identity().cluster()) {
+    match edgeport_proto::tls::peer_principal(leaf.as_ref(), front.reach.identity.get().cluster()) {
         Ok(Principal::User(u)) => Ok(UserCert::new(u, leaf.as_ref().to_vec())),
         Ok(_) => Err(CertRefused::NotAUser),
         Err(e) => Err(CertRefused::Other(e.to_string())),
@@ -169,13 +190,13 @@ fn check_cert(
 
 /// Serves one TLS connection of the front door (HTTP/1.1 or HTTP/2).
 pub async fn serve(
-    ctx: Arc<Ctx>,
+    front: Arc<Front>,
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     addr: SocketAddr,
 ) {
-    let user = match ctx.kube.tls.get(&ctx) {
+    let user = match front.tls.get() {
         Ok(t) => check_cert(
-            &ctx,
+            &front,
             t.verifier.as_ref(),
             tls.get_ref().1.peer_certificates(),
         ),
@@ -199,12 +220,12 @@ pub async fn serve(
     });
     let state = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
+        let front = front.clone();
         let conn = conn.clone();
         async move {
             // In flight until the response body is done (watches, logs -f).
             let guard = InFlight::new(&conn);
-            let resp = handle(ctx, conn, req).await;
+            let resp = handle(front, conn, req).await;
             Ok::<_, std::convert::Infallible>(resp.map(|body| {
                 body.map_frame(move |f| {
                     let _held = &guard;
@@ -329,8 +350,9 @@ fn rpc_status(e: &RpcError) -> (StatusCode, &'static str) {
 
 /// The device serving `cluster`: the newest tunnel here, else an online device of the
 /// inventory (held by another gateway, which the request is then forwarded to).
-async fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
-    let here = ctx
+async fn device_for(front: &Front, cluster: &str) -> Option<String> {
+    let here = front
+        .reach
         .tunnels
         .all()
         .into_iter()
@@ -340,7 +362,7 @@ async fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
     if here.is_some() {
         return here;
     }
-    inventory(ctx)
+    inventory(front)
         .await?
         .into_iter()
         .filter(|d| d.online && d.kube_cluster.as_deref() == Some(cluster))
@@ -350,8 +372,8 @@ async fn device_for(ctx: &Ctx, cluster: &str) -> Option<String> {
 
 /// The authority's inventory, reused for [`INVENTORY_TTL`] (requests for clusters not
 /// served here cannot flood the authority).
-async fn inventory(ctx: &Ctx) -> Option<Vec<DeviceInfo>> {
-    let cached = ctx.kube.devices.lock().ok().and_then(|d| {
+async fn inventory(front: &Front) -> Option<Vec<DeviceInfo>> {
+    let cached = front.devices.lock().ok().and_then(|d| {
         d.as_ref()
             .filter(|(at, _)| at.elapsed() < INVENTORY_TTL)
             .map(|(_, v)| v.clone())
@@ -359,16 +381,16 @@ async fn inventory(ctx: &Ctx) -> Option<Vec<DeviceInfo>> {
     if cached.is_some() {
         return cached;
     }
-    let devs = ctx.auth.all_devices().await.ok()?;
-    if let Ok(mut c) = ctx.kube.devices.lock() {
+    let devs = front.reach.auth.all_devices().await.ok()?;
+    if let Ok(mut c) = front.devices.lock() {
         *c = Some((Instant::now(), devs.clone()));
     }
     Some(devs)
 }
 
 /// Why no device serves `cluster`: a known device that is offline, or no such cluster.
-async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
-    let devs = inventory(ctx).await;
+async fn missing_cluster(front: &Front, cluster: &str) -> HttpResponse<Body> {
+    let devs = inventory(front).await;
     if let Some(devs) = devs {
         if let Some(d) = devs
             .iter()
@@ -388,7 +410,11 @@ async fn missing_cluster(ctx: &Ctx, cluster: &str) -> HttpResponse<Body> {
     )
 }
 
-async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> HttpResponse<Body> {
+async fn handle(
+    front: Arc<Front>,
+    conn: Arc<Conn>,
+    req: HttpRequest<Incoming>,
+) -> HttpResponse<Body> {
     let refusal = match &conn.user {
         Ok(u) if edgeport_net::clock::now_secs() < conn.not_after => Ok(u.clone()),
         Ok(_) => Err(CertRefused::ExpiredSinceConnect),
@@ -402,7 +428,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
             let mut resp = status_body(StatusCode::UNAUTHORIZED, "Unauthorized", &why.to_string());
             if req.version() == http::Version::HTTP_2 {
                 let conn = conn.clone();
-                ctx.tasks.spawn(async move {
+                front.tasks.spawn(async move {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     conn.close.notify_one();
                 });
@@ -432,20 +458,29 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         );
     };
     let (cluster, inner) = (cluster.to_string(), inner.to_string());
-    if let Err(e) = ctx.check_unlocked(&LockTarget::User(user.clone())) {
+    if let Err(e) = front
+        .reach
+        .locks
+        .check_unlocked(&LockTarget::User(user.clone()))
+    {
         return status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
     }
-    let Some(device) = device_for(&ctx, &cluster).await else {
-        return missing_cluster(&ctx, &cluster).await;
+    let Some(device) = device_for(&front, &cluster).await else {
+        return missing_cluster(&front, &cluster).await;
     };
-    if let Err(e) = ctx.check_unlocked(&LockTarget::Device(device.clone())) {
+    if let Err(e) = front
+        .reach
+        .locks
+        .check_unlocked(&LockTarget::Device(device.clone()))
+    {
         return status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
     }
     // A fresh ticket per request: the agent impersonates only whom the authority's ticket
     // names, and takes each ticket once.
-    let grant = match ctx
+    let grant = match front
+        .reach
         .grants
-        .ticketed(&ctx.auth, &who, &device, Service::Kube)
+        .ticketed(&front.reach.auth, &who, &device, Service::Kube)
         .await
     {
         Ok(g) => g,
@@ -489,7 +524,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
         via: None,
     };
     let resp = forward(
-        &ctx,
+        &front,
         &who,
         &grant,
         &header,
@@ -507,7 +542,7 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: HttpRequest<Incoming>) -> H
 }
 
 async fn forward(
-    ctx: &Ctx,
+    front: &Front,
     who: &UserCert,
     grant: &edgeport_proto::rpc::DialGrant,
     header: &StreamHeader,
@@ -528,7 +563,11 @@ async fn forward(
     scrub_headers(out.headers_mut(), upgrade);
 
     let device = &grant.device.id;
-    let stream = match crate::peers::open_device_stream(ctx, who, grant, header.clone()).await {
+    let stream = match front
+        .reach
+        .open_device_stream(who, grant, header.clone())
+        .await
+    {
         Ok((s, _)) => s,
         Err(e) => {
             let (status, reason) = match &e {
@@ -555,13 +594,13 @@ async fn forward(
     };
     // Registered like SSH splices, so a device lock cuts watches, logs -f and exec sessions
     // to the device: dropping the connection ends the response body.
-    let reg = ctx.sessions.register(
+    let reg = front.sessions.register(
         device,
         &header.user.clone().unwrap_or_default(),
         &header.session_id,
     );
     let cut = reg.cancel.clone();
-    ctx.tasks.spawn(async move {
+    front.tasks.spawn(async move {
         let _reg = reg;
         tokio::select! {
             r = conn.with_upgrades() => if let Err(e) = r {
@@ -588,8 +627,8 @@ async fn forward(
                 ev.kind = KubeEventKind::SessionStart;
                 ev.status = 101;
                 audit_kube_event(&ev);
-                let reg = ctx.sessions.register(device, &ev.user, &ev.session_id);
-                ctx.tasks.spawn(async move {
+                let reg = front.sessions.register(device, &ev.user, &ev.session_id);
+                front.tasks.spawn(async move {
                     let (c, d) = match tokio::try_join!(client_upgrade, device_upgrade) {
                         Ok(x) => x,
                         Err(e) => {

@@ -11,16 +11,10 @@ use std::sync::{Arc, Mutex};
 use edgeport_proto::tls;
 use rustls::server::danger::ClientCertVerifier;
 
-use crate::ctx::Ctx;
-use crate::identity::IdentityError;
+use crate::identity::{IdentityCell, IdentityError};
 
 /// ALPN ids of the front door.
 pub const ALPNS: &[&[u8]] = &[edgeport_proto::alpn::H2, edgeport_proto::alpn::HTTP11];
-
-/// Does this ClientHello ask for HTTP (and nothing of Edgeport's own)?
-pub fn wants_http(alpns: &[&[u8]]) -> bool {
-    alpns.iter().any(|a| ALPNS.contains(a)) && !alpns.iter().any(|a| crate::tcp::ALPNS.contains(a))
-}
 
 /// The front door's server config and the strict verifier, for one gateway certificate.
 #[derive(Clone)]
@@ -30,14 +24,23 @@ pub struct FrontTls {
 }
 
 /// Built once per gateway certificate (renewals make a new one).
-#[derive(Default)]
-pub struct TlsCache(Mutex<Option<(u64, FrontTls)>>);
+pub struct TlsCache {
+    identity: IdentityCell,
+    built: Mutex<Option<(u64, FrontTls)>>,
+}
 
 impl TlsCache {
-    pub fn get(&self, ctx: &Ctx) -> Result<FrontTls, IdentityError> {
-        let ident = ctx.identity();
+    pub fn new(identity: IdentityCell) -> Self {
+        Self {
+            identity,
+            built: Mutex::new(None),
+        }
+    }
+
+    pub fn get(&self) -> Result<FrontTls, IdentityError> {
+        let ident = self.identity.get();
         let key = ident.issued_at ^ ident.valid_before.rotate_left(32);
-        if let Ok(c) = self.0.lock() {
+        if let Ok(c) = self.built.lock() {
             if let Some((k, t)) = c.as_ref() {
                 if *k == key {
                     return Ok(t.clone());
@@ -61,7 +64,7 @@ impl TlsCache {
             server: Arc::new(server),
             verifier,
         };
-        if let Ok(mut c) = self.0.lock() {
+        if let Ok(mut c) = self.built.lock() {
             *c = Some((key, t.clone()));
         }
         Ok(t)
