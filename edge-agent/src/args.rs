@@ -1,7 +1,7 @@
 //! The agent's command line, parsed by hand: clap cost the armv7 build about 70 KB of its
 //! 4,000,000-byte budget (docs/benchmarks.md). `--flag VALUE` and `--flag=VALUE`; a flag with
 //! an environment variable takes it when the flag is absent (an empty variable counts as
-//! absent); the last occurrence wins. An unknown flag or
+//! absent); the last occurrence wins, except for the repeatable `--target`. An unknown flag or
 //! a bad value is one line on stderr and exit code 2.
 
 use std::collections::BTreeMap;
@@ -42,6 +42,8 @@ pub struct StartArgs {
     pub kube_cluster: Option<String>,
     pub kubeconfig: Option<PathBuf>,
     pub sftp_server: String,
+    /// `--target NAME=HOST:PORT`, repeatable (and `EDGEPORT_TARGETS`, comma separated).
+    pub targets: Vec<String>,
     #[cfg(feature = "metrics")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     #[cfg(feature = "test-hooks")]
@@ -91,6 +93,7 @@ const VALUE_FLAGS: &[(&str, &str, &str)] = &[
     ("ca-pin", "EDGEPORT_CA_PIN", "sha256:HEX  The cluster's CA pin (first start only)"),
     ("id", "EDGEPORT_DEVICE_ID", "ID  Requested device id (first start only)"),
     ("labels", "EDGEPORT_LABELS", "k=v,k2=v2  Requested labels (first start only)"),
+    ("target", "EDGEPORT_TARGETS", "NAME=HOST:PORT  A host behind this device, checked and reported (repeatable; also DATA/targets)"),
     ("transport", "EDGEPORT_TRANSPORT", "auto|quic|tcp  Tunnel transport: QUIC with a TCP+TLS fallback, or only one [default: auto]"),
     ("quic-timeout", "", "DURATION  Use TCP+TLS when no QUIC handshake completes within this time [default: 3s]"),
     ("keepalive", "", "DURATION  Keep-alive interval (keeps carrier NAT bindings open) [default: 25s]"),
@@ -227,6 +230,21 @@ pub fn parse(
     };
     let audit_spool_max = parse_size(&get("audit-spool-max").unwrap_or_else(|| "64M".into()))
         .map_err(|e| bad("audit-spool-max", e))?;
+    let targets = match given.get("target") {
+        Some(t) => t.clone(),
+        None => env("EDGEPORT_TARGETS")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    for t in &targets {
+        edge_agent::targets::parse_line(t).map_err(|e| bad("target", e.to_string()))?;
+    }
     let kube_cluster = get("kube-cluster");
     let kubeconfig = get("kubeconfig").map(PathBuf::from);
     if kubeconfig.is_some() && kube_cluster.is_none() && cfg!(feature = "kube") {
@@ -249,6 +267,7 @@ pub fn parse(
         kube_cluster,
         kubeconfig,
         sftp_server: get("sftp-server").unwrap_or_else(|| "auto".into()),
+        targets,
         #[cfg(feature = "metrics")]
         metrics_addr: match get("metrics-addr") {
             Some(a) => Some(
@@ -331,7 +350,15 @@ mod tests {
         assert_eq!(a.transport, TransportChoice::Auto);
         assert_eq!(a.sftp_server, "auto");
         let a = start(
-            &["start", "--keepalive=5s", "--quic-timeout", "250ms"],
+            &[
+                "start",
+                "--keepalive=5s",
+                "--quic-timeout",
+                "250ms",
+                "--target",
+                "a=1.2.3.4:22",
+                "--target=b=h:2",
+            ],
             &[
                 ("EDGEPORT_GATEWAY", "gw:2"),
                 ("EDGEPORT_LABELS", "a=b"),
@@ -345,6 +372,7 @@ mod tests {
         assert_eq!(a.transport, TransportChoice::Tcp);
         assert_eq!(a.keepalive, Duration::from_secs(5));
         assert_eq!(a.quic_timeout, Duration::from_millis(250));
+        assert_eq!(a.targets, vec!["a=1.2.3.4:22", "b=h:2"]);
         // The flag beats the environment.
         let a = start(
             &["start", "--gateway", "x:1"],
@@ -363,8 +391,8 @@ mod tests {
         assert!(e.0.contains("--gateway"), "{e}");
         let e = run(&["start", "--gateway"], &[]).unwrap_err();
         assert_eq!(e.0, "--gateway needs a value");
-        let e = run(&["start", "--gateway", "g:1", "--threads", "-1"], &[]).unwrap_err();
-        assert!(e.0.starts_with("invalid value for --threads"), "{e}");
+        let e = run(&["start", "--gateway", "g:1", "--target", "nohost"], &[]).unwrap_err();
+        assert!(e.0.starts_with("invalid value for --target"), "{e}");
         assert!(!e.to_string().contains('\n'));
         assert!(run(&["stop"], &[]).is_err());
     }

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
     cfg.idle_timeout = a.idle_timeout.max(cfg.keepalive * 2);
     cfg.quic_probe_interval = a.quic_probe_interval.max(Duration::from_secs(1));
     cfg.audit_max_bytes = a.audit_spool_max.max(4096);
+    cfg.targets = a.targets;
     #[cfg(feature = "test-hooks")]
     {
         cfg.test_echo = a.test.test_echo;
