@@ -18,6 +18,9 @@ use crate::transport::QuicClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// `--target` or `DATA/targets` does not parse.
+    #[error("targets: {0}")]
+    Targets(String),
     #[error(transparent)]
     Join(#[from] JoinError),
     #[error(transparent)]
@@ -212,6 +215,11 @@ pub async fn run_with(
             None
         }
     };
+    // Hosts behind the device: checked and reported; DATA/targets is read again on SIGHUP.
+    let targets =
+        crate::targets::TargetSet::new(&cfg.data_dir, &cfg.targets).map_err(AgentError::Targets)?;
+    tokio::spawn(targets.clone().run_checks(shutdown.clone()));
+    tokio::spawn(crate::targets::reload_on_hangup(targets, shutdown.clone()));
     crate::audit::event("agent.start")
         .field("version", edgeport_proto::VERSION)
         .field("device", &ident.device_id)

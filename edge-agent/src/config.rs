@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub healthy_after: Duration,
+    /// `--target NAME=HOST:PORT [labels]` lines (more in `DATA/targets`; see `targets`).
+    pub targets: Vec<String>,
     /// Serve the test-only echo service.
     #[cfg(feature = "test-hooks")]
     pub test_echo: bool,
@@ -101,6 +103,7 @@ impl AgentConfig {
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
             healthy_after: Duration::from_secs(60),
+            targets: Vec::new(),
             #[cfg(feature = "test-hooks")]
             test_echo: false,
             #[cfg(feature = "test-hooks")]

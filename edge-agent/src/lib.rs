@@ -27,6 +27,7 @@ pub mod session;
 #[cfg(feature = "sftp")]
 pub mod sftp_server;
 pub mod ssh;
+pub mod targets;
 pub mod transport;
 
 pub use agent::run;

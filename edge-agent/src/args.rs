@@ -1,0 +1,414 @@
+//! The agent's command line, parsed by hand: clap cost the armv7 build about 70 KB of its
+//! 4,000,000-byte budget (docs/benchmarks.md). `--flag VALUE` and `--flag=VALUE`; a flag with
+//! an environment variable takes it when the flag is absent (an empty variable counts as
+//! absent); the last occurrence wins, except for the repeatable `--target`. An unknown flag or
+//! a bad value is one line on stderr and exit code 2.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use edge_agent::TransportChoice;
+
+/// What the command line asks for.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
+pub enum Command {
+    /// Joins (first start) and keeps the tunnel up until SIGINT/SIGTERM.
+    Start(StartArgs),
+    /// Serves SFTP on stdin/stdout (hidden: the agent runs it itself for the `sftp`
+    /// subsystem when the device has no sftp-server).
+    #[cfg(feature = "sftp")]
+    SftpServer,
+    /// Text for stdout, exit code 0 (`--help`, `--version`).
+    Print(String),
+}
+
+#[derive(Debug)]
+pub struct StartArgs {
+    pub data_dir: PathBuf,
+    pub gateway: String,
+    pub token: Option<String>,
+    pub ca_pin: Option<String>,
+    pub id: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub transport: TransportChoice,
+    pub quic_timeout: Duration,
+    pub keepalive: Duration,
+    pub idle_timeout: Duration,
+    pub quic_probe_interval: Duration,
+    pub threads: usize,
+    pub audit_spool_max: u64,
+    pub kube_cluster: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub sftp_server: String,
+    /// `--target NAME=HOST:PORT`, repeatable (and `EDGEPORT_TARGETS`, comma separated).
+    pub targets: Vec<String>,
+    #[cfg(feature = "metrics")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    #[cfg(feature = "test-hooks")]
+    pub test: TestHooks,
+}
+
+/// Hidden flags for the end-to-end tests and benchmarks (cargo feature `test-hooks`).
+#[cfg(feature = "test-hooks")]
+#[derive(Debug, Default)]
+pub struct TestHooks {
+    pub test_echo: bool,
+    pub test_renew: bool,
+    pub test_audit_sign_key: Option<PathBuf>,
+    pub test_audit_replay: bool,
+    pub test_audit_flood: u64,
+}
+
+/// A usage error: printed as `error: ...` with exit code 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (see edge-agent start --help)", self.0)
+    }
+}
+
+const ABOUT: &str = "Edgeport edge agent: keeps a reverse tunnel to the gateway and serves SSH";
+
+const TOP_HELP: &str = "Usage: edge-agent <COMMAND>
+
+Commands:
+  start  Joins (first start) and keeps the tunnel up until SIGINT/SIGTERM
+  help   Print this message
+
+Options:
+  -h, --help     Print help
+  -V, --version  Print version
+";
+
+/// Flags that take a value: (flag, environment variable, help line). The help lines are
+/// printed in this order.
+const VALUE_FLAGS: &[(&str, &str, &str)] = &[
+    ("data-dir", "EDGEPORT_DATA_DIR", "DIR  Where the device keeps its key and certificates [default: /var/lib/edgeport]"),
+    ("gateway", "EDGEPORT_GATEWAY", "HOST:PORT  The gateway (the same port on UDP and TCP); required"),
+    ("token", "EDGEPORT_TOKEN", "TOKEN  Join token (first start only; from `tctl tokens add --type device`)"),
+    ("ca-pin", "EDGEPORT_CA_PIN", "sha256:HEX  The cluster's CA pin (first start only)"),
+    ("id", "EDGEPORT_DEVICE_ID", "ID  Requested device id (first start only)"),
+    ("labels", "EDGEPORT_LABELS", "k=v,k2=v2  Requested labels (first start only)"),
+    ("target", "EDGEPORT_TARGETS", "NAME=HOST:PORT  A host behind this device, checked and reported (repeatable; also DATA/targets)"),
+    ("transport", "EDGEPORT_TRANSPORT", "auto|quic|tcp  Tunnel transport: QUIC with a TCP+TLS fallback, or only one [default: auto]"),
+    ("quic-timeout", "", "DURATION  Use TCP+TLS when no QUIC handshake completes within this time [default: 3s]"),
+    ("keepalive", "", "DURATION  Keep-alive interval (keeps carrier NAT bindings open) [default: 25s]"),
+    ("idle-timeout", "", "DURATION  Declare the tunnel dead after this long without the gateway [default: 90s]"),
+    ("quic-probe-interval", "", "DURATION  While on TCP, try QUIC again after this long [default: 30s]"),
+    ("threads", "EDGEPORT_THREADS", "N  Threads for the agent's tasks; 0: one per core [default: 1]"),
+    ("audit-spool-max", "EDGEPORT_AUDIT_SPOOL_MAX", "SIZE  Most bytes the audit spool may take on disk (K, M, G) [default: 64M]"),
+    ("kube-cluster", "EDGEPORT_KUBE_CLUSTER", "NAME  Serve this Kubernetes cluster (kubectl reaches it through the gateway)"),
+    ("kubeconfig", "EDGEPORT_KUBECONFIG", "PATH  The agent's kubeconfig for that cluster (default: the pod's service account)"),
+    ("sftp-server", "EDGEPORT_SFTP_SERVER", "auto|builtin|none|PATH  The SFTP server for the sftp subsystem [default: auto]"),
+    #[cfg(feature = "metrics")]
+    ("metrics-addr", "EDGEPORT_METRICS_ADDR", "HOST:PORT  Serve Prometheus metrics at http://HOST:PORT/metrics (no authentication)"),
+    #[cfg(feature = "test-hooks")]
+    ("test-audit-sign-key", "", ""),
+    #[cfg(feature = "test-hooks")]
+    ("test-audit-flood", "", ""),
+];
+
+/// Switches (no value). Only the hidden test hooks.
+#[cfg(feature = "test-hooks")]
+const BOOL_FLAGS: &[&str] = &["test-echo", "test-renew", "test-audit-replay"];
+#[cfg(not(feature = "test-hooks"))]
+const BOOL_FLAGS: &[&str] = &[];
+
+fn start_help() -> String {
+    let mut s = String::from(
+        "Joins (first start) and keeps the tunnel up until SIGINT/SIGTERM\n\n\
+         Usage: edge-agent start --gateway HOST:PORT [OPTIONS]\n\nOptions:\n",
+    );
+    for (flag, env, help) in VALUE_FLAGS {
+        if help.is_empty() || (!cfg!(feature = "kube") && flag.starts_with("kube")) {
+            continue;
+        }
+        let (value, text) = help.split_once("  ").unwrap_or(("", help));
+        s.push_str(&format!("  --{flag} {value}\n          {text}"));
+        if !env.is_empty() {
+            s.push_str(&format!(" [env: {env}]"));
+        }
+        s.push('\n');
+    }
+    s.push_str("  -h, --help\n          Print help\n");
+    s
+}
+
+/// Parses the arguments after the program name; `env` reads the environment.
+pub fn parse(
+    args: impl IntoIterator<Item = String>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Command, UsageError> {
+    let mut args = args.into_iter();
+    match args.next().as_deref() {
+        Some("start") => {}
+        #[cfg(feature = "sftp")]
+        Some("sftp-server") => return Ok(Command::SftpServer),
+        None | Some("-h" | "--help" | "help") => {
+            return Ok(Command::Print(format!("{ABOUT}\n\n{TOP_HELP}")))
+        }
+        Some("-V" | "--version") => {
+            return Ok(Command::Print(format!(
+                "edge-agent {}\n",
+                edgeport_proto::VERSION
+            )))
+        }
+        Some(other) => {
+            return Err(UsageError(format!(
+                "unknown command {other:?}: expected start"
+            )))
+        }
+    }
+    let mut given: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    while let Some(arg) = args.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(Command::Print(start_help()));
+        }
+        let Some(body) = arg.strip_prefix("--") else {
+            return Err(UsageError(format!("unexpected argument {arg:?}")));
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (body, None),
+        };
+        if let Some(flag) = BOOL_FLAGS.iter().find(|f| **f == name) {
+            if inline.is_some() {
+                return Err(UsageError(format!("--{name} takes no value")));
+            }
+            given.entry(flag).or_default().push(String::new());
+            continue;
+        }
+        let Some((flag, _, _)) = VALUE_FLAGS.iter().find(|(f, _, _)| *f == name) else {
+            return Err(UsageError(format!("unknown flag --{name}")));
+        };
+        let value = match inline {
+            Some(v) => v,
+            None => args
+                .next()
+                .ok_or_else(|| UsageError(format!("--{name} needs a value")))?,
+        };
+        given.entry(flag).or_default().push(value);
+    }
+    // The command line first, then the environment; empty variables count as absent.
+    let get = |flag: &str| -> Option<String> {
+        if let Some(v) = given.get(flag).and_then(|v| v.last()) {
+            return Some(v.clone());
+        }
+        let (_, var, _) = VALUE_FLAGS.iter().find(|(f, _, _)| *f == flag)?;
+        if var.is_empty() {
+            return None;
+        }
+        env(var).filter(|v| !v.is_empty())
+    };
+    let bad = |flag: &str, e: String| UsageError(format!("invalid value for --{flag}: {e}"));
+    let dur = |flag: &str, default: &str| -> Result<Duration, UsageError> {
+        let v = get(flag).unwrap_or_else(|| default.to_string());
+        parse_duration(&v).map_err(|e| bad(flag, e))
+    };
+    let gateway = get("gateway").ok_or_else(|| {
+        UsageError("--gateway HOST:PORT is required (or EDGEPORT_GATEWAY)".into())
+    })?;
+    let labels = match get("labels") {
+        Some(l) => {
+            edgeport_proto::util::parse_labels(&l).map_err(|e| bad("labels", e.to_string()))?
+        }
+        None => BTreeMap::new(),
+    };
+    let transport = get("transport")
+        .unwrap_or_else(|| "auto".into())
+        .parse::<TransportChoice>()
+        .map_err(|e| bad("transport", e))?;
+    let threads = match get("threads") {
+        Some(t) => t
+            .parse::<usize>()
+            .map_err(|e| bad("threads", e.to_string()))?,
+        None => 1,
+    };
+    let audit_spool_max = parse_size(&get("audit-spool-max").unwrap_or_else(|| "64M".into()))
+        .map_err(|e| bad("audit-spool-max", e))?;
+    let targets = match given.get("target") {
+        Some(t) => t.clone(),
+        None => env("EDGEPORT_TARGETS")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    for t in &targets {
+        edge_agent::targets::parse_line(t).map_err(|e| bad("target", e.to_string()))?;
+    }
+    let kube_cluster = get("kube-cluster");
+    let kubeconfig = get("kubeconfig").map(PathBuf::from);
+    if kubeconfig.is_some() && kube_cluster.is_none() && cfg!(feature = "kube") {
+        return Err(UsageError("--kubeconfig needs --kube-cluster".into()));
+    }
+    Ok(Command::Start(StartArgs {
+        data_dir: PathBuf::from(get("data-dir").unwrap_or_else(|| "/var/lib/edgeport".into())),
+        gateway,
+        token: get("token"),
+        ca_pin: get("ca-pin"),
+        id: get("id"),
+        labels,
+        transport,
+        quic_timeout: dur("quic-timeout", "3s")?,
+        keepalive: dur("keepalive", "25s")?,
+        idle_timeout: dur("idle-timeout", "90s")?,
+        quic_probe_interval: dur("quic-probe-interval", "30s")?,
+        threads,
+        audit_spool_max,
+        kube_cluster,
+        kubeconfig,
+        sftp_server: get("sftp-server").unwrap_or_else(|| "auto".into()),
+        targets,
+        #[cfg(feature = "metrics")]
+        metrics_addr: match get("metrics-addr") {
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|e: std::net::AddrParseError| bad("metrics-addr", e.to_string()))?,
+            ),
+            None => None,
+        },
+        #[cfg(feature = "test-hooks")]
+        test: TestHooks {
+            test_echo: given.contains_key("test-echo"),
+            test_renew: given.contains_key("test-renew"),
+            test_audit_sign_key: get("test-audit-sign-key").map(PathBuf::from),
+            test_audit_replay: given.contains_key("test-audit-replay"),
+            test_audit_flood: match get("test-audit-flood") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|e: std::num::ParseIntError| bad("test-audit-flood", e.to_string()))?,
+                None => 0,
+            },
+        },
+    }))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1024),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1024 * 1024),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1024 * 1024 * 1024),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n.saturating_mul(mul))
+        .map_err(|e| format!("invalid size {s:?}: {e}"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    // Sub-second values help tests; the public syntax is the shared one (90s, 30m, ...).
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|e| format!("invalid duration {s:?}: {e}"));
+    }
+    edgeport_proto::util::parse_duration_secs(s)
+        .map(Duration::from_secs)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Command, UsageError> {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse(args.iter().map(|s| s.to_string()), move |k| {
+            env.get(k).cloned()
+        })
+    }
+
+    fn start(args: &[&str], env: &[(&str, &str)]) -> StartArgs {
+        match run(args, env).unwrap() {
+            Command::Start(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_env_and_flags() {
+        let a = start(&["start", "--gateway", "gw:1"], &[]);
+        assert_eq!(a.data_dir, PathBuf::from("/var/lib/edgeport"));
+        assert_eq!(a.keepalive, Duration::from_secs(25));
+        assert_eq!(a.idle_timeout, Duration::from_secs(90));
+        assert_eq!(a.quic_timeout, Duration::from_secs(3));
+        assert_eq!(a.audit_spool_max, 64 * 1024 * 1024);
+        assert_eq!(a.threads, 1);
+        assert_eq!(a.transport, TransportChoice::Auto);
+        assert_eq!(a.sftp_server, "auto");
+        let a = start(
+            &[
+                "start",
+                "--keepalive=5s",
+                "--quic-timeout",
+                "250ms",
+                "--target",
+                "a=1.2.3.4:22",
+                "--target=b=h:2",
+            ],
+            &[
+                ("EDGEPORT_GATEWAY", "gw:2"),
+                ("EDGEPORT_LABELS", "a=b"),
+                ("EDGEPORT_TOKEN", ""),
+                ("EDGEPORT_TRANSPORT", "tcp"),
+            ],
+        );
+        assert_eq!(a.gateway, "gw:2");
+        assert_eq!(a.labels.get("a").map(String::as_str), Some("b"));
+        assert_eq!(a.token, None);
+        assert_eq!(a.transport, TransportChoice::Tcp);
+        assert_eq!(a.keepalive, Duration::from_secs(5));
+        assert_eq!(a.quic_timeout, Duration::from_millis(250));
+        assert_eq!(a.targets, vec!["a=1.2.3.4:22", "b=h:2"]);
+        // The flag beats the environment.
+        let a = start(
+            &["start", "--gateway", "x:1"],
+            &[("EDGEPORT_GATEWAY", "y:1")],
+        );
+        assert_eq!(a.gateway, "x:1");
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        let e = run(&["start", "--gateway", "g:1", "--nope"], &[]).unwrap_err();
+        assert_eq!(e.0, "unknown flag --nope");
+        let e = run(&["start", "--gateway", "g:1", "--keepalive", "soon"], &[]).unwrap_err();
+        assert!(e.0.starts_with("invalid value for --keepalive"), "{e}");
+        let e = run(&["start"], &[]).unwrap_err();
+        assert!(e.0.contains("--gateway"), "{e}");
+        let e = run(&["start", "--gateway"], &[]).unwrap_err();
+        assert_eq!(e.0, "--gateway needs a value");
+        let e = run(&["start", "--gateway", "g:1", "--target", "nohost"], &[]).unwrap_err();
+        assert!(e.0.starts_with("invalid value for --target"), "{e}");
+        assert!(!e.to_string().contains('\n'));
+        assert!(run(&["stop"], &[]).is_err());
+    }
+
+    #[test]
+    fn help_and_version() {
+        let Ok(Command::Print(h)) = run(&["start", "--help"], &[]) else {
+            panic!()
+        };
+        assert!(
+            h.contains("--gateway") && h.contains("EDGEPORT_DATA_DIR"),
+            "{h}"
+        );
+        assert!(!h.contains("test-"), "{h}");
+        assert!(
+            matches!(run(&["--version"], &[]), Ok(Command::Print(v)) if v.starts_with("edge-agent "))
+        );
+    }
+}
