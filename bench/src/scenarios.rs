@@ -180,6 +180,20 @@ run; for times lower is better, for throughput higher is better):
   (`edge-agent --transport tcp`). Target at least 0.8 (the QUIC figure).
 - `openssh_proxy_throughput_ratio`: stock `ssh -c aes128-gcm@openssh.com` through
   `ProxyCommand tsh proxy ssh` (the `tsh config` block) divided by direct OpenSSH. Target 0.8.
+- `ssh_relay_ratio`: `tsh ssh` AES-128-GCM throughput divided by OpenSSH's own reverse-tunnel
+  path measured in the same run, the fair anchor: a second stock sshd on loopback as jump
+  host, the device's `ssh -N -R` to it (forwarding to the device's sshd), and the user's
+  `ssh -o ProxyCommand=ssh -W` through the jump host to the device's sshd; three
+  encrypted legs, each path's cold `true` subtracted. `openssh_proxy_relay_ratio`: stock ssh
+  via `tsh proxy ssh` divided by the same relay. Target at least 1.5 in `all`.
+- `cpu_s_per_gib_*`: CPU seconds (utime + stime from /proc, and getrusage of reaped children)
+  per GiB moved, per process, during the AES transfers above (handshakes included):
+  `gateway_quic` / `agent` with the device leg on QUIC, `gateway_tcp` / `agent_tcp` on the
+  TCP+TLS+yamux fallback, `tsh` the `tsh ssh` process, `openssh_jump` every sshd of the jump
+  host (listener plus per-connection processes, live and reaped), `openssh_device` the
+  device's `ssh -R` plus its sshd tree, `openssh_client` the user's ssh plus its
+  `ssh -W`. Agent and device sshd both include the session's `cat` sink. Targets: gateway
+  at most 1.0, agent 1.2, tsh 1.0.
 - `stream_open_us` / `stream_open_p99_us`: p50 / p99 over many opens of a dial over an
   existing QUIC connection to the gateway until the first echoed byte comes back from the
   device (gateway authorises with one authority round trip, about 200 µs here, opens a
