@@ -255,6 +255,30 @@ pub fn tree_cpu_secs(root: u32) -> Result<f64> {
     Ok(total)
 }
 
+/// The host's UDP counters from /proc/net/snmp: (InDatagrams, OutDatagrams, RcvbufErrors).
+/// With segmentation offload (GSO) a send of several QUIC packets counts once, and with
+/// GRO a coalesced receive counts once, so datagrams per GiB show whether they are in use.
+pub fn udp_counters() -> Result<(u64, u64, u64)> {
+    let s = std::fs::read_to_string("/proc/net/snmp")?;
+    let mut rows = s.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+        bail!("no Udp rows in /proc/net/snmp");
+    };
+    let get = |name: &str| -> Result<u64> {
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| anyhow!("no Udp {name} in /proc/net/snmp"))
+    };
+    Ok((
+        get("InDatagrams")?,
+        get("OutDatagrams")?,
+        get("RcvbufErrors")?,
+    ))
+}
+
 /// CPU seconds (user + system) of this process's children it has waited for, so far.
 pub fn children_cpu_secs() -> f64 {
     #[allow(unsafe_code)]

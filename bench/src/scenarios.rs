@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::harness::{
     bin, children_cpu_secs, command, cpu_secs, free_port, parse_env, repo_root, rss_anon_kib,
-    rss_kib, run, run_ok, tree_cpu_secs, wait_until, Fabric, Proc, Sshd,
+    rss_kib, run, run_ok, tree_cpu_secs, udp_counters, wait_until, Fabric, Proc, Sshd,
 };
 use crate::report::{percentile, rewrite_region, Results};
 use crate::{Mode, Opts};
@@ -807,6 +807,14 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
             "the user's ssh plus its ProxyCommand ssh -W",
         ),
     ];
+    // Host-wide UDP counters across the QUIC transfer (the machine is shared: other UDP
+    // traffic counts too): about 900,000 datagrams per GiB means one 1,200-byte packet per
+    // send/receive, far fewer means GSO/GRO batches.
+    let mut udp: Vec<(&str, Vec<f64>)> = vec![
+        ("udp_in_datagrams_per_gib_quic", vec![]),
+        ("udp_out_datagrams_per_gib_quic", vec![]),
+        ("udp_rcvbuf_errors_per_gib_quic", vec![]),
+    ];
     let gw_pid = fab.gw.pid();
     let p_gw: Probe = Box::new(move || cpu_secs(gw_pid));
     let agent_pid = agent.pid();
@@ -822,7 +830,12 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         rows[0]
             .1
             .push(rate(pump(direct(AES, sink), size)?, setup_ssh));
+        let u0 = udp_counters()?;
         let (secs, used, client) = pump_cpu(tsh(sink, None)?, size, &[&p_gw, &p_agent])?;
+        let u1 = udp_counters()?;
+        udp[0].1.push(per_gib((u1.0 - u0.0) as f64));
+        udp[1].1.push(per_gib((u1.1 - u0.1) as f64));
+        udp[2].1.push(per_gib((u1.2 - u0.2) as f64));
         rows[1].1.push(rate(secs, setup_tsh));
         cpu[0].1.push(per_gib(used[0]));
         cpu[1].1.push(per_gib(used[1]));
@@ -895,6 +908,14 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         r_proxy_relay,
         &format!("aes128-gcm, stock ssh via tsh proxy ssh / OpenSSH relay, {note}"),
     );
+    for (name, v) in udp {
+        r.add(
+            name,
+            "datagrams/GiB",
+            v,
+            "host /proc/net/snmp Udp counters during tsh ssh over the QUIC leg",
+        );
+    }
     for (name, v, what) in cpu {
         r.add(&format!("cpu_s_per_gib_{name}"), "CPU-s/GiB", v, what);
     }
