@@ -187,7 +187,8 @@ run; for times lower is better, for throughput higher is better):
   encrypted legs, each path's cold `true` subtracted. `openssh_proxy_relay_ratio`: stock ssh
   via `tsh proxy ssh` divided by the same relay. Target at least 1.5 in `all`.
 - `cpu_s_per_gib_*`: CPU seconds (utime + stime from /proc, and getrusage of reaped children)
-  per GiB moved, per process, during the AES transfers above (handshakes included):
+  per GiB moved, per process, during the AES transfers above, each process's median CPU
+  for three cold `true`s on the same path subtracted (connection setup, as for the MiB/s):
   `gateway_quic` / `agent` with the device leg on QUIC, `gateway_tcp` / `agent_tcp` on the
   TCP+TLS+yamux fallback, `tsh` the `tsh ssh` process, `openssh_jump` every sshd of the jump
   host (listener plus per-connection processes, live and reaped), `openssh_device` the
@@ -765,8 +766,8 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         ("tsh_tcp_aes", vec![]),
         ("openssh_relay_aes", vec![]),
     ];
-    // CPU seconds per GiB of each process on the paths, measured during the AES transfers
-    // (handshakes included: a few ms against seconds of transfer in `all`).
+    // CPU seconds per GiB of each process on the paths, measured during the AES transfers,
+    // each process's CPU for a cold `true` on the same path subtracted (like the MiB/s).
     let gib = size as f64 / (1u64 << 30) as f64;
     let per_gib = |v: f64| v / gib;
     let mut cpu: Vec<(&str, Vec<f64>, &str)> = vec![
@@ -824,6 +825,25 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
     let (jump_pid, fwd_pid, dev_pid) = (relay.jump.pid, relay.fwd.pid(), sshd.pid);
     let p_jump: Probe = Box::new(move || tree_cpu_secs(jump_pid));
     let p_device: Probe = Box::new(move || Ok(tree_cpu_secs(fwd_pid)? + tree_cpu_secs(dev_pid)?));
+    // Connection setup: each probe's and the client's median CPU over three cold `true`s.
+    let cold_cpu = |cmd: &dyn Fn() -> Result<Command>, probes: &[&Probe]| -> Result<Vec<f64>> {
+        let mut runs: Vec<Vec<f64>> = Vec::new();
+        for _ in 0..3 {
+            let (_, mut used, client) = pump_cpu(cmd()?, 0, probes)?;
+            used.push(client);
+            runs.push(used);
+        }
+        Ok((0..=probes.len())
+            .map(|i| {
+                let mut v: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+                v.sort_by(f64::total_cmp);
+                v[1]
+            })
+            .collect())
+    };
+    let s_quic = cold_cpu(&|| tsh("true", None), &[&p_gw, &p_agent])?;
+    let s_tcp = cold_cpu(&|| tsh_to("devtcp", "true", None), &[&p_gw, &p_agent_tcp])?;
+    let s_relay = cold_cpu(&|| Ok(relay.ssh(&sshd, AES, "true")), &[&p_jump, &p_device])?;
     let sink = "cat > /dev/null";
     let runs = o.pick3(1, 3, 5);
     for _ in 0..runs {
@@ -837,9 +857,9 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         udp[1].1.push(per_gib((u1.1 - u0.1) as f64));
         udp[2].1.push(per_gib((u1.2 - u0.2) as f64));
         rows[1].1.push(rate(secs, setup_tsh));
-        cpu[0].1.push(per_gib(used[0]));
-        cpu[1].1.push(per_gib(used[1]));
-        cpu[2].1.push(per_gib(client));
+        cpu[0].1.push(per_gib(used[0] - s_quic[0]));
+        cpu[1].1.push(per_gib(used[1] - s_quic[1]));
+        cpu[2].1.push(per_gib(client - s_quic[2]));
         rows[2]
             .1
             .push(rate(pump(direct(CHACHA, sink), size)?, setup_ssh));
@@ -852,14 +872,14 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         let (secs, used, _) =
             pump_cpu(tsh_to("devtcp", sink, None)?, size, &[&p_gw, &p_agent_tcp])?;
         rows[5].1.push(rate(secs, setup_tsh));
-        cpu[3].1.push(per_gib(used[0]));
-        cpu[4].1.push(per_gib(used[1]));
+        cpu[3].1.push(per_gib(used[0] - s_tcp[0]));
+        cpu[4].1.push(per_gib(used[1] - s_tcp[1]));
         let (secs, used, client) =
             pump_cpu(relay.ssh(&sshd, AES, sink), size, &[&p_jump, &p_device])?;
         rows[6].1.push(rate(secs, setup_relay));
-        cpu[5].1.push(per_gib(used[0]));
-        cpu[6].1.push(per_gib(used[1]));
-        cpu[7].1.push(per_gib(client));
+        cpu[5].1.push(per_gib(used[0] - s_relay[0]));
+        cpu[6].1.push(per_gib(used[1] - s_relay[1]));
+        cpu[7].1.push(per_gib(client - s_relay[2]));
     }
     let ratio = |a: usize, b: usize| -> Vec<f64> {
         rows[a]
