@@ -200,16 +200,96 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
 
 /// utime + stime of a process, in seconds.
 pub fn cpu_secs(pid: u32) -> Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(stat_cpu(pid)?.0)
+}
+
+/// (utime + stime, cutime + cstime) of a process in seconds: its own CPU time and that of its
+/// children it has reaped (which include their reaped descendants).
+fn stat_cpu(pid: u32) -> Result<(f64, f64)> {
+    let f = stat_fields(pid)?;
     let tick = |i: usize| -> f64 { f.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
-    // rest[0] is state (field 3); utime is field 14, stime 15.
+    // f[0] is state (field 3); utime is field 14, stime 15, cutime 16, cstime 17.
     #[allow(unsafe_code)]
     // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((tick(11) + tick(12)) / hz.max(1.0))
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(((tick(11) + tick(12)) / hz, (tick(13) + tick(14)) / hz))
+}
+
+/// The fields of /proc/PID/stat after the command name (which may hold spaces), from the
+/// state (field 3) on.
+fn stat_fields(pid: u32) -> Result<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    Ok(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// CPU seconds of a whole process tree: for `root` and every process below it that is still
+/// in /proc (running or a zombie), its own time plus the time of the children it has reaped.
+/// Every process that ever ran under `root` and was reaped inside the tree counts exactly
+/// once, so the difference of two snapshots is the tree's CPU time in between (an sshd
+/// listener with its per-connection children, live and gone).
+pub fn tree_cpu_secs(root: u32) -> Result<f64> {
+    let mut kids: HashMap<u32, Vec<u32>> = HashMap::new();
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(ppid) = stat_fields(pid)
+            .ok()
+            .and_then(|f| f.get(1).and_then(|v| v.parse::<u32>().ok()))
+        {
+            kids.entry(ppid).or_default().push(pid);
+        }
+    }
+    let (own, reaped) = stat_cpu(root)?;
+    let mut total = own + reaped;
+    let mut todo = kids.get(&root).cloned().unwrap_or_default();
+    while let Some(pid) = todo.pop() {
+        // A process that went away between the scan and now was reaped into its parent's
+        // counters, read above or below.
+        if let Ok((own, reaped)) = stat_cpu(pid) {
+            total += own + reaped;
+        }
+        todo.extend(kids.get(&pid).cloned().unwrap_or_default());
+    }
+    Ok(total)
+}
+
+/// The host's UDP counters from /proc/net/snmp: (InDatagrams, OutDatagrams, RcvbufErrors).
+/// With segmentation offload (GSO) a send of several QUIC packets counts once, and with
+/// GRO a coalesced receive counts once, so datagrams per GiB show whether they are in use.
+pub fn udp_counters() -> Result<(u64, u64, u64)> {
+    let s = std::fs::read_to_string("/proc/net/snmp")?;
+    let mut rows = s.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+        bail!("no Udp rows in /proc/net/snmp");
+    };
+    let get = |name: &str| -> Result<u64> {
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| anyhow!("no Udp {name} in /proc/net/snmp"))
+    };
+    Ok((
+        get("InDatagrams")?,
+        get("OutDatagrams")?,
+        get("RcvbufErrors")?,
+    ))
+}
+
+/// CPU seconds (user + system) of this process's children it has waited for, so far.
+pub fn children_cpu_secs() -> f64 {
+    #[allow(unsafe_code)]
+    // SAFETY: getrusage writes into the zeroed struct we own; no other precondition.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// An authority and one gateway (more can be added), on loopback or inside a namespace.
@@ -420,6 +500,8 @@ impl Fabric {
 pub struct Sshd {
     pub dir: PathBuf,
     pub port: u16,
+    /// The listening sshd (its per-connection children are below it).
+    pub pid: u32,
     pub known_hosts: PathBuf,
     pub key: PathBuf,
     pub config: PathBuf,
@@ -464,9 +546,14 @@ impl Sshd {
             .get("SSHD_PORT")
             .and_then(|p| p.parse().ok())
             .context("sshd.sh printed no SSHD_PORT")?;
+        let pid = env
+            .get("SSHD_PID")
+            .and_then(|p| p.parse().ok())
+            .context("sshd.sh printed no SSHD_PID")?;
         Ok(Self {
             dir: dir.to_path_buf(),
             port,
+            pid,
             known_hosts: PathBuf::from(env.get("SSHD_KNOWN_HOSTS").context("known hosts")?),
             config: PathBuf::from(env.get("SSHD_CONFIG").context("sshd config")?),
             key,
@@ -476,6 +563,14 @@ impl Sshd {
 
     /// `ssh` straight to this sshd with `cipher`, running `remote`.
     pub fn ssh_args(&self, host: &str, cipher: &str) -> Vec<String> {
+        let mut a = self.ssh_opts(cipher);
+        a.extend(["-p".into(), self.port.to_string(), format!("root@{host}")]);
+        a
+    }
+
+    /// The options of [`Sshd::ssh_args`] without port and destination: this sshd's user
+    /// key, no prompts, `cipher`.
+    pub fn ssh_opts(&self, cipher: &str) -> Vec<String> {
         vec![
             "-F".into(),
             "/dev/null".into(),
@@ -491,9 +586,6 @@ impl Sshd {
             "LogLevel=ERROR".into(),
             "-c".into(),
             cipher.into(),
-            "-p".into(),
-            self.port.to_string(),
-            format!("root@{host}"),
         ]
     }
 }

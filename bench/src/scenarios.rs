@@ -10,8 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 
 use crate::harness::{
-    bin, command, cpu_secs, parse_env, repo_root, rss_anon_kib, rss_kib, run, run_ok, wait_until,
-    Fabric, Proc, Sshd,
+    bin, children_cpu_secs, command, cpu_secs, free_port, parse_env, repo_root, rss_anon_kib,
+    rss_kib, run, run_ok, tree_cpu_secs, udp_counters, wait_until, Fabric, Proc, Sshd,
 };
 use crate::report::{percentile, rewrite_region, Results};
 use crate::{Mode, Opts};
@@ -27,6 +27,16 @@ pub const KEYS: &[&str] = &[
     "ssh_throughput_ratio_chacha20",
     "ssh_throughput_ratio_tcp_leg",
     "openssh_proxy_throughput_ratio",
+    "ssh_relay_ratio",
+    "openssh_proxy_relay_ratio",
+    "cpu_s_per_gib_gateway_quic",
+    "cpu_s_per_gib_gateway_tcp",
+    "cpu_s_per_gib_agent",
+    "cpu_s_per_gib_agent_tcp",
+    "cpu_s_per_gib_tsh",
+    "cpu_s_per_gib_openssh_jump",
+    "cpu_s_per_gib_openssh_device",
+    "cpu_s_per_gib_openssh_client",
     "stream_open_us",
     "stream_open_p99_us",
     "tunnels_rss_kib_per_tunnel",
@@ -170,6 +180,21 @@ run; for times lower is better, for throughput higher is better):
   (`edge-agent --transport tcp`). Target at least 0.8 (the QUIC figure).
 - `openssh_proxy_throughput_ratio`: stock `ssh -c aes128-gcm@openssh.com` through
   `ProxyCommand tsh proxy ssh` (the `tsh config` block) divided by direct OpenSSH. Target 0.8.
+- `ssh_relay_ratio`: `tsh ssh` AES-128-GCM throughput divided by OpenSSH's own reverse-tunnel
+  path measured in the same run, the fair anchor: a second stock sshd on loopback as jump
+  host, the device's `ssh -N -R` to it (forwarding to the device's sshd), and the user's
+  `ssh -o ProxyCommand=ssh -W` through the jump host to the device's sshd; three
+  encrypted legs, each path's cold `true` subtracted. `openssh_proxy_relay_ratio`: stock ssh
+  via `tsh proxy ssh` divided by the same relay. Target at least 1.5 in `all`.
+- `cpu_s_per_gib_*`: CPU seconds (utime + stime from /proc, and getrusage of reaped children)
+  per GiB moved, per process, during the AES transfers above, each process's median CPU
+  for three cold `true`s on the same path subtracted (connection setup, as for the MiB/s):
+  `gateway_quic` / `agent` with the device leg on QUIC, `gateway_tcp` / `agent_tcp` on the
+  TCP+TLS+yamux fallback, `tsh` the `tsh ssh` process, `openssh_jump` every sshd of the jump
+  host (listener plus per-connection processes, live and reaped), `openssh_device` the
+  device's `ssh -R` plus its sshd tree, `openssh_client` the user's ssh plus its
+  `ssh -W`. Agent and device sshd both include the session's `cat` sink. Targets: gateway
+  at most 1.0, agent 1.2, tsh 1.0.
 - `stream_open_us` / `stream_open_p99_us`: p50 / p99 over many opens of a dial over an
   existing QUIC connection to the gateway until the first echoed byte comes back from the
   device (gateway authorises with one authority round trip, about 200 µs here, opens a
@@ -533,6 +558,76 @@ fn pump(mut cmd: Command, size: u64) -> Result<f64> {
     Ok(secs)
 }
 
+/// A CPU-time reading of some processes (a process, a process tree), in seconds.
+type Probe<'a> = Box<dyn Fn() -> Result<f64> + 'a>;
+
+/// [`pump`], and the CPU seconds each probe's processes used meanwhile, and the CPU seconds
+/// of `cmd` itself with its descendants (the children this process reaped meanwhile).
+fn pump_cpu(cmd: Command, size: u64, probes: &[&Probe]) -> Result<(f64, Vec<f64>, f64)> {
+    let before = probes.iter().map(|p| p()).collect::<Result<Vec<f64>>>()?;
+    let c0 = children_cpu_secs();
+    let secs = pump(cmd, size)?;
+    let client = children_cpu_secs() - c0;
+    // Let the far ends finish closing the session, so its last CPU time is in.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = probes.iter().map(|p| p()).collect::<Result<Vec<f64>>>()?;
+    Ok((
+        secs,
+        after.iter().zip(&before).map(|(a, b)| a - b).collect(),
+        client,
+    ))
+}
+
+/// OpenSSH's own reverse-tunnel path, the fair anchor for Edgeport's: the device (sshd at
+/// `device`) holds `ssh -R` to a jump host's sshd, and the user's ssh reaches the device's
+/// sshd through the jump host with `ProxyCommand ssh -W`. Three encrypted legs, like
+/// Edgeport's two tunnel legs plus the end-to-end SSH session.
+struct Relay {
+    jump: Sshd,
+    /// The device's `ssh -N -R`.
+    fwd: Proc,
+    /// The port the jump host listens on for the device (its `-R` forward).
+    port: u16,
+}
+
+impl Relay {
+    fn start(work: &Path, device: &Sshd) -> Result<Self> {
+        let jump = Sshd::start(&work.join("openssh-jump"))?;
+        let port = free_port()?;
+        let mut c = Command::new("ssh");
+        c.args(jump.ssh_opts(AES))
+            .args(["-o", "ExitOnForwardFailure=yes", "-N", "-R"])
+            .arg(format!("127.0.0.1:{port}:127.0.0.1:{}", device.port))
+            .args(["-p", &jump.port.to_string(), "root@127.0.0.1"]);
+        let mut fwd = Proc::spawn("openssh-device-fwd", c, work)?;
+        let up = wait_until(Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if !up || !fwd.alive() {
+            bail!(
+                "ssh -R to the jump host did not come up:\n{}",
+                fwd.log_text()
+            );
+        }
+        Ok(Self { jump, fwd, port })
+    }
+
+    /// The user's ssh to the device's sshd through the jump host, running `remote`.
+    fn ssh(&self, device: &Sshd, cipher: &str, remote: &str) -> Command {
+        let proxy = format!(
+            "ProxyCommand=ssh {} -W 127.0.0.1:{} -p {} root@127.0.0.1",
+            self.jump.ssh_opts(cipher).join(" "),
+            self.port,
+            self.jump.port
+        );
+        let mut c = Command::new("ssh");
+        c.args(device.ssh_opts(cipher))
+            .args(["-o", &proxy, "-p", &self.port.to_string(), "root@127.0.0.1"])
+            .arg(remote);
+        c
+    }
+}
+
 fn timed(cmd: Command) -> Result<f64> {
     let what = format!("{cmd:?}");
     let start = Instant::now();
@@ -580,6 +675,7 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         return Ok(());
     }
     let sshd = Sshd::start(&work.join("openssh"))?;
+    let relay = Relay::start(work, &sshd)?;
     let direct = |cipher: &str, remote: &str| -> Command {
         let mut c = Command::new("ssh");
         c.args(sshd.ssh_args("127.0.0.1", cipher)).arg(remote);
@@ -618,20 +714,23 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
     timed(direct(AES, "true"))?;
     timed(tsh("true", None)?)?;
     timed(proxied(AES, "true"))?;
+    timed(relay.ssh(&sshd, AES, "true"))?;
 
     let size: u64 = o.pick3(32 << 20, 128 << 20, 1 << 30);
     let mib = size as f64 / MIB;
     let runs = o.pick3(3, 5, 11);
-    let (mut ratio, mut t_ssh, mut t_tsh, mut t_proxy) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ratio, mut t_ssh, mut t_tsh, mut t_proxy, mut t_relay) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let a = timed(direct(AES, "true"))?;
         let b = timed(tsh("true", None)?)?;
         let c = timed(proxied(AES, "true"))?;
+        let d = timed(relay.ssh(&sshd, AES, "true"))?;
         ratio.push(b / a);
         t_ssh.push(a * 1000.0);
         t_tsh.push(b * 1000.0);
         t_proxy.push(c * 1000.0);
+        t_relay.push(d * 1000.0);
     }
     // Connection setup (the median cold `true` of each path) is taken out of the transfer
     // times below, so that the throughput figures compare the data paths, not handshakes.
@@ -640,7 +739,8 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         s.sort_by(|a, b| a.total_cmp(b));
         percentile(&s, 50.0) / 1000.0
     };
-    let (setup_ssh, setup_tsh, setup_proxy) = (med(&t_ssh), med(&t_tsh), med(&t_proxy));
+    let (setup_ssh, setup_tsh, setup_proxy, setup_relay) =
+        (med(&t_ssh), med(&t_tsh), med(&t_proxy), med(&t_relay));
     let rate = |secs: f64, setup: f64| mib / (secs - setup).max(secs / 10.0);
     r.add("ssh_true_ratio", "ratio", ratio, "target <= 0.25");
     r.add("ssh_true_openssh_ms", "ms", t_ssh, "direct OpenSSH, cold");
@@ -651,6 +751,12 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         t_proxy,
         "stock ssh via tsh proxy ssh, cold",
     );
+    r.add(
+        "ssh_true_relay_ms",
+        "ms",
+        t_relay,
+        "stock ssh through OpenSSH's relay (ssh -R + ProxyCommand ssh -W), cold",
+    );
     let mut rows: Vec<(&str, Vec<f64>)> = vec![
         ("openssh_aes", vec![]),
         ("tsh_aes", vec![]),
@@ -658,16 +764,102 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         ("tsh_chacha", vec![]),
         ("proxy_aes", vec![]),
         ("tsh_tcp_aes", vec![]),
+        ("openssh_relay_aes", vec![]),
     ];
+    // CPU seconds per GiB of each process on the paths, measured during the AES transfers,
+    // each process's CPU for a cold `true` on the same path subtracted (like the MiB/s).
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let per_gib = |v: f64| v / gib;
+    let mut cpu: Vec<(&str, Vec<f64>, &str)> = vec![
+        (
+            "gateway_quic",
+            vec![],
+            "gateway process, tsh ssh with the device leg on QUIC",
+        ),
+        (
+            "agent",
+            vec![],
+            "agent and its session's children (the `cat` sink), QUIC leg",
+        ),
+        ("tsh", vec![], "tsh ssh process"),
+        (
+            "gateway_tcp",
+            vec![],
+            "gateway process, device leg on TCP+TLS+yamux",
+        ),
+        (
+            "agent_tcp",
+            vec![],
+            "agent and its session's children, TCP+TLS+yamux leg",
+        ),
+        (
+            "openssh_jump",
+            vec![],
+            "the jump host's sshd: listener and every per-connection sshd, live and reaped",
+        ),
+        (
+            "openssh_device",
+            vec![],
+            "the device's ssh -R plus its sshd tree (session, the `cat` sink)",
+        ),
+        (
+            "openssh_client",
+            vec![],
+            "the user's ssh plus its ProxyCommand ssh -W",
+        ),
+    ];
+    // Host-wide UDP counters across the QUIC transfer (the machine is shared: other UDP
+    // traffic counts too): about 900,000 datagrams per GiB means one 1,200-byte packet per
+    // send/receive, far fewer means GSO/GRO batches.
+    let mut udp: Vec<(&str, Vec<f64>)> = vec![
+        ("udp_in_datagrams_per_gib_quic", vec![]),
+        ("udp_out_datagrams_per_gib_quic", vec![]),
+        ("udp_rcvbuf_errors_per_gib_quic", vec![]),
+    ];
+    let gw_pid = fab.gw.pid();
+    let p_gw: Probe = Box::new(move || cpu_secs(gw_pid));
+    let agent_pid = agent.pid();
+    let p_agent: Probe = Box::new(move || tree_cpu_secs(agent_pid));
+    let agent_tcp_pid = agent_tcp.as_ref().map(Proc::pid).unwrap_or(0);
+    let p_agent_tcp: Probe = Box::new(move || tree_cpu_secs(agent_tcp_pid));
+    let (jump_pid, fwd_pid, dev_pid) = (relay.jump.pid, relay.fwd.pid(), sshd.pid);
+    let p_jump: Probe = Box::new(move || tree_cpu_secs(jump_pid));
+    let p_device: Probe = Box::new(move || Ok(tree_cpu_secs(fwd_pid)? + tree_cpu_secs(dev_pid)?));
+    // Connection setup: each probe's and the client's median CPU over three cold `true`s.
+    let cold_cpu = |cmd: &dyn Fn() -> Result<Command>, probes: &[&Probe]| -> Result<Vec<f64>> {
+        let mut runs: Vec<Vec<f64>> = Vec::new();
+        for _ in 0..3 {
+            let (_, mut used, client) = pump_cpu(cmd()?, 0, probes)?;
+            used.push(client);
+            runs.push(used);
+        }
+        Ok((0..=probes.len())
+            .map(|i| {
+                let mut v: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+                v.sort_by(f64::total_cmp);
+                v[1]
+            })
+            .collect())
+    };
+    let s_quic = cold_cpu(&|| tsh("true", None), &[&p_gw, &p_agent])?;
+    let s_tcp = cold_cpu(&|| tsh_to("devtcp", "true", None), &[&p_gw, &p_agent_tcp])?;
+    let s_relay = cold_cpu(&|| Ok(relay.ssh(&sshd, AES, "true")), &[&p_jump, &p_device])?;
     let sink = "cat > /dev/null";
     let runs = o.pick3(1, 3, 5);
     for _ in 0..runs {
         rows[0]
             .1
             .push(rate(pump(direct(AES, sink), size)?, setup_ssh));
-        rows[1]
-            .1
-            .push(rate(pump(tsh(sink, None)?, size)?, setup_tsh));
+        let u0 = udp_counters()?;
+        let (secs, used, client) = pump_cpu(tsh(sink, None)?, size, &[&p_gw, &p_agent])?;
+        let u1 = udp_counters()?;
+        udp[0].1.push(per_gib((u1.0 - u0.0) as f64));
+        udp[1].1.push(per_gib((u1.1 - u0.1) as f64));
+        udp[2].1.push(per_gib((u1.2 - u0.2) as f64));
+        rows[1].1.push(rate(secs, setup_tsh));
+        cpu[0].1.push(per_gib(used[0] - s_quic[0]));
+        cpu[1].1.push(per_gib(used[1] - s_quic[1]));
+        cpu[2].1.push(per_gib(client - s_quic[2]));
         rows[2]
             .1
             .push(rate(pump(direct(CHACHA, sink), size)?, setup_ssh));
@@ -677,9 +869,17 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         rows[4]
             .1
             .push(rate(pump(proxied(AES, sink), size)?, setup_proxy));
-        rows[5]
-            .1
-            .push(rate(pump(tsh_to("devtcp", sink, None)?, size)?, setup_tsh));
+        let (secs, used, _) =
+            pump_cpu(tsh_to("devtcp", sink, None)?, size, &[&p_gw, &p_agent_tcp])?;
+        rows[5].1.push(rate(secs, setup_tsh));
+        cpu[3].1.push(per_gib(used[0] - s_tcp[0]));
+        cpu[4].1.push(per_gib(used[1] - s_tcp[1]));
+        let (secs, used, client) =
+            pump_cpu(relay.ssh(&sshd, AES, sink), size, &[&p_jump, &p_device])?;
+        rows[6].1.push(rate(secs, setup_relay));
+        cpu[5].1.push(per_gib(used[0] - s_relay[0]));
+        cpu[6].1.push(per_gib(used[1] - s_relay[1]));
+        cpu[7].1.push(per_gib(client - s_relay[2]));
     }
     let ratio = |a: usize, b: usize| -> Vec<f64> {
         rows[a]
@@ -690,6 +890,7 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
             .collect()
     };
     let (r_aes, r_cha, r_proxy, r_tcp) = (ratio(1, 0), ratio(3, 2), ratio(4, 0), ratio(5, 0));
+    let (r_relay, r_proxy_relay) = (ratio(1, 6), ratio(4, 6));
     let note = format!("{mib:.0} MiB per run");
     r.add(
         "ssh_throughput_ratio",
@@ -715,6 +916,29 @@ fn ssh_and_stream(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Resul
         r_proxy,
         &format!("aes128-gcm, {note}, target >= 0.8"),
     );
+    r.add(
+        "ssh_relay_ratio",
+        "ratio",
+        r_relay,
+        &format!("aes128-gcm, tsh ssh / OpenSSH relay (ssh -R + ssh -W), {note}"),
+    );
+    r.add(
+        "openssh_proxy_relay_ratio",
+        "ratio",
+        r_proxy_relay,
+        &format!("aes128-gcm, stock ssh via tsh proxy ssh / OpenSSH relay, {note}"),
+    );
+    for (name, v) in udp {
+        r.add(
+            name,
+            "datagrams/GiB",
+            v,
+            "host /proc/net/snmp Udp counters during tsh ssh over the QUIC leg",
+        );
+    }
+    for (name, v, what) in cpu {
+        r.add(&format!("cpu_s_per_gib_{name}"), "CPU-s/GiB", v, what);
+    }
     for (name, v) in rows {
         r.add(
             &format!("throughput_{name}_mib_s"),
