@@ -2,6 +2,11 @@
 //! (by its pin, or because it already holds it) can trust the SSH CAs in the same bundle. The
 //! bundle travels through gateways (joins, renewals, logins); without the signature a
 //! compromised gateway could hand agents its own user CA, or tsh its own host CA.
+//!
+//! CA rotation (`tctl auth rotate`): during a rotation `user_ca` and `host_ca` hold one
+//! OpenSSH line per trusted CA (old and new). The first line is the CA the authority signs
+//! with now; every line is trusted. Outside a rotation each holds one line, and the signed
+//! bytes are exactly what they were before rotation existed.
 
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 
@@ -23,7 +28,7 @@ pub enum BundleError {
     BadCa(String),
     #[error("the CA bundle's x509 CA has pin {got}, expected {want}")]
     PinMismatch { got: String, want: String },
-    #[error("the CA bundle changed ({0}); CA rotation needs a new join")]
+    #[error("the CA bundle changed ({0}); this change needs a new join")]
     Changed(&'static str),
 }
 
@@ -33,6 +38,16 @@ fn key_part(line: &str) -> String {
         .take(2)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `algo base64` of every key line of a CA field (one line outside a rotation).
+pub fn key_lines(field: &str) -> impl Iterator<Item = String> + '_ {
+    field.lines().filter(|l| !l.trim().is_empty()).map(key_part)
+}
+
+/// All key lines of a field, one per line, for the signed bytes.
+fn keys_signed(field: &str) -> String {
+    key_lines(field).collect::<Vec<_>>().join("\n")
 }
 
 impl CaBundle {
@@ -46,8 +61,8 @@ impl CaBundle {
         format!(
             "{CONTEXT}\n{}\n{}\n{}\n",
             self.cluster,
-            key_part(&self.user_ca),
-            key_part(&self.host_ca)
+            keys_signed(&self.user_ca),
+            keys_signed(&self.host_ca)
         )
         .into_bytes()
     }
@@ -87,8 +102,23 @@ impl CaBundle {
     }
 
     /// A renewal may bring new certificates but never new CAs: checks that `fresh` holds the
-    /// same cluster and CAs as `self` and is validly signed.
+    /// same cluster and CAs as `self` and is validly signed. (Agents use this until they
+    /// take rotated bundles with [`Self::check_successor`].)
     pub fn check_same_cas(&self, fresh: &CaBundle) -> Result<(), BundleError> {
+        self.check_successor(fresh)?;
+        if keys_signed(&fresh.user_ca) != keys_signed(&self.user_ca) {
+            return Err(BundleError::Changed("user CA"));
+        }
+        if keys_signed(&fresh.host_ca) != keys_signed(&self.host_ca) {
+            return Err(BundleError::Changed("host CA"));
+        }
+        Ok(())
+    }
+
+    /// A bundle that may replace `self` (a renewal, or a CA rotation pushed over the tunnel):
+    /// validly signed by the same x509 CA, for the same cluster. The SSH CAs may change: the
+    /// x509 CA we already trust vouches for them.
+    pub fn check_successor(&self, fresh: &CaBundle) -> Result<(), BundleError> {
         fresh.verify()?;
         if fresh.cluster != self.cluster {
             return Err(BundleError::Changed("cluster"));
@@ -96,14 +126,32 @@ impl CaBundle {
         if fresh.ca_pin != self.ca_pin {
             return Err(BundleError::Changed("x509 CA"));
         }
-        if key_part(&fresh.user_ca) != key_part(&self.user_ca) {
-            return Err(BundleError::Changed("user CA"));
-        }
-        if key_part(&fresh.host_ca) != key_part(&self.host_ca) {
-            return Err(BundleError::Changed("host CA"));
-        }
         Ok(())
     }
+
+    /// The user CAs trusted now (the first is the one that signs).
+    pub fn user_cas(&self) -> Vec<russh::keys::ssh_key::PublicKey> {
+        parse_keys(&self.user_ca)
+    }
+
+    /// The host CAs trusted now (the first is the one that signs).
+    pub fn host_cas(&self) -> Vec<russh::keys::ssh_key::PublicKey> {
+        parse_keys(&self.host_ca)
+    }
+
+    /// The raw Ed25519 keys of the trusted host CAs (dial tickets, audit acknowledgements).
+    pub fn host_ca_raws(&self) -> Vec<Vec<u8>> {
+        self.host_ca
+            .lines()
+            .filter_map(crate::audit::raw_ed25519)
+            .collect()
+    }
+}
+
+fn parse_keys(field: &str) -> Vec<russh::keys::ssh_key::PublicKey> {
+    key_lines(field)
+        .filter_map(|l| russh::keys::ssh_key::PublicKey::from_openssh(&l).ok())
+        .collect()
 }
 
 /// One DER TLV: (tag, value, rest).
@@ -146,6 +194,97 @@ fn ec_point(cert_der: &[u8]) -> Result<Vec<u8>, BundleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::{cert_pem, KeyPair};
+    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+
+    /// An x509 CA (rcgen) and a signer for bundles with its key.
+    fn x509_ca() -> (String, EcdsaKeyPair) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let signer =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der(), &rng)
+                .unwrap();
+        (cert_pem(cert.der()), signer)
+    }
+
+    fn bundle(pem: &str, signer: &EcdsaKeyPair, user: &str, host: &str) -> CaBundle {
+        let der = first_cert_der(pem).unwrap();
+        let mut b = CaBundle {
+            cluster: "edge".into(),
+            user_ca: user.into(),
+            host_ca: host.into(),
+            x509_ca_pem: pem.into(),
+            ca_pin: ca_pin(&der).unwrap(),
+            signature: String::new(),
+        };
+        let rng = ring::rand::SystemRandom::new();
+        let sig = signer.sign(&rng, &b.signed_bytes()).unwrap();
+        b.signature = hex::encode(sig.as_ref());
+        b
+    }
+
+    #[test]
+    fn one_key_per_ca_signs_the_bytes_it_always_did() {
+        let (user, host) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let b = CaBundle {
+            cluster: "edge".into(),
+            user_ca: format!("{} comment", user.public_openssh()),
+            host_ca: host.public_openssh(),
+            x509_ca_pem: String::new(),
+            ca_pin: String::new(),
+            signature: String::new(),
+        };
+        let old = format!(
+            "{CONTEXT}\nedge\n{}\n{}\n",
+            key_part(&b.user_ca),
+            key_part(&b.host_ca)
+        );
+        assert_eq!(b.signed_bytes(), old.into_bytes());
+    }
+
+    #[test]
+    fn rotation_bundle_signs_every_key_and_trusts_both() {
+        let (pem, signer) = x509_ca();
+        let (old, new) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let host = KeyPair::generate().unwrap();
+        let one = bundle(&pem, &signer, &old.public_openssh(), &host.public_openssh());
+        let two_lines = format!("{}\n{}", new.public_openssh(), old.public_openssh());
+        let both = bundle(&pem, &signer, &two_lines, &host.public_openssh());
+        both.verify().unwrap();
+        assert_eq!(both.user_cas().len(), 2);
+        assert_eq!(both.user_cas()[0].key_data(), new.ssh_public().key_data());
+        // Dropping the old key without the x509 CA's signature is caught.
+        let mut stripped = both.clone();
+        stripped.user_ca = new.public_openssh();
+        assert_eq!(stripped.verify(), Err(BundleError::BadSignature));
+        // A rotated bundle is a successor, but not "the same CAs".
+        one.check_successor(&both).unwrap();
+        assert_eq!(
+            one.check_same_cas(&both),
+            Err(BundleError::Changed("user CA"))
+        );
+        one.check_same_cas(&one).unwrap();
+        // Another x509 CA may not vouch for a successor.
+        let (pem2, signer2) = x509_ca();
+        let foreign = bundle(
+            &pem2,
+            &signer2,
+            &new.public_openssh(),
+            &host.public_openssh(),
+        );
+        assert_eq!(
+            one.check_successor(&foreign),
+            Err(BundleError::Changed("x509 CA"))
+        );
+        // known_hosts: one @cert-authority line per host CA.
+        let hosts = format!("{}\n{}", host.public_openssh(), new.public_openssh());
+        let h = bundle(&pem, &signer, &old.public_openssh(), &hosts);
+        assert_eq!(h.known_hosts_line("*").lines().count(), 2);
+        assert_eq!(h.host_ca_raws().len(), 2);
+    }
 
     #[test]
     fn der_reader_handles_long_lengths_and_garbage() {

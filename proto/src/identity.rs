@@ -127,20 +127,13 @@ impl PartialEq for CaBundle {
 impl Eq for CaBundle {}
 
 impl CaBundle {
-    /// The known_hosts line that makes OpenSSH trust every device host certificate.
+    /// The known_hosts lines that make OpenSSH trust every device host certificate: one per
+    /// trusted host CA (two during a rotation), joined by newlines.
     pub fn known_hosts_line(&self, pattern: &str) -> String {
-        format!(
-            "@cert-authority {pattern} {}",
-            self.user_key_part(&self.host_ca)
-        )
-    }
-
-    fn user_key_part(&self, line: &str) -> String {
-        // Keep "algo base64", drop any comment.
-        line.split_whitespace()
-            .take(2)
+        crate::ca_bundle::key_lines(&self.host_ca)
+            .map(|k| format!("@cert-authority {pattern} {k}"))
             .collect::<Vec<_>>()
-            .join(" ")
+            .join("\n")
     }
 }
 

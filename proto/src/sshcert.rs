@@ -137,6 +137,14 @@ fn check_common(
     Ok(())
 }
 
+/// Of the trusted CAs `cas` (two during a CA rotation), the one that signed `cert`, or the
+/// first (which then refuses it as from an unknown CA). `None` only when `cas` is empty.
+pub fn signer_of<'a>(cert: &Certificate, cas: &'a [PublicKey]) -> Option<&'a PublicKey> {
+    cas.iter()
+        .find(|c| cert.signature_key() == c.key_data())
+        .or_else(|| cas.first())
+}
+
 /// Checks a user certificate for `login` at time `now` (Unix seconds): signed by `user_ca`,
 /// a user certificate, inside its validity window, `login` among its principals (an empty
 /// principal list is refused, unlike OpenSSH's "any"), and no critical option we do not honour.
@@ -223,6 +231,27 @@ mod tests {
             b.extension(EXT_PERMIT_PTY, "").unwrap();
         }
         b.sign(ca.ssh_private()).unwrap()
+    }
+
+    #[test]
+    fn signer_of_picks_the_ca_that_signed_among_trusted_ones() {
+        let (old, new, user) = (
+            KeyPair::generate().unwrap(),
+            KeyPair::generate().unwrap(),
+            KeyPair::generate().unwrap(),
+        );
+        let cas = [new.ssh_public().clone(), old.ssh_public().clone()];
+        let cert = sign(&old, &user, CertType::User, &["root"], 0, u64::MAX, false);
+        let ca = signer_of(&cert, &cas).unwrap();
+        check_user_cert(&cert, ca, "root", 10).unwrap();
+        // After standby the old CA is gone: refused as from an unknown CA.
+        let only_new = [new.ssh_public().clone()];
+        let ca = signer_of(&cert, &only_new).unwrap();
+        assert!(matches!(
+            check_user_cert(&cert, ca, "root", 10),
+            Err(CertRefusal::UnknownCa(_))
+        ));
+        assert!(signer_of(&cert, &[]).is_none());
     }
 
     #[test]

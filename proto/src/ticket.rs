@@ -217,6 +217,24 @@ impl ReplayGuard {
     }
 
     /// Verifies, checks and takes a ticket: the one call a checker makes.
+    /// [`Self::admit`] with any of the trusted host CAs (two during a CA rotation).
+    pub fn admit_any(
+        &self,
+        ticket: Option<&DialTicket>,
+        host_cas_raw: &[Vec<u8>],
+        want: &Expected<'_>,
+        now: u64,
+    ) -> Result<TicketClaims, TicketError> {
+        let t = ticket.ok_or(TicketError::Missing)?;
+        let ca = host_cas_raw
+            .iter()
+            .find(|k| t.verify(k).is_ok())
+            .or_else(|| host_cas_raw.first())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        self.admit(Some(t), ca, want, now)
+    }
+
     pub fn admit(
         &self,
         ticket: Option<&DialTicket>,
@@ -344,5 +362,36 @@ mod tests {
             guard.admit(Some(&t), &pubkey, &want(), 1000 + 600),
             Err(TicketError::Expired(_))
         ));
+    }
+
+    #[test]
+    fn during_a_rotation_either_host_ca_admits_a_ticket_once() {
+        let (old, new, other) = (key(), key(), key());
+        let raw = |k: &Ed25519KeyPair| k.public_key().as_ref().to_vec();
+        let both = [raw(&old), raw(&new)];
+        let guard = ReplayGuard::default();
+        let by_new = DialTicket::issue(&claims("r1"), |m| new.sign(m).as_ref().to_vec());
+        let by_old = DialTicket::issue(&claims("r2"), |m| old.sign(m).as_ref().to_vec());
+        guard
+            .admit_any(Some(&by_new), &both, &want(), 1000)
+            .unwrap();
+        guard
+            .admit_any(Some(&by_old), &both, &want(), 1000)
+            .unwrap();
+        assert_eq!(
+            guard.admit_any(Some(&by_new), &both, &want(), 1000),
+            Err(TicketError::Replayed)
+        );
+        let foreign = DialTicket::issue(&claims("r3"), |m| other.sign(m).as_ref().to_vec());
+        assert_eq!(
+            guard.admit_any(Some(&foreign), &both, &want(), 1000),
+            Err(TicketError::BadSignature)
+        );
+        // After standby only the new CA is trusted.
+        let by_old = DialTicket::issue(&claims("r4"), |m| old.sign(m).as_ref().to_vec());
+        assert_eq!(
+            guard.admit_any(Some(&by_old), &[raw(&new)], &want(), 1000),
+            Err(TicketError::BadSignature)
+        );
     }
 }

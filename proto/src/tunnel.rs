@@ -77,6 +77,10 @@ pub enum GatewayControl {
     },
     /// The authority's answer to [`AgentControl::Audit`].
     AuditAck(crate::audit::AuditAck),
+    /// The cluster's CA bundle changed (a CA rotation, `tctl auth rotate`): trust these CAs
+    /// from now on, and renew at once if the host certificate is not from the bundle's first
+    /// host CA. Sent over an established tunnel; the agent checks the x509 CA's signature.
+    Cas(crate::identity::CaBundle),
 }
 
 /// The services an agent offers on gateway-opened streams.

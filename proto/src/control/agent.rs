@@ -63,6 +63,8 @@ pub enum AgentEvent {
     RenewRefused(RpcError),
     /// End the sessions of these users at once.
     Locked(Vec<String>),
+    /// A new CA bundle (CA rotation): check it, trust it, renew if it asks for that.
+    Cas(crate::identity::CaBundle),
     /// The authority's answer to the batch `id`.
     AuditAcked { id: AuditId, ack: AuditAck },
     /// The machine closed before batch `id` was acknowledged: ship it again later.
@@ -296,6 +298,7 @@ impl AgentControl {
                         self.events.push_back(AgentEvent::RenewRefused(err));
                     }
                     GatewayMsg::Refused(err) => self.close_with(AgentCloseReason::Refused(err)),
+                    GatewayMsg::Cas(cas) => self.events.push_back(AgentEvent::Cas(cas)),
                     GatewayMsg::Locked { users } => {
                         self.events.push_back(AgentEvent::Locked(users))
                     }

@@ -427,6 +427,13 @@ impl GatewayControl {
         Ok(())
     }
 
+    /// The cluster's new CA bundle (a CA rotation), for the agent to check and trust.
+    pub fn send_cas(&mut self, cas: crate::identity::CaBundle) -> Result<(), ControlError> {
+        self.established()?;
+        self.transmits.push_back(GatewayMsg::Cas(cas));
+        Ok(())
+    }
+
     /// Refuses the tunnel (the device was removed); the caller closes it a moment later.
     pub fn send_refused(&mut self, error: RpcError) -> Result<(), ControlError> {
         self.established()?;

@@ -138,5 +138,6 @@ fn gateway_msg_kind(m: &crate::tunnel::GatewayControl) -> &'static str {
         M::Refused(_) => "Refused",
         M::Pong { .. } => "Pong",
         M::AuditAck(_) => "AuditAck",
+        M::Cas(_) => "Cas",
     }
 }

@@ -345,6 +345,21 @@ fn agent_renewal_flow() {
 }
 
 #[test]
+fn rotated_ca_bundle_reaches_the_agent_over_an_established_tunnel() {
+    let t0 = Instant::now();
+    let mut a = established_agent(t0);
+    let mut cas = certs().cas;
+    cas.user_ca = "new\nold".into();
+    a.handle_message(t0, GatewayMsg::Cas(cas)).unwrap();
+    let ev = events_a(&mut a);
+    assert!(matches!(&ev[..], [AgentEvent::Cas(b)] if b.user_ca == "new\nold"));
+    assert!(
+        a.close_reason().is_none(),
+        "a bundle never closes the tunnel"
+    );
+}
+
+#[test]
 fn agent_locks_welcome_again_and_audit() {
     let t0 = Instant::now();
     let mut a = tcp_agent(t0);
@@ -794,7 +809,10 @@ impl Sim {
         match e {
             AgentEvent::Established { .. } => self.agent_established = true,
             AgentEvent::RenewDue if self.renew_on_due => self.request_renew(),
-            AgentEvent::RenewDue | AgentEvent::Locked(_) | AgentEvent::Ignored(_) => {}
+            AgentEvent::RenewDue
+            | AgentEvent::Locked(_)
+            | AgentEvent::Cas(_)
+            | AgentEvent::Ignored(_) => {}
             AgentEvent::Renewed(_) | AgentEvent::RenewRefused(_) => self.renew_answers += 1,
             AgentEvent::AuditAcked { id, ack } => {
                 assert_eq!(
