@@ -36,6 +36,7 @@ pub mod splice_dump;
 pub mod tcp;
 pub mod tunnel;
 pub mod tunnels;
+pub mod web;
 
 pub use config::GatewayConfig;
 pub use server::run;

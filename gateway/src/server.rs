@@ -79,6 +79,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         Some(a) => tracing::info!("other gateways forward dials for this one's devices to {a}"),
         None => tracing::info!("no --peer-addr: other gateways cannot forward dials here"),
     }
+    let web = match ctx.cfg.web_addr {
+        Some(addr) => Some(tokio::spawn(start_web(ctx.clone(), addr).await?)),
+        None => None,
+    };
     let tasks = [
         tokio::spawn(tcp::accept_loop(ctx.clone(), listener)),
         tokio::spawn(quic::accept_loop(ctx.clone(), endpoint.clone())),
@@ -102,13 +106,41 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     endpoint.close(quinn::VarInt::from_u32(0), reason.as_bytes());
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     drain(&ctx).await;
-    for t in tasks {
+    for t in tasks.into_iter().chain(web) {
         t.abort();
     }
     if revoked {
         return Err(ServerError::Revoked);
     }
     Ok(())
+}
+
+/// Binds the web console's listener and returns its task, with narrow handles: a way to
+/// call the authority, the certificate to serve (public, else the gateway's own), shutdown.
+async fn start_web(
+    ctx: Arc<Ctx>,
+    addr: std::net::SocketAddr,
+) -> Result<impl std::future::Future<Output = ()>, ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|err| ServerError::Listen {
+            addr: addr.to_string(),
+            err,
+        })?;
+    tracing::info!("web console on https://{}", listener.local_addr().unwrap_or(addr));
+    let c = ctx.clone();
+    let auth: crate::web::AuthCall = Arc::new(move |req| {
+        let c = c.clone();
+        Box::pin(async move { c.auth.call(req).await })
+    });
+    let c = ctx.clone();
+    let cert: crate::web::CertSource = Arc::new(move || {
+        c.public_cert().or_else(|| {
+            let me = c.identity().cert_key().ok()?;
+            edgeport_proto::tls::certified_key(me.chain.clone(), me.key()).ok()
+        })
+    });
+    Ok(crate::web::serve(listener, cert, auth, ctx.shutdown.clone()))
 }
 
 /// Waits (up to [`DRAIN_TIMEOUT`]) for the connection and stream tasks to finish their
