@@ -127,7 +127,10 @@ async fn start_web(
             addr: addr.to_string(),
             err,
         })?;
-    tracing::info!("web console on https://{}", listener.local_addr().unwrap_or(addr));
+    tracing::info!(
+        "web console on https://{}",
+        listener.local_addr().unwrap_or(addr)
+    );
     let c = ctx.clone();
     let auth: crate::web::AuthCall = Arc::new(move |req| {
         let c = c.clone();
@@ -140,7 +143,12 @@ async fn start_web(
             edgeport_proto::tls::certified_key(me.chain.clone(), me.key()).ok()
         })
     });
-    Ok(crate::web::serve(listener, cert, auth, ctx.shutdown.clone()))
+    Ok(crate::web::serve(
+        listener,
+        cert,
+        auth,
+        ctx.shutdown.clone(),
+    ))
 }
 
 /// Waits (up to [`DRAIN_TIMEOUT`]) for the connection and stream tasks to finish their

@@ -176,7 +176,8 @@ fn web_console_login_fleet_and_session_security() {
         &["--web-addr", &web_addr],
     );
     let url = format!("https://{web_addr}/");
-    c.tctl.ok(&["roles", "add", "vans", "--allow", "fleet=vans"]);
+    c.tctl
+        .ok(&["roles", "add", "vans", "--allow", "fleet=vans"]);
     let mut add = c.auth.tctl_cmd();
     add.args([
         "users",
@@ -189,8 +190,12 @@ fn web_console_login_fleet_and_session_security() {
         "--require-totp",
         "--password-stdin",
     ]);
-    run(add, Some(format!("{PW}\n").as_bytes()), Duration::from_secs(30))
-        .expect_ok("users add carol");
+    run(
+        add,
+        Some(format!("{PW}\n").as_bytes()),
+        Duration::from_secs(30),
+    )
+    .expect_ok("users add carol");
     c.add_user("bob", "root", PW);
     let tsh = Tsh::new(c.dir.join("tsh-carol"), c.proxy());
     let (secret, at) = enroll(&tsh, "carol", &c.gw.ca_pin);
@@ -201,7 +206,10 @@ fn web_console_login_fleet_and_session_security() {
     assert_eq!(page["status"], 200);
     let h = &page["headers"];
     let csp = h["content-security-policy"].as_str().unwrap();
-    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     assert_eq!(h["x-frame-options"], "DENY");
     assert_eq!(h["x-content-type-options"], "nosniff");
@@ -218,9 +226,17 @@ fn web_console_login_fleet_and_session_security() {
     assert!(shown, "fleet not shown: {text}");
     let (online, _) = b.wait_text("#devices", "online");
     assert!(online);
-    assert!(!text.contains("lab-1"), "a device outside carol's roles is shown: {text}");
+    assert!(
+        !text.contains("lab-1"),
+        "a device outside carol's roles is shown: {text}"
+    );
     let (who, _) = b.wait_text("#who", "carol");
     assert!(who);
+    assert_eq!(
+        b.eval("getComputedStyle(document.getElementById('login')).display"),
+        "none",
+        "the login form is still shown"
+    );
     let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/web-console.png");
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
     b.cmd(json!({"op": "shot", "path": shot.to_str().unwrap()}));
@@ -278,7 +294,8 @@ fn web_console_login_fleet_and_session_security() {
     b.login(&url, "bob", "");
     assert!(b.wait_text("#who", "bob").0);
     assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 200);
-    c.tctl.ok(&["lock", "--user", "bob", "--message", "web test"]);
+    c.tctl
+        .ok(&["lock", "--user", "bob", "--message", "web test"]);
     assert!(
         wait_until(Duration::from_secs(30), || {
             b.status("edgeport.signedFetch('/api/devices')") == 401

@@ -7,7 +7,9 @@
 //! neither make up a session nor keep one alive past logout, a lock or the user's removal.
 
 use edgeport_proto::keys::{random_secret, sha256_hex};
-use edgeport_proto::rpc::{LoginRequest, Response, RpcError, WebLoginRequest, WebProof, WebSessionInfo};
+use edgeport_proto::rpc::{
+    LoginRequest, Response, RpcError, WebLoginRequest, WebProof, WebSessionInfo,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::errors::{denied, internal, invalid};
@@ -36,7 +38,11 @@ fn session_denied(why: &str) -> RpcError {
     denied(format!("web session refused: {why}; log in again"))
 }
 
-fn info(r: &WebSessionRecord, token: Option<String>, svc: &Service) -> Result<WebSessionInfo, RpcError> {
+fn info(
+    r: &WebSessionRecord,
+    token: Option<String>,
+    svc: &Service,
+) -> Result<WebSessionInfo, RpcError> {
     let subject = users::subject(svc.store(), &r.user)?
         .ok_or_else(|| session_denied("the user no longer exists"))?;
     Ok(WebSessionInfo {
@@ -85,14 +91,23 @@ pub fn login(
         csrf,
         client_addr: req.client_addr.clone(),
     };
-    store::put(svc.store(), Table::WebSessions, &sha256_hex(token.as_bytes()), &record)?;
+    store::put(
+        svc.store(),
+        Table::WebSessions,
+        &sha256_hex(token.as_bytes()),
+        &record,
+    )?;
     tracing::info!(user = %record.user, client = %req.client_addr, gateway, expires = record.expires, "web console login");
     Ok(Response::WebSession(info(&record, Some(token), svc)?))
 }
 
 /// The session a proof names, if the proof holds now: known token, not expired, signature
 /// by its browser key over a fresh request, user still the same record and not locked.
-fn proven(svc: &Service, proof: &WebProof, now: u64) -> Result<(String, WebSessionRecord), RpcError> {
+fn proven(
+    svc: &Service,
+    proof: &WebProof,
+    now: u64,
+) -> Result<(String, WebSessionRecord), RpcError> {
     let key = sha256_hex(proof.token.as_bytes());
     let record: WebSessionRecord = store::get(svc.store(), Table::WebSessions, &key)?
         .ok_or_else(|| session_denied("unknown or ended session"))?;
@@ -124,7 +139,12 @@ pub fn logout(svc: &Service, proof: &WebProof, now: u64) -> Result<Response, Rpc
 }
 
 /// The devices the session's user may reach, a page at a time.
-pub fn device_page(svc: &Service, proof: &WebProof, after: &str, now: u64) -> Result<Response, RpcError> {
+pub fn device_page(
+    svc: &Service,
+    proof: &WebProof,
+    after: &str,
+    now: u64,
+) -> Result<Response, RpcError> {
     let (_, record) = proven(svc, proof, now)?;
     let subject = users::subject(svc.store(), &record.user)?
         .ok_or_else(|| session_denied("the user no longer exists"))?;

@@ -113,8 +113,7 @@ pub async fn serve(
         let (acceptor, web, shutdown) = (acceptor.clone(), web.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let Ok(Ok(tls)) =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             else {
                 return;
             };
@@ -142,14 +141,23 @@ fn secured(mut r: Resp) -> Resp {
     let h = r.headers_mut();
     h.insert("content-security-policy", HeaderValue::from_static(CSP));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     h.insert(
         "strict-transport-security",
         HeaderValue::from_static("max-age=31536000"),
     );
-    h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
-    h.insert("cross-origin-resource-policy", HeaderValue::from_static("same-origin"));
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
@@ -201,7 +209,10 @@ fn refused(e: RpcClientError) -> Resp {
         }
         other => {
             tracing::warn!("web console: authority unavailable: {other}");
-            error(StatusCode::BAD_GATEWAY, "the cluster's authority is unavailable")
+            error(
+                StatusCode::BAD_GATEWAY,
+                "the cluster's authority is unavailable",
+            )
         }
     }
 }
@@ -221,10 +232,14 @@ fn device_json(d: &DeviceInfo) -> serde_json::Value {
 
 /// `key=value` (that value) or `key` (any value).
 fn label_matches(d: &DeviceInfo, filter: &str) -> bool {
-    filter.split(',').map(str::trim).filter(|f| !f.is_empty()).all(|f| match f.split_once('=') {
-        Some((k, v)) => d.labels.get(k).map(String::as_str) == Some(v),
-        None => d.labels.contains_key(f),
-    })
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .all(|f| match f.split_once('=') {
+            Some((k, v)) => d.labels.get(k).map(String::as_str) == Some(v),
+            None => d.labels.contains_key(f),
+        })
 }
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -284,8 +299,14 @@ impl Web {
     /// State-changing requests come from this origin only (a browser always sends Origin
     /// on a cross-site POST) and as JSON (a form cannot send it without a preflight).
     fn same_origin(req: &HttpRequest<Incoming>) -> bool {
-        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
-        let origin = req.headers().get(header::ORIGIN).and_then(|h| h.to_str().ok());
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|h| h.to_str().ok());
         match (origin, host) {
             (None, _) => true,
             (Some(o), Some(h)) => o == format!("https://{h}"),
@@ -300,7 +321,10 @@ impl Web {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
         if !is_json || !Self::same_origin(&req) {
-            return error(StatusCode::FORBIDDEN, "cross-site or non-JSON login refused");
+            return error(
+                StatusCode::FORBIDDEN,
+                "cross-site or non-JSON login refused",
+            );
         }
         let Ok(body) = Limited::new(req.into_body(), MAX_BODY).collect().await else {
             return error(StatusCode::PAYLOAD_TOO_LARGE, "request too large");
@@ -338,7 +362,10 @@ impl Web {
                 self.sessions.put(&token, s);
                 r
             }
-            Ok(_) => error(StatusCode::BAD_GATEWAY, "unexpected answer from the authority"),
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
             Err(e) => refused(e),
         }
     }
@@ -348,7 +375,13 @@ impl Web {
     async fn proven(
         &self,
         req: &HttpRequest<Incoming>,
-    ) -> Result<(edgeport_proto::rpc::WebProof, edgeport_proto::rpc::WebSessionInfo), Resp> {
+    ) -> Result<
+        (
+            edgeport_proto::rpc::WebProof,
+            edgeport_proto::rpc::WebSessionInfo,
+        ),
+        Resp,
+    > {
         let method = req.method().as_str();
         let Some(proof) = session::proof_of(req.headers(), method, req.uri().path()) else {
             return Err(error(
@@ -365,7 +398,10 @@ impl Web {
                 self.sessions.put(&proof.token, info.clone());
                 Ok((proof, info))
             }
-            Ok(_) => Err(error(StatusCode::BAD_GATEWAY, "unexpected answer from the authority")),
+            Ok(_) => Err(error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            )),
             Err(e) => {
                 self.sessions.forget(&proof.token);
                 Err(refused(e))
@@ -409,7 +445,12 @@ impl Web {
                         _ => break,
                     }
                 }
-                Ok(_) => return error(StatusCode::BAD_GATEWAY, "unexpected answer from the authority"),
+                Ok(_) => {
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "unexpected answer from the authority",
+                    )
+                }
                 Err(e) => {
                     self.sessions.forget(&proof.token);
                     return refused(e);

@@ -47,7 +47,11 @@ pub fn proof_of(headers: &http::HeaderMap, method: &str, path: &str) -> Option<W
 
 /// Equal without telling, by timing, how much of it matched.
 pub fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// The authority's recent answers, by the SHA-256 of the token.
