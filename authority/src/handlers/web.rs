@@ -153,3 +153,159 @@ pub fn device_page(
         devices::page_where(svc.store(), after, now, |d| grants.allows_device(&d.labels))?;
     Ok(Response::DevicePage { devices, more })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::service::Caller;
+    use edgeport_proto::rpc::{ErrorKind, LockSpec, LockTarget, Request, UserSpec};
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+    fn key() -> EcdsaKeyPair {
+        let rng = ring::rand::SystemRandom::new();
+        let pk = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk.as_ref(), &rng).unwrap()
+    }
+
+    fn proof(k: &EcdsaKeyPair, token: &str, at: u64) -> WebProof {
+        let signed = edgeport_proto::web::signed_text(at, "GET", "/api/session");
+        let rng = ring::rand::SystemRandom::new();
+        let signature = k.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec();
+        WebProof {
+            token: token.into(),
+            signed,
+            signature,
+        }
+    }
+
+    fn refused(r: Response) -> RpcError {
+        match r {
+            Response::Error(e) => e,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    /// Only the authority makes sessions; a session works only with its browser key, only
+    /// while fresh, and ends at logout, a lock, expiry and the user's removal.
+    #[test]
+    fn sessions_need_the_browser_key_and_end_when_they_must() {
+        let (_tmp, svc) = crate::tests::service();
+        let admin = Caller::Admin("admin".into());
+        let gw = Caller::Gateway("gw-1".into());
+        let now = 1_700_000_000;
+        let add = |svc: &Service| {
+            svc.handle_at(
+                &admin,
+                Request::UserAdd(UserSpec {
+                    name: "alice".into(),
+                    logins: vec!["root".into()],
+                    password: Some("pw-alice-123".into()),
+                    ..Default::default()
+                }),
+                now,
+            )
+        };
+        assert!(matches!(add(&svc), Response::UserAdded { .. }));
+        let browser = key();
+        let login = |svc: &Service, password: &str, at: u64| {
+            svc.handle_at(
+                &gw,
+                Request::WebLogin(WebLoginRequest {
+                    user: "alice".into(),
+                    password: password.into(),
+                    otp: None,
+                    browser_key: browser.public_key().as_ref().to_vec(),
+                    client_addr: "192.0.2.1".into(),
+                }),
+                at,
+            )
+        };
+        assert_eq!(
+            refused(login(&svc, "wrong", now)).kind,
+            ErrorKind::BadCredentials
+        );
+        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+            panic!("no session")
+        };
+        let token = s.token.unwrap();
+        assert_eq!(s.user, "alice");
+        // Only a gateway relays.
+        assert_eq!(
+            refused(svc.handle_at(
+                &admin,
+                Request::WebSessionCheck(proof(&browser, &token, now)),
+                now
+            ))
+            .kind,
+            ErrorKind::Denied
+        );
+        let check = |p: WebProof, at: u64| svc.handle_at(&gw, Request::WebSessionCheck(p), at);
+        assert!(
+            matches!(check(proof(&browser, &token, now), now), Response::WebSession(i) if i.token.is_none())
+        );
+        // A made-up token, another key, a stale signature.
+        refused(check(proof(&browser, "made-up", now), now));
+        let e = refused(check(proof(&key(), &token, now), now));
+        assert!(e.message.contains("browser key"), "{e}");
+        refused(check(proof(&browser, &token, now - 120), now));
+        // Expired.
+        refused(check(
+            proof(&browser, &token, now + 9 * 3600),
+            now + 9 * 3600,
+        ));
+        // Locked, then unlocked.
+        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+            panic!("no session")
+        };
+        let token = s.token.unwrap();
+        let lock = LockSpec {
+            target: LockTarget::User("alice".into()),
+            message: "gone".into(),
+            expires: 0,
+        };
+        svc.handle_at(&admin, Request::LockAdd(lock), now);
+        assert_eq!(
+            refused(check(proof(&browser, &token, now), now)).kind,
+            ErrorKind::Locked
+        );
+        svc.handle_at(
+            &admin,
+            Request::LockRemove {
+                target: LockTarget::User("alice".into()),
+            },
+            now,
+        );
+        assert!(matches!(
+            check(proof(&browser, &token, now), now),
+            Response::WebSession(_)
+        ));
+        // Logout ends it for good.
+        assert!(matches!(
+            svc.handle_at(&gw, Request::WebLogout(proof(&browser, &token, now)), now),
+            Response::Ok
+        ));
+        refused(check(proof(&browser, &token, now), now));
+        // A session of a removed user does not pass to a later user of the name.
+        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+            panic!("no session")
+        };
+        let token = s.token.unwrap();
+        svc.handle_at(
+            &admin,
+            Request::UserRemove {
+                name: "alice".into(),
+            },
+            now,
+        );
+        svc.handle_at(
+            &admin,
+            Request::LockRemove {
+                target: LockTarget::User("alice".into()),
+            },
+            now,
+        );
+        assert!(matches!(add(&svc), Response::UserAdded { .. }));
+        refused(check(proof(&browser, &token, now + 10), now + 10));
+    }
+}
