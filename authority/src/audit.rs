@@ -661,6 +661,11 @@ pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
             p.user = r.user.clone();
             p.fields.insert("client_addr".into(), r.client_addr.clone());
         }
+        Request::WebLogin(r) => {
+            p.kind = "web.login";
+            p.user = r.user.clone();
+            p.fields.insert("client_addr".into(), r.client_addr.clone());
+        }
         Request::SsoMapSet(m) => {
             p.kind = "sso.mapped";
             p.fields.insert("group".into(), m.group.clone());

@@ -99,7 +99,11 @@ fn access(req: &Request) -> Access {
         | Request::AuditRecord(_)
         | Request::WatchPolicy { .. }
         | Request::PresenceAckPart { .. }
-        | Request::UserDevicePage { .. } => Access::Gateway,
+        | Request::UserDevicePage { .. }
+        | Request::WebLogin(_)
+        | Request::WebSessionCheck(_)
+        | Request::WebLogout(_)
+        | Request::WebDevicePage { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -156,6 +160,10 @@ pub fn request_name(req: &Request) -> &'static str {
             "changing single sign-on connectors"
         }
         Request::SsoConnectorList => "listing single sign-on connectors",
+        Request::WebLogin(_) => "relaying web console logins",
+        Request::WebSessionCheck(_) | Request::WebLogout(_) | Request::WebDevicePage { .. } => {
+            "relaying web console requests"
+        }
     }
 }
 
@@ -533,6 +541,12 @@ impl Service {
             Request::SsoConnectorAdd(spec) => crate::sso::connector_add(store, spec),
             Request::SsoConnectorList => crate::sso::connector_list(store),
             Request::SsoConnectorRemove { name } => crate::sso::connector_remove(store, &name),
+            Request::WebLogin(r) => handlers::web::login(self, caller_name, r, now),
+            Request::WebSessionCheck(p) => handlers::web::check(self, &p, now),
+            Request::WebLogout(p) => handlers::web::logout(self, &p, now),
+            Request::WebDevicePage { proof, after } => {
+                handlers::web::device_page(self, &proof, &after, now)
+            }
         }
     }
 }

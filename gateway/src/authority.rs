@@ -42,7 +42,8 @@ impl Lane {
             | Request::JoinGateway(_)
             | Request::RecordingList { .. }
             | Request::RecordingPage { .. }
-            | Request::RecordingGet { .. } => Lane::Bulk,
+            | Request::RecordingGet { .. }
+            | Request::WebLogin(_) => Lane::Bulk,
             _ => Lane::Control,
         }
     }

@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub splice_dump: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`GET /metrics`); none by default.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where to serve the web console over HTTPS (`--web-addr`); none by default.
+    pub web_addr: Option<SocketAddr>,
 }
 
 impl GatewayConfig {
@@ -63,6 +65,7 @@ impl GatewayConfig {
             public_key: None,
             splice_dump: None,
             metrics_addr: None,
+            web_addr: None,
         }
     }
 }

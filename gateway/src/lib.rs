@@ -37,6 +37,7 @@ pub mod splice_dump;
 pub mod tcp;
 pub mod tunnel;
 pub mod tunnels;
+pub mod web;
 
 pub use config::GatewayConfig;
 pub use server::run;

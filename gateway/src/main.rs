@@ -78,6 +78,10 @@ struct StartArgs {
     /// authentication: bind it to an address only your monitoring reaches).
     #[arg(long, env = "EDGEPORT_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Serve the web console (a browser login, the fleet) over HTTPS at HOST:PORT, with
+    /// --cert when given, else the gateway's own certificate. Off by default.
+    #[arg(long, env = "EDGEPORT_WEB_ADDR")]
+    web_addr: Option<SocketAddr>,
     /// Single sign-on moved to the authority (`tctl sso connectors add`): the gateway holds
     /// no client secret. These old flags are still accepted so that a gateway started with
     /// them fails at once and says where they went, instead of starting without them.
@@ -208,6 +212,7 @@ fn main() -> ExitCode {
     cfg.public_key = args.key;
     cfg.splice_dump = edgeport_gateway::splice_dump::from_env();
     cfg.metrics_addr = args.metrics_addr;
+    cfg.web_addr = args.web_addr;
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
     cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));

@@ -166,13 +166,27 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         grants,
         reporter: reporter.clone(),
     });
+    let public = Arc::new(std::sync::Mutex::new(public));
+    let web = match cfg.web_addr {
+        Some(addr) => Some(tokio::spawn(
+            start_web(
+                addr,
+                auth.clone(),
+                identity.clone(),
+                public.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        )),
+        None => None,
+    };
     let renewal = Renewal {
         cfg,
         auth: auth.clone(),
         identity,
         tcp: tcp_port.clone(),
         endpoint: endpoint.clone(),
-        public: std::sync::Mutex::new(public),
+        public,
     };
     let tasks = [
         tokio::spawn(tcp::accept_loop(tcp_port, listener)),
@@ -197,7 +211,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     endpoint.close(quinn::VarInt::from_u32(0), reason.as_bytes());
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     life.drain().await;
-    for t in tasks {
+    for t in tasks.into_iter().chain(web) {
         t.abort();
     }
     if revoked {
@@ -215,7 +229,42 @@ struct Renewal {
     tcp: Arc<TcpPort>,
     endpoint: quinn::Endpoint,
     /// The public certificate last loaded (`--cert/--key`), kept if a reload fails.
-    public: std::sync::Mutex<Option<Arc<rustls::sign::CertifiedKey>>>,
+    public: PublicCert,
+}
+
+/// The public certificate last loaded (`--cert/--key`), shared with the web console.
+type PublicCert = Arc<std::sync::Mutex<Option<Arc<rustls::sign::CertifiedKey>>>>;
+
+/// Binds the web console's listener and returns its task, with narrow handles: a way to
+/// call the authority, the certificate to serve (public, else the gateway's own), shutdown.
+async fn start_web(
+    addr: std::net::SocketAddr,
+    auth: Arc<AuthorityClient>,
+    identity: IdentityCell,
+    public: PublicCert,
+    shutdown: CancellationToken,
+) -> Result<impl std::future::Future<Output = ()>, ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|err| ServerError::Listen {
+            addr: addr.to_string(),
+            err,
+        })?;
+    tracing::info!(
+        "web console on https://{}",
+        listener.local_addr().unwrap_or(addr)
+    );
+    let call: crate::web::AuthCall = Arc::new(move |req| {
+        let auth = auth.clone();
+        Box::pin(async move { auth.call(req).await })
+    });
+    let cert: crate::web::CertSource = Arc::new(move || {
+        public.lock().ok().and_then(|p| p.clone()).or_else(|| {
+            let me = identity.get().cert_key().ok()?;
+            edgeport_proto::tls::certified_key(me.chain.clone(), me.key()).ok()
+        })
+    });
+    Ok(crate::web::serve(listener, cert, call, shutdown))
 }
 
 /// Renews the gateway's certificate when less than a third of its validity is left.

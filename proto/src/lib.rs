@@ -26,6 +26,7 @@ pub mod totp;
 pub mod tunnel;
 pub mod util;
 pub mod variant;
+pub mod web;
 
 pub use frame::{FrameError, MAX_FRAME_LEN};
 

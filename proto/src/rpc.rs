@@ -159,6 +159,22 @@ pub enum Request {
         cursor: Option<String>,
         limit: u32,
     },
+    /// Gateway: relays a web console login (password and one-time code, as `Login`). The
+    /// authority checks them itself and answers `WebSession` with a new session bound to
+    /// the browser's own key.
+    WebLogin(WebLoginRequest),
+    /// Gateway: is this web session (cookie plus a fresh signature by its browser key)
+    /// valid now? Answers `WebSession` (without the token) or an error.
+    WebSessionCheck(WebProof),
+    /// Gateway: ends a web session (logout); needs the same proof.
+    WebLogout(WebProof),
+    /// Gateway: one page of the devices the web session's user may reach (as
+    /// `UserDevicePage`, with the user taken from the proven session, never from the
+    /// gateway).
+    WebDevicePage {
+        proof: WebProof,
+        after: String,
+    },
 }
 
 /// Responses from the authority.
@@ -219,6 +235,8 @@ pub enum Response {
         recordings: Vec<crate::audit::RecordingInfo>,
         next: Option<String>,
     },
+    /// A web console session: after `WebLogin` (with its token) or `WebSessionCheck`.
+    WebSession(WebSessionInfo),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -638,6 +656,52 @@ pub struct LoginRequest {
     pub totp_enroll: Option<String>,
 }
 
+/// The context every web console request signature starts with (one line), so that a
+/// signature made for this can never pass for anything else.
+pub const WEB_SIGNATURE_CONTEXT: &str = "edgeport-web/1";
+
+/// Gateway -> authority: a browser logs in to the web console.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct WebLoginRequest {
+    pub user: String,
+    pub password: String,
+    /// The current code of the user's one-time password app, when enrolled.
+    pub otp: Option<String>,
+    /// The browser's public key (P-256, uncompressed point, 65 bytes), made with WebCrypto
+    /// as non-extractable: every later request of the session is signed with it.
+    pub browser_key: Vec<u8>,
+    /// The client's address as the gateway sees it (failed logins are throttled by it).
+    pub client_addr: String,
+}
+
+/// Gateway -> authority: proof that a request comes from a web session's browser.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct WebProof {
+    /// The session token (the browser's cookie).
+    pub token: String,
+    /// What the browser signed: `edgeport-web/1`, Unix seconds, method and path, one per
+    /// line.
+    pub signed: String,
+    /// ECDSA P-256 SHA-256 over `signed`, as WebCrypto makes it (r || s, 64 bytes).
+    pub signature: Vec<u8>,
+}
+
+/// A web console session as the authority keeps it, for the gateway.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct WebSessionInfo {
+    /// The session token: only in the answer to `WebLogin`, never stored in clear.
+    pub token: Option<String>,
+    /// The CSRF token every state-changing request must carry.
+    pub csrf: String,
+    pub user: String,
+    pub logins: Vec<String>,
+    pub roles: Vec<String>,
+    /// Unix seconds.
+    pub expires: u64,
+    /// The browser key the session is bound to (as in `WebLoginRequest`).
+    pub browser_key: Vec<u8>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DialGrant {
     pub device: DeviceInfo,
@@ -677,3 +741,6 @@ crate::debug_redacted!(UserSpec { name, logins, roles, kube_groups, kube_users, 
 crate::debug_redacted!(TokenInfo { id, kind, labels, expires, reusable, uses, ca_pin } secret { token });
 crate::debug_redacted!(SsoFinishRequest { state, ssh_public_key, ttl_secs, client_addr } secret { code, proof });
 crate::debug_redacted!(SsoConnectorSpec { name, client_id, kind } secret { client_secret, ca_pem });
+crate::debug_redacted!(WebLoginRequest { user, client_addr } secret { password, otp, browser_key });
+crate::debug_redacted!(WebProof { signed } secret { token, signature });
+crate::debug_redacted!(WebSessionInfo { user, logins, roles, expires } secret { token, csrf, browser_key });

@@ -7,3 +7,4 @@ pub mod join;
 pub mod presence;
 pub mod sso;
 pub mod user_certs;
+pub mod web;

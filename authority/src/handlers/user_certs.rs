@@ -233,6 +233,32 @@ pub fn login(
     // Refuse a malformed key before spending an argon2 verification on it.
     parse_ed25519_public(&req.ssh_public_key)
         .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+    let user = check_credentials(svc, gateway, &req, now)?;
+    let certs = issue(
+        svc,
+        &Subject::from(&user),
+        &req.ssh_public_key,
+        req.ttl_secs,
+        now,
+    )?;
+    tracing::info!(
+        user = %user.name,
+        client = %req.client_addr,
+        gateway,
+        valid_before = certs.valid_before,
+        "login"
+    );
+    Ok(Response::UserCerts(certs))
+}
+
+/// The password (or invite) and second factor of a login, throttled per user and client,
+/// and the lock check: the user record when all pass. Shared by tsh and web console logins.
+pub fn check_credentials(
+    svc: &Service,
+    gateway: &str,
+    req: &LoginRequest,
+    now: u64,
+) -> Result<users::UserRecord, RpcError> {
     if let Err(wait) = svc
         .logins
         .check(svc.store(), &req.user, &req.client_addr, now)?
@@ -252,7 +278,7 @@ pub fn login(
                     "this is an invite code: choose a password (new_password) to accept it",
                 ));
             }
-            second_factor(svc, &u, &req, now)?;
+            second_factor(svc, &u, req, now)?;
             match req.new_password.as_deref() {
                 None => Ok(u),
                 new => users::authenticate(svc.store(), &req.user, &req.secret, new, now),
@@ -286,19 +312,5 @@ pub fn login(
         tracing::warn!(user = %user.name, %err, "cannot clear failed logins");
     }
     check_not_locked(svc, &user.name, now)?;
-    let certs = issue(
-        svc,
-        &Subject::from(&user),
-        &req.ssh_public_key,
-        req.ttl_secs,
-        now,
-    )?;
-    tracing::info!(
-        user = %user.name,
-        client = %req.client_addr,
-        gateway,
-        valid_before = certs.valid_before,
-        "login"
-    );
-    Ok(Response::UserCerts(certs))
+    Ok(user)
 }

@@ -70,10 +70,13 @@ pub enum Table {
     /// for one user's, where INV is `u64::MAX - started_ms` (20 digits), so listing is a
     /// page of a range scan (`recordings`).
     RecordingTimeline,
+    /// Web console sessions (`handlers::web::WebSessionRecord`), by the hex SHA-256 of the
+    /// session token (the token itself is never stored).
+    WebSessions,
 }
 
 impl Table {
-    pub const ALL: [Table; 22] = [
+    pub const ALL: [Table; 23] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -96,6 +99,7 @@ impl Table {
         Table::LoginThrottle,
         Table::OpenSessions,
         Table::RecordingTimeline,
+        Table::WebSessions,
     ];
 
     /// The table's name in the backing store.
@@ -123,6 +127,7 @@ impl Table {
             Table::LoginThrottle => "login_throttle",
             Table::OpenSessions => "open_sessions",
             Table::RecordingTimeline => "recording_timeline",
+            Table::WebSessions => "web_sessions",
         }
     }
 }

@@ -1,0 +1,311 @@
+//! Web console sessions (issue 25). The gateway relays a browser's login; the authority
+//! checks password and one-time code itself (the same checks and throttling as a tsh login),
+//! makes a random session token, and stores it (by its SHA-256 only) with the user, the
+//! browser's public key and a CSRF token. Every later request of the session is proven by
+//! the token plus a fresh signature of the browser key ([`edgeport_proto::web`]), checked
+//! here together with the expiry, the user's locks and the user's record, so a gateway can
+//! neither make up a session nor keep one alive past logout, a lock or the user's removal.
+
+use edgeport_proto::keys::{random_secret, sha256_hex};
+use edgeport_proto::rpc::{
+    LoginRequest, Response, RpcError, WebLoginRequest, WebProof, WebSessionInfo,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::errors::{denied, internal, invalid};
+use crate::handlers::user_certs::{check_credentials, check_not_locked};
+use crate::service::Service;
+use crate::store::{self, Table};
+use crate::{devices, roles, users};
+
+/// Longest web session (also capped by the user's roles' `max_session_ttl`).
+pub const WEB_SESSION_TTL_SECS: u64 = 8 * 3600;
+
+/// One web session, stored by the SHA-256 of its token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WebSessionRecord {
+    pub user: String,
+    /// The user record's id at login: a later user of the same name does not inherit it.
+    pub user_id: String,
+    pub created: u64,
+    pub expires: u64,
+    pub browser_key: Vec<u8>,
+    pub csrf: String,
+    pub client_addr: String,
+}
+
+fn session_denied(why: &str) -> RpcError {
+    denied(format!("web session refused: {why}; log in again"))
+}
+
+fn info(
+    r: &WebSessionRecord,
+    token: Option<String>,
+    svc: &Service,
+) -> Result<WebSessionInfo, RpcError> {
+    let subject = users::subject(svc.store(), &r.user)?
+        .ok_or_else(|| session_denied("the user no longer exists"))?;
+    Ok(WebSessionInfo {
+        token,
+        csrf: r.csrf.clone(),
+        user: r.user.clone(),
+        logins: subject.logins,
+        roles: subject.roles,
+        expires: r.expires,
+        browser_key: r.browser_key.clone(),
+    })
+}
+
+/// WebLogin: credentials as for tsh, then a new session bound to the browser key.
+pub fn login(
+    svc: &Service,
+    gateway: &str,
+    req: WebLoginRequest,
+    now: u64,
+) -> Result<Response, RpcError> {
+    edgeport_proto::web::check_key(&req.browser_key).map_err(|e| invalid(e.to_string()))?;
+    let as_login = LoginRequest {
+        user: req.user.clone(),
+        secret: req.password.clone(),
+        new_password: None,
+        ssh_public_key: String::new(),
+        ttl_secs: 0,
+        client_addr: req.client_addr.clone(),
+        otp: req.otp.clone().filter(|c| !c.trim().is_empty()),
+        totp_enroll: None,
+    };
+    let user = check_credentials(svc, gateway, &as_login, now)?;
+    let grants = roles::grants(svc.store(), &user.roles)?;
+    let ttl = WEB_SESSION_TTL_SECS
+        .min(grants.max_session_ttl)
+        .min(svc.limits.max_session_ttl)
+        .max(60);
+    let token = random_secret().map_err(|e| internal("a session token", e))?;
+    let csrf = random_secret().map_err(|e| internal("a CSRF token", e))?;
+    let record = WebSessionRecord {
+        user: user.name.clone(),
+        user_id: users::Subject::from(&user).id,
+        created: now,
+        expires: now + ttl,
+        browser_key: req.browser_key,
+        csrf,
+        client_addr: req.client_addr.clone(),
+    };
+    store::put(
+        svc.store(),
+        Table::WebSessions,
+        &sha256_hex(token.as_bytes()),
+        &record,
+    )?;
+    tracing::info!(user = %record.user, client = %req.client_addr, gateway, expires = record.expires, "web console login");
+    Ok(Response::WebSession(info(&record, Some(token), svc)?))
+}
+
+/// The session a proof names, if the proof holds now: known token, not expired, signature
+/// by its browser key over a fresh request, user still the same record and not locked.
+fn proven(
+    svc: &Service,
+    proof: &WebProof,
+    now: u64,
+) -> Result<(String, WebSessionRecord), RpcError> {
+    let key = sha256_hex(proof.token.as_bytes());
+    let record: WebSessionRecord = store::get(svc.store(), Table::WebSessions, &key)?
+        .ok_or_else(|| session_denied("unknown or ended session"))?;
+    if record.expires <= now {
+        let _ = svc.store().delete(Table::WebSessions, &key);
+        return Err(session_denied("the session expired"));
+    }
+    edgeport_proto::web::verify(&record.browser_key, &proof.signed, &proof.signature, now)
+        .map_err(|e| session_denied(&e.to_string()))?;
+    check_not_locked(svc, &record.user, now)?;
+    let subject = users::subject(svc.store(), &record.user)?
+        .ok_or_else(|| session_denied("the user no longer exists"))?;
+    if subject.id != record.user_id || subject.created > record.created {
+        return Err(session_denied("the user was removed and made again"));
+    }
+    Ok((key, record))
+}
+
+pub fn check(svc: &Service, proof: &WebProof, now: u64) -> Result<Response, RpcError> {
+    let (_, record) = proven(svc, proof, now)?;
+    Ok(Response::WebSession(info(&record, None, svc)?))
+}
+
+pub fn logout(svc: &Service, proof: &WebProof, now: u64) -> Result<Response, RpcError> {
+    let (key, record) = proven(svc, proof, now)?;
+    svc.store().delete(Table::WebSessions, &key)?;
+    tracing::info!(user = %record.user, "web console logout");
+    Ok(Response::Ok)
+}
+
+/// The devices the session's user may reach, a page at a time.
+pub fn device_page(
+    svc: &Service,
+    proof: &WebProof,
+    after: &str,
+    now: u64,
+) -> Result<Response, RpcError> {
+    let (_, record) = proven(svc, proof, now)?;
+    let subject = users::subject(svc.store(), &record.user)?
+        .ok_or_else(|| session_denied("the user no longer exists"))?;
+    let grants = roles::grants(svc.store(), &subject.roles)?;
+    let (devices, more) =
+        devices::page_where(svc.store(), after, now, |d| grants.allows_device(&d.labels))?;
+    Ok(Response::DevicePage { devices, more })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::service::Caller;
+    use edgeport_proto::rpc::{ErrorKind, LockSpec, LockTarget, Request, UserSpec};
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+    fn key() -> EcdsaKeyPair {
+        let rng = ring::rand::SystemRandom::new();
+        let pk = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk.as_ref(), &rng).unwrap()
+    }
+
+    fn proof(k: &EcdsaKeyPair, token: &str, at: u64) -> WebProof {
+        let signed = edgeport_proto::web::signed_text(at, "GET", "/api/session");
+        let rng = ring::rand::SystemRandom::new();
+        let signature = k.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec();
+        WebProof {
+            token: token.into(),
+            signed,
+            signature,
+        }
+    }
+
+    fn refused(r: Response) -> RpcError {
+        match r {
+            Response::Error(e) => e,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    /// Only the authority makes sessions; a session works only with its browser key, only
+    /// while fresh, and ends at logout, a lock, expiry and the user's removal.
+    #[test]
+    fn sessions_need_the_browser_key_and_end_when_they_must() {
+        let (_tmp, svc) = crate::tests::service();
+        let admin = Caller::Admin("admin".into());
+        let gw = Caller::Gateway("gw-1".into());
+        let now = 1_700_000_000;
+        let add = |svc: &Service| {
+            svc.handle_at(
+                &admin,
+                Request::UserAdd(UserSpec {
+                    name: "alice".into(),
+                    logins: vec!["root".into()],
+                    password: Some("pw-alice-123".into()),
+                    ..Default::default()
+                }),
+                now,
+            )
+        };
+        assert!(matches!(add(&svc), Response::UserAdded { .. }));
+        let browser = key();
+        let login = |svc: &Service, password: &str, at: u64| {
+            svc.handle_at(
+                &gw,
+                Request::WebLogin(WebLoginRequest {
+                    user: "alice".into(),
+                    password: password.into(),
+                    otp: None,
+                    browser_key: browser.public_key().as_ref().to_vec(),
+                    client_addr: "192.0.2.1".into(),
+                }),
+                at,
+            )
+        };
+        assert_eq!(
+            refused(login(&svc, "wrong", now)).kind,
+            ErrorKind::BadCredentials
+        );
+        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+            panic!("no session")
+        };
+        let token = s.token.unwrap();
+        assert_eq!(s.user, "alice");
+        // Only a gateway relays.
+        assert_eq!(
+            refused(svc.handle_at(
+                &admin,
+                Request::WebSessionCheck(proof(&browser, &token, now)),
+                now
+            ))
+            .kind,
+            ErrorKind::Denied
+        );
+        let check = |p: WebProof, at: u64| svc.handle_at(&gw, Request::WebSessionCheck(p), at);
+        assert!(
+            matches!(check(proof(&browser, &token, now), now), Response::WebSession(i) if i.token.is_none())
+        );
+        // A made-up token, another key, a stale signature.
+        refused(check(proof(&browser, "made-up", now), now));
+        let e = refused(check(proof(&key(), &token, now), now));
+        assert!(e.message.contains("browser key"), "{e}");
+        refused(check(proof(&browser, &token, now - 120), now));
+        // Expired.
+        refused(check(
+            proof(&browser, &token, now + 9 * 3600),
+            now + 9 * 3600,
+        ));
+        // Locked, then unlocked.
+        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+            panic!("no session")
+        };
+        let token = s.token.unwrap();
+        let lock = LockSpec {
+            target: LockTarget::User("alice".into()),
+            message: "gone".into(),
+            expires: 0,
+        };
+        svc.handle_at(&admin, Request::LockAdd(lock), now);
+        assert_eq!(
+            refused(check(proof(&browser, &token, now), now)).kind,
+            ErrorKind::Locked
+        );
+        svc.handle_at(
+            &admin,
+            Request::LockRemove {
+                target: LockTarget::User("alice".into()),
+            },
+            now,
+        );
+        assert!(matches!(
+            check(proof(&browser, &token, now), now),
+            Response::WebSession(_)
+        ));
+        // Logout ends it for good.
+        assert!(matches!(
+            svc.handle_at(&gw, Request::WebLogout(proof(&browser, &token, now)), now),
+            Response::Ok
+        ));
+        refused(check(proof(&browser, &token, now), now));
+        // A session of a removed user does not pass to a later user of the name.
+        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+            panic!("no session")
+        };
+        let token = s.token.unwrap();
+        svc.handle_at(
+            &admin,
+            Request::UserRemove {
+                name: "alice".into(),
+            },
+            now,
+        );
+        svc.handle_at(
+            &admin,
+            Request::LockRemove {
+                target: LockTarget::User("alice".into()),
+            },
+            now,
+        );
+        assert!(matches!(add(&svc), Response::UserAdded { .. }));
+        refused(check(proof(&browser, &token, now + 10), now + 10));
+    }
+}

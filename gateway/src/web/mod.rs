@@ -1,0 +1,528 @@
+//! The web console (issue 25): HTTPS on `--web-addr`, a single-page app compiled into the
+//! binary (`gateway/web/`), and a small JSON API. Logins go to the authority, which checks
+//! password and one-time code and makes a session bound to a non-extractable WebCrypto key
+//! of the browser; every API request carries the session cookie and a signature by that
+//! key, and is checked against the authority's session ([`session`]). The gateway never
+//! names a user itself.
+//!
+//! Entry point: [`serve`], which takes what it needs as explicit handles (a way to call the
+//! authority, the certificate to serve, the shutdown token) rather than the gateway's context.
+
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use edgeport_net::rpc_client::RpcClientError;
+use edgeport_proto::rpc::{DeviceInfo, ErrorKind, Request, Response, WebLoginRequest};
+use futures::future::BoxFuture;
+use http::header::{self, HeaderValue};
+use http::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use session::{SessionCache, COOKIE, CSRF_HEADER};
+
+/// Calls the authority (the gateway's pooled mTLS RPC client).
+pub type AuthCall =
+    Arc<dyn Fn(Request) -> BoxFuture<'static, Result<Response, RpcClientError>> + Send + Sync>;
+/// The certificate to serve now: the public one when configured, else the gateway's own.
+pub type CertSource = Arc<dyn Fn() -> Option<Arc<CertifiedKey>> + Send + Sync>;
+
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const APP_CSS: &str = include_str!("../../web/app.css");
+
+/// Largest request body (logins are a few hundred bytes).
+const MAX_BODY: usize = 16 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// No inline script or style, nothing from elsewhere, no framing.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+struct Web {
+    auth: AuthCall,
+    sessions: SessionCache,
+}
+
+struct Resolver(CertSource);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("web certificate resolver")
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        (self.0)()
+    }
+}
+
+/// Serves the web console on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    cert: CertSource,
+    auth: AuthCall,
+    shutdown: CancellationToken,
+) {
+    let mut tls = match rustls::ServerConfig::builder_with_provider(edgeport_proto::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    {
+        Ok(b) => b
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Resolver(cert))),
+        Err(e) => {
+            tracing::error!("web console TLS: {e}");
+            return;
+        }
+    };
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let web = Arc::new(Web {
+        auth,
+        sessions: SessionCache::default(),
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("web console accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (acceptor, web, shutdown) = (acceptor.clone(), web.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let web = web.clone();
+                async move { Ok::<_, std::convert::Infallible>(web.handle(req, addr).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%addr, "web console connection: {e}") },
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+type Resp = HttpResponse<Full<Bytes>>;
+
+/// Headers every answer carries.
+fn secured(mut r: Resp) -> Resp {
+    let h = r.headers_mut();
+    h.insert("content-security-policy", HeaderValue::from_static(CSP));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert(
+        "strict-transport-security",
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    h.insert(
+        "cross-origin-opener-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn answer(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = HttpResponse::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Resp {
+    answer(status, "application/json", v.to_string())
+}
+
+fn error(status: StatusCode, msg: &str) -> Resp {
+    json(status, serde_json::json!({ "error": msg }))
+}
+
+fn cookie(token: &str, max_age: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("invalid=; Max-Age=0"))
+}
+
+/// How the authority's refusal reads in the browser.
+fn refused(e: RpcClientError) -> Resp {
+    match e {
+        RpcClientError::Remote(e) => {
+            let status = match e.kind {
+                ErrorKind::BadCredentials
+                | ErrorKind::SecondFactorRequired
+                | ErrorKind::Denied
+                | ErrorKind::Locked
+                | ErrorKind::Expired
+                | ErrorKind::NotFound => StatusCode::UNAUTHORIZED,
+                ErrorKind::SecondFactorEnroll => StatusCode::FORBIDDEN,
+                ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            let msg = if e.kind == ErrorKind::SecondFactorEnroll {
+                "this account must first enroll an authenticator app: run tsh login once".into()
+            } else {
+                e.message
+            };
+            error(status, &msg)
+        }
+        other => {
+            tracing::warn!("web console: authority unavailable: {other}");
+            error(
+                StatusCode::BAD_GATEWAY,
+                "the cluster's authority is unavailable",
+            )
+        }
+    }
+}
+
+fn device_json(d: &DeviceInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": d.id,
+        "labels": d.labels,
+        "online": d.online,
+        "transport": d.transport.map(|t| t.as_str()),
+        "rtt_ms": d.rtt_ms,
+        "last_seen": d.last_seen,
+        "version": d.version,
+        "arch": d.arch,
+    })
+}
+
+/// `key=value` (that value) or `key` (any value).
+fn label_matches(d: &DeviceInfo, filter: &str) -> bool {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .all(|f| match f.split_once('=') {
+            Some((k, v)) => d.labels.get(k).map(String::as_str) == Some(v),
+            None => d.labels.contains_key(f),
+        })
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Web {
+    async fn handle(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+        let path = req.uri().path().to_string();
+        let resp = match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/") | (Method::GET, "/index.html") => {
+                answer(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)
+            }
+            (Method::GET, "/app.js") => {
+                answer(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS)
+            }
+            (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", APP_CSS),
+            (Method::POST, "/api/login") => self.login(req, addr).await,
+            (Method::GET, "/api/session") => self.session(req).await,
+            (Method::GET, "/api/devices") => self.devices(req).await,
+            (Method::POST, "/api/logout") => self.logout(req).await,
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        };
+        secured(resp)
+    }
+
+    /// State-changing requests come from this origin only (a browser always sends Origin
+    /// on a cross-site POST) and as JSON (a form cannot send it without a preflight).
+    fn same_origin(req: &HttpRequest<Incoming>) -> bool {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|h| h.to_str().ok());
+        match (origin, host) {
+            (None, _) => true,
+            (Some(o), Some(h)) => o == format!("https://{h}"),
+            (Some(_), None) => false,
+        }
+    }
+
+    async fn login(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !is_json || !Self::same_origin(&req) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "cross-site or non-JSON login refused",
+            );
+        }
+        let Ok(body) = Limited::new(req.into_body(), MAX_BODY).collect().await else {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "request too large");
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes()) else {
+            return error(StatusCode::BAD_REQUEST, "malformed JSON");
+        };
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let Ok(browser_key) = hex::decode(field("browser_key")) else {
+            return error(StatusCode::BAD_REQUEST, "browser_key must be hex");
+        };
+        let otp = field("otp");
+        let login = WebLoginRequest {
+            user: field("user"),
+            password: field("password"),
+            otp: (!otp.is_empty()).then_some(otp),
+            browser_key,
+            client_addr: addr.ip().to_string(),
+        };
+        match (self.auth)(Request::WebLogin(login)).await {
+            Ok(Response::WebSession(s)) => {
+                let Some(token) = s.token.clone() else {
+                    return error(StatusCode::BAD_GATEWAY, "the authority gave no session");
+                };
+                let max_age = s.expires.saturating_sub(edgeport_net::clock::now_secs());
+                let mut r = json(
+                    StatusCode::OK,
+                    serde_json::json!({
+                        "user": s.user, "csrf": s.csrf, "expires": s.expires,
+                        "logins": s.logins, "roles": s.roles,
+                    }),
+                );
+                r.headers_mut()
+                    .insert(header::SET_COOKIE, cookie(&token, max_age));
+                self.sessions.put(&token, s);
+                r
+            }
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
+            Err(e) => refused(e),
+        }
+    }
+
+    /// The session of a request, proven by cookie and browser signature, as the authority
+    /// (or its answer of the last [`session::CACHE_FOR`]) says.
+    async fn proven(
+        &self,
+        req: &HttpRequest<Incoming>,
+    ) -> Result<
+        (
+            edgeport_proto::rpc::WebProof,
+            edgeport_proto::rpc::WebSessionInfo,
+        ),
+        Resp,
+    > {
+        let method = req.method().as_str();
+        let Some(proof) = session::proof_of(req.headers(), method, req.uri().path()) else {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "no session: log in (a session cookie and the browser's signature are required)",
+            ));
+        };
+        let now = edgeport_net::clock::now_secs();
+        if let Some(info) = self.sessions.get(&proof, now) {
+            return Ok((proof, info));
+        }
+        match (self.auth)(Request::WebSessionCheck(proof.clone())).await {
+            Ok(Response::WebSession(info)) => {
+                self.sessions.put(&proof.token, info.clone());
+                Ok((proof, info))
+            }
+            Ok(_) => Err(error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            )),
+            Err(e) => {
+                self.sessions.forget(&proof.token);
+                Err(refused(e))
+            }
+        }
+    }
+
+    async fn session(&self, req: HttpRequest<Incoming>) -> Resp {
+        match self.proven(&req).await {
+            Ok((_, s)) => json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "user": s.user, "csrf": s.csrf, "expires": s.expires,
+                    "logins": s.logins, "roles": s.roles,
+                }),
+            ),
+            Err(r) => r,
+        }
+    }
+
+    async fn devices(&self, req: HttpRequest<Incoming>) -> Resp {
+        let filter = query_param(req.uri().query(), "label").unwrap_or_default();
+        let Some(proof) = session::proof_of(req.headers(), "GET", req.uri().path()) else {
+            return error(StatusCode::UNAUTHORIZED, "no session: log in");
+        };
+        // The authority checks the proof itself and picks the devices by the session's
+        // user's roles.
+        let mut devices = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = Request::WebDevicePage {
+                proof: proof.clone(),
+                after: after.clone(),
+            };
+            match (self.auth)(page).await {
+                Ok(Response::DevicePage { devices: d, more }) => {
+                    let last = d.last().map(|x| x.id.clone());
+                    devices.extend(d);
+                    match (more, last) {
+                        (true, Some(l)) => after = l,
+                        _ => break,
+                    }
+                }
+                Ok(_) => {
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "unexpected answer from the authority",
+                    )
+                }
+                Err(e) => {
+                    self.sessions.forget(&proof.token);
+                    return refused(e);
+                }
+            }
+        }
+        let shown: Vec<_> = devices
+            .iter()
+            .filter(|d| label_matches(d, &filter))
+            .map(device_json)
+            .collect();
+        json(StatusCode::OK, serde_json::json!({ "devices": shown }))
+    }
+
+    async fn logout(&self, req: HttpRequest<Incoming>) -> Resp {
+        if !Self::same_origin(&req) {
+            return error(StatusCode::FORBIDDEN, "cross-site request refused");
+        }
+        let (proof, info) = match self.proven(&req).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let csrf = req
+            .headers()
+            .get(CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !session::same_secret(csrf, &info.csrf) {
+            return error(StatusCode::FORBIDDEN, "missing or wrong CSRF token");
+        }
+        self.sessions.forget(&proof.token);
+        match (self.auth)(Request::WebLogout(proof)).await {
+            Ok(_) => {
+                let mut r = json(StatusCode::OK, serde_json::json!({ "ok": true }));
+                r.headers_mut().insert(header::SET_COOKIE, cookie("", 0));
+                r
+            }
+            Err(e) => refused(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_and_label_filters() {
+        assert_eq!(
+            query_param(Some("x=1&label=fleet%3Dvans"), "label").as_deref(),
+            Some("fleet=vans")
+        );
+        assert_eq!(percent_decode("a%2"), "a%2");
+        let d = DeviceInfo {
+            id: "d".into(),
+            labels: [("fleet".to_string(), "vans".to_string())].into(),
+            online: true,
+            transport: None,
+            address: String::new(),
+            version: String::new(),
+            arch: String::new(),
+            rtt_ms: None,
+            last_seen: 0,
+            last_disconnect_reason: None,
+            gateway: None,
+            joined_at: 0,
+            kube_cluster: None,
+        };
+        assert!(label_matches(&d, "fleet=vans"));
+        assert!(label_matches(&d, "fleet"));
+        assert!(label_matches(&d, ""));
+        assert!(!label_matches(&d, "fleet=cars"));
+        assert!(!label_matches(&d, "env"));
+    }
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env node
+// web-console.js — a headless Chromium (playwright-core) that the web console tests steer
+// one command at a time: each line on stdin is a JSON command, each answer one JSON line on
+// stdout. Ops: open {url}, fill {sel, value}, click {sel}, waitText {sel, text, timeoutMs},
+// text {sel}, shot {path}, cookies, setCookies {cookies}, eval {js} (an expression, awaited
+// in the page), quit. Errors answer {"error": "..."}.
+// Usage: NODE_PATH=/var/cache/edgeport-peers/node/node_modules node web-console.js
+// Env: CHROMIUM (default /usr/bin/chromium). Only loopback addresses may be contacted.
+'use strict';
+const readline = require('readline');
+const { chromium } = require('playwright-core');
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.*'],
+  });
+  // The gateway's own certificate is from the cluster's CA, which this browser does not know.
+  const context = await browser.newContext({ ignoreHTTPSErrors: true, serviceWorkers: 'block',
+    viewport: { width: 1100, height: 560 } });
+  await context.route('**/*', (route) => {
+    const h = new URL(route.request().url()).hostname;
+    if (/^(127\.\d+\.\d+\.\d+|localhost)$/.test(h)) return route.continue();
+    return route.abort('blockedbyclient');
+  });
+  const page = await context.newPage();
+  page.setDefaultTimeout(30000);
+  const rl = readline.createInterface({ input: process.stdin });
+  for await (const line of rl) {
+    if (!line.trim()) continue;
+    let out;
+    try {
+      const c = JSON.parse(line);
+      switch (c.op) {
+        case 'open': { const r = await page.goto(c.url, { waitUntil: 'load' });
+          out = { status: r.status(), headers: r.headers() }; break; }
+        case 'fill': await page.fill(c.sel, c.value); out = {}; break;
+        case 'click': await page.click(c.sel); out = {}; break;
+        case 'waitText': {
+          const deadline = Date.now() + (c.timeoutMs || 30000);
+          let text = '';
+          while (Date.now() < deadline) {
+            text = await page.textContent(c.sel).catch(() => '') || '';
+            if (text.includes(c.text)) break;
+            await page.waitForTimeout(200);
+          }
+          out = { text, found: text.includes(c.text) }; break;
+        }
+        case 'text': out = { text: await page.textContent(c.sel) }; break;
+        case 'shot': await page.screenshot({ path: c.path }); out = {}; break;
+        case 'cookies': out = { cookies: await context.cookies() }; break;
+        case 'setCookies': await context.addCookies(c.cookies); out = {}; break;
+        case 'eval': out = { value: await page.evaluate(c.js) }; break;
+        case 'quit': await browser.close(); process.stdout.write('{}\n'); return;
+        default: out = { error: `unknown op ${c.op}` };
+      }
+    } catch (e) {
+      out = { error: String(e && e.message || e) };
+    }
+    process.stdout.write(JSON.stringify(out) + '\n');
+  }
+  await browser.close();
+}
+
+main().catch((e) => { console.error(e && e.stack || e); process.exit(1); });
