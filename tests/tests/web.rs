@@ -237,7 +237,14 @@ fn web_console_login_fleet_and_session_security() {
         "none",
         "the login form is still shown"
     );
-    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/web-console.png");
+    // The screenshot in docs/deploy.md comes from here: EDGEPORT_UPDATE_DOCS=1 writes it into
+    // docs/img; otherwise it goes to the test's own directory, so a test run leaves the
+    // tracked tree clean.
+    let shot = if std::env::var_os("EDGEPORT_UPDATE_DOCS").is_some() {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/web-console.png")
+    } else {
+        std::env::temp_dir().join(format!("edgeport-web-console-{}.png", std::process::id()))
+    };
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
     b.cmd(json!({"op": "shot", "path": shot.to_str().unwrap()}));
 
