@@ -20,7 +20,7 @@ use crate::transport::QuicClient;
 pub enum AgentError {
     /// `--target` or `DATA/targets` does not parse.
     #[error("targets: {0}")]
-    Targets(String),
+    Targets(#[from] crate::targets::TargetsError),
     #[error(transparent)]
     Join(#[from] JoinError),
     #[error(transparent)]

@@ -237,11 +237,20 @@ async fn probe_quic(agent: &Agent, quic: &mut QuicClient) -> Session {
     }
 }
 
-async fn send(w: &mut WriteHalf<BoxedStream>, msg: &AgentControl) -> Result<(), String> {
+/// Why a control frame could not be written (the tunnel is then closed with it).
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("control stream: {0}")]
+    Frame(#[from] edgeport_proto::FrameError),
+    #[error("control stream: write timed out")]
+    TimedOut,
+}
+
+async fn send(w: &mut WriteHalf<BoxedStream>, msg: &AgentControl) -> Result<(), SendError> {
     match tokio::time::timeout(CONTROL_TIMEOUT, write_frame(w, msg)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("control stream: {e}")),
-        Err(_) => Err("control stream: write timed out".into()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(SendError::TimedOut),
     }
 }
 
@@ -267,7 +276,7 @@ async fn drive(
             // Nothing more is written once the machine closed (the tunnel goes).
             if !ctl.is_closed() {
                 if let Err(e) = send(writer, &msg).await {
-                    ctl.close(Instant::now(), e);
+                    ctl.close(Instant::now(), e.to_string());
                 }
             }
             continue;

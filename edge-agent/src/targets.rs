@@ -37,6 +37,21 @@ pub enum TargetError {
     Duplicate(String),
 }
 
+/// Why the target list could not be loaded: the file, or which line or flag is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetsError {
+    #[error("{path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("{path}:{line}: {err}")]
+    Line {
+        path: String,
+        line: usize,
+        err: TargetError,
+    },
+    #[error("--target: {0}")]
+    Flag(TargetError),
+}
+
 /// Whether `name` may name a target (and so appear after `DEVICE/`).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -84,13 +99,18 @@ pub fn parse_line(line: &str) -> Result<Target, TargetError> {
 }
 
 /// The targets of the command line followed by those of `DATA/targets` (absent: none).
-pub fn load(data_dir: &Path, cli: &[String]) -> Result<Vec<Target>, String> {
+pub fn load(data_dir: &Path, cli: &[String]) -> Result<Vec<Target>, TargetsError> {
     let mut out: Vec<Target> = Vec::new();
     let file = data_dir.join("targets");
     let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("{}: {e}", file.display())),
+        Err(err) => {
+            return Err(TargetsError::Read {
+                path: file.display().to_string(),
+                err,
+            })
+        }
     };
     let lines = cli
         .iter()
@@ -101,9 +121,13 @@ pub fn load(data_dir: &Path, cli: &[String]) -> Result<Vec<Target>, String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let where_ = |e: TargetError| match lineno {
-            Some(n) => format!("{}:{n}: {e}", file.display()),
-            None => format!("--target: {e}"),
+        let where_ = |err: TargetError| match lineno {
+            Some(line) => TargetsError::Line {
+                path: file.display().to_string(),
+                line,
+                err,
+            },
+            None => TargetsError::Flag(err),
         };
         let t = parse_line(line).map_err(where_)?;
         if out.iter().any(|o| o.name == t.name) {
@@ -141,7 +165,7 @@ pub struct TargetSet {
 
 impl TargetSet {
     /// Loads the targets of `--target` and `DATA/targets`.
-    pub fn new(data_dir: &Path, cli: &[String]) -> Result<Arc<Self>, String> {
+    pub fn new(data_dir: &Path, cli: &[String]) -> Result<Arc<Self>, TargetsError> {
         let list = load(data_dir, cli)?;
         Ok(Arc::new(Self {
             data_dir: data_dir.to_path_buf(),
@@ -153,7 +177,7 @@ impl TargetSet {
     }
 
     /// Reads the targets again (SIGHUP). A file that does not parse keeps the old set.
-    pub fn reload(&self) -> Result<usize, String> {
+    pub fn reload(&self) -> Result<usize, TargetsError> {
         let list = load(&self.data_dir, &self.cli)?;
         let n = list.len();
         if let Ok(mut l) = self.list.write() {
@@ -312,7 +336,9 @@ mod tests {
         .unwrap();
         let ts = load(&dir, &["ecu1=10.0.0.1:22".into()]).unwrap();
         assert_eq!(ts.len(), 2);
-        let e = load(&dir, &["cam=10.0.0.9:22".into()]).unwrap_err();
+        let e = load(&dir, &["cam=10.0.0.9:22".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(":3:") && e.contains("twice"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

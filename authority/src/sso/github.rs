@@ -64,9 +64,13 @@ impl GitHub {
         url: String,
         api_url: String,
         tls: rustls::ClientConfig,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, super::ConnectorError> {
         for (flag, u) in [("--github-url", &url), ("--api-url", &api_url)] {
-            Url::parse(u).map_err(|e| format!("{flag} {u:?}: {e}"))?;
+            Url::parse(u).map_err(|e| super::ConnectorError::Setting {
+                flag,
+                value: u.clone(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(Self {
             name,

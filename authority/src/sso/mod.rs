@@ -103,7 +103,7 @@ pub fn connector_add(store: &dyn Store, mut spec: SsoConnectorSpec) -> Result<Re
     }
     // Everything that can be checked without contacting the provider (which may be down
     // now and up at the first login).
-    Connector::build(&spec).map_err(invalid)?;
+    Connector::build(&spec).map_err(|e| invalid(e.to_string()))?;
     store::put(store, Table::SsoConnectors, &spec.name, &spec)?;
     tracing::info!(connector = %spec.name, client_id = %spec.client_id, "single sign-on connector saved");
     Ok(Response::Ok)
@@ -134,6 +134,19 @@ pub fn connector_remove(store: &dyn Store, name: &str) -> Result<Response, RpcEr
     }
 }
 
+/// Why a connector's settings cannot make a connector (said to the administrator).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("the connector's CA: {0}")]
+    Ca(String),
+    #[error("{flag} {value:?}: {reason}")]
+    Setting {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
 /// A configured connector, ready to talk to its provider.
 pub enum Connector {
     /// Boxed: the cached discovery document is large.
@@ -142,12 +155,12 @@ pub enum Connector {
 }
 
 impl Connector {
-    fn build(spec: &SsoConnectorSpec) -> Result<Self, String> {
+    fn build(spec: &SsoConnectorSpec) -> Result<Self, ConnectorError> {
         let tls = edgeport_proto::tls::external_client_config_pem(
             spec.ca_pem.as_deref().map(str::as_bytes),
             || rustls_native_certs::load_native_certs().certs,
         )
-        .map_err(|e| format!("the connector's CA: {e}"))?;
+        .map_err(|e| ConnectorError::Ca(e.to_string()))?;
         Ok(match &spec.kind {
             SsoConnectorKind::Oidc {
                 issuer,

@@ -56,19 +56,29 @@ impl Oidc {
         cfg: OidcSettings,
         secret: String,
         tls: rustls::ClientConfig,
-    ) -> Result<Self, String> {
-        IssuerUrl::new(cfg.issuer.clone()).map_err(|e| format!("--issuer: {e}"))?;
+    ) -> Result<Self, super::ConnectorError> {
+        use super::ConnectorError::Setting;
+        IssuerUrl::new(cfg.issuer.clone()).map_err(|e| Setting {
+            flag: "--issuer",
+            value: cfg.issuer.clone(),
+            reason: e.to_string(),
+        })?;
         if !matches!(
             cfg.username_claim.as_str(),
             "preferred_username" | "email" | "sub"
         ) {
-            return Err(format!(
-                "--username-claim {:?}: expected preferred_username, email or sub",
-                cfg.username_claim
-            ));
+            return Err(Setting {
+                flag: "--username-claim",
+                value: cfg.username_claim.clone(),
+                reason: "expected preferred_username, email or sub".into(),
+            });
         }
         if cfg.groups_claim.trim().is_empty() {
-            return Err("--groups-claim must name a claim".into());
+            return Err(Setting {
+                flag: "--groups-claim",
+                value: cfg.groups_claim.clone(),
+                reason: "must name a claim".into(),
+            });
         }
         Ok(Self {
             cfg,
