@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use edge_agent::TransportChoice;
+use edge_agent::{AgentConfig, TransportChoice};
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -24,41 +24,19 @@ pub enum Command {
     Print(String),
 }
 
+/// `start`: the agent's settings, filled in directly, plus what the process itself needs.
 #[derive(Debug)]
 pub struct StartArgs {
-    pub data_dir: PathBuf,
-    pub gateway: String,
-    pub token: Option<String>,
-    pub ca_pin: Option<String>,
-    pub id: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub transport: TransportChoice,
-    pub quic_timeout: Duration,
-    pub keepalive: Duration,
-    pub idle_timeout: Duration,
-    pub quic_probe_interval: Duration,
+    pub cfg: AgentConfig,
     pub threads: usize,
-    pub audit_spool_max: u64,
-    pub kube_cluster: Option<String>,
-    pub kubeconfig: Option<PathBuf>,
+    /// `--sftp-server`, handed to the SSH server through the environment.
     pub sftp_server: String,
-    /// `--target NAME=HOST:PORT`, repeatable (and `EDGEPORT_TARGETS`, comma separated).
-    pub targets: Vec<String>,
+    /// `--kube-cluster`/`--kubeconfig` given to a build without the `kube` feature: refused
+    /// at start with the agent's own error.
+    #[cfg(not(feature = "kube"))]
+    pub kube_requested: bool,
     #[cfg(feature = "metrics")]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    #[cfg(feature = "test-hooks")]
-    pub test: TestHooks,
-}
-
-/// Hidden flags for the end-to-end tests and benchmarks (cargo feature `test-hooks`).
-#[cfg(feature = "test-hooks")]
-#[derive(Debug, Default)]
-pub struct TestHooks {
-    pub test_echo: bool,
-    pub test_renew: bool,
-    pub test_audit_sign_key: Option<PathBuf>,
-    pub test_audit_replay: bool,
-    pub test_audit_flood: u64,
 }
 
 /// A usage error: printed as `error: ...` with exit code 2.
@@ -245,29 +223,56 @@ pub fn parse(
     for t in &targets {
         edge_agent::targets::parse_line(t).map_err(|e| bad("target", e.to_string()))?;
     }
-    let kube_cluster = get("kube-cluster");
-    let kubeconfig = get("kubeconfig").map(PathBuf::from);
+    let kube_cluster = get("kube-cluster").filter(|c| !c.is_empty());
+    let kubeconfig = get("kubeconfig")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
     if kubeconfig.is_some() && kube_cluster.is_none() && cfg!(feature = "kube") {
         return Err(UsageError("--kubeconfig needs --kube-cluster".into()));
     }
-    Ok(Command::Start(StartArgs {
-        data_dir: PathBuf::from(get("data-dir").unwrap_or_else(|| "/var/lib/edgeport".into())),
+    let mut cfg = AgentConfig::new(
+        PathBuf::from(get("data-dir").unwrap_or_else(|| "/var/lib/edgeport".into())),
         gateway,
-        token: get("token"),
-        ca_pin: get("ca-pin"),
-        id: get("id"),
-        labels,
-        transport,
-        quic_timeout: dur("quic-timeout", "3s")?,
-        keepalive: dur("keepalive", "25s")?,
-        idle_timeout: dur("idle-timeout", "90s")?,
-        quic_probe_interval: dur("quic-probe-interval", "30s")?,
+    );
+    // An empty value (`--token ""`) counts as absent, like an empty variable.
+    let get = |flag: &str| get(flag).filter(|v| !v.is_empty());
+    cfg.token = get("token");
+    cfg.ca_pin = get("ca-pin").filter(|p| p != "sha256:");
+    cfg.requested_id = get("id");
+    cfg.labels = labels;
+    cfg.transport = transport;
+    cfg.quic_timeout = dur("quic-timeout", "3s")?.max(Duration::from_millis(100));
+    cfg.keepalive = dur("keepalive", "25s")?.max(Duration::from_secs(1));
+    cfg.idle_timeout = dur("idle-timeout", "90s")?.max(cfg.keepalive * 2);
+    cfg.quic_probe_interval = dur("quic-probe-interval", "30s")?.max(Duration::from_secs(1));
+    cfg.audit_max_bytes = audit_spool_max.max(4096);
+    cfg.targets = targets;
+    #[cfg(not(feature = "kube"))]
+    let kube_requested = kube_cluster.is_some() || kubeconfig.is_some();
+    cfg.kube_cluster = kube_cluster;
+    #[cfg(feature = "kube")]
+    {
+        cfg.kubeconfig = kubeconfig;
+    }
+    #[cfg(feature = "test-hooks")]
+    {
+        cfg.test_echo = given.contains_key("test-echo");
+        cfg.test_renew = given.contains_key("test-renew");
+        cfg.test_audit_sign_key = get("test-audit-sign-key").map(PathBuf::from);
+        cfg.test_audit_replay = given.contains_key("test-audit-replay");
+        cfg.test_audit_flood = match get("test-audit-flood") {
+            Some(n) => n
+                .parse()
+                .map_err(|e: std::num::ParseIntError| bad("test-audit-flood", e.to_string()))?,
+            None => 0,
+        };
+    }
+    Ok(Command::Start(StartArgs {
+        cfg,
         threads,
-        audit_spool_max,
-        kube_cluster,
-        kubeconfig,
         sftp_server: get("sftp-server").unwrap_or_else(|| "auto".into()),
-        targets,
+        #[cfg(not(feature = "kube"))]
+        kube_requested,
         #[cfg(feature = "metrics")]
         metrics_addr: match get("metrics-addr") {
             Some(a) => Some(
@@ -275,19 +280,6 @@ pub fn parse(
                     .map_err(|e: std::net::AddrParseError| bad("metrics-addr", e.to_string()))?,
             ),
             None => None,
-        },
-        #[cfg(feature = "test-hooks")]
-        test: TestHooks {
-            test_echo: given.contains_key("test-echo"),
-            test_renew: given.contains_key("test-renew"),
-            test_audit_sign_key: get("test-audit-sign-key").map(PathBuf::from),
-            test_audit_replay: given.contains_key("test-audit-replay"),
-            test_audit_flood: match get("test-audit-flood") {
-                Some(n) => n
-                    .parse()
-                    .map_err(|e: std::num::ParseIntError| bad("test-audit-flood", e.to_string()))?,
-                None => 0,
-            },
         },
     }))
 }
@@ -340,15 +332,20 @@ mod tests {
 
     #[test]
     fn defaults_env_and_flags() {
-        let a = start(&["start", "--gateway", "gw:1"], &[]);
+        let StartArgs {
+            cfg: a,
+            threads,
+            sftp_server,
+            ..
+        } = start(&["start", "--gateway", "gw:1"], &[]);
         assert_eq!(a.data_dir, PathBuf::from("/var/lib/edgeport"));
         assert_eq!(a.keepalive, Duration::from_secs(25));
         assert_eq!(a.idle_timeout, Duration::from_secs(90));
         assert_eq!(a.quic_timeout, Duration::from_secs(3));
-        assert_eq!(a.audit_spool_max, 64 * 1024 * 1024);
-        assert_eq!(a.threads, 1);
+        assert_eq!(a.audit_max_bytes, 64 * 1024 * 1024);
+        assert_eq!(threads, 1);
         assert_eq!(a.transport, TransportChoice::Auto);
-        assert_eq!(a.sftp_server, "auto");
+        assert_eq!(sftp_server, "auto");
         let a = start(
             &[
                 "start",
@@ -365,7 +362,8 @@ mod tests {
                 ("EDGEPORT_TOKEN", ""),
                 ("EDGEPORT_TRANSPORT", "tcp"),
             ],
-        );
+        )
+        .cfg;
         assert_eq!(a.gateway, "gw:2");
         assert_eq!(a.labels.get("a").map(String::as_str), Some("b"));
         assert_eq!(a.token, None);
@@ -377,7 +375,8 @@ mod tests {
         let a = start(
             &["start", "--gateway", "x:1"],
             &[("EDGEPORT_GATEWAY", "y:1")],
-        );
+        )
+        .cfg;
         assert_eq!(a.gateway, "x:1");
     }
 
