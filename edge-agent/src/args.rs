@@ -74,7 +74,7 @@ const VALUE_FLAGS: &[(&str, &str, &str)] = &[
     ("target", "EDGEPORT_TARGETS", "NAME=HOST:PORT  A host behind this device, checked and reported (repeatable; also DATA/targets)"),
     ("transport", "EDGEPORT_TRANSPORT", "auto|quic|tcp  Tunnel transport: QUIC with a TCP+TLS fallback, or only one [default: auto]"),
     ("quic-timeout", "", "DURATION  Use TCP+TLS when no QUIC handshake completes within this time [default: 3s]"),
-    ("keepalive", "", "DURATION  Keep-alive interval (keeps carrier NAT bindings open) [default: 25s]"),
+    ("keepalive", "", "auto|DURATION  Keep-alive interval; auto: QUIC learns the NAT's timeout (10-55 s), TCP uses 25s [default: auto]"),
     ("idle-timeout", "", "DURATION  Declare the tunnel dead after this long without the gateway [default: 90s]"),
     ("quic-probe-interval", "", "DURATION  While on TCP, try QUIC again after this long [default: 30s]"),
     ("threads", "EDGEPORT_THREADS", "N  Threads for the agent's tasks; 0: one per core [default: 1]"),
@@ -88,6 +88,8 @@ const VALUE_FLAGS: &[(&str, &str, &str)] = &[
     ("test-audit-sign-key", "", ""),
     #[cfg(feature = "test-hooks")]
     ("test-audit-flood", "", ""),
+    #[cfg(feature = "test-hooks")]
+    ("test-keepalive-range", "", ""),
 ];
 
 /// Switches (no value). Only the hidden test hooks.
@@ -242,8 +244,18 @@ pub fn parse(
     cfg.labels = labels;
     cfg.transport = transport;
     cfg.quic_timeout = dur("quic-timeout", "3s")?.max(Duration::from_millis(100));
-    cfg.keepalive = dur("keepalive", "25s")?.max(Duration::from_secs(1));
-    cfg.idle_timeout = dur("idle-timeout", "90s")?.max(cfg.keepalive * 2);
+    match get("keepalive").as_deref() {
+        None | Some("auto") => {}
+        Some(_) => {
+            cfg.keepalive = dur("keepalive", "25s")?.max(Duration::from_secs(1));
+            cfg.keepalive_auto = None;
+        }
+    }
+    // Room for a lost keep-alive and its retransmission before the tunnel counts as dead.
+    let longest = cfg.keepalive_auto.map_or(cfg.keepalive * 2, |(_, hi)| {
+        (hi * 3 / 2).max(cfg.keepalive * 2)
+    });
+    cfg.idle_timeout = dur("idle-timeout", "90s")?.max(longest);
     cfg.quic_probe_interval = dur("quic-probe-interval", "30s")?.max(Duration::from_secs(1));
     cfg.audit_max_bytes = audit_spool_max.max(4096);
     cfg.targets = targets;
@@ -260,6 +272,14 @@ pub fn parse(
         cfg.test_renew = given.contains_key("test-renew");
         cfg.test_audit_sign_key = get("test-audit-sign-key").map(PathBuf::from);
         cfg.test_audit_replay = given.contains_key("test-audit-replay");
+        if let Some(range) = get("test-keepalive-range") {
+            let (lo, hi) = range
+                .split_once('-')
+                .ok_or_else(|| bad("test-keepalive-range", "expected MIN-MAX".into()))?;
+            let lo = parse_duration(lo).map_err(|e| bad("test-keepalive-range", e))?;
+            let hi = parse_duration(hi).map_err(|e| bad("test-keepalive-range", e))?;
+            cfg.keepalive_auto = Some((lo, hi));
+        }
         cfg.test_audit_flood = match get("test-audit-flood") {
             Some(n) => n
                 .parse()
@@ -340,6 +360,7 @@ mod tests {
         } = start(&["start", "--gateway", "gw:1"], &[]);
         assert_eq!(a.data_dir, PathBuf::from("/var/lib/edgeport"));
         assert_eq!(a.keepalive, Duration::from_secs(25));
+        assert!(a.keepalive_auto.is_some());
         assert_eq!(a.idle_timeout, Duration::from_secs(90));
         assert_eq!(a.quic_timeout, Duration::from_secs(3));
         assert_eq!(a.audit_max_bytes, 64 * 1024 * 1024);
@@ -369,6 +390,7 @@ mod tests {
         assert_eq!(a.token, None);
         assert_eq!(a.transport, TransportChoice::Tcp);
         assert_eq!(a.keepalive, Duration::from_secs(5));
+        assert_eq!(a.keepalive_auto, None);
         assert_eq!(a.quic_timeout, Duration::from_millis(250));
         assert_eq!(a.targets, vec!["a=1.2.3.4:22", "b=h:2"]);
         // The flag beats the environment.

@@ -48,8 +48,12 @@ pub struct AgentConfig {
     pub transport: TransportChoice,
     /// Give up on QUIC and use TCP+TLS+yamux when no QUIC handshake completes this fast.
     pub quic_timeout: Duration,
-    /// Keep-alive interval: short enough to keep carrier NAT bindings open.
+    /// Keep-alive interval: short enough to keep carrier NAT bindings open. On QUIC with
+    /// `keepalive_auto` it is only the TCP fallback's.
     pub keepalive: Duration,
+    /// QUIC: learn the interval from the NAT between these bounds (floor, ceiling) instead of
+    /// a fixed one (`--keepalive auto`, the default; see `nat_keepalive`).
+    pub keepalive_auto: Option<(Duration, Duration)>,
     /// The tunnel is declared dead after this long without hearing from the gateway.
     pub idle_timeout: Duration,
     /// While on TCP, try QUIC again after this long (doubling up to ten times as long).
@@ -98,6 +102,10 @@ impl AgentConfig {
             transport: TransportChoice::Auto,
             quic_timeout: Duration::from_secs(3),
             keepalive: Duration::from_secs(25),
+            keepalive_auto: Some((
+                crate::nat_keepalive::QUIC_FLOOR,
+                crate::nat_keepalive::QUIC_CEILING,
+            )),
             idle_timeout: Duration::from_secs(90),
             quic_probe_interval: Duration::from_secs(30),
             backoff_base: Duration::from_secs(1),

@@ -22,6 +22,7 @@ pub mod join;
 #[cfg(feature = "kube")]
 pub mod kube;
 pub mod metrics;
+pub mod nat_keepalive;
 pub mod services;
 pub mod session;
 #[cfg(feature = "sftp")]

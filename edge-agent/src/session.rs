@@ -26,6 +26,7 @@ use crate::agent::Agent;
 use crate::backoff::unit_random;
 use crate::config::TransportChoice;
 use crate::identity::DeviceIdentity;
+use crate::nat_keepalive::{self, NatKeepalive};
 use crate::transport::{describe, explain, QuicClient};
 
 /// Deadline for the Hello/Welcome exchange and for control writes.
@@ -237,6 +238,14 @@ async fn probe_quic(agent: &Agent, quic: &mut QuicClient) -> Session {
     }
 }
 
+fn reading(c: edgeport_net::tunnel::PathCounters) -> nat_keepalive::Reading {
+    nat_keepalive::Reading {
+        path_challenges: c.path_challenges,
+        datagrams_sent: c.datagrams_sent,
+        local_ip: c.local_ip,
+    }
+}
+
 /// Why a control frame could not be written (the tunnel is then closed with it).
 #[derive(Debug, thiserror::Error)]
 enum SendError {
@@ -331,6 +340,17 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     } = session;
     let mut path_check = tokio::time::interval(PATH_CHECK);
     path_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // QUIC with `--keepalive auto`: learn the NAT's timeout from the path's counters.
+    let mut nat = match (agent.cfg.keepalive_auto, conn.path_counters()) {
+        (Some((lo, hi)), Some(c)) => Some(NatKeepalive::new(Instant::now(), lo, hi, reading(c))),
+        _ => None,
+    };
+    let mut nat_check = tokio::time::interval(
+        nat.as_ref()
+            .map_or(Duration::from_secs(3600), NatKeepalive::check_every),
+    );
+    nat_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut moved_from: Option<IpAddr> = None;
     let accept_task = tokio::spawn(accept_loop(conn.clone(), agent.services.clone()));
     // Audit: the shipper sends batches through `audit_out`; acks come back on `audit_ack`.
     let (audit_tx, mut audit_out) = mpsc::channel::<AuditBatch>(2);
@@ -393,6 +413,28 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                         Instant::now(),
                         format!("the network changed: the address {ip} the tunnel ran from is gone"),
                     );
+                }
+            }
+            _ = nat_check.tick(), if nat.is_some() => {
+                if let (Some(n), Some(c)) = (nat.as_mut(), conn.path_counters()) {
+                    let now = Instant::now();
+                    // An idle device whose address went away moves the tunnel at once
+                    // instead of at its next keep-alive (up to a minute later).
+                    if let Some(ip) = c.local_ip.filter(|ip| !crate::transport::address_present(*ip)) {
+                        if moved_from != Some(ip) && ctl.ping_now().is_ok() {
+                            tracing::info!("the address {ip} the tunnel ran from is gone; telling the gateway from the new one");
+                            moved_from = Some(ip);
+                        }
+                    }
+                    if let Some(change) = n.observe(now, reading(c)) {
+                        tracing::info!("{change}");
+                        let ceiling = agent.cfg.keepalive_auto.map(|(_, hi)| hi);
+                        let k = (Some(n.interval()) < ceiling).then_some(Keepalive {
+                            interval: n.interval(),
+                            idle_timeout: agent.cfg.idle_timeout,
+                        });
+                        ctl.set_keepalive(now, k);
+                    }
                 }
             }
             s = &mut probe => {

@@ -90,7 +90,9 @@ fn transport_config(cfg: &AgentConfig) -> quinn::TransportConfig {
     // this device at once; more wait for credit. quinn keeps state for each permitted
     // stream from the start: 1024 cost the device about 50 KB more than 256.
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
-        .keep_alive_interval(Some(cfg.keepalive))
+        // With `--keepalive auto` QUIC's own PING comes at the ceiling; the session adds
+        // control-stream Pings when the NAT needs shorter (`nat_keepalive`).
+        .keep_alive_interval(Some(cfg.keepalive_auto.map_or(cfg.keepalive, |(_, hi)| hi)))
         .max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
     t
 }

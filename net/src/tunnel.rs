@@ -106,6 +106,23 @@ pub trait Tunnel: Send + Sync {
     fn remote_addr(&self) -> Option<SocketAddr> {
         None
     }
+
+    /// Counters of the path the tunnel runs on, where the transport keeps them (QUIC).
+    fn path_counters(&self) -> Option<PathCounters> {
+        None
+    }
+}
+
+/// What a QUIC tunnel counts about its path: the agent learns its NAT's timeout from them
+/// (edge-agent's `nat_keepalive`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathCounters {
+    /// PATH_CHALLENGE frames received: the peer saw this end at a new address.
+    pub path_challenges: u64,
+    /// UDP datagrams sent.
+    pub datagrams_sent: u64,
+    /// The local address packets leave from (None where the platform does not say).
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 /// A tunnel over a QUIC connection.
@@ -173,6 +190,15 @@ impl Tunnel for QuicTunnel {
 
     fn remote_addr(&self) -> Option<SocketAddr> {
         Some(self.0.remote_address())
+    }
+
+    fn path_counters(&self) -> Option<PathCounters> {
+        let s = self.0.stats();
+        Some(PathCounters {
+            path_challenges: s.frame_rx.path_challenge,
+            datagrams_sent: s.udp_tx.datagrams,
+            local_ip: self.0.local_ip(),
+        })
     }
 }
 

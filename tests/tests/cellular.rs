@@ -631,3 +631,97 @@ fn tcp_sessions_end_clearly_and_the_tunnel_comes_back() {
     );
     let _ = (&cell.auth, &cell.dir);
 }
+
+/// A carrier NAT that forgets idle UDP bindings after `secs`: the device namespace
+/// masquerades its own packets on uplink A with random ports and gives their conntrack
+/// entries a short timeout, so the first packet after a longer silence leaves from a new
+/// public port (what a carrier-grade NAT does).
+fn short_nat(up: &Uplinks, secs: u32) {
+    let script = format!(
+        "table ip epnat {{\n\
+           ct timeout short {{ protocol udp; l3proto ip; policy = {{ unreplied: {secs}, replied: {secs} }}; }}\n\
+           chain out {{ type filter hook output priority filter; oifname \"upa\" meta l4proto udp ct timeout set \"short\"; }}\n\
+           chain post {{ type nat hook postrouting priority srcnat; oifname \"upa\" meta l4proto udp masquerade random; }}\n\
+         }}\n"
+    );
+    let r = run(
+        {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &up.ns, "nft", "-f", "-"]);
+            c
+        },
+        Some(script.as_bytes()),
+        Duration::from_secs(30),
+    );
+    assert!(
+        r.ok(),
+        "nft (conntrack timeout policy and masquerade in the device namespace): {}",
+        r.stderr().trim()
+    );
+}
+
+#[test]
+fn an_idle_agent_learns_its_nats_timeout() {
+    // NAT timeout 4 s; the agent's keep-alive range is 1-8 s (a hidden test flag; the
+    // default is 10-55 s): QUIC's own PING at 8 s finds the binding gone, the gateway
+    // validates the new port, and the agent shortens its keep-alive below 4 s.
+    let up = Uplinks::up();
+    short_nat(&up, 4);
+    let cell = Cell::start(
+        &up,
+        "van-n",
+        &["--transport", "quic", "--test-keepalive-range", "1s-8s"],
+    );
+    wait_online(&cell.tctl, "van-n", Some("quic"), Duration::from_secs(60));
+    let learned = |log: &str| -> Option<f64> {
+        log.lines()
+            .rev()
+            .filter(|l| l.contains("forgot its UDP binding"))
+            .filter_map(|l| l.split("keep-alive now every ").nth(1))
+            .filter_map(|v| v.split(" s").next())
+            .find_map(|v| v.trim().parse::<f64>().ok())
+    };
+    let mut last = None;
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            last = learned(&cell.agent.log_text());
+            last.is_some_and(|s| s < 4.0)
+        }),
+        "the agent did not learn a keep-alive under the NAT's 4 s (last: {last:?}):\n{}",
+        cell.agent.log_text()
+    );
+    assert!(
+        cell.gw.proc.log_text().contains("device path changed"),
+        "the gateway did not follow the NAT's new port:\n{}",
+        cell.gw.proc.log_text()
+    );
+    // Idle for longer than the NAT's timeout, a dial from the gateway still reaches the
+    // device: the learned keep-alive holds the binding open.
+    std::thread::sleep(Duration::from_secs(10));
+    let r = run(
+        cell.tsh.cmd(&["ssh", "van-n", "echo", "through-the-nat"]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(
+        r.ok() && r.stdout().contains("through-the-nat"),
+        "{}",
+        r.stderr()
+    );
+    for l in cell
+        .agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("keep-alive"))
+    {
+        eprintln!("agent: {l}");
+    }
+    // One tunnel all along: the NAT's rebindings were followed, not reconnected.
+    assert_eq!(
+        cell.agent.log_text().matches("tunnel up").count(),
+        1,
+        "{}",
+        cell.agent.log_text()
+    );
+    let _ = (&cell.auth, &cell.dir);
+}

@@ -376,6 +376,27 @@ impl AgentControl {
         }
     }
 
+    /// Changes the keep-alive (`None`: the transport keeps itself alive). The next Ping goes
+    /// one new interval from `now`; the idle check comes with it and counts from `now` (on
+    /// QUIC the control stream may have been quiet for hours).
+    pub fn set_keepalive(&mut self, now: Instant, keepalive: Option<Keepalive>) {
+        self.cfg.keepalive = keepalive;
+        if let State::Established(e) = &mut self.state {
+            e.next_ping = keepalive.map(|k| now + k.interval);
+            e.last_heard = e.last_heard.max(now);
+        }
+    }
+
+    /// Sends a Ping now, outside the keep-alive's rhythm: an idle QUIC agent whose address
+    /// went away says so at once, and the gateway follows it to the new one.
+    pub fn ping_now(&mut self) -> Result<(), ControlError> {
+        let e = self.established()?;
+        e.seq += 1;
+        let (seq, rtt_ms) = (e.seq, e.rtt_ms);
+        self.transmits.push_back(AgentMsg::Ping { seq, rtt_ms });
+        Ok(())
+    }
+
     /// Asks the gateway for fresh certificates for the same key.
     pub fn request_renew(&mut self, ssh_public_key: String) -> Result<(), ControlError> {
         let e = self.established()?;

@@ -294,6 +294,43 @@ fn agent_on_quic_sends_no_pings() {
 }
 
 #[test]
+fn agent_on_quic_pings_when_asked_to_after_hours_of_silence() {
+    // The NAT in front of the device forgets bindings sooner than QUIC's own keep-alive:
+    // the agent asks for control-stream Pings at a shorter interval, hours after the last
+    // message on the control stream. The idle check counts from then, not from Welcome.
+    let t0 = Instant::now();
+    let mut a = AgentControl::new(
+        t0,
+        AgentConfig::new(Transport::Quic, KEEPALIVE, AGENT_IDLE),
+        hello("van-1"),
+    );
+    a.poll_transmit();
+    a.handle_message(t0, welcome()).unwrap();
+    let later = at(t0, 3 * 3600);
+    let k = Keepalive {
+        interval: Duration::from_secs(20),
+        idle_timeout: AGENT_IDLE,
+    };
+    a.set_keepalive(later, Some(k));
+    a.handle_timeout(later);
+    assert!(
+        a.poll_transmit().is_none(),
+        "the first Ping waits an interval"
+    );
+    a.handle_timeout(later + k.interval);
+    assert!(matches!(a.poll_transmit(), Some(AgentMsg::Ping { .. })));
+    assert!(!a.is_closed());
+    // A Ping out of rhythm, when the agent's address went away.
+    a.ping_now().unwrap();
+    assert!(matches!(a.poll_transmit(), Some(AgentMsg::Ping { .. })));
+    // Back to QUIC's own keep-alive: no more Pings.
+    a.set_keepalive(later + k.interval, None);
+    a.handle_timeout(later + k.interval * 10);
+    assert!(a.poll_transmit().is_none());
+    assert!(!a.is_closed());
+}
+
+#[test]
 fn agent_renewal_flow() {
     let t0 = Instant::now();
     let mut a = tcp_agent(t0);
