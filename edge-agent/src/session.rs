@@ -238,11 +238,14 @@ async fn probe_quic(agent: &Agent, quic: &mut QuicClient) -> Session {
     }
 }
 
-fn reading(c: edgeport_net::tunnel::PathCounters) -> nat_keepalive::Reading {
+fn reading(
+    c: edgeport_net::tunnel::PathCounters,
+    local_ip: Option<IpAddr>,
+) -> nat_keepalive::Reading {
     nat_keepalive::Reading {
         path_challenges: c.path_challenges,
         datagrams_sent: c.datagrams_sent,
-        local_ip: c.local_ip,
+        local_ip,
     }
 }
 
@@ -341,8 +344,14 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     let mut path_check = tokio::time::interval(PATH_CHECK);
     path_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // QUIC with `--keepalive auto`: learn the NAT's timeout from the path's counters.
+    let mut route_src = conn.remote_addr().and_then(crate::transport::route_source);
     let mut nat = match (agent.cfg.keepalive_auto, conn.path_counters()) {
-        (Some((lo, hi)), Some(c)) => Some(NatKeepalive::new(Instant::now(), lo, hi, reading(c))),
+        (Some((lo, hi)), Some(c)) => Some(NatKeepalive::new(
+            Instant::now(),
+            lo,
+            hi,
+            reading(c, route_src),
+        )),
         _ => None,
     };
     let mut nat_check = tokio::time::interval(
@@ -350,7 +359,6 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
             .map_or(Duration::from_secs(3600), NatKeepalive::check_every),
     );
     nat_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut moved_from: Option<IpAddr> = None;
     let accept_task = tokio::spawn(accept_loop(conn.clone(), agent.services.clone()));
     // Audit: the shipper sends batches through `audit_out`; acks come back on `audit_ack`.
     let (audit_tx, mut audit_out) = mpsc::channel::<AuditBatch>(2);
@@ -418,15 +426,19 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
             _ = nat_check.tick(), if nat.is_some() => {
                 if let (Some(n), Some(c)) = (nat.as_mut(), conn.path_counters()) {
                     let now = Instant::now();
-                    // An idle device whose address went away moves the tunnel at once
-                    // instead of at its next keep-alive (up to a minute later).
-                    if let Some(ip) = c.local_ip.filter(|ip| !crate::transport::address_present(*ip)) {
-                        if moved_from != Some(ip) && ctl.ping_now().is_ok() {
-                            tracing::info!("the address {ip} the tunnel ran from is gone; telling the gateway from the new one");
-                            moved_from = Some(ip);
+                    let src = conn.remote_addr().and_then(crate::transport::route_source);
+                    // An idle device whose route to the gateway changed moves the tunnel at
+                    // once instead of at its next keep-alive (up to a minute later).
+                    if let (Some(was), Some(is)) = (route_src, src) {
+                        if was != is && ctl.ping_now().is_ok() {
+                            tracing::info!(
+                                "the route to the gateway now leaves from {is} (was {was}); \
+                                 telling the gateway from the new address"
+                            );
                         }
                     }
-                    if let Some(change) = n.observe(now, reading(c)) {
+                    route_src = src.or(route_src);
+                    if let Some(change) = n.observe(now, reading(c, src)) {
                         tracing::info!("{change}");
                         let ceiling = agent.cfg.keepalive_auto.map(|(_, hi)| hi);
                         let k = (Some(n.interval()) < ceiling).then_some(Keepalive {

@@ -189,6 +189,20 @@ pub async fn connect_tcp(
 /// modem moves to another cell, Wi-Fi gives way to LTE) its old address goes away, and a
 /// TCP connection from it is dead, although the kernel would retransmit into the void for
 /// many minutes. A QUIC connection instead follows the device to its new address.
+/// The local address the kernel's routes pick for packets to `peer` now (a connected UDP
+/// socket sends nothing): on a client socket bound to the unspecified address this is where
+/// the tunnel's next packet leaves from.
+pub fn route_source(peer: SocketAddr) -> Option<IpAddr> {
+    let bind: SocketAddr = if peer.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(peer).ok()?;
+    s.local_addr().ok().map(|a| a.ip())
+}
+
 pub fn address_present(ip: IpAddr) -> bool {
     match std::net::UdpSocket::bind((ip, 0)) {
         Ok(_) => true,

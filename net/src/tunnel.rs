@@ -121,8 +121,6 @@ pub struct PathCounters {
     pub path_challenges: u64,
     /// UDP datagrams sent.
     pub datagrams_sent: u64,
-    /// The local address packets leave from (None where the platform does not say).
-    pub local_ip: Option<std::net::IpAddr>,
 }
 
 /// A tunnel over a QUIC connection.
@@ -197,7 +195,6 @@ impl Tunnel for QuicTunnel {
         Some(PathCounters {
             path_challenges: s.frame_rx.path_challenge,
             datagrams_sent: s.udp_tx.datagrams,
-            local_ip: self.0.local_ip(),
         })
     }
 }

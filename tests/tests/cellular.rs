@@ -725,3 +725,37 @@ fn an_idle_agent_learns_its_nats_timeout() {
     );
     let _ = (&cell.auth, &cell.dir);
 }
+
+#[test]
+fn an_idle_quic_device_follows_a_network_switch_at_once() {
+    // Nothing flows at the switch: QUIC's own keep-alive would move the tunnel only at its
+    // next PING (up to 55 s later). The agent sees its route to the gateway leave from a new
+    // address and pings from it at once.
+    let up = Uplinks::up();
+    let cell = Cell::start(&up, "van-i", &["--transport", "quic"]);
+    wait_online(&cell.tctl, "van-i", Some("quic"), Duration::from_secs(60));
+    cell.wait_address(&up.dev_addr(0));
+    let switched = Instant::now();
+    up.switch_to_b();
+    cell.wait_address(&up.dev_addr(1));
+    let shown = switched.elapsed();
+    assert!(
+        cell.agent
+            .log_text()
+            .contains("telling the gateway from the new address"),
+        "{}",
+        cell.agent.log_text()
+    );
+    let r = run(
+        cell.tsh.cmd(&["ssh", "van-i", "echo", "moved"]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(r.ok() && r.stdout().contains("moved"), "{}", r.stderr());
+    assert_eq!(cell.agent.log_text().matches("tunnel up").count(), 1);
+    eprintln!(
+        "idle device on a network switch: new address in the inventory after {:.1} s",
+        shown.as_secs_f64()
+    );
+    let _ = (&cell.auth, &cell.dir);
+}
