@@ -16,6 +16,9 @@ use crate::services::Services;
 use crate::session::{self, Ended, SessionError};
 use crate::transport::QuicClient;
 
+/// The longest wait between attempts while the device has no route to the gateway.
+const DEAD_ZONE_CAP: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// `--target` or `DATA/targets` does not parse.
@@ -263,7 +266,11 @@ pub async fn run_with(
         shutdown,
     };
     let mut backoff = Backoff::new(agent.cfg.backoff_base, agent.cfg.backoff_cap);
+    // Without a route to the gateway (a dead zone), attempts cannot load the gateway: retry
+    // within DEAD_ZONE_CAP, and watch the route, so the tunnel is back seconds after the link.
+    let mut dead_zone = Backoff::new(agent.cfg.backoff_base, DEAD_ZONE_CAP);
     let mut next: Option<session::Session> = None;
+    let mut unanswered = false;
     while !agent.shutdown.is_cancelled() {
         let s = match next.take() {
             Some(s) => Ok(s),
@@ -306,17 +313,29 @@ pub async fn run_with(
                         tracing::warn!("tunnel lost: {reason}");
                         if started.elapsed() >= agent.cfg.healthy_after {
                             backoff.reset();
+                            dead_zone.reset();
                         }
                     }
                 }
             }
             Err(SessionError::Refused(e)) => tracing::error!("the gateway refused the tunnel: {e}"),
+            Err(e @ SessionError::NoRoute(_)) => {
+                tracing::warn!("cannot connect to the gateway: {e}");
+                unanswered = true;
+            }
             Err(e) => tracing::warn!("cannot connect to the gateway: {e}"),
         }
-        let wait = backoff.next_delay();
+        let wait = if std::mem::take(&mut unanswered) {
+            dead_zone.next_delay()
+        } else {
+            backoff.next_delay()
+        };
         tracing::info!("reconnecting in {:.1}s", wait.as_secs_f32());
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            why = crate::link_watch::route_changes(&agent.cfg.gateway) => {
+                tracing::info!("{why}; reconnecting now");
+            }
             _ = agent.shutdown.cancelled() => break,
         }
     }

@@ -21,6 +21,7 @@ pub mod identity;
 pub mod join;
 #[cfg(feature = "kube")]
 pub mod kube;
+pub mod link_watch;
 pub mod metrics;
 pub mod nat_keepalive;
 pub mod services;

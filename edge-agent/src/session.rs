@@ -44,6 +44,11 @@ pub enum SessionError {
     Refused(RpcError),
     #[error("{0}")]
     Failed(String),
+    /// The attempt failed and the device has no route to the gateway at all (a modem
+    /// without coverage): a dead zone, where attempts cannot reach, let alone load, the
+    /// gateway.
+    #[error("{0} (no route to the gateway)")]
+    NoRoute(String),
 }
 
 /// An established tunnel (Welcome received).
@@ -166,11 +171,24 @@ pub async fn establish(
 /// Connects: QUIC first, TCP+TLS+yamux if QUIC does not come up in time (or only one of
 /// them, as `--transport` says).
 pub async fn connect(agent: &Agent, quic: &mut QuicClient) -> Result<Session, SessionError> {
-    let cfg = &agent.cfg;
-    let ident = agent.identity();
-    let peer = crate::join::resolve(&cfg.gateway)
+    let peer = crate::join::resolve(&agent.cfg.gateway)
         .await
         .map_err(|e| SessionError::Failed(e.to_string()))?;
+    match connect_to(agent, quic, peer).await {
+        Err(SessionError::Failed(e)) if crate::transport::route_source(peer).is_none() => {
+            Err(SessionError::NoRoute(e))
+        }
+        r => r,
+    }
+}
+
+async fn connect_to(
+    agent: &Agent,
+    quic: &mut QuicClient,
+    peer: std::net::SocketAddr,
+) -> Result<Session, SessionError> {
+    let cfg = &agent.cfg;
+    let ident = agent.identity();
     if cfg.transport != TransportChoice::Tcp {
         let quic_only = cfg.transport == TransportChoice::Quic;
         match quic.connect(cfg, &ident, peer).await {

@@ -185,10 +185,6 @@ pub async fn connect_tcp(
     ))
 }
 
-/// Whether `ip` is still an address of this device. When the device changes networks (a
-/// modem moves to another cell, Wi-Fi gives way to LTE) its old address goes away, and a
-/// TCP connection from it is dead, although the kernel would retransmit into the void for
-/// many minutes. A QUIC connection instead follows the device to its new address.
 /// The local address the kernel's routes pick for packets to `peer` now (a connected UDP
 /// socket sends nothing): on a client socket bound to the unspecified address this is where
 /// the tunnel's next packet leaves from.
@@ -203,6 +199,10 @@ pub fn route_source(peer: SocketAddr) -> Option<IpAddr> {
     s.local_addr().ok().map(|a| a.ip())
 }
 
+/// Whether `ip` is still an address of this device. When the device changes networks (a
+/// modem moves to another cell, Wi-Fi gives way to LTE) its old address goes away, and a
+/// TCP connection from it is dead, although the kernel would retransmit into the void for
+/// many minutes. A QUIC connection instead follows the device to its new address.
 pub fn address_present(ip: IpAddr) -> bool {
     match std::net::UdpSocket::bind((ip, 0)) {
         Ok(_) => true,

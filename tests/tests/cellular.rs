@@ -759,3 +759,81 @@ fn an_idle_quic_device_follows_a_network_switch_at_once() {
     );
     let _ = (&cell.auth, &cell.dir);
 }
+
+#[test]
+fn the_tunnel_is_back_seconds_after_a_dead_zone() {
+    // The modem loses its bearer: uplink A goes down and the device has no route to the
+    // gateway. The tunnel dies at its idle timeout (3 s here); the agent keeps trying
+    // within 5 s (nothing it sends can reach the gateway) and watches the route. Coverage
+    // returns: the tunnel is back at once, not at the end of a 30 s backoff.
+    let up = Uplinks::up();
+    let cell = Cell::start(
+        &up,
+        "van-d",
+        &[
+            "--transport",
+            "quic",
+            "--keepalive",
+            "1s",
+            "--idle-timeout",
+            "3s",
+        ],
+    );
+    wait_online(&cell.tctl, "van-d", Some("quic"), Duration::from_secs(60));
+    up.ns_ip(&["link", "set", "upa", "down"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || cell
+            .agent
+            .log_text()
+            .contains("tunnel lost")),
+        "the tunnel did not notice the dead zone:\n{}",
+        cell.agent.log_text()
+    );
+    // Long enough for the normal backoff to have grown past several seconds.
+    std::thread::sleep(Duration::from_secs(12));
+    let log = cell.agent.log_text();
+    assert!(
+        log.contains("(no route to the gateway)"),
+        "the agent did not say it has no route:\n{log}"
+    );
+    let back = Instant::now();
+    up.ns_ip(&["link", "set", "upa", "up"]);
+    up.ns_ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        &format!("10.210.{}.1", up.x),
+    ]);
+    assert!(
+        wait_until(Duration::from_secs(60), || cell
+            .agent
+            .log_text()
+            .matches("tunnel up")
+            .count()
+            >= 2),
+        "the tunnel did not come back after the dead zone:\n{}",
+        cell.agent.log_text()
+    );
+    let secs = back.elapsed().as_secs_f64();
+    wait_online(&cell.tctl, "van-d", Some("quic"), Duration::from_secs(60));
+    let r = run(
+        cell.tsh.cmd(&["ssh", "van-d", "echo", "back"]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(r.ok() && r.stdout().contains("back"), "{}", r.stderr());
+    eprintln!(
+        "dead zone: tunnel back {secs:.1} s after the route returned ({})",
+        if cell
+            .agent
+            .log_text()
+            .contains("the route to the gateway is back")
+        {
+            "the route watch ended the wait"
+        } else {
+            "at the end of a dead-zone backoff"
+        }
+    );
+    let _ = (&cell.auth, &cell.dir);
+}
