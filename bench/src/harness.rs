@@ -199,6 +199,18 @@ fn status_kib(pid: u32, field: &str) -> Result<u64> {
 }
 
 /// utime + stime of a process, in seconds.
+/// Bytes a process caused to be written to storage (`write_bytes` in /proc/PID/io: pages
+/// dirtied in the page cache, counted as the flash will see them, not the bytes of each
+/// write call).
+pub fn write_bytes(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .with_context(|| format!("reading /proc/{pid}/io"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no write_bytes in /proc/{pid}/io"))
+}
+
 pub fn cpu_secs(pid: u32) -> Result<f64> {
     Ok(stat_cpu(pid)?.0)
 }

@@ -42,6 +42,8 @@ pub const KEYS: &[&str] = &[
     "tunnels_rss_kib_per_tunnel",
     "tunnels_reconnect_s",
     "idle_bytes_per_device_hour",
+    "agent_idle_disk_bytes_per_day",
+    "agent_disk_bytes_per_session",
     "sign_ssh_per_s",
     "sign_x509_per_s",
     "agent_aarch64_bytes",
@@ -86,7 +88,7 @@ pub fn run_all(o: &Opts) -> Result<()> {
             tunnels(o, &fab, &work, &mut r)?;
         }
         if let Some(idle) = idle {
-            idle.finish(&mut r)?;
+            idle.finish(&fab, &mut r)?;
         }
         // Last on this fabric: its gateway sheds the anonymous connections, nothing else
         // measured here should share the port with them.
@@ -210,6 +212,11 @@ run; for times lower is better, for throughput higher is better):
   gateway, counted by nftables on the gateway's port during the window, scaled to an hour,
   with the default keep-alive (`auto`: QUIC's PING every 55 s unless the NAT needs shorter;
   25 s before). Target under 10 KB.
+- `agent_idle_disk_bytes_per_day`: what the same idle agent caused to be written to storage
+  (`write_bytes` in /proc/PID/io: dirtied pages, as flash sees them) over the window,
+  scaled to a day; its log file counts. Target under 100 KB.
+  `agent_disk_bytes_per_session`: the same for one audited `tsh ssh DEVICE echo` (three
+  fsynced spool appends, the open-sessions file, the acknowledgement), averaged over 10.
 - `sign_ssh_per_s`, `sign_x509_per_s`: user certificates the authority's CA code signs per
   second of one thread's CPU time (Ed25519 SSH CA, ECDSA P-256 x509 CA); CPU time, not wall
   time, so other load on the shared machine does not count. Target 20,000 SSH/s.
@@ -438,6 +445,7 @@ struct Idle {
     port: u16,
     started: Instant,
     cpu0: f64,
+    written0: u64,
     window: Duration,
 }
 
@@ -463,17 +471,19 @@ impl Idle {
              add rule inet {NFT_TABLE} input tcp sport {port} counter\n"
         ))?;
         let cpu0 = cpu_secs(agent.pid())?;
+        let written0 = crate::harness::write_bytes(agent.pid())?;
         Ok(Self {
             _gw: gw,
             port,
             started: Instant::now(),
             cpu0,
+            written0,
             agent,
             window: Duration::from_secs(o.pick3(30, 75, 300)),
         })
     }
 
-    fn finish(mut self, r: &mut Results) -> Result<()> {
+    fn finish(mut self, fab: &Fabric, r: &mut Results) -> Result<()> {
         let left = self.window.saturating_sub(self.started.elapsed());
         if !left.is_zero() {
             eprintln!("bench: idle window: {} s to go", left.as_secs());
@@ -507,9 +517,36 @@ impl Idle {
             vec![100.0 * cpu / secs],
             "native agent, one idle tunnel",
         );
+        let written = crate::harness::write_bytes(self.agent.pid())?.saturating_sub(self.written0);
+        r.add(
+            "agent_idle_disk_bytes_per_day",
+            "bytes",
+            vec![written as f64 * 86400.0 / secs],
+            "pages the idle agent dirtied (spool, state files, its log), window scaled to a day",
+        );
         r.note(format!(
-            "idle agent after {secs:.0} s: RSS {rss} KiB, CPU {cpu:.3} s"
+            "idle agent after {secs:.0} s: RSS {rss} KiB, CPU {cpu:.3} s, {written} bytes to disk"
         ));
+        // Then audited sessions on the same agent: what each costs the device's storage.
+        let home = fab.tsh_login("disk", &format!("127.0.0.1:{}", self.port))?;
+        let before = crate::harness::write_bytes(self.agent.pid())?;
+        const SESSIONS: u32 = 10;
+        for _ in 0..SESSIONS {
+            let mut c = fab.tsh(&home)?;
+            c.args(["ssh", "idle", "echo", "audited"]);
+            run_ok(c, None, Duration::from_secs(60))?;
+        }
+        // The audit shipper acknowledges (and trims) after the sessions.
+        std::thread::sleep(Duration::from_secs(3));
+        let per = crate::harness::write_bytes(self.agent.pid())?.saturating_sub(before) as f64
+            / f64::from(SESSIONS);
+        r.add(
+            "agent_disk_bytes_per_session",
+            "bytes",
+            vec![per],
+            "one `tsh ssh DEVICE echo` (session.start, exec, session.end, each fsynced; \
+             open-sessions file; acknowledgement), pages dirtied",
+        );
         Ok(())
     }
 }
