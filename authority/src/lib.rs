@@ -26,6 +26,7 @@ pub mod sso;
 pub mod store;
 pub mod throttle;
 pub mod tokens;
+pub mod usage;
 pub mod users;
 pub mod x509;
 

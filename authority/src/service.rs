@@ -87,7 +87,8 @@ fn access(req: &Request) -> Access {
         | Request::GatewayRemove { .. }
         | Request::SsoConnectorAdd(_)
         | Request::SsoConnectorList
-        | Request::SsoConnectorRemove { .. } => Access::Admin,
+        | Request::SsoConnectorRemove { .. }
+        | Request::DeviceUsage { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -164,6 +165,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::WebSessionCheck(_) | Request::WebLogout(_) | Request::WebDevicePage { .. } => {
             "relaying web console requests"
         }
+        Request::DeviceUsage { .. } => "reading device usage",
     }
 }
 
@@ -427,6 +429,9 @@ impl Service {
                 Ok(Response::Ok)
             }
             Request::DeviceList => Ok(Response::Devices(devices::list(store, now)?)),
+            Request::DeviceUsage { days, device } => Ok(Response::DeviceUsage(
+                crate::usage::totals(store, device.as_deref(), days, now)?,
+            )),
             Request::DevicePage { after } => {
                 let (devices, more) = devices::page(store, &after, now)?;
                 Ok(Response::DevicePage { devices, more })

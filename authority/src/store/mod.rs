@@ -73,10 +73,12 @@ pub enum Table {
     /// Web console sessions (`handlers::web::WebSessionRecord`), by the hex SHA-256 of the
     /// session token (the token itself is never stored).
     WebSessions,
+    /// Bytes per device and service (`usage::UsageRecord`), by device id.
+    Usage,
 }
 
 impl Table {
-    pub const ALL: [Table; 23] = [
+    pub const ALL: [Table; 24] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -100,6 +102,7 @@ impl Table {
         Table::OpenSessions,
         Table::RecordingTimeline,
         Table::WebSessions,
+        Table::Usage,
     ];
 
     /// The table's name in the backing store.
@@ -128,6 +131,7 @@ impl Table {
             Table::OpenSessions => "open_sessions",
             Table::RecordingTimeline => "recording_timeline",
             Table::WebSessions => "web_sessions",
+            Table::Usage => "usage",
         }
     }
 }
