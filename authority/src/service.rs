@@ -87,7 +87,9 @@ fn access(req: &Request) -> Access {
         | Request::GatewayRemove { .. }
         | Request::SsoConnectorAdd(_)
         | Request::SsoConnectorList
-        | Request::SsoConnectorRemove { .. } => Access::Admin,
+        | Request::SsoConnectorRemove { .. }
+        | Request::AccessRequestList
+        | Request::AccessRequestReview(_) => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -103,7 +105,8 @@ fn access(req: &Request) -> Access {
         | Request::WebLogin(_)
         | Request::WebSessionCheck(_)
         | Request::WebLogout(_)
-        | Request::WebDevicePage { .. } => Access::Gateway,
+        | Request::WebDevicePage { .. }
+        | Request::AccessRequestUser(_) => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -164,6 +167,9 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::WebSessionCheck(_) | Request::WebLogout(_) | Request::WebDevicePage { .. } => {
             "relaying web console requests"
         }
+        Request::AccessRequestUser(_) => "relaying access requests",
+        Request::AccessRequestList => "listing access requests",
+        Request::AccessRequestReview(_) => "reviewing access requests",
     }
 }
 
@@ -547,6 +553,16 @@ impl Service {
             Request::WebDevicePage { proof, after } => {
                 handlers::web::device_page(self, &proof, &after, now)
             }
+            Request::AccessRequestUser(signed) => {
+                crate::access_requests::user_action(self, caller_name, &signed, now)
+            }
+            Request::AccessRequestList => crate::access_requests::list_all(store, now),
+            Request::AccessRequestReview(r) => crate::access_requests::review(
+                self,
+                crate::access_requests::Reviewer::Admin(caller_name),
+                r,
+                now,
+            ),
         }
     }
 }

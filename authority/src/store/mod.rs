@@ -73,10 +73,13 @@ pub enum Table {
     /// Web console sessions (`handlers::web::WebSessionRecord`), by the hex SHA-256 of the
     /// session token (the token itself is never stored).
     WebSessions,
+    /// Access requests (`access_requests::AccessRecord`) by `r/ID`, and the nonces of signed
+    /// user actions already taken, by `n/NONCE` (dropped once too old to be accepted).
+    AccessRequests,
 }
 
 impl Table {
-    pub const ALL: [Table; 23] = [
+    pub const ALL: [Table; 24] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -100,6 +103,7 @@ impl Table {
         Table::OpenSessions,
         Table::RecordingTimeline,
         Table::WebSessions,
+        Table::AccessRequests,
     ];
 
     /// The table's name in the backing store.
@@ -128,6 +132,7 @@ impl Table {
             Table::OpenSessions => "open_sessions",
             Table::RecordingTimeline => "recording_timeline",
             Table::WebSessions => "web_sessions",
+            Table::AccessRequests => "access_requests",
         }
     }
 }

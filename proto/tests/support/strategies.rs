@@ -289,6 +289,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        vs(),
+        vs(),
     )
         .prop_map(
             |(
@@ -299,6 +301,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                 permit_pty,
                 permit_port_forwarding,
                 permit_agent_forwarding,
+                request_roles,
+                review_roles,
             )| {
                 RoleSpec {
                     name,
@@ -308,6 +312,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                     permit_pty,
                     permit_port_forwarding,
                     permit_agent_forwarding,
+                    request_roles,
+                    review_roles,
                 }
             },
         )
