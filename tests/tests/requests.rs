@@ -73,7 +73,7 @@ fn add_user(c: &Cluster, name: &str, roles: &str) {
 }
 
 fn login(c: &Cluster, name: &str) -> Tsh {
-    let tsh = Tsh::new(c.dir.join(format!("tsh-{name}")), c.proxy());
+    let tsh = Tsh::new(c.dir.join(&format!("tsh-{name}")), c.proxy());
     tsh.login(name, PW, &c.gw.ca_pin, &[])
         .expect_ok("tsh login");
     tsh
