@@ -441,7 +441,13 @@ impl Service {
                 // A user sees the devices their roles reach, nothing more.
                 let subject = users::subject(store, &user)?
                     .ok_or_else(|| crate::errors::not_found(format!("user {user} not found")))?;
-                let grants = roles::grants(store, &subject.roles)?;
+                // With the roles of approved access requests in force.
+                let extra = crate::access_requests::elevation(store, &subject, now)?.roles;
+                let grants = if extra.is_empty() {
+                    roles::grants(store, &subject.roles)?
+                } else {
+                    roles::grants(store, &crate::access_requests::with_roles(&subject, &extra))?
+                };
                 let (devices, more) =
                     devices::page_where(store, &after, now, |d| grants.allows_device(&d.labels))?;
                 Ok(Response::DevicePage { devices, more })

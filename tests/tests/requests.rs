@@ -189,6 +189,17 @@ fn an_approval_puts_the_role_in_the_next_certificate_and_a_denial_does_not() {
     );
     bob.run(&["ssh", "prod1", "true"], None)
         .expect_ok("the approved role reaches the production device");
+    let ls = bob
+        .run(&["ls", "--format", "json"], None)
+        .expect_ok("tsh ls")
+        .json();
+    let ids: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"prod1") && ids.contains(&"van1"), "{ls}");
     bob.run(&["ssh", "van1", "true"], None)
         .expect_ok("and the own role still the van");
     // A decided request cannot be decided again.
@@ -265,6 +276,14 @@ fn an_approval_expires_on_time() {
     dan.login("dan", PW, &c.gw.ca_pin, &[]).expect_ok("login");
     assert_eq!(roles_of(&dan), ["field"]);
     refused(&dan.run(&["ssh", "prod1", "true"], None), "do not allow");
+    let ls = dan
+        .run(&["ls", "--format", "json"], None)
+        .expect_ok("tsh ls")
+        .json();
+    assert!(
+        !ls.as_array().unwrap().iter().any(|d| d["id"] == "prod1"),
+        "an expired approval still lists the device: {ls}"
+    );
     dan.run(&["ssh", "van1", "true"], None)
         .expect_ok("the own role still reaches the van");
 }
