@@ -605,5 +605,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("requires a gateway identity"), "{e}");
+        // Access requests: users' signed actions come only through gateways (which cannot
+        // make them: the authority checks the user's signature), decisions from admins.
+        let signed = Request::AccessRequestUser(edgeport_proto::rpc::SignedUserAction {
+            user_cert_der: Vec::new(),
+            body: Vec::new(),
+            signature: Vec::new(),
+        });
+        assert!(check_access(&gw, &signed).is_ok());
+        assert!(check_access(&admin, &signed).is_err());
+        assert!(check_access(&user, &signed).is_err());
+        let review = Request::AccessRequestReview(edgeport_proto::rpc::AccessReview {
+            id: "x".into(),
+            approve: true,
+            reason: String::new(),
+            ttl_secs: 0,
+        });
+        assert!(check_access(&admin, &review).is_ok());
+        assert!(check_access(&gw, &review).is_err());
+        assert!(check_access(&gw, &Request::AccessRequestList).is_err());
     }
 }
