@@ -4,6 +4,7 @@
 //! CAs and the store, writes the administrator identity, and serves the mutual-TLS RPC until
 //! [`Server::shutdown`].
 
+pub mod access_requests;
 pub mod admin_identity;
 pub mod audit;
 pub mod ca;

@@ -33,6 +33,8 @@ pub fn builtin(name: &str) -> Option<RoleSpec> {
             permit_pty: true,
             permit_port_forwarding: true,
             permit_agent_forwarding: false,
+            request_roles: Vec::new(),
+            review_roles: Vec::new(),
         }),
         _ => None,
     }
@@ -166,6 +168,19 @@ pub fn upsert(store: &dyn Store, spec: &RoleSpec) -> Result<(), RpcError> {
             "a role may name at most {MAX_ROLE_LABELS} labels"
         )));
     }
+    for (what, names) in [
+        ("request", &spec.request_roles),
+        ("review", &spec.review_roles),
+    ] {
+        if names.len() > MAX_ROLE_LABELS {
+            return Err(invalid(format!(
+                "a role may name at most {MAX_ROLE_LABELS} {what} roles"
+            )));
+        }
+        if let Some(n) = names.iter().find(|n| !valid_name(n)) {
+            return Err(invalid(format!("{what} role {n:?} is not a valid name")));
+        }
+    }
     if spec.max_session_ttl == 0 || spec.max_session_ttl > MAX_SESSION_TTL_SECS {
         return Err(invalid(format!(
             "the session cap must be between 1s and {}h",
@@ -250,6 +265,8 @@ mod tests {
             permit_pty: true,
             permit_port_forwarding: false,
             permit_agent_forwarding: false,
+            request_roles: Vec::new(),
+            review_roles: Vec::new(),
         }
     }
 

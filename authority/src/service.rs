@@ -88,7 +88,9 @@ fn access(req: &Request) -> Access {
         | Request::SsoConnectorAdd(_)
         | Request::SsoConnectorList
         | Request::SsoConnectorRemove { .. }
-        | Request::DeviceUsage { .. } => Access::Admin,
+        | Request::DeviceUsage { .. }
+        | Request::AccessRequestList
+        | Request::AccessRequestReview(_) => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -104,7 +106,8 @@ fn access(req: &Request) -> Access {
         | Request::WebLogin(_)
         | Request::WebSessionCheck(_)
         | Request::WebLogout(_)
-        | Request::WebDevicePage { .. } => Access::Gateway,
+        | Request::WebDevicePage { .. }
+        | Request::AccessRequestUser(_) => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -166,6 +169,9 @@ pub fn request_name(req: &Request) -> &'static str {
             "relaying web console requests"
         }
         Request::DeviceUsage { .. } => "reading device usage",
+        Request::AccessRequestUser(_) => "relaying access requests",
+        Request::AccessRequestList => "listing access requests",
+        Request::AccessRequestReview(_) => "reviewing access requests",
     }
 }
 
@@ -440,7 +446,13 @@ impl Service {
                 // A user sees the devices their roles reach, nothing more.
                 let subject = users::subject(store, &user)?
                     .ok_or_else(|| crate::errors::not_found(format!("user {user} not found")))?;
-                let grants = roles::grants(store, &subject.roles)?;
+                // With the roles of approved access requests in force.
+                let extra = crate::access_requests::elevation(store, &subject, now)?.roles;
+                let grants = if extra.is_empty() {
+                    roles::grants(store, &subject.roles)?
+                } else {
+                    roles::grants(store, &crate::access_requests::with_roles(&subject, &extra))?
+                };
                 let (devices, more) =
                     devices::page_where(store, &after, now, |d| grants.allows_device(&d.labels))?;
                 Ok(Response::DevicePage { devices, more })
@@ -552,6 +564,16 @@ impl Service {
             Request::WebDevicePage { proof, after } => {
                 handlers::web::device_page(self, &proof, &after, now)
             }
+            Request::AccessRequestUser(signed) => {
+                crate::access_requests::user_action(self, caller_name, &signed, now)
+            }
+            Request::AccessRequestList => crate::access_requests::list_all(store, now),
+            Request::AccessRequestReview(r) => crate::access_requests::review(
+                self,
+                crate::access_requests::Reviewer::Admin(caller_name),
+                r,
+                now,
+            ),
         }
     }
 }
@@ -588,5 +610,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("requires a gateway identity"), "{e}");
+        // Access requests: users' signed actions come only through gateways (which cannot
+        // make them: the authority checks the user's signature), decisions from admins.
+        let signed = Request::AccessRequestUser(edgeport_proto::rpc::SignedUserAction {
+            user_cert_der: Vec::new(),
+            body: Vec::new(),
+            signature: Vec::new(),
+        });
+        assert!(check_access(&gw, &signed).is_ok());
+        assert!(check_access(&admin, &signed).is_err());
+        assert!(check_access(&user, &signed).is_err());
+        let review = Request::AccessRequestReview(edgeport_proto::rpc::AccessReview {
+            id: "x".into(),
+            approve: true,
+            reason: String::new(),
+            ttl_secs: 0,
+        });
+        assert!(check_access(&admin, &review).is_ok());
+        assert!(check_access(&gw, &review).is_err());
+        assert!(check_access(&gw, &Request::AccessRequestList).is_err());
     }
 }

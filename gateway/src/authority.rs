@@ -43,7 +43,8 @@ impl Lane {
             | Request::RecordingList { .. }
             | Request::RecordingPage { .. }
             | Request::RecordingGet { .. }
-            | Request::WebLogin(_) => Lane::Bulk,
+            | Request::WebLogin(_)
+            | Request::AccessRequestUser(_) => Lane::Bulk,
             _ => Lane::Control,
         }
     }

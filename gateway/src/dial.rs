@@ -232,6 +232,25 @@ pub async fn serve_stream(
         (ClientRequest::Dial { target, service }, Some(who)) => {
             serve_dial(&dialer, stream, &who, &target, service, addr).await;
         }
+        (ClientRequest::UserAction { body, signature }, Some(who)) => {
+            // The gateway only carries the signed action with the certificate the user
+            // presented; the authority checks the signature by that certificate's key.
+            let signed = edgeport_proto::rpc::SignedUserAction {
+                user_cert_der: who.der.as_ref().clone(),
+                body,
+                signature,
+            };
+            let answer = relay(
+                &dialer,
+                Request::AccessRequestUser(signed),
+                |resp| match resp {
+                    Response::AccessRequests(v) => ClientReply::AccessRequests(v),
+                    other => unexpected(other),
+                },
+            )
+            .await;
+            answer_and_close(stream, &answer).await;
+        }
         (ClientRequest::SessionEnd { session_id }, Some(who)) => {
             let reason = dialer.sessions.why_ended(&who.name, &session_id);
             answer_and_close(stream, &ClientReply::SessionEnd { reason }).await;

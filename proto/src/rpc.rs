@@ -181,6 +181,14 @@ pub enum Request {
         days: u32,
         device: Option<String>,
     },
+    /// Gateway: relays a user's signed access request action (`tsh request create | ls |
+    /// review`). The authority checks the certificate and the signature by the certificate's
+    /// own key itself: a gateway can carry such an action, never make one.
+    AccessRequestUser(SignedUserAction),
+    /// Admin: every access request (`tctl requests ls`), newest first.
+    AccessRequestList,
+    /// Admin: approve or deny a pending access request (`tctl requests approve | deny`).
+    AccessRequestReview(AccessReview),
 }
 
 /// Responses from the authority.
@@ -245,6 +253,8 @@ pub enum Response {
     WebSession(WebSessionInfo),
     /// The answer to `DeviceUsage`, one entry per device that moved bytes.
     DeviceUsage(Vec<crate::usage::DeviceUsage>),
+    /// Access requests: the one just created or reviewed, or a listing.
+    AccessRequests(Vec<AccessRequestInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,6 +361,13 @@ pub struct RoleSpec {
     pub permit_pty: bool,
     pub permit_port_forwarding: bool,
     pub permit_agent_forwarding: bool,
+    /// Roles that holders of this role may ask for (`tsh request create --roles`).
+    #[serde(default)]
+    pub request_roles: Vec<String>,
+    /// Roles whose access requests holders of this role may approve or deny
+    /// (`tsh request review`); never their own.
+    #[serde(default)]
+    pub review_roles: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -797,6 +814,113 @@ pub struct LockSpec {
     pub expires: u64,
 }
 
+/// The context every user action signature starts with (one line), so that a signature made
+/// for this can never pass for anything else.
+pub const USER_ACTION_CONTEXT: &str = "edgeport-user-action/1";
+
+/// A user's action, signed by tsh with the private key of the user's certificate. The
+/// gateway adds the certificate the user presented to it; the authority checks both.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SignedUserAction {
+    /// The user's x509 certificate, as the gateway saw it in the TLS handshake.
+    pub user_cert_der: Vec<u8>,
+    /// A postcard-encoded [`UserAction`].
+    pub body: Vec<u8>,
+    /// Ed25519 by the certificate's key over [`user_action_message`] of `body`.
+    pub signature: Vec<u8>,
+}
+
+/// What is signed: the context line, then the body.
+pub fn user_action_message(body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(USER_ACTION_CONTEXT.len() + 1 + body.len());
+    m.extend_from_slice(USER_ACTION_CONTEXT.as_bytes());
+    m.push(b'\n');
+    m.extend_from_slice(body);
+    m
+}
+
+/// tsh's side: `action` encoded and signed with `key` (the key of the user's certificate),
+/// as the body and signature of a [`SignedUserAction`].
+pub fn sign_user_action(
+    action: &UserAction,
+    key: &crate::keys::KeyPair,
+) -> Result<(Vec<u8>, Vec<u8>), postcard::Error> {
+    let body = postcard::to_stdvec(action)?;
+    let signature = key.sign(&user_action_message(&body));
+    Ok((body, signature))
+}
+
+/// The signed part of a [`SignedUserAction`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserAction {
+    /// The cluster it is meant for (a signature for another cluster does not count here).
+    pub cluster: String,
+    /// Unix seconds when tsh signed it: the authority refuses stale ones.
+    pub issued_at: u64,
+    /// Random (hex, 16 bytes or more): the authority takes each once.
+    pub nonce: String,
+    pub action: AccessAction,
+}
+
+/// What a user asks of the access request workflow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessAction {
+    /// Ask for `roles` (each allowed by a role's `request_roles`).
+    Create { roles: Vec<String>, reason: String },
+    /// The user's own requests, and those the user may review.
+    List,
+    /// Approve or deny another user's request (roles' `review_roles`).
+    Review(AccessReview),
+}
+
+/// An approval or denial.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessReview {
+    pub id: String,
+    pub approve: bool,
+    pub reason: String,
+    /// How long an approval lasts (0: the authority's default, one hour).
+    pub ttl_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessState {
+    Pending,
+    Approved,
+    Denied,
+    /// Approved, and the approval's time is over.
+    Expired,
+}
+
+impl AccessState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessState::Pending => "pending",
+            AccessState::Approved => "approved",
+            AccessState::Denied => "denied",
+            AccessState::Expired => "expired",
+        }
+    }
+}
+
+/// An access request as tsh and tctl show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequestInfo {
+    pub id: String,
+    pub user: String,
+    pub roles: Vec<String>,
+    pub reason: String,
+    pub state: AccessState,
+    /// Unix seconds.
+    pub created: u64,
+    /// Who approved or denied it (`admin NAME` or `user NAME`), when someone did.
+    pub reviewer: String,
+    pub review_reason: String,
+    pub reviewed_at: u64,
+    /// Unix seconds when an approval ends (0: not approved).
+    pub expires: u64,
+}
+
 crate::debug_redacted!(LoginRequest { user, ssh_public_key, ttl_secs, client_addr } secret { secret, new_password, otp, totp_enroll });
 crate::debug_redacted!(JoinDeviceRequest { requested_id, labels, ssh_public_key, version, arch, remote_addr } secret { token });
 crate::debug_redacted!(JoinGatewayRequest { gateway_id, dns_names, ip_addrs } secret { token, public_key_spki_der });
@@ -805,6 +929,7 @@ crate::debug_redacted!(TokenInfo { id, kind, labels, expires, reusable, uses, ca
 crate::debug_redacted!(SsoFinishRequest { state, ssh_public_key, ttl_secs, client_addr } secret { code, proof });
 crate::debug_redacted!(SsoConnectorSpec { name, client_id, kind } secret { client_secret, ca_pem });
 crate::debug_redacted!(WebLoginRequest { user, client_addr } secret { password, otp, browser_key });
+crate::debug_redacted!(SignedUserAction { body } secret { user_cert_der, signature });
 crate::debug_redacted!(WebProof { signed } secret { token, signature });
 crate::debug_redacted!(WebSessionInfo { user, logins, roles, expires } secret { token, csrf, browser_key });
 

@@ -486,6 +486,34 @@ pub fn verify_client_cert(
     ))
 }
 
+/// The certificate's notBefore and notAfter, Unix seconds.
+pub fn validity(cert_der: &[u8]) -> Result<(u64, u64), TlsError> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| TlsError::BadCert(e.to_string()))?;
+    let v = cert.validity();
+    Ok((
+        v.not_before.timestamp().max(0) as u64,
+        v.not_after.timestamp().max(0) as u64,
+    ))
+}
+
+/// The raw Ed25519 public key a certificate certifies (users' certificates carry one).
+pub fn ed25519_key_of(cert_der: &[u8]) -> Result<[u8; 32], TlsError> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| TlsError::BadCert(e.to_string()))?;
+    let spki = cert.public_key();
+    // id-Ed25519, RFC 8410.
+    if spki.algorithm.algorithm.to_id_string() != "1.3.101.112" {
+        return Err(TlsError::BadCert(
+            "the certificate's key is not Ed25519".into(),
+        ));
+    }
+    <[u8; 32]>::try_from(spki.subject_public_key.data.as_ref())
+        .map_err(|_| TlsError::BadCert("the certificate's Ed25519 key is malformed".into()))
+}
+
 /// The certificate's notAfter, Unix seconds.
 pub fn not_after(cert_der: &[u8]) -> Result<u64, TlsError> {
     use x509_parser::prelude::*;

@@ -162,6 +162,11 @@ pub enum ClientRequest {
     /// Needs the user's certificate: one recording from byte `offset` (to resume a
     /// transfer), sent as `RecordingData` frames as for `Recording`.
     RecordingFrom { session_id: String, offset: u64 },
+    /// Needs the user's certificate: an access request action signed with the certificate's
+    /// key (`rpc::UserAction`, postcard, signed as `rpc::user_action_message`). The gateway
+    /// relays it with the certificate (`rpc::Request::AccessRequestUser`); the authority
+    /// checks both. Answered by `AccessRequests`.
+    UserAction { body: Vec<u8>, signature: Vec<u8> },
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -208,4 +213,6 @@ pub enum ClientReply {
         recordings: Vec<crate::audit::RecordingInfo>,
         next: Option<String>,
     },
+    /// The answer to `UserAction`: the request made or reviewed, or the listing.
+    AccessRequests(Vec<crate::rpc::AccessRequestInfo>),
 }

@@ -322,6 +322,45 @@ fn every_json_output_matches_its_schema() {
         }
     }
 
+    // Access requests: tsh's answer to create, its list and tctl's, pending and approved.
+    tctl(&["roles", "add", "prod", "--allow", "env=prod"]);
+    tctl(&["roles", "update", "field", "--request-roles", "prod"]);
+    tctl(&["users", "update", "alice", "--set-roles", "field"]);
+    let made = tsh
+        .run(
+            &[
+                "request",
+                "create",
+                "--roles",
+                "prod",
+                "--reason",
+                "schema check",
+                "--format",
+                "json",
+            ],
+            None,
+        )
+        .expect_ok("tsh request create");
+    let made = validate("tsh request create", &made.stdout(), "access_request", 1);
+    let id = made[0]["id"].as_str().unwrap().to_string();
+    let mine = tsh
+        .run(&["request", "ls", "--format", "json"], None)
+        .expect_ok("tsh request ls");
+    validate("tsh request ls", &mine.stdout(), "access_request", 1);
+    tctl(&["requests", "approve", &id, "--ttl", "10m"]);
+    let json = validate(
+        "tctl requests ls",
+        &tctl(&["requests", "ls", "--format", "json"]),
+        "access_request",
+        1,
+    );
+    assert_eq!(json[0]["state"], "approved", "{json}");
+    same_data_in_yaml(
+        "tctl requests ls",
+        &json,
+        &tctl(&["requests", "ls", "--format", "yaml"]),
+    );
+
     // The same device is the same object from both tools.
     let from_tsh = tsh.run(&["ls", "--format", "json"], None).json();
     let from_tctl = c.tctl.ok(&["devices", "ls", "--format", "json"]).json();

@@ -189,6 +189,28 @@ fn two_authorities_share_one_database() {
         .expect_ok("tsh login");
     let hi = tsh.run(&["ssh", "root@dev1", "echo", "hi"], None);
     assert_eq!(hi.stdout().trim(), "hi", "{}", hi.stderr());
+
+    // Access requests live in the database too: made through the gateway of one authority,
+    // approved through the other, in the next certificate.
+    b.tctl_ok(&["roles", "add", "prod"]);
+    b.tctl_ok(&["roles", "add", "ops", "--request-roles", "prod"]);
+    a.tctl_ok(&["users", "update", "dora", "--set-roles", "ops"]);
+    let id = tsh
+        .run(
+            &["request", "create", "--roles", "prod", "--reason", "pg"],
+            None,
+        )
+        .expect_ok("tsh request create")
+        .stdout()
+        .trim()
+        .to_string();
+    b.tctl_ok(&["requests", "approve", &id, "--ttl", "10m"]);
+    let listed = a.tctl_ok(&["requests", "ls", "--format", "json"]).json();
+    assert_eq!(listed[0]["state"], "approved", "{listed}");
+    tsh.login("dora", "a long enough password", &gw.ca_pin, &[])
+        .expect_ok("tsh login after the approval");
+    let st = tsh.run(&["status", "--format", "json"], None).json();
+    assert_eq!(st["roles"], serde_json::json!(["ops", "prod"]), "{st}");
     b.tctl_ok(&["lock", "--user", "dora", "--message", "shared store"]);
     let r = tsh.run(&["ssh", "root@dev1", "true"], None);
     assert!(!r.ok(), "a dial right after the lock went through");

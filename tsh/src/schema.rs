@@ -69,6 +69,56 @@ pub fn recording(r: &RecordingInfo) -> Value {
     })
 }
 
+/// An access request, as `tsh request ls` and `tctl requests ls` print it.
+pub fn access_request(r: &edgeport_proto::rpc::AccessRequestInfo) -> Value {
+    let text = |s: &str| if s.is_empty() { Value::Null } else { s.into() };
+    json!({
+        "id": r.id,
+        "user": r.user,
+        "roles": r.roles,
+        "reason": r.reason,
+        "state": r.state.as_str(),
+        "created": time(r.created),
+        "reviewer": text(&r.reviewer),
+        "review_reason": text(&r.review_reason),
+        "reviewed_at": time(r.reviewed_at),
+        "expires": time(r.expires),
+    })
+}
+
+/// Access requests as a text table: the approval's remaining time while it lasts.
+pub fn access_request_table(
+    all: &[edgeport_proto::rpc::AccessRequestInfo],
+    now: u64,
+) -> crate::text::Table {
+    use edgeport_proto::rpc::AccessState;
+    let mut t = crate::text::Table::new(&[
+        "ID", "USER", "ROLES", "STATE", "CREATED", "REVIEWER", "EXPIRES", "REASON",
+    ]);
+    for r in all {
+        let expires = match r.state {
+            AccessState::Approved => format!(
+                "{} (in {})",
+                format_time(r.expires),
+                crate::text::duration(r.expires.saturating_sub(now))
+            ),
+            AccessState::Expired => format_time(r.expires),
+            _ => String::new(),
+        };
+        t.row(vec![
+            r.id.clone(),
+            r.user.clone(),
+            r.roles.join(","),
+            r.state.as_str().to_string(),
+            format_time(r.created),
+            r.reviewer.clone(),
+            expires,
+            r.reason.clone(),
+        ]);
+    }
+    t
+}
+
 /// Audit event fields travel as strings; printed, they take their type: `true`/`false`
 /// become booleans, byte counts, exit codes and HTTP statuses numbers, and the
 /// millisecond figures the schema's units (`duration_ms` -> `duration_secs`,

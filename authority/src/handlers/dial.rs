@@ -64,7 +64,8 @@ pub fn authorize_dial(
     if !info.online {
         return Err(not_found(format!("device {device} is offline")));
     }
-    let grants = roles::grants(store, &subject.roles)?;
+    let names = crate::access_requests::dial_roles(store, &subject, cert_der, now)?;
+    let grants = roles::grants(store, &names)?;
     if !grants.allows_device(&info.labels) {
         return Err(denied(format!(
             "the roles of user {user} ({}) do not allow device {device}",

@@ -37,7 +37,14 @@ pub fn issue(
 ) -> Result<UserCerts, RpcError> {
     let (key, spki) = parse_ed25519_public(ssh_public_key)
         .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
-    let grants = roles::grants(svc.store(), &subject.roles)?;
+    // Approved access requests in force add their roles, for their time only.
+    let elevation = crate::access_requests::elevation(svc.store(), subject, now)?;
+    let grants = if elevation.roles.is_empty() {
+        roles::grants(svc.store(), &subject.roles)?
+    } else {
+        let names = crate::access_requests::with_roles(subject, &elevation.roles);
+        roles::grants(svc.store(), &names)?
+    };
     let cap = svc
         .limits
         .max_session_ttl
@@ -49,7 +56,7 @@ pub fn issue(
         ttl_secs.min(cap)
     };
     let valid_after = now.saturating_sub(BACKDATE_SECS);
-    let valid_before = now + ttl;
+    let valid_before = elevation.until.map_or(now + ttl, |u| u.min(now + ttl));
     let principals = if subject.logins.is_empty() {
         vec![NO_LOGIN_PRINCIPAL.to_string()]
     } else {

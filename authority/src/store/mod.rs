@@ -75,10 +75,13 @@ pub enum Table {
     WebSessions,
     /// Bytes per device and service (`usage::UsageRecord`), by device id.
     Usage,
+    /// Access requests (`access_requests::AccessRecord`) by `r/ID`, and the nonces of signed
+    /// user actions already taken, by `n/NONCE` (dropped once too old to be accepted).
+    AccessRequests,
 }
 
 impl Table {
-    pub const ALL: [Table; 24] = [
+    pub const ALL: [Table; 25] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -103,6 +106,7 @@ impl Table {
         Table::RecordingTimeline,
         Table::WebSessions,
         Table::Usage,
+        Table::AccessRequests,
     ];
 
     /// The table's name in the backing store.
@@ -132,6 +136,7 @@ impl Table {
             Table::RecordingTimeline => "recording_timeline",
             Table::WebSessions => "web_sessions",
             Table::Usage => "usage",
+            Table::AccessRequests => "access_requests",
         }
     }
 }

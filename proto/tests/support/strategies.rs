@@ -293,6 +293,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        vs(),
+        vs(),
     )
         .prop_map(
             |(
@@ -303,6 +305,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                 permit_pty,
                 permit_port_forwarding,
                 permit_agent_forwarding,
+                request_roles,
+                review_roles,
             )| {
                 RoleSpec {
                     name,
@@ -312,6 +316,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                     permit_pty,
                     permit_port_forwarding,
                     permit_agent_forwarding,
+                    request_roles,
+                    review_roles,
                 }
             },
         )
@@ -701,6 +707,22 @@ pub fn request() -> impl Strategy<Value = Request> {
         web_proof().prop_map(Request::WebLogout),
         (web_proof(), s()).prop_map(|(proof, after)| Request::WebDevicePage { proof, after }),
         (any::<u32>(), os()).prop_map(|(days, device)| Request::DeviceUsage { days, device }),
+        (bytes(), bytes(), bytes()).prop_map(|(user_cert_der, body, signature)| {
+            Request::AccessRequestUser(SignedUserAction {
+                user_cert_der,
+                body,
+                signature,
+            })
+        }),
+        Just(Request::AccessRequestList),
+        (s(), any::<bool>(), s(), any::<u64>()).prop_map(|(id, approve, reason, ttl_secs)| {
+            Request::AccessRequestReview(AccessReview {
+                id,
+                approve,
+                reason,
+                ttl_secs,
+            })
+        }),
     ]
 }
 
@@ -875,6 +897,7 @@ pub fn response() -> impl Strategy<Value = Response> {
             }
         ),
         vec(device_usage(), 0..2).prop_map(Response::DeviceUsage),
+        vec(access_request_info(), 0..2).prop_map(Response::AccessRequests),
     ]
 }
 
@@ -900,6 +923,7 @@ pub fn gateway_control() -> impl Strategy<Value = GatewayControl> {
         rpc_error().prop_map(GatewayControl::Refused),
         any::<u64>().prop_map(|seq| GatewayControl::Pong { seq }),
         audit_ack().prop_map(GatewayControl::AuditAck),
+        cas().prop_map(GatewayControl::Cas),
     ]
 }
 
@@ -941,7 +965,46 @@ pub fn client_request() -> impl Strategy<Value = ClientRequest> {
         ),
         (s(), stream_header())
             .prop_map(|(device_id, header)| ClientRequest::Forward { device_id, header }),
+        s().prop_map(|session_id| ClientRequest::SessionEnd { session_id }),
+        (os(), any::<u32>())
+            .prop_map(|(cursor, limit)| ClientRequest::RecordingPage { cursor, limit }),
+        (s(), any::<u64>())
+            .prop_map(|(session_id, offset)| ClientRequest::RecordingFrom { session_id, offset }),
+        (bytes(), bytes())
+            .prop_map(|(body, signature)| ClientRequest::UserAction { body, signature }),
     ]
+}
+
+pub fn access_request_info() -> impl Strategy<Value = AccessRequestInfo> + Clone {
+    let state = prop_oneof![
+        Just(AccessState::Pending),
+        Just(AccessState::Approved),
+        Just(AccessState::Denied),
+        Just(AccessState::Expired),
+    ];
+    (
+        (s(), s(), vs(), s(), state),
+        (any::<u64>(), s(), s(), any::<u64>(), any::<u64>()),
+    )
+        .prop_map(
+            |(
+                (id, user, roles, reason, state),
+                (created, reviewer, review_reason, reviewed_at, expires),
+            )| {
+                AccessRequestInfo {
+                    id,
+                    user,
+                    roles,
+                    reason,
+                    state,
+                    created,
+                    reviewer,
+                    review_reason,
+                    reviewed_at,
+                    expires,
+                }
+            },
+        )
 }
 
 pub fn client_reply() -> impl Strategy<Value = ClientReply> {
@@ -957,5 +1020,9 @@ pub fn client_reply() -> impl Strategy<Value = ClientReply> {
         vec(recording_info(), 0..2).prop_map(ClientReply::Recordings),
         (bytes(), any::<bool>()).prop_map(|(data, more)| ClientReply::RecordingData { data, more }),
         s().prop_map(|auth_url| ClientReply::SsoRedirect { auth_url }),
+        os().prop_map(|reason| ClientReply::SessionEnd { reason }),
+        (vec(recording_info(), 0..2), os())
+            .prop_map(|(recordings, next)| ClientReply::RecordingPage { recordings, next }),
+        vec(access_request_info(), 0..2).prop_map(ClientReply::AccessRequests),
     ]
 }

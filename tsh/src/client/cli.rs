@@ -72,6 +72,11 @@ pub enum Command {
         #[command(subcommand)]
         what: KubeCmd,
     },
+    /// Access requests: ask for more roles for a while, list them, review others'.
+    Request {
+        #[command(subcommand)]
+        what: RequestCmd,
+    },
     /// Print tsh's version.
     Version {
         #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -79,6 +84,44 @@ pub enum Command {
     },
     /// Print a shell completion script: `source <(tsh completion bash)`.
     Completion(crate::shared::CompletionArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RequestCmd {
+    /// Ask for roles (those your roles' `request_roles` name); prints the request id. Once
+    /// approved, your next `tsh login` carries them until the approval ends.
+    Create {
+        /// Roles to ask for, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        /// Why (shown to reviewers and in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Your requests, and the pending ones you may review.
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Approve or deny another user's request (your roles' `review_roles`).
+    Review {
+        id: String,
+        #[arg(long, conflicts_with = "deny", required_unless_present = "deny")]
+        approve: bool,
+        #[arg(long)]
+        deny: bool,
+        #[arg(long)]
+        reason: Option<String>,
+        /// How long an approval lasts (default 1h, at most 12h).
+        #[arg(long, value_parser = parse_ttl, conflicts_with = "deny")]
+        ttl: Option<u64>,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<u64, edgeport_proto::util::DurationError> {
+    edgeport_proto::util::parse_duration_secs(s)
 }
 
 #[derive(Debug, Subcommand)]

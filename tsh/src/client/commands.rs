@@ -31,6 +31,7 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Recordings(super::cli::RecordingsCmd::Ls(a)) => super::play::list(g, a).await,
         Command::Play(a) => super::play::play(g, a).await,
         Command::Kube { what } => super::kube::run(g, what).await,
+        Command::Request { what } => super::requests::run(g, what).await,
         Command::Version { format } => {
             crate::shared::print_version("tsh", *format == Format::Json);
             Ok(0)

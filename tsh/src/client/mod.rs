@@ -17,6 +17,7 @@ mod login;
 mod multi;
 mod play;
 mod profile;
+mod requests;
 mod scp;
 mod ssh;
 mod sso;

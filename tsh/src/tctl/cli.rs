@@ -61,6 +61,9 @@ pub enum Command {
     /// The audit log: search events, verify the devices' hash chains.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Access requests from users (`tsh request create`): list, approve, deny.
+    #[command(subcommand)]
+    Requests(RequestsCmd),
     /// Single sign-on: connectors, and what identity provider groups grant (`tsh login
     /// --auth oidc|github`).
     #[command(subcommand)]
@@ -489,6 +492,28 @@ pub enum LocksCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RequestsCmd {
+    /// Lists access requests, newest first.
+    Ls(FormatArgs),
+    /// Approves a pending request: the user's next certificate carries its roles until the
+    /// approval ends.
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// How long the approval lasts (at most 12h).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: u64,
+    },
+    /// Denies a pending request.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum RolesCmd {
     /// Adds a role (refused if one of that name exists: see `tctl roles update`).
     Add(RoleAddArgs),
@@ -522,6 +547,13 @@ pub struct RoleAddArgs {
     /// Longest certificate the role grants.
     #[arg(long, default_value = "12h", value_parser = parse_duration)]
     pub max_session_ttl: u64,
+    /// Roles its holders may ask for with `tsh request create`, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub request_roles: Vec<String>,
+    /// Roles whose access requests its holders may approve or deny (`tsh request review`;
+    /// never their own), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub review_roles: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -555,6 +587,12 @@ pub struct RoleUpdateArgs {
     /// Longest certificate the role grants.
     #[arg(long, value_parser = parse_duration)]
     pub max_session_ttl: Option<u64>,
+    /// Replaces the roles its holders may request (an empty value: none).
+    #[arg(long, value_delimiter = ',')]
+    pub request_roles: Option<Vec<String>>,
+    /// Replaces the roles whose requests its holders may review (an empty value: none).
+    #[arg(long, value_delimiter = ',')]
+    pub review_roles: Option<Vec<String>>,
 }
 
 fn parse_label_rules(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {

@@ -13,6 +13,7 @@ mod devices;
 mod gateways;
 mod locks;
 mod output;
+mod requests;
 mod roles;
 mod sso;
 mod status;
@@ -25,8 +26,8 @@ use clap::Parser;
 
 pub use cli::Cli;
 use cli::{
-    AuditCmd, AuthCmd, Command, DevicesCmd, FormatArgs, GatewaysCmd, GetKind, LocksCmd, RolesCmd,
-    SsoCmd, TokensCmd, UsersCmd,
+    AuditCmd, AuthCmd, Command, DevicesCmd, FormatArgs, GatewaysCmd, GetKind, LocksCmd,
+    RequestsCmd, RolesCmd, SsoCmd, TokensCmd, UsersCmd,
 };
 use connect::Session;
 
@@ -104,6 +105,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Roles(RolesCmd::Update(a)) => roles::update(&mut s, a).await,
         Command::Roles(RolesCmd::Ls(a)) => roles::list(&mut s, a).await,
         Command::Roles(RolesCmd::Rm { name }) => roles::remove(&mut s, name).await,
+        Command::Requests(RequestsCmd::Ls(a)) => requests::list(&mut s, a).await,
+        Command::Requests(RequestsCmd::Approve { id, reason, ttl }) => {
+            requests::review(&mut s, id, true, reason, ttl).await
+        }
+        Command::Requests(RequestsCmd::Deny { id, reason }) => {
+            requests::review(&mut s, id, false, reason, 0).await
+        }
         Command::Audit(AuditCmd::Search(a)) => audit::search(&mut s, a).await,
         Command::Audit(AuditCmd::Verify(a)) => audit::verify(&mut s, a).await,
         Command::Sso(SsoCmd::Map(a)) => sso::map(&mut s, a).await,

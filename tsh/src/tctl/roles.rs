@@ -68,6 +68,8 @@ pub async fn add(s: &mut Session, a: RoleAddArgs) -> anyhow::Result<()> {
         permit_pty: !a.no_pty,
         permit_port_forwarding: !a.no_port_forwarding,
         permit_agent_forwarding: a.agent_forwarding,
+        request_roles: nonempty(a.request_roles),
+        review_roles: nonempty(a.review_roles),
     };
     match s.call(Request::RoleUpsert(spec)).await? {
         Response::Ok => {
@@ -76,6 +78,11 @@ pub async fn add(s: &mut Session, a: RoleAddArgs) -> anyhow::Result<()> {
         }
         other => Err(unexpected(other).into()),
     }
+}
+
+/// `--request-roles ""` is no role, not one empty name.
+fn nonempty(v: Vec<String>) -> Vec<String> {
+    v.into_iter().filter(|r| !r.trim().is_empty()).collect()
 }
 
 /// `spec` with the fields `a` gives changed; `None` when it gives none.
@@ -88,7 +95,9 @@ fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
         || a.port_forwarding
         || a.agent_forwarding
         || a.no_agent_forwarding
-        || a.max_session_ttl.is_some();
+        || a.max_session_ttl.is_some()
+        || a.request_roles.is_some()
+        || a.review_roles.is_some();
     if let Some(allow) = a.allow {
         spec.allow_labels = allow;
     }
@@ -107,6 +116,12 @@ fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
     if let Some(ttl) = a.max_session_ttl {
         spec.max_session_ttl = ttl;
     }
+    if let Some(r) = a.request_roles {
+        spec.request_roles = nonempty(r);
+    }
+    if let Some(r) = a.review_roles {
+        spec.review_roles = nonempty(r);
+    }
     asked.then_some(spec)
 }
 
@@ -122,7 +137,7 @@ pub async fn update(s: &mut Session, a: RoleUpdateArgs) -> anyhow::Result<()> {
     let Some(spec) = updated(role.spec, a) else {
         bail!(
             "nothing to change: give --allow, --deny, --[no-]pty, --[no-]port-forwarding, \
-             --[no-]agent-forwarding or --max-session-ttl"
+             --[no-]agent-forwarding, --max-session-ttl, --request-roles or --review-roles"
         );
     };
     match s.call(Request::RoleUpsert(spec)).await? {
@@ -183,6 +198,8 @@ fn role_json(r: &RoleInfo) -> serde_json::Value {
         "permit_pty": r.spec.permit_pty,
         "permit_port_forwarding": r.spec.permit_port_forwarding,
         "permit_agent_forwarding": r.spec.permit_agent_forwarding,
+        "request_roles": r.spec.request_roles,
+        "review_roles": r.spec.review_roles,
         "users": r.users,
     })
 }
@@ -223,6 +240,8 @@ mod tests {
             agent_forwarding: false,
             no_agent_forwarding: false,
             max_session_ttl: None,
+            request_roles: None,
+            review_roles: None,
         }
     }
 
@@ -236,6 +255,8 @@ mod tests {
             permit_pty: true,
             permit_port_forwarding: false,
             permit_agent_forwarding: false,
+            request_roles: Vec::new(),
+            review_roles: Vec::new(),
         };
         assert!(updated(spec.clone(), args("field")).is_none());
         let got = updated(
