@@ -4,11 +4,16 @@
 //! deadline) for one of its own slots instead of taking the port's: one address opening
 //! hundreds of idle connections (slow-loris) then holds its own few slots, not everyone's,
 //! while a burst of real clients behind one address is only queued.
+//!
+//! Admission by class: a quarter of the port's slots is kept for [`Class::Known`] sources,
+//! those from which a client proved a certificate of the cluster (an agent, a user, a peer
+//! gateway) in the last [`KNOWN_FOR`] ([`KnownSources`]). Anonymous load from many sources
+//! fills at most the other three quarters, so returning agents and users still get in.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -29,22 +34,64 @@ pub fn source_of(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Which of a port's handshake slots a client may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// A source that proved a certificate of the cluster recently: any free slot.
+    Known,
+    /// Everyone else: any slot but the reserve.
+    Anonymous,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Known => "known",
+            Class::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// The share of a port's handshake slots that only known sources may take: one in
+/// `RESERVE_ONE_IN`.
+pub const RESERVE_ONE_IN: usize = 4;
+
+/// The slots of `max` kept for known sources (at least one while there are two slots).
+pub fn reserve_of(max: usize) -> usize {
+    (max / RESERVE_ONE_IN).max(usize::from(max >= 2))
+}
+
 /// The unauthenticated budget of one port: handshakes in progress (all sources, and per
-/// source), each with a deadline.
+/// source), each with a deadline, and the slots kept for known sources.
 pub struct Admission {
-    pub handshakes: Arc<Semaphore>,
+    /// Every handshake in progress holds one of these.
+    handshakes: Arc<Semaphore>,
+    /// An anonymous handshake holds one of these too: there are `max - reserve`.
+    anonymous: Arc<Semaphore>,
     pub max_handshakes: usize,
     pub sources: SourceBudget,
+    /// Sources that proved a certificate recently; shared by the gateway's two ports.
+    pub known: Arc<KnownSources>,
     pub timeout: Duration,
+    /// `tcp` or `quic`, for the metrics.
+    port: &'static str,
 }
 
 impl Admission {
-    pub fn new(max_handshakes: usize, timeout: Duration) -> Self {
+    pub fn new(
+        port: &'static str,
+        max_handshakes: usize,
+        timeout: Duration,
+        known: Arc<KnownSources>,
+    ) -> Self {
         Self {
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
+            anonymous: Arc::new(Semaphore::new(max_handshakes - reserve_of(max_handshakes))),
             max_handshakes,
             sources: SourceBudget::default(),
+            known,
             timeout,
+            port,
         }
     }
 
@@ -52,6 +99,126 @@ impl Admission {
     pub fn in_flight(&self) -> usize {
         self.max_handshakes
             .saturating_sub(self.handshakes.available_permits())
+    }
+
+    /// The class of a client at `ip` now.
+    pub fn class_of(&self, ip: IpAddr) -> Class {
+        if self.known.is_known(ip, Instant::now()) {
+            Class::Known
+        } else {
+            Class::Anonymous
+        }
+    }
+
+    /// One of the port's handshake slots for a client of `class`, if one is free to it.
+    pub fn try_slot(&self, class: Class) -> Option<HandshakeSlot> {
+        let anonymous = match class {
+            Class::Known => None,
+            Class::Anonymous => Some(self.anonymous.clone().try_acquire_owned().ok()?),
+        };
+        let all = self.handshakes.clone().try_acquire_owned().ok()?;
+        crate::metrics::handshakes_in_flight(self.port, class, 1);
+        Some(HandshakeSlot {
+            _all: all,
+            _anonymous: anonymous,
+            class,
+            port: self.port,
+        })
+    }
+
+    /// A client at `ip` proved a certificate of the cluster (now, or on a connection that
+    /// just ended).
+    pub fn proved(&self, ip: IpAddr) {
+        self.known.remember(ip, Instant::now());
+        crate::metrics::known_sources(self.known.len());
+    }
+}
+
+/// One of a port's handshake slots, given back when dropped.
+pub struct HandshakeSlot {
+    _all: OwnedSemaphorePermit,
+    _anonymous: Option<OwnedSemaphorePermit>,
+    class: Class,
+    port: &'static str,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        crate::metrics::handshakes_in_flight(self.port, self.class, -1);
+    }
+}
+
+/// How long a source stays known after a client there last proved a certificate (a
+/// connection with one that ends counts as proof at its end, so a tunnel held for weeks
+/// leaves its source known when it drops).
+pub const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// At most this many known sources are kept (about 60 bytes each); past it, the oldest go.
+pub const MAX_KNOWN: usize = 100_000;
+
+/// Sources (IPv4 addresses, IPv6 /64s) from which a client proved a certificate of the
+/// cluster, with when; bounded in number and age. Only a client with a certificate adds to
+/// it, so anonymous load cannot grow or churn it. Kept in memory: a restarted gateway starts
+/// with none.
+pub struct KnownSources {
+    seen: Mutex<HashMap<IpAddr, Instant>>,
+    ttl: Duration,
+    cap: usize,
+}
+
+impl Default for KnownSources {
+    fn default() -> Self {
+        Self::new(KNOWN_FOR, MAX_KNOWN)
+    }
+}
+
+impl KnownSources {
+    pub fn new(ttl: Duration, cap: usize) -> Self {
+        Self {
+            seen: Mutex::new(HashMap::new()),
+            ttl,
+            cap: cap.max(1),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A client at `ip` proved a certificate at `now`.
+    pub fn remember(&self, ip: IpAddr, now: Instant) {
+        let source = source_of(ip);
+        let mut m = self.map();
+        if m.len() >= self.cap && !m.contains_key(&source) {
+            let ttl = self.ttl;
+            m.retain(|_, seen| now.saturating_duration_since(*seen) < ttl);
+            if m.len() >= self.cap {
+                // Still full: forget the oldest sixteenth at once, so that a full set costs
+                // one pass per many insertions, not one each.
+                let mut ages: Vec<Instant> = m.values().copied().collect();
+                let cut = (ages.len() / 16).max(1) - 1;
+                let (_, oldest_kept, _) = ages.select_nth_unstable(cut);
+                let oldest_kept = *oldest_kept;
+                m.retain(|_, seen| *seen > oldest_kept);
+            }
+        }
+        m.insert(source, now);
+    }
+
+    /// Whether a client at `ip`'s source proved a certificate within the last `ttl`.
+    pub fn is_known(&self, ip: IpAddr, now: Instant) -> bool {
+        self.map()
+            .get(&source_of(ip))
+            .is_some_and(|seen| now.saturating_duration_since(*seen) < self.ttl)
+    }
+
+    /// Sources remembered (some may have expired).
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -160,5 +327,81 @@ mod tests {
         assert!(b.take(v6("2001:db8:1:3::1"), none).await.is_some());
         drop(held);
         assert_eq!(source_of(v6("::ffff:192.0.2.7")), flood);
+    }
+
+    fn known() -> Arc<KnownSources> {
+        Arc::new(KnownSources::default())
+    }
+
+    #[test]
+    fn anonymous_load_leaves_the_reserve_to_known_sources() {
+        let a = Admission::new("tcp", 8, Duration::from_secs(1), known());
+        assert_eq!(reserve_of(8), 2);
+        let anon: Vec<_> = (0..6)
+            .map(|_| a.try_slot(Class::Anonymous).unwrap())
+            .collect();
+        assert!(
+            a.try_slot(Class::Anonymous).is_none(),
+            "the reserve is kept"
+        );
+        let k1 = a.try_slot(Class::Known).unwrap();
+        let k2 = a.try_slot(Class::Known).unwrap();
+        assert!(a.try_slot(Class::Known).is_none(), "the port is full");
+        assert_eq!(a.in_flight(), 8);
+        // Known sources may use the anonymous share too, and never leave anonymous clients
+        // more than theirs.
+        drop(anon);
+        let known: Vec<_> = (0..6).map(|_| a.try_slot(Class::Known).unwrap()).collect();
+        assert!(a.try_slot(Class::Anonymous).is_none());
+        drop((k1, k2));
+        assert!(a.try_slot(Class::Anonymous).is_some());
+        drop(known);
+        assert_eq!(a.in_flight(), 0);
+        assert_eq!(reserve_of(256), 64);
+        assert_eq!(reserve_of(1), 0, "a single slot is nobody's reserve");
+    }
+
+    #[test]
+    fn sources_are_known_for_a_while_after_proving_a_certificate() {
+        let ttl = Duration::from_secs(3600);
+        let k = KnownSources::new(ttl, 100);
+        let t0 = Instant::now();
+        let agent: IpAddr = "198.51.100.4".parse().unwrap();
+        assert!(!k.is_known(agent, t0));
+        k.remember(agent, t0);
+        assert!(k.is_known(agent, t0 + ttl / 2));
+        assert!(!k.is_known(agent, t0 + ttl), "expired");
+        assert!(!k.is_known("198.51.100.5".parse().unwrap(), t0));
+        // One /64 is one source.
+        k.remember("2001:db8:5:6::1".parse().unwrap(), t0);
+        assert!(k.is_known("2001:db8:5:6:aaaa::2".parse().unwrap(), t0));
+        assert!(!k.is_known("2001:db8:5:7::1".parse().unwrap(), t0));
+        // Proving again renews.
+        k.remember(agent, t0 + ttl / 2);
+        assert!(k.is_known(agent, t0 + ttl));
+    }
+
+    #[test]
+    fn known_sources_stay_bounded_and_keep_the_newest() {
+        let k = KnownSources::new(Duration::from_secs(3600), 64);
+        let t0 = Instant::now();
+        let ip = |i: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..1_000u32 {
+            k.remember(ip(i), t0 + Duration::from_millis(u64::from(i)));
+            assert!(k.len() <= 64);
+        }
+        let end = t0 + Duration::from_secs(1);
+        assert!(k.is_known(ip(999), end), "the newest is kept");
+        assert!(!k.is_known(ip(0), end), "the oldest went");
+        // Expired entries go first, before any live one.
+        let k = KnownSources::new(Duration::from_secs(10), 4);
+        for i in 0..3 {
+            k.remember(ip(i), t0);
+        }
+        k.remember(ip(3), t0 + Duration::from_secs(9));
+        k.remember(ip(4), t0 + Duration::from_secs(11));
+        let now = t0 + Duration::from_secs(11);
+        assert!(k.is_known(ip(3), now) && k.is_known(ip(4), now));
+        assert_eq!(k.len(), 2);
     }
 }

@@ -14,6 +14,8 @@ use edgeport_net::metrics::{
 };
 use edgeport_proto::rpc::{ErrorKind, RpcError, Transport};
 
+use crate::budget::Class;
+
 pub struct GatewayMetrics {
     pub tunnels: GaugeBy,
     pub dials: CounterBy,
@@ -25,6 +27,8 @@ pub struct GatewayMetrics {
     pub audit_events: CounterBy,
     pub renewals: Family<[(&'static str, &'static str); 2], Counter>,
     pub locks: Gauge,
+    pub handshakes: Family<[(&'static str, &'static str); 2], Gauge>,
+    pub known_sources: Gauge,
 }
 
 pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| GatewayMetrics {
@@ -38,6 +42,8 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| GatewayMetrics {
     audit_events: CounterBy::default(),
     renewals: Family::default(),
     locks: Gauge::default(),
+    handshakes: Family::default(),
+    known_sources: Gauge::default(),
 });
 
 /// Every gateway metric, with the build info.
@@ -92,6 +98,23 @@ pub fn registry() -> Registry {
         "edgeport_gateway_cert_renewals",
         "Certificate renewals of the gateway and of the devices it relays, by kind and result",
         m.renewals.clone(),
+    );
+    for port in ["tcp", "quic"] {
+        for class in [Class::Known, Class::Anonymous] {
+            let _ = m
+                .handshakes
+                .get_or_create(&[("port", port), ("class", class.as_str())]);
+        }
+    }
+    r.register(
+        "edgeport_gateway_handshakes_in_flight",
+        "Handshakes in progress, by port (tcp, quic) and class (known: from a source that proved a certificate recently, which may also take the quarter of the slots kept for them; anonymous)",
+        m.handshakes.clone(),
+    );
+    r.register(
+        "edgeport_gateway_known_sources",
+        "Sources (IPv4 addresses, IPv6 /64s) remembered as having proved a certificate of the cluster",
+        m.known_sources.clone(),
     );
     r.register(
         "edgeport_gateway_locks",
@@ -191,6 +214,21 @@ pub fn handshake_failed(reason: &'static str) {
         .handshake_failures
         .get_or_create(&[("reason", reason)])
         .inc();
+}
+
+/// A handshake of `class` began (`+1`) or ended (`-1`) on `port`.
+pub fn handshakes_in_flight(port: &'static str, class: Class, delta: i64) {
+    METRICS
+        .handshakes
+        .get_or_create(&[("port", port), ("class", class.as_str())])
+        .inc_by(delta);
+}
+
+/// Sources now remembered as known.
+pub fn known_sources(n: usize) {
+    METRICS
+        .known_sources
+        .set(i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// One request to the authority took `took`.

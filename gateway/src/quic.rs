@@ -9,7 +9,7 @@ use edgeport_proto::alpn;
 use quinn::crypto::rustls::QuicServerConfig;
 
 use crate::accept::Routes;
-use crate::budget::Admission;
+use crate::budget::{Admission, Class};
 use crate::identity::{GatewayIdentity, IdentityError};
 use crate::lifecycle::Lifecycle;
 
@@ -139,6 +139,10 @@ pub const RESET_INTERVAL: Duration = Duration::ZERO;
 /// fill the slots, and the per-source budget counts real sources.
 const RETRY_ABOVE_PERCENT: usize = 50;
 
+// Every client must have proved its address before the anonymous share is full, so that
+// known sources, which need a proven address to count as known, find the reserve free.
+const _: () = assert!(RETRY_ABOVE_PERCENT < 100 - 100 / crate::budget::RESERVE_ONE_IN);
+
 /// Whether to answer an Initial with a Retry.
 fn should_retry(validated: bool, may_retry: bool, in_flight: usize, max: usize) -> bool {
     !validated && may_retry && in_flight * 100 >= max * RETRY_ABOVE_PERCENT
@@ -188,14 +192,31 @@ pub async fn accept_loop(port: Arc<QuicPort>, endpoint: quinn::Endpoint) {
             else {
                 return;
             };
+            // A certificate the handshake verified makes the source known, now and again
+            // when the connection ends (see `tcp`).
+            let proved = conn
+                .peer_identity()
+                .and_then(|p| {
+                    p.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                        .ok()
+                })
+                .is_some_and(|c| !c.is_empty());
+            if proved {
+                port.admission.proved(addr.ip());
+            }
             crate::accept::serve(&port.routes, crate::accept::Handshaken::Quic(conn), addr).await;
+            if proved {
+                port.admission.proved(addr.ip());
+            }
         });
     }
 }
 
 /// The unauthenticated part of a connection: the source's own slot first (the client
-/// retransmits while it waits), then one of the port's, then the handshake within its
-/// deadline.
+/// retransmits while it waits), then one of the port's that its class may take, then the
+/// handshake within its deadline. A source counts as known only once the client proved its
+/// address (a Retry, which every client gets before the anonymous share can fill up): a
+/// spoofed Initial from a known agent's address must not take the reserve.
 async fn admit(admission: &Admission, incoming: quinn::Incoming) -> Option<quinn::Connection> {
     let addr = incoming.remote_address();
     let wait = admission.timeout;
@@ -204,7 +225,11 @@ async fn admit(admission: &Admission, incoming: quinn::Incoming) -> Option<quinn
         incoming.refuse();
         return None;
     };
-    let Ok(_hs_slot) = admission.handshakes.clone().try_acquire_owned() else {
+    let class = match admission.class_of(addr.ip()) {
+        Class::Known if incoming.remote_address_validated() => Class::Known,
+        _ => Class::Anonymous,
+    };
+    let Some(_hs_slot) = admission.try_slot(class) else {
         crate::metrics::handshake_failed("busy");
         incoming.refuse();
         return None;

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accept::Routes;
 use crate::authority::AuthorityClient;
-use crate::budget::Admission;
+use crate::budget::{Admission, KnownSources};
 use crate::config::GatewayConfig;
 use crate::dial::Dialer;
 use crate::grants::Grants;
@@ -137,9 +137,17 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         )),
         auth: auth.clone(),
     });
+    // Sources that proved a certificate, shared by both ports: an agent known over QUIC gets
+    // the reserve on TCP too.
+    let known = Arc::new(KnownSources::default());
     let tcp_port = Arc::new(TcpPort::new(
         routes.clone(),
-        Admission::new(cfg.max_handshakes, cfg.handshake_timeout),
+        Admission::new(
+            "tcp",
+            cfg.max_handshakes,
+            cfg.handshake_timeout,
+            known.clone(),
+        ),
         life.clone(),
         cfg.max_connections,
         tcp_tls,
@@ -147,7 +155,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     ));
     let quic_port = Arc::new(QuicPort {
         routes,
-        admission: Admission::new(cfg.max_handshakes, cfg.handshake_timeout),
+        admission: Admission::new("quic", cfg.max_handshakes, cfg.handshake_timeout, known),
         life: life.clone(),
         max_connections: cfg.max_connections,
     });

@@ -109,18 +109,33 @@ pub async fn accept_loop(port: Arc<TcpPort>, listener: TcpListener) {
             else {
                 return;
             };
+            // A certificate the handshake verified (the cluster's CA, in its validity) makes
+            // the source known, now and again when the connection ends: a tunnel held for
+            // weeks leaves its source known for the agent's reconnect.
+            let proved = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty());
+            if proved {
+                port.admission.proved(addr.ip());
+            }
             crate::accept::serve(
                 &port.routes,
                 crate::accept::Handshaken::Tls(Box::new(tls)),
                 addr,
             )
             .await;
+            if proved {
+                port.admission.proved(addr.ip());
+            }
         });
     }
 }
 
 /// The unauthenticated part of a connection: the source's own slot first (waiting is
-/// cheap), then one of the port's, then the TLS handshake within its deadline.
+/// cheap), then one of the port's that its class may take (anonymous clients never the
+/// reserve), then the TLS handshake within its deadline.
 async fn admit(
     port: &TcpPort,
     tcp: TcpStream,
@@ -132,10 +147,14 @@ async fn admit(
         tracing::debug!(%addr, "this source kept too many TLS handshakes in progress; dropped");
         return None;
     };
-    let Ok(_hs_slot) = port.admission.handshakes.clone().try_acquire_owned() else {
+    let class = port.admission.class_of(addr.ip());
+    let Some(_hs_slot) = port.admission.try_slot(class) else {
         crate::metrics::handshake_failed("busy");
         if warn_now() {
-            tracing::warn!(%addr, "too many TLS handshakes in progress; dropping new ones");
+            tracing::warn!(
+                %addr, class = class.as_str(),
+                "too many TLS handshakes in progress; dropping new ones"
+            );
         }
         return None;
     };
