@@ -29,6 +29,7 @@ pub mod session;
 #[cfg(feature = "sftp")]
 pub mod sftp_server;
 pub mod ssh;
+pub mod relay;
 pub mod targets;
 pub mod transport;
 

@@ -175,6 +175,19 @@ pub enum Request {
         proof: WebProof,
         after: String,
     },
+    /// Admin: an SSH host certificate for a host behind a device (issue 22, relay mode),
+    /// principals `name` (`DEVICE/TARGET`) and `NAME.CLUSTER`, signed by the host CA for
+    /// `ssh_public_key` (OpenSSH format). Answered with `HostCert`.
+    SignHost {
+        name: String,
+        ssh_public_key: String,
+        ttl_secs: u64,
+    },
+    /// Admin (`user: None`, every target) or gateway (`Some(user)`: the targets that user's
+    /// roles reach): the targets behind devices as their devices last reported them.
+    TargetList {
+        user: Option<String>,
+    },
 }
 
 /// Responses from the authority.
@@ -237,6 +250,13 @@ pub enum Response {
     },
     /// A web console session: after `WebLogin` (with its token) or `WebSessionCheck`.
     WebSession(WebSessionInfo),
+    /// The answer to `SignHost`: the OpenSSH host certificate and its expiry (Unix seconds).
+    HostCert {
+        cert: String,
+        valid_before: u64,
+    },
+    /// The answer to `TargetList`.
+    Targets(Vec<crate::targets::TargetInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,5 +6,6 @@ pub mod dial;
 pub mod join;
 pub mod presence;
 pub mod sso;
+pub mod targets;
 pub mod user_certs;
 pub mod web;

@@ -73,10 +73,12 @@ pub enum Table {
     /// Web console sessions (`handlers::web::WebSessionRecord`), by the hex SHA-256 of the
     /// session token (the token itself is never stored).
     WebSessions,
+    /// The latest `targets` report of each device (`targets::Report`), by device id.
+    Targets,
 }
 
 impl Table {
-    pub const ALL: [Table; 23] = [
+    pub const ALL: [Table; 24] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -100,6 +102,7 @@ impl Table {
         Table::OpenSessions,
         Table::RecordingTimeline,
         Table::WebSessions,
+        Table::Targets,
     ];
 
     /// The table's name in the backing store.
@@ -128,6 +131,7 @@ impl Table {
             Table::OpenSessions => "open_sessions",
             Table::RecordingTimeline => "recording_timeline",
             Table::WebSessions => "web_sessions",
+            Table::Targets => "targets",
         }
     }
 }
