@@ -99,7 +99,11 @@ pub fn report(st: &dyn Store, device_id: &str) -> Result<Report, RpcError> {
 }
 
 /// Target `name` of `device`, as shown and matched: the device's labels with the target's on top.
-pub fn find(st: &dyn Store, device: &DeviceInfo, name: &str) -> Result<Option<TargetInfo>, RpcError> {
+pub fn find(
+    st: &dyn Store,
+    device: &DeviceInfo,
+    name: &str,
+) -> Result<Option<TargetInfo>, RpcError> {
     Ok(report(st, &device.id)?
         .targets
         .into_iter()

@@ -24,12 +24,12 @@ pub mod kube;
 pub mod link_watch;
 pub mod metrics;
 pub mod nat_keepalive;
+pub mod relay;
 pub mod services;
 pub mod session;
 #[cfg(feature = "sftp")]
 pub mod sftp_server;
 pub mod ssh;
-pub mod relay;
 pub mod targets;
 pub mod transport;
 

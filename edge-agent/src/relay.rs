@@ -50,8 +50,7 @@ impl Relay {
             *w = Who {
                 cluster: ident.cas.cluster.clone(),
                 device: ident.device_id.clone(),
-                host_ca: edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca)
-                    .unwrap_or_default(),
+                host_ca: edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default(),
             };
         }
     }

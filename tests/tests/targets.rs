@@ -149,10 +149,16 @@ fn relay_to_a_real_sshd_behind_the_device() {
         "--out",
         cert.to_str().unwrap(),
     ]);
-    assert!(signed.stdout().contains("host van/ecu1"), "{}", signed.stdout());
+    assert!(
+        signed.stdout().contains("host van/ecu1"),
+        "{}",
+        signed.stdout()
+    );
     let mut kg = Command::new("ssh-keygen");
     kg.arg("-L").arg("-f").arg(&cert);
-    let shown = run(kg, None, Duration::from_secs(10)).expect_ok("ssh-keygen -L").stdout();
+    let shown = run(kg, None, Duration::from_secs(10))
+        .expect_ok("ssh-keygen -L")
+        .stdout();
     assert!(shown.contains("host certificate"), "{shown}");
     assert!(shown.contains("van/ecu1.relay"), "{shown}");
     let sshd = Peer::start(
@@ -208,12 +214,28 @@ fn relay_to_a_real_sshd_behind_the_device() {
         .lines()
         .find(|l| l.starts_with("van/ecu1 "))
         .unwrap_or_else(|| panic!("no van/ecu1 row:\n{ls}"));
-    assert!(ecu.contains("fleet=vans") && ecu.contains("zone=engine"), "{ls}");
+    assert!(
+        ecu.contains("fleet=vans") && ecu.contains("zone=engine"),
+        "{ls}"
+    );
 
     // tsh ssh: exec end to end on the target's own sshd.
-    let r = alice.run(&["ssh", "root@van/ecu1", "echo", "from-ecu1", "$SSH_CONNECTION"], None);
+    let r = alice.run(
+        &[
+            "ssh",
+            "root@van/ecu1",
+            "echo",
+            "from-ecu1",
+            "$SSH_CONNECTION",
+        ],
+        None,
+    );
     assert_eq!(r.code(), Some(0), "{}", r.stderr());
-    assert!(r.stdout().starts_with("from-ecu1 127.0.0.1 "), "{}", r.stdout());
+    assert!(
+        r.stdout().starts_with("from-ecu1 127.0.0.1 "),
+        "{}",
+        r.stdout()
+    );
     let log = std::fs::read_to_string(sshd.get("SSHD_LOG")).unwrap_or_default();
     assert!(log.contains("Accepted publickey for root"), "{log}");
 
@@ -241,7 +263,16 @@ fn relay_to_a_real_sshd_behind_the_device() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let r = run(
-        ssh(&cfg, &["-o", "HostKeyAlias=van/alias", "root@van/ecu1", "echo", "nope"]),
+        ssh(
+            &cfg,
+            &[
+                "-o",
+                "HostKeyAlias=van/alias",
+                "root@van/ecu1",
+                "echo",
+                "nope",
+            ],
+        ),
         None,
         Duration::from_secs(60),
     );
@@ -252,17 +283,32 @@ fn relay_to_a_real_sshd_behind_the_device() {
     let r = alice.run(&["ssh", "root@van/gone", "true"], None);
     assert_ne!(r.code(), Some(0));
     let err = r.stderr();
-    assert!(err.contains("target van/gone") && err.contains("unreachable"), "{err}");
+    assert!(
+        err.contains("target van/gone") && err.contains("unreachable"),
+        "{err}"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let r = alice.run(&["ssh", "root@van/nope", "true"], None);
     assert_ne!(r.code(), Some(0));
-    assert!(r.stderr().contains("has no target \"nope\""), "{}", r.stderr());
+    assert!(
+        r.stderr().contains("has no target \"nope\""),
+        "{}",
+        r.stderr()
+    );
     let found = wait_until(Duration::from_secs(90), || {
         let ev = c.tctl.ok(&[
-            "audit", "search", "--format", "json", "--device", "van", "--type", "target.refused",
+            "audit",
+            "search",
+            "--format",
+            "json",
+            "--device",
+            "van",
+            "--type",
+            "target.refused",
         ]);
         ev.json().as_array().is_some_and(|a| {
-            a.iter().any(|e| e["target"] == "gone" && e["user"] == "alice")
+            a.iter()
+                .any(|e| e["target"] == "gone" && e["user"] == "alice")
         })
     });
     assert!(found, "no target.refused event for gone");
@@ -271,20 +317,42 @@ fn relay_to_a_real_sshd_behind_the_device() {
     let r = alice.run(&["ssh", "alice@van/ecu1", "true"], None);
     assert_ne!(r.code(), Some(0));
     assert!(
-        r.stderr().contains("access to van/ecu1 as \"alice\" denied"),
+        r.stderr()
+            .contains("access to van/ecu1 as \"alice\" denied"),
         "{}",
         r.stderr()
     );
 
     // Roles match a target by its labels: bob may reach vans but not cameras.
     c.tctl.ok(&[
-        "roles", "add", "no-cameras", "--allow", "fleet=vans", "--deny", "zone=camera",
+        "roles",
+        "add",
+        "no-cameras",
+        "--allow",
+        "fleet=vans",
+        "--deny",
+        "zone=camera",
     ]);
     let mut add = c.auth.tctl_cmd();
-    add.args(["users", "add", "bob", "--logins", "root", "--roles", "no-cameras", "--password-stdin"]);
-    run(add, Some(format!("{PW}\n").as_bytes()), Duration::from_secs(30)).expect_ok("users add bob");
+    add.args([
+        "users",
+        "add",
+        "bob",
+        "--logins",
+        "root",
+        "--roles",
+        "no-cameras",
+        "--password-stdin",
+    ]);
+    run(
+        add,
+        Some(format!("{PW}\n").as_bytes()),
+        Duration::from_secs(30),
+    )
+    .expect_ok("users add bob");
     let bob = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
-    bob.login("bob", PW, &c.gw.ca_pin, &[]).expect_ok("tsh login bob");
+    bob.login("bob", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login bob");
     let r = bob.run(&["ssh", "root@van/cam", "echo", "nope"], None);
     assert_ne!(r.code(), Some(0));
     assert!(!r.stdout().contains("nope"));

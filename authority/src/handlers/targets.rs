@@ -65,8 +65,8 @@ pub fn list(svc: &Service, user: Option<&str>, now: u64) -> Result<Response, Rpc
     let Some(user) = user else {
         return Ok(Response::Targets(all));
     };
-    let subject = users::subject(store, user)?
-        .ok_or_else(|| not_found(format!("user {user} not found")))?;
+    let subject =
+        users::subject(store, user)?.ok_or_else(|| not_found(format!("user {user} not found")))?;
     let grants = roles::grants(store, &subject.roles)?;
     Ok(Response::Targets(
         all.into_iter()

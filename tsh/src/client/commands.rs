@@ -220,9 +220,7 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
                     } else {
                         format!(
                             "checked {} ago",
-                            crate::text::duration(
-                                now_secs().saturating_sub(tg.checked_ms / 1000)
-                            )
+                            crate::text::duration(now_secs().saturating_sub(tg.checked_ms / 1000))
                         )
                     },
                 ]);
@@ -232,7 +230,6 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
     }
     Ok(0)
 }
-
 
 fn status(g: &Global, format: Format) -> Result<i32, CliError> {
     let creds = creds(g)?;

@@ -62,7 +62,9 @@ pub async fn run(g: &Global) -> Result<i32, CliError> {
     crate::outln!(
         "# `scp`, `sftp` and `rsync -e ssh` reach devices through the gateway. Devices are"
     );
-    crate::outln!("# trusted only through the cluster's host CA (known_hosts below). Hosts behind a");
+    crate::outln!(
+        "# trusted only through the cluster's host CA (known_hosts below). Hosts behind a"
+    );
     crate::outln!("# device are `ssh LOGIN@DEVICE/TARGET`.");
     crate::outln!("Host {}", hosts.join(" "));
     crate::outln!(

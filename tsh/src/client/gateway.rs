@@ -250,7 +250,11 @@ async fn relay_status(stream: &mut BoxedStream, target: &str) -> Result<(), CliE
     };
     let first = tokio::time::timeout(REPLY_TIMEOUT, stream.read_u8())
         .await
-        .map_err(|_| CliError::msg(format!("the device did not connect to {target} within {REPLY_TIMEOUT:?}")))?
+        .map_err(|_| {
+            CliError::msg(format!(
+                "the device did not connect to {target} within {REPLY_TIMEOUT:?}"
+            ))
+        })?
         .map_err(lost)?;
     if first == 0 {
         return Ok(());

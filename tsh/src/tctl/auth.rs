@@ -124,10 +124,7 @@ async fn sign_host(
         Some(path) => {
             write_public(path, &cert)?;
             crate::outln!("wrote {}", path.display());
-            crate::outln!(
-                "host {name}, valid until {}",
-                expiry_text(valid_before)
-            );
+            crate::outln!("host {name}, valid until {}", expiry_text(valid_before));
         }
         None => crate::out!("{}", with_newline(cert.trim_end())),
     }
