@@ -63,7 +63,12 @@ pub fn transport() -> impl Strategy<Value = Transport> + Clone {
     prop_oneof![Just(Transport::Quic), Just(Transport::Tcp)]
 }
 pub fn service() -> impl Strategy<Value = Service> + Clone {
-    prop_oneof![Just(Service::Echo), Just(Service::Ssh), Just(Service::Kube)]
+    prop_oneof![
+        Just(Service::Echo),
+        Just(Service::Ssh),
+        Just(Service::Kube),
+        "[a-z0-9._-]{1,12}".prop_map(Service::Target),
+    ]
 }
 pub fn token_kind() -> impl Strategy<Value = TokenKind> + Clone {
     prop_oneof![Just(TokenKind::Device), Just(TokenKind::Gateway)]
