@@ -61,6 +61,11 @@ pub struct PresenceRecord {
     pub connected_at: u64,
     pub last_seen: u64,
     pub last_disconnect_reason: Option<String>,
+    #[serde(default)]
+    pub loss_permille: Option<u32>,
+    /// When the device's IP address changed (not just its port), the last 24 hours' worth.
+    #[serde(default)]
+    pub address_changes: Vec<u64>,
 }
 
 /// What a gateway said last, to tell which devices it dropped since.
@@ -251,6 +256,9 @@ pub fn apply_part(
         }
         let rec = online_record(gateway, p, lease_expires, now, old);
         store::put(store, Table::Presence, &p.id, &rec)?;
+        if let Some(usage) = &p.usage {
+            crate::usage::absorb(store, &p.id, usage, now)?;
+        }
     }
     snap.disconnected.extend(
         report
@@ -325,8 +333,39 @@ fn online_record(
         kube_cluster: p.kube_cluster.as_deref().map(clip),
         connected_at: p.connected_at,
         last_seen: now,
+        loss_permille: p.loss_permille.map(|l| l.min(1000)),
+        address_changes: address_changes(old.as_ref(), &p.address, now),
         last_disconnect_reason: old.and_then(|o| o.last_disconnect_reason),
     }
+}
+
+/// How long address changes are remembered, and at most how many.
+const ADDRESS_CHANGES_SECS: u64 = 86400;
+const ADDRESS_CHANGES_MAX: usize = 256;
+
+/// The record's address changes within the last day, with one more if the IP address in
+/// this report differs from the last one (a NAT giving the device another port is not an
+/// uplink change).
+fn address_changes(old: Option<&PresenceRecord>, address: &str, now: u64) -> Vec<u64> {
+    let ip = |a: &str| -> String {
+        a.parse::<std::net::SocketAddr>()
+            .map(|s| s.ip().to_string())
+            .unwrap_or_else(|_| a.to_string())
+    };
+    let mut changes: Vec<u64> = old
+        .map(|o| o.address_changes.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| now.saturating_sub(*t) < ADDRESS_CHANGES_SECS)
+        .collect();
+    if let Some(o) = old {
+        if !o.address.is_empty() && ip(&o.address) != ip(address) {
+            changes.push(now);
+        }
+    }
+    let excess = changes.len().saturating_sub(ADDRESS_CHANGES_MAX);
+    changes.drain(..excess);
+    changes
 }
 
 /// What tctl, tsh and gateways see of a device at `now`.
@@ -356,6 +395,14 @@ pub fn info(dev: &DeviceRecord, presence: Option<&PresenceRecord>, now: u64) -> 
         gateway: live.map(|p| p.gateway.clone()),
         joined_at: dev.joined_at,
         kube_cluster: presence.and_then(|p| p.kube_cluster.clone()),
+        loss_permille: live.and_then(|p| p.loss_permille),
+        address_changes_24h: presence.map_or(0, |p| {
+            let recent = p.address_changes.iter();
+            let n = recent
+                .filter(|t| now.saturating_sub(**t) < ADDRESS_CHANGES_SECS)
+                .count();
+            u32::try_from(n).unwrap_or(u32::MAX)
+        }),
     }
 }
 
@@ -438,6 +485,8 @@ mod tests {
             rtt_ms: 12,
             connected_at: 100,
             kube_cluster: None,
+            loss_permille: None,
+            usage: None,
         }
     }
 

@@ -27,6 +27,7 @@ pub mod store;
 pub mod targets;
 pub mod throttle;
 pub mod tokens;
+pub mod usage;
 pub mod users;
 pub mod x509;
 

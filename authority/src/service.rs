@@ -88,6 +88,7 @@ fn access(req: &Request) -> Access {
         | Request::SsoConnectorAdd(_)
         | Request::SsoConnectorList
         | Request::SsoConnectorRemove { .. }
+        | Request::DeviceUsage { .. }
         | Request::SignHost { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
@@ -168,6 +169,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::WebSessionCheck(_) | Request::WebLogout(_) | Request::WebDevicePage { .. } => {
             "relaying web console requests"
         }
+        Request::DeviceUsage { .. } => "reading device usage",
     }
 }
 
@@ -431,6 +433,9 @@ impl Service {
                 Ok(Response::Ok)
             }
             Request::DeviceList => Ok(Response::Devices(devices::list(store, now)?)),
+            Request::DeviceUsage { days, device } => Ok(Response::DeviceUsage(
+                crate::usage::totals(store, device.as_deref(), days, now)?,
+            )),
             Request::DevicePage { after } => {
                 let (devices, more) = devices::page(store, &after, now)?;
                 Ok(Response::DevicePage { devices, more })

@@ -328,6 +328,8 @@ async fn full_flow_over_rpc() {
             rtt_ms: 7,
             connected_at: 1,
             kube_cluster: None,
+            loss_permille: None,
+            usage: None,
         }],
         disconnected: vec![],
         ..Default::default()
@@ -701,6 +703,8 @@ fn presence_lease_expiry_through_the_service() {
             rtt_ms: 1,
             connected_at: t0,
             kube_cluster: Some("k1".into()),
+            loss_permille: None,
+            usage: None,
         }],
         disconnected: vec![],
         ..Default::default()
@@ -756,6 +760,8 @@ fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
                 rtt_ms: 1,
                 connected_at: t0,
                 kube_cluster: None,
+                loss_permille: None,
+                usage: None,
             }],
             ..Default::default()
         }),

@@ -198,6 +198,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
     mut quic: QuicClient,
 ) -> Result<(), AgentError> {
+    crate::usage::start(edgeport_net::clock::now_secs());
     #[cfg(feature = "kube")]
     let kube = kube_upstream(&cfg)?;
     #[cfg(not(feature = "kube"))]

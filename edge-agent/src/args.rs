@@ -90,6 +90,8 @@ const VALUE_FLAGS: &[(&str, &str, &str)] = &[
     ("test-audit-flood", "", ""),
     #[cfg(feature = "test-hooks")]
     ("test-keepalive-range", "", ""),
+    #[cfg(feature = "test-hooks")]
+    ("test-usage-every", "", ""),
 ];
 
 /// Switches (no value). Only the hidden test hooks.
@@ -279,6 +281,9 @@ pub fn parse(
             let lo = parse_duration(lo).map_err(|e| bad("test-keepalive-range", e))?;
             let hi = parse_duration(hi).map_err(|e| bad("test-keepalive-range", e))?;
             cfg.keepalive_auto = Some((lo, hi));
+        }
+        if let Some(every) = get("test-usage-every") {
+            cfg.usage_every = parse_duration(&every).map_err(|e| bad("test-usage-every", e))?;
         }
         cfg.test_audit_flood = match get("test-audit-flood") {
             Some(n) => n

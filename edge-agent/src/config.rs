@@ -75,6 +75,8 @@ pub struct AgentConfig {
     pub kube_cluster: Option<String>,
     /// Upper bound of the audit spool on disk, bytes.
     pub audit_max_bytes: u64,
+    /// How often byte counters are reported while the device is busy (`usage`).
+    pub usage_every: Duration,
     /// Tests: sign audit batches with this key instead of the device key.
     #[cfg(feature = "test-hooks")]
     pub test_audit_sign_key: Option<PathBuf>,
@@ -118,6 +120,7 @@ impl AgentConfig {
             test_renew: false,
             kube_cluster: None,
             audit_max_bytes: 64 * 1024 * 1024,
+            usage_every: crate::usage::REPORT_EVERY,
             #[cfg(feature = "test-hooks")]
             test_audit_sign_key: None,
             #[cfg(feature = "test-hooks")]

@@ -32,6 +32,7 @@ pub mod sftp_server;
 pub mod ssh;
 pub mod targets;
 pub mod transport;
+pub mod usage;
 
 pub use agent::run;
 pub use config::{AgentConfig, TransportChoice};

@@ -14,6 +14,7 @@ use edgeport_proto::tunnel::{Service, StreamHeader};
 
 use crate::identity::DeviceIdentity;
 use crate::ssh::{SshConfig, SshServer};
+use crate::usage::{Counted, CountedStream};
 
 /// How long the gateway has to send the header of a stream it opened.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,6 +147,10 @@ pub fn ssh_service(ident: &DeviceIdentity) -> Result<Arc<dyn StreamService>, Str
     Ok(Arc::new(server))
 }
 
+fn counted(stream: BoxedStream, service: Counted) -> BoxedStream {
+    Box::new(CountedStream::tunnel(stream, service))
+}
+
 /// Reads the header of a gateway-opened stream and hands the stream to its service.
 pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
     let header = match tokio::time::timeout(
@@ -171,12 +176,12 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
             tracing::info!(session = %header.session_id, "echo refused: not started with --test-echo");
         }
         Service::Ssh => match services.ssh() {
-            Some(ssh) => ssh.serve(stream, header).await,
+            Some(ssh) => ssh.serve(counted(stream, Counted::Ssh), header).await,
             None => tracing::warn!(session = %header.session_id, "ssh service not available"),
         },
         #[cfg(feature = "kube")]
         Service::Kube => match &services.kube {
-            Some(kube) => kube.serve(stream, header).await,
+            Some(kube) => kube.serve(counted(stream, Counted::Kube), header).await,
             None => tracing::info!(session = %header.session_id, "kube service not available"),
         },
         #[cfg(not(feature = "kube"))]

@@ -106,6 +106,10 @@ pub async fn establish(
         let stream = conn.open().await.map_err(|e| {
             SessionError::Failed(explain(format!("opening the control stream: {e}")))
         })?;
+        let stream: BoxedStream = Box::new(crate::usage::CountedStream::tunnel(
+            stream,
+            crate::usage::Counted::Control,
+        ));
         let (mut reader, mut writer) = tokio::io::split(stream);
         while !ctl.is_established() && !ctl.is_closed() {
             while let Some(msg) = ctl.poll_transmit() {
@@ -277,9 +281,24 @@ enum SendError {
 }
 
 async fn send(w: &mut WriteHalf<BoxedStream>, msg: &AgentControl) -> Result<(), SendError> {
-    match tokio::time::timeout(CONTROL_TIMEOUT, write_frame(w, msg)).await {
+    use tokio::io::AsyncWriteExt;
+    let frame = edgeport_proto::frame::encode(msg)?;
+    if matches!(msg, AgentControl::Audit(_)) {
+        // Counted as control by the stream; an audit batch is audit's.
+        let n = frame.len() as u64;
+        crate::usage::move_up(
+            crate::usage::Counted::Control,
+            crate::usage::Counted::Audit,
+            n,
+        );
+    }
+    let write = async {
+        w.write_all(&frame).await?;
+        w.flush().await
+    };
+    match tokio::time::timeout(CONTROL_TIMEOUT, write).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.into()),
+        Ok(Err(e)) => Err(SendError::Frame(e.into())),
         Err(_) => Err(SendError::TimedOut),
     }
 }
@@ -377,6 +396,9 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
             .map_or(Duration::from_secs(3600), NatKeepalive::check_every),
     );
     nat_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut usage = crate::usage::Schedule::new(Instant::now());
+    let mut usage_check = tokio::time::interval(agent.cfg.usage_every);
+    usage_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let accept_task = tokio::spawn(accept_loop(conn.clone(), agent.services.clone()));
     // Audit: the shipper sends batches through `audit_out`; acks come back on `audit_ack`.
     let (audit_tx, mut audit_out) = mpsc::channel::<AuditBatch>(2);
@@ -464,6 +486,13 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                             idle_timeout: agent.cfg.idle_timeout,
                         });
                         ctl.set_keepalive(now, k);
+                    }
+                }
+            }
+            _ = usage_check.tick() => {
+                if let Some(r) = usage.due(Instant::now(), agent.cfg.usage_every) {
+                    if let Err(e) = ctl.send_usage(r) {
+                        tracing::debug!("usage not sent: {e}");
                     }
                 }
             }

@@ -376,6 +376,8 @@ mod tests {
             rtt_ms: 40,
             connected_at: 1,
             kube_cluster: None,
+            loss_permille: Some(3),
+            usage: None,
         }
     }
 

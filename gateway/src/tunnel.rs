@@ -366,6 +366,13 @@ impl Io {
                 tracing::debug!(device = %self.device_id, "{why}");
             }
             GatewayEvent::Closed => {}
+            GatewayEvent::Usage(report) => {
+                if let Some(t) = &self.tunnel {
+                    if let Ok(mut u) = t.usage.lock() {
+                        *u = Some(report);
+                    }
+                }
+            }
         }
     }
 }
@@ -391,6 +398,7 @@ fn register(
         cert_fingerprint: fingerprint.to_string(),
         control,
         tcp_rtt_ms: Default::default(),
+        usage: Default::default(),
         close_reason: Mutex::new(None),
     });
     if host.tunnels.get(&tunnel.device_id).is_some() {

@@ -56,6 +56,8 @@ pub struct Tunnel {
     pub tcp_rtt_ms: AtomicU32,
     /// Why the gateway closed it (when it did).
     pub close_reason: Mutex<Option<String>>,
+    /// The agent's latest byte counters, passed on with the next presence report.
+    pub usage: Mutex<Option<edgeport_proto::usage::UsageReport>>,
 }
 
 impl Tunnel {
@@ -99,6 +101,13 @@ impl Tunnel {
             rtt_ms: self.rtt_ms(),
             connected_at: self.connected_at,
             kube_cluster: self.hello.kube_cluster.clone(),
+            loss_permille: self.conn.path_counters().map(|c| {
+                let permille = c.packets_lost.saturating_mul(1000) / c.packets_sent.max(1);
+                u32::try_from(permille).unwrap_or(1000)
+            }),
+            // Sent once: agents report cumulative counters, so one lost with a failed
+            // presence report is made good by the agent's next.
+            usage: self.usage.lock().ok().and_then(|mut u| u.take()),
         }
     }
 
@@ -256,7 +265,8 @@ impl Tunnels {
             .unwrap_or(false)
     }
 
-    /// Presence snapshot of every live tunnel.
+    /// Presence snapshot of every live tunnel (taking the byte counters that came since the
+    /// last one).
     pub fn snapshot(&self) -> Vec<DevicePresence> {
         self.all().iter().map(|t| t.presence()).collect()
     }

@@ -121,6 +121,9 @@ pub struct PathCounters {
     pub path_challenges: u64,
     /// UDP datagrams sent.
     pub datagrams_sent: u64,
+    /// QUIC packets sent on the current path, and those of them declared lost.
+    pub packets_sent: u64,
+    pub packets_lost: u64,
 }
 
 /// A tunnel over a QUIC connection.
@@ -195,6 +198,8 @@ impl Tunnel for QuicTunnel {
         Some(PathCounters {
             path_challenges: s.frame_rx.path_challenge,
             datagrams_sent: s.udp_tx.datagrams,
+            packets_sent: s.path.sent_packets,
+            packets_lost: s.path.lost_packets,
         })
     }
 }

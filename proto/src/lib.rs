@@ -25,6 +25,7 @@ pub mod ticket;
 pub mod tls;
 pub mod totp;
 pub mod tunnel;
+pub mod usage;
 pub mod util;
 pub mod variant;
 pub mod web;

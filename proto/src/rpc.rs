@@ -175,6 +175,12 @@ pub enum Request {
         proof: WebProof,
         after: String,
     },
+    /// Admin: bytes per device and service over the last `days` days (today included), of
+    /// `device` or of every device.
+    DeviceUsage {
+        days: u32,
+        device: Option<String>,
+    },
     /// Admin: an SSH host certificate for a host behind a device (issue 22, relay mode),
     /// principals `name` (`DEVICE/TARGET`) and `NAME.CLUSTER`, signed by the host CA for
     /// `ssh_public_key` (OpenSSH format). Answered with `HostCert`.
@@ -250,6 +256,8 @@ pub enum Response {
     },
     /// A web console session: after `WebLogin` (with its token) or `WebSessionCheck`.
     WebSession(WebSessionInfo),
+    /// The answer to `DeviceUsage`, one entry per device that moved bytes.
+    DeviceUsage(Vec<crate::usage::DeviceUsage>),
     /// The answer to `SignHost`: the OpenSSH host certificate and its expiry (Unix seconds).
     HostCert {
         cert: String,
@@ -509,6 +517,11 @@ pub struct DevicePresence {
     pub rtt_ms: u32,
     pub connected_at: u64,
     pub kube_cluster: Option<String>,
+    /// QUIC packets lost per thousand sent since the tunnel came up (`None` over TCP, whose
+    /// retransmissions the gateway does not see).
+    pub loss_permille: Option<u32>,
+    /// The agent's latest byte counters (agents that report them).
+    pub usage: Option<crate::usage::UsageReport>,
 }
 
 /// A gateway's view of its tunnels. `online` replaces everything the gateway said before
@@ -583,6 +596,56 @@ pub struct DeviceInfo {
     pub gateway: Option<String>,
     pub joined_at: u64,
     pub kube_cluster: Option<String>,
+    /// See [`DevicePresence::loss_permille`]; online devices only.
+    pub loss_permille: Option<u32>,
+    /// How often the device's address (its uplink, not just its port) changed in the last
+    /// 24 hours, as the gateways reported it.
+    pub address_changes_24h: u32,
+}
+
+impl DeviceInfo {
+    /// What kind of event ended the device's previous tunnel, from the reason the gateway
+    /// recorded: `link lost`, `gateway restart`, `lock`, `renewal failure`, `agent stopped`,
+    /// `reconnected`, `removed` or `other`.
+    pub fn last_disconnect_kind(&self) -> Option<&'static str> {
+        self.last_disconnect_reason.as_deref().map(disconnect_kind)
+    }
+}
+
+/// Sorts a tunnel's close reason (as gateways word it) into the kinds `tctl devices ls` shows.
+pub fn disconnect_kind(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| r.contains(w));
+    if has(&["is locked", "locked:"]) {
+        "lock"
+    } else if has(&["renew", "certificate expired", "expired certificate"]) {
+        "renewal failure"
+    } else if has(&["removed from the cluster", "device revoked"]) {
+        "removed"
+    } else if has(&[
+        "gateway shutting down",
+        "gateway revoked",
+        "gateway restart",
+    ]) {
+        "gateway restart"
+    } else if has(&["replaced by a newer tunnel", "moving to quic"]) {
+        "reconnected"
+    } else if has(&["agent shutting down", "closed by the device"]) {
+        "agent stopped"
+    } else if has(&[
+        "idle timeout",
+        "timed out",
+        "reset",
+        "connection lost",
+        "was lost",
+        "network",
+        "unreachable",
+        "broken pipe",
+    ]) {
+        "link lost"
+    } else {
+        "other"
+    }
 }
 
 /// Gateway -> authority: tsh asks where to log in.
@@ -764,3 +827,36 @@ crate::debug_redacted!(SsoConnectorSpec { name, client_id, kind } secret { clien
 crate::debug_redacted!(WebLoginRequest { user, client_addr } secret { password, otp, browser_key });
 crate::debug_redacted!(WebProof { signed } secret { token, signature });
 crate::debug_redacted!(WebSessionInfo { user, logins, roles, expires } secret { token, csrf, browser_key });
+
+#[cfg(test)]
+mod tests {
+    use super::disconnect_kind;
+
+    #[test]
+    fn close_reasons_sort_into_the_kinds_tctl_shows() {
+        let cases = [
+            (
+                "idle timeout (no keep-alive from the device for 90s)",
+                "link lost",
+            ),
+            ("timed out", "link lost"),
+            ("reset by the peer", "link lost"),
+            ("gateway shutting down", "gateway restart"),
+            ("device van-1 is locked: stolen", "lock"),
+            ("certificate renewal failed: denied", "renewal failure"),
+            (
+                "device van-1 was removed from the cluster; join again",
+                "removed",
+            ),
+            (
+                "replaced by a newer tunnel from the same device",
+                "reconnected",
+            ),
+            ("closed by the peer: agent shutting down", "agent stopped"),
+            ("something new", "other"),
+        ];
+        for (reason, kind) in cases {
+            assert_eq!(disconnect_kind(reason), kind, "{reason}");
+        }
+    }
+}

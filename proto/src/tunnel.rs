@@ -56,6 +56,9 @@ pub enum AgentControl {
     /// A signed batch of audit events (the gateway relays it to the authority and answers
     /// with [`GatewayControl::AuditAck`]); one batch in flight at a time.
     Audit(crate::audit::AuditBatch),
+    /// The agent's byte counters per service since it started (the gateway passes the latest
+    /// on with presence).
+    Usage(crate::usage::UsageReport),
 }
 
 /// Gateway -> agent on the control stream.

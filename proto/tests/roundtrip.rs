@@ -85,11 +85,11 @@ where
 #[test]
 fn strategies_cover_every_variant() {
     let all = |n: u8| (0..n).collect::<BTreeSet<u8>>();
-    assert_eq!(tags(strategies::request()), all(45), "rpc::Request");
-    assert_eq!(tags(strategies::response()), all(27), "rpc::Response");
+    assert_eq!(tags(strategies::request()), all(51), "rpc::Request");
+    assert_eq!(tags(strategies::response()), all(30), "rpc::Response");
     assert_eq!(
         tags(strategies::agent_control()),
-        all(4),
+        all(5),
         "tunnel::AgentControl"
     );
     assert_eq!(

@@ -516,19 +516,17 @@ fn fifty_kills_during_spool_writes_and_uploads() {
     let agent_dir = c.agents[0].data_dir.clone();
     let gw = c.gw.addr.clone();
     wait_online(&c.tctl, "dev1", None, Duration::from_secs(60));
-    let mut starts = 0;
     for i in 0..50u64 {
         // Kills land at different points: during the flood's spool writes (right after
         // start) and during uploads (once the tunnel is up).
         std::thread::sleep(Duration::from_millis(40 + (i * 97) % 700));
         assert!(
             c.agents[0].proc.alive(),
-            "the agent died on its own (start {starts}):\n{}",
+            "the agent died on its own (start {i}):\n{}",
             c.agents[0].proc.log_text()
         );
         c.agents[0].proc.kill9();
         c.agents[0] = Agent::start_joined(&agent_dir, &gw, "dev1", &["--test-audit-flood", "100"]);
-        starts += 1;
     }
     std::thread::sleep(Duration::from_millis(300));
     c.agents[0].proc.kill9();

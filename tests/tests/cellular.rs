@@ -520,6 +520,10 @@ fn quic_sessions_survive_a_network_switch() {
     go.store(true, Ordering::SeqCst);
     cell.wait_address(&up.dev_addr(1));
     let shown = switched.elapsed();
+    // Presence quality: the uplink change is counted, the tunnel's loss is reported.
+    let d = cell.tctl.device("van-q").expect("van-q in the inventory");
+    assert_eq!(d["address_changes_24h"], 1, "{d}");
+    assert!(d["loss_permille"].is_u64(), "{d}");
     wait_answers(
         &echo,
         switched,

@@ -771,6 +771,8 @@ fn join_tokens_expire_are_single_use_and_pinned() {
                 rtt_ms: 42,
                 connected_at: edgeport_net::clock::now_secs(),
                 kube_cluster: None,
+                loss_permille: None,
+                usage: None,
             }],
             disconnected: vec![],
             ..Default::default()

@@ -275,6 +275,7 @@ fn every_json_output_matches_its_schema() {
         (&["roles", "ls"], "role", 2),
         (&["tokens", "ls"], "token", 1),
         (&["devices", "ls"], "device", 1),
+        (&["devices", "usage"], "usage", 0),
         (&["nodes", "ls"], "device", 1),
         // Teleport's `tctl get KIND`: the same records (YAML unless --format says).
         (&["get", "users"], "user", 1),
@@ -357,8 +358,10 @@ fn the_checker_finds_what_is_wrong() {
     let good = serde_json::json!({
         "id": "van-1", "labels": {"fleet": "vans"}, "online": true, "transport": "quic",
         "address": "10.0.0.1:5000", "version": "0.1.0", "arch": "aarch64", "rtt_ms": 12,
-        "last_seen": "2026-12-04T16:03:52Z", "last_disconnect_reason": null, "gateway": "gw-1",
-        "joined_at": "2026-12-04T16:00:00Z", "kube_cluster": null
+        "last_seen": "2026-12-04T16:03:52Z", "last_disconnect_reason": null,
+        "last_disconnect_kind": null, "gateway": "gw-1",
+        "joined_at": "2026-12-04T16:00:00Z", "kube_cluster": null, "loss_permille": 4,
+        "address_changes_24h": 0
     });
     let mut problems = Vec::new();
     check(&good, &device, "d", &mut problems);

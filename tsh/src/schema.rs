@@ -33,11 +33,27 @@ pub fn device(d: &DeviceInfo) -> Value {
         "version": d.version,
         "arch": d.arch,
         "rtt_ms": d.rtt_ms,
+        "loss_permille": d.loss_permille,
+        "address_changes_24h": d.address_changes_24h,
         "last_seen": time(d.last_seen),
         "last_disconnect_reason": d.last_disconnect_reason,
+        "last_disconnect_kind": d.last_disconnect_kind(),
         "gateway": d.gateway,
         "joined_at": time(d.joined_at),
         "kube_cluster": d.kube_cluster,
+    })
+}
+
+/// A device's bytes per service, as `tctl devices usage` prints them.
+pub fn usage(u: &edgeport_proto::usage::DeviceUsage) -> Value {
+    json!({
+        "device": u.device,
+        "from": time(u.from),
+        "services": u.services.iter().map(|s| json!({
+            "service": s.service,
+            "up": s.up,
+            "down": s.down,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -73,12 +73,14 @@ pub enum Table {
     /// Web console sessions (`handlers::web::WebSessionRecord`), by the hex SHA-256 of the
     /// session token (the token itself is never stored).
     WebSessions,
+    /// Bytes per device and service (`usage::UsageRecord`), by device id.
+    Usage,
     /// The latest `targets` report of each device (`targets::Report`), by device id.
     Targets,
 }
 
 impl Table {
-    pub const ALL: [Table; 24] = [
+    pub const ALL: [Table; 25] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -102,6 +104,7 @@ impl Table {
         Table::OpenSessions,
         Table::RecordingTimeline,
         Table::WebSessions,
+        Table::Usage,
         Table::Targets,
     ];
 
@@ -131,6 +134,7 @@ impl Table {
             Table::OpenSessions => "open_sessions",
             Table::RecordingTimeline => "recording_timeline",
             Table::WebSessions => "web_sessions",
+            Table::Usage => "usage",
             Table::Targets => "targets",
         }
     }

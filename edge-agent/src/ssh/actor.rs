@@ -556,7 +556,12 @@ impl SessionChannel {
         let Some((read, write)) = self.io.take() else {
             return false;
         };
-        let ctx = LogCtx::new(&conn.auth.grant, &conn.session_id, program.kind());
+        let mut ctx = LogCtx::new(&conn.auth.grant, &conn.session_id, program.kind());
+        ctx.transfer = match &program {
+            Program::Sftp(_) => true,
+            Program::Command(c) => c.trim_start().starts_with("scp ") || c.contains("/scp "),
+            Program::LoginShell => false,
+        };
         let Some((mut started, master)) = self.spawn_program(conn, &program) else {
             self.io = Some((read, write));
             return false;

@@ -37,7 +37,7 @@ pub async fn direct_tcpip(
     };
     let _ = tcp.set_nodelay(true);
     reply.accept().await;
-    let mut tcp = tcp;
+    let mut tcp = crate::usage::CountedStream::local(tcp, crate::usage::Counted::Forward);
     let mut stream = channel.into_stream();
     match tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut tcp, 64 * 1024, 64 * 1024)
         .await

@@ -59,6 +59,8 @@ pub struct LogCtx {
     pub recorder: Option<Arc<std::sync::Mutex<crate::audit::record::Recorder>>>,
     /// SFTP file operations (subsystem sessions).
     pub sftp: Option<Sftp>,
+    /// A file transfer (the sftp subsystem, `scp`): its bytes count as `sftp` usage too.
+    pub transfer: bool,
 }
 
 pub type Sftp = Arc<std::sync::Mutex<crate::audit::sftp::SftpTracker>>;
@@ -84,6 +86,7 @@ impl LogCtx {
             bytes_out: Default::default(),
             recorder: None,
             sftp: None,
+            transfer: false,
         }
     }
 
@@ -288,6 +291,14 @@ async fn finish(
         }
     }
     tap(&ctx.sftp, |t| t.finish());
+    if ctx.transfer {
+        // In from the user reached the device; out left it.
+        crate::usage::add(
+            crate::usage::Counted::Sftp,
+            ctx.bytes_out.load(Ordering::Relaxed),
+            ctx.bytes_in.load(Ordering::Relaxed),
+        );
+    }
     let mut ev = crate::audit::event("session.end")
         .session(&ctx.session_id)
         .user(&ctx.user)

@@ -518,6 +518,8 @@ mod tests {
             gateway: None,
             joined_at: 0,
             kube_cluster: None,
+            loss_permille: None,
+            address_changes_24h: 0,
         };
         assert!(label_matches(&d, "fleet=vans"));
         assert!(label_matches(&d, "fleet"));

@@ -421,6 +421,13 @@ impl AgentControl {
         Ok(id)
     }
 
+    /// Sends the agent's byte counters (a snapshot; no answer comes).
+    pub fn send_usage(&mut self, report: crate::usage::UsageReport) -> Result<(), ControlError> {
+        self.established()?;
+        self.transmits.push_back(AgentMsg::Usage(report));
+        Ok(())
+    }
+
     /// Closes from this side (first reason wins; closing twice changes nothing).
     pub fn close(&mut self, _now: Instant, reason: impl Into<String>) {
         if !self.is_closed() {

@@ -68,6 +68,8 @@ pub enum GatewayEvent {
     Ignored(GatewayIgnored),
     /// The machine closed; [`GatewayControl::close_reason`] says why.
     Closed,
+    /// The device's byte counters (keep the latest for presence).
+    Usage(crate::usage::UsageReport),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -290,6 +292,10 @@ impl GatewayControl {
                     }
                     AgentMsg::Renew { ssh_public_key } => Some(Relay::Renew(ssh_public_key)),
                     AgentMsg::Audit(batch) => Some(Relay::Audit(batch)),
+                    AgentMsg::Usage(report) => {
+                        self.events.push_back(GatewayEvent::Usage(report));
+                        None
+                    }
                 };
                 if let Some(relay) = relay {
                     if e.in_flight.len() < limit && e.backlog.is_empty() {

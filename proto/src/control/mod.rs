@@ -125,6 +125,7 @@ fn agent_msg_kind(m: &crate::tunnel::AgentControl) -> &'static str {
         M::Renew { .. } => "Renew",
         M::Ping { .. } => "Ping",
         M::Audit(_) => "Audit",
+        M::Usage(_) => "Usage",
     }
 }
 

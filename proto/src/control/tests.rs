@@ -890,7 +890,7 @@ impl Sim {
                 let t = self.now + self.delay();
                 self.relays.push((t, id, Some(marker)));
             }
-            GatewayEvent::Rtt(_) | GatewayEvent::Ignored(_) => {}
+            GatewayEvent::Rtt(_) | GatewayEvent::Ignored(_) | GatewayEvent::Usage(_) => {}
             GatewayEvent::Closed => {
                 let t = self.ready_at(false);
                 self.to_agent.push_back((t, Wire::Eof));

@@ -137,11 +137,13 @@ pub fn device_info() -> impl Strategy<Value = DeviceInfo> + Clone {
             any::<u64>(),
             os(),
         ),
+        (of(any::<u32>()), any::<u32>()),
     )
         .prop_map(
             |(
                 (id, labels, online, transport, address, version, arch),
                 (rtt_ms, last_seen, last_disconnect_reason, gateway, joined_at, kube_cluster),
+                (loss_permille, address_changes_24h),
             )| DeviceInfo {
                 id,
                 labels,
@@ -156,6 +158,8 @@ pub fn device_info() -> impl Strategy<Value = DeviceInfo> + Clone {
                 gateway,
                 joined_at,
                 kube_cluster,
+                loss_permille,
+                address_changes_24h,
             },
         )
 }
@@ -376,6 +380,7 @@ pub fn device_presence() -> impl Strategy<Value = DevicePresence> + Clone {
         any::<u32>(),
         any::<u64>(),
         os(),
+        (of(any::<u32>()), of(usage_report())),
     )
         .prop_map(
             |(
@@ -388,6 +393,7 @@ pub fn device_presence() -> impl Strategy<Value = DevicePresence> + Clone {
                 rtt_ms,
                 connected_at,
                 kube_cluster,
+                (loss_permille, usage),
             )| DevicePresence {
                 id,
                 labels,
@@ -398,8 +404,33 @@ pub fn device_presence() -> impl Strategy<Value = DevicePresence> + Clone {
                 rtt_ms,
                 connected_at,
                 kube_cluster,
+                loss_permille,
+                usage,
             },
         )
+}
+
+pub fn usage_report() -> impl Strategy<Value = edgeport_proto::usage::UsageReport> + Clone {
+    (
+        any::<u64>(),
+        vec(
+            (s(), any::<u64>(), any::<u64>()).prop_map(|(service, up, down)| {
+                edgeport_proto::usage::ServiceBytes { service, up, down }
+            }),
+            0..3,
+        ),
+    )
+        .prop_map(|(since, services)| edgeport_proto::usage::UsageReport { since, services })
+}
+
+pub fn device_usage() -> impl Strategy<Value = edgeport_proto::usage::DeviceUsage> + Clone {
+    (s(), any::<u64>(), usage_report()).prop_map(|(device, from, r)| {
+        edgeport_proto::usage::DeviceUsage {
+            device,
+            from,
+            services: r.services,
+        }
+    })
 }
 pub fn pairs() -> impl Strategy<Value = Vec<(String, String)>> + Clone {
     vec((s(), s()), 0..3)
@@ -652,7 +683,38 @@ pub fn request() -> impl Strategy<Value = Request> {
         Just(Request::SsoConnectorList),
         s().prop_map(|name| Request::SsoConnectorRemove { name }),
         user_update,
+        (os(), of(bytes()), os(), any::<u32>()).prop_map(|(user, user_cert_der, cursor, limit)| {
+            Request::RecordingPage {
+                user,
+                user_cert_der,
+                cursor,
+                limit,
+            }
+        }),
+        (s(), s(), os(), bytes(), s()).prop_map(
+            |(user, password, otp, browser_key, client_addr)| {
+                Request::WebLogin(WebLoginRequest {
+                    user,
+                    password,
+                    otp,
+                    browser_key,
+                    client_addr,
+                })
+            }
+        ),
+        web_proof().prop_map(Request::WebSessionCheck),
+        web_proof().prop_map(Request::WebLogout),
+        (web_proof(), s()).prop_map(|(proof, after)| Request::WebDevicePage { proof, after }),
+        (any::<u32>(), os()).prop_map(|(days, device)| Request::DeviceUsage { days, device }),
     ]
+}
+
+pub fn web_proof() -> impl Strategy<Value = WebProof> + Clone {
+    (s(), s(), bytes()).prop_map(|(token, signed, signature)| WebProof {
+        token,
+        signed,
+        signature,
+    })
 }
 
 pub fn response() -> impl Strategy<Value = Response> {
@@ -802,6 +864,22 @@ pub fn response() -> impl Strategy<Value = Response> {
         vec(gw_info, 0..2).prop_map(Response::Gateways),
         s().prop_map(|auth_url| Response::SsoRedirect { auth_url }),
         vec(conn_info, 0..2).prop_map(Response::SsoConnectors),
+        (vec(recording_info(), 0..2), os())
+            .prop_map(|(recordings, next)| Response::RecordingPage { recordings, next }),
+        (os(), s(), s(), vs(), vs(), any::<u64>(), bytes()).prop_map(
+            |(token, csrf, user, logins, roles, expires, browser_key)| {
+                Response::WebSession(WebSessionInfo {
+                    token,
+                    csrf,
+                    user,
+                    logins,
+                    roles,
+                    expires,
+                    browser_key,
+                })
+            }
+        ),
+        vec(device_usage(), 0..2).prop_map(Response::DeviceUsage),
     ]
 }
 
@@ -812,6 +890,7 @@ pub fn agent_control() -> impl Strategy<Value = AgentControl> {
         (any::<u64>(), of(any::<u32>()))
             .prop_map(|(seq, rtt_ms)| AgentControl::Ping { seq, rtt_ms }),
         audit_batch().prop_map(AgentControl::Audit),
+        usage_report().prop_map(AgentControl::Usage),
     ]
 }
 

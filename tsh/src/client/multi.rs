@@ -206,6 +206,8 @@ mod tests {
             gateway: None,
             joined_at: 0,
             kube_cluster: None,
+            loss_permille: None,
+            address_changes_24h: 0,
         }
     }
 

@@ -427,6 +427,20 @@ pub enum DevicesCmd {
     Ls(FormatArgs),
     /// Removes (revokes) a device: its tunnel is closed and it must join again.
     Rm { id: String },
+    /// Bytes each device moved, per service (ssh, sftp, forward, kube, control, audit), as
+    /// its agent counted them.
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Only this device.
+    pub device: Option<String>,
+    /// The period, whole days up to today (e.g. 30d, 24h); at most 93 days are kept.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub since: u64,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
 }
 
 #[derive(Debug, Subcommand)]

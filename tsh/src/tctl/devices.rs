@@ -1,11 +1,11 @@
-//! `tctl devices ls | rm`: the inventory as the authority knows it from joins and from the
+//! `tctl devices ls | rm | usage`: the inventory as the authority knows it from joins and from the
 //! gateways' presence reports.
 
 use edgeport_net::rpc_client::{add_device_page, unexpected};
 use edgeport_proto::rpc::{Request, Response};
 use edgeport_proto::util::format_labels;
 
-use super::cli::{Format, FormatArgs};
+use super::cli::{Format, FormatArgs, UsageArgs};
 use super::connect::Session;
 use super::output::{ago_text, json_list, print_as, Table};
 
@@ -27,9 +27,12 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                 "VERSION",
                 "ARCH",
                 "RTT",
+                "LOSS",
+                "ADDR CHANGES 24H",
                 "LAST SEEN",
                 "LABELS",
                 "KUBE CLUSTER",
+                "LAST DISCONNECT",
             ]);
             for d in &devices {
                 let labels = format_labels(&d.labels);
@@ -41,9 +44,19 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     dash(&d.version),
                     dash(&d.arch),
                     d.rtt_ms.map(|r| format!("{r}ms")).unwrap_or("-".into()),
+                    d.loss_permille
+                        .map(|l| format!("{}.{}%", l / 10, l % 10))
+                        .unwrap_or("-".into()),
+                    d.address_changes_24h.to_string(),
                     ago_text(d.last_seen),
                     dash(&labels),
                     dash(d.kube_cluster.as_deref().unwrap_or("")),
+                    d.last_disconnect_kind()
+                        .map(|k| match k {
+                            "other" => d.last_disconnect_reason.clone().unwrap_or_default(),
+                            k => k.to_string(),
+                        })
+                        .unwrap_or("-".into()),
                 ]);
             }
             // Hosts behind the devices, as each device last reported them (an authority
@@ -91,5 +104,56 @@ pub async fn remove(s: &mut Session, id: String) -> anyhow::Result<()> {
             Ok(())
         }
         other => Err(unexpected(other).into()),
+    }
+}
+
+pub async fn usage(s: &mut Session, a: UsageArgs) -> anyhow::Result<()> {
+    let days = u32::try_from(a.since.div_ceil(86_400).max(1)).unwrap_or(u32::MAX);
+    let req = Request::DeviceUsage {
+        days,
+        device: a.device.clone(),
+    };
+    let list = match s.call(req).await? {
+        Response::DeviceUsage(list) => list,
+        other => return Err(unexpected(other).into()),
+    };
+    match a.format {
+        Format::Json | Format::Yaml => print_as(a.format, &json_list(&list, crate::schema::usage)),
+        Format::Text => {
+            if list.is_empty() {
+                crate::outln!("no usage reported in the last {days} days");
+                return Ok(());
+            }
+            let mut t = Table::new(&["DEVICE", "SERVICE", "UP", "DOWN", "TOTAL"]);
+            for u in &list {
+                for sv in &u.services {
+                    t.row(vec![
+                        u.device.clone(),
+                        sv.service.clone(),
+                        bytes_text(sv.up),
+                        bytes_text(sv.down),
+                        bytes_text(sv.up.saturating_add(sv.down)),
+                    ]);
+                }
+            }
+            t.print();
+            Ok(())
+        }
+    }
+}
+
+/// `1.5 MB`: decimal units, as data plans count.
+fn bytes_text(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
     }
 }
