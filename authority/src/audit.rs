@@ -208,6 +208,7 @@ pub fn upload(
             bind_session(store, device_id, &ev, now)?;
         }
         crate::open_sessions::observe(store, device_id, &ev)?;
+        crate::targets::observe(store, device_id, &ev)?;
         if ev.kind == RECORDING_CHUNK {
             store_chunk(store, device_id, &ev, now)?;
         }

@@ -25,6 +25,7 @@ pub mod rpc_server;
 pub mod service;
 pub mod sso;
 pub mod store;
+pub mod targets;
 pub mod throttle;
 pub mod tokens;
 pub mod usage;

@@ -90,7 +90,8 @@ fn access(req: &Request) -> Access {
         | Request::SsoConnectorRemove { .. }
         | Request::DeviceUsage { .. }
         | Request::AccessRequestList
-        | Request::AccessRequestReview(_) => Access::Admin,
+        | Request::AccessRequestReview(_)
+        | Request::SignHost { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -113,7 +114,8 @@ fn access(req: &Request) -> Access {
         | Request::AuthorizeDial { .. }
         | Request::RecordingList { .. }
         | Request::RecordingPage { .. }
-        | Request::RecordingGet { .. } => Access::AdminOrGateway,
+        | Request::RecordingGet { .. }
+        | Request::TargetList { .. } => Access::AdminOrGateway,
     }
 }
 
@@ -141,6 +143,8 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::Presence(_) => "presence reports",
         Request::Login(_) => "relaying logins",
         Request::AuthorizeDial { .. } => "authorizing dials",
+        Request::SignHost { .. } => "signing host certificates",
+        Request::TargetList { .. } => "listing targets",
         Request::LockAdd(_) => "adding locks",
         Request::LockRemove { .. } => "removing locks",
         Request::LockList => "listing locks",
@@ -480,6 +484,12 @@ impl Service {
                 service,
                 now,
             ),
+            Request::SignHost {
+                name,
+                ssh_public_key,
+                ttl_secs,
+            } => handlers::targets::sign_host(self, &name, &ssh_public_key, ttl_secs, now),
+            Request::TargetList { user } => handlers::targets::list(self, user.as_deref(), now),
             Request::LockAdd(spec) => {
                 locks::add(store, &spec, now)?;
                 tracing::info!(target = %locks::describe(&spec.target), "lock added");

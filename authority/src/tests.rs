@@ -807,7 +807,11 @@ fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
     assert_eq!(grant.user, "alice");
     let claims = grant.ticket.as_ref().unwrap().verify(&host_ca).unwrap();
     assert_eq!(
-        (claims.user.as_str(), claims.device.as_str(), claims.service),
+        (
+            claims.user.as_str(),
+            claims.device.as_str(),
+            claims.service.clone()
+        ),
         ("alice", "d1", Svc::Kube)
     );
     assert_eq!(claims.requester, "gw-1");

@@ -223,7 +223,10 @@ pub async fn run_with(
     let targets =
         crate::targets::TargetSet::new(&cfg.data_dir, &cfg.targets).map_err(AgentError::Targets)?;
     tokio::spawn(targets.clone().run_checks(shutdown.clone()));
-    tokio::spawn(crate::targets::reload_on_hangup(targets, shutdown.clone()));
+    tokio::spawn(crate::targets::reload_on_hangup(
+        targets.clone(),
+        shutdown.clone(),
+    ));
     crate::audit::event("agent.start")
         .field("version", edgeport_proto::VERSION)
         .field("device", &ident.device_id)
@@ -253,6 +256,7 @@ pub async fn run_with(
         &ident,
         #[cfg(feature = "kube")]
         kube,
+        targets,
     ));
     #[cfg(feature = "test-hooks")]
     let test_renew = cfg.test_renew;

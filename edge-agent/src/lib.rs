@@ -24,6 +24,7 @@ pub mod kube;
 pub mod link_watch;
 pub mod metrics;
 pub mod nat_keepalive;
+pub mod relay;
 pub mod services;
 pub mod session;
 #[cfg(feature = "sftp")]

@@ -53,6 +53,8 @@ pub struct Services {
     #[cfg(feature = "kube")]
     kube: Option<Arc<dyn StreamService>>,
     locked: RwLock<Vec<String>>,
+    /// Relay mode: streams to the hosts behind this device.
+    relay: crate::relay::Relay,
     /// SSH servers replaced by a renewal. Their live connections keep them alive; a lock must
     /// still reach those sessions.
     retired: std::sync::Mutex<Vec<std::sync::Weak<dyn StreamService>>>,
@@ -63,6 +65,7 @@ impl Services {
         #[cfg(feature = "test-hooks")] test_echo: bool,
         ident: &DeviceIdentity,
         #[cfg(feature = "kube")] kube: Option<Arc<dyn StreamService>>,
+        targets: Arc<crate::targets::TargetSet>,
     ) -> Self {
         let me = Self {
             #[cfg(feature = "test-hooks")]
@@ -71,6 +74,7 @@ impl Services {
             #[cfg(feature = "kube")]
             kube,
             locked: RwLock::new(Vec::new()),
+            relay: crate::relay::Relay::new(targets),
             retired: std::sync::Mutex::new(Vec::new()),
         };
         me.identity_changed(ident);
@@ -79,6 +83,7 @@ impl Services {
 
     /// (Re)builds the identity-dependent services (after a join or a renewal).
     pub fn identity_changed(&self, ident: &DeviceIdentity) {
+        self.relay.identity_changed(ident);
         let ssh = match ssh_service(ident) {
             Ok(s) => {
                 s.set_locked_users(self.locked.read().map(|l| l.clone()).unwrap_or_default());
@@ -164,7 +169,7 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
             return;
         }
     };
-    match header.service {
+    match header.service.clone() {
         #[cfg(feature = "test-hooks")]
         Service::Echo if services.echo => echo(stream).await,
         Service::Echo => {
@@ -184,6 +189,7 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
             tracing::info!(session = %header.session_id, "kube stream refused: {NO_KUBE}");
             refuse_kube(stream).await;
         }
+        Service::Target(name) => services.relay.serve(stream, header, &name).await,
     }
 }
 

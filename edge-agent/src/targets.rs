@@ -3,7 +3,7 @@
 //! The agent checks each one with a TCP connect every 30 s and reports them (name, address,
 //! labels, reachable, last check) in its signed, hash-chained audit log, the one channel the
 //! authority receives authenticated by the device's own key. Reaching a target as
-//! `DEVICE/NAME` through the tunnel (relay mode) is not built yet.
+//! `DEVICE/NAME` through the tunnel (relay mode) is `crate::relay`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -291,7 +291,7 @@ pub async fn reload_on_hangup(set: Arc<TargetSet>, shutdown: CancellationToken) 
 
 /// Connects to a configured target address: a literal address as it is, a name through
 /// the system's resolver.
-async fn connect(addr: &str) -> std::io::Result<TcpStream> {
+pub async fn connect(addr: &str) -> std::io::Result<TcpStream> {
     let go = async {
         match addr.parse::<SocketAddr>() {
             Ok(a) => TcpStream::connect(a).await,

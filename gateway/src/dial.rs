@@ -251,6 +251,17 @@ pub async fn serve_stream(
             .await;
             answer_and_close(stream, &answer).await;
         }
+        (ClientRequest::ListTargets, Some(who)) => {
+            let req = Request::TargetList {
+                user: Some(who.name.clone()),
+            };
+            let answer = relay(&dialer, req, |resp| match resp {
+                Response::Targets(t) => ClientReply::Targets(t),
+                other => unexpected(other),
+            })
+            .await;
+            answer_and_close(stream, &answer).await;
+        }
         (ClientRequest::SessionEnd { session_id }, Some(who)) => {
             let reason = dialer.sessions.why_ended(&who.name, &session_id);
             answer_and_close(stream, &ClientReply::SessionEnd { reason }).await;
@@ -409,9 +420,9 @@ async fn serve_dial(
     service: Service,
     addr: SocketAddr,
 ) {
-    let result = dial(dialer, who, target, service, addr).await;
+    let result = dial(dialer, who, target, service.clone(), addr).await;
     crate::metrics::dial(&result);
-    audit_dial(who, target, service, addr, &result);
+    audit_dial(who, target, &service, addr, &result);
     let Dialled {
         stream: device_stream,
         session_id,
@@ -443,11 +454,11 @@ async fn serve_dial(
 fn audit_dial(
     who: &UserCert,
     target: &str,
-    service: Service,
+    service: &Service,
     addr: SocketAddr,
     result: &Result<Dialled, RpcError>,
 ) {
-    let svc = format!("{service:?}").to_lowercase();
+    let svc = service.label();
     let client = addr.to_string();
     let event = match result {
         Ok(d) => crate::audit::Dial {
@@ -517,11 +528,18 @@ async fn dial(
         .reach
         .locks
         .check_unlocked(&LockTarget::User(who.name.clone()))?;
-    let grant = dialer
-        .reach
-        .grants
-        .authorize(&dialer.reach.auth, who, target, service, Duration::ZERO)
-        .await?;
+    // A target behind the device (relay mode) takes only a fresh ticket: the agent connects
+    // to one of its targets for nobody without the authority's word for that target.
+    let grants = &dialer.reach.grants;
+    let auth = &dialer.reach.auth;
+    let grant = match &service {
+        Service::Target(_) => grants.ticketed(auth, who, target, service.clone()).await?,
+        _ => {
+            grants
+                .authorize(auth, who, target, service.clone(), Duration::ZERO)
+                .await?
+        }
+    };
     let device_id = grant.device.id.clone();
     dialer
         .reach
@@ -599,7 +617,7 @@ async fn serve_forward(
         }
         Err(e) => Err(e),
     };
-    let svc = format!("{:?}", header.service).to_lowercase();
+    let svc = header.service.label();
     let (device_stream, user) = match opened {
         Ok(s) => s,
         Err(e) => {
@@ -662,7 +680,7 @@ fn forward_ticket(
     let want = edgeport_proto::ticket::Expected {
         cluster: ident.cluster(),
         device: device_id,
-        service: header.service,
+        service: header.service.clone(),
         requester: Some(from),
         holder: Some(&ident.gateway_id),
     };

@@ -56,8 +56,17 @@ impl UserCert {
     }
 }
 
-/// (certificate digest, target)
+/// (certificate digest, target): the target is the device, or `DEVICE/TARGET` for a host
+/// behind it (whose labels, and so the answer, differ from the device's).
 type Key = (String, String);
+
+fn key(who: &UserCert, target: &str, service: &Service) -> Key {
+    let target = match service {
+        Service::Target(t) => format!("{target}/{t}"),
+        _ => target.to_string(),
+    };
+    (who.digest.clone(), target)
+}
 
 /// When a grant was given, under which policy epoch, and the grant.
 type Entry = (Instant, u64, DialGrant);
@@ -95,7 +104,7 @@ impl Grants {
         service: Service,
         unwatched_reuse: Duration,
     ) -> Result<DialGrant, RpcError> {
-        let key = (who.digest.clone(), target.to_string());
+        let key = key(who, target, &service);
         let epoch = self.epoch.load(Ordering::SeqCst);
         let reuse = if self.watched.load(Ordering::SeqCst) {
             REUSE
@@ -132,7 +141,7 @@ impl Grants {
         epoch: u64,
         outage_fallback: bool,
     ) -> Result<DialGrant, RpcError> {
-        let key = (who.digest.clone(), target.to_string());
+        let key = key(who, target, &service);
         let req = Request::AuthorizeDial {
             user_cert_der: who.der.as_ref().clone(),
             device: target.to_string(),

@@ -317,7 +317,7 @@ impl Reach {
         if !misplaced {
             return first;
         }
-        let service = header.service;
+        let service = header.service.clone();
         match self
             .grants
             .ticketed(&self.auth, who, &grant.device.id, service)
@@ -353,7 +353,7 @@ impl Reach {
             // A reused grant: the holder takes a forwarded dial only with a ticket of its own.
             let g = self
                 .grants
-                .ticketed(&self.auth, who, device_id, header.service)
+                .ticketed(&self.auth, who, device_id, header.service.clone())
                 .await
                 .map_err(TunnelError::Refused)?;
             header.ticket = g.ticket.clone();

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod proxy_headers;
 pub mod rpc;
 pub mod sshcert;
+pub mod targets;
 pub mod ticket;
 pub mod tls;
 pub mod totp;

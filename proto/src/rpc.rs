@@ -189,6 +189,19 @@ pub enum Request {
     AccessRequestList,
     /// Admin: approve or deny a pending access request (`tctl requests approve | deny`).
     AccessRequestReview(AccessReview),
+    /// Admin: an SSH host certificate for a host behind a device (issue 22, relay mode),
+    /// principals `name` (`DEVICE/TARGET`) and `NAME.CLUSTER`, signed by the host CA for
+    /// `ssh_public_key` (OpenSSH format). Answered with `HostCert`.
+    SignHost {
+        name: String,
+        ssh_public_key: String,
+        ttl_secs: u64,
+    },
+    /// Admin (`user: None`, every target) or gateway (`Some(user)`: the targets that user's
+    /// roles reach): the targets behind devices as their devices last reported them.
+    TargetList {
+        user: Option<String>,
+    },
 }
 
 /// Responses from the authority.
@@ -255,6 +268,13 @@ pub enum Response {
     DeviceUsage(Vec<crate::usage::DeviceUsage>),
     /// Access requests: the one just created or reviewed, or a listing.
     AccessRequests(Vec<AccessRequestInfo>),
+    /// The answer to `SignHost`: the OpenSSH host certificate and its expiry (Unix seconds).
+    HostCert {
+        cert: String,
+        valid_before: u64,
+    },
+    /// The answer to `TargetList`.
+    Targets(Vec<crate::targets::TargetInfo>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -87,12 +87,28 @@ pub enum GatewayControl {
 }
 
 /// The services an agent offers on gateway-opened streams.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Service {
     /// Test-only echo service (agents serve it only when started with `--test-echo`).
     Echo,
     Ssh,
     Kube,
+    /// Relay mode (issue 22): the bytes of the stream go to the configured address of the
+    /// agent's target of this name (`DEVICE/NAME`), never to an address the user names; the
+    /// user's SSH runs end to end to the target's own sshd.
+    Target(String),
+}
+
+impl Service {
+    /// The name of the service in audit events and logs: `ssh`, `kube`, `target:ecu1`.
+    pub fn label(&self) -> String {
+        match self {
+            Service::Echo => "echo".into(),
+            Service::Ssh => "ssh".into(),
+            Service::Kube => "kube".into(),
+            Service::Target(t) => format!("target:{t}"),
+        }
+    }
 }
 
 /// First frame of every gateway-opened stream.
@@ -167,6 +183,9 @@ pub enum ClientRequest {
     /// relays it with the certificate (`rpc::Request::AccessRequestUser`); the authority
     /// checks both. Answered by `AccessRequests`.
     UserAction { body: Vec<u8>, signature: Vec<u8> },
+    /// Needs the user's certificate: the targets behind devices (issue 22) that the user's
+    /// roles reach, answered with `Targets`.
+    ListTargets,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -215,4 +234,6 @@ pub enum ClientReply {
     },
     /// The answer to `UserAction`: the request made or reviewed, or the listing.
     AccessRequests(Vec<crate::rpc::AccessRequestInfo>),
+    /// The answer to `ListTargets`.
+    Targets(Vec<crate::targets::TargetInfo>),
 }

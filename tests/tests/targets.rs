@@ -1,19 +1,30 @@
-//! Hosts behind the device (issue 22), the part built so far: an agent started with
-//! `--target` lines and a `DATA/targets` file checks each target with a TCP connect and
-//! reports name, address, labels, reachability and last check in its signed audit log, which
-//! reaches the authority through the tunnel; the file is read again on SIGHUP. The targets are
-//! plain loopback listeners here (the check is a TCP connect; relaying SSH to them is not
-//! built yet).
+//! Hosts behind the device (issue 22). An agent started with `--target` lines and a
+//! `DATA/targets` file checks each target with a TCP connect and reports name, address,
+//! labels, reachability and last check in its signed audit log, which reaches the authority
+//! through the tunnel; the file is read again on SIGHUP.
+//!
+//! Relay mode: a real Debian OpenSSH sshd as the target, trusting the user CA and presenting
+//! a host certificate from `tctl auth sign --host van/ecu1`, reached through the agent as
+//! `van/ecu1` by `tsh ssh` and by stock `ssh` through `tsh config` / `tsh proxy ssh`; roles
+//! refuse a target by its own label; a target whose host certificate names another host, an
+//! unreachable one and an unknown one are refused with one line. The sshd listens on a
+//! loopback port that only the agent's target configuration names (no network namespace:
+//! the agent and the target share the test's network).
 
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::time::Duration;
 
+use std::process::Command;
+
 use edgeport_e2e::fabric::{wait_online, Agent};
-use edgeport_e2e::ssh::Cluster;
-use edgeport_e2e::wait_until;
+use edgeport_e2e::peers::Peer;
+use edgeport_e2e::ssh::{ssh, Cluster, Tsh};
+use edgeport_e2e::{run, wait_until};
 use serde_json::Value;
+
+const PW: &str = "correct horse battery";
 
 /// The newest `targets` report of `device` for which `f` holds.
 fn wait_report(c: &Cluster, agent: &Agent, device: &str, f: impl Fn(&Value) -> bool) -> Value {
@@ -104,4 +115,255 @@ fn a_bad_target_stops_the_agent_with_one_line() {
         "{err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+/// An Ed25519 key pair at `path` (and `path.pub`).
+fn keygen(path: &std::path::Path) {
+    let mut c = Command::new("ssh-keygen");
+    c.args(["-q", "-t", "ed25519", "-N", "", "-C", "target", "-f"])
+        .arg(path);
+    run(c, None, Duration::from_secs(30)).expect_ok("ssh-keygen");
+}
+
+#[test]
+fn relay_to_a_real_sshd_behind_the_device() {
+    let c = Cluster::start("relay", &[]);
+    let dir = c.dir.join("ecu1");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Prepare the legacy host as docs/devices.md says: trust the user CA, present a host
+    // certificate for van/ecu1 from `tctl auth sign --host`.
+    let user_ca = dir.join("user_ca.pub");
+    let ca = c.tctl.ok(&["auth", "export", "--type", "user"]).stdout();
+    std::fs::write(&user_ca, ca).unwrap();
+    let host_key = dir.join("host_key");
+    keygen(&host_key);
+    let cert = dir.join("host_key-cert.pub");
+    let signed = c.tctl.ok(&[
+        "auth",
+        "sign",
+        "--host",
+        "van/ecu1",
+        "--pubkey",
+        dir.join("host_key.pub").to_str().unwrap(),
+        "--out",
+        cert.to_str().unwrap(),
+    ]);
+    assert!(
+        signed.stdout().contains("host van/ecu1"),
+        "{}",
+        signed.stdout()
+    );
+    let mut kg = Command::new("ssh-keygen");
+    kg.arg("-L").arg("-f").arg(&cert);
+    let shown = run(kg, None, Duration::from_secs(10))
+        .expect_ok("ssh-keygen -L")
+        .stdout();
+    assert!(shown.contains("host certificate"), "{shown}");
+    assert!(shown.contains("van/ecu1.relay"), "{shown}");
+    let sshd = Peer::start(
+        "sshd.sh",
+        &[user_ca.to_str().unwrap()],
+        &[("HOST_CERT", cert.to_str().unwrap()), ("SSH_USERS", "root")],
+    );
+    let target = format!("127.0.0.1:{}", sshd.get("SSHD_PORT"));
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+
+    // ecu1 and cam are the sshd (cam with a label a role denies); alias is the same sshd
+    // under another name (its certificate names van/ecu1, not van/alias); gone is closed.
+    let lines = [
+        format!("ecu1={target} zone=engine"),
+        format!("cam={target} zone=camera"),
+        format!("alias={target}"),
+        format!("gone={closed}"),
+    ];
+    let mut args = Vec::new();
+    for l in &lines {
+        args.extend(["--target", l.as_str()]);
+    }
+    let agent = Agent::start(&c.dir.join("agent-van"), &c.gw, "van", "fleet=vans", &args);
+    wait_online(&c.tctl, "van", None, Duration::from_secs(60));
+    wait_report(&c, &agent, "van", |e| {
+        e["up.ecu1"] == "yes" && e["up.gone"] == "no"
+    });
+
+    // tctl devices ls: a row per target, reachable or not.
+    let ls = c.tctl.ok(&["devices", "ls"]).stdout();
+    let row = |name: &str| {
+        ls.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row:\n{ls}"))
+            .to_string()
+    };
+    assert!(row("van/ecu1 ").contains(" reachable"), "{ls}");
+    assert!(row("van/ecu1 ").contains("zone=engine"), "{ls}");
+    assert!(row("van/gone ").contains(" unreachable"), "{ls}");
+
+    c.add_user("alice", "root,alice", PW);
+    let alice = Tsh::new(c.dir.join("tsh-alice"), c.proxy());
+    alice
+        .login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login alice");
+
+    // tsh ls: the target with the device's labels and its own.
+    let ls = alice.run(&["ls"], None).expect_ok("tsh ls").stdout();
+    let ecu = ls
+        .lines()
+        .find(|l| l.starts_with("van/ecu1 "))
+        .unwrap_or_else(|| panic!("no van/ecu1 row:\n{ls}"));
+    assert!(
+        ecu.contains("fleet=vans") && ecu.contains("zone=engine"),
+        "{ls}"
+    );
+
+    // tsh ssh: exec end to end on the target's own sshd.
+    let r = alice.run(
+        &[
+            "ssh",
+            "root@van/ecu1",
+            "echo",
+            "from-ecu1",
+            "$SSH_CONNECTION",
+        ],
+        None,
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    assert!(
+        r.stdout().starts_with("from-ecu1 127.0.0.1 "),
+        "{}",
+        r.stdout()
+    );
+    let log = std::fs::read_to_string(sshd.get("SSHD_LOG")).unwrap_or_default();
+    assert!(log.contains("Accepted publickey for root"), "{log}");
+
+    // Stock OpenSSH through `tsh config` (ProxyCommand tsh proxy ssh), host CA only.
+    let cfg = alice.config();
+    let cfg_text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(cfg_text.contains("van/ecu1"), "{cfg_text}");
+    let r = run(
+        ssh(&cfg, &["root@van/ecu1", "echo", "via-openssh"]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    assert_eq!(r.stdout(), "via-openssh\n");
+
+    // A target whose host certificate names another host: refused in one line, by tsh and
+    // by OpenSSH alike.
+    let r = alice.run(&["ssh", "root@van/alias", "echo", "nope"], None);
+    assert_ne!(r.code(), Some(0));
+    assert!(!r.stdout().contains("nope"));
+    let err = r.stderr();
+    assert!(
+        err.contains("holds a host certificate for") && err.contains("not van/alias"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let r = run(
+        ssh(
+            &cfg,
+            &[
+                "-o",
+                "HostKeyAlias=van/alias",
+                "root@van/ecu1",
+                "echo",
+                "nope",
+            ],
+        ),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_ne!(r.code(), Some(0));
+    assert!(!r.stdout().contains("nope"));
+
+    // Unreachable, unknown: one line each, and the agent's audit event.
+    let r = alice.run(&["ssh", "root@van/gone", "true"], None);
+    assert_ne!(r.code(), Some(0));
+    let err = r.stderr();
+    assert!(
+        err.contains("target van/gone") && err.contains("unreachable"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let r = alice.run(&["ssh", "root@van/nope", "true"], None);
+    assert_ne!(r.code(), Some(0));
+    assert!(
+        r.stderr().contains("has no target \"nope\""),
+        "{}",
+        r.stderr()
+    );
+    let found = wait_until(Duration::from_secs(90), || {
+        let ev = c.tctl.ok(&[
+            "audit",
+            "search",
+            "--format",
+            "json",
+            "--device",
+            "van",
+            "--type",
+            "target.refused",
+        ]);
+        ev.json().as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e["target"] == "gone" && e["user"] == "alice")
+        })
+    });
+    assert!(found, "no target.refused event for gone");
+
+    // Login refused by the target's sshd (its principals file lists root only).
+    let r = alice.run(&["ssh", "alice@van/ecu1", "true"], None);
+    assert_ne!(r.code(), Some(0));
+    assert!(
+        r.stderr()
+            .contains("access to van/ecu1 as \"alice\" denied"),
+        "{}",
+        r.stderr()
+    );
+
+    // Roles match a target by its labels: bob may reach vans but not cameras.
+    c.tctl.ok(&[
+        "roles",
+        "add",
+        "no-cameras",
+        "--allow",
+        "fleet=vans",
+        "--deny",
+        "zone=camera",
+    ]);
+    let mut add = c.auth.tctl_cmd();
+    add.args([
+        "users",
+        "add",
+        "bob",
+        "--logins",
+        "root",
+        "--roles",
+        "no-cameras",
+        "--password-stdin",
+    ]);
+    run(
+        add,
+        Some(format!("{PW}\n").as_bytes()),
+        Duration::from_secs(30),
+    )
+    .expect_ok("users add bob");
+    let bob = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
+    bob.login("bob", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login bob");
+    let r = bob.run(&["ssh", "root@van/cam", "echo", "nope"], None);
+    assert_ne!(r.code(), Some(0));
+    assert!(!r.stdout().contains("nope"));
+    assert!(
+        r.stderr().contains("do not allow target van/cam"),
+        "{}",
+        r.stderr()
+    );
+    let r = bob.run(&["ssh", "root@van/ecu1", "echo", "engine-ok"], None);
+    assert_eq!(r.stdout(), "engine-ok\n", "{}", r.stderr());
+    let ls = bob.run(&["ls"], None).expect_ok("tsh ls bob").stdout();
+    assert!(ls.contains("van/ecu1") && !ls.contains("van/cam"), "{ls}");
+    drop(sshd);
 }

@@ -11,7 +11,7 @@ use edgeport_proto::tunnel::Service;
 use crate::errors::{denied, internal, locked, not_found};
 use crate::handlers::user_certs::check_not_locked;
 use crate::service::Service as Svc;
-use crate::{devices, gateways, locks, roles, users};
+use crate::{devices, gateways, locks, roles, targets, users};
 
 /// The user a gateway-relayed certificate names, once the authority has checked it: this
 /// cluster's CA, the validity window, a user principal, and a user record no younger than the
@@ -65,10 +65,23 @@ pub fn authorize_dial(
         return Err(not_found(format!("device {device} is offline")));
     }
     let names = crate::access_requests::dial_roles(store, &subject, cert_der, now)?;
+    // A target behind the device (relay mode) is matched by its own labels on top of the
+    // device's, as its device last reported it in its signed audit log.
+    let (what, labels) = match &service {
+        Service::Target(name) => {
+            let t = targets::find(store, &info, name)?.ok_or_else(|| {
+                not_found(format!(
+                    "device {device} has no target {name:?} (not in its last targets report)"
+                ))
+            })?;
+            (format!("target {}", t.address()), t.labels)
+        }
+        _ => (format!("device {device}"), info.labels.clone()),
+    };
     let grants = roles::grants(store, &names)?;
-    if !grants.allows_device(&info.labels) {
+    if !grants.allows_device(&labels) {
         return Err(denied(format!(
-            "the roles of user {user} ({}) do not allow device {device}",
+            "the roles of user {user} ({}) do not allow {what}",
             grants.extension.roles.join(",")
         )));
     }

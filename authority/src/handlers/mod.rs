@@ -6,6 +6,7 @@ pub mod dial;
 pub mod join;
 pub mod presence;
 pub mod sso;
+pub mod targets;
 pub mod user_action;
 pub mod user_certs;
 pub mod web;

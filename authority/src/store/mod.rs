@@ -78,10 +78,12 @@ pub enum Table {
     /// Access requests (`access_requests::AccessRecord`) by `r/ID`, and the nonces of signed
     /// user actions already taken, by `n/NONCE` (dropped once too old to be accepted).
     AccessRequests,
+    /// The latest `targets` report of each device (`targets::Report`), by device id.
+    Targets,
 }
 
 impl Table {
-    pub const ALL: [Table; 25] = [
+    pub const ALL: [Table; 26] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -107,6 +109,7 @@ impl Table {
         Table::WebSessions,
         Table::Usage,
         Table::AccessRequests,
+        Table::Targets,
     ];
 
     /// The table's name in the backing store.
@@ -137,6 +140,7 @@ impl Table {
             Table::WebSessions => "web_sessions",
             Table::Usage => "usage",
             Table::AccessRequests => "access_requests",
+            Table::Targets => "targets",
         }
     }
 }

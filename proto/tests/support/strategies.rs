@@ -63,7 +63,12 @@ pub fn transport() -> impl Strategy<Value = Transport> + Clone {
     prop_oneof![Just(Transport::Quic), Just(Transport::Tcp)]
 }
 pub fn service() -> impl Strategy<Value = Service> + Clone {
-    prop_oneof![Just(Service::Echo), Just(Service::Ssh), Just(Service::Kube)]
+    prop_oneof![
+        Just(Service::Echo),
+        Just(Service::Ssh),
+        Just(Service::Kube),
+        "[a-z0-9._-]{1,12}".prop_map(Service::Target),
+    ]
 }
 pub fn token_kind() -> impl Strategy<Value = TokenKind> + Clone {
     prop_oneof![Just(TokenKind::Device), Just(TokenKind::Gateway)]
@@ -715,6 +720,12 @@ pub fn request() -> impl Strategy<Value = Request> {
             })
         }),
         Just(Request::AccessRequestList),
+        (s(), s(), any::<u64>()).prop_map(|(name, ssh_public_key, ttl_secs)| Request::SignHost {
+            name,
+            ssh_public_key,
+            ttl_secs
+        }),
+        os().prop_map(|user| Request::TargetList { user }),
         (s(), any::<bool>(), s(), any::<u64>()).prop_map(|(id, approve, reason, ttl_secs)| {
             Request::AccessRequestReview(AccessReview {
                 id,
@@ -898,6 +909,9 @@ pub fn response() -> impl Strategy<Value = Response> {
         ),
         vec(device_usage(), 0..2).prop_map(Response::DeviceUsage),
         vec(access_request_info(), 0..2).prop_map(Response::AccessRequests),
+        (s(), any::<u64>())
+            .prop_map(|(cert, valid_before)| Response::HostCert { cert, valid_before }),
+        vec(target_info(), 0..2).prop_map(Response::Targets),
     ]
 }
 
@@ -972,6 +986,7 @@ pub fn client_request() -> impl Strategy<Value = ClientRequest> {
             .prop_map(|(session_id, offset)| ClientRequest::RecordingFrom { session_id, offset }),
         (bytes(), bytes())
             .prop_map(|(body, signature)| ClientRequest::UserAction { body, signature }),
+        Just(ClientRequest::ListTargets),
     ]
 }
 
@@ -1024,5 +1039,19 @@ pub fn client_reply() -> impl Strategy<Value = ClientReply> {
         (vec(recording_info(), 0..2), os())
             .prop_map(|(recordings, next)| ClientReply::RecordingPage { recordings, next }),
         vec(access_request_info(), 0..2).prop_map(ClientReply::AccessRequests),
+        vec(target_info(), 0..2).prop_map(ClientReply::Targets),
     ]
+}
+
+pub fn target_info() -> impl Strategy<Value = edgeport_proto::targets::TargetInfo> + Clone {
+    (s(), s(), s(), labels(), of(any::<bool>()), any::<u64>()).prop_map(
+        |(device, name, addr, labels, reachable, checked_ms)| edgeport_proto::targets::TargetInfo {
+            device,
+            name,
+            addr,
+            labels,
+            reachable,
+            checked_ms,
+        },
+    )
 }

@@ -184,6 +184,12 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
     let mut devices = gateway::list_devices(&creds, g.transport).await?;
     devices.retain(|d| want.iter().all(|(k, v)| d.labels.get(k) == Some(v)));
     devices.sort_by(|a, b| a.id.cmp(&b.id));
+    // Hosts behind devices (a gateway older than targets lists none).
+    let mut targets = gateway::list_targets(&creds, g.transport)
+        .await
+        .unwrap_or_default();
+    targets.retain(|t| want.iter().all(|(k, v)| t.labels.get(k) == Some(v)));
+    targets.sort_by_key(|t| t.address());
     match args.format {
         Format::Json | Format::Yaml => args.format.print(&serde_json::Value::Array(
             devices.iter().map(crate::schema::device).collect(),
@@ -201,6 +207,21 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
                         format!(
                             "{} ago",
                             crate::text::duration(now_secs().saturating_sub(d.last_seen))
+                        )
+                    },
+                ]);
+            }
+            for tg in &targets {
+                t.row(vec![
+                    tg.address(),
+                    tg.status().into(),
+                    edgeport_proto::util::format_labels(&tg.labels),
+                    if tg.checked_ms == 0 {
+                        String::new()
+                    } else {
+                        format!(
+                            "checked {} ago",
+                            crate::text::duration(now_secs().saturating_sub(tg.checked_ms / 1000))
                         )
                     },
                 ]);

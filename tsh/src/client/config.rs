@@ -30,6 +30,13 @@ pub async fn run(g: &Global) -> Result<i32, CliError> {
         ids.sort();
         hosts.extend(ids);
     }
+    // Hosts behind devices, `ssh DEVICE/TARGET` (their host certificates name that).
+    let list = gateway::list_targets(&creds, g.transport);
+    if let Ok(Ok(targets)) = tokio::time::timeout(Duration::from_secs(10), list).await {
+        let mut names: Vec<String> = targets.iter().map(|t| t.address()).collect();
+        names.sort();
+        hosts.extend(names);
+    }
 
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
@@ -55,7 +62,10 @@ pub async fn run(g: &Global) -> Result<i32, CliError> {
     crate::outln!(
         "# `scp`, `sftp` and `rsync -e ssh` reach devices through the gateway. Devices are"
     );
-    crate::outln!("# trusted only through the cluster's host CA (known_hosts below).");
+    crate::outln!(
+        "# trusted only through the cluster's host CA (known_hosts below). Hosts behind a"
+    );
+    crate::outln!("# device are `ssh LOGIN@DEVICE/TARGET`.");
     crate::outln!("Host {}", hosts.join(" "));
     crate::outln!(
         "    UserKnownHostsFile {}",

@@ -219,12 +219,65 @@ pub async fn dial_ssh(
     target: &str,
 ) -> Result<(BoxedStream, String), CliError> {
     let tls = creds_config(creds)?;
+    // `DEVICE/TARGET`: a host behind the device, relayed by its agent (issue 22).
+    let (device, service) = match edgeport_proto::targets::split(target) {
+        Some((device, name)) => (device, Service::Target(name.to_string())),
+        None => (target, Service::Ssh),
+    };
     let req = ClientRequest::Dial {
-        target: target.to_string(),
-        service: Service::Ssh,
+        target: device.to_string(),
+        service: service.clone(),
     };
     match user_request(creds, tls, transport, &req).await? {
-        (ClientReply::DialOk { session_id, .. }, stream) => Ok((stream, session_id)),
+        (ClientReply::DialOk { session_id, .. }, mut stream) => {
+            if let Service::Target(_) = service {
+                relay_status(&mut stream, target).await?;
+            }
+            Ok((stream, session_id))
+        }
+        (other, _) => Err(unexpected(&other)),
+    }
+}
+
+/// The agent's first byte on a relayed stream (edge-agent/src/relay.rs): `0`, connected to the
+/// target; `1` and one line saying why not (unknown target, unreachable).
+async fn relay_status(stream: &mut BoxedStream, target: &str) -> Result<(), CliError> {
+    use tokio::io::AsyncReadExt;
+    let lost = |e: std::io::Error| {
+        CliError::msg(format!(
+            "the device behind {target} closed the stream before connecting to the target: {e}"
+        ))
+    };
+    let first = tokio::time::timeout(REPLY_TIMEOUT, stream.read_u8())
+        .await
+        .map_err(|_| {
+            CliError::msg(format!(
+                "the device did not connect to {target} within {REPLY_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(lost)?;
+    if first == 0 {
+        return Ok(());
+    }
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 1024 {
+        match stream.read(&mut byte).await {
+            Ok(1) if byte[0] != b'\n' => line.push(byte[0]),
+            _ => break,
+        }
+    }
+    Err(CliError::msg(String::from_utf8_lossy(&line).into_owned()))
+}
+
+/// The targets behind devices that the user's roles reach (`tsh ls`, `tsh config`).
+pub async fn list_targets(
+    creds: &Creds,
+    transport: Transport,
+) -> Result<Vec<edgeport_proto::targets::TargetInfo>, CliError> {
+    let tls = creds_config(creds)?;
+    match user_request(creds, tls, transport, &ClientRequest::ListTargets).await? {
+        (ClientReply::Targets(t), _) => Ok(t),
         (other, _) => Err(unexpected(&other)),
     }
 }

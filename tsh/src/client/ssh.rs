@@ -281,8 +281,14 @@ pub async fn connect(
             } else {
                 detail
             });
+        // A host behind a device (relay mode) runs its own sshd, which decides alone.
+        let hint = if edgeport_proto::targets::split(device).is_some() {
+            " (the target's sshd refused the login: does it trust the user CA and list this login's principal?)"
+        } else {
+            ""
+        };
         return Err(CliError::msg(format!(
-            "access to {device} as {login:?} denied: {why}"
+            "access to {device} as {login:?} denied: {why}{hint}"
         )));
     }
     Ok(Connection {

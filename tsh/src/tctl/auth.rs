@@ -30,9 +30,21 @@ pub async fn export(s: &mut Session, a: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A user certificate's default validity.
+const USER_TTL: u64 = 12 * 3600;
+/// A host certificate's default validity (`--host`).
+const HOST_TTL: u64 = 365 * 86_400;
+
 pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
-    if !valid_name(&a.user) {
-        bail!("invalid user name {:?}", a.user);
+    if let (Some(host), Some(pubkey)) = (&a.host, &a.pubkey) {
+        return sign_host(s, host, pubkey, a.ttl.unwrap_or(HOST_TTL), a.out.as_deref()).await;
+    }
+    let (Some(user), Some(out)) = (a.user.clone(), a.out.clone()) else {
+        bail!("give --user NAME --out PATH, or --host NAME --pubkey FILE");
+    };
+    let ttl = a.ttl.unwrap_or(USER_TTL);
+    if !valid_name(&user) {
+        bail!("invalid user name {user:?}");
     }
     let kube = match (a.format, &a.kube_cluster, &a.proxy) {
         (SignFormat::Kubernetes, Some(c), Some(p)) => Some((c.clone(), p.clone())),
@@ -41,14 +53,14 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    if a.ttl == 0 {
+    if ttl == 0 {
         bail!("--ttl must be more than 0");
     }
     let key = KeyPair::generate()?;
     let req = SignUserRequest {
-        user: a.user.clone(),
+        user,
         ssh_public_key: key.public_openssh(),
-        ttl_secs: a.ttl,
+        ttl_secs: ttl,
         logins: a.logins.clone(),
     };
     let certs = match s.call(Request::SignUser(req)).await? {
@@ -56,9 +68,9 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
         other => return Err(unexpected(other).into()),
     };
     let written = match a.format {
-        SignFormat::Openssh => write_openssh(&a.out, &key, &certs)?,
-        SignFormat::Tls => write_tls(&a.out, &key, &certs)?,
-        SignFormat::File => write_identity(&a.out, &key, &certs, &s.auth_addr, a.proxy.as_deref())?,
+        SignFormat::Openssh => write_openssh(&out, &key, &certs)?,
+        SignFormat::Tls => write_tls(&out, &key, &certs)?,
+        SignFormat::File => write_identity(&out, &key, &certs, &s.auth_addr, a.proxy.as_deref())?,
         SignFormat::Kubernetes => {
             let (cluster, proxy) = kube.unwrap_or_default();
             let creds = crate::client::kube::KubeCreds {
@@ -68,15 +80,15 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
                 cert_pem: &certs.x509_cert_pem,
                 key_pem: &key.pkcs8_pem(),
             };
-            crate::client::kube::write_kubeconfig_file(&a.out, &creds)
-                .with_context(|| format!("cannot write {}", a.out.display()))?;
-            vec![a.out.clone()]
+            crate::client::kube::write_kubeconfig_file(&out, &creds)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            vec![out.clone()]
         }
     };
     for p in &written {
         crate::outln!("wrote {}", p.display());
     }
-    let capped = crate::text::capped_note(a.ttl, certs.valid_before, now_secs())
+    let capped = crate::text::capped_note(ttl, certs.valid_before, now_secs())
         .map(|note| format!(", {note}"))
         .unwrap_or_default();
     crate::outln!(
@@ -85,6 +97,37 @@ pub async fn sign(s: &mut Session, a: SignArgs) -> anyhow::Result<()> {
         csv(&certs.logins),
         expiry_text(certs.valid_before)
     );
+    Ok(())
+}
+
+/// `tctl auth sign --host NAME --pubkey FILE`: a host certificate for a legacy host's own
+/// key (its sshd's `HostCertificate`), written to `out` or standard output.
+async fn sign_host(
+    s: &mut Session,
+    name: &str,
+    pubkey: &Path,
+    ttl: u64,
+    out: Option<&Path>,
+) -> anyhow::Result<()> {
+    let key = std::fs::read_to_string(pubkey)
+        .with_context(|| format!("cannot read {}", pubkey.display()))?;
+    let req = Request::SignHost {
+        name: name.to_string(),
+        ssh_public_key: key.trim().to_string(),
+        ttl_secs: ttl,
+    };
+    let (cert, valid_before) = match s.call(req).await? {
+        Response::HostCert { cert, valid_before } => (cert, valid_before),
+        other => return Err(unexpected(other).into()),
+    };
+    match out {
+        Some(path) => {
+            write_public(path, &cert)?;
+            crate::outln!("wrote {}", path.display());
+            crate::outln!("host {name}, valid until {}", expiry_text(valid_before));
+        }
+        None => crate::out!("{}", with_newline(cert.trim_end())),
+    }
     Ok(())
 }
 

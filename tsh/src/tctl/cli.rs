@@ -227,7 +227,8 @@ pub struct AuditVerifyArgs {
 pub enum AuthCmd {
     /// Prints a CA's public material.
     Export(ExportArgs),
-    /// Makes a key pair here and has the authority certify it (for bots and CI jobs).
+    /// Makes a key pair here and has the authority certify it (for bots and CI jobs); with
+    /// --host, certifies a host's own public key (a host behind a device, relay mode).
     Sign(SignArgs),
 }
 
@@ -262,16 +263,24 @@ pub enum SignFormat {
 #[derive(Debug, Args)]
 pub struct SignArgs {
     /// The user the certificate is for (its key id and x509 common name).
-    #[arg(long)]
-    pub user: String,
-    /// Where to write (see --format for the file names).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "host", conflicts_with = "host")]
+    pub user: Option<String>,
+    /// A host certificate instead, for the sshd of the host behind a device reached as
+    /// DEVICE/TARGET (principals NAME and NAME.CLUSTER); needs --pubkey.
+    #[arg(long, value_name = "NAME", requires = "pubkey")]
+    pub host: Option<String>,
+    /// The host's Ed25519 public key file (its /etc/ssh/ssh_host_ed25519_key.pub), for --host.
+    #[arg(long, value_name = "FILE", requires = "host")]
+    pub pubkey: Option<PathBuf>,
+    /// Where to write (see --format for the file names); with --host, the certificate (standard
+    /// output when not given).
+    #[arg(long, required_unless_present = "host")]
+    pub out: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "file")]
     pub format: SignFormat,
-    /// Validity (capped by the user's roles).
-    #[arg(long, default_value = "12h", value_parser = parse_duration)]
-    pub ttl: u64,
+    /// Validity (capped by the user's roles); default 12h for a user, 8760h for --host.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<u64>,
     /// Restrict the certificate to these logins (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub logins: Option<Vec<String>>,

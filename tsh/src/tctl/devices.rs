@@ -59,6 +59,30 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                         .unwrap_or("-".into()),
                 ]);
             }
+            // Hosts behind the devices, as each device last reported them (an authority
+            // older than targets has none to list).
+            let targets = match s.call(Request::TargetList { user: None }).await {
+                Ok(Response::Targets(t)) => t,
+                _ => Vec::new(),
+            };
+            for tg in &targets {
+                t.row(vec![
+                    tg.address(),
+                    tg.status().into(),
+                    "relay".into(),
+                    tg.addr.clone(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    if tg.checked_ms == 0 {
+                        "-".into()
+                    } else {
+                        format!("checked {}", ago_text(tg.checked_ms / 1000))
+                    },
+                    dash(&format_labels(&tg.labels)),
+                    "-".into(),
+                ]);
+            }
             t.print();
             Ok(())
         }

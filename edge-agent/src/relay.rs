@@ -1,0 +1,138 @@
+//! Relay mode (issue 22): a gateway-opened stream for `Service::Target(NAME)` is joined to a
+//! TCP connection to the configured address of this agent's target NAME, and the agent only
+//! copies bytes: the user's SSH runs end to end to the target's own sshd. Never an address
+//! the user names; only with the authority's ticket for that target on this device.
+//!
+//! The first byte the agent sends back says how it went: `0` and then the target's bytes, or
+//! `1` and one line saying why not (tsh prints it), after which the stream ends.
+
+use std::sync::{Arc, RwLock};
+
+use edgeport_net::BoxedStream;
+use edgeport_proto::ticket::{Expected, ReplayGuard};
+use edgeport_proto::tunnel::{Service, StreamHeader};
+use tokio::io::AsyncWriteExt;
+
+use crate::identity::DeviceIdentity;
+use crate::targets::TargetSet;
+
+/// The first byte of a relayed stream: connected.
+pub const RELAY_OK: u8 = 0;
+/// The first byte of a relayed stream: refused, one line follows.
+pub const RELAY_REFUSED: u8 = 1;
+
+/// What a target stream's ticket must name.
+#[derive(Default)]
+struct Who {
+    cluster: String,
+    device: String,
+    host_ca: Vec<u8>,
+}
+
+pub struct Relay {
+    targets: Arc<TargetSet>,
+    who: RwLock<Who>,
+    seen: ReplayGuard,
+}
+
+impl Relay {
+    pub fn new(targets: Arc<TargetSet>) -> Self {
+        Self {
+            targets,
+            who: RwLock::new(Who::default()),
+            seen: ReplayGuard::default(),
+        }
+    }
+
+    /// After a join, renewal or CA rotation.
+    pub fn identity_changed(&self, ident: &DeviceIdentity) {
+        if let Ok(mut w) = self.who.write() {
+            *w = Who {
+                cluster: ident.cas.cluster.clone(),
+                device: ident.device_id.clone(),
+                host_ca: edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default(),
+            };
+        }
+    }
+
+    /// Relays `stream` to target `name`, or says in one line why not.
+    pub async fn serve(&self, mut stream: BoxedStream, header: StreamHeader, name: &str) {
+        let user = header.user.clone().unwrap_or_default();
+        let session = &header.session_id;
+        let refuse = |why: String| {
+            tracing::info!(%user, target = %name, %session, "target stream refused: {why}");
+            crate::audit::event("target.refused")
+                .session(session)
+                .user(&user)
+                .field("target", name)
+                .field("error", &why)
+                .emit();
+            why
+        };
+        let checked = match self.who.read() {
+            Ok(w) => self
+                .seen
+                .admit(
+                    header.ticket.as_ref(),
+                    &w.host_ca,
+                    &Expected {
+                        cluster: &w.cluster,
+                        device: &w.device,
+                        service: Service::Target(name.to_string()),
+                        requester: None,
+                        holder: None,
+                    },
+                    edgeport_net::clock::now_secs(),
+                )
+                .map(|_| w.device.clone())
+                .map_err(|e| format!("the dial's ticket does not count: {e}")),
+            Err(_) => Err("the device identity is unavailable".into()),
+        };
+        let device = match checked {
+            Ok(d) => d,
+            Err(e) => return say(stream, &refuse(e)).await,
+        };
+        let Some(t) = self.targets.get(name) else {
+            let why = format!("device {device} has no target {name:?} configured");
+            return say(stream, &refuse(why)).await;
+        };
+        let mut up = match crate::targets::connect(&t.addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                let why = format!(
+                    "target {device}/{name} ({}) is unreachable from the device: {e}",
+                    t.addr
+                );
+                return say(stream, &refuse(why)).await;
+            }
+        };
+        let _ = up.set_nodelay(true);
+        crate::audit::event("target.connect")
+            .session(session)
+            .user(&user)
+            .field("target", name)
+            .field("addr", &t.addr)
+            .emit();
+        if stream.write_all(&[RELAY_OK]).await.is_err() {
+            return;
+        }
+        let copied = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
+        let (up_bytes, down_bytes) = copied.unwrap_or_default();
+        crate::audit::event("target.end")
+            .session(session)
+            .user(&user)
+            .field("target", name)
+            .field("bytes_up", up_bytes)
+            .field("bytes_down", down_bytes)
+            .emit();
+    }
+}
+
+/// Refuses a target stream with one line.
+async fn say(mut stream: BoxedStream, why: &str) {
+    let mut msg = vec![RELAY_REFUSED];
+    msg.extend_from_slice(why.replace('\n', " ").as_bytes());
+    msg.push(b'\n');
+    let _ = stream.write_all(&msg).await;
+    let _ = stream.shutdown().await;
+}
