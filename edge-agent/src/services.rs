@@ -189,7 +189,10 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
             tracing::info!(session = %header.session_id, "kube stream refused: {NO_KUBE}");
             refuse_kube(stream).await;
         }
-        Service::Target(name) => services.relay.serve(stream, header, &name).await,
+        Service::Target(name) => {
+            let stream = counted(stream, Counted::Target);
+            services.relay.serve(stream, header, &name).await
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! `ssh` and `kube` are counted as their streams cross the tunnel; `control` and `audit` as
 //! control frames are read and written; `forward` as port-forwarded connections move bytes;
 //! `sftp` (the sftp subsystem and `scp` commands) as the channel data of those programs when
-//! they end. `sftp` and `forward` are part of `ssh`, counted again on their own.
+//! they end; `target` as relayed streams to hosts behind the device cross the tunnel. `sftp`
+//! and `forward` are part of `ssh`, counted again on their own.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,7 @@ pub enum Counted {
     Kube = 3,
     Control = 4,
     Audit = 5,
+    Target = 6,
 }
 
 /// How often a changed set of counters is sent while something other than the control

@@ -8,7 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 /// The services an agent counts, in the order it reports them.
-pub const SERVICES: [&str; 6] = ["ssh", "sftp", "forward", "kube", "control", "audit"];
+pub const SERVICES: [&str; 7] = [
+    "ssh", "sftp", "forward", "kube", "control", "audit", "target",
+];
 
 /// Most services one report may carry, and the longest service name (longer ones are
 /// dropped by the authority).
@@ -28,7 +30,7 @@ pub struct ServiceBytes {
 /// `ssh` is every byte of the SSH connections (encrypted, as they cross the tunnel); `sftp`
 /// (SFTP and scp programs) and `forward` (port forwarding) are the part of it those channels
 /// carried, counted as channel data. `control` is the tunnel's control stream without the
-/// audit batches, which are `audit`.
+/// audit batches, which are `audit`; `target` the bytes relayed to hosts behind the device.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageReport {
     pub since: u64,

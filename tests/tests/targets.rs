@@ -180,7 +180,8 @@ fn relay_to_a_real_sshd_behind_the_device() {
         format!("alias={target}"),
         format!("gone={closed}"),
     ];
-    let mut args = Vec::new();
+    // Byte counters reported every second (the relayed bytes are checked below).
+    let mut args = vec!["--test-usage-every", "1s"];
     for l in &lines {
         args.extend(["--target", l.as_str()]);
     }
@@ -250,6 +251,16 @@ fn relay_to_a_real_sshd_behind_the_device() {
     );
     assert_eq!(r.code(), Some(0), "{}", r.stderr());
     assert_eq!(r.stdout(), "via-openssh\n");
+
+    // The relayed SSH is counted as the device's `target` bytes.
+    let counted = edgeport_e2e::wait_until(Duration::from_secs(30), || {
+        let u = c.tctl.ok(&["devices", "usage", "van", "--format", "json"]).json();
+        u[0]["services"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|x| x["service"] == "target" && x["up"].as_u64() > Some(1000))
+        })
+    });
+    assert!(counted, "relayed bytes were not counted under target");
 
     // A target whose host certificate names another host: refused in one line, by tsh and
     // by OpenSSH alike.
