@@ -20,7 +20,7 @@ use std::process::Command;
 
 use edgeport_e2e::fabric::{wait_online, Agent};
 use edgeport_e2e::peers::Peer;
-use edgeport_e2e::ssh::{ssh, Cluster, Tsh};
+use edgeport_e2e::ssh::{random_file, same_file, ssh, Cluster, Tsh};
 use edgeport_e2e::{run, wait_until};
 use serde_json::Value;
 
@@ -254,13 +254,116 @@ fn relay_to_a_real_sshd_behind_the_device() {
 
     // The relayed SSH is counted as the device's `target` bytes.
     let counted = edgeport_e2e::wait_until(Duration::from_secs(30), || {
-        let u = c.tctl.ok(&["devices", "usage", "van", "--format", "json"]).json();
+        let u = c
+            .tctl
+            .ok(&["devices", "usage", "van", "--format", "json"])
+            .json();
         u[0]["services"].as_array().is_some_and(|s| {
             s.iter()
                 .any(|x| x["service"] == "target" && x["up"].as_u64() > Some(1000))
         })
     });
     assert!(counted, "relayed bytes were not counted under target");
+
+    // Files through the relay with stock OpenSSH tools: scp and rsync by the `van+ecu1`
+    // alias (they read `van/ecu1:path` as a local path), sftp by either name. The target's
+    // sshd runs on this machine, so its files are ours to compare.
+    let src = c.dir.join("fw.bin");
+    random_file(&src, 700_001);
+    let up = c.dir.join("fw-on-ecu1.bin");
+    let mut scp = Command::new("scp");
+    scp.arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes"])
+        .arg(&src);
+    scp.arg(format!("root@van+ecu1:{}", up.display()));
+    let r = run(scp, None, Duration::from_secs(120));
+    assert_eq!(r.code(), Some(0), "scp: {}", r.stderr());
+    assert!(same_file(&src, &up), "scp copied other bytes");
+    let back = c.dir.join("fw-back.bin");
+    let mut sftp = Command::new("sftp");
+    sftp.arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "-b", "-", "root@van/ecu1"]);
+    let batch = format!("get {} {}\n", up.display(), back.display());
+    let r = run(sftp, Some(batch.as_bytes()), Duration::from_secs(120));
+    assert_eq!(r.code(), Some(0), "sftp: {}", r.stderr());
+    assert!(same_file(&src, &back), "sftp copied other bytes");
+    let tree = c.dir.join("logs");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    random_file(&tree.join("sub/a.log"), 50_000);
+    let mirror = c.dir.join("logs-on-ecu1");
+    let mut rsync = Command::new("rsync");
+    rsync
+        .arg("-a")
+        .arg("-e")
+        .arg(format!("ssh -F {} -o BatchMode=yes", cfg.display()));
+    rsync
+        .arg(format!("{}/", tree.display()))
+        .arg(format!("root@van+ecu1:{}/", mirror.display()));
+    let r = run(rsync, None, Duration::from_secs(120));
+    assert_eq!(r.code(), Some(0), "rsync: {}", r.stderr());
+    assert!(same_file(
+        &tree.join("sub/a.log"),
+        &mirror.join("sub/a.log")
+    ));
+
+    // Local port forwarding through the target's sshd (-L to its own SSH port).
+    let lport = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let fwd = format!("{lport}:{target}");
+    let mut tunnel = ssh(&cfg, &["-N", "-L", &fwd, "root@van/ecu1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    let forwarded = wait_until(Duration::from_secs(30), || {
+        use std::io::Read;
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", lport)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        banner = String::from_utf8_lossy(&buf[..n]).into_owned();
+        banner.starts_with("SSH-2.0-")
+    });
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+    assert!(forwarded, "no SSH banner through -L: {banner:?}");
+
+    // A lock on the user cuts a live relayed session (the agent cannot see inside it; the
+    // gateway ends the spliced stream).
+    let sessions = || {
+        std::fs::read_to_string(sshd.get("SSHD_LOG"))
+            .unwrap_or_default()
+            .matches("Accepted publickey for root")
+            .count()
+    };
+    let before = sessions();
+    let mut long = alice.cmd(&["ssh", "root@van/ecu1", "echo started; sleep 300"]);
+    long.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = long.spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || sessions() > before
+        || matches!(child.try_wait(), Ok(Some(_)))));
+    c.tctl
+        .ok(&["lock", "--user", "alice", "--message", "incident 7"]);
+    let ended = wait_until(Duration::from_secs(60), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(ended, "the locked user's relayed session is still running");
+    assert_ne!(out.status.code(), Some(0));
+    c.tctl.ok(&["unlock", "--user", "alice"]);
 
     // A target whose host certificate names another host: refused in one line, by tsh and
     // by OpenSSH alike.

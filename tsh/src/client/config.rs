@@ -30,11 +30,18 @@ pub async fn run(g: &Global) -> Result<i32, CliError> {
         ids.sort();
         hosts.extend(ids);
     }
-    // Hosts behind devices, `ssh DEVICE/TARGET` (their host certificates name that).
+    // Hosts behind devices, `ssh DEVICE/TARGET` (their host certificates name that), and
+    // `DEVICE+TARGET` for scp and rsync, which take a `/` before the `:` for a local path.
+    let mut aliases = Vec::new();
     let list = gateway::list_targets(&creds, g.transport);
     if let Ok(Ok(targets)) = tokio::time::timeout(Duration::from_secs(10), list).await {
         let mut names: Vec<String> = targets.iter().map(|t| t.address()).collect();
         names.sort();
+        for n in &names {
+            let alias = n.replacen('/', "+", 1);
+            hosts.push(alias.clone());
+            aliases.push((alias, n.clone()));
+        }
         hosts.extend(names);
     }
 
@@ -65,7 +72,11 @@ pub async fn run(g: &Global) -> Result<i32, CliError> {
     crate::outln!(
         "# trusted only through the cluster's host CA (known_hosts below). Hosts behind a"
     );
-    crate::outln!("# device are `ssh LOGIN@DEVICE/TARGET`.");
+    crate::outln!("# device are `ssh LOGIN@DEVICE/TARGET` (`DEVICE+TARGET` for scp and rsync).");
+    for (alias, name) in &aliases {
+        crate::outln!("Host {alias}");
+        crate::outln!("    HostName {name}");
+    }
     crate::outln!("Host {}", hosts.join(" "));
     crate::outln!(
         "    UserKnownHostsFile {}",
