@@ -37,6 +37,9 @@ pub struct DeviceRecord {
     /// The gateway that relayed the join, and the address the device joined from.
     pub joined_via: String,
     pub join_addr: String,
+    /// Monthly data budget in bytes (`tctl devices set --data-budget`); none by default.
+    #[serde(default)]
+    pub data_budget: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -93,6 +96,24 @@ pub fn same_key(a: &str, b: &str) -> bool {
 
 pub fn get(store: &dyn Store, id: &str) -> Result<Option<DeviceRecord>, RpcError> {
     Ok(store::get(store, Table::Devices, id)?)
+}
+
+/// Sets or clears a device's monthly data budget, and whether it is past it now.
+pub fn set_budget(
+    store: &dyn Store,
+    id: &str,
+    budget: Option<u64>,
+    now: u64,
+) -> Result<(), RpcError> {
+    let updated = store::update::<DeviceRecord, RpcError, _>(store, Table::Devices, id, |old| {
+        let mut dev = old.ok_or_else(|| not_found(format!("no device {id}")))?;
+        dev.data_budget = budget;
+        Ok(Some(dev))
+    })?;
+    if updated.is_some() {
+        crate::usage::refresh_over_budget(store, id, budget, now)?;
+    }
+    Ok(())
 }
 
 pub fn revoked(store: &dyn Store, id: &str) -> Result<Option<RevokedRecord>, RpcError> {
@@ -233,9 +254,9 @@ pub fn apply_part(
     for p in &report.online {
         // Only devices in the inventory have presence; a removed one gets its revocation in
         // the acknowledgement instead.
-        if get(store, &p.id)?.is_none() {
+        let Some(dev) = get(store, &p.id)? else {
             continue;
-        }
+        };
         snap.seen.insert(p.id.clone(), p.connected_at);
         let old: Option<PresenceRecord> = store::get(store, Table::Presence, &p.id)?;
         // The device is held by another gateway now, and this gateway still reports the
@@ -258,6 +279,9 @@ pub fn apply_part(
         store::put(store, Table::Presence, &p.id, &rec)?;
         if let Some(usage) = &p.usage {
             crate::usage::absorb(store, &p.id, usage, now)?;
+            if dev.data_budget.is_some() {
+                crate::usage::refresh_over_budget(store, &p.id, dev.data_budget, now)?;
+            }
         }
     }
     snap.disconnected.extend(
@@ -471,6 +495,7 @@ mod tests {
             token_id: "t".into(),
             joined_via: "gw-a".into(),
             join_addr: "192.0.2.1:1".into(),
+            data_budget: None,
         }
     }
 

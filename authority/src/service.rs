@@ -91,7 +91,8 @@ fn access(req: &Request) -> Access {
         | Request::DeviceUsage { .. }
         | Request::AccessRequestList
         | Request::AccessRequestReview(_)
-        | Request::SignHost { .. } => Access::Admin,
+        | Request::SignHost { .. }
+        | Request::DeviceSetBudget { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -173,6 +174,7 @@ pub fn request_name(req: &Request) -> &'static str {
             "relaying web console requests"
         }
         Request::DeviceUsage { .. } => "reading device usage",
+        Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::AccessRequestUser(_) => "relaying access requests",
         Request::AccessRequestList => "listing access requests",
         Request::AccessRequestReview(_) => "reviewing access requests",
@@ -460,6 +462,11 @@ impl Service {
                 let (devices, more) =
                     devices::page_where(store, &after, now, |d| grants.allows_device(&d.labels))?;
                 Ok(Response::DevicePage { devices, more })
+            }
+            Request::DeviceSetBudget { id, data_budget } => {
+                devices::set_budget(store, &id, data_budget, now)?;
+                tracing::info!(device = %id, ?data_budget, "data budget set");
+                Ok(Response::Ok)
             }
             Request::DeviceRemove { id } => {
                 devices::revoke(store, &id, now)?;

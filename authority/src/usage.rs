@@ -96,6 +96,80 @@ pub fn absorb(
     Ok(())
 }
 
+/// The start (Unix seconds, 00:00 UTC) of the calendar month `now` is in.
+pub fn month_start(now: u64) -> u64 {
+    // Days since 1970-01-01 to a civil date and back (Howard Hinnant's algorithm).
+    let days = (now / DAY) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day_of_month = doy - (153 * mp + 2) / 5; // 0-based
+    (days - day_of_month).max(0) as u64 * DAY
+}
+
+/// The bytes a device moved this calendar month: every service but `sftp` and `forward`,
+/// which are part of `ssh`.
+pub fn month_total(rec: &UsageRecord, now: u64) -> u64 {
+    rec.days
+        .range(month_start(now)..)
+        .flat_map(|(_, services)| services.iter())
+        .filter(|(name, _)| name.as_str() != "sftp" && name.as_str() != "forward")
+        .map(|(_, (up, down))| up.saturating_add(*down))
+        .fold(0u64, u64::saturating_add)
+}
+
+/// A device past its budget this month, by device id in [`Table::OverBudget`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OverBudget {
+    pub month: u64,
+    pub budget: u64,
+}
+
+/// Records whether `device` is past `budget` this month (and forgets it otherwise).
+pub fn refresh_over_budget(
+    store: &dyn Store,
+    device: &str,
+    budget: Option<u64>,
+    now: u64,
+) -> Result<(), StoreError> {
+    let rec: UsageRecord = store::get(store, Table::Usage, device)?.unwrap_or_default();
+    let month = month_start(now);
+    let over = budget.filter(|b| month_total(&rec, now) >= *b);
+    let old: Option<OverBudget> = store::get(store, Table::OverBudget, device)?;
+    match over {
+        Some(budget)
+            if old
+                .as_ref()
+                .is_none_or(|o| o.month != month || o.budget != budget) =>
+        {
+            store::put(
+                store,
+                Table::OverBudget,
+                device,
+                &OverBudget { month, budget },
+            )?;
+        }
+        None if old.is_some() => {
+            store.delete(Table::OverBudget, device)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The devices past their budget this month (device, budget).
+pub fn over_budget(store: &dyn Store, now: u64) -> Result<Vec<(String, u64)>, StoreError> {
+    let month = month_start(now);
+    Ok(store::list::<OverBudget>(store, Table::OverBudget, "")?
+        .into_iter()
+        .filter(|(_, o)| o.month == month)
+        .map(|(d, o)| (d, o.budget))
+        .collect())
+}
+
 /// Totals over the last `days` days (today included) of `device`, or of every device.
 pub fn totals(
     store: &dyn Store,
@@ -190,6 +264,29 @@ mod tests {
         );
         let u = summed("d".into(), &r, 10 * DAY);
         assert_eq!((u.services[0].up, u.services[0].down), (167, 33));
+    }
+
+    #[test]
+    fn months_start_on_the_first_at_midnight_utc() {
+        // 2026-12-06T03:00:00Z -> 2026-12-01T00:00:00Z; 2024-02-29 -> 2024-02-01.
+        assert_eq!(month_start(1_796_526_000), 1_796_083_200);
+        assert_eq!(month_start(1_709_208_000), 1_706_745_600);
+        assert_eq!(month_start(0), 0);
+        let mut r = absorb_into(
+            UsageRecord::default(),
+            &report(1, (600, 400)),
+            1_796_526_000,
+        )
+        .unwrap();
+        r.days
+            .entry(1_796_083_200 - DAY)
+            .or_default()
+            .insert("ssh".into(), (5000, 0));
+        r.days
+            .get_mut(&(1_796_526_000 - 1_796_526_000 % DAY))
+            .unwrap()
+            .insert("sftp".into(), (300, 0));
+        assert_eq!(month_total(&r, 1_796_526_000), 1000);
     }
 
     #[test]

@@ -179,6 +179,11 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
             Some(ssh) => ssh.serve(counted(stream, Counted::Ssh), header).await,
             None => tracing::warn!(session = %header.session_id, "ssh service not available"),
         },
+        Service::Kube if crate::usage::over_budget().is_some() => {
+            let why = crate::usage::over_budget().unwrap_or_default();
+            tracing::warn!(session = %header.session_id, "kube stream refused: {why}");
+            refuse_kube(stream, kube_refusal(403, "Forbidden", "Forbidden", &why)).await;
+        }
         #[cfg(feature = "kube")]
         Service::Kube => match &services.kube {
             Some(kube) => kube.serve(counted(stream, Counted::Kube), header).await,
@@ -187,7 +192,7 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
         #[cfg(not(feature = "kube"))]
         Service::Kube => {
             tracing::info!(session = %header.session_id, "kube stream refused: {NO_KUBE}");
-            refuse_kube(stream).await;
+            refuse_kube(stream, no_kube_response()).await;
         }
         Service::Target(name) => {
             let stream = counted(stream, Counted::Target);
@@ -197,15 +202,12 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
 }
 
 /// Most bytes of a request head read before answering a refused kube stream.
-#[cfg(not(feature = "kube"))]
 const REFUSE_HEAD_MAX: usize = 64 * 1024;
 
-/// Answers the HTTP/1.1 request on a kube stream with `501 Not Implemented` and a
-/// Kubernetes `Status` saying [`NO_KUBE`] (kubectl prints its message), without an HTTP
-/// library: the request head is read first (the gateway expects its request taken), then the
-/// answer is written and the stream closed.
-#[cfg(not(feature = "kube"))]
-async fn refuse_kube(mut stream: BoxedStream) {
+/// Answers the HTTP/1.1 request on a kube stream with `answer` (a whole response, see
+/// [`kube_refusal`]), without an HTTP library: the request head is read first (the gateway
+/// expects its request taken), then the answer is written and the stream closed.
+async fn refuse_kube(mut stream: BoxedStream, answer: String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let read_head = async {
         let mut head = Vec::with_capacity(1024);
@@ -218,20 +220,25 @@ async fn refuse_kube(mut stream: BoxedStream) {
         }
     };
     let _ = tokio::time::timeout(HEADER_TIMEOUT, read_head).await;
-    let _ = stream.write_all(no_kube_response().as_bytes()).await;
+    let _ = stream.write_all(answer.as_bytes()).await;
     let _ = stream.shutdown().await;
 }
 
 /// The whole HTTP/1.1 answer to a kube stream on an agent built without `kube`.
 #[cfg(not(feature = "kube"))]
 fn no_kube_response() -> String {
+    kube_refusal(501, "Not Implemented", "NotImplemented", NO_KUBE)
+}
+
+/// A whole HTTP/1.1 answer carrying a Kubernetes `Status` (kubectl prints its message).
+fn kube_refusal(code: u16, status: &str, reason: &str, message: &str) -> String {
     let body = serde_json::json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "reason": "NotImplemented", "message": NO_KUBE, "code": 501,
+        "status": "Failure", "reason": reason, "message": message, "code": code,
     })
     .to_string();
     format!(
-        "HTTP/1.1 501 Not Implemented\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {code} {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
 }

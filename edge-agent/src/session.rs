@@ -352,6 +352,7 @@ async fn drive(
                 tracing::warn!("certificate renewal refused: {e}")
             }
             AgentEvent::Locked(users) => agent.services.set_locked_users(users),
+            AgentEvent::Budget(exceeded) => crate::usage::set_over_budget(exceeded),
             AgentEvent::Cas(_) => tracing::warn!("a rotated CA bundle was offered; not taken yet"),
             AgentEvent::AuditAcked { ack, .. } => {
                 let _ = audit_ack.try_send(ack);

@@ -43,6 +43,29 @@ static COUNTERS: Counters = Counters {
     down: [const { AtomicU64::new(0) }; SERVICES.len()],
 };
 
+/// Why bulk transfers are refused now (the device is past its monthly data budget, as the
+/// authority counts it), if they are.
+static OVER_BUDGET: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Sets (or clears, `None`) the data budget refusal.
+pub fn set_over_budget(message: Option<String>) {
+    if let Ok(mut b) = OVER_BUDGET.write() {
+        if *b != message {
+            match &message {
+                Some(m) => tracing::warn!("bulk transfers refused from now on: {m}"),
+                None => tracing::info!("the data budget allows bulk transfers again"),
+            }
+        }
+        *b = message;
+    }
+}
+
+/// The refusal for a bulk transfer (sftp, scp, rsync, port forwarding, Kubernetes) now,
+/// if the device is past its data budget; shells and the audit log are never refused.
+pub fn over_budget() -> Option<String> {
+    OVER_BUDGET.read().ok().and_then(|b| b.clone())
+}
+
 /// When the counters started (Unix seconds): the agent's start.
 static SINCE: AtomicU64 = AtomicU64::new(0);
 

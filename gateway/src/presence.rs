@@ -173,6 +173,7 @@ async fn send(rep: &Reporter, report: PresenceReport) -> Result<PresenceAck, Rep
         ack.locks.extend(next.locks);
         ack.revoked_devices.extend(next.revoked_devices);
         ack.revoked_gateways.extend(next.revoked_gateways);
+        ack.over_budget.extend(next.over_budget);
         ack.more = next.more;
         part += 1;
     }
@@ -266,6 +267,7 @@ fn apply(rep: &Reporter, ack: PresenceAck) {
             t.close("replaced by a newer tunnel at another gateway");
         }
     }
+    rep.tunnels.set_over_budget(&ack.over_budget);
     for id in &ack.revoked_devices {
         if rep.tunnels.get(id).is_some() {
             tracing::info!(device = %id, "device was removed from the cluster; closing its tunnel");

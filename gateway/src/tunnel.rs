@@ -181,6 +181,7 @@ pub async fn serve(
                 let _ = match cmd {
                     Outside::Locked(users) => ctl.send_locked(users),
                     Outside::Refused(e) => ctl.send_refused(e),
+                    Outside::Budget(m) => ctl.send_budget(m),
                 };
             }
             Some(d) = done.recv() => {
@@ -321,6 +322,9 @@ impl Io {
                 let _ = ctl.admit(Instant::now(), admission);
             }
             GatewayEvent::Established => {
+                if let Some(m) = host.tunnels.budget_refusal(&self.device_id) {
+                    let _ = ctl.send_budget(Some(m));
+                }
                 if let Some(hello) = self.hello.take() {
                     self.tunnel = Some(register(
                         host,

@@ -146,6 +146,18 @@ pub enum Outside {
     Locked(Vec<String>),
     /// The device was removed: refuse the tunnel (the caller closes it a moment later).
     Refused(RpcError),
+    /// The device's data budget state changed (`Some`: past it).
+    Budget(Option<String>),
+}
+
+/// What the user of a bulk transfer reads when the device is past its data budget.
+pub fn budget_message(device_id: &str, budget: u64) -> String {
+    format!(
+        "device {device_id} is past its monthly data budget of {}: bulk transfers (sftp, scp, \
+         rsync, port forwarding, Kubernetes) are refused until next month or until an administrator \
+         raises it (tctl devices set {device_id} --data-budget SIZE)",
+        edgeport_proto::util::bytes_text(budget)
+    )
 }
 
 /// All tunnels of this gateway, plus what presence reports need.
@@ -155,6 +167,8 @@ pub struct Tunnels {
     next_generation: AtomicU64,
     revoked_certs: Mutex<HashSet<String>>,
     disconnected: Mutex<Vec<(String, String)>>,
+    /// Devices past their monthly data budget (bytes), as the authority said last.
+    over_budget: Mutex<HashMap<String, u64>>,
     /// Woken when the set of tunnels changes (presence reports soon after).
     pub changed: Notify,
 }
@@ -162,6 +176,29 @@ pub struct Tunnels {
 impl Tunnels {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Takes the authority's list of devices past their data budget and tells the agents
+    /// whose state changed.
+    pub fn set_over_budget(&self, list: &[(String, u64)]) {
+        let new: HashMap<String, u64> = list.iter().cloned().collect();
+        let old = match self.over_budget.lock() {
+            Ok(mut b) => std::mem::replace(&mut *b, new.clone()),
+            Err(_) => return,
+        };
+        for t in self.all() {
+            let (was, is) = (old.get(&t.device_id), new.get(&t.device_id));
+            if was != is {
+                let msg = is.map(|b| budget_message(&t.device_id, *b));
+                let _ = t.control.try_send(Outside::Budget(msg));
+            }
+        }
+    }
+
+    /// The refusal a device's agent must give bulk transfers, if it is past its budget.
+    pub fn budget_refusal(&self, device_id: &str) -> Option<String> {
+        let b = self.over_budget.lock().ok()?.get(device_id).copied()?;
+        Some(budget_message(device_id, b))
     }
 
     pub fn next_generation(&self) -> u64 {

@@ -202,6 +202,11 @@ pub enum Request {
     TargetList {
         user: Option<String>,
     },
+    /// Admin: set (`Some(bytes)`) or clear a device's monthly data budget.
+    DeviceSetBudget {
+        id: String,
+        data_budget: Option<u64>,
+    },
 }
 
 /// Responses from the authority.
@@ -572,6 +577,9 @@ pub struct PresenceAck {
     pub superseded: Vec<(String, u64)>,
     /// Gateways revoked or locked: refuse their forwarded dials, drop links to them.
     pub revoked_gateways: Vec<String>,
+    /// Devices past their monthly data budget (device id, budget in bytes): their agents
+    /// refuse bulk transfers.
+    pub over_budget: Vec<(String, u64)>,
     /// The lists above did not fit in one frame: ask for the next part
     /// ([`Request::PresenceAckPart`]) until one comes without `more`.
     pub more: bool,

@@ -84,6 +84,11 @@ pub enum GatewayControl {
     /// from now on, and renew at once if the host certificate is not from the bundle's first
     /// host CA. Sent over an established tunnel; the agent checks the x509 CA's signature.
     Cas(crate::identity::CaBundle),
+    /// The device's data budget: `Some(message)` once its month's bytes passed the budget
+    /// (refuse bulk transfers with that message), `None` when they are within it again.
+    Budget {
+        exceeded: Option<String>,
+    },
 }
 
 /// The services an agent offers on gateway-opened streams.

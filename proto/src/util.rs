@@ -273,3 +273,70 @@ mod tests {
         }
     }
 }
+
+/// `1.5 MB`: decimal units, as data plans count them.
+pub fn bytes_text(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A size as a data plan writes it: `200MB`, `1.5GB`, `500kB`, `1048576` (bytes); decimal
+/// units (k = 1000), and KiB/MiB/GiB for binary ones.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 200MB, 1.5GB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (B, kB, MB, GB, TB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let v = n * mult;
+    if !v.is_finite() || !(1.0..=1e18).contains(&v) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(v as u64)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::{bytes_text, parse_bytes};
+
+    #[test]
+    fn sizes_read_and_print_as_data_plans_count() {
+        assert_eq!(parse_bytes("200MB"), Ok(200_000_000));
+        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("512KiB"), Ok(524_288));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5XB").is_err());
+        assert!(parse_bytes("0").is_err());
+        assert_eq!(bytes_text(200_000_000), "200.0 MB");
+        assert_eq!(bytes_text(999), "999 B");
+    }
+}

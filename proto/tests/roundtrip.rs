@@ -94,18 +94,18 @@ fn past_last_variant<T: serde::de::DeserializeOwned>(n: u8) -> bool {
 #[test]
 fn strategies_cover_every_variant() {
     let all = |n: u8| (0..n).collect::<BTreeSet<u8>>();
-    assert!(past_last_variant::<edgeport_proto::rpc::Request>(56));
+    assert!(past_last_variant::<edgeport_proto::rpc::Request>(57));
     assert!(past_last_variant::<edgeport_proto::rpc::Response>(33));
     assert!(past_last_variant::<edgeport_proto::tunnel::AgentControl>(5));
     assert!(past_last_variant::<edgeport_proto::tunnel::GatewayControl>(
-        7
+        8
     ));
     assert!(past_last_variant::<edgeport_proto::tunnel::JoinReply>(2));
     assert!(past_last_variant::<edgeport_proto::tunnel::ClientRequest>(
         13
     ));
     assert!(past_last_variant::<edgeport_proto::tunnel::ClientReply>(12));
-    assert_eq!(tags(strategies::request()), all(56), "rpc::Request");
+    assert_eq!(tags(strategies::request()), all(57), "rpc::Request");
     assert_eq!(tags(strategies::response()), all(33), "rpc::Response");
     assert_eq!(
         tags(strategies::agent_control()),
@@ -114,7 +114,7 @@ fn strategies_cover_every_variant() {
     );
     assert_eq!(
         tags(strategies::gateway_control()),
-        all(7),
+        all(8),
         "tunnel::GatewayControl"
     );
     assert_eq!(tags(strategies::join_reply()), all(2), "tunnel::JoinReply");

@@ -88,6 +88,47 @@ fn bytes_per_service_reach_tctl_devices_usage() {
     });
     assert!(grew, "the restarted agent's bytes were not added: {last:?}");
 
+    // A data budget below what the device moved this month: bulk transfers are refused with
+    // a line naming the budget, shells go on; without the budget they work again.
+    c.tctl
+        .ok(&["devices", "set", "dev1", "--data-budget", "1MB"]);
+    let cfg = tsh.config();
+    let scp = |dest: &str| {
+        let mut cmd = std::process::Command::new("scp");
+        cmd.arg("-F")
+            .arg(&cfg)
+            .args(["-o", "BatchMode=yes"])
+            .arg(&file)
+            .arg(format!("root@dev1:{}", c.dir.join(dest).display()));
+        edgeport_e2e::run(cmd, None, Duration::from_secs(60))
+    };
+    let mut last_err = String::new();
+    let refused = wait_until(Duration::from_secs(60), || {
+        let r = scp("refused.bin");
+        last_err = r.stderr();
+        r.code() != Some(0)
+    });
+    assert!(refused, "scp still works past the budget: {last_err}");
+    assert!(
+        last_err.contains("past its monthly data budget of 1.0 MB"),
+        "{last_err}"
+    );
+    let r = tsh.run(&["ssh", "root@dev1", "echo", "shell-ok"], None);
+    assert_eq!(r.stdout(), "shell-ok\n", "{}", r.stderr());
+    let r = tsh.run(&["scp", file.to_str().unwrap(), &remote], None);
+    assert_ne!(r.code(), Some(0), "tsh scp went through past the budget");
+    c.tctl
+        .ok(&["devices", "set", "dev1", "--data-budget", "none"]);
+    let allowed = wait_until(Duration::from_secs(60), || {
+        scp("allowed.bin").code() == Some(0)
+    });
+    assert!(allowed, "scp stays refused after the budget was removed");
+    let bad = c
+        .tctl
+        .run(&["devices", "set", "dev1", "--data-budget", "lots"]);
+    assert_ne!(bad.code(), Some(0));
+    assert!(bad.stderr().contains("not a size"), "{}", bad.stderr());
+
     // The table, and a device that moved nothing.
     let text = c.tctl.ok(&["devices", "usage", "--since", "7d"]).stdout();
     assert!(text.contains("DEVICE") && text.contains("sftp"), "{text}");

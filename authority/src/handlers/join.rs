@@ -267,6 +267,8 @@ pub fn join_device(
             token_id: token.id.clone(),
             joined_via: gateway.to_string(),
             join_addr,
+            // A device that joins again keeps the budget it had.
+            data_budget: devices::get(store, &id)?.and_then(|d| d.data_budget),
         },
     )?;
     let certs = sign_device(svc, &id, &record.ssh_public_key, &record.labels, now)?;

@@ -105,6 +105,7 @@ enum Enforce {
     Lock(LockSpec),
     RevokedDevice(String),
     RevokedGateway(String),
+    OverBudget(String, u64),
 }
 
 /// Every list, split into parts that each fit in one frame (with room for `superseded`).
@@ -121,6 +122,11 @@ fn enforcement_part(svc: &Service, part: u32, now: u64) -> Result<PresenceAck, R
         devices::recently_revoked(store, now)?
             .into_iter()
             .map(Enforce::RevokedDevice),
+    );
+    all.extend(
+        crate::usage::over_budget(store, now)?
+            .into_iter()
+            .map(|(d, b)| Enforce::OverBudget(d, b)),
     );
     let digest = hex::encode(ring::digest::digest(
         &ring::digest::SHA256,
@@ -143,6 +149,7 @@ fn enforcement_part(svc: &Service, part: u32, now: u64) -> Result<PresenceAck, R
             Enforce::Lock(l) => ack.locks.push(l),
             Enforce::RevokedDevice(d) => ack.revoked_devices.push(d),
             Enforce::RevokedGateway(g) => ack.revoked_gateways.push(g),
+            Enforce::OverBudget(d, b) => ack.over_budget.push((d, b)),
         }
     }
     Ok(ack)

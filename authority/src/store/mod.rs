@@ -80,10 +80,12 @@ pub enum Table {
     AccessRequests,
     /// The latest `targets` report of each device (`targets::Report`), by device id.
     Targets,
+    /// Devices past their monthly data budget (`usage::OverBudget`), by device id.
+    OverBudget,
 }
 
 impl Table {
-    pub const ALL: [Table; 26] = [
+    pub const ALL: [Table; 27] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -110,6 +112,7 @@ impl Table {
         Table::Usage,
         Table::AccessRequests,
         Table::Targets,
+        Table::OverBudget,
     ];
 
     /// The table's name in the backing store.
@@ -141,6 +144,7 @@ impl Table {
             Table::Usage => "usage",
             Table::AccessRequests => "access_requests",
             Table::Targets => "targets",
+            Table::OverBudget => "over_budget",
         }
     }
 }

@@ -247,6 +247,10 @@ impl SessionActor {
             } => {
                 let ok = match String::from_utf8(command) {
                     Ok(cmd) if process::exec_safe(&cmd) => {
+                        if is_transfer(&cmd) && self.refuse_bulk(channel, "scp/rsync") {
+                            let _ = done.send(true);
+                            return;
+                        }
                         self.start(channel, Program::Command(cmd))
                     }
                     _ => false,
@@ -258,6 +262,10 @@ impl SessionActor {
                 name,
                 done,
             } => {
+                if name == "sftp" && self.refuse_bulk(channel, "sftp") {
+                    let _ = done.send(true);
+                    return;
+                }
                 let _ = done.send(self.subsystem(channel, &name));
             }
             Request::WindowChange {
@@ -320,6 +328,15 @@ impl SessionActor {
             ("host", host.clone()),
             ("port", port.to_string()),
         ];
+        if let Some(why) = crate::usage::over_budget() {
+            tracing::warn!(user = %grant.user, session = %conn.session_id,
+                "refused port forward to {host}:{port}: {why}");
+            conn.audit_forward("port_forward", &fields, Some(&why));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return;
+        }
         if !grant.permit_port_forwarding {
             tracing::warn!(
                 user = %grant.user,
@@ -363,6 +380,27 @@ impl SessionActor {
                 .channels
                 .get_mut(&channel)
                 .is_some_and(|ch| ch.set_pty(request))
+    }
+
+    /// Past the device's data budget, a bulk transfer (`what`) gets the refusal on its
+    /// stderr and exit status 1 instead of its program: true when refused. The request
+    /// itself is accepted, so that the client reads the line before the channel closes.
+    fn refuse_bulk(&self, channel: ChannelId, what: &str) -> bool {
+        let Some(message) = crate::usage::over_budget() else {
+            return false;
+        };
+        let conn = &self.conn;
+        tracing::warn!(user = %conn.auth.grant.user, session = %conn.session_id,
+            "refused {what}: {message}");
+        let handle = conn.handle.clone();
+        tokio::spawn(async move {
+            let line = format!("{message}\r\n").into_bytes();
+            let _ = handle.extended_data(channel, 1, line).await;
+            let _ = handle.exit_status_request(channel, 1).await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+        true
     }
 
     fn subsystem(&mut self, channel: ChannelId, name: &str) -> bool {
@@ -429,6 +467,12 @@ impl SessionActor {
             ("host", address.to_string()),
             ("port", asked.to_string()),
         ];
+        if let Some(why) = crate::usage::over_budget() {
+            tracing::warn!(user = %auth.grant.user, session = %conn.session_id,
+                "refused remote port forward of {address}:{asked}: {why}");
+            conn.audit_forward("port_forward", &fields, Some(&why));
+            return None;
+        }
         if !auth.grant.permit_port_forwarding {
             tracing::warn!(user = %auth.grant.user, session = %conn.session_id,
                 "refused remote port forward of {address}:{asked}: the certificate does not permit port forwarding");
@@ -559,7 +603,7 @@ impl SessionChannel {
         let mut ctx = LogCtx::new(&conn.auth.grant, &conn.session_id, program.kind());
         ctx.transfer = match &program {
             Program::Sftp(_) => true,
-            Program::Command(c) => c.trim_start().starts_with("scp ") || c.contains("/scp "),
+            Program::Command(c) => is_transfer(c),
             Program::LoginShell => false,
         };
         let Some((mut started, master)) = self.spawn_program(conn, &program) else {
@@ -660,4 +704,12 @@ fn build_log_ctx(ctx: LogCtx, conn: &Conn, program: &Program, pty: Option<&PtyRe
         Some(req) => ctx.with_recorder(&conn.inner.device_id, req),
         None => ctx,
     }
+}
+
+/// An scp or rsync server command (a file transfer, as the data budget counts one).
+pub(crate) fn is_transfer(command: &str) -> bool {
+    let c = command.trim_start();
+    let first = c.split_whitespace().next().unwrap_or("");
+    let prog = first.rsplit('/').next().unwrap_or(first);
+    prog == "scp" || (prog == "rsync" && c.contains("--server"))
 }

@@ -73,6 +73,8 @@ pub enum AgentEvent {
     Ignored(AgentIgnored),
     /// The machine closed; [`AgentControl::close_reason`] says why.
     Closed,
+    /// The device's data budget: `Some(message)` while it is exceeded.
+    Budget(Option<String>),
 }
 
 /// Messages the agent drops.
@@ -299,6 +301,9 @@ impl AgentControl {
                     }
                     GatewayMsg::Refused(err) => self.close_with(AgentCloseReason::Refused(err)),
                     GatewayMsg::Cas(cas) => self.events.push_back(AgentEvent::Cas(cas)),
+                    GatewayMsg::Budget { exceeded } => {
+                        self.events.push_back(AgentEvent::Budget(exceeded))
+                    }
                     GatewayMsg::Locked { users } => {
                         self.events.push_back(AgentEvent::Locked(users))
                     }

@@ -440,6 +440,13 @@ impl GatewayControl {
         Ok(())
     }
 
+    /// The device's data budget state (see [`GatewayMsg::Budget`]).
+    pub fn send_budget(&mut self, exceeded: Option<String>) -> Result<(), ControlError> {
+        self.established()?;
+        self.transmits.push_back(GatewayMsg::Budget { exceeded });
+        Ok(())
+    }
+
     /// Refuses the tunnel (the device was removed); the caller closes it a moment later.
     pub fn send_refused(&mut self, error: RpcError) -> Result<(), ControlError> {
         self.established()?;

@@ -140,5 +140,6 @@ fn gateway_msg_kind(m: &crate::tunnel::GatewayControl) -> &'static str {
         M::Pong { .. } => "Pong",
         M::AuditAck(_) => "AuditAck",
         M::Cas(_) => "Cas",
+        M::Budget { .. } => "Budget",
     }
 }

@@ -849,6 +849,7 @@ impl Sim {
             AgentEvent::RenewDue
             | AgentEvent::Locked(_)
             | AgentEvent::Cas(_)
+            | AgentEvent::Budget(_)
             | AgentEvent::Ignored(_) => {}
             AgentEvent::Renewed(_) | AgentEvent::RenewRefused(_) => self.renew_answers += 1,
             AgentEvent::AuditAcked { id, ack } => {

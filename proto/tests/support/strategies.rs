@@ -726,6 +726,8 @@ pub fn request() -> impl Strategy<Value = Request> {
             ttl_secs
         }),
         os().prop_map(|user| Request::TargetList { user }),
+        (s(), of(any::<u64>()))
+            .prop_map(|(id, data_budget)| Request::DeviceSetBudget { id, data_budget }),
         (s(), any::<bool>(), s(), any::<u64>()).prop_map(|(id, approve, reason, ttl_secs)| {
             Request::AccessRequestReview(AccessReview {
                 id,
@@ -785,16 +787,18 @@ pub fn response() -> impl Strategy<Value = Response> {
         vec(lock_spec(), 0..2),
         vec((s(), any::<u64>()), 0..2),
         vs(),
+        vec((s(), any::<u64>()), 0..2),
         any::<bool>(),
         s(),
     )
         .prop_map(
-            |(revoked_devices, locks, superseded, revoked_gateways, more, digest)| {
+            |(revoked_devices, locks, superseded, revoked_gateways, over_budget, more, digest)| {
                 Response::PresenceAck(PresenceAck {
                     revoked_devices,
                     locks,
                     superseded,
                     revoked_gateways,
+                    over_budget,
                     more,
                     digest,
                 })
@@ -938,6 +942,7 @@ pub fn gateway_control() -> impl Strategy<Value = GatewayControl> {
         any::<u64>().prop_map(|seq| GatewayControl::Pong { seq }),
         audit_ack().prop_map(GatewayControl::AuditAck),
         cas().prop_map(GatewayControl::Cas),
+        os().prop_map(|exceeded| GatewayControl::Budget { exceeded }),
     ]
 }
 

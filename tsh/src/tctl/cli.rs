@@ -433,6 +433,29 @@ pub enum DevicesCmd {
     /// Bytes each device moved, per service (ssh, sftp, forward, kube, control, audit), as
     /// its agent counted them.
     Usage(UsageArgs),
+    /// Changes a device's settings: its monthly data budget.
+    Set(DeviceSetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceSetArgs {
+    pub id: String,
+    /// Monthly data budget (`200MB`, `1.5GB`; decimal units) or `none`. Past it, the agent
+    /// refuses sftp, scp, rsync and port forwarding with a line naming the budget; shells
+    /// and the audit log go on. Counted per calendar month (UTC).
+    #[arg(long, value_parser = parse_budget)]
+    pub data_budget: Budget,
+}
+
+/// A data budget: a size, or none.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget(pub Option<u64>);
+
+fn parse_budget(s: &str) -> Result<Budget, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Budget(None));
+    }
+    edgeport_proto::util::parse_bytes(s).map(|b| Budget(Some(b)))
 }
 
 #[derive(Debug, Args)]

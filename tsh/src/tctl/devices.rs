@@ -5,7 +5,7 @@ use edgeport_net::rpc_client::{add_device_page, unexpected};
 use edgeport_proto::rpc::{Request, Response};
 use edgeport_proto::util::format_labels;
 
-use super::cli::{Format, FormatArgs, UsageArgs};
+use super::cli::{DeviceSetArgs, Format, FormatArgs, UsageArgs};
 use super::connect::Session;
 use super::output::{ago_text, json_list, print_as, Table};
 
@@ -130,9 +130,9 @@ pub async fn usage(s: &mut Session, a: UsageArgs) -> anyhow::Result<()> {
                     t.row(vec![
                         u.device.clone(),
                         sv.service.clone(),
-                        bytes_text(sv.up),
-                        bytes_text(sv.down),
-                        bytes_text(sv.up.saturating_add(sv.down)),
+                        edgeport_proto::util::bytes_text(sv.up),
+                        edgeport_proto::util::bytes_text(sv.down),
+                        edgeport_proto::util::bytes_text(sv.up.saturating_add(sv.down)),
                     ]);
                 }
             }
@@ -142,18 +142,23 @@ pub async fn usage(s: &mut Session, a: UsageArgs) -> anyhow::Result<()> {
     }
 }
 
-/// `1.5 MB`: decimal units, as data plans count.
-fn bytes_text(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1000.0 && unit + 1 < UNITS.len() {
-        v /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
+pub async fn set(s: &mut Session, a: DeviceSetArgs) -> anyhow::Result<()> {
+    let req = Request::DeviceSetBudget {
+        id: a.id.clone(),
+        data_budget: a.data_budget.0,
+    };
+    match s.call(req).await? {
+        Response::Ok => {
+            match a.data_budget.0 {
+                Some(b) => crate::outln!(
+                    "device {}: monthly data budget {} (bulk transfers are refused past it)",
+                    a.id,
+                    edgeport_proto::util::bytes_text(b)
+                ),
+                None => crate::outln!("device {}: no data budget", a.id),
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other).into()),
     }
 }

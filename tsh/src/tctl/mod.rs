@@ -96,6 +96,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(DevicesCmd::Ls(a)) => devices::list(&mut s, a).await,
         Command::Devices(DevicesCmd::Rm { id }) => devices::remove(&mut s, id).await,
         Command::Devices(DevicesCmd::Usage(a)) => devices::usage(&mut s, a).await,
+        Command::Devices(DevicesCmd::Set(a)) => devices::set(&mut s, a).await,
         Command::Gateways(GatewaysCmd::Ls(a)) => gateways::list(&mut s, a).await,
         Command::Gateways(GatewaysCmd::Rm { id }) => gateways::remove(&mut s, id).await,
         Command::Lock(a) => locks::lock(&mut s, a).await,
