@@ -265,7 +265,10 @@ mod tests {
     #[tokio::test]
     async fn kube_stream_refused_without_the_feature() {
         let (agent, mut gateway) = tokio::io::duplex(64 * 1024);
-        let refused = tokio::spawn(super::refuse_kube(Box::new(agent)));
+        let refused = tokio::spawn(super::refuse_kube(
+            Box::new(agent),
+            super::no_kube_response(),
+        ));
         gateway
             .write_all(b"GET /api/v1/pods HTTP/1.1\r\nhost: k8s\r\n\r\n")
             .await
