@@ -57,16 +57,22 @@ impl Relay {
 
     /// Relays `stream` to target `name`, or says in one line why not.
     pub async fn serve(&self, mut stream: BoxedStream, header: StreamHeader, name: &str) {
-        let user = header.user.clone().unwrap_or_default();
+        // Who the user is comes from the authority's ticket; the gateway's header only says
+        // whom it claims, which the log keeps apart until the ticket is checked.
+        let claimed = header.user.clone().unwrap_or_default();
         let session = &header.session_id;
-        let refuse = |why: String| {
-            tracing::info!(%user, target = %name, %session, "target stream refused: {why}");
-            crate::audit::event("target.refused")
+        let refuse = |user: Option<&str>, why: String| {
+            tracing::info!(user = user.unwrap_or(""), %claimed, target = %name, %session,
+                "target stream refused: {why}");
+            let mut ev = crate::audit::event("target.refused")
                 .session(session)
-                .user(&user)
                 .field("target", name)
-                .field("error", &why)
-                .emit();
+                .field("error", &why);
+            ev = match user {
+                Some(u) => ev.user(u),
+                None => ev.field("claimed_user", &claimed),
+            };
+            ev.emit();
             why
         };
         let checked = match self.who.read() {
@@ -84,17 +90,17 @@ impl Relay {
                     },
                     edgeport_net::clock::now_secs(),
                 )
-                .map(|_| w.device.clone())
+                .map(|claims| (w.device.clone(), claims.user))
                 .map_err(|e| format!("the dial's ticket does not count: {e}")),
             Err(_) => Err("the device identity is unavailable".into()),
         };
-        let device = match checked {
+        let (device, user) = match checked {
             Ok(d) => d,
-            Err(e) => return say(stream, &refuse(e)).await,
+            Err(e) => return say(stream, &refuse(None, e)).await,
         };
         let Some(t) = self.targets.get(name) else {
             let why = format!("device {device} has no target {name:?} configured");
-            return say(stream, &refuse(why)).await;
+            return say(stream, &refuse(Some(&user), why)).await;
         };
         let mut up = match crate::targets::connect(&t.addr).await {
             Ok(s) => s,
@@ -103,7 +109,7 @@ impl Relay {
                     "target {device}/{name} ({}) is unreachable from the device: {e}",
                     t.addr
                 );
-                return say(stream, &refuse(why)).await;
+                return say(stream, &refuse(Some(&user), why)).await;
             }
         };
         let _ = up.set_nodelay(true);
