@@ -202,6 +202,35 @@ fn relay_to_a_real_sshd_behind_the_device() {
     assert!(row("van/ecu1 ").contains(" reachable"), "{ls}");
     assert!(row("van/ecu1 ").contains("zone=engine"), "{ls}");
     assert!(row("van/gone ").contains(" unreachable"), "{ls}");
+    // The target's labels sit under the LABELS header, like a device's.
+    let header = ls.lines().next().unwrap_or_default();
+    let col = header.find("LABELS").expect("a LABELS column");
+    assert!(
+        row("van/ecu1 ")
+            .get(col..)
+            .is_some_and(|rest| rest.contains("zone=engine")
+                && !row("van/ecu1 ")[..col].contains("zone=engine")),
+        "{ls}"
+    );
+    // The same in JSON: each device carries the targets behind it.
+    let json = c.tctl.ok(&["devices", "ls", "--format", "json"]).json();
+    let van = json
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["id"] == "van"))
+        .unwrap_or_else(|| panic!("no van in {json}"));
+    let targets = van["targets"].as_array().expect("targets array");
+    let by_name = |n: &str| {
+        targets
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap_or_else(|| panic!("no {n} in {van}"))
+    };
+    assert_eq!(by_name("ecu1")["status"], "reachable", "{van}");
+    assert_eq!(by_name("ecu1")["address"], "van/ecu1", "{van}");
+    assert_eq!(by_name("ecu1")["labels"]["zone"], "engine", "{van}");
+    assert_eq!(by_name("ecu1")["labels"]["fleet"], "vans", "{van}");
+    assert!(by_name("ecu1")["checked"].is_string(), "{van}");
+    assert_eq!(by_name("gone")["status"], "unreachable", "{van}");
 
     c.add_user("alice", "root,alice", PW);
     let alice = Tsh::new(c.dir.join("tsh-alice"), c.proxy());
@@ -219,6 +248,21 @@ fn relay_to_a_real_sshd_behind_the_device() {
         ecu.contains("fleet=vans") && ecu.contains("zone=engine"),
         "{ls}"
     );
+    // Filtering by a target's own label: its device is listed with that target only.
+    let json = alice
+        .run(&["ls", "zone=engine", "--format", "json"], None)
+        .expect_ok("tsh ls zone=engine")
+        .json();
+    let list = json.as_array().expect("a JSON array");
+    assert_eq!(list.len(), 1, "{json}");
+    assert_eq!(list[0]["id"], "van", "{json}");
+    let names: Vec<&str> = list[0]["targets"]
+        .as_array()
+        .expect("targets array")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["ecu1"], "{json}");
 
     // tsh ssh: exec end to end on the target's own sshd.
     let r = alice.run(

@@ -10,6 +10,7 @@
 
 use edgeport_proto::audit::RecordingInfo;
 use edgeport_proto::rpc::DeviceInfo;
+use edgeport_proto::targets::TargetInfo;
 use edgeport_proto::util::format_time;
 use serde_json::{json, Value};
 
@@ -22,8 +23,9 @@ pub fn time(unix: u64) -> Value {
     }
 }
 
-/// A device, as `tsh ls` and `tctl devices ls` print it.
-pub fn device(d: &DeviceInfo) -> Value {
+/// A device, as `tsh ls` and `tctl devices ls` print it, with those of `targets` that sit
+/// behind it (hosts reached through the device, issue 22).
+pub fn device(d: &DeviceInfo, targets: &[TargetInfo]) -> Value {
     json!({
         "id": d.id,
         "labels": d.labels,
@@ -41,6 +43,23 @@ pub fn device(d: &DeviceInfo) -> Value {
         "gateway": d.gateway,
         "joined_at": time(d.joined_at),
         "kube_cluster": d.kube_cluster,
+        "targets": targets
+            .iter()
+            .filter(|t| t.device == d.id)
+            .map(target)
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// A host behind a device, as its device last reported it.
+pub fn target(t: &TargetInfo) -> Value {
+    json!({
+        "name": t.name,
+        "address": t.address(),
+        "addr": t.addr,
+        "labels": t.labels,
+        "status": t.status(),
+        "checked": time(t.checked_ms / 1000),
     })
 }
 

@@ -182,19 +182,31 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
         want.extend(parse_labels(l).map_err(|e| CliError::msg(e.to_string()))?);
     }
     let mut devices = gateway::list_devices(&creds, g.transport).await?;
-    devices.retain(|d| want.iter().all(|(k, v)| d.labels.get(k) == Some(v)));
-    devices.sort_by(|a, b| a.id.cmp(&b.id));
     // Hosts behind devices (a gateway older than targets lists none).
     let mut targets = gateway::list_targets(&creds, g.transport)
         .await
         .unwrap_or_default();
-    targets.retain(|t| want.iter().all(|(k, v)| t.labels.get(k) == Some(v)));
+    let matches =
+        |labels: &BTreeMap<String, String>| want.iter().all(|(k, v)| labels.get(k) == Some(v));
+    targets.retain(|t| matches(&t.labels));
     targets.sort_by_key(|t| t.address());
     match args.format {
-        Format::Json | Format::Yaml => args.format.print(&serde_json::Value::Array(
-            devices.iter().map(crate::schema::device).collect(),
-        )),
+        Format::Json | Format::Yaml => {
+            // A device whose own labels do not match still appears when one of its
+            // targets does (a target's own labels sit on top of its device's), carrying
+            // only the targets that match.
+            devices.retain(|d| matches(&d.labels) || targets.iter().any(|t| t.device == d.id));
+            devices.sort_by(|a, b| a.id.cmp(&b.id));
+            args.format.print(&serde_json::Value::Array(
+                devices
+                    .iter()
+                    .map(|d| crate::schema::device(d, &targets))
+                    .collect(),
+            ))
+        }
         Format::Text => {
+            devices.retain(|d| matches(&d.labels));
+            devices.sort_by(|a, b| a.id.cmp(&b.id));
             let mut t = crate::text::Table::new(&["DEVICE", "STATUS", "LABELS", "LAST SEEN"]);
             for d in &devices {
                 t.row(vec![

@@ -14,10 +14,17 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     while let Some(after) = next {
         next = add_device_page(&mut devices, s.call(Request::DevicePage { after }).await?)?;
     }
+    // Hosts behind the devices, as each device last reported them (an authority older than
+    // targets has none to list).
+    let targets = match s.call(Request::TargetList { user: None }).await {
+        Ok(Response::Targets(t)) => t,
+        _ => Vec::new(),
+    };
     match a.format {
-        Format::Json | Format::Yaml => {
-            print_as(a.format, &json_list(&devices, crate::schema::device))
-        }
+        Format::Json | Format::Yaml => print_as(
+            a.format,
+            &json_list(&devices, |d| crate::schema::device(d, &targets)),
+        ),
         Format::Text => {
             let mut t = Table::new(&[
                 "ID",
@@ -59,18 +66,16 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                         .unwrap_or("-".into()),
                 ]);
             }
-            // Hosts behind the devices, as each device last reported them (an authority
-            // older than targets has none to list).
-            let targets = match s.call(Request::TargetList { user: None }).await {
-                Ok(Response::Targets(t)) => t,
-                _ => Vec::new(),
-            };
             for tg in &targets {
+                // One cell per column of the devices' header: a target has no tunnel of
+                // its own, so transport says how it is reached and LAST SEEN its last check.
                 t.row(vec![
                     tg.address(),
                     tg.status().into(),
                     "relay".into(),
                     tg.addr.clone(),
+                    "-".into(),
+                    "-".into(),
                     "-".into(),
                     "-".into(),
                     "-".into(),
@@ -80,6 +85,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                         format!("checked {}", ago_text(tg.checked_ms / 1000))
                     },
                     dash(&format_labels(&tg.labels)),
+                    "-".into(),
                     "-".into(),
                 ]);
             }
