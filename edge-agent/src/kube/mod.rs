@@ -66,7 +66,8 @@ impl KubeIdentity {
 pub struct TicketCheck {
     cluster: String,
     device: String,
-    host_ca: Vec<u8>,
+    /// The trusted host CAs' raw keys at start (two during a CA rotation).
+    host_cas: Vec<Vec<u8>>,
     seen: ReplayGuard,
 }
 
@@ -75,7 +76,7 @@ impl TicketCheck {
         Self {
             cluster: ident.cas.cluster.clone(),
             device: ident.device_id.clone(),
-            host_ca: edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default(),
+            host_cas: ident.cas.host_ca_raws(),
             seen: ReplayGuard::default(),
         }
     }
@@ -90,9 +91,9 @@ impl TicketCheck {
             requester: None,
             holder: None,
         };
-        self.seen.admit(
+        self.seen.admit_any(
             header.ticket.as_ref(),
-            &self.host_ca,
+            &self.host_cas,
             &want,
             edgeport_net::clock::now_secs(),
         )
