@@ -10,9 +10,9 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use edgeport_e2e::fabric::Agent;
+use edgeport_e2e::fabric::{wait_online, Agent};
 use edgeport_e2e::ssh::{Cluster, Tsh};
-use edgeport_e2e::{wait_online, wait_until};
+use edgeport_e2e::wait_until;
 use serde_json::Value;
 
 const PW: &str = "correct horse battery";
