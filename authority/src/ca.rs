@@ -387,15 +387,25 @@ impl CertAuthority {
     }
 
     /// Saves the new state, then writes the signing keys, then takes it in memory.
-    fn commit(&self, ssh: &mut SshCas, user: RotatingCa, host: RotatingCa) -> Result<(), RotationFailed> {
+    fn commit(
+        &self,
+        ssh: &mut SshCas,
+        user: RotatingCa,
+        host: RotatingCa,
+    ) -> Result<(), RotationFailed> {
         let bundle = signed_bundle(&self.cluster, &self.x509, &self.x509_ca_der, &user, &host)?;
         if let Some(dir) = &self.dir {
             crate::rotation::save(dir, &user, &host).map_err(RotationFailed::Save)?;
             let p = CaPaths::new(dir);
-            for (ca, key, public) in [(&user, &p.user, &p.user_pub), (&host, &p.host, &p.host_pub)] {
+            for (ca, key, public) in [(&user, &p.user, &p.user_pub), (&host, &p.host, &p.host_pub)]
+            {
                 if ca.phase == crate::rotation::Phase::Standby {
-                    let pem = ca.signing.to_openssh().map_err(|e| RotationFailed::Save(e.to_string()))?;
-                    write_private(key, pem.as_bytes()).map_err(|e| RotationFailed::Save(e.to_string()))?;
+                    let pem = ca
+                        .signing
+                        .to_openssh()
+                        .map_err(|e| RotationFailed::Save(e.to_string()))?;
+                    write_private(key, pem.as_bytes())
+                        .map_err(|e| RotationFailed::Save(e.to_string()))?;
                     let line = format!("{}\n", ca.signing.public_openssh());
                     write_with_mode(public, line.as_bytes(), 0o644)
                         .map_err(|e| RotationFailed::Save(e.to_string()))?;

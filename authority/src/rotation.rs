@@ -96,7 +96,12 @@ impl RotatingCa {
     }
 
     /// Applies `action` at `now`; `kind` names the CA in errors. `Status` changes nothing.
-    pub fn apply(&mut self, kind: CaKind, action: &RotateAction, now: u64) -> Result<(), RotateError> {
+    pub fn apply(
+        &mut self,
+        kind: CaKind,
+        action: &RotateAction,
+        now: u64,
+    ) -> Result<(), RotateError> {
         let name = kind.as_str();
         let wrong = |p: Phase, why| RotateError::WrongPhase(name, p.as_str(), why);
         match (action, self.phase) {
@@ -108,7 +113,9 @@ impl RotatingCa {
                 self.drop_at = None;
                 self.phase = Phase::Init;
             }
-            (RotateAction::Start { .. }, p) => return Err(RotateError::InProgress(name, p.as_str())),
+            (RotateAction::Start { .. }, p) => {
+                return Err(RotateError::InProgress(name, p.as_str()))
+            }
             (_, Phase::Standby) => return Err(RotateError::NotRotating(name)),
             (RotateAction::Advance, Phase::Init) => {
                 self.swap();
@@ -119,7 +126,10 @@ impl RotatingCa {
                 self.drop_at = Some(now.saturating_add(self.grace_secs));
             }
             (RotateAction::Advance, p @ (Phase::UpdateServers | Phase::Rollback)) => {
-                return Err(wrong(p, "the next step is standby, after the grace period (or --complete)"))
+                return Err(wrong(
+                    p,
+                    "the next step is standby, after the grace period (or --complete)",
+                ))
             }
             (RotateAction::Complete, p @ (Phase::Init | Phase::UpdateClients)) => {
                 return Err(wrong(p, "advance to update_servers first"))
@@ -143,7 +153,9 @@ impl RotatingCa {
     /// Drops the CA that no longer signs once the grace period is over. Whether it did.
     pub fn expire(&mut self, now: u64) -> bool {
         match self.drop_at {
-            Some(at) if now >= at && matches!(self.phase, Phase::UpdateServers | Phase::Rollback) => {
+            Some(at)
+                if now >= at && matches!(self.phase, Phase::UpdateServers | Phase::Rollback) =>
+            {
                 self.finish();
                 true
             }
@@ -219,7 +231,8 @@ pub fn save(dir: &Path, user: &RotatingCa, host: &RotatingCa) -> Result<(), Stri
         };
     }
     let data = serde_json::to_vec_pretty(&f).map_err(|e| e.to_string())?;
-    edgeport_proto::util::write_private(&path, &data).map_err(|e| format!("{}: {e}", path.display()))
+    edgeport_proto::util::write_private(&path, &data)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The saved rotations, if any, over the CAs read from the key files.
@@ -232,7 +245,8 @@ pub fn load(dir: &Path, user: &mut RotatingCa, host: &mut RotatingCa) -> Result<
     };
     let f: SavedFile =
         serde_json::from_slice(&data).map_err(|e| format!("{}: {e}", path.display()))?;
-    let key = |pem: &str| KeyPair::from_openssh(pem).map_err(|e| format!("{}: {e}", path.display()));
+    let key =
+        |pem: &str| KeyPair::from_openssh(pem).map_err(|e| format!("{}: {e}", path.display()));
     for (saved, ca) in [(f.user, user), (f.host, host)] {
         if let Some(s) = saved {
             *ca = RotatingCa {

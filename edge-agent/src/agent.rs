@@ -116,7 +116,10 @@ impl Agent {
         let dir = &self.cfg.data_dir;
         let current = self.identity();
         if !ca_rotation::check(dir, &current.cas, fresh)? {
-            return Ok(ca_rotation::host_cert_outdated(&current.host_cert, &current.cas));
+            return Ok(ca_rotation::host_cert_outdated(
+                &current.host_cert,
+                &current.cas,
+            ));
         }
         ca_rotation::retire_dropped(dir, &current.cas, fresh)?;
         let fresh_ident = identity::store_cas(dir, fresh)

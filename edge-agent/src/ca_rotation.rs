@@ -68,7 +68,14 @@ pub fn retire_dropped(dir: &Path, current: &CaBundle, fresh: &CaBundle) -> Resul
 /// The first characters of a key's base64, enough to tell keys apart in a log line.
 fn short(key_line: &str) -> String {
     let b64 = key_line.split_whitespace().nth(1).unwrap_or(key_line);
-    let tail: String = b64.chars().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: String = b64
+        .chars()
+        .rev()
+        .take(12)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     format!("...{tail}")
 }
 

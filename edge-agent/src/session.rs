@@ -353,17 +353,19 @@ async fn drive(
             }
             AgentEvent::Locked(users) => agent.services.set_locked_users(users),
             AgentEvent::Budget(exceeded) => crate::usage::set_over_budget(exceeded),
-            AgentEvent::Cas(cas) => match agent.take_cas(&cas) {
-                Ok(true) => {
-                    tracing::info!("the host CA was rotated; renewing the host certificate under the new CA");
-                    let key = agent.identity().key.public_openssh();
-                    if let Err(e) = ctl.request_renew(key) {
-                        tracing::debug!("renewal not asked for: {e}");
+            AgentEvent::Cas(cas) => {
+                match agent.take_cas(&cas) {
+                    Ok(true) => {
+                        tracing::info!("the host CA was rotated; renewing the host certificate under the new CA");
+                        let key = agent.identity().key.public_openssh();
+                        if let Err(e) = ctl.request_renew(key) {
+                            tracing::debug!("renewal not asked for: {e}");
+                        }
                     }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("rotated CA bundle refused: {e}"),
                 }
-                Ok(false) => {}
-                Err(e) => tracing::error!("rotated CA bundle refused: {e}"),
-            },
+            }
             AgentEvent::AuditAcked { ack, .. } => {
                 let _ = audit_ack.try_send(ack);
             }

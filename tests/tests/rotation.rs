@@ -114,7 +114,13 @@ fn rotating_the_ssh_cas_keeps_agents_and_a_live_session_working() {
     let json = c
         .tctl
         .ok(&[
-            "auth", "rotate", "--type", "user", "--complete", "--format", "json",
+            "auth",
+            "rotate",
+            "--type",
+            "user",
+            "--complete",
+            "--format",
+            "json",
         ])
         .json();
     assert_eq!(json["phases"][0]["phase"], "standby", "{json}");
@@ -135,7 +141,19 @@ fn rotating_the_ssh_cas_keeps_agents_and_a_live_session_working() {
             >= 3
     }));
     let r = old.run(&["ssh", "dev2", "true"], None);
-    assert_ne!(r.code(), Some(0), "a certificate of the dropped CA was accepted");
+    assert_ne!(
+        r.code(),
+        Some(0),
+        "a certificate of the dropped CA was accepted"
+    );
+    assert!(r.stderr().contains("not accepted"), "{}", r.stderr());
+    assert!(
+        c.agent("dev2")
+            .proc
+            .log_text()
+            .contains("certificate is not signed by"),
+        "the agent did not refuse the old CA's certificate as such"
+    );
     tsh.run(&["ssh", "dev2", "true"], None)
         .expect_ok("ssh after the user rotation");
 

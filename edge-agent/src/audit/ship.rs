@@ -197,7 +197,10 @@ mod tests {
             shared.clone(),
             "dev1".into(),
             key,
-            Some(ca.public_raw().to_vec()),
+            {
+                let raw = ca.public_raw().to_vec();
+                Box::new(move || vec![raw.clone()])
+            },
             Tamper::default(),
             out_tx,
             acks_rx,

@@ -24,8 +24,15 @@ fn kind(t: RotateType) -> CaKind {
     }
 }
 
-async fn call(s: &mut Session, kind: CaKind, action: RotateAction) -> anyhow::Result<Vec<CaRotation>> {
-    match s.call(Request::CaRotate(CaRotateRequest { kind, action })).await? {
+async fn call(
+    s: &mut Session,
+    kind: CaKind,
+    action: RotateAction,
+) -> anyhow::Result<Vec<CaRotation>> {
+    match s
+        .call(Request::CaRotate(CaRotateRequest { kind, action }))
+        .await?
+    {
         Response::CaRotations(r) => Ok(r),
         other => Err(unexpected(other).into()),
     }
@@ -84,7 +91,11 @@ async fn settle(s: &mut Session, k: CaKind, wait: u64, text: bool) -> anyhow::Re
         };
         if spread(&r) || std::time::Instant::now() >= deadline {
             if text {
-                let note = if spread(&r) { "" } else { " (not everyone yet: going on after --wait)" };
+                let note = if spread(&r) {
+                    ""
+                } else {
+                    " (not everyone yet: going on after --wait)"
+                };
                 crate::outln!("  {}{note}", progress_text(&r));
             }
             return Ok(r);
@@ -110,11 +121,25 @@ pub async fn rotate(s: &mut Session, a: RotateArgs) -> anyhow::Result<()> {
         steps.push((RotateAction::Complete, "standby"));
     } else {
         match a.phase {
-            Some(RotatePhase::Init) => steps.push((RotateAction::Start { grace_secs: a.grace }, "init")),
-            Some(RotatePhase::UpdateClients) => steps.push((RotateAction::Advance, "update_clients")),
-            Some(RotatePhase::UpdateServers) => steps.push((RotateAction::Advance, "update_servers")),
+            Some(RotatePhase::Init) => steps.push((
+                RotateAction::Start {
+                    grace_secs: a.grace,
+                },
+                "init",
+            )),
+            Some(RotatePhase::UpdateClients) => {
+                steps.push((RotateAction::Advance, "update_clients"))
+            }
+            Some(RotatePhase::UpdateServers) => {
+                steps.push((RotateAction::Advance, "update_servers"))
+            }
             _ => {
-                steps.push((RotateAction::Start { grace_secs: a.grace }, "init"));
+                steps.push((
+                    RotateAction::Start {
+                        grace_secs: a.grace,
+                    },
+                    "init",
+                ));
                 steps.push((RotateAction::Advance, "update_clients"));
                 steps.push((RotateAction::Advance, "update_servers"));
             }
