@@ -212,3 +212,64 @@ fn rotating_the_ssh_cas_keeps_agents_and_a_live_session_working() {
     tsh.run(&["ssh", "off1", "true"], None)
         .expect_ok("ssh to the device that was offline during the rotation");
 }
+
+#[test]
+fn a_host_rotation_rolled_back_leaves_the_old_ca_in_force() {
+    let c = Cluster::start("edge", &[("dev1", ""), ("dev2", "")]);
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    let host_before = c.tctl.ok(&["auth", "export", "--type", "host"]).stdout();
+
+    // Refusals are one clear line.
+    let r = c
+        .tctl
+        .run(&["auth", "rotate", "--type", "host", "--rollback"]);
+    assert_ne!(r.code(), Some(0));
+    assert!(r.stderr().contains("not being rotated"), "{}", r.stderr());
+    let r = c.tctl.run(&["auth", "rotate", "--type", "x509"]);
+    assert_ne!(r.code(), Some(0));
+    assert!(r.stderr().contains("not supported yet"), "{}", r.stderr());
+
+    // One phase at a time, then back.
+    c.tctl
+        .ok(&["auth", "rotate", "--type", "host", "--phase", "init"]);
+    assert_eq!(phase(&c, "host"), "init");
+    let r = c
+        .tctl
+        .run(&["auth", "rotate", "--type", "host", "--phase", "init"]);
+    assert!(
+        r.stderr().contains("already being rotated"),
+        "{}",
+        r.stderr()
+    );
+    c.tctl.ok(&[
+        "auth",
+        "rotate",
+        "--type",
+        "host",
+        "--phase",
+        "update_clients",
+    ]);
+    let r = c
+        .tctl
+        .ok(&["auth", "rotate", "--type", "host", "--rollback"])
+        .stdout();
+    assert!(r.contains("phase rollback"), "{r}");
+    assert!(r.contains("online devices renewed 2/2"), "{r}");
+    assert_eq!(phase(&c, "host"), "rollback");
+    // Both agents are back on host certificates of the old CA: tsh, which never learned the
+    // new one, reaches them.
+    for id in ["dev1", "dev2"] {
+        tsh.run(&["ssh", id, "true"], None)
+            .expect_ok(&format!("ssh {id} after the rollback"));
+    }
+    c.tctl
+        .ok(&["auth", "rotate", "--type", "host", "--complete"]);
+    assert_eq!(phase(&c, "host"), "standby");
+    assert_eq!(
+        c.tctl.ok(&["auth", "export", "--type", "host"]).stdout(),
+        host_before
+    );
+}

@@ -47,7 +47,10 @@ fn of(all: &[CaRotation], kind: CaKind) -> Option<&CaRotation> {
 fn spread(r: &CaRotation) -> bool {
     let gateways = r.gateways_current >= r.gateways_total;
     let devices = r.kind != CaKind::Host
-        || !matches!(r.phase.as_str(), "update_clients" | "update_servers")
+        || !matches!(
+            r.phase.as_str(),
+            "update_clients" | "update_servers" | "rollback"
+        )
         || r.devices_renewed >= r.devices_online;
     gateways && devices
 }
