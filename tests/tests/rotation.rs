@@ -10,7 +10,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use edgeport_e2e::fabric::{wait_online, Agent};
+use edgeport_e2e::fabric::{wait_offline, wait_online, Agent};
 use edgeport_e2e::ssh::{Cluster, Tsh};
 use edgeport_e2e::wait_until;
 use serde_json::Value;
@@ -52,6 +52,7 @@ fn rotating_the_ssh_cas_keeps_agents_and_a_live_session_working() {
     let mut off = Agent::start(&c.dir.join("agent-off"), &c.gw, "off1", "", &[]);
     wait_online(&c.tctl, "off1", None, Duration::from_secs(60));
     off.proc.stop();
+    assert!(wait_offline(&c.tctl, "off1", Duration::from_secs(60)).is_some());
 
     let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
     tsh.login("alice", PW, &c.gw.ca_pin, &[])
@@ -78,7 +79,9 @@ fn rotating_the_ssh_cas_keeps_agents_and_a_live_session_working() {
     let user_before = c.tctl.ok(&["auth", "export", "--type", "user"]).stdout();
     let r = c
         .tctl
-        .ok(&["auth", "rotate", "--type", "user", "--grace", "1h"])
+        .ok(&[
+            "auth", "rotate", "--type", "user", "--grace", "1h", "--wait", "5m",
+        ])
         .stdout();
     for p in ["phase init", "phase update_clients", "phase update_servers"] {
         assert!(r.contains(p), "{r}");
@@ -160,7 +163,9 @@ fn rotating_the_ssh_cas_keeps_agents_and_a_live_session_working() {
     // The host CA, with a short grace that ends by itself.
     let r = c
         .tctl
-        .ok(&["auth", "rotate", "--type", "host", "--grace", "3s"])
+        .ok(&[
+            "auth", "rotate", "--type", "host", "--grace", "3s", "--wait", "5m",
+        ])
         .stdout();
     assert!(
         r.contains(&format!("online devices renewed {AGENTS}/{AGENTS}")),
@@ -254,7 +259,15 @@ fn a_host_rotation_rolled_back_leaves_the_old_ca_in_force() {
     ]);
     let r = c
         .tctl
-        .ok(&["auth", "rotate", "--type", "host", "--rollback"])
+        .ok(&[
+            "auth",
+            "rotate",
+            "--type",
+            "host",
+            "--rollback",
+            "--wait",
+            "5m",
+        ])
         .stdout();
     assert!(r.contains("phase rollback"), "{r}");
     assert!(r.contains("online devices renewed 2/2"), "{r}");
