@@ -340,8 +340,8 @@ impl CertAuthority {
         Ok((Self::with_rotations(cluster, keys, Some(dir))?, created))
     }
 
-    /// Applies a rotation step to one SSH CA (or only reads, for `Status`), saves it and
-    /// re-signs the bundle. Returns the rotation of every CA afterwards.
+    /// Applies a rotation step to one SSH CA (`Status` changes nothing), saves it and
+    /// re-signs the bundle.
     pub fn rotate(
         &self,
         kind: CaKind,

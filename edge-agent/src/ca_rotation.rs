@@ -39,11 +39,17 @@ pub fn check(dir: &Path, current: &CaBundle, fresh: &CaBundle) -> Result<bool, T
     if fresh == current {
         return Ok(false);
     }
-    let retired = read_retired(dir);
-    if let Some(k) = all_keys(fresh).into_iter().find(|k| retired.contains(k)) {
-        return Err(TakeError::Retired(short(&k)));
-    }
+    refuse_retired(dir, fresh)?;
     Ok(true)
+}
+
+/// Refuses a bundle that trusts a CA this device saw dropped.
+fn refuse_retired(dir: &Path, fresh: &CaBundle) -> Result<(), TakeError> {
+    let retired = read_retired(dir);
+    match all_keys(fresh).into_iter().find(|k| retired.contains(k)) {
+        Some(k) => Err(TakeError::Retired(short(&k))),
+        None => Ok(()),
+    }
 }
 
 /// Records the CA keys `current` trusted and `fresh` drops (before `fresh` is stored).
@@ -65,7 +71,7 @@ pub fn retire_dropped(dir: &Path, current: &CaBundle, fresh: &CaBundle) -> Resul
         .map_err(|e| TakeError::Store(e.to_string()))
 }
 
-/// The first characters of a key's base64, enough to tell keys apart in a log line.
+/// The last characters of a key's base64, enough to tell keys apart in a log line.
 fn short(key_line: &str) -> String {
     let b64 = key_line.split_whitespace().nth(1).unwrap_or(key_line);
     let tail: String = b64
@@ -121,6 +127,13 @@ mod tests {
         retire_dropped(&dir, &both, &new).unwrap();
         retire_dropped(&dir, &both, &new).unwrap();
         assert_eq!(read_retired(&dir), vec!["ssh-ed25519 AAAAold".to_string()]);
+        // A replay of the rotation's bundle (or the one before it) is refused by name.
+        assert!(matches!(
+            refuse_retired(&dir, &both),
+            Err(TakeError::Retired(k)) if k.ends_with("AAAAold")
+        ));
+        assert!(refuse_retired(&dir, &old).is_err());
+        refuse_retired(&dir, &new).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
