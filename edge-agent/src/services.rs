@@ -31,6 +31,8 @@ pub trait StreamService: Send + Sync + 'static {
     fn serve(&self, stream: BoxedStream, header: StreamHeader) -> ServiceFuture;
     /// Users locked out right now: end their sessions, refuse new ones.
     fn set_locked_users(&self, _users: Vec<String>) {}
+    /// The device identity changed (a renewal or a CA rotation).
+    fn identity_changed(&self, _ident: &DeviceIdentity) {}
 }
 
 impl StreamService for SshServer {
@@ -89,6 +91,10 @@ impl Services {
         self.relay.identity_changed(ident);
         if let Ok(mut h) = self.host_cas.write() {
             *h = ident.cas.host_ca_raws();
+        }
+        #[cfg(feature = "kube")]
+        if let Some(k) = &self.kube {
+            k.identity_changed(ident);
         }
         let ssh = match ssh_service(ident) {
             Ok(s) => {
