@@ -38,7 +38,7 @@ pub enum Outcome {
 
 fn still_good(ident: &IdentityFile, ca: &CertAuthority, now: u64) -> bool {
     ident.principal == Principal::Admin(ADMIN_NAME.to_string())
-        && &ident.cas == ca.bundle()
+        && ident.cas == ca.bundle()
         && KeyPair::from_openssh(&ident.ssh_private_key).is_ok()
         && first_cert_der(&ident.x509_cert_pem)
             .ok()

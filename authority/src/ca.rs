@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use edgeport_net::clock::now_secs;
 use edgeport_proto::identity::{CaBundle, Principal};
@@ -20,7 +21,9 @@ use edgeport_proto::util::{format_time, write_private, write_with_mode};
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::PublicKey;
 
+use crate::rotation::{RotateError, RotatingCa};
 use crate::x509::{LeafSpec, X509Error, X509Issuer};
+use edgeport_proto::rpc::{CaKind, CaRotation, RotateAction};
 
 /// How long the x509 CA certificate is valid.
 const X509_CA_VALIDITY_YEARS: i32 = 10;
@@ -201,6 +204,38 @@ fn ymd(unix: u64) -> (i32, u8, u8) {
     (year, month, day)
 }
 
+/// The bundle of the trusted CAs, signed by the x509 CA.
+fn signed_bundle(
+    cluster: &str,
+    x509: &X509Issuer,
+    x509_ca_der: &[u8],
+    user: &RotatingCa,
+    host: &RotatingCa,
+) -> Result<CaBundle, CaError> {
+    let mut bundle = CaBundle {
+        cluster: cluster.to_string(),
+        user_ca: user.trusted_lines(),
+        host_ca: host.trusted_lines(),
+        x509_ca_pem: keys::cert_pem(x509_ca_der),
+        ca_pin: keys::ca_pin(x509_ca_der)?,
+        signature: String::new(),
+    };
+    // Clients that trust the x509 CA (by its pin) trust the SSH CAs through this.
+    bundle.signature = hex::encode(x509.sign_bytes(&bundle.signed_bytes())?);
+    Ok(bundle)
+}
+
+/// Why a rotation step was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationFailed {
+    #[error(transparent)]
+    Refused(#[from] RotateError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("cannot save the rotation: {0}")]
+    Save(String),
+}
+
 /// An SSH user certificate to sign (DESIGN §2).
 #[derive(Clone, Debug)]
 pub struct SshUserCert<'a> {
@@ -219,56 +254,76 @@ pub struct SshUserCert<'a> {
 /// The three CAs, ready to sign.
 pub struct CertAuthority {
     cluster: String,
-    user_ca: KeyPair,
-    host_ca: KeyPair,
     x509: X509Issuer,
     x509_ca_der: Vec<u8>,
+    /// The SSH CAs (rotated by `tctl auth rotate`) and the signed bundle that lists them.
+    ssh: RwLock<SshCas>,
+    /// Where rotations are saved (`None`: in memory only, tests).
+    dir: Option<PathBuf>,
+}
+
+/// The SSH CAs and the bundle made from them; `generation` counts bundle changes.
+struct SshCas {
+    user: RotatingCa,
+    host: RotatingCa,
     bundle: CaBundle,
+    generation: u64,
 }
 
 impl std::fmt::Debug for CertAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertAuthority")
             .field("cluster", &self.cluster)
-            .field("ca_pin", &self.bundle.ca_pin)
             .finish_non_exhaustive()
     }
 }
 
 impl CertAuthority {
+    fn ssh(&self) -> std::sync::RwLockReadGuard<'_, SshCas> {
+        self.ssh.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Signs an audit acknowledgement with the host CA key (the key devices already trust
     /// for the cluster; the payload's domain tag keeps it apart from SSH certificates).
     pub fn sign_audit_ack(&self, payload: &[u8]) -> Vec<u8> {
-        self.host_ca.sign(payload)
+        self.ssh().host.signing.sign(payload)
     }
 
     /// Signs a dial ticket with the host CA key (gateways and devices trust it already; the
     /// ticket's context string keeps it apart from certificates and acknowledgements).
     pub fn sign_dial_ticket(&self, payload: &[u8]) -> Vec<u8> {
-        self.host_ca.sign(payload)
+        self.ssh().host.signing.sign(payload)
     }
 
     pub fn new(cluster: &str, keys: CaKeys) -> Result<Self, CaError> {
+        Self::with_rotations(cluster, keys, None)
+    }
+
+    /// [`Self::new`], with the rotations saved in `dir` (if any) in force.
+    fn with_rotations(cluster: &str, keys: CaKeys, dir: Option<&Path>) -> Result<Self, CaError> {
         let x509_ca_der = keys::first_cert_der(&keys.x509_cert_pem)
             .map_err(|e| CaError::X509(X509Error::BadCa(e.to_string())))?;
         let x509 = X509Issuer::new(&x509_ca_der, &keys.x509_key_pkcs8)?;
-        let mut bundle = CaBundle {
-            cluster: cluster.to_string(),
-            user_ca: keys.user.public_openssh(),
-            host_ca: keys.host.public_openssh(),
-            x509_ca_pem: keys::cert_pem(&x509_ca_der),
-            ca_pin: keys::ca_pin(&x509_ca_der)?,
-            signature: String::new(),
-        };
-        // Clients that trust the x509 CA (by its pin) trust the SSH CAs through this.
-        bundle.signature = hex::encode(x509.sign_bytes(&bundle.signed_bytes())?);
+        let mut user = RotatingCa::new(keys.user);
+        let mut host = RotatingCa::new(keys.host);
+        if let Some(dir) = dir {
+            crate::rotation::load(dir, &mut user, &mut host).map_err(|err| CaError::Io {
+                path: dir.display().to_string(),
+                err,
+            })?;
+        }
+        let bundle = signed_bundle(cluster, &x509, &x509_ca_der, &user, &host)?;
         Ok(Self {
             cluster: cluster.to_string(),
-            user_ca: keys.user,
-            host_ca: keys.host,
             x509,
             x509_ca_der,
-            bundle,
+            ssh: RwLock::new(SshCas {
+                user,
+                host,
+                bundle,
+                generation: 0,
+            }),
+            dir: dir.map(Path::to_path_buf),
         })
     }
 
@@ -282,16 +337,124 @@ impl CertAuthority {
         } else {
             CaKeys::load(dir)?
         };
-        Ok((Self::new(cluster, keys)?, created))
+        Ok((Self::with_rotations(cluster, keys, Some(dir))?, created))
+    }
+
+    /// Applies a rotation step to one SSH CA (`Status` changes nothing), saves it and
+    /// re-signs the bundle.
+    pub fn rotate(
+        &self,
+        kind: CaKind,
+        action: &RotateAction,
+        now: u64,
+    ) -> Result<(), RotationFailed> {
+        if *action == RotateAction::Status {
+            return Ok(());
+        }
+        let mut ssh = self.ssh.write().unwrap_or_else(|p| p.into_inner());
+        let mut user = ssh.user.clone();
+        let mut host = ssh.host.clone();
+        match kind {
+            CaKind::User => user.apply(kind, action, now)?,
+            CaKind::Host => host.apply(kind, action, now)?,
+            CaKind::X509 => return Err(RotateError::X509.into()),
+        }
+        self.commit(&mut ssh, user, host)
+    }
+
+    /// Drops CAs whose grace period ended. Cheap when nothing is due.
+    pub fn expire_rotations(&self, now: u64) {
+        let due = |c: &RotatingCa| c.drop_at.is_some_and(|at| now >= at);
+        {
+            let ssh = self.ssh();
+            if !due(&ssh.user) && !due(&ssh.host) {
+                return;
+            }
+        }
+        let mut ssh = self.ssh.write().unwrap_or_else(|p| p.into_inner());
+        let (mut user, mut host) = (ssh.user.clone(), ssh.host.clone());
+        let (u, h) = (user.expire(now), host.expire(now));
+        if !u && !h {
+            return;
+        }
+        match self.commit(&mut ssh, user, host) {
+            Ok(()) => tracing::info!(
+                user = u, host = h,
+                "CA rotation: the grace period ended; the CA that no longer signs was dropped (phase standby)"
+            ),
+            Err(e) => tracing::error!("CA rotation: cannot drop the old CA: {e}"),
+        }
+    }
+
+    /// Saves the new state, then writes the signing keys, then takes it in memory.
+    fn commit(
+        &self,
+        ssh: &mut SshCas,
+        user: RotatingCa,
+        host: RotatingCa,
+    ) -> Result<(), RotationFailed> {
+        let bundle = signed_bundle(&self.cluster, &self.x509, &self.x509_ca_der, &user, &host)?;
+        if let Some(dir) = &self.dir {
+            crate::rotation::save(dir, &user, &host).map_err(RotationFailed::Save)?;
+            let p = CaPaths::new(dir);
+            for (ca, key, public) in [(&user, &p.user, &p.user_pub), (&host, &p.host, &p.host_pub)]
+            {
+                if ca.phase == crate::rotation::Phase::Standby {
+                    let pem = ca
+                        .signing
+                        .to_openssh()
+                        .map_err(|e| RotationFailed::Save(e.to_string()))?;
+                    write_private(key, pem.as_bytes())
+                        .map_err(|e| RotationFailed::Save(e.to_string()))?;
+                    let line = format!("{}\n", ca.signing.public_openssh());
+                    write_with_mode(public, line.as_bytes(), 0o644)
+                        .map_err(|e| RotationFailed::Save(e.to_string()))?;
+                }
+            }
+        }
+        ssh.user = user;
+        ssh.host = host;
+        ssh.bundle = bundle;
+        ssh.generation += 1;
+        Ok(())
+    }
+
+    /// Where each SSH CA's rotation stands (the progress counters are the caller's).
+    pub fn rotations(&self) -> Vec<CaRotation> {
+        let ssh = self.ssh();
+        [(CaKind::User, &ssh.user), (CaKind::Host, &ssh.host)]
+            .into_iter()
+            .map(|(kind, ca)| {
+                let trusted = ca.fingerprints();
+                CaRotation {
+                    kind,
+                    phase: ca.phase.as_str().to_string(),
+                    signing: trusted.first().cloned().unwrap_or_default(),
+                    trusted,
+                    grace_secs: ca.grace_secs,
+                    drop_at: ca.drop_at,
+                    gateways_current: 0,
+                    gateways_total: 0,
+                    devices_renewed: 0,
+                    devices_online: 0,
+                }
+            })
+            .collect()
+    }
+
+    /// How many times the bundle changed since this authority started.
+    pub fn generation(&self) -> u64 {
+        self.ssh().generation
     }
 
     pub fn cluster(&self) -> &str {
         &self.cluster
     }
 
-    /// The public trust material (what `tctl auth export` prints).
-    pub fn bundle(&self) -> &CaBundle {
-        &self.bundle
+    /// The public trust material (what `tctl auth export` prints): during a rotation, both
+    /// CAs of the rotated kind.
+    pub fn bundle(&self) -> CaBundle {
+        self.ssh().bundle.clone()
     }
 
     pub fn x509_ca_der(&self) -> &[u8] {
@@ -318,7 +481,7 @@ impl CertAuthority {
         }
         let roles = serde_json::to_string(c.roles).map_err(|e| CaError::Ssh(e.to_string()))?;
         b.extension(EXT_ROLES, roles).map_err(ssh)?;
-        let cert = b.sign(self.user_ca.ssh_private()).map_err(ssh)?;
+        let cert = b.sign(self.ssh().user.signing.ssh_private()).map_err(ssh)?;
         cert.to_openssh().map_err(ssh)
     }
 
@@ -338,7 +501,7 @@ impl CertAuthority {
         b.valid_principal(device_id).map_err(ssh)?;
         b.valid_principal(format!("{device_id}.{}", self.cluster))
             .map_err(ssh)?;
-        let cert = b.sign(self.host_ca.ssh_private()).map_err(ssh)?;
+        let cert = b.sign(self.ssh().host.signing.ssh_private()).map_err(ssh)?;
         cert.to_openssh().map_err(ssh)
     }
 

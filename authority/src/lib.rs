@@ -21,6 +21,7 @@ pub mod open_sessions;
 pub mod policy;
 pub mod recordings;
 pub mod roles;
+pub mod rotation;
 pub mod rpc_server;
 pub mod service;
 pub mod sso;

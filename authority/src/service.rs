@@ -92,7 +92,8 @@ fn access(req: &Request) -> Access {
         | Request::AccessRequestList
         | Request::AccessRequestReview(_)
         | Request::SignHost { .. }
-        | Request::DeviceSetBudget { .. } => Access::Admin,
+        | Request::DeviceSetBudget { .. }
+        | Request::CaRotate(_) => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -175,6 +176,7 @@ pub fn request_name(req: &Request) -> &'static str {
         }
         Request::DeviceUsage { .. } => "reading device usage",
         Request::DeviceSetBudget { .. } => "setting data budgets",
+        Request::CaRotate(_) => "rotating CAs",
         Request::AccessRequestUser(_) => "relaying access requests",
         Request::AccessRequestList => "listing access requests",
         Request::AccessRequestReview(_) => "reviewing access requests",
@@ -259,6 +261,8 @@ pub struct Service {
     pub gateway_reports: Mutex<HashMap<String, u64>>,
     /// Single sign-on connectors built from the store's records.
     pub(crate) sso: crate::sso::Connectors,
+    /// How far a CA rotation has spread (`tctl auth rotate --status`).
+    pub(crate) spread: crate::handlers::rotate::Spread,
 }
 
 impl Service {
@@ -275,6 +279,7 @@ impl Service {
             standing: Default::default(),
             gateway_reports: Default::default(),
             sso: Default::default(),
+            spread: Default::default(),
         }
     }
 
@@ -297,6 +302,8 @@ impl Service {
 
     /// Answers one request as if the time were `now` (Unix seconds).
     pub fn handle_at(&self, caller: &Caller, req: Request, now: u64) -> Response {
+        // A rotation's grace period may have ended: drop the old CA before answering.
+        self.ca.expire_rotations(now);
         let name = request_name(&req);
         let pending = crate::audit::describe(caller, &req);
         let moves = moves_policy(&req);
@@ -388,7 +395,14 @@ impl Service {
                 cluster: self.cluster().to_string(),
                 version: edgeport_proto::VERSION.to_string(),
             }),
-            Request::ExportCas => Ok(Response::Cas(self.ca.bundle().clone())),
+            Request::ExportCas => {
+                // Counted for `tctl auth rotate`'s progress: this gateway has the bundle now.
+                if let Caller::Gateway(g) = caller {
+                    self.spread.fetched(g, self.ca.generation());
+                }
+                Ok(Response::Cas(self.ca.bundle()))
+            }
+            Request::CaRotate(r) => handlers::rotate::rotate(self, r, now),
             Request::SignUser(r) => handlers::user_certs::sign_user(self, r, now),
             Request::UserAdd(spec) => {
                 let (invite, invite_expires) = users::add(store, &spec, now)?;

@@ -5,10 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use edgeport_proto::identity::CaBundle;
 use edgeport_proto::rpc::DeviceCerts;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::ca_rotation::{self, TakeError};
 use crate::config::AgentConfig;
 use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::join::{self, JoinError};
@@ -107,6 +109,36 @@ impl Agent {
         self.forced_renew.swap(false, Ordering::Relaxed)
     }
 
+    /// Takes a rotated CA bundle (pushed by the gateway, or with a renewal) once it checks
+    /// out (see [`crate::ca_rotation`]): stores it and rebuilds the services that trust it.
+    /// `Ok(true)`: our host certificate is from a CA that no longer signs; renew.
+    pub fn take_cas(&self, fresh: &CaBundle) -> Result<bool, TakeError> {
+        let dir = &self.cfg.data_dir;
+        let current = self.identity();
+        if !ca_rotation::check(dir, &current.cas, fresh)? {
+            return Ok(ca_rotation::host_cert_outdated(
+                &current.host_cert,
+                &current.cas,
+            ));
+        }
+        ca_rotation::retire_dropped(dir, &current.cas, fresh)?;
+        let fresh_ident = identity::store_cas(dir, fresh)
+            .and_then(|()| identity::load(dir))
+            .map_err(|e| TakeError::Store(e.to_string()))?;
+        tracing::info!(
+            user_cas = fresh.user_cas().len(),
+            host_cas = fresh.host_cas().len(),
+            "took the rotated CA bundle (signed by the x509 CA this device joined with)"
+        );
+        self.services.identity_changed(&fresh_ident);
+        let outdated = ca_rotation::host_cert_outdated(&fresh_ident.host_cert, fresh);
+        match self.identity.write() {
+            Ok(mut i) => *i = Arc::new(fresh_ident),
+            Err(p) => *p.into_inner() = Arc::new(fresh_ident),
+        }
+        Ok(outdated)
+    }
+
     /// Stores renewed certificates and switches to them.
     pub fn renewed(&self, certs: &DeviceCerts) {
         let current = self.identity();
@@ -116,14 +148,15 @@ impl Agent {
             );
             return;
         }
-        // Certificates come through the gateway: the CAs must be the ones we joined with (a
-        // gateway must not be able to slip in its own user CA), and the host certificate must
-        // be for our key, from our host CA.
-        if let Err(e) = current.cas.check_same_cas(&certs.cas) {
+        // Certificates come through the gateway: the CAs must be ours or a rotation of them
+        // signed by the x509 CA we joined with (a gateway must not be able to slip in its own
+        // user CA), and the host certificate must be for our key, from a host CA we trust.
+        if let Err(e) = self.take_cas(&certs.cas) {
             tracing::error!("renewed certificates refused: {e}");
             return;
         }
-        if let Err(e) = identity::check_host_certificate(&current, &certs.host_cert) {
+        let current = self.identity();
+        if let Err(e) = identity::check_host_certificate(&current, &current.cas, &certs.host_cert) {
             tracing::error!("renewed certificates refused: {e}");
             return;
         }

@@ -93,12 +93,17 @@ fn file(dir: &Path, name: &str) -> PathBuf {
 /// Whether the device has joined (its identity files exist).
 /// Checks a host certificate offered by a renewal: from our host CA, for our device id, for
 /// our own key, and valid now.
-pub fn check_host_certificate(current: &DeviceIdentity, line: &str) -> Result<(), HostCertRefused> {
-    use edgeport_proto::sshcert::check_host_cert;
-    use russh::keys::ssh_key::{Certificate, PublicKey};
+pub fn check_host_certificate(
+    current: &DeviceIdentity,
+    cas: &CaBundle,
+    line: &str,
+) -> Result<(), HostCertRefused> {
+    use edgeport_proto::sshcert::{check_host_cert, signer_of};
+    use russh::keys::ssh_key::Certificate;
     let cert = Certificate::from_openssh(line.trim()).map_err(HostCertRefused::Unreadable)?;
-    let ca = PublicKey::from_openssh(current.cas.host_ca.trim()).map_err(HostCertRefused::BadCa)?;
-    check_host_cert(&cert, &ca, &current.device_id, now_secs())
+    let host_cas = cas.host_cas();
+    let ca = signer_of(&cert, &host_cas).ok_or(HostCertRefused::BadCa)?;
+    check_host_cert(&cert, ca, &current.device_id, now_secs())
         .map_err(|e| HostCertRefused::Invalid(e.to_string()))?;
     if cert.public_key() != current.key.ssh_public().key_data() {
         return Err(HostCertRefused::OtherKey);
@@ -111,8 +116,8 @@ pub fn check_host_certificate(current: &DeviceIdentity, line: &str) -> Result<()
 pub enum HostCertRefused {
     #[error("unreadable host certificate: {0}")]
     Unreadable(russh::keys::ssh_key::Error),
-    #[error("unreadable host CA: {0}")]
-    BadCa(russh::keys::ssh_key::Error),
+    #[error("the CA bundle holds no readable host CA")]
+    BadCa,
     #[error("host certificate: {0}")]
     Invalid(String),
     #[error("the host certificate is for another key")]
@@ -135,6 +140,13 @@ pub fn load_or_make_key(dir: &Path) -> Result<KeyPair, IdentityError> {
     let pem = key.to_openssh().map_err(|e| io_err(&p, e))?;
     write_private(&p, pem.as_bytes()).map_err(|e| io_err(&p, e))?;
     Ok(key)
+}
+
+/// Stores a rotated CA bundle (the certificates stay as they are).
+pub fn store_cas(dir: &Path, cas: &CaBundle) -> Result<(), IdentityError> {
+    let p = file(dir, CAS_FILE);
+    let data = serde_json::to_vec_pretty(cas).map_err(|e| io_err(&p, e))?;
+    write_private(&p, &data).map_err(|e| io_err(&p, e))
 }
 
 /// Stores fresh certificates (join or renewal).

@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod audit;
 pub mod backoff;
+pub mod ca_rotation;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzz_entry;

@@ -26,7 +26,8 @@ pub const RELAY_REFUSED: u8 = 1;
 struct Who {
     cluster: String,
     device: String,
-    host_ca: Vec<u8>,
+    /// The trusted host CAs' raw keys (two during a CA rotation).
+    host_cas: Vec<Vec<u8>>,
 }
 
 pub struct Relay {
@@ -50,7 +51,7 @@ impl Relay {
             *w = Who {
                 cluster: ident.cas.cluster.clone(),
                 device: ident.device_id.clone(),
-                host_ca: edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default(),
+                host_cas: ident.cas.host_ca_raws(),
             };
         }
     }
@@ -78,9 +79,9 @@ impl Relay {
         let checked = match self.who.read() {
             Ok(w) => self
                 .seen
-                .admit(
+                .admit_any(
                     header.ticket.as_ref(),
-                    &w.host_ca,
+                    &w.host_cas,
                     &Expected {
                         cluster: &w.cluster,
                         device: &w.device,

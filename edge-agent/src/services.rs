@@ -31,6 +31,8 @@ pub trait StreamService: Send + Sync + 'static {
     fn serve(&self, stream: BoxedStream, header: StreamHeader) -> ServiceFuture;
     /// Users locked out right now: end their sessions, refuse new ones.
     fn set_locked_users(&self, _users: Vec<String>) {}
+    /// The device identity changed (a renewal or a CA rotation).
+    fn identity_changed(&self, _ident: &DeviceIdentity) {}
 }
 
 impl StreamService for SshServer {
@@ -58,6 +60,8 @@ pub struct Services {
     /// SSH servers replaced by a renewal. Their live connections keep them alive; a lock must
     /// still reach those sessions.
     retired: std::sync::Mutex<Vec<std::sync::Weak<dyn StreamService>>>,
+    /// The trusted host CAs' raw keys (audit acknowledgements), as of the last identity.
+    host_cas: RwLock<Vec<Vec<u8>>>,
 }
 
 impl Services {
@@ -76,6 +80,7 @@ impl Services {
             locked: RwLock::new(Vec::new()),
             relay: crate::relay::Relay::new(targets),
             retired: std::sync::Mutex::new(Vec::new()),
+            host_cas: RwLock::new(Vec::new()),
         };
         me.identity_changed(ident);
         me
@@ -84,6 +89,13 @@ impl Services {
     /// (Re)builds the identity-dependent services (after a join or a renewal).
     pub fn identity_changed(&self, ident: &DeviceIdentity) {
         self.relay.identity_changed(ident);
+        if let Ok(mut h) = self.host_cas.write() {
+            *h = ident.cas.host_ca_raws();
+        }
+        #[cfg(feature = "kube")]
+        if let Some(k) = &self.kube {
+            k.identity_changed(ident);
+        }
         let ssh = match ssh_service(ident) {
             Ok(s) => {
                 s.set_locked_users(self.locked.read().map(|l| l.clone()).unwrap_or_default());
@@ -123,6 +135,11 @@ impl Services {
         }
     }
 
+    /// The trusted host CAs' raw keys now (two during a CA rotation).
+    pub fn host_cas(&self) -> Vec<Vec<u8>> {
+        self.host_cas.read().map(|h| h.clone()).unwrap_or_default()
+    }
+
     fn ssh(&self) -> Option<Arc<dyn StreamService>> {
         self.ssh.read().ok().and_then(|s| s.clone())
     }
@@ -131,15 +148,17 @@ impl Services {
 /// Builds the SSH server from the device identity: the device key with its host
 /// certificate, trusting the cluster's user CA.
 pub fn ssh_service(ident: &DeviceIdentity) -> Result<Arc<dyn StreamService>, String> {
-    use russh::keys::ssh_key::{Certificate, PublicKey};
+    use russh::keys::ssh_key::Certificate;
     let host_cert = Certificate::from_openssh(&ident.host_cert)
         .map_err(|e| format!("host certificate: {e}"))?;
-    let user_ca =
-        PublicKey::from_openssh(ident.cas.user_ca.trim()).map_err(|e| format!("user CA: {e}"))?;
+    let user_cas = ident.cas.user_cas();
+    if user_cas.is_empty() {
+        return Err("user CA: no readable key in the CA bundle".into());
+    }
     let server = SshServer::new(SshConfig {
         host_key: ident.key.clone(),
         host_cert,
-        user_ca,
+        user_cas,
         device_id: ident.device_id.clone(),
         labels: ident.labels.clone(),
     })

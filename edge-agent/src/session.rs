@@ -353,7 +353,19 @@ async fn drive(
             }
             AgentEvent::Locked(users) => agent.services.set_locked_users(users),
             AgentEvent::Budget(exceeded) => crate::usage::set_over_budget(exceeded),
-            AgentEvent::Cas(_) => tracing::warn!("a rotated CA bundle was offered; not taken yet"),
+            AgentEvent::Cas(cas) => {
+                match agent.take_cas(&cas) {
+                    Ok(true) => {
+                        tracing::info!("the host CA was rotated; renewing the host certificate under the new CA");
+                        let key = agent.identity().key.public_openssh();
+                        if let Err(e) = ctl.request_renew(key) {
+                            tracing::debug!("renewal not asked for: {e}");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("rotated CA bundle refused: {e}"),
+                }
+            }
             AgentEvent::AuditAcked { ack, .. } => {
                 let _ = audit_ack.try_send(ack);
             }
@@ -410,7 +422,10 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
             shared,
             ident.device_id.clone(),
             ident.key.clone(),
-            edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca),
+            {
+                let services = agent.services.clone();
+                Box::new(move || services.host_cas())
+            },
             agent.audit_tamper(),
             audit_tx,
             audit_acks,

@@ -676,7 +676,7 @@ fn forward_ticket(
     header: &StreamHeader,
 ) -> Result<edgeport_proto::ticket::TicketClaims, RpcError> {
     let ident = dialer.reach.identity.get();
-    let host_ca = edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default();
+    let host_cas = ident.cas.host_ca_raws();
     let want = edgeport_proto::ticket::Expected {
         cluster: ident.cluster(),
         device: device_id,
@@ -686,9 +686,9 @@ fn forward_ticket(
     };
     let claims = dialer
         .tickets
-        .admit(
+        .admit_any(
             header.ticket.as_ref(),
-            &host_ca,
+            &host_cas,
             &want,
             edgeport_net::clock::now_secs(),
         )

@@ -297,6 +297,13 @@ fn load_or_make_key(dir: &Path) -> Result<rcgen::KeyPair, IdentityError> {
     Ok(key)
 }
 
+/// Stores a rotated CA bundle (`cas.json`); the certificate stays as it is.
+pub fn store_cas(dir: &Path, cas: &CaBundle) -> Result<(), IdentityError> {
+    let p = path(dir, CAS_FILE);
+    let data = serde_json::to_vec_pretty(cas).map_err(|e| io_err(&p, e))?;
+    write_private(&p, &data).map_err(|e| io_err(&p, e))
+}
+
 fn store(dir: &Path, certs: &GatewayCerts) -> Result<(), IdentityError> {
     let cert = path(dir, CERT_FILE);
     write_private(&cert, certs.x509_cert_pem.as_bytes()).map_err(|e| io_err(&cert, e))?;

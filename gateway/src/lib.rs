@@ -15,6 +15,7 @@ pub mod accept;
 pub mod audit;
 pub mod authority;
 pub mod budget;
+pub mod ca_watch;
 pub mod config;
 pub mod dial;
 #[doc(hidden)]

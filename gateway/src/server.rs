@@ -188,6 +188,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         )),
         None => None,
     };
+    let (ca_identity, ca_dir) = (identity.clone(), cfg.data_dir.clone());
     let renewal = Renewal {
         cfg,
         auth: auth.clone(),
@@ -201,6 +202,15 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         tokio::spawn(quic::accept_loop(quic_port, endpoint.clone())),
         tokio::spawn(presence::run(reporter.clone())),
         tokio::spawn(crate::policy::run(policy)),
+        tokio::spawn(
+            crate::ca_watch::CaWatch {
+                auth: auth.clone(),
+                identity: ca_identity,
+                tunnels: tunnels.clone(),
+                data_dir: ca_dir,
+            }
+            .run(shutdown.clone()),
+        ),
         tokio::spawn(crate::audit::run_sink(auth, shutdown.clone())),
         tokio::spawn(renewal.run(shutdown.clone())),
     ];

@@ -182,6 +182,7 @@ pub async fn serve(
                     Outside::Locked(users) => ctl.send_locked(users),
                     Outside::Refused(e) => ctl.send_refused(e),
                     Outside::Budget(m) => ctl.send_budget(m),
+                    Outside::Cas(b) => ctl.send_cas(b),
                 };
             }
             Some(d) = done.recv() => {
@@ -324,6 +325,9 @@ impl Io {
             GatewayEvent::Established => {
                 if let Some(m) = host.tunnels.budget_refusal(&self.device_id) {
                     let _ = ctl.send_budget(Some(m));
+                }
+                if let Some(cas) = host.tunnels.rotated_cas() {
+                    let _ = ctl.send_cas(cas);
                 }
                 if let Some(hello) = self.hello.take() {
                     self.tunnel = Some(register(

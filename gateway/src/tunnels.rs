@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use edgeport_net::write_frame;
 use edgeport_net::BoxedStream;
+use edgeport_proto::identity::CaBundle;
 use edgeport_proto::rpc::{DevicePresence, RpcError};
 use edgeport_proto::tunnel::{Hello, StreamHeader};
 use tokio::sync::{mpsc, Notify};
@@ -148,6 +149,8 @@ pub enum Outside {
     Refused(RpcError),
     /// The device's data budget state changed (`Some`: past it).
     Budget(Option<String>),
+    /// The cluster's CA bundle changed (CA rotation).
+    Cas(CaBundle),
 }
 
 /// What the user of a bulk transfer reads when the device is past its data budget.
@@ -169,6 +172,8 @@ pub struct Tunnels {
     disconnected: Mutex<Vec<(String, String)>>,
     /// Devices past their monthly data budget (bytes), as the authority said last.
     over_budget: Mutex<HashMap<String, u64>>,
+    /// The CA bundle to give each agent whose tunnel comes up, once a rotation was seen.
+    cas: Mutex<Option<CaBundle>>,
     /// Woken when the set of tunnels changes (presence reports soon after).
     pub changed: Notify,
 }
@@ -193,6 +198,22 @@ impl Tunnels {
                 let _ = t.control.try_send(Outside::Budget(msg));
             }
         }
+    }
+
+    /// A rotated CA bundle: sent to every agent now, and to each agent whose tunnel comes up
+    /// later (see [`crate::ca_watch`]).
+    pub fn set_cas(&self, cas: CaBundle) {
+        if let Ok(mut c) = self.cas.lock() {
+            *c = Some(cas.clone());
+        }
+        for t in self.all() {
+            let _ = t.control.try_send(Outside::Cas(cas.clone()));
+        }
+    }
+
+    /// The bundle for an agent whose tunnel just came up, once a rotation was seen.
+    pub fn rotated_cas(&self) -> Option<CaBundle> {
+        self.cas.lock().ok()?.clone()
     }
 
     /// The refusal a device's agent must give bulk transfers, if it is past its budget.

@@ -7,6 +7,12 @@
 //! OpenSSH line per trusted CA (old and new). The first line is the CA the authority signs
 //! with now; every line is trusted. Outside a rotation each holds one line, and the signed
 //! bytes are exactly what they were before rotation existed.
+//!
+//! A rotated bundle reaches gateways (`gateway/src/ca_watch.rs`) and agents
+//! (`GatewayControl::Cas`, `edge-agent/src/ca_rotation.rs`) over their existing connections;
+//! each takes it only through [`CaBundle::check_successor`]: signed by the x509 CA it already
+//! trusts, never on the gateway's word. No SSH CA rotation needs a new join; rotating the
+//! x509 CA itself is not supported yet (it signs the bundle).
 
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 
@@ -28,7 +34,7 @@ pub enum BundleError {
     BadCa(String),
     #[error("the CA bundle's x509 CA has pin {got}, expected {want}")]
     PinMismatch { got: String, want: String },
-    #[error("the CA bundle changed ({0}); this change needs a new join")]
+    #[error("the CA bundle changed ({0}): a new x509 CA or cluster needs a new join")]
     Changed(&'static str),
 }
 
@@ -101,9 +107,8 @@ impl CaBundle {
         Ok(())
     }
 
-    /// A renewal may bring new certificates but never new CAs: checks that `fresh` holds the
-    /// same cluster and CAs as `self` and is validly signed. (Agents use this until they
-    /// take rotated bundles with [`Self::check_successor`].)
+    /// Checks that `fresh` holds the same cluster and CAs as `self` and is validly signed.
+    /// (Renewals may bring a rotated bundle: agents use [`Self::check_successor`].)
     pub fn check_same_cas(&self, fresh: &CaBundle) -> Result<(), BundleError> {
         self.check_successor(fresh)?;
         if keys_signed(&fresh.user_ca) != keys_signed(&self.user_ca) {

@@ -207,6 +207,10 @@ pub enum Request {
         id: String,
         data_budget: Option<u64>,
     },
+    /// Admin: CA rotation (`tctl auth rotate`): start, advance, complete or roll back the
+    /// rotation of one CA, or (`Status`) only read where every CA stands. Answered with
+    /// `CaRotations`.
+    CaRotate(CaRotateRequest),
 }
 
 /// Responses from the authority.
@@ -280,6 +284,72 @@ pub enum Response {
     },
     /// The answer to `TargetList`.
     Targets(Vec<crate::targets::TargetInfo>),
+    /// The answer to `CaRotate`: where each CA's rotation stands.
+    CaRotations(Vec<CaRotation>),
+}
+
+/// A CA `tctl auth rotate --type` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CaKind {
+    User,
+    Host,
+    X509,
+}
+
+impl CaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaKind::User => "user",
+            CaKind::Host => "host",
+            CaKind::X509 => "x509",
+        }
+    }
+}
+
+/// What `tctl auth rotate` asks of one CA's rotation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RotateAction {
+    /// Only report (`tctl auth rotate --status`).
+    Status,
+    /// `standby` to `init`: a new CA, trusted beside the old one that still signs. The old
+    /// one stays trusted for `grace_secs` once the new one signs.
+    Start { grace_secs: u64 },
+    /// The next phase: `init` to `update_clients` to `update_servers`.
+    Advance,
+    /// End the grace period now: drop the CA that no longer signs (`standby`).
+    Complete,
+    /// Back to the old CA (from any phase but `standby`); the new one stays trusted for the
+    /// grace period, then is dropped.
+    Rollback,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRotateRequest {
+    pub kind: CaKind,
+    pub action: RotateAction,
+}
+
+/// One CA's rotation, as `tctl auth rotate --status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRotation {
+    pub kind: CaKind,
+    /// `standby`, `init`, `update_clients`, `update_servers` or `rollback`.
+    pub phase: String,
+    /// SHA-256 fingerprint of the CA that signs now.
+    pub signing: String,
+    /// Fingerprints of every CA trusted now (the signing one first).
+    pub trusted: Vec<String>,
+    pub grace_secs: u64,
+    /// When the CA that no longer signs is dropped (Unix seconds), once the new one signs.
+    pub drop_at: Option<u64>,
+    /// Gateways that fetched the current CA bundle since the phase began, of those that
+    /// reported presence recently.
+    pub gateways_current: u32,
+    pub gateways_total: u32,
+    /// Online devices renewed under the signing host CA since the rotation began (host
+    /// rotations), of the devices online.
+    pub devices_renewed: u32,
+    pub devices_online: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -94,8 +94,8 @@ fn past_last_variant<T: serde::de::DeserializeOwned>(n: u8) -> bool {
 #[test]
 fn strategies_cover_every_variant() {
     let all = |n: u8| (0..n).collect::<BTreeSet<u8>>();
-    assert!(past_last_variant::<edgeport_proto::rpc::Request>(57));
-    assert!(past_last_variant::<edgeport_proto::rpc::Response>(33));
+    assert!(past_last_variant::<edgeport_proto::rpc::Request>(58));
+    assert!(past_last_variant::<edgeport_proto::rpc::Response>(34));
     assert!(past_last_variant::<edgeport_proto::tunnel::AgentControl>(5));
     assert!(past_last_variant::<edgeport_proto::tunnel::GatewayControl>(
         8
@@ -105,8 +105,8 @@ fn strategies_cover_every_variant() {
         13
     ));
     assert!(past_last_variant::<edgeport_proto::tunnel::ClientReply>(12));
-    assert_eq!(tags(strategies::request()), all(57), "rpc::Request");
-    assert_eq!(tags(strategies::response()), all(33), "rpc::Response");
+    assert_eq!(tags(strategies::request()), all(58), "rpc::Request");
+    assert_eq!(tags(strategies::response()), all(34), "rpc::Response");
     assert_eq!(
         tags(strategies::agent_control()),
         all(5),

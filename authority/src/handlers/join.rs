@@ -306,6 +306,7 @@ pub fn renew_device(
     }
     let certs = sign_device(svc, &dev.id, &dev.ssh_public_key, &dev.labels, now)?;
     devices::record_renewal(store, &dev.id, now)?;
+    svc.spread.renewed(&dev.id);
     tracing::info!(device = %dev.id, gateway, "device certificates renewed");
     Ok(Response::DeviceCerts(certs))
 }

@@ -5,6 +5,7 @@
 pub mod dial;
 pub mod join;
 pub mod presence;
+pub mod rotate;
 pub mod sso;
 pub mod targets;
 pub mod user_action;

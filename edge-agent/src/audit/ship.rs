@@ -47,6 +47,10 @@ impl Tamper {
     }
 }
 
+/// The trusted host CAs' raw keys, read at each acknowledgement: a CA rotation may change
+/// them while the tunnel is up.
+pub type HostCas = Box<dyn Fn() -> Vec<Vec<u8>> + Send + Sync>;
+
 /// Ships until the tunnel ends (the channels close). `out` goes to the control machine
 /// (`AgentControl::send_audit`), `acks` comes from its `AuditAcked` events.
 #[allow(clippy::too_many_arguments)]
@@ -54,7 +58,7 @@ pub async fn run(
     shared: Arc<Shared>,
     device_id: String,
     key: KeyPair,
-    host_ca: Option<Vec<u8>>,
+    host_cas: HostCas,
     tamper: Tamper,
     out: mpsc::Sender<AuditBatch>,
     mut acks: mpsc::Receiver<AuditAck>,
@@ -99,14 +103,22 @@ pub async fn run(
                 return;
             }
         };
-        let error = match (&ack.error, &host_ca) {
-            (Some(e), _) => Some(e.clone()),
-            (None, Some(ca)) if !edgeport_proto::audit::verify_ack(&device_id, &ack, ca) => Some(
-                "the acknowledgement is not signed by the cluster's authority; nothing deleted"
-                    .to_string(),
-            ),
-            (None, None) => Some("no host CA key to check acknowledgements with".to_string()),
-            _ => None,
+        let cas = host_cas();
+        let error = match &ack.error {
+            Some(e) => Some(e.clone()),
+            None if cas.is_empty() => {
+                Some("no host CA key to check acknowledgements with".to_string())
+            }
+            None if !cas
+                .iter()
+                .any(|ca| edgeport_proto::audit::verify_ack(&device_id, &ack, ca)) =>
+            {
+                Some(
+                    "the acknowledgement is not signed by the cluster's authority; nothing deleted"
+                        .to_string(),
+                )
+            }
+            None => None,
         };
         if let Some(e) = error {
             tracing::warn!(
@@ -185,7 +197,10 @@ mod tests {
             shared.clone(),
             "dev1".into(),
             key,
-            Some(ca.public_raw().to_vec()),
+            {
+                let raw = ca.public_raw().to_vec();
+                Box::new(move || vec![raw.clone()])
+            },
             Tamper::default(),
             out_tx,
             acks_rx,

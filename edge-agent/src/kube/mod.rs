@@ -66,7 +66,8 @@ impl KubeIdentity {
 pub struct TicketCheck {
     cluster: String,
     device: String,
-    host_ca: Vec<u8>,
+    /// The trusted host CAs' raw keys (two during a CA rotation; updated by a rotation).
+    host_cas: std::sync::RwLock<Vec<Vec<u8>>>,
     seen: ReplayGuard,
 }
 
@@ -75,7 +76,7 @@ impl TicketCheck {
         Self {
             cluster: ident.cas.cluster.clone(),
             device: ident.device_id.clone(),
-            host_ca: edgeport_proto::audit::raw_ed25519(&ident.cas.host_ca).unwrap_or_default(),
+            host_cas: std::sync::RwLock::new(ident.cas.host_ca_raws()),
             seen: ReplayGuard::default(),
         }
     }
@@ -90,9 +91,10 @@ impl TicketCheck {
             requester: None,
             holder: None,
         };
-        self.seen.admit(
+        let host_cas = self.host_cas.read().map(|h| h.clone()).unwrap_or_default();
+        self.seen.admit_any(
             header.ticket.as_ref(),
-            &self.host_ca,
+            &host_cas,
             &want,
             edgeport_net::clock::now_secs(),
         )
@@ -210,6 +212,12 @@ impl Drop for LiveGuard {
 }
 
 impl StreamService for KubeService {
+    fn identity_changed(&self, ident: &crate::identity::DeviceIdentity) {
+        if let Ok(mut h) = self.tickets.host_cas.write() {
+            *h = ident.cas.host_ca_raws();
+        }
+    }
+
     fn serve(&self, stream: BoxedStream, header: StreamHeader) -> ServiceFuture {
         let upstream = self.upstream.clone();
         let live = self.live.clone();

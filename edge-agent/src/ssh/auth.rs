@@ -54,7 +54,8 @@ impl Refusal {
 
 /// The inputs of the decision.
 pub struct Policy<'a> {
-    pub user_ca: &'a PublicKey,
+    /// The trusted user CAs (two during a CA rotation).
+    pub user_cas: &'a [PublicKey],
     pub labels: &'a BTreeMap<String, String>,
     pub locked: &'a HashSet<String>,
     pub accounts: &'a AccountFiles,
@@ -69,7 +70,9 @@ pub fn authorize(
     cert: &Certificate,
     now: u64,
 ) -> Result<Authorized, Refusal> {
-    let grant = check_user_cert(cert, policy.user_ca, login, now)?;
+    let ca = edgeport_proto::sshcert::signer_of(cert, policy.user_cas)
+        .ok_or(Refusal::Cert(CertRefusal::BadSignature))?;
+    let grant = check_user_cert(cert, ca, login, now)?;
     if policy.locked.contains(&grant.user) {
         return Err(Refusal::Locked(grant.user));
     }

@@ -160,7 +160,7 @@ impl russh::server::Handler for ConnHandler {
     ) -> Result<Auth, Self::Error> {
         let locked = self.inner.locked_snapshot();
         let policy = Policy {
-            user_ca: &self.inner.user_ca,
+            user_cas: &self.inner.user_cas,
             labels: &self.inner.labels,
             locked: &locked,
             accounts: &self.inner.accounts,

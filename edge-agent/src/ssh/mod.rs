@@ -53,8 +53,8 @@ pub struct SshConfig {
     pub host_key: KeyPair,
     /// The host certificate from the authority (principals: device id and `ID.CLUSTER`).
     pub host_cert: Certificate,
-    /// The user CA: only certificates it signed are accepted.
-    pub user_ca: PublicKey,
+    /// The user CAs (two during a CA rotation): only certificates they signed are accepted.
+    pub user_cas: Vec<PublicKey>,
     pub device_id: String,
     /// This device's labels, matched against the roles carried in user certificates.
     pub labels: BTreeMap<String, String>,
@@ -76,7 +76,7 @@ pub struct SshServer {
 
 pub(crate) struct Inner {
     config: Arc<russh::server::Config>,
-    user_ca: PublicKey,
+    user_cas: Vec<PublicKey>,
     device_id: String,
     labels: BTreeMap<String, String>,
     accounts: AccountFiles,
@@ -191,7 +191,7 @@ impl SshServer {
         Ok(SshServer {
             inner: Arc::new(Inner {
                 config: Arc::new(russh_config(&cfg)),
-                user_ca: cfg.user_ca,
+                user_cas: cfg.user_cas,
                 device_id: cfg.device_id,
                 labels: cfg.labels,
                 accounts,

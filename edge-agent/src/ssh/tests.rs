@@ -130,7 +130,7 @@ impl Fixture {
             SshConfig {
                 host_key,
                 host_cert,
-                user_ca: user_ca.ssh_public().clone(),
+                user_cas: vec![user_ca.ssh_public().clone()],
                 device_id: device.to_string(),
                 labels,
             },

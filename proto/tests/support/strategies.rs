@@ -728,6 +728,8 @@ pub fn request() -> impl Strategy<Value = Request> {
         os().prop_map(|user| Request::TargetList { user }),
         (s(), of(any::<u64>()))
             .prop_map(|(id, data_budget)| Request::DeviceSetBudget { id, data_budget }),
+        (ca_kind(), rotate_action())
+            .prop_map(|(kind, action)| Request::CaRotate(CaRotateRequest { kind, action })),
         (s(), any::<bool>(), s(), any::<u64>()).prop_map(|(id, approve, reason, ttl_secs)| {
             Request::AccessRequestReview(AccessReview {
                 id,
@@ -916,7 +918,48 @@ pub fn response() -> impl Strategy<Value = Response> {
         (s(), any::<u64>())
             .prop_map(|(cert, valid_before)| Response::HostCert { cert, valid_before }),
         vec(target_info(), 0..2).prop_map(Response::Targets),
+        vec(ca_rotation(), 0..3).prop_map(Response::CaRotations),
     ]
+}
+
+pub fn ca_kind() -> impl Strategy<Value = CaKind> + Clone {
+    prop_oneof![Just(CaKind::User), Just(CaKind::Host), Just(CaKind::X509)]
+}
+
+pub fn rotate_action() -> impl Strategy<Value = RotateAction> + Clone {
+    prop_oneof![
+        Just(RotateAction::Status),
+        any::<u64>().prop_map(|grace_secs| RotateAction::Start { grace_secs }),
+        Just(RotateAction::Advance),
+        Just(RotateAction::Complete),
+        Just(RotateAction::Rollback),
+    ]
+}
+
+pub fn ca_rotation() -> impl Strategy<Value = CaRotation> {
+    (
+        ca_kind(),
+        s(),
+        s(),
+        vs(),
+        any::<u64>(),
+        of(any::<u64>()),
+        (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
+    )
+        .prop_map(
+            |(kind, phase, signing, trusted, grace_secs, drop_at, (gc, gt, dr, dn))| CaRotation {
+                kind,
+                phase,
+                signing,
+                trusted,
+                grace_secs,
+                drop_at,
+                gateways_current: gc,
+                gateways_total: gt,
+                devices_renewed: dr,
+                devices_online: dn,
+            },
+        )
 }
 
 pub fn agent_control() -> impl Strategy<Value = AgentControl> {

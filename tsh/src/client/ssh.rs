@@ -41,7 +41,8 @@ struct Notes {
 }
 
 pub struct Verifier {
-    host_ca: PublicKey,
+    /// The trusted host CAs (two during a CA rotation).
+    host_cas: Vec<PublicKey>,
     device: String,
     notes: Arc<Mutex<Notes>>,
     /// Where channels the device opens (`-R`, `-A`) go.
@@ -60,7 +61,10 @@ impl client::Handler for Verifier {
                 "{} presented a bare host key instead of an Edgeport host certificate; refusing to connect",
                 self.device
             )),
-            Some(cert) => match check_host_cert(cert, &self.host_ca, &self.device, now_secs()) {
+            Some(cert) => match edgeport_proto::sshcert::signer_of(cert, &self.host_cas)
+                .ok_or(CertRefusal::BadSignature)
+                .and_then(|ca| check_host_cert(cert, ca, &self.device, now_secs()))
+            {
                 Ok(()) => None,
                 Err(CertRefusal::Principal(_, names)) => Some(format!(
                     "the device that answered for {} holds a host certificate for {names:?}, not {}: refusing to connect (possible impersonation)",
@@ -227,11 +231,13 @@ pub async fn connect(
     pty: bool,
     inbound: Arc<Inbound>,
 ) -> Result<Connection, CliError> {
-    let host_ca = PublicKey::from_openssh(creds.cas.host_ca.trim())
-        .map_err(|e| CliError::msg(format!("the stored host CA is unreadable: {e}")))?;
+    let host_cas = creds.cas.host_cas();
+    if host_cas.is_empty() {
+        return Err(CliError::msg("the stored host CA is unreadable"));
+    }
     let notes = Arc::new(Mutex::new(Notes::default()));
     let verifier = Verifier {
-        host_ca,
+        host_cas,
         device: device.to_string(),
         notes: notes.clone(),
         inbound,

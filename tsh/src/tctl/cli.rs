@@ -230,6 +230,58 @@ pub enum AuthCmd {
     /// Makes a key pair here and has the authority certify it (for bots and CI jobs); with
     /// --host, certifies a host's own public key (a host behind a device, relay mode).
     Sign(SignArgs),
+    /// Rotates a CA without touching devices: init (new CA trusted beside the old one),
+    /// update_clients (the new one signs; devices renew), update_servers (the old one stays
+    /// trusted for --grace), then standby (the old one is dropped). See docs/operations.md.
+    Rotate(RotateArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RotateType {
+    /// The user SSH CA (users' certificates; devices trust it).
+    User,
+    /// The host SSH CA (devices' host certificates, dial tickets; tsh trusts it).
+    Host,
+    /// The x509 CA (not supported yet: it anchors every tunnel).
+    X509,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RotatePhase {
+    Init,
+    #[value(name = "update_clients")]
+    UpdateClients,
+    #[value(name = "update_servers")]
+    UpdateServers,
+    Standby,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// The CA to rotate (not needed with --status).
+    #[arg(long = "type", value_enum, required_unless_present = "status")]
+    pub ca_type: Option<RotateType>,
+    /// How long the old CA stays trusted once the new one signs (48h, 7d).
+    #[arg(long, default_value = "48h", value_parser = parse_duration)]
+    pub grace: u64,
+    /// Go back to the old CA (any phase but standby); the new one stays trusted for --grace.
+    #[arg(long, conflicts_with_all = ["status", "phase", "complete"])]
+    pub rollback: bool,
+    /// Only show where each CA's rotation stands.
+    #[arg(long)]
+    pub status: bool,
+    /// Move to this one phase only (manual rotation); without it, tctl runs init,
+    /// update_clients and update_servers in turn, waiting for each to spread.
+    #[arg(long, value_enum, conflicts_with_all = ["status", "complete"])]
+    pub phase: Option<RotatePhase>,
+    /// End the grace period now: drop the old CA (standby). Same as --phase standby.
+    #[arg(long, conflicts_with = "status")]
+    pub complete: bool,
+    /// The longest wait for each phase to reach the gateways and online devices.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub wait: u64,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -15,6 +15,7 @@ mod locks;
 mod output;
 mod requests;
 mod roles;
+mod rotate;
 mod sso;
 mod status;
 mod tokens;
@@ -86,6 +87,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::status(&mut s, a).await,
         Command::Auth(AuthCmd::Export(a)) => auth::export(&mut s, a).await,
         Command::Auth(AuthCmd::Sign(a)) => auth::sign(&mut s, a).await,
+        Command::Auth(AuthCmd::Rotate(a)) => rotate::rotate(&mut s, a).await,
         Command::Users(UsersCmd::Add(a)) => users::add(&mut s, a).await,
         Command::Users(UsersCmd::Ls(a)) => users::list(&mut s, a).await,
         Command::Users(UsersCmd::Rm { name }) => users::remove(&mut s, name).await,

@@ -5,7 +5,9 @@
 
 use base64::Engine;
 use edgeport_net::rpc_client::{add_device_page, unexpected};
-use edgeport_proto::rpc::{DeviceInfo, GatewayInfo, Request, Response};
+use edgeport_proto::rpc::{
+    CaKind, CaRotateRequest, DeviceInfo, GatewayInfo, Request, Response, RotateAction,
+};
 use serde_json::{json, Value};
 
 use super::cli::{Format, FormatArgs};
@@ -70,10 +72,38 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     let online = devices.iter().filter(|d| d.online).count();
     let offline = devices.len() - online;
     let oldest = oldest_offline(&devices);
+    // Each CA's rotation phase (an authority without rotation answers an error: standby).
+    let rotations = match s
+        .call(Request::CaRotate(CaRotateRequest {
+            kind: CaKind::User,
+            action: RotateAction::Status,
+        }))
+        .await
+    {
+        Ok(Response::CaRotations(r)) => r,
+        _ => Vec::new(),
+    };
+    let phase = |k: CaKind| {
+        rotations
+            .iter()
+            .find(|r| r.kind == k)
+            .map_or("standby".to_string(), |r| r.phase.clone())
+    };
+    let trusted = |field: &str| edgeport_proto::ca_bundle::key_lines(field).count();
     let ca_list = [
-        ("user", ssh_fingerprint(&cas.user_ca)),
-        ("host", ssh_fingerprint(&cas.host_ca)),
-        ("x509", cas.ca_pin.clone()),
+        (
+            "user",
+            ssh_fingerprint(&cas.user_ca),
+            phase(CaKind::User),
+            trusted(&cas.user_ca),
+        ),
+        (
+            "host",
+            ssh_fingerprint(&cas.host_ca),
+            phase(CaKind::Host),
+            trusted(&cas.host_ca),
+        ),
+        ("x509", cas.ca_pin.clone(), "standby".to_string(), 1),
     ];
     match a.format {
         Format::Json | Format::Yaml => print_as(
@@ -85,7 +115,7 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                 "ca_pin": cas.ca_pin,
                 "cas": ca_list
                     .iter()
-                    .map(|(t, f)| json!({"type": t, "fingerprint": f}))
+                    .map(|(t, f, p, n)| json!({"type": t, "fingerprint": f, "phase": p, "trusted": n}))
                     .collect::<Vec<_>>(),
                 "authorities": [{"address": s.auth_addr, "version": version}],
                 "gateways": gateways.iter().map(gateway_json).collect::<Vec<_>>(),
@@ -101,9 +131,14 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
             crate::outln!("authority: {} (version {version})", s.auth_addr);
             crate::outln!("CA pin:    {}", cas.ca_pin);
             crate::outln!();
-            let mut t = Table::new(&["CA", "FINGERPRINT"]);
-            for (kind, fp) in &ca_list {
-                t.row(vec![kind.to_string(), fp.clone()]);
+            let mut t = Table::new(&["CA", "FINGERPRINT", "PHASE", "TRUSTED"]);
+            for (kind, fp, phase, n) in &ca_list {
+                t.row(vec![
+                    kind.to_string(),
+                    fp.clone(),
+                    phase.clone(),
+                    n.to_string(),
+                ]);
             }
             t.print();
             crate::outln!();
