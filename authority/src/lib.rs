@@ -23,6 +23,7 @@ pub mod recordings;
 pub mod roles;
 pub mod rpc_server;
 pub mod service;
+pub mod session_mfa;
 pub mod sso;
 pub mod store;
 pub mod targets;
