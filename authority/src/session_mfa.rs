@@ -166,7 +166,12 @@ fn sign(
             },
         })
         .map_err(|e| internal("SSH user certificate", e))?;
-    store::put(store, Table::AccessRequests, &record_key(&subject.name, &info.id), &valid_before)?;
+    store::put(
+        store,
+        Table::AccessRequests,
+        &record_key(&subject.name, &info.id),
+        &valid_before,
+    )?;
     Ok(SessionMfaCert {
         device: info.id,
         ssh_cert,
@@ -188,7 +193,11 @@ pub fn check_dial(
     if !grants.requires_session_mfa(labels) {
         return Ok(());
     }
-    let until: Option<u64> = store::get(svc.store(), Table::AccessRequests, &record_key(user, device))?;
+    let until: Option<u64> = store::get(
+        svc.store(),
+        Table::AccessRequests,
+        &record_key(user, device),
+    )?;
     match until {
         Some(t) if now <= t => Ok(()),
         _ => Err(RpcError::new(

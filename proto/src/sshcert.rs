@@ -58,7 +58,9 @@ impl RolesExtension {
     /// Whether a device with `labels` takes only a per-session second factor certificate:
     /// one role that requires it matches the device.
     pub fn requires_session_mfa(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.session_mfa.iter().any(|rules| labels_match(rules, labels))
+        self.session_mfa
+            .iter()
+            .any(|rules| labels_match(rules, labels))
     }
 
     /// Whether a device with `labels` may be reached under these rules.

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use edgeport_proto::sshcert::{check_user_cert, CertRefusal, UserGrant};
+use edgeport_proto::sshcert::{check_user_cert, CertRefusal, RolesExtension, UserGrant};
 use russh::keys::ssh_key::{Certificate, PublicKey};
 
 use super::passwd::{AccountError, AccountFiles, LocalUser};
@@ -48,6 +48,8 @@ impl Refusal {
                 | Refusal::Cert(CertRefusal::UnknownCa(_))
                 | Refusal::Cert(CertRefusal::BadSignature)
                 | Refusal::Cert(CertRefusal::WrongType { .. })
+                | Refusal::Cert(CertRefusal::SessionMfaRequired)
+                | Refusal::Cert(CertRefusal::SessionMfaOtherDevice { .. })
         )
     }
 }
@@ -56,6 +58,8 @@ impl Refusal {
 pub struct Policy<'a> {
     pub user_ca: &'a PublicKey,
     pub labels: &'a BTreeMap<String, String>,
+    /// This device's id (what a per-session second factor certificate must name).
+    pub device_id: &'a str,
     pub locked: &'a HashSet<String>,
     pub accounts: &'a AccountFiles,
     /// The user the gateway authenticated for this stream (from its x509 certificate).
@@ -84,6 +88,7 @@ pub fn authorize(
     if !grant.roles.allows_device(policy.labels) {
         return Err(CertRefusal::LabelsDenied.into());
     }
+    check_session_mfa(&grant.roles, policy)?;
     let switch_user = process::running_as_root();
     let account = if switch_user {
         policy.accounts.lookup(login)?
@@ -105,6 +110,24 @@ pub fn authorize(
         account,
         switch_user,
     })
+}
+
+/// A per-session second factor certificate opens only the device it names; a device its
+/// roles say needs one takes no other certificate.
+fn check_session_mfa(roles: &RolesExtension, policy: &Policy<'_>) -> Result<(), CertRefusal> {
+    if !roles.mfa_device.is_empty() {
+        if roles.mfa_device != policy.device_id {
+            return Err(CertRefusal::SessionMfaOtherDevice {
+                cert: roles.mfa_device.clone(),
+                device: policy.device_id.to_string(),
+            });
+        }
+        return Ok(());
+    }
+    if roles.requires_session_mfa(policy.labels) {
+        return Err(CertRefusal::SessionMfaRequired);
+    }
+    Ok(())
 }
 
 /// Environment variables a client may set (`env` requests), as OpenSSH's usual
