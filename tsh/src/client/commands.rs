@@ -133,8 +133,15 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
         ),
         None => {
             let route = args.test_route_to.as_deref().unwrap_or(device);
-            let (cert, (stream, id)) =
-                dial_with_mfa(&creds, g.transport, device, route, args.mfa_code.as_deref()).await?;
+            let (cert, (stream, id)) = dial_with_mfa(
+                &creds,
+                g.transport,
+                device,
+                route,
+                args.mfa_code.as_deref(),
+                stdin_tty,
+            )
+            .await?;
             mfa = cert;
             (stream, Some(id))
         }
@@ -184,6 +191,7 @@ async fn dial_with_mfa(
     device: &str,
     route: &str,
     code: Option<&str>,
+    may_ask: bool,
 ) -> Result<
     (
         Option<session_mfa::SessionCert>,
@@ -201,7 +209,7 @@ async fn dial_with_mfa(
     match gateway::dial_ssh(creds, transport, route).await {
         Ok(d) => Ok((None, d)),
         Err(e) if session_mfa::is_required(&e) => {
-            let code = session_mfa::ask_code(device)?;
+            let code = session_mfa::ask_code(device, may_ask)?;
             let cert = session_mfa::fetch(creds, transport, device, &code).await?;
             let dialed = gateway::dial_ssh(creds, transport, route).await?;
             Ok((Some(cert), dialed))
@@ -400,7 +408,7 @@ async fn proxy_ssh(
     };
     let suffix = format!(".{}", creds.cas.cluster);
     let device = host.strip_suffix(&suffix).unwrap_or(host);
-    let dialed = match dial_with_mfa(&creds, g.transport, device, device, mfa_code).await {
+    let dialed = match dial_with_mfa(&creds, g.transport, device, device, mfa_code, true).await {
         Ok((Some(cert), dialed)) => match session_mfa::to_ssh_agent(&cert, device).await {
             Ok(()) => Ok(dialed),
             Err(e) => Err(e),

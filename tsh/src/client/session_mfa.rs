@@ -24,18 +24,22 @@ pub fn is_required(e: &CliError) -> bool {
     e.to_string().contains(REQUIRED)
 }
 
-/// The one-time code for `device`, asked on the terminal (even when stdin is a pipe, as under
-/// OpenSSH's ProxyCommand).
-pub fn ask_code(device: &str) -> Result<String, CliError> {
-    term::read_secret(&format!(
-        "{device} requires a per-session second factor. One-time code from your authenticator app: "
-    ))
-    .map_err(|_| {
+/// The one-time code for `device`, asked on the terminal when `may_ask` (`tsh ssh` with a
+/// terminal on stdin; `tsh proxy ssh`, whose stdin is OpenSSH's pipe, asks on /dev/tty).
+pub fn ask_code(device: &str, may_ask: bool) -> Result<String, CliError> {
+    let no_terminal = || {
         CliError::msg(format!(
             "device {device} requires a per-session second factor and there is no terminal to \
              ask for the code on: give --mfa-code CODE (or TSH_MFA_CODE)"
         ))
-    })
+    };
+    if !may_ask {
+        return Err(no_terminal());
+    }
+    term::read_secret(&format!(
+        "{device} requires a per-session second factor. One-time code from your authenticator app: "
+    ))
+    .map_err(|_| no_terminal())
 }
 
 /// A session key and the authority's certificate for it, for `device`.
