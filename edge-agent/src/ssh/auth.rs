@@ -88,7 +88,7 @@ pub fn authorize(
     if !grant.roles.allows_device(policy.labels) {
         return Err(CertRefusal::LabelsDenied.into());
     }
-    check_session_mfa(&grant.roles, policy)?;
+    check_session_mfa(&grant.roles, policy.labels, policy.device_id)?;
     let switch_user = process::running_as_root();
     let account = if switch_user {
         policy.accounts.lookup(login)?
@@ -114,17 +114,21 @@ pub fn authorize(
 
 /// A per-session second factor certificate opens only the device it names; a device its
 /// roles say needs one takes no other certificate.
-fn check_session_mfa(roles: &RolesExtension, policy: &Policy<'_>) -> Result<(), CertRefusal> {
+fn check_session_mfa(
+    roles: &RolesExtension,
+    labels: &BTreeMap<String, String>,
+    device_id: &str,
+) -> Result<(), CertRefusal> {
     if !roles.mfa_device.is_empty() {
-        if roles.mfa_device != policy.device_id {
+        if roles.mfa_device != device_id {
             return Err(CertRefusal::SessionMfaOtherDevice {
                 cert: roles.mfa_device.clone(),
-                device: policy.device_id.to_string(),
+                device: device_id.to_string(),
             });
         }
         return Ok(());
     }
-    if roles.requires_session_mfa(policy.labels) {
+    if roles.requires_session_mfa(labels) {
         return Err(CertRefusal::SessionMfaRequired);
     }
     Ok(())
@@ -143,6 +147,36 @@ pub fn env_allowed(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_mfa_binds_one_device() {
+        let medical = BTreeMap::from([("fleet".to_string(), vec!["medical".to_string()])]);
+        let plain = RolesExtension {
+            session_mfa: vec![medical],
+            ..RolesExtension::every_device(vec!["medical".into()])
+        };
+        let med = BTreeMap::from([("fleet".to_string(), "medical".to_string())]);
+        let van = BTreeMap::from([("fleet".to_string(), "vans".to_string())]);
+        assert_eq!(
+            check_session_mfa(&plain, &med, "med1"),
+            Err(CertRefusal::SessionMfaRequired)
+        );
+        assert!(check_session_mfa(&plain, &van, "van1").is_ok());
+        let bound = RolesExtension {
+            mfa_device: "med1".into(),
+            ..plain.clone()
+        };
+        assert!(check_session_mfa(&bound, &med, "med1").is_ok());
+        assert!(matches!(
+            check_session_mfa(&bound, &med, "med2"),
+            Err(CertRefusal::SessionMfaOtherDevice { .. })
+        ));
+        assert!(matches!(
+            check_session_mfa(&bound, &van, "van1"),
+            Err(CertRefusal::SessionMfaOtherDevice { .. })
+        ));
+        assert!(!Refusal::Cert(CertRefusal::SessionMfaRequired).ends_connection());
+    }
 
     #[test]
     fn env_filter() {
