@@ -153,6 +153,9 @@ pub fn user_action(
                 AccessAction::Create { roles, reason } => create(svc, &subject, roles, reason, now),
                 AccessAction::List => list_for(svc.store(), &subject, now),
                 AccessAction::Review(r) => review(svc, Reviewer::User(&subject), r, now),
+                AccessAction::SessionMfa(_) => Err(crate::errors::invalid(
+                    "a per-session second factor request goes as SessionMfaCert",
+                )),
             }
         });
     if let Err(e) = &result {

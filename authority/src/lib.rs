@@ -24,6 +24,7 @@ pub mod roles;
 pub mod rotation;
 pub mod rpc_server;
 pub mod service;
+pub mod session_mfa;
 pub mod sso;
 pub mod store;
 pub mod targets;

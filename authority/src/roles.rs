@@ -35,6 +35,7 @@ pub fn builtin(name: &str) -> Option<RoleSpec> {
             permit_agent_forwarding: false,
             request_roles: Vec::new(),
             review_roles: Vec::new(),
+            require_session_mfa: false,
         }),
         _ => None,
     }
@@ -62,6 +63,11 @@ pub struct Grants {
 impl Grants {
     pub fn allows_device(&self, labels: &BTreeMap<String, String>) -> bool {
         self.extension.allows_device(labels)
+    }
+
+    /// Whether sessions to a device with `labels` need a per-session second factor.
+    pub fn requires_session_mfa(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.extension.requires_session_mfa(labels)
     }
 }
 
@@ -109,6 +115,10 @@ pub fn combine(roles: &[RoleSpec]) -> Grants {
         merge(&mut g.extension.deny_labels, &role.deny_labels);
         if !g.extension.roles.contains(&role.name) {
             g.extension.roles.push(role.name.clone());
+        }
+        // Session MFA applies to the devices the role that asks for it allows.
+        if role.require_session_mfa && !g.extension.session_mfa.contains(&role.allow_labels) {
+            g.extension.session_mfa.push(role.allow_labels.clone());
         }
     }
     // A role that reaches every device makes the other sets redundant.
@@ -267,7 +277,27 @@ mod tests {
             permit_agent_forwarding: false,
             request_roles: Vec::new(),
             review_roles: Vec::new(),
+            require_session_mfa: false,
         }
+    }
+
+    #[test]
+    fn session_mfa_follows_the_roles_that_ask_for_it() {
+        let d = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&d.path().join("s")).unwrap();
+        let mut medical = role("medical");
+        medical.allow_labels = BTreeMap::from([("fleet".into(), vec!["medical".into()])]);
+        medical.require_session_mfa = true;
+        upsert(&store, &medical).unwrap();
+        upsert(&store, &role("vans")).unwrap();
+        let g = grants(&store, &["vans".into(), "medical".into()]).unwrap();
+        let dev = |f: &str| BTreeMap::from([("fleet".to_string(), f.to_string())]);
+        assert!(g.allows_device(&dev("medical")) && g.allows_device(&dev("vans")));
+        assert!(g.requires_session_mfa(&dev("medical")));
+        assert!(!g.requires_session_mfa(&dev("vans")));
+        assert!(!grants(&store, &["vans".into()])
+            .unwrap()
+            .requires_session_mfa(&dev("medical")));
     }
 
     #[test]

@@ -110,7 +110,8 @@ fn access(req: &Request) -> Access {
         | Request::WebSessionCheck(_)
         | Request::WebLogout(_)
         | Request::WebDevicePage { .. }
-        | Request::AccessRequestUser(_) => Access::Gateway,
+        | Request::AccessRequestUser(_)
+        | Request::SessionMfaCert(_) => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -178,6 +179,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::CaRotate(_) => "rotating CAs",
         Request::AccessRequestUser(_) => "relaying access requests",
+        Request::SessionMfaCert(_) => "relaying per-session second factor requests",
         Request::AccessRequestList => "listing access requests",
         Request::AccessRequestReview(_) => "reviewing access requests",
     }
@@ -599,6 +601,9 @@ impl Service {
                 crate::access_requests::user_action(self, caller_name, &signed, now)
             }
             Request::AccessRequestList => crate::access_requests::list_all(store, now),
+            Request::SessionMfaCert(signed) => {
+                crate::session_mfa::issue(self, caller_name, &signed, now)
+            }
             Request::AccessRequestReview(r) => crate::access_requests::review(
                 self,
                 crate::access_requests::Reviewer::Admin(caller_name),

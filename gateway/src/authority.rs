@@ -44,7 +44,8 @@ impl Lane {
             | Request::RecordingPage { .. }
             | Request::RecordingGet { .. }
             | Request::WebLogin(_)
-            | Request::AccessRequestUser(_) => Lane::Bulk,
+            | Request::AccessRequestUser(_)
+            | Request::SessionMfaCert(_) => Lane::Bulk,
             _ => Lane::Control,
         }
     }

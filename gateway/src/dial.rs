@@ -251,6 +251,24 @@ pub async fn serve_stream(
             .await;
             answer_and_close(stream, &answer).await;
         }
+        (ClientRequest::SessionMfaCert { body, signature }, Some(who)) => {
+            // As for `UserAction`: carried with the certificate, checked by the authority.
+            let signed = edgeport_proto::rpc::SignedUserAction {
+                user_cert_der: who.der.as_ref().clone(),
+                body,
+                signature,
+            };
+            let answer = relay(
+                &dialer,
+                Request::SessionMfaCert(signed),
+                |resp| match resp {
+                    Response::SessionMfaCert(c) => ClientReply::SessionMfaCert(c),
+                    other => unexpected(other),
+                },
+            )
+            .await;
+            answer_and_close(stream, &answer).await;
+        }
         (ClientRequest::ListTargets, Some(who)) => {
             let req = Request::TargetList {
                 user: Some(who.name.clone()),

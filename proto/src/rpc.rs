@@ -211,6 +211,10 @@ pub enum Request {
     /// rotation of one CA, or (`Status`) only read where every CA stands. Answered with
     /// `CaRotations`.
     CaRotate(CaRotateRequest),
+    /// Gateway: relays tsh's signed `AccessAction::SessionMfa` (a one-time code, a device and
+    /// a fresh public key). The authority checks the signature, the certificate and the code
+    /// itself and answers `SessionMfaCert`.
+    SessionMfaCert(SignedUserAction),
 }
 
 /// Responses from the authority.
@@ -286,6 +290,8 @@ pub enum Response {
     Targets(Vec<crate::targets::TargetInfo>),
     /// The answer to `CaRotate`: where each CA's rotation stands.
     CaRotations(Vec<CaRotation>),
+    /// The answer to `SessionMfaCert`.
+    SessionMfaCert(SessionMfaCert),
 }
 
 /// A CA `tctl auth rotate --type` names.
@@ -350,6 +356,28 @@ pub struct CaRotation {
     /// rotations), of the devices online.
     pub devices_renewed: u32,
     pub devices_online: u32,
+}
+
+/// A per-session second factor certificate: an SSH user certificate for the asked key that
+/// opens one device (`device`, its id) for about a minute.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionMfaCert {
+    pub device: String,
+    /// OpenSSH certificate line.
+    pub ssh_cert: String,
+    /// Unix seconds.
+    pub valid_before: u64,
+}
+
+/// tsh asks for a [`SessionMfaCert`] (inside a signed [`UserAction`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionMfaAsk {
+    /// The device, by id or name.
+    pub device: String,
+    /// The current code of the user's one-time password app.
+    pub otp: String,
+    /// A key tsh made for this one session (OpenSSH public key line, Ed25519).
+    pub ssh_public_key: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -463,6 +491,10 @@ pub struct RoleSpec {
     /// (`tsh request review`); never their own.
     #[serde(default)]
     pub review_roles: Vec<String>,
+    /// Every session to a device this role allows needs a fresh one-time code: tsh asks for
+    /// it and the authority signs a certificate for that one device that lives a minute.
+    #[serde(default)]
+    pub require_session_mfa: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -969,6 +1001,8 @@ pub enum AccessAction {
     List,
     /// Approve or deny another user's request (roles' `review_roles`).
     Review(AccessReview),
+    /// A per-session second factor certificate (`Request::SessionMfaCert` only).
+    SessionMfa(SessionMfaAsk),
 }
 
 /// An approval or denial.
@@ -1029,6 +1063,7 @@ crate::debug_redacted!(SsoConnectorSpec { name, client_id, kind } secret { clien
 crate::debug_redacted!(WebLoginRequest { user, client_addr } secret { password, otp, browser_key });
 crate::debug_redacted!(SignedUserAction { body } secret { user_cert_der, signature });
 crate::debug_redacted!(WebProof { signed } secret { token, signature });
+crate::debug_redacted!(SessionMfaAsk { device, ssh_public_key } secret { otp });
 crate::debug_redacted!(WebSessionInfo { user, logins, roles, expires } secret { token, csrf, browser_key });
 
 #[cfg(test)]

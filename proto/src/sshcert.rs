@@ -33,6 +33,13 @@ pub struct RolesExtension {
     /// sessions and recordings belong to it, not to the name, which a later user may take.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub user_id: String,
+    /// The allow sets of the roles with `require_session_mfa` (as in `allow`): a device one of
+    /// them matches takes only a per-session second factor certificate (`mfa_device`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub session_mfa: Vec<BTreeMap<String, Vec<String>>>,
+    /// Set only in a per-session second factor certificate: the one device it opens.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mfa_device: String,
 }
 
 impl RolesExtension {
@@ -43,18 +50,22 @@ impl RolesExtension {
             allow: vec![BTreeMap::new()],
             deny_labels: BTreeMap::new(),
             user_id: String::new(),
+            session_mfa: Vec::new(),
+            mfa_device: String::new(),
         }
+    }
+
+    /// Whether a device with `labels` takes only a per-session second factor certificate:
+    /// one role that requires it matches the device.
+    pub fn requires_session_mfa(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.session_mfa
+            .iter()
+            .any(|rules| labels_match(rules, labels))
     }
 
     /// Whether a device with `labels` may be reached under these rules.
     pub fn allows_device(&self, labels: &BTreeMap<String, String>) -> bool {
-        let matches = |rules: &BTreeMap<String, Vec<String>>| {
-            rules.iter().all(|(k, vals)| {
-                labels
-                    .get(k)
-                    .is_some_and(|v| vals.iter().any(|a| a == "*" || a == v))
-            })
-        };
+        let matches = |rules: &BTreeMap<String, Vec<String>>| labels_match(rules, labels);
         let denied = !self.deny_labels.is_empty()
             && self.deny_labels.iter().any(|(k, vals)| {
                 labels
@@ -63,6 +74,15 @@ impl RolesExtension {
             });
         !denied && self.allow.iter().any(matches)
     }
+}
+
+/// Whether `labels` has every key of `rules` with one of its values (`*`: any value).
+fn labels_match(rules: &BTreeMap<String, Vec<String>>, labels: &BTreeMap<String, String>) -> bool {
+    rules.iter().all(|(k, vals)| {
+        labels
+            .get(k)
+            .is_some_and(|v| vals.iter().any(|a| a == "*" || a == v))
+    })
 }
 
 /// Why a certificate was refused. The messages are what agents log and clients print.
@@ -87,6 +107,10 @@ pub enum CertRefusal {
     CriticalOption(String),
     #[error("certificate roles do not allow this device")]
     LabelsDenied,
+    #[error("this device requires a per-session second factor: run `tsh ssh` (it asks for the code) or `tsh proxy ssh --mfa-code CODE`")]
+    SessionMfaRequired,
+    #[error("this per-session second factor certificate is for device {cert:?}, not {device:?}")]
+    SessionMfaOtherDevice { cert: String, device: String },
 }
 
 /// The facts a valid user certificate grants.
@@ -334,7 +358,7 @@ mod tests {
             roles: vec![],
             allow: vec![set("vans", "dev"), set("trucks", "prod")],
             deny_labels: BTreeMap::new(),
-            user_id: String::new(),
+            ..RolesExtension::default()
         };
         assert!(
             !two.allows_device(&labels),

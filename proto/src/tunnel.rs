@@ -191,6 +191,10 @@ pub enum ClientRequest {
     /// Needs the user's certificate: the targets behind devices (issue 22) that the user's
     /// roles reach, answered with `Targets`.
     ListTargets,
+    /// Needs the user's certificate: a signed `rpc::AccessAction::SessionMfa` (as for
+    /// `UserAction`), relayed as `rpc::Request::SessionMfaCert`; answered by
+    /// `SessionMfaCert`.
+    SessionMfaCert { body: Vec<u8>, signature: Vec<u8> },
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -241,4 +245,6 @@ pub enum ClientReply {
     AccessRequests(Vec<crate::rpc::AccessRequestInfo>),
     /// The answer to `ListTargets`.
     Targets(Vec<crate::targets::TargetInfo>),
+    /// The answer to `SessionMfaCert`.
+    SessionMfaCert(crate::rpc::SessionMfaCert),
 }

@@ -94,19 +94,19 @@ fn past_last_variant<T: serde::de::DeserializeOwned>(n: u8) -> bool {
 #[test]
 fn strategies_cover_every_variant() {
     let all = |n: u8| (0..n).collect::<BTreeSet<u8>>();
-    assert!(past_last_variant::<edgeport_proto::rpc::Request>(58));
-    assert!(past_last_variant::<edgeport_proto::rpc::Response>(34));
+    assert!(past_last_variant::<edgeport_proto::rpc::Request>(59));
+    assert!(past_last_variant::<edgeport_proto::rpc::Response>(35));
     assert!(past_last_variant::<edgeport_proto::tunnel::AgentControl>(5));
     assert!(past_last_variant::<edgeport_proto::tunnel::GatewayControl>(
         8
     ));
     assert!(past_last_variant::<edgeport_proto::tunnel::JoinReply>(2));
     assert!(past_last_variant::<edgeport_proto::tunnel::ClientRequest>(
-        13
+        14
     ));
-    assert!(past_last_variant::<edgeport_proto::tunnel::ClientReply>(12));
-    assert_eq!(tags(strategies::request()), all(58), "rpc::Request");
-    assert_eq!(tags(strategies::response()), all(34), "rpc::Response");
+    assert!(past_last_variant::<edgeport_proto::tunnel::ClientReply>(13));
+    assert_eq!(tags(strategies::request()), all(59), "rpc::Request");
+    assert_eq!(tags(strategies::response()), all(35), "rpc::Response");
     assert_eq!(
         tags(strategies::agent_control()),
         all(5),
@@ -120,12 +120,12 @@ fn strategies_cover_every_variant() {
     assert_eq!(tags(strategies::join_reply()), all(2), "tunnel::JoinReply");
     assert_eq!(
         tags(strategies::client_request()),
-        all(13),
+        all(14),
         "tunnel::ClientRequest"
     );
     assert_eq!(
         tags(strategies::client_reply()),
-        all(12),
+        all(13),
         "tunnel::ClientReply"
     );
 }

@@ -85,6 +85,9 @@ pub fn authorize_dial(
             grants.extension.roles.join(",")
         )));
     }
+    if service == Service::Ssh {
+        crate::session_mfa::check_dial(svc, &grants, &user, &info.id, &labels, now)?;
+    }
     let gateway_addr = match &info.gateway {
         Some(g) => gateways::peer_addr(store, g)?,
         None => None,

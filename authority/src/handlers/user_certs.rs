@@ -160,7 +160,7 @@ pub fn sign_user(svc: &Service, req: SignUserRequest, now: u64) -> Result<Respon
 /// Login: a password (or an invite code with a new password) for certificates.
 /// The one-time code of an enrolled user (each code works once), or the enrollment of a user
 /// who must have an app: its secret, proven by a code computed from it.
-fn second_factor(
+pub(crate) fn second_factor(
     svc: &Service,
     user: &users::UserRecord,
     req: &LoginRequest,

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use edgeport_proto::sshcert::{check_user_cert, CertRefusal, UserGrant};
+use edgeport_proto::sshcert::{check_user_cert, CertRefusal, RolesExtension, UserGrant};
 use russh::keys::ssh_key::{Certificate, PublicKey};
 
 use super::passwd::{AccountError, AccountFiles, LocalUser};
@@ -48,6 +48,8 @@ impl Refusal {
                 | Refusal::Cert(CertRefusal::UnknownCa(_))
                 | Refusal::Cert(CertRefusal::BadSignature)
                 | Refusal::Cert(CertRefusal::WrongType { .. })
+                | Refusal::Cert(CertRefusal::SessionMfaRequired)
+                | Refusal::Cert(CertRefusal::SessionMfaOtherDevice { .. })
         )
     }
 }
@@ -57,6 +59,8 @@ pub struct Policy<'a> {
     /// The trusted user CAs (two during a CA rotation).
     pub user_cas: &'a [PublicKey],
     pub labels: &'a BTreeMap<String, String>,
+    /// This device's id (what a per-session second factor certificate must name).
+    pub device_id: &'a str,
     pub locked: &'a HashSet<String>,
     pub accounts: &'a AccountFiles,
     /// The user the gateway authenticated for this stream (from its x509 certificate).
@@ -87,6 +91,7 @@ pub fn authorize(
     if !grant.roles.allows_device(policy.labels) {
         return Err(CertRefusal::LabelsDenied.into());
     }
+    check_session_mfa(&grant.roles, policy.labels, policy.device_id)?;
     let switch_user = process::running_as_root();
     let account = if switch_user {
         policy.accounts.lookup(login)?
@@ -110,6 +115,28 @@ pub fn authorize(
     })
 }
 
+/// A per-session second factor certificate opens only the device it names; a device its
+/// roles say needs one takes no other certificate.
+fn check_session_mfa(
+    roles: &RolesExtension,
+    labels: &BTreeMap<String, String>,
+    device_id: &str,
+) -> Result<(), CertRefusal> {
+    if !roles.mfa_device.is_empty() {
+        if roles.mfa_device != device_id {
+            return Err(CertRefusal::SessionMfaOtherDevice {
+                cert: roles.mfa_device.clone(),
+                device: device_id.to_string(),
+            });
+        }
+        return Ok(());
+    }
+    if roles.requires_session_mfa(labels) {
+        return Err(CertRefusal::SessionMfaRequired);
+    }
+    Ok(())
+}
+
 /// Environment variables a client may set (`env` requests), as OpenSSH's usual
 /// `AcceptEnv LANG LC_*` plus a few harmless ones. Anything that changes how programs load
 /// or run (PATH, LD_*, BASH_ENV, ...) is refused.
@@ -123,6 +150,36 @@ pub fn env_allowed(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_mfa_binds_one_device() {
+        let medical = BTreeMap::from([("fleet".to_string(), vec!["medical".to_string()])]);
+        let plain = RolesExtension {
+            session_mfa: vec![medical],
+            ..RolesExtension::every_device(vec!["medical".into()])
+        };
+        let med = BTreeMap::from([("fleet".to_string(), "medical".to_string())]);
+        let van = BTreeMap::from([("fleet".to_string(), "vans".to_string())]);
+        assert_eq!(
+            check_session_mfa(&plain, &med, "med1"),
+            Err(CertRefusal::SessionMfaRequired)
+        );
+        assert!(check_session_mfa(&plain, &van, "van1").is_ok());
+        let bound = RolesExtension {
+            mfa_device: "med1".into(),
+            ..plain.clone()
+        };
+        assert!(check_session_mfa(&bound, &med, "med1").is_ok());
+        assert!(matches!(
+            check_session_mfa(&bound, &med, "med2"),
+            Err(CertRefusal::SessionMfaOtherDevice { .. })
+        ));
+        assert!(matches!(
+            check_session_mfa(&bound, &van, "van1"),
+            Err(CertRefusal::SessionMfaOtherDevice { .. })
+        ));
+        assert!(!Refusal::Cert(CertRefusal::SessionMfaRequired).ends_connection());
+    }
 
     #[test]
     fn env_filter() {

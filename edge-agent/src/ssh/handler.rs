@@ -162,6 +162,7 @@ impl russh::server::Handler for ConnHandler {
         let policy = Policy {
             user_cas: &self.inner.user_cas,
             labels: &self.inner.labels,
+            device_id: &self.inner.device_id,
             locked: &locked,
             accounts: &self.inner.accounts,
             stream_user: self.stream_user.as_deref(),

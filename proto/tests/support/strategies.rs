@@ -300,6 +300,7 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
         any::<bool>(),
         vs(),
         vs(),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -312,6 +313,7 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                 permit_agent_forwarding,
                 request_roles,
                 review_roles,
+                require_session_mfa,
             )| {
                 RoleSpec {
                     name,
@@ -323,6 +325,7 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                     permit_agent_forwarding,
                     request_roles,
                     review_roles,
+                    require_session_mfa,
                 }
             },
         )
@@ -720,6 +723,13 @@ pub fn request() -> impl Strategy<Value = Request> {
             })
         }),
         Just(Request::AccessRequestList),
+        (bytes(), bytes(), bytes()).prop_map(|(user_cert_der, body, signature)| {
+            Request::SessionMfaCert(SignedUserAction {
+                user_cert_der,
+                body,
+                signature,
+            })
+        }),
         (s(), s(), any::<u64>()).prop_map(|(name, ssh_public_key, ttl_secs)| Request::SignHost {
             name,
             ssh_public_key,
@@ -919,6 +929,7 @@ pub fn response() -> impl Strategy<Value = Response> {
             .prop_map(|(cert, valid_before)| Response::HostCert { cert, valid_before }),
         vec(target_info(), 0..2).prop_map(Response::Targets),
         vec(ca_rotation(), 0..3).prop_map(Response::CaRotations),
+        session_mfa_cert().prop_map(Response::SessionMfaCert),
     ]
 }
 
@@ -1035,6 +1046,8 @@ pub fn client_request() -> impl Strategy<Value = ClientRequest> {
         (bytes(), bytes())
             .prop_map(|(body, signature)| ClientRequest::UserAction { body, signature }),
         Just(ClientRequest::ListTargets),
+        (bytes(), bytes())
+            .prop_map(|(body, signature)| ClientRequest::SessionMfaCert { body, signature }),
     ]
 }
 
@@ -1088,7 +1101,16 @@ pub fn client_reply() -> impl Strategy<Value = ClientReply> {
             .prop_map(|(recordings, next)| ClientReply::RecordingPage { recordings, next }),
         vec(access_request_info(), 0..2).prop_map(ClientReply::AccessRequests),
         vec(target_info(), 0..2).prop_map(ClientReply::Targets),
+        session_mfa_cert().prop_map(ClientReply::SessionMfaCert),
     ]
+}
+
+pub fn session_mfa_cert() -> impl Strategy<Value = SessionMfaCert> + Clone {
+    (s(), s(), any::<u64>()).prop_map(|(device, ssh_cert, valid_before)| SessionMfaCert {
+        device,
+        ssh_cert,
+        valid_before,
+    })
 }
 
 pub fn target_info() -> impl Strategy<Value = edgeport_proto::targets::TargetInfo> + Clone {

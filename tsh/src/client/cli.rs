@@ -209,6 +209,10 @@ pub struct LoginArgs {
 
 #[derive(Debug, Args)]
 pub struct SshArgs {
+    /// The one-time code for a device that requires a per-session second factor (without
+    /// it tsh asks on the terminal when the device needs one).
+    #[arg(long = "mfa-code", env = "TSH_MFA_CODE", hide_env_values = true)]
+    pub mfa_code: Option<String>,
     /// Remote login (default: the login in `login@device`, else the certificate's first).
     #[arg(short = 'l', long = "login")]
     pub login: Option<String>,
@@ -314,6 +318,11 @@ pub enum ProxyCmd {
         /// gateway (to measure and test the bridge alone).
         #[arg(long, hide = true)]
         direct: Option<String>,
+        /// The one-time code for a device that requires a per-session second factor (without
+        /// it tsh asks on the terminal when the device needs one). The session's key and
+        /// certificate go to the ssh-agent at SSH_AUTH_SOCK for a minute.
+        #[arg(long = "mfa-code", env = "TSH_MFA_CODE", hide_env_values = true)]
+        mfa_code: Option<String>,
         /// USER@HOST[:PORT] as OpenSSH passes it.
         target: String,
     },

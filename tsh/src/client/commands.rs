@@ -13,7 +13,7 @@ use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs, Transp
 use super::forwarding::{self, Inbound, PortForward};
 use super::profile::{self, load_creds, tsh_home, Creds, KeyFiles, Profile};
 use super::ssh::{self, SessionSpec};
-use super::{agent, bridge, config, gateway, login, multi, term, CliError};
+use super::{agent, bridge, config, gateway, login, multi, session_mfa, term, CliError};
 
 pub async fn run(cli: Cli) -> Result<i32, CliError> {
     let g = &cli.global;
@@ -25,8 +25,13 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Status { format } => status(g, *format),
         Command::Logout => logout(g).await,
         Command::Proxy {
-            what: ProxyCmd::Ssh { target, direct },
-        } => proxy_ssh(g, target, direct.as_deref()).await,
+            what:
+                ProxyCmd::Ssh {
+                    target,
+                    direct,
+                    mfa_code,
+                },
+        } => proxy_ssh(g, target, direct.as_deref(), mfa_code.as_deref()).await,
         Command::Config => config::run(g).await,
         Command::Recordings(super::cli::RecordingsCmd::Ls(a)) => super::play::list(g, a).await,
         Command::Play(a) => super::play::play(g, a).await,
@@ -116,6 +121,7 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
     } else {
         command.is_none() && stdin_tty
     };
+    let mut mfa = None;
     let (stream, session_id): (edgeport_net::BoxedStream, Option<String>) = match &args.direct {
         Some(addr) => (
             Box::new(
@@ -127,12 +133,26 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
         ),
         None => {
             let route = args.test_route_to.as_deref().unwrap_or(device);
-            let (stream, id) = gateway::dial_ssh(&creds, g.transport, route).await?;
+            let (cert, (stream, id)) = dial_with_mfa(
+                &creds,
+                g.transport,
+                device,
+                route,
+                args.mfa_code.as_deref(),
+                stdin_tty,
+            )
+            .await?;
+            mfa = cert;
             (stream, Some(id))
         }
     };
     let inbound = Arc::new(Inbound::new(agent));
-    let conn = Arc::new(ssh::connect(stream, &creds, device, &login, tty, inbound.clone()).await?);
+    let ssh_creds = match &mfa {
+        Some(m) => m.ssh_creds(&creds),
+        None => creds.clone(),
+    };
+    let conn =
+        Arc::new(ssh::connect(stream, &ssh_creds, device, &login, tty, inbound.clone()).await?);
     forwarding::start_local(&conn, &local).await?;
     forwarding::start_dynamic(&conn, &dynamic).await?;
     forwarding::start_remote(&conn, &inbound, &remote).await?;
@@ -159,6 +179,42 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
             })
         }
         (ended, _) => ended,
+    }
+}
+
+/// Dials `route` for an SSH session to `device`, with a per-session second factor
+/// certificate when a code is given, or when the dial is refused for want of one (the code is
+/// then asked on the terminal).
+async fn dial_with_mfa(
+    creds: &Creds,
+    transport: Transport,
+    device: &str,
+    route: &str,
+    code: Option<&str>,
+    may_ask: bool,
+) -> Result<
+    (
+        Option<session_mfa::SessionCert>,
+        (edgeport_net::BoxedStream, String),
+    ),
+    CliError,
+> {
+    // The certificate comes first: the authority admits the dial once it has signed one.
+    let code = code.map(str::to_string).filter(|c| !c.trim().is_empty());
+    if let Some(code) = code {
+        let cert = session_mfa::fetch(creds, transport, device, &code).await?;
+        let dialed = gateway::dial_ssh(creds, transport, route).await?;
+        return Ok((Some(cert), dialed));
+    }
+    match gateway::dial_ssh(creds, transport, route).await {
+        Ok(d) => Ok((None, d)),
+        Err(e) if session_mfa::is_required(&e) => {
+            let code = session_mfa::ask_code(device, may_ask)?;
+            let cert = session_mfa::fetch(creds, transport, device, &code).await?;
+            let dialed = gateway::dial_ssh(creds, transport, route).await?;
+            Ok((Some(cert), dialed))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -342,7 +398,12 @@ async fn logout(g: &Global) -> Result<i32, CliError> {
 }
 
 /// `tsh proxy ssh USER@HOST:PORT`: the device is HOST without a `.CLUSTER` suffix.
-async fn proxy_ssh(g: &Global, target: &str, direct: Option<&str>) -> Result<i32, CliError> {
+async fn proxy_ssh(
+    g: &Global,
+    target: &str,
+    direct: Option<&str>,
+    mfa_code: Option<&str>,
+) -> Result<i32, CliError> {
     if let Some(addr) = direct {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -359,7 +420,15 @@ async fn proxy_ssh(g: &Global, target: &str, direct: Option<&str>) -> Result<i32
     };
     let suffix = format!(".{}", creds.cas.cluster);
     let device = host.strip_suffix(&suffix).unwrap_or(host);
-    let (stream, _) = match gateway::dial_ssh(&creds, g.transport, device).await {
+    let dialed = match dial_with_mfa(&creds, g.transport, device, device, mfa_code, true).await {
+        Ok((Some(cert), dialed)) => match session_mfa::to_ssh_agent(&cert, device).await {
+            Ok(()) => Ok(dialed),
+            Err(e) => Err(e),
+        },
+        Ok((None, dialed)) => Ok(dialed),
+        Err(e) => Err(e),
+    };
+    let (stream, _) = match dialed {
         Ok(s) => s,
         Err(e) => {
             // Said on stderr now; OpenSSH then reads end of file, not a broken pipe.

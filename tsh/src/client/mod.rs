@@ -19,6 +19,7 @@ mod play;
 mod profile;
 mod requests;
 mod scp;
+mod session_mfa;
 mod ssh;
 mod sso;
 mod term;

@@ -638,6 +638,11 @@ pub struct RoleAddArgs {
     /// never their own), comma separated.
     #[arg(long, value_delimiter = ',')]
     pub review_roles: Vec<String>,
+    /// Every session to a device this role allows needs a fresh one-time code (as Teleport's
+    /// `require_session_mfa`): tsh asks for it, and the certificate it gets opens that one
+    /// device for a minute. Users need an authenticator app (`tctl users add --require-totp`).
+    #[arg(long)]
+    pub require_session_mfa: bool,
 }
 
 #[derive(Debug, Args)]
@@ -677,6 +682,12 @@ pub struct RoleUpdateArgs {
     /// Replaces the roles whose requests its holders may review (an empty value: none).
     #[arg(long, value_delimiter = ',')]
     pub review_roles: Option<Vec<String>>,
+    /// Sessions to the role's devices need a fresh one-time code each.
+    #[arg(long, conflicts_with = "no_require_session_mfa")]
+    pub require_session_mfa: bool,
+    /// Sessions to the role's devices need no per-session code again.
+    #[arg(long)]
+    pub no_require_session_mfa: bool,
 }
 
 fn parse_label_rules(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {

@@ -70,6 +70,7 @@ pub async fn add(s: &mut Session, a: RoleAddArgs) -> anyhow::Result<()> {
         permit_agent_forwarding: a.agent_forwarding,
         request_roles: nonempty(a.request_roles),
         review_roles: nonempty(a.review_roles),
+        require_session_mfa: a.require_session_mfa,
     };
     match s.call(Request::RoleUpsert(spec)).await? {
         Response::Ok => {
@@ -97,7 +98,9 @@ fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
         || a.no_agent_forwarding
         || a.max_session_ttl.is_some()
         || a.request_roles.is_some()
-        || a.review_roles.is_some();
+        || a.review_roles.is_some()
+        || a.require_session_mfa
+        || a.no_require_session_mfa;
     if let Some(allow) = a.allow {
         spec.allow_labels = allow;
     }
@@ -122,6 +125,9 @@ fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
     if let Some(r) = a.review_roles {
         spec.review_roles = nonempty(r);
     }
+    if a.require_session_mfa || a.no_require_session_mfa {
+        spec.require_session_mfa = a.require_session_mfa;
+    }
     asked.then_some(spec)
 }
 
@@ -137,7 +143,8 @@ pub async fn update(s: &mut Session, a: RoleUpdateArgs) -> anyhow::Result<()> {
     let Some(spec) = updated(role.spec, a) else {
         bail!(
             "nothing to change: give --allow, --deny, --[no-]pty, --[no-]port-forwarding, \
-             --[no-]agent-forwarding, --max-session-ttl, --request-roles or --review-roles"
+             --[no-]agent-forwarding, --max-session-ttl, --request-roles, --review-roles or \
+             --[no-]require-session-mfa"
         );
     };
     match s.call(Request::RoleUpsert(spec)).await? {
@@ -200,6 +207,7 @@ fn role_json(r: &RoleInfo) -> serde_json::Value {
         "permit_agent_forwarding": r.spec.permit_agent_forwarding,
         "request_roles": r.spec.request_roles,
         "review_roles": r.spec.review_roles,
+        "require_session_mfa": r.spec.require_session_mfa,
         "users": r.users,
     })
 }
@@ -242,6 +250,8 @@ mod tests {
             max_session_ttl: None,
             request_roles: None,
             review_roles: None,
+            require_session_mfa: false,
+            no_require_session_mfa: false,
         }
     }
 
@@ -257,6 +267,7 @@ mod tests {
             permit_agent_forwarding: false,
             request_roles: Vec::new(),
             review_roles: Vec::new(),
+            require_session_mfa: false,
         };
         assert!(updated(spec.clone(), args("field")).is_none());
         let got = updated(
