@@ -266,15 +266,30 @@ fn session_mfa_certificates_open_one_device_for_one_session() {
     let got = match stolen.ask(
         &c.tctl.addr,
         Request::SessionMfaCert(SignedUserAction {
-            user_cert_der: cert_der,
-            body,
-            signature,
+            user_cert_der: cert_der.clone(),
+            body: body.clone(),
+            signature: signature.clone(),
         }),
     ) {
         Ok(Response::SessionMfaCert(got)) => got,
         Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => panic!("{}", e.message),
         other => panic!("unexpected answer: {other:?}"),
     };
+    // A gateway that kept the signed request cannot replay it for a second certificate.
+    match stolen.ask(
+        &c.tctl.addr,
+        Request::SessionMfaCert(SignedUserAction {
+            user_cert_der: cert_der,
+            body,
+            signature,
+        }),
+    ) {
+        Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => {
+            assert!(!e.message.is_empty());
+            assert!(!e.message.contains('\n'), "{}", e.message);
+        }
+        other => panic!("a replayed session MFA request was answered: {other:?}"),
+    }
     assert_eq!(got.device, "med1");
     assert!(got.valid_before <= now() + 61, "{}", got.valid_before);
     let mfa_key = c.dir.join("med1-session");
