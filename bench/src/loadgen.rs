@@ -20,6 +20,10 @@ struct Args {
     n: usize,
     dir: PathBuf,
     per_socket: usize,
+    /// `--idle-timeout SECS`: the agents' tunnel idle timeout (default: the agent's 90 s).
+    idle_timeout: Option<Duration>,
+    /// `--gateway-probe on|off`: whether agents probe a silent gateway while they wait.
+    probe: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -30,6 +34,8 @@ fn parse(args: &[String]) -> Result<Args> {
         n: 0,
         dir: PathBuf::new(),
         per_socket: 1000,
+        idle_timeout: None,
+        probe: true,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -41,6 +47,10 @@ fn parse(args: &[String]) -> Result<Args> {
             "--n" => a.n = v.parse()?,
             "--dir" => a.dir = PathBuf::from(v),
             "--per-socket" => a.per_socket = v.parse::<usize>()?.max(1),
+            "--gateway-probe" => a.probe = v != "off",
+            "--idle-timeout" => {
+                a.idle_timeout = Some(Duration::from_secs(v.parse::<u64>()?.max(1)))
+            }
             other => bail!("loadgen: unknown argument {other}"),
         }
     }
@@ -73,6 +83,13 @@ fn config(a: &Args, i: usize) -> AgentConfig {
     // Thousands of handshakes land on the gateway at once: give QUIC time instead of falling
     // back to TCP (which would cost one file per tunnel).
     cfg.quic_timeout = Duration::from_secs(20);
+    cfg.probe_silent_gateway = a.probe;
+    if let Some(t) = a.idle_timeout {
+        // A short idle timeout needs keep-alives well inside it (as the agent's flags do).
+        cfg.idle_timeout = t;
+        cfg.keepalive = (t / 3).max(Duration::from_secs(1));
+        cfg.keepalive_auto = None;
+    }
     cfg
 }
 

@@ -56,6 +56,8 @@ pub const KEYS: &[&str] = &[
     "flood_join_s",
     "flood_dial_p99_ms_tcp",
     "flood_dial_p99_ms_quic",
+    "reconnect_after_link_p95_s",
+    "reconnect_after_blackhole_p95_s",
 ];
 
 pub fn run_all(o: &Opts) -> Result<()> {
@@ -104,6 +106,11 @@ pub fn run_all(o: &Opts) -> Result<()> {
     if o.wants("nat") {
         if let Err(e) = nat(o, &work, &mut r) {
             r.note(format!("nat scenario failed: {e:#}"));
+        }
+    }
+    if o.wants("deadzone") {
+        if let Err(e) = deadzone(o, &work, &mut r) {
+            r.note(format!("dead zone scenario failed: {e:#}"));
         }
     }
     if o.wants("lossy") {
@@ -254,6 +261,15 @@ run; for times lower is better, for throughput higher is better):
   flood); `flood_base_dial_p99_ms_*` the same dials just before the flood, and
   `flood_dial_p99_ratio_*` the quotient. `flood_dial_failures`: dials that failed under the
   flood (target 0).
+- `reconnect_after_link_p95_s`: 1,000 agents of the load generator in the device namespace
+  of `tests/peers/link.sh` lose their link (the veth goes down: no route to the gateway, as
+  when a modem loses its bearer) for 2 minutes, past the tunnels' 90 s idle timeout; p95
+  over the devices of the time from the link's return to the gateway logging the device
+  online again (note: p50, max, and the most tunnels back in one second, the storm).
+  `reconnect_after_link_600s_p95_s` the same for 10 minutes (`all`); a 30 s zone drops no
+  tunnel (noted). `reconnect_after_blackhole_p95_s`: 10 minutes (5 in `quick`) with the
+  link up and every packet dropped (nothing says the path is gone; the agents probe the
+  gateway, see `edge-agent/src/gateway_probe.rs`). Target 5 s.
 ";
 
 fn commit(root: &Path) -> String {
@@ -1723,5 +1739,189 @@ fn flood(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
             .map(|f| format!("; first failed dial: {f}"))
             .unwrap_or_default()
     ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Dead zones: a fleet's link goes away for a while, then comes back
+
+/// Seconds since the epoch of a tracing line's leading RFC 3339 UTC timestamp
+/// (`2026-12-06T10:31:11.201079Z  INFO ...`).
+fn log_epoch(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|v| v.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.splitn(3, ':').map(|v| v.parse::<f64>().ok());
+    let (h, mi, s) = (t.next()??, t.next()??, t.next()??);
+    // Days from the civil date (the proleptic Gregorian calendar), March-based years.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3_600.0 + mi * 60.0 + s)
+}
+
+fn now_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Each device's first `device online` in the gateway log at or after `since`, as seconds
+/// after `since`.
+fn online_after(log: &Path, since: f64) -> std::collections::HashMap<String, f64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut first = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| l.contains("device online")) {
+        let (Some(t), Some(id)) = (
+            log_epoch(line),
+            line.split(" device=")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next()),
+        ) else {
+            continue;
+        };
+        if t >= since {
+            first.entry(id.to_string()).or_insert(t - since);
+        }
+    }
+    first
+}
+
+/// The most tunnels that came back within any one second (the storm a fleet makes).
+fn peak_per_second(delays: &[f64]) -> usize {
+    let mut buckets = std::collections::BTreeMap::new();
+    for d in delays {
+        *buckets.entry(d.floor() as i64).or_insert(0usize) += 1;
+    }
+    buckets.values().copied().max().unwrap_or(0)
+}
+
+/// N agents of the load generator (the real agent code) in the device namespace of
+/// `tests/peers/link.sh`, the fabric in the gateway's. The link goes away for a while, in
+/// two ways: `link` (the veth goes down: the device has no route, as when a modem loses its
+/// bearer) and `blackhole` (the link stays up and drops everything, as when a cell stops
+/// forwarding). Then it comes back, and the gateway's log says when each tunnel was back.
+fn deadzone(o: &Opts, work: &Path, r: &mut Results) -> Result<()> {
+    let root = repo_root()?;
+    let link = root.join("tests/peers/link.sh");
+    let name = "deadzone";
+    let sh = |args: &[&str]| -> Result<String> {
+        let mut c = Command::new(&link);
+        c.args(args);
+        run_ok(c, None, Duration::from_secs(300))
+    };
+    let _ = sh(&["down", name]);
+    let env = parse_env(&sh(&["up", name])?);
+    let _guard = LinkDown(link.clone(), name.to_string());
+    let gw_ns = env.get("GW_NS").context("GW_NS")?.clone();
+    let dev_ns = env.get("DEV_NS").context("DEV_NS")?.clone();
+    let gw_ip = env.get("GW_ADDR").context("GW_ADDR")?.clone();
+    let fab = Fabric::start(&work.join("deadzone"), Some(&gw_ns), &gw_ip, 3090)?;
+
+    let n: usize = std::env::var("BENCH_DEADZONE_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(o.pick3(20, 1000, 1000));
+    // The smoke test shortens the tunnels' idle timeout so that its zones fit in seconds.
+    let idle_s: u64 = o.pick3(3, 90, 90);
+    let zones: Vec<u64> = std::env::var("BENCH_DEADZONE_SECS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or(o.pick3(vec![8], vec![30, 120], vec![30, 120, 600]));
+    let (token, pin) = fab.token("device", true)?;
+    let mut c = command(Some(&dev_ns), &bin("bench")?);
+    c.args(["loadgen", "--gateway", &fab.gw_addr, "--token", &token])
+        .args(["--ca-pin", &pin, "--n", &n.to_string()])
+        .args(["--idle-timeout", &idle_s.to_string()])
+        .arg("--dir")
+        .arg(work.join("deadzone-loadgen"))
+        .env("RUST_LOG", "info");
+    // BENCH_DEADZONE_PROBE=off: without the agents' gateway probe, for a before/after.
+    if let Ok(v) = std::env::var("BENCH_DEADZONE_PROBE") {
+        c.args(["--gateway-probe", &v]);
+    }
+    let mut lg = Proc::spawn("deadzone-loadgen", c, work)?;
+    let up = wait_until(Duration::from_secs(o.pick(150, 300)), || {
+        count_online(&fab.gw.log).0 >= n || !lg.alive()
+    });
+    if !up || !lg.alive() {
+        bail!(
+            "only {} of {n} agents came online; loadgen: {}",
+            count_online(&fab.gw.log).0,
+            lg.log_text().lines().last().unwrap_or("")
+        );
+    }
+    // The link figure's zone: the first past the idle timeout (2 min).
+    let headline = zones.iter().copied().find(|z| *z > idle_s);
+    // A blackhole long enough for the reconnect backoff to reach its 30 s cap: a short one
+    // ends while the first attempts are still retransmitting their handshakes.
+    let blackhole: u64 = std::env::var("BENCH_DEADZONE_BLACKHOLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(o.pick3(8, 300, 600));
+    let mut runs: Vec<(&str, u64)> = zones.iter().map(|z| ("link", *z)).collect();
+    if blackhole > 0 {
+        runs.push(("blackhole", blackhole));
+    }
+    for (kind, secs) in runs {
+        let ns_link = |state: &str| -> Result<String> {
+            let mut c = Command::new("ip");
+            c.args(["-n", &dev_ns, "link", "set", "veth0", state]);
+            run_ok(c, None, Duration::from_secs(10))
+        };
+        match kind {
+            "link" => ns_link("down")?,
+            _ => sh(&["set", name, "loss=100%"])?,
+        };
+        std::thread::sleep(Duration::from_secs(secs));
+        // Before the commands that restore it: they take a moment, and the first tunnels
+        // are back before they return.
+        let back_at = now_epoch();
+        match kind {
+            "link" => ns_link("up")?,
+            _ => sh(&["set", name, "loss=0"])?,
+        };
+        let dropped = secs > idle_s;
+        // A zone shorter than the idle timeout drops no tunnel: QUIC retransmits and goes
+        // on, so there is nothing to wait for beyond a short look at the log.
+        let limit = Duration::from_secs(if dropped { o.pick(90, 180) } else { 15 });
+        wait_until(limit, || online_after(&fab.gw.log, back_at).len() >= n);
+        let mut delays: Vec<f64> = online_after(&fab.gw.log, back_at).into_values().collect();
+        delays.sort_by(|a, b| a.total_cmp(b));
+        let what =
+            format!("{n} agents, {kind} dead zone of {secs} s (tunnel idle timeout {idle_s} s)");
+        if !dropped {
+            r.note(format!(
+                "deadzone: {what}: {} of {n} tunnels reconnected; the rest never dropped",
+                delays.len()
+            ));
+            continue;
+        }
+        let p95 = if delays.len() >= n {
+            percentile(&delays, 95.0)
+        } else {
+            f64::NAN
+        };
+        let detail = format!(
+            "{what}: {} of {n} back; p50 {:.1} s, max {:.1} s after the link returned, at \
+             most {} in one second",
+            delays.len(),
+            percentile(&delays, 50.0),
+            delays.last().copied().unwrap_or(f64::NAN),
+            peak_per_second(&delays)
+        );
+        // The first zone past the idle timeout gives the headline figure (2 min in `all`).
+        let key = match (kind, Some(secs) == headline) {
+            ("link", true) => "reconnect_after_link_p95_s".to_string(),
+            ("link", false) => format!("reconnect_after_link_{secs}s_p95_s"),
+            _ => "reconnect_after_blackhole_p95_s".to_string(),
+        };
+        r.add(&key, "s", vec![p95], &detail);
+    }
+    drop(lg);
     Ok(())
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::ca_rotation::{self, TakeError};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TransportChoice};
 use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::join::{self, JoinError};
 use crate::services::Services;
@@ -309,6 +309,10 @@ pub async fn run_with(
     let mut dead_zone = Backoff::new(agent.cfg.backoff_base, DEAD_ZONE_CAP);
     let mut next: Option<session::Session> = None;
     let mut unanswered = false;
+    // Whether the last attempt failed with a route to the gateway (nothing answered, or the
+    // gateway said no): the wait then probes the gateway (`gateway_probe`).
+    let mut silent = false;
+    let mut silent_since: Option<Instant> = None;
     while !agent.shutdown.is_cancelled() {
         let s = match next.take() {
             Some(s) => Ok(s),
@@ -323,6 +327,7 @@ pub async fn run_with(
                     transport = s.conn.transport().as_str(), gateway = %s.gateway_id,
                     "tunnel up"
                 );
+                silent_since = None;
                 let started = Instant::now();
                 crate::audit::event("tunnel.up")
                     .field("transport", s.conn.transport().as_str())
@@ -361,7 +366,11 @@ pub async fn run_with(
                 tracing::warn!("cannot connect to the gateway: {e}");
                 unanswered = true;
             }
-            Err(e) => tracing::warn!("cannot connect to the gateway: {e}"),
+            Err(e) => {
+                tracing::warn!("cannot connect to the gateway: {e}");
+                silent = true;
+                silent_since.get_or_insert_with(Instant::now);
+            }
         }
         let wait = if std::mem::take(&mut unanswered) {
             dead_zone.next_delay()
@@ -374,6 +383,15 @@ pub async fn run_with(
             why = crate::link_watch::route_changes(&agent.cfg.gateway) => {
                 tracing::info!("{why}; reconnecting now");
             }
+            why = probe_if(
+                std::mem::take(&mut silent)
+                    && agent.cfg.probe_silent_gateway
+                    && agent.cfg.transport != TransportChoice::Tcp,
+                &agent.cfg.gateway,
+                silent_since.unwrap_or_else(Instant::now),
+            ) => {
+                tracing::info!("{why}; reconnecting now");
+            }
             _ = agent.shutdown.cancelled() => break,
         }
     }
@@ -384,4 +402,13 @@ pub async fn run_with(
     tokio::time::sleep(Duration::from_millis(100)).await;
     tracing::info!("edge agent stopped");
     Ok(())
+}
+
+/// Probes the gateway over UDP while `on` (see `gateway_probe`); pending otherwise.
+async fn probe_if(on: bool, gateway: &str, since: Instant) -> String {
+    if on {
+        crate::gateway_probe::answers_again(gateway, since).await
+    } else {
+        std::future::pending().await
+    }
 }

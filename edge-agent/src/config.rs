@@ -58,6 +58,10 @@ pub struct AgentConfig {
     pub idle_timeout: Duration,
     /// While on TCP, try QUIC again after this long (doubling up to ten times as long).
     pub quic_probe_interval: Duration,
+    /// While waiting to reconnect after attempts nothing answered, probe the gateway with a
+    /// QUIC version negotiation every few seconds (`gateway_probe`). On by default; the
+    /// benchmark turns it off to show what it saves.
+    pub probe_silent_gateway: bool,
     /// Reconnect backoff: base and cap (full jitter), reset after a healthy period.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
@@ -110,6 +114,7 @@ impl AgentConfig {
             )),
             idle_timeout: Duration::from_secs(90),
             quic_probe_interval: Duration::from_secs(30),
+            probe_silent_gateway: true,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
             healthy_after: Duration::from_secs(60),

@@ -18,6 +18,7 @@ pub mod ca_rotation;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzz_entry;
+pub mod gateway_probe;
 pub mod identity;
 pub mod join;
 #[cfg(feature = "kube")]

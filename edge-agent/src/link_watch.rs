@@ -30,7 +30,7 @@ pub async fn route_changes(gateway: &str) -> String {
 }
 
 /// The gateway's address: the literal, or one DNS answer within 2 s.
-async fn peer(gateway: &str) -> Option<SocketAddr> {
+pub(crate) async fn peer(gateway: &str) -> Option<SocketAddr> {
     if let Ok(a) = gateway.parse() {
         return Some(a);
     }

@@ -117,6 +117,12 @@ fn bytes_per_service_reach_tctl_devices_usage() {
     assert_eq!(r.stdout(), "shell-ok\n", "{}", r.stderr());
     let r = tsh.run(&["scp", file.to_str().unwrap(), &remote], None);
     assert_ne!(r.code(), Some(0), "tsh scp went through past the budget");
+    assert!(
+        r.stderr()
+            .contains("past its monthly data budget of 1.0 MB"),
+        "tsh scp does not say why: {}",
+        r.stderr()
+    );
     c.tctl
         .ok(&["devices", "set", "dev1", "--data-budget", "none"]);
     let allowed = wait_until(Duration::from_secs(60), || {

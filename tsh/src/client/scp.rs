@@ -226,6 +226,8 @@ fn check_local_source(p: &Path, opts: Opts) -> Result<(), CliError> {
 struct Sftp {
     sftp: RawSftpSession,
     device: String,
+    /// What the device said on the channel's stderr (a refusal's reason).
+    stderr: StderrTail,
     _conn: ssh::Connection,
 }
 
@@ -263,16 +265,79 @@ async fn open(
             Some(_) => {}
         }
     }
-    let sftp = RawSftpSession::new(channel.into_stream());
+    let stderr = StderrTail::default();
+    let sftp = RawSftpSession::new(bridge(channel, stderr.clone()));
     sftp.set_timeout(REQUEST_TIMEOUT_SECS);
-    sftp.init()
-        .await
-        .map_err(|e| CliError::msg(format!("SFTP on {device} failed to start: {e}")))?;
+    if let Err(e) = sftp.init().await {
+        // A device that refuses the transfer after accepting the subsystem (past its data
+        // budget, say) says why on stderr: that line is the error, not the broken stream.
+        return Err(CliError::msg(match stderr.first_line() {
+            Some(line) => format!("{device}: {line}"),
+            None => format!("SFTP on {device} failed to start: {e}"),
+        }));
+    }
     Ok(Sftp {
         sftp,
         device: device.to_string(),
+        stderr,
         _conn: conn,
     })
+}
+
+/// The first few KiB a device wrote on the SFTP channel's stderr.
+#[derive(Clone, Default)]
+struct StderrTail(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl StderrTail {
+    const MAX: usize = 4096;
+
+    fn push(&self, data: &[u8]) {
+        if let Ok(mut b) = self.0.lock() {
+            let room = Self::MAX.saturating_sub(b.len());
+            b.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+
+    fn first_line(&self) -> Option<String> {
+        let b = self.0.lock().ok()?;
+        let text = String::from_utf8_lossy(&b);
+        let line = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+        Some(line.to_string())
+    }
+}
+
+/// The channel as the byte stream SFTP runs on, keeping its stderr (which
+/// `Channel::into_stream` drops) in `stderr`.
+fn bridge(
+    channel: russh::Channel<russh::client::Msg>,
+    stderr: StderrTail,
+) -> tokio::io::DuplexStream {
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (mut from_sftp, mut to_sftp) = tokio::io::split(theirs);
+    let (mut rx, tx) = channel.split();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
+                    let written = to_sftp.write_all(&data).await;
+                    if written.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::ExtendedData { data, ext: 1 } => stderr.push(&data),
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = to_sftp.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut w = tx.make_writer();
+        let _ = tokio::io::copy(&mut from_sftp, &mut w).await;
+        let _ = w.shutdown().await;
+        let _ = tx.eof().await;
+    });
+    ours
 }
 
 /// One line for a failed SFTP request about `path`.
@@ -325,6 +390,12 @@ impl Sftp {
     }
 
     fn err(&self, path: &str, e: SftpError) -> CliError {
+        // A session the device ended (a lock, a refusal) may have said why on stderr.
+        if !matches!(e, SftpError::Status(_)) {
+            if let Some(line) = self.stderr.first_line() {
+                return CliError::msg(format!("{}: {line}", self.device));
+            }
+        }
         remote_err(&self.device, path, e)
     }
 }
