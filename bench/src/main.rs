@@ -50,7 +50,7 @@ impl Opts {
 }
 
 fn usage() -> &'static str {
-    "usage: bench all|quick|smoke [--only ssh,stream,sign,idle,nat,tunnels,lossy,size,flood,deadzone] [--no-doc]\n       \
+    "usage: bench all|quick|smoke [--only ssh,stream,sign,idle,nat,tunnels,lossy,size,flood,deadzone,counting] [--no-doc]\n       \
      bench loadgen --gateway ADDR --token T --ca-pin P --n N --dir DIR"
 }
 

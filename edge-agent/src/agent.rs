@@ -313,11 +313,23 @@ pub async fn run_with(
     // gateway said no): the wait then probes the gateway (`gateway_probe`).
     let mut silent = false;
     let mut silent_since: Option<Instant> = None;
+    // Whether an answered probe may cut the attempt in flight short, once per failure: its
+    // handshake packets went into the void, and their retransmission timers (QUIC's PTO,
+    // TCP's SYN backoff) would make it wait seconds more after the path came back.
+    let mut may_restart = false;
     while !agent.shutdown.is_cancelled() {
         let s = match next.take() {
             Some(s) => Ok(s),
             None => tokio::select! {
                 r = session::connect(&agent, &mut quic) => r,
+                why = probe_if(
+                    std::mem::take(&mut may_restart) && probing(&agent.cfg),
+                    &agent.cfg.gateway,
+                    silent_since.unwrap_or_else(Instant::now),
+                ) => {
+                    tracing::info!("{why}; starting a fresh attempt");
+                    continue;
+                }
                 _ = agent.shutdown.cancelled() => break,
             },
         };
@@ -369,6 +381,7 @@ pub async fn run_with(
             Err(e) => {
                 tracing::warn!("cannot connect to the gateway: {e}");
                 silent = true;
+                may_restart = true;
                 silent_since.get_or_insert_with(Instant::now);
             }
         }
@@ -384,13 +397,13 @@ pub async fn run_with(
                 tracing::info!("{why}; reconnecting now");
             }
             why = probe_if(
-                std::mem::take(&mut silent)
-                    && agent.cfg.probe_silent_gateway
-                    && agent.cfg.transport != TransportChoice::Tcp,
+                std::mem::take(&mut silent) && probing(&agent.cfg),
                 &agent.cfg.gateway,
                 silent_since.unwrap_or_else(Instant::now),
             ) => {
                 tracing::info!("{why}; reconnecting now");
+                // The gateway answers: let the next attempt finish however long it takes.
+                may_restart = false;
             }
             _ = agent.shutdown.cancelled() => break,
         }
@@ -402,6 +415,11 @@ pub async fn run_with(
     tokio::time::sleep(Duration::from_millis(100)).await;
     tracing::info!("edge agent stopped");
     Ok(())
+}
+
+/// Whether this agent probes a silent gateway (QUIC allowed, and not turned off).
+fn probing(cfg: &AgentConfig) -> bool {
+    cfg.probe_silent_gateway && cfg.transport != TransportChoice::Tcp
 }
 
 /// Probes the gateway over UDP while `on` (see `gateway_probe`); pending otherwise.
