@@ -15,6 +15,7 @@ pub mod agent;
 pub mod audit;
 pub mod backoff;
 pub mod ca_rotation;
+pub mod hostkey;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzz_entry;
