@@ -71,7 +71,10 @@ pub fn parse(ev: &AuditEvent) -> Report {
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
         let hostkey = ev.fields.get(&format!("pin.{name}")).cloned();
-        let hostkey_mismatch = ev.fields.get(&format!("hostkey.{name}")).map(String::as_str)
+        let hostkey_mismatch = ev
+            .fields
+            .get(&format!("hostkey.{name}"))
+            .map(String::as_str)
             == Some("mismatch");
         targets.push(Reported {
             name: name.to_string(),

@@ -64,7 +64,8 @@ fn packet(payload: &[u8]) -> Vec<u8> {
 fn kexinit() -> Result<Vec<u8>, HostKeyError> {
     let mut p = vec![MSG_KEXINIT];
     p.extend(random(16)?);
-    let ciphers: &[u8] = b"aes128-ctr,aes256-ctr,aes128-gcm@openssh.com,chacha20-poly1305@openssh.com";
+    let ciphers: &[u8] =
+        b"aes128-ctr,aes256-ctr,aes128-gcm@openssh.com,chacha20-poly1305@openssh.com";
     let macs: &[u8] = b"hmac-sha2-256,hmac-sha2-512,hmac-sha2-256-etm@openssh.com";
     for list in [
         &b"curve25519-sha256,curve25519-sha256@libssh.org"[..],
@@ -86,8 +87,7 @@ fn kexinit() -> Result<Vec<u8>, HostKeyError> {
 }
 
 fn random(n: usize) -> Result<Vec<u8>, HostKeyError> {
-    edgeport_proto::keys::random_bytes(n)
-        .map_err(|_| HostKeyError::Protocol("no random numbers"))
+    edgeport_proto::keys::random_bytes(n).map_err(|_| HostKeyError::Protocol("no random numbers"))
 }
 
 /// Reads one packet's payload.
@@ -116,9 +116,7 @@ fn first_str(data: &[u8]) -> Option<&[u8]> {
 pub async fn read_host_key(stream: TcpStream) -> Result<Vec<u8>, HostKeyError> {
     let mut r = BufReader::new(stream);
     r.get_mut()
-        .write_all(
-            format!("SSH-2.0-EdgeportCheck_{}\r\n", edgeport_proto::VERSION).as_bytes(),
-        )
+        .write_all(format!("SSH-2.0-EdgeportCheck_{}\r\n", edgeport_proto::VERSION).as_bytes())
         .await?;
     // The server's version line, after any lines it sends first (RFC 4253 section 4.2).
     let mut line = Vec::new();

@@ -15,10 +15,10 @@ pub mod agent;
 pub mod audit;
 pub mod backoff;
 pub mod ca_rotation;
-pub mod hostkey;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzz_entry;
+pub mod hostkey;
 pub mod identity;
 pub mod join;
 #[cfg(feature = "kube")]

@@ -267,7 +267,9 @@ impl TargetSet {
             let old = checks.insert(t.name.clone(), new);
             // A mismatch is logged and audited when it is first seen (and again after a
             // check that saw the pinned key).
-            if let Some((want, got)) = mismatch.filter(|_| old.and_then(|o| o.key_ok) != Some(false)) {
+            if let Some((want, got)) =
+                mismatch.filter(|_| old.and_then(|o| o.key_ok) != Some(false))
+            {
                 tracing::warn!(target = %t.name, addr = %t.addr, %want, %got, "host key mismatch");
                 crate::audit::event("target.hostkey_mismatch")
                     .field("target", &t.name)
@@ -393,7 +395,9 @@ mod tests {
         assert!(matches!(parse_line("a/b=h:22"), Err(TargetError::Name(_))));
         assert!(matches!(parse_line("a=h:0"), Err(TargetError::Port(_))));
         assert!(matches!(parse_line("a=h:22 x"), Err(TargetError::Label(_))));
-        let key = edgeport_proto::keys::KeyPair::generate().unwrap().public_openssh();
+        let key = edgeport_proto::keys::KeyPair::generate()
+            .unwrap()
+            .public_openssh();
         let key = key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
         let t = parse_line(&format!("ecu1=10.0.0.1:22 hostkey={key} zone=engine")).unwrap();
         assert_eq!(t.hostkey.as_deref(), Some(key.as_str()));
@@ -402,7 +406,10 @@ mod tests {
             parse_line("ecu1=10.0.0.1:22 hostkey=ssh-ed25519 AAAA"),
             Err(TargetError::HostKey)
         );
-        assert_eq!(parse_line("ecu1=10.0.0.1:22 hostkey=ssh-ed25519"), Err(TargetError::HostKey));
+        assert_eq!(
+            parse_line("ecu1=10.0.0.1:22 hostkey=ssh-ed25519"),
+            Err(TargetError::HostKey)
+        );
     }
 
     #[test]

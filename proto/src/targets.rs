@@ -111,8 +111,8 @@ impl PinnedKey {
         now: u64,
     ) -> Result<russh::keys::ssh_key::PublicKey, PinError> {
         use russh::keys::ssh_key::{public::KeyData, Certificate};
-        let cert = Certificate::from_openssh(self.device_cert.trim())
-            .map_err(|_| PinError::Malformed)?;
+        let cert =
+            Certificate::from_openssh(self.device_cert.trim()).map_err(|_| PinError::Malformed)?;
         let ca = crate::sshcert::signer_of(&cert, host_cas)
             .ok_or(crate::sshcert::CertRefusal::BadSignature)?;
         crate::sshcert::check_host_cert(&cert, ca, device, now)?;
@@ -158,9 +158,13 @@ mod tests {
             KeyPair::generate().unwrap(),
         );
         let cert = |key: &KeyPair, name: &str| {
-            let mut b =
-                Builder::new(vec![7u8; 32], key.ssh_public().key_data().clone(), 0, 10_000)
-                    .unwrap();
+            let mut b = Builder::new(
+                vec![7u8; 32],
+                key.ssh_public().key_data().clone(),
+                0,
+                10_000,
+            )
+            .unwrap();
             b.cert_type(CertType::Host).unwrap().key_id(name).unwrap();
             b.valid_principal(name).unwrap();
             b.sign(ca.ssh_private()).unwrap().to_openssh().unwrap()

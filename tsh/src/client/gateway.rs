@@ -248,7 +248,9 @@ static PINNED: std::sync::Mutex<Vec<(String, russh::keys::ssh_key::PublicKey)>> 
 /// The host key pinned for `target`, if its device said so on a dial of this run.
 pub fn pinned_key(target: &str) -> Option<russh::keys::ssh_key::PublicKey> {
     let pins = PINNED.lock().ok()?;
-    pins.iter().find(|(t, _)| t == target).map(|(_, k)| k.clone())
+    pins.iter()
+        .find(|(t, _)| t == target)
+        .map(|(_, k)| k.clone())
 }
 
 /// Checks the device's statement of a pinned key (its host certificate from the cluster's host

@@ -82,11 +82,6 @@ impl client::Handler for Verifier {
                 self.device
             )),
             (None, Some(cert)) => match edgeport_proto::sshcert::signer_of(cert, &self.host_cas)
-            None => Some(format!(
-                "{} presented a bare host key instead of an Edgeport host certificate; refusing to connect",
-                self.device
-            )),
-            Some(cert) => match edgeport_proto::sshcert::signer_of(cert, &self.host_cas)
                 .ok_or(CertRefusal::BadSignature)
                 .and_then(|ca| check_host_cert(cert, ca, &self.device, now_secs()))
             {
