@@ -4,7 +4,8 @@
 //!
 //! The agent's report (edge-agent/src/targets.rs) has, for each target NAME, the fields
 //! `t.NAME` = `HOST:PORT [key=value ...]`, `up.NAME` = `yes|no|unknown` and `checked.NAME` =
-//! the last check in Unix milliseconds.
+//! the last check in Unix milliseconds; a target with a pinned host key also has `pin.NAME` =
+//! `ssh-ed25519 AAAA...` and `hostkey.NAME` = `ok|mismatch|unknown`.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +28,12 @@ pub struct Reported {
     pub labels: BTreeMap<String, String>,
     pub reachable: Option<bool>,
     pub checked_ms: u64,
+    /// The host key pinned on the device, if any.
+    #[serde(default)]
+    pub hostkey: Option<String>,
+    /// The device's last check saw another host key than the pinned one.
+    #[serde(default)]
+    pub hostkey_mismatch: bool,
 }
 
 /// The latest report of one device (`Table::Targets`, by device id).
@@ -63,12 +70,20 @@ pub fn parse(ev: &AuditEvent) -> Report {
             .get(&format!("checked.{name}"))
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
+        let hostkey = ev.fields.get(&format!("pin.{name}")).cloned();
+        let hostkey_mismatch = ev
+            .fields
+            .get(&format!("hostkey.{name}"))
+            .map(String::as_str)
+            == Some("mismatch");
         targets.push(Reported {
             name: name.to_string(),
             addr: addr.to_string(),
             labels,
             reachable,
             checked_ms,
+            hostkey,
+            hostkey_mismatch,
         });
     }
     Report {
@@ -130,6 +145,8 @@ fn info(device: &DeviceInfo, t: Reported) -> TargetInfo {
         labels,
         reachable: t.reachable,
         checked_ms: t.checked_ms,
+        hostkey: t.hostkey,
+        hostkey_mismatch: t.hostkey_mismatch,
     }
 }
 
@@ -148,6 +165,8 @@ mod tests {
             ("checked.ecu1", "1234"),
             ("t.cam", "10.0.0.2:22"),
             ("up.cam", "unknown"),
+            ("pin.cam", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA"),
+            ("hostkey.cam", "mismatch"),
         ] {
             ev.fields.insert(k.into(), v.into());
         }
@@ -159,5 +178,7 @@ mod tests {
         assert_eq!((ecu.reachable, ecu.checked_ms), (Some(true), 1234));
         let cam = r.targets.iter().find(|t| t.name == "cam").unwrap();
         assert_eq!((cam.reachable, cam.checked_ms), (None, 0));
+        assert!(cam.hostkey_mismatch && cam.hostkey.is_some());
+        assert!(!ecu.hostkey_mismatch && ecu.hostkey.is_none());
     }
 }

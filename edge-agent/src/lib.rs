@@ -19,6 +19,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod gateway_probe;
+pub mod hostkey;
 pub mod identity;
 pub mod join;
 #[cfg(feature = "kube")]

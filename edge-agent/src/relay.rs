@@ -4,7 +4,9 @@
 //! the user names; only with the authority's ticket for that target on this device.
 //!
 //! The first byte the agent sends back says how it went: `0` and then the target's bytes, or
-//! `1` and one line saying why not (tsh prints it), after which the stream ends.
+//! `1` and one line saying why not (tsh prints it), after which the stream ends; or, for a
+//! target whose host key is pinned, `2`, one frame with this device's signed statement of the
+//! pin (`edgeport_proto::targets::PinnedKey`) and then the target's bytes.
 
 use std::sync::{Arc, RwLock};
 
@@ -20,6 +22,8 @@ use crate::targets::TargetSet;
 pub const RELAY_OK: u8 = 0;
 /// The first byte of a relayed stream: refused, one line follows.
 pub const RELAY_REFUSED: u8 = 1;
+/// The first byte of a relayed stream: connected, and a signed pinned host key follows.
+pub const RELAY_PINNED: u8 = 2;
 
 /// What a target stream's ticket must name.
 #[derive(Default)]
@@ -28,6 +32,9 @@ struct Who {
     device: String,
     /// The trusted host CAs' raw keys (two during a CA rotation).
     host_cas: Vec<Vec<u8>>,
+    /// This device's host certificate and key: they sign pinned host keys for tsh.
+    host_cert: String,
+    key: Option<edgeport_proto::keys::KeyPair>,
 }
 
 pub struct Relay {
@@ -52,6 +59,8 @@ impl Relay {
                 cluster: ident.cas.cluster.clone(),
                 device: ident.device_id.clone(),
                 host_cas: ident.cas.host_ca_raws(),
+                host_cert: ident.host_cert.clone(),
+                key: Some(ident.key.clone()),
             };
         }
     }
@@ -120,7 +129,15 @@ impl Relay {
             .field("target", name)
             .field("addr", &t.addr)
             .emit();
-        if stream.write_all(&[RELAY_OK]).await.is_err() {
+        let hello = match &t.hostkey {
+            None => Ok(vec![RELAY_OK]),
+            Some(pin) => self.pin_statement(&device, name, pin),
+        };
+        let hello = match hello {
+            Ok(h) => h,
+            Err(e) => return say(stream, &refuse(Some(&user), e)).await,
+        };
+        if stream.write_all(&hello).await.is_err() {
             return;
         }
         let copied = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
@@ -132,6 +149,33 @@ impl Relay {
             .field("bytes_up", up_bytes)
             .field("bytes_down", down_bytes)
             .emit();
+    }
+}
+
+impl Relay {
+    /// `RELAY_PINNED` and this device's signed statement that `pin` is target `name`'s key.
+    fn pin_statement(&self, device: &str, name: &str, pin: &str) -> Result<Vec<u8>, String> {
+        let w = self
+            .who
+            .read()
+            .map_err(|_| "the device identity is unavailable".to_string())?;
+        let key = w.key.as_ref().ok_or("the device identity is unavailable")?;
+        let signed_at = edgeport_net::clock::now_secs();
+        let signature = key.sign(&edgeport_proto::targets::pin_signed_bytes(
+            device, name, pin, signed_at,
+        ));
+        let statement = edgeport_proto::targets::PinnedKey {
+            device_cert: w.host_cert.clone(),
+            target: name.to_string(),
+            host_key: pin.to_string(),
+            signed_at,
+            signature,
+        };
+        let frame = edgeport_proto::frame::encode(&statement)
+            .map_err(|e| format!("cannot send the pinned host key: {e}"))?;
+        let mut out = vec![RELAY_PINNED];
+        out.extend(frame);
+        Ok(out)
     }
 }
 

@@ -4,6 +4,10 @@
 //! labels, reachable, last check) in its signed, hash-chained audit log, the one channel the
 //! authority receives authenticated by the device's own key. Reaching a target as
 //! `DEVICE/NAME` through the tunnel (relay mode) is `crate::relay`.
+//!
+//! A line may pin the target's host key, `hostkey=ssh-ed25519 AAAA...` (as recorded at
+//! enrolment): the check then reads the key the target presents (`crate::hostkey`) and
+//! reports a mismatch, and the agent hands the pin, signed, to tsh on each relayed stream.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,6 +25,8 @@ pub struct Target {
     /// `HOST:PORT` as configured (a literal address or a name the device resolves).
     pub addr: String,
     pub labels: BTreeMap<String, String>,
+    /// The pinned host key, `ssh-ed25519 BASE64`.
+    pub hostkey: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,6 +41,8 @@ pub enum TargetError {
     Label(String),
     #[error("target {0:?} is configured twice")]
     Duplicate(String),
+    #[error("hostkey: expected hostkey=ssh-ed25519 AAAA... (the target's Ed25519 host key)")]
+    HostKey,
 }
 
 /// Why the target list could not be loaded: the file, or which line or flag is wrong.
@@ -61,7 +69,7 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// Parses one `NAME=HOST:PORT [key=value ...]` line.
+/// Parses one `NAME=HOST:PORT [key=value ...] [hostkey=ssh-ed25519 AAAA...]` line.
 pub fn parse_line(line: &str) -> Result<Target, TargetError> {
     let mut words = line.split_whitespace();
     let first = words
@@ -84,7 +92,14 @@ pub fn parse_line(line: &str) -> Result<Target, TargetError> {
         _ => return Err(TargetError::Port(addr.into())),
     }
     let mut labels = BTreeMap::new();
-    for w in words {
+    let mut hostkey = None;
+    while let Some(w) = words.next() {
+        if let Some(kind) = w.strip_prefix("hostkey=") {
+            let line = format!("{kind} {}", words.next().unwrap_or_default());
+            edgeport_proto::keys::parse_ed25519_public(&line).map_err(|_| TargetError::HostKey)?;
+            hostkey = Some(line);
+            continue;
+        }
         let (k, v) = w
             .split_once('=')
             .filter(|(k, _)| !k.is_empty())
@@ -95,6 +110,7 @@ pub fn parse_line(line: &str) -> Result<Target, TargetError> {
         name: name.into(),
         addr: addr.into(),
         labels,
+        hostkey,
     })
 }
 
@@ -151,6 +167,8 @@ struct Check {
     reachable: bool,
     /// Unix milliseconds (0: not checked yet).
     at_ms: u64,
+    /// A pinned target: whether it presented the pinned key (`None`: not read).
+    key_ok: Option<bool>,
 }
 
 /// The targets of this agent as they are now, with their last checks.
@@ -218,6 +236,16 @@ impl TargetSet {
                 .field(&format!("t.{}", t.name), line)
                 .field(&format!("up.{}", t.name), up)
                 .field(&format!("checked.{}", t.name), c.at_ms);
+            if let Some(pin) = &t.hostkey {
+                let key = match c.key_ok {
+                    Some(true) => "ok",
+                    Some(false) => "mismatch",
+                    None => "unknown",
+                };
+                ev = ev
+                    .field(&format!("pin.{}", t.name), pin)
+                    .field(&format!("hostkey.{}", t.name), key);
+            }
         }
         ev.emit();
     }
@@ -226,19 +254,32 @@ impl TargetSet {
     async fn check_all(&self) -> bool {
         let mut changed = false;
         for t in self.snapshot() {
-            let reachable = connect(&t.addr).await.is_ok();
+            let (reachable, key_ok, mismatch) = check_one(&t).await;
             let now = crate::audit::now_ms();
             let Ok(mut checks) = self.checks.lock() else {
                 continue;
             };
-            let old = checks.insert(
-                t.name.clone(),
-                Check {
-                    reachable,
-                    at_ms: now,
-                },
-            );
-            if old.map(|o| o.reachable) != Some(reachable) {
+            let new = Check {
+                reachable,
+                at_ms: now,
+                key_ok,
+            };
+            let old = checks.insert(t.name.clone(), new);
+            // A mismatch is logged and audited when it is first seen (and again after a
+            // check that saw the pinned key).
+            if let Some((want, got)) =
+                mismatch.filter(|_| old.and_then(|o| o.key_ok) != Some(false))
+            {
+                tracing::warn!(target = %t.name, addr = %t.addr, %want, %got, "host key mismatch");
+                crate::audit::event("target.hostkey_mismatch")
+                    .field("target", &t.name)
+                    .field("addr", &t.addr)
+                    .field("pinned", want)
+                    .field("presented", got)
+                    .field("error", "host key mismatch")
+                    .emit();
+            }
+            if old.map(|o| (o.reachable, o.key_ok)) != Some((reachable, key_ok)) {
                 tracing::info!(target = %t.name, addr = %t.addr, reachable, "target check");
                 changed = true;
             }
@@ -264,6 +305,37 @@ impl TargetSet {
             }
         }
     }
+}
+
+/// A pinned target presented another key: the pinned and the presented fingerprints.
+type Mismatch = Option<(String, String)>;
+
+/// Checks one target: reachable, and for a pinned one whether it presented the pinned key.
+async fn check_one(t: &Target) -> (bool, Option<bool>, Mismatch) {
+    let Ok(stream) = connect(&t.addr).await else {
+        return (false, None, None);
+    };
+    let Some(pin) = t.hostkey.as_deref() else {
+        return (true, None, None);
+    };
+    let read = tokio::time::timeout(CONNECT_TIMEOUT, crate::hostkey::read_host_key(stream)).await;
+    let presented = match read {
+        Ok(Ok(blob)) => blob,
+        Ok(Err(e)) => {
+            tracing::info!(target = %t.name, "cannot read the target's host key: {e}");
+            return (true, None, None);
+        }
+        Err(_) => return (true, None, None),
+    };
+    let pinned = crate::hostkey::blob_of(pin).unwrap_or_default();
+    if presented == pinned {
+        return (true, Some(true), None);
+    }
+    let fps = (
+        crate::hostkey::fingerprint(&pinned),
+        crate::hostkey::fingerprint(&presented),
+    );
+    (true, Some(false), Some(fps))
 }
 
 /// Reads the targets again on every SIGHUP; a file that does not parse is logged and the
@@ -323,6 +395,21 @@ mod tests {
         assert!(matches!(parse_line("a/b=h:22"), Err(TargetError::Name(_))));
         assert!(matches!(parse_line("a=h:0"), Err(TargetError::Port(_))));
         assert!(matches!(parse_line("a=h:22 x"), Err(TargetError::Label(_))));
+        let key = edgeport_proto::keys::KeyPair::generate()
+            .unwrap()
+            .public_openssh();
+        let key = key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let t = parse_line(&format!("ecu1=10.0.0.1:22 hostkey={key} zone=engine")).unwrap();
+        assert_eq!(t.hostkey.as_deref(), Some(key.as_str()));
+        assert_eq!(t.labels.len(), 1);
+        assert_eq!(
+            parse_line("ecu1=10.0.0.1:22 hostkey=ssh-ed25519 AAAA"),
+            Err(TargetError::HostKey)
+        );
+        assert_eq!(
+            parse_line("ecu1=10.0.0.1:22 hostkey=ssh-ed25519"),
+            Err(TargetError::HostKey)
+        );
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub fn target(t: &TargetInfo) -> Value {
         "labels": t.labels,
         "status": t.status(),
         "checked": time(t.checked_ms / 1000),
+        "hostkey": t.hostkey,
     })
 }
 

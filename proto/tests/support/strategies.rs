@@ -1114,14 +1114,22 @@ pub fn session_mfa_cert() -> impl Strategy<Value = SessionMfaCert> + Clone {
 }
 
 pub fn target_info() -> impl Strategy<Value = edgeport_proto::targets::TargetInfo> + Clone {
-    (s(), s(), s(), labels(), of(any::<bool>()), any::<u64>()).prop_map(
-        |(device, name, addr, labels, reachable, checked_ms)| edgeport_proto::targets::TargetInfo {
-            device,
-            name,
-            addr,
-            labels,
-            reachable,
-            checked_ms,
-        },
+    (
+        (s(), s(), s(), labels(), of(any::<bool>()), any::<u64>()),
+        (of(s()), any::<bool>()),
     )
+        .prop_map(
+            |((device, name, addr, labels, reachable, checked_ms), (hostkey, hostkey_mismatch))| {
+                edgeport_proto::targets::TargetInfo {
+                    device,
+                    name,
+                    addr,
+                    labels,
+                    reachable,
+                    checked_ms,
+                    hostkey,
+                    hostkey_mismatch,
+                }
+            },
+        )
 }

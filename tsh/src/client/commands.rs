@@ -11,7 +11,7 @@ use edgeport_proto::util::{format_time, parse_labels};
 
 use super::cli::{Cli, Command, Format, Global, LsArgs, ProxyCmd, SshArgs, Transport};
 use super::forwarding::{self, Inbound, PortForward};
-use super::profile::{self, load_creds, tsh_home, Creds, KeyFiles, Profile};
+use super::profile::{self, load_creds, tsh_home, Creds, KeyFiles, Profile, Source};
 use super::ssh::{self, SessionSpec};
 use super::{agent, bridge, config, gateway, login, multi, session_mfa, term, CliError};
 
@@ -428,6 +428,10 @@ async fn proxy_ssh(
         Ok((None, dialed)) => Ok(dialed),
         Err(e) => Err(e),
     };
+    let dialed = match dialed {
+        Ok(d) => pin_for_openssh(&creds, device).map(|()| d),
+        Err(e) => Err(e),
+    };
     let (stream, _) = match dialed {
         Ok(s) => s,
         Err(e) => {
@@ -439,6 +443,38 @@ async fn proxy_ssh(
     };
     bridge::stdio(stream).await;
     Ok(0)
+}
+
+/// A host behind a device with a pinned host key: its line in the login's
+/// `known_hosts_pinned` (which `tsh config` names to OpenSSH) is that key, written before any
+/// byte of the target reaches OpenSSH, so OpenSSH checks the key the device vouched for.
+fn pin_for_openssh(creds: &Creds, target: &str) -> Result<(), CliError> {
+    let Some(key) = gateway::pinned_key(target) else {
+        return Ok(());
+    };
+    if let Source::IdentityFile(_) = creds.source {
+        return Ok(());
+    }
+    let files = KeyFiles::new(&tsh_home()?, &creds.proxy, &creds.user);
+    let old = std::fs::read_to_string(&files.pinned_hosts).unwrap_or_default();
+    let line = key
+        .to_openssh()
+        .map_err(|e| CliError::msg(format!("the pinned host key of {target}: {e}")))?;
+    let mut text: String = old
+        .lines()
+        .filter(|l| l.split_whitespace().next() != Some(target))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(&format!("{target} {line}\n"));
+    let tmp = files.pinned_hosts.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &files.pinned_hosts))
+        .map_err(|e| {
+            CliError::msg(format!(
+                "cannot write {}: {e}",
+                files.pinned_hosts.display()
+            ))
+        })
 }
 
 #[cfg(test)]

@@ -78,9 +78,12 @@ pub async fn run(g: &Global) -> Result<i32, CliError> {
         crate::outln!("    HostName {name}");
     }
     crate::outln!("Host {}", hosts.join(" "));
+    // The second file holds host keys pinned for hosts behind devices, which `tsh proxy ssh`
+    // writes once the device's signed word for the key checks (never on first use).
     crate::outln!(
-        "    UserKnownHostsFile {}",
-        quote(&files.known_hosts.display().to_string())
+        "    UserKnownHostsFile {} {}",
+        quote(&files.known_hosts.display().to_string()),
+        quote(&files.pinned_hosts.display().to_string())
     );
     crate::outln!("    StrictHostKeyChecking yes");
     crate::outln!(

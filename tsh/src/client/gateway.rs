@@ -230,8 +230,9 @@ pub async fn dial_ssh(
     };
     match user_request(creds, tls, transport, &req).await? {
         (ClientReply::DialOk { session_id, .. }, mut stream) => {
-            if let Service::Target(_) = service {
-                relay_status(&mut stream, target).await?;
+            if let Service::Target(name) = &service {
+                let pin = relay_status(&mut stream, target).await?;
+                remember_pin(creds, device, name, target, pin)?;
             }
             Ok((stream, session_id))
         }
@@ -239,9 +240,61 @@ pub async fn dial_ssh(
     }
 }
 
+/// Host keys pinned for targets (`DEVICE/TARGET`), as their devices vouched for them on this
+/// run's dials: what [`super::ssh::Verifier`] and `tsh proxy ssh` trust for those targets.
+static PINNED: std::sync::Mutex<Vec<(String, russh::keys::ssh_key::PublicKey)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The host key pinned for `target`, if its device said so on a dial of this run.
+pub fn pinned_key(target: &str) -> Option<russh::keys::ssh_key::PublicKey> {
+    let pins = PINNED.lock().ok()?;
+    pins.iter()
+        .find(|(t, _)| t == target)
+        .map(|(_, k)| k.clone())
+}
+
+/// Checks the device's statement of a pinned key (its host certificate from the cluster's host
+/// CA, its signature, the target's name, a fresh time) and remembers the key for `target`. A
+/// statement that does not check is refused: a gateway may drop one but never make one.
+fn remember_pin(
+    creds: &Creds,
+    device: &str,
+    name: &str,
+    target: &str,
+    pin: Option<edgeport_proto::targets::PinnedKey>,
+) -> Result<(), CliError> {
+    let key = match pin {
+        None => None,
+        Some(p) => Some(
+            p.verify(
+                &creds.cas.host_cas(),
+                device,
+                name,
+                edgeport_net::clock::now_secs(),
+            )
+            .map_err(|e| {
+                CliError::msg(format!(
+                    "the pinned host key sent for {target} does not count: {e}; refusing to connect"
+                ))
+            })?,
+        ),
+    };
+    if let Ok(mut pins) = PINNED.lock() {
+        pins.retain(|(t, _)| t != target);
+        if let Some(k) = key {
+            pins.push((target.to_string(), k));
+        }
+    }
+    Ok(())
+}
+
 /// The agent's first byte on a relayed stream (edge-agent/src/relay.rs): `0`, connected to the
-/// target; `1` and one line saying why not (unknown target, unreachable).
-async fn relay_status(stream: &mut BoxedStream, target: &str) -> Result<(), CliError> {
+/// target; `2`, connected, with the device's signed pin of the target's host key; `1` and one
+/// line saying why not (unknown target, unreachable).
+async fn relay_status(
+    stream: &mut BoxedStream,
+    target: &str,
+) -> Result<Option<edgeport_proto::targets::PinnedKey>, CliError> {
     use tokio::io::AsyncReadExt;
     let lost = |e: std::io::Error| {
         CliError::msg(format!(
@@ -257,7 +310,19 @@ async fn relay_status(stream: &mut BoxedStream, target: &str) -> Result<(), CliE
         })?
         .map_err(lost)?;
     if first == 0 {
-        return Ok(());
+        return Ok(None);
+    }
+    if first == 2 {
+        let read = read_frame(stream);
+        return match tokio::time::timeout(REPLY_TIMEOUT, read).await {
+            Ok(Ok(p)) => Ok(Some(p)),
+            Ok(Err(e)) => Err(CliError::msg(format!(
+                "the device behind {target} sent an unreadable pinned host key: {e}"
+            ))),
+            Err(_) => Err(CliError::msg(format!(
+                "the device behind {target} did not send its pinned host key within {REPLY_TIMEOUT:?}"
+            ))),
+        };
     }
     let mut line = Vec::new();
     let mut byte = [0u8; 1];

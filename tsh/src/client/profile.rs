@@ -118,6 +118,9 @@ pub struct KeyFiles {
     pub x509: PathBuf,
     pub cas: PathBuf,
     pub known_hosts: PathBuf,
+    /// Host keys pinned for hosts behind devices, one `DEVICE/TARGET KEY` line each, written
+    /// by `tsh proxy ssh` once the device's signed statement checks (OpenSSH reads it).
+    pub pinned_hosts: PathBuf,
 }
 
 impl KeyFiles {
@@ -130,6 +133,7 @@ impl KeyFiles {
             x509: dir.join(format!("{user}-x509.pem")),
             cas: dir.join("cas.json"),
             known_hosts: dir.join("known_hosts"),
+            pinned_hosts: dir.join("known_hosts_pinned"),
             dir,
         }
     }

@@ -56,12 +56,32 @@ impl client::Handler for Verifier {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let problem = match key.certificate() {
-            None => Some(format!(
+        // A host behind a device whose device vouched for a pinned key (signed, checked when
+        // dialled): that key and nothing else.
+        let pinned = super::gateway::pinned_key(&self.device);
+        let problem = match (pinned, key.certificate()) {
+            (Some(pin), _) => {
+                let presented = match key {
+                    PublicKeyOrCertificate::PublicKey { key, .. } => key.key_data().clone(),
+                    PublicKeyOrCertificate::Certificate(c) => c.public_key().clone(),
+                };
+                if &presented == pin.key_data() {
+                    None
+                } else {
+                    let got = PublicKey::new(presented, "")
+                        .fingerprint(russh::keys::HashAlg::Sha256);
+                    Some(format!(
+                        "host key mismatch: {} presented {got}, not the key pinned for it at enrolment ({}); refusing to connect",
+                        self.device,
+                        pin.fingerprint(russh::keys::HashAlg::Sha256)
+                    ))
+                }
+            }
+            (None, None) => Some(format!(
                 "{} presented a bare host key instead of an Edgeport host certificate; refusing to connect",
                 self.device
             )),
-            Some(cert) => match edgeport_proto::sshcert::signer_of(cert, &self.host_cas)
+            (None, Some(cert)) => match edgeport_proto::sshcert::signer_of(cert, &self.host_cas)
                 .ok_or(CertRefusal::BadSignature)
                 .and_then(|ca| check_host_cert(cert, ca, &self.device, now_secs()))
             {
