@@ -26,6 +26,7 @@ pub mod tls;
 pub mod totp;
 pub mod tunnel;
 pub mod usage;
+pub mod update;
 pub mod util;
 pub mod variant;
 pub mod web;
