@@ -427,9 +427,7 @@ impl Service {
             Request::UpdateStart(spec) => crate::updates::start(self, caller_name, spec, now),
             Request::UpdateStatus { id } => crate::updates::status(self, &id, now),
             Request::UpdateOrders => Ok(crate::updates::orders(self, now)),
-            Request::UpdateFetch { sha256, offset } => {
-                crate::updates::fetch(self, &sha256, offset)
-            }
+            Request::UpdateFetch { sha256, offset } => crate::updates::fetch(self, &sha256, offset),
             Request::UpdateReport {
                 id,
                 device,

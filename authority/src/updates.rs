@@ -55,7 +55,12 @@ impl Updates {
     }
 }
 
-pub fn upload(svc: &Service, sha256: String, offset: u64, data: Vec<u8>) -> Result<Response, RpcError> {
+pub fn upload(
+    svc: &Service,
+    sha256: String,
+    offset: u64,
+    data: Vec<u8>,
+) -> Result<Response, RpcError> {
     let mut g = svc.updates.lock();
     if offset == 0 {
         g.uploads.retain(|(h, _)| h != &sha256);
@@ -64,7 +69,9 @@ pub fn upload(svc: &Service, sha256: String, offset: u64, data: Vec<u8>) -> Resu
         g.uploads.drain(..excess);
     }
     let Some((_, buf)) = g.uploads.iter_mut().find(|(h, _)| h == &sha256) else {
-        return Err(invalid("no upload of this binary in progress (start at offset 0)"));
+        return Err(invalid(
+            "no upload of this binary in progress (start at offset 0)",
+        ));
     };
     if buf.len() as u64 != offset {
         return Err(invalid(format!(
@@ -73,7 +80,9 @@ pub fn upload(svc: &Service, sha256: String, offset: u64, data: Vec<u8>) -> Resu
         )));
     }
     if offset + data.len() as u64 > MAX_BINARY {
-        return Err(invalid(format!("an agent binary is at most {MAX_BINARY} bytes")));
+        return Err(invalid(format!(
+            "an agent binary is at most {MAX_BINARY} bytes"
+        )));
     }
     buf.extend_from_slice(&data);
     Ok(Response::Ok)
@@ -89,7 +98,11 @@ pub fn start(svc: &Service, admin: &str, spec: UpdateSpec, now: u64) -> Result<R
     let mut g = svc.updates.lock();
     let size = match g.uploads.iter().find(|(h, _)| h == &spec.sha256) {
         Some((_, buf)) if sha256_hex(buf) == spec.sha256 => buf.len() as u64,
-        Some(_) => return Err(invalid("the uploaded binary does not match its SHA-256; upload it again")),
+        Some(_) => {
+            return Err(invalid(
+                "the uploaded binary does not match its SHA-256; upload it again",
+            ))
+        }
         None => return Err(not_found("no uploaded binary with this SHA-256")),
     };
     let manifest = Manifest {
@@ -127,7 +140,9 @@ pub fn status(svc: &Service, id: &str, now: u64) -> Result<Response, RpcError> {
     let info = {
         let mut g = svc.updates.lock();
         let Some(o) = g.orders.iter_mut().find(|o| o.manifest.id == id) else {
-            return Err(not_found(format!("no update {id} (an authority restart forgets updates in flight)")));
+            return Err(not_found(format!(
+                "no update {id} (an authority restart forgets updates in flight)"
+            )));
         };
         let short: String = o.manifest.sha256.chars().take(SHORT_HASH).collect();
         for (dev, (state, detail, at)) in o.states.iter_mut() {

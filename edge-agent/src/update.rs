@@ -57,7 +57,10 @@ pub fn started(data_dir: &Path) {
 pub fn online() {
     if let Some(dir) = DATA_DIR.get() {
         if std::fs::remove_file(dir.join(PENDING)).is_ok() {
-            tracing::info!(version = version(), "agent update complete: the tunnel is up on the new binary");
+            tracing::info!(
+                version = version(),
+                "agent update complete: the tunnel is up on the new binary"
+            );
             crate::audit::event("agent.update_done")
                 .field("running", version())
                 .emit();
@@ -128,7 +131,10 @@ async fn receive(stream: &mut BoxedStream, me: &Me) -> Result<(PathBuf, u64), Up
     let m = signed.verify(&me.host_cas, &me.cluster, &me.device, now)?;
     let exe = std::env::current_exe().map_err(|e| io("the running binary", e))?;
     let dir = exe.parent().unwrap_or(Path::new("/"));
-    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let new = dir.join(format!(".{name}.new"));
     let mut file = std::fs::File::create(&new).map_err(|e| io("writing the new binary", e))?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -141,16 +147,23 @@ async fn receive(stream: &mut BoxedStream, me: &Me) -> Result<(PathBuf, u64), Up
             .map_err(|e| io("receiving the binary", e))?;
         if n == 0 {
             let _ = std::fs::remove_file(&new);
-            return Err(UpdateError::Io(format!("the binary ended {left} bytes short")));
+            return Err(UpdateError::Io(format!(
+                "the binary ended {left} bytes short"
+            )));
         }
         ctx.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(|e| io("writing the new binary", e))?;
+        file.write_all(&buf[..n])
+            .map_err(|e| io("writing the new binary", e))?;
         left -= n as u64;
     }
     let got = hex::encode(ctx.finish());
     if got != m.sha256 {
         let _ = std::fs::remove_file(&new);
-        return Err(ManifestError::HashMismatch { got, want: m.sha256 }.into());
+        return Err(ManifestError::HashMismatch {
+            got,
+            want: m.sha256,
+        }
+        .into());
     }
     install(&exe, &new, file)?;
     if let Some(data) = DATA_DIR.get() {
@@ -166,7 +179,8 @@ fn install(exe: &Path, new: &Path, file: std::fs::File) -> Result<(), UpdateErro
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(std::fs::Permissions::from_mode(0o755))
         .map_err(|e| io("the new binary's mode", e))?;
-    file.sync_all().map_err(|e| io("syncing the new binary", e))?;
+    file.sync_all()
+        .map_err(|e| io("syncing the new binary", e))?;
     let prev = prev_path(exe);
     let _ = std::fs::remove_file(&prev);
     std::fs::hard_link(exe, &prev)
@@ -231,7 +245,8 @@ pub fn watchdog(args: Vec<OsString>) -> i32 {
     let (data, exe) = (Path::new(data), Path::new(exe));
     let pending = data.join(PENDING);
     let start = Instant::now();
-    while edgeport_net::clock::now_secs() < deadline && start.elapsed() < Duration::from_secs(3600) {
+    while edgeport_net::clock::now_secs() < deadline && start.elapsed() < Duration::from_secs(3600)
+    {
         if !pending.exists() {
             return 0;
         }
@@ -326,7 +341,11 @@ mod tests {
             matches!(e, UpdateError::Manifest(ManifestError::HashMismatch { .. })),
             "{e}"
         );
-        assert!(e.to_string().starts_with("the received binary's SHA-256 is "), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("the received binary's SHA-256 is "),
+            "{e}"
+        );
         let e = offer(&rogue, &ca, &evil, &evil).await.unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -71,10 +71,16 @@ impl Deliveries {
         let bin: Arc<tokio::sync::OnceCell<Option<Arc<Vec<u8>>>>> = Arc::default();
         for device in mine {
             let key = (order.id.clone(), device.clone());
-            if !self.busy.lock().map(|mut b| b.insert(key.clone())).unwrap_or(false) {
+            if !self
+                .busy
+                .lock()
+                .map(|mut b| b.insert(key.clone()))
+                .unwrap_or(false)
+            {
                 continue;
             }
-            let (auth, tunnels, busy) = (self.auth.clone(), self.tunnels.clone(), self.busy.clone());
+            let (auth, tunnels, busy) =
+                (self.auth.clone(), self.tunnels.clone(), self.busy.clone());
             let (order, bin) = (order.clone(), bin.clone());
             tokio::spawn(async move {
                 let bytes = bin.get_or_init(|| fetch(&auth, &order)).await.clone();
@@ -126,7 +132,12 @@ async fn fetch(auth: &AuthorityClient, order: &UpdateOrder) -> Option<Arc<Vec<u8
 }
 
 /// Sends the manifest and the bytes on a new update stream; the agent's answer.
-async fn deliver(tunnels: &Tunnels, device: &str, order: &UpdateOrder, bin: &[u8]) -> (bool, String) {
+async fn deliver(
+    tunnels: &Tunnels,
+    device: &str,
+    order: &UpdateOrder,
+    bin: &[u8],
+) -> (bool, String) {
     let header = StreamHeader {
         service: Service::Update,
         user: None,

@@ -88,7 +88,10 @@ fn canary_then_the_rest_and_a_bundle_that_never_comes_online_rolls_back() {
         assert_eq!(running_hash(&auth, id), Some(short(&old)), "{id}");
     }
     let text = auth.tctl_ok(&["devices", "ls"]).stdout();
-    assert!(text.contains("BINARY") && text.contains(&short(&old)), "{text}");
+    assert!(
+        text.contains("BINARY") && text.contains(&short(&old)),
+        "{text}"
+    );
 
     // The new binary: the same build with bytes appended.
     let mut new = old.clone();
@@ -99,8 +102,16 @@ fn canary_then_the_rest_and_a_bundle_that_never_comes_online_rolls_back() {
     let r = tctl_update(
         &auth,
         &[
-            "--labels", "fleet=vans", "--bundle", new_path.to_str().unwrap(),
-            "--canary", "5%", "--rollback-after", "60s", "--format", "json",
+            "--labels",
+            "fleet=vans",
+            "--bundle",
+            new_path.to_str().unwrap(),
+            "--canary",
+            "5%",
+            "--rollback-after",
+            "60s",
+            "--format",
+            "json",
         ],
     )
     .expect_ok("tctl devices update (canary)");
@@ -116,15 +127,33 @@ fn canary_then_the_rest_and_a_bundle_that_never_comes_online_rolls_back() {
     assert_eq!(canaries[0]["device"], "van-1");
     for ((id, proc, exe), pid) in agents.iter_mut().zip(&pids) {
         assert_eq!(running_hash(&auth, id), Some(short(&new)), "{id}");
-        assert!(proc.alive(), "{id}: the agent re-executed itself in the same process");
+        assert!(
+            proc.alive(),
+            "{id}: the agent re-executed itself in the same process"
+        );
         assert_eq!(proc.pid(), *pid);
-        assert_eq!(std::fs::read(&*exe).unwrap(), new, "{id}: new binary in place");
+        assert_eq!(
+            std::fs::read(&*exe).unwrap(),
+            new,
+            "{id}: new binary in place"
+        );
         let prev = exe.with_file_name("edge-agent.prev");
-        assert_eq!(std::fs::read(prev).unwrap(), old, "{id}: previous binary kept");
+        assert_eq!(
+            std::fs::read(prev).unwrap(),
+            old,
+            "{id}: previous binary kept"
+        );
     }
     // The canary went alone first: two signed orders, van-1's before the others'.
     let ev = auth
-        .tctl_ok(&["audit", "search", "--type", "agent.update", "--format", "json"])
+        .tctl_ok(&[
+            "audit",
+            "search",
+            "--type",
+            "agent.update",
+            "--format",
+            "json",
+        ])
         .json();
     let mut waves: Vec<String> = ev
         .as_array()
@@ -142,8 +171,12 @@ fn canary_then_the_rest_and_a_bundle_that_never_comes_online_rolls_back() {
     let r = tctl_update(
         &auth,
         &[
-            "--labels", "ring=a", "--bundle", bad_path.to_str().unwrap(),
-            "--rollback-after", "5s",
+            "--labels",
+            "ring=a",
+            "--bundle",
+            bad_path.to_str().unwrap(),
+            "--rollback-after",
+            "5s",
         ],
     );
     assert!(!r.ok(), "a rolled-back update fails: {}", r.stdout());
@@ -158,7 +191,14 @@ fn canary_then_the_rest_and_a_bundle_that_never_comes_online_rolls_back() {
     assert_eq!(std::fs::read(&agents[0].2).unwrap(), new);
     let audited = wait_until(Duration::from_secs(60), || {
         let ev = auth
-            .tctl_ok(&["audit", "search", "--type", "agent.update_rollback", "--format", "json"])
+            .tctl_ok(&[
+                "audit",
+                "search",
+                "--type",
+                "agent.update_rollback",
+                "--format",
+                "json",
+            ])
             .json();
         ev.as_array().is_some_and(|a| {
             a.iter()

@@ -50,7 +50,9 @@ pub fn authorize_dial(
     now: u64,
 ) -> Result<Response, RpcError> {
     if service == Service::Update {
-        return Err(denied("agent updates come from the authority, not from a user's dial"));
+        return Err(denied(
+            "agent updates come from the authority, not from a user's dial",
+        ));
     }
     let store = svc.store();
     let subject = certified_user(svc, cert_der, now)?;

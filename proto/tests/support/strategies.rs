@@ -749,8 +749,11 @@ pub fn request() -> impl Strategy<Value = Request> {
                 ttl_secs,
             })
         }),
-        (s(), any::<u64>(), bytes())
-            .prop_map(|(sha256, offset, data)| Request::UpdateUpload { sha256, offset, data }),
+        (s(), any::<u64>(), bytes()).prop_map(|(sha256, offset, data)| Request::UpdateUpload {
+            sha256,
+            offset,
+            data
+        }),
         (s(), vs(), labels(), any::<u64>()).prop_map(|(sha256, devices, labels, rollback_secs)| {
             Request::UpdateStart(edgeport_proto::update::UpdateSpec {
                 sha256,
@@ -774,13 +777,14 @@ pub fn request() -> impl Strategy<Value = Request> {
 }
 
 pub fn update_info() -> impl Strategy<Value = edgeport_proto::update::UpdateInfo> + Clone {
-    let dev = (s(), s(), s()).prop_map(|(device, state, detail)| {
-        edgeport_proto::update::DeviceUpdate {
-            device,
-            state,
-            detail,
-        }
-    });
+    let dev =
+        (s(), s(), s()).prop_map(
+            |(device, state, detail)| edgeport_proto::update::DeviceUpdate {
+                device,
+                state,
+                detail,
+            },
+        );
     (s(), s(), any::<u64>(), vec(dev, 0..2)).prop_map(|(id, sha256, size, devices)| {
         edgeport_proto::update::UpdateInfo {
             id,

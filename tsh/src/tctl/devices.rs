@@ -50,7 +50,11 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     d.transport.map(|t| t.as_str()).unwrap_or("-").into(),
                     dash(&d.address),
                     dash(edgeport_proto::update::split_version(&d.version).0),
-                    dash(edgeport_proto::update::split_version(&d.version).1.unwrap_or("")),
+                    dash(
+                        edgeport_proto::update::split_version(&d.version)
+                            .1
+                            .unwrap_or(""),
+                    ),
                     dash(&d.arch),
                     d.rtt_ms.map(|r| format!("{r}ms")).unwrap_or("-".into()),
                     d.loss_permille

@@ -34,12 +34,17 @@ pub async fn run(s: &mut Session, a: UpdateArgs) -> anyhow::Result<()> {
     let sha256 = edgeport_proto::keys::sha256_hex(&bin);
     let targets = matching(s, &a).await?;
     if targets.is_empty() {
-        bail!("no online device has the labels {}", edgeport_proto::util::format_labels(&a.labels));
+        bail!(
+            "no online device has the labels {}",
+            edgeport_proto::util::format_labels(&a.labels)
+        );
     }
     let show = a.format == Format::Text && std::io::IsTerminal::is_terminal(&std::io::stderr());
     upload(s, &bin, &sha256, show).await?;
     let canaries = match a.canary {
-        Some(p) if targets.len() > 1 => (targets.len() * p as usize).div_ceil(100).clamp(1, targets.len()),
+        Some(p) if targets.len() > 1 => (targets.len() * p as usize)
+            .div_ceil(100)
+            .clamp(1, targets.len()),
         _ => targets.len(),
     };
     let mut results: Vec<Outcome> = Vec::new();
@@ -104,7 +109,9 @@ async fn matching(s: &mut Session, a: &UpdateArgs) -> anyhow::Result<Vec<String>
 async fn upload(s: &mut Session, bin: &[u8], sha256: &str, show: bool) -> anyhow::Result<()> {
     let bar = if show {
         let b = ProgressBar::new(bin.len() as u64);
-        if let Ok(style) = ProgressStyle::with_template("uploading {bytes:>10}/{total_bytes:<10} {bar:25}") {
+        if let Ok(style) =
+            ProgressStyle::with_template("uploading {bytes:>10}/{total_bytes:<10} {bar:25}")
+        {
             b.set_style(style);
         }
         b
@@ -176,14 +183,23 @@ async fn ship(
             break;
         }
         if Instant::now() > deadline {
-            for d in info.devices.iter_mut().filter(|d| d.state == "pending" || d.state == "installed") {
+            for d in info
+                .devices
+                .iter_mut()
+                .filter(|d| d.state == "pending" || d.state == "installed")
+            {
                 d.detail = format!("not settled in time (last: {})", d.state);
                 d.state = "timed_out".into();
             }
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        info = match s.call(Request::UpdateStatus { id: info.id.clone() }).await? {
+        info = match s
+            .call(Request::UpdateStatus {
+                id: info.id.clone(),
+            })
+            .await?
+        {
             Response::Update(i) => i,
             other => return Err(unexpected(other).into()),
         };
@@ -214,7 +230,12 @@ fn print(a: &UpdateArgs, sha256: &str, results: &[Outcome]) -> anyhow::Result<()
         Format::Text => {
             for r in results {
                 let canary = if r.canary { " (canary)" } else { "" };
-                crate::outln!("{}{canary}: {} {}", r.device, r.state.replace('_', " "), r.detail);
+                crate::outln!(
+                    "{}{canary}: {} {}",
+                    r.device,
+                    r.state.replace('_', " "),
+                    r.detail
+                );
             }
             Ok(())
         }
