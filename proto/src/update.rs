@@ -207,7 +207,8 @@ mod tests {
         let raw = ca.public_key().as_ref().to_vec();
         let s = SignedManifest::issue(&manifest(), |b| ca.sign(b).as_ref().to_vec());
         assert_eq!(
-            s.verify(&[raw.clone()], "edge", "van-1", 150).unwrap(),
+            s.verify(std::slice::from_ref(&raw), "edge", "van-1", 150)
+                .unwrap(),
             manifest()
         );
         // A second trusted CA (rotation) is fine.
@@ -215,7 +216,7 @@ mod tests {
         assert!(s.verify(&both, "edge", "van-1", 150).is_ok());
         let forged = SignedManifest::issue(&manifest(), |b| other.sign(b).as_ref().to_vec());
         assert_eq!(
-            forged.verify(&[raw.clone()], "edge", "van-1", 150),
+            forged.verify(std::slice::from_ref(&raw), "edge", "van-1", 150),
             Err(ManifestError::BadSignature)
         );
         // A gateway that edits the manifest (another hash, more devices) breaks the signature.
@@ -224,15 +225,15 @@ mod tests {
         m.devices.push("van-2".into());
         edited.manifest = postcard::to_stdvec(&m).unwrap();
         assert_eq!(
-            edited.verify(&[raw.clone()], "edge", "van-2", 150),
+            edited.verify(std::slice::from_ref(&raw), "edge", "van-2", 150),
             Err(ManifestError::BadSignature)
         );
         assert_eq!(
-            s.verify(&[raw.clone()], "edge", "van-2", 150),
+            s.verify(std::slice::from_ref(&raw), "edge", "van-2", 150),
             Err(ManifestError::NotForMe)
         );
         assert_eq!(
-            s.verify(&[raw.clone()], "other", "van-1", 150),
+            s.verify(std::slice::from_ref(&raw), "other", "van-1", 150),
             Err(ManifestError::WrongCluster("edge".into()))
         );
         assert_eq!(
