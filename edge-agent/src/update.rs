@@ -8,7 +8,8 @@
 //! starts a watchdog from the previous binary (`edge-agent update-watchdog`): if the new
 //! agent has not brought its tunnel up (it removes `DATA/update.pending`) by the deadline,
 //! the watchdog puts the previous binary back, kills the new agent and starts the previous
-//! one in its place; that agent audits the rollback (`agent.update_rollback`).
+//! one in its place (or leaves that to the supervisor: systemd, the BusyBox run script);
+//! that agent audits the rollback (`agent.update_rollback`).
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -265,6 +266,13 @@ pub fn watchdog(args: Vec<OsString>) -> i32 {
     let _ = std::fs::remove_file(&pending);
     // The new agent never brought its tunnel up: it holds nothing worth a clean stop.
     kill(pid);
+    // A supervisor starts the agent again by itself (systemd sets INVOCATION_ID; the BusyBox
+    // run script sets EDGEPORT_SUPERVISED): a second agent would fight it for the tunnel.
+    if std::env::var_os("INVOCATION_ID").is_some()
+        || std::env::var_os("EDGEPORT_SUPERVISED").is_some()
+    {
+        return 0;
+    }
     let e = std::process::Command::new(exe).args(rest).exec();
     eprintln!("edge-agent update-watchdog: cannot start the previous binary: {e}");
     1

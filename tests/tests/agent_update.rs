@@ -119,6 +119,12 @@ fn canary_then_the_rest_and_a_bundle_that_never_comes_online_rolls_back() {
     let results = results.as_array().unwrap();
     assert_eq!(results.len(), 3, "{results:?}");
     for d in results {
+        // docs/schemas/agent_update.schema.json: exactly these keys.
+        let keys: Vec<&str> = d.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 5, "{d}");
+        for k in ["device", "canary", "state", "detail", "sha256"] {
+            assert!(keys.contains(&k), "{k} in {d}");
+        }
         assert_eq!(d["state"], "done", "{d}");
         assert_eq!(d["sha256"], sha256_hex(&new));
     }
