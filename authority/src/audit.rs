@@ -748,6 +748,27 @@ pub fn describe(caller: &Caller, req: &Request) -> Option<Pending> {
             p.kind = "gateway.revoked";
             p.fields.insert("gateway".into(), id.clone());
         }
+        Request::UpdateStart(u) => {
+            p.kind = "agent.update";
+            p.fields.insert("sha256".into(), u.sha256.clone());
+            p.fields.insert("devices".into(), u.devices.join(","));
+            p.fields
+                .insert("rollback_secs".into(), u.rollback_secs.to_string());
+        }
+        Request::UpdateReport {
+            id,
+            device,
+            accepted,
+            message,
+        } => {
+            p.kind = "agent.update_delivered";
+            p.device = device.clone();
+            p.fields.insert("update".into(), id.clone());
+            p.fields.insert("accepted".into(), accepted.to_string());
+            if !message.is_empty() {
+                p.fields.insert("message".into(), message.clone());
+            }
+        }
         _ => return None,
     }
     Some(p)
@@ -796,6 +817,9 @@ pub fn finish(svc: &Service, p: Pending, result: &Result<Response, RpcError>) {
                 }
                 Response::DeviceCerts(c) => {
                     device = c.device_id.clone();
+                }
+                Response::Update(u) => {
+                    ev.fields.insert("update".into(), u.id.clone());
                 }
                 _ => {}
             }

@@ -30,6 +30,7 @@ pub mod store;
 pub mod targets;
 pub mod throttle;
 pub mod tokens;
+pub mod updates;
 pub mod usage;
 pub mod users;
 pub mod x509;

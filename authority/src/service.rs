@@ -93,7 +93,10 @@ fn access(req: &Request) -> Access {
         | Request::AccessRequestReview(_)
         | Request::SignHost { .. }
         | Request::DeviceSetBudget { .. }
-        | Request::CaRotate(_) => Access::Admin,
+        | Request::CaRotate(_)
+        | Request::UpdateUpload { .. }
+        | Request::UpdateStart(_)
+        | Request::UpdateStatus { .. } => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -111,7 +114,10 @@ fn access(req: &Request) -> Access {
         | Request::WebLogout(_)
         | Request::WebDevicePage { .. }
         | Request::AccessRequestUser(_)
-        | Request::SessionMfaCert(_) => Access::Gateway,
+        | Request::SessionMfaCert(_)
+        | Request::UpdateOrders
+        | Request::UpdateFetch { .. }
+        | Request::UpdateReport { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -178,6 +184,11 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::DeviceUsage { .. } => "reading device usage",
         Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::CaRotate(_) => "rotating CAs",
+        Request::UpdateUpload { .. } | Request::UpdateStart(_) => "updating agents",
+        Request::UpdateStatus { .. } => "reading agent updates",
+        Request::UpdateOrders | Request::UpdateFetch { .. } | Request::UpdateReport { .. } => {
+            "delivering agent updates"
+        }
         Request::AccessRequestUser(_) => "relaying access requests",
         Request::SessionMfaCert(_) => "relaying per-session second factor requests",
         Request::AccessRequestList => "listing access requests",
@@ -265,6 +276,8 @@ pub struct Service {
     pub(crate) sso: crate::sso::Connectors,
     /// How far a CA rotation has spread (`tctl auth rotate --status`).
     pub(crate) spread: crate::handlers::rotate::Spread,
+    /// Agent updates in flight (`tctl devices update`), in memory.
+    pub(crate) updates: crate::updates::Updates,
 }
 
 impl Service {
@@ -282,6 +295,7 @@ impl Service {
             gateway_reports: Default::default(),
             sso: Default::default(),
             spread: Default::default(),
+            updates: Default::default(),
         }
     }
 
@@ -405,6 +419,21 @@ impl Service {
                 Ok(Response::Cas(self.ca.bundle()))
             }
             Request::CaRotate(r) => handlers::rotate::rotate(self, r, now),
+            Request::UpdateUpload {
+                sha256,
+                offset,
+                data,
+            } => crate::updates::upload(self, sha256, offset, data),
+            Request::UpdateStart(spec) => crate::updates::start(self, caller_name, spec, now),
+            Request::UpdateStatus { id } => crate::updates::status(self, &id, now),
+            Request::UpdateOrders => Ok(crate::updates::orders(self, now)),
+            Request::UpdateFetch { sha256, offset } => crate::updates::fetch(self, &sha256, offset),
+            Request::UpdateReport {
+                id,
+                device,
+                accepted,
+                message,
+            } => crate::updates::report(self, caller_name, &id, &device, accepted, message, now),
             Request::SignUser(r) => handlers::user_certs::sign_user(self, r, now),
             Request::UserAdd(spec) => {
                 let (invite, invite_expires) = users::add(store, &spec, now)?;

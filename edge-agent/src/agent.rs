@@ -260,8 +260,9 @@ pub async fn run_with(
         targets.clone(),
         shutdown.clone(),
     ));
+    crate::update::started(&cfg.data_dir);
     crate::audit::event("agent.start")
-        .field("version", edgeport_proto::VERSION)
+        .field("version", crate::update::version())
         .field("device", &ident.device_id)
         .emit();
     #[cfg(feature = "test-hooks")]
@@ -345,6 +346,7 @@ pub async fn run_with(
                     .field("transport", s.conn.transport().as_str())
                     .field("gateway", &s.gateway_id)
                     .emit();
+                crate::update::online();
                 let transport = s.conn.transport().as_str();
                 crate::metrics::tunnel(transport, true);
                 let ended = session::serve(&agent, s, &mut quic).await;

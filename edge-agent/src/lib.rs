@@ -35,6 +35,7 @@ pub mod sftp_server;
 pub mod ssh;
 pub mod targets;
 pub mod transport;
+pub mod update;
 pub mod usage;
 
 pub use agent::run;

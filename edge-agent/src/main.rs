@@ -7,6 +7,13 @@ mod args;
 use args::Command;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "update-watchdog")
+    {
+        let rest = std::env::args_os().skip(2).collect();
+        return ExitCode::from(edge_agent::update::watchdog(rest).clamp(0, 255) as u8);
+    }
     let a = match args::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
         Ok(Command::Start(a)) => a,
         Ok(Command::Print(text)) => {

@@ -62,6 +62,8 @@ pub struct Services {
     retired: std::sync::Mutex<Vec<std::sync::Weak<dyn StreamService>>>,
     /// The trusted host CAs' raw keys (audit acknowledgements), as of the last identity.
     host_cas: RwLock<Vec<Vec<u8>>>,
+    /// (cluster, device id), for checking update manifests.
+    me: RwLock<(String, String)>,
 }
 
 impl Services {
@@ -81,6 +83,7 @@ impl Services {
             relay: crate::relay::Relay::new(targets),
             retired: std::sync::Mutex::new(Vec::new()),
             host_cas: RwLock::new(Vec::new()),
+            me: RwLock::new(Default::default()),
         };
         me.identity_changed(ident);
         me
@@ -91,6 +94,9 @@ impl Services {
         self.relay.identity_changed(ident);
         if let Ok(mut h) = self.host_cas.write() {
             *h = ident.cas.host_ca_raws();
+        }
+        if let Ok(mut m) = self.me.write() {
+            *m = (ident.cas.cluster.clone(), ident.device_id.clone());
         }
         #[cfg(feature = "kube")]
         if let Some(k) = &self.kube {
@@ -216,6 +222,15 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
         Service::Target(name) => {
             let stream = counted(stream, Counted::Target);
             services.relay.serve(stream, header, &name).await
+        }
+        Service::Update => {
+            let (cluster, device) = services.me.read().map(|m| m.clone()).unwrap_or_default();
+            let me = crate::update::Me {
+                cluster,
+                device,
+                host_cas: services.host_cas(),
+            };
+            crate::update::serve(stream, me).await
         }
     }
 }

@@ -95,7 +95,7 @@ pub async fn establish(
     let hello = Hello {
         device_id: ident.device_id.clone(),
         labels: ident.labels.clone(),
-        version: edgeport_proto::VERSION.to_string(),
+        version: crate::update::version().to_string(),
         arch: std::env::consts::ARCH.to_string(),
         kube_cluster: cfg.kube_cluster.clone(),
     };

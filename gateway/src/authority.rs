@@ -45,7 +45,8 @@ impl Lane {
             | Request::RecordingGet { .. }
             | Request::WebLogin(_)
             | Request::AccessRequestUser(_)
-            | Request::SessionMfaCert(_) => Lane::Bulk,
+            | Request::SessionMfaCert(_)
+            | Request::UpdateFetch { .. } => Lane::Bulk,
             _ => Lane::Control,
         }
     }

@@ -542,6 +542,12 @@ async fn dial(
     service: Service,
     addr: SocketAddr,
 ) -> Result<Dialled, RpcError> {
+    if service == Service::Update {
+        return Err(RpcError::new(
+            ErrorKind::Denied,
+            "agent updates come from the authority, not from a user's dial",
+        ));
+    }
     dialer
         .reach
         .locks

@@ -38,6 +38,7 @@ pub mod splice_dump;
 pub mod tcp;
 pub mod tunnel;
 pub mod tunnels;
+pub mod updates;
 pub mod web;
 
 pub use config::GatewayConfig;

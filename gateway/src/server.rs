@@ -211,6 +211,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
             }
             .run(shutdown.clone()),
         ),
+        tokio::spawn(
+            crate::updates::Deliveries::new(auth.clone(), tunnels.clone()).run(shutdown.clone()),
+        ),
         tokio::spawn(crate::audit::run_sink(auth, shutdown.clone())),
         tokio::spawn(renewal.run(shutdown.clone())),
     ];

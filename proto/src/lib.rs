@@ -25,6 +25,7 @@ pub mod ticket;
 pub mod tls;
 pub mod totp;
 pub mod tunnel;
+pub mod update;
 pub mod usage;
 pub mod util;
 pub mod variant;

@@ -215,6 +215,34 @@ pub enum Request {
     /// a fresh public key). The authority checks the signature, the certificate and the code
     /// itself and answers `SessionMfaCert`.
     SessionMfaCert(SignedUserAction),
+    /// Admin: one piece of an agent binary for `UpdateStart` (`tctl devices update`), at
+    /// `offset` of the binary whose SHA-256 is `sha256` (pieces come in order from 0).
+    UpdateUpload {
+        sha256: String,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Admin: sign a manifest for the uploaded binary and ship it to these devices; answered
+    /// with `Update`.
+    UpdateStart(crate::update::UpdateSpec),
+    /// Admin: where an update stands on each of its devices; answered with `Update`.
+    UpdateStatus {
+        id: String,
+    },
+    /// Gateway: the updates with devices still waiting; answered with `UpdateOrders`.
+    UpdateOrders,
+    /// Gateway: a piece of an update's binary from `offset`; answered with `UpdateChunk`.
+    UpdateFetch {
+        sha256: String,
+        offset: u64,
+    },
+    /// Gateway: what a device answered to an update (or why it could not be delivered).
+    UpdateReport {
+        id: String,
+        device: String,
+        accepted: bool,
+        message: String,
+    },
 }
 
 /// Responses from the authority.
@@ -292,6 +320,12 @@ pub enum Response {
     CaRotations(Vec<CaRotation>),
     /// The answer to `SessionMfaCert`.
     SessionMfaCert(SessionMfaCert),
+    /// The answer to `UpdateStart` and `UpdateStatus`.
+    Update(crate::update::UpdateInfo),
+    /// The answer to `UpdateOrders`.
+    UpdateOrders(Vec<crate::update::UpdateOrder>),
+    /// The answer to `UpdateFetch` (empty past the end).
+    UpdateChunk(Vec<u8>),
 }
 
 /// A CA `tctl auth rotate --type` names.

@@ -102,6 +102,10 @@ pub enum Service {
     /// agent's target of this name (`DEVICE/NAME`), never to an address the user names; the
     /// user's SSH runs end to end to the target's own sshd.
     Target(String),
+    /// An agent update (`tctl devices update`): a `SignedManifest` frame, then the binary's
+    /// bytes; the agent answers one `UpdateReply` frame. Opened by the gateway, checked by
+    /// the agent against the host CA (the gateway cannot forge one).
+    Update,
 }
 
 impl Service {
@@ -112,6 +116,7 @@ impl Service {
             Service::Ssh => "ssh".into(),
             Service::Kube => "kube".into(),
             Service::Target(t) => format!("target:{t}"),
+            Service::Update => "update".into(),
         }
     }
 }

@@ -49,6 +49,11 @@ pub fn authorize_dial(
     service: Service,
     now: u64,
 ) -> Result<Response, RpcError> {
+    if service == Service::Update {
+        return Err(denied(
+            "agent updates come from the authority, not from a user's dial",
+        ));
+    }
     let store = svc.store();
     let subject = certified_user(svc, cert_der, now)?;
     let user = subject.name.clone();

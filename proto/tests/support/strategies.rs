@@ -68,6 +68,7 @@ pub fn service() -> impl Strategy<Value = Service> + Clone {
         Just(Service::Ssh),
         Just(Service::Kube),
         "[a-z0-9._-]{1,12}".prop_map(Service::Target),
+        Just(Service::Update),
     ]
 }
 pub fn token_kind() -> impl Strategy<Value = TokenKind> + Clone {
@@ -748,7 +749,65 @@ pub fn request() -> impl Strategy<Value = Request> {
                 ttl_secs,
             })
         }),
+        (s(), any::<u64>(), bytes()).prop_map(|(sha256, offset, data)| Request::UpdateUpload {
+            sha256,
+            offset,
+            data
+        }),
+        (s(), vs(), labels(), any::<u64>()).prop_map(|(sha256, devices, labels, rollback_secs)| {
+            Request::UpdateStart(edgeport_proto::update::UpdateSpec {
+                sha256,
+                devices,
+                labels,
+                rollback_secs,
+            })
+        }),
+        s().prop_map(|id| Request::UpdateStatus { id }),
+        Just(Request::UpdateOrders),
+        (s(), any::<u64>()).prop_map(|(sha256, offset)| Request::UpdateFetch { sha256, offset }),
+        (s(), s(), any::<bool>(), s()).prop_map(|(id, device, accepted, message)| {
+            Request::UpdateReport {
+                id,
+                device,
+                accepted,
+                message,
+            }
+        }),
     ]
+}
+
+pub fn update_info() -> impl Strategy<Value = edgeport_proto::update::UpdateInfo> + Clone {
+    let dev =
+        (s(), s(), s()).prop_map(
+            |(device, state, detail)| edgeport_proto::update::DeviceUpdate {
+                device,
+                state,
+                detail,
+            },
+        );
+    (s(), s(), any::<u64>(), vec(dev, 0..2)).prop_map(|(id, sha256, size, devices)| {
+        edgeport_proto::update::UpdateInfo {
+            id,
+            sha256,
+            size,
+            devices,
+        }
+    })
+}
+
+pub fn update_order() -> impl Strategy<Value = edgeport_proto::update::UpdateOrder> + Clone {
+    (s(), s(), any::<u64>(), bytes(), bytes(), vs()).prop_map(
+        |(id, sha256, size, manifest, signature, pending)| edgeport_proto::update::UpdateOrder {
+            id,
+            sha256,
+            size,
+            signed: edgeport_proto::update::SignedManifest {
+                manifest,
+                signature,
+            },
+            pending,
+        },
+    )
 }
 
 pub fn web_proof() -> impl Strategy<Value = WebProof> + Clone {
@@ -930,6 +989,9 @@ pub fn response() -> impl Strategy<Value = Response> {
         vec(target_info(), 0..2).prop_map(Response::Targets),
         vec(ca_rotation(), 0..3).prop_map(Response::CaRotations),
         session_mfa_cert().prop_map(Response::SessionMfaCert),
+        update_info().prop_map(Response::Update),
+        vec(update_order(), 0..2).prop_map(Response::UpdateOrders),
+        bytes().prop_map(Response::UpdateChunk),
     ]
 }
 

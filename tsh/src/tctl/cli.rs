@@ -487,6 +487,37 @@ pub enum DevicesCmd {
     Usage(UsageArgs),
     /// Changes a device's settings: its monthly data budget.
     Set(DeviceSetArgs),
+    /// Ships a new agent binary, signed by the authority, to the online devices with these
+    /// labels (canary first with --canary); an agent that does not come back online on it
+    /// within --rollback-after goes back to its previous binary.
+    Update(UpdateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Which devices: every online device with all these labels (`fleet=vans,region=eu`).
+    #[arg(long, value_parser = parse_labels)]
+    pub labels: BTreeMap<String, String>,
+    /// The new agent binary (for the devices' architecture).
+    #[arg(long)]
+    pub bundle: std::path::PathBuf,
+    /// Update this share of the devices first (`5%`: at least one), and the rest only once
+    /// they are back online on the new binary.
+    #[arg(long, value_parser = parse_percent)]
+    pub canary: Option<u32>,
+    /// How long a new agent has to bring its tunnel up before it is rolled back.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub rollback_after: u64,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+fn parse_percent(s: &str) -> Result<u32, String> {
+    let n = s.strip_suffix('%').unwrap_or(s);
+    match n.parse::<u32>() {
+        Ok(p) if (1..=100).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?}: a percentage from 1% to 100%")),
+    }
 }
 
 #[derive(Debug, Args)]

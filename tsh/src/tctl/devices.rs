@@ -32,6 +32,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                 "TRANSPORT",
                 "ADDRESS",
                 "VERSION",
+                "BINARY",
                 "ARCH",
                 "RTT",
                 "LOSS",
@@ -48,7 +49,12 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     if d.online { "online" } else { "offline" }.into(),
                     d.transport.map(|t| t.as_str()).unwrap_or("-").into(),
                     dash(&d.address),
-                    dash(&d.version),
+                    dash(edgeport_proto::update::split_version(&d.version).0),
+                    dash(
+                        edgeport_proto::update::split_version(&d.version)
+                            .1
+                            .unwrap_or(""),
+                    ),
                     dash(&d.arch),
                     d.rtt_ms.map(|r| format!("{r}ms")).unwrap_or("-".into()),
                     d.loss_permille
@@ -74,6 +80,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     tg.status().into(),
                     "relay".into(),
                     tg.addr.clone(),
+                    "-".into(),
                     "-".into(),
                     "-".into(),
                     "-".into(),

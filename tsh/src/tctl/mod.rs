@@ -19,6 +19,7 @@ mod rotate;
 mod sso;
 mod status;
 mod tokens;
+mod update;
 mod users;
 
 use std::process::ExitCode;
@@ -99,6 +100,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(DevicesCmd::Rm { id }) => devices::remove(&mut s, id).await,
         Command::Devices(DevicesCmd::Usage(a)) => devices::usage(&mut s, a).await,
         Command::Devices(DevicesCmd::Set(a)) => devices::set(&mut s, a).await,
+        Command::Devices(DevicesCmd::Update(a)) => update::run(&mut s, a).await,
         Command::Gateways(GatewaysCmd::Ls(a)) => gateways::list(&mut s, a).await,
         Command::Gateways(GatewaysCmd::Rm { id }) => gateways::remove(&mut s, id).await,
         Command::Lock(a) => locks::lock(&mut s, a).await,
