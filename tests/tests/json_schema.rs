@@ -400,7 +400,7 @@ fn the_checker_finds_what_is_wrong() {
         "last_seen": "2026-12-04T16:03:52Z", "last_disconnect_reason": null,
         "last_disconnect_kind": null, "gateway": "gw-1",
         "joined_at": "2026-12-04T16:00:00Z", "kube_cluster": null, "loss_permille": 4,
-        "address_changes_24h": 0, "targets": []
+        "address_changes_24h": 0, "targets": [], "binary_sha256": null
     });
     let mut problems = Vec::new();
     check(&good, &device, "d", &mut problems);
