@@ -301,6 +301,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
         vs(),
         vs(),
         any::<bool>(),
+        vs(),
+        rules(),
     )
         .prop_map(
             |(
@@ -314,6 +316,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                 request_roles,
                 review_roles,
                 require_session_mfa,
+                join_sessions,
+                require_moderator,
             )| {
                 RoleSpec {
                     name,
@@ -326,6 +330,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                     request_roles,
                     review_roles,
                     require_session_mfa,
+                    join_sessions,
+                    require_moderator,
                 }
             },
         )
@@ -930,6 +936,7 @@ pub fn response() -> impl Strategy<Value = Response> {
         vec(target_info(), 0..2).prop_map(Response::Targets),
         vec(ca_rotation(), 0..3).prop_map(Response::CaRotations),
         session_mfa_cert().prop_map(Response::SessionMfaCert),
+        vec(live_session(), 0..2).prop_map(Response::LiveSessions),
     ]
 }
 
@@ -1102,7 +1109,21 @@ pub fn client_reply() -> impl Strategy<Value = ClientReply> {
         vec(access_request_info(), 0..2).prop_map(ClientReply::AccessRequests),
         vec(target_info(), 0..2).prop_map(ClientReply::Targets),
         session_mfa_cert().prop_map(ClientReply::SessionMfaCert),
+        vec(live_session(), 0..2).prop_map(ClientReply::LiveSessions),
     ]
+}
+pub fn live_session() -> impl Strategy<Value = LiveSession> + Clone {
+    (s(), s(), s(), s(), s(), any::<u64>(), vs()).prop_map(
+        |(session_id, device, user, login, kind, started_ms, participants)| LiveSession {
+            session_id,
+            device,
+            user,
+            login,
+            kind,
+            started_ms,
+            participants,
+        },
+    )
 }
 
 pub fn session_mfa_cert() -> impl Strategy<Value = SessionMfaCert> + Clone {
