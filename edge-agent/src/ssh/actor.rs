@@ -473,9 +473,9 @@ impl SessionActor {
         session::audit_start(conn, &program, true);
         tracing::info!(user = %grant.user, session = %sid, "session waits for a moderator");
         ch.pending = Some(Pending {
+            ctx: LogCtx::new(grant, sid, program.kind()),
             program,
             shared: shared.clone(),
-            ctx: LogCtx::new(grant, sid, program.kind()),
             armed: true,
         });
         let (me, handle, sid) = (self.me.clone(), conn.handle.clone(), sid.clone());

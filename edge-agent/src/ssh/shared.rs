@@ -433,3 +433,13 @@ mod tests {
         assert!(!roles.requires_moderator(&labels("vans")));
     }
 }
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("id", &self.id)
+            .field("owner", &self.owner)
+            .field("moderated", &self.moderated)
+            .finish_non_exhaustive()
+    }
+}
