@@ -130,7 +130,10 @@ pub fn combine(roles: &[RoleSpec]) -> Grants {
             });
         }
         if !role.require_moderator.is_empty()
-            && !g.extension.require_moderator.contains(&role.require_moderator)
+            && !g
+                .extension
+                .require_moderator
+                .contains(&role.require_moderator)
         {
             g.extension
                 .require_moderator

@@ -152,8 +152,7 @@ fn shared_and_moderated_sessions() {
         ("carol", "field"),
     ] {
         c.add_user(user, "root", PW);
-        c.tctl
-            .ok(&["users", "update", user, "--set-roles", roles]);
+        c.tctl.ok(&["users", "update", user, "--set-roles", roles]);
     }
     let (alice, bob, carol) = (login(&c, "alice"), login(&c, "bob"), login(&c, "carol"));
 
@@ -165,7 +164,9 @@ fn shared_and_moderated_sessions() {
 
     // Carol may not join anything: she does not see the session and cannot join it.
     assert!(
-        !sessions(&carol).iter().any(|s| s["session_id"] == sid.as_str()),
+        !sessions(&carol)
+            .iter()
+            .any(|s| s["session_id"] == sid.as_str()),
         "carol sees alice's session"
     );
     let r = carol.run(&["join", &sid], None);
@@ -184,16 +185,27 @@ fn shared_and_moderated_sessions() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // Bob observes: he sees alice's output, everyone sees him join, his keys are dropped.
-    let b = term("share-bob-obs", &bob, &format!("join --mode observer {sid}"));
+    let b = term(
+        "share-bob-obs",
+        &bob,
+        &format!("join --mode observer {sid}"),
+    );
     must_show(&a, "*** bob joined as observer ***", "alice sees bob join");
     must_show(&b, "*** bob joined as observer ***", "bob sees his join");
     a.send(&["echo from-alice-$((30+3))", "Enter"]);
     must_show(&b, "from-alice-33", "bob sees alice's output");
     b.send(&["echo bob-typed-$((40+4))", "Enter"]);
-    must_show(&b, "your keystrokes are not sent", "bob told his keys are dropped");
+    must_show(
+        &b,
+        "your keystrokes are not sent",
+        "bob told his keys are dropped",
+    );
     a.send(&["echo after-bob-$((50+5))", "Enter"]);
     let screen = must_show(&a, "after-bob-55", "alice's shell after bob typed");
-    assert!(!screen.contains("bob-typed-44"), "observer keys ran:\n{screen}");
+    assert!(
+        !screen.contains("bob-typed-44"),
+        "observer keys ran:\n{screen}"
+    );
     // The list shows who is in the session (from the device's signed session.join).
     let mut listed = Vec::new();
     let shown = wait_until(WAIT, || {
@@ -214,7 +226,11 @@ fn shared_and_moderated_sessions() {
     let p = term("share-bob-peer", &bob, &format!("join --mode peer {sid}"));
     must_show(&a, "*** bob joined as peer ***", "alice sees the peer");
     p.send(&["echo peer-typed-$((6*7))", "Enter"]);
-    must_show(&a, "peer-typed-42", "the peer's command ran in alice's shell");
+    must_show(
+        &a,
+        "peer-typed-42",
+        "the peer's command ran in alice's shell",
+    );
     must_show(&p, "peer-typed-42", "the peer sees it too");
     p.send(&["C-]"]);
     must_show(&p, "TSH-EXIT=0", "the peer left");
@@ -260,17 +276,24 @@ fn shared_and_moderated_sessions() {
     assert!(screen.contains(&msid), "{screen}");
     // Bob may moderate on medical devices only as a moderator, not observe.
     let r = bob.run(&["join", "--mode", "observer", &msid], None);
-    assert!(
-        r.stderr().contains("as observer"),
-        "{}",
-        r.stderr()
-    );
+    assert!(r.stderr().contains("as observer"), "{}", r.stderr());
     let screen = m.screen();
-    assert!(!screen.contains("started-42"), "started without a moderator:\n{screen}");
+    assert!(
+        !screen.contains("started-42"),
+        "started without a moderator:\n{screen}"
+    );
     let md = term("share-mod", &bob, &format!("join --mode moderator {msid}"));
-    must_show(&m, "started-42", "the session started once the moderator joined");
+    must_show(
+        &m,
+        "started-42",
+        "the session started once the moderator joined",
+    );
     must_show(&md, "started-42", "the moderator sees it");
-    must_show(&m, "*** bob joined as moderator ***", "alice sees the moderator");
+    must_show(
+        &m,
+        "*** bob joined as moderator ***",
+        "alice sees the moderator",
+    );
     md.send(&["C-]"]);
     must_show(&m, "the last moderator left", "alice told why it ends");
     must_show(&m, "TSH-EXIT=", "alice's moderated session ended");

@@ -62,7 +62,9 @@ impl Mode {
 pub fn parse_join(args: &str) -> Result<(String, Mode), String> {
     let mut it = args.split_whitespace();
     let (Some(id), mode, None) = (it.next(), it.next(), it.next()) else {
-        return Err(format!("usage: {JOIN_COMMAND} SESSION_ID [observer|peer|moderator]"));
+        return Err(format!(
+            "usage: {JOIN_COMMAND} SESSION_ID [observer|peer|moderator]"
+        ));
     };
     let mode = mode.unwrap_or("observer");
     let mode = Mode::parse(mode)
@@ -427,8 +429,10 @@ mod tests {
     #[test]
     fn moderator_rules_match_labels() {
         let mut roles = RolesExtension::every_device(vec!["field".into()]);
-        roles.require_moderator =
-            vec![BTreeMap::from([("fleet".to_string(), vec!["medical".to_string()])])];
+        roles.require_moderator = vec![BTreeMap::from([(
+            "fleet".to_string(),
+            vec!["medical".to_string()],
+        )])];
         assert!(roles.requires_moderator(&labels("medical")));
         assert!(!roles.requires_moderator(&labels("vans")));
     }
