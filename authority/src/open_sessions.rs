@@ -153,7 +153,7 @@ pub fn live_for(
             });
         }
     }
-    out.sort_by(|a, b| a.started_ms.cmp(&b.started_ms));
+    out.sort_by_key(|a| a.started_ms);
     Ok(out)
 }
 

@@ -384,6 +384,16 @@ fn audit_part(kind: &str, shared: &Shared, who: &Joiner, mode: Mode) {
         .emit();
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("id", &self.id)
+            .field("owner", &self.owner)
+            .field("moderated", &self.moderated)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,15 +445,5 @@ mod tests {
         )])];
         assert!(roles.requires_moderator(&labels("medical")));
         assert!(!roles.requires_moderator(&labels("vans")));
-    }
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("id", &self.id)
-            .field("owner", &self.owner)
-            .field("moderated", &self.moderated)
-            .finish_non_exhaustive()
     }
 }
