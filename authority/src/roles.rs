@@ -313,6 +313,31 @@ mod tests {
     }
 
     #[test]
+    fn join_rights_and_moderation_go_into_the_certificate() {
+        let d = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&d.path().join("s")).unwrap();
+        let mut support = role("support");
+        support.join_sessions = vec!["observer".into(), "peer".into()];
+        let mut medical = role("medical");
+        medical.allow_labels = BTreeMap::from([("fleet".into(), vec!["medical".into()])]);
+        medical.require_moderator = BTreeMap::from([("fleet".into(), vec!["medical".into()])]);
+        upsert(&store, &support).unwrap();
+        upsert(&store, &medical).unwrap();
+        let mut bad = role("bad");
+        bad.join_sessions = vec!["owner".into()];
+        assert!(upsert(&store, &bad).is_err());
+        let dev = |f: &str| BTreeMap::from([("fleet".to_string(), f.to_string())]);
+        let g = grants(&store, &["support".into(), "medical".into()]).unwrap();
+        assert!(g.extension.may_join(&dev("vans"), "peer"));
+        assert!(!g.extension.may_join(&dev("vans"), "moderator"));
+        assert!(!g.extension.may_join(&dev("medical"), "observer"));
+        assert!(g.extension.requires_moderator(&dev("medical")));
+        assert!(!g.extension.requires_moderator(&dev("vans")));
+        let plain = grants(&store, &["support".into()]).unwrap();
+        assert!(!plain.extension.requires_moderator(&dev("medical")));
+    }
+
+    #[test]
     fn session_mfa_follows_the_roles_that_ask_for_it() {
         let d = tempfile::tempdir().unwrap();
         let store = SledStore::open(&d.path().join("s")).unwrap();

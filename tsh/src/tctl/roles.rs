@@ -300,6 +300,18 @@ mod tests {
         let got = updated(
             spec.clone(),
             RoleUpdateArgs {
+                join_sessions: Some(vec!["observer".into(), "peer".into()]),
+                require_moderator: Some(parse_label_rules("fleet=medical").unwrap()),
+                ..args("field")
+            },
+        )
+        .unwrap();
+        assert_eq!(got.join_sessions, ["observer", "peer"]);
+        assert_eq!(got.require_moderator["fleet"], ["medical"]);
+        assert_eq!(got.allow_labels, spec.allow_labels);
+        let got = updated(
+            spec.clone(),
+            RoleUpdateArgs {
                 max_session_ttl: Some(3600),
                 no_pty: true,
                 ..args("field")
