@@ -26,9 +26,9 @@ use super::pty::PtyMaster;
 
 /// The exec request that joins a session: `JOIN_COMMAND SESSION_ID MODE`.
 pub const JOIN_COMMAND: &str = "edgeport-join@edgeport.dev";
-/// Output chunks queued per participant; a participant that falls further behind misses
-/// output rather than slowing the session down.
-const QUEUE: usize = 256;
+/// Output chunks queued per participant (a terminal read is a few KiB); a participant that
+/// falls further behind misses output rather than slowing the session down.
+const QUEUE: usize = 64;
 /// The key a participant leaves with: Ctrl-] (telnet's escape).
 const LEAVE_KEY: u8 = 0x1d;
 
