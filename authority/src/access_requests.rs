@@ -156,6 +156,8 @@ pub fn user_action(
                 AccessAction::SessionMfa(_) => Err(crate::errors::invalid(
                     "a per-session second factor request goes as SessionMfaCert",
                 )),
+                AccessAction::LiveSessions => crate::open_sessions::live_for(svc.store(), &subject)
+                    .map(Response::LiveSessions),
             }
         });
     if let Err(e) = &result {

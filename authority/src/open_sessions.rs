@@ -46,7 +46,19 @@ pub struct OpenSession {
     /// A `session.overdue` was recorded for it.
     #[serde(default)]
     pub flagged: bool,
+    /// `shell`, `exec`, ... (the start event's `kind`).
+    #[serde(default)]
+    pub kind: String,
+    /// Who joined it and is still there (`NAME (MODE)`), from `session.join` and
+    /// `session.leave` events of the same device.
+    #[serde(default)]
+    pub participants: Vec<String>,
 }
+
+pub const SESSION_JOIN: &str = "session.join";
+pub const SESSION_LEAVE: &str = "session.leave";
+/// Most participants remembered per session.
+const MAX_PARTICIPANTS: usize = 64;
 
 fn internal(e: impl std::fmt::Display) -> RpcError {
     RpcError::new(ErrorKind::Internal, e.to_string())
@@ -68,6 +80,8 @@ pub fn observe(store: &dyn Store, device: &str, ev: &AuditEvent) -> Result<(), R
                 started_ms: ev.time_ms,
                 cert_expires: ev.field("cert_expires").parse().unwrap_or(0),
                 flagged: false,
+                kind: ev.field("kind").to_string(),
+                participants: Vec::new(),
             };
             let bytes = serde_json::to_vec(&open).map_err(internal)?;
             // The first start of an id counts; a replay or a second device changes nothing.
@@ -79,9 +93,68 @@ pub fn observe(store: &dyn Store, device: &str, ev: &AuditEvent) -> Result<(), R
                 store.delete(Table::OpenSessions, sid)?;
             }
         }
+        SESSION_JOIN | SESSION_LEAVE => {
+            let who = format!("{} ({})", ev.field("participant"), ev.field("mode"));
+            // Compare-and-swap: a sweep or another authority may write the record meanwhile.
+            for _ in 0..8 {
+                let Some(cur) = store.get(Table::OpenSessions, sid)? else {
+                    return Ok(());
+                };
+                let mut open: OpenSession = serde_json::from_slice(&cur).map_err(internal)?;
+                if open.device != device {
+                    return Ok(());
+                }
+                if ev.kind == SESSION_JOIN {
+                    if open.participants.len() < MAX_PARTICIPANTS {
+                        open.participants.push(who.clone());
+                    }
+                } else if let Some(i) = open.participants.iter().position(|p| *p == who) {
+                    open.participants.remove(i);
+                }
+                let new = serde_json::to_vec(&open).map_err(internal)?;
+                if store.compare_and_swap(Table::OpenSessions, sid, Some(&cur), Some(new))? {
+                    break;
+                }
+            }
+        }
         _ => {}
     }
     Ok(())
+}
+
+/// The live sessions `subject` may see (`tsh sessions ls`): their own, and those on devices
+/// where their roles let them join in some mode. Every fact comes from device-signed events
+/// the authority verified, never from a gateway.
+pub fn live_for(
+    store: &dyn Store,
+    subject: &crate::users::Subject,
+) -> Result<Vec<edgeport_proto::rpc::LiveSession>, RpcError> {
+    let grants = crate::roles::grants(store, &subject.roles)?;
+    let mut out = Vec::new();
+    for (sid, open) in store::list::<OpenSession>(store, Table::OpenSessions, "")? {
+        let own = open.user == subject.name;
+        let may_join = || -> Result<bool, RpcError> {
+            let Some(dev) = crate::devices::get(store, &open.device)? else {
+                return Ok(false);
+            };
+            Ok(edgeport_proto::sshcert::JOIN_MODES
+                .iter()
+                .any(|m| grants.extension.may_join(&dev.labels, m)))
+        };
+        if own || may_join()? {
+            out.push(edgeport_proto::rpc::LiveSession {
+                session_id: sid,
+                device: open.device,
+                user: open.user,
+                login: open.login,
+                kind: open.kind,
+                started_ms: open.started_ms,
+                participants: open.participants,
+            });
+        }
+    }
+    out.sort_by_key(|a| a.started_ms);
+    Ok(out)
 }
 
 /// Sessions open past their certificate's expiry plus [`GRACE_SECS`] at `now_secs`, flagged

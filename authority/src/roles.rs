@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use edgeport_proto::rpc::{RoleInfo, RoleSpec, RpcError};
-use edgeport_proto::sshcert::RolesExtension;
+use edgeport_proto::sshcert::{JoinRule, RolesExtension, JOIN_MODES};
 use edgeport_proto::util::valid_name;
 
 use crate::errors::{exists, invalid, not_found};
@@ -36,6 +36,8 @@ pub fn builtin(name: &str) -> Option<RoleSpec> {
             request_roles: Vec::new(),
             review_roles: Vec::new(),
             require_session_mfa: false,
+            join_sessions: Vec::new(),
+            require_moderator: BTreeMap::new(),
         }),
         _ => None,
     }
@@ -120,6 +122,23 @@ pub fn combine(roles: &[RoleSpec]) -> Grants {
         if role.require_session_mfa && !g.extension.session_mfa.contains(&role.allow_labels) {
             g.extension.session_mfa.push(role.allow_labels.clone());
         }
+        // Joining others' sessions: on the devices this role allows, in its modes.
+        if !role.join_sessions.is_empty() {
+            g.extension.join.push(JoinRule {
+                labels: role.allow_labels.clone(),
+                modes: role.join_sessions.clone(),
+            });
+        }
+        if !role.require_moderator.is_empty()
+            && !g
+                .extension
+                .require_moderator
+                .contains(&role.require_moderator)
+        {
+            g.extension
+                .require_moderator
+                .push(role.require_moderator.clone());
+        }
     }
     // A role that reaches every device makes the other sets redundant.
     if g.extension.allow.iter().any(BTreeMap::is_empty) {
@@ -173,6 +192,16 @@ pub fn upsert(store: &dyn Store, spec: &RoleSpec) -> Result<(), RpcError> {
     }
     check_labels("allow", &spec.allow_labels)?;
     check_labels("deny", &spec.deny_labels)?;
+    check_labels("require-moderator", &spec.require_moderator)?;
+    if let Some(m) = spec
+        .join_sessions
+        .iter()
+        .find(|m| !JOIN_MODES.contains(&m.as_str()))
+    {
+        return Err(invalid(format!(
+            "join mode {m:?} is not one of observer, peer, moderator"
+        )));
+    }
     if spec.allow_labels.len() + spec.deny_labels.len() > MAX_ROLE_LABELS {
         return Err(invalid(format!(
             "a role may name at most {MAX_ROLE_LABELS} labels"
@@ -278,7 +307,34 @@ mod tests {
             request_roles: Vec::new(),
             review_roles: Vec::new(),
             require_session_mfa: false,
+            join_sessions: Vec::new(),
+            require_moderator: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn join_rights_and_moderation_go_into_the_certificate() {
+        let d = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&d.path().join("s")).unwrap();
+        let mut support = role("support");
+        support.join_sessions = vec!["observer".into(), "peer".into()];
+        let mut medical = role("medical");
+        medical.allow_labels = BTreeMap::from([("fleet".into(), vec!["medical".into()])]);
+        medical.require_moderator = BTreeMap::from([("fleet".into(), vec!["medical".into()])]);
+        upsert(&store, &support).unwrap();
+        upsert(&store, &medical).unwrap();
+        let mut bad = role("bad");
+        bad.join_sessions = vec!["owner".into()];
+        assert!(upsert(&store, &bad).is_err());
+        let dev = |f: &str| BTreeMap::from([("fleet".to_string(), f.to_string())]);
+        let g = grants(&store, &["support".into(), "medical".into()]).unwrap();
+        assert!(g.extension.may_join(&dev("vans"), "peer"));
+        assert!(!g.extension.may_join(&dev("vans"), "moderator"));
+        assert!(!g.extension.may_join(&dev("medical"), "observer"));
+        assert!(g.extension.requires_moderator(&dev("medical")));
+        assert!(!g.extension.requires_moderator(&dev("vans")));
+        let plain = grants(&store, &["support".into()]).unwrap();
+        assert!(!plain.extension.requires_moderator(&dev("medical")));
     }
 
     #[test]

@@ -245,6 +245,7 @@ pub async fn serve_stream(
                 Request::AccessRequestUser(signed),
                 |resp| match resp {
                     Response::AccessRequests(v) => ClientReply::AccessRequests(v),
+                    Response::LiveSessions(v) => ClientReply::LiveSessions(v),
                     other => unexpected(other),
                 },
             )

@@ -326,6 +326,8 @@ pub enum Response {
     UpdateOrders(Vec<crate::update::UpdateOrder>),
     /// The answer to `UpdateFetch` (empty past the end).
     UpdateChunk(Vec<u8>),
+    /// The answer to `AccessAction::LiveSessions`.
+    LiveSessions(Vec<LiveSession>),
 }
 
 /// A CA `tctl auth rotate --type` names.
@@ -529,6 +531,30 @@ pub struct RoleSpec {
     /// it and the authority signs a certificate for that one device that lives a minute.
     #[serde(default)]
     pub require_session_mfa: bool,
+    /// Modes (`observer`, `peer`, `moderator`) its users may join other users' live sessions
+    /// with, on the devices `allow_labels` matches (`tsh join`).
+    #[serde(default)]
+    pub join_sessions: Vec<String>,
+    /// Sessions of its users to devices with these labels start only once a moderator has
+    /// joined, and end when the last moderator leaves (empty: no such rule).
+    #[serde(default)]
+    pub require_moderator: BTreeMap<String, Vec<String>>,
+}
+
+/// A live session as `tsh sessions ls` shows it: from the device-signed `session.start`,
+/// `session.join` and `session.leave` events the authority has verified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSession {
+    pub session_id: String,
+    pub device: String,
+    pub user: String,
+    pub login: String,
+    /// `shell`, `exec`, ...
+    pub kind: String,
+    /// Unix ms, the device's clock.
+    pub started_ms: u64,
+    /// Who joined (`NAME (MODE)`), besides the session's own user.
+    pub participants: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -1037,6 +1063,9 @@ pub enum AccessAction {
     Review(AccessReview),
     /// A per-session second factor certificate (`Request::SessionMfaCert` only).
     SessionMfa(SessionMfaAsk),
+    /// The live sessions the user may see: their own and those their roles let them join
+    /// (`tsh sessions ls`); answered with `Response::LiveSessions`.
+    LiveSessions,
 }
 
 /// An approval or denial.

@@ -40,7 +40,26 @@ pub struct RolesExtension {
     /// Set only in a per-session second factor certificate: the one device it opens.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub mfa_device: String,
+    /// Shared sessions (`tsh join`): per role with `join_sessions`, its allow set and the
+    /// modes (`observer`, `peer`, `moderator`) its users may join with on matching devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub join: Vec<JoinRule>,
+    /// Label sets (a role's `require_moderator`): a session of this user to a device one of
+    /// them matches starts only once a moderator has joined.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require_moderator: Vec<BTreeMap<String, Vec<String>>>,
 }
+
+/// One role's right to join other users' sessions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRule {
+    /// The devices (as in `RolesExtension::allow`).
+    pub labels: BTreeMap<String, Vec<String>>,
+    pub modes: Vec<String>,
+}
+
+/// The modes a participant may join a session with.
+pub const JOIN_MODES: [&str; 3] = ["observer", "peer", "moderator"];
 
 impl RolesExtension {
     /// Rules that reach every device (no label restriction), for `roles`.
@@ -52,7 +71,26 @@ impl RolesExtension {
             user_id: String::new(),
             session_mfa: Vec::new(),
             mfa_device: String::new(),
+            join: Vec::new(),
+            require_moderator: Vec::new(),
         }
+    }
+
+    /// Whether these roles let their user join a session on a device with `labels` in
+    /// `mode` (deny labels win, as for logins).
+    pub fn may_join(&self, labels: &BTreeMap<String, String>, mode: &str) -> bool {
+        self.allows_device(labels)
+            && self
+                .join
+                .iter()
+                .any(|r| r.modes.iter().any(|m| m == mode) && labels_match(&r.labels, labels))
+    }
+
+    /// Whether a session of this user to a device with `labels` waits for a moderator.
+    pub fn requires_moderator(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.require_moderator
+            .iter()
+            .any(|rules| labels_match(rules, labels))
     }
 
     /// Whether a device with `labels` takes only a per-session second factor certificate:

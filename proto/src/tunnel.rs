@@ -252,4 +252,6 @@ pub enum ClientReply {
     Targets(Vec<crate::targets::TargetInfo>),
     /// The answer to `SessionMfaCert`.
     SessionMfaCert(crate::rpc::SessionMfaCert),
+    /// The answer to a `UserAction` asking for the live sessions (`tsh sessions ls`).
+    LiveSessions(Vec<crate::rpc::LiveSession>),
 }

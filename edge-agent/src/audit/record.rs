@@ -85,6 +85,15 @@ impl Recorder {
         }
     }
 
+    /// An asciicast marker (`[seconds, "m", text]`): who joined or left a shared session.
+    pub fn marker(&mut self, text: &str) {
+        let t = self.started.elapsed().as_secs_f64();
+        let line = serde_json::json!([(t * 1_000_000.0).round() / 1_000_000.0, "m", text]);
+        self.buf.push_str(&line.to_string());
+        self.buf.push('\n');
+        self.oldest.get_or_insert(t);
+    }
+
     fn emit_chunk(&mut self) {
         if self.buf.is_empty() {
             return;

@@ -28,6 +28,7 @@ use super::process::{self, Program, Spawn, Started};
 use super::pty::{self, PtyMaster, PtyRequest};
 use super::remote_forward::RemoteForwards;
 use super::session::{self, LogCtx, ProcessIo};
+use super::shared::{self, Gate, Shared};
 use super::{forward, Inner};
 
 /// Most channels one connection may hold open at once (OpenSSH's multiplexing rarely needs
@@ -119,6 +120,10 @@ pub enum Request {
         port: u32,
         done: oneshot::Sender<bool>,
     },
+    /// A moderator joined the moderated session waiting on `channel`: start its program.
+    Begin {
+        channel: ChannelId,
+    },
 }
 
 /// The handler's end of the actor.
@@ -131,6 +136,7 @@ impl ActorHandle {
     pub fn spawn(conn: Conn) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let actor = SessionActor {
+            me: tx.downgrade(),
             conn,
             channels: HashMap::new(),
             forwards_open: Arc::new(AtomicUsize::new(0)),
@@ -186,6 +192,8 @@ impl Conn {
 }
 
 struct SessionActor {
+    /// For tasks that report back (a moderated session's wait).
+    me: mpsc::WeakSender<Request>,
     conn: Conn,
     channels: HashMap<ChannelId, SessionChannel>,
     /// `direct-tcpip` channels open now (each runs in its own task).
@@ -246,6 +254,10 @@ impl SessionActor {
                 done,
             } => {
                 let ok = match String::from_utf8(command) {
+                    Ok(cmd) if cmd.starts_with(shared::JOIN_COMMAND) => {
+                        let args = cmd[shared::JOIN_COMMAND.len()..].to_string();
+                        self.join(channel, &args)
+                    }
                     Ok(cmd) if process::exec_safe(&cmd) => {
                         if is_transfer(&cmd) && self.refuse_bulk(channel, "scp/rsync") {
                             let _ = done.send(true);
@@ -301,6 +313,7 @@ impl SessionActor {
             } => {
                 let _ = done.send(self.remote_forwards.cancel(&address, port));
             }
+            Request::Begin { channel } => self.begin(channel),
         }
     }
 
@@ -392,7 +405,13 @@ impl SessionActor {
         let conn = &self.conn;
         tracing::warn!(user = %conn.auth.grant.user, session = %conn.session_id,
             "refused {what}: {message}");
-        let handle = conn.handle.clone();
+        self.refuse_line(channel, message);
+        true
+    }
+
+    /// Answers a request it accepted with one line on stderr and exit status 1.
+    fn refuse_line(&self, channel: ChannelId, message: String) {
+        let handle = self.conn.handle.clone();
         tokio::spawn(async move {
             let line = format!("{message}\r\n").into_bytes();
             let _ = handle.extended_data(channel, 1, line).await;
@@ -400,7 +419,6 @@ impl SessionActor {
             let _ = handle.eof(channel).await;
             let _ = handle.close(channel).await;
         });
-        true
     }
 
     fn subsystem(&mut self, channel: ChannelId, name: &str) -> bool {
@@ -419,9 +437,126 @@ impl SessionActor {
     }
 
     fn start(&mut self, channel: ChannelId, program: Program) -> bool {
-        self.channels
-            .get_mut(&channel)
-            .is_some_and(|ch| ch.start(&self.conn, channel, program))
+        let conn = &self.conn;
+        if !conn.auth.grant.roles.requires_moderator(&conn.inner.labels) {
+            return self
+                .channels
+                .get_mut(&channel)
+                .is_some_and(|ch| ch.start(conn, channel, program, None));
+        }
+        // A moderated session: announced now (so that a moderator finds it), started when
+        // a moderator joins.
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        if ch.running.is_some() || ch.pending.is_some() {
+            return false;
+        }
+        if ch.pty.is_none() {
+            self.refuse_line(
+                channel,
+                "edgeport: sessions to this device need a moderator, who can join only an interactive session: use a terminal (tsh ssh -t)".into(),
+            );
+            return true;
+        }
+        let (grant, sid) = (&conn.auth.grant, &conn.session_id);
+        let Some(shared) = Shared::register(
+            &conn.inner.shared,
+            sid,
+            &grant.user,
+            &conn.inner.device_id,
+            true,
+            (conn.handle.clone(), channel),
+        ) else {
+            return false;
+        };
+        session::audit_start(conn, &program, true);
+        tracing::info!(user = %grant.user, session = %sid, "session waits for a moderator");
+        ch.pending = Some(Pending {
+            ctx: LogCtx::new(grant, sid, program.kind()),
+            program,
+            shared: shared.clone(),
+            armed: true,
+        });
+        let (me, handle, sid) = (self.me.clone(), conn.handle.clone(), sid.clone());
+        tokio::spawn(async move {
+            let line = format!("waiting for a moderator to join session {sid}\r\n");
+            let _ = handle.data(channel, line.into_bytes()).await;
+            let mut gate = shared.gate();
+            let go = gate
+                .wait_for(|g| *g != Gate::Waiting)
+                .await
+                .is_ok_and(|g| *g == Gate::Go);
+            if let (true, Some(tx)) = (go, me.upgrade()) {
+                let _ = tx.send(Request::Begin { channel }).await;
+            }
+        });
+        true
+    }
+
+    /// Starts a moderated session's program now that a moderator is there.
+    fn begin(&mut self, channel: ChannelId) {
+        let conn = &self.conn;
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let Some(mut p) = ch.pending.take() else {
+            return;
+        };
+        p.armed = false;
+        let (program, shared) = (p.program.clone(), p.shared.clone());
+        if !ch.start(conn, channel, program, Some(shared.clone())) {
+            p.armed = true;
+            drop(p);
+            let h = conn.handle.clone();
+            tokio::spawn(async move {
+                let _ = h.exit_status_request(channel, 1).await;
+                let _ = h.close(channel).await;
+            });
+        }
+    }
+
+    /// `tsh join`: attaches this channel to another live session of this device, if the
+    /// certificate's roles allow the mode here. A refusal is one line on stderr.
+    fn join(&mut self, channel: ChannelId, args: &str) -> bool {
+        let conn = &self.conn;
+        let grant = &conn.auth.grant;
+        let checked = shared::parse_join(args).and_then(|(id, mode)| {
+            shared::check_join(&grant.roles, &conn.inner.labels, mode)?;
+            let s = Shared::find(&conn.inner.shared, &id)
+                .ok_or_else(|| format!("no live interactive session {id} on this device"))?;
+            Ok((s, mode))
+        });
+        let (target, mode) = match checked {
+            Ok(v) => v,
+            Err(why) => {
+                tracing::warn!(user = %grant.user, session = %conn.session_id, "refused a join: {why}");
+                crate::audit::event("session.join_refused")
+                    .session(&conn.session_id)
+                    .user(&grant.user)
+                    .login(&grant.login)
+                    .field("request", args.trim())
+                    .field("reason", &why)
+                    .emit();
+                self.refuse_line(channel, format!("edgeport: {why}"));
+                return true;
+            }
+        };
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return false;
+        };
+        if ch.running.is_some() || ch.pending.is_some() {
+            return false;
+        }
+        let Some(io) = ch.io.take() else {
+            return false;
+        };
+        let who = shared::Joiner {
+            user: grant.user.clone(),
+            login: grant.login.clone(),
+            connection: conn.session_id.clone(),
+        };
+        shared::join(target, who, mode, io, conn.handle.clone(), channel)
     }
 
     fn agent(&mut self, channel: ChannelId) -> bool {
@@ -516,6 +651,35 @@ struct SessionChannel {
     pty: Option<PtyRequest>,
     env: Vec<(String, String)>,
     running: Option<Running>,
+    /// A moderated session waiting for its moderator.
+    pending: Option<Pending>,
+}
+
+/// A moderated session's program until a moderator joins. Dropped while armed (the user
+/// left first), it ends the shared session and records the session's end.
+struct Pending {
+    program: Program,
+    shared: Arc<Shared>,
+    ctx: LogCtx,
+    armed: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.shared.end();
+        let ctx = &self.ctx;
+        crate::audit::event("session.end")
+            .session(&ctx.session_id)
+            .user(&ctx.user)
+            .login(&ctx.login)
+            .field("kind", ctx.kind)
+            .field("reason", "no moderator joined")
+            .field("duration_ms", ctx.started.elapsed().as_millis())
+            .emit();
+    }
 }
 
 /// A started program, for signals and window changes.
@@ -531,6 +695,7 @@ impl SessionChannel {
             pty: None,
             env: Vec::new(),
             running: None,
+            pending: None,
         }
     }
 
@@ -593,7 +758,13 @@ impl SessionChannel {
     /// Starts `program` on this channel: its terminal if one was asked for, the process,
     /// the audit events, then the task that moves its bytes (`session::run`). False, with
     /// the channel left as it was, when the program cannot start.
-    fn start(&mut self, conn: &Conn, id: ChannelId, program: Program) -> bool {
+    fn start(
+        &mut self,
+        conn: &Conn,
+        id: ChannelId,
+        program: Program,
+        moderated: Option<Arc<Shared>>,
+    ) -> bool {
         if self.running.is_some() {
             return false;
         }
@@ -623,13 +794,33 @@ impl SessionChannel {
             group: started.group.clone(),
             master: master.clone(),
         });
-        session::audit_start(conn, &program, master.is_some());
-        let ctx = build_log_ctx(
+        // A moderated session announced itself when it began to wait.
+        if moderated.is_none() {
+            session::audit_start(conn, &program, master.is_some());
+        }
+        let mut ctx = build_log_ctx(
             ctx,
             conn,
             &program,
             self.pty.as_ref().filter(|_| master.is_some()),
         );
+        if let Some(m) = &master {
+            // Interactive sessions can be joined (`tsh join`).
+            let shared = moderated.or_else(|| {
+                Shared::register(
+                    &conn.inner.shared,
+                    &conn.session_id,
+                    &conn.auth.grant.user,
+                    &conn.inner.device_id,
+                    false,
+                    (conn.handle.clone(), id),
+                )
+            });
+            if let Some(s) = &shared {
+                s.started(m.clone(), started.group.clone(), ctx.recorder.clone());
+            }
+            ctx.shared = shared;
+        }
         let io = ProcessIo::take(&mut started, master);
         tokio::spawn(session::run(
             started,

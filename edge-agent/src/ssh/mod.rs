@@ -23,6 +23,7 @@ mod process;
 mod pty;
 mod remote_forward;
 mod session;
+mod shared;
 #[cfg(test)]
 mod tests;
 
@@ -85,6 +86,8 @@ pub(crate) struct Inner {
     locked: Mutex<HashSet<String>>,
     /// Authenticated connections: id -> (user, handle), so that a lock can end them.
     live: Mutex<HashMap<u64, (String, HandleSlot)>>,
+    /// Live PTY sessions others may join (`tsh join`), by session id.
+    shared: shared::Registry,
 }
 
 /// A connection's russh handle, filled in once the connection is set up.
@@ -199,6 +202,7 @@ impl SshServer {
                 next_conn: AtomicU64::new(1),
                 locked: Mutex::new(HashSet::new()),
                 live: Mutex::new(HashMap::new()),
+                shared: Default::default(),
             }),
         })
     }

@@ -61,6 +61,8 @@ pub struct LogCtx {
     pub sftp: Option<Sftp>,
     /// A file transfer (the sftp subsystem, `scp`): its bytes count as `sftp` usage too.
     pub transfer: bool,
+    /// The session as others join it (PTY sessions): its output goes to them too.
+    pub shared: Option<Arc<super::shared::Shared>>,
 }
 
 pub type Sftp = Arc<std::sync::Mutex<crate::audit::sftp::SftpTracker>>;
@@ -87,6 +89,7 @@ impl LogCtx {
             recorder: None,
             sftp: None,
             transfer: false,
+            shared: None,
         }
     }
 
@@ -117,6 +120,9 @@ impl LogCtx {
     fn record(&self, data: &[u8]) {
         self.bytes_out
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(s) = &self.shared {
+            s.output(data);
+        }
         if let Some(r) = &self.recorder {
             if let Ok(mut r) = r.lock() {
                 r.output(data);
@@ -204,6 +210,9 @@ pub async fn run(
                 None => started.child.wait().await,
             };
             finish(&handle, channel, status, &ctx).await;
+            if let Some(s) = &ctx.shared {
+                s.end();
+            }
             group.terminate(HANGUP_GRACE).await;
             let _ = input.await;
         }

@@ -302,6 +302,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
         vs(),
         vs(),
         any::<bool>(),
+        vs(),
+        rules(),
     )
         .prop_map(
             |(
@@ -315,6 +317,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                 request_roles,
                 review_roles,
                 require_session_mfa,
+                join_sessions,
+                require_moderator,
             )| {
                 RoleSpec {
                     name,
@@ -327,6 +331,8 @@ pub fn role_spec() -> impl Strategy<Value = RoleSpec> + Clone {
                     request_roles,
                     review_roles,
                     require_session_mfa,
+                    join_sessions,
+                    require_moderator,
                 }
             },
         )
@@ -992,6 +998,7 @@ pub fn response() -> impl Strategy<Value = Response> {
         update_info().prop_map(Response::Update),
         vec(update_order(), 0..2).prop_map(Response::UpdateOrders),
         bytes().prop_map(Response::UpdateChunk),
+        vec(live_session(), 0..2).prop_map(Response::LiveSessions),
     ]
 }
 
@@ -1164,7 +1171,21 @@ pub fn client_reply() -> impl Strategy<Value = ClientReply> {
         vec(access_request_info(), 0..2).prop_map(ClientReply::AccessRequests),
         vec(target_info(), 0..2).prop_map(ClientReply::Targets),
         session_mfa_cert().prop_map(ClientReply::SessionMfaCert),
+        vec(live_session(), 0..2).prop_map(ClientReply::LiveSessions),
     ]
+}
+pub fn live_session() -> impl Strategy<Value = LiveSession> + Clone {
+    (s(), s(), s(), s(), s(), any::<u64>(), vs()).prop_map(
+        |(session_id, device, user, login, kind, started_ms, participants)| LiveSession {
+            session_id,
+            device,
+            user,
+            login,
+            kind,
+            started_ms,
+            participants,
+        },
+    )
 }
 
 pub fn session_mfa_cert() -> impl Strategy<Value = SessionMfaCert> + Clone {

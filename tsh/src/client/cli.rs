@@ -77,6 +77,12 @@ pub enum Command {
         #[command(subcommand)]
         what: RequestCmd,
     },
+    /// Live sessions you may see: your own and those your roles let you join.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// Join another user's live interactive session (as your roles allow): everyone in it
+    /// sees you join and leave.
+    Join(JoinArgs),
     /// Print tsh's version.
     Version {
         #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -133,6 +139,30 @@ pub enum KubeCmd {
     },
     /// Add and select the kubectl context `edgeport-CLUSTER` ($KUBECONFIG or ~/.kube/config).
     Login { cluster: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCmd {
+    /// List live sessions (id, device, user, login, kind, start, participants).
+    Ls {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The session's id (`tsh sessions ls`).
+    pub session_id: String,
+    /// observer: watch only; peer: type too; moderator: lets a moderated session run.
+    #[arg(long, default_value = "observer", value_parser = ["observer", "peer", "moderator"])]
+    pub mode: String,
+    /// The login to connect to the device as (default: your first).
+    #[arg(short = 'l', long)]
+    pub login: Option<String>,
+    /// A per-session second factor code, for devices whose roles require one.
+    #[arg(long, env = "TSH_MFA_CODE", hide_env_values = true)]
+    pub mfa_code: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -37,6 +37,10 @@ pub async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Play(a) => super::play::play(g, a).await,
         Command::Kube { what } => super::kube::run(g, what).await,
         Command::Request { what } => super::requests::run(g, what).await,
+        Command::Sessions(super::cli::SessionsCmd::Ls { format }) => {
+            super::sessions::list(g, *format).await
+        }
+        Command::Join(a) => super::sessions::join(g, a).await,
         Command::Version { format } => {
             crate::shared::print_version("tsh", *format == Format::Json);
             Ok(0)
@@ -185,7 +189,7 @@ async fn ssh_cmd(g: &Global, args: &SshArgs) -> Result<i32, CliError> {
 /// Dials `route` for an SSH session to `device`, with a per-session second factor
 /// certificate when a code is given, or when the dial is refused for want of one (the code is
 /// then asked on the terminal).
-async fn dial_with_mfa(
+pub(super) async fn dial_with_mfa(
     creds: &Creds,
     transport: Transport,
     device: &str,

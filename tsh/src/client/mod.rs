@@ -20,6 +20,7 @@ mod profile;
 mod requests;
 mod scp;
 mod session_mfa;
+mod sessions;
 mod ssh;
 mod sso;
 mod term;

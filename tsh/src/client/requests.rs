@@ -19,6 +19,19 @@ async fn send(
     creds: &Creds,
     action: AccessAction,
 ) -> Result<Vec<AccessRequestInfo>, CliError> {
+    match send_action(g, creds, action).await? {
+        ClientReply::AccessRequests(v) => Ok(v),
+        other => Err(gateway::unexpected(&other)),
+    }
+}
+
+/// Signs `action` for the cluster of `creds`, sends it through the gateway and returns the
+/// answer (a refusal as an error).
+pub(super) async fn send_action(
+    g: &Global,
+    creds: &Creds,
+    action: AccessAction,
+) -> Result<ClientReply, CliError> {
     let nonce = edgeport_proto::keys::random_bytes(16)
         .map(hex::encode)
         .map_err(|e| CliError::msg(format!("cannot make a nonce: {e}")))?;
@@ -33,9 +46,8 @@ async fn send(
     let tls = gateway::creds_config(creds)?;
     let req = ClientRequest::UserAction { body, signature };
     match gateway::user_request(creds, tls, g.transport, &req).await? {
-        (ClientReply::AccessRequests(v), _) => Ok(v),
         (ClientReply::Refused(e), _) => Err(CliError::msg(e.message)),
-        (other, _) => Err(gateway::unexpected(&other)),
+        (other, _) => Ok(other),
     }
 }
 

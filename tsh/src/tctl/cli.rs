@@ -674,6 +674,14 @@ pub struct RoleAddArgs {
     /// device for a minute. Users need an authenticator app (`tctl users add --require-totp`).
     #[arg(long)]
     pub require_session_mfa: bool,
+    /// Modes its users may join other users' live sessions with (`tsh join`), on the
+    /// devices --allow matches: observer (watch), peer (type too), moderator.
+    #[arg(long, value_delimiter = ',', value_parser = ["observer", "peer", "moderator"])]
+    pub join_sessions: Vec<String>,
+    /// Sessions of its users to devices with these labels (k=v,...) start only once a
+    /// moderator has joined (`tsh join --mode moderator`), and end when the last one leaves.
+    #[arg(long, default_value = "", value_parser = parse_label_rules)]
+    pub require_moderator: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Args)]
@@ -719,6 +727,13 @@ pub struct RoleUpdateArgs {
     /// Sessions to the role's devices need no per-session code again.
     #[arg(long)]
     pub no_require_session_mfa: bool,
+    /// Replaces the modes its users may join others' sessions with (an empty value: none).
+    #[arg(long, value_delimiter = ',', value_parser = ["", "observer", "peer", "moderator"])]
+    pub join_sessions: Option<Vec<String>>,
+    /// Replaces the labels of devices where its users' sessions need a moderator (an
+    /// empty value: none).
+    #[arg(long, value_parser = parse_label_rules)]
+    pub require_moderator: Option<BTreeMap<String, Vec<String>>>,
 }
 
 fn parse_label_rules(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {

@@ -71,6 +71,8 @@ pub async fn add(s: &mut Session, a: RoleAddArgs) -> anyhow::Result<()> {
         request_roles: nonempty(a.request_roles),
         review_roles: nonempty(a.review_roles),
         require_session_mfa: a.require_session_mfa,
+        join_sessions: nonempty(a.join_sessions),
+        require_moderator: a.require_moderator,
     };
     match s.call(Request::RoleUpsert(spec)).await? {
         Response::Ok => {
@@ -100,7 +102,9 @@ fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
         || a.request_roles.is_some()
         || a.review_roles.is_some()
         || a.require_session_mfa
-        || a.no_require_session_mfa;
+        || a.no_require_session_mfa
+        || a.join_sessions.is_some()
+        || a.require_moderator.is_some();
     if let Some(allow) = a.allow {
         spec.allow_labels = allow;
     }
@@ -128,6 +132,12 @@ fn updated(mut spec: RoleSpec, a: RoleUpdateArgs) -> Option<RoleSpec> {
     if a.require_session_mfa || a.no_require_session_mfa {
         spec.require_session_mfa = a.require_session_mfa;
     }
+    if let Some(j) = a.join_sessions {
+        spec.join_sessions = nonempty(j);
+    }
+    if let Some(m) = a.require_moderator {
+        spec.require_moderator = m;
+    }
     asked.then_some(spec)
 }
 
@@ -144,7 +154,7 @@ pub async fn update(s: &mut Session, a: RoleUpdateArgs) -> anyhow::Result<()> {
         bail!(
             "nothing to change: give --allow, --deny, --[no-]pty, --[no-]port-forwarding, \
              --[no-]agent-forwarding, --max-session-ttl, --request-roles, --review-roles or \
-             --[no-]require-session-mfa"
+             --[no-]require-session-mfa, --join-sessions or --require-moderator"
         );
     };
     match s.call(Request::RoleUpsert(spec)).await? {
@@ -162,7 +172,16 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
         Format::Json | Format::Yaml => print_as(a.format, &json_list(&roles, role_json)),
         Format::Text => {
             let mut t = Table::new(&[
-                "NAME", "DEVICES", "DENY", "PTY", "FORWARD", "AGENT", "MAX TTL", "USERS",
+                "NAME",
+                "DEVICES",
+                "DENY",
+                "PTY",
+                "FORWARD",
+                "AGENT",
+                "MAX TTL",
+                "JOIN",
+                "MODERATED",
+                "USERS",
             ]);
             for r in &roles {
                 let sp = &r.spec;
@@ -182,6 +201,8 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     yes_no(sp.permit_port_forwarding),
                     yes_no(sp.permit_agent_forwarding),
                     duration_text(sp.max_session_ttl),
+                    csv(&sp.join_sessions),
+                    rules_text(&sp.require_moderator),
                     csv(&r.users),
                 ]);
             }
@@ -208,6 +229,8 @@ fn role_json(r: &RoleInfo) -> serde_json::Value {
         "request_roles": r.spec.request_roles,
         "review_roles": r.spec.review_roles,
         "require_session_mfa": r.spec.require_session_mfa,
+        "join_sessions": r.spec.join_sessions,
+        "require_moderator": r.spec.require_moderator,
         "users": r.users,
     })
 }
@@ -252,6 +275,8 @@ mod tests {
             review_roles: None,
             require_session_mfa: false,
             no_require_session_mfa: false,
+            join_sessions: None,
+            require_moderator: None,
         }
     }
 
@@ -268,8 +293,22 @@ mod tests {
             request_roles: Vec::new(),
             review_roles: Vec::new(),
             require_session_mfa: false,
+            join_sessions: Vec::new(),
+            require_moderator: BTreeMap::new(),
         };
         assert!(updated(spec.clone(), args("field")).is_none());
+        let got = updated(
+            spec.clone(),
+            RoleUpdateArgs {
+                join_sessions: Some(vec!["observer".into(), "peer".into()]),
+                require_moderator: Some(parse_label_rules("fleet=medical").unwrap()),
+                ..args("field")
+            },
+        )
+        .unwrap();
+        assert_eq!(got.join_sessions, ["observer", "peer"]);
+        assert_eq!(got.require_moderator["fleet"], ["medical"]);
+        assert_eq!(got.allow_labels, spec.allow_labels);
         let got = updated(
             spec.clone(),
             RoleUpdateArgs {
