@@ -314,18 +314,19 @@ pub async fn run_with(
     // gateway said no): the wait then probes the gateway (`gateway_probe`).
     let mut silent = false;
     let mut silent_since: Option<Instant> = None;
-    // Whether an answered probe may cut the attempt in flight short, once per failure: its
-    // handshake packets went into the void, and their retransmission timers (QUIC's PTO,
-    // TCP's SYN backoff) would make it wait seconds more after the path came back.
+    // Whether the path coming back (an answered probe, a route that reappears) may cut the
+    // attempt in flight short, once per failure: its handshake packets went into the void,
+    // and their retransmission timers (QUIC's PTO, TCP's SYN backoff) would make it wait
+    // seconds more after the path came back.
     let mut may_restart = false;
     while !agent.shutdown.is_cancelled() {
         let s = match next.take() {
             Some(s) => Ok(s),
             None => tokio::select! {
                 r = session::connect(&agent, &mut quic) => r,
-                why = probe_if(
-                    std::mem::take(&mut may_restart) && probing(&agent.cfg),
-                    &agent.cfg.gateway,
+                why = path_back(
+                    std::mem::take(&mut may_restart),
+                    &agent.cfg,
                     silent_since.unwrap_or_else(Instant::now),
                 ) => {
                     tracing::info!("{why}; starting a fresh attempt");
@@ -379,6 +380,7 @@ pub async fn run_with(
             Err(e @ SessionError::NoRoute(_)) => {
                 tracing::warn!("cannot connect to the gateway: {e}");
                 unanswered = true;
+                may_restart = true;
             }
             Err(e) => {
                 tracing::warn!("cannot connect to the gateway: {e}");
@@ -397,6 +399,7 @@ pub async fn run_with(
             _ = tokio::time::sleep(wait) => {}
             why = crate::link_watch::route_changes(&agent.cfg.gateway) => {
                 tracing::info!("{why}; reconnecting now");
+                may_restart = false;
             }
             why = probe_if(
                 std::mem::take(&mut silent) && probing(&agent.cfg),
@@ -422,6 +425,18 @@ pub async fn run_with(
 /// Whether this agent probes a silent gateway (QUIC allowed, and not turned off).
 fn probing(cfg: &AgentConfig) -> bool {
     cfg.probe_silent_gateway && cfg.transport != TransportChoice::Tcp
+}
+
+/// While `on`: resolves when the path to the gateway is back, by its route reappearing or
+/// moving (`link_watch`) or by a probe answered (`gateway_probe`); pending otherwise.
+async fn path_back(on: bool, cfg: &AgentConfig, since: Instant) -> String {
+    if !on {
+        return std::future::pending().await;
+    }
+    tokio::select! {
+        why = crate::link_watch::route_changes(&cfg.gateway) => why,
+        why = probe_if(probing(cfg), &cfg.gateway, since) => why,
+    }
 }
 
 /// Probes the gateway over UDP while `on` (see `gateway_probe`); pending otherwise.
