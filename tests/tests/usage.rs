@@ -39,6 +39,12 @@ fn bytes_per_service_reach_tctl_devices_usage() {
     let gw = c.gw.addr.clone();
     c.agents[0].proc.kill9();
     c.agents[0] = Agent::start_joined(&agent_dir, &gw, "dev1", &["--test-usage-every", "1s"]);
+    // The inventory still shows the killed agent's tunnel online: wait for the new one, or
+    // the dial may land on the dead tunnel just as the new one replaces it.
+    assert!(
+        wait_until(Duration::from_secs(60), || c.agents[0].tunnels_up() >= 1),
+        "the restarted agent's tunnel did not come up"
+    );
     wait_online(&c.tctl, "dev1", None, Duration::from_secs(60));
     c.add_user("alice", "root", PW);
     let tsh = Tsh::new(c.dir.join("tsh-home"), c.proxy());
