@@ -84,6 +84,10 @@ fn bytes_per_service_reach_tctl_devices_usage() {
     let ssh_before = bytes(d, "ssh");
     c.agents[0].proc.kill9();
     c.agents[0] = Agent::start_joined(&agent_dir, &gw, "dev1", &["--test-usage-every", "1s"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || c.agents[0].tunnels_up() >= 1),
+        "the restarted agent's tunnel did not come up"
+    );
     wait_online(&c.tctl, "dev1", None, Duration::from_secs(60));
     let r = tsh.run(&["ssh", "root@dev1", "head -c 500000 /dev/zero"], None);
     assert_eq!(r.code(), Some(0), "{}", r.stderr());
