@@ -137,9 +137,32 @@ async fn receive(stream: &mut BoxedStream, me: &Me) -> Result<(PathBuf, u64), Up
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let new = dir.join(format!(".{name}.new"));
-    let mut file = std::fs::File::create(&new).map_err(|e| io("writing the new binary", e))?;
+    // A short read, a full disk or a wrong hash must not leave a partial binary behind.
+    let file = match write_checked(stream, &new, m.size, &m.sha256).await {
+        Ok(file) => file,
+        Err(e) => {
+            let _ = std::fs::remove_file(&new);
+            return Err(e);
+        }
+    };
+    install(&exe, &new, file)?;
+    if let Some(data) = DATA_DIR.get() {
+        edgeport_proto::util::write_private(&data.join(PENDING), m.sha256.as_bytes())
+            .map_err(|e| io("the update marker", e))?;
+    }
+    Ok((exe, m.rollback_secs))
+}
+
+/// Receives `size` bytes into a new file at `path`, which must hash to `sha256` (hex).
+async fn write_checked(
+    stream: &mut BoxedStream,
+    path: &Path,
+    size: u64,
+    sha256: &str,
+) -> Result<std::fs::File, UpdateError> {
+    let mut file = std::fs::File::create(path).map_err(|e| io("writing the new binary", e))?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let (mut left, mut buf) = (m.size, vec![0u8; 64 * 1024]);
+    let (mut left, mut buf) = (size, vec![0u8; 64 * 1024]);
     while left > 0 {
         let want = buf.len().min(usize::try_from(left).unwrap_or(buf.len()));
         let n = stream
@@ -147,7 +170,6 @@ async fn receive(stream: &mut BoxedStream, me: &Me) -> Result<(PathBuf, u64), Up
             .await
             .map_err(|e| io("receiving the binary", e))?;
         if n == 0 {
-            let _ = std::fs::remove_file(&new);
             return Err(UpdateError::Io(format!(
                 "the binary ended {left} bytes short"
             )));
@@ -158,20 +180,14 @@ async fn receive(stream: &mut BoxedStream, me: &Me) -> Result<(PathBuf, u64), Up
         left -= n as u64;
     }
     let got = hex::encode(ctx.finish());
-    if got != m.sha256 {
-        let _ = std::fs::remove_file(&new);
+    if got != sha256 {
         return Err(ManifestError::HashMismatch {
             got,
-            want: m.sha256,
+            want: sha256.to_string(),
         }
         .into());
     }
-    install(&exe, &new, file)?;
-    if let Some(data) = DATA_DIR.get() {
-        edgeport_proto::util::write_private(&data.join(PENDING), m.sha256.as_bytes())
-            .map_err(|e| io("the update marker", e))?;
-    }
-    Ok((exe, m.rollback_secs))
+    Ok(file)
 }
 
 /// Makes `new` executable and durable, keeps the running binary as `NAME.prev`, and renames
