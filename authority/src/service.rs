@@ -117,7 +117,8 @@ fn access(req: &Request) -> Access {
         | Request::SessionMfaCert(_)
         | Request::UpdateOrders
         | Request::UpdateFetch { .. }
-        | Request::UpdateReport { .. } => Access::Gateway,
+        | Request::UpdateReport { .. }
+        | Request::TargetCert { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -154,6 +155,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::AuthorizeDial { .. } => "authorizing dials",
         Request::SignHost { .. } => "signing host certificates",
         Request::TargetList { .. } => "listing targets",
+        Request::TargetCert { .. } => "relaying target certificate requests",
         Request::LockAdd(_) => "adding locks",
         Request::LockRemove { .. } => "removing locks",
         Request::LockList => "listing locks",
@@ -542,6 +544,9 @@ impl Service {
                 ttl_secs,
             } => handlers::targets::sign_host(self, &name, &ssh_public_key, ttl_secs, now),
             Request::TargetList { user } => handlers::targets::list(self, user.as_deref(), now),
+            Request::TargetCert { device_id, req } => {
+                handlers::targets::target_cert(self, caller_name, &device_id, &req, now)
+            }
             Request::LockAdd(spec) => {
                 locks::add(store, &spec, now)?;
                 tracing::info!(target = %locks::describe(&spec.target), "lock added");

@@ -83,6 +83,7 @@ pub enum TunnelRefused {
 enum Done {
     Renew(RelayId, Result<DeviceCerts, RpcError>),
     Audit(RelayId, AuditAck),
+    TargetCert(RelayId, u64, Result<String, RpcError>),
 }
 
 /// Reads the next control frame. The future is kept across `select!` rounds (never dropped
@@ -190,6 +191,9 @@ pub async fn serve(
                 let r = match d {
                     Done::Renew(id, result) => ctl.renew_done(now, id, result),
                     Done::Audit(id, ack) => ctl.audit_done(now, id, ack),
+                    Done::TargetCert(id, agent_id, result) => {
+                        ctl.target_cert_done(now, id, agent_id, result)
+                    }
                 };
                 if let Err(e) = r {
                     tracing::debug!(device = %device_id, "relay result dropped: {e}");
@@ -355,6 +359,15 @@ impl Io {
                     let _ = done.send(Done::Renew(id, r)).await;
                 });
             }
+            GatewayEvent::TargetCert { id, req } => {
+                let (host, done) = (host.clone(), self.done.clone());
+                let device_id = self.device_id.clone();
+                self.host.life.tasks.spawn(async move {
+                    let agent_id = req.id;
+                    let r = target_cert(&host, device_id, req).await;
+                    let _ = done.send(Done::TargetCert(id, agent_id, r)).await;
+                });
+            }
             GatewayEvent::Audit { id, batch } => {
                 let (host, done) = (host.clone(), self.done.clone());
                 let device_id = self.device_id.clone();
@@ -445,6 +458,23 @@ fn describe(reason: CloseReason) -> String {
         CloseReason::LocallyClosed => "closed by the gateway".into(),
         CloseReason::Reset => "connection reset".into(),
         CloseReason::Other(r) => r,
+    }
+}
+
+/// Relays a device's signed request for a per-session target certificate (record mode): the
+/// authority checks the device's signature and the user's certificate, not this gateway's word.
+async fn target_cert(
+    host: &TunnelHost,
+    device_id: String,
+    req: edgeport_proto::targets::TargetCertRequest,
+) -> Result<String, RpcError> {
+    match host.auth.call(Request::TargetCert { device_id, req }).await {
+        Ok(Response::TargetCert { cert, .. }) => Ok(cert),
+        Ok(other) => Err(RpcError::new(
+            ErrorKind::Internal,
+            format!("unexpected answer from the authority: {other:?}"),
+        )),
+        Err(e) => Err(crate::identity::unavailable(&e)),
     }
 }
 

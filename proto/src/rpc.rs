@@ -243,6 +243,14 @@ pub enum Request {
         accepted: bool,
         message: String,
     },
+    /// Gateway: a device's request, relayed from its tunnel, for a per-session certificate
+    /// to log in to one of its targets in record mode (issue 22). The authority believes
+    /// only what the device signed and the user's certificate; answered with `TargetCert`.
+    TargetCert {
+        /// The device whose tunnel carried it (the signature must be that device's).
+        device_id: String,
+        req: crate::targets::TargetCertRequest,
+    },
 }
 
 /// Responses from the authority.
@@ -328,6 +336,11 @@ pub enum Response {
     UpdateChunk(Vec<u8>),
     /// The answer to `AccessAction::LiveSessions`.
     LiveSessions(Vec<LiveSession>),
+    /// The answer to `TargetCert`: the per-session SSH user certificate, OpenSSH line.
+    TargetCert {
+        cert: String,
+        valid_before: u64,
+    },
 }
 
 /// A CA `tctl auth rotate --type` names.

@@ -136,6 +136,79 @@ impl PinnedKey {
     }
 }
 
+/// Domain separation for a device's request of a per-session target certificate.
+const TARGET_CERT_CONTEXT: &[u8] = b"edgeport-target-cert/1\0";
+
+/// A device's request, on its tunnel's control stream, for a per-session SSH certificate to
+/// log in as `login` to its target `target` in record mode (issue 22). The device makes the
+/// session's key pair and sends only the public half. It signs the request with its host key
+/// after its own SSH server checked `user_cert` and saw the user prove the certificate's key,
+/// so a gateway, which relays it, can neither make one nor change one (it can only drop it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetCertRequest {
+    /// The agent's number for matching the answer.
+    pub id: u64,
+    /// The device's SSH host certificate, OpenSSH line (its key signs the request).
+    pub device_cert: String,
+    pub target: String,
+    pub login: String,
+    pub session_id: String,
+    /// The certificate the user logged in to the device with, OpenSSH line.
+    pub user_cert: String,
+    /// The per-session public key, `ssh-ed25519 AAAA...`.
+    pub public_key: String,
+    pub signed_at: u64,
+    /// Ed25519 signature of the device's host key over [`TargetCertRequest::signed_bytes`].
+    pub signature: Vec<u8>,
+}
+
+impl TargetCertRequest {
+    /// The bytes the device signs (everything but `id` and the signature).
+    pub fn signed_bytes(&self, device: &str) -> Vec<u8> {
+        let mut out = TARGET_CERT_CONTEXT.to_vec();
+        for part in [
+            device,
+            &self.target,
+            &self.login,
+            &self.session_id,
+            &self.user_cert,
+            &self.public_key,
+        ] {
+            out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            out.extend_from_slice(part.as_bytes());
+        }
+        out.extend_from_slice(&self.signed_at.to_be_bytes());
+        out
+    }
+
+    /// Checks that `device` made this request: its host certificate from one of `host_cas`,
+    /// valid now and naming `device`; signed at most [`PIN_MAX_AGE_SECS`] ago; the signature
+    /// verifies with the certificate's key.
+    pub fn verify(
+        &self,
+        host_cas: &[russh::keys::ssh_key::PublicKey],
+        device: &str,
+        now: u64,
+    ) -> Result<(), PinError> {
+        use russh::keys::ssh_key::{public::KeyData, Certificate};
+        let cert =
+            Certificate::from_openssh(self.device_cert.trim()).map_err(|_| PinError::Malformed)?;
+        let ca = crate::sshcert::signer_of(&cert, host_cas)
+            .ok_or(crate::sshcert::CertRefusal::BadSignature)?;
+        crate::sshcert::check_host_cert(&cert, ca, device, now)?;
+        let age = now.abs_diff(self.signed_at);
+        if age > PIN_MAX_AGE_SECS {
+            return Err(PinError::Stale(age));
+        }
+        let KeyData::Ed25519(dev) = cert.public_key() else {
+            return Err(PinError::BadSignature);
+        };
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, dev.0)
+            .verify(&self.signed_bytes(device), &self.signature)
+            .map_err(|_| PinError::BadSignature)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

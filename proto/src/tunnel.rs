@@ -59,6 +59,10 @@ pub enum AgentControl {
     /// The agent's byte counters per service since it started (the gateway passes the latest
     /// on with presence).
     Usage(crate::usage::UsageReport),
+    /// A per-session certificate for a record-mode target login (issue 22), signed by this
+    /// device; the gateway relays it to the authority and answers with
+    /// [`GatewayControl::TargetCert`] of the same `id`.
+    TargetCert(crate::targets::TargetCertRequest),
 }
 
 /// Gateway -> agent on the control stream.
@@ -88,6 +92,12 @@ pub enum GatewayControl {
     /// (refuse bulk transfers with that message), `None` when they are within it again.
     Budget {
         exceeded: Option<String>,
+    },
+    /// The authority's answer to [`AgentControl::TargetCert`] `id`: the certificate (OpenSSH
+    /// line) or why not.
+    TargetCert {
+        id: u64,
+        result: Result<String, crate::rpc::RpcError>,
     },
 }
 

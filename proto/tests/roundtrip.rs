@@ -94,22 +94,22 @@ fn past_last_variant<T: serde::de::DeserializeOwned>(n: u8) -> bool {
 #[test]
 fn strategies_cover_every_variant() {
     let all = |n: u8| (0..n).collect::<BTreeSet<u8>>();
-    assert!(past_last_variant::<edgeport_proto::rpc::Request>(65));
-    assert!(past_last_variant::<edgeport_proto::rpc::Response>(39));
-    assert!(past_last_variant::<edgeport_proto::tunnel::AgentControl>(5));
+    assert!(past_last_variant::<edgeport_proto::rpc::Request>(66));
+    assert!(past_last_variant::<edgeport_proto::rpc::Response>(40));
+    assert!(past_last_variant::<edgeport_proto::tunnel::AgentControl>(6));
     assert!(past_last_variant::<edgeport_proto::tunnel::GatewayControl>(
-        8
+        9
     ));
     assert!(past_last_variant::<edgeport_proto::tunnel::JoinReply>(2));
     assert!(past_last_variant::<edgeport_proto::tunnel::ClientRequest>(
         14
     ));
     assert!(past_last_variant::<edgeport_proto::tunnel::ClientReply>(14));
-    assert_eq!(tags(strategies::request()), all(65), "rpc::Request");
-    assert_eq!(tags(strategies::response()), all(39), "rpc::Response");
+    assert_eq!(tags(strategies::request()), all(66), "rpc::Request");
+    assert_eq!(tags(strategies::response()), all(40), "rpc::Response");
     assert_eq!(
         tags(strategies::agent_control()),
-        all(5),
+        all(6),
         "tunnel::AgentControl"
     );
     assert_eq!(

@@ -75,6 +75,133 @@ pub fn list(svc: &Service, user: Option<&str>, now: u64) -> Result<Response, Rpc
     ))
 }
 
+/// How long a per-session target certificate lives: enough for the device to log in.
+pub const TARGET_CERT_TTL_SECS: u64 = 120;
+
+/// `Request::TargetCert` (record mode, issue 22): a device asks for a certificate to log in
+/// as `login` to its target on behalf of the user it just authenticated. Believed only when
+/// the device signed it (its host certificate, from the host CA, naming the device whose
+/// tunnel carried it) and the user's certificate is from the user CA, valid, names `login`,
+/// the user is not locked, the device not removed or locked, and the user's roles (as they
+/// are now) allow `login` and the target's labels (from the device's signed report). The
+/// certificate is for the device's fresh key, principal `login` only, two minutes. Audited.
+pub fn target_cert(
+    svc: &Service,
+    gateway: &str,
+    device_id: &str,
+    req: &edgeport_proto::targets::TargetCertRequest,
+    now: u64,
+) -> Result<Response, RpcError> {
+    let mut who = String::new();
+    let result = sign_target_cert(svc, device_id, req, now, &mut who);
+    let kind = match &result {
+        Ok(_) => "target_cert.issued",
+        Err(_) => "target_cert.refused",
+    };
+    let mut ev = edgeport_proto::audit::AuditEvent::new(kind, now.saturating_mul(1000));
+    ev.user = who.clone();
+    ev.login = req.login.clone();
+    ev.session_id = req.session_id.clone();
+    for (k, v) in [
+        ("gateway", gateway),
+        ("device", device_id),
+        ("target", req.target.as_str()),
+    ] {
+        ev.fields.insert(k.into(), v.to_string());
+    }
+    if let Err(e) = &result {
+        ev.fields.insert("error".into(), e.message.clone());
+        tracing::info!(user = %who, device = %device_id, target = %req.target,
+            "per-session target certificate refused: {}", e.message);
+    }
+    crate::audit::record_own(svc, ev, device_id);
+    result
+}
+
+fn sign_target_cert(
+    svc: &Service,
+    device_id: &str,
+    req: &edgeport_proto::targets::TargetCertRequest,
+    now: u64,
+    who: &mut String,
+) -> Result<Response, RpcError> {
+    use crate::errors::{denied, locked};
+    use edgeport_proto::rpc::LockTarget;
+    let store = svc.store();
+    let cas = svc.ca().bundle();
+    req.verify(&cas.host_cas(), device_id, now)
+        .map_err(|e| denied(format!("the device's request does not count: {e}")))?;
+    let cert = russh::keys::ssh_key::Certificate::from_openssh(req.user_cert.trim())
+        .map_err(|e| invalid(format!("the user's certificate: {e}")))?;
+    let user_cas = cas.user_cas();
+    let ca = edgeport_proto::sshcert::signer_of(&cert, &user_cas)
+        .ok_or_else(|| denied("the user's certificate is not from this cluster's user CA"))?;
+    let grant = edgeport_proto::sshcert::check_user_cert(&cert, ca, &req.login, now)
+        .map_err(|e| denied(format!("the user's certificate does not count: {e}")))?;
+    *who = grant.user.clone();
+    let user = grant.user.clone();
+    crate::handlers::user_certs::check_not_locked(svc, &user, now)?;
+    let subject =
+        users::subject(store, &user)?.ok_or_else(|| not_found(format!("user {user} not found")))?;
+    if cert.valid_after().saturating_add(120) < subject.created {
+        return Err(denied(format!(
+            "the certificate of {user} was issued before this user {user} was created"
+        )));
+    }
+    if devices::revoked(store, device_id)?.is_some() {
+        return Err(denied(format!("device {device_id} was removed")));
+    }
+    let info = devices::lookup(store, device_id, now)?
+        .ok_or_else(|| not_found(format!("device {device_id} not found")))?;
+    if let Some(l) = crate::locks::find(store, &LockTarget::Device(info.id.clone()), now)? {
+        return Err(locked(crate::locks::locked_message(&l)));
+    }
+    let t = targets::find(store, &info, &req.target)?.ok_or_else(|| {
+        not_found(format!(
+            "device {device_id} has no target {:?} (not in its last targets report)",
+            req.target
+        ))
+    })?;
+    let grants = roles::grants(store, &subject.roles)?;
+    if !grants.allows_device(&t.labels) {
+        return Err(denied(format!(
+            "the roles of user {user} ({}) do not allow target {}",
+            grants.extension.roles.join(","),
+            t.address()
+        )));
+    }
+    if !subject.logins.iter().any(|l| l == &req.login) {
+        return Err(denied(format!(
+            "the roles of user {user} do not allow login {:?}",
+            req.login
+        )));
+    }
+    let (key, _) = parse_ed25519_public(&req.public_key)
+        .map_err(|e| invalid(format!("the session key: {e}")))?;
+    let valid_before = now.saturating_add(TARGET_CERT_TTL_SECS);
+    let principals = vec![req.login.clone()];
+    let cert = svc
+        .ca()
+        .sign_ssh_user(&crate::ca::SshUserCert {
+            user: &user,
+            public_key: &key,
+            principals: &principals,
+            valid_after: now.saturating_sub(BACKDATE_SECS),
+            valid_before,
+            permit_pty: grants.permit_pty,
+            permit_port_forwarding: grants.permit_port_forwarding,
+            permit_agent_forwarding: false,
+            roles: &edgeport_proto::sshcert::RolesExtension {
+                user_id: subject.id.clone(),
+                ..grants.extension.clone()
+            },
+        })
+        .map_err(|e| internal("a target certificate", e))?;
+    tracing::info!(user = %user, device = %device_id, target = %req.target, login = %req.login,
+        "per-session target certificate signed");
+    Ok(Response::TargetCert { cert, valid_before })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

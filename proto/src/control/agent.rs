@@ -75,6 +75,11 @@ pub enum AgentEvent {
     Closed,
     /// The device's data budget: `Some(message)` while it is exceeded.
     Budget(Option<String>),
+    /// The authority's answer to [`AgentControl::request_target_cert`] `id`.
+    TargetCert {
+        id: u64,
+        result: Result<String, RpcError>,
+    },
 }
 
 /// Messages the agent drops.
@@ -307,6 +312,9 @@ impl AgentControl {
                     GatewayMsg::Locked { users } => {
                         self.events.push_back(AgentEvent::Locked(users))
                     }
+                    GatewayMsg::TargetCert { id, result } => {
+                        self.events.push_back(AgentEvent::TargetCert { id, result })
+                    }
                     GatewayMsg::Welcome { .. } => self
                         .events
                         .push_back(AgentEvent::Ignored(AgentIgnored::SecondWelcome)),
@@ -410,6 +418,17 @@ impl AgentControl {
         }
         e.renew_pending = true;
         self.transmits.push_back(AgentMsg::Renew { ssh_public_key });
+        Ok(())
+    }
+
+    /// Asks the authority, through the gateway, for a per-session target certificate
+    /// (record mode, issue 22); the answer comes as [`AgentEvent::TargetCert`] of `req.id`.
+    pub fn request_target_cert(
+        &mut self,
+        req: crate::targets::TargetCertRequest,
+    ) -> Result<(), ControlError> {
+        self.established()?;
+        self.transmits.push_back(AgentMsg::TargetCert(req));
         Ok(())
     }
 

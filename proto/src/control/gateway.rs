@@ -64,6 +64,12 @@ pub enum GatewayEvent {
     Renew { id: RelayId, ssh_public_key: String },
     /// Relay this batch to the authority, then call [`GatewayControl::audit_done`].
     Audit { id: RelayId, batch: AuditBatch },
+    /// Relay this per-session target certificate request to the authority, then call
+    /// [`GatewayControl::target_cert_done`].
+    TargetCert {
+        id: RelayId,
+        req: crate::targets::TargetCertRequest,
+    },
     /// A message that changes nothing.
     Ignored(GatewayIgnored),
     /// The machine closed; [`GatewayControl::close_reason`] says why.
@@ -136,6 +142,7 @@ impl GatewayCloseReason {
 enum RelayKind {
     Renew,
     Audit,
+    TargetCert,
 }
 
 impl RelayKind {
@@ -143,6 +150,7 @@ impl RelayKind {
         match self {
             RelayKind::Renew => "renewal",
             RelayKind::Audit => "audit",
+            RelayKind::TargetCert => "target certificate",
         }
     }
 }
@@ -151,6 +159,7 @@ impl RelayKind {
 enum Relay {
     Renew(String),
     Audit(AuditBatch),
+    TargetCert(crate::targets::TargetCertRequest),
 }
 
 #[derive(Debug)]
@@ -292,6 +301,7 @@ impl GatewayControl {
                     }
                     AgentMsg::Renew { ssh_public_key } => Some(Relay::Renew(ssh_public_key)),
                     AgentMsg::Audit(batch) => Some(Relay::Audit(batch)),
+                    AgentMsg::TargetCert(req) => Some(Relay::TargetCert(req)),
                     AgentMsg::Usage(report) => {
                         self.events.push_back(GatewayEvent::Usage(report));
                         None
@@ -414,6 +424,23 @@ impl GatewayControl {
         Ok(())
     }
 
+    /// The authority's answer to target certificate request `id` (the agent's number
+    /// `agent_id`): the certificate or why not.
+    pub fn target_cert_done(
+        &mut self,
+        now: Instant,
+        id: RelayId,
+        agent_id: u64,
+        result: Result<String, RpcError>,
+    ) -> Result<(), ControlError> {
+        self.finish_relay(now, id, RelayKind::TargetCert)?;
+        self.transmits.push_back(GatewayMsg::TargetCert {
+            id: agent_id,
+            result,
+        });
+        Ok(())
+    }
+
     /// The authority's answer to audit batch `id` (errors travel inside the ack).
     pub fn audit_done(
         &mut self,
@@ -517,6 +544,10 @@ fn start_relay(e: &mut Established, events: &mut VecDeque<GatewayEvent>, id: Rel
         Relay::Audit(batch) => {
             e.in_flight.insert(id, RelayKind::Audit);
             events.push_back(GatewayEvent::Audit { id, batch });
+        }
+        Relay::TargetCert(req) => {
+            e.in_flight.insert(id, RelayKind::TargetCert);
+            events.push_back(GatewayEvent::TargetCert { id, req });
         }
     }
 }

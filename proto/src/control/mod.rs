@@ -126,6 +126,7 @@ fn agent_msg_kind(m: &crate::tunnel::AgentControl) -> &'static str {
         M::Ping { .. } => "Ping",
         M::Audit(_) => "Audit",
         M::Usage(_) => "Usage",
+        M::TargetCert(_) => "TargetCert",
     }
 }
 
@@ -141,5 +142,6 @@ fn gateway_msg_kind(m: &crate::tunnel::GatewayControl) -> &'static str {
         M::AuditAck(_) => "AuditAck",
         M::Cas(_) => "Cas",
         M::Budget { .. } => "Budget",
+        M::TargetCert { .. } => "TargetCert",
     }
 }

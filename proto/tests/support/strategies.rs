@@ -743,6 +743,8 @@ pub fn request() -> impl Strategy<Value = Request> {
             ttl_secs
         }),
         os().prop_map(|user| Request::TargetList { user }),
+        (s(), target_cert_request())
+            .prop_map(|(device_id, req)| Request::TargetCert { device_id, req }),
         (s(), of(any::<u64>()))
             .prop_map(|(id, data_budget)| Request::DeviceSetBudget { id, data_budget }),
         (ca_kind(), rotate_action())
@@ -999,6 +1001,8 @@ pub fn response() -> impl Strategy<Value = Response> {
         vec(update_order(), 0..2).prop_map(Response::UpdateOrders),
         bytes().prop_map(Response::UpdateChunk),
         vec(live_session(), 0..2).prop_map(Response::LiveSessions),
+        (s(), any::<u64>())
+            .prop_map(|(cert, valid_before)| Response::TargetCert { cert, valid_before }),
     ]
 }
 
@@ -1050,6 +1054,7 @@ pub fn agent_control() -> impl Strategy<Value = AgentControl> {
             .prop_map(|(seq, rtt_ms)| AgentControl::Ping { seq, rtt_ms }),
         audit_batch().prop_map(AgentControl::Audit),
         usage_report().prop_map(AgentControl::Usage),
+        target_cert_request().prop_map(AgentControl::TargetCert),
     ]
 }
 
@@ -1066,6 +1071,8 @@ pub fn gateway_control() -> impl Strategy<Value = GatewayControl> {
         audit_ack().prop_map(GatewayControl::AuditAck),
         cas().prop_map(GatewayControl::Cas),
         os().prop_map(|exceeded| GatewayControl::Budget { exceeded }),
+        (any::<u64>(), prop_oneof![s().prop_map(Ok), rpc_error().prop_map(Err)])
+            .prop_map(|(id, result)| GatewayControl::TargetCert { id, result }),
     ]
 }
 
@@ -1215,4 +1222,22 @@ pub fn target_info() -> impl Strategy<Value = edgeport_proto::targets::TargetInf
                 }
             },
         )
+}
+
+pub fn target_cert_request() -> impl Strategy<Value = edgeport_proto::targets::TargetCertRequest> + Clone {
+    (any::<u64>(), (s(), s(), s(), s()), (s(), s(), any::<u64>(), bytes())).prop_map(
+        |(id, (device_cert, target, login, session_id), (user_cert, public_key, signed_at, signature))| {
+            edgeport_proto::targets::TargetCertRequest {
+                id,
+                device_cert,
+                target,
+                login,
+                session_id,
+                user_cert,
+                public_key,
+                signed_at,
+                signature,
+            }
+        },
+    )
 }
