@@ -11,6 +11,7 @@
 use std::sync::{Arc, RwLock};
 
 use edgeport_net::BoxedStream;
+use edgeport_proto::targets::TargetCertRequest;
 use edgeport_proto::ticket::{Expected, ReplayGuard};
 use edgeport_proto::tunnel::{Service, StreamHeader};
 use tokio::io::AsyncWriteExt;
@@ -65,8 +66,16 @@ impl Relay {
         }
     }
 
-    /// Relays `stream` to target `name`, or says in one line why not.
-    pub async fn serve(&self, mut stream: BoxedStream, header: StreamHeader, name: &str) {
+    /// Relays `stream` to target `name`, or says in one line why not. A record-mode target
+    /// (`mode=record`) is handed back, connected, for the agent's SSH server to terminate
+    /// (`crate::ssh::record`): tsh then gets this device's signed word that the device's own
+    /// host key is the key of `DEVICE/NAME`, since the device answers for it.
+    pub async fn serve(
+        &self,
+        mut stream: BoxedStream,
+        header: StreamHeader,
+        name: &str,
+    ) -> Option<Handoff> {
         // Who the user is comes from the authority's ticket; the gateway's header only says
         // whom it claims, which the log keeps apart until the ticket is checked.
         let claimed = header.user.clone().unwrap_or_default();
@@ -106,12 +115,24 @@ impl Relay {
         };
         let (device, user) = match checked {
             Ok(d) => d,
-            Err(e) => return say(stream, &refuse(None, e)).await,
+            Err(e) => {
+                say(stream, &refuse(None, e)).await;
+                return None;
+            }
         };
         let Some(t) = self.targets.get(name) else {
             let why = format!("device {device} has no target {name:?} configured");
-            return say(stream, &refuse(Some(&user), why)).await;
+            say(stream, &refuse(Some(&user), why)).await;
+            return None;
         };
+        if t.record && !cfg!(feature = "record-targets") {
+            let why = format!(
+                "target {device}/{name} is set to mode=record, but this agent was built without \
+                 record mode (feature record-targets)"
+            );
+            say(stream, &refuse(Some(&user), why)).await;
+            return None;
+        }
         let mut up = match crate::targets::connect(&t.addr).await {
             Ok(s) => s,
             Err(e) => {
@@ -119,7 +140,8 @@ impl Relay {
                     "target {device}/{name} ({}) is unreachable from the device: {e}",
                     t.addr
                 );
-                return say(stream, &refuse(Some(&user), why)).await;
+                say(stream, &refuse(Some(&user), why)).await;
+                return None;
             }
         };
         let _ = up.set_nodelay(true);
@@ -129,16 +151,30 @@ impl Relay {
             .field("target", name)
             .field("addr", &t.addr)
             .emit();
-        let hello = match &t.hostkey {
-            None => Ok(vec![RELAY_OK]),
-            Some(pin) => self.pin_statement(&device, name, pin),
+        let own_key = self.own_key();
+        let hello = match (&t.hostkey, t.record) {
+            (_, true) => self.pin_statement(&device, name, &own_key),
+            (None, false) => Ok(vec![RELAY_OK]),
+            (Some(pin), false) => self.pin_statement(&device, name, pin),
         };
         let hello = match hello {
             Ok(h) => h,
-            Err(e) => return say(stream, &refuse(Some(&user), e)).await,
+            Err(e) => {
+                say(stream, &refuse(Some(&user), e)).await;
+                return None;
+            }
         };
         if stream.write_all(&hello).await.is_err() {
-            return;
+            return None;
+        }
+        if t.record {
+            return Some(Handoff {
+                stream,
+                header,
+                user,
+                target: t,
+                tcp: up,
+            });
         }
         let copied = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
         let (up_bytes, down_bytes) = copied.unwrap_or_default();
@@ -149,7 +185,29 @@ impl Relay {
             .field("bytes_up", up_bytes)
             .field("bytes_down", down_bytes)
             .emit();
+        None
     }
+
+    /// This device's host key, `ssh-ed25519 BASE64`.
+    fn own_key(&self) -> String {
+        let w = self.who.read();
+        let line = w
+            .ok()
+            .and_then(|w| w.key.as_ref().map(|k| k.public_openssh()))
+            .unwrap_or_default();
+        line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// A record-mode target stream, its ticket checked and the target connected, for the SSH
+/// server to terminate.
+pub struct Handoff {
+    pub stream: BoxedStream,
+    pub header: StreamHeader,
+    /// The user the authority's dial ticket names.
+    pub user: String,
+    pub target: crate::targets::Target,
+    pub tcp: tokio::net::TcpStream,
 }
 
 impl Relay {
@@ -176,6 +234,78 @@ impl Relay {
         let mut out = vec![RELAY_PINNED];
         out.extend(frame);
         Ok(out)
+    }
+}
+
+/// How long a record-mode login waits for the authority's per-session certificate.
+const CERT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+type CertAnswer = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// Per-session target certificates (record mode): requests wait in the outbox until the
+/// tunnel's control loop sends them (`crate::session`); answers come back by id.
+#[derive(Default)]
+pub struct CertBroker {
+    outbox: std::sync::Mutex<Vec<TargetCertRequest>>,
+    pending: std::sync::Mutex<std::collections::BTreeMap<u64, CertAnswer>>,
+    next: std::sync::atomic::AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+/// The agent's one broker.
+pub fn certs() -> &'static CertBroker {
+    static CERTS: std::sync::OnceLock<CertBroker> = std::sync::OnceLock::new();
+    CERTS.get_or_init(CertBroker::default)
+}
+
+impl CertBroker {
+    /// A fresh request number.
+    pub fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
+    /// Sends `req` through the tunnel and waits for the authority's certificate.
+    pub async fn ask(&self, req: TargetCertRequest) -> Result<String, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = req.id;
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(id, tx);
+        }
+        if let Ok(mut o) = self.outbox.lock() {
+            o.push(req);
+        }
+        self.wake.notify_one();
+        let answer = tokio::time::timeout(CERT_TIMEOUT, rx).await;
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&id);
+        }
+        match answer {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the request was dropped".into()),
+            Err(_) => Err(format!(
+                "no answer from the authority within {CERT_TIMEOUT:?} (is the tunnel up?)"
+            )),
+        }
+    }
+
+    /// Resolves when requests wait in the outbox.
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    pub fn take_outbox(&self) -> Vec<TargetCertRequest> {
+        self.outbox
+            .lock()
+            .map(|mut o| std::mem::take(&mut *o))
+            .unwrap_or_default()
+    }
+
+    /// The answer to request `id`.
+    pub fn answer(&self, id: u64, result: Result<String, String>) {
+        let tx = self.pending.lock().ok().and_then(|mut p| p.remove(&id));
+        if let Some(tx) = tx {
+            let _ = tx.send(result);
+        }
     }
 }
 

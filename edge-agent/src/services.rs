@@ -33,6 +33,10 @@ pub trait StreamService: Send + Sync + 'static {
     fn set_locked_users(&self, _users: Vec<String>) {}
     /// The device identity changed (a renewal or a CA rotation).
     fn identity_changed(&self, _ident: &DeviceIdentity) {}
+    /// A record-mode target session (issue 22); only the SSH server serves them.
+    fn serve_record(&self, _h: crate::relay::Handoff) -> ServiceFuture {
+        Box::pin(async {})
+    }
 }
 
 impl StreamService for SshServer {
@@ -43,6 +47,15 @@ impl StreamService for SshServer {
 
     fn set_locked_users(&self, users: Vec<String>) {
         SshServer::set_locked_users(self, users);
+    }
+
+    #[cfg(feature = "record-targets")]
+    fn serve_record(&self, h: crate::relay::Handoff) -> ServiceFuture {
+        let me = self.clone();
+        Box::pin(async move {
+            me.serve_record(h.stream, h.header, h.user, h.target, h.tcp)
+                .await
+        })
     }
 }
 
@@ -146,6 +159,16 @@ impl Services {
         self.host_cas.read().map(|h| h.clone()).unwrap_or_default()
     }
 
+    /// A record-mode target session: the SSH server terminates it (issue 22). The server
+    /// is held until the session ends, so that a lock still reaches it after a renewal.
+    async fn record(&self, h: crate::relay::Handoff) {
+        let session = h.header.session_id.clone();
+        match self.ssh() {
+            Some(ssh) => ssh.serve_record(h).await,
+            None => tracing::warn!(%session, "ssh service not available"),
+        }
+    }
+
     fn ssh(&self) -> Option<Arc<dyn StreamService>> {
         self.ssh.read().ok().and_then(|s| s.clone())
     }
@@ -167,6 +190,7 @@ pub fn ssh_service(ident: &DeviceIdentity) -> Result<Arc<dyn StreamService>, Str
         user_cas,
         device_id: ident.device_id.clone(),
         labels: ident.labels.clone(),
+        host_cas: ident.cas.host_cas(),
     })
     .map_err(|e| e.to_string())?;
     Ok(Arc::new(server))
@@ -221,7 +245,9 @@ pub async fn handle(services: Arc<Services>, mut stream: BoxedStream) {
         }
         Service::Target(name) => {
             let stream = counted(stream, Counted::Target);
-            services.relay.serve(stream, header, &name).await
+            if let Some(h) = services.relay.serve(stream, header, &name).await {
+                services.record(h).await
+            }
         }
         Service::Update => {
             let (cluster, device) = services.me.read().map(|m| m.clone()).unwrap_or_default();

@@ -366,6 +366,9 @@ async fn drive(
                     Err(e) => tracing::error!("rotated CA bundle refused: {e}"),
                 }
             }
+            AgentEvent::TargetCert { id, result } => {
+                crate::relay::certs().answer(id, result.map_err(|e| e.message));
+            }
             AgentEvent::AuditAcked { ack, .. } => {
                 let _ = audit_ack.try_send(ack);
             }
@@ -502,6 +505,14 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                             idle_timeout: agent.cfg.idle_timeout,
                         });
                         ctl.set_keepalive(now, k);
+                    }
+                }
+            }
+            _ = crate::relay::certs().woken() => {
+                for req in crate::relay::certs().take_outbox() {
+                    let id = req.id;
+                    if let Err(e) = ctl.request_target_cert(req) {
+                        crate::relay::certs().answer(id, Err(format!("the tunnel is not up: {e}")));
                     }
                 }
             }

@@ -27,6 +27,9 @@ pub struct Target {
     pub labels: BTreeMap<String, String>,
     /// The pinned host key, `ssh-ed25519 BASE64`.
     pub hostkey: Option<String>,
+    /// `mode=record`: the agent terminates the user's SSH and logs in to the target itself
+    /// with a per-session certificate, recording the session (`crate::ssh::record`).
+    pub record: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub enum TargetError {
     Duplicate(String),
     #[error("hostkey: expected hostkey=ssh-ed25519 AAAA... (the target's Ed25519 host key)")]
     HostKey,
+    #[error("mode={0:?}: expected mode=relay or mode=record")]
+    Mode(String),
 }
 
 /// Why the target list could not be loaded: the file, or which line or flag is wrong.
@@ -93,7 +98,16 @@ pub fn parse_line(line: &str) -> Result<Target, TargetError> {
     }
     let mut labels = BTreeMap::new();
     let mut hostkey = None;
+    let mut record = false;
     while let Some(w) = words.next() {
+        if let Some(mode) = w.strip_prefix("mode=") {
+            record = match mode {
+                "record" => true,
+                "relay" => false,
+                other => return Err(TargetError::Mode(other.into())),
+            };
+            continue;
+        }
         if let Some(kind) = w.strip_prefix("hostkey=") {
             let line = format!("{kind} {}", words.next().unwrap_or_default());
             edgeport_proto::keys::parse_ed25519_public(&line).map_err(|_| TargetError::HostKey)?;
@@ -111,6 +125,7 @@ pub fn parse_line(line: &str) -> Result<Target, TargetError> {
         addr: addr.into(),
         labels,
         hostkey,
+        record,
     })
 }
 
@@ -227,6 +242,9 @@ impl TargetSet {
                 line.push_str(&format!(" {k}={v}"));
             }
             let c = checks.get(&t.name).copied().unwrap_or_default();
+            if t.record {
+                ev = ev.field(&format!("mode.{}", t.name), "record");
+            }
             let up = match (c.at_ms, c.reachable) {
                 (0, _) => "unknown",
                 (_, true) => "yes",
@@ -402,6 +420,12 @@ mod tests {
         let t = parse_line(&format!("ecu1=10.0.0.1:22 hostkey={key} zone=engine")).unwrap();
         assert_eq!(t.hostkey.as_deref(), Some(key.as_str()));
         assert_eq!(t.labels.len(), 1);
+        assert!(!t.record);
+        assert!(parse_line("ecu1=10.0.0.1:22 mode=record").unwrap().record);
+        assert_eq!(
+            parse_line("ecu1=10.0.0.1:22 mode=x"),
+            Err(TargetError::Mode("x".into()))
+        );
         assert_eq!(
             parse_line("ecu1=10.0.0.1:22 hostkey=ssh-ed25519 AAAA"),
             Err(TargetError::HostKey)

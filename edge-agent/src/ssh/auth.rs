@@ -74,24 +74,7 @@ pub fn authorize(
     cert: &Certificate,
     now: u64,
 ) -> Result<Authorized, Refusal> {
-    let ca = edgeport_proto::sshcert::signer_of(cert, policy.user_cas)
-        .ok_or(Refusal::Cert(CertRefusal::BadSignature))?;
-    let grant = check_user_cert(cert, ca, login, now)?;
-    if policy.locked.contains(&grant.user) {
-        return Err(Refusal::Locked(grant.user));
-    }
-    if let Some(stream_user) = policy.stream_user {
-        if stream_user != grant.user {
-            return Err(Refusal::WrongUser {
-                cert: grant.user,
-                stream: stream_user.to_string(),
-            });
-        }
-    }
-    if !grant.roles.allows_device(policy.labels) {
-        return Err(CertRefusal::LabelsDenied.into());
-    }
-    check_session_mfa(&grant.roles, policy.labels, policy.device_id)?;
+    let grant = check_cert(policy, login, cert, now)?;
     let switch_user = process::running_as_root();
     let account = if switch_user {
         policy.accounts.lookup(login)?
@@ -113,6 +96,36 @@ pub fn authorize(
         account,
         switch_user,
     })
+}
+
+/// The certificate checks of [`authorize`] without the local account: user CA, validity,
+/// principal = login, locks, the gateway's user, the roles against `policy.labels` (a
+/// record-mode target's, issue 22), the per-session second factor.
+pub fn check_cert(
+    policy: &Policy<'_>,
+    login: &str,
+    cert: &Certificate,
+    now: u64,
+) -> Result<UserGrant, Refusal> {
+    let ca = edgeport_proto::sshcert::signer_of(cert, policy.user_cas)
+        .ok_or(Refusal::Cert(CertRefusal::BadSignature))?;
+    let grant = check_user_cert(cert, ca, login, now)?;
+    if policy.locked.contains(&grant.user) {
+        return Err(Refusal::Locked(grant.user));
+    }
+    if let Some(stream_user) = policy.stream_user {
+        if stream_user != grant.user {
+            return Err(Refusal::WrongUser {
+                cert: grant.user,
+                stream: stream_user.to_string(),
+            });
+        }
+    }
+    if !grant.roles.allows_device(policy.labels) {
+        return Err(CertRefusal::LabelsDenied.into());
+    }
+    check_session_mfa(&grant.roles, policy.labels, policy.device_id)?;
+    Ok(grant)
 }
 
 /// A per-session second factor certificate opens only the device it names; a device its

@@ -450,7 +450,7 @@ fn window_for(ssh_id: &[u8]) -> Option<u32> {
         .then_some(TSH_WINDOW)
 }
 
-fn publickey_only() -> Auth {
+pub(super) fn publickey_only() -> Auth {
     Auth::Reject {
         proceed_with_methods: Some(russh::MethodSet::from(&[russh::MethodKind::PublicKey][..])),
         partial_success: false,

@@ -21,6 +21,8 @@ mod handler;
 mod passwd;
 mod process;
 mod pty;
+#[cfg(feature = "record-targets")]
+mod record;
 mod remote_forward;
 mod session;
 mod shared;
@@ -43,9 +45,9 @@ use russh::{cipher, Disconnect, MethodKind, MethodSet, Preferred};
 pub use passwd::{AccountFiles, LocalUser};
 
 /// How long a client has to send its SSH identification line.
-const ID_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const ID_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client has to authenticate.
-const AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const AUTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the SSH server needs from the agent.
 #[derive(Clone, Debug)]
@@ -59,6 +61,8 @@ pub struct SshConfig {
     pub device_id: String,
     /// This device's labels, matched against the roles carried in user certificates.
     pub labels: BTreeMap<String, String>,
+    /// The trusted host CAs: record mode checks a target's host certificate against them.
+    pub host_cas: Vec<PublicKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +81,9 @@ pub struct SshServer {
 
 pub(crate) struct Inner {
     config: Arc<russh::server::Config>,
+    /// The server of record-mode target sessions: the device key without its certificate.
+    #[cfg(feature = "record-targets")]
+    record_config: Arc<russh::server::Config>,
     user_cas: Vec<PublicKey>,
     device_id: String,
     labels: BTreeMap<String, String>,
@@ -88,6 +95,12 @@ pub(crate) struct Inner {
     live: Mutex<HashMap<u64, (String, HandleSlot)>>,
     /// Live PTY sessions others may join (`tsh join`), by session id.
     shared: shared::Registry,
+    /// Record mode (issue 22): the device key signs per-session certificate requests with
+    /// its host certificate; the server there presents the bare key (pinned for the target
+    /// in the device's signed statement to tsh), and target host certificates are checked
+    /// against the host CAs.
+    #[cfg(feature = "record-targets")]
+    record: record::RecordIdentity,
 }
 
 /// A connection's russh handle, filled in once the connection is set up.
@@ -191,8 +204,18 @@ impl SshServer {
                 "the agent does not run as root: SSH logins are limited to its own user {own:?}"
             );
         }
+        #[cfg(feature = "record-targets")]
+        let record = record::RecordIdentity::new(&cfg);
+        #[cfg(feature = "record-targets")]
+        let record_config = {
+            let mut c = russh_config(&cfg);
+            c.certificates = Vec::new();
+            Arc::new(c)
+        };
         Ok(SshServer {
             inner: Arc::new(Inner {
+                #[cfg(feature = "record-targets")]
+                record_config,
                 config: Arc::new(russh_config(&cfg)),
                 user_cas: cfg.user_cas,
                 device_id: cfg.device_id,
@@ -203,6 +226,8 @@ impl SshServer {
                 locked: Mutex::new(HashSet::new()),
                 live: Mutex::new(HashMap::new()),
                 shared: Default::default(),
+                #[cfg(feature = "record-targets")]
+                record,
             }),
         })
     }
@@ -299,6 +324,20 @@ impl SshServer {
                     .await;
             });
         }
+    }
+
+    /// Serves a record-mode session to `target` (issue 22) on a stream whose dial ticket
+    /// named `user`; `tcp` is already connected to the target.
+    #[cfg(feature = "record-targets")]
+    pub async fn serve_record(
+        &self,
+        stream: BoxedStream,
+        header: StreamHeader,
+        user: String,
+        target: crate::targets::Target,
+        tcp: tokio::net::TcpStream,
+    ) {
+        record::serve(self.inner.clone(), stream, header, user, target, tcp).await
     }
 
     /// The device id this server answers for.

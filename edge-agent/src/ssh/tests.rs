@@ -133,6 +133,7 @@ impl Fixture {
                 user_cas: vec![user_ca.ssh_public().clone()],
                 device_id: device.to_string(),
                 labels,
+                host_cas: Vec::new(),
             },
             AccountFiles {
                 passwd: dir.join("passwd"),
