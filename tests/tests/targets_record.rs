@@ -120,11 +120,11 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
     assert!(r.stdout().contains("marker-42-rec"), "{}", r.stdout());
     assert!(r.stdout().contains("/dev/pts/"), "{}", r.stdout());
     let starts = wait_events(&c, "session.start", |e| {
-        e["target"] == "ecu1" && e["pty"] == "true"
+        e["target"] == "ecu1" && e["pty"] == true
     });
     let sid = starts
         .iter()
-        .find(|e| e["target"] == "ecu1" && e["pty"] == "true")
+        .find(|e| e["target"] == "ecu1" && e["pty"] == true)
         .unwrap()["session_id"]
         .as_str()
         .unwrap()
