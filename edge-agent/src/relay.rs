@@ -195,7 +195,10 @@ impl Relay {
             .ok()
             .and_then(|w| w.key.as_ref().map(|k| k.public_openssh()))
             .unwrap_or_default();
-        line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+        line.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 

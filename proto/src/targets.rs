@@ -281,4 +281,61 @@ mod tests {
         let rogue_ca = [other.ssh_public().clone()];
         assert!(good.verify(&rogue_ca, "van", "ecu1", 1100).is_err());
     }
+
+    #[test]
+    fn target_cert_requests_need_the_devices_signature() {
+        use super::*;
+        use crate::keys::KeyPair;
+        use russh::keys::ssh_key::certificate::{Builder, CertType};
+        let (ca, dev, gw) = (
+            KeyPair::generate().unwrap(),
+            KeyPair::generate().unwrap(),
+            KeyPair::generate().unwrap(),
+        );
+        let mut b = Builder::new(
+            vec![7u8; 32],
+            dev.ssh_public().key_data().clone(),
+            0,
+            10_000,
+        )
+        .unwrap();
+        b.cert_type(CertType::Host).unwrap().key_id("van").unwrap();
+        b.valid_principal("van").unwrap();
+        let device_cert = b.sign(ca.ssh_private()).unwrap().to_openssh().unwrap();
+        let mut req = TargetCertRequest {
+            id: 1,
+            device_cert,
+            target: "ecu1".into(),
+            login: "root".into(),
+            session_id: "s1".into(),
+            user_cert: "ssh-ed25519-cert-v01@openssh.com AAAA".into(),
+            public_key: gw.public_openssh(),
+            signed_at: 1000,
+            signature: Vec::new(),
+        };
+        req.signature = dev.sign(&req.signed_bytes("van"));
+        let cas = [ca.ssh_public().clone()];
+        assert_eq!(req.verify(&cas, "van", 1100), Ok(()));
+        // Another device's tunnel, a stale request, a gateway's signature, a changed login.
+        assert!(matches!(
+            req.verify(&cas, "bus", 1100),
+            Err(PinError::Cert(_))
+        ));
+        assert!(matches!(
+            req.verify(&cas, "van", 1000 + PIN_MAX_AGE_SECS + 1),
+            Err(PinError::Stale(_))
+        ));
+        let mut forged = req.clone();
+        forged.signature = gw.sign(&req.signed_bytes("van"));
+        assert_eq!(
+            forged.verify(&cas, "van", 1100),
+            Err(PinError::BadSignature)
+        );
+        let mut changed = req.clone();
+        changed.login = "admin".into();
+        assert_eq!(
+            changed.verify(&cas, "van", 1100),
+            Err(PinError::BadSignature)
+        );
+    }
 }

@@ -112,7 +112,10 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
     // replays it.
     let cfg = alice.config();
     let r = run(
-        ssh(&cfg, &["-tt", "root@van/ecu1", "echo marker-$((6*7))-rec; tty"]),
+        ssh(
+            &cfg,
+            &["-tt", "root@van/ecu1", "echo marker-$((6*7))-rec; tty"],
+        ),
         None,
         Duration::from_secs(60),
     );
@@ -215,7 +218,10 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
         let _ = child.kill();
     }
     let out = child.wait_with_output().unwrap();
-    assert!(ended, "the locked user's record-mode session is still running");
+    assert!(
+        ended,
+        "the locked user's record-mode session is still running"
+    );
     assert_ne!(out.status.code(), Some(0));
     assert!(
         wait_until(Duration::from_secs(30), || log()

@@ -155,8 +155,8 @@ impl client::Handler for Upstream {
                     PublicKeyOrCertificate::Certificate(c) => c.public_key().clone(),
                 };
                 (&presented != pin.key_data()).then(|| {
-                    let got = PublicKey::new(presented, "")
-                        .fingerprint(russh::keys::HashAlg::Sha256);
+                    let got =
+                        PublicKey::new(presented, "").fingerprint(russh::keys::HashAlg::Sha256);
                     format!(
                         "host key mismatch: {name} presented {got}, not the key pinned for it \
                          at enrolment ({}); refusing to connect",
@@ -430,7 +430,14 @@ impl RecordHandler {
         });
         reply.accept().await;
         let handle = self.handle.get().cloned();
-        tokio::spawn(from_target(up_read, user_write, tx, ctx.clone(), handle, id));
+        tokio::spawn(from_target(
+            up_read,
+            user_write,
+            tx,
+            ctx.clone(),
+            handle,
+            id,
+        ));
         tokio::spawn(to_target(user_read, up_write.clone(), ctx.clone()));
         self.chans.insert(
             id,
@@ -507,7 +514,12 @@ impl RecordHandler {
         }
     }
 
-    async fn answer(&self, ok: bool, channel: ChannelId, session: &mut Session) -> Result<(), russh::Error> {
+    async fn answer(
+        &self,
+        ok: bool,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
         if ok {
             session.channel_success(channel)
         } else {
@@ -531,11 +543,13 @@ async fn from_target(
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 ctx.record(&data);
-                ctx.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+                ctx.bytes_out
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 user.data_bytes(data).await
             }
             ChannelMsg::ExtendedData { data, ext } => {
-                ctx.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+                ctx.bytes_out
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 user.extended_data_bytes(ext, data).await
             }
             ChannelMsg::ExitStatus { exit_status } => {
@@ -687,7 +701,10 @@ impl russh::server::Handler for RecordHandler {
     ) -> Result<(), Self::Error> {
         let up = match &self.up {
             Some(up) => up.channel_open_session().await,
-            None => return Ok(reply.reject(ChannelOpenFailure::ResourceShortage).await),
+            None => {
+                reply.reject(ChannelOpenFailure::ResourceShortage).await;
+                return Ok(());
+            }
         };
         match up {
             Ok(up) => self.bridge(channel, up, reply, "session").await,
@@ -710,12 +727,14 @@ impl russh::server::Handler for RecordHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let (Some(up), Some(grant)) = (&self.up, &self.grant) else {
-            return Ok(reply.reject(ChannelOpenFailure::ResourceShortage).await);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
         };
         if !grant.permit_port_forwarding {
-            return Ok(reply
+            reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await);
+                .await;
+            return Ok(());
         }
         crate::audit::event("port_forward")
             .session(&self.session_id)
@@ -763,8 +782,10 @@ impl russh::server::Handler for RecordHandler {
         let ok = permitted
             && self
                 .ask_target(channel, async |up| {
-                    up.request_pty(true, term, col_width, row_height, pix_width, pix_height, modes)
-                        .await
+                    up.request_pty(
+                        true, term, col_width, row_height, pix_width, pix_height, modes,
+                    )
+                    .await
                 })
                 .await;
         if let (true, Some(c)) = (ok, self.chans.get_mut(&channel)) {
@@ -845,10 +866,9 @@ impl russh::server::Handler for RecordHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some(c) = self.chans.get(&channel) {
-            let _ = c
-                .up
-                .window_change(col_width, row_height, pix_width, pix_height)
-                .await;
+            let _ =
+                c.up.window_change(col_width, row_height, pix_width, pix_height)
+                    .await;
         }
         Ok(())
     }

@@ -850,6 +850,7 @@ impl Sim {
             | AgentEvent::Locked(_)
             | AgentEvent::Cas(_)
             | AgentEvent::Budget(_)
+            | AgentEvent::TargetCert { .. }
             | AgentEvent::Ignored(_) => {}
             AgentEvent::Renewed(_) | AgentEvent::RenewRefused(_) => self.renew_answers += 1,
             AgentEvent::AuditAcked { id, ack } => {
@@ -891,7 +892,10 @@ impl Sim {
                 let t = self.now + self.delay();
                 self.relays.push((t, id, Some(marker)));
             }
-            GatewayEvent::Rtt(_) | GatewayEvent::Ignored(_) | GatewayEvent::Usage(_) => {}
+            GatewayEvent::Rtt(_)
+            | GatewayEvent::Ignored(_)
+            | GatewayEvent::Usage(_)
+            | GatewayEvent::TargetCert { .. } => {}
             GatewayEvent::Closed => {
                 let t = self.ready_at(false);
                 self.to_agent.push_back((t, Wire::Eof));

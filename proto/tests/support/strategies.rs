@@ -1071,7 +1071,10 @@ pub fn gateway_control() -> impl Strategy<Value = GatewayControl> {
         audit_ack().prop_map(GatewayControl::AuditAck),
         cas().prop_map(GatewayControl::Cas),
         os().prop_map(|exceeded| GatewayControl::Budget { exceeded }),
-        (any::<u64>(), prop_oneof![s().prop_map(Ok), rpc_error().prop_map(Err)])
+        (
+            any::<u64>(),
+            prop_oneof![s().prop_map(Ok), rpc_error().prop_map(Err)]
+        )
             .prop_map(|(id, result)| GatewayControl::TargetCert { id, result }),
     ]
 }
@@ -1224,20 +1227,30 @@ pub fn target_info() -> impl Strategy<Value = edgeport_proto::targets::TargetInf
         )
 }
 
-pub fn target_cert_request() -> impl Strategy<Value = edgeport_proto::targets::TargetCertRequest> + Clone {
-    (any::<u64>(), (s(), s(), s(), s()), (s(), s(), any::<u64>(), bytes())).prop_map(
-        |(id, (device_cert, target, login, session_id), (user_cert, public_key, signed_at, signature))| {
-            edgeport_proto::targets::TargetCertRequest {
-                id,
-                device_cert,
-                target,
-                login,
-                session_id,
-                user_cert,
-                public_key,
-                signed_at,
-                signature,
-            }
-        },
+pub fn target_cert_request(
+) -> impl Strategy<Value = edgeport_proto::targets::TargetCertRequest> + Clone {
+    (
+        any::<u64>(),
+        (s(), s(), s(), s()),
+        (s(), s(), any::<u64>(), bytes()),
     )
+        .prop_map(
+            |(
+                id,
+                (device_cert, target, login, session_id),
+                (user_cert, public_key, signed_at, signature),
+            )| {
+                edgeport_proto::targets::TargetCertRequest {
+                    id,
+                    device_cert,
+                    target,
+                    login,
+                    session_id,
+                    user_cert,
+                    public_key,
+                    signed_at,
+                    signature,
+                }
+            },
+        )
 }
