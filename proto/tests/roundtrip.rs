@@ -114,7 +114,7 @@ fn strategies_cover_every_variant() {
     );
     assert_eq!(
         tags(strategies::gateway_control()),
-        all(8),
+        all(9),
         "tunnel::GatewayControl"
     );
     assert_eq!(tags(strategies::join_reply()), all(2), "tunnel::JoinReply");
