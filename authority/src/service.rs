@@ -117,7 +117,8 @@ fn access(req: &Request) -> Access {
         | Request::SessionMfaCert(_)
         | Request::UpdateOrders
         | Request::UpdateFetch { .. }
-        | Request::UpdateReport { .. } => Access::Gateway,
+        | Request::UpdateReport { .. }
+        | Request::WebSessionCert { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -181,6 +182,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::WebSessionCheck(_) | Request::WebLogout(_) | Request::WebDevicePage { .. } => {
             "relaying web console requests"
         }
+        Request::WebSessionCert { .. } => "relaying web console terminals",
         Request::DeviceUsage { .. } => "reading device usage",
         Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::CaRotate(_) => "rotating CAs",
@@ -626,6 +628,10 @@ impl Service {
             Request::WebDevicePage { proof, after } => {
                 handlers::web::device_page(self, &proof, &after, now)
             }
+            Request::WebSessionCert {
+                proof,
+                ssh_public_key,
+            } => handlers::web::session_cert(self, caller_name, &proof, &ssh_public_key, now),
             Request::AccessRequestUser(signed) => {
                 crate::access_requests::user_action(self, caller_name, &signed, now)
             }

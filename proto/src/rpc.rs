@@ -243,6 +243,14 @@ pub enum Request {
         accepted: bool,
         message: String,
     },
+    /// Gateway: short-lived user certificates for one web console terminal, for the gateway's
+    /// own fresh key `ssh_public_key`. The authority checks the proof itself: a live web
+    /// session whose browser signed `GET /api/terminal/DEVICE/LOGIN` just now. The
+    /// certificates name only that login. Answered with `UserCerts`.
+    WebSessionCert {
+        proof: WebProof,
+        ssh_public_key: String,
+    },
 }
 
 /// Responses from the authority.

@@ -154,6 +154,50 @@ pub fn device_page(
     Ok(Response::DevicePage { devices, more })
 }
 
+/// What a browser signs to open a terminal: `GET` of this prefix, then `DEVICE/LOGIN`.
+pub const TERMINAL_PATH: &str = "/api/terminal/";
+/// Longest life of a web terminal's certificates (also capped by the session's end).
+pub const TERMINAL_CERT_TTL_SECS: u64 = 3600;
+
+/// WebSessionCert: certificates for one terminal of a live web session, for the gateway's
+/// fresh key. The browser's signature must be for opening a terminal (not any other request
+/// of the session a gateway saw), and the certificates name only the login it asked for.
+pub fn session_cert(
+    svc: &Service,
+    gateway: &str,
+    proof: &WebProof,
+    ssh_public_key: &str,
+    now: u64,
+) -> Result<Response, RpcError> {
+    let (_, record) = proven(svc, proof, now)?;
+    let signed = edgeport_proto::web::verify(
+        &record.browser_key,
+        &proof.signed,
+        &proof.signature,
+        now,
+    )
+    .map_err(|e| session_denied(&e.to_string()))?;
+    let (device, login) = signed
+        .path
+        .strip_prefix(TERMINAL_PATH)
+        .and_then(|rest| rest.split_once('/'))
+        .filter(|_| signed.method == "GET")
+        .ok_or_else(|| denied("the browser's signature is not for opening a terminal"))?;
+    let mut subject = users::subject(svc.store(), &record.user)?
+        .ok_or_else(|| session_denied("the user no longer exists"))?;
+    if !subject.logins.iter().any(|l| l == login) {
+        return Err(denied(format!(
+            "{} may not log in as {login:?}",
+            record.user
+        )));
+    }
+    subject.logins = vec![login.to_string()];
+    let ttl = record.expires.saturating_sub(now).min(TERMINAL_CERT_TTL_SECS);
+    let certs = crate::handlers::user_certs::issue(svc, &subject, ssh_public_key, ttl, now)?;
+    tracing::info!(user = %record.user, %device, %login, gateway, valid_before = certs.valid_before, "web console terminal certificate");
+    Ok(Response::UserCerts(certs))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]

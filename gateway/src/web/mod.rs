@@ -9,6 +9,7 @@
 //! authority, the certificate to serve, the shutdown token) rather than the gateway's context.
 
 pub mod session;
+pub mod terminal;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +55,7 @@ connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 struct Web {
     auth: AuthCall,
     sessions: SessionCache,
+    term: Arc<terminal::Term>,
 }
 
 struct Resolver(CertSource);
@@ -75,6 +77,7 @@ pub async fn serve(
     listener: TcpListener,
     cert: CertSource,
     auth: AuthCall,
+    dialer: Arc<crate::dial::Dialer>,
     shutdown: CancellationToken,
 ) {
     let mut tls = match rustls::ServerConfig::builder_with_provider(edgeport_proto::tls::provider())
@@ -91,6 +94,11 @@ pub async fn serve(
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let web = Arc::new(Web {
+        term: Arc::new(terminal::Term {
+            auth: auth.clone(),
+            dialer,
+            shutdown: shutdown.clone(),
+        }),
         auth,
         sessions: SessionCache::default(),
     });
@@ -124,7 +132,8 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), svc);
+                .serve_connection(TokioIo::new(tls), svc)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%addr, "web console connection: {e}") },
@@ -291,6 +300,7 @@ impl Web {
             (Method::GET, "/api/session") => self.session(req).await,
             (Method::GET, "/api/devices") => self.devices(req).await,
             (Method::POST, "/api/logout") => self.logout(req).await,
+            (Method::GET, terminal::PATH) => self.terminal(req, addr),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         };
         secured(resp)
@@ -463,6 +473,46 @@ impl Web {
             .map(device_json)
             .collect();
         json(StatusCode::OK, serde_json::json!({ "devices": shown }))
+    }
+
+    /// Upgrades to the terminal's WebSocket. Only from this origin (a WebSocket is not
+    /// bound by the same-origin policy, and the browser sends the cookie to any page that
+    /// opens one); who it is for is proven by its first message ([`terminal`]).
+    fn terminal(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+        let has_origin = req.headers().contains_key(header::ORIGIN);
+        if !has_origin || !Self::same_origin(&req) {
+            return error(StatusCode::FORBIDDEN, "cross-site WebSocket refused");
+        }
+        let upgrade = req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+            return error(StatusCode::BAD_REQUEST, "a WebSocket upgrade is required");
+        };
+        if !upgrade {
+            return error(StatusCode::BAD_REQUEST, "a WebSocket upgrade is required");
+        }
+        let token = session::token_from_cookies(req.headers());
+        let accept =
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let term = self.term.clone();
+        let on = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            match on.await {
+                Ok(up) => terminal::serve(term, TokioIo::new(up), token, addr).await,
+                Err(e) => tracing::debug!(%addr, "web terminal upgrade: {e}"),
+            }
+        });
+        let mut r = answer(StatusCode::SWITCHING_PROTOCOLS, "text/plain", "");
+        let h = r.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert("sec-websocket-accept", v);
+        }
+        r
     }
 
     async fn logout(&self, req: HttpRequest<Incoming>) -> Resp {

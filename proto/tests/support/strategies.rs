@@ -779,6 +779,10 @@ pub fn request() -> impl Strategy<Value = Request> {
                 message,
             }
         }),
+        (web_proof(), s()).prop_map(|(proof, ssh_public_key)| Request::WebSessionCert {
+            proof,
+            ssh_public_key
+        }),
     ]
 }
 
