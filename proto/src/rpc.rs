@@ -251,6 +251,25 @@ pub enum Request {
         proof: WebProof,
         ssh_public_key: String,
     },
+    /// Gateway: a page of the web session's user's own recordings (as `RecordingPage` for
+    /// tsh, the user taken from the proven session).
+    WebRecordingPage {
+        proof: WebProof,
+        cursor: Option<String>,
+        limit: u32,
+    },
+    /// Gateway: a piece of one of the web session's user's recordings (as `RecordingGet`).
+    WebRecordingGet {
+        proof: WebProof,
+        session_id: String,
+        offset: u64,
+    },
+    /// Gateway: the audit events of the web session's user (`query.user` is replaced by the
+    /// proven session's user). Answered with `AuditPage`.
+    WebAuditSearch {
+        proof: WebProof,
+        query: crate::audit::AuditQuery,
+    },
 }
 
 /// Responses from the authority.

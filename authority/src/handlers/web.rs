@@ -154,6 +154,22 @@ pub fn device_page(
     Ok(Response::DevicePage { devices, more })
 }
 
+/// Whose recordings and events a web session may see: its own user's, as for tsh.
+pub fn viewer(
+    svc: &Service,
+    proof: &WebProof,
+    now: u64,
+) -> Result<crate::audit::Viewer, RpcError> {
+    let (_, record) = proven(svc, proof, now)?;
+    let subject = users::subject(svc.store(), &record.user)?
+        .ok_or_else(|| session_denied("the user no longer exists"))?;
+    Ok(crate::audit::Viewer {
+        name: subject.name,
+        id: subject.id,
+        since_ms: subject.created.saturating_mul(1000),
+    })
+}
+
 /// What a browser signs to open a terminal: `GET` of this prefix, then `DEVICE/LOGIN`.
 pub const TERMINAL_PATH: &str = "/api/terminal/";
 /// Longest life of a web terminal's certificates (also capped by the session's end).
