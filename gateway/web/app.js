@@ -40,7 +40,8 @@ async function signedFetch(url, opts = {}, { withCsrf = true, sign = true } = {}
 
 function showLogin(message) {
   if (timer) { clearInterval(timer); timer = null; }
-  closeTerminal();
+  // An open terminal stays: the gateway ends it with its reason (a lock, say).
+  if (!socket) closeTerminal();
   $('history').hidden = true;
   key = null; csrf = '';
   $('fleet').hidden = true; $('logout').hidden = true; $('login').hidden = false;
@@ -144,12 +145,21 @@ function terminalView(title) {
     term = new window.EdgeportTerm($('term'), (s) => {
       if (socket && socket.readyState === WebSocket.OPEN) socket.send(new TextEncoder().encode(s));
     });
-    window.addEventListener('resize', () => {
-      const [cols, rows] = term.fit();
-      if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ resize: [cols, rows] }));
-    });
+    window.addEventListener('resize', () => resizeTerminal(...term.fit()));
   }
   term.scrollback = []; term.reset(); term.draw();
+}
+
+function resizeTerminal(cols, rows) {
+  term.resize(cols, rows);
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ resize: [cols, rows] }));
+}
+
+// The first message of a terminal's WebSocket: signed by this session's key.
+async function terminalHello(device, login, cols, rows) {
+  const at = Math.floor(Date.now() / 1000);
+  const sig = await sign(`edgeport-web/1\n${at}\nGET\n/api/terminal/${device}/${login}`);
+  return { at, sig, device, login, cols, rows };
 }
 
 // Plays a recording in the terminal, pauses longer than half a second shortened.
@@ -208,6 +218,7 @@ $('login').addEventListener('submit', async (ev) => {
 });
 
 $('logout').addEventListener('click', async () => {
+  closeTerminal();
   const r = await signedFetch('/api/logout', { method: 'POST' });
   showLogin(r.ok ? 'logged out' : (await r.json()).error);
 });
@@ -228,12 +239,11 @@ async function openTerminal(device, login) {
   terminalView(`${login}@${device}`);
   $('term-status').textContent = 'connecting...';
   const [cols, rows] = term.fit();
-  const at = Math.floor(Date.now() / 1000);
-  const sig = await sign(`edgeport-web/1\n${at}\nGET\n/api/terminal/${device}/${login}`);
+  const hello = await terminalHello(device, login, cols, rows);
   const ws = new WebSocket(`wss://${location.host}/api/terminal`);
   socket = ws;
   ws.binaryType = 'arraybuffer';
-  ws.onopen = () => ws.send(JSON.stringify({ at, sig, device, login, cols, rows }));
+  ws.onopen = () => ws.send(JSON.stringify(hello));
   ws.onmessage = (ev) => {
     if (typeof ev.data !== 'string') { term.write(new Uint8Array(ev.data)); return; }
     const m = JSON.parse(ev.data);
@@ -254,4 +264,4 @@ $('rec-refresh').addEventListener('click', loadHistory);
 $('audit-q').addEventListener('input', loadHistory);
 
 // For tests and tools in this page: signed requests with this session's key.
-window.edgeport = { signedFetch };
+window.edgeport = { signedFetch, terminalHello, resizeTerminal };

@@ -229,7 +229,11 @@ mod tests {
     }
 
     fn proof(k: &EcdsaKeyPair, token: &str, at: u64) -> WebProof {
-        let signed = edgeport_proto::web::signed_text(at, "GET", "/api/session");
+        signed_for(k, token, at, "/api/session")
+    }
+
+    fn signed_for(k: &EcdsaKeyPair, token: &str, at: u64, path: &str) -> WebProof {
+        let signed = edgeport_proto::web::signed_text(at, "GET", path);
         let rng = ring::rand::SystemRandom::new();
         let signature = k.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec();
         WebProof {
@@ -367,5 +371,88 @@ mod tests {
         );
         assert!(matches!(add(&svc), Response::UserAdded { .. }));
         refused(check(proof(&browser, &token, now + 10), now + 10));
+    }
+
+    /// A terminal's certificates: only for a live session whose browser signed the opening
+    /// of that terminal, naming only the login it asked for, never past the session's end.
+    #[test]
+    fn terminal_certificates_need_the_browser_signature_for_that_terminal() {
+        let (_tmp, svc) = crate::tests::service();
+        let admin = Caller::Admin("admin".into());
+        let gw = Caller::Gateway("gw-1".into());
+        let now = 1_700_000_000;
+        svc.handle_at(
+            &admin,
+            Request::UserAdd(UserSpec {
+                name: "alice".into(),
+                logins: vec!["root".into(), "pi".into()],
+                password: Some("pw-alice-123".into()),
+                ..Default::default()
+            }),
+            now,
+        );
+        let browser = key();
+        let Response::WebSession(s) = svc.handle_at(
+            &gw,
+            Request::WebLogin(WebLoginRequest {
+                user: "alice".into(),
+                password: "pw-alice-123".into(),
+                otp: None,
+                browser_key: browser.public_key().as_ref().to_vec(),
+                client_addr: "192.0.2.1".into(),
+            }),
+            now,
+        ) else {
+            panic!("no session")
+        };
+        let token = s.token.unwrap();
+        let gateway_key = edgeport_proto::keys::KeyPair::generate().unwrap();
+        let ask = |p: WebProof| {
+            svc.handle_at(
+                &gw,
+                Request::WebSessionCert {
+                    proof: p,
+                    ssh_public_key: gateway_key.public_openssh(),
+                },
+                now,
+            )
+        };
+        // A signature the gateway saw on another request of the session does not do.
+        let e = refused(ask(proof(&browser, &token, now)));
+        assert!(e.message.contains("terminal"), "{e}");
+        // Nor another key, nor a login the user does not have.
+        refused(ask(signed_for(&key(), &token, now, "/api/terminal/van-1/root")));
+        let e = refused(ask(signed_for(&browser, &token, now, "/api/terminal/van-1/admin")));
+        assert!(e.message.contains("admin"), "{e}");
+        let Response::UserCerts(c) = ask(signed_for(&browser, &token, now, "/api/terminal/van-1/pi"))
+        else {
+            panic!("no certificates")
+        };
+        assert_eq!(c.user, "alice");
+        assert_eq!(c.logins, vec!["pi".to_string()]);
+        assert!(c.valid_before <= now + TERMINAL_CERT_TTL_SECS);
+        let cert = russh::keys::Certificate::from_openssh(&c.ssh_cert).unwrap();
+        assert_eq!(cert.valid_principals(), ["pi".to_string()]);
+        // Only gateways relay; a locked user gets none.
+        let terminal = signed_for(&browser, &token, now, "/api/terminal/van-1/pi");
+        assert_eq!(
+            refused(svc.handle_at(
+                &admin,
+                Request::WebSessionCert {
+                    proof: terminal.clone(),
+                    ssh_public_key: gateway_key.public_openssh(),
+                },
+                now
+            ))
+            .kind,
+            ErrorKind::Denied
+        );
+        let lock = LockSpec {
+            target: LockTarget::User("alice".into()),
+            message: "gone".into(),
+            expires: 0,
+        };
+        svc.handle_at(&admin, Request::LockAdd(lock), now);
+        assert_eq!(refused(ask(terminal)).kind, ErrorKind::Locked);
     }
 }

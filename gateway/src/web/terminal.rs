@@ -236,14 +236,13 @@ where
                     }
                 }
                 Some(ChannelMsg::ExitStatus { exit_status }) => exit = Some(exit_status),
-                Some(ChannelMsg::Close) | None => break match exit {
-                    Some(s) => format!("the shell exited with status {s}"),
-                    None => lost_reason(term, &certs.user, &dialled.session_id, &dialled.device_id),
-                },
+                Some(ChannelMsg::Close) | None => {
+                    break end_reason(term, &certs.user, &dialled.session_id, &dialled.device_id, exit)
+                }
                 Some(_) => {}
             },
             _ = cancel.cancelled() => {
-                break lost_reason(term, &certs.user, &dialled.session_id, &dialled.device_id)
+                break end_reason(term, &certs.user, &dialled.session_id, &dialled.device_id, None)
             }
             _ = term.shutdown.cancelled() => break "the gateway is shutting down".to_string(),
         }
@@ -252,9 +251,15 @@ where
     Ok(why)
 }
 
-/// Why a session ended without an exit status: a lock the gateway cut it for, or one the
-/// agent acted on (the gateway knows the same locks), else a lost connection.
-fn lost_reason(term: &Term, user: &str, session_id: &str, device: &str) -> String {
+/// Why a session ended: a lock the gateway cut it for, or one the agent acted on (the
+/// gateway knows the same locks), else the shell's exit or a lost connection.
+fn end_reason(
+    term: &Term,
+    user: &str,
+    session_id: &str,
+    device: &str,
+    exit: Option<u32>,
+) -> String {
     use edgeport_proto::rpc::LockTarget;
     if let Some(r) = term.dialer.sessions.why_ended(user, session_id) {
         return format!("session cut: {r}");
@@ -268,7 +273,10 @@ fn lost_reason(term: &Term, user: &str, session_id: &str, device: &str) -> Strin
             return format!("session cut: {}", e.message);
         }
     }
-    "the connection to the device was lost".to_string()
+    match exit {
+        Some(s) => format!("the shell exited with status {s}"),
+        None => "the connection to the device was lost".to_string(),
+    }
 }
 
 fn ssh_config() -> client::Config {
