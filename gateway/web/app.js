@@ -19,7 +19,7 @@ let playing = null; // the recording being played
 
 const hex = (buf) => Array.from(new Uint8Array(buf), (b) => b.toString(16).padStart(2, '0')).join('');
 
-async function sign(text) {
+async function signText(text) {
   return hex(await crypto.subtle.sign({ name: 'ECDSA', hash: 'SHA-256' }, key.privateKey,
     new TextEncoder().encode(text)));
 }
@@ -32,7 +32,7 @@ async function signedFetch(url, opts = {}, { withCsrf = true, sign = true } = {}
     const path = new URL(url, location.href).pathname;
     const text = `edgeport-web/1\n${at}\n${method}\n${path}`;
     headers['X-Edgeport-Time'] = String(at);
-    headers['X-Edgeport-Signature'] = await sign(text);
+    headers['X-Edgeport-Signature'] = await signText(text);
   }
   if (withCsrf && method !== 'GET' && csrf) headers['X-CSRF-Token'] = csrf;
   return fetch(url, Object.assign({ credentials: 'same-origin' }, opts, { method, headers }));
@@ -129,7 +129,7 @@ async function loadHistory() {
         const tr = document.createElement('tr');
         const details = [['user', e.user], ['login', e.login], ['session', e.session_id]]
           .concat(Object.entries(e.fields || {})).filter(([, v]) => v).map(([k, v]) => `${k}=${v}`).join(' ');
-        tr.append(cell(new Date(e.time_ms).toLocaleString()), cell(e.kind), cell(e.device || ''), cell(details));
+        tr.append(cell(new Date(e.time_ms).toLocaleString()), cell(e.type || e.kind), cell(e.device || ''), cell(details));
         return tr;
       });
     $('audit-events').replaceChildren(...rows);
@@ -158,7 +158,7 @@ function resizeTerminal(cols, rows) {
 // The first message of a terminal's WebSocket: signed by this session's key.
 async function terminalHello(device, login, cols, rows) {
   const at = Math.floor(Date.now() / 1000);
-  const sig = await sign(`edgeport-web/1\n${at}\nGET\n/api/terminal/${device}/${login}`);
+  const sig = await signText(`edgeport-web/1\n${at}\nGET\n/api/terminal/${device}/${login}`);
   return { at, sig, device, login, cols, rows };
 }
 

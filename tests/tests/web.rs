@@ -347,7 +347,8 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     let mut b = Browser::start();
     b.login(&url, "bob", "");
     assert!(b.wait_text("#who", "bob").0);
-    assert!(b.wait_text("#devices", "van-1").0);
+    let (fleet, text) = b.wait_text("#devices", "van-1");
+    assert!(fleet, "{text:?} {}", b.eval("document.body.innerText"));
 
     // Without the browser key's signature (a cookie alone): no terminal.
     let why = raw_terminal(
