@@ -3,7 +3,7 @@
 // one command at a time: each line on stdin is a JSON command, each answer one JSON line on
 // stdout. Ops: open {url}, fill {sel, value}, click {sel}, waitText {sel, text, timeoutMs},
 // text {sel}, shot {path, sel?, fullPage?}, type {sel, text, enter?} (keystrokes into the
-// focused element), cookies, setCookies {cookies}, eval {js} (an expression, awaited
+// focused element), press {sel, key}, cookies, setCookies {cookies}, eval {js} (an expression, awaited
 // in the page), quit. Errors answer {"error": "..."}.
 // Usage: NODE_PATH=/var/cache/edgeport-peers/node/node_modules node web-console.js
 // Env: CHROMIUM (default /usr/bin/chromium). Only loopback addresses may be contacted.
@@ -58,6 +58,7 @@ async function main() {
         case 'type': await page.focus(c.sel); await page.keyboard.type(c.text);
           if (c.enter) await page.keyboard.press('Enter');
           out = {}; break;
+        case 'press': await page.focus(c.sel); await page.keyboard.press(c.key); out = {}; break;
         case 'cookies': out = { cookies: await context.cookies() }; break;
         case 'setCookies': await context.addCookies(c.cookies); out = {}; break;
         case 'eval': out = { value: await page.evaluate(c.js) }; break;

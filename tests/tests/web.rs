@@ -363,6 +363,20 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
     let (ready, status) = b.wait_text("#term-status", "recorded");
     assert!(ready, "the terminal did not open: {status}");
+    // Typed once the shell's prompt shows, as a person would; a login shell whose startup
+    // files hang (a developer's dotfiles) is interrupted with Ctrl-C, as a person would.
+    let prompt = |b: &mut Browser, secs| {
+        wait_until(Duration::from_secs(secs), || {
+            b.eval("document.getElementById('term').textContent.trim().length")
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        })
+    };
+    if !prompt(&mut b, 10) {
+        b.cmd(json!({"op": "press", "sel": "#term", "key": "Control+c"}));
+        assert!(prompt(&mut b, 30), "no prompt in the terminal");
+    }
     b.cmd(json!({"op": "type", "sel": "#term", "text": "echo hello-web", "enter": true}));
     let (out, text) = b.wait_text("#term", "\nhello-web");
     assert!(out, "no command output in the terminal: {text:?}");

@@ -193,20 +193,38 @@ where
         .map_err(|e| format!("cannot open a session: {e}"))?;
     let (cols, rows) = (hello.cols.clamp(10, 500), hello.rows.clamp(2, 300));
     channel
-        .request_pty(false, "xterm", cols, rows, 0, 0, &[])
+        .request_pty(true, "xterm", cols, rows, 0, 0, &[])
         .await
         .map_err(|e| e.to_string())?;
     channel
-        .request_shell(false)
+        .request_shell(true)
         .await
         .map_err(|e| e.to_string())?;
     let (mut read, write) = channel.split();
+    // Ready once the device said yes to both (what the shell prints meanwhile is kept).
+    let mut early = Vec::new();
+    let mut yes = 0;
+    while yes < 2 {
+        match tokio::time::timeout(SSH_TIMEOUT, read.wait()).await {
+            Ok(Some(ChannelMsg::Success)) => yes += 1,
+            Ok(Some(ChannelMsg::Data { data })) => early.push(data),
+            Ok(Some(ChannelMsg::Failure)) => {
+                return Err(format!("{} refused a terminal", hello.device))
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(format!("{} closed the session", hello.device)),
+            Err(_) => return Err(format!("{} did not start a shell in time", hello.device)),
+        }
+    }
     let _ = tx
         .send(text(serde_json::json!({ "ready": {
             "session_id": dialled.session_id, "device": dialled.device_id,
             "user": certs.user, "login": hello.login,
         }})))
         .await;
+    for data in early {
+        let _ = tx.send(Message::Binary(data.to_vec().into())).await;
+    }
     tracing::info!(user = %certs.user, device = %dialled.device_id, session = %dialled.session_id, "web terminal opened");
     let cancel = dialled.registered.cancel.clone();
     let mut exit: Option<u32> = None;
