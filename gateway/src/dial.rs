@@ -490,7 +490,9 @@ pub async fn dial_for_web(
     crate::metrics::dial(&result);
     audit_dial(who, target, &Service::Ssh, addr, &result);
     let d = result?;
-    let registered = dialer.sessions.register(&d.device_id, &who.name, &d.session_id);
+    let registered = dialer
+        .sessions
+        .register(&d.device_id, &who.name, &d.session_id);
     Ok(WebDial {
         stream: d.stream,
         session_id: d.session_id,

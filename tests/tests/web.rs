@@ -2,7 +2,8 @@
 //! gateway (`--web-addr`) and agents: login with password and one-time code, the fleet view
 //! (only the devices the user's roles allow, with a label filter), and the security
 //! properties: no cookie, no browser signature, no CSRF token, a logged-out session and a
-//! locked user are all refused, and the cookie is `Secure; HttpOnly; SameSite=Strict`.
+//! locked user are all refused, and the cookie is `Secure; HttpOnly; SameSite=Strict`. The
+//! terminal: a shell typed into and read from the page, recorded, played back, cut by a lock.
 
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]

@@ -155,11 +155,7 @@ pub fn device_page(
 }
 
 /// Whose recordings and events a web session may see: its own user's, as for tsh.
-pub fn viewer(
-    svc: &Service,
-    proof: &WebProof,
-    now: u64,
-) -> Result<crate::audit::Viewer, RpcError> {
+pub fn viewer(svc: &Service, proof: &WebProof, now: u64) -> Result<crate::audit::Viewer, RpcError> {
     let (_, record) = proven(svc, proof, now)?;
     let subject = users::subject(svc.store(), &record.user)?
         .ok_or_else(|| session_denied("the user no longer exists"))?;
@@ -186,13 +182,9 @@ pub fn session_cert(
     now: u64,
 ) -> Result<Response, RpcError> {
     let (_, record) = proven(svc, proof, now)?;
-    let signed = edgeport_proto::web::verify(
-        &record.browser_key,
-        &proof.signed,
-        &proof.signature,
-        now,
-    )
-    .map_err(|e| session_denied(&e.to_string()))?;
+    let signed =
+        edgeport_proto::web::verify(&record.browser_key, &proof.signed, &proof.signature, now)
+            .map_err(|e| session_denied(&e.to_string()))?;
     let (device, login) = signed
         .path
         .strip_prefix(TERMINAL_PATH)
@@ -208,7 +200,10 @@ pub fn session_cert(
         )));
     }
     subject.logins = vec![login.to_string()];
-    let ttl = record.expires.saturating_sub(now).min(TERMINAL_CERT_TTL_SECS);
+    let ttl = record
+        .expires
+        .saturating_sub(now)
+        .min(TERMINAL_CERT_TTL_SECS);
     let certs = crate::handlers::user_certs::issue(svc, &subject, ssh_public_key, ttl, now)?;
     tracing::info!(user = %record.user, %device, %login, gateway, valid_before = certs.valid_before, "web console terminal certificate");
     Ok(Response::UserCerts(certs))
@@ -421,10 +416,21 @@ mod tests {
         let e = refused(ask(proof(&browser, &token, now)));
         assert!(e.message.contains("terminal"), "{e}");
         // Nor another key, nor a login the user does not have.
-        refused(ask(signed_for(&key(), &token, now, "/api/terminal/van-1/root")));
-        let e = refused(ask(signed_for(&browser, &token, now, "/api/terminal/van-1/admin")));
+        refused(ask(signed_for(
+            &key(),
+            &token,
+            now,
+            "/api/terminal/van-1/root",
+        )));
+        let e = refused(ask(signed_for(
+            &browser,
+            &token,
+            now,
+            "/api/terminal/van-1/admin",
+        )));
         assert!(e.message.contains("admin"), "{e}");
-        let Response::UserCerts(c) = ask(signed_for(&browser, &token, now, "/api/terminal/van-1/pi"))
+        let Response::UserCerts(c) =
+            ask(signed_for(&browser, &token, now, "/api/terminal/van-1/pi"))
         else {
             panic!("no certificates")
         };

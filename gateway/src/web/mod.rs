@@ -504,8 +504,7 @@ impl Web {
             return error(StatusCode::BAD_REQUEST, "a WebSocket upgrade is required");
         }
         let token = session::token_from_cookies(req.headers());
-        let accept =
-            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let term = self.term.clone();
         let on = hyper::upgrade::on(req);
         tokio::spawn(async move {
@@ -556,7 +555,10 @@ impl Web {
                 StatusCode::OK,
                 serde_json::json!({ "recordings": recordings, "next": next }),
             ),
-            Ok(_) => error(StatusCode::BAD_GATEWAY, "unexpected answer from the authority"),
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
             Err(r) => r,
         }
     }
@@ -593,7 +595,10 @@ impl Web {
                     }
                 }
                 Ok(_) => {
-                    return error(StatusCode::BAD_GATEWAY, "unexpected answer from the authority")
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "unexpected answer from the authority",
+                    )
                 }
                 Err(r) => return r,
             }
@@ -622,7 +627,10 @@ impl Web {
                 StatusCode::OK,
                 serde_json::json!({ "events": p.events, "next": p.next }),
             ),
-            Ok(_) => error(StatusCode::BAD_GATEWAY, "unexpected answer from the authority"),
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
             Err(r) => r,
         }
     }
