@@ -117,7 +117,11 @@ fn access(req: &Request) -> Access {
         | Request::SessionMfaCert(_)
         | Request::UpdateOrders
         | Request::UpdateFetch { .. }
-        | Request::UpdateReport { .. } => Access::Gateway,
+        | Request::UpdateReport { .. }
+        | Request::WebSessionCert { .. }
+        | Request::WebRecordingPage { .. }
+        | Request::WebRecordingGet { .. }
+        | Request::WebAuditSearch { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -181,6 +185,11 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::WebSessionCheck(_) | Request::WebLogout(_) | Request::WebDevicePage { .. } => {
             "relaying web console requests"
         }
+        Request::WebSessionCert { .. } => "relaying web console terminals",
+        Request::WebRecordingPage { .. } | Request::WebRecordingGet { .. } => {
+            "relaying web console recordings"
+        }
+        Request::WebAuditSearch { .. } => "relaying web console audit searches",
         Request::DeviceUsage { .. } => "reading device usage",
         Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::CaRotate(_) => "rotating CAs",
@@ -625,6 +634,30 @@ impl Service {
             Request::WebLogout(p) => handlers::web::logout(self, &p, now),
             Request::WebDevicePage { proof, after } => {
                 handlers::web::device_page(self, &proof, &after, now)
+            }
+            Request::WebSessionCert {
+                proof,
+                ssh_public_key,
+            } => handlers::web::session_cert(self, caller_name, &proof, &ssh_public_key, now),
+            Request::WebRecordingPage {
+                proof,
+                cursor,
+                limit,
+            } => {
+                let viewer = handlers::web::viewer(self, &proof, now)?;
+                crate::audit::recording_page(self, Some(&viewer), cursor.as_deref(), limit)
+            }
+            Request::WebRecordingGet {
+                proof,
+                session_id,
+                offset,
+            } => {
+                let viewer = handlers::web::viewer(self, &proof, now)?;
+                crate::audit::recording(self, &session_id, Some(&viewer), offset)
+            }
+            Request::WebAuditSearch { proof, mut query } => {
+                query.user = Some(handlers::web::viewer(self, &proof, now)?.name);
+                crate::audit::search(self, &query)
             }
             Request::AccessRequestUser(signed) => {
                 crate::access_requests::user_action(self, caller_name, &signed, now)

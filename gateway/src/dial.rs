@@ -504,6 +504,38 @@ async fn serve_dial(
     }
 }
 
+/// A web console terminal's way to a device (`gateway/src/web/terminal.rs`): the same dial
+/// as tsh's (the authority's grant for the certificate, locks, audit), registered among the
+/// live sessions so a lock cuts it, but spoken to by the gateway's own SSH client.
+pub struct WebDial {
+    pub stream: BoxedStream,
+    pub session_id: String,
+    pub device_id: String,
+    /// Cancelled when a lock cuts the session.
+    pub registered: crate::sessions::Registered,
+}
+
+pub async fn dial_for_web(
+    dialer: &Dialer,
+    who: &UserCert,
+    target: &str,
+    addr: SocketAddr,
+) -> Result<WebDial, RpcError> {
+    let result = dial(dialer, who, target, Service::Ssh, addr).await;
+    crate::metrics::dial(&result);
+    audit_dial(who, target, &Service::Ssh, addr, &result);
+    let d = result?;
+    let registered = dialer
+        .sessions
+        .register(&d.device_id, &who.name, &d.session_id);
+    Ok(WebDial {
+        stream: d.stream,
+        session_id: d.session_id,
+        device_id: d.device_id,
+        registered,
+    })
+}
+
 /// The audit event of a user's dial, allowed or not.
 fn audit_dial(
     who: &UserCert,

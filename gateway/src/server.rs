@@ -110,6 +110,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         peers,
     };
     let kube_tls = Arc::new(TlsCache::new(identity.clone()));
+    let dialer = Arc::new(Dialer {
+        reach: reach.clone(),
+        sessions: sessions.clone(),
+        tickets: Arc::default(),
+        life: life.clone(),
+        request_timeout: cfg.handshake_timeout,
+        splice_dump: cfg.splice_dump.clone(),
+    });
     let routes = Arc::new(Routes {
         tunnel: Arc::new(TunnelHost {
             auth: auth.clone(),
@@ -121,14 +129,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
             handshake_timeout: cfg.handshake_timeout,
             idle_timeout: cfg.tunnel_idle_timeout,
         }),
-        dial: Arc::new(Dialer {
-            reach: reach.clone(),
-            sessions: sessions.clone(),
-            tickets: Arc::default(),
-            life: life.clone(),
-            request_timeout: cfg.handshake_timeout,
-            splice_dump: cfg.splice_dump.clone(),
-        }),
+        dial: dialer.clone(),
         kube: Arc::new(Front::new(
             reach,
             sessions.clone(),
@@ -182,6 +183,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
                 auth.clone(),
                 identity.clone(),
                 public.clone(),
+                dialer,
                 shutdown.clone(),
             )
             .await?,
@@ -263,6 +265,7 @@ async fn start_web(
     auth: Arc<AuthorityClient>,
     identity: IdentityCell,
     public: PublicCert,
+    dialer: Arc<Dialer>,
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()>, ServerError> {
     let listener = TcpListener::bind(addr)
@@ -285,7 +288,7 @@ async fn start_web(
             edgeport_proto::tls::certified_key(me.chain.clone(), me.key()).ok()
         })
     });
-    Ok(crate::web::serve(listener, cert, call, shutdown))
+    Ok(crate::web::serve(listener, cert, call, dialer, shutdown))
 }
 
 /// Renews the gateway's certificate when less than a third of its validity is left.
