@@ -169,7 +169,7 @@ pub fn viewer(svc: &Service, proof: &WebProof, now: u64) -> Result<crate::audit:
 /// What a browser signs to open a terminal: `GET` of this prefix, then `DEVICE/LOGIN`.
 pub const TERMINAL_PATH: &str = "/api/terminal/";
 /// Longest life of a web terminal's certificates (also capped by the session's end).
-pub const TERMINAL_CERT_TTL_SECS: u64 = 3600;
+pub const TERMINAL_CERT_TTL_SECS: u64 = 120;
 
 /// WebSessionCert: certificates for one terminal of a live web session, for the gateway's
 /// fresh key. The browser's signature must be for opening a terminal (not any other request
@@ -204,7 +204,16 @@ pub fn session_cert(
         .expires
         .saturating_sub(now)
         .min(TERMINAL_CERT_TTL_SECS);
-    let certs = crate::handlers::user_certs::issue(svc, &subject, ssh_public_key, ttl, now)?;
+    // Bound to the one device the browser asked for: the gateway holds this key, and a
+    // compromised gateway must not carry it to other devices.
+    let certs = crate::handlers::user_certs::issue_bound(
+        svc,
+        &subject,
+        ssh_public_key,
+        ttl,
+        now,
+        Some(device),
+    )?;
     tracing::info!(user = %record.user, %device, %login, gateway, valid_before = certs.valid_before, "web console terminal certificate");
     Ok(Response::UserCerts(certs))
 }
@@ -439,6 +448,14 @@ mod tests {
         assert!(c.valid_before <= now + TERMINAL_CERT_TTL_SECS);
         let cert = russh::keys::Certificate::from_openssh(&c.ssh_cert).unwrap();
         assert_eq!(cert.valid_principals(), ["pi".to_string()]);
+        // Only for the device the browser named.
+        let roles: edgeport_proto::sshcert::RolesExtension = serde_json::from_str(
+            cert.extensions()
+                .get(edgeport_proto::sshcert::EXT_ROLES)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(roles.mfa_device, "van-1");
         // Only gateways relay; a locked user gets none.
         let terminal = signed_for(&browser, &token, now, "/api/terminal/van-1/pi");
         assert_eq!(
