@@ -59,6 +59,11 @@ pub fn rotate(svc: &Service, req: CaRotateRequest, now: u64) -> Result<Response,
             .map(|r| r.phase.clone())
             .unwrap_or_default();
         tracing::info!(ca = req.kind.as_str(), %phase, "CA rotation: phase changed");
+        if let Some((path, addr)) = svc.admin_identity.get() {
+            if let Err(e) = crate::admin_identity::ensure(svc.ca(), path, addr) {
+                tracing::warn!("cannot refresh the administrator identity: {e}");
+            }
+        }
         let host_signer = |v: &[CaRotation]| {
             v.iter()
                 .find(|r| r.kind == CaKind::Host)
