@@ -179,20 +179,25 @@ impl CaBundle {
         if fresh.cluster != self.cluster {
             return Err(BundleError::Changed("cluster"));
         }
-        if fresh.ca_pin == self.ca_pin {
+        fresh.endorsed_by(&self.x509_pins())
+    }
+
+    /// After [`Self::verify`]: the bundle's x509 CA is one of `pins`, or one of `pins` signed
+    /// this bundle that lists it (an x509 CA rotation).
+    pub fn endorsed_by(&self, pins: &[String]) -> Result<(), BundleError> {
+        if pins.contains(&self.ca_pin) {
             return Ok(());
         }
-        let trusted = self.x509_pins();
-        let ders = fresh
+        let ders = self
             .x509_ca_ders()
             .map_err(|e| BundleError::BadCa(e.to_string()))?;
         for (i, der) in ders.iter().enumerate() {
-            let known = ca_pin(der).is_ok_and(|p| trusted.contains(&p));
-            if known && fresh.signed_by(i, der).is_ok() {
+            let known = ca_pin(der).is_ok_and(|p| pins.contains(&p));
+            if known && self.signed_by(i, der).is_ok() {
                 return Ok(());
             }
         }
-        Err(BundleError::X509Rotated(fresh.ca_pin.clone()))
+        Err(BundleError::X509Rotated(self.ca_pin.clone()))
     }
 
     /// The user CAs trusted now (the first is the one that signs).

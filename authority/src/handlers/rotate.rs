@@ -64,12 +64,14 @@ pub fn rotate(svc: &Service, req: CaRotateRequest, now: u64) -> Result<Response,
                 tracing::warn!("cannot refresh the administrator identity: {e}");
             }
         }
-        let host_signer = |v: &[CaRotation]| {
+        // Devices renew when the host CA or the x509 CA that issues changes.
+        let signers = |v: &[CaRotation]| {
             v.iter()
-                .find(|r| r.kind == CaKind::Host)
+                .filter(|r| r.kind != CaKind::User)
                 .map(|r| r.signing.clone())
+                .collect::<Vec<_>>()
         };
-        if host_signer(&before) != host_signer(&after) {
+        if signers(&before) != signers(&after) {
             svc.spread.host_changed();
         }
     }
@@ -117,7 +119,7 @@ pub fn status(svc: &Service, now: u64) -> Result<Vec<CaRotation>, RpcError> {
         r.gateways_current = count(current);
         r.gateways_total = count(recent.len());
         r.devices_online = count(online.len());
-        r.devices_renewed = if r.kind == CaKind::Host {
+        r.devices_renewed = if r.kind != CaKind::User {
             count(renewed)
         } else {
             0

@@ -242,7 +242,7 @@ pub enum RotateType {
     User,
     /// The host SSH CA (devices' host certificates, dial tickets; tsh trusts it).
     Host,
-    /// The x509 CA (not supported yet: it anchors every tunnel).
+    /// The x509 CA (tunnels, client and server certificates, the CA bundle's signature).
     X509,
 }
 
