@@ -263,18 +263,24 @@ impl crate::rotation::CaKey for X509Ca {
             .iter()
             .find(|b| b.tag() == "CERTIFICATE")
             .ok_or("no certificate")?;
-        X509Ca::new(cluster, key.contents().to_vec(), keys::cert_pem(cert.contents()))
-            .map_err(|e| e.to_string())
+        X509Ca::new(
+            cluster,
+            key.contents().to_vec(),
+            keys::cert_pem(cert.contents()),
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
-/// The x509 CA whose certificate the authority's own TLS server presents: the oldest
-/// trusted one (the CA from before the rotation until it is dropped), so that clients which
-/// have not taken the rotated bundle yet still recognise the authority.
+/// The x509 CA that issues servers' certificates (gateways, the authority's own): the old
+/// one until `update_servers`, so that clients which have not taken the rotated bundle yet
+/// (a device reconnecting during `init` or `update_clients`, a first `tsh login` with the
+/// old pin) still recognise the servers and can fetch it; clients' certificates come from
+/// the new CA from `update_clients` on.
 fn server_ca(x509: &RotatingCa<X509Ca>) -> &X509Ca {
     use crate::rotation::Phase;
     match (x509.phase, &x509.other) {
-        (Phase::UpdateClients | Phase::UpdateServers, Some(old)) => old,
+        (Phase::UpdateClients, Some(old)) => old,
         _ => &x509.signing,
     }
 }
@@ -526,24 +532,27 @@ impl CertAuthority {
     /// Where each SSH CA's rotation stands (the progress counters are the caller's).
     pub fn rotations(&self) -> Vec<CaRotation> {
         let ssh = self.ssh();
-        let x509 = (ssh.x509.fingerprints(), ssh.x509.phase, ssh.x509.grace_secs, ssh.x509.drop_at);
+        let x509 = (
+            ssh.x509.fingerprints(),
+            ssh.x509.phase,
+            ssh.x509.grace_secs,
+            ssh.x509.drop_at,
+        );
         [(CaKind::User, &ssh.user), (CaKind::Host, &ssh.host)]
             .into_iter()
             .map(|(kind, ca)| (kind, ca.fingerprints(), ca.phase, ca.grace_secs, ca.drop_at))
             .chain([(CaKind::X509, x509.0, x509.1, x509.2, x509.3)])
-            .map(|(kind, trusted, phase, grace_secs, drop_at)| {
-                CaRotation {
-                    kind,
-                    phase: phase.as_str().to_string(),
-                    signing: trusted.first().cloned().unwrap_or_default(),
-                    trusted,
-                    grace_secs,
-                    drop_at,
-                    gateways_current: 0,
-                    gateways_total: 0,
-                    devices_renewed: 0,
-                    devices_online: 0,
-                }
+            .map(|(kind, trusted, phase, grace_secs, drop_at)| CaRotation {
+                kind,
+                phase: phase.as_str().to_string(),
+                signing: trusted.first().cloned().unwrap_or_default(),
+                trusted,
+                grace_secs,
+                drop_at,
+                gateways_current: 0,
+                gateways_total: 0,
+                devices_renewed: 0,
+                devices_online: 0,
             })
             .collect()
     }
@@ -645,6 +654,13 @@ impl CertAuthority {
         Ok(keys::cert_pem(&self.ssh().issuer.sign(spec)?))
     }
 
+    /// Signs a server's x509 leaf (gateways): from the CA that servers present in this
+    /// phase of an x509 CA rotation (see [`server_ca`]).
+    fn sign_x509_server(&self, spec: &LeafSpec<'_>) -> Result<String, CaError> {
+        let ca = server_ca(&self.ssh().x509).clone();
+        Ok(keys::cert_pem(&ca.issuer()?.sign(spec)?))
+    }
+
     /// A user's x509 client certificate: CN = user, O = Kubernetes groups,
     /// URI SAN `spiffe://CLUSTER/user/NAME`.
     pub fn sign_x509_user(
@@ -717,7 +733,7 @@ impl CertAuthority {
                 .cloned(),
         );
         let uri = [Principal::Gateway(gateway_id.to_string()).spiffe(&self.cluster)];
-        self.sign_x509(&LeafSpec {
+        self.sign_x509_server(&LeafSpec {
             common_name: gateway_id,
             spki_der,
             dns_names: &names,
@@ -870,10 +886,8 @@ mod tests {
         // webpki accepts it (so the CA's signature verifies) as a client certificate chaining to the CA.
         let roots = {
             let mut r = rustls::RootCertStore::empty();
-            r.add(rustls_pki_types::CertificateDer::from(
-                ca.x509_ca_der(),
-            ))
-            .unwrap();
+            r.add(rustls_pki_types::CertificateDer::from(ca.x509_ca_der()))
+                .unwrap();
             std::sync::Arc::new(r)
         };
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -907,9 +921,7 @@ mod tests {
         let der = keys::first_cert_der(&pem).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(rustls_pki_types::CertificateDer::from(
-                ca.x509_ca_der(),
-            ))
+            .add(rustls_pki_types::CertificateDer::from(ca.x509_ca_der()))
             .unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             std::sync::Arc::new(roots),

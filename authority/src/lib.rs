@@ -200,12 +200,7 @@ impl Server {
             shutdown.clone(),
         ));
         tokio::spawn(open_sessions::run(service.clone(), shutdown.clone()));
-        let task = tokio::spawn(rpc_server::serve(
-            listener,
-            tls,
-            service,
-            shutdown.clone(),
-        ));
+        let task = tokio::spawn(rpc_server::serve(listener, tls, service, shutdown.clone()));
         tracing::info!(cluster = %config.cluster, "authority listening on {addr}");
         Ok(Self {
             addr,

@@ -291,7 +291,11 @@ pub fn load<X: CaKey>(
     load_one(&path, f.x509, x509)
 }
 
-fn load_one<K: CaKey>(path: &Path, saved: Option<Saved>, ca: &mut RotatingCa<K>) -> Result<(), String> {
+fn load_one<K: CaKey>(
+    path: &Path,
+    saved: Option<Saved>,
+    ca: &mut RotatingCa<K>,
+) -> Result<(), String> {
     let key = |text: &str| K::from_text(text).map_err(|e| format!("{}: {e}", path.display()));
     if let Some(s) = saved {
         *ca = RotatingCa {

@@ -83,7 +83,10 @@ impl CaWatch {
             tunnels = self.tunnels.len(),
             "the cluster's CA bundle changed (CA rotation); telling every agent"
         );
-        let x509_changed = fresh.x509_ca_pem != ident.cas.x509_ca_pem;
+        // During an x509 CA rotation every phase may change the CA that issues servers'
+        // certificates (the bundle is signed afresh at each step).
+        let x509_changed = fresh.x509_ca_pem != ident.cas.x509_ca_pem
+            || fresh.x509_ca_ders().map_or(0, |d| d.len()) > 1;
         self.tunnels.set_cas(fresh);
         if x509_changed {
             tracing::info!("the cluster's x509 CAs changed; renewing this gateway's certificate");

@@ -388,7 +388,10 @@ mod tests {
         let init = x509_bundle(&[&old, &new], &host);
         init.verify().unwrap();
         assert_eq!(init.x509_ca_ders().unwrap().len(), 2);
-        assert_eq!(tls::split_ders(&init.x509_ca_der().unwrap()).unwrap().len(), 2);
+        assert_eq!(
+            tls::split_ders(&init.x509_ca_der().unwrap()).unwrap().len(),
+            2
+        );
         before.check_successor(&init).unwrap();
         // update_clients: the new CA issues; a holder of the old one only still takes it
         // through the old CA's signature.

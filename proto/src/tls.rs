@@ -145,7 +145,10 @@ pub fn split_ders(mut ders: &[u8]) -> Result<Vec<&[u8]>, TlsError> {
             let len = rest[..n].iter().fold(0usize, |a, b| (a << 8) | *b as usize);
             (len, 2 + n)
         };
-        let end = hdr.checked_add(len).filter(|e| *e <= ders.len()).ok_or_else(bad)?;
+        let end = hdr
+            .checked_add(len)
+            .filter(|e| *e <= ders.len())
+            .ok_or_else(bad)?;
         out.push(&ders[..end]);
         ders = &ders[end..];
     }

@@ -73,6 +73,11 @@ pub fn rotate(svc: &Service, req: CaRotateRequest, now: u64) -> Result<Response,
         };
         if signers(&before) != signers(&after) {
             svc.spread.host_changed();
+        } else if req.action == RotateAction::Rollback {
+            // Rolled back in init: the signing CAs never changed, nothing is to renew.
+            for d in crate::devices::list(svc.store(), now)? {
+                svc.spread.renewed(&d.id);
+            }
         }
     }
     Ok(Response::CaRotations(status(svc, now)?))

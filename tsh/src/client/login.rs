@@ -94,7 +94,10 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
     } else if let Some(cas) = &stored_cas {
         // Every x509 CA of the stored bundle (two during an x509 CA rotation): the stored
         // pin alone would miss a gateway that renewed under the new CA.
-        Trust::Ca(cas.x509_ca_der().map_err(|e| CliError::msg(e.to_string()))?)
+        Trust::Ca(
+            cas.x509_ca_der()
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        )
     } else if let Some(pin) = entry.as_ref().and_then(|e| e.ca_pin.clone()) {
         Trust::Pin(pin)
     } else {
