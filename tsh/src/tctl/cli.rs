@@ -290,7 +290,8 @@ pub enum CaType {
     User,
     /// The host SSH CA as a known_hosts `@cert-authority` line.
     Host,
-    /// The x509 CA certificate (PEM).
+    /// The x509 CA certificates (PEM; two during an x509 CA rotation's grace period).
+    #[value(alias = "x509")]
     Tls,
 }
 
