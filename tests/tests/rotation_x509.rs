@@ -58,7 +58,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 fn rotating_the_x509_ca_keeps_agents_and_a_live_session_working() {
     let ids: Vec<String> = (1..=AGENTS).map(|i| format!("dev{i}")).collect();
     let devices: Vec<(&str, &str)> = ids.iter().map(|i| (i.as_str(), "")).collect();
-    let c = Cluster::start("edge", &devices);
+    let mut c = Cluster::start("edge", &devices);
     c.add_user("alice", "root", PW);
     let old_pin = c.gw.ca_pin.clone();
     // One more device that joins, then stays offline during the whole rotation.
@@ -153,6 +153,15 @@ fn rotating_the_x509_ca_keeps_agents_and_a_live_session_working() {
     assert!(r.contains("phase update_servers"), "{r}");
     assert_eq!(phase(&c), "update_servers");
     assert_eq!(certs_exported(&c), 2);
+    // tctl status shows the phase and both trusted x509 CAs.
+    let st = c.tctl.ok(&["status", "--format", "json"]).json();
+    let row = st["cas"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["type"] == "x509"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(row["phase"], "update_servers", "{st}");
+    assert_eq!(row["trusted"], 2, "{st}");
     // tsh, which took the endorsed bundle at its last login, renews and reaches every device.
     assert!(
         wait_until(Duration::from_secs(60), || tsh
@@ -214,6 +223,25 @@ fn rotating_the_x509_ca_keeps_agents_and_a_live_session_working() {
             .run(&["ssh", id, "true"], None)
             .expect_ok(&format!("ssh {id} after the x509 rotation"));
     }
+
+    // A device restarted now reconnects with its tunnel certificate of the new CA, checking
+    // the gateway's under the new CA only.
+    c.agents[1].restart();
+    let dev2 = &c.agents[1].proc;
+    assert!(
+        wait_until(Duration::from_secs(60), || dev2
+            .log_text()
+            .contains("tunnel up")),
+        "{}",
+        dev2.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || fresh
+            .run(&["ssh", "dev2", "true"], None)
+            .code()
+            == Some(0)),
+        "ssh to a device reconnected after the x509 rotation"
+    );
 
     // The live session went through the whole rotation.
     live.stdin.take().unwrap().write_all(b"still\n").unwrap();
