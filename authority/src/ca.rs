@@ -1029,4 +1029,65 @@ mod tests {
         let text = format!("{a:?} {:?}", CaKeys::load(&ca_dir).err());
         assert!(!text.contains("PRIVATE"));
     }
+
+    #[test]
+    fn x509_rotation_issues_from_the_new_ca_and_survives_a_restart() {
+        use edgeport_proto::tls::verify_client_cert;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let (ca, _) = CertAuthority::load_or_create(&ca_dir, "edge").unwrap();
+        let before = ca.bundle();
+        let old_der = keys::first_cert_der(&before.x509_ca_pem).unwrap();
+        let dev = KeyPair::generate().unwrap();
+        let now = now_secs();
+        let device = |ca: &CertAuthority| {
+            let pem = ca
+                .sign_x509_device("dev1", &dev.spki_der(), now - 60, now + 3600)
+                .unwrap();
+            keys::first_cert_der(&pem).unwrap()
+        };
+        let gateway = |ca: &CertAuthority| {
+            let pem = ca
+                .sign_x509_gateway("gw", &dev.spki_der(), &[], &[], now - 60, now + 3600)
+                .unwrap();
+            keys::first_cert_der(&pem).unwrap()
+        };
+        let act = |ca: &CertAuthority, a: RotateAction| ca.rotate(CaKind::X509, &a, now).unwrap();
+        act(&ca, RotateAction::Start { grace_secs: 60 });
+        let init = ca.bundle();
+        assert_eq!(init.x509_ca_ders().unwrap().len(), 2);
+        before.check_successor(&init).unwrap();
+        // init: the old CA still issues.
+        verify_client_cert(&device(&ca), &old_der, "edge", now).unwrap();
+        act(&ca, RotateAction::Advance);
+        let update = ca.bundle();
+        assert_ne!(update.ca_pin, before.ca_pin);
+        before.check_successor(&update).unwrap();
+        let new_der = keys::first_cert_der(&update.x509_ca_pem).unwrap();
+        // update_clients: clients from the new CA, servers still from the old one; both CAs
+        // are trusted.
+        verify_client_cert(&device(&ca), &new_der, "edge", now).unwrap();
+        assert!(verify_client_cert(&device(&ca), &old_der, "edge", now).is_err());
+        verify_client_cert(&device(&ca), &ca.x509_ca_der(), "edge", now).unwrap();
+        let gw = gateway(&ca);
+        assert!(edgeport_proto::tls::validity(&gw).is_ok());
+        let (_, gw_cert) = x509_parser::parse_x509_certificate(&gw).unwrap();
+        let (_, old_cert) = x509_parser::parse_x509_certificate(&old_der).unwrap();
+        assert_eq!(gw_cert.issuer(), old_cert.subject());
+        act(&ca, RotateAction::Advance);
+        let gw2 = gateway(&ca);
+        let (_, gw_cert) = x509_parser::parse_x509_certificate(&gw2).unwrap();
+        assert_ne!(gw_cert.issuer(), old_cert.subject());
+        // A restart in the middle keeps the rotation.
+        let (again, _) = CertAuthority::load_or_create(&ca_dir, "edge").unwrap();
+        assert_eq!(again.bundle().x509_ca_pem, ca.bundle().x509_ca_pem);
+        act(&again, RotateAction::Complete);
+        let after = again.bundle();
+        assert_eq!(after.x509_ca_ders().unwrap(), vec![new_der.clone()]);
+        update.check_successor(&after).unwrap();
+        assert!(before.check_successor(&after).is_err());
+        // The new CA is the one on disk now.
+        let (later, _) = CertAuthority::load_or_create(&ca_dir, "edge").unwrap();
+        assert_eq!(later.x509_ca_der(), new_der);
+    }
 }
