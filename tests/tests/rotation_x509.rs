@@ -174,7 +174,7 @@ fn rotating_the_x509_ca_keeps_agents_and_a_live_session_working() {
         &[
             "login",
             "--proxy",
-            &c.proxy(),
+            c.proxy(),
             "--user",
             "alice",
             "--password-stdin",
