@@ -287,6 +287,9 @@ pub struct Service {
     pub(crate) spread: crate::handlers::rotate::Spread,
     /// Agent updates in flight (`tctl devices update`), in memory.
     pub(crate) updates: crate::updates::Updates,
+    /// The administrator identity file and the address in it, refreshed at once when a CA
+    /// rotation step changes the bundle (tctl's next run trusts the current CAs).
+    pub(crate) admin_identity: std::sync::OnceLock<(std::path::PathBuf, String)>,
 }
 
 impl Service {
@@ -305,6 +308,7 @@ impl Service {
             sso: Default::default(),
             spread: Default::default(),
             updates: Default::default(),
+            admin_identity: Default::default(),
         }
     }
 
