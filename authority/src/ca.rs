@@ -107,34 +107,12 @@ impl CaKeys {
     pub fn generate(cluster: &str) -> Result<Self, CaError> {
         let user = KeyPair::generate()?;
         let host = KeyPair::generate()?;
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| CaError::Rcgen(e.to_string()))?;
-        let mut params = rcgen::CertificateParams::default();
-        let mut dn = rcgen::DistinguishedName::new();
-        dn.push(rcgen::DnType::OrganizationName, "Edgeport");
-        dn.push(rcgen::DnType::CommonName, format!("Edgeport CA {cluster}"));
-        params.distinguished_name = dn;
-        // Path length 0: the CA signs leaves only, never another CA.
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let (y, m, d) = ymd(now_secs().saturating_sub(86400));
-        params.not_before = rcgen::date_time_ymd(y, m, d);
-        params.not_after = rcgen::date_time_ymd(y + X509_CA_VALIDITY_YEARS, m, d.min(28));
-        let mut serial = keys::random_bytes(16)?;
-        serial[0] &= 0x7f;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| CaError::Rcgen(e.to_string()))?;
+        let (x509_key_pkcs8, x509_cert_pem) = new_x509_ca(&format!("Edgeport CA {cluster}"))?;
         Ok(Self {
             user,
             host,
-            x509_key_pkcs8: key.serialize_der(),
-            x509_cert_pem: cert.pem(),
+            x509_key_pkcs8,
+            x509_cert_pem,
         })
     }
 
@@ -204,24 +182,135 @@ fn ymd(unix: u64) -> (i32, u8, u8) {
     (year, month, day)
 }
 
-/// The bundle of the trusted CAs, signed by the x509 CA.
+/// A new self-signed x509 CA named `common_name`: (PKCS#8 DER key, certificate PEM).
+fn new_x509_ca(common_name: &str) -> Result<(Vec<u8>, String), CaError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| CaError::Rcgen(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationName, "Edgeport");
+    dn.push(rcgen::DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    // Path length 0: the CA signs leaves only, never another CA.
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let (y, m, d) = ymd(now_secs().saturating_sub(86400));
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    params.not_after = rcgen::date_time_ymd(y + X509_CA_VALIDITY_YEARS, m, d.min(28));
+    let mut serial = keys::random_bytes(16)?;
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| CaError::Rcgen(e.to_string()))?;
+    Ok((key.serialize_der(), cert.pem()))
+}
+
+/// The x509 CA: its key and certificate, rotated as a whole (`tctl auth rotate --type x509`).
+#[derive(Clone)]
+pub struct X509Ca {
+    cluster: String,
+    key_pkcs8: Vec<u8>,
+    cert_pem: String,
+    der: Vec<u8>,
+}
+
+impl X509Ca {
+    fn new(cluster: &str, key_pkcs8: Vec<u8>, cert_pem: String) -> Result<Self, CaError> {
+        let der = keys::first_cert_der(&cert_pem)
+            .map_err(|e| CaError::X509(X509Error::BadCa(e.to_string())))?;
+        // Fails early on a key that does not match the certificate's form.
+        X509Issuer::new(&der, &key_pkcs8)?;
+        Ok(Self {
+            cluster: cluster.to_string(),
+            key_pkcs8,
+            cert_pem,
+            der,
+        })
+    }
+
+    fn issuer(&self) -> Result<X509Issuer, CaError> {
+        Ok(X509Issuer::new(&self.der, &self.key_pkcs8)?)
+    }
+}
+
+impl crate::rotation::CaKey for X509Ca {
+    fn successor(&self) -> Result<Self, String> {
+        // A distinct name, so that chains and logs tell the two CAs apart.
+        let name = format!("Edgeport CA {} {}", self.cluster, format_time(now_secs()));
+        let (key, pem) = new_x509_ca(&name).map_err(|e| e.to_string())?;
+        X509Ca::new(&self.cluster, key, pem).map_err(|e| e.to_string())
+    }
+    fn fingerprint(&self) -> String {
+        keys::ca_pin(&self.der).unwrap_or_default()
+    }
+    fn to_text(&self) -> Result<String, String> {
+        let key = pem::encode(&pem::Pem::new("PRIVATE KEY", self.key_pkcs8.clone()));
+        Ok(format!("{}\n{key}{}", self.cluster, self.cert_pem))
+    }
+    fn from_text(text: &str) -> Result<Self, String> {
+        let (cluster, rest) = text.split_once('\n').ok_or("no cluster line")?;
+        let blocks = pem::parse_many(rest).map_err(|e| e.to_string())?;
+        let key = blocks
+            .iter()
+            .find(|b| b.tag() == "PRIVATE KEY")
+            .ok_or("no private key")?;
+        let cert = blocks
+            .iter()
+            .find(|b| b.tag() == "CERTIFICATE")
+            .ok_or("no certificate")?;
+        X509Ca::new(
+            cluster,
+            key.contents().to_vec(),
+            keys::cert_pem(cert.contents()),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// The x509 CA that issues servers' certificates (gateways, the authority's own): the old
+/// one until `update_servers`, so that clients which have not taken the rotated bundle yet
+/// (a device reconnecting during `init` or `update_clients`, a first `tsh login` with the
+/// old pin) still recognise the servers and can fetch it; clients' certificates come from
+/// the new CA from `update_clients` on.
+fn server_ca(x509: &RotatingCa<X509Ca>) -> &X509Ca {
+    use crate::rotation::Phase;
+    match (x509.phase, &x509.other) {
+        (Phase::UpdateClients, Some(old)) => old,
+        _ => &x509.signing,
+    }
+}
+
+/// The bundle of the trusted CAs, signed by every trusted x509 CA (the issuing one first).
 fn signed_bundle(
     cluster: &str,
-    x509: &X509Issuer,
-    x509_ca_der: &[u8],
+    x509: &RotatingCa<X509Ca>,
     user: &RotatingCa,
     host: &RotatingCa,
 ) -> Result<CaBundle, CaError> {
+    let cas: Vec<&X509Ca> = std::iter::once(&x509.signing)
+        .chain(x509.other.iter())
+        .collect();
     let mut bundle = CaBundle {
         cluster: cluster.to_string(),
         user_ca: user.trusted_lines(),
         host_ca: host.trusted_lines(),
-        x509_ca_pem: keys::cert_pem(x509_ca_der),
-        ca_pin: keys::ca_pin(x509_ca_der)?,
+        x509_ca_pem: cas.iter().map(|c| keys::cert_pem(&c.der)).collect(),
+        ca_pin: keys::ca_pin(&x509.signing.der)?,
         signature: String::new(),
     };
-    // Clients that trust the x509 CA (by its pin) trust the SSH CAs through this.
-    bundle.signature = hex::encode(x509.sign_bytes(&bundle.signed_bytes())?);
+    // Clients that trust an x509 CA (by its pin) trust the SSH CAs, and during an x509 CA
+    // rotation the other x509 CA, through this.
+    let bytes = bundle.signed_bytes();
+    let sigs = cas
+        .iter()
+        .map(|c| Ok(hex::encode(c.issuer()?.sign_bytes(&bytes)?)))
+        .collect::<Result<Vec<_>, CaError>>()?;
+    bundle.signature = sigs.join(" ");
     Ok(bundle)
 }
 
@@ -254,9 +343,7 @@ pub struct SshUserCert<'a> {
 /// The three CAs, ready to sign.
 pub struct CertAuthority {
     cluster: String,
-    x509: X509Issuer,
-    x509_ca_der: Vec<u8>,
-    /// The SSH CAs (rotated by `tctl auth rotate`) and the signed bundle that lists them.
+    /// The CAs (rotated by `tctl auth rotate`) and the signed bundle that lists them.
     ssh: RwLock<SshCas>,
     /// Where rotations are saved (`None`: in memory only, tests).
     dir: Option<PathBuf>,
@@ -266,6 +353,9 @@ pub struct CertAuthority {
 struct SshCas {
     user: RotatingCa,
     host: RotatingCa,
+    x509: RotatingCa<X509Ca>,
+    /// The x509 CA that issues certificates now (`x509.signing`).
+    issuer: X509Issuer,
     bundle: CaBundle,
     generation: u64,
 }
@@ -301,25 +391,30 @@ impl CertAuthority {
 
     /// [`Self::new`], with the rotations saved in `dir` (if any) in force.
     fn with_rotations(cluster: &str, keys: CaKeys, dir: Option<&Path>) -> Result<Self, CaError> {
-        let x509_ca_der = keys::first_cert_der(&keys.x509_cert_pem)
-            .map_err(|e| CaError::X509(X509Error::BadCa(e.to_string())))?;
-        let x509 = X509Issuer::new(&x509_ca_der, &keys.x509_key_pkcs8)?;
+        let mut x509 = RotatingCa::new(X509Ca::new(
+            cluster,
+            keys.x509_key_pkcs8,
+            keys.x509_cert_pem,
+        )?);
         let mut user = RotatingCa::new(keys.user);
         let mut host = RotatingCa::new(keys.host);
         if let Some(dir) = dir {
-            crate::rotation::load(dir, &mut user, &mut host).map_err(|err| CaError::Io {
-                path: dir.display().to_string(),
-                err,
+            crate::rotation::load(dir, &mut user, &mut host, &mut x509).map_err(|err| {
+                CaError::Io {
+                    path: dir.display().to_string(),
+                    err,
+                }
             })?;
         }
-        let bundle = signed_bundle(cluster, &x509, &x509_ca_der, &user, &host)?;
+        let bundle = signed_bundle(cluster, &x509, &user, &host)?;
+        let issuer = x509.signing.issuer()?;
         Ok(Self {
             cluster: cluster.to_string(),
-            x509,
-            x509_ca_der,
             ssh: RwLock::new(SshCas {
                 user,
                 host,
+                x509,
+                issuer,
                 bundle,
                 generation: 0,
             }),
@@ -354,32 +449,33 @@ impl CertAuthority {
         let mut ssh = self.ssh.write().unwrap_or_else(|p| p.into_inner());
         let mut user = ssh.user.clone();
         let mut host = ssh.host.clone();
+        let mut x509 = ssh.x509.clone();
         match kind {
             CaKind::User => user.apply(kind, action, now)?,
             CaKind::Host => host.apply(kind, action, now)?,
-            CaKind::X509 => return Err(RotateError::X509.into()),
+            CaKind::X509 => x509.apply(kind, action, now)?,
         }
-        self.commit(&mut ssh, user, host)
+        self.commit(&mut ssh, user, host, x509)
     }
 
     /// Drops CAs whose grace period ended. Cheap when nothing is due.
     pub fn expire_rotations(&self, now: u64) {
-        let due = |c: &RotatingCa| c.drop_at.is_some_and(|at| now >= at);
+        let due = |at: Option<u64>| at.is_some_and(|at| now >= at);
         {
             let ssh = self.ssh();
-            if !due(&ssh.user) && !due(&ssh.host) {
+            if !due(ssh.user.drop_at) && !due(ssh.host.drop_at) && !due(ssh.x509.drop_at) {
                 return;
             }
         }
         let mut ssh = self.ssh.write().unwrap_or_else(|p| p.into_inner());
-        let (mut user, mut host) = (ssh.user.clone(), ssh.host.clone());
-        let (u, h) = (user.expire(now), host.expire(now));
-        if !u && !h {
+        let (mut user, mut host, mut x509) = (ssh.user.clone(), ssh.host.clone(), ssh.x509.clone());
+        let (u, h, x) = (user.expire(now), host.expire(now), x509.expire(now));
+        if !u && !h && !x {
             return;
         }
-        match self.commit(&mut ssh, user, host) {
+        match self.commit(&mut ssh, user, host, x509) {
             Ok(()) => tracing::info!(
-                user = u, host = h,
+                user = u, host = h, x509 = x,
                 "CA rotation: the grace period ended; the CA that no longer signs was dropped (phase standby)"
             ),
             Err(e) => tracing::error!("CA rotation: cannot drop the old CA: {e}"),
@@ -392,10 +488,12 @@ impl CertAuthority {
         ssh: &mut SshCas,
         user: RotatingCa,
         host: RotatingCa,
+        x509: RotatingCa<X509Ca>,
     ) -> Result<(), RotationFailed> {
-        let bundle = signed_bundle(&self.cluster, &self.x509, &self.x509_ca_der, &user, &host)?;
+        let bundle = signed_bundle(&self.cluster, &x509, &user, &host)?;
+        let issuer = x509.signing.issuer()?;
         if let Some(dir) = &self.dir {
-            crate::rotation::save(dir, &user, &host).map_err(RotationFailed::Save)?;
+            crate::rotation::save(dir, &user, &host, &x509).map_err(RotationFailed::Save)?;
             let p = CaPaths::new(dir);
             for (ca, key, public) in [(&user, &p.user, &p.user_pub), (&host, &p.host, &p.host_pub)]
             {
@@ -411,9 +509,21 @@ impl CertAuthority {
                         .map_err(|e| RotationFailed::Save(e.to_string()))?;
                 }
             }
+            if x509.phase == crate::rotation::Phase::Standby {
+                let key = pem::encode(&pem::Pem::new(
+                    "PRIVATE KEY",
+                    x509.signing.key_pkcs8.clone(),
+                ));
+                write_private(&p.x509_key, key.as_bytes())
+                    .map_err(|e| RotationFailed::Save(e.to_string()))?;
+                write_with_mode(&p.x509_cert, x509.signing.cert_pem.as_bytes(), 0o644)
+                    .map_err(|e| RotationFailed::Save(e.to_string()))?;
+            }
         }
         ssh.user = user;
         ssh.host = host;
+        ssh.x509 = x509;
+        ssh.issuer = issuer;
         ssh.bundle = bundle;
         ssh.generation += 1;
         Ok(())
@@ -422,22 +532,27 @@ impl CertAuthority {
     /// Where each SSH CA's rotation stands (the progress counters are the caller's).
     pub fn rotations(&self) -> Vec<CaRotation> {
         let ssh = self.ssh();
+        let x509 = (
+            ssh.x509.fingerprints(),
+            ssh.x509.phase,
+            ssh.x509.grace_secs,
+            ssh.x509.drop_at,
+        );
         [(CaKind::User, &ssh.user), (CaKind::Host, &ssh.host)]
             .into_iter()
-            .map(|(kind, ca)| {
-                let trusted = ca.fingerprints();
-                CaRotation {
-                    kind,
-                    phase: ca.phase.as_str().to_string(),
-                    signing: trusted.first().cloned().unwrap_or_default(),
-                    trusted,
-                    grace_secs: ca.grace_secs,
-                    drop_at: ca.drop_at,
-                    gateways_current: 0,
-                    gateways_total: 0,
-                    devices_renewed: 0,
-                    devices_online: 0,
-                }
+            .map(|(kind, ca)| (kind, ca.fingerprints(), ca.phase, ca.grace_secs, ca.drop_at))
+            .chain([(CaKind::X509, x509.0, x509.1, x509.2, x509.3)])
+            .map(|(kind, trusted, phase, grace_secs, drop_at)| CaRotation {
+                kind,
+                phase: phase.as_str().to_string(),
+                signing: trusted.first().cloned().unwrap_or_default(),
+                trusted,
+                grace_secs,
+                drop_at,
+                gateways_current: 0,
+                gateways_total: 0,
+                devices_renewed: 0,
+                devices_online: 0,
             })
             .collect()
     }
@@ -457,8 +572,15 @@ impl CertAuthority {
         self.ssh().bundle.clone()
     }
 
-    pub fn x509_ca_der(&self) -> &[u8] {
-        &self.x509_ca_der
+    /// DER of every trusted x509 CA, concatenated (two during an x509 CA rotation): what the
+    /// root stores take (`tls::split_ders`).
+    pub fn x509_ca_der(&self) -> Vec<u8> {
+        let ssh = self.ssh();
+        let mut der = ssh.x509.signing.der.clone();
+        if let Some(o) = &ssh.x509.other {
+            der.extend_from_slice(&o.der);
+        }
+        der
     }
 
     /// Signs an SSH user certificate; returns the OpenSSH certificate line.
@@ -529,7 +651,14 @@ impl CertAuthority {
 
     /// Signs an x509 leaf; returns it as PEM.
     pub fn sign_x509(&self, spec: &LeafSpec<'_>) -> Result<String, CaError> {
-        Ok(keys::cert_pem(&self.x509.sign(spec)?))
+        Ok(keys::cert_pem(&self.ssh().issuer.sign(spec)?))
+    }
+
+    /// Signs a server's x509 leaf (gateways): from the CA that servers present in this
+    /// phase of an x509 CA rotation (see [`server_ca`]).
+    fn sign_x509_server(&self, spec: &LeafSpec<'_>) -> Result<String, CaError> {
+        let ca = server_ca(&self.ssh().x509).clone();
+        Ok(keys::cert_pem(&ca.issuer()?.sign(spec)?))
     }
 
     /// A user's x509 client certificate: CN = user, O = Kubernetes groups,
@@ -604,7 +733,7 @@ impl CertAuthority {
                 .cloned(),
         );
         let uri = [Principal::Gateway(gateway_id.to_string()).spiffe(&self.cluster)];
-        self.sign_x509(&LeafSpec {
+        self.sign_x509_server(&LeafSpec {
             common_name: gateway_id,
             spki_der,
             dns_names: &names,
@@ -651,7 +780,8 @@ impl CertAuthority {
             .filter(|ip| !ip.is_unspecified())
             .collect();
         let now = now_secs();
-        let pem = self.sign_x509(&LeafSpec {
+        let ca = server_ca(&self.ssh().x509).clone();
+        let pem = keys::cert_pem(&ca.issuer()?.sign(&LeafSpec {
             common_name: AUTHORITY_SERVER_NAME,
             spki_der: &spki,
             dns_names: &[AUTHORITY_SERVER_NAME.to_string()],
@@ -660,9 +790,8 @@ impl CertAuthority {
             not_before: now.saturating_sub(BACKDATE_SECS),
             not_after: now + SERVER_CERT_TTL_SECS,
             ..Default::default()
-        })?;
-        let ca_pem = keys::cert_pem(&self.x509_ca_der);
-        CertKey::from_pem(&pem, Some(&ca_pem), key.serialize_der())
+        })?);
+        CertKey::from_pem(&pem, Some(&ca.cert_pem), key.serialize_der())
             .map_err(|e| CaError::X509(X509Error::BadField(e.to_string())))
     }
 }
@@ -757,10 +886,8 @@ mod tests {
         // webpki accepts it (so the CA's signature verifies) as a client certificate chaining to the CA.
         let roots = {
             let mut r = rustls::RootCertStore::empty();
-            r.add(rustls_pki_types::CertificateDer::from(
-                ca.x509_ca_der().to_vec(),
-            ))
-            .unwrap();
+            r.add(rustls_pki_types::CertificateDer::from(ca.x509_ca_der()))
+                .unwrap();
             std::sync::Arc::new(r)
         };
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -794,9 +921,7 @@ mod tests {
         let der = keys::first_cert_der(&pem).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(rustls_pki_types::CertificateDer::from(
-                ca.x509_ca_der().to_vec(),
-            ))
+            .add(rustls_pki_types::CertificateDer::from(ca.x509_ca_der()))
             .unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             std::sync::Arc::new(roots),
@@ -849,10 +974,10 @@ mod tests {
             theirs.verify_pinned(&b.ca_pin),
             Err(BundleError::PinMismatch { .. })
         ));
-        assert_eq!(
+        assert!(matches!(
             b.check_same_cas(&theirs),
-            Err(BundleError::Changed("x509 CA"))
-        );
+            Err(BundleError::X509Rotated(_))
+        ));
         let mut unsigned = b.clone();
         unsigned.signature.clear();
         assert_eq!(unsigned.verify(), Err(BundleError::Unsigned));
@@ -903,5 +1028,66 @@ mod tests {
         ));
         let text = format!("{a:?} {:?}", CaKeys::load(&ca_dir).err());
         assert!(!text.contains("PRIVATE"));
+    }
+
+    #[test]
+    fn x509_rotation_issues_from_the_new_ca_and_survives_a_restart() {
+        use edgeport_proto::tls::verify_client_cert;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let (ca, _) = CertAuthority::load_or_create(&ca_dir, "edge").unwrap();
+        let before = ca.bundle();
+        let old_der = keys::first_cert_der(&before.x509_ca_pem).unwrap();
+        let dev = KeyPair::generate().unwrap();
+        let now = now_secs();
+        let device = |ca: &CertAuthority| {
+            let pem = ca
+                .sign_x509_device("dev1", &dev.spki_der(), now - 60, now + 3600)
+                .unwrap();
+            keys::first_cert_der(&pem).unwrap()
+        };
+        let gateway = |ca: &CertAuthority| {
+            let pem = ca
+                .sign_x509_gateway("gw", &dev.spki_der(), &[], &[], now - 60, now + 3600)
+                .unwrap();
+            keys::first_cert_der(&pem).unwrap()
+        };
+        let act = |ca: &CertAuthority, a: RotateAction| ca.rotate(CaKind::X509, &a, now).unwrap();
+        act(&ca, RotateAction::Start { grace_secs: 60 });
+        let init = ca.bundle();
+        assert_eq!(init.x509_ca_ders().unwrap().len(), 2);
+        before.check_successor(&init).unwrap();
+        // init: the old CA still issues.
+        verify_client_cert(&device(&ca), &old_der, "edge", now).unwrap();
+        act(&ca, RotateAction::Advance);
+        let update = ca.bundle();
+        assert_ne!(update.ca_pin, before.ca_pin);
+        before.check_successor(&update).unwrap();
+        let new_der = keys::first_cert_der(&update.x509_ca_pem).unwrap();
+        // update_clients: clients from the new CA, servers still from the old one; both CAs
+        // are trusted.
+        verify_client_cert(&device(&ca), &new_der, "edge", now).unwrap();
+        assert!(verify_client_cert(&device(&ca), &old_der, "edge", now).is_err());
+        verify_client_cert(&device(&ca), &ca.x509_ca_der(), "edge", now).unwrap();
+        let gw = gateway(&ca);
+        assert!(edgeport_proto::tls::validity(&gw).is_ok());
+        let (_, gw_cert) = x509_parser::parse_x509_certificate(&gw).unwrap();
+        let (_, old_cert) = x509_parser::parse_x509_certificate(&old_der).unwrap();
+        assert_eq!(gw_cert.issuer(), old_cert.subject());
+        act(&ca, RotateAction::Advance);
+        let gw2 = gateway(&ca);
+        let (_, gw_cert) = x509_parser::parse_x509_certificate(&gw2).unwrap();
+        assert_ne!(gw_cert.issuer(), old_cert.subject());
+        // A restart in the middle keeps the rotation.
+        let (again, _) = CertAuthority::load_or_create(&ca_dir, "edge").unwrap();
+        assert_eq!(again.bundle().x509_ca_pem, ca.bundle().x509_ca_pem);
+        act(&again, RotateAction::Complete);
+        let after = again.bundle();
+        assert_eq!(after.x509_ca_ders().unwrap(), vec![new_der.clone()]);
+        update.check_successor(&after).unwrap();
+        assert!(before.check_successor(&after).is_err());
+        // The new CA is the one on disk now.
+        let (later, _) = CertAuthority::load_or_create(&ca_dir, "edge").unwrap();
+        assert_eq!(later.x509_ca_der(), new_der);
     }
 }

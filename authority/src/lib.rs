@@ -178,8 +178,7 @@ impl Server {
             addr: config.listen.to_string(),
             err: e.to_string(),
         })?;
-        let cert = ca.server_cert(Some(addr.ip()))?;
-        let tls = server_config(&cert, ca.x509_ca_der(), ClientAuth::Optional, &[alpn::RPC])?;
+        let tls = tls_source(ca.clone(), addr.ip())?;
         let admin_identity = dir.admin_identity();
         let auth_addr = dialable(addr).to_string();
         let outcome = admin_identity::ensure(&ca, &admin_identity, &auth_addr)?;
@@ -190,6 +189,9 @@ impl Server {
             ca.clone(),
             config.limits.clone(),
         ));
+        let _ = service
+            .admin_identity
+            .set((admin_identity.clone(), auth_addr.clone()));
         let shutdown = CancellationToken::new();
         tokio::spawn(refresh_admin_identity(
             ca.clone(),
@@ -198,12 +200,7 @@ impl Server {
             shutdown.clone(),
         ));
         tokio::spawn(open_sessions::run(service.clone(), shutdown.clone()));
-        let task = tokio::spawn(rpc_server::serve(
-            listener,
-            Arc::new(tls),
-            service,
-            shutdown.clone(),
-        ));
+        let task = tokio::spawn(rpc_server::serve(listener, tls, service, shutdown.clone()));
         tracing::info!(cluster = %config.cluster, "authority listening on {addr}");
         Ok(Self {
             addr,
@@ -272,17 +269,59 @@ async fn open_store(
     }
 }
 
+/// The RPC listener's TLS configuration, made again when the CA bundle changes: an x509 CA
+/// rotation changes the trusted x509 CAs (client certificates may chain to either) and, at
+/// its end, the CA of the authority's own certificate.
+fn tls_source(
+    ca: Arc<CertAuthority>,
+    ip: std::net::IpAddr,
+) -> Result<rpc_server::TlsSource, StartError> {
+    fn make(
+        ca: &CertAuthority,
+        ip: std::net::IpAddr,
+    ) -> Result<Arc<rustls::ServerConfig>, StartError> {
+        let cert = ca.server_cert(Some(ip))?;
+        let der = ca.x509_ca_der();
+        Ok(Arc::new(server_config(
+            &cert,
+            &der,
+            ClientAuth::Optional,
+            &[alpn::RPC],
+        )?))
+    }
+    let cell = std::sync::Mutex::new((ca.generation(), make(&ca, ip)?));
+    Ok(Arc::new(move || {
+        let mut cur = cell.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = ca.generation();
+        if cur.0 != generation {
+            match make(&ca, ip) {
+                Ok(cfg) => *cur = (generation, cfg),
+                Err(e) => tracing::error!("cannot follow the CA rotation on the RPC listener: {e}"),
+            }
+        }
+        cur.1.clone()
+    }))
+}
+
 async fn refresh_admin_identity(
     ca: Arc<CertAuthority>,
     path: PathBuf,
     auth_addr: String,
     shutdown: CancellationToken,
 ) {
+    // Checked every hour, and within seconds of a CA bundle change (a rotation's grace end).
+    let mut seen = ca.generation();
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(ADMIN_IDENTITY_CHECK) => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+        if ca.generation() == seen && last.elapsed() < ADMIN_IDENTITY_CHECK {
+            continue;
+        }
+        seen = ca.generation();
+        last = tokio::time::Instant::now();
         match admin_identity::ensure(&ca, &path, &auth_addr) {
             Ok(admin_identity::Outcome::Kept) => {}
             Ok(o) => {

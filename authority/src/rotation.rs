@@ -1,4 +1,4 @@
-//! CA rotation of the SSH CAs (`tctl auth rotate --type user|host`), one phase at a time:
+//! CA rotation (`tctl auth rotate --type user|host|x509`), one phase at a time:
 //!
 //! | phase | signs with | trusted (in the signed CA bundle) |
 //! |---|---|---|
@@ -10,8 +10,9 @@
 //!
 //! `rollback` (from any phase but `standby`) signs with the old CA again and keeps the new
 //! one trusted for the grace period, then drops it. The state lives in `DATA/ca/rotation.json`
-//! (0600, both private keys); `DATA/ca/user_ca` and `host_ca` hold the signing key once a
-//! rotation ends.
+//! (0600, both private keys); `DATA/ca/user_ca`, `host_ca` and `x509_ca.key`/`.pem` hold the
+//! signing key once a rotation ends. For the x509 CA "signs with" means issues the x509
+//! certificates; the CA bundle is signed by every trusted x509 CA (`proto/src/ca_bundle.rs`).
 
 use std::path::{Path, PathBuf};
 
@@ -50,27 +51,60 @@ pub enum RotateError {
     NotRotating(&'static str),
     #[error("the {0} CA is in phase {1}: {2}")]
     WrongPhase(&'static str, &'static str, &'static str),
-    #[error("rotating the x509 CA is not supported yet: it anchors every tunnel and the CA bundle's signature (see docs/operations.md)")]
-    X509,
     #[error("cannot make a new CA key: {0}")]
     Key(String),
 }
 
-/// One SSH CA and, during a rotation, the other CA trusted beside it.
+/// A CA key that can be rotated: an SSH CA key or the x509 CA (key and certificate).
+pub trait CaKey: Clone + Sized {
+    /// A new CA of the same kind.
+    fn successor(&self) -> Result<Self, String>;
+    /// How `tctl` names it (`SHA256:...` or the x509 pin).
+    fn fingerprint(&self) -> String;
+    /// The private key (and certificate) as saved in `rotation.json`.
+    fn to_text(&self) -> Result<String, String>;
+    fn from_text(text: &str) -> Result<Self, String>;
+}
+
+impl CaKey for KeyPair {
+    fn successor(&self) -> Result<Self, String> {
+        KeyPair::generate().map_err(|e| e.to_string())
+    }
+    fn fingerprint(&self) -> String {
+        fingerprint(self)
+    }
+    fn to_text(&self) -> Result<String, String> {
+        self.to_openssh().map_err(|e| e.to_string())
+    }
+    fn from_text(text: &str) -> Result<Self, String> {
+        KeyPair::from_openssh(text).map_err(|e| e.to_string())
+    }
+}
+
+/// One CA and, during a rotation, the other CA trusted beside it.
 #[derive(Clone)]
-pub struct RotatingCa {
+pub struct RotatingCa<K: CaKey = KeyPair> {
     /// The key that signs now.
-    pub signing: KeyPair,
+    pub signing: K,
     /// The other trusted key (old or new), during a rotation.
-    pub other: Option<KeyPair>,
+    pub other: Option<K>,
     pub phase: Phase,
     pub grace_secs: u64,
     /// When `other` is dropped (Unix seconds), once it no longer signs.
     pub drop_at: Option<u64>,
 }
 
-impl RotatingCa {
-    pub fn new(signing: KeyPair) -> Self {
+impl RotatingCa<KeyPair> {
+    /// The bundle field: one OpenSSH line per trusted CA, the signing one first.
+    pub fn trusted_lines(&self) -> String {
+        let mut lines = vec![self.signing.public_openssh()];
+        lines.extend(self.other.iter().map(KeyPair::public_openssh));
+        lines.join("\n")
+    }
+}
+
+impl<K: CaKey> RotatingCa<K> {
+    pub fn new(signing: K) -> Self {
         Self {
             signing,
             other: None,
@@ -80,18 +114,11 @@ impl RotatingCa {
         }
     }
 
-    /// The bundle field: one OpenSSH line per trusted CA, the signing one first.
-    pub fn trusted_lines(&self) -> String {
-        let mut lines = vec![self.signing.public_openssh()];
-        lines.extend(self.other.iter().map(KeyPair::public_openssh));
-        lines.join("\n")
-    }
-
     /// Fingerprints of the trusted CAs, the signing one first.
     pub fn fingerprints(&self) -> Vec<String> {
         std::iter::once(&self.signing)
             .chain(self.other.iter())
-            .map(fingerprint)
+            .map(K::fingerprint)
             .collect()
     }
 
@@ -107,7 +134,7 @@ impl RotatingCa {
         match (action, self.phase) {
             (RotateAction::Status, _) => {}
             (RotateAction::Start { grace_secs }, Phase::Standby) => {
-                let new = KeyPair::generate().map_err(|e| RotateError::Key(e.to_string()))?;
+                let new = self.signing.successor().map_err(RotateError::Key)?;
                 self.other = Some(new);
                 self.grace_secs = *grace_secs;
                 self.drop_at = None;
@@ -197,17 +224,19 @@ struct Saved {
 struct SavedFile {
     user: Option<Saved>,
     host: Option<Saved>,
+    #[serde(default)]
+    x509: Option<Saved>,
 }
 
 fn file(dir: &Path) -> PathBuf {
     dir.join("rotation.json")
 }
 
-fn save_one(ca: &RotatingCa) -> Result<Option<Saved>, String> {
+fn save_one<K: CaKey>(ca: &RotatingCa<K>) -> Result<Option<Saved>, String> {
     if ca.phase == Phase::Standby {
         return Ok(None);
     }
-    let key = |k: &KeyPair| k.to_openssh().map_err(|e| e.to_string());
+    let key = |k: &K| k.to_text();
     Ok(Some(Saved {
         phase: ca.phase,
         signing: key(&ca.signing)?,
@@ -218,13 +247,19 @@ fn save_one(ca: &RotatingCa) -> Result<Option<Saved>, String> {
 }
 
 /// Writes the rotation state (0600). Called before the key files change.
-pub fn save(dir: &Path, user: &RotatingCa, host: &RotatingCa) -> Result<(), String> {
+pub fn save<X: CaKey>(
+    dir: &Path,
+    user: &RotatingCa,
+    host: &RotatingCa,
+    x509: &RotatingCa<X>,
+) -> Result<(), String> {
     let f = SavedFile {
         user: save_one(user)?,
         host: save_one(host)?,
+        x509: save_one(x509)?,
     };
     let path = file(dir);
-    if f.user.is_none() && f.host.is_none() {
+    if f.user.is_none() && f.host.is_none() && f.x509.is_none() {
         return match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
             _ => Ok(()),
@@ -236,7 +271,12 @@ pub fn save(dir: &Path, user: &RotatingCa, host: &RotatingCa) -> Result<(), Stri
 }
 
 /// The saved rotations, if any, over the CAs read from the key files.
-pub fn load(dir: &Path, user: &mut RotatingCa, host: &mut RotatingCa) -> Result<(), String> {
+pub fn load<X: CaKey>(
+    dir: &Path,
+    user: &mut RotatingCa,
+    host: &mut RotatingCa,
+    x509: &mut RotatingCa<X>,
+) -> Result<(), String> {
     let path = file(dir);
     let data = match std::fs::read(&path) {
         Ok(d) => d,
@@ -245,18 +285,26 @@ pub fn load(dir: &Path, user: &mut RotatingCa, host: &mut RotatingCa) -> Result<
     };
     let f: SavedFile =
         serde_json::from_slice(&data).map_err(|e| format!("{}: {e}", path.display()))?;
-    let key =
-        |pem: &str| KeyPair::from_openssh(pem).map_err(|e| format!("{}: {e}", path.display()));
     for (saved, ca) in [(f.user, user), (f.host, host)] {
-        if let Some(s) = saved {
-            *ca = RotatingCa {
-                signing: key(&s.signing)?,
-                other: s.other.as_deref().map(key).transpose()?,
-                phase: s.phase,
-                grace_secs: s.grace_secs,
-                drop_at: s.drop_at,
-            };
-        }
+        load_one(&path, saved, ca)?;
+    }
+    load_one(&path, f.x509, x509)
+}
+
+fn load_one<K: CaKey>(
+    path: &Path,
+    saved: Option<Saved>,
+    ca: &mut RotatingCa<K>,
+) -> Result<(), String> {
+    let key = |text: &str| K::from_text(text).map_err(|e| format!("{}: {e}", path.display()));
+    if let Some(s) = saved {
+        *ca = RotatingCa {
+            signing: key(&s.signing)?,
+            other: s.other.as_deref().map(key).transpose()?,
+            phase: s.phase,
+            grace_secs: s.grace_secs,
+            drop_at: s.drop_at,
+        };
     }
     Ok(())
 }
@@ -312,10 +360,12 @@ mod tests {
         let host = RotatingCa::new(KeyPair::generate().unwrap());
         user.apply(CaKind::User, &RotateAction::Start { grace_secs: 7 }, 0)
             .unwrap();
-        save(&dir, &user, &host).unwrap();
+        let x509 = RotatingCa::new(KeyPair::generate().unwrap());
+        save(&dir, &user, &host, &x509).unwrap();
         let mut u2 = RotatingCa::new(KeyPair::generate().unwrap());
         let mut h2 = host.clone();
-        load(&dir, &mut u2, &mut h2).unwrap();
+        let mut x2 = x509.clone();
+        load(&dir, &mut u2, &mut h2, &mut x2).unwrap();
         assert_eq!(u2.trusted_lines(), user.trusted_lines());
         assert_eq!(u2.phase, Phase::Init);
         assert_eq!(h2.trusted_lines(), host.trusted_lines());

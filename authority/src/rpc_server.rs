@@ -47,13 +47,15 @@ fn uses_password_hash(req: &Request) -> bool {
 
 /// Serves until `shutdown` is cancelled, then stops accepting, lets connections finish the
 /// request they are in (up to [`DRAIN_TIMEOUT`]) and returns.
+/// The listener's TLS configuration for the next connection (it follows CA rotations).
+pub type TlsSource = Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>;
+
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: TlsSource,
     service: Arc<Service>,
     shutdown: CancellationToken,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let hashing = Arc::new(Semaphore::new(password_slots()));
     loop {
@@ -80,7 +82,7 @@ pub async fn serve(
         let conn = Connection {
             id: NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             peer,
-            acceptor: acceptor.clone(),
+            acceptor: TlsAcceptor::from(tls()),
             service: service.clone(),
             shutdown: shutdown.clone(),
             hashing: hashing.clone(),

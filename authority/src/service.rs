@@ -118,6 +118,10 @@ fn access(req: &Request) -> Access {
         | Request::UpdateOrders
         | Request::UpdateFetch { .. }
         | Request::UpdateReport { .. }
+        | Request::WebSessionCert { .. }
+        | Request::WebRecordingPage { .. }
+        | Request::WebRecordingGet { .. }
+        | Request::WebAuditSearch { .. }
         | Request::TargetCert { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
@@ -183,6 +187,11 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::WebSessionCheck(_) | Request::WebLogout(_) | Request::WebDevicePage { .. } => {
             "relaying web console requests"
         }
+        Request::WebSessionCert { .. } => "relaying web console terminals",
+        Request::WebRecordingPage { .. } | Request::WebRecordingGet { .. } => {
+            "relaying web console recordings"
+        }
+        Request::WebAuditSearch { .. } => "relaying web console audit searches",
         Request::DeviceUsage { .. } => "reading device usage",
         Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::CaRotate(_) => "rotating CAs",
@@ -280,6 +289,9 @@ pub struct Service {
     pub(crate) spread: crate::handlers::rotate::Spread,
     /// Agent updates in flight (`tctl devices update`), in memory.
     pub(crate) updates: crate::updates::Updates,
+    /// The administrator identity file and the address in it, refreshed at once when a CA
+    /// rotation step changes the bundle (tctl's next run trusts the current CAs).
+    pub(crate) admin_identity: std::sync::OnceLock<(std::path::PathBuf, String)>,
 }
 
 impl Service {
@@ -298,6 +310,7 @@ impl Service {
             sso: Default::default(),
             spread: Default::default(),
             updates: Default::default(),
+            admin_identity: Default::default(),
         }
     }
 
@@ -630,6 +643,30 @@ impl Service {
             Request::WebLogout(p) => handlers::web::logout(self, &p, now),
             Request::WebDevicePage { proof, after } => {
                 handlers::web::device_page(self, &proof, &after, now)
+            }
+            Request::WebSessionCert {
+                proof,
+                ssh_public_key,
+            } => handlers::web::session_cert(self, caller_name, &proof, &ssh_public_key, now),
+            Request::WebRecordingPage {
+                proof,
+                cursor,
+                limit,
+            } => {
+                let viewer = handlers::web::viewer(self, &proof, now)?;
+                crate::audit::recording_page(self, Some(&viewer), cursor.as_deref(), limit)
+            }
+            Request::WebRecordingGet {
+                proof,
+                session_id,
+                offset,
+            } => {
+                let viewer = handlers::web::viewer(self, &proof, now)?;
+                crate::audit::recording(self, &session_id, Some(&viewer), offset)
+            }
+            Request::WebAuditSearch { proof, mut query } => {
+                query.user = Some(handlers::web::viewer(self, &proof, now)?.name);
+                crate::audit::search(self, &query)
             }
             Request::AccessRequestUser(signed) => {
                 crate::access_requests::user_action(self, caller_name, &signed, now)

@@ -111,7 +111,8 @@ impl Agent {
 
     /// Takes a rotated CA bundle (pushed by the gateway, or with a renewal) once it checks
     /// out (see [`crate::ca_rotation`]): stores it and rebuilds the services that trust it.
-    /// `Ok(true)`: our host certificate is from a CA that no longer signs; renew.
+    /// `Ok(true)`: our host certificate is from a CA that no longer signs, or another x509
+    /// CA issues now; renew.
     pub fn take_cas(&self, fresh: &CaBundle) -> Result<bool, TakeError> {
         let dir = &self.cfg.data_dir;
         let current = self.identity();
@@ -131,7 +132,9 @@ impl Agent {
             "took the rotated CA bundle (signed by the x509 CA this device joined with)"
         );
         self.services.identity_changed(&fresh_ident);
-        let outdated = ca_rotation::host_cert_outdated(&fresh_ident.host_cert, fresh);
+        // Another x509 CA issues now (an x509 CA rotation): renew the tunnel certificate.
+        let outdated = ca_rotation::host_cert_outdated(&fresh_ident.host_cert, fresh)
+            || fresh.ca_pin != current.cas.ca_pin;
         match self.identity.write() {
             Ok(mut i) => *i = Arc::new(fresh_ident),
             Err(p) => *p.into_inner() = Arc::new(fresh_ident),

@@ -9,7 +9,8 @@ use std::path::Path;
 use edgeport_proto::ca_bundle::key_lines;
 use edgeport_proto::identity::CaBundle;
 
-/// The SSH CA keys this device trusted once and saw dropped, one `algo base64` a line.
+/// The CAs this device trusted once and saw dropped, one `algo base64` (SSH) or `x509 PIN`
+/// a line.
 pub const RETIRED_FILE: &str = "cas.retired";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,9 +23,12 @@ pub enum TakeError {
     Store(String),
 }
 
-/// Every SSH CA key line of a bundle (user and host).
+/// Every CA of a bundle: SSH key lines (user and host) and `x509 PIN` per x509 CA.
 fn all_keys(b: &CaBundle) -> Vec<String> {
-    key_lines(&b.user_ca).chain(key_lines(&b.host_ca)).collect()
+    key_lines(&b.user_ca)
+        .chain(key_lines(&b.host_ca))
+        .chain(b.x509_pins().into_iter().map(|p| format!("x509 {p}")))
+        .collect()
 }
 
 fn read_retired(dir: &Path) -> Vec<String> {

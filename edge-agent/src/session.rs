@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgeport_net::clock::now_secs;
+use edgeport_net::write_gate::WriteGate;
 use edgeport_net::{read_frame, write_frame};
 use edgeport_net::{BoxedStream, Tunnel};
 use edgeport_proto::audit::{AuditAck, AuditBatch};
@@ -280,7 +281,12 @@ enum SendError {
     TimedOut,
 }
 
-async fn send(w: &mut WriteHalf<BoxedStream>, msg: &AgentControl) -> Result<(), SendError> {
+/// Writes one control frame, ahead of the sessions' bulk writes on the same tunnel (`gate`).
+async fn send(
+    w: &mut WriteHalf<BoxedStream>,
+    msg: &AgentControl,
+    gate: &Arc<WriteGate>,
+) -> Result<(), SendError> {
     use tokio::io::AsyncWriteExt;
     let frame = edgeport_proto::frame::encode(msg)?;
     if matches!(msg, AgentControl::Audit(_)) {
@@ -292,6 +298,7 @@ async fn send(w: &mut WriteHalf<BoxedStream>, msg: &AgentControl) -> Result<(), 
             n,
         );
     }
+    let _urgent = gate.urgent();
     let write = async {
         w.write_all(&frame).await?;
         w.flush().await
@@ -318,13 +325,14 @@ async fn drive(
     agent: &Agent,
     ctl: &mut Machine,
     writer: &mut WriteHalf<BoxedStream>,
+    gate: &Arc<WriteGate>,
     audit_ack: &mpsc::Sender<AuditAck>,
 ) -> Option<String> {
     loop {
         if let Some(msg) = ctl.poll_transmit() {
             // Nothing more is written once the machine closed (the tunnel goes).
             if !ctl.is_closed() {
-                if let Err(e) = send(writer, &msg).await {
+                if let Err(e) = send(writer, &msg, gate).await {
                     ctl.close(Instant::now(), e.to_string());
                 }
             }
@@ -415,7 +423,13 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     let mut usage = crate::usage::Schedule::new(Instant::now());
     let mut usage_check = tokio::time::interval(agent.cfg.usage_every);
     usage_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let accept_task = tokio::spawn(accept_loop(conn.clone(), agent.services.clone()));
+    // Control frames go ahead of the sessions' bulk writes on this tunnel.
+    let gate = WriteGate::new();
+    let accept_task = tokio::spawn(accept_loop(
+        conn.clone(),
+        gate.clone(),
+        agent.services.clone(),
+    ));
     // Audit: the shipper sends batches through `audit_out`; acks come back on `audit_ack`.
     let (audit_tx, mut audit_out) = mpsc::channel::<AuditBatch>(2);
     let (audit_ack, audit_acks) = mpsc::channel(2);
@@ -532,7 +546,7 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
                 ctl.close(Instant::now(), "agent shutting down");
             }
         }
-        if let Some(reason) = drive(agent, &mut ctl, &mut writer, &audit_ack).await {
+        if let Some(reason) = drive(agent, &mut ctl, &mut writer, &gate, &audit_ack).await {
             break ending.take().unwrap_or(Ended::Lost(reason));
         }
     };
@@ -567,8 +581,13 @@ pub async fn serve(agent: &Agent, session: Session, quic: &mut QuicClient) -> En
     ended
 }
 
-async fn accept_loop(conn: Arc<dyn Tunnel>, services: Arc<crate::services::Services>) {
+async fn accept_loop(
+    conn: Arc<dyn Tunnel>,
+    gate: Arc<WriteGate>,
+    services: Arc<crate::services::Services>,
+) {
     while let Some(stream) = conn.accept().await {
+        let stream: BoxedStream = Box::new(gate.gate(stream));
         tokio::spawn(crate::services::handle(services.clone(), stream));
     }
 }

@@ -216,7 +216,9 @@ pub fn explain(err: String) -> String {
     if lower.contains("unknownissuer") || lower.contains("unknown issuer") {
         format!(
             "{err} (the gateway's certificate is not from this device's cluster: is --gateway \
-             right, or was this data dir joined to another cluster?)"
+             right, was this data dir joined to another cluster, or was the cluster's x509 CA \
+             rotated while this device was offline? Then join again: docs/deploy.md, \
+             \"Rotating a CA\")"
         )
     } else if lower.contains("expired") {
         format!("{err} (a certificate has expired: check the clock, or join again)")

@@ -102,7 +102,7 @@ pub async fn serve(routes: &Routes, conn: Handshaken, addr: SocketAddr) {
         }
         (Some(a), Handshaken::Tls(t)) if a == alpn::DIAL => {
             let peer = crate::dial::peer_of(&cluster, certs);
-            crate::dial::serve_stream(routes.dial.clone(), t, peer, addr).await;
+            crate::dial::serve_stream(routes.dial.clone(), t, None, peer, addr).await;
         }
         (Some(a), Handshaken::Tls(t)) if a == alpn::JOIN => {
             let timeout = routes.dial.request_timeout;

@@ -4,6 +4,9 @@
 //! its tunnel (`GatewayControl::Cas`). The agents check the signature themselves: the gateway
 //! is only the messenger.
 //!
+//! When the bundle's x509 CAs change (an x509 CA rotation) the gateway renews its own
+//! certificate at once and rebuilds every TLS configuration from the new bundle.
+//!
 //! Once this gateway has seen the bundle change (`DATA/cas.rotated`), it also sends the
 //! bundle to each agent whose tunnel comes up, so that a device that was offline during a
 //! rotation catches up; clusters that never rotated pay nothing for this.
@@ -30,6 +33,9 @@ pub struct CaWatch {
     pub identity: IdentityCell,
     pub tunnels: Arc<Tunnels>,
     pub data_dir: std::path::PathBuf,
+    /// Told when the bundle's x509 CAs change (an x509 CA rotation): the gateway then renews
+    /// its certificate (from the CA that issues now) and rebuilds its TLS configurations.
+    pub renew_now: Arc<tokio::sync::Notify>,
 }
 
 impl CaWatch {
@@ -77,7 +83,15 @@ impl CaWatch {
             tunnels = self.tunnels.len(),
             "the cluster's CA bundle changed (CA rotation); telling every agent"
         );
+        // During an x509 CA rotation every phase may change the CA that issues servers'
+        // certificates (the bundle is signed afresh at each step).
+        let x509_changed = fresh.x509_ca_pem != ident.cas.x509_ca_pem
+            || fresh.x509_ca_ders().map_or(0, |d| d.len()) > 1;
         self.tunnels.set_cas(fresh);
+        if x509_changed {
+            tracing::info!("the cluster's x509 CAs changed; renewing this gateway's certificate");
+            self.renew_now.notify_one();
+        }
         Ok(())
     }
 }

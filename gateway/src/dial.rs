@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgeport_net::write_gate::WriteGate;
 use edgeport_net::BoxedStream;
 use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::identity::Principal;
@@ -84,6 +85,13 @@ pub async fn serve_quic(
         // A login needs a few KiB: no 64 MiB of buffer for whoever connects.
         conn.set_receive_window(quinn::VarInt::from_u32(ANONYMOUS_WINDOW));
     }
+    // Connections start with room for one stream (a device's control stream): a user gets
+    // DIAL_STREAMS, an anonymous client just what it may use.
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(if anonymous {
+        ANONYMOUS_STREAMS as u32
+    } else {
+        crate::quic::DIAL_STREAMS
+    }));
     if matches!(
         peer.as_ref().map(|p| &p.principal),
         Some(Principal::Gateway(_))
@@ -93,6 +101,8 @@ pub async fn serve_quic(
     }
     let deadline = tokio::time::Instant::now() + ANONYMOUS_LIFETIME;
     let mut streams = 0usize;
+    // Replies go ahead of this connection's bulk writes.
+    let gate = WriteGate::new();
     // A peer gateway's link closes (with every dial it carries) once the authority says it
     // was revoked or locked.
     let peer_gateway = match peer.as_ref().map(|p| &p.principal) {
@@ -133,10 +143,12 @@ pub async fn serve_quic(
         streams += 1;
         let task_dialer = dialer.clone();
         let peer = peer.clone();
+        let gate = gate.clone();
         dialer.life.tasks.spawn(async move {
             serve_stream(
                 task_dialer,
                 Box::new(tokio::io::join(recv, send)),
+                Some(gate),
                 peer,
                 addr,
             )
@@ -154,6 +166,26 @@ async fn reply(stream: &mut BoxedStream, msg: &ClientReply) -> bool {
         tokio::time::timeout(Duration::from_secs(10), write_frame(stream, msg)).await,
         Ok(Ok(()))
     )
+}
+
+/// [`reply`] on a stream of a connection that carries other streams (a QUIC user leg or a
+/// peer gateway's link): ahead of their bulk writes ([`edgeport_net::write_gate`]), so the
+/// dialler does not time out waiting for its `DialOk` while transfers fill the connection.
+async fn reply_ahead(
+    stream: &mut BoxedStream,
+    gate: Option<&Arc<WriteGate>>,
+    msg: &ClientReply,
+) -> bool {
+    let _urgent = gate.map(|g| g.urgent());
+    reply(stream, msg).await
+}
+
+/// A spliced stream of such a connection yields to the next urgent write on it.
+fn gated(stream: BoxedStream, gate: Option<Arc<WriteGate>>) -> BoxedStream {
+    match gate {
+        Some(g) => Box::new(g.gate(stream)),
+        None => stream,
+    }
 }
 
 /// The devices `user`'s roles reach, from the authority, page by page.
@@ -178,6 +210,7 @@ async fn user_devices(
 pub async fn serve_stream(
     dialer: Arc<Dialer>,
     mut stream: BoxedStream,
+    gate: Option<Arc<WriteGate>>,
     peer: Option<Peer>,
     addr: SocketAddr,
 ) {
@@ -212,7 +245,7 @@ pub async fn serve_stream(
             answer_and_close(stream, &answer).await;
         }
         (ClientRequest::Forward { device_id, header }, _) => {
-            serve_forward_request(&dialer, stream, peer, device_id, header, addr).await;
+            serve_forward_request(&dialer, stream, gate, peer, device_id, header, addr).await;
         }
         (ClientRequest::ListDevices, Some(who)) => list_devices(&dialer, stream, &who).await,
         (ClientRequest::Recordings, Some(who)) => {
@@ -230,7 +263,7 @@ pub async fn serve_stream(
             answer_and_close(stream, &answer).await;
         }
         (ClientRequest::Dial { target, service }, Some(who)) => {
-            serve_dial(&dialer, stream, &who, &target, service, addr).await;
+            serve_dial(&dialer, stream, gate, &who, &target, service, addr).await;
         }
         (ClientRequest::UserAction { body, signature }, Some(who)) => {
             // The gateway only carries the signed action with the certificate the user
@@ -434,6 +467,7 @@ async fn send_recording(
 async fn serve_dial(
     dialer: &Dialer,
     mut stream: BoxedStream,
+    gate: Option<Arc<WriteGate>>,
     who: &UserCert,
     target: &str,
     service: Service,
@@ -455,9 +489,10 @@ async fn serve_dial(
         session_id: session_id.clone(),
         device_id: device_id.clone(),
     };
-    if !reply(&mut stream, &ok).await {
+    if !reply_ahead(&mut stream, gate.as_ref(), &ok).await {
         return;
     }
+    let stream = gated(stream, gate);
     let user = &who.name;
     match &dialer.splice_dump {
         Some(dir) => {
@@ -467,6 +502,38 @@ async fn serve_dial(
         }
         None => splice(dialer, stream, device_stream, user, &device_id, &session_id).await,
     }
+}
+
+/// A web console terminal's way to a device (`gateway/src/web/terminal.rs`): the same dial
+/// as tsh's (the authority's grant for the certificate, locks, audit), registered among the
+/// live sessions so a lock cuts it, but spoken to by the gateway's own SSH client.
+pub struct WebDial {
+    pub stream: BoxedStream,
+    pub session_id: String,
+    pub device_id: String,
+    /// Cancelled when a lock cuts the session.
+    pub registered: crate::sessions::Registered,
+}
+
+pub async fn dial_for_web(
+    dialer: &Dialer,
+    who: &UserCert,
+    target: &str,
+    addr: SocketAddr,
+) -> Result<WebDial, RpcError> {
+    let result = dial(dialer, who, target, Service::Ssh, addr).await;
+    crate::metrics::dial(&result);
+    audit_dial(who, target, &Service::Ssh, addr, &result);
+    let d = result?;
+    let registered = dialer
+        .sessions
+        .register(&d.device_id, &who.name, &d.session_id);
+    Ok(WebDial {
+        stream: d.stream,
+        session_id: d.session_id,
+        device_id: d.device_id,
+        registered,
+    })
 }
 
 /// The audit event of a user's dial, allowed or not.
@@ -508,6 +575,7 @@ fn audit_dial(
 async fn serve_forward_request(
     dialer: &Dialer,
     stream: BoxedStream,
+    gate: Option<Arc<WriteGate>>,
     peer: Option<Peer>,
     device_id: String,
     header: StreamHeader,
@@ -515,7 +583,7 @@ async fn serve_forward_request(
 ) {
     match peer.map(|p| p.principal) {
         Some(Principal::Gateway(from)) if from != dialer.reach.identity.get().gateway_id => {
-            serve_forward(dialer, stream, &from, device_id, header, addr).await;
+            serve_forward(dialer, stream, gate, &from, device_id, header, addr).await;
         }
         _ => {
             let answer = refused(
@@ -612,6 +680,7 @@ fn tunnel_error(e: TunnelError) -> RpcError {
 async fn serve_forward(
     dialer: &Dialer,
     mut stream: BoxedStream,
+    gate: Option<Arc<WriteGate>>,
     from: &str,
     device_id: String,
     mut header: StreamHeader,
@@ -678,7 +747,8 @@ async fn serve_forward(
         session_id: session_id.clone(),
         device_id: device_id.clone(),
     };
-    if reply(&mut stream, &ok).await {
+    if reply_ahead(&mut stream, gate.as_ref(), &ok).await {
+        let stream = gated(stream, gate);
         tracing::info!(peer = %from, %addr, %user, device = %device_id, session = %session_id, "forwarded dial");
         splice(
             dialer,

@@ -119,13 +119,20 @@ impl GatewayIdentity {
         })
     }
 
-    /// Leaf + CA chain (agents on first contact find the CA in the chain and pin it).
+    /// Leaf + CA chain (agents on first contact find the CA in the chain and pin it). During
+    /// an x509 CA rotation the chain carries both CAs, so a client pinning either finds it.
     pub fn cert_key(&self) -> Result<CertKey, IdentityError> {
-        Ok(CertKey::from_pem(
-            &self.cert_pem,
-            Some(&self.cas.x509_ca_pem),
-            self.key_pkcs8.clone(),
-        )?)
+        let mut ck = CertKey::from_pem(&self.cert_pem, None, self.key_pkcs8.clone())?;
+        let cas = self
+            .cas
+            .x509_ca_ders()
+            .map_err(|e| IdentityError::Invalid {
+                dir: "cas.json".into(),
+                err: e.to_string(),
+            })?;
+        ck.chain
+            .extend(cas.into_iter().map(rustls::pki_types::CertificateDer::from));
+        Ok(ck)
     }
 
     /// TLS server config for one of the gateway's ports; with a public certificate, clients

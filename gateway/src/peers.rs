@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use edgeport_net::write_gate::WriteGate;
 use edgeport_net::BoxedStream;
 use edgeport_net::{read_frame, write_frame};
 use edgeport_proto::alpn;
@@ -68,7 +69,7 @@ struct Slot {
 #[derive(Default)]
 struct SlotState {
     /// The address it was reached at, and the link.
-    link: Option<(String, quinn::Connection)>,
+    link: Option<(String, quinn::Connection, Arc<WriteGate>)>,
     /// When a connect to which address last failed, and why.
     failed: Option<(Instant, String, LinkError)>,
 }
@@ -127,7 +128,7 @@ impl Peers {
             |what: String| ForwardError::Link(format!("gateway {peer} at {addr}: {what}"));
         // A cached link may have died since it was last used: one fresh try.
         for attempt in 0..2 {
-            let link = self
+            let (link, gate) = self
                 .link(ident, peer, addr, attempt > 0)
                 .await
                 .map_err(|e| ForwardError::Link(e.to_string()))?;
@@ -146,12 +147,18 @@ impl Peers {
                 header: header.clone(),
             };
             let answer = tokio::time::timeout(ANSWER_TIMEOUT, async {
+                // Ahead of the link's bulk writes: a forward that waited behind them for
+                // flow-control credit could miss ANSWER_TIMEOUT, which closes the link.
+                let urgent = gate.urgent();
                 write_frame(&mut stream, &req).await?;
+                drop(urgent);
                 read_frame::<ClientReply, _>(&mut stream).await
             })
             .await;
             return match answer {
-                Ok(Ok(ClientReply::DialOk { .. })) => Ok(stream),
+                Ok(Ok(ClientReply::DialOk { .. })) => {
+                    Ok(Box::new(gate.gate(stream)) as BoxedStream)
+                }
                 Ok(Ok(ClientReply::Refused(e))) => Err(ForwardError::Refused(e)),
                 Ok(Ok(_)) => Err(link_err("answered out of turn".into())),
                 Ok(Err(e)) if attempt == 0 && link.close_reason().is_some() => {
@@ -180,12 +187,12 @@ impl Peers {
         peer: &str,
         addr: &str,
         fresh: bool,
-    ) -> Result<quinn::Connection, LinkError> {
+    ) -> Result<(quinn::Connection, Arc<WriteGate>), LinkError> {
         let slot = self.slot(peer);
         let mut st = slot.state.lock().await;
-        if let Some((at, c)) = &st.link {
+        if let Some((at, c, gate)) = &st.link {
             if !fresh && c.close_reason().is_none() && at == addr {
-                return Ok(c.clone());
+                return Ok((c.clone(), gate.clone()));
             }
         }
         if let Some((when, at, why)) = &st.failed {
@@ -203,10 +210,11 @@ impl Peers {
             });
         match connected {
             Ok(conn) => {
-                st.link = Some((addr.to_string(), conn.clone()));
+                let gate = WriteGate::new();
+                st.link = Some((addr.to_string(), conn.clone(), gate.clone()));
                 st.failed = None;
                 tracing::info!(%peer, %addr, "link to peer gateway up");
-                Ok(conn)
+                Ok((conn, gate))
             }
             Err(e) => {
                 st.link = None;

@@ -31,15 +31,21 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// Streams a peer may have open at once on one connection: an agent opens only its control
-/// stream, tsh one per dial (`tsh ssh` over a label selector runs 16 at a time by default);
-/// more wait for credit rather than fail. quinn sets up state for every permitted stream when
-/// a connection starts: 256 cost about 13 KiB more per idle tunnel than 64.
-const MAX_PEER_STREAMS: u32 = 64;
+/// Streams a user or a peer gateway may have open at once on one connection: tsh opens one
+/// per dial (`tsh ssh` over a label selector runs 16 at a time by default); more wait for
+/// credit rather than fail. `dial::serve_quic` raises a user's connection to this once the
+/// ALPN says it is a dial connection.
+pub const DIAL_STREAMS: u32 = 64;
+
+/// What every connection starts with: one stream, an agent's control stream. quinn sets up
+/// state for every permitted stream when a connection starts (two hash-map entries each):
+/// starting device tunnels at 64 cost each idle tunnel about 4 KiB of the gateway's memory
+/// for streams it never opens (issue 26).
+const INITIAL_STREAMS: u32 = 1;
 
 fn transport_config(idle_timeout: Duration) -> quinn::TransportConfig {
     let mut t = edgeport_net::quic::bulk_transport();
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_PEER_STREAMS))
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(INITIAL_STREAMS))
         .max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
     t
 }

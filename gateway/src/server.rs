@@ -110,6 +110,14 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         peers,
     };
     let kube_tls = Arc::new(TlsCache::new(identity.clone()));
+    let dialer = Arc::new(Dialer {
+        reach: reach.clone(),
+        sessions: sessions.clone(),
+        tickets: Arc::default(),
+        life: life.clone(),
+        request_timeout: cfg.handshake_timeout,
+        splice_dump: cfg.splice_dump.clone(),
+    });
     let routes = Arc::new(Routes {
         tunnel: Arc::new(TunnelHost {
             auth: auth.clone(),
@@ -121,14 +129,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
             handshake_timeout: cfg.handshake_timeout,
             idle_timeout: cfg.tunnel_idle_timeout,
         }),
-        dial: Arc::new(Dialer {
-            reach: reach.clone(),
-            sessions: sessions.clone(),
-            tickets: Arc::default(),
-            life: life.clone(),
-            request_timeout: cfg.handshake_timeout,
-            splice_dump: cfg.splice_dump.clone(),
-        }),
+        dial: dialer.clone(),
         kube: Arc::new(Front::new(
             reach,
             sessions.clone(),
@@ -182,6 +183,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
                 auth.clone(),
                 identity.clone(),
                 public.clone(),
+                dialer,
                 shutdown.clone(),
             )
             .await?,
@@ -189,7 +191,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         None => None,
     };
     let (ca_identity, ca_dir) = (identity.clone(), cfg.data_dir.clone());
+    let renew_now = Arc::new(tokio::sync::Notify::new());
     let renewal = Renewal {
+        renew_now: renew_now.clone(),
         cfg,
         auth: auth.clone(),
         identity,
@@ -208,6 +212,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
                 identity: ca_identity,
                 tunnels: tunnels.clone(),
                 data_dir: ca_dir,
+                renew_now,
             }
             .run(shutdown.clone()),
         ),
@@ -244,6 +249,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
 /// What renewing the gateway's certificate touches: the authority, the identity every part
 /// reads, and the TLS configs of both ports.
 struct Renewal {
+    /// Renew now: the x509 CAs changed (a rotation), so the certificate may be due from
+    /// the new CA and every TLS configuration must trust the bundle's CAs.
+    renew_now: Arc<tokio::sync::Notify>,
     cfg: GatewayConfig,
     auth: Arc<AuthorityClient>,
     identity: IdentityCell,
@@ -263,6 +271,7 @@ async fn start_web(
     auth: Arc<AuthorityClient>,
     identity: IdentityCell,
     public: PublicCert,
+    dialer: Arc<Dialer>,
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()>, ServerError> {
     let listener = TcpListener::bind(addr)
@@ -285,20 +294,24 @@ async fn start_web(
             edgeport_proto::tls::certified_key(me.chain.clone(), me.key()).ok()
         })
     });
-    Ok(crate::web::serve(listener, cert, call, shutdown))
+    Ok(crate::web::serve(listener, cert, call, dialer, shutdown))
 }
 
 /// Renews the gateway's certificate when less than a third of its validity is left.
 impl Renewal {
     async fn run(self, shutdown: CancellationToken) {
+        let mut forced = false;
         loop {
             let ident = self.identity.get();
             let now = edgeport_net::clock::now_secs();
-            if ident.needs_renewal(now) {
+            if forced || ident.needs_renewal(now) {
                 let renewed = self.renew().await;
                 crate::metrics::renewal("gateway", &renewed);
                 match renewed {
-                    Ok(()) => continue,
+                    Ok(()) => {
+                        forced = false;
+                        continue;
+                    }
                     Err(e) => tracing::warn!("certificate renewal failed (will retry): {e}"),
                 }
                 if ident.valid_before <= now {
@@ -309,9 +322,10 @@ impl Renewal {
             }
             // Check again after a tenth of the remaining time, between 1 minute and 1 hour.
             let wait = ident.valid_before.saturating_sub(now) / 10;
-            let wait = Duration::from_secs(wait.clamp(60, 3600));
+            let wait = Duration::from_secs(if forced { 5 } else { wait.clamp(60, 3600) });
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.renew_now.notified() => forced = true,
                 _ = shutdown.cancelled() => return,
             }
         }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgeport_net::write_frame;
+use edgeport_net::write_gate::WriteGate;
 use edgeport_net::BoxedStream;
 use edgeport_proto::identity::CaBundle;
 use edgeport_proto::rpc::{DevicePresence, RpcError};
@@ -41,6 +42,9 @@ pub struct Tunnel {
     /// Distinguishes this tunnel from an older or newer one of the same device.
     pub generation: u64,
     pub conn: Arc<dyn edgeport_net::Tunnel>,
+    /// Lets a new stream's header and the control stream's frames go ahead of the bulk
+    /// writes of the streams already open ([`edgeport_net::write_gate`]).
+    pub gate: Arc<WriteGate>,
     pub hello: Hello,
     /// The address the tunnel came from.
     pub remote_addr: SocketAddr,
@@ -112,20 +116,25 @@ impl Tunnel {
         }
     }
 
-    /// Opens a stream to the device and sends `header` on it.
+    /// Opens a stream to the device and sends `header` on it. The stream's writes then
+    /// yield to the next stream's header and to control frames (see [`Tunnel::gate`]): a
+    /// dial during bulk transfers is not stuck behind them for want of flow-control credit.
     pub async fn open_stream(&self, header: &StreamHeader) -> Result<BoxedStream, TunnelError> {
         let fut = async {
             let mut s = self.conn.open().await.map_err(|err| TunnelError::Open {
                 device: self.device_id.clone(),
                 err: err.to_string(),
             })?;
+            // Not while waiting for stream credit above: that comes back only as streams
+            // finish, which held writes would keep them from doing.
+            let _urgent = self.gate.urgent();
             write_frame(&mut s, header)
                 .await
                 .map_err(|e| TunnelError::Open {
                     device: self.device_id.clone(),
                     err: e.to_string(),
                 })?;
-            Ok(s)
+            Ok(Box::new(self.gate.gate(s)) as BoxedStream)
         };
         let start = std::time::Instant::now();
         let opened = tokio::time::timeout(OPEN_TIMEOUT, fut)
@@ -150,7 +159,7 @@ pub enum Outside {
     /// The device's data budget state changed (`Some`: past it).
     Budget(Option<String>),
     /// The cluster's CA bundle changed (CA rotation).
-    Cas(CaBundle),
+    Cas(Box<CaBundle>),
 }
 
 /// What the user of a bulk transfer reads when the device is past its data budget.
@@ -207,7 +216,7 @@ impl Tunnels {
             *c = Some(cas.clone());
         }
         for t in self.all() {
-            let _ = t.control.try_send(Outside::Cas(cas.clone()));
+            let _ = t.control.try_send(Outside::Cas(Box::new(cas.clone())));
         }
     }
 
@@ -361,5 +370,15 @@ impl Tunnels {
         for t in self.all() {
             t.close(reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Each tunnel has a channel of these, and tokio allocates a channel's first block of 32
+    /// items when it is made: a large item costs every idle tunnel memory (issue 26).
+    #[test]
+    fn the_control_channel_item_stays_small() {
+        assert!(std::mem::size_of::<super::Outside>() <= 64);
     }
 }

@@ -13,8 +13,16 @@ const $ = (id) => document.getElementById(id);
 let key = null; // CryptoKeyPair of this session
 let csrf = '';
 let timer = null;
+let term = null; // the terminal (term.js)
+let socket = null; // its WebSocket
+let playing = null; // the recording being played
 
 const hex = (buf) => Array.from(new Uint8Array(buf), (b) => b.toString(16).padStart(2, '0')).join('');
+
+async function signText(text) {
+  return hex(await crypto.subtle.sign({ name: 'ECDSA', hash: 'SHA-256' }, key.privateKey,
+    new TextEncoder().encode(text)));
+}
 
 async function signedFetch(url, opts = {}, { withCsrf = true, sign = true } = {}) {
   const method = (opts.method || 'GET').toUpperCase();
@@ -23,10 +31,8 @@ async function signedFetch(url, opts = {}, { withCsrf = true, sign = true } = {}
     const at = Math.floor(Date.now() / 1000);
     const path = new URL(url, location.href).pathname;
     const text = `edgeport-web/1\n${at}\n${method}\n${path}`;
-    const sig = await crypto.subtle.sign({ name: 'ECDSA', hash: 'SHA-256' }, key.privateKey,
-      new TextEncoder().encode(text));
     headers['X-Edgeport-Time'] = String(at);
-    headers['X-Edgeport-Signature'] = hex(sig);
+    headers['X-Edgeport-Signature'] = await signText(text);
   }
   if (withCsrf && method !== 'GET' && csrf) headers['X-CSRF-Token'] = csrf;
   return fetch(url, Object.assign({ credentials: 'same-origin' }, opts, { method, headers }));
@@ -34,6 +40,9 @@ async function signedFetch(url, opts = {}, { withCsrf = true, sign = true } = {}
 
 function showLogin(message) {
   if (timer) { clearInterval(timer); timer = null; }
+  // An open terminal stays: the gateway ends it with its reason (a lock, say).
+  if (!socket) closeTerminal();
+  $('history').hidden = true;
   key = null; csrf = '';
   $('fleet').hidden = true; $('logout').hidden = true; $('login').hidden = false;
   $('who').textContent = '';
@@ -76,15 +85,113 @@ async function refresh() {
     }
     tr.append(labels, cell(d.transport || '-'), cell(d.rtt_ms == null ? '-' : `${d.rtt_ms} ms`),
       cell(d.online ? 'now' : ago(d.last_seen)), cell(d.version || '-'));
+    const open = document.createElement('td');
+    if (d.online && $('login-as').value) {
+      const b = document.createElement('button');
+      b.className = 'connect'; b.dataset.device = d.id; b.textContent = 'Terminal';
+      b.addEventListener('click', () => openTerminal(d.id, $('login-as').value));
+      open.append(b);
+    }
+    tr.append(open);
     return tr;
   });
   $('devices').replaceChildren(...rows);
   $('updated').textContent = `updated ${new Date().toLocaleTimeString()}`;
 }
 
+// Recordings (asciicast v2) and audit events: the user's own, as `tsh recordings ls` shows.
+async function getJson(url) {
+  const r = await signedFetch(url);
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error);
+  return body;
+}
+
+async function loadHistory() {
+  $('history').hidden = false;
+  try {
+    const recs = await getJson('/api/recordings');
+    $('recordings').replaceChildren(...recs.recordings.map((r) => {
+      const tr = document.createElement('tr');
+      tr.dataset.session = r.session_id;
+      const play = document.createElement('button');
+      play.className = 'play'; play.textContent = 'Play';
+      play.addEventListener('click', () => playRecording(r));
+      const td = document.createElement('td'); td.append(play);
+      tr.append(cell(new Date(r.started_ms).toLocaleString()), cell(r.device), cell(r.login),
+        cell(`${r.bytes} B`), td);
+      return tr;
+    }));
+    const ev = await getJson('/api/audit');
+    const q = $('audit-q').value.trim().toLowerCase();
+    const rows = ev.events.map((s) => Object.assign({ device: s.device }, s.event)).filter((e) => !q || JSON.stringify(e).toLowerCase().includes(q))
+      .reverse().slice(0, 200).map((e) => {
+        const tr = document.createElement('tr');
+        const details = [['user', e.user], ['login', e.login], ['session', e.session_id]]
+          .concat(Object.entries(e.fields || {})).filter(([, v]) => v).map(([k, v]) => `${k}=${v}`).join(' ');
+        tr.append(cell(new Date(e.time_ms).toLocaleString()), cell(e.type || e.kind), cell(e.device || ''), cell(details));
+        return tr;
+      });
+    $('audit-events').replaceChildren(...rows);
+    $('history-error').textContent = '';
+  } catch (e) { $('history-error').textContent = String(e.message || e); }
+}
+
+function terminalView(title) {
+  closeTerminal();
+  $('terminal').hidden = false;
+  $('term-title').textContent = title;
+  if (!term) {
+    term = new window.EdgeportTerm($('term'), (s) => {
+      if (socket && socket.readyState === WebSocket.OPEN) socket.send(new TextEncoder().encode(s));
+    });
+    window.addEventListener('resize', () => resizeTerminal(...term.fit()));
+  }
+  term.scrollback = []; term.reset(); term.draw();
+}
+
+function resizeTerminal(cols, rows) {
+  term.resize(cols, rows);
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ resize: [cols, rows] }));
+}
+
+// The first message of a terminal's WebSocket: signed by this session's key.
+async function terminalHello(device, login, cols, rows) {
+  const at = Math.floor(Date.now() / 1000);
+  const sig = await signText(`edgeport-web/1\n${at}\nGET\n/api/terminal/${device}/${login}`);
+  return { at, sig, device, login, cols, rows };
+}
+
+// Plays a recording in the terminal, pauses longer than half a second shortened.
+async function playRecording(r) {
+  terminalView(`recording of ${r.login}@${r.device}`);
+  $('term-status').textContent = 'loading...';
+  const resp = await signedFetch(`/api/recordings/${encodeURIComponent(r.session_id)}`);
+  if (!resp.ok) { $('term-status').textContent = (await resp.json()).error; return; }
+  const lines = (await resp.text()).split('\n').filter((l) => l.trim());
+  const head = JSON.parse(lines.shift() || '{}');
+  if (head.width && head.height) term.resize(head.width, head.height);
+  const mine = (playing = {});
+  let last = 0;
+  $('term-status').textContent = 'playing';
+  for (const l of lines) {
+    const [t, kind, data] = JSON.parse(l);
+    if (kind !== 'o') continue;
+    await new Promise((ok) => setTimeout(ok, Math.min(500, Math.max(0, (t - last) * 1000))));
+    last = t;
+    if (playing !== mine) return;
+    term.write(data);
+  }
+  $('term-status').textContent = 'end of recording';
+}
+
 function showFleet(s) {
   csrf = s.csrf;
+  $('login-as').replaceChildren(...(s.logins || []).map((l) => {
+    const o = document.createElement('option'); o.textContent = l; return o;
+  }));
   $('login').hidden = true; $('fleet').hidden = false; $('logout').hidden = false;
+  loadHistory();
   $('who').textContent = s.user;
   refresh();
   timer = setInterval(refresh, 3000);
@@ -111,11 +218,50 @@ $('login').addEventListener('submit', async (ev) => {
 });
 
 $('logout').addEventListener('click', async () => {
+  closeTerminal();
   const r = await signedFetch('/api/logout', { method: 'POST' });
   showLogin(r.ok ? 'logged out' : (await r.json()).error);
 });
 
 $('filter').addEventListener('input', () => refresh());
 
+// The terminal: a WebSocket whose first message is signed by this session's key over
+// "GET /api/terminal/DEVICE/LOGIN" (a WebSocket carries no custom headers); then keyboard
+// input goes up as binary, output comes down as binary, and the gateway's words as JSON.
+
+function closeTerminal() {
+  if (socket) { socket.close(); socket = null; }
+  playing = null;
+  $('terminal').hidden = true;
+}
+
+async function openTerminal(device, login) {
+  terminalView(`${login}@${device}`);
+  $('term-status').textContent = 'connecting...';
+  const [cols, rows] = term.fit();
+  const hello = await terminalHello(device, login, cols, rows);
+  const ws = new WebSocket(`wss://${location.host}/api/terminal`);
+  socket = ws;
+  ws.binaryType = 'arraybuffer';
+  ws.onopen = () => ws.send(JSON.stringify(hello));
+  ws.onmessage = (ev) => {
+    if (typeof ev.data !== 'string') { term.write(new Uint8Array(ev.data)); return; }
+    const m = JSON.parse(ev.data);
+    if (m.ready) {
+      $('term-status').textContent = `session ${m.ready.session_id} (recorded)`;
+      $('term').focus();
+    }
+    if (m.closed) {
+      term.write(`\r\n\r\n[edgeport] ${m.closed}\r\n`);
+      $('term-status').textContent = m.closed;
+    }
+  };
+  ws.onclose = () => { if (socket === ws) socket = null; loadHistory(); };
+}
+
+$('term-close').addEventListener('click', closeTerminal);
+$('rec-refresh').addEventListener('click', loadHistory);
+$('audit-q').addEventListener('input', loadHistory);
+
 // For tests and tools in this page: signed requests with this session's key.
-window.edgeport = { signedFetch };
+window.edgeport = { signedFetch, terminalHello, resizeTerminal };

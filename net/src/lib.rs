@@ -14,6 +14,7 @@ pub mod rpc_client;
 pub mod stream;
 pub mod tunnel;
 pub mod udp;
+pub mod write_gate;
 
 pub use frame_io::{read_frame, write_frame};
 pub use stream::{BoxedStream, Duplex};

@@ -11,8 +11,15 @@
 //! A rotated bundle reaches gateways (`gateway/src/ca_watch.rs`) and agents
 //! (`GatewayControl::Cas`, `edge-agent/src/ca_rotation.rs`) over their existing connections;
 //! each takes it only through [`CaBundle::check_successor`]: signed by the x509 CA it already
-//! trusts, never on the gateway's word. No SSH CA rotation needs a new join; rotating the
-//! x509 CA itself is not supported yet (it signs the bundle).
+//! trusts, never on the gateway's word. No SSH CA rotation needs a new join.
+//!
+//! x509 CA rotation: `x509_ca_pem` then holds several certificates, the first the CA that
+//! issues certificates now (its pin is `ca_pin`); every one is trusted. The signed bytes add
+//! one `x509 SHA256-OF-DER` line per certificate, and `signature` holds one signature per
+//! certificate, space-separated, in the same order: the old CA's signature over a bundle
+//! that lists the new CA is its endorsement, so a holder that knows only the old CA takes
+//! the bundle (and from then on trusts the new CA too). Once the old CA is dropped, a holder
+//! that never saw such a bundle (offline the whole grace period) refuses the next one.
 
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 
@@ -36,6 +43,8 @@ pub enum BundleError {
     PinMismatch { got: String, want: String },
     #[error("the CA bundle changed ({0}): a new x509 CA or cluster needs a new join")]
     Changed(&'static str),
+    #[error("the CA bundle's x509 CA {0} is not one this holder trusts nor endorsed by one (the cluster's x509 CA was rotated while it was offline, or another cluster): join again (docs/deploy.md, \"Rotating a CA\")")]
+    X509Rotated(String),
 }
 
 /// `algo base64` of an OpenSSH public key line (the comment is not signed).
@@ -57,20 +66,65 @@ fn keys_signed(field: &str) -> String {
 }
 
 impl CaBundle {
-    /// DER of the cluster's x509 CA certificate (the first one in `x509_ca_pem`).
+    /// DER of every trusted x509 CA certificate, concatenated (one outside an x509 CA
+    /// rotation): what the TLS root stores take (`tls::split_ders`).
     pub fn x509_ca_der(&self) -> Result<Vec<u8>, crate::keys::KeyError> {
-        first_cert_der(&self.x509_ca_pem)
+        Ok(self.x509_ca_ders()?.concat())
     }
 
-    /// The bytes the x509 CA signs: context, cluster, both SSH CAs.
+    /// DER of each trusted x509 CA certificate, the one that issues now first.
+    pub fn x509_ca_ders(&self) -> Result<Vec<Vec<u8>>, crate::keys::KeyError> {
+        let all: Vec<Vec<u8>> = pem::parse_many(&self.x509_ca_pem)
+            .map_err(|e| crate::keys::KeyError::Cert(e.to_string()))?
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .map(|p| p.into_contents())
+            .collect();
+        if all.is_empty() {
+            return Err(crate::keys::KeyError::Cert("no CERTIFICATE block".into()));
+        }
+        Ok(all)
+    }
+
+    /// The pins of the trusted x509 CAs (unreadable ones are left out).
+    pub fn x509_pins(&self) -> Vec<String> {
+        self.x509_ca_ders()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| ca_pin(d).ok())
+            .collect()
+    }
+
+    /// The bytes the x509 CA signs: context, cluster, both SSH CAs, and during an x509 CA
+    /// rotation the digest of every x509 CA certificate.
     pub fn signed_bytes(&self) -> Vec<u8> {
-        format!(
+        let mut s = format!(
             "{CONTEXT}\n{}\n{}\n{}\n",
             self.cluster,
             keys_signed(&self.user_ca),
             keys_signed(&self.host_ca)
-        )
-        .into_bytes()
+        );
+        let ders = self.x509_ca_ders().unwrap_or_default();
+        if ders.len() > 1 {
+            for d in &ders {
+                s.push_str(&format!("x509 {}\n", crate::keys::sha256_hex(d)));
+            }
+        }
+        s.into_bytes()
+    }
+
+    /// Whether the `i`th signature verifies with the `i`th x509 CA's key.
+    fn signed_by(&self, i: usize, der: &[u8]) -> Result<(), BundleError> {
+        let sig = self
+            .signature
+            .split_whitespace()
+            .nth(i)
+            .ok_or(BundleError::Unsigned)?;
+        let sig = hex::decode(sig).map_err(|_| BundleError::BadSignature)?;
+        let point = ec_point(der)?;
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
+            .verify(&self.signed_bytes(), &sig)
+            .map_err(|_| BundleError::BadSignature)
     }
 
     /// Checks the signature against the bundle's own x509 CA and that `ca_pin` is that CA's
@@ -88,11 +142,7 @@ impl CaBundle {
         if self.signature.is_empty() {
             return Err(BundleError::Unsigned);
         }
-        let sig = hex::decode(&self.signature).map_err(|_| BundleError::BadSignature)?;
-        let point = ec_point(&der)?;
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
-            .verify(&self.signed_bytes(), &sig)
-            .map_err(|_| BundleError::BadSignature)
+        self.signed_by(0, &der)
     }
 
     /// [`Self::verify`], and the x509 CA is the one with `pin`.
@@ -121,17 +171,33 @@ impl CaBundle {
     }
 
     /// A bundle that may replace `self` (a renewal, or a CA rotation pushed over the tunnel):
-    /// validly signed by the same x509 CA, for the same cluster. The SSH CAs may change: the
-    /// x509 CA we already trust vouches for them.
+    /// validly signed, for the same cluster, and signed by an x509 CA `self` trusts. The SSH
+    /// CAs may change, and during an x509 CA rotation the x509 CAs too: a CA we already trust
+    /// vouches for them (its signature over the bundle that lists them).
     pub fn check_successor(&self, fresh: &CaBundle) -> Result<(), BundleError> {
         fresh.verify()?;
         if fresh.cluster != self.cluster {
             return Err(BundleError::Changed("cluster"));
         }
-        if fresh.ca_pin != self.ca_pin {
-            return Err(BundleError::Changed("x509 CA"));
+        fresh.endorsed_by(&self.x509_pins())
+    }
+
+    /// After [`Self::verify`]: the bundle's x509 CA is one of `pins`, or one of `pins` signed
+    /// this bundle that lists it (an x509 CA rotation).
+    pub fn endorsed_by(&self, pins: &[String]) -> Result<(), BundleError> {
+        if pins.contains(&self.ca_pin) {
+            return Ok(());
         }
-        Ok(())
+        let ders = self
+            .x509_ca_ders()
+            .map_err(|e| BundleError::BadCa(e.to_string()))?;
+        for (i, der) in ders.iter().enumerate() {
+            let known = ca_pin(der).is_ok_and(|p| pins.contains(&p));
+            if known && self.signed_by(i, der).is_ok() {
+                return Ok(());
+            }
+        }
+        Err(BundleError::X509Rotated(self.ca_pin.clone()))
     }
 
     /// The user CAs trusted now (the first is the one that signs).
@@ -200,6 +266,7 @@ fn ec_point(cert_der: &[u8]) -> Result<Vec<u8>, BundleError> {
 mod tests {
     use super::*;
     use crate::keys::{cert_pem, KeyPair};
+    use crate::tls;
     use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
 
     /// An x509 CA (rcgen) and a signer for bundles with its key.
@@ -280,15 +347,77 @@ mod tests {
             &new.public_openssh(),
             &host.public_openssh(),
         );
-        assert_eq!(
+        assert!(matches!(
             one.check_successor(&foreign),
-            Err(BundleError::Changed("x509 CA"))
-        );
+            Err(BundleError::X509Rotated(_))
+        ));
         // known_hosts: one @cert-authority line per host CA.
         let hosts = format!("{}\n{}", host.public_openssh(), new.public_openssh());
         let h = bundle(&pem, &signer, &old.public_openssh(), &hosts);
         assert_eq!(h.known_hosts_line("*").lines().count(), 2);
         assert_eq!(h.host_ca_raws().len(), 2);
+    }
+
+    /// A bundle listing every x509 CA of `cas` (the first issues), signed by each.
+    fn x509_bundle(cas: &[&(String, EcdsaKeyPair)], host: &str) -> CaBundle {
+        let pem: String = cas.iter().map(|(p, _)| p.as_str()).collect();
+        let der = first_cert_der(&pem).unwrap();
+        let mut b = CaBundle {
+            cluster: "edge".into(),
+            user_ca: host.into(),
+            host_ca: host.into(),
+            x509_ca_pem: pem,
+            ca_pin: ca_pin(&der).unwrap(),
+            signature: String::new(),
+        };
+        let rng = ring::rand::SystemRandom::new();
+        let sigs: Vec<String> = cas
+            .iter()
+            .map(|(_, k)| hex::encode(k.sign(&rng, &b.signed_bytes()).unwrap().as_ref()))
+            .collect();
+        b.signature = sigs.join(" ");
+        b
+    }
+
+    #[test]
+    fn x509_rotation_is_endorsed_by_the_old_ca_and_missed_rotations_are_refused() {
+        let (old, new) = (x509_ca(), x509_ca());
+        let host = KeyPair::generate().unwrap().public_openssh();
+        let before = x509_bundle(&[&old], &host);
+        // init: the old CA issues, the new one is listed; both sign.
+        let init = x509_bundle(&[&old, &new], &host);
+        init.verify().unwrap();
+        assert_eq!(init.x509_ca_ders().unwrap().len(), 2);
+        assert_eq!(
+            tls::split_ders(&init.x509_ca_der().unwrap()).unwrap().len(),
+            2
+        );
+        before.check_successor(&init).unwrap();
+        // update_clients: the new CA issues; a holder of the old one only still takes it
+        // through the old CA's signature.
+        let update = x509_bundle(&[&new, &old], &host);
+        before.check_successor(&update).unwrap();
+        init.check_successor(&update).unwrap();
+        // Without the old CA's signature it is not endorsed.
+        let mut unendorsed = update.clone();
+        unendorsed.signature = update.signature.split(' ').next().unwrap().into();
+        assert!(matches!(
+            before.check_successor(&unendorsed),
+            Err(BundleError::X509Rotated(_))
+        ));
+        // A listed CA cannot be swapped without breaking the signatures.
+        let mut swapped = update.clone();
+        swapped.x509_ca_pem = format!("{}{}", new.0, x509_ca().0);
+        assert_eq!(swapped.verify(), Err(BundleError::BadSignature));
+        // standby: the new CA only. Holders that saw the rotation take it; one that was
+        // offline the whole time (old CA only) refuses it.
+        let after = x509_bundle(&[&new], &host);
+        update.check_successor(&after).unwrap();
+        init.check_successor(&after).unwrap();
+        assert!(matches!(
+            before.check_successor(&after),
+            Err(BundleError::X509Rotated(_))
+        ));
     }
 
     #[test]

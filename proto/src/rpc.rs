@@ -243,6 +243,33 @@ pub enum Request {
         accepted: bool,
         message: String,
     },
+    /// Gateway: short-lived user certificates for one web console terminal, for the gateway's
+    /// own fresh key `ssh_public_key`. The authority checks the proof itself: a live web
+    /// session whose browser signed `GET /api/terminal/DEVICE/LOGIN` just now. The
+    /// certificates name only that login. Answered with `UserCerts`.
+    WebSessionCert {
+        proof: WebProof,
+        ssh_public_key: String,
+    },
+    /// Gateway: a page of the web session's user's own recordings (as `RecordingPage` for
+    /// tsh, the user taken from the proven session).
+    WebRecordingPage {
+        proof: WebProof,
+        cursor: Option<String>,
+        limit: u32,
+    },
+    /// Gateway: a piece of one of the web session's user's recordings (as `RecordingGet`).
+    WebRecordingGet {
+        proof: WebProof,
+        session_id: String,
+        offset: u64,
+    },
+    /// Gateway: the audit events of the web session's user (`query.user` is replaced by the
+    /// proven session's user). Answered with `AuditPage`.
+    WebAuditSearch {
+        proof: WebProof,
+        query: crate::audit::AuditQuery,
+    },
     /// Gateway: a device's request, relayed from its tunnel, for a per-session certificate
     /// to log in to one of its targets in record mode (issue 22). The authority believes
     /// only what the device signed and the user's certificate; answered with `TargetCert`.

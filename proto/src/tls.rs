@@ -115,10 +115,47 @@ pub fn external_client_config_pem(
         .with_no_client_auth())
 }
 
+/// The root store of the cluster's x509 CAs: `ca_der` is one DER certificate, or during an
+/// x509 CA rotation several concatenated (see [`split_ders`]); a chain to any of them counts.
 fn roots(ca_der: &[u8]) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
-    store.add(CertificateDer::from(ca_der.to_vec()))?;
+    for der in split_ders(ca_der)? {
+        store.add(CertificateDer::from(der.to_vec()))?;
+    }
     Ok(store)
+}
+
+/// Splits concatenated DER certificates (each one a SEQUENCE) into the certificates.
+pub fn split_ders(mut ders: &[u8]) -> Result<Vec<&[u8]>, TlsError> {
+    let bad = || TlsError::BadCert("malformed concatenated DER certificates".into());
+    let mut out = Vec::new();
+    while !ders.is_empty() {
+        let (&tag, rest) = ders.split_first().ok_or_else(bad)?;
+        if tag != 0x30 {
+            return Err(bad());
+        }
+        let (&first, rest) = rest.split_first().ok_or_else(bad)?;
+        let (len, hdr) = if first < 0x80 {
+            (first as usize, 2)
+        } else {
+            let n = (first & 0x7f) as usize;
+            if n == 0 || n > 4 || rest.len() < n {
+                return Err(bad());
+            }
+            let len = rest[..n].iter().fold(0usize, |a, b| (a << 8) | *b as usize);
+            (len, 2 + n)
+        };
+        let end = hdr
+            .checked_add(len)
+            .filter(|e| *e <= ders.len())
+            .ok_or_else(bad)?;
+        out.push(&ders[..end]);
+        ders = &ders[end..];
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
 }
 
 /// A certificate chain and its Ed25519 or ECDSA key (PKCS#8 DER).
@@ -449,16 +486,24 @@ pub fn verify_client_cert(
     now: u64,
 ) -> Result<(Principal, u64), TlsError> {
     use x509_parser::prelude::*;
-    let ca = CertificateDer::from(ca_der);
-    let anchor = webpki::anchor_from_trusted_cert(&ca)
-        .map_err(|e| TlsError::BadCert(format!("the cluster's CA: {e:?}")))?;
+    let cas: Vec<CertificateDer<'_>> = split_ders(ca_der)?
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let anchors = cas
+        .iter()
+        .map(|ca| {
+            webpki::anchor_from_trusted_cert(ca)
+                .map_err(|e| TlsError::BadCert(format!("the cluster's CA: {e:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let leaf = CertificateDer::from(cert_der);
     let ee =
         webpki::EndEntityCert::try_from(&leaf).map_err(|e| TlsError::BadCert(format!("{e:?}")))?;
     let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now));
     ee.verify_for_usage(
         provider().signature_verification_algorithms.all,
-        &[anchor],
+        &anchors,
         &[],
         time,
         webpki::KeyUsage::client_auth(),

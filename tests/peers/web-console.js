@@ -2,7 +2,8 @@
 // web-console.js — a headless Chromium (playwright-core) that the web console tests steer
 // one command at a time: each line on stdin is a JSON command, each answer one JSON line on
 // stdout. Ops: open {url}, fill {sel, value}, click {sel}, waitText {sel, text, timeoutMs},
-// text {sel}, shot {path}, cookies, setCookies {cookies}, eval {js} (an expression, awaited
+// text {sel}, shot {path, sel?, fullPage?}, type {sel, text, enter?} (keystrokes into the
+// focused element), press {sel, key}, cookies, setCookies {cookies}, eval {js} (an expression, awaited
 // in the page), quit. Errors answer {"error": "..."}.
 // Usage: NODE_PATH=/var/cache/edgeport-peers/node/node_modules node web-console.js
 // Env: CHROMIUM (default /usr/bin/chromium). Only loopback addresses may be contacted.
@@ -50,7 +51,14 @@ async function main() {
           out = { text, found: text.includes(c.text) }; break;
         }
         case 'text': out = { text: await page.textContent(c.sel) }; break;
-        case 'shot': await page.screenshot({ path: c.path }); out = {}; break;
+        case 'shot':
+          if (c.sel) await page.locator(c.sel).screenshot({ path: c.path });
+          else await page.screenshot({ path: c.path, fullPage: !!c.fullPage });
+          out = {}; break;
+        case 'type': await page.focus(c.sel); await page.keyboard.type(c.text);
+          if (c.enter) await page.keyboard.press('Enter');
+          out = {}; break;
+        case 'press': await page.focus(c.sel); await page.keyboard.press(c.key); out = {}; break;
         case 'cookies': out = { cookies: await context.cookies() }; break;
         case 'setCookies': await context.addCookies(c.cookies); out = {}; break;
         case 'eval': out = { value: await page.evaluate(c.js) }; break;

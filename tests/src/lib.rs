@@ -76,7 +76,28 @@ impl Drop for TempDir {
 }
 
 /// A port free on 127.0.0.1 for both TCP and UDP (the gateway needs both).
+///
+/// Taken below the kernel's ephemeral range when there is room: a port the kernel handed out
+/// for `bind(0)` could be handed out again as the source port of some outgoing connection
+/// before the daemon under test binds it ("Address already in use", seen once in the
+/// tunnel tests, whose tests run side by side and connect a lot). Each process starts at its
+/// own offset and never returns the same port twice.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let (lo, hi) = below_ephemeral();
+    if hi > lo + 1000 {
+        let span = usize::from(hi - lo);
+        let start = (std::process::id() as usize).wrapping_mul(7919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = lo + ((start + n * 13) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
     for _ in 0..100 {
         let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = tcp.local_addr().expect("addr").port();
@@ -85,6 +106,15 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port");
+}
+
+/// Ports from 10000 up to the start of the kernel's ephemeral range (`ip_local_port_range`).
+fn below_ephemeral() -> (u16, u16) {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    (10000, low)
 }
 
 /// Polls `f` every 100 ms until it returns true or `timeout` passes.

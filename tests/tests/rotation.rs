@@ -233,9 +233,6 @@ fn a_host_rotation_rolled_back_leaves_the_old_ca_in_force() {
         .run(&["auth", "rotate", "--type", "host", "--rollback"]);
     assert_ne!(r.code(), Some(0));
     assert!(r.stderr().contains("not being rotated"), "{}", r.stderr());
-    let r = c.tctl.run(&["auth", "rotate", "--type", "x509"]);
-    assert_ne!(r.code(), Some(0));
-    assert!(r.stderr().contains("not supported yet"), "{}", r.stderr());
 
     // One phase at a time, then back.
     c.tctl

@@ -2,7 +2,8 @@
 //! gateway (`--web-addr`) and agents: login with password and one-time code, the fleet view
 //! (only the devices the user's roles allow, with a label filter), and the security
 //! properties: no cookie, no browser signature, no CSRF token, a logged-out session and a
-//! locked user are all refused, and the cookie is `Secure; HttpOnly; SameSite=Strict`.
+//! locked user are all refused, and the cookie is `Secure; HttpOnly; SameSite=Strict`. The
+//! terminal: a shell typed into and read from the page, recorded, played back, cut by a lock.
 
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -314,4 +315,120 @@ fn web_console_login_fleet_and_session_security() {
     // And a locked user cannot log in again.
     b.login(&url, "bob", "");
     assert!(b.wait_text("#login-error", "locked").0);
+}
+
+/// A WebSocket to the terminal endpoint opened by the page's own script with a first
+/// message of `hello` (a JS object expression): the gateway's closing words.
+fn raw_terminal(b: &mut Browser, hello: &str) -> String {
+    let js = format!(
+        "new Promise((done) => {{
+            const ws = new WebSocket(`wss://${{location.host}}/api/terminal`);
+            ws.onopen = () => ws.send(JSON.stringify({hello}));
+            ws.onmessage = (e) => {{
+                if (typeof e.data === 'string' && JSON.parse(e.data).closed) done(JSON.parse(e.data).closed);
+            }};
+            ws.onclose = () => done('closed without a word');
+        }})"
+    );
+    b.eval(&js).as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
+    let port = free_port();
+    let web_addr = format!("127.0.0.1:{port}");
+    let c = Cluster::start_with_gateway_args(
+        "webterm",
+        &[("van-1", "fleet=vans")],
+        &["--web-addr", &web_addr],
+    );
+    let url = format!("https://{web_addr}/");
+    c.add_user("bob", "root", PW);
+
+    let mut b = Browser::start();
+    b.login(&url, "bob", "");
+    assert!(b.wait_text("#who", "bob").0);
+    let (fleet, text) = b.wait_text("#devices", "van-1");
+    assert!(fleet, "{text:?} {}", b.eval("document.body.innerText"));
+
+    // Without the browser key's signature (a cookie alone): no terminal.
+    let why = raw_terminal(
+        &mut b,
+        "{at: Math.floor(Date.now() / 1000), sig: '00'.repeat(64), device: 'van-1', login: 'root', cols: 80, rows: 24}",
+    );
+    assert!(why.contains("signature"), "{why}");
+    let why = raw_terminal(&mut b, "{hello: 'no signature at all'}");
+    assert!(why.contains("signed request"), "{why}");
+
+    // A terminal: a shell on the device, typed into and read from the page.
+    b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
+    let (ready, status) = b.wait_text("#term-status", "recorded");
+    assert!(ready, "the terminal did not open: {status}");
+    // Typed once the shell's prompt shows, as a person would; a login shell whose startup
+    // files hang (a developer's dotfiles) is interrupted with Ctrl-C, as a person would.
+    let prompt = |b: &mut Browser, secs| {
+        wait_until(Duration::from_secs(secs), || {
+            b.eval("document.getElementById('term').textContent.trim().length")
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        })
+    };
+    if !prompt(&mut b, 10) {
+        b.cmd(json!({"op": "press", "sel": "#term", "key": "Control+c"}));
+        assert!(prompt(&mut b, 30), "no prompt in the terminal");
+    }
+    b.cmd(json!({"op": "type", "sel": "#term", "text": "echo hello-web", "enter": true}));
+    let (out, text) = b.wait_text("#term", "\nhello-web");
+    assert!(out, "no command output in the terminal: {text:?}");
+    // Resize reaches the shell as a window change.
+    b.eval("(edgeport.resizeTerminal(97, 21), true)");
+    b.cmd(json!({"op": "type", "sel": "#term", "text": "stty size", "enter": true}));
+    let (sized, text) = b.wait_text("#term", "21 97");
+    assert!(sized, "the window change did not reach the shell: {text:?}");
+    let shot = if std::env::var_os("EDGEPORT_UPDATE_DOCS").is_some() {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/web-terminal.png")
+    } else {
+        std::env::temp_dir().join(format!("edgeport-web-terminal-{}.png", std::process::id()))
+    };
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    b.cmd(json!({"op": "shot", "path": shot.to_str().unwrap(), "sel": "#terminal"}));
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000);
+    b.cmd(json!({"op": "type", "sel": "#term", "text": "exit", "enter": true}));
+    let (ended, text) = b.wait_text("#term-status", "exited with status 0");
+    assert!(ended, "{text}");
+
+    // The session was recorded by the agent like any tsh session: it shows up in the
+    // user's recordings and plays back in the browser terminal.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            b.cmd(json!({"op": "click", "sel": "#rec-refresh"}));
+            b.eval("document.querySelectorAll('#recordings button.play').length")
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        }),
+        "the web terminal's session was not recorded"
+    );
+    // And audited: the agent's session start with the web key's certificate's user.
+    let (audited, events) = b.wait_text("#audit-events", "session.start");
+    assert!(audited, "{events}");
+    b.cmd(json!({"op": "click", "sel": "#recordings button.play"}));
+    let (played, text) = b.wait_text("#term", "\nhello-web");
+    assert!(played, "the recording did not play: {text:?}");
+    assert!(b.wait_text("#term-status", "end of recording").0);
+
+    // A lock cuts an open terminal, with the reason in the terminal.
+    b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
+    assert!(b.wait_text("#term-status", "recorded").0);
+    // A signed request for a terminal, kept for after the lock (signatures last a minute).
+    b.eval("edgeport.terminalHello('van-1', 'root', 80, 24).then((h) => { window.kept = h; return true; })");
+    c.tctl
+        .ok(&["lock", "--user", "bob", "--message", "web-lock-test"]);
+    let (cut, text) = b.wait_text("#term", "web-lock-test");
+    assert!(cut, "the lock did not cut the terminal: {text:?}");
+    assert!(text.contains("[edgeport] session cut"), "{text:?}");
+    // And a locked user gets no new one, even with a fresh browser signature.
+    let why = raw_terminal(&mut b, "window.kept");
+    assert!(why.contains("locked"), "{why}");
 }

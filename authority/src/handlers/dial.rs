@@ -19,7 +19,7 @@ use crate::{devices, gateways, locks, roles, targets, users};
 pub fn certified_user(svc: &Svc, cert_der: &[u8], now: u64) -> Result<users::Subject, RpcError> {
     let (principal, not_before) = edgeport_proto::tls::verify_client_cert(
         cert_der,
-        svc.ca().x509_ca_der(),
+        &svc.ca().x509_ca_der(),
         svc.cluster(),
         now,
     )

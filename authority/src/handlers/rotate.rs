@@ -59,13 +59,25 @@ pub fn rotate(svc: &Service, req: CaRotateRequest, now: u64) -> Result<Response,
             .map(|r| r.phase.clone())
             .unwrap_or_default();
         tracing::info!(ca = req.kind.as_str(), %phase, "CA rotation: phase changed");
-        let host_signer = |v: &[CaRotation]| {
+        if let Some((path, addr)) = svc.admin_identity.get() {
+            if let Err(e) = crate::admin_identity::ensure(svc.ca(), path, addr) {
+                tracing::warn!("cannot refresh the administrator identity: {e}");
+            }
+        }
+        // Devices renew when the host CA or the x509 CA that issues changes.
+        let signers = |v: &[CaRotation]| {
             v.iter()
-                .find(|r| r.kind == CaKind::Host)
+                .filter(|r| r.kind != CaKind::User)
                 .map(|r| r.signing.clone())
+                .collect::<Vec<_>>()
         };
-        if host_signer(&before) != host_signer(&after) {
+        if signers(&before) != signers(&after) {
             svc.spread.host_changed();
+        } else if req.action == RotateAction::Rollback {
+            // Rolled back in init: the signing CAs never changed, nothing is to renew.
+            for d in crate::devices::list(svc.store(), now)? {
+                svc.spread.renewed(&d.id);
+            }
         }
     }
     Ok(Response::CaRotations(status(svc, now)?))
@@ -112,7 +124,7 @@ pub fn status(svc: &Service, now: u64) -> Result<Vec<CaRotation>, RpcError> {
         r.gateways_current = count(current);
         r.gateways_total = count(recent.len());
         r.devices_online = count(online.len());
-        r.devices_renewed = if r.kind == CaKind::Host {
+        r.devices_renewed = if r.kind != CaKind::User {
             count(renewed)
         } else {
             0

@@ -35,6 +35,19 @@ pub fn issue(
     ttl_secs: u64,
     now: u64,
 ) -> Result<UserCerts, RpcError> {
+    issue_bound(svc, subject, ssh_public_key, ttl_secs, now, None)
+}
+
+/// [`issue`], with the SSH certificate bound to one device when `device` is given (agents
+/// refuse it anywhere else: the roles extension's `mfa_device`).
+pub fn issue_bound(
+    svc: &Service,
+    subject: &Subject,
+    ssh_public_key: &str,
+    ttl_secs: u64,
+    now: u64,
+    device: Option<&str>,
+) -> Result<UserCerts, RpcError> {
     let (key, spki) = parse_ed25519_public(ssh_public_key)
         .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
     // Approved access requests in force add their roles, for their time only.
@@ -75,6 +88,8 @@ pub fn issue(
             permit_agent_forwarding: grants.permit_agent_forwarding,
             roles: &RolesExtension {
                 user_id: subject.id.clone(),
+                mfa_device: device
+                    .map_or_else(|| grants.extension.mfa_device.clone(), str::to_string),
                 ..grants.extension.clone()
             },
         })

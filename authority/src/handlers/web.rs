@@ -154,6 +154,70 @@ pub fn device_page(
     Ok(Response::DevicePage { devices, more })
 }
 
+/// Whose recordings and events a web session may see: its own user's, as for tsh.
+pub fn viewer(svc: &Service, proof: &WebProof, now: u64) -> Result<crate::audit::Viewer, RpcError> {
+    let (_, record) = proven(svc, proof, now)?;
+    let subject = users::subject(svc.store(), &record.user)?
+        .ok_or_else(|| session_denied("the user no longer exists"))?;
+    Ok(crate::audit::Viewer {
+        name: subject.name,
+        id: subject.id,
+        since_ms: subject.created.saturating_mul(1000),
+    })
+}
+
+/// What a browser signs to open a terminal: `GET` of this prefix, then `DEVICE/LOGIN`.
+pub const TERMINAL_PATH: &str = "/api/terminal/";
+/// Longest life of a web terminal's certificates (also capped by the session's end).
+pub const TERMINAL_CERT_TTL_SECS: u64 = 120;
+
+/// WebSessionCert: certificates for one terminal of a live web session, for the gateway's
+/// fresh key. The browser's signature must be for opening a terminal (not any other request
+/// of the session a gateway saw), and the certificates name only the login it asked for.
+pub fn session_cert(
+    svc: &Service,
+    gateway: &str,
+    proof: &WebProof,
+    ssh_public_key: &str,
+    now: u64,
+) -> Result<Response, RpcError> {
+    let (_, record) = proven(svc, proof, now)?;
+    let signed =
+        edgeport_proto::web::verify(&record.browser_key, &proof.signed, &proof.signature, now)
+            .map_err(|e| session_denied(&e.to_string()))?;
+    let (device, login) = signed
+        .path
+        .strip_prefix(TERMINAL_PATH)
+        .and_then(|rest| rest.split_once('/'))
+        .filter(|_| signed.method == "GET")
+        .ok_or_else(|| denied("the browser's signature is not for opening a terminal"))?;
+    let mut subject = users::subject(svc.store(), &record.user)?
+        .ok_or_else(|| session_denied("the user no longer exists"))?;
+    if !subject.logins.iter().any(|l| l == login) {
+        return Err(denied(format!(
+            "{} may not log in as {login:?}",
+            record.user
+        )));
+    }
+    subject.logins = vec![login.to_string()];
+    let ttl = record
+        .expires
+        .saturating_sub(now)
+        .min(TERMINAL_CERT_TTL_SECS);
+    // Bound to the one device the browser asked for: the gateway holds this key, and a
+    // compromised gateway must not carry it to other devices.
+    let certs = crate::handlers::user_certs::issue_bound(
+        svc,
+        &subject,
+        ssh_public_key,
+        ttl,
+        now,
+        Some(device),
+    )?;
+    tracing::info!(user = %record.user, %device, %login, gateway, valid_before = certs.valid_before, "web console terminal certificate");
+    Ok(Response::UserCerts(certs))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
@@ -169,7 +233,11 @@ mod tests {
     }
 
     fn proof(k: &EcdsaKeyPair, token: &str, at: u64) -> WebProof {
-        let signed = edgeport_proto::web::signed_text(at, "GET", "/api/session");
+        signed_for(k, token, at, "/api/session")
+    }
+
+    fn signed_for(k: &EcdsaKeyPair, token: &str, at: u64, path: &str) -> WebProof {
+        let signed = edgeport_proto::web::signed_text(at, "GET", path);
         let rng = ring::rand::SystemRandom::new();
         let signature = k.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec();
         WebProof {
@@ -307,5 +375,107 @@ mod tests {
         );
         assert!(matches!(add(&svc), Response::UserAdded { .. }));
         refused(check(proof(&browser, &token, now + 10), now + 10));
+    }
+
+    /// A terminal's certificates: only for a live session whose browser signed the opening
+    /// of that terminal, naming only the login it asked for, never past the session's end.
+    #[test]
+    fn terminal_certificates_need_the_browser_signature_for_that_terminal() {
+        let (_tmp, svc) = crate::tests::service();
+        let admin = Caller::Admin("admin".into());
+        let gw = Caller::Gateway("gw-1".into());
+        let now = 1_700_000_000;
+        svc.handle_at(
+            &admin,
+            Request::UserAdd(UserSpec {
+                name: "alice".into(),
+                logins: vec!["root".into(), "pi".into()],
+                password: Some("pw-alice-123".into()),
+                ..Default::default()
+            }),
+            now,
+        );
+        let browser = key();
+        let Response::WebSession(s) = svc.handle_at(
+            &gw,
+            Request::WebLogin(WebLoginRequest {
+                user: "alice".into(),
+                password: "pw-alice-123".into(),
+                otp: None,
+                browser_key: browser.public_key().as_ref().to_vec(),
+                client_addr: "192.0.2.1".into(),
+            }),
+            now,
+        ) else {
+            panic!("no session")
+        };
+        let token = s.token.unwrap();
+        let gateway_key = edgeport_proto::keys::KeyPair::generate().unwrap();
+        let ask = |p: WebProof| {
+            svc.handle_at(
+                &gw,
+                Request::WebSessionCert {
+                    proof: p,
+                    ssh_public_key: gateway_key.public_openssh(),
+                },
+                now,
+            )
+        };
+        // A signature the gateway saw on another request of the session does not do.
+        let e = refused(ask(proof(&browser, &token, now)));
+        assert!(e.message.contains("terminal"), "{e}");
+        // Nor another key, nor a login the user does not have.
+        refused(ask(signed_for(
+            &key(),
+            &token,
+            now,
+            "/api/terminal/van-1/root",
+        )));
+        let e = refused(ask(signed_for(
+            &browser,
+            &token,
+            now,
+            "/api/terminal/van-1/admin",
+        )));
+        assert!(e.message.contains("admin"), "{e}");
+        let Response::UserCerts(c) =
+            ask(signed_for(&browser, &token, now, "/api/terminal/van-1/pi"))
+        else {
+            panic!("no certificates")
+        };
+        assert_eq!(c.user, "alice");
+        assert_eq!(c.logins, vec!["pi".to_string()]);
+        assert!(c.valid_before <= now + TERMINAL_CERT_TTL_SECS);
+        let cert = russh::keys::Certificate::from_openssh(&c.ssh_cert).unwrap();
+        assert_eq!(cert.valid_principals(), ["pi".to_string()]);
+        // Only for the device the browser named.
+        let roles: edgeport_proto::sshcert::RolesExtension = serde_json::from_str(
+            cert.extensions()
+                .get(edgeport_proto::sshcert::EXT_ROLES)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(roles.mfa_device, "van-1");
+        // Only gateways relay; a locked user gets none.
+        let terminal = signed_for(&browser, &token, now, "/api/terminal/van-1/pi");
+        assert_eq!(
+            refused(svc.handle_at(
+                &admin,
+                Request::WebSessionCert {
+                    proof: terminal.clone(),
+                    ssh_public_key: gateway_key.public_openssh(),
+                },
+                now
+            ))
+            .kind,
+            ErrorKind::Denied
+        );
+        let lock = LockSpec {
+            target: LockTarget::User("alice".into()),
+            message: "gone".into(),
+            expires: 0,
+        };
+        svc.handle_at(&admin, Request::LockAdd(lock), now);
+        assert_eq!(refused(ask(terminal)).kind, ErrorKind::Locked);
     }
 }

@@ -9,6 +9,7 @@
 //! authority, the certificate to serve, the shutdown token) rather than the gateway's context.
 
 pub mod session;
+pub mod terminal;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,9 +40,12 @@ pub type CertSource = Arc<dyn Fn() -> Option<Arc<CertifiedKey>> + Send + Sync>;
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
 const APP_CSS: &str = include_str!("../../web/app.css");
+const TERM_JS: &str = include_str!("../../web/term.js");
 
 /// Largest request body (logins are a few hundred bytes).
 const MAX_BODY: usize = 16 * 1024;
+/// Largest recording played in the browser.
+const MAX_RECORDING: usize = 16 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once.
@@ -54,6 +58,7 @@ connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 struct Web {
     auth: AuthCall,
     sessions: SessionCache,
+    term: Arc<terminal::Term>,
 }
 
 struct Resolver(CertSource);
@@ -75,6 +80,7 @@ pub async fn serve(
     listener: TcpListener,
     cert: CertSource,
     auth: AuthCall,
+    dialer: Arc<crate::dial::Dialer>,
     shutdown: CancellationToken,
 ) {
     let mut tls = match rustls::ServerConfig::builder_with_provider(edgeport_proto::tls::provider())
@@ -91,6 +97,11 @@ pub async fn serve(
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let web = Arc::new(Web {
+        term: Arc::new(terminal::Term {
+            auth: auth.clone(),
+            dialer,
+            shutdown: shutdown.clone(),
+        }),
         auth,
         sessions: SessionCache::default(),
     });
@@ -124,7 +135,8 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), svc);
+                .serve_connection(TokioIo::new(tls), svc)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%addr, "web console connection: {e}") },
@@ -286,11 +298,18 @@ impl Web {
             (Method::GET, "/app.js") => {
                 answer(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS)
             }
+            (Method::GET, "/term.js") => {
+                answer(StatusCode::OK, "text/javascript; charset=utf-8", TERM_JS)
+            }
             (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", APP_CSS),
             (Method::POST, "/api/login") => self.login(req, addr).await,
             (Method::GET, "/api/session") => self.session(req).await,
             (Method::GET, "/api/devices") => self.devices(req).await,
             (Method::POST, "/api/logout") => self.logout(req).await,
+            (Method::GET, terminal::PATH) => self.terminal(req, addr),
+            (Method::GET, "/api/recordings") => self.recordings(req).await,
+            (Method::GET, p) if p.starts_with("/api/recordings/") => self.recording(req).await,
+            (Method::GET, "/api/audit") => self.audit(req).await,
             _ => error(StatusCode::NOT_FOUND, "not found"),
         };
         secured(resp)
@@ -463,6 +482,157 @@ impl Web {
             .map(device_json)
             .collect();
         json(StatusCode::OK, serde_json::json!({ "devices": shown }))
+    }
+
+    /// Upgrades to the terminal's WebSocket. Only from this origin (a WebSocket is not
+    /// bound by the same-origin policy, and the browser sends the cookie to any page that
+    /// opens one); who it is for is proven by its first message ([`terminal`]).
+    fn terminal(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+        let has_origin = req.headers().contains_key(header::ORIGIN);
+        if !has_origin || !Self::same_origin(&req) {
+            return error(StatusCode::FORBIDDEN, "cross-site WebSocket refused");
+        }
+        let upgrade = req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+            return error(StatusCode::BAD_REQUEST, "a WebSocket upgrade is required");
+        };
+        if !upgrade {
+            return error(StatusCode::BAD_REQUEST, "a WebSocket upgrade is required");
+        }
+        let token = session::token_from_cookies(req.headers());
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let term = self.term.clone();
+        let on = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            match on.await {
+                Ok(up) => terminal::serve(term, TokioIo::new(up), token, addr).await,
+                Err(e) => tracing::debug!(%addr, "web terminal upgrade: {e}"),
+            }
+        });
+        let mut r = answer(StatusCode::SWITCHING_PROTOCOLS, "text/plain", "");
+        let h = r.headers_mut();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert("sec-websocket-accept", v);
+        }
+        r
+    }
+
+    /// Asks the authority with the request's proof (the authority checks it and takes the
+    /// user from the session); a refusal forgets the cached session.
+    async fn ask(
+        &self,
+        req: &HttpRequest<Incoming>,
+        make: impl FnOnce(edgeport_proto::rpc::WebProof) -> Request,
+    ) -> Result<Response, Resp> {
+        let Some(proof) = session::proof_of(req.headers(), "GET", req.uri().path()) else {
+            return Err(error(StatusCode::UNAUTHORIZED, "no session: log in"));
+        };
+        let token = proof.token.clone();
+        (self.auth)(make(proof)).await.map_err(|e| {
+            self.sessions.forget(&token);
+            refused(e)
+        })
+    }
+
+    /// The user's own recordings, newest first, a page at a time (`?cursor=`).
+    async fn recordings(&self, req: HttpRequest<Incoming>) -> Resp {
+        let cursor = query_param(req.uri().query(), "cursor").filter(|c| !c.is_empty());
+        let asked = self
+            .ask(&req, |proof| Request::WebRecordingPage {
+                proof,
+                cursor,
+                limit: 50,
+            })
+            .await;
+        match asked {
+            Ok(Response::RecordingPage { recordings, next }) => json(
+                StatusCode::OK,
+                serde_json::json!({ "recordings": recordings, "next": next }),
+            ),
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
+            Err(r) => r,
+        }
+    }
+
+    /// One recording (asciicast v2), whole, up to [`MAX_RECORDING`].
+    async fn recording(&self, req: HttpRequest<Incoming>) -> Resp {
+        let id = req
+            .uri()
+            .path()
+            .trim_start_matches("/api/recordings/")
+            .to_string();
+        let mut data = Vec::new();
+        loop {
+            let offset = data.len() as u64;
+            let asked = self
+                .ask(&req, |proof| Request::WebRecordingGet {
+                    proof,
+                    session_id: id.clone(),
+                    offset,
+                })
+                .await;
+            match asked {
+                Ok(Response::RecordingData { data: piece, total }) => {
+                    let done = piece.is_empty();
+                    data.extend(piece);
+                    if done || data.len() as u64 >= total {
+                        break;
+                    }
+                    if data.len() > MAX_RECORDING {
+                        return error(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "this recording is too large to play here: use tsh play",
+                        );
+                    }
+                }
+                Ok(_) => {
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "unexpected answer from the authority",
+                    )
+                }
+                Err(r) => return r,
+            }
+        }
+        answer(StatusCode::OK, "text/plain; charset=utf-8", data)
+    }
+
+    /// The user's own audit events (`?kind=&device=&session_id=&since_ms=&offset=`).
+    async fn audit(&self, req: HttpRequest<Incoming>) -> Resp {
+        let q = req.uri().query();
+        let opt = |k: &str| query_param(q, k).filter(|v| !v.is_empty());
+        let num = |k: &str| opt(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let query = edgeport_proto::audit::AuditQuery {
+            since_ms: num("since_ms"),
+            kind: opt("kind"),
+            device: opt("device"),
+            user: None,
+            session_id: opt("session_id"),
+            offset: num("offset"),
+        };
+        match self
+            .ask(&req, |proof| Request::WebAuditSearch { proof, query })
+            .await
+        {
+            Ok(Response::AuditPage(p)) => json(
+                StatusCode::OK,
+                serde_json::json!({ "events": p.events, "next": p.next }),
+            ),
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
+            Err(r) => r,
+        }
     }
 
     async fn logout(&self, req: HttpRequest<Incoming>) -> Resp {

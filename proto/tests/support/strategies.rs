@@ -781,7 +781,40 @@ pub fn request() -> impl Strategy<Value = Request> {
                 message,
             }
         }),
+        (web_proof(), s()).prop_map(|(proof, ssh_public_key)| Request::WebSessionCert {
+            proof,
+            ssh_public_key
+        }),
+        (web_proof(), os(), any::<u32>()).prop_map(|(proof, cursor, limit)| {
+            Request::WebRecordingPage {
+                proof,
+                cursor,
+                limit,
+            }
+        }),
+        (web_proof(), s(), any::<u64>()).prop_map(|(proof, session_id, offset)| {
+            Request::WebRecordingGet {
+                proof,
+                session_id,
+                offset,
+            }
+        }),
+        (web_proof(), audit_query())
+            .prop_map(|(proof, query)| Request::WebAuditSearch { proof, query }),
     ]
+}
+
+pub fn audit_query() -> impl Strategy<Value = AuditQuery> + Clone {
+    (any::<u64>(), os(), os(), os(), os(), any::<u64>()).prop_map(
+        |(since_ms, kind, device, user, session_id, offset)| AuditQuery {
+            since_ms,
+            kind,
+            device,
+            user,
+            session_id,
+            offset,
+        },
+    )
 }
 
 pub fn update_info() -> impl Strategy<Value = edgeport_proto::update::UpdateInfo> + Clone {

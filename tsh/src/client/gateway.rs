@@ -94,7 +94,9 @@ pub fn tls_config(
 
 /// The gateway connection settings of a logged-in user.
 pub fn creds_config(creds: &Creds) -> Result<Arc<rustls::ClientConfig>, CliError> {
-    let ca_der = edgeport_proto::keys::first_cert_der(&creds.cas.x509_ca_pem)
+    let ca_der = creds
+        .cas
+        .x509_ca_der()
         .map_err(|e| CliError::msg(format!("the stored cluster CA is unreadable: {e}")))?;
     let me = CertKey::from_pem(&creds.x509_pem, None, creds.key.pkcs8_der())
         .map_err(|e| CliError::msg(format!("the stored x509 certificate is unreadable: {e}")))?;

@@ -91,10 +91,15 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         Trust::Pin(normalize_pin(pin).ok_or_else(|| {
             CliError::msg(format!("--ca-pin {pin:?} is not sha256:<64 hex digits>"))
         })?)
+    } else if let Some(cas) = &stored_cas {
+        // Every x509 CA of the stored bundle (two during an x509 CA rotation): the stored
+        // pin alone would miss a gateway that renewed under the new CA.
+        Trust::Ca(
+            cas.x509_ca_der()
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        )
     } else if let Some(pin) = entry.as_ref().and_then(|e| e.ca_pin.clone()) {
         Trust::Pin(pin)
-    } else if let Some(cas) = &stored_cas {
-        Trust::Ca(first_cert_der(&cas.x509_ca_pem).map_err(|e| CliError::msg(e.to_string()))?)
     } else {
         // No pin: only a gateway with a public certificate for its name can be verified.
         let host = proxy_host(&proxy);
@@ -107,9 +112,16 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         Trust::System(host.to_string())
     };
     // The x509 CA the answer must come from; the SSH CAs are trusted through its signature.
-    let pin = match &trust {
-        Trust::Pin(p) => Some(p.clone()),
-        Trust::Ca(der) => Some(ca_pin(der).map_err(|e| CliError::msg(e.to_string()))?),
+    let pins = match &trust {
+        Trust::Pin(p) => Some(vec![p.clone()]),
+        Trust::Ca(der) => Some(
+            edgeport_proto::tls::split_ders(der)
+                .map_err(|e| CliError::msg(e.to_string()))?
+                .into_iter()
+                .map(ca_pin)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CliError::msg(e.to_string()))?,
+        ),
         Trust::System(_) | Trust::Insecure => None,
     };
 
@@ -135,7 +147,7 @@ pub async fn run(global: &Global, args: &LoginArgs) -> Result<i32, CliError> {
         password_login(global, args, &proxy, &user, &trust, tls, &key, ttl_secs).await?
     };
     let user = certs.user.clone();
-    let cert = check_certs(&certs, &key, pin.as_deref())?;
+    let cert = check_certs(&certs, &key, pins.as_deref())?;
 
     let files = KeyFiles::new(&home, &proxy, &user);
     save(&files, &key, &certs)?;
@@ -324,7 +336,7 @@ fn proxy_host(proxy: &str) -> &str {
 fn check_certs(
     certs: &UserCerts,
     key: &KeyPair,
-    pin: Option<&str>,
+    pins: Option<&[String]>,
 ) -> Result<Certificate, CliError> {
     let cert = Certificate::from_openssh(certs.ssh_cert.trim()).map_err(|e| {
         CliError::msg(format!(
@@ -339,19 +351,21 @@ fn check_certs(
     let ca_der = first_cert_der(&certs.cas.x509_ca_pem)
         .map_err(|e| CliError::msg(format!("the gateway returned an unreadable CA: {e}")))?;
     let bundle_pin = ca_pin(&ca_der).map_err(|e| CliError::msg(e.to_string()))?;
-    if let Some(pin) = pin {
-        if bundle_pin != pin {
-            return Err(CliError::msg(format!(
-                "the cluster CA returned by the gateway ({bundle_pin}) does not match the pin {pin}"
-            )));
-        }
-    }
     // The SSH CAs (host CA for known_hosts, user CA) are only as good as the x509 CA's
     // signature over them: a gateway must not be able to substitute its own host CA.
     certs
         .cas
         .verify()
         .map_err(|e| CliError::msg(format!("the gateway returned CAs that do not verify: {e}")))?;
+    // The bundle's x509 CA is the pinned one, or (x509 CA rotation) endorsed by it.
+    if let Some(pins) = pins {
+        if certs.cas.endorsed_by(pins).is_err() {
+            return Err(CliError::msg(format!(
+                "the cluster CA returned by the gateway ({bundle_pin}) does not match the pin {}",
+                pins.join(" or ")
+            )));
+        }
+    }
     first_cert_der(&certs.x509_cert_pem).map_err(|e| {
         CliError::msg(format!(
             "the gateway returned an unreadable x509 certificate: {e}"

@@ -242,7 +242,7 @@ pub enum RotateType {
     User,
     /// The host SSH CA (devices' host certificates, dial tickets; tsh trusts it).
     Host,
-    /// The x509 CA (not supported yet: it anchors every tunnel).
+    /// The x509 CA (tunnels, client and server certificates, the CA bundle's signature).
     X509,
 }
 
@@ -290,7 +290,8 @@ pub enum CaType {
     User,
     /// The host SSH CA as a known_hosts `@cert-authority` line.
     Host,
-    /// The x509 CA certificate (PEM).
+    /// The x509 CA certificates (PEM; two during an x509 CA rotation's grace period).
+    #[value(alias = "x509")]
     Tls,
 }
 

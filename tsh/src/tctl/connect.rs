@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use edgeport_net::rpc_client::{RpcClient, RpcClientError};
 use edgeport_proto::identity::IdentityFile;
-use edgeport_proto::keys::{first_cert_der, KeyPair};
+use edgeport_proto::keys::KeyPair;
 use edgeport_proto::rpc::{ErrorKind, Request, Response};
 use edgeport_proto::tls::{client_config, CertKey};
 use edgeport_proto::{alpn, identity::CaBundle};
@@ -56,7 +56,7 @@ impl Session {
 
 fn tls_config(ident: &IdentityFile) -> anyhow::Result<rustls::ClientConfig> {
     let key = KeyPair::from_openssh(&ident.ssh_private_key).context("private key")?;
-    let ca_der = first_cert_der(&ident.cas.x509_ca_pem).context("x509 CA")?;
+    let ca_der = ident.cas.x509_ca_der().context("x509 CA")?;
     let me = CertKey::from_pem(&ident.x509_cert_pem, None, key.pkcs8_der())
         .context("x509 certificate")?;
     Ok(client_config(&ca_der, Some(&me), &[alpn::RPC])?)

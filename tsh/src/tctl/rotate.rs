@@ -43,10 +43,11 @@ fn of(all: &[CaRotation], kind: CaKind) -> Option<&CaRotation> {
 }
 
 /// Whether a phase has reached everyone it can: every recently seen gateway holds the
-/// bundle, and (host CA, once the new one signs) every online device renewed under it.
+/// bundle, and (host or x509 CA, once the new one signs) every online device renewed under
+/// it.
 fn spread(r: &CaRotation) -> bool {
     let gateways = r.gateways_current >= r.gateways_total;
-    let devices = r.kind != CaKind::Host
+    let devices = r.kind == CaKind::User
         || !matches!(
             r.phase.as_str(),
             "update_clients" | "update_servers" | "rollback"
@@ -60,7 +61,7 @@ fn progress_text(r: &CaRotation) -> String {
         "gateways with the new bundle {}/{}",
         r.gateways_current, r.gateways_total
     );
-    if r.kind == CaKind::Host && r.phase != "init" {
+    if r.kind != CaKind::User && r.phase != "init" {
         t.push_str(&format!(
             ", online devices renewed {}/{}",
             r.devices_renewed, r.devices_online

@@ -103,7 +103,12 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
             phase(CaKind::Host),
             trusted(&cas.host_ca),
         ),
-        ("x509", cas.ca_pin.clone(), "standby".to_string(), 1),
+        (
+            "x509",
+            cas.ca_pin.clone(),
+            phase(CaKind::X509),
+            cas.x509_ca_ders().map_or(1, |d| d.len()),
+        ),
     ];
     match a.format {
         Format::Json | Format::Yaml => print_as(
