@@ -101,11 +101,20 @@ impl Nets {
         ip(&[
             "link", "add", &me.uplink, "type", "veth", "peer", "name", "up0", "netns", &me.dev,
         ]);
-        ip(&["addr", "add", &format!("10.217.{x}.1/24"), "dev", &me.uplink]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.217.{x}.1/24"),
+            "dev",
+            &me.uplink,
+        ]);
         drop(lock);
         ip(&["link", "set", &me.uplink, "up"]);
         me.ns(&me.dev, &["link", "set", "lo", "up"]);
-        me.ns(&me.dev, &["addr", "add", &format!("10.217.{x}.2/24"), "dev", "up0"]);
+        me.ns(
+            &me.dev,
+            &["addr", "add", &format!("10.217.{x}.2/24"), "dev", "up0"],
+        );
         me.ns(&me.dev, &["link", "set", "up0", "up"]);
         me.ns(
             &me.dev,
@@ -113,13 +122,22 @@ impl Nets {
                 "link", "add", "bus0", "type", "veth", "peer", "name", "eth0", "netns", &me.tgt,
             ],
         );
-        me.ns(&me.dev, &["addr", "add", &format!("10.218.{x}.1/24"), "dev", "bus0"]);
+        me.ns(
+            &me.dev,
+            &["addr", "add", &format!("10.218.{x}.1/24"), "dev", "bus0"],
+        );
         me.ns(&me.dev, &["link", "set", "bus0", "up"]);
         me.ns(&me.tgt, &["link", "set", "lo", "up"]);
         for host in [2, 3] {
             me.ns(
                 &me.tgt,
-                &["addr", "add", &format!("10.218.{x}.{host}/24"), "dev", "eth0"],
+                &[
+                    "addr",
+                    "add",
+                    &format!("10.218.{x}.{host}/24"),
+                    "dev",
+                    "eth0",
+                ],
             );
         }
         me.ns(&me.tgt, &["link", "set", "eth0", "up"]);
@@ -259,8 +277,7 @@ fn http_get(port: u16, path: &str) -> String {
         return String::new();
     };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    if s
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .is_err()
     {
         return String::new();
@@ -371,9 +388,15 @@ fn targets_in_their_own_network_namespace_are_reached_only_through_the_device() 
         agent.log_text()
     );
     // ...and nothing in tsh's namespace does: not the sshds, not the web server.
-    for a in [relay_sshd.addr(), record_sshd.addr(), http_addr.clone()] {
+    // (All at once: each attempt waits out its connect timeout.)
+    let attempts: Vec<_> = [relay_sshd.addr(), record_sshd.addr(), http_addr.clone()]
+        .into_iter()
+        .map(|a| std::thread::spawn(move || (direct_connect(&a).is_ok(), a)))
+        .collect();
+    for t in attempts {
+        let (connected, a) = t.join().unwrap();
         assert!(
-            direct_connect(&a).is_err(),
+            !connected,
             "{a} is reachable from the root namespace, not only through the device"
         );
     }
@@ -396,7 +419,13 @@ fn targets_in_their_own_network_namespace_are_reached_only_through_the_device() 
 
         // exec: the target saw the connection come from the device's address on its bus.
         let r = alice.run(
-            &["ssh", &host, "echo", &format!("exec-{name}"), "$SSH_CONNECTION"],
+            &[
+                "ssh",
+                &host,
+                "echo",
+                &format!("exec-{name}"),
+                "$SSH_CONNECTION",
+            ],
             None,
         );
         assert_eq!(
@@ -432,29 +461,38 @@ fn targets_in_their_own_network_namespace_are_reached_only_through_the_device() 
         assert!(r.stdout().contains("/dev/pts/"), "{name}: {}", r.stdout());
 
         // scp up and down (the targets share this machine's files: compare them all).
-        let src = dir.join(format!("fw-{name}.bin"));
+        let src = dir.join(&format!("fw-{name}.bin"));
         random_file(&src, 300_001);
-        let remote = dir.join(format!("fw-on-{name}.bin"));
-        let back = dir.join(format!("fw-back-{name}.bin"));
+        let remote = dir.join(&format!("fw-on-{name}.bin"));
+        let back = dir.join(&format!("fw-back-{name}.bin"));
         let mut up = Command::new("scp");
-        up.arg("-F").arg(&cfg).args(["-o", "BatchMode=yes"]).arg(&src);
+        up.arg("-F")
+            .arg(&cfg)
+            .args(["-o", "BatchMode=yes"])
+            .arg(&src);
         up.arg(format!("{alias}:{}", remote.display()));
         let r = run(up, None, Duration::from_secs(120));
         assert_eq!(r.code(), Some(0), "{name} scp up: {}", r.stderr());
-        assert!(same_file(&src, &remote), "{name}: scp up copied other bytes");
+        assert!(
+            same_file(&src, &remote),
+            "{name}: scp up copied other bytes"
+        );
         let mut down = Command::new("scp");
         down.arg("-F").arg(&cfg).args(["-o", "BatchMode=yes"]);
         down.arg(format!("{alias}:{}", remote.display())).arg(&back);
         let r = run(down, None, Duration::from_secs(120));
         assert_eq!(r.code(), Some(0), "{name} scp down: {}", r.stderr());
-        assert!(same_file(&src, &back), "{name}: scp down copied other bytes");
+        assert!(
+            same_file(&src, &back),
+            "{name}: scp down copied other bytes"
+        );
 
         // rsync over tsh's ssh configuration.
         if have_rsync {
-            let tree = dir.join(format!("logs-{name}"));
+            let tree = dir.join(&format!("logs-{name}"));
             std::fs::create_dir_all(tree.join("sub")).unwrap();
             random_file(&tree.join("sub/a.log"), 50_000);
-            let mirror = dir.join(format!("logs-on-{name}"));
+            let mirror = dir.join(&format!("logs-on-{name}"));
             let mut rsync = Command::new("rsync");
             rsync
                 .arg("-a")
