@@ -235,9 +235,13 @@ pub fn terminal_nonce(svc: &Service, proof: &WebProof, now: u64) -> Result<Respo
 
 /// Takes `nonce` once: it must have been issued to `session` and not have expired.
 fn take_nonce(svc: &Service, session: &str, nonce: &str, now: u64) -> Result<(), RpcError> {
-    let refused = || denied("the terminal request's nonce is unknown, used or expired; open the terminal again");
+    let refused = || {
+        denied("the terminal request's nonce is unknown, used or expired; open the terminal again")
+    };
     if nonce.is_empty() || nonce.len() > 128 {
-        return Err(denied("the terminal request carries no nonce; reload the page"));
+        return Err(denied(
+            "the terminal request carries no nonce; reload the page",
+        ));
     }
     // The delete is the single use: of two requests racing, only one gets the record.
     let bytes = svc
@@ -245,8 +249,7 @@ fn take_nonce(svc: &Service, session: &str, nonce: &str, now: u64) -> Result<(),
         .delete(Table::WebSessions, &format!("{NONCE_PREFIX}{nonce}"))?
         .ok_or_else(refused)?;
     let n: NonceRecord = serde_json::from_slice(&bytes).map_err(|_| refused())?;
-    if n.expires <= now || !edgeport_proto::util::ct_eq(n.session.as_bytes(), session.as_bytes())
-    {
+    if n.expires <= now || !edgeport_proto::util::ct_eq(n.session.as_bytes(), session.as_bytes()) {
         return Err(refused());
     }
     Ok(())
@@ -277,7 +280,9 @@ pub fn session_cert(
     let (Some(device), Some(login), nonce, None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(denied("the browser's signature is not for opening a terminal"));
+        return Err(denied(
+            "the browser's signature is not for opening a terminal",
+        ));
     };
     take_nonce(svc, &session, nonce.unwrap_or(""), now)?;
     let mut subject = users::subject(svc.store(), &record.user)?
@@ -644,7 +649,12 @@ mod tests {
             panic!("no nonce")
         };
         let token = other_token;
-        let terminal = signed_for(&browser, &token, now, &format!("/api/terminal/van-1/pi/{n}"));
+        let terminal = signed_for(
+            &browser,
+            &token,
+            now,
+            &format!("/api/terminal/van-1/pi/{n}"),
+        );
         assert_eq!(
             refused(svc.handle_at(
                 &admin,

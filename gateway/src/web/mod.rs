@@ -852,7 +852,10 @@ mod tests {
     #[test]
     fn only_clean_connector_callbacks_serve_the_page() {
         assert_eq!(sso_callback("/web/sso/oidc/callback"), Some("oidc"));
-        assert_eq!(sso_callback("/web/sso/git-hub_2/callback"), Some("git-hub_2"));
+        assert_eq!(
+            sso_callback("/web/sso/git-hub_2/callback"),
+            Some("git-hub_2")
+        );
         for bad in [
             "/web/sso//callback",
             "/web/sso/a/b/callback",
