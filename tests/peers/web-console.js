@@ -4,8 +4,8 @@
 // stdout. Ops: open {url}, fill {sel, value}, click {sel}, waitText {sel, text, timeoutMs},
 // text {sel}, shot {path, sel?, fullPage?}, type {sel, text, enter?} (keystrokes into the
 // focused element), press {sel, key}, cookies, setCookies {cookies}, eval {js} (an expression, awaited
-// in the page), url (the page's address, also mid-navigation), idpLogin {username, until, timeoutMs} (logs in at oidc.sh's provider on the
-// page now shown, consents, and waits until the page's URL starts with `until`; answers
+// in the page), url (the page's address, also mid-navigation), idpLogin {username, until, timeoutMs} (logs in at oidc.sh's provider or
+// github.sh's stand-in on the page now shown, consents, and waits until the page's URL starts with `until`; answers
 // {url}), quit. Errors answer {"error": "..."}.
 // Usage: NODE_PATH=/var/cache/edgeport-peers/node/node_modules node web-console.js
 // Env: CHROMIUM (default /usr/bin/chromium). Only loopback addresses may be contacted.
@@ -77,6 +77,15 @@ async function main() {
               try { await login.fill(c.username); await page.fill('input[name="password"]', 'pw'); } catch { continue; }
               loggedIn = true;
               const b = await q('button[type="submit"]');
+              if (b) await submit(b);
+              continue;
+            }
+            // github.sh's authorize page: one e-mail field, the login is its local part.
+            const email = await q('form input[name="email"]');
+            if (email && !loggedIn) {
+              try { await email.fill(`${c.username}@example.com`); } catch { continue; }
+              loggedIn = true;
+              const b = await q('form button[type="submit"]');
               if (b) await submit(b);
               continue;
             }

@@ -709,3 +709,71 @@ fn web_console_single_sign_on_with_oidc() {
     assert!(refused, "a stolen callback was not refused: {text:?}");
     assert_eq!(b.eval("document.getElementById('who').textContent"), "");
 }
+
+/// The same with GitHub (`tests/peers/github.sh`): a team mapping grants the login, and the
+/// session's terminal opens.
+#[test]
+fn web_console_single_sign_on_with_github() {
+    let gh = Peer::start("github.sh", &[], &[("GITHUB_TEAMS", "dave:octo-org/devs")]);
+    let port = free_port();
+    let web_addr = format!("127.0.0.1:{port}");
+    let c = Cluster::start_with_gateway_args(
+        "webgh",
+        &[("van-1", "fleet=vans")],
+        &["--web-addr", &web_addr],
+    );
+    let url = format!("https://{web_addr}/");
+    let secret = c.dir.join("github-client-secret");
+    std::fs::write(&secret, gh.get("GITHUB_CLIENT_SECRET")).unwrap();
+    c.tctl.ok(&[
+        "sso",
+        "connectors",
+        "add",
+        "github",
+        "--client-id",
+        gh.get("GITHUB_CLIENT_ID"),
+        "--client-secret-file",
+        secret.to_str().unwrap(),
+        "--github-url",
+        gh.get("GITHUB_URL"),
+        "--api-url",
+        gh.get("GITHUB_API_URL"),
+    ]);
+    c.tctl
+        .ok(&["sso", "map", "github:octo-org/devs", "--logins", "root"]);
+
+    let mut b = Browser::start();
+    b.cmd(json!({"op": "open", "url": url}));
+    let (offered, text) = b.wait_text("#sso", "GitHub");
+    assert!(offered, "no GitHub button: {text:?}");
+    b.cmd(json!({"op": "click", "sel": "button.sso[data-connector='github']"}));
+    assert!(wait_until(Duration::from_secs(30), || {
+        b.cmd(json!({"op": "url"}))["url"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(gh.get("GITHUB_URL"))
+    }));
+    let landed =
+        b.cmd(json!({"op": "idpLogin", "username": "dave", "until": url, "timeoutMs": 60000}));
+    assert!(
+        landed["url"].as_str().unwrap().starts_with(&url),
+        "{landed}"
+    );
+    let (who, text) = b.wait_text("#who", "dave");
+    assert!(
+        who,
+        "not logged in with GitHub: {text:?} {}",
+        b.eval("document.body.innerText")
+    );
+    assert!(b.wait_text("#devices", "van-1").0);
+    assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 200);
+    b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
+    let (ready, status) = b.wait_text("#term-status", "recorded");
+    assert!(ready, "the terminal did not open: {status}");
+    assert_eq!(
+        b.status("edgeport.signedFetch('/api/logout', {method: 'POST'})"),
+        200
+    );
+    assert!(b.wait_text("#term", "logged out").0);
+    assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 401);
+}
