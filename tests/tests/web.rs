@@ -437,6 +437,26 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     b.cmd(json!({"op": "type", "sel": "#term", "text": "stty size", "enter": true}));
     let (sized, text) = b.wait_text("#term", "21 97");
     assert!(sized, "the window change did not reach the shell: {text:?}");
+    // Colours: `ls --color` paints a directory bold blue, and a red printf is red.
+    b.cmd(json!({"op": "type", "sel": "#term", "text": "mkdir -p /tmp/web-colour-dir && ls -d --color=always /tmp/web-colour-dir; printf '\\033[31mred-%s\\033[0m\\n' text", "enter": true}));
+    let coloured = |b: &mut Browser, sel: &str, want: &str| {
+        let js = format!(
+            "Array.from(document.querySelectorAll('#term {sel}')).map((s) => s.textContent).join('|')"
+        );
+        wait_until(Duration::from_secs(30), || {
+            b.eval(&js).as_str().unwrap_or("").contains(want)
+        })
+    };
+    assert!(
+        coloured(&mut b, "span.f4.bold", "web-colour-dir"),
+        "no bold blue directory: {}",
+        b.eval("document.getElementById('term').innerHTML")
+    );
+    assert!(
+        coloured(&mut b, "span.f1", "red-text"),
+        "no red text: {}",
+        b.eval("document.getElementById('term').innerHTML")
+    );
     let shot = if std::env::var_os("EDGEPORT_UPDATE_DOCS").is_some() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/web-terminal.png")
     } else {
