@@ -245,7 +245,8 @@ pub enum Request {
     },
     /// Gateway: short-lived user certificates for one web console terminal, for the gateway's
     /// own fresh key `ssh_public_key`. The authority checks the proof itself: a live web
-    /// session whose browser signed `GET /api/terminal/DEVICE/LOGIN` just now. The
+    /// session whose browser signed `GET /api/terminal/DEVICE/LOGIN/NONCE` just now, with a
+    /// nonce from `WebTerminalNonce` that the authority takes (single use). The
     /// certificates name only that login. Answered with `UserCerts`.
     WebSessionCert {
         proof: WebProof,
