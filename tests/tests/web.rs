@@ -728,6 +728,20 @@ fn web_console_single_sign_on_with_oidc() {
     let (refused, text) = b.wait_text("#login-error", "another browser");
     assert!(refused, "a stolen callback was not refused: {text:?}");
     assert_eq!(b.eval("document.getElementById('who').textContent"), "");
+
+    // A locked user gets no web session through single sign-on either (the provider, where
+    // this browser is still signed in, sends it straight back).
+    c.tctl
+        .ok(&["lock", "--user", "alice", "--message", "web-sso-lock"]);
+    b.cmd(json!({"op": "open", "url": url}));
+    assert!(b.wait_text("#sso", "single sign-on").0);
+    b.cmd(json!({"op": "click", "sel": "button.sso[data-connector='oidc']"}));
+    let (locked, text) = b.wait_text("#login-error", "locked");
+    assert!(
+        locked,
+        "a locked user logged in with single sign-on: {text:?}"
+    );
+    assert_eq!(b.eval("document.getElementById('who').textContent"), "");
 }
 
 /// The same with GitHub (`tests/peers/github.sh`): a team mapping grants the login, and the
