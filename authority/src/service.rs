@@ -122,7 +122,11 @@ fn access(req: &Request) -> Access {
         | Request::WebRecordingPage { .. }
         | Request::WebRecordingGet { .. }
         | Request::WebAuditSearch { .. }
-        | Request::TargetCert { .. } => Access::Gateway,
+        | Request::TargetCert { .. }
+        | Request::WebSsoConnectors
+        | Request::WebSsoStart(_)
+        | Request::WebSsoFinish(_)
+        | Request::WebTerminalNonce(_) => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -192,6 +196,10 @@ pub fn request_name(req: &Request) -> &'static str {
             "relaying web console recordings"
         }
         Request::WebAuditSearch { .. } => "relaying web console audit searches",
+        Request::WebSsoConnectors | Request::WebSsoStart(_) | Request::WebSsoFinish(_) => {
+            "relaying web console single sign-on logins"
+        }
+        Request::WebTerminalNonce(_) => "relaying web console terminals",
         Request::DeviceUsage { .. } => "reading device usage",
         Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::CaRotate(_) => "rotating CAs",
@@ -664,6 +672,10 @@ impl Service {
                 let viewer = handlers::web::viewer(self, &proof, now)?;
                 crate::audit::recording(self, &session_id, Some(&viewer), offset)
             }
+            Request::WebSsoConnectors => crate::sso::web_connectors(store),
+            Request::WebSsoStart(r) => crate::sso::web_start(self, caller_name, r, now),
+            Request::WebSsoFinish(r) => crate::sso::web_finish(self, caller, caller_name, r, now),
+            Request::WebTerminalNonce(p) => handlers::web::terminal_nonce(self, &p, now),
             Request::WebAuditSearch { proof, mut query } => {
                 query.user = Some(handlers::web::viewer(self, &proof, now)?.name);
                 crate::audit::search(self, &query)

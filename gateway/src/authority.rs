@@ -44,6 +44,8 @@ impl Lane {
             | Request::RecordingPage { .. }
             | Request::RecordingGet { .. }
             | Request::WebLogin(_)
+            | Request::WebSsoStart(_)
+            | Request::WebSsoFinish(_)
             | Request::AccessRequestUser(_)
             | Request::SessionMfaCert(_)
             | Request::UpdateFetch { .. } => Lane::Bulk,

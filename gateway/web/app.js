@@ -6,7 +6,9 @@
 // authority records the public key with the session; every API request is signed with the
 // private key over "edgeport-web/1\nUNIX_SECONDS\nMETHOD\nPATH". The session cookie is
 // HttpOnly, so a cookie alone, or a key alone, is not enough. The key lives in this page's
-// memory only: a reload means logging in again.
+// memory only: a reload means logging in again. Single sign-on leaves the page for the
+// identity provider, so its key waits in IndexedDB (still non-extractable) until the
+// provider sends the browser back to /web/sso/CONNECTOR/callback; it is taken out at once.
 'use strict';
 
 const $ = (id) => document.getElementById(id);
@@ -155,11 +157,14 @@ function resizeTerminal(cols, rows) {
   if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ resize: [cols, rows] }));
 }
 
-// The first message of a terminal's WebSocket: signed by this session's key.
+// The first message of a terminal's WebSocket: signed by this session's key, over a
+// single-use nonce the authority issued just now (a replayed message opens nothing).
 async function terminalHello(device, login, cols, rows) {
+  const r = await signedFetch('/api/terminal-nonce');
+  const { nonce } = await r.json();
   const at = Math.floor(Date.now() / 1000);
-  const sig = await signText(`edgeport-web/1\n${at}\nGET\n/api/terminal/${device}/${login}`);
-  return { at, sig, device, login, cols, rows };
+  const sig = await signText(`edgeport-web/1\n${at}\nGET\n/api/terminal/${device}/${login}/${nonce}`);
+  return { at, sig, device, login, nonce, cols, rows };
 }
 
 // Plays a recording in the terminal, pauses longer than half a second shortened.
@@ -216,6 +221,73 @@ $('login').addEventListener('submit', async (ev) => {
   if (!r.ok) { showLogin(body.error); return; }
   showFleet(body);
 });
+
+// Single sign-on. The pending login's key is kept in IndexedDB across the provider's pages.
+function keyStore(op, value) {
+  return new Promise((ok, fail) => {
+    const open = indexedDB.open('edgeport', 1);
+    open.onupgradeneeded = () => open.result.createObjectStore('keys');
+    open.onerror = () => fail(open.error);
+    open.onsuccess = () => {
+      const tx = open.result.transaction('keys', 'readwrite');
+      const store = tx.objectStore('keys');
+      const req = op === 'put' ? store.put(value, 'sso') : store.get('sso');
+      if (op === 'take') store.delete('sso');
+      tx.oncomplete = () => { open.result.close(); ok(req.result); };
+      tx.onerror = () => fail(tx.error);
+    };
+  });
+}
+
+async function ssoStart(connector) {
+  $('login-error').textContent = '';
+  const k = await crypto.subtle.generateKey({ name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign', 'verify']);
+  await keyStore('put', k);
+  const pub = await crypto.subtle.exportKey('raw', k.publicKey);
+  const r = await fetch('/api/sso/start', {
+    method: 'POST', credentials: 'same-origin', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ connector, browser_key: hex(pub) }),
+  });
+  const body = await r.json();
+  if (!r.ok) { showLogin(body.error); return; }
+  location.assign(body.auth_url);
+}
+
+// Back from the provider: finish with the code and state, signed by the start's key.
+async function ssoFinish() {
+  const q = new URLSearchParams(location.search);
+  history.replaceState(null, '', '/');
+  const k = await keyStore('take').catch(() => undefined);
+  if (q.get('error')) { showLogin(`single sign-on refused: ${q.get('error_description') || q.get('error')}`); return; }
+  if (!k) { showLogin('this single sign-on login was not started in this browser'); return; }
+  key = k;
+  const state = q.get('state') || '';
+  const at = Math.floor(Date.now() / 1000);
+  const sig = await signText(`edgeport-web/1\n${at}\nPOST\n/web/sso/finish/${state}`);
+  const r = await fetch('/api/sso/finish', {
+    method: 'POST', credentials: 'same-origin', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ state, code: q.get('code') || '', at, sig }),
+  });
+  const body = await r.json();
+  if (!r.ok) { showLogin(body.error); return; }
+  showFleet(body);
+}
+
+async function ssoButtons() {
+  const r = await fetch('/api/sso/connectors').catch(() => null);
+  if (!r || !r.ok) return;
+  const { connectors } = await r.json();
+  $('sso').replaceChildren(...connectors.map((c) => {
+    const b = document.createElement('button');
+    b.type = 'button'; b.className = 'sso'; b.dataset.connector = c.name;
+    b.textContent = `Sign in with ${c.kind === 'github' ? 'GitHub' : c.name === 'oidc' ? 'single sign-on' : c.name}`;
+    b.addEventListener('click', () => ssoStart(c.name));
+    return b;
+  }));
+}
+
+if (/^\/web\/sso\/[\w-]+\/callback$/.test(location.pathname)) ssoFinish();
+ssoButtons();
 
 $('logout').addEventListener('click', async () => {
   closeTerminal();

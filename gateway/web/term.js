@@ -1,8 +1,19 @@
 // A small terminal for the web console: the VT100/xterm subset a shell prompt, ls, top
 // and less need (cursor moves, erase, scroll region, insert/delete), drawn into a <pre>.
-// No colours: SGR is accepted and ignored. Written for Edgeport (Apache-2.0), no
-// dependencies.
+// SGR: the 16 colours (foreground and background, 256-colour codes below 16 too), bold and
+// inverse; a cell with attributes is its character followed by one marker code point
+// (plane 16, U+100000 + attributes), drawn as a <span> with classes (app.css). Written for
+// Edgeport (Apache-2.0), no dependencies.
 'use strict';
+
+const MARK = 0x100000;
+
+// The classes of a cell's attributes (see Term.sgr).
+function classes(a) {
+  const fg = a & 31; const bg = (a >> 5) & 31;
+  return [fg ? `f${fg - 1}` : '', bg ? `b${bg - 1}` : '', a & 1024 ? 'bold' : '', a & 2048 ? 'inv' : '']
+    .filter(Boolean).join(' ');
+}
 
 class Term {
   constructor(pre, onInput) {
@@ -26,7 +37,7 @@ class Term {
     this.screen = [];
     for (let i = 0; i < this.rows; i++) this.screen.push(this.blank());
     this.x = 0; this.y = 0; this.top = 0; this.bottom = this.rows - 1;
-    this.state = 0; this.params = ''; this.saved = [0, 0];
+    this.state = 0; this.params = ''; this.saved = [0, 0]; this.attr = 0;
   }
 
   blank() { return new Array(this.cols).fill(' '); }
@@ -51,7 +62,7 @@ class Term {
     this.cols = cols;
     this.screen = this.screen.map(fix);
     while (this.screen.length > rows) {
-      if (this.y > 0) { this.scrollback.push(this.screen.shift().join('')); this.y--; } else this.screen.pop();
+      if (this.y > 0) { this.scrollback.push(this.screen.shift()); this.y--; } else this.screen.pop();
     }
     while (this.screen.length < rows) this.screen.push(this.blank());
     this.rows = rows; this.top = 0; this.bottom = rows - 1;
@@ -69,7 +80,7 @@ class Term {
     const line = this.blank();
     if (up) {
       const gone = this.screen.splice(this.top, 1)[0];
-      if (this.top === 0) { this.scrollback.push(gone.join('')); if (this.scrollback.length > 1000) this.scrollback.shift(); }
+      if (this.top === 0) { this.scrollback.push(gone); if (this.scrollback.length > 1000) this.scrollback.shift(); }
       this.screen.splice(this.bottom, 0, line);
     } else {
       this.screen.splice(this.bottom, 1);
@@ -110,7 +121,35 @@ class Term {
     }
     if (c < ' ') return;
     if (this.x >= this.cols) { this.x = 0; this.lf(); }
-    this.screen[this.y][this.x++] = c;
+    this.screen[this.y][this.x++] = this.attr ? c + String.fromCodePoint(MARK + this.attr) : c;
+  }
+
+  // SGR: attributes are fg (0 default, 1-16 colour 0-15) | bg << 5 | bold << 10 | inverse << 11.
+  sgr(n) {
+    let fg = this.attr & 31; let bg = (this.attr >> 5) & 31;
+    let bold = (this.attr >> 10) & 1; let inv = (this.attr >> 11) & 1;
+    for (let i = 0; i < n.length; i++) {
+      const v = Number.isNaN(n[i]) ? 0 : n[i];
+      if (v === 0) { fg = 0; bg = 0; bold = 0; inv = 0; }
+      else if (v === 1) bold = 1;
+      else if (v === 22) bold = 0;
+      else if (v === 7) inv = 1;
+      else if (v === 27) inv = 0;
+      else if (v >= 30 && v <= 37) fg = v - 29;
+      else if (v === 39) fg = 0;
+      else if (v >= 40 && v <= 47) bg = v - 39;
+      else if (v === 49) bg = 0;
+      else if (v >= 90 && v <= 97) fg = v - 81;
+      else if (v >= 100 && v <= 107) bg = v - 91;
+      else if (v === 38 || v === 48) { // 5;N (the first 16 only) or 2;R;G;B (not shown)
+        if (n[i + 1] === 5) {
+          const c = n[i + 2];
+          if (c >= 0 && c < 16) { if (v === 38) fg = c + 1; else bg = c + 1; }
+          i += 2;
+        } else if (n[i + 1] === 2) i += 4;
+      }
+    }
+    this.attr = fg | (bg << 5) | (bold << 10) | (inv << 11);
   }
 
   csi(f, p) {
@@ -152,7 +191,8 @@ class Term {
       case 's': this.saved = [this.x, this.y]; break;
       case 'u': [this.x, this.y] = this.saved; break;
       case 'h': case 'l': if (priv && (n[0] === 1049 || n[0] === 47)) { for (let i = 0; i < this.rows; i++) this.screen[i] = this.blank(); } break;
-      default: break; // m (colours), n, t, ...: ignored
+      case 'm': if (!priv && !p.startsWith('>')) this.sgr(n); break;
+      default: break; // n, t, ...: ignored
     }
     clamp();
   }
@@ -162,16 +202,42 @@ class Term {
     this.pending = true;
     requestAnimationFrame(() => {
       this.pending = false;
-      const lines = this.screen.map((l) => l.join('').replace(/\s+$/, ''));
-      const before = this.scrollback.concat(lines.slice(0, this.y)).join('\n');
-      const cur = this.screen[this.y].join('');
-      const tail = lines.slice(this.y + 1).join('\n').replace(/\n+$/, '');
-      const cursor = document.createElement('span');
-      cursor.className = 'cursor';
-      cursor.textContent = cur[this.x] || ' ';
-      this.pre.replaceChildren(
-        (before ? before + '\n' : '') + cur.slice(0, this.x), cursor,
-        cur.slice(this.x + 1).replace(/\s+$/, '') + (tail ? '\n' + tail : ''));
+      // Runs of cells with the same attributes become one text node or <span>.
+      const out = [];
+      let run = ''; let cls = '';
+      const flush = () => {
+        if (!run) return;
+        if (cls) { const s = document.createElement('span'); s.className = cls; s.textContent = run; out.push(s); } else out.push(run);
+        run = '';
+      };
+      const add = (text, c) => { if (c !== cls) { flush(); cls = c; } run += text; };
+      const line = (cells, cursorAt) => {
+        let end = cells.length;
+        while (end > 0 && cells[end - 1] === ' ') end--;
+        if (cursorAt !== undefined) end = Math.max(end, cursorAt + 1);
+        for (let i = 0; i < end; i++) {
+          const cell = cells[i] || ' ';
+          const cp = cell.codePointAt(cell.length - 2);
+          const a = cell.length > 1 && cp >= MARK ? cp - MARK : 0;
+          const glyph = a ? cell.slice(0, -2) : cell;
+          if (i === cursorAt) {
+            flush(); cls = '';
+            const cur = document.createElement('span');
+            cur.className = 'cursor'; cur.textContent = glyph;
+            out.push(cur);
+          } else add(glyph, a ? classes(a) : '');
+        }
+      };
+      let last = this.rows - 1;
+      while (last > this.y && this.screen[last].every((c) => c === ' ')) last--;
+      const all = this.scrollback.concat(this.screen.slice(0, last + 1));
+      const cursorRow = this.scrollback.length + this.y;
+      all.forEach((cells, i) => {
+        if (i > 0) add('\n', '');
+        line(cells, i === cursorRow ? this.x : undefined);
+      });
+      flush();
+      this.pre.replaceChildren(...out);
       this.pre.scrollTop = this.pre.scrollHeight;
     });
   }

@@ -245,7 +245,8 @@ pub enum Request {
     },
     /// Gateway: short-lived user certificates for one web console terminal, for the gateway's
     /// own fresh key `ssh_public_key`. The authority checks the proof itself: a live web
-    /// session whose browser signed `GET /api/terminal/DEVICE/LOGIN` just now. The
+    /// session whose browser signed `GET /api/terminal/DEVICE/LOGIN/NONCE` just now, with a
+    /// nonce from `WebTerminalNonce` that the authority takes (single use). The
     /// certificates name only that login. Answered with `UserCerts`.
     WebSessionCert {
         proof: WebProof,
@@ -278,6 +279,19 @@ pub enum Request {
         device_id: String,
         req: crate::targets::TargetCertRequest,
     },
+    /// Gateway: the single sign-on connectors a web console may offer (names and kinds
+    /// only). Answered with `SsoConnectors` (client ids left empty).
+    WebSsoConnectors,
+    /// Gateway: a browser starts a single sign-on login to the web console. The authority
+    /// keeps the browser's key with the login in progress and answers `SsoRedirect`.
+    WebSsoStart(WebSsoStartRequest),
+    /// Gateway: the provider's answer that reached the gateway's callback page, signed by
+    /// the browser key of the start. The authority redeems the code itself, verifies who it
+    /// is, and answers `WebSession` with a new session bound to that key.
+    WebSsoFinish(WebSsoFinishRequest),
+    /// Gateway: a single-use nonce for opening one terminal of the proven web session; the
+    /// browser signs it into `GET /api/terminal/DEVICE/LOGIN/NONCE`. Answered `WebNonce`.
+    WebTerminalNonce(WebProof),
 }
 
 /// Responses from the authority.
@@ -367,6 +381,11 @@ pub enum Response {
     TargetCert {
         cert: String,
         valid_before: u64,
+    },
+    /// The answer to `WebTerminalNonce`: taken once, until `expires` (Unix seconds).
+    WebNonce {
+        nonce: String,
+        expires: u64,
     },
 }
 
@@ -984,6 +1003,36 @@ pub struct WebLoginRequest {
     pub client_addr: String,
 }
 
+/// The path a browser signs (`POST`, with the login's `state` appended) to finish a web
+/// console single sign-on login: only the browser holding the start's key can finish it.
+pub const WEB_SSO_FINISH_PATH: &str = "/web/sso/finish/";
+
+/// Gateway -> authority: a browser starts a single sign-on login to the web console.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct WebSsoStartRequest {
+    /// The connector's name (`oidc`, `github`).
+    pub connector: String,
+    /// The gateway's callback page, `https://HOST/web/sso/CONNECTOR/callback`.
+    pub redirect_uri: String,
+    /// The browser's public key (as in `WebLoginRequest`): the finish must be signed by it
+    /// and the session is bound to it.
+    pub browser_key: Vec<u8>,
+    pub client_addr: String,
+}
+
+/// Gateway -> authority: the provider's answer, as the browser's page handed it over.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct WebSsoFinishRequest {
+    pub state: String,
+    pub code: String,
+    /// What the browser signed: `edgeport-web/1`, Unix seconds, `POST` and
+    /// [`WEB_SSO_FINISH_PATH`] followed by `state`, one per line.
+    pub signed: String,
+    /// ECDSA P-256 SHA-256 over `signed` by the start's browser key.
+    pub signature: Vec<u8>,
+    pub client_addr: String,
+}
+
 /// Gateway -> authority: proof that a request comes from a web session's browser.
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct WebProof {
@@ -1166,6 +1215,8 @@ crate::debug_redacted!(SsoConnectorSpec { name, client_id, kind } secret { clien
 crate::debug_redacted!(WebLoginRequest { user, client_addr } secret { password, otp, browser_key });
 crate::debug_redacted!(SignedUserAction { body } secret { user_cert_der, signature });
 crate::debug_redacted!(WebProof { signed } secret { token, signature });
+crate::debug_redacted!(WebSsoStartRequest { connector, redirect_uri, client_addr } secret { browser_key });
+crate::debug_redacted!(WebSsoFinishRequest { signed, client_addr } secret { state, code, signature });
 crate::debug_redacted!(SessionMfaAsk { device, ssh_public_key } secret { otp });
 crate::debug_redacted!(WebSessionInfo { user, logins, roles, expires } secret { token, csrf, browser_key });
 

@@ -4,7 +4,9 @@
 // stdout. Ops: open {url}, fill {sel, value}, click {sel}, waitText {sel, text, timeoutMs},
 // text {sel}, shot {path, sel?, fullPage?}, type {sel, text, enter?} (keystrokes into the
 // focused element), press {sel, key}, cookies, setCookies {cookies}, eval {js} (an expression, awaited
-// in the page), quit. Errors answer {"error": "..."}.
+// in the page), url (the page's address, also mid-navigation), idpLogin {username, until, timeoutMs} (logs in at oidc.sh's provider or
+// github.sh's stand-in on the page now shown, consents, and waits until the page's URL starts with `until`; answers
+// {url}), quit. Errors answer {"error": "..."}.
 // Usage: NODE_PATH=/var/cache/edgeport-peers/node/node_modules node web-console.js
 // Env: CHROMIUM (default /usr/bin/chromium). Only loopback addresses may be contacted.
 'use strict';
@@ -62,6 +64,37 @@ async function main() {
         case 'cookies': out = { cookies: await context.cookies() }; break;
         case 'setCookies': await context.addCookies(c.cookies); out = {}; break;
         case 'eval': out = { value: await page.evaluate(c.js) }; break;
+        case 'url': out = { url: page.url() }; break;
+        case 'idpLogin': {
+          const deadline = Date.now() + (c.timeoutMs || 30000);
+          const q = async (sel) => { try { return await page.$(sel); } catch { return null; } };
+          const submit = async (el) => Promise.all([
+            page.waitForNavigation({ waitUntil: 'load' }).catch(() => {}), el.click().catch(() => {})]);
+          let loggedIn = false;
+          while (Date.now() < deadline && !page.url().startsWith(c.until)) {
+            const login = await q('input[name="login"]');
+            if (login && !loggedIn) {
+              try { await login.fill(c.username); await page.fill('input[name="password"]', 'pw'); } catch { continue; }
+              loggedIn = true;
+              const b = await q('button[type="submit"]');
+              if (b) await submit(b);
+              continue;
+            }
+            // github.sh's authorize page: one e-mail field, the login is its local part.
+            const email = await q('form input[name="email"]');
+            if (email && !loggedIn) {
+              try { await email.fill(`${c.username}@example.com`); } catch { continue; }
+              loggedIn = true;
+              const b = await q('form button[type="submit"]');
+              if (b) await submit(b);
+              continue;
+            }
+            const consent = await q('form[action*="/interaction/"] button[type="submit"]');
+            if (consent && loggedIn) { await submit(consent); continue; }
+            await page.waitForTimeout(200);
+          }
+          out = { url: page.url() }; break;
+        }
         case 'quit': await browser.close(); process.stdout.write('{}\n'); return;
         default: out = { error: `unknown op ${c.op}` };
       }

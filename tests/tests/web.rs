@@ -3,7 +3,11 @@
 //! (only the devices the user's roles allow, with a label filter), and the security
 //! properties: no cookie, no browser signature, no CSRF token, a logged-out session and a
 //! locked user are all refused, and the cookie is `Secure; HttpOnly; SameSite=Strict`. The
-//! terminal: a shell typed into and read from the page, recorded, played back, cut by a lock.
+//! terminal: a shell typed into and read from the page, recorded, played back, cut by a lock
+//! and by a logout, its signed request good for one terminal only, and refused to another
+//! origin. The fleet view follows a device going offline and coming back. Single sign-on
+//! through a real OpenID Connect provider (`tests/peers/oidc.sh`) into the same console, with
+//! a stolen callback URL refused in another browser.
 
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -12,7 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use edgeport_e2e::peers::peers_dir;
+use edgeport_e2e::peers::{peers_dir, Peer};
 use edgeport_e2e::ssh::{Cluster, Tsh};
 use edgeport_e2e::{free_port, run, wait_until};
 use serde_json::{json, Value};
@@ -317,6 +321,53 @@ fn web_console_login_fleet_and_session_security() {
     assert!(b.wait_text("#login-error", "locked").0);
 }
 
+/// As [`raw_terminal`], but `"ready"` as soon as the terminal opens (then closes it).
+fn raw_terminal_opens(b: &mut Browser, hello: &str) -> String {
+    let js = format!(
+        "new Promise((done) => {{
+            const ws = new WebSocket(`wss://${{location.host}}/api/terminal`);
+            ws.onopen = () => ws.send(JSON.stringify({hello}));
+            ws.onmessage = (e) => {{
+                if (typeof e.data !== 'string') return;
+                const m = JSON.parse(e.data);
+                if (m.ready) {{ ws.close(); done('ready'); }}
+                if (m.closed) done(m.closed);
+            }};
+            ws.onclose = () => done('closed without a word');
+        }})"
+    );
+    b.eval(&js).as_str().unwrap_or("").to_string()
+}
+
+/// The HTTP status line of a WebSocket upgrade to the terminal with `origin`, by curl.
+fn upgrade_status(web_addr: &str, origin: &str) -> String {
+    let mut c = Command::new("curl");
+    c.args([
+        "-sk",
+        "--http1.1",
+        "--max-time",
+        "5",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        &format!("Origin: {origin}"),
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        &format!("https://{web_addr}/api/terminal"),
+    ]);
+    // curl waits on the upgraded connection until --max-time: the status is written anyway.
+    let out = c.output().expect("curl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A WebSocket to the terminal endpoint opened by the page's own script with a first
 /// message of `hello` (a JS object expression): the gateway's closing words.
 fn raw_terminal(b: &mut Browser, hello: &str) -> String {
@@ -386,6 +437,26 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     b.cmd(json!({"op": "type", "sel": "#term", "text": "stty size", "enter": true}));
     let (sized, text) = b.wait_text("#term", "21 97");
     assert!(sized, "the window change did not reach the shell: {text:?}");
+    // Colours: `ls --color` paints a directory bold blue, and a red printf is red.
+    b.cmd(json!({"op": "type", "sel": "#term", "text": "mkdir -p /tmp/web-colour-dir && ls -d --color=always /tmp/web-colour-dir; printf '\\033[31mred-%s\\033[0m\\n' text", "enter": true}));
+    let coloured = |b: &mut Browser, sel: &str, want: &str| {
+        let js = format!(
+            "Array.from(document.querySelectorAll('#term {sel}')).map((s) => s.textContent).join('|')"
+        );
+        wait_until(Duration::from_secs(30), || {
+            b.eval(&js).as_str().unwrap_or("").contains(want)
+        })
+    };
+    assert!(
+        coloured(&mut b, "span.f4.bold", "web-colour-dir"),
+        "no bold blue directory: {}",
+        b.eval("document.getElementById('term').innerHTML")
+    );
+    assert!(
+        coloured(&mut b, "span.f1", "red-text"),
+        "no red text: {}",
+        b.eval("document.getElementById('term').innerHTML")
+    );
     let shot = if std::env::var_os("EDGEPORT_UPDATE_DOCS").is_some() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/web-terminal.png")
     } else {
@@ -418,6 +489,38 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     assert!(played, "the recording did not play: {text:?}");
     assert!(b.wait_text("#term-status", "end of recording").0);
 
+    // A signed request opens one terminal only: the same message again (a replay by
+    // whoever saw it) is refused, its single-use nonce already taken.
+    b.eval("edgeport.terminalHello('van-1', 'root', 80, 24).then((h) => { window.once = h; return true; })");
+    assert_eq!(raw_terminal_opens(&mut b, "window.once"), "ready");
+    let why = raw_terminal(&mut b, "window.once");
+    assert!(
+        why.contains("nonce"),
+        "a replayed terminal request was not refused: {why}"
+    );
+
+    // Another origin cannot open the terminal's WebSocket (the browser would send the
+    // cookie); this origin can.
+    assert_eq!(upgrade_status(&web_addr, "https://evil.example"), "403");
+    assert_eq!(
+        upgrade_status(&web_addr, &format!("https://{web_addr}")),
+        "101"
+    );
+
+    // A logout ends the session's open terminal, with the reason in the terminal.
+    b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
+    assert!(b.wait_text("#term-status", "recorded").0);
+    assert_eq!(
+        b.status("edgeport.signedFetch('/api/logout', {method: 'POST'})"),
+        200
+    );
+    let (ended, text) = b.wait_text("#term", "logged out");
+    assert!(ended, "the logout did not end the terminal: {text:?}");
+    assert!(b.wait_text("#term-status", "logged out").0);
+    b.login(&url, "bob", "");
+    assert!(b.wait_text("#who", "bob").0);
+    assert!(b.wait_text("#devices", "van-1").0);
+
     // A lock cuts an open terminal, with the reason in the terminal.
     b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
     assert!(b.wait_text("#term-status", "recorded").0);
@@ -431,4 +534,280 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     // And a locked user gets no new one, even with a fresh browser signature.
     let why = raw_terminal(&mut b, "window.kept");
     assert!(why.contains("locked"), "{why}");
+}
+
+/// The fleet view follows a device going offline and coming back, without a reload.
+#[test]
+fn web_fleet_view_updates_live() {
+    let port = free_port();
+    let web_addr = format!("127.0.0.1:{port}");
+    let mut c = Cluster::start_with_gateway_args(
+        "webfleet",
+        &[("van-1", "fleet=vans")],
+        &["--web-addr", &web_addr],
+    );
+    let url = format!("https://{web_addr}/");
+    c.add_user("bob", "root", PW);
+    let mut b = Browser::start();
+    b.login(&url, "bob", "");
+    assert!(b.wait_text("#who", "bob").0);
+    let state = "document.querySelector(\"#devices tr[data-device='van-1'] td:nth-child(2)\")?.textContent || ''";
+    let shows =
+        |b: &mut Browser, want: &str| wait_until(Duration::from_secs(60), || b.eval(state) == want);
+    assert!(shows(&mut b, "online"), "{}", b.eval(state));
+    // The agent stops (its tunnel closes), then starts again.
+    c.agents[0].proc.stop();
+    assert!(
+        shows(&mut b, "offline"),
+        "the fleet view did not show van-1 offline: {}",
+        b.eval(state)
+    );
+    c.agents[0].restart();
+    assert!(
+        shows(&mut b, "online"),
+        "the fleet view did not show van-1 back: {}",
+        b.eval(state)
+    );
+}
+
+/// Single sign-on in the web console through a real OpenID Connect provider: the browser
+/// logs in at the provider and lands back on the gateway's callback page, which finishes with
+/// its own key; the session works (fleet, terminal) and logout ends it. The provider's answer
+/// (code and state) opened in another browser is refused.
+#[test]
+fn web_console_single_sign_on_with_oidc() {
+    let port = free_port();
+    let web_addr = format!("127.0.0.1:{port}");
+    let callback = format!("https://{web_addr}/web/sso/oidc/callback");
+    let idp = Peer::start(
+        "oidc.sh",
+        &[],
+        &[
+            ("OIDC_USERS", "alice:devs;bob:ops"),
+            ("REDIRECT_URI", &callback),
+        ],
+    );
+    let c = Cluster::start_with_gateway_args(
+        "websso",
+        &[("van-1", "fleet=vans")],
+        &["--web-addr", &web_addr],
+    );
+    let url = format!("https://{web_addr}/");
+    let secret = c.dir.join("oidc-client-secret");
+    std::fs::write(&secret, idp.get("CLIENT_SECRET")).unwrap();
+    c.tctl.ok(&[
+        "sso",
+        "connectors",
+        "add",
+        "oidc",
+        "--issuer",
+        idp.get("ISSUER"),
+        "--client-id",
+        idp.get("CLIENT_ID"),
+        "--client-secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    c.tctl.ok(&["sso", "map", "devs", "--logins", "root"]);
+
+    let mut b = Browser::start();
+    b.cmd(json!({"op": "open", "url": url}));
+    let (offered, text) = b.wait_text("#sso", "single sign-on");
+    assert!(offered, "no single sign-on button: {text:?}");
+    b.cmd(json!({"op": "click", "sel": "button.sso[data-connector='oidc']"}));
+    let at_idp = |b: &mut Browser| {
+        wait_until(Duration::from_secs(30), || {
+            b.cmd(json!({"op": "url"}))["url"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(idp.get("ISSUER"))
+        })
+    };
+    assert!(at_idp(&mut b), "{}", b.eval("document.body.innerText"));
+    let landed =
+        b.cmd(json!({"op": "idpLogin", "username": "alice", "until": url, "timeoutMs": 60000}));
+    assert!(
+        landed["url"].as_str().unwrap().starts_with(&url),
+        "{landed}"
+    );
+    let (who, text) = b.wait_text("#who", "alice");
+    assert!(
+        who,
+        "not logged in after single sign-on: {text:?} {}",
+        b.eval("document.body.innerText")
+    );
+    assert!(b.wait_text("#devices", "van-1").0);
+    // The code left the address bar; the session is bound to this page's key like a
+    // password login's.
+    assert_eq!(b.eval("location.pathname"), "/");
+    let cookie = b.session_cookie();
+    assert_eq!(cookie["httpOnly"], true, "{cookie}");
+    assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 200);
+    assert_eq!(
+        b.status("edgeport.signedFetch('/api/session', {}, {sign: false})"),
+        401
+    );
+    // A terminal as the mapped login.
+    b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
+    let (ready, status) = b.wait_text("#term-status", "recorded");
+    assert!(ready, "the terminal did not open: {status}");
+    // The login is audited as single sign-on.
+    let events = c
+        .tctl
+        .ok(&[
+            "audit",
+            "search",
+            "--type",
+            "user.login",
+            "--format",
+            "json",
+        ])
+        .json();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["user"] == "alice" && e["connector"] == "oidc" && e["success"] == true),
+        "{events:#}"
+    );
+    // Logout ends the session (and its terminal) at the authority.
+    b.cmd(json!({"op": "click", "sel": "#logout"}));
+    assert!(b.wait_text("#login-error", "logged out").0);
+    b.cmd(json!({"op": "setCookies", "cookies": [cookie]}));
+    assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 401);
+
+    // A stolen callback: someone else's login (started with a key this browser never had)
+    // comes back from the provider with its code and state, and is opened here, where this
+    // browser has a login of its own in progress. The authority refuses it: the signature
+    // is not by the key that started it.
+    let victim_start = b.eval(
+        "(async () => {
+            const k = await crypto.subtle.generateKey({ name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign']);
+            const pub = Array.from(new Uint8Array(await crypto.subtle.exportKey('raw', k.publicKey)), (x) => x.toString(16).padStart(2, '0')).join('');
+            const r = await fetch('/api/sso/start', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+                body: JSON.stringify({ connector: 'oidc', browser_key: pub }) });
+            return (await r.json()).auth_url;
+        })()",
+    );
+    let victim_start = victim_start.as_str().unwrap().to_string();
+    let mut other = Command::new("bash");
+    other
+        .arg(peers_dir().join("oidc.sh"))
+        .args(["login", &victim_start, "alice", &callback]);
+    let seen = run(other, None, Duration::from_secs(120));
+    let stolen = seen
+        .stdout()
+        .lines()
+        .find_map(|l| l.strip_prefix("FINAL_URL="))
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        stolen.starts_with(&callback) && stolen.contains("code="),
+        "{}",
+        seen.stdout()
+    );
+    // This browser's own login in progress: a key of its own where the page keeps it while
+    // at the provider (this browser is still signed in there, so a click would come
+    // straight back).
+    b.cmd(json!({"op": "open", "url": url}));
+    let kept = b.eval(
+        "new Promise(async (ok, fail) => {
+            const k = await crypto.subtle.generateKey({ name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign']);
+            const open = indexedDB.open('edgeport', 1);
+            open.onupgradeneeded = () => open.result.createObjectStore('keys');
+            open.onerror = () => fail(open.error);
+            open.onsuccess = () => {
+                const tx = open.result.transaction('keys', 'readwrite');
+                tx.objectStore('keys').put(k, 'sso');
+                tx.oncomplete = () => { open.result.close(); ok(true); };
+            };
+        })",
+    );
+    assert_eq!(kept, true);
+    b.cmd(json!({"op": "open", "url": stolen}));
+    let (refused, text) = b.wait_text("#login-error", "another browser");
+    assert!(refused, "a stolen callback was not refused: {text:?}");
+    assert_eq!(b.eval("document.getElementById('who').textContent"), "");
+
+    // A locked user gets no web session through single sign-on either (the provider, where
+    // this browser is still signed in, sends it straight back).
+    c.tctl
+        .ok(&["lock", "--user", "alice", "--message", "web-sso-lock"]);
+    b.cmd(json!({"op": "open", "url": url}));
+    assert!(b.wait_text("#sso", "single sign-on").0);
+    b.cmd(json!({"op": "click", "sel": "button.sso[data-connector='oidc']"}));
+    let (locked, text) = b.wait_text("#login-error", "locked");
+    assert!(
+        locked,
+        "a locked user logged in with single sign-on: {text:?}"
+    );
+    assert_eq!(b.eval("document.getElementById('who').textContent"), "");
+}
+
+/// The same with GitHub (`tests/peers/github.sh`): a team mapping grants the login, and the
+/// session's terminal opens.
+#[test]
+fn web_console_single_sign_on_with_github() {
+    let gh = Peer::start("github.sh", &[], &[("GITHUB_TEAMS", "dave:octo-org/devs")]);
+    let port = free_port();
+    let web_addr = format!("127.0.0.1:{port}");
+    let c = Cluster::start_with_gateway_args(
+        "webgh",
+        &[("van-1", "fleet=vans")],
+        &["--web-addr", &web_addr],
+    );
+    let url = format!("https://{web_addr}/");
+    let secret = c.dir.join("github-client-secret");
+    std::fs::write(&secret, gh.get("GITHUB_CLIENT_SECRET")).unwrap();
+    c.tctl.ok(&[
+        "sso",
+        "connectors",
+        "add",
+        "github",
+        "--client-id",
+        gh.get("GITHUB_CLIENT_ID"),
+        "--client-secret-file",
+        secret.to_str().unwrap(),
+        "--github-url",
+        gh.get("GITHUB_URL"),
+        "--api-url",
+        gh.get("GITHUB_API_URL"),
+    ]);
+    c.tctl
+        .ok(&["sso", "map", "github:octo-org/devs", "--logins", "root"]);
+
+    let mut b = Browser::start();
+    b.cmd(json!({"op": "open", "url": url}));
+    let (offered, text) = b.wait_text("#sso", "GitHub");
+    assert!(offered, "no GitHub button: {text:?}");
+    b.cmd(json!({"op": "click", "sel": "button.sso[data-connector='github']"}));
+    assert!(wait_until(Duration::from_secs(30), || {
+        b.cmd(json!({"op": "url"}))["url"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(gh.get("GITHUB_URL"))
+    }));
+    let landed =
+        b.cmd(json!({"op": "idpLogin", "username": "dave", "until": url, "timeoutMs": 60000}));
+    assert!(
+        landed["url"].as_str().unwrap().starts_with(&url),
+        "{landed}"
+    );
+    let (who, text) = b.wait_text("#who", "dave");
+    assert!(
+        who,
+        "not logged in with GitHub: {text:?} {}",
+        b.eval("document.body.innerText")
+    );
+    assert!(b.wait_text("#devices", "van-1").0);
+    assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 200);
+    b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
+    let (ready, status) = b.wait_text("#term-status", "recorded");
+    assert!(ready, "the terminal did not open: {status}");
+    assert_eq!(
+        b.status("edgeport.signedFetch('/api/logout', {method: 'POST'})"),
+        200
+    );
+    assert!(b.wait_text("#term", "logged out").0);
+    assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 401);
 }

@@ -84,6 +84,22 @@ pub(crate) fn login(
     now: u64,
 ) -> Result<Response, RpcError> {
     parse_ed25519_public(ssh_public_key).map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+    let user = sso_user(svc, gateway, req, now)?;
+    let certs = issue(svc, &Subject::from(&user), ssh_public_key, ttl_secs, now)?;
+    tracing::info!(user = %user.name, connector = %req.connector, subject = %req.subject,
+        client = %client_addr, gateway, "single sign-on login");
+    Ok(Response::UserCerts(certs))
+}
+
+/// The user record of a single sign-on user [`crate::sso`] established, made or refreshed
+/// from their groups' mappings, if it may log in now (mapped, not a local user's or another
+/// identity's name, not locked). For tsh's certificates and the web console's sessions.
+pub(crate) fn sso_user(
+    svc: &Service,
+    gateway: &str,
+    req: &Verified,
+    now: u64,
+) -> Result<UserRecord, RpcError> {
     check_name("user name from the identity provider", &req.user)?;
     let store = svc.store();
     let Some(grant) = granted(store, &req.groups)? else {
@@ -160,10 +176,7 @@ pub(crate) fn login(
         svc.policy.changed();
     }
     check_not_locked(svc, &user.name, now)?;
-    let certs = issue(svc, &Subject::from(&user), ssh_public_key, ttl_secs, now)?;
-    tracing::info!(user = %user.name, connector = %req.connector, subject = %req.subject,
-        client = %client_addr, gateway, "single sign-on login");
-    Ok(Response::UserCerts(certs))
+    Ok(user)
 }
 
 #[cfg(test)]

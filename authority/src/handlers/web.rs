@@ -75,6 +75,20 @@ pub fn login(
         totp_enroll: None,
     };
     let user = check_credentials(svc, gateway, &as_login, now)?;
+    new_session(svc, gateway, &user, req.browser_key, &req.client_addr, now)
+}
+
+/// A new session of `user` (whose credentials, or single sign-on, the caller checked) bound
+/// to `browser_key`; its token is in the answer only.
+pub(crate) fn new_session(
+    svc: &Service,
+    gateway: &str,
+    user: &users::UserRecord,
+    browser_key: Vec<u8>,
+    client_addr: &str,
+    now: u64,
+) -> Result<Response, RpcError> {
+    edgeport_proto::web::check_key(&browser_key).map_err(|e| invalid(e.to_string()))?;
     let grants = roles::grants(svc.store(), &user.roles)?;
     let ttl = WEB_SESSION_TTL_SECS
         .min(grants.max_session_ttl)
@@ -84,12 +98,12 @@ pub fn login(
     let csrf = random_secret().map_err(|e| internal("a CSRF token", e))?;
     let record = WebSessionRecord {
         user: user.name.clone(),
-        user_id: users::Subject::from(&user).id,
+        user_id: users::Subject::from(user).id,
         created: now,
         expires: now + ttl,
-        browser_key: req.browser_key,
+        browser_key,
         csrf,
-        client_addr: req.client_addr.clone(),
+        client_addr: client_addr.to_string(),
     };
     store::put(
         svc.store(),
@@ -97,7 +111,7 @@ pub fn login(
         &sha256_hex(token.as_bytes()),
         &record,
     )?;
-    tracing::info!(user = %record.user, client = %req.client_addr, gateway, expires = record.expires, "web console login");
+    tracing::info!(user = %record.user, client = %client_addr, gateway, expires = record.expires, "web console login");
     Ok(Response::WebSession(info(&record, Some(token), svc)?))
 }
 
@@ -166,8 +180,80 @@ pub fn viewer(svc: &Service, proof: &WebProof, now: u64) -> Result<crate::audit:
     })
 }
 
-/// What a browser signs to open a terminal: `GET` of this prefix, then `DEVICE/LOGIN`.
+/// What a browser signs to open a terminal: `GET` of this prefix, then
+/// `DEVICE/LOGIN/NONCE` with a nonce from [`terminal_nonce`].
 pub const TERMINAL_PATH: &str = "/api/terminal/";
+/// How long a terminal nonce may wait to be used.
+pub const NONCE_TTL_SECS: u64 = 60;
+/// Nonces of one session waiting to be used at once.
+pub const MAX_NONCES_PER_SESSION: usize = 16;
+/// Where nonces live in [`Table::WebSessions`] (session keys are bare hex, never this).
+const NONCE_PREFIX: &str = "n/";
+
+/// A terminal nonce waiting to be used, by `n/NONCE`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct NonceRecord {
+    /// The session's key (SHA-256 of its token).
+    session: String,
+    expires: u64,
+}
+
+/// WebTerminalNonce: a fresh single-use nonce of the proven session, for the browser to
+/// sign into the request for one terminal, so that a signature seen once (by a gateway, in
+/// a log) cannot open a second terminal. Expired nonces found on the way are removed.
+pub fn terminal_nonce(svc: &Service, proof: &WebProof, now: u64) -> Result<Response, RpcError> {
+    let (session, _) = proven(svc, proof, now)?;
+    let store = svc.store();
+    let mut mine = 0;
+    for (key, bytes) in store.scan_prefix(Table::WebSessions, NONCE_PREFIX)? {
+        match serde_json::from_slice::<NonceRecord>(&bytes) {
+            Ok(n) if n.expires > now => {
+                if n.session == session {
+                    mine += 1;
+                }
+            }
+            _ => {
+                store.compare_and_swap(Table::WebSessions, &key, Some(&bytes), None)?;
+            }
+        }
+    }
+    if mine >= MAX_NONCES_PER_SESSION {
+        return Err(denied(
+            "too many terminals of this session are being opened at once; wait a minute",
+        ));
+    }
+    let nonce = random_secret().map_err(|e| internal("a nonce", e))?;
+    let expires = now + NONCE_TTL_SECS;
+    store::put(
+        store,
+        Table::WebSessions,
+        &format!("{NONCE_PREFIX}{nonce}"),
+        &NonceRecord { session, expires },
+    )?;
+    Ok(Response::WebNonce { nonce, expires })
+}
+
+/// Takes `nonce` once: it must have been issued to `session` and not have expired.
+fn take_nonce(svc: &Service, session: &str, nonce: &str, now: u64) -> Result<(), RpcError> {
+    let refused = || {
+        denied("the terminal request's nonce is unknown, used or expired; open the terminal again")
+    };
+    if nonce.is_empty() || nonce.len() > 128 {
+        return Err(denied(
+            "the terminal request carries no nonce; reload the page",
+        ));
+    }
+    // The delete is the single use: of two requests racing, only one gets the record.
+    let bytes = svc
+        .store()
+        .delete(Table::WebSessions, &format!("{NONCE_PREFIX}{nonce}"))?
+        .ok_or_else(refused)?;
+    let n: NonceRecord = serde_json::from_slice(&bytes).map_err(|_| refused())?;
+    if n.expires <= now || !edgeport_proto::util::ct_eq(n.session.as_bytes(), session.as_bytes()) {
+        return Err(refused());
+    }
+    Ok(())
+}
 /// Longest life of a web terminal's certificates (also capped by the session's end).
 pub const TERMINAL_CERT_TTL_SECS: u64 = 120;
 
@@ -181,16 +267,24 @@ pub fn session_cert(
     ssh_public_key: &str,
     now: u64,
 ) -> Result<Response, RpcError> {
-    let (_, record) = proven(svc, proof, now)?;
+    let (session, record) = proven(svc, proof, now)?;
     let signed =
         edgeport_proto::web::verify(&record.browser_key, &proof.signed, &proof.signature, now)
             .map_err(|e| session_denied(&e.to_string()))?;
-    let (device, login) = signed
+    let mut parts = signed
         .path
         .strip_prefix(TERMINAL_PATH)
-        .and_then(|rest| rest.split_once('/'))
         .filter(|_| signed.method == "GET")
-        .ok_or_else(|| denied("the browser's signature is not for opening a terminal"))?;
+        .ok_or_else(|| denied("the browser's signature is not for opening a terminal"))?
+        .split('/');
+    let (Some(device), Some(login), nonce, None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(denied(
+            "the browser's signature is not for opening a terminal",
+        ));
+    };
+    take_nonce(svc, &session, nonce.unwrap_or(""), now)?;
     let mut subject = users::subject(svc.store(), &record.user)?
         .ok_or_else(|| session_denied("the user no longer exists"))?;
     if !subject.logins.iter().any(|l| l == login) {
@@ -411,6 +505,18 @@ mod tests {
         };
         let token = s.token.unwrap();
         let gateway_key = edgeport_proto::keys::KeyPair::generate().unwrap();
+        // A fresh single-use nonce of this session, for the terminal path.
+        let nonce = || match svc.handle_at(
+            &gw,
+            Request::WebTerminalNonce(proof(&browser, &token, now)),
+            now,
+        ) {
+            Response::WebNonce { nonce, expires } => {
+                assert_eq!(expires, now + NONCE_TTL_SECS);
+                nonce
+            }
+            other => panic!("no nonce: {other:?}"),
+        };
         let ask = |p: WebProof| {
             svc.handle_at(
                 &gw,
@@ -429,20 +535,98 @@ mod tests {
             &key(),
             &token,
             now,
-            "/api/terminal/van-1/root",
+            &format!("/api/terminal/van-1/root/{}", nonce()),
         )));
         let e = refused(ask(signed_for(
             &browser,
             &token,
             now,
-            "/api/terminal/van-1/admin",
+            &format!("/api/terminal/van-1/admin/{}", nonce()),
         )));
         assert!(e.message.contains("admin"), "{e}");
-        let Response::UserCerts(c) =
-            ask(signed_for(&browser, &token, now, "/api/terminal/van-1/pi"))
-        else {
+        // Without a nonce, or with one the authority never issued: refused.
+        let e = refused(ask(signed_for(
+            &browser,
+            &token,
+            now,
+            "/api/terminal/van-1/pi",
+        )));
+        assert!(e.message.contains("nonce"), "{e}");
+        let e = refused(ask(signed_for(
+            &browser,
+            &token,
+            now,
+            "/api/terminal/van-1/pi/made-up",
+        )));
+        assert!(e.message.contains("nonce"), "{e}");
+        let once = signed_for(
+            &browser,
+            &token,
+            now,
+            &format!("/api/terminal/van-1/pi/{}", nonce()),
+        );
+        let Response::UserCerts(c) = ask(once.clone()) else {
             panic!("no certificates")
         };
+        // The same signed request again (a replay): refused.
+        let e = refused(ask(once));
+        assert!(e.message.contains("nonce"), "{e}");
+        // A nonce of another session of the same user does not do either.
+        let Response::WebSession(other) = svc.handle_at(
+            &gw,
+            Request::WebLogin(WebLoginRequest {
+                user: "alice".into(),
+                password: "pw-alice-123".into(),
+                otp: None,
+                browser_key: browser.public_key().as_ref().to_vec(),
+                client_addr: "192.0.2.1".into(),
+            }),
+            now,
+        ) else {
+            panic!("no session")
+        };
+        let other_token = other.token.unwrap();
+        let Response::WebNonce { nonce: theirs, .. } = svc.handle_at(
+            &gw,
+            Request::WebTerminalNonce(proof(&browser, &other_token, now)),
+            now,
+        ) else {
+            panic!("no nonce")
+        };
+        let e = refused(ask(signed_for(
+            &browser,
+            &token,
+            now,
+            &format!("/api/terminal/van-1/pi/{theirs}"),
+        )));
+        assert!(e.message.contains("nonce"), "{e}");
+        // Nonces expire, and one session cannot pile them up.
+        let n = nonce();
+        let late = signed_for(
+            &browser,
+            &token,
+            now + NONCE_TTL_SECS,
+            &format!("/api/terminal/van-1/pi/{n}"),
+        );
+        let e = refused(svc.handle_at(
+            &gw,
+            Request::WebSessionCert {
+                proof: late,
+                ssh_public_key: gateway_key.public_openssh(),
+            },
+            now + NONCE_TTL_SECS,
+        ));
+        assert!(e.message.contains("nonce"), "{e}");
+        // One is still waiting (the one signed by another key was never taken).
+        for _ in 1..MAX_NONCES_PER_SESSION {
+            nonce();
+        }
+        let e = refused(svc.handle_at(
+            &gw,
+            Request::WebTerminalNonce(proof(&browser, &token, now)),
+            now,
+        ));
+        assert!(e.message.contains("too many"), "{e}");
         assert_eq!(c.user, "alice");
         assert_eq!(c.logins, vec!["pi".to_string()]);
         assert!(c.valid_before <= now + TERMINAL_CERT_TTL_SECS);
@@ -457,7 +641,20 @@ mod tests {
         .unwrap();
         assert_eq!(roles.mfa_device, "van-1");
         // Only gateways relay; a locked user gets none.
-        let terminal = signed_for(&browser, &token, now, "/api/terminal/van-1/pi");
+        let Response::WebNonce { nonce: n, .. } = svc.handle_at(
+            &gw,
+            Request::WebTerminalNonce(proof(&browser, &other_token, now)),
+            now,
+        ) else {
+            panic!("no nonce")
+        };
+        let token = other_token;
+        let terminal = signed_for(
+            &browser,
+            &token,
+            now,
+            &format!("/api/terminal/van-1/pi/{n}"),
+        );
         assert_eq!(
             refused(svc.handle_at(
                 &admin,

@@ -14,6 +14,12 @@
 //! audience, expiry and nonce; for GitHub, the API asked with the token it redeemed) and
 //! only then signs. A gateway relays bytes it cannot forge into an identity: it never holds
 //! a client secret, and no request lets it name a single sign-on user.
+//!
+//! The web console logs in the same way ([`web_start`], [`web_finish`]): the provider sends
+//! the browser back to the gateway's page `https://HOST/web/sso/CONNECTOR/callback`, and the
+//! login in progress holds the browser's WebCrypto key instead of tsh's secret, so only a
+//! request signed by that key over its `state` can finish it: a stolen callback URL is
+//! worth nothing in another browser, and the gateway that sees it cannot redeem it either.
 
 pub mod github;
 pub mod http;
@@ -26,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use edgeport_proto::keys::parse_ed25519_public;
 use edgeport_proto::rpc::{
     Response, RpcError, SsoConnectorInfo, SsoConnectorKind, SsoConnectorSpec, SsoFinishRequest,
-    SsoStartRequest,
+    SsoStartRequest, WebSsoFinishRequest, WebSsoStartRequest, WEB_SSO_FINISH_PATH,
 };
 use openidconnect::RedirectUrl;
 use serde::{Deserialize, Serialize};
@@ -259,6 +265,10 @@ pub struct PendingLogin {
     /// OpenID Connect: the PKCE verifier and the nonce the ID token must carry.
     pub pkce_verifier: Option<String>,
     pub nonce: Option<String>,
+    /// Web console logins: the browser key that must sign the finish (and that the
+    /// session is bound to). `None` for tsh's logins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser_key: Option<Vec<u8>>,
 }
 
 /// Counted together: one IPv4 address, or one IPv6 /64 (what one subscriber usually has).
@@ -360,6 +370,11 @@ pub fn pending_take(
     if p.expires <= now {
         return Err(unknown_state());
     }
+    if p.browser_key.is_some() {
+        return Err(denied(
+            "this single sign-on login was started by a web console; finish it there",
+        ));
+    }
     let shown = edgeport_proto::keys::sha256_hex(proof.as_bytes());
     if !edgeport_proto::util::ct_eq(
         shown.as_bytes(),
@@ -372,8 +387,90 @@ pub fn pending_take(
     Ok(p)
 }
 
+/// The web console's login started with `state`, once, if it has not expired and `signed`
+/// is a fresh signature by the start's browser key over `POST` of
+/// [`WEB_SSO_FINISH_PATH`]`STATE`.
+pub fn pending_take_web(
+    store: &dyn Store,
+    state: &str,
+    signed: &str,
+    signature: &[u8],
+    now: u64,
+) -> Result<PendingLogin, RpcError> {
+    if state.is_empty() || state.len() > 256 {
+        return Err(unknown_state());
+    }
+    let bytes = store
+        .delete(Table::SsoPending, state)?
+        .ok_or_else(unknown_state)?;
+    let p: PendingLogin = serde_json::from_slice(&bytes).map_err(|_| unknown_state())?;
+    if p.expires <= now {
+        return Err(unknown_state());
+    }
+    let Some(key) = &p.browser_key else {
+        return Err(denied(
+            "this single sign-on login was started by tsh, not by a web console",
+        ));
+    };
+    let s = edgeport_proto::web::verify(key, signed, signature, now).map_err(|e| {
+        denied(format!(
+            "this single sign-on login was started by another browser: {e}"
+        ))
+    })?;
+    if s.method != "POST" || s.path.strip_prefix(WEB_SSO_FINISH_PATH) != Some(state) {
+        return Err(denied(
+            "the browser's signature is not for finishing this single sign-on login",
+        ));
+    }
+    Ok(p)
+}
+
 // ---------------------------------------------------------------------------------------
-// The two RPCs.
+// The RPCs.
+
+/// Asks the connector for its login URL and keeps the login in progress.
+#[allow(clippy::too_many_arguments)]
+fn begin(
+    svc: &Service,
+    gateway: &str,
+    connector_name: &str,
+    redirect: RedirectUrl,
+    client_addr: &str,
+    proof_hash: String,
+    browser_key: Option<Vec<u8>>,
+    now: u64,
+) -> Result<Response, RpcError> {
+    let store = svc.store();
+    let client = client_key(client_ip(client_addr)?).to_string();
+    let connector = svc
+        .sso
+        .get(store, connector_name)?
+        .ok_or_else(|| not_configured(store, connector_name))?;
+    let (auth_url, state, pkce_verifier, nonce) = match &*connector {
+        Connector::Oidc(o) => {
+            let s = block_on(o.start(&redirect))?;
+            (s.url, s.state, Some(s.pkce_verifier), Some(s.nonce))
+        }
+        Connector::GitHub(g) => {
+            let (url, state) = g.start(&redirect)?;
+            (url, state, None, None)
+        }
+    };
+    let web = browser_key.is_some();
+    let login = PendingLogin {
+        connector: connector_name.to_string(),
+        expires: now + PENDING_TTL_SECS,
+        client,
+        proof_hash,
+        redirect: redirect.as_str().to_string(),
+        pkce_verifier,
+        nonce,
+        browser_key,
+    };
+    pending_insert(store, &state, &login, now)?;
+    tracing::debug!(connector = %connector_name, client = %client_addr, gateway, web, "single sign-on started");
+    Ok(Response::SsoRedirect { auth_url })
+}
 
 /// How long one start or finish may spend with the provider in all: less than the 15 s
 /// the gateway waits for an answer, so the user gets this reason rather than a timeout.
@@ -404,35 +501,101 @@ pub fn start(
     req: SsoStartRequest,
     now: u64,
 ) -> Result<Response, RpcError> {
-    let store = svc.store();
     let redirect = loopback_redirect(&req.redirect_uri)?;
-    let client = client_key(client_ip(&req.client_addr)?).to_string();
-    let connector = svc
-        .sso
-        .get(store, &req.connector)?
-        .ok_or_else(|| not_configured(store, &req.connector))?;
-    let (auth_url, state, pkce_verifier, nonce) = match &*connector {
-        Connector::Oidc(o) => {
-            let s = block_on(o.start(&redirect))?;
-            (s.url, s.state, Some(s.pkce_verifier), Some(s.nonce))
-        }
-        Connector::GitHub(g) => {
-            let (url, state) = g.start(&redirect)?;
-            (url, state, None, None)
-        }
+    begin(
+        svc,
+        gateway,
+        &req.connector,
+        redirect,
+        &req.client_addr,
+        req.proof_hash.to_ascii_lowercase(),
+        None,
+        now,
+    )
+}
+
+/// `WebSsoStart`: the provider's login URL for a web console login that returns to the
+/// gateway's callback page, bound to the browser's key.
+pub fn web_start(
+    svc: &Service,
+    gateway: &str,
+    req: WebSsoStartRequest,
+    now: u64,
+) -> Result<Response, RpcError> {
+    edgeport_proto::web::check_key(&req.browser_key).map_err(|e| invalid(e.to_string()))?;
+    let redirect = web_redirect(&req.redirect_uri, &req.connector)?;
+    // Not a secret: a web login is finished only by the browser key's signature, and
+    // `pending_take` refuses it.
+    let proof_hash = edgeport_proto::keys::sha256_hex(&req.browser_key);
+    begin(
+        svc,
+        gateway,
+        &req.connector,
+        redirect,
+        &req.client_addr,
+        proof_hash,
+        Some(req.browser_key),
+        now,
+    )
+}
+
+/// `WebSsoFinish`: as [`finish`], for the browser that started it; answers a new web
+/// session bound to that browser's key.
+pub fn web_finish(
+    svc: &Service,
+    caller: &crate::service::Caller,
+    gateway: &str,
+    req: WebSsoFinishRequest,
+    now: u64,
+) -> Result<Response, RpcError> {
+    let client_addr = req.client_addr.clone();
+    let mut verified: Option<Verified> = None;
+    let result = web_finish_inner(svc, gateway, req, now, &mut verified);
+    crate::audit::sso_login(svc, caller, &client_addr, verified.as_ref(), &result);
+    if let Err(e) = &result {
+        tracing::info!(gateway, client = %client_addr, "web console single sign-on refused: {}", e.message);
+    }
+    result
+}
+
+fn web_finish_inner(
+    svc: &Service,
+    gateway: &str,
+    req: WebSsoFinishRequest,
+    now: u64,
+    verified: &mut Option<Verified>,
+) -> Result<Response, RpcError> {
+    let store = svc.store();
+    let pending = pending_take_web(store, &req.state, &req.signed, &req.signature, now)?;
+    let browser_key = pending.browser_key.clone().unwrap_or_default();
+    let connector = svc.sso.get(store, &pending.connector)?.ok_or_else(|| {
+        denied(format!(
+            "the single sign-on connector {} was removed during this login",
+            pending.connector
+        ))
+    })?;
+    let who = match &*connector {
+        Connector::Oidc(o) => block_on(o.finish(req.code, &pending, &req.client_addr))?,
+        Connector::GitHub(g) => block_on(g.finish(req.code, &pending, &req.client_addr))?,
     };
-    let login = PendingLogin {
-        connector: req.connector.clone(),
-        expires: now + PENDING_TTL_SECS,
-        client,
-        proof_hash: req.proof_hash.to_ascii_lowercase(),
-        redirect: redirect.as_str().to_string(),
-        pkce_verifier,
-        nonce,
+    *verified = Some(who.clone());
+    let user = crate::handlers::sso::sso_user(svc, gateway, &who, now)?;
+    tracing::info!(user = %user.name, connector = %who.connector, subject = %who.subject,
+        client = %req.client_addr, gateway, "web console single sign-on login");
+    crate::handlers::web::new_session(svc, gateway, &user, browser_key, &req.client_addr, now)
+}
+
+/// `WebSsoConnectors`: the connectors' names and kinds, for the login page's buttons.
+pub fn web_connectors(store: &dyn Store) -> Result<Response, RpcError> {
+    let mut list = match connector_list(store)? {
+        Response::SsoConnectors(l) => l,
+        _ => Vec::new(),
     };
-    pending_insert(store, &state, &login, now)?;
-    tracing::debug!(connector = %req.connector, client = %req.client_addr, gateway, "single sign-on started");
-    Ok(Response::SsoRedirect { auth_url })
+    for c in &mut list {
+        c.client_id.clear();
+        c.custom_ca = false;
+    }
+    Ok(Response::SsoConnectors(list))
 }
 
 /// `SsoFinish`: redeems the code of a login started here (or at an authority sharing the
@@ -513,6 +676,32 @@ pub(crate) fn loopback_redirect(uri: &str) -> Result<RedirectUrl, RpcError> {
     RedirectUrl::new(uri.to_string()).map_err(|_| bad())
 }
 
+/// The gateway's callback page for a web console login: `https://HOST[:PORT]` then exactly
+/// `/web/sso/CONNECTOR/callback`, no credentials, query or fragment. The provider must list
+/// it among the client's redirect URIs, which is what keeps a gateway from sending the code
+/// elsewhere; a code that went elsewhere is still useless without the browser's key.
+pub(crate) fn web_redirect(uri: &str, connector: &str) -> Result<RedirectUrl, RpcError> {
+    let bad = || {
+        invalid(format!(
+            "redirect {uri:?}: a web console login returns only to https://GATEWAY/web/sso/{connector}/callback"
+        ))
+    };
+    let r = RedirectUrl::new(uri.to_string()).map_err(|_| bad())?;
+    let u = r.url();
+    let ok = u.scheme() == "https"
+        && u.host_str().is_some_and(|h| !h.is_empty())
+        && u.username().is_empty()
+        && u.password().is_none()
+        && u.query().is_none()
+        && u.fragment().is_none()
+        && u.path() == format!("/web/sso/{connector}/callback");
+    if ok {
+        Ok(r)
+    } else {
+        Err(bad())
+    }
+}
+
 /// An error with its causes, for logs.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -548,6 +737,7 @@ mod tests {
             redirect: "http://127.0.0.1:1/cb".into(),
             pkce_verifier: Some("v".into()),
             nonce: Some("n".into()),
+            browser_key: None,
         }
     }
 
@@ -720,5 +910,70 @@ mod tests {
         ] {
             assert!(loopback_redirect(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn web_logins_return_only_to_a_gateway_callback() {
+        assert!(web_redirect("https://gw.example:3080/web/sso/oidc/callback", "oidc").is_ok());
+        assert!(web_redirect("https://127.0.0.1:8443/web/sso/github/callback", "github").is_ok());
+        for bad in [
+            "http://gw.example/web/sso/oidc/callback",
+            "https://gw.example/web/sso/github/callback",
+            "https://gw.example/web/sso/oidc/callback?x=1",
+            "https://gw.example/web/sso/oidc/callback#f",
+            "https://user@gw.example/web/sso/oidc/callback",
+            "https://gw.example/elsewhere",
+            "javascript:alert(1)",
+        ] {
+            assert!(web_redirect(bad, "oidc").is_err(), "{bad}");
+        }
+    }
+
+    /// A web login is finished only by its browser's key, signed over its own state, once;
+    /// tsh's and the web's logins cannot be finished the other way.
+    #[test]
+    fn only_the_starting_browser_finishes_a_web_login() {
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let new_key = || {
+            let pk = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pk.as_ref(), &rng).unwrap()
+        };
+        let (browser, thief) = (new_key(), new_key());
+        let sign = |k: &EcdsaKeyPair, at: u64, path: &str| {
+            let text = edgeport_proto::web::signed_text(at, "POST", path);
+            let sig = k.sign(&rng, text.as_bytes()).unwrap().as_ref().to_vec();
+            (text, sig)
+        };
+        let (_d, s) = store();
+        let mut web = login("192.0.2.1", 700);
+        web.browser_key = Some(browser.public_key().as_ref().to_vec());
+        pending_insert(&s, "st-1", &web, 100).unwrap();
+        // tsh's finish cannot take a web login (and burns it, as any failed finish does).
+        let e = pending_take(&s, "st-1", "secret", 100).unwrap_err();
+        assert!(e.message.contains("web console"), "{}", e.message);
+        pending_insert(&s, "st-2", &web, 100).unwrap();
+        // Another browser (a stolen callback URL): refused, and the login is gone.
+        let (t, sig) = sign(&thief, 100, "/web/sso/finish/st-2");
+        let e = pending_take_web(&s, "st-2", &t, &sig, 100).unwrap_err();
+        assert!(e.message.contains("another browser"), "{}", e.message);
+        let (t, sig) = sign(&browser, 100, "/web/sso/finish/st-2");
+        assert!(pending_take_web(&s, "st-2", &t, &sig, 100).is_err());
+        // A signature over another state, or of another method, does not do.
+        pending_insert(&s, "st-3", &web, 100).unwrap();
+        let (t, sig) = sign(&browser, 100, "/web/sso/finish/st-other");
+        let e = pending_take_web(&s, "st-3", &t, &sig, 100).unwrap_err();
+        assert!(e.message.contains("not for finishing"), "{}", e.message);
+        // The right one works once.
+        pending_insert(&s, "st-4", &web, 100).unwrap();
+        let (t, sig) = sign(&browser, 100, "/web/sso/finish/st-4");
+        let p = pending_take_web(&s, "st-4", &t, &sig, 100).unwrap();
+        assert_eq!(p.browser_key, web.browser_key);
+        assert!(pending_take_web(&s, "st-4", &t, &sig, 100).is_err());
+        // A tsh login cannot be finished as a web one.
+        pending_insert(&s, "st-5", &login("192.0.2.1", 700), 100).unwrap();
+        let (t, sig) = sign(&browser, 100, "/web/sso/finish/st-5");
+        let e = pending_take_web(&s, "st-5", &t, &sig, 100).unwrap_err();
+        assert!(e.message.contains("tsh"), "{}", e.message);
     }
 }

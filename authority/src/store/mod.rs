@@ -71,7 +71,8 @@ pub enum Table {
     /// page of a range scan (`recordings`).
     RecordingTimeline,
     /// Web console sessions (`handlers::web::WebSessionRecord`), by the hex SHA-256 of the
-    /// session token (the token itself is never stored).
+    /// session token (the token itself is never stored), and the terminal nonces waiting to
+    /// be used (`handlers::web::NonceRecord`), by `n/NONCE`.
     WebSessions,
     /// Bytes per device and service (`usage::UsageRecord`), by device id.
     Usage,

@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgeport_net::rpc_client::RpcClientError;
-use edgeport_proto::rpc::{DeviceInfo, ErrorKind, Request, Response, WebLoginRequest};
+use edgeport_proto::rpc::{
+    DeviceInfo, ErrorKind, Request, Response, SsoConnectorKind, WebLoginRequest,
+    WebSsoFinishRequest, WebSsoStartRequest, WEB_SSO_FINISH_PATH,
+};
 use futures::future::BoxFuture;
 use http::header::{self, HeaderValue};
 use http::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode};
@@ -101,6 +104,7 @@ pub async fn serve(
             auth: auth.clone(),
             dialer,
             shutdown: shutdown.clone(),
+            open: Default::default(),
         }),
         auth,
         sessions: SessionCache::default(),
@@ -254,6 +258,21 @@ fn label_matches(d: &DeviceInfo, filter: &str) -> bool {
         })
 }
 
+/// `/web/sso/CONNECTOR/callback`: the connector's name.
+fn sso_callback(path: &str) -> Option<&str> {
+    path.strip_prefix("/web/sso/")?
+        .strip_suffix("/callback")
+        .filter(|c| connector_name_ok(c))
+}
+
+/// A connector name as `tctl sso connectors add` makes them: short, letters, digits, `-_`.
+fn connector_name_ok(c: &str) -> bool {
+    !c.is_empty()
+        && c.len() <= 64
+        && c.chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+}
+
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
@@ -303,6 +322,14 @@ impl Web {
             }
             (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", APP_CSS),
             (Method::POST, "/api/login") => self.login(req, addr).await,
+            (Method::GET, "/api/sso/connectors") => self.sso_connectors().await,
+            (Method::POST, "/api/sso/start") => self.sso_start(req, addr).await,
+            (Method::POST, "/api/sso/finish") => self.sso_finish(req, addr).await,
+            // The provider sends the browser back here; the page's script finishes the login.
+            (Method::GET, p) if sso_callback(p).is_some() => {
+                answer(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)
+            }
+            (Method::GET, "/api/terminal-nonce") => self.terminal_nonce(req).await,
             (Method::GET, "/api/session") => self.session(req).await,
             (Method::GET, "/api/devices") => self.devices(req).await,
             (Method::POST, "/api/logout") => self.logout(req).await,
@@ -333,23 +360,31 @@ impl Web {
         }
     }
 
-    async fn login(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+    /// The JSON body of a same-origin POST (logins: no session yet, so no CSRF token; a
+    /// cross-site form cannot send JSON, and a browser sends Origin on cross-site fetches).
+    async fn json_body(req: HttpRequest<Incoming>) -> Result<serde_json::Value, Resp> {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
         if !is_json || !Self::same_origin(&req) {
-            return error(
+            return Err(error(
                 StatusCode::FORBIDDEN,
                 "cross-site or non-JSON login refused",
-            );
+            ));
         }
         let Ok(body) = Limited::new(req.into_body(), MAX_BODY).collect().await else {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, "request too large");
+            return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "request too large"));
         };
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes()) else {
-            return error(StatusCode::BAD_REQUEST, "malformed JSON");
+        serde_json::from_slice::<serde_json::Value>(&body.to_bytes())
+            .map_err(|_| error(StatusCode::BAD_REQUEST, "malformed JSON"))
+    }
+
+    async fn login(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+        let v = match Self::json_body(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
         };
         let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
         let Ok(browser_key) = hex::decode(field("browser_key")) else {
@@ -363,7 +398,12 @@ impl Web {
             browser_key,
             client_addr: addr.ip().to_string(),
         };
-        match (self.auth)(Request::WebLogin(login)).await {
+        self.new_session((self.auth)(Request::WebLogin(login)).await)
+    }
+
+    /// The authority's answer to a login: the session's cookie and what the page shows.
+    fn new_session(&self, answer: Result<Response, RpcClientError>) -> Resp {
+        match answer {
             Ok(Response::WebSession(s)) => {
                 let Some(token) = s.token.clone() else {
                     return error(StatusCode::BAD_GATEWAY, "the authority gave no session");
@@ -386,6 +426,115 @@ impl Web {
                 "unexpected answer from the authority",
             ),
             Err(e) => refused(e),
+        }
+    }
+
+    /// The single sign-on connectors the login page offers (names and kinds).
+    async fn sso_connectors(&self) -> Resp {
+        match (self.auth)(Request::WebSsoConnectors).await {
+            Ok(Response::SsoConnectors(list)) => {
+                let shown: Vec<_> = list
+                    .iter()
+                    .map(|c| {
+                        let kind = match c.kind {
+                            SsoConnectorKind::Oidc { .. } => "oidc",
+                            SsoConnectorKind::GitHub { .. } => "github",
+                        };
+                        serde_json::json!({ "name": c.name, "kind": kind })
+                    })
+                    .collect();
+                json(StatusCode::OK, serde_json::json!({ "connectors": shown }))
+            }
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
+            Err(e) => refused(e),
+        }
+    }
+
+    /// Starts a single sign-on login that returns to this gateway's callback page. The
+    /// authority keeps the browser's key with it: only that browser can finish it.
+    async fn sso_start(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let v = match Self::json_body(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let connector = field("connector");
+        if !connector_name_ok(&connector) || host.is_empty() || host.contains(['/', '@']) {
+            return error(StatusCode::BAD_REQUEST, "malformed connector or host");
+        }
+        let Ok(browser_key) = hex::decode(field("browser_key")) else {
+            return error(StatusCode::BAD_REQUEST, "browser_key must be hex");
+        };
+        let start = WebSsoStartRequest {
+            redirect_uri: format!("https://{host}/web/sso/{connector}/callback"),
+            connector,
+            browser_key,
+            client_addr: addr.ip().to_string(),
+        };
+        match (self.auth)(Request::WebSsoStart(start)).await {
+            Ok(Response::SsoRedirect { auth_url }) => {
+                json(StatusCode::OK, serde_json::json!({ "auth_url": auth_url }))
+            }
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
+            Err(e) => refused(e),
+        }
+    }
+
+    /// Finishes a single sign-on login with the provider's code and state, signed by the
+    /// browser key of the start (the authority checks that, redeems the code and verifies
+    /// who it is).
+    async fn sso_finish(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+        let v = match Self::json_body(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        let state = field("state");
+        let at = v.get("at").and_then(|x| x.as_u64()).unwrap_or(0);
+        let Ok(signature) = hex::decode(field("sig")) else {
+            return error(StatusCode::BAD_REQUEST, "sig must be hex");
+        };
+        if state.is_empty() || state.len() > 256 || state.contains(['\n', '\r']) {
+            return error(StatusCode::BAD_REQUEST, "malformed state");
+        }
+        let finish = WebSsoFinishRequest {
+            signed: edgeport_proto::web::signed_text(
+                at,
+                "POST",
+                &format!("{WEB_SSO_FINISH_PATH}{state}"),
+            ),
+            state,
+            code: field("code"),
+            signature,
+            client_addr: addr.ip().to_string(),
+        };
+        self.new_session((self.auth)(Request::WebSsoFinish(finish)).await)
+    }
+
+    /// A single-use nonce for the browser to sign into its next terminal request.
+    async fn terminal_nonce(&self, req: HttpRequest<Incoming>) -> Resp {
+        match self.ask(&req, Request::WebTerminalNonce).await {
+            Ok(Response::WebNonce { nonce, expires }) => json(
+                StatusCode::OK,
+                serde_json::json!({ "nonce": nonce, "expires": expires }),
+            ),
+            Ok(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "unexpected answer from the authority",
+            ),
+            Err(r) => r,
         }
     }
 
@@ -652,6 +801,8 @@ impl Web {
             return error(StatusCode::FORBIDDEN, "missing or wrong CSRF token");
         }
         self.sessions.forget(&proof.token);
+        // Its terminals here end with it (the authority refuses the session from now on).
+        self.term.end_session(&proof.token);
         match (self.auth)(Request::WebLogout(proof)).await {
             Ok(_) => {
                 let mut r = json(StatusCode::OK, serde_json::json!({ "ok": true }));
@@ -696,5 +847,22 @@ mod tests {
         assert!(label_matches(&d, ""));
         assert!(!label_matches(&d, "fleet=cars"));
         assert!(!label_matches(&d, "env"));
+    }
+
+    #[test]
+    fn only_clean_connector_callbacks_serve_the_page() {
+        assert_eq!(sso_callback("/web/sso/oidc/callback"), Some("oidc"));
+        assert_eq!(
+            sso_callback("/web/sso/git-hub_2/callback"),
+            Some("git-hub_2")
+        );
+        for bad in [
+            "/web/sso//callback",
+            "/web/sso/a/b/callback",
+            "/web/sso/a%2f/callback",
+            "/web/sso/oidc/callback/x",
+        ] {
+            assert_eq!(sso_callback(bad), None, "{bad}");
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! The web console's terminal: a WebSocket from the browser, an SSH session from here to
 //! the device. The WebSocket's first message carries the browser's signature over
-//! `GET /api/terminal/DEVICE/LOGIN` (a WebSocket cannot carry custom headers); the gateway
+//! `GET /api/terminal/DEVICE/LOGIN/NONCE` (a WebSocket cannot carry custom headers), where
+//! NONCE is a single-use nonce the authority issued to the session just before
+//! (`GET /api/terminal-nonce`) and takes when it certifies the terminal; the gateway
 //! makes a fresh Ed25519 key, and the authority signs short-lived certificates for it only
 //! after checking that proof of the live web session itself. The dial is tsh's own (grant,
 //! locks, audit), and the agent records the session as it records any SSH session.
@@ -8,8 +10,12 @@
 //! Messages: browser to gateway, binary is keyboard input and text is
 //! `{"resize":[cols,rows]}`; gateway to browser, binary is terminal output and text is
 //! `{"ready":{...}}` or `{"closed":"why"}`.
+//!
+//! A logout through this gateway ends the session's open terminals ([`Term::end_session`]);
+//! a lock ends them through the dial's own lock handling.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +52,40 @@ pub struct Term {
     pub auth: AuthCall,
     pub dialer: Arc<Dialer>,
     pub shutdown: CancellationToken,
+    /// The open terminals by the SHA-256 of their session's token, to end at logout.
+    pub open: Mutex<HashMap<String, Vec<CancellationToken>>>,
+}
+
+impl Term {
+    /// Ends every open terminal of the session whose token is `token`.
+    pub fn end_session(&self, token: &str) {
+        let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
+        let ended = self.open.lock().ok().and_then(|mut m| m.remove(&key));
+        for t in ended.into_iter().flatten() {
+            t.cancel();
+        }
+    }
+
+    fn register(&self, token: &str) -> CancellationToken {
+        let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
+        let t = CancellationToken::new();
+        if let Ok(mut m) = self.open.lock() {
+            m.entry(key).or_default().push(t.clone());
+        }
+        t
+    }
+
+    fn unregister(&self, token: &str, t: &CancellationToken) {
+        let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
+        if let Ok(mut m) = self.open.lock() {
+            if let Some(v) = m.get_mut(&key) {
+                v.retain(|x| x != t);
+                if v.is_empty() {
+                    m.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 /// The browser's first message.
@@ -55,6 +95,9 @@ struct Hello {
     sig: String,
     device: String,
     login: String,
+    /// From `GET /api/terminal-nonce` (missing: the authority refuses the request).
+    #[serde(default)]
+    nonce: String,
     cols: u32,
     rows: u32,
 }
@@ -88,7 +131,19 @@ where
 {
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
     let (mut tx, mut rx) = ws.split();
-    let outcome = run(&term, &mut tx, &mut rx, token, addr).await;
+    let ended = token.as_deref().map(|t| term.register(t));
+    let outcome = run(
+        &term,
+        &mut tx,
+        &mut rx,
+        token.clone(),
+        addr,
+        ended.clone().unwrap_or_default(),
+    )
+    .await;
+    if let (Some(t), Some(e)) = (token.as_deref(), ended.as_ref()) {
+        term.unregister(t, e);
+    }
     let why = match outcome {
         Ok(why) | Err(why) => why,
     };
@@ -106,6 +161,7 @@ async fn run<S>(
     rx: &mut Rx<S>,
     token: Option<String>,
     addr: SocketAddr,
+    ended: CancellationToken,
 ) -> Result<String, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -119,11 +175,14 @@ where
         _ => return Err("the first message must be the signed request".into()),
     };
     let token = token.ok_or("no session: log in")?;
-    if !segment_ok(&hello.device) || !segment_ok(&hello.login) {
-        return Err("malformed device or login".into());
+    if !segment_ok(&hello.device)
+        || !segment_ok(&hello.login)
+        || !(hello.nonce.is_empty() || segment_ok(&hello.nonce))
+    {
+        return Err("malformed device, login or nonce".into());
     }
     let signature = hex::decode(&hello.sig).map_err(|_| "malformed signature".to_string())?;
-    let path = format!("{PATH}/{}/{}", hello.device, hello.login);
+    let path = format!("{PATH}/{}/{}/{}", hello.device, hello.login, hello.nonce);
     let proof = WebProof {
         token,
         signed: edgeport_proto::web::signed_text(hello.at, "GET", &path),
@@ -263,6 +322,7 @@ where
                 break end_reason(term, &certs.user, &dialled.session_id, &dialled.device_id, None)
             }
             _ = term.shutdown.cancelled() => break "the gateway is shutting down".to_string(),
+            _ = ended.cancelled() => break "session ended: logged out".to_string(),
         }
     };
     tracing::info!(user = %certs.user, device = %dialled.device_id, session = %dialled.session_id, "web terminal ended: {why}");

@@ -801,6 +801,25 @@ pub fn request() -> impl Strategy<Value = Request> {
         }),
         (web_proof(), audit_query())
             .prop_map(|(proof, query)| Request::WebAuditSearch { proof, query }),
+        Just(Request::WebSsoConnectors),
+        (s(), s(), bytes(), s()).prop_map(|(connector, redirect_uri, browser_key, client_addr)| {
+            Request::WebSsoStart(WebSsoStartRequest {
+                connector,
+                redirect_uri,
+                browser_key,
+                client_addr,
+            })
+        }),
+        (s(), s(), s(), bytes(), s()).prop_map(|(state, code, signed, signature, client_addr)| {
+            Request::WebSsoFinish(WebSsoFinishRequest {
+                state,
+                code,
+                signed,
+                signature,
+                client_addr,
+            })
+        }),
+        web_proof().prop_map(Request::WebTerminalNonce),
     ]
 }
 
@@ -1036,6 +1055,7 @@ pub fn response() -> impl Strategy<Value = Response> {
         vec(live_session(), 0..2).prop_map(Response::LiveSessions),
         (s(), any::<u64>())
             .prop_map(|(cert, valid_before)| Response::TargetCert { cert, valid_before }),
+        (s(), any::<u64>()).prop_map(|(nonce, expires)| Response::WebNonce { nonce, expires }),
     ]
 }
 
