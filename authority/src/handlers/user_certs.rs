@@ -120,7 +120,7 @@ pub fn issue_bound(
         mfa_device,
         grants.permit_agent_forwarding,
     )
-        .map_err(|e| internal("SSH user certificate", e))?;
+    .map_err(|e| internal("SSH user certificate", e))?;
     let x509_cert_pem = svc
         .ca
         .sign_x509_user(

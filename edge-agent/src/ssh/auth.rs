@@ -147,6 +147,11 @@ fn check_session_mfa(
 /// Environment variables a client may set (`env` requests), as OpenSSH's usual
 /// `AcceptEnv LANG LC_*` plus a few harmless ones. Anything that changes how programs load
 /// or run (PATH, LD_*, BASH_ENV, ...) is refused.
+/// An `env` request a session takes: a name [`env_allowed`], a value safe to pass on.
+pub fn env_ok(name: &str, value: &str) -> bool {
+    env_allowed(name) && process::exec_safe(value)
+}
+
 pub fn env_allowed(name: &str) -> bool {
     matches!(
         name,

@@ -140,7 +140,13 @@ impl ConnHandler {
                 cert.key_id()
             )
         });
-        self.refuse(login, cert.key_id(), Some(cert.serial()), &why.to_string(), text);
+        self.refuse(
+            login,
+            cert.key_id(),
+            Some(cert.serial()),
+            &why.to_string(),
+            text,
+        );
     }
 
     /// Asks the actor and waits for its answer; `default` before authentication.

@@ -366,10 +366,8 @@ impl SshServer {
         tcp: tokio::net::TcpStream,
     ) {
         let target = record::TargetConn::new(&self.inner, target, tcp);
-        self.serve_conn(stream, header, Some(user), move |h| {
-            h.target = Some(target)
-        })
-        .await
+        self.serve_conn(stream, header, Some(user), move |h| h.target = Some(target))
+            .await
     }
 
     /// The device id this server answers for.

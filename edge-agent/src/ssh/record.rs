@@ -31,8 +31,8 @@ use russh::keys::ssh_key::{Certificate, PublicKey};
 use russh::keys::PublicKeyOrCertificate;
 use russh::server::{Auth, Handle, Msg};
 use russh::{
-    client, Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelReadHalf,
-    ChannelWriteHalf, Disconnect,
+    client, Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf,
+    Disconnect,
 };
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -229,7 +229,6 @@ impl TargetConn {
             )),
         }
     }
-
 }
 
 /// The login of a record-mode connection: the certificate checks (`checked`, against the
@@ -271,7 +270,13 @@ pub(super) async fn authenticate(
             Auth::Accept
         }
         Err(why) => {
-            h.refuse(login, cert.key_id(), Some(cert.serial()), &why, Some(why.clone()));
+            h.refuse(
+                login,
+                cert.key_id(),
+                Some(cert.serial()),
+                &why,
+                Some(why.clone()),
+            );
             Auth::reject()
         }
     }
@@ -519,12 +524,12 @@ impl RecordActor {
                 let _ = done.send(ok);
             }
             Request::Env {
+                done,
                 channel,
                 name,
                 value,
-                done,
             } => {
-                let ok = auth::env_allowed(&name)
+                let ok = auth::env_ok(&name, &value)
                     && self
                         .ask(channel, async |up| up.set_env(true, name, value).await)
                         .await;
@@ -614,7 +619,13 @@ impl RecordActor {
             to[1].clone(),
         ];
         let refused = (!self.grant.permit_port_forwarding).then_some(actor::NO_PORT_FORWARDING);
-        actor::audit_forward(&self.session_id, &self.grant, "port_forward", &fields, refused);
+        actor::audit_forward(
+            &self.session_id,
+            &self.grant,
+            "port_forward",
+            &fields,
+            refused,
+        );
         refused.is_none()
     }
 
@@ -785,18 +796,18 @@ async fn from_target(
 
 /// The user's side of a channel to the target: data, EOF, close.
 async fn to_target(mut user: ChannelReadHalf, up: Arc<ChannelWriteHalf<client::Msg>>, ctx: Ctx) {
-    while let Some(msg) = user.wait().await {
-        let sent = match msg {
-            ChannelMsg::Data { data } => {
+    loop {
+        let sent = match user.wait().await {
+            Some(ChannelMsg::Data { data }) => {
                 if let Some(c) = ctx.get() {
                     c.bytes_in
                         .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 up.data_bytes(data).await
             }
-            ChannelMsg::Eof => up.eof().await,
-            ChannelMsg::Close => break,
-            _ => Ok(()),
+            Some(ChannelMsg::Eof) => up.eof().await,
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => continue,
         };
         if sent.is_err() {
             break;
