@@ -100,15 +100,8 @@ impl ConnHandler {
         let name = self.name();
         tracing::warn!(%name, %login, %key_id, ?serial, client = %self.client_addr,
             session = %self.session_id, reason = %why, "refused SSH login");
-        let mut ev = crate::audit::event("auth.refused");
-        #[cfg(feature = "record-targets")]
-        if let Some(t) = &self.target {
-            ev = crate::audit::event("target.refused")
-                .field("target", t.target_name())
-                .field("mode", "record")
-                .field("error", why);
-        }
-        ev.session(&self.session_id)
+        self.refused_event(why)
+            .session(&self.session_id)
             .user(self.stream_user.as_deref().unwrap_or(""))
             .login(login)
             .field("identity", key_id)
@@ -129,6 +122,18 @@ impl ConnHandler {
                     .await;
             });
         }
+    }
+
+    /// `auth.refused`, or `target.refused` in record mode (with the target and the error).
+    fn refused_event(&self, _why: &str) -> crate::audit::Event {
+        #[cfg(feature = "record-targets")]
+        if let Some(t) = &self.target {
+            return crate::audit::event("target.refused")
+                .field("target", t.target_name())
+                .field("mode", "record")
+                .field("error", _why);
+        }
+        crate::audit::event("auth.refused")
     }
 
     /// The reason a certificate was refused, as the refusal says it.
