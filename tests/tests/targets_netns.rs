@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use edgeport_e2e::fabric::{wait_online, Gateway, Tctl};
 use edgeport_e2e::peers::peers_dir;
-use edgeport_e2e::ssh::{random_file, same_file, ssh, Tsh};
+use edgeport_e2e::ssh::{random_file, same_file, sftp_batch, ssh, Tsh};
 use edgeport_e2e::{bin, parse_env, run, wait_until, Authority, Proc, TempDir};
 use serde_json::Value;
 
@@ -653,13 +653,11 @@ fn targets_in_their_own_network_namespace_are_reached_only_through_the_device() 
             ),
         )
         .unwrap();
-        let mut sftp = Command::new("sftp");
-        sftp.arg("-F")
-            .arg(&cfg)
-            .args(["-o", "BatchMode=yes", "-b"])
-            .arg(&batch)
-            .arg(&alias);
-        let r = run(sftp, None, Duration::from_secs(120));
+        let r = run(
+            sftp_batch(&cfg, &batch, &alias),
+            None,
+            Duration::from_secs(120),
+        );
         assert_eq!(r.code(), Some(0), "{name} sftp -b: {}", r.stderr());
         assert!(
             same_file(&up, &remote),
