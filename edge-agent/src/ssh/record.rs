@@ -231,6 +231,20 @@ impl TargetConn {
     }
 }
 
+impl Drop for TargetConn {
+    /// A login that never reached [`TargetConn::start`] (a lock in between): the target
+    /// connection ends too.
+    fn drop(&mut self) {
+        if let (Some(up), Ok(rt)) = (self.up.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = up
+                    .disconnect(Disconnect::ByApplication, "session ended", "")
+                    .await;
+            });
+        }
+    }
+}
+
 /// The login of a record-mode connection: the certificate checks (`checked`, against the
 /// target's labels), then the login to the target; either refusal is one line to the user.
 pub(super) async fn authenticate(
@@ -458,7 +472,7 @@ impl RecordActor {
         match req {
             Request::OpenSession { channel, reply } => {
                 let up = match self.chans.len() < actor::MAX_CHANNELS {
-                    true => self.up.channel_open_session().await.ok(),
+                    true => in_time(self.up.channel_open_session()).await,
                     false => None,
                 };
                 let Some(up) = up else {
@@ -488,18 +502,17 @@ impl RecordActor {
                         .reject(ChannelOpenFailure::AdministrativelyProhibited)
                         .await;
                 }
-                match self
+                let opened = self
                     .up
-                    .channel_open_direct_tcpip(host, port, "127.0.0.1", 0)
-                    .await
-                {
-                    Ok(up) => {
+                    .channel_open_direct_tcpip(host, port, "127.0.0.1", 0);
+                match in_time(opened).await {
+                    Some(up) => {
                         reply.accept().await;
                         let ctx = LogCtx::new(&self.grant, &self.session_id, "forward");
                         let ctx = Arc::new(OnceLock::from(ctx));
                         bridge(channel, up, ctx, None, self.handle.clone());
                     }
-                    Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                    None => reply.reject(ChannelOpenFailure::ConnectFailed).await,
                 }
             }
             Request::Close { channel } => {
@@ -639,12 +652,12 @@ impl RecordActor {
         if !room || !self.forward_allowed("remote", &to) {
             return None;
         }
-        let bound = match self.up.tcpip_forward(address.clone(), port).await {
+        let bound = match in_time(self.up.tcpip_forward(address.clone(), port)).await {
             // A reply without a port: the one asked for.
-            Ok(0) => port,
-            Ok(p) => p,
-            Err(e) => {
-                tracing::info!(target = %self.name, "the target refused -R {address}:{port}: {e}");
+            Some(0) => port,
+            Some(p) => p,
+            None => {
+                tracing::info!(target = %self.name, "the target refused -R {address}:{port}");
                 return None;
             }
         };
@@ -699,6 +712,14 @@ impl RecordActor {
         let _ = c.ctx.set(ctx);
         true
     }
+}
+
+/// What the target answered within [`REPLY_TIMEOUT`]: a target that never answers holds up
+/// only the connection that asked, and not for ever.
+async fn in_time<T>(
+    answer: impl std::future::Future<Output = Result<T, russh::Error>>,
+) -> Option<T> {
+    tokio::time::timeout(REPLY_TIMEOUT, answer).await.ok()?.ok()
 }
 
 /// Joins a user channel to a target channel: a task copies the target's side to the user
