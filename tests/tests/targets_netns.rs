@@ -612,8 +612,9 @@ fn targets_in_their_own_network_namespace_are_reached_only_through_the_device() 
         .spawn()
         .unwrap();
         let probe = format!(
-            "python3 -c \"import socket; s = socket.create_connection(('127.0.0.1', {rport}), 5); \
-             s.sendall(b'ping-from-{name}\\n'); s.settimeout(10); print(s.makefile().readline().strip())\""
+            "{} -c \"import socket; s = socket.create_connection(('127.0.0.1', {rport}), 5); \
+             s.sendall(b'ping-from-{name}\\n'); s.settimeout(10); print(s.makefile().readline().strip())\"",
+            python.display()
         );
         let want = format!("pong-{name}:ping-from-{name}");
         let mut got = String::new();
