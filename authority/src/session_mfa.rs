@@ -19,10 +19,8 @@ use edgeport_proto::rpc::{
     AccessAction, ErrorKind, LoginRequest, Response, RpcError, SessionMfaAsk, SessionMfaCert,
     SignedUserAction,
 };
-use edgeport_proto::sshcert::RolesExtension;
 
-use crate::ca::SshUserCert;
-use crate::errors::{denied, internal, invalid, not_found};
+use crate::errors::{denied, invalid, not_found};
 use crate::handlers::user_certs::{check_not_locked, NO_LOGIN_PRINCIPAL};
 use crate::service::Service;
 use crate::store::{self, Table};
@@ -148,24 +146,16 @@ fn sign(
     } else {
         subject.logins.clone()
     };
-    let ssh_cert = svc
-        .ca()
-        .sign_ssh_user(&SshUserCert {
-            user: &subject.name,
-            public_key: &key,
-            principals: &principals,
-            valid_after: now.saturating_sub(BACKDATE_SECS),
-            valid_before,
-            permit_pty: grants.permit_pty,
-            permit_port_forwarding: grants.permit_port_forwarding,
-            permit_agent_forwarding: grants.permit_agent_forwarding,
-            roles: &RolesExtension {
-                user_id: subject.id.clone(),
-                mfa_device: info.id.clone(),
-                ..grants.extension.clone()
-            },
-        })
-        .map_err(|e| internal("SSH user certificate", e))?;
+    let ssh_cert = crate::handlers::user_certs::sign_ssh(
+        svc,
+        subject,
+        &grants,
+        &key,
+        &principals,
+        (now.saturating_sub(BACKDATE_SECS), valid_before),
+        info.id.clone(),
+        grants.permit_agent_forwarding,
+    )?;
     store::put(
         store,
         Table::AccessRequests,

@@ -5,7 +5,8 @@
 //! The agent's report (edge-agent/src/targets.rs) has, for each target NAME, the fields
 //! `t.NAME` = `HOST:PORT [key=value ...]`, `up.NAME` = `yes|no|unknown` and `checked.NAME` =
 //! the last check in Unix milliseconds; a target with a pinned host key also has `pin.NAME` =
-//! `ssh-ed25519 AAAA...` and `hostkey.NAME` = `ok|mismatch|unknown`.
+//! `ssh-ed25519 AAAA...` and `hostkey.NAME` = `ok|mismatch|unknown`; a record-mode target has
+//! `mode.NAME` = `record`.
 
 use std::collections::BTreeMap;
 
@@ -34,6 +35,9 @@ pub struct Reported {
     /// The device's last check saw another host key than the pinned one.
     #[serde(default)]
     pub hostkey_mismatch: bool,
+    /// `mode=record` on the device's targets line (`mode.NAME` = `record` in the report).
+    #[serde(default)]
+    pub record: bool,
 }
 
 /// The latest report of one device (`Table::Targets`, by device id).
@@ -76,6 +80,7 @@ pub fn parse(ev: &AuditEvent) -> Report {
             .get(&format!("hostkey.{name}"))
             .map(String::as_str)
             == Some("mismatch");
+        let record = ev.fields.get(&format!("mode.{name}")).map(String::as_str) == Some("record");
         targets.push(Reported {
             name: name.to_string(),
             addr: addr.to_string(),
@@ -84,6 +89,7 @@ pub fn parse(ev: &AuditEvent) -> Report {
             checked_ms,
             hostkey,
             hostkey_mismatch,
+            record,
         });
     }
     Report {
@@ -147,6 +153,7 @@ fn info(device: &DeviceInfo, t: Reported) -> TargetInfo {
         checked_ms: t.checked_ms,
         hostkey: t.hostkey,
         hostkey_mismatch: t.hostkey_mismatch,
+        record: t.record,
     }
 }
 
@@ -167,6 +174,7 @@ mod tests {
             ("up.cam", "unknown"),
             ("pin.cam", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA"),
             ("hostkey.cam", "mismatch"),
+            ("mode.cam", "record"),
         ] {
             ev.fields.insert(k.into(), v.into());
         }
@@ -179,6 +187,10 @@ mod tests {
         let cam = r.targets.iter().find(|t| t.name == "cam").unwrap();
         assert_eq!((cam.reachable, cam.checked_ms), (None, 0));
         assert!(cam.hostkey_mismatch && cam.hostkey.is_some());
+        assert!(
+            cam.record && !ecu.record,
+            "mode.NAME=record marks a record-mode target"
+        );
         assert!(!ecu.hostkey_mismatch && ecu.hostkey.is_none());
     }
 }

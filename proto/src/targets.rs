@@ -22,9 +22,21 @@ pub struct TargetInfo {
     pub hostkey: Option<String>,
     /// The agent's last check found a host key other than the pinned one.
     pub hostkey_mismatch: bool,
+    /// `mode=record`: the agent terminates the SSH and records it (else relay mode).
+    #[serde(default)]
+    pub record: bool,
 }
 
 impl TargetInfo {
+    /// The administrator's mode for the target: `relay` or `record`.
+    pub fn mode(&self) -> &'static str {
+        if self.record {
+            "record"
+        } else {
+            "relay"
+        }
+    }
+
     /// `DEVICE/TARGET`, the name users give and the principal of its host certificate.
     pub fn address(&self) -> String {
         format!("{}/{}", self.device, self.name)

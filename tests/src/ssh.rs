@@ -179,6 +179,17 @@ pub fn ssh(config: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// `sftp -F CONFIG -o BatchMode=yes -b BATCH HOST`: stock sftp running a batch file.
+pub fn sftp_batch(config: &Path, batch: &Path, host: &str) -> Command {
+    let mut c = Command::new("sftp");
+    c.arg("-F")
+        .arg(config)
+        .args(["-o", "BatchMode=yes", "-b"])
+        .arg(batch)
+        .arg(host);
+    c
+}
+
 /// A private `ssh-agent -D -a SOCK`, killed on drop.
 pub struct SshAgent {
     pub proc: Proc,

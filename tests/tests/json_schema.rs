@@ -400,7 +400,12 @@ fn the_checker_finds_what_is_wrong() {
         "last_seen": "2026-12-04T16:03:52Z", "last_disconnect_reason": null,
         "last_disconnect_kind": null, "gateway": "gw-1",
         "joined_at": "2026-12-04T16:00:00Z", "kube_cluster": null, "loss_permille": 4,
-        "address_changes_24h": 0, "targets": [], "binary_sha256": null
+        "address_changes_24h": 0, "binary_sha256": null,
+        "targets": [{
+            "name": "ecu1", "address": "van-1/ecu1", "addr": "192.168.7.10:22",
+            "labels": {"fleet": "vans"}, "status": "reachable", "mode": "record",
+            "checked": "2026-12-04T16:03:52Z", "hostkey": null
+        }]
     });
     let mut problems = Vec::new();
     check(&good, &device, "d", &mut problems);
@@ -411,6 +416,7 @@ fn the_checker_finds_what_is_wrong() {
     bad["last_seen"] = 1796400232.into();
     bad["online"] = "true".into();
     bad["extra"] = 1.into();
+    bad["targets"][0]["mode"] = "proxy".into();
     bad.as_object_mut().unwrap().remove("id");
     let mut problems = Vec::new();
     check(&bad, &device, "d", &mut problems);
@@ -420,6 +426,7 @@ fn the_checker_finds_what_is_wrong() {
         "d.last_seen",
         "d.online",
         "d.extra",
+        "d.targets[0].mode",
         "missing id",
     ] {
         assert!(text.contains(expect), "{expect} not found in:\n{text}");

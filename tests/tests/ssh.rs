@@ -245,12 +245,7 @@ fn login_ssh_terminal_files_and_openssh() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new("sftp");
-    cmd.arg("-F")
-        .arg(&cfg)
-        .args(["-o", "BatchMode=yes", "-b"])
-        .arg(&batch)
-        .arg("root@dev1");
+    let cmd = edgeport_e2e::ssh::sftp_batch(&cfg, &batch, "root@dev1");
     run(cmd, None, Duration::from_secs(300)).expect_ok("sftp");
     assert!(same_file(&src, &back), "sftp round trip changed the file");
 

@@ -5,8 +5,9 @@
 //! addresses are reachable from the agent and from nowhere else: a direct TCP connect from
 //! tsh's namespace fails (even with a route pointing at the device), while through the agent
 //! both a relay-mode target (host certificate for `van/ecu1`) and a record-mode target (pinned
-//! host key) serve exec, a PTY, scp both ways, rsync and a `-L` forward to a port served
-//! inside the targets' namespace.
+//! host key) serve exec, a PTY, scp both ways, rsync, an `sftp -b` batch (put, get, ls), a
+//! `-L` forward to a port served inside the targets' namespace and a `-R` forward from the
+//! target's loopback to a port served in tsh's namespace.
 //!
 //! Needs root (CAP_NET_ADMIN) for `ip netns` and veth pairs.
 
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use edgeport_e2e::fabric::{wait_online, Gateway, Tctl};
 use edgeport_e2e::peers::peers_dir;
-use edgeport_e2e::ssh::{random_file, same_file, ssh, Tsh};
+use edgeport_e2e::ssh::{random_file, same_file, sftp_batch, ssh, Tsh};
 use edgeport_e2e::{bin, parse_env, run, wait_until, Authority, Proc, TempDir};
 use serde_json::Value;
 
@@ -271,6 +272,25 @@ fn direct_connect(addr: &str) -> std::io::Result<TcpStream> {
     TcpStream::connect_timeout(&sa, Duration::from_secs(3))
 }
 
+/// A one-connection server in tsh's namespace for `-R`: reads a line, answers
+/// `pong-NAME:LINE`; the thread returns the line it read.
+fn reply_server(name: &str) -> (std::thread::JoinHandle<String>, u16) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let name = name.to_string();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut line).unwrap();
+        let line = line.trim().to_string();
+        s.write_all(format!("pong-{name}:{line}\n").as_bytes())
+            .unwrap();
+        line
+    });
+    (t, port)
+}
+
 /// An HTTP GET of `path` on 127.0.0.1:`port`; the whole response.
 fn http_get(port: u16, path: &str) -> String {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -387,6 +407,51 @@ fn targets_in_their_own_network_namespace_are_reached_only_through_the_device() 
         "the agent does not report both targets up: {last:#?}\nagent:\n{}",
         agent.log_text()
     );
+    // `tctl devices ls` shows each target's mode beside its last check, table and JSON.
+    let ls = tctl.ok(&["devices", "ls"]).stdout();
+    let row = |t: &str| {
+        ls.lines()
+            .find(|l| l.starts_with(&format!("van/{t} ")))
+            .unwrap_or_else(|| panic!("no row for van/{t}:\n{ls}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("ecu1")[..3], ["van/ecu1", "reachable", "relay"], "{ls}");
+    assert_eq!(
+        row("rec1")[..3],
+        ["van/rec1", "reachable", "record"],
+        "{ls}"
+    );
+    let json = tctl.ok(&["devices", "ls", "--format", "json"]).json();
+    let van = json
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["id"] == "van"))
+        .cloned()
+        .unwrap_or_default();
+    let modes: HashMap<String, String> = van["targets"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| {
+                    (
+                        t["name"].as_str().unwrap_or("").into(),
+                        t["mode"].as_str().unwrap_or("").into(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        modes.get("ecu1").map(String::as_str),
+        Some("relay"),
+        "{van:#}"
+    );
+    assert_eq!(
+        modes.get("rec1").map(String::as_str),
+        Some("record"),
+        "{van:#}"
+    );
+
     // ...and nothing in tsh's namespace does: not the sshds, not the web server.
     // (All at once: each attempt waits out its connect timeout.)
     let attempts: Vec<_> = [relay_sshd.addr(), record_sshd.addr(), http_addr.clone()]
@@ -530,6 +595,80 @@ fn targets_in_their_own_network_namespace_are_reached_only_through_the_device() 
             forwarded,
             "{name}: no page through -L {fwd}: {got:?}\nagent:\n{}",
             agent.log_text()
+        );
+
+        // -R: a port on the target's loopback leads back to a server in tsh's namespace,
+        // bytes both ways.
+        let (served, served_port) = reply_server(name);
+        let rport = edgeport_e2e::free_port();
+        let rfwd = format!("{rport}:127.0.0.1:{served_port}");
+        let mut tunnel = ssh(
+            &cfg,
+            &["-N", "-o", "ExitOnForwardFailure=yes", "-R", &rfwd, &host],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let probe = format!(
+            "{} -c \"import socket; s = socket.create_connection(('127.0.0.1', {rport}), 5); \
+             s.sendall(b'ping-from-{name}\\n'); s.settimeout(10); print(s.makefile().readline().strip())\"",
+            python.display()
+        );
+        let want = format!("pong-{name}:ping-from-{name}");
+        let mut got = String::new();
+        let reached = wait_until(Duration::from_secs(30), || {
+            got = alice.run(&["ssh", &host, &probe], None).stdout();
+            got.trim() == want || tunnel.try_wait().ok().flatten().is_some()
+        });
+        let exited = tunnel.try_wait().ok().flatten();
+        let _ = tunnel.kill();
+        let mut err = String::new();
+        if let Some(mut e) = tunnel.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = tunnel.wait();
+        assert!(
+            reached && got.trim() == want && exited.is_none(),
+            "{name}: -R {rfwd} did not reach tsh's side: {got:?} (ssh -R exited: {exited:?}, {err})\nagent:\n{}",
+            agent.log_text()
+        );
+        assert_eq!(served.join().unwrap(), format!("ping-from-{name}"));
+
+        // sftp in batch mode: put, get, ls.
+        let up = dir.join(&format!("cal-{name}.bin"));
+        random_file(&up, 120_003);
+        let remote = dir.join(&format!("cal-on-{name}.bin"));
+        let back = dir.join(&format!("cal-back-{name}.bin"));
+        let batch = dir.join(&format!("batch-{name}"));
+        std::fs::write(
+            &batch,
+            format!(
+                "put {} {}\nget {} {}\nls -l {}\n",
+                up.display(),
+                remote.display(),
+                remote.display(),
+                back.display(),
+                remote.display()
+            ),
+        )
+        .unwrap();
+        let r = run(
+            sftp_batch(&cfg, &batch, &alias),
+            None,
+            Duration::from_secs(120),
+        );
+        assert_eq!(r.code(), Some(0), "{name} sftp -b: {}", r.stderr());
+        assert!(
+            same_file(&up, &remote),
+            "{name}: sftp put copied other bytes"
+        );
+        assert!(same_file(&up, &back), "{name}: sftp get copied other bytes");
+        assert!(
+            r.stdout().contains("120003") && r.stdout().contains(&format!("cal-on-{name}.bin")),
+            "{name}: sftp ls: {}",
+            r.stdout()
         );
     }
 

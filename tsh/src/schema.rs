@@ -60,6 +60,7 @@ pub fn target(t: &TargetInfo) -> Value {
         "addr": t.addr,
         "labels": t.labels,
         "status": t.status(),
+        "mode": t.mode(),
         "checked": time(t.checked_ms / 1000),
         "hostkey": t.hostkey,
     })

@@ -180,23 +180,18 @@ fn sign_target_cert(
         .map_err(|e| invalid(format!("the session key: {e}")))?;
     let valid_before = now.saturating_add(TARGET_CERT_TTL_SECS);
     let principals = vec![req.login.clone()];
-    let cert = svc
-        .ca()
-        .sign_ssh_user(&crate::ca::SshUserCert {
-            user: &user,
-            public_key: &key,
-            principals: &principals,
-            valid_after: now.saturating_sub(BACKDATE_SECS),
-            valid_before,
-            permit_pty: grants.permit_pty,
-            permit_port_forwarding: grants.permit_port_forwarding,
-            permit_agent_forwarding: false,
-            roles: &edgeport_proto::sshcert::RolesExtension {
-                user_id: subject.id.clone(),
-                ..grants.extension.clone()
-            },
-        })
-        .map_err(|e| internal("a target certificate", e))?;
+    // Only the one login, no agent forwarding (record mode does not relay it), and no
+    // second-factor binding: the user's own certificate passed that check on the device.
+    let cert = crate::handlers::user_certs::sign_ssh(
+        svc,
+        &subject,
+        &grants,
+        &key,
+        &principals,
+        (now.saturating_sub(BACKDATE_SECS), valid_before),
+        String::new(),
+        false,
+    )?;
     tracing::info!(user = %user, device = %device_id, target = %req.target, login = %req.login,
         "per-session target certificate signed");
     Ok(Response::TargetCert { cert, valid_before })

@@ -38,6 +38,40 @@ pub fn issue(
     issue_bound(svc, subject, ssh_public_key, ttl_secs, now, None)
 }
 
+/// Signs an SSH user certificate for `subject` with the permissions and roles of `grants`:
+/// the one place that fills in the certificate for a login ([`issue_bound`]), a per-session
+/// second factor (`session_mfa.rs`) and a record-mode target session (`handlers/targets.rs`).
+/// `mfa_device` binds it to one device (empty: not bound).
+#[allow(clippy::too_many_arguments)]
+pub fn sign_ssh(
+    svc: &Service,
+    subject: &Subject,
+    grants: &roles::Grants,
+    key: &russh::keys::ssh_key::PublicKey,
+    principals: &[String],
+    (valid_after, valid_before): (u64, u64),
+    mfa_device: String,
+    permit_agent_forwarding: bool,
+) -> Result<String, RpcError> {
+    svc.ca()
+        .sign_ssh_user(&SshUserCert {
+            user: &subject.name,
+            public_key: key,
+            principals,
+            valid_after,
+            valid_before,
+            permit_pty: grants.permit_pty,
+            permit_port_forwarding: grants.permit_port_forwarding,
+            permit_agent_forwarding,
+            roles: &RolesExtension {
+                user_id: subject.id.clone(),
+                mfa_device,
+                ..grants.extension.clone()
+            },
+        })
+        .map_err(|e| internal("SSH user certificate", e))
+}
+
 /// [`issue`], with the SSH certificate bound to one device when `device` is given (agents
 /// refuse it anywhere else: the roles extension's `mfa_device`).
 pub fn issue_bound(
@@ -75,25 +109,18 @@ pub fn issue_bound(
     } else {
         subject.logins.clone()
     };
-    let ssh_cert = svc
-        .ca
-        .sign_ssh_user(&SshUserCert {
-            user: &subject.name,
-            public_key: &key,
-            principals: &principals,
-            valid_after,
-            valid_before,
-            permit_pty: grants.permit_pty,
-            permit_port_forwarding: grants.permit_port_forwarding,
-            permit_agent_forwarding: grants.permit_agent_forwarding,
-            roles: &RolesExtension {
-                user_id: subject.id.clone(),
-                mfa_device: device
-                    .map_or_else(|| grants.extension.mfa_device.clone(), str::to_string),
-                ..grants.extension.clone()
-            },
-        })
-        .map_err(|e| internal("SSH user certificate", e))?;
+    let mfa_device = device.map_or_else(|| grants.extension.mfa_device.clone(), str::to_string);
+    let ssh_cert = sign_ssh(
+        svc,
+        subject,
+        &grants,
+        &key,
+        &principals,
+        (valid_after, valid_before),
+        mfa_device,
+        grants.permit_agent_forwarding,
+    )
+    .map_err(|e| internal("SSH user certificate", e))?;
     let x509_cert_pem = svc
         .ca
         .sign_x509_user(

@@ -33,7 +33,7 @@ use super::{forward, Inner};
 
 /// Most channels one connection may hold open at once (OpenSSH's multiplexing rarely needs
 /// more than a handful).
-const MAX_CHANNELS: usize = 64;
+pub(super) const MAX_CHANNELS: usize = 64;
 /// Most `env` requests honoured per channel.
 const MAX_ENV: usize = 64;
 /// Requests queued for the actor before the handler waits (it mostly waits for an answer
@@ -41,7 +41,7 @@ const MAX_ENV: usize = 64;
 const QUEUE: usize = 32;
 
 /// The audit reason for a forward the certificate does not allow.
-const NO_PORT_FORWARDING: &str = "the certificate does not permit port forwarding";
+pub(super) const NO_PORT_FORWARDING: &str = "the certificate does not permit port forwarding";
 const NO_AGENT_FORWARDING: &str = "the certificate does not permit agent forwarding";
 
 /// A terminal size from `pty-req` or `window-change`: columns, rows, pixel width, height.
@@ -134,9 +134,9 @@ pub struct ActorHandle {
 impl ActorHandle {
     /// Starts the actor of an authenticated connection.
     pub fn spawn(conn: Conn) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (me, rx) = Self::queue();
         let actor = SessionActor {
-            me: tx.downgrade(),
+            me: me.tx.downgrade(),
             conn,
             channels: HashMap::new(),
             forwards_open: Arc::new(AtomicUsize::new(0)),
@@ -144,7 +144,14 @@ impl ActorHandle {
             agent_socket: None,
         };
         tokio::spawn(actor.run(rx));
-        Self { tx }
+        me
+    }
+
+    /// A handle and the queue of requests it sends, for an actor of another kind (record
+    /// mode's relay to a host behind the device).
+    pub fn queue() -> (Self, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (Self { tx }, rx)
     }
 
     /// Sends a request that needs no answer.
@@ -176,19 +183,31 @@ pub struct Conn {
 impl Conn {
     /// One audit event for a forward the client asked for, allowed or refused.
     fn audit_forward(&self, kind: &'static str, fields: &[(&str, String)], refused: Option<&str>) {
-        let mut ev = crate::audit::event(kind)
-            .session(&self.session_id)
-            .user(&self.auth.grant.user)
-            .login(&self.auth.grant.login);
-        for (k, v) in fields {
-            ev = ev.field(k, v);
-        }
-        ev = ev.field("success", refused.is_none());
-        if let Some(why) = refused {
-            ev = ev.field("reason", why);
-        }
-        ev.emit();
+        audit_forward(&self.session_id, &self.auth.grant, kind, fields, refused)
     }
+}
+
+/// One audit event for a forward the client asked for, allowed or refused (here and in
+/// record mode).
+pub(super) fn audit_forward(
+    session_id: &str,
+    grant: &edgeport_proto::sshcert::UserGrant,
+    kind: &'static str,
+    fields: &[(&str, String)],
+    refused: Option<&str>,
+) {
+    let mut ev = crate::audit::event(kind)
+        .session(session_id)
+        .user(&grant.user)
+        .login(&grant.login);
+    for (k, v) in fields {
+        ev = ev.field(k, v);
+    }
+    ev = ev.field("success", refused.is_none());
+    if let Some(why) = refused {
+        ev = ev.field("reason", why);
+    }
+    ev.emit();
 }
 
 struct SessionActor {
@@ -237,8 +256,7 @@ impl SessionActor {
                 value,
                 done,
             } => {
-                let ok = auth::env_allowed(&name)
-                    && process::exec_safe(&value)
+                let ok = auth::env_ok(&name, &value)
                     && self
                         .channels
                         .get_mut(&channel)

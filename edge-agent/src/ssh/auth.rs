@@ -67,14 +67,8 @@ pub struct Policy<'a> {
     pub stream_user: Option<&'a str>,
 }
 
-/// Checks a certificate offered for `login` at time `now`.
-pub fn authorize(
-    policy: &Policy<'_>,
-    login: &str,
-    cert: &Certificate,
-    now: u64,
-) -> Result<Authorized, Refusal> {
-    let grant = check_cert(policy, login, cert, now)?;
+/// The local account a login by a certificate that passed [`check_cert`] runs as.
+pub fn account(policy: &Policy<'_>, login: &str, grant: UserGrant) -> Result<Authorized, Refusal> {
     let switch_user = process::running_as_root();
     let account = if switch_user {
         policy.accounts.lookup(login)?
@@ -98,7 +92,7 @@ pub fn authorize(
     })
 }
 
-/// The certificate checks of [`authorize`] without the local account: user CA, validity,
+/// The certificate checks (the local account is [`account`]'s): user CA, validity,
 /// principal = login, locks, the gateway's user, the roles against `policy.labels` (a
 /// record-mode target's, issue 22), the per-session second factor.
 pub fn check_cert(
@@ -153,6 +147,11 @@ fn check_session_mfa(
 /// Environment variables a client may set (`env` requests), as OpenSSH's usual
 /// `AcceptEnv LANG LC_*` plus a few harmless ones. Anything that changes how programs load
 /// or run (PATH, LD_*, BASH_ENV, ...) is refused.
+/// An `env` request a session takes: a name [`env_allowed`], a value safe to pass on.
+pub fn env_ok(name: &str, value: &str) -> bool {
+    env_allowed(name) && process::exec_safe(value)
+}
+
 pub fn env_allowed(name: &str) -> bool {
     matches!(
         name,

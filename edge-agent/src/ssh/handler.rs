@@ -31,7 +31,11 @@ pub struct ConnHandler {
     pub(super) auth: Option<Authorized>,
     pub(super) authenticated: Arc<AtomicBool>,
     /// The session actor, once the login is accepted.
-    actor: Option<ActorHandle>,
+    pub(super) actor: Option<ActorHandle>,
+    /// Record mode (issue 22): the host behind the device this connection goes to. The
+    /// login is checked against its labels, and a relay to it serves the channels.
+    #[cfg(feature = "record-targets")]
+    pub(super) target: Option<super::record::TargetConn>,
     /// The channel window to grow to: the configured one, or [`TSH_WINDOW`] for tsh.
     window: Option<u32>,
 }
@@ -57,25 +61,46 @@ impl ConnHandler {
             authenticated,
             actor: None,
             window: None,
+            #[cfg(feature = "record-targets")]
+            target: None,
         }
     }
 
-    /// Refuses a login: one warning in the log with who, which key and why. When the
-    /// certificate is this cluster's, the reason also goes to the client in a disconnect
-    /// message (SSH has no other way to say why). OpenSSH usually stops at the failure
-    /// before reading it; tsh waits for it.
-    fn refuse(&self, login: &str, key_id: &str, serial: Option<u64>, why: &Refusal) {
-        tracing::warn!(
-            device = %self.inner.device_id,
-            login = %login,
-            key_id = %key_id,
-            serial = ?serial,
-            client = %self.client_addr,
-            session = %self.session_id,
-            reason = %why,
-            "refused SSH login"
-        );
-        crate::audit::event("auth.refused")
+    /// What the client talks to: `device ID`, or `DEVICE/TARGET` in record mode.
+    pub(super) fn name(&self) -> String {
+        #[cfg(feature = "record-targets")]
+        if let Some(t) = &self.target {
+            return t.name().to_string();
+        }
+        format!("device {}", self.inner.device_id)
+    }
+
+    /// The labels the roles are matched against: the device's, with a target's on top.
+    fn labels(&self) -> &std::collections::BTreeMap<String, String> {
+        #[cfg(feature = "record-targets")]
+        if let Some(t) = &self.target {
+            return &t.labels;
+        }
+        &self.inner.labels
+    }
+
+    /// Refuses a login: one warning in the log with who, which key and why, and an audit
+    /// event (`auth.refused`, or `target.refused` in record mode). A `disconnect` message
+    /// (the certificate is this cluster's, or the target failed) ends the connection and
+    /// tells the client why in it (SSH has no other way to say why). OpenSSH usually
+    /// stops at the failure before reading it; tsh waits for it.
+    pub(super) fn refuse(
+        &self,
+        login: &str,
+        key_id: &str,
+        serial: Option<u64>,
+        why: &str,
+        disconnect: Option<String>,
+    ) {
+        let name = self.name();
+        tracing::warn!(%name, %login, %key_id, ?serial, client = %self.client_addr,
+            session = %self.session_id, reason = %why, "refused SSH login");
+        self.refused_event(why)
             .session(&self.session_id)
             .user(self.stream_user.as_deref().unwrap_or(""))
             .login(login)
@@ -84,15 +109,12 @@ impl ConnHandler {
             .field("reason", why)
             .field("client_addr", &self.client_addr)
             .emit();
-        if !why.ends_connection() {
+        let Some(msg) = disconnect else {
             // Not one of ours (a plain key, another cluster's certificate): the client may
             // hold others, so let it try the next one.
             return;
-        }
-        let msg = format!(
-            "edgeport: device {} refused the certificate of {key_id:?} for login {login:?}: {why}",
-            self.inner.device_id
-        );
+        };
+        let msg = format!("edgeport: {msg}");
         if let Some(h) = self.handle.get().cloned() {
             tokio::spawn(async move {
                 let _ = h
@@ -100,6 +122,36 @@ impl ConnHandler {
                     .await;
             });
         }
+    }
+
+    /// `auth.refused`, or `target.refused` in record mode (with the target and the error).
+    fn refused_event(&self, _why: &str) -> crate::audit::Event {
+        #[cfg(feature = "record-targets")]
+        if let Some(t) = &self.target {
+            return crate::audit::event("target.refused")
+                .field("target", t.target_name())
+                .field("mode", "record")
+                .field("error", _why);
+        }
+        crate::audit::event("auth.refused")
+    }
+
+    /// The reason a certificate was refused, as the refusal says it.
+    pub(super) fn cert_refused(&self, login: &str, cert: &Certificate, why: &Refusal) {
+        let text = why.ends_connection().then(|| {
+            format!(
+                "{} refused the certificate of {:?} for login {login:?}: {why}",
+                self.name(),
+                cert.key_id()
+            )
+        });
+        self.refuse(
+            login,
+            cert.key_id(),
+            Some(cert.serial()),
+            &why.to_string(),
+            text,
+        );
     }
 
     /// Asks the actor and waits for its answer; `default` before authentication.
@@ -149,7 +201,7 @@ impl russh::server::Handler for ConnHandler {
             .public_key
             .fingerprint(russh::keys::HashAlg::Sha256)
             .to_string();
-        self.refuse(login, &fp, None, &Refusal::PlainKey);
+        self.refuse(login, &fp, None, &Refusal::PlainKey.to_string(), None);
         Ok(publickey_only())
     }
 
@@ -161,14 +213,18 @@ impl russh::server::Handler for ConnHandler {
         let locked = self.inner.locked_snapshot();
         let policy = Policy {
             user_cas: &self.inner.user_cas,
-            labels: &self.inner.labels,
+            labels: self.labels(),
             device_id: &self.inner.device_id,
             locked: &locked,
             accounts: &self.inner.accounts,
             stream_user: self.stream_user.as_deref(),
         };
-        let now = edgeport_net::clock::now_secs();
-        match auth::authorize(&policy, login, cert, now) {
+        let checked = auth::check_cert(&policy, login, cert, edgeport_net::clock::now_secs());
+        #[cfg(feature = "record-targets")]
+        if self.target.is_some() {
+            return Ok(super::record::authenticate(self, login, cert, checked).await);
+        }
+        match checked.and_then(|grant| auth::account(&policy, login, grant)) {
             Ok(a) => {
                 tracing::info!(
                     device = %self.inner.device_id,
@@ -185,7 +241,7 @@ impl russh::server::Handler for ConnHandler {
                 Ok(Auth::Accept)
             }
             Err(why) => {
-                self.refuse(login, cert.key_id(), Some(cert.serial()), &why);
+                self.cert_refused(login, cert, &why);
                 Ok(Auth::reject())
             }
         }
@@ -206,6 +262,13 @@ impl russh::server::Handler for ConnHandler {
                 client_addr: self.client_addr.clone(),
                 handle: session.handle(),
             }));
+        }
+        #[cfg(feature = "record-targets")]
+        if let Some(t) = &mut self.target {
+            if t.user().is_some_and(|u| self.inner.is_locked(u)) {
+                return Err(russh::Error::Disconnect);
+            }
+            self.actor = t.start(&self.session_id, &self.client_addr, session.handle());
         }
         Ok(())
     }

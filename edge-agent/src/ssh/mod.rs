@@ -156,22 +156,30 @@ fn russh_config(cfg: &SshConfig) -> russh::server::Config {
         maximum_packet_size: 65535,
         channel_buffer_size: 256,
         event_buffer_size: 64,
-        preferred: Preferred {
-            cipher: Cow::Borrowed(&[
-                cipher::AES_128_GCM,
-                cipher::AES_256_GCM,
-                cipher::CHACHA20_POLY1305,
-                cipher::AES_256_CTR,
-                cipher::AES_128_CTR,
-            ]),
-            ..Preferred::default()
-        },
+        preferred: preferred(),
         // Idle interactive sessions are legitimate; dead peers are found by keep-alives.
         inactivity_timeout: None,
-        keepalive_interval: Some(Duration::from_secs(30)),
-        keepalive_max: 4,
+        keepalive_interval: KEEPALIVE.0,
+        keepalive_max: KEEPALIVE.1,
         nodelay: true,
         ..Default::default()
+    }
+}
+
+/// Keep-alive interval and how many may go unanswered (server, and record mode's client).
+const KEEPALIVE: (Option<Duration>, usize) = (Some(Duration::from_secs(30)), 4);
+
+/// The algorithm preferences of [`russh_config`], shared with record mode's client.
+fn preferred() -> Preferred {
+    Preferred {
+        cipher: Cow::Borrowed(&[
+            cipher::AES_128_GCM,
+            cipher::AES_256_GCM,
+            cipher::CHACHA20_POLY1305,
+            cipher::AES_256_CTR,
+            cipher::AES_128_CTR,
+        ]),
+        ..Preferred::default()
     }
 }
 
@@ -235,21 +243,41 @@ impl SshServer {
     /// Serves one SSH connection on a gateway-opened stream until it ends. Errors are
     /// logged here; there is nobody to return them to.
     pub async fn serve(&self, stream: BoxedStream, header: StreamHeader) {
+        let user = header.user.clone();
+        self.serve_conn(stream, header, user, |_| {}).await
+    }
+
+    /// Serves one connection whose stream user is `user`; `setup` finishes its handler.
+    async fn serve_conn(
+        &self,
+        stream: BoxedStream,
+        header: StreamHeader,
+        user: Option<String>,
+        setup: impl FnOnce(&mut handler::ConnHandler),
+    ) {
         let conn_id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let handle_slot = Arc::new(OnceLock::new());
         let authenticated = Arc::new(AtomicBool::new(false));
-        let handler = handler::ConnHandler::new(
+        let mut handler = handler::ConnHandler::new(
             self.inner.clone(),
             conn_id,
-            header.user.clone(),
+            user,
             header.session_id.clone(),
             header.client_addr.clone(),
             handle_slot.clone(),
             authenticated.clone(),
         );
+        setup(&mut handler);
+        #[cfg(feature = "record-targets")]
+        let config = match handler.target.is_some() {
+            true => self.inner.record_config.clone(),
+            false => self.inner.config.clone(),
+        };
+        #[cfg(not(feature = "record-targets"))]
+        let config = self.inner.config.clone();
         let session = match tokio::time::timeout(
             ID_TIMEOUT,
-            russh::server::run_stream(self.inner.config.clone(), stream, handler),
+            russh::server::run_stream(config, stream, handler),
         )
         .await
         {
@@ -337,7 +365,9 @@ impl SshServer {
         target: crate::targets::Target,
         tcp: tokio::net::TcpStream,
     ) {
-        record::serve(self.inner.clone(), stream, header, user, target, tcp).await
+        let target = record::TargetConn::new(&self.inner, target, tcp);
+        self.serve_conn(stream, header, Some(user), move |h| h.target = Some(target))
+            .await
     }
 
     /// The device id this server answers for.

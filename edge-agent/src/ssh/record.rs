@@ -10,33 +10,39 @@
 //! It then logs in to the target with russh's client, checking the target's host key against
 //! the pinned key or a host certificate for `DEVICE/TARGET` from the host CA (never trust on
 //! first use), and relays session channels (PTY, shell, exec, signals, window changes, the
-//! sftp subsystem and so scp) and `direct-tcpip` (`-L`, when the certificate permits it).
-//! PTY output is recorded as asciicast like the agent's own sessions; a lock or the end of
-//! the user's connection ends the target connection.
+//! sftp subsystem and so scp), `direct-tcpip` (`-L`) and `tcpip-forward` (`-R`: the agent
+//! asks the target's sshd for the same forward and relays its `forwarded-tcpip` channels
+//! back), the forwards when the certificate permits them. Agent forwarding (`-A`) is not
+//! relayed. PTY output is recorded as asciicast like the agent's own sessions; a lock or the
+//! end of the user's connection ends the target connection.
+//!
+//! The russh callbacks are the agent's own (`handler.rs`, with [`TargetConn`] set): they
+//! check the login against the target's labels, then send each channel request to
+//! [`RecordActor`] here instead of the local session actor.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use edgeport_net::BoxedStream;
 use edgeport_proto::keys::KeyPair;
 use edgeport_proto::sshcert::UserGrant;
 use edgeport_proto::targets::TargetCertRequest;
-use edgeport_proto::tunnel::StreamHeader;
 use russh::keys::ssh_key::{Certificate, PublicKey};
 use russh::keys::PublicKeyOrCertificate;
-use russh::server::{Auth, ChannelOpenHandle, Handle, Msg, Session};
+use russh::server::{Auth, Handle, Msg};
 use russh::{
-    cipher, client, Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelReadHalf,
-    ChannelWriteHalf, Disconnect, Preferred, Pty, Sig,
+    client, Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelReadHalf, ChannelWriteHalf,
+    Disconnect,
 };
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::auth::{self, Policy, Refusal};
-use super::{Inner, SshConfig, AUTH_TIMEOUT, ID_TIMEOUT};
-use crate::audit::record::Recorder;
+use super::actor::{self, ActorHandle, Request};
+use super::auth::{self, Refusal};
+use super::handler::ConnHandler;
+use super::pty::PtyRequest;
+use super::session::{self, LogCtx};
+use super::{HandleSlot, Inner, SshConfig};
 use crate::targets::Target;
 
 /// How long the target has for its SSH handshake and for the login.
@@ -62,73 +68,232 @@ impl RecordIdentity {
     }
 }
 
-/// Serves one record-mode connection until it ends.
-pub(super) async fn serve(
+/// The `-R` forwards the user asked for on this connection, as (address, bound port): the
+/// target may open `forwarded-tcpip` channels for these and no others.
+type Forwards = Arc<Mutex<HashSet<(String, u32)>>>;
+
+/// A record-mode connection's target: what the login is checked against, and after it the
+/// agent's SSH connection to the target.
+pub(super) struct TargetConn {
     inner: Arc<Inner>,
-    stream: BoxedStream,
-    header: StreamHeader,
-    user: String,
     target: Target,
-    tcp: TcpStream,
-) {
-    let conn_id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
-    let handle_slot: Arc<OnceLock<Handle>> = Arc::new(OnceLock::new());
-    let authenticated = Arc::new(AtomicBool::new(false));
-    let mut labels = inner.labels.clone();
-    labels.extend(target.labels.clone());
-    let handler = RecordHandler {
-        name: format!("{}/{}", inner.device_id, target.name),
-        inner: inner.clone(),
-        conn_id,
-        session_id: header.session_id.clone(),
-        client_addr: header.client_addr.clone(),
-        ticket_user: user,
-        target,
-        labels,
-        handle: handle_slot.clone(),
-        authenticated: authenticated.clone(),
-        tcp: Some(tcp),
-        up: None,
-        grant: None,
-        chans: HashMap::new(),
-        started: Instant::now(),
-    };
-    let config = inner.record_config.clone();
-    let session = match tokio::time::timeout(
-        ID_TIMEOUT,
-        russh::server::run_stream(config, stream, handler),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::info!(session = %header.session_id, "record-mode SSH connection failed before it started: {e}");
-            return;
+    /// `DEVICE/TARGET`.
+    name: String,
+    /// The device's labels with the target's on top: what the roles are matched against.
+    pub(super) labels: BTreeMap<String, String>,
+    /// The connection to the target, until the login uses it.
+    tcp: Option<TcpStream>,
+    up: Option<client::Handle<Upstream>>,
+    grant: Option<UserGrant>,
+    forwards: Forwards,
+}
+
+impl TargetConn {
+    pub(super) fn new(inner: &Arc<Inner>, target: Target, tcp: TcpStream) -> Self {
+        let mut labels = inner.labels.clone();
+        labels.extend(target.labels.clone());
+        Self {
+            name: format!("{}/{}", inner.device_id, target.name),
+            inner: inner.clone(),
+            target,
+            labels,
+            tcp: Some(tcp),
+            up: None,
+            grant: None,
+            forwards: Default::default(),
         }
-        Err(_) => {
-            tracing::info!(session = %header.session_id, "SSH client sent no identification in time");
-            return;
-        }
-    };
-    let handle = session.handle();
-    let _ = handle_slot.set(handle.clone());
-    let deadline = tokio::spawn(async move {
-        tokio::time::sleep(AUTH_TIMEOUT).await;
-        if !authenticated.load(Ordering::SeqCst) {
-            let _ = handle
-                .disconnect(
-                    Disconnect::ByApplication,
-                    "edgeport: authentication timed out".into(),
-                    String::new(),
-                )
-                .await;
-        }
-    });
-    if let Err(e) = session.await {
-        tracing::info!(session = %header.session_id, "record-mode SSH connection ended: {e}");
     }
-    deadline.abort();
-    inner.unregister(conn_id);
+
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) fn target_name(&self) -> &str {
+        &self.target.name
+    }
+
+    /// The logged-in user, once the target accepted the login.
+    pub(super) fn user(&self) -> Option<&str> {
+        self.grant.as_ref().map(|g| g.user.as_str())
+    }
+
+    /// Starts the relay of an accepted login's channels to the target.
+    pub(super) fn start(
+        &mut self,
+        session_id: &str,
+        client_addr: &str,
+        handle: Handle,
+    ) -> Option<ActorHandle> {
+        let (up, grant) = (self.up.take()?, self.grant.take()?);
+        let (me, rx) = ActorHandle::queue();
+        let relay = RecordActor {
+            device_id: self.inner.device_id.clone(),
+            target: self.target.name.clone(),
+            name: self.name.clone(),
+            session_id: session_id.to_string(),
+            client_addr: client_addr.to_string(),
+            up,
+            grant,
+            handle,
+            chans: HashMap::new(),
+            forwards: self.forwards.clone(),
+            started: Instant::now(),
+        };
+        tokio::spawn(relay.run(rx));
+        Some(me)
+    }
+
+    /// Gets a per-session certificate from the authority and logs in to the target with it.
+    async fn log_in(
+        &mut self,
+        session_id: &str,
+        user: HandleSlot,
+        login: &str,
+        user_cert: &Certificate,
+        grant: &UserGrant,
+    ) -> Result<client::Handle<Upstream>, String> {
+        let name = self.name.clone();
+        let tcp = self
+            .tcp
+            .take()
+            .ok_or("the connection to the target was used by an earlier attempt")?;
+        let key = KeyPair::generate().map_err(|e| format!("cannot make a session key: {e}"))?;
+        let rec = &self.inner.record;
+        let public_key = key.public_openssh();
+        let mut req = TargetCertRequest {
+            id: crate::relay::certs().next_id(),
+            device_cert: rec.host_cert.clone(),
+            target: self.target.name.clone(),
+            login: login.to_string(),
+            session_id: session_id.to_string(),
+            user_cert: user_cert
+                .to_openssh()
+                .map_err(|e| format!("the user's certificate: {e}"))?,
+            public_key: public_key
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" "),
+            signed_at: edgeport_net::clock::now_secs(),
+            signature: Vec::new(),
+        };
+        req.signature = rec.key.sign(&req.signed_bytes(&self.inner.device_id));
+        let cert = crate::relay::certs().ask(req).await.map_err(|e| {
+            format!("the authority refused a per-session certificate for {name}: {e}")
+        })?;
+        let cert = Certificate::from_openssh(cert.trim())
+            .map_err(|e| format!("the authority's per-session certificate is unreadable: {e}"))?;
+        let pin = match &self.target.hostkey {
+            Some(p) => Some(
+                edgeport_proto::keys::parse_ed25519_public(p)
+                    .map_err(|e| format!("the pinned host key of {name}: {e}"))?
+                    .0,
+            ),
+            None => None,
+        };
+        let problem = Arc::new(Mutex::new(None));
+        let upstream = Upstream {
+            name: name.clone(),
+            pin,
+            host_cas: rec.host_cas.clone(),
+            problem: problem.clone(),
+            user,
+            forwards: self.forwards.clone(),
+            grant: grant.clone(),
+            session_id: session_id.to_string(),
+        };
+        let connect = client::connect_stream(client_config(), tcp, upstream);
+        let mut h = match tokio::time::timeout(UPSTREAM_TIMEOUT, connect).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                let noted = problem.lock().ok().and_then(|p| p.clone());
+                return Err(noted.unwrap_or_else(|| format!("SSH to target {name} failed: {e}")));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "target {name} did not finish an SSH handshake within {UPSTREAM_TIMEOUT:?}"
+                ))
+            }
+        };
+        let auth = h.authenticate_openssh_cert(login, Arc::new(key.ssh_private().clone()), cert);
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, auth).await {
+            Ok(Ok(r)) if r.success() => Ok(h),
+            Ok(Ok(_)) => Err(format!(
+                "login refused by the target: {name} did not accept the per-session certificate \
+                 for {login:?} (its sshd needs TrustedUserCAKeys with the user CA and {login:?} \
+                 among the principals it accepts for {login:?})"
+            )),
+            Ok(Err(e)) => Err(format!("logging in to target {name} failed: {e}")),
+            Err(_) => Err(format!(
+                "target {name} did not answer the login within {UPSTREAM_TIMEOUT:?}"
+            )),
+        }
+    }
+}
+
+impl Drop for TargetConn {
+    /// A login that never reached [`TargetConn::start`] (a lock in between): the target
+    /// connection ends too.
+    fn drop(&mut self) {
+        if let (Some(up), Ok(rt)) = (self.up.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = up
+                    .disconnect(Disconnect::ByApplication, "session ended", "")
+                    .await;
+            });
+        }
+    }
+}
+
+/// The login of a record-mode connection: the certificate checks (`checked`, against the
+/// target's labels), then the login to the target; either refusal is one line to the user.
+pub(super) async fn authenticate(
+    h: &mut ConnHandler,
+    login: &str,
+    cert: &Certificate,
+    checked: Result<UserGrant, Refusal>,
+) -> Auth {
+    let grant = match checked {
+        Ok(g) => g,
+        Err(why) => {
+            h.cert_refused(login, cert, &why);
+            return Auth::reject();
+        }
+    };
+    let Some(t) = h.target.as_mut() else {
+        return Auth::reject();
+    };
+    match t
+        .log_in(&h.session_id, h.handle.clone(), login, cert, &grant)
+        .await
+    {
+        Ok(up) => {
+            tracing::info!(target = %t.name, user = %grant.user, %login,
+                session = %h.session_id, "record-mode login to the target");
+            crate::audit::event("target.login")
+                .session(&h.session_id)
+                .user(&grant.user)
+                .login(login)
+                .field("target", &t.target.name)
+                .field("addr", &t.target.addr)
+                .field("mode", "record")
+                .emit();
+            h.inner.register(h.conn_id, &grant.user, h.handle.clone());
+            t.up = Some(up);
+            t.grant = Some(grant);
+            Auth::Accept
+        }
+        Err(why) => {
+            h.refuse(
+                login,
+                cert.key_id(),
+                Some(cert.serial()),
+                &why,
+                Some(why.clone()),
+            );
+            Auth::reject()
+        }
+    }
 }
 
 /// The agent's SSH client to the target: trusts only the pinned key or a host certificate
@@ -138,10 +303,58 @@ struct Upstream {
     pin: Option<PublicKey>,
     host_cas: Vec<PublicKey>,
     problem: Arc<Mutex<Option<String>>>,
+    /// The user's connection, for `forwarded-tcpip` channels.
+    user: HandleSlot,
+    forwards: Forwards,
+    grant: UserGrant,
+    session_id: String,
 }
 
 impl client::Handler for Upstream {
     type Error = russh::Error;
+
+    /// A connection to a `-R` forward on the target: relayed to the user on a
+    /// `forwarded-tcpip` channel, only for a forward the user asked for.
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let asked = (connected_address.to_string(), connected_port);
+        let user = self.user.get().cloned();
+        let (Some(user), true) = (user, self.forwards.lock().is_ok_and(|f| f.contains(&asked)))
+        else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let ctx = Arc::new(OnceLock::from(LogCtx::new(
+            &self.grant,
+            &self.session_id,
+            "forward",
+        )));
+        let originator = originator_address.to_string();
+        tokio::spawn(async move {
+            let (addr, port) = asked;
+            match user
+                .channel_open_forwarded_tcpip(addr, port, originator, originator_port)
+                .await
+            {
+                Ok(to_user) => {
+                    reply.accept().await;
+                    bridge(to_user, channel, ctx, None, user);
+                }
+                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+            }
+        });
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -197,261 +410,265 @@ impl client::Handler for Upstream {
 
 fn client_config() -> Arc<client::Config> {
     Arc::new(client::Config {
-        preferred: Preferred {
-            cipher: std::borrow::Cow::Borrowed(&[
-                cipher::AES_128_GCM,
-                cipher::AES_256_GCM,
-                cipher::CHACHA20_POLY1305,
-                cipher::AES_256_CTR,
-                cipher::AES_128_CTR,
-            ]),
-            ..Preferred::default()
-        },
+        preferred: super::preferred(),
         inactivity_timeout: None,
-        keepalive_interval: Some(Duration::from_secs(30)),
-        keepalive_max: 4,
+        keepalive_interval: super::KEEPALIVE.0,
+        keepalive_max: super::KEEPALIVE.1,
         nodelay: true,
         ..Default::default()
     })
 }
 
-/// Shared by a channel's handler side and its pump from the target.
-struct Ctx {
-    session_id: String,
-    user: String,
-    login: String,
-    kind: Mutex<&'static str>,
-    recorder: Mutex<Option<Recorder>>,
-    started: Instant,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-}
-
-impl Ctx {
-    fn record(&self, data: &[u8]) {
-        if let Ok(mut r) = self.recorder.lock() {
-            if let Some(r) = r.as_mut() {
-                r.output(data);
-            }
-        }
-    }
-
-    /// The channel ended: the rest of the recording and `session.end`.
-    fn end(&self, exit: Option<u32>, signal: Option<String>) {
-        if let Ok(mut r) = self.recorder.lock() {
-            if let Some(r) = r.as_mut() {
-                r.finish();
-            }
-        }
-        let kind = self.kind.lock().map(|k| *k).unwrap_or("session");
-        let mut ev = crate::audit::event("session.end")
-            .session(&self.session_id)
-            .user(&self.user)
-            .login(&self.login)
-            .field("kind", kind)
-            .field("bytes_in", self.bytes_in.load(Ordering::Relaxed))
-            .field("bytes_out", self.bytes_out.load(Ordering::Relaxed))
-            .field("duration_ms", self.started.elapsed().as_millis());
-        if let Some(c) = exit {
-            ev = ev.field("exit_code", c);
-        }
-        if let Some(s) = signal {
-            ev = ev.field("signal", s);
-        }
-        ev.emit();
-    }
-}
+/// A channel's audit context, set when its program starts on the target (a forward's at
+/// once): bytes, recording, `session.end`.
+type Ctx = Arc<OnceLock<LogCtx>>;
 
 struct Chan {
     up: Arc<ChannelWriteHalf<client::Msg>>,
-    /// The target's answers to this channel's requests, in order.
-    replies: mpsc::UnboundedReceiver<bool>,
-    ctx: Arc<Ctx>,
-    pty: Option<(u32, u32, String)>,
+    /// The target's answer to this channel's request in flight; room for one, so a target
+    /// that answers what nobody asked cannot queue up memory.
+    replies: mpsc::Receiver<bool>,
+    ctx: Ctx,
+    pty: Option<PtyRequest>,
 }
 
-struct RecordHandler {
-    inner: Arc<Inner>,
-    conn_id: u64,
+/// Relays one record-mode connection's channel requests to the target: the record-mode
+/// counterpart of the local session actor, fed the same [`Request`]s by `handler.rs`.
+struct RecordActor {
+    device_id: String,
+    target: String,
+    name: String,
     session_id: String,
     client_addr: String,
-    /// The user the authority's dial ticket names.
-    ticket_user: String,
-    target: Target,
-    /// `DEVICE/TARGET`.
-    name: String,
-    /// The device's labels with the target's on top: what the roles are matched against.
-    labels: BTreeMap<String, String>,
-    handle: Arc<OnceLock<Handle>>,
-    authenticated: Arc<AtomicBool>,
-    /// The connection to the target, until the login uses it.
-    tcp: Option<TcpStream>,
-    up: Option<client::Handle<Upstream>>,
-    grant: Option<UserGrant>,
+    up: client::Handle<Upstream>,
+    grant: UserGrant,
+    /// The user's connection.
+    handle: Handle,
     chans: HashMap<ChannelId, Chan>,
+    forwards: Forwards,
     started: Instant,
 }
 
-impl RecordHandler {
-    /// Refuses the login: a log line, a `target.refused` audit event and, when it ends the
-    /// connection, the reason to the client in a disconnect message.
-    fn refuse(&self, login: &str, key_id: &str, why: &str, disconnect: bool) {
-        tracing::warn!(target = %self.name, %login, %key_id, session = %self.session_id,
-            client = %self.client_addr, reason = %why, "refused record-mode login");
-        crate::audit::event("target.refused")
+impl RecordActor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        while let Some(req) = rx.recv().await {
+            self.handle(req).await;
+        }
+        // The user's connection ended (or a lock ended it): so does the target's.
+        crate::audit::event("target.end")
             .session(&self.session_id)
-            .user(&self.ticket_user)
-            .login(login)
-            .field("target", &self.target.name)
+            .user(&self.grant.user)
+            .field("target", &self.target)
             .field("mode", "record")
-            .field("identity", key_id)
-            .field("error", why)
+            .field("duration_ms", self.started.elapsed().as_millis())
             .emit();
-        if !disconnect {
-            return;
-        }
-        let msg = format!("edgeport: {why}");
-        if let Some(h) = self.handle.get().cloned() {
-            tokio::spawn(async move {
-                let _ = h
-                    .disconnect(Disconnect::NoMoreAuthMethodsAvailable, msg, String::new())
+        let _ = self
+            .up
+            .disconnect(Disconnect::ByApplication, "session ended", "")
+            .await;
+    }
+
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::OpenSession { channel, reply } => {
+                let up = match self.chans.len() < actor::MAX_CHANNELS {
+                    true => in_time(self.up.channel_open_session()).await,
+                    false => None,
+                };
+                let Some(up) = up else {
+                    return reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                };
+                let (tx, replies) = mpsc::channel(1);
+                let (id, ctx) = (channel.id(), Ctx::default());
+                reply.accept().await;
+                let up = bridge(channel, up, ctx.clone(), Some(tx), self.handle.clone());
+                let chan = Chan {
+                    up,
+                    replies,
+                    ctx,
+                    pty: None,
+                };
+                self.chans.insert(id, chan);
+            }
+            Request::OpenDirectTcpip {
+                channel,
+                host,
+                port,
+                reply,
+            } => {
+                let to = [("host", host.clone()), ("port", port.to_string())];
+                if !self.forward_allowed("local", &to) {
+                    return reply
+                        .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                        .await;
+                }
+                let opened = self
+                    .up
+                    .channel_open_direct_tcpip(host, port, "127.0.0.1", 0);
+                match in_time(opened).await {
+                    Some(up) => {
+                        reply.accept().await;
+                        let ctx = LogCtx::new(&self.grant, &self.session_id, "forward");
+                        let ctx = Arc::new(OnceLock::from(ctx));
+                        bridge(channel, up, ctx, None, self.handle.clone());
+                    }
+                    None => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                }
+            }
+            Request::Close { channel } => {
+                self.chans.remove(&channel);
+            }
+            Request::Pty {
+                channel,
+                request: r,
+                done,
+            } => {
+                let ok = self.grant.permit_pty
+                    && self
+                        .ask(channel, async |up| {
+                            let size = (r.cols, r.rows, r.px_width, r.px_height);
+                            up.request_pty(true, &r.term, size.0, size.1, size.2, size.3, &r.modes)
+                                .await
+                        })
+                        .await;
+                if let (true, Some(c)) = (ok, self.chans.get_mut(&channel)) {
+                    c.pty = Some(r);
+                }
+                let _ = done.send(ok);
+            }
+            Request::Env {
+                done,
+                channel,
+                name,
+                value,
+            } => {
+                let ok = auth::env_ok(&name, &value)
+                    && self
+                        .ask(channel, async |up| up.set_env(true, name, value).await)
+                        .await;
+                let _ = done.send(ok);
+            }
+            Request::Shell { channel, done } => {
+                let ok = self
+                    .ask(channel, async |up| up.request_shell(true).await)
                     .await;
-            });
+                let _ = done.send(ok && self.started(channel, "shell", None));
+            }
+            Request::Exec {
+                channel,
+                command,
+                done,
+            } => {
+                let text = String::from_utf8_lossy(&command).into_owned();
+                let ok = self
+                    .ask(channel, async |up| up.exec(true, command).await)
+                    .await;
+                let _ = done.send(ok && self.started(channel, "exec", Some(&text)));
+            }
+            Request::Subsystem {
+                channel,
+                name,
+                done,
+            } => {
+                let ok = self
+                    .ask(channel, async |up| up.request_subsystem(true, &name).await)
+                    .await;
+                let kind = if name == "sftp" { "sftp" } else { "subsystem" };
+                let _ = done.send(ok && self.started(channel, kind, None));
+            }
+            Request::WindowChange {
+                channel,
+                size: s,
+                done,
+            } => {
+                let ok = match self.chans.get(&channel) {
+                    Some(c) => {
+                        let sent = c.up.window_change(s.cols, s.rows, s.px_width, s.px_height);
+                        sent.await.is_ok()
+                    }
+                    None => false,
+                };
+                let _ = done.send(ok);
+            }
+            Request::Signal { channel, signal } => {
+                if let Some(c) = self.chans.get(&channel) {
+                    let _ = c.up.signal(signal).await;
+                }
+            }
+            // Agent forwarding is not relayed to a target.
+            Request::Agent { done, .. } => {
+                let _ = done.send(false);
+            }
+            Request::TcpipForward {
+                address,
+                port,
+                done,
+            } => {
+                let _ = done.send(self.tcpip_forward(address, port).await);
+            }
+            Request::CancelTcpipForward {
+                address,
+                port,
+                done,
+            } => {
+                let known = self
+                    .forwards
+                    .lock()
+                    .is_ok_and(|mut f| f.remove(&(address.clone(), port)));
+                let ok = known && self.up.cancel_tcpip_forward(address, port).await.is_ok();
+                let _ = done.send(ok);
+            }
+            Request::Begin { .. } => {}
         }
     }
 
-    /// Gets a per-session certificate from the authority and logs in to the target with it.
-    async fn log_in(
-        &mut self,
-        login: &str,
-        user_cert: &Certificate,
-    ) -> Result<client::Handle<Upstream>, String> {
-        let name = self.name.clone();
-        let tcp = self
-            .tcp
-            .take()
-            .ok_or("the connection to the target was used by an earlier attempt")?;
-        let key = KeyPair::generate().map_err(|e| format!("cannot make a session key: {e}"))?;
-        let rec = &self.inner.record;
-        let public_key = key.public_openssh();
-        let mut req = TargetCertRequest {
-            id: crate::relay::certs().next_id(),
-            device_cert: rec.host_cert.clone(),
-            target: self.target.name.clone(),
-            login: login.to_string(),
-            session_id: self.session_id.clone(),
-            user_cert: user_cert
-                .to_openssh()
-                .map_err(|e| format!("the user's certificate: {e}"))?,
-            public_key: public_key
-                .split_whitespace()
-                .take(2)
-                .collect::<Vec<_>>()
-                .join(" "),
-            signed_at: edgeport_net::clock::now_secs(),
-            signature: Vec::new(),
-        };
-        req.signature = rec.key.sign(&req.signed_bytes(&self.inner.device_id));
-        let cert = crate::relay::certs().ask(req).await.map_err(|e| {
-            format!("the authority refused a per-session certificate for {name}: {e}")
-        })?;
-        let cert = Certificate::from_openssh(cert.trim())
-            .map_err(|e| format!("the authority's per-session certificate is unreadable: {e}"))?;
-        let pin = match &self.target.hostkey {
-            Some(p) => Some(
-                edgeport_proto::keys::parse_ed25519_public(p)
-                    .map_err(|e| format!("the pinned host key of {name}: {e}"))?
-                    .0,
-            ),
-            None => None,
-        };
-        let problem = Arc::new(Mutex::new(None));
-        let upstream = Upstream {
-            name: name.clone(),
-            pin,
-            host_cas: rec.host_cas.clone(),
-            problem: problem.clone(),
-        };
-        let connect = client::connect_stream(client_config(), tcp, upstream);
-        let mut h = match tokio::time::timeout(UPSTREAM_TIMEOUT, connect).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                let noted = problem.lock().ok().and_then(|p| p.clone());
-                return Err(noted.unwrap_or_else(|| format!("SSH to target {name} failed: {e}")));
-            }
-            Err(_) => {
-                return Err(format!(
-                    "target {name} did not finish an SSH handshake within {UPSTREAM_TIMEOUT:?}"
-                ))
-            }
-        };
-        let auth = h.authenticate_openssh_cert(login, Arc::new(key.ssh_private().clone()), cert);
-        match tokio::time::timeout(UPSTREAM_TIMEOUT, auth).await {
-            Ok(Ok(r)) if r.success() => Ok(h),
-            Ok(Ok(_)) => Err(format!(
-                "login refused by the target: {name} did not accept the per-session certificate \
-                 for {login:?} (its sshd needs TrustedUserCAKeys with the user CA and {login:?} \
-                 among the principals it accepts for {login:?})"
-            )),
-            Ok(Err(e)) => Err(format!("logging in to target {name} failed: {e}")),
-            Err(_) => Err(format!(
-                "target {name} did not answer the login within {UPSTREAM_TIMEOUT:?}"
-            )),
-        }
-    }
-
-    /// Joins a user channel to a target channel: a task copies the target's side to the
-    /// user, another the user's side to the target.
-    async fn bridge(
-        &mut self,
-        user: Channel<Msg>,
-        up: Channel<client::Msg>,
-        reply: ChannelOpenHandle,
-        kind: &'static str,
-    ) {
-        let Some(grant) = &self.grant else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return;
-        };
-        let id = user.id();
-        let (user_read, user_write) = user.split();
-        let (up_read, up_write) = up.split();
-        let up_write = Arc::new(up_write);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let ctx = Arc::new(Ctx {
-            session_id: self.session_id.clone(),
-            user: grant.user.clone(),
-            login: grant.login.clone(),
-            kind: Mutex::new(kind),
-            recorder: Mutex::new(None),
-            started: Instant::now(),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-        });
-        reply.accept().await;
-        let handle = self.handle.get().cloned();
-        tokio::spawn(from_target(
-            up_read,
-            user_write,
-            tx,
-            ctx.clone(),
-            handle,
-            id,
-        ));
-        tokio::spawn(to_target(user_read, up_write.clone(), ctx.clone()));
-        self.chans.insert(
-            id,
-            Chan {
-                up: up_write,
-                replies: rx,
-                ctx,
-                pty: None,
-            },
+    /// Whether the certificate permits a forward (`direction` local or remote, to `to`);
+    /// audited either way.
+    fn forward_allowed(&self, direction: &str, to: &[(&str, String); 2]) -> bool {
+        let fields = [
+            ("direction", direction.to_string()),
+            ("target", self.target.clone()),
+            to[0].clone(),
+            to[1].clone(),
+        ];
+        let refused = (!self.grant.permit_port_forwarding).then_some(actor::NO_PORT_FORWARDING);
+        actor::audit_forward(
+            &self.session_id,
+            &self.grant,
+            "port_forward",
+            &fields,
+            refused,
         );
+        refused.is_none()
+    }
+
+    /// `ssh -R`: the same forward asked of the target's sshd; the port it bound, or None.
+    async fn tcpip_forward(&mut self, address: String, port: u32) -> Option<u32> {
+        let to = [("host", address.clone()), ("port", port.to_string())];
+        let room = self
+            .forwards
+            .lock()
+            .is_ok_and(|f| f.len() < super::remote_forward::MAX_FORWARDS);
+        if !room || !self.forward_allowed("remote", &to) {
+            return None;
+        }
+        let bound = match in_time(self.up.tcpip_forward(address.clone(), port)).await {
+            // A reply without a port: the one asked for.
+            Some(0) => port,
+            Some(p) => p,
+            None => {
+                tracing::info!(target = %self.name, "the target refused -R {address}:{port}");
+                return None;
+            }
+        };
+        if let Ok(mut f) = self.forwards.lock() {
+            f.insert((address, bound));
+        }
+        Some(bound)
     }
 
     /// Sends a request the target must answer and waits for the answer.
-    async fn ask_target(
+    async fn ask(
         &mut self,
         channel: ChannelId,
         send: impl AsyncFnOnce(&ChannelWriteHalf<client::Msg>) -> Result<(), russh::Error>,
@@ -459,6 +676,8 @@ impl RecordHandler {
         let Some(c) = self.chans.get_mut(&channel) else {
             return false;
         };
+        // An answer nobody waited for is not this request's.
+        while c.replies.try_recv().is_ok() {}
         if send(&c.up).await.is_err() {
             return false;
         }
@@ -469,91 +688,99 @@ impl RecordHandler {
     }
 
     /// `session.start` (and `exec`) once a program started on the target; recording starts
-    /// for a PTY session.
-    fn started(&mut self, channel: ChannelId, kind: &'static str, command: Option<&str>) {
-        let (Some(grant), Some(c)) = (&self.grant, self.chans.get(&channel)) else {
-            return;
+    /// for a PTY session. Always true (the program runs).
+    fn started(&mut self, channel: ChannelId, kind: &'static str, command: Option<&str>) -> bool {
+        let Some(c) = self.chans.get(&channel) else {
+            return true;
         };
-        if let Ok(mut k) = c.ctx.kind.lock() {
-            *k = kind;
-        }
-        crate::audit::event("session.start")
-            .session(&self.session_id)
-            .user(&grant.user)
-            .login(&grant.login)
-            .field("user_id", &grant.roles.user_id)
-            .field("kind", kind)
-            .field("pty", c.pty.is_some())
-            .field("device", &self.inner.device_id)
-            .field("target", &self.target.name)
+        let (sid, grant) = (&self.session_id, &self.grant);
+        session::start_event(sid, grant, kind, c.pty.is_some())
+            .field("device", &self.device_id)
+            .field("target", &self.target)
             .field("mode", "record")
             .field("client_addr", &self.client_addr)
-            .field("cert_expires", grant.valid_before)
             .emit();
         if let Some(cmd) = command {
-            crate::audit::event("exec")
-                .session(&self.session_id)
-                .user(&grant.user)
-                .login(&grant.login)
-                .field("command", cmd)
-                .field("target", &self.target.name)
+            session::exec_event(sid, grant, cmd)
+                .field("target", &self.target)
                 .emit();
         }
-        if let Some((cols, rows, term)) = &c.pty {
-            if let Ok(mut r) = c.ctx.recorder.lock() {
-                *r = Some(Recorder::new(
-                    &self.session_id,
-                    &grant.user,
-                    &grant.login,
-                    &self.name,
-                    *cols,
-                    *rows,
-                    term,
-                ));
-            }
+        let mut ctx = LogCtx::new(grant, sid, kind);
+        if let Some(pty) = &c.pty {
+            ctx = ctx.with_recorder(&self.name, pty);
         }
-    }
-
-    async fn answer(
-        &self,
-        ok: bool,
-        channel: ChannelId,
-        session: &mut Session,
-    ) -> Result<(), russh::Error> {
-        if ok {
-            session.channel_success(channel)
-        } else {
-            session.channel_failure(channel)
-        }
+        let _ = c.ctx.set(ctx);
+        true
     }
 }
 
+/// What the target answered within [`REPLY_TIMEOUT`]: a target that never answers holds up
+/// only the connection that asked, and not for ever.
+async fn in_time<T>(
+    answer: impl std::future::Future<Output = Result<T, russh::Error>>,
+) -> Option<T> {
+    tokio::time::timeout(REPLY_TIMEOUT, answer).await.ok()?.ok()
+}
+
+/// Joins a user channel to a target channel: a task copies the target's side to the user
+/// (with the answers to requests to `replies`), another the user's side to the target.
+/// Returns the target side's writer.
+fn bridge(
+    user: Channel<Msg>,
+    up: Channel<client::Msg>,
+    ctx: Ctx,
+    replies: Option<mpsc::Sender<bool>>,
+    handle: Handle,
+) -> Arc<ChannelWriteHalf<client::Msg>> {
+    let id = user.id();
+    let (user_read, user_write) = user.split();
+    let (up_read, up_write) = up.split();
+    let up_write = Arc::new(up_write);
+    tokio::spawn(from_target(
+        up_read,
+        user_write,
+        replies,
+        ctx.clone(),
+        handle,
+        id,
+    ));
+    tokio::spawn(to_target(user_read, up_write.clone(), ctx));
+    up_write
+}
+
 /// The target's side of a channel to the user: data (recorded for a PTY), stderr, the exit
-/// status or signal, EOF and close; the answers to requests go to the handler.
+/// status or signal, EOF and close; the answers to requests go to `replies` (dropped when
+/// nobody waits for one).
 async fn from_target(
     mut up: ChannelReadHalf,
     user: ChannelWriteHalf<Msg>,
-    replies: mpsc::UnboundedSender<bool>,
-    ctx: Arc<Ctx>,
-    handle: Option<Handle>,
+    replies: Option<mpsc::Sender<bool>>,
+    ctx: Ctx,
+    handle: Handle,
     id: ChannelId,
 ) {
     let (mut exit, mut signal) = (None, None);
+    let count = |n: usize| {
+        if let Some(c) = ctx.get() {
+            c.bytes_out
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
     while let Some(msg) = up.wait().await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
-                ctx.record(&data);
-                ctx.bytes_out
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                match ctx.get() {
+                    Some(c) => c.record(&data),
+                    None => count(data.len()),
+                }
                 user.data_bytes(data).await
             }
             ChannelMsg::ExtendedData { data, ext } => {
-                ctx.bytes_out
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                count(data.len());
                 user.extended_data_bytes(ext, data).await
             }
             ChannelMsg::ExitStatus { exit_status } => {
-                exit = Some(exit_status);
+                exit = Some(exit_status as i32);
                 user.exit_status(exit_status).await
             }
             ChannelMsg::ExitSignal {
@@ -562,20 +789,16 @@ async fn from_target(
                 error_message,
                 lang_tag,
             } => {
-                signal = Some(format!("{signal_name:?}"));
-                if let Some(h) = &handle {
-                    let _ = h
-                        .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
-                        .await;
+                signal = Some(session::sig_name(&signal_name));
+                let _ = handle
+                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                    .await;
+                Ok(())
+            }
+            ChannelMsg::Success | ChannelMsg::Failure => {
+                if let Some(r) = &replies {
+                    let _ = r.try_send(matches!(msg, ChannelMsg::Success));
                 }
-                Ok(())
-            }
-            ChannelMsg::Success => {
-                let _ = replies.send(true);
-                Ok(())
-            }
-            ChannelMsg::Failure => {
-                let _ = replies.send(false);
                 Ok(())
             }
             ChannelMsg::Eof => user.eof().await,
@@ -587,325 +810,29 @@ async fn from_target(
         }
     }
     let _ = user.close().await;
-    ctx.end(exit, signal);
+    if let Some(c) = ctx.get() {
+        session::audit_end(c, exit, signal);
+    }
 }
 
 /// The user's side of a channel to the target: data, EOF, close.
-async fn to_target(
-    mut user: ChannelReadHalf,
-    up: Arc<ChannelWriteHalf<client::Msg>>,
-    ctx: Arc<Ctx>,
-) {
-    while let Some(msg) = user.wait().await {
-        let sent = match msg {
-            ChannelMsg::Data { data } => {
-                ctx.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+async fn to_target(mut user: ChannelReadHalf, up: Arc<ChannelWriteHalf<client::Msg>>, ctx: Ctx) {
+    loop {
+        let sent = match user.wait().await {
+            Some(ChannelMsg::Data { data }) => {
+                if let Some(c) = ctx.get() {
+                    c.bytes_in
+                        .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 up.data_bytes(data).await
             }
-            ChannelMsg::Eof => up.eof().await,
-            ChannelMsg::Close => break,
-            _ => Ok(()),
+            Some(ChannelMsg::Eof) => up.eof().await,
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => continue,
         };
         if sent.is_err() {
             break;
         }
     }
     let _ = up.close().await;
-}
-
-impl russh::server::Handler for RecordHandler {
-    type Error = russh::Error;
-
-    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
-        Ok(super::handler::publickey_only())
-    }
-
-    async fn auth_password(&mut self, _user: &str, _password: &str) -> Result<Auth, Self::Error> {
-        Ok(super::handler::publickey_only())
-    }
-
-    async fn auth_publickey(
-        &mut self,
-        login: &str,
-        _key: russh::server::VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
-        self.refuse(login, "", &Refusal::PlainKey.to_string(), false);
-        Ok(super::handler::publickey_only())
-    }
-
-    async fn auth_openssh_certificate(
-        &mut self,
-        login: &str,
-        cert: &Certificate,
-    ) -> Result<Auth, Self::Error> {
-        let locked = self.inner.locked_snapshot();
-        let policy = Policy {
-            user_cas: &self.inner.user_cas,
-            labels: &self.labels,
-            device_id: &self.inner.device_id,
-            locked: &locked,
-            accounts: &self.inner.accounts,
-            stream_user: Some(&self.ticket_user),
-        };
-        let grant = match auth::check_cert(&policy, login, cert, edgeport_net::clock::now_secs()) {
-            Ok(g) => g,
-            Err(why) => {
-                let text = format!(
-                    "{} refused the certificate of {:?} for login {login:?}: {why}",
-                    self.name,
-                    cert.key_id()
-                );
-                self.refuse(login, cert.key_id(), &text, why.ends_connection());
-                return Ok(Auth::reject());
-            }
-        };
-        match self.log_in(login, cert).await {
-            Ok(up) => {
-                tracing::info!(target = %self.name, user = %grant.user, %login,
-                    session = %self.session_id, "record-mode login to the target");
-                crate::audit::event("target.login")
-                    .session(&self.session_id)
-                    .user(&grant.user)
-                    .login(login)
-                    .field("target", &self.target.name)
-                    .field("addr", &self.target.addr)
-                    .field("mode", "record")
-                    .emit();
-                self.inner
-                    .register(self.conn_id, &grant.user, self.handle.clone());
-                self.up = Some(up);
-                self.grant = Some(grant);
-                Ok(Auth::Accept)
-            }
-            Err(why) => {
-                self.refuse(login, cert.key_id(), &why, true);
-                Ok(Auth::reject())
-            }
-        }
-    }
-
-    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
-        self.authenticated.store(true, Ordering::SeqCst);
-        // A lock may have arrived between the check and now.
-        match &self.grant {
-            Some(g) if self.inner.is_locked(&g.user) => Err(russh::Error::Disconnect),
-            _ => Ok(()),
-        }
-    }
-
-    async fn channel_open_session(
-        &mut self,
-        channel: Channel<Msg>,
-        reply: ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let up = match &self.up {
-            Some(up) => up.channel_open_session().await,
-            None => {
-                reply.reject(ChannelOpenFailure::ResourceShortage).await;
-                return Ok(());
-            }
-        };
-        match up {
-            Ok(up) => self.bridge(channel, up, reply, "session").await,
-            Err(e) => {
-                tracing::info!(target = %self.name, "the target refused a session channel: {e}");
-                reply.reject(ChannelOpenFailure::ConnectFailed).await
-            }
-        }
-        Ok(())
-    }
-
-    async fn channel_open_direct_tcpip(
-        &mut self,
-        channel: Channel<Msg>,
-        host_to_connect: &str,
-        port_to_connect: u32,
-        originator_address: &str,
-        originator_port: u32,
-        reply: ChannelOpenHandle,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let (Some(up), Some(grant)) = (&self.up, &self.grant) else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return Ok(());
-        };
-        if !grant.permit_port_forwarding {
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return Ok(());
-        }
-        crate::audit::event("port_forward")
-            .session(&self.session_id)
-            .user(&grant.user)
-            .login(&grant.login)
-            .field("target", &self.target.name)
-            .field("to", format!("{host_to_connect}:{port_to_connect}"))
-            .emit();
-        let opened = up
-            .channel_open_direct_tcpip(
-                host_to_connect,
-                port_to_connect,
-                originator_address,
-                originator_port,
-            )
-            .await;
-        match opened {
-            Ok(up) => self.bridge(channel, up, reply, "forward").await,
-            Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
-        }
-        Ok(())
-    }
-
-    async fn channel_close(
-        &mut self,
-        channel: ChannelId,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        self.chans.remove(&channel);
-        Ok(())
-    }
-
-    async fn pty_request(
-        &mut self,
-        channel: ChannelId,
-        term: &str,
-        col_width: u32,
-        row_height: u32,
-        pix_width: u32,
-        pix_height: u32,
-        modes: &[(Pty, u32)],
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let permitted = self.grant.as_ref().is_some_and(|g| g.permit_pty);
-        let ok = permitted
-            && self
-                .ask_target(channel, async |up| {
-                    up.request_pty(
-                        true, term, col_width, row_height, pix_width, pix_height, modes,
-                    )
-                    .await
-                })
-                .await;
-        if let (true, Some(c)) = (ok, self.chans.get_mut(&channel)) {
-            c.pty = Some((col_width, row_height, term.to_string()));
-        }
-        self.answer(ok, channel, session).await
-    }
-
-    async fn env_request(
-        &mut self,
-        channel: ChannelId,
-        variable_name: &str,
-        variable_value: &str,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let ok = auth::env_allowed(variable_name)
-            && self
-                .ask_target(channel, async |up| {
-                    up.set_env(true, variable_name, variable_value).await
-                })
-                .await;
-        self.answer(ok, channel, session).await
-    }
-
-    async fn shell_request(
-        &mut self,
-        channel: ChannelId,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let ok = self
-            .ask_target(channel, async |up| up.request_shell(true).await)
-            .await;
-        if ok {
-            self.started(channel, "shell", None);
-        }
-        self.answer(ok, channel, session).await
-    }
-
-    async fn exec_request(
-        &mut self,
-        channel: ChannelId,
-        data: &[u8],
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let command = String::from_utf8_lossy(data).into_owned();
-        let ok = self
-            .ask_target(channel, async |up| up.exec(true, data.to_vec()).await)
-            .await;
-        if ok {
-            self.started(channel, "exec", Some(&command));
-        }
-        self.answer(ok, channel, session).await
-    }
-
-    async fn subsystem_request(
-        &mut self,
-        channel: ChannelId,
-        name: &str,
-        session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        let ok = self
-            .ask_target(channel, async |up| up.request_subsystem(true, name).await)
-            .await;
-        if ok {
-            let kind = if name == "sftp" { "sftp" } else { "subsystem" };
-            self.started(channel, kind, None);
-        }
-        self.answer(ok, channel, session).await
-    }
-
-    async fn window_change_request(
-        &mut self,
-        channel: ChannelId,
-        col_width: u32,
-        row_height: u32,
-        pix_width: u32,
-        pix_height: u32,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        if let Some(c) = self.chans.get(&channel) {
-            let _ =
-                c.up.window_change(col_width, row_height, pix_width, pix_height)
-                    .await;
-        }
-        Ok(())
-    }
-
-    async fn signal(
-        &mut self,
-        channel: ChannelId,
-        signal: Sig,
-        _session: &mut Session,
-    ) -> Result<(), Self::Error> {
-        if let Some(c) = self.chans.get(&channel) {
-            let _ = c.up.signal(signal).await;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for RecordHandler {
-    fn drop(&mut self) {
-        self.inner.unregister(self.conn_id);
-        if let Some(up) = self.up.take() {
-            if let Some(g) = &self.grant {
-                crate::audit::event("target.end")
-                    .session(&self.session_id)
-                    .user(&g.user)
-                    .field("target", &self.target.name)
-                    .field("mode", "record")
-                    .field("duration_ms", self.started.elapsed().as_millis())
-                    .emit();
-            }
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = up
-                        .disconnect(Disconnect::ByApplication, "session ended", "")
-                        .await;
-                });
-            }
-        }
-    }
 }

@@ -117,7 +117,7 @@ impl LogCtx {
         self
     }
 
-    fn record(&self, data: &[u8]) {
+    pub(super) fn record(&self, data: &[u8]) {
         self.bytes_out
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         if let Some(s) = &self.shared {
@@ -254,25 +254,10 @@ async fn drain_pty<W: AsyncWrite + Unpin>(
 /// command) or `sftp.start` (the server binary). Their end is in [`finish`].
 pub fn audit_start(conn: &Conn, program: &Program, pty: bool) {
     let (sid, grant) = (&conn.session_id, &conn.auth.grant);
-    crate::audit::event("session.start")
-        .session(sid)
-        .user(&grant.user)
-        .login(&grant.login)
-        .field("user_id", &grant.roles.user_id)
-        .field("kind", program.kind())
-        .field("pty", pty)
-        .field("device", &conn.inner.device_id)
-        .field("client_addr", &conn.client_addr)
-        // The authority flags a session still open past this (authority/src/open_sessions.rs).
-        .field("cert_expires", grant.valid_before)
-        .emit();
+    let ev = start_event(sid, grant, program.kind(), pty).field("device", &conn.inner.device_id);
+    ev.field("client_addr", &conn.client_addr).emit();
     match program {
-        Program::Command(c) => crate::audit::event("exec")
-            .session(sid)
-            .user(&grant.user)
-            .login(&grant.login)
-            .field("command", c)
-            .emit(),
+        Program::Command(c) => exec_event(sid, grant, c).emit(),
         Program::Sftp(server) => crate::audit::event("sftp.start")
             .session(sid)
             .user(&grant.user)
@@ -283,17 +268,36 @@ pub fn audit_start(conn: &Conn, program: &Program, pty: bool) {
     }
 }
 
-/// Sends the exit status (or signal), EOF and close, in that order.
-async fn finish(
-    handle: &Handle,
-    channel: ChannelId,
-    status: std::io::Result<std::process::ExitStatus>,
-    ctx: &LogCtx,
-) {
-    let (code, signal) = match &status {
-        Ok(st) => (st.code(), st.signal()),
-        Err(_) => (Some(255), None),
-    };
+/// `session.start` of a program of `kind` (here and in record mode, which adds its fields).
+pub(super) fn start_event(
+    sid: &str,
+    grant: &UserGrant,
+    kind: &str,
+    pty: bool,
+) -> crate::audit::Event {
+    crate::audit::event("session.start")
+        .session(sid)
+        .user(&grant.user)
+        .login(&grant.login)
+        .field("user_id", &grant.roles.user_id)
+        .field("kind", kind)
+        .field("pty", pty)
+        // The authority flags a session still open past this (authority/src/open_sessions.rs).
+        .field("cert_expires", grant.valid_before)
+}
+
+/// `exec`: the command a session runs.
+pub(super) fn exec_event(sid: &str, grant: &UserGrant, command: &str) -> crate::audit::Event {
+    crate::audit::event("exec")
+        .session(sid)
+        .user(&grant.user)
+        .login(&grant.login)
+        .field("command", command)
+}
+
+/// The end of a program in the audit log: the rest of its recording and sftp tracking, its
+/// bytes as `sftp` usage for a transfer, and `session.end` with the exit code or signal.
+pub(super) fn audit_end(ctx: &LogCtx, code: Option<i32>, signal: Option<String>) {
     if let Some(r) = &ctx.recorder {
         if let Ok(mut r) = r.lock() {
             r.finish();
@@ -320,9 +324,23 @@ async fn finish(
         ev = ev.field("exit_code", c);
     }
     if let Some(s) = signal {
-        ev = ev.field("signal", process::signal_name(s));
+        ev = ev.field("signal", s);
     }
     ev.emit();
+}
+
+/// Sends the exit status (or signal), EOF and close, in that order.
+async fn finish(
+    handle: &Handle,
+    channel: ChannelId,
+    status: std::io::Result<std::process::ExitStatus>,
+    ctx: &LogCtx,
+) {
+    let (code, signal) = match &status {
+        Ok(st) => (st.code(), st.signal()),
+        Err(_) => (Some(255), None),
+    };
+    audit_end(ctx, code, signal.map(process::signal_name));
     match status {
         Ok(st) => {
             if let Some(code) = st.code() {

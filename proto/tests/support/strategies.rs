@@ -1262,10 +1262,13 @@ pub fn session_mfa_cert() -> impl Strategy<Value = SessionMfaCert> + Clone {
 pub fn target_info() -> impl Strategy<Value = edgeport_proto::targets::TargetInfo> + Clone {
     (
         (s(), s(), s(), labels(), of(any::<bool>()), any::<u64>()),
-        (of(s()), any::<bool>()),
+        (of(s()), any::<bool>(), any::<bool>()),
     )
         .prop_map(
-            |((device, name, addr, labels, reachable, checked_ms), (hostkey, hostkey_mismatch))| {
+            |(
+                (device, name, addr, labels, reachable, checked_ms),
+                (hostkey, hostkey_mismatch, record),
+            )| {
                 edgeport_proto::targets::TargetInfo {
                     device,
                     name,
@@ -1275,6 +1278,7 @@ pub fn target_info() -> impl Strategy<Value = edgeport_proto::targets::TargetInf
                     checked_ms,
                     hostkey,
                     hostkey_mismatch,
+                    record,
                 }
             },
         )

@@ -78,7 +78,7 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                 t.row(vec![
                     tg.address(),
                     tg.status().into(),
-                    "relay".into(),
+                    tg.mode().into(),
                     tg.addr.clone(),
                     "-".into(),
                     "-".into(),
