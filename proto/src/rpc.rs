@@ -278,6 +278,9 @@ pub enum Request {
         device_id: String,
         req: crate::targets::TargetCertRequest,
     },
+    /// Admin: the agent updates the authority keeps (newest first), each with its devices'
+    /// states, settled against their presence; answered with `UpdateList`.
+    UpdateList,
 }
 
 /// Responses from the authority.
@@ -368,6 +371,8 @@ pub enum Response {
         cert: String,
         valid_before: u64,
     },
+    /// The answer to `UpdateList`.
+    UpdateList(Vec<crate::update::UpdateSummary>),
 }
 
 /// A CA `tctl auth rotate --type` names.

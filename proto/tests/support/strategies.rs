@@ -801,6 +801,7 @@ pub fn request() -> impl Strategy<Value = Request> {
         }),
         (web_proof(), audit_query())
             .prop_map(|(proof, query)| Request::WebAuditSearch { proof, query }),
+        Just(Request::UpdateList),
     ]
 }
 
@@ -834,6 +835,20 @@ pub fn update_info() -> impl Strategy<Value = edgeport_proto::update::UpdateInfo
             devices,
         }
     })
+}
+
+pub fn update_summary() -> impl Strategy<Value = edgeport_proto::update::UpdateSummary> + Clone {
+    (update_info(), labels(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+        |(info, labels, rollback_secs, issued_at, expires_at)| {
+            edgeport_proto::update::UpdateSummary {
+                info,
+                labels,
+                rollback_secs,
+                issued_at,
+                expires_at,
+            }
+        },
+    )
 }
 
 pub fn update_order() -> impl Strategy<Value = edgeport_proto::update::UpdateOrder> + Clone {
@@ -1036,6 +1051,7 @@ pub fn response() -> impl Strategy<Value = Response> {
         vec(live_session(), 0..2).prop_map(Response::LiveSessions),
         (s(), any::<u64>())
             .prop_map(|(cert, valid_before)| Response::TargetCert { cert, valid_before }),
+        vec(update_summary(), 0..2).prop_map(Response::UpdateList),
     ]
 }
 
