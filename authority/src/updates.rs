@@ -193,8 +193,12 @@ fn prune(svc: &Service, now: u64) -> Result<(), RpcError> {
         .partition(|(i, (_, o))| *i < KEEP_ORDERS || o.manifest.expires_at > now);
     for (_, (id, o)) in drop {
         svc.store().delete(Table::UpdateOrders, &id)?;
-        if !keep.iter().any(|(_, (_, k))| k.manifest.sha256 == o.manifest.sha256) {
-            svc.store().delete(Table::UpdateBinaries, &o.manifest.sha256)?;
+        if !keep
+            .iter()
+            .any(|(_, (_, k))| k.manifest.sha256 == o.manifest.sha256)
+        {
+            svc.store()
+                .delete(Table::UpdateBinaries, &o.manifest.sha256)?;
         }
     }
     Ok(())
@@ -252,11 +256,12 @@ fn settled(svc: &Service, id: &str, now: u64) -> Result<Option<OrderRecord>, Rpc
         return Ok(Some(o));
     }
     let mut events = Vec::new();
-    let o = store::update::<OrderRecord, RpcError, _>(svc.store(), Table::UpdateOrders, id, |cur| {
-        let Some(mut cur) = cur else { return Ok(None) };
-        events = settle(svc, &mut cur, now)?;
-        Ok(Some(cur))
-    })?;
+    let o =
+        store::update::<OrderRecord, RpcError, _>(svc.store(), Table::UpdateOrders, id, |cur| {
+            let Some(mut cur) = cur else { return Ok(None) };
+            events = settle(svc, &mut cur, now)?;
+            Ok(Some(cur))
+        })?;
     if let Some(o) = &o {
         for (dev, state, detail) in events {
             let mut ev = AuditEvent::new("agent.update_result", now * 1000);
@@ -384,37 +389,32 @@ pub fn report(
     message: String,
     now: u64,
 ) -> Result<Response, RpcError> {
-    store::update::<OrderRecord, RpcError, _>(
-        svc.store(),
-        Table::UpdateOrders,
-        id,
-        |cur| {
-            let Some(mut o) = cur else {
-                return Err(not_found(format!("no update {id}")));
-            };
-            let Some(st) = o.devices.get_mut(device) else {
-                return Err(invalid(format!("update {id} is not for device {device}")));
-            };
-            if st.state != "pending" {
-                return Ok(Some(o));
+    store::update::<OrderRecord, RpcError, _>(svc.store(), Table::UpdateOrders, id, |cur| {
+        let Some(mut o) = cur else {
+            return Err(not_found(format!("no update {id}")));
+        };
+        let Some(st) = o.devices.get_mut(device) else {
+            return Err(invalid(format!("update {id} is not for device {device}")));
+        };
+        if st.state != "pending" {
+            return Ok(Some(o));
+        }
+        if accepted {
+            st.state = "installed".into();
+            st.detail = format!("installed via {gateway}");
+            st.at = now;
+        } else if message.starts_with("delivery ") {
+            // The gateway could not hand it over (the tunnel went away): try again.
+            st.tries += 1;
+            st.detail = format!("try {} of {MAX_TRIES}: {message}", st.tries);
+            if st.tries >= MAX_TRIES {
+                st.state = "failed".into();
             }
-            if accepted {
-                st.state = "installed".into();
-                st.detail = format!("installed via {gateway}");
-                st.at = now;
-            } else if message.starts_with("delivery ") {
-                // The gateway could not hand it over (the tunnel went away): try again.
-                st.tries += 1;
-                st.detail = format!("try {} of {MAX_TRIES}: {message}", st.tries);
-                if st.tries >= MAX_TRIES {
-                    st.state = "failed".into();
-                }
-            } else {
-                st.state = "refused".into();
-                st.detail = message.clone();
-            }
-            Ok(Some(o))
-        },
-    )?;
+        } else {
+            st.state = "refused".into();
+            st.detail = message.clone();
+        }
+        Ok(Some(o))
+    })?;
     Ok(Response::Ok)
 }

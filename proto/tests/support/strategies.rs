@@ -838,8 +838,14 @@ pub fn update_info() -> impl Strategy<Value = edgeport_proto::update::UpdateInfo
 }
 
 pub fn update_summary() -> impl Strategy<Value = edgeport_proto::update::UpdateSummary> + Clone {
-    (update_info(), labels(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-        |(info, labels, rollback_secs, issued_at, expires_at)| {
+    (
+        update_info(),
+        labels(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(info, labels, rollback_secs, issued_at, expires_at)| {
             edgeport_proto::update::UpdateSummary {
                 info,
                 labels,
@@ -847,8 +853,7 @@ pub fn update_summary() -> impl Strategy<Value = edgeport_proto::update::UpdateS
                 issued_at,
                 expires_at,
             }
-        },
-    )
+        })
 }
 
 pub fn update_order() -> impl Strategy<Value = edgeport_proto::update::UpdateOrder> + Clone {
