@@ -418,3 +418,86 @@ pub fn report(
     })?;
     Ok(Response::Ok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states(svc: &Service, id: &str, now: u64) -> BTreeMap<String, String> {
+        let Ok(Response::Update(info)) = status(svc, id, now) else {
+            panic!("no update {id}");
+        };
+        info.devices
+            .into_iter()
+            .map(|d| (d.device, d.state))
+            .collect()
+    }
+
+    #[test]
+    fn broken_deliveries_are_retried_and_devices_offline_past_the_deadline_expire() {
+        let (_tmp, svc) = crate::tests::service();
+        let bin = b"an agent binary".to_vec();
+        let sha = sha256_hex(&bin);
+        upload(&svc, sha.clone(), 0, bin.clone()).unwrap();
+        let spec = UpdateSpec {
+            sha256: sha.clone(),
+            devices: vec!["a".into(), "b".into(), "c".into()],
+            labels: BTreeMap::new(),
+            rollback_secs: 60,
+        };
+        let Response::Update(info) = start(&svc, "admin", spec.clone(), 1000).unwrap() else {
+            panic!("not an update");
+        };
+        let id = info.id;
+        // The binary now lives in the store, not in memory.
+        assert!(svc.updates.lock().uploads.is_empty());
+        let Response::UpdateChunk(c) = fetch(&svc, &sha, 0).unwrap() else {
+            panic!("not a chunk");
+        };
+        assert_eq!(c, bin);
+        // A second wave of the same binary needs no new upload.
+        assert!(start(&svc, "admin", spec, 1000).is_ok());
+
+        // a: the delivery broke off; retried until MAX_TRIES, then failed.
+        for i in 1..=MAX_TRIES {
+            report(
+                &svc,
+                "gw",
+                &id,
+                "a",
+                false,
+                "delivery failed: closed".into(),
+                1001,
+            )
+            .unwrap();
+            let want = if i < MAX_TRIES { "pending" } else { "failed" };
+            assert_eq!(states(&svc, &id, 1001)["a"], want, "try {i}");
+        }
+        // b: the agent refused it: final at once.
+        report(&svc, "gw", &id, "b", false, "bad signature".into(), 1001).unwrap();
+        assert_eq!(states(&svc, &id, 1001)["b"], "refused");
+        // A device the update is not for.
+        assert!(report(&svc, "gw", &id, "z", true, String::new(), 1001).is_err());
+
+        // Only c is still delivered, until the deadline; then it expired.
+        let Ok(Response::UpdateOrders(o)) = orders(&svc, 1002) else {
+            panic!("no orders");
+        };
+        let mine: Vec<&UpdateOrder> = o.iter().filter(|o| o.id == id).collect();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].pending, ["c"]);
+        let late = 1000 + MANIFEST_TTL_SECS + 1;
+        let Ok(Response::UpdateOrders(o)) = orders(&svc, late) else {
+            panic!("no orders");
+        };
+        assert!(o.is_empty(), "{o:?}");
+        assert_eq!(states(&svc, &id, late)["c"], "expired");
+        let Ok(Response::UpdateList(list)) = list(&svc, late) else {
+            panic!("no list");
+        };
+        assert_eq!(list.len(), 2);
+        assert!(list
+            .iter()
+            .any(|u| u.info.id == id && u.expires_at == 1000 + MANIFEST_TTL_SECS));
+    }
+}
