@@ -39,6 +39,14 @@ const SETTLE_SECS: u64 = 5;
 /// Deliveries that broke off (the tunnel went away mid-transfer) before a device is `failed`.
 const MAX_TRIES: u32 = 5;
 
+fn order_key(id: &str) -> String {
+    format!("o/{id}")
+}
+
+fn active_key(id: &str) -> String {
+    format!("a/{id}")
+}
+
 /// One device's state in an order (see `proto::update::DeviceUpdate`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct DeviceState {
@@ -51,7 +59,8 @@ struct DeviceState {
     tries: u32,
 }
 
-/// An update as stored (`Table::UpdateOrders`, by id).
+/// An update as stored (`Table::UpdateOrders` under `o/ID`; `a/ID` marks it active: devices
+/// may still be waiting, so gateways' polls read only those).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct OrderRecord {
     manifest: Manifest,
@@ -173,7 +182,8 @@ pub fn start(svc: &Service, admin: &str, spec: UpdateSpec, now: u64) -> Result<R
         signed,
         devices,
     };
-    store::put(svc.store(), Table::UpdateOrders, &id, &rec)?;
+    store::put(svc.store(), Table::UpdateOrders, &order_key(&id), &rec)?;
+    store::put(svc.store(), Table::UpdateOrders, &active_key(&id), &true)?;
     svc.store().flush()?;
     if let Err(e) = prune(svc, now) {
         tracing::warn!("cannot drop old agent updates: {}", e.message);
@@ -185,7 +195,7 @@ pub fn start(svc: &Service, admin: &str, spec: UpdateSpec, now: u64) -> Result<R
 /// Drops the oldest finished orders past [`KEEP_ORDERS`], and their binaries once no kept
 /// order needs them.
 fn prune(svc: &Service, now: u64) -> Result<(), RpcError> {
-    let mut all = store::list::<OrderRecord>(svc.store(), Table::UpdateOrders, "")?;
+    let mut all = store::list::<OrderRecord>(svc.store(), Table::UpdateOrders, "o/")?;
     all.sort_by_key(|(_, o)| std::cmp::Reverse(o.manifest.issued_at));
     let (keep, drop): (Vec<_>, Vec<_>) = all
         .into_iter()
@@ -193,6 +203,8 @@ fn prune(svc: &Service, now: u64) -> Result<(), RpcError> {
         .partition(|(i, (_, o))| *i < KEEP_ORDERS || o.manifest.expires_at > now);
     for (_, (id, o)) in drop {
         svc.store().delete(Table::UpdateOrders, &id)?;
+        svc.store()
+            .delete(Table::UpdateOrders, &active_key(&o.manifest.id))?;
         if !keep
             .iter()
             .any(|(_, (_, k))| k.manifest.sha256 == o.manifest.sha256)
@@ -249,7 +261,8 @@ fn settle(
 
 /// The stored order `id`, settled (and written back, audited, if that changed it).
 fn settled(svc: &Service, id: &str, now: u64) -> Result<Option<OrderRecord>, RpcError> {
-    let Some(mut o) = store::get::<OrderRecord>(svc.store(), Table::UpdateOrders, id)? else {
+    let key = order_key(id);
+    let Some(mut o) = store::get::<OrderRecord>(svc.store(), Table::UpdateOrders, &key)? else {
         return Ok(None);
     };
     if settle(svc, &mut o, now)?.is_empty() {
@@ -257,7 +270,7 @@ fn settled(svc: &Service, id: &str, now: u64) -> Result<Option<OrderRecord>, Rpc
     }
     let mut events = Vec::new();
     let o =
-        store::update::<OrderRecord, RpcError, _>(svc.store(), Table::UpdateOrders, id, |cur| {
+        store::update::<OrderRecord, RpcError, _>(svc.store(), Table::UpdateOrders, &key, |cur| {
             let Some(mut cur) = cur else { return Ok(None) };
             events = settle(svc, &mut cur, now)?;
             Ok(Some(cur))
@@ -285,9 +298,9 @@ pub fn status(svc: &Service, id: &str, now: u64) -> Result<Response, RpcError> {
 
 /// Every kept update, newest first, settled.
 pub fn list(svc: &Service, now: u64) -> Result<Response, RpcError> {
-    let ids: Vec<String> = store::list::<OrderRecord>(svc.store(), Table::UpdateOrders, "")?
+    let ids: Vec<String> = store::list::<OrderRecord>(svc.store(), Table::UpdateOrders, "o/")?
         .into_iter()
-        .map(|(id, _)| id)
+        .map(|(_, o)| o.manifest.id)
         .collect();
     let mut out = Vec::new();
     for id in ids {
@@ -326,15 +339,10 @@ fn info_of(o: &OrderRecord) -> UpdateInfo {
 /// kept orders, so results are recorded even when no tctl is watching.
 pub fn orders(svc: &Service, now: u64) -> Result<Response, RpcError> {
     let mut list = Vec::new();
-    for (id, o) in store::list::<OrderRecord>(svc.store(), Table::UpdateOrders, "")? {
-        let waiting = o
-            .devices
-            .values()
-            .any(|st| st.state == "installed" || st.state == "pending");
-        if !waiting {
-            continue;
-        }
-        let Some(o) = settled(svc, &id, now)? else {
+    for (key, _) in store::list::<bool>(svc.store(), Table::UpdateOrders, "a/")? {
+        let id = key.trim_start_matches("a/");
+        let Some(o) = settled(svc, id, now)? else {
+            svc.store().delete(Table::UpdateOrders, &key)?;
             continue;
         };
         let pending: Vec<String> = o
@@ -343,6 +351,13 @@ pub fn orders(svc: &Service, now: u64) -> Result<Response, RpcError> {
             .filter(|(_, st)| st.state == "pending")
             .map(|(d, _)| d.clone())
             .collect();
+        let installed = o.devices.values().any(|st| st.state == "installed");
+        // Installed devices are settled here for an hour past the deadline; later, only
+        // when the update is read (`--status`).
+        let watched = installed && now <= o.manifest.expires_at + MANIFEST_TTL_SECS;
+        if pending.is_empty() && !watched {
+            svc.store().delete(Table::UpdateOrders, &key)?;
+        }
         if o.manifest.expires_at > now && !pending.is_empty() {
             list.push(UpdateOrder {
                 id: o.manifest.id.clone(),
@@ -389,33 +404,38 @@ pub fn report(
     message: String,
     now: u64,
 ) -> Result<Response, RpcError> {
-    store::update::<OrderRecord, RpcError, _>(svc.store(), Table::UpdateOrders, id, |cur| {
-        let Some(mut o) = cur else {
-            return Err(not_found(format!("no update {id}")));
-        };
-        let Some(st) = o.devices.get_mut(device) else {
-            return Err(invalid(format!("update {id} is not for device {device}")));
-        };
-        if st.state != "pending" {
-            return Ok(Some(o));
-        }
-        if accepted {
-            st.state = "installed".into();
-            st.detail = format!("installed via {gateway}");
-            st.at = now;
-        } else if message.starts_with("delivery ") {
-            // The gateway could not hand it over (the tunnel went away): try again.
-            st.tries += 1;
-            st.detail = format!("try {} of {MAX_TRIES}: {message}", st.tries);
-            if st.tries >= MAX_TRIES {
-                st.state = "failed".into();
+    store::update::<OrderRecord, RpcError, _>(
+        svc.store(),
+        Table::UpdateOrders,
+        &order_key(id),
+        |cur| {
+            let Some(mut o) = cur else {
+                return Err(not_found(format!("no update {id}")));
+            };
+            let Some(st) = o.devices.get_mut(device) else {
+                return Err(invalid(format!("update {id} is not for device {device}")));
+            };
+            if st.state != "pending" {
+                return Ok(Some(o));
             }
-        } else {
-            st.state = "refused".into();
-            st.detail = message.clone();
-        }
-        Ok(Some(o))
-    })?;
+            if accepted {
+                st.state = "installed".into();
+                st.detail = format!("installed via {gateway}");
+                st.at = now;
+            } else if message.starts_with("delivery ") {
+                // The gateway could not hand it over (the tunnel went away): try again.
+                st.tries += 1;
+                st.detail = format!("try {} of {MAX_TRIES}: {message}", st.tries);
+                if st.tries >= MAX_TRIES {
+                    st.state = "failed".into();
+                }
+            } else {
+                st.state = "refused".into();
+                st.detail = message.clone();
+            }
+            Ok(Some(o))
+        },
+    )?;
     Ok(Response::Ok)
 }
 
@@ -491,6 +511,12 @@ mod tests {
             panic!("no orders");
         };
         assert!(o.is_empty(), "{o:?}");
+        // Nothing left to deliver: gateways' polls no longer read it.
+        let active = svc
+            .store()
+            .get(Table::UpdateOrders, &active_key(&id))
+            .unwrap();
+        assert!(active.is_none());
         assert_eq!(states(&svc, &id, late)["c"], "expired");
         let Ok(Response::UpdateList(list)) = list(&svc, late) else {
             panic!("no list");

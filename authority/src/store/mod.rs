@@ -82,8 +82,9 @@ pub enum Table {
     Targets,
     /// Devices past their monthly data budget (`usage::OverBudget`), by device id.
     OverBudget,
-    /// Agent updates (`updates::OrderRecord`: the signed manifest and each device's state),
-    /// by update id: kept across restarts so devices offline at the time get them later.
+    /// Agent updates (`updates::OrderRecord`: the signed manifest and each device's state)
+    /// by `o/ID`, and `a/ID` while devices may still be waiting for one: kept across restarts
+    /// so devices offline at the time get them later.
     UpdateOrders,
     /// The agent binaries of kept updates (raw bytes, not JSON), by hex SHA-256.
     UpdateBinaries,
