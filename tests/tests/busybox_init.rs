@@ -170,7 +170,9 @@ fn the_run_script_brings_back_the_previous_binary_and_a_good_update_switches() {
     new.extend_from_slice(b"\nedgeport busybox update test\n");
     let new_path = tmp.join("edge-agent-new");
     std::fs::write(&new_path, &new).unwrap();
-    let r = tctl_update(&auth, "bb-1", &new_path, "60s");
+    // A generous deadline: tctl waits for it (plus 90 s), and moving a 40 MB debug build
+    // through the authority and the gateway on a loaded 2-core machine takes a while.
+    let r = tctl_update(&auth, "bb-1", &new_path, "180s");
     assert!(r.ok(), "{}\n{}", r.stdout(), r.stderr());
     assert!(r.stdout().contains("bb-1: done"), "{}", r.stdout());
     assert_eq!(running_hash(&auth, "bb-1"), Some(short(&new)));
