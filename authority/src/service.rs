@@ -96,7 +96,8 @@ fn access(req: &Request) -> Access {
         | Request::CaRotate(_)
         | Request::UpdateUpload { .. }
         | Request::UpdateStart(_)
-        | Request::UpdateStatus { .. } => Access::Admin,
+        | Request::UpdateStatus { .. }
+        | Request::UpdateList => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -204,7 +205,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::CaRotate(_) => "rotating CAs",
         Request::UpdateUpload { .. } | Request::UpdateStart(_) => "updating agents",
-        Request::UpdateStatus { .. } => "reading agent updates",
+        Request::UpdateStatus { .. } | Request::UpdateList => "reading agent updates",
         Request::UpdateOrders | Request::UpdateFetch { .. } | Request::UpdateReport { .. } => {
             "delivering agent updates"
         }
@@ -295,7 +296,7 @@ pub struct Service {
     pub(crate) sso: crate::sso::Connectors,
     /// How far a CA rotation has spread (`tctl auth rotate --status`).
     pub(crate) spread: crate::handlers::rotate::Spread,
-    /// Agent updates in flight (`tctl devices update`), in memory.
+    /// Agent update uploads in progress and the binary being fetched (orders are stored).
     pub(crate) updates: crate::updates::Updates,
     /// The administrator identity file and the address in it, refreshed at once when a CA
     /// rotation step changes the bundle (tctl's next run trusts the current CAs).
@@ -449,7 +450,8 @@ impl Service {
             } => crate::updates::upload(self, sha256, offset, data),
             Request::UpdateStart(spec) => crate::updates::start(self, caller_name, spec, now),
             Request::UpdateStatus { id } => crate::updates::status(self, &id, now),
-            Request::UpdateOrders => Ok(crate::updates::orders(self, now)),
+            Request::UpdateOrders => crate::updates::orders(self, now),
+            Request::UpdateList => crate::updates::list(self, now),
             Request::UpdateFetch { sha256, offset } => crate::updates::fetch(self, &sha256, offset),
             Request::UpdateReport {
                 id,

@@ -292,6 +292,9 @@ pub enum Request {
     /// Gateway: a single-use nonce for opening one terminal of the proven web session; the
     /// browser signs it into `GET /api/terminal/DEVICE/LOGIN/NONCE`. Answered `WebNonce`.
     WebTerminalNonce(WebProof),
+    /// Admin: the agent updates the authority keeps (newest first), each with its devices'
+    /// states, settled against their presence; answered with `UpdateList`.
+    UpdateList,
 }
 
 /// Responses from the authority.
@@ -387,6 +390,8 @@ pub enum Response {
         nonce: String,
         expires: u64,
     },
+    /// The answer to `UpdateList`.
+    UpdateList(Vec<crate::update::UpdateSummary>),
 }
 
 /// A CA `tctl auth rotate --type` names.

@@ -132,9 +132,11 @@ pub struct UpdateSpec {
     pub rollback_secs: u64,
 }
 
-/// Where an update stands on one device: `pending` (not yet delivered), `installed` (the
-/// agent took it and restarts), `done` (back online on the new binary), `refused` (the agent
-/// or the gateway said why), `rolled_back` (the new binary did not come online in time).
+/// Where an update stands on one device: `pending` (not yet delivered: offline, or the last
+/// delivery broke off, retried), `installed` (the agent took it and restarts), `done` (back
+/// online on the new binary), `refused` (the agent said why), `failed` (delivery broke off
+/// too many times), `rolled_back` (the new binary did not come online in time), `expired`
+/// (the device was not online before the update's deadline).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceUpdate {
     pub device: String,
@@ -149,6 +151,17 @@ pub struct UpdateInfo {
     pub sha256: String,
     pub size: u64,
     pub devices: Vec<DeviceUpdate>,
+}
+
+/// One kept update (`tctl devices update --status`): its devices' states and when it was
+/// issued and stops being delivered (devices offline until then end `expired`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateSummary {
+    pub info: UpdateInfo,
+    pub labels: BTreeMap<String, String>,
+    pub rollback_secs: u64,
+    pub issued_at: u64,
+    pub expires_at: u64,
 }
 
 /// What a gateway delivers: the signed manifest and the devices still waiting for it.

@@ -5,7 +5,9 @@
 //! process (re-executed, same PID). A bundle that never comes online (a signed shell script
 //! that sleeps) is rolled back by the watchdog within the deadline, audited, and the device
 //! is back on its previous binary. (A tampered update is refused by the agent: the unit
-//! tests of `edge-agent/src/update.rs` and `proto/src/update.rs`.)
+//! tests of `edge-agent/src/update.rs` and `proto/src/update.rs`.) A device offline when
+//! the update starts stays `pending` in the authority's store, survives an authority
+//! restart, and gets the update when it comes online; `--status` shows each device's state.
 
 // Test code: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use edgeport_e2e::fabric::{wait_online, Gateway};
+use edgeport_e2e::fabric::{wait_offline, wait_online, Gateway};
 use edgeport_e2e::{bin, run, wait_until, Authority, Proc, Run, TempDir};
 use edgeport_proto::keys::sha256_hex;
 use serde_json::Value;
@@ -212,4 +214,147 @@ fn canary_then_the_rest_and_a_bundle_that_never_comes_online_rolls_back() {
         })
     });
     assert!(audited, "the rollback is in van-1's audit chain");
+}
+
+#[test]
+fn a_device_offline_at_rollout_gets_it_when_it_comes_back_even_after_an_authority_restart() {
+    let tmp = TempDir::new();
+    let _strays = Strays(tmp.path().to_path_buf());
+    let mut auth = Authority::start(&tmp.join("auth"), "edge");
+    let gw = Gateway::start(&tmp.join("gw"), &auth);
+    let (_on, _) = start_agent(&tmp.join("bus-1"), &gw, "bus-1", "fleet=buses");
+    let (mut off, off_exe) = start_agent(&tmp.join("bus-2"), &gw, "bus-2", "fleet=buses");
+    for id in ["bus-1", "bus-2"] {
+        wait_online(&auth, id, None, Duration::from_secs(60));
+    }
+    off.stop();
+    wait_offline(&auth, "bus-2", Duration::from_secs(60));
+
+    let mut new = std::fs::read(bin("edge-agent")).unwrap();
+    new.extend_from_slice(b"\nedgeport agent update test: offline device\n");
+    let new_path = tmp.join("edge-agent-new");
+    std::fs::write(&new_path, &new).unwrap();
+    let r = tctl_update(
+        &auth,
+        &[
+            "--labels",
+            "fleet=buses",
+            "--bundle",
+            new_path.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+    )
+    .expect_ok("tctl devices update with a device offline");
+    let results = r.json();
+    let state = |v: &Value, id: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device"] == id)
+            .map(|d| {
+                (
+                    d["state"].as_str().unwrap().to_string(),
+                    d["detail"].clone(),
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(state(&results, "bus-1").0, "done", "{results}");
+    let (st, detail) = state(&results, "bus-2");
+    assert_eq!(st, "pending", "{results}");
+    assert!(detail.as_str().unwrap().contains("offline"), "{detail}");
+
+    // The authority keeps the rollout: --status shows it, in JSON too.
+    let list = auth
+        .tctl_ok(&["devices", "update", "--status", "--format", "json"])
+        .json();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let rollout = &list[0];
+    let id = rollout["id"].as_str().unwrap().to_string();
+    // docs/schemas/agent_rollout.schema.json: exactly these keys.
+    let mut keys: Vec<&str> = rollout
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "deadline",
+            "devices",
+            "id",
+            "issued",
+            "labels",
+            "rollback_after_secs",
+            "sha256",
+            "size"
+        ]
+    );
+    assert_eq!(rollout["sha256"], sha256_hex(&new));
+    assert_eq!(rollout["labels"]["fleet"], "buses");
+    assert_eq!(state(&rollout["devices"], "bus-1").0, "done", "{rollout}");
+    assert_eq!(
+        state(&rollout["devices"], "bus-2").0,
+        "pending",
+        "{rollout}"
+    );
+
+    // An authority restart forgets nothing.
+    let (dir, cluster, addr) = (
+        auth.data_dir.clone(),
+        auth.cluster.clone(),
+        auth.addr.clone(),
+    );
+    auth.proc.stop();
+    auth = Authority::start_at(&dir, &cluster, &addr);
+    let text = auth
+        .tctl_ok(&["devices", "update", "--status", &id])
+        .stdout();
+    assert!(
+        text.contains(&id) && text.contains("bus-2: pending"),
+        "{text}"
+    );
+
+    // bus-2 comes back (on its old binary) and gets the update.
+    let (_back, exe) = start_agent(&tmp.join("bus-2"), &gw, "bus-2", "fleet=buses");
+    assert_eq!(exe, off_exe);
+    let updated = wait_until(Duration::from_secs(90), || {
+        running_hash(&auth, "bus-2") == Some(short(&new))
+    });
+    assert!(updated, "bus-2 got the update when it came online");
+    assert_eq!(std::fs::read(&exe).unwrap(), new);
+    let done = wait_until(Duration::from_secs(30), || {
+        let v = auth
+            .tctl_ok(&["devices", "update", "--status", &id, "--format", "json"])
+            .json();
+        state(&v[0]["devices"], "bus-2").0 == "done"
+    });
+    assert!(done, "the kept rollout records bus-2 as done");
+    let ev = auth
+        .tctl_ok(&[
+            "audit",
+            "search",
+            "--type",
+            "agent.update_result",
+            "--format",
+            "json",
+        ])
+        .json();
+    assert!(
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["device"] == "bus-2" && e["update"] == id.as_str() && e["state"] == "done"),
+        "{ev}"
+    );
+    let r = auth.tctl(&["devices", "update", "--status", "0000"]);
+    assert!(
+        !r.ok() && r.stderr().contains("no update 0000"),
+        "{}",
+        r.stderr()
+    );
 }

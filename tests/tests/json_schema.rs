@@ -288,6 +288,7 @@ fn every_json_output_matches_its_schema() {
         (&["sso", "connectors", "ls"], "sso_connector", 1),
         (&["audit", "search"], "event", 6),
         (&["audit", "verify"], "chain_report", 1),
+        (&["devices", "update", "--status"], "agent_rollout", 0),
     ];
     for (args, resource, min) in tctl_lists {
         let what = format!("tctl {}", args.join(" "));

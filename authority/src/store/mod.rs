@@ -83,10 +83,16 @@ pub enum Table {
     Targets,
     /// Devices past their monthly data budget (`usage::OverBudget`), by device id.
     OverBudget,
+    /// Agent updates (`updates::OrderRecord`: the signed manifest and each device's state)
+    /// by `o/ID`, and `a/ID` while devices may still be waiting for one: kept across restarts
+    /// so devices offline at the time get them later.
+    UpdateOrders,
+    /// The agent binaries of kept updates (raw bytes, not JSON), by hex SHA-256.
+    UpdateBinaries,
 }
 
 impl Table {
-    pub const ALL: [Table; 27] = [
+    pub const ALL: [Table; 29] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -114,6 +120,8 @@ impl Table {
         Table::AccessRequests,
         Table::Targets,
         Table::OverBudget,
+        Table::UpdateOrders,
+        Table::UpdateBinaries,
     ];
 
     /// The table's name in the backing store.
@@ -146,6 +154,8 @@ impl Table {
             Table::AccessRequests => "access_requests",
             Table::Targets => "targets",
             Table::OverBudget => "over_budget",
+            Table::UpdateOrders => "update_orders",
+            Table::UpdateBinaries => "update_binaries",
         }
     }
 }

@@ -820,6 +820,7 @@ pub fn request() -> impl Strategy<Value = Request> {
             })
         }),
         web_proof().prop_map(Request::WebTerminalNonce),
+        Just(Request::UpdateList),
     ]
 }
 
@@ -853,6 +854,25 @@ pub fn update_info() -> impl Strategy<Value = edgeport_proto::update::UpdateInfo
             devices,
         }
     })
+}
+
+pub fn update_summary() -> impl Strategy<Value = edgeport_proto::update::UpdateSummary> + Clone {
+    (
+        update_info(),
+        labels(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(info, labels, rollback_secs, issued_at, expires_at)| {
+            edgeport_proto::update::UpdateSummary {
+                info,
+                labels,
+                rollback_secs,
+                issued_at,
+                expires_at,
+            }
+        })
 }
 
 pub fn update_order() -> impl Strategy<Value = edgeport_proto::update::UpdateOrder> + Clone {
@@ -1056,6 +1076,7 @@ pub fn response() -> impl Strategy<Value = Response> {
         (s(), any::<u64>())
             .prop_map(|(cert, valid_before)| Response::TargetCert { cert, valid_before }),
         (s(), any::<u64>()).prop_map(|(nonce, expires)| Response::WebNonce { nonce, expires }),
+        vec(update_summary(), 0..2).prop_map(Response::UpdateList),
     ]
 }
 

@@ -496,19 +496,26 @@ pub enum DevicesCmd {
 
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
-    /// Which devices: every online device with all these labels (`fleet=vans,region=eu`).
-    #[arg(long, value_parser = parse_labels)]
-    pub labels: BTreeMap<String, String>,
+    /// Which devices: every device with all these labels (`fleet=vans,region=eu`). Online
+    /// ones are updated now; offline ones get it when they come online, until the update's
+    /// deadline (see --status).
+    #[arg(long, value_parser = parse_labels, required_unless_present = "status")]
+    pub labels: Option<BTreeMap<String, String>>,
     /// The new agent binary (for the devices' architecture).
-    #[arg(long)]
-    pub bundle: std::path::PathBuf,
-    /// Update this share of the devices first (`5%`: at least one), and the rest only once
-    /// they are back online on the new binary.
+    #[arg(long, required_unless_present = "status")]
+    pub bundle: Option<std::path::PathBuf>,
+    /// Update this share of the online devices first (`5%`: at least one), and the rest only
+    /// once they are back online on the new binary.
     #[arg(long, value_parser = parse_percent)]
     pub canary: Option<u32>,
     /// How long a new agent has to bring its tunnel up before it is rolled back.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub rollback_after: u64,
+    /// Show the updates the authority keeps (or only update ID) and each device's state
+    /// instead of starting one.
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "ID",
+          conflicts_with_all = ["labels", "bundle", "canary"])]
+    pub status: Option<String>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
 }
