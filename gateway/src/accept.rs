@@ -68,7 +68,9 @@ impl Handshaken {
     }
 }
 
-/// Serves the connection as its ALPN says.
+/// Serves the connection as its ALPN says. Each protocol's future is boxed, so that a
+/// connection's task holds only the state of the protocol it speaks: inline, every idle
+/// device tunnel would keep room for the largest of them (the Kubernetes front door's).
 pub async fn serve(routes: &Routes, conn: Handshaken, addr: SocketAddr) {
     let alpn = conn.alpn();
     let cluster = routes.tunnel.identity.get().cluster().to_string();
@@ -87,29 +89,36 @@ pub async fn serve(routes: &Routes, conn: Handshaken, addr: SocketAddr) {
                     return;
                 }
             };
-            crate::tunnel::serve(
+            Box::pin(crate::tunnel::serve(
                 routes.tunnel.clone(),
                 conn.into_tunnel(),
                 device_id,
                 fingerprint,
                 addr,
-            )
+            ))
             .await;
         }
         (Some(a), Handshaken::Quic(c)) if a == alpn::DIAL => {
             let peer = crate::dial::peer_of(&cluster, certs);
-            crate::dial::serve_quic(routes.dial.clone(), c, peer, addr).await;
+            Box::pin(crate::dial::serve_quic(routes.dial.clone(), c, peer, addr)).await;
         }
         (Some(a), Handshaken::Tls(t)) if a == alpn::DIAL => {
             let peer = crate::dial::peer_of(&cluster, certs);
-            crate::dial::serve_stream(routes.dial.clone(), t, None, peer, addr).await;
+            Box::pin(crate::dial::serve_stream(
+                routes.dial.clone(),
+                t,
+                None,
+                peer,
+                addr,
+            ))
+            .await;
         }
         (Some(a), Handshaken::Tls(t)) if a == alpn::JOIN => {
             let timeout = routes.dial.request_timeout;
-            crate::join::serve(&routes.auth, timeout, t, addr).await
+            Box::pin(crate::join::serve(&routes.auth, timeout, t, addr)).await
         }
         (Some(a), Handshaken::Tls(t)) if crate::kube::tls::ALPNS.contains(&a) => {
-            crate::kube::serve(routes.kube.clone(), *t, addr).await
+            Box::pin(crate::kube::serve(routes.kube.clone(), *t, addr)).await
         }
         (_, conn) => {
             crate::metrics::handshake_failed("alpn");

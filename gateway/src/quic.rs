@@ -192,8 +192,12 @@ pub async fn accept_loop(port: Arc<QuicPort>, endpoint: quinn::Endpoint) {
         port.life.tasks.clone().spawn(async move {
             let addr = incoming.remote_address();
             let shutdown = port.life.shutdown.clone();
+            // Boxed, as `accept::serve` boxes each protocol's future: a spawned task keeps
+            // room for its largest state for as long as it lives, and the handshake's state
+            // (quinn's `Incoming` among it) made every idle tunnel's task about 11 KiB where
+            // serving it needs about 1 KiB (issue 26, heap profile in docs/benchmarks.md).
             let Some(Some(conn)) = shutdown
-                .run_until_cancelled(admit(&port.admission, incoming))
+                .run_until_cancelled(Box::pin(admit(&port.admission, incoming)))
                 .await
             else {
                 return;

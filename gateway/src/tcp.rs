@@ -105,7 +105,11 @@ pub async fn accept_loop(port: Arc<TcpPort>, listener: TcpListener) {
         port.life.tasks.clone().spawn(async move {
             let _conn_slot = conn_slot;
             let shutdown = port.life.shutdown.clone();
-            let Some(Some(tls)) = shutdown.run_until_cancelled(admit(&port, tcp, addr)).await
+            // Boxed, so that the TLS handshake's state is not kept for the connection's life
+            // (see `quic::accept_loop`).
+            let Some(Some(tls)) = shutdown
+                .run_until_cancelled(Box::pin(admit(&port, tcp, addr)))
+                .await
             else {
                 return;
             };
