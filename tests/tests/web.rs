@@ -593,23 +593,66 @@ fn web_console_single_sign_on_with_oidc() {
         &["--web-addr", &web_addr],
     );
     let url = format!("https://{web_addr}/");
+    let origin = format!("https://{web_addr}");
     let secret = c.dir.join("oidc-client-secret");
     std::fs::write(&secret, idp.get("CLIENT_SECRET")).unwrap();
-    c.tctl.ok(&[
-        "sso",
-        "connectors",
-        "add",
-        "oidc",
-        "--issuer",
-        idp.get("ISSUER"),
-        "--client-id",
-        idp.get("CLIENT_ID"),
-        "--client-secret-file",
-        secret.to_str().unwrap(),
-    ]);
+    let add_oidc = |web_origin: Option<&str>| {
+        let mut args = vec![
+            "sso",
+            "connectors",
+            "add",
+            "oidc",
+            "--issuer",
+            idp.get("ISSUER"),
+            "--client-id",
+            idp.get("CLIENT_ID"),
+            "--client-secret-file",
+            secret.to_str().unwrap(),
+        ];
+        if let Some(o) = web_origin {
+            args.extend(["--web-origin", o]);
+        }
+        c.tctl.ok(&args);
+    };
     c.tctl.ok(&["sso", "map", "devs", "--logins", "root"]);
+    let start_status = |b: &mut Browser| {
+        b.eval(
+            "(async () => {
+                const k = await crypto.subtle.generateKey({ name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign']);
+                const pub = Array.from(new Uint8Array(await crypto.subtle.exportKey('raw', k.publicKey)), (x) => x.toString(16).padStart(2, '0')).join('');
+                const r = await fetch('/api/sso/start', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+                    body: JSON.stringify({ connector: 'oidc', browser_key: pub }) });
+                return r.status + ' ' + (await r.json()).error;
+            })()",
+        )
+        .as_str()
+        .unwrap()
+        .to_string()
+    };
 
+    // Web sign-on is opt-in per connector: without --web-origin the page offers no button
+    // and the authority refuses a start (a rogue gateway's included).
+    add_oidc(None);
     let mut b = Browser::start();
+    b.cmd(json!({"op": "open", "url": url}));
+    let offered = b.eval("fetch('/api/sso/connectors').then((r) => r.json()).then((j) => j.connectors.length)");
+    assert_eq!(offered, 0, "a connector without --web-origin is offered");
+    let refused = start_status(&mut b);
+    assert!(
+        refused.starts_with("401") && refused.contains("not enabled for the web console"),
+        "{refused}"
+    );
+    // Enabled for another console only: this one's callback is refused.
+    add_oidc(Some("https://console.example:3443"));
+    let refused = start_status(&mut b);
+    assert!(
+        refused.starts_with("401") && refused.contains("not among"),
+        "{refused}"
+    );
+    let listed = c.tctl.ok(&["sso", "connectors", "ls"]).stdout();
+    assert!(listed.contains("https://console.example:3443"), "{listed}");
+    add_oidc(Some(&origin));
+
     b.cmd(json!({"op": "open", "url": url}));
     let (offered, text) = b.wait_text("#sso", "single sign-on");
     assert!(offered, "no single sign-on button: {text:?}");
@@ -707,8 +750,7 @@ fn web_console_single_sign_on_with_oidc() {
         seen.stdout()
     );
     // This browser's own login in progress: a key of its own where the page keeps it while
-    // at the provider (this browser is still signed in there, so a click would come
-    // straight back).
+    // at the provider.
     b.cmd(json!({"op": "open", "url": url}));
     let kept = b.eval(
         "new Promise(async (ok, fail) => {
@@ -729,13 +771,29 @@ fn web_console_single_sign_on_with_oidc() {
     assert!(refused, "a stolen callback was not refused: {text:?}");
     assert_eq!(b.eval("document.getElementById('who').textContent"), "");
 
-    // A locked user gets no web session through single sign-on either (the provider, where
-    // this browser is still signed in, sends it straight back).
+    // A web login is never silent: although this browser is still signed in at the
+    // provider, it is asked to log in again (prompt=login, max_age=0). And a locked user
+    // gets no web session through single sign-on.
     c.tctl
         .ok(&["lock", "--user", "alice", "--message", "web-sso-lock"]);
     b.cmd(json!({"op": "open", "url": url}));
     assert!(b.wait_text("#sso", "single sign-on").0);
     b.cmd(json!({"op": "click", "sel": "button.sso[data-connector='oidc']"}));
+    assert!(at_idp(&mut b), "{}", b.eval("document.body.innerText"));
+    let asked = wait_until(Duration::from_secs(30), || {
+        b.eval("!!document.querySelector('input[name=\"login\"]')") == true
+    });
+    assert!(
+        asked,
+        "the provider did not ask a signed-in user to log in again: {}",
+        b.eval("location.href")
+    );
+    let landed =
+        b.cmd(json!({"op": "idpLogin", "username": "alice", "until": url, "timeoutMs": 60000}));
+    assert!(
+        landed["url"].as_str().unwrap().starts_with(&url),
+        "{landed}"
+    );
     let (locked, text) = b.wait_text("#login-error", "locked");
     assert!(
         locked,
@@ -772,6 +830,8 @@ fn web_console_single_sign_on_with_github() {
         gh.get("GITHUB_URL"),
         "--api-url",
         gh.get("GITHUB_API_URL"),
+        "--web-origin",
+        &format!("https://{web_addr}"),
     ]);
     c.tctl
         .ok(&["sso", "map", "github:octo-org/devs", "--logins", "root"]);
