@@ -60,8 +60,8 @@ const MAX_UNPROVEN: usize = 256;
 /// is not a request any more).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 /// Single sign-on starts and connector listings per source: a burst, then one per interval.
-const SSO_BURST: u32 = 10;
-const SSO_EVERY: Duration = Duration::from_secs(6);
+const SSO_BURST: u32 = 30;
+const SSO_EVERY: Duration = Duration::from_secs(2);
 /// Sources whose single sign-on budget is tracked at once.
 const SSO_SOURCES: usize = 100_000;
 
