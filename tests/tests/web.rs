@@ -635,7 +635,9 @@ fn web_console_single_sign_on_with_oidc() {
     add_oidc(None);
     let mut b = Browser::start();
     b.cmd(json!({"op": "open", "url": url}));
-    let offered = b.eval("fetch('/api/sso/connectors').then((r) => r.json()).then((j) => j.connectors.length)");
+    let offered = b.eval(
+        "fetch('/api/sso/connectors').then((r) => r.json()).then((j) => j.connectors.length)",
+    );
     assert_eq!(offered, 0, "a connector without --web-origin is offered");
     let refused = start_status(&mut b);
     assert!(

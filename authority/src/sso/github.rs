@@ -96,7 +96,8 @@ impl GitHub {
             .append_pair("scope", "read:org")
             .append_pair("allow_signup", "false");
         if web {
-            url.query_pairs_mut().append_pair("prompt", "select_account");
+            url.query_pairs_mut()
+                .append_pair("prompt", "select_account");
         }
         Ok((url.to_string(), state))
     }

@@ -662,7 +662,10 @@ fn web_finish_inner(
 }
 
 /// Whether a web console login with `spec` may return to `redirect`'s origin.
-pub(crate) fn web_origin_allowed(spec: &SsoConnectorSpec, redirect: &openidconnect::url::Url) -> Result<(), RpcError> {
+pub(crate) fn web_origin_allowed(
+    spec: &SsoConnectorSpec,
+    redirect: &openidconnect::url::Url,
+) -> Result<(), RpcError> {
     let name = &spec.name;
     if spec.web_origins.is_empty() {
         return Err(denied(format!(
@@ -1042,21 +1045,29 @@ mod tests {
             .unwrap();
         let e = web_origin_allowed(&spec, &url("https://gw.example/web/sso/oidc/callback"))
             .unwrap_err();
-        assert!(e.message.contains("not enabled for the web console"), "{}", e.message);
+        assert!(
+            e.message.contains("not enabled for the web console"),
+            "{}",
+            e.message
+        );
         let Response::SsoConnectors(offered) = web_connectors(&s).unwrap() else {
             panic!("not a connector list")
         };
         assert!(offered.is_empty(), "{offered:?}");
 
         let mut on = oidc_spec("x");
-        on.web_origins = vec!["https://gw.example:3443".into(), "https://gw.example:3443/".into()];
+        on.web_origins = vec![
+            "https://gw.example:3443".into(),
+            "https://gw.example:3443/".into(),
+        ];
         connector_add(&s, on).unwrap();
         let spec: SsoConnectorSpec = store::get(&s, Table::SsoConnectors, "oidc")
             .unwrap()
             .unwrap();
         assert_eq!(spec.web_origins, ["https://gw.example:3443"]);
         assert!(
-            web_origin_allowed(&spec, &url("https://gw.example:3443/web/sso/oidc/callback")).is_ok()
+            web_origin_allowed(&spec, &url("https://gw.example:3443/web/sso/oidc/callback"))
+                .is_ok()
         );
         for elsewhere in [
             "https://gw.example/web/sso/oidc/callback",
@@ -1064,7 +1075,11 @@ mod tests {
             "https://gw.example:3444/web/sso/oidc/callback",
         ] {
             let e = web_origin_allowed(&spec, &url(elsewhere)).unwrap_err();
-            assert!(e.message.contains("not among"), "{elsewhere}: {}", e.message);
+            assert!(
+                e.message.contains("not among"),
+                "{elsewhere}: {}",
+                e.message
+            );
         }
         let Response::SsoConnectors(offered) = web_connectors(&s).unwrap() else {
             panic!("not a connector list")
@@ -1073,7 +1088,10 @@ mod tests {
         assert!(offered[0].web_origins.is_empty() && offered[0].client_id.is_empty());
         let mut bad = oidc_spec("x");
         bad.web_origins = vec!["http://gw.example".into()];
-        assert!(connector_add(&s, bad).unwrap_err().message.contains("https only"));
+        assert!(connector_add(&s, bad)
+            .unwrap_err()
+            .message
+            .contains("https only"));
     }
 
     /// Web console logins have a cap of their own inside the cluster's.
@@ -1085,8 +1103,13 @@ mod tests {
         let bytes = serde_json::to_vec(&web).unwrap();
         for i in 0..MAX_PENDING_WEB {
             // Straight into the store: the per-client bound is not what is tested here.
-            s.compare_and_swap(Table::SsoPending, &format!("w{i}"), None, Some(bytes.clone()))
-                .unwrap();
+            s.compare_and_swap(
+                Table::SsoPending,
+                &format!("w{i}"),
+                None,
+                Some(bytes.clone()),
+            )
+            .unwrap();
         }
         let mut one_more = login("192.0.2.99", 700);
         one_more.browser_key = Some(vec![1]);

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use edgeport_proto::rpc::RpcError;
-use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreAuthPrompt, CoreProviderMetadata};
+use openidconnect::core::{
+    CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreProviderMetadata,
+};
 use openidconnect::{
     AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge,
     PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
@@ -207,7 +209,11 @@ impl Oidc {
         if pending.browser_key.is_some() {
             let auth_time = claims.auth_time().map(|t| t.timestamp());
             fresh_login(auth_time, pending.started).inspect_err(|e| {
-                tracing::warn!(client = client_addr, "web console single sign-on refused: {}", e.message);
+                tracing::warn!(
+                    client = client_addr,
+                    "web console single sign-on refused: {}",
+                    e.message
+                );
             })?;
         }
         let subject = claims.subject().as_str().to_string();

@@ -1024,9 +1024,20 @@ mod tests {
             o(None, Some("[2001:db8::1]:3080"), bound).as_deref(),
             Some("https://[2001:db8::1]:3443")
         );
-        assert_eq!(o(None, None, local).as_deref(), Some("https://127.0.0.1:8443"));
-        assert_eq!(o(None, None, bound), None, "a wildcard address is no origin");
-        for bad in ["http://gw.example", "https://gw.example/path", "https://u@gw"] {
+        assert_eq!(
+            o(None, None, local).as_deref(),
+            Some("https://127.0.0.1:8443")
+        );
+        assert_eq!(
+            o(None, None, bound),
+            None,
+            "a wildcard address is no origin"
+        );
+        for bad in [
+            "http://gw.example",
+            "https://gw.example/path",
+            "https://u@gw",
+        ] {
             assert!(public_origin(Some(bad), None, bound).is_err(), "{bad}");
         }
     }
