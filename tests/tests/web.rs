@@ -319,6 +319,71 @@ fn web_console_login_fleet_and_session_security() {
     // And a locked user cannot log in again.
     b.login(&url, "bob", "");
     assert!(b.wait_text("#login-error", "locked").0);
+
+    unauthenticated_work_has_a_per_source_budget(&web_addr);
+}
+
+/// The status of `GET https://WEB_ADDR/PATH` by curl from `from` (a loopback address), or
+/// `000` when no answer came within `max_secs`.
+fn status_from(web_addr: &str, from: &str, path: &str, max_secs: u64) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "--http1.1",
+            "--interface",
+            from,
+            "--max-time",
+            &max_secs.to_string(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{web_addr}{path}"),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Connections that never send a request hold their own source's slots only (until the
+/// handshake deadline), and single sign-on requests have a token bucket per source.
+fn unauthenticated_work_has_a_per_source_budget(web_addr: &str) {
+    let silent: Vec<_> = (0..16)
+        .map(|_| std::net::TcpStream::connect(web_addr).unwrap())
+        .collect();
+    assert_eq!(
+        status_from(web_addr, "127.0.0.1", "/", 2),
+        "000",
+        "a source past its budget was served at once"
+    );
+    assert_eq!(
+        status_from(web_addr, "127.0.0.2", "/", 5),
+        "200",
+        "another source had to wait for the first one's silent connections"
+    );
+    drop(silent);
+    assert!(
+        wait_until(Duration::from_secs(30), || status_from(
+            web_addr,
+            "127.0.0.1",
+            "/",
+            5
+        ) == "200"),
+        "the source's slots did not come back"
+    );
+    // The login page's single sign-on requests: a burst per source, then 429.
+    let burst: Vec<String> = (0..30)
+        .map(|_| status_from(web_addr, "127.0.0.3", "/api/sso/connectors", 5))
+        .collect();
+    assert!(burst.iter().all(|s| s == "200"), "{burst:?}");
+    assert_eq!(
+        status_from(web_addr, "127.0.0.3", "/api/sso/connectors", 5),
+        "429"
+    );
+    assert_eq!(
+        status_from(web_addr, "127.0.0.4", "/api/sso/connectors", 5),
+        "200"
+    );
 }
 
 /// As [`raw_terminal`], but `"ready"` as soon as the terminal opens (then closes it).
