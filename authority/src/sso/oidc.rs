@@ -263,6 +263,12 @@ pub(crate) fn fresh_login(auth_time: Option<i64>, started: u64) -> Result<(), Rp
             "the identity provider did not say when the user logged in (auth_time); the web console needs a fresh login",
         ));
     };
+    if started == 0 {
+        // A login in progress recorded before starts were (an upgrade): no bound to check.
+        return Err(denied(
+            "this single sign-on login was started before an upgrade; log in again",
+        ));
+    }
     let earliest = started.saturating_sub(super::AUTH_TIME_SKEW_SECS);
     if at < 0 || (at as u64) < earliest {
         return Err(denied(
@@ -308,6 +314,10 @@ mod tests {
         let e = fresh_login(None, 1000).unwrap_err();
         assert!(e.message.contains("auth_time"), "{}", e.message);
         assert!(fresh_login(Some(-1), 1000).is_err());
+        assert!(
+            fresh_login(Some(1000), 0).is_err(),
+            "a record without its start"
+        );
     }
 
     #[test]
