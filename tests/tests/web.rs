@@ -575,6 +575,17 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     // A logout ends the session's open terminal, with the reason in the terminal.
     b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
     assert!(b.wait_text("#term-status", "recorded").0);
+    // A scrollback of tens of thousands of coloured runs still renders (more nodes than a
+    // spread call takes as arguments).
+    b.cmd(json!({"op": "type", "sel": "#term", "text": "awk 'BEGIN{for(i=0;i<1000;i++){s=\"\";for(j=0;j<96;j++)s=s sprintf(\"\\033[3%dmx\", j%2+1);print s \"\\033[0m\"}}'; echo many-runs-$((40+2))", "enter": true}));
+    let rendered = wait_until(Duration::from_secs(90), || {
+        b.eval("document.getElementById('term').textContent.includes('many-runs-42')") == true
+    });
+    let spans = b.eval("document.querySelectorAll('#term span').length");
+    assert!(
+        rendered && spans.as_u64().unwrap_or(0) > 60_000,
+        "a long coloured scrollback did not render: {spans}"
+    );
     assert_eq!(
         b.status("edgeport.signedFetch('/api/logout', {method: 'POST'})"),
         200
@@ -904,6 +915,14 @@ fn web_console_single_sign_on_with_github() {
         .ok(&["sso", "map", "github:octo-org/devs", "--logins", "root"]);
 
     let mut b = Browser::start();
+    // The provider's error comes back as a code: the page shows its own words for it, never
+    // the description in the address (which anyone can write into a link).
+    b.cmd(json!({"op": "open", "url": format!("{url}web/sso/github/callback?error=access_denied&error_description=Call+0800-SCAM+now")}));
+    let (shown, text) = b.wait_text("#login-error", "cancelled or denied");
+    assert!(shown && !text.contains("SCAM"), "{text:?}");
+    b.cmd(json!({"op": "open", "url": format!("{url}web/sso/github/callback?error=made_up&error_description=SCAM")}));
+    let (shown, text) = b.wait_text("#login-error", "refused by the identity provider");
+    assert!(shown && !text.contains("SCAM"), "{text:?}");
     b.cmd(json!({"op": "open", "url": url}));
     let (offered, text) = b.wait_text("#sso", "GitHub");
     assert!(offered, "no GitHub button: {text:?}");
