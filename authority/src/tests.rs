@@ -1036,6 +1036,7 @@ fn single_sign_on_needs_the_authoritys_own_verification() {
             url: "https://github.example".into(),
             api_url: "https://github.example/api/v3".into(),
         },
+        web_origins: Vec::new(),
     };
     let refused = |r: Response| match r {
         Response::Error(e) => e,

@@ -288,9 +288,80 @@ impl SourceBudget {
     }
 }
 
+/// A token bucket per source (IPv4 address, IPv6 /64) for requests that cost the cluster
+/// work without credentials (the web console's single sign-on starts): `burst` at once,
+/// then one every `every`. At most `max_sources` are tracked; past that, sources with a
+/// full bucket are forgotten first, and if none is, a new source is refused.
+pub struct RateBudget {
+    burst: u32,
+    every: Duration,
+    max_sources: usize,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateBudget {
+    pub fn new(burst: u32, every: Duration, max_sources: usize) -> Self {
+        Self {
+            burst: burst.max(1),
+            every: every.max(Duration::from_millis(1)),
+            max_sources: max_sources.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token of `ip`'s source at `now`, if it has one.
+    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let source = source_of(ip);
+        let burst = f64::from(self.burst);
+        let refill = |(tokens, at): (f64, Instant)| {
+            let gained = now.saturating_duration_since(at).as_secs_f64() / self.every.as_secs_f64();
+            (tokens + gained).min(burst)
+        };
+        let mut m = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if !m.contains_key(&source) && m.len() >= self.max_sources {
+            m.retain(|_, b| refill(*b) < burst);
+            if m.len() >= self.max_sources {
+                return false;
+            }
+        }
+        let tokens = m.get(&source).map_or(burst, |b| refill(*b));
+        if tokens < 1.0 {
+            m.insert(source, (tokens, now));
+            return false;
+        }
+        m.insert(source, (tokens - 1.0, now));
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_spends_its_own_tokens_and_gets_them_back_in_time() {
+        let r = RateBudget::new(3, Duration::from_secs(2), 2);
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let a6: IpAddr = "2001:db8::1".parse().unwrap();
+        let a6_same: IpAddr = "2001:db8::ffff".parse().unwrap();
+        for _ in 0..3 {
+            assert!(r.allow(a, t0));
+        }
+        assert!(!r.allow(a, t0), "the burst is spent");
+        assert!(!r.allow(a, t0 + Duration::from_secs(1)));
+        assert!(r.allow(a, t0 + Duration::from_secs(3)), "one token back");
+        // Another source has its own bucket; an IPv6 /64 is one source.
+        assert!(r.allow(a6, t0));
+        assert!(r.allow(a6_same, t0));
+        assert!(r.allow(a6_same, t0));
+        assert!(!r.allow(a6, t0));
+        // The table is full of sources with spent buckets: a new one waits.
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(!r.allow(b, t0 + Duration::from_secs(3)));
+        // Once the others' buckets are full again they are forgotten first.
+        assert!(r.allow(b, t0 + Duration::from_secs(60)));
+    }
 
     #[tokio::test]
     async fn one_source_waits_for_its_own_slots_and_others_do_not() {

@@ -42,6 +42,9 @@ pub struct GatewayConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Where to serve the web console over HTTPS (`--web-addr`); none by default.
     pub web_addr: Option<SocketAddr>,
+    /// The web console's origin as browsers reach it (`--web-origin`); derived from
+    /// `public_addr` or `web_addr` when absent ([`crate::web::public_origin`]).
+    pub web_origin: Option<String>,
 }
 
 impl GatewayConfig {
@@ -66,6 +69,7 @@ impl GatewayConfig {
             splice_dump: None,
             metrics_addr: None,
             web_addr: None,
+            web_origin: None,
         }
     }
 }

@@ -82,6 +82,12 @@ struct StartArgs {
     /// --cert when given, else the gateway's own certificate. Off by default.
     #[arg(long, env = "EDGEPORT_WEB_ADDR")]
     web_addr: Option<SocketAddr>,
+    /// The web console's address as browsers reach it, https://HOST[:PORT] (behind a load
+    /// balancer or NAT). Default: the host of --public-addr, else of --web-addr, with
+    /// --web-addr's port. Single sign-on returns here; the authority accepts it only if the
+    /// connector lists it (tctl sso connectors add ... --web-origin).
+    #[arg(long, env = "EDGEPORT_WEB_ORIGIN", requires = "web_addr")]
+    web_origin: Option<String>,
     /// Single sign-on moved to the authority (`tctl sso connectors add`): the gateway holds
     /// no client secret. These old flags are still accepted so that a gateway started with
     /// them fails at once and says where they went, instead of starting without them.
@@ -213,6 +219,7 @@ fn main() -> ExitCode {
     cfg.splice_dump = edgeport_gateway::splice_dump::from_env();
     cfg.metrics_addr = args.metrics_addr;
     cfg.web_addr = args.web_addr;
+    cfg.web_origin = args.web_origin;
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
     cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));

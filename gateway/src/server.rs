@@ -38,6 +38,8 @@ pub enum ServerError {
     Listen { addr: String, err: std::io::Error },
     #[error("this gateway was revoked or locked by an administrator (tctl gateways rm / tctl lock --gateway); its tunnels were closed")]
     Revoked,
+    #[error("--web-origin: {0}")]
+    WebOrigin(String),
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
@@ -156,7 +158,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     ));
     let quic_port = Arc::new(QuicPort {
         routes,
-        admission: Admission::new("quic", cfg.max_handshakes, cfg.handshake_timeout, known),
+        admission: Admission::new(
+            "quic",
+            cfg.max_handshakes,
+            cfg.handshake_timeout,
+            known.clone(),
+        ),
         life: life.clone(),
         max_connections: cfg.max_connections,
     });
@@ -176,10 +183,16 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         reporter: reporter.clone(),
     });
     let public = Arc::new(std::sync::Mutex::new(public));
+    let known_web = known;
     let web = match cfg.web_addr {
         Some(addr) => Some(tokio::spawn(
             start_web(
                 addr,
+                WebSettings {
+                    origin: cfg.web_origin.clone(),
+                    public_addr: cfg.public_addr.clone(),
+                    known: known_web,
+                },
                 auth.clone(),
                 identity.clone(),
                 public.clone(),
@@ -264,10 +277,21 @@ struct Renewal {
 /// The public certificate last loaded (`--cert/--key`), shared with the web console.
 type PublicCert = Arc<std::sync::Mutex<Option<Arc<rustls::sign::CertifiedKey>>>>;
 
+/// What the web console takes from the gateway's configuration.
+struct WebSettings {
+    /// `--web-origin`, if given.
+    origin: Option<String>,
+    /// `--public-addr`, whose host the console's origin has by default.
+    public_addr: Option<String>,
+    /// Sources that proved a certificate (shared with the tunnel ports).
+    known: Arc<KnownSources>,
+}
+
 /// Binds the web console's listener and returns its task, with narrow handles: a way to
 /// call the authority, the certificate to serve (public, else the gateway's own), shutdown.
 async fn start_web(
     addr: std::net::SocketAddr,
+    settings: WebSettings,
     auth: Arc<AuthorityClient>,
     identity: IdentityCell,
     public: PublicCert,
@@ -280,10 +304,19 @@ async fn start_web(
             addr: addr.to_string(),
             err,
         })?;
-    tracing::info!(
-        "web console on https://{}",
-        listener.local_addr().unwrap_or(addr)
-    );
+    let bound = listener.local_addr().unwrap_or(addr);
+    let origin = crate::web::public_origin(
+        settings.origin.as_deref(),
+        settings.public_addr.as_deref(),
+        bound,
+    )
+    .map_err(ServerError::WebOrigin)?;
+    match &origin {
+        Some(o) => tracing::info!("web console on https://{bound}, reached as {o}"),
+        None => tracing::warn!(
+            "web console on https://{bound}; it has no public address for single sign-on (give --public-addr or --web-origin)"
+        ),
+    }
     let call: crate::web::AuthCall = Arc::new(move |req| {
         let auth = auth.clone();
         Box::pin(async move { auth.call(req).await })
@@ -294,7 +327,13 @@ async fn start_web(
             edgeport_proto::tls::certified_key(me.chain.clone(), me.key()).ok()
         })
     });
-    Ok(crate::web::serve(listener, cert, call, dialer, shutdown))
+    let options = crate::web::Options {
+        origin,
+        known: settings.known,
+    };
+    Ok(crate::web::serve(
+        listener, cert, call, dialer, shutdown, options,
+    ))
 }
 
 /// Renews the gateway's certificate when less than a third of its validity is left.

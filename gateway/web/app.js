@@ -253,12 +253,24 @@ async function ssoStart(connector) {
   location.assign(body.auth_url);
 }
 
+const SSO_ERRORS = {
+  access_denied: 'single sign-on refused: the login was cancelled or denied at the identity provider',
+  login_required: 'single sign-on refused: the identity provider needs you to log in',
+  consent_required: 'single sign-on refused: the identity provider needs your consent',
+  interaction_required: 'single sign-on refused: the identity provider needs you to act there',
+  temporarily_unavailable: 'single sign-on refused: the identity provider is unavailable; try again later',
+  server_error: 'single sign-on refused: the identity provider failed; try again later',
+  other: 'single sign-on refused by the identity provider',
+};
+
 // Back from the provider: finish with the code and state, signed by the start's key.
 async function ssoFinish() {
   const q = new URLSearchParams(location.search);
   history.replaceState(null, '', '/');
   const k = await keyStore('take').catch(() => undefined);
-  if (q.get('error')) { showLogin(`single sign-on refused: ${q.get('error_description') || q.get('error')}`); return; }
+  // The provider's error code picks one of our own messages: its description (or a crafted
+  // link's) is never shown as if it came from this console.
+  if (q.get('error')) { showLogin(SSO_ERRORS[q.get('error')] || SSO_ERRORS.other); return; }
   if (!k) { showLogin('this single sign-on login was not started in this browser'); return; }
   key = k;
   const state = q.get('state') || '';

@@ -203,11 +203,13 @@ class Term {
     requestAnimationFrame(() => {
       this.pending = false;
       // Runs of cells with the same attributes become one text node or <span>.
-      const out = [];
+      // A fragment, not replaceChildren(...nodes): a long scrollback makes ~10^5 nodes,
+      // more arguments than a call may take.
+      const out = document.createDocumentFragment();
       let run = ''; let cls = '';
       const flush = () => {
         if (!run) return;
-        if (cls) { const s = document.createElement('span'); s.className = cls; s.textContent = run; out.push(s); } else out.push(run);
+        if (cls) { const s = document.createElement('span'); s.className = cls; s.textContent = run; out.append(s); } else out.append(run);
         run = '';
       };
       const add = (text, c) => { if (c !== cls) { flush(); cls = c; } run += text; };
@@ -224,7 +226,7 @@ class Term {
             flush(); cls = '';
             const cur = document.createElement('span');
             cur.className = 'cursor'; cur.textContent = glyph;
-            out.push(cur);
+            out.append(cur);
           } else add(glyph, a ? classes(a) : '');
         }
       };
@@ -237,7 +239,7 @@ class Term {
         line(cells, i === cursorRow ? this.x : undefined);
       });
       flush();
-      this.pre.replaceChildren(...out);
+      this.pre.replaceChildren(out);
       this.pre.scrollTop = this.pre.scrollHeight;
     });
   }

@@ -934,6 +934,11 @@ pub struct SsoConnectorSpec {
     /// Root certificates (PEM) for the provider's `https` addresses; the system's if absent.
     pub ca_pem: Option<String>,
     pub kind: SsoConnectorKind,
+    /// The web console origins (`https://HOST[:PORT]`) whose callback page may receive this
+    /// connector's logins (`--web-origin`). Empty: no web console single sign-on with it
+    /// (tsh logins only), which is what records saved before the flag existed mean.
+    #[serde(default)]
+    pub web_origins: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -963,6 +968,9 @@ pub struct SsoConnectorInfo {
     /// Whether the connector trusts its own roots (PEM) instead of the system's.
     pub custom_ca: bool,
     pub kind: SsoConnectorKind,
+    /// Where web console logins with this connector may return (empty: web sign-on off).
+    #[serde(default)]
+    pub web_origins: Vec<String>,
 }
 
 /// What members of an identity provider group get (the union over all their groups).
@@ -1216,7 +1224,7 @@ crate::debug_redacted!(JoinGatewayRequest { gateway_id, dns_names, ip_addrs } se
 crate::debug_redacted!(UserSpec { name, logins, roles, kube_groups, kube_users, require_totp } secret { password });
 crate::debug_redacted!(TokenInfo { id, kind, labels, expires, reusable, uses, ca_pin } secret { token });
 crate::debug_redacted!(SsoFinishRequest { state, ssh_public_key, ttl_secs, client_addr } secret { code, proof });
-crate::debug_redacted!(SsoConnectorSpec { name, client_id, kind } secret { client_secret, ca_pem });
+crate::debug_redacted!(SsoConnectorSpec { name, client_id, kind, web_origins } secret { client_secret, ca_pem });
 crate::debug_redacted!(WebLoginRequest { user, client_addr } secret { password, otp, browser_key });
 crate::debug_redacted!(SignedUserAction { body } secret { user_cert_der, signature });
 crate::debug_redacted!(WebProof { signed } secret { token, signature });

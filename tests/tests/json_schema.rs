@@ -209,6 +209,8 @@ fn every_json_output_matches_its_schema() {
         "edgeport-ci",
         "--client-secret-file",
         secret.to_str().unwrap(),
+        "--web-origin",
+        "https://gw.example:3443",
     ]);
     let token = tctl(&[
         "tokens",

@@ -319,6 +319,71 @@ fn web_console_login_fleet_and_session_security() {
     // And a locked user cannot log in again.
     b.login(&url, "bob", "");
     assert!(b.wait_text("#login-error", "locked").0);
+
+    unauthenticated_work_has_a_per_source_budget(&web_addr);
+}
+
+/// The status of `GET https://WEB_ADDR/PATH` by curl from `from` (a loopback address), or
+/// `000` when no answer came within `max_secs`.
+fn status_from(web_addr: &str, from: &str, path: &str, max_secs: u64) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "--http1.1",
+            "--interface",
+            from,
+            "--max-time",
+            &max_secs.to_string(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{web_addr}{path}"),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Connections that never send a request hold their own source's slots only (until the
+/// handshake deadline), and single sign-on requests have a token bucket per source.
+fn unauthenticated_work_has_a_per_source_budget(web_addr: &str) {
+    let silent: Vec<_> = (0..16)
+        .map(|_| std::net::TcpStream::connect(web_addr).unwrap())
+        .collect();
+    assert_eq!(
+        status_from(web_addr, "127.0.0.1", "/", 2),
+        "000",
+        "a source past its budget was served at once"
+    );
+    assert_eq!(
+        status_from(web_addr, "127.0.0.2", "/", 5),
+        "200",
+        "another source had to wait for the first one's silent connections"
+    );
+    drop(silent);
+    assert!(
+        wait_until(Duration::from_secs(30), || status_from(
+            web_addr,
+            "127.0.0.1",
+            "/",
+            5
+        ) == "200"),
+        "the source's slots did not come back"
+    );
+    // The login page's single sign-on requests: a burst per source, then 429.
+    let burst: Vec<String> = (0..30)
+        .map(|_| status_from(web_addr, "127.0.0.3", "/api/sso/connectors", 5))
+        .collect();
+    assert!(burst.iter().all(|s| s == "200"), "{burst:?}");
+    assert_eq!(
+        status_from(web_addr, "127.0.0.3", "/api/sso/connectors", 5),
+        "429"
+    );
+    assert_eq!(
+        status_from(web_addr, "127.0.0.4", "/api/sso/connectors", 5),
+        "200"
+    );
 }
 
 /// As [`raw_terminal`], but `"ready"` as soon as the terminal opens (then closes it).
@@ -510,6 +575,17 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     // A logout ends the session's open terminal, with the reason in the terminal.
     b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
     assert!(b.wait_text("#term-status", "recorded").0);
+    // A scrollback of tens of thousands of coloured runs still renders (more nodes than a
+    // spread call takes as arguments).
+    b.cmd(json!({"op": "type", "sel": "#term", "text": "awk 'BEGIN{for(i=0;i<1000;i++){s=\"\";for(j=0;j<96;j++)s=s sprintf(\"\\033[3%dmx\", j%2+1);print s \"\\033[0m\"}}'; echo many-runs-$((40+2))", "enter": true}));
+    let rendered = wait_until(Duration::from_secs(90), || {
+        b.eval("document.getElementById('term').textContent.includes('many-runs-42')") == true
+    });
+    let spans = b.eval("document.querySelectorAll('#term span').length");
+    assert!(
+        rendered && spans.as_u64().unwrap_or(0) > 60_000,
+        "a long coloured scrollback did not render: {spans}"
+    );
     assert_eq!(
         b.status("edgeport.signedFetch('/api/logout', {method: 'POST'})"),
         200
@@ -593,23 +669,68 @@ fn web_console_single_sign_on_with_oidc() {
         &["--web-addr", &web_addr],
     );
     let url = format!("https://{web_addr}/");
+    let origin = format!("https://{web_addr}");
     let secret = c.dir.join("oidc-client-secret");
     std::fs::write(&secret, idp.get("CLIENT_SECRET")).unwrap();
-    c.tctl.ok(&[
-        "sso",
-        "connectors",
-        "add",
-        "oidc",
-        "--issuer",
-        idp.get("ISSUER"),
-        "--client-id",
-        idp.get("CLIENT_ID"),
-        "--client-secret-file",
-        secret.to_str().unwrap(),
-    ]);
+    let add_oidc = |web_origin: Option<&str>| {
+        let mut args = vec![
+            "sso",
+            "connectors",
+            "add",
+            "oidc",
+            "--issuer",
+            idp.get("ISSUER"),
+            "--client-id",
+            idp.get("CLIENT_ID"),
+            "--client-secret-file",
+            secret.to_str().unwrap(),
+        ];
+        if let Some(o) = web_origin {
+            args.extend(["--web-origin", o]);
+        }
+        c.tctl.ok(&args);
+    };
     c.tctl.ok(&["sso", "map", "devs", "--logins", "root"]);
+    let start_status = |b: &mut Browser| {
+        b.eval(
+            "(async () => {
+                const k = await crypto.subtle.generateKey({ name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign']);
+                const pub = Array.from(new Uint8Array(await crypto.subtle.exportKey('raw', k.publicKey)), (x) => x.toString(16).padStart(2, '0')).join('');
+                const r = await fetch('/api/sso/start', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+                    body: JSON.stringify({ connector: 'oidc', browser_key: pub }) });
+                return r.status + ' ' + (await r.json()).error;
+            })()",
+        )
+        .as_str()
+        .unwrap()
+        .to_string()
+    };
 
+    // Web sign-on is opt-in per connector: without --web-origin the page offers no button
+    // and the authority refuses a start (a rogue gateway's included).
+    add_oidc(None);
     let mut b = Browser::start();
+    b.cmd(json!({"op": "open", "url": url}));
+    let offered = b.eval(
+        "fetch('/api/sso/connectors').then((r) => r.json()).then((j) => j.connectors.length)",
+    );
+    assert_eq!(offered, 0, "a connector without --web-origin is offered");
+    let refused = start_status(&mut b);
+    assert!(
+        refused.starts_with("401") && refused.contains("not enabled for the web console"),
+        "{refused}"
+    );
+    // Enabled for another console only: this one's callback is refused.
+    add_oidc(Some("https://console.example:3443"));
+    let refused = start_status(&mut b);
+    assert!(
+        refused.starts_with("401") && refused.contains("not among"),
+        "{refused}"
+    );
+    let listed = c.tctl.ok(&["sso", "connectors", "ls"]).stdout();
+    assert!(listed.contains("https://console.example:3443"), "{listed}");
+    add_oidc(Some(&origin));
+
     b.cmd(json!({"op": "open", "url": url}));
     let (offered, text) = b.wait_text("#sso", "single sign-on");
     assert!(offered, "no single sign-on button: {text:?}");
@@ -707,8 +828,7 @@ fn web_console_single_sign_on_with_oidc() {
         seen.stdout()
     );
     // This browser's own login in progress: a key of its own where the page keeps it while
-    // at the provider (this browser is still signed in there, so a click would come
-    // straight back).
+    // at the provider.
     b.cmd(json!({"op": "open", "url": url}));
     let kept = b.eval(
         "new Promise(async (ok, fail) => {
@@ -729,13 +849,29 @@ fn web_console_single_sign_on_with_oidc() {
     assert!(refused, "a stolen callback was not refused: {text:?}");
     assert_eq!(b.eval("document.getElementById('who').textContent"), "");
 
-    // A locked user gets no web session through single sign-on either (the provider, where
-    // this browser is still signed in, sends it straight back).
+    // A web login is never silent: although this browser is still signed in at the
+    // provider, it is asked to log in again (prompt=login, max_age=0). And a locked user
+    // gets no web session through single sign-on.
     c.tctl
         .ok(&["lock", "--user", "alice", "--message", "web-sso-lock"]);
     b.cmd(json!({"op": "open", "url": url}));
     assert!(b.wait_text("#sso", "single sign-on").0);
     b.cmd(json!({"op": "click", "sel": "button.sso[data-connector='oidc']"}));
+    assert!(at_idp(&mut b), "{}", b.eval("document.body.innerText"));
+    let asked = wait_until(Duration::from_secs(30), || {
+        b.eval("!!document.querySelector('input[name=\"login\"]')") == true
+    });
+    assert!(
+        asked,
+        "the provider did not ask a signed-in user to log in again: {}",
+        b.eval("location.href")
+    );
+    let landed =
+        b.cmd(json!({"op": "idpLogin", "username": "alice", "until": url, "timeoutMs": 60000}));
+    assert!(
+        landed["url"].as_str().unwrap().starts_with(&url),
+        "{landed}"
+    );
     let (locked, text) = b.wait_text("#login-error", "locked");
     assert!(
         locked,
@@ -772,11 +908,21 @@ fn web_console_single_sign_on_with_github() {
         gh.get("GITHUB_URL"),
         "--api-url",
         gh.get("GITHUB_API_URL"),
+        "--web-origin",
+        &format!("https://{web_addr}"),
     ]);
     c.tctl
         .ok(&["sso", "map", "github:octo-org/devs", "--logins", "root"]);
 
     let mut b = Browser::start();
+    // The provider's error comes back as a code: the page shows its own words for it, never
+    // the description in the address (which anyone can write into a link).
+    b.cmd(json!({"op": "open", "url": format!("{url}web/sso/github/callback?error=access_denied&error_description=Call+0800-SCAM+now")}));
+    let (shown, text) = b.wait_text("#login-error", "cancelled or denied");
+    assert!(shown && !text.contains("SCAM"), "{text:?}");
+    b.cmd(json!({"op": "open", "url": format!("{url}web/sso/github/callback?error=made_up&error_description=SCAM")}));
+    let (shown, text) = b.wait_text("#login-error", "refused by the identity provider");
+    assert!(shown && !text.contains("SCAM"), "{text:?}");
     b.cmd(json!({"op": "open", "url": url}));
     let (offered, text) = b.wait_text("#sso", "GitHub");
     assert!(offered, "no GitHub button: {text:?}");

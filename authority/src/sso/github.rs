@@ -82,8 +82,10 @@ impl GitHub {
         })
     }
 
-    /// GitHub's login URL for a new attempt that returns to `redirect`, and its state.
-    pub fn start(&self, redirect: &RedirectUrl) -> Result<(String, String), RpcError> {
+    /// GitHub's login URL for a new attempt that returns to `redirect`, and its state. A web
+    /// console login (`web`) asks GitHub to show its account chooser even to a user signed
+    /// in there (`prompt=select_account`), so it never comes back without the user's click.
+    pub fn start(&self, redirect: &RedirectUrl, web: bool) -> Result<(String, String), RpcError> {
         let state = CsrfToken::new_random().secret().clone();
         let mut url = Url::parse(&format!("{}/login/oauth/authorize", self.url))
             .map_err(|e| unavailable(format!("GitHub URL: {e}")))?;
@@ -93,6 +95,10 @@ impl GitHub {
             .append_pair("state", &state)
             .append_pair("scope", "read:org")
             .append_pair("allow_signup", "false");
+        if web {
+            url.query_pairs_mut()
+                .append_pair("prompt", "select_account");
+        }
         Ok((url.to_string(), state))
     }
 

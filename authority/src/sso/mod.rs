@@ -52,6 +52,13 @@ pub const MAX_PENDING: usize = 10_000;
 /// Logins in progress at once from one client address: starting logins needs no
 /// credentials, so one address must not be able to push everyone else's out.
 pub const MAX_PENDING_PER_CLIENT: usize = 16;
+/// Web console logins in progress at once in the cluster (counted within
+/// [`MAX_PENDING`]): anonymous browsers at the gateways' login pages cannot take the room
+/// tsh's logins need.
+pub const MAX_PENDING_WEB: usize = 2_000;
+/// How much earlier than the start of a web console login the provider's `auth_time` may
+/// be (the provider's clock against the authority's).
+pub const AUTH_TIME_SKEW_SECS: u64 = 10;
 
 /// What a connector established about the user, from the provider's own answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,10 +116,50 @@ pub fn connector_add(store: &dyn Store, mut spec: SsoConnectorSpec) -> Result<Re
     }
     // Everything that can be checked without contacting the provider (which may be down
     // now and up at the first login).
+    spec.web_origins = web_origins(&spec.web_origins)?;
     Connector::build(&spec).map_err(|e| invalid(e.to_string()))?;
     store::put(store, Table::SsoConnectors, &spec.name, &spec)?;
-    tracing::info!(connector = %spec.name, client_id = %spec.client_id, "single sign-on connector saved");
+    tracing::info!(connector = %spec.name, client_id = %spec.client_id,
+        web_origins = ?spec.web_origins, "single sign-on connector saved");
     Ok(Response::Ok)
+}
+
+/// A web console origin as `--web-origin` takes it: `https://HOST[:PORT]`, nothing else
+/// (no path, query, fragment or credentials); answered in its canonical form.
+pub(crate) fn web_origin(given: &str) -> Result<String, RpcError> {
+    let bad = |why: &str| {
+        invalid(format!(
+            "--web-origin {given:?}: {why} (expected https://GATEWAY[:PORT], the web console's address)"
+        ))
+    };
+    let u = openidconnect::url::Url::parse(given.trim()).map_err(|e| bad(&e.to_string()))?;
+    if u.scheme() != "https" {
+        return Err(bad("the web console is served over https only"));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if !u.username().is_empty()
+        || u.password().is_some()
+        || u.query().is_some()
+        || u.fragment().is_some()
+        || u.path() != "/"
+    {
+        return Err(bad("an origin has no path, query, fragment or user"));
+    }
+    Ok(u.origin().ascii_serialization())
+}
+
+/// The connector's web origins, checked, canonical and without duplicates.
+fn web_origins(given: &[String]) -> Result<Vec<String>, RpcError> {
+    let mut out: Vec<String> = Vec::new();
+    for g in given.iter().filter(|g| !g.trim().is_empty()) {
+        let o = web_origin(g)?;
+        if !out.contains(&o) {
+            out.push(o);
+        }
+    }
+    Ok(out)
 }
 
 pub fn connector_list(store: &dyn Store) -> Result<Response, RpcError> {
@@ -123,6 +170,7 @@ pub fn connector_list(store: &dyn Store) -> Result<Response, RpcError> {
             client_id: s.client_id,
             custom_ca: s.ca_pem.is_some(),
             kind: s.kind,
+            web_origins: s.web_origins,
         })
         .collect();
     Ok(Response::SsoConnectors(list))
@@ -269,6 +317,10 @@ pub struct PendingLogin {
     /// session is bound to). `None` for tsh's logins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub browser_key: Option<Vec<u8>>,
+    /// Unix seconds of the start: a web console login must have been authenticated at
+    /// the provider after it (`auth_time`), not earlier in a session the provider kept.
+    #[serde(default)]
+    pub started: u64,
 }
 
 /// Counted together: one IPv4 address, or one IPv6 /64 (what one subscriber usually has).
@@ -312,11 +364,15 @@ pub fn pending_insert(
         ));
     }
     let mut live = 0;
+    let mut live_web = 0;
     let mut from_client = 0;
     for (key, bytes) in store.scan_prefix(Table::SsoPending, "")? {
         match serde_json::from_slice::<PendingLogin>(&bytes) {
             Ok(p) if p.expires > now => {
                 live += 1;
+                if p.browser_key.is_some() {
+                    live_web += 1;
+                }
                 if p.client == login.client {
                     from_client += 1;
                 }
@@ -333,6 +389,12 @@ pub fn pending_insert(
             "too many single sign-on logins in progress from {}; finish one or wait a few minutes",
             login.client
         )));
+    }
+    if login.browser_key.is_some() && live_web >= MAX_PENDING_WEB {
+        return Err(RpcError::new(
+            edgeport_proto::rpc::ErrorKind::Internal,
+            "too many web console single sign-on logins in progress; try again in a few minutes",
+        ));
     }
     if live >= MAX_PENDING {
         return Err(RpcError::new(
@@ -446,17 +508,18 @@ fn begin(
         .sso
         .get(store, connector_name)?
         .ok_or_else(|| not_configured(store, connector_name))?;
+    // A web console login always makes the user act at the provider (see `web_start`).
+    let web = browser_key.is_some();
     let (auth_url, state, pkce_verifier, nonce) = match &*connector {
         Connector::Oidc(o) => {
-            let s = block_on(o.start(&redirect))?;
+            let s = block_on(o.start(&redirect, web))?;
             (s.url, s.state, Some(s.pkce_verifier), Some(s.nonce))
         }
         Connector::GitHub(g) => {
-            let (url, state) = g.start(&redirect)?;
+            let (url, state) = g.start(&redirect, web)?;
             (url, state, None, None)
         }
     };
-    let web = browser_key.is_some();
     let login = PendingLogin {
         connector: connector_name.to_string(),
         expires: now + PENDING_TTL_SECS,
@@ -466,6 +529,7 @@ fn begin(
         pkce_verifier,
         nonce,
         browser_key,
+        started: now,
     };
     pending_insert(store, &state, &login, now)?;
     tracing::debug!(connector = %connector_name, client = %client_addr, gateway, web, "single sign-on started");
@@ -516,6 +580,14 @@ pub fn start(
 
 /// `WebSsoStart`: the provider's login URL for a web console login that returns to the
 /// gateway's callback page, bound to the browser's key.
+///
+/// The gateway asking is not trusted to be honest: a rogue one could start a login with
+/// its own key and put the URL before a victim already signed in at the provider. So web
+/// sign-on is off unless the administrator listed the console's origin with the connector
+/// (`--web-origin`), and the provider is asked to make the user log in again (OpenID
+/// Connect `prompt=login` and `max_age=0`, checked against the ID token's `auth_time`;
+/// GitHub `prompt=select_account`): no login finishes without the user acting at the
+/// provider's own page, which names the application and where it returns.
 pub fn web_start(
     svc: &Service,
     gateway: &str,
@@ -524,6 +596,10 @@ pub fn web_start(
 ) -> Result<Response, RpcError> {
     edgeport_proto::web::check_key(&req.browser_key).map_err(|e| invalid(e.to_string()))?;
     let redirect = web_redirect(&req.redirect_uri, &req.connector)?;
+    let store = svc.store();
+    let spec = store::get::<SsoConnectorSpec>(store, Table::SsoConnectors, &req.connector)?
+        .ok_or_else(|| not_configured(store, &req.connector))?;
+    web_origin_allowed(&spec, redirect.url())?;
     // Not a secret: a web login is finished only by the browser key's signature, and
     // `pending_take` refuses it.
     let proof_hash = edgeport_proto::keys::sha256_hex(&req.browser_key);
@@ -585,15 +661,39 @@ fn web_finish_inner(
     crate::handlers::web::new_session(svc, gateway, &user, browser_key, &req.client_addr, now)
 }
 
-/// `WebSsoConnectors`: the connectors' names and kinds, for the login page's buttons.
+/// Whether a web console login with `spec` may return to `redirect`'s origin.
+pub(crate) fn web_origin_allowed(
+    spec: &SsoConnectorSpec,
+    redirect: &openidconnect::url::Url,
+) -> Result<(), RpcError> {
+    let name = &spec.name;
+    if spec.web_origins.is_empty() {
+        return Err(denied(format!(
+            "the {name} single sign-on connector is not enabled for the web console; an administrator enables it with tctl sso connectors add {name} ... --web-origin https://GATEWAY:PORT"
+        )));
+    }
+    let origin = redirect.origin().ascii_serialization();
+    if !spec.web_origins.contains(&origin) {
+        return Err(denied(format!(
+            "the web console at {origin} is not among the {name} connector's web origins ({}); an administrator adds it with --web-origin {origin}",
+            spec.web_origins.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// `WebSsoConnectors`: the names and kinds of the connectors enabled for the web console
+/// (`--web-origin`), for the login page's buttons.
 pub fn web_connectors(store: &dyn Store) -> Result<Response, RpcError> {
     let mut list = match connector_list(store)? {
         Response::SsoConnectors(l) => l,
         _ => Vec::new(),
     };
+    list.retain(|c| !c.web_origins.is_empty());
     for c in &mut list {
         c.client_id.clear();
         c.custom_ca = false;
+        c.web_origins.clear();
     }
     Ok(Response::SsoConnectors(list))
 }
@@ -738,6 +838,7 @@ mod tests {
             pkce_verifier: Some("v".into()),
             nonce: Some("n".into()),
             browser_key: None,
+            started: expires.saturating_sub(PENDING_TTL_SECS),
         }
     }
 
@@ -809,6 +910,7 @@ mod tests {
                 groups_claim: "groups".into(),
                 scopes: vec!["openid".into(), "email".into()],
             },
+            web_origins: Vec::new(),
         }
     }
 
@@ -827,6 +929,7 @@ mod tests {
                     url: "https://github.example/".into(),
                     api_url: "https://github.example/api/v3".into(),
                 },
+                web_origins: vec!["https://gw.example:3443/".into()],
             },
         )
         .unwrap();
@@ -910,6 +1013,109 @@ mod tests {
         ] {
             assert!(loopback_redirect(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Web sign-on is per connector and per console origin: off without `--web-origin`,
+    /// and a redirect elsewhere is refused; only enabled connectors are offered.
+    #[test]
+    fn web_sign_on_needs_the_consoles_origin_with_the_connector() {
+        for (given, canonical) in [
+            ("https://gw.example", "https://gw.example"),
+            ("https://GW.example:3443/", "https://gw.example:3443"),
+            ("https://gw.example:443", "https://gw.example"),
+            ("https://127.0.0.1:8443", "https://127.0.0.1:8443"),
+        ] {
+            assert_eq!(web_origin(given).unwrap(), canonical, "{given}");
+        }
+        for bad in [
+            "http://gw.example",
+            "https://gw.example/web",
+            "https://gw.example/?x",
+            "https://u@gw.example",
+            "gw.example",
+            "https://",
+        ] {
+            assert!(web_origin(bad).is_err(), "{bad}");
+        }
+        let (_d, s) = store();
+        connector_add(&s, oidc_spec("x")).unwrap();
+        let url = |u: &str| web_redirect(u, "oidc").unwrap().url().clone();
+        let spec: SsoConnectorSpec = store::get(&s, Table::SsoConnectors, "oidc")
+            .unwrap()
+            .unwrap();
+        let e = web_origin_allowed(&spec, &url("https://gw.example/web/sso/oidc/callback"))
+            .unwrap_err();
+        assert!(
+            e.message.contains("not enabled for the web console"),
+            "{}",
+            e.message
+        );
+        let Response::SsoConnectors(offered) = web_connectors(&s).unwrap() else {
+            panic!("not a connector list")
+        };
+        assert!(offered.is_empty(), "{offered:?}");
+
+        let mut on = oidc_spec("x");
+        on.web_origins = vec![
+            "https://gw.example:3443".into(),
+            "https://gw.example:3443/".into(),
+        ];
+        connector_add(&s, on).unwrap();
+        let spec: SsoConnectorSpec = store::get(&s, Table::SsoConnectors, "oidc")
+            .unwrap()
+            .unwrap();
+        assert_eq!(spec.web_origins, ["https://gw.example:3443"]);
+        assert!(
+            web_origin_allowed(&spec, &url("https://gw.example:3443/web/sso/oidc/callback"))
+                .is_ok()
+        );
+        for elsewhere in [
+            "https://gw.example/web/sso/oidc/callback",
+            "https://rogue.example:3443/web/sso/oidc/callback",
+            "https://gw.example:3444/web/sso/oidc/callback",
+        ] {
+            let e = web_origin_allowed(&spec, &url(elsewhere)).unwrap_err();
+            assert!(
+                e.message.contains("not among"),
+                "{elsewhere}: {}",
+                e.message
+            );
+        }
+        let Response::SsoConnectors(offered) = web_connectors(&s).unwrap() else {
+            panic!("not a connector list")
+        };
+        assert_eq!(offered.len(), 1);
+        assert!(offered[0].web_origins.is_empty() && offered[0].client_id.is_empty());
+        let mut bad = oidc_spec("x");
+        bad.web_origins = vec!["http://gw.example".into()];
+        assert!(connector_add(&s, bad)
+            .unwrap_err()
+            .message
+            .contains("https only"));
+    }
+
+    /// Web console logins have a cap of their own inside the cluster's.
+    #[test]
+    fn web_logins_cannot_take_the_room_of_tsh_logins() {
+        let (_d, s) = store();
+        let mut web = login("192.0.2.1", 700);
+        web.browser_key = Some(vec![1]);
+        let bytes = serde_json::to_vec(&web).unwrap();
+        for i in 0..MAX_PENDING_WEB {
+            // Straight into the store: the per-client bound is not what is tested here.
+            s.compare_and_swap(
+                Table::SsoPending,
+                &format!("w{i}"),
+                None,
+                Some(bytes.clone()),
+            )
+            .unwrap();
+        }
+        let mut one_more = login("192.0.2.99", 700);
+        one_more.browser_key = Some(vec![1]);
+        let e = pending_insert(&s, "w-more", &one_more, 100).unwrap_err();
+        assert!(e.message.contains("web console"), "{}", e.message);
+        pending_insert(&s, "tsh", &login("192.0.2.99", 700), 100).unwrap();
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use edgeport_proto::rpc::RpcError;
-use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+use openidconnect::core::{
+    CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreProviderMetadata,
+};
 use openidconnect::{
     AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge,
     PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
@@ -120,8 +122,10 @@ impl Oidc {
     }
 
     /// The provider's login URL for a new attempt that returns to `redirect`, with a fresh
-    /// state, nonce and PKCE challenge.
-    pub async fn start(&self, redirect: &RedirectUrl) -> Result<Started, RpcError> {
+    /// state, nonce and PKCE challenge. A web console login (`web`) asks the provider to
+    /// authenticate the user afresh (`prompt=login`, `max_age=0`), which [`Oidc::finish`]
+    /// checks in the ID token's `auth_time`.
+    pub async fn start(&self, redirect: &RedirectUrl, web: bool) -> Result<Started, RpcError> {
         let meta = self.provider().await?;
         let client = CoreClient::from_provider_metadata(
             meta,
@@ -129,7 +133,7 @@ impl Oidc {
             Some(self.secret.clone()),
         );
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-        let (url, state, nonce) = client
+        let mut req = client
             .authorize_url(
                 CoreAuthenticationFlow::AuthorizationCode,
                 CsrfToken::new_random,
@@ -137,8 +141,13 @@ impl Oidc {
             )
             .add_scopes(self.cfg.scopes.iter().cloned().map(Scope::new))
             .set_pkce_challenge(challenge)
-            .set_redirect_uri(Cow::Borrowed(redirect))
-            .url();
+            .set_redirect_uri(Cow::Borrowed(redirect));
+        if web {
+            req = req
+                .add_prompt(CoreAuthPrompt::Login)
+                .set_max_age(Duration::from_secs(0));
+        }
+        let (url, state, nonce) = req.url();
         Ok(Started {
             url: url.to_string(),
             state: state.secret().clone(),
@@ -197,6 +206,16 @@ impl Oidc {
                 tracing::warn!(client = client_addr, "ID token refused: {}", chain(&e));
                 denied(format!("the ID token does not verify: {e}"))
             })?;
+        if pending.browser_key.is_some() {
+            let auth_time = claims.auth_time().map(|t| t.timestamp());
+            fresh_login(auth_time, pending.started).inspect_err(|e| {
+                tracing::warn!(
+                    client = client_addr,
+                    "web console single sign-on refused: {}",
+                    e.message
+                );
+            })?;
+        }
         let subject = claims.subject().as_str().to_string();
         let user = match self.cfg.username_claim.as_str() {
             // Edgeport user names have no `@` (they become logins' key ids and file names):
@@ -234,6 +253,31 @@ impl Oidc {
     }
 }
 
+/// A web console login must have been authenticated at the provider after it started
+/// (`auth_time`, Unix seconds, allowing [`super::AUTH_TIME_SKEW_SECS`] of clock skew), not
+/// in an earlier session the provider kept: otherwise a link started by someone else could
+/// come back without the user doing anything.
+pub(crate) fn fresh_login(auth_time: Option<i64>, started: u64) -> Result<(), RpcError> {
+    let Some(at) = auth_time else {
+        return Err(denied(
+            "the identity provider did not say when the user logged in (auth_time); the web console needs a fresh login",
+        ));
+    };
+    if started == 0 {
+        // A login in progress recorded before starts were (an upgrade): no bound to check.
+        return Err(denied(
+            "this single sign-on login was started before an upgrade; log in again",
+        ));
+    }
+    let earliest = started.saturating_sub(super::AUTH_TIME_SKEW_SECS);
+    if at < 0 || (at as u64) < earliest {
+        return Err(denied(
+            "the identity provider did not make the user log in again (auth_time is older than this login); the web console needs a fresh login",
+        ));
+    }
+    Ok(())
+}
+
 /// The `claim` array (or single string) of a JWT's payload.
 pub(crate) fn groups_of(jwt: &str, claim: &str) -> Vec<String> {
     let payload = jwt.split('.').nth(1).unwrap_or("");
@@ -256,6 +300,25 @@ pub(crate) fn groups_of(jwt: &str, claim: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn web_logins_need_a_fresh_authentication() {
+        assert!(fresh_login(Some(1000), 1000).is_ok());
+        assert!(fresh_login(Some(1005), 1000).is_ok());
+        assert!(
+            fresh_login(Some(995), 1000).is_ok(),
+            "a few seconds of skew"
+        );
+        let e = fresh_login(Some(900), 1000).unwrap_err();
+        assert!(e.message.contains("auth_time is older"), "{}", e.message);
+        let e = fresh_login(None, 1000).unwrap_err();
+        assert!(e.message.contains("auth_time"), "{}", e.message);
+        assert!(fresh_login(Some(-1), 1000).is_err());
+        assert!(
+            fresh_login(Some(1000), 0).is_err(),
+            "a record without its start"
+        );
+    }
 
     #[test]
     fn groups_come_from_the_payload() {

@@ -53,6 +53,103 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 1024;
+/// Connections not yet past their first request (or WebSockets not yet past their signed
+/// hello) at once, all sources; each source has [`crate::budget::PER_SOURCE`] of them.
+const MAX_UNPROVEN: usize = 256;
+/// How long one request may take, body included (a terminal's WebSocket, once upgraded,
+/// is not a request any more).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+/// Single sign-on starts and connector listings per source: a burst, then one per interval.
+const SSO_BURST: u32 = 30;
+const SSO_EVERY: Duration = Duration::from_secs(2);
+/// Sources whose single sign-on budget is tracked at once.
+const SSO_SOURCES: usize = 100_000;
+
+/// What the console needs of the gateway's configuration.
+pub struct Options {
+    /// `https://HOST[:PORT]` as browsers reach the console ([`public_origin`]); single
+    /// sign-on returns there. `None`: no single sign-on from this console.
+    pub origin: Option<String>,
+    /// Sources that proved a certificate lately (shared with the tunnel ports): they have
+    /// slots kept for them.
+    pub known: Arc<crate::budget::KnownSources>,
+}
+
+/// The console's origin: `--web-origin` as given (checked: `https://HOST[:PORT]`), else
+/// the host of `--public-addr`, else the listener's address when it is not a wildcard,
+/// with the listener's port. Never the request's `Host` header, which the client chooses.
+pub fn public_origin(
+    given: Option<&str>,
+    public_addr: Option<&str>,
+    bound: SocketAddr,
+) -> Result<Option<String>, String> {
+    if let Some(g) = given {
+        let u = url::Url::parse(g.trim()).map_err(|e| format!("{g:?}: {e}"))?;
+        let clean = u.scheme() == "https"
+            && u.host_str().is_some_and(|h| !h.is_empty())
+            && u.username().is_empty()
+            && u.password().is_none()
+            && u.query().is_none()
+            && u.fragment().is_none()
+            && u.path() == "/";
+        if !clean {
+            return Err(format!("{g:?}: expected https://HOST[:PORT]"));
+        }
+        return Ok(Some(u.origin().ascii_serialization()));
+    }
+    let host = match public_addr.map(host_of).filter(|h| !h.is_empty()) {
+        Some(h) => h.to_string(),
+        None if bound.ip().is_unspecified() => return Ok(None),
+        None => bound.ip().to_string(),
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let port = bound.port();
+    Ok(Some(if port == 443 {
+        format!("https://{host}")
+    } else {
+        format!("https://{host}:{port}")
+    }))
+}
+
+/// `host:port`, `[v6]:port` or a bare host -> host.
+fn host_of(addr: &str) -> &str {
+    let addr = addr.trim();
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => addr,
+    }
+}
+
+/// A connection's (or WebSocket's) share of the console's unauthenticated budget: its
+/// source's slot and one of the console's, held until it has shown something (a request;
+/// a terminal's verified hello).
+pub struct Admitted {
+    _source: crate::budget::Slot,
+    _slot: crate::budget::HandshakeSlot,
+}
+
+/// Admission of one connection or WebSocket from `ip`: waits up to `wait` for one of its
+/// source's slots, then takes one of the console's (anonymous sources leave some for known
+/// ones).
+async fn admit(
+    admission: &crate::budget::Admission,
+    ip: std::net::IpAddr,
+    wait: Duration,
+) -> Option<Admitted> {
+    let source = admission.sources.take(ip, wait).await?;
+    let slot = admission.try_slot(admission.class_of(ip))?;
+    Some(Admitted {
+        _source: source,
+        _slot: slot,
+    })
+}
 
 /// No inline script or style, nothing from elsewhere, no framing.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
@@ -62,6 +159,9 @@ struct Web {
     auth: AuthCall,
     sessions: SessionCache,
     term: Arc<terminal::Term>,
+    origin: Option<String>,
+    admission: crate::budget::Admission,
+    sso_budget: crate::budget::RateBudget,
 }
 
 struct Resolver(CertSource);
@@ -85,6 +185,7 @@ pub async fn serve(
     auth: AuthCall,
     dialer: Arc<crate::dial::Dialer>,
     shutdown: CancellationToken,
+    options: Options,
 ) {
     let mut tls = match rustls::ServerConfig::builder_with_provider(edgeport_proto::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -108,6 +209,14 @@ pub async fn serve(
         }),
         auth,
         sessions: SessionCache::default(),
+        origin: options.origin,
+        admission: crate::budget::Admission::new(
+            "web",
+            MAX_UNPROVEN,
+            HANDSHAKE_TIMEOUT,
+            options.known,
+        ),
+        sso_budget: crate::budget::RateBudget::new(SSO_BURST, SSO_EVERY, SSO_SOURCES),
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -128,20 +237,49 @@ pub async fn serve(
         let (acceptor, web, shutdown) = (acceptor.clone(), web.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            // Until its first request, a connection is anonymous work: it holds its
+            // source's slot (waiting a little for one) and one of the console's.
+            let Some(admitted) = admit(&web.admission, addr.ip(), HANDSHAKE_TIMEOUT).await else {
+                tracing::debug!(%addr, "web console: this source has too many connections starting; dropped");
+                return;
+            };
             let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             else {
                 return;
             };
-            let svc = hyper::service::service_fn(move |req| {
-                let web = web.clone();
-                async move { Ok::<_, std::convert::Infallible>(web.handle(req, addr).await) }
-            });
+            let first = Arc::new(tokio::sync::Notify::new());
+            let svc = {
+                let (web, first) = (web.clone(), first.clone());
+                hyper::service::service_fn(move |req| {
+                    first.notify_one();
+                    let web = web.clone();
+                    async move {
+                        let handled =
+                            tokio::time::timeout(REQUEST_DEADLINE, web.handle(req, addr)).await;
+                        Ok::<_, std::convert::Infallible>(handled.unwrap_or_else(|_| {
+                            secured(error(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "the request took too long",
+                            ))
+                        }))
+                    }
+                })
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), svc)
                 .with_upgrades();
             tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r { tracing::debug!(%addr, "web console connection: {e}") }
+                    return;
+                }
+                _ = first.notified() => drop(admitted),
+                _ = tokio::time::sleep(HEADER_READ_TIMEOUT) => return,
+                _ = shutdown.cancelled() => return,
+            }
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%addr, "web console connection: {e}") },
                 _ = shutdown.cancelled() => {}
@@ -322,6 +460,14 @@ impl Web {
             }
             (Method::GET, "/app.css") => answer(StatusCode::OK, "text/css; charset=utf-8", APP_CSS),
             (Method::POST, "/api/login") => self.login(req, addr).await,
+            (Method::GET, "/api/sso/connectors") | (Method::POST, "/api/sso/start")
+                if !self.sso_budget.allow(addr.ip(), std::time::Instant::now()) =>
+            {
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many single sign-on requests from your address; wait a minute",
+                )
+            }
             (Method::GET, "/api/sso/connectors") => self.sso_connectors().await,
             (Method::POST, "/api/sso/start") => self.sso_start(req, addr).await,
             (Method::POST, "/api/sso/finish") => self.sso_finish(req, addr).await,
@@ -333,7 +479,7 @@ impl Web {
             (Method::GET, "/api/session") => self.session(req).await,
             (Method::GET, "/api/devices") => self.devices(req).await,
             (Method::POST, "/api/logout") => self.logout(req).await,
-            (Method::GET, terminal::PATH) => self.terminal(req, addr),
+            (Method::GET, terminal::PATH) => self.terminal(req, addr).await,
             (Method::GET, "/api/recordings") => self.recordings(req).await,
             (Method::GET, p) if p.starts_with("/api/recordings/") => self.recording(req).await,
             (Method::GET, "/api/audit") => self.audit(req).await,
@@ -455,27 +601,30 @@ impl Web {
 
     /// Starts a single sign-on login that returns to this gateway's callback page. The
     /// authority keeps the browser's key with it: only that browser can finish it.
+    ///
+    /// The callback is on this console's configured origin, never the request's `Host`;
+    /// the authority checks that the connector lists that origin (`--web-origin`).
     async fn sso_start(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let Some(origin) = self.origin.clone() else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this web console has no public address for single sign-on (gateway start --web-origin https://HOST:PORT)",
+            );
+        };
         let v = match Self::json_body(req).await {
             Ok(v) => v,
             Err(r) => return r,
         };
         let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
         let connector = field("connector");
-        if !connector_name_ok(&connector) || host.is_empty() || host.contains(['/', '@']) {
-            return error(StatusCode::BAD_REQUEST, "malformed connector or host");
+        if !connector_name_ok(&connector) {
+            return error(StatusCode::BAD_REQUEST, "malformed connector");
         }
         let Ok(browser_key) = hex::decode(field("browser_key")) else {
             return error(StatusCode::BAD_REQUEST, "browser_key must be hex");
         };
         let start = WebSsoStartRequest {
-            redirect_uri: format!("https://{host}/web/sso/{connector}/callback"),
+            redirect_uri: format!("{origin}/web/sso/{connector}/callback"),
             connector,
             browser_key,
             client_addr: addr.ip().to_string(),
@@ -636,7 +785,10 @@ impl Web {
     /// Upgrades to the terminal's WebSocket. Only from this origin (a WebSocket is not
     /// bound by the same-origin policy, and the browser sends the cookie to any page that
     /// opens one); who it is for is proven by its first message ([`terminal`]).
-    fn terminal(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
+    ///
+    /// Until its hello is verified, a WebSocket counts against its source's budget (and the
+    /// console's) like a connection before its first request.
+    async fn terminal(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
         let has_origin = req.headers().contains_key(header::ORIGIN);
         if !has_origin || !Self::same_origin(&req) {
             return error(StatusCode::FORBIDDEN, "cross-site WebSocket refused");
@@ -652,13 +804,19 @@ impl Web {
         if !upgrade {
             return error(StatusCode::BAD_REQUEST, "a WebSocket upgrade is required");
         }
+        let Some(admitted) = admit(&self.admission, addr.ip(), Duration::from_secs(2)).await else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many terminals opening from your address; try again",
+            );
+        };
         let token = session::token_from_cookies(req.headers());
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let term = self.term.clone();
         let on = hyper::upgrade::on(req);
         tokio::spawn(async move {
             match on.await {
-                Ok(up) => terminal::serve(term, TokioIo::new(up), token, addr).await,
+                Ok(up) => terminal::serve(term, TokioIo::new(up), token, addr, admitted).await,
                 Err(e) => tracing::debug!(%addr, "web terminal upgrade: {e}"),
             }
         });
@@ -847,6 +1005,41 @@ mod tests {
         assert!(label_matches(&d, ""));
         assert!(!label_matches(&d, "fleet=cars"));
         assert!(!label_matches(&d, "env"));
+    }
+
+    #[test]
+    fn the_sign_on_origin_comes_from_configuration_not_the_request() {
+        let bound: SocketAddr = "0.0.0.0:3443".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let o = |g: Option<&str>, p: Option<&str>, b| public_origin(g, p, b).unwrap();
+        assert_eq!(
+            o(Some("https://GW.example.com/"), None, bound).as_deref(),
+            Some("https://gw.example.com")
+        );
+        assert_eq!(
+            o(None, Some("gw.example.com:3080"), bound).as_deref(),
+            Some("https://gw.example.com:3443")
+        );
+        assert_eq!(
+            o(None, Some("[2001:db8::1]:3080"), bound).as_deref(),
+            Some("https://[2001:db8::1]:3443")
+        );
+        assert_eq!(
+            o(None, None, local).as_deref(),
+            Some("https://127.0.0.1:8443")
+        );
+        assert_eq!(
+            o(None, None, bound),
+            None,
+            "a wildcard address is no origin"
+        );
+        for bad in [
+            "http://gw.example",
+            "https://gw.example/path",
+            "https://u@gw",
+        ] {
+            assert!(public_origin(Some(bad), None, bound).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -88,6 +88,29 @@ impl Term {
     }
 }
 
+/// A terminal listed under its session until dropped.
+struct Registered<'a> {
+    term: &'a Term,
+    token: String,
+    ended: CancellationToken,
+}
+
+impl<'a> Registered<'a> {
+    fn new(term: &'a Term, token: &str) -> Self {
+        Self {
+            term,
+            token: token.to_string(),
+            ended: term.register(token),
+        }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.term.unregister(&self.token, &self.ended);
+    }
+}
+
 /// The browser's first message.
 #[derive(serde::Deserialize)]
 struct Hello {
@@ -125,25 +148,21 @@ fn segment_ok(s: &str) -> bool {
 }
 
 /// Serves one upgraded WebSocket until the shell ends, a lock cuts it or the gateway stops.
-pub async fn serve<S>(term: Arc<Term>, io: S, token: Option<String>, addr: SocketAddr)
-where
+///
+/// `admitted` is the connection's share of the console's unauthenticated budget: held until
+/// the authority has verified the hello, as a TLS handshake holds its slot.
+pub async fn serve<S>(
+    term: Arc<Term>,
+    io: S,
+    token: Option<String>,
+    addr: SocketAddr,
+    admitted: super::Admitted,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
     let (mut tx, mut rx) = ws.split();
-    let ended = token.as_deref().map(|t| term.register(t));
-    let outcome = run(
-        &term,
-        &mut tx,
-        &mut rx,
-        token.clone(),
-        addr,
-        ended.clone().unwrap_or_default(),
-    )
-    .await;
-    if let (Some(t), Some(e)) = (token.as_deref(), ended.as_ref()) {
-        term.unregister(t, e);
-    }
+    let outcome = run(&term, &mut tx, &mut rx, token, addr, admitted).await;
     let why = match outcome {
         Ok(why) | Err(why) => why,
     };
@@ -161,7 +180,7 @@ async fn run<S>(
     rx: &mut Rx<S>,
     token: Option<String>,
     addr: SocketAddr,
-    ended: CancellationToken,
+    admitted: super::Admitted,
 ) -> Result<String, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -184,7 +203,7 @@ where
     let signature = hex::decode(&hello.sig).map_err(|_| "malformed signature".to_string())?;
     let path = format!("{PATH}/{}/{}/{}", hello.device, hello.login, hello.nonce);
     let proof = WebProof {
-        token,
+        token: token.clone(),
         signed: edgeport_proto::web::signed_text(hello.at, "GET", &path),
         signature,
     };
@@ -203,6 +222,11 @@ where
             return Err("the cluster's authority is unavailable".into());
         }
     };
+    // The hello is proven: the connection leaves the unauthenticated budget, and only now
+    // is it listed among its session's terminals (to end at logout).
+    drop(admitted);
+    let registered = Registered::new(term, &token);
+    let ended = registered.ended.clone();
     let der = edgeport_proto::keys::first_cert_der(&certs.x509_cert_pem)
         .map_err(|e| format!("bad certificate from the authority: {e}"))?;
     let who = UserCert::new(certs.user.clone(), der);

@@ -598,14 +598,15 @@ pub fn request() -> impl Strategy<Value = Request> {
             })
         },
     );
-    let connector = (s(), s(), s(), os(), sso_kind()).prop_map(
-        |(name, client_id, client_secret, ca_pem, kind)| {
+    let connector = (s(), s(), s(), os(), sso_kind(), vs()).prop_map(
+        |(name, client_id, client_secret, ca_pem, kind, web_origins)| {
             Request::SsoConnectorAdd(SsoConnectorSpec {
                 name,
                 client_id,
                 client_secret,
                 ca_pem,
                 kind,
+                web_origins,
             })
         },
     );
@@ -1004,15 +1005,15 @@ pub fn response() -> impl Strategy<Value = Response> {
                 }
             },
         );
-    let conn_info =
-        (s(), s(), any::<bool>(), sso_kind()).prop_map(|(name, client_id, custom_ca, kind)| {
-            SsoConnectorInfo {
-                name,
-                client_id,
-                custom_ca,
-                kind,
-            }
-        });
+    let conn_info = (s(), s(), any::<bool>(), sso_kind(), vs()).prop_map(
+        |(name, client_id, custom_ca, kind, web_origins)| SsoConnectorInfo {
+            name,
+            client_id,
+            custom_ca,
+            kind,
+            web_origins,
+        },
+    );
     prop_oneof![
         Just(Response::Ok),
         rpc_error().prop_map(Response::Error),

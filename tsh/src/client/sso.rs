@@ -66,6 +66,7 @@ pub async fn login(
         .port();
     let path = callback_path(connector);
     let redirect_uri = format!("http://127.0.0.1:{port}{path}");
+    let own_redirect = redirect_uri.clone();
     // Only this tsh knows the secret; the gateway finishes the login only for whoever shows it.
     let proof = random_secret().map_err(|e| CliError::msg(e.to_string()))?;
     let start = ClientRequest::SsoStart {
@@ -82,6 +83,13 @@ pub async fn login(
         Ok((other, _)) => return Err(gateway::unexpected(&other)),
         Err(e) => return Err(CliError::msg(format!("login failed: {e}"))),
     };
+    // The gateway is not trusted with where the browser goes: a provider's https page
+    // (http only on loopback, as a local test provider) that returns to this tsh.
+    let auth_url = check_auth_url(&auth_url, &own_redirect).map_err(|e| {
+        CliError::msg(format!(
+            "single sign-on: the gateway's login address is refused: {e}"
+        ))
+    })?;
     eprintln!("To log in, open this address in a browser:\n\n  {auth_url}\n");
     if browser != "none" {
         open_browser(&auth_url);
@@ -238,6 +246,40 @@ async fn respond(sock: &mut TcpStream, status: &str, text: &str) -> std::io::Res
 }
 
 /// The `state` parameter of the provider's authorization URL.
+/// The gateway's login address, if it is one tsh may open: `https` (or `http` to a loopback
+/// host), no credentials, and exactly one `redirect_uri`, equal to tsh's own callback
+/// `own_redirect`. Answered in its normalized form (nothing unprintable reaches the
+/// terminal or the browser opener).
+fn check_auth_url(auth_url: &str, own_redirect: &str) -> Result<String, String> {
+    let u = url::Url::parse(auth_url).map_err(|e| format!("not a URL ({e})"))?;
+    let loopback = match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err("it has no host".into()),
+    };
+    match u.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        other => return Err(format!("{other}: only https identity providers")),
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("it carries credentials".into());
+    }
+    let redirects: Vec<_> = u
+        .query_pairs()
+        .filter(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    if redirects.as_slice() != [own_redirect] {
+        return Err(format!(
+            "it does not return to this tsh ({own_redirect}) but to {:?}",
+            redirects
+        ));
+    }
+    Ok(u.to_string())
+}
+
 fn state_of(url: &str) -> Option<String> {
     let query = url.split_once('?')?.1;
     query.split('&').find_map(|kv| {
@@ -272,6 +314,34 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_providers_address_back_to_this_tsh_is_opened() {
+        let own = "http://127.0.0.1:4242/v1/webapi/oidc/callback";
+        let enc = "http%3A%2F%2F127.0.0.1%3A4242%2Fv1%2Fwebapi%2Foidc%2Fcallback";
+        for ok in [
+            format!("https://idp.example/auth?client_id=x&redirect_uri={enc}&state=s"),
+            format!("http://127.0.0.1:9000/auth?redirect_uri={enc}&state=s"),
+            format!("http://localhost:9000/auth?redirect_uri={enc}"),
+        ] {
+            assert!(check_auth_url(&ok, own).is_ok(), "{ok}");
+        }
+        for bad in [
+            // Elsewhere: a rogue gateway's own callback, or a web console's.
+            "https://idp.example/auth?redirect_uri=https%3A%2F%2Frogue.example%2Fcb".to_string(),
+            "https://idp.example/auth?redirect_uri=http%3A%2F%2F127.0.0.1%3A4243%2Fv1%2Fwebapi%2Foidc%2Fcallback".to_string(),
+            "https://idp.example/auth?state=s".to_string(),
+            format!("https://idp.example/auth?redirect_uri={enc}&redirect_uri=https%3A%2F%2Fx"),
+            // Not https (outside loopback), credentials, not a URL.
+            format!("http://idp.example/auth?redirect_uri={enc}"),
+            format!("javascript:alert(1)//?redirect_uri={enc}"),
+            format!("file:///etc/passwd?redirect_uri={enc}"),
+            format!("https://user:pw@idp.example/auth?redirect_uri={enc}"),
+            "not a url".to_string(),
+        ] {
+            assert!(check_auth_url(&bad, own).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn finds_the_state() {

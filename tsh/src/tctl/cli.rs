@@ -141,6 +141,12 @@ pub struct OidcConnectorArgs {
     /// Root certificates (PEM) for an https issuer (default: the authority's system roots).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Enables web console single sign-on with this connector for the console at this
+    /// origin (https://GATEWAY[:PORT], the gateway's --web-addr as browsers reach it;
+    /// repeatable). Register https://GATEWAY[:PORT]/web/sso/oidc/callback at the provider too.
+    /// Without it the connector serves tsh logins only.
+    #[arg(long = "web-origin", value_name = "ORIGIN")]
+    pub web_origins: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -161,6 +167,12 @@ pub struct GitHubConnectorArgs {
     /// system roots).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Enables web console single sign-on with this connector for the console at this
+    /// origin (https://GATEWAY[:PORT], the gateway's --web-addr as browsers reach it;
+    /// repeatable). Register https://GATEWAY[:PORT]/web/sso/github/callback at the provider too.
+    /// Without it the connector serves tsh logins only.
+    #[arg(long = "web-origin", value_name = "ORIGIN")]
+    pub web_origins: Vec<String>,
 }
 
 #[derive(Debug, Args)]

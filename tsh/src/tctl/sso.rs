@@ -128,6 +128,7 @@ async fn connector_add(s: &mut Session, a: ConnectorAddCmd) -> anyhow::Result<()
                 groups_claim: o.groups_claim,
                 scopes: o.scopes,
             },
+            web_origins: o.web_origins,
         },
         ConnectorAddCmd::Github(g) => SsoConnectorSpec {
             name: "github".into(),
@@ -138,6 +139,7 @@ async fn connector_add(s: &mut Session, a: ConnectorAddCmd) -> anyhow::Result<()
                 url: g.github_url,
                 api_url: g.api_url,
             },
+            web_origins: g.web_origins,
         },
     };
     let name = spec.name.clone();
@@ -158,7 +160,7 @@ async fn connector_list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     match a.format {
         Format::Json | Format::Yaml => print_as(a.format, &json_list(&list, connector_json)),
         Format::Text => {
-            let mut t = Table::new(&["NAME", "CLIENT ID", "PROVIDER", "SETTINGS"]);
+            let mut t = Table::new(&["NAME", "CLIENT ID", "PROVIDER", "WEB ORIGINS", "SETTINGS"]);
             for c in &list {
                 let (provider, settings) = match &c.kind {
                     SsoConnectorKind::Oidc {
@@ -178,10 +180,16 @@ async fn connector_list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     }
                 };
                 let ca = if c.custom_ca { " ca=custom" } else { "" };
+                let web = if c.web_origins.is_empty() {
+                    "off".to_string()
+                } else {
+                    csv(&c.web_origins)
+                };
                 t.row(vec![
                     c.name.clone(),
                     c.client_id.clone(),
                     provider,
+                    web,
                     format!("{settings}{ca}"),
                 ]);
             }
@@ -196,6 +204,7 @@ fn connector_json(c: &SsoConnectorInfo) -> serde_json::Value {
         "name": c.name,
         "client_id": c.client_id,
         "custom_ca": c.custom_ca,
+        "web_origins": c.web_origins,
     });
     match &c.kind {
         SsoConnectorKind::Oidc {
