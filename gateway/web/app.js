@@ -149,7 +149,7 @@ function terminalView(title) {
     });
     window.addEventListener('resize', () => resizeTerminal(...term.fit()));
   }
-  term.scrollback = []; term.reset(); term.draw();
+  term.clear(); term.draw();
 }
 
 function resizeTerminal(cols, rows) {

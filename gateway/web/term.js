@@ -1,18 +1,96 @@
 // A small terminal for the web console: the VT100/xterm subset a shell prompt, ls, top
 // and less need (cursor moves, erase, scroll region, insert/delete), drawn into a <pre>.
-// SGR: the 16 colours (foreground and background, 256-colour codes below 16 too), bold and
-// inverse; a cell with attributes is its character followed by one marker code point
-// (plane 16, U+100000 + attributes), drawn as a <span> with classes (app.css). Written for
-// Edgeport (Apache-2.0), no dependencies.
+// SGR: the 16 colours (classes in app.css), xterm's 256 colours and 24-bit colour (inline
+// styles), bold and inverse. A cell with attributes is its character followed by one marker
+// code point (plane 16, U+100000 + the index of its style in the terminal's style table).
+// Lines that scroll off the screen are rendered once into the scrollback; each frame
+// redraws only the screen. Written for Edgeport (Apache-2.0), no dependencies.
 'use strict';
 
 const MARK = 0x100000;
+// Distinct styles a terminal keeps (plane 16 has room for 65,534 markers); past this, new
+// combinations are drawn without colour rather than growing the table for ever.
+const MAX_STYLES = 60000;
+// Lines kept in the scrollback.
+const SCROLLBACK = 1000;
+// Default text and background colours (app.css .term), for inverse video.
+const DEFAULT_FG = '#e6e6e6';
+const DEFAULT_BG = '#111';
 
-// The classes of a cell's attributes (see Term.sgr).
-function classes(a) {
-  const fg = a & 31; const bg = (a >> 5) & 31;
-  return [fg ? `f${fg - 1}` : '', bg ? `b${bg - 1}` : '', a & 1024 ? 'bold' : '', a & 2048 ? 'inv' : '']
-    .filter(Boolean).join(' ');
+// xterm's colours 16-255: a 6x6x6 cube, then 24 greys.
+function palette(n) {
+  if (n < 232) {
+    const i = n - 16; const v = (c) => (c ? 55 + c * 40 : 0);
+    return `rgb(${v(Math.floor(i / 36))}, ${v(Math.floor(i / 6) % 6)}, ${v(i % 6)})`;
+  }
+  const g = 8 + (n - 232) * 10;
+  return `rgb(${g}, ${g}, ${g})`;
+}
+
+// A colour is -1 (the default), 0-255 (a palette entry) or an 'rgb(...)' string.
+// Returns [class, inline colour]: the 16 named colours are classes (prefix f or b).
+function paint(c, prefix) {
+  if (c === -1) return ['', ''];
+  if (typeof c === 'string') return ['', c];
+  return c < 16 ? [`${prefix}${c}`, ''] : ['', palette(c)];
+}
+
+// How a style is drawn: classes and inline colours for a <span>.
+function look(fg, bg, bold, inv) {
+  let text; let back; const cls = [];
+  if (!inv) { text = paint(fg, 'f'); back = paint(bg, 'b'); } else if (fg === -1 && bg === -1) {
+    text = ['', '']; back = ['', '']; cls.push('inv');
+  } else {
+    // Inverse with a colour: the background's colour is the text's and the other way round.
+    text = bg === -1 ? ['', DEFAULT_BG] : paint(bg, 'f');
+    back = fg === -1 ? ['', DEFAULT_FG] : paint(fg, 'b');
+  }
+  if (text[0]) cls.push(text[0]);
+  if (back[0]) cls.push(back[0]);
+  if (bold) cls.push('bold');
+  return { cls: cls.join(' '), color: text[1], background: back[1] };
+}
+
+// Appends runs of cells with the same style to a node: one text node or <span> per run.
+// (A fragment, not replaceChildren(...nodes): a long line makes more nodes than a call may
+// take as arguments.)
+class Runs {
+  constructor(styles, out) { this.styles = styles; this.out = out; this.run = ''; this.style = 0; }
+
+  flush() {
+    if (!this.run) return;
+    const st = this.styles[this.style];
+    if (this.style && st && (st.cls || st.color || st.background)) {
+      const s = document.createElement('span');
+      if (st.cls) s.className = st.cls;
+      if (st.color) s.style.color = st.color;
+      if (st.background) s.style.background = st.background;
+      s.textContent = this.run;
+      this.out.append(s);
+    } else this.out.append(this.run);
+    this.run = '';
+  }
+
+  add(text, style) { if (style !== this.style) { this.flush(); this.style = style; } this.run += text; }
+
+  // One line of cells, trailing blanks cut unless the cursor stands there.
+  line(cells, cursorAt) {
+    let end = cells.length;
+    while (end > 0 && cells[end - 1] === ' ') end--;
+    if (cursorAt !== undefined) end = Math.max(end, cursorAt + 1);
+    for (let i = 0; i < end; i++) {
+      const cell = cells[i] || ' ';
+      const cp = cell.codePointAt(cell.length - 2);
+      const style = cell.length > 1 && cp >= MARK ? cp - MARK : 0;
+      const glyph = style ? cell.slice(0, -2) : cell;
+      if (i === cursorAt) {
+        this.flush(); this.style = 0;
+        const cur = document.createElement('span');
+        cur.className = 'cursor'; cur.textContent = glyph;
+        this.out.append(cur);
+      } else this.add(glyph, style);
+    }
+  }
 }
 
 class Term {
@@ -21,8 +99,11 @@ class Term {
     this.onInput = onInput || (() => {});
     this.decoder = new TextDecoder('utf-8');
     this.cols = 80; this.rows = 24;
-    this.scrollback = [];
-    this.reset();
+    // The scrollback's lines, each a <span> ending in a newline, then the screen.
+    this.back = document.createElement('span');
+    this.live = document.createElement('span');
+    pre.replaceChildren(this.back, this.live);
+    this.clear();
     this.pending = false;
     pre.tabIndex = 0;
     pre.addEventListener('keydown', (e) => this.key(e));
@@ -33,11 +114,23 @@ class Term {
     });
   }
 
+  // Forgets everything: the screen, the scrollback and the styles.
+  clear() {
+    this.unrendered = [];
+    this.back.replaceChildren();
+    this.styles = [null]; this.styleIndex = new Map();
+    // Bold and inverse without colour come first, so a full table can still draw them.
+    for (const [bold, inv] of [[1, 0], [0, 1], [1, 1]]) this.styleOf(-1, -1, bold, inv);
+    this.pen = { fg: -1, bg: -1, bold: 0, inv: 0 };
+    this.reset();
+  }
+
   reset() {
     this.screen = [];
     for (let i = 0; i < this.rows; i++) this.screen.push(this.blank());
     this.x = 0; this.y = 0; this.top = 0; this.bottom = this.rows - 1;
     this.state = 0; this.params = ''; this.saved = [0, 0]; this.attr = 0;
+    this.pen = { fg: -1, bg: -1, bold: 0, inv: 0 };
   }
 
   blank() { return new Array(this.cols).fill(' '); }
@@ -62,7 +155,7 @@ class Term {
     this.cols = cols;
     this.screen = this.screen.map(fix);
     while (this.screen.length > rows) {
-      if (this.y > 0) { this.scrollback.push(this.screen.shift()); this.y--; } else this.screen.pop();
+      if (this.y > 0) { this.unrendered.push(this.screen.shift()); this.y--; } else this.screen.pop();
     }
     while (this.screen.length < rows) this.screen.push(this.blank());
     this.rows = rows; this.top = 0; this.bottom = rows - 1;
@@ -80,7 +173,7 @@ class Term {
     const line = this.blank();
     if (up) {
       const gone = this.screen.splice(this.top, 1)[0];
-      if (this.top === 0) { this.scrollback.push(gone); if (this.scrollback.length > 1000) this.scrollback.shift(); }
+      if (this.top === 0) { this.unrendered.push(gone); if (this.unrendered.length > SCROLLBACK) this.unrendered.shift(); }
       this.screen.splice(this.bottom, 0, line);
     } else {
       this.screen.splice(this.bottom, 1);
@@ -124,32 +217,50 @@ class Term {
     this.screen[this.y][this.x++] = this.attr ? c + String.fromCodePoint(MARK + this.attr) : c;
   }
 
-  // SGR: attributes are fg (0 default, 1-16 colour 0-15) | bg << 5 | bold << 10 | inverse << 11.
+  // SGR: updates the pen, then this.attr is its style's index (0: no attributes).
   sgr(n) {
-    let fg = this.attr & 31; let bg = (this.attr >> 5) & 31;
-    let bold = (this.attr >> 10) & 1; let inv = (this.attr >> 11) & 1;
+    const p = this.pen;
+    const byte = (v) => Number.isInteger(v) && v >= 0 && v <= 255;
     for (let i = 0; i < n.length; i++) {
       const v = Number.isNaN(n[i]) ? 0 : n[i];
-      if (v === 0) { fg = 0; bg = 0; bold = 0; inv = 0; }
-      else if (v === 1) bold = 1;
-      else if (v === 22) bold = 0;
-      else if (v === 7) inv = 1;
-      else if (v === 27) inv = 0;
-      else if (v >= 30 && v <= 37) fg = v - 29;
-      else if (v === 39) fg = 0;
-      else if (v >= 40 && v <= 47) bg = v - 39;
-      else if (v === 49) bg = 0;
-      else if (v >= 90 && v <= 97) fg = v - 81;
-      else if (v >= 100 && v <= 107) bg = v - 91;
-      else if (v === 38 || v === 48) { // 5;N (the first 16 only) or 2;R;G;B (not shown)
+      if (v === 0) { p.fg = -1; p.bg = -1; p.bold = 0; p.inv = 0; }
+      else if (v === 1) p.bold = 1;
+      else if (v === 22) p.bold = 0;
+      else if (v === 7) p.inv = 1;
+      else if (v === 27) p.inv = 0;
+      else if (v >= 30 && v <= 37) p.fg = v - 30;
+      else if (v === 39) p.fg = -1;
+      else if (v >= 40 && v <= 47) p.bg = v - 40;
+      else if (v === 49) p.bg = -1;
+      else if (v >= 90 && v <= 97) p.fg = v - 82;
+      else if (v >= 100 && v <= 107) p.bg = v - 92;
+      else if (v === 38 || v === 48) { // 5;N (xterm's 256) or 2;R;G;B
+        let c;
         if (n[i + 1] === 5) {
-          const c = n[i + 2];
-          if (c >= 0 && c < 16) { if (v === 38) fg = c + 1; else bg = c + 1; }
+          if (byte(n[i + 2])) c = n[i + 2];
           i += 2;
-        } else if (n[i + 1] === 2) i += 4;
+        } else if (n[i + 1] === 2) {
+          if (byte(n[i + 2]) && byte(n[i + 3]) && byte(n[i + 4])) c = `rgb(${n[i + 2]}, ${n[i + 3]}, ${n[i + 4]})`;
+          i += 4;
+        }
+        if (c !== undefined) { if (v === 38) p.fg = c; else p.bg = c; }
       }
     }
-    this.attr = fg | (bg << 5) | (bold << 10) | (inv << 11);
+    this.attr = this.styleOf(p.fg, p.bg, p.bold, p.inv);
+  }
+
+  // The index of a style in this terminal's table, added on first use.
+  styleOf(fg, bg, bold, inv) {
+    if (fg === -1 && bg === -1 && !bold && !inv) return 0;
+    const key = `${fg}/${bg}/${bold}/${inv}`;
+    let i = this.styleIndex.get(key);
+    if (i === undefined) {
+      if (this.styles.length >= MAX_STYLES) return this.styleIndex.get(`-1/-1/${bold}/${inv}`) || 0;
+      i = this.styles.length;
+      this.styles.push(look(fg, bg, bold, inv));
+      this.styleIndex.set(key, i);
+    }
+    return i;
   }
 
   csi(f, p) {
@@ -202,44 +313,32 @@ class Term {
     this.pending = true;
     requestAnimationFrame(() => {
       this.pending = false;
-      // Runs of cells with the same attributes become one text node or <span>.
-      // A fragment, not replaceChildren(...nodes): a long scrollback makes ~10^5 nodes,
-      // more arguments than a call may take.
-      const out = document.createDocumentFragment();
-      let run = ''; let cls = '';
-      const flush = () => {
-        if (!run) return;
-        if (cls) { const s = document.createElement('span'); s.className = cls; s.textContent = run; out.append(s); } else out.append(run);
-        run = '';
-      };
-      const add = (text, c) => { if (c !== cls) { flush(); cls = c; } run += text; };
-      const line = (cells, cursorAt) => {
-        let end = cells.length;
-        while (end > 0 && cells[end - 1] === ' ') end--;
-        if (cursorAt !== undefined) end = Math.max(end, cursorAt + 1);
-        for (let i = 0; i < end; i++) {
-          const cell = cells[i] || ' ';
-          const cp = cell.codePointAt(cell.length - 2);
-          const a = cell.length > 1 && cp >= MARK ? cp - MARK : 0;
-          const glyph = a ? cell.slice(0, -2) : cell;
-          if (i === cursorAt) {
-            flush(); cls = '';
-            const cur = document.createElement('span');
-            cur.className = 'cursor'; cur.textContent = glyph;
-            out.append(cur);
-          } else add(glyph, a ? classes(a) : '');
+      // Lines that scrolled off since the last frame are rendered once, into the scrollback.
+      if (this.unrendered.length) {
+        const lines = document.createDocumentFragment();
+        for (const cells of this.unrendered) {
+          const l = document.createElement('span');
+          const runs = new Runs(this.styles, l);
+          runs.line(cells);
+          runs.add('\n', 0);
+          runs.flush();
+          lines.append(l);
         }
-      };
+        this.unrendered = [];
+        this.back.append(lines);
+        let extra = this.back.childElementCount - SCROLLBACK;
+        while (extra-- > 0) this.back.firstElementChild.remove();
+      }
+      const out = document.createDocumentFragment();
+      const runs = new Runs(this.styles, out);
       let last = this.rows - 1;
       while (last > this.y && this.screen[last].every((c) => c === ' ')) last--;
-      const all = this.scrollback.concat(this.screen.slice(0, last + 1));
-      const cursorRow = this.scrollback.length + this.y;
-      all.forEach((cells, i) => {
-        if (i > 0) add('\n', '');
-        line(cells, i === cursorRow ? this.x : undefined);
-      });
-      flush();
-      this.pre.replaceChildren(out);
+      for (let i = 0; i <= last; i++) {
+        if (i > 0) runs.add('\n', 0);
+        runs.line(this.screen[i], i === this.y ? this.x : undefined);
+      }
+      runs.flush();
+      this.live.replaceChildren(out);
       this.pre.scrollTop = this.pre.scrollHeight;
     });
   }

@@ -522,6 +522,23 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
         "no red text: {}",
         b.eval("document.getElementById('term').innerHTML")
     );
+    // xterm's 256 colours and 24-bit colour are drawn too (inline colours).
+    b.cmd(json!({"op": "type", "sel": "#term", "text": "printf '\\033[38;5;208morange-%s\\033[0m \\033[48;2;10;20;30mdeep-%s\\033[0m\\n' text text", "enter": true}));
+    let painted = |b: &mut Browser, text: &str, prop: &str, want: &str| {
+        let js = format!(
+            "Array.from(document.querySelectorAll('#term span')).filter((s) => s.textContent === '{text}').map((s) => getComputedStyle(s).{prop}).join('|')"
+        );
+        let mut got = String::new();
+        let ok = wait_until(Duration::from_secs(30), || {
+            got = b.eval(&js).as_str().unwrap_or("").to_string();
+            got.split('|').any(|c| c == want)
+        });
+        (ok, got)
+    };
+    let (orange, got) = painted(&mut b, "orange-text", "color", "rgb(255, 135, 0)");
+    assert!(orange, "colour 208 is not orange: {got:?}");
+    let (deep, got) = painted(&mut b, "deep-text", "backgroundColor", "rgb(10, 20, 30)");
+    assert!(deep, "a 24-bit background was not drawn: {got:?}");
     let shot = if std::env::var_os("EDGEPORT_UPDATE_DOCS").is_some() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img/web-terminal.png")
     } else {
