@@ -625,40 +625,72 @@ pub fn web_finish(
     now: u64,
 ) -> Result<Response, RpcError> {
     let client_addr = req.client_addr.clone();
+    audited(
+        svc,
+        caller,
+        gateway,
+        &client_addr,
+        "web console single sign-on",
+        |verified| {
+            let pending =
+                pending_take_web(svc.store(), &req.state, &req.signed, &req.signature, now)?;
+            let browser_key = pending.browser_key.clone().unwrap_or_default();
+            let who = verified.insert(redeem(svc, &pending, req.code, &req.client_addr)?);
+            let user = crate::handlers::sso::sso_user(svc, gateway, who, now)?;
+            tracing::info!(user = %user.name, connector = %who.connector, subject = %who.subject,
+            client = %req.client_addr, gateway, "web console single sign-on login");
+            crate::handlers::web::new_session(
+                svc,
+                gateway,
+                &user,
+                browser_key,
+                &req.client_addr,
+                now,
+            )
+        },
+    )
+}
+
+/// Runs the rest of a login's finish, then records it (or its refusal) in the audit log
+/// and, for a refusal, logs why: the reason in the authority's log, whoever asked (a
+/// gateway with a forged code included).
+fn audited(
+    svc: &Service,
+    caller: &crate::service::Caller,
+    gateway: &str,
+    client_addr: &str,
+    what: &str,
+    rest: impl FnOnce(&mut Option<Verified>) -> Result<Response, RpcError>,
+) -> Result<Response, RpcError> {
     let mut verified: Option<Verified> = None;
-    let result = web_finish_inner(svc, gateway, req, now, &mut verified);
-    crate::audit::sso_login(svc, caller, &client_addr, verified.as_ref(), &result);
+    let result = rest(&mut verified);
+    crate::audit::sso_login(svc, caller, client_addr, verified.as_ref(), &result);
     if let Err(e) = &result {
-        tracing::info!(gateway, client = %client_addr, "web console single sign-on refused: {}", e.message);
+        tracing::info!(gateway, client = %client_addr, "{what} refused: {}", e.message);
     }
     result
 }
 
-fn web_finish_inner(
+/// Redeems the provider's code for a pending login with its connector: who logged in.
+fn redeem(
     svc: &Service,
-    gateway: &str,
-    req: WebSsoFinishRequest,
-    now: u64,
-    verified: &mut Option<Verified>,
-) -> Result<Response, RpcError> {
-    let store = svc.store();
-    let pending = pending_take_web(store, &req.state, &req.signed, &req.signature, now)?;
-    let browser_key = pending.browser_key.clone().unwrap_or_default();
-    let connector = svc.sso.get(store, &pending.connector)?.ok_or_else(|| {
-        denied(format!(
-            "the single sign-on connector {} was removed during this login",
-            pending.connector
-        ))
-    })?;
-    let who = match &*connector {
-        Connector::Oidc(o) => block_on(o.finish(req.code, &pending, &req.client_addr))?,
-        Connector::GitHub(g) => block_on(g.finish(req.code, &pending, &req.client_addr))?,
-    };
-    *verified = Some(who.clone());
-    let user = crate::handlers::sso::sso_user(svc, gateway, &who, now)?;
-    tracing::info!(user = %user.name, connector = %who.connector, subject = %who.subject,
-        client = %req.client_addr, gateway, "web console single sign-on login");
-    crate::handlers::web::new_session(svc, gateway, &user, browser_key, &req.client_addr, now)
+    pending: &PendingLogin,
+    code: String,
+    client_addr: &str,
+) -> Result<Verified, RpcError> {
+    let connector = svc
+        .sso
+        .get(svc.store(), &pending.connector)?
+        .ok_or_else(|| {
+            denied(format!(
+                "the single sign-on connector {} was removed during this login",
+                pending.connector
+            ))
+        })?;
+    match &*connector {
+        Connector::Oidc(o) => block_on(o.finish(code, pending, client_addr)),
+        Connector::GitHub(g) => block_on(g.finish(code, pending, client_addr)),
+    }
 }
 
 /// Whether a web console login with `spec` may return to `redirect`'s origin.
@@ -708,47 +740,27 @@ pub fn finish(
     now: u64,
 ) -> Result<Response, RpcError> {
     let client_addr = req.client_addr.clone();
-    let mut verified: Option<Verified> = None;
-    let result = finish_inner(svc, gateway, req, now, &mut verified);
-    crate::audit::sso_login(svc, caller, &client_addr, verified.as_ref(), &result);
-    if let Err(e) = &result {
-        // The reason in the authority's log, whoever asked (a gateway with a forged code
-        // included).
-        tracing::info!(gateway, client = %client_addr, "single sign-on refused: {}", e.message);
-    }
-    result
-}
-
-fn finish_inner(
-    svc: &Service,
-    gateway: &str,
-    req: SsoFinishRequest,
-    now: u64,
-    verified: &mut Option<Verified>,
-) -> Result<Response, RpcError> {
-    parse_ed25519_public(&req.ssh_public_key)
-        .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
-    let store = svc.store();
-    let pending = pending_take(store, &req.state, &req.proof, now)?;
-    let connector = svc.sso.get(store, &pending.connector)?.ok_or_else(|| {
-        denied(format!(
-            "the single sign-on connector {} was removed during this login",
-            pending.connector
-        ))
-    })?;
-    let who = match &*connector {
-        Connector::Oidc(o) => block_on(o.finish(req.code, &pending, &req.client_addr))?,
-        Connector::GitHub(g) => block_on(g.finish(req.code, &pending, &req.client_addr))?,
-    };
-    *verified = Some(who.clone());
-    crate::handlers::sso::login(
+    audited(
         svc,
+        caller,
         gateway,
-        &who,
-        &req.ssh_public_key,
-        req.ttl_secs,
-        &req.client_addr,
-        now,
+        &client_addr,
+        "single sign-on",
+        |verified| {
+            parse_ed25519_public(&req.ssh_public_key)
+                .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
+            let pending = pending_take(svc.store(), &req.state, &req.proof, now)?;
+            let who = verified.insert(redeem(svc, &pending, req.code, &req.client_addr)?);
+            crate::handlers::sso::login(
+                svc,
+                gateway,
+                who,
+                &req.ssh_public_key,
+                req.ttl_secs,
+                &req.client_addr,
+                now,
+            )
+        },
     )
 }
 
