@@ -495,3 +495,148 @@ pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    fn ca(kind: CaKind, phase: &str, trusted: &[&str], drop_at: Option<u64>) -> CaState {
+        CaState {
+            kind,
+            phase: phase.into(),
+            signing: trusted[0].into(),
+            trusted: trusted.iter().map(|t| t.to_string()).collect(),
+            drop_at,
+        }
+    }
+
+    fn standby() -> Vec<CaState> {
+        vec![
+            ca(CaKind::User, "standby", &["u1"], None),
+            ca(CaKind::Host, "standby", &["h1"], None),
+            ca(CaKind::X509, "standby", &["x1"], None),
+        ]
+    }
+
+    fn record(id: &str, address: &str, held: Vec<CaState>, now: u64) -> AuthorityRecord {
+        AuthorityRecord {
+            id: id.into(),
+            address: address.into(),
+            version: "1.2.3".into(),
+            started: 1,
+            last_seen: now,
+            held,
+        }
+    }
+
+    fn sled() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn records_go_stale_then_are_dropped() {
+        let (_d, st) = sled();
+        let t0 = 1_000_000;
+        heartbeat(&st, &record("a", "10.0.0.5:3025", standby(), t0), t0).unwrap();
+        heartbeat(&st, &record("b", "10.0.0.6:3025", standby(), t0), t0).unwrap();
+        let l = list(&st, t0 + STALE_AFTER_SECS).unwrap();
+        assert_eq!(l.len(), 2);
+        assert!(l
+            .iter()
+            .all(|a| !a.stale && a.remedy.is_empty() && a.missing.is_empty()));
+        assert_eq!(l[0].address, "10.0.0.5:3025");
+
+        // b stops; a goes on.
+        let later = t0 + STALE_AFTER_SECS + 1;
+        heartbeat(&st, &record("a", "10.0.0.5:3025", standby(), later), later).unwrap();
+        let l = list(&st, later).unwrap();
+        let b = l.iter().find(|a| a.id == "b").unwrap();
+        assert!(b.stale && b.missing.is_empty(), "{b:?}");
+        assert!(!l.iter().find(|a| a.id == "a").unwrap().stale);
+
+        // A day later b's record is gone (a's heartbeat prunes it); a restarted a is one record.
+        let day = t0 + PRUNE_AFTER_SECS + 1;
+        assert_eq!(list(&st, day).unwrap().len(), 1, "a stale record is listed");
+        heartbeat(&st, &record("a", "10.0.0.7:3025", standby(), day), day).unwrap();
+        let keys = st.scan_prefix(Table::Authorities, RECORD_PREFIX).unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let l = list(&st, day).unwrap();
+        assert_eq!((l.len(), l[0].address.as_str()), (1, "10.0.0.7:3025"));
+    }
+
+    #[test]
+    fn an_authority_without_the_new_key_is_told_where_to_copy_it_from() {
+        let (_d, st) = sled();
+        let now = 5_000;
+        heartbeat(&st, &record("a", "a:1", standby(), now), now).unwrap();
+        heartbeat(&st, &record("b", "b:1", standby(), now), now).unwrap();
+        // a starts a user CA rotation: the cluster trusts u2 beside u1.
+        let mut rotating = standby();
+        rotating[0] = ca(CaKind::User, "init", &["u1", "u2"], None);
+        publish(&st, &rotating, "a:1").unwrap();
+        heartbeat(&st, &record("a", "a:1", rotating.clone(), now), now).unwrap();
+        let l = list(&st, now).unwrap();
+        let (a, b) = (&l[0], &l[1]);
+        assert!(a.missing.is_empty() && a.behind.is_empty() && a.remedy.is_empty());
+        assert_eq!(b.missing, vec!["user CA u2".to_string()]);
+        assert!(b.behind[0].starts_with("user CA: phase standby (cluster: init)"));
+        assert!(b.remedy.contains("copy DATA/ca from a:1"), "{}", b.remedy);
+
+        // While the old key signs, b may sign; once u2 signs it must not.
+        let cluster = cluster(&st, now).unwrap().unwrap();
+        assert_eq!(signing_refusal(&standby(), &cluster, Some("a:1")), None);
+        rotating[0] = ca(CaKind::User, "update_clients", &["u2", "u1"], None);
+        publish(&st, &rotating, "a:1").unwrap();
+        let cluster = super::cluster(&st, now).unwrap().unwrap();
+        let msg = signing_refusal(&standby(), &cluster, Some("a:1")).unwrap();
+        assert!(
+            msg.starts_with("this authority does not hold the user CA key u2")
+                && msg.contains("copy DATA/ca from a:1"),
+            "{msg}"
+        );
+        // Holding u2 but still in init (an older copy of DATA/ca): behind, not missing.
+        let mut old_copy = standby();
+        old_copy[0] = ca(CaKind::User, "init", &["u1", "u2"], None);
+        let msg = signing_refusal(&old_copy, &cluster, None).unwrap();
+        assert!(msg.contains("rotation is behind the cluster's"), "{msg}");
+        assert_eq!(signing_refusal(&rotating, &cluster, None), None);
+    }
+
+    #[test]
+    fn the_cluster_state_drops_the_old_key_when_the_grace_ends() {
+        let (_d, st) = sled();
+        let mut rotating = standby();
+        rotating[1] = ca(CaKind::Host, "update_servers", &["h2", "h1"], Some(100));
+        publish(&st, &rotating, "a:1").unwrap();
+        assert_eq!(cluster(&st, 99).unwrap().unwrap().cas[1].trusted.len(), 2);
+        let after = cluster(&st, 100).unwrap().unwrap();
+        assert_eq!(after.cas[1], ca(CaKind::Host, "standby", &["h2"], None));
+        // An authority that dropped h1 itself is in step; the heartbeat writes it back.
+        let mut dropped = standby();
+        dropped[1] = ca(CaKind::Host, "standby", &["h2"], None);
+        let c = heartbeat(&st, &record("a", "a:1", dropped.clone(), 100), 100).unwrap();
+        assert!(in_step(&dropped, &c.cas));
+        let stored: ClusterCas = store::get(&st, Table::Authorities, CLUSTER_KEY)
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.cas[1].phase, "standby");
+    }
+
+    #[test]
+    fn the_first_authority_records_the_cluster_state() {
+        let (_d, st) = sled();
+        assert!(cluster(&st, 1).unwrap().is_none());
+        let c = heartbeat(&st, &record("a", "a:1", standby(), 1), 1).unwrap();
+        assert_eq!((c.cas, c.by.as_str()), (standby(), "a:1"));
+        // A later one does not overwrite it with its own.
+        let mut other = standby();
+        other[2] = ca(CaKind::X509, "standby", &["x9"], None);
+        let c = heartbeat(&st, &record("b", "b:1", other, 2), 2).unwrap();
+        assert_eq!(c.by, "a:1");
+        let l = list(&st, 2).unwrap();
+        assert_eq!(l[1].missing, vec!["x509 CA x1".to_string()]);
+    }
+}
