@@ -219,6 +219,8 @@ fn source(records: &[AuthorityRecord], cluster: &ClusterCas, now: u64) -> Option
         .find(|r| r.address == cluster.by)
         .or_else(|| records.iter().find(good))
         .map(|r| r.address.clone())
+        // None seen lately follows it: the one that took the last step still has the keys.
+        .or_else(|| Some(cluster.by.clone()).filter(|by| !by.is_empty()))
 }
 
 fn remedy(from: Option<&str>) -> String {
@@ -584,6 +586,13 @@ mod tests {
         assert_eq!(b.missing, vec!["user CA u2".to_string()]);
         assert!(b.behind[0].starts_with("user CA: phase standby (cluster: init)"));
         assert!(b.remedy.contains("copy DATA/ca from a:1"), "{}", b.remedy);
+        // a stopped: the remedy still names it (it took the step, it has the keys).
+        let later = now + STALE_AFTER_SECS + 1;
+        let l = list(&st, later).unwrap();
+        assert!(
+            l[0].stale && l[1].remedy.contains("copy DATA/ca from a:1"),
+            "{l:?}"
+        );
 
         // While the old key signs, b may sign; once u2 signs it must not.
         let cluster = cluster(&st, now).unwrap().unwrap();
