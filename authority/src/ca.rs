@@ -314,6 +314,33 @@ fn signed_bundle(
     Ok(bundle)
 }
 
+/// Where each CA's rotation stands, from the CAs held.
+fn rotations_of(ssh: &SshCas) -> Vec<CaRotation> {
+    let x509 = (
+        ssh.x509.fingerprints(),
+        ssh.x509.phase,
+        ssh.x509.grace_secs,
+        ssh.x509.drop_at,
+    );
+    [(CaKind::User, &ssh.user), (CaKind::Host, &ssh.host)]
+        .into_iter()
+        .map(|(kind, ca)| (kind, ca.fingerprints(), ca.phase, ca.grace_secs, ca.drop_at))
+        .chain([(CaKind::X509, x509.0, x509.1, x509.2, x509.3)])
+        .map(|(kind, trusted, phase, grace_secs, drop_at)| CaRotation {
+            kind,
+            phase: phase.as_str().to_string(),
+            signing: trusted.first().cloned().unwrap_or_default(),
+            trusted,
+            grace_secs,
+            drop_at,
+            gateways_current: 0,
+            gateways_total: 0,
+            devices_renewed: 0,
+            devices_online: 0,
+        })
+        .collect()
+}
+
 /// Why a rotation step was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum RotationFailed {
@@ -529,32 +556,30 @@ impl CertAuthority {
         Ok(())
     }
 
+    /// Reads `DATA/ca` again (another authority's copy, after a rotation step there) and
+    /// takes it if `accept` likes its rotations; whether it did. The bundle's generation moves
+    /// on, so the TLS configuration and the administrator identity follow.
+    pub fn reload(&self, accept: impl Fn(&[CaRotation]) -> bool) -> Result<bool, CaError> {
+        let Some(dir) = &self.dir else {
+            return Ok(false);
+        };
+        let fresh = Self::with_rotations(&self.cluster, CaKeys::load(dir)?, Some(dir))?;
+        let fresh = fresh.ssh.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !accept(&rotations_of(&fresh)) {
+            return Ok(false);
+        }
+        let mut ssh = self.ssh.write().unwrap_or_else(|p| p.into_inner());
+        let generation = ssh.generation + 1;
+        *ssh = SshCas {
+            generation,
+            ..fresh
+        };
+        Ok(true)
+    }
+
     /// Where each SSH CA's rotation stands (the progress counters are the caller's).
     pub fn rotations(&self) -> Vec<CaRotation> {
-        let ssh = self.ssh();
-        let x509 = (
-            ssh.x509.fingerprints(),
-            ssh.x509.phase,
-            ssh.x509.grace_secs,
-            ssh.x509.drop_at,
-        );
-        [(CaKind::User, &ssh.user), (CaKind::Host, &ssh.host)]
-            .into_iter()
-            .map(|(kind, ca)| (kind, ca.fingerprints(), ca.phase, ca.grace_secs, ca.drop_at))
-            .chain([(CaKind::X509, x509.0, x509.1, x509.2, x509.3)])
-            .map(|(kind, trusted, phase, grace_secs, drop_at)| CaRotation {
-                kind,
-                phase: phase.as_str().to_string(),
-                signing: trusted.first().cloned().unwrap_or_default(),
-                trusted,
-                grace_secs,
-                drop_at,
-                gateways_current: 0,
-                gateways_total: 0,
-                devices_renewed: 0,
-                devices_online: 0,
-            })
-            .collect()
+        rotations_of(&self.ssh())
     }
 
     /// How many times the bundle changed since this authority started.

@@ -95,6 +95,26 @@ impl DataDir {
         }
     }
 
+    /// This authority's id in the store's registry (`authorities`): made at the first start
+    /// of this release and kept in `DATA/authority.id`, so a restart is the same authority.
+    pub fn authority_id(&self) -> Result<String, DataDirError> {
+        let file = self.root.join("authority.id");
+        match std::fs::read_to_string(&file) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.io(&file)(e)),
+        }
+        let id = edgeport_proto::keys::random_bytes(8)
+            .map(hex::encode)
+            .map_err(|e| DataDirError::Io {
+                path: file.display().to_string(),
+                err: e.to_string(),
+            })?;
+        write_with_mode(&file, format!("{id}\n").as_bytes(), 0o644).map_err(self.io(&file))?;
+        Ok(id)
+    }
+
     /// Records the cluster name; done last at the first start, once the CAs exist.
     pub fn record_cluster(&self, cluster: &str) -> Result<(), DataDirError> {
         let file = self.cluster_file();

@@ -7,6 +7,7 @@
 pub mod access_requests;
 pub mod admin_identity;
 pub mod audit;
+pub mod authorities;
 pub mod ca;
 pub mod data_dir;
 pub mod devices;
@@ -192,6 +193,14 @@ impl Server {
         let _ = service
             .admin_identity
             .set((admin_identity.clone(), auth_addr.clone()));
+        let started = edgeport_net::clock::now_secs();
+        service
+            .registry
+            .set_identity(dir.authority_id()?, auth_addr.clone(), started);
+        let registering = service.clone();
+        tokio::task::spawn_blocking(move || authorities::start(&registering, started))
+            .await
+            .map_err(|e| store::StoreError::Backend(e.to_string()))??;
         let shutdown = CancellationToken::new();
         tokio::spawn(refresh_admin_identity(
             ca.clone(),
@@ -200,6 +209,7 @@ impl Server {
             shutdown.clone(),
         ));
         tokio::spawn(open_sessions::run(service.clone(), shutdown.clone()));
+        tokio::spawn(authorities::run(service.clone(), shutdown.clone()));
         let task = tokio::spawn(rpc_server::serve(listener, tls, service, shutdown.clone()));
         tracing::info!(cluster = %config.cluster, "authority listening on {addr}");
         Ok(Self {

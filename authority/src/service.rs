@@ -97,7 +97,8 @@ fn access(req: &Request) -> Access {
         | Request::UpdateUpload { .. }
         | Request::UpdateStart(_)
         | Request::UpdateStatus { .. }
-        | Request::UpdateList => Access::Admin,
+        | Request::UpdateList
+        | Request::AuthorityList => Access::Admin,
         Request::JoinDevice(_)
         | Request::RenewDevice(_)
         | Request::RenewGateway(_)
@@ -206,6 +207,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::CaRotate(_) => "rotating CAs",
         Request::UpdateUpload { .. } | Request::UpdateStart(_) => "updating agents",
         Request::UpdateStatus { .. } | Request::UpdateList => "reading agent updates",
+        Request::AuthorityList => "listing authorities",
         Request::UpdateOrders | Request::UpdateFetch { .. } | Request::UpdateReport { .. } => {
             "delivering agent updates"
         }
@@ -301,6 +303,8 @@ pub struct Service {
     /// The administrator identity file and the address in it, refreshed at once when a CA
     /// rotation step changes the bundle (tctl's next run trusts the current CAs).
     pub(crate) admin_identity: std::sync::OnceLock<(std::path::PathBuf, String)>,
+    /// This authority's registration and the cluster's CA state it last read.
+    pub registry: crate::authorities::Registry,
 }
 
 impl Service {
@@ -320,6 +324,7 @@ impl Service {
             spread: Default::default(),
             updates: Default::default(),
             admin_identity: Default::default(),
+            registry: Default::default(),
         }
     }
 
@@ -349,6 +354,7 @@ impl Service {
         let moves = moves_policy(&req);
         let result = check_access(caller, &req)
             .and_then(|()| self.check_standing(caller, now))
+            .and_then(|()| crate::authorities::check_signing(self, &req, now))
             .and_then(|()| self.dispatch(caller, req, now));
         if moves && result.is_ok() {
             self.standing.changed();
@@ -452,6 +458,9 @@ impl Service {
             Request::UpdateStatus { id } => crate::updates::status(self, &id, now),
             Request::UpdateOrders => crate::updates::orders(self, now),
             Request::UpdateList => crate::updates::list(self, now),
+            Request::AuthorityList => {
+                Ok(Response::Authorities(crate::authorities::list(store, now)?))
+            }
             Request::UpdateFetch { sha256, offset } => crate::updates::fetch(self, &sha256, offset),
             Request::UpdateReport {
                 id,

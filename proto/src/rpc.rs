@@ -295,6 +295,10 @@ pub enum Request {
     /// Admin: the agent updates the authority keeps (newest first), each with its devices'
     /// states, settled against their presence; answered with `UpdateList`.
     UpdateList,
+    /// Admin: every authority registered in the store (several share a PostgreSQL store),
+    /// with the CA keys each holds against what the cluster's rotation needs; answered with
+    /// `Authorities`.
+    AuthorityList,
 }
 
 /// Responses from the authority.
@@ -392,6 +396,32 @@ pub enum Response {
     },
     /// The answer to `UpdateList`.
     UpdateList(Vec<crate::update::UpdateSummary>),
+    /// The answer to `AuthorityList`.
+    Authorities(Vec<AuthorityInfo>),
+}
+
+/// One authority of the cluster as registered in the store (`tctl status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityInfo {
+    /// Stable across restarts (kept in `DATA/authority.id`).
+    pub id: String,
+    /// The address it serves on (as in its `admin.identity`).
+    pub address: String,
+    pub version: String,
+    /// When it started (Unix seconds).
+    pub started: u64,
+    /// Its last heartbeat (Unix seconds).
+    pub last_seen: u64,
+    /// Not seen for three heartbeat intervals.
+    pub stale: bool,
+    /// The CA keys the cluster's rotations need that it does not hold, as `KIND CA
+    /// FINGERPRINT` (empty: it holds them all).
+    pub missing: Vec<String>,
+    /// CAs whose rotation it does not follow though it may hold the keys (phase or signing
+    /// key differ from the cluster's), as `KIND CA: phase P (cluster: Q)`.
+    pub behind: Vec<String>,
+    /// What to do about `missing` or `behind` (empty when nothing is wrong).
+    pub remedy: String,
 }
 
 /// A CA `tctl auth rotate --type` names.

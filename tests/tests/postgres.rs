@@ -501,3 +501,147 @@ fn single_sign_on_starts_at_one_authority_and_finishes_at_the_other() {
     let users = names(&a.tctl_ok(&["users", "ls", "--format", "json"]));
     assert!(users.contains(&"alice".into()), "{users:?}");
 }
+
+/// `tctl status --format json`'s authorities, by address.
+fn authorities(via: &Authority) -> Vec<serde_json::Value> {
+    via.tctl_ok(&["status", "--format", "json"]).json()["authorities"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn authority<'a>(list: &'a [serde_json::Value], addr: &str) -> Option<&'a serde_json::Value> {
+    list.iter().find(|a| a["address"] == addr)
+}
+
+fn sign(via: &Authority) -> edgeport_e2e::Run {
+    via.tctl(&[
+        "auth",
+        "sign",
+        "--user",
+        "alice",
+        "--logins",
+        "root",
+        "--format",
+        "openssh",
+        "--out",
+        via.data_dir.join("alice-cert").to_str().unwrap(),
+    ])
+}
+
+/// Issue 24: every authority registers in the store; `tctl status` lists both, and after a
+/// rotation step on one the other is shown lacking the new key (with the remedy), refuses to
+/// sign once the cluster signs with a key it does not hold, and follows again once
+/// `DATA/ca` is copied to it.
+#[test]
+fn status_lists_every_authority_and_one_left_behind_by_a_rotation() {
+    let pg = postgres();
+    let url = database(&pg, "registry");
+    let tmp = TempDir::new();
+    let a = start(&tmp.join("a"), &url);
+    copy_dir(&tmp.join("a/ca"), &tmp.join("b/ca"));
+    let b = start(&tmp.join("b"), &url);
+    a.tctl_ok(&["users", "add", "alice", "--logins", "root"]);
+
+    // Both are listed through either, each with its address and every key.
+    for via in [&a, &b] {
+        let list = authorities(via);
+        assert_eq!(list.len(), 2, "{list:?}");
+        for addr in [&a.addr, &b.addr] {
+            let it = authority(&list, addr).unwrap_or_else(|| panic!("{addr} in {list:?}"));
+            assert_eq!(it["keys"], "ok", "{it}");
+            assert_eq!(it["stale"], false, "{it}");
+            assert!(
+                it["version"].as_str().is_some_and(|v| !v.is_empty()),
+                "{it}"
+            );
+            assert!(it["remedy"].is_null(), "{it}");
+        }
+        assert_eq!(authority(&list, &via.addr).unwrap()["answering"], true);
+    }
+    sign(&b).expect_ok("signing on b before the rotation");
+
+    // A rotation step on a: b lacks the new user CA key.
+    a.tctl_ok(&["auth", "rotate", "--type", "user", "--phase", "init"]);
+    let list = authorities(&a);
+    assert_eq!(authority(&list, &a.addr).unwrap()["keys"], "ok", "{list:?}");
+    let lagging = authority(&list, &b.addr).unwrap();
+    assert_eq!(lagging["keys"], "missing", "{lagging}");
+    let missing = lagging["missing"].as_array().unwrap();
+    assert!(
+        missing.len() == 1 && missing[0].as_str().unwrap().starts_with("user CA SHA256:"),
+        "{lagging}"
+    );
+    let remedy = lagging["remedy"].as_str().unwrap();
+    assert!(
+        remedy.contains(&format!("copy DATA/ca from {}", a.addr)),
+        "{remedy}"
+    );
+    let text = a.tctl_ok(&["status"]).stdout();
+    assert!(
+        text.contains(&format!("{}: lacks user CA SHA256:", b.addr))
+            && text.contains(&format!("copy DATA/ca from {}", a.addr)),
+        "{text}"
+    );
+    // b may not start a rotation of its own from its older keys.
+    let r = b.tctl(&[
+        "auth",
+        "rotate",
+        "--type",
+        "user",
+        "--phase",
+        "update_clients",
+    ]);
+    assert!(!r.ok());
+    assert!(
+        r.stderr()
+            .contains("does not follow the cluster's CA rotation")
+            && r.stderr().contains("copy DATA/ca from"),
+        "{}",
+        r.stderr()
+    );
+
+    // Once the new key signs, b (which does not hold it) refuses to sign, naming it.
+    a.tctl_ok(&[
+        "auth",
+        "rotate",
+        "--type",
+        "user",
+        "--phase",
+        "update_clients",
+    ]);
+    let mut last = String::new();
+    let refused = edgeport_e2e::wait_until(Duration::from_secs(60), || {
+        let r = sign(&b);
+        last = r.stderr();
+        !r.ok() && last.contains("does not hold the user CA key SHA256:")
+    });
+    assert!(refused, "b still signs: {last}");
+    assert!(
+        last.contains(&format!("copy DATA/ca from {}", a.addr)),
+        "{last}"
+    );
+    assert_eq!(last.trim().lines().count(), 1, "{last}");
+    sign(&a).expect_ok("signing on a with the new key");
+
+    // The operator copies DATA/ca: b takes it at its next check and is in step again.
+    copy_dir(&tmp.join("a/ca"), &tmp.join("b/ca"));
+    let mut list = Vec::new();
+    let caught_up = edgeport_e2e::wait_until(Duration::from_secs(90), || {
+        list = authorities(&a);
+        authority(&list, &b.addr).is_some_and(|b| b["keys"] == "ok")
+    });
+    assert!(caught_up, "b still lacks keys: {list:?}");
+    sign(&b).expect_ok("signing on b after copying DATA/ca");
+    let rotations = b
+        .tctl_ok(&["auth", "rotate", "--status", "--format", "json"])
+        .json();
+    let user = rotations
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "user")
+        .unwrap()
+        .clone();
+    assert_eq!(user["phase"], "update_clients", "{user}");
+}

@@ -45,6 +45,9 @@ impl Spread {
 }
 
 pub fn rotate(svc: &Service, req: CaRotateRequest, now: u64) -> Result<Response, RpcError> {
+    if req.action != RotateAction::Status {
+        crate::authorities::check_rotation(svc, now)?;
+    }
     let before = svc.ca().rotations();
     match svc.ca().rotate(req.kind, &req.action, now) {
         Ok(()) => {}
@@ -59,6 +62,8 @@ pub fn rotate(svc: &Service, req: CaRotateRequest, now: u64) -> Result<Response,
             .map(|r| r.phase.clone())
             .unwrap_or_default();
         tracing::info!(ca = req.kind.as_str(), %phase, "CA rotation: phase changed");
+        // The other authorities compare their keys with this (tctl status, signing).
+        crate::authorities::rotated(svc, now)?;
         if let Some((path, addr)) = svc.admin_identity.get() {
             if let Err(e) = crate::admin_identity::ensure(svc.ca(), path, addr) {
                 tracing::warn!("cannot refresh the administrator identity: {e}");

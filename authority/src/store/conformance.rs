@@ -31,7 +31,29 @@ pub fn run_all(store: Arc<dyn Store>) -> Checked {
     range_pages_are_bounded_and_exact(&*store)?;
     cas_race_has_exactly_one_winner(store.clone())?;
     update_counts_every_increment_under_contention(store.clone())?;
-    corrupt_records_are_reported(&*store)
+    corrupt_records_are_reported(&*store)?;
+    every_table_is_its_own_namespace(&*store)
+}
+
+/// Each table of [`Table::ALL`] (the newest included) keeps its own keys.
+pub fn every_table_is_its_own_namespace(st: &dyn Store) -> Checked {
+    for (i, t) in Table::ALL.iter().enumerate() {
+        s(st.put(*t, "ns/k", i.to_string().into_bytes()))?;
+    }
+    for (i, t) in Table::ALL.iter().enumerate() {
+        let got = s(st.get(*t, "ns/k"))?;
+        ensure!(
+            got == Some(i.to_string().into_bytes()),
+            "table {} read another table's record: {got:?}",
+            t.name()
+        );
+        ensure!(
+            s(st.delete(*t, "ns/k"))?.is_some(),
+            "table {} lost its record",
+            t.name()
+        );
+    }
+    Ok(())
 }
 
 pub fn basic_operations(st: &dyn Store) -> Checked {

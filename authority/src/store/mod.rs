@@ -89,10 +89,15 @@ pub enum Table {
     UpdateOrders,
     /// The agent binaries of kept updates (raw bytes, not JSON), by hex SHA-256.
     UpdateBinaries,
+    /// The authorities sharing this store (`authorities::AuthorityRecord`: address, version,
+    /// heartbeat, the CA keys each holds) by `a/ID`, and the cluster's CA rotation state
+    /// (`authorities::ClusterCas`) at `cluster/cas`, written by the authority that took the
+    /// last rotation step.
+    Authorities,
 }
 
 impl Table {
-    pub const ALL: [Table; 29] = [
+    pub const ALL: [Table; 30] = [
         Table::Users,
         Table::Bots,
         Table::Tokens,
@@ -122,6 +127,7 @@ impl Table {
         Table::OverBudget,
         Table::UpdateOrders,
         Table::UpdateBinaries,
+        Table::Authorities,
     ];
 
     /// The table's name in the backing store.
@@ -156,6 +162,7 @@ impl Table {
             Table::OverBudget => "over_budget",
             Table::UpdateOrders => "update_orders",
             Table::UpdateBinaries => "update_binaries",
+            Table::Authorities => "authorities",
         }
     }
 }

@@ -822,6 +822,7 @@ pub fn request() -> impl Strategy<Value = Request> {
         }),
         web_proof().prop_map(Request::WebTerminalNonce),
         Just(Request::UpdateList),
+        Just(Request::AuthorityList),
     ]
 }
 
@@ -1078,7 +1079,31 @@ pub fn response() -> impl Strategy<Value = Response> {
             .prop_map(|(cert, valid_before)| Response::TargetCert { cert, valid_before }),
         (s(), any::<u64>()).prop_map(|(nonce, expires)| Response::WebNonce { nonce, expires }),
         vec(update_summary(), 0..2).prop_map(Response::UpdateList),
+        vec(authority_info(), 0..2).prop_map(Response::Authorities),
     ]
+}
+
+pub fn authority_info() -> impl Strategy<Value = AuthorityInfo> {
+    (
+        (s(), s(), s()),
+        (any::<u64>(), any::<u64>(), any::<bool>()),
+        (vs(), vs(), s()),
+    )
+        .prop_map(
+            |((id, address, version), (started, last_seen, stale), (missing, behind, remedy))| {
+                AuthorityInfo {
+                    id,
+                    address,
+                    version,
+                    started,
+                    last_seen,
+                    stale,
+                    missing,
+                    behind,
+                    remedy,
+                }
+            },
+        )
 }
 
 pub fn ca_kind() -> impl Strategy<Value = CaKind> + Clone {

@@ -6,7 +6,8 @@
 use base64::Engine;
 use edgeport_net::rpc_client::{add_device_page, unexpected};
 use edgeport_proto::rpc::{
-    CaKind, CaRotateRequest, DeviceInfo, GatewayInfo, Request, Response, RotateAction,
+    AuthorityInfo, CaKind, CaRotateRequest, DeviceInfo, GatewayInfo, Request, Response,
+    RotateAction,
 };
 use serde_json::{json, Value};
 
@@ -52,6 +53,33 @@ fn gateway_json(g: &GatewayInfo) -> Value {
     })
 }
 
+/// Whether an authority holds every CA key the cluster's rotation needs.
+fn keys_state(a: &AuthorityInfo) -> &'static str {
+    if !a.missing.is_empty() {
+        "missing"
+    } else if !a.behind.is_empty() {
+        "behind"
+    } else {
+        "ok"
+    }
+}
+
+fn authority_json(a: &AuthorityInfo, answering: &str) -> Value {
+    json!({
+        "id": a.id,
+        "address": a.address,
+        "version": a.version,
+        "up_since": time(a.started),
+        "last_seen": time(a.last_seen),
+        "stale": a.stale,
+        "keys": keys_state(a),
+        "missing": a.missing,
+        "behind": a.behind,
+        "remedy": (!a.remedy.is_empty()).then_some(&a.remedy),
+        "answering": a.address == answering,
+    })
+}
+
 pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     let (cluster, version) = match s.call(Request::Ping).await? {
         Response::Pong { cluster, version } => (cluster, version),
@@ -72,6 +100,12 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     let online = devices.iter().filter(|d| d.online).count();
     let offline = devices.len() - online;
     let oldest = oldest_offline(&devices);
+    // Every authority registered in the store (an older authority does not know the
+    // request: only the one answering is listed then).
+    let authorities = match s.call(Request::AuthorityList).await {
+        Ok(Response::Authorities(a)) => Some(a),
+        _ => None,
+    };
     // Each CA's rotation phase (an authority without rotation answers an error: standby).
     let rotations = match s
         .call(Request::CaRotate(CaRotateRequest {
@@ -122,7 +156,10 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                     .iter()
                     .map(|(t, f, p, n)| json!({"type": t, "fingerprint": f, "phase": p, "trusted": n}))
                     .collect::<Vec<_>>(),
-                "authorities": [{"address": s.auth_addr, "version": version}],
+                "authorities": match &authorities {
+                    Some(list) => list.iter().map(|a| authority_json(a, &s.auth_addr)).collect::<Vec<_>>(),
+                    None => vec![json!({"address": s.auth_addr, "version": version, "answering": true})],
+                },
                 "gateways": gateways.iter().map(gateway_json).collect::<Vec<_>>(),
                 "devices": {"online": online, "offline": offline},
                 "oldest_offline_spool": oldest.map(|d| json!({
@@ -146,6 +183,10 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
                 ]);
             }
             t.print();
+            if let Some(list) = authorities.as_ref().filter(|l| !l.is_empty()) {
+                crate::outln!();
+                print_authorities(list);
+            }
             crate::outln!();
             if gateways.is_empty() {
                 crate::outln!("gateways:  none joined");
@@ -181,6 +222,38 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The authorities table, then one line per authority that lacks a key: what and the remedy.
+fn print_authorities(list: &[AuthorityInfo]) {
+    let mut t = Table::new(&["AUTHORITY", "VERSION", "UP SINCE", "LAST SEEN", "CA KEYS"]);
+    for a in list {
+        t.row(vec![
+            a.address.clone(),
+            if a.version.is_empty() {
+                "-".into()
+            } else {
+                a.version.clone()
+            },
+            edgeport_proto::util::format_time(a.started),
+            if a.stale {
+                format!("STALE: {}", ago_text(a.last_seen))
+            } else {
+                ago_text(a.last_seen)
+            },
+            keys_state(a).into(),
+        ]);
+    }
+    t.print();
+    for a in list.iter().filter(|a| !a.remedy.is_empty()) {
+        let lacks: Vec<&str> = a
+            .missing
+            .iter()
+            .map(|m| m.as_str())
+            .chain(a.behind.iter().map(|b| b.as_str()))
+            .collect();
+        crate::outln!("{}: lacks {}: {}", a.address, lacks.join(", "), a.remedy);
     }
 }
 

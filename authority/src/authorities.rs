@@ -1,0 +1,651 @@
+//! The authorities of a cluster, registered in the store (`Table::Authorities`): each writes
+//! its address, version, start time and the CA keys it holds at start and every
+//! [`HEARTBEAT_SECS`]; the authority that takes a CA rotation step records the cluster's
+//! rotation state beside them. `tctl status` compares the two (an authority that lacks a key
+//! is told to copy `DATA/ca`), and an authority whose signing key is not the cluster's
+//! refuses to sign. Several authorities keep their CA keys in files (architecture.md, "What
+//! several authorities share"), so this is how one left behind by a rotation is noticed.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use edgeport_proto::rpc::{AuthorityInfo, CaKind, CaRotation, ErrorKind, Request, RpcError};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::service::Service;
+use crate::store::{self, Store, StoreError, Table};
+
+/// How often each authority writes its record.
+pub const HEARTBEAT_SECS: u64 = 15;
+/// A record not written for this long is shown stale.
+pub const STALE_AFTER_SECS: u64 = 3 * HEARTBEAT_SECS;
+/// A record not written for this long is dropped (a retired authority).
+pub const PRUNE_AFTER_SECS: u64 = 24 * 3600;
+/// How often an authority reads the cluster's CA state (and, when it is behind, `DATA/ca`).
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+const CLUSTER_KEY: &str = "cluster/cas";
+const RECORD_PREFIX: &str = "a/";
+
+/// One CA's rotation reduced to what must match across authorities.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaState {
+    pub kind: CaKind,
+    pub phase: String,
+    /// Fingerprint of the key that signs.
+    pub signing: String,
+    /// Fingerprints of every trusted key (the signing one first); an authority holds the
+    /// private key of each.
+    pub trusted: Vec<String>,
+    pub drop_at: Option<u64>,
+}
+
+impl CaState {
+    pub fn of(r: &CaRotation) -> Self {
+        Self {
+            kind: r.kind,
+            phase: r.phase.clone(),
+            signing: r.signing.clone(),
+            trusted: r.trusted.clone(),
+            drop_at: r.drop_at,
+        }
+    }
+
+    /// The grace period ended: the key that no longer signs is dropped, as
+    /// `RotatingCa::expire` does with the keys themselves.
+    fn expire(&mut self, now: u64) -> bool {
+        let ending = matches!(self.phase.as_str(), "update_servers" | "rollback");
+        if ending && self.drop_at.is_some_and(|at| now >= at) {
+            self.phase = "standby".into();
+            self.trusted = vec![self.signing.clone()];
+            self.drop_at = None;
+            return true;
+        }
+        false
+    }
+}
+
+/// The states of a set of rotations.
+pub fn states(rotations: &[CaRotation]) -> Vec<CaState> {
+    rotations.iter().map(CaState::of).collect()
+}
+
+/// The cluster's CA rotation state: what the authority that took the last step holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCas {
+    pub cas: Vec<CaState>,
+    /// The address of the authority that wrote it.
+    pub by: String,
+}
+
+/// One authority's registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityRecord {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    pub started: u64,
+    pub last_seen: u64,
+    /// The CA keys it holds and the rotation it follows.
+    pub held: Vec<CaState>,
+}
+
+/// Who this authority is (set once at start) and the cluster's CA state it last read.
+#[derive(Default)]
+pub struct Registry {
+    me: OnceLock<Me>,
+    cluster: Mutex<Option<ClusterCas>>,
+}
+
+#[derive(Clone, Debug)]
+struct Me {
+    id: String,
+    address: String,
+    started: u64,
+}
+
+impl Registry {
+    pub fn set_identity(&self, id: String, address: String, started: u64) {
+        let _ = self.me.set(Me {
+            id,
+            address,
+            started,
+        });
+    }
+
+    fn cached(&self) -> Option<ClusterCas> {
+        self.cluster.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn remember(&self, c: Option<ClusterCas>) {
+        if let Ok(mut cur) = self.cluster.lock() {
+            *cur = c;
+        }
+    }
+}
+
+/// The cluster's CA state, with any grace period that ended applied.
+pub fn cluster(st: &dyn Store, now: u64) -> Result<Option<ClusterCas>, StoreError> {
+    let mut c: Option<ClusterCas> = store::get(st, Table::Authorities, CLUSTER_KEY)?;
+    if let Some(c) = &mut c {
+        for ca in &mut c.cas {
+            ca.expire(now);
+        }
+    }
+    Ok(c)
+}
+
+/// Records `held` as the cluster's CA state (after a rotation step here).
+pub fn publish(st: &dyn Store, held: &[CaState], by: &str) -> Result<(), StoreError> {
+    let c = ClusterCas {
+        cas: held.to_vec(),
+        by: by.to_string(),
+    };
+    store::put(st, Table::Authorities, CLUSTER_KEY, &c)
+}
+
+/// Writes `me`, records the cluster's CA state from it if there is none yet (the first
+/// authority of this release) or moves it to `standby` once a grace period ended, and drops
+/// records not written for [`PRUNE_AFTER_SECS`]. Returns the cluster's CA state.
+pub fn heartbeat(st: &dyn Store, me: &AuthorityRecord, now: u64) -> Result<ClusterCas, StoreError> {
+    store::put(st, Table::Authorities, &record_key(&me.id), me)?;
+    let cluster =
+        store::update::<ClusterCas, StoreError, _>(st, Table::Authorities, CLUSTER_KEY, |cur| {
+            Ok(Some(match cur {
+                None => ClusterCas {
+                    cas: me.held.clone(),
+                    by: me.address.clone(),
+                },
+                Some(mut c) => {
+                    for ca in &mut c.cas {
+                        ca.expire(now);
+                    }
+                    c
+                }
+            }))
+        })?;
+    for (key, r) in store::list::<AuthorityRecord>(st, Table::Authorities, RECORD_PREFIX)? {
+        if now.saturating_sub(r.last_seen) > PRUNE_AFTER_SECS {
+            tracing::info!(authority = %r.address, id = %r.id, "dropped the record of an authority not seen for a day");
+            st.delete(Table::Authorities, &key)?;
+        }
+    }
+    cluster.ok_or_else(|| StoreError::Backend("the cluster's CA state vanished".into()))
+}
+
+fn record_key(id: &str) -> String {
+    format!("{RECORD_PREFIX}{id}")
+}
+
+/// What `held` lacks against the cluster: the keys it does not hold (`KIND CA FINGERPRINT`)
+/// and the CAs whose rotation it does not follow (phase or signing key).
+pub fn compare(held: &[CaState], cluster: &[CaState]) -> (Vec<String>, Vec<String>) {
+    let (mut missing, mut behind) = (Vec::new(), Vec::new());
+    for want in cluster {
+        let kind = want.kind.as_str();
+        let have = held.iter().find(|h| h.kind == want.kind);
+        let keys: &[String] = have.map_or(&[], |h| &h.trusted);
+        for fp in &want.trusted {
+            if !keys.contains(fp) {
+                missing.push(format!("{kind} CA {fp}"));
+            }
+        }
+        if let Some(h) = have {
+            if h.phase != want.phase || h.signing != want.signing {
+                behind.push(format!(
+                    "{kind} CA: phase {} (cluster: {})",
+                    h.phase, want.phase
+                ));
+            }
+        }
+    }
+    (missing, behind)
+}
+
+fn in_step(held: &[CaState], cluster: &[CaState]) -> bool {
+    let (missing, behind) = compare(held, cluster);
+    missing.is_empty() && behind.is_empty()
+}
+
+/// An authority to copy `DATA/ca` from: one seen recently that follows the cluster's
+/// rotations (the one that took the last step first).
+fn source(records: &[AuthorityRecord], cluster: &ClusterCas, now: u64) -> Option<String> {
+    let good = |r: &&AuthorityRecord| {
+        now.saturating_sub(r.last_seen) <= STALE_AFTER_SECS && in_step(&r.held, &cluster.cas)
+    };
+    records
+        .iter()
+        .filter(good)
+        .find(|r| r.address == cluster.by)
+        .or_else(|| records.iter().find(good))
+        .map(|r| r.address.clone())
+        // None seen lately follows it: the one that took the last step still has the keys.
+        .or_else(|| Some(cluster.by.clone()).filter(|by| !by.is_empty()))
+}
+
+fn remedy(from: Option<&str>) -> String {
+    match from {
+        Some(a) => format!(
+            "copy DATA/ca from {a} to this authority (it takes the keys within seconds)"
+        ),
+        None => "copy DATA/ca from the authority that took the last rotation step to this authority (it takes the keys within seconds)".into(),
+    }
+}
+
+/// Every registered authority, as `tctl status` shows them, by address.
+pub fn list(st: &dyn Store, now: u64) -> Result<Vec<AuthorityInfo>, StoreError> {
+    let mut records: Vec<AuthorityRecord> =
+        store::list::<AuthorityRecord>(st, Table::Authorities, RECORD_PREFIX)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .filter(|r| now.saturating_sub(r.last_seen) <= PRUNE_AFTER_SECS)
+            .collect();
+    records.sort_by(|a, b| a.address.cmp(&b.address).then(a.id.cmp(&b.id)));
+    let cluster = cluster(st, now)?;
+    let from = cluster.as_ref().and_then(|c| source(&records, c, now));
+    Ok(records
+        .iter()
+        .map(|r| {
+            let (missing, behind) = cluster
+                .as_ref()
+                .map(|c| compare(&r.held, &c.cas))
+                .unwrap_or_default();
+            let remedy = if missing.is_empty() && behind.is_empty() {
+                String::new()
+            } else {
+                remedy(from.as_deref().filter(|a| *a != r.address))
+            };
+            AuthorityInfo {
+                id: r.id.clone(),
+                address: r.address.clone(),
+                version: r.version.clone(),
+                started: r.started,
+                last_seen: r.last_seen,
+                stale: now.saturating_sub(r.last_seen) > STALE_AFTER_SECS,
+                missing,
+                behind,
+                remedy,
+            }
+        })
+        .collect())
+}
+
+/// Why this authority must not sign now: the cluster signs with a key it does not hold or
+/// that is not its signing key (another authority advanced a rotation). One line with the
+/// key and the remedy.
+pub fn signing_refusal(
+    held: &[CaState],
+    cluster: &ClusterCas,
+    from: Option<&str>,
+) -> Option<String> {
+    cluster.cas.iter().find_map(|want| {
+        let have = held.iter().find(|h| h.kind == want.kind)?;
+        if have.signing == want.signing {
+            return None;
+        }
+        let kind = want.kind.as_str();
+        let why = if have.trusted.contains(&want.signing) {
+            format!(
+                "this authority's {kind} CA rotation is behind the cluster's (phase {}, the cluster is in {} and signs with {})",
+                have.phase, want.phase, want.signing
+            )
+        } else {
+            format!(
+                "this authority does not hold the {kind} CA key {} that the cluster signs with now (phase {})",
+                want.signing, want.phase
+            )
+        };
+        Some(format!("{why}: {}", remedy(from)))
+    })
+}
+
+/// Requests answered with a certificate this authority signs.
+fn signs(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::SignUser(_)
+            | Request::SignHost { .. }
+            | Request::JoinDevice(_)
+            | Request::RenewDevice(_)
+            | Request::JoinGateway(_)
+            | Request::RenewGateway(_)
+            | Request::Login(_)
+            | Request::SsoFinish(_)
+            | Request::WebLogin(_)
+            | Request::WebSsoFinish(_)
+            | Request::WebSessionCert { .. }
+            | Request::SessionMfaCert(_)
+            | Request::TargetCert { .. }
+    )
+}
+
+/// Refuses a signing request while this authority's signing keys are not the cluster's.
+pub fn check_signing(svc: &Service, req: &Request, now: u64) -> Result<(), RpcError> {
+    if !signs(req) {
+        return Ok(());
+    }
+    let Some(cluster) = svc.registry.cached() else {
+        return Ok(());
+    };
+    let held = states(&svc.ca().rotations());
+    if signing_refusal(&held, &cluster, None).is_none() {
+        return Ok(());
+    }
+    let records: Vec<AuthorityRecord> =
+        store::list::<AuthorityRecord>(svc.store(), Table::Authorities, RECORD_PREFIX)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+    let from = source(&records, &cluster, now);
+    let msg = signing_refusal(&held, &cluster, from.as_deref()).unwrap_or_default();
+    tracing::error!("refused to sign: {msg}");
+    Err(RpcError::new(ErrorKind::Internal, msg))
+}
+
+/// Refuses a rotation step on an authority that does not follow the cluster's rotation
+/// (it would start another one from its own, older keys).
+pub fn check_rotation(svc: &Service, now: u64) -> Result<(), RpcError> {
+    let Some(cluster) = cluster(svc.store(), now)? else {
+        return Ok(());
+    };
+    svc.ca().expire_rotations(now);
+    let held = states(&svc.ca().rotations());
+    let (missing, behind) = compare(&held, &cluster.cas);
+    if missing.is_empty() && behind.is_empty() {
+        return Ok(());
+    }
+    let records: Vec<AuthorityRecord> =
+        store::list::<AuthorityRecord>(svc.store(), Table::Authorities, RECORD_PREFIX)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+    let from = source(&records, &cluster, now);
+    let lacks = missing
+        .into_iter()
+        .chain(behind)
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(RpcError::new(
+        ErrorKind::Invalid,
+        format!(
+            "this authority does not follow the cluster's CA rotation ({lacks}): {}, or run tctl against {}",
+            remedy(from.as_deref()),
+            from.as_deref().unwrap_or("that authority")
+        ),
+    ))
+}
+
+/// After a rotation step here: the cluster's CA state is this authority's, and its record
+/// says so at once (so `tctl status` right after does not show it behind).
+pub fn rotated(svc: &Service, now: u64) -> Result<(), StoreError> {
+    let held = states(&svc.ca().rotations());
+    let by = svc
+        .registry
+        .me
+        .get()
+        .map(|m| m.address.clone())
+        .unwrap_or_default();
+    publish(svc.store(), &held, &by)?;
+    svc.registry.remember(Some(ClusterCas { cas: held, by }));
+    beat(svc, now).map(|_| ())
+}
+
+fn beat(svc: &Service, now: u64) -> Result<Option<ClusterCas>, StoreError> {
+    let Some(me) = svc.registry.me.get() else {
+        return Ok(None);
+    };
+    let record = AuthorityRecord {
+        id: me.id.clone(),
+        address: me.address.clone(),
+        version: edgeport_proto::VERSION.to_string(),
+        started: me.started,
+        last_seen: now,
+        held: states(&svc.ca().rotations()),
+    };
+    heartbeat(svc.store(), &record, now).map(Some)
+}
+
+/// What the periodic check remembers between runs.
+#[derive(Default)]
+struct Ticker {
+    last_beat: Option<u64>,
+    last_held: Vec<CaState>,
+    /// What the last warning said was lacking (warned once per change).
+    last_warned: (Vec<String>, Vec<String>),
+}
+
+/// One check: takes a copied `DATA/ca` when this authority is behind the cluster, and
+/// writes its record every [`HEARTBEAT_SECS`] or when the keys it holds changed.
+fn check(svc: &Service, t: &mut Ticker, now: u64) -> Result<(), StoreError> {
+    svc.ca().expire_rotations(now);
+    let mut cluster = cluster(svc.store(), now)?;
+    if let Some(c) = &cluster {
+        if !in_step(&states(&svc.ca().rotations()), &c.cas) {
+            match svc.ca().reload(|r| in_step(&states(r), &c.cas)) {
+                Ok(true) => tracing::info!(
+                    "took the CA keys and rotation state copied into DATA/ca: this authority follows the cluster's CA rotation again"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::debug!("cannot read DATA/ca again: {e}"),
+            }
+        }
+    }
+    let held = states(&svc.ca().rotations());
+    let due = t
+        .last_beat
+        .is_none_or(|at| now.saturating_sub(at) >= HEARTBEAT_SECS);
+    if due || held != t.last_held {
+        if let Some(c) = beat(svc, now)? {
+            cluster = Some(c);
+        }
+        t.last_beat = Some(now);
+        t.last_held = held.clone();
+    }
+    let lacks = cluster
+        .as_ref()
+        .map(|c| compare(&held, &c.cas))
+        .unwrap_or_default();
+    if lacks != t.last_warned {
+        if let Some(c) = cluster
+            .as_ref()
+            .filter(|_| !lacks.0.is_empty() || !lacks.1.is_empty())
+        {
+            tracing::warn!(
+                missing = %lacks.0.join(", "),
+                behind = %lacks.1.join(", "),
+                "this authority does not follow the cluster's CA rotation (last step by {}): copy DATA/ca from there",
+                c.by
+            );
+        }
+        t.last_warned = lacks;
+    }
+    svc.registry.remember(cluster);
+    Ok(())
+}
+
+/// The first check, before the authority serves (so one left behind refuses at once).
+pub fn start(svc: &Service, now: u64) -> Result<(), StoreError> {
+    check(svc, &mut Ticker::default(), now)
+}
+
+/// Runs [`check`] every [`CHECK_EVERY`] until shutdown.
+pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
+    let t = Ticker {
+        last_beat: Some(edgeport_net::clock::now_secs()),
+        last_held: states(&svc.ca().rotations()),
+        ..Default::default()
+    };
+    let ticker = Arc::new(Mutex::new(t));
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (svc, ticker) = (svc.clone(), ticker.clone());
+        let now = edgeport_net::clock::now_secs();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut t = ticker.lock().unwrap_or_else(|p| p.into_inner());
+            check(&svc, &mut t, now)
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot register this authority in the store: {e}"),
+            Err(e) => tracing::warn!("authority registration failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    fn ca(kind: CaKind, phase: &str, trusted: &[&str], drop_at: Option<u64>) -> CaState {
+        CaState {
+            kind,
+            phase: phase.into(),
+            signing: trusted[0].into(),
+            trusted: trusted.iter().map(|t| t.to_string()).collect(),
+            drop_at,
+        }
+    }
+
+    fn standby() -> Vec<CaState> {
+        vec![
+            ca(CaKind::User, "standby", &["u1"], None),
+            ca(CaKind::Host, "standby", &["h1"], None),
+            ca(CaKind::X509, "standby", &["x1"], None),
+        ]
+    }
+
+    fn record(id: &str, address: &str, held: Vec<CaState>, now: u64) -> AuthorityRecord {
+        AuthorityRecord {
+            id: id.into(),
+            address: address.into(),
+            version: "1.2.3".into(),
+            started: 1,
+            last_seen: now,
+            held,
+        }
+    }
+
+    fn sled() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn records_go_stale_then_are_dropped() {
+        let (_d, st) = sled();
+        let t0 = 1_000_000;
+        heartbeat(&st, &record("a", "10.0.0.5:3025", standby(), t0), t0).unwrap();
+        heartbeat(&st, &record("b", "10.0.0.6:3025", standby(), t0), t0).unwrap();
+        let l = list(&st, t0 + STALE_AFTER_SECS).unwrap();
+        assert_eq!(l.len(), 2);
+        assert!(l
+            .iter()
+            .all(|a| !a.stale && a.remedy.is_empty() && a.missing.is_empty()));
+        assert_eq!(l[0].address, "10.0.0.5:3025");
+
+        // b stops; a goes on.
+        let later = t0 + STALE_AFTER_SECS + 1;
+        heartbeat(&st, &record("a", "10.0.0.5:3025", standby(), later), later).unwrap();
+        let l = list(&st, later).unwrap();
+        let b = l.iter().find(|a| a.id == "b").unwrap();
+        assert!(b.stale && b.missing.is_empty(), "{b:?}");
+        assert!(!l.iter().find(|a| a.id == "a").unwrap().stale);
+
+        // A day later b's record is gone (a's heartbeat prunes it); a restarted a is one record.
+        let day = t0 + PRUNE_AFTER_SECS + 1;
+        assert_eq!(list(&st, day).unwrap().len(), 1, "a stale record is listed");
+        heartbeat(&st, &record("a", "10.0.0.7:3025", standby(), day), day).unwrap();
+        let keys = st.scan_prefix(Table::Authorities, RECORD_PREFIX).unwrap();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let l = list(&st, day).unwrap();
+        assert_eq!((l.len(), l[0].address.as_str()), (1, "10.0.0.7:3025"));
+    }
+
+    #[test]
+    fn an_authority_without_the_new_key_is_told_where_to_copy_it_from() {
+        let (_d, st) = sled();
+        let now = 5_000;
+        heartbeat(&st, &record("a", "a:1", standby(), now), now).unwrap();
+        heartbeat(&st, &record("b", "b:1", standby(), now), now).unwrap();
+        // a starts a user CA rotation: the cluster trusts u2 beside u1.
+        let mut rotating = standby();
+        rotating[0] = ca(CaKind::User, "init", &["u1", "u2"], None);
+        publish(&st, &rotating, "a:1").unwrap();
+        heartbeat(&st, &record("a", "a:1", rotating.clone(), now), now).unwrap();
+        let l = list(&st, now).unwrap();
+        let (a, b) = (&l[0], &l[1]);
+        assert!(a.missing.is_empty() && a.behind.is_empty() && a.remedy.is_empty());
+        assert_eq!(b.missing, vec!["user CA u2".to_string()]);
+        assert!(b.behind[0].starts_with("user CA: phase standby (cluster: init)"));
+        assert!(b.remedy.contains("copy DATA/ca from a:1"), "{}", b.remedy);
+        // a stopped: the remedy still names it (it took the step, it has the keys).
+        let later = now + STALE_AFTER_SECS + 1;
+        let l = list(&st, later).unwrap();
+        assert!(
+            l[0].stale && l[1].remedy.contains("copy DATA/ca from a:1"),
+            "{l:?}"
+        );
+
+        // While the old key signs, b may sign; once u2 signs it must not.
+        let cluster = cluster(&st, now).unwrap().unwrap();
+        assert_eq!(signing_refusal(&standby(), &cluster, Some("a:1")), None);
+        rotating[0] = ca(CaKind::User, "update_clients", &["u2", "u1"], None);
+        publish(&st, &rotating, "a:1").unwrap();
+        let cluster = super::cluster(&st, now).unwrap().unwrap();
+        let msg = signing_refusal(&standby(), &cluster, Some("a:1")).unwrap();
+        assert!(
+            msg.starts_with("this authority does not hold the user CA key u2")
+                && msg.contains("copy DATA/ca from a:1"),
+            "{msg}"
+        );
+        // Holding u2 but still in init (an older copy of DATA/ca): behind, not missing.
+        let mut old_copy = standby();
+        old_copy[0] = ca(CaKind::User, "init", &["u1", "u2"], None);
+        let msg = signing_refusal(&old_copy, &cluster, None).unwrap();
+        assert!(msg.contains("rotation is behind the cluster's"), "{msg}");
+        assert_eq!(signing_refusal(&rotating, &cluster, None), None);
+    }
+
+    #[test]
+    fn the_cluster_state_drops_the_old_key_when_the_grace_ends() {
+        let (_d, st) = sled();
+        let mut rotating = standby();
+        rotating[1] = ca(CaKind::Host, "update_servers", &["h2", "h1"], Some(100));
+        publish(&st, &rotating, "a:1").unwrap();
+        assert_eq!(cluster(&st, 99).unwrap().unwrap().cas[1].trusted.len(), 2);
+        let after = cluster(&st, 100).unwrap().unwrap();
+        assert_eq!(after.cas[1], ca(CaKind::Host, "standby", &["h2"], None));
+        // An authority that dropped h1 itself is in step; the heartbeat writes it back.
+        let mut dropped = standby();
+        dropped[1] = ca(CaKind::Host, "standby", &["h2"], None);
+        let c = heartbeat(&st, &record("a", "a:1", dropped.clone(), 100), 100).unwrap();
+        assert!(in_step(&dropped, &c.cas));
+        let stored: ClusterCas = store::get(&st, Table::Authorities, CLUSTER_KEY)
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.cas[1].phase, "standby");
+    }
+
+    #[test]
+    fn the_first_authority_records_the_cluster_state() {
+        let (_d, st) = sled();
+        assert!(cluster(&st, 1).unwrap().is_none());
+        let c = heartbeat(&st, &record("a", "a:1", standby(), 1), 1).unwrap();
+        assert_eq!((c.cas, c.by.as_str()), (standby(), "a:1"));
+        // A later one does not overwrite it with its own.
+        let mut other = standby();
+        other[2] = ca(CaKind::X509, "standby", &["x9"], None);
+        let c = heartbeat(&st, &record("b", "b:1", other, 2), 2).unwrap();
+        assert_eq!(c.by, "a:1");
+        let l = list(&st, 2).unwrap();
+        assert_eq!(l[1].missing, vec!["x509 CA x1".to_string()]);
+    }
+}
