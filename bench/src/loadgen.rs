@@ -93,6 +93,25 @@ fn config(a: &Args, i: usize) -> AgentConfig {
     cfg
 }
 
+/// The local address of UDP socket `k`. The gateway budgets unauthenticated handshakes per
+/// source address (16 at once, `gateway/src/budget.rs`), and a real fleet comes from many
+/// addresses (one per device, or per carrier NAT). Against a gateway on loopback, each socket
+/// therefore binds its own 127.1.x.y, so the budget sees one source per socket instead of
+/// one for the whole load generator, which queued 10,000 handshakes behind 16 slots and
+/// refused most of them on a busy machine.
+fn local_addr(gateway: &str, k: usize) -> std::net::SocketAddr {
+    let loopback = gateway
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|g| g.ip().is_loopback() && g.is_ipv4());
+    let ip = if loopback {
+        let k = k % (250 * 250);
+        std::net::Ipv4Addr::new(127, 1, (k / 250) as u8, (1 + k % 250) as u8)
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED
+    };
+    std::net::SocketAddr::from((ip, 0))
+}
+
 async fn run(a: Args) -> Result<()> {
     let shutdown = CancellationToken::new();
     // Join everyone first, a few at a time (one TLS connection and one signature each).
@@ -118,10 +137,17 @@ async fn run(a: Args) -> Result<()> {
     let sockets = a.n.div_ceil(a.per_socket);
     let mut endpoints = Vec::with_capacity(sockets);
     for _ in 0..sockets {
-        let ep = edgeport_net::quic::client_endpoint("0.0.0.0:0".parse()?)?;
+        let ep = edgeport_net::quic::client_endpoint(local_addr(&a.gateway, endpoints.len()))?;
         endpoints.push(ep);
     }
-    eprintln!("loadgen: {} tunnels over {sockets} UDP sockets", a.n);
+    eprintln!(
+        "loadgen: {} tunnels over {sockets} UDP sockets, from {}",
+        a.n,
+        endpoints
+            .first()
+            .and_then(|e| e.local_addr().ok())
+            .map_or_else(|| "?".to_string(), |l| l.ip().to_string())
+    );
     for i in 0..a.n {
         let quic = QuicClient::with_endpoint(endpoints[i / a.per_socket].clone());
         tokio::spawn(run_with(config(&a, i), shutdown.clone(), quic));

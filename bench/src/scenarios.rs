@@ -223,9 +223,11 @@ run; for times lower is better, for throughput higher is better):
   Target p50 under 500.
 - `tunnels_rss_kib_per_tunnel`: growth of a dedicated gateway's RSS with N idle QUIC tunnels
   from the load generator (`bench loadgen`: the real agent code, many agents per process,
-  sharing UDP sockets), divided by N. `tunnels_reconnect_s`: after `kill -9` of that gateway
-  and a restart on the same port, until every tunnel logged `tunnel up` again (agents notice
-  through QUIC stateless resets on their next keep-alive, then back off with jitter).
+  sharing UDP sockets, each socket from its own 127.1.x.y so that the gateway's per-source
+  handshake budget sees several sources), divided by N. `tunnels_reconnect_s`: after
+  `kill -9` of that gateway and a restart on the same port, until every tunnel logged
+  `tunnel up` again (the restarted gateway resets the connections its predecessor booked,
+  others notice at their next keep-alive; then they back off with jitter).
   Targets: 64 KiB per tunnel, 60 s for 10,000.
 - `idle_bytes_per_device_hour`: IP bytes both ways between one idle agent and its own
   gateway, counted by nftables on the gateway's port during the window, scaled to an hour,

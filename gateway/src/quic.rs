@@ -78,6 +78,19 @@ struct KeyedCids {
     key: ring::hmac::Key,
 }
 
+thread_local! {
+    /// The last id this thread's generator issued: quinn issues a new connection's own id
+    /// inside `Incoming::accept`, synchronously on the calling thread, so `admit` reads it
+    /// right after (quinn does not tell which id a connection got; `restart_wake` needs it).
+    static LAST_ISSUED: std::cell::Cell<Option<[u8; CID_NONCE + CID_TAG]>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Takes the id last issued on this thread (see `LAST_ISSUED`).
+fn take_last_issued() -> Option<[u8; CID_NONCE + CID_TAG]> {
+    LAST_ISSUED.with(std::cell::Cell::take)
+}
+
 const CID_NONCE: usize = 5;
 const CID_TAG: usize = 3;
 
@@ -106,6 +119,7 @@ impl quinn::ConnectionIdGenerator for KeyedCids {
         }
         let tag = self.tag(&id[..CID_NONCE]);
         id[CID_NONCE..].copy_from_slice(&tag);
+        LAST_ISSUED.with(|l| l.set(Some(id)));
         quinn::ConnectionId::new(&id)
     }
 
@@ -161,6 +175,11 @@ pub struct QuicPort {
     pub admission: Admission,
     pub life: Lifecycle,
     pub max_connections: usize,
+    /// This process's connections, for the next one to reset after a crash.
+    pub book: Arc<crate::restart_wake::PeerBook>,
+    /// Connections between `accept` and the end of their handshake, those still waiting for
+    /// their source's budget included (`restart_wake` paces its resets by it).
+    pub admitting: std::sync::atomic::AtomicUsize,
 }
 
 pub async fn accept_loop(port: Arc<QuicPort>, endpoint: quinn::Endpoint) {
@@ -196,12 +215,20 @@ pub async fn accept_loop(port: Arc<QuicPort>, endpoint: quinn::Endpoint) {
             // room for its largest state for as long as it lives, and the handshake's state
             // (quinn's `Incoming` among it) made every idle tunnel's task about 11 KiB where
             // serving it needs about 1 KiB (issue 26, heap profile in docs/benchmarks.md).
-            let Some(Some(conn)) = shutdown
+            port.admitting
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let admitted = shutdown
                 .run_until_cancelled(Box::pin(admit(&port.admission, incoming)))
-                .await
-            else {
+                .await;
+            port.admitting
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(Some((conn, cid))) = admitted else {
                 return;
             };
+            let id = conn.stable_id();
+            if let Some(cid) = cid {
+                port.book.add(&conn, &cid);
+            }
             // A certificate the handshake verified makes the source known, now and again
             // when the connection ends (see `tcp`).
             let proved = conn
@@ -215,6 +242,7 @@ pub async fn accept_loop(port: Arc<QuicPort>, endpoint: quinn::Endpoint) {
                 port.admission.proved(addr.ip());
             }
             crate::accept::serve(&port.routes, crate::accept::Handshaken::Quic(conn), addr).await;
+            port.book.remove(id);
             if proved {
                 port.admission.proved(addr.ip());
             }
@@ -227,7 +255,11 @@ pub async fn accept_loop(port: Arc<QuicPort>, endpoint: quinn::Endpoint) {
 /// handshake within its deadline. A source counts as known only once the client proved its
 /// address (a Retry, which every client gets before the anonymous share can fill up): a
 /// spoofed Initial from a known agent's address must not take the reserve.
-async fn admit(admission: &Admission, incoming: quinn::Incoming) -> Option<quinn::Connection> {
+/// Also returns the id the peer sends to (see `LAST_ISSUED`).
+async fn admit(
+    admission: &Admission,
+    incoming: quinn::Incoming,
+) -> Option<(quinn::Connection, Option<[u8; CID_NONCE + CID_TAG]>)> {
     let addr = incoming.remote_address();
     let wait = admission.timeout;
     let Some(_source_slot) = admission.sources.take(addr.ip(), wait).await else {
@@ -244,7 +276,10 @@ async fn admit(admission: &Admission, incoming: quinn::Incoming) -> Option<quinn
         incoming.refuse();
         return None;
     };
-    let connecting = match incoming.accept() {
+    take_last_issued();
+    let accepted = incoming.accept();
+    let cid = take_last_issued();
+    let connecting = match accepted {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(%addr, "QUIC accept failed: {e}");
@@ -252,7 +287,7 @@ async fn admit(admission: &Admission, incoming: quinn::Incoming) -> Option<quinn
         }
     };
     match tokio::time::timeout(admission.timeout, connecting).await {
-        Ok(Ok(c)) => Some(c),
+        Ok(Ok(c)) => Some((c, cid)),
         Ok(Err(e)) => {
             crate::metrics::handshake_failed("tls");
             tracing::debug!(%addr, "QUIC handshake failed: {e}");

@@ -67,6 +67,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         .cid_generator(quic::cid_generator(&reset_key))
         .min_reset_interval(quic::RESET_INTERVAL);
     let socket = edgeport_net::udp::bind(local).map_err(listen_err)?;
+    // The same socket, for the resets that wake a crashed predecessor's agents.
+    let wake_socket = socket.try_clone().map_err(listen_err)?;
+    let wake_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key);
+    let old_peers = crate::restart_wake::take(&cfg.data_dir);
     let endpoint = quinn::Endpoint::new(
         endpoint_cfg,
         Some(quic_cfg),
@@ -166,7 +170,23 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
         ),
         life: life.clone(),
         max_connections: cfg.max_connections,
+        book: Arc::default(),
+        admitting: Default::default(),
     });
+    let book_tasks = [
+        tokio::spawn(crate::restart_wake::keep(
+            quic_port.book.clone(),
+            cfg.data_dir.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(crate::restart_wake::wake(
+            wake_socket,
+            old_peers,
+            wake_key,
+            quic_port.clone(),
+            shutdown.clone(),
+        )),
+    ];
     let reporter = Arc::new(Reporter::new(
         auth.clone(),
         tunnels.clone(),
@@ -252,6 +272,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     life.drain().await;
     for t in tasks.into_iter().chain(web) {
         t.abort();
+    }
+    // The book is deleted on a clean stop: every connection was closed above.
+    for t in book_tasks {
+        let _ = t.await;
     }
     if revoked {
         return Err(ServerError::Revoked);

@@ -653,6 +653,43 @@ fn transport_choice_tcp_only_and_quic_only() {
     quic_agent.proc.stop();
 }
 
+/// A restarted gateway does not wait for its agents' keep-alives: it sends the stateless
+/// resets of the connections its crashed predecessor booked (`restart_wake`). The agent
+/// here keeps alive every 120 s, so without the wake it would come back only after two
+/// minutes; the wait below is one.
+#[test]
+fn restarted_gateway_wakes_its_agents() {
+    let tmp = TempDir::new();
+    let auth = Authority::start(&tmp.join("auth"), "c1");
+    let mut gw = Gateway::start(&tmp.join("gw"), &auth);
+    let tctl = gw.tctl.clone();
+    let agent = Agent::start(
+        &tmp.join("van-w"),
+        &gw,
+        "van-w",
+        "",
+        &["--keepalive", "120s"],
+    );
+    wait_online(&tctl, "van-w", Some("quic"), Duration::from_secs(20));
+    let book = gw.data_dir.join("quic-peers");
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::read_to_string(&book)
+            .is_ok_and(|b| b.lines().count() == 1)),
+        "the gateway did not book the agent's connection"
+    );
+    gw.restart();
+    assert!(
+        wait_until(Duration::from_secs(60), || agent.tunnels_up() == 2),
+        "agent not woken by the restarted gateway:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(agent
+        .proc
+        .log_text()
+        .contains("the gateway no longer knows this connection"));
+    wait_online(&tctl, "van-w", Some("quic"), Duration::from_secs(20));
+}
+
 #[test]
 fn gateway_and_agent_restarts() {
     let tmp = TempDir::new();
