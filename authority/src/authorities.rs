@@ -13,7 +13,7 @@ use edgeport_proto::rpc::{AuthorityInfo, CaKind, CaRotation, ErrorKind, Request,
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::service::Service;
+use crate::service::{Caller, Service};
 use crate::store::{self, Store, StoreError, Table};
 
 /// How often each authority writes its record.
@@ -319,8 +319,27 @@ fn signs(req: &Request) -> bool {
     )
 }
 
+/// What a caller other than an administrator is told when this authority refuses to sign:
+/// gateways relay it to joining devices and users, so it names neither a key nor another
+/// authority's address (the detailed message goes to the log and to administrators).
+pub const SIGNING_REFUSED_PUBLIC: &str = "this authority cannot sign certificates right now: its CA keys are behind the cluster's (an administrator sees why in `tctl status`); try again later or through another authority";
+
+/// The refusal as `caller` reads it: the detail for administrators, the public text for
+/// everyone else.
+fn refusal_for(caller: &Caller, detail: String) -> String {
+    match caller {
+        Caller::Admin(_) => detail,
+        _ => SIGNING_REFUSED_PUBLIC.to_string(),
+    }
+}
+
 /// Refuses a signing request while this authority's signing keys are not the cluster's.
-pub fn check_signing(svc: &Service, req: &Request, now: u64) -> Result<(), RpcError> {
+pub fn check_signing(
+    svc: &Service,
+    caller: &Caller,
+    req: &Request,
+    now: u64,
+) -> Result<(), RpcError> {
     if !signs(req) {
         return Ok(());
     }
@@ -338,8 +357,8 @@ pub fn check_signing(svc: &Service, req: &Request, now: u64) -> Result<(), RpcEr
             .collect();
     let from = source(&records, &cluster, now);
     let msg = signing_refusal(&held, &cluster, from.as_deref()).unwrap_or_default();
-    tracing::error!("refused to sign: {msg}");
-    Err(RpcError::new(ErrorKind::Internal, msg))
+    tracing::error!(%caller, "refused to sign: {msg}");
+    Err(RpcError::new(ErrorKind::Internal, refusal_for(caller, msg)))
 }
 
 /// Refuses a rotation step on an authority that does not follow the cluster's rotation
@@ -612,6 +631,17 @@ mod tests {
         let msg = signing_refusal(&old_copy, &cluster, None).unwrap();
         assert!(msg.contains("rotation is behind the cluster's"), "{msg}");
         assert_eq!(signing_refusal(&rotating, &cluster, None), None);
+
+        // Only an administrator reads the detail; a gateway relays the refusal to joining
+        // devices and users, who must not learn keys or other authorities' addresses.
+        let detail = signing_refusal(&standby(), &cluster, Some("a:1")).unwrap();
+        let admin = refusal_for(&Caller::Admin("root".into()), detail.clone());
+        assert_eq!(admin, detail);
+        for caller in [Caller::Gateway("gw1".into()), Caller::Anonymous] {
+            let told = refusal_for(&caller, detail.clone());
+            assert_eq!(told, SIGNING_REFUSED_PUBLIC);
+            assert!(!told.contains("a:1") && !told.contains("u2"), "{told}");
+        }
     }
 
     #[test]

@@ -354,7 +354,7 @@ impl Service {
         let moves = moves_policy(&req);
         let result = check_access(caller, &req)
             .and_then(|()| self.check_standing(caller, now))
-            .and_then(|()| crate::authorities::check_signing(self, &req, now))
+            .and_then(|()| crate::authorities::check_signing(self, caller, &req, now))
             .and_then(|()| self.dispatch(caller, req, now));
         if moves && result.is_ok() {
             self.standing.changed();
