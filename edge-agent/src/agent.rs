@@ -380,6 +380,10 @@ pub async fn run_with(
                 }
             }
             Err(SessionError::Refused(e)) => tracing::error!("the gateway refused the tunnel: {e}"),
+            // A busy gateway answered: probing it would only hear it answer again and cut
+            // the backoff short, so that every device it turned away would knock again
+            // every few seconds (at a full gateway, for as long as it stays full).
+            Err(e @ SessionError::Busy(_)) => tracing::warn!("cannot connect to the gateway: {e}"),
             Err(e @ SessionError::NoRoute(_)) => {
                 tracing::warn!("cannot connect to the gateway: {e}");
                 unanswered = true;

@@ -50,6 +50,10 @@ pub enum SessionError {
     /// gateway.
     #[error("{0} (no route to the gateway)")]
     NoRoute(String),
+    /// The gateway answered and took no new connection (its handshake slots or its
+    /// connection cap are full): the path works, so only the backoff helps.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// An established tunnel (Welcome received).
@@ -212,7 +216,7 @@ async fn connect_to(
             // would put this device on the fallback until its next probe; retrying QUIC
             // after the backoff is what a reconnect storm needs.
             Err(e) if e.busy() => {
-                return Err(SessionError::Failed(format!(
+                return Err(SessionError::Busy(format!(
                     "QUIC: {e}; the gateway is busy, retrying QUIC"
                 )))
             }

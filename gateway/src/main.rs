@@ -69,6 +69,11 @@ struct StartArgs {
     /// Drop a tunnel that sends no keep-alive for this long (must exceed agents' --keepalive).
     #[arg(long, default_value = "180s", value_parser = parse_duration)]
     tunnel_idle_timeout: u64,
+    /// Established connections at once, on TCP and on QUIC each (devices' tunnels and users'
+    /// dials): more are refused. An idle QUIC tunnel costs about 50 KiB of memory
+    /// (docs/benchmarks.md), so 100,000 need about 5 GB.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// Threads that run the gateway's tasks; 0 (the default) is one per core. On a gateway
     /// that shares its cores with other busy processes, 1 saves the cross-thread wake-ups of
     /// every relayed chunk (see docs/benchmarks.md).
@@ -223,6 +228,7 @@ fn main() -> ExitCode {
     cfg.presence_interval = std::time::Duration::from_secs(args.presence_interval.max(1));
     cfg.presence_lease = std::time::Duration::from_secs(args.presence_lease.max(1));
     cfg.tunnel_idle_timeout = std::time::Duration::from_secs(args.tunnel_idle_timeout.max(5));
+    cfg.max_connections = args.max_connections as usize;
     let threads = edgeport_net::daemon::Threads::from_count(args.threads);
     // Enough for the relay's buffers (under 1,500 page faults per GiB relayed), little
     // enough not to show in the memory per idle tunnel.

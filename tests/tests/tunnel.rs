@@ -527,6 +527,60 @@ fn echo_streams_over_quic() {
     agent.proc.stop();
 }
 
+/// `gateway start --max-connections N` caps established connections per port: with 1, a
+/// second device's QUIC connection is refused while the first holds the port. The refused
+/// agent says the gateway is busy and keeps to its backoff (no probe cuts it short: the
+/// gateway plainly answers), and it comes in over QUIC once the first device leaves.
+#[test]
+fn max_connections_caps_each_port() {
+    let tmp = TempDir::new();
+    let auth = Authority::start(&tmp.join("auth"), "c1");
+    let gw = Gateway::start_with(&tmp.join("gw"), &auth, &["--max-connections", "1"]);
+    let mut first = Agent::start(&tmp.join("van-1"), &gw, "van-1", "", &["--test-echo"]);
+    wait_online(&gw.tctl, "van-1", Some("quic"), Duration::from_secs(30));
+    // QUIC only, so that a slow handshake on a loaded machine cannot put it on TCP (whose
+    // port has its own cap of 1, free here).
+    let mut second = Agent::start(
+        &tmp.join("van-2"),
+        &gw,
+        "van-2",
+        "",
+        &["--test-echo", "--transport", "quic"],
+    );
+    let busy = |a: &Agent| a.proc.log_text().matches("the gateway is busy").count();
+    assert!(
+        wait_until(Duration::from_secs(60), || busy(&second) >= 3),
+        "van-2 was not refused as busy three times: {}",
+        second.proc.log_text()
+    );
+    let log = second.proc.log_text();
+    assert!(
+        !log.contains("answers again"),
+        "a probe cut the backoff short: {log}"
+    );
+    assert!(
+        gw.tctl
+            .device("van-2")
+            .is_some_and(|d| d["online"] == false),
+        "van-2 online past the cap: {:?}",
+        gw.tctl.device("van-2")
+    );
+    first.proc.stop();
+    wait_online(&gw.tctl, "van-2", Some("quic"), Duration::from_secs(90));
+    second.proc.stop();
+    // A zero cap is refused at start with clap's one-line error.
+    let mut cmd = Command::new(edgeport_e2e::bin("gateway"));
+    cmd.args(["start", "--data-dir"])
+        .arg(tmp.join("gw-zero"))
+        .args(["--auth", &auth.addr, "--max-connections", "0"]);
+    let r = run(cmd, None, Duration::from_secs(30));
+    assert!(
+        !r.ok() && r.stderr().contains("--max-connections"),
+        "{}",
+        r.stderr()
+    );
+}
+
 #[test]
 fn tcp_fallback_and_back_to_quic() {
     let tmp = TempDir::new();
