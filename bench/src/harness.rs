@@ -309,7 +309,7 @@ pub struct Fabric {
     pub dir: PathBuf,
     pub ns: Option<String>,
     /// Kept for its lifetime: dropping it kills the authority.
-    _auth: Proc,
+    auth: Proc,
     pub auth_addr: String,
     pub gw: Proc,
     pub gw_addr: String,
@@ -349,7 +349,7 @@ impl Fabric {
         let mut me = Self {
             dir: dir.to_path_buf(),
             ns: ns.map(str::to_string),
-            _auth: auth,
+            auth,
             auth_addr,
             gw: Proc::spawn("placeholder", Command::new("true"), dir)?,
             gw_addr: format!("{host}:{port}"),
@@ -361,6 +361,11 @@ impl Fabric {
         me.gw = gw;
         me.ca_pin = pin;
         Ok(me)
+    }
+
+    /// The authority's process id (for its CPU time and memory).
+    pub fn auth_pid(&self) -> u32 {
+        self.auth.pid()
     }
 
     pub fn tctl_cmd(&self) -> Result<Command> {
@@ -409,6 +414,18 @@ impl Fabric {
         addr: &str,
         join: Option<(&str, &str)>,
     ) -> Result<Proc> {
+        self.spawn_gateway_with(name, data, addr, join, &[])
+    }
+
+    /// [`Fabric::spawn_gateway`] with more `gateway start` flags.
+    pub fn spawn_gateway_with(
+        &self,
+        name: &str,
+        data: &Path,
+        addr: &str,
+        join: Option<(&str, &str)>,
+        extra: &[&str],
+    ) -> Result<Proc> {
         let mut cmd = command(self.ns.as_deref(), &bin("gateway")?);
         cmd.args(["start", "--data-dir"]).arg(data).args([
             "--auth",
@@ -419,7 +436,7 @@ impl Fabric {
         if let Some((t, p)) = join {
             cmd.args(["--token", t, "--ca-pin", p]);
         }
-        cmd.args(&self.extra_gw);
+        cmd.args(&self.extra_gw).args(extra);
         let mut gw = Proc::spawn(name, cmd, &self.dir)?;
         let up = wait_until(Duration::from_secs(30), || {
             gw.log_text().contains("gateway listening on")

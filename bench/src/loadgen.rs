@@ -24,6 +24,9 @@ struct Args {
     idle_timeout: Option<Duration>,
     /// `--gateway-probe on|off`: whether agents probe a silent gateway while they wait.
     probe: bool,
+    /// `--first K`: this process runs agents K..K+N (ids `lg-K`..., their own UDP sockets'
+    /// source addresses), so that several load generators share one gateway without clashing.
+    first: usize,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -36,6 +39,7 @@ fn parse(args: &[String]) -> Result<Args> {
         per_socket: 1000,
         idle_timeout: None,
         probe: true,
+        first: 0,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -46,6 +50,7 @@ fn parse(args: &[String]) -> Result<Args> {
             "--ca-pin" => a.ca_pin = v.clone(),
             "--n" => a.n = v.parse()?,
             "--dir" => a.dir = PathBuf::from(v),
+            "--first" => a.first = v.parse()?,
             "--per-socket" => a.per_socket = v.parse::<usize>()?.max(1),
             "--gateway-probe" => a.probe = v != "off",
             "--idle-timeout" => {
@@ -76,6 +81,7 @@ pub fn main(args: &[String]) -> Result<()> {
 }
 
 fn config(a: &Args, i: usize) -> AgentConfig {
+    let i = a.first + i;
     let mut cfg = AgentConfig::new(a.dir.join(format!("d{i}")), a.gateway.clone());
     cfg.token = Some(a.token.clone());
     cfg.ca_pin = Some(a.ca_pin.clone());
@@ -135,9 +141,10 @@ async fn run(a: Args) -> Result<()> {
     }
     eprintln!("loadgen: joined {}", a.n);
     let sockets = a.n.div_ceil(a.per_socket);
+    let first_socket = a.first.div_ceil(a.per_socket);
     let mut endpoints = Vec::with_capacity(sockets);
-    for _ in 0..sockets {
-        let ep = edgeport_net::quic::client_endpoint(local_addr(&a.gateway, endpoints.len()))?;
+    for k in 0..sockets {
+        let ep = edgeport_net::quic::client_endpoint(local_addr(&a.gateway, first_socket + k))?;
         endpoints.push(ep);
     }
     eprintln!(

@@ -4,6 +4,7 @@
 //! prints a table (median, min, max), writes `target/bench/results.json` and rewrites the
 //! marked region of docs/benchmarks.md. See docs/benchmarks.md for what each number means.
 
+mod fleet;
 mod harness;
 mod loadgen;
 mod report;
@@ -33,6 +34,10 @@ impl Opts {
     pub fn wants(&self, scenario: &str) -> bool {
         self.only.as_ref().is_none_or(|o| o.contains(scenario))
     }
+    /// A scenario that runs only when `--only` names it (too long for `all`).
+    pub fn named(&self, scenario: &str) -> bool {
+        self.only.as_ref().is_some_and(|o| o.contains(scenario))
+    }
     pub fn pick<T>(&self, quick: T, all: T) -> T {
         match self.mode {
             Mode::Smoke | Mode::Quick => quick,
@@ -51,7 +56,8 @@ impl Opts {
 
 fn usage() -> &'static str {
     "usage: bench all|quick|smoke [--only ssh,stream,sign,idle,nat,tunnels,lossy,size,flood,deadzone,counting] [--no-doc]\n       \
-     bench loadgen --gateway ADDR --token T --ca-pin P --n N --dir DIR"
+     bench all --only fleet   (100,000 tunnels on one gateway; never part of a plain `all`)\n       \
+     bench loadgen --gateway ADDR --token T --ca-pin P --n N --dir DIR [--first K]"
 }
 
 fn main() -> ExitCode {

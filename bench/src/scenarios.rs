@@ -81,7 +81,8 @@ pub fn run_all(o: &Opts) -> Result<()> {
     }
     let needs_fabric = ["ssh", "stream", "idle", "tunnels", "flood"]
         .iter()
-        .any(|s| o.wants(s));
+        .any(|s| o.wants(s))
+        || o.named("fleet");
     if needs_fabric {
         let fab = Fabric::start(&work.join("fabric"), None, "127.0.0.1", 0)?;
         // The idle device runs against its own gateway while everything else goes on.
@@ -95,6 +96,11 @@ pub fn run_all(o: &Opts) -> Result<()> {
         }
         if o.wants("tunnels") {
             tunnels(o, &fab, &work, &mut r)?;
+        }
+        if o.named("fleet") {
+            if let Err(e) = crate::fleet::fleet(o, &fab, &work, &mut r) {
+                r.note(format!("fleet scenario failed: {e:#}"));
+            }
         }
         if let Some(idle) = idle {
             idle.finish(&fab, &mut r)?;
@@ -1640,7 +1646,7 @@ impl Drop for Flood {
 /// Raises the soft open-file limit to the hard one (the flood holds over a thousand
 /// sockets, and the gateway started from here inherits the limit).
 #[allow(unsafe_code)]
-fn raise_nofile() -> u64 {
+pub(crate) fn raise_nofile() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
