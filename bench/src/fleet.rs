@@ -74,10 +74,12 @@ fn wait_online(
     want: usize,
     timeout: Duration,
     what: &str,
+    each_poll: &mut dyn FnMut(),
 ) -> (usize, usize, f64) {
     let start = Instant::now();
     let mut shown = Instant::now();
     loop {
+        each_poll();
         let (n, quic) = counter.poll();
         let secs = start.elapsed().as_secs_f64();
         if n >= want || start.elapsed() > timeout {
@@ -151,11 +153,18 @@ pub fn fleet(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()>
     }
     println!("fleet: {n} agents from {procs} load generators against {addr}");
     let mut counter = OnlineCounter::new(&gw.log);
-    let (up, quic, up_s) = wait_online(&mut counter, n, timeout, "coming up");
-    let joined_s = loadgens
-        .iter()
-        .all(|l| l.log_text().contains("loadgen: joined"))
-        .then(|| started.elapsed().as_secs_f64());
+    // When every load generator has finished its joins (their logs are short: RUST_LOG=warn).
+    let mut joined_s: Option<f64> = None;
+    let mut joins_done = || {
+        if joined_s.is_none()
+            && loadgens
+                .iter()
+                .all(|l| l.log_text().contains("loadgen: joined"))
+        {
+            joined_s = Some(started.elapsed().as_secs_f64());
+        }
+    };
+    let (up, quic, up_s) = wait_online(&mut counter, n, timeout, "coming up", &mut joins_done);
     r.add(
         "fleet_up_s",
         "s",
@@ -243,7 +252,7 @@ pub fn fleet(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()>
     let auth_cpu0 = cpu_secs(fab.auth_pid())?;
     let mut gw = fab.spawn_gateway_with("gateway-fleet-2", &data, &addr, None, &flags)?;
     let mut counter = OnlineCounter::new(&gw.log);
-    let (back, quic, back_s) = wait_online(&mut counter, up, timeout, "after the restart");
+    let (back, quic, back_s) = wait_online(&mut counter, up, timeout, "after the restart", &mut || {});
     let auth_cpu = cpu_secs(fab.auth_pid())? - auth_cpu0;
     let gw_cpu = cpu_secs(gw.pid())?;
     r.add(

@@ -248,7 +248,17 @@ pub async fn run_with(
         device = %ident.device_id, cluster = %ident.cas.cluster, gateway = %cfg.gateway,
         "edge agent starting"
     );
-    let audit = match crate::audit::start(&cfg.data_dir, cfg.audit_max_bytes) {
+    // Opening the spool reads it and writes (and syncs) a few files: on a slow SD card that
+    // takes long enough to stall the runtime, so it runs on the blocking pool.
+    let (dir, max) = (cfg.data_dir.clone(), cfg.audit_max_bytes);
+    let opened = tokio::task::spawn_blocking(move || crate::audit::start(&dir, max))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::audit::SpoolError::Io(format!(
+                "opening the audit spool failed: {e}"
+            )))
+        });
+    let audit = match opened {
         Ok(a) => Some(a),
         Err(e) => {
             tracing::error!("{e}; sessions are served WITHOUT an audit trail");

@@ -63,6 +63,11 @@ pub fn now_ms() -> u64 {
 /// Opens the spool under `data_dir/audit` and starts the writer thread. Events emitted
 /// before this (or in a process that never calls it, like unit tests) are ignored.
 pub fn start(data_dir: &Path, max_bytes: u64) -> Result<Arc<Shared>, SpoolError> {
+    // One spool per process: a second start (the load generator runs thousands of agents in
+    // one process) fails before it touches the disk.
+    if SINK.get().is_some() {
+        return Err(SpoolError::Io("the audit spool is already running".into()));
+    }
     let mut spool = Spool::open(&data_dir.join("audit"), max_bytes)?;
     // Sessions a previous run left open (it was killed) end now, in the log.
     let (mut open, mut left, through) = open_sessions::OpenSessions::load(spool.dir());
