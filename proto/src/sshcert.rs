@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use russh::keys::ssh_key::{certificate::CertType, Certificate, PublicKey};
+use russh::keys::ssh_key::{certificate::CertType, Algorithm, Certificate, PublicKey};
 use serde::{Deserialize, Serialize};
 
 pub const EXT_PERMIT_PTY: &str = "permit-pty";
@@ -149,6 +149,8 @@ pub enum CertRefusal {
     SessionMfaRequired,
     #[error("this per-session second factor certificate is for device {cert:?}, not {device:?}")]
     SessionMfaOtherDevice { cert: String, device: String },
+    #[error("certificate key type {0:?} is not supported")]
+    UnsupportedKey(String),
 }
 
 /// The facts a valid user certificate grants.
@@ -180,6 +182,13 @@ fn check_common(
     }
     if cert.signature_key() != ca.key_data() {
         return Err(CertRefusal::UnknownCa(name(want)));
+    }
+    // ssh-key panics while re-encoding a certificate whose key algorithm it does not know
+    // (found by the ssh_cert fuzz target, 2026-12-07), and anyone can name the cluster's
+    // public CA key as the signer: refuse such keys before the signature check.
+    if let Algorithm::Other(other) = cert.public_key().algorithm() {
+        let shown: String = other.as_str().chars().take(64).collect();
+        return Err(CertRefusal::UnsupportedKey(shown));
     }
     cert.verify_signature()
         .map_err(|_| CertRefusal::BadSignature)?;
@@ -265,6 +274,28 @@ mod tests {
     use super::*;
     use crate::keys::KeyPair;
     use russh::keys::ssh_key::certificate::Builder;
+
+    /// The ssh_cert fuzz target's finding: a certificate whose key algorithm ssh-key does not
+    /// know, "signed" by the (public) CA key, made `verify_signature` panic (an abort in
+    /// release builds). It is refused with a line instead.
+    #[test]
+    fn an_unknown_key_algorithm_is_refused_not_a_panic() {
+        let data = include_bytes!("../../fuzz/corpus/ssh_cert/regress-unknown-key-algorithm");
+        let cert = Certificate::from_bytes(data).unwrap();
+        let ca = PublicKey::from(cert.signature_key().clone());
+        for now in [0, cert.valid_after(), cert.valid_before().saturating_sub(1)] {
+            let login = cert.valid_principals().first().cloned().unwrap_or_default();
+            let user = check_user_cert(&cert, &ca, &login, now).unwrap_err();
+            let host = check_host_cert(&cert, &ca, &login, now).unwrap_err();
+            for e in [user, host] {
+                assert!(
+                    matches!(e, CertRefusal::UnsupportedKey(_) | CertRefusal::WrongType { .. }),
+                    "{e}"
+                );
+            }
+        }
+        crate::fuzz_entry::ssh_cert(data);
+    }
 
     fn sign(
         ca: &KeyPair,
