@@ -252,7 +252,8 @@ pub fn fleet(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()>
     let auth_cpu0 = cpu_secs(fab.auth_pid())?;
     let mut gw = fab.spawn_gateway_with("gateway-fleet-2", &data, &addr, None, &flags)?;
     let mut counter = OnlineCounter::new(&gw.log);
-    let (back, quic, back_s) = wait_online(&mut counter, up, timeout, "after the restart", &mut || {});
+    let (back, quic, back_s) =
+        wait_online(&mut counter, up, timeout, "after the restart", &mut || {});
     let auth_cpu = cpu_secs(fab.auth_pid())? - auth_cpu0;
     let gw_cpu = cpu_secs(gw.pid())?;
     r.add(

@@ -289,7 +289,10 @@ mod tests {
             let host = check_host_cert(&cert, &ca, &login, now).unwrap_err();
             for e in [user, host] {
                 assert!(
-                    matches!(e, CertRefusal::UnsupportedKey(_) | CertRefusal::WrongType { .. }),
+                    matches!(
+                        e,
+                        CertRefusal::UnsupportedKey(_) | CertRefusal::WrongType { .. }
+                    ),
                     "{e}"
                 );
             }
