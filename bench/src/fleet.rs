@@ -8,64 +8,16 @@
 //! over that storm. Never part of a plain `all`: it takes half an hour and most of the
 //! machine's memory at 100,000.
 
-use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 
-use crate::harness::{bin, cpu_secs, free_port, rss_anon_kib, rss_kib, Fabric, Proc};
+use crate::harness::{
+    cpu_secs, free_port, loadgen_command, rss_anon_kib, rss_kib, Fabric, OnlineCounter, Proc,
+};
 use crate::report::Results;
 use crate::Opts;
-
-/// Counts the devices a gateway's log reports online, reading only what was appended since
-/// the last call (the log of 100,000 tunnels is tens of megabytes).
-struct OnlineCounter {
-    log: PathBuf,
-    offset: u64,
-    partial: String,
-    /// Device id -> last seen on QUIC.
-    seen: HashMap<String, bool>,
-}
-
-impl OnlineCounter {
-    fn new(log: &Path) -> Self {
-        Self {
-            log: log.to_path_buf(),
-            offset: 0,
-            partial: String::new(),
-            seen: HashMap::new(),
-        }
-    }
-
-    /// (devices online, of them last on QUIC).
-    fn poll(&mut self) -> (usize, usize) {
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let mut buf = Vec::new();
-            if f.seek(SeekFrom::Start(self.offset)).is_ok() && f.read_to_end(&mut buf).is_ok() {
-                self.offset += buf.len() as u64;
-                self.partial.push_str(&String::from_utf8_lossy(&buf));
-                let complete = self.partial.rfind('\n').map_or(0, |i| i + 1);
-                let text: String = self.partial.drain(..complete).collect();
-                for line in text.lines().filter(|l| l.contains("device online")) {
-                    let field = |k: &str| {
-                        line.split(k)
-                            .nth(1)
-                            .and_then(|v| v.split_whitespace().next())
-                    };
-                    if let Some(id) = field(" device=") {
-                        let quic = field(" transport=") == Some("\"quic\"");
-                        self.seen.insert(id.to_string(), quic);
-                    }
-                }
-            }
-        }
-        let quic = self.seen.values().filter(|q| **q).count();
-        (self.seen.len(), quic)
-    }
-}
 
 /// Waits until `want` devices are online in `counter`'s log, printing progress every 30 s.
 /// Returns (reached, on QUIC, seconds) when done or at `timeout`.
@@ -135,20 +87,9 @@ pub fn fleet(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()>
     for k in 0..procs {
         let first = k * per_proc;
         let count = per_proc.min(n - first);
-        let mut c = Command::new(bin("bench")?);
-        c.args([
-            "loadgen",
-            "--gateway",
-            &addr,
-            "--token",
-            &token,
-            "--ca-pin",
-            &pin,
-        ])
-        .args(["--n", &count.to_string(), "--first", &first.to_string()])
-        .arg("--dir")
-        .arg(work.join("fleet"))
-        .env("RUST_LOG", "warn");
+        let mut c = loadgen_command(None, &addr, &token, &pin, count, &work.join("fleet"))?;
+        c.args(["--first", &first.to_string()])
+            .env("RUST_LOG", "warn");
         loadgens.push(Proc::spawn(&format!("fleet-loadgen-{k}"), c, &fab.dir)?);
     }
     println!("fleet: {n} agents from {procs} load generators against {addr}");
@@ -268,36 +209,4 @@ pub fn fleet(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()>
     drop(loadgens);
     gw.kill9();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_counter_reads_only_appended_whole_lines() {
-        let dir = std::env::temp_dir().join(format!("fleet-counter-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("gw.log");
-        let line = |id: &str, t: &str| {
-            format!(
-                "2026-12-07T11:00:00Z INFO device online device={id} transport=\"{t}\" version=1\n"
-            )
-        };
-        std::fs::write(&log, line("a", "quic") + "noise\n" + "2026 INFO device onl").unwrap();
-        let mut c = OnlineCounter::new(&log);
-        assert_eq!(c.poll(), (1, 1));
-        // The half-written line completes; b comes up on TCP, a again on TCP.
-        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        use std::io::Write;
-        write!(
-            f,
-            "ine device=b transport=\"tcp\" version=1\n{}",
-            line("a", "tcp")
-        )
-        .unwrap();
-        assert_eq!(c.poll(), (2, 0));
-        assert_eq!(c.poll(), (2, 0));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 }

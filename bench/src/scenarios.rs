@@ -10,8 +10,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 
 use crate::harness::{
-    bin, children_cpu_secs, command, cpu_secs, free_port, parse_env, repo_root, rss_anon_kib,
-    rss_kib, run, run_ok, tree_cpu_secs, udp_counters, wait_until, Fabric, Proc, Sshd,
+    children_cpu_secs, command, cpu_secs, free_port, loadgen_command, parse_env, repo_root,
+    rss_anon_kib, rss_kib, run, run_ok, tree_cpu_secs, udp_counters, wait_until, Fabric,
+    OnlineCounter, Proc, Sshd,
 };
 use crate::report::{percentile, rewrite_region, Results};
 use crate::{Mode, Opts};
@@ -1197,24 +1198,6 @@ fn stream_open(o: &Opts, fab: &Fabric, r: &mut Results) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // Many idle tunnels
 
-/// Distinct devices a gateway logged as online (`device online device=ID transport="T"`),
-/// and how many of them were last seen on QUIC.
-fn count_online(log: &Path) -> (usize, usize) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut last: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
-    for line in text.lines().filter(|l| l.contains("device online")) {
-        let field = |k: &str| {
-            line.split(k)
-                .nth(1)
-                .and_then(|v| v.split_whitespace().next())
-        };
-        if let Some(id) = field(" device=") {
-            last.insert(id, field(" transport=") == Some("\"quic\""));
-        }
-    }
-    (last.len(), last.values().filter(|q| **q).count())
-}
-
 fn tunnels(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()> {
     let n: usize = std::env::var("BENCH_TUNNELS")
         .ok()
@@ -1227,25 +1210,13 @@ fn tunnels(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let rss0 = rss_kib(gw.pid())?;
     let (token, pin) = fab.token("device", true)?;
-    let mut c = Command::new(bin("bench")?);
-    c.args([
-        "loadgen",
-        "--gateway",
-        &addr,
-        "--token",
-        &token,
-        "--ca-pin",
-        &pin,
-    ])
-    .args(["--n", &n.to_string()])
-    .arg("--dir")
-    .arg(work.join("loadgen"))
-    .env("RUST_LOG", "info");
+    let c = loadgen_command(None, &addr, &token, &pin, n, &work.join("loadgen"))?;
     let mut lg = Proc::spawn("loadgen", c, &fab.dir)?;
     let timeout = Duration::from_secs(o.pick(150, 300) as u64);
     let start = Instant::now();
-    let up = wait_until(timeout, || count_online(&gw.log).0 >= n || !lg.alive());
-    let (reached, quic) = count_online(&gw.log);
+    let mut online = OnlineCounter::new(&gw.log);
+    let up = wait_until(timeout, || online.poll().0 >= n || !lg.alive());
+    let (reached, quic) = online.poll();
     if !up || reached < n {
         r.note(format!(
             "tunnels: only {reached} of {n} came up within {timeout:?} (loadgen alive: {}); tail: {}",
@@ -1281,9 +1252,10 @@ fn tunnels(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()> {
     let mut gw = fab.spawn_gateway("gateway-many-2", &data, &addr, None)?;
     let start = Instant::now();
     let timeout = Duration::from_secs(o.pick(120, 240) as u64);
-    let back = wait_until(timeout, || count_online(&gw.log).0 >= reached);
+    let mut online = OnlineCounter::new(&gw.log);
+    let back = wait_until(timeout, || online.poll().0 >= reached);
     let secs = start.elapsed().as_secs_f64();
-    let (again, quic) = count_online(&gw.log);
+    let (again, quic) = online.poll();
     if back {
         r.add(
             "tunnels_reconnect_s",
@@ -1935,25 +1907,28 @@ fn deadzone(o: &Opts, work: &Path, r: &mut Results) -> Result<()> {
         .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
         .unwrap_or(o.pick3(vec![8], vec![30, 120], vec![30, 120, 600]));
     let (token, pin) = fab.token("device", true)?;
-    let mut c = command(Some(&dev_ns), &bin("bench")?);
-    c.args(["loadgen", "--gateway", &fab.gw_addr, "--token", &token])
-        .args(["--ca-pin", &pin, "--n", &n.to_string()])
-        .args(["--idle-timeout", &idle_s.to_string()])
-        .arg("--dir")
-        .arg(work.join("deadzone-loadgen"))
-        .env("RUST_LOG", "info");
+    let mut c = loadgen_command(
+        Some(&dev_ns),
+        &fab.gw_addr,
+        &token,
+        &pin,
+        n,
+        &work.join("deadzone-loadgen"),
+    )?;
+    c.args(["--idle-timeout", &idle_s.to_string()]);
     // BENCH_DEADZONE_PROBE=off: without the agents' gateway probe, for a before/after.
     if let Ok(v) = std::env::var("BENCH_DEADZONE_PROBE") {
         c.args(["--gateway-probe", &v]);
     }
     let mut lg = Proc::spawn("deadzone-loadgen", c, work)?;
+    let mut online = OnlineCounter::new(&fab.gw.log);
     let up = wait_until(Duration::from_secs(o.pick(150, 300)), || {
-        count_online(&fab.gw.log).0 >= n || !lg.alive()
+        online.poll().0 >= n || !lg.alive()
     });
     if !up || !lg.alive() {
         bail!(
             "only {} of {n} agents came online; loadgen: {}",
-            count_online(&fab.gw.log).0,
+            online.poll().0,
             lg.log_text().lines().last().unwrap_or("")
         );
     }
