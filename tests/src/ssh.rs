@@ -323,3 +323,64 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
         _ => false,
     }
 }
+
+/// Presents the fuzzer's crash input (fuzz/corpus/ssh_cert/regress-unknown-key-algorithm)
+/// and a variant with a name to `device` through `tsh proxy ssh`; one result line each
+/// (tests/peers/ssh-crafted-cert.py).
+pub fn crafted_cert_attempts(tsh: &Tsh, device: &str) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let corpus = root.join("../fuzz/corpus/ssh_cert/regress-unknown-key-algorithm");
+    // Valid from 0 to forever, so that russh's validity check lets it through to the
+    // signature check (the fuzzer's input has a window far in the future).
+    let mut bytes = std::fs::read(&corpus).expect("the fuzz corpus");
+    let at = cert_validity_offset(&bytes);
+    bytes[at..at + 8].fill(0);
+    bytes[at + 8..at + 16].fill(0xff);
+    let crash = tsh.home.join("crafted-cert");
+    std::fs::write(&crash, &bytes).expect("write the crafted certificate");
+    // The same with a name: "x-cert-v01@..." decodes as an algorithm nobody knows.
+    bytes[3] += 1;
+    bytes.insert(4, b'x');
+    let named = tsh.home.join("crafted-named-cert");
+    std::fs::write(&named, bytes).expect("write the crafted certificate");
+    let proxy = format!(
+        "env TSH_HOME='{}' '{}' --proxy {} proxy ssh root@{device}:22",
+        tsh.home.display(),
+        bin("tsh").display(),
+        tsh.proxy
+    );
+    [crash, named]
+        .iter()
+        .map(|cert| {
+            let mut cmd = Command::new("/usr/bin/python3");
+            cmd.arg(root.join("peers/ssh-crafted-cert.py"))
+                .arg(&proxy)
+                .arg("root")
+                .arg(cert);
+            let r = run(cmd, None, Duration::from_secs(90)).expect_ok("ssh-crafted-cert.py");
+            r.stdout().trim().to_string()
+        })
+        .collect()
+}
+
+/// Where valid_after is in an OpenSSH certificate whose key is one opaque string (an
+/// algorithm ssh-key does not know): after the type, nonce and key strings, the serial and
+/// type integers, and the key id and principals strings.
+fn cert_validity_offset(cert: &[u8]) -> usize {
+    let skip_string = |at: usize| {
+        let len = cert[at..at + 4]
+            .try_into()
+            .map(u32::from_be_bytes)
+            .expect("a length");
+        at + 4 + len as usize
+    };
+    let mut at = 0;
+    for _ in 0..3 {
+        at = skip_string(at);
+    }
+    at += 8 + 4;
+    for _ in 0..2 {
+        at = skip_string(at);
+    }
+    at
+}

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use edgeport_e2e::fabric::{wait_online, Gateway};
-use edgeport_e2e::ssh::Tsh;
+use edgeport_e2e::ssh::{crafted_cert_attempts, Tsh};
 use edgeport_e2e::{run, Authority, Proc, TempDir};
 
 const PW: &str = "correct horse battery staple";
@@ -190,6 +190,17 @@ fn device_agents_under_qemu() {
         assert!(!lines[0].is_empty(), "{out}");
         assert_eq!(lines[1], "root", "{out}");
         assert_eq!(lines[2], "/root", "{out}");
+    }
+
+    // A crafted certificate in SSH authentication used to abort these builds (panic = "abort"
+    // in the device profile; vendor/README.md). Refused, and the same process serves on.
+    for (a, (_, _, id, _)) in agents.iter_mut().zip(&built) {
+        for line in crafted_cert_attempts(&tsh, id) {
+            assert_eq!(line, "refused", "{id}: agent log:\n{}", a.log_text());
+        }
+        assert!(a.alive(), "{id} died: {}", a.log_text());
+        tsh.run(&["ssh", &format!("root@{id}"), "true"], None)
+            .expect_ok(&format!("tsh ssh {id} after the crafted certificates"));
     }
 
     // Idle footprint under qemu (emulator included): reported, never asserted.

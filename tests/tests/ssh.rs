@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use edgeport_e2e::ssh::{random_file, same_file, ssh, Cluster, SshAgent, Tmux, Tsh};
+use edgeport_e2e::ssh::{
+    crafted_cert_attempts, random_file, same_file, ssh, Cluster, SshAgent, Tmux, Tsh,
+};
 use edgeport_e2e::{bin, run, wait_until, Authority, Run};
 
 const PW: &str = "correct horse battery";
@@ -1064,4 +1066,35 @@ fn remote_dynamic_and_agent_forwarding() {
             })
     });
     assert!(seen, "forward events missing: {events:?}");
+}
+
+/// A certificate whose type names no algorithm ("-cert-v01@openssh.com"), presented in
+/// public-key authentication by a client with a dial grant. russh verifies any presented
+/// certificate before the agent's handler runs, and the ssh-key it pins panicked on this one:
+/// with the device profile's `panic = "abort"` one packet killed the agent (vendor/README.md).
+/// The agent must refuse it like any unknown key, keep the connection for another attempt,
+/// and go on serving. tests/tests/cross.rs repeats this against the device-profile builds.
+#[test]
+fn a_malformed_certificate_in_ssh_auth_is_refused_not_a_crash() {
+    let c = Cluster::start("edge", &[("dev1", "")]);
+    c.add_user("alice", "root", PW);
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    tsh.login("alice", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login");
+    let pid = c.agent("dev1").proc.pid();
+    for line in crafted_cert_attempts(&tsh, "dev1") {
+        assert_eq!(
+            line,
+            "refused",
+            "agent log:\n{}",
+            c.agent("dev1").proc.log_text()
+        );
+    }
+    let r = tsh
+        .run(&["ssh", "dev1", "echo", "still-here"], None)
+        .expect_ok("tsh ssh after the crafted certificates");
+    assert_eq!(r.stdout(), "still-here\n");
+    assert_eq!(c.agent("dev1").proc.pid(), pid);
+    let log = c.agent("dev1").proc.log_text();
+    assert!(!log.contains("panicked"), "{log}");
 }
