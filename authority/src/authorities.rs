@@ -5,6 +5,11 @@
 //! is told to copy `DATA/ca`), and an authority whose signing key is not the cluster's
 //! refuses to sign. Several authorities keep their CA keys in files (architecture.md, "What
 //! several authorities share"), so this is how one left behind by a rotation is noticed.
+//!
+//! Each running process also writes a random instance name into its record. Between two of
+//! its own heartbeats nobody else writes that record, unless a second process has the same
+//! id: a data dir copied whole (a cloned VM image) shares `DATA/authority.id`. Such an
+//! authority says so in its log and in its record, and `tctl status` tells the remedy.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -88,6 +93,13 @@ pub struct AuthorityRecord {
     pub last_seen: u64,
     /// The CA keys it holds and the rotation it follows.
     pub held: Vec<CaState>,
+    /// Random, made at each start of the process (empty: written by an older release).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
+    /// Another running process that writes this record too (its address): the two share
+    /// the id because one's data dir was copied from the other's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_with: Option<String>,
 }
 
 /// Who this authority is (set once at start) and the cluster's CA state it last read.
@@ -95,6 +107,7 @@ pub struct AuthorityRecord {
 pub struct Registry {
     me: OnceLock<Me>,
     cluster: Mutex<Option<ClusterCas>>,
+    sharing: Mutex<Sharing>,
 }
 
 #[derive(Clone, Debug)]
@@ -102,14 +115,57 @@ struct Me {
     id: String,
     address: String,
     started: u64,
+    instance: String,
+}
+
+/// What this process has seen of another one writing its record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sharing {
+    /// This process wrote its record at least once.
+    wrote: bool,
+    /// The other process (its address) and when it was last seen writing.
+    other: Option<(String, u64)>,
+}
+
+impl Sharing {
+    /// Looks at the record as found just before this process writes it again. Returns the
+    /// address of another process that wrote it since this one last did (newly or again),
+    /// kept for [`STALE_AFTER_SECS`] after it was last seen so that two processes whose
+    /// heartbeats drift do not flap.
+    pub fn observe(
+        &mut self,
+        found: Option<&AuthorityRecord>,
+        instance: &str,
+        now: u64,
+    ) -> Option<String> {
+        let foreign =
+            found.filter(|r| self.wrote && !r.instance.is_empty() && r.instance != instance);
+        if let Some(r) = foreign {
+            self.other = Some((r.address.clone(), now));
+        }
+        self.wrote = true;
+        if self
+            .other
+            .as_ref()
+            .is_some_and(|(_, seen)| now.saturating_sub(*seen) > STALE_AFTER_SECS)
+        {
+            self.other = None;
+        }
+        self.other.as_ref().map(|(a, _)| a.clone())
+    }
 }
 
 impl Registry {
+    /// Who this process is. `instance` is made here: random, new at each start.
     pub fn set_identity(&self, id: String, address: String, started: u64) {
+        let instance = edgeport_proto::keys::random_bytes(8)
+            .map(hex::encode)
+            .unwrap_or_else(|_| format!("{started}-{}", std::process::id()));
         let _ = self.me.set(Me {
             id,
             address,
             started,
+            instance,
         });
     }
 
@@ -250,11 +306,17 @@ pub fn list(st: &dyn Store, now: u64) -> Result<Vec<AuthorityInfo>, StoreError> 
                 .as_ref()
                 .map(|c| compare(&r.held, &c.cas))
                 .unwrap_or_default();
-            let remedy = if missing.is_empty() && behind.is_empty() {
+            let mut remedy = if missing.is_empty() && behind.is_empty() {
                 String::new()
             } else {
                 remedy(from.as_deref().filter(|a| *a != r.address))
             };
+            if let Some(other) = &r.shared_with {
+                if !remedy.is_empty() {
+                    remedy.push_str("; and ");
+                }
+                remedy.push_str(&shared_id_text("it", &r.id, &r.address, other));
+            }
             AuthorityInfo {
                 id: r.id.clone(),
                 address: r.address.clone(),
@@ -413,6 +475,36 @@ fn beat(svc: &Service, now: u64) -> Result<Option<ClusterCas>, StoreError> {
     let Some(me) = svc.registry.me.get() else {
         return Ok(None);
     };
+    let found: Option<AuthorityRecord> =
+        store::get(svc.store(), Table::Authorities, &record_key(&me.id))?;
+    let shared_with = {
+        let mut sharing = svc
+            .registry
+            .sharing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let before = sharing.other.as_ref().map(|(a, _)| a.clone());
+        let now_shared = sharing.observe(found.as_ref(), &me.instance, now);
+        if now_shared != before {
+            match &now_shared {
+                Some(other) => tracing::error!(
+                    id = %me.id,
+                    "{}",
+                    shared_id_text(
+                        &format!("this authority ({})", me.address),
+                        &me.id,
+                        &me.address,
+                        other
+                    )
+                ),
+                None => tracing::info!(
+                    id = %me.id,
+                    "no other authority writes this authority's record any more"
+                ),
+            }
+        }
+        now_shared
+    };
     let record = AuthorityRecord {
         id: me.id.clone(),
         address: me.address.clone(),
@@ -420,8 +512,23 @@ fn beat(svc: &Service, now: u64) -> Result<Option<ClusterCas>, StoreError> {
         started: me.started,
         last_seen: now,
         held: states(&svc.ca().rotations()),
+        instance: me.instance.clone(),
+        shared_with,
     };
     heartbeat(svc.store(), &record, now).map(Some)
+}
+
+/// One line: `subject` (the authority at `a`) and the one at `b` both run with the id `id`,
+/// and what to do.
+fn shared_id_text(subject: &str, id: &str, a: &str, b: &str) -> String {
+    let other = if a == b {
+        "another process at the same address".to_string()
+    } else {
+        format!("the authority at {b}")
+    };
+    format!(
+        "{subject} and {other} both run with the id {id}: one's data dir was copied whole from the other's; stop one of them, delete its DATA/authority.id and start it again"
+    )
 }
 
 /// What the periodic check remembers between runs.
@@ -548,6 +655,8 @@ mod tests {
             started: 1,
             last_seen: now,
             held,
+            instance: String::new(),
+            shared_with: None,
         }
     }
 
@@ -555,6 +664,61 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(&dir.path().join("store")).unwrap();
         (dir, store)
+    }
+
+    /// Two processes with one id (a copied data dir) each write the record every
+    /// heartbeat; each sees the other's instance in between. A restart (a new instance that
+    /// finds the old one's record) is not a clash, and a clash ends once the other stops.
+    #[test]
+    fn a_shared_id_is_noticed_by_both_and_not_on_a_restart() {
+        let (_d, st) = sled();
+        let write = |addr: &str, inst: &str, shared: Option<String>, now: u64| {
+            let mut r = record("a", addr, standby(), now);
+            r.instance = inst.into();
+            r.shared_with = shared;
+            heartbeat(&st, &r, now).unwrap();
+        };
+        let found = || store::get::<AuthorityRecord>(&st, Table::Authorities, "a/a").unwrap();
+
+        // A restart: the new process finds the old one's record, a moment old.
+        write("10.0.0.5:3025", "old", None, 100);
+        let mut first = Sharing::default();
+        assert_eq!(first.observe(found().as_ref(), "new", 101), None);
+        write("10.0.0.5:3025", "new", None, 101);
+        assert_eq!(first.observe(found().as_ref(), "new", 116), None);
+        write("10.0.0.5:3025", "new", None, 116);
+
+        // A clone starts at another address: its first write is no clash for it, but the
+        // first process sees a foreign instance at its next heartbeat, and so does the clone.
+        let mut clone = Sharing::default();
+        assert_eq!(clone.observe(found().as_ref(), "clone", 120), None);
+        write("10.0.0.9:3025", "clone", None, 120);
+        let seen = first.observe(found().as_ref(), "new", 131);
+        assert_eq!(seen.as_deref(), Some("10.0.0.9:3025"));
+        write("10.0.0.5:3025", "new", seen, 131);
+        let seen = clone.observe(found().as_ref(), "clone", 135);
+        assert_eq!(seen.as_deref(), Some("10.0.0.5:3025"));
+        write("10.0.0.9:3025", "clone", seen, 135);
+        let l = list(&st, 136).unwrap();
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert!(
+            l[0].remedy
+                .starts_with("it and the authority at 10.0.0.5:3025 both run with the id a: ")
+                && l[0].remedy.contains("delete its DATA/authority.id"),
+            "{}",
+            l[0].remedy
+        );
+        assert!(l[0].missing.is_empty() && l[0].behind.is_empty());
+
+        // Heartbeats that drift: two of the first's in a row still say it is shared, until
+        // the clone has not written for STALE_AFTER_SECS (it was stopped).
+        write("10.0.0.5:3025", "new", Some("10.0.0.9:3025".into()), 146);
+        assert!(first.observe(found().as_ref(), "new", 161).is_some());
+        write("10.0.0.5:3025", "new", None, 161);
+        assert_eq!(
+            first.observe(found().as_ref(), "new", 131 + STALE_AFTER_SECS + 1),
+            None
+        );
     }
 
     #[test]

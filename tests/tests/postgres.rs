@@ -644,4 +644,42 @@ fn status_lists_every_authority_and_one_left_behind_by_a_rotation() {
         .unwrap()
         .clone();
     assert_eq!(user["phase"], "update_clients", "{user}");
+
+    // b's whole data dir copied (a cloned VM image) and started elsewhere: the copy has b's
+    // id, and both write the one record. Within a heartbeat or two `tctl status` says so
+    // with the remedy, and the log of each names the other.
+    let cloned = tmp.join("b-clone");
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(&b.data_dir)
+        .arg(&cloned)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let c = start(&cloned, &url);
+    let mut list = Vec::new();
+    let noticed = edgeport_e2e::wait_until(Duration::from_secs(90), || {
+        list = authorities(&a);
+        list.iter().any(|r| {
+            r["remedy"]
+                .as_str()
+                .is_some_and(|m| m.contains("both run with the id"))
+        })
+    });
+    assert!(noticed, "a shared id went unnoticed: {list:?}");
+    assert_eq!(list.len(), 2, "{list:?}");
+    let text = a.tctl_ok(&["status"]).stdout();
+    assert!(
+        text.contains("both run with the id") && text.contains("delete its DATA/authority.id"),
+        "{text}"
+    );
+    let both = edgeport_e2e::wait_until(Duration::from_secs(60), || {
+        b.proc
+            .log_text()
+            .contains(&format!("and the authority at {} both run", c.addr))
+            && c.proc
+                .log_text()
+                .contains(&format!("and the authority at {} both run", b.addr))
+    });
+    assert!(both, "b:\n{}\nc:\n{}", b.proc.log_text(), c.proc.log_text());
 }

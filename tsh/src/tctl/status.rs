@@ -225,7 +225,8 @@ pub async fn status(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The authorities table, then one line per authority that lacks a key: what and the remedy.
+/// The authorities table, then one line per authority with a remedy: what it lacks (a key
+/// or a rotation step) or that its id is shared, and what to do.
 fn print_authorities(list: &[AuthorityInfo]) {
     let mut t = Table::new(&["AUTHORITY", "VERSION", "UP SINCE", "LAST SEEN", "CA KEYS"]);
     for a in list {
@@ -253,7 +254,11 @@ fn print_authorities(list: &[AuthorityInfo]) {
             .map(|m| m.as_str())
             .chain(a.behind.iter().map(|b| b.as_str()))
             .collect();
-        crate::outln!("{}: lacks {}: {}", a.address, lacks.join(", "), a.remedy);
+        if lacks.is_empty() {
+            crate::outln!("{}: {}", a.address, a.remedy);
+        } else {
+            crate::outln!("{}: lacks {}: {}", a.address, lacks.join(", "), a.remedy);
+        }
     }
 }
 
