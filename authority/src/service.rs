@@ -128,7 +128,8 @@ fn access(req: &Request) -> Access {
         | Request::WebSsoConnectors
         | Request::WebSsoStart(_)
         | Request::WebSsoFinish(_)
-        | Request::WebTerminalNonce(_) => Access::Gateway,
+        | Request::WebTerminalNonce(_)
+        | Request::WebSessionAlive { .. } => Access::Gateway,
         Request::DeviceList
         | Request::DevicePage { .. }
         | Request::AuthorizeDial { .. }
@@ -201,7 +202,9 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::WebSsoConnectors | Request::WebSsoStart(_) | Request::WebSsoFinish(_) => {
             "relaying web console single sign-on logins"
         }
-        Request::WebTerminalNonce(_) => "relaying web console terminals",
+        Request::WebTerminalNonce(_) | Request::WebSessionAlive { .. } => {
+            "relaying web console terminals"
+        }
         Request::DeviceUsage { .. } => "reading device usage",
         Request::DeviceSetBudget { .. } => "setting data budgets",
         Request::CaRotate(_) => "rotating CAs",
@@ -687,6 +690,9 @@ impl Service {
             Request::WebSsoStart(r) => crate::sso::web_start(self, caller_name, r, now),
             Request::WebSsoFinish(r) => crate::sso::web_finish(self, caller, caller_name, r, now),
             Request::WebTerminalNonce(p) => handlers::web::terminal_nonce(self, &p, now),
+            Request::WebSessionAlive { token_sha256 } => {
+                handlers::web::alive(self, &token_sha256, now)
+            }
             Request::WebAuditSearch { proof, mut query } => {
                 query.user = Some(handlers::web::viewer(self, &proof, now)?.name);
                 crate::audit::search(self, &query)

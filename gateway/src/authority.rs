@@ -48,7 +48,8 @@ impl Lane {
             | Request::WebSsoFinish(_)
             | Request::AccessRequestUser(_)
             | Request::SessionMfaCert(_)
-            | Request::UpdateFetch { .. } => Lane::Bulk,
+            | Request::UpdateFetch { .. }
+            | Request::WebSessionAlive { .. } => Lane::Bulk,
             _ => Lane::Control,
         }
     }

@@ -299,6 +299,14 @@ pub enum Request {
     /// with the CA keys each holds against what the cluster's rotation needs; answered with
     /// `Authorities`.
     AuthorityList,
+    /// Gateway: is the web session whose token's SHA-256 (hex) this is still live: not
+    /// logged out through any gateway, not expired, its user neither removed nor locked? A
+    /// gateway asks this every few seconds for the sessions it holds open terminals of, so a
+    /// logout through another gateway ends them too. The gateway holds the token anyway, so
+    /// the answer tells it nothing new. Answered `Ok`, or refused with why.
+    WebSessionAlive {
+        token_sha256: String,
+    },
 }
 
 /// Responses from the authority.

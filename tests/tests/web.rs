@@ -16,6 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use edgeport_e2e::fabric::Gateway;
 use edgeport_e2e::peers::{peers_dir, Peer};
 use edgeport_e2e::ssh::{Cluster, Tsh};
 use edgeport_e2e::{free_port, run, wait_until};
@@ -627,6 +628,67 @@ fn web_terminal_runs_a_shell_is_recorded_and_cut_by_a_lock() {
     // And a locked user gets no new one, even with a fresh browser signature.
     let why = raw_terminal(&mut b, "window.kept");
     assert!(why.contains("locked"), "{why}");
+}
+
+/// A logout through another gateway of the cluster (behind one name, a browser's next
+/// request may reach any of them) ends the terminals this gateway holds open for the
+/// session: the gateway asks the authority about them every few seconds. The browser talks
+/// only to gateway A; the logout, signed by the page's own key, goes to gateway B.
+#[test]
+fn a_logout_through_another_gateway_ends_the_terminal() {
+    let web_a = format!("127.0.0.1:{}", free_port());
+    let c = Cluster::start_with_gateway_args(
+        "webtwo",
+        &[("van-1", "fleet=vans")],
+        &["--web-addr", &web_a],
+    );
+    let web_b = format!("127.0.0.1:{}", free_port());
+    let _gw_b = Gateway::start_with(&c.dir.join("gateway-b"), &c.auth, &["--web-addr", &web_b]);
+    c.add_user("bob", "root", PW);
+    let mut b = Browser::start();
+    b.login(&format!("https://{web_a}/"), "bob", "");
+    assert!(b.wait_text("#devices", "van-1").0);
+    b.cmd(json!({"op": "click", "sel": "button.connect[data-device='van-1']"}));
+    let (ready, status) = b.wait_text("#term-status", "recorded");
+    assert!(ready, "the terminal did not open: {status}");
+
+    // What the page's own logout would send, but to gateway B.
+    let signed = b.eval(
+        "(async () => { const at = Math.floor(Date.now() / 1000); \
+         const sig = await signText(`edgeport-web/1\\n${at}\\nPOST\\n/api/logout`); \
+         return {at, sig, csrf}; })()",
+    );
+    let cookie = b.session_cookie();
+    let token = cookie["value"].as_str().expect("the session cookie");
+    let mut curl = Command::new("curl");
+    curl.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .arg(format!("https://{web_b}/api/logout"))
+        .args(["-H", &format!("Origin: https://{web_b}")])
+        .args(["-H", &format!("Cookie: __Host-edgeport_session={token}")])
+        .args(["-H", &format!("X-Edgeport-Time: {}", signed["at"])])
+        .args([
+            "-H",
+            &format!("X-Edgeport-Signature: {}", signed["sig"].as_str().unwrap()),
+        ])
+        .args([
+            "-H",
+            &format!("X-CSRF-Token: {}", signed["csrf"].as_str().unwrap()),
+        ]);
+    let r = run(curl, None, Duration::from_secs(30));
+    assert_eq!(
+        r.stdout(),
+        "200",
+        "logout through gateway B: {}",
+        r.stderr()
+    );
+
+    // Gateway A learns it from the authority, and ends the terminal with the reason.
+    let (ended, text) = b.wait_text("#term", "session ended: logged out");
+    assert!(
+        ended,
+        "the terminal at gateway A outlived the logout: {text:?}"
+    );
+    assert!(b.wait_text("#term-status", "logged out").0);
 }
 
 /// The fleet view follows a device going offline and coming back, without a reload.

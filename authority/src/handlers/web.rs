@@ -140,6 +140,26 @@ fn proven(
     Ok((key, record))
 }
 
+/// WebSessionAlive: the session under `key` (its token's SHA-256) is still one a proof
+/// could use: known, not expired, its user the same record and not locked. No signature: the
+/// gateway asks for terminals the browser opened earlier, and learns only yes or why not.
+/// Refused with `session ended: WHY`, which the gateway shows in the terminal as it is.
+pub fn alive(svc: &Service, key: &str, now: u64) -> Result<Response, RpcError> {
+    let ended = |why: &str| denied(format!("session ended: {why}"));
+    let record: WebSessionRecord =
+        store::get(svc.store(), Table::WebSessions, key)?.ok_or_else(|| ended("logged out"))?;
+    if record.expires <= now {
+        return Err(ended("the web session expired"));
+    }
+    check_not_locked(svc, &record.user, now)?;
+    let subject = users::subject(svc.store(), &record.user)?
+        .ok_or_else(|| ended("the user no longer exists"))?;
+    if subject.id != record.user_id || subject.created > record.created {
+        return Err(ended("the user was removed and made again"));
+    }
+    Ok(Response::Ok)
+}
+
 pub fn check(svc: &Service, proof: &WebProof, now: u64) -> Result<Response, RpcError> {
     let (_, record) = proven(svc, proof, now)?;
     Ok(Response::WebSession(info(&record, None, svc)?))
@@ -469,6 +489,76 @@ mod tests {
         );
         assert!(matches!(add(&svc), Response::UserAdded { .. }));
         refused(check(proof(&browser, &token, now + 10), now + 10));
+    }
+
+    /// WebSessionAlive: only gateways ask; yes while the session holds, then why not (logged
+    /// out, expired, user removed), in words the terminal shows as they are.
+    #[test]
+    fn whether_a_session_is_alive_is_answered_by_token_hash() {
+        let (_tmp, svc) = crate::tests::service();
+        let admin = Caller::Admin("admin".into());
+        let gw = Caller::Gateway("gw-1".into());
+        let now = 1_700_000_000;
+        svc.handle_at(
+            &admin,
+            Request::UserAdd(UserSpec {
+                name: "alice".into(),
+                logins: vec!["root".into()],
+                password: Some("pw-alice-123".into()),
+                ..Default::default()
+            }),
+            now,
+        );
+        let browser = key();
+        let login = || {
+            let r = svc.handle_at(
+                &gw,
+                Request::WebLogin(WebLoginRequest {
+                    user: "alice".into(),
+                    password: "pw-alice-123".into(),
+                    otp: None,
+                    browser_key: browser.public_key().as_ref().to_vec(),
+                    client_addr: "192.0.2.1".into(),
+                }),
+                now,
+            );
+            let Response::WebSession(s) = r else {
+                panic!("no session")
+            };
+            s.token.unwrap()
+        };
+        let alive = |caller: &Caller, token: &str, at: u64| {
+            svc.handle_at(
+                caller,
+                Request::WebSessionAlive {
+                    token_sha256: sha256_hex(token.as_bytes()),
+                },
+                at,
+            )
+        };
+        let token = login();
+        assert!(matches!(alive(&gw, &token, now), Response::Ok));
+        assert_eq!(refused(alive(&admin, &token, now)).kind, ErrorKind::Denied);
+        let e = refused(alive(&gw, &token, now + 9 * 3600));
+        assert_eq!(e.message, "session ended: the web session expired");
+        svc.handle_at(&gw, Request::WebLogout(proof(&browser, &token, now)), now);
+        let e = refused(alive(&gw, &token, now));
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (ErrorKind::Denied, "session ended: logged out")
+        );
+        let token = login();
+        svc.handle_at(
+            &admin,
+            Request::UserRemove {
+                name: "alice".into(),
+            },
+            now,
+        );
+        assert!(matches!(
+            refused(alive(&gw, &token, now)).kind,
+            ErrorKind::Denied | ErrorKind::Locked
+        ));
     }
 
     /// A terminal's certificates: only for a live session whose browser signed the opening

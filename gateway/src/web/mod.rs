@@ -218,6 +218,7 @@ pub async fn serve(
         ),
         sso_budget: crate::budget::RateBudget::new(SSO_BURST, SSO_EVERY, SSO_SOURCES),
     });
+    tokio::spawn(web.term.clone().watch_sessions());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, addr) = tokio::select! {

@@ -12,7 +12,9 @@
 //! `{"ready":{...}}` or `{"closed":"why"}`.
 //!
 //! A logout through this gateway ends the session's open terminals ([`Term::end_session`]);
-//! a lock ends them through the dial's own lock handling.
+//! a logout through another gateway (or the session's expiry, or its user's removal) ends
+//! them within [`ALIVE_EVERY`], when the authority answers that the session is over
+//! ([`Term::watch_sessions`]); a lock ends them through the dial's own lock handling.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -21,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgeport_proto::keys::KeyPair;
-use edgeport_proto::rpc::{Request, Response, WebProof};
+use edgeport_proto::rpc::{ErrorKind, Request, Response, WebProof};
 use edgeport_proto::sshcert::check_host_cert;
 use futures::{SinkExt, StreamExt};
 use russh::client;
@@ -46,6 +48,8 @@ const MAX_MESSAGE: usize = 64 * 1024;
 /// How long the browser has to send its signed first message.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const SSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the authority is asked whether the sessions of open terminals still hold.
+pub const ALIVE_EVERY: Duration = Duration::from_secs(5);
 
 /// What a terminal task needs from the gateway.
 pub struct Term {
@@ -53,33 +57,94 @@ pub struct Term {
     pub dialer: Arc<Dialer>,
     pub shutdown: CancellationToken,
     /// The open terminals by the SHA-256 of their session's token, to end at logout.
-    pub open: Mutex<HashMap<String, Vec<CancellationToken>>>,
+    pub open: Mutex<HashMap<String, Vec<Ending>>>,
+}
+
+/// How an open terminal is ended from outside, and why.
+#[derive(Clone, Default)]
+pub struct Ending {
+    token: CancellationToken,
+    why: Arc<std::sync::OnceLock<String>>,
+}
+
+impl Ending {
+    fn end(&self, why: &str) {
+        let _ = self.why.set(why.to_string());
+        self.token.cancel();
+    }
+
+    fn why(&self) -> String {
+        self.why
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "session ended".to_string())
+    }
 }
 
 impl Term {
-    /// Ends every open terminal of the session whose token is `token`.
+    /// Ends every open terminal of the session whose token is `token` (its logout here).
     pub fn end_session(&self, token: &str) {
         let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
-        let ended = self.open.lock().ok().and_then(|mut m| m.remove(&key));
+        self.end_key(&key, "session ended: logged out");
+    }
+
+    /// Ends every open terminal of the session whose token's SHA-256 is `key`.
+    fn end_key(&self, key: &str, why: &str) {
+        let ended = self.open.lock().ok().and_then(|mut m| m.remove(key));
         for t in ended.into_iter().flatten() {
-            t.cancel();
+            t.end(why);
         }
     }
 
-    fn register(&self, token: &str) -> CancellationToken {
+    /// Every [`ALIVE_EVERY`] until shutdown: asks the authority about each session with an
+    /// open terminal here, and ends the terminals of one it says is over (logged out through
+    /// another gateway, expired, its user removed). An authority that cannot be reached, or
+    /// one too old to know the question, ends nothing.
+    pub async fn watch_sessions(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(ALIVE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let keys: Vec<String> = self
+                .open
+                .lock()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            for key in keys {
+                let req = Request::WebSessionAlive {
+                    token_sha256: key.clone(),
+                };
+                match (self.auth)(req).await {
+                    Err(edgeport_net::rpc_client::RpcClientError::Remote(e))
+                        if matches!(e.kind, ErrorKind::Denied | ErrorKind::Locked) =>
+                    {
+                        tracing::info!("web terminals ended: {}", e.message);
+                        self.end_key(&key, &e.message);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("web session check: {e}"),
+                }
+            }
+        }
+    }
+
+    fn register(&self, token: &str) -> Ending {
         let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
-        let t = CancellationToken::new();
+        let t = Ending::default();
         if let Ok(mut m) = self.open.lock() {
             m.entry(key).or_default().push(t.clone());
         }
         t
     }
 
-    fn unregister(&self, token: &str, t: &CancellationToken) {
+    fn unregister(&self, token: &str, t: &Ending) {
         let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
         if let Ok(mut m) = self.open.lock() {
             if let Some(v) = m.get_mut(&key) {
-                v.retain(|x| x != t);
+                v.retain(|x| x.token != t.token);
                 if v.is_empty() {
                     m.remove(&key);
                 }
@@ -92,7 +157,7 @@ impl Term {
 struct Registered<'a> {
     term: &'a Term,
     token: String,
-    ended: CancellationToken,
+    ended: Ending,
 }
 
 impl<'a> Registered<'a> {
@@ -346,7 +411,7 @@ where
                 break end_reason(term, &certs.user, &dialled.session_id, &dialled.device_id, None)
             }
             _ = term.shutdown.cancelled() => break "the gateway is shutting down".to_string(),
-            _ = ended.cancelled() => break "session ended: logged out".to_string(),
+            _ = ended.token.cancelled() => break ended.why(),
         }
     };
     tracing::info!(user = %certs.user, device = %dialled.device_id, session = %dialled.session_id, "web terminal ended: {why}");
