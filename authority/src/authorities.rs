@@ -340,7 +340,20 @@ pub fn signing_refusal(
     cluster: &ClusterCas,
     from: Option<&str>,
 ) -> Option<String> {
+    signing_refusal_of(held, cluster, from, None)
+}
+
+/// [`signing_refusal`] for the CA `only` (every CA: `None`).
+fn signing_refusal_of(
+    held: &[CaState],
+    cluster: &ClusterCas,
+    from: Option<&str>,
+    only: Option<CaKind>,
+) -> Option<String> {
     cluster.cas.iter().find_map(|want| {
+        if only.is_some_and(|k| k != want.kind) {
+            return None;
+        }
         let have = held.iter().find(|h| h.kind == want.kind)?;
         if have.signing == want.signing {
             return None;
@@ -359,6 +372,34 @@ pub fn signing_refusal(
         };
         Some(format!("{why}: {}", remedy(from)))
     })
+}
+
+/// Why this authority must not answer `req` now, if it must not: a request answered with a
+/// certificate while any of its signing keys is not the cluster's, and one answered with a
+/// signature of the host CA's key (a dial ticket, an audit acknowledgement, an update
+/// manifest) while its host CA key is not. Agents check those against the host CAs they
+/// trust, which after the grace period no longer include the key this authority still has.
+fn refusal_for_request(
+    req: &Request,
+    held: &[CaState],
+    cluster: &ClusterCas,
+    from: Option<&str>,
+) -> Option<String> {
+    if signs(req) {
+        signing_refusal(held, cluster, from)
+    } else if signs_with_host_key(req) {
+        signing_refusal_of(held, cluster, from, Some(CaKind::Host))
+    } else {
+        None
+    }
+}
+
+/// Requests answered with a signature of the host CA's signing key.
+fn signs_with_host_key(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::AuthorizeDial { .. } | Request::AuditUpload { .. } | Request::UpdateStart(_)
+    )
 }
 
 /// Requests answered with a certificate this authority signs.
@@ -384,7 +425,7 @@ fn signs(req: &Request) -> bool {
 /// What a caller other than an administrator is told when this authority refuses to sign:
 /// gateways relay it to joining devices and users, so it names neither a key nor another
 /// authority's address (the detailed message goes to the log and to administrators).
-pub const SIGNING_REFUSED_PUBLIC: &str = "this authority cannot sign certificates right now: its CA keys are behind the cluster's (an administrator sees why in `tctl status`); try again later or through another authority";
+pub const SIGNING_REFUSED_PUBLIC: &str = "this authority cannot sign right now: its CA keys are behind the cluster's (an administrator sees why in `tctl status`); try again later or through another authority";
 
 /// The refusal as `caller` reads it: the detail for administrators, the public text for
 /// everyone else.
@@ -395,21 +436,22 @@ fn refusal_for(caller: &Caller, detail: String) -> String {
     }
 }
 
-/// Refuses a signing request while this authority's signing keys are not the cluster's.
+/// Refuses a signing request while this authority's signing keys are not the cluster's
+/// ([`refusal_for_request`]).
 pub fn check_signing(
     svc: &Service,
     caller: &Caller,
     req: &Request,
     now: u64,
 ) -> Result<(), RpcError> {
-    if !signs(req) {
+    if !signs(req) && !signs_with_host_key(req) {
         return Ok(());
     }
     let Some(cluster) = svc.registry.cached() else {
         return Ok(());
     };
     let held = states(&svc.ca().rotations());
-    if signing_refusal(&held, &cluster, None).is_none() {
+    if refusal_for_request(req, &held, &cluster, None).is_none() {
         return Ok(());
     }
     let records: Vec<AuthorityRecord> =
@@ -418,7 +460,7 @@ pub fn check_signing(
             .map(|(_, r)| r)
             .collect();
     let from = source(&records, &cluster, now);
-    let msg = signing_refusal(&held, &cluster, from.as_deref()).unwrap_or_default();
+    let msg = refusal_for_request(req, &held, &cluster, from.as_deref()).unwrap_or_default();
     tracing::error!(%caller, "refused to sign: {msg}");
     Err(RpcError::new(ErrorKind::Internal, refusal_for(caller, msg)))
 }
@@ -806,6 +848,53 @@ mod tests {
             assert_eq!(told, SIGNING_REFUSED_PUBLIC);
             assert!(!told.contains("a:1") && !told.contains("u2"), "{told}");
         }
+    }
+
+    /// Dial tickets, audit acknowledgements and update manifests carry the host CA's
+    /// signature: refused while this authority's host key is not the cluster's, whatever the
+    /// other CAs; certificates while any key is behind; everything else never.
+    #[test]
+    fn host_key_signatures_are_refused_only_for_a_host_ca_behind() {
+        let dial = Request::AuthorizeDial {
+            user_cert_der: Vec::new(),
+            device: "van".into(),
+            service: edgeport_proto::tunnel::Service::Ssh,
+        };
+        let login = Request::Login(Default::default());
+        let list = Request::DevicePage {
+            after: String::new(),
+        };
+        let mut host_moved = standby();
+        host_moved[1] = ca(CaKind::Host, "update_clients", &["h2", "h1"], None);
+        let host_moved = ClusterCas {
+            cas: host_moved,
+            by: "a:1".into(),
+        };
+        let mut user_moved = standby();
+        user_moved[0] = ca(CaKind::User, "update_clients", &["u2", "u1"], None);
+        let user_moved = ClusterCas {
+            cas: user_moved,
+            by: "a:1".into(),
+        };
+        let lagging = standby();
+        let msg = refusal_for_request(&dial, &lagging, &host_moved, Some("a:1")).unwrap();
+        assert!(
+            msg.starts_with("this authority does not hold the host CA key h2"),
+            "{msg}"
+        );
+        assert!(refusal_for_request(&login, &lagging, &host_moved, None).is_some());
+        assert!(refusal_for_request(&dial, &lagging, &user_moved, None).is_none());
+        assert!(refusal_for_request(&login, &lagging, &user_moved, None).is_some());
+        assert!(refusal_for_request(&list, &lagging, &host_moved, None).is_none());
+        assert!(signs_with_host_key(&Request::AuditUpload {
+            device_id: "van".into(),
+            batch: edgeport_proto::audit::AuditBatch {
+                events: Vec::new(),
+                signature: Vec::new(),
+            },
+        }));
+        // In step: nothing refused.
+        assert!(refusal_for_request(&dial, &host_moved.cas, &host_moved, None).is_none());
     }
 
     #[test]
