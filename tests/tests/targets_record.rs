@@ -2,7 +2,8 @@
 //! agent terminates the user's SSH itself (certificate, roles, locks as for its own logins),
 //! asks the authority through its tunnel for a per-session certificate, logs in to a real
 //! Debian sshd with it (checking the sshd's pinned host key), relays exec, PTY and sftp, and
-//! records the PTY output so that `tsh play` replays it. A target presenting another key than
+//! records the PTY output so that `tsh play` replays it. Past the device's data budget, sftp,
+//! scp and forwards to the target are refused as the device's own are. A target presenting another key than
 //! the pinned one, and a target that refuses the login, are refused in one line; a lock cuts
 //! a live record-mode session and its connection to the target.
 
@@ -75,7 +76,14 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
         ),
     )
     .unwrap();
-    let agent = Agent::start(&agent_dir, &c.gw, "van", "fleet=vans", &[]);
+    // Usage reported every second (the data budget part below).
+    let agent = Agent::start(
+        &agent_dir,
+        &c.gw,
+        "van",
+        "fleet=vans",
+        &["--test-usage-every", "1s"],
+    );
     wait_online(&c.tctl, "van", None, Duration::from_secs(60));
     wait_events(&c, "targets", |e| e["mode.ecu1"] == "record");
 
@@ -161,6 +169,90 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
     assert_eq!(r.code(), Some(0), "sftp: {}", r.stderr());
     assert_eq!(std::fs::read(&remote).unwrap(), data, "sftp put");
     assert_eq!(std::fs::read(&back).unwrap(), data, "sftp get");
+
+    // Past the device's data budget, bulk transfers to a record-mode target are refused as
+    // the device's own are (sftp, scp's far side, port forwards), with the line naming the budget; a
+    // command still runs. Without the budget they work again.
+    c.tctl
+        .ok(&["devices", "set", "van", "--data-budget", "100kB"]);
+    let sftp_put = || {
+        let mut sftp = Command::new("sftp");
+        sftp.arg("-F")
+            .arg(&cfg)
+            .args(["-o", "BatchMode=yes", "-b", "-", "root@van/ecu1"]);
+        let batch = format!("put {} {}\n", src.display(), remote.display());
+        run(sftp, Some(batch.as_bytes()), Duration::from_secs(120))
+    };
+    let mut last = String::new();
+    let refused = wait_until(Duration::from_secs(60), || {
+        let r = sftp_put();
+        last = r.stderr();
+        r.code() != Some(0)
+    });
+    assert!(
+        refused,
+        "sftp to the target still works past the budget: {last}"
+    );
+    assert!(last.contains("past its monthly data budget"), "{last}");
+    // What scp runs on the far side (scp itself will not take `van/ecu1` for a host).
+    let sink = format!("scp -t {}", remote.display());
+    let r = run(
+        ssh(&cfg, &["root@van/ecu1", &sink]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code(), Some(1), "scp -t went through past the budget");
+    assert!(
+        r.stderr().contains("past its monthly data budget"),
+        "{}",
+        r.stderr()
+    );
+    let r = run(
+        ssh(
+            &cfg,
+            &[
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                "0:127.0.0.1:9",
+                "root@van/ecu1",
+                "true",
+            ],
+        ),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        r.code(),
+        Some(255),
+        "ssh -R past the budget: {}",
+        r.stderr()
+    );
+    assert!(
+        r.stderr().contains("remote port forwarding failed"),
+        "{}",
+        r.stderr()
+    );
+    wait_events(&c, "port_forward", |e| {
+        e["success"] == false
+            && e["reason"]
+                .as_str()
+                .is_some_and(|m| m.contains("data budget"))
+    });
+    let r = alice.run(&["ssh", "root@van/ecu1", "echo", "shell-ok"], None);
+    assert_eq!(r.stdout(), "shell-ok\n", "{}", r.stderr());
+    c.tctl
+        .ok(&["devices", "set", "van", "--data-budget", "none"]);
+    let mut last = String::new();
+    let allowed = wait_until(Duration::from_secs(60), || {
+        let r = sftp_put();
+        last = r.stderr();
+        r.code() == Some(0)
+    });
+    assert!(
+        allowed,
+        "sftp stays refused after the budget was removed: {last}"
+    );
 
     // Another key than the pinned one: refused in one line, and no login reached the sshd.
     let before = log().matches("Accepted publickey").count();

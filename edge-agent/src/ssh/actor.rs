@@ -187,6 +187,18 @@ impl Conn {
     }
 }
 
+/// Answers a channel request that was accepted with one line on stderr and exit status 1,
+/// then closes the channel (here and in record mode).
+pub(super) fn refuse_with_line(handle: Handle, channel: ChannelId, message: String) {
+    tokio::spawn(async move {
+        let line = format!("{message}\r\n").into_bytes();
+        let _ = handle.extended_data(channel, 1, line).await;
+        let _ = handle.exit_status_request(channel, 1).await;
+        let _ = handle.eof(channel).await;
+        let _ = handle.close(channel).await;
+    });
+}
+
 /// One audit event for a forward the client asked for, allowed or refused (here and in
 /// record mode).
 pub(super) fn audit_forward(
@@ -429,14 +441,7 @@ impl SessionActor {
 
     /// Answers a request it accepted with one line on stderr and exit status 1.
     fn refuse_line(&self, channel: ChannelId, message: String) {
-        let handle = self.conn.handle.clone();
-        tokio::spawn(async move {
-            let line = format!("{message}\r\n").into_bytes();
-            let _ = handle.extended_data(channel, 1, line).await;
-            let _ = handle.exit_status_request(channel, 1).await;
-            let _ = handle.eof(channel).await;
-            let _ = handle.close(channel).await;
-        });
+        refuse_with_line(self.conn.handle.clone(), channel, message);
     }
 
     fn subsystem(&mut self, channel: ChannelId, name: &str) -> bool {

@@ -560,6 +560,10 @@ impl RecordActor {
                 done,
             } => {
                 let text = String::from_utf8_lossy(&command).into_owned();
+                if actor::is_transfer(&text) && self.refuse_bulk(channel, "scp/rsync") {
+                    let _ = done.send(true);
+                    return;
+                }
                 let ok = self
                     .ask(channel, async |up| up.exec(true, command).await)
                     .await;
@@ -570,6 +574,10 @@ impl RecordActor {
                 name,
                 done,
             } => {
+                if name == "sftp" && self.refuse_bulk(channel, "sftp") {
+                    let _ = done.send(true);
+                    return;
+                }
                 let ok = self
                     .ask(channel, async |up| up.request_subsystem(true, &name).await)
                     .await;
@@ -631,15 +639,34 @@ impl RecordActor {
             to[0].clone(),
             to[1].clone(),
         ];
-        let refused = (!self.grant.permit_port_forwarding).then_some(actor::NO_PORT_FORWARDING);
+        let refused = crate::usage::over_budget().or_else(|| {
+            (!self.grant.permit_port_forwarding).then(|| actor::NO_PORT_FORWARDING.to_string())
+        });
+        if let Some(why) = &refused {
+            tracing::warn!(user = %self.grant.user, session = %self.session_id,
+                target = %self.target, "refused a {direction} port forward: {why}");
+        }
         actor::audit_forward(
             &self.session_id,
             &self.grant,
             "port_forward",
             &fields,
-            refused,
+            refused.as_deref(),
         );
         refused.is_none()
+    }
+
+    /// Past the device's data budget, a bulk transfer (`what`) to the target gets the
+    /// refusal on its stderr and exit status 1, as on the device itself: true when refused.
+    /// The bytes of a record-mode session cross the device's link like its own.
+    fn refuse_bulk(&self, channel: ChannelId, what: &str) -> bool {
+        let Some(message) = crate::usage::over_budget() else {
+            return false;
+        };
+        tracing::warn!(user = %self.grant.user, session = %self.session_id,
+            target = %self.target, "refused {what}: {message}");
+        actor::refuse_with_line(self.handle.clone(), channel, message);
+        true
     }
 
     /// `ssh -R`: the same forward asked of the target's sshd; the port it bound, or None.
