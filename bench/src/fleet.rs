@@ -5,8 +5,10 @@
 //! up (joins included), the gateway's memory per idle tunnel and idle CPU, whether the
 //! authority counts every device online, and how long all of them take to come back after
 //! `kill -9` and a restart of the gateway, with the authority's and the gateway's CPU time
-//! over that storm. Never part of a plain `all`: it takes half an hour and most of the
-//! machine's memory at 100,000.
+//! over that storm. The tunnels start at `BENCH_FLEET_RATE` a second over all load
+//! generators (default 1,000, after every join): started all at once, 100,000 handshakes
+//! outrun the gateway's and time out again and again. Never part of a plain `all`: it takes
+//! half an hour and most of the machine's memory at 100,000.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -62,6 +64,7 @@ pub fn fleet(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()>
     let n: usize = env_num("BENCH_FLEET_TUNNELS").unwrap_or(o.pick3(40, 100_000, 100_000));
     let per_proc: usize = env_num("BENCH_FLEET_PER_PROC").unwrap_or(25_000).max(1);
     let timeout = Duration::from_secs(env_num("BENCH_FLEET_TIMEOUT_S").unwrap_or(1800));
+    let rate: usize = env_num("BENCH_FLEET_RATE").unwrap_or(1000).max(1);
     crate::scenarios::raise_nofile();
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
@@ -88,11 +91,14 @@ pub fn fleet(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()>
         let first = k * per_proc;
         let count = per_proc.min(n - first);
         let mut c = loadgen_command(None, &addr, &token, &pin, count, &work.join("fleet"))?;
-        c.args(["--first", &first.to_string()])
-            .env("RUST_LOG", "warn");
+        let per_proc_rate = (rate / procs).max(1).to_string();
+        // The agents' own lines (tunnel up, lost, why a QUIC attempt failed) at info, for
+        // the post-mortem of a run that does not come up; the rest at warn.
+        c.args(["--first", &first.to_string(), "--rate", &per_proc_rate])
+            .env("RUST_LOG", "warn,edge_agent=info");
         loadgens.push(Proc::spawn(&format!("fleet-loadgen-{k}"), c, &fab.dir)?);
     }
-    println!("fleet: {n} agents from {procs} load generators against {addr}");
+    println!("fleet: {n} agents from {procs} load generators against {addr}, {rate} tunnels/s");
     let mut counter = OnlineCounter::new(&gw.log);
     // When every load generator has finished its joins (their logs are short: RUST_LOG=warn).
     let mut joined_s: Option<f64> = None;
@@ -111,7 +117,8 @@ pub fn fleet(o: &Opts, fab: &Fabric, work: &Path, r: &mut Results) -> Result<()>
         "s",
         vec![if up >= n { up_s } else { f64::NAN }],
         &format!(
-            "{up} of {n} online ({quic} on QUIC), joins included; {procs} load generators{}",
+            "{up} of {n} online ({quic} on QUIC), joins included; {procs} load generators \
+             starting {rate} tunnels/s{}",
             joined_s.map_or(String::new(), |s| format!(", all joined by {s:.0} s"))
         ),
     );

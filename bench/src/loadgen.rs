@@ -24,6 +24,10 @@ struct Args {
     idle_timeout: Option<Duration>,
     /// `--gateway-probe on|off`: whether agents probe a silent gateway while they wait.
     probe: bool,
+    /// `--rate N`: tunnels started per second (default 10,000: in bursts of 200 every
+    /// 20 ms). A whole fleet started faster than the gateway can shake hands times out and
+    /// retries, which is a bench artefact, not what a fleet does.
+    rate: usize,
     /// `--first K`: this process runs agents K..K+N (ids `lg-K`..., their own UDP sockets'
     /// source addresses), so that several load generators share one gateway without clashing.
     first: usize,
@@ -37,6 +41,7 @@ fn parse(args: &[String]) -> Result<Args> {
         n: 0,
         dir: PathBuf::new(),
         per_socket: 1000,
+        rate: 10_000,
         idle_timeout: None,
         probe: true,
         first: 0,
@@ -51,6 +56,7 @@ fn parse(args: &[String]) -> Result<Args> {
             "--n" => a.n = v.parse()?,
             "--dir" => a.dir = PathBuf::from(v),
             "--first" => a.first = v.parse()?,
+            "--rate" => a.rate = v.parse::<usize>()?.max(1),
             "--per-socket" => a.per_socket = v.parse::<usize>()?.max(1),
             "--gateway-probe" => a.probe = v != "off",
             "--idle-timeout" => {
@@ -155,11 +161,14 @@ async fn run(a: Args) -> Result<()> {
             .and_then(|e| e.local_addr().ok())
             .map_or_else(|| "?".to_string(), |l| l.ip().to_string())
     );
+    // In bursts every 20 ms (or of one, below 50 a second), `a.rate` a second.
+    let burst = (a.rate / 50).max(1);
+    let gap = Duration::from_secs_f64(burst as f64 / a.rate as f64);
     for i in 0..a.n {
         let quic = QuicClient::with_endpoint(endpoints[i / a.per_socket].clone());
         tokio::spawn(run_with(config(&a, i), shutdown.clone(), quic));
-        if i % 200 == 199 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if i % burst == burst - 1 {
+            tokio::time::sleep(gap).await;
         }
     }
     eprintln!("loadgen: all started");
