@@ -99,7 +99,8 @@ impl Term {
     /// Every [`ALIVE_EVERY`] until shutdown: asks the authority about each session with an
     /// open terminal here, and ends the terminals of one it says is over (logged out through
     /// another gateway, expired, its user removed). An authority that cannot be reached, or
-    /// one too old to know the question, ends nothing.
+    /// one too old to know the question, ends nothing; nor does a lock, which the dial's own
+    /// lock handling cuts with its reason (`[edgeport] session cut: ...`).
     pub async fn watch_sessions(self: Arc<Self>) {
         let mut tick = tokio::time::interval(ALIVE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -119,7 +120,7 @@ impl Term {
                 };
                 match (self.auth)(req).await {
                     Err(edgeport_net::rpc_client::RpcClientError::Remote(e))
-                        if matches!(e.kind, ErrorKind::Denied | ErrorKind::Locked) =>
+                        if e.kind == ErrorKind::Denied =>
                     {
                         tracing::info!("web terminals ended: {}", e.message);
                         self.end_key(&key, &e.message);
