@@ -94,7 +94,7 @@ fn past_last_variant<T: serde::de::DeserializeOwned>(n: u8) -> bool {
 #[test]
 fn strategies_cover_every_variant() {
     let all = |n: u8| (0..n).collect::<BTreeSet<u8>>();
-    assert!(past_last_variant::<edgeport_proto::rpc::Request>(76));
+    assert!(past_last_variant::<edgeport_proto::rpc::Request>(77));
     assert!(past_last_variant::<edgeport_proto::rpc::Response>(43));
     assert!(past_last_variant::<edgeport_proto::tunnel::AgentControl>(6));
     assert!(past_last_variant::<edgeport_proto::tunnel::GatewayControl>(
@@ -105,7 +105,7 @@ fn strategies_cover_every_variant() {
         14
     ));
     assert!(past_last_variant::<edgeport_proto::tunnel::ClientReply>(14));
-    assert_eq!(tags(strategies::request()), all(76), "rpc::Request");
+    assert_eq!(tags(strategies::request()), all(77), "rpc::Request");
     assert_eq!(tags(strategies::response()), all(43), "rpc::Response");
     assert_eq!(
         tags(strategies::agent_control()),

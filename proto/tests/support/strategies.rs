@@ -823,6 +823,7 @@ pub fn request() -> impl Strategy<Value = Request> {
         web_proof().prop_map(Request::WebTerminalNonce),
         Just(Request::UpdateList),
         Just(Request::AuthorityList),
+        s().prop_map(|token_sha256| Request::WebSessionAlive { token_sha256 }),
     ]
 }
 
