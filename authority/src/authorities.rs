@@ -108,6 +108,7 @@ pub struct Registry {
     me: OnceLock<Me>,
     cluster: Mutex<Option<ClusterCas>>,
     sharing: Mutex<Sharing>,
+    refusals: Mutex<RefusalLog>,
 }
 
 #[derive(Clone, Debug)]
@@ -155,7 +156,69 @@ impl Sharing {
     }
 }
 
+/// How often the same signing refusal is logged again while it lasts.
+const REFUSAL_REMIND_SECS: u64 = 300;
+
+/// Which signing refusals this process has logged: a lagging authority behind a fleet
+/// refuses every audit upload and dial, and one error line per request would bury the one
+/// that says what to do. Each distinct refusal is logged when it first appears and then
+/// every [`REFUSAL_REMIND_SECS`] with the number refused since.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    /// By refusal text: when it was last logged and how many were refused since.
+    seen: std::collections::HashMap<String, (u64, u64)>,
+}
+
+impl RefusalLog {
+    /// Records one refusal; returns how many more were refused since it was last logged
+    /// when it is to be logged now.
+    pub fn note(&mut self, msg: &str, now: u64) -> Option<u64> {
+        // Refusal texts name a CA kind, a key and a remedy: a handful at most. Forget them
+        // all rather than grow if that ever stops being true.
+        if self.seen.len() >= 64 && !self.seen.contains_key(msg) {
+            self.seen.clear();
+        }
+        match self.seen.get_mut(msg) {
+            Some((logged, since)) if now.saturating_sub(*logged) < REFUSAL_REMIND_SECS => {
+                *since += 1;
+                None
+            }
+            Some((logged, since)) => {
+                let more = *since;
+                *logged = now;
+                *since = 0;
+                Some(more)
+            }
+            None => {
+                self.seen.insert(msg.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+
+    /// Forgets every refusal: the keys are the cluster's again, and the next refusal is news.
+    pub fn clear(&mut self) {
+        self.seen.clear();
+    }
+}
+
 impl Registry {
+    /// Records a signing refusal ([`RefusalLog::note`]).
+    fn note_refusal(&self, msg: &str, now: u64) -> Option<u64> {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(msg, now)
+    }
+
+    /// This authority signs again: a later refusal is logged at once.
+    fn clear_refusals(&self) {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Who this process is. `instance` is made here: random, new at each start.
     pub fn set_identity(&self, id: String, address: String, started: u64) {
         let instance = edgeport_proto::keys::random_bytes(8)
@@ -452,6 +515,7 @@ pub fn check_signing(
     };
     let held = states(&svc.ca().rotations());
     if refusal_for_request(req, &held, &cluster, None).is_none() {
+        svc.registry.clear_refusals();
         return Ok(());
     }
     let records: Vec<AuthorityRecord> =
@@ -461,7 +525,14 @@ pub fn check_signing(
             .collect();
     let from = source(&records, &cluster, now);
     let msg = refusal_for_request(req, &held, &cluster, from.as_deref()).unwrap_or_default();
-    tracing::error!(%caller, "refused to sign: {msg}");
+    match svc.registry.note_refusal(&msg, now) {
+        Some(0) => tracing::error!(%caller, "refused to sign: {msg}"),
+        Some(more) => tracing::error!(
+            %caller,
+            "refused to sign: {msg} ({more} more requests refused for this since it was last logged)"
+        ),
+        None => tracing::debug!(%caller, "refused to sign: {msg}"),
+    }
     Err(RpcError::new(ErrorKind::Internal, refusal_for(caller, msg)))
 }
 
@@ -895,6 +966,30 @@ mod tests {
         }));
         // In step: nothing refused.
         assert!(refusal_for_request(&dial, &host_moved.cas, &host_moved, None).is_none());
+    }
+
+    /// A refusal is logged when it first appears, then once per reminder period with the
+    /// count since; another refusal is logged at once; after a clear, at once again.
+    #[test]
+    fn a_lasting_refusal_is_logged_once_then_reminded() {
+        let mut log = RefusalLog::default();
+        assert_eq!(log.note("host behind", 1000), Some(0));
+        for t in 1001..1100 {
+            assert_eq!(log.note("host behind", t), None);
+        }
+        assert_eq!(log.note("user behind", 1100), Some(0));
+        assert_eq!(
+            log.note("host behind", 1000 + REFUSAL_REMIND_SECS),
+            Some(99)
+        );
+        assert_eq!(log.note("host behind", 1001 + REFUSAL_REMIND_SECS), None);
+        log.clear();
+        assert_eq!(log.note("host behind", 1002 + REFUSAL_REMIND_SECS), Some(0));
+        // Many distinct texts do not grow it without end.
+        for i in 0..1000 {
+            log.note(&format!("text {i}"), 2000);
+        }
+        assert!(log.seen.len() <= 64);
     }
 
     #[test]

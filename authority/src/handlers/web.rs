@@ -368,6 +368,45 @@ mod tests {
         }
     }
 
+    const PASSWORD: &str = "pw-alice-123";
+
+    /// Adds the user alice, with these logins and PASSWORD, as the administrator.
+    fn add_alice(svc: &Service, logins: &[&str], now: u64) -> Response {
+        svc.handle_at(
+            &Caller::Admin("admin".into()),
+            Request::UserAdd(UserSpec {
+                name: "alice".into(),
+                logins: logins.iter().map(|l| l.to_string()).collect(),
+                password: Some(PASSWORD.into()),
+                ..Default::default()
+            }),
+            now,
+        )
+    }
+
+    /// A web login of alice through gateway gw-1, bound to this browser key.
+    fn web_login(svc: &Service, browser: &EcdsaKeyPair, password: &str, now: u64) -> Response {
+        svc.handle_at(
+            &Caller::Gateway("gw-1".into()),
+            Request::WebLogin(WebLoginRequest {
+                user: "alice".into(),
+                password: password.into(),
+                otp: None,
+                browser_key: browser.public_key().as_ref().to_vec(),
+                client_addr: "192.0.2.1".into(),
+            }),
+            now,
+        )
+    }
+
+    /// The token of a new session.
+    fn token_of(r: Response) -> String {
+        match r {
+            Response::WebSession(s) => s.token.unwrap(),
+            other => panic!("no session: {other:?}"),
+        }
+    }
+
     /// Only the authority makes sessions; a session works only with its browser key, only
     /// while fresh, and ends at logout, a lock, expiry and the user's removal.
     #[test]
@@ -376,38 +415,15 @@ mod tests {
         let admin = Caller::Admin("admin".into());
         let gw = Caller::Gateway("gw-1".into());
         let now = 1_700_000_000;
-        let add = |svc: &Service| {
-            svc.handle_at(
-                &admin,
-                Request::UserAdd(UserSpec {
-                    name: "alice".into(),
-                    logins: vec!["root".into()],
-                    password: Some("pw-alice-123".into()),
-                    ..Default::default()
-                }),
-                now,
-            )
-        };
+        let add = |svc: &Service| add_alice(svc, &["root"], now);
         assert!(matches!(add(&svc), Response::UserAdded { .. }));
         let browser = key();
-        let login = |svc: &Service, password: &str, at: u64| {
-            svc.handle_at(
-                &gw,
-                Request::WebLogin(WebLoginRequest {
-                    user: "alice".into(),
-                    password: password.into(),
-                    otp: None,
-                    browser_key: browser.public_key().as_ref().to_vec(),
-                    client_addr: "192.0.2.1".into(),
-                }),
-                at,
-            )
-        };
+        let login = |svc: &Service, password: &str, at: u64| web_login(svc, &browser, password, at);
         assert_eq!(
             refused(login(&svc, "wrong", now)).kind,
             ErrorKind::BadCredentials
         );
-        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+        let Response::WebSession(s) = login(&svc, PASSWORD, now) else {
             panic!("no session")
         };
         let token = s.token.unwrap();
@@ -437,7 +453,7 @@ mod tests {
             now + 9 * 3600,
         ));
         // Locked, then unlocked.
-        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+        let Response::WebSession(s) = login(&svc, PASSWORD, now) else {
             panic!("no session")
         };
         let token = s.token.unwrap();
@@ -469,7 +485,7 @@ mod tests {
         ));
         refused(check(proof(&browser, &token, now), now));
         // A session of a removed user does not pass to a later user of the name.
-        let Response::WebSession(s) = login(&svc, "pw-alice-123", now) else {
+        let Response::WebSession(s) = login(&svc, PASSWORD, now) else {
             panic!("no session")
         };
         let token = s.token.unwrap();
@@ -499,34 +515,9 @@ mod tests {
         let admin = Caller::Admin("admin".into());
         let gw = Caller::Gateway("gw-1".into());
         let now = 1_700_000_000;
-        svc.handle_at(
-            &admin,
-            Request::UserAdd(UserSpec {
-                name: "alice".into(),
-                logins: vec!["root".into()],
-                password: Some("pw-alice-123".into()),
-                ..Default::default()
-            }),
-            now,
-        );
+        add_alice(&svc, &["root"], now);
         let browser = key();
-        let login = || {
-            let r = svc.handle_at(
-                &gw,
-                Request::WebLogin(WebLoginRequest {
-                    user: "alice".into(),
-                    password: "pw-alice-123".into(),
-                    otp: None,
-                    browser_key: browser.public_key().as_ref().to_vec(),
-                    client_addr: "192.0.2.1".into(),
-                }),
-                now,
-            );
-            let Response::WebSession(s) = r else {
-                panic!("no session")
-            };
-            s.token.unwrap()
-        };
+        let login = || token_of(web_login(&svc, &browser, PASSWORD, now));
         let alive = |caller: &Caller, token: &str, at: u64| {
             svc.handle_at(
                 caller,
@@ -569,31 +560,9 @@ mod tests {
         let admin = Caller::Admin("admin".into());
         let gw = Caller::Gateway("gw-1".into());
         let now = 1_700_000_000;
-        svc.handle_at(
-            &admin,
-            Request::UserAdd(UserSpec {
-                name: "alice".into(),
-                logins: vec!["root".into(), "pi".into()],
-                password: Some("pw-alice-123".into()),
-                ..Default::default()
-            }),
-            now,
-        );
+        add_alice(&svc, &["root", "pi"], now);
         let browser = key();
-        let Response::WebSession(s) = svc.handle_at(
-            &gw,
-            Request::WebLogin(WebLoginRequest {
-                user: "alice".into(),
-                password: "pw-alice-123".into(),
-                otp: None,
-                browser_key: browser.public_key().as_ref().to_vec(),
-                client_addr: "192.0.2.1".into(),
-            }),
-            now,
-        ) else {
-            panic!("no session")
-        };
-        let token = s.token.unwrap();
+        let token = token_of(web_login(&svc, &browser, PASSWORD, now));
         let gateway_key = edgeport_proto::keys::KeyPair::generate().unwrap();
         // A fresh single-use nonce of this session, for the terminal path.
         let nonce = || match svc.handle_at(
@@ -662,20 +631,7 @@ mod tests {
         let e = refused(ask(once));
         assert!(e.message.contains("nonce"), "{e}");
         // A nonce of another session of the same user does not do either.
-        let Response::WebSession(other) = svc.handle_at(
-            &gw,
-            Request::WebLogin(WebLoginRequest {
-                user: "alice".into(),
-                password: "pw-alice-123".into(),
-                otp: None,
-                browser_key: browser.public_key().as_ref().to_vec(),
-                client_addr: "192.0.2.1".into(),
-            }),
-            now,
-        ) else {
-            panic!("no session")
-        };
-        let other_token = other.token.unwrap();
+        let other_token = token_of(web_login(&svc, &browser, PASSWORD, now));
         let Response::WebNonce { nonce: theirs, .. } = svc.handle_at(
             &gw,
             Request::WebTerminalNonce(proof(&browser, &other_token, now)),
