@@ -488,6 +488,24 @@ pub fn search(svc: &Service, q: &AuditQuery) -> Result<Response, RpcError> {
     Ok(Response::AuditPage(AuditPage { events, next }))
 }
 
+/// The web console's audit search: only the viewer's own events, and only from after their
+/// user record was made (a later user of a removed user's name sees none of the earlier
+/// one's, as with recordings). Recording chunks hold terminal output: they are read through
+/// the recording requests, which check whose session it was, never through a search.
+pub fn web_search(svc: &Service, viewer: &Viewer, mut q: AuditQuery) -> Result<Response, RpcError> {
+    if q.kind.as_deref() == Some(RECORDING_CHUNK) {
+        return Err(RpcError::new(
+            ErrorKind::Denied,
+            "recordings are read with the recordings page, not the audit search",
+        ));
+    }
+    q.user = Some(viewer.name.clone());
+    q.since_ms = q
+        .since_ms
+        .max(viewer.since_ms.saturating_sub(CLOCK_SKEW_MS));
+    search(svc, &q)
+}
+
 /// `tctl audit verify`: re-checks every stored device chain and lists recorded alerts.
 pub fn verify(svc: &Service, device: Option<&str>) -> Result<Response, RpcError> {
     let store = svc.store();
@@ -1043,5 +1061,32 @@ mod tests {
             ..alice(t + 3_600_000)
         };
         assert_eq!(listed(Some(&legacy_later)), 0);
+        // The console's audit search: the first alice's session events are hers alone, a
+        // later alice (a record made an hour after) sees none of them, and nobody searches
+        // recording chunks (terminal output) there.
+        let found = |v: &Viewer, q: AuditQuery| match web_search(&svc, v, q).unwrap() {
+            Response::AuditPage(p) => p.events.len(),
+            other => panic!("{other:?}"),
+        };
+        let hers = found(&alice(0), AuditQuery::default());
+        assert!(hers >= 1, "the first alice's session events");
+        assert_eq!(found(&legacy_later, AuditQuery::default()), 0);
+        let chunks = AuditQuery {
+            kind: Some(RECORDING_CHUNK.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            web_search(&svc, &alice(0), chunks).unwrap_err().kind,
+            ErrorKind::Denied
+        );
+        let someone_else = AuditQuery {
+            user: Some("bob".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            found(&alice(0), someone_else),
+            hers,
+            "the viewer's own, whatever asked"
+        );
     }
 }

@@ -693,9 +693,9 @@ impl Service {
             Request::WebSessionAlive { token_sha256 } => {
                 handlers::web::alive(self, &token_sha256, now)
             }
-            Request::WebAuditSearch { proof, mut query } => {
-                query.user = Some(handlers::web::viewer(self, &proof, now)?.name);
-                crate::audit::search(self, &query)
+            Request::WebAuditSearch { proof, query } => {
+                let viewer = handlers::web::viewer(self, &proof, now)?;
+                crate::audit::web_search(self, &viewer, query)
             }
             Request::AccessRequestUser(signed) => {
                 crate::access_requests::user_action(self, caller_name, &signed, now)

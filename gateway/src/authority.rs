@@ -2,10 +2,11 @@
 //! demand and dropped when they fail, so an authority restart heals by itself and concurrent
 //! callers (joins, dials, presence) do not queue behind each other.
 //!
-//! Requests go in two lanes with their own budgets ([`Lane`]): what keeps the cluster safe
+//! Requests go in three lanes with their own budgets ([`Lane`]): what keeps the cluster safe
 //! and usable (presence and the lock lists it brings, dial grants, device lists) never waits
 //! behind bulk work that anyone can cause in numbers (logins, audit uploads, renewals,
-//! joins, recordings).
+//! joins, recordings), nor behind the web console's requests, which any signed-in user can
+//! send as fast as a browser tab can (audit searches, device pages, session checks).
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -18,6 +19,8 @@ use edgeport_proto::FrameError;
 const POOL: usize = 8;
 /// Requests at once in the bulk lane.
 const BULK: usize = 4;
+/// Requests at once from the web console.
+const WEB: usize = 4;
 
 /// Which budget a request is counted against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +29,9 @@ pub enum Lane {
     Control,
     /// Logins, single sign-on, audit uploads and records, renewals, joins, recordings.
     Bulk,
+    /// The web console: its logins, session checks, device pages, audit searches,
+    /// recordings and terminals.
+    Web,
 }
 
 impl Lane {
@@ -43,13 +49,22 @@ impl Lane {
             | Request::RecordingList { .. }
             | Request::RecordingPage { .. }
             | Request::RecordingGet { .. }
-            | Request::WebLogin(_)
-            | Request::WebSsoStart(_)
-            | Request::WebSsoFinish(_)
             | Request::AccessRequestUser(_)
             | Request::SessionMfaCert(_)
-            | Request::UpdateFetch { .. }
-            | Request::WebSessionAlive { .. } => Lane::Bulk,
+            | Request::UpdateFetch { .. } => Lane::Bulk,
+            Request::WebLogin(_)
+            | Request::WebSessionCheck(_)
+            | Request::WebLogout(_)
+            | Request::WebDevicePage { .. }
+            | Request::WebSessionCert { .. }
+            | Request::WebRecordingPage { .. }
+            | Request::WebRecordingGet { .. }
+            | Request::WebAuditSearch { .. }
+            | Request::WebSsoConnectors
+            | Request::WebSsoStart(_)
+            | Request::WebSsoFinish(_)
+            | Request::WebTerminalNonce(_)
+            | Request::WebSessionAlive { .. } => Lane::Web,
             _ => Lane::Control,
         }
     }
@@ -67,6 +82,7 @@ pub struct AuthorityClient {
     idle: Mutex<Vec<RpcClient>>,
     slots: tokio::sync::Semaphore,
     bulk: tokio::sync::Semaphore,
+    web: tokio::sync::Semaphore,
 }
 
 impl AuthorityClient {
@@ -77,6 +93,7 @@ impl AuthorityClient {
             idle: Mutex::new(Vec::new()),
             slots: tokio::sync::Semaphore::new(POOL),
             bulk: tokio::sync::Semaphore::new(BULK),
+            web: tokio::sync::Semaphore::new(WEB),
         }
     }
 
@@ -138,6 +155,7 @@ impl AuthorityClient {
         let lane = match Lane::of(&req) {
             Lane::Control => &self.slots,
             Lane::Bulk => &self.bulk,
+            Lane::Web => &self.web,
         };
         let _slot = lane
             .acquire()
@@ -243,6 +261,26 @@ mod tests {
                 limit: 0,
             }),
             Lane::Bulk
+        );
+        // The console's requests, audit searches first, take neither lane.
+        let proof = edgeport_proto::rpc::WebProof {
+            token: String::new(),
+            signed: String::new(),
+            signature: Vec::new(),
+        };
+        assert_eq!(
+            Lane::of(&Request::WebAuditSearch {
+                proof: proof.clone(),
+                query: Default::default(),
+            }),
+            Lane::Web
+        );
+        assert_eq!(Lane::of(&Request::WebSessionCheck(proof)), Lane::Web);
+        assert_eq!(
+            Lane::of(&Request::WebSessionAlive {
+                token_sha256: String::new()
+            }),
+            Lane::Web
         );
     }
 }

@@ -224,10 +224,16 @@ impl KnownSources {
 
 type Sources = Arc<Mutex<HashMap<IpAddr, Arc<Semaphore>>>>;
 
-/// Slots per source.
-#[derive(Default)]
+/// Slots per source: [`PER_SOURCE`] each by default.
 pub struct SourceBudget {
     sources: Sources,
+    per_source: usize,
+}
+
+impl Default for SourceBudget {
+    fn default() -> Self {
+        Self::with_capacity(PER_SOURCE)
+    }
 }
 
 /// One unit of a source's budget, given back when dropped.
@@ -235,48 +241,64 @@ pub struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     sources: Sources,
     source: IpAddr,
+    per_source: usize,
+}
+
+/// Forgets `source` when nobody holds or waits for its slots.
+fn forget_unused(sources: &Sources, source: &IpAddr, per_source: usize) {
+    let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
+    if m.get(source)
+        .is_some_and(|s| Arc::strong_count(s) == 1 && s.available_permits() == per_source)
+    {
+        m.remove(source);
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         drop(self.permit.take());
-        // Forget a source nobody holds or waits for.
-        let mut m = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(&self.source)
-            .is_some_and(|s| Arc::strong_count(s) == 1 && s.available_permits() == PER_SOURCE)
-        {
-            m.remove(&self.source);
-        }
+        forget_unused(&self.sources, &self.source, self.per_source);
     }
 }
 
 impl SourceBudget {
-    /// A slot for `ip`'s source, waiting at most `wait` while the source has [`PER_SOURCE`]
-    /// in progress.
+    /// `per_source` slots for each source.
+    pub fn with_capacity(per_source: usize) -> Self {
+        Self {
+            sources: Sources::default(),
+            per_source,
+        }
+    }
+
+    /// A slot for `ip`'s source, waiting at most `wait` while the source has all of its
+    /// slots in use (with no wait: now or never).
     pub async fn take(&self, ip: IpAddr, wait: Duration) -> Option<Slot> {
         let source = source_of(ip);
         let sem = {
             let mut m = self.sources.lock().unwrap_or_else(|p| p.into_inner());
             m.entry(source)
-                .or_insert_with(|| Arc::new(Semaphore::new(PER_SOURCE)))
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_source)))
                 .clone()
         };
-        let permit = tokio::time::timeout(wait, sem.acquire_owned()).await;
-        let slot = |permit| Slot {
-            permit: Some(permit),
-            sources: self.sources.clone(),
-            source,
+        let permit = if wait.is_zero() {
+            sem.clone().try_acquire_owned().ok()
+        } else {
+            tokio::time::timeout(wait, sem.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok)
         };
         match permit {
-            Ok(Ok(p)) => Some(slot(p)),
-            _ => {
-                // (The timed-out wait dropped its handle.) Forget a source nobody uses.
-                let mut m = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-                if m.get(&source).is_some_and(|s| {
-                    Arc::strong_count(s) == 1 && s.available_permits() == PER_SOURCE
-                }) {
-                    m.remove(&source);
-                }
+            Some(p) => Some(Slot {
+                permit: Some(p),
+                sources: self.sources.clone(),
+                source,
+                per_source: self.per_source,
+            }),
+            None => {
+                // Forget a source nobody uses (this handle too: dropped first).
+                drop(sem);
+                forget_unused(&self.sources, &source, self.per_source);
                 None
             }
         }
@@ -361,6 +383,27 @@ mod tests {
         assert!(!r.allow(b, t0 + Duration::from_secs(3)));
         // Once the others' buckets are full again they are forgotten first.
         assert!(r.allow(b, t0 + Duration::from_secs(60)));
+    }
+
+    /// A budget of open connections: taken without waiting, refused at the source's cap,
+    /// given back when the connection ends.
+    #[tokio::test]
+    async fn a_source_holds_at_most_its_capacity_now_or_never() {
+        let b = SourceBudget::with_capacity(3);
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(b.take(ip, Duration::ZERO).await.unwrap());
+        }
+        assert!(b.take(ip, Duration::ZERO).await.is_none());
+        assert!(b
+            .take("192.0.2.10".parse().unwrap(), Duration::ZERO)
+            .await
+            .is_some());
+        held.pop();
+        assert!(b.take(ip, Duration::ZERO).await.is_some());
+        drop(held);
+        assert_eq!(b.sources(), 0);
     }
 
     #[tokio::test]

@@ -116,11 +116,15 @@ pub async fn accept_loop(port: Arc<TcpPort>, listener: TcpListener) {
             // A certificate the handshake verified (the cluster's CA, in its validity) makes
             // the source known, now and again when the connection ends: a tunnel held for
             // weeks leaves its source known for the agent's reconnect.
-            let proved = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .is_some_and(|c| !c.is_empty());
+            // The front door's handshake takes any certificate (its check comes after, so
+            // that a refused client reads why): there only one the check accepts counts.
+            let session = tls.get_ref().1;
+            let proved = match session.alpn_protocol() {
+                Some(a) if crate::kube::tls::ALPNS.contains(&a) => {
+                    crate::kube::proves_a_user(&port.routes.kube, session.peer_certificates())
+                }
+                _ => session.peer_certificates().is_some_and(|c| !c.is_empty()),
+            };
             if proved {
                 port.admission.proved(addr.ip());
             }

@@ -307,7 +307,11 @@ $('logout').addEventListener('click', async () => {
   showLogin(r.ok ? 'logged out' : (await r.json()).error);
 });
 
-$('filter').addEventListener('input', () => refresh());
+// Typing asks once the keys settle, not once per key (each ask costs the authority a
+// device page or an audit search).
+const settled = (f, ms = 300) => { let t; return () => { clearTimeout(t); t = setTimeout(f, ms); }; };
+
+$('filter').addEventListener('input', settled(refresh));
 
 // The terminal: a WebSocket whose first message is signed by this session's key over
 // "GET /api/terminal/DEVICE/LOGIN" (a WebSocket carries no custom headers); then keyboard
@@ -345,7 +349,7 @@ async function openTerminal(device, login) {
 
 $('term-close').addEventListener('click', closeTerminal);
 $('rec-refresh').addEventListener('click', loadHistory);
-$('audit-q').addEventListener('input', loadHistory);
+$('audit-q').addEventListener('input', settled(loadHistory));
 
 // For tests and tools in this page: signed requests with this session's key.
 window.edgeport = { signedFetch, terminalHello, resizeTerminal };

@@ -150,6 +150,9 @@ class Term {
   }
 
   resize(cols, rows) {
+    // As the gateway clamps them (a recording's header or a window says anything).
+    cols = Math.max(10, Math.min(500, Math.floor(cols) || 80));
+    rows = Math.max(2, Math.min(300, Math.floor(rows) || 24));
     if (cols === this.cols && rows === this.rows) return;
     const fix = (line) => line.slice(0, cols).concat(new Array(Math.max(0, cols - line.length)).fill(' '));
     this.cols = cols;
@@ -196,7 +199,9 @@ class Term {
       this.state = 0; return;
     }
     if (this.state === 2) { // CSI
-      if (c >= '@' && c <= '~') { this.state = 0; this.csi(c, this.params); } else this.params += c;
+      // Parameters longer than any real sequence's are cut (a stream of digits is no reason
+      // to grow without end).
+      if (c >= '@' && c <= '~') { this.state = 0; this.csi(c, this.params); } else if (this.params.length < 64) this.params += c;
       return;
     }
     if (this.state === 3) { // OSC, up to BEL or ESC \
@@ -267,6 +272,10 @@ class Term {
     const priv = p.startsWith('?');
     const n = (priv ? p.slice(1) : p).split(';').map((v) => parseInt(v, 10));
     const a = (i, d) => (Number.isNaN(n[i]) || n[i] === undefined || n[i] === 0 ? d : n[i]);
+    // A count of characters or lines: never more than the screen has (ESC[999999999S would
+    // otherwise scroll a billion times).
+    const cols = (i) => Math.min(a(i, 1), this.cols);
+    const lines = (i) => Math.min(a(i, 1), this.rows);
     const row = this.screen[this.y];
     const clamp = () => { this.x = Math.max(0, Math.min(this.cols - 1, this.x)); this.y = Math.max(0, Math.min(this.rows - 1, this.y)); };
     switch (f) {
@@ -291,13 +300,13 @@ class Term {
         if (m === 0) row.fill(' ', this.x); else if (m === 1) row.fill(' ', 0, this.x + 1); else row.fill(' ');
         break;
       }
-      case 'X': row.fill(' ', this.x, this.x + a(0, 1)); break;
-      case 'P': row.splice(this.x, a(0, 1)); while (row.length < this.cols) row.push(' '); break;
-      case '@': row.splice(this.x, 0, ...new Array(a(0, 1)).fill(' ')); row.length = this.cols; break;
-      case 'L': for (let i = 0; i < a(0, 1); i++) { this.screen.splice(this.bottom, 1); this.screen.splice(this.y, 0, this.blank()); } break;
-      case 'M': for (let i = 0; i < a(0, 1); i++) { this.screen.splice(this.y, 1); this.screen.splice(this.bottom, 0, this.blank()); } break;
-      case 'S': for (let i = 0; i < a(0, 1); i++) this.scroll(true); break;
-      case 'T': for (let i = 0; i < a(0, 1); i++) this.scroll(false); break;
+      case 'X': row.fill(' ', this.x, this.x + cols(0)); break;
+      case 'P': row.splice(this.x, cols(0)); while (row.length < this.cols) row.push(' '); break;
+      case '@': row.splice(this.x, 0, ...new Array(cols(0)).fill(' ')); row.length = this.cols; break;
+      case 'L': for (let i = 0; i < lines(0); i++) { this.screen.splice(this.bottom, 1); this.screen.splice(this.y, 0, this.blank()); } break;
+      case 'M': for (let i = 0; i < lines(0); i++) { this.screen.splice(this.y, 1); this.screen.splice(this.bottom, 0, this.blank()); } break;
+      case 'S': for (let i = 0; i < lines(0); i++) this.scroll(true); break;
+      case 'T': for (let i = 0; i < lines(0); i++) this.scroll(false); break;
       case 'r': this.top = a(0, 1) - 1; this.bottom = Math.min(this.rows, a(1, this.rows)) - 1; this.x = 0; this.y = 0; break;
       case 's': this.saved = [this.x, this.y]; break;
       case 'u': [this.x, this.y] = this.saved; break;

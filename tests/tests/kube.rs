@@ -1181,6 +1181,23 @@ fn refused_and_expired_clients_are_disconnected() {
         "--out",
         short.to_str().unwrap(),
     ]);
+    // An exec session (an upgrade) opened with the short certificate: it is no longer the
+    // HTTP connection's once upgraded, and still ends with the certificate.
+    let mut exec = front_door(c.gw.port, &short);
+    exec.write_all(
+        b"GET /k8s/ws1/api/v1/namespaces/default/pods/p/exec?command=sh HTTP/1.1\r\n\
+          Host: gateway.edgeport\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    exec.flush().unwrap();
+    let head = read_head(&mut exec);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    exec.write_all(b"ping").unwrap();
+    exec.flush().unwrap();
+    let mut pong = [0u8; 4];
+    exec.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"ping");
     // No client certificate: 401, then the connection closes (it used to stay open).
     let mut anon = front_door_as(c.gw.port, &short, false);
     get_missing(&mut anon);
@@ -1229,5 +1246,20 @@ fn refused_and_expired_clients_are_disconnected() {
     assert!(
         took < Duration::from_secs(20),
         "the expired connection stayed open {took:?}"
+    );
+    // The exec session ended with the certificate too (reading it waits at most the 30 s
+    // read timeout, which would count as open).
+    let (took, _) = read_to_close(&mut exec);
+    assert!(
+        took < Duration::from_secs(20),
+        "the exec session outlived its certificate by {took:?} more"
+    );
+    assert!(
+        edgeport_e2e::wait_until(Duration::from_secs(10), || c
+            .gw
+            .proc
+            .log_text()
+            .contains("kube session ended: the user's certificate expired")),
+        "the gateway did not say why the exec session ended"
     );
 }

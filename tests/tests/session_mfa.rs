@@ -183,6 +183,37 @@ fn session_mfa_certificates_open_one_device_for_one_session() {
     tsh.run(&["ssh", "root@van1", "echo", "van-ok"], None)
         .expect_ok("plain session to the van");
 
+    // kubectl cannot give a code: the authority refuses a Kubernetes dial to med1, with
+    // the login's certificate (here as a gateway relays it), whatever the gateway.
+    let dana_der =
+        first_cert_der(&std::fs::read_to_string(tsh.key_dir().join("dana-x509.pem")).unwrap())
+            .unwrap();
+    let kube_dial = |device: &str| {
+        StolenGateway::from_data_dir(&c.gw.data_dir).ask(
+            &c.tctl.addr,
+            Request::AuthorizeDial {
+                user_cert_der: dana_der.clone(),
+                device: device.into(),
+                service: edgeport_proto::tunnel::Service::Kube,
+            },
+        )
+    };
+    match kube_dial("med1") {
+        Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => {
+            assert_eq!(e.kind, edgeport_proto::rpc::ErrorKind::SecondFactorRequired);
+            assert!(
+                e.message.contains("kubectl cannot give one"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("a Kubernetes dial to an MFA device was answered: {other:?}"),
+    }
+    assert!(
+        matches!(kube_dial("van1"), Ok(Response::DialAllowed(_))),
+        "a Kubernetes dial to a device without MFA was refused"
+    );
+
     // Without a code (and no terminal to ask on), or with a wrong one: refused.
     let r = tsh.run(&["ssh", "root@med1", "echo", "no"], None);
     assert_refused(&r, "requires a per-session second factor");

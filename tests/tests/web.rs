@@ -692,6 +692,36 @@ fn a_logout_through_another_gateway_ends_the_terminal() {
 }
 
 /// The fleet view follows a device going offline and coming back, without a reload.
+/// The terminal renderer takes what a hostile device or a crafted recording sends (huge
+/// counts in escape sequences, parameters without end, any size in a recording's header) in
+/// bounded time and memory: before the clamps, ESC[999999999S scrolled a billion times and
+/// froze the tab. Run in Node (`tests/peers/term-hostile.js`), under a deadline.
+#[test]
+fn the_terminal_renderer_bounds_hostile_sequences() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new("node")
+        .arg(peers_dir().join("term-hostile.js"))
+        .arg(root.join("../gateway/web/term.js"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node");
+    let done = wait_until(Duration::from_secs(60), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !done {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(done, "the renderer was still busy after 60 s: {text}");
+    assert!(
+        out.status.success() && text.starts_with("ok ") && text.trim_end().ends_with("500x300"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn web_fleet_view_updates_live() {
     let port = free_port();

@@ -90,8 +90,23 @@ pub fn authorize_dial(
             grants.extension.roles.join(",")
         )));
     }
-    if service == Service::Ssh {
-        crate::session_mfa::check_dial(svc, &grants, &user, &info.id, &labels, now)?;
+    match service {
+        Service::Ssh => {
+            crate::session_mfa::check_dial(svc, &grants, &user, &info.id, &labels, now)?
+        }
+        // kubectl has no way to give a per-session code: a role that asks for one keeps
+        // its devices' Kubernetes closed rather than open with the login's certificate
+        // alone (which is all a stolen laptop needs).
+        Service::Kube if grants.requires_session_mfa(&labels) => {
+            return Err(RpcError::new(
+                edgeport_proto::rpc::ErrorKind::SecondFactorRequired,
+                format!(
+                    "{}: kubectl cannot give one, so this device's Kubernetes API is closed to roles with --require-session-mfa",
+                    crate::session_mfa::REQUIRED
+                ),
+            ));
+        }
+        _ => {}
     }
     let gateway_addr = match &info.gateway {
         Some(g) => gateways::peer_addr(store, g)?,

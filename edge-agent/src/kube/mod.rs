@@ -282,8 +282,7 @@ async fn serve(
         let live = (cancel2.clone(), guard.clone());
         async move { Ok::<_, std::convert::Infallible>(forward(&upstream, ident, req, live).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .max_buf_size(MAX_HEAD)
+    let conn = one_request()
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::select! {
@@ -292,6 +291,22 @@ async fn serve(
         },
         _ = cancel.cancelled() => tracing::debug!(%session, "kube stream ended: user locked"),
     }
+}
+
+/// How long a stream may take to send its request head (the gateway sends it at once).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP server of one ticketed stream: one request per stream. The ticket, checked once
+/// per stream, stands for one request of the user it names (the gateway asks for a fresh
+/// ticket and opens a fresh stream for each); a gateway that kept the stream to send more
+/// would act as the user long after the ticket, and even the certificate, expired.
+fn one_request() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    b
 }
 
 /// Answers the one request of a refused stream with 403 and `msg`, then closes it.
@@ -491,5 +506,51 @@ mod tests {
         t.user = String::new();
         t.kube_users.clear();
         assert!(KubeIdentity::from_ticket(&t).is_none());
+    }
+
+    /// A ticketed stream carries one request: a second one pipelined behind it (what a
+    /// gateway keeping the stream would send) is never served, and the stream ends.
+    #[tokio::test]
+    async fn a_stream_serves_one_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<_, std::convert::Infallible>(full(StatusCode::OK, "ok")) }
+        });
+        let conn = tokio::spawn(one_request().serve_connection(TokioIo::new(server), svc));
+        client
+            .write_all(
+                b"GET /api/v1/pods HTTP/1.1\r\nHost: k\r\n\r\n\
+                  DELETE /api/v1/namespaces/prod HTTP/1.1\r\nHost: k\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+            .await
+            .expect("the stream did not end after one request")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let _ = conn.await;
+    }
+
+    /// A stream that never sends its request head is closed (after HEAD_TIMEOUT: 10 s).
+    #[tokio::test]
+    async fn a_silent_stream_is_closed() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, std::convert::Infallible>(full(StatusCode::OK, "ok"))
+        });
+        let r = tokio::time::timeout(
+            HEAD_TIMEOUT + Duration::from_secs(5),
+            one_request().serve_connection(TokioIo::new(server), svc),
+        )
+        .await;
+        assert!(r.is_ok(), "still waiting for a request head");
     }
 }

@@ -87,12 +87,29 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The Kubernetes verb of a request, as the API server's audit log names it.
+/// A request path as the API server reads it (percent-decoded, as Go's `URL.Path`): what
+/// the audit log names, so that `kube%2Dsystem` is logged as the `kube-system` it reaches.
+pub fn api_path(path: &str) -> String {
+    crate::percent::decode(path, false)
+}
+
+/// Whether the API server takes the request as a watch: its first `watch` parameter, read
+/// as the API server converts a query parameter to a bool (anything but `0` and `false`,
+/// in any case, is true; `watch` alone too).
+fn watch_param(query: Option<&str>) -> bool {
+    let Some(q) = query else { return false };
+    q.split('&')
+        .find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (crate::percent::decode(k, true) == "watch").then(|| crate::percent::decode(v, true))
+        })
+        .is_some_and(|v| v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// The Kubernetes verb of a request, as the API server's audit log names it. `path` is the
+/// decoded path ([`api_path`]).
 pub fn verb(method: &http::Method, path: &str, query: Option<&str>) -> String {
-    let watch = query.is_some_and(|q| {
-        q.split('&')
-            .any(|kv| kv == "watch=true" || kv == "watch=1" || kv == "watch")
-    }) || path.contains("/watch/");
+    let watch = watch_param(query) || path.contains("/watch/");
     // /api/v1/namespaces/NS/pods -> collection; .../pods/NAME -> one object.
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let after_version = match segs.first() {
@@ -149,6 +166,30 @@ mod tests {
                 Some("command=sh")
             ),
             "get"
+        );
+        // As the API server parses the parameter (first one wins; only 0 and false are no).
+        for q in [
+            "watch=True",
+            "watch=t",
+            "watch",
+            "watch=",
+            "w%61tch=1",
+            "watch=1&watch=0",
+        ] {
+            assert_eq!(verb(&g, "/api/v1/pods", Some(q)), "watch", "{q}");
+        }
+        for q in [
+            "watch=false",
+            "watch=FALSE",
+            "watch=0",
+            "watchx=1",
+            "x=watch",
+        ] {
+            assert_eq!(verb(&g, "/api/v1/pods", Some(q)), "list", "{q}");
+        }
+        assert_eq!(
+            api_path("/api/v1/namespaces/kube%2Dsystem/pods/p/%65xec"),
+            "/api/v1/namespaces/kube-system/pods/p/exec"
         );
     }
 }

@@ -188,6 +188,15 @@ fn check_cert(
     }
 }
 
+/// Whether a client's certificate is one the front door accepts (what makes its source
+/// known to the admission budget; any certificate passes the handshake here).
+pub fn proves_a_user(front: &Front, certs: Option<&[CertificateDer<'_>]>) -> bool {
+    front
+        .tls
+        .get()
+        .is_ok_and(|t| check_cert(front, t.verifier.as_ref(), certs).is_ok())
+}
+
 /// Serves one TLS connection of the front door (HTTP/1.1 or HTTP/2).
 pub async fn serve(
     front: Arc<Front>,
@@ -275,7 +284,10 @@ pub async fn serve(
                 return;
             }
             _ = state.close.notified(), if closing.is_none() => ("certificate refused", REFUSED_LINGER),
-            _ = tokio::time::sleep_until(max_age), if closing.is_none() => ("maximum age", DRAIN),
+            // A refused client has nothing in flight worth waiting for.
+            _ = tokio::time::sleep_until(max_age), if closing.is_none() => {
+                if state.user.is_ok() { ("maximum age", DRAIN) } else { ("certificate refused", REFUSED_LINGER) }
+            }
             _ = tick.tick(), if closing.is_none() => {
                 let idle = state.busy.load(std::sync::atomic::Ordering::SeqCst) == 0
                     && state.last_done.lock().map(|t| t.elapsed() >= IDLE_TIMEOUT).unwrap_or(true);
@@ -494,7 +506,7 @@ async fn handle(
         }
     };
     let session_id = random_bytes(8).map(hex::encode).unwrap_or_default();
-    let mut ev = KubeAuditEvent {
+    let mut pending = PendingEvent(KubeAuditEvent {
         kind: KubeEventKind::Request,
         user: user.clone(),
         kube_user: grant
@@ -505,14 +517,15 @@ async fn handle(
         groups: grant.kube_groups.clone(),
         cluster: cluster.clone(),
         device: device.clone(),
-        verb: audit::verb(req.method(), &inner, query.as_deref()),
-        path: inner.clone(),
+        verb: audit::verb(req.method(), &audit::api_path(&inner), query.as_deref()),
+        path: audit::api_path(&inner),
         status: 0,
         client_addr: conn.addr.to_string(),
         session_id: session_id.clone(),
         bytes_up: 0,
         bytes_down: 0,
-    };
+    });
+    let ev = &mut pending.0;
     let header = StreamHeader {
         service: Service::Kube,
         user: Some(user.clone()),
@@ -525,7 +538,10 @@ async fn handle(
     };
     let resp = forward(
         &front,
-        &who,
+        Presented {
+            cert: &who,
+            not_after: conn.not_after,
+        },
         &grant,
         &header,
         &match &query {
@@ -533,17 +549,35 @@ async fn handle(
             None => inner.clone(),
         },
         req,
-        &mut ev,
+        ev,
     )
     .await;
     ev.status = resp.status().as_u16();
-    audit_kube_event(&ev);
+    drop(pending);
     resp
+}
+
+/// A request's audit event, written when its handling ends: with the answer's status, or
+/// with status 0 when the client went away first (hyper then drops the handler, and the
+/// request may already have reached the API server: a DELETE sent and then reset is still
+/// recorded).
+struct PendingEvent(KubeAuditEvent);
+
+impl Drop for PendingEvent {
+    fn drop(&mut self) {
+        audit_kube_event(&self.0);
+    }
+}
+
+/// The user's certificate as presented on the connection, and when it expires.
+struct Presented<'a> {
+    cert: &'a UserCert,
+    not_after: u64,
 }
 
 async fn forward(
     front: &Front,
-    who: &UserCert,
+    who: Presented<'_>,
     grant: &edgeport_proto::rpc::DialGrant,
     header: &StreamHeader,
     path_and_query: &str,
@@ -565,7 +599,7 @@ async fn forward(
     let device = &grant.device.id;
     let stream = match front
         .reach
-        .open_device_stream(who, grant, header.clone())
+        .open_device_stream(who.cert, grant, header.clone())
         .await
     {
         Ok((s, _)) => s,
@@ -628,6 +662,14 @@ async fn forward(
                 ev.status = 101;
                 audit_kube_event(&ev);
                 let reg = front.sessions.register(device, &ev.user, &ev.session_id);
+                // An exec, attach or port-forward session ends with the certificate that
+                // opened it: once upgraded it is no longer the HTTP connection's, whose
+                // limits ended with it. (Not at MAX_AGE: a long port-forward or shell is
+                // fine while the user's certificate holds, as an SSH session is.)
+                let life = Duration::from_secs(
+                    who.not_after
+                        .saturating_sub(edgeport_net::clock::now_secs()),
+                );
                 front.tasks.spawn(async move {
                     let (c, d) = match tokio::try_join!(client_upgrade, device_upgrade) {
                         Ok(x) => x,
@@ -647,6 +689,12 @@ async fn forward(
                         }
                         _ = reg.cancel.cancelled() => {
                             tracing::info!(session = %ev.session_id, "kube session cut: locked");
+                        }
+                        _ = tokio::time::sleep(life) => {
+                            tracing::info!(
+                                session = %ev.session_id,
+                                "kube session ended: the user's certificate expired"
+                            );
                         }
                     }
                     ev.kind = KubeEventKind::SessionEnd;

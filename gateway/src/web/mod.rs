@@ -53,6 +53,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 1024;
+/// Connections open at once from one source (an IPv4 address or an IPv6 /64): a browser
+/// keeps about six per site, so this is an office of twenty behind one address.
+const CONNECTIONS_PER_SOURCE: usize = 128;
 /// Connections not yet past their first request (or WebSockets not yet past their signed
 /// hello) at once, all sources; each source has [`crate::budget::PER_SOURCE`] of them.
 const MAX_UNPROVEN: usize = 256;
@@ -162,6 +165,10 @@ struct Web {
     origin: Option<String>,
     admission: crate::budget::Admission,
     sso_budget: crate::budget::RateBudget,
+    /// Open connections per source, for their whole life: a request proves nothing (the
+    /// page's own files need no session), so one source cannot keep all of the console's
+    /// connections open by asking for them now and then.
+    connections: crate::budget::SourceBudget,
 }
 
 struct Resolver(CertSource);
@@ -217,6 +224,7 @@ pub async fn serve(
             options.known,
         ),
         sso_budget: crate::budget::RateBudget::new(SSO_BURST, SSO_EVERY, SSO_SOURCES),
+        connections: crate::budget::SourceBudget::with_capacity(CONNECTIONS_PER_SOURCE),
     });
     tokio::spawn(web.term.clone().watch_sessions());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -232,12 +240,16 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => return,
         };
+        let Some(source_slot) = web.connections.take(addr.ip(), Duration::ZERO).await else {
+            tracing::debug!(%addr, "web console: this source has too many connections open; dropped");
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let (acceptor, web, shutdown) = (acceptor.clone(), web.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, source_slot);
             // Until its first request, a connection is anonymous work: it holds its
             // source's slot (waiting a little for one) and one of the console's.
             let Some(admitted) = admit(&web.admission, addr.ip(), HANDSHAKE_TIMEOUT).await else {
@@ -420,30 +432,7 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 }
 
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::percent::decode(s, true)
 }
 
 impl Web {

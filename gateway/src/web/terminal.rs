@@ -48,6 +48,9 @@ const MAX_MESSAGE: usize = 64 * 1024;
 /// How long the browser has to send its signed first message.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const SSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one write may wait for the browser, or the device, to take it: past this the
+/// other side stopped reading, and the session ends rather than hold its connections.
+const WRITE_STALL: Duration = Duration::from_secs(60);
 /// How often the authority is asked whether the sessions of open terminals still hold.
 pub const ALIVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -377,11 +380,30 @@ where
     tracing::info!(user = %certs.user, device = %dialled.device_id, session = %dialled.session_id, "web terminal opened");
     let cancel = dialled.registered.cancel.clone();
     let mut exit: Option<u32> = None;
+    // What ends the session from outside: a lock, shutdown, logout or the session's end.
+    // Also raced against each write below, so that a browser or a device that stops
+    // reading cannot hold the session past any of them.
+    let stop = || async {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                end_reason(term, &certs.user, &dialled.session_id, &dialled.device_id, None)
+            }
+            _ = term.shutdown.cancelled() => "the gateway is shutting down".to_string(),
+            _ = ended.token.cancelled() => ended.why(),
+        }
+    };
     let why = loop {
         tokio::select! {
             m = rx.next() => match m {
                 Some(Ok(Message::Binary(b))) => {
-                    if write.data_bytes(b).await.is_err() { break "the device closed the session".to_string() }
+                    tokio::select! {
+                        r = tokio::time::timeout(WRITE_STALL, write.data_bytes(b)) => match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break "the device closed the session".to_string(),
+                            Err(_) => break "the device stopped reading input".to_string(),
+                        },
+                        why = stop() => break why,
+                    }
                 }
                 Some(Ok(Message::Text(t))) => {
                     let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap_or_default();
@@ -398,8 +420,17 @@ where
             },
             m = read.wait() => match m {
                 Some(ChannelMsg::Data { data }) | Some(ChannelMsg::ExtendedData { data, .. }) => {
-                    if tx.send(Message::Binary(data.to_vec().into())).await.is_err() {
-                        break "closed by the browser".to_string();
+                    let sent = tokio::time::timeout(
+                        WRITE_STALL,
+                        tx.send(Message::Binary(data.to_vec().into())),
+                    );
+                    tokio::select! {
+                        r = sent => match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break "closed by the browser".to_string(),
+                            Err(_) => break "the browser stopped reading output".to_string(),
+                        },
+                        why = stop() => break why,
                     }
                 }
                 Some(ChannelMsg::ExitStatus { exit_status }) => exit = Some(exit_status),
@@ -408,11 +439,7 @@ where
                 }
                 Some(_) => {}
             },
-            _ = cancel.cancelled() => {
-                break end_reason(term, &certs.user, &dialled.session_id, &dialled.device_id, None)
-            }
-            _ = term.shutdown.cancelled() => break "the gateway is shutting down".to_string(),
-            _ = ended.token.cancelled() => break ended.why(),
+            why = stop() => break why,
         }
     };
     tracing::info!(user = %certs.user, device = %dialled.device_id, session = %dialled.session_id, "web terminal ended: {why}");
