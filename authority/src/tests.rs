@@ -278,6 +278,41 @@ async fn full_flow_over_rpc() {
         .await,
     );
     assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    // The same key joining again (what a gateway with any token and the device's public key
+    // can send): it keeps its labels, whatever the request says; a token's still override.
+    let again = |labels: &[(&str, &str)], token: String| JoinDeviceRequest {
+        token,
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..join.clone()
+    };
+    let relabelled = match g
+        .call(Request::JoinDevice(again(
+            &[("hw", "rogue"), ("tier", "dev")],
+            token(&mut a, TokenKind::Device, &[]).await,
+        )))
+        .await
+        .unwrap()
+    {
+        Response::DeviceCerts(d) => d,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(relabelled.labels, certs.labels);
+    let retokened = match g
+        .call(Request::JoinDevice(again(
+            &[],
+            token(&mut a, TokenKind::Device, &[("fleet", "trucks")]).await,
+        )))
+        .await
+        .unwrap()
+    {
+        Response::DeviceCerts(d) => d,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(retokened.labels["fleet"], "trucks");
+    assert_eq!(retokened.labels["hw"], "pi4");
     // Renewal: same key only.
     let renew = RenewDeviceRequest {
         device_id: "van-1".into(),

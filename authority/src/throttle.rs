@@ -100,10 +100,19 @@ fn source_key(source: &str) -> String {
     format!("s/{source}")
 }
 
-/// The keys an attempt by `user` from `client_addr` counts against, with their limits.
-fn keys(user: &str, client_addr: &str) -> Vec<(String, u32, Past)> {
+/// The source an attempt is counted under: the client's address as the relaying gateway
+/// reports it, with that gateway's name. The address is the gateway's word, so a gateway's
+/// reports only ever slow down logins through that same gateway: a compromised one cannot
+/// make a user's or an office's logins wait elsewhere by reporting failures from them.
+fn counted_source(gateway: &str, client_addr: &str) -> Option<String> {
+    source(client_addr).map(|s| format!("{s}@{gateway}"))
+}
+
+/// The keys an attempt by `user` from `client_addr` through `gateway` counts against, with
+/// their limits.
+fn keys(user: &str, gateway: &str, client_addr: &str) -> Vec<(String, u32, Past)> {
     let mut keys = vec![(user_key(user), USER_LIMIT, Past::Spaced)];
-    if let Some(src) = source(client_addr) {
+    if let Some(src) = counted_source(gateway, client_addr) {
         keys.push((pair_key(user, &src), PAIR_LIMIT, Past::Doubling));
         keys.push((source_key(&src), SOURCE_LIMIT, Past::Doubling));
     } else {
@@ -123,12 +132,13 @@ impl LoginThrottle {
     pub fn check(
         &self,
         store: &dyn Store,
+        gateway: &str,
         user: &str,
         client_addr: &str,
         now: u64,
     ) -> Result<Result<(), u64>, StoreError> {
         let mut wait = 0;
-        for (key, _, _) in keys(user, client_addr) {
+        for (key, _, _) in keys(user, gateway, client_addr) {
             if let Some(f) = store::get::<Failures>(store, Table::LoginThrottle, &key)? {
                 wait = wait.max(f.blocked_until.saturating_sub(now));
             }
@@ -140,11 +150,12 @@ impl LoginThrottle {
     pub fn failed(
         &self,
         store: &dyn Store,
+        gateway: &str,
         user: &str,
         client_addr: &str,
         now: u64,
     ) -> Result<(), StoreError> {
-        for (key, limit, past) in keys(user, client_addr) {
+        for (key, limit, past) in keys(user, gateway, client_addr) {
             store::update::<Failures, StoreError, _>(store, Table::LoginThrottle, &key, |cur| {
                 let mut f = cur.filter(|f| !f.stale(now)).unwrap_or_default();
                 f.count = f.count.saturating_add(1);
@@ -173,10 +184,11 @@ impl LoginThrottle {
     pub fn succeeded(
         &self,
         store: &dyn Store,
+        gateway: &str,
         user: &str,
         client_addr: &str,
     ) -> Result<(), StoreError> {
-        let src = source(client_addr).unwrap_or_else(|| "-".into());
+        let src = counted_source(gateway, client_addr).unwrap_or_else(|| "-".into());
         store.delete(Table::LoginThrottle, &pair_key(user, &src))?;
         Ok(())
     }
@@ -219,28 +231,53 @@ mod tests {
         assert_eq!(source(""), None);
     }
 
+    /// Failures a gateway reports (with addresses it chose) count only for logins through
+    /// that gateway: a compromised gateway cannot make alice, or her office's address, wait
+    /// at the others.
+    #[test]
+    fn a_gateways_reports_slow_down_only_logins_through_it() {
+        let (_d, s) = store();
+        let t = LoginThrottle::default();
+        let office = "192.0.2.7:1";
+        for _ in 0..PAIR_LIMIT {
+            t.failed(&s, "gw-rogue", "alice", office, 100).unwrap();
+        }
+        for i in 0..SOURCE_LIMIT {
+            t.failed(&s, "gw-rogue", &format!("user{i}"), office, 100)
+                .unwrap();
+        }
+        let waits = |gw: &str, user: &str| t.check(&s, gw, user, office, 100).unwrap().is_err();
+        assert!(waits("gw-rogue", "alice"));
+        assert!(
+            waits("gw-rogue", "bob"),
+            "the whole source, through that gateway"
+        );
+        assert!(!waits("gw", "alice"));
+        assert!(!waits("gw", "bob"));
+    }
+
     #[test]
     fn a_guessing_source_waits_and_the_real_user_does_not() {
         let (_d, s) = store();
         let t = LoginThrottle::default();
-        let check = |user: &str, addr: &str, now| t.check(&s, user, addr, now).unwrap();
+        let check = |user: &str, addr: &str, now| t.check(&s, "gw", user, addr, now).unwrap();
         for _ in 0..PAIR_LIMIT - 1 {
-            t.failed(&s, "alice", "10.0.0.66:1000", 100).unwrap();
+            t.failed(&s, "gw", "alice", "10.0.0.66:1000", 100).unwrap();
             assert!(check("alice", "10.0.0.66:1001", 100).is_ok());
         }
-        t.failed(&s, "alice", "10.0.0.66:1000", 100).unwrap();
+        t.failed(&s, "gw", "alice", "10.0.0.66:1000", 100).unwrap();
         assert_eq!(check("Alice", "10.0.0.66:2", 100), Err(FIRST_WAIT_SECS));
         // Alice herself, from home: not locked out.
         assert!(check("alice", "192.0.2.7:5000", 100).is_ok());
         // The guesser's next failure doubles its wait.
-        t.failed(&s, "alice", "10.0.0.66:1000", 100 + FIRST_WAIT_SECS)
+        t.failed(&s, "gw", "alice", "10.0.0.66:1000", 100 + FIRST_WAIT_SECS)
             .unwrap();
         assert_eq!(
             check("alice", "10.0.0.66:1", 100 + FIRST_WAIT_SECS),
             Err(2 * FIRST_WAIT_SECS)
         );
         // Alice's success clears her own source only.
-        t.succeeded(&s, "alice", "192.0.2.7:5000").unwrap();
+        t.succeeded(&s, "gw", "alice", "192.0.2.7:5000").unwrap();
         assert!(check("alice", "10.0.0.66:1", 100 + FIRST_WAIT_SECS).is_err());
     }
 
@@ -249,15 +286,15 @@ mod tests {
         let (_d, s) = store();
         let t = LoginThrottle::default();
         for i in 0..PAIR_LIMIT {
-            t.failed(&s, "bob", &format!("[2001:db8:0:7::{i:x}]:4000"), 50)
+            t.failed(&s, "gw", "bob", &format!("[2001:db8:0:7::{i:x}]:4000"), 50)
                 .unwrap();
         }
         assert!(t
-            .check(&s, "bob", "[2001:db8:0:7::ffff]:1", 50)
+            .check(&s, "gw", "bob", "[2001:db8:0:7::ffff]:1", 50)
             .unwrap()
             .is_err());
         assert!(t
-            .check(&s, "bob", "[2001:db8:0:8::1]:1", 50)
+            .check(&s, "gw", "bob", "[2001:db8:0:8::1]:1", 50)
             .unwrap()
             .is_ok());
     }
@@ -267,15 +304,15 @@ mod tests {
         let (_d, s) = store();
         let t = LoginThrottle::default();
         for i in 0..SOURCE_LIMIT {
-            t.failed(&s, &format!("user{i}"), "198.51.100.9:4000", 50)
+            t.failed(&s, "gw", &format!("user{i}"), "198.51.100.9:4000", 50)
                 .unwrap();
         }
         assert!(t
-            .check(&s, "someone-else", "198.51.100.9:1", 50)
+            .check(&s, "gw", "someone-else", "198.51.100.9:1", 50)
             .unwrap()
             .is_err());
         assert!(t
-            .check(&s, "someone-else", "198.51.100.10:1", 50)
+            .check(&s, "gw", "someone-else", "198.51.100.10:1", 50)
             .unwrap()
             .is_ok());
     }
@@ -286,22 +323,23 @@ mod tests {
         let t = LoginThrottle::default();
         // One failure from each of many addresses: no source reaches its own limit.
         for i in 0..USER_LIMIT {
-            t.failed(&s, "carol", &format!("203.0.113.{i}:4000"), 1000)
+            t.failed(&s, "gw", "carol", &format!("203.0.113.{i}:4000"), 1000)
                 .unwrap();
         }
         // Carol, from a new address, waits seconds, not minutes.
         assert_eq!(
-            t.check(&s, "carol", "192.0.2.1:1", 1000).unwrap(),
+            t.check(&s, "gw", "carol", "192.0.2.1:1", 1000).unwrap(),
             Err(USER_SLOWDOWN_SECS)
         );
         assert!(t
-            .check(&s, "carol", "192.0.2.1:1", 1000 + USER_SLOWDOWN_SECS)
+            .check(&s, "gw", "carol", "192.0.2.1:1", 1000 + USER_SLOWDOWN_SECS)
             .unwrap()
             .is_ok());
         // Each further failure spaces attempts out again, by the same few seconds.
-        t.failed(&s, "carol", "203.0.113.200:4000", 1010).unwrap();
+        t.failed(&s, "gw", "carol", "203.0.113.200:4000", 1010)
+            .unwrap();
         assert_eq!(
-            t.check(&s, "carol", "192.0.2.1:1", 1010).unwrap(),
+            t.check(&s, "gw", "carol", "192.0.2.1:1", 1010).unwrap(),
             Err(USER_SLOWDOWN_SECS)
         );
     }
@@ -311,11 +349,12 @@ mod tests {
         let (_d, s) = store();
         let t = LoginThrottle::default();
         for _ in 0..PAIR_LIMIT - 1 {
-            t.failed(&s, "dave", "10.1.1.1:1", 0).unwrap();
+            t.failed(&s, "gw", "dave", "10.1.1.1:1", 0).unwrap();
         }
-        t.failed(&s, "dave", "10.1.1.1:1", WINDOW_SECS + 1).unwrap();
+        t.failed(&s, "gw", "dave", "10.1.1.1:1", WINDOW_SECS + 1)
+            .unwrap();
         assert!(t
-            .check(&s, "dave", "10.1.1.1:1", WINDOW_SECS + 1)
+            .check(&s, "gw", "dave", "10.1.1.1:1", WINDOW_SECS + 1)
             .unwrap()
             .is_ok());
         assert_eq!(
@@ -333,9 +372,15 @@ mod tests {
         let (a, b) = (LoginThrottle::default(), LoginThrottle::default());
         for i in 0..PAIR_LIMIT {
             let t = if i % 2 == 0 { &a } else { &b };
-            t.failed(&s, "erin", "10.9.9.9:1", 10).unwrap();
+            t.failed(&s, "gw", "erin", "10.9.9.9:1", 10).unwrap();
         }
-        assert!(a.check(&s, "erin", "10.9.9.9:1", 10).unwrap().is_err());
-        assert!(b.check(&s, "erin", "10.9.9.9:1", 10).unwrap().is_err());
+        assert!(a
+            .check(&s, "gw", "erin", "10.9.9.9:1", 10)
+            .unwrap()
+            .is_err());
+        assert!(b
+            .check(&s, "gw", "erin", "10.9.9.9:1", 10)
+            .unwrap()
+            .is_err());
     }
 }

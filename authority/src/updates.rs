@@ -404,6 +404,15 @@ pub fn report(
     message: String,
     now: u64,
 ) -> Result<Response, RpcError> {
+    // Only the gateway that holds the device's tunnel delivered the update: another one
+    // (a compromised gateway, which cannot speak for a device it does not hold) could
+    // otherwise mark a fleet's security update refused or installed.
+    let holder = crate::devices::lookup(svc.store(), device, now)?.and_then(|d| d.gateway);
+    if holder.as_deref() != Some(gateway) {
+        return Err(crate::errors::denied(format!(
+            "gateway {gateway} does not hold device {device}: only the gateway that delivered an update reports on it"
+        )));
+    }
     store::update::<OrderRecord, RpcError, _>(
         svc.store(),
         Table::UpdateOrders,
@@ -453,9 +462,40 @@ mod tests {
             .collect()
     }
 
+    /// Devices joined and held by gateway `gw`, as its presence report says.
+    fn held_by_gw(svc: &Service, ids: &[&str], now: u64) {
+        use edgeport_proto::rpc::{DevicePresence, PresenceReport, Transport};
+        for id in ids {
+            crate::tests::join_device(svc, id, now);
+        }
+        let online = ids
+            .iter()
+            .map(|id| DevicePresence {
+                id: id.to_string(),
+                labels: BTreeMap::new(),
+                version: "1".into(),
+                arch: "aarch64".into(),
+                transport: Transport::Quic,
+                address: "198.51.100.1:2".into(),
+                rtt_ms: 1,
+                connected_at: now,
+                kube_cluster: None,
+                loss_permille: None,
+                usage: None,
+            })
+            .collect();
+        let report = PresenceReport {
+            lease_secs: 600,
+            online,
+            ..Default::default()
+        };
+        crate::devices::apply_report(svc.store(), "gw", &report, now).unwrap();
+    }
+
     #[test]
     fn broken_deliveries_are_retried_and_devices_offline_past_the_deadline_expire() {
         let (_tmp, svc) = crate::tests::service();
+        held_by_gw(&svc, &["a", "b", "z"], 1000);
         let bin = b"an agent binary".to_vec();
         let sha = sha256_hex(&bin);
         upload(&svc, sha.clone(), 0, bin.clone()).unwrap();
@@ -498,6 +538,10 @@ mod tests {
         assert_eq!(states(&svc, &id, 1001)["b"], "refused");
         // A device the update is not for.
         assert!(report(&svc, "gw", &id, "z", true, String::new(), 1001).is_err());
+        // A gateway that does not hold the device: refused, and nothing changes.
+        let e = report(&svc, "gw-rogue", &id, "c", false, "bad".into(), 1001).unwrap_err();
+        assert!(e.message.contains("does not hold device c"), "{e}");
+        assert_eq!(states(&svc, &id, 1001)["c"], "pending");
 
         // Only c is still delivered, until the deadline; then it expired.
         let Ok(Response::UpdateOrders(o)) = orders(&svc, 1002) else {

@@ -300,4 +300,57 @@ fn shared_and_moderated_sessions() {
     wait_event(&c, "moderator join", |e| {
         e["type"] == "session.join" && e["mode"] == "moderator" && e["session_id"] == msid.as_str()
     });
+
+    // Forwards have no terminal to moderate: refused where a moderator is required (stock
+    // OpenSSH through tsh's config; a remote forward fails before any session starts).
+    let r = edgeport_e2e::run(
+        edgeport_e2e::ssh::ssh(
+            &alice.config(),
+            &[
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                "0:127.0.0.1:9",
+                "root@med1",
+                "true",
+            ],
+        ),
+        None,
+        WAIT,
+    );
+    assert!(
+        !r.ok(),
+        "a remote forward was opened on med1: {}",
+        r.stdout()
+    );
+    assert!(r.stderr().contains("forwarding failed"), "{}", r.stderr());
+    wait_event(&c, "refused forward", |e| {
+        e["type"] == "port_forward"
+            && e["device"] == "med1"
+            && e["reason"]
+                .as_str()
+                .is_some_and(|x| x.contains("cannot be moderated"))
+    });
+
+    // Nobody moderates their own session: dave's roles require a moderator on medical
+    // devices and also let him moderate there; his own waiting session stays shut to him.
+    c.add_user("dave", "root", PW);
+    c.tctl
+        .ok(&["users", "update", "dave", "--set-roles", "field,medmod"]);
+    let dave = login(&c, "dave");
+    let d = term(
+        "share-self",
+        &dave,
+        "ssh -tt root@med1 'echo self-$((5*5)); exec sh'",
+    );
+    must_show(&d, "waiting for a moderator to join session", "dave waits");
+    let dsid = wait_session(&bob, "dave", "med1");
+    let r = dave.run(&["join", "--mode", "moderator", &dsid], None);
+    assert_ne!(r.code(), Some(0), "{}", r.stdout());
+    assert!(
+        r.stderr().contains("own user cannot moderate it"),
+        "{}",
+        r.stderr()
+    );
+    assert!(!d.screen().contains("self-25"), "{}", d.screen());
 }

@@ -107,6 +107,50 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
     assert_eq!(r.stdout(), "record-ok\n");
     let r = alice.run(&["ssh", "root@van/ecu1", "exit 7"], None);
     assert_eq!(r.code(), Some(7), "{}", r.stderr());
+
+    // A role that requires a moderator on the target's labels: record mode cannot hold a
+    // session back until one joins, so the target is closed to it (not open without one).
+    c.tctl.ok(&[
+        "roles",
+        "add",
+        "field",
+        "--allow",
+        "fleet=vans",
+        "--require-moderator",
+        "zone=engine",
+    ]);
+    let mut add = c.auth.tctl_cmd();
+    add.args([
+        "users",
+        "add",
+        "frank",
+        "--logins",
+        "root",
+        "--roles",
+        "field",
+        "--password-stdin",
+    ]);
+    run(
+        add,
+        Some(format!("{PW}\n").as_bytes()),
+        Duration::from_secs(30),
+    )
+    .expect_ok("tctl users add frank");
+    let frank = Tsh::new(c.dir.join("tsh-frank"), c.proxy());
+    frank
+        .login("frank", PW, &c.gw.ca_pin, &[])
+        .expect_ok("tsh login frank");
+    let r = frank.run(&["ssh", "root@van/ecu1", "echo", "unmoderated"], None);
+    assert!(
+        !r.ok() && !r.stdout().contains("unmoderated"),
+        "{}",
+        r.stdout()
+    );
+    assert!(
+        r.stderr().contains("cannot wait for a moderator"),
+        "{}",
+        r.stderr()
+    );
     let accepted = log();
     assert!(
         accepted.contains("Accepted publickey for root") && accepted.contains("ID alice"),

@@ -243,7 +243,8 @@ pub fn join_device(
     if devices::revoked(store, &id)?.is_some() {
         return Err(devices::revoked_error(&id));
     }
-    if let Some(d) = devices::get(store, &id)? {
+    let existing = devices::get(store, &id)?;
+    if let Some(d) = &existing {
         if !devices::same_key(&d.ssh_public_key, &req.ssh_public_key) {
             return Err(crate::errors::exists(format!(
                 "device id {id} is already taken by another device"
@@ -251,8 +252,14 @@ pub fn join_device(
         }
     }
     let token = tokens::redeem(store, &req.token, TokenKind::Device, now)?;
-    // Labels: the device's own, overridden by the token's.
-    let mut labels = req.labels.clone();
+    // Labels: the device's own, overridden by the token's. A device joining again under its
+    // id keeps the labels it has: the join proves no hold of the device's key (which is
+    // public), so a gateway relaying a token could otherwise rewrite another device's labels,
+    // which roles decide access by. A new token's labels still override them.
+    let mut labels = match &existing {
+        Some(d) => d.labels.clone(),
+        None => req.labels.clone(),
+    };
     labels.extend(token.labels.clone());
     let record = devices::register(
         store,

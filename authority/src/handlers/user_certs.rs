@@ -310,7 +310,7 @@ pub fn check_credentials(
 ) -> Result<users::UserRecord, RpcError> {
     if let Err(wait) = svc
         .logins
-        .check(svc.store(), &req.user, &req.client_addr, now)?
+        .check(svc.store(), gateway, &req.user, &req.client_addr, now)?
     {
         tracing::info!(user = %req.user, client = %req.client_addr, gateway, wait,
             "login refused: too many failed attempts");
@@ -337,9 +337,9 @@ pub fn check_credentials(
         Ok(u) => u,
         Err(e) => {
             if e.kind == edgeport_proto::rpc::ErrorKind::BadCredentials {
-                if let Err(err) = svc
-                    .logins
-                    .failed(svc.store(), &req.user, &req.client_addr, now)
+                if let Err(err) =
+                    svc.logins
+                        .failed(svc.store(), gateway, &req.user, &req.client_addr, now)
                 {
                     tracing::warn!(user = %req.user, %err, "cannot record a failed login");
                 }
@@ -356,7 +356,7 @@ pub fn check_credentials(
     };
     if let Err(err) = svc
         .logins
-        .succeeded(svc.store(), &user.name, &req.client_addr)
+        .succeeded(svc.store(), gateway, &user.name, &req.client_addr)
     {
         tracing::warn!(user = %user.name, %err, "cannot clear failed logins");
     }

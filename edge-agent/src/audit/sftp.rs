@@ -5,8 +5,9 @@
 //! read data. Each opened file gives one `sftp.file` event when its handle is closed (path,
 //! mode, bytes read and written); the other operations give one event each.
 //!
-//! Parsing is bounded: packets longer than [`MAX_PACKET`] are skipped without being buffered,
-//! and at most [`MAX_OPEN`] handles are tracked. Anything unparseable is ignored: auditing
+//! Parsing is bounded: of packets longer than [`MAX_PACKET`] only the head is read (enough
+//! for the paths they name), at most [`MAX_OPEN`] handles of at most [`MAX_HANDLE`] bytes are
+//! tracked, and only reads of tracked handles. Anything unparseable is ignored: auditing
 //! never interferes with the transfer.
 
 use std::collections::HashMap;
@@ -25,6 +26,14 @@ const FXP_REMOVE: u8 = 13;
 const FXP_MKDIR: u8 = 14;
 const FXP_RMDIR: u8 = 15;
 const FXP_RENAME: u8 = 18;
+const FXP_SETSTAT: u8 = 9;
+const FXP_SYMLINK: u8 = 20;
+const FXP_EXTENDED: u8 = 200;
+/// How much of an oversized packet is parsed: enough for a request's paths (PATH_MAX is
+/// 4096), so that padding a request past [`MAX_PACKET`] does not hide what it names.
+const OVERSIZED_HEAD: usize = 9 * 1024;
+/// Longest handle tracked (the SFTP draft's limit; OpenSSH's are 4 bytes).
+const MAX_HANDLE: usize = 256;
 const FXP_HANDLE: u8 = 102;
 const FXP_DATA: u8 = 103;
 
@@ -114,8 +123,19 @@ impl SftpTracker {
             FXP_OPEN => {
                 if let Some((name, next)) = path(5) {
                     let flags = u32_at(p, next).unwrap_or(0);
+                    let write = flags & FXF_WRITE != 0;
+                    if let Some((earlier, earlier_write)) = self.opening.remove(&id) {
+                        // The client reused a request id before the server answered: the
+                        // answer can no longer be told apart, so the earlier open is
+                        // recorded now rather than lost behind the later one.
+                        self.event("sftp.file")
+                            .field("path", earlier)
+                            .field("mode", if earlier_write { "write" } else { "read" })
+                            .field("note", "request id reused before the server answered")
+                            .emit();
+                    }
                     if self.opening.len() < MAX_OPEN {
-                        self.opening.insert(id, (name, flags & FXF_WRITE != 0));
+                        self.opening.insert(id, (name, write));
                     }
                 }
             }
@@ -132,8 +152,9 @@ impl SftpTracker {
                 }
             }
             FXP_READ => {
+                // Only reads of a file this tracker knows: made-up handles cost nothing.
                 if let Some((h, _)) = string_at(p, 5) {
-                    if self.reading.len() < MAX_OPEN * 64 {
+                    if self.files.contains_key(h) && self.reading.len() < MAX_OPEN * 64 {
                         self.reading.insert(id, h.to_vec());
                     }
                 }
@@ -157,13 +178,35 @@ impl SftpTracker {
                     self.event(kind).field("path", name).emit();
                 }
             }
-            FXP_RENAME => {
+            FXP_RENAME | FXP_SYMLINK => {
                 if let Some((from, next)) = path(5) {
                     let to = path(next).map(|(t, _)| t).unwrap_or_default();
-                    self.event("sftp.rename")
-                        .field("path", from)
-                        .field("to", to)
-                        .emit();
+                    let kind = if ty == FXP_RENAME {
+                        "sftp.rename"
+                    } else {
+                        "sftp.symlink"
+                    };
+                    self.event(kind).field("path", from).field("to", to).emit();
+                }
+            }
+            FXP_SETSTAT => {
+                if let Some((name, _)) = path(5) {
+                    self.event("sftp.setstat").field("path", name).emit();
+                }
+            }
+            FXP_EXTENDED => {
+                // OpenSSH's extensions that change names: the same events as their
+                // standard forms (sftp's `rename` uses posix-rename when offered).
+                if let Some((ext, next)) = path(5) {
+                    let kind = match ext.as_str() {
+                        "posix-rename@openssh.com" => Some("sftp.rename"),
+                        "hardlink@openssh.com" => Some("sftp.link"),
+                        _ => None,
+                    };
+                    if let (Some(kind), Some((from, next))) = (kind, path(next)) {
+                        let to = path(next).map(|(t, _)| t).unwrap_or_default();
+                        self.event(kind).field("path", from).field("to", to).emit();
+                    }
                 }
             }
             _ => {}
@@ -180,7 +223,7 @@ impl SftpTracker {
                 if let (Some((path, write)), Some((h, _))) =
                     (self.opening.remove(&id), string_at(p, 5))
                 {
-                    if self.files.len() < MAX_OPEN {
+                    if self.files.len() < MAX_OPEN && h.len() <= MAX_HANDLE {
                         self.files.insert(
                             h.to_vec(),
                             File {
@@ -223,7 +266,7 @@ impl SftpTracker {
 
 impl Stream {
     /// Splits `data` into packets; calls `f(packet or its first bytes, packet length)` for
-    /// each complete one (oversized ones after their first 64 bytes).
+    /// each complete one (oversized ones after their first [`OVERSIZED_HEAD`] bytes).
     fn feed(&mut self, mut data: &[u8], f: &mut impl FnMut(&[u8], usize)) {
         loop {
             if self.skip > 0 {
@@ -244,7 +287,11 @@ impl Stream {
             }
             let len = u32_at(&self.buf, 0).unwrap_or(0) as usize;
             let oversized = len > MAX_PACKET;
-            let want = 4 + if oversized { len.min(64) } else { len };
+            let want = 4 + if oversized {
+                len.min(OVERSIZED_HEAD)
+            } else {
+                len
+            };
             let n = want.saturating_sub(self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..n]);
             data = &data[n..];
@@ -309,5 +356,44 @@ mod tests {
         // Garbage never panics.
         t.client(&[0xff; 100]);
         t.server(&[0, 0, 0, 0, 1, 2, 3]);
+    }
+
+    /// Reads of handles nobody opened are not kept (a client that stops reading replies
+    /// cannot make the tracker hold its made-up handles), nor handles past MAX_HANDLE.
+    #[test]
+    fn made_up_and_oversized_handles_are_not_kept() {
+        let mut t = SftpTracker::new("s", "u", "l");
+        for id in 0..1000u32 {
+            let mut read = string(&vec![b'x'; 60_000]);
+            read.extend_from_slice(&0u64.to_be_bytes());
+            read.extend_from_slice(&32768u32.to_be_bytes());
+            t.client(&packet(FXP_READ, id, &read));
+        }
+        assert!(t.reading.is_empty());
+        let mut open = string(b"/tmp/y");
+        open.extend_from_slice(&0u32.to_be_bytes());
+        open.extend_from_slice(&0u32.to_be_bytes());
+        t.client(&packet(FXP_OPEN, 1, &open));
+        t.server(&packet(FXP_HANDLE, 1, &string(&[b'h'; MAX_HANDLE + 1])));
+        assert!(t.files.is_empty());
+    }
+
+    /// An OPEN padded past MAX_PACKET still names its (long) path.
+    #[test]
+    fn a_padded_request_still_names_its_path() {
+        let mut t = SftpTracker::new("s", "u", "l");
+        let name = format!("/etc/cron.d/{}", "a".repeat(200));
+        let mut open = string(name.as_bytes());
+        open.extend_from_slice(&FXF_WRITE.to_be_bytes());
+        open.extend_from_slice(&0u32.to_be_bytes());
+        open.extend_from_slice(&vec![0u8; MAX_PACKET + 10]);
+        let p = packet(FXP_OPEN, 9, &open);
+        for chunk in p.chunks(1000) {
+            t.client(chunk);
+        }
+        assert_eq!(t.opening.get(&9), Some(&(name, true)));
+        // The next packet is read from the right place.
+        t.client(&packet(FXP_OPEN, 10, &open[..open.len() - MAX_PACKET - 10]));
+        assert_eq!(t.opening.len(), 2);
     }
 }

@@ -42,6 +42,10 @@ const QUEUE: usize = 32;
 
 /// The audit reason for a forward the certificate does not allow.
 pub(super) const NO_PORT_FORWARDING: &str = "the certificate does not permit port forwarding";
+/// Why forwards are refused where the roles require a moderator: a moderator watches a
+/// terminal, and a forward has none to watch.
+pub(super) const MODERATED_NO_FORWARDS: &str =
+    "the roles require a moderator for sessions on this device, and forwarding cannot be moderated";
 const NO_AGENT_FORWARDING: &str = "the certificate does not permit agent forwarding";
 
 /// A terminal size from `pty-req` or `window-change`: columns, rows, pixel width, height.
@@ -392,6 +396,15 @@ impl SessionActor {
                 .await;
             return;
         }
+        if grant.roles.requires_moderator(&conn.inner.labels) {
+            tracing::warn!(user = %grant.user, session = %conn.session_id,
+                "refused port forward to {host}:{port}: {MODERATED_NO_FORWARDS}");
+            conn.audit_forward("port_forward", &fields, Some(MODERATED_NO_FORWARDS));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return;
+        }
         let count = self.forwards_open.clone();
         if count.load(Ordering::Relaxed) >= MAX_CHANNELS * 4 {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
@@ -548,6 +561,7 @@ impl SessionActor {
             shared::check_join(&grant.roles, &conn.inner.labels, mode)?;
             let s = Shared::find(&conn.inner.shared, &id)
                 .ok_or_else(|| format!("no live interactive session {id} on this device"))?;
+            shared::check_not_own_moderator(&s.owner, &grant.user, mode)?;
             Ok((s, mode))
         });
         let (target, mode) = match checked {
@@ -589,6 +603,12 @@ impl SessionActor {
             tracing::warn!(user = %auth.grant.user, session = %conn.session_id,
                 "refused agent forwarding: the certificate does not permit it");
             conn.audit_forward("agent_forward", &[], Some(NO_AGENT_FORWARDING));
+            return false;
+        }
+        if auth.grant.roles.requires_moderator(&conn.inner.labels) {
+            tracing::warn!(user = %auth.grant.user, session = %conn.session_id,
+                "refused agent forwarding: {MODERATED_NO_FORWARDS}");
+            conn.audit_forward("agent_forward", &[], Some(MODERATED_NO_FORWARDS));
             return false;
         }
         if self.agent_socket.is_none() {
@@ -635,6 +655,12 @@ impl SessionActor {
             tracing::warn!(user = %auth.grant.user, session = %conn.session_id,
                 "refused remote port forward of {address}:{asked}: the certificate does not permit port forwarding");
             conn.audit_forward("port_forward", &fields, Some(NO_PORT_FORWARDING));
+            return None;
+        }
+        if auth.grant.roles.requires_moderator(&conn.inner.labels) {
+            tracing::warn!(user = %auth.grant.user, session = %conn.session_id,
+                "refused remote port forward of {address}:{asked}: {MODERATED_NO_FORWARDS}");
+            conn.audit_forward("port_forward", &fields, Some(MODERATED_NO_FORWARDS));
             return None;
         }
         let root = auth.account.uid == 0;

@@ -319,6 +319,11 @@ impl SshServer {
     /// in until unlocked.
     pub fn set_locked_users(&self, users: Vec<String>) {
         let users: HashSet<String> = users.into_iter().collect();
+        // The set first, then the sessions to end: a login registers itself before its last
+        // lock check, so one that registers after the snapshot below sees the new set.
+        if let Ok(mut l) = self.inner.locked.lock() {
+            l.clone_from(&users);
+        }
         let victims: Vec<(String, Handle)> = self
             .inner
             .live
@@ -330,9 +335,6 @@ impl SshServer {
                     .collect()
             })
             .unwrap_or_default();
-        if let Ok(mut l) = self.inner.locked.lock() {
-            *l = users;
-        }
         if victims.is_empty() {
             return;
         }

@@ -263,6 +263,23 @@ pub(super) async fn authenticate(
     let Some(t) = h.target.as_mut() else {
         return Auth::reject();
     };
+    // A record-mode session is the agent's to hold back until a moderator joins, and it
+    // does not: such a target is closed to roles that require a moderator, rather than open
+    // without one.
+    if grant.roles.requires_moderator(&t.labels) {
+        let why = format!(
+            "target {} is in record mode, which cannot wait for a moderator, and the roles of {} require one here",
+            t.target.name, grant.user
+        );
+        h.refuse(
+            login,
+            cert.key_id(),
+            Some(cert.serial()),
+            &why,
+            Some(why.clone()),
+        );
+        return Auth::reject();
+    }
     match t
         .log_in(&h.session_id, h.handle.clone(), login, cert, &grant)
         .await

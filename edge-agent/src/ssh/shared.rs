@@ -89,6 +89,17 @@ pub fn check_join(
     }
 }
 
+/// A moderator is someone other than the session's own user: otherwise a user whose roles
+/// both require a moderator and grant moderating could open their own session's gate from
+/// a second channel.
+pub fn check_not_own_moderator(owner: &str, user: &str, mode: Mode) -> Result<(), String> {
+    if mode == Mode::Moderator && owner == user {
+        Err("a session's own user cannot moderate it".to_string())
+    } else {
+        Ok(())
+    }
+}
+
 /// Live shareable sessions by id.
 pub type Registry = Arc<Mutex<HashMap<String, Arc<Shared>>>>;
 
@@ -425,6 +436,13 @@ mod tests {
         let mut denied = roles.clone();
         denied.deny_labels = BTreeMap::from([("fleet".to_string(), vec!["vans".to_string()])]);
         assert!(check_join(&denied, &labels("vans"), Mode::Observer).is_err());
+    }
+
+    #[test]
+    fn nobody_moderates_their_own_session() {
+        assert!(check_not_own_moderator("ann", "ann", Mode::Moderator).is_err());
+        assert!(check_not_own_moderator("ann", "bob", Mode::Moderator).is_ok());
+        assert!(check_not_own_moderator("ann", "ann", Mode::Observer).is_ok());
     }
 
     #[test]
