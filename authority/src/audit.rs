@@ -61,9 +61,17 @@ fn device_key(device: &str, seq: u64) -> String {
 const REFUSAL_ALERT_EVERY_MS: u64 = 60_000;
 
 fn alert(store: &dyn Store, a: IntegrityAlert) -> Result<(), RpcError> {
+    let per = a.device.clone();
+    alert_once_per(store, a, &per)
+}
+
+/// [`alert`], with refusal alerts limited to one a minute per `per` (a device, or for
+/// batches naming no registered device the relaying gateway: it chose the id, and made-up
+/// ids must not each get rows of their own).
+fn alert_once_per(store: &dyn Store, a: IntegrityAlert, per: &str) -> Result<(), RpcError> {
     tracing::warn!(device = %a.device, kind = %a.kind, seq = a.seq, "audit integrity alert: {}", a.detail);
     if a.kind == "bad_signature" || a.kind == "unknown_device" {
-        let key = format!("@alerted/{}/{}", a.device, a.kind);
+        let key = format!("@alerted/{per}/{}", a.kind);
         let last: Option<u64> = store::get(store, Table::AuditState, &key)?;
         if last.is_some_and(|t| a.time_ms.saturating_sub(t) < REFUSAL_ALERT_EVERY_MS) {
             return Ok(());
@@ -92,15 +100,16 @@ pub fn upload(
         .map_err(|_| denied("audit ingest is unavailable"))?;
     let now = now_ms();
     let Some(dev) = devices::get(store, device_id)? else {
-        alert(
+        alert_once_per(
             store,
             IntegrityAlert {
-                device: device_id.into(),
+                device: device_id.chars().take(64).collect(),
                 time_ms: now,
                 kind: "unknown_device".into(),
                 seq: batch.events.first().map(|e| e.seq).unwrap_or(0),
                 detail: format!("batch from an unknown or removed device via gateway {gateway}"),
             },
+            &format!("@gateway/{gateway}"),
         )?;
         return Err(not_found(format!("device {device_id} is not registered")));
     };
@@ -918,6 +927,36 @@ mod tests {
             Response::AuditReport(r) => r[0].alerts.iter().map(|a| a.kind.clone()).collect(),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Batches naming made-up device ids (only a gateway can send them: an honest one takes
+    /// the id from the tunnel's certificate) are refused, and their alerts are limited per
+    /// gateway, not per made-up id.
+    #[test]
+    fn made_up_device_ids_do_not_each_get_an_alert() {
+        let (_tmp, svc) = crate::tests::service();
+        for i in 0..200 {
+            let e = up(
+                &svc,
+                &format!("made-up-{i}"),
+                AuditBatch {
+                    events: Vec::new(),
+                    signature: Vec::new(),
+                },
+            )
+            .unwrap_err();
+            assert!(e.contains("is not registered"), "{e}");
+        }
+        let rows = store::list::<IntegrityAlert>(svc.store(), Table::AuditAlerts, "")
+            .unwrap()
+            .len();
+        assert_eq!(rows, 1);
+        let marks = svc
+            .store()
+            .scan_prefix(Table::AuditState, "@alerted/")
+            .unwrap()
+            .len();
+        assert_eq!(marks, 1);
     }
 
     #[test]

