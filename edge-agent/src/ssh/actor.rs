@@ -793,12 +793,15 @@ impl SessionChannel {
         if r.group.is_gone() {
             return;
         }
-        // With a terminal, the signal goes to its foreground job, like a key press would.
+        // With a terminal, what a key press can send (^C, ^\, ^Z) goes to its foreground
+        // job, as the terminal would send it. Anything else goes to the session's own group
+        // only: the agent signals as root, and the foreground job may be a program the user
+        // could not signal (sudo's command), which SIGKILL or SIGSTOP must not reach.
         match r.master.as_ref().and_then(|m| m.foreground_group()) {
-            Some(fg) => {
+            Some(fg) if process::a_key_sends(num) => {
                 process::signal_group(fg, num);
             }
-            None => {
+            _ => {
                 r.group.signal(num);
             }
         }

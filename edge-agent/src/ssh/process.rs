@@ -189,6 +189,12 @@ pub fn spawn(spec: Spawn<'_>) -> std::io::Result<Started> {
     })
 }
 
+/// Whether a terminal sends `sig` to its foreground job on a key press (interrupt, quit,
+/// suspend), which reaches that job whoever runs it.
+pub fn a_key_sends(sig: i32) -> bool {
+    matches!(sig, libc::SIGINT | libc::SIGQUIT | libc::SIGTSTP)
+}
+
 /// Sends `sig` to every process of the group.
 pub fn signal_group(pgid: i32, sig: i32) -> bool {
     if pgid <= 1 {
@@ -355,4 +361,24 @@ pub fn own_uid() -> u32 {
 /// Whether a string can be passed to exec (no interior NUL).
 pub fn exec_safe(s: &str) -> bool {
     CString::new(s).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only what a key press sends reaches a terminal's foreground job; KILL, STOP and TERM
+    /// go to the session's own group.
+    #[test]
+    fn keys_send_interrupt_quit_and_suspend_only() {
+        for s in ["INT", "QUIT"] {
+            assert!(a_key_sends(signal_number(s).unwrap()), "{s}");
+        }
+        assert!(a_key_sends(libc::SIGTSTP));
+        for s in ["KILL", "STOP", "TERM", "HUP", "USR1"] {
+            if let Some(n) = signal_number(s) {
+                assert!(!a_key_sends(n), "{s}");
+            }
+        }
+    }
 }

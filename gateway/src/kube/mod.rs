@@ -70,7 +70,14 @@ pub struct Front {
     /// The inventory, to tell an offline cluster from an unknown one (refreshed at most
     /// every [`INVENTORY_TTL`], so requests for unknown clusters cannot flood the authority).
     devices: Mutex<Option<(Instant, Vec<DeviceInfo>)>>,
+    /// Refused clients still reading their one answer, per source: past
+    /// [`REFUSED_PER_SOURCE`] a refused connection closes at once, without it, so that one
+    /// address cannot keep the port's connections lingering.
+    refused: crate::budget::SourceBudget,
 }
+
+/// Refused clients per source that get their one answer (the rest are closed at once).
+const REFUSED_PER_SOURCE: usize = 16;
 
 impl Front {
     pub fn new(
@@ -85,6 +92,7 @@ impl Front {
             tasks,
             tls,
             devices: Mutex::new(None),
+            refused: crate::budget::SourceBudget::with_capacity(REFUSED_PER_SOURCE),
         }
     }
 }
@@ -211,9 +219,20 @@ pub async fn serve(
         ),
         Err(e) => Err(CertRefused::GatewayTls(e.to_string())),
     };
-    if let Err(why) = &user {
-        tracing::info!(%addr, "kubernetes client refused: {why}");
-    }
+    // A refused client holds one of its source's few answer slots until it closes.
+    let _answer_slot = match &user {
+        Err(why) => {
+            tracing::info!(%addr, "kubernetes client refused: {why}");
+            match front.refused.take(addr.ip(), Duration::ZERO).await {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!(%addr, "kubernetes client refused: too many refused connections from this source; closed without an answer");
+                    return;
+                }
+            }
+        }
+        Ok(_) => None,
+    };
     let not_after = user
         .as_ref()
         .ok()
