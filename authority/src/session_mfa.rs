@@ -6,10 +6,12 @@
 //! signs an SSH certificate for the fresh key that opens that one device for a minute: its
 //! roles extension names the device (`mfa_device`), which agents check.
 //!
-//! The authority enforces it too: `AuthorizeDial` refuses an SSH dial to such a device unless a
-//! certificate of this kind was issued to the user for the device within its lifetime (kept
-//! in the store, so several authorities share it), and agents refuse a certificate without
-//! the device binding (or bound to another device) whenever its roles say the device needs it.
+//! The authority enforces it too: `AuthorizeDial` refuses an SSH dial to such a device, or to a
+//! target behind it whose labels need it (a relay-mode target's own sshd knows nothing of the
+//! binding), unless a certificate of this kind was issued to the user for the device within
+//! its lifetime (kept in the store, so several authorities share it), and agents refuse a
+//! certificate without the device binding (or bound to another device) whenever its roles say
+//! the device, or the record-mode target, needs it.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +27,7 @@ use crate::handlers::user_certs::{check_not_locked, NO_LOGIN_PRINCIPAL};
 use crate::service::Service;
 use crate::store::{self, Table};
 use crate::users::Subject;
-use crate::{devices, roles, users};
+use crate::{devices, roles, targets, users};
 
 /// How long a per-session certificate lives.
 pub const SESSION_MFA_TTL_SECS: u64 = 60;
@@ -103,19 +105,35 @@ fn sign(
     let store = svc.store();
     let (key, _) = parse_ed25519_public(&ask.ssh_public_key)
         .map_err(|e| invalid(format!("ssh_public_key: {e}")))?;
-    if devices::revoked(store, &ask.device)?.is_some() {
-        return Err(denied(format!("device {} was removed", ask.device)));
+    // `DEVICE/TARGET` asks for a host behind the device: the roles must allow the target by
+    // its own labels, and the certificate names the device, whose agent relays to it.
+    let (device, target) = match edgeport_proto::targets::split(&ask.device) {
+        Some((device, target)) => (device, Some(target)),
+        None => (ask.device.as_str(), None),
+    };
+    if devices::revoked(store, device)?.is_some() {
+        return Err(denied(format!("device {device} was removed")));
     }
-    let info = devices::lookup(store, &ask.device, now)?
-        .ok_or_else(|| not_found(format!("device {} not found", ask.device)))?;
+    let info = devices::lookup(store, device, now)?
+        .ok_or_else(|| not_found(format!("device {device} not found")))?;
+    let (what, labels) = match target {
+        Some(name) => {
+            let t = targets::find(store, &info, name)?.ok_or_else(|| {
+                not_found(format!(
+                    "device {device} has no target {name:?} (not in its last targets report)"
+                ))
+            })?;
+            (format!("target {}", t.address()), t.labels)
+        }
+        None => (format!("device {}", info.id), info.labels.clone()),
+    };
     let names = crate::access_requests::dial_roles(store, subject, cert_der, now)?;
     let grants = roles::grants(store, &names)?;
-    if !grants.allows_device(&info.labels) {
+    if !grants.allows_device(&labels) {
         return Err(denied(format!(
-            "the roles of user {} ({}) do not allow device {}",
+            "the roles of user {} ({}) do not allow {what}",
             subject.name,
             grants.extension.roles.join(","),
-            info.id
         )));
     }
     // The one-time code, spent like a login's (a code works once).

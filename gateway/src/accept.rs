@@ -68,7 +68,9 @@ impl Handshaken {
     }
 }
 
-/// Serves the connection as its ALPN says. Each protocol's future is boxed, so that a
+/// Serves the connection as its ALPN says (the Kubernetes front door's TCP connections are
+/// served from `tcp.rs`, where the client certificate's verdict also decides admission).
+/// Each protocol's future is boxed, so that a
 /// connection's task holds only the state of the protocol it speaks: inline, every idle
 /// device tunnel would keep room for the largest of them (the Kubernetes front door's).
 pub async fn serve(routes: &Routes, conn: Handshaken, addr: SocketAddr) {
@@ -116,9 +118,6 @@ pub async fn serve(routes: &Routes, conn: Handshaken, addr: SocketAddr) {
         (Some(a), Handshaken::Tls(t)) if a == alpn::JOIN => {
             let timeout = routes.dial.request_timeout;
             Box::pin(crate::join::serve(&routes.auth, timeout, t, addr)).await
-        }
-        (Some(a), Handshaken::Tls(t)) if crate::kube::tls::ALPNS.contains(&a) => {
-            Box::pin(crate::kube::serve(routes.kube.clone(), *t, addr)).await
         }
         (_, conn) => {
             crate::metrics::handshake_failed("alpn");

@@ -30,7 +30,6 @@ pub mod lifecycle;
 pub mod locks;
 pub mod metrics;
 pub mod peers;
-pub mod percent;
 pub mod policy;
 pub mod presence;
 pub mod public_cert;

@@ -117,23 +117,39 @@ pub async fn accept_loop(port: Arc<TcpPort>, listener: TcpListener) {
             // the source known, now and again when the connection ends: a tunnel held for
             // weeks leaves its source known for the agent's reconnect.
             // The front door's handshake takes any certificate (its check comes after, so
-            // that a refused client reads why): there only one the check accepts counts.
+            // that a refused client reads why): there only one the check accepts counts, and
+            // that one check is what the front door then serves by.
             let session = tls.get_ref().1;
-            let proved = match session.alpn_protocol() {
-                Some(a) if crate::kube::tls::ALPNS.contains(&a) => {
-                    crate::kube::proves_a_user(&port.routes.kube, session.peer_certificates())
-                }
-                _ => session.peer_certificates().is_some_and(|c| !c.is_empty()),
+            let kube_client = session
+                .alpn_protocol()
+                .is_some_and(|a| crate::kube::tls::ALPNS.contains(&a))
+                .then(|| crate::kube::client_of(&port.routes.kube, session.peer_certificates()));
+            let proved = match &kube_client {
+                Some(client) => client.is_ok(),
+                None => session.peer_certificates().is_some_and(|c| !c.is_empty()),
             };
             if proved {
                 port.admission.proved(addr.ip());
             }
-            crate::accept::serve(
-                &port.routes,
-                crate::accept::Handshaken::Tls(Box::new(tls)),
-                addr,
-            )
-            .await;
+            match kube_client {
+                Some(client) => {
+                    Box::pin(crate::kube::serve(
+                        port.routes.kube.clone(),
+                        tls,
+                        addr,
+                        client,
+                    ))
+                    .await
+                }
+                None => {
+                    crate::accept::serve(
+                        &port.routes,
+                        crate::accept::Handshaken::Tls(Box::new(tls)),
+                        addr,
+                    )
+                    .await
+                }
+            }
             if proved {
                 port.admission.proved(addr.ip());
             }

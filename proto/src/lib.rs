@@ -17,6 +17,7 @@ pub mod frame;
 pub mod fuzz_entry;
 pub mod identity;
 pub mod keys;
+pub mod percent;
 pub mod proxy_headers;
 pub mod rpc;
 pub mod sshcert;

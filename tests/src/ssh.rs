@@ -104,6 +104,49 @@ impl Cluster {
     }
 }
 
+/// A real OpenSSH sshd set up as a relay target `host` (`DEVICE/NAME`), as docs/devices.md
+/// says: it trusts the cluster's user CA, lets `root` in, and presents a host certificate from
+/// `tctl auth sign --host`. Returns the sshd (stopped on drop), its loopback address for the
+/// agent's `--target` line, and the host certificate's path.
+pub fn target_sshd(c: &Cluster, host: &str) -> (crate::peers::Peer, String, PathBuf) {
+    let dir = c.dir.join(&format!("target-{}", host.replace('/', "-")));
+    std::fs::create_dir_all(&dir).expect("target dir");
+    let user_ca = dir.join("user_ca.pub");
+    let ca = c.tctl.ok(&["auth", "export", "--type", "user"]).stdout();
+    std::fs::write(&user_ca, ca).expect("user CA file");
+    let host_key = dir.join("host_key");
+    let mut kg = Command::new("ssh-keygen");
+    kg.args(["-q", "-t", "ed25519", "-N", "", "-C", "target", "-f"])
+        .arg(&host_key);
+    run(kg, None, Duration::from_secs(30)).expect_ok("ssh-keygen");
+    let cert = dir.join("host_key-cert.pub");
+    let signed = c.tctl.ok(&[
+        "auth",
+        "sign",
+        "--host",
+        host,
+        "--pubkey",
+        dir.join("host_key.pub").to_str().expect("utf-8 path"),
+        "--out",
+        cert.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        signed.stdout().contains(&format!("host {host}")),
+        "{}",
+        signed.stdout()
+    );
+    let sshd = crate::peers::Peer::start(
+        "sshd.sh",
+        &[user_ca.to_str().expect("utf-8 path")],
+        &[
+            ("HOST_CERT", cert.to_str().expect("utf-8 path")),
+            ("SSH_USERS", "root"),
+        ],
+    );
+    let addr = format!("127.0.0.1:{}", sshd.get("SSHD_PORT"));
+    (sshd, addr, cert)
+}
+
 /// tsh with its own home directory.
 pub struct Tsh {
     pub home: PathBuf,

@@ -20,17 +20,13 @@ use edgeport_e2e::{run, Run};
 const PW: &str = "correct horse battery";
 
 fn add_kube_user(c: &Cluster, name: &str, groups: &str) {
-    let mut cmd = c.auth.tctl_cmd();
-    cmd.args(["users", "add", name, "--logins", "root", "--password-stdin"]);
+    let mut flags = vec!["--logins", "root"];
     if !groups.is_empty() {
-        cmd.args(["--kube-groups", groups]);
+        flags.extend(["--kube-groups", groups]);
     }
-    run(
-        cmd,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("tctl users add");
+    c.auth
+        .add_user_with(name, PW, &flags)
+        .expect_ok("tctl users add");
 }
 
 /// kubectl from PyPI (installed by k8s.sh) with its own kubeconfig.
@@ -603,6 +599,53 @@ fn kubectl_through_gateway_and_tunnel() {
         "the gateway did not cut it"
     );
     c.tctl.ok(&["unlock", "--device", "van-42"]);
+
+    // Requests refused after the certificate checked out are the user's attempts, audited
+    // with why: bob's after his lock, alice's to a cluster no device serves.
+    let refusal = |user: &str, cluster: &str, why: &str| {
+        edgeport_e2e::wait_until(Duration::from_secs(20), || {
+            let r = c.tctl.run(&[
+                "audit",
+                "search",
+                "--type",
+                "kube.refused",
+                "--user",
+                user,
+                "--format",
+                "json",
+            ]);
+            r.code() == Some(0)
+                && r.json().as_array().is_some_and(|evs| {
+                    evs.iter().any(|e| {
+                        let f = |k: &str| {
+                            e[k].as_str()
+                                .or_else(|| e["fields"][k].as_str())
+                                .unwrap_or("")
+                                .to_string()
+                        };
+                        f("cluster") == cluster && f("error").contains(why)
+                    })
+                })
+        })
+    };
+    assert!(
+        refusal("bob", "edge1", "locked"),
+        "no kube.refused event for bob's locked request: {}",
+        c.tctl
+            .run(&[
+                "audit",
+                "search",
+                "--type",
+                "kube.refused",
+                "--format",
+                "json"
+            ])
+            .stdout()
+    );
+    assert!(
+        refusal("alice", "nope", "no device serves"),
+        "no kube.refused event for alice's unknown cluster"
+    );
 
     // The gateway logged each request (the audit hook) without secrets.
     let log = c.gw.proc.log_text();

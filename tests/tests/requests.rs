@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use edgeport_e2e::rogue::StolenGateway;
 use edgeport_e2e::ssh::{Cluster, Tsh};
-use edgeport_e2e::{run, wait_until, Run};
+use edgeport_e2e::{wait_until, Run};
 use edgeport_net::rpc_client::RpcClientError;
 use edgeport_proto::keys::{first_cert_der, KeyPair};
 use edgeport_proto::rpc::{
@@ -53,23 +53,9 @@ fn cluster(name: &str) -> Cluster {
 }
 
 fn add_user(c: &Cluster, name: &str, roles: &str) {
-    let mut add = c.auth.tctl_cmd();
-    add.args([
-        "users",
-        "add",
-        name,
-        "--logins",
-        "root",
-        "--roles",
-        roles,
-        "--password-stdin",
-    ]);
-    run(
-        add,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("tctl users add");
+    c.auth
+        .add_user_with(name, PW, &["--logins", "root", "--roles", roles])
+        .expect_ok("tctl users add");
 }
 
 fn login(c: &Cluster, name: &str) -> Tsh {

@@ -158,24 +158,19 @@ fn session_mfa_certificates_open_one_device_for_one_session() {
         .find(|r| r["name"] == "medical")
         .unwrap();
     assert_eq!(medical["require_session_mfa"], true, "{roles:#}");
-    let mut add = c.auth.tctl_cmd();
-    add.args([
-        "users",
-        "add",
-        "dana",
-        "--logins",
-        "root",
-        "--roles",
-        "medical,vans",
-        "--require-totp",
-        "--password-stdin",
-    ]);
-    run(
-        add,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("users add");
+    c.auth
+        .add_user_with(
+            "dana",
+            PW,
+            &[
+                "--logins",
+                "root",
+                "--roles",
+                "medical,vans",
+                "--require-totp",
+            ],
+        )
+        .expect_ok("users add");
     let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
     let mut app = enroll(&tsh, "dana", &c.gw.ca_pin);
 
@@ -407,5 +402,90 @@ fn session_mfa_certificates_open_one_device_for_one_session() {
     assert!(
         refused.as_array().is_some_and(|a| a.len() >= 2),
         "{refused:#?}"
+    );
+}
+
+/// A relay-mode target's own sshd knows nothing of the second factor: the authority holds the
+/// line. A role that needs one for the target's labels gets the dial refused without a code,
+/// and `tsh ssh DEVICE/TARGET` with a fresh code runs (the certificate names the device, and
+/// the target's sshd takes it like any certificate from the user CA).
+#[test]
+fn a_target_behind_a_device_needs_the_second_factor_too() {
+    let c = Cluster::start("mfa-target", &[]);
+    let (_sshd, addr, _) = edgeport_e2e::ssh::target_sshd(&c, "van/ecu1");
+    let line = format!("ecu1={addr} zone=engine");
+    let _agent = edgeport_e2e::fabric::Agent::start(
+        &c.dir.join("agent-van"),
+        &c.gw,
+        "van",
+        "fleet=vans",
+        &["--target", &line],
+    );
+    let reported = wait_until(Duration::from_secs(90), || {
+        let ls = c.tctl.ok(&["devices", "ls", "--format", "json"]).json();
+        ls.as_array().is_some_and(|a| {
+            a.iter().any(|d| {
+                d["id"] == "van"
+                    && d["online"] == true
+                    && d["targets"]
+                        .as_array()
+                        .is_some_and(|t| t.iter().any(|t| t["status"] == "reachable"))
+            })
+        })
+    });
+    assert!(reported, "van/ecu1 was never reported reachable");
+    c.tctl.ok(&[
+        "roles",
+        "add",
+        "engine",
+        "--allow",
+        "zone=engine",
+        "--require-session-mfa",
+    ]);
+    c.auth
+        .add_user_with(
+            "erin",
+            PW,
+            &["--logins", "root", "--roles", "engine", "--require-totp"],
+        )
+        .expect_ok("users add erin");
+    let tsh = Tsh::new(c.dir.join("tsh"), c.proxy());
+    let mut app = enroll(&tsh, "erin", &c.gw.ca_pin);
+
+    let r = tsh.run(&["ssh", "root@van/ecu1", "echo", "no"], None);
+    assert_refused(&r, "requires a per-session second factor");
+    assert!(!r.stdout().contains("no"), "{}", r.stdout());
+
+    let code = app.code();
+    let r = tsh
+        .run(
+            &[
+                "ssh",
+                "--mfa-code",
+                &code,
+                "root@van/ecu1",
+                "echo",
+                "target-mfa-ok",
+            ],
+            None,
+        )
+        .expect_ok("tsh ssh to the target with the code");
+    assert_eq!(r.stdout(), "target-mfa-ok\n");
+    let issued = c
+        .tctl
+        .ok(&[
+            "audit",
+            "search",
+            "--type",
+            "session_mfa.issued",
+            "--format",
+            "json",
+        ])
+        .json();
+    assert!(
+        issued.as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["user"] == "erin" && e["device"] == "van")),
+        "{issued:#?}"
     );
 }

@@ -686,23 +686,9 @@ fn roles_limit_devices_ptys_and_forwarding() {
             "1h",
         ])
         .expect_ok("tctl roles add");
-    let mut add = c.auth.tctl_cmd();
-    add.args([
-        "users",
-        "add",
-        "bob",
-        "--logins",
-        "root",
-        "--roles",
-        "vans-exec",
-        "--password-stdin",
-    ]);
-    run(
-        add,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("tctl users add --roles");
+    c.auth
+        .add_user_with("bob", PW, &["--logins", "root", "--roles", "vans-exec"])
+        .expect_ok("tctl users add --roles");
     let roles = c
         .auth
         .tctl(&["roles", "ls", "--format", "json"])
@@ -724,22 +710,9 @@ fn roles_limit_devices_ptys_and_forwarding() {
         "{}",
         r.stderr()
     );
-    let mut bad = c.auth.tctl_cmd();
-    bad.args([
-        "users",
-        "add",
-        "eve",
-        "--logins",
-        "root",
-        "--roles",
-        "nope",
-        "--password-stdin",
-    ]);
-    let r = run(
-        bad,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    );
+    let r = c
+        .auth
+        .add_user_with("eve", PW, &["--logins", "root", "--roles", "nope"]);
     assert!(
         r.code() != Some(0) && r.stderr().contains("unknown role"),
         "{}",

@@ -19,8 +19,7 @@ use std::time::Duration;
 use std::process::Command;
 
 use edgeport_e2e::fabric::{wait_online, Agent};
-use edgeport_e2e::peers::Peer;
-use edgeport_e2e::ssh::{random_file, same_file, ssh, Cluster, Tsh};
+use edgeport_e2e::ssh::{random_file, same_file, ssh, target_sshd, Cluster, Tsh};
 use edgeport_e2e::{run, wait_until};
 use serde_json::Value;
 
@@ -118,42 +117,13 @@ fn a_bad_target_stops_the_agent_with_one_line() {
 }
 
 /// An Ed25519 key pair at `path` (and `path.pub`).
-fn keygen(path: &std::path::Path) {
-    let mut c = Command::new("ssh-keygen");
-    c.args(["-q", "-t", "ed25519", "-N", "", "-C", "target", "-f"])
-        .arg(path);
-    run(c, None, Duration::from_secs(30)).expect_ok("ssh-keygen");
-}
-
 #[test]
 fn relay_to_a_real_sshd_behind_the_device() {
     let c = Cluster::start("relay", &[]);
-    let dir = c.dir.join("ecu1");
-    std::fs::create_dir_all(&dir).unwrap();
 
     // Prepare the legacy host as docs/devices.md says: trust the user CA, present a host
     // certificate for van/ecu1 from `tctl auth sign --host`.
-    let user_ca = dir.join("user_ca.pub");
-    let ca = c.tctl.ok(&["auth", "export", "--type", "user"]).stdout();
-    std::fs::write(&user_ca, ca).unwrap();
-    let host_key = dir.join("host_key");
-    keygen(&host_key);
-    let cert = dir.join("host_key-cert.pub");
-    let signed = c.tctl.ok(&[
-        "auth",
-        "sign",
-        "--host",
-        "van/ecu1",
-        "--pubkey",
-        dir.join("host_key.pub").to_str().unwrap(),
-        "--out",
-        cert.to_str().unwrap(),
-    ]);
-    assert!(
-        signed.stdout().contains("host van/ecu1"),
-        "{}",
-        signed.stdout()
-    );
+    let (sshd, target, cert) = target_sshd(&c, "van/ecu1");
     let mut kg = Command::new("ssh-keygen");
     kg.arg("-L").arg("-f").arg(&cert);
     let shown = run(kg, None, Duration::from_secs(10))
@@ -161,12 +131,6 @@ fn relay_to_a_real_sshd_behind_the_device() {
         .stdout();
     assert!(shown.contains("host certificate"), "{shown}");
     assert!(shown.contains("van/ecu1.relay"), "{shown}");
-    let sshd = Peer::start(
-        "sshd.sh",
-        &[user_ca.to_str().unwrap()],
-        &[("HOST_CERT", cert.to_str().unwrap()), ("SSH_USERS", "root")],
-    );
-    let target = format!("127.0.0.1:{}", sshd.get("SSHD_PORT"));
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
@@ -491,23 +455,9 @@ fn relay_to_a_real_sshd_behind_the_device() {
         "--deny",
         "zone=camera",
     ]);
-    let mut add = c.auth.tctl_cmd();
-    add.args([
-        "users",
-        "add",
-        "bob",
-        "--logins",
-        "root",
-        "--roles",
-        "no-cameras",
-        "--password-stdin",
-    ]);
-    run(
-        add,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("users add bob");
+    c.auth
+        .add_user_with("bob", PW, &["--logins", "root", "--roles", "no-cameras"])
+        .expect_ok("users add bob");
     let bob = Tsh::new(c.dir.join("tsh-bob"), c.proxy());
     bob.login("bob", PW, &c.gw.ca_pin, &[])
         .expect_ok("tsh login bob");

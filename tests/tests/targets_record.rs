@@ -119,23 +119,9 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
         "--require-moderator",
         "zone=engine",
     ]);
-    let mut add = c.auth.tctl_cmd();
-    add.args([
-        "users",
-        "add",
-        "frank",
-        "--logins",
-        "root",
-        "--roles",
-        "field",
-        "--password-stdin",
-    ]);
-    run(
-        add,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("tctl users add frank");
+    c.auth
+        .add_user_with("frank", PW, &["--logins", "root", "--roles", "field"])
+        .expect_ok("tctl users add frank");
     let frank = Tsh::new(c.dir.join("tsh-frank"), c.proxy());
     frank
         .login("frank", PW, &c.gw.ca_pin, &[])

@@ -100,22 +100,9 @@ fn login_with_code(tsh: &Tsh, user: &str, pin: &str, code: &str) -> Run {
 fn one_time_passwords_enroll_once_and_work_once() {
     let c = Cluster::start("totp", &[("dev1", "")]);
     let pin = c.gw.ca_pin.clone();
-    let mut add = c.auth.tctl_cmd();
-    add.args([
-        "users",
-        "add",
-        "dana",
-        "--logins",
-        "root",
-        "--require-totp",
-        "--password-stdin",
-    ]);
-    run(
-        add,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("users add");
+    c.auth
+        .add_user_with("dana", PW, &["--logins", "root", "--require-totp"])
+        .expect_ok("users add");
     let ls = c.tctl.ok(&["users", "ls", "--format", "json"]).json();
     assert_eq!(ls[0]["second_factor"], "required", "{ls:#}");
 

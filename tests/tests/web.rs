@@ -184,24 +184,13 @@ fn web_console_login_fleet_and_session_security() {
     let url = format!("https://{web_addr}/");
     c.tctl
         .ok(&["roles", "add", "vans", "--allow", "fleet=vans"]);
-    let mut add = c.auth.tctl_cmd();
-    add.args([
-        "users",
-        "add",
-        "carol",
-        "--logins",
-        "root",
-        "--roles",
-        "vans",
-        "--require-totp",
-        "--password-stdin",
-    ]);
-    run(
-        add,
-        Some(format!("{PW}\n").as_bytes()),
-        Duration::from_secs(30),
-    )
-    .expect_ok("users add carol");
+    c.auth
+        .add_user_with(
+            "carol",
+            PW,
+            &["--logins", "root", "--roles", "vans", "--require-totp"],
+        )
+        .expect_ok("users add carol");
     c.add_user("bob", "root", PW);
     let tsh = Tsh::new(c.dir.join("tsh-carol"), c.proxy());
     let (secret, at) = enroll(&tsh, "carol", &c.gw.ca_pin);

@@ -91,7 +91,10 @@ pub fn authorize_dial(
         )));
     }
     match service {
-        Service::Ssh => {
+        // A target behind the device counts by its own labels; the second factor given for
+        // its device (`tsh ssh DEVICE/TARGET` asks for one naming the target) opens it, as
+        // the device's agent takes that certificate for a record-mode target.
+        Service::Ssh | Service::Target(_) => {
             crate::session_mfa::check_dial(svc, &grants, &user, &info.id, &labels, now)?
         }
         // kubectl has no way to give a per-session code: a role that asks for one keeps

@@ -24,11 +24,16 @@ pub struct KubeAuditEvent {
     /// Bytes in each direction (session end only).
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Why the gateway refused the request (`kube.refused` only).
+    pub error: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KubeEventKind {
     Request,
+    /// A request from a user whose certificate the front door accepted, refused before it
+    /// reached a device: a lock, an unknown cluster, or the authority's refusal.
+    Refused,
     SessionStart,
     SessionEnd,
 }
@@ -37,6 +42,7 @@ impl KubeEventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             KubeEventKind::Request => "kube.request",
+            KubeEventKind::Refused => "kube.refused",
             KubeEventKind::SessionStart => "kube.session.start",
             KubeEventKind::SessionEnd => "kube.session.end",
         }
@@ -61,6 +67,9 @@ pub fn audit_kube_event(ev: &KubeAuditEvent) {
         f.insert("bytes_up".into(), ev.bytes_up.to_string());
         f.insert("bytes_down".into(), ev.bytes_down.to_string());
     }
+    if !ev.error.is_empty() {
+        f.insert("error".into(), ev.error.clone());
+    }
     crate::audit::emit(a);
     tracing::info!(
         event = ev.kind.as_str(),
@@ -76,6 +85,7 @@ pub fn audit_kube_event(ev: &KubeAuditEvent) {
         session = %ev.session_id,
         bytes_up = ev.bytes_up,
         bytes_down = ev.bytes_down,
+        error = %ev.error,
         "kubernetes"
     );
 }
@@ -90,7 +100,7 @@ fn now_ms() -> u64 {
 /// A request path as the API server reads it (percent-decoded, as Go's `URL.Path`): what
 /// the audit log names, so that `kube%2Dsystem` is logged as the `kube-system` it reaches.
 pub fn api_path(path: &str) -> String {
-    crate::percent::decode(path, false)
+    edgeport_proto::percent::decode(path, false)
 }
 
 /// Whether the API server takes the request as a watch: its first `watch` parameter, read
@@ -101,7 +111,8 @@ fn watch_param(query: Option<&str>) -> bool {
     q.split('&')
         .find_map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (crate::percent::decode(k, true) == "watch").then(|| crate::percent::decode(v, true))
+            (edgeport_proto::percent::decode(k, true) == "watch")
+                .then(|| edgeport_proto::percent::decode(v, true))
         })
         .is_some_and(|v| v != "0" && !v.eq_ignore_ascii_case("false"))
 }

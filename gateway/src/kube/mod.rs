@@ -196,29 +196,27 @@ fn check_cert(
     }
 }
 
-/// Whether a client's certificate is one the front door accepts (what makes its source
-/// known to the admission budget; any certificate passes the handshake here).
-pub fn proves_a_user(front: &Front, certs: Option<&[CertificateDer<'_>]>) -> bool {
-    front
-        .tls
-        .get()
-        .is_ok_and(|t| check_cert(front, t.verifier.as_ref(), certs).is_ok())
+/// The front door's verdict on a client's certificate, made once per connection: it decides
+/// both what the client is served and whether its source counts as known to the admission
+/// budget (any certificate passes the handshake here, so that a refused client reads why).
+pub fn client_of(
+    front: &Front,
+    certs: Option<&[CertificateDer<'_>]>,
+) -> Result<UserCert, CertRefused> {
+    match front.tls.get() {
+        Ok(t) => check_cert(front, t.verifier.as_ref(), certs),
+        Err(e) => Err(CertRefused::GatewayTls(e.to_string())),
+    }
 }
 
-/// Serves one TLS connection of the front door (HTTP/1.1 or HTTP/2).
+/// Serves one TLS connection of the front door (HTTP/1.1 or HTTP/2), whose client
+/// certificate `client_of` has judged.
 pub async fn serve(
     front: Arc<Front>,
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     addr: SocketAddr,
+    user: Result<UserCert, CertRefused>,
 ) {
-    let user = match front.tls.get() {
-        Ok(t) => check_cert(
-            &front,
-            t.verifier.as_ref(),
-            tls.get_ref().1.peer_certificates(),
-        ),
-        Err(e) => Err(CertRefused::GatewayTls(e.to_string())),
-    };
     // A refused client holds one of its source's few answer slots until it closes.
     let _answer_slot = match &user {
         Err(why) => {
@@ -489,22 +487,48 @@ async fn handle(
         );
     };
     let (cluster, inner) = (cluster.to_string(), inner.to_string());
+    let api_path = audit::api_path(&inner);
+    let verb = audit::verb(req.method(), &api_path, query.as_deref());
+    // A refusal after the certificate checked out is the user's attempt: audited, with the
+    // device when the cluster named one.
+    let refused = |device: &str, resp: HttpResponse<Body>, why: &str| {
+        audit_kube_event(&KubeAuditEvent {
+            kind: KubeEventKind::Refused,
+            user: user.clone(),
+            kube_user: String::new(),
+            groups: Vec::new(),
+            cluster: cluster.clone(),
+            device: device.to_string(),
+            verb: verb.clone(),
+            path: api_path.clone(),
+            status: resp.status().as_u16(),
+            client_addr: conn.addr.to_string(),
+            session_id: String::new(),
+            bytes_up: 0,
+            bytes_down: 0,
+            error: why.to_string(),
+        });
+        resp
+    };
     if let Err(e) = front
         .reach
         .locks
         .check_unlocked(&LockTarget::User(user.clone()))
     {
-        return status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
+        let resp = status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
+        return refused("", resp, &e.message);
     }
     let Some(device) = device_for(&front, &cluster).await else {
-        return missing_cluster(&front, &cluster).await;
+        let resp = missing_cluster(&front, &cluster).await;
+        return refused("", resp, "no device serves this Kubernetes cluster");
     };
     if let Err(e) = front
         .reach
         .locks
         .check_unlocked(&LockTarget::Device(device.clone()))
     {
-        return status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
+        let resp = status_body(StatusCode::FORBIDDEN, "Forbidden", &e.message);
+        return refused(&device, resp, &e.message);
     }
     // A fresh ticket per request: the agent impersonates only whom the authority's ticket
     // names, and takes each ticket once.
@@ -517,11 +541,12 @@ async fn handle(
         Ok(g) => g,
         Err(e) => {
             let (status, reason) = rpc_status(&e);
-            return status_body(
+            let resp = status_body(
                 status,
                 reason,
                 &format!("Kubernetes cluster {cluster:?}: {e}"),
             );
+            return refused(&device, resp, &e.to_string());
         }
     };
     let session_id = random_bytes(8).map(hex::encode).unwrap_or_default();
@@ -536,13 +561,14 @@ async fn handle(
         groups: grant.kube_groups.clone(),
         cluster: cluster.clone(),
         device: device.clone(),
-        verb: audit::verb(req.method(), &audit::api_path(&inner), query.as_deref()),
-        path: audit::api_path(&inner),
+        verb,
+        path: api_path,
         status: 0,
         client_addr: conn.addr.to_string(),
         session_id: session_id.clone(),
         bytes_up: 0,
         bytes_down: 0,
+        error: String::new(),
     });
     let ev = &mut pending.0;
     let header = StreamHeader {

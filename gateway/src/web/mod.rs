@@ -425,14 +425,7 @@ fn connector_name_ok(c: &str) -> bool {
 }
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    crate::percent::decode(s, true)
+    edgeport_proto::percent::query_param(query?, name)
 }
 
 impl Web {
@@ -972,7 +965,6 @@ mod tests {
             query_param(Some("x=1&label=fleet%3Dvans"), "label").as_deref(),
             Some("fleet=vans")
         );
-        assert_eq!(percent_decode("a%2"), "a%2");
         let d = DeviceInfo {
             id: "d".into(),
             labels: [("fleet".to_string(), "vans".to_string())].into(),

@@ -192,12 +192,7 @@ async fn answer(
         respond(&mut sock, "404 Not Found", "Not found.").await?;
         return Ok(None);
     }
-    let param = |k: &str| {
-        query.split('&').find_map(|kv| {
-            let (key, v) = kv.split_once('=')?;
-            (key == k).then(|| percent_decode(v))
-        })
-    };
+    let param = |k: &str| edgeport_proto::percent::query_param(query, k);
     if !ct_eq(
         param("state").unwrap_or_default().as_bytes(),
         expected_state.as_bytes(),
@@ -281,34 +276,7 @@ fn check_auth_url(auth_url: &str, own_redirect: &str) -> Result<String, String> 
 }
 
 fn state_of(url: &str) -> Option<String> {
-    let query = url.split_once('?')?.1;
-    query.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == "state").then(|| percent_decode(v))
-    })
-}
-
-/// `application/x-www-form-urlencoded` value -> text (`+` is a space, `%XX` a byte).
-fn percent_decode(s: &str) -> String {
-    let hex = |c: u8| (c as char).to_digit(16);
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    edgeport_proto::percent::query_param(url.split_once('?')?.1, "state")
 }
 
 #[cfg(test)]
@@ -348,13 +316,5 @@ mod tests {
         let url = "https://idp.example/auth?client_id=x&state=ab%2Bc&nonce=n";
         assert_eq!(state_of(url).as_deref(), Some("ab+c"));
         assert_eq!(state_of("https://idp.example/auth?x=1"), None);
-    }
-
-    #[test]
-    fn decodes_query_values() {
-        assert_eq!(percent_decode("a%20b+c"), "a b c");
-        assert_eq!(percent_decode("http%3A%2F%2Fx"), "http://x");
-        assert_eq!(percent_decode("50%"), "50%");
-        assert_eq!(percent_decode("%zz"), "%zz");
     }
 }

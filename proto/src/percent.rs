@@ -1,6 +1,7 @@
-//! Percent-decoding of request paths and query values, as the servers behind the gateway
-//! read them (the web console's queries, and the Kubernetes API server's paths and
-//! parameters that the audit log names). A `%` not followed by two hex digits stays as it is.
+//! Percent-decoding of request paths and query values, one decoder for every reader: the
+//! gateway's web console queries, the Kubernetes paths and parameters its audit log names (as
+//! the API server reads them), and tsh's single sign-on callback. A `%` not followed by two hex
+//! digits stays as it is.
 
 /// Decodes `%XX`; with `form`, also `+` as a space (query strings of HTML forms).
 pub fn decode(s: &str, form: bool) -> String {
@@ -29,6 +30,15 @@ pub fn decode(s: &str, form: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The first value of `name` in a `k=v&k=v` query string, decoded as a form value (`+` is a
+/// space). The key is compared as sent.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| decode(v, true))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,5 +54,22 @@ mod tests {
         assert_eq!(decode("%", false), "%");
         assert_eq!(decode("%zz%41", false), "%zzA");
         assert_eq!(decode("%ff", false), "\u{fffd}");
+        assert_eq!(decode("a%20b+c", true), "a b c");
+        assert_eq!(decode("http%3A%2F%2Fx", true), "http://x");
+        assert_eq!(decode("50%", true), "50%");
+    }
+
+    #[test]
+    fn finds_the_first_value_of_a_parameter() {
+        assert_eq!(
+            query_param("x=1&label=fleet%3Dvans", "label").as_deref(),
+            Some("fleet=vans")
+        );
+        assert_eq!(
+            query_param("state=a&state=b", "state").as_deref(),
+            Some("a")
+        );
+        assert_eq!(query_param("statex=a&flag", "state"), None);
+        assert_eq!(query_param("", "state"), None);
     }
 }
