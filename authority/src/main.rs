@@ -68,6 +68,7 @@ fn main() -> std::process::ExitCode {
             cluster,
             limits: Limits {
                 max_session_ttl: max_session_ttl.max(1),
+                ..Limits::default()
             },
             store,
             store_ca,

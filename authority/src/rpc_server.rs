@@ -3,12 +3,16 @@
 //!
 //! Each connection runs in its own task, so a bad client (garbage, a truncated or oversized
 //! frame, a stalled handshake) closes only its own connection. Handshakes time out, idle
-//! connections are closed, and the number of connections is bounded.
+//! connections are closed, and the number of connections is bounded: in all, per source
+//! for handshakes and for connections without a gateway's or administrator's certificate,
+//! and per gateway and administrator identity, with half of all kept for those two (a
+//! compromised gateway cannot take the others' share, nor can anonymous load).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use edgeport_net::budget::{source_of, KeyedBudget, KnownSources, Slot};
 use edgeport_net::read_frame;
 use edgeport_proto::frame::{self, FrameError};
 use edgeport_proto::rpc::{ErrorKind, Request, Response, RpcError};
@@ -16,12 +20,125 @@ use edgeport_proto::tls::peer_principal;
 use edgeport_proto::variant::variant_name;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::service::{request_name, Caller, Service};
+
+/// How many connections each party may hold (`Limits::connections`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// TLS handshakes one source (an IPv4 address, an IPv6 /64) may have in progress; more
+    /// wait, up to the handshake deadline, for one of its own.
+    pub handshakes_per_source: usize,
+    /// Connections one source may hold without a gateway's or administrator's certificate.
+    pub unproven_per_source: usize,
+    /// Connections one gateway identity may hold (its pool keeps 8 per lane).
+    pub per_gateway: usize,
+    /// Connections one administrator identity may hold.
+    pub per_admin: usize,
+    /// Connections that have not proved a gateway's or an administrator's certificate
+    /// (handshakes in progress, anonymous callers, users and devices) share this many: the
+    /// rest are kept for gateways and administrators, whom the cluster cannot do without.
+    pub unproven_total: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            handshakes_per_source: 16,
+            unproven_per_source: 64,
+            per_gateway: 512,
+            per_admin: 256,
+            unproven_total: MAX_CONNECTIONS / 2,
+        }
+    }
+}
+
+/// How long a source stays known after a gateway or administrator proved itself there.
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
+/// At most this many known sources are kept.
+const MAX_KNOWN: usize = 10_000;
+
+/// Whose share a connection counts against once its handshake is done.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Holder {
+    Source(std::net::IpAddr),
+    Gateway(String),
+    Admin(String),
+}
+
+/// The connection budgets of one listener.
+struct Budgets {
+    handshakes: KeyedBudget<std::net::IpAddr>,
+    unproven: KeyedBudget<Holder>,
+    gateways: KeyedBudget<Holder>,
+    admins: KeyedBudget<Holder>,
+    /// Held by every connection until it proves a gateway or administrator.
+    unproven_all: Arc<Semaphore>,
+    unproven_total: usize,
+    /// Sources where a gateway or administrator proved its certificate in the last day.
+    known: KnownSources,
+}
+
+impl Budgets {
+    fn new(l: ConnectionLimits) -> Self {
+        Self {
+            handshakes: KeyedBudget::with_capacity(l.handshakes_per_source),
+            unproven: KeyedBudget::with_capacity(l.unproven_per_source),
+            gateways: KeyedBudget::with_capacity(l.per_gateway),
+            admins: KeyedBudget::with_capacity(l.per_admin),
+            unproven_all: Arc::new(Semaphore::new(l.unproven_total)),
+            unproven_total: l.unproven_total,
+            known: KnownSources::new(KNOWN_FOR, MAX_KNOWN),
+        }
+    }
+
+    /// What a connection holds for its life once its handshake named `caller`: the caller's
+    /// share, and (unless it is a gateway or an administrator, whose source then becomes
+    /// known) one of the unproven slots, taken now if the handshake went without. Or why
+    /// there is none.
+    async fn admit(
+        &self,
+        caller: &Caller,
+        peer: SocketAddr,
+        unproven: Option<OwnedSemaphorePermit>,
+    ) -> Result<(Slot<Holder>, Option<OwnedSemaphorePermit>), String> {
+        let (budget, holder, whose) = match caller {
+            Caller::Gateway(id) => (&self.gateways, Holder::Gateway(id.clone()), "gateway"),
+            Caller::Admin(id) => (&self.admins, Holder::Admin(id.clone()), "administrator"),
+            _ => (
+                &self.unproven,
+                Holder::Source(source_of(peer.ip())),
+                "source",
+            ),
+        };
+        let share = budget.take(holder, Duration::ZERO).await.ok_or_else(|| {
+            format!(
+                "too many connections to the authority from this {whose} ({caller} at {peer}): at most {} at once",
+                budget.per_key()
+            )
+        })?;
+        let unproven = match caller {
+            Caller::Gateway(_) | Caller::Admin(_) => {
+                self.known.remember(peer.ip(), Instant::now());
+                None
+            }
+            _ => match unproven {
+                Some(p) => Some(p),
+                None => Some(self.unproven_all.clone().try_acquire_owned().map_err(|_| {
+                    format!(
+                        "the authority has {} connections without a gateway's or administrator's certificate; try again later",
+                        self.unproven_total
+                    )
+                })?),
+            },
+        };
+        Ok((share, unproven))
+    }
+}
 
 /// A client must finish the TLS handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +149,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most this many connections at once; further clients wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// A connection without a gateway's or administrator's certificate (anonymous callers make
+/// one request: a ping, the CAs, a gateway's join) is closed after this long without one.
+pub const UNPROVEN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// On shutdown, requests in flight get this long to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -58,6 +178,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let hashing = Arc::new(Semaphore::new(password_slots()));
+    let budgets = Arc::new(Budgets::new(service.limits.connections));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -79,6 +200,21 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
+        // Until it proves a gateway or an administrator, a connection holds one of the
+        // unproven slots: anonymous load never takes the ones kept for them. A source where
+        // one of them proved itself recently handshakes outside that pool.
+        let unproven = if budgets.known.is_known(peer.ip(), Instant::now()) {
+            None
+        } else {
+            match budgets.unproven_all.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    crate::metrics::handshake_failed("busy");
+                    tracing::debug!(%peer, "too many unproven connections; dropped");
+                    continue;
+                }
+            }
+        };
         let conn = Connection {
             id: NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             peer,
@@ -86,9 +222,10 @@ pub async fn serve(
             service: service.clone(),
             shutdown: shutdown.clone(),
             hashing: hashing.clone(),
+            budgets: budgets.clone(),
         };
         tokio::spawn(async move {
-            conn.run(tcp).await;
+            conn.run(tcp, unproven).await;
             drop(permit);
         });
     }
@@ -131,11 +268,23 @@ struct Connection {
     service: Arc<Service>,
     shutdown: CancellationToken,
     hashing: Arc<Semaphore>,
+    budgets: Arc<Budgets>,
 }
 
 impl Connection {
-    async fn run(self, tcp: TcpStream) {
+    async fn run(self, tcp: TcpStream, unproven: Option<OwnedSemaphorePermit>) {
         let peer = self.peer;
+        let source = source_of(peer.ip());
+        let Some(handshake_slot) = self
+            .budgets
+            .handshakes
+            .take(source, HANDSHAKE_TIMEOUT)
+            .await
+        else {
+            crate::metrics::handshake_failed("busy");
+            tracing::debug!(%peer, "this source kept too many TLS handshakes in progress; dropped");
+            return;
+        };
         let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp));
         let mut tls = match handshake.await {
             Err(_) => {
@@ -150,12 +299,32 @@ impl Connection {
             }
             Ok(Ok(s)) => s,
         };
+        drop(handshake_slot);
         let caller = caller_of(&tls, self.service.cluster(), peer);
+        let (_share, _unproven) = match self.budgets.admit(&caller, peer, unproven).await {
+            Ok(held) => held,
+            Err(why) => {
+                tracing::info!(%peer, %caller, "connection refused: {why}");
+                crate::metrics::handshake_failed("busy");
+                let msg = RpcError::new(ErrorKind::Denied, why);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    send(&mut tls, &Response::Error(msg)),
+                )
+                .await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+                return;
+            }
+        };
+        let idle = match caller {
+            Caller::Gateway(_) | Caller::Admin(_) => IDLE_TIMEOUT,
+            _ => UNPROVEN_IDLE_TIMEOUT,
+        };
         tracing::debug!(%peer, %caller, "connected");
         loop {
             let next = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                r = tokio::time::timeout(IDLE_TIMEOUT, read_frame::<Request, _>(&mut tls)) => r,
+                r = tokio::time::timeout(idle, read_frame::<Request, _>(&mut tls)) => r,
             };
             let req = match next {
                 Err(_) => {

@@ -270,12 +270,15 @@ fn check_access(caller: &Caller, req: &Request) -> Result<(), RpcError> {
 pub struct Limits {
     /// Cap on user certificate lifetimes (also capped by the user's roles).
     pub max_session_ttl: u64,
+    /// How many connections each party may hold.
+    pub connections: crate::rpc_server::ConnectionLimits,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_session_ttl: crate::roles::MAX_SESSION_TTL_SECS,
+            connections: Default::default(),
         }
     }
 }
@@ -530,17 +533,17 @@ impl Service {
                 let (devices, more) = devices::page(store, &after, now)?;
                 Ok(Response::DevicePage { devices, more })
             }
-            Request::UserDevicePage { user, after } => {
-                // A user sees the devices their roles reach, nothing more.
-                let subject = users::subject(store, &user)?
-                    .ok_or_else(|| crate::errors::not_found(format!("user {user} not found")))?;
-                // With the roles of approved access requests in force.
-                let extra = crate::access_requests::elevation(store, &subject, now)?.roles;
-                let grants = if extra.is_empty() {
-                    roles::grants(store, &subject.roles)?
-                } else {
-                    roles::grants(store, &crate::access_requests::with_roles(&subject, &extra))?
-                };
+            Request::UserDevicePage {
+                user_cert_der,
+                after,
+            } => {
+                // A user sees the devices their roles reach, nothing more: the user of the
+                // certificate the gateway hands over, with the roles it dials with (approved
+                // access requests included).
+                let subject = handlers::dial::certified_user(self, &user_cert_der, now)?;
+                let names =
+                    crate::access_requests::dial_roles(store, &subject, &user_cert_der, now)?;
+                let grants = roles::grants(store, &names)?;
                 let (devices, more) =
                     devices::page_where(store, &after, now, |d| grants.allows_device(&d.labels))?;
                 Ok(Response::DevicePage { devices, more })
@@ -578,7 +581,9 @@ impl Service {
                 ssh_public_key,
                 ttl_secs,
             } => handlers::targets::sign_host(self, &name, &ssh_public_key, ttl_secs, now),
-            Request::TargetList { user } => handlers::targets::list(self, user.as_deref(), now),
+            Request::TargetList { user_cert_der } => {
+                handlers::targets::list(self, caller, user_cert_der.as_deref(), now)
+            }
             Request::TargetCert { device_id, req } => {
                 handlers::targets::target_cert(self, caller_name, &device_id, &req, now)
             }

@@ -1126,3 +1126,166 @@ fn single_sign_on_needs_the_authoritys_own_verification() {
         other => panic!("{other:?}"),
     }
 }
+
+async fn start_limited(
+    dir: &std::path::Path,
+    connections: crate::rpc_server::ConnectionLimits,
+) -> (Server, Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>) {
+    let server = Server::start(Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cluster: "edge".into(),
+        limits: Limits {
+            connections,
+            ..Limits::default()
+        },
+        store: Default::default(),
+        store_ca: None,
+    })
+    .await
+    .unwrap();
+    let ident = IdentityFile::load(server.admin_identity()).unwrap();
+    let ca = first_cert_der(&ident.cas.x509_ca_pem).unwrap();
+    let anonymous = Arc::new(client_config(&ca, None, &[alpn::RPC]).unwrap());
+    let key = KeyPair::from_openssh(&ident.ssh_private_key).unwrap();
+    let admin = mtls(&ident.x509_cert_pem, &key, &ident.cas.x509_ca_pem);
+    (server, anonymous, admin)
+}
+
+type RawConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A raw RPC connection from `from` (a loopback address of its own: its own source).
+async fn try_connect_from(
+    from: &str,
+    to: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<RawConn> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{from}:0").parse().unwrap())?;
+    let tcp = sock.connect(to).await?;
+    let name = rustls::pki_types::ServerName::try_from("authority.edgeport").unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+}
+
+async fn connect_from(
+    from: &str,
+    to: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> RawConn {
+    try_connect_from(from, to, cfg).await.unwrap()
+}
+
+/// Sends a Ping on `s` and reads the answer (`Err` when the connection closed instead).
+async fn ping_on(s: &mut RawConn) -> Result<Response, edgeport_proto::FrameError> {
+    s.write_all(&frame::encode(&Request::Ping).unwrap())
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    edgeport_net::read_frame::<Response, _>(s).await
+}
+
+async fn pong(s: &mut RawConn) -> bool {
+    matches!(ping_on(s).await, Ok(Response::Pong { .. }))
+}
+
+fn refused_with(r: Result<Response, edgeport_proto::FrameError>, words: &str) {
+    match r {
+        Ok(Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::Denied);
+            assert!(e.message.contains(words), "{}", e.message);
+        }
+        other => panic!("expected a refusal with {words:?}, got {other:?}"),
+    }
+}
+
+/// Shares per source and per identity, and the half kept for gateways and administrators:
+/// with every unproven slot taken, an administrator whose source is known still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_budgeted_per_source_and_per_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let limits = crate::rpc_server::ConnectionLimits {
+        handshakes_per_source: 16,
+        unproven_per_source: 3,
+        per_gateway: 512,
+        per_admin: 3,
+        unproven_total: 4,
+    };
+    let (server, anonymous, admin) = start_limited(&tmp.path().join("data"), limits).await;
+    let addr = server.addr();
+
+    // Two administrator connections: their source becomes known.
+    let mut admins = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.2", addr, admin.clone()).await;
+        assert!(pong(&mut s).await);
+        admins.push(s);
+    }
+    // Anonymous: three from one source are served, the fourth is told why; another source
+    // has its own share, until the unproven slots are all taken.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_from("127.0.0.2", addr, anonymous.clone()).await;
+        assert!(pong(&mut s).await);
+        held.push(s);
+    }
+    let mut fourth = connect_from("127.0.0.2", addr, anonymous.clone()).await;
+    refused_with(
+        ping_on(&mut fourth).await,
+        "too many connections to the authority from this source",
+    );
+    let mut other = connect_from("127.0.0.3", addr, anonymous.clone()).await;
+    assert!(pong(&mut other).await);
+    // All four unproven slots are taken: a new source is not even handshaken.
+    let closed = match try_connect_from("127.0.0.6", addr, anonymous.clone()).await {
+        Err(_) => true,
+        Ok(mut s) => ping_on(&mut s).await.is_err(),
+    };
+    assert!(closed, "an anonymous client got in past the unproven slots");
+    // An administrator from the known source still gets in; its own share is bounded.
+    let mut third = connect_from("127.0.0.2", addr, admin.clone()).await;
+    assert!(pong(&mut third).await);
+    let mut fourth_admin = connect_from("127.0.0.2", addr, admin.clone()).await;
+    refused_with(
+        ping_on(&mut fourth_admin).await,
+        "too many connections to the authority from this administrator",
+    );
+    drop((held, admins, other, third));
+    server.shutdown().await.unwrap();
+}
+
+/// Handshakes in progress: two idle TCP connections hold a source's budget; its next client
+/// waits for one of them, and another source does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_budgeted_per_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let limits = crate::rpc_server::ConnectionLimits {
+        handshakes_per_source: 2,
+        ..Default::default()
+    };
+    let (server, anonymous, _) = start_limited(&tmp.path().join("data"), limits).await;
+    let addr = server.addr();
+    let idle = || async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.4:0".parse().unwrap()).unwrap();
+        sock.connect(addr).await.unwrap()
+    };
+    let first_idle = idle().await;
+    let _second_idle = idle().await;
+    let waiting = tokio::spawn(connect_from("127.0.0.4", addr, anonymous.clone()));
+    let mut elsewhere = connect_from("127.0.0.5", addr, anonymous.clone()).await;
+    assert!(pong(&mut elsewhere).await);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third handshake from a source with two in progress was not held back"
+    );
+    drop(first_idle);
+    let mut s = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiting handshake never went ahead")
+        .unwrap();
+    assert!(pong(&mut s).await);
+    server.shutdown().await.unwrap();
+}

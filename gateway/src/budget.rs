@@ -15,24 +15,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgeport_net::budget::KeyedBudget;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Handshakes one source may have in progress at once on one port.
 pub const PER_SOURCE: usize = 16;
 
-/// The budget key of an address: IPv4 as is, IPv6 by its /64 (IPv4-mapped IPv6 as IPv4).
-pub fn source_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
-}
+pub use edgeport_net::budget::{source_of, KnownSources};
 
 /// Which of a port's handshake slots a client may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,79 +145,13 @@ pub const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
 /// At most this many known sources are kept (about 60 bytes each); past it, the oldest go.
 pub const MAX_KNOWN: usize = 100_000;
 
-/// Sources (IPv4 addresses, IPv6 /64s) from which a client proved a certificate of the
-/// cluster, with when; bounded in number and age. Only a client with a certificate adds to
-/// it, so anonymous load cannot grow or churn it. Kept in memory: a restarted gateway starts
-/// with none.
-pub struct KnownSources {
-    seen: Mutex<HashMap<IpAddr, Instant>>,
-    ttl: Duration,
-    cap: usize,
+/// The gateway's known sources: [`KNOWN_FOR`], at most [`MAX_KNOWN`].
+pub fn known_sources() -> KnownSources {
+    KnownSources::new(KNOWN_FOR, MAX_KNOWN)
 }
-
-impl Default for KnownSources {
-    fn default() -> Self {
-        Self::new(KNOWN_FOR, MAX_KNOWN)
-    }
-}
-
-impl KnownSources {
-    pub fn new(ttl: Duration, cap: usize) -> Self {
-        Self {
-            seen: Mutex::new(HashMap::new()),
-            ttl,
-            cap: cap.max(1),
-        }
-    }
-
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A client at `ip` proved a certificate at `now`.
-    pub fn remember(&self, ip: IpAddr, now: Instant) {
-        let source = source_of(ip);
-        let mut m = self.map();
-        if m.len() >= self.cap && !m.contains_key(&source) {
-            let ttl = self.ttl;
-            m.retain(|_, seen| now.saturating_duration_since(*seen) < ttl);
-            if m.len() >= self.cap {
-                // Still full: forget the oldest sixteenth at once, so that a full set costs
-                // one pass per many insertions, not one each.
-                let mut ages: Vec<Instant> = m.values().copied().collect();
-                let cut = (ages.len() / 16).max(1) - 1;
-                let (_, oldest_kept, _) = ages.select_nth_unstable(cut);
-                let oldest_kept = *oldest_kept;
-                m.retain(|_, seen| *seen > oldest_kept);
-            }
-        }
-        m.insert(source, now);
-    }
-
-    /// Whether a client at `ip`'s source proved a certificate within the last `ttl`.
-    pub fn is_known(&self, ip: IpAddr, now: Instant) -> bool {
-        self.map()
-            .get(&source_of(ip))
-            .is_some_and(|seen| now.saturating_duration_since(*seen) < self.ttl)
-    }
-
-    /// Sources remembered (some may have expired).
-    pub fn len(&self) -> usize {
-        self.map().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-type Sources = Arc<Mutex<HashMap<IpAddr, Arc<Semaphore>>>>;
 
 /// Slots per source: [`PER_SOURCE`] each by default.
-pub struct SourceBudget {
-    sources: Sources,
-    per_source: usize,
-}
+pub struct SourceBudget(KeyedBudget<IpAddr>);
 
 impl Default for SourceBudget {
     fn default() -> Self {
@@ -237,76 +160,23 @@ impl Default for SourceBudget {
 }
 
 /// One unit of a source's budget, given back when dropped.
-pub struct Slot {
-    permit: Option<OwnedSemaphorePermit>,
-    sources: Sources,
-    source: IpAddr,
-    per_source: usize,
-}
-
-/// Forgets `source` when nobody holds or waits for its slots.
-fn forget_unused(sources: &Sources, source: &IpAddr, per_source: usize) {
-    let mut m = sources.lock().unwrap_or_else(|p| p.into_inner());
-    if m.get(source)
-        .is_some_and(|s| Arc::strong_count(s) == 1 && s.available_permits() == per_source)
-    {
-        m.remove(source);
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        forget_unused(&self.sources, &self.source, self.per_source);
-    }
-}
+pub type Slot = edgeport_net::budget::Slot<IpAddr>;
 
 impl SourceBudget {
     /// `per_source` slots for each source.
     pub fn with_capacity(per_source: usize) -> Self {
-        Self {
-            sources: Sources::default(),
-            per_source,
-        }
+        Self(KeyedBudget::with_capacity(per_source))
     }
 
     /// A slot for `ip`'s source, waiting at most `wait` while the source has all of its
     /// slots in use (with no wait: now or never).
     pub async fn take(&self, ip: IpAddr, wait: Duration) -> Option<Slot> {
-        let source = source_of(ip);
-        let sem = {
-            let mut m = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-            m.entry(source)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_source)))
-                .clone()
-        };
-        let permit = if wait.is_zero() {
-            sem.clone().try_acquire_owned().ok()
-        } else {
-            tokio::time::timeout(wait, sem.clone().acquire_owned())
-                .await
-                .ok()
-                .and_then(Result::ok)
-        };
-        match permit {
-            Some(p) => Some(Slot {
-                permit: Some(p),
-                sources: self.sources.clone(),
-                source,
-                per_source: self.per_source,
-            }),
-            None => {
-                // Forget a source nobody uses (this handle too: dropped first).
-                drop(sem);
-                forget_unused(&self.sources, &source, self.per_source);
-                None
-            }
-        }
+        self.0.take(source_of(ip), wait).await
     }
 
     /// Sources with work in progress or waiting.
     pub fn sources(&self) -> usize {
-        self.sources.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.0.keys()
     }
 }
 
@@ -329,6 +199,15 @@ impl RateBudget {
             max_sources: max_sources.max(1),
             buckets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `ip`'s source has a token at `now` (none is taken).
+    pub fn has_token(&self, ip: IpAddr, now: Instant) -> bool {
+        let m = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&source_of(ip)).is_none_or(|&(tokens, at)| {
+            let gained = now.saturating_duration_since(at).as_secs_f64() / self.every.as_secs_f64();
+            tokens + gained >= 1.0
+        })
     }
 
     /// Takes one token of `ip`'s source at `now`, if it has one.
@@ -383,6 +262,24 @@ mod tests {
         assert!(!r.allow(b, t0 + Duration::from_secs(3)));
         // Once the others' buckets are full again they are forgotten first.
         assert!(r.allow(b, t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_peek_takes_no_token() {
+        let r = RateBudget::new(2, Duration::from_secs(2), 10);
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(r.has_token(a, t0), "a new source has its burst");
+        assert!(r.allow(a, t0));
+        assert!(r.has_token(a, t0));
+        assert!(r.has_token(a, t0), "looking twice spends nothing");
+        assert!(r.allow(a, t0));
+        assert!(!r.has_token(a, t0));
+        assert!(!r.has_token(a, t0 + Duration::from_secs(1)));
+        assert!(
+            r.has_token(a, t0 + Duration::from_secs(2)),
+            "one back in time"
+        );
     }
 
     /// A budget of open connections: taken without waiting, refused at the source's cap,
@@ -444,7 +341,7 @@ mod tests {
     }
 
     fn known() -> Arc<KnownSources> {
-        Arc::new(KnownSources::default())
+        Arc::new(known_sources())
     }
 
     #[test]

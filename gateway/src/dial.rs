@@ -191,13 +191,13 @@ fn gated(stream: BoxedStream, gate: Option<Arc<WriteGate>>) -> BoxedStream {
 /// The devices `user`'s roles reach, from the authority, page by page.
 async fn user_devices(
     dialer: &Dialer,
-    user: &str,
+    who: &UserCert,
 ) -> Result<Vec<edgeport_proto::rpc::DeviceInfo>, edgeport_net::rpc_client::RpcClientError> {
     use edgeport_net::rpc_client::add_device_page;
     let (mut devices, mut next) = (Vec::new(), Some(String::new()));
     while let Some(after) = next {
         let req = Request::UserDevicePage {
-            user: user.to_string(),
+            user_cert_der: who.der.to_vec(),
             after,
         };
         next = add_device_page(&mut devices, dialer.reach.auth.call(req).await?)?;
@@ -305,7 +305,7 @@ pub async fn serve_stream(
         }
         (ClientRequest::ListTargets, Some(who)) => {
             let req = Request::TargetList {
-                user: Some(who.name.clone()),
+                user_cert_der: Some(who.der.to_vec()),
             };
             let answer = relay(&dialer, req, |resp| match resp {
                 Response::Targets(t) => ClientReply::Targets(t),
@@ -435,7 +435,7 @@ async fn relay_sso_finish(
 /// The devices the user may reach; large fleets go in parts, each one frame, the last part
 /// is `Devices`.
 async fn list_devices(dialer: &Dialer, mut stream: BoxedStream, who: &UserCert) {
-    let answer = match user_devices(dialer, &who.name).await {
+    let answer = match user_devices(dialer, who).await {
         Ok(devices) => {
             let mut parts = edgeport_proto::frame::chunk_by_size(devices);
             let last = parts.pop().unwrap_or_default();

@@ -146,7 +146,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: CancellationToken) -> Result<(), 
     });
     // Sources that proved a certificate, shared by both ports: an agent known over QUIC gets
     // the reserve on TCP too.
-    let known = Arc::new(KnownSources::default());
+    let known = Arc::new(crate::budget::known_sources());
     let tcp_port = Arc::new(TcpPort::new(
         routes.clone(),
         Admission::new(

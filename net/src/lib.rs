@@ -3,6 +3,7 @@
 //! async streams, the RPC client for the authority, the wall clock, and the runtime every
 //! daemon runs in.
 
+pub mod budget;
 pub mod clock;
 pub mod daemon;
 pub mod frame_io;

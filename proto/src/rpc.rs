@@ -103,10 +103,12 @@ pub enum Request {
         offset: u64,
         user_cert_der: Option<Vec<u8>>,
     },
-    /// Gateway: a page of the devices `user`'s roles reach (what `tsh ls` shows); as
-    /// `DevicePage` otherwise.
+    /// Gateway: a page of the devices the roles of the user whose certificate (DER, as the
+    /// user presented it) the gateway hands over reach (what `tsh ls` shows); as
+    /// `DevicePage` otherwise. The authority checks the certificate: a gateway cannot ask
+    /// on behalf of a user who is not asking.
     UserDevicePage {
-        user: String,
+        user_cert_der: Vec<u8>,
         after: String,
     },
     /// Admin: which roles, logins and Kubernetes groups an identity provider group grants.
@@ -197,10 +199,11 @@ pub enum Request {
         ssh_public_key: String,
         ttl_secs: u64,
     },
-    /// Admin (`user: None`, every target) or gateway (`Some(user)`: the targets that user's
-    /// roles reach): the targets behind devices as their devices last reported them.
+    /// Admin (`None`: every target) or gateway (the certificate, DER, of the user who asks:
+    /// the targets that user's roles reach): the targets behind devices as their devices
+    /// last reported them.
     TargetList {
-        user: Option<String>,
+        user_cert_der: Option<Vec<u8>>,
     },
     /// Admin: set (`Some(bytes)`) or clear a device's monthly data budget.
     DeviceSetBudget {

@@ -121,6 +121,38 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
         other => panic!("a gateway listed recordings on its own word: {other:?}"),
     }
 
+    // Listings: which devices and targets a user's roles reach is the authority's answer to
+    // the user's own certificate only (G9b): a made-up one, or none, gets nothing.
+    for req in [
+        Request::UserDevicePage {
+            user_cert_der: forged.der().to_vec(),
+            after: String::new(),
+        },
+        Request::TargetList {
+            user_cert_der: Some(forged.der().to_vec()),
+        },
+    ] {
+        match stolen.ask(&c.tctl.addr, req) {
+            Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => {
+                assert!(e.message.contains("not signed by this cluster's CA"), "{e}")
+            }
+            other => panic!("a gateway listed a user's devices on its own word: {other:?}"),
+        }
+    }
+    match stolen.ask(
+        &c.tctl.addr,
+        Request::TargetList {
+            user_cert_der: None,
+        },
+    ) {
+        Err(RpcClientError::Remote(e)) | Ok(Response::Error(e)) => assert!(
+            e.message
+                .contains("only for the certificate of the user who asks"),
+            "{e}"
+        ),
+        other => panic!("a gateway listed every target: {other:?}"),
+    }
+
     // A recording piece planted in a device's audit stream: the gateway holds no device key,
     // so the batch is refused and nothing is stored.
     let mut chunk =

@@ -296,6 +296,32 @@ fn web_console_login_fleet_and_session_security() {
     b.login(&url, "bob", "");
     assert!(b.wait_text("#who", "bob").0);
     assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 200);
+
+    // Made-up cookies (each costs the authority a check): an address gets a burst of
+    // refusals, then 429 from the gateway itself. A session the authority accepted before
+    // keeps working from that same address, and another address has its own budget.
+    let made_up = |from: &str, i: usize| {
+        status_with_session(
+            web_addr.as_str(),
+            from,
+            "/api/session",
+            &format!("made-up-{i}"),
+        )
+    };
+    let mut seen = Vec::new();
+    for i in 0..60 {
+        let status = made_up("127.0.0.1", i);
+        let done = status != "401";
+        seen.push(status);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("429"), "{seen:?}");
+    assert!(seen.len() > 10, "the budget was spent too soon: {seen:?}");
+    assert_eq!(b.status("edgeport.signedFetch('/api/session')"), 200);
+    assert_eq!(b.status("edgeport.signedFetch('/api/devices')"), 200);
+    assert_eq!(made_up("127.0.0.7", 0), "401");
     c.tctl
         .ok(&["lock", "--user", "bob", "--message", "web test"]);
     assert!(
@@ -324,6 +350,34 @@ fn status_from(web_addr: &str, from: &str, path: &str, max_secs: u64) -> String 
             from,
             "--max-time",
             &max_secs.to_string(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{web_addr}{path}"),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The status of `GET https://WEB_ADDR/PATH` by curl from `from` with session cookie `token`
+/// and a signature that does not verify.
+fn status_with_session(web_addr: &str, from: &str, path: &str, token: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "--http1.1",
+            "--interface",
+            from,
+            "--max-time",
+            "10",
+            "-H",
+            &format!("Cookie: __Host-edgeport_session={token}"),
+            "-H",
+            &format!("x-edgeport-time: {}", now()),
+            "-H",
+            "x-edgeport-signature: 00",
             "-o",
             "/dev/null",
             "-w",

@@ -59,15 +59,29 @@ pub fn sign_host(
 }
 
 /// Every target (admin), or those `user`'s roles reach (a gateway asking for `tsh ls`).
-pub fn list(svc: &Service, user: Option<&str>, now: u64) -> Result<Response, RpcError> {
+pub fn list(
+    svc: &Service,
+    caller: &crate::service::Caller,
+    user_cert_der: Option<&[u8]>,
+    now: u64,
+) -> Result<Response, RpcError> {
+    use crate::service::Caller;
     let store = svc.store();
-    let all = targets::list(store, &devices::list(store, now)?)?;
-    let Some(user) = user else {
-        return Ok(Response::Targets(all));
+    let Some(der) = user_cert_der else {
+        if !matches!(caller, Caller::Admin(_)) {
+            return Err(crate::errors::denied(
+                "a gateway lists targets only for the certificate of the user who asks",
+            ));
+        }
+        return Ok(Response::Targets(targets::list(
+            store,
+            &devices::list(store, now)?,
+        )?));
     };
-    let subject =
-        users::subject(store, user)?.ok_or_else(|| not_found(format!("user {user} not found")))?;
-    let grants = roles::grants(store, &subject.roles)?;
+    let subject = crate::handlers::dial::certified_user(svc, der, now)?;
+    let names = crate::access_requests::dial_roles(store, &subject, der, now)?;
+    let grants = roles::grants(store, &names)?;
+    let all = targets::list(store, &devices::list(store, now)?)?;
     Ok(Response::Targets(
         all.into_iter()
             .filter(|t| grants.allows_device(&t.labels))

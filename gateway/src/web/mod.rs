@@ -67,6 +67,13 @@ const SSO_BURST: u32 = 30;
 const SSO_EVERY: Duration = Duration::from_secs(2);
 /// Sources whose single sign-on budget is tracked at once.
 const SSO_SOURCES: usize = 100_000;
+/// Session requests refused for want of a valid session (401, or 400 for a malformed
+/// proof) per source: a burst, then one per interval. Each unknown cookie costs the
+/// authority a lookup and a signature check; past the budget the source is answered 429
+/// here, except for a cookie the authority accepted before (users behind the same address
+/// as a flood keep working; their requests are checked as always).
+const BAD_SESSION_BURST: u32 = 30;
+const BAD_SESSION_EVERY: Duration = Duration::from_secs(2);
 
 /// What the console needs of the gateway's configuration.
 pub struct Options {
@@ -165,6 +172,7 @@ struct Web {
     origin: Option<String>,
     admission: crate::budget::Admission,
     sso_budget: crate::budget::RateBudget,
+    bad_sessions: crate::budget::RateBudget,
     /// Open connections per source, for their whole life: a request proves nothing (the
     /// page's own files need no session), so one source cannot keep all of the console's
     /// connections open by asking for them now and then.
@@ -224,6 +232,11 @@ pub async fn serve(
             options.known,
         ),
         sso_budget: crate::budget::RateBudget::new(SSO_BURST, SSO_EVERY, SSO_SOURCES),
+        bad_sessions: crate::budget::RateBudget::new(
+            BAD_SESSION_BURST,
+            BAD_SESSION_EVERY,
+            SSO_SOURCES,
+        ),
         connections: crate::budget::SourceBudget::with_capacity(CONNECTIONS_PER_SOURCE),
     });
     tokio::spawn(web.term.clone().watch_sessions());
@@ -417,6 +430,17 @@ fn sso_callback(path: &str) -> Option<&str> {
 }
 
 /// A connector name as `tctl sso connectors add` makes them: short, letters, digits, `-_`.
+/// Whether a route answers only with a proven session (and so asks the authority about the
+/// request's cookie and signature).
+fn needs_session(path: &str) -> bool {
+    matches!(
+        path,
+        "/api/terminal-nonce" | "/api/session" | "/api/devices" | "/api/logout" | "/api/audit"
+    ) || path == terminal::PATH
+        || path == "/api/recordings"
+        || path.starts_with("/api/recordings/")
+}
+
 fn connector_name_ok(c: &str) -> bool {
     !c.is_empty()
         && c.len() <= 64
@@ -431,6 +455,18 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 impl Web {
     async fn handle(&self, req: HttpRequest<Incoming>, addr: SocketAddr) -> Resp {
         let path = req.uri().path().to_string();
+        let with_session = needs_session(&path);
+        let now = std::time::Instant::now();
+        if with_session
+            && !self.bad_sessions.has_token(addr.ip(), now)
+            && !session::token_from_cookies(req.headers())
+                .is_some_and(|t| self.sessions.was_valid(&t, edgeport_net::clock::now_secs()))
+        {
+            return secured(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests without a valid session from your address; wait a minute",
+            ));
+        }
         let resp = match (req.method().clone(), path.as_str()) {
             (Method::GET, "/") | (Method::GET, "/index.html") => {
                 answer(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)
@@ -468,6 +504,14 @@ impl Web {
             (Method::GET, "/api/audit") => self.audit(req).await,
             _ => error(StatusCode::NOT_FOUND, "not found"),
         };
+        if with_session
+            && matches!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST
+            )
+        {
+            self.bad_sessions.allow(addr.ip(), now);
+        }
         secured(resp)
     }
 

@@ -54,16 +54,24 @@ pub fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// The authority's recent answers, by the SHA-256 of the token.
+/// At most this many tokens are remembered as valid (for the rate budget only).
+const MAX_VALID: usize = 100_000;
+
+/// The authority's recent answers, by the SHA-256 of the token; and, for the console's
+/// budget of refused session requests only (never to let a request in), the tokens the
+/// authority accepted, until their sessions expire.
 #[derive(Default)]
-pub struct SessionCache(Mutex<HashMap<String, (Instant, WebSessionInfo)>>);
+pub struct SessionCache {
+    answers: Mutex<HashMap<String, (Instant, WebSessionInfo)>>,
+    valid: Mutex<HashMap<String, u64>>,
+}
 
 impl SessionCache {
     /// A fresh answer about `token` whose browser key also verifies this request's proof.
     pub fn get(&self, proof: &WebProof, now: u64) -> Option<WebSessionInfo> {
         let key = edgeport_proto::keys::sha256_hex(proof.token.as_bytes());
         let info = {
-            let mut map = self.0.lock().ok()?;
+            let mut map = self.answers.lock().ok()?;
             map.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
             map.get(&key).map(|(_, i)| i.clone())?
         };
@@ -77,16 +85,36 @@ impl SessionCache {
 
     pub fn put(&self, token: &str, info: WebSessionInfo) {
         let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut valid) = self.valid.lock() {
+            if valid.len() >= MAX_VALID && !valid.contains_key(&key) {
+                let now = edgeport_net::clock::now_secs();
+                valid.retain(|_, expires| *expires > now);
+            }
+            if valid.len() < MAX_VALID {
+                valid.insert(key.clone(), info.expires);
+            }
+        }
+        if let Ok(mut map) = self.answers.lock() {
             map.insert(key, (Instant::now(), info));
         }
     }
 
     pub fn forget(&self, token: &str) {
         let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.answers.lock() {
             map.remove(&key);
         }
+    }
+
+    /// Whether the authority accepted `token` for a session that has not expired at `now`.
+    /// For the budget of refused requests only: a request with such a token is still checked
+    /// as any other, and one the authority refuses since (a lock, a logout) then reads why,
+    /// not that its address is over budget.
+    pub fn was_valid(&self, token: &str, now: u64) -> bool {
+        let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
+        self.valid
+            .lock()
+            .is_ok_and(|v| v.get(&key).is_some_and(|expires| *expires > now))
     }
 }
 
@@ -105,5 +133,38 @@ mod tests {
         assert!(same_secret("abc", "abc"));
         assert!(!same_secret("abc", "abd"));
         assert!(!same_secret("abc", "ab"));
+    }
+
+    #[test]
+    fn a_token_counts_as_valid_until_its_session_expires() {
+        let c = SessionCache::default();
+        let info = |expires| WebSessionInfo {
+            token: None,
+            csrf: String::new(),
+            user: "carol".into(),
+            logins: Vec::new(),
+            roles: Vec::new(),
+            expires,
+            browser_key: Vec::new(),
+        };
+        c.put("good", info(2_000));
+        assert!(c.was_valid("good", 1_000));
+        assert!(!c.was_valid("good", 2_000), "expired");
+        assert!(!c.was_valid("other", 1_000));
+        c.forget("good");
+        assert!(
+            c.was_valid("good", 1_000),
+            "refused since: still not a made-up token"
+        );
+        assert!(c
+            .get(
+                &WebProof {
+                    token: "good".into(),
+                    signed: String::new(),
+                    signature: Vec::new()
+                },
+                1_000
+            )
+            .is_none());
     }
 }

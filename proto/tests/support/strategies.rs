@@ -686,7 +686,10 @@ pub fn request() -> impl Strategy<Value = Request> {
                 user_cert_der,
             }
         }),
-        (s(), s()).prop_map(|(user, after)| Request::UserDevicePage { user, after }),
+        (bytes(), s()).prop_map(|(user_cert_der, after)| Request::UserDevicePage {
+            user_cert_der,
+            after
+        }),
         sso_mapping().prop_map(Request::SsoMapSet),
         Just(Request::SsoMapList),
         s().prop_map(|group| Request::SsoMapRemove { group }),
@@ -743,7 +746,8 @@ pub fn request() -> impl Strategy<Value = Request> {
             ssh_public_key,
             ttl_secs
         }),
-        os().prop_map(|user| Request::TargetList { user }),
+        proptest::option::of(bytes())
+            .prop_map(|user_cert_der| Request::TargetList { user_cert_der }),
         (s(), target_cert_request())
             .prop_map(|(device_id, req)| Request::TargetCert { device_id, req }),
         (s(), of(any::<u64>()))

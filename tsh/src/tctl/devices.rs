@@ -16,7 +16,12 @@ pub async fn list(s: &mut Session, a: FormatArgs) -> anyhow::Result<()> {
     }
     // Hosts behind the devices, as each device last reported them (an authority older than
     // targets has none to list).
-    let targets = match s.call(Request::TargetList { user: None }).await {
+    let targets = match s
+        .call(Request::TargetList {
+            user_cert_der: None,
+        })
+        .await
+    {
         Ok(Response::Targets(t)) => t,
         _ => Vec::new(),
     };
