@@ -22,6 +22,9 @@ pub use spool::{Spool, SpoolError};
 
 /// Events queued for the writer at most (beyond: counted as dropped).
 const QUEUE: usize = 16 * 1024;
+/// Bytes of events queued for the writer at most: recording chunks are up to 16 KiB each,
+/// and a device's memory is small.
+const QUEUE_BYTES: usize = 8 << 20;
 /// Longest value of one field (commands, paths); longer ones are cut.
 const MAX_FIELD: usize = 4096;
 
@@ -33,6 +36,61 @@ enum Msg {
 struct Sink {
     tx: SyncSender<Msg>,
     dropped: AtomicU64,
+    queued: QueueBudget,
+}
+
+/// What is queued for the writer, in events and bytes. Bulk events (recording chunks, sftp
+/// operations: what one busy session makes thousands of) may fill three quarters of either;
+/// the last quarter is kept for the rest (logins, session starts and ends, commands), so one
+/// session's flood cannot push other sessions' events out of the log.
+#[derive(Default)]
+struct QueueBudget {
+    events: std::sync::atomic::AtomicUsize,
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl QueueBudget {
+    /// Counts an event of `size` bytes in, if there is room for its kind.
+    fn admit(&self, size: usize, bulk: bool) -> bool {
+        let (events, bytes) = if bulk {
+            (QUEUE / 4 * 3, QUEUE_BYTES / 4 * 3)
+        } else {
+            (QUEUE, QUEUE_BYTES)
+        };
+        if self.events.load(Ordering::Relaxed) >= events
+            || self.bytes.load(Ordering::Relaxed).saturating_add(size) > bytes
+        {
+            return false;
+        }
+        self.events.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        true
+    }
+
+    /// The writer took an event of `size` bytes (or it was never sent).
+    fn release(&self, size: usize) {
+        let _ = self
+            .events
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(size))
+            });
+    }
+}
+
+/// About how many bytes an event takes in memory (the same figure in and out).
+fn size_of_event(ev: &AuditEvent) -> usize {
+    let fields: usize = ev.fields.iter().map(|(k, v)| k.len() + v.len() + 48).sum();
+    128 + ev.kind.len() + ev.session_id.len() + ev.user.len() + ev.login.len() + fields
+}
+
+/// Events one busy session makes by the thousand.
+fn is_bulk(kind: &str) -> bool {
+    kind == edgeport_proto::audit::RECORDING_CHUNK || kind.starts_with("sftp.")
 }
 
 static SINK: OnceLock<Sink> = OnceLock::new();
@@ -102,6 +160,7 @@ pub fn start(data_dir: &Path, max_bytes: u64) -> Result<Arc<Shared>, SpoolError>
         .set(Sink {
             tx,
             dropped: AtomicU64::new(0),
+            queued: QueueBudget::default(),
         })
         .is_err()
     {
@@ -137,7 +196,12 @@ fn writer(shared: Arc<Shared>, rx: Receiver<Msg>, mut open: open_sessions::OpenS
         // Group commit: everything queued so far goes in one write and one fsync.
         while let Some(m) = next.take() {
             match m {
-                Msg::Event(e) => events.push(e),
+                Msg::Event(e) => {
+                    if let Some(sink) = SINK.get() {
+                        sink.queued.release(size_of_event(&e));
+                    }
+                    events.push(e)
+                }
                 Msg::Flush(f) => flushes.push(f),
             }
             if events.len() < 4096 {
@@ -197,9 +261,15 @@ pub fn flood(n: u64) {
 /// Hands one event to the spool writer; never blocks.
 pub fn emit(ev: AuditEvent) {
     let Some(sink) = SINK.get() else { return };
+    let size = size_of_event(&ev);
+    if !sink.queued.admit(size, is_bulk(&ev.kind)) {
+        sink.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     match sink.tx.try_send(Msg::Event(ev)) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            sink.queued.release(size);
             sink.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -283,5 +353,44 @@ mod cut_tests {
         let c = cut(&wide);
         assert!(c.starts_with('é') && c.ends_with('é'));
         assert_eq!(cut("short"), "short");
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_bulk_events_leaves_room_for_the_others() {
+        let q = QueueBudget::default();
+        let chunk = 16 * 1024 + 200;
+        let mut bulk = 0;
+        while q.admit(chunk, true) {
+            bulk += 1;
+        }
+        // Recording chunks stop at three quarters of the bytes (not 16K of them: 256 MiB).
+        assert_eq!(bulk, (QUEUE_BYTES / 4 * 3) / chunk);
+        // A session start and commands still get in.
+        for _ in 0..100 {
+            assert!(q.admit(300, false));
+        }
+        // Once the writer has taken some, bulk events flow again.
+        for _ in 0..10 {
+            q.release(chunk);
+        }
+        assert!(q.admit(chunk, true));
+    }
+
+    #[test]
+    fn small_bulk_events_are_bounded_by_count_too() {
+        let q = QueueBudget::default();
+        let mut n = 0;
+        while q.admit(100, true) {
+            n += 1;
+        }
+        assert_eq!(n, QUEUE / 4 * 3);
+        assert!(q.admit(100, false));
+        assert!(is_bulk("sftp.file") && is_bulk(edgeport_proto::audit::RECORDING_CHUNK));
+        assert!(!is_bulk("session.start") && !is_bulk("exec"));
     }
 }
