@@ -82,6 +82,22 @@ impl Drop for TempDir {
 /// before the daemon under test binds it ("Address already in use", seen once in the
 /// tunnel tests, whose tests run side by side and connect a lot). Each process starts at its
 /// own offset and never returns the same port twice.
+/// A TCP echo server on loopback (for port forwarding), for the test's life; its port.
+pub fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an echo server");
+    let port = l.local_addr().expect("its address").port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.try_clone() else { return };
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    port
+}
+
 pub fn free_port() -> u16 {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let (lo, hi) = below_ephemeral();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use edgeport_e2e::ssh::{
     crafted_cert_attempts, random_file, same_file, ssh, Cluster, SshAgent, Tmux, Tsh,
 };
-use edgeport_e2e::{bin, run, wait_until, Authority, Run};
+use edgeport_e2e::{bin, echo_server, run, wait_until, Authority, Run};
 
 const PW: &str = "correct horse battery";
 
@@ -36,22 +36,6 @@ fn assert_error(r: &Run, code: i32, expect: &str) {
     assert!(lines[0].starts_with("error: "), "{err}");
     assert!(lines[0].contains(expect), "expected {expect:?} in:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
-}
-
-/// A TCP echo server on loopback (for port forwarding); returns its port.
-fn echo_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let mut w = s;
-                let _ = std::io::copy(&mut r, &mut w);
-            });
-        }
-    });
-    port
 }
 
 fn free_tcp_port() -> u16 {

@@ -4,6 +4,9 @@
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Stdio;
 use std::time::Duration;
 
 use edgeport_e2e::fabric::{wait_online, Agent};
@@ -98,6 +101,41 @@ fn bytes_per_service_reach_tctl_devices_usage() {
     });
     assert!(grew, "the restarted agent's bytes were not added: {last:?}");
 
+    // An `ssh -R` listener the device opened before its budget runs out.
+    let echo = edgeport_e2e::echo_server();
+    let rport = edgeport_e2e::free_port();
+    let mut rfwd = tsh.cmd(&[
+        "ssh",
+        "-N",
+        "-R",
+        &format!("{rport}:127.0.0.1:{echo}"),
+        "dev1",
+    ]);
+    rfwd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut rfwd = rfwd.spawn().unwrap();
+    let ping = || -> Vec<u8> {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", rport)) else {
+            return Vec::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(b"ping");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4];
+        while got.len() < 4 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || ping() == b"ping"),
+        "the remote forward never carried data"
+    );
+
     // A data budget below what the device moved this month: bulk transfers are refused with
     // a line naming the budget, shells go on; without the budget they work again.
     c.tctl
@@ -125,6 +163,12 @@ fn bytes_per_service_reach_tctl_devices_usage() {
     );
     let r = tsh.run(&["ssh", "root@dev1", "echo", "shell-ok"], None);
     assert_eq!(r.stdout(), "shell-ok\n", "{}", r.stderr());
+    // The listener opened before the budget ran out now closes each connection unanswered.
+    assert_eq!(
+        ping(),
+        b"",
+        "a remote forward opened before the budget ran out still carried data"
+    );
     let r = tsh.run(&["scp", file.to_str().unwrap(), &remote], None);
     assert_ne!(r.code(), Some(0), "tsh scp went through past the budget");
     assert!(
@@ -139,6 +183,12 @@ fn bytes_per_service_reach_tctl_devices_usage() {
         scp("allowed.bin").code() == Some(0)
     });
     assert!(allowed, "scp stays refused after the budget was removed");
+    assert!(
+        wait_until(Duration::from_secs(30), || ping() == b"ping"),
+        "the remote forward stayed closed after the budget was removed"
+    );
+    let _ = rfwd.kill();
+    let _ = rfwd.wait();
     let bad = c
         .tctl
         .run(&["devices", "set", "dev1", "--data-budget", "lots"]);

@@ -125,7 +125,7 @@ async fn accept_loop(
     session_id: String,
 ) {
     loop {
-        let (mut tcp, peer) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(session = %session_id, "remote forward {address}:{port}: accept failed: {e}");
@@ -133,6 +133,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        // The data budget holds for a listener opened before it ran out: past it, each
+        // connection is closed at once (the listener stays, for when the budget allows).
+        if let Some(why) = crate::usage::over_budget() {
+            tracing::info!(session = %session_id, "remote forward {address}:{port}: refused a connection from {peer}: {why}");
+            drop(tcp);
+            continue;
+        }
         let handle = handle.clone();
         let (address, session_id) = (address.clone(), session_id.clone());
         tokio::spawn(async move {
@@ -152,6 +159,7 @@ async fn accept_loop(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let mut tcp = crate::usage::CountedStream::local(tcp, crate::usage::Counted::Forward);
             let mut stream = channel.into_stream();
             let _ = tokio::io::copy_bidirectional_with_sizes(
                 &mut stream,
