@@ -200,6 +200,46 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
     assert_eq!(std::fs::read(&remote).unwrap(), data, "sftp put");
     assert_eq!(std::fs::read(&back).unwrap(), data, "sftp get");
 
+    // An `ssh -R` on the target asked for before the budget runs out: it carries data now.
+    let echo = edgeport_e2e::echo_server();
+    let rport = edgeport_e2e::free_port();
+    let mut rfwd = ssh(
+        &cfg,
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("{rport}:127.0.0.1:{echo}"),
+            "root@van/ecu1",
+        ],
+    );
+    rfwd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut rfwd = rfwd.spawn().unwrap();
+    let ping = || -> Vec<u8> {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", rport)) else {
+            return Vec::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(b"ping");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4];
+        while got.len() < 4 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || ping() == b"ping"),
+        "the target's remote forward never carried data"
+    );
+
     // Past the device's data budget, bulk transfers to a record-mode target are refused as
     // the device's own are (sftp, scp's far side, port forwards), with the line naming the budget; a
     // command still runs. Without the budget they work again.
@@ -271,6 +311,14 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
     });
     let r = alice.run(&["ssh", "root@van/ecu1", "echo", "shell-ok"], None);
     assert_eq!(r.stdout(), "shell-ok\n", "{}", r.stderr());
+    // The forward asked for before carries nothing past the budget.
+    assert_eq!(
+        ping(),
+        b"",
+        "a target's remote forward asked for before the budget ran out still carried data"
+    );
+    let _ = rfwd.kill();
+    let _ = rfwd.wait();
     c.tctl
         .ok(&["devices", "set", "van", "--data-budget", "none"]);
     let mut last = String::new();

@@ -344,8 +344,13 @@ impl client::Handler for Upstream {
     ) -> Result<(), Self::Error> {
         let asked = (connected_address.to_string(), connected_port);
         let user = self.user.get().cloned();
-        let (Some(user), true) = (user, self.forwards.lock().is_ok_and(|f| f.contains(&asked)))
-        else {
+        // Past the data budget a forward asked for earlier carries nothing more (as the
+        // device's own `-R` listeners: `remote_forward.rs`).
+        let (Some(user), true, None) = (
+            user,
+            self.forwards.lock().is_ok_and(|f| f.contains(&asked)),
+            crate::usage::over_budget(),
+        ) else {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
