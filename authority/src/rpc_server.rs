@@ -30,8 +30,14 @@ use crate::service::{request_name, Caller, Service};
 /// How many connections each party may hold (`Limits::connections`).
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
-    /// TLS handshakes one source (an IPv4 address, an IPv6 /64) may have in progress; more
-    /// wait, up to the handshake deadline, for one of its own.
+    /// Connections one source (an IPv4 address, an IPv6 /64) may hold in any phase, waiting
+    /// for a handshake included; past it, new ones are closed at accept.
+    pub per_source: usize,
+    /// The same for a source where a gateway or administrator proved itself in the last
+    /// day (gateways behind one address share it).
+    pub per_known_source: usize,
+    /// TLS handshakes one source may have in progress; more wait, up to the handshake
+    /// deadline, for one of its own.
     pub handshakes_per_source: usize,
     /// Connections one source may hold without a gateway's or administrator's certificate.
     pub unproven_per_source: usize,
@@ -48,6 +54,8 @@ pub struct ConnectionLimits {
 impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
+            per_source: 80,
+            per_known_source: 1024,
             handshakes_per_source: 16,
             unproven_per_source: 64,
             per_gateway: 512,
@@ -72,6 +80,8 @@ enum Holder {
 
 /// The connection budgets of one listener.
 struct Budgets {
+    sources: KeyedBudget<std::net::IpAddr>,
+    known_sources: KeyedBudget<std::net::IpAddr>,
     handshakes: KeyedBudget<std::net::IpAddr>,
     unproven: KeyedBudget<Holder>,
     gateways: KeyedBudget<Holder>,
@@ -86,6 +96,8 @@ struct Budgets {
 impl Budgets {
     fn new(l: ConnectionLimits) -> Self {
         Self {
+            sources: KeyedBudget::with_capacity(l.per_source),
+            known_sources: KeyedBudget::with_capacity(l.per_known_source),
             handshakes: KeyedBudget::with_capacity(l.handshakes_per_source),
             unproven: KeyedBudget::with_capacity(l.unproven_per_source),
             gateways: KeyedBudget::with_capacity(l.per_gateway),
@@ -200,17 +212,33 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
+        // Every connection counts against its source from accept to close, waiting for a
+        // handshake included, so no one address holds more than its share of the slots.
+        let known = budgets.known.is_known(peer.ip(), Instant::now());
+        let per_source = if known {
+            &budgets.known_sources
+        } else {
+            &budgets.sources
+        };
+        let Some(source_slot) = per_source.take(source_of(peer.ip()), Duration::ZERO).await else {
+            crate::metrics::handshake_failed("busy");
+            log_refused(peer, "this source holds too many connections");
+            continue;
+        };
         // Until it proves a gateway or an administrator, a connection holds one of the
         // unproven slots: anonymous load never takes the ones kept for them. A source where
         // one of them proved itself recently handshakes outside that pool.
-        let unproven = if budgets.known.is_known(peer.ip(), Instant::now()) {
+        let unproven = if known {
             None
         } else {
             match budgets.unproven_all.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
                     crate::metrics::handshake_failed("busy");
-                    tracing::debug!(%peer, "too many unproven connections; dropped");
+                    log_refused(
+                        peer,
+                        "too many connections without a gateway's or administrator's certificate",
+                    );
                     continue;
                 }
             }
@@ -226,7 +254,7 @@ pub async fn serve(
         };
         tokio::spawn(async move {
             conn.run(tcp, unproven).await;
-            drop(permit);
+            drop((permit, source_slot));
         });
     }
     drop(listener);
@@ -257,6 +285,23 @@ fn caller_of(tls: &TlsStream<TcpStream>, cluster: &str, peer: SocketAddr) -> Cal
     }
 }
 
+/// Logs a connection refused for want of budget at info, at most once every 10 s (a flood
+/// would fill the log), with how many were refused since the last such line.
+fn log_refused(peer: SocketAddr, why: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    let now = edgeport_net::clock::now_secs();
+    let last = LAST.load(Relaxed);
+    if now >= last.saturating_add(10) && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+    {
+        let more = SINCE.swap(0, Relaxed);
+        tracing::info!(%peer, "connection refused: {why} ({more} more refused since the last such line)");
+    } else {
+        SINCE.fetch_add(1, Relaxed);
+    }
+}
+
 static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// One client connection and what it shares with the others.
@@ -282,7 +327,7 @@ impl Connection {
             .await
         else {
             crate::metrics::handshake_failed("busy");
-            tracing::debug!(%peer, "this source kept too many TLS handshakes in progress; dropped");
+            log_refused(peer, "this source kept too many TLS handshakes in progress");
             return;
         };
         let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp));
@@ -301,6 +346,21 @@ impl Connection {
         };
         drop(handshake_slot);
         let caller = caller_of(&tls, self.service.cluster(), peer);
+        // A revoked or locked gateway gets no share, and its address does not become known.
+        if self.barred(&caller).await {
+            tracing::info!(%peer, %caller, "connection of a revoked or locked gateway refused");
+            let msg = RpcError::new(
+                ErrorKind::GatewayRevoked,
+                format!("{caller} was revoked or is locked by an administrator"),
+            );
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                send(&mut tls, &Response::Error(msg)),
+            )
+            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+            return;
+        }
         let (_share, _unproven) = match self.budgets.admit(&caller, peer, unproven).await {
             Ok(held) => held,
             Err(why) => {

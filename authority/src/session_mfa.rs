@@ -71,6 +71,9 @@ pub fn issue(
     let mut ev = AuditEvent::new(kind, now.saturating_mul(1000));
     ev.user = who.clone();
     ev.fields.insert("gateway".into(), gateway.to_string());
+    if let Some((_, target)) = edgeport_proto::targets::split(&device) {
+        ev.fields.insert("target".into(), target.to_string());
+    }
     let device_id = match &result {
         Ok(c) => {
             ev.fields
@@ -174,10 +177,15 @@ fn sign(
         info.id.clone(),
         grants.permit_agent_forwarding,
     )?;
+    // A target's code opens that target only (and the device's own sessions need theirs).
+    let opened = match target {
+        Some(name) => format!("{}/{name}", info.id),
+        None => info.id.clone(),
+    };
     store::put(
         store,
         Table::AccessRequests,
-        &record_key(&subject.name, &info.id),
+        &record_key(&subject.name, &opened),
         &valid_before,
     )?;
     Ok(SessionMfaCert {
@@ -187,9 +195,9 @@ fn sign(
     })
 }
 
-/// For `AuthorizeDial`: refuses an SSH dial by `user` to `device` (an id) with `labels` when
-/// the roles `grants` require a second factor for it and none was given for this device within
-/// a certificate's lifetime.
+/// For `AuthorizeDial`: refuses an SSH dial by `user` to `device` (an id, or `ID/TARGET` for a
+/// host behind it) with `labels` when the roles `grants` require a second factor for it and
+/// none was given for exactly that device or target within a certificate's lifetime.
 pub fn check_dial(
     svc: &Service,
     grants: &roles::Grants,

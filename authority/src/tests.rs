@@ -1211,6 +1211,7 @@ async fn connections_are_budgeted_per_source_and_per_identity() {
         per_gateway: 512,
         per_admin: 3,
         unproven_total: 4,
+        ..Default::default()
     };
     let (server, anonymous, admin) = start_limited(&tmp.path().join("data"), limits).await;
     let addr = server.addr();
@@ -1262,6 +1263,7 @@ async fn handshakes_in_progress_are_budgeted_per_source() {
     let tmp = tempfile::tempdir().unwrap();
     let limits = crate::rpc_server::ConnectionLimits {
         handshakes_per_source: 2,
+        per_source: 3,
         ..Default::default()
     };
     let (server, anonymous, _) = start_limited(&tmp.path().join("data"), limits).await;
@@ -1281,6 +1283,10 @@ async fn handshakes_in_progress_are_budgeted_per_source() {
         !waiting.is_finished(),
         "a third handshake from a source with two in progress was not held back"
     );
+    // Waiting counts too: with three connections in any phase, the source's fourth is
+    // closed at once instead of queueing.
+    let fourth = try_connect_from("127.0.0.4", addr, anonymous.clone()).await;
+    assert!(fourth.is_err(), "a source past its connections was queued");
     drop(first_idle);
     let mut s = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
         .await

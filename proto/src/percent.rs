@@ -10,8 +10,10 @@ pub fn decode(s: &str, form: bool) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
+            // Two hex digits exactly (`from_str_radix` alone would take `+A`).
             b'%' => match b
                 .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
             {
@@ -57,6 +59,9 @@ mod tests {
         assert_eq!(decode("a%20b+c", true), "a b c");
         assert_eq!(decode("http%3A%2F%2Fx", true), "http://x");
         assert_eq!(decode("50%", true), "50%");
+        assert_eq!(decode("%+A", false), "%+A");
+        assert_eq!(decode("%+A", true), "% A");
+        assert_eq!(decode("%-1x", false), "%-1x");
     }
 
     #[test]

@@ -485,7 +485,7 @@ fn a_target_behind_a_device_needs_the_second_factor_too() {
     assert!(
         issued.as_array().is_some_and(|a| a
             .iter()
-            .any(|e| e["user"] == "erin" && e["device"] == "van")),
+            .any(|e| e["user"] == "erin" && e["device"] == "van" && e["target"] == "ecu1")),
         "{issued:#?}"
     );
 }

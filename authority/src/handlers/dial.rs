@@ -90,12 +90,16 @@ pub fn authorize_dial(
             grants.extension.roles.join(",")
         )));
     }
-    match service {
-        // A target behind the device counts by its own labels; the second factor given for
-        // its device (`tsh ssh DEVICE/TARGET` asks for one naming the target) opens it, as
-        // the device's agent takes that certificate for a record-mode target.
-        Service::Ssh | Service::Target(_) => {
+    match &service {
+        // A target behind the device counts by its own labels and needs a second factor
+        // given for it (`tsh ssh DEVICE/TARGET` asks for one naming the target; the
+        // certificate names the device, whose agent relays).
+        Service::Ssh => {
             crate::session_mfa::check_dial(svc, &grants, &user, &info.id, &labels, now)?
+        }
+        Service::Target(name) => {
+            let target = format!("{}/{name}", info.id);
+            crate::session_mfa::check_dial(svc, &grants, &user, &target, &labels, now)?
         }
         // kubectl has no way to give a per-session code: a role that asks for one keeps
         // its devices' Kubernetes closed rather than open with the login's certificate

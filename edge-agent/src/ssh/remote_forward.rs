@@ -136,7 +136,7 @@ async fn accept_loop(
         // The data budget holds for a listener opened before it ran out: past it, each
         // connection is closed at once (the listener stays, for when the budget allows).
         if let Some(why) = crate::usage::over_budget() {
-            tracing::info!(session = %session_id, "remote forward {address}:{port}: refused a connection from {peer}: {why}");
+            tracing::debug!(session = %session_id, "remote forward {address}:{port}: refused a connection from {peer}: {why}");
             drop(tcp);
             continue;
         }

@@ -520,7 +520,12 @@ async fn handle(
     }
     let Some(device) = device_for(&front, &cluster).await else {
         let resp = missing_cluster(&front, &cluster).await;
-        return refused("", resp, "no device serves this Kubernetes cluster");
+        let why = if resp.status() == StatusCode::NOT_FOUND {
+            "no device serves this Kubernetes cluster"
+        } else {
+            "the device serving this Kubernetes cluster is offline"
+        };
+        return refused("", resp, why);
     };
     if let Err(e) = front
         .reach

@@ -70,8 +70,9 @@ const SSO_SOURCES: usize = 100_000;
 /// Session requests refused for want of a valid session (401, or 400 for a malformed
 /// proof) per source: a burst, then one per interval. Each unknown cookie costs the
 /// authority a lookup and a signature check; past the budget the source is answered 429
-/// here, except for a cookie the authority accepted before (users behind the same address
-/// as a flood keep working; their requests are checked as always).
+/// here, except for a request signed by the browser key of a session the authority accepted
+/// before (users behind the same address as a flood keep working; their requests are
+/// checked as always).
 const BAD_SESSION_BURST: u32 = 30;
 const BAD_SESSION_EVERY: Duration = Duration::from_secs(2);
 
@@ -459,8 +460,8 @@ impl Web {
         let now = std::time::Instant::now();
         if with_session
             && !self.bad_sessions.has_token(addr.ip(), now)
-            && !session::token_from_cookies(req.headers())
-                .is_some_and(|t| self.sessions.was_valid(&t, edgeport_net::clock::now_secs()))
+            && !session::proof_of(req.headers(), req.method().as_str(), &path)
+                .is_some_and(|p| self.sessions.was_valid(&p, edgeport_net::clock::now_secs()))
         {
             return secured(error(
                 StatusCode::TOO_MANY_REQUESTS,

@@ -59,11 +59,11 @@ const MAX_VALID: usize = 100_000;
 
 /// The authority's recent answers, by the SHA-256 of the token; and, for the console's
 /// budget of refused session requests only (never to let a request in), the tokens the
-/// authority accepted, until their sessions expire.
+/// authority accepted, with their sessions' expiry and browser key.
 #[derive(Default)]
 pub struct SessionCache {
     answers: Mutex<HashMap<String, (Instant, WebSessionInfo)>>,
-    valid: Mutex<HashMap<String, u64>>,
+    valid: Mutex<HashMap<String, (u64, Vec<u8>)>>,
 }
 
 impl SessionCache {
@@ -88,10 +88,10 @@ impl SessionCache {
         if let Ok(mut valid) = self.valid.lock() {
             if valid.len() >= MAX_VALID && !valid.contains_key(&key) {
                 let now = edgeport_net::clock::now_secs();
-                valid.retain(|_, expires| *expires > now);
+                valid.retain(|_, (expires, _)| *expires > now);
             }
             if valid.len() < MAX_VALID {
-                valid.insert(key.clone(), info.expires);
+                valid.insert(key.clone(), (info.expires, info.browser_key.clone()));
             }
         }
         if let Ok(mut map) = self.answers.lock() {
@@ -106,15 +106,21 @@ impl SessionCache {
         }
     }
 
-    /// Whether the authority accepted `token` for a session that has not expired at `now`.
-    /// For the budget of refused requests only: a request with such a token is still checked
-    /// as any other, and one the authority refuses since (a lock, a logout) then reads why,
-    /// not that its address is over budget.
-    pub fn was_valid(&self, token: &str, now: u64) -> bool {
-        let key = edgeport_proto::keys::sha256_hex(token.as_bytes());
-        self.valid
-            .lock()
-            .is_ok_and(|v| v.get(&key).is_some_and(|expires| *expires > now))
+    /// Whether the authority accepted `proof`'s token for a session that has not expired at
+    /// `now`, and the proof is signed by that session's browser key (checked here): a stolen
+    /// or made-up cookie gets no pass. For the budget of refused requests only: such a request
+    /// is still checked as any other, and one the authority refuses since (a lock, a logout)
+    /// then reads why, not that its address is over budget.
+    pub fn was_valid(&self, proof: &WebProof, now: u64) -> bool {
+        let key = edgeport_proto::keys::sha256_hex(proof.token.as_bytes());
+        let Some(browser_key) = self.valid.lock().ok().and_then(|v| {
+            v.get(&key)
+                .filter(|(expires, _)| *expires > now)
+                .map(|(_, k)| k.clone())
+        }) else {
+            return false;
+        };
+        edgeport_proto::web::verify(&browser_key, &proof.signed, &proof.signature, now).is_ok()
     }
 }
 
@@ -136,35 +142,48 @@ mod tests {
     }
 
     #[test]
-    fn a_token_counts_as_valid_until_its_session_expires() {
+    fn a_session_counts_as_valid_for_its_own_browser_key_until_it_expires() {
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
         let c = SessionCache::default();
-        let info = |expires| WebSessionInfo {
-            token: None,
-            csrf: String::new(),
-            user: "carol".into(),
-            logins: Vec::new(),
-            roles: Vec::new(),
-            expires,
-            browser_key: Vec::new(),
+        c.put(
+            "good",
+            WebSessionInfo {
+                token: None,
+                csrf: String::new(),
+                user: "carol".into(),
+                logins: Vec::new(),
+                roles: Vec::new(),
+                expires: 2_000,
+                browser_key: kp.public_key().as_ref().to_vec(),
+            },
+        );
+        let proof = |token: &str, at: u64| {
+            let signed = edgeport_proto::web::signed_text(at, "GET", "/api/session");
+            let signature = kp.sign(&rng, signed.as_bytes()).unwrap().as_ref().to_vec();
+            WebProof {
+                token: token.into(),
+                signed,
+                signature,
+            }
         };
-        c.put("good", info(2_000));
-        assert!(c.was_valid("good", 1_000));
-        assert!(!c.was_valid("good", 2_000), "expired");
-        assert!(!c.was_valid("other", 1_000));
+        assert!(c.was_valid(&proof("good", 1_000), 1_000));
+        assert!(!c.was_valid(&proof("good", 2_000), 2_000), "expired");
+        assert!(!c.was_valid(&proof("other", 1_000), 1_000), "another token");
+        let mut unsigned = proof("good", 1_000);
+        unsigned.signature = vec![0; 64];
+        assert!(!c.was_valid(&unsigned, 1_000), "the cookie alone");
         c.forget("good");
         assert!(
-            c.was_valid("good", 1_000),
-            "refused since: still not a made-up token"
+            c.was_valid(&proof("good", 1_000), 1_000),
+            "refused since, but signed by its browser: it reads why, not 429"
         );
-        assert!(c
-            .get(
-                &WebProof {
-                    token: "good".into(),
-                    signed: String::new(),
-                    signature: Vec::new()
-                },
-                1_000
-            )
-            .is_none());
+        assert!(
+            c.get(&proof("good", 1_000), 1_000).is_none(),
+            "no cached answer"
+        );
     }
 }
