@@ -353,12 +353,7 @@ impl Connection {
                 ErrorKind::GatewayRevoked,
                 format!("{caller} was revoked or is locked by an administrator"),
             );
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                send(&mut tls, &Response::Error(msg)),
-            )
-            .await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+            refuse(tls, msg).await;
             return;
         }
         let (_share, _unproven) = match self.budgets.admit(&caller, peer, unproven).await {
@@ -366,13 +361,7 @@ impl Connection {
             Err(why) => {
                 tracing::info!(%peer, %caller, "connection refused: {why}");
                 crate::metrics::handshake_failed("busy");
-                let msg = RpcError::new(ErrorKind::Denied, why);
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    send(&mut tls, &Response::Error(msg)),
-                )
-                .await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+                refuse(tls, RpcError::new(ErrorKind::Denied, why)).await;
                 return;
             }
         };
@@ -492,6 +481,16 @@ impl Connection {
         crate::metrics::rpc(method, start.elapsed(), &resp);
         resp
     }
+}
+
+/// Tells a client why it is refused (best effort, a second for each step) and closes.
+async fn refuse(mut tls: TlsStream<TcpStream>, why: RpcError) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        send(&mut tls, &Response::Error(why)),
+    )
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
 }
 
 /// Writes one response frame; an answer too large for a frame becomes an error answer.

@@ -98,6 +98,26 @@ pub fn echo_server() -> u16 {
     port
 }
 
+/// Sends "ping" to 127.0.0.1:`port` and returns what came back within 10 s (empty when the
+/// connection was refused or closed unanswered): through a forward to [`echo_server`].
+pub fn ping_port(port: u16) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return Vec::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(b"ping");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4];
+    while got.len() < 4 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
+
 pub fn free_port() -> u16 {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let (lo, hi) = below_ephemeral();

@@ -218,23 +218,7 @@ fn record_mode_to_a_real_sshd_behind_the_device() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut rfwd = rfwd.spawn().unwrap();
-    let ping = || -> Vec<u8> {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", rport)) else {
-            return Vec::new();
-        };
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = s.write_all(b"ping");
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4];
-        while got.len() < 4 {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        got
-    };
+    let ping = || edgeport_e2e::ping_port(rport);
     assert!(
         wait_until(Duration::from_secs(30), || ping() == b"ping"),
         "the target's remote forward never carried data"

@@ -4,8 +4,6 @@
 // Test code, helpers included: failing loudly is its job.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -115,22 +113,7 @@ fn bytes_per_service_reach_tctl_devices_usage() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut rfwd = rfwd.spawn().unwrap();
-    let ping = || -> Vec<u8> {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", rport)) else {
-            return Vec::new();
-        };
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = s.write_all(b"ping");
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4];
-        while got.len() < 4 {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        got
-    };
+    let ping = || edgeport_e2e::ping_port(rport);
     assert!(
         wait_until(Duration::from_secs(30), || ping() == b"ping"),
         "the remote forward never carried data"

@@ -342,48 +342,42 @@ fn web_console_login_fleet_and_session_security() {
 /// The status of `GET https://WEB_ADDR/PATH` by curl from `from` (a loopback address), or
 /// `000` when no answer came within `max_secs`.
 fn status_from(web_addr: &str, from: &str, path: &str, max_secs: u64) -> String {
-    let out = Command::new("curl")
-        .args([
-            "-sk",
-            "--http1.1",
-            "--interface",
-            from,
-            "--max-time",
-            &max_secs.to_string(),
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("https://{web_addr}{path}"),
-        ])
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    status_with_headers(web_addr, from, path, max_secs, &[])
 }
 
-/// The status of `GET https://WEB_ADDR/PATH` by curl from `from` with session cookie `token`
-/// and a signature that does not verify.
+/// As [`status_from`] (10 s), with session cookie `token` and a signature that does not
+/// verify.
 fn status_with_session(web_addr: &str, from: &str, path: &str, token: &str) -> String {
-    let out = Command::new("curl")
-        .args([
-            "-sk",
-            "--http1.1",
-            "--interface",
-            from,
-            "--max-time",
-            "10",
-            "-H",
-            &format!("Cookie: __Host-edgeport_session={token}"),
-            "-H",
-            &format!("x-edgeport-time: {}", now()),
-            "-H",
-            "x-edgeport-signature: 00",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("https://{web_addr}{path}"),
-        ])
+    let headers = [
+        format!("Cookie: __Host-edgeport_session={token}"),
+        format!("x-edgeport-time: {}", now()),
+        "x-edgeport-signature: 00".to_string(),
+    ];
+    status_with_headers(web_addr, from, path, 10, &headers)
+}
+
+fn status_with_headers(
+    web_addr: &str,
+    from: &str,
+    path: &str,
+    max_secs: u64,
+    headers: &[String],
+) -> String {
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sk",
+        "--http1.1",
+        "--interface",
+        from,
+        "--max-time",
+        &max_secs.to_string(),
+    ]);
+    for h in headers {
+        curl.args(["-H", h]);
+    }
+    let out = curl
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("https://{web_addr}{path}"))
         .output()
         .expect("curl");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
