@@ -243,6 +243,13 @@ pub async fn serve(
                 }
             }
         };
+        // A handshake slot free now is taken here, in accept order; only a connection that
+        // has to wait for one waits in its own task. (Taken in the task, a later connection
+        // could overtake earlier ones that hold the source's slots.)
+        let handshake_slot = budgets
+            .handshakes
+            .take(source_of(peer.ip()), Duration::ZERO)
+            .await;
         let conn = Connection {
             id: NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             peer,
@@ -253,7 +260,7 @@ pub async fn serve(
             budgets: budgets.clone(),
         };
         tokio::spawn(async move {
-            conn.run(tcp, unproven).await;
+            conn.run(tcp, unproven, handshake_slot).await;
             drop((permit, source_slot));
         });
     }
@@ -317,15 +324,24 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, tcp: TcpStream, unproven: Option<OwnedSemaphorePermit>) {
+    async fn run(
+        self,
+        tcp: TcpStream,
+        unproven: Option<OwnedSemaphorePermit>,
+        handshake_slot: Option<Slot<std::net::IpAddr>>,
+    ) {
         let peer = self.peer;
         let source = source_of(peer.ip());
-        let Some(handshake_slot) = self
-            .budgets
-            .handshakes
-            .take(source, HANDSHAKE_TIMEOUT)
-            .await
-        else {
+        let handshake_slot = match handshake_slot {
+            Some(slot) => Some(slot),
+            None => {
+                self.budgets
+                    .handshakes
+                    .take(source, HANDSHAKE_TIMEOUT)
+                    .await
+            }
+        };
+        let Some(handshake_slot) = handshake_slot else {
             crate::metrics::handshake_failed("busy");
             log_refused(peer, "this source kept too many TLS handshakes in progress");
             return;
