@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use edgeport_proto::audit::AuditEvent;
 use edgeport_proto::rpc::{DeviceInfo, RpcError};
-use edgeport_proto::targets::TargetInfo;
+use edgeport_proto::targets::{labels_of, TargetInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{self, Store, Table};
@@ -119,7 +119,8 @@ pub fn report(st: &dyn Store, device_id: &str) -> Result<Report, RpcError> {
     Ok(store::get(st, Table::Targets, device_id)?.unwrap_or_default())
 }
 
-/// Target `name` of `device`, as shown and matched: the device's labels with the target's on top.
+/// Target `name` of `device`, as shown and matched: the device's labels and the target's own
+/// keys (see [`info`]).
 pub fn find(
     st: &dyn Store,
     device: &DeviceInfo,
@@ -141,9 +142,9 @@ pub fn list(st: &dyn Store, devices: &[DeviceInfo]) -> Result<Vec<TargetInfo>, R
     Ok(out)
 }
 
+/// A target as shown and matched, with [`labels_of`] its device's and its own.
 fn info(device: &DeviceInfo, t: Reported) -> TargetInfo {
-    let mut labels = device.labels.clone();
-    labels.extend(t.labels);
+    let labels = labels_of(&device.labels, &t.labels);
     TargetInfo {
         device: device.id.clone(),
         name: t.name,
@@ -192,5 +193,40 @@ mod tests {
             "mode.NAME=record marks a record-mode target"
         );
         assert!(!ecu.hostkey_mismatch && ecu.hostkey.is_none());
+    }
+
+    #[test]
+    fn a_target_adds_labels_but_never_overrides_the_devices() {
+        let device = DeviceInfo {
+            id: "van".into(),
+            labels: [("env", "prod"), ("fleet", "vans")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            online: true,
+            transport: None,
+            address: String::new(),
+            version: String::new(),
+            arch: String::new(),
+            rtt_ms: None,
+            last_seen: 0,
+            last_disconnect_reason: None,
+            gateway: None,
+            joined_at: 0,
+            kube_cluster: None,
+            loss_permille: None,
+            address_changes_24h: 0,
+        };
+        let mut ev = AuditEvent::new(REPORT, 5);
+        ev.fields
+            .insert("t.ecu1".into(), "10.0.0.1:22 env=dev zone=engine".into());
+        let t = parse(&ev).targets.remove(0);
+        let shown = info(&device, t);
+        assert_eq!(shown.labels["env"], "prod", "the device's value stands");
+        assert_eq!(
+            shown.labels["zone"], "engine",
+            "the target's own key is added"
+        );
+        assert_eq!(shown.labels["fleet"], "vans");
     }
 }

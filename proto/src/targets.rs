@@ -5,6 +5,21 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The labels roles match a target by: the device's, plus the target's own keys the device
+/// does not have. The device reports its targets' labels itself, so a target may describe
+/// itself (`zone=engine`) but never gives another value for a key of the device's, whose
+/// labels the token set at join: behind an `env=prod` device every target is `env=prod`, for
+/// allow and deny rules and per-session MFA alike. The authority (dial checks, lists) and the
+/// agent (record mode's own check) both use this.
+pub fn labels_of(
+    device: &BTreeMap<String, String>,
+    target: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut labels = target.clone();
+    labels.extend(device.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
+}
+
 /// One target behind a device, as its device last reported it in its signed audit log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetInfo {
@@ -12,7 +27,8 @@ pub struct TargetInfo {
     pub name: String,
     /// `HOST:PORT` on the device's side, as configured on the agent.
     pub addr: String,
-    /// The device's labels with the target's own on top (what roles match).
+    /// The device's labels and the target's own other keys (what roles match; see
+    /// [`labels_of`]).
     pub labels: BTreeMap<String, String>,
     /// The agent's last TCP check: `None` when it has not checked yet.
     pub reachable: Option<bool>,

@@ -140,7 +140,8 @@ fn relay_to_a_real_sshd_behind_the_device() {
     // under another name (its certificate names van/ecu1, not van/alias); gone is closed.
     let lines = [
         format!("ecu1={target} zone=engine"),
-        format!("cam={target} zone=camera"),
+        // A target cannot give another value for a key of the device's (fleet=vans stands).
+        format!("cam={target} zone=camera fleet=cameras"),
         format!("alias={target}"),
         format!("gone={closed}"),
     ];
@@ -193,6 +194,8 @@ fn relay_to_a_real_sshd_behind_the_device() {
     assert_eq!(by_name("ecu1")["address"], "van/ecu1", "{van}");
     assert_eq!(by_name("ecu1")["labels"]["zone"], "engine", "{van}");
     assert_eq!(by_name("ecu1")["labels"]["fleet"], "vans", "{van}");
+    assert_eq!(by_name("cam")["labels"]["fleet"], "vans", "{van}");
+    assert_eq!(by_name("cam")["labels"]["zone"], "camera", "{van}");
     assert!(by_name("ecu1")["checked"].is_string(), "{van}");
     assert_eq!(by_name("gone")["status"], "unreachable", "{van}");
 

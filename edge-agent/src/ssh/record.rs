@@ -2,7 +2,7 @@
 //!
 //! The agent terminates the user's SSH itself, with the same checks as for its own logins
 //! (user CA, validity, principal = login, locks, the ticket's user, roles against the
-//! target's labels on top of the device's), but presenting its bare host key: the relay hello
+//! device's labels and the target's own, `edgeport_proto::targets::labels_of`), but presenting its bare host key: the relay hello
 //! already gave tsh this device's signed word that this key answers for `DEVICE/TARGET`.
 //! Once the user's certificate passes, the agent makes a key pair for this one session and
 //! asks the authority, through its tunnel, for a certificate for it: the request carries the
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use edgeport_proto::keys::KeyPair;
 use edgeport_proto::sshcert::UserGrant;
-use edgeport_proto::targets::TargetCertRequest;
+use edgeport_proto::targets::{labels_of, TargetCertRequest};
 use russh::keys::ssh_key::{Certificate, PublicKey};
 use russh::keys::PublicKeyOrCertificate;
 use russh::server::{Auth, Handle, Msg};
@@ -79,7 +79,8 @@ pub(super) struct TargetConn {
     target: Target,
     /// `DEVICE/TARGET`.
     name: String,
-    /// The device's labels with the target's on top: what the roles are matched against.
+    /// The device's labels and the target's other keys ([`labels_of`]): what the roles are
+    /// matched against.
     pub(super) labels: BTreeMap<String, String>,
     /// The connection to the target, until the login uses it.
     tcp: Option<TcpStream>,
@@ -90,8 +91,7 @@ pub(super) struct TargetConn {
 
 impl TargetConn {
     pub(super) fn new(inner: &Arc<Inner>, target: Target, tcp: TcpStream) -> Self {
-        let mut labels = inner.labels.clone();
-        labels.extend(target.labels.clone());
+        let labels = labels_of(&inner.labels, &target.labels);
         Self {
             name: format!("{}/{}", inner.device_id, target.name),
             inner: inner.clone(),
