@@ -747,6 +747,7 @@ mod tests {
             &Request::RenewDevice(edgeport_proto::rpc::RenewDeviceRequest {
                 device_id: "x".into(),
                 ssh_public_key: String::new(),
+                proof: None,
             }),
         )
         .unwrap_err();

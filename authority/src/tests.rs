@@ -317,6 +317,7 @@ async fn full_flow_over_rpc() {
     let renew = RenewDeviceRequest {
         device_id: "van-1".into(),
         ssh_public_key: dev_key.public_openssh(),
+        proof: None,
     };
     assert!(matches!(
         g.call(Request::RenewDevice(renew.clone())).await.unwrap(),

@@ -322,6 +322,20 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// Asks for a renewal of the same key, signed with it: the authority records a renewal only
+/// on the device's own proof (`edgeport_proto::renew`).
+fn ask_renewal(ctl: &mut Machine, ident: &DeviceIdentity) {
+    let proof = edgeport_proto::renew::RenewProof::sign(
+        &ident.key,
+        &ident.device_id,
+        &ident.cas,
+        now_secs(),
+    );
+    if let Err(e) = ctl.request_renew(ident.key.public_openssh(), proof) {
+        tracing::debug!("renewal not asked for: {e}");
+    }
+}
+
 /// Does what the machine asks after an input: writes its frames and acts on its events
 /// (renewal checks, renewed certificates, locks, audit acks). Returns the close reason once
 /// the machine has closed.
@@ -350,9 +364,7 @@ async fn drive(
                 let ident = agent.identity();
                 if ident.needs_renewal(now_secs()) || agent.take_forced_renew() {
                     tracing::info!("certificates are due for renewal; asking the gateway");
-                    if let Err(e) = ctl.request_renew(ident.key.public_openssh()) {
-                        tracing::debug!("renewal not asked for: {e}");
-                    }
+                    ask_renewal(ctl, &ident);
                 }
             }
             AgentEvent::Renewed(certs) => {
@@ -369,10 +381,7 @@ async fn drive(
                 match agent.take_cas(&cas) {
                     Ok(true) => {
                         tracing::info!("the host CA was rotated; renewing the host certificate under the new CA");
-                        let key = agent.identity().key.public_openssh();
-                        if let Err(e) = ctl.request_renew(key) {
-                            tracing::debug!("renewal not asked for: {e}");
-                        }
+                        ask_renewal(ctl, &agent.identity());
                     }
                     Ok(false) => {}
                     Err(e) => tracing::error!("rotated CA bundle refused: {e}"),

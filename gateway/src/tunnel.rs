@@ -362,11 +362,15 @@ impl Io {
             }
             // Relays run on the gateway's tasks (drained on shutdown); the machine bounds how
             // many run at once.
-            GatewayEvent::Renew { id, ssh_public_key } => {
+            GatewayEvent::Renew {
+                id,
+                ssh_public_key,
+                proof,
+            } => {
                 let (host, done) = (host.clone(), self.done.clone());
                 let device_id = self.device_id.clone();
                 self.host.life.tasks.spawn(async move {
-                    let r = renew_device(&host, device_id, ssh_public_key).await;
+                    let r = renew_device(&host, device_id, ssh_public_key, proof).await;
                     let _ = done.send(Box::new(Done::Renew(id, r))).await;
                 });
             }
@@ -491,14 +495,18 @@ async fn target_cert(
     }
 }
 
+/// Relays a device's renewal with its signature (none from older agents): the authority
+/// records a renewal only on the device's proof, not on this gateway's word.
 async fn renew_device(
     host: &TunnelHost,
     device_id: String,
     ssh_public_key: String,
+    proof: Option<edgeport_proto::renew::RenewProof>,
 ) -> Result<DeviceCerts, RpcError> {
     let req = Request::RenewDevice(RenewDeviceRequest {
         device_id: device_id.clone(),
         ssh_public_key,
+        proof,
     });
     let answer = host.auth.call(req).await;
     crate::metrics::renewal("device", &answer);

@@ -19,6 +19,7 @@ pub mod identity;
 pub mod keys;
 pub mod percent;
 pub mod proxy_headers;
+pub mod renew;
 pub mod rpc;
 pub mod sshcert;
 pub mod targets;

@@ -766,6 +766,10 @@ pub struct RenewDeviceRequest {
     /// Taken by the gateway from the device's tunnel certificate.
     pub device_id: String,
     pub ssh_public_key: String,
+    /// The device's signature on this renewal (`None` from agents older than the proof):
+    /// without it the authority still signs certificates for the recorded key but does not
+    /// record a renewal.
+    pub proof: Option<crate::renew::RenewProof>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -63,6 +63,13 @@ pub enum AgentControl {
     /// device; the gateway relays it to the authority and answers with
     /// [`GatewayControl::TargetCert`] of the same `id`.
     TargetCert(crate::targets::TargetCertRequest),
+    /// [`AgentControl::Renew`] with the device's signature: the authority records a renewal
+    /// (what CA rotations count) only with it. Older agents send `Renew`, older gateways
+    /// cannot decode this one: upgrade gateways before agents.
+    RenewProven {
+        ssh_public_key: String,
+        proof: crate::renew::RenewProof,
+    },
 }
 
 /// Gateway -> agent on the control stream.

@@ -289,7 +289,12 @@ pub fn join_device(
     Ok(Response::DeviceCerts(certs))
 }
 
-/// RenewDevice: fresh certificates for a known, not removed device and the same key.
+/// RenewDevice: fresh certificates for a known, not removed device and the same key. The
+/// certificates are public and bound to the recorded key, so they go to any gateway that
+/// asks; the renewal is recorded (what a CA rotation counts as spread) only on the device's
+/// own fresh signature naming the CA bundle served now ([`edgeport_proto::renew`]), never on
+/// a gateway's word. A proof that does not verify is refused outright: the relaying gateway
+/// made or changed it.
 pub fn renew_device(
     svc: &Service,
     gateway: &str,
@@ -311,9 +316,127 @@ pub fn renew_device(
             dev.id
         )));
     }
+    let counted = match &req.proof {
+        Some(proof) => proof
+            .check(&dev.id, &dev.ssh_public_key, &svc.ca().bundle(), now)
+            .map_err(|e| denied(format!("renewal of device {} refused: {e}", dev.id)))?
+            .map_err(|why| why.to_string()),
+        None => Err(
+            "it carries no proof from the device (an agent older than the proof, or \
+                     the gateway's own request)"
+                .to_string(),
+        ),
+    };
     let certs = sign_device(svc, &dev.id, &dev.ssh_public_key, &dev.labels, now)?;
-    devices::record_renewal(store, &dev.id, now)?;
-    svc.spread.renewed(&dev.id);
-    tracing::info!(device = %dev.id, gateway, "device certificates renewed");
+    match counted {
+        Ok(()) => {
+            devices::record_renewal(store, &dev.id, now)?;
+            svc.spread.renewed(&dev.id);
+            tracing::info!(device = %dev.id, gateway, "device certificates renewed");
+        }
+        Err(why) => tracing::info!(
+            device = %dev.id,
+            gateway,
+            "device certificates signed but the renewal is not counted: {why}"
+        ),
+    }
     Ok(Response::DeviceCerts(certs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeport_proto::keys::KeyPair;
+    use edgeport_proto::renew::RenewProof;
+    use edgeport_proto::rpc::Request;
+    use std::sync::Arc;
+
+    /// A gateway's word renews nothing: certificates for the recorded key go to whoever asks
+    /// (they are public), but only the device's own fresh signature records a renewal, and a
+    /// proof that does not verify is refused.
+    #[test]
+    fn only_the_devices_proof_records_a_renewal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::SledStore::open(&tmp.path().join("s")).unwrap());
+        let ca =
+            crate::ca::CertAuthority::new("edge", crate::ca::CaKeys::generate("edge").unwrap())
+                .unwrap();
+        let svc = Service::new(store, Arc::new(ca), Default::default());
+        let (dev, other) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let joined = 1_000_000;
+        crate::store::put(
+            svc.store(),
+            crate::store::Table::Devices,
+            "van",
+            &devices::DeviceRecord {
+                id: "van".into(),
+                ssh_public_key: dev.public_openssh(),
+                labels: Default::default(),
+                joined_at: joined,
+                renewed_at: joined,
+                version: String::new(),
+                arch: String::new(),
+                token_id: String::new(),
+                joined_via: String::new(),
+                join_addr: String::new(),
+                data_budget: None,
+            },
+        )
+        .unwrap();
+        let gw = crate::service::Caller::Gateway("gw-1".into());
+        let renewed_at = || {
+            devices::get(svc.store(), "van")
+                .unwrap()
+                .unwrap()
+                .renewed_at
+        };
+        let renew = |proof: Option<RenewProof>, now: u64| {
+            svc.handle_at(
+                &gw,
+                Request::RenewDevice(RenewDeviceRequest {
+                    device_id: "van".into(),
+                    ssh_public_key: dev.public_openssh(),
+                    proof,
+                }),
+                now,
+            )
+        };
+        let now = joined + 86_400;
+        // No proof (an older agent, or a gateway on its own): certificates, no renewal.
+        assert!(matches!(renew(None, now), Response::DeviceCerts(_)));
+        assert_eq!(renewed_at(), joined);
+        // Signed by another key or for another device: refused, with why.
+        let cas = svc.ca().bundle();
+        for (proof, why) in [
+            (
+                RenewProof::sign(&other, "van", &cas, now),
+                "does not verify",
+            ),
+            (RenewProof::sign(&dev, "car", &cas, now), "does not verify"),
+        ] {
+            match renew(Some(proof), now) {
+                Response::Error(e) => {
+                    assert_eq!(e.kind, edgeport_proto::rpc::ErrorKind::Denied);
+                    assert!(e.message.contains(why), "{e}");
+                }
+                other => panic!("a bad proof was taken: {other:?}"),
+            }
+        }
+        assert_eq!(renewed_at(), joined);
+        // The device's own, but long ago or under another bundle (a replay from before a
+        // rotation): certificates, no renewal.
+        let mut before = cas.clone();
+        before.host_ca = other.public_openssh();
+        for proof in [
+            RenewProof::sign(&dev, "van", &cas, now - 3600),
+            RenewProof::sign(&dev, "van", &before, now),
+        ] {
+            assert!(matches!(renew(Some(proof), now), Response::DeviceCerts(_)));
+        }
+        assert_eq!(renewed_at(), joined);
+        // The device's own fresh signature under the bundle served now: recorded.
+        let proof = RenewProof::sign(&dev, "van", &cas, now);
+        assert!(matches!(renew(Some(proof), now), Response::DeviceCerts(_)));
+        assert_eq!(renewed_at(), now);
+    }
 }

@@ -410,14 +410,22 @@ impl AgentControl {
         Ok(())
     }
 
-    /// Asks the gateway for fresh certificates for the same key.
-    pub fn request_renew(&mut self, ssh_public_key: String) -> Result<(), ControlError> {
+    /// Asks the gateway for fresh certificates for the same key, with the device's
+    /// signature on the request (see [`crate::renew`]).
+    pub fn request_renew(
+        &mut self,
+        ssh_public_key: String,
+        proof: crate::renew::RenewProof,
+    ) -> Result<(), ControlError> {
         let e = self.established()?;
         if e.renew_pending {
             return Err(ControlError::RenewInFlight);
         }
         e.renew_pending = true;
-        self.transmits.push_back(AgentMsg::Renew { ssh_public_key });
+        self.transmits.push_back(AgentMsg::RenewProven {
+            ssh_public_key,
+            proof,
+        });
         Ok(())
     }
 

@@ -60,8 +60,13 @@ pub enum GatewayEvent {
     Established,
     /// The device's last measured round-trip time (from its Ping).
     Rtt(u32),
-    /// Relay this renewal to the authority, then call [`GatewayControl::renew_done`].
-    Renew { id: RelayId, ssh_public_key: String },
+    /// Relay this renewal to the authority, then call [`GatewayControl::renew_done`]; the
+    /// device's signature is `None` from older agents.
+    Renew {
+        id: RelayId,
+        ssh_public_key: String,
+        proof: Option<crate::renew::RenewProof>,
+    },
     /// Relay this batch to the authority, then call [`GatewayControl::audit_done`].
     Audit { id: RelayId, batch: AuditBatch },
     /// Relay this per-session target certificate request to the authority, then call
@@ -157,7 +162,7 @@ impl RelayKind {
 
 #[derive(Debug)]
 enum Relay {
-    Renew(String),
+    Renew(String, Option<crate::renew::RenewProof>),
     Audit(AuditBatch),
     TargetCert(crate::targets::TargetCertRequest),
 }
@@ -299,7 +304,11 @@ impl GatewayControl {
                             .push_back(GatewayEvent::Ignored(GatewayIgnored::SecondHello));
                         None
                     }
-                    AgentMsg::Renew { ssh_public_key } => Some(Relay::Renew(ssh_public_key)),
+                    AgentMsg::Renew { ssh_public_key } => Some(Relay::Renew(ssh_public_key, None)),
+                    AgentMsg::RenewProven {
+                        ssh_public_key,
+                        proof,
+                    } => Some(Relay::Renew(ssh_public_key, Some(proof))),
                     AgentMsg::Audit(batch) => Some(Relay::Audit(batch)),
                     AgentMsg::TargetCert(req) => Some(Relay::TargetCert(req)),
                     AgentMsg::Usage(report) => {
@@ -537,9 +546,13 @@ impl GatewayControl {
 
 fn start_relay(e: &mut Established, events: &mut VecDeque<GatewayEvent>, id: RelayId, r: Relay) {
     match r {
-        Relay::Renew(ssh_public_key) => {
+        Relay::Renew(ssh_public_key, proof) => {
             e.in_flight.insert(id, RelayKind::Renew);
-            events.push_back(GatewayEvent::Renew { id, ssh_public_key });
+            events.push_back(GatewayEvent::Renew {
+                id,
+                ssh_public_key,
+                proof,
+            });
         }
         Relay::Audit(batch) => {
             e.in_flight.insert(id, RelayKind::Audit);

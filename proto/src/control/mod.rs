@@ -123,6 +123,7 @@ fn agent_msg_kind(m: &crate::tunnel::AgentControl) -> &'static str {
     match m {
         M::Hello(_) => "Hello",
         M::Renew { .. } => "Renew",
+        M::RenewProven { .. } => "RenewProven",
         M::Ping { .. } => "Ping",
         M::Audit(_) => "Audit",
         M::Usage(_) => "Usage",

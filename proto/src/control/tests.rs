@@ -32,6 +32,15 @@ fn hello(id: &str) -> Hello {
     }
 }
 
+/// A renewal proof (the control core only carries it; the authority checks it).
+fn proof() -> crate::renew::RenewProof {
+    crate::renew::RenewProof {
+        signed_at: 7,
+        bundle: "digest".into(),
+        signature: vec![1, 2, 3],
+    }
+}
+
 fn certs() -> DeviceCerts {
     DeviceCerts {
         device_id: "van-1".into(),
@@ -335,16 +344,16 @@ fn agent_renewal_flow() {
     let t0 = Instant::now();
     let mut a = tcp_agent(t0);
     assert_eq!(
-        a.request_renew("k".into()),
+        a.request_renew("k".into(), proof()),
         Err(ControlError::NotEstablished)
     );
     let mut a = established_agent(t0);
-    a.request_renew("k".into()).unwrap();
+    a.request_renew("k".into(), proof()).unwrap();
     assert!(
-        matches!(a.poll_transmit(), Some(AgentMsg::Renew { ssh_public_key }) if ssh_public_key == "k")
+        matches!(a.poll_transmit(), Some(AgentMsg::RenewProven { ssh_public_key, proof: p }) if ssh_public_key == "k" && p == proof())
     );
     assert_eq!(
-        a.request_renew("k".into()),
+        a.request_renew("k".into(), proof()),
         Err(ControlError::RenewInFlight)
     );
     // No RenewDue while one is pending (a Pong keeps the keep-alive happy meanwhile).
@@ -365,7 +374,7 @@ fn agent_renewal_flow() {
         [AgentEvent::Ignored(AgentIgnored::UnsolicitedRenewed)]
     ));
     // A refused renewal keeps the tunnel; a refusal outside one ends it.
-    a.request_renew("k".into()).unwrap();
+    a.request_renew("k".into(), proof()).unwrap();
     let refusal = GatewayMsg::Refused(RpcError::new(ErrorKind::Internal, "down"));
     a.handle_message(at(t0, 603), refusal.clone()).unwrap();
     assert!(matches!(
@@ -378,7 +387,10 @@ fn agent_renewal_flow() {
         a.close_reason(),
         Some(AgentCloseReason::Refused(_))
     ));
-    assert_eq!(a.request_renew("k".into()), Err(ControlError::Closed));
+    assert_eq!(
+        a.request_renew("k".into(), proof()),
+        Err(ControlError::Closed)
+    );
 }
 
 #[test]
@@ -640,16 +652,21 @@ fn gateway_relays_renewals_and_audit() {
     assert!(g.renew_done(t0, r, Ok(certs())).is_err());
     g.audit_done(t0, au, ack(9)).unwrap();
     assert!(matches!(g.poll_transmit(), Some(GatewayMsg::AuditAck(a)) if a.acked_seq == 9));
+    // A signed renewal (current agents) carries the device's proof to the authority; an
+    // older agent's Renew above carried none.
+    assert!(matches!(&ev[0], GatewayEvent::Renew { proof: None, .. }));
     g.handle_message(
         t0,
-        AgentMsg::Renew {
+        AgentMsg::RenewProven {
             ssh_public_key: "k".into(),
+            proof: proof(),
         },
     )
     .unwrap();
-    let GatewayEvent::Renew { id, .. } = events_g(&mut g).remove(0) else {
+    let GatewayEvent::Renew { id, proof: p, .. } = events_g(&mut g).remove(0) else {
         panic!()
     };
+    assert_eq!(p, Some(proof()));
     g.renew_done(t0, id, Err(RpcError::new(ErrorKind::Internal, "down")))
         .unwrap();
     assert!(matches!(g.poll_transmit(), Some(GatewayMsg::Refused(_))));
@@ -904,7 +921,7 @@ impl Sim {
     }
 
     fn request_renew(&mut self) {
-        if self.agent.request_renew("key".into()).is_ok() {
+        if self.agent.request_renew("key".into(), proof()).is_ok() {
             self.renew_requests += 1;
         }
     }

@@ -646,12 +646,13 @@ pub fn request() -> impl Strategy<Value = Request> {
         s().prop_map(|id| Request::DeviceRemove { id }),
         join_gw,
         join_device_request().prop_map(Request::JoinDevice),
-        (s(), s()).prop_map(|(device_id, ssh_public_key)| Request::RenewDevice(
-            RenewDeviceRequest {
+        (s(), s(), of(renew_proof())).prop_map(|(device_id, ssh_public_key, proof)| {
+            Request::RenewDevice(RenewDeviceRequest {
                 device_id,
-                ssh_public_key
-            }
-        )),
+                ssh_public_key,
+                proof,
+            })
+        }),
         renew_gw,
         presence,
         login_request().prop_map(Request::Login),
@@ -1160,7 +1161,21 @@ pub fn agent_control() -> impl Strategy<Value = AgentControl> {
         audit_batch().prop_map(AgentControl::Audit),
         usage_report().prop_map(AgentControl::Usage),
         target_cert_request().prop_map(AgentControl::TargetCert),
+        (s(), renew_proof()).prop_map(|(ssh_public_key, proof)| AgentControl::RenewProven {
+            ssh_public_key,
+            proof
+        }),
     ]
+}
+
+pub fn renew_proof() -> impl Strategy<Value = edgeport_proto::renew::RenewProof> {
+    (any::<u64>(), s(), bytes()).prop_map(|(signed_at, bundle, signature)| {
+        edgeport_proto::renew::RenewProof {
+            signed_at,
+            bundle,
+            signature,
+        }
+    })
 }
 
 pub fn gateway_control() -> impl Strategy<Value = GatewayControl> {
