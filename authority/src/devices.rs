@@ -40,6 +40,10 @@ pub struct DeviceRecord {
     /// Monthly data budget in bytes (`tctl devices set --data-budget`); none by default.
     #[serde(default)]
     pub data_budget: Option<u64>,
+    /// The device has attested a tunnel (`edgeport_proto::attest`): from then on a gateway
+    /// that shows no attestation for it is never taken as its holder.
+    #[serde(default)]
+    pub attests: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -69,6 +73,10 @@ pub struct PresenceRecord {
     /// When the device's IP address changed (not just its port), the last 24 hours' worth.
     #[serde(default)]
     pub address_changes: Vec<u64>,
+    /// When the device signed the attestation of this tunnel (its clock, milliseconds), if
+    /// the gateway showed one.
+    #[serde(default)]
+    pub proven_ms: Option<u64>,
 }
 
 /// What a gateway said last, to tell which devices it dropped since.
@@ -142,8 +150,11 @@ pub fn register(store: &dyn Store, rec: DeviceRecord) -> Result<DeviceRecord, Rp
             Some(old) if !same_key(&old.ssh_public_key, &rec.ssh_public_key) => Err(exists(
                 format!("device id {} is already taken by another device", rec.id),
             )),
+            // A join again (same key) proves no hold of the key: it keeps what the device
+            // proved (its attestation of tunnels) as well as when it first joined.
             Some(old) => Ok(Some(DeviceRecord {
                 joined_at: old.joined_at,
+                attests: old.attests,
                 ..rec.clone()
             })),
             None => Ok(Some(rec.clone())),
@@ -251,13 +262,23 @@ pub fn apply_part(
     let prev: GatewayReport =
         store::get(store, Table::GatewayReports, gateway)?.unwrap_or_default();
     let mut superseded = Vec::new();
+    let (mut forged, mut unproven) = (0usize, 0usize);
     for p in &report.online {
         // Only devices in the inventory have presence; a removed one gets its revocation in
         // the acknowledgement instead.
         let Some(dev) = get(store, &p.id)? else {
             continue;
         };
-        snap.seen.insert(p.id.clone(), p.connected_at);
+        let proven = match &p.proof {
+            Some(proof) => match proof.verify(&p.id, gateway, &dev.ssh_public_key) {
+                Ok(()) => Some(proof.signed_at_ms),
+                Err(_) => {
+                    forged += 1;
+                    None
+                }
+            },
+            None => None,
+        };
         let old: Option<PresenceRecord> = store::get(store, Table::Presence, &p.id)?;
         // The device is held by another gateway now, and this gateway still reports the
         // tunnel it reported before: that tunnel is an old one (the device reconnected
@@ -272,10 +293,37 @@ pub fn apply_part(
                 && prev.connected.get(&p.id) == Some(&p.connected_at)
         });
         if taken_over {
+            snap.seen.insert(p.id.clone(), p.connected_at);
             superseded.push((p.id.clone(), p.connected_at));
             continue;
         }
-        let rec = online_record(gateway, p, lease_expires, now, old);
+        // The gateway's word is not enough (security.md G9): a device that attested a tunnel
+        // before is held only by a gateway that shows its attestation, and a device another
+        // gateway holds with an attestation moves only on a later one (the device's clock,
+        // compared with itself). Such a claim is left out, not answered with `superseded`:
+        // it may be the device's newest tunnel, its attestation still on the way.
+        let held_elsewhere = old
+            .as_ref()
+            .filter(|o| o.gateway != gateway && now < o.lease_expires);
+        let ignored = match proven {
+            None => dev.attests || held_elsewhere.is_some_and(|o| o.proven_ms.is_some()),
+            Some(at) => held_elsewhere.is_some_and(|o| o.proven_ms.is_some_and(|t| t >= at)),
+        };
+        if ignored {
+            unproven += 1;
+            continue;
+        }
+        snap.seen.insert(p.id.clone(), p.connected_at);
+        if proven.is_some() && !dev.attests {
+            store::update::<DeviceRecord, RpcError, _>(store, Table::Devices, &p.id, |cur| {
+                Ok(cur.map(|mut d| {
+                    d.attests = true;
+                    d
+                }))
+            })?;
+        }
+        let mut rec = online_record(gateway, p, lease_expires, now, old);
+        rec.proven_ms = proven;
         store::put(store, Table::Presence, &p.id, &rec)?;
         if let Some(usage) = &p.usage {
             crate::usage::absorb(store, &p.id, usage, now)?;
@@ -283,6 +331,20 @@ pub fn apply_part(
                 crate::usage::refresh_over_budget(store, &p.id, dev.data_budget, now)?;
             }
         }
+    }
+    if forged > 0 {
+        tracing::warn!(
+            gateway,
+            devices = forged,
+            "presence claims whose device attestation does not verify were ignored"
+        );
+    }
+    if unproven > 0 {
+        tracing::debug!(
+            gateway,
+            devices = unproven,
+            "presence claims without a (newer) device attestation were left out"
+        );
     }
     snap.disconnected.extend(
         report
@@ -360,6 +422,7 @@ fn online_record(
         loss_permille: p.loss_permille.map(|l| l.min(1000)),
         address_changes: address_changes(old.as_ref(), &p.address, now),
         last_disconnect_reason: old.and_then(|o| o.last_disconnect_reason),
+        proven_ms: None,
     }
 }
 
@@ -496,6 +559,7 @@ mod tests {
             joined_via: "gw-a".into(),
             join_addr: "192.0.2.1:1".into(),
             data_budget: None,
+            attests: false,
         }
     }
 
@@ -512,6 +576,7 @@ mod tests {
             kube_cluster: None,
             loss_permille: None,
             usage: None,
+            proof: None,
         }
     }
 
@@ -619,6 +684,62 @@ mod tests {
         assert_eq!(all.len(), 2000);
         all.dedup();
         assert_eq!(all.len(), 2000);
+    }
+
+    /// G9: a gateway's word does not make it a device's holder. A device that attested a
+    /// tunnel is held only with its attestation for the reporting gateway, and moves from a
+    /// gateway that shows one only on a later one.
+    #[test]
+    fn a_gateway_holds_a_device_only_on_its_attestation() {
+        use edgeport_proto::attest::TunnelProof;
+        let (_d, s) = store();
+        let (k, other) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        register(&s, device("van", &k)).unwrap();
+        let claim = |proof: Option<TunnelProof>, connected_at: u64| PresenceReport {
+            lease_secs: 30,
+            online: vec![DevicePresence {
+                proof,
+                connected_at,
+                ..seen("van")
+            }],
+            ..Default::default()
+        };
+        let holder = |now| lookup(&s, "van", now).unwrap().unwrap().gateway;
+        // Before any attestation (an agent older than it), a gateway's word still holds it.
+        apply_report(&s, "gw-rogue", &claim(None, 1), 1000).unwrap();
+        assert_eq!(holder(1001).as_deref(), Some("gw-rogue"));
+        // The device attests its tunnel to gw-b: gw-b holds it, proved, from then on.
+        let at_b = TunnelProof::sign(&k, "van", "gw-b", 5_000);
+        apply_report(&s, "gw-b", &claim(Some(at_b.clone()), 2), 1002).unwrap();
+        assert_eq!(holder(1003).as_deref(), Some("gw-b"));
+        assert!(get(&s, "van").unwrap().unwrap().attests);
+        // The rogue's word, a forged attestation, gw-b's attestation shown by the rogue, and
+        // the device's attestation for another gateway all leave gw-b the holder.
+        for proof in [
+            None,
+            Some(TunnelProof::sign(&other, "van", "gw-rogue", 9_000)),
+            Some(at_b.clone()),
+            Some(TunnelProof::sign(&k, "van", "gw-b", 9_000)),
+        ] {
+            let superseded = apply_report(&s, "gw-rogue", &claim(proof, 3), 1004).unwrap();
+            assert!(superseded.is_empty(), "left out, not told to close");
+            assert_eq!(holder(1005).as_deref(), Some("gw-b"));
+        }
+        // Offline (gw-b's lease ran out) it is still not the rogue's without an attestation.
+        apply_report(&s, "gw-rogue", &claim(None, 4), 1100).unwrap();
+        assert!(!online(&s, "van", 1101));
+        // An older tunnel the device attested to gw-a does not take it from gw-b; the newest
+        // does (the device moved to gw-a again).
+        apply_report(&s, "gw-b", &claim(Some(at_b), 2), 1200).unwrap();
+        let old_a = TunnelProof::sign(&k, "van", "gw-a", 4_000);
+        apply_report(&s, "gw-a", &claim(Some(old_a), 5), 1201).unwrap();
+        assert_eq!(holder(1202).as_deref(), Some("gw-b"));
+        let new_a = TunnelProof::sign(&k, "van", "gw-a", 6_000);
+        apply_report(&s, "gw-a", &claim(Some(new_a), 6), 1203).unwrap();
+        assert_eq!(holder(1204).as_deref(), Some("gw-a"));
+        // A join again under the same key (no proof of the key) keeps the device's attests.
+        register(&s, device("van", &k)).unwrap();
+        assert!(get(&s, "van").unwrap().unwrap().attests);
     }
 
     #[test]

@@ -366,6 +366,7 @@ async fn full_flow_over_rpc() {
             kube_cluster: None,
             loss_permille: None,
             usage: None,
+            proof: None,
         }],
         disconnected: vec![],
         ..Default::default()
@@ -741,6 +742,7 @@ fn presence_lease_expiry_through_the_service() {
             kube_cluster: Some("k1".into()),
             loss_permille: None,
             usage: None,
+            proof: None,
         }],
         disconnected: vec![],
         ..Default::default()
@@ -798,6 +800,7 @@ fn dial_grants_need_the_users_own_certificate_and_carry_a_ticket() {
                 kube_cluster: None,
                 loss_permille: None,
                 usage: None,
+                proof: None,
             }],
             ..Default::default()
         }),

@@ -482,6 +482,7 @@ mod tests {
                 kube_cluster: None,
                 loss_permille: None,
                 usage: None,
+                proof: None,
             })
             .collect();
         let report = PresenceReport {

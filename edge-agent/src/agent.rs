@@ -68,6 +68,9 @@ pub struct Agent {
     pub shutdown: CancellationToken,
     /// A renewal asked for regardless of the certificates' age (tests).
     forced_renew: AtomicBool,
+    /// The digest of the CA bundle the last renewal's proof named (`edgeport_proto::renew`):
+    /// if the answer brought another bundle, the authority did not count that renewal.
+    pub renew_signed_bundle: std::sync::Mutex<String>,
     /// The audit spool (`None` if it could not be opened: the agent runs without audit).
     pub audit: Option<Arc<crate::audit::Shared>>,
 }
@@ -312,6 +315,7 @@ pub async fn run_with(
     let agent = Agent {
         audit,
         forced_renew: AtomicBool::new(test_renew),
+        renew_signed_bundle: Default::default(),
         cfg,
         identity: RwLock::new(Arc::new(ident)),
         services,

@@ -150,6 +150,18 @@ pub async fn establish(
             gateway_id = Some(id);
         }
     }
+    if let Some(gw) = &gateway_id {
+        // The device's word that it chose this gateway: the authority takes the gateway as
+        // this device's holder only with it (sent with the first frames of the session).
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let proof =
+            edgeport_proto::attest::TunnelProof::sign(&ident.key, &ident.device_id, gw, now_ms);
+        if let Err(e) = ctl.attest(proof) {
+            tracing::debug!("tunnel attestation not sent: {e}");
+        }
+    }
     match (halves, gateway_id) {
         (Some((reader, writer)), Some(gateway_id)) if ctl.is_established() => Ok(Session {
             conn,
@@ -324,15 +336,21 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Asks for a renewal of the same key, signed with it: the authority records a renewal only
 /// on the device's own proof (`edgeport_proto::renew`).
-fn ask_renewal(ctl: &mut Machine, ident: &DeviceIdentity) {
+fn ask_renewal(agent: &Agent, ctl: &mut Machine, ident: &DeviceIdentity) {
     let proof = edgeport_proto::renew::RenewProof::sign(
         &ident.key,
         &ident.device_id,
         &ident.cas,
         now_secs(),
     );
-    if let Err(e) = ctl.request_renew(ident.key.public_openssh(), proof) {
-        tracing::debug!("renewal not asked for: {e}");
+    let bundle = proof.bundle.clone();
+    match ctl.request_renew(ident.key.public_openssh(), proof) {
+        Ok(()) => {
+            if let Ok(mut b) = agent.renew_signed_bundle.lock() {
+                *b = bundle;
+            }
+        }
+        Err(e) => tracing::debug!("renewal not asked for: {e}"),
     }
 }
 
@@ -364,12 +382,26 @@ async fn drive(
                 let ident = agent.identity();
                 if ident.needs_renewal(now_secs()) || agent.take_forced_renew() {
                     tracing::info!("certificates are due for renewal; asking the gateway");
-                    ask_renewal(ctl, &ident);
+                    ask_renewal(agent, ctl, &ident);
                 }
             }
             AgentEvent::Renewed(certs) => {
                 crate::metrics::renewal(true);
-                agent.renewed(&certs)
+                agent.renewed(&certs);
+                // Signed with a bundle the authority no longer served (a CA rotation step
+                // raced the renewal, or its push came while the renewal was in flight): the
+                // certificates are good but the renewal was not counted. Once more, with the
+                // bundle just taken.
+                let ident = agent.identity();
+                let signed = agent
+                    .renew_signed_bundle
+                    .lock()
+                    .map(|b| b.clone())
+                    .unwrap_or_default();
+                if signed != edgeport_proto::renew::bundle_digest(&ident.cas) {
+                    tracing::info!("the CA bundle changed during the renewal; renewing again");
+                    ask_renewal(agent, ctl, &ident);
+                }
             }
             AgentEvent::RenewRefused(e) => {
                 crate::metrics::renewal(false);
@@ -381,7 +413,7 @@ async fn drive(
                 match agent.take_cas(&cas) {
                     Ok(true) => {
                         tracing::info!("the host CA was rotated; renewing the host certificate under the new CA");
-                        ask_renewal(ctl, &agent.identity());
+                        ask_renewal(agent, ctl, &agent.identity());
                     }
                     Ok(false) => {}
                     Err(e) => tracing::error!("rotated CA bundle refused: {e}"),

@@ -380,6 +380,11 @@ mod tests {
             kube_cluster: None,
             loss_permille: Some(3),
             usage: None,
+            proof: Some(edgeport_proto::attest::TunnelProof {
+                gateway: "gateway-1".into(),
+                signed_at_ms: 1_700_000_000_000,
+                signature: vec![7; 64],
+            }),
         }
     }
 

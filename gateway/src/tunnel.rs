@@ -409,6 +409,16 @@ impl Io {
                     }
                 }
             }
+            GatewayEvent::Attested(proof) => {
+                if let Some(t) = &self.tunnel {
+                    if let Ok(mut p) = t.proof.lock() {
+                        *p = Some(proof);
+                    }
+                    // Reported at once: until then the authority does not take this
+                    // gateway as the holder of a device that proved itself before.
+                    self.host.tunnels.changed.notify_one();
+                }
+            }
         }
     }
 }
@@ -437,6 +447,7 @@ fn register(
         control,
         tcp_rtt_ms: Default::default(),
         usage: Default::default(),
+        proof: Default::default(),
         close_reason: Mutex::new(None),
     });
     if host.tunnels.get(&tunnel.device_id).is_some() {

@@ -63,6 +63,9 @@ pub struct Tunnel {
     pub close_reason: Mutex<Option<String>>,
     /// The agent's latest byte counters, passed on with the next presence report.
     pub usage: Mutex<Option<edgeport_proto::usage::UsageReport>>,
+    /// The device's signed word that it holds this tunnel, passed on with every presence
+    /// report: the authority takes this gateway as the device's holder only with it.
+    pub proof: Mutex<Option<edgeport_proto::attest::TunnelProof>>,
 }
 
 impl Tunnel {
@@ -113,6 +116,7 @@ impl Tunnel {
             // Sent once: agents report cumulative counters, so one lost with a failed
             // presence report is made good by the agent's next.
             usage: self.usage.lock().ok().and_then(|mut u| u.take()),
+            proof: self.proof.lock().ok().and_then(|p| p.clone()),
         }
     }
 

@@ -153,6 +153,18 @@ pub fn parse_ed25519_public(line: &str) -> Result<(PublicKey, Vec<u8>), KeyError
     }
 }
 
+/// Verifies an Ed25519 `signature` over `msg` with the key of an OpenSSH public key line
+/// (`Err(Cert)` when it does not verify).
+pub fn verify_ed25519_line(line: &str, msg: &[u8], signature: &[u8]) -> Result<(), KeyError> {
+    let key = PublicKey::from_openssh(line.trim())?;
+    let ssh_key::public::KeyData::Ed25519(raw) = key.key_data() else {
+        return Err(KeyError::NotEd25519);
+    };
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, raw.0)
+        .verify(msg, signature)
+        .map_err(|_| KeyError::Cert("the signature does not verify".into()))
+}
+
 /// Wraps DER contents in a SEQUENCE header.
 fn der_sequence(contents: &[u8]) -> Vec<u8> {
     let mut out = vec![0x30];

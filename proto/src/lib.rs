@@ -8,6 +8,7 @@
 //! See `docs/architecture.md` for who sends which message to whom.
 
 pub mod alpn;
+pub mod attest;
 pub mod audit;
 pub mod ca_bundle;
 pub mod codec;

@@ -19,7 +19,7 @@ use crate::keys::KeyPair;
 /// A proof signed longer ago (or further ahead) than this is not counted.
 pub const RENEW_MAX_AGE_SECS: u64 = 300;
 
-const CONTEXT: &[u8] = b"edgeport device renewal v1\0";
+const CONTEXT: &[u8] = b"edgeport-device-renewal/1\0";
 
 /// Signed by the device for one renewal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,16 +51,35 @@ pub enum RenewProofError {
     BadKey,
 }
 
-/// Hex SHA-256 of a bundle's signed contents (cluster and CAs, not the signature).
+/// Hex SHA-256 of all a bundle says: its signed contents (cluster, SSH CAs, and the x509
+/// CAs' digests during an x509 rotation), every x509 CA certificate and the pin (so one x509
+/// CA and another outside a rotation differ too), not the signature.
 pub fn bundle_digest(bundle: &CaBundle) -> String {
-    crate::keys::sha256_hex(&bundle.signed_bytes())
+    let mut all = bundle.signed_bytes();
+    for der in bundle.x509_ca_ders().unwrap_or_default() {
+        all.extend_from_slice(b"x509 ");
+        all.extend_from_slice(crate::keys::sha256_hex(&der).as_bytes());
+        all.push(b'\n');
+    }
+    all.extend_from_slice(b"pin ");
+    all.extend_from_slice(bundle.ca_pin.as_bytes());
+    crate::keys::sha256_hex(&all)
+}
+
+/// An OpenSSH public key line without its comment (`ssh-ed25519 AAAA...`): what is signed,
+/// so that a comment cannot make the authority's recorded line and the device's differ.
+fn key_text(line: &str) -> String {
+    line.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The bytes a device signs to renew as `device` with `ssh_public_key` at `signed_at`,
 /// trusting the bundle whose digest is `bundle`.
 pub fn signed_bytes(device: &str, ssh_public_key: &str, bundle: &str, signed_at: u64) -> Vec<u8> {
     let mut out = CONTEXT.to_vec();
-    for part in [device, ssh_public_key.trim(), bundle] {
+    for part in [device, &key_text(ssh_public_key), bundle] {
         out.extend_from_slice(&(part.len() as u32).to_be_bytes());
         out.extend_from_slice(part.as_bytes());
     }
@@ -89,15 +108,15 @@ impl RenewProof {
         current: &CaBundle,
         now: u64,
     ) -> Result<Result<(), NotCounted>, RenewProofError> {
-        let (key, _) = crate::keys::parse_ed25519_public(ssh_public_key)
-            .map_err(|_| RenewProofError::BadKey)?;
-        let russh::keys::ssh_key::public::KeyData::Ed25519(raw) = key.key_data() else {
-            return Err(RenewProofError::BadKey);
-        };
         let msg = signed_bytes(device, ssh_public_key, &self.bundle, self.signed_at);
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, raw.0)
-            .verify(&msg, &self.signature)
-            .map_err(|_| RenewProofError::BadSignature)?;
+        crate::keys::verify_ed25519_line(ssh_public_key, &msg, &self.signature).map_err(
+            |e| match e {
+                crate::keys::KeyError::NotEd25519 | crate::keys::KeyError::Ssh(_) => {
+                    RenewProofError::BadKey
+                }
+                _ => RenewProofError::BadSignature,
+            },
+        )?;
         let age = now.abs_diff(self.signed_at);
         Ok(if age > RENEW_MAX_AGE_SECS {
             Err(NotCounted::Stale(age))

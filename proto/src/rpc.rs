@@ -815,6 +815,9 @@ pub struct DevicePresence {
     pub loss_permille: Option<u32>,
     /// The agent's latest byte counters (agents that report them).
     pub usage: Option<crate::usage::UsageReport>,
+    /// The device's signed word that it holds this tunnel to the reporting gateway (`None`
+    /// until it arrives, and from agents older than it): see [`crate::attest`].
+    pub proof: Option<crate::attest::TunnelProof>,
 }
 
 /// A gateway's view of its tunnels. `online` replaces everything the gateway said before

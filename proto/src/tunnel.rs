@@ -70,6 +70,10 @@ pub enum AgentControl {
         ssh_public_key: String,
         proof: crate::renew::RenewProof,
     },
+    /// Sent once after Welcome: the device's signed word that it holds this tunnel to the
+    /// gateway that welcomed it, which the gateway passes on with presence (see
+    /// [`crate::attest`]). Older gateways cannot decode it: upgrade gateways before agents.
+    Attest(crate::attest::TunnelProof),
 }
 
 /// Gateway -> agent on the control stream.

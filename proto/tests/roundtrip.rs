@@ -96,7 +96,7 @@ fn strategies_cover_every_variant() {
     let all = |n: u8| (0..n).collect::<BTreeSet<u8>>();
     assert!(past_last_variant::<edgeport_proto::rpc::Request>(77));
     assert!(past_last_variant::<edgeport_proto::rpc::Response>(43));
-    assert!(past_last_variant::<edgeport_proto::tunnel::AgentControl>(7));
+    assert!(past_last_variant::<edgeport_proto::tunnel::AgentControl>(8));
     assert!(past_last_variant::<edgeport_proto::tunnel::GatewayControl>(
         9
     ));
@@ -109,7 +109,7 @@ fn strategies_cover_every_variant() {
     assert_eq!(tags(strategies::response()), all(43), "rpc::Response");
     assert_eq!(
         tags(strategies::agent_control()),
-        all(7),
+        all(8),
         "tunnel::AgentControl"
     );
     assert_eq!(

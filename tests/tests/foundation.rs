@@ -773,6 +773,7 @@ fn join_tokens_expire_are_single_use_and_pinned() {
                 kube_cluster: None,
                 loss_permille: None,
                 usage: None,
+                proof: None,
             }],
             disconnected: vec![],
             ..Default::default()

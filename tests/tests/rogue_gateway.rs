@@ -43,6 +43,11 @@ fn header(service: Service, user: &str, ticket: Option<DialTicket>) -> StreamHea
     }
 }
 
+/// A key that is no device's.
+fn forger_key() -> edgeport_proto::keys::KeyPair {
+    edgeport_proto::keys::KeyPair::generate().unwrap()
+}
+
 fn refused(reply: ClientReply) -> String {
     match reply {
         ClientReply::Refused(e) => e.message,
@@ -152,6 +157,54 @@ fn a_stolen_gateway_identity_can_neither_mint_nor_borrow_a_user() {
         ),
         other => panic!("a gateway listed every target: {other:?}"),
     }
+
+    // Presence (G9): the stolen identity claims dev1 and dev2, held by B, once on its word
+    // and once with a made-up attestation. The devices attested their tunnels to B, so the
+    // authority keeps B as their holder (a claim would draw their users' dials to A).
+    let holder = |id: &str| {
+        c.tctl
+            .device(id)
+            .filter(|d| d["online"] == true)
+            .and_then(|d| d["gateway"].as_str().map(str::to_string))
+    };
+    let b_id = holder("dev1").expect("dev1 online at B");
+    let claim = |id: &str, proof: Option<edgeport_proto::attest::TunnelProof>| {
+        edgeport_proto::rpc::DevicePresence {
+            id: id.into(),
+            labels: Default::default(),
+            version: "0.0.1".into(),
+            arch: "x86_64".into(),
+            transport: edgeport_proto::rpc::Transport::Quic,
+            address: "192.0.2.66:4000".into(),
+            rtt_ms: 1,
+            connected_at: edgeport_net::clock::now_secs(),
+            kube_cluster: None,
+            loss_permille: None,
+            usage: None,
+            proof,
+        }
+    };
+    let made_up =
+        edgeport_proto::attest::TunnelProof::sign(&forger_key(), "dev2", "gateway-a", 1 << 50);
+    let report = edgeport_proto::rpc::PresenceReport {
+        lease_secs: 60,
+        online: vec![claim("dev1", None), claim("dev2", Some(made_up))],
+        ..Default::default()
+    };
+    match stolen.ask(&c.tctl.addr, Request::Presence(report)) {
+        Ok(Response::PresenceAck(_)) => {}
+        other => panic!("presence: {other:?}"),
+    }
+    assert_eq!(
+        holder("dev1"),
+        Some(b_id.clone()),
+        "dev1 left B on A's word"
+    );
+    assert_eq!(
+        holder("dev2"),
+        Some(b_id),
+        "dev2 left B on a made-up attestation"
+    );
 
     // A recording piece planted in a device's audit stream: the gateway holds no device key,
     // so the batch is refused and nothing is stored.

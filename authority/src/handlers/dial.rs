@@ -70,8 +70,8 @@ pub fn authorize_dial(
         return Err(not_found(format!("device {device} is offline")));
     }
     let names = crate::access_requests::dial_roles(store, &subject, cert_der, now)?;
-    // A target behind the device (relay mode) is matched by its own labels on top of the
-    // device's, as its device last reported it in its signed audit log.
+    // A target behind the device (relay mode) is matched by the device's labels plus its
+    // own other keys (`labels_of`), as its device last reported it in its signed audit log.
     let (what, labels) = match &service {
         Service::Target(name) => {
             let t = targets::find(store, &info, name)?.ok_or_else(|| {

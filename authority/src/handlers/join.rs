@@ -276,6 +276,7 @@ pub fn join_device(
             join_addr,
             // A device that joins again keeps the budget it had.
             data_budget: devices::get(store, &id)?.and_then(|d| d.data_budget),
+            attests: false,
         },
     )?;
     let certs = sign_device(svc, &id, &record.ssh_public_key, &record.labels, now)?;
@@ -319,7 +320,11 @@ pub fn renew_device(
     let counted = match &req.proof {
         Some(proof) => proof
             .check(&dev.id, &dev.ssh_public_key, &svc.ca().bundle(), now)
-            .map_err(|e| denied(format!("renewal of device {} refused: {e}", dev.id)))?
+            .map_err(|e| {
+                // Only the relaying gateway makes or changes a proof on the way.
+                tracing::warn!(device = %dev.id, gateway, "device renewal refused: {e}");
+                denied(e.to_string())
+            })?
             .map_err(|why| why.to_string()),
         None => Err(
             "it carries no proof from the device (an agent older than the proof, or \
@@ -334,7 +339,7 @@ pub fn renew_device(
             svc.spread.renewed(&dev.id);
             tracing::info!(device = %dev.id, gateway, "device certificates renewed");
         }
-        Err(why) => tracing::info!(
+        Err(why) => tracing::warn!(
             device = %dev.id,
             gateway,
             "device certificates signed but the renewal is not counted: {why}"
@@ -380,6 +385,7 @@ mod tests {
                 joined_via: String::new(),
                 join_addr: String::new(),
                 data_budget: None,
+                attests: false,
             },
         )
         .unwrap();
@@ -434,9 +440,11 @@ mod tests {
             assert!(matches!(renew(Some(proof), now), Response::DeviceCerts(_)));
         }
         assert_eq!(renewed_at(), joined);
+        assert!(!svc.spread.has_renewed("van"));
         // The device's own fresh signature under the bundle served now: recorded.
         let proof = RenewProof::sign(&dev, "van", &cas, now);
         assert!(matches!(renew(Some(proof), now), Response::DeviceCerts(_)));
         assert_eq!(renewed_at(), now);
+        assert!(svc.spread.has_renewed("van"), "what rotations count");
     }
 }

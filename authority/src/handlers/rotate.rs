@@ -37,6 +37,11 @@ impl Spread {
         }
     }
 
+    #[cfg(test)]
+    pub fn has_renewed(&self, device: &str) -> bool {
+        self.renewed.lock().is_ok_and(|r| r.contains(device))
+    }
+
     fn host_changed(&self) {
         if let Ok(mut r) = self.renewed.lock() {
             r.clear();

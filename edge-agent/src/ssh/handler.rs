@@ -75,7 +75,7 @@ impl ConnHandler {
         format!("device {}", self.inner.device_id)
     }
 
-    /// The labels the roles are matched against: the device's, with a target's on top.
+    /// The labels the roles are matched against: the device's, plus a target's other keys.
     fn labels(&self) -> &std::collections::BTreeMap<String, String> {
         #[cfg(feature = "record-targets")]
         if let Some(t) = &self.target {

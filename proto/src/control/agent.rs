@@ -429,6 +429,13 @@ impl AgentControl {
         Ok(())
     }
 
+    /// Sends the device's signed word that it holds this tunnel (once, after Welcome).
+    pub fn attest(&mut self, proof: crate::attest::TunnelProof) -> Result<(), ControlError> {
+        self.established()?;
+        self.transmits.push_back(AgentMsg::Attest(proof));
+        Ok(())
+    }
+
     /// Asks the authority, through the gateway, for a per-session target certificate
     /// (record mode, issue 22); the answer comes as [`AgentEvent::TargetCert`] of `req.id`.
     pub fn request_target_cert(

@@ -81,6 +81,8 @@ pub enum GatewayEvent {
     Closed,
     /// The device's byte counters (keep the latest for presence).
     Usage(crate::usage::UsageReport),
+    /// The device's signed word that it holds this tunnel (pass it on with presence).
+    Attested(crate::attest::TunnelProof),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -313,6 +315,10 @@ impl GatewayControl {
                     AgentMsg::TargetCert(req) => Some(Relay::TargetCert(req)),
                     AgentMsg::Usage(report) => {
                         self.events.push_back(GatewayEvent::Usage(report));
+                        None
+                    }
+                    AgentMsg::Attest(proof) => {
+                        self.events.push_back(GatewayEvent::Attested(proof));
                         None
                     }
                 };

@@ -124,6 +124,7 @@ fn agent_msg_kind(m: &crate::tunnel::AgentControl) -> &'static str {
         M::Hello(_) => "Hello",
         M::Renew { .. } => "Renew",
         M::RenewProven { .. } => "RenewProven",
+        M::Attest(_) => "Attest",
         M::Ping { .. } => "Ping",
         M::Audit(_) => "Audit",
         M::Usage(_) => "Usage",

@@ -667,6 +667,15 @@ fn gateway_relays_renewals_and_audit() {
         panic!()
     };
     assert_eq!(p, Some(proof()));
+    // The device's tunnel attestation goes to the gateway's presence, not to a relay.
+    let attest = crate::attest::TunnelProof {
+        gateway: "gw".into(),
+        signed_at_ms: 9,
+        signature: vec![4],
+    };
+    g.handle_message(t0, AgentMsg::Attest(attest.clone()))
+        .unwrap();
+    assert!(matches!(&events_g(&mut g)[..], [GatewayEvent::Attested(a)] if *a == attest));
     g.renew_done(t0, id, Err(RpcError::new(ErrorKind::Internal, "down")))
         .unwrap();
     assert!(matches!(g.poll_transmit(), Some(GatewayMsg::Refused(_))));
@@ -912,6 +921,7 @@ impl Sim {
             GatewayEvent::Rtt(_)
             | GatewayEvent::Ignored(_)
             | GatewayEvent::Usage(_)
+            | GatewayEvent::Attested(_)
             | GatewayEvent::TargetCert { .. } => {}
             GatewayEvent::Closed => {
                 let t = self.ready_at(false);

@@ -396,7 +396,7 @@ pub fn device_presence() -> impl Strategy<Value = DevicePresence> + Clone {
         any::<u32>(),
         any::<u64>(),
         os(),
-        (of(any::<u32>()), of(usage_report())),
+        (of(any::<u32>()), of(usage_report()), of(tunnel_proof())),
     )
         .prop_map(
             |(
@@ -409,7 +409,7 @@ pub fn device_presence() -> impl Strategy<Value = DevicePresence> + Clone {
                 rtt_ms,
                 connected_at,
                 kube_cluster,
-                (loss_permille, usage),
+                (loss_permille, usage, proof),
             )| DevicePresence {
                 id,
                 labels,
@@ -422,8 +422,19 @@ pub fn device_presence() -> impl Strategy<Value = DevicePresence> + Clone {
                 kube_cluster,
                 loss_permille,
                 usage,
+                proof,
             },
         )
+}
+
+pub fn tunnel_proof() -> impl Strategy<Value = edgeport_proto::attest::TunnelProof> + Clone {
+    (s(), any::<u64>(), bytes()).prop_map(|(gateway, signed_at_ms, signature)| {
+        edgeport_proto::attest::TunnelProof {
+            gateway,
+            signed_at_ms,
+            signature,
+        }
+    })
 }
 
 pub fn usage_report() -> impl Strategy<Value = edgeport_proto::usage::UsageReport> + Clone {
@@ -1165,6 +1176,7 @@ pub fn agent_control() -> impl Strategy<Value = AgentControl> {
             ssh_public_key,
             proof
         }),
+        tunnel_proof().prop_map(AgentControl::Attest),
     ]
 }
 

@@ -253,7 +253,7 @@ async fn ls(g: &Global, args: &LsArgs) -> Result<i32, CliError> {
     match args.format {
         Format::Json | Format::Yaml => {
             // A device whose own labels do not match still appears when one of its
-            // targets does (a target's own labels sit on top of its device's), carrying
+            // targets does (a target adds its own keys to its device's labels), carrying
             // only the targets that match.
             devices.retain(|d| matches(&d.labels) || targets.iter().any(|t| t.device == d.id));
             devices.sort_by(|a, b| a.id.cmp(&b.id));
