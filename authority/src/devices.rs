@@ -4,7 +4,10 @@
 //! stay refused). Presence: each gateway reports a full snapshot of the tunnels it holds with
 //! a lease; a device is online while the lease of the last report that included it has not
 //! expired. So a gateway that dies takes its devices offline when its lease runs out, with no
-//! cleanup, and a device that moves to another gateway simply shows up in that one's report.
+//! cleanup. A device that moves to another gateway shows up in that one's report, with its
+//! signed attestation of the new tunnel (`edgeport_proto::attest`): once a device has
+//! attested a tunnel, only an attestation at least as new as the newest seen names its
+//! holder (see [`apply_part`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,10 +43,12 @@ pub struct DeviceRecord {
     /// Monthly data budget in bytes (`tctl devices set --data-budget`); none by default.
     #[serde(default)]
     pub data_budget: Option<u64>,
-    /// The device has attested a tunnel (`edgeport_proto::attest`): from then on a gateway
-    /// that shows no attestation for it is never taken as its holder.
+    /// The stamp of the newest tunnel attestation the device gave (`edgeport_proto::attest`),
+    /// `None` until its first: from then on only a gateway showing an attestation at least
+    /// this new is taken as its holder (an older one, replayed by a gateway that once held
+    /// the device, counts for nothing, lease or no lease).
     #[serde(default)]
-    pub attests: bool,
+    pub attested_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -73,10 +78,12 @@ pub struct PresenceRecord {
     /// When the device's IP address changed (not just its port), the last 24 hours' worth.
     #[serde(default)]
     pub address_changes: Vec<u64>,
-    /// When the device signed the attestation of this tunnel (its clock, milliseconds), if
-    /// the gateway showed one.
+    /// The stamp of the attestation of this tunnel, if the gateway showed one.
     #[serde(default)]
     pub proven_ms: Option<u64>,
+    /// Its signature, so that the same attestation in the next report is not verified again.
+    #[serde(default)]
+    pub proof_sig: Vec<u8>,
 }
 
 /// What a gateway said last, to tell which devices it dropped since.
@@ -154,7 +161,7 @@ pub fn register(store: &dyn Store, rec: DeviceRecord) -> Result<DeviceRecord, Rp
             // proved (its attestation of tunnels) as well as when it first joined.
             Some(old) => Ok(Some(DeviceRecord {
                 joined_at: old.joined_at,
-                attests: old.attests,
+                attested_ms: old.attested_ms,
                 ..rec.clone()
             })),
             None => Ok(Some(rec.clone())),
@@ -269,61 +276,79 @@ pub fn apply_part(
         let Some(dev) = get(store, &p.id)? else {
             continue;
         };
+        let old: Option<PresenceRecord> = store::get(store, Table::Presence, &p.id)?;
         let proven = match &p.proof {
-            Some(proof) => match proof.verify(&p.id, gateway, &dev.ssh_public_key) {
-                Ok(()) => Some(proof.signed_at_ms),
-                Err(_) => {
+            Some(proof) => {
+                // The attestation already on this gateway's record was verified then.
+                let known = old.as_ref().is_some_and(|o| {
+                    o.gateway == gateway
+                        && proof.gateway == gateway
+                        && o.proven_ms == Some(proof.signed_at_ms)
+                        && o.proof_sig == proof.signature
+                });
+                if known || proof.verify(&p.id, gateway, &dev.ssh_public_key).is_ok() {
+                    Some(proof.signed_at_ms)
+                } else {
                     forged += 1;
                     None
                 }
-            },
+            }
             None => None,
         };
-        let old: Option<PresenceRecord> = store::get(store, Table::Presence, &p.id)?;
         // The device is held by another gateway now, and this gateway still reports the
         // tunnel it reported before: that tunnel is an old one (the device reconnected
         // elsewhere while this gateway has not yet noticed the old connection die). The
         // newer tunnel keeps the record and this gateway is told to close its own, so the
-        // holder does not flap back with every report. A tunnel this gateway did not report
-        // before is a new connection and takes the record, as it always did. Only this
-        // gateway's own clock is compared with itself.
+        // holder does not flap back with every report. Only this gateway's own clock is
+        // compared with itself. Unless the device attested this gateway's tunnel later than
+        // the holder's: then the holder's claim was the stale one, and this one takes over.
         let taken_over = old.as_ref().is_some_and(|o| {
             o.gateway != gateway
                 && now < o.lease_expires
                 && prev.connected.get(&p.id) == Some(&p.connected_at)
+                && proven.is_none_or(|t| o.proven_ms.is_some_and(|h| t <= h))
         });
         if taken_over {
             snap.seen.insert(p.id.clone(), p.connected_at);
             superseded.push((p.id.clone(), p.connected_at));
             continue;
         }
-        // The gateway's word is not enough (security.md G9): a device that attested a tunnel
-        // before is held only by a gateway that shows its attestation, and a device another
-        // gateway holds with an attestation moves only on a later one (the device's clock,
-        // compared with itself). Such a claim is left out, not answered with `superseded`:
-        // it may be the device's newest tunnel, its attestation still on the way.
-        let held_elsewhere = old
-            .as_ref()
-            .filter(|o| o.gateway != gateway && now < o.lease_expires);
-        let ignored = match proven {
-            None => dev.attests || held_elsewhere.is_some_and(|o| o.proven_ms.is_some()),
-            Some(at) => held_elsewhere.is_some_and(|o| o.proven_ms.is_some_and(|t| t >= at)),
+        // The gateway's word is not enough (security.md G9): once the device has attested a
+        // tunnel, only a gateway showing an attestation at least as new as the newest one
+        // seen holds it (the agent's stamps only grow), whether or not anyone holds it now.
+        // Such a claim is left out, not answered with `superseded`: it may be the device's
+        // newest tunnel, its attestation still on the way. The holder's own claim stays in
+        // the snapshot meanwhile (not taken offline for it, its lease not renewed either).
+        let ignored = match (proven, dev.attested_ms) {
+            (None, mark) => mark.is_some(),
+            (Some(t), Some(mark)) => t < mark,
+            (Some(_), None) => false,
         };
         if ignored {
             unproven += 1;
+            if old.as_ref().is_some_and(|o| o.gateway == gateway) {
+                snap.seen.insert(p.id.clone(), p.connected_at);
+            }
             continue;
         }
         snap.seen.insert(p.id.clone(), p.connected_at);
-        if proven.is_some() && !dev.attests {
+        if let Some(t) = proven.filter(|t| dev.attested_ms.is_none_or(|m| *t > m)) {
             store::update::<DeviceRecord, RpcError, _>(store, Table::Devices, &p.id, |cur| {
                 Ok(cur.map(|mut d| {
-                    d.attests = true;
+                    d.attested_ms = Some(d.attested_ms.map_or(t, |m| m.max(t)));
                     d
                 }))
             })?;
         }
         let mut rec = online_record(gateway, p, lease_expires, now, old);
         rec.proven_ms = proven;
+        if proven.is_some() {
+            rec.proof_sig = p
+                .proof
+                .as_ref()
+                .map(|x| x.signature.clone())
+                .unwrap_or_default();
+        }
         store::put(store, Table::Presence, &p.id, &rec)?;
         if let Some(usage) = &p.usage {
             crate::usage::absorb(store, &p.id, usage, now)?;
@@ -423,6 +448,7 @@ fn online_record(
         address_changes: address_changes(old.as_ref(), &p.address, now),
         last_disconnect_reason: old.and_then(|o| o.last_disconnect_reason),
         proven_ms: None,
+        proof_sig: Vec::new(),
     }
 }
 
@@ -559,7 +585,7 @@ mod tests {
             joined_via: "gw-a".into(),
             join_addr: "192.0.2.1:1".into(),
             data_budget: None,
-            attests: false,
+            attested_ms: None,
         }
     }
 
@@ -712,7 +738,7 @@ mod tests {
         let at_b = TunnelProof::sign(&k, "van", "gw-b", 5_000);
         apply_report(&s, "gw-b", &claim(Some(at_b.clone()), 2), 1002).unwrap();
         assert_eq!(holder(1003).as_deref(), Some("gw-b"));
-        assert!(get(&s, "van").unwrap().unwrap().attests);
+        assert!(get(&s, "van").unwrap().unwrap().attested_ms.is_some());
         // The rogue's word, a forged attestation, gw-b's attestation shown by the rogue, and
         // the device's attestation for another gateway all leave gw-b the holder.
         for proof in [
@@ -725,21 +751,34 @@ mod tests {
             assert!(superseded.is_empty(), "left out, not told to close");
             assert_eq!(holder(1005).as_deref(), Some("gw-b"));
         }
-        // Offline (gw-b's lease ran out) it is still not the rogue's without an attestation.
+        // Offline (gw-b's lease ran out), it is not the rogue's on its word, nor on an older
+        // attestation the device once gave it, replayed while nobody holds the device.
         apply_report(&s, "gw-rogue", &claim(None, 4), 1100).unwrap();
         assert!(!online(&s, "van", 1101));
-        // An older tunnel the device attested to gw-a does not take it from gw-b; the newest
-        // does (the device moved to gw-a again).
-        apply_report(&s, "gw-b", &claim(Some(at_b), 2), 1200).unwrap();
-        let old_a = TunnelProof::sign(&k, "van", "gw-a", 4_000);
-        apply_report(&s, "gw-a", &claim(Some(old_a), 5), 1201).unwrap();
-        assert_eq!(holder(1202).as_deref(), Some("gw-b"));
+        let old_rogue = TunnelProof::sign(&k, "van", "gw-rogue", 4_000);
+        apply_report(&s, "gw-rogue", &claim(Some(old_rogue), 5), 1102).unwrap();
+        assert!(!online(&s, "van", 1103));
+        // gw-b reports its tunnel again: the holder again.
+        apply_report(&s, "gw-b", &claim(Some(at_b.clone()), 2), 1200).unwrap();
+        assert_eq!(holder(1201).as_deref(), Some("gw-b"));
+        // The device moves to gw-a (a later stamp): gw-a takes it, and gw-b, still showing its
+        // old tunnel, is told to close it.
         let new_a = TunnelProof::sign(&k, "van", "gw-a", 6_000);
         apply_report(&s, "gw-a", &claim(Some(new_a), 6), 1203).unwrap();
         assert_eq!(holder(1204).as_deref(), Some("gw-a"));
+        let superseded = apply_report(&s, "gw-b", &claim(Some(at_b), 2), 1205).unwrap();
+        assert_eq!(superseded, [("van".to_string(), 2)]);
+        assert_eq!(holder(1206).as_deref(), Some("gw-a"));
+        // gw-a's next tunnel (the device reconnected to it) has its attestation on the way:
+        // the first report without it keeps the device online, the next one with it renews.
+        apply_report(&s, "gw-a", &claim(None, 7), 1210).unwrap();
+        assert_eq!(holder(1211).as_deref(), Some("gw-a"));
+        let newer_a = TunnelProof::sign(&k, "van", "gw-a", 6_001);
+        apply_report(&s, "gw-a", &claim(Some(newer_a), 7), 1212).unwrap();
+        assert!(online(&s, "van", 1212 + 29));
         // A join again under the same key (no proof of the key) keeps the device's attests.
         register(&s, device("van", &k)).unwrap();
-        assert!(get(&s, "van").unwrap().unwrap().attests);
+        assert!(get(&s, "van").unwrap().unwrap().attested_ms.is_some());
     }
 
     #[test]

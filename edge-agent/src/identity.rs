@@ -18,6 +18,8 @@ pub const HOST_CERT_FILE: &str = "device-cert.pub";
 pub const X509_FILE: &str = "device.crt";
 pub const CAS_FILE: &str = "cas.json";
 pub const META_FILE: &str = "device.json";
+/// The stamp of the last tunnel attestation (see [`next_attest_stamp`]).
+pub const ATTEST_STAMP_FILE: &str = "attest-stamp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -149,6 +151,24 @@ pub fn store_cas(dir: &Path, cas: &CaBundle) -> Result<(), IdentityError> {
     write_private(&p, &data).map_err(|e| io_err(&p, e))
 }
 
+/// The stamp for the next tunnel attestation (`edgeport_proto::attest`): Unix milliseconds,
+/// or one more than the last stamp when the clock is behind it (a board without a clock
+/// that booted with an old time, a clock stepped back), so that this device's stamps only
+/// grow and its newest tunnel is the one the authority keeps. Kept in the data dir; a stamp
+/// that cannot be stored is used anyway (the next start may then repeat the clock's value).
+pub fn next_attest_stamp(dir: &Path, now_ms: u64) -> u64 {
+    let p = file(dir, ATTEST_STAMP_FILE);
+    let last: u64 = std::fs::read_to_string(&p)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let stamp = now_ms.max(last.saturating_add(1));
+    if let Err(e) = write_private(&p, format!("{stamp}\n").as_bytes()) {
+        tracing::warn!("cannot store the attestation stamp in {}: {e}", p.display());
+    }
+    stamp
+}
+
 /// Stores fresh certificates (join or renewal).
 pub fn store(dir: &Path, certs: &DeviceCerts) -> Result<(), IdentityError> {
     let write = |name: &str, data: &[u8]| {
@@ -204,4 +224,27 @@ pub fn load(dir: &Path) -> Result<DeviceIdentity, IdentityError> {
         valid_before: meta.valid_before,
         issued_at: meta.issued_at,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attestation_stamps_only_grow() {
+        let dir = std::env::temp_dir().join(format!("edgeport-stamp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(next_attest_stamp(&dir, 5_000), 5_000);
+        assert_eq!(next_attest_stamp(&dir, 6_000), 6_000);
+        // The clock went back: one more than the last stamp, then the clock again once it
+        // is ahead.
+        assert_eq!(next_attest_stamp(&dir, 1_000), 6_001);
+        assert_eq!(next_attest_stamp(&dir, 1_001), 6_002);
+        assert_eq!(next_attest_stamp(&dir, 9_000), 9_000);
+        // An unreadable stamp file counts as none.
+        std::fs::write(dir.join(ATTEST_STAMP_FILE), "garbage").unwrap();
+        assert_eq!(next_attest_stamp(&dir, 7), 7);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -156,8 +156,9 @@ pub async fn establish(
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let stamp = crate::identity::next_attest_stamp(&cfg.data_dir, now_ms);
         let proof =
-            edgeport_proto::attest::TunnelProof::sign(&ident.key, &ident.device_id, gw, now_ms);
+            edgeport_proto::attest::TunnelProof::sign(&ident.key, &ident.device_id, gw, stamp);
         if let Err(e) = ctl.attest(proof) {
             tracing::debug!("tunnel attestation not sent: {e}");
         }

@@ -19,7 +19,9 @@ const CONTEXT: &[u8] = b"edgeport-tunnel-attestation/1\0";
 pub struct TunnelProof {
     /// The gateway id from its Welcome.
     pub gateway: String,
-    /// Unix milliseconds by the device's clock when it signed.
+    /// A stamp that only grows from one of the device's tunnels to the next: Unix
+    /// milliseconds by the device's clock, or one more than its previous stamp when the
+    /// clock is behind that (`edge-agent/src/identity.rs` `next_attest_stamp`).
     pub signed_at_ms: u64,
     /// Ed25519 signature of the device key over [`signed_bytes`].
     pub signature: Vec<u8>,

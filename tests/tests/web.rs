@@ -308,8 +308,9 @@ fn web_console_login_fleet_and_session_security() {
             &format!("made-up-{i}"),
         )
     };
+    // (Until the first 429: a slow machine earns a refill every 2 s meanwhile.)
     let mut seen = Vec::new();
-    for i in 0..60 {
+    for i in 0..1000 {
         let status = made_up("127.0.0.1", i);
         let done = status != "401";
         seen.push(status);
@@ -409,14 +410,26 @@ fn unauthenticated_work_has_a_per_source_budget(web_addr: &str) {
         ) == "200"),
         "the source's slots did not come back"
     );
-    // The login page's single sign-on requests: a burst per source, then 429.
-    let burst: Vec<String> = (0..30)
-        .map(|_| status_from(web_addr, "127.0.0.3", "/api/sso/connectors", 5))
-        .collect();
-    assert!(burst.iter().all(|s| s == "200"), "{burst:?}");
-    assert_eq!(
-        status_from(web_addr, "127.0.0.3", "/api/sso/connectors", 5),
-        "429"
+    // The login page's single sign-on requests: a burst of 30 per source, then one per 2 s,
+    // then 429. On a loaded machine the burst itself may take seconds and earn a few more:
+    // the requests go on until the first 429, which must come within the burst plus what
+    // the time taken allows.
+    let started = std::time::Instant::now();
+    let mut served = 0u64;
+    let refused = loop {
+        let s = status_from(web_addr, "127.0.0.3", "/api/sso/connectors", 5);
+        match s.as_str() {
+            "200" => served += 1,
+            _ => break s,
+        }
+        assert!(served < 1000, "no 429 after {served} requests");
+    };
+    assert_eq!(refused, "429", "after {served} served");
+    let allowed = 30 + started.elapsed().as_secs() / 2 + 1;
+    assert!(
+        (30..=allowed).contains(&served),
+        "{served} served before the first 429 (the burst is 30, {allowed} at most in {:?})",
+        started.elapsed()
     );
     assert_eq!(
         status_from(web_addr, "127.0.0.4", "/api/sso/connectors", 5),

@@ -276,7 +276,7 @@ pub fn join_device(
             join_addr,
             // A device that joins again keeps the budget it had.
             data_budget: devices::get(store, &id)?.and_then(|d| d.data_budget),
-            attests: false,
+            attested_ms: None,
         },
     )?;
     let certs = sign_device(svc, &id, &record.ssh_public_key, &record.labels, now)?;
@@ -385,7 +385,7 @@ mod tests {
                 joined_via: String::new(),
                 join_addr: String::new(),
                 data_budget: None,
-                attests: false,
+                attested_ms: None,
             },
         )
         .unwrap();
