@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use edgeport_proto::rpc::RpcError;
 use openidconnect::core::{
-    CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreProviderMetadata,
+    CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreIdToken, CoreIdTokenClaims,
+    CoreProviderMetadata,
 };
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge,
-    PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet,
+    EndpointSet, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    TokenResponse,
 };
 
 use super::http::HttpClient;
@@ -21,6 +23,17 @@ use crate::errors::denied;
 
 /// The provider's discovery document and keys are fetched again after this long.
 const METADATA_TTL: Duration = Duration::from_secs(3600);
+
+/// A client made from the provider's discovery document (authorization endpoint set, token
+/// and userinfo endpoints as the provider announced them).
+type ProviderClient = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
 
 /// The connector's settings (`tctl sso connectors add oidc`), without the secret.
 #[derive(Clone, Debug)]
@@ -117,6 +130,10 @@ impl Oidc {
         Ok(m)
     }
 
+    fn client(&self, meta: CoreProviderMetadata) -> ProviderClient {
+        provider_client(meta, &self.cfg.client_id, &self.secret)
+    }
+
     pub fn issuer(&self) -> &str {
         &self.cfg.issuer
     }
@@ -126,12 +143,7 @@ impl Oidc {
     /// authenticate the user afresh (`prompt=login`, `max_age=0`), which [`Oidc::finish`]
     /// checks in the ID token's `auth_time`.
     pub async fn start(&self, redirect: &RedirectUrl, web: bool) -> Result<Started, RpcError> {
-        let meta = self.provider().await?;
-        let client = CoreClient::from_provider_metadata(
-            meta,
-            ClientId::new(self.cfg.client_id.clone()),
-            Some(self.secret.clone()),
-        );
+        let client = self.client(self.provider().await?);
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let mut req = client
             .authorize_url(
@@ -170,12 +182,7 @@ impl Oidc {
         };
         let redirect = RedirectUrl::new(pending.redirect.clone())
             .map_err(|e| unavailable(format!("stored redirect: {e}")))?;
-        let meta = self.provider().await?;
-        let client = CoreClient::from_provider_metadata(
-            meta,
-            ClientId::new(self.cfg.client_id.clone()),
-            Some(self.secret.clone()),
-        );
+        let client = self.client(self.provider().await?);
         let http = self.http.clone();
         let call = move |r| {
             let http = http.clone();
@@ -199,13 +206,7 @@ impl Oidc {
         let id_token = token
             .id_token()
             .ok_or_else(|| denied("the identity provider returned no ID token"))?;
-        let verifier = client.id_token_verifier();
-        let claims = id_token
-            .claims(&verifier, &Nonce::new(nonce.clone()))
-            .map_err(|e| {
-                tracing::warn!(client = client_addr, "ID token refused: {}", chain(&e));
-                denied(format!("the ID token does not verify: {e}"))
-            })?;
+        let claims = verified_claims(&client, id_token, nonce, client_addr)?;
         if pending.browser_key.is_some() {
             let auth_time = claims.auth_time().map(|t| t.timestamp());
             fresh_login(auth_time, pending.started).inspect_err(|e| {
@@ -251,6 +252,38 @@ impl Oidc {
             groups,
         })
     }
+}
+
+/// A confidential client of the provider: its ID tokens are checked against the discovery
+/// document's issuer, key set and signing algorithms.
+fn provider_client(
+    meta: CoreProviderMetadata,
+    client_id: &str,
+    secret: &ClientSecret,
+) -> ProviderClient {
+    CoreClient::from_provider_metadata(
+        meta,
+        ClientId::new(client_id.to_string()),
+        Some(secret.clone()),
+    )
+}
+
+/// The ID token's claims, once all of these hold (security.md G18): it is signed with a key
+/// of the provider's key set, by an algorithm the provider announced; its issuer is the
+/// provider; its audience is this connector's client id (and no one else it does not
+/// trust); it has not expired; it carries the nonce of the login this authority started.
+fn verified_claims<'t>(
+    client: &ProviderClient,
+    id_token: &'t CoreIdToken,
+    nonce: &str,
+    client_addr: &str,
+) -> Result<&'t CoreIdTokenClaims, RpcError> {
+    id_token
+        .claims(&client.id_token_verifier(), &Nonce::new(nonce.to_string()))
+        .map_err(|e| {
+            tracing::warn!(client = client_addr, "ID token refused: {}", chain(&e));
+            denied(format!("the ID token does not verify: {e}"))
+        })
 }
 
 /// A web console login must have been authenticated at the provider after it started
@@ -300,6 +333,166 @@ pub(crate) fn groups_of(jwt: &str, claim: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::DateTime;
+    use openidconnect::core::{
+        CoreEdDsaPrivateSigningKey, CoreHmacKey, CoreJwsSigningAlgorithm, CoreResponseType,
+        CoreSubjectIdentifierType,
+    };
+    use openidconnect::{
+        Audience, AuthUrl, EmptyAdditionalClaims, EmptyAdditionalProviderMetadata, JsonWebKeyId,
+        JsonWebKeySet, JsonWebKeySetUrl, PrivateSigningKey, ResponseTypes, StandardClaims,
+        SubjectIdentifier,
+    };
+
+    const ISSUER: &str = "https://idp.example.com";
+    const CLIENT_ID: &str = "edgeport";
+    const SECRET: &str = "connector-secret";
+    const NONCE: &str = "nonce-of-this-login";
+
+    fn signing_key() -> CoreEdDsaPrivateSigningKey {
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .unwrap()
+            .serialize_pem();
+        CoreEdDsaPrivateSigningKey::from_ed25519_pem(&pem, Some(JsonWebKeyId::new("k1".into())))
+            .unwrap()
+    }
+
+    /// A client as `Oidc` makes it, from a discovery document announcing EdDSA and `key`.
+    fn client_trusting(key: &CoreEdDsaPrivateSigningKey) -> ProviderClient {
+        let meta = CoreProviderMetadata::new(
+            IssuerUrl::new(ISSUER.into()).unwrap(),
+            AuthUrl::new(format!("{ISSUER}/auth")).unwrap(),
+            JsonWebKeySetUrl::new(format!("{ISSUER}/jwks")).unwrap(),
+            vec![ResponseTypes::new(vec![CoreResponseType::Code])],
+            vec![CoreSubjectIdentifierType::Public],
+            vec![CoreJwsSigningAlgorithm::EdDsa],
+            EmptyAdditionalProviderMetadata {},
+        )
+        .set_jwks(JsonWebKeySet::new(vec![key.as_verification_key()]));
+        provider_client(meta, CLIENT_ID, &ClientSecret::new(SECRET.into()))
+    }
+
+    struct Claims<'a> {
+        iss: &'a str,
+        aud: &'a [&'a str],
+        expires_in: i64,
+        nonce: Option<&'a str>,
+    }
+
+    const GOOD: Claims<'static> = Claims {
+        iss: ISSUER,
+        aud: &[CLIENT_ID],
+        expires_in: 300,
+        nonce: Some(NONCE),
+    };
+
+    fn claims(c: &Claims) -> CoreIdTokenClaims {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        CoreIdTokenClaims::new(
+            IssuerUrl::new(c.iss.into()).unwrap(),
+            c.aud.iter().map(|a| Audience::new(a.to_string())).collect(),
+            DateTime::from_timestamp(now + c.expires_in, 0).unwrap(),
+            DateTime::from_timestamp(now - 600, 0).unwrap(),
+            StandardClaims::new(SubjectIdentifier::new("alice-at-idp".into())),
+            EmptyAdditionalClaims {},
+        )
+        .set_nonce(c.nonce.map(|n| Nonce::new(n.into())))
+    }
+
+    fn signed(key: &CoreEdDsaPrivateSigningKey, c: &Claims) -> CoreIdToken {
+        CoreIdToken::new(claims(c), key, CoreJwsSigningAlgorithm::EdDsa, None, None).unwrap()
+    }
+
+    fn refused(client: &ProviderClient, token: &CoreIdToken, why: &str) {
+        let e = verified_claims(client, token, NONCE, "192.0.2.7:5000").unwrap_err();
+        assert!(
+            e.message.contains("does not verify"),
+            "{why}: {}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn id_tokens_are_checked_for_signature_issuer_audience_expiry_and_nonce() {
+        let key = signing_key();
+        let client = client_trusting(&key);
+        let good = signed(&key, &GOOD);
+        let ok = verified_claims(&client, &good, NONCE, "192.0.2.7:5000").unwrap();
+        assert_eq!(ok.subject().as_str(), "alice-at-idp");
+
+        refused(
+            &client,
+            &signed(&signing_key(), &GOOD),
+            "another key, same key id",
+        );
+        let other_issuer = Claims {
+            iss: "https://evil.example.com",
+            ..GOOD
+        };
+        refused(&client, &signed(&key, &other_issuer), "another issuer");
+        let other_client = Claims {
+            aud: &["another-app"],
+            ..GOOD
+        };
+        refused(
+            &client,
+            &signed(&key, &other_client),
+            "issued to another client",
+        );
+        let shared = Claims {
+            aud: &[CLIENT_ID, "another-app"],
+            ..GOOD
+        };
+        refused(
+            &client,
+            &signed(&key, &shared),
+            "an audience it does not trust too",
+        );
+        let expired = Claims {
+            expires_in: -60,
+            ..GOOD
+        };
+        refused(&client, &signed(&key, &expired), "expired");
+        let other_login = Claims {
+            nonce: Some("nonce-of-another-login"),
+            ..GOOD
+        };
+        refused(
+            &client,
+            &signed(&key, &other_login),
+            "another login's nonce",
+        );
+        let no_nonce = Claims {
+            nonce: None,
+            ..GOOD
+        };
+        refused(&client, &signed(&key, &no_nonce), "no nonce");
+
+        // An algorithm the provider did not announce: HS256 keyed with the client secret
+        // (which the authority holds, so anyone it leaked to could mint tokens), and none.
+        let hmac = CoreHmacKey::new(SECRET.as_bytes().to_vec());
+        let hs = CoreIdToken::new(
+            claims(&GOOD),
+            &hmac,
+            CoreJwsSigningAlgorithm::HmacSha256,
+            None,
+            None,
+        )
+        .unwrap();
+        refused(&client, &hs, "HS256 with the client secret");
+        let unsigned = format!(
+            "{}.{}.",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
+            good.to_string().split('.').nth(1).unwrap()
+        );
+        // Refused before verification if it does not even parse as a token response's.
+        if let Ok(t) = serde_json::from_value::<CoreIdToken>(serde_json::Value::String(unsigned)) {
+            refused(&client, &t, "alg none");
+        }
+    }
 
     #[test]
     fn web_logins_need_a_fresh_authentication() {
