@@ -177,21 +177,27 @@ mod tests {
         }
     }
 
-    /// A batch that comes back with an error may have been stored all the same (the
-    /// authority was killed before it answered): the next batch asks where the chain ends
-    /// instead of sending the events again.
-    #[tokio::test]
-    async fn after_an_error_the_shipper_asks_before_resending() {
-        let d = std::env::temp_dir().join(format!("ship-resync-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        let mut spool = crate::audit::Spool::open(&d, 1 << 20).unwrap();
+    /// A shipper for device `dev1` over a spool holding two events, trusting `ca`.
+    struct Harness {
+        dir: std::path::PathBuf,
+        shared: Arc<Shared>,
+        ca: KeyPair,
+        out: mpsc::Receiver<AuditBatch>,
+        acks: mpsc::Sender<AuditAck>,
+        ship: tokio::task::JoinHandle<()>,
+    }
+
+    fn harness(name: &str) -> Harness {
+        let dir = std::env::temp_dir().join(format!("ship-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut spool = crate::audit::Spool::open(&dir, 1 << 20).unwrap();
         spool.append(vec![AuditEvent::new("exec", 1), AuditEvent::new("exec", 2)]);
         let shared = Arc::new(Shared {
             spool: std::sync::Mutex::new(spool),
             written: tokio::sync::Notify::new(),
         });
         let (ca, key) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
-        let (out_tx, mut out) = mpsc::channel(4);
+        let (out_tx, out) = mpsc::channel(4);
         let (acks, acks_rx) = mpsc::channel(4);
         let ship = tokio::spawn(run(
             shared.clone(),
@@ -205,30 +211,122 @@ mod tests {
             out_tx,
             acks_rx,
         ));
+        Harness {
+            dir,
+            shared,
+            ca,
+            out,
+            acks,
+            ship,
+        }
+    }
+
+    impl Harness {
+        async fn next(&mut self) -> AuditBatch {
+            tokio::time::timeout(Duration::from_secs(30), self.out.recv())
+                .await
+                .expect("the shipper sent nothing in 30 s")
+                .expect("the shipper stopped")
+        }
+
+        fn end(self) {
+            self.ship.abort();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A batch that comes back with an error may have been stored all the same (the
+    /// authority was killed before it answered): the next batch asks where the chain ends
+    /// instead of sending the events again.
+    #[tokio::test]
+    async fn after_an_error_the_shipper_asks_before_resending() {
+        let mut h = harness("resync");
         // The sync after connecting, then the events.
-        assert!(out.recv().await.unwrap().events.is_empty());
-        acks.send(ack(&ca, 0, "")).await.unwrap();
-        let batch = out.recv().await.unwrap();
+        assert!(h.next().await.events.is_empty());
+        h.acks.send(ack(&h.ca, 0, "")).await.unwrap();
+        let batch = h.next().await;
         assert_eq!(batch.events.len(), 2);
         let stored_hash = batch.events[1].hash();
         // The authority stored them, but the answer is an error.
-        acks.send(AuditAck {
-            acked_seq: 0,
-            last_hash: String::new(),
-            error: Some("connection closed".into()),
-            signature: Vec::new(),
-        })
-        .await
-        .unwrap();
-        let next = out.recv().await.unwrap();
+        h.acks
+            .send(AuditAck {
+                acked_seq: 0,
+                last_hash: String::new(),
+                error: Some("connection closed".into()),
+                signature: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let next = h.next().await;
         assert!(next.events.is_empty(), "the events were resent: {next:?}");
-        acks.send(ack(&ca, 2, &stored_hash)).await.unwrap();
+        h.acks.send(ack(&h.ca, 2, &stored_hash)).await.unwrap();
         // Nothing left to send: the spool was trimmed to the authority's chain.
-        assert!(tokio::time::timeout(Duration::from_secs(1), out.recv())
+        assert!(tokio::time::timeout(Duration::from_secs(1), h.out.recv())
             .await
             .is_err());
-        assert_eq!(shared.spool().acked(), 2);
-        ship.abort();
-        let _ = std::fs::remove_dir_all(&d);
+        assert_eq!(h.shared.spool().acked(), 2);
+        h.end();
+    }
+
+    /// A gateway cannot make the agent delete events it relays (security.md G17): an
+    /// acknowledgement not signed by the cluster's host CA, or signed for another device's
+    /// chain, trims nothing, and the events go again once the authority says where its
+    /// chain ends.
+    #[tokio::test]
+    async fn a_forged_acknowledgement_deletes_nothing() {
+        let mut h = harness("forged");
+        assert!(
+            h.next().await.events.is_empty(),
+            "the sync after connecting"
+        );
+        h.acks.send(ack(&h.ca, 0, "")).await.unwrap();
+        let batch = h.next().await;
+        assert_eq!(batch.events.len(), 2);
+        let hash = batch.events[1].hash();
+
+        let gateway = KeyPair::generate().unwrap();
+        h.acks.send(ack(&gateway, 2, &hash)).await.unwrap();
+        assert!(
+            h.next().await.events.is_empty(),
+            "asks again where the chain ends"
+        );
+        assert_eq!(
+            h.shared.spool().acked(),
+            0,
+            "a gateway's own signature trimmed the spool"
+        );
+
+        let for_another_device = AuditAck {
+            acked_seq: 2,
+            last_hash: hash.clone(),
+            error: None,
+            signature: h.ca.sign(&ack_payload("dev2", 2, &hash)),
+        };
+        h.acks.send(for_another_device).await.unwrap();
+        assert!(
+            h.next().await.events.is_empty(),
+            "asks again where the chain ends"
+        );
+        assert_eq!(
+            h.shared.spool().acked(),
+            0,
+            "another device's ack trimmed the spool"
+        );
+
+        // The authority holds nothing: the same events go again, and its ack trims them.
+        h.acks.send(ack(&h.ca, 0, "")).await.unwrap();
+        let again = h.next().await;
+        assert_eq!(again.events.len(), 2);
+        assert_eq!(again.events[1].hash(), hash);
+        h.acks.send(ack(&h.ca, 2, &hash)).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while h.shared.spool().acked() != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the genuine ack was not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        h.end();
     }
 }
