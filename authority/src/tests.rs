@@ -636,6 +636,86 @@ async fn full_flow_over_rpc() {
     server.shutdown().await.unwrap();
     let e = start(&dir, "other").await.err().unwrap().to_string();
     assert!(e.contains("belongs to cluster \"edge\""), "{e}");
+
+    let admin_key = KeyPair::from_openssh(&ident.ssh_private_key).unwrap();
+    no_private_key_in_store(
+        &dir,
+        &[
+            ("administrator", &admin_key),
+            ("alice", &alice_key),
+            ("gateway", &gw_key),
+            ("device", &dev_key),
+            ("bot", &bot_key),
+        ],
+    );
+}
+
+/// The private scalar of a PKCS#8 Ed25519 or EC key: the first 32-byte OCTET STRING.
+fn private_scalar(pkcs8: &[u8]) -> Vec<u8> {
+    let at = pkcs8
+        .windows(2)
+        .position(|w| w == [0x04, 0x20])
+        .expect("a 32-byte private key in the PKCS#8 document");
+    pkcs8[at + 2..at + 34].to_vec()
+}
+
+/// Security.md S4: nothing the authority stored (the store several authorities share)
+/// holds a private key: not its CAs' (files under `ca/`, mode 0600), not the administrator
+/// identity's, not one of a client's, whose keys never leave them.
+fn no_private_key_in_store(dir: &std::path::Path, clients: &[(&str, &KeyPair)]) {
+    use base64::Engine;
+    let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
+    for f in std::fs::read_dir(dir.join("ca")).unwrap() {
+        let path = f.unwrap().path();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let name = path.display().to_string();
+        if text.contains("OPENSSH PRIVATE KEY") {
+            let der = KeyPair::from_openssh(&text).unwrap().pkcs8_der();
+            secrets.push((name.clone(), private_scalar(&der)));
+        }
+        for block in pem::parse_many(&text).unwrap() {
+            if block.tag() == "PRIVATE KEY" {
+                secrets.push((name.clone(), private_scalar(block.contents())));
+                secrets.push((name.clone(), block.contents().to_vec()));
+            }
+        }
+    }
+    let found: Vec<&str> = secrets.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(secrets.len() >= 4, "not every CA key was found: {found:?}");
+    for (who, key) in clients {
+        secrets.push((who.to_string(), private_scalar(&key.pkcs8_der())));
+    }
+    let store = crate::store::SledStore::open(&dir.join("store")).unwrap();
+    let mut values = 0;
+    for table in crate::store::Table::ALL {
+        for (key, value) in crate::store::Store::scan_prefix(&store, table, "").unwrap() {
+            values += 1;
+            let text = String::from_utf8_lossy(&value);
+            assert!(
+                !text.contains("PRIVATE KEY"),
+                "a private key block (PKCS#8 or OpenSSH) in {}/{key}",
+                table.name()
+            );
+            for (who, secret) in &secrets {
+                for form in [
+                    secret.clone(),
+                    hex::encode(secret).into_bytes(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(secret)
+                        .into_bytes(),
+                ] {
+                    assert!(
+                        !value.windows(form.len()).any(|w| w == form.as_slice()),
+                        "{who}'s private key is in {}/{key}",
+                        table.name()
+                    );
+                }
+            }
+        }
+    }
+    assert!(values > 10, "the store holds only {values} values");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
