@@ -27,7 +27,7 @@ use crate::splice_dump::Tapped;
 use crate::tunnels::TunnelError;
 
 /// How long a QUIC connection without a client certificate may stay, and how many streams
-/// (logins) it may open.
+/// (logins) it may open in all; each is answered.
 const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(60);
 const ANONYMOUS_STREAMS: usize = 4;
 /// The connection receive window of a QUIC connection without a client certificate.
@@ -119,7 +119,18 @@ pub async fn serve_quic(
             }
         }
         if anonymous && streams >= ANONYMOUS_STREAMS {
-            conn.close(quinn::VarInt::from_u32(0), b"log in first");
+            // It has no credit for another stream: the ones it opened get their answers
+            // (closing now would cut the last one off), then the connection ends with its
+            // lifetime unless the client leaves first.
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    conn.close(quinn::VarInt::from_u32(0), b"log in first");
+                }
+                _ = conn.closed() => {}
+                _ = dialer.life.shutdown.cancelled() => {
+                    conn.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+                }
+            }
             return;
         }
         let accepted = tokio::select! {
@@ -141,6 +152,13 @@ pub async fn serve_quic(
         };
         let Ok((send, recv)) = accepted else { return };
         streams += 1;
+        if anonymous {
+            // QUIC renews stream credit as streams end, up to this many open at once: with
+            // it lowered at each stream, an anonymous client never gets credit beyond its
+            // first ANONYMOUS_STREAMS.
+            let left = ANONYMOUS_STREAMS.saturating_sub(streams) as u32;
+            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(left));
+        }
         let task_dialer = dialer.clone();
         let peer = peer.clone();
         let gate = gate.clone();

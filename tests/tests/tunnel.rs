@@ -931,6 +931,27 @@ fn bad_input_is_dropped_without_disturbing_agents() {
             "anonymous dial: {:?}",
             r.as_ref().map(|_| ())
         );
+        // Without a certificate a QUIC connection gets four streams, each answered, and no
+        // credit for a fifth (security.md: anonymous QUIC).
+        let cfg = Arc::new(client_config(&ca, None, &[alpn::DIAL]).unwrap());
+        let anon = Dialer::quic(cfg, &addr).await;
+        for i in 1..=4 {
+            let r = anon.dial("van-b", Service::Echo).await;
+            assert!(
+                matches!(&r, Err(e) if e.contains("user certificate")),
+                "anonymous QUIC dial {i}: {:?}",
+                r.as_ref().map(|_| ())
+            );
+        }
+        let Dialer::Quic(conn, _) = &anon else {
+            unreachable!()
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3), conn.open_bi())
+                .await
+                .is_err(),
+            "the gateway gave an anonymous client credit for a fifth stream"
+        );
     });
 
     // Slow-loris (after the checks above, which need handshakes of their own): a trickle
