@@ -663,7 +663,6 @@ fn private_scalar(pkcs8: &[u8]) -> Vec<u8> {
 /// holds a private key: not its CAs' (files under `ca/`, mode 0600), not the administrator
 /// identity's, not one of a client's, whose keys never leave them.
 fn no_private_key_in_store(dir: &std::path::Path, clients: &[(&str, &KeyPair)]) {
-    use base64::Engine;
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
     for f in std::fs::read_dir(dir.join("ca")).unwrap() {
         let path = f.unwrap().path();
@@ -682,11 +681,20 @@ fn no_private_key_in_store(dir: &std::path::Path, clients: &[(&str, &KeyPair)]) 
             }
         }
     }
-    let found: Vec<&str> = secrets.iter().map(|(n, _)| n.as_str()).collect();
-    assert!(secrets.len() >= 4, "not every CA key was found: {found:?}");
+    for ca in ["user_ca", "host_ca", "x509_ca.key"] {
+        let found: Vec<&str> = secrets.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            found.iter().any(|n| n.ends_with(&format!("/{ca}"))),
+            "{ca} was not found among {found:?}"
+        );
+    }
     for (who, key) in clients {
         secrets.push((who.to_string(), private_scalar(&key.pkcs8_der())));
     }
+    let forms: Vec<(&str, Vec<Vec<u8>>)> = secrets
+        .iter()
+        .map(|(who, secret)| (who.as_str(), encodings(secret)))
+        .collect();
     let store = crate::store::SledStore::open(&dir.join("store")).unwrap();
     let mut values = 0;
     for table in crate::store::Table::ALL {
@@ -698,14 +706,8 @@ fn no_private_key_in_store(dir: &std::path::Path, clients: &[(&str, &KeyPair)]) 
                 "a private key block (PKCS#8 or OpenSSH) in {}/{key}",
                 table.name()
             );
-            for (who, secret) in &secrets {
-                for form in [
-                    secret.clone(),
-                    hex::encode(secret).into_bytes(),
-                    base64::engine::general_purpose::STANDARD
-                        .encode(secret)
-                        .into_bytes(),
-                ] {
+            for (who, forms) in &forms {
+                for form in forms {
                     assert!(
                         !value.windows(form.len()).any(|w| w == form.as_slice()),
                         "{who}'s private key is in {}/{key}",
@@ -716,6 +718,35 @@ fn no_private_key_in_store(dir: &std::path::Path, clients: &[(&str, &KeyPair)]) 
         }
     }
     assert!(values > 10, "the store holds only {values} values");
+}
+
+/// The ways `secret` could appear in a stored value: raw, hex, a JSON array of numbers
+/// (serde's form of a byte vector), and base64 (standard or URL-safe) inside a longer
+/// encoded text at any of the three alignments: the part of the encoding that depends
+/// only on the secret's own bytes.
+fn encodings(secret: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let numbers: Vec<String> = secret.iter().map(u8::to_string).collect();
+    let mut forms = vec![
+        secret.to_vec(),
+        hex::encode(secret).into_bytes(),
+        numbers.join(",").into_bytes(),
+    ];
+    for pad in 0..3usize {
+        let mut shifted = vec![0u8; pad];
+        shifted.extend_from_slice(secret);
+        // Whole 3-byte groups that lie inside the secret.
+        let first = pad.div_ceil(3);
+        let last = shifted.len() / 3;
+        for engine in [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::URL_SAFE,
+        ] {
+            let text = engine.encode(&shifted);
+            forms.push(text.as_bytes()[first * 4..last * 4].to_vec());
+        }
+    }
+    forms
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -936,7 +936,10 @@ fn bad_input_is_dropped_without_disturbing_agents() {
         let cfg = Arc::new(client_config(&ca, None, &[alpn::DIAL]).unwrap());
         let anon = Dialer::quic(cfg, &addr).await;
         for i in 1..=4 {
-            let r = anon.dial("van-b", Service::Echo).await;
+            let r =
+                tokio::time::timeout(Duration::from_secs(30), anon.dial("van-b", Service::Echo))
+                    .await
+                    .unwrap_or_else(|_| panic!("anonymous QUIC dial {i}: no answer in 30 s"));
             assert!(
                 matches!(&r, Err(e) if e.contains("user certificate")),
                 "anonymous QUIC dial {i}: {:?}",

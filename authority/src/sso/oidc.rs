@@ -268,8 +268,10 @@ fn provider_client(
     )
 }
 
-/// The ID token's claims, once all of these hold (security.md G18): it is signed with a key
-/// of the provider's key set, by an algorithm the provider announced; its issuer is the
+/// The ID token's claims, once all of these hold (security.md G18): it is signed by an
+/// algorithm the provider announced, with a key of the provider's key set (or, for an HMAC
+/// algorithm, with the client secret, which only the provider and the authority hold); its
+/// issuer is the
 /// provider; its audience is this connector's client id (and no one else it does not
 /// trust); it has not expired; it carries the nonce of the login this authority started.
 fn verified_claims<'t>(
@@ -281,8 +283,9 @@ fn verified_claims<'t>(
     id_token
         .claims(&client.id_token_verifier(), &Nonce::new(nonce.to_string()))
         .map_err(|e| {
-            tracing::warn!(client = client_addr, "ID token refused: {}", chain(&e));
-            denied(format!("the ID token does not verify: {e}"))
+            let why = chain(&e);
+            tracing::warn!(client = client_addr, "ID token refused: {why}");
+            denied(format!("the ID token does not verify: {why}"))
         })
 }
 
@@ -406,11 +409,12 @@ mod tests {
         CoreIdToken::new(claims(c), key, CoreJwsSigningAlgorithm::EdDsa, None, None).unwrap()
     }
 
-    fn refused(client: &ProviderClient, token: &CoreIdToken, why: &str) {
+    /// Refused, and for the expected `reason` (openidconnect's words).
+    fn refused(client: &ProviderClient, token: &CoreIdToken, case: &str, reason: &str) {
         let e = verified_claims(client, token, NONCE, "192.0.2.7:5000").unwrap_err();
         assert!(
-            e.message.contains("does not verify"),
-            "{why}: {}",
+            e.message.contains("the ID token does not verify") && e.message.contains(reason),
+            "{case}: {}",
             e.message
         );
     }
@@ -427,12 +431,18 @@ mod tests {
             &client,
             &signed(&signing_key(), &GOOD),
             "another key, same key id",
+            "Signature verification failed: Crypto error",
         );
         let other_issuer = Claims {
             iss: "https://evil.example.com",
             ..GOOD
         };
-        refused(&client, &signed(&key, &other_issuer), "another issuer");
+        refused(
+            &client,
+            &signed(&key, &other_issuer),
+            "another issuer",
+            "Invalid issuer",
+        );
         let other_client = Claims {
             aud: &["another-app"],
             ..GOOD
@@ -441,6 +451,7 @@ mod tests {
             &client,
             &signed(&key, &other_client),
             "issued to another client",
+            "Invalid audiences",
         );
         let shared = Claims {
             aud: &[CLIENT_ID, "another-app"],
@@ -450,12 +461,13 @@ mod tests {
             &client,
             &signed(&key, &shared),
             "an audience it does not trust too",
+            "Invalid audiences",
         );
         let expired = Claims {
             expires_in: -60,
             ..GOOD
         };
-        refused(&client, &signed(&key, &expired), "expired");
+        refused(&client, &signed(&key, &expired), "expired", "Expired");
         let other_login = Claims {
             nonce: Some("nonce-of-another-login"),
             ..GOOD
@@ -464,15 +476,21 @@ mod tests {
             &client,
             &signed(&key, &other_login),
             "another login's nonce",
+            "Invalid nonce",
         );
         let no_nonce = Claims {
             nonce: None,
             ..GOOD
         };
-        refused(&client, &signed(&key, &no_nonce), "no nonce");
+        refused(
+            &client,
+            &signed(&key, &no_nonce),
+            "no nonce",
+            "Invalid nonce",
+        );
 
-        // An algorithm the provider did not announce: HS256 keyed with the client secret
-        // (which the authority holds, so anyone it leaked to could mint tokens), and none.
+        // An algorithm the provider did not announce: HS256 keyed with the client secret,
+        // and none at all.
         let hmac = CoreHmacKey::new(SECRET.as_bytes().to_vec());
         let hs = CoreIdToken::new(
             claims(&GOOD),
@@ -482,16 +500,20 @@ mod tests {
             None,
         )
         .unwrap();
-        refused(&client, &hs, "HS256 with the client secret");
+        refused(
+            &client,
+            &hs,
+            "HS256 with the client secret",
+            "Disallowed signature algorithm",
+        );
         let unsigned = format!(
             "{}.{}.",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
             good.to_string().split('.').nth(1).unwrap()
         );
-        // Refused before verification if it does not even parse as a token response's.
-        if let Ok(t) = serde_json::from_value::<CoreIdToken>(serde_json::Value::String(unsigned)) {
-            refused(&client, &t, "alg none");
-        }
+        let unsigned: CoreIdToken =
+            serde_json::from_value(serde_json::Value::String(unsigned)).unwrap();
+        refused(&client, &unsigned, "alg none", "No signature found");
     }
 
     #[test]
