@@ -146,15 +146,19 @@ pub struct Admitted {
     _slot: crate::budget::HandshakeSlot,
 }
 
-/// Admission of one connection or WebSocket from `ip`: waits up to `wait` for one of its
-/// source's slots, then takes one of the console's (anonymous sources leave some for known
-/// ones).
+/// Admission of one connection or WebSocket from `ip`: `early`, the source's slot the
+/// accept loop took at once, or else one it waits up to `wait` for; then one of the
+/// console's (anonymous sources leave some for known ones).
 async fn admit(
     admission: &crate::budget::Admission,
     ip: std::net::IpAddr,
+    early: Option<crate::budget::Slot>,
     wait: Duration,
 ) -> Option<Admitted> {
-    let source = admission.sources.take(ip, wait).await?;
+    let source = match early {
+        Some(slot) => slot,
+        None => admission.sources.take(ip, wait).await?,
+    };
     let slot = admission.try_slot(admission.class_of(ip))?;
     Some(Admitted {
         _source: source,
@@ -261,12 +265,17 @@ pub async fn serve(
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
+        // A free slot of its source goes to the connection here, in accept order: taken in
+        // each connection's own task, a later connection could overtake earlier ones not
+        // yet scheduled on a busy machine. Only one that must wait waits in its task.
+        let early = web.admission.sources.take(addr.ip(), Duration::ZERO).await;
         let (acceptor, web, shutdown) = (acceptor.clone(), web.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _slot = (slot, source_slot);
             // Until its first request, a connection is anonymous work: it holds its
             // source's slot (waiting a little for one) and one of the console's.
-            let Some(admitted) = admit(&web.admission, addr.ip(), HANDSHAKE_TIMEOUT).await else {
+            let Some(admitted) = admit(&web.admission, addr.ip(), early, HANDSHAKE_TIMEOUT).await
+            else {
                 tracing::debug!(%addr, "web console: this source has too many connections starting; dropped");
                 return;
             };
@@ -832,7 +841,8 @@ impl Web {
         if !upgrade {
             return error(StatusCode::BAD_REQUEST, "a WebSocket upgrade is required");
         }
-        let Some(admitted) = admit(&self.admission, addr.ip(), Duration::from_secs(2)).await else {
+        let Some(admitted) = admit(&self.admission, addr.ip(), None, Duration::from_secs(2)).await
+        else {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many terminals opening from your address; try again",
